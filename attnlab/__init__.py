@@ -1,0 +1,44 @@
+"""attnlab: the attention mechanisms of the long-context era behind one call.
+
+    import attnlab
+    out = attnlab.attention(q, k, v, method="sliding_window", causal=True, window=1024)
+
+Layout (batch, heads, seq, head_dim); GQA when k/v have fewer heads; cross-attention when N_q != N_k.
+Importing attnlab registers its methods in its own registry and does nothing else: no downloads, no
+compilation, no environment writes, no patching of other libraries.
+"""
+
+from attnlab.api import attention, explain, resolve
+from attnlab.errors import (
+    AttnlabError,
+    BackendError,
+    DenseTooLargeError,
+    InputError,
+    ParamError,
+    UnknownMethodError,
+    UnsupportedPatternError,
+)
+from attnlab.patterns import Pattern
+from attnlab.registry import MethodSpec, get, methods
+from attnlab.settings import settings
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttnlabError",
+    "BackendError",
+    "DenseTooLargeError",
+    "InputError",
+    "MethodSpec",
+    "ParamError",
+    "Pattern",
+    "UnknownMethodError",
+    "UnsupportedPatternError",
+    "__version__",
+    "attention",
+    "explain",
+    "get",
+    "methods",
+    "resolve",
+    "settings",
+]

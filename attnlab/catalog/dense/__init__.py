@@ -1,0 +1,1 @@
+"""Dense softmax and its variants: every (allowed) query-key pair is computed."""

@@ -1,0 +1,86 @@
+"""``block_local``: blocked local attention — positions are cut into blocks of ``block`` tokens; a query
+sees its own block and ``neighbors`` blocks before it (and, when not causal, after it).
+
+::
+
+    causal, block=2, neighbors=1 (x = attends)     causal, block=2, neighbors=0 (pure blocks)
+    q0: x . . . . .                                q0: x . . . . .
+    q1: x x . . . .                                q1: x x . . . .
+    q2: x x x . . .                                q2: . . x . . .
+    q3: x x x x . .                                q3: . . x x . .
+    q4: . . x x x .                                q4: . . . . x .
+    q5: . . x x x x                                q5: . . . . x x
+
+Blocks are cut on positions (query i at ``p = i + N_k - N_q``), so cross-attention shares the key grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attnlab.masks import MaskContext, MaskMod, mask_for
+from attnlab.catalog.static import MASK_BACKENDS
+from attnlab.params import Params
+from attnlab.patterns import ALL_PATTERNS
+from attnlab.reference import masked_softmax_attention
+from attnlab.registry import MethodSpec, register
+
+
+@dataclass(frozen=True)
+class BlockLocalParams(Params):
+    """``block``: tokens per block (>= 1, default 512); ``neighbors``: blocks seen on each allowed side
+    besides the query's own (>= 0, default 1: the previous block, as in blockwise/halo attention)."""
+
+    method = "block_local"
+    block: int = 512
+    neighbors: int = 1
+
+    def validate(self) -> None:
+        self.check_int("block", minimum=1)
+        self.check_int("neighbors", minimum=0)
+
+
+def mask(p: BlockLocalParams, ctx: MaskContext) -> MaskMod:
+    block = ctx.const(p.block)
+    neighbors = ctx.const(p.neighbors)
+
+    def block_local(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        d = ctx.distance(q_idx, kv_idx)
+        q_block = torch.div(q_idx + ctx.offset, block, rounding_mode="floor")
+        k_block = torch.div(kv_idx, block, rounding_mode="floor")
+        return ctx.causal_ok(d) & ((q_block - k_block).abs() <= neighbors)
+
+    return block_local
+
+
+def reference(
+    q: Tensor, k: Tensor, v: Tensor, params: BlockLocalParams, *, causal: bool, scale: float, upcast: bool = True
+) -> Tensor:
+    """Softmax attention restricted to ``|floor(p / block) - floor(j / block)| <= neighbors``
+    (``p = i + N_k - N_q``), and ``j <= p`` when causal."""
+    m = mask_for(mask, params, q.shape[2], k.shape[2], causal, q.device)
+    return masked_softmax_attention(q, k, v, scale=scale, mask=m, upcast=upcast)
+
+
+def _bench(n: int) -> list[dict[str, int]]:
+    return [{"block": max(128, n // 32), "neighbors": 1}, {"block": max(128, n // 16), "neighbors": 1}]
+
+
+SPEC = register(
+    MethodSpec(
+        name="block_local",
+        family="static",
+        paper="Blockwise Self-Attention for Long Document Understanding (Qiu et al., 2019); HaloNet (Vaswani et al., 2021)",
+        summary="own block + `neighbors` previous blocks",
+        params=BlockLocalParams,
+        reference=reference,
+        backends=MASK_BACKENDS,
+        patterns=ALL_PATTERNS,
+        mask=mask,
+        test_params=({"block": 16, "neighbors": 1}, {"block": 7, "neighbors": 0}, {"block": 40, "neighbors": 2}),
+        bench_params=_bench,
+    )
+)

@@ -1,0 +1,80 @@
+"""``sliding_window``: each query attends to the ``window`` nearest positions behind it, itself included.
+
+Convention (attnlab counts keys, self included)::
+
+    causal, window=3 (x = attends)       non-causal, window=2
+    q0: x . . . .                        q0: x x . . .
+    q1: x x . . .                        q1: x x x . .
+    q2: x x x . .                        q2: . x x x .
+    q3: . x x x .                        q3: . . x x x
+    q4: . . x x x                        q4: . . . x x
+
+Converting from other libraries' window W: attention-gym ``generate_sliding_window(W)`` and Mistral's
+reference mean ``window=W+1`` here; Hugging Face ``sliding_window=W`` and gpt-oss mean ``window=W``;
+FlashAttention ``window_size=(left, 0)`` means ``window=left+1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from attnlab.masks import MaskContext, MaskMod, mask_for
+from attnlab.catalog.static import MASK_BACKENDS
+from attnlab.params import Params
+from attnlab.patterns import ALL_PATTERNS
+from attnlab.reference import masked_softmax_attention
+from attnlab.registry import MethodSpec, register
+
+
+@dataclass(frozen=True)
+class SlidingWindowParams(Params):
+    """``window``: keys per query on the causal side, self included (>= 1). Default 1024."""
+
+    method = "sliding_window"
+    window: int = 1024
+
+    def validate(self) -> None:
+        self.check_int("window", minimum=1)
+
+
+def mask(p: SlidingWindowParams, ctx: MaskContext) -> MaskMod:
+    window = ctx.const(p.window)
+
+    def sliding_window(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        d = ctx.distance(q_idx, kv_idx)
+        return ctx.causal_ok(d) & (d < window) & (d > -window)
+
+    return sliding_window
+
+
+def reference(
+    q: Tensor, k: Tensor, v: Tensor, params: SlidingWindowParams, *, causal: bool, scale: float, upcast: bool = True
+) -> Tensor:
+    """Softmax attention restricted to ``|p - j| < window`` (and ``j <= p`` when causal), where
+    ``p = i + N_k - N_q`` is query i's position: ``window`` keys when causal (fewer near the start),
+    ``2 * window - 1`` when not."""
+    m = mask_for(mask, params, q.shape[2], k.shape[2], causal, q.device)
+    return masked_softmax_attention(q, k, v, scale=scale, mask=m, upcast=upcast)
+
+
+def _bench(n: int) -> list[dict[str, int]]:
+    return [{"window": max(64, n // 32)}, {"window": max(64, n // 8)}]
+
+
+SPEC = register(
+    MethodSpec(
+        name="sliding_window",
+        family="static",
+        paper="Longformer: The Long-Document Transformer (Beltagy et al., 2020); Mistral 7B",
+        summary="local attention to the `window` nearest keys (self included)",
+        params=SlidingWindowParams,
+        reference=reference,
+        backends=MASK_BACKENDS,
+        patterns=ALL_PATTERNS,
+        mask=mask,
+        test_params=({"window": 1}, {"window": 3}, {"window": 40}, {"window": 100000}),
+        bench_params=_bench,
+    )
+)

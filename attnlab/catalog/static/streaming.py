@@ -1,0 +1,84 @@
+"""``streaming``: StreamingLLM's pattern — the first ``sinks`` tokens plus a sliding window.
+
+::
+
+    causal, sinks=1, window=2 (x = attends)
+    q0: x . . . . .
+    q1: x x . . . .
+    q2: x x x . . .
+    q3: x . x x . .
+    q4: x . . x x .
+    q5: x . . . x x
+
+This is the attention pattern only (prefill). StreamingLLM's cache also re-indexes positions by cache
+slot, which belongs to the model integration, not to the attention function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from attnlab.masks import MaskContext, MaskMod, mask_for
+from attnlab.catalog.static import MASK_BACKENDS
+from attnlab.params import Params
+from attnlab.patterns import ALL_PATTERNS
+from attnlab.reference import masked_softmax_attention
+from attnlab.registry import MethodSpec, register
+
+
+@dataclass(frozen=True)
+class StreamingParams(Params):
+    """``sinks``: leading keys every query sees (>= 0, default 4, StreamingLLM's start_size);
+    ``window``: keys of the local window, self included (>= 1, default 1024)."""
+
+    method = "streaming"
+    sinks: int = 4
+    window: int = 1024
+
+    def validate(self) -> None:
+        self.check_int("sinks", minimum=0)
+        self.check_int("window", minimum=1)
+
+
+def mask(p: StreamingParams, ctx: MaskContext) -> MaskMod:
+    sinks = ctx.const(p.sinks)
+    window = ctx.const(p.window)
+
+    def streaming(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        d = ctx.distance(q_idx, kv_idx)
+        return ctx.causal_ok(d) & ((kv_idx < sinks) | ((d < window) & (d > -window)))
+
+    return streaming
+
+
+def reference(
+    q: Tensor, k: Tensor, v: Tensor, params: StreamingParams, *, causal: bool, scale: float, upcast: bool = True
+) -> Tensor:
+    """Softmax attention restricted to keys ``j < sinks`` or ``|p - j| < window`` (``p = i + N_k - N_q``),
+    and ``j <= p`` when causal: at most ``sinks + window`` keys per causal query."""
+    m = mask_for(mask, params, q.shape[2], k.shape[2], causal, q.device)
+    return masked_softmax_attention(q, k, v, scale=scale, mask=m, upcast=upcast)
+
+
+def _bench(n: int) -> list[dict[str, int]]:
+    return [{"sinks": 4, "window": max(64, n // 32)}, {"sinks": 4, "window": max(64, n // 8)}]
+
+
+SPEC = register(
+    MethodSpec(
+        name="streaming",
+        family="static",
+        paper="Efficient Streaming Language Models with Attention Sinks (Xiao et al., 2023)",
+        summary="attention sinks (first tokens) + sliding window",
+        params=StreamingParams,
+        reference=reference,
+        backends=MASK_BACKENDS,
+        patterns=ALL_PATTERNS,
+        mask=mask,
+        test_params=({"sinks": 1, "window": 2}, {"sinks": 4, "window": 16}, {"sinks": 0, "window": 5}),
+        bench_params=_bench,
+        url="https://github.com/mit-han-lab/streaming-llm",
+    )
+)

@@ -1,0 +1,73 @@
+"""Dense softmax attention through ``torch.nn.functional.scaled_dot_product_attention``.
+
+Causal attention with N_q != N_k is aligned bottom-right (see :mod:`attnlab.patterns`), whereas SDPA's
+``is_causal`` is top-left aligned; this module handles the difference. Rows with no allowed key give 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
+
+from attnlab.reference import expand_kv
+
+#: SDPA kernels in the order attnlab prefers them on CUDA (fastest first on Hopper); SDPA skips the
+#: ones that cannot take the inputs.
+SDPA_PRIORITY: tuple[SDPBackend, ...] = (
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+)
+
+
+def sdpa_dense(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    kernels: Sequence[SDPBackend] | None = None,
+) -> Tensor:
+    """Softmax attention (B, H, N_q, D) x (B, H_kv, N_k, D) -> (B, H, N_q, D_v), bottom-right causal.
+
+    ``kernels`` restricts SDPA to these kernels, in this priority (default: :data:`SDPA_PRIORITY`).
+    """
+    n_q, n_k = q.shape[2], k.shape[2]
+    if causal and n_q > n_k:
+        # the first N_q - N_k queries see no key: zeros; the rest form a square causal problem
+        tail = sdpa_dense(q[:, :, n_q - n_k :], k, v, causal=True, scale=scale, kernels=kernels)
+        head = tail.new_zeros(q.shape[0], q.shape[1], n_q - n_k, v.shape[-1])
+        return torch.cat([head, tail], dim=2)
+    gqa = q.shape[1] != k.shape[1]
+    attn_mask = None
+    is_causal = causal
+    if causal and n_q < n_k:
+        attn_mask = causal_lower_right(n_q, n_k)
+        is_causal = False
+        if gqa:  # the lower-right bias path does not take enable_gqa on every torch version
+            k, v, gqa = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1]), False
+    with sdpa_kernel(list(kernels or SDPA_PRIORITY), set_priority=True):
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=gqa
+        )
+
+
+def sdpa_masked(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor, scale: float) -> Tensor:
+    """Softmax attention with a dense boolean ``mask`` (N_q, N_k), True = may attend.
+
+    Rows with no allowed key return 0 with zero gradients: such rows are opened to every key before the
+    call (so no NaN enters the backward) and zeroed after.
+    """
+    empty = ~mask.any(dim=-1, keepdim=True)  # (N_q, 1)
+    safe = mask | empty
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=safe, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
+    return out * (~empty).to(out.dtype)

@@ -1,0 +1,168 @@
+"""Launchers, autotune configs and the ``torch.library`` custom ops of the FlashSigmoid kernels.
+
+``sigmoid_attention(q, k, v, scale, bias, causal)`` is differentiable and opaque to ``torch.compile``
+(``attnlab::sigmoid_fwd`` / ``attnlab::sigmoid_bwd`` with fake-tensor rules), so a compiled model calls
+the Triton kernels without a graph break. Importing this module registers those two ops.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from torch import Tensor
+
+from attnlab.kernels.sigmoid.bwd import sigmoid_bwd_dkdv_kernel, sigmoid_bwd_dq_kernel
+from attnlab.kernels.sigmoid.fwd import sigmoid_fwd_kernel
+from attnlab.kernels.triton_utils import head_block, interpreting
+
+#: Whether this module was imported under TRITON_INTERPRET=1 (its kernels then take CPU tensors only).
+IMPORTED_INTERPRETED = interpreting()
+
+
+def _configs(kind: str) -> list[triton.Config]:
+    """Autotune candidates (one small config under the interpreter)."""
+    if IMPORTED_INTERPRETED:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+    if kind == "fwd":
+        shapes = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 4),
+                  (128, 128, 8, 2), (64, 128, 4, 3), (128, 64, 8, 4)]
+    elif kind == "dkdv":
+        shapes = [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2), (32, 64, 4, 4),
+                  (128, 128, 8, 2)]
+    else:  # dq
+        shapes = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 2), (64, 128, 8, 3),
+                  (128, 128, 8, 2)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+def _even(args: dict) -> dict:
+    return {
+        "EVEN_M": args["N_Q"] % args["BLOCK_M"] == 0,
+        "EVEN_N": args["N_K"] % args["BLOCK_N"] == 0,
+        "EVEN_D": args["HEAD_D"] == args["BLOCK_D"],
+    }
+
+
+_KEY = ["HEAD_D", "CAUSAL", "DOT_PREC", "N_BUCKET", "GROUP"]
+_fwd = triton.autotune(_configs("fwd"), key=_KEY)(
+    triton.heuristics({"EVEN_M": lambda a: _even(a)["EVEN_M"], "EVEN_N": lambda a: _even(a)["EVEN_N"],
+                       "EVEN_D": lambda a: _even(a)["EVEN_D"]})(sigmoid_fwd_kernel)
+)
+_dkdv = triton.autotune(_configs("dkdv"), key=_KEY, reset_to_zero=None)(
+    triton.heuristics({"EVEN_M": lambda a: _even(a)["EVEN_M"], "EVEN_N": lambda a: _even(a)["EVEN_N"],
+                       "EVEN_D": lambda a: _even(a)["EVEN_D"]})(sigmoid_bwd_dkdv_kernel)
+)
+_dq = triton.autotune(_configs("dq"), key=_KEY)(
+    triton.heuristics({"EVEN_M": lambda a: _even(a)["EVEN_M"], "EVEN_N": lambda a: _even(a)["EVEN_N"],
+                       "EVEN_D": lambda a: _even(a)["EVEN_D"]})(sigmoid_bwd_dq_kernel)
+)
+
+
+def _flags(q: Tensor) -> dict:
+    return {
+        "FAST": q.is_cuda and q.dtype != torch.float32,
+        "DOT_PREC": "ieee" if q.dtype == torch.float32 else "tf32",
+        "UPCAST": IMPORTED_INTERPRETED and q.dtype == torch.bfloat16,
+    }
+
+
+def _bucket(n_q: int, n_k: int) -> int:
+    return triton.next_power_of_2(max(n_q, n_k))
+
+
+def _last_contiguous(*ts: Tensor) -> list[Tensor]:
+    return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
+
+
+def sigmoid_fwd_launch(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: float, causal: bool) -> Tensor:
+    q, k, v = _last_contiguous(q, k, v)
+    b, h, n_q, d = q.shape
+    h_kv, n_k = k.shape[1], k.shape[2]
+    o = torch.empty_like(q)
+    grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)
+    _fwd[grid](
+        q, k, v, o,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        o.stride(0), o.stride(1), o.stride(2),
+        h, h // h_kv, n_q, n_k, n_k - n_q, d, scale, bias,
+        BLOCK_D=head_block(d), CAUSAL=causal, N_BUCKET=_bucket(n_q, n_k), **_flags(q),
+    )  # fmt: skip
+    return o
+
+
+def sigmoid_bwd_launch(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float, bias: float, causal: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    do, q, k, v = _last_contiguous(do, q, k, v)
+    b, h, n_q, d = q.shape
+    h_kv, n_k = k.shape[1], k.shape[2]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    common = dict(BLOCK_D=head_block(d), CAUSAL=causal, N_BUCKET=_bucket(n_q, n_k), **_flags(q))
+    grid_kv = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), b * h_kv)
+    _dkdv[grid_kv](
+        q, k, v, do, dk, dv,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        h_kv, h // h_kv, n_q, n_k, n_k - n_q, d, scale, bias, **common,
+    )  # fmt: skip
+    grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)
+    _dq[grid_q](
+        q, k, v, do, dq,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        h, h // h_kv, n_q, n_k, n_k - n_q, d, scale, bias, **common,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+@torch.library.custom_op("attnlab::sigmoid_fwd", mutates_args=())
+def sigmoid_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: float, causal: bool) -> Tensor:
+    return sigmoid_fwd_launch(q, k, v, scale, bias, causal)
+
+
+@sigmoid_fwd.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: float, causal: bool) -> Tensor:
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("attnlab::sigmoid_bwd", mutates_args=())
+def sigmoid_bwd(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float, bias: float, causal: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    return sigmoid_bwd_launch(do, q, k, v, scale, bias, causal)
+
+
+@sigmoid_bwd.register_fake
+def _(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float, bias: float, causal: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    q, k, v, scale, bias, causal = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.args = (scale, bias, causal)
+
+
+def _backward(ctx, do: Tensor):  # type: ignore[no-untyped-def]
+    q, k, v = ctx.saved_tensors
+    dq, dk, dv = sigmoid_bwd(do, q, k, v, *ctx.args)
+    return dq, dk, dv, None, None, None
+
+
+sigmoid_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def sigmoid_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: float, causal: bool) -> Tensor:
+    """Sigmoid attention through the Triton kernels: (B, H, N_q, D) -> (B, H, N_q, D), differentiable."""
+    return sigmoid_fwd(q, k, v, float(scale), float(bias), bool(causal))

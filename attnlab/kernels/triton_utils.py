@@ -1,0 +1,52 @@
+"""Conventions shared by attnlab's Triton kernels.
+
+- Kernels live in ``kernels/<op>/{fwd,bwd}.py`` (``@triton.jit`` code only), ``naive.py`` (the same math
+  in PyTorch, step by step) and ``op.py`` (launchers, autotune configs, ``torch.library.custom_op``
+  registration with fake tensors and autograd, so that ``torch.compile`` traces through without breaks).
+- Layout (B, H, N, D) with any strides except the last dim, which must be contiguous.
+- On CPU the kernels run under Triton's interpreter when ``TRITON_INTERPRET=1`` was set before the kernel
+  module was first imported (tests use this on tiny shapes); autotuning then uses one small config.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_refusal(device: torch.device, kernel_imported_interpreted: bool | None) -> str:
+    """Why a Triton kernel cannot run on ``device`` ('' when it can)."""
+    if not triton_available():
+        return "triton is not installed (pip install triton)"
+    if device.type == "cuda":
+        if kernel_imported_interpreted:
+            return "the kernel module was imported with TRITON_INTERPRET=1, so it runs on CPU tensors only"
+        return ""
+    if device.type == "cpu":
+        if kernel_imported_interpreted is False or not interpreting():
+            return (
+                "Triton kernels need a CUDA GPU; on CPU they run only in Triton's interpreter "
+                "(set TRITON_INTERPRET=1 before the first call; slow, meant for tests)"
+            )
+        return ""
+    return f"Triton kernels run on CUDA, not {device.type}"
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def head_block(d: int) -> int:
+    """Tile width for a head dim: the next power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, next_power_of_2(d))

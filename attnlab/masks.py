@@ -1,0 +1,160 @@
+"""Token masks: the one definition of a mask-defined method's sparsity, shared by every path.
+
+A mask is a ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor`` in FlexAttention's convention: True where
+query ``q_idx`` may attend to key ``kv_idx``. It is evaluated elementwise and broadcasts, so the same
+function builds the reference's dense mask, classifies the blocks of the FlexAttention ``BlockMask`` and
+runs inside the compiled kernel. attnlab's static masks depend on positions only (not on batch or head).
+
+A method writes a *mask factory* ``(params, ctx) -> mask_mod``. Run-time values (the query offset,
+whether the call is causal, window sizes) are captured as 0-d tensors made by :class:`MaskContext`, not
+as Python numbers, so one compiled FlexAttention kernel serves every length and parameter value instead
+of recompiling for each.
+
+Positions: query ``i`` sits at position ``p = i + (N_k - N_q)`` (bottom-right alignment, see
+:mod:`attnlab.patterns`); ``distance = p - j`` is how far key ``j`` lies behind the query (negative: ahead).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnlab.errors import DenseTooLargeError
+from attnlab.settings import settings
+
+MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+class MaskContext:
+    """Run-time values for one (N_q, N_k, causal, device): 0-d int32/bool tensors for mask closures."""
+
+    def __init__(self, n_q: int, n_k: int, causal: bool, device: torch.device | str) -> None:
+        self.n_q = n_q
+        self.n_k = n_k
+        self.is_causal = causal
+        self.device = torch.device(device)
+        self.offset = self.const(n_k - n_q)
+        self.causal = torch.tensor(causal, dtype=torch.bool, device=self.device)
+
+    def const(self, value: int) -> Tensor:
+        """A 0-d int32 tensor on the context's device (captured by mask closures)."""
+        return torch.tensor(int(value), dtype=torch.int32, device=self.device)
+
+    def distance(self, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        """``p - j``: how many positions key ``kv_idx`` lies behind query ``q_idx`` (negative: ahead)."""
+        return q_idx + self.offset - kv_idx
+
+    def causal_ok(self, distance: Tensor) -> Tensor:
+        """True where causality allows the pair: always when not causal, else ``distance >= 0``."""
+        return (distance >= 0) | ~self.causal
+
+
+MaskFactory = Callable[[Any, MaskContext], MaskMod]
+
+
+def causal_mask(params: Any, ctx: MaskContext) -> MaskMod:
+    """The plain mask of dense attention: everything, or ``j <= p`` when causal."""
+
+    def causal_or_full(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return ctx.causal_ok(ctx.distance(q_idx, kv_idx))
+
+    return causal_or_full
+
+
+def check_dense_size(elements: int, what: str, fast: str) -> None:
+    """Refuse to materialise more than ``settings.max_dense_elements`` score elements."""
+    if elements > settings.max_dense_elements:
+        raise DenseTooLargeError(
+            f"{what} would materialise {elements:,} score elements (an N x N tensor), above the limit of "
+            f"{settings.max_dense_elements:,} (attnlab.settings.max_dense_elements). Use {fast}, or raise "
+            "the limit if you have the memory."
+        )
+
+
+def dense_mask(mask_mod: MaskMod, n_q: int, n_k: int, device: torch.device | str) -> Tensor:
+    """The (N_q, N_k) boolean mask; the caller checks its size first."""
+    zero = torch.zeros((), dtype=torch.int32, device=device)
+    q_idx = torch.arange(n_q, dtype=torch.int32, device=device)[:, None]
+    kv_idx = torch.arange(n_k, dtype=torch.int32, device=device)[None, :]
+    return mask_mod(zero, zero, q_idx, kv_idx).expand(n_q, n_k)
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Which (BLOCK_Q x BLOCK_K) tiles of the score matrix a mask touches.
+
+    ``partial[i, j]``: tile has some but not all allowed pairs (the kernel applies the mask there);
+    ``full[i, j]``: every pair inside the matrix is allowed (no mask work). Tiles that stick out of the
+    matrix at the tail count as partial unless the mask is empty there. ``allowed`` is the exact number
+    of allowed (query, key) pairs (kept as a tensor until asked for, so building stays sync-free).
+    """
+
+    partial: Tensor
+    full: Tensor
+    allowed_count: Tensor
+    block_q: int
+    block_k: int
+
+    @property
+    def allowed(self) -> int:
+        return int(self.allowed_count)
+
+    @property
+    def computed_blocks(self) -> int:
+        return int(self.partial.sum()) + int(self.full.sum())
+
+
+def block_layout(
+    mask_mod: MaskMod,
+    n_q: int,
+    n_k: int,
+    device: torch.device | str,
+    block_q: int = 128,
+    block_k: int = 128,
+) -> BlockLayout:
+    """Classify every tile by evaluating the mask in row chunks (memory O(chunk), never N x N at once)."""
+    nqb = -(-n_q // block_q)
+    nkb = -(-n_k // block_k)
+    zero = torch.zeros((), dtype=torch.int32, device=device)
+    kv_idx = torch.arange(nkb * block_k, dtype=torch.int32, device=device)
+    kv_valid = kv_idx < n_k
+    rows = max(1, settings.mask_chunk_elements // (nkb * block_k) // block_q) * block_q
+    partial, full = [], []
+    allowed = torch.zeros((), dtype=torch.int64, device=device)
+    for r0 in range(0, nqb * block_q, rows):
+        q_idx = torch.arange(r0, min(r0 + rows, nqb * block_q), dtype=torch.int32, device=device)
+        m = mask_mod(zero, zero, q_idx[:, None], kv_idx[None, :])
+        m = m & kv_valid[None, :] & (q_idx < n_q)[:, None]
+        allowed += m.sum()
+        tiles = m.view(-1, block_q, nkb, block_k)
+        any_ = tiles.any(dim=3).any(dim=1)
+        all_ = tiles.all(dim=3).all(dim=1)
+        partial.append(any_ & ~all_)
+        full.append(all_)
+    return BlockLayout(torch.cat(partial), torch.cat(full), allowed, block_q, block_k)
+
+
+def dense_pairs(n_q: int, n_k: int, causal: bool) -> int:
+    """Number of (query, key) pairs of dense attention: N_q*N_k, or those with ``j <= p`` when causal."""
+    if not causal:
+        return n_q * n_k
+    offset = n_k - n_q
+    total = 0
+    # rows whose position p = i + offset lies in [0, n_k): p + 1 keys; p >= n_k: all n_k keys
+    first = max(0, -offset)
+    last_partial = min(n_q, n_k - offset)  # rows with p < n_k
+    if last_partial > first:
+        lo, hi = first + offset + 1, last_partial - 1 + offset + 1
+        total += (lo + hi) * (hi - lo + 1) // 2
+    total += max(0, n_q - max(first, last_partial)) * n_k
+    return total
+
+
+def mask_for(factory: MaskFactory, params: Any, n_q: int, n_k: int, causal: bool, device: Any) -> Tensor:
+    """The dense (N_q, N_k) mask of a mask factory, size-checked (for references and dense paths)."""
+    check_dense_size(n_q * n_k, "a dense mask", "a fast backend (backend=None)")
+    return dense_mask(factory(params, MaskContext(n_q, n_k, causal, device)), n_q, n_k, device)
