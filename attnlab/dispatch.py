@@ -43,7 +43,11 @@ def require(call: Call, backend: str | None = None) -> Backend:
     """The backend to run ``call`` with, or a BackendError listing every refusal."""
     choice = choose(call, backend)
     if choice.backend is None:
-        what = f"backend {backend!r}" if backend else f"no backend of method {call.spec.name!r}"
+        what = (
+            f"backend {backend!r} of method {call.spec.name!r} cannot run"
+            if backend
+            else f"no backend of method {call.spec.name!r} can run"
+        )
         reasons = "\n".join(f"  - {name}: {why}" for name, why in choice.refusals)
-        raise BackendError(f"{what} can run {call.problem.describe()}:\n{reasons}")
+        raise BackendError(f"{what} {call.problem.describe()}:\n{reasons}")
     return choice.backend

@@ -5,6 +5,9 @@
 - ``flex_attention`` is compiled once with ``dynamic=True``: sequence lengths are symbolic, and mask
   parameters are captured tensors (see :mod:`attnlab.masks`), so a new length or window does not
   recompile (measured by ``attnlab.bench.recompiles`` and recorded in the benchmark results).
+- One kernel is compiled per mask function (per method), dtype and head dim. Dynamo's default limit of
+  8 compiled variants per function would fall back to the unfused eager path past 8 methods, so the
+  compiled call runs under a scoped ``recompile_limit`` of :data:`RECOMPILE_LIMIT` (restored after).
 - Inside a user's ``torch.compile`` region the raw ``flex_attention`` is called, so the outer compile
   traces it into its graph (no nested compile, no graph break).
 """
@@ -28,6 +31,8 @@ ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 BLOCK_SIZE = 128
 #: How many BlockMasks the cache keeps (least recently used go first).
 CACHE_SIZE = 64
+#: Compiled variants of flex_attention allowed (methods x dtypes x head dims x GQA on/off).
+RECOMPILE_LIMIT = 256
 
 _lock = threading.Lock()
 _block_masks: OrderedDict[Hashable, tuple[BlockMask, BlockLayout]] = OrderedDict()
@@ -103,7 +108,8 @@ def flex_run(
 
     ``lse`` is the natural-log sum of exp(score) per query row (-inf for rows with no allowed key).
     """
-    fn = flex_attention if torch.compiler.is_compiling() else compiled_flex()
+    compiling = torch.compiler.is_compiling()
+    fn = flex_attention if compiling else compiled_flex()
     kwargs: dict[str, Any] = {
         "block_mask": block_mask,
         "score_mod": score_mod,
@@ -111,6 +117,13 @@ def flex_run(
         "enable_gqa": q.shape[1] != k.shape[1],
     }
     if return_lse:
-        out, aux = fn(q, k, v, return_aux=AuxRequest(lse=True), **kwargs)
+        kwargs["return_aux"] = AuxRequest(lse=True)
+    if compiling:
+        result = fn(q, k, v, **kwargs)
+    else:
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            result = fn(q, k, v, **kwargs)
+    if return_lse:
+        out, aux = result
         return out, aux.lse
-    return fn(q, k, v, **kwargs), None
+    return result, None

@@ -1,0 +1,169 @@
+"""The accuracy rule, and the parity check shared by the test suite and ``attnlab verify``.
+
+Rule (FlashAttention's): a backend's error against the fp32 reference may be at most ``FWD_FACTOR`` (2x)
+the error of the same math run by the reference in the input precision (``upcast=False``), forward, and
+``BWD_FACTOR`` (3x) for each gradient; plus a floor for rounding that no implementation can avoid:
+``FLOOR_REL x (1 + max|ref|)`` (fp32 inputs, whose low-precision run *is* the reference) and half the
+dtype's epsilon x max|ref| (the final rounding of a bf16/fp16 result). Errors are max-abs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnlab.api import attention
+from attnlab.backends.base import Call
+from attnlab.dispatch import choose
+from attnlab.inputs import default_scale, validate
+from attnlab.patterns import Pattern, pattern_of
+from attnlab.registry import MethodSpec
+
+FWD_FACTOR = 2.0
+BWD_FACTOR = 3.0
+FLOOR_REL = 1e-5
+
+
+@dataclass(frozen=True)
+class Case:
+    """One parity case: shapes, dtype, pattern and method parameters."""
+
+    batch: int
+    heads: int
+    kv_heads: int
+    n_q: int
+    n_k: int
+    head_dim: int
+    dtype: torch.dtype
+    causal: bool
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def pattern(self) -> Pattern:
+        return pattern_of(self.causal, self.n_q, self.n_k)
+
+    def label(self) -> str:
+        p = ",".join(f"{k}={v}" for k, v in self.params.items())
+        dt = str(self.dtype).replace("torch.", "")
+        return (
+            f"{self.pattern.value}-B{self.batch}H{self.heads}/{self.kv_heads}-{self.n_q}x{self.n_k}-"
+            f"D{self.head_dim}-{dt}" + (f"-{p}" if p else "")
+        )
+
+    def inputs(self, device: torch.device | str, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        shape_q = (self.batch, self.heads, self.n_q, self.head_dim)
+        shape_kv = (self.batch, self.kv_heads, self.n_k, self.head_dim)
+        q, k, v = (torch.randn(s, generator=g).to(device=device, dtype=self.dtype) for s in (shape_q, shape_kv, shape_kv))
+        return q, k, v
+
+
+@dataclass
+class Check:
+    """Outcome of one parity check; ``errors`` maps 'out', 'dq', 'dk', 'dv' to (error, bound)."""
+
+    method: str
+    backend: str
+    case: Case
+    skipped: str = ""
+    errors: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return not self.skipped and all(err <= bound for err, bound in self.errors.values())
+
+    def summary(self) -> str:
+        if self.skipped:
+            return f"skipped ({self.skipped})"
+        parts = [f"{name} {err:.2e}/{bound:.2e}" for name, (err, bound) in self.errors.items()]
+        return ("PASS " if self.passed else "FAIL ") + " ".join(parts)
+
+
+def max_abs(a: Tensor, b: Tensor) -> float:
+    return float((a.detach().float() - b.detach().float()).abs().max()) if a.numel() else 0.0
+
+
+def bound(err_lowp: float, ref: Tensor, factor: float, dtype: torch.dtype) -> float:
+    """The largest error the rule allows, given the low-precision run's error ``err_lowp``."""
+    scale = float(ref.detach().float().abs().max()) if ref.numel() else 0.0
+    return factor * err_lowp + FLOOR_REL * (1.0 + scale) + 0.5 * torch.finfo(dtype).eps * scale
+
+
+def _leaves(ts: tuple[Tensor, ...], grad: bool) -> tuple[Tensor, ...]:
+    return tuple(t.detach().clone().requires_grad_(grad) for t in ts)
+
+
+def check_parity(
+    spec: MethodSpec,
+    backend: str,
+    case: Case,
+    device: torch.device | str,
+    *,
+    backward: bool = True,
+    seed: int = 0,
+) -> Check:
+    """Run ``backend`` on ``case`` and compare with the reference under the accuracy rule.
+
+    The backward is checked when ``backward`` and the backend can run with gradients; a backend that
+    refuses the call (``can_use``) gives a skipped Check carrying its reason.
+    """
+    result = Check(spec.name, backend, case)
+    q0, k0, v0 = case.inputs(device, seed)
+    params = spec.make_params(case.params)
+    problem = validate(q0, k0, v0, causal=case.causal, scale=None)
+    scale = default_scale(problem, None)
+    fwd_choice = choose(Call(spec, params, problem, scale), backend)
+    if fwd_choice.backend is None:
+        result.skipped = fwd_choice.refusals[0][1]
+        return result
+    grad = backward and spec.backward and fwd_choice.backend.backward
+    if grad:
+        grad_problem = validate(*_leaves((q0, k0, v0), True), causal=case.causal, scale=None, check_finite=False)
+        grad = choose(Call(spec, params, grad_problem, scale), backend).backend is not None
+    q, k, v = _leaves((q0, k0, v0), grad)
+    out = attention(q, k, v, method=spec.name, causal=case.causal, backend=backend, **case.params)
+    qr, kr, vr = _leaves((q0, k0, v0), grad)
+    ref = spec.reference(qr, kr, vr, params, causal=case.causal, scale=scale, upcast=True)
+    ql, kl, vl = _leaves((q0, k0, v0), grad)
+    low = spec.reference(ql, kl, vl, params, causal=case.causal, scale=scale, upcast=False)
+    result.errors["out"] = (max_abs(out, ref), bound(max_abs(low, ref), ref, FWD_FACTOR, case.dtype))
+    if not torch.isfinite(out).all():
+        result.errors["out"] = (float("nan"), result.errors["out"][1])
+    if grad:
+        g = torch.Generator(device="cpu").manual_seed(seed + 1)
+        dout = torch.randn(out.shape, generator=g).to(device=out.device, dtype=out.dtype)
+        got = torch.autograd.grad(out, (q, k, v), dout)
+        want = torch.autograd.grad(ref, (qr, kr, vr), dout.float().to(ref.dtype))
+        lowg = torch.autograd.grad(low, (ql, kl, vl), dout)
+        for name, a, r, lo in zip(("dq", "dk", "dv"), got, want, lowg, strict=True):
+            err = max_abs(a, r) if torch.isfinite(a).all() else float("nan")
+            result.errors[name] = (err, bound(max_abs(lo, r), r, BWD_FACTOR, case.dtype))
+    return result
+
+
+def cases_for(
+    spec: MethodSpec,
+    *,
+    lengths: tuple[tuple[int, int], ...],
+    head_dims: tuple[int, ...],
+    groups: tuple[int, ...],
+    dtypes: tuple[torch.dtype, ...],
+    heads: int = 4,
+    batch: int = 1,
+    all_params: bool = True,
+) -> Iterator[Case]:
+    """Parity cases over the method's supported patterns and its ``test_params``."""
+    param_sets = spec.test_params if all_params else spec.test_params[:1]
+    for n_q, n_k in lengths:
+        for causal in (False, True):
+            if pattern_of(causal, n_q, n_k) not in spec.patterns:
+                continue
+            for d in head_dims:
+                for group in groups:
+                    for dtype in dtypes:
+                        for params in param_sets:
+                            yield Case(batch, heads, heads // group, n_q, n_k, d, dtype, causal, dict(params))

@@ -1,0 +1,220 @@
+"""Every error path of attnlab.attention: bad input gets a clear error naming what was given and expected."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnlab
+from attnlab import (
+    BackendError,
+    DenseTooLargeError,
+    InputError,
+    ParamError,
+    UnknownMethodError,
+    UnsupportedPatternError,
+)
+
+
+def qkv(b=1, h=4, hk=2, n=16, nk=None, d=16, dtype=torch.float32):  # type: ignore[no-untyped-def]
+    nk = n if nk is None else nk
+    return torch.randn(b, h, n, d, dtype=dtype), torch.randn(b, hk, nk, d, dtype=dtype), torch.randn(b, hk, nk, d, dtype=dtype)
+
+
+def test_wrong_rank_names_the_shape_and_the_fix() -> None:
+    q, k, v = qkv()
+    with pytest.raises(InputError, match=r"q must have 4 dimensions .* got shape \(4, 16, 16\).*transpose"):
+        attnlab.attention(q[0], k, v)
+
+
+def test_not_a_tensor() -> None:
+    q, k, v = qkv()
+    with pytest.raises(InputError, match="k must be a torch.Tensor, got list"):
+        attnlab.attention(q, [1, 2], v)  # type: ignore[arg-type]
+
+
+def test_batch_mismatch() -> None:
+    q, k, v = qkv()
+    with pytest.raises(InputError, match=r"batch sizes differ: q \(1, 4, 16, 16\), k \(2, 2, 16, 16\)"):
+        attnlab.attention(q, torch.cat([k, k]), torch.cat([v, v]))
+
+
+def test_head_dim_mismatch() -> None:
+    q, k, v = qkv()
+    with pytest.raises(InputError, match="head dims differ: .* D=16, .* D=8"):
+        attnlab.attention(q, k[..., :8], v)
+
+
+def test_kv_length_mismatch() -> None:
+    q, k, v = qkv()
+    with pytest.raises(InputError, match="must have the same heads"):
+        attnlab.attention(q, k, v[:, :, :5])
+
+
+def test_gqa_ratio_must_divide() -> None:
+    q, k, v = qkv(h=4, hk=3)
+    with pytest.raises(InputError, match=r"q has 4 heads and k/v have 3.*H % H_kv == 0.*1, 2, 4"):
+        attnlab.attention(q, k, v)
+
+
+def test_dtype_mismatch() -> None:
+    q, k, v = qkv()
+    with pytest.raises(InputError, match=r"share one dtype, got q torch.float32, k torch.bfloat16"):
+        attnlab.attention(q, k.bfloat16(), v)
+
+
+def test_unsupported_dtype() -> None:
+    q, k, v = qkv()
+    with pytest.raises(InputError, match="dtype torch.float64; expected float32, bfloat16 or float16"):
+        attnlab.attention(q.double(), k.double(), v.double())
+
+
+def test_device_mismatch() -> None:
+    q, k, v = qkv()
+    with pytest.raises(InputError, match="one device, got q on cpu, k on meta"):
+        attnlab.attention(q, k.to("meta"), v)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_inputs_are_refused_unless_opted_out(bad: float) -> None:
+    q, k, v = qkv()
+    v[0, 0, 3, 1] = bad
+    with pytest.raises(InputError, match=r"v contains 1 NaN/Inf value\(s\).*check_finite=False"):
+        attnlab.attention(q, k, v)
+    out = attnlab.attention(q, k, v, check_finite=False)  # opt-out: the check is skipped
+    assert out.shape == q.shape
+
+
+@pytest.mark.parametrize(("n", "nk"), [(0, 16), (16, 0)])
+def test_empty_sequences(n: int, nk: int) -> None:
+    q, k, v = qkv(n=n, nk=nk)
+    with pytest.raises(InputError, match=f"empty sequence: N_q={n}, N_k={nk}"):
+        attnlab.attention(q, k, v)
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), "x"])
+def test_bad_scale(scale: object) -> None:
+    q, k, v = qkv()
+    with pytest.raises(InputError, match="scale must be a positive finite number"):
+        attnlab.attention(q, k, v, scale=scale)  # type: ignore[arg-type]
+
+
+def test_causal_must_be_bool() -> None:
+    q, k, v = qkv()
+    with pytest.raises(InputError, match="causal must be a bool"):
+        attnlab.attention(q, k, v, causal=1)  # type: ignore[arg-type]
+
+
+def test_unknown_method_suggests_the_closest() -> None:
+    q, k, v = qkv()
+    with pytest.raises(UnknownMethodError, match="unknown attention method 'sliding_windo'. Did you mean 'sliding_window'"):
+        attnlab.attention(q, k, v, method="sliding_windo")
+
+
+def test_unknown_parameter_suggests_the_closest() -> None:
+    q, k, v = qkv()
+    with pytest.raises(ParamError, match="no parameter 'windw'. Did you mean 'window'.*parameters are: window"):
+        attnlab.attention(q, k, v, method="sliding_window", windw=4)
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "match"),
+    [
+        ("sliding_window", {"window": 0}, r"window=0 is invalid; expected an integer >= 1"),
+        ("sliding_window", {"window": 2.5}, r"window=2.5 is invalid; expected an integer"),
+        ("sliding_window", {"window": True}, r"window=True is invalid; expected an integer"),
+        ("streaming", {"sinks": -1}, r"sinks=-1 is invalid; expected an integer >= 0"),
+        ("dilated", {"dilation": 0}, r"dilation=0 is invalid"),
+        ("block_local", {"neighbors": -2}, r"neighbors=-2 is invalid"),
+        ("sigmoid", {"bias": float("nan")}, r"bias=nan is invalid; expected a finite number or None"),
+    ],
+)
+def test_parameter_ranges(method: str, params: dict, match: str) -> None:
+    q, k, v = qkv()
+    with pytest.raises(ParamError, match=match):
+        attnlab.attention(q, k, v, method=method, **params)
+
+
+def test_forced_backend_that_cannot_run_says_why() -> None:
+    q, k, v = qkv()
+    q.requires_grad_(True)
+    with pytest.raises(BackendError, match="(?s)backend 'flex' of method 'sliding_window' cannot run .*- flex: FlexAttention has no backward on CPU"):
+        attnlab.attention(q, k, v, method="sliding_window", window=4, backend="flex")
+
+
+def test_unknown_backend_lists_the_methods_backends() -> None:
+    q, k, v = qkv()
+    with pytest.raises(ParamError, match="no backend 'flexx'. Did you mean 'flex'.*flex, sdpa_mask"):
+        attnlab.attention(q, k, v, method="sliding_window", backend="flexx")
+
+
+def test_no_backend_lists_every_refusal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(attnlab.settings, "max_dense_elements", 100)
+    q, k, v = qkv()
+    q.requires_grad_(True)
+    with pytest.raises(BackendError) as info:
+        attnlab.attention(q, k, v, method="sliding_window", window=4)
+    msg = str(info.value)
+    assert "no backend of method 'sliding_window' can run" in msg
+    assert "- flex: FlexAttention has no backward on CPU" in msg
+    assert "- sdpa_mask: sdpa_mask would materialise" in msg
+
+
+def test_dense_fallback_refuses_n_by_n_above_the_limit_and_names_the_fast_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(attnlab.settings, "max_dense_elements", 1000)
+    q, k, v = qkv()
+    with pytest.raises(BackendError, match=r"reference would materialise 1,024 score elements.*use triton, flex"):
+        attnlab.attention(q, k, v, method="sigmoid", backend="reference")
+    with pytest.raises(DenseTooLargeError, match=r"materialise .* above the limit of 1,000 .*max_dense_elements"):
+        attnlab.get("softmax").reference(q, k, v, attnlab.get("softmax").make_params({}), causal=False, scale=1.0)
+
+
+def test_unsupported_pattern_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    from attnlab import registry
+    from attnlab.patterns import SELF_PATTERNS
+
+    spec = attnlab.get("softmax")
+    monkeypatch.setitem(registry._REGISTRY, "softmax", dataclasses.replace(spec, patterns=SELF_PATTERNS))
+    q, k, v = qkv(n=8, nk=16)
+    with pytest.raises(UnsupportedPatternError, match=r"'softmax' does not define the noncausal_cross pattern \(N_q=8, N_k=16"):
+        attnlab.attention(q, k, v)
+
+
+def test_gqa_refused_for_a_method_without_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    from attnlab import registry
+
+    spec = attnlab.get("softmax")
+    monkeypatch.setitem(registry._REGISTRY, "softmax", dataclasses.replace(spec, gqa=False))
+    q, k, v = qkv(h=4, hk=2)
+    with pytest.raises(InputError, match=r"does not support grouped-query attention .*repeat_interleave\(2, dim=1\)"):
+        attnlab.attention(q, k, v)
+
+
+@pytest.mark.parametrize("method", ["softmax", "sigmoid", "sliding_window", "streaming", "dilated", "block_local"])
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_fully_masked_rows_are_zero_not_nan(method: str, backend: str | None) -> None:
+    # causal cross with N_q > N_k: the first N_q - N_k queries have no key
+    q, k, v = qkv(n=24, nk=10)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    params = {"window": 3} if method in ("sliding_window", "dilated", "streaming") else {}
+    out = attnlab.attention(q, k, v, method=method, causal=True, backend=backend, **params)
+    assert torch.isfinite(out).all()
+    assert (out[:, :, :14] == 0).all()
+    assert out[:, :, 14:].abs().sum() > 0
+    out.sum().backward()
+    for t in (q, k, v):
+        assert t.grad is not None and torch.isfinite(t.grad).all()
+    assert (q.grad[:, :, :14] == 0).all()
+
+
+def test_explain_names_the_choice_and_the_refusals() -> None:
+    q, k, v = qkv()
+    q.requires_grad_(True)
+    choice = attnlab.explain(q, k, v, method="dilated", causal=True, window=2)
+    assert choice.backend is not None and choice.backend.name == "sdpa_mask"
+    assert "flex: FlexAttention has no backward on CPU" in choice.explain()
