@@ -30,18 +30,29 @@ MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
 class MaskContext:
-    """Run-time values for one (N_q, N_k, causal, device): 0-d int32/bool tensors for mask closures."""
+    """Run-time values for one (N_q, N_k, causal, device), as captured by mask closures.
+
+    Outside ``torch.compile`` they are 0-d int32/bool tensors, so one compiled FlexAttention kernel
+    serves every length and parameter value. Inside a user's compiled region they are Python numbers:
+    the outer graph specialises on them (as it would on any Python constant), and no tensor is created
+    inside the graph for the kernel to capture.
+    """
 
     def __init__(self, n_q: int, n_k: int, causal: bool, device: torch.device | str) -> None:
         self.n_q = n_q
         self.n_k = n_k
         self.is_causal = causal
         self.device = torch.device(device)
+        self.as_tensors = not torch.compiler.is_compiling()
         self.offset = self.const(n_k - n_q)
-        self.causal = torch.tensor(causal, dtype=torch.bool, device=self.device)
+        self.not_causal: Tensor | bool = (
+            torch.tensor(not causal, dtype=torch.bool, device=self.device) if self.as_tensors else not causal
+        )
 
-    def const(self, value: int) -> Tensor:
-        """A 0-d int32 tensor on the context's device (captured by mask closures)."""
+    def const(self, value: int) -> Any:
+        """``value`` as a 0-d int32 tensor on the context's device (or a Python int under compile)."""
+        if not self.as_tensors:
+            return int(value)
         return torch.tensor(int(value), dtype=torch.int32, device=self.device)
 
     def distance(self, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
@@ -50,7 +61,7 @@ class MaskContext:
 
     def causal_ok(self, distance: Tensor) -> Tensor:
         """True where causality allows the pair: always when not causal, else ``distance >= 0``."""
-        return (distance >= 0) | ~self.causal
+        return (distance >= 0) | self.not_causal
 
 
 MaskFactory = Callable[[Any, MaskContext], MaskMod]

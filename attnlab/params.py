@@ -35,15 +35,18 @@ class Params:
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any]) -> Self:
         """Build the parameters from keyword arguments; unknown names get a close-match suggestion."""
-        known = cls.names()
-        for name in kwargs:
-            if name not in known:
-                allowed = ", ".join(known) if known else "none"
-                raise ParamError(
-                    f"method {cls.method!r} has no parameter {name!r}.{did_you_mean(name, known)} "
-                    f"Its parameters are: {allowed}"
-                )
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except TypeError:  # an unknown keyword (the dataclass __init__ refuses it)
+            known = cls.names()
+            for name in kwargs:
+                if name not in known:
+                    allowed = ", ".join(known) if known else "none"
+                    raise ParamError(
+                        f"method {cls.method!r} has no parameter {name!r}.{did_you_mean(name, known)} "
+                        f"Its parameters are: {allowed}"
+                    ) from None
+            raise
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -7,7 +7,6 @@ registered method lacks a reference, parity-test parameters or benchmark paramet
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -104,19 +103,13 @@ def register(spec: MethodSpec) -> MethodSpec:
     return spec
 
 
-def _load() -> None:
-    importlib.import_module("attnlab.catalog")
-
-
 def methods() -> dict[str, MethodSpec]:
     """All registered methods, by name, in registration order."""
-    _load()
     return dict(_REGISTRY)
 
 
 def get(name: str) -> MethodSpec:
     """One method's spec; an unknown name gets the closest registered name as a suggestion."""
-    _load()
     if not isinstance(name, str) or name not in _REGISTRY:
         raise UnknownMethodError(
             f"unknown attention method {name!r}.{did_you_mean(str(name), _REGISTRY)} "

@@ -51,10 +51,7 @@ class FlexBackend(Backend):
         if factory is not None:
             key = (call.spec.name, call.params.key(), p.causal) if call.spec.mask else ("causal",)
             make = lambda: factory(call.params, MaskContext(p.n_q, p.n_k, p.causal, p.device))
-            if torch.compiler.is_compiling():
-                block_mask, _ = flex_exec.build_block_mask(make(), p.n_q, p.n_k, p.device)
-            else:
-                block_mask, _ = flex_exec.cached_block_mask(key, make, p.n_q, p.n_k, p.device)
+            block_mask, _ = flex_exec.cached_block_mask(key, make, p.n_q, p.n_k, p.device)
         score_mod = self.score_mod(call) if self.score_mod else None
         out, lse = flex_exec.flex_run(
             q, k, v, block_mask=block_mask, score_mod=score_mod, scale=call.scale, return_lse=self.unnormalized

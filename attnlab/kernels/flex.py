@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -34,7 +33,6 @@ CACHE_SIZE = 64
 #: Compiled variants of flex_attention allowed (methods x dtypes x head dims x GQA on/off).
 RECOMPILE_LIMIT = 256
 
-_lock = threading.Lock()
 _block_masks: OrderedDict[Hashable, tuple[BlockMask, BlockLayout]] = OrderedDict()
 _compiled: dict[str, Callable[..., Any]] = {}
 stats = {"block_mask_builds": 0, "block_mask_hits": 0}
@@ -63,16 +61,20 @@ def build_block_mask(
 def cached_block_mask(
     key: Hashable, make_mask: Callable[[], MaskMod], n_q: int, n_k: int, device: torch.device
 ) -> tuple[BlockMask, BlockLayout]:
-    """The BlockMask for ``key`` (which must identify the mask and its parameters), built once."""
+    """The BlockMask for ``key`` (which must identify the mask and its parameters), built once.
+
+    Plain dict operations (atomic under the GIL) so that ``torch.compile`` can trace a lookup: inside a
+    compiled region a cached BlockMask enters the graph as an input, like one built outside.
+    """
     full_key = (key, n_q, n_k, str(device), BLOCK_SIZE)
-    with _lock:
-        hit = _block_masks.get(full_key)
-        if hit is not None:
+    hit = _block_masks.get(full_key)
+    if hit is not None:
+        if not torch.compiler.is_compiling():
             _block_masks.move_to_end(full_key)
             stats["block_mask_hits"] += 1
-            return hit
+        return hit
     built = build_block_mask(make_mask(), n_q, n_k, device)
-    with _lock:
+    if not torch.compiler.is_compiling():
         _block_masks[full_key] = built
         stats["block_mask_builds"] += 1
         while len(_block_masks) > CACHE_SIZE:
@@ -81,8 +83,7 @@ def cached_block_mask(
 
 
 def clear_cache() -> None:
-    with _lock:
-        _block_masks.clear()
+    _block_masks.clear()
 
 
 def compiled_flex() -> Callable[..., Any]:

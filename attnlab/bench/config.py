@@ -1,0 +1,91 @@
+"""What a benchmark run measures. ``BenchConfig.preset(device)`` gives the defaults of ``attnlab bench``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from attnlab.patterns import Pattern
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODES = ("fwd", "fwd_bwd")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark run.
+
+    Efficiency is timed at each length in ``lengths`` for each pattern and mode: self patterns use
+    N_q = N_k = n; cross patterns use N_q = n // 4 queries over N_k = n keys (chunked prefill).
+    ``budgets``: "all" times every parameter set a method's ``bench_params(n)`` gives, "first" one.
+    Fidelity runs on ``workloads`` ("minilm": Q/K/V captured from the MiniLM encoder; "random").
+    """
+
+    device: str = "cpu"
+    lengths: tuple[int, ...] = (512, 1024, 2048)
+    methods: tuple[str, ...] | None = None
+    patterns: tuple[Pattern, ...] = (Pattern.CAUSAL_SELF, Pattern.NONCAUSAL_SELF)
+    modes: tuple[str, ...] = MODES
+    dtype: str = "float32"
+    batch: int = 1
+    heads: int = 4
+    kv_heads: int | None = None
+    head_dim: int = 64
+    budgets: str = "first"
+    peers: bool = True
+    efficiency: bool = True
+    fidelity: bool = True
+    workloads: tuple[str, ...] = ("minilm", "random")
+    fidelity_length: int = 1024
+    fidelity_heads: int = 4
+    target_s: float = 0.2
+    max_reps: int = 20
+    seed: int = 0
+    out: Path = field(default_factory=lambda: Path("attnlab-results"))
+
+    @staticmethod
+    def preset(device: str) -> BenchConfig:
+        """Defaults: CPU fits a 2-core machine in minutes; CUDA is the H100 protocol (bf16, D=128, H=32)."""
+        if device.startswith("cuda"):
+            return BenchConfig(
+                device=device,
+                lengths=(4096, 8192, 16384, 32768, 65536),
+                dtype="bfloat16",
+                heads=32,
+                head_dim=128,
+                budgets="all",
+                fidelity_length=4096,
+                fidelity_heads=8,
+                target_s=0.25,
+                max_reps=30,
+            )
+        return BenchConfig(device=device)
+
+    def with_(self, **changes: Any) -> BenchConfig:
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.kv_heads or self.heads
+
+    def as_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["patterns"] = [p.value for p in self.patterns]
+        d["out"] = str(self.out)
+        return d
+
+
+def shapes(pattern: Pattern, n: int) -> tuple[int, int]:
+    """(N_q, N_k) of a benchmark point at length n."""
+    return (max(1, n // 4), n) if pattern.cross else (n, n)

@@ -1,0 +1,108 @@
+"""The results database: one DuckDB file that accumulates runs.
+
+DuckDB because results are analytical tables queried by run, method, pattern and length: an embedded,
+single-file, columnar SQL engine with no server, and files that readers (Python, CLI, notebooks) open
+directly. Every row carries its ``run_id``; ``runs`` holds each run's device, versions, commit and config.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+TABLES: dict[str, dict[str, str]] = {
+    "runs": {
+        "run_id": "VARCHAR PRIMARY KEY", "started": "TIMESTAMP", "device": "VARCHAR", "commit": "VARCHAR",
+        "env": "VARCHAR", "config": "VARCHAR",
+    },
+    "efficiency": {
+        "run_id": "VARCHAR", "method": "VARCHAR", "backend": "VARCHAR", "params": "VARCHAR",
+        "pattern": "VARCHAR", "batch": "INTEGER", "heads": "INTEGER", "kv_heads": "INTEGER",
+        "n_q": "INTEGER", "n_k": "INTEGER", "head_dim": "INTEGER", "dtype": "VARCHAR", "mode": "VARCHAR",
+        "status": "VARCHAR", "median_ms": "DOUBLE", "min_ms": "DOUBLE", "reps": "INTEGER",
+        "peak_mem_mb": "DOUBLE", "tflops": "DOUBLE", "speedup": "DOUBLE", "baseline_ms": "DOUBLE",
+        "baseline_of_run": "BOOLEAN", "density": "DOUBLE", "block_density": "DOUBLE", "compiles": "INTEGER",
+    },
+    "fidelity": {
+        "run_id": "VARCHAR", "workload": "VARCHAR", "layer": "VARCHAR", "head": "INTEGER",
+        "method": "VARCHAR", "params": "VARCHAR", "backend": "VARCHAR", "pattern": "VARCHAR",
+        "n": "INTEGER", "density": "DOUBLE", "out_rel_err": "DOUBLE", "mass_recall": "DOUBLE",
+    },
+    "checks": {
+        "run_id": "VARCHAR", "method": "VARCHAR", "backend": "VARCHAR", "params": "VARCHAR",
+        "pattern": "VARCHAR", "dtype": "VARCHAR", "grad": "BOOLEAN", "passed": "BOOLEAN", "detail": "VARCHAR",
+    },
+}
+
+
+class ResultsDB:
+    """A DuckDB results file; tables are created on first open."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.con = duckdb.connect(str(self.path))
+        for table, cols in TABLES.items():
+            body = ", ".join(f'"{c}" {t}' for c, t in cols.items())
+            self.con.execute(f"CREATE TABLE IF NOT EXISTS {table} ({body})")
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> ResultsDB:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def new_run(self, env: dict[str, Any], config: dict[str, Any]) -> str:
+        run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+        self.insert("runs", [{
+            "run_id": run_id, "started": datetime.now(UTC).replace(tzinfo=None), "device": env.get("device"),
+            "commit": env.get("commit"), "env": json.dumps(env), "config": json.dumps(config),
+        }])
+        return run_id
+
+    def insert(self, table: str, rows: Iterable[dict[str, Any]], run_id: str | None = None) -> int:
+        cols = list(TABLES[table])
+        data = []
+        for row in rows:
+            if run_id is not None:
+                row = {**row, "run_id": run_id}
+            unknown = set(row) - set(cols)
+            if unknown:
+                raise KeyError(f"table {table} has no columns {sorted(unknown)}")
+            data.append([row.get(c) for c in cols])
+        if data:
+            quoted = ", ".join(f'"{c}"' for c in cols)
+            marks = ", ".join("?" for _ in cols)
+            self.con.executemany(f"INSERT INTO {table} ({quoted}) VALUES ({marks})", data)
+        return len(data)
+
+    def query(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
+        cur = self.con.execute(sql, params or [])
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    def runs(self) -> list[dict[str, Any]]:
+        return self.query("SELECT * FROM runs ORDER BY started")
+
+    def latest_run(self, device_type: str | None = None) -> str | None:
+        rows = self.runs()
+        if device_type:
+            rows = [r for r in rows if json.loads(r["env"]).get("device_type") == device_type]
+        return rows[-1]["run_id"] if rows else None
+
+    def rows(self, table: str, run_id: str) -> list[dict[str, Any]]:
+        return self.query(f"SELECT * FROM {table} WHERE run_id = ?", [run_id])
+
+    def export_json(self, run_id: str, path: Path) -> None:
+        """The run's rows of every table as one JSON file (for diffs and for readers without DuckDB)."""
+        out = {t: self.rows(t, run_id) for t in TABLES}
+        path.write_text(json.dumps(out, indent=1, default=str))

@@ -1,0 +1,78 @@
+"""Timing and memory: median latency after warm-up (CUDA events on GPU), and peak memory."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    min_ms: float
+    reps: int
+    peak_mem_mb: float | None  # None on CPU (PyTorch tracks no CPU peak)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(
+    fn: Callable[[], object],
+    device: torch.device,
+    *,
+    warmup: int = 2,
+    target_s: float = 0.3,
+    min_reps: int = 3,
+    max_reps: int = 50,
+) -> Timing:
+    """Median wall time of ``fn`` over repeated runs after ``warmup`` calls (compilation happens there).
+
+    The repetition count adapts: enough runs to fill about ``target_s`` seconds, within
+    [``min_reps``, ``max_reps``]. On CUDA each run is bracketed by CUDA events.
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    once = max(time.perf_counter() - t0, 1e-6)
+    peak = None
+    if device.type == "cuda":
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    reps = int(min(max_reps, max(min_reps, target_s / once)))
+    times: list[float] = []
+    if device.type == "cuda":
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        for s, e in zip(starts, ends, strict=True):
+            s.record()
+            fn()
+            e.record()
+        torch.cuda.synchronize(device)
+        times = [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
+    else:
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    return Timing(statistics.median(times), min(times), reps, peak)
+
+
+def attention_flops(batch: int, heads: int, n_q: int, n_k: int, d: int, d_v: int, causal_pairs: int | None,
+                    mode: str) -> float:
+    """Dense-equivalent FLOPs: 2*N_q*N_k*(D + D_v) per head forward (causal: the causal pairs only);
+    forward+backward counts 3.5x the forward (backward = 2.5x, FlashAttention's convention)."""
+    pairs = causal_pairs if causal_pairs is not None else n_q * n_k
+    fwd = 2.0 * batch * heads * pairs * (d + d_v)
+    return fwd * (3.5 if mode == "fwd_bwd" else 1.0)

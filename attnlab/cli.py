@@ -1,0 +1,186 @@
+"""The ``attnlab`` command: list | verify | bench | report."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="attnlab: attention methods behind one call, checked and measured.")
+console = Console()
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _csv(value: str | None) -> tuple[str, ...] | None:
+    return tuple(x.strip() for x in value.split(",") if x.strip()) if value else None
+
+
+@app.command("list")
+def list_methods(
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per method (for scripts)")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="the README's support matrix block")] = False,
+) -> None:
+    """The support matrix, generated from the registry."""
+    import attnlab
+    from attnlab.support import PATTERN_ABBREV, readme_block, records
+
+    if as_json:
+        print(json.dumps(records(), indent=1))
+        return
+    if markdown:
+        print(readme_block())
+        return
+    table = Table(title="attnlab methods")
+    for col in ("method", "family", "parameters", "backends", "patterns", "GQA", "backward"):
+        table.add_column(col)
+    for spec in attnlab.methods().values():
+        params = ", ".join(f"{k}={v}" for k, v in spec.make_params({}).as_dict().items()) or "-"
+        backends = ", ".join(f"{b.name} ({'/'.join(b.devices)})" for b in spec.backends)
+        patterns = ", ".join(PATTERN_ABBREV[p] for p in spec.patterns)
+        table.add_row(spec.name, spec.family, params, backends, patterns, "yes" if spec.gqa else "no",
+                      "yes" if spec.backward else "no")
+    console.print(table)
+
+
+@app.command()
+def verify(
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available)")] = None,
+    methods: Annotated[str | None, typer.Option(help="comma-separated method names (default: all)")] = None,
+) -> None:
+    """Check every backend of every method against its reference on this device (exit 1 on a failure)."""
+    import torch
+
+    dev = torch.device(device or _default_device())
+    if dev.type == "cpu":  # Triton kernels can only run in the interpreter here (must precede their import)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from attnlab.verify import verify as run_verify
+    from attnlab.verify import verify_cases
+
+    total = sum(1 for _ in verify_cases(dev, _csv(methods)))
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as bar:
+        task = bar.add_task(f"verify on {dev}", total=total)
+        results = run_verify(dev, _csv(methods), progress=lambda c: bar.advance(task))
+    table = Table(title=f"attnlab verify on {dev}")
+    for col in ("method", "backend", "pattern", "passed", "failed", "skipped (why)"):
+        table.add_column(col)
+    groups: dict[tuple[str, str, str], Counter[str]] = {}
+    reasons: dict[tuple[str, str, str], str] = {}
+    for c in results:
+        key = (c.method, c.backend, c.case.pattern.value)
+        status = "skipped" if c.skipped else ("passed" if c.passed else "failed")
+        groups.setdefault(key, Counter())[status] += 1
+        if c.skipped:
+            reasons[key] = c.skipped
+        elif not c.passed:
+            reasons[key] = f"{c.case.label()}: {c.summary()}"
+    for key, counts in groups.items():
+        table.add_row(*key, str(counts["passed"]), str(counts["failed"]),
+                      f"{counts['skipped']} {reasons.get(key, '')}" if counts["skipped"] or counts["failed"] else "")
+    console.print(table)
+    failed = [c for c in results if not c.skipped and not c.passed]
+    passed = sum(1 for c in results if c.passed)
+    console.print(f"{passed} passed, {len(failed)} failed, {sum(1 for c in results if c.skipped)} skipped")
+    if failed:
+        for c in failed[:20]:
+            console.print(f"[red]FAIL[/red] {c.method}/{c.backend} {c.case.label()}: {c.summary()}")
+        raise typer.Exit(1)
+
+
+@app.command()
+def bench(
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available)")] = None,
+    lengths: Annotated[str | None, typer.Option(help="comma-separated sequence lengths in tokens")] = None,
+    methods: Annotated[str | None, typer.Option(help="comma-separated method names (default: all)")] = None,
+    patterns: Annotated[str | None, typer.Option(help="comma-separated: causal_self,noncausal_self,"
+                                                      "causal_cross,noncausal_cross")] = None,
+    modes: Annotated[str | None, typer.Option(help="comma-separated: fwd,fwd_bwd")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16")] = None,
+    heads: Annotated[int | None, typer.Option(help="query heads")] = None,
+    kv_heads: Annotated[int | None, typer.Option(help="key/value heads (GQA); default = heads")] = None,
+    head_dim: Annotated[int | None, typer.Option(help="head dimension")] = None,
+    batch: Annotated[int | None, typer.Option(help="batch size")] = None,
+    budgets: Annotated[str | None, typer.Option(help="'all' parameter sets per method, or 'first'")] = None,
+    workloads: Annotated[str | None, typer.Option(help="fidelity workloads: minilm,random")] = None,
+    no_fidelity: Annotated[bool, typer.Option("--no-fidelity", help="skip the fidelity part")] = False,
+    no_efficiency: Annotated[bool, typer.Option("--no-efficiency", help="skip the timing part")] = False,
+    out: Annotated[Path | None, typer.Option(help="results folder (database, report, PNGs)")] = None,
+    no_report: Annotated[bool, typer.Option("--no-report", help="do not write the HTML report")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log every measurement")] = False,
+) -> None:
+    """Speed, memory and fidelity of every method on this device, into the results database and a report."""
+    from attnlab.bench.config import BenchConfig
+    from attnlab.bench.runner import planned_steps, run
+    from attnlab.patterns import parse_pattern
+
+    dev = device or _default_device()
+    cfg = BenchConfig.preset(dev).with_(
+        lengths=tuple(int(x) for x in _csv(lengths) or ()) or None,
+        methods=_csv(methods),
+        patterns=tuple(parse_pattern(p) for p in _csv(patterns) or ()) or None,
+        modes=_csv(modes), dtype=dtype, heads=heads, kv_heads=kv_heads, head_dim=head_dim, batch=batch,
+        budgets=budgets, workloads=_csv(workloads), out=out,
+    )
+    if no_fidelity:
+        cfg = cfg.with_(fidelity=False)
+    if no_efficiency:
+        cfg = cfg.with_(efficiency=False)
+    import attnlab
+
+    for m in cfg.methods or ():
+        attnlab.get(m)  # unknown names fail now, with a suggestion
+    console.print(f"attnlab bench on {dev}: lengths {list(cfg.lengths)}, {cfg.dtype}, B={cfg.batch} "
+                  f"H={cfg.heads}/{cfg.n_kv_heads} D={cfg.head_dim} -> {cfg.out}/")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as bar:
+        task = bar.add_task("bench", total=planned_steps(cfg))
+        log = (lambda s: bar.console.print(s)) if verbose else (lambda s: None)
+        result = run(cfg, log=log, advance=lambda n: bar.advance(task, n), report=not no_report)
+    console.print(f"run {result.run_id}: {result.efficiency_rows} efficiency rows, {result.fidelity_rows} "
+                  f"fidelity rows -> {result.db_path}")
+    for note in result.notes:
+        console.print(f"[yellow]note[/yellow]: {note}")
+    if result.report:
+        console.print(f"report: {result.report}")
+    if result.failed_checks:
+        console.print("[red]backends that failed their correctness check (not timed):[/red]")
+        for f in result.failed_checks:
+            console.print(f"  {f}")
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    db: Annotated[Path, typer.Option(help="results database")] = Path("attnlab-results/results.duckdb"),
+    out: Annotated[Path | None, typer.Option(help="folder for report.html and PNGs (default: the db's)")] = None,
+    run: Annotated[str | None, typer.Option(help="run id (default: the latest)")] = None,
+) -> None:
+    """(Re)build the HTML report from the results database."""
+    from attnlab.bench.report import write_report
+
+    if not db.exists():
+        console.print(f"[red]no results database at {db}[/red]; run `attnlab bench` first")
+        raise typer.Exit(1)
+    path = write_report(db, out or db.parent, run)
+    console.print(f"report: {path}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

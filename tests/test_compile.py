@@ -1,0 +1,72 @@
+"""attnlab.attention inside torch.compile(fullgraph=True): no graph breaks on the Flex and Triton paths.
+
+``fullgraph=True`` makes any graph break an error. On CPU, compiled FlexAttention is inference-only and
+the Triton kernel runs in the interpreter behind its custom op; on CUDA both run for real.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnlab
+from tests.conftest import DEVICE, ON_CUDA
+
+
+def _qkv(n: int = 64, d: int = 32, grad: bool = False):  # type: ignore[no-untyped-def]
+    return [torch.randn(1, h, n, d, device=DEVICE, requires_grad=grad) for h in (4, 2, 2)]
+
+
+@pytest.mark.parametrize(("method", "params"), [("sliding_window", {"window": 16}), ("block_local", {"block": 16})])
+def test_flex_path_compiles_without_graph_breaks(method: str, params: dict) -> None:
+    q, k, v = _qkv()
+
+    def f(q, k, v):  # type: ignore[no-untyped-def]
+        # (no pointwise op right after: inductor's CPU flex template cannot fuse epilogues, torch 2.13)
+        return attnlab.attention(q, k, v, method=method, causal=True, backend="flex", **params)
+
+    compiled = torch.compile(f, fullgraph=True)
+    with torch.no_grad():
+        out = compiled(q, k, v)
+    ref = attnlab.attention(q, k, v, method=method, causal=True, backend="reference", **params)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_triton_sigmoid_compiles_without_graph_breaks_forward_and_backward() -> None:
+    q, k, v = _qkv(n=24, d=16, grad=True)
+
+    def f(q, k, v):  # type: ignore[no-untyped-def]
+        return attnlab.attention(q, k, v, method="sigmoid", causal=True, backend="triton").sum()
+
+    loss = torch.compile(f, fullgraph=True)(q, k, v)
+    loss.backward()
+    qr, kr, vr = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    attnlab.attention(qr, kr, vr, method="sigmoid", causal=True, backend="reference").sum().backward()
+    torch.testing.assert_close(loss, f(qr, kr, vr).detach(), rtol=1e-4, atol=1e-4)
+    for a, b in ((q, qr), (k, kr), (v, vr)):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="compiled FlexAttention has no backward on CPU")
+def test_flex_path_compiles_with_backward_on_cuda() -> None:
+    q, k, v = _qkv(n=256, d=64, grad=True)
+    f = lambda q, k, v: attnlab.attention(q, k, v, method="streaming", causal=True, sinks=4, window=32).sum()
+    torch.compile(f, fullgraph=True)(q, k, v).backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_lengths_do_not_recompile_flex() -> None:
+    """One compiled FlexAttention serves new lengths and new window values (no recompilation storm)."""
+    from torch._dynamo.utils import counters
+
+    def run(n: int, window: int) -> None:
+        q, k, v = _qkv(n=n)
+        with torch.no_grad():
+            attnlab.attention(q, k, v, method="dilated", causal=True, window=window, dilation=2)
+
+    run(200, 8)
+    run(333, 9)  # the first change of shape may specialise once
+    before = counters["stats"]["unique_graphs"]
+    for n, w in ((517, 5), (1000, 31), (777, 64), (129, 3)):
+        run(n, w)
+    assert counters["stats"]["unique_graphs"] - before == 0
