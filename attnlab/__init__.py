@@ -23,7 +23,7 @@ from attnlab.registry import MethodSpec, get, methods
 from attnlab.settings import settings
 
 # Register the built-in methods (into attnlab's own registry; nothing else happens at import).
-import attnlab.catalog  # noqa: E402, F401  # isort: skip
+import attnlab.catalog  # noqa: F401  # isort: skip
 
 __version__ = "0.1.0"
 

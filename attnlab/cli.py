@@ -13,8 +13,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="attnlab: attention methods behind one call, checked and measured.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="attnlab: attention methods behind one call, checked and measured.",
+)
 console = Console()
 
 
@@ -50,8 +53,15 @@ def list_methods(
         params = ", ".join(f"{k}={v}" for k, v in spec.make_params({}).as_dict().items()) or "-"
         backends = ", ".join(f"{b.name} ({'/'.join(b.devices)})" for b in spec.backends)
         patterns = ", ".join(PATTERN_ABBREV[p] for p in spec.patterns)
-        table.add_row(spec.name, spec.family, params, backends, patterns, "yes" if spec.gqa else "no",
-                      "yes" if spec.backward else "no")
+        table.add_row(
+            spec.name,
+            spec.family,
+            params,
+            backends,
+            patterns,
+            "yes" if spec.gqa else "no",
+            "yes" if spec.backward else "no",
+        )
     console.print(table)
 
 
@@ -70,8 +80,13 @@ def verify(
     from attnlab.verify import verify_cases
 
     total = sum(1 for _ in verify_cases(dev, _csv(methods)))
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
         task = bar.add_task(f"verify on {dev}", total=total)
         results = run_verify(dev, _csv(methods), progress=lambda c: bar.advance(task))
     table = Table(title=f"attnlab verify on {dev}")
@@ -88,8 +103,12 @@ def verify(
         elif not c.passed:
             reasons[key] = f"{c.case.label()}: {c.summary()}"
     for key, counts in groups.items():
-        table.add_row(*key, str(counts["passed"]), str(counts["failed"]),
-                      f"{counts['skipped']} {reasons.get(key, '')}" if counts["skipped"] or counts["failed"] else "")
+        table.add_row(
+            *key,
+            str(counts["passed"]),
+            str(counts["failed"]),
+            f"{counts['skipped']} {reasons.get(key, '')}" if counts["skipped"] or counts["failed"] else "",
+        )
     console.print(table)
     failed = [c for c in results if not c.skipped and not c.passed]
     passed = sum(1 for c in results if c.passed)
@@ -105,8 +124,10 @@ def bench(
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available)")] = None,
     lengths: Annotated[str | None, typer.Option(help="comma-separated sequence lengths in tokens")] = None,
     methods: Annotated[str | None, typer.Option(help="comma-separated method names (default: all)")] = None,
-    patterns: Annotated[str | None, typer.Option(help="comma-separated: causal_self,noncausal_self,"
-                                                      "causal_cross,noncausal_cross")] = None,
+    patterns: Annotated[
+        str | None,
+        typer.Option(help="comma-separated: causal_self,noncausal_self,causal_cross,noncausal_cross"),
+    ] = None,
     modes: Annotated[str | None, typer.Option(help="comma-separated: fwd,fwd_bwd")] = None,
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16")] = None,
     heads: Annotated[int | None, typer.Option(help="query heads")] = None,
@@ -131,8 +152,15 @@ def bench(
         lengths=tuple(int(x) for x in _csv(lengths) or ()) or None,
         methods=_csv(methods),
         patterns=tuple(parse_pattern(p) for p in _csv(patterns) or ()) or None,
-        modes=_csv(modes), dtype=dtype, heads=heads, kv_heads=kv_heads, head_dim=head_dim, batch=batch,
-        budgets=budgets, workloads=_csv(workloads), out=out,
+        modes=_csv(modes),
+        dtype=dtype,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        batch=batch,
+        budgets=budgets,
+        workloads=_csv(workloads),
+        out=out,
     )
     if no_fidelity:
         cfg = cfg.with_(fidelity=False)
@@ -142,15 +170,24 @@ def bench(
 
     for m in cfg.methods or ():
         attnlab.get(m)  # unknown names fail now, with a suggestion
-    console.print(f"attnlab bench on {dev}: lengths {list(cfg.lengths)}, {cfg.dtype}, B={cfg.batch} "
-                  f"H={cfg.heads}/{cfg.n_kv_heads} D={cfg.head_dim} -> {cfg.out}/")
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console) as bar:
+    console.print(
+        f"attnlab bench on {dev}: lengths {list(cfg.lengths)}, {cfg.dtype}, B={cfg.batch} "
+        f"H={cfg.heads}/{cfg.n_kv_heads} D={cfg.head_dim} -> {cfg.out}/"
+    )
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
         task = bar.add_task("bench", total=planned_steps(cfg))
         log = (lambda s: bar.console.print(s)) if verbose else (lambda s: None)
         result = run(cfg, log=log, advance=lambda n: bar.advance(task, n), report=not no_report)
-    console.print(f"run {result.run_id}: {result.efficiency_rows} efficiency rows, {result.fidelity_rows} "
-                  f"fidelity rows -> {result.db_path}")
+    console.print(
+        f"run {result.run_id}: {result.efficiency_rows} efficiency rows, {result.fidelity_rows} "
+        f"fidelity rows -> {result.db_path}"
+    )
     for note in result.notes:
         console.print(f"[yellow]note[/yellow]: {note}")
     if result.report:
@@ -165,7 +202,9 @@ def bench(
 @app.command()
 def report(
     db: Annotated[Path, typer.Option(help="results database")] = Path("attnlab-results/results.duckdb"),
-    out: Annotated[Path | None, typer.Option(help="folder for report.html and PNGs (default: the db's)")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="folder for report.html and PNGs (default: the db's)")
+    ] = None,
     run: Annotated[str | None, typer.Option(help="run id (default: the latest)")] = None,
 ) -> None:
     """(Re)build the HTML report from the results database."""

@@ -30,7 +30,7 @@ def choose(call: Call, backend: str | None = None) -> Choice:
         chosen = REFERENCE if backend == "reference" else call.spec.backend(backend)
         ok, why = chosen.can_use(call)
         return Choice(chosen if ok else None, () if ok else ((chosen.name, why),))
-    refusals = []
+    refusals: list[tuple[str, str]] = []
     for candidate in call.spec.backends:
         ok, why = candidate.can_use(call)
         if ok:

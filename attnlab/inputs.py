@@ -105,9 +105,7 @@ def validate(
     bk, h_kv, n_k, dk = k.shape
     bv, h_v, n_v, d_v = v.shape
     if not (b == bk == bv):
-        raise InputError(
-            f"batch sizes differ: q {_shape(q)}, k {_shape(k)}, v {_shape(v)}; dim 0 must match"
-        )
+        raise InputError(f"batch sizes differ: q {_shape(q)}, k {_shape(k)}, v {_shape(v)}; dim 0 must match")
     if h_kv != h_v or n_k != n_v:
         raise InputError(
             f"k {_shape(k)} and v {_shape(v)} must have the same heads (dim 1) and length (dim 2)"
@@ -126,7 +124,10 @@ def validate(
     if b == 0 or d == 0 or d_v == 0:
         raise InputError(f"empty batch or head dim: q {_shape(q)}, v {_shape(v)}")
     if scale is not None and (
-        isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale) or scale <= 0
+        isinstance(scale, bool)
+        or not isinstance(scale, int | float)
+        or not math.isfinite(scale)
+        or scale <= 0
     ):
         raise InputError(f"scale must be a positive finite number or None (1/sqrt(D)), got {scale!r}")
     if check_finite and not torch.compiler.is_compiling():

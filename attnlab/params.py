@@ -60,7 +60,9 @@ class Params:
 
     # -- checks used by validate() ------------------------------------------------------------------
     def _fail(self, name: str, value: Any, expected: str) -> ParamError:
-        return ParamError(f"method {self.method!r}: parameter {name}={value!r} is invalid; expected {expected}")
+        return ParamError(
+            f"method {self.method!r}: parameter {name}={value!r} is invalid; expected {expected}"
+        )
 
     def check_int(self, name: str, minimum: int = 1, maximum: int | None = None) -> None:
         value = getattr(self, name)

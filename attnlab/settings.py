@@ -13,6 +13,9 @@ class Settings:
     max_dense_elements: int = 2**28
     #: Query rows per chunk when a mask is evaluated (block classification, density counting).
     mask_chunk_elements: int = 2**24
+    #: Autotune attnlab's Triton kernels per (head dim, causal, length bucket, ...). False uses each
+    #: kernel's first config (tests do this: fewer compilations, same results).
+    autotune: bool = True
 
 
 settings = Settings()

@@ -53,7 +53,9 @@ def _backends_cell(spec: MethodSpec) -> str:
 
 def markdown_table() -> str:
     """The support matrix as a Markdown table."""
-    head = "| method | family | parameters (defaults) | backends (priority order) | patterns | GQA | backward |"
+    head = (
+        "| method | family | parameters (defaults) | backends (priority order) | patterns | GQA | backward |"
+    )
     rule = "|---|---|---|---|---|---|---|"
     rows = [head, rule]
     for spec in methods().values():

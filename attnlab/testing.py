@@ -58,7 +58,10 @@ class Case:
         g = torch.Generator(device="cpu").manual_seed(seed)
         shape_q = (self.batch, self.heads, self.n_q, self.head_dim)
         shape_kv = (self.batch, self.kv_heads, self.n_k, self.head_dim)
-        q, k, v = (torch.randn(s, generator=g).to(device=device, dtype=self.dtype) for s in (shape_q, shape_kv, shape_kv))
+        q, k, v = (
+            torch.randn(s, generator=g).to(device=device, dtype=self.dtype)
+            for s in (shape_q, shape_kv, shape_kv)
+        )
         return q, k, v
 
 
@@ -122,7 +125,9 @@ def check_parity(
         return result
     grad = backward and spec.backward and fwd_choice.backend.backward
     if grad:
-        grad_problem = validate(*_leaves((q0, k0, v0), True), causal=case.causal, scale=None, check_finite=False)
+        grad_problem = validate(
+            *_leaves((q0, k0, v0), True), causal=case.causal, scale=None, check_finite=False
+        )
         grad = choose(Call(spec, params, grad_problem, scale), backend).backend is not None
     q, k, v = _leaves((q0, k0, v0), grad)
     out = attention(q, k, v, method=spec.name, causal=case.causal, backend=backend, **case.params)

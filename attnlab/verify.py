@@ -16,7 +16,9 @@ import attnlab
 from attnlab.testing import Case, Check, cases_for, check_parity
 
 
-def verify_cases(device: torch.device, methods: tuple[str, ...] | None = None) -> Iterator[tuple[str, str, Case]]:
+def verify_cases(
+    device: torch.device, methods: tuple[str, ...] | None = None
+) -> Iterator[tuple[str, str, Case]]:
     dtypes = (torch.bfloat16, torch.float32) if device.type == "cuda" else (torch.float32,)
     for name, spec in attnlab.methods().items():
         if methods is not None and name not in methods:
@@ -24,13 +26,22 @@ def verify_cases(device: torch.device, methods: tuple[str, ...] | None = None) -
         for backend in spec.backends:
             tiny = device.type == "cpu" and backend.name == "triton"
             lengths = ((17, 17), (9, 30)) if tiny else ((257, 257), (63, 257))
-            for case in cases_for(spec, lengths=lengths, head_dims=(32 if tiny else 64,), groups=(2,),
-                                  dtypes=dtypes, heads=4, batch=2):
+            for case in cases_for(
+                spec,
+                lengths=lengths,
+                head_dims=(32 if tiny else 64,),
+                groups=(2,),
+                dtypes=dtypes,
+                heads=4,
+                batch=2,
+            ):
                 yield name, backend.name, case
 
 
 def verify(
-    device: torch.device, methods: tuple[str, ...] | None = None, progress: Callable[[Check], None] | None = None
+    device: torch.device,
+    methods: tuple[str, ...] | None = None,
+    progress: Callable[[Check], None] | None = None,
 ) -> list[Check]:
     """Run every case; a Check per (method, backend, case), skipped ones carrying the backend's refusal."""
     results = []

@@ -18,7 +18,9 @@ DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if ON_CUDA:
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (these run on the H100; see benchmarks/results/SUMMARY.md)")
+    skip = pytest.mark.skip(
+        reason="needs a CUDA GPU (these run on the H100; see benchmarks/results/SUMMARY.md)"
+    )
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
@@ -27,6 +29,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_autotune() -> None:
+    """Tests use each Triton kernel's first config (autotuning is for speed, not for results)."""
+    import attnlab
+
+    attnlab.settings.autotune = False
 
 
 @pytest.fixture

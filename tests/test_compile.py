@@ -17,7 +17,9 @@ def _qkv(n: int = 64, d: int = 32, grad: bool = False):  # type: ignore[no-untyp
     return [torch.randn(1, h, n, d, device=DEVICE, requires_grad=grad) for h in (4, 2, 2)]
 
 
-@pytest.mark.parametrize(("method", "params"), [("sliding_window", {"window": 16}), ("block_local", {"block": 16})])
+@pytest.mark.parametrize(
+    ("method", "params"), [("sliding_window", {"window": 16}), ("block_local", {"block": 16})]
+)
 def test_flex_path_compiles_without_graph_breaks(method: str, params: dict) -> None:
     q, k, v = _qkv()
 

@@ -18,7 +18,11 @@ from attnlab import (
 
 def qkv(b=1, h=4, hk=2, n=16, nk=None, d=16, dtype=torch.float32):  # type: ignore[no-untyped-def]
     nk = n if nk is None else nk
-    return torch.randn(b, h, n, d, dtype=dtype), torch.randn(b, hk, nk, d, dtype=dtype), torch.randn(b, hk, nk, d, dtype=dtype)
+    return (
+        torch.randn(b, h, n, d, dtype=dtype),
+        torch.randn(b, hk, nk, d, dtype=dtype),
+        torch.randn(b, hk, nk, d, dtype=dtype),
+    )
 
 
 def test_wrong_rank_names_the_shape_and_the_fix() -> None:
@@ -28,7 +32,7 @@ def test_wrong_rank_names_the_shape_and_the_fix() -> None:
 
 
 def test_not_a_tensor() -> None:
-    q, k, v = qkv()
+    q, _k, v = qkv()
     with pytest.raises(InputError, match="k must be a torch.Tensor, got list"):
         attnlab.attention(q, [1, 2], v)  # type: ignore[arg-type]
 
@@ -107,13 +111,17 @@ def test_causal_must_be_bool() -> None:
 
 def test_unknown_method_suggests_the_closest() -> None:
     q, k, v = qkv()
-    with pytest.raises(UnknownMethodError, match="unknown attention method 'sliding_windo'. Did you mean 'sliding_window'"):
+    with pytest.raises(
+        UnknownMethodError, match="unknown attention method 'sliding_windo'. Did you mean 'sliding_window'"
+    ):
         attnlab.attention(q, k, v, method="sliding_windo")
 
 
 def test_unknown_parameter_suggests_the_closest() -> None:
     q, k, v = qkv()
-    with pytest.raises(ParamError, match="no parameter 'windw'. Did you mean 'window'.*parameters are: window"):
+    with pytest.raises(
+        ParamError, match="no parameter 'windw'. Did you mean 'window'.*parameters are: window"
+    ):
         attnlab.attention(q, k, v, method="sliding_window", windw=4)
 
 
@@ -138,7 +146,10 @@ def test_parameter_ranges(method: str, params: dict, match: str) -> None:
 def test_forced_backend_that_cannot_run_says_why() -> None:
     q, k, v = qkv()
     q.requires_grad_(True)
-    with pytest.raises(BackendError, match="(?s)backend 'flex' of method 'sliding_window' cannot run .*- flex: FlexAttention has no backward on CPU"):
+    with pytest.raises(
+        BackendError,
+        match="(?s)backend 'flex' of method 'sliding_window' cannot run .*- flex: FlexAttention has no backward on CPU",
+    ):
         attnlab.attention(q, k, v, method="sliding_window", window=4, backend="flex")
 
 
@@ -160,13 +171,21 @@ def test_no_backend_lists_every_refusal(monkeypatch: pytest.MonkeyPatch) -> None
     assert "- sdpa_mask: sdpa_mask would materialise" in msg
 
 
-def test_dense_fallback_refuses_n_by_n_above_the_limit_and_names_the_fast_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dense_fallback_refuses_n_by_n_above_the_limit_and_names_the_fast_backend(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr(attnlab.settings, "max_dense_elements", 1000)
     q, k, v = qkv()
-    with pytest.raises(BackendError, match=r"reference would materialise 1,024 score elements.*use triton, flex"):
+    with pytest.raises(
+        BackendError, match=r"reference would materialise 1,024 score elements.*use triton, flex"
+    ):
         attnlab.attention(q, k, v, method="sigmoid", backend="reference")
-    with pytest.raises(DenseTooLargeError, match=r"materialise .* above the limit of 1,000 .*max_dense_elements"):
-        attnlab.get("softmax").reference(q, k, v, attnlab.get("softmax").make_params({}), causal=False, scale=1.0)
+    with pytest.raises(
+        DenseTooLargeError, match=r"materialise .* above the limit of 1,000 .*max_dense_elements"
+    ):
+        attnlab.get("softmax").reference(
+            q, k, v, attnlab.get("softmax").make_params({}), causal=False, scale=1.0
+        )
 
 
 def test_unsupported_pattern_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -178,7 +197,10 @@ def test_unsupported_pattern_is_refused(monkeypatch: pytest.MonkeyPatch) -> None
     spec = attnlab.get("softmax")
     monkeypatch.setitem(registry._REGISTRY, "softmax", dataclasses.replace(spec, patterns=SELF_PATTERNS))
     q, k, v = qkv(n=8, nk=16)
-    with pytest.raises(UnsupportedPatternError, match=r"'softmax' does not define the noncausal_cross pattern \(N_q=8, N_k=16"):
+    with pytest.raises(
+        UnsupportedPatternError,
+        match=r"'softmax' does not define the noncausal_cross pattern \(N_q=8, N_k=16",
+    ):
         attnlab.attention(q, k, v)
 
 
@@ -190,11 +212,15 @@ def test_gqa_refused_for_a_method_without_it(monkeypatch: pytest.MonkeyPatch) ->
     spec = attnlab.get("softmax")
     monkeypatch.setitem(registry._REGISTRY, "softmax", dataclasses.replace(spec, gqa=False))
     q, k, v = qkv(h=4, hk=2)
-    with pytest.raises(InputError, match=r"does not support grouped-query attention .*repeat_interleave\(2, dim=1\)"):
+    with pytest.raises(
+        InputError, match=r"does not support grouped-query attention .*repeat_interleave\(2, dim=1\)"
+    ):
         attnlab.attention(q, k, v)
 
 
-@pytest.mark.parametrize("method", ["softmax", "sigmoid", "sliding_window", "streaming", "dilated", "block_local"])
+@pytest.mark.parametrize(
+    "method", ["softmax", "sigmoid", "sliding_window", "streaming", "dilated", "block_local"]
+)
 @pytest.mark.parametrize("backend", [None, "reference"])
 def test_fully_masked_rows_are_zero_not_nan(method: str, backend: str | None) -> None:
     # causal cross with N_q > N_k: the first N_q - N_k queries have no key

@@ -31,7 +31,12 @@ def test_causal_cross_is_bottom_right_aligned() -> None:
 
 def test_streaming_sinks_plus_window() -> None:
     assert grid("streaming", 6, 6, True, sinks=1, window=2) == [
-        "x.....", "xx....", "xxx...", "x.xx..", "x..xx.", "x...xx"
+        "x.....",
+        "xx....",
+        "xxx...",
+        "x.xx..",
+        "x..xx.",
+        "x...xx",
     ]
     # non-causal: sinks visible to all, window on both sides
     assert grid("streaming", 5, 5, False, sinks=1, window=2)[4] == "x..xx"
@@ -39,17 +44,33 @@ def test_streaming_sinks_plus_window() -> None:
 
 def test_dilated_every_rth_position() -> None:
     assert grid("dilated", 7, 7, True, window=3, dilation=2) == [
-        "x......", ".x.....", "x.x....", ".x.x...", "x.x.x..", ".x.x.x.", "..x.x.x"
+        "x......",
+        ".x.....",
+        "x.x....",
+        ".x.x...",
+        "x.x.x..",
+        ".x.x.x.",
+        "..x.x.x",
     ]
     assert grid("dilated", 5, 5, False, window=2, dilation=2)[2] == "x.x.x"
 
 
 def test_block_local_own_and_previous_block() -> None:
     assert grid("block_local", 6, 6, True, block=2, neighbors=1) == [
-        "x.....", "xx....", "xxx...", "xxxx..", "..xxx.", "..xxxx"
+        "x.....",
+        "xx....",
+        "xxx...",
+        "xxxx..",
+        "..xxx.",
+        "..xxxx",
     ]
     assert grid("block_local", 6, 6, True, block=2, neighbors=0) == [
-        "x.....", "xx....", "..x...", "..xx..", "....x.", "....xx"
+        "x.....",
+        "xx....",
+        "..x...",
+        "..xx..",
+        "....x.",
+        "....xx",
     ]
     assert grid("block_local", 6, 6, False, block=2, neighbors=0)[0] == "xx...."
 
@@ -73,7 +94,9 @@ def test_block_layout_is_exact(method: str, n_q: int, n_k: int, block: int) -> N
         layout = block_layout(mask_mod, n_q, n_k, "cpu", block, block)
         m = dense_mask(mask_mod, n_q, n_k, "cpu")
         assert layout.allowed == int(m.sum())
-        padded = torch.zeros(layout.partial.shape[0] * block, layout.partial.shape[1] * block, dtype=torch.bool)
+        padded = torch.zeros(
+            layout.partial.shape[0] * block, layout.partial.shape[1] * block, dtype=torch.bool
+        )
         padded[:n_q, :n_k] = m
         tiles = padded.view(layout.partial.shape[0], block, layout.partial.shape[1], block)
         any_ = tiles.any(3).any(1)

@@ -56,7 +56,9 @@ def test_kernel_matches_naive_twin_and_writes_every_element(
     rdq, rdk, rdv = sigmoid_bwd_naive(do, q, k, v, scale, bias, causal)
     tol = {torch.float32: 1e-4, torch.bfloat16: 4e-2, torch.float16: 5e-3}[dtype]
     for a, b in ((out, ref), (dq, rdq), (dk, rdk), (dv, rdv)):
-        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * (1 + b.float().abs().max().item()))
+        torch.testing.assert_close(
+            a.float(), b.float(), rtol=tol, atol=tol * (1 + b.float().abs().max().item())
+        )
 
 
 def test_kernel_takes_non_contiguous_heads_first_views() -> None:

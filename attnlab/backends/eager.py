@@ -28,7 +28,9 @@ class EagerBackend(Backend):
         return _size_refusal(self.name, call)
 
     def run(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
-        return call.spec.reference(q, k, v, call.params, causal=call.problem.causal, scale=call.scale, upcast=False)
+        return call.spec.reference(
+            q, k, v, call.params, causal=call.problem.causal, scale=call.scale, upcast=False
+        )
 
 
 class ReferenceBackend(Backend):

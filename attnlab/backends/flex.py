@@ -33,7 +33,10 @@ class FlexBackend(Backend):
         if p.device.type not in ("cuda", "cpu"):
             return False, f"FlexAttention runs on CUDA and CPU, not {p.device.type}"
         if p.device.type == "cpu" and p.requires_grad:
-            return False, "FlexAttention has no backward on CPU (PyTorch raises NotImplementedError); use CUDA"
+            return (
+                False,
+                "FlexAttention has no backward on CPU (PyTorch raises NotImplementedError); use CUDA",
+            )
         if p.head_dim < 16 or p.v_dim < 16:
             return False, f"FlexAttention needs head dims >= 16, got D={p.head_dim}, D_v={p.v_dim}"
         if p.device.type == "cpu" and self.unnormalized:
@@ -54,7 +57,13 @@ class FlexBackend(Backend):
             block_mask, _ = flex_exec.cached_block_mask(key, make, p.n_q, p.n_k, p.device)
         score_mod = self.score_mod(call) if self.score_mod else None
         out, lse = flex_exec.flex_run(
-            q, k, v, block_mask=block_mask, score_mod=score_mod, scale=call.scale, return_lse=self.unnormalized
+            q,
+            k,
+            v,
+            block_mask=block_mask,
+            score_mod=score_mod,
+            scale=call.scale,
+            return_lse=self.unnormalized,
         )
         if self.unnormalized:
             assert lse is not None

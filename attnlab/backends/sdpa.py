@@ -42,5 +42,7 @@ class SdpaMaskBackend(Backend):
         p = call.problem
         check_dense_size(p.dense_elements, "sdpa_mask", "backend='flex' on CUDA")
         factory = call.spec.mask or causal_mask
-        mask = dense_mask(factory(call.params, MaskContext(p.n_q, p.n_k, p.causal, p.device)), p.n_q, p.n_k, p.device)
+        mask = dense_mask(
+            factory(call.params, MaskContext(p.n_q, p.n_k, p.causal, p.device)), p.n_q, p.n_k, p.device
+        )
         return sdpa_masked(q, k, v, mask=mask, scale=call.scale)

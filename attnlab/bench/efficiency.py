@@ -8,6 +8,7 @@ backend is timed only after a small parity check of it against the reference pas
 
 from __future__ import annotations
 
+import functools
 import json
 import traceback
 from collections.abc import Callable, Iterator
@@ -78,11 +79,15 @@ def _inputs(cfg: BenchConfig, n_q: int, n_k: int, grad: bool) -> tuple[Tensor, T
     return q, k, v, dout
 
 
-def _runner(fn: Callable[[], Tensor], mode: str, q: Tensor, k: Tensor, v: Tensor, dout: Tensor) -> Callable[[], Any]:
+def _runner(
+    fn: Callable[[], Tensor], mode: str, q: Tensor, k: Tensor, v: Tensor, dout: Tensor
+) -> Callable[[], Any]:
     if mode == "fwd":
+
         def fwd() -> Any:
             with torch.no_grad():
                 return fn()
+
         return fwd
 
     def fwd_bwd() -> Any:
@@ -91,7 +96,9 @@ def _runner(fn: Callable[[], Tensor], mode: str, q: Tensor, k: Tensor, v: Tensor
     return fwd_bwd
 
 
-def _densities(spec: attnlab.MethodSpec, params: Any, n_q: int, n_k: int, causal: bool, device: torch.device) -> tuple[float, float]:
+def _densities(
+    spec: attnlab.MethodSpec, params: Any, n_q: int, n_k: int, causal: bool, device: torch.device
+) -> tuple[float, float]:
     """(token density, block density) relative to the dense pattern, with 128 x 128 tiles."""
     pairs = dense_pairs(n_q, n_k, causal)
     if spec.mask is None:
@@ -118,23 +125,40 @@ class EfficiencyRun:
     def groups(self) -> list[tuple[Pattern, int, str]]:
         return [(p, n, m) for p in self.cfg.patterns for n in self.cfg.lengths for m in self.cfg.modes]
 
-    def _check(self, spec: attnlab.MethodSpec, backend: str, params: dict[str, Any], causal: bool, cross: bool,
-               grad: bool) -> tuple[bool, str]:
+    def _check(
+        self,
+        spec: attnlab.MethodSpec,
+        backend: str,
+        params: dict[str, Any],
+        causal: bool,
+        cross: bool,
+        grad: bool,
+    ) -> tuple[bool, str]:
         key = (spec.name, backend, json.dumps(params, sort_keys=True), causal, cross, grad)
         if key not in self.checks:
             c = self.cfg
             n_q, n_k = (96, 384) if cross else (384, 384)
-            case = Case(1, 4, max(1, 4 * c.n_kv_heads // c.heads), n_q, n_k, c.head_dim, c.torch_dtype, causal,
-                        params)
+            case = Case(
+                1, 4, max(1, 4 * c.n_kv_heads // c.heads), n_q, n_k, c.head_dim, c.torch_dtype, causal, params
+            )
             try:
                 res = check_parity(spec, backend, case, c.torch_device, backward=grad)
                 ok, detail = (res.passed or bool(res.skipped)), res.summary()
             except Exception as e:  # a crash in the check is a failed check, recorded
                 ok, detail = False, f"error: {type(e).__name__}: {e}"
             self.checks[key] = (ok, detail)
-            self.check_rows.append({"method": spec.name, "backend": backend, "params": key[2],
-                                    "pattern": ("causal_" if causal else "noncausal_") + ("cross" if cross else "self"),
-                                    "dtype": c.dtype, "grad": grad, "passed": ok, "detail": detail})
+            self.check_rows.append(
+                {
+                    "method": spec.name,
+                    "backend": backend,
+                    "params": key[2],
+                    "pattern": ("causal_" if causal else "noncausal_") + ("cross" if cross else "self"),
+                    "dtype": c.dtype,
+                    "grad": grad,
+                    "passed": ok,
+                    "detail": detail,
+                }
+            )
         return self.checks[key]
 
     def _time(self, fn: Callable[[], Any]) -> dict[str, Any]:
@@ -149,70 +173,114 @@ class EfficiencyRun:
         except Exception as e:
             self.log(traceback.format_exc(limit=3))
             return {"status": f"error: {type(e).__name__}: {str(e)[:300]}"}
-        return {"status": "ok", "median_ms": t.median_ms, "min_ms": t.min_ms, "reps": t.reps,
-                "peak_mem_mb": t.peak_mem_mb, "compiles": counters["stats"]["unique_graphs"] - before}
+        return {
+            "status": "ok",
+            "median_ms": t.median_ms,
+            "min_ms": t.min_ms,
+            "reps": t.reps,
+            "peak_mem_mb": t.peak_mem_mb,
+            "compiles": counters["stats"]["unique_graphs"] - before,
+        }
 
     def rows(self) -> Iterator[dict[str, Any]]:
-        c = self.cfg
         plan = self.plan()
         for pattern, n, mode in self.groups():
             todo = [r for r in plan if r.pattern == pattern and r.n == n and r.mode == mode]
-            if not todo and not c.peers:
-                continue
-            n_q, n_k = shapes(pattern, n)
-            grad = mode == "fwd_bwd"
-            q, k, v, dout = _inputs(c, n_q, n_k, grad)
-            causal = pattern.causal
-            pairs = dense_pairs(n_q, n_k, causal)
-            flops = attention_flops(c.batch, c.heads, n_q, n_k, c.head_dim, c.head_dim, pairs, mode)
-            common = {"pattern": pattern.value, "batch": c.batch, "heads": c.heads, "kv_heads": c.n_kv_heads,
-                      "n_q": n_q, "n_k": n_k, "head_dim": c.head_dim, "dtype": c.dtype, "mode": mode}
-
-            def finish(row: dict[str, Any], baseline: float | None) -> dict[str, Any]:
-                if row.get("median_ms"):
-                    row["tflops"] = flops / (row["median_ms"] * 1e-3) / 1e12
-                    if baseline:
-                        row["speedup"] = baseline / row["median_ms"]
-                        row["baseline_ms"] = baseline
-                return {**common, **row}
-
-            # dense baseline (and peers)
-            baseline_ms: float | None = None
-            peers: dict[str, SDPBackend | None] = dict(PEERS_CUDA) if c.torch_device.type == "cuda" else {"sdpa:default": None}
-            if not c.peers:  # the baseline only
-                peers = dict(list(peers.items())[:1])
-            for label, kernel in peers.items():
-                fn = lambda kernel=kernel: sdpa_dense(q, k, v, causal=causal, scale=c.head_dim**-0.5,
-                                                      kernels=[kernel] if kernel is not None else None)
-                row = self._time(_runner(fn, mode, q, k, v, dout))
-                if baseline_ms is None and row.get("median_ms"):
-                    baseline_ms = row["median_ms"]
-                    row["baseline_of_run"] = True
-                self.log(f"{pattern.value} n={n} {mode} {label}: {row.get('median_ms', row['status'])}")
-                yield finish({"method": "softmax", "backend": label, "params": "{}", "density": 1.0,
-                              "block_density": 1.0, **row}, baseline_ms)
-            for r in todo:
-                spec = attnlab.get(r.method)
-                params = spec.make_params(r.params)
-                density, block_density = _densities(spec, params, n_q, n_k, causal, c.torch_device)
-                call = attnlab.resolve(q, k, v, method=r.method, causal=causal, check_finite=False, **r.params)
-                for backend in spec.backends:
-                    base = {"method": r.method, "backend": backend.name, "params": json.dumps(r.params, sort_keys=True),
-                            "density": density, "block_density": block_density}
-                    ok, why = backend.can_use(Call(spec, params, call.problem, call.scale))
-                    if not ok:
-                        yield finish({**base, "status": f"refused: {why}"}, None)
-                        continue
-                    passed, detail = self._check(spec, backend.name, r.params, causal, pattern.cross, grad)
-                    if not passed:
-                        yield finish({**base, "status": f"incorrect: {detail}"}, None)
-                        continue
-                    fn = lambda r=r, b=backend.name: attnlab.attention(q, k, v, method=r.method, causal=causal,
-                                                                       backend=b, check_finite=False, **r.params)
-                    row = self._time(_runner(fn, mode, q, k, v, dout))
-                    self.log(f"{pattern.value} n={n} {mode} {r.method}{r.params} {backend.name}: "
-                             f"{row.get('median_ms', row['status'])}")
-                    yield finish({**base, **row}, baseline_ms)
-            del q, k, v, dout
-            if c.torch_device.type == "cuda":
+            yield from self._group(pattern, n, mode, todo)
+            if self.cfg.torch_device.type == "cuda":
                 torch.cuda.empty_cache()
+
+    def _group(self, pattern: Pattern, n: int, mode: str, todo: list[PlannedRow]) -> Iterator[dict[str, Any]]:
+        """The dense baseline (and peers), then every planned row, at one (pattern, length, mode)."""
+        c = self.cfg
+        n_q, n_k = shapes(pattern, n)
+        grad = mode == "fwd_bwd"
+        q, k, v, dout = _inputs(c, n_q, n_k, grad)
+        causal = pattern.causal
+        pairs = dense_pairs(n_q, n_k, causal)
+        flops = attention_flops(c.batch, c.heads, n_q, n_k, c.head_dim, c.head_dim, pairs, mode)
+        common = {
+            "pattern": pattern.value,
+            "batch": c.batch,
+            "heads": c.heads,
+            "kv_heads": c.n_kv_heads,
+            "n_q": n_q,
+            "n_k": n_k,
+            "head_dim": c.head_dim,
+            "dtype": c.dtype,
+            "mode": mode,
+        }
+
+        def finish(row: dict[str, Any], baseline: float | None) -> dict[str, Any]:
+            if row.get("median_ms"):
+                row["tflops"] = flops / (row["median_ms"] * 1e-3) / 1e12
+                if baseline:
+                    row["speedup"] = baseline / row["median_ms"]
+                    row["baseline_ms"] = baseline
+            return {**common, **row}
+
+        def dense(kernel: SDPBackend | None) -> Tensor:
+            return sdpa_dense(
+                q,
+                k,
+                v,
+                causal=causal,
+                scale=c.head_dim**-0.5,
+                kernels=[kernel] if kernel is not None else None,
+            )
+
+        def method(r: PlannedRow, backend: str) -> Tensor:
+            return attnlab.attention(
+                q, k, v, method=r.method, causal=causal, backend=backend, check_finite=False, **r.params
+            )
+
+        baseline_ms: float | None = None
+        peers: dict[str, SDPBackend | None] = {"sdpa:default": None}
+        if c.torch_device.type == "cuda":
+            peers = dict(PEERS_CUDA)
+        if not c.peers:  # the baseline only
+            peers = dict(list(peers.items())[:1])
+        for label, kernel in peers.items():
+            row = self._time(_runner(functools.partial(dense, kernel), mode, q, k, v, dout))
+            if baseline_ms is None and row.get("median_ms"):
+                baseline_ms = row["median_ms"]
+                row["baseline_of_run"] = True
+            self.log(f"{pattern.value} n={n} {mode} {label}: {row.get('median_ms', row['status'])}")
+            yield finish(
+                {
+                    "method": "softmax",
+                    "backend": label,
+                    "params": "{}",
+                    "density": 1.0,
+                    "block_density": 1.0,
+                    **row,
+                },
+                baseline_ms,
+            )
+        for r in todo:
+            spec = attnlab.get(r.method)
+            params = spec.make_params(r.params)
+            density, block_density = _densities(spec, params, n_q, n_k, causal, c.torch_device)
+            call = attnlab.resolve(q, k, v, method=r.method, causal=causal, check_finite=False, **r.params)
+            for backend in spec.backends:
+                base = {
+                    "method": r.method,
+                    "backend": backend.name,
+                    "params": json.dumps(r.params, sort_keys=True),
+                    "density": density,
+                    "block_density": block_density,
+                }
+                ok, why = backend.can_use(Call(spec, params, call.problem, call.scale))
+                if not ok:
+                    yield finish({**base, "status": f"refused: {why}"}, None)
+                    continue
+                passed, detail = self._check(spec, backend.name, r.params, causal, pattern.cross, grad)
+                if not passed:
+                    yield finish({**base, "status": f"incorrect: {detail}"}, None)
+                    continue
+                row = self._time(_runner(functools.partial(method, r, backend.name), mode, q, k, v, dout))
+                self.log(
+                    f"{pattern.value} n={n} {mode} {r.method}{r.params} {backend.name}: "
+                    f"{row.get('median_ms', row['status'])}"
+                )
+                yield finish({**base, **row}, baseline_ms)

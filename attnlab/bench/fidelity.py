@@ -49,7 +49,9 @@ def fidelity_rows(
             probs = _dense_probs(q, k, causal, scale)
             mask = None
             if causal:
-                mask = dense_mask(causal_mask(None, MaskContext(n_q, n_k, True, q.device)), n_q, n_k, q.device)
+                mask = dense_mask(
+                    causal_mask(None, MaskContext(n_q, n_k, True, q.device)), n_q, n_k, q.device
+                )
             dense_out = masked_softmax_attention(q, k, v, scale=scale, mask=mask)
             for name, spec in attnlab.methods().items():
                 if methods is not None and name not in methods:
@@ -63,17 +65,25 @@ def fidelity_rows(
                     ref = dense_out.flatten(2).norm(dim=-1).pow(2).sum(0).sqrt()
                     rel = (diff / ref.clamp_min(1e-30)).tolist()
                     if spec.mask is not None:
-                        m = dense_mask(spec.mask(p, MaskContext(n_q, n_k, causal, q.device)), n_q, n_k, q.device)
+                        m = dense_mask(
+                            spec.mask(p, MaskContext(n_q, n_k, causal, q.device)), n_q, n_k, q.device
+                        )
                         recall = (probs * m).sum(-1).mean(dim=(0, 2)).tolist()
                     else:
                         recall = [1.0] * q.shape[1]
                     density = spec.density(p, n_q, n_k, causal, q.device)
                     for h in range(q.shape[1]):
                         yield {
-                            "workload": workload.name, "layer": layer, "head": h, "method": name,
+                            "workload": workload.name,
+                            "layer": layer,
+                            "head": h,
+                            "method": name,
                             "params": json.dumps(params, sort_keys=True),
                             "backend": backend.name if backend else "",
-                            "pattern": pattern.value, "n": n_k, "density": density,
-                            "out_rel_err": rel[h], "mass_recall": recall[h],
+                            "pattern": pattern.value,
+                            "n": n_k,
+                            "density": density,
+                            "out_rel_err": rel[h],
+                            "mass_recall": recall[h],
                         }
             log(f"fidelity {workload.name} {layer} {pattern.value} done")

@@ -34,8 +34,13 @@ def latency_vs_length(rows: list[dict[str, Any]], pattern: str, mode: str) -> by
         pts.sort()
         style = "--" if label.startswith("softmax") else "-"
         ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", ms=3, label=label)
-    ax.set(xscale="log", yscale="log", xlabel="N_k (tokens)", ylabel="median latency (ms)",
-           title=f"latency vs length — {pattern}, {mode}")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="N_k (tokens)",
+        ylabel="median latency (ms)",
+        title=f"latency vs length — {pattern}, {mode}",
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=6, ncol=2, loc="upper left")
     return _png(fig)
@@ -54,12 +59,21 @@ def speedup_vs_density(rows: list[dict[str, Any]]) -> bytes | None:
     ax = fig.add_subplot()
     for (pattern, mode), n in sorted(longest.items()):
         pts = [r for r in ok if r["pattern"] == pattern and r["mode"] == mode and r["n_k"] == n]
-        ax.scatter([r["block_density"] for r in pts], [r["speedup"] for r in pts], s=18,
-                   label=f"{pattern} {mode} (N={n})")
+        ax.scatter(
+            [r["block_density"] for r in pts],
+            [r["speedup"] for r in pts],
+            s=18,
+            label=f"{pattern} {mode} (N={n})",
+        )
     xs = [0.02 + i * 0.01 for i in range(99)]
     ax.plot(xs, [1 / x for x in xs], "k--", lw=1, label="ideal 1/density")
-    ax.set(xscale="log", yscale="log", xlabel="block density (share of dense 128x128 tiles computed)",
-           ylabel="speedup over dense SDPA", title="speedup vs density")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="block density (share of dense 128x128 tiles computed)",
+        ylabel="speedup over dense SDPA",
+        title="speedup vs density",
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     return _png(fig)
@@ -75,17 +89,26 @@ def fidelity_vs_density(rows: list[dict[str, Any]]) -> bytes | None:
     fig = Figure(figsize=(12, 5))
     ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     markers = {"minilm": "o", "random": "x"}
-    for (method, params, workload, pattern), rs in sorted(groups.items()):
+    for (method, _params, workload, pattern), rs in sorted(groups.items()):
         dens = sum(r["density"] for r in rs) / len(rs)
         rec = sum(r["mass_recall"] for r in rs) / len(rs)
         err = sum(r["out_rel_err"] for r in rs) / len(rs)
         label = f"{method} {workload} {pattern}"
         ax1.scatter([dens], [rec], marker=markers.get(workload, "s"), label=label)
         ax2.scatter([dens], [max(err, 1e-8)], marker=markers.get(workload, "s"))
-    ax1.set(xscale="log", xlabel="density", ylabel="attention-mass recall (mean over heads)",
-            title="recall of dense attention mass")
-    ax2.set(xscale="log", yscale="log", xlabel="density", ylabel="output relative error (mean)",
-            title="output error vs dense softmax")
+    ax1.set(
+        xscale="log",
+        xlabel="density",
+        ylabel="attention-mass recall (mean over heads)",
+        title="recall of dense attention mass",
+    )
+    ax2.set(
+        xscale="log",
+        yscale="log",
+        xlabel="density",
+        ylabel="output relative error (mean)",
+        title="output error vs dense softmax",
+    )
     for ax in (ax1, ax2):
         ax.grid(True, which="both", alpha=0.3)
     ax1.legend(fontsize=5, ncol=2)

@@ -35,23 +35,40 @@ def _eff_groups(rows: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
             dens[key] = (r["density"], r["block_density"])
         table = []
         for key in sorted(by_row, key=lambda k: (k[0] != "softmax", k[0], k[1], k[2])):
-            cells = []
+            cells: list[dict[str, Any]] = []
             for n in lengths:
-                r = by_row[key].get(n)
-                if r is None:
+                cell = by_row[key].get(n)
+                if cell is None:
                     cells.append({"ms": "", "speedup": ""})
                 elif r["status"] != "ok":
-                    cells.append({"ms": r["status"].split(":")[0], "speedup": "", "bad": True, "title": r["status"]})
+                    cells.append(
+                        {"ms": r["status"].split(":")[0], "speedup": "", "bad": True, "title": r["status"]}
+                    )
                 else:
                     cells.append({"ms": _fmt(r["median_ms"]), "speedup": _fmt(r["speedup"])})
             d, bd = dens[key]
-            table.append({"method": key[0], "params": key[1], "backend": key[2], "density": _fmt(d),
-                          "block_density": _fmt(bd), "cells": cells})
+            table.append(
+                {
+                    "method": key[0],
+                    "params": key[1],
+                    "backend": key[2],
+                    "density": _fmt(d),
+                    "block_density": _fmt(bd),
+                    "cells": cells,
+                }
+            )
         png = plots.latency_vs_length(sel, pattern, mode)
         if png:
             (out / f"latency_{pattern}_{mode}.png").write_bytes(png)
-        groups.append({"pattern": pattern, "mode": mode, "lengths": lengths, "rows": table,
-                       "png": base64.b64encode(png).decode() if png else None})
+        groups.append(
+            {
+                "pattern": pattern,
+                "mode": mode,
+                "lengths": lengths,
+                "rows": table,
+                "png": base64.b64encode(png).decode() if png else None,
+            }
+        )
     return groups
 
 
@@ -63,10 +80,20 @@ def _fidelity_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for (workload, pattern, method, params, n), rs in sorted(groups.items()):
         rec = [r["mass_recall"] for r in rs]
         err = [r["out_rel_err"] for r in rs]
-        out.append({"workload": workload, "pattern": pattern, "method": method, "params": params, "n": n,
-                    "density": _fmt(sum(r["density"] for r in rs) / len(rs)),
-                    "recall_mean": _fmt(sum(rec) / len(rec), 4), "recall_min": _fmt(min(rec), 4),
-                    "err_mean": _fmt(sum(err) / len(err)), "err_max": _fmt(max(err))})
+        out.append(
+            {
+                "workload": workload,
+                "pattern": pattern,
+                "method": method,
+                "params": params,
+                "n": n,
+                "density": _fmt(sum(r["density"] for r in rs) / len(rs)),
+                "recall_mean": _fmt(sum(rec) / len(rec), 4),
+                "recall_min": _fmt(min(rec), 4),
+                "err_mean": _fmt(sum(err) / len(err)),
+                "err_max": _fmt(max(err)),
+            }
+        )
     return out
 
 
@@ -94,12 +121,17 @@ def write_report(db_path: Path, out: Path, run_id: str | None = None) -> Path:
     source = files("attnlab.bench").joinpath("templates/report.html").read_text()
     template = jinja2.Environment(autoescape=True).from_string(source)
     html = template.render(
-        run=run, env=env, config=config, baseline_name=f"SDPA ({baseline})",
-        checks=checks, checks_passed=sum(bool(c["passed"]) for c in checks),
+        run=run,
+        env=env,
+        config=config,
+        baseline_name=f"SDPA ({baseline})",
+        checks=checks,
+        checks_passed=sum(bool(c["passed"]) for c in checks),
         checks_failed=[f"{c['method']}/{c['backend']} {c['pattern']}" for c in checks if not c["passed"]],
         eff_groups=_eff_groups(eff, out),
         speedup_png=base64.b64encode(speed_png).decode() if speed_png else None,
-        fidelity=_fidelity_table(fid), fidelity_png=base64.b64encode(fid_png).decode() if fid_png else None,
+        fidelity=_fidelity_table(fid),
+        fidelity_png=base64.b64encode(fid_png).decode() if fid_png else None,
         notes=notes,
     )
     path = out / "report.html"

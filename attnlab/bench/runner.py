@@ -51,8 +51,14 @@ def run(
         if cfg.fidelity:
             for name in cfg.workloads:
                 try:
-                    wl = workloads.load(name, cfg.torch_device, cfg.fidelity_length, cfg.fidelity_heads, cfg.head_dim,
-                                        cfg.seed)
+                    wl = workloads.load(
+                        name,
+                        cfg.torch_device,
+                        cfg.fidelity_length,
+                        cfg.fidelity_heads,
+                        cfg.head_dim,
+                        cfg.seed,
+                    )
                 except workloads.WorkloadUnavailable as e:
                     notes.append(f"workload {name} skipped: {e}")
                     log(notes[-1])

@@ -18,25 +18,64 @@ import duckdb
 
 TABLES: dict[str, dict[str, str]] = {
     "runs": {
-        "run_id": "VARCHAR PRIMARY KEY", "started": "TIMESTAMP", "device": "VARCHAR", "commit": "VARCHAR",
-        "env": "VARCHAR", "config": "VARCHAR",
+        "run_id": "VARCHAR PRIMARY KEY",
+        "started": "TIMESTAMP",
+        "device": "VARCHAR",
+        "commit": "VARCHAR",
+        "env": "VARCHAR",
+        "config": "VARCHAR",
     },
     "efficiency": {
-        "run_id": "VARCHAR", "method": "VARCHAR", "backend": "VARCHAR", "params": "VARCHAR",
-        "pattern": "VARCHAR", "batch": "INTEGER", "heads": "INTEGER", "kv_heads": "INTEGER",
-        "n_q": "INTEGER", "n_k": "INTEGER", "head_dim": "INTEGER", "dtype": "VARCHAR", "mode": "VARCHAR",
-        "status": "VARCHAR", "median_ms": "DOUBLE", "min_ms": "DOUBLE", "reps": "INTEGER",
-        "peak_mem_mb": "DOUBLE", "tflops": "DOUBLE", "speedup": "DOUBLE", "baseline_ms": "DOUBLE",
-        "baseline_of_run": "BOOLEAN", "density": "DOUBLE", "block_density": "DOUBLE", "compiles": "INTEGER",
+        "run_id": "VARCHAR",
+        "method": "VARCHAR",
+        "backend": "VARCHAR",
+        "params": "VARCHAR",
+        "pattern": "VARCHAR",
+        "batch": "INTEGER",
+        "heads": "INTEGER",
+        "kv_heads": "INTEGER",
+        "n_q": "INTEGER",
+        "n_k": "INTEGER",
+        "head_dim": "INTEGER",
+        "dtype": "VARCHAR",
+        "mode": "VARCHAR",
+        "status": "VARCHAR",
+        "median_ms": "DOUBLE",
+        "min_ms": "DOUBLE",
+        "reps": "INTEGER",
+        "peak_mem_mb": "DOUBLE",
+        "tflops": "DOUBLE",
+        "speedup": "DOUBLE",
+        "baseline_ms": "DOUBLE",
+        "baseline_of_run": "BOOLEAN",
+        "density": "DOUBLE",
+        "block_density": "DOUBLE",
+        "compiles": "INTEGER",
     },
     "fidelity": {
-        "run_id": "VARCHAR", "workload": "VARCHAR", "layer": "VARCHAR", "head": "INTEGER",
-        "method": "VARCHAR", "params": "VARCHAR", "backend": "VARCHAR", "pattern": "VARCHAR",
-        "n": "INTEGER", "density": "DOUBLE", "out_rel_err": "DOUBLE", "mass_recall": "DOUBLE",
+        "run_id": "VARCHAR",
+        "workload": "VARCHAR",
+        "layer": "VARCHAR",
+        "head": "INTEGER",
+        "method": "VARCHAR",
+        "params": "VARCHAR",
+        "backend": "VARCHAR",
+        "pattern": "VARCHAR",
+        "n": "INTEGER",
+        "density": "DOUBLE",
+        "out_rel_err": "DOUBLE",
+        "mass_recall": "DOUBLE",
     },
     "checks": {
-        "run_id": "VARCHAR", "method": "VARCHAR", "backend": "VARCHAR", "params": "VARCHAR",
-        "pattern": "VARCHAR", "dtype": "VARCHAR", "grad": "BOOLEAN", "passed": "BOOLEAN", "detail": "VARCHAR",
+        "run_id": "VARCHAR",
+        "method": "VARCHAR",
+        "backend": "VARCHAR",
+        "params": "VARCHAR",
+        "pattern": "VARCHAR",
+        "dtype": "VARCHAR",
+        "grad": "BOOLEAN",
+        "passed": "BOOLEAN",
+        "detail": "VARCHAR",
     },
 }
 
@@ -63,10 +102,19 @@ class ResultsDB:
 
     def new_run(self, env: dict[str, Any], config: dict[str, Any]) -> str:
         run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-        self.insert("runs", [{
-            "run_id": run_id, "started": datetime.now(UTC).replace(tzinfo=None), "device": env.get("device"),
-            "commit": env.get("commit"), "env": json.dumps(env), "config": json.dumps(config),
-        }])
+        self.insert(
+            "runs",
+            [
+                {
+                    "run_id": run_id,
+                    "started": datetime.now(UTC).replace(tzinfo=None),
+                    "device": env.get("device"),
+                    "commit": env.get("commit"),
+                    "env": json.dumps(env),
+                    "config": json.dumps(config),
+                }
+            ],
+        )
         return run_id
 
     def insert(self, table: str, rows: Iterable[dict[str, Any]], run_id: str | None = None) -> int:

@@ -69,8 +69,9 @@ def measure(
     return Timing(statistics.median(times), min(times), reps, peak)
 
 
-def attention_flops(batch: int, heads: int, n_q: int, n_k: int, d: int, d_v: int, causal_pairs: int | None,
-                    mode: str) -> float:
+def attention_flops(
+    batch: int, heads: int, n_q: int, n_k: int, d: int, d_v: int, causal_pairs: int | None, mode: str
+) -> float:
     """Dense-equivalent FLOPs: 2*N_q*N_k*(D + D_v) per head forward (causal: the causal pairs only);
     forward+backward counts 3.5x the forward (backward = 2.5x, FlashAttention's convention)."""
     pairs = causal_pairs if causal_pairs is not None else n_q * n_k

@@ -59,7 +59,10 @@ def minilm_workload(device: torch.device, max_tokens: int = 512, sequences: int 
     body = max_tokens - 2
     if len(ids) < body * sequences:
         ids = (ids * (1 + body * sequences // max(1, len(ids))))[: body * sequences]
-    rows = [[tokenizer.cls_token_id, *ids[i * body : (i + 1) * body], tokenizer.sep_token_id] for i in range(sequences)]
+    rows = [
+        [tokenizer.cls_token_id, *ids[i * body : (i + 1) * body], tokenizer.sep_token_id]
+        for i in range(sequences)
+    ]
     input_ids = torch.tensor(rows, device=device)
     heads = model.config.num_attention_heads
     captured: dict[str, Tensor] = {}
@@ -82,7 +85,9 @@ def minilm_workload(device: torch.device, max_tokens: int = 512, sequences: int 
     for i in range(len(model.encoder.layer)):
         q, k, v = (_split_heads(captured[f"{i}.{p}"].float(), heads) for p in ("query", "key", "value"))
         layers.append((f"layer{i}", q, k, v))
-    return Workload("minilm", f"all-MiniLM-L6-v2 on its model card, {sequences} x {max_tokens} tokens", layers)
+    return Workload(
+        "minilm", f"all-MiniLM-L6-v2 on its model card, {sequences} x {max_tokens} tokens", layers
+    )
 
 
 def load(name: str, device: torch.device, n: int, heads: int, head_dim: int, seed: int = 0) -> Workload:

@@ -4,8 +4,8 @@ One module per method under its family; adding a method is one file plus one lin
 """
 
 # isort: off  (registration order is the order of `attnlab list`)
-from attnlab.catalog.dense import softmax, sigmoid
-from attnlab.catalog.static import sliding_window, streaming, dilated, block_local
+from attnlab.catalog.dense import sigmoid, softmax
+from attnlab.catalog.static import block_local, dilated, sliding_window, streaming
 
 # isort: on
 

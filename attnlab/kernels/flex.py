@@ -53,7 +53,13 @@ def build_block_mask(
     kv_num, kv_idx = _ordered(layout.partial)
     full_num, full_idx = _ordered(layout.full)
     bm = BlockMask.from_kv_blocks(
-        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(block, block), mask_mod=mask_mod, seq_lengths=(n_q, n_k)
+        kv_num,
+        kv_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=(block, block),
+        mask_mod=mask_mod,
+        seq_lengths=(n_q, n_k),
     )
     return bm, layout
 
@@ -110,7 +116,7 @@ def flex_run(
     ``lse`` is the natural-log sum of exp(score) per query row (-inf for rows with no allowed key).
     """
     compiling = torch.compiler.is_compiling()
-    fn = flex_attention if compiling else compiled_flex()
+    fn: Callable[..., Any] = flex_attention if compiling else compiled_flex()  # type: ignore[assignment]
     kwargs: dict[str, Any] = {
         "block_mask": block_mask,
         "score_mod": score_mod,

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attnlab.masks import MaskContext, MaskMod, mask_for
 from attnlab.catalog.static import MASK_BACKENDS
+from attnlab.masks import MaskContext, MaskMod, mask_for
 from attnlab.params import Params
 from attnlab.patterns import ALL_PATTERNS
 from attnlab.reference import masked_softmax_attention
@@ -57,7 +57,14 @@ def mask(p: BlockLocalParams, ctx: MaskContext) -> MaskMod:
 
 
 def reference(
-    q: Tensor, k: Tensor, v: Tensor, params: BlockLocalParams, *, causal: bool, scale: float, upcast: bool = True
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    params: BlockLocalParams,
+    *,
+    causal: bool,
+    scale: float,
+    upcast: bool = True,
 ) -> Tensor:
     """Softmax attention restricted to ``|floor(p / block) - floor(j / block)| <= neighbors``
     (``p = i + N_k - N_q``), and ``j <= p`` when causal."""
@@ -80,7 +87,11 @@ SPEC = register(
         backends=MASK_BACKENDS,
         patterns=ALL_PATTERNS,
         mask=mask,
-        test_params=({"block": 16, "neighbors": 1}, {"block": 7, "neighbors": 0}, {"block": 40, "neighbors": 2}),
+        test_params=(
+            {"block": 16, "neighbors": 1},
+            {"block": 7, "neighbors": 0},
+            {"block": 40, "neighbors": 2},
+        ),
         bench_params=_bench,
     )
 )

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from attnlab.masks import MaskContext, MaskMod, mask_for
 from attnlab.catalog.static import MASK_BACKENDS
+from attnlab.masks import MaskContext, MaskMod, mask_for
 from attnlab.params import Params
 from attnlab.patterns import ALL_PATTERNS
 from attnlab.reference import masked_softmax_attention
@@ -78,7 +78,11 @@ SPEC = register(
         backends=MASK_BACKENDS,
         patterns=ALL_PATTERNS,
         mask=mask,
-        test_params=({"window": 4, "dilation": 2}, {"window": 3, "dilation": 3}, {"window": 50, "dilation": 1}),
+        test_params=(
+            {"window": 4, "dilation": 2},
+            {"window": 3, "dilation": 3},
+            {"window": 50, "dilation": 1},
+        ),
         bench_params=_bench,
     )
 )

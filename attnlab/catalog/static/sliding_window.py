@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from attnlab.masks import MaskContext, MaskMod, mask_for
 from attnlab.catalog.static import MASK_BACKENDS
+from attnlab.masks import MaskContext, MaskMod, mask_for
 from attnlab.params import Params
 from attnlab.patterns import ALL_PATTERNS
 from attnlab.reference import masked_softmax_attention
@@ -50,7 +50,14 @@ def mask(p: SlidingWindowParams, ctx: MaskContext) -> MaskMod:
 
 
 def reference(
-    q: Tensor, k: Tensor, v: Tensor, params: SlidingWindowParams, *, causal: bool, scale: float, upcast: bool = True
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    params: SlidingWindowParams,
+    *,
+    causal: bool,
+    scale: float,
+    upcast: bool = True,
 ) -> Tensor:
     """Softmax attention restricted to ``|p - j| < window`` (and ``j <= p`` when causal), where
     ``p = i + N_k - N_q`` is query i's position: ``window`` keys when causal (fewer near the start),

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from attnlab.masks import MaskContext, MaskMod, mask_for
 from attnlab.catalog.static import MASK_BACKENDS
+from attnlab.masks import MaskContext, MaskMod, mask_for
 from attnlab.params import Params
 from attnlab.patterns import ALL_PATTERNS
 from attnlab.reference import masked_softmax_attention
@@ -54,7 +54,14 @@ def mask(p: StreamingParams, ctx: MaskContext) -> MaskMod:
 
 
 def reference(
-    q: Tensor, k: Tensor, v: Tensor, params: StreamingParams, *, causal: bool, scale: float, upcast: bool = True
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    params: StreamingParams,
+    *,
+    causal: bool,
+    scale: float,
+    upcast: bool = True,
 ) -> Tensor:
     """Softmax attention restricted to keys ``j < sinks`` or ``|p - j| < window`` (``p = i + N_k - N_q``),
     and ``j <= p`` when causal: at most ``sinks + window`` keys per causal query."""

@@ -18,17 +18,51 @@ from attnlab.kernels.sigmoid.common import causal_key_range, dot, load_tile, sig
 
 @triton.jit
 def _dkdv_inner(
-    dk, dv, k, v, q_base, do_base, stride_qn, stride_don, offs_n, offs_d, lo, hi, OFFSET, N_Q, HEAD_D,
-    half_scale, half_bias,
-    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
-    FAST: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    dk,
+    dv,
+    k,
+    v,
+    q_base,
+    do_base,
+    stride_qn,
+    stride_don,
+    offs_n,
+    offs_d,
+    lo,
+    hi,
+    OFFSET,
+    N_Q,
+    HEAD_D,
+    half_scale,
+    half_bias,
+    BLOCK_M: tl.constexpr,
+    MASKED: tl.constexpr,
+    EVEN_M: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    FAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = load_tile(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], offs_m, N_Q, offs_d, HEAD_D,
-                      EVEN_M, EVEN_D)
-        do = load_tile(do_base + offs_m[:, None] * stride_don + offs_d[None, :], offs_m, N_Q, offs_d, HEAD_D,
-                       EVEN_M, EVEN_D)
+        q = load_tile(
+            q_base + offs_m[:, None] * stride_qn + offs_d[None, :],
+            offs_m,
+            N_Q,
+            offs_d,
+            HEAD_D,
+            EVEN_M,
+            EVEN_D,
+        )
+        do = load_tile(
+            do_base + offs_m[:, None] * stride_don + offs_d[None, :],
+            offs_m,
+            N_Q,
+            offs_d,
+            HEAD_D,
+            EVEN_M,
+            EVEN_D,
+        )
         s_t = dot(k, tl.trans(q), DOT_PREC, UPCAST)  # (BLOCK_N, BLOCK_M)
         p_t = sigmoid_of(s_t * half_scale + half_bias, FAST)
         if MASKED:
@@ -42,17 +76,49 @@ def _dkdv_inner(
 
 @triton.jit
 def sigmoid_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV,
-    stride_qb, stride_qh, stride_qn,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_dob, stride_doh, stride_don,
-    stride_dkb, stride_dkh, stride_dkn,
-    stride_dvb, stride_dvh, stride_dvn,
-    H_KV, GROUP, N_Q, N_K, OFFSET, HEAD_D, scale, bias, N_BUCKET,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    DK,
+    DV,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_dob,
+    stride_doh,
+    stride_don,
+    stride_dkb,
+    stride_dkh,
+    stride_dkn,
+    stride_dvb,
+    stride_dvh,
+    stride_dvn,
+    H_KV,
+    GROUP,
+    N_Q,
+    N_K,
+    OFFSET,
+    HEAD_D,
+    scale,
+    bias,
+    N_BUCKET,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    FAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    EVEN_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -61,10 +127,24 @@ def sigmoid_bwd_dkdv_kernel(
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = load_tile(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                  offs_n, N_K, offs_d, HEAD_D, EVEN_N, EVEN_D)
-    v = load_tile(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                  offs_n, N_K, offs_d, HEAD_D, EVEN_N, EVEN_D)
+    k = load_tile(
+        K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+        offs_n,
+        N_K,
+        offs_d,
+        HEAD_D,
+        EVEN_N,
+        EVEN_D,
+    )
+    v = load_tile(
+        V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+        offs_n,
+        N_K,
+        offs_d,
+        HEAD_D,
+        EVEN_N,
+        EVEN_D,
+    )
     half_scale = 0.5 * scale
     half_bias = 0.5 * bias
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -85,32 +165,127 @@ def sigmoid_bwd_dkdv_kernel(
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
         if CAUSAL:
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qn, stride_don, offs_n, offs_d, lo,
-                                 full_start, OFFSET, N_Q, HEAD_D, half_scale, half_bias, BLOCK_M, True,
-                                 EVEN_M, EVEN_D, FAST, DOT_PREC, UPCAST)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qn, stride_don, offs_n, offs_d, full_start,
-                             N_Q, OFFSET, N_Q, HEAD_D, half_scale, half_bias, BLOCK_M, False,
-                             EVEN_M, EVEN_D, FAST, DOT_PREC, UPCAST)
+            dk, dv = _dkdv_inner(
+                dk,
+                dv,
+                k,
+                v,
+                q_base,
+                do_base,
+                stride_qn,
+                stride_don,
+                offs_n,
+                offs_d,
+                lo,
+                full_start,
+                OFFSET,
+                N_Q,
+                HEAD_D,
+                half_scale,
+                half_bias,
+                BLOCK_M,
+                True,
+                EVEN_M,
+                EVEN_D,
+                FAST,
+                DOT_PREC,
+                UPCAST,
+            )
+        dk, dv = _dkdv_inner(
+            dk,
+            dv,
+            k,
+            v,
+            q_base,
+            do_base,
+            stride_qn,
+            stride_don,
+            offs_n,
+            offs_d,
+            full_start,
+            N_Q,
+            OFFSET,
+            N_Q,
+            HEAD_D,
+            half_scale,
+            half_bias,
+            BLOCK_M,
+            False,
+            EVEN_M,
+            EVEN_D,
+            FAST,
+            DOT_PREC,
+            UPCAST,
+        )
     dk *= scale
-    store_tile(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
-               dk.to(DK.dtype.element_ty), offs_n, N_K, offs_d, HEAD_D, EVEN_N, EVEN_D)
-    store_tile(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
-               dv.to(DV.dtype.element_ty), offs_n, N_K, offs_d, HEAD_D, EVEN_N, EVEN_D)
+    store_tile(
+        DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+        dk.to(DK.dtype.element_ty),
+        offs_n,
+        N_K,
+        offs_d,
+        HEAD_D,
+        EVEN_N,
+        EVEN_D,
+    )
+    store_tile(
+        DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+        dv.to(DV.dtype.element_ty),
+        offs_n,
+        N_K,
+        offs_d,
+        HEAD_D,
+        EVEN_N,
+        EVEN_D,
+    )
 
 
 @triton.jit
 def _dq_inner(
-    dq, q, do, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, lo, hi, OFFSET, N_K, HEAD_D,
-    half_scale, half_bias,
-    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
-    FAST: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    dq,
+    q,
+    do,
+    k_base,
+    v_base,
+    stride_kn,
+    stride_vn,
+    offs_m,
+    offs_d,
+    lo,
+    hi,
+    OFFSET,
+    N_K,
+    HEAD_D,
+    half_scale,
+    half_bias,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    FAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, N_K, offs_d, HEAD_D,
-                      EVEN_N, EVEN_D)
-        v = load_tile(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, N_K, offs_d, HEAD_D,
-                      EVEN_N, EVEN_D)
+        k = load_tile(
+            k_base + offs_n[:, None] * stride_kn + offs_d[None, :],
+            offs_n,
+            N_K,
+            offs_d,
+            HEAD_D,
+            EVEN_N,
+            EVEN_D,
+        )
+        v = load_tile(
+            v_base + offs_n[:, None] * stride_vn + offs_d[None, :],
+            offs_n,
+            N_K,
+            offs_d,
+            HEAD_D,
+            EVEN_N,
+            EVEN_D,
+        )
         s = dot(q, tl.trans(k), DOT_PREC, UPCAST)
         p = sigmoid_of(s * half_scale + half_bias, FAST)
         if MASKED:
@@ -123,16 +298,45 @@ def _dq_inner(
 
 @triton.jit
 def sigmoid_bwd_dq_kernel(
-    Q, K, V, DO, DQ,
-    stride_qb, stride_qh, stride_qn,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_dob, stride_doh, stride_don,
-    stride_dqb, stride_dqh, stride_dqn,
-    H, GROUP, N_Q, N_K, OFFSET, HEAD_D, scale, bias, N_BUCKET,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    DQ,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_dob,
+    stride_doh,
+    stride_don,
+    stride_dqb,
+    stride_dqh,
+    stride_dqn,
+    H,
+    GROUP,
+    N_Q,
+    N_K,
+    OFFSET,
+    HEAD_D,
+    scale,
+    bias,
+    N_BUCKET,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    FAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    EVEN_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -142,21 +346,89 @@ def sigmoid_bwd_dq_kernel(
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
-                  offs_m, N_Q, offs_d, HEAD_D, EVEN_M, EVEN_D)
-    do = load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
-                   offs_m, N_Q, offs_d, HEAD_D, EVEN_M, EVEN_D)
+    q = load_tile(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+        offs_m,
+        N_Q,
+        offs_d,
+        HEAD_D,
+        EVEN_M,
+        EVEN_D,
+    )
+    do = load_tile(
+        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
+        offs_m,
+        N_Q,
+        offs_d,
+        HEAD_D,
+        EVEN_M,
+        EVEN_D,
+    )
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     half_scale = 0.5 * scale
     half_bias = 0.5 * bias
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     full_end, hi = causal_key_range(start_m, OFFSET, N_Q, N_K, BLOCK_M, BLOCK_N, CAUSAL)
-    dq = _dq_inner(dq, q, do, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, 0, full_end, OFFSET, N_K,
-                   HEAD_D, half_scale, half_bias, BLOCK_N, False, EVEN_N, EVEN_D, FAST, DOT_PREC, UPCAST)
+    dq = _dq_inner(
+        dq,
+        q,
+        do,
+        k_base,
+        v_base,
+        stride_kn,
+        stride_vn,
+        offs_m,
+        offs_d,
+        0,
+        full_end,
+        OFFSET,
+        N_K,
+        HEAD_D,
+        half_scale,
+        half_bias,
+        BLOCK_N,
+        False,
+        EVEN_N,
+        EVEN_D,
+        FAST,
+        DOT_PREC,
+        UPCAST,
+    )
     if CAUSAL:
-        dq = _dq_inner(dq, q, do, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, full_end, hi, OFFSET,
-                       N_K, HEAD_D, half_scale, half_bias, BLOCK_N, True, EVEN_N, EVEN_D, FAST, DOT_PREC, UPCAST)
+        dq = _dq_inner(
+            dq,
+            q,
+            do,
+            k_base,
+            v_base,
+            stride_kn,
+            stride_vn,
+            offs_m,
+            offs_d,
+            full_end,
+            hi,
+            OFFSET,
+            N_K,
+            HEAD_D,
+            half_scale,
+            half_bias,
+            BLOCK_N,
+            True,
+            EVEN_N,
+            EVEN_D,
+            FAST,
+            DOT_PREC,
+            UPCAST,
+        )
     dq *= scale
-    store_tile(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
-               dq.to(DQ.dtype.element_ty), offs_m, N_Q, offs_d, HEAD_D, EVEN_M, EVEN_D)
+    store_tile(
+        DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty),
+        offs_m,
+        N_Q,
+        offs_d,
+        HEAD_D,
+        EVEN_M,
+        EVEN_D,
+    )

@@ -46,7 +46,9 @@ def store_tile(ptrs, value, rows, n_rows, cols, n_cols, EVEN_ROWS: tl.constexpr,
 
 
 @triton.jit
-def causal_key_range(start_m, OFFSET, N_Q, N_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+def causal_key_range(
+    start_m, OFFSET, N_Q, N_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr
+):
     """Key ranges for a query block: [0, full_end) needs no mask, [full_end, hi) needs the causal mask.
 
     Query i sits at position i + OFFSET and may see keys j <= i + OFFSET (bottom-right alignment).

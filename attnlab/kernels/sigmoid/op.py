@@ -24,14 +24,34 @@ def _configs(kind: str) -> list[triton.Config]:
     if IMPORTED_INTERPRETED:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
     if kind == "fwd":
-        shapes = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 4),
-                  (128, 128, 8, 2), (64, 128, 4, 3), (128, 64, 8, 4)]
+        shapes = [
+            (128, 64, 8, 3),
+            (128, 128, 8, 3),
+            (128, 64, 4, 3),
+            (128, 32, 4, 4),
+            (64, 64, 4, 4),
+            (128, 128, 8, 2),
+            (64, 128, 4, 3),
+            (128, 64, 8, 4),
+        ]
     elif kind == "dkdv":
-        shapes = [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2), (32, 64, 4, 4),
-                  (128, 128, 8, 2)]
+        shapes = [
+            (64, 128, 8, 3),
+            (32, 128, 4, 3),
+            (64, 64, 4, 3),
+            (64, 128, 8, 2),
+            (32, 64, 4, 4),
+            (128, 128, 8, 2),
+        ]
     else:  # dq
-        shapes = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 2), (64, 128, 8, 3),
-                  (128, 128, 8, 2)]
+        shapes = [
+            (128, 64, 8, 3),
+            (64, 64, 4, 3),
+            (128, 32, 4, 3),
+            (128, 64, 8, 2),
+            (64, 128, 8, 3),
+            (128, 128, 8, 2),
+        ]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
@@ -44,18 +64,30 @@ def _even(args: dict) -> dict:
 
 
 _KEY = ["HEAD_D", "CAUSAL", "DOT_PREC", "N_BUCKET", "GROUP"]
-_fwd = triton.autotune(_configs("fwd"), key=_KEY)(
-    triton.heuristics({"EVEN_M": lambda a: _even(a)["EVEN_M"], "EVEN_N": lambda a: _even(a)["EVEN_N"],
-                       "EVEN_D": lambda a: _even(a)["EVEN_D"]})(sigmoid_fwd_kernel)
-)
-_dkdv = triton.autotune(_configs("dkdv"), key=_KEY, reset_to_zero=None)(
-    triton.heuristics({"EVEN_M": lambda a: _even(a)["EVEN_M"], "EVEN_N": lambda a: _even(a)["EVEN_N"],
-                       "EVEN_D": lambda a: _even(a)["EVEN_D"]})(sigmoid_bwd_dkdv_kernel)
-)
-_dq = triton.autotune(_configs("dq"), key=_KEY)(
-    triton.heuristics({"EVEN_M": lambda a: _even(a)["EVEN_M"], "EVEN_N": lambda a: _even(a)["EVEN_N"],
-                       "EVEN_D": lambda a: _even(a)["EVEN_D"]})(sigmoid_bwd_dq_kernel)
-)
+_EVEN = {
+    "EVEN_M": lambda a: _even(a)["EVEN_M"],
+    "EVEN_N": lambda a: _even(a)["EVEN_N"],
+    "EVEN_D": lambda a: _even(a)["EVEN_D"],
+}
+
+
+def _variants(kernel, kind: str):  # type: ignore[no-untyped-def]
+    """(autotuned, fixed first-config) launchers of one kernel."""
+    configs = _configs(kind)
+    tuned = triton.autotune(configs, key=_KEY)(triton.heuristics(_EVEN)(kernel))
+    fixed = triton.autotune(configs[:1], key=[])(triton.heuristics(_EVEN)(kernel))
+    return tuned, fixed
+
+
+_FWD = _variants(sigmoid_fwd_kernel, "fwd")
+_DKDV = _variants(sigmoid_bwd_dkdv_kernel, "dkdv")
+_DQ = _variants(sigmoid_bwd_dq_kernel, "dq")
+
+
+def _pick(variants):  # type: ignore[no-untyped-def]
+    from attnlab.settings import settings
+
+    return variants[0] if settings.autotune else variants[1]
 
 
 def _flags(q: Tensor) -> dict:
@@ -80,7 +112,7 @@ def sigmoid_fwd_launch(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: floa
     h_kv, n_k = k.shape[1], k.shape[2]
     o = torch.empty_like(q)
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)
-    _fwd[grid](
+    _pick(_FWD)[grid](
         q, k, v, o,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -101,7 +133,7 @@ def sigmoid_bwd_launch(
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     common = dict(BLOCK_D=head_block(d), CAUSAL=causal, N_BUCKET=_bucket(n_q, n_k), **_flags(q))
     grid_kv = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), b * h_kv)
-    _dkdv[grid_kv](
+    _pick(_DKDV)[grid_kv](
         q, k, v, do, dk, dv,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -112,7 +144,7 @@ def sigmoid_bwd_launch(
         h_kv, h // h_kv, n_q, n_k, n_k - n_q, d, scale, bias, **common,
     )  # fmt: skip
     grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)
-    _dq[grid_q](
+    _pick(_DQ)[grid_q](
         q, k, v, do, dq,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),

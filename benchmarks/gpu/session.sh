@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One GPU session on the lent H100: install carried wheels, record the environment, then run the steps
+# named as arguments (kernel | tests | bench | verify). Results go under $OUT.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || exit 1
+export PYTHONPATH="$PWD:/tmp/site"
+export PATH="/tmp/site/bin:$PATH"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+  git log -1 --format=%H 2>/dev/null || true; } | tee "$OUT/env.txt"
+for step in "$@"; do
+  case "$step" in
+    kernel) timeout 400 python3 benchmarks/sigmoid_kernel.py --out "$OUT/sigmoid_kernel.json" 2>&1 | tee "$OUT/sigmoid_kernel.log" ;;
+    tests) timeout 560 python3 -m pytest tests -q -n 4 -x -p no:cacheprovider 2>&1 | tee "$OUT/pytest_cuda.log" | tail -40 ;;
+    verify) timeout 300 python3 -m attnlab verify --device cuda 2>&1 | tee "$OUT/verify_cuda.log" | tail -40 ;;
+    bench) timeout 560 python3 -m attnlab bench --device cuda --out "$OUT/bench" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -60 ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
