@@ -99,7 +99,8 @@ def _flags(q: Tensor) -> dict:
 
 
 def _bucket(n_q: int, n_k: int) -> int:
-    return triton.next_power_of_2(max(n_q, n_k))
+    """Autotuning key for length: powers of two up to 8192, one bucket for everything longer."""
+    return min(triton.next_power_of_2(max(n_q, n_k)), 8192)
 
 
 def _last_contiguous(*ts: Tensor) -> list[Tensor]:
