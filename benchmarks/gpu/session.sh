@@ -13,7 +13,7 @@ export PATH="/tmp/site/bin:$PATH"
 for step in "$@"; do
   case "$step" in
     kernel) timeout ${KERNEL_TIMEOUT:-400} python3 benchmarks/sigmoid_kernel.py --out "$OUT/sigmoid_kernel.json" 2>&1 | tee "$OUT/sigmoid_kernel.log" ;;
-    tests) timeout ${TESTS_TIMEOUT:-560} python3 -m pytest tests -q -n 4 -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest_cuda.log" | tail -40 ;;
+    tests) timeout ${TESTS_TIMEOUT:-560} python3 -m pytest ${PYTEST_ARGS:-tests} -n 4 -v -p no:cacheprovider --tb=short 2>&1 | tee "$OUT/pytest_cuda.log" | grep -E "FAILED|Error|passed|failed" | tail -40 ;;
     verify) timeout 300 python3 -m attnlab verify --device cuda 2>&1 | tee "$OUT/verify_cuda.log" | tail -40 ;;
     bench) timeout 560 python3 -m attnlab bench --device cuda --out "$OUT/bench" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -60 ;;
     *) echo "unknown step $step" ;;
