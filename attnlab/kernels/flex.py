@@ -122,6 +122,10 @@ def flex_run(
         "score_mod": score_mod,
         "scale": scale,
         "enable_gqa": q.shape[1] != k.shape[1],
+        # Inductor's flex-decoding template (picked for short queries) found no valid config for
+        # N_q < 128 with GQA or dynamic shapes on the H100 (torch 2.11: NoValidChoicesError); the main
+        # kernel handles every length.
+        "kernel_options": {"FORCE_USE_FLEX_ATTENTION": True},
     }
     if return_lse:
         kwargs["return_aux"] = AuxRequest(lse=True)

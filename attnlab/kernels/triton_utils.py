@@ -16,8 +16,12 @@ import os
 import torch
 
 
+#: Whether Triton can be imported (looked up once: ``torch.compile`` cannot trace importlib).
+TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return TRITON_AVAILABLE
 
 
 def interpreting() -> bool:
