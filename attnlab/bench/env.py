@@ -20,8 +20,11 @@ def _version(package: str) -> str | None:
 
 
 def git_commit() -> str:
-    """The attnlab checkout's commit (with '-dirty' if it has uncommitted changes), or 'unknown'."""
+    """The attnlab checkout's commit (with '-dirty' if it has uncommitted changes), else the value of
+    ``ATTNLAB_COMMIT`` (for copies of the tree without .git, e.g. on a remote GPU machine), else 'unknown'."""
     root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return os.environ.get("ATTNLAB_COMMIT", "unknown")
     try:
         sha = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "HEAD"],
