@@ -47,7 +47,8 @@ def list_methods(
         print(readme_block())
         return
     table = Table(title="attnlab methods")
-    for col in ("method", "family", "parameters", "backends", "patterns", "GQA", "backward"):
+    table.add_column("method", no_wrap=True)
+    for col in ("family", "parameters", "backends", "patterns", "GQA", "backward"):
         table.add_column(col)
     for spec in attnlab.methods().values():
         params = ", ".join(f"{k}={v}" for k, v in spec.make_params({}).as_dict().items()) or "-"

@@ -1,6 +1,6 @@
 """Write benchmarks/results/SUMMARY.md from the committed H100 results (no number is typed by hand).
 
-    python benchmarks/summarize.py benchmarks/results/h100-2026-11-22
+python benchmarks/summarize.py benchmarks/results/h100-2026-11-22
 """
 
 from __future__ import annotations
@@ -48,8 +48,12 @@ def sigmoid_section(path: Path) -> list[str]:
         )
     checks = data.get("correctness", [])
     passed = sum(c["passed"] for c in checks)
-    lines += ["", f"Correctness at scale on the H100 (accuracy rule vs the fp32 reference, forward and all "
-              f"gradients, N=4096 and 1024x4096, MHA and GQA 4:1, causal and not): {passed}/{len(checks)} passed.", ""]
+    lines += [
+        "",
+        f"Correctness at scale on the H100 (accuracy rule vs the fp32 reference, forward and all "
+        f"gradients, N=4096 and 1024x4096, MHA and GQA 4:1, causal and not): {passed}/{len(checks)} passed.",
+        "",
+    ]
     return lines
 
 
@@ -84,9 +88,12 @@ def efficiency_section(db_path: Path, mode: str) -> list[str]:
         for (method, backend, n), rs in groups.items():
             for rank, r in enumerate(sorted(rs, key=lambda r: r["density"])):
                 table[(method, backend, rank)][n] = r
-        lines += [f"### {pattern}", "", "| method | budget | backend | "
-                  + " | ".join(f"N={n // 1024}K" for n in lengths) + " |",
-                  "|---|---|---|" + "---|" * len(lengths)]
+        lines += [
+            f"### {pattern}",
+            "",
+            "| method | budget | backend | " + " | ".join(f"N={n // 1024}K" for n in lengths) + " |",
+            "|---|---|---|" + "---|" * len(lengths),
+        ]
         for key in sorted(table, key=lambda k: (k[0] != "softmax", k[0], k[2], k[1])):
             cells = []
             for n in lengths:
@@ -94,13 +101,19 @@ def efficiency_section(db_path: Path, mode: str) -> list[str]:
                 if r is None or r.get("speedup") is None:
                     cells.append("—")
                 elif r["density"] < 1:
-                    cells.append(f"{r['speedup']:.2f}x / {r['speedup'] * r['density']:.2f} "
-                                 f"(d={r['density']:.3f}, bd={r['block_density']:.3f})")
+                    cells.append(
+                        f"{r['speedup']:.2f}x / {r['speedup'] * r['density']:.2f} "
+                        f"(d={r['density']:.3f}, bd={r['block_density']:.3f})"
+                    )
                 else:
                     cells.append(f"{r['speedup']:.2f}x")
             longest = table[key][max(table[key])]
             budget = longest["params"] if longest["params"] != "{}" else "dense"
-            lines.append(f"| {key[0]} | `{budget}` at {max(table[key]) // 1024}K | {key[1]} | " + " | ".join(cells) + " |")
+            lines.append(
+                f"| {key[0]} | `{budget}` at {max(table[key]) // 1024}K | {key[1]} | "
+                + " | ".join(cells)
+                + " |"
+            )
         lines.append("")
     compiles = defaultdict(int)
     for r in ok:
@@ -108,7 +121,8 @@ def efficiency_section(db_path: Path, mode: str) -> list[str]:
             compiles[r["n_k"]] += r["compiles"] or 0
     lines += [
         "Recompilation (FlexAttention compiled with dynamic shapes; new graphs per length, summed over flex rows): "
-        + ", ".join(f"{n // 1024}K: {c}" for n, c in sorted(compiles.items())) + ".",
+        + ", ".join(f"{n // 1024}K: {c}" for n, c in sorted(compiles.items()))
+        + ".",
         "",
     ]
     return lines

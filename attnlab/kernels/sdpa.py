@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.bias import causal_lower_right
 
 from attnlab.reference import expand_kv
 
@@ -49,6 +48,9 @@ def sdpa_dense(
     attn_mask = None
     is_causal = causal
     if causal and n_q < n_k:
+        # imported here: torch.nn.attention.bias imports torch._dynamo, which writes an environment variable
+        from torch.nn.attention.bias import causal_lower_right
+
         attn_mask = causal_lower_right(n_q, n_k)
         is_causal = False
         if gqa:  # the lower-right bias path does not take enable_gqa on every torch version

