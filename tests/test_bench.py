@@ -45,7 +45,7 @@ def bench_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
 
 
 def test_run_writes_every_method_with_environment(bench_run: tuple[Path, object]) -> None:
-    out, result = bench_run
+    out, _result = bench_run
     with ResultsDB(out / "results.duckdb") as db:
         runs = db.runs()
         assert len(runs) == 1
