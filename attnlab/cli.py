@@ -6,12 +6,15 @@ import json
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from attnlab.testing import Check
 
 app = typer.Typer(
     add_completion=False,
@@ -70,6 +73,7 @@ def list_methods(
 def verify(
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available)")] = None,
     methods: Annotated[str | None, typer.Option(help="comma-separated method names (default: all)")] = None,
+    out: Annotated[Path | None, typer.Option(help="also write one JSON line per check to this file")] = None,
 ) -> None:
     """Check every backend of every method against its reference on this device (exit 1 on a failure)."""
     import torch
@@ -81,6 +85,7 @@ def verify(
     from attnlab.verify import verify_cases
 
     total = sum(1 for _ in verify_cases(dev, _csv(methods)))
+    sink = out.open("w") if out else None
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -89,7 +94,28 @@ def verify(
         console=console,
     ) as bar:
         task = bar.add_task(f"verify on {dev}", total=total)
-        results = run_verify(dev, _csv(methods), progress=lambda c: bar.advance(task))
+
+        def progress(check: Check) -> None:
+            bar.advance(task)
+            if not check.skipped and not check.passed:  # failures show as they happen
+                bar.console.print(
+                    f"[red]FAIL[/red] {check.method}/{check.backend} {check.case.label()}: {check.summary()}"
+                )
+            if sink:  # one line per check, flushed, so an interrupted run leaves its results
+                record = {
+                    "method": check.method,
+                    "backend": check.backend,
+                    "case": check.case.label(),
+                    "passed": check.passed,
+                    "skipped": check.skipped,
+                    "summary": check.summary(),
+                }
+                sink.write(json.dumps(record) + "\n")
+                sink.flush()
+
+        results = run_verify(dev, _csv(methods), progress=progress)
+    if sink:
+        sink.close()
     table = Table(title=f"attnlab verify on {dev}")
     for col in ("method", "backend", "pattern", "passed", "failed", "skipped (why)"):
         table.add_column(col)
@@ -115,8 +141,6 @@ def verify(
     passed = sum(1 for c in results if c.passed)
     console.print(f"{passed} passed, {len(failed)} failed, {sum(1 for c in results if c.skipped)} skipped")
     if failed:
-        for c in failed[:20]:
-            console.print(f"[red]FAIL[/red] {c.method}/{c.backend} {c.case.label()}: {c.summary()}")
         raise typer.Exit(1)
 
 

@@ -74,14 +74,20 @@ class Check:
     case: Case
     skipped: str = ""
     errors: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: an exception raised by the backend (a failed check)
+    crash: str = ""
 
     @property
     def passed(self) -> bool:
-        return not self.skipped and all(err <= bound for err, bound in self.errors.values())
+        return (
+            not self.skipped and not self.crash and all(err <= bound for err, bound in self.errors.values())
+        )
 
     def summary(self) -> str:
         if self.skipped:
             return f"skipped ({self.skipped})"
+        if self.crash:
+            return f"FAIL {self.crash}"
         parts = [f"{name} {err:.2e}/{bound:.2e}" for name, (err, bound) in self.errors.items()]
         return ("PASS " if self.passed else "FAIL ") + " ".join(parts)
 

@@ -49,10 +49,7 @@ def verify(
         try:
             check = check_parity(attnlab.get(name), backend, case, device)
         except Exception as e:  # recorded as a failure with its message, not a crash of the whole run
-            check = Check(name, backend, case, errors={"out": (float("nan"), 0.0)})
-            check.skipped = ""
-            check.errors["error"] = (float("nan"), 0.0)
-            check.method = f"{name} ({type(e).__name__}: {str(e)[:200]})"
+            check = Check(name, backend, case, crash=f"{type(e).__name__}: {str(e)[:300]}")
         results.append(check)
         if progress:
             progress(check)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session on the lent H100: install carried wheels, record the environment, then run the steps
-# named as arguments (kernel | tests | bench | verify). Results go under $OUT.
+# named as arguments (kernel | tests | bench | verify). Results go under $OUT. Pass the commit with
+# ATTNLAB_COMMIT=$(git rev-parse HEAD) in the command: the device's copy of the tree has no .git.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -14,7 +15,7 @@ for step in "$@"; do
   case "$step" in
     kernel) timeout ${KERNEL_TIMEOUT:-400} python3 benchmarks/sigmoid_kernel.py --out "$OUT/sigmoid_kernel.json" 2>&1 | tee "$OUT/sigmoid_kernel.log" ;;
     tests) timeout ${TESTS_TIMEOUT:-560} python3 -m pytest ${PYTEST_ARGS:-tests} -n 4 -v -p no:cacheprovider --tb=short 2>&1 | tee "$OUT/pytest_cuda.log" | grep -E "FAILED|Error|passed|failed" | tail -40 ;;
-    verify) timeout 300 python3 -m attnlab verify --device cuda 2>&1 | tee "$OUT/verify_cuda.log" | tail -40 ;;
+    verify) timeout ${VERIFY_TIMEOUT:-300} python3 -m attnlab verify --device cuda --out "$OUT/verify_cuda.jsonl" 2>&1 | tee "$OUT/verify_cuda.log" | tail -40 ;;
     bench) timeout 560 python3 -m attnlab bench --device cuda --out "$OUT/bench" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -60 ;;
     *) echo "unknown step $step" ;;
   esac
