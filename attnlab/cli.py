@@ -30,6 +30,16 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
 def _csv(value: str | None) -> tuple[str, ...] | None:
     return tuple(x.strip() for x in value.split(",") if x.strip()) if value else None
 
@@ -55,7 +65,7 @@ def list_methods(
         table.add_column(col)
     for spec in attnlab.methods().values():
         params = ", ".join(f"{k}={v}" for k, v in spec.make_params({}).as_dict().items()) or "-"
-        backends = ", ".join(f"{b.name} ({'/'.join(b.devices)})" for b in spec.backends)
+        backends = ", ".join(f"{b.name} ({b.where_text()})" for b in spec.backends)
         patterns = ", ".join(PATTERN_ABBREV[p] for p in spec.patterns)
         table.add_row(
             spec.name,
@@ -86,13 +96,7 @@ def verify(
 
     total = sum(1 for _ in verify_cases(dev, _csv(methods)))
     sink = out.open("w") if out else None
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    ) as bar:
+    with _progress() as bar:
         task = bar.add_task(f"verify on {dev}", total=total)
 
         def progress(check: Check) -> None:
@@ -199,13 +203,7 @@ def bench(
         f"attnlab bench on {dev}: lengths {list(cfg.lengths)}, {cfg.dtype}, B={cfg.batch} "
         f"H={cfg.heads}/{cfg.n_kv_heads} D={cfg.head_dim} -> {cfg.out}/"
     )
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    ) as bar:
+    with _progress() as bar:
         task = bar.add_task("bench", total=planned_steps(cfg))
         log = (lambda s: bar.console.print(s)) if verbose else (lambda s: None)
         result = run(cfg, log=log, advance=lambda n: bar.advance(task, n), report=not no_report)

@@ -30,7 +30,13 @@ def record(spec: MethodSpec) -> dict[str, Any]:
         "summary": spec.summary,
         "params": {k: v for k, v in spec.make_params({}).as_dict().items()},
         "backends": [
-            {"name": b.name, "devices": list(b.devices), "backward": b.backward, "summary": b.summary}
+            {
+                "name": b.name,
+                "devices": list(b.devices),
+                "where": b.where_text(),
+                "backward": b.backward,
+                "summary": b.summary,
+            }
             for b in spec.backends
         ],
         "patterns": sorted(p.value for p in spec.patterns),
@@ -44,11 +50,7 @@ def records() -> list[dict[str, Any]]:
 
 
 def _backends_cell(spec: MethodSpec) -> str:
-    cells = []
-    for b in spec.backends:
-        devices = "/".join(d.upper() if d == "cpu" else "GPU" for d in b.devices)
-        cells.append(f"`{b.name}` ({devices})")
-    return ", ".join(cells)
+    return ", ".join(f"`{b.name}` ({b.where_text()})" for b in spec.backends)
 
 
 def markdown_table() -> str:

@@ -42,6 +42,11 @@ class Backend(ABC):
     #: whether gradients flow through it (on every device it runs on, unless can_use says otherwise)
     backward: bool = True
     summary: str = ""
+    #: where it runs, for the support matrix (default: from ``devices``)
+    where: str = ""
+
+    def where_text(self) -> str:
+        return self.where or "/".join("GPU" if d == "cuda" else d.upper() for d in self.devices)
 
     @abstractmethod
     def can_use(self, call: Call) -> Verdict:

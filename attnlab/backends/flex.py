@@ -23,10 +23,13 @@ ScoreModFactory = Callable[[Call], flex_exec.ScoreMod]
 class FlexBackend(Backend):
     name = "flex"
     summary = "FlexAttention (compiled; BlockMask cached per shape and parameters)"
+    where = "GPU; CPU forward only"
 
     def __init__(self, score_mod: ScoreModFactory | None = None, unnormalized: bool = False) -> None:
         self.score_mod = score_mod
         self.unnormalized = unnormalized
+        if unnormalized:  # compiled CPU FlexAttention cannot return the lse this form needs
+            self.where = "GPU"
 
     def can_use(self, call: Call) -> Verdict:
         p = call.problem

@@ -21,6 +21,7 @@ def _imported_interpreted() -> bool | None:
 class TritonSigmoidBackend(Backend):
     name = "triton"
     summary = "attnlab's FlashSigmoid Triton kernels (fwd + bwd; CPU only under TRITON_INTERPRET=1)"
+    where = "GPU; CPU via Triton's interpreter"
 
     def __init__(self, bias_of: Callable[[Call], float]) -> None:
         self.bias_of = bias_of
