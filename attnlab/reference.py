@@ -46,7 +46,7 @@ def masked_softmax_attention(
         p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
     else:
         p = torch.softmax(s, dim=-1)
-    out = torch.matmul(p.to(v.dtype if not upcast else torch.float32), _v(v, q.shape[1], upcast))
+    out = torch.matmul(p, _v(v, q.shape[1], upcast))  # p is already in the compute dtype
     return out.to(q.dtype)
 
 

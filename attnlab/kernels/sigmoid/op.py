@@ -109,6 +109,8 @@ def _last_contiguous(*ts: Tensor) -> list[Tensor]:
 
 
 def sigmoid_fwd_launch(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: float, causal: bool) -> Tensor:
+    """O = (sigmoid(scale * Q K^T + bias) * M) V. q (B, H, N_q, D), k/v (B, H_kv, N_k, D), D <= 256;
+    M is 1 everywhere, or j <= i + N_k - N_q when causal. Returns (B, H, N_q, D) in q's dtype."""
     q, k, v = _last_contiguous(q, k, v)
     b, h, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
@@ -129,6 +131,8 @@ def sigmoid_fwd_launch(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: floa
 def sigmoid_bwd_launch(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float, bias: float, causal: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """(dQ, dK, dV) of :func:`sigmoid_fwd_launch` given dO (B, H, N_q, D): dV = P^T dO,
+    dS = P (1 - P) (dO V^T), dQ = scale dS K, dK = scale dS^T Q; dK/dV summed over each GQA group."""
     do, q, k, v = _last_contiguous(do, q, k, v)
     b, h, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
