@@ -84,6 +84,7 @@ def verify(
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available)")] = None,
     methods: Annotated[str | None, typer.Option(help="comma-separated method names (default: all)")] = None,
     out: Annotated[Path | None, typer.Option(help="also write one JSON line per check to this file")] = None,
+    jobs: Annotated[int, typer.Option(help="worker processes, one (method, backend) at a time each")] = 1,
 ) -> None:
     """Check every backend of every method against its reference on this device (exit 1 on a failure)."""
     import torch
@@ -117,7 +118,7 @@ def verify(
                 sink.write(json.dumps(record) + "\n")
                 sink.flush()
 
-        results = run_verify(dev, _csv(methods), progress=progress)
+        results = run_verify(dev, _csv(methods), progress=progress, jobs=jobs)
     if sink:
         sink.close()
     table = Table(title=f"attnlab verify on {dev}")

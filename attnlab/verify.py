@@ -8,7 +8,9 @@ can run with gradients. On CUDA in bfloat16 and float32; on CPU in float32. Trit
 
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import torch
 
@@ -38,19 +40,51 @@ def verify_cases(
                 yield name, backend.name, case
 
 
+def _run_case(name: str, backend: str, case: Case, device: torch.device) -> Check:
+    try:
+        return check_parity(attnlab.get(name), backend, case, device)
+    except Exception as e:  # recorded as a failure with its message, not a crash of the whole run
+        return Check(name, backend, case, crash=f"{type(e).__name__}: {str(e)[:300]}")
+
+
+def _run_unit(device: str, name: str, backend: str) -> list[Check]:
+    """A worker's share: every case of one (method, backend)."""
+    dev = torch.device(device)
+    return [_run_case(n, b, c, dev) for n, b, c in verify_cases(dev, (name,)) if b == backend]
+
+
 def verify(
     device: torch.device,
     methods: tuple[str, ...] | None = None,
     progress: Callable[[Check], None] | None = None,
+    jobs: int = 1,
 ) -> list[Check]:
-    """Run every case; a Check per (method, backend, case), skipped ones carrying the backend's refusal."""
-    results = []
-    for name, backend, case in verify_cases(device, methods):
-        try:
-            check = check_parity(attnlab.get(name), backend, case, device)
-        except Exception as e:  # recorded as a failure with its message, not a crash of the whole run
-            check = Check(name, backend, case, crash=f"{type(e).__name__}: {str(e)[:300]}")
-        results.append(check)
-        if progress:
-            progress(check)
-    return results
+    """Run every case; a Check per (method, backend, case), skipped ones carrying the backend's refusal.
+
+    ``jobs > 1`` spreads the (method, backend) pairs over that many fresh processes (compilation is most
+    of the time on a GPU). Results come back in case order either way.
+    """
+    cases = list(verify_cases(device, methods))
+    if jobs <= 1:
+        results = []
+        for name, backend, case in cases:
+            results.append(_run_case(name, backend, case, device))
+            if progress:
+                progress(results[-1])
+        return results
+    units = list(dict.fromkeys((name, backend) for name, backend, _ in cases))
+    done: dict[tuple[str, str], list[Check]] = {}
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_run_unit, str(device), *unit): unit for unit in units}
+        for future in as_completed(futures):
+            unit = futures[future]
+            try:
+                checks = future.result()
+            except Exception as e:  # the worker died (e.g. a device fault): its cases fail, the rest stand
+                crash = f"worker died: {type(e).__name__}: {str(e)[:300]}"
+                checks = [Check(n, b, c, crash=crash) for n, b, c in cases if (n, b) == unit]
+            done[unit] = checks
+            for check in checks:
+                if progress:
+                    progress(check)
+    return [check for unit in units for check in done[unit]]

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from typer.testing import CliRunner
 
 import attnlab
@@ -30,6 +31,20 @@ def test_verify_a_method_on_cpu() -> None:
     res = runner.invoke(app, ["verify", "--device", "cpu", "--methods", "sliding_window"])
     assert res.exit_code == 0, res.output
     assert "passed, 0 failed" in res.output
+
+
+def test_verify_in_worker_processes_gives_the_serial_results(tmp_path: Path) -> None:
+    out = tmp_path / "v.jsonl"
+    args = ["verify", "--device", "cpu", "--methods", "streaming,softmax", "--jobs", "2", "--out", str(out)]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    parallel = [json.loads(line) for line in out.read_text().splitlines()]
+    from attnlab.verify import verify
+
+    serial = verify(torch.device("cpu"), ("streaming", "softmax"))
+    key = lambda r: (r["method"], r["backend"], r["case"])
+    assert sorted(map(key, parallel)) == sorted((c.method, c.backend, c.case.label()) for c in serial)
+    assert all(r["passed"] or r["skipped"] for r in parallel) and len(parallel) == len(serial) > 4
 
 
 def test_bench_and_report_commands(tmp_path: Path) -> None:

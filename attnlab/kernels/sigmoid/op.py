@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import triton
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from attnlab.kernels.sigmoid.bwd import sigmoid_bwd_dkdv_kernel, sigmoid_bwd_dq_kernel
 from attnlab.kernels.sigmoid.fwd import sigmoid_fwd_kernel
@@ -17,12 +18,27 @@ from attnlab.kernels.triton_utils import head_block, interpreting
 
 #: Whether this module was imported under TRITON_INTERPRET=1 (its kernels then take CPU tensors only).
 IMPORTED_INTERPRETED = interpreting()
+#: The forward moves tiles with tensor descriptors (TMA) where it can (sm_90+ GPUs, the interpreter);
+#: False forces masked pointer loads everywhere.
+USE_TMA = True
+
+
+def _set_block_shapes(nargs: dict) -> None:
+    """Autotune pre-hook: give the forward's tensor descriptors the tile shape of the config being run."""
+    if not nargs.get("TMA"):
+        return
+    bm, bn, bd = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_D"]
+    nargs["Q"].block_shape = [1, 1, bm, bd]
+    nargs["O"].block_shape = [1, 1, bm, bd]
+    nargs["K"].block_shape = [1, 1, bn, bd]
+    nargs["V"].block_shape = [1, 1, bn, bd]
 
 
 def _configs(kind: str) -> list[triton.Config]:
     """Autotune candidates (one small config under the interpreter)."""
+    hook = _set_block_shapes if kind == "fwd" else None
     if IMPORTED_INTERPRETED:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1, pre_hook=hook)]
     if kind == "fwd":
         shapes = [
             (128, 64, 8, 3),
@@ -53,7 +69,10 @@ def _configs(kind: str) -> list[triton.Config]:
             (64, 128, 8, 3),
             (128, 128, 8, 2),
         ]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=hook)
+        for m, n, w, s in shapes
+    ]
 
 
 def _even(args: dict) -> dict:
@@ -64,7 +83,7 @@ def _even(args: dict) -> dict:
     }
 
 
-_KEY = ["HEAD_D", "CAUSAL", "DOT_PREC", "N_BUCKET", "GROUP"]
+_KEY = ["HEAD_D", "CAUSAL", "DOT_PREC", "N_BUCKET", "GROUP", "TMA"]
 _EVEN = {
     "EVEN_M": lambda a: _even(a)["EVEN_M"],
     "EVEN_N": lambda a: _even(a)["EVEN_N"],
@@ -108,6 +127,29 @@ def _last_contiguous(*ts: Tensor) -> list[Tensor]:
     return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
 
 
+def _tma_ready(*ts: Tensor) -> bool:
+    """Whether the copy engine can move these tiles: a Hopper-or-newer GPU (or the interpreter), a 16-byte
+    aligned base and 16-byte multiples for every stride but the last (TMA's rules)."""
+    t0 = ts[0]
+    if not USE_TMA:
+        return False
+    if t0.is_cuda:
+        if torch.cuda.get_device_capability(t0.device)[0] < 9:
+            return False
+    elif not IMPORTED_INTERPRETED:
+        return False
+    for t in ts:
+        size = t.element_size()
+        if t.data_ptr() % 16 or any((st * size) % 16 for st in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _descriptor(t: Tensor) -> TensorDescriptor:
+    # the block shape is a placeholder; the autotune pre-hook sets it per config
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, 16])
+
+
 def sigmoid_fwd_launch(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: float, causal: bool) -> Tensor:
     """O = (sigmoid(scale * Q K^T + bias) * M) V. q (B, H, N_q, D), k/v (B, H_kv, N_k, D), D <= 256;
     M is 1 everywhere, or j <= i + N_k - N_q when causal. Returns (B, H, N_q, D) in q's dtype."""
@@ -115,15 +157,18 @@ def sigmoid_fwd_launch(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: floa
     b, h, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     o = torch.empty_like(q)
+    tma = _tma_ready(q, k, v, o)
+    tiles = [_descriptor(t) for t in (q, k, v, o)] if tma else [q, k, v, o]
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)
     _pick(_FWD)[grid](
-        q, k, v, o,
+        *tiles,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
         h, h // h_kv, n_q, n_k, n_k - n_q, d, scale, bias,
-        BLOCK_D=head_block(d), CAUSAL=causal, N_BUCKET=_bucket(n_q, n_k), **_flags(q),
+        BLOCK_D=head_block(d), CAUSAL=causal, N_BUCKET=_bucket(n_q, n_k), TMA=tma, REVERSE_M=causal,
+        **_flags(q),
     )  # fmt: skip
     return o
 
