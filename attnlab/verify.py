@@ -47,10 +47,14 @@ def _run_case(name: str, backend: str, case: Case, device: torch.device) -> Chec
         return Check(name, backend, case, crash=f"{type(e).__name__}: {str(e)[:300]}")
 
 
-def _run_unit(device: str, name: str, backend: str) -> list[Check]:
-    """A worker's share: every case of one (method, backend)."""
+def _unit(name: str, backend: str, case: Case) -> tuple[str, str, str]:
+    """A worker's share of the cases: one (method, backend, dtype)."""
+    return name, backend, str(case.dtype)
+
+
+def _run_unit(device: str, unit: tuple[str, str, str]) -> list[Check]:
     dev = torch.device(device)
-    return [_run_case(n, b, c, dev) for n, b, c in verify_cases(dev, (name,)) if b == backend]
+    return [_run_case(*nbc, dev) for nbc in verify_cases(dev, (unit[0],)) if _unit(*nbc) == unit]
 
 
 def verify(
@@ -61,8 +65,8 @@ def verify(
 ) -> list[Check]:
     """Run every case; a Check per (method, backend, case), skipped ones carrying the backend's refusal.
 
-    ``jobs > 1`` spreads the (method, backend) pairs over that many fresh processes (compilation is most
-    of the time on a GPU). Results come back in case order either way.
+    ``jobs > 1`` spreads the (method, backend, dtype) groups over that many fresh processes (compiling and
+    autotuning are most of the time on a GPU). Results come back in case order either way.
     """
     cases = list(verify_cases(device, methods))
     if jobs <= 1:
@@ -72,17 +76,17 @@ def verify(
             if progress:
                 progress(results[-1])
         return results
-    units = list(dict.fromkeys((name, backend) for name, backend, _ in cases))
-    done: dict[tuple[str, str], list[Check]] = {}
+    units = list(dict.fromkeys(_unit(*nbc) for nbc in cases))
+    done: dict[tuple[str, str, str], list[Check]] = {}
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_run_unit, str(device), *unit): unit for unit in units}
+        futures = {pool.submit(_run_unit, str(device), unit): unit for unit in units}
         for future in as_completed(futures):
             unit = futures[future]
             try:
                 checks = future.result()
             except Exception as e:  # the worker died (e.g. a device fault): its cases fail, the rest stand
                 crash = f"worker died: {type(e).__name__}: {str(e)[:300]}"
-                checks = [Check(n, b, c, crash=crash) for n, b, c in cases if (n, b) == unit]
+                checks = [Check(*nbc, crash=crash) for nbc in cases if _unit(*nbc) == unit]
             done[unit] = checks
             for check in checks:
                 if progress:

@@ -8,8 +8,7 @@ causal diagonal blocks apply a mask. GQA: head h reads kv head h // GROUP.
 
 Tiles move one of two ways (constexpr ``TMA``): Q, K, V and O are pointers read with masked loads, or
 Hopper tensor descriptors over the 4-D (B, H, N, D) tensors (the copy engine zero-fills past N and D and
-drops out-of-range rows on store). ``REVERSE_M`` runs the query blocks last-first, so that under a causal
-mask the longest rows start first and the short ones fill the tail of the grid.
+drops out-of-range rows on store). On the H100 the descriptors are 2-5% faster (benchmarks/results).
 """
 
 import triton
@@ -68,11 +67,9 @@ def sigmoid_fwd_kernel(
     H, GROUP, N_Q, N_K, OFFSET, HEAD_D, scale, bias, N_BUCKET,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     FAST: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
-    REVERSE_M: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
-    if REVERSE_M:
-        pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
