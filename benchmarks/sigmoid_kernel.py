@@ -5,8 +5,8 @@
 1. Correctness: the Triton kernel vs the fp32 reference under the accuracy rule (attnlab.testing) at
    N=4096 (forward and every gradient), causal and not, MHA and GQA 4:1.
 2. Speed (bf16, D=128, H=32, B=1): forward, backward (fwd+bwd minus fwd) and fwd+bwd of the kernel,
-   of FlexAttention's sigmoid form, and of cuDNN SDPA softmax in the same run; ratio = t_cudnn / t_ours
-   (target: forward >= 0.9, backward >= 0.7).
+   of FlexAttention's sigmoid form, and of cuDNN SDPA softmax in the same run, timed in interleaved rounds
+   (``measure_interleaved``); ratio = t_cudnn / t_ours (target: forward >= 0.9, backward >= 0.7).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch.nn.attention import SDPBackend
 
 import attnlab
 from attnlab.bench.env import environment
-from attnlab.bench.timing import attention_flops, measure
+from attnlab.bench.timing import attention_flops, measure_interleaved
 from attnlab.kernels.sdpa import sdpa_dense
 from attnlab.masks import dense_pairs
 from attnlab.testing import Case, check_parity
@@ -58,26 +58,33 @@ def point(device: torch.device, n: int, causal: bool, heads: int, d: int) -> dic
         ),
     }
     row: dict = {"n": n, "causal": causal, "heads": heads, "head_dim": d}
-    for name, fn in fns.items():
 
-        def fwd(fn=fn) -> None:
+    def no_grad(fn):  # type: ignore[no-untyped-def]
+        def run() -> None:
             with torch.no_grad():
                 fn()
 
-        def fwd_bwd(fn=fn) -> None:
-            torch.autograd.grad(fn(), (q, k, v), do)
+        return run
 
-        t_f = measure(fwd, device, target_s=0.4, max_reps=40).median_ms
-        t_fb = measure(fwd_bwd, device, target_s=0.4, max_reps=40).median_ms
-        row[f"{name}_fwd_ms"] = t_f
-        row[f"{name}_fwdbwd_ms"] = t_fb
-        row[f"{name}_bwd_ms"] = t_fb - t_f
-        row[f"{name}_fwd_tflops"] = f_fwd / t_f / 1e9
-        row[f"{name}_bwd_tflops"] = 2.5 * f_fwd / max(t_fb - t_f, 1e-9) / 1e9
-    with torch.no_grad():  # the backward alone, through the launcher
-        t_b = measure(
-            lambda: op.sigmoid_bwd_launch(do, q, k, v, scale, bias, causal), device, target_s=0.4, max_reps=40
-        ).median_ms
+    def with_grad(fn):  # type: ignore[no-untyped-def]
+        return lambda: torch.autograd.grad(fn(), (q, k, v), do)
+
+    # the three implementations take turns call by call, so their ratios see the same GPU state
+    t_f = measure_interleaved({name: no_grad(fn) for name, fn in fns.items()}, device, target_s=2.0)
+    bwd_only = lambda: op.sigmoid_bwd_launch(do, q, k, v, scale, bias, causal)
+    t_fb = measure_interleaved(
+        {**{name: with_grad(fn) for name, fn in fns.items()}, "triton_sigmoid_bwd_only": bwd_only},
+        device,
+        target_s=2.0,
+    )
+    for name in fns:
+        f_ms, fb_ms = t_f[name].median_ms, t_fb[name].median_ms
+        row[f"{name}_fwd_ms"] = f_ms
+        row[f"{name}_fwdbwd_ms"] = fb_ms
+        row[f"{name}_bwd_ms"] = fb_ms - f_ms
+        row[f"{name}_fwd_tflops"] = f_fwd / f_ms / 1e9
+        row[f"{name}_bwd_tflops"] = 2.5 * f_fwd / max(fb_ms - f_ms, 1e-9) / 1e9
+    t_b = t_fb["triton_sigmoid_bwd_only"].median_ms
     row["triton_sigmoid_bwd_only_ms"] = t_b
     row["triton_sigmoid_bwd_only_tflops"] = 2.5 * f_fwd / t_b / 1e9
     row["fwd_ratio_vs_cudnn"] = row["cudnn_softmax_fwd_ms"] / row["triton_sigmoid_fwd_ms"]

@@ -1,6 +1,10 @@
 """Write benchmarks/results/SUMMARY.md from the committed H100 results (no number is typed by hand).
 
 python benchmarks/summarize.py benchmarks/results/h100-2026-11-22
+
+Every ``results.duckdb`` under the folder is read, all runs; where several runs measured the same row
+(method, backend, parameters, pattern, shape, mode), the latest run's row stands. Each table names the runs
+(folder, commit) its rows came from.
 """
 
 from __future__ import annotations
@@ -12,11 +16,36 @@ from pathlib import Path
 
 from attnlab.bench.store import ResultsDB
 
+_KEY = ("method", "backend", "params", "pattern", "n_q", "n_k", "mode")
 
-def _rows(db_path: Path) -> tuple[dict, list[dict], list[dict]]:
-    with ResultsDB(db_path) as db:
-        run = db.runs()[-1]
-        return run, db.rows("efficiency", run["run_id"]), db.rows("checks", run["run_id"])
+
+def _merged(root: Path, table: str, key: tuple[str, ...] = _KEY) -> tuple[list[dict], list[dict]]:
+    """(rows, runs): the latest row per key over every run of every database under ``root``."""
+    found: dict[tuple, tuple[str, dict]] = {}
+    runs: dict[str, dict] = {}
+    for db_path in sorted(root.glob("**/results.duckdb")):
+        with ResultsDB(db_path) as db:
+            for run in db.runs():
+                rows = db.rows(table, run["run_id"])
+                if not rows:
+                    continue
+                run = {**run, "folder": db_path.parent.name}
+                for r in rows:
+                    k = tuple(r.get(c) for c in key)
+                    if k not in found or str(run["started"]) >= found[k][0]:
+                        found[k] = (str(run["started"]), {**r, "_run": run})
+    for _, r in found.values():
+        runs[r["_run"]["run_id"]] = r["_run"]
+    return [r for _, r in found.values()], sorted(runs.values(), key=lambda r: str(r["started"]))
+
+
+def _sources(runs: list[dict]) -> str:
+    parts = []
+    for run in runs:
+        env = json.loads(run["env"])
+        parts.append(f"`{run['folder']}/` run `{run['run_id']}` at commit `{str(env['commit'])[:7]}`")
+    env = json.loads(runs[-1]["env"])
+    return f"{'; '.join(parts)} ({env['device']}, torch {env['torch']}, triton {env['triton']})"
 
 
 def met(value: float, target: float) -> str:
@@ -57,17 +86,20 @@ def sigmoid_section(path: Path) -> list[str]:
     return lines
 
 
-def efficiency_section(db_path: Path, mode: str) -> list[str]:
-    run, rows, checks = _rows(db_path)
-    env = json.loads(run["env"])
-    cfg = json.loads(run["config"])
-    ok = [r for r in rows if r["status"] == "ok"]
+def efficiency_section(root: Path, mode: str) -> list[str]:
+    rows, runs = _merged(root, "efficiency")
+    ok = [r for r in rows if r["status"] == "ok" and r["mode"] == mode]
+    if not ok:
+        return []
+    runs = [run for run in runs if any(r["_run"]["run_id"] == run["run_id"] for r in ok)]
+    checks, _ = _merged(root, "checks", ("method", "backend", "params", "pattern", "dtype", "grad"))
+    checks = [c for c in checks if c["_run"]["run_id"] in {run["run_id"] for run in runs}]
+    cfg = json.loads(runs[-1]["config"])
     lines = [
         f"## Benchmark, {mode}: speedup over cuDNN SDPA and ratio to the ideal 1/density",
         "",
-        f"Source: `{db_path.parent.name}/` (run `{run['run_id']}`, {env['device']}, torch {env['torch']}, triton "
-        f"{env['triton']}, commit `{str(env['commit'])[:10]}`; {cfg['dtype']}, B={cfg['batch']}, H={cfg['heads']}, "
-        f"D={cfg['head_dim']}). Before timing, each backend passed a parity check on this GPU: "
+        f"Sources: {_sources(runs)}; {cfg['dtype']}, B={cfg['batch']}, H={cfg['heads']}, D={cfg['head_dim']}. "
+        "Before timing, each backend passed a parity check on this GPU: "
         f"{sum(bool(c['passed']) for c in checks)}/{len(checks)}.",
         "",
         "Cells: speedup over cuDNN SDPA in the same run (x) / speedup x d = the share of the ideal 1/d reached "
@@ -76,7 +108,7 @@ def efficiency_section(db_path: Path, mode: str) -> list[str]:
         "",
     ]
     for pattern in ("causal_self", "noncausal_self"):
-        sel = [r for r in ok if r["pattern"] == pattern and r["mode"] == mode]
+        sel = [r for r in ok if r["pattern"] == pattern]
         if not sel:
             continue
         lengths = sorted({r["n_k"] for r in sel})
@@ -128,30 +160,30 @@ def efficiency_section(db_path: Path, mode: str) -> list[str]:
     return lines
 
 
-def fidelity_section(db_path: Path) -> list[str]:
-    run, _, _ = _rows(db_path)
-    env = json.loads(run["env"])
-    with ResultsDB(db_path) as db:
-        rows = db.query(
-            "SELECT workload, pattern, method, params, avg(density) d, avg(mass_recall) rec, min(mass_recall) minrec, "
-            "avg(out_rel_err) err FROM fidelity WHERE run_id = ? GROUP BY ALL ORDER BY workload, pattern, method",
-            [run["run_id"]],
-        )
+def fidelity_section(root: Path, where: str) -> list[str]:
+    """Fidelity rows (latest per key over every database under ``root``), averaged over layers and heads."""
+    rows, runs = _merged(root, "fidelity", ("workload", "layer", "head", "method", "params", "pattern", "n"))
+    if not rows:
+        return []
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["workload"], r["pattern"], r["method"], r["params"])].append(r)
     lines = [
-        "## Fidelity to dense softmax (a measurement, not a test)",
+        f"## Fidelity to dense softmax, {where} (a measurement, not a test)",
         "",
-        f"Source: `{db_path.parent.name}/` (run `{run['run_id']}`, {env['device']}, commit `{str(env['commit'])[:10]}`): "
-        "`minilm` = Q/K/V of all six layers x 12 heads of the pretrained all-MiniLM-L6-v2 encoder on 2 x 512 "
-        "tokens; `random` = Gaussian Q/K/V, N=1024. Recall = share of the dense attention mass on the computed "
-        "pairs (mean over heads / worst head); error = ||O - O_dense|| / ||O_dense|| (mean over heads).",
+        f"Sources: {_sources(runs)}. `minilm` = Q/K/V of all six layers x 12 heads of the pretrained "
+        "all-MiniLM-L6-v2 encoder on 2 x 512 tokens; `random` = Gaussian Q/K/V. Recall = share of the dense "
+        "attention mass on the computed pairs (mean over heads / worst head); error = ||O - O_dense|| / "
+        "||O_dense|| (mean over heads).",
         "",
         "| workload | pattern | method | params | density | recall (mean) | recall (min head) | rel. error |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for (workload, pattern, method, params), rs in sorted(groups.items()):
+        mean = {c: sum(r[c] for r in rs) / len(rs) for c in ("density", "mass_recall", "out_rel_err")}
         lines.append(
-            f"| {r['workload']} | {r['pattern']} | {r['method']} | `{r['params']}` | {r['d']:.3f} | "
-            f"{r['rec']:.3f} | {r['minrec']:.3f} | {r['err']:.3f} |"
+            f"| {workload} | {pattern} | {method} | `{params}` | {mean['density']:.3f} | "
+            f"{mean['mass_recall']:.3f} | {min(r['mass_recall'] for r in rs):.3f} | {mean['out_rel_err']:.3f} |"
         )
     return [*lines, ""]
 
@@ -163,23 +195,17 @@ README_END = "<!-- h100-table:end -->"
 def headline(root: Path) -> list[str]:
     """At the longest length: each method's speedup over cuDNN SDPA (fwd, fwd+bwd), causal and not."""
     cols: dict[tuple[str, str], dict[tuple[str, str], dict]] = defaultdict(dict)
-    n_max = 0
-    env = {}
-    for mode, sub in (("fwd", "bench-fwd"), ("fwd_bwd", "bench-fwd_bwd")):
-        db = root / sub / "results.duckdb"
-        if not db.exists():
+    rows, runs = _merged(root, "efficiency")
+    ok = [r for r in rows if r["status"] == "ok"]
+    env = json.loads(runs[-1]["env"]) if runs else {}
+    n_max = max((r["n_k"] for r in ok), default=0)
+    for r in ok:
+        if r["n_k"] != n_max or r["backend"].startswith("sdpa:"):
             continue
-        run, rows, _ = _rows(db)
-        env = json.loads(run["env"])
-        ok = [r for r in rows if r["status"] == "ok" and r["mode"] == mode]
-        n_max = max(r["n_k"] for r in ok)
-        for r in ok:
-            if r["n_k"] != n_max or r["backend"].startswith("sdpa:"):
-                continue
-            key = (r["method"], r["backend"])
-            best = cols[key].get((r["pattern"], mode))
-            if best is None or r["density"] < best["density"]:  # the sparsest budget
-                cols[key][(r["pattern"], mode)] = r
+        key = (r["method"], r["backend"])
+        best = cols[key].get((r["pattern"], r["mode"]))
+        if best is None or r["density"] < best["density"]:  # the sparsest budget
+            cols[key][(r["pattern"], r["mode"])] = r
     heads = [
         ("causal_self", "fwd"),
         ("causal_self", "fwd_bwd"),
@@ -231,13 +257,10 @@ def main() -> None:
     if notes.exists():
         lines += [notes.read_text().strip(), ""]
     lines += sigmoid_section(root / "sigmoid_kernel.json")
-    for mode, sub in (("fwd", "bench-fwd"), ("fwd_bwd", "bench-fwd_bwd")):
-        db = root / sub / "results.duckdb"
-        if db.exists():
-            lines += efficiency_section(db, mode)
-    cpu = root.parent / "cpu-2026-11-22" / "results.duckdb"
-    if cpu.exists():
-        lines += fidelity_section(cpu)
+    for mode in ("fwd", "fwd_bwd"):
+        lines += efficiency_section(root, mode)
+    lines += fidelity_section(root, "on the H100")
+    lines += fidelity_section(root.parent / "cpu-2026-11-22", "on CPU")
     out.write_text("\n".join(lines) + "\n")
     update_readme(headline(root))
     print(f"wrote {out} and the README's H100 table")

@@ -8,13 +8,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 import attnlab
 from attnlab.bench.config import BenchConfig, shapes
 from attnlab.bench.efficiency import planned_rows
 from attnlab.bench.runner import run
 from attnlab.bench.store import ResultsDB
-from attnlab.bench.timing import attention_flops
+from attnlab.bench.timing import attention_flops, measure_interleaved
 from attnlab.patterns import Pattern
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -123,6 +124,25 @@ def test_planned_rows_cover_the_registry_and_scale_budgets() -> None:
     assert {r.method for r in rows} == set(attnlab.methods())
     windows = {r.n: r.params["window"] for r in rows if r.method == "sliding_window"}
     assert windows[65536] > windows[4096]
+
+
+def test_interleaved_timing_calls_each_function_in_turn() -> None:
+    calls: list[str] = []
+    x = torch.randn(64, 64)
+
+    def fn(name: str, work: int):  # type: ignore[no-untyped-def]
+        def run() -> None:
+            calls.append(name)
+            for _ in range(work):
+                x @ x
+
+        return run
+
+    t = measure_interleaved({"a": fn("a", 1), "b": fn("b", 20)}, torch.device("cpu"), warmup=1, min_reps=4)
+    assert set(t) == {"a", "b"} and t["a"].reps == t["b"].reps >= 4
+    assert t["b"].median_ms > t["a"].median_ms > 0
+    timed = calls[4:]  # after warm-up and sizing: strictly alternating rounds
+    assert timed == ["a", "b"] * (len(timed) // 2)
 
 
 def test_flops_and_shapes() -> None:

@@ -69,6 +69,51 @@ def measure(
     return Timing(statistics.median(times), min(times), reps, peak)
 
 
+def measure_interleaved(
+    fns: dict[str, Callable[[], object]],
+    device: torch.device,
+    *,
+    warmup: int = 2,
+    target_s: float = 0.3,
+    min_reps: int = 3,
+    max_reps: int = 50,
+) -> dict[str, Timing]:
+    """Median time of each function over rounds that call them in turn (a, b, c, a, b, c, ...).
+
+    Used for ratios between kernels: within a round every function sees the same clock, power and thermal
+    state, which back-to-back blocks of one function each do not (on an H100 a block of heavy calls can
+    run a few percent slower than the same calls spread out). Peak memory is not tracked here.
+    """
+    once: dict[str, float] = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        once[name] = max(time.perf_counter() - t0, 1e-6)
+    reps = int(min(max_reps, max(min_reps, target_s / sum(once.values()))))
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    events: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            if device.type == "cuda":  # no sync inside the loop: the GPU queue stays full
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                events[name].append((start, end))
+            else:
+                t = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t) * 1e3)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        times = {name: [s.elapsed_time(e) for s, e in pairs] for name, pairs in events.items()}
+    return {name: Timing(statistics.median(ts), min(ts), len(ts), None) for name, ts in times.items()}
+
+
 def attention_flops(
     batch: int, heads: int, n_q: int, n_k: int, d: int, d_v: int, causal_pairs: int | None, mode: str
 ) -> float:
