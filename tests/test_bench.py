@@ -79,6 +79,19 @@ def test_runs_accumulate_in_one_database(tmp_path: Path) -> None:
         assert len(db.runs()) == 2
 
 
+def test_rows_reach_the_database_file_before_it_is_closed(tmp_path: Path) -> None:
+    """A run killed mid-way (e.g. by a GPU time limit) must leave its rows in the .duckdb file itself."""
+    import shutil
+
+    db = ResultsDB(tmp_path / "live.duckdb")
+    run_id = db.new_run({"device": "cpu", "commit": "x"}, {})
+    db.insert("checks", [{"method": "softmax", "backend": "sdpa", "passed": True}], run_id=run_id)
+    shutil.copy(tmp_path / "live.duckdb", tmp_path / "copy.duckdb")  # the file alone, no .wal beside it
+    with ResultsDB(tmp_path / "copy.duckdb") as copy:
+        assert [r["method"] for r in copy.rows("checks", run_id)] == ["softmax"]
+    db.close()
+
+
 def test_report_has_tables_and_plots(bench_run: tuple[Path, object]) -> None:
     out, _ = bench_run
     html = (out / "report.html").read_text()

@@ -131,6 +131,9 @@ class ResultsDB:
             quoted = ", ".join(f'"{c}"' for c in cols)
             marks = ", ".join("?" for _ in cols)
             self.con.executemany(f"INSERT INTO {table} ({quoted}) VALUES ({marks})", data)
+            # into the database file now, not only its write-ahead log: a run killed by a time limit keeps
+            # every row it wrote, even where only the .duckdb file is copied away
+            self.con.execute("CHECKPOINT")
         return len(data)
 
     def query(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
