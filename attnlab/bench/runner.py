@@ -43,11 +43,13 @@ def run(
         checks: list[dict] = []
         if cfg.efficiency:
             eff = efficiency.EfficiencyRun(cfg, log)
-            for row in eff.rows():
+            for row in eff.rows():  # checks and rows go in as they come: a run cut short keeps both
+                db.insert("checks", eff.check_rows[len(checks) :], run_id)
+                checks = list(eff.check_rows)
                 n_eff += db.insert("efficiency", [row], run_id)
                 advance(1)
-            checks = eff.check_rows
-            db.insert("checks", checks, run_id)
+            db.insert("checks", eff.check_rows[len(checks) :], run_id)
+            checks = list(eff.check_rows)
         if cfg.fidelity:
             for name in cfg.workloads:
                 try:
