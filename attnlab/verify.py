@@ -47,12 +47,12 @@ def _run_case(name: str, backend: str, case: Case, device: torch.device) -> Chec
         return Check(name, backend, case, crash=f"{type(e).__name__}: {str(e)[:300]}")
 
 
-def _unit(name: str, backend: str, case: Case) -> tuple[str, str, str]:
-    """A worker's share of the cases: one (method, backend, dtype)."""
-    return name, backend, str(case.dtype)
+def _unit(name: str, backend: str, case: Case) -> tuple[str, str, str, str]:
+    """A worker's share of the cases: one (method, backend, dtype, pattern)."""
+    return name, backend, str(case.dtype), case.pattern.value
 
 
-def _run_unit(device: str, unit: tuple[str, str, str]) -> list[Check]:
+def _run_unit(device: str, unit: tuple[str, str, str, str]) -> list[Check]:
     dev = torch.device(device)
     return [_run_case(*nbc, dev) for nbc in verify_cases(dev, (unit[0],)) if _unit(*nbc) == unit]
 
@@ -65,7 +65,7 @@ def verify(
 ) -> list[Check]:
     """Run every case; a Check per (method, backend, case), skipped ones carrying the backend's refusal.
 
-    ``jobs > 1`` spreads the (method, backend, dtype) groups over that many fresh processes (compiling and
+    ``jobs > 1`` spreads the (method, backend, dtype, pattern) groups over that many fresh processes (compiling and
     autotuning are most of the time on a GPU). Results come back in case order either way.
     """
     cases = list(verify_cases(device, methods))
@@ -77,7 +77,7 @@ def verify(
                 progress(results[-1])
         return results
     units = list(dict.fromkeys(_unit(*nbc) for nbc in cases))
-    done: dict[tuple[str, str, str], list[Check]] = {}
+    done: dict[tuple[str, str, str, str], list[Check]] = {}
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(_run_unit, str(device), unit): unit for unit in units}
         for future in as_completed(futures):

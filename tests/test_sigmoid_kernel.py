@@ -105,3 +105,15 @@ def test_fully_masked_rows_are_zero_in_the_kernel() -> None:
 def test_dispatch_picks_the_triton_kernel_for_sigmoid() -> None:
     q, k, v = _qkv(1, 2, 2, 8, 8, 16, torch.float32)
     assert attnlab.explain(q, k, v, method="sigmoid").backend.name == "triton"  # type: ignore[union-attr]
+
+
+def test_fp32_autotuning_tries_only_small_tiles() -> None:
+    import triton
+
+    from attnlab.kernels.sigmoid.op import _prune
+
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}) for m, n in ((128, 128), (128, 64), (64, 32))]
+    sizes = lambda cs: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in cs]
+    assert sizes(_prune(configs, {}, DOT_PREC="ieee")) == [(128, 64), (64, 32)]
+    assert sizes(_prune(configs, {}, DOT_PREC="tf32")) == sizes(configs)
+    assert sizes(_prune(configs[:1], {}, DOT_PREC="ieee")) == [(128, 128)]  # never empty

@@ -84,10 +84,21 @@ _EVEN = {
 }
 
 
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
+    """fp32 tiles take twice the registers and shared memory of bf16 ones, and large fp32 tiles compile
+    slowly and spill: in fp32 only tiles of at most 128 x 64 are tried."""
+    if {**named_args, **kwargs}.get("DOT_PREC") != "ieee":
+        return configs
+    small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64]
+    return small or configs[-1:]
+
+
 def _variants(kernel, kind: str):  # type: ignore[no-untyped-def]
     """(autotuned, fixed first-config) launchers of one kernel."""
     configs = _configs(kind)
-    tuned = triton.autotune(configs, key=_KEY)(triton.heuristics(_EVEN)(kernel))
+    tuned = triton.autotune(configs, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
+        triton.heuristics(_EVEN)(kernel)
+    )
     fixed = triton.autotune(configs[:1], key=[])(triton.heuristics(_EVEN)(kernel))
     return tuned, fixed
 
