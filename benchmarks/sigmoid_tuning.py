@@ -34,7 +34,8 @@ CONFIGS = [
 ]  # fmt: skip
 
 
-def launch(q, k, v, o, causal: bool, cfg: tuple, tma: bool) -> None:  # type: ignore[no-untyped-def]
+def launch(q, k, v, o, causal: bool, cfg: tuple, tma: bool, persist: int = 0) -> None:  # type: ignore[no-untyped-def]
+    """persist > 0: a persistent grid of that many programs per multiprocessor."""
     bm, bn, warps, stages = cfg
     b, h, n_q, d = q.shape
     n_k = k.shape[2]
@@ -44,11 +45,14 @@ def launch(q, k, v, o, causal: bool, cfg: tuple, tma: bool) -> None:  # type: ig
             tiles.append(op.TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, d]))
     else:
         tiles = [q, k, v, o]
-    sigmoid_fwd_kernel[(triton.cdiv(n_q, bm), b * h)](
+    tiles_m = triton.cdiv(n_q, bm)
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    grid = (min(tiles_m * b * h, sms * persist), 1) if persist else (tiles_m, b * h)
+    sigmoid_fwd_kernel[grid](
         *tiles, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-        h, h // k.shape[1], n_q, n_k, n_k - n_q, d, d**-0.5, -math.log(n_k), 0,
+        b * h, h, h // k.shape[1], n_q, n_k, n_k - n_q, d, d**-0.5, -math.log(n_k), 0,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d, CAUSAL=causal, FAST=True, DOT_PREC="tf32", UPCAST=False,
-        TMA=tma, EVEN_M=n_q % bm == 0, EVEN_N=n_k % bn == 0, EVEN_D=True,
+        TMA=tma, PERSISTENT=persist > 0, EVEN_M=n_q % bm == 0, EVEN_N=n_k % bn == 0, EVEN_D=True,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
@@ -57,7 +61,7 @@ def bench(fn) -> float:  # type: ignore[no-untyped-def]
     return float(triton.testing.do_bench(fn, warmup=25, rep=120, return_mode="median"))
 
 
-def sweep(n: int, causal: bool, heads: int, d: int) -> list[dict]:
+def sweep(n: int, causal: bool, heads: int, d: int, variants: list[tuple]) -> list[dict]:
     g = torch.Generator(device="cpu").manual_seed(0)
     q, k, v = (torch.randn(1, heads, n, d, generator=g).to("cuda", torch.bfloat16) for _ in range(3))
     flops = attention_flops(1, heads, n, n, d, d, dense_pairs(n, n, causal), "fwd")
@@ -67,24 +71,23 @@ def sweep(n: int, causal: bool, heads: int, d: int) -> list[dict]:
     base = torch.empty_like(q)
     launch(q, k, v, base, causal, CONFIGS[0], False)
     rows = []
-    for cfg in CONFIGS:
-        for tma in (True, False):
-            row = {"n": n, "causal": causal, "config": cfg, "tma": tma}
-            o = torch.empty_like(q)
-            try:
-                launch(q, k, v, o, causal, cfg, tma)
-                torch.cuda.synchronize()
-                err = (o.float() - base.float()).abs().max().item()
-                t = bench(lambda o=o, cfg=cfg, tma=tma: launch(q, k, v, o, causal, cfg, tma))
-                row.update(ms=t, tflops=flops / t / 1e9, ratio=t_cudnn / t, max_diff=err, wrong=err > 2e-2)
-            except Exception as e:  # e.g. out of shared memory for a config
-                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-            rows.append(row)
+    for cfg, tma, persist in variants:
+        row = {"n": n, "causal": causal, "config": cfg, "tma": tma, "persist": persist}
+        o = torch.empty_like(q)
+        try:
+            launch(q, k, v, o, causal, cfg, tma, persist)
+            torch.cuda.synchronize()
+            err = (o.float() - base.float()).abs().max().item()
+            t = bench(lambda o=o, c=cfg, tma=tma, p=persist: launch(q, k, v, o, causal, c, tma, p))
+            row.update(ms=t, tflops=flops / t / 1e9, ratio=t_cudnn / t, max_diff=err, wrong=err > 2e-2)
+        except Exception as e:  # e.g. out of shared memory for a config
+            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        rows.append(row)
     ok = [r for r in rows if "ms" in r and not r["wrong"]]
     best = min(ok, key=lambda r: r["ms"])
     print(
         f"n={n} causal={causal} cudnn {t_cudnn:.3f} ms ({flops / t_cudnn / 1e9:.0f} TF/s); best {best['config']} "
-        f"tma={best['tma']} {best['ms']:.3f} ms ratio {best['ratio']:.3f}",
+        f"tma={best['tma']} persist={best['persist']} {best['ms']:.3f} ms ratio {best['ratio']:.3f}",
         flush=True,
     )
     for r in sorted(ok, key=lambda r: r["ms"])[:6]:
@@ -92,6 +95,7 @@ def sweep(n: int, causal: bool, heads: int, d: int) -> list[dict]:
             "   ",
             r["config"],
             "tma" if r["tma"] else "ptr",
+            f"persistent x{r['persist']}" if r["persist"] else "",
             f"{r['ratio']:.3f}",
         )
     bad = [r for r in rows if "error" in r or r.get("wrong")]
@@ -106,12 +110,17 @@ def main() -> None:
     ap.add_argument("--lengths", default="8192,16384,32768")
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--persistent", action="store_true", help="compare grids for the first config instead")
     args = ap.parse_args()
+    if args.persistent:
+        variants = [(CONFIGS[0], True, p) for p in (0, 1, 2, 3)] + [(CONFIGS[0], False, 2)]
+    else:
+        variants = [(cfg, tma, 0) for cfg in CONFIGS for tma in (True, False)]
     rows: list[dict] = []
     env = environment(torch.device("cuda"))
     for n in (int(x) for x in args.lengths.split(",")):
         for causal in (False, True):
-            rows += sweep(n, causal, args.heads, args.head_dim)
+            rows += sweep(n, causal, args.heads, args.head_dim, variants)
             with open(args.out, "w") as f:  # after every shape, so a run cut short keeps what it measured
                 json.dump({"env": env, "rows": rows}, f, indent=1, default=str)
 
