@@ -118,14 +118,9 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--skip-check", action="store_true")
-    ap.add_argument("--persistent", action="store_true", help="non-causal forwards on the persistent grid")
     args = ap.parse_args()
-    if args.persistent:
-        from attnlab.kernels.sigmoid import op
-
-        op.PERSISTENT_NONCAUSAL = True
     device = torch.device("cuda")
-    result = {"env": environment(device), "persistent_noncausal": args.persistent}
+    result = {"env": environment(device)}
     if not args.skip_check:
         result["correctness"] = correctness(device)
     result["speed"] = speed(device, [int(x) for x in args.lengths.split(",")], args.heads, args.head_dim)

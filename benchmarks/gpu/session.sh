@@ -13,7 +13,7 @@ export PATH="/tmp/site/bin:$PATH"
   git log -1 --format=%H 2>/dev/null || true; } | tee "$OUT/env.txt"
 for step in "$@"; do
   case "$step" in
-    kernel) timeout ${KERNEL_TIMEOUT:-400} python3 benchmarks/sigmoid_kernel.py --out "$OUT/sigmoid_kernel.json" ${KERNEL_ARGS:-} 2>&1 | tee "$OUT/sigmoid_kernel.log" ;;
+    kernel) timeout ${KERNEL_TIMEOUT:-400} python3 benchmarks/sigmoid_kernel.py --out "$OUT/sigmoid_kernel.json" 2>&1 | tee "$OUT/sigmoid_kernel.log" ;;
     tests) timeout ${TESTS_TIMEOUT:-560} python3 -m pytest ${PYTEST_ARGS:-tests} -n 4 -v -p no:cacheprovider --tb=short 2>&1 | tee "$OUT/pytest_cuda.log" | grep -E "FAILED|Error|passed|failed" | tail -40 ;;
     tune) timeout ${TUNE_TIMEOUT:-300} python3 benchmarks/sigmoid_tuning.py --out "$OUT/sigmoid_tuning.json" ${TUNE_ARGS:-} 2>&1 | tee "$OUT/sigmoid_tuning.log" | grep -v "^    " ;;
     verify) timeout ${VERIFY_TIMEOUT:-300} python3 -m attnlab verify --device cuda --jobs ${VERIFY_JOBS:-6} --out "$OUT/verify_cuda.jsonl" 2>&1 | tee "$OUT/verify_cuda.log" | tail -40 ;;

@@ -58,18 +58,19 @@ def _fwd_inner(
 
 
 @triton.jit
-def _fwd_tile(
-    pid_m, pid_bh, Q, K, V, O,
+def sigmoid_fwd_kernel(
+    Q, K, V, O,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
-    H, GROUP, N_Q, N_K, OFFSET, HEAD_D, scale, bias,
+    H, GROUP, N_Q, N_K, OFFSET, HEAD_D, scale, bias, N_BUCKET,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     FAST: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
-    """Rows [pid_m * BLOCK_M, (pid_m + 1) * BLOCK_M) of head pid_bh % H of batch pid_bh // H."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
@@ -107,38 +108,3 @@ def _fwd_tile(
     else:
         o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
         store_tile(o_ptrs, out, offs_m, N_Q, offs_d, HEAD_D, EVEN_M, EVEN_D)
-
-
-@triton.jit
-def sigmoid_fwd_kernel(
-    Q, K, V, O,
-    stride_qb, stride_qh, stride_qn,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_on,
-    BH, H, GROUP, N_Q, N_K, OFFSET, HEAD_D, scale, bias, N_BUCKET,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-    FAST: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
-    PERSISTENT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
-):  # fmt: skip
-    """Grid (cdiv(N_q, BLOCK_M), B * H): one query tile per program. PERSISTENT: a 1-D grid of fewer
-    programs, each taking tiles pid, pid + G, pid + 2G, ... (G = grid size), so that the programs on the GPU
-    work on neighbouring tiles of one head at the same time and read its keys in step."""
-    if PERSISTENT:
-        num_m = tl.cdiv(N_Q, BLOCK_M)
-        for tile in range(tl.program_id(0), num_m * BH, tl.num_programs(0)):
-            _fwd_tile(
-                tile % num_m, tile // num_m, Q, K, V, O,
-                stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-                H, GROUP, N_Q, N_K, OFFSET, HEAD_D, scale, bias,
-                BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL, FAST, DOT_PREC, UPCAST, TMA, EVEN_M, EVEN_N, EVEN_D,
-            )  # fmt: skip
-    else:
-        _fwd_tile(
-            tl.program_id(0), tl.program_id(1), Q, K, V, O,
-            stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-            stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-            H, GROUP, N_Q, N_K, OFFSET, HEAD_D, scale, bias,
-            BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL, FAST, DOT_PREC, UPCAST, TMA, EVEN_M, EVEN_N, EVEN_D,
-        )  # fmt: skip

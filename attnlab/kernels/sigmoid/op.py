@@ -7,8 +7,6 @@ the Triton kernels without a graph break. Importing this module registers those 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 from torch import Tensor
@@ -23,22 +21,6 @@ IMPORTED_INTERPRETED = interpreting()
 #: The forward moves tiles with tensor descriptors (TMA) where it can (sm_90+ GPUs, the interpreter);
 #: False forces masked pointer loads everywhere.
 USE_TMA = True
-#: Non-causal forwards run a persistent grid (programs loop over query tiles in step; see fwd.py).
-PERSISTENT_NONCAUSAL = False
-#: Programs per multiprocessor of the persistent grid: the H100 fits two of the first fwd config.
-PERSISTENT_CTAS_PER_SM = 2
-
-
-@functools.cache
-def _multiprocessors(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _persistent_programs(t: Tensor) -> int:
-    """Size of a persistent grid: every program resident at once (3 under the interpreter, for tests)."""
-    if t.is_cuda:
-        return _multiprocessors(t.device.index or 0) * PERSISTENT_CTAS_PER_SM
-    return 3
 
 
 def _set_block_shapes(nargs: dict) -> None:
@@ -94,7 +76,7 @@ def _even(args: dict) -> dict:
     }
 
 
-_KEY = ["HEAD_D", "CAUSAL", "DOT_PREC", "N_BUCKET", "GROUP", "TMA", "PERSISTENT"]
+_KEY = ["HEAD_D", "CAUSAL", "DOT_PREC", "N_BUCKET", "GROUP", "TMA"]
 _EVEN = {
     "EVEN_M": lambda a: _even(a)["EVEN_M"],
     "EVEN_N": lambda a: _even(a)["EVEN_N"],
@@ -181,22 +163,15 @@ def sigmoid_fwd_launch(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: floa
     o = torch.empty_like(q)
     tma = _tma_ready(q, k, v, o)
     tiles = [_descriptor(t) for t in (q, k, v, o)] if tma else [q, k, v, o]
-    persistent = PERSISTENT_NONCAUSAL and not causal
-
-    def grid(meta: dict) -> tuple[int, int]:
-        tiles_m = triton.cdiv(n_q, meta["BLOCK_M"])
-        if persistent:
-            return min(tiles_m * b * h, _persistent_programs(q)), 1
-        return tiles_m, b * h
-
+    grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)
     _pick(_FWD)[grid](
         *tiles,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
-        b * h, h, h // h_kv, n_q, n_k, n_k - n_q, d, scale, bias,
-        BLOCK_D=head_block(d), CAUSAL=causal, N_BUCKET=_bucket(n_q, n_k), TMA=tma, PERSISTENT=persistent,
+        h, h // h_kv, n_q, n_k, n_k - n_q, d, scale, bias,
+        BLOCK_D=head_block(d), CAUSAL=causal, N_BUCKET=_bucket(n_q, n_k), TMA=tma,
         **_flags(q),
     )  # fmt: skip
     return o
