@@ -90,14 +90,15 @@ def sigmoid_section(root: Path) -> list[str]:
         bwd = [met(r["bwd_ratio_vs_cudnn"], 0.7) for r in rows]
         h_f, h_fb = harness.get((n, causal, "fwd")), harness.get((n, causal, "fwd_bwd"))
         last = rows[-1]
-        lines.append(
-            f"| {n} | {causal} | {' | '.join(fwd)} | {met(h_f, 0.9) if h_f else '—'} | {' | '.join(bwd)} | "
-            f"{h_fb:.2f} | {last['triton_sigmoid_fwd_tflops']:.0f} | "
-            f"{last['flex_sigmoid_fwd_ms'] / last['triton_sigmoid_fwd_ms']:.1f}x |"
-            if h_fb
-            else f"| {n} | {causal} | {' | '.join(fwd)} | {met(h_f, 0.9) if h_f else '—'} | {' | '.join(bwd)} | — "
-            f"| {last['triton_sigmoid_fwd_tflops']:.0f} | {last['flex_sigmoid_fwd_ms'] / last['triton_sigmoid_fwd_ms']:.1f}x |"
-        )
+        cells = [
+            *fwd,
+            met(h_f, 0.9) if h_f else "—",
+            *bwd,
+            f"{h_fb:.2f}" if h_fb else "—",
+            f"{last['triton_sigmoid_fwd_tflops']:.0f}",
+            f"{last['flex_sigmoid_fwd_ms'] / last['triton_sigmoid_fwd_ms']:.1f}x",
+        ]
+        lines.append(f"| {n} | {causal} | " + " | ".join(cells) + " |")
     checks = runs[-1][1].get("correctness", [])
     passed = sum(c["passed"] for c in checks)
     lines += [

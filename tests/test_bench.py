@@ -158,6 +158,15 @@ def test_interleaved_timing_calls_each_function_in_turn() -> None:
     assert timed == ["a", "b"] * (len(timed) // 2)
 
 
+def test_an_explicit_commit_wins_over_the_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
+    from attnlab.bench.env import git_commit
+
+    monkeypatch.setenv("ATTNLAB_COMMIT", "abc1234")
+    assert git_commit() == "abc1234"
+    monkeypatch.delenv("ATTNLAB_COMMIT")
+    assert git_commit() != "abc1234"
+
+
 def test_flops_and_shapes() -> None:
     assert attention_flops(1, 1, 4, 4, 8, 8, None, "fwd") == 2 * 16 * 16
     assert attention_flops(1, 1, 4, 4, 8, 8, 10, "fwd_bwd") == 2 * 10 * 16 * 3.5

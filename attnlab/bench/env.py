@@ -20,11 +20,13 @@ def _version(package: str) -> str | None:
 
 
 def git_commit() -> str:
-    """The attnlab checkout's commit (with '-dirty' if it has uncommitted changes), else the value of
-    ``ATTNLAB_COMMIT`` (for copies of the tree without .git, e.g. on a remote GPU machine), else 'unknown'."""
+    """``ATTNLAB_COMMIT`` when set (copies of the tree on a remote GPU machine carry no .git, or a stale
+    one), else the attnlab checkout's commit (with '-dirty' if it has uncommitted changes), else 'unknown'."""
+    if os.environ.get("ATTNLAB_COMMIT"):
+        return os.environ["ATTNLAB_COMMIT"]
     root = Path(__file__).resolve().parents[2]
     if not (root / ".git").exists():
-        return os.environ.get("ATTNLAB_COMMIT", "unknown")
+        return "unknown"
     try:
         sha = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "HEAD"],
