@@ -257,6 +257,22 @@ def headline(root: Path) -> list[str]:
     return lines
 
 
+def verify_line(root: Path) -> list[str]:
+    """The H100 ``attnlab verify`` result, counted from its JSON lines."""
+    path = root / "verify_cuda.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    passed = sum(bool(r["passed"]) for r in rows)
+    skipped = sum(bool(r["skipped"]) for r in rows)
+    failed = len(rows) - passed - skipped
+    return [
+        "",
+        f"`attnlab verify --device cuda` on the H100: {passed} passed, {failed} failed, {skipped} skipped "
+        f"(every method x backend x pattern, bf16 and fp32, forward and gradients; `{root.name}/{path.name}`).",
+    ]
+
+
 def update_readme(lines: list[str]) -> None:
     readme = Path("README.md")
     text = readme.read_text()
@@ -280,13 +296,14 @@ def main() -> None:
     notes = root / "NOTES.md"
     if notes.exists():
         lines += [notes.read_text().strip(), ""]
+    lines += [*verify_line(root)[1:], ""]
     lines += sigmoid_section(root)
     for mode in ("fwd", "fwd_bwd"):
         lines += efficiency_section(root, mode)
     lines += fidelity_section(root, "on the H100")
     lines += fidelity_section(root.parent / "cpu-2026-11-22", "on CPU")
     out.write_text("\n".join(lines) + "\n")
-    update_readme(headline(root))
+    update_readme(headline(root) + verify_line(root))
     print(f"wrote {out} and the README's H100 table")
 
 

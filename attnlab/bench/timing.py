@@ -23,6 +23,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _warm_then_once(fn: Callable[[], object], device: torch.device, warmup: int) -> float:
+    """Seconds of one call of ``fn`` after ``warmup`` untimed calls (compilation happens there)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return max(time.perf_counter() - t0, 1e-6)
+
+
 def measure(
     fn: Callable[[], object],
     device: torch.device,
@@ -40,13 +51,7 @@ def measure(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    once = max(time.perf_counter() - t0, 1e-6)
+    once = _warm_then_once(fn, device, warmup)
     peak = None
     if device.type == "cuda":
         peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
@@ -84,15 +89,7 @@ def measure_interleaved(
     state, which back-to-back blocks of one function each do not (on an H100 a block of heavy calls can
     run a few percent slower than the same calls spread out). Peak memory is not tracked here.
     """
-    once: dict[str, float] = {}
-    for name, fn in fns.items():
-        for _ in range(warmup):
-            fn()
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        once[name] = max(time.perf_counter() - t0, 1e-6)
+    once = {name: _warm_then_once(fn, device, warmup) for name, fn in fns.items()}
     reps = int(min(max_reps, max(min_reps, target_s / sum(once.values()))))
     times: dict[str, list[float]] = {name: [] for name in fns}
     events: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {name: [] for name in fns}

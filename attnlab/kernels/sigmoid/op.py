@@ -76,7 +76,8 @@ def _even(args: dict) -> dict:
     }
 
 
-_KEY = ["HEAD_D", "CAUSAL", "DOT_PREC", "N_BUCKET", "GROUP", "TMA"]
+_KEY = ["HEAD_D", "CAUSAL", "DOT_PREC", "N_BUCKET", "GROUP"]  # + "TMA" for the forward (Triton >= 3.9
+# rejects keys that are not arguments of the kernel)
 _EVEN = {
     "EVEN_M": lambda a: _even(a)["EVEN_M"],
     "EVEN_N": lambda a: _even(a)["EVEN_N"],
@@ -96,7 +97,8 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> 
 def _variants(kernel, kind: str):  # type: ignore[no-untyped-def]
     """(autotuned, fixed first-config) launchers of one kernel."""
     configs = _configs(kind)
-    tuned = triton.autotune(configs, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
+    key = [*_KEY, "TMA"] if kind == "fwd" else _KEY
+    tuned = triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _prune})(
         triton.heuristics(_EVEN)(kernel)
     )
     fixed = triton.autotune(configs[:1], key=[])(triton.heuristics(_EVEN)(kernel))
