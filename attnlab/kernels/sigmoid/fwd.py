@@ -22,6 +22,8 @@ def _load_kv(
     X, x_base, stride_xn, b, hk, start_n, N_K, HEAD_D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
+    """The (BLOCK_N, BLOCK_D) key or value tile of rows [start_n, start_n + BLOCK_N) of kv head hk, batch b;
+    rows >= N_K and columns >= HEAD_D read as 0 (by the copy engine when TMA, by load masks otherwise)."""
     if TMA:
         return X.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
     else:
@@ -45,6 +47,8 @@ def _fwd_inner(
     EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
+    """acc (BLOCK_M, BLOCK_D) += sigmoid(scale * q k^T + bias) v over key blocks [lo, hi); MASKED applies the
+    bottom-right causal mask j <= i + OFFSET (only the diagonal blocks need it)."""
     for start_n in range(lo, hi, BLOCK_N):
         k = _load_kv(K, k_base, stride_kn, b, hk, start_n, N_K, HEAD_D, BLOCK_N, BLOCK_D, EVEN_N, EVEN_D, TMA)
         v = _load_kv(V, v_base, stride_vn, b, hk, start_n, N_K, HEAD_D, BLOCK_N, BLOCK_D, EVEN_N, EVEN_D, TMA)
