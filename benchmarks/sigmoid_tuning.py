@@ -1,15 +1,18 @@
-"""Sweep the FlashSigmoid forward's tile configs and tile paths on the GPU, against cuDNN SDPA softmax.
+"""Sweep the FlashSigmoid forward's schedules on the GPU, against cuDNN SDPA softmax.
 
     python benchmarks/sigmoid_tuning.py --out tuning.json
 
-For each length and mask (bf16, D=128, H=32, B=1) it times cuDNN's softmax forward, then the forward kernel
-launched directly (no autotuner) for every (BLOCK_M, BLOCK_N, warps, stages) in CONFIGS, with tiles moved
-by tensor descriptors (TMA) and by pointer loads. (The 2026-11-22 run, at commit 424d5eb, also tried causal
-query blocks in reversed order: 0-1.5% slower, so that option was dropped. The run at commit d10d7a2 tried a
-persistent grid of 1-3 programs per multiprocessor: 0.56-0.78 of cuDNN against 0.90-1.03 for the plain
-grid, so that was dropped too; results under benchmarks/results/h100-2026-11-22/superseded/.)
-Every variant's output is compared with the pointer path's first config (same math, so they agree to
-bf16 rounding); a variant that disagrees is marked wrong. This decides the autotune list in op.py.
+For each length and mask (bf16, D=128, H=32, B=1) it launches the forward kernel directly (no autotuner)
+with every (BLOCK_M, BLOCK_N, warps, stages, SPLIT, WS) in CONFIGS, with tiles moved by in-kernel tensor
+descriptors (TMA) and by pointer loads, and times all of them and cuDNN's softmax forward in interleaved
+rounds (``measure_interleaved``: every variant sees the same clock). Every variant's output is compared
+with the pointer path's first config (same math, so they agree to bf16 rounding); a variant that disagrees
+is marked wrong and a variant that fails to compile records its error. This decides op.FWD_SHAPES.
+
+Earlier runs (benchmarks/results/h100-2026-11-22/): at commit 424d5eb 17 plain tile configs x {host
+descriptors, pointers} (128x64, 4 warps, 2 stages won) and reversed causal block order (0-1.5% slower,
+dropped); at d10d7a2 a persistent grid (0.56-0.78 of cuDNN, dropped, under superseded/); at a908825
+benchmarks/sigmoid_probe.py found the split query tile and warp specialization (0.95-1.00 of cuDNN).
 """
 
 from __future__ import annotations
@@ -23,83 +26,80 @@ import triton
 from torch.nn.attention import SDPBackend
 
 from attnlab.bench.env import environment
-from attnlab.bench.timing import attention_flops
+from attnlab.bench.timing import attention_flops, measure_interleaved
 from attnlab.kernels.sdpa import sdpa_dense
 from attnlab.kernels.sigmoid import op
-from attnlab.kernels.sigmoid.fwd import sigmoid_fwd_kernel
 from attnlab.masks import dense_pairs
 
 CONFIGS = [
-    (128, 64, 4, 2), (128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4),
-    (128, 128, 8, 2), (128, 128, 8, 3), (128, 128, 4, 2), (128, 32, 4, 3), (128, 32, 4, 4), (128, 32, 4, 5),
-    (64, 64, 4, 3), (64, 128, 4, 3), (256, 64, 8, 2), (256, 64, 8, 3), (256, 32, 8, 3),
+    (128, 64, 4, 2, 1, False), (128, 64, 4, 2, 2, False), (128, 64, 4, 2, 1, True), (128, 64, 4, 3, 2, False),
+    (128, 64, 4, 3, 1, True), (128, 32, 4, 3, 2, False), (128, 128, 4, 2, 2, False), (256, 64, 8, 2, 2, False),
+    (128, 64, 4, 2, 2, True), (128, 32, 4, 3, 1, False), (64, 64, 4, 3, 1, False),
 ]  # fmt: skip
 
 
-def launch(q, k, v, o, causal: bool, cfg: tuple, tma: bool) -> None:  # type: ignore[no-untyped-def]
-    bm, bn, warps, stages = cfg
-    b, h, n_q, d = q.shape
-    n_k = k.shape[2]
-    if tma:
-        tiles = []
-        for t, rows in ((q, bm), (k, bn), (v, bn), (o, bm)):
-            tiles.append(op.TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, d]))
-    else:
-        tiles = [q, k, v, o]
-    sigmoid_fwd_kernel[(triton.cdiv(n_q, bm), b * h)](
-        *tiles, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-        h, h // k.shape[1], n_q, n_k, n_k - n_q, d, d**-0.5, -math.log(n_k), 0,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d, CAUSAL=causal, FAST=True, DOT_PREC="tf32", UPCAST=False,
-        TMA=tma, EVEN_M=n_q % bm == 0, EVEN_N=n_k % bn == 0, EVEN_D=True,
-        num_warps=warps, num_stages=stages,
-    )  # fmt: skip
+def config(shape: tuple) -> triton.Config:
+    m, n, w, s, split, ws = shape
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "SPLIT": split, "WS": ws}, num_warps=w, num_stages=s)
 
 
-def bench(fn) -> float:  # type: ignore[no-untyped-def]
-    return float(triton.testing.do_bench(fn, warmup=25, rep=120, return_mode="median"))
+def launch(q, k, v, causal: bool, shape: tuple, tma: bool):  # type: ignore[no-untyped-def]
+    op.USE_TMA = tma
+    try:
+        return op.sigmoid_fwd_launch(
+            q, k, v, q.shape[-1] ** -0.5, -math.log(k.shape[2]), causal, config(shape)
+        )
+    finally:
+        op.USE_TMA = True
+
+
+def name(shape: tuple, tma: bool) -> str:
+    m, n, w, s, split, ws = shape
+    return f"{m}x{n}_w{w}s{s}_split{split}{'_ws' if ws else ''}_{'tma' if tma else 'ptr'}"
 
 
 def sweep(n: int, causal: bool, heads: int, d: int) -> list[dict]:
     g = torch.Generator(device="cpu").manual_seed(0)
     q, k, v = (torch.randn(1, heads, n, d, generator=g).to("cuda", torch.bfloat16) for _ in range(3))
     flops = attention_flops(1, heads, n, n, d, d, dense_pairs(n, n, causal), "fwd")
-    t_cudnn = bench(
-        lambda: sdpa_dense(q, k, v, causal=causal, scale=d**-0.5, kernels=[SDPBackend.CUDNN_ATTENTION])
-    )
-    base = torch.empty_like(q)
-    launch(q, k, v, base, causal, CONFIGS[0], False)
-    rows = []
-    for cfg in CONFIGS:
+    base = launch(q, k, v, causal, CONFIGS[0], False)
+    fns = {
+        "cudnn": lambda: sdpa_dense(
+            q, k, v, causal=causal, scale=d**-0.5, kernels=[SDPBackend.CUDNN_ATTENTION]
+        )
+    }
+    rows: dict[str, dict] = {}
+    for shape in CONFIGS:
         for tma in (True, False):
-            row = {"n": n, "causal": causal, "config": cfg, "tma": tma}
-            o = torch.empty_like(q)
+            if shape[5] and not tma:
+                continue  # warp specialization needs the descriptors
+            key = name(shape, tma)
+            row = {"n": n, "causal": causal, "variant": key, "config": shape, "tma": tma}
             try:
-                launch(q, k, v, o, causal, cfg, tma)
+                o = launch(q, k, v, causal, shape, tma)
                 torch.cuda.synchronize()
                 err = (o.float() - base.float()).abs().max().item()
-                t = bench(lambda o=o, cfg=cfg, tma=tma: launch(q, k, v, o, causal, cfg, tma))
-                row.update(ms=t, tflops=flops / t / 1e9, ratio=t_cudnn / t, max_diff=err, wrong=err > 2e-2)
-            except Exception as e:  # e.g. out of shared memory for a config
-                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-            rows.append(row)
-    ok = [r for r in rows if "ms" in r and not r["wrong"]]
-    best = min(ok, key=lambda r: r["ms"])
-    print(
-        f"n={n} causal={causal} cudnn {t_cudnn:.3f} ms ({flops / t_cudnn / 1e9:.0f} TF/s); best {best['config']} "
-        f"tma={best['tma']} {best['ms']:.3f} ms ratio {best['ratio']:.3f}",
-        flush=True,
-    )
-    for r in sorted(ok, key=lambda r: r["ms"])[:6]:
-        print(
-            "   ",
-            r["config"],
-            "tma" if r["tma"] else "ptr",
-            f"{r['ratio']:.3f}",
-        )
-    bad = [r for r in rows if "error" in r or r.get("wrong")]
-    for r in bad:
-        print("   failed", r["config"], r["tma"], r.get("error", f"max diff {r.get('max_diff')}"))
-    return [{"n": n, "causal": causal, "cudnn_ms": t_cudnn, "cudnn_tflops": flops / t_cudnn / 1e9}, *rows]
+                row.update(max_diff=err, wrong=err > 2e-2)
+                if not row["wrong"]:
+                    fns[key] = lambda shape=shape, tma=tma: launch(q, k, v, causal, shape, tma)
+            except Exception as e:  # compile failures, shared memory overflow
+                row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}"
+            rows[key] = row
+    times = measure_interleaved(fns, torch.device("cuda"), warmup=2, target_s=3.0, min_reps=5, max_reps=30)
+    t_cudnn = times.pop("cudnn").median_ms
+    for key, t in times.items():
+        rows[key].update(ms=t.median_ms, tflops=flops / t.median_ms / 1e9, ratio=t_cudnn / t.median_ms)
+    ok = sorted((r for r in rows.values() if "ms" in r), key=lambda r: r["ms"])
+    print(f"n={n} causal={causal} cudnn {t_cudnn:.3f} ms ({flops / t_cudnn / 1e9:.0f} TF/s)", flush=True)
+    for r in ok:
+        print(f"    {r['variant']:<34} {r['ms']:8.3f} ms {r['tflops']:5.0f} TF/s ratio {r['ratio']:.3f}")
+    for r in rows.values():
+        if "ms" not in r:
+            print("   failed", r["variant"], r.get("error", f"max diff {r.get('max_diff')}"), flush=True)
+    return [
+        {"n": n, "causal": causal, "cudnn_ms": t_cudnn, "cudnn_tflops": flops / t_cudnn / 1e9},
+        *rows.values(),
+    ]
 
 
 def main() -> None:

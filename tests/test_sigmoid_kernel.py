@@ -117,3 +117,56 @@ def test_fp32_autotuning_tries_only_small_tiles() -> None:
     assert sizes(_prune(configs, {}, DOT_PREC="ieee")) == [(128, 64), (64, 32)]
     assert sizes(_prune(configs, {}, DOT_PREC="tf32")) == sizes(configs)
     assert sizes(_prune(configs[:1], {}, DOT_PREC="ieee")) == [(128, 128)]  # never empty
+
+
+def _forward_schedules(q: torch.Tensor, tma: bool) -> list:  # type: ignore[type-arg]
+    """Every forward config the autotuner may run here (on CPU: the split and warp-specialized code paths
+    on interpreter-sized tiles, launched directly)."""
+    import triton
+
+    from attnlab.kernels.sigmoid import op
+
+    if DEVICE.type == "cpu":
+        shapes = [(32, 16, 1, 1, 2, False), (32, 16, 1, 1, 1, True), (16, 16, 1, 1, 1, False)]
+    else:
+        shapes = op.FWD_SHAPES
+    configs = [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "SPLIT": sp, "WS": ws}, num_warps=w, num_stages=s)
+        for m, n, w, s, sp, ws in shapes
+    ]
+    if DEVICE.type == "cpu":
+        return configs
+    return op._prune(configs, {"Q": q, "TMA": tma, "DOT_PREC": "tf32"})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(("nq", "nk", "d"), [(70, 70, 32), (33, 97, 24), (97, 33, 64)])
+def test_every_forward_schedule_matches_the_naive_twin(
+    poison_empty: None, tile_path: str, dtype: torch.dtype, causal: bool, nq: int, nk: int, d: int
+) -> None:
+    from attnlab.kernels.sigmoid import op
+
+    q, k, v = _qkv(2, 4, 2, nq, nk, d, dtype)
+    scale, bias = 1 / math.sqrt(d), -math.log(nk)
+    ref = sigmoid_fwd_naive(q.float(), k.float(), v.float(), scale, bias, causal)
+    schedules = _forward_schedules(q, op._tma_ready(q, k, v))
+    assert len(schedules) >= 3
+    for config in schedules:
+        out = op.sigmoid_fwd_launch(q, k, v, scale, bias, causal, config=config)
+        assert torch.isfinite(out).all(), f"unwritten output elements with {config}"
+        torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2, msg=lambda m, c=config: f"{c}: {m}")
+
+
+def test_warp_specialization_is_pruned_off_hopper_and_without_descriptors() -> None:
+    import triton
+
+    from attnlab.kernels.sigmoid import op
+
+    configs = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "SPLIT": 1, "WS": ws}) for ws in (True, False)]
+    q = torch.randn(1, 1, 8, 16, device=DEVICE, dtype=torch.bfloat16)
+    hopper = DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] == 9
+    kept = lambda **kw: [c.kwargs["WS"] for c in op._prune(configs, {"Q": q}, **kw)]
+    assert kept(TMA=False, DOT_PREC="tf32") == [False]
+    assert kept(TMA=True, DOT_PREC="ieee") == [False]
+    assert kept(TMA=True, DOT_PREC="tf32") == ([True, False] if hopper else [False])

@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -53,3 +55,21 @@ def next_power_of_2(n: int) -> int:
 def head_block(d: int) -> int:
     """Tile width for a head dim: the next power of two, at least 16 (tl.dot's minimum)."""
     return max(16, next_power_of_2(d))
+
+
+@contextlib.contextmanager
+def descriptor_scratch(device: torch.device) -> Iterator[None]:
+    """Global scratch memory for tensor descriptors that kernels build on the device
+    (``tl.make_tensor_descriptor``), given to Triton for the launches inside this block only: the
+    allocator is a context variable, set here and restored on exit (nothing global is changed)."""
+
+    def allocate(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+        return torch.empty(size, dtype=torch.int8, device=device)
+
+    from triton.runtime import _allocation
+
+    token = _allocation._allocator.set(allocate)
+    try:
+        yield
+    finally:
+        _allocation._allocator.reset(token)

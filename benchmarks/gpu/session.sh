@@ -16,7 +16,7 @@ for step in "$@"; do
     kernel) timeout ${KERNEL_TIMEOUT:-400} python3 benchmarks/sigmoid_kernel.py --out "$OUT/sigmoid_kernel.json" 2>&1 | tee "$OUT/sigmoid_kernel.log" ;;
     tests) timeout ${TESTS_TIMEOUT:-560} python3 -m pytest ${PYTEST_ARGS:-tests} -n 4 -v -p no:cacheprovider --tb=short 2>&1 | tee "$OUT/pytest_cuda.log" | grep -E "FAILED|Error|passed|failed" | tail -40 ;;
     probe) timeout ${PROBE_TIMEOUT:-500} python3 benchmarks/sigmoid_probe.py --out "$OUT/sigmoid_probe.json" ${PROBE_ARGS:-} 2>&1 | tee "$OUT/sigmoid_probe.log" | grep -E "^  n=|rror" ;;
-    tune) timeout ${TUNE_TIMEOUT:-300} python3 benchmarks/sigmoid_tuning.py --out "$OUT/sigmoid_tuning.json" ${TUNE_ARGS:-} 2>&1 | tee "$OUT/sigmoid_tuning.log" | grep -v "^    " ;;
+    tune) timeout ${TUNE_TIMEOUT:-300} python3 benchmarks/sigmoid_tuning.py --out "$OUT/sigmoid_tuning.json" ${TUNE_ARGS:-} 2>&1 | tee "$OUT/sigmoid_tuning.log" | grep -v "^    .*ratio" ;;
     verify) timeout ${VERIFY_TIMEOUT:-300} python3 -m attnlab verify --device cuda --jobs ${VERIFY_JOBS:-6} --out "$OUT/verify_cuda.jsonl" 2>&1 | tee "$OUT/verify_cuda.log" | tail -40 ;;
     bench) timeout ${BENCH_TIMEOUT:-560} python3 -m attnlab bench --device cuda --out "$OUT/${BENCH_OUT:-bench}" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/${BENCH_OUT:-bench}.log" | tail -30 ;;
     fidelity) timeout ${FIDELITY_TIMEOUT:-200} python3 -m attnlab bench --device cuda --no-efficiency --workloads random --out "$OUT/bench-fidelity" 2>&1 | tee "$OUT/bench-fidelity.log" | tail -30 ;;

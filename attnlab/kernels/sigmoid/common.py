@@ -74,3 +74,12 @@ def dot(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a, b, input_precision=DOT_PREC)
+
+
+@triton.jit
+def dot_acc(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a b, accumulated by the matrix unit in place (see :func:`dot`)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PREC)

@@ -10,41 +10,43 @@ from __future__ import annotations
 import torch
 import triton
 from torch import Tensor
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from attnlab.kernels.sigmoid.bwd import sigmoid_bwd_dkdv_kernel, sigmoid_bwd_dq_kernel
 from attnlab.kernels.sigmoid.fwd import sigmoid_fwd_kernel
-from attnlab.kernels.triton_utils import head_block, interpreting
+from attnlab.kernels.triton_utils import descriptor_scratch, head_block, interpreting
 
 #: Whether this module was imported under TRITON_INTERPRET=1 (its kernels then take CPU tensors only).
 IMPORTED_INTERPRETED = interpreting()
-#: The forward moves tiles with tensor descriptors (TMA) where it can (sm_90+ GPUs, the interpreter);
+#: The forward moves tiles with tensor descriptors (TMA) where it can (sm_90+ GPUs, the interpreter, D <= 128);
 #: False forces masked pointer loads everywhere.
 USE_TMA = True
 
 
-def _set_block_shapes(nargs: dict) -> None:
-    """Autotune pre-hook: give the forward's tensor descriptors the tile shape of the config being run."""
-    if not nargs.get("TMA"):
-        return
-    bm, bn, bd = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_D"]
-    nargs["Q"].block_shape = [1, 1, bm, bd]
-    nargs["O"].block_shape = [1, 1, bm, bd]
-    nargs["K"].block_shape = [1, 1, bn, bd]
-    nargs["V"].block_shape = [1, 1, bn, bd]
+#: Forward candidates (BLOCK_M, BLOCK_N, warps, stages, SPLIT, WS). benchmarks/sigmoid_tuning.py and
+#: benchmarks/sigmoid_probe.py on the H100 (bf16, D=128, 8K-32K): (128, 64, 4, 2) won 17 plain configs; the
+#: split query tile and warp specialization (with in-kernel descriptors) then reached 0.95-1.00 of cuDNN
+#: against 0.82-0.93 for it. The small ones are for where those do not fit or win (fp32, D=256, short).
+FWD_SHAPES = [
+    (128, 64, 4, 2, 1, False),
+    (128, 64, 4, 2, 2, False),
+    (128, 64, 4, 2, 1, True),
+    (128, 32, 4, 3, 1, False),
+    (64, 64, 4, 3, 1, False),
+    (64, 32, 4, 2, 1, False),
+]
 
 
 def _configs(kind: str) -> list[triton.Config]:
     """Autotune candidates (one small config under the interpreter)."""
-    hook = _set_block_shapes if kind == "fwd" else None
-    if IMPORTED_INTERPRETED:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1, pre_hook=hook)]
     if kind == "fwd":
-        # benchmarks/sigmoid_tuning.py on the H100 (bf16, D=128, 8K-32K): (128, 64, 4, 2) with TMA won every
-        # length and mask out of 17 configs; the autotuner once picked a 6% slower one at 8K from a longer list.
-        # The others are for where it does not fit or wins (fp32, D=256, short sequences).
-        shapes = [(128, 64, 4, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
-    elif kind == "dkdv":
+        fwd_shapes = [(16, 16, 1, 1, 1, False)] if IMPORTED_INTERPRETED else FWD_SHAPES
+        return [
+            triton.Config({"BLOCK_M": m, "BLOCK_N": n, "SPLIT": split, "WS": ws}, num_warps=w, num_stages=s)
+            for m, n, w, s, split, ws in fwd_shapes
+        ]
+    if IMPORTED_INTERPRETED:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+    if kind == "dkdv":
         shapes = [
             (64, 128, 8, 3),
             (32, 128, 4, 3),
@@ -62,10 +64,7 @@ def _configs(kind: str) -> list[triton.Config]:
             (64, 128, 8, 3),
             (128, 128, 8, 2),
         ]
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=hook)
-        for m, n, w, s in shapes
-    ]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
 def _even(args: dict) -> dict:
@@ -85,10 +84,27 @@ _EVEN = {
 }
 
 
+def _warp_specialization_allowed(args: dict) -> bool:
+    """Triton's warp specialization of the key loop compiles on Hopper only with descriptors built in the
+    kernel (TMA) and was measured and checked there (sm_90, 16-bit inputs)."""
+    q = args.get("Q")
+    return (
+        bool(args.get("TMA"))
+        and args.get("DOT_PREC") != "ieee"
+        and isinstance(q, Tensor)
+        and q.is_cuda
+        and torch.cuda.get_device_capability(q.device)[0] == 9
+    )
+
+
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
-    """fp32 tiles take twice the registers and shared memory of bf16 ones, and large fp32 tiles compile
-    slowly and spill: in fp32 only tiles of at most 128 x 64 are tried."""
-    if {**named_args, **kwargs}.get("DOT_PREC") != "ieee":
+    """Drop warp-specialized configs where they are not allowed (above). fp32 tiles take twice the
+    registers and shared memory of bf16 ones, and large fp32 tiles compile slowly and spill: in fp32 only
+    tiles of at most 128 x 64 are tried."""
+    args = {**named_args, **kwargs}
+    if not _warp_specialization_allowed(args):
+        configs = [c for c in configs if not c.kwargs.get("WS")] or configs[:1]
+    if args.get("DOT_PREC") != "ieee":
         return configs
     small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64]
     return small or configs[-1:]
@@ -106,6 +122,7 @@ def _variants(kernel, kind: str):  # type: ignore[no-untyped-def]
 
 
 _FWD = _variants(sigmoid_fwd_kernel, "fwd")
+_FWD_ANY = triton.heuristics(_EVEN)(sigmoid_fwd_kernel)  # launched with an explicit config
 _DKDV = _variants(sigmoid_bwd_dkdv_kernel, "dkdv")
 _DQ = _variants(sigmoid_bwd_dq_kernel, "dq")
 
@@ -134,10 +151,11 @@ def _last_contiguous(*ts: Tensor) -> list[Tensor]:
 
 
 def _tma_ready(*ts: Tensor) -> bool:
-    """Whether the copy engine can move these tiles: a Hopper-or-newer GPU (or the interpreter), a 16-byte
-    aligned base and 16-byte multiples for every stride but the last (TMA's rules)."""
+    """Whether the copy engine can move these tiles: a Hopper-or-newer GPU (or the interpreter), head dim
+    at most 128 (the box sizes measured), a 16-byte aligned base and 16-byte multiples for every stride but
+    the last (TMA's rules)."""
     t0 = ts[0]
-    if not USE_TMA:
+    if not USE_TMA or head_block(t0.shape[-1]) > 128:
         return False
     if t0.is_cuda:
         if torch.cuda.get_device_capability(t0.device)[0] < 9:
@@ -151,31 +169,40 @@ def _tma_ready(*ts: Tensor) -> bool:
     return True
 
 
-def _descriptor(t: Tensor) -> TensorDescriptor:
-    # the block shape is a placeholder; the autotune pre-hook sets it per config
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, 16])
-
-
-def sigmoid_fwd_launch(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: float, causal: bool) -> Tensor:
+def sigmoid_fwd_launch(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    bias: float,
+    causal: bool,
+    config: triton.Config | None = None,
+) -> Tensor:
     """O = (sigmoid(scale * Q K^T + bias) * M) V. q (B, H, N_q, D), k/v (B, H_kv, N_k, D), D <= 256;
-    M is 1 everywhere, or j <= i + N_k - N_q when causal. Returns (B, H, N_q, D) in q's dtype."""
+    M is 1 everywhere, or j <= i + N_k - N_q when causal. Returns (B, H, N_q, D) in q's dtype.
+
+    ``config`` (BLOCK_M, BLOCK_N, SPLIT, WS, warps, stages) bypasses the autotuner (tests, benchmarks)."""
     q, k, v = _last_contiguous(q, k, v)
     b, h, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     o = torch.empty_like(q)
     tma = _tma_ready(q, k, v, o)
-    tiles = [_descriptor(t) for t in (q, k, v, o)] if tma else [q, k, v, o]
+    if config is None:
+        kernel, meta = _pick(_FWD), {}
+    else:
+        kernel, meta = _FWD_ANY, config.all_kwargs()
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)
-    _pick(_FWD)[grid](
-        *tiles,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        o.stride(0), o.stride(1), o.stride(2),
-        h, h // h_kv, n_q, n_k, n_k - n_q, d, scale, bias,
-        BLOCK_D=head_block(d), CAUSAL=causal, N_BUCKET=_bucket(n_q, n_k), TMA=tma,
-        **_flags(q),
-    )  # fmt: skip
+    with descriptor_scratch(q.device):
+        kernel[grid](
+            q, k, v, o,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            o.stride(0), o.stride(1), o.stride(2),
+            h, h // h_kv, n_q, n_k, n_k - n_q, d, scale, bias,
+            BLOCK_D=head_block(d), CAUSAL=causal, N_BUCKET=_bucket(n_q, n_k), TMA=tma,
+            **_flags(q), **meta,
+        )  # fmt: skip
     return o
 
 
