@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One GPU session on the lent H100: install carried wheels, record the environment, then run the steps
 # named as arguments (kernel | probe | tune | tests | verify | bench | fidelity). Results go under $OUT. Pass the commit with
-# ATTNLAB_COMMIT=$(git rev-parse HEAD) in the command: the device's copy of the tree has no .git.
+# ATTNLAB_COMMIT=$(git rev-parse HEAD) in the command: the device's copy of the tree has no .git. WHEELS names the
+# carried wheel folder (default .whl; .whl-gpu leaves out matplotlib's family to fit the 64 MiB carry: bench --no-report).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ${WHEELS:-.whl}/*.whl \
   || exit 1
 export PYTHONPATH="$PWD:/tmp/site"
 export PATH="/tmp/site/bin:$PATH"
