@@ -119,7 +119,7 @@ def test_fp32_autotuning_tries_only_small_tiles() -> None:
     assert sizes(_prune(configs[:1], {}, DOT_PREC="ieee")) == [(128, 128)]  # never empty
 
 
-def _forward_schedules(q: torch.Tensor, tma: bool) -> list:  # type: ignore[type-arg]
+def _forward_schedules(q: torch.Tensor, tma: bool, causal: bool) -> list:  # type: ignore[type-arg]
     """Every forward config the autotuner may run here (on CPU: the split and warp-specialized code paths
     on interpreter-sized tiles, launched directly)."""
     import triton
@@ -136,7 +136,7 @@ def _forward_schedules(q: torch.Tensor, tma: bool) -> list:  # type: ignore[type
     ]
     if DEVICE.type == "cpu":
         return configs
-    return op._prune(configs, {"Q": q, "TMA": tma, "DOT_PREC": "tf32"})
+    return op._prune(configs, {"Q": q, "TMA": tma, "DOT_PREC": "tf32", "CAUSAL": causal})
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -150,15 +150,17 @@ def test_every_forward_schedule_matches_the_naive_twin(
     q, k, v = _qkv(2, 4, 2, nq, nk, d, dtype)
     scale, bias = 1 / math.sqrt(d), -math.log(nk)
     ref = sigmoid_fwd_naive(q.float(), k.float(), v.float(), scale, bias, causal)
-    schedules = _forward_schedules(q, op._tma_ready(q, k, v))
+    schedules = _forward_schedules(q, op._tma_ready(q, k, v), causal)
     assert len(schedules) >= 3
     for config in schedules:
         out = op.sigmoid_fwd_launch(q, k, v, scale, bias, causal, config=config)
         assert torch.isfinite(out).all(), f"unwritten output elements with {config}"
-        torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2, msg=lambda m, c=config: f"{c}: {m}")
+        torch.testing.assert_close(
+            out.float(), ref, rtol=2e-2, atol=2e-2, msg=lambda m, c=config: f"{c}: {m}"
+        )
 
 
-def test_warp_specialization_is_pruned_off_hopper_and_without_descriptors() -> None:
+def test_warp_specialization_is_pruned_off_hopper_causal_or_without_descriptors() -> None:
     import triton
 
     from attnlab.kernels.sigmoid import op
@@ -167,6 +169,7 @@ def test_warp_specialization_is_pruned_off_hopper_and_without_descriptors() -> N
     q = torch.randn(1, 1, 8, 16, device=DEVICE, dtype=torch.bfloat16)
     hopper = DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] == 9
     kept = lambda **kw: [c.kwargs["WS"] for c in op._prune(configs, {"Q": q}, **kw)]
-    assert kept(TMA=False, DOT_PREC="tf32") == [False]
-    assert kept(TMA=True, DOT_PREC="ieee") == [False]
-    assert kept(TMA=True, DOT_PREC="tf32") == ([True, False] if hopper else [False])
+    assert kept(TMA=False, DOT_PREC="tf32", CAUSAL=False) == [False]
+    assert kept(TMA=True, DOT_PREC="ieee", CAUSAL=False) == [False]
+    assert kept(TMA=True, DOT_PREC="tf32", CAUSAL=True) == [False]
+    assert kept(TMA=True, DOT_PREC="tf32", CAUSAL=False) == ([True, False] if hopper else [False])
