@@ -173,3 +173,25 @@ def test_warp_specialization_is_pruned_off_hopper_causal_or_without_descriptors(
     assert kept(TMA=True, DOT_PREC="ieee", CAUSAL=False) == [False]
     assert kept(TMA=True, DOT_PREC="tf32", CAUSAL=True) == [False]
     assert kept(TMA=True, DOT_PREC="tf32", CAUSAL=False) == ([True, False] if hopper else [False])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_measured_schedule_is_the_only_candidate_where_it_was_measured(causal: bool) -> None:
+    import triton
+
+    from attnlab.kernels.sigmoid import op
+
+    configs = [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "SPLIT": sp, "WS": ws}, num_warps=w, num_stages=s)
+        for m, n, w, s, sp, ws in op.FWD_SHAPES
+    ]
+    q = torch.randn(1, 1, 8, 128, device=DEVICE, dtype=torch.bfloat16)
+    hopper = DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] == 9
+    args = {"TMA": True, "DOT_PREC": "tf32", "CAUSAL": causal}
+    kept = [op._shape_of(c) for c in op._prune(configs, {"Q": q}, BLOCK_D=128, **args)]
+    if hopper:
+        assert kept == [op.MEASURED_FWD[causal]]
+    else:
+        assert len(kept) == len(op.FWD_SHAPES) - 1 and not any(ws for *_, ws in kept)
+    others = [op._shape_of(c) for c in op._prune(configs, {"Q": q}, BLOCK_D=64, **args)]
+    assert len(others) > 1 and op.MEASURED_FWD[True] in others  # other head dims keep autotuning
