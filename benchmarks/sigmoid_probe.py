@@ -136,7 +136,7 @@ def name(cfg: dict) -> str:
     )
 
 
-def probe(n: int, heads: int, d: int) -> list[dict]:
+def probe(n: int, heads: int, d: int, only: list[str], target_s: float) -> list[dict]:
     g = torch.Generator(device="cpu").manual_seed(0)
     q, k, v = (torch.randn(1, heads, n, d, generator=g).to("cuda", torch.bfloat16) for _ in range(3))
     scale, bias = d**-0.5, -math.log(n)
@@ -148,8 +148,17 @@ def probe(n: int, heads: int, d: int) -> list[dict]:
         ),
         "library": lambda: op.sigmoid_attention(q, k, v, scale, bias, False),
     }
+    for shape in op.FWD_SHAPES[:3]:  # the library kernel with explicit schedules
+        m, bn, w, st, split, ws = shape
+        cfg = triton.Config(
+            {"BLOCK_M": m, "BLOCK_N": bn, "SPLIT": split, "WS": ws}, num_warps=w, num_stages=st
+        )
+        key = f"library_{m}x{bn}_w{w}s{st}_split{split}{'_ws' if ws else ''}"
+        fns[key] = lambda cfg=cfg: op.sigmoid_fwd_launch(q, k, v, scale, bias, False, config=cfg)
     rows: dict[str, dict] = {}
     for cfg in variants():
+        if only and name(cfg) not in only:
+            continue
         o = torch.empty_like(q)
         row = {"n": n, "variant": name(cfg), **cfg}
         try:
@@ -163,7 +172,9 @@ def probe(n: int, heads: int, d: int) -> list[dict]:
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         rows[row["variant"]] = row
         print(n, row["variant"], row.get("error") or f"max diff {row['max_diff']:.2e}", flush=True)
-    times = measure_interleaved(fns, torch.device("cuda"), warmup=2, target_s=4.0, min_reps=5, max_reps=30)
+    times = measure_interleaved(
+        fns, torch.device("cuda"), warmup=2, target_s=target_s, min_reps=5, max_reps=60
+    )
     t_cudnn = times["cudnn_softmax"].median_ms
     out = []
     for key, t in times.items():
@@ -186,12 +197,14 @@ def main() -> None:
     ap.add_argument("--lengths", default="32768,8192,16384")
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--only", default="", help="comma-separated probe variant names (default: all)")
+    ap.add_argument("--target-s", type=float, default=4.0, help="seconds of interleaved rounds per length")
     args = ap.parse_args()
     triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
     env = environment(torch.device("cuda"))
     rows: list[dict] = []
     for n in (int(x) for x in args.lengths.split(",")):
-        rows += probe(n, args.heads, args.head_dim)
+        rows += probe(n, args.heads, args.head_dim, [x for x in args.only.split(",") if x], args.target_s)
         with open(args.out, "w") as f:
             json.dump({"env": env, "rows": rows}, f, indent=1, default=str)
 
