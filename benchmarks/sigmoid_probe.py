@@ -10,7 +10,8 @@ sigmoid, fp32 accumulator; full tiles only, so N must be a multiple of every blo
   intra-warpgroup overlap, left to Triton's scheduler);
 - WS: Triton's automatic warp specialization of the key loop (``tl.range(..., warp_specialize=True)``,
   a producer partition for the copies, consumer partitions for the math);
-- DEVICE_DESC: tensor descriptors built in the kernel (``tl.make_tensor_descriptor``) instead of on the host.
+- DEVICE_DESC: tensor descriptors built on the host (0), in the kernel (``tl.make_tensor_descriptor``) over
+  all B*H*N rows (1), or in the kernel per head as the library kernel builds them (2).
 
 Each variant's output is compared with the library kernel's; all variants, the library kernel and cuDNN
 SDPA softmax are timed in interleaved rounds (bf16, D=128, H=32, B=1). Results decide whether a knob goes
@@ -45,12 +46,26 @@ def _tile_math(q, k, v, acc, half_scale, half_bias, FAST: tl.constexpr):
 
 @triton.jit
 def probe_fwd_kernel(
-    Q, K, V, Out, ROWS, N, half_scale, half_bias,
+    Q, K, V, Out, ROWS, N, stride_n, half_scale, half_bias,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr, WS: tl.constexpr,
     DEVICE_DESC: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
     HALF: tl.constexpr = BLOCK_M // SPLIT
-    if DEVICE_DESC:
+    row0 = tl.program_id(1) * N
+    if DEVICE_DESC == 2:  # per head, as the library kernel: int64 base offset, runtime shape and stride
+        base = tl.program_id(1).to(tl.int64) * N * stride_n
+        q_d = tl.make_tensor_descriptor(Q + base, shape=[N, D], strides=[stride_n, 1], block_shape=[HALF, D])
+        k_d = tl.make_tensor_descriptor(
+            K + base, shape=[N, D], strides=[stride_n, 1], block_shape=[BLOCK_N, D]
+        )
+        v_d = tl.make_tensor_descriptor(
+            V + base, shape=[N, D], strides=[stride_n, 1], block_shape=[BLOCK_N, D]
+        )
+        o_d = tl.make_tensor_descriptor(
+            Out + base, shape=[N, D], strides=[stride_n, 1], block_shape=[HALF, D]
+        )
+        row0 = 0
+    elif DEVICE_DESC == 1:
         q_d = tl.make_tensor_descriptor(Q, shape=[ROWS, D], strides=[D, 1], block_shape=[HALF, D])
         k_d = tl.make_tensor_descriptor(K, shape=[ROWS, D], strides=[D, 1], block_shape=[BLOCK_N, D])
         v_d = tl.make_tensor_descriptor(V, shape=[ROWS, D], strides=[D, 1], block_shape=[BLOCK_N, D])
@@ -60,7 +75,6 @@ def probe_fwd_kernel(
         k_d = K
         v_d = V
         o_d = Out
-    row0 = tl.program_id(1) * N
     row_m = row0 + tl.program_id(0) * BLOCK_M
     if SPLIT == 1:
         q = q_d.load([row_m, 0])
@@ -101,7 +115,7 @@ def launch(q, k, v, o, cfg: dict) -> None:  # type: ignore[no-untyped-def]
             for t, r in zip(flat, (half, bn, bn, half), strict=True)
         ]
     probe_fwd_kernel[(n // bm, b * h)](
-        *args, b * h * n, n, 0.5 * d**-0.5, -0.5 * math.log(n),
+        *args, b * h * n, n, d, 0.5 * d**-0.5, -0.5 * math.log(n),
         BLOCK_M=bm, BLOCK_N=bn, D=d, SPLIT=cfg["split"], WS=cfg["ws"], DEVICE_DESC=cfg["device_desc"], FAST=q.is_cuda,
         num_warps=cfg["warps"], num_stages=cfg["stages"],
     )  # fmt: skip
@@ -111,8 +125,8 @@ def variants() -> list[dict]:
     out = []
     for split in (1, 2):
         for ws in (False, True):
-            for device_desc in (False, True):
-                if device_desc and not ws:
+            for device_desc in (0, 1, 2):  # host descriptors, device ones over all rows, device ones per head
+                if device_desc and not ws and split == 1:
                     continue  # descriptors alone: the library kernel already measures host ones
                 for bm, bn, warps, stages in (
                     (128, 64, 4, 2),
@@ -131,7 +145,7 @@ def variants() -> list[dict]:
 
 def name(cfg: dict) -> str:
     return (
-        f"split{cfg['split']}{'_ws' if cfg['ws'] else ''}{'_dev' if cfg['device_desc'] else ''}"
+        f"split{cfg['split']}{'_ws' if cfg['ws'] else ''}{['', '_dev', '_head'][cfg['device_desc']]}"
         f"_{cfg['bm']}x{cfg['bn']}_w{cfg['warps']}s{cfg['stages']}"
     )
 

@@ -89,15 +89,21 @@ def _fwd_inner(
 ):  # fmt: skip
     """Add key blocks [lo, hi) to the accumulators of the query halves (acc1/q1 unused when SPLIT == 1);
     MASKED applies the bottom-right causal mask j <= i + OFFSET (only the diagonal blocks need it)."""
-    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
-        k = _load_rows(k_src, stride_kn, start_n, N_K, HEAD_D, BLOCK_N, BLOCK_D, EVEN_N, EVEN_D, TMA)
-        v = _load_rows(v_src, stride_vn, start_n, N_K, HEAD_D, BLOCK_N, BLOCK_D, EVEN_N, EVEN_D, TMA)
-        s0 = dot(q0, tl.trans(k), DOT_PREC, UPCAST)
-        if SPLIT == 2:
+    if SPLIT == 1:  # acc1 stays out of this loop (not carried)
+        for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
+            k = _load_rows(k_src, stride_kn, start_n, N_K, HEAD_D, BLOCK_N, BLOCK_D, EVEN_N, EVEN_D, TMA)
+            v = _load_rows(v_src, stride_vn, start_n, N_K, HEAD_D, BLOCK_N, BLOCK_D, EVEN_N, EVEN_D, TMA)
+            s0 = dot(q0, tl.trans(k), DOT_PREC, UPCAST)
+            acc0 = _weigh(acc0, s0, v, offs_m0, start_n, OFFSET, half_scale, half_bias, BLOCK_N, MASKED, FAST,
+                          DOT_PREC, UPCAST)  # fmt: skip
+    else:
+        for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
+            k = _load_rows(k_src, stride_kn, start_n, N_K, HEAD_D, BLOCK_N, BLOCK_D, EVEN_N, EVEN_D, TMA)
+            v = _load_rows(v_src, stride_vn, start_n, N_K, HEAD_D, BLOCK_N, BLOCK_D, EVEN_N, EVEN_D, TMA)
+            s0 = dot(q0, tl.trans(k), DOT_PREC, UPCAST)
             s1 = dot(q1, tl.trans(k), DOT_PREC, UPCAST)  # issued before the first sigmoid
-        acc0 = _weigh(acc0, s0, v, offs_m0, start_n, OFFSET, half_scale, half_bias, BLOCK_N, MASKED, FAST,
-                      DOT_PREC, UPCAST)  # fmt: skip
-        if SPLIT == 2:
+            acc0 = _weigh(acc0, s0, v, offs_m0, start_n, OFFSET, half_scale, half_bias, BLOCK_N, MASKED, FAST,
+                          DOT_PREC, UPCAST)  # fmt: skip
             acc1 = _weigh(acc1, s1, v, offs_m1, start_n, OFFSET, half_scale, half_bias, BLOCK_N, MASKED, FAST,
                           DOT_PREC, UPCAST)  # fmt: skip
     return acc0, acc1
