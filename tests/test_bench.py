@@ -139,7 +139,7 @@ def test_planned_rows_cover_the_registry_and_scale_budgets() -> None:
     assert windows[65536] > windows[4096]
 
 
-def test_interleaved_timing_calls_each_function_in_turn() -> None:
+def test_interleaved_timing_calls_each_function_in_turn_in_rotating_order() -> None:
     calls: list[str] = []
     x = torch.randn(64, 64)
 
@@ -151,11 +151,12 @@ def test_interleaved_timing_calls_each_function_in_turn() -> None:
 
         return run
 
-    t = measure_interleaved({"a": fn("a", 1), "b": fn("b", 20)}, torch.device("cpu"), warmup=1, min_reps=4)
-    assert set(t) == {"a", "b"} and t["a"].reps == t["b"].reps >= 4
-    assert t["b"].median_ms > t["a"].median_ms > 0
-    timed = calls[4:]  # after warm-up and sizing: strictly alternating rounds
-    assert timed == ["a", "b"] * (len(timed) // 2)
+    fns = {"a": fn("a", 1), "b": fn("b", 20), "c": fn("c", 5)}
+    t = measure_interleaved(fns, torch.device("cpu"), warmup=1, min_reps=4, max_reps=4)
+    assert set(t) == {"a", "b", "c"} and t["a"].reps == t["b"].reps == t["c"].reps == 4
+    assert t["b"].median_ms > t["c"].median_ms > t["a"].median_ms > 0
+    timed = calls[6:]  # after warm-up and sizing: rounds of all three, each starting one later
+    assert timed == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
 
 
 def test_an_explicit_commit_wins_over_the_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
