@@ -189,3 +189,29 @@ def test_minilm_workload_is_real_attention() -> None:
     p = torch.softmax(q @ k.transpose(-1, -2) / 32**0.5, dim=-1)
     entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
     assert entropy < 0.9 * torch.log(torch.tensor(64.0))
+
+
+def test_paired_rows_take_their_speedup_from_the_baseline_in_the_same_rounds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from attnlab.bench import efficiency
+    from attnlab.bench.timing import Timing
+
+    calls: list[set[str]] = []
+
+    def fake_interleaved(fns, device, **kw):  # type: ignore[no-untyped-def]
+        calls.append(set(fns))
+        return {"baseline": Timing(6.0, 6.0, 3, None), "row": Timing(2.0, 2.0, 3, None)}
+
+    monkeypatch.setattr(efficiency, "measure_interleaved", fake_interleaved)
+    cfg = tiny(tmp_path, methods=("softmax", "sliding_window"), modes=("fwd",), paired=True, peers=False)
+    rows = [r for r in efficiency.EfficiencyRun(cfg).rows() if r["status"] == "ok"]
+    base = [r for r in rows if r.get("baseline_of_run")]
+    others = [r for r in rows if not r.get("baseline_of_run")]
+    assert len(base) == len(cfg.patterns) and others
+    assert all(calls) and all(c == {"baseline", "row"} for c in calls)
+    assert len(calls) == len(others)  # every row but the baseline itself was paired
+    for r in others:
+        assert r["median_ms"] == 2.0 and r["baseline_ms"] == 6.0 and r["speedup"] == pytest.approx(3.0)
+    for r in base:
+        assert r["median_ms"] != 2.0 and r["speedup"] == pytest.approx(1.0)

@@ -43,6 +43,9 @@ class BenchConfig:
     fidelity_heads: int = 4
     target_s: float = 0.2
     max_reps: int = 20
+    #: time every row in interleaved rounds with the dense baseline, whose time in those same rounds
+    #: gives the row's speedup (robust to clock and power drift; costs the baseline's time again per row)
+    paired: bool = False
     seed: int = 0
     out: Path = field(default_factory=lambda: Path("attnlab-results"))
 
@@ -61,6 +64,7 @@ class BenchConfig:
                 fidelity_heads=8,
                 target_s=0.25,
                 max_reps=30,
+                paired=True,
             )
         return BenchConfig(device=device)
 

@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend
 import attnlab
 from attnlab.backends.base import Call
 from attnlab.bench.config import BenchConfig, shapes
-from attnlab.bench.timing import attention_flops, measure
+from attnlab.bench.timing import Timing, attention_flops, measure, measure_interleaved
 from attnlab.kernels.sdpa import sdpa_dense
 from attnlab.masks import MaskContext, block_layout, causal_mask, dense_pairs
 from attnlab.patterns import Pattern
@@ -161,12 +161,25 @@ class EfficiencyRun:
             )
         return self.checks[key]
 
-    def _time(self, fn: Callable[[], Any]) -> dict[str, Any]:
+    def _time(self, fn: Callable[[], Any], baseline: Callable[[], Any] | None = None) -> dict[str, Any]:
+        """Latency and peak memory of ``fn``; with ``baseline`` (and ``paired`` configs) the latency comes
+        from interleaved rounds with the baseline, whose median there is returned as ``paired_baseline_ms``."""
         from torch._dynamo.utils import counters
 
+        c = self.cfg
         before = counters["stats"]["unique_graphs"]
+        paired: dict[str, float] = {}
         try:
-            t = measure(fn, self.cfg.torch_device, target_s=self.cfg.target_s, max_reps=self.cfg.max_reps)
+            t = measure(fn, c.torch_device, target_s=c.target_s, max_reps=c.max_reps)
+            if baseline is not None and c.paired:
+                both = measure_interleaved(
+                    {"baseline": baseline, "row": fn},
+                    c.torch_device,
+                    target_s=2 * c.target_s,
+                    max_reps=c.max_reps,
+                )
+                t = Timing(both["row"].median_ms, both["row"].min_ms, both["row"].reps, t.peak_mem_mb)
+                paired["paired_baseline_ms"] = both["baseline"].median_ms
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             return {"status": "oom"}
@@ -180,6 +193,7 @@ class EfficiencyRun:
             "reps": t.reps,
             "peak_mem_mb": t.peak_mem_mb,
             "compiles": counters["stats"]["unique_graphs"] - before,
+            **paired,
         }
 
     def rows(self) -> Iterator[dict[str, Any]]:
@@ -212,6 +226,7 @@ class EfficiencyRun:
         }
 
         def finish(row: dict[str, Any], baseline: float | None) -> dict[str, Any]:
+            baseline = row.pop("paired_baseline_ms", baseline)  # the baseline's time in the same rounds
             if row.get("median_ms"):
                 row["tflops"] = flops / (row["median_ms"] * 1e-3) / 1e12
                 if baseline:
@@ -235,15 +250,17 @@ class EfficiencyRun:
             )
 
         baseline_ms: float | None = None
+        baseline_fn: Callable[[], Any] | None = None
         peers: dict[str, SDPBackend | None] = {"sdpa:default": None}
         if c.torch_device.type == "cuda":
             peers = dict(PEERS_CUDA)
         if not c.peers:  # the baseline only
             peers = dict(list(peers.items())[:1])
         for label, kernel in peers.items():
-            row = self._time(_runner(functools.partial(dense, kernel), mode, q, k, v, dout))
+            fn = _runner(functools.partial(dense, kernel), mode, q, k, v, dout)
+            row = self._time(fn, baseline_fn)
             if baseline_ms is None and row.get("median_ms"):
-                baseline_ms = row["median_ms"]
+                baseline_ms, baseline_fn = row["median_ms"], fn
                 row["baseline_of_run"] = True
             self.log(f"{pattern.value} n={n} {mode} {label}: {row.get('median_ms', row['status'])}")
             yield finish(
@@ -278,7 +295,9 @@ class EfficiencyRun:
                 if not passed:
                     yield finish({**base, "status": f"incorrect: {detail}"}, None)
                     continue
-                row = self._time(_runner(functools.partial(method, r, backend.name), mode, q, k, v, dout))
+                row = self._time(
+                    _runner(functools.partial(method, r, backend.name), mode, q, k, v, dout), baseline_fn
+                )
                 self.log(
                     f"{pattern.value} n={n} {mode} {r.method}{r.params} {backend.name}: "
                     f"{row.get('median_ms', row['status'])}"
