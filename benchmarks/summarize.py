@@ -71,7 +71,8 @@ def sigmoid_section(root: Path) -> list[str]:
         "Targets: forward >= 0.9, backward >= 0.7. Columns `run <commit>`: `benchmarks/sigmoid_kernel.py` "
         "(`sigmoid_kernel_<commit>.json`), which times cuDNN, the kernel and FlexAttention's sigmoid form in "
         "interleaved rounds; backward = the backward kernels alone vs cuDNN's (fwd+bwd) - fwd. Column `bench`: "
-        "`attnlab bench` (blocks of calls, baseline first), forward and fwd+bwd speedups over cuDNN.",
+        "`attnlab bench`, forward and fwd+bwd speedups over cuDNN (from session 3 on, each row timed in "
+        "interleaved rounds with the cuDNN baseline: `paired`).",
         "",
         "| N | causal | "
         + " | ".join(f"fwd, run {n}" for n in names)
