@@ -46,6 +46,32 @@ def store_tile(ptrs, value, rows, n_rows, cols, n_cols, EVEN_ROWS: tl.constexpr,
 
 
 @triton.jit
+def load_rows(
+    base, stride_n, start, n_rows, HEAD_D, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_ROWS: tl.constexpr,
+    EVEN_D: tl.constexpr,
+):  # fmt: skip
+    """The (ROWS, BLOCK_D) tile of rows [start, start + ROWS) of one head's (n_rows, HEAD_D) matrix at
+    ``base`` (row stride ``stride_n``, unit column stride); rows >= n_rows and columns >= HEAD_D read as 0."""
+    offs_r = start + tl.arange(0, ROWS)
+    offs_d = tl.arange(0, BLOCK_D)
+    return load_tile(base + offs_r[:, None] * stride_n + offs_d[None, :], offs_r, n_rows, offs_d, HEAD_D,
+                     EVEN_ROWS, EVEN_D)  # fmt: skip
+
+
+@triton.jit
+def store_rows(
+    base, stride_n, start, value, n_rows, HEAD_D, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_ROWS: tl.constexpr, EVEN_D: tl.constexpr,
+):  # fmt: skip
+    """Store ``value`` as rows [start, start + ROWS) of :func:`load_rows`'s matrix (rows/columns past the
+    matrix are not written)."""
+    offs_r = start + tl.arange(0, ROWS)
+    offs_d = tl.arange(0, BLOCK_D)
+    store_tile(base + offs_r[:, None] * stride_n + offs_d[None, :], value, offs_r, n_rows, offs_d, HEAD_D,
+               EVEN_ROWS, EVEN_D)  # fmt: skip
+
+
+@triton.jit
 def causal_key_range(
     start_m, OFFSET, N_Q, N_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr
 ):

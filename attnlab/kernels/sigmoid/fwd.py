@@ -20,7 +20,7 @@ Schedule knobs (constexpr, chosen by the autotuner in op.py; measured by benchma
 import triton
 import triton.language as tl
 
-from attnlab.kernels.sigmoid.common import causal_key_range, dot, dot_acc, load_tile, sigmoid_of, store_tile
+from attnlab.kernels.sigmoid.common import causal_key_range, dot, dot_acc, load_rows, sigmoid_of, store_rows
 
 
 @triton.jit
@@ -47,10 +47,7 @@ def _load_rows(
     if TMA:
         return src.load([start, 0])
     else:
-        offs_r = start + tl.arange(0, ROWS)
-        offs_d = tl.arange(0, BLOCK_D)
-        ptrs = src + offs_r[:, None] * stride_n + offs_d[None, :]
-        return load_tile(ptrs, offs_r, n_rows, offs_d, HEAD_D, EVEN_ROWS, EVEN_D)
+        return load_rows(src, stride_n, start, n_rows, HEAD_D, ROWS, BLOCK_D, EVEN_ROWS, EVEN_D)
 
 
 @triton.jit
@@ -61,10 +58,7 @@ def _store_rows(
     if TMA:
         dst.store([start, 0], value)
     else:
-        offs_r = start + tl.arange(0, ROWS)
-        offs_d = tl.arange(0, BLOCK_D)
-        store_tile(dst + offs_r[:, None] * stride_n + offs_d[None, :], value, offs_r, n_rows, offs_d, HEAD_D,
-                   EVEN_ROWS, EVEN_D)  # fmt: skip
+        store_rows(dst, stride_n, start, value, n_rows, HEAD_D, ROWS, BLOCK_D, EVEN_ROWS, EVEN_D)
 
 
 @triton.jit
