@@ -44,13 +44,13 @@ def config(shape: tuple) -> triton.Config:
 
 
 def launch(q, k, v, causal: bool, shape: tuple, tma: bool):  # type: ignore[no-untyped-def]
-    op.USE_TMA = tma
+    before, op.USE_TMA = op.USE_TMA, tma
     try:
         return op.sigmoid_fwd_launch(
             q, k, v, q.shape[-1] ** -0.5, -math.log(k.shape[2]), causal, config(shape)
         )
     finally:
-        op.USE_TMA = True
+        op.USE_TMA = before
 
 
 def name(shape: tuple, tma: bool) -> str:
@@ -83,7 +83,8 @@ def sweep(n: int, causal: bool, heads: int, d: int) -> list[dict]:
                 if not row["wrong"]:
                     fns[key] = lambda shape=shape, tma=tma: launch(q, k, v, causal, shape, tma)
             except Exception as e:  # compile failures, shared memory overflow
-                row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}"
+                last = (str(e).strip().splitlines() or [""])[-1]
+                row["error"] = f"{type(e).__name__}: {last[:200]}"
             rows[key] = row
     times = measure_interleaved(fns, torch.device("cuda"), warmup=2, target_s=3.0, min_reps=5, max_reps=30)
     t_cudnn = times.pop("cudnn").median_ms

@@ -151,7 +151,7 @@ def test_interleaved_timing_calls_each_function_in_turn_in_rotating_order() -> N
 
         return run
 
-    fns = {"a": fn("a", 1), "b": fn("b", 20), "c": fn("c", 5)}
+    fns = {"a": fn("a", 1), "b": fn("b", 60), "c": fn("c", 12)}
     t = measure_interleaved(fns, torch.device("cpu"), warmup=1, min_reps=4, max_reps=4)
     assert set(t) == {"a", "b", "c"} and t["a"].reps == t["b"].reps == t["c"].reps == 4
     assert t["b"].median_ms > t["c"].median_ms > t["a"].median_ms > 0
@@ -215,3 +215,22 @@ def test_paired_rows_take_their_speedup_from_the_baseline_in_the_same_rounds(
         assert r["median_ms"] == 2.0 and r["baseline_ms"] == 6.0 and r["speedup"] == pytest.approx(3.0)
     for r in base:
         assert r["median_ms"] != 2.0 and r["speedup"] == pytest.approx(1.0)
+
+
+def test_report_cells_show_their_own_rows(tmp_path: Path) -> None:
+    from attnlab.bench.report import _eff_groups
+
+    def row(method: str, n: int, ms: float, status: str = "ok") -> dict:
+        return {"pattern": "causal_self", "mode": "fwd", "method": method, "params": "{}", "backend": "x",
+                "n_k": n, "density": 1.0, "block_density": 1.0, "status": status, "median_ms": ms,
+                "speedup": 2.0 / ms, "tflops": 1.0}  # fmt: skip
+
+    rows = [
+        row("softmax", 64, 2.0),
+        row("softmax", 128, 8.0),
+        row("sigmoid", 64, 1.0),
+        row("sigmoid", 128, 1.0, "oom"),
+    ]
+    (group,) = _eff_groups(rows, tmp_path)
+    cells = {r["method"]: [c["ms"] for c in r["cells"]] for r in group["rows"]}
+    assert cells == {"softmax": ["2", "8"], "sigmoid": ["1", "oom"]}

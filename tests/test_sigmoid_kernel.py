@@ -141,7 +141,7 @@ def _forward_schedules(q: torch.Tensor, tma: bool, causal: bool) -> list:  # typ
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize(("nq", "nk", "d"), [(70, 70, 32), (33, 97, 24), (97, 33, 64)])
+@pytest.mark.parametrize(("nq", "nk", "d"), [(70, 70, 32), (33, 97, 24), (97, 33, 64), (128, 128, 32)])
 def test_every_forward_schedule_matches_the_naive_twin(
     poison_empty: None, tile_path: str, dtype: torch.dtype, causal: bool, nq: int, nk: int, d: int
 ) -> None:
@@ -188,11 +188,47 @@ def test_the_measured_schedule_is_the_only_candidate_where_it_was_measured(causa
     q = torch.randn(1, 1, 8, 128, device=DEVICE, dtype=torch.bfloat16)
     hopper = DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] == 9
     args = {"TMA": True, "DOT_PREC": "tf32", "CAUSAL": causal}
-    kept = [op._shape_of(c) for c in op._prune(configs, {"Q": q}, BLOCK_D=128, N_BUCKET=8192, **args)]
+    kept = [
+        op._shape_of(c) for c in op._prune(configs, {"Q": q}, BLOCK_D=128, N_BUCKET=op.LONG_BUCKET, **args)
+    ]
     if hopper:
         assert kept == [op.MEASURED_FWD[causal]]
     else:
         assert len(kept) == len(op.FWD_SHAPES) - 1 and not any(ws for *_, ws in kept)
-    for other in ({"BLOCK_D": 64, "N_BUCKET": 8192}, {"BLOCK_D": 128, "N_BUCKET": 4096}):
+    for other in ({"BLOCK_D": 64, "N_BUCKET": op.LONG_BUCKET}, {"BLOCK_D": 128, "N_BUCKET": 8192}):
         shapes = [op._shape_of(c) for c in op._prune(configs, {"Q": q}, **other, **args)]
         assert len(shapes) > 1 and op.MEASURED_FWD[True] in shapes  # other head dims, shorter: autotuned
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_pin_applies_only_to_long_self_lengths_on_the_measured_setup(
+    causal: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import triton
+
+    from attnlab.kernels.sigmoid import op
+
+    monkeypatch.setattr(op, "_on_hopper", lambda args: True)  # as on the H100 with Triton 3.6
+    configs = [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "SPLIT": sp, "WS": ws}, num_warps=w, num_stages=s)
+        for m, n, w, s, sp, ws in op.FWD_SHAPES
+    ]
+    args = {"TMA": True, "DOT_PREC": "tf32", "CAUSAL": causal, "BLOCK_D": 128}
+    shapes = lambda n_q, n_k: [
+        op._shape_of(c) for c in op._prune(configs, {}, N_BUCKET=op._bucket(n_q, n_k), **args)
+    ]
+    assert shapes(8192, 8192) == shapes(65536, 65536) == [op.MEASURED_FWD[causal]]
+    for n_q, n_k in ((6000, 6000), (2048, 8192), (1, 32768), (4096, 4096)):
+        assert len(shapes(n_q, n_k)) > 1, (n_q, n_k)  # autotuned
+    assert len(shapes(8192, 8192)) == 1 and op._bucket(8192, 8192) == op.LONG_BUCKET
+    assert [op._bucket(*s) for s in ((1, 1), (100, 300), (6000, 6000), (2048, 8192))] == [1, 512, 8192, 8192]
+
+
+def test_heads_too_large_for_32_bit_row_offsets_are_refused() -> None:
+    from attnlab.kernels.sigmoid import op
+
+    ok = torch.empty_strided((2, 3, 1024, 128), (3 * 1024 * 128, 1024 * 128, 128, 1), device="meta")
+    huge = torch.empty_strided((1, 1, 2**22, 128), (0, 0, 1024, 1), device="meta")  # (B, N, H, D) view, H=8
+    assert op._last_contiguous(ok)[0] is ok
+    with pytest.raises(ValueError, match=r"4194304, 128\) matrix with row stride 1024 spans"):
+        op._last_contiguous(ok, huge)

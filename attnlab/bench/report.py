@@ -40,12 +40,11 @@ def _eff_groups(rows: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
                 cell = by_row[key].get(n)
                 if cell is None:
                     cells.append({"ms": "", "speedup": ""})
-                elif r["status"] != "ok":
-                    cells.append(
-                        {"ms": r["status"].split(":")[0], "speedup": "", "bad": True, "title": r["status"]}
-                    )
+                elif cell["status"] != "ok":
+                    status = cell["status"]
+                    cells.append({"ms": status.split(":")[0], "speedup": "", "bad": True, "title": status})
                 else:
-                    cells.append({"ms": _fmt(r["median_ms"]), "speedup": _fmt(r["speedup"])})
+                    cells.append({"ms": _fmt(cell["median_ms"]), "speedup": _fmt(cell["speedup"])})
             d, bd = dens[key]
             table.append(
                 {

@@ -11,7 +11,8 @@
 - Autotuning: a short candidate list keyed by a length bucket. Where a schedule was measured on a GPU in
   interleaved rounds, the prune function leaves it as the only candidate there: Triton's autotuner times
   configs one after another while the clock moves, and has picked configs 4-8% slower (sigmoid/op.py).
-- Every config the autotuner may run is launchable directly (``config=``) and tested against the naive twin.
+- Every forward config the autotuner may run is launchable directly (``config=``) and tested against the
+  naive twin (the backward kernels are tested with their first config; the autotuned path runs on the GPU).
 """
 
 from __future__ import annotations

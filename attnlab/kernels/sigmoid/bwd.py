@@ -55,7 +55,7 @@ def sigmoid_bwd_dkdv_kernel(
 ):  # fmt: skip
     pid_bh = tl.program_id(1)
     b = (pid_bh // H_KV).to(tl.int64)
-    hk = pid_bh % H_KV
+    hk = (pid_bh % H_KV).to(tl.int64)
     start_n = tl.program_id(0) * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = load_rows(K + b * stride_kb + hk * stride_kh, stride_kn, start_n, N_K, HEAD_D, BLOCK_N, BLOCK_D, EVEN_N,
@@ -133,7 +133,7 @@ def sigmoid_bwd_dq_kernel(
 ):  # fmt: skip
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
+    h = (pid_bh % H).to(tl.int64)
     hk = h // GROUP
     start_m = tl.program_id(0) * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)

@@ -119,7 +119,7 @@ def sigmoid_fwd_kernel(
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
+    h = (pid_bh % H).to(tl.int64)
     hk = h // GROUP
     q_src = _tile_source(Q, b * stride_qb + h * stride_qh, stride_qn, N_Q, HEAD_D, HALF, BLOCK_D, TMA)
     k_src = _tile_source(K, b * stride_kb + hk * stride_kh, stride_kn, N_K, HEAD_D, BLOCK_N, BLOCK_D, TMA)

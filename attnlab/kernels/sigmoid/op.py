@@ -85,9 +85,21 @@ _EVEN = {
 }
 
 
+#: The Triton release the Hopper-only schedules were compiled, checked and measured with (H100, 3.6.0).
+#: Warp specialization is experimental in Triton and its pass has failed to compile other loops: on other
+#: releases those schedules are not offered and the autotuner chooses among the rest.
+MEASURED_TRITON = "3.6."
+
+
 def _on_hopper(args: dict) -> bool:
+    """A Hopper GPU (sm_90) under the Triton release the Hopper schedules were measured with."""
     q = args.get("Q")
-    return isinstance(q, Tensor) and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9
+    return (
+        isinstance(q, Tensor)
+        and q.is_cuda
+        and torch.cuda.get_device_capability(q.device)[0] == 9
+        and triton.__version__.startswith(MEASURED_TRITON)
+    )
 
 
 def _warp_specialization_allowed(args: dict) -> bool:
@@ -103,7 +115,8 @@ def _warp_specialization_allowed(args: dict) -> bool:
 
 
 #: The forward schedule per mask where it was measured: Hopper, 16-bit inputs, tensor descriptors, head
-#: dim 128, sequences of 8K and more (H100, 8K-64K; at 4K causal it was 30% slower than the autotuner's pick). In interleaved rounds against cuDNN it beat the plain 128 x 64 tile at every
+#: dim 128, both sequence lengths at least 8K (H100, 8K-64K self-attention; at 4K causal it was 30% slower
+#: than the autotuner's pick). In interleaved rounds against cuDNN it beat the plain 128 x 64 tile at every
 #: length in two runs (non-causal: 0.92-1.1x of cuDNN against 0.82-0.99x; causal: 0.93-1.03x against
 #: 0.90-0.94x), while Triton's autotuner, which times configs one after another as the clock ramps, kept
 #: picking the plain tile. There the autotuner gets only this one; elsewhere it chooses from FWD_SHAPES.
@@ -121,12 +134,16 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> 
     large fp32 tiles compile slowly and spill: in fp32 only tiles of at most 128 x 64 are tried."""
     args = {**named_args, **kwargs}
     measured_regime = args.get("TMA") and args.get("BLOCK_D") == 128 and args.get("DOT_PREC") != "ieee"
-    if measured_regime and int(args.get("N_BUCKET") or 0) >= 8192 and _on_hopper(args):
+    if measured_regime and args.get("N_BUCKET") == LONG_BUCKET and _on_hopper(args):
         measured = [c for c in configs if _shape_of(c) == MEASURED_FWD[bool(args.get("CAUSAL"))]]
         if measured:
             return measured
     if not _warp_specialization_allowed(args):
-        configs = [c for c in configs if not c.kwargs.get("WS")] or configs[:1]
+        configs = [c for c in configs if not c.kwargs.get("WS")]
+        if not configs:
+            raise ValueError(
+                "every forward config is warp-specialized, and warp specialization is not allowed here"
+            )
     if args.get("DOT_PREC") != "ieee":
         return configs
     small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64]
@@ -164,12 +181,28 @@ def _flags(q: Tensor) -> dict:
     }
 
 
+#: The autotuning bucket of problems whose query and key lengths are both at least 8192.
+LONG_BUCKET = 16384
+
+
 def _bucket(n_q: int, n_k: int) -> int:
-    """Autotuning key for length: powers of two up to 8192, one bucket for everything longer."""
+    """Autotuning key for length: the longer side's next power of two up to 8192, and LONG_BUCKET when both
+    sides are at least 8192 (so a 2K x 8K cross-attention or a one-token decode is not tuned as a long one)."""
+    if min(n_q, n_k) >= 8192:
+        return LONG_BUCKET
     return min(triton.next_power_of_2(max(n_q, n_k)), 8192)
 
 
 def _last_contiguous(*ts: Tensor) -> list[Tensor]:
+    """The tensors with a unit last stride (copied where needed), after checking that the kernels' 32-bit
+    row offsets cover each head's matrix (batch and head offsets are 64-bit)."""
+    for t in ts:
+        span = (t.shape[2] - 1) * t.stride(2) + t.shape[3]
+        if span >= 2**31:
+            raise ValueError(
+                f"one head's (N, D) = ({t.shape[2]}, {t.shape[3]}) matrix with row stride {t.stride(2)} spans "
+                f"{span:,} elements; the Triton sigmoid kernels address at most 2^31 - 1 within a head"
+            )
     return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
 
 
@@ -204,7 +237,8 @@ def sigmoid_fwd_launch(
     """O = (sigmoid(scale * Q K^T + bias) * M) V. q (B, H, N_q, D), k/v (B, H_kv, N_k, D), D <= 256;
     M is 1 everywhere, or j <= i + N_k - N_q when causal. Returns (B, H, N_q, D) in q's dtype.
 
-    ``config`` (BLOCK_M, BLOCK_N, SPLIT, WS, warps, stages) bypasses the autotuner (tests, benchmarks)."""
+    ``config``, a ``triton.Config`` of BLOCK_M, BLOCK_N, SPLIT, WS, warps and stages, bypasses the
+    autotuner (tests, benchmarks)."""
     q, k, v = _last_contiguous(q, k, v)
     b, h, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
@@ -270,7 +304,7 @@ def sigmoid_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: float, caus
 
 @sigmoid_fwd.register_fake
 def _(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: float, causal: bool) -> Tensor:
-    return torch.empty_like(q)
+    return torch.empty_like(_last_contiguous(q)[0])  # the strides the launcher's output has
 
 
 @torch.library.custom_op("attnlab::sigmoid_bwd", mutates_args=())
@@ -284,7 +318,8 @@ def sigmoid_bwd(
 def _(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float, bias: float, causal: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = (torch.empty_like(t) for t in _last_contiguous(q, k, v))
+    return dq, dk, dv
 
 
 def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
