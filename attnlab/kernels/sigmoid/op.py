@@ -201,7 +201,8 @@ def _last_contiguous(*ts: Tensor) -> list[Tensor]:
         if span >= 2**31:
             raise ValueError(
                 f"one head's (N, D) = ({t.shape[2]}, {t.shape[3]}) matrix with row stride {t.stride(2)} spans "
-                f"{span:,} elements; the Triton sigmoid kernels address at most 2^31 - 1 within a head"
+                f"{span:,} elements; the Triton sigmoid kernels address at most 2^31 - 1 within a head: pass a "
+                "contiguous (B, H, N, D) tensor (row stride D), split the sequence, or use backend='flex'"
             )
     return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
 
