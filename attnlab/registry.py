@@ -56,6 +56,10 @@ class MethodSpec:
     gqa: bool = True
     backward: bool = True
     mask: MaskFactory | None = None
+    #: for mask-defined methods: the same mask written as plain index arithmetic over a dense (N_q, N_k)
+    #: grid, independent of ``mask`` (``index_mask(params, n_q, n_k, causal) -> bool (N_q, N_k)``);
+    #: tests check that the two agree
+    index_mask: Callable[[Any, int, int, bool], Tensor] | None = None
     notes: str = ""
     url: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
