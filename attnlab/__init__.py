@@ -2,13 +2,17 @@
 
     import attnlab
     out = attnlab.attention(q, k, v, method="sliding_window", causal=True, window=1024)
+    op = attnlab.prepare("sliding_window", causal=True, window=1024)   # resolved once, called often
+    out = op(q, k, v)
 
 Layout (batch, heads, seq, head_dim); GQA when k/v have fewer heads; cross-attention when N_q != N_k.
 Importing attnlab registers its methods in its own registry and does nothing else: no downloads, no
 compilation, no environment writes, no patching of other libraries.
 """
 
-from attnlab.api import attention, explain, resolve
+from attnlab.api import Op, attention, explain, prepare, resolve
+from attnlab.core import Capabilities, MethodSpec, Result, TensorInput
+from attnlab.dispatch import Choice
 from attnlab.errors import (
     AttnlabError,
     BackendError,
@@ -19,7 +23,8 @@ from attnlab.errors import (
     UnsupportedPatternError,
 )
 from attnlab.patterns import Pattern
-from attnlab.registry import MethodSpec, get, methods
+from attnlab.plans import Plan
+from attnlab.registry import get, methods
 from attnlab.settings import settings
 
 # Register the built-in methods (into attnlab's own registry; nothing else happens at import).
@@ -30,11 +35,17 @@ __version__ = "0.1.0"
 __all__ = [
     "AttnlabError",
     "BackendError",
+    "Capabilities",
+    "Choice",
     "DenseTooLargeError",
     "InputError",
     "MethodSpec",
+    "Op",
     "ParamError",
     "Pattern",
+    "Plan",
+    "Result",
+    "TensorInput",
     "UnknownMethodError",
     "UnsupportedPatternError",
     "__version__",
@@ -42,6 +53,7 @@ __all__ = [
     "explain",
     "get",
     "methods",
+    "prepare",
     "resolve",
     "settings",
 ]

@@ -1,34 +1,62 @@
-"""The public entry point: ``attnlab.attention(q, k, v, method=..., **params)``."""
+"""The public entry points: ``attnlab.attention(q, k, v, method=..., **params)`` and
+``attnlab.prepare(method, **params) -> Op``.
+
+The call a user makes is the product, so the path is built for repeated calls:
+
+- :func:`prepare` validates the method's parameters once. The :class:`Op` it returns keeps, per call
+  signature (shapes, dtypes, devices, whether gradients are needed), the resolved :class:`~attnlab.core.Call`
+  and the chosen backend; a repeated signature costs a tuple and a dict lookup before the backend runs.
+  A new signature is validated in full (every error message of :func:`attnlab.inputs.validate`).
+- :func:`attention` keeps a small cache of ops keyed by method, options and parameter values.
+- Nothing on this path synchronises with the device: the NaN/Inf scan is opt-in (``check_finite``).
+- Inside ``torch.compile`` nothing is cached or mutated: each trace resolves the call afresh.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Literal, overload
 
+import torch
 from torch import Tensor
 
-from attnlab.backends.base import Call
+from attnlab.core import Backend, Call, MethodSpec, Result, default_scale
 from attnlab.dispatch import Choice, choose, require
-from attnlab.errors import InputError, UnsupportedPatternError
-from attnlab.inputs import default_scale, validate
+from attnlab.errors import InputError, ParamError, UnsupportedPatternError
+from attnlab.inputs import check_finite_values, validate, validate_extra
+from attnlab.params import Params
+from attnlab.plans import Plan, static_plan
 from attnlab.registry import get
+from attnlab.settings import settings
+
+_NO_EXTRA: Mapping[str, Tensor] = {}
+#: Call signatures one op remembers, and ops ``attention`` remembers (oldest dropped first).
+OP_SIGNATURES = 64
+CACHED_OPS = 256
 
 
-def resolve(
+def _split_inputs(spec: MethodSpec, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(method parameters, tensor inputs) of keyword arguments, by the method's declared inputs."""
+    if not spec.input_names:
+        return kwargs, {}
+    tensors = {name: kwargs[name] for name in spec.input_names if name in kwargs}
+    return {k: v for k, v in kwargs.items() if k not in tensors}, tensors
+
+
+def _resolve_call(
+    spec: MethodSpec,
+    params: Params,
     q: Tensor,
     k: Tensor,
     v: Tensor,
     *,
-    method: str = "softmax",
-    causal: bool = False,
-    scale: float | None = None,
-    check_finite: bool = True,
-    **params: Any,
+    causal: bool,
+    scale: float | None,
+    want_lse: bool,
 ) -> Call:
-    """Validate a call and resolve its method and parameters (everything but the backend choice)."""
-    spec = get(method)
-    problem = validate(q, k, v, causal=causal, scale=scale, check_finite=check_finite)
+    problem = validate(q, k, v, causal=causal, scale=scale)
     if problem.pattern not in spec.patterns:
-        allowed = ", ".join(sorted(p.value for p in spec.patterns))
+        allowed = ", ".join(p.value for p in spec.patterns)
         raise UnsupportedPatternError(
             f"method {spec.name!r} does not define the {problem.pattern.value} pattern (N_q={problem.n_q}, "
             f"N_k={problem.n_k}, causal={causal}); it supports: {allowed}"
@@ -38,7 +66,217 @@ def resolve(
             f"method {spec.name!r} does not support grouped-query attention (q has {problem.heads} heads, "
             f"k/v {problem.kv_heads}); repeat k/v heads with k.repeat_interleave({problem.group}, dim=1)"
         )
-    return Call(spec, spec.make_params(params), problem, default_scale(problem, scale))
+    return Call(spec, params, problem, default_scale(problem.head_dim, scale), want_lse)
+
+
+def _plan_of(backend: Backend, q: Tensor, k: Tensor, call: Call) -> Plan | None:
+    """The sparsity plan a call executed: the backend's own (dynamic executors), else the method's static
+    plan (mask methods), else None (dense methods compute every pair)."""
+    plan = backend.plan(q, k, call)
+    if plan is None and call.spec.mask is not None:
+        p = call.problem
+        plan = static_plan(call.spec, call.params, p.n_q, p.n_k, p.causal, p.device)
+    return plan
+
+
+def _execute(
+    call: Call,
+    backend: Backend,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    inputs: dict[str, Any],
+    check_finite: bool | None,
+    return_plan: bool,
+) -> Tensor | Result:
+    """Run a resolved call: tensor inputs checked against the method's declaration, the optional NaN/Inf
+    scan, then the backend (a Result when more than the output is asked for, or the method is stateful)."""
+    spec = call.spec
+    state = inputs.pop("state", None) if spec.stateful else None
+    if inputs or spec.inputs:
+        unknown = set(inputs) - spec.input_names
+        if unknown:
+            raise ParamError(
+                f"method {spec.name!r} takes no tensor input {sorted(unknown)[0]!r}; its tensor inputs: "
+                f"{', '.join(sorted(spec.input_names)) or 'none'}"
+            )
+        extra: Mapping[str, Any] = validate_extra(spec.inputs, inputs, call.problem, spec.name)
+    else:
+        extra = _NO_EXTRA
+    if check_finite or (check_finite is None and settings.check_finite):
+        check_finite_values({"q": q, "k": k, "v": v, **extra})
+    if spec.stateful:
+        out, new_state = backend.run_state(q, k, v, call, extra, state)
+        return Result(out, state=new_state)
+    if not (call.want_lse or return_plan):
+        return backend.run(q, k, v, call, extra)
+    if call.want_lse:
+        out, lse = backend.run_lse(q, k, v, call, extra)
+    else:
+        out, lse = backend.run(q, k, v, call, extra), None
+    return Result(out, lse=lse, plan=_plan_of(backend, q, k, call) if return_plan else None)
+
+
+class Op:
+    """A prepared attention call: ``op(q, k, v, **tensor_inputs)``.
+
+    Made by :func:`prepare`; the method, its parameters, ``causal``, ``scale`` and the backend rule are
+    fixed. Returns the output (B, H, N_q, D_v), or a :class:`~attnlab.core.Result` when ``return_lse`` or
+    ``return_plan`` was asked for or the method is stateful (then pass ``state=`` and read
+    ``result.state``).
+    """
+
+    __slots__ = (
+        "_entries",
+        "backend",
+        "causal",
+        "check_finite",
+        "params",
+        "return_lse",
+        "return_plan",
+        "scale",
+        "spec",
+    )
+
+    def __init__(
+        self,
+        spec: MethodSpec,
+        params: Params,
+        *,
+        causal: bool,
+        scale: float | None,
+        backend: str | None,
+        check_finite: bool | None,
+        return_lse: bool,
+        return_plan: bool,
+    ) -> None:
+        if not isinstance(causal, bool):
+            raise InputError(f"causal must be a bool, got {causal!r}")
+        if backend is not None and backend != "reference":
+            spec.backend(backend)  # an unknown name fails here, once
+        self.spec = spec
+        self.params = params
+        self.causal = causal
+        self.scale = scale
+        self.backend = backend
+        self.check_finite = check_finite
+        self.return_lse = return_lse
+        self.return_plan = return_plan
+        self._entries: dict[tuple[Any, ...], tuple[Call, Backend]] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"Op({self.spec.name}, {self.params!r}, causal={self.causal}, scale={self.scale}, "
+            f"backend={self.backend or 'auto'})"
+        )
+
+    def resolve(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Call, Backend]:
+        """Validate these inputs and choose the backend (what a new call signature costs)."""
+        call = _resolve_call(
+            self.spec, self.params, q, k, v, causal=self.causal, scale=self.scale, want_lse=self.return_lse
+        )
+        return call, require(call, self.backend)
+
+    def _entry(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Call, Backend]:
+        if torch.compiler.is_compiling():
+            return self.resolve(q, k, v)
+        try:
+            key = (
+                q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
+                torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
+                settings.generation,
+            )  # fmt: skip
+        except AttributeError:  # not tensors: validation says what is wrong
+            return self.resolve(q, k, v)
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self.resolve(q, k, v)
+            if len(self._entries) >= OP_SIGNATURES:
+                del self._entries[next(iter(self._entries))]
+            self._entries[key] = entry
+        return entry
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, **inputs: Any) -> Tensor | Result:
+        call, backend = self._entry(q, k, v)
+        return _execute(call, backend, q, k, v, inputs, self.check_finite, self.return_plan)
+
+    def explain(self, q: Tensor, k: Tensor, v: Tensor) -> Choice:
+        """Which backend this op runs for these inputs, and why the ones before it refused."""
+        call = _resolve_call(
+            self.spec, self.params, q, k, v, causal=self.causal, scale=self.scale, want_lse=self.return_lse
+        )
+        return choose(call, self.backend)
+
+    def bind(self, q: Tensor, k: Tensor, v: Tensor, **inputs: Any) -> Any:
+        """A zero-argument function that runs this op's backend on these tensors with everything resolved
+        beforehand: the executor's own time, without the API's per-call work (the benchmark's "kernel")."""
+        call, backend = self.resolve(q, k, v)
+        extra = validate_extra(self.spec.inputs, inputs, call.problem, self.spec.name)
+        return lambda: backend.run(q, k, v, call, extra)
+
+
+def prepare(
+    method: str = "softmax",
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    backend: str | None = None,
+    check_finite: bool | None = None,
+    return_lse: bool = False,
+    return_plan: bool = False,
+    **params: Any,
+) -> Op:
+    """A prepared op for ``method`` with these parameters: ``op = prepare("sliding_window", causal=True,
+    window=1024); out = op(q, k, v)``. Arguments as in :func:`attention`; parameters are validated now,
+    inputs on each new call signature."""
+    spec = get(method)
+    return Op(
+        spec,
+        spec.make_params(params),
+        causal=causal,
+        scale=scale,
+        backend=backend,
+        check_finite=check_finite,
+        return_lse=return_lse,
+        return_plan=return_plan,
+    )
+
+
+_OPS: dict[tuple[Any, ...], Op] = {}
+
+
+@overload
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    method: str = ...,
+    causal: bool = ...,
+    scale: float | None = ...,
+    backend: str | None = ...,
+    check_finite: bool | None = ...,
+    return_lse: Literal[False] = ...,
+    return_plan: Literal[False] = ...,
+    **params: Any,
+) -> Tensor: ...
+
+
+@overload
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    method: str = ...,
+    causal: bool = ...,
+    scale: float | None = ...,
+    backend: str | None = ...,
+    check_finite: bool | None = ...,
+    return_lse: bool = ...,
+    return_plan: bool = ...,
+    **params: Any,
+) -> Result: ...
 
 
 def attention(
@@ -50,9 +288,11 @@ def attention(
     causal: bool = False,
     scale: float | None = None,
     backend: str | None = None,
-    check_finite: bool = True,
+    check_finite: bool | None = None,
+    return_lse: bool = False,
+    return_plan: bool = False,
     **params: Any,
-) -> Tensor:
+) -> Tensor | Result:  # (stateful methods always return a Result: pass ``state=``, read ``.state``)
     """Attention of ``q`` over ``k``/``v`` by ``method``; returns (B, H, N_q, D_v) in the input dtype.
 
     Args:
@@ -63,13 +303,63 @@ def attention(
         scale: multiplier of ``q . k`` (default ``1 / sqrt(D)``).
         backend: force one backend by name (``"reference"`` runs the fp32 reference); default: the
             first of the method's backends, in priority order, that can run this call.
-        check_finite: scan inputs for NaN/Inf first (skipped inside ``torch.compile``).
-        **params: the method's parameters (e.g. ``window=1024`` for ``sliding_window``).
+        check_finite: scan the inputs for NaN/Inf first and raise a clear error (a host synchronisation;
+            default: ``attnlab.settings.check_finite``, off unless ``ATTNLAB_CHECK_FINITE=1``).
+        return_lse: also return the log-sum-exp per query row (softmax methods): a Result.
+        return_plan: also return the sparsity plan the call executed: a Result.
+        **params: the method's parameters (e.g. ``window=1024`` for ``sliding_window``) and tensor inputs.
 
-    Rows with no allowed key return zeros, never NaN.
+    Rows with no allowed key return zeros, never NaN. For repeated calls, :func:`prepare` an op.
     """
-    call = resolve(q, k, v, method=method, causal=causal, scale=scale, check_finite=check_finite, **params)
-    return require(call, backend).run(q, k, v, call)
+    spec = get(method)
+    params, tensors = _split_inputs(spec, params)
+    if torch.compiler.is_compiling():  # nothing cached or mutated inside a trace
+        call = _resolve_call(
+            spec, spec.make_params(params), q, k, v, causal=causal, scale=scale, want_lse=return_lse
+        )
+        return _execute(call, require(call, backend), q, k, v, tensors, check_finite, return_plan)
+    try:
+        key = (method, causal, scale, backend, check_finite, return_lse, return_plan, *params.items())
+        op_ = _OPS.get(key)
+        if op_ is not None and op_.spec is not spec:  # the method was re-registered
+            op_ = None
+    except TypeError:  # an unhashable parameter value: validation below says what is wrong
+        key, op_ = None, None
+    if op_ is None:
+        op_ = prepare(
+            method,
+            causal=causal,
+            scale=scale,
+            backend=backend,
+            check_finite=check_finite,
+            return_lse=return_lse,
+            return_plan=return_plan,
+            **params,
+        )
+        if key is not None:
+            if len(_OPS) >= CACHED_OPS:
+                del _OPS[next(iter(_OPS))]
+            _OPS[key] = op_
+    return op_(q, k, v, **tensors)
+
+
+def resolve(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    method: str = "softmax",
+    causal: bool = False,
+    scale: float | None = None,
+    return_lse: bool = False,
+    **params: Any,
+) -> Call:
+    """Validate a call and resolve its method and parameters (everything but the backend choice)."""
+    spec = get(method)
+    params, _ = _split_inputs(spec, params)
+    return _resolve_call(
+        spec, spec.make_params(params), q, k, v, causal=causal, scale=scale, want_lse=return_lse
+    )
 
 
 def explain(
@@ -79,9 +369,25 @@ def explain(
     *,
     method: str = "softmax",
     causal: bool = False,
+    scale: float | None = None,
     backend: str | None = None,
+    check_finite: bool | None = None,
+    return_lse: bool = False,
+    return_plan: bool = False,
     **params: Any,
 ) -> Choice:
-    """Which backend ``attention`` would run for these inputs, and why the ones before it refused."""
-    call = resolve(q, k, v, method=method, causal=causal, check_finite=False, **params)
-    return choose(call, backend)
+    """Which backend :func:`attention` would run for these arguments (it takes every one of them), and
+    why the ones before it refused. Prints readably."""
+    spec = get(method)
+    params, _ = _split_inputs(spec, params)
+    op = Op(
+        spec,
+        spec.make_params(params),
+        causal=causal,
+        scale=scale,
+        backend=backend,
+        check_finite=check_finite,
+        return_lse=return_lse,
+        return_plan=return_plan,
+    )
+    return op.explain(q, k, v)

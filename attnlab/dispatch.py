@@ -1,42 +1,54 @@
 """Backend choice, in one place: a method's backends are asked in priority order; the first that can run
-the call runs it. ``backend=`` forces one. Every refusal is kept, so errors can say why each one refused.
+the call runs it. ``backend=`` forces one. Every reason every backend refuses is kept (declared
+capabilities first, then the backend's own), so errors and :func:`attnlab.explain` can say why.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from attnlab.backends.base import Backend, Call
 from attnlab.backends.eager import REFERENCE
-from attnlab.errors import BackendError
+from attnlab.core import Backend, Call
+from attnlab.errors import BackendError, DenseTooLargeError
 
 
 @dataclass(frozen=True)
 class Choice:
-    """The chosen backend and why every backend before it (or every backend, if none) refused."""
+    """The backend chosen for a call and why every backend before it (or every backend, if none) refused.
 
+    Prints as a few readable lines (``print(attnlab.explain(...))`` or just the REPL echo)."""
+
+    call: Call
     backend: Backend | None
-    refusals: tuple[tuple[str, str], ...]
+    refusals: tuple[tuple[str, tuple[str, ...]], ...]
 
     def explain(self) -> str:
-        lines = [f"  - {name}: {why}" for name, why in self.refusals]
-        chosen = f"chosen: {self.backend.name}" if self.backend else "no backend can run this call"
-        return "\n".join([chosen, *lines])
+        head = f"method {self.call.spec.name!r} on {self.call.problem.describe()}"
+        chosen = f"runs on backend {self.backend.name!r}" if self.backend else "no backend can run this call"
+        lines = [f"{head}:", f"  {chosen}"]
+        for name, why in self.refusals:
+            lines.append(f"  - {name} refused: {'; '.join(why)}")
+        return "\n".join(lines)
+
+    __str__ = explain
+
+    def __repr__(self) -> str:
+        return self.explain()
 
 
 def choose(call: Call, backend: str | None = None) -> Choice:
     """Pick the backend for ``call`` (``backend``: a name to force, or None for the first that can)."""
     if backend is not None:
         chosen = REFERENCE if backend == "reference" else call.spec.backend(backend)
-        ok, why = chosen.can_use(call)
-        return Choice(chosen if ok else None, () if ok else ((chosen.name, why),))
-    refusals: list[tuple[str, str]] = []
+        why = chosen.refusals(call)
+        return Choice(call, None if why else chosen, ((chosen.name, tuple(why)),) if why else ())
+    refusals: list[tuple[str, tuple[str, ...]]] = []
     for candidate in call.spec.backends:
-        ok, why = candidate.can_use(call)
-        if ok:
-            return Choice(candidate, tuple(refusals))
-        refusals.append((candidate.name, why))
-    return Choice(None, tuple(refusals))
+        why = candidate.refusals(call)
+        if not why:
+            return Choice(call, candidate, tuple(refusals))
+        refusals.append((candidate.name, tuple(why)))
+    return Choice(call, None, tuple(refusals))
 
 
 def require(call: Call, backend: str | None = None) -> Backend:
@@ -48,6 +60,10 @@ def require(call: Call, backend: str | None = None) -> Backend:
             if backend
             else f"no backend of method {call.spec.name!r} can run"
         )
-        reasons = "\n".join(f"  - {name}: {why}" for name, why in choice.refusals)
-        raise BackendError(f"{what} {call.problem.describe()}:\n{reasons}")
+        reasons = "\n".join(f"  - {name}: {'; '.join(why)}" for name, why in choice.refusals)
+        too_large = backend is not None and all(
+            "(an N x N tensor)" in r for _, why in choice.refusals for r in why
+        )
+        error = DenseTooLargeError if too_large else BackendError
+        raise error(f"{what} {call.problem.describe()}:\n{reasons}")
     return choice.backend

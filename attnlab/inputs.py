@@ -8,57 +8,15 @@ Layout is (batch, heads, seq, head_dim), like ``torch.nn.functional.scaled_dot_p
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
+from attnlab.core import FLOAT_DTYPES, Problem, TensorInput
 from attnlab.errors import InputError
-from attnlab.patterns import Pattern, pattern_of
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-@dataclass(frozen=True)
-class Problem:
-    """The shape of one attention call: everything a backend needs to decide whether it can run it."""
-
-    batch: int
-    heads: int
-    kv_heads: int
-    n_q: int
-    n_k: int
-    head_dim: int
-    v_dim: int
-    causal: bool
-    dtype: torch.dtype
-    device: torch.device
-    requires_grad: bool
-
-    @property
-    def group(self) -> int:
-        """Query heads per key/value head (1 without GQA)."""
-        return self.heads // self.kv_heads
-
-    @property
-    def offset(self) -> int:
-        """Position of query 0 in key coordinates (bottom-right alignment): ``N_k - N_q``."""
-        return self.n_k - self.n_q
-
-    @property
-    def pattern(self) -> Pattern:
-        return pattern_of(self.causal, self.n_q, self.n_k)
-
-    @property
-    def dense_elements(self) -> int:
-        """Elements of the full score matrix over all heads: B * H * N_q * N_k."""
-        return self.batch * self.heads * self.n_q * self.n_k
-
-    def describe(self) -> str:
-        return (
-            f"q (B={self.batch}, H={self.heads}, N_q={self.n_q}, D={self.head_dim}), "
-            f"k/v (H_kv={self.kv_heads}, N_k={self.n_k}, D_v={self.v_dim}), {self.dtype}, "
-            f"{self.device}, {self.pattern.value}"
-        )
+SUPPORTED_DTYPES = FLOAT_DTYPES
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -72,12 +30,12 @@ def validate(
     *,
     causal: bool,
     scale: float | None,
-    check_finite: bool = True,
+    check_finite: bool = False,
 ) -> Problem:
     """Check q, k, v and return their Problem; raise InputError naming what was given and expected.
 
-    ``check_finite`` scans the inputs for NaN/Inf (one reduction per tensor); pass False to skip it
-    for speed. It is skipped inside ``torch.compile`` (a data-dependent check would break the graph).
+    ``check_finite`` also scans the inputs for NaN/Inf (:func:`check_finite_values`; a host
+    synchronisation, so off by default).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -130,14 +88,8 @@ def validate(
         or scale <= 0
     ):
         raise InputError(f"scale must be a positive finite number or None (1/sqrt(D)), got {scale!r}")
-    if check_finite and not torch.compiler.is_compiling():
-        for name, t in (("q", q), ("k", k), ("v", v)):
-            if not bool(torch.isfinite(t).all()):
-                bad = int((~torch.isfinite(t)).sum())
-                raise InputError(
-                    f"{name} contains {bad} NaN/Inf value(s); attention of non-finite inputs is undefined. "
-                    "Fix the producer, or pass check_finite=False to skip this check."
-                )
+    if check_finite:
+        check_finite_values({"q": q, "k": k, "v": v})
     requires_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     return Problem(
         batch=b,
@@ -158,6 +110,53 @@ def _divisors(n: int) -> list[int]:
     return [x for x in range(1, n + 1) if n % x == 0]
 
 
-def default_scale(problem: Problem, scale: float | None) -> float:
-    """The softmax scale: ``scale`` if given, else ``1 / sqrt(D)``."""
-    return float(scale) if scale is not None else 1.0 / math.sqrt(problem.head_dim)
+def check_finite_values(tensors: Mapping[str, torch.Tensor]) -> None:
+    """Raise InputError if a tensor holds NaN/Inf. One reduction per tensor and a host synchronisation:
+    opt-in (``check_finite=True``, ``attnlab.settings.check_finite`` or ``ATTNLAB_CHECK_FINITE=1``).
+    Skipped inside ``torch.compile`` (a data-dependent check would break the graph)."""
+    if torch.compiler.is_compiling():
+        return
+    for name, t in tensors.items():
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise InputError(
+                f"{name} contains {bad} NaN/Inf value(s); attention of non-finite inputs is undefined. "
+                "Fix the producer, or turn the check off (check_finite=False, the default)."
+            )
+
+
+def validate_extra(
+    declared: tuple[TensorInput, ...], given: Mapping[str, Any], problem: Problem, method: str
+) -> dict[str, torch.Tensor]:
+    """Check the tensors a method takes beside q, k, v (declared by the method) against the call's sizes;
+    raise InputError naming what was given and expected. Returns them by name (absent optional ones left
+    out)."""
+    sizes = problem.symbols()
+    out: dict[str, torch.Tensor] = {}
+    for spec in declared:
+        t = given.get(spec.name)
+        if t is None:
+            if spec.required:
+                raise InputError(
+                    f"method {method!r} needs the tensor input {spec.describe()}; pass {spec.name}=..."
+                )
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise InputError(f"{spec.name} must be a torch.Tensor, got {type(t).__name__}")
+        want = spec.expected(sizes)
+        ok = t.dim() == len(want) and all(
+            g == w or (spec.broadcast and g == 1) for g, w in zip(t.shape, want, strict=True)
+        )
+        if not ok:
+            names = ", ".join(f"{s}={sizes[s]}" if isinstance(s, str) else str(s) for s in spec.shape)
+            raise InputError(
+                f"{spec.name} has shape {_shape(t)}; method {method!r} expects ({names})"
+                + (" where any dim may be 1" if spec.broadcast else "")
+            )
+        if not t.dtype.is_floating_point or (spec.same_dtype and t.dtype != problem.dtype):
+            want_dt = str(problem.dtype) if spec.same_dtype else "a floating dtype"
+            raise InputError(f"{spec.name} has dtype {t.dtype}; expected {want_dt}")
+        if t.device != problem.device:
+            raise InputError(f"{spec.name} is on {t.device}, but q, k, v are on {problem.device}")
+        out[spec.name] = t
+    return out

@@ -2,8 +2,8 @@
 
 A mask is a ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor`` in FlexAttention's convention: True where
 query ``q_idx`` may attend to key ``kv_idx``. It is evaluated elementwise and broadcasts, so the same
-function builds the reference's dense mask, classifies the blocks of the FlexAttention ``BlockMask`` and
-runs inside the compiled kernel. attnlab's static masks depend on positions only (not on batch or head).
+function builds the reference's dense mask, the method's sparsity plan (:mod:`attnlab.plans`) and
+runs inside the compiled FlexAttention kernel. attnlab's static masks depend on positions only (not on batch or head).
 
 A method writes a *mask factory* ``(params, ctx) -> mask_mod``. Run-time values (the query offset,
 whether the call is causal, window sizes) are captured as 0-d tensors made by :class:`MaskContext`, not
@@ -17,7 +17,6 @@ Positions: query ``i`` sits at position ``p = i + (N_k - N_q)`` (bottom-right al
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -92,61 +91,6 @@ def dense_mask(mask_mod: MaskMod, n_q: int, n_k: int, device: torch.device | str
     q_idx = torch.arange(n_q, dtype=torch.int32, device=device)[:, None]
     kv_idx = torch.arange(n_k, dtype=torch.int32, device=device)[None, :]
     return mask_mod(zero, zero, q_idx, kv_idx).expand(n_q, n_k)
-
-
-@dataclass(frozen=True)
-class BlockLayout:
-    """Which (BLOCK_Q x BLOCK_K) tiles of the score matrix a mask touches.
-
-    ``partial[i, j]``: tile has some but not all allowed pairs (the kernel applies the mask there);
-    ``full[i, j]``: every pair inside the matrix is allowed (no mask work). Tiles that stick out of the
-    matrix at the tail count as partial unless the mask is empty there. ``allowed`` is the exact number
-    of allowed (query, key) pairs (kept as a tensor until asked for, so building stays sync-free).
-    """
-
-    partial: Tensor
-    full: Tensor
-    allowed_count: Tensor
-    block_q: int
-    block_k: int
-
-    @property
-    def allowed(self) -> int:
-        return int(self.allowed_count)
-
-    @property
-    def computed_blocks(self) -> int:
-        return int(self.partial.sum()) + int(self.full.sum())
-
-
-def block_layout(
-    mask_mod: MaskMod,
-    n_q: int,
-    n_k: int,
-    device: torch.device | str,
-    block_q: int = 128,
-    block_k: int = 128,
-) -> BlockLayout:
-    """Classify every tile by evaluating the mask in row chunks (memory O(chunk), never N x N at once)."""
-    nqb = -(-n_q // block_q)
-    nkb = -(-n_k // block_k)
-    zero = torch.zeros((), dtype=torch.int32, device=device)
-    kv_idx = torch.arange(nkb * block_k, dtype=torch.int32, device=device)
-    kv_valid = kv_idx < n_k
-    rows = max(1, settings.mask_chunk_elements // (nkb * block_k) // block_q) * block_q
-    partial, full = [], []
-    allowed = torch.zeros((), dtype=torch.int64, device=device)
-    for r0 in range(0, nqb * block_q, rows):
-        q_idx = torch.arange(r0, min(r0 + rows, nqb * block_q), dtype=torch.int32, device=device)
-        m = mask_mod(zero, zero, q_idx[:, None], kv_idx[None, :])
-        m = m & kv_valid[None, :] & (q_idx < n_q)[:, None]
-        allowed += m.sum()
-        tiles = m.view(-1, block_q, nkb, block_k)
-        any_ = tiles.any(dim=3).any(dim=1)
-        all_ = tiles.all(dim=3).all(dim=1)
-        partial.append(any_ & ~all_)
-        full.append(all_)
-    return BlockLayout(torch.cat(partial), torch.cat(full), allowed, block_q, block_k)
 
 
 def dense_pairs(n_q: int, n_k: int, causal: bool) -> int:

@@ -11,13 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from attnlab.kernels.heads import expand_kv
 from attnlab.masks import check_dense_size
-
-
-def expand_kv(t: Tensor, heads: int) -> Tensor:
-    """Repeat each of the H_kv key/value heads H / H_kv times (head ``h`` uses kv head ``h // group``)."""
-    group = heads // t.shape[1]
-    return t if group == 1 else t.repeat_interleave(group, dim=1)
 
 
 def scores(q: Tensor, k: Tensor, scale: float, upcast: bool) -> Tensor:

@@ -1,4 +1,5 @@
-"""The registry: one :class:`MethodSpec` per method. Tests, benchmark, CLI and docs all iterate it.
+"""The registry: one :class:`~attnlab.core.MethodSpec` per method. Tests, benchmark, CLI and docs all
+iterate it.
 
 Adding a method is one file under ``attnlab/catalog/<family>/`` that builds a MethodSpec and calls
 :func:`register`, plus one import line in ``attnlab/catalog/__init__.py``. The test suite fails when a
@@ -7,90 +8,11 @@ registered method lacks a reference, parity-test parameters or benchmark paramet
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+import contextlib
+from collections.abc import Iterator
 
-import torch
-from torch import Tensor
-
-from attnlab.backends.base import Backend
-from attnlab.errors import ParamError, UnknownMethodError, did_you_mean
-from attnlab.masks import MaskContext, MaskFactory, block_layout, dense_pairs
-from attnlab.params import Params
-from attnlab.patterns import Pattern
-
-FAMILIES = ("dense", "static", "dynamic", "decode", "linear")
-
-
-class ReferenceFn(Protocol):
-    """``reference(q, k, v, params, *, causal, scale, upcast=True) -> out``: the method's specification."""
-
-    def __call__(
-        self, q: Tensor, k: Tensor, v: Tensor, params: Any, *, causal: bool, scale: float, upcast: bool = True
-    ) -> Tensor: ...
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """Everything attnlab knows about one method.
-
-    - ``reference``: plain PyTorch, fp32 by default; the specification every backend must match.
-    - ``backends``: fast paths in priority order (the chooser takes the first that can run a call).
-    - ``patterns``: which of the four CAB patterns the method defines.
-    - ``mask``: for mask-defined methods, the factory of the token mask (see :mod:`attnlab.masks`).
-    - ``test_params``: parameter sets the parity tests run (small values that make the mask bite).
-    - ``bench_params(n)``: parameter sets the benchmark sweeps at length ``n`` (budgets, i.e. densities).
-    """
-
-    name: str
-    family: str
-    paper: str
-    summary: str
-    params: type[Params]
-    reference: ReferenceFn
-    backends: tuple[Backend, ...]
-    patterns: frozenset[Pattern]
-    test_params: tuple[Mapping[str, Any], ...]
-    bench_params: Callable[[int], list[dict[str, Any]]]
-    gqa: bool = True
-    backward: bool = True
-    mask: MaskFactory | None = None
-    #: for mask-defined methods: the same mask written as plain index arithmetic over a dense (N_q, N_k)
-    #: grid, independent of ``mask`` (``index_mask(params, n_q, n_k, causal) -> bool (N_q, N_k)``);
-    #: tests check that the two agree
-    index_mask: Callable[[Any, int, int, bool], Tensor] | None = None
-    notes: str = ""
-    url: str = ""
-    extra: Mapping[str, Any] = field(default_factory=dict)
-
-    def make_params(self, kwargs: Mapping[str, Any]) -> Params:
-        """Validated parameters from keyword arguments (defaults fill the rest)."""
-        try:
-            return self.params.from_kwargs(dict(kwargs))
-        except TypeError as e:  # e.g. a positional-only mistake inside the dataclass
-            raise ParamError(f"method {self.name!r}: {e}") from None
-
-    def backend(self, name: str) -> Backend:
-        for b in self.backends:
-            if b.name == name:
-                return b
-        names = [b.name for b in self.backends]
-        raise ParamError(
-            f"method {self.name!r} has no backend {name!r}.{did_you_mean(name, names)} "
-            f"Its backends are: {', '.join(names)} (and 'reference')"
-        )
-
-    def density(
-        self, params: Params, n_q: int, n_k: int, causal: bool, device: torch.device | str = "cpu"
-    ) -> float:
-        """Share of the dense pattern's (query, key) pairs this method computes (1.0 for dense methods)."""
-        if self.mask is None:
-            return 1.0
-        ctx = MaskContext(n_q, n_k, causal, device)
-        layout = block_layout(self.mask(params, ctx), n_q, n_k, device)
-        return layout.allowed / max(1, dense_pairs(n_q, n_k, causal))
-
+from attnlab.core import FAMILIES, MethodSpec
+from attnlab.errors import UnknownMethodError, did_you_mean
 
 _REGISTRY: dict[str, MethodSpec] = {}
 
@@ -105,6 +27,16 @@ def register(spec: MethodSpec) -> MethodSpec:
         raise ValueError(f"method {spec.name!r}: its params class says method={spec.params.method!r}")
     _REGISTRY[spec.name] = spec
     return spec
+
+
+@contextlib.contextmanager
+def registered(spec: MethodSpec) -> Iterator[MethodSpec]:
+    """Register ``spec`` for the duration of a ``with`` block (tests, experiments), then remove it."""
+    register(spec)
+    try:
+        yield spec
+    finally:
+        _REGISTRY.pop(spec.name, None)
 
 
 def methods() -> dict[str, MethodSpec]:

@@ -1,8 +1,14 @@
-"""Process-wide knobs. Plain attributes; change them in code (nothing is read from the environment)."""
+"""Process-wide knobs. Plain attributes; change them in code. One is read from the environment when
+attnlab is imported (``ATTNLAB_CHECK_FINITE``); nothing is ever written to it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 @dataclass
@@ -11,11 +17,22 @@ class Settings:
     #: reference, the ``eager`` and ``sdpa_mask`` backends) may materialise. 2**28 elements is 1 GiB
     #: in fp32. Above it those paths refuse with a message naming the fast backend to use.
     max_dense_elements: int = 2**28
-    #: Query rows per chunk when a mask is evaluated (block classification, density counting).
+    #: Query rows per chunk when a mask is evaluated (plan building, density counting).
     mask_chunk_elements: int = 2**24
     #: Autotune attnlab's Triton kernels per (head dim, causal, length bucket, ...). False uses each
     #: kernel's first config (tests do this: fewer compilations, same results).
     autotune: bool = True
+    #: Scan q, k, v (and tensor inputs) for NaN/Inf on every call and raise a clear error. A debugging
+    #: aid: it costs a reduction per tensor and a host synchronisation per call, so it is off unless
+    #: set here, passed per call (``check_finite=True``) or set by ``ATTNLAB_CHECK_FINITE=1``.
+    check_finite: bool = field(default_factory=lambda: _env_flag("ATTNLAB_CHECK_FINITE"))
+    #: Bumped on every change of a setting, so prepared ops re-resolve their cached dispatch.
+    generation: int = 0
+
+    def __setattr__(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+        if name != "generation":
+            object.__setattr__(self, "generation", getattr(self, "generation", 0) + 1)
 
 
 settings = Settings()

@@ -17,11 +17,11 @@ import torch
 from torch import Tensor
 
 from attnlab.api import attention
-from attnlab.backends.base import Call
+from attnlab.backends.eager import REFERENCE
+from attnlab.core import Call, MethodSpec, Result, default_scale
 from attnlab.dispatch import choose
-from attnlab.inputs import default_scale, validate
+from attnlab.inputs import validate
 from attnlab.patterns import Pattern, pattern_of
-from attnlab.registry import MethodSpec
 
 FWD_FACTOR = 2.0
 BWD_FACTOR = 3.0
@@ -124,10 +124,10 @@ def check_parity(
     q0, k0, v0 = case.inputs(device, seed)
     params = spec.make_params(case.params)
     problem = validate(q0, k0, v0, causal=case.causal, scale=None)
-    scale = default_scale(problem, None)
+    scale = default_scale(problem.head_dim, None)
     fwd_choice = choose(Call(spec, params, problem, scale), backend)
     if fwd_choice.backend is None:
-        result.skipped = fwd_choice.refusals[0][1]
+        result.skipped = "; ".join(fwd_choice.refusals[0][1])
         return result
     grad = backward and spec.backward and fwd_choice.backend.backward
     if grad:
@@ -144,6 +144,20 @@ def check_parity(
     result.errors["out"] = (max_abs(out, ref), bound(max_abs(low, ref), ref, FWD_FACTOR, case.dtype))
     if not torch.isfinite(out).all():
         result.errors["out"] = (float("nan"), result.errors["out"][1])
+    lse_call = Call(spec, params, problem, scale, want_lse=True)
+    if spec.softmax_normalized and choose(lse_call, backend).backend is not None:
+        with torch.no_grad():  # the log-sum-exp the backend returns, against the reference's
+            lse_res = attention(q0, k0, v0, method=spec.name, causal=case.causal, backend=backend,
+                                return_lse=True, **case.params)  # fmt: skip
+            _, want_lse = REFERENCE.run_lse(q0, k0, v0, lse_call, {})
+        assert isinstance(lse_res, Result) and lse_res.lse is not None
+        rows = torch.isfinite(want_lse)
+        same_inf = torch.equal(rows, torch.isfinite(lse_res.lse))  # rows with no key: -inf on both sides
+        err = max_abs(lse_res.lse[rows], want_lse[rows]) if same_inf else float("nan")
+        # lse ~ log N + max score: its error follows the score's rounding (a few ulps of the input dtype)
+        peak = float(want_lse[rows].abs().max()) if bool(rows.any()) else 0.0
+        tol = 8 * torch.finfo(case.dtype).eps * (1.0 + peak)
+        result.errors["lse"] = (err, tol)
     if grad:
         g = torch.Generator(device="cpu").manual_seed(seed + 1)
         dout = torch.randn(out.shape, generator=g).to(device=out.device, dtype=out.dtype)

@@ -80,13 +80,39 @@ def test_device_mismatch() -> None:
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_inputs_are_refused_unless_opted_out(bad: float) -> None:
+def test_non_finite_inputs_are_refused_when_the_check_is_on(
+    bad: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
     q, k, v = qkv()
     v[0, 0, 3, 1] = bad
-    with pytest.raises(InputError, match=r"v contains 1 NaN/Inf value\(s\).*check_finite=False"):
-        attnlab.attention(q, k, v)
-    out = attnlab.attention(q, k, v, check_finite=False)  # opt-out: the check is skipped
+    out = attnlab.attention(q, k, v)  # default: no scan, no host synchronisation
     assert out.shape == q.shape
+    with pytest.raises(InputError, match=r"v contains 1 NaN/Inf value\(s\).*check_finite=False"):
+        attnlab.attention(q, k, v, check_finite=True)
+    op = attnlab.prepare("softmax", check_finite=True)
+    with pytest.raises(InputError, match=r"v contains 1 NaN/Inf"):
+        op(q, k, v)
+    monkeypatch.setattr(attnlab.settings, "check_finite", True)  # process-wide debug setting
+    with pytest.raises(InputError, match=r"v contains 1 NaN/Inf"):
+        attnlab.attention(q, k, v)
+    assert attnlab.attention(q, k, v, check_finite=False).shape == q.shape  # a call can still opt out
+
+
+def test_the_environment_variable_turns_the_check_on() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, attnlab\n"
+        "q = torch.randn(1, 1, 4, 8); q[0, 0, 0, 0] = float('nan')\n"
+        "try:\n    attnlab.attention(q, q, q)\nexcept attnlab.InputError as e:\n    print('refused:', e)\n"
+    )
+    for value, refused in (("1", True), ("0", False)):
+        env = {**__import__("os").environ, "ATTNLAB_CHECK_FINITE": value}
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+        )
+        assert ("refused: q contains 1 NaN/Inf" in out.stdout) == refused, out.stdout + out.stderr
 
 
 @pytest.mark.parametrize(("n", "nk"), [(0, 16), (16, 0)])
@@ -177,7 +203,7 @@ def test_dense_fallback_refuses_n_by_n_above_the_limit_and_names_the_fast_backen
     monkeypatch.setattr(attnlab.settings, "max_dense_elements", 1000)
     q, k, v = qkv()
     with pytest.raises(
-        BackendError, match=r"reference would materialise 1,024 score elements.*use triton, flex"
+        DenseTooLargeError, match=r"reference would materialise 1,024 score elements.*a fast backend"
     ):
         attnlab.attention(q, k, v, method="sigmoid", backend="reference")
     with pytest.raises(
@@ -243,4 +269,5 @@ def test_explain_names_the_choice_and_the_refusals() -> None:
     q.requires_grad_(True)
     choice = attnlab.explain(q, k, v, method="dilated", causal=True, window=2)
     assert choice.backend is not None and choice.backend.name == "sdpa_mask"
-    assert "flex: FlexAttention has no backward on CPU" in choice.explain()
+    assert "flex refused: FlexAttention has no backward on CPU" in choice.explain()
+    assert "runs on backend 'sdpa_mask'" in repr(choice)  # prints readably in a REPL

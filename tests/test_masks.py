@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 
 import attnlab
-from attnlab.masks import MaskContext, block_layout, dense_mask, dense_pairs
+from attnlab.masks import MaskContext, dense_mask, dense_pairs
 
 
 def grid(method: str, n_q: int, n_k: int, causal: bool, **params: int) -> list[str]:
@@ -82,43 +80,3 @@ def test_dense_pairs_matches_brute_force(n_q: int, n_k: int, causal: bool) -> No
     j = torch.arange(n_k)[None, :]
     want = int((j <= i).sum()) if causal else n_q * n_k
     assert dense_pairs(n_q, n_k, causal) == want
-
-
-@pytest.mark.parametrize("method", ["sliding_window", "streaming", "dilated", "block_local"])
-@pytest.mark.parametrize(("n_q", "n_k", "block"), [(300, 300, 64), (70, 200, 32), (200, 70, 16)])
-def test_block_layout_is_exact(method: str, n_q: int, n_k: int, block: int) -> None:
-    spec = attnlab.get(method)
-    assert spec.mask is not None
-    for causal, params in itertools.product((False, True), spec.test_params):
-        mask_mod = spec.mask(spec.make_params(params), MaskContext(n_q, n_k, causal, "cpu"))
-        layout = block_layout(mask_mod, n_q, n_k, "cpu", block, block)
-        m = dense_mask(mask_mod, n_q, n_k, "cpu")
-        assert layout.allowed == int(m.sum())
-        padded = torch.zeros(
-            layout.partial.shape[0] * block, layout.partial.shape[1] * block, dtype=torch.bool
-        )
-        padded[:n_q, :n_k] = m
-        tiles = padded.view(layout.partial.shape[0], block, layout.partial.shape[1], block)
-        any_ = tiles.any(3).any(1)
-        all_ = tiles.all(3).all(1)
-        assert torch.equal(layout.full, all_)
-        assert torch.equal(layout.partial, any_ & ~all_)
-
-
-def test_block_layout_chunking_gives_the_same_answer(monkeypatch: pytest.MonkeyPatch) -> None:
-    spec = attnlab.get("dilated")
-    assert spec.mask is not None
-    mask_mod = spec.mask(spec.make_params({"window": 9, "dilation": 3}), MaskContext(500, 500, True, "cpu"))
-    whole = block_layout(mask_mod, 500, 500, "cpu", 32, 32)
-    monkeypatch.setattr(attnlab.settings, "mask_chunk_elements", 600)  # one query block per chunk
-    chunked = block_layout(mask_mod, 500, 500, "cpu", 32, 32)
-    assert torch.equal(whole.partial, chunked.partial) and torch.equal(whole.full, chunked.full)
-    assert whole.allowed == chunked.allowed
-
-
-def test_density() -> None:
-    sw = attnlab.get("sliding_window")
-    # causal self, N=8, window 2: 1 + 2*7 = 15 of 36 pairs
-    assert sw.density(sw.make_params({"window": 2}), 8, 8, True) == pytest.approx(15 / 36)
-    assert sw.density(sw.make_params({"window": 100}), 8, 8, False) == 1.0
-    assert attnlab.get("softmax").density(attnlab.get("softmax").make_params({}), 8, 8, True) == 1.0

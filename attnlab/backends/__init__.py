@@ -1,5 +1,5 @@
-"""Backends: adapters from a resolved call to an executor, each with ``can_use`` and ``run``."""
+"""Backends: adapters from a resolved call to an executor, each declaring its capabilities."""
 
-from attnlab.backends.base import Backend, Call, Verdict
+from attnlab.backends.base import Backend, Call, Capabilities, Verdict
 
-__all__ = ["Backend", "Call", "Verdict"]
+__all__ = ["Backend", "Call", "Capabilities", "Verdict"]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from torch import Tensor
 
-from attnlab.backends.base import OK, Backend, Call, Verdict
+from attnlab.backends.base import Backend, Call, Capabilities
 from attnlab.kernels.triton_utils import triton_refusal
 
 _OP_MODULE = "attnlab.kernels.sigmoid.op"
@@ -21,23 +21,22 @@ def _imported_interpreted() -> bool | None:
 class TritonSigmoidBackend(Backend):
     name = "triton"
     summary = "attnlab's FlashSigmoid Triton kernels (fwd + bwd; CPU only under TRITON_INTERPRET=1)"
-    where = "GPU; CPU via Triton's interpreter"
+    caps = Capabilities(max_head_dim=256, same_v_dim=True, where="GPU; CPU via Triton's interpreter")
 
     def __init__(self, bias_of: Callable[[Call], float]) -> None:
         self.bias_of = bias_of
 
-    def can_use(self, call: Call) -> Verdict:
-        p = call.problem
-        why = triton_refusal(p.device, _imported_interpreted())
-        if why:
-            return False, why
-        if p.head_dim != p.v_dim:
-            return False, f"the Triton kernel needs D_v == D, got D={p.head_dim}, D_v={p.v_dim}"
-        if p.head_dim > 256:
-            return False, f"the Triton kernel takes head dims up to 256, got {p.head_dim}"
-        return OK
+    def reasons(self, call: Call) -> list[str]:
+        why = triton_refusal(call.problem.device, _imported_interpreted())
+        return [why] if why else []
 
-    def run(self, q: Tensor, k: Tensor, v: Tensor, call: Call) -> Tensor:
-        from attnlab.kernels.sigmoid.op import sigmoid_attention
+    def run(self, q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor]) -> Tensor:
+        fn = call.memo.get("sigmoid")
+        if fn is None:
+            from attnlab.kernels.sigmoid.op import sigmoid_fwd
 
-        return sigmoid_attention(q, k, v, call.scale, self.bias_of(call), call.problem.causal)
+            bias, causal = float(self.bias_of(call)), call.problem.causal
+            scale = float(call.scale)
+            fn = lambda q, k, v: sigmoid_fwd(q, k, v, scale, bias, causal)
+            call.memo["sigmoid"] = fn
+        return fn(q, k, v)

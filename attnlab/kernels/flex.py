@@ -1,7 +1,7 @@
 """The FlexAttention executor: cached BlockMasks, one compiled kernel for every length.
 
-- BlockMasks are built from a mask function by :func:`attnlab.masks.block_layout` (chunked, exact
-  full/partial tile classification) and cached per (mask key, N_q, N_k, device, block size).
+- BlockMasks are built from a sparsity plan's tables (:meth:`attnlab.plans.Plan.block_mask` calls
+  :func:`block_mask_from_tables` once per plan; static plans are cached).
 - ``flex_attention`` is compiled once with ``dynamic=True``: sequence lengths are symbolic, and mask
   parameters are captured tensors (see :mod:`attnlab.masks`), so a new length or window does not
   recompile (measured by ``attnlab.bench.recompiles`` and recorded in the benchmark results).
@@ -14,82 +14,44 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 
-from attnlab.masks import BlockLayout, MaskMod, block_layout
+from attnlab.masks import MaskMod
 
 ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 
-#: BlockMask tile size (query rows x key columns); FlexAttention's kernels take multiples of their own.
-BLOCK_SIZE = 128
-#: How many BlockMasks the cache keeps (least recently used go first).
-CACHE_SIZE = 64
 #: Compiled variants of flex_attention allowed (methods x dtypes x head dims x GQA on/off).
 RECOMPILE_LIMIT = 256
 
-_block_masks: OrderedDict[Hashable, tuple[BlockMask, BlockLayout]] = OrderedDict()
 _compiled: dict[str, Callable[..., Any]] = {}
-stats = {"block_mask_builds": 0, "block_mask_hits": 0}
 
 
-def _ordered(blocks: Tensor) -> tuple[Tensor, Tensor]:
-    """(num, indices) of True tiles per query-block row, True columns first, as FlexAttention wants."""
-    num = blocks.sum(dim=-1, dtype=torch.int32)
-    idx = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
-    return num[None, None], idx[None, None]
-
-
-def build_block_mask(
-    mask_mod: MaskMod, n_q: int, n_k: int, device: torch.device, block: int = BLOCK_SIZE
-) -> tuple[BlockMask, BlockLayout]:
-    """A BlockMask (broadcast over batch and heads) and the layout it was built from."""
-    layout = block_layout(mask_mod, n_q, n_k, device, block, block)
-    kv_num, kv_idx = _ordered(layout.partial)
-    full_num, full_idx = _ordered(layout.full)
-    bm = BlockMask.from_kv_blocks(
-        kv_num,
-        kv_idx,
+def block_mask_from_tables(
+    partial_num: Tensor,
+    partial_idx: Tensor,
+    full_num: Tensor,
+    full_idx: Tensor,
+    mask_mod: MaskMod | None,
+    n_q: int,
+    n_k: int,
+    block: tuple[int, int],
+) -> BlockMask:
+    """A BlockMask from per-(batch|1, head|1, query block) tables of partial and full key blocks (int32,
+    visited blocks first); ``mask_mod`` decides inside partial blocks (None: every pair)."""
+    return BlockMask.from_kv_blocks(
+        partial_num,
+        partial_idx,
         full_num,
         full_idx,
-        BLOCK_SIZE=(block, block),
+        BLOCK_SIZE=block,
         mask_mod=mask_mod,
         seq_lengths=(n_q, n_k),
     )
-    return bm, layout
-
-
-def cached_block_mask(
-    key: Hashable, make_mask: Callable[[], MaskMod], n_q: int, n_k: int, device: torch.device
-) -> tuple[BlockMask, BlockLayout]:
-    """The BlockMask for ``key`` (which must identify the mask and its parameters), built once.
-
-    Plain dict operations (atomic under the GIL) so that ``torch.compile`` can trace a lookup: inside a
-    compiled region a cached BlockMask enters the graph as an input, like one built outside.
-    """
-    full_key = (key, n_q, n_k, str(device), BLOCK_SIZE)
-    hit = _block_masks.get(full_key)
-    if hit is not None:
-        if not torch.compiler.is_compiling():
-            _block_masks.move_to_end(full_key)
-            stats["block_mask_hits"] += 1
-        return hit
-    built = build_block_mask(make_mask(), n_q, n_k, device)
-    if not torch.compiler.is_compiling():
-        _block_masks[full_key] = built
-        stats["block_mask_builds"] += 1
-        while len(_block_masks) > CACHE_SIZE:
-            _block_masks.popitem(last=False)
-    return built
-
-
-def clear_cache() -> None:
-    _block_masks.clear()
 
 
 def compiled_flex() -> Callable[..., Any]:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from attnlab.reference import expand_kv
+from attnlab.kernels.heads import expand_kv
 
 #: SDPA kernels in the order attnlab prefers them on CUDA (fastest first on Hopper); SDPA skips the
 #: ones that cannot take the inputs.

@@ -8,16 +8,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attnlab.backends.base import Call
 from attnlab.backends.eager import EAGER
 from attnlab.backends.flex import FlexBackend
 from attnlab.backends.triton_sigmoid import TritonSigmoidBackend
+from attnlab.core import Call, MethodSpec
 from attnlab.kernels.flex import ScoreMod
 from attnlab.masks import causal_mask, mask_for
 from attnlab.params import Params
 from attnlab.patterns import ALL_PATTERNS
 from attnlab.reference import masked_sigmoid_attention
-from attnlab.registry import MethodSpec, register
+from attnlab.registry import register
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,8 @@ SPEC = register(
     MethodSpec(
         name="sigmoid",
         family="dense",
-        paper="Theory, Analysis, and Best Practices for Sigmoid Self-Attention (Ramapuram et al., 2024)",
+        paper="Theory, Analysis, and Best Practices for Sigmoid Self-Attention (Ramapuram et al., 2024; "
+        "code: github.com/apple/ml-sigmoid-attention)",
         summary="sigmoid(scale*qk + b) weights, no row normalisation; b = -ln(N_k) by default",
         params=SigmoidParams,
         reference=reference,
@@ -83,6 +84,6 @@ SPEC = register(
         patterns=ALL_PATTERNS,
         test_params=({}, {"bias": 0.0}, {"bias": -2.5}),
         bench_params=lambda n: [{}],
-        url="https://github.com/apple/ml-sigmoid-attention",
+        softmax_normalized=False,
     )
 )

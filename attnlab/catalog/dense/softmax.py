@@ -8,11 +8,12 @@ from torch import Tensor
 
 from attnlab.backends.flex import FLEX
 from attnlab.backends.sdpa import SdpaBackend
+from attnlab.core import MethodSpec
 from attnlab.masks import causal_mask, mask_for
 from attnlab.params import Params
 from attnlab.patterns import ALL_PATTERNS
 from attnlab.reference import masked_softmax_attention
-from attnlab.registry import MethodSpec, register
+from attnlab.registry import register
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,5 @@ SPEC = register(
         mask=mask,
         test_params=({"sinks": 1, "window": 2}, {"sinks": 4, "window": 16}, {"sinks": 0, "window": 5}),
         bench_params=_bench,
-        url="https://github.com/mit-han-lab/streaming-llm",
     )
 )

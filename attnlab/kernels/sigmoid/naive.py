@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnlab.reference import expand_kv
+from attnlab.kernels.heads import expand_kv
 
 
 def _probs(q: Tensor, k: Tensor, scale: float, bias: float, causal: bool) -> Tensor:

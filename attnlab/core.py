@@ -1,0 +1,344 @@
+"""The shared types every layer uses: a call's shape, what a backend can do, a resolved call, its result,
+and a method's specification. They sit below the registry, the backends and the API, and import nothing
+of those (layers point down only).
+
+- :class:`Problem`: the shapes, dtype, device and pattern of one call (what decides which backend can run).
+- :class:`TensorInput`: a tensor a method takes beside q, k, v (gates, biases, cache statistics), declared
+  by the method with its shape in symbols and validated like q, k, v.
+- :class:`Capabilities`: what a backend declares it can run; :meth:`Capabilities.reasons` returns every
+  reason it refuses a call (xFormers' ``not_supported_reasons``), to which a backend adds its own.
+- :class:`Backend`: a way to run a method (an adapter from a :class:`Call` to an executor in ``kernels``).
+- :class:`Call`: one resolved call (method, validated parameters, problem, scale, what to return).
+- :class:`Result`: the output and, on request, the log-sum-exp, the sparsity plan used and the state.
+- :class:`MethodSpec`: everything attnlab knows about one method (the registry holds them).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnlab.errors import ParamError, did_you_mean
+from attnlab.params import Params
+from attnlab.patterns import ALL_PATTERNS, Pattern, pattern_of
+
+FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+Verdict = tuple[bool, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """The shape of one attention call: everything a backend needs to decide whether it can run it."""
+
+    batch: int
+    heads: int
+    kv_heads: int
+    n_q: int
+    n_k: int
+    head_dim: int
+    v_dim: int
+    causal: bool
+    dtype: torch.dtype
+    device: torch.device
+    requires_grad: bool
+
+    @property
+    def group(self) -> int:
+        """Query heads per key/value head (1 without GQA)."""
+        return self.heads // self.kv_heads
+
+    @property
+    def pattern(self) -> Pattern:
+        return pattern_of(self.causal, self.n_q, self.n_k)
+
+    @property
+    def dense_elements(self) -> int:
+        """Elements of the full score matrix over all heads: B * H * N_q * N_k."""
+        return self.batch * self.heads * self.n_q * self.n_k
+
+    def symbols(self) -> dict[str, int]:
+        """The sizes that :class:`TensorInput` shapes name."""
+        return {
+            "B": self.batch,
+            "H": self.heads,
+            "H_kv": self.kv_heads,
+            "N_q": self.n_q,
+            "N_k": self.n_k,
+            "D": self.head_dim,
+            "D_v": self.v_dim,
+        }
+
+    def describe(self) -> str:
+        return (
+            f"q (B={self.batch}, H={self.heads}, N_q={self.n_q}, D={self.head_dim}), "
+            f"k/v (H_kv={self.kv_heads}, N_k={self.n_k}, D_v={self.v_dim}), {self.dtype}, "
+            f"{self.device}, {self.pattern.value}"
+        )
+
+
+@dataclass(frozen=True)
+class TensorInput:
+    """A tensor a method takes beside q, k, v, passed by name: ``attention(q, k, v, method=m, gate=g)``.
+
+    ``shape`` names each dim with a symbol of :meth:`Problem.symbols` (``"B"``, ``"H"``, ``"H_kv"``,
+    ``"N_q"``, ``"N_k"``, ``"D"``, ``"D_v"``) or a fixed int. With ``broadcast``, any dim may also be 1.
+    It must be a floating tensor on q's device (any float dtype unless ``same_dtype``); it is checked for
+    NaN/Inf with q, k, v when ``check_finite`` is on.
+    """
+
+    name: str
+    shape: tuple[str | int, ...]
+    doc: str
+    required: bool = True
+    broadcast: bool = False
+    same_dtype: bool = False
+
+    def expected(self, sizes: Mapping[str, int]) -> tuple[int, ...]:
+        return tuple(sizes[s] if isinstance(s, str) else s for s in self.shape)
+
+    def describe(self) -> str:
+        dims = ", ".join(str(s) for s in self.shape)
+        return f"{self.name} ({dims}{'; 1 broadcasts' if self.broadcast else ''}): {self.doc}"
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend declares it can run. :meth:`reasons` turns a call into every refusal at once.
+
+    ``plan_kinds``: the sparsity plans it executes ("static": from a mask, "dynamic": estimated from
+    q and k); a method with a plan needs a backend that takes its kind (dense methods have none).
+    ``where``: how the support matrix describes its devices (default: from ``devices``).
+    """
+
+    devices: tuple[str, ...] = ("cuda", "cpu")
+    dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
+    min_head_dim: int = 1
+    max_head_dim: int | None = None
+    same_v_dim: bool = False
+    patterns: frozenset[Pattern] = ALL_PATTERNS
+    gqa: bool = True
+    backward: bool = True
+    lse: bool = False
+    stateful: bool = False
+    plan_kinds: frozenset[str] = frozenset()
+    where: str = ""
+
+    def where_text(self) -> str:
+        return self.where or "/".join("GPU" if d == "cuda" else d.upper() for d in self.devices)
+
+    def reasons(self, call: Call) -> list[str]:
+        """Every declared capability ``call`` needs that this backend lacks (empty: it can run it)."""
+        p = call.problem
+        out = []
+        if p.device.type not in self.devices:
+            out.append(f"runs on {'/'.join(self.devices)}, not {p.device.type}")
+        if p.dtype not in self.dtypes:
+            out.append(f"takes {', '.join(_dtype_name(d) for d in self.dtypes)}, not {_dtype_name(p.dtype)}")
+        if p.head_dim < self.min_head_dim or p.v_dim < self.min_head_dim:
+            out.append(f"needs head dims >= {self.min_head_dim}, got D={p.head_dim}, D_v={p.v_dim}")
+        if self.max_head_dim is not None and max(p.head_dim, p.v_dim) > self.max_head_dim:
+            out.append(f"takes head dims up to {self.max_head_dim}, got D={p.head_dim}, D_v={p.v_dim}")
+        if self.same_v_dim and p.head_dim != p.v_dim:
+            out.append(f"needs D_v == D, got D={p.head_dim}, D_v={p.v_dim}")
+        if p.pattern not in self.patterns:
+            out.append(f"does not run the {p.pattern.value} pattern")
+        if p.group > 1 and not self.gqa:
+            out.append(f"has no grouped-query attention (H={p.heads}, H_kv={p.kv_heads})")
+        if p.requires_grad and not self.backward:
+            out.append("has no backward and an input requires grad")
+        if call.want_lse and not self.lse:
+            out.append("cannot return the log-sum-exp (return_lse=True)")
+        if call.spec.stateful and not self.stateful:
+            out.append("cannot carry the method's recurrent state")
+        kind = call.spec.plan_kind
+        if kind is not None and kind not in self.plan_kinds:
+            out.append(f"does not execute {kind} sparsity plans")
+        return out
+
+
+@dataclass(frozen=True)
+class Call:
+    """One resolved call: the method, its validated parameters, the shapes, the scale and what to return.
+
+    Made once per call signature (a prepared op caches it); tensors are passed to :meth:`Backend.run`
+    separately, so a Call never holds data.
+    """
+
+    spec: MethodSpec
+    params: Params
+    problem: Problem
+    scale: float
+    want_lse: bool = False
+    #: what backends derive once per call signature and keep (a plan's BlockMask, a dense mask, ...)
+    memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+@dataclass
+class Result:
+    """What a call returns when more than the output is asked for.
+
+    - ``out``: (B, H, N_q, D_v) in the input dtype.
+    - ``lse``: (B, H, N_q) float32, natural-log sum of exp(score) over the allowed keys (softmax methods;
+      -inf for rows with no allowed key), with ``return_lse=True``.
+    - ``plan``: the :class:`attnlab.plans.Plan` the call executed, with ``return_plan=True`` (None for
+      methods without a sparsity plan).
+    - ``state``: the recurrent state after the call (stateful methods; None otherwise).
+    """
+
+    out: Tensor
+    lse: Tensor | None = None
+    plan: Any = None
+    state: Any = None
+
+
+class Backend(ABC):
+    """A way to run a method. Subclasses set ``name``, ``summary`` and ``caps``, implement :meth:`run`
+    (and :meth:`run_lse` when ``caps.lse``), and add backend-specific refusals in :meth:`reasons`."""
+
+    name: str = "?"
+    summary: str = ""
+    caps: Capabilities = Capabilities()
+
+    def reasons(self, call: Call) -> list[str]:
+        """Refusals beyond the declared capabilities (e.g. a device-specific limit). Default: none."""
+        return []
+
+    def refusals(self, call: Call) -> list[str]:
+        """Every reason this backend cannot run ``call`` (declared capabilities first)."""
+        return self.caps.reasons(call) + self.reasons(call)
+
+    def can_use(self, call: Call) -> Verdict:
+        """(True, "") if this backend can run ``call``, else (False, every reason, joined)."""
+        why = self.refusals(call)
+        return (not why, "; ".join(why))
+
+    @abstractmethod
+    def run(self, q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor]) -> Tensor:
+        """The attention output (B, H, N_q, D_v) in the input dtype. ``extra``: the method's declared
+        tensor inputs beyond q, k, v (validated)."""
+
+    def run_lse(
+        self, q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """(output, lse (B, H, N_q) float32); only for backends whose ``caps.lse`` is True."""
+        raise NotImplementedError(f"backend {self.name} cannot return the log-sum-exp")
+
+    def run_state(
+        self, q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor], state: Any
+    ) -> tuple[Tensor, Any]:
+        """(output, state after the call) of a stateful method, from ``state`` (None: the initial state);
+        only for backends whose ``caps.stateful`` is True."""
+        raise NotImplementedError(f"backend {self.name} carries no state")
+
+    def plan(self, q: Tensor, k: Tensor, call: Call) -> Any:
+        """The sparsity plan this backend executes for ``call`` (None: it runs no plan)."""
+        return None
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return self.caps.devices
+
+    @property
+    def backward(self) -> bool:
+        return self.caps.backward
+
+    def where_text(self) -> str:
+        """Where it runs, for the support matrix."""
+        return self.caps.where_text()
+
+    def __repr__(self) -> str:
+        return f"<backend {self.name}>"
+
+
+#: ``reference(q, k, v, params, *, causal, scale, upcast=True, **tensor_inputs) -> out`` (stateful methods:
+#: ``state=`` in, ``(out, state)`` out): the method's specification, plain PyTorch, fp32 when ``upcast``.
+ReferenceFn = Callable[..., Any]
+
+
+FAMILIES = ("dense", "static", "dynamic", "decode", "linear")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Everything attnlab knows about one method.
+
+    - ``reference``: plain PyTorch, fp32 by default; the specification every backend must match.
+    - ``backends``: fast paths in priority order (the chooser takes the first that can run a call).
+    - ``patterns``: which of the four CAB patterns the method defines.
+    - ``mask``: for mask-defined methods, the factory of the token mask (see :mod:`attnlab.masks`);
+      such a method has a static sparsity plan (``plan_kind == "static"``).
+    - ``index_mask``: the same mask as plain index arithmetic over a dense grid (independent of ``mask``);
+      a test checks that the two agree.
+    - ``inputs``: tensors the method takes beside q, k, v.
+    - ``stateful``: whether the method carries a recurrent state from call to call.
+    - ``test_params``: parameter sets the parity tests run (small values that make the mask bite).
+    - ``bench_params(n)``: parameter sets the benchmark sweeps at length ``n`` (budgets, i.e. densities).
+    """
+
+    name: str
+    family: str
+    paper: str
+    summary: str
+    params: type[Params]
+    reference: ReferenceFn
+    backends: tuple[Backend, ...]
+    patterns: frozenset[Pattern]
+    test_params: tuple[Mapping[str, Any], ...]
+    bench_params: Callable[[int], list[dict[str, Any]]]
+    gqa: bool = True
+    mask: Callable[[Any, Any], Any] | None = None
+    index_mask: Callable[[Any, int, int, bool], Tensor] | None = None
+    inputs: tuple[TensorInput, ...] = ()
+    stateful: bool = False
+    #: whether the weights are softmax-normalised over the allowed keys (then a log-sum-exp exists)
+    softmax_normalized: bool = True
+    input_names: frozenset[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input_names", frozenset(t.name for t in self.inputs))
+
+    @property
+    def backward(self) -> bool:
+        """Whether some backend of the method has a backward."""
+        return any(b.caps.backward for b in self.backends)
+
+    @property
+    def plan_kind(self) -> str | None:
+        """The kind of sparsity plan the method executes ("static" for mask methods), or None."""
+        return "static" if self.mask is not None else None
+
+    def make_params(self, kwargs: Mapping[str, Any]) -> Params:
+        """Validated parameters from keyword arguments (defaults fill the rest)."""
+        try:
+            return self.params.from_kwargs(dict(kwargs))
+        except TypeError as e:  # e.g. a positional-only mistake inside the dataclass
+            raise ParamError(f"method {self.name!r}: {e}") from None
+
+    def default_params(self) -> Params:
+        """The parameters with every default."""
+        return self.make_params({})
+
+    def backend(self, name: str) -> Backend:
+        for b in self.backends:
+            if b.name == name:
+                return b
+        names = [b.name for b in self.backends]
+        raise ParamError(
+            f"method {self.name!r} has no backend {name!r}.{did_you_mean(name, names)} "
+            f"Its backends are: {', '.join(names)} (and 'reference')"
+        )
+
+
+def default_scale(head_dim: int, scale: float | None) -> float:
+    """The softmax scale: ``scale`` if given, else ``1 / sqrt(D)``."""
+    return float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)

@@ -1,0 +1,110 @@
+"""Static plans: made from a mask and the shapes, exact, and cached (least recently used first out).
+
+:func:`plan_from_mask` evaluates a mask function in row chunks (memory O(chunk), never N x N at once) and
+classifies every tile exactly: full when every pair inside the matrix is allowed, partial when some are.
+Tiles that stick out of the matrix at the tail count as partial unless the mask is empty there.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable
+from typing import Any
+
+import torch
+
+from attnlab.masks import MaskContext, MaskMod, causal_mask
+from attnlab.plans.plan import Plan
+from attnlab.settings import settings
+
+#: Tile size of static plans (query rows x key columns); FlexAttention takes multiples of its own.
+BLOCK = 128
+#: How many static plans the cache keeps.
+CACHE_SIZE = 64
+
+_cache: OrderedDict[Hashable, Plan] = OrderedDict()
+stats = {"builds": 0, "hits": 0}
+
+
+def plan_from_mask(
+    mask_mod: MaskMod,
+    n_q: int,
+    n_k: int,
+    causal: bool,
+    device: torch.device | str,
+    block_q: int = BLOCK,
+    block_k: int = BLOCK,
+) -> Plan:
+    """The exact static plan of a position-only mask (broadcast over batch and heads: Bp = Hp = 1)."""
+    nqb, nkb = -(-n_q // block_q), -(-n_k // block_k)
+    zero = torch.zeros((), dtype=torch.int32, device=device)
+    kv_idx = torch.arange(nkb * block_k, dtype=torch.int32, device=device)
+    kv_valid = kv_idx < n_k
+    rows = max(1, settings.mask_chunk_elements // (nkb * block_k) // block_q) * block_q
+    partial, full = [], []
+    allowed = torch.zeros((), dtype=torch.int64, device=device)
+    for r0 in range(0, nqb * block_q, rows):
+        q_idx = torch.arange(r0, min(r0 + rows, nqb * block_q), dtype=torch.int32, device=device)
+        m = mask_mod(zero, zero, q_idx[:, None], kv_idx[None, :])
+        m = m & kv_valid[None, :] & (q_idx < n_q)[:, None]
+        allowed += m.sum()
+        tiles = m.view(-1, block_q, nkb, block_k)
+        any_ = tiles.any(dim=3).any(dim=1)
+        all_ = tiles.all(dim=3).all(dim=1)
+        partial.append(any_ & ~all_)
+        full.append(all_)
+    return Plan(
+        n_q=n_q,
+        n_k=n_k,
+        causal=causal,
+        block_q=block_q,
+        block_k=block_k,
+        full=torch.cat(full)[None, None],
+        partial=torch.cat(partial)[None, None],
+        mask_mod=mask_mod,
+        kind="static",
+        allowed_count=allowed.view(1, 1),
+    )
+
+
+def _cached(key: Hashable, build: Any) -> Plan:
+    """The plan for ``key``, built once. Plain dict operations, so ``torch.compile`` can trace a lookup
+    (inside a compiled region a cached plan's tensors enter the graph as inputs; nothing is stored)."""
+    hit = _cache.get(key)
+    if hit is not None:
+        if not torch.compiler.is_compiling():
+            _cache.move_to_end(key)
+            stats["hits"] += 1
+        return hit
+    plan: Plan = build()
+    if not torch.compiler.is_compiling():
+        _cache[key] = plan
+        stats["builds"] += 1
+        while len(_cache) > CACHE_SIZE:
+            _cache.popitem(last=False)
+    return plan
+
+
+def static_plan(
+    spec: Any, params: Any, n_q: int, n_k: int, causal: bool, device: torch.device, block: int = BLOCK
+) -> Plan:
+    """The plan of a mask-defined method (``spec.mask``) for these shapes and parameters (cached)."""
+    key = (spec.name, params.key(), n_q, n_k, causal, str(device), block)
+
+    def build() -> Plan:
+        return plan_from_mask(
+            spec.mask(params, MaskContext(n_q, n_k, causal, device)), n_q, n_k, causal, device, block, block
+        )
+
+    return _cached(key, build)
+
+
+def causal_plan(n_q: int, n_k: int, device: torch.device, block: int = BLOCK) -> Plan:
+    """The plan of dense causal attention (bottom-right aligned) for these shapes (cached)."""
+    key = ("causal", n_q, n_k, str(device), block)
+
+    def build() -> Plan:
+        mask = causal_mask(None, MaskContext(n_q, n_k, True, device))
+        return plan_from_mask(mask, n_q, n_k, True, device, block, block)
+
+    return _cached(key, build)

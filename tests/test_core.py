@@ -1,0 +1,322 @@
+"""The core types and the hot path: prepared ops, their caches, capabilities, results, tensor inputs, state."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+import attnlab
+from attnlab.backends.eager import EAGER
+from attnlab.core import Backend, Call, Capabilities, MethodSpec, Result, TensorInput
+from attnlab.dispatch import choose
+from attnlab.errors import BackendError, InputError, ParamError
+from attnlab.params import Params
+from attnlab.patterns import ALL_PATTERNS, SELF_PATTERNS
+from attnlab.reference import masked_softmax_attention
+from attnlab.registry import registered
+
+
+def qkv(
+    b: int = 1, h: int = 4, hk: int = 2, n: int = 16, nk: int | None = None, d: int = 16
+) -> tuple[Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    nk = n if nk is None else nk
+    return (
+        torch.randn(b, h, n, d, generator=g),
+        torch.randn(b, hk, nk, d, generator=g),
+        torch.randn(b, hk, nk, d, generator=g),
+    )
+
+
+# -- prepared ops -------------------------------------------------------------------------------------
+def test_a_prepared_op_matches_attention_and_resolves_each_signature_once() -> None:
+    op = attnlab.prepare("sliding_window", causal=True, window=5)
+    q, k, v = qkv()
+    want = attnlab.attention(q, k, v, method="sliding_window", causal=True, window=5)
+    assert torch.equal(op(q, k, v), want)
+    entries = op._entries
+    assert len(entries) == 1
+    first = next(iter(entries.values()))
+    for _ in range(3):
+        op(q, k, v)
+    assert len(entries) == 1 and next(iter(entries.values())) is first  # the resolution is reused
+    q2, k2, v2 = qkv(n=24)
+    op(q2, k2, v2)
+    assert len(entries) == 2  # a new shape is validated and dispatched again
+
+
+def test_a_new_signature_is_validated_in_full() -> None:
+    op = attnlab.prepare("softmax")
+    q, k, v = qkv()
+    op(q, k, v)
+    with pytest.raises(InputError, match="grouped-query attention needs H % H_kv == 0"):
+        op(*qkv(h=3, hk=2))
+    with pytest.raises(InputError, match="must share one dtype"):
+        op(q, k.double().float().half(), v)
+    with pytest.raises(InputError, match="q must be a torch.Tensor"):
+        op([1, 2], k, v)  # type: ignore[arg-type]
+
+
+def test_parameters_are_validated_when_the_op_is_prepared() -> None:
+    with pytest.raises(ParamError, match="window=0 is invalid"):
+        attnlab.prepare("sliding_window", window=0)
+    with pytest.raises(ParamError, match="has no backend 'flax'.*Did you mean 'flex'"):
+        attnlab.prepare("sliding_window", backend="flax")
+    with pytest.raises(InputError, match="causal must be a bool"):
+        attnlab.prepare("softmax", causal=1)  # type: ignore[arg-type]
+
+
+def test_dispatch_follows_settings_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    op = attnlab.prepare("sigmoid", backend="reference")
+    q, k, v = qkv()
+    op(q, k, v)
+    monkeypatch.setattr(attnlab.settings, "max_dense_elements", 100)
+    with pytest.raises(attnlab.DenseTooLargeError, match="max_dense_elements=100"):
+        op(q, k, v)
+
+
+def test_gradients_change_the_signature_and_honour_backward() -> None:
+    op = attnlab.prepare("dilated", causal=True, window=3)
+    q, k, v = qkv()
+    assert op.explain(q, k, v).backend is not None and op.explain(q, k, v).backend.name == "flex"
+    q.requires_grad_(True)
+    out = op(q, k, v)  # flex has no CPU backward: dispatch picks sdpa_mask
+    assert isinstance(out, Tensor)
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+    assert op.explain(q, k, v).backend.name == "sdpa_mask"  # type: ignore[union-attr]
+
+
+def test_attention_reuses_ops_and_takes_unhashable_params_through_validation() -> None:
+    from attnlab import api
+
+    q, k, v = qkv()
+    attnlab.attention(q, k, v, method="streaming", sinks=2, window=4)
+    n = len(api._OPS)
+    attnlab.attention(q, k, v, method="streaming", sinks=2, window=4)
+    assert len(api._OPS) == n
+    with pytest.raises(ParamError, match="window=\\[4\\] is invalid"):
+        attnlab.attention(q, k, v, method="sliding_window", window=[4])
+
+
+def test_explain_takes_every_argument_attention_does() -> None:
+    q, k, v = qkv()
+    choice = attnlab.explain(
+        q, k, v, method="sliding_window", causal=True, scale=0.5, backend="sdpa_mask", check_finite=True,
+        return_lse=False, return_plan=True, window=3,
+    )  # fmt: skip
+    assert choice.backend is not None and choice.backend.name == "sdpa_mask"
+    text = str(choice)
+    assert "method 'sliding_window'" in text and "runs on backend 'sdpa_mask'" in text
+
+
+# -- capabilities -------------------------------------------------------------------------------------
+def _call(problem_kw: dict[str, Any] | None = None, *, want_lse: bool = False) -> Call:
+    q, k, v = qkv()
+    call = attnlab.resolve(q, k, v, method="softmax")
+    if problem_kw:
+        call = dataclasses.replace(call, problem=dataclasses.replace(call.problem, **problem_kw))
+    return dataclasses.replace(call, want_lse=want_lse)
+
+
+def test_capabilities_return_every_reason_at_once() -> None:
+    caps = Capabilities(
+        devices=("cuda",),
+        dtypes=(torch.bfloat16,),
+        max_head_dim=8,
+        same_v_dim=True,
+        patterns=SELF_PATTERNS,
+        gqa=False,
+        backward=False,
+    )
+    call = _call({"requires_grad": True, "v_dim": 12, "n_k": 32}, want_lse=True)
+    reasons = caps.reasons(call)
+    expected = [
+        "runs on cuda, not cpu",
+        "takes bfloat16, not float32",
+        "takes head dims up to 8, got D=16, D_v=12",
+        "needs D_v == D, got D=16, D_v=12",
+        "does not run the noncausal_cross pattern",
+        "has no grouped-query attention (H=4, H_kv=2)",
+        "has no backward and an input requires grad",
+        "cannot return the log-sum-exp (return_lse=True)",
+    ]
+    assert reasons == expected
+    assert Capabilities().reasons(_call()) == []
+
+
+def test_a_backend_adds_its_own_reasons_after_the_declared_ones() -> None:
+    class Picky(Backend):
+        name = "picky"
+        caps = Capabilities(devices=("cuda",))
+
+        def reasons(self, call: Call) -> list[str]:
+            return ["needs a full moon"]
+
+        def run(self, q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor]) -> Tensor:
+            raise AssertionError("never chosen")
+
+    ok, why = Picky().can_use(_call())
+    assert not ok and why == "runs on cuda, not cpu; needs a full moon"
+
+
+def test_plan_kinds_are_enforced() -> None:
+    q, k, v = qkv()
+    call = attnlab.resolve(q, k, v, method="sliding_window", window=3)
+    assert "does not execute static sparsity plans" in attnlab.get("softmax").backends[0].refusals(call)
+
+
+# -- results -------------------------------------------------------------------------------------------
+def test_return_lse_gives_a_result_with_the_reference_lse() -> None:
+    q, k, v = qkv(n=9, nk=20)
+    res = attnlab.attention(q, k, v, method="streaming", causal=True, sinks=1, window=3, backend="reference",
+                            return_lse=True, return_plan=True)  # fmt: skip
+    assert isinstance(res, Result) and res.lse is not None and res.plan is not None
+    mask = res.plan.dense_mask()[0, 0]
+    s = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 16**-0.5
+    want = torch.logsumexp(s.masked_fill(~mask, float("-inf")), -1)
+    torch.testing.assert_close(res.lse, want)
+    assert torch.equal(res.out, attnlab.attention(q, k, v, method="streaming", causal=True, sinks=1, window=3,
+                                                  backend="reference"))  # fmt: skip
+
+
+def test_lse_is_refused_where_it_does_not_exist() -> None:
+    q, k, v = qkv()
+    with pytest.raises(BackendError, match="not softmax-normalised: it has no log-sum-exp"):
+        attnlab.attention(q, k, v, method="sigmoid", backend="reference", return_lse=True)
+    with pytest.raises(BackendError, match="sdpa_mask: cannot return the log-sum-exp"):
+        attnlab.attention(q, k, v, method="sliding_window", window=2, backend="sdpa_mask", return_lse=True)
+
+
+def test_rows_without_keys_have_zero_output_and_minus_inf_lse() -> None:
+    q, k, v = qkv(n=6, nk=3)  # causal, N_q > N_k: the first 3 queries see no key
+    res = attnlab.attention(q, k, v, causal=True, backend="reference", return_lse=True)
+    assert isinstance(res, Result) and res.lse is not None
+    assert torch.equal(res.out[:, :, :3], torch.zeros_like(res.out[:, :, :3]))
+    assert torch.isneginf(res.lse[:, :, :3]).all() and torch.isfinite(res.lse[:, :, 3:]).all()
+
+
+# -- tensor inputs beyond q, k, v, and state ------------------------------------------------------------
+@dataclass(frozen=True)
+class _GateParams(Params):
+    """No parameters."""
+
+    method = "test_gated"
+
+
+def _gated_reference(
+    q: Tensor, k: Tensor, v: Tensor, params: Any, *, causal: bool, scale: float, upcast: bool = True,
+    gate: Tensor | None = None,
+) -> Tensor:  # fmt: skip
+    """softmax attention times sigmoid(gate) per (batch, head, query)."""
+    out = masked_softmax_attention(q, k, v, scale=scale, mask=None, upcast=upcast)
+    assert gate is not None
+    return (out.float() * torch.sigmoid(gate.float())[..., None]).to(q.dtype)
+
+
+GATED = MethodSpec(
+    name="test_gated",
+    family="dense",
+    paper="(test)",
+    summary="softmax attention with an output gate (a test method)",
+    params=_GateParams,
+    reference=_gated_reference,  # type: ignore[arg-type]
+    backends=(EAGER,),
+    patterns=ALL_PATTERNS,
+    test_params=({},),
+    bench_params=lambda n: [{}],
+    inputs=(TensorInput("gate", ("B", "H", "N_q"), "output gate logits", broadcast=True),),
+)
+
+
+def test_declared_tensor_inputs_are_validated_and_passed() -> None:
+    q, k, v = qkv()
+    gate = torch.randn(1, 4, 16)
+    with registered(GATED):
+        out = attnlab.attention(q, k, v, method="test_gated", gate=gate)
+        want = _gated_reference(q, k, v, None, causal=False, scale=0.25, gate=gate)
+        torch.testing.assert_close(out, want)
+        op = attnlab.prepare("test_gated")
+        torch.testing.assert_close(
+            op(q, k, v, gate=gate[:, :1]), op(q, k, v, gate=gate[:, :1].expand(1, 4, 16))
+        )
+        with pytest.raises(InputError, match=r"needs the tensor input gate \(B, H, N_q; 1 broadcasts\)"):
+            op(q, k, v)
+        with pytest.raises(InputError, match=r"gate has shape \(1, 4, 15\); method 'test_gated' expects "
+                                              r"\(B=1, H=4, N_q=16\) where any dim may be 1"):  # fmt: skip
+            op(q, k, v, gate=torch.randn(1, 4, 15))
+        with pytest.raises(InputError, match="gate has dtype torch.int64; expected a floating dtype"):
+            op(q, k, v, gate=torch.ones(1, 4, 16, dtype=torch.long))
+        with pytest.raises(ParamError, match="takes no tensor input 'gates'"):
+            op(q, k, v, gate=gate, gates=gate)
+        gate_bad = gate.clone()
+        gate_bad[0, 0, 0] = float("nan")
+        with pytest.raises(InputError, match="gate contains 1 NaN/Inf"):
+            attnlab.attention(q, k, v, method="test_gated", gate=gate_bad, check_finite=True)
+    assert "test_gated" not in attnlab.methods()
+
+
+@dataclass(frozen=True)
+class _SumParams(Params):
+    """No parameters."""
+
+    method = "test_running_sum"
+
+
+def _running_sum_reference(
+    q: Tensor, k: Tensor, v: Tensor, params: Any, *, causal: bool, scale: float, upcast: bool = True,
+    state: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Unnormalised causal linear attention: S_t = S_{t-1} + k_t v_t^T, o_t = q_t S_t; state S (B,H,D,D_v)."""
+    s = torch.zeros(q.shape[0], q.shape[1], q.shape[3], v.shape[3]) if state is None else state
+    outs = []
+    for t in range(q.shape[2]):
+        s = s + k[:, :, t, :, None] * v[:, :, t, None, :]
+        outs.append(torch.einsum("bhd,bhde->bhe", q[:, :, t], s))
+    return torch.stack(outs, 2), s
+
+
+RUNNING_SUM = MethodSpec(
+    name="test_running_sum",
+    family="linear",
+    paper="(test)",
+    summary="a stateful test method",
+    params=_SumParams,
+    reference=_running_sum_reference,  # type: ignore[arg-type]
+    backends=(EAGER,),
+    patterns=frozenset({attnlab.Pattern.CAUSAL_SELF}),
+    test_params=({},),
+    bench_params=lambda n: [{}],
+    gqa=False,
+    stateful=True,
+)
+
+
+def test_state_flows_in_and_out_of_a_stateful_method() -> None:
+    q, k, v = qkv(hk=4, n=10)
+    with registered(RUNNING_SUM):
+        op = attnlab.prepare("test_running_sum", causal=True)
+        whole = op(q, k, v)
+        assert isinstance(whole, Result) and whole.state is not None
+        first = op(q[:, :, :6], k[:, :, :6], v[:, :, :6])
+        assert isinstance(first, Result)
+        second = op(q[:, :, 6:], k[:, :, 6:], v[:, :, 6:], state=first.state)
+        assert isinstance(second, Result)
+        torch.testing.assert_close(torch.cat([first.out, second.out], 2), whole.out)
+        torch.testing.assert_close(second.state, whole.state)
+        flex_like = [b for b in attnlab.get("softmax").backends if not b.caps.stateful]
+        call = attnlab.resolve(q, k, v, method="test_running_sum", causal=True)
+        assert "cannot carry the method's recurrent state" in flex_like[0].refusals(call)
+        assert choose(call).backend is EAGER
+
+
+def test_registered_removes_the_method_even_on_error() -> None:
+    with pytest.raises(RuntimeError), registered(GATED):
+        raise RuntimeError
+    assert "test_gated" not in attnlab.methods()
