@@ -22,7 +22,7 @@ from torch import Tensor
 
 from attnlab.core import Backend, Call, MethodSpec, Result, default_scale
 from attnlab.dispatch import Choice, choose, require
-from attnlab.errors import InputError, ParamError, UnsupportedPatternError
+from attnlab.errors import BackendError, InputError, ParamError, UnsupportedPatternError
 from attnlab.inputs import check_finite_values, validate, validate_extra
 from attnlab.params import Params
 from attnlab.plans import Plan, static_plan
@@ -190,6 +190,12 @@ class Op:
             return self.resolve(q, k, v)
         entry = self._entries.get(key)
         if entry is None:
+            if q.is_cuda and torch.cuda.is_current_stream_capturing():
+                raise BackendError(
+                    f"a new call signature of {self!r} inside CUDA-graph capture ({tuple(q.shape)} x "
+                    f"{tuple(k.shape)}): resolving it builds tensors (plans, masks) on the device, which "
+                    "capture forbids. Call the op once at this shape before capturing."
+                )
             entry = self.resolve(q, k, v)
             if len(self._entries) >= OP_SIGNATURES:
                 del self._entries[next(iter(self._entries))]

@@ -55,9 +55,6 @@ class Params:
         """A hashable identity of these values (for caches)."""
         return (type(self).__name__, *dataclasses.astuple(self))
 
-    def describe(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.as_dict().items())
-
     # -- checks used by validate() ------------------------------------------------------------------
     def _fail(self, name: str, value: Any, expected: str) -> ParamError:
         return ParamError(

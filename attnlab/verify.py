@@ -2,8 +2,10 @@
 
 Per method, backend and supported pattern: a self shape (N=257) and a cross shape (N_q=63, N_k=257),
 head dim 64, GQA 2:1, every parameter set of ``test_params``; forward, and backward where the backend
-can run with gradients. On CUDA in bfloat16 and float32; on CPU in float32. Triton's CPU interpreter
-(``TRITON_INTERPRET=1``) gets tiny shapes.
+can run with gradients. On CUDA in bfloat16 and float32, plus the benchmark's timed configuration
+(:func:`timed_cases`: N=8192, D=128, bf16, every timed budget, through the autotuned path); on CPU in
+float32. Triton's CPU interpreter (``TRITON_INTERPRET=1``) gets tiny shapes. A backend that refuses a
+case gives a skipped Check, counted as skipped (never as passed).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 import torch
 
 import attnlab
+from attnlab.patterns import pattern_of
 from attnlab.testing import Case, Check, cases_for, check_parity
 
 
@@ -38,6 +41,27 @@ def verify_cases(
                 batch=2,
             ):
                 yield name, backend.name, case
+            if device.type == "cuda":
+                for case in timed_cases(spec):
+                    yield name, backend.name, case
+
+
+#: The configuration the GPU benchmark times (bf16, head dim 128, self-attention at 8K and beyond), checked
+#: at its shortest long length through the same autotuned path: attnlab's kernels pick one schedule for
+#: every length >= 8K (the long-sequence bucket), so a check at 8192 covers the schedule timed at 8K-64K.
+TIMED_LENGTH = 8192
+TIMED_HEAD_DIM = 128
+
+
+def timed_cases(spec: attnlab.MethodSpec) -> Iterator[Case]:
+    """Cases at the benchmark's timed configuration: N = TIMED_LENGTH, D = 128, bf16, causal and not, with
+    every parameter set the benchmark times there (``bench_params``); B=1, 2 heads (the reference's N x N
+    fp32 scores must fit in memory)."""
+    for causal in (False, True):
+        if pattern_of(causal, TIMED_LENGTH, TIMED_LENGTH) not in spec.patterns:
+            continue
+        for params in spec.bench_params(TIMED_LENGTH):
+            yield Case(1, 2, 2, TIMED_LENGTH, TIMED_LENGTH, TIMED_HEAD_DIM, torch.bfloat16, causal, params)
 
 
 def _run_case(name: str, backend: str, case: Case, device: torch.device) -> Check:

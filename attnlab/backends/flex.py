@@ -67,11 +67,13 @@ class FlexBackend(Backend):
     def _kwargs(self, q: Tensor, k: Tensor, call: Call) -> dict[str, Any]:
         kwargs: dict[str, Any] | None = call.memo.get("flex_kwargs")
         if kwargs is None:
+            p = call.problem
             plan = self._plan(call)
             kwargs = {
                 "block_mask": plan.block_mask() if plan is not None else None,
                 "score_mod": self.score_mod(call) if self.score_mod else None,
                 "scale": call.scale,
+                "options": flex_exec.flex_options(p.n_q, p.n_k, p.group > 1, p.device),
             }
             if not torch.compiler.is_compiling():
                 call.memo["flex_kwargs"] = kwargs

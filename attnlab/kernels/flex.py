@@ -63,6 +63,27 @@ def compiled_flex() -> Callable[..., Any]:
     return fn
 
 
+#: Tile multiple below which FlexAttention's kernel needs bounds checks (its largest tile side).
+DIVISIBLE_BY = 128
+
+
+def flex_options(n_q: int, n_k: int, gqa: bool, device: torch.device) -> dict[str, Any]:
+    """The keyword arguments of one (N_q, N_k, GQA, device) beyond the tensors, made once per call
+    signature (:func:`flex_run` then adds nothing per call).
+
+    - ``FORCE_USE_FLEX_ATTENTION``: inductor's flex-decoding template (picked for short queries) found no
+      valid config for N_q < 128 with GQA or dynamic shapes on the H100 (torch 2.11: NoValidChoicesError);
+      the main kernel handles every length.
+    - ``IS_DIVISIBLE`` when both lengths are multiples of 128 (CUDA): compiled with ``dynamic=True``,
+      inductor cannot prove it and keeps bounds checks that cost 10-18% at 32K-64K on the H100 against
+      a static-shape compile (benchmarks/results/h100-2026-11-22/session4/). Two compiled variants at most.
+    """
+    options: dict[str, Any] = {"FORCE_USE_FLEX_ATTENTION": True}
+    if device.type == "cuda" and n_q % DIVISIBLE_BY == 0 and n_k % DIVISIBLE_BY == 0:
+        options["IS_DIVISIBLE"] = True
+    return {"enable_gqa": gqa, "kernel_options": options}
+
+
 def flex_run(
     q: Tensor,
     k: Tensor,
@@ -71,34 +92,28 @@ def flex_run(
     block_mask: BlockMask | None,
     score_mod: ScoreMod | None,
     scale: float,
+    options: dict[str, Any] | None = None,
     return_lse: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Run FlexAttention (compiled unless already inside a compile); returns (out, lse or None).
 
-    ``lse`` is the natural-log sum of exp(score) per query row (-inf for rows with no allowed key).
+    ``options``: :func:`flex_options` of the call (made here when None). ``lse`` is the natural-log sum
+    of exp(score) per query row (-inf for rows with no allowed key).
     """
     compiling = torch.compiler.is_compiling()
     fn: Callable[..., Any] = flex_attention if compiling else compiled_flex()  # type: ignore[assignment]
-    kwargs: dict[str, Any] = {
-        "block_mask": block_mask,
-        "score_mod": score_mod,
-        "scale": scale,
-        "enable_gqa": q.shape[1] != k.shape[1],
-        # Inductor's flex-decoding template (picked for short queries) found no valid config for
-        # N_q < 128 with GQA or dynamic shapes on the H100 (torch 2.11: NoValidChoicesError); the main
-        # kernel handles every length.
-        "kernel_options": {"FORCE_USE_FLEX_ATTENTION": True},
-    }
+    if options is None:
+        options = flex_options(q.shape[2], k.shape[2], q.shape[1] != k.shape[1], q.device)
     if return_lse:
-        kwargs["return_aux"] = AuxRequest(lse=True)
+        options = {**options, "return_aux": AuxRequest(lse=True)}
     if compiling:
-        result = fn(q, k, v, **kwargs)
+        result = fn(q, k, v, block_mask=block_mask, score_mod=score_mod, scale=scale, **options)
     else:  # scoped raise of dynamo's limit (plain set/restore: a third of config.patch's cost per call)
         config = torch._dynamo.config
         old = config.recompile_limit
         config.recompile_limit = max(old, RECOMPILE_LIMIT)
         try:
-            result = fn(q, k, v, **kwargs)
+            result = fn(q, k, v, block_mask=block_mask, score_mod=score_mod, scale=scale, **options)
         finally:
             config.recompile_limit = old
     if return_lse:

@@ -16,6 +16,11 @@ import triton.language as tl
 
 from attnlab.kernels.sigmoid.common import causal_key_range, dot, load_rows, sigmoid_of, store_rows
 
+#: Sequence-length arguments Triton must not specialise on (by ``== 1`` or divisibility by 16): a new
+#: length then reuses the compiled kernel instead of compiling another (measured on the H100: no change in
+#: kernel time at 16K/32K; benchmarks/results/h100-2026-11-22/session4/).
+LENGTH_ARGS = ["N_Q", "N_K", "OFFSET"]
+
 
 @triton.jit
 def _dkdv_inner(
@@ -39,7 +44,7 @@ def _dkdv_inner(
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LENGTH_ARGS)
 def sigmoid_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV,
     stride_qb, stride_qh, stride_qn,
@@ -118,7 +123,7 @@ def _dq_inner(
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LENGTH_ARGS)
 def sigmoid_bwd_dq_kernel(
     Q, K, V, DO, DQ,
     stride_qb, stride_qh, stride_qn,

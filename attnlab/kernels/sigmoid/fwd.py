@@ -22,6 +22,11 @@ import triton.language as tl
 
 from attnlab.kernels.sigmoid.common import causal_key_range, dot, dot_acc, load_rows, sigmoid_of, store_rows
 
+#: Sequence-length arguments Triton must not specialise on (by ``== 1`` or divisibility by 16): a new
+#: length then reuses the compiled kernel instead of compiling another (measured on the H100: no change in
+#: kernel time at 16K/32K; benchmarks/results/h100-2026-11-22/session4/).
+LENGTH_ARGS = ["N_Q", "N_K", "OFFSET"]
+
 
 @triton.jit
 def _tile_source(
@@ -103,7 +108,7 @@ def _fwd_inner(
     return acc0, acc1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LENGTH_ARGS)
 def sigmoid_fwd_kernel(
     Q, K, V, O,
     stride_qb, stride_qh, stride_qn,

@@ -69,9 +69,13 @@ def _configs(kind: str) -> list[triton.Config]:
 
 
 def _even(args: dict) -> dict:
+    """Whether the tiles divide the lengths (no bounds masks needed). The forward's tensor-descriptor path
+    (TMA) bounds-checks in the copy engine and ignores the flags: they are pinned there, so a new length
+    compiles nothing new (with ``do_not_specialize`` on the lengths, see fwd.py)."""
+    tma = bool(args.get("TMA"))
     return {
-        "EVEN_M": args["N_Q"] % args["BLOCK_M"] == 0,
-        "EVEN_N": args["N_K"] % args["BLOCK_N"] == 0,
+        "EVEN_M": tma or args["N_Q"] % args["BLOCK_M"] == 0,
+        "EVEN_N": tma or args["N_K"] % args["BLOCK_N"] == 0,
         "EVEN_D": args["HEAD_D"] == args["BLOCK_D"],
     }
 
