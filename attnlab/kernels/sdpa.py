@@ -62,7 +62,7 @@ def sdpa_dense(
         )
 
 
-_PRIORITY = [int(b) for b in SDPA_PRIORITY]
+_PRIORITY = [int(b) for b in SDPA_PRIORITY]  # type: ignore[call-overload]
 
 
 def _with_priority(
