@@ -83,7 +83,6 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 import attnlab  # noqa: E402
 from attnlab.api import resolve  # noqa: E402
-from attnlab.bench.env import environment  # noqa: E402
 from attnlab.dispatch import choose  # noqa: E402
 from attnlab.inputs import validate  # noqa: E402
 from attnlab.kernels import flex as aflex  # noqa: E402
@@ -946,7 +945,15 @@ def summary() -> None:
 
 
 def main() -> None:
-    env = guarded("environment", lambda: environment(DEV)) or {}
+    def _env() -> dict[str, Any]:
+        from attnlab.bench.env import environment
+
+        return environment(DEV)
+
+    env = guarded("environment", _env) or {}
+    env.setdefault("commit", os.environ.get("ATTNLAB_COMMIT", "unknown"))
+    env.setdefault("torch", torch.__version__)
+    env.setdefault("triton", triton.__version__)
     env["dirty_paths_at_staging"] = os.environ.get("ATTNLAB_DIRTY", "")
     env["argv"] = sys.argv
     RESULTS["env"] = env
