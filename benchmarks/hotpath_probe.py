@@ -59,7 +59,7 @@ def _early_args() -> argparse.Namespace:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default="hotpath_probe_out")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
-    ap.add_argument("--sections", default="flex32,host,sigmoid_first,sigmoid_dns,graph,flex64,graph_fail")
+    ap.add_argument("--sections", default="flex32,host,sigmoid_first,sigmoid_dns,graph,flex64,graph_fail,host2,decode_alt")
     ap.add_argument("--budget-s", type=float, default=540.0, help="stop starting sections after this")
     ap.add_argument("--reps", type=int, default=30)
     return ap.parse_args()
@@ -86,6 +86,7 @@ from attnlab.api import resolve  # noqa: E402
 from attnlab.dispatch import choose  # noqa: E402
 from attnlab.inputs import validate  # noqa: E402
 from attnlab.kernels import flex as aflex  # noqa: E402
+from attnlab.kernels.sdpa import SDPA_PRIORITY as SDPA_ORDER  # noqa: E402
 from attnlab.kernels.sdpa import sdpa_dense  # noqa: E402
 from attnlab.kernels.sigmoid import op as sop  # noqa: E402
 from attnlab.kernels.sigmoid.fwd import sigmoid_fwd_kernel  # noqa: E402
@@ -399,8 +400,22 @@ def section_flex(n: int, window: int, heads: int, d: int, reps: int) -> None:
         "c3_dynamic_attnlab_bm_isdiv": lambda: DYNAMIC(
             q, k, v, block_mask=bm_al, kernel_options={"IS_DIVISIBLE": True}, **kw
         ),
+        "c4_dynamic_intmask_isdiv": lambda: DYNAMIC(
+            q, k, v, block_mask=bm_int, kernel_options={"IS_DIVISIBLE": True}, **kw
+        ),
         "e0_attnlab_compiled_direct": lambda: aflex.compiled_flex()(
             q, k, v, block_mask=bm_al, score_mod=None, enable_gqa=False, **ATTNLAB_KW, **kw
+        ),
+        # what the flex backend would run with IS_DIVISIBLE passed when both lengths are multiples of 128
+        "e1_attnlab_compiled_isdiv": lambda: aflex.compiled_flex()(
+            q,
+            k,
+            v,
+            block_mask=bm_al,
+            score_mod=None,
+            enable_gqa=False,
+            kernel_options={"FORCE_USE_FLEX_ATTENTION": True, "IS_DIVISIBLE": True},
+            **kw,
         ),
         "e_flex_run": lambda: aflex.flex_run(q, k, v, block_mask=bm_al, score_mod=None, scale=scale)[0],
         "f_attention_nocheck": lambda: attnlab.attention(
@@ -782,6 +797,187 @@ def _cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> t
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
+# ------------------------------------------------------------------------- host time, decomposed
+def _juggle_then(fn: Callable[[], Any]) -> Any:
+    """flex_run's scoped raise of dynamo's recompile limit around a call (attnlab/kernels/flex.py)."""
+    config = torch._dynamo.config
+    old = config.recompile_limit
+    config.recompile_limit = max(old, aflex.RECOMPILE_LIMIT)
+    try:
+        return fn()
+    finally:
+        config.recompile_limit = old
+
+
+def section_host2(calls: int, rounds: int) -> None:
+    """Host time per call in rotating rounds (every function's block of ``calls`` calls in every round, so
+    drift is shared), gc enabled, then the flex paths again with gc disabled."""
+    import gc
+
+    log("== host time per call, decomposed (rotating rounds)")
+    b, h, n, d = (1, 1, 32, 16) if ARGS.quick else (1, 8, 256, 64)
+    torch.manual_seed(1)
+    q = torch.randn(b, h, n, d, device=DEV, dtype=DT)
+    k = torch.randn_like(q)
+    v = torch.randn_like(q)
+    scale = 1.0 / math.sqrt(d)
+    bm_int = create_block_mask(sliding_int_mask(1024), None, None, n, n, device=DEV)
+    bm_al = attnlab_block_mask(n, 1024)
+    compiled = aflex.compiled_flex()
+    direct = lambda: compiled(
+        q, k, v, block_mask=bm_al, score_mod=None, scale=scale, enable_gqa=False, **ATTNLAB_KW
+    )
+
+    def ctx_only() -> None:
+        with sdpa_kernel(list(SDPA_ORDER), set_priority=True):
+            pass
+
+    fns: dict[str, Callable[[], Any]] = {
+        "sdpa_F_plain": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        "sdpa_attnlab_kernel_fn": lambda: sdpa_dense(q, k, v, causal=True, scale=scale),
+        "piece_sdpa_kernel_ctx_enter_exit": ctx_only,
+        "softmax_nocheck": lambda: attnlab.attention(
+            q, k, v, method="softmax", causal=True, check_finite=False
+        ),
+        "b_flex_static_compile_intmask": lambda: STATIC(q, k, v, block_mask=bm_int, scale=scale),
+        "c_flex_dynamic_compile_intmask": lambda: DYNAMIC(q, k, v, block_mask=bm_int, scale=scale),
+        "e0_attnlab_compiled_direct": direct,
+        "e0_plus_recompile_limit_juggle": lambda: _juggle_then(direct),
+        "e_flex_run": lambda: aflex.flex_run(q, k, v, block_mask=bm_al, score_mod=None, scale=scale),
+        "f_sliding_nocheck": lambda: attnlab.attention(
+            q, k, v, method="sliding_window", causal=True, check_finite=False
+        ),
+        "piece_recompile_limit_juggle_only": lambda: _juggle_then(lambda: None),
+        "sigmoid_nocheck": lambda: attnlab.attention(
+            q, k, v, method="sigmoid", causal=True, check_finite=False
+        ),
+        "sigmoid_launch_direct": lambda: sop.sigmoid_fwd_launch(q, k, v, scale, 0.0, True),
+        "sigmoid_custom_op": lambda: sop.sigmoid_fwd(q, k, v, scale, 0.0, True),
+    }
+    res: dict[str, Any] = {"shape": [b, h, n, d], "calls": calls, "rounds": rounds}
+    RESULTS["host2"] = res
+    ok = {}
+    for name, fn in fns.items():
+        try:
+            for _ in range(3 if ARGS.quick else 50):
+                fn()
+            sync()
+            ok[name] = fn
+        except Exception as e:
+            record_error(f"host2.{name}", e)
+
+    def rounds_of(group: dict[str, Callable[[], Any]], nrounds: int) -> dict[str, dict[str, Any]]:
+        per: dict[str, list[float]] = {nm: [] for nm in group}
+        names = list(group)
+        for r in range(nrounds):
+            for nm in names[r % len(names) :] + names[: r % len(names)]:
+                per[nm].append(wall_per_call_ms(group[nm], calls) * 1e3)
+        return {
+            nm: {"median_us": statistics.median(ts), "min_us": min(ts), "all_us": [round(t, 1) for t in ts]}
+            for nm, ts in per.items()
+        }
+
+    res["gc_on"] = rounds_of(ok, rounds)
+    flex_names = [
+        "sdpa_F_plain", "c_flex_dynamic_compile_intmask", "e0_attnlab_compiled_direct",
+        "e0_plus_recompile_limit_juggle", "e_flex_run", "f_sliding_nocheck",
+    ]  # fmt: skip
+    gc.collect()
+    gc.disable()
+    try:
+        res["gc_off"] = rounds_of({nm: ok[nm] for nm in flex_names if nm in ok}, rounds)
+    finally:
+        gc.enable()
+    for key in ("gc_on", "gc_off"):
+        for nm, st in res[key].items():
+            log(f"  [{key}] {nm:34s} median {st['median_us']:7.1f} us  min {st['min_us']:7.1f} us")
+    save()
+
+
+# ----------------------------------------------------------------------------- decode alternatives
+def section_decode_alt(nk: int, reps: int) -> None:
+    """Decode-shaped softmax: attnlab's causal path (GQA K/V expanded + lower-right bias) against SDPA
+    calls that keep GQA, and the other methods' decode times; correctness against attnlab's output."""
+    if not CUDA:
+        log("== decode_alt: skipped (no CUDA)")
+        return
+    from torch.nn.attention.bias import causal_lower_right
+
+    log(f"== decode alternatives (N_k={nk}, GQA 32:8, D=128)")
+    res: dict[str, Any] = {}
+    RESULTS["decode_alt"] = res
+    torch.manual_seed(7)
+    k = torch.randn(1, 8, nk, 128, device=DEV, dtype=DT)
+    v = torch.randn_like(k)
+    for nq in (1, 16):
+        q = torch.randn(1, 32, nq, 128, device=DEV, dtype=DT)
+        _decode_alt_one(q, k, v, nq, nk, reps, res, causal_lower_right)
+
+
+def _decode_alt_one(
+    q: Any, k: Any, v: Any, nq: int, nk: int, reps: int, res: dict, causal_lower_right: Any
+) -> None:
+    tag = f"nq{nq}"
+    bias = causal_lower_right(nq, nk)
+    boolmask = torch.ones(nq, nk, dtype=torch.bool, device=DEV).tril(diagonal=nk - nq)
+    fns: dict[str, Callable[[], Any]] = {
+        "attnlab_softmax_causal": lambda: attnlab.attention(
+            q, k, v, method="softmax", causal=True, check_finite=False
+        ),
+        "attnlab_softmax_causal_flex": lambda: attnlab.attention(
+            q, k, v, method="softmax", causal=True, check_finite=False, backend="flex"
+        ),
+        "sdpa_gqa_noncausal": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+        "sdpa_gqa_lower_right_bias": lambda: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, enable_gqa=True
+        ),
+        "sdpa_gqa_bool_mask": lambda: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=boolmask, enable_gqa=True
+        ),
+        "attnlab_sliding_window_causal": lambda: attnlab.attention(
+            q, k, v, method="sliding_window", causal=True, window=1024, check_finite=False
+        ),
+        "attnlab_sigmoid_causal": lambda: attnlab.attention(
+            q, k, v, method="sigmoid", causal=True, check_finite=False
+        ),
+    }
+    ok: dict[str, Callable[[], Any]] = {}
+    outs = {}
+    for name, fn in fns.items():
+        try:
+            outs[name] = fn()
+            sync()
+            ok[name] = fn
+        except Exception as e:
+            record_error(f"decode_alt.{tag}.{name}", e)
+    ref = outs.get("attnlab_softmax_causal")
+    r: dict[str, Any] = {}
+    res[tag] = r
+    if ref is not None:
+        r["max_abs_diff_vs_attnlab_softmax_causal"] = {
+            nm: float((o.float() - ref.float()).abs().max())
+            for nm, o in outs.items()
+            if nm.startswith(("sdpa", "attnlab_softmax"))
+        }
+    del outs, ref
+    r["timing"] = interleaved(ok, reps)
+    r["wall_us_per_call"] = {nm: wall_per_call_ms(fn, 20) * 1e3 for nm, fn in ok.items()}
+    for nm, st in r["timing"].items():
+        log(
+            f"  {tag} {nm:32s} {st['median_ms'] * 1e3:9.1f} us (events)  {r['wall_us_per_call'][nm]:9.1f} us (wall/call)"
+        )
+    # the Triton sigmoid path under CUDA-graph capture (custom op + descriptor scratch allocation)
+    if "attnlab_sigmoid_causal" in ok:
+        _capture_case(
+            f"{tag}_sigmoid_causal_nocheck",
+            ok["attnlab_sigmoid_causal"],
+            q,
+            True,
+            RESULTS.setdefault("cuda_graph", {}),
+        )
+    save()
+
+
 # ------------------------------------------------------------------------------------- CUDA graphs
 def _device_ok() -> bool:
     try:
@@ -1021,6 +1217,10 @@ def main() -> None:
                 ),
             )
         )
+    if "host2" in sections:
+        plan.append(("host2", lambda: section_host2(3 if quick else 200, 2 if quick else 9)))
+    if "decode_alt" in sections:
+        plan.append(("decode_alt", lambda: section_decode_alt(2048 if quick else 131072, 5 if quick else 30)))
     if "graph_fail" in sections:
         plan.append(("graph_fail", lambda: section_graph(2048 if quick else 131072, True)))
     for name, fn in plan:
