@@ -59,7 +59,9 @@ def _early_args() -> argparse.Namespace:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default="hotpath_probe_out")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
-    ap.add_argument("--sections", default="flex32,host,sigmoid_first,sigmoid_dns,graph,flex64,graph_fail,host2,decode_alt")
+    ap.add_argument(
+        "--sections", default="flex32,host,sigmoid_first,sigmoid_dns,graph,flex64,graph_fail,host2,decode_alt"
+    )
     ap.add_argument("--budget-s", type=float, default=540.0, help="stop starting sections after this")
     ap.add_argument("--reps", type=int, default=30)
     return ap.parse_args()
@@ -1213,7 +1215,7 @@ def main() -> None:
             (
                 "flex64",
                 lambda: section_flex(
-                    1024 if quick else 65536, 128 if quick else 2048, heads, d, 5 if quick else 20
+                    1024 if quick else 65536, 128 if quick else 2048, heads, d, 5 if quick else ARGS.reps
                 ),
             )
         )
