@@ -44,8 +44,11 @@ class BlockLocalParams(Params):
 
 
 def mask(p: BlockLocalParams, ctx: MaskContext) -> MaskMod:
-    block = ctx.const(p.block)
-    neighbors = ctx.const(p.neighbors)
+    # no |distance| or block index reaches n_q + n_k, so capping there keeps the mask and keeps huge
+    # values inside the int32 range of ctx.const
+    cap = ctx.n_q + ctx.n_k
+    block = ctx.const(min(p.block, cap))
+    neighbors = ctx.const(min(p.neighbors, cap))
 
     def block_local(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         d = ctx.distance(q_idx, kv_idx)
@@ -54,6 +57,27 @@ def mask(p: BlockLocalParams, ctx: MaskContext) -> MaskMod:
         return ctx.causal_ok(d) & ((q_block - k_block).abs() <= neighbors)
 
     return block_local
+
+
+def index_mask(params: BlockLocalParams, n_q: int, n_k: int, causal: bool) -> Tensor:
+    """The (N_q, N_k) bool mask written as plain index arithmetic, independently of :func:`mask`.
+
+    Positions are cut into blocks ``[b * block, (b + 1) * block)``; query ``i`` sits at position
+    ``pos = i + N_k - N_q``, in block ``b = floor(pos / block)`` (negative for a negative position). It sees
+    every key of blocks ``b - neighbors`` to ``b + neighbors``, i.e. keys ``(b - neighbors) * block`` to
+    ``(b + neighbors + 1) * block - 1``; when causal, only up to ``pos``.
+    """
+    out = torch.zeros(n_q, n_k, dtype=torch.bool)
+    for i in range(n_q):
+        pos = i + n_k - n_q
+        b = pos // params.block  # Python's floor division: -1 for pos in [-block, 0)
+        first = max((b - params.neighbors) * params.block, 0)
+        last = min((b + params.neighbors + 1) * params.block - 1, n_k - 1)
+        if causal:
+            last = min(last, pos)
+        if first <= last:
+            out[i, first : last + 1] = True
+    return out
 
 
 def reference(
@@ -87,6 +111,7 @@ SPEC = register(
         backends=MASK_BACKENDS,
         patterns=ALL_PATTERNS,
         mask=mask,
+        index_mask=index_mask,
         test_params=(
             {"block": 16, "neighbors": 1},
             {"block": 7, "neighbors": 0},

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from attnlab.catalog.static import MASK_BACKENDS
@@ -44,14 +45,37 @@ class DilatedParams(Params):
 
 
 def mask(p: DilatedParams, ctx: MaskContext) -> MaskMod:
-    dilation = ctx.const(p.dilation)
-    span = ctx.const(p.window * p.dilation)
+    # no |distance| or block index reaches n_q + n_k, so capping there keeps the mask and keeps huge
+    # values inside the int32 range of ctx.const
+    cap = ctx.n_q + ctx.n_k
+    dilation = ctx.const(min(p.dilation, cap))
+    span = ctx.const(min(p.window * p.dilation, cap))
 
     def dilated(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         d = ctx.distance(q_idx, kv_idx)
         return ctx.causal_ok(d) & (d < span) & (d > -span) & (d % dilation == 0)
 
     return dilated
+
+
+def index_mask(params: DilatedParams, n_q: int, n_k: int, causal: bool) -> Tensor:
+    """The (N_q, N_k) bool mask written as plain index arithmetic, independently of :func:`mask`.
+
+    Query ``i`` sits at position ``pos = i + N_k - N_q``. It sees the ``window`` keys
+    ``pos, pos - dilation, ..., pos - (window - 1) * dilation`` (itself included, every ``dilation``-th
+    position behind it) and, when not causal, the ``window - 1`` keys ``pos + dilation, ...,
+    pos + (window - 1) * dilation`` ahead of it. Keys outside ``0 .. N_k - 1`` do not exist.
+    """
+    out = torch.zeros(n_q, n_k, dtype=torch.bool)
+    reach = (params.window - 1) * params.dilation  # farthest key, in positions, on either side
+    for i in range(n_q):
+        pos = i + n_k - n_q
+        # the first key >= 0 on this row's grid pos + m * dilation (Python's % is never negative)
+        first = pos - reach if pos - reach >= 0 else pos % params.dilation
+        last = min(pos if causal else pos + reach, n_k - 1)
+        if first <= last:
+            out[i, first : last + 1 : params.dilation] = True
+    return out
 
 
 def reference(
@@ -78,6 +102,7 @@ SPEC = register(
         backends=MASK_BACKENDS,
         patterns=ALL_PATTERNS,
         mask=mask,
+        index_mask=index_mask,
         test_params=(
             {"window": 4, "dilation": 2},
             {"window": 3, "dilation": 3},

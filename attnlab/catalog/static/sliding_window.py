@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from attnlab.catalog.static import MASK_BACKENDS
@@ -40,13 +41,30 @@ class SlidingWindowParams(Params):
 
 
 def mask(p: SlidingWindowParams, ctx: MaskContext) -> MaskMod:
-    window = ctx.const(p.window)
+    # no |distance| or block index reaches n_q + n_k, so capping there keeps the mask and keeps huge
+    # values inside the int32 range of ctx.const
+    cap = ctx.n_q + ctx.n_k
+    window = ctx.const(min(p.window, cap))
 
     def sliding_window(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         d = ctx.distance(q_idx, kv_idx)
         return ctx.causal_ok(d) & (d < window) & (d > -window)
 
     return sliding_window
+
+
+def index_mask(params: SlidingWindowParams, n_q: int, n_k: int, causal: bool) -> Tensor:
+    """The (N_q, N_k) bool mask written as plain index arithmetic, independently of :func:`mask`.
+
+    Query ``i`` sits at position ``pos = i + N_k - N_q``. It sees the ``window`` keys ``pos - window + 1``
+    to ``pos`` (itself and the ``window - 1`` positions behind it) and, when not causal, also the
+    ``window - 1`` keys after it, up to ``pos + window - 1``. Keys outside ``0 .. N_k - 1`` do not exist.
+    """
+    pos = torch.arange(n_q, dtype=torch.int64)[:, None] + (n_k - n_q)
+    key = torch.arange(n_k, dtype=torch.int64)[None, :]
+    first = pos - params.window + 1
+    last = pos if causal else pos + params.window - 1
+    return (key >= first) & (key <= last)
 
 
 def reference(
@@ -81,6 +99,7 @@ SPEC = register(
         backends=MASK_BACKENDS,
         patterns=ALL_PATTERNS,
         mask=mask,
+        index_mask=index_mask,
         test_params=({"window": 1}, {"window": 3}, {"window": 40}, {"window": 100000}),
         bench_params=_bench,
     )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from attnlab.catalog.static import MASK_BACKENDS
@@ -43,14 +44,33 @@ class StreamingParams(Params):
 
 
 def mask(p: StreamingParams, ctx: MaskContext) -> MaskMod:
-    sinks = ctx.const(p.sinks)
-    window = ctx.const(p.window)
+    # no |distance| or block index reaches n_q + n_k, so capping there keeps the mask and keeps huge
+    # values inside the int32 range of ctx.const
+    cap = ctx.n_q + ctx.n_k
+    sinks = ctx.const(min(p.sinks, cap))
+    window = ctx.const(min(p.window, cap))
 
     def streaming(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         d = ctx.distance(q_idx, kv_idx)
         return ctx.causal_ok(d) & ((kv_idx < sinks) | ((d < window) & (d > -window)))
 
     return streaming
+
+
+def index_mask(params: StreamingParams, n_q: int, n_k: int, causal: bool) -> Tensor:
+    """The (N_q, N_k) bool mask written as plain index arithmetic, independently of :func:`mask`.
+
+    Query ``i`` sits at position ``pos = i + N_k - N_q``. It sees the sink keys ``0 .. sinks - 1`` and
+    the local keys ``pos - window + 1 .. pos + window - 1`` (``window`` keys behind it, itself included,
+    and ``window - 1`` ahead). When causal, every key after ``pos`` is removed, sinks included: a query
+    at position 0 sees only key 0, and a query at a negative position (cross, N_q > N_k) sees nothing.
+    """
+    pos = torch.arange(n_q, dtype=torch.int64)[:, None] + (n_k - n_q)
+    key = torch.arange(n_k, dtype=torch.int64)[None, :]
+    sink = key < params.sinks
+    local = (key >= pos - params.window + 1) & (key <= pos + params.window - 1)
+    allowed = sink | local
+    return allowed & (key <= pos) if causal else allowed
 
 
 def reference(
@@ -84,6 +104,7 @@ SPEC = register(
         backends=MASK_BACKENDS,
         patterns=ALL_PATTERNS,
         mask=mask,
+        index_mask=index_mask,
         test_params=({"sinks": 1, "window": 2}, {"sinks": 4, "window": 16}, {"sinks": 0, "window": 5}),
         bench_params=_bench,
     )
