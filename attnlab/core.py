@@ -289,7 +289,7 @@ class MethodSpec:
     family: str
     paper: str
     summary: str
-    params: type[Params]
+    param_class: type[Params]
     reference: ReferenceFn
     backends: tuple[Backend, ...]
     patterns: frozenset[Pattern]
@@ -308,6 +308,12 @@ class MethodSpec:
         object.__setattr__(self, "input_names", frozenset(t.name for t in self.inputs))
 
     @property
+    def params(self) -> Params:
+        """The method's parameters with their defaults, e.g. ``SlidingWindowParams(window=1024)`` (the
+        class is ``param_class``; its docstring says what each one means)."""
+        return self.param_class()
+
+    @property
     def backward(self) -> bool:
         """Whether some backend of the method has a backward."""
         return any(b.caps.backward for b in self.backends)
@@ -320,13 +326,9 @@ class MethodSpec:
     def make_params(self, kwargs: Mapping[str, Any]) -> Params:
         """Validated parameters from keyword arguments (defaults fill the rest)."""
         try:
-            return self.params.from_kwargs(dict(kwargs))
+            return self.param_class.from_kwargs(dict(kwargs))
         except TypeError as e:  # e.g. a positional-only mistake inside the dataclass
             raise ParamError(f"method {self.name!r}: {e}") from None
-
-    def default_params(self) -> Params:
-        """The parameters with every default."""
-        return self.make_params({})
 
     def backend(self, name: str) -> Backend:
         for b in self.backends:

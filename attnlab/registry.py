@@ -23,8 +23,8 @@ def register(spec: MethodSpec) -> MethodSpec:
         raise ValueError(f"method {spec.name!r} is registered twice")
     if spec.family not in FAMILIES:
         raise ValueError(f"method {spec.name!r}: family {spec.family!r} is not one of {FAMILIES}")
-    if spec.params.method != spec.name:
-        raise ValueError(f"method {spec.name!r}: its params class says method={spec.params.method!r}")
+    if spec.param_class.method != spec.name:
+        raise ValueError(f"method {spec.name!r}: its params class says method={spec.param_class.method!r}")
     _REGISTRY[spec.name] = spec
     return spec
 

@@ -78,7 +78,7 @@ SPEC = register(
         paper="Theory, Analysis, and Best Practices for Sigmoid Self-Attention (Ramapuram et al., 2024; "
         "code: github.com/apple/ml-sigmoid-attention)",
         summary="sigmoid(scale*qk + b) weights, no row normalisation; b = -ln(N_k) by default",
-        params=SigmoidParams,
+        param_class=SigmoidParams,
         reference=reference,
         backends=(TritonSigmoidBackend(_bias_of), FlexBackend(_flex_log_weight, unnormalized=True), EAGER),
         patterns=ALL_PATTERNS,
