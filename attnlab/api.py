@@ -358,14 +358,19 @@ def resolve(
     causal: bool = False,
     scale: float | None = None,
     return_lse: bool = False,
+    check_finite: bool | None = None,
     **params: Any,
 ) -> Call:
-    """Validate a call and resolve its method and parameters (everything but the backend choice)."""
+    """Validate a call and resolve its method and parameters (everything but the backend choice);
+    ``check_finite`` as in :func:`attention`."""
     spec = get(method)
     params, _ = _split_inputs(spec, params)
-    return _resolve_call(
+    call = _resolve_call(
         spec, spec.make_params(params), q, k, v, causal=causal, scale=scale, want_lse=return_lse
     )
+    if check_finite or (check_finite is None and settings.check_finite):
+        check_finite_values({"q": q, "k": k, "v": v})
+    return call
 
 
 def explain(
