@@ -5,10 +5,14 @@ the error of the same math run by the reference in the input precision (``upcast
 ``BWD_FACTOR`` (3x) for each gradient; plus a floor for rounding that no implementation can avoid:
 ``FLOOR_REL x (1 + max|ref|)`` (fp32 inputs, whose low-precision run *is* the reference) and half the
 dtype's epsilon x max|ref| (the final rounding of a bf16/fp16 result). Errors are max-abs.
+
+Also the test suite's shared setup (the device under test, random inputs, the parity cases, mask
+drawings), so that no test module imports another. Nothing here runs at import.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +26,7 @@ from attnlab.core import Call, MethodSpec, Result, default_scale
 from attnlab.dispatch import choose
 from attnlab.inputs import validate
 from attnlab.patterns import Pattern, pattern_of
+from attnlab.registry import methods
 
 FWD_FACTOR = 2.0
 BWD_FACTOR = 3.0
@@ -192,3 +197,109 @@ def cases_for(
                     for dtype in dtypes:
                         for params in param_sets:
                             yield Case(batch, heads, heads // group, n_q, n_k, d, dtype, causal, dict(params))
+
+
+# -- the test suite's setup ---------------------------------------------------------------------------
+# (named so that pytest does not collect them as tests when a test module imports them)
+
+
+@functools.cache
+def on_cuda() -> bool:
+    """Whether the tests run on a CUDA GPU (else on CPU, with Triton kernels in the interpreter)."""
+    return torch.cuda.is_available()
+
+
+def device_under_test() -> torch.device:
+    """``cuda`` where a GPU is available, else ``cpu``."""
+    return torch.device("cuda" if on_cuda() else "cpu")
+
+
+def random_qkv(
+    batch: int,
+    heads: int,
+    kv_heads: int,
+    n_q: int,
+    n_k: int,
+    head_dim: int,
+    dtype: torch.dtype = torch.float32,
+    *,
+    grad: bool = False,
+    device: torch.device | str | None = None,
+) -> list[Tensor]:
+    """``[q, k, v]`` from the global RNG: q ``(batch, heads, n_q, head_dim)``, k and v
+    ``(batch, kv_heads, n_k, head_dim)``, on ``device`` (default: :func:`device_under_test`), as leaves
+    that require grad when ``grad``."""
+    device = device_under_test() if device is None else device
+    shapes = ((heads, n_q), (kv_heads, n_k), (kv_heads, n_k))
+    ts = [torch.randn(batch, h, n, head_dim, device=device, dtype=dtype) for h, n in shapes]
+    return [t.requires_grad_(grad) for t in ts]
+
+
+def draw_mask(mask: Tensor) -> list[str]:
+    """A 2-D bool mask as rows of ``x`` (attends) and ``.``, as the method docstrings draw them."""
+    return ["".join("x" if b else "." for b in row) for row in mask.tolist()]
+
+
+PARITY_LENGTHS = ((1, 1), (63, 63), (257, 257), (1000, 1000), (63, 257), (257, 63), (1, 1000))
+PARITY_TRITON_LENGTHS = ((1, 1), (17, 17), (63, 63), (20, 45), (45, 20), (1, 33))
+
+
+def parity_cases(cuda: bool) -> list[tuple[str, str, Case]]:
+    """The test suite's (method, backend, case) parity cases, for every backend of every registered method.
+
+    Odd shapes over every supported pattern with each method's first parameter set (head dims 64 and 128,
+    GQA 4:1 and 1:1), plus every parameter set and dtype on one self and one cross shape. Off CUDA
+    (``cuda=False``), Triton runs in its CPU interpreter and gets tiny shapes.
+    """
+    out = []
+    for name, spec in methods().items():
+        for backend in spec.backends:
+            interp = backend.name == "triton" and not cuda
+            if interp:  # Triton's CPU interpreter is slow: tiny shapes, odd head dims
+                cases = list(
+                    cases_for(
+                        spec,
+                        lengths=PARITY_TRITON_LENGTHS,
+                        head_dims=(16, 24),
+                        groups=(1, 2),
+                        dtypes=(torch.float32, torch.bfloat16),
+                        heads=2,
+                        batch=2,
+                        all_params=False,
+                    )
+                )
+            else:  # both head dims and both GQA ratios, paired (each compiled kernel costs time)
+                main = torch.bfloat16 if cuda else torch.float32
+                cases = [
+                    *cases_for(
+                        spec,
+                        lengths=PARITY_LENGTHS,
+                        head_dims=(64,),
+                        groups=(4,),
+                        dtypes=(main,),
+                        all_params=False,
+                    ),
+                    *cases_for(
+                        spec,
+                        lengths=PARITY_LENGTHS,
+                        head_dims=(128,),
+                        groups=(1,),
+                        dtypes=(main,),
+                        all_params=False,
+                    ),
+                ]
+            out += [(name, backend.name, c) for c in cases]
+            # every parameter set, and every dtype, on one self and one cross shape
+            lowp = (torch.bfloat16, torch.float16) if cuda or backend.name != "flex" else (torch.bfloat16,)
+            small = ((17, 17), (9, 30)) if interp else ((130, 130), (70, 200))
+            extra = cases_for(
+                spec,
+                lengths=small,
+                head_dims=(32 if interp else 64,),
+                groups=(2,),
+                dtypes=(torch.float32, *lowp),
+                heads=4,
+                batch=2,
+            )
+            out += [(name, backend.name, c) for c in extra]
+    return out

@@ -1,4 +1,8 @@
-"""Test setup: CPU machines run Triton kernels in the interpreter; CUDA tests are marked and skipped on CPU."""
+"""Test setup: CPU machines run Triton kernels in the interpreter; CUDA tests are marked and skipped on CPU.
+
+Fixtures and environment only: shared values and builders live in :mod:`attnlab.testing`, so that no
+test module imports another.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +15,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-ON_CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
-
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if ON_CUDA:
+    from attnlab.testing import on_cuda  # (imported here, after TRITON_INTERPRET is set)
+
+    if on_cuda():
         return
     skip = pytest.mark.skip(
         reason="needs a CUDA GPU (these run on the H100; see benchmarks/results/SUMMARY.md)"

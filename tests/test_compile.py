@@ -10,18 +10,16 @@ import pytest
 import torch
 
 import attnlab
-from tests.conftest import DEVICE, ON_CUDA
+from attnlab.testing import on_cuda, random_qkv
 
-
-def _qkv(n: int = 64, d: int = 32, grad: bool = False):  # type: ignore[no-untyped-def]
-    return [torch.randn(1, h, n, d, device=DEVICE, requires_grad=grad) for h in (4, 2, 2)]
+ON_CUDA = on_cuda()
 
 
 @pytest.mark.parametrize(
     ("method", "params"), [("sliding_window", {"window": 16}), ("block_local", {"block": 16})]
 )
 def test_flex_path_compiles_without_graph_breaks(method: str, params: dict) -> None:
-    q, k, v = _qkv()
+    q, k, v = random_qkv(1, 4, 2, 64, 64, 32)
 
     def f(q, k, v):  # type: ignore[no-untyped-def]
         # (no pointwise op right after: inductor's CPU flex template cannot fuse epilogues, torch 2.13)
@@ -35,7 +33,7 @@ def test_flex_path_compiles_without_graph_breaks(method: str, params: dict) -> N
 
 
 def test_triton_sigmoid_compiles_without_graph_breaks_forward_and_backward() -> None:
-    q, k, v = _qkv(n=24, d=16, grad=True)
+    q, k, v = random_qkv(1, 4, 2, 24, 24, 16, grad=True)
 
     def f(q, k, v):  # type: ignore[no-untyped-def]
         return attnlab.attention(q, k, v, method="sigmoid", causal=True, backend="triton").sum()
@@ -51,7 +49,7 @@ def test_triton_sigmoid_compiles_without_graph_breaks_forward_and_backward() -> 
 
 @pytest.mark.skipif(not ON_CUDA, reason="compiled FlexAttention has no backward on CPU")
 def test_flex_path_compiles_with_backward_on_cuda() -> None:
-    q, k, v = _qkv(n=256, d=64, grad=True)
+    q, k, v = random_qkv(1, 4, 2, 256, 256, 64, grad=True)
     f = lambda q, k, v: attnlab.attention(q, k, v, method="streaming", causal=True, sinks=4, window=32).sum()
     torch.compile(f, fullgraph=True)(q, k, v).backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
@@ -62,7 +60,7 @@ def test_lengths_do_not_recompile_flex() -> None:
     from torch._dynamo.utils import counters
 
     def run(n: int, window: int) -> None:
-        q, k, v = _qkv(n=n)
+        q, k, v = random_qkv(1, 4, 2, n, n, 32)
         with torch.no_grad():
             attnlab.attention(q, k, v, method="dilated", causal=True, window=window, dilation=2)
 

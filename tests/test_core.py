@@ -20,18 +20,11 @@ from attnlab.params import Params
 from attnlab.patterns import ALL_PATTERNS, SELF_PATTERNS
 from attnlab.reference import masked_softmax_attention
 from attnlab.registry import registered
+from attnlab.testing import random_qkv
 
 
-def qkv(
-    b: int = 1, h: int = 4, hk: int = 2, n: int = 16, nk: int | None = None, d: int = 16
-) -> tuple[Tensor, ...]:
-    g = torch.Generator().manual_seed(0)
-    nk = n if nk is None else nk
-    return (
-        torch.randn(b, h, n, d, generator=g),
-        torch.randn(b, hk, nk, d, generator=g),
-        torch.randn(b, hk, nk, d, generator=g),
-    )
+def qkv(b: int = 1, h: int = 4, hk: int = 2, n: int = 16, nk: int | None = None, d: int = 16) -> list[Tensor]:
+    return random_qkv(b, h, hk, n, n if nk is None else nk, d, device="cpu")
 
 
 # -- prepared ops -------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import attnlab
 from attnlab.errors import ParamError
-from attnlab.testing import FWD_FACTOR, bound, max_abs
+from attnlab.testing import FWD_FACTOR, Case, bound, max_abs
 
 METHODS = list(attnlab.methods())
 
@@ -42,10 +42,7 @@ def calls(draw: st.DrawFn) -> tuple:
 @given(calls())
 def test_default_backend_matches_reference(call: tuple) -> None:
     method, params, b, h, hk, n_q, n_k, causal = call
-    g = torch.Generator().manual_seed(n_q * 131 + n_k)
-    q = torch.randn(b, h, n_q, 32, generator=g)
-    k = torch.randn(b, hk, n_k, 32, generator=g)
-    v = torch.randn(b, hk, n_k, 32, generator=g)
+    q, k, v = Case(b, h, hk, n_q, n_k, 32, torch.float32, causal).inputs("cpu", seed=n_q * 131 + n_k)
     spec = attnlab.get(method)
     out = attnlab.attention(q, k, v, method=method, causal=causal, **params)
     ref = spec.reference(q, k, v, spec.make_params(params), causal=causal, scale=32**-0.5)

@@ -17,6 +17,7 @@ import attnlab
 from attnlab.errors import ParamError
 from attnlab.masks import MaskContext, dense_mask
 from attnlab.registry import MethodSpec
+from attnlab.testing import draw_mask
 
 IndexMask = Callable[[Any, int, int, bool], Tensor]
 
@@ -89,10 +90,6 @@ def factory_mask(spec: MethodSpec, params: Any, n_q: int, n_k: int, causal: bool
     return dense_mask(spec.mask(params, MaskContext(n_q, n_k, causal, "cpu")), n_q, n_k, "cpu")
 
 
-def draw(m: Tensor) -> list[str]:
-    return ["".join("x" if b else "." for b in row) for row in m.tolist()]
-
-
 def first_disagreement(
     spec: MethodSpec, index_mask: IndexMask, param_sets: Iterable[Mapping[str, Any]]
 ) -> str | None:
@@ -108,7 +105,9 @@ def first_disagreement(
                 where = f"{kwargs}, N_q={n_q}, N_k={n_k}, causal={causal}"
                 text = f"{spec.name} {where}: {len(pairs)} pairs differ, first (i, j): {pairs[:5]}"
                 if n_q <= 16 and n_k <= 16:
-                    text += "\nfactory:\n" + "\n".join(draw(want)) + "\nindex:\n" + "\n".join(draw(got))
+                    text += (
+                        "\nfactory:\n" + "\n".join(draw_mask(want)) + "\nindex:\n" + "\n".join(draw_mask(got))
+                    )
                 return text
     return None
 
@@ -311,7 +310,7 @@ def test_index_mask_matches_hand_drawn_grid(
 ) -> None:
     spec = attnlab.get(name)
     assert spec.index_mask is not None
-    assert draw(spec.index_mask(spec.make_params(kwargs), n_q, n_k, causal)) == picture
+    assert draw_mask(spec.index_mask(spec.make_params(kwargs), n_q, n_k, causal)) == picture
 
 
 @pytest.mark.parametrize("name", MASK_METHODS)

@@ -14,15 +14,11 @@ from attnlab import (
     UnknownMethodError,
     UnsupportedPatternError,
 )
+from attnlab.testing import random_qkv
 
 
 def qkv(b=1, h=4, hk=2, n=16, nk=None, d=16, dtype=torch.float32):  # type: ignore[no-untyped-def]
-    nk = n if nk is None else nk
-    return (
-        torch.randn(b, h, n, d, dtype=dtype),
-        torch.randn(b, hk, nk, d, dtype=dtype),
-        torch.randn(b, hk, nk, d, dtype=dtype),
-    )
+    return random_qkv(b, h, hk, n, n if nk is None else nk, d, dtype, device="cpu")
 
 
 def test_wrong_rank_names_the_shape_and_the_fix() -> None:

@@ -8,60 +8,13 @@ the test checks is the backend's own refusal, not an error; the same tests run a
 from __future__ import annotations
 
 import pytest
-import torch
 
 import attnlab
-from attnlab.testing import Case, cases_for, check_parity
-from tests.conftest import DEVICE, ON_CUDA
+from attnlab.testing import Case, check_parity, device_under_test, on_cuda, parity_cases
 
-LENGTHS = ((1, 1), (63, 63), (257, 257), (1000, 1000), (63, 257), (257, 63), (1, 1000))
-TRITON_LENGTHS = ((1, 1), (17, 17), (63, 63), (20, 45), (45, 20), (1, 33))
-
-
-def _cases() -> list[tuple[str, str, Case]]:
-    out = []
-    for name, spec in attnlab.methods().items():
-        for backend in spec.backends:
-            interp = backend.name == "triton" and not ON_CUDA
-            if interp:  # Triton's CPU interpreter is slow: tiny shapes, odd head dims
-                cases = cases_for(
-                    spec,
-                    lengths=TRITON_LENGTHS,
-                    head_dims=(16, 24),
-                    groups=(1, 2),
-                    dtypes=(torch.float32, torch.bfloat16),
-                    heads=2,
-                    batch=2,
-                    all_params=False,
-                )
-            else:  # both head dims and both GQA ratios, paired (each compiled kernel costs time)
-                main = torch.bfloat16 if ON_CUDA else torch.float32
-                cases = [
-                    *cases_for(
-                        spec, lengths=LENGTHS, head_dims=(64,), groups=(4,), dtypes=(main,), all_params=False
-                    ),
-                    *cases_for(
-                        spec, lengths=LENGTHS, head_dims=(128,), groups=(1,), dtypes=(main,), all_params=False
-                    ),
-                ]
-            out += [(name, backend.name, c) for c in cases]
-            # every parameter set, and every dtype, on one self and one cross shape
-            lowp = (torch.bfloat16, torch.float16) if ON_CUDA or backend.name != "flex" else (torch.bfloat16,)
-            small = ((17, 17), (9, 30)) if interp else ((130, 130), (70, 200))
-            extra = cases_for(
-                spec,
-                lengths=small,
-                head_dims=(32 if interp else 64,),
-                groups=(2,),
-                dtypes=(torch.float32, *lowp),
-                heads=4,
-                batch=2,
-            )
-            out += [(name, backend.name, c) for c in extra]
-    return out
-
-
-CASES = _cases()
+ON_CUDA = on_cuda()
+DEVICE = device_under_test()
+CASES = parity_cases(ON_CUDA)
 
 
 @pytest.mark.parametrize(

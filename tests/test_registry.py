@@ -39,15 +39,18 @@ def test_method_is_complete(name: str) -> None:
             spec.make_params(params)
     assert spec.backends, f"{name}: no backend"
     assert spec.patterns, f"{name}: no pattern"
-    assert spec.params.method == name
-    assert inspect.getdoc(spec.params), f"{name}: parameters need a docstring (meaning and defaults)"
+    assert spec.param_class.method == name
+    assert inspect.getdoc(spec.param_class), f"{name}: parameters need a docstring (meaning and defaults)"
+    assert spec.params == spec.param_class(), "spec.params shows the defaults"
+    if spec.mask is not None:
+        assert spec.index_mask is not None, f"{name}: a mask method needs its index-arithmetic definition"
 
 
 def test_benchmark_and_parity_suites_iterate_the_registry() -> None:
     from attnlab.bench.efficiency import planned_rows
-    from tests.test_parity import CASES
+    from attnlab.testing import on_cuda, parity_cases
 
-    in_parity = {(m, b) for m, b, _ in CASES}
+    in_parity = {(m, b) for m, b, _ in parity_cases(on_cuda())}
     for name, spec in attnlab.methods().items():
         for backend in spec.backends:
             assert (name, backend.name) in in_parity, f"{name}/{backend.name} has no parity test"

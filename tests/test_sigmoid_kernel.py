@@ -12,18 +12,17 @@ import torch
 
 import attnlab
 from attnlab.kernels.sigmoid.naive import sigmoid_bwd_naive, sigmoid_fwd_naive
-from tests.conftest import DEVICE
+from attnlab.testing import device_under_test, random_qkv
 
-
-def _qkv(b: int, h: int, hk: int, nq: int, nk: int, d: int, dtype: torch.dtype, grad: bool = False):  # type: ignore[no-untyped-def]
-    ts = [torch.randn(b, hh, n, d, device=DEVICE, dtype=dtype) for hh, n in ((h, nq), (hk, nk), (hk, nk))]
-    return [t.requires_grad_(grad) for t in ts]
+DEVICE = device_under_test()
 
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize(("nq", "nk"), [(19, 19), (9, 30), (30, 9)])
 def test_naive_backward_formulas_equal_autograd_of_the_reference(causal: bool, nq: int, nk: int) -> None:
-    q, k, v = _qkv(2, 4, 2, nq, nk, 16, torch.float64 if DEVICE.type == "cpu" else torch.float32, grad=True)
+    q, k, v = random_qkv(
+        2, 4, 2, nq, nk, 16, torch.float64 if DEVICE.type == "cpu" else torch.float32, grad=True
+    )
     scale, bias = 0.3, -1.2
     spec = attnlab.get("sigmoid")
     params = spec.make_params({"bias": bias})
@@ -65,7 +64,7 @@ def test_kernel_matches_naive_twin_and_writes_every_element(
 ) -> None:
     from attnlab.kernels.sigmoid.op import sigmoid_attention
 
-    q, k, v = _qkv(2, 4, 2, nq, nk, d, dtype, grad=True)
+    q, k, v = random_qkv(2, 4, 2, nq, nk, d, dtype, grad=True)
     scale, bias = 1 / math.sqrt(d), -math.log(nk)
     out = sigmoid_attention(q, k, v, scale, bias, causal)
     assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) output elements"
@@ -97,13 +96,13 @@ def test_kernel_takes_non_contiguous_heads_first_views(tile_path: str) -> None:
 def test_fully_masked_rows_are_zero_in_the_kernel() -> None:
     from attnlab.kernels.sigmoid.op import sigmoid_attention
 
-    q, k, v = _qkv(1, 2, 2, 20, 6, 16, torch.float32)
+    q, k, v = random_qkv(1, 2, 2, 20, 6, 16, torch.float32)
     out = sigmoid_attention(q, k, v, 0.25, 0.0, True)
     assert (out[:, :, :14] == 0).all() and out[:, :, 14:].abs().sum() > 0
 
 
 def test_dispatch_picks_the_triton_kernel_for_sigmoid() -> None:
-    q, k, v = _qkv(1, 2, 2, 8, 8, 16, torch.float32)
+    q, k, v = random_qkv(1, 2, 2, 8, 8, 16, torch.float32)
     assert attnlab.explain(q, k, v, method="sigmoid").backend.name == "triton"  # type: ignore[union-attr]
 
 
@@ -147,7 +146,7 @@ def test_every_forward_schedule_matches_the_naive_twin(
 ) -> None:
     from attnlab.kernels.sigmoid import op
 
-    q, k, v = _qkv(2, 4, 2, nq, nk, d, dtype)
+    q, k, v = random_qkv(2, 4, 2, nq, nk, d, dtype)
     scale, bias = 1 / math.sqrt(d), -math.log(nk)
     ref = sigmoid_fwd_naive(q.float(), k.float(), v.float(), scale, bias, causal)
     schedules = _forward_schedules(q, op._tma_ready(q, k, v), causal)
