@@ -7,13 +7,14 @@ import torch
 
 import attnlab
 from attnlab.masks import MaskContext, dense_mask, dense_pairs
+from attnlab.testing import draw_mask
 
 
 def grid(method: str, n_q: int, n_k: int, causal: bool, **params: int) -> list[str]:
     spec = attnlab.get(method)
     assert spec.mask is not None
     m = dense_mask(spec.mask(spec.make_params(params), MaskContext(n_q, n_k, causal, "cpu")), n_q, n_k, "cpu")
-    return ["".join("x" if b else "." for b in row) for row in m.tolist()]
+    return draw_mask(m)
 
 
 def test_sliding_window_counts_keys_including_self() -> None:
