@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -44,6 +45,19 @@ def _csv(value: str | None) -> tuple[str, ...] | None:
     return tuple(x.strip() for x in value.split(",") if x.strip()) if value else None
 
 
+def _preset_default(name: str) -> str:
+    """'(default: <CPU preset> on CPU; <CUDA preset> on CUDA)' for a BenchConfig field (help texts)."""
+    from attnlab.bench.config import BenchConfig
+
+    def show(value: object) -> str:
+        if isinstance(value, tuple):
+            return ",".join(str(getattr(v, "value", v)) for v in value)
+        return str(value)
+
+    cpu, cuda = (show(getattr(BenchConfig.preset(d), name)) for d in ("cpu", "cuda"))
+    return f"(default: {cpu})" if cpu == cuda else f"(default: {cpu} on CPU; {cuda} on CUDA)"
+
+
 @app.command("list")
 def list_methods(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per method (for scripts)")] = False,
@@ -51,7 +65,7 @@ def list_methods(
 ) -> None:
     """The support matrix, generated from the registry."""
     import attnlab
-    from attnlab.support import PATTERN_ABBREV, readme_block, records
+    from attnlab.support import patterns_text, readme_block, records
 
     if as_json:
         print(json.dumps(records(), indent=1))
@@ -66,7 +80,7 @@ def list_methods(
     for spec in attnlab.methods().values():
         params = ", ".join(f"{k}={v}" for k, v in spec.make_params({}).as_dict().items()) or "-"
         backends = ", ".join(f"{b.name} ({b.where_text()})" for b in spec.backends)
-        patterns = ", ".join(PATTERN_ABBREV[p] for p in spec.patterns)
+        patterns = patterns_text(spec)
         table.add_row(
             spec.name,
             spec.family,
@@ -86,17 +100,23 @@ def verify(
     out: Annotated[Path | None, typer.Option(help="also write one JSON line per check to this file")] = None,
     jobs: Annotated[int, typer.Option(help="worker processes, one (method, backend) at a time each")] = 1,
 ) -> None:
-    """Check every backend of every method against its reference on this device (exit 1 on a failure)."""
+    """Check every backend of every method against its reference on this device (exit 1 on a failure).
+
+    With --out, the file's first line is {"environment": {...}} (device, versions, commit, dirty flag)."""
     import torch
 
     dev = torch.device(device or _default_device())
     if dev.type == "cpu":  # Triton kernels can only run in the interpreter here (must precede their import)
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    from attnlab.bench.env import environment
     from attnlab.verify import verify as run_verify
     from attnlab.verify import verify_cases
 
+    env = environment(dev)
     total = sum(1 for _ in verify_cases(dev, _csv(methods)))
     sink = out.open("w") if out else None
+    if sink:  # the first line says what ran: device, versions, commit and dirty flag
+        sink.write(json.dumps({"environment": env}) + "\n")
     with _progress() as bar:
         task = bar.add_task(f"verify on {dev}", total=total)
 
@@ -104,7 +124,8 @@ def verify(
             bar.advance(task)
             if not check.skipped and not check.passed:  # failures show as they happen
                 bar.console.print(
-                    f"[red]FAIL[/red] {check.method}/{check.backend} {check.case.label()}: {check.summary()}"
+                    f"[red]FAIL[/red] {check.method}/{check.backend} {escape(check.case.label())}: "
+                    + escape(check.summary())
                 )
             if sink:  # one line per check, flushed, so an interrupted run leaves its results
                 record = {
@@ -121,7 +142,8 @@ def verify(
         results = run_verify(dev, _csv(methods), progress=progress, jobs=jobs)
     if sink:
         sink.close()
-    table = Table(title=f"attnlab verify on {dev}")
+    dirty = {True: ", dirty tree", False: "", None: ", dirty state unknown"}[env.get("dirty")]
+    table = Table(title=f"attnlab verify on {dev} ({env['device']}) at {str(env['commit'])[:12]}{dirty}")
     for col in ("method", "backend", "pattern", "passed", "failed", "skipped (why)"):
         table.add_column(col)
     groups: dict[tuple[str, str, str], Counter[str]] = {}
@@ -151,24 +173,45 @@ def verify(
 
 @app.command()
 def bench(
-    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available)")] = None,
-    lengths: Annotated[str | None, typer.Option(help="comma-separated sequence lengths in tokens")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="cpu or cuda (default: cuda if available, else cpu)")
+    ] = None,
+    lengths: Annotated[
+        str | None,
+        typer.Option(help=f"comma-separated sequence lengths in tokens {_preset_default('lengths')}"),
+    ] = None,
     methods: Annotated[str | None, typer.Option(help="comma-separated method names (default: all)")] = None,
     patterns: Annotated[
         str | None,
-        typer.Option(help="comma-separated: causal_self,noncausal_self,causal_cross,noncausal_cross"),
+        typer.Option(
+            help="comma-separated, of causal_self,noncausal_self,causal_cross,noncausal_cross "
+            + _preset_default("patterns")
+        ),
     ] = None,
-    modes: Annotated[str | None, typer.Option(help="comma-separated: fwd,fwd_bwd")] = None,
-    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16")] = None,
-    heads: Annotated[int | None, typer.Option(help="query heads")] = None,
-    kv_heads: Annotated[int | None, typer.Option(help="key/value heads (GQA); default = heads")] = None,
-    head_dim: Annotated[int | None, typer.Option(help="head dimension")] = None,
-    batch: Annotated[int | None, typer.Option(help="batch size")] = None,
-    budgets: Annotated[str | None, typer.Option(help="'all' parameter sets per method, or 'first'")] = None,
-    workloads: Annotated[str | None, typer.Option(help="fidelity workloads: minilm,random")] = None,
+    modes: Annotated[
+        str | None, typer.Option(help=f"comma-separated: fwd,fwd_bwd {_preset_default('modes')}")
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help=f"float32, bfloat16 or float16 {_preset_default('dtype')}")
+    ] = None,
+    heads: Annotated[int | None, typer.Option(help=f"query heads {_preset_default('heads')}")] = None,
+    kv_heads: Annotated[int | None, typer.Option(help="key/value heads (GQA) (default: = heads)")] = None,
+    head_dim: Annotated[
+        int | None, typer.Option(help=f"head dimension {_preset_default('head_dim')}")
+    ] = None,
+    batch: Annotated[int | None, typer.Option(help=f"batch size {_preset_default('batch')}")] = None,
+    budgets: Annotated[
+        str | None,
+        typer.Option(help=f"'all' parameter sets per method, or 'first' {_preset_default('budgets')}"),
+    ] = None,
+    workloads: Annotated[
+        str | None, typer.Option(help=f"fidelity workloads: minilm,random {_preset_default('workloads')}")
+    ] = None,
     no_fidelity: Annotated[bool, typer.Option("--no-fidelity", help="skip the fidelity part")] = False,
     no_efficiency: Annotated[bool, typer.Option("--no-efficiency", help="skip the timing part")] = False,
-    out: Annotated[Path | None, typer.Option(help="results folder (database, report, PNGs)")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help=f"results folder (database, report, PNGs) {_preset_default('out')}")
+    ] = None,
     no_report: Annotated[bool, typer.Option("--no-report", help="do not write the HTML report")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log every measurement")] = False,
 ) -> None:
@@ -206,20 +249,20 @@ def bench(
     )
     with _progress() as bar:
         task = bar.add_task("bench", total=planned_steps(cfg))
-        log = (lambda s: bar.console.print(s)) if verbose else (lambda s: None)
+        log = (lambda s: bar.console.print(escape(s))) if verbose else (lambda s: None)
         result = run(cfg, log=log, advance=lambda n: bar.advance(task, n), report=not no_report)
     console.print(
         f"run {result.run_id}: {result.efficiency_rows} efficiency rows, {result.fidelity_rows} "
         f"fidelity rows -> {result.db_path}"
     )
     for note in result.notes:
-        console.print(f"[yellow]note[/yellow]: {note}")
+        console.print(f"[yellow]note[/yellow]: {escape(note)}")
     if result.report:
         console.print(f"report: {result.report}")
     if result.failed_checks:
         console.print("[red]backends that failed their correctness check (not timed):[/red]")
         for f in result.failed_checks:
-            console.print(f"  {f}")
+            console.print(f"  {escape(f)}")
         raise typer.Exit(1)
 
 

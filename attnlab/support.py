@@ -11,6 +11,7 @@ from typing import Any
 from attnlab.patterns import Pattern
 from attnlab.registry import MethodSpec, methods
 
+#: the patterns in the README's order, with their short names
 PATTERN_ABBREV = {
     Pattern.NONCAUSAL_SELF: "self",
     Pattern.CAUSAL_SELF: "causal",
@@ -39,10 +40,15 @@ def record(spec: MethodSpec) -> dict[str, Any]:
             }
             for b in spec.backends
         ],
-        "patterns": sorted(p.value for p in spec.patterns),
+        "patterns": [p.value for p in PATTERN_ABBREV if p in spec.patterns],
         "gqa": spec.gqa,
         "backward": spec.backward,
     }
+
+
+def patterns_text(spec: MethodSpec) -> str:
+    """The method's patterns in the README's order: self, causal, cross, causal-cross."""
+    return ", ".join(abbrev for p, abbrev in PATTERN_ABBREV.items() if p in spec.patterns)
 
 
 def records() -> list[dict[str, Any]]:
@@ -62,7 +68,7 @@ def markdown_table() -> str:
     rows = [head, rule]
     for spec in methods().values():
         params = ", ".join(f"{k}={v}" for k, v in spec.make_params({}).as_dict().items()) or "—"
-        patterns = ", ".join(PATTERN_ABBREV[p] for p in Pattern if p in spec.patterns)
+        patterns = patterns_text(spec)
         rows.append(
             f"| `{spec.name}` | {spec.family} | {params} | {_backends_cell(spec)} | {patterns} | "
             f"{'yes' if spec.gqa else 'no'} | {'yes' if spec.backward else 'no'} |"

@@ -1,55 +1,101 @@
 """Write benchmarks/results/SUMMARY.md from the committed H100 results (no number is typed by hand).
 
-python benchmarks/summarize.py benchmarks/results/h100-2026-11-22
+python benchmarks/summarize.py benchmarks/results/h100-2026-11-22 [--readme README.md]
 
-Every ``results.duckdb`` under the folder is read, all runs; where several runs measured the same row
-(method, backend, parameters, pattern, shape, mode), the latest run's row stands. Each table names the runs
-(folder, commit) its rows came from.
+Every ``results.duckdb`` under the folder is read (read-only; files written by older versions lack newer
+columns, whose cells stay empty), all runs. Where several runs measured the same row (method, backend,
+parameters, pattern, dtype, batch, heads, kv heads, head dim, lengths, mode), the latest run's row stands.
+A table whose rows all come from one run names that run and its commit above it; otherwise every cell
+carries a tag ``[a]``, ``[b]``, ... and the table's legend names each tag's run, commit and timing method.
+With ``--readme`` the README's generated block (between its h100-table markers) is rewritten too.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
+import string
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
+import attnlab
+from attnlab.bench.fidelity import has_recall
 from attnlab.bench.store import ResultsDB
 
-_KEY = ("method", "backend", "params", "pattern", "n_q", "n_k", "mode")
+SHAPE = ("dtype", "batch", "heads", "kv_heads", "head_dim")
+_KEY = ("method", "backend", "params", "pattern", *SHAPE, "n_q", "n_k", "mode")
+Row = dict[str, Any]
 
 
-def _merged(root: Path, table: str, key: tuple[str, ...] = _KEY) -> tuple[list[dict], list[dict]]:
+def _merged(root: Path, table: str, key: tuple[str, ...] = _KEY) -> tuple[list[Row], list[Row]]:
     """(rows, runs): the latest row per key over every run of every database under ``root``."""
-    found: dict[tuple, tuple[str, dict]] = {}
-    runs: dict[str, dict] = {}
+    found: dict[tuple, tuple[str, Row]] = {}
     for db_path in sorted(root.glob("**/results.duckdb")):
-        with ResultsDB(db_path) as db:
+        with ResultsDB(db_path, read_only=True) as db:
             for run in db.runs():
                 rows = db.rows(table, run["run_id"])
-                if not rows:
-                    continue
-                run = {**run, "folder": db_path.parent.name}
+                folder = db_path.parent.relative_to(root).as_posix()
+                run = {**run, "folder": root.name if folder == "." else folder, "has_kernel": False}
                 for r in rows:
+                    run["has_kernel"] |= r.get("kernel_ms") is not None
                     k = tuple(r.get(c) for c in key)
                     if k not in found or str(run["started"]) >= found[k][0]:
                         found[k] = (str(run["started"]), {**r, "_run": run})
-    for _, r in found.values():
-        runs[r["_run"]["run_id"]] = r["_run"]
+    runs = {r["_run"]["run_id"]: r["_run"] for _, r in found.values()}
     return [r for _, r in found.values()], sorted(runs.values(), key=lambda r: str(r["started"]))
 
 
-def _sources(runs: list[dict]) -> str:
-    parts = []
-    for run in runs:
-        env = json.loads(run["env"])
-        parts.append(f"`{run['folder']}/` run `{run['run_id']}` at commit `{str(env['commit'])[:7]}`")
-    env = json.loads(runs[-1]["env"])
-    return f"{'; '.join(parts)} ({env['device']}, torch {env['torch']}, triton {env['triton']})"
+def _commit(run: Row) -> str:
+    env = json.loads(run["env"])
+    dirty = env.get("dirty", run.get("dirty"))
+    return f"`{str(env.get('commit'))[:7]}`" + (" (dirty tree)" if dirty else "")
+
+
+def _timing(run: Row) -> str:
+    """How a run timed its rows (older harnesses differ)."""
+    if run.get("has_kernel"):
+        return "as called (`attnlab.attention` defaults) and kernel, interleaved with the baseline"
+    cfg = json.loads(run["config"])
+    paired = "paired with the baseline" if cfg.get("paired") else "the baseline timed separately"
+    return f"`attnlab.attention(check_finite=False)`, {paired}"
+
+
+class Sources:
+    """The runs behind one table: a caption when there is one, a tag per cell when there are several."""
+
+    def __init__(self, rows: list[Row], timing: bool = True) -> None:
+        self.timing = timing
+        runs = {r["_run"]["run_id"]: r["_run"] for r in rows}
+        self.runs = sorted(runs.values(), key=lambda r: str(r["started"]))
+        self.tags = {run["run_id"]: string.ascii_lowercase[i] for i, run in enumerate(self.runs)}
+
+    def tag(self, *rows: Row) -> str:
+        """' [a]' (' [a,b]' for a cell averaged over rows of several runs); '' when the table has one run."""
+        if len(self.runs) <= 1:
+            return ""
+        return " [" + ",".join(sorted({self.tags[r["_run"]["run_id"]] for r in rows})) + "]"
+
+    def legend(self) -> str:
+        parts = []
+        for run in self.runs:
+            env = json.loads(run["env"])
+            tag = f"[{self.tags[run['run_id']]}] " if len(self.runs) > 1 else ""
+            how = f", {_timing(run)}" if self.timing else ""
+            parts.append(
+                f"{tag}`{run['folder']}/` run `{run['run_id']}` at commit {_commit(run)}{how} "
+                f"({env['device']}, torch {env['torch']}, triton {env['triton']})"
+            )
+        head = "Source" if len(self.runs) == 1 else "Sources (each cell's tag names its run)"
+        return f"{head}: " + "; ".join(parts) + "."
 
 
 def met(value: float, target: float) -> str:
     return f"{value:.2f} ({'met' if value >= target else 'NOT met'})"
+
+
+def _speedup(r: Row | None) -> float | None:
+    return None if r is None or r.get("unstable") else r.get("speedup")
 
 
 def sigmoid_section(root: Path) -> list[str]:
@@ -59,10 +105,12 @@ def sigmoid_section(root: Path) -> list[str]:
         return []
     bench, _ = _merged(root, "efficiency")
     harness = {
-        (r["n_k"], r["pattern"] == "causal_self", r["mode"]): r["speedup"]
+        (r["method"], r["backend"], r["n_k"], r["pattern"] == "causal_self", r["mode"]): r
         for r in bench
-        if r["method"] == "sigmoid" and r["backend"] == "triton" and r["status"] == "ok" and r["speedup"]
+        if r["status"] == "ok" and r.get("speedup") and r["backend"] in ("triton", "sdpa")
     }
+    used = [r for r in harness.values() if r["method"] in ("sigmoid", "softmax")]
+    src = Sources(used)
     names = [p.stem.removeprefix("sigmoid_kernel_") for p, _ in runs]
     lines = [
         "## FlashSigmoid Triton kernel vs cuDNN SDPA softmax (bf16, B=1, H=32, D=128)",
@@ -70,32 +118,43 @@ def sigmoid_section(root: Path) -> list[str]:
         "Ratio = t(cuDNN softmax) / t(ours) in the same run: the share of cuDNN's time-rate the kernel reaches. "
         "Targets: forward >= 0.9, backward >= 0.7. Columns `run <commit>`: `benchmarks/sigmoid_kernel.py` "
         "(`sigmoid_kernel_<commit>.json`), which times cuDNN, the kernel and FlexAttention's sigmoid form in "
-        "interleaved rounds; backward = the backward kernels alone vs cuDNN's (fwd+bwd) - fwd. Column `bench`: "
-        "`attnlab bench`, forward and fwd+bwd speedups over cuDNN (from session 3 on, each row timed in "
-        "interleaved rounds with the cuDNN baseline: `paired`).",
+        "interleaved rounds; its backward ratio compares the backward kernels alone with cuDNN's (fwd+bwd) "
+        "minus fwd, **a difference of two medians, not a timed measurement** (it flatters ours by up to 0.12); "
+        "the `fwd+bwd, bench` column is timed directly for both sides. Columns `bench`: `attnlab bench` "
+        "speedups over cuDNN; `control` is `softmax` through attnlab's `sdpa` backend against the same "
+        f"baseline. {src.legend()}",
         "",
         "| N | causal | "
         + " | ".join(f"fwd, run {n}" for n in names)
-        + " | fwd, bench | "
-        + " | ".join(f"bwd, run {n}" for n in names)
-        + " | fwd+bwd, bench | ours fwd TFLOP/s | Flex sigmoid fwd / ours |",
-        "|---|---|" + "---|" * (2 * len(names) + 4),
+        + " | fwd, bench | control fwd, bench | "
+        + " | ".join(f"bwd (subtracted), run {n}" for n in names)
+        + " | fwd+bwd, bench | control fwd+bwd, bench | ours fwd TFLOP/s | Flex sigmoid fwd / ours |",
+        "|---|---|" + "---|" * (2 * len(names) + 6),
     ]
+
+    def cell(method: str, backend: str, n: int, causal: bool, mode: str, target: float | None) -> str:
+        r = harness.get((method, backend, n, causal, mode))
+        if r is None:
+            return "—"
+        value = _speedup(r)
+        if value is None:
+            return "unstable" + src.tag(r)
+        return (met(value, target) if target else f"{value:.2f}") + src.tag(r)
+
     points = sorted({(r["n"], r["causal"]) for _, data in runs for r in data["speed"] if "n" in r})
     for n, causal in points:
         rows = [
             next((r for r in data["speed"] if r.get("n") == n and r.get("causal") == causal), None)
             for _, data in runs
         ]
-        fwd = [met(r["fwd_ratio_vs_cudnn"], 0.9) if r else "—" for r in rows]
-        bwd = [met(r["bwd_ratio_vs_cudnn"], 0.7) if r else "—" for r in rows]
-        h_f, h_fb = harness.get((n, causal, "fwd")), harness.get((n, causal, "fwd_bwd"))
         last = [r for r in rows if r][-1]  # the latest run that measured this point
         cells = [
-            *fwd,
-            met(h_f, 0.9) if h_f else "—",
-            *bwd,
-            f"{h_fb:.2f}" if h_fb else "—",
+            *[met(r["fwd_ratio_vs_cudnn"], 0.9) if r else "—" for r in rows],
+            cell("sigmoid", "triton", n, causal, "fwd", 0.9),
+            cell("softmax", "sdpa", n, causal, "fwd", None),
+            *[met(r["bwd_ratio_vs_cudnn"], 0.7) if r else "—" for r in rows],
+            cell("sigmoid", "triton", n, causal, "fwd_bwd", None),
+            cell("softmax", "sdpa", n, causal, "fwd_bwd", None),
             f"{last['triton_sigmoid_fwd_tflops']:.0f}",
             f"{last['flex_sigmoid_fwd_ms'] / last['triton_sigmoid_fwd_ms']:.1f}x",
         ]
@@ -111,35 +170,62 @@ def sigmoid_section(root: Path) -> list[str]:
     return lines
 
 
+def _eff_cell(r: Row | None, src: Sources) -> str:
+    if r is None or r.get("speedup") is None:
+        return "—"
+    if r.get("unstable"):
+        return "unstable" + src.tag(r)
+    if r["density"] < 1:
+        return (
+            f"{r['speedup']:.2f}x / {r['speedup'] * r['density']:.2f} "
+            f"(d={r['density']:.3f}, bd={r['block_density']:.3f})" + src.tag(r)
+        )
+    return f"{r['speedup']:.2f}x" + src.tag(r)
+
+
+def _shapes(rows: list[Row]) -> list[tuple]:
+    return sorted({tuple(r.get(c) for c in SHAPE) for r in rows}, key=str)
+
+
+def _shape_text(shape: tuple) -> str:
+    dtype, batch, heads, kv_heads, head_dim = shape
+    return f"{dtype}, B={batch}, H={heads}, H_kv={kv_heads}, D={head_dim}"
+
+
 def efficiency_section(root: Path, mode: str) -> list[str]:
-    rows, runs = _merged(root, "efficiency")
+    rows, _ = _merged(root, "efficiency")
     ok = [r for r in rows if r["status"] == "ok" and r["mode"] == mode]
     if not ok:
         return []
-    runs = [run for run in runs if any(r["_run"]["run_id"] == run["run_id"] for r in ok)]
+    lines = [f"## Benchmark, {mode}: speedup over cuDNN SDPA and ratio to the ideal 1/density", ""]
+    for shape in _shapes(ok):
+        lines += _efficiency_tables(root, [r for r in ok if tuple(r.get(c) for c in SHAPE) == shape], shape)
+    return lines
+
+
+def _efficiency_tables(root: Path, ok: list[Row], shape: tuple) -> list[str]:
+    run_ids = {r["_run"]["run_id"] for r in ok}
     checks, _ = _merged(root, "checks", ("method", "backend", "params", "pattern", "dtype", "grad"))
-    checks = [c for c in checks if c["_run"]["run_id"] in {run["run_id"] for run in runs}]
-    cfg = json.loads(runs[-1]["config"])
+    checks = [c for c in checks if c["_run"]["run_id"] in run_ids]
     lines = [
-        f"## Benchmark, {mode}: speedup over cuDNN SDPA and ratio to the ideal 1/density",
-        "",
-        f"Sources: {_sources(runs)}; {cfg['dtype']}, B={cfg['batch']}, H={cfg['heads']}, D={cfg['head_dim']}. "
-        "Before timing, each backend passed a parity check on this GPU: "
+        f"Shape: {_shape_text(shape)}. Before timing, each backend passed a parity check on this GPU: "
         f"{sum(bool(c['passed']) for c in checks)}/{len(checks)}.",
         "",
         "Cells: speedup over cuDNN SDPA in the same run (x) / speedup x d = the share of the ideal 1/d reached "
         "(d: token density, bd: share of 128x128 tiles computed). A method's budgets scale with N "
-        "(`bench_params(n)`); the budget column gives the parameters at the longest N. Dense rows: speedup only.",
+        "(`bench_params(n)`); the budget column gives the parameters at the longest N. Dense rows: speedup only. "
+        "`softmax`/`sdpa` is the control (the baseline's math through attnlab).",
         "",
     ]
     for pattern in ("causal_self", "noncausal_self"):
         sel = [r for r in ok if r["pattern"] == pattern]
         if not sel:
             continue
+        src = Sources(sel)
         lengths = sorted({r["n_k"] for r in sel})
         # a method's budgets scale with N (bench_params(n)); rank them by density at each N
-        table: dict[tuple[str, str, int], dict[int, dict]] = defaultdict(dict)
-        groups: dict[tuple[str, str, int], list[dict]] = defaultdict(list)
+        table: dict[tuple[str, str, int], dict[int, Row]] = defaultdict(dict)
+        groups: dict[tuple[str, str, int], list[Row]] = defaultdict(list)
         for r in sel:
             groups[(r["method"], r["backend"], r["n_k"])].append(r)
         for (method, backend, n), rs in groups.items():
@@ -148,34 +234,24 @@ def efficiency_section(root: Path, mode: str) -> list[str]:
         lines += [
             f"### {pattern}",
             "",
+            src.legend(),
+            "",
             "| method | budget | backend | " + " | ".join(f"N={n // 1024}K" for n in lengths) + " |",
             "|---|---|---|" + "---|" * len(lengths),
         ]
+        if ("softmax", "sdpa", 0) not in table:
+            lines.append("| softmax | control | sdpa | " + " | ".join("not measured" for _ in lengths) + " |")
         for key in sorted(table, key=lambda k: (k[0] != "softmax", k[0], k[2], k[1])):
-            cells = []
-            for n in lengths:
-                r = table[key].get(n)
-                if r is None or r.get("speedup") is None:
-                    cells.append("—")
-                elif r["density"] < 1:
-                    cells.append(
-                        f"{r['speedup']:.2f}x / {r['speedup'] * r['density']:.2f} "
-                        f"(d={r['density']:.3f}, bd={r['block_density']:.3f})"
-                    )
-                else:
-                    cells.append(f"{r['speedup']:.2f}x")
             longest = table[key][max(table[key])]
             budget = longest["params"] if longest["params"] != "{}" else "dense"
-            lines.append(
-                f"| {key[0]} | `{budget}` at {max(table[key]) // 1024}K | {key[1]} | "
-                + " | ".join(cells)
-                + " |"
-            )
+            cells = [_eff_cell(table[key].get(n), src) for n in lengths]
+            at = f"{max(table[key]) // 1024}K"
+            lines.append(f"| {key[0]} | `{budget}` at {at} | {key[1]} | " + " | ".join(cells) + " |")
         lines.append("")
-    compiles = defaultdict(int)
+    compiles: dict[int, int] = defaultdict(int)
     for r in ok:
         if r["backend"] == "flex":
-            compiles[r["n_k"]] += r["compiles"] or 0
+            compiles[r["n_k"]] += r.get("compiles") or 0
     lines += [
         "Recompilation (FlexAttention compiled with dynamic shapes; new graphs per length, summed over flex rows): "
         + ", ".join(f"{n // 1024}K: {c}" for n, c in sorted(compiles.items()))
@@ -185,97 +261,129 @@ def efficiency_section(root: Path, mode: str) -> list[str]:
     return lines
 
 
+def _recall(method: str, rs: list[Row]) -> tuple[str, str]:
+    """(mean, worst head) of the mass recall; n/a for methods without a plan (older rows stored 1.0)."""
+    try:
+        defined = has_recall(attnlab.get(method))
+    except attnlab.UnknownMethodError:
+        defined = True
+    rec = [r["mass_recall"] for r in rs if r.get("mass_recall") is not None]
+    if not defined or not rec:
+        return "n/a", "n/a"
+    return f"{sum(rec) / len(rec):.3f}", f"{min(rec):.3f}"
+
+
 def fidelity_section(root: Path, where: str) -> list[str]:
     """Fidelity rows (latest per key over every database under ``root``), averaged over layers and heads."""
-    rows, runs = _merged(root, "fidelity", ("workload", "layer", "head", "method", "params", "pattern", "n"))
+    rows, _ = _merged(root, "fidelity", ("workload", "layer", "head", "method", "params", "pattern", "n"))
     if not rows:
         return []
-    groups: dict[tuple, list[dict]] = defaultdict(list)
+    src = Sources(rows, timing=False)
+    groups: dict[tuple, list[Row]] = defaultdict(list)
     for r in rows:
-        groups[(r["workload"], r["pattern"], r["method"], r["params"])].append(r)
+        groups[(r["workload"], r["pattern"], r["method"], r["params"], r["n"])].append(r)
     lines = [
         f"## Fidelity to dense softmax, {where} (a measurement, not a test)",
         "",
-        f"Sources: {_sources(runs)}. `minilm` = Q/K/V of all six layers x 12 heads of the pretrained "
-        "all-MiniLM-L6-v2 encoder on 2 x 512 tokens; `random` = Gaussian Q/K/V. Recall = share of the dense "
-        "attention mass on the computed pairs (mean over heads / worst head); error = ||O - O_dense|| / "
-        "||O_dense|| (mean over heads).",
+        f"{src.legend()} `minilm` = Q/K/V of all six layers x 12 heads of the pretrained all-MiniLM-L6-v2 "
+        "encoder (bidirectional: its causal rows apply a causal mask to an encoder's Q/K) on 2 x 512 tokens; "
+        "`random` = Gaussian Q/K/V. Recall = share of the dense attention mass on the computed pairs (mean over "
+        "heads / worst head; n/a for methods that compute no subset of softmax attention); error vs uniform = "
+        "||O - O_dense|| / ||O_uniform - O_dense|| with O_uniform the mean of V over the allowed keys (0: exact, "
+        "1: no better than averaging V; comparable across workloads); rel. error = ||O - O_dense|| / ||O_dense||. "
+        "Means over layers and heads; N: the length the budgets were chosen for (`bench_params(N)`).",
         "",
-        "| workload | pattern | method | params | density | recall (mean) | recall (min head) | rel. error |",
-        "|---|---|---|---|---|---|---|---|",
+        "| workload | pattern | method | params | N | density | recall (mean) | recall (min head) "
+        "| error vs uniform | rel. error |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (workload, pattern, method, params), rs in sorted(groups.items()):
-        mean = {c: sum(r[c] for r in rs) / len(rs) for c in ("density", "mass_recall", "out_rel_err")}
+    for (workload, pattern, method, params, n), rs in sorted(groups.items()):
+        mean = {c: sum(r[c] for r in rs) / len(rs) for c in ("density", "out_rel_err")}
+        unif = [r["out_err_vs_uniform"] for r in rs if r.get("out_err_vs_uniform") is not None]
+        rec_mean, rec_min = _recall(method, rs)
         lines.append(
-            f"| {workload} | {pattern} | {method} | `{params}` | {mean['density']:.3f} | "
-            f"{mean['mass_recall']:.3f} | {min(r['mass_recall'] for r in rs):.3f} | {mean['out_rel_err']:.3f} |"
+            f"| {workload}{src.tag(*rs)} | {pattern} | {method} | `{params}` | {n} | {mean['density']:.3f} | "
+            f"{rec_mean} | {rec_min} | {f'{sum(unif) / len(unif):.3f}' if unif else '—'} | "
+            f"{mean['out_rel_err']:.3f} |"
         )
     return [*lines, ""]
 
 
 README_BEGIN = "<!-- h100-table:begin (generated by benchmarks/summarize.py; do not edit) -->"
 README_END = "<!-- h100-table:end -->"
+HEADLINE_COLUMNS = (
+    ("causal_self", "fwd"),
+    ("causal_self", "fwd_bwd"),
+    ("noncausal_self", "fwd"),
+    ("noncausal_self", "fwd_bwd"),
+)
 
 
 def headline(root: Path) -> list[str]:
     """At the longest length: each method's speedup over cuDNN SDPA (fwd, fwd+bwd), causal and not."""
-    cols: dict[tuple[str, str], dict[tuple[str, str], dict]] = defaultdict(dict)
-    rows, runs = _merged(root, "efficiency")
+    rows, _ = _merged(root, "efficiency")
     ok = [r for r in rows if r["status"] == "ok"]
-    env = json.loads(runs[-1]["env"]) if runs else {}
     n_max = max((r["n_k"] for r in ok), default=0)
+    ok = [r for r in ok if r["n_k"] == n_max and not r["backend"].startswith("sdpa:")]
+    shape = max(_shapes(ok), key=lambda s: sum(tuple(r.get(c) for c in SHAPE) == s for r in ok), default=None)
+    cols: dict[tuple[str, str], dict[tuple[str, str], Row]] = defaultdict(dict)
     for r in ok:
-        if r["n_k"] != n_max or r["backend"].startswith("sdpa:"):
+        if tuple(r.get(c) for c in SHAPE) != shape:
             continue
         key = (r["method"], r["backend"])
         best = cols[key].get((r["pattern"], r["mode"]))
         if best is None or r["density"] < best["density"]:  # the sparsest budget
             cols[key][(r["pattern"], r["mode"])] = r
-    heads = [
-        ("causal_self", "fwd"),
-        ("causal_self", "fwd_bwd"),
-        ("noncausal_self", "fwd"),
-        ("noncausal_self", "fwd_bwd"),
-    ]
+    used = [r for c in cols.values() for r in c.values()]
+    src = Sources(used)
+    env = json.loads(src.runs[-1]["env"]) if src.runs else {}
     lines = [
-        f"Speedup over cuDNN SDPA at N={n_max // 1024}K ({env.get('device', '?')}, bf16, B=1, H=32, D=128; "
-        "sparsest benchmarked budget; in brackets: share of the ideal 1/density reached).",
+        f"Speedup over cuDNN SDPA at N={n_max // 1024}K ({env.get('device', '?')}, "
+        f"{_shape_text(shape) if shape else '?'}; sparsest benchmarked budget; in brackets: share of the ideal "
+        "1/density reached). `softmax`/`sdpa` is the control: the baseline's math through attnlab.",
+        "",
+        src.legend(),
         "",
         "| method | backend | density | causal fwd | causal fwd+bwd | non-causal fwd | non-causal fwd+bwd |",
         "|---|---|---|---|---|---|---|",
     ]
-    for key in sorted(cols, key=lambda k: (k[0] != "softmax", k[0] != "sigmoid", k[0], k[1])):
+    for key in sorted(cols, key=lambda k: (k != ("softmax", "sdpa"), k[0] != "sigmoid", k[0], k[1])):
         cells, dens = [], 1.0
-        for h in heads:
+        for h in HEADLINE_COLUMNS:
             r = cols[key].get(h)
             if r is None:
                 cells.append("—")
                 continue
             dens = r["density"]
+            if r.get("unstable"):
+                cells.append("unstable" + src.tag(r))
+                continue
             extra = f" ({r['speedup'] * r['density']:.2f})" if r["density"] < 1 else ""
-            cells.append(f"{r['speedup']:.2f}x{extra}")
+            cells.append(f"{r['speedup']:.2f}x{extra}" + src.tag(r))
         lines.append(f"| {key[0]} | {key[1]} | {dens:.3f} | " + " | ".join(cells) + " |")
     return lines
 
 
 def verify_line(root: Path) -> list[str]:
-    """The H100 ``attnlab verify`` result, counted from its JSON lines."""
+    """The H100 ``attnlab verify`` result, counted from its JSON lines (an environment line is skipped)."""
     path = root / "verify_cuda.jsonl"
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    env = next((r["environment"] for r in records if "environment" in r), None)
+    rows = [r for r in records if "environment" not in r]
     passed = sum(bool(r["passed"]) for r in rows)
     skipped = sum(bool(r["skipped"]) for r in rows)
     failed = len(rows) - passed - skipped
+    at = f" at commit `{str(env['commit'])[:7]}`{' (dirty tree)' if env.get('dirty') else ''}" if env else ""
     return [
         "",
-        f"`attnlab verify --device cuda` on the H100: {passed} passed, {failed} failed, {skipped} skipped "
+        f"`attnlab verify --device cuda` on the H100{at}: {passed} passed, {failed} failed, {skipped} skipped "
         f"(every method x backend x pattern, bf16 and fp32, forward and gradients; `{root.name}/{path.name}`).",
     ]
 
 
-def update_readme(lines: list[str]) -> None:
-    readme = Path("README.md")
+def update_readme(readme: Path, lines: list[str]) -> None:
     text = readme.read_text()
     if README_BEGIN not in text:
         return
@@ -284,9 +392,7 @@ def update_readme(lines: list[str]) -> None:
     readme.write_text(text[:start] + block + text[end:])
 
 
-def main() -> None:
-    root = Path(sys.argv[1])
-    out = Path("benchmarks/results/SUMMARY.md")
+def summary(root: Path) -> list[str]:
     lines = [
         "# H100 results — measured figures next to their targets",
         "",
@@ -303,9 +409,22 @@ def main() -> None:
         lines += efficiency_section(root, mode)
     lines += fidelity_section(root, "on the H100")
     lines += fidelity_section(root.parent / "cpu-2026-11-22", "on CPU")
-    out.write_text("\n".join(lines) + "\n")
-    update_readme(headline(root) + verify_line(root))
-    print(f"wrote {out} and the README's H100 table")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("root", type=Path, help="folder of the H100 results")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/SUMMARY.md"))
+    parser.add_argument(
+        "--readme", type=Path, default=None, help="also rewrite this README's generated block"
+    )
+    args = parser.parse_args()
+    args.out.write_text("\n".join(summary(args.root)) + "\n")
+    print(f"wrote {args.out}")
+    if args.readme:
+        update_readme(args.readme, headline(args.root) + verify_line(args.root))
+        print(f"rewrote the generated block of {args.readme}")
 
 
 if __name__ == "__main__":

@@ -7,22 +7,28 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+from rich.console import Console
 from typer.testing import CliRunner
 
 import attnlab
+from attnlab import cli
 from attnlab.cli import app
 from attnlab.support import readme_block
 
 runner = CliRunner()
 
 
-def test_list_table_json_and_markdown() -> None:
+def test_list_table_json_and_markdown(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "console", Console(width=300))  # no wrapping inside the table's cells
     res = runner.invoke(app, ["list"])
     assert res.exit_code == 0 and "sliding_window" in res.output
+    assert "self, causal, cross, causal-cross" in res.output  # the README's order, not set order
     res = runner.invoke(app, ["list", "--json"])
     rows = json.loads(res.output)
     assert [r["name"] for r in rows] == list(attnlab.methods())
+    assert rows[0]["patterns"] == ["noncausal_self", "causal_self", "noncausal_cross", "causal_cross"]
     res = runner.invoke(app, ["list", "--markdown"])
     assert res.output.strip() == readme_block()
 
@@ -38,7 +44,10 @@ def test_verify_in_worker_processes_gives_the_serial_results(tmp_path: Path) -> 
     args = ["verify", "--device", "cpu", "--methods", "streaming,softmax", "--jobs", "2", "--out", str(out)]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
-    parallel = [json.loads(line) for line in out.read_text().splitlines()]
+    first, *lines = out.read_text().splitlines()
+    env = json.loads(first)["environment"]  # which code ran: commit and dirty flag, recorded by verify
+    assert env["commit"] and isinstance(env["dirty"], bool) and env["device_type"] == "cpu"
+    parallel = [json.loads(line) for line in lines]
     from attnlab.verify import verify
 
     serial = verify(torch.device("cpu"), ("streaming", "softmax"))
@@ -78,6 +87,36 @@ def test_bench_and_report_commands(tmp_path: Path) -> None:
     (out / "report.html").unlink()
     res = runner.invoke(app, ["report", "--db", str(out / "results.duckdb")])
     assert res.exit_code == 0 and (out / "report.html").exists()
+
+
+def test_bench_help_shows_the_defaults() -> None:
+    res = runner.invoke(app, ["bench", "--help"], terminal_width=200)
+    assert res.exit_code == 0
+    text = " ".join(res.output.split())
+    for default in (
+        "512,1024,2048 on CPU",
+        "4096,8192,16384,32768,65536 on CUDA",
+        "float32 on CPU",
+        "first on CPU",
+    ):
+        assert default in text, default
+
+
+def test_notes_keep_their_brackets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The install hint "pip install 'attnlab[minilm]'" must not lose "[minilm]" to rich markup."""
+    from attnlab.bench import workloads
+
+    def unavailable(name: str, *args: object, **kw: object) -> workloads.Workload:
+        raise workloads.WorkloadUnavailable(
+            "the minilm workload needs the optional extra: pip install 'attnlab[minilm]'"
+        )
+
+    monkeypatch.setattr(workloads, "load", unavailable)
+    args = ["bench", "--device", "cpu", "--no-efficiency", "--workloads", "minilm", "--out", str(tmp_path)]
+    monkeypatch.setattr(cli, "console", Console(width=300))
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "pip install 'attnlab[minilm]'" in res.output
 
 
 def test_bench_rejects_unknown_method(tmp_path: Path) -> None:

@@ -21,7 +21,9 @@ class BenchConfig:
     Efficiency is timed at each length in ``lengths`` for each pattern and mode: self patterns use
     N_q = N_k = n; cross patterns use N_q = n // 4 queries over N_k = n keys (chunked prefill).
     ``budgets``: "all" times every parameter set a method's ``bench_params(n)`` gives, "first" one.
-    Fidelity runs on ``workloads`` ("minilm": Q/K/V captured from the MiniLM encoder; "random").
+    Every row is timed in interleaved rounds with the dense baseline (see :mod:`attnlab.bench.efficiency`).
+    Fidelity runs on ``workloads`` ("minilm": Q/K/V captured from the MiniLM encoder; "random" at
+    ``fidelity_length`` tokens), with the same ``budgets`` as the speed sweep.
     """
 
     device: str = "cpu"
@@ -41,11 +43,9 @@ class BenchConfig:
     workloads: tuple[str, ...] = ("minilm", "random")
     fidelity_length: int = 1024
     fidelity_heads: int = 4
-    target_s: float = 0.2
-    max_reps: int = 20
-    #: time every row in interleaved rounds with the dense baseline, whose time in those same rounds
-    #: gives the row's speedup (robust to clock and power drift; costs the baseline's time again per row)
-    paired: bool = False
+    #: seconds of timed rounds to aim for per row (at least ``timing.MIN_REPS`` rounds, at most ``max_reps``)
+    target_s: float = 0.3
+    max_reps: int = 30
     seed: int = 0
     out: Path = field(default_factory=lambda: Path("attnlab-results"))
 
@@ -62,9 +62,8 @@ class BenchConfig:
                 budgets="all",
                 fidelity_length=4096,
                 fidelity_heads=8,
-                target_s=0.25,
+                target_s=0.5,
                 max_reps=30,
-                paired=True,
             )
         return BenchConfig(device=device)
 

@@ -1,14 +1,22 @@
-"""Efficiency: latency, peak memory, dense-equivalent TFLOP/s, speedup over dense SDPA, density.
+"""Efficiency: latency (as called and kernel), peak memory, dense-equivalent TFLOP/s, speedup over dense
+SDPA, density.
 
-For each (pattern, length, mode) the dense baseline is timed first in the same run: SDPA restricted to
-cuDNN on CUDA (with flash, mem-efficient and FlexAttention as peers), PyTorch's default SDPA on CPU.
-Each method's parameter sets (``bench_params``) then run on every backend that can take the call; a
-backend is timed only after a small parity check of it against the reference passed on this device.
+A run has two phases, so that no compilation competes with a measurement (on a 2-core CPU it did):
+
+1. **Warm**: for every (pattern, length, mode) of the run, every side that will be timed is checked
+   (parity against the reference), compiled and called a few times, and its peak memory is measured.
+2. **Time**: every row is timed in interleaved rounds with the dense baseline
+   (:func:`~attnlab.bench.timing.measure_interleaved`): a method row's rounds hold the baseline, the method
+   as called and the method's kernel; a peer's hold the baseline and the peer; the baseline's own row
+   holds the baseline twice (an A/A control: its ratio shows the noise floor). Speedups are ratios of
+   medians from the same rounds; nothing is derived by subtraction.
+
+The baseline is SDPA restricted to cuDNN on CUDA (flash, mem-efficient are peers), PyTorch's default SDPA
+on CPU. The control row ``softmax`` / ``sdpa`` is the same dense math through attnlab.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import traceback
 from collections.abc import Callable, Iterator
@@ -16,23 +24,29 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
 from torch.nn.attention import SDPBackend
 
 import attnlab
 from attnlab.backends.base import Call
+from attnlab.bench import calls
+from attnlab.bench.checks import ParityChecks
 from attnlab.bench.config import BenchConfig, shapes
-from attnlab.bench.timing import Timing, attention_flops, measure, measure_interleaved
-from attnlab.kernels.sdpa import sdpa_dense
+from attnlab.bench.memory import peak_memory_mb
+from attnlab.bench.timing import MIN_REPS, Timing, attention_flops, measure_interleaved
 from attnlab.masks import MaskContext, block_layout, causal_mask, dense_pairs
 from attnlab.patterns import Pattern
-from attnlab.testing import Case, check_parity
 
 PEERS_CUDA: dict[str, SDPBackend] = {
     "sdpa:cudnn": SDPBackend.CUDNN_ATTENTION,
     "sdpa:flash": SDPBackend.FLASH_ATTENTION,
     "sdpa:efficient": SDPBackend.EFFICIENT_ATTENTION,
 }
+PEERS_CPU: dict[str, SDPBackend | None] = {"sdpa:default": None}
+#: a row whose timed calls spread wider than this (IQR / median, on any of its sides) is flagged
+#: ``unstable`` and the report prints "unstable" instead of its ratios
+UNSTABLE_SPREAD = 0.25
+#: untimed calls of each side in the warm phase (the first compiles; the rest warm caches)
+WARM_CALLS = 2
 
 
 @dataclass(frozen=True)
@@ -67,39 +81,11 @@ def planned_rows(
     return rows
 
 
-def _inputs(cfg: BenchConfig, n_q: int, n_k: int, grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    g = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    dev, dt = cfg.torch_device, cfg.torch_dtype
-
-    def make(h: int, n: int) -> Tensor:
-        return torch.randn(cfg.batch, h, n, cfg.head_dim, generator=g).to(dev, dt).requires_grad_(grad)
-
-    q, k, v = make(cfg.heads, n_q), make(cfg.n_kv_heads, n_k), make(cfg.n_kv_heads, n_k)
-    dout = torch.randn(cfg.batch, cfg.heads, n_q, cfg.head_dim, generator=g).to(dev, dt)
-    return q, k, v, dout
-
-
-def _runner(
-    fn: Callable[[], Tensor], mode: str, q: Tensor, k: Tensor, v: Tensor, dout: Tensor
-) -> Callable[[], Any]:
-    if mode == "fwd":
-
-        def fwd() -> Any:
-            with torch.no_grad():
-                return fn()
-
-        return fwd
-
-    def fwd_bwd() -> Any:
-        return torch.autograd.grad(fn(), (q, k, v), dout)
-
-    return fwd_bwd
-
-
-def _densities(
+def densities(
     spec: attnlab.MethodSpec, params: Any, n_q: int, n_k: int, causal: bool, device: torch.device
 ) -> tuple[float, float]:
-    """(token density, block density) relative to the dense pattern, with 128 x 128 tiles."""
+    """(token density, block density): the share of the dense pattern's (query, key) pairs the method
+    computes, and the share of the dense pattern's 128 x 128 tiles it touches. 1.0 for dense methods."""
     pairs = dense_pairs(n_q, n_k, causal)
     if spec.mask is None:
         return 1.0, 1.0
@@ -109,14 +95,64 @@ def _densities(
     return layout.allowed / pairs, layout.computed_blocks / max(1, dense_layout.computed_blocks)
 
 
-class EfficiencyRun:
-    """Times a config's planned rows; call :meth:`rows` to iterate result dicts."""
+@dataclass
+class Entry:
+    """One row of a (pattern, length, mode) group: a peer of the baseline or a (method, params, backend)."""
 
-    def __init__(self, cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> None:
+    method: str
+    backend: str
+    params: dict[str, Any]
+    density: float = 1.0
+    block_density: float = 1.0
+    #: SDPA kernel of a dense peer (None with ``peer``: PyTorch's choice)
+    sdpa_kernel: SDPBackend | None = None
+    peer: bool = False
+    status: str = "ok"
+    peak_mem_mb: float | None = None
+    compiles: int = 0
+
+    def sides(self, x: calls.Inputs, mode: str, causal: bool) -> dict[str, Callable[[], Any]]:
+        """The timed callables of this row other than the baseline: ``called`` (and ``kernel``)."""
+        if self.peer:
+            return {"called": calls.timed(calls.dense_fn(x, causal, self.sdpa_kernel), mode, x)}
+        args = (x, self.method, causal, self.backend, self.params)
+        return {
+            "called": calls.timed(calls.as_called_fn(*args), mode, x),
+            "kernel": calls.timed(calls.kernel_fn(*args), mode, x),
+        }
+
+
+def _unique_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _failure(e: BaseException) -> str:
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        torch.cuda.empty_cache()
+        return "oom"
+    return f"error: {type(e).__name__}: {str(e)[:300]}"
+
+
+class EfficiencyRun:
+    """Warms every side of a config's planned rows, then times them; :meth:`rows` yields result dicts."""
+
+    def __init__(
+        self,
+        cfg: BenchConfig,
+        log: Callable[[str], None] = lambda s: None,
+        advance: Callable[[int], None] = lambda n: None,
+    ) -> None:
         self.cfg = cfg
         self.log = log
-        self.checks: dict[tuple[Any, ...], tuple[bool, str]] = {}
-        self.check_rows: list[dict[str, Any]] = []
+        self.advance = advance
+        self.checks = ParityChecks(cfg)
+        self.notes: list[str] = []
+
+    @property
+    def check_rows(self) -> list[dict[str, Any]]:
+        return self.checks.rows
 
     def plan(self) -> list[PlannedRow]:
         c = self.cfg
@@ -125,94 +161,91 @@ class EfficiencyRun:
     def groups(self) -> list[tuple[Pattern, int, str]]:
         return [(p, n, m) for p in self.cfg.patterns for n in self.cfg.lengths for m in self.cfg.modes]
 
-    def _check(
-        self,
-        spec: attnlab.MethodSpec,
-        backend: str,
-        params: dict[str, Any],
-        causal: bool,
-        cross: bool,
-        grad: bool,
-    ) -> tuple[bool, str]:
-        key = (spec.name, backend, json.dumps(params, sort_keys=True), causal, cross, grad)
-        if key not in self.checks:
-            c = self.cfg
-            n_q, n_k = (96, 384) if cross else (384, 384)
-            case = Case(
-                1, 4, max(1, 4 * c.n_kv_heads // c.heads), n_q, n_k, c.head_dim, c.torch_dtype, causal, params
-            )
-            try:
-                res = check_parity(spec, backend, case, c.torch_device, backward=grad)
-                ok, detail = (res.passed or bool(res.skipped)), res.summary()
-            except Exception as e:  # a crash in the check is a failed check, recorded
-                ok, detail = False, f"error: {type(e).__name__}: {e}"
-            self.checks[key] = (ok, detail)
-            self.check_rows.append(
-                {
-                    "method": spec.name,
-                    "backend": backend,
-                    "params": key[2],
-                    "pattern": ("causal_" if causal else "noncausal_") + ("cross" if cross else "self"),
-                    "dtype": c.dtype,
-                    "grad": grad,
-                    "passed": ok,
-                    "detail": detail,
-                }
-            )
-        return self.checks[key]
+    def peers(self) -> dict[str, SDPBackend | None]:
+        """Dense SDPA rows; the first that runs is the baseline of its group."""
+        peers: dict[str, SDPBackend | None] = (
+            dict(PEERS_CUDA) if self.cfg.torch_device.type == "cuda" else dict(PEERS_CPU)
+        )
+        return peers if self.cfg.peers else dict(list(peers.items())[:1])
 
-    def _time(self, fn: Callable[[], Any], baseline: Callable[[], Any] | None = None) -> dict[str, Any]:
-        """Latency and peak memory of ``fn``; with ``baseline`` (and ``paired`` configs) the latency comes
-        from interleaved rounds with the baseline, whose median there is returned as ``paired_baseline_ms``."""
-        from torch._dynamo.utils import counters
-
-        c = self.cfg
-        before = counters["stats"]["unique_graphs"]
-        paired: dict[str, float] = {}
-        try:
-            t = measure(fn, c.torch_device, target_s=c.target_s, max_reps=c.max_reps)
-            if baseline is not None and c.paired:
-                both = measure_interleaved(
-                    {"baseline": baseline, "row": fn},
-                    c.torch_device,
-                    target_s=2 * c.target_s,
-                    max_reps=c.max_reps,
-                )
-                t = Timing(both["row"].median_ms, both["row"].min_ms, both["row"].reps, t.peak_mem_mb)
-                paired["paired_baseline_ms"] = both["baseline"].median_ms
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            return {"status": "oom"}
-        except Exception as e:
-            self.log(traceback.format_exc(limit=3))
-            return {"status": f"error: {type(e).__name__}: {str(e)[:300]}"}
-        return {
-            "status": "ok",
-            "median_ms": t.median_ms,
-            "min_ms": t.min_ms,
-            "reps": t.reps,
-            "peak_mem_mb": t.peak_mem_mb,
-            "compiles": counters["stats"]["unique_graphs"] - before,
-            **paired,
-        }
+    def entry_count(self) -> int:
+        """Rows the run will produce (for progress bars): peers plus (planned row x backend)."""
+        plan = self.plan()
+        rows = sum(len(attnlab.get(r.method).backends) for r in plan)
+        return rows + len(self.peers()) * len(self.groups())
 
     def rows(self) -> Iterator[dict[str, Any]]:
         plan = self.plan()
-        for pattern, n, mode in self.groups():
-            todo = [r for r in plan if r.pattern == pattern and r.n == n and r.mode == mode]
-            yield from self._group(pattern, n, mode, todo)
+        warmed = {}
+        for group in self.groups():  # phase 1: every check and compilation before any timing
+            todo = [r for r in plan if (r.pattern, r.n, r.mode) == group]
+            warmed[group] = self._warm(*group, todo)
+        for group, entries in warmed.items():  # phase 2: timing
+            yield from self._time(*group, entries)
             if self.cfg.torch_device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    def _group(self, pattern: Pattern, n: int, mode: str, todo: list[PlannedRow]) -> Iterator[dict[str, Any]]:
-        """The dense baseline (and peers), then every planned row, at one (pattern, length, mode)."""
+    # -- phase 1 ------------------------------------------------------------------------------------
+
+    def _warm_entry(self, entry: Entry, x: calls.Inputs, mode: str, causal: bool) -> None:
+        """Call each side of ``entry`` ``WARM_CALLS`` times and measure the as-called side's peak memory."""
+        before = _unique_graphs()
+        try:
+            sides = entry.sides(x, mode, causal)
+            for fn in sides.values():
+                for _ in range(WARM_CALLS):
+                    fn()
+            entry.peak_mem_mb = peak_memory_mb(sides["called"], self.cfg.torch_device)
+        except Exception as e:
+            self.log(traceback.format_exc(limit=3))
+            entry.status = _failure(e)
+        entry.compiles = _unique_graphs() - before
+        self.advance(1)
+
+    def _warm(self, pattern: Pattern, n: int, mode: str, todo: list[PlannedRow]) -> list[Entry]:
         c = self.cfg
         n_q, n_k = shapes(pattern, n)
-        grad = mode == "fwd_bwd"
-        q, k, v, dout = _inputs(c, n_q, n_k, grad)
+        grad, causal = mode == "fwd_bwd", pattern.causal
+        x = calls.Inputs.make(c, n_q, n_k, grad)
+        entries = []
+        for label, kernel in self.peers().items():
+            entry = Entry("softmax", label, {}, sdpa_kernel=kernel, peer=True)
+            self._warm_entry(entry, x, mode, causal)
+            entries.append(entry)
+        for r in todo:
+            spec = attnlab.get(r.method)
+            params = spec.make_params(r.params)
+            density, block_density = densities(spec, params, n_q, n_k, causal, c.torch_device)
+            call = attnlab.resolve(
+                x.q, x.k, x.v, method=r.method, causal=causal, check_finite=False, **r.params
+            )
+            for backend in spec.backends:
+                entry = Entry(r.method, backend.name, r.params, density, block_density)
+                entries.append(entry)
+                ok, why = backend.can_use(Call(spec, params, call.problem, call.scale))
+                if not ok:
+                    entry.status = f"refused: {why}"
+                    self.advance(1)
+                    continue
+                passed, detail = self.checks.check(spec, backend.name, r.params, causal, pattern.cross, grad)
+                if not passed:
+                    entry.status = f"incorrect: {detail}"
+                    self.advance(1)
+                    continue
+                self._warm_entry(entry, x, mode, causal)
+        self.log(f"warmed {pattern.value} n={n} {mode}: {sum(e.status == 'ok' for e in entries)} rows")
+        return entries
+
+    # -- phase 2 ------------------------------------------------------------------------------------
+
+    def _time(self, pattern: Pattern, n: int, mode: str, entries: list[Entry]) -> Iterator[dict[str, Any]]:
+        c = self.cfg
+        n_q, n_k = shapes(pattern, n)
         causal = pattern.causal
-        pairs = dense_pairs(n_q, n_k, causal)
-        flops = attention_flops(c.batch, c.heads, n_q, n_k, c.head_dim, c.head_dim, pairs, mode)
+        x = calls.Inputs.make(c, n_q, n_k, mode == "fwd_bwd")
+        flops = attention_flops(
+            c.batch, c.heads, n_q, n_k, c.head_dim, c.head_dim, dense_pairs(n_q, n_k, causal), mode
+        )
         common = {
             "pattern": pattern.value,
             "batch": c.batch,
@@ -224,82 +257,82 @@ class EfficiencyRun:
             "dtype": c.dtype,
             "mode": mode,
         }
+        base = next((e for e in entries if e.peer and e.status == "ok"), None)
+        if base is None:
+            self.notes.append(f"{pattern.value} n={n} {mode}: no dense SDPA baseline ran; no speedups")
+        base_fn = base.sides(x, mode, causal)["called"] if base else None
+        for e in entries:
+            row: dict[str, Any] = {
+                **common,
+                "method": e.method,
+                "backend": e.backend,
+                "params": json.dumps(e.params, sort_keys=True),
+                "density": e.density,
+                "block_density": e.block_density,
+                "status": e.status,
+                "baseline_of_run": e is base,
+            }
+            if e.status == "ok":
+                row.update(self._measure(e, x, mode, causal, base_fn, flops))
+            self.log(f"{pattern.value} n={n} {mode} {e.method}{e.params} {e.backend}: "
+                     f"{row.get('median_ms', row['status'])}")  # fmt: skip
+            self.advance(1)
+            yield row
 
-        def finish(row: dict[str, Any], baseline: float | None) -> dict[str, Any]:
-            baseline = row.pop("paired_baseline_ms", baseline)  # the baseline's time in the same rounds
-            if row.get("median_ms"):
-                row["tflops"] = flops / (row["median_ms"] * 1e-3) / 1e12
-                if baseline:
-                    row["speedup"] = baseline / row["median_ms"]
-                    row["baseline_ms"] = baseline
-            return {**common, **row}
+    def _measure(
+        self,
+        e: Entry,
+        x: calls.Inputs,
+        mode: str,
+        causal: bool,
+        base_fn: Callable[[], Any] | None,
+        flops: float,
+    ) -> dict[str, Any]:
+        c = self.cfg
+        fns = e.sides(x, mode, causal)
+        if base_fn is not None:
+            fns = {"baseline": base_fn, **fns}
+        before = _unique_graphs()
+        try:
+            t = measure_interleaved(fns, c.torch_device, target_s=c.target_s, max_reps=c.max_reps)
+        except Exception as err:
+            self.log(traceback.format_exc(limit=3))
+            return {"status": _failure(err)}
+        return {
+            **timing_columns(t, flops),
+            "peak_mem_mb": e.peak_mem_mb,
+            "compiles": e.compiles,
+            "timed_compiles": _unique_graphs() - before,
+        }
 
-        def dense(kernel: SDPBackend | None) -> Tensor:
-            return sdpa_dense(
-                q,
-                k,
-                v,
-                causal=causal,
-                scale=c.head_dim**-0.5,
-                kernels=[kernel] if kernel is not None else None,
-            )
 
-        def method(r: PlannedRow, backend: str) -> Tensor:
-            return attnlab.attention(
-                q, k, v, method=r.method, causal=causal, backend=backend, check_finite=False, **r.params
-            )
+def _spread_columns(prefix: str, t: Timing) -> dict[str, Any]:
+    return {f"{prefix}min_ms": t.min_ms, f"{prefix}q1_ms": t.q1_ms, f"{prefix}q3_ms": t.q3_ms}
 
-        baseline_ms: float | None = None
-        baseline_fn: Callable[[], Any] | None = None
-        peers: dict[str, SDPBackend | None] = {"sdpa:default": None}
-        if c.torch_device.type == "cuda":
-            peers = dict(PEERS_CUDA)
-        if not c.peers:  # the baseline only
-            peers = dict(list(peers.items())[:1])
-        for label, kernel in peers.items():
-            fn = _runner(functools.partial(dense, kernel), mode, q, k, v, dout)
-            row = self._time(fn, baseline_fn)
-            if baseline_ms is None and row.get("median_ms"):
-                baseline_ms, baseline_fn = row["median_ms"], fn
-                row["baseline_of_run"] = True
-            self.log(f"{pattern.value} n={n} {mode} {label}: {row.get('median_ms', row['status'])}")
-            yield finish(
-                {
-                    "method": "softmax",
-                    "backend": label,
-                    "params": "{}",
-                    "density": 1.0,
-                    "block_density": 1.0,
-                    **row,
-                },
-                baseline_ms,
-            )
-        for r in todo:
-            spec = attnlab.get(r.method)
-            params = spec.make_params(r.params)
-            density, block_density = _densities(spec, params, n_q, n_k, causal, c.torch_device)
-            call = attnlab.resolve(q, k, v, method=r.method, causal=causal, check_finite=False, **r.params)
-            for backend in spec.backends:
-                base = {
-                    "method": r.method,
-                    "backend": backend.name,
-                    "params": json.dumps(r.params, sort_keys=True),
-                    "density": density,
-                    "block_density": block_density,
-                }
-                ok, why = backend.can_use(Call(spec, params, call.problem, call.scale))
-                if not ok:
-                    yield finish({**base, "status": f"refused: {why}"}, None)
-                    continue
-                passed, detail = self._check(spec, backend.name, r.params, causal, pattern.cross, grad)
-                if not passed:
-                    yield finish({**base, "status": f"incorrect: {detail}"}, None)
-                    continue
-                row = self._time(
-                    _runner(functools.partial(method, r, backend.name), mode, q, k, v, dout), baseline_fn
-                )
-                self.log(
-                    f"{pattern.value} n={n} {mode} {r.method}{r.params} {backend.name}: "
-                    f"{row.get('median_ms', row['status'])}"
-                )
-                yield finish({**base, **row}, baseline_ms)
+
+def timing_columns(t: dict[str, Timing], flops: float) -> dict[str, Any]:
+    """A row's columns from its sides' timings (``called``, optional ``kernel`` and ``baseline``).
+
+    ``median_ms``: as called; ``kernel_ms``: the kernel alone; ``baseline_ms``: the baseline's median in
+    the same rounds; ``speedup`` / ``kernel_speedup``: ``baseline_ms`` over ``median_ms`` / ``kernel_ms``;
+    ``tflops``: dense-equivalent FLOPs over ``median_ms``; ``unstable``: some side's IQR / median exceeds
+    ``UNSTABLE_SPREAD``; ``few_reps``: fewer than ``MIN_REPS`` rounds (a single call took over 1 s).
+    """
+    called, kernel, base = t["called"], t.get("kernel"), t.get("baseline")
+    row: dict[str, Any] = {
+        "median_ms": called.median_ms,
+        **_spread_columns("", called),
+        "reps": called.reps,
+        "tflops": flops / (called.median_ms * 1e-3) / 1e12,
+    }
+    if kernel is not None:
+        row.update(kernel_ms=kernel.median_ms, **_spread_columns("kernel_", kernel))
+    if base is not None:
+        row.update(baseline_ms=base.median_ms, **_spread_columns("baseline_", base))
+        row["speedup"] = base.median_ms / called.median_ms
+        if kernel is not None:
+            row["kernel_speedup"] = base.median_ms / kernel.median_ms
+    spreads = [s.spread for s in t.values() if s.spread is not None]
+    row["unstable"] = bool(spreads) and max(spreads) > UNSTABLE_SPREAD
+    row["few_reps"] = called.reps < MIN_REPS
+    return row

@@ -1,4 +1,8 @@
-"""What every result row records: device, library versions, git commit."""
+"""What every run records: device, library versions, and the commit with a dirty-tree flag.
+
+``python -m attnlab.bench.env`` writes the ``ATTNLAB_COMMIT`` file that a copy of the tree without .git
+(a remote GPU machine) reads its revision from.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import importlib.metadata
 import os
 import platform
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,32 +24,69 @@ def _version(package: str) -> str | None:
         return None
 
 
-def git_commit() -> str:
-    """``ATTNLAB_COMMIT`` when set (copies of the tree on a remote GPU machine carry no .git, or a stale
-    one), else the attnlab checkout's commit (with '-dirty' if it has uncommitted changes), else 'unknown'."""
+#: file at the repository root holding ``git describe --always --dirty`` of the tree it was copied from:
+#: a copy on a remote GPU machine has no .git; write it when staging (``python -m attnlab.bench.env``)
+COMMIT_FILE = "ATTNLAB_COMMIT"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Revision:
+    """Which code ran: ``commit`` (a git describe / sha, without the '-dirty' suffix), ``dirty`` (the tree had
+    uncommitted changes to tracked files; None when unknown) and ``source`` (env, git, file or unknown)."""
+
+    commit: str
+    dirty: bool | None
+    source: str
+
+    @staticmethod
+    def parse(text: str, source: str) -> Revision:
+        text = text.strip()
+        if text.endswith("-dirty"):
+            return Revision(text.removesuffix("-dirty"), True, source)
+        return Revision(text, False, source)
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=10, check=True
+    ).stdout.strip()
+
+
+def describe() -> str:
+    """``git describe --always --dirty`` of the checkout (what the commit file holds)."""
+    return _git("describe", "--always", "--dirty", "--abbrev=12")
+
+
+def revision() -> Revision:
+    """The code's revision, first found of: the ``ATTNLAB_COMMIT`` environment variable (an override, may
+    end in '-dirty'); git, when the checkout has a .git; the ``ATTNLAB_COMMIT`` file at its root."""
     if os.environ.get("ATTNLAB_COMMIT"):
-        return os.environ["ATTNLAB_COMMIT"]
-    root = Path(__file__).resolve().parents[2]
-    if not (root / ".git").exists():
-        return "unknown"
-    try:
-        sha = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return Revision.parse(os.environ["ATTNLAB_COMMIT"], "env")
+    if (ROOT / ".git").exists():
+        try:
+            sha = _git("rev-parse", "HEAD")
+            dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+            return Revision(sha, dirty, "git")
+        except (OSError, subprocess.SubprocessError):
+            pass
+    path = ROOT / COMMIT_FILE
+    if path.is_file() and path.read_text().strip():
+        return Revision.parse(path.read_text(), "file")
+    return Revision("unknown", None, "unknown")
+
+
+def git_commit() -> str:
+    """The revision as one string: the commit, with '-dirty' when the tree had uncommitted changes."""
+    rev = revision()
+    return rev.commit + ("-dirty" if rev.dirty else "")
+
+
+def write_commit_file(root: Path = ROOT) -> Path:
+    """Write ``git describe --always --dirty`` to ``root / ATTNLAB_COMMIT`` (run before copying the tree)."""
+    path = root / COMMIT_FILE
+    path.write_text(describe() + "\n")
+    return path
 
 
 def device_name(device: torch.device) -> str:
@@ -57,6 +99,7 @@ def environment(device: torch.device) -> dict[str, Any]:
     """Device, versions and commit of this run."""
     import attnlab
 
+    rev = revision()
     env: dict[str, Any] = {
         "device": device_name(device),
         "device_type": device.type,
@@ -65,7 +108,9 @@ def environment(device: torch.device) -> dict[str, Any]:
         "attnlab": attnlab.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "commit": git_commit(),
+        "commit": rev.commit,
+        "dirty": rev.dirty,
+        "commit_source": rev.source,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "threads": torch.get_num_threads(),
@@ -75,3 +120,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         env["sm_count"] = props.multi_processor_count
         env["memory_gb"] = round(props.total_memory / 2**30, 1)
     return env
+
+
+if __name__ == "__main__":
+    print(f"wrote {write_commit_file()}: {describe()}")

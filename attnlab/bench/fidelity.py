@@ -1,10 +1,22 @@
 """Fidelity: how close a method is to dense softmax attention on the same inputs (a measurement).
 
-Per (workload layer, head, method parameters, pattern):
-- ``out_rel_err = ||O_method - O_dense||_F / ||O_dense||_F`` over the head's (batch, queries, dim);
-- ``mass_recall``: the share of dense attention mass on the pairs the method computes, averaged over
-  query rows (1.0 for dense methods: every pair is computed);
-- ``density``: share of the dense pattern's pairs the method computes.
+Per (workload layer, head, method parameters, pattern), with ``O`` the method's output, ``O_dense`` dense
+softmax attention's and ``O_uniform`` the output of uniform weights over the keys the dense pattern allows
+(the mean of V over all keys; causal: over keys ``j <= i``), each norm the Frobenius norm over the head's
+(batch, queries, value dim):
+
+- ``out_err_vs_uniform = ||O - O_dense|| / ||O_uniform - O_dense||``: the error as a share of the error of
+  the attention that knows nothing (0: exact; 1: no better than averaging V). Comparable across workloads,
+  layers and heads, whatever the scale of V and however peaked the dense attention is;
+- ``out_rel_err = ||O - O_dense|| / ||O_dense||`` (the older measure; it depends on V's scale and mean);
+- ``mass_recall``: the share of dense attention mass on the pairs the method computes, averaged over query
+  rows; NULL ("n/a") for a method that computes no subset of softmax attention (sigmoid: no softmax mass),
+  1.0 for dense softmax (it computes every pair), from the mask for mask-defined methods;
+- ``density`` / ``block_density``: as in the efficiency rows (:func:`attnlab.bench.efficiency.densities`),
+  at the same length and budgets, so fidelity rows pair with speed rows;
+- ``model_causal``: whether the workload's model was causal (False for the MiniLM encoder: its causal
+  rows apply a causal mask to Q/K of a bidirectional model); NULL for random inputs.
+
 Computed in float32 with each method's default backend on this device.
 """
 
@@ -15,21 +27,60 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from torch import Tensor
 
 import attnlab
+from attnlab.bench.efficiency import densities
 from attnlab.bench.workloads import Workload
 from attnlab.masks import MaskContext, causal_mask, dense_mask
 from attnlab.patterns import Pattern
 from attnlab.reference import masked_softmax_attention
 
 
-def _dense_probs(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
-    n_q, n_k = q.shape[2], k.shape[2]
+def _causal(n_q: int, n_k: int, device: torch.device) -> Tensor:
+    return dense_mask(causal_mask(None, MaskContext(n_q, n_k, True, device)), n_q, n_k, device)
+
+
+def _dense_probs(q: Tensor, k: Tensor, causal: bool, scale: float) -> Tensor:
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
     if causal:
-        m = dense_mask(causal_mask(None, MaskContext(n_q, n_k, True, q.device)), n_q, n_k, q.device)
-        s = s.masked_fill(~m, float("-inf"))
+        s = s.masked_fill(~_causal(q.shape[2], k.shape[2], q.device), float("-inf"))
     return torch.softmax(s, dim=-1)
+
+
+def uniform_output(v: Tensor, n_q: int, causal: bool) -> Tensor:
+    """(B, H, N_q, D_v): uniform weights over the keys the dense pattern allows (bottom-right causal)."""
+    n_k = v.shape[2]
+    if not causal:
+        return v.mean(dim=2, keepdim=True).expand(-1, -1, n_q, -1)
+    csum = v.cumsum(dim=2)
+    last = torch.arange(n_q, device=v.device) + (n_k - n_q)  # the last key each query may see
+    counts = (last + 1).clamp_min(1).to(v.dtype)[:, None]
+    out = csum[:, :, last.clamp_min(0)] / counts
+    return torch.where((last >= 0)[:, None], out, torch.zeros_like(out))
+
+
+def _head_norms(x: Tensor) -> Tensor:
+    """Frobenius norm per head over (batch, queries, dim): (H,)."""
+    return x.flatten(2).norm(dim=-1).pow(2).sum(0).sqrt()
+
+
+def has_recall(spec: attnlab.MethodSpec) -> bool:
+    """Whether attention-mass recall means something for the method: it computes softmax attention over a
+    set of pairs (a plan). Mask-defined methods do; dense softmax does (every pair); sigmoid does not."""
+    return spec.mask is not None or spec.name == "softmax"
+
+
+def mass_recall(spec: attnlab.MethodSpec, params: Any, probs: Tensor, causal: bool) -> list[float] | None:
+    """Per head: the dense attention mass on the pairs the method computes, mean over query rows;
+    None when the method has no recall (:func:`has_recall`)."""
+    if not has_recall(spec):
+        return None
+    if spec.mask is None:  # dense softmax: every pair the dense pattern allows
+        return probs.sum(-1).mean(dim=(0, 2)).tolist()
+    n_q, n_k = probs.shape[-2:]
+    m = dense_mask(spec.mask(params, MaskContext(n_q, n_k, causal, probs.device)), n_q, n_k, probs.device)
+    return (probs * m).sum(-1).mean(dim=(0, 2)).tolist()
 
 
 def fidelity_rows(
@@ -47,12 +98,10 @@ def fidelity_rows(
                 continue
             causal = pattern.causal
             probs = _dense_probs(q, k, causal, scale)
-            mask = None
-            if causal:
-                mask = dense_mask(
-                    causal_mask(None, MaskContext(n_q, n_k, True, q.device)), n_q, n_k, q.device
-                )
+            mask = _causal(n_q, n_k, q.device) if causal else None
             dense_out = masked_softmax_attention(q, k, v, scale=scale, mask=mask)
+            uniform_err = _head_norms(uniform_output(v, n_q, causal) - dense_out)
+            dense_norm = _head_norms(dense_out)
             for name, spec in attnlab.methods().items():
                 if methods is not None and name not in methods:
                     continue
@@ -61,17 +110,11 @@ def fidelity_rows(
                     p = spec.make_params(params)
                     out = attnlab.attention(q, k, v, method=name, causal=causal, check_finite=False, **params)
                     backend = attnlab.explain(q, k, v, method=name, causal=causal, **params).backend
-                    diff = (out - dense_out).flatten(2).norm(dim=-1).pow(2).sum(0).sqrt()
-                    ref = dense_out.flatten(2).norm(dim=-1).pow(2).sum(0).sqrt()
-                    rel = (diff / ref.clamp_min(1e-30)).tolist()
-                    if spec.mask is not None:
-                        m = dense_mask(
-                            spec.mask(p, MaskContext(n_q, n_k, causal, q.device)), n_q, n_k, q.device
-                        )
-                        recall = (probs * m).sum(-1).mean(dim=(0, 2)).tolist()
-                    else:
-                        recall = [1.0] * q.shape[1]
-                    density = spec.density(p, n_q, n_k, causal, q.device)
+                    diff = _head_norms(out - dense_out)
+                    rel = (diff / dense_norm.clamp_min(1e-30)).tolist()
+                    vs_uniform = (diff / uniform_err.clamp_min(1e-30)).tolist()
+                    recall = mass_recall(spec, p, probs, causal)
+                    density, block_density = densities(spec, p, n_q, n_k, causal, q.device)
                     for h in range(q.shape[1]):
                         yield {
                             "workload": workload.name,
@@ -83,7 +126,10 @@ def fidelity_rows(
                             "pattern": pattern.value,
                             "n": n_k,
                             "density": density,
+                            "block_density": block_density,
+                            "out_err_vs_uniform": vs_uniform[h],
                             "out_rel_err": rel[h],
-                            "mass_recall": recall[h],
+                            "mass_recall": recall[h] if recall is not None else None,
+                            "model_causal": workload.causal_model,
                         }
             log(f"fidelity {workload.name} {layer} {pattern.value} done")

@@ -1,18 +1,23 @@
-"""One benchmark run, end to end: environment, efficiency (checked before timed), fidelity, database, report."""
+"""One benchmark run, end to end: environment, efficiency (checked and warmed before timed), fidelity,
+database, report."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from attnlab.bench import efficiency, fidelity, workloads
+from attnlab.bench.attention_stats import workload_stats
 from attnlab.bench.config import BenchConfig
 from attnlab.bench.env import environment
 from attnlab.bench.report import write_report
 from attnlab.bench.store import ResultsDB
 
 DB_NAME = "results.duckdb"
+#: the attention statistics of a workload (see attention_stats) look at its first this many tokens
+STATS_TOKENS = 1024
 
 
 @dataclass
@@ -33,23 +38,32 @@ def run(
     advance: Callable[[int], None] = lambda n: None,
     report: bool = True,
 ) -> RunResult:
-    """Run ``cfg``; rows are written to ``cfg.out / results.duckdb`` as they come."""
+    """Run ``cfg``; rows (and notes) are written to ``cfg.out / results.duckdb`` as they come."""
     env = environment(cfg.torch_device)
     db_path = cfg.out / DB_NAME
     notes: list[str] = []
+    checks: list[dict[str, Any]] = []
     with ResultsDB(db_path) as db:
         run_id = db.new_run(env, cfg.as_json())
+
+        def note(text: str) -> None:
+            notes.append(text)
+            db.insert("notes", [{"note": text}], run_id)
+            log(text)
+
+        if env.get("dirty"):
+            note(f"the tree had uncommitted changes to tracked files (commit {env['commit']}, dirty)")
         n_eff = n_fid = 0
-        checks: list[dict] = []
         if cfg.efficiency:
-            eff = efficiency.EfficiencyRun(cfg, log)
+            eff = efficiency.EfficiencyRun(cfg, log, advance)
             for row in eff.rows():  # checks and rows go in as they come: a run cut short keeps both
                 db.insert("checks", eff.check_rows[len(checks) :], run_id)
                 checks = list(eff.check_rows)
                 n_eff += db.insert("efficiency", [row], run_id)
-                advance(1)
             db.insert("checks", eff.check_rows[len(checks) :], run_id)
             checks = list(eff.check_rows)
+            for text in eff.notes:
+                note(text)
         if cfg.fidelity:
             for name in cfg.workloads:
                 try:
@@ -62,25 +76,23 @@ def run(
                         cfg.seed,
                     )
                 except workloads.WorkloadUnavailable as e:
-                    notes.append(f"workload {name} skipped: {e}")
-                    log(notes[-1])
+                    note(f"workload {name} skipped: {e}")
+                    advance(1)
                     continue
+                note(f"workload {name}: {wl.source}; {workload_stats(wl.layers, STATS_TOKENS).describe()}")
                 rows = list(fidelity.fidelity_rows(wl, cfg.methods, cfg.patterns, cfg.budgets, log))
                 n_fid += db.insert("fidelity", rows, run_id)
                 advance(1)
     path = write_report(db_path, cfg.out, run_id) if report else None
-    failed = [f"{c['method']}/{c['backend']} {c['pattern']} {c['detail']}" for c in checks if not c["passed"]]
+    failed = [
+        f"{c['method']}/{c['backend']} {c['pattern']} {c['detail']}"
+        for c in checks
+        if not c["passed"] and not c.get("skipped")
+    ]
     return RunResult(run_id, db_path, path, n_eff, n_fid, failed, notes)
 
 
 def planned_steps(cfg: BenchConfig) -> int:
-    """Rough count of progress steps (efficiency rows + workloads) for a progress bar."""
-    eff = efficiency.EfficiencyRun(cfg)
-    plan = eff.plan() if cfg.efficiency else []
-    peers = 3 if cfg.device.startswith("cuda") else 1
-    rows = 0
-    if cfg.efficiency:
-        import attnlab
-
-        rows = sum(len(attnlab.get(r.method).backends) for r in plan) + peers * len(eff.groups())
-    return rows + (len(cfg.workloads) if cfg.fidelity else 0)
+    """Progress steps: every efficiency row twice (warmed, then timed), plus one per fidelity workload."""
+    rows = efficiency.EfficiencyRun(cfg).entry_count() if cfg.efficiency else 0
+    return 2 * rows + (len(cfg.workloads) if cfg.fidelity else 0)

@@ -2,7 +2,11 @@
 
 DuckDB because results are analytical tables queried by run, method, pattern and length: an embedded,
 single-file, columnar SQL engine with no server, and files that readers (Python, CLI, notebooks) open
-directly. Every row carries its ``run_id``; ``runs`` holds each run's device, versions, commit and config.
+directly. Every row carries its ``run_id``; ``runs`` holds each run's device, versions, commit (and whether
+the tree had uncommitted changes) and config; ``notes`` what a run had to say (a workload skipped, ...).
+
+Databases written by older versions lack some columns: opening one for writing adds them (NULL in old
+rows); ``read_only=True`` leaves the file untouched and rows simply lack those keys.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ TABLES: dict[str, dict[str, str]] = {
         "started": "TIMESTAMP",
         "device": "VARCHAR",
         "commit": "VARCHAR",
+        "dirty": "BOOLEAN",
         "env": "VARCHAR",
         "config": "VARCHAR",
     },
@@ -40,6 +45,7 @@ TABLES: dict[str, dict[str, str]] = {
         "dtype": "VARCHAR",
         "mode": "VARCHAR",
         "status": "VARCHAR",
+        # as called (attnlab.attention with defaults; for SDPA peers the SDPA call): median, min, quartiles
         "median_ms": "DOUBLE",
         "min_ms": "DOUBLE",
         "reps": "INTEGER",
@@ -51,6 +57,21 @@ TABLES: dict[str, dict[str, str]] = {
         "density": "DOUBLE",
         "block_density": "DOUBLE",
         "compiles": "INTEGER",
+        "q1_ms": "DOUBLE",
+        "q3_ms": "DOUBLE",
+        # the backend's executor alone, timed in the same rounds
+        "kernel_ms": "DOUBLE",
+        "kernel_min_ms": "DOUBLE",
+        "kernel_q1_ms": "DOUBLE",
+        "kernel_q3_ms": "DOUBLE",
+        "kernel_speedup": "DOUBLE",
+        # the baseline in the same rounds (baseline_ms is its median)
+        "baseline_min_ms": "DOUBLE",
+        "baseline_q1_ms": "DOUBLE",
+        "baseline_q3_ms": "DOUBLE",
+        "unstable": "BOOLEAN",
+        "few_reps": "BOOLEAN",
+        "timed_compiles": "INTEGER",
     },
     "fidelity": {
         "run_id": "VARCHAR",
@@ -65,6 +86,9 @@ TABLES: dict[str, dict[str, str]] = {
         "density": "DOUBLE",
         "out_rel_err": "DOUBLE",
         "mass_recall": "DOUBLE",
+        "out_err_vs_uniform": "DOUBLE",
+        "block_density": "DOUBLE",
+        "model_causal": "BOOLEAN",
     },
     "checks": {
         "run_id": "VARCHAR",
@@ -76,20 +100,37 @@ TABLES: dict[str, dict[str, str]] = {
         "grad": "BOOLEAN",
         "passed": "BOOLEAN",
         "detail": "VARCHAR",
+        "skipped": "VARCHAR",
+    },
+    "notes": {
+        "run_id": "VARCHAR",
+        "note": "VARCHAR",
     },
 }
 
 
 class ResultsDB:
-    """A DuckDB results file; tables are created on first open."""
+    """A DuckDB results file; tables (and columns newer than the file) are added on open for writing."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, read_only: bool = False) -> None:
         self.path = Path(path)
+        self.read_only = read_only
+        if read_only:
+            self.con = duckdb.connect(str(self.path), read_only=True)
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.con = duckdb.connect(str(self.path))
         for table, cols in TABLES.items():
             body = ", ".join(f'"{c}" {t}' for c, t in cols.items())
             self.con.execute(f"CREATE TABLE IF NOT EXISTS {table} ({body})")
+            have = {r[0] for r in self.con.execute(f"DESCRIBE {table}").fetchall()}
+            for c, t in cols.items():
+                if c not in have:
+                    self.con.execute(f'ALTER TABLE {table} ADD COLUMN "{c}" {t.replace(" PRIMARY KEY", "")}')
+
+    def has_table(self, table: str) -> bool:
+        names = {r[0] for r in self.con.execute("SHOW TABLES").fetchall()}
+        return table in names
 
     def close(self) -> None:
         self.con.close()
@@ -110,6 +151,7 @@ class ResultsDB:
                     "started": datetime.now(UTC).replace(tzinfo=None),
                     "device": env.get("device"),
                     "commit": env.get("commit"),
+                    "dirty": env.get("dirty"),
                     "env": json.dumps(env),
                     "config": json.dumps(config),
                 }
@@ -151,9 +193,10 @@ class ResultsDB:
         return rows[-1]["run_id"] if rows else None
 
     def rows(self, table: str, run_id: str) -> list[dict[str, Any]]:
+        """The run's rows of ``table`` (none when an older file has no such table)."""
+        if self.read_only and not self.has_table(table):
+            return []
         return self.query(f"SELECT * FROM {table} WHERE run_id = ?", [run_id])
 
-    def export_json(self, run_id: str, path: Path) -> None:
-        """The run's rows of every table as one JSON file (for diffs and for readers without DuckDB)."""
-        out = {t: self.rows(t, run_id) for t in TABLES}
-        path.write_text(json.dumps(out, indent=1, default=str))
+    def notes(self, run_id: str) -> list[str]:
+        return [r["note"] for r in self.rows("notes", run_id)]

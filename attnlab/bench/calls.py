@@ -1,0 +1,88 @@
+"""The callables the efficiency benchmark times, built the same way for every side.
+
+- :func:`dense_fn`: the dense baseline and its peers, ``F.scaled_dot_product_attention`` restricted to one
+  SDPA kernel (cuDNN, flash, mem-efficient) or PyTorch's own choice (``None``, the CPU baseline).
+- :func:`as_called_fn`: a method as a user calls it, ``attnlab.attention(q, k, v, method=..., causal=...,
+  backend=..., **params)`` with every other argument at its default (input checks included).
+- :func:`kernel_fn`: the same backend's executor without the API's validation and dispatch: the call is
+  resolved once, outside the timed loop, and only ``backend.run`` is timed.
+
+:func:`timed` wraps any of them for a mode: ``fwd`` runs under ``torch.no_grad()``; ``fwd_bwd`` runs the
+forward and ``torch.autograd.grad`` of its output with a fixed output gradient, for every side alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn.attention import SDPBackend
+
+import attnlab
+from attnlab.bench.config import BenchConfig
+from attnlab.kernels.sdpa import sdpa_dense
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Random q (B, H, N_q, D), k, v (B, H_kv, N_k, D) and the output gradient (B, H, N_q, D)."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    dout: Tensor
+
+    @staticmethod
+    def make(cfg: BenchConfig, n_q: int, n_k: int, grad: bool) -> Inputs:
+        """The same tensors for the same (config, shapes): generated on CPU from ``cfg.seed``."""
+        g = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        dev, dt = cfg.torch_device, cfg.torch_dtype
+
+        def make(h: int, n: int) -> Tensor:
+            x = torch.randn(cfg.batch, h, n, cfg.head_dim, generator=g)
+            return x.to(dev, dt).requires_grad_(grad)
+
+        q, k, v = make(cfg.heads, n_q), make(cfg.n_kv_heads, n_k), make(cfg.n_kv_heads, n_k)
+        dout = torch.randn(cfg.batch, cfg.heads, n_q, cfg.head_dim, generator=g).to(dev, dt)
+        return Inputs(q, k, v, dout)
+
+
+Forward = Callable[[], Tensor]
+
+
+def timed(fn: Forward, mode: str, x: Inputs) -> Callable[[], Any]:
+    """``fn`` as one timed call of ``mode`` ("fwd" or "fwd_bwd")."""
+    if mode == "fwd":
+
+        def fwd() -> Any:
+            with torch.no_grad():
+                return fn()
+
+        return fwd
+
+    def fwd_bwd() -> Any:
+        return torch.autograd.grad(fn(), (x.q, x.k, x.v), x.dout)
+
+    return fwd_bwd
+
+
+def dense_fn(x: Inputs, causal: bool, kernel: SDPBackend | None) -> Forward:
+    """Dense softmax attention by SDPA, restricted to ``kernel`` (None: PyTorch's choice)."""
+    kernels = [kernel] if kernel is not None else None
+    scale = x.q.shape[-1] ** -0.5
+    return lambda: sdpa_dense(x.q, x.k, x.v, causal=causal, scale=scale, kernels=kernels)
+
+
+def as_called_fn(x: Inputs, method: str, causal: bool, backend: str, params: dict[str, Any]) -> Forward:
+    """``attnlab.attention`` with this backend forced and every other argument at its default."""
+    return lambda: attnlab.attention(x.q, x.k, x.v, method=method, causal=causal, backend=backend, **params)
+
+
+def kernel_fn(x: Inputs, method: str, causal: bool, backend: str, params: dict[str, Any]) -> Forward:
+    """The backend's executor alone: the call is resolved (validated, parameters built) once, here."""
+    call = attnlab.resolve(x.q, x.k, x.v, method=method, causal=causal, check_finite=False, **params)
+    run = call.spec.backend(backend).run
+    return lambda: run(x.q, x.k, x.v, call)

@@ -1,0 +1,61 @@
+"""Correctness before timing: each (method, backend, parameters, pattern, grad) is checked against the
+method's reference on this device (small shapes, the run's dtype and head dim) before any of its rows is
+timed. A failed or crashed check makes the row ``incorrect: ...`` and it is not timed. A check the backend
+skipped on the small case (it refused it) is recorded as skipped, not as passed; its rows are timed."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attnlab
+from attnlab.bench.config import BenchConfig
+from attnlab.testing import Case, check_parity
+
+
+class ParityChecks:
+    """Runs each check once per run; ``rows`` holds one record per check for the ``checks`` table."""
+
+    def __init__(self, cfg: BenchConfig) -> None:
+        self.cfg = cfg
+        self.results: dict[tuple[Any, ...], tuple[bool, str]] = {}
+        self.rows: list[dict[str, Any]] = []
+
+    def check(
+        self,
+        spec: attnlab.MethodSpec,
+        backend: str,
+        params: dict[str, Any],
+        causal: bool,
+        cross: bool,
+        grad: bool,
+    ) -> tuple[bool, str]:
+        """(may be timed, detail) of this backend on a small case of the run's dtype and head dim."""
+        key = (spec.name, backend, json.dumps(params, sort_keys=True), causal, cross, grad)
+        if key in self.results:
+            return self.results[key]
+        c = self.cfg
+        n_q, n_k = (96, 384) if cross else (384, 384)
+        kv_heads = max(1, 4 * c.n_kv_heads // c.heads)
+        case = Case(1, 4, kv_heads, n_q, n_k, c.head_dim, c.torch_dtype, causal, params)
+        try:
+            res = check_parity(spec, backend, case, c.torch_device, backward=grad)
+            passed, skipped, detail = res.passed, res.skipped, res.summary()
+        except Exception as e:  # a crash in the check is a failed check, recorded
+            passed, skipped, detail = False, "", f"error: {type(e).__name__}: {e}"
+        ok = passed or bool(skipped)
+        self.results[key] = (ok, detail)
+        self.rows.append(
+            {
+                "method": spec.name,
+                "backend": backend,
+                "params": key[2],
+                "pattern": ("causal_" if causal else "noncausal_") + ("cross" if cross else "self"),
+                "dtype": c.dtype,
+                "grad": grad,
+                "passed": passed,
+                "skipped": skipped or None,
+                "detail": detail,
+            }
+        )
+        return ok, detail

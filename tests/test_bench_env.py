@@ -1,0 +1,36 @@
+"""Which code ran: the commit and the dirty flag, from the environment, git, or a staged file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from attnlab.bench import env
+from attnlab.bench.env import COMMIT_FILE, Revision, describe, git_commit, revision, write_commit_file
+
+
+def test_an_explicit_commit_wins_over_the_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ATTNLAB_COMMIT", "abc1234-dirty")
+    assert revision() == Revision("abc1234", True, "env")
+    assert git_commit() == "abc1234-dirty"
+    monkeypatch.setenv("ATTNLAB_COMMIT", "abc1234")
+    assert revision() == Revision("abc1234", False, "env")
+    monkeypatch.delenv("ATTNLAB_COMMIT")
+    rev = revision()
+    assert rev.source == "git" and rev.commit != "abc1234" and isinstance(rev.dirty, bool)
+
+
+def test_a_copy_without_git_reads_the_staged_commit_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("ATTNLAB_COMMIT", raising=False)
+    staged = write_commit_file(tmp_path)  # what staging does in the checkout, here into a bare folder
+    described = describe()
+    assert staged.read_text().strip() == described
+    monkeypatch.setattr(env, "ROOT", tmp_path)  # a copy of the tree: no .git, the file at its root
+    rev = revision()
+    assert rev.source == "file" and described.startswith(rev.commit)
+    assert rev.dirty == described.endswith("-dirty")
+    (tmp_path / COMMIT_FILE).unlink()
+    assert revision() == Revision("unknown", None, "unknown")

@@ -1,0 +1,75 @@
+"""Fidelity measures: error relative to uniform attention, recall only where a method has a plan, and
+budgets that pair with the speed sweep."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import attnlab
+from attnlab.bench.efficiency import densities, planned_rows
+from attnlab.bench.fidelity import fidelity_rows, uniform_output
+from attnlab.bench.workloads import Workload, random_workload
+from attnlab.patterns import Pattern
+
+CPU = torch.device("cpu")
+SELF = (Pattern.CAUSAL_SELF, Pattern.NONCAUSAL_SELF)
+
+
+def test_uniform_output_averages_v_over_the_allowed_keys() -> None:
+    v = torch.randn(2, 3, 7, 5)
+    torch.testing.assert_close(
+        uniform_output(v, 7, causal=False), v.mean(2, keepdim=True).expand(-1, -1, 7, -1)
+    )
+    causal = uniform_output(v, 7, causal=True)
+    for i in range(7):
+        torch.testing.assert_close(causal[:, :, i], v[:, :, : i + 1].mean(2))
+
+
+def _rows(workload: Workload, budgets: str = "first") -> list[dict]:
+    return list(fidelity_rows(workload, None, SELF, budgets))
+
+
+def test_error_vs_uniform_is_zero_for_dense_and_does_not_depend_on_the_scale_or_mean_of_v() -> None:
+    wl = random_workload(256, 2, 32, CPU)
+    rows = _rows(wl)
+    assert all(r["out_err_vs_uniform"] < 1e-4 for r in rows if r["method"] == "softmax")
+    assert all(r["out_err_vs_uniform"] > 0.05 for r in rows if r["method"] == "sliding_window")
+    name, q, k, v = wl.layers[0]
+    base = {(r["method"], r["pattern"], r["head"]): r for r in rows}
+    for r in _rows(Workload("scaled", "", [(name, q, k, 10 * v + 3)])):
+        # the relative error changes with V's scale and mean; the error vs uniform does not, for every
+        # method whose weights sum to 1 (sigmoid's do not, so V's mean moves its output)
+        old = base[(r["method"], r["pattern"], r["head"])]
+        if r["method"] != "sigmoid":
+            assert r["out_err_vs_uniform"] == pytest.approx(old["out_err_vs_uniform"], rel=1e-3, abs=1e-6)
+        if r["method"] not in ("softmax", "sigmoid"):
+            assert r["out_rel_err"] != pytest.approx(old["out_rel_err"], rel=1e-2)
+
+
+def test_recall_is_na_without_a_plan_and_measured_with_one() -> None:
+    rows = _rows(random_workload(256, 2, 32, CPU))
+    by_method: dict[str, list] = {}
+    for r in rows:
+        by_method.setdefault(r["method"], []).append(r["mass_recall"])
+    assert all(x is None for x in by_method["sigmoid"])
+    assert all(x == pytest.approx(1.0) for x in by_method["softmax"])
+    assert all(0.0 < x < 1.0 for x in by_method["sliding_window"])
+
+
+@pytest.mark.parametrize("budgets", ["first", "all"])
+def test_fidelity_budgets_and_densities_pair_with_the_speed_sweep(budgets: str) -> None:
+    n = 256
+    rows = _rows(random_workload(n, 1, 32, CPU), budgets)
+    speed = planned_rows((n,), None, SELF, ("fwd",), budgets)
+    pairs = {(r.method, r.pattern.value, str(sorted(r.params.items()))) for r in speed}
+    for r in rows:
+        params = json.loads(r["params"])
+        assert (r["method"], r["pattern"], str(sorted(params.items()))) in pairs
+        spec = attnlab.get(r["method"])
+        causal = r["pattern"] == "causal_self"
+        assert (r["density"], r["block_density"]) == densities(
+            spec, spec.make_params(params), n, n, causal, CPU
+        )
