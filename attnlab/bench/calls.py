@@ -82,7 +82,7 @@ def as_called_fn(x: Inputs, method: str, causal: bool, backend: str, params: dic
 
 
 def kernel_fn(x: Inputs, method: str, causal: bool, backend: str, params: dict[str, Any]) -> Forward:
-    """The backend's executor alone: the call is resolved (validated, parameters built) once, here."""
-    call = attnlab.resolve(x.q, x.k, x.v, method=method, causal=causal, check_finite=False, **params)
-    run = call.spec.backend(backend).run
-    return lambda: run(x.q, x.k, x.v, call)
+    """The backend's executor alone: a prepared op resolves the call (validation, parameters, dispatch,
+    the plan) once, here, and :meth:`attnlab.Op.bind` returns the bare backend call."""
+    fn: Forward = attnlab.prepare(method, causal=causal, backend=backend, **params).bind(x.q, x.k, x.v)
+    return fn

@@ -33,8 +33,9 @@ from attnlab.bench.checks import ParityChecks
 from attnlab.bench.config import BenchConfig, shapes
 from attnlab.bench.memory import peak_memory_mb
 from attnlab.bench.timing import MIN_REPS, Timing, attention_flops, measure_interleaved
-from attnlab.masks import MaskContext, block_layout, causal_mask, dense_pairs
+from attnlab.masks import dense_pairs
 from attnlab.patterns import Pattern
+from attnlab.plans import static_plan
 
 PEERS_CUDA: dict[str, SDPBackend] = {
     "sdpa:cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -84,15 +85,13 @@ def planned_rows(
 def densities(
     spec: attnlab.MethodSpec, params: Any, n_q: int, n_k: int, causal: bool, device: torch.device
 ) -> tuple[float, float]:
-    """(token density, block density): the share of the dense pattern's (query, key) pairs the method
-    computes, and the share of the dense pattern's 128 x 128 tiles it touches. 1.0 for dense methods."""
-    pairs = dense_pairs(n_q, n_k, causal)
+    """(token density, block density) of the method's sparsity plan (:class:`attnlab.Plan`): the share of
+    the dense pattern's (query, key) pairs it computes, and of the dense pattern's 128 x 128 tiles it
+    visits. 1.0 for dense methods (no plan)."""
     if spec.mask is None:
         return 1.0, 1.0
-    ctx = MaskContext(n_q, n_k, causal, device)
-    layout = block_layout(spec.mask(params, ctx), n_q, n_k, device)
-    dense_layout = block_layout(causal_mask(params, ctx), n_q, n_k, device)
-    return layout.allowed / pairs, layout.computed_blocks / max(1, dense_layout.computed_blocks)
+    plan = static_plan(spec, params, n_q, n_k, causal, device)
+    return plan.density, plan.block_density
 
 
 @dataclass

@@ -34,6 +34,7 @@ from attnlab.bench.efficiency import densities
 from attnlab.bench.workloads import Workload
 from attnlab.masks import MaskContext, causal_mask, dense_mask
 from attnlab.patterns import Pattern
+from attnlab.plans import static_plan
 from attnlab.reference import masked_softmax_attention
 
 
@@ -68,7 +69,7 @@ def _head_norms(x: Tensor) -> Tensor:
 def has_recall(spec: attnlab.MethodSpec) -> bool:
     """Whether attention-mass recall means something for the method: it computes softmax attention over a
     set of pairs (a plan). Mask-defined methods do; dense softmax does (every pair); sigmoid does not."""
-    return spec.mask is not None or spec.name == "softmax"
+    return spec.plan_kind is not None or spec.name == "softmax"
 
 
 def mass_recall(spec: attnlab.MethodSpec, params: Any, probs: Tensor, causal: bool) -> list[float] | None:
@@ -79,8 +80,8 @@ def mass_recall(spec: attnlab.MethodSpec, params: Any, probs: Tensor, causal: bo
     if spec.mask is None:  # dense softmax: every pair the dense pattern allows
         return probs.sum(-1).mean(dim=(0, 2)).tolist()
     n_q, n_k = probs.shape[-2:]
-    m = dense_mask(spec.mask(params, MaskContext(n_q, n_k, causal, probs.device)), n_q, n_k, probs.device)
-    return (probs * m).sum(-1).mean(dim=(0, 2)).tolist()
+    plan = static_plan(spec, params, n_q, n_k, causal, probs.device)
+    return plan.recall(probs).mean(0).tolist()
 
 
 def fidelity_rows(
