@@ -69,6 +69,9 @@ def _run_case(name: str, backend: str, case: Case, device: torch.device) -> Chec
         return check_parity(attnlab.get(name), backend, case, device)
     except Exception as e:  # recorded as a failure with its message, not a crash of the whole run
         return Check(name, backend, case, crash=f"{type(e).__name__}: {str(e)[:300]}")
+    finally:  # workers share the GPU: give back what the case's N x N reference held
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def _unit(name: str, backend: str, case: Case) -> tuple[str, str, str, str]:
