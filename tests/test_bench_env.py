@@ -17,8 +17,23 @@ def test_an_explicit_commit_wins_over_the_checkout(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("ATTNLAB_COMMIT", "abc1234")
     assert revision() == Revision("abc1234", False, "env")
     monkeypatch.delenv("ATTNLAB_COMMIT")
+    monkeypatch.setattr(env, "_from_file", lambda: None)  # whatever a staging left at the root
     rev = revision()
     assert rev.source == "git" and rev.commit != "abc1234" and isinstance(rev.dirty, bool)
+
+
+def test_a_staged_file_wins_over_a_stale_git_and_the_disagreement_is_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lent GPU machines' copies of the tree carry a .git at the session's first commit."""
+    import torch
+
+    monkeypatch.delenv("ATTNLAB_COMMIT", raising=False)
+    monkeypatch.setattr(env, "_from_file", lambda: Revision("0123456789ab", False, "file"))
+    assert revision() == Revision("0123456789ab", False, "file")
+    recorded = env.environment(torch.device("cpu"))
+    assert recorded["commit"] == "0123456789ab" and recorded["commit_source"] == "file"
+    assert recorded["git_commit"] == env._from_git().commit  # type: ignore[union-attr]
 
 
 def test_a_copy_without_git_reads_the_staged_commit_file(

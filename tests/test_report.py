@@ -54,6 +54,16 @@ def test_unstable_rows_print_unstable_instead_of_a_ratio_and_refusals_collapse_w
     assert refused["reason"].startswith("FlexAttention has no backward on CPU")
 
 
+def test_rows_timed_on_a_busy_cpu_are_marked() -> None:
+    from attnlab.bench.report_tables import busy_above
+
+    above = busy_above({"device_type": "cpu", "threads": 2})
+    assert above == 3.0 and busy_above({"device_type": "cuda", "threads": 16}) is None
+    rows = [row("softmax", 64, 2.0, load_avg=5.3), row("softmax", 128, 2.0, load_avg=1.9)]
+    (table,) = efficiency_tables(rows, above)
+    assert [r["busy"] for r in table["rows"]] == ["busy (load 5.3)", ""]
+
+
 def test_fidelity_table_says_na_and_labels_causal_rows_of_an_encoder() -> None:
     def fid(method: str, recall: float | None, pattern: str = "causal_self") -> dict[str, Any]:
         return {"workload": "minilm", "pattern": pattern, "method": method, "params": "{}", "n": 512,

@@ -18,6 +18,7 @@ on CPU. The control row ``softmax`` / ``sdpa`` is the same dense math through at
 from __future__ import annotations
 
 import json
+import os
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ PEERS_CPU: dict[str, SDPBackend | None] = {"sdpa:default": None}
 #: a row whose timed calls spread wider than this (IQR / median, on any of its sides) is flagged
 #: ``unstable`` and the report prints "unstable" instead of its ratios
 UNSTABLE_SPREAD = 0.25
+#: runnable threads beyond the benchmark's own that make a CPU machine count as busy (see ``busy_load``)
+BUSY_LOAD_MARGIN = 1.0
 #: untimed calls of each side in the warm phase (the first compiles; the rest warm caches)
 WARM_CALLS = 2
 
@@ -121,6 +124,16 @@ class Entry:
         }
 
 
+def load_average() -> float | None:
+    """The 1-minute load average of the machine (runnable threads, all processes); None where unknown."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def busy_load() -> float:
+    """A load average above this means other processes competed with the benchmark's own threads."""
+    return float(torch.get_num_threads()) + BUSY_LOAD_MARGIN
+
+
 def _unique_graphs() -> int:
     from torch._dynamo.utils import counters
 
@@ -179,10 +192,19 @@ class EfficiencyRun:
         for group in self.groups():  # phase 1: every check and compilation before any timing
             todo = [r for r in plan if (r.pattern, r.n, r.mode) == group]
             warmed[group] = self._warm(*group, todo)
+        busiest = 0.0
         for group, entries in warmed.items():  # phase 2: timing
-            yield from self._time(*group, entries)
+            for row in self._time(*group, entries):
+                busiest = max(busiest, row.get("load_avg") or 0.0)
+                yield row
             if self.cfg.torch_device.type == "cuda":
                 torch.cuda.empty_cache()
+        if self.cfg.torch_device.type == "cpu" and busiest > busy_load():
+            self.notes.append(
+                f"the 1-minute load average reached {busiest:.1f} on {os.cpu_count()} cores while rows were timed "
+                f"(above {busy_load():.0f}: other processes competed for the CPU); ratios of rows timed then "
+                "(column load_avg) may not repeat on a quiet machine"
+            )
 
     # -- phase 1 ------------------------------------------------------------------------------------
 
@@ -302,6 +324,7 @@ class EfficiencyRun:
             "peak_mem_mb": e.peak_mem_mb,
             "compiles": e.compiles,
             "timed_compiles": _unique_graphs() - before,
+            "load_avg": load_average(),
         }
 
 

@@ -1,7 +1,7 @@
 """What every run records: device, library versions, and the commit with a dirty-tree flag.
 
-``python -m attnlab.bench.env`` writes the ``ATTNLAB_COMMIT`` file that a copy of the tree without .git
-(a remote GPU machine) reads its revision from.
+``python -m attnlab.bench.env`` writes the ``ATTNLAB_COMMIT`` file that a copy of the tree on another
+machine (no .git there, or a stale one) reads its revision from; carry it with the tree and delete it after.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ def _version(package: str) -> str | None:
         return None
 
 
-#: file at the repository root holding ``git describe --always --dirty`` of the tree it was copied from:
-#: a copy on a remote GPU machine has no .git; write it when staging (``python -m attnlab.bench.env``)
+#: file at the repository root holding ``git describe --always --dirty`` of the tree it was copied from;
+#: write it when staging a copy for another machine (``python -m attnlab.bench.env``)
 COMMIT_FILE = "ATTNLAB_COMMIT"
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,22 +58,32 @@ def describe() -> str:
     return _git("describe", "--always", "--dirty", "--abbrev=12")
 
 
-def revision() -> Revision:
-    """The code's revision, first found of: the ``ATTNLAB_COMMIT`` environment variable (an override, may
-    end in '-dirty'); git, when the checkout has a .git; the ``ATTNLAB_COMMIT`` file at its root."""
-    if os.environ.get("ATTNLAB_COMMIT"):
-        return Revision.parse(os.environ["ATTNLAB_COMMIT"], "env")
-    if (ROOT / ".git").exists():
-        try:
-            sha = _git("rev-parse", "HEAD")
-            dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
-            return Revision(sha, dirty, "git")
-        except (OSError, subprocess.SubprocessError):
-            pass
+def _from_git() -> Revision | None:
+    if not (ROOT / ".git").exists():
+        return None
+    try:
+        sha = _git("rev-parse", "HEAD")
+        dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return Revision(sha, dirty, "git")
+
+
+def _from_file() -> Revision | None:
     path = ROOT / COMMIT_FILE
     if path.is_file() and path.read_text().strip():
         return Revision.parse(path.read_text(), "file")
-    return Revision("unknown", None, "unknown")
+    return None
+
+
+def revision() -> Revision:
+    """The code's revision, first found of: the ``ATTNLAB_COMMIT`` environment variable (an override, may
+    end in '-dirty'); the ``ATTNLAB_COMMIT`` file at the checkout's root (written when the tree was staged
+    for another machine, whose copy has no .git or a stale one: the lent GPU machines' copies carry a .git
+    at the session's first commit); git. :func:`environment` also records what git says when it disagrees."""
+    if os.environ.get("ATTNLAB_COMMIT"):
+        return Revision.parse(os.environ["ATTNLAB_COMMIT"], "env")
+    return _from_file() or _from_git() or Revision("unknown", None, "unknown")
 
 
 def git_commit() -> str:
@@ -115,6 +125,9 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "threads": torch.get_num_threads(),
     }
+    git = _from_git() if rev.source != "git" else None
+    if git is not None and not git.commit.startswith(rev.commit.split("-g")[-1]):
+        env["git_commit"], env["git_dirty"] = git.commit, git.dirty  # a stale file, or a stale .git
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env["sm_count"] = props.multi_processor_count

@@ -12,7 +12,7 @@ import jinja2
 
 from attnlab.bench import plots
 from attnlab.bench.efficiency import UNSTABLE_SPREAD
-from attnlab.bench.report_tables import efficiency_tables, fidelity_table
+from attnlab.bench.report_tables import busy_above, efficiency_tables, fidelity_table
 from attnlab.bench.store import ResultsDB
 from attnlab.bench.timing import MIN_REPS
 
@@ -21,9 +21,9 @@ def _b64(png: bytes | None) -> str | None:
     return base64.b64encode(png).decode() if png else None
 
 
-def _eff_groups(rows: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
+def _eff_groups(rows: list[dict[str, Any]], out: Path, busy: float | None = None) -> list[dict[str, Any]]:
     """The efficiency tables, each with its latency plot (also written as a PNG into ``out``)."""
-    groups = efficiency_tables(rows)
+    groups = efficiency_tables(rows, busy)
     for g in groups:
         png = plots.latency_vs_length(rows, g["pattern"], g["mode"])
         if png:
@@ -70,7 +70,7 @@ def write_report(db_path: Path, out: Path, run_id: str | None = None) -> Path:
             for c in checks
             if not c["passed"] and not c.get("skipped")
         ],
-        eff_groups=_eff_groups(eff, out),
+        eff_groups=_eff_groups(eff, out, busy_above(env)),
         speedup_png=_b64(speed_png),
         fidelity=fidelity_table(fid, eff),
         fidelity_png=_b64(fid_png),

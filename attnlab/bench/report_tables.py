@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from attnlab.bench.efficiency import BUSY_LOAD_MARGIN
+
 CONTROL = ("softmax", "sdpa")
 
 
@@ -39,7 +41,20 @@ def _row_order(r: dict[str, Any]) -> tuple[Any, ...]:
     return (rank, r["method"] != "softmax", r["method"], r["backend"], r["params"], r["n_k"])
 
 
-def _cells(r: dict[str, Any]) -> dict[str, Any]:
+def busy_above(env: dict[str, Any]) -> float | None:
+    """The load average above which a row of this run counts as timed on a busy machine (CPU runs only)."""
+    if env.get("device_type") != "cpu" or not env.get("threads"):
+        return None
+    return float(env["threads"]) + BUSY_LOAD_MARGIN
+
+
+def _busy(r: dict[str, Any], above: float | None) -> str:
+    """'busy (load 5.3)' for a CPU row timed while other processes competed for the cores."""
+    load = r.get("load_avg")
+    return f"busy (load {load:.1f})" if above is not None and load is not None and load > above else ""
+
+
+def _cells(r: dict[str, Any], busy: float | None) -> dict[str, Any]:
     """The timed columns of one ok row."""
     unstable = bool(r.get("unstable"))
     spread = ""
@@ -57,12 +72,13 @@ def _cells(r: dict[str, Any]) -> dict[str, Any]:
         "tflops": fmt(r.get("tflops")),
         "mem": fmt(r.get("peak_mem_mb")),
         "reps": f"{r.get('reps')}" + (" (few: calls > 1 s)" if r.get("few_reps") else ""),
+        "busy": _busy(r, busy),
     }
 
 
-def efficiency_tables(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def efficiency_tables(rows: list[dict[str, Any]], busy: float | None = None) -> list[dict[str, Any]]:
     """One table per (pattern, mode); a series that was not timed at any length with the same reason
-    collapses into one row listing its lengths."""
+    collapses into one row listing its lengths. Rows timed at a load average above ``busy`` are marked."""
     tables = []
     for pattern, mode in sorted({(r["pattern"], r["mode"]) for r in rows}):
         sel = sorted((r for r in rows if r["pattern"] == pattern and r["mode"] == mode), key=_row_order)
@@ -80,7 +96,7 @@ def efficiency_tables(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 if r["status"] != "ok":
                     out.append(_untimed(r, str(r["n_k"]), r["status"]))
                     continue
-                out.append({**_label(r), "n": str(r["n_k"]), "ok": True, **_cells(r)})
+                out.append({**_label(r), "n": str(r["n_k"]), "ok": True, **_cells(r, busy)})
         tables.append({"pattern": pattern, "mode": mode, "rows": out})
     return tables
 

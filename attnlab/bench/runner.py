@@ -53,6 +53,11 @@ def run(
 
         if env.get("dirty"):
             note(f"the tree had uncommitted changes to tracked files (commit {env['commit']}, dirty)")
+        if env.get("git_commit"):
+            note(
+                f"the commit recorded ({env['commit']}, from {env['commit_source']}) is not what this copy's git "
+                f"says ({env['git_commit']}): a stale ATTNLAB_COMMIT file, or a copy whose .git is stale"
+            )
         n_eff = n_fid = 0
         if cfg.efficiency:
             eff = efficiency.EfficiencyRun(cfg, log, advance)

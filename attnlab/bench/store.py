@@ -72,6 +72,8 @@ TABLES: dict[str, dict[str, str]] = {
         "unstable": "BOOLEAN",
         "few_reps": "BOOLEAN",
         "timed_compiles": "INTEGER",
+        # the machine's 1-minute load average right after the row's rounds
+        "load_avg": "DOUBLE",
     },
     "fidelity": {
         "run_id": "VARCHAR",
