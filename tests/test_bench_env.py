@@ -22,18 +22,26 @@ def test_an_explicit_commit_wins_over_the_checkout(monkeypatch: pytest.MonkeyPat
     assert rev.source == "git" and rev.commit != "abc1234" and isinstance(rev.dirty, bool)
 
 
-def test_a_staged_file_wins_over_a_stale_git_and_the_disagreement_is_recorded(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_a_staged_file_wins_over_a_stale_git_and_a_stale_file_does_not(
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The lent GPU machines' copies of the tree carry a .git at the session's first commit."""
+    """The lent GPU machines' copies carry a .git at the session's first commit; a checkout may keep a file
+    from an earlier staging. The newer of the two names the code; the other's answer is recorded."""
     import torch
 
     monkeypatch.delenv("ATTNLAB_COMMIT", raising=False)
     monkeypatch.setattr(env, "_from_file", lambda: Revision("0123456789ab", False, "file"))
+    git = env._from_git()
+    assert git is not None
+    monkeypatch.setattr(env, "_file_is_newer_than_head", lambda: True)  # staged after HEAD: a copy
     assert revision() == Revision("0123456789ab", False, "file")
     recorded = env.environment(torch.device("cpu"))
     assert recorded["commit"] == "0123456789ab" and recorded["commit_source"] == "file"
-    assert recorded["git_commit"] == env._from_git().commit  # type: ignore[union-attr]
+    assert recorded["git_commit"] == git.commit
+    monkeypatch.setattr(env, "_file_is_newer_than_head", lambda: False)  # left behind, HEAD moved on
+    assert revision() == git
+    recorded = env.environment(torch.device("cpu"))
+    assert recorded["commit_source"] == "git" and recorded["file_commit"] == "0123456789ab"
 
 
 def test_a_copy_without_git_reads_the_staged_commit_file(

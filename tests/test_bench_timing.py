@@ -136,3 +136,12 @@ def test_every_side_is_warmed_before_any_timing_and_timed_with_the_baseline(
     for r in others:
         assert (r["median_ms"], r["kernel_ms"], r["baseline_ms"]) == (2.0, 1.5, 6.0)
         assert r["speedup"] == pytest.approx(3.0) and r["kernel_speedup"] == pytest.approx(4.0)
+
+
+def test_the_control_row_is_planned_even_when_methods_leave_softmax_out(tmp_path: Path) -> None:
+    run = efficiency.EfficiencyRun(tiny(tmp_path, methods=("sliding_window",), modes=("fwd", "fwd_bwd")))
+    plan = run.plan()
+    control = [r for r in plan if r.method == "softmax"]
+    assert len(control) == len(run.groups())  # one per (pattern, length, mode)
+    assert all([b.name for b in r.backend_specs()] == ["sdpa"] for r in control)
+    assert {r.method for r in plan} == {"softmax", "sliding_window"}

@@ -28,7 +28,7 @@ import torch
 from torch.nn.attention import SDPBackend
 
 import attnlab
-from attnlab.backends.base import Call
+from attnlab.backends.base import Backend, Call
 from attnlab.bench import calls
 from attnlab.bench.checks import ParityChecks
 from attnlab.bench.config import BenchConfig, shapes
@@ -44,6 +44,8 @@ PEERS_CUDA: dict[str, SDPBackend] = {
     "sdpa:efficient": SDPBackend.EFFICIENT_ATTENTION,
 }
 PEERS_CPU: dict[str, SDPBackend | None] = {"sdpa:default": None}
+#: the control row: the baseline's dense math through attnlab (method, backend); in every group
+CONTROL = ("softmax", "sdpa")
 #: a row whose timed calls spread wider than this (IQR / median, on any of its sides) is flagged
 #: ``unstable`` and the report prints "unstable" instead of its ratios
 UNSTABLE_SPREAD = 0.25
@@ -60,6 +62,12 @@ class PlannedRow:
     pattern: Pattern
     n: int
     mode: str
+    #: only these backends (None: all of the method's)
+    backends: tuple[str, ...] | None = None
+
+    def backend_specs(self) -> list[Backend]:
+        spec = attnlab.get(self.method)
+        return [b for b in spec.backends if self.backends is None or b.name in self.backends]
 
 
 def planned_rows(
@@ -167,8 +175,16 @@ class EfficiencyRun:
         return self.checks.rows
 
     def plan(self) -> list[PlannedRow]:
+        """The config's rows, plus the control row (softmax through attnlab's sdpa backend) in every
+        group when ``methods`` leaves softmax out."""
         c = self.cfg
-        return planned_rows(c.lengths, c.methods, c.patterns, c.modes, c.budgets)
+        rows = planned_rows(c.lengths, c.methods, c.patterns, c.modes, c.budgets)
+        if c.methods is not None and "softmax" not in c.methods:
+            control = planned_rows(c.lengths, ("softmax",), c.patterns, c.modes, "first")
+            rows = [
+                PlannedRow(r.method, r.params, r.pattern, r.n, r.mode, CONTROL[1:]) for r in control
+            ] + rows
+        return rows
 
     def groups(self) -> list[tuple[Pattern, int, str]]:
         return [(p, n, m) for p in self.cfg.patterns for n in self.cfg.lengths for m in self.cfg.modes]
@@ -183,7 +199,7 @@ class EfficiencyRun:
     def entry_count(self) -> int:
         """Rows the run will produce (for progress bars): peers plus (planned row x backend)."""
         plan = self.plan()
-        rows = sum(len(attnlab.get(r.method).backends) for r in plan)
+        rows = sum(len(r.backend_specs()) for r in plan)
         return rows + len(self.peers()) * len(self.groups())
 
     def rows(self) -> Iterator[dict[str, Any]]:
@@ -240,7 +256,7 @@ class EfficiencyRun:
             call = attnlab.resolve(
                 x.q, x.k, x.v, method=r.method, causal=causal, check_finite=False, **r.params
             )
-            for backend in spec.backends:
+            for backend in r.backend_specs():
                 entry = Entry(r.method, backend.name, r.params, density, block_density)
                 entries.append(entry)
                 ok, why = backend.can_use(Call(spec, params, call.problem, call.scale))

@@ -76,14 +76,34 @@ def _from_file() -> Revision | None:
     return None
 
 
+def _file_is_newer_than_head() -> bool:
+    """Whether the commit file was written after the checkout's HEAD commit was made (a copy staged from a
+    later tree than its .git says), rather than left behind by an earlier staging (stale)."""
+    try:
+        head_time = int(_git("log", "-1", "--format=%ct"))
+        return (ROOT / COMMIT_FILE).stat().st_mtime >= head_time
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return True
+
+
 def revision() -> Revision:
-    """The code's revision, first found of: the ``ATTNLAB_COMMIT`` environment variable (an override, may
-    end in '-dirty'); the ``ATTNLAB_COMMIT`` file at the checkout's root (written when the tree was staged
-    for another machine, whose copy has no .git or a stale one: the lent GPU machines' copies carry a .git
-    at the session's first commit); git. :func:`environment` also records what git says when it disagrees."""
+    """The code's revision: the ``ATTNLAB_COMMIT`` environment variable when set (an override, may end in
+    '-dirty'); else the ``ATTNLAB_COMMIT`` file at the checkout's root, written when the tree was staged for
+    another machine (whose copy has no .git or a stale one: the lent GPU machines' copies carry a .git at
+    the session's first commit), unless git's HEAD is newer than the file (a file left by an earlier
+    staging); else git. :func:`environment` records the other source's answer when the two disagree."""
     if os.environ.get("ATTNLAB_COMMIT"):
         return Revision.parse(os.environ["ATTNLAB_COMMIT"], "env")
-    return _from_file() or _from_git() or Revision("unknown", None, "unknown")
+    file, git = _from_file(), _from_git()
+    if file is not None and (git is None or _file_is_newer_than_head()):
+        return file
+    return git or Revision("unknown", None, "unknown")
+
+
+def _same_commit(a: Revision, b: Revision) -> bool:
+    """A sha and a describe (``v1-3-gabc1234`` or ``abc1234``) name the same commit when one prefixes the other."""
+    x, y = a.commit.split("-g")[-1], b.commit.split("-g")[-1]
+    return x.startswith(y) or y.startswith(x)
 
 
 def git_commit() -> str:
@@ -125,9 +145,9 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "threads": torch.get_num_threads(),
     }
-    git = _from_git() if rev.source != "git" else None
-    if git is not None and not git.commit.startswith(rev.commit.split("-g")[-1]):
-        env["git_commit"], env["git_dirty"] = git.commit, git.dirty  # a stale file, or a stale .git
+    other = _from_file() if rev.source == "git" else _from_git()
+    if other is not None and not _same_commit(rev, other):  # a stale file, or a copy's stale .git
+        env[f"{other.source}_commit"], env[f"{other.source}_dirty"] = other.commit, other.dirty
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env["sm_count"] = props.multi_processor_count

@@ -17,7 +17,8 @@ softmax attention's and ``O_uniform`` the output of uniform weights over the key
 - ``model_causal``: whether the workload's model was causal (False for the MiniLM encoder: its causal
   rows apply a causal mask to Q/K of a bidirectional model); NULL for random inputs.
 
-Computed in float32 with each method's default backend on this device.
+Computed in float32 with each method's default backend on this device. Dense softmax (error 0, recall 1)
+is always among the rows, as the control.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def fidelity_rows(
             uniform_err = _head_norms(uniform_output(v, n_q, causal) - dense_out)
             dense_norm = _head_norms(dense_out)
             for name, spec in attnlab.methods().items():
-                if methods is not None and name not in methods:
+                if methods is not None and name not in (*methods, "softmax"):  # softmax: the control row
                     continue
                 sets = spec.bench_params(n_k)
                 for params in sets if budgets == "all" else sets[:1]:

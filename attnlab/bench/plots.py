@@ -54,15 +54,25 @@ def _legend_outside(ax: Axes, fontsize: int = 8) -> None:
     )
 
 
+def _nice_ticks(lo: float, hi: float) -> list[float]:
+    """1-2-5 steps within [lo, hi] (log axes), at least two."""
+    ticks = [k * 10.0**e for e in range(-4, 7) for k in (1, 2, 5) if lo <= k * 10.0**e <= hi]
+    return ticks if len(ticks) >= 2 else [lo, hi]
+
+
 def _plain_ticks(ax: Axes, axis: str, values: list[float] | None = None) -> None:
-    """Numbers as numbers ("4096", "0.5"), not "4x10^3"; at ``values`` when given."""
+    """Numbers as numbers ("4096", "0.5"), not "4x10^3": at ``values``, or at 1-2-5 steps of a log axis."""
     a = ax.xaxis if axis == "x" else ax.yaxis
+    lo, hi = ax.get_xlim() if axis == "x" else ax.get_ylim()
+    if values is None and a.get_scale() == "log":
+        values = _nice_ticks(lo, hi)
     if values:
         a.set_major_locator(FixedLocator(values))
         a.set_minor_locator(NullLocator())
     fmt = ScalarFormatter()
     fmt.set_scientific(False)
     a.set_major_formatter(fmt)
+    (ax.set_xlim if axis == "x" else ax.set_ylim)(lo, hi)
 
 
 def latency_vs_length(rows: list[dict[str, Any]], pattern: str, mode: str) -> bytes | None:
@@ -178,12 +188,13 @@ def fidelity_vs_density(rows: list[dict[str, Any]]) -> bytes | None:
         errs = [float(r["out_err_vs_uniform"]) for r in rs if r.get("out_err_vs_uniform") is not None]
         if errs:
             label = f"{method} {workload} {pattern}"
-            err = max(sum(errs) / len(errs), 1e-8)
-            ax2.scatter([dens], [err], s=36, color=colour, marker=marker, label=label)
+            ax2.scatter([dens], [sum(errs) / len(errs)], s=36, color=colour, marker=marker, label=label)
     ax1.set(xscale="log", xlabel="density", ylabel="attention-mass recall (mean over heads)")
     ax1.set_title("recall of dense attention mass (methods with a plan)")
-    ax2.set(xscale="log", yscale="log", xlabel="density", ylabel="||O - O_dense|| / ||O_uniform - O_dense||")
-    ax2.set_title("output error relative to uniform attention (mean)")
+    ax2.axhline(1.0, color="k", ls="--", lw=1, label="uniform attention (error 1)")
+    ax2.set(xscale="log", xlabel="density", ylabel="||O - O_dense|| / ||O_uniform - O_dense||")
+    ax2.set_ylim(bottom=0)
+    ax2.set_title("output error relative to uniform attention (mean; 0 = exact)")
     for ax in (ax1, ax2):
         _plain_ticks(ax, "x")
         ax.grid(True, which="both", alpha=0.3)

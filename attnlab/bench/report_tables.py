@@ -11,9 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from attnlab.bench.efficiency import BUSY_LOAD_MARGIN
-
-CONTROL = ("softmax", "sdpa")
+from attnlab.bench.efficiency import BUSY_LOAD_MARGIN, CONTROL
 
 
 def fmt(x: float | None, digits: int = 3) -> str:

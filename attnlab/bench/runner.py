@@ -16,6 +16,10 @@ from attnlab.bench.report import write_report
 from attnlab.bench.store import ResultsDB
 
 DB_NAME = "results.duckdb"
+STALE = {
+    "git": "this copy's .git is older than the tree (the file was staged later)",
+    "file": "the ATTNLAB_COMMIT file was left by an earlier staging (older than HEAD) and was not used",
+}
 #: the attention statistics of a workload (see attention_stats) look at its first this many tokens
 STATS_TOKENS = 1024
 
@@ -53,11 +57,12 @@ def run(
 
         if env.get("dirty"):
             note(f"the tree had uncommitted changes to tracked files (commit {env['commit']}, dirty)")
-        if env.get("git_commit"):
-            note(
-                f"the commit recorded ({env['commit']}, from {env['commit_source']}) is not what this copy's git "
-                f"says ({env['git_commit']}): a stale ATTNLAB_COMMIT file, or a copy whose .git is stale"
-            )
+        for other in ("git", "file"):
+            if env.get(f"{other}_commit"):
+                note(
+                    f"the commit recorded ({env['commit']}, from {env['commit_source']}) is not what {other} says "
+                    f"({env[f'{other}_commit']}): {STALE[other]}"
+                )
         n_eff = n_fid = 0
         if cfg.efficiency:
             eff = efficiency.EfficiencyRun(cfg, log, advance)
