@@ -7,13 +7,16 @@ columns, whose cells stay empty), all runs. Where several runs measured the same
 parameters, pattern, dtype, batch, heads, kv heads, head dim, lengths, mode), the latest run's row stands.
 A table whose rows all come from one run names that run and its commit above it; otherwise every cell
 carries a tag ``[a]``, ``[b]``, ... and the table's legend names each tag's run, commit and timing method.
-With ``--readme`` the README's generated block (between its h100-table markers) is rewritten too.
+With ``--readme`` the README's generated block (between its h100-table markers) is rewritten too. Blocks of
+other generators in SUMMARY.md (between ``<!-- name:begin -->`` / ``<!-- name:end -->`` markers) are kept.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import statistics
 import string
 from collections import defaultdict
 from pathlib import Path
@@ -408,8 +411,75 @@ def summary(root: Path) -> list[str]:
     for mode in ("fwd", "fwd_bwd"):
         lines += efficiency_section(root, mode)
     lines += fidelity_section(root, "on the H100")
-    lines += fidelity_section(root.parent / "cpu-2026-11-22", "on CPU")
+    cpu = latest_cpu_folder(root.parent)
+    if cpu is not None:
+        lines += fidelity_section(cpu, "on CPU")
+        lines += cold_warm_section(cpu)
     return lines
+
+
+def latest_cpu_folder(results: Path) -> Path | None:
+    """The newest ``cpu-*`` results folder (names sort by date, then session)."""
+    folders = sorted(p for p in results.glob("cpu-*") if p.is_dir())
+    return folders[-1] if folders else None
+
+
+def _ok_rows(db_path: Path) -> dict[tuple, Row]:
+    with ResultsDB(db_path, read_only=True) as db:
+        run_id = db.latest_run()
+        rows = db.rows("efficiency", run_id) if run_id else []
+    key = ("method", "backend", "params", "pattern", *SHAPE, "n_q", "n_k", "mode")
+    return {
+        tuple(r.get(c) for c in key): r for r in rows if r["status"] == "ok" and not r.get("baseline_of_run")
+    }
+
+
+def cold_warm_section(cpu: Path) -> list[str]:
+    """How far a first run on an empty compile cache (``cold/``) is from a warm rerun (``warm/``): the ratio
+    of their speedups, row by row."""
+    cold_db, warm_db = cpu / "cold" / "results.duckdb", cpu / "warm" / "results.duckdb"
+    if not (cold_db.exists() and warm_db.exists()):
+        return []
+    cold, warm = _ok_rows(cold_db), _ok_rows(warm_db)
+    pairs = [
+        (cold[k], warm[k]) for k in cold if k in warm and cold[k].get("speedup") and warm[k].get("speedup")
+    ]
+    if not pairs:
+        return []
+
+    def agreement(sel: list[tuple[Row, Row]], col: str) -> str:
+        ratios = sorted(c[col] / w[col] for c, w in sel if c.get(col) and w.get(col))
+        if not ratios:
+            return "—"
+        within = sum(abs(x - 1) <= 0.10 for x in ratios)
+        return (
+            f"median {statistics.median(ratios):.3f}, {within}/{len(ratios)} within 10%, "
+            f"range {ratios[0]:.2f}-{ratios[-1]:.2f}"
+        )
+
+    stable = [(c, w) for c, w in pairs if not c.get("unstable") and not w.get("unstable")]
+    return [
+        f"## CPU: the first `attnlab bench` on an empty compile cache vs a warm rerun (`{cpu.name}/`)",
+        "",
+        "`cold/`: `attnlab bench` with fresh, empty `TORCHINDUCTOR_CACHE_DIR` and `TRITON_CACHE_DIR`; `warm/`: the "
+        "same command again with those caches. Ratio = a row's speedup in the cold run / in the warm run "
+        "(1.000: the same).",
+        "",
+        "| rows | as called | kernel |",
+        "|---|---|---|",
+        f"| all timed rows | {agreement(pairs, 'speedup')} | {agreement(pairs, 'kernel_speedup')} |",
+        f"| rows stable in both runs | {agreement(stable, 'speedup')} | {agreement(stable, 'kernel_speedup')} |",
+        "",
+    ]
+
+
+_BLOCK = re.compile(r"<!-- ([\w-]+):begin.*?-->.*?<!-- \1:end -->", re.DOTALL)
+
+
+def foreign_blocks(text: str) -> list[str]:
+    """Blocks between ``<!-- name:begin ... -->`` and ``<!-- name:end -->`` markers that other generators
+    (e.g. benchmarks/hotpath_table.py) keep in the file: carried over, after this generator's part."""
+    return [line for m in _BLOCK.finditer(text) for line in (m.group(0), "")]
 
 
 def main() -> None:
@@ -420,7 +490,8 @@ def main() -> None:
         "--readme", type=Path, default=None, help="also rewrite this README's generated block"
     )
     args = parser.parse_args()
-    args.out.write_text("\n".join(summary(args.root)) + "\n")
+    kept = foreign_blocks(args.out.read_text()) if args.out.exists() else []
+    args.out.write_text("\n".join([*summary(args.root), *kept]).rstrip("\n") + "\n")
     print(f"wrote {args.out}")
     if args.readme:
         update_readme(args.readme, headline(args.root) + verify_line(args.root))
