@@ -16,81 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
-import string
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import attnlab
+from attnlab.bench.compare import agreement_table
 from attnlab.bench.fidelity import has_recall
-from attnlab.bench.store import ResultsDB
+from attnlab.bench.sources import SHAPE, Sources, merged
 
-SHAPE = ("dtype", "batch", "heads", "kv_heads", "head_dim")
-_KEY = ("method", "backend", "params", "pattern", *SHAPE, "n_q", "n_k", "mode")
 Row = dict[str, Any]
-
-
-def _merged(root: Path, table: str, key: tuple[str, ...] = _KEY) -> tuple[list[Row], list[Row]]:
-    """(rows, runs): the latest row per key over every run of every database under ``root``."""
-    found: dict[tuple, tuple[str, Row]] = {}
-    for db_path in sorted(root.glob("**/results.duckdb")):
-        with ResultsDB(db_path, read_only=True) as db:
-            for run in db.runs():
-                rows = db.rows(table, run["run_id"])
-                folder = db_path.parent.relative_to(root).as_posix()
-                run = {**run, "folder": root.name if folder == "." else folder, "has_kernel": False}
-                for r in rows:
-                    run["has_kernel"] |= r.get("kernel_ms") is not None
-                    k = tuple(r.get(c) for c in key)
-                    if k not in found or str(run["started"]) >= found[k][0]:
-                        found[k] = (str(run["started"]), {**r, "_run": run})
-    runs = {r["_run"]["run_id"]: r["_run"] for _, r in found.values()}
-    return [r for _, r in found.values()], sorted(runs.values(), key=lambda r: str(r["started"]))
-
-
-def _commit(run: Row) -> str:
-    env = json.loads(run["env"])
-    dirty = env.get("dirty", run.get("dirty"))
-    return f"`{str(env.get('commit'))[:7]}`" + (" (dirty tree)" if dirty else "")
-
-
-def _timing(run: Row) -> str:
-    """How a run timed its rows (older harnesses differ)."""
-    if run.get("has_kernel"):
-        return "as called (`attnlab.attention` defaults) and kernel, interleaved with the baseline"
-    cfg = json.loads(run["config"])
-    paired = "paired with the baseline" if cfg.get("paired") else "the baseline timed separately"
-    return f"`attnlab.attention(check_finite=False)`, {paired}"
-
-
-class Sources:
-    """The runs behind one table: a caption when there is one, a tag per cell when there are several."""
-
-    def __init__(self, rows: list[Row], timing: bool = True) -> None:
-        self.timing = timing
-        runs = {r["_run"]["run_id"]: r["_run"] for r in rows}
-        self.runs = sorted(runs.values(), key=lambda r: str(r["started"]))
-        self.tags = {run["run_id"]: string.ascii_lowercase[i] for i, run in enumerate(self.runs)}
-
-    def tag(self, *rows: Row) -> str:
-        """' [a]' (' [a,b]' for a cell averaged over rows of several runs); '' when the table has one run."""
-        if len(self.runs) <= 1:
-            return ""
-        return " [" + ",".join(sorted({self.tags[r["_run"]["run_id"]] for r in rows})) + "]"
-
-    def legend(self) -> str:
-        parts = []
-        for run in self.runs:
-            env = json.loads(run["env"])
-            tag = f"[{self.tags[run['run_id']]}] " if len(self.runs) > 1 else ""
-            how = f", {_timing(run)}" if self.timing else ""
-            parts.append(
-                f"{tag}`{run['folder']}/` run `{run['run_id']}` at commit {_commit(run)}{how} "
-                f"({env['device']}, torch {env['torch']}, triton {env['triton']})"
-            )
-        head = "Source" if len(self.runs) == 1 else "Sources (each cell's tag names its run)"
-        return f"{head}: " + "; ".join(parts) + "."
 
 
 def met(value: float, target: float) -> str:
@@ -106,7 +41,7 @@ def sigmoid_section(root: Path) -> list[str]:
     runs = [(p, json.loads(p.read_text())) for p in sorted(root.glob("sigmoid_kernel_*.json"))]
     if not runs:
         return []
-    bench, _ = _merged(root, "efficiency")
+    bench, _ = merged(root, "efficiency")
     harness = {
         (r["method"], r["backend"], r["n_k"], r["pattern"] == "causal_self", r["mode"]): r
         for r in bench
@@ -196,7 +131,7 @@ def _shape_text(shape: tuple) -> str:
 
 
 def efficiency_section(root: Path, mode: str) -> list[str]:
-    rows, _ = _merged(root, "efficiency")
+    rows, _ = merged(root, "efficiency")
     ok = [r for r in rows if r["status"] == "ok" and r["mode"] == mode]
     if not ok:
         return []
@@ -208,7 +143,7 @@ def efficiency_section(root: Path, mode: str) -> list[str]:
 
 def _efficiency_tables(root: Path, ok: list[Row], shape: tuple) -> list[str]:
     run_ids = {r["_run"]["run_id"] for r in ok}
-    checks, _ = _merged(root, "checks", ("method", "backend", "params", "pattern", "dtype", "grad"))
+    checks, _ = merged(root, "checks", ("method", "backend", "params", "pattern", "dtype", "grad"))
     checks = [c for c in checks if c["_run"]["run_id"] in run_ids]
     lines = [
         f"Shape: {_shape_text(shape)}. Before timing, each backend passed a parity check on this GPU: "
@@ -278,7 +213,7 @@ def _recall(method: str, rs: list[Row]) -> tuple[str, str]:
 
 def fidelity_section(root: Path, where: str) -> list[str]:
     """Fidelity rows (latest per key over every database under ``root``), averaged over layers and heads."""
-    rows, _ = _merged(root, "fidelity", ("workload", "layer", "head", "method", "params", "pattern", "n"))
+    rows, _ = merged(root, "fidelity", ("workload", "layer", "head", "method", "params", "pattern", "n"))
     if not rows:
         return []
     src = Sources(rows, timing=False)
@@ -324,7 +259,7 @@ HEADLINE_COLUMNS = (
 
 def headline(root: Path) -> list[str]:
     """At the longest length: each method's speedup over cuDNN SDPA (fwd, fwd+bwd), causal and not."""
-    rows, _ = _merged(root, "efficiency")
+    rows, _ = merged(root, "efficiency")
     ok = [r for r in rows if r["status"] == "ok"]
     n_max = max((r["n_k"] for r in ok), default=0)
     ok = [r for r in ok if r["n_k"] == n_max and not r["backend"].startswith("sdpa:")]
@@ -424,40 +359,14 @@ def latest_cpu_folder(results: Path) -> Path | None:
     return folders[-1] if folders else None
 
 
-def _ok_rows(db_path: Path) -> dict[tuple, Row]:
-    with ResultsDB(db_path, read_only=True) as db:
-        run_id = db.latest_run()
-        rows = db.rows("efficiency", run_id) if run_id else []
-    key = ("method", "backend", "params", "pattern", *SHAPE, "n_q", "n_k", "mode")
-    return {
-        tuple(r.get(c) for c in key): r for r in rows if r["status"] == "ok" and not r.get("baseline_of_run")
-    }
-
-
 def cold_warm_section(cpu: Path) -> list[str]:
-    """How far a first run on an empty compile cache (``cold/``) is from a warm rerun (``warm/``): the ratio
-    of their speedups, row by row."""
+    """The newest CPU folder's first run on an empty compile cache (``cold/``) against a warm rerun (``warm/``)."""
     cold_db, warm_db = cpu / "cold" / "results.duckdb", cpu / "warm" / "results.duckdb"
     if not (cold_db.exists() and warm_db.exists()):
         return []
-    cold, warm = _ok_rows(cold_db), _ok_rows(warm_db)
-    pairs = [
-        (cold[k], warm[k]) for k in cold if k in warm and cold[k].get("speedup") and warm[k].get("speedup")
-    ]
-    if not pairs:
+    table = agreement_table(cold_db, warm_db)
+    if not table:
         return []
-
-    def agreement(sel: list[tuple[Row, Row]], col: str) -> str:
-        ratios = sorted(c[col] / w[col] for c, w in sel if c.get(col) and w.get(col))
-        if not ratios:
-            return "—"
-        within = sum(abs(x - 1) <= 0.10 for x in ratios)
-        return (
-            f"median {statistics.median(ratios):.3f}, {within}/{len(ratios)} within 10%, "
-            f"range {ratios[0]:.2f}-{ratios[-1]:.2f}"
-        )
-
-    stable = [(c, w) for c, w in pairs if not c.get("unstable") and not w.get("unstable")]
     return [
         f"## CPU: the first `attnlab bench` on an empty compile cache vs a warm rerun (`{cpu.name}/`)",
         "",
@@ -465,10 +374,7 @@ def cold_warm_section(cpu: Path) -> list[str]:
         "same command again with those caches. Ratio = a row's speedup in the cold run / in the warm run "
         "(1.000: the same).",
         "",
-        "| rows | as called | kernel |",
-        "|---|---|---|",
-        f"| all timed rows | {agreement(pairs, 'speedup')} | {agreement(pairs, 'kernel_speedup')} |",
-        f"| rows stable in both runs | {agreement(stable, 'speedup')} | {agreement(stable, 'kernel_speedup')} |",
+        *table,
         "",
     ]
 

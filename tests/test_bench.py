@@ -12,7 +12,7 @@ import torch
 
 import attnlab
 from attnlab.bench.config import BenchConfig, shapes
-from attnlab.bench.efficiency import planned_rows
+from attnlab.bench.planning import planned_rows
 from attnlab.bench.runner import run
 from attnlab.bench.store import ResultsDB
 from attnlab.bench.timing import attention_flops, measure_interleaved

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import attnlab
-from attnlab.bench.efficiency import densities, planned_rows
 from attnlab.bench.fidelity import fidelity_rows, uniform_output
+from attnlab.bench.planning import densities, planned_rows
 from attnlab.bench.workloads import Workload, random_workload
 from attnlab.patterns import Pattern
 

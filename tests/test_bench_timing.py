@@ -12,8 +12,8 @@ import torch
 import attnlab
 from attnlab.bench import calls, efficiency
 from attnlab.bench.config import BenchConfig
-from attnlab.bench.efficiency import UNSTABLE_SPREAD, timing_columns
 from attnlab.bench.memory import peak_memory_mb
+from attnlab.bench.row_columns import UNSTABLE_SPREAD, timing_columns
 from attnlab.bench.timing import LONG_CALL_REPS, MIN_REPS, Timing, repetitions
 from attnlab.patterns import Pattern
 

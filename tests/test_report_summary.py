@@ -69,7 +69,9 @@ def test_the_control_row_is_in_every_table(summarize: ModuleType) -> None:
 
 
 def test_merge_key_includes_the_shape_and_recall_is_na_for_sigmoid(summarize: ModuleType) -> None:
-    assert {"dtype", "batch", "heads", "kv_heads", "head_dim"} <= set(summarize._KEY)
+    from attnlab.bench.sources import ROW_KEY
+
+    assert {"dtype", "batch", "heads", "kv_heads", "head_dim"} <= set(ROW_KEY)
     cpu = summarize.fidelity_section(ROOT / "benchmarks/results/cpu-2026-11-22", "on CPU")
     sigmoid = [ln for ln in cpu if "| sigmoid |" in ln]
     assert sigmoid and all("| n/a | n/a |" in ln for ln in sigmoid)

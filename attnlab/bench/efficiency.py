@@ -12,7 +12,8 @@ A run has two phases, so that no compilation competes with a measurement (on a 2
    medians from the same rounds; nothing is derived by subtraction.
 
 The baseline is SDPA restricted to cuDNN on CUDA (flash, mem-efficient are peers), PyTorch's default SDPA
-on CPU. The control row ``softmax`` / ``sdpa`` is the same dense math through attnlab.
+on CPU. The control row ``softmax`` / ``sdpa`` is the same dense math through attnlab. What is timed:
+:mod:`~attnlab.bench.planning`; a row's columns and flags: :mod:`~attnlab.bench.row_columns`.
 """
 
 from __future__ import annotations
@@ -28,81 +29,19 @@ import torch
 from torch.nn.attention import SDPBackend
 
 import attnlab
-from attnlab.backends.base import Backend, Call
+from attnlab.backends.base import Call
 from attnlab.bench import calls
 from attnlab.bench.checks import ParityChecks
 from attnlab.bench.config import BenchConfig, shapes
 from attnlab.bench.memory import peak_memory_mb
-from attnlab.bench.timing import MIN_REPS, Timing, attention_flops, measure_interleaved
+from attnlab.bench.planning import CONTROL, PEERS_CPU, PEERS_CUDA, PlannedRow, densities, planned_rows
+from attnlab.bench.row_columns import busy_load, load_average, timing_columns
+from attnlab.bench.timing import attention_flops, measure_interleaved
 from attnlab.masks import dense_pairs
 from attnlab.patterns import Pattern
-from attnlab.plans import static_plan
 
-PEERS_CUDA: dict[str, SDPBackend] = {
-    "sdpa:cudnn": SDPBackend.CUDNN_ATTENTION,
-    "sdpa:flash": SDPBackend.FLASH_ATTENTION,
-    "sdpa:efficient": SDPBackend.EFFICIENT_ATTENTION,
-}
-PEERS_CPU: dict[str, SDPBackend | None] = {"sdpa:default": None}
-#: the control row: the baseline's dense math through attnlab (method, backend); in every group
-CONTROL = ("softmax", "sdpa")
-#: a row whose timed calls spread wider than this (IQR / median, on any of its sides) is flagged
-#: ``unstable`` and the report prints "unstable" instead of its ratios
-UNSTABLE_SPREAD = 0.25
-#: runnable threads beyond the benchmark's own that make a CPU machine count as busy (see ``busy_load``)
-BUSY_LOAD_MARGIN = 1.0
 #: untimed calls of each side in the warm phase (the first compiles; the rest warm caches)
 WARM_CALLS = 2
-
-
-@dataclass(frozen=True)
-class PlannedRow:
-    method: str
-    params: dict[str, Any]
-    pattern: Pattern
-    n: int
-    mode: str
-    #: only these backends (None: all of the method's)
-    backends: tuple[str, ...] | None = None
-
-    def backend_specs(self) -> list[Backend]:
-        spec = attnlab.get(self.method)
-        return [b for b in spec.backends if self.backends is None or b.name in self.backends]
-
-
-def planned_rows(
-    lengths: tuple[int, ...],
-    methods: tuple[str, ...] | None,
-    patterns: tuple[Pattern, ...] = (Pattern.CAUSAL_SELF,),
-    modes: tuple[str, ...] = ("fwd",),
-    budgets: str = "all",
-) -> list[PlannedRow]:
-    """Every (method, parameters, pattern, length, mode) a run will time, from the registry."""
-    rows = []
-    for name, spec in attnlab.methods().items():
-        if methods is not None and name not in methods:
-            continue
-        for pattern in patterns:
-            if pattern not in spec.patterns:
-                continue
-            for n in lengths:
-                sets = spec.bench_params(n)
-                for params in sets if budgets == "all" else sets[:1]:
-                    for mode in modes:
-                        rows.append(PlannedRow(name, dict(params), pattern, n, mode))
-    return rows
-
-
-def densities(
-    spec: attnlab.MethodSpec, params: Any, n_q: int, n_k: int, causal: bool, device: torch.device
-) -> tuple[float, float]:
-    """(token density, block density) of the method's sparsity plan (:class:`attnlab.Plan`): the share of
-    the dense pattern's (query, key) pairs it computes, and of the dense pattern's 128 x 128 tiles it
-    visits. 1.0 for dense methods (no plan)."""
-    if spec.mask is None:
-        return 1.0, 1.0
-    plan = static_plan(spec, params, n_q, n_k, causal, device)
-    return plan.density, plan.block_density
 
 
 @dataclass
@@ -130,16 +69,6 @@ class Entry:
             "called": calls.timed(calls.as_called_fn(*args), mode, x),
             "kernel": calls.timed(calls.kernel_fn(*args), mode, x),
         }
-
-
-def load_average() -> float | None:
-    """The 1-minute load average of the machine (runnable threads, all processes); None where unknown."""
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-
-
-def busy_load() -> float:
-    """A load average above this means other processes competed with the benchmark's own threads."""
-    return float(torch.get_num_threads()) + BUSY_LOAD_MARGIN
 
 
 def _unique_graphs() -> int:
@@ -342,35 +271,3 @@ class EfficiencyRun:
             "timed_compiles": _unique_graphs() - before,
             "load_avg": load_average(),
         }
-
-
-def _spread_columns(prefix: str, t: Timing) -> dict[str, Any]:
-    return {f"{prefix}min_ms": t.min_ms, f"{prefix}q1_ms": t.q1_ms, f"{prefix}q3_ms": t.q3_ms}
-
-
-def timing_columns(t: dict[str, Timing], flops: float) -> dict[str, Any]:
-    """A row's columns from its sides' timings (``called``, optional ``kernel`` and ``baseline``).
-
-    ``median_ms``: as called; ``kernel_ms``: the kernel alone; ``baseline_ms``: the baseline's median in
-    the same rounds; ``speedup`` / ``kernel_speedup``: ``baseline_ms`` over ``median_ms`` / ``kernel_ms``;
-    ``tflops``: dense-equivalent FLOPs over ``median_ms``; ``unstable``: some side's IQR / median exceeds
-    ``UNSTABLE_SPREAD``; ``few_reps``: fewer than ``MIN_REPS`` rounds (a single call took over 1 s).
-    """
-    called, kernel, base = t["called"], t.get("kernel"), t.get("baseline")
-    row: dict[str, Any] = {
-        "median_ms": called.median_ms,
-        **_spread_columns("", called),
-        "reps": called.reps,
-        "tflops": flops / (called.median_ms * 1e-3) / 1e12,
-    }
-    if kernel is not None:
-        row.update(kernel_ms=kernel.median_ms, **_spread_columns("kernel_", kernel))
-    if base is not None:
-        row.update(baseline_ms=base.median_ms, **_spread_columns("baseline_", base))
-        row["speedup"] = base.median_ms / called.median_ms
-        if kernel is not None:
-            row["kernel_speedup"] = base.median_ms / kernel.median_ms
-    spreads = [s.spread for s in t.values() if s.spread is not None]
-    row["unstable"] = bool(spreads) and max(spreads) > UNSTABLE_SPREAD
-    row["few_reps"] = called.reps < MIN_REPS
-    return row

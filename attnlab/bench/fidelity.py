@@ -12,7 +12,7 @@ softmax attention's and ``O_uniform`` the output of uniform weights over the key
 - ``mass_recall``: the share of dense attention mass on the pairs the method computes, averaged over query
   rows; NULL ("n/a") for a method that computes no subset of softmax attention (sigmoid: no softmax mass),
   1.0 for dense softmax (it computes every pair), from the mask for mask-defined methods;
-- ``density`` / ``block_density``: as in the efficiency rows (:func:`attnlab.bench.efficiency.densities`),
+- ``density`` / ``block_density``: as in the efficiency rows (:func:`attnlab.bench.planning.densities`),
   at the same length and budgets, so fidelity rows pair with speed rows;
 - ``model_causal``: whether the workload's model was causal (False for the MiniLM encoder: its causal
   rows apply a causal mask to Q/K of a bidirectional model); NULL for random inputs.
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 import attnlab
-from attnlab.bench.efficiency import densities
+from attnlab.bench.planning import densities
 from attnlab.bench.workloads import Workload
 from attnlab.masks import MaskContext, causal_mask, dense_mask
 from attnlab.patterns import Pattern

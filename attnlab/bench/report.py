@@ -11,8 +11,8 @@ from typing import Any
 import jinja2
 
 from attnlab.bench import plots
-from attnlab.bench.efficiency import UNSTABLE_SPREAD
 from attnlab.bench.report_tables import busy_above, efficiency_tables, fidelity_table
+from attnlab.bench.row_columns import UNSTABLE_SPREAD
 from attnlab.bench.store import ResultsDB
 from attnlab.bench.timing import MIN_REPS
 

@@ -2,7 +2,7 @@
 
 Efficiency rows keep their own density (budgets scale with the length), print the reason of a row that
 was not timed, and print "unstable" instead of a ratio whose timed calls spread too wide
-(:data:`attnlab.bench.efficiency.UNSTABLE_SPREAD`). Rows of older databases lack the newer columns: their
+(:data:`attnlab.bench.row_columns.UNSTABLE_SPREAD`). Rows of older databases lack the newer columns: their
 cells are left empty.
 """
 
@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from attnlab.bench.efficiency import BUSY_LOAD_MARGIN, CONTROL
+from attnlab.bench.planning import CONTROL
+from attnlab.bench.row_columns import BUSY_LOAD_MARGIN
 
 
 def fmt(x: float | None, digits: int = 3) -> str:

@@ -1,0 +1,74 @@
+"""What a benchmark run times: the dense peers and the control row, every (method, parameters, pattern,
+length, mode) from the registry, and each row's density."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.nn.attention import SDPBackend
+
+import attnlab
+from attnlab.backends.base import Backend
+from attnlab.patterns import Pattern
+from attnlab.plans import static_plan
+
+PEERS_CUDA: dict[str, SDPBackend] = {
+    "sdpa:cudnn": SDPBackend.CUDNN_ATTENTION,
+    "sdpa:flash": SDPBackend.FLASH_ATTENTION,
+    "sdpa:efficient": SDPBackend.EFFICIENT_ATTENTION,
+}
+PEERS_CPU: dict[str, SDPBackend | None] = {"sdpa:default": None}
+#: the control row: the baseline's dense math through attnlab (method, backend); in every group
+CONTROL = ("softmax", "sdpa")
+
+
+@dataclass(frozen=True)
+class PlannedRow:
+    method: str
+    params: dict[str, Any]
+    pattern: Pattern
+    n: int
+    mode: str
+    #: only these backends (None: all of the method's)
+    backends: tuple[str, ...] | None = None
+
+    def backend_specs(self) -> list[Backend]:
+        spec = attnlab.get(self.method)
+        return [b for b in spec.backends if self.backends is None or b.name in self.backends]
+
+
+def planned_rows(
+    lengths: tuple[int, ...],
+    methods: tuple[str, ...] | None,
+    patterns: tuple[Pattern, ...] = (Pattern.CAUSAL_SELF,),
+    modes: tuple[str, ...] = ("fwd",),
+    budgets: str = "all",
+) -> list[PlannedRow]:
+    """Every (method, parameters, pattern, length, mode) a run will time, from the registry."""
+    rows = []
+    for name, spec in attnlab.methods().items():
+        if methods is not None and name not in methods:
+            continue
+        for pattern in patterns:
+            if pattern not in spec.patterns:
+                continue
+            for n in lengths:
+                sets = spec.bench_params(n)
+                for params in sets if budgets == "all" else sets[:1]:
+                    for mode in modes:
+                        rows.append(PlannedRow(name, dict(params), pattern, n, mode))
+    return rows
+
+
+def densities(
+    spec: attnlab.MethodSpec, params: Any, n_q: int, n_k: int, causal: bool, device: torch.device
+) -> tuple[float, float]:
+    """(token density, block density) of the method's sparsity plan (:class:`attnlab.Plan`): the share of
+    the dense pattern's (query, key) pairs it computes, and of the dense pattern's 128 x 128 tiles it
+    visits. 1.0 for dense methods (no plan)."""
+    if spec.mask is None:
+        return 1.0, 1.0
+    plan = static_plan(spec, params, n_q, n_k, causal, device)
+    return plan.density, plan.block_density
