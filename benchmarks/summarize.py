@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import attnlab
-from attnlab.bench.compare import agreement_table
+from attnlab.bench.compare import agreement_table, load_text
 from attnlab.bench.fidelity import has_recall
 from attnlab.bench.sources import SHAPE, Sources, merged
 
@@ -372,7 +372,9 @@ def cold_warm_section(cpu: Path) -> list[str]:
         "",
         "`cold/`: `attnlab bench` with fresh, empty `TORCHINDUCTOR_CACHE_DIR` and `TRITON_CACHE_DIR`; `warm/`: the "
         "same command again with those caches. Ratio = a row's speedup in the cold run / in the warm run "
-        "(1.000: the same).",
+        f"(1.000: the same). Machine load (1-minute load average) while rows were timed: cold {load_text(cold_db)}, "
+        f"warm {load_text(warm_db)}; the benchmark itself runs one thread per core, so a load above the core "
+        "count plus one means other processes competed (such rows are marked busy in the reports).",
         "",
         *table,
         "",

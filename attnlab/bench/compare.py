@@ -6,6 +6,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from attnlab.bench.planning import CONTROL
 from attnlab.bench.sources import ROW_KEY, Row
 from attnlab.bench.store import ResultsDB
 
@@ -33,11 +34,14 @@ def agreement_table(a_db: Path, b_db: Path) -> list[str]:
     if not pairs:
         return []
     stable = [(x, y) for x, y in pairs if not x.get("unstable") and not y.get("unstable")]
+    control = [(x, y) for x, y in pairs if (x["method"], x["backend"]) == CONTROL]
     return [
         "| rows | as called | kernel |",
         "|---|---|---|",
         f"| all timed rows | {agreement(pairs, 'speedup')} | {agreement(pairs, 'kernel_speedup')} |",
         f"| rows stable in both runs | {agreement(stable, 'speedup')} | {agreement(stable, 'kernel_speedup')} |",
+        f"| the control rows (softmax / sdpa) | {agreement(control, 'speedup')} | "
+        f"{agreement(control, 'kernel_speedup')} |",
     ]
 
 
@@ -51,3 +55,9 @@ def agreement(pairs: list[tuple[Row, Row]], col: str) -> str:
         f"median {statistics.median(ratios):.3f}, {within}/{len(ratios)} within {WITHIN:.0%}, "
         f"range {ratios[0]:.2f}-{ratios[-1]:.2f}"
     )
+
+
+def load_text(db_path: Path) -> str:
+    """'median L (max M)' of the 1-minute load average the run's rows were timed at ('unknown' if not kept)."""
+    loads = sorted(r["load_avg"] for r in timed_rows(db_path).values() if r.get("load_avg") is not None)
+    return f"median {statistics.median(loads):.1f} (max {loads[-1]:.1f})" if loads else "unknown"

@@ -27,7 +27,11 @@ def merged(root: Path, table: str, key: tuple[str, ...] = ROW_KEY) -> tuple[list
             for run in db.runs():
                 rows = db.rows(table, run["run_id"])
                 folder = db_path.parent.relative_to(root).as_posix()
-                run = {**run, "folder": root.name if folder == "." else folder, "has_kernel": False}
+                run = {
+                    **run,
+                    "folder": root.name if folder == "." else f"{root.name}/{folder}",
+                    "has_kernel": False,
+                }
                 for r in rows:
                     run["has_kernel"] |= r.get("kernel_ms") is not None
                     k = tuple(r.get(c) for c in key)
