@@ -1,0 +1,5 @@
+"""Dynamic sparse prefill (family ``dynamic``): an estimator ``q, k -> plan`` plus the block-sparse executor.
+
+Importing this package registers its methods; each method is one module, imported below.
+"""
+# isort: skip_file
