@@ -1,0 +1,179 @@
+"""What the linear-family methods share: input and state checks, and the two token-by-token recurrences
+that their references are written with.
+
+Conventions of the whole family (each method's docstring repeats what applies to it):
+
+- Layout (B, H, N, D) like every attnlab method. The recurrence runs over the N tokens of one call;
+  queries and keys are the same tokens, so only self patterns exist (``N_q == N_k``); decode is a call
+  with N = 1 (or a few tokens) that passes the state of the previous call.
+- GQA: k and v (and everything derived from them) are shared by the ``H / H_kv`` query heads of a group,
+  as if repeated (``k.repeat_interleave(H // H_kv, dim=1)``). Gates, beta and the state are per query
+  head: the state is (B, H, K, V) whatever H_kv is.
+- The state S is key-major, (B, H, K, V), float32 (fla's default layout, ``state_v_first=False``), where
+  K is the feature dim of the keys (D, or a feature map's size) and V = D_v. It is returned after every
+  call and may be passed back as ``state=``; ``state=None`` starts from zeros.
+- Step order (fla's): decay the state, write token t, then read: ``o_t`` uses ``S_t``, which includes
+  token t. Gates are natural-log decays ``g <= 0`` (decay ``exp(g)`` in (0, 1]).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnlab.errors import InputError
+from attnlab.patterns import Pattern
+
+CAUSAL_ONLY: frozenset[Pattern] = frozenset({Pattern.CAUSAL_SELF})
+SELF_ONLY: frozenset[Pattern] = frozenset({Pattern.CAUSAL_SELF, Pattern.NONCAUSAL_SELF})
+
+
+def _shape(t: Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def expand_heads(t: Tensor, heads: int) -> Tensor:
+    """(B, H_kv, ...) -> (B, H, ...): each kv head repeated for the ``H / H_kv`` query heads of its group."""
+    group = heads // t.shape[1]
+    return t if group == 1 else t.repeat_interleave(group, dim=1)
+
+
+def check_tensor_state(
+    method: str, what: str, state: Any, shape: tuple[int, ...], device: torch.device
+) -> Tensor:
+    """``state`` checked against the shape ``(B, H, K, V)`` (or ``(B, H, K)``) the call needs."""
+    if not isinstance(state, Tensor):
+        raise InputError(
+            f"method {method!r}: {what} must be a torch.Tensor of shape {shape}, got {type(state).__name__}"
+        )
+    if tuple(state.shape) != shape:
+        raise InputError(
+            f"method {method!r}: {what} has shape {_shape(state)}; this call needs {shape} "
+            "(batch, query heads, key features, value dim). Pass the state the previous call of the same "
+            "method, shapes and parameters returned, or None to start from zeros."
+        )
+    if not state.dtype.is_floating_point:
+        raise InputError(f"method {method!r}: {what} has dtype {state.dtype}; expected a floating dtype")
+    if state.device != device:
+        raise InputError(f"method {method!r}: {what} is on {state.device}, but q, k, v are on {device}")
+    return state
+
+
+def check_state(
+    method: str, state: Any, b: int, h: int, k: int, v: int, device: torch.device, *, with_sum: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """(S, z) from a user's ``state``: S (B, H, K, V); with ``with_sum`` a pair ``(S, z)``, z (B, H, K) the
+    running key sum of a normalised method. None gives (None, None)."""
+    if state is None:
+        return None, None
+    if with_sum:
+        if not (isinstance(state, tuple | list) and len(state) == 2):
+            raise InputError(
+                f"method {method!r} (normalised) carries the state (S, z): S ({b}, {h}, {k}, {v}) and the "
+                f"running key sum z ({b}, {h}, {k}); got {type(state).__name__}"
+            )
+        s = check_tensor_state(method, "state S", state[0], (b, h, k, v), device)
+        z = check_tensor_state(method, "state z", state[1], (b, h, k), device)
+        return s, z
+    if isinstance(state, tuple | list):
+        raise InputError(
+            f"method {method!r} carries one state tensor S ({b}, {h}, {k}, {v}); got a "
+            f"{type(state).__name__} of {len(state)} (a pair (S, z) is the state of normalised linear attention)"
+        )
+    return check_tensor_state(method, "state", state, (b, h, k, v), device), None
+
+
+def check_log_decay(method: str, name: str, g: Tensor) -> None:
+    """Gates are log-decays: every value must be finite and ``<= 0`` (decay exp(g) in (0, 1]).
+
+    One reduction and a host synchronisation; skipped inside ``torch.compile`` and CUDA-graph capture.
+    """
+    if torch.compiler.is_compiling() or (g.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    ok = torch.isfinite(g) & (g <= 0)
+    if bool(ok.all()):
+        return
+    nan = int(torch.isnan(g).sum())
+    pos = int((g > 0).sum())
+    neg_inf = int((g == float("-inf")).sum())
+    pos_inf = int((g == float("inf")).sum())
+    parts = [
+        f"{n} {what}"
+        for n, what in (
+            (nan, "NaN"),
+            (pos, "positive (decay exp(g) > 1)"),
+            (neg_inf, "-inf (decay 0)"),
+            (pos_inf, "+inf"),
+        )
+        if n
+    ]
+    raise InputError(
+        f"method {method!r}: {name} holds {', '.join(parts)} value(s); {name} is the natural log of a decay "
+        f"in (0, 1], so every value must be finite and <= 0 (e.g. {name} = F.logsigmoid(x))"
+    )
+
+
+def check_finite_input(method: str, name: str, t: Tensor) -> None:
+    """NaN/Inf in a method input (beta) is an error (one host synchronisation; skipped when compiling)."""
+    if torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise InputError(f"method {method!r}: {name} holds {bad} NaN/Inf value(s); expected finite values")
+
+
+def gated_recurrence(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, scale: float, state: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The gated linear recurrence, one token at a time, in the dtype of q::
+
+        S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T        (S_0 = state, or zeros)
+        o_t = scale * S_t^T q_t
+
+    q, k (B, H, N, K); v (B, H, N, V); g None (no decay) or broadcastable to (B, H, N, K); state
+    (B, H, K, V). Returns (o (B, H, N, V), S_N (B, H, K, V)), both in q's dtype.
+    """
+    b, h, n, kd = q.shape
+    s = q.new_zeros(b, h, kd, v.shape[-1]) if state is None else state.to(q.dtype)
+    if g is not None:
+        g = g.to(q.dtype).expand(b, h, n, kd)
+    outs = []
+    for t in range(n):
+        if g is not None:
+            s = s * torch.exp(g[:, :, t])[..., None]
+        s = s + k[:, :, t, :, None] * v[:, :, t, None, :]
+        outs.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, :, t], s))
+    return torch.stack(outs, 2), s
+
+
+def delta_recurrence(
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, scale: float, state: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The gated delta rule, one token at a time, in the dtype of q::
+
+        S'_t = diag(exp(g_t)) S_{t-1}                    (decay; g per channel, or one value per head)
+        u_t  = beta_t (v_t - S'_t^T k_t)                 (the delta: new value minus the one stored at k_t)
+        S_t  = S'_t + k_t u_t^T = (I - beta_t k_t k_t^T) diag(exp(g_t)) S_{t-1} + beta_t k_t v_t^T
+        o_t  = scale * S_t^T q_t
+
+    q, k (B, H, N, K); v (B, H, N, V); beta (B, H, N); g None (plain DeltaNet) or broadcastable to
+    (B, H, N, K); state (B, H, K, V). With one gate value per head, diag(exp(g_t)) = alpha_t I commutes
+    with (I - beta k k^T), and this is Gated DeltaNet; with a gate per channel it is Kimi Delta Attention.
+    Returns (o (B, H, N, V), S_N (B, H, K, V)) in q's dtype.
+    """
+    b, h, n, kd = q.shape
+    s = q.new_zeros(b, h, kd, v.shape[-1]) if state is None else state.to(q.dtype)
+    if g is not None:
+        g = g.to(q.dtype).expand(b, h, n, kd)
+    beta = beta.to(q.dtype)
+    outs = []
+    for t in range(n):
+        if g is not None:
+            s = s * torch.exp(g[:, :, t])[..., None]
+        kt = k[:, :, t]
+        u = beta[:, :, t, None] * (v[:, :, t] - torch.einsum("bhkv,bhk->bhv", s, kt))
+        s = s + kt[..., None] * u[..., None, :]
+        outs.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, :, t], s))
+    return torch.stack(outs, 2), s

@@ -1,0 +1,147 @@
+"""``gated_delta``: the gated delta rule: DeltaNet, Gated DeltaNet (one gate per head) and Kimi Delta
+Attention (one gate per channel).
+
+Recurrence (fla's naive step order: decay, delta, write, read)::
+
+    S'_t = diag(exp(g_t)) S_{t-1}                   S (B, H, D, D_v), float32
+    u_t  = beta_t (v_t - S'_t^T k_t)
+    S_t  = S'_t + k_t u_t^T   =  (I - beta_t k_t k_t^T) diag(exp(g_t)) S_{t-1} + beta_t k_t v_t^T
+    o_t  = scale * S_t^T q_t                        scale defaults to 1/sqrt(D)
+
+Inputs: ``beta`` (B, H, N) (the writing strength; GDN makes it sigmoid(x W), in (0, 1); with negative
+eigenvalues allowed, 2 sigmoid, in (0, 2)); ``g`` (B, H, N, D) or (B, H, N, 1), optional: the log-decays,
+finite and ``<= 0``. Shape (B, H, N, 1) is one gate per head and token (Gated DeltaNet: alpha_t = exp(g_t)
+then commutes with the delta step); (B, H, N, D) one per channel (KDA); absent is DeltaNet (no decay).
+
+``qk_l2norm`` (default True, as GDN's and KDA's layers set it): q and k are L2-normalised over D first,
+``x / sqrt(sum x^2 + 1e-6)`` (the delta rule is stable for ||k|| <= 1 and beta in [0, 2]); the scale is
+applied after. Causal self-attention only; GQA: k and v shared by a group's query heads, beta, g and the
+state per query head (fla's GVA, more value than key heads, is the transpose of this and not offered).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnlab.backends.linear_chunk import torch_chunk
+from attnlab.catalog.linear._common import (
+    CAUSAL_ONLY,
+    check_finite_input,
+    check_log_decay,
+    check_state,
+    delta_recurrence,
+    expand_heads,
+)
+from attnlab.core import Call, MethodSpec, TensorInput
+from attnlab.errors import InputError, UnsupportedPatternError
+from attnlab.kernels.linear.naive import delta_chunk_naive
+from attnlab.params import Params
+
+L2_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class GatedDeltaParams(Params):
+    """``qk_l2norm``: L2-normalise q and k over D before the rule (default True). ``chunk``: tokens per
+    chunk of the chunked backends (default 64; the result does not depend on it up to rounding)."""
+
+    method = "gated_delta"
+    qk_l2norm: bool = True
+    chunk: int = 64
+
+    def validate(self) -> None:
+        self.check_bool("qk_l2norm")
+        self.check_int("chunk", minimum=1)
+
+
+def l2norm(x: Tensor) -> Tensor:
+    """x / sqrt(sum_d x^2 + 1e-6), in float32."""
+    x = x.float()
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + L2_EPS)
+
+
+def _inputs(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    params: GatedDeltaParams,
+    beta: Tensor | None,
+    g: Tensor | None,
+    state: Any,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """(q, k, v expanded to H heads, beta, g broadcast to (B, H, N, D) or None, initial state), checked."""
+    b, h, n, d = q.shape
+    if beta is None:
+        raise InputError("method 'gated_delta' needs the tensor input beta (B, H, N): the writing strength")
+    check_finite_input("gated_delta", "beta", beta)
+    if g is not None:
+        check_log_decay("gated_delta", "g", g)
+        g = g.expand(b, h, n, d)
+    s0, _ = check_state("gated_delta", state, b, h, d, v.shape[-1], q.device, with_sum=False)
+    kk = expand_heads(k, h)
+    if params.qk_l2norm:
+        q, kk = l2norm(q), l2norm(kk)
+    return q, kk, expand_heads(v, h), beta.expand(b, h, n), g, s0
+
+
+def reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    params: GatedDeltaParams,
+    *,
+    causal: bool,
+    scale: float,
+    upcast: bool = True,
+    state: Any = None,
+    beta: Tensor | None = None,
+    g: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The gated delta rule token by token (module docstring), fp32 when ``upcast``. Returns
+    (o (B, H, N, D_v) in q's dtype, S_N (B, H, D, D_v) float32)."""
+    if not causal:
+        raise UnsupportedPatternError("method 'gated_delta' is a causal recurrence: call it with causal=True")
+    qq, kk, vv, bb, gg, s0 = _inputs(q, k, v, params, beta, g, state)
+    dt = torch.float32 if upcast else q.dtype
+    o, s = delta_recurrence(
+        qq.to(dt), kk.to(dt), vv.to(dt), bb.to(dt), None if gg is None else gg.to(dt), scale, s0
+    )
+    return o.to(q.dtype), s.float()
+
+
+def _run_torch(
+    q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor], state: Any
+) -> tuple[Tensor, Tensor]:
+    p = call.params
+    assert isinstance(p, GatedDeltaParams)
+    qq, kk, vv, bb, gg, s0 = _inputs(q, k, v, p, extra.get("beta"), extra.get("g"), state)
+    o, s = delta_chunk_naive(qq, kk, vv, bb, gg, call.scale, s0, p.chunk)
+    return o.to(q.dtype), s
+
+
+SPEC = MethodSpec(
+    name="gated_delta",
+    family="linear",
+    paper="Gated Delta Networks (Yang et al., 2025); Parallelizing Linear Transformers with the Delta Rule "
+    "(Yang et al., 2024); Kimi Linear (2025)",
+    summary="delta rule S = (I - beta k k^T) diag(exp g) S + beta k v^T; beta and g (per head or channel) inputs",
+    param_class=GatedDeltaParams,
+    reference=reference,
+    backends=(torch_chunk(_run_torch),),
+    patterns=CAUSAL_ONLY,
+    test_params=({}, {"qk_l2norm": False, "chunk": 16}),
+    bench_params=lambda n: [{}],
+    inputs=(
+        TensorInput("beta", ("B", "H", "N_q"), "writing strength per head and token"),
+        TensorInput(
+            "g", ("B", "H", "N_q", "D"), "log-decay <= 0, per channel, or (B, H, N, 1) per head", False, True
+        ),
+    ),
+    stateful=True,
+    softmax_normalized=False,
+)

@@ -1,0 +1,137 @@
+"""``gla``: Gated Linear Attention (Yang et al., 2024), a per-channel, data-dependent decay of the state.
+
+Recurrence (fla's ``naive_recurrent_gla``; decay on the key dimension)::
+
+    S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T        S (B, H, D, D_v), float32
+    o_t = scale * S_t^T q_t                         scale defaults to 1/sqrt(D), as in fla
+
+``g`` (B, H, N, D) is the natural log of the decay, ``g <= 0`` and finite (decay in (0, 1]); GLA's layer
+makes it ``logsigmoid(x W) / 16``. Causal self-attention only (a recurrence has no non-causal or cross
+form); GQA: k and v are shared by the query heads of a group, g and the state are per query head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnlab.backends.linear_chunk import torch_chunk, triton_chunk
+from attnlab.catalog.linear._common import (
+    CAUSAL_ONLY,
+    check_log_decay,
+    check_state,
+    expand_heads,
+    gated_recurrence,
+)
+from attnlab.core import Call, MethodSpec, TensorInput
+from attnlab.errors import InputError, UnsupportedPatternError
+from attnlab.kernels.linear.naive import gla_chunk_naive
+from attnlab.params import Params
+
+
+@dataclass(frozen=True)
+class GLAParams(Params):
+    """``chunk``: tokens per chunk of the chunked backends (default 64; the result does not depend on it,
+    up to rounding; the Triton kernels take 16, 32 or 64)."""
+
+    method = "gla"
+    chunk: int = 64
+
+    def validate(self) -> None:
+        self.check_int("chunk", minimum=1)
+
+
+def _need_causal(method: str, causal: bool) -> None:
+    if not causal:
+        raise UnsupportedPatternError(f"method {method!r} is a causal recurrence: call it with causal=True")
+
+
+def _state(q: Tensor, v: Tensor, state: Any) -> Tensor | None:
+    b, h, _, d = q.shape
+    s, _ = check_state("gla", state, b, h, d, v.shape[-1], q.device, with_sum=False)
+    return s
+
+
+def _gate(g: Tensor | None) -> Tensor:
+    if g is None:
+        raise InputError("method 'gla' needs the tensor input g (B, H, N, D): the log-decays, g <= 0")
+    check_log_decay("gla", "g", g)
+    return g
+
+
+def reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    params: GLAParams,
+    *,
+    causal: bool,
+    scale: float,
+    upcast: bool = True,
+    state: Any = None,
+    g: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The GLA recurrence token by token: ``S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T``,
+    ``o_t = scale * S_t^T q_t`` (fp32 when ``upcast``, else in the input dtype). Returns (o (B, H, N, D_v)
+    in q's dtype, S_N (B, H, D, D_v) float32)."""
+    _need_causal("gla", causal)
+    g = _gate(g)
+    s0 = _state(q, v, state)
+    dt = torch.float32 if upcast else q.dtype
+    h = q.shape[1]
+    o, s = gated_recurrence(
+        q.to(dt), expand_heads(k, h).to(dt), expand_heads(v, h).to(dt), g.to(dt), scale, s0
+    )
+    return o.to(q.dtype), s.float()
+
+
+def _run_torch(
+    q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor], state: Any
+) -> tuple[Tensor, Tensor]:
+    assert isinstance(call.params, GLAParams)
+    g = _gate(extra.get("g"))
+    s0 = _state(q, v, state)
+    h = q.shape[1]
+    o, s = gla_chunk_naive(q, expand_heads(k, h), expand_heads(v, h), g, call.scale, s0, call.params.chunk)
+    return o.to(q.dtype), s
+
+
+def _run_triton(
+    q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor], state: Any
+) -> tuple[Tensor, Tensor]:
+    from attnlab.kernels.linear.op import gla_chunk
+
+    assert isinstance(call.params, GLAParams)
+    g = _gate(extra.get("g"))
+    s0 = _state(q, v, state)
+    h = q.shape[1]
+    return gla_chunk(q, expand_heads(k, h), expand_heads(v, h), g, s0, call.scale, call.params.chunk)
+
+
+def triton_refusal(call: Call) -> list[str]:
+    """Limits of the Triton kernels shared by the gated-linear methods: chunk 16/32/64, head dims <= 128."""
+    from attnlab.kernels.linear.limits import kernel_refusals
+
+    chunk = getattr(call.params, "chunk", 64)
+    return kernel_refusals(chunk, call.problem.head_dim, call.problem.v_dim)
+
+
+SPEC = MethodSpec(
+    name="gla",
+    family="linear",
+    paper="Gated Linear Attention Transformers with Hardware-Efficient Training (Yang et al., 2024)",
+    summary="linear attention with a per-channel data-dependent decay exp(g) of the state (g: input)",
+    param_class=GLAParams,
+    reference=reference,
+    backends=(triton_chunk(_run_triton, triton_refusal), torch_chunk(_run_torch)),
+    patterns=CAUSAL_ONLY,
+    test_params=({}, {"chunk": 16}),
+    bench_params=lambda n: [{}],
+    inputs=(TensorInput("g", ("B", "H", "N_q", "D"), "log-decay per channel, finite and <= 0"),),
+    stateful=True,
+    softmax_normalized=False,
+)

@@ -1,0 +1,356 @@
+"""The linear family's methods (``attnlab/catalog/linear``): references state their conventions, the
+chunked PyTorch backend matches the token-by-token recurrence (output, final state, every gradient), a
+state carried across two calls equals one pass, and bad input gets a clear error.
+
+The methods are not in the global registry yet (see ``attnlab/catalog/linear/__init__.py``): each test
+registers the one it uses for its duration.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import attnlab
+from attnlab.catalog.linear import SPECS, gated_delta, gla, lightning, linear
+from attnlab.core import Result
+from attnlab.errors import BackendError, InputError, ParamError, UnsupportedPatternError
+from attnlab.registry import registered
+
+BY_NAME = {s.name: s for s in SPECS}
+
+
+@pytest.fixture
+def reg(request: pytest.FixtureRequest) -> Iterator[None]:
+    names = request.param if isinstance(request.param, tuple) else (request.param,)
+    with registered(BY_NAME[names[0]]):
+        yield
+
+
+def inputs(name: str, b: int, h: int, hk: int, n: int, d: int, *, seed: int = 0) -> dict[str, Tensor]:
+    """q, k, v and the method's tensor inputs (gates in a realistic range: decays 0.3..1)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {
+        "q": torch.randn(b, h, n, d, generator=g),
+        "k": torch.randn(b, hk, n, d, generator=g),
+        "v": torch.randn(b, hk, n, d, generator=g),
+    }
+    if name == "gla":
+        out["g"] = F.logsigmoid(torch.randn(b, h, n, d, generator=g) + 2.0)
+    if name == "gated_delta":
+        out["beta"] = torch.rand(b, h, n, generator=g)
+        out["g"] = F.logsigmoid(torch.randn(b, h, n, d, generator=g) + 2.0)
+    return out
+
+
+def _state_list(state: Any) -> list[Tensor]:
+    return list(state) if isinstance(state, tuple) else [state]
+
+
+def _call(name: str, x: dict[str, Tensor], state: Any = None, **params: Any) -> Result:
+    q, k, v = x["q"], x["k"], x["v"]
+    extra = {n: t for n, t in x.items() if n not in "qkv"}
+    params.setdefault("backend", "torch_chunk")
+    op = attnlab.prepare(name, causal=params.pop("causal", True), **params)
+    res = op(q, k, v, state=state, **extra)
+    assert isinstance(res, Result)
+    return res
+
+
+def _reference(name: str, x: dict[str, Tensor], state: Any = None, **params: Any) -> tuple[Tensor, Any]:
+    spec = BY_NAME[name]
+    q, k, v = x["q"], x["k"], x["v"]
+    extra = {n: t for n, t in x.items() if n not in "qkv"}
+    causal = params.pop("causal", True)
+    out: tuple[Tensor, Any] = spec.reference(
+        q, k, v, spec.make_params(params), causal=causal, scale=q.shape[-1] ** -0.5, state=state, **extra
+    )
+    return out
+
+
+PARAMS = [
+    ("linear", {}),
+    ("linear", {"feature_map": "relu", "normalize": False}),
+    ("linear", {"feature_map": "identity", "normalize": False}),
+    ("lightning", {}),
+    ("gla", {}),
+    ("gated_delta", {}),
+    ("gated_delta", {"qk_l2norm": False}),
+]
+
+
+@pytest.mark.parametrize(("name", "params"), PARAMS, ids=[f"{n}-{p}" for n, p in PARAMS])
+@pytest.mark.parametrize("n", [1, 63, 100])
+def test_torch_chunk_matches_the_recurrence_output_state_and_gradients(
+    name: str, params: dict[str, Any], n: int
+) -> None:
+    with registered(BY_NAME[name]):
+        x = inputs(name, 1, 4, 2, n, 8)
+        if name == "gated_delta" and not params.get("qk_l2norm", True):
+            x["k"] = F.normalize(x["k"], dim=-1)  # the raw rule needs ||k|| <= 1 to stay bounded
+        leaves = {kk: t.clone().requires_grad_(True) for kk, t in x.items()}
+        ref_leaves = {kk: t.clone().requires_grad_(True) for kk, t in x.items()}
+        s0 = _reference(name, inputs(name, 1, 4, 2, 5, 8, seed=1), **params)[1]  # a non-zero start state
+        s0_a = [t.clone().requires_grad_(True) for t in _state_list(s0)]
+        s0_b = [t.clone().requires_grad_(True) for t in _state_list(s0)]
+        op = attnlab.prepare(name, causal=True, backend="torch_chunk", chunk=16, **params)
+        extra = {kk: t for kk, t in leaves.items() if kk not in "qkv"}
+        res = op(leaves["q"], leaves["k"], leaves["v"], state=_pack(s0_a), **extra)
+        assert isinstance(res, Result)
+        ref_out, ref_state = _reference(name, ref_leaves, _pack(s0_b), **params)
+        torch.testing.assert_close(res.out, ref_out, atol=2e-5, rtol=2e-5)
+        for a, b in zip(_state_list(res.state), _state_list(ref_state), strict=True):
+            assert a.dtype == torch.float32
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+        # every gradient, through the output and the final state
+        gen = torch.Generator().manual_seed(3)
+        dout = torch.randn(res.out.shape, generator=gen)
+        dstate = [torch.randn(t.shape, generator=gen) for t in _state_list(res.state)]
+        got_loss = _loss(res.out, res.state, dout, dstate)
+        ref_loss = _loss(ref_out, ref_state, dout, dstate)
+        names = list(leaves)
+        got = torch.autograd.grad(got_loss, [leaves[kk] for kk in names] + s0_a)
+        want = torch.autograd.grad(ref_loss, [ref_leaves[kk] for kk in names] + s0_b)
+        for label, a, b in zip([*names, *("state",) * len(s0_a)], got, want, strict=True):
+            torch.testing.assert_close(
+                a, b, atol=5e-5, rtol=5e-5, msg=lambda m, label=label: f"d{label}: {m}"
+            )
+
+
+def _loss(out: Tensor, state: Any, dout: Tensor, dstate: list[Tensor]) -> Tensor:
+    loss = (out * dout).sum()
+    for s, d in zip(_state_list(state), dstate, strict=True):
+        loss = loss + (s * d).sum()
+    return loss
+
+
+def _pack(states: list[Tensor]) -> Any:
+    return tuple(states) if len(states) == 2 else states[0]
+
+
+@pytest.mark.parametrize("name", ["linear", "lightning", "gla", "gated_delta"])
+def test_a_state_carried_across_two_calls_equals_one_pass(name: str) -> None:
+    with registered(BY_NAME[name]):
+        x = inputs(name, 2, 4, 4, 50, 8)
+        whole = _call(name, x, chunk=16)
+        first = _call(name, {kk: t[:, :, :21] for kk, t in x.items()}, chunk=16)
+        second = _call(name, {kk: t[:, :, 21:] for kk, t in x.items()}, first.state, chunk=16)
+        torch.testing.assert_close(torch.cat([first.out, second.out], 2), whole.out, atol=1e-5, rtol=1e-5)
+        for a, b in zip(_state_list(second.state), _state_list(whole.state), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        # decode: one token at a time from the prefill's state
+        state = _call(name, {kk: t[:, :, :48] for kk, t in x.items()}, chunk=16).state
+        for t in (48, 49):
+            step = _call(name, {kk: v[:, :, t : t + 1] for kk, v in x.items()}, state, chunk=16)
+            torch.testing.assert_close(step.out, whole.out[:, :, t : t + 1], atol=1e-5, rtol=1e-5)
+            state = step.state
+
+
+@pytest.mark.parametrize("name", ["linear", "lightning", "gla", "gated_delta"])
+def test_gqa_is_kv_shared_by_the_group_and_the_state_is_per_query_head(name: str) -> None:
+    with registered(BY_NAME[name]):
+        x = inputs(name, 1, 4, 2, 20, 8)
+        rep = dict(x, k=x["k"].repeat_interleave(2, 1), v=x["v"].repeat_interleave(2, 1))
+        a, b = _call(name, x, chunk=16), _call(name, rep, chunk=16)
+        torch.testing.assert_close(a.out, b.out)
+        assert _state_list(a.state)[0].shape == (1, 4, 8, 8)
+
+
+def test_gla_recurrence_is_the_closed_form_with_inclusive_decay() -> None:
+    """o_i = scale * sum_{j<=i} sum_d q_id k_jd exp(g_{j+1,d} + ... + g_{i,d}) v_j: token j is written
+    undecayed at step j and decays at every later step (decay, write, read)."""
+    x = inputs("gla", 1, 2, 2, 9, 4)
+    o, s = _reference("gla", x)
+    q, k, v, g = x["q"][0], x["k"][0], x["v"][0], x["g"][0]
+    cum = g.cumsum(1)  # (H, N, D)
+    for i in range(9):
+        w = torch.einsum(
+            "hd,hjd,hjd->hj", q[:, i], k[:, : i + 1], torch.exp(cum[:, i : i + 1] - cum[:, : i + 1])
+        )
+        torch.testing.assert_close(o[0, :, i], 0.5 * torch.einsum("hj,hjv->hv", w, v[:, : i + 1]))
+    torch.testing.assert_close(s[0], torch.einsum("hjd,hjv->hdv", k * torch.exp(cum[:, -1:] - cum), v))
+
+
+def test_lightning_default_decays_are_exp_minus_alibi_slopes() -> None:
+    assert lightning.alibi_slopes(8) == [2.0 ** (-i) for i in range(1, 9)]
+    assert lightning.alibi_slopes(6) == [*(2.0 ** (-2 * i) for i in range(1, 5)), 2.0**-1, 2.0**-3]
+    x = inputs("lightning", 1, 8, 8, 6, 4)
+    o, _ = _reference("lightning", x)
+    lam = torch.exp(-torch.tensor(lightning.alibi_slopes(8)))
+    i, j = torch.arange(6)[:, None], torch.arange(6)[None, :]
+    decay = torch.where(j <= i, lam[:, None, None] ** (i - j).clamp(min=0), 0.0)
+    want = 0.5 * (decay * (x["q"][0] @ x["k"][0].transpose(-1, -2))) @ x["v"][0]
+    torch.testing.assert_close(o[0], want)
+    custom = torch.full((8,), 0.5)
+    o2, _ = _reference("lightning", dict(x, decay=custom))
+    want2 = (
+        0.5 * (torch.where(j <= i, 0.5 ** (i - j).clamp(min=0), 0.0) * (x["q"][0] @ x["k"][0].mT)) @ x["v"][0]
+    )
+    torch.testing.assert_close(o2[0], want2)
+
+
+@pytest.mark.parametrize("fm", ["elu", "relu"])
+def test_normalised_linear_attention_is_a_weighted_mean_of_values(fm: str) -> None:
+    x = inputs("linear", 1, 2, 2, 7, 4)
+    o, (_s, z) = _reference("linear", x, feature_map=fm)
+    fq, fk = linear.feature_map(x["q"][0], fm), linear.feature_map(x["k"][0], fm)
+    w = (fq @ fk.mT).tril()
+    torch.testing.assert_close(o[0], (w @ x["v"][0]) / (w.sum(-1, keepdim=True) + 1e-6))
+    torch.testing.assert_close(z[0], fk.sum(1))
+    o_nc, _ = _reference("linear", x, feature_map=fm, causal=False)
+    w = fq @ fk.mT
+    torch.testing.assert_close(o_nc[0], (w @ x["v"][0]) / (w.sum(-1, keepdim=True) + 1e-6))
+
+
+def test_deltanet_reads_back_what_it_wrote() -> None:
+    """With beta = 1 and unit k, the write replaces the value stored at k: S^T k = v (scale 1)."""
+    x = inputs("gated_delta", 1, 1, 1, 3, 4)
+    k = torch.zeros(1, 1, 3, 4)
+    k[0, 0, :, 0] = 1.0  # the same key three times: each write overwrites
+    x.update(k=k, q=k.clone(), beta=torch.ones(1, 1, 3))
+    del x["g"]
+    spec = BY_NAME["gated_delta"]
+    o, _s = spec.reference(
+        x["q"], x["k"], x["v"], spec.make_params({}), causal=True, scale=1.0, beta=x["beta"]
+    )
+    torch.testing.assert_close(o[0, 0], x["v"][0, 0], atol=1e-5, rtol=1e-5)  # (l2norm of a unit k: ~k)
+    # per-head gate (B, H, N, 1) equals the same gate on every channel
+    y = inputs("gated_delta", 1, 2, 2, 9, 4)
+    gh = F.logsigmoid(torch.randn(1, 2, 9, 1))
+    a, _ = _reference("gated_delta", dict(y, g=gh))
+    b, _ = _reference("gated_delta", dict(y, g=gh.expand(1, 2, 9, 4).clone()))
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
+def test_method_spec_is_complete(spec: Any) -> None:
+    assert spec.family == "linear" and spec.stateful and not spec.softmax_normalized
+    assert len(inspect.getdoc(spec.reference) or "") > 40
+    assert inspect.getdoc(spec.param_class)
+    assert 1 <= len(spec.test_params) <= 3
+    for p in spec.test_params:
+        spec.make_params(p)
+    for n in (128, 4096, 131072):
+        for p in spec.bench_params(n):
+            spec.make_params(p)
+    with registered(spec):
+        assert attnlab.get(spec.name) is spec
+    assert spec.name not in attnlab.methods()
+
+
+# -- patterns and bad input ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["lightning", "gla", "gated_delta"])
+def test_non_causal_and_cross_calls_are_refused(name: str) -> None:
+    with registered(BY_NAME[name]):
+        x = inputs(name, 1, 2, 2, 8, 4)
+        with pytest.raises(UnsupportedPatternError, match="does not define the noncausal_self pattern"):
+            _call(name, x, causal=False)
+        y = dict(x, q=x["q"][:, :, :3])
+        with pytest.raises(UnsupportedPatternError, match="causal_cross pattern"):
+            _call(name, y)
+
+
+def test_gate_and_beta_of_wrong_shape_dtype_or_device_are_refused() -> None:
+    with registered(BY_NAME["gla"]):
+        x = inputs("gla", 1, 2, 2, 8, 4)
+        with pytest.raises(InputError, match=r"needs the tensor input g \(B, H, N_q, D\)"):
+            _call("gla", {kk: t for kk, t in x.items() if kk != "g"})
+        with pytest.raises(
+            InputError, match=r"g has shape \(1, 2, 8\); method 'gla' expects \(B=1, H=2, N_q=8, D=4\)"
+        ):
+            _call("gla", dict(x, g=x["g"][..., 0]))
+        with pytest.raises(InputError, match="g has dtype torch.int64; expected a floating dtype"):
+            _call("gla", dict(x, g=torch.zeros(1, 2, 8, 4, dtype=torch.long)))
+        with pytest.raises(InputError, match="g is on meta, but q, k, v are on cpu"):
+            _call("gla", dict(x, g=torch.zeros(1, 2, 8, 4, device="meta")))
+    with registered(BY_NAME["gated_delta"]):
+        x = inputs("gated_delta", 1, 2, 2, 8, 4)
+        with pytest.raises(
+            InputError,
+            match=r"beta has shape \(1, 2, 8, 1\); method 'gated_delta' expects \(B=1, H=2, N_q=8\)",
+        ):
+            _call("gated_delta", dict(x, beta=x["beta"][..., None]))
+        with pytest.raises(InputError, match=r"g has shape \(1, 2, 8, 3\).*where any dim may be 1"):
+            _call("gated_delta", dict(x, g=x["g"][..., :3]))
+        bad = x["beta"].clone()
+        bad[0, 1, 2] = float("nan")
+        with pytest.raises(InputError, match="beta holds 1 NaN/Inf value"):
+            _call("gated_delta", dict(x, beta=bad))
+
+
+@pytest.mark.parametrize("name", ["gla", "gated_delta"])
+def test_gates_outside_the_decay_range_or_nan_are_refused(name: str) -> None:
+    with registered(BY_NAME[name]):
+        x = inputs(name, 1, 2, 2, 8, 4)
+        for value, what in (
+            (0.5, "1 positive"),
+            (float("nan"), "1 NaN"),
+            (float("-inf"), r"1 -inf \(decay 0\)"),
+        ):
+            g = x["g"].clone()
+            g[0, 0, 3, 1] = value
+            with pytest.raises(InputError, match=f"g holds {what}.*decay in \\(0, 1\\]"):
+                _call(name, dict(x, g=g))
+            with pytest.raises(InputError, match=f"g holds {what}"):
+                _reference(name, dict(x, g=g))
+
+
+def test_lightning_decays_outside_zero_one_are_refused() -> None:
+    with registered(BY_NAME["lightning"]):
+        x = inputs("lightning", 1, 2, 2, 8, 4)
+        for bad in (0.0, 1.5, float("nan"), -0.2):
+            with pytest.raises(InputError, match=r"decay holds 1 value\(s\) outside \(0, 1\]"):
+                _call("lightning", dict(x, decay=torch.tensor([0.5, bad])))
+        with pytest.raises(InputError, match=r"decay has shape \(3\); method 'lightning' expects \(H=2\)"):
+            _call("lightning", dict(x, decay=torch.tensor([0.5, 0.5, 0.5])))
+        _call("lightning", dict(x, decay=torch.tensor([1.0, 0.25])))  # the closed ends are fine
+
+
+def test_a_state_that_does_not_fit_is_refused() -> None:
+    with registered(BY_NAME["gla"]):
+        x = inputs("gla", 1, 2, 2, 8, 4)
+        with pytest.raises(
+            InputError, match=r"state has shape \(1, 2, 4, 5\); this call needs \(1, 2, 4, 4\)"
+        ):
+            _call("gla", x, torch.zeros(1, 2, 4, 5))
+        with pytest.raises(InputError, match="state is on meta"):
+            _call("gla", x, torch.zeros(1, 2, 4, 4, device="meta"))
+        with pytest.raises(InputError, match="carries one state tensor S"):
+            _call("gla", x, (torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 4)))
+    with registered(BY_NAME["linear"]):
+        x = inputs("linear", 1, 2, 2, 8, 4)
+        with pytest.raises(InputError, match=r"carries the state \(S, z\)"):
+            _call("linear", x, torch.zeros(1, 2, 4, 4))
+        with pytest.raises(InputError, match=r"state z has shape \(1, 2, 5\); this call needs \(1, 2, 4\)"):
+            _call("linear", x, (torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 5)))
+
+
+def test_bad_parameters_are_refused() -> None:
+    with pytest.raises(
+        ParamError, match="feature_map='identity' is invalid; expected elu or relu with normalize=True"
+    ):
+        linear.LinearParams(feature_map="identity")
+    with pytest.raises(ParamError, match="feature_map='cos' is invalid"):
+        linear.LinearParams(feature_map="cos")
+    with pytest.raises(ParamError, match="chunk=0 is invalid"):
+        gla.GLAParams(chunk=0)
+    with pytest.raises(ParamError, match="qk_l2norm=1 is invalid"):
+        gated_delta.GatedDeltaParams(qk_l2norm=1)  # type: ignore[arg-type]
+
+
+def test_a_chunk_size_the_triton_kernels_cannot_take_is_a_refusal_naming_it() -> None:
+    with registered(BY_NAME["gla"]):
+        x = inputs("gla", 1, 2, 2, 8, 4)
+        with pytest.raises(
+            BackendError, match="the Triton kernels take chunk sizes 16, 32, 64, not chunk=24"
+        ):
+            _call("gla", x, chunk=24, backend="triton")
+        assert _call("gla", x, chunk=24).out.shape == (1, 2, 8, 4)  # torch_chunk takes it
