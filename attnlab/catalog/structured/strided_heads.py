@@ -1,0 +1,223 @@
+"""``strided_heads``: S2-Attention's context sharding, each head its own strided key blocks plus a local window.
+
+Positions are cut into blocks of ``block`` tokens (query ``i`` at ``p = i + N_k - N_q`` in block
+``qb = p // block``, key ``j`` in block ``kb = j // block``). Key/value head ``g`` (shared by its
+``H / H_kv`` query heads, so that the KV cache stays per KV head) owns the key blocks of one residue:
+``(kb + o_g) % vert_stride == 0`` with ``o_g = g * max(1, vert_stride // H_kv)``. Every query also sees the
+``local`` nearest key blocks (``0 <= qb - kb < local``; ``|qb - kb| < local`` when not causal); causal
+calls need ``j <= p``::
+
+    causal, block=1, local=2, vert_stride=3, H_kv=3 (x = attends; head g keeps kb = -g mod 3)
+    head 0             head 1             head 2
+    q0: x . . . . .    x . . . . .        x . . . . .
+    q1: x x . . . .    x x . . . .        x x . . . .
+    q2: x x x . . .    . x x . . .        . x x . . .
+    q3: x . x x . .    . . x x . .        . x x x . .
+    q4: x . . x x .    . . x x x .        . x . x x .
+    q5: x . . x x x    . . x . x x        . x . . x x
+
+With ``H_kv >= vert_stride`` the residues of the heads cover every key block: the union of the heads'
+shards is the whole context (tested). The pattern depends on the head, which attnlab's static plans
+(one mask for every head) do not express, so this method runs on its own two backends: FlexAttention
+with a per-head BlockMask and SDPA with a per-head dense mask. Sharding follows the dkernel code of the
+paper (linxihui/dkernel ``get_sparse_attn_mask``), with its vertical stride taken per KV head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnlab.backends.base import Backend, Call, Capabilities, dense_size_reasons
+from attnlab.backends.flex import FlexBackend
+from attnlab.core import MethodSpec
+from attnlab.kernels.sdpa import sdpa_masked
+from attnlab.masks import MaskContext, MaskMod, check_dense_size
+from attnlab.params import Params
+from attnlab.patterns import ALL_PATTERNS
+from attnlab.plans import Plan, plan_from_mask
+from attnlab.reference import masked_softmax_attention
+
+
+@dataclass(frozen=True)
+class StridedHeadsParams(Params):
+    """``block``: tokens per block (>= 1, default 64); ``local``: local key blocks, own block included
+    (>= 1, default 16); ``vert_stride``: one key block in ``vert_stride`` per head (1 to 2**20, default 8)."""
+
+    method = "strided_heads"
+    block: int = 64
+    local: int = 16
+    vert_stride: int = 8
+
+    def validate(self) -> None:
+        self.check_int("block", minimum=1)
+        self.check_int("local", minimum=1)
+        self.check_int("vert_stride", minimum=1, maximum=2**20)
+
+
+def head_offset(params: StridedHeadsParams, kv_head: int, kv_heads: int) -> int:
+    """``o_g``: the residue shift of KV head ``g``'s strided blocks."""
+    return (kv_head * max(1, params.vert_stride // kv_heads)) % params.vert_stride
+
+
+def mask(p: StridedHeadsParams, ctx: MaskContext, heads: int, kv_heads: int) -> MaskMod:
+    """The head-dependent mask_mod (``h``: the query head) for a call with these head counts."""
+    cap = ctx.n_q + ctx.n_k  # no block index or distance reaches it (keeps int32 consts in range)
+    block, local = ctx.const(min(p.block, cap)), ctx.const(min(p.local, cap))
+    stride, group = ctx.const(p.vert_stride), ctx.const(heads // kv_heads)
+    step = ctx.const(max(1, p.vert_stride // kv_heads))  # (kb + g * step) % stride == 0 <=> o_g's rule
+
+    def strided_heads(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        pos = q_idx + ctx.offset
+        kb = kv_idx // block
+        d = pos // block - kb
+        near = (d < local) & ((d >= 0) | ctx.not_causal) & (d > -local)
+        shard = (kb + (h // group) * step) % stride == 0
+        return ctx.causal_ok(pos - kv_idx) & (near | shard)
+
+    return strided_heads
+
+
+def index_mask(params: StridedHeadsParams, n_q: int, n_k: int, causal: bool, kv_heads: int) -> Tensor:
+    """The (H_kv, N_q, N_k) bool mask per KV head as plain index arithmetic, independently of :func:`mask`
+    (query head ``h`` uses row ``h // (H / H_kv)``)."""
+    out = torch.zeros(kv_heads, n_q, n_k, dtype=torch.bool)
+    for g in range(kv_heads):
+        offset = head_offset(params, g, kv_heads)
+        owned = {kb for kb in range(n_k // params.block + 1) if (kb + offset) % params.vert_stride == 0}
+        for i in range(n_q):
+            pos = i + n_k - n_q
+            for j in range(n_k):
+                d = pos // params.block - j // params.block
+                local = 0 <= d < params.local if causal else abs(d) < params.local
+                out[g, i, j] = (local or j // params.block in owned) and (not causal or j <= pos)
+    return out
+
+
+def head_mask(params: StridedHeadsParams, n_q: int, n_k: int, causal: bool, heads: int, kv_heads: int,
+              device: Any) -> Tensor:  # fmt: skip
+    """The dense (H, N_q, N_k) mask of :func:`mask` (size-checked), one slice per query head."""
+    check_dense_size(heads * n_q * n_k, "a per-head dense mask", "a fast backend (backend=None)")
+    mm = mask(params, MaskContext(n_q, n_k, causal, device), heads, kv_heads)
+    zero = torch.zeros((), dtype=torch.int32, device=device)
+    h = torch.arange(heads, dtype=torch.int32, device=device)[:, None, None]
+    q_idx = torch.arange(n_q, dtype=torch.int32, device=device)[None, :, None]
+    kv_idx = torch.arange(n_k, dtype=torch.int32, device=device)[None, None, :]
+    return mm(zero, h, q_idx, kv_idx).expand(heads, n_q, n_k)
+
+
+def reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    params: StridedHeadsParams,
+    *,
+    causal: bool,
+    scale: float,
+    upcast: bool = True,
+) -> Tensor:
+    """Softmax attention where query head ``h`` (KV head ``g = h // (H / H_kv)``) sees key ``j`` when its
+    block ``kb = j // block`` is local (``0 <= qb - kb < local``, or ``|qb - kb| < local`` when not causal)
+    or owned by the head (``(kb + o_g) % vert_stride == 0``); ``qb = (i + N_k - N_q) // block``, ``j <= p``
+    when causal."""
+    m = head_mask(params, q.shape[2], k.shape[2], causal, q.shape[1], k.shape[1], q.device)
+    return masked_softmax_attention(q, k, v, scale=scale, mask=m[None], upcast=upcast)
+
+
+def head_plan(call: Call, block: int = 128) -> Plan:
+    """The per-head plan of a call (Hp = H): one plan per KV head from :func:`mask`, stacked."""
+    p = call.problem
+    params = call.params
+    assert isinstance(params, StridedHeadsParams)
+    ctx = MaskContext(p.n_q, p.n_k, p.causal, p.device)
+    mm = mask(params, ctx, p.heads, p.kv_heads)
+    per_kv = []
+    for g in range(p.kv_heads):
+        h = torch.tensor(g * p.group, dtype=torch.int32, device=p.device)
+
+        def fixed(b: Tensor, _h: Tensor, q_idx: Tensor, kv_idx: Tensor, h: Tensor = h) -> Tensor:
+            return mm(b, h, q_idx, kv_idx)
+
+        per_kv.append(plan_from_mask(fixed, p.n_q, p.n_k, p.causal, p.device, block, block))
+    rows = [per_kv[h // p.group] for h in range(p.heads)]
+    return Plan(
+        n_q=p.n_q,
+        n_k=p.n_k,
+        causal=p.causal,
+        block_q=block,
+        block_k=block,
+        full=torch.cat([r.full for r in rows], dim=1),
+        partial=torch.cat([r.partial for r in rows], dim=1),
+        mask_mod=mm,
+        kind="static",
+        allowed_count=torch.cat([r.allowed_count for r in rows if r.allowed_count is not None], dim=1),
+    )
+
+
+def _memo_plan(call: Call) -> Plan:
+    plan = call.memo.get("head_plan")
+    if plan is None:
+        plan = head_plan(call)
+        if not torch.compiler.is_compiling():
+            call.memo["head_plan"] = plan
+    assert isinstance(plan, Plan)
+    return plan
+
+
+class HeadFlexBackend(FlexBackend):
+    """FlexAttention with the call's per-head plan as its BlockMask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # attnlab's reference log-sum-exp knows no per-head mask yet: no lse from this backend
+        self.caps = replace(self.caps, lse=False, plan_kinds=frozenset())
+
+    def _plan(self, call: Call) -> Plan | None:
+        return _memo_plan(call)
+
+    def plan(self, q: Tensor, k: Tensor, call: Call) -> Any:
+        return _memo_plan(call)
+
+
+class HeadMaskSdpaBackend(Backend):
+    name = "sdpa_mask"
+    summary = "torch SDPA with a per-head dense (H, N_q, N_k) boolean mask (plain fallback, O(N^2) memory)"
+    caps = Capabilities()
+
+    def reasons(self, call: Call) -> list[str]:
+        p = call.problem
+        return dense_size_reasons(self.name, call, p.heads * p.n_q * p.n_k + p.dense_elements)
+
+    def run(self, q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor]) -> Tensor:
+        m = call.memo.get("head_mask")
+        if m is None:
+            m = _memo_plan(call).dense_mask()[0]
+            call.memo["head_mask"] = m
+        return sdpa_masked(q, k, v, mask=m, scale=call.scale)
+
+    def plan(self, q: Tensor, k: Tensor, call: Call) -> Any:
+        return _memo_plan(call)
+
+
+def _bench(n: int) -> list[dict[str, int]]:
+    block = max(16, min(64, n // 64))
+    return [{"block": block, "local": max(1, n // block // 16), "vert_stride": 8}]
+
+
+SPEC = MethodSpec(
+    name="strided_heads",
+    family="static",
+    paper="S2-Attention: Efficient LLM Training and Serving with Heterogeneous Context Sharding among "
+    "Attention Heads (Lin et al., 2024; code: github.com/linxihui/dkernel)",
+    summary="per-KV-head strided key blocks (shards whose union is the context) plus local blocks",
+    param_class=StridedHeadsParams,
+    reference=reference,
+    backends=(HeadFlexBackend(), HeadMaskSdpaBackend()),
+    patterns=ALL_PATTERNS,
+    test_params=({"block": 4, "local": 2, "vert_stride": 4}, {"block": 16, "local": 1, "vert_stride": 3}),
+    bench_params=_bench,
+)
