@@ -85,10 +85,27 @@ PARAMS = [
 ]
 
 
-@pytest.mark.parametrize(("name", "params"), PARAMS, ids=[f"{n}-{p}" for n, p in PARAMS])
-@pytest.mark.parametrize("n", [1, 63, 100])
-def test_torch_chunk_matches_the_recurrence_output_state_and_gradients(
-    name: str, params: dict[str, Any], n: int
+def _has_triton(name: str) -> bool:
+    return any(b.name == "triton" for b in BY_NAME[name].backends)
+
+
+BACKEND_CASES = [
+    (name, params, backend, n)
+    for name, params in PARAMS
+    for backend in ("torch_chunk", "triton")
+    for n in ((1, 63, 100) if backend == "torch_chunk" else (63,))
+    # (the kernels' own tests cover lengths and chunk boundaries; here each method's use of them)
+    if backend == "torch_chunk" or (_has_triton(name) and params.get("feature_map") != "identity")
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "backend", "n"),
+    BACKEND_CASES,
+    ids=[f"{n}-{b}-{p}-N{n_}" for n, p, b, n_ in BACKEND_CASES],
+)
+def test_backend_matches_the_recurrence_output_state_and_gradients(
+    name: str, params: dict[str, Any], backend: str, n: int
 ) -> None:
     with registered(BY_NAME[name]):
         x = inputs(name, 1, 4, 2, n, 8)
@@ -99,7 +116,7 @@ def test_torch_chunk_matches_the_recurrence_output_state_and_gradients(
         s0 = _reference(name, inputs(name, 1, 4, 2, 5, 8, seed=1), **params)[1]  # a non-zero start state
         s0_a = [t.clone().requires_grad_(True) for t in _state_list(s0)]
         s0_b = [t.clone().requires_grad_(True) for t in _state_list(s0)]
-        op = attnlab.prepare(name, causal=True, backend="torch_chunk", chunk=16, **params)
+        op = attnlab.prepare(name, causal=True, backend=backend, chunk=16, **params)
         extra = {kk: t for kk, t in leaves.items() if kk not in "qkv"}
         res = op(leaves["q"], leaves["k"], leaves["v"], state=_pack(s0_a), **extra)
         assert isinstance(res, Result)
@@ -134,20 +151,32 @@ def _pack(states: list[Tensor]) -> Any:
     return tuple(states) if len(states) == 2 else states[0]
 
 
-@pytest.mark.parametrize("name", ["linear", "lightning", "gla", "gated_delta"])
-def test_a_state_carried_across_two_calls_equals_one_pass(name: str) -> None:
+CARRY = [
+    (n, b)
+    for n in ("linear", "lightning", "gla", "gated_delta")
+    for b in ("torch_chunk", "triton")
+    if b == "torch_chunk" or _has_triton(n)
+]
+
+
+@pytest.mark.parametrize(("name", "backend"), CARRY, ids=[f"{n}-{b}" for n, b in CARRY])
+def test_a_state_carried_across_two_calls_equals_one_pass(name: str, backend: str) -> None:
     with registered(BY_NAME[name]):
-        x = inputs(name, 2, 4, 4, 50, 8)
-        whole = _call(name, x, chunk=16)
-        first = _call(name, {kk: t[:, :, :21] for kk, t in x.items()}, chunk=16)
-        second = _call(name, {kk: t[:, :, 21:] for kk, t in x.items()}, first.state, chunk=16)
+        x = inputs(name, 1, 2, 2, 50, 8)
+        whole = _call(name, x, chunk=16, backend=backend)
+        first = _call(name, {kk: t[:, :, :21] for kk, t in x.items()}, chunk=16, backend=backend)
+        second = _call(
+            name, {kk: t[:, :, 21:] for kk, t in x.items()}, first.state, chunk=16, backend=backend
+        )
         torch.testing.assert_close(torch.cat([first.out, second.out], 2), whole.out, atol=1e-5, rtol=1e-5)
         for a, b in zip(_state_list(second.state), _state_list(whole.state), strict=True):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
         # decode: one token at a time from the prefill's state
-        state = _call(name, {kk: t[:, :, :48] for kk, t in x.items()}, chunk=16).state
-        for t in (48, 49):
-            step = _call(name, {kk: v[:, :, t : t + 1] for kk, v in x.items()}, state, chunk=16)
+        state = _call(name, {kk: t[:, :, :48] for kk, t in x.items()}, chunk=16, backend=backend).state
+        for t in (48, 49):  # (the triton backend takes its step kernel here)
+            step = _call(
+                name, {kk: v[:, :, t : t + 1] for kk, v in x.items()}, state, chunk=16, backend=backend
+            )
             torch.testing.assert_close(step.out, whole.out[:, :, t : t + 1], atol=1e-5, rtol=1e-5)
             state = step.state
 

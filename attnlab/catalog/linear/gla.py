@@ -109,7 +109,7 @@ def _run_triton(
     g = _gate(extra.get("g"))
     s0 = _state(q, v, state)
     h = q.shape[1]
-    return gla_chunk(q, expand_heads(k, h), expand_heads(v, h), g, s0, call.scale, call.params.chunk)
+    return gla_chunk(q, expand_heads(k, h), expand_heads(v, h), g, call.scale, s0, call.params.chunk)
 
 
 def triton_refusal(call: Call) -> list[str]:

@@ -131,7 +131,7 @@ def _run_triton(
     assert isinstance(call.params, LightningParams)
     g, s0 = _args(q, v, extra, state)
     h = q.shape[1]
-    return gla_chunk(q, expand_heads(k, h), expand_heads(v, h), g, s0, call.scale, call.params.chunk)
+    return gla_chunk(q, expand_heads(k, h), expand_heads(v, h), g, call.scale, s0, call.params.chunk)
 
 
 SPEC = MethodSpec(

@@ -1,0 +1,178 @@
+# mypy: ignore-errors
+"""Triton backward kernels of the chunked gated linear recurrence (see ``fwd.py`` for layout and tiling).
+
+Per chunk, with S the state at its start (saved by the forward), dH the gradient of the state at its end,
+A_ij = sum_d q_id k_jd exp(G_id - G_jd) (j <= i) and dA_ij = do_i . v_j::
+
+    dq_i = scale [ exp(G_i) * (S do_i) + sum_{j<=i} dA_ij k_j * exp(G_i - G_j) ]
+    dk_j = scale sum_{i>=j} dA_ij q_i * exp(G_i - G_j) + exp(G_C - G_j) * (dH v_j)
+    dv_j = scale sum_{i>=j} A_ij do_i + (k_j * exp(G_C - G_j)) dH
+    dH_prev = exp(G_C) * dH + scale sum_i (q_i * exp(G_i)) do_i^T       (the state's gradient, backwards)
+
+The log-decays' gradient needs no kernel: dg_t = sum_{s>=t} (q_s . dq_s - k_s . dk_s) per channel, plus
+sum_v S_N * dS_N (computed by the launcher from dq and dk in float32).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from attnlab.kernels.linear.fwd import _diag_scores, _row, _tile
+
+
+@triton.jit
+def gla_bwd_state_kernel(
+    Q, DO, GC, DHT, DHS, DH0,
+    N, NP, DK, DV, scale,
+    HAS_DHT: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):  # fmt: skip
+    """The state's gradient, chunk by chunk backwards: DHS[c] is the gradient of the state at the end of
+    chunk c; DH0 that of the initial state. One program per (value block, batch * head)."""
+    pid_v = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    q_ptr = Q + bh * N * DK
+    do_ptr = DO + bh * N * DV + pid_v * BV
+    g_ptr = GC + bh * NP * DK
+    dv_left = DV - pid_v * BV
+    if UPCAST:  # noqa: SIM108  (Triton's CPU interpreter has no bfloat16 dot)
+        dt = tl.float32
+    else:
+        dt = DO.dtype.element_ty
+    rk = tl.arange(0, BK)
+    rv = tl.arange(0, BV)
+    state_mask = (rk[:, None] < DK) & (rv[None, :] < dv_left)
+    state_off = rk[:, None] * DV + pid_v * BV + rv[None, :]
+    if HAS_DHT:
+        dh = tl.load(DHT + bh * DK * DV + state_off, mask=state_mask, other=0.0).to(tl.float32)
+    else:
+        dh = tl.zeros((BK, BV), dtype=tl.float32)
+    n_chunks = tl.cdiv(N, BT)
+    for cc in range(n_chunks):
+        c = n_chunks - 1 - cc
+        t0 = c * BT
+        tl.store(DHS + (bh * n_chunks + c) * DK * DV + state_off, dh, mask=state_mask)
+        q_c = _tile(q_ptr, t0, N, 0, DK, DK, BT, BK)
+        g_c = _tile(g_ptr, t0, NP, 0, DK, DK, BT, BK)
+        do_c = _tile(do_ptr, t0, N, 0, dv_left, DV, BT, BV)
+        g_last = _row(g_ptr, t0 + BT - 1, 0, DK, DK, BK)
+        q_d = (q_c * tl.exp(g_c) * scale).to(dt)
+        dh = dh * tl.exp(g_last)[:, None] + tl.dot(tl.trans(q_d), do_c.to(dt), input_precision=DOT_PREC)
+    tl.store(DH0 + bh * DK * DV + state_off, dh, mask=state_mask)
+
+
+@triton.jit
+def _scores(q_ptr, k_ptr, g_ptr, ri, rj, N, DK, dt, BS: tl.constexpr, BK: tl.constexpr, BKS: tl.constexpr,
+            DOT_PREC: tl.constexpr, DIAG: tl.constexpr):  # fmt: skip
+    """A between query sub-block ri and key sub-block rj (rj < ri, or rj == ri with DIAG)."""
+    if DIAG:
+        ii = tl.arange(0, BS)[:, None]
+        jj = tl.arange(0, BS)[None, :]
+        a = tl.where(ii >= jj, _diag_scores(q_ptr, k_ptr, g_ptr, ri, N, DK, BS, BK, BKS), 0.0)
+    else:
+        q_i = _tile(q_ptr, ri, N, 0, DK, DK, BS, BK)
+        g_i = _tile(g_ptr, ri, ri + BS, 0, DK, DK, BS, BK)
+        k_j = _tile(k_ptr, rj, N, 0, DK, DK, BS, BK)
+        g_j = _tile(g_ptr, rj, rj + BS, 0, DK, DK, BS, BK)
+        g_n = _row(g_ptr, ri, 0, DK, DK, BK)
+        q_n = (q_i * tl.exp(g_i - g_n[None, :])).to(dt)
+        k_n = (k_j * tl.exp(g_n[None, :] - g_j)).to(dt)
+        a = tl.dot(q_n, tl.trans(k_n), input_precision=DOT_PREC)
+    return a
+
+
+@triton.jit
+def gla_bwd_kernel(
+    Q, K, V, GC, DO, HS, DHS, DQ, DK_, DV_,
+    N, NP, DK, DV, scale,
+    BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BKS: tl.constexpr, BV: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """dq, dk, dv (float32) of one chunk per program (chunk, batch * head), from the saved state at the
+    chunk's start (HS) and the state's gradient at its end (DHS). BV covers the whole value dim."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    n_chunks = tl.cdiv(N, BT)
+    q_ptr = Q + bh * N * DK
+    k_ptr = K + bh * N * DK
+    v_ptr = V + bh * N * DV
+    do_ptr = DO + bh * N * DV
+    g_ptr = GC + bh * NP * DK
+    s_ptr = HS + (bh * n_chunks + c) * DK * DV
+    dh_ptr = DHS + (bh * n_chunks + c) * DK * DV
+    dq_ptr = DQ + bh * N * DK
+    dk_ptr = DK_ + bh * N * DK
+    dv_ptr = DV_ + bh * N * DV
+    if UPCAST:  # noqa: SIM108  (Triton's CPU interpreter has no bfloat16 dot)
+        dt = tl.float32
+    else:
+        dt = Q.dtype.element_ty
+    t0 = c * BT
+    ii = tl.arange(0, BS)[:, None]
+    jj = tl.arange(0, BS)[None, :]
+    low = (ii >= jj)[:, :, None]
+    rs = tl.arange(0, BKS)[None, :]
+    rv = tl.arange(0, BV)[None, :]
+    g_last_row = t0 + BT - 1
+    for i in tl.static_range(BT // BS):
+        ri = t0 + i * BS
+        do_i = _tile(do_ptr, ri, N, 0, DV, DV, BS, BV)
+        v_i = _tile(v_ptr, ri, N, 0, DV, DV, BS, BV)
+        da_ii = tl.where(ii >= jj, tl.dot(do_i.to(dt), tl.trans(v_i.to(dt)), input_precision=DOT_PREC), 0.0)
+        # dv_i: the state part, then sum_{r>=i} A_ri^T do_r
+        dv = tl.zeros((BS, BV), dtype=tl.float32)
+        for s in tl.static_range(BK // BKS):
+            k_s = _tile(k_ptr, ri, N, s * BKS, DK, DK, BS, BKS)
+            g_s = _tile(g_ptr, ri, NP, s * BKS, DK, DK, BS, BKS)
+            gl_s = _row(g_ptr, g_last_row, s * BKS, DK, DK, BKS)
+            dh_s = _tile(dh_ptr, s * BKS, DK, 0, DV, DV, BKS, BV)
+            dv += tl.dot((k_s * tl.exp(gl_s[None, :] - g_s)).to(dt), dh_s.to(dt), input_precision=DOT_PREC)
+        for r in tl.static_range(i, BT // BS):
+            rr = t0 + r * BS
+            a = _scores(q_ptr, k_ptr, g_ptr, rr, ri, N, DK, dt, BS, BK, BKS, DOT_PREC, r == i)
+            do_r = _tile(do_ptr, rr, N, 0, DV, DV, BS, BV)
+            dv += scale * tl.dot(tl.trans(a.to(dt)), do_r.to(dt), input_precision=DOT_PREC)
+        tl.store(dv_ptr + (ri + ii) * DV + rv, dv, mask=(ri + ii < N) & (rv < DV))
+        for s in tl.static_range(BK // BKS):
+            c0 = s * BKS
+            g_is = _tile(g_ptr, ri, NP, c0, DK, DK, BS, BKS)
+            q_is = _tile(q_ptr, ri, N, c0, DK, DK, BS, BKS)
+            k_is = _tile(k_ptr, ri, N, c0, DK, DK, BS, BKS)
+            e_diag = tl.exp(tl.where(low, g_is[:, None, :] - g_is[None, :, :], float("-inf")))  # (i, j, d)
+            # dq_i
+            s_s = _tile(s_ptr, c0, DK, 0, DV, DV, BKS, BV)
+            dq = tl.exp(g_is) * tl.dot(do_i.to(dt), tl.trans(s_s.to(dt)), input_precision=DOT_PREC)
+            g_n = _row(g_ptr, ri, c0, DK, DK, BKS)
+            for j in tl.static_range(i):
+                rj = t0 + j * BS
+                v_j = _tile(v_ptr, rj, N, 0, DV, DV, BS, BV)
+                k_js = _tile(k_ptr, rj, N, c0, DK, DK, BS, BKS)
+                g_js = _tile(g_ptr, rj, NP, c0, DK, DK, BS, BKS)
+                da = tl.dot(do_i.to(dt), tl.trans(v_j.to(dt)), input_precision=DOT_PREC)
+                k_n = (k_js * tl.exp(g_n[None, :] - g_js)).to(dt)
+                dq += tl.dot(da.to(dt), k_n, input_precision=DOT_PREC) * tl.exp(g_is - g_n[None, :])
+            dq += tl.sum(da_ii[:, :, None] * k_is[None, :, :] * e_diag, axis=1)
+            tl.store(dq_ptr + (ri + ii) * DK + c0 + rs, dq * scale, mask=(ri + ii < N) & (c0 + rs < DK))
+            # dk_i: the state part, the diagonal block, then the query sub-blocks after it
+            gl_s = _row(g_ptr, g_last_row, c0, DK, DK, BKS)
+            dh_s = _tile(dh_ptr, c0, DK, 0, DV, DV, BKS, BV)
+            dk = tl.exp(gl_s[None, :] - g_is) * tl.dot(
+                v_i.to(dt), tl.trans(dh_s.to(dt)), input_precision=DOT_PREC
+            )
+            dk += scale * tl.sum(da_ii[:, :, None] * q_is[:, None, :] * e_diag, axis=0)
+            for r in tl.static_range(i + 1, BT // BS):
+                rr = t0 + r * BS
+                do_r = _tile(do_ptr, rr, N, 0, DV, DV, BS, BV)
+                q_rs = _tile(q_ptr, rr, N, c0, DK, DK, BS, BKS)
+                g_rs = _tile(g_ptr, rr, NP, c0, DK, DK, BS, BKS)
+                g_m = _row(g_ptr, rr, c0, DK, DK, BKS)
+                da = tl.dot(do_r.to(dt), tl.trans(v_i.to(dt)), input_precision=DOT_PREC)  # (r rows, i cols)
+                q_m = (q_rs * tl.exp(g_rs - g_m[None, :])).to(dt)
+                dk += (
+                    scale
+                    * tl.dot(tl.trans(da.to(dt)), q_m, input_precision=DOT_PREC)
+                    * tl.exp(g_m[None, :] - g_is)
+                )
+            tl.store(dk_ptr + (ri + ii) * DK + c0 + rs, dk, mask=(ri + ii < N) & (c0 + rs < DK))

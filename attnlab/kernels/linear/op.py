@@ -1,0 +1,239 @@
+"""Launchers and ``torch.library`` custom ops of the linear-family Triton kernels.
+
+- :func:`gla_chunk` ``(q, k, v, g, scale, state, chunk) -> (o, state)`` (the signature of the naive twin): the gated linear recurrence by
+  chunks (``attnlab::gla_chunk_fwd`` / ``attnlab::gla_chunk_bwd``), differentiable in q, k, v, g and the
+  initial state; a short call without gradients (decode, N <= ``DECODE_MAX``) runs the recurrent step
+  kernel instead (``attnlab::linear_step``).
+- :func:`linear_step`: the recurrent step kernel of the gated linear recurrence and of the gated delta
+  rule (forward only; a few tokens against a carried state).
+
+The log-decays enter the chunk kernels as their chunk-local cumsum, made here in PyTorch, so autograd
+carries dG back to g (and to lightning's per-head decays). Importing this module registers the ops.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch import Tensor
+
+from attnlab.kernels.linear.bwd import gla_bwd_kernel, gla_bwd_state_kernel
+from attnlab.kernels.linear.fwd import gla_fwd_kernel, recurrent_step_kernel
+from attnlab.kernels.linear.limits import kernel_refusals
+from attnlab.kernels.triton_utils import head_block, interpreting
+
+#: Whether this module was imported under TRITON_INTERPRET=1 (its kernels then take CPU tensors only).
+IMPORTED_INTERPRETED = interpreting()
+#: Calls of at most this many tokens without gradients run the recurrent step kernel.
+DECODE_MAX = 8
+SUB = 16  # rows of a sub-block (tl.dot's minimum)
+
+
+def _blocks(dk: int, dv: int) -> tuple[int, int, int, int]:
+    """(BK, BKS, BV of the forward / state kernels, BV of the chunk backward)."""
+    bk = head_block(dk)
+    bv = head_block(dv)
+    return bk, min(bk, 32), min(bv, 64), bv
+
+
+def _prec(q: Tensor) -> str:
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+def _upcast(q: Tensor) -> bool:
+    """Dots in float32 where Triton's CPU interpreter would get bfloat16 ones wrong."""
+    return IMPORTED_INTERPRETED and q.dtype == torch.bfloat16
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, chunk: int) -> None:
+    why = kernel_refusals(chunk, q.shape[-1], v.shape[-1])
+    if why:
+        raise ValueError("; ".join(why))
+    if not (q.shape == k.shape and q.shape[:3] == v.shape[:3]):
+        raise ValueError(
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected q, k (B, H, N, K), v (B, H, N, V)"
+        )
+
+
+def chunk_cumsum(
+    g: Tensor | None, b: int, h: int, n: int, dk: int, chunk: int, device: torch.device
+) -> Tensor:
+    """The chunk-local inclusive cumsum of g, float32 (B, H, NP, K), zero-padded to whole chunks (zeros
+    without g)."""
+    n_chunks = triton.cdiv(n, chunk)
+    np_ = n_chunks * chunk
+    if g is None:
+        return torch.zeros(b, h, np_, dk, dtype=torch.float32, device=device)
+    gp = F.pad(g.float().expand(b, h, n, dk), (0, 0, 0, np_ - n))
+    return gp.view(b, h, n_chunks, chunk, dk).cumsum(3).view(b, h, np_, dk)
+
+
+def gla_fwd_launch(
+    q: Tensor, k: Tensor, v: Tensor, gc: Tensor, h0: Tensor | None, scale: float, chunk: int, save: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(o (B, H, N, V) in q's dtype, final state (B, H, K, V) fp32, states at the chunk starts
+    (B, H, chunks, K, V) fp32, or an empty tensor without ``save``)."""
+    _check(q, k, v, chunk)
+    q, k, v, gc = (t.contiguous() for t in (q, k, v, gc))
+    b, h, n, dk = q.shape
+    dv = v.shape[-1]
+    n_chunks = triton.cdiv(n, chunk)
+    bk, bks, bv, _ = _blocks(dk, dv)
+    o = torch.empty(b, h, n, dv, dtype=q.dtype, device=q.device)
+    ht = torch.empty(b, h, dk, dv, dtype=torch.float32, device=q.device)
+    hs = torch.empty((b, h, n_chunks, dk, dv) if save else (0,), dtype=torch.float32, device=q.device)
+    h0c = h0.float().contiguous() if h0 is not None else ht
+    grid = (triton.cdiv(dv, bv), b * h)
+    gla_fwd_kernel[grid](
+        q, k, v, gc, h0c, o, ht, hs, n, gc.shape[2], dk, dv, float(scale),
+        HAS_H0=h0 is not None, SAVE_HS=save, BT=chunk, BS=SUB, BK=bk, BKS=bks, BV=bv,
+        DOT_PREC=_prec(q), UPCAST=_upcast(q), num_warps=4,
+    )  # fmt: skip
+    return o, ht, hs
+
+
+def gla_bwd_launch(
+    q: Tensor, k: Tensor, v: Tensor, gc: Tensor, hs: Tensor, do: Tensor, dht: Tensor | None,
+    scale: float, chunk: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(dq, dk, dv fp32, the state's gradient at each chunk end (B, H, chunks, K, V), dh0), fp32."""
+    q, k, v, gc, do = (t.contiguous() for t in (q, k, v, gc, do))
+    b, h, n, dk = q.shape
+    dv = v.shape[-1]
+    n_chunks = triton.cdiv(n, chunk)
+    bk, bks, bv, bv_full = _blocks(dk, dv)
+    dhs = torch.empty(b, h, n_chunks, dk, dv, dtype=torch.float32, device=q.device)
+    dh0 = torch.empty(b, h, dk, dv, dtype=torch.float32, device=q.device)
+    dht_c = dht.float().contiguous() if dht is not None else dh0
+    gla_bwd_state_kernel[(triton.cdiv(dv, bv), b * h)](
+        q, do, gc, dht_c, dhs, dh0, n, gc.shape[2], dk, dv, float(scale),
+        HAS_DHT=dht is not None, BT=chunk, BK=bk, BV=bv, DOT_PREC=_prec(q), UPCAST=_upcast(q), num_warps=4,
+    )  # fmt: skip
+    dq = torch.empty(b, h, n, dk, dtype=torch.float32, device=q.device)
+    dkk = torch.empty(b, h, n, dk, dtype=torch.float32, device=q.device)
+    dvv = torch.empty(b, h, n, dv, dtype=torch.float32, device=q.device)
+    gla_bwd_kernel[(n_chunks, b * h)](
+        q, k, v, gc, do, hs, dhs, dq, dkk, dvv, n, gc.shape[2], dk, dv, float(scale),
+        BT=chunk, BS=SUB, BK=bk, BKS=bks, BV=bv_full, DOT_PREC=_prec(q), UPCAST=_upcast(q), num_warps=4,
+    )  # fmt: skip
+    return dq, dkk, dvv, dhs, dh0
+
+
+@torch.library.custom_op("attnlab::gla_chunk_fwd", mutates_args=())
+def gla_chunk_fwd(
+    q: Tensor, k: Tensor, v: Tensor, gc: Tensor, h0: Tensor | None, scale: float, chunk: int, save: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    return gla_fwd_launch(q, k, v, gc, h0, scale, chunk, save)
+
+
+@gla_chunk_fwd.register_fake
+def _(
+    q: Tensor, k: Tensor, v: Tensor, gc: Tensor, h0: Tensor | None, scale: float, chunk: int, save: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    b, h, n, dk = q.shape
+    dv = v.shape[-1]
+    n_chunks = (n + chunk - 1) // chunk
+    o = q.new_empty(b, h, n, dv)
+    ht = q.new_empty(b, h, dk, dv, dtype=torch.float32)
+    hs = q.new_empty((b, h, n_chunks, dk, dv) if save else (0,), dtype=torch.float32)
+    return o, ht, hs
+
+
+@torch.library.custom_op("attnlab::gla_chunk_bwd", mutates_args=())
+def gla_chunk_bwd(
+    q: Tensor, k: Tensor, v: Tensor, gc: Tensor, hs: Tensor, ht: Tensor, do: Tensor, dht: Tensor | None,
+    scale: float, chunk: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(dq, dk, dv in the inputs' dtypes, dgc (B, H, NP, K) fp32, dh0 fp32)."""
+    dq, dk, dv, dhs, dh0 = gla_bwd_launch(q, k, v, gc, hs, do, dht, scale, chunk)
+    b, h, n, kd = q.shape
+    n_chunks = hs.shape[2]
+    dgc = F.pad(q.float() * dq - k.float() * dk, (0, 0, 0, gc.shape[2] - n))
+    ends = torch.cat([hs[:, :, 1:], ht[:, :, None]], 2)  # the state at each chunk's end
+    dgc.view(b, h, n_chunks, chunk, kd)[:, :, :, -1] += (ends * dhs).sum(-1)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dgc, dh0
+
+
+@gla_chunk_bwd.register_fake
+def _(
+    q: Tensor, k: Tensor, v: Tensor, gc: Tensor, hs: Tensor, ht: Tensor, do: Tensor, dht: Tensor | None,
+    scale: float, chunk: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    return (
+        torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(gc),
+        torch.empty_like(ht),
+    )  # fmt: skip
+
+
+def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    q, k, v, gc, h0, scale, chunk, save = inputs
+    _, ht, hs = output
+    if not save:
+        raise RuntimeError(
+            "attnlab::gla_chunk_fwd ran without saving its chunk states (save=False): no backward"
+        )
+    ctx.save_for_backward(q, k, v, gc, hs, ht)
+    ctx.args = (scale, chunk)
+    ctx.has_h0 = h0 is not None
+
+
+def _backward(ctx, do: Tensor, dht: Tensor | None, dhs: Tensor | None):  # type: ignore[no-untyped-def]
+    q, k, v, gc, hs, ht = ctx.saved_tensors
+    dq, dk, dv, dgc, dh0 = gla_chunk_bwd(q, k, v, gc, hs, ht, do, dht, *ctx.args)
+    return dq, dk, dv, dgc, (dh0 if ctx.has_h0 else None), None, None, None
+
+
+gla_chunk_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("attnlab::linear_step", mutates_args=())
+def linear_step(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, h0: Tensor | None, scale: float
+) -> tuple[Tensor, Tensor]:
+    """The recurrent step kernel: (o (B, H, N, V), final state fp32). g (B, H, N, K) log-decays or None;
+    ``beta`` (B, H, N) selects the gated delta rule (None: the gated linear recurrence). No backward."""
+    b, h, n, dk = q.shape
+    dv = v.shape[-1]
+    bk, _, bv, _ = _blocks(dk, dv)
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    o = torch.empty(b, h, n, dv, dtype=q.dtype, device=q.device)
+    ht = torch.empty(b, h, dk, dv, dtype=torch.float32, device=q.device)
+    gc = g.float().expand(b, h, n, dk).contiguous() if g is not None else ht
+    bc = beta.float().expand(b, h, n).contiguous() if beta is not None else ht
+    h0c = h0.float().contiguous() if h0 is not None else ht
+    recurrent_step_kernel[(triton.cdiv(dv, bv), b * h)](
+        q, k, v, gc, bc, h0c, o, ht, n, dk, dv, float(scale),
+        HAS_G=g is not None, HAS_H0=h0 is not None, DELTA=beta is not None, BK=bk, BV=bv, num_warps=4,
+    )  # fmt: skip
+    return o, ht
+
+
+@linear_step.register_fake
+def _(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, h0: Tensor | None, scale: float
+) -> tuple[Tensor, Tensor]:
+    b, h, n, dk = q.shape
+    return q.new_empty(b, h, n, v.shape[-1]), q.new_empty(b, h, dk, v.shape[-1], dtype=torch.float32)
+
+
+def _needs_grad(*ts: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+def gla_chunk(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, scale: float, state: Tensor | None, chunk: int
+) -> tuple[Tensor, Tensor]:
+    """The gated linear recurrence ``S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T``, ``o_t = scale S_t^T q_t``
+    through the Triton kernels: q, k (B, H, N, K), v (B, H, N, V), g None or broadcastable to
+    (B, H, N, K), state None or (B, H, K, V). Returns (o in q's dtype, final state float32);
+    differentiable in q, k, v, g and state. Short calls without gradients take the step kernel."""
+    b, h, n, dk = q.shape
+    grad = _needs_grad(q, k, v, g, state)
+    if n <= DECODE_MAX and not grad:
+        _check(q, k, v, chunk)
+        gx = None if g is None else g.expand(b, h, n, dk)
+        return linear_step(q, k, v, gx, None, state, float(scale))
+    gc = chunk_cumsum(g, b, h, n, dk, chunk, q.device)
+    o, ht, _ = gla_chunk_fwd(q, k, v, gc, state, float(scale), int(chunk), grad)
+    return o, ht

@@ -1,0 +1,148 @@
+"""The linear family's Triton kernels (``attnlab/kernels/linear``) against the token-by-token recurrence:
+output, final state and every gradient (q, k, v, the log-decays g, the initial state), at odd lengths and
+at chunk boundaries; the recurrent step kernel (decode); the launchers' refusals. Tiny shapes: on a CPU
+machine the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnlab.catalog.linear._common import delta_recurrence, gated_recurrence
+from attnlab.testing import device_under_test, on_cuda
+
+DEV = device_under_test()
+
+
+def _op():  # type: ignore[no-untyped-def]
+    from attnlab.kernels.linear import op
+
+    return op
+
+
+def _inputs(
+    n: int, dk: int, dv: int, g_shift: float | None, *, b: int = 1, h: int = 2, seed: int = 0
+) -> list[Tensor]:
+    """q, k, v, g (log-decays; None without), h0, on the device under test, fp32."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(b, h, n, dk, generator=gen) for _ in range(2))
+    v = torch.randn(b, h, n, dv, generator=gen)
+    g = None if g_shift is None else F.logsigmoid(torch.randn(b, h, n, dk, generator=gen) + g_shift)
+    h0 = torch.randn(b, h, dk, dv, generator=gen)
+    return [t.to(DEV) if t is not None else None for t in (q, k, v, g, h0)]  # type: ignore[misc]
+
+
+def _compare_with_recurrence(
+    xs: list[Tensor | None], chunk: int, scale: float = 0.3, tol: float = 2e-5
+) -> None:
+    leaves = [t.clone().requires_grad_(True) if t is not None else None for t in xs]
+    ref_leaves = [t.clone().requires_grad_(True) if t is not None else None for t in xs]
+    q, k, v, g, h0 = leaves
+    o, s = _op().gla_chunk(q, k, v, g, scale, h0, chunk)
+    rq, rk, rv, rg, rh0 = ref_leaves
+    ro, rs = gated_recurrence(rq, rk, rv, rg, scale, rh0)
+    assert o.dtype == q.dtype and s.dtype == torch.float32
+    torch.testing.assert_close(o, ro, atol=tol, rtol=tol)
+    torch.testing.assert_close(s, rs, atol=tol, rtol=tol)
+    gen = torch.Generator().manual_seed(7)
+    do, ds = torch.randn(o.shape, generator=gen).to(DEV), torch.randn(s.shape, generator=gen).to(DEV)
+    wrt = [t for t in leaves if t is not None]
+    ref_wrt = [t for t in ref_leaves if t is not None]
+    got = torch.autograd.grad((o * do).sum() + (s * ds).sum(), wrt)
+    want = torch.autograd.grad((ro * do).sum() + (rs * ds).sum(), ref_wrt)
+    names = [n for n, t in zip(("dq", "dk", "dv", "dg", "dh0"), xs, strict=True) if t is not None]
+    for name, a, b in zip(names, got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=tol * 5, rtol=tol * 5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize(
+    ("n", "chunk"),
+    [(1, 16), (63, 16), (100, 32), (32, 16), (64, 64)],
+    ids=["n1", "n63", "n100-chunk32", "two-whole-chunks", "one-whole-chunk64"],
+)
+def test_gla_chunk_kernel_matches_the_recurrence(n: int, chunk: int, poison_empty: None) -> None:
+    _compare_with_recurrence(_inputs(n, 8, 12, 1.0), chunk)
+
+
+@pytest.mark.parametrize("gates", ["none", "near-zero-decay", "near-one-decay"])
+def test_gla_chunk_kernel_without_decay_and_at_decay_extremes(gates: str) -> None:
+    xs = _inputs(33, 8, 8, 1.0)
+    if gates == "none":
+        xs[3] = None
+    elif gates == "near-zero-decay":  # decay ~ e^-30 per token: exp(-G) over a chunk would overflow
+        xs[3] = -30.0 - torch.rand_like(xs[3])  # type: ignore[arg-type]
+    else:  # decay 1 - 1e-6
+        xs[3] = torch.full_like(xs[3], -1e-6)  # type: ignore[arg-type]
+    _compare_with_recurrence(xs, 16)
+
+
+def test_gla_chunk_kernel_with_several_key_slices_and_value_blocks() -> None:
+    """K = 40 (two 32-channel slices of a 64 tile) and V = 80 (two 64-wide value blocks forward)."""
+    _compare_with_recurrence(_inputs(20, 40, 80, 1.0), 16, tol=4e-5)
+
+
+def test_gla_chunk_kernel_in_bfloat16_meets_the_accuracy_rule() -> None:
+    """Error against the fp32 recurrence at most 2x that of the same recurrence run in bfloat16."""
+    q, k, v, g, h0 = _inputs(40, 16, 16, 2.0)
+    qb, kb, vb = (t.to(torch.bfloat16) for t in (q, k, v))
+    o, s = _op().gla_chunk(qb, kb, vb, g, 0.25, h0, 16)
+    ro, rs = gated_recurrence(qb.float(), kb.float(), vb.float(), g, 0.25, h0)
+    lo, _ = gated_recurrence(qb, kb, vb, g, 0.25, h0)
+    assert o.dtype == torch.bfloat16
+    err, err_low = (o.float() - ro).abs().max(), (lo.float() - ro).abs().max()
+    assert err <= 2 * err_low + 1e-5 * (1 + ro.abs().max()), (float(err), float(err_low))
+    torch.testing.assert_close(s, rs, atol=1e-4, rtol=1e-4)  # the state is fp32 throughout
+
+
+@pytest.mark.parametrize("rule", ["gla", "gla-no-decay", "delta", "delta-gated"])
+def test_recurrent_step_kernel_matches_the_recurrence(rule: str) -> None:
+    q, k, v, g, h0 = _inputs(3, 8, 12, 1.0)
+    if rule.endswith("no-decay"):
+        g = None
+    beta = torch.rand(1, 2, 3).to(DEV) if rule.startswith("delta") else None
+    if rule == "delta":
+        g = None
+    if beta is not None:
+        k = F.normalize(k, dim=-1)
+    o, s = _op().linear_step(q, k, v, g, beta, h0, 0.3)
+    if beta is None:
+        ro, rs = gated_recurrence(q, k, v, g, 0.3, h0)
+    else:
+        ro, rs = delta_recurrence(q, k, v, beta, g, 0.3, h0)
+    torch.testing.assert_close(o, ro, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(s, rs, atol=2e-5, rtol=2e-5)
+
+
+def test_short_calls_without_gradients_take_the_step_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    op = _op()
+    calls = []
+    real = op.linear_step
+    monkeypatch.setattr(op, "linear_step", lambda *a: calls.append(1) or real(*a))
+    q, k, v, g, h0 = _inputs(2, 8, 8, 1.0)
+    with torch.no_grad():
+        o, s = op.gla_chunk(q, k, v, g, 0.3, h0, 16)
+    assert calls == [1]
+    ro, rs = gated_recurrence(q, k, v, g, 0.3, h0)
+    torch.testing.assert_close(o, ro, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(s, rs, atol=2e-5, rtol=2e-5)
+
+
+def test_the_launchers_refuse_what_the_kernels_cannot_take() -> None:
+    op = _op()
+    q, k, v, g, h0 = _inputs(20, 8, 8, 1.0)
+    gc = op.chunk_cumsum(g, 1, 2, 20, 8, 16, q.device)
+    with pytest.raises(ValueError, match="the Triton kernels take chunk sizes 16, 32, 64, not chunk=24"):
+        op.gla_fwd_launch(q, k, v, gc, h0, 0.3, 24, False)
+    with pytest.raises(ValueError, match="key feature dims up to 256, got 300"):
+        op.gla_fwd_launch(
+            torch.zeros(1, 1, 4, 300), torch.zeros(1, 1, 4, 300), v[:, :1, :4], gc, None, 1.0, 16, False
+        )
+    with pytest.raises(ValueError, match=r"q \(1, 2, 20, 8\), k \(1, 2, 19, 8\)"):
+        op.gla_fwd_launch(q, k[:, :, :19], v, gc, h0, 0.3, 16, False)
+
+
+@pytest.mark.skipif(on_cuda(), reason="checks the interpreter's bfloat16 path")
+def test_interpreter_bfloat16_dots_are_upcast() -> None:
+    assert _op()._upcast(torch.zeros(1, dtype=torch.bfloat16)) is True
