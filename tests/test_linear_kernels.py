@@ -146,3 +146,33 @@ def test_the_launchers_refuse_what_the_kernels_cannot_take() -> None:
 @pytest.mark.skipif(on_cuda(), reason="checks the interpreter's bfloat16 path")
 def test_interpreter_bfloat16_dots_are_upcast() -> None:
     assert _op()._upcast(torch.zeros(1, dtype=torch.bfloat16)) is True
+
+
+@pytest.mark.parametrize(
+    ("n", "chunk", "gate"),
+    [(1, 16, "channel"), (63, 16, "channel"), (100, 64, "head"), (32, 32, "none")],
+    ids=["n1", "n63", "n100-chunk64-head-gate", "one-whole-chunk32-deltanet"],
+)
+def test_delta_kernels_match_the_recurrence(n: int, chunk: int, gate: str, poison_empty: None) -> None:
+    """Output, final state and the gradients of q, k, v, beta, g and the initial state."""
+    q, k, v, g, h0 = _inputs(n, 8, 8, 1.0, h=1)
+    k = F.normalize(k, dim=-1)
+    beta = torch.rand(1, 1, n, generator=torch.Generator().manual_seed(5)).to(DEV)
+    if gate == "head":
+        g = g[..., :1].clone()  # type: ignore[index]
+    elif gate == "none":
+        g = None
+    xs = [q, k, v, beta, g, h0]
+    leaves = [t.clone().requires_grad_(True) if t is not None else None for t in xs]
+    ref = [t.clone().requires_grad_(True) if t is not None else None for t in xs]
+    o, s = _op().delta_chunk(*leaves[:5], 0.3, leaves[5], chunk)
+    ro, rs = delta_recurrence(*ref[:5], 0.3, ref[5])  # type: ignore[misc]
+    torch.testing.assert_close(o, ro, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(s, rs, atol=2e-5, rtol=2e-5)
+    gen = torch.Generator().manual_seed(7)
+    do, ds = torch.randn(o.shape, generator=gen).to(DEV), torch.randn(s.shape, generator=gen).to(DEV)
+    got = torch.autograd.grad((o * do).sum() + (s * ds).sum(), [t for t in leaves if t is not None])
+    want = torch.autograd.grad((ro * do).sum() + (rs * ds).sum(), [t for t in ref if t is not None])
+    names = [nm for nm, t in zip(("dq", "dk", "dv", "dbeta", "dg", "dh0"), xs, strict=True) if t is not None]
+    for name, a, b in zip(names, got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")

@@ -17,6 +17,10 @@ then commutes with the delta step); (B, H, N, D) one per channel (KDA); absent i
 ``x / sqrt(sum x^2 + 1e-6)`` (the delta rule is stable for ||k|| <= 1 and beta in [0, 2]); the scale is
 applied after. Causal self-attention only; GQA: k and v shared by a group's query heads, beta, g and the
 state per query head (fla's GVA, more value than key heads, is the transpose of this and not offered).
+
+Backends: ``triton`` runs the rule token by token in Triton (exact, fp32 state), saving the state at every
+chunk start; its backward recomputes each chunk from there and walks it backwards. It is not the WY/UT
+tensor-core chunk form (``torch_chunk`` runs that form in PyTorch).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnlab.backends.linear_chunk import torch_chunk
+from attnlab.backends.linear_chunk import torch_chunk, triton_chunk
 from attnlab.catalog.linear._common import (
     CAUSAL_ONLY,
     check_finite_input,
@@ -124,6 +128,26 @@ def _run_torch(
     return o.to(q.dtype), s
 
 
+def _run_triton(
+    q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor], state: Any
+) -> tuple[Tensor, Tensor]:
+    from attnlab.kernels.linear.op import delta_chunk
+
+    p = call.params
+    assert isinstance(p, GatedDeltaParams)
+    qq, kk, vv, bb, gg, s0 = _inputs(q, k, v, p, extra.get("beta"), extra.get("g"), state)
+    dt = q.dtype  # (l2norm works in fp32; the kernels take the input dtype)
+    o, s = delta_chunk(qq.to(dt), kk.to(dt), vv, bb, gg, call.scale, s0, p.chunk)
+    return o.to(q.dtype), s
+
+
+def _triton_refusal(call: Call) -> list[str]:
+    from attnlab.kernels.linear.limits import kernel_refusals
+
+    assert isinstance(call.params, GatedDeltaParams)
+    return kernel_refusals(call.params.chunk, call.problem.head_dim, call.problem.v_dim)
+
+
 SPEC = MethodSpec(
     name="gated_delta",
     family="linear",
@@ -132,7 +156,7 @@ SPEC = MethodSpec(
     summary="delta rule S = (I - beta k k^T) diag(exp g) S + beta k v^T; beta and g (per head or channel) inputs",
     param_class=GatedDeltaParams,
     reference=reference,
-    backends=(torch_chunk(_run_torch),),
+    backends=(triton_chunk(_run_triton, _triton_refusal), torch_chunk(_run_torch)),
     patterns=CAUSAL_ONLY,
     test_params=({}, {"qk_l2norm": False, "chunk": 16}),
     bench_params=lambda n: [{}],

@@ -153,3 +153,47 @@ def recurrent_step_kernel(
         o = tl.sum(s * q[:, None], axis=0) * scale
         tl.store(O + row * DV + pid_v * BV + rv, o.to(O.dtype.element_ty), mask=mv)
     tl.store(HT + bh * DK * DV + state_off, s, mask=state_mask)
+
+
+@triton.jit
+def delta_fwd_kernel(
+    Q, K, V, G, BETA, H0, O, HT, HS,
+    N, DK, DV, scale,
+    HAS_G: tl.constexpr, HAS_H0: tl.constexpr, SAVE_HS: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):  # fmt: skip
+    """The gated delta rule token by token, per (value block, batch * head) (the state's value columns
+    evolve independently), saving the state at the start of every chunk of BT tokens for the backward.
+    S' = exp(g_t) S; u = beta_t (v_t - S'^T k_t); S = S' + k_t u^T; o_t = scale S^T q_t."""
+    pid_v = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    rk = tl.arange(0, BK)
+    rv = tl.arange(0, BV)
+    mk = rk < DK
+    mv = pid_v * BV + rv < DV
+    state_off = rk[:, None] * DV + pid_v * BV + rv[None, :]
+    state_mask = mk[:, None] & mv[None, :]
+    if HAS_H0:
+        s = tl.load(H0 + bh * DK * DV + state_off, mask=state_mask, other=0.0).to(tl.float32)
+    else:
+        s = tl.zeros((BK, BV), dtype=tl.float32)
+    n_chunks = tl.cdiv(N, BT)
+    for c in range(n_chunks):
+        if SAVE_HS:
+            tl.store(HS + (bh * n_chunks + c) * DK * DV + state_off, s, mask=state_mask)
+        for tt in range(BT):
+            t = c * BT + tt
+            if t < N:
+                row = bh * N + t
+                q = tl.load(Q + row * DK + rk, mask=mk, other=0.0).to(tl.float32)
+                k = tl.load(K + row * DK + rk, mask=mk, other=0.0).to(tl.float32)
+                v = tl.load(V + row * DV + pid_v * BV + rv, mask=mv, other=0.0).to(tl.float32)
+                if HAS_G:
+                    g = tl.load(G + row * DK + rk, mask=mk, other=0.0).to(tl.float32)
+                    s = s * tl.exp(g)[:, None]
+                beta = tl.load(BETA + row).to(tl.float32)
+                u = beta * (v - tl.sum(s * k[:, None], axis=0))
+                s = s + k[:, None] * u[None, :]
+                o = tl.sum(s * q[:, None], axis=0) * scale
+                tl.store(O + row * DV + pid_v * BV + rv, o.to(O.dtype.element_ty), mask=mv)
+    tl.store(HT + bh * DK * DV + state_off, s, mask=state_mask)

@@ -4,6 +4,10 @@
   chunks (``attnlab::gla_chunk_fwd`` / ``attnlab::gla_chunk_bwd``), differentiable in q, k, v, g and the
   initial state; a short call without gradients (decode, N <= ``DECODE_MAX``) runs the recurrent step
   kernel instead (``attnlab::linear_step``).
+- :func:`delta_chunk` ``(q, k, v, beta, g, scale, state, chunk) -> (o, state)``: the gated delta rule
+  (``attnlab::delta_chunk_fwd`` / ``attnlab::delta_chunk_bwd``), token by token with the state saved at
+  every chunk start; the backward recomputes each chunk from its saved state and walks it backwards
+  (exact; differentiable in q, k, v, beta, g and the initial state). Not the WY/UT tensor-core form.
 - :func:`linear_step`: the recurrent step kernel of the gated linear recurrence and of the gated delta
   rule (forward only; a few tokens against a carried state).
 
@@ -18,8 +22,8 @@ import torch.nn.functional as F
 import triton
 from torch import Tensor
 
-from attnlab.kernels.linear.bwd import gla_bwd_kernel, gla_bwd_state_kernel
-from attnlab.kernels.linear.fwd import gla_fwd_kernel, recurrent_step_kernel
+from attnlab.kernels.linear.bwd import delta_bwd_kernel, gla_bwd_kernel, gla_bwd_state_kernel
+from attnlab.kernels.linear.fwd import delta_fwd_kernel, gla_fwd_kernel, recurrent_step_kernel
 from attnlab.kernels.linear.limits import kernel_refusals
 from attnlab.kernels.triton_utils import head_block, interpreting
 
@@ -236,4 +240,143 @@ def gla_chunk(
         return linear_step(q, k, v, gx, None, state, float(scale))
     gc = chunk_cumsum(g, b, h, n, dk, chunk, q.device)
     o, ht, _ = gla_chunk_fwd(q, k, v, gc, state, float(scale), int(chunk), grad)
+    return o, ht
+
+
+#: Value columns per program of the delta-rule kernels (the state's columns evolve independently).
+DELTA_BV = 32
+
+
+def delta_fwd_launch(
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, h0: Tensor | None, scale: float,
+    chunk: int, save: bool,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """(o in q's dtype, final state fp32, states at the chunk starts fp32 or empty without ``save``)."""
+    _check(q, k, v, chunk)
+    b, h, n, dk = q.shape
+    dv = v.shape[-1]
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    bk, bv = head_block(dk), min(head_block(dv), DELTA_BV)
+    n_chunks = triton.cdiv(n, chunk)
+    o = torch.empty(b, h, n, dv, dtype=q.dtype, device=q.device)
+    ht = torch.empty(b, h, dk, dv, dtype=torch.float32, device=q.device)
+    hs = torch.empty((b, h, n_chunks, dk, dv) if save else (0,), dtype=torch.float32, device=q.device)
+    gc = g.float().expand(b, h, n, dk).contiguous() if g is not None else ht
+    bc = beta.float().expand(b, h, n).contiguous()
+    h0c = h0.float().contiguous() if h0 is not None else ht
+    delta_fwd_kernel[(triton.cdiv(dv, bv), b * h)](
+        q, k, v, gc, bc, h0c, o, ht, hs, n, dk, dv, float(scale),
+        HAS_G=g is not None, HAS_H0=h0 is not None, SAVE_HS=save, BT=chunk, BK=bk, BV=bv, num_warps=4,
+    )  # fmt: skip
+    return o, ht, hs
+
+
+def delta_bwd_launch(
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, hs: Tensor, do: Tensor,
+    dht: Tensor | None, scale: float, chunk: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor]:  # fmt: skip
+    """(dq, dk, dv, dbeta, dg or None, dh0), float32."""
+    b, h, n, dk = q.shape
+    dv = v.shape[-1]
+    q, k, v, do = (t.contiguous() for t in (q, k, v, do))
+    bk, bv = head_block(dk), min(head_block(dv), DELTA_BV)
+    nb = triton.cdiv(dv, bv)
+    f32, dev = torch.float32, q.device
+    gc = g.float().expand(b, h, n, dk).contiguous() if g is not None else hs
+    bc = beta.float().expand(b, h, n).contiguous()
+    scratch = torch.empty(nb * b * h * chunk * bk * bv, dtype=f32, device=dev)
+    dq = torch.empty(nb, b, h, n, dk, dtype=f32, device=dev)
+    dkk = torch.empty(nb, b, h, n, dk, dtype=f32, device=dev)
+    dvv = torch.empty(b, h, n, dv, dtype=f32, device=dev)
+    db = torch.empty(nb, b, h, n, dtype=f32, device=dev)
+    dg = torch.empty(nb, b, h, n, dk, dtype=f32, device=dev) if g is not None else db
+    dh0 = torch.empty(b, h, dk, dv, dtype=f32, device=dev)
+    dht_c = dht.float().contiguous() if dht is not None else dh0
+    delta_bwd_kernel[(nb, b * h)](
+        q, k, v, gc, bc, hs, do, dht_c, scratch, dq, dkk, dvv, db, dg, dh0, n, dk, dv, nb, float(scale),
+        HAS_G=g is not None, HAS_DHT=dht is not None, BT=chunk, BK=bk, BV=bv, num_warps=4,
+    )  # fmt: skip
+    return dq.sum(0), dkk.sum(0), dvv, db.sum(0), (dg.sum(0) if g is not None else None), dh0
+
+
+@torch.library.custom_op("attnlab::delta_chunk_fwd", mutates_args=())
+def delta_chunk_fwd(
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, h0: Tensor | None, scale: float,
+    chunk: int, save: bool,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    return delta_fwd_launch(q, k, v, beta, g, h0, scale, chunk, save)
+
+
+@delta_chunk_fwd.register_fake
+def _(
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, h0: Tensor | None, scale: float,
+    chunk: int, save: bool,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    b, h, n, dk = q.shape
+    dv = v.shape[-1]
+    n_chunks = (n + chunk - 1) // chunk
+    o = q.new_empty(b, h, n, dv)
+    ht = q.new_empty(b, h, dk, dv, dtype=torch.float32)
+    hs = q.new_empty((b, h, n_chunks, dk, dv) if save else (0,), dtype=torch.float32)
+    return o, ht, hs
+
+
+@torch.library.custom_op("attnlab::delta_chunk_bwd", mutates_args=())
+def delta_chunk_bwd(
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, hs: Tensor, do: Tensor,
+    dht: Tensor | None, scale: float, chunk: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(dq, dk, dv, dbeta in the inputs' dtypes, dg (fp32; empty without g), dh0 fp32)."""
+    dq, dk, dv, db, dg, dh0 = delta_bwd_launch(q, k, v, beta, g, hs, do, dht, scale, chunk)
+    dg_out = dg if dg is not None else q.new_empty(0, dtype=torch.float32)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), db.to(beta.dtype), dg_out, dh0
+
+
+@delta_chunk_bwd.register_fake
+def _(
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, hs: Tensor, do: Tensor,
+    dht: Tensor | None, scale: float, chunk: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    b, h, n, dk = q.shape
+    dg = q.new_empty((b, h, n, dk) if g is not None else (0,), dtype=torch.float32)
+    dh0 = q.new_empty(b, h, dk, v.shape[-1], dtype=torch.float32)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(beta), dg, dh0
+
+
+def _delta_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    q, k, v, beta, g, h0, scale, chunk, save = inputs
+    if not save:
+        raise RuntimeError(
+            "attnlab::delta_chunk_fwd ran without saving its chunk states (save=False): no backward"
+        )
+    ctx.save_for_backward(q, k, v, beta, g, output[2])
+    ctx.args = (scale, chunk)
+    ctx.has = (g is not None, h0 is not None)
+
+
+def _delta_backward(ctx, do: Tensor, dht: Tensor | None, dhs: Tensor | None):  # type: ignore[no-untyped-def]
+    q, k, v, beta, g, hs = ctx.saved_tensors
+    dq, dk, dv, db, dg, dh0 = delta_chunk_bwd(q, k, v, beta, g, hs, do, dht, *ctx.args)
+    has_g, has_h0 = ctx.has
+    return dq, dk, dv, db, (dg if has_g else None), (dh0 if has_h0 else None), None, None, None
+
+
+delta_chunk_fwd.register_autograd(_delta_backward, setup_context=_delta_setup)
+
+
+def delta_chunk(
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, scale: float, state: Tensor | None,
+    chunk: int,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The gated delta rule through the Triton kernels (the signature of the naive twin
+    ``delta_chunk_naive``): q, k (B, H, N, K), v (B, H, N, V), beta (B, H, N), g None or broadcastable to
+    (B, H, N, K), state None or (B, H, K, V). Returns (o in q's dtype, final state fp32), differentiable
+    in q, k, v, beta, g and state. Short calls without gradients take the step kernel."""
+    b, h, n, dk = q.shape
+    grad = _needs_grad(q, k, v, beta, g, state)
+    gx = None if g is None else g.expand(b, h, n, dk)
+    if n <= DECODE_MAX and not grad:
+        _check(q, k, v, chunk)
+        return linear_step(q, k, v, gx, beta.expand(b, h, n), state, float(scale))
+    o, ht, _ = delta_chunk_fwd(q, k, v, beta.expand(b, h, n), gx, state, float(scale), int(chunk), grad)
     return o, ht
