@@ -1,0 +1,212 @@
+"""Full-size GPU check of the linear family's Triton kernels (``attnlab/kernels/linear``) against the fp32
+token-by-token recurrence: output, final state and every gradient, with the same recurrence run in the
+input precision beside it (the yardstick of the 2x / 3x accuracy rule), then a short timing of the
+kernels as called against cuDNN SDPA (dense causal softmax) on the same shapes.
+
+    python benchmarks/linear_gpu_check.py --out results.json [--budget 240]
+
+Writes one JSON file (rewritten after every case, so a run stopped at its limit keeps what it did).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnlab.catalog.linear._common import delta_recurrence, gated_recurrence
+from attnlab.catalog.linear.lightning import alibi_slopes
+
+
+def _err(a: Tensor, b: Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+def _peak(t: Tensor) -> float:
+    return float(t.float().abs().max())
+
+
+def check(method: str, b: int, h: int, n: int, d: int, dtype: torch.dtype, chunk: int) -> dict[str, Any]:
+    from attnlab.kernels.linear.op import delta_chunk, gla_chunk
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    dev = "cuda"
+    q = torch.randn(b, h, n, d, device=dev, generator=gen)
+    k = torch.randn(b, h, n, d, device=dev, generator=gen)
+    v = torch.randn(b, h, n, d, device=dev, generator=gen)
+    extra: dict[str, Tensor] = {}
+    if method == "gla":
+        extra["g"] = F.logsigmoid(torch.randn(b, h, n, d, device=dev, generator=gen) + 3.0) / 4
+    if method == "lightning":
+        extra["g"] = -torch.tensor(alibi_slopes(h), device=dev)[None, :, None, None].expand(b, h, n, d)
+    if method == "gated_delta":
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        extra["beta"] = torch.sigmoid(torch.randn(b, h, n, device=dev, generator=gen))
+        extra["g"] = F.logsigmoid(torch.randn(b, h, n, d, device=dev, generator=gen) + 4.0)
+    h0 = torch.randn(b, h, d, d, device=dev, generator=gen)
+    scale = d**-0.5
+    base = [q.to(dtype), k.to(dtype), v.to(dtype)]
+    learn_g = method in ("gla", "gated_delta")
+
+    def leaves(cast: torch.dtype | None) -> list[Tensor]:
+        xs = [t.to(cast) if cast is not None else t for t in base]
+        xs = [t.detach().clone().requires_grad_(True) for t in xs]
+        if method == "gated_delta":
+            xs.append(extra["beta"].detach().clone().requires_grad_(True))
+        g = extra.get("g")
+        xs.append(g.detach().clone().requires_grad_(learn_g) if g is not None else None)  # type: ignore[arg-type]
+        xs.append(h0.detach().clone().requires_grad_(True))
+        return xs
+
+    def run(xs: list[Tensor], fn: str) -> tuple[Tensor, Tensor]:
+        if method == "gated_delta":
+            qq, kk, vv, beta, g, s0 = xs
+            if fn == "kernel":
+                return delta_chunk(qq, kk, vv, beta, g, scale, s0, chunk)
+            return delta_recurrence(qq, kk, vv, beta.to(qq.dtype), g, scale, s0.to(qq.dtype))
+        qq, kk, vv, g, s0 = xs
+        if fn == "kernel":
+            return gla_chunk(qq, kk, vv, g, scale, s0, chunk)
+        return gated_recurrence(qq, kk, vv, g, scale, s0.to(qq.dtype))
+
+    names = (
+        ["dq", "dk", "dv"]
+        + (["dbeta"] if method == "gated_delta" else [])
+        + (["dg"] if learn_g else [])
+        + ["dh0"]
+    )
+    outs = {}
+    for label, cast, fn in (("kernel", None, "kernel"), ("ref", torch.float32, "rec"), ("low", None, "rec")):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        xs = leaves(cast)
+        o, s = run(xs, fn)
+        gg = torch.Generator(device="cuda").manual_seed(1)
+        do = torch.randn(o.shape, device=dev, generator=gg)
+        ds = torch.randn(s.shape, device=dev, generator=gg)
+        wrt = [t for t in xs if t is not None and t.requires_grad]
+        grads = torch.autograd.grad((o.float() * do).sum() + (s.float() * ds).sum(), wrt)
+        torch.cuda.synchronize()
+        outs[label] = (o.detach(), s.detach(), [gr.detach() for gr in grads], time.perf_counter() - t0)
+    ko, ks, kg, _ = outs["kernel"]
+    ro, rs, rg, _ = outs["ref"]
+    lo, ls, lg, _ = outs["low"]
+    row: dict[str, Any] = {
+        "method": method, "B": b, "H": h, "N": n, "D": d, "dtype": str(dtype).replace("torch.", ""),
+        "chunk": chunk, "finite": bool(torch.isfinite(ko).all()) and all(bool(torch.isfinite(x).all()) for x in kg),
+    }  # fmt: skip
+    checks = {"out": (ko, ro, lo, 2.0), "state": (ks, rs, ls, 2.0)}
+    for nm, a, r, lw in zip(names, kg, rg, lg, strict=True):
+        checks[nm] = (a, r, lw, 3.0)
+    ok = True
+    for nm, (a, r, lw, factor) in checks.items():
+        err, err_low, peak = _err(a, r), _err(lw, r), _peak(r)
+        bound = factor * err_low + 1e-5 * (1 + peak) + 0.5 * torch.finfo(dtype).eps * peak
+        row[nm] = {"err": err, "err_lowp": err_low, "max_ref": peak, "rel": err / max(peak, 1e-30), "bound": bound,
+                   "pass": err <= bound}  # fmt: skip
+        ok = ok and err <= bound
+    row["pass"] = ok and row["finite"]
+    row["seconds"] = {label: round(outs[label][3], 2) for label in outs}
+    return row
+
+
+def _time(fn: Any, reps: int = 10) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def timings(b: int, h: int, n: int, d: int) -> dict[str, Any]:
+    """Median ms, forward and forward+backward, of the Triton kernels and of cuDNN SDPA causal."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from attnlab.kernels.linear.op import delta_chunk, gla_chunk
+
+    dev, dt = "cuda", torch.bfloat16
+    q, k, v = (torch.randn(b, h, n, d, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
+    g = (F.logsigmoid(torch.randn(b, h, n, d, device=dev) + 3) / 4).requires_grad_(True)
+    beta = torch.rand(b, h, n, device=dev, requires_grad=True)
+    do = torch.randn(b, h, n, d, device=dev, dtype=dt)
+    kn = F.normalize(k.detach().float(), dim=-1).to(dt).requires_grad_(True)
+
+    def sdpa() -> Tensor:
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    fns = {
+        "cudnn_sdpa": (sdpa, (q, k, v)),
+        "gla_triton": (lambda: gla_chunk(q, k, v, g, d**-0.5, None, 64)[0], (q, k, v, g)),
+        "linear_triton": (lambda: gla_chunk(q, k, v, None, d**-0.5, None, 64)[0], (q, k, v)),
+        "gated_delta_triton": (
+            lambda: delta_chunk(q, kn, v, beta, g, d**-0.5, None, 64)[0],
+            (q, kn, v, beta, g),
+        ),
+    }
+    out: dict[str, Any] = {"B": b, "H": h, "N": n, "D": d}
+    for name, (fn, wrt) in fns.items():
+        try:
+            with torch.no_grad():
+                fwd = _time(fn)
+            fb = _time(lambda fn=fn, wrt=wrt: torch.autograd.grad(fn(), wrt, do))
+            out[name] = {"fwd_ms": fwd, "fwd_bwd_ms": fb}
+        except Exception as e:  # record and go on
+            out[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--budget", type=float, default=240.0, help="seconds after which no new case starts")
+    args = ap.parse_args()
+    start = time.perf_counter()
+    import triton
+
+    result: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                              "triton": triton.__version__, "checks": [], "timings": []}  # fmt: skip
+    cases = [
+        ("gla", 2, 4, 4096, 128, torch.bfloat16, 64),
+        ("gated_delta", 2, 4, 4096, 128, torch.bfloat16, 64),
+        ("lightning", 2, 4, 4096, 128, torch.bfloat16, 64),
+        ("linear", 2, 4, 4096, 128, torch.bfloat16, 64),
+        ("gla", 1, 2, 1000, 64, torch.float32, 32),
+        ("gated_delta", 1, 2, 1000, 64, torch.float32, 16),
+    ]
+    for case in cases:
+        if time.perf_counter() - start > args.budget:
+            result["checks"].append({"skipped": str(case), "why": "budget"})
+            continue
+        try:
+            row = check(*case)
+        except Exception as e:
+            row = {"case": str(case), "error": f"{type(e).__name__}: {e}"[:500]}
+        print(json.dumps(row), flush=True)
+        result["checks"].append(row)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    for n in (4096, 16384):
+        if time.perf_counter() - start > args.budget:
+            break
+        row = timings(2, 4, n, 128)
+        print(json.dumps(row), flush=True)
+        result["timings"].append(row)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
