@@ -1,4 +1,4 @@
-"""The ``attnlab`` command: list | verify | bench | report."""
+"""The ``attnlab`` command: list | verify | bench | report | train."""
 
 from __future__ import annotations
 
@@ -282,6 +282,50 @@ def report(
         raise typer.Exit(1)
     path = write_report(db, out or db.parent, run)
     console.print(f"report: {path}")
+
+
+@app.command()
+def train(
+    out: Annotated[Path, typer.Option(help="training folder: step-* checkpoints, LATEST, and final/")],
+    preset: Annotated[
+        str, typer.Option(help="micro (2-core CPU, minutes, 2K tokens) or small (one GPU)")
+    ] = "micro",
+    config: Annotated[
+        Path | None, typer.Option(help="JSON file of settings over the preset (keys of TrainConfig)")
+    ] = None,
+    max_seconds: Annotated[
+        float | None, typer.Option(help="stop (saving a checkpoint) after this many seconds of the run")
+    ] = None,
+    eval_samples: Annotated[
+        int | None, typer.Option(help="samples per task and length in the final evaluation (0: none)")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="continue from the latest checkpoint in --out")] = True,
+) -> None:
+    """Train an organism (a small Llama causal LM) on the offline corpus and the long-context tasks."""
+    from attnlab.organisms.config import TrainConfig
+    from attnlab.organisms.config import preset as named
+    from attnlab.organisms.errors import CheckpointError, ConfigError
+    from attnlab.organisms.train import train as run_train
+
+    try:
+        cfg = named(preset)
+        if config is not None:
+            cfg = TrainConfig.from_dict(json.loads(config.read_text()), base=cfg)
+        overrides = {"max_seconds": max_seconds, "eval_samples": eval_samples}
+        cfg = TrainConfig.from_dict({k: v for k, v in overrides.items() if v is not None}, base=cfg)
+        console.print(
+            f"attnlab train {cfg.name}: {cfg.total_steps} steps, lengths "
+            f"{[s.length for s in cfg.stages]} -> {out}/"
+        )
+        result = run_train(cfg, out, resume=resume, progress=True, log=lambda s: console.print(escape(s)))
+    except (ConfigError, CheckpointError, json.JSONDecodeError) as e:
+        console.print(f"[red]error[/red]: {escape(str(e))}")
+        raise typer.Exit(2) from e
+    state = result.state
+    console.print(
+        f"{state['step']} steps, {state['tokens']:,} tokens; held-out loss {state['heldout']['loss']:.3f} -> "
+        f"{result.folder} (model card: {result.folder / 'README.md'})"
+    )
 
 
 def main() -> None:

@@ -1,0 +1,356 @@
+"""``attnlab train``: a Llama-architecture causal LM trained from scratch on the offline corpus mixed with
+the long-context tasks, with a length curriculum.
+
+- The model is built from a ``transformers.LlamaConfig`` (:meth:`ModelConfig.llama_config`), never
+  downloaded; so the Hugging Face path that evaluation uses is the real one.
+- Each step's batch is drawn from ``random.Random(f"{seed}:batch:{step}")``: a resumed run sees the same
+  batches as an uninterrupted one, and no random state needs saving.
+- Corpus rows are windows of the training split's token stream (documents separated by the end-of-text
+  token), trained on every token; task rows are samples at the stage's length with haystack from the
+  training split, trained on their answer and end-of-text token only. The loss is the corpus rows' mean
+  token cross-entropy plus ``task_loss_weight`` times the task rows' (each over its own tokens).
+- Checkpoints every ``checkpoint_every`` steps, at the end and when ``max_seconds`` runs out (see
+  :mod:`attnlab.organisms.checkpoint`); resuming reloads the latest, with its tokenizer and optimizer.
+- At the end: task accuracy per task and length on held-out haystack, held-out loss, and the final
+  folder ``OUT/final`` (weights, tokenizer, ``training.json``, model card ``README.md``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from attnlab.organisms import checkpoint as ckpt
+from attnlab.organisms.config import TrainConfig
+from attnlab.organisms.corpus import Corpus, build_corpus, prose
+from attnlab.organisms.errors import CheckpointError, ConfigError
+from attnlab.organisms.evaluate import TRAIN_SEED_BASE, heldout_loss, task_accuracy
+from attnlab.organisms.tasks import TaskContext, generate
+from attnlab.organisms.tokenizer import encode, encode_batch, load_tokenizer, train_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+#: fields of a config that a resumed run must share with its checkpoint (the rest may change)
+FIXED_ON_RESUME = ("model", "corpus", "tasks", "seed")
+IGNORE = -100
+
+
+@dataclass
+class Data:
+    corpus: Corpus
+    tokenizer: PreTrainedTokenizerFast
+    train_ids: torch.Tensor
+    heldout_ids: list[int]
+    train_ctx: TaskContext
+    eval_ctx: TaskContext
+    #: per training length, the tasks whose sample fits it (a too-short stage trains the others)
+    fits: dict[int, tuple[str, ...]]
+
+
+@dataclass
+class TrainResult:
+    """Where the final model went, and what ``training.json`` holds."""
+
+    folder: Path
+    state: dict[str, Any]
+
+
+def prepare_data(cfg: TrainConfig, tokenizer: PreTrainedTokenizerFast | None = None) -> Data:
+    """Build the corpus, train the tokenizer (unless given), tokenize, and set up the task haystacks."""
+    corpus = build_corpus(cfg.corpus)
+    if tokenizer is None:
+        tokenizer = train_tokenizer((d.text for d in corpus.train), cfg.model.vocab_size)
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for ids in encode_batch(tokenizer, [d.text for d in corpus.train]):
+        stream += ids
+        stream.append(eos)
+    heldout: list[int] = []
+    for ids in encode_batch(tokenizer, [d.text for d in prose(corpus.heldout)]):
+        heldout += [*ids, eos]
+    train_ctx = TaskContext(tokenizer, [d.text for d in prose(corpus.train)])
+    fits = {s.length: tuple(t for t in cfg.tasks if task_fits(train_ctx, t, s.length)) for s in cfg.stages}
+    return Data(
+        corpus,
+        tokenizer,
+        torch.tensor(stream, dtype=torch.long),
+        heldout,
+        train_ctx,
+        TaskContext(tokenizer, [d.text for d in prose(corpus.heldout)]),
+        fits,
+    )
+
+
+def task_fits(ctx: TaskContext, task: str, length: int) -> bool:
+    """Whether ``task`` can make a sample of ``length`` tokens (its fixed text fits, the haystack suffices)."""
+    try:
+        generate(task, ctx, length, TRAIN_SEED_BASE)
+    except ConfigError:
+        return False
+    return True
+
+
+def make_batch(cfg: TrainConfig, data: Data, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input ids, next-token labels with -100 where untrained, is-task row flags) for ``step``, each
+    (batch, length) / (batch,)."""
+    stage = cfg.stage_at(step)
+    rng = random.Random(f"{cfg.seed}:batch:{step}")
+    b, n = stage.batch, stage.length
+    tasks = data.fits.get(n) or tuple(t for t in cfg.tasks if task_fits(data.train_ctx, t, n))
+    n_task = round(b * cfg.task_share) if tasks else 0
+    x = torch.full((b, n), data.tokenizer.pad_token_id, dtype=torch.long)
+    y = torch.full((b, n), IGNORE, dtype=torch.long)
+    for row in range(b):
+        if row < n_task:
+            task = tasks[rng.randrange(len(tasks))]
+            s = generate(task, data.train_ctx, n, TRAIN_SEED_BASE + rng.randrange(10**9))
+            prompt = encode(data.tokenizer, s.prompt)
+            seq = prompt + encode(data.tokenizer, s.answer) + [data.tokenizer.eos_token_id]
+            m = len(seq) - 1
+            x[row, :m] = torch.tensor(seq[:-1])
+            y[row, len(prompt) - 1 : m] = torch.tensor(seq[len(prompt) :])
+        else:
+            start = rng.randrange(len(data.train_ids) - n - 1)
+            x[row] = data.train_ids[start : start + n]
+            y[row] = data.train_ids[start + 1 : start + n + 1]
+    is_task = torch.arange(b) < n_task
+    return x, y, is_task
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up to ``lr`` over ``warmup`` steps, then cosine decay to ``lr * min_lr_ratio``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.total_steps - cfg.warmup)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def losses(
+    model: LlamaForCausalLM, x: torch.Tensor, y: torch.Tensor, is_task: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(corpus loss, task loss): mean cross-entropy over the trained tokens of each kind of row (None when
+    the batch has no such row). Logits are computed only where a label is trained."""
+    hidden = model.model(input_ids=x).last_hidden_state
+    out: list[torch.Tensor | None] = []
+    for rows in (~is_task, is_task):
+        mask = (y != IGNORE) & rows[:, None]
+        if not bool(mask.any()):
+            out.append(None)
+            continue
+        logits = model.lm_head(hidden[mask]).float()
+        out.append(torch.nn.functional.cross_entropy(logits, y[mask]))
+    return out[0], out[1]
+
+
+def build_model(cfg: TrainConfig) -> LlamaForCausalLM:
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    return LlamaForCausalLM(cfg.model.llama_config())
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.AdamW:
+    """AdamW, weight decay on matrices only."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    rest = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def _check_resume(cfg: TrainConfig, stored: dict[str, Any], folder: Path) -> None:
+    now = cfg.to_dict()
+    for key in FIXED_ON_RESUME:
+        if json.loads(json.dumps(now[key])) != stored["config"][key]:
+            raise CheckpointError(
+                f"cannot resume from {folder}: its config's {key!r} is {stored['config'][key]!r}, this run's "
+                f"is {now[key]!r}; use the same {key}, or a fresh --out folder"
+            )
+
+
+def train(
+    cfg: TrainConfig,
+    out: str | Path,
+    resume: bool = True,
+    progress: bool = False,
+    log: Callable[[str], None] = lambda s: None,
+) -> TrainResult:
+    """Train (or resume) the organism described by ``cfg`` into the folder ``out``; see the module
+    docstring. ``max_seconds`` counts from this call (data preparation included, final evaluation
+    excluded). ``progress``: draw a progress bar with the loss and tokens/s."""
+    from attnlab.organisms.card import model_card
+
+    cfg = cfg.validate()
+    out = Path(out)
+    started = time.perf_counter()
+    latest = ckpt.latest_checkpoint(out) if resume else None
+    if latest is None and ckpt.step_folders(out):
+        raise CheckpointError(f"{out} already holds checkpoints; resume, or choose a fresh --out folder")
+    state: dict[str, Any]
+    if latest is not None:
+        stored = ckpt.read_state(latest)
+        _check_resume(cfg, stored, latest)
+        log(f"resuming from {latest} (step {stored['step']})")
+        data = prepare_data(cfg, load_tokenizer(latest))
+        if data.corpus.fingerprint != stored["data"]["fingerprint"]:
+            raise CheckpointError(
+                f"cannot resume from {latest}: the corpus built here (fingerprint {data.corpus.fingerprint}) "
+                f"differs from the one it was trained on ({stored['data']['fingerprint']}); the installed "
+                "packages changed. Train into a fresh --out folder."
+            )
+        model, _ = ckpt.load_organism(latest)
+        model.train()
+        optimizer = build_optimizer(cfg, model)
+        ckpt.load_optimizer(optimizer, latest, stored.pop("optimizer_param_groups"))
+        state = {**stored, "config": cfg.to_dict()}
+    else:
+        data = prepare_data(cfg)
+        model = build_model(cfg)
+        optimizer = build_optimizer(cfg, model)
+        state = {
+            "config": cfg.to_dict(),
+            "step": 0,
+            "tokens": 0,
+            "train_seconds": 0.0,
+            "curve": [],
+            "data": data.corpus.summary(),
+            "parameters": sum(p.numel() for p in model.parameters()),
+        }
+    log(
+        f"corpus {data.corpus.fingerprint}: {len(data.train_ids)} training tokens, "
+        f"{len(data.heldout_ids)} held-out tokens; prepared in {time.perf_counter() - started:.1f} s"
+    )
+    stopped = _loop(cfg, data, model, optimizer, state, out, started, progress)
+    if stopped:
+        log(f"stopped at step {state['step']} of {cfg.total_steps}: max_seconds={cfg.max_seconds} ran out")
+    state["stopped_early"] = stopped
+    model.eval()
+    if cfg.eval_samples:
+        state["task_accuracy"] = _evaluate(cfg, data, model, progress)
+    ctx_len = max(s.length for s in cfg.stages)
+    loss = heldout_loss(model, data.heldout_ids, ctx_len, windows=8)
+    state["heldout"] = {"loss": loss, "perplexity": math.exp(loss), "length": ctx_len, "windows": 8}
+    state["environment"] = {
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "device": "cpu",
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
+    folder = ckpt.write_model(out / "final", model, data.tokenizer, state, model_card(cfg, state))
+    return TrainResult(folder, state)
+
+
+def _loop(
+    cfg: TrainConfig,
+    data: Data,
+    model: LlamaForCausalLM,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    out: Path,
+    started: float,
+    progress: bool,
+) -> bool:
+    """Run the remaining steps; True when ``max_seconds`` stopped it early."""
+    bar, task = _bar(progress, "train", cfg.total_steps, state["step"])
+    model.train()
+    stopped = False
+    try:
+        while state["step"] < cfg.total_steps:
+            step = state["step"]
+            t0 = time.perf_counter()
+            x, y, is_task = make_batch(cfg, data, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(cfg, step)
+            corpus_loss, task_loss = losses(model, x, y, is_task)
+            parts = [
+                p
+                for p in (corpus_loss, None if task_loss is None else cfg.task_loss_weight * task_loss)
+                if p is not None
+            ]
+            loss = torch.stack(parts).sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            dt = time.perf_counter() - t0
+            state["step"] = step + 1
+            state["tokens"] += x.numel()
+            state["train_seconds"] += dt
+            state["curve"].append(
+                {
+                    "step": step + 1,
+                    "length": x.shape[1],
+                    "loss": float(loss.detach()),
+                    "corpus_loss": None if corpus_loss is None else float(corpus_loss.detach()),
+                    "task_loss": None if task_loss is None else float(task_loss.detach()),
+                    "tokens_per_s": x.numel() / dt,
+                }
+            )
+            if bar is not None:
+                bar.update(task, advance=1, loss=f"{float(loss.detach()):.3f}", tps=f"{x.numel() / dt:,.0f}")
+            over = cfg.max_seconds is not None and time.perf_counter() - started > cfg.max_seconds
+            if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.total_steps or over:
+                ckpt.save_checkpoint(
+                    out, state["step"], model, data.tokenizer, optimizer, state, cfg.keep_checkpoints
+                )
+            if over and state["step"] < cfg.total_steps:
+                stopped = True
+                break
+    finally:
+        if bar is not None:
+            bar.stop()
+    return stopped
+
+
+def _evaluate(
+    cfg: TrainConfig, data: Data, model: LlamaForCausalLM, progress: bool
+) -> dict[str, dict[str, float]]:
+    total = len(cfg.tasks) * len(cfg.eval_lengths) * cfg.eval_samples
+    bar, task = _bar(progress, "evaluate", total, 0)
+    try:
+        acc = task_accuracy(
+            model,
+            data.eval_ctx,
+            cfg.tasks,
+            cfg.eval_lengths,
+            cfg.eval_samples,
+            advance=(lambda: bar.advance(task)) if bar is not None else None,
+        )
+    finally:
+        if bar is not None:
+            bar.stop()
+    return {t: {str(n): a for n, a in per.items()} for t, per in acc.items()}
+
+
+def _bar(show: bool, name: str, total: int, done: int) -> tuple[Any, Any]:
+    if not show:
+        return None, None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(
+        TextColumn(name),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s"),
+        TimeElapsedColumn(),
+    )
+    task = bar.add_task(name, total=total, completed=done, loss="-", tps="-")
+    bar.start()
+    return bar, task
+
+
+def replace(cfg: TrainConfig, **changes: Any) -> TrainConfig:
+    """``cfg`` with ``changes`` (validated)."""
+    return dataclasses.replace(cfg, **changes).validate()
