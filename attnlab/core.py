@@ -208,6 +208,8 @@ class Backend(ABC):
     name: str = "?"
     summary: str = ""
     caps: Capabilities = Capabilities()
+    #: a Triton kernel: on a CPU it runs only in Triton's interpreter (tests give it tiny shapes)
+    triton: bool = False
 
     def reasons(self, call: Call) -> list[str]:
         """Refusals beyond the declared capabilities (e.g. a device-specific limit). Default: none."""

@@ -29,7 +29,7 @@ def verify_cases(
         if methods is not None and name not in methods:
             continue
         for backend in spec.backends:
-            tiny = device.type == "cpu" and backend.name == "triton"
+            tiny = device.type == "cpu" and backend.triton
             lengths = ((17, 17), (9, 30)) if tiny else ((257, 257), (63, 257))
             for case in cases_for(
                 spec,

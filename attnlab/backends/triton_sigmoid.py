@@ -20,6 +20,7 @@ def _imported_interpreted() -> bool | None:
 
 class TritonSigmoidBackend(Backend):
     name = "triton"
+    triton = True
     summary = "attnlab's FlashSigmoid Triton kernels (fwd + bwd; CPU only under TRITON_INTERPRET=1)"
     caps = Capabilities(max_head_dim=256, same_v_dim=True, where="GPU; CPU via Triton's interpreter")
 

@@ -33,12 +33,15 @@ class Plan:
       computed; in a partial tile, the pairs where ``mask_mod(b, h, q_idx, kv_idx)`` is True (the
       FlexAttention convention; positions are absolute token indices).
     - ``columns``: optional int32 (Bp, Hp, NQB, C): key tokens every query of a block also visits
-      (MInference's vertical lines), -1 padding; not used by static plans.
+      (MInference's vertical lines), -1 padding; not used by static plans. A column counts only outside
+      the tiles its query block visits (inside one, the tile's own rule decides), and when causal only
+      where ``j <= p``.
     - ``allowed_count``: the exact number of computed pairs per (Bp, Hp) when the producer counted them
       (static plans), else None.
     - ``kind``: "static" (from a mask and shapes; cacheable) or "dynamic" (estimated from q, k).
 
-    The token mask of the plan is ``full | (partial & mask_mod) | column hits``; every quantity below is
+    The token mask of the plan is ``full | (partial & mask_mod) | column hits outside visited tiles``
+    (partial tiles also stop at the matrix's edges); every quantity below is
     derived from it, so density, recall, the dense mask and the kernels' tables cannot disagree.
     """
 
@@ -104,6 +107,8 @@ class Plan:
             cols_tok = self.columns[:, :, rows].long()  # (Bp, Hp, N_q, C)
             valid = cols_tok >= 0
             hit.scatter_(-1, cols_tok.clamp_min(0), valid)
+            visited = (self.full | self.partial)[:, :, rows][:, :, :, cols]
+            hit &= ~visited
             if self.causal:
                 pos = torch.arange(self.n_q, device=dev)[:, None] + (self.n_k - self.n_q)
                 hit &= torch.arange(self.n_k, device=dev)[None, :] <= pos

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session on the lent H100: install carried wheels, record the environment, then run the steps
-# named as arguments (kernel | probe | tune | tests | verify | bench | fidelity | hotpath | graph). Results go under $OUT. Pass the commit with
+# named as arguments (kernel | probe | tune | tests | verify | bench | fidelity | hotpath | graph | bsbench). Results go under $OUT. Pass the commit with
 # `git describe --always --dirty > ATTNLAB_COMMIT` before the call and carry that file (the device copy of the tree has no .git); WHEELS names the
 # carried wheel folder (default .whl; .whl-gpu leaves out matplotlib's family to fit the 64 MiB carry: bench --no-report).
 set -uo pipefail
@@ -23,6 +23,7 @@ for step in "$@"; do
     fidelity) timeout ${FIDELITY_TIMEOUT:-200} python3 -m attnlab bench --device cuda --no-efficiency --workloads random --out "$OUT/bench-fidelity" 2>&1 | tee "$OUT/bench-fidelity.log" | tail -30 ;;
     hotpath) timeout ${HOTPATH_TIMEOUT:-500} python3 benchmarks/hotpath.py --out "$OUT/hotpath" ${HOTPATH_ARGS:-} 2>&1 | tee "$OUT/hotpath.log" | tail -40 ;;
     graph) timeout ${GRAPH_TIMEOUT:-300} python3 -m pytest tests/test_cuda_graph.py -v -p no:cacheprovider --tb=short 2>&1 | tee "$OUT/pytest_cuda_graph.log" | tail -15 ;;
+    bsbench) timeout ${BSBENCH_TIMEOUT:-540} python3 benchmarks/block_sparse_bench.py --out "$OUT/block_sparse" ${BSBENCH_ARGS:-} 2>&1 | tee "$OUT/block_sparse.log" | tail -40 ;;
     *) echo "unknown step $step" ;;
   esac
 done

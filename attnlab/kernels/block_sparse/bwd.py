@@ -1,0 +1,230 @@
+"""Block-sparse FlashAttention backward (Triton): the forward's tiles, recomputed from the saved lse.
+
+With P = exp(scale q k^T - lse) on the plan's pairs (0 elsewhere) and Delta_i = sum_d dO_id O_id:
+dV = P^T dO, dS = P (dO V^T - Delta), dQ = scale dS K, dK = scale dS^T Q.
+
+- ``block_sparse_bwd_dq_kernel``: grid (cdiv(N_q, BLOCK_M), B * H), the forward's iteration (partial
+  tiles, full tiles, token columns) accumulating dQ. Token columns have no transposed table: their dK and
+  dV contributions are added here with fp32 atomics into DKC / DVC (B, H_kv, N_k, D), when HAS_COLS.
+- ``block_sparse_bwd_dkdv_kernel``: grid (cdiv(N_k, BLOCK_N), B * H_kv); for each query head of the
+  kv head's GQA group, the query blocks of the transposed tables (partial with their pattern, then full)
+  in BLOCK_M steps; dK and dV summed over the group in registers.
+
+Rows with no allowed key (lse = -inf) take lse = +inf, so their P is 0 (no NaN).
+"""
+
+import triton
+import triton.language as tl
+
+from attnlab.kernels.block_sparse.common import dot, load_kv, rounded, table_offset
+
+LENGTH_ARGS = ["N_Q", "N_K", "OFFSET"]
+
+
+@triton.jit
+def _lse2(LSE, row_base, offs_m, N_Q):
+    """The saved natural-log lse of rows offs_m in base 2; +inf for rows without keys or past N_q."""
+    lse = tl.load(LSE + row_base + offs_m, mask=offs_m < N_Q, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    return lse * 1.4426950408889634
+
+
+@triton.jit
+def _dq_step(dq, q, do, lse2, delta, k, v, qk_scale, keep, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
+             UPCAST: tl.constexpr):  # fmt: skip
+    s = dot(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
+    p = tl.exp2(s - lse2[:, None])
+    if MASKED:
+        p = tl.where(keep, p, 0.0)
+    dp = dot(do, tl.trans(v), DOT_PREC, UPCAST)
+    ds = p * (dp - delta[:, None])
+    if UPCAST:
+        dq = tl.dot(ds, k.to(tl.float32), dq, input_precision="ieee")
+    else:
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+    return dq, p, ds
+
+
+@triton.jit(do_not_specialize=LENGTH_ARGS)
+def block_sparse_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, DKC, DVC,
+    P_NUM, P_IDX, P_PAT, F_NUM, F_IDX, C_NUM, C_IDX, PATTERNS,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dqb, stride_dqh, stride_dqn,
+    s_pn, s_pi, s_fn, s_fi, s_cn, s_ci,
+    H, GROUP, N_Q, N_K, OFFSET, HEAD_D, qk_scale, scale, PLAN_H, HEAD_DIV,
+    PLAN_B: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_COLS: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    EVEN_D: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    hk = h // GROUP
+    start_m = pid_m * BLOCK_M
+    row = start_m // BLOCK_Q
+    rows_sub = start_m % BLOCK_Q + tl.arange(0, BLOCK_M)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rmask = (offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_D)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :], mask=rmask,
+                other=0.0)  # fmt: skip
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
+                 mask=rmask, other=0.0)  # fmt: skip
+    row_base = pid_bh.to(tl.int64) * N_Q
+    lse2 = _lse2(LSE, row_base, offs_m, N_Q)
+    delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < N_Q, other=0.0)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    t_pn, t_pi = table_offset(b, h, row, s_pn, s_pi, PLAN_B, PLAN_H, HEAD_DIV)
+    n_partial = tl.load(P_NUM + t_pn)
+    for t in range(n_partial):
+        kb = tl.load(P_IDX + t_pi + t)
+        pat = tl.load(P_PAT + t_pi + t).to(tl.int64)
+        for sub in tl.static_range(0, BLOCK_K, BLOCK_N):
+            offs_n = kb * BLOCK_K + sub + tl.arange(0, BLOCK_N)
+            k, v = load_kv(k_base, v_base, stride_kn, stride_vn, offs_n, offs_d, N_K, HEAD_D, False, EVEN_D)
+            cols_sub = sub + tl.arange(0, BLOCK_N)
+            keep = tl.load(
+                PATTERNS + pat * (BLOCK_Q * BLOCK_K) + rows_sub[:, None] * BLOCK_K + cols_sub[None, :]
+            )
+            dq, p, ds = _dq_step(dq, q, do, lse2, delta, k, v, qk_scale, keep != 0, True, DOT_PREC, UPCAST)
+
+    t_fn, t_fi = table_offset(b, h, row, s_fn, s_fi, PLAN_B, PLAN_H, HEAD_DIV)
+    n_full = tl.load(F_NUM + t_fn)
+    for t in range(n_full):
+        kb = tl.load(F_IDX + t_fi + t)
+        for sub in tl.static_range(0, BLOCK_K, BLOCK_N):
+            offs_n = kb * BLOCK_K + sub + tl.arange(0, BLOCK_N)
+            k, v = load_kv(k_base, v_base, stride_kn, stride_vn, offs_n, offs_d, N_K, HEAD_D, True, EVEN_D)
+            dq, p, ds = _dq_step(dq, q, do, lse2, delta, k, v, qk_scale, offs_n[None, :] >= 0, False, DOT_PREC,
+                                 UPCAST)  # fmt: skip
+
+    if HAS_COLS:
+        t_cn, t_ci = table_offset(b, h, row, s_cn, s_ci, PLAN_B, PLAN_H, HEAD_DIV)
+        n_cols = tl.load(C_NUM + t_cn)
+        col_base = (b * (H // GROUP) + hk) * N_K * HEAD_D
+        for c0 in range(0, n_cols, BLOCK_N):
+            offs_c = c0 + tl.arange(0, BLOCK_N)
+            idx = tl.load(C_IDX + t_ci + offs_c, mask=offs_c < n_cols, other=-1)
+            valid = idx >= 0
+            k, v = load_kv(k_base, v_base, stride_kn, stride_vn, idx, offs_d, N_K, HEAD_D, False, EVEN_D)
+            keep = valid[None, :]
+            if CAUSAL:
+                keep = keep & (idx[None, :] <= offs_m[:, None] + OFFSET)
+            dq, p, ds = _dq_step(dq, q, do, lse2, delta, k, v, qk_scale, keep, True, DOT_PREC, UPCAST)
+            if UPCAST:
+                dv_c = tl.dot(tl.trans(p), do.to(tl.float32), input_precision="ieee")
+                dk_c = tl.dot(tl.trans(ds), q.to(tl.float32), input_precision="ieee") * scale
+            else:
+                dv_c = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
+                dk_c = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC) * scale
+            cptr = col_base + idx[:, None].to(tl.int64) * HEAD_D + offs_d[None, :]
+            cmask = valid[:, None] & (offs_d[None, :] < HEAD_D)
+            tl.atomic_add(DVC + cptr, dv_c, mask=cmask)
+            tl.atomic_add(DKC + cptr, dk_c, mask=cmask)
+
+    dq = dq * scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
+             rounded(dq, DQ.dtype.element_ty, UPCAST), mask=rmask)  # fmt: skip
+
+
+@triton.jit
+def _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, keep_t, MASKED: tl.constexpr,
+               DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+    """dK/dV of one (BLOCK_N keys) x (BLOCK_M queries) step, in transposed form (rows are keys)."""
+    s_t = dot(k, tl.trans(q), DOT_PREC, UPCAST) * qk_scale
+    p_t = tl.exp2(s_t - lse2[None, :])
+    if MASKED:
+        p_t = tl.where(keep_t, p_t, 0.0)
+    dp_t = dot(v, tl.trans(do), DOT_PREC, UPCAST)
+    ds_t = p_t * (dp_t - delta[None, :])
+    if UPCAST:
+        dv = tl.dot(p_t, do.to(tl.float32), dv, input_precision="ieee")
+        dk = tl.dot(ds_t, q.to(tl.float32), dk, input_precision="ieee")
+    else:
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=LENGTH_ARGS)
+def block_sparse_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    TP_NUM, TP_IDX, TP_PAT, TF_NUM, TF_IDX, PATTERNS,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    s_pn, s_pi, s_fn, s_fi,
+    H_KV, GROUP, N_Q, N_K, OFFSET, HEAD_D, qk_scale, scale, PLAN_H, HEAD_DIV,
+    PLAN_B: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    b = (pid_bk // H_KV).to(tl.int64)
+    hk = (pid_bk % H_KV).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    col = start_n // BLOCK_K
+    cols_sub = start_n % BLOCK_K + tl.arange(0, BLOCK_N)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k, v = load_kv(K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh, stride_kn, stride_vn,
+                   offs_n, offs_d, N_K, HEAD_D, False, EVEN_D)  # fmt: skip
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    H = H_KV * GROUP
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        row_base = (b * H + h) * N_Q
+        t_pn, t_pi = table_offset(b, h, col, s_pn, s_pi, PLAN_B, PLAN_H, HEAD_DIV)
+        n_partial = tl.load(TP_NUM + t_pn)
+        for t in range(n_partial):
+            qb = tl.load(TP_IDX + t_pi + t)
+            pat = tl.load(TP_PAT + t_pi + t).to(tl.int64)
+            for sub in tl.static_range(0, BLOCK_Q, BLOCK_M):
+                offs_m = qb * BLOCK_Q + sub + tl.arange(0, BLOCK_M)
+                rows_sub = sub + tl.arange(0, BLOCK_M)
+                rmask = (offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_D)
+                q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=rmask, other=0.0)
+                do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :], mask=rmask, other=0.0)
+                lse2 = _lse2(LSE, row_base, offs_m, N_Q)
+                delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < N_Q, other=0.0)
+                keep_t = tl.load(PATTERNS + pat * (BLOCK_Q * BLOCK_K) + rows_sub[None, :] * BLOCK_K
+                                 + cols_sub[:, None])  # fmt: skip
+                dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, keep_t != 0, True, DOT_PREC,
+                                    UPCAST)  # fmt: skip
+        t_fn, t_fi = table_offset(b, h, col, s_fn, s_fi, PLAN_B, PLAN_H, HEAD_DIV)
+        n_full = tl.load(TF_NUM + t_fn)
+        for t in range(n_full):
+            qb = tl.load(TF_IDX + t_fi + t)
+            for sub in tl.static_range(0, BLOCK_Q, BLOCK_M):
+                offs_m = qb * BLOCK_Q + sub + tl.arange(0, BLOCK_M)
+                rmask = (offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_D)
+                q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=rmask, other=0.0)
+                do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :], mask=rmask, other=0.0)
+                lse2 = _lse2(LSE, row_base, offs_m, N_Q)
+                delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < N_Q, other=0.0)
+                dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, offs_m[None, :] >= 0, False,
+                                    DOT_PREC, UPCAST)  # fmt: skip
+    dk = dk * scale
+    nmask = (offs_n[:, None] < N_K) & (offs_d[None, :] < HEAD_D)
+    tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+             rounded(dk, DK.dtype.element_ty, UPCAST), mask=nmask)  # fmt: skip
+    tl.store(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+             rounded(dv, DV.dtype.element_ty, UPCAST), mask=nmask)  # fmt: skip

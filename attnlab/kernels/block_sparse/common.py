@@ -1,0 +1,80 @@
+"""Triton helpers shared by the block-sparse forward and backward kernels."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def dot(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """tl.dot with an fp32 accumulator. UPCAST computes in fp32 (Triton's CPU interpreter multiplies
+    bf16 tiles as raw integers, so interpreted bf16 runs upcast the already-rounded operands)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=DOT_PREC)
+
+
+@triton.jit
+def table_offset(b, h, row, s_num, s_idx, PLAN_B: tl.constexpr, PLAN_H, HEAD_DIV):
+    """Offsets of (b, h, row) in a count table (Bp, Hp, R) and an index table (Bp, Hp, R, W) (contiguous;
+    ``s_num`` = R, ``s_idx`` = W). A plan batch of 1 broadcasts; query head h reads plan head
+    ``h // HEAD_DIV`` (HEAD_DIV = H / Hp: 1 for per-head plans, the GQA group for per-kv-head plans, H for
+    one plan shared by all heads)."""
+    pb = b if PLAN_B > 1 else 0
+    ph = h // HEAD_DIV
+    cell = (pb * PLAN_H + ph) * s_num + row
+    return cell, cell * s_idx
+
+
+@triton.jit
+def load_kv(
+    k_base, v_base, stride_kn, stride_vn, offs_n, offs_d, N_K, HEAD_D, IN_RANGE: tl.constexpr,
+    EVEN_D: tl.constexpr,
+):  # fmt: skip
+    """K and V rows ``offs_n`` (BLOCK_N, BLOCK_D); rows outside [0, N_K) and columns >= HEAD_D read as 0
+    (IN_RANGE: every row is known to be inside, no row mask)."""
+    k_ptrs = k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :]
+    v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :]
+    if IN_RANGE:
+        if EVEN_D:
+            return tl.load(k_ptrs), tl.load(v_ptrs)
+        else:
+            dmask = offs_d[None, :] < HEAD_D
+            return tl.load(k_ptrs, mask=dmask, other=0.0), tl.load(v_ptrs, mask=dmask, other=0.0)
+    else:
+        m = (offs_n[:, None] >= 0) & (offs_n[:, None] < N_K) & (offs_d[None, :] < HEAD_D)
+        return tl.load(k_ptrs, mask=m, other=0.0), tl.load(v_ptrs, mask=m, other=0.0)
+
+
+@triton.jit
+def attend(acc, m_i, l_i, q, k, v, qk_scale, keep, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
+           UPCAST: tl.constexpr):  # fmt: skip
+    """One online-softmax step (base 2): scores s = qk_scale * q k^T (-inf where ``keep`` is False when
+    MASKED); returns the updated (acc, running max, running sum). A row with no key so far keeps
+    max = -inf, sum = 0 and acc = 0 (no NaN: exponents are taken against 0 there)."""
+    s = dot(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
+    if MASKED:
+        s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if UPCAST:
+        acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def rounded(x, dtype, UPCAST: tl.constexpr):
+    """fp32 ``x`` converted to ``dtype`` rounding to nearest even. Under UPCAST (bf16 in Triton's CPU
+    interpreter, whose conversion truncates) the rounding is done on the bits first."""
+    if UPCAST:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        return bits.to(tl.float32, bitcast=True).to(dtype)
+    else:
+        return x.to(dtype)

@@ -1,0 +1,120 @@
+"""Block-sparse FlashAttention forward (Triton): visits only the tiles and token columns of a plan.
+
+Grid: (cdiv(N_q, BLOCK_M), B * H). Program (m, b*h) computes query rows [m*BLOCK_M, (m+1)*BLOCK_M) of
+head h, which lie in plan row ``r = m*BLOCK_M // BLOCK_Q`` (BLOCK_M divides BLOCK_Q). With the plan's
+tables at (b | 0, h | 0, r) (strides 0 where the plan broadcasts), it runs an online softmax (base 2,
+fp32 running max, sum and accumulator) over:
+
+1. the partial tiles: key block ``kb`` with pattern ``u``; a score counts where
+   ``PATTERNS[u, i % BLOCK_Q, j % BLOCK_K]`` is 1 (positions past N_k are 0 there);
+2. the full tiles: no mask (they lie inside the matrix by the tables' convention);
+3. the token columns, BLOCK_N at a time, gathered rows of K and V; -1 padding and, when CAUSAL, keys
+   past the query's position ``i + OFFSET`` are masked.
+
+Each plan tile of BLOCK_K keys is read in BLOCK_K // BLOCK_N steps. GQA: head h reads kv head h // GROUP.
+Output: O = acc / l (0 where no key counted) and lse = m + log(l) in natural log (-inf there).
+"""
+
+import triton
+import triton.language as tl
+
+from attnlab.kernels.block_sparse.common import attend, load_kv, rounded, table_offset
+
+LENGTH_ARGS = ["N_Q", "N_K", "OFFSET"]
+
+
+@triton.jit(do_not_specialize=LENGTH_ARGS)
+def block_sparse_fwd_kernel(
+    Q, K, V, O, LSE,
+    P_NUM, P_IDX, P_PAT, F_NUM, F_IDX, C_NUM, C_IDX, PATTERNS,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    s_pn, s_pi, s_fn, s_fi, s_cn, s_ci,
+    H, GROUP, N_Q, N_K, OFFSET, HEAD_D, qk_scale, PLAN_H, HEAD_DIV,
+    PLAN_B: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    hk = h // GROUP
+    start_m = pid_m * BLOCK_M
+    row = start_m // BLOCK_Q
+    sub_m = start_m % BLOCK_Q
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows_sub = sub_m + tl.arange(0, BLOCK_M)
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
+    if EVEN_M and EVEN_D:
+        q = tl.load(q_ptrs)
+    else:
+        q = tl.load(q_ptrs, mask=(offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_D), other=0.0)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # 1. partial tiles (token mask from the pattern)
+    t_pn, t_pi = table_offset(b, h, row, s_pn, s_pi, PLAN_B, PLAN_H, HEAD_DIV)
+    n_partial = tl.load(P_NUM + t_pn)
+    for t in range(n_partial):
+        kb = tl.load(P_IDX + t_pi + t)
+        pat = tl.load(P_PAT + t_pi + t).to(tl.int64)
+        for sub in tl.static_range(0, BLOCK_K, BLOCK_N):
+            start_n = kb * BLOCK_K + sub
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k, v = load_kv(k_base, v_base, stride_kn, stride_vn, offs_n, offs_d, N_K, HEAD_D, False, EVEN_D)
+            cols_sub = sub + tl.arange(0, BLOCK_N)
+            keep = tl.load(
+                PATTERNS + pat * (BLOCK_Q * BLOCK_K) + rows_sub[:, None] * BLOCK_K + cols_sub[None, :]
+            )
+            acc, m_i, l_i = attend(acc, m_i, l_i, q, k, v, qk_scale, keep != 0, True, DOT_PREC, UPCAST)
+
+    # 2. full tiles (no mask)
+    t_fn, t_fi = table_offset(b, h, row, s_fn, s_fi, PLAN_B, PLAN_H, HEAD_DIV)
+    n_full = tl.load(F_NUM + t_fn)
+    for t in range(n_full):
+        kb = tl.load(F_IDX + t_fi + t)
+        for sub in tl.static_range(0, BLOCK_K, BLOCK_N):
+            offs_n = kb * BLOCK_K + sub + tl.arange(0, BLOCK_N)
+            k, v = load_kv(k_base, v_base, stride_kn, stride_vn, offs_n, offs_d, N_K, HEAD_D, True, EVEN_D)
+            acc, m_i, l_i = attend(acc, m_i, l_i, q, k, v, qk_scale, offs_n[None, :] >= 0, False, DOT_PREC,
+                                   UPCAST)  # fmt: skip
+
+    # 3. token columns (gathered rows)
+    t_cn, t_ci = table_offset(b, h, row, s_cn, s_ci, PLAN_B, PLAN_H, HEAD_DIV)
+    n_cols = tl.load(C_NUM + t_cn)
+    for c0 in range(0, n_cols, BLOCK_N):
+        offs_c = c0 + tl.arange(0, BLOCK_N)
+        idx = tl.load(C_IDX + t_ci + offs_c, mask=offs_c < n_cols, other=-1)
+        valid = idx >= 0
+        k, v = load_kv(k_base, v_base, stride_kn, stride_vn, idx, offs_d, N_K, HEAD_D, False, EVEN_D)
+        keep = valid[None, :]
+        if CAUSAL:
+            keep = keep & (idx[None, :] <= offs_m[:, None] + OFFSET)
+        acc, m_i, l_i = attend(acc, m_i, l_i, q, k, v, qk_scale, keep, True, DOT_PREC, UPCAST)
+
+    has = l_i > 0.0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
+    lse_ptrs = LSE + pid_bh.to(tl.int64) * N_Q + offs_m
+    if EVEN_M and EVEN_D:
+        tl.store(o_ptrs, rounded(out, O.dtype.element_ty, UPCAST))
+    else:
+        tl.store(
+            o_ptrs,
+            rounded(out, O.dtype.element_ty, UPCAST),
+            mask=(offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_D),
+        )
+    if EVEN_M:
+        tl.store(lse_ptrs, lse)
+    else:
+        tl.store(lse_ptrs, lse, mask=offs_m < N_Q)

@@ -1,0 +1,284 @@
+"""Launchers, autotune configs and the ``torch.library`` custom ops of the block-sparse executor.
+
+``block_sparse_attention(q, k, v, tables, scale, causal) -> (out, lse)`` is differentiable in q, k, v and
+opaque to ``torch.compile`` (``attnlab::block_sparse_fwd`` / ``attnlab::block_sparse_bwd`` with fake
+rules). ``tables`` are the 13 tensors of :meth:`attnlab.plans.executor.ExecutorTables.as_args` (this
+module never sees a Plan). The lse is an output only: no gradient flows through it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from torch import Tensor
+
+from attnlab.kernels.block_sparse.bwd import block_sparse_bwd_dkdv_kernel, block_sparse_bwd_dq_kernel
+from attnlab.kernels.block_sparse.fwd import block_sparse_fwd_kernel
+from attnlab.kernels.triton_utils import head_block, interpreting
+
+#: Whether this module was imported under TRITON_INTERPRET=1 (its kernels then take CPU tensors only).
+IMPORTED_INTERPRETED = interpreting()
+
+#: Forward / backward candidates (BLOCK_M, BLOCK_N, warps, stages); a config runs only where BLOCK_M divides
+#: the plan's query tile and BLOCK_N its key tile. Under the interpreter one small config.
+FWD_SHAPES = [
+    (128, 64, 4, 3),
+    (128, 64, 8, 2),
+    (128, 128, 8, 2),
+    (64, 64, 4, 3),
+    (64, 32, 4, 2),
+    (32, 32, 4, 2),
+]
+DQ_SHAPES = [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)]
+DKDV_SHAPES = [(64, 128, 8, 2), (64, 64, 4, 3), (32, 128, 4, 3), (32, 64, 4, 2), (32, 32, 4, 2)]
+INTERPRETED_SHAPE = (16, 16, 1, 1)
+#: Tiles of a plan the kernels take: powers of two from 16 to 256 (both sides).
+TILE_SIZES = (16, 32, 64, 128, 256)
+
+
+def _configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    if IMPORTED_INTERPRETED:
+        shapes = [INTERPRETED_SHAPE]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
+    """Configs whose tiles divide the plan's tiles (and, in fp32, tiles of at most 128 x 64)."""
+    args = {**named_args, **kwargs}
+    bq, bk = int(args["BLOCK_Q"]), int(args["BLOCK_K"])  # type: ignore[call-overload]
+    ok = [c for c in configs if bq % c.kwargs["BLOCK_M"] == 0 and bk % c.kwargs["BLOCK_N"] == 0]
+    if args.get("DOT_PREC") == "ieee":
+        ok = [c for c in ok if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64] or ok
+    if not ok:
+        raise ValueError(f"no executor tile divides the plan's ({bq} x {bk}) tiles; plans take {TILE_SIZES}")
+    return ok
+
+
+_KEY = ["HEAD_D", "DOT_PREC", "BLOCK_Q", "BLOCK_K", "PLAN_B"]
+
+
+def _tuned(kernel, shapes, reset=None):  # type: ignore[no-untyped-def]
+    """(autotuned, first-fitting-config) launchers of one kernel."""
+    configs = _configs(shapes)
+    prune = {"early_config_prune": _prune}
+    tuned = triton.autotune(configs, key=_KEY, prune_configs_by=prune, reset_to_zero=reset)(kernel)
+    fixed = triton.autotune(configs, key=_KEY, prune_configs_by={"early_config_prune": _first(prune)},
+                            reset_to_zero=reset)(kernel)  # fmt: skip
+    return tuned, fixed
+
+
+def _first(prune: dict):  # type: ignore[no-untyped-def]
+    def first(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
+        return prune["early_config_prune"](configs, named_args, **kwargs)[:1]
+
+    return first
+
+
+_FWD = _tuned(block_sparse_fwd_kernel, FWD_SHAPES)
+_FWD_ANY = block_sparse_fwd_kernel  # launched with an explicit config
+_DQ = _tuned(block_sparse_bwd_dq_kernel, DQ_SHAPES, reset=["DKC", "DVC"])
+_DKDV = _tuned(block_sparse_bwd_dkdv_kernel, DKDV_SHAPES)
+
+
+def _pick(variants):  # type: ignore[no-untyped-def]
+    from attnlab.settings import settings
+
+    return variants[0] if settings.autotune else variants[1]
+
+
+def _flags(q: Tensor) -> dict:
+    return {
+        "DOT_PREC": "ieee" if q.dtype == torch.float32 else "tf32",
+        "UPCAST": IMPORTED_INTERPRETED and q.dtype == torch.bfloat16,
+        "EVEN_D": q.shape[-1] == head_block(q.shape[-1]),
+    }
+
+
+def _checked(q: Tensor, k: Tensor, v: Tensor, tables: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v with a unit last stride, after checking the tables against them."""
+    if len(tables) != 13:
+        raise ValueError(f"the executor takes the 13 tables of ExecutorTables.as_args(), got {len(tables)}")
+    p_num, patterns = tables[0], tables[12]
+    bp, hp, nqb = p_num.shape
+    bq, bk = patterns.shape[1:]
+    b, h, n_q, d = q.shape
+    n_k = k.shape[2]
+    if bq not in TILE_SIZES or bk not in TILE_SIZES:
+        raise ValueError(f"the plan's tiles are {bq} x {bk}; the executor takes tiles of {TILE_SIZES}")
+    if bp not in (1, b) or hp == 0 or h % hp or (hp != 1 and hp != h and hp != k.shape[1]):
+        raise ValueError(
+            f"the plan is for (batch, heads) = ({bp}, {hp}); q has (B, H) = ({b}, {h}) and k H_kv = "
+            f"{k.shape[1]}: a plan's batch is 1 or B and its heads 1, H_kv or H"
+        )
+    if nqb != -(-n_q // bq) or tables[7].shape[2] != -(-n_k // bk):
+        raise ValueError(
+            f"the plan has {nqb} query tiles x {tables[7].shape[2]} key tiles of {bq} x {bk}; q/k have "
+            f"N_q = {n_q}, N_k = {n_k}, which need {-(-n_q // bq)} x {-(-n_k // bk)}"
+        )
+    if v.shape[-1] != d:
+        raise ValueError(f"the executor needs D_v == D, got D = {d}, D_v = {v.shape[-1]}")
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # type: ignore[return-value]
+
+
+def block_sparse_fwd_launch(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    tables: tuple[Tensor, ...],
+    scale: float,
+    causal: bool,
+    config: triton.Config | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(O (B, H, N_q, D) in q's dtype, lse (B, H, N_q) float32) of softmax attention over the tables' pairs.
+
+    q (B, H, N_q, D); k, v (B, H_kv, N_k, D). ``config`` (BLOCK_M, BLOCK_N, warps, stages) bypasses the
+    autotuner (tests, benchmarks)."""
+    q, k, v = _checked(q, k, v, tables)
+    p_num, p_idx, p_pat, f_num, f_idx, c_num, c_idx, *_, patterns = tables
+    b, h, n_q, d = q.shape
+    h_kv, n_k = k.shape[1], k.shape[2]
+    bp, hp = p_num.shape[:2]
+    o = torch.empty_like(q)
+    lse = torch.empty(b, h, n_q, dtype=torch.float32, device=q.device)
+    kernel, meta = (_pick(_FWD), {}) if config is None else (_FWD_ANY, config.all_kwargs())
+    grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)
+    kernel[grid](
+        q, k, v, o, lse,
+        p_num, p_idx, p_pat, f_num, f_idx, c_num, c_idx, patterns,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        o.stride(0), o.stride(1), o.stride(2),
+        p_num.shape[2], p_idx.shape[3], f_num.shape[2], f_idx.shape[3], c_num.shape[2], c_idx.shape[3],
+        h, h // h_kv, n_q, n_k, n_k - n_q, d, scale * 1.4426950408889634, hp, h // hp,
+        PLAN_B=bp, BLOCK_Q=patterns.shape[1], BLOCK_K=patterns.shape[2], BLOCK_D=head_block(d),
+        CAUSAL=causal, EVEN_M=n_q % patterns.shape[1] == 0, **_flags(q), **meta,
+    )  # fmt: skip
+    return o, lse
+
+
+def block_sparse_bwd_launch(
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    tables: tuple[Tensor, ...],
+    scale: float,
+    causal: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dQ, dK, dV) of :func:`block_sparse_fwd_launch`; dK/dV summed over each GQA group."""
+    q, k, v = _checked(q, k, v, tables)
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    p_num, p_idx, p_pat, f_num, f_idx, c_num, c_idx, tp_num, tp_idx, tp_pat, tf_num, tf_idx, patterns = tables
+    b, h, n_q, d = q.shape
+    h_kv, n_k = k.shape[1], k.shape[2]
+    bp, hp = p_num.shape[:2]
+    delta = (do.float() * o.float()).sum(-1).contiguous()
+    lse = lse.contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    has_cols = bool(c_idx.shape[-1] > 1) or bool((c_num > 0).any())
+    dkc = torch.zeros(b, h_kv, n_k, d, dtype=torch.float32, device=q.device) if has_cols else dk
+    dvc = torch.zeros_like(dkc) if has_cols else dv
+    common = dict(
+        PLAN_B=bp, BLOCK_Q=patterns.shape[1], BLOCK_K=patterns.shape[2], BLOCK_D=head_block(d), **_flags(q)
+    )
+    scalars = (n_q, n_k, n_k - n_q, d, scale * 1.4426950408889634, scale, hp, h // hp)
+    _pick(_DKDV)[lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), b * h_kv)](
+        q, k, v, do, lse, delta, dk, dv,
+        tp_num, tp_idx, tp_pat, tf_num, tf_idx, patterns,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        tp_num.shape[2], tp_idx.shape[3], tf_num.shape[2], tf_idx.shape[3],
+        h_kv, h // h_kv, *scalars, **common,
+    )  # fmt: skip
+    _pick(_DQ)[lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)](
+        q, k, v, do, lse, delta, dq, dkc, dvc,
+        p_num, p_idx, p_pat, f_num, f_idx, c_num, c_idx, patterns,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        p_num.shape[2], p_idx.shape[3], f_num.shape[2], f_idx.shape[3], c_num.shape[2], c_idx.shape[3],
+        h, h // h_kv, *scalars, CAUSAL=causal, HAS_COLS=has_cols, **common,
+    )  # fmt: skip
+    if has_cols:
+        dk = (dk.float() + dkc).to(k.dtype)
+        dv = (dv.float() + dvc).to(v.dtype)
+    return dq, dk, dv
+
+
+@torch.library.custom_op("attnlab::block_sparse_fwd", mutates_args=())
+def block_sparse_fwd(
+    q: Tensor, k: Tensor, v: Tensor, tables: list[Tensor], scale: float, causal: bool
+) -> tuple[Tensor, Tensor]:
+    return block_sparse_fwd_launch(q, k, v, tuple(tables), scale, causal)
+
+
+@block_sparse_fwd.register_fake
+def _(
+    q: Tensor, k: Tensor, v: Tensor, tables: list[Tensor], scale: float, causal: bool
+) -> tuple[Tensor, Tensor]:
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("attnlab::block_sparse_bwd", mutates_args=())
+def block_sparse_bwd(
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    tables: list[Tensor],
+    scale: float,
+    causal: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return block_sparse_bwd_launch(do, q, k, v, o, lse, tuple(tables), scale, causal)
+
+
+@block_sparse_bwd.register_fake
+def _(
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    tables: list[Tensor],
+    scale: float,
+    causal: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = (torch.empty_like(t if t.stride(-1) == 1 else t.contiguous()) for t in (q, k, v))
+    return dq, dk, dv
+
+
+def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    q, k, v, tables, scale, causal = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, *tables)
+    ctx.args = (scale, causal)
+
+
+def _backward(ctx, do: Tensor, dlse: Tensor | None):  # type: ignore[no-untyped-def]
+    q, k, v, o, lse, *tables = ctx.saved_tensors
+    dq, dk, dv = block_sparse_bwd(do, q, k, v, o, lse, list(tables), *ctx.args)
+    return dq, dk, dv, [None] * len(tables), None, None
+
+
+block_sparse_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def block_sparse_attention(
+    q: Tensor, k: Tensor, v: Tensor, tables: tuple[Tensor, ...], scale: float, causal: bool
+) -> tuple[Tensor, Tensor]:
+    """Softmax attention over the pairs of a plan's executor tables: (out (B, H, N_q, D), lse (B, H, N_q)),
+    differentiable in q, k, v (not through lse)."""
+    return block_sparse_fwd(q, k, v, list(tables), float(scale), bool(causal))

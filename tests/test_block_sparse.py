@@ -1,0 +1,207 @@
+"""The block-sparse executor: its tables against the plan, its kernels against the naive twin, bad input.
+
+On a CPU the kernels run in Triton's interpreter on tiny shapes (32 x 32 plan tiles, 16 x 16 kernel
+tiles); the CUDA tests run the default tiles and autotuned schedules at the sizes the benchmark times.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnlab
+from attnlab.kernels.block_sparse.naive import block_sparse_naive, tables_mask
+from attnlab.masks import MaskContext
+from attnlab.plans import Plan
+from attnlab.plans.executor import executor_tables
+from attnlab.plans.static import plan_from_mask
+from attnlab.testing import device_under_test, on_cuda
+
+DEVICE = device_under_test()
+
+
+def _mask_of(plan: Plan) -> torch.Tensor:
+    t = executor_tables(plan)
+    return tables_mask(
+        t.p_num, t.p_idx, t.p_pat, t.f_num, t.f_idx, t.c_num, t.c_idx, t.patterns, plan.n_q, plan.n_k,
+        plan.causal,
+    )  # fmt: skip
+
+
+def random_plan(
+    bp: int, hp: int, n_q: int, n_k: int, causal: bool, block: int, density: float, columns: int, seed: int
+) -> Plan:
+    """A dynamic-style plan: random full tiles, the causal diagonal tiles partial, random token columns
+    (some inside visited tiles, some repeated, some -1), every query block keeping its last allowed tile."""
+    g = torch.Generator().manual_seed(seed)
+    nqb, nkb = -(-n_q // block), -(-n_k // block)
+    full = torch.rand(bp, hp, nqb, nkb, generator=g) < density
+    offset = n_k - n_q
+    q_last = torch.minimum((torch.arange(nqb) + 1) * block, torch.tensor(n_q)) - 1 + offset  # last position
+    q_first = torch.arange(nqb) * block + offset
+    k_first = torch.arange(nkb) * block
+    k_last = torch.minimum(k_first + block, torch.tensor(n_k)) - 1
+    partial = torch.zeros_like(full)
+    if causal:
+        allowed = k_first[None, :] <= q_last[:, None]  # some pair of the tile is causal
+        whole = k_last[None, :] <= q_first[:, None]  # every pair is
+        partial = (allowed & ~whole).expand_as(full).clone()
+        full &= whole
+    mask_mod = None
+    if causal:
+
+        def mask_mod(b, h, q_idx, kv_idx):  # type: ignore[no-untyped-def]
+            return kv_idx <= q_idx + offset
+
+    cols = None
+    if columns:
+        cols = torch.randint(-1, n_k, (bp, hp, nqb, columns), generator=g, dtype=torch.int32)
+        cols[..., -1] = cols[..., 0]  # a repeat
+    return Plan(n_q, n_k, causal, block, block, full, partial, mask_mod, kind="dynamic", columns=cols)
+
+
+@pytest.mark.parametrize("method", ["sliding_window", "streaming", "dilated", "block_local"])
+def test_tables_encode_the_static_plan(method: str) -> None:
+    spec = attnlab.get(method)
+    params = spec.make_params(dict(spec.test_params[1] if len(spec.test_params) > 1 else {}))
+    for n_q, n_k, causal in ((70, 70, True), (70, 70, False), (30, 90, True), (90, 30, False)):
+        mm = spec.mask(params, MaskContext(n_q, n_k, causal, "cpu"))
+        plan = plan_from_mask(mm, n_q, n_k, causal, "cpu", 32, 32)
+        assert torch.equal(_mask_of(plan), plan.dense_mask()), (method, n_q, n_k, causal)
+        # identical tiles share a pattern: far fewer patterns than partial tiles
+        t = executor_tables(plan)
+        assert t.patterns.shape[0] <= max(1, int(plan.partial.sum()))
+
+
+def test_tables_of_a_dynamic_plan_with_columns() -> None:
+    for causal in (True, False):
+        plan = random_plan(2, 3, 50, 77, causal, 16, 0.3, 9, seed=1)
+        mask = _mask_of(plan)
+        assert torch.equal(mask, plan.dense_mask())
+        t = executor_tables(plan)
+        # columns never fall inside a visited tile of their block, are ascending and unique
+        for b in range(2):
+            for h in range(3):
+                for r in range(t.c_num.shape[2]):
+                    cols = t.c_idx[b, h, r, : int(t.c_num[b, h, r])].tolist()
+                    assert cols == sorted(set(cols))
+                    visited = (plan.full | plan.partial)[b, h, r]
+                    assert not any(bool(visited[c // 16]) for c in cols)
+
+
+def test_a_full_tile_past_the_key_tail_becomes_partial() -> None:
+    full = torch.ones(1, 1, 2, 2, dtype=torch.bool)
+    plan = Plan(40, 40, False, 32, 32, full, torch.zeros_like(full), None, kind="dynamic")
+    t = executor_tables(plan)
+    assert t.f_num.tolist() == [[[1, 1]]] and t.p_num.tolist() == [[[1, 1]]]
+    assert torch.equal(_mask_of(plan), torch.ones(1, 1, 40, 40, dtype=torch.bool))
+
+
+def _run_and_compare(q, k, v, plan: Plan, causal: bool, grads: bool, tol: float) -> None:  # type: ignore[no-untyped-def]
+    from attnlab.kernels.block_sparse.op import block_sparse_attention
+
+    tables = executor_tables(plan).as_args()
+    mask = plan.dense_mask()
+    scale = q.shape[-1] ** -0.5
+    for t in (q, k, v):
+        t.requires_grad_(grads)
+    out, lse = block_sparse_attention(q, k, v, tables, scale, causal)
+    ref, ref_lse = block_sparse_naive(q, k, v, mask, scale)
+    assert not out.isnan().any() and not lse.isnan().any()
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    torch.testing.assert_close(lse[finite], ref_lse[finite], atol=tol, rtol=tol)
+    assert (out[~finite] == 0).all()
+    if grads:
+        do = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v), do)
+        want = torch.autograd.grad(ref, (q, k, v), do.float())
+        for name, a, b in zip("qkv", got, want, strict=True):
+            assert not a.isnan().any(), f"NaN in d{name}"
+            torch.testing.assert_close(a.float(), b, atol=tol * 4, rtol=tol * 4, msg=f"d{name}")
+
+
+@pytest.mark.parametrize(
+    ("bp", "hp", "n_q", "n_k", "causal", "columns"),
+    [
+        (2, 4, 30, 50, True, 5),  # per-head plans, cross, causal, columns
+        (1, 1, 50, 30, False, 0),  # one shared plan, non-causal
+        (1, 2, 40, 40, True, 3),  # per-kv-head plans (H_kv = 2)
+    ],
+)
+def test_kernels_match_the_naive_twin(
+    bp: int, hp: int, n_q: int, n_k: int, causal: bool, columns: int
+) -> None:
+    b, h, h_kv, d = bp, 4, 2, 16
+    q = torch.randn(b, h, n_q, d, device=DEVICE)
+    k = torch.randn(b, h_kv, n_k, d, device=DEVICE)
+    v = torch.randn(b, h_kv, n_k, d, device=DEVICE)
+    plan = random_plan(bp, hp, n_q, n_k, causal, 32, 0.4, columns, seed=n_q)
+    _run_and_compare(q, k, v, plan, causal, grads=True, tol=1e-4)
+
+
+def test_rows_without_keys_give_zeros_and_no_nan() -> None:
+    n = 40
+    full = torch.zeros(1, 1, 2, 2, dtype=torch.bool)
+    full[0, 0, 1, 0] = True  # the second query block sees the first key block; the first sees nothing
+    plan = Plan(n, n, False, 32, 32, full, torch.zeros_like(full), None, kind="dynamic")
+    q, k, v = (torch.randn(1, 2, n, 16, device=DEVICE) for _ in range(3))
+    _run_and_compare(q, k, v, plan, False, grads=True, tol=1e-4)
+
+
+def test_bf16_forward_within_the_rounding_of_its_output() -> None:
+    q, k, v = (torch.randn(1, 2, 40, 24, device=DEVICE).bfloat16() for _ in range(3))
+    plan = random_plan(1, 2, 40, 40, True, 32, 0.5, 4, seed=3)
+    _run_and_compare(q, k, v, plan, True, grads=False, tol=2e-2)
+
+
+def test_bad_input_gets_clear_errors() -> None:
+    from attnlab.kernels.block_sparse.op import block_sparse_attention
+
+    q = torch.randn(1, 2, 40, 16)
+    kv = torch.randn(1, 2, 40, 16)
+    plan = random_plan(1, 2, 40, 40, False, 32, 0.5, 0, seed=0)
+    tables = executor_tables(plan).as_args()
+    with pytest.raises(ValueError, match="N_q = 70"):  # the plan does not match q's length
+        block_sparse_attention(torch.randn(1, 2, 70, 16), kv, kv, tables, 0.25, False)
+    with pytest.raises(ValueError, match="plan is for"):  # 3 heads of plan for 2 query heads
+        bad = random_plan(1, 3, 40, 40, False, 32, 0.5, 0, seed=0)
+        block_sparse_attention(q, kv, kv, executor_tables(bad).as_args(), 0.25, False)
+    with pytest.raises(ValueError, match="tiles of"):  # a tile the kernels cannot take
+        odd = random_plan(1, 1, 40, 40, False, 24, 0.5, 0, seed=0)
+        block_sparse_attention(q, kv, kv, executor_tables(odd).as_args(), 0.25, False)
+    with pytest.raises(ValueError, match="13 tables"):
+        block_sparse_attention(q, kv, kv, tables[:5], 0.25, False)
+
+
+def test_the_backend_runs_the_static_methods_and_returns_its_plan() -> None:
+    q, k, v = (torch.randn(1, 2, 70, 16, device=DEVICE) for _ in range(3))
+    res = attnlab.attention(
+        q, k, v, method="streaming", causal=True, sinks=3, window=20, backend="block_sparse", return_plan=True,
+        return_lse=True,
+    )  # fmt: skip
+    ref = attnlab.attention(q, k, v, method="streaming", causal=True, sinks=3, window=20, backend="reference")
+    torch.testing.assert_close(res.out, ref, atol=1e-5, rtol=1e-5)
+    assert res.plan is not None and res.plan.block_q == (128 if on_cuda() else 32)
+    assert res.lse is not None and res.lse.shape == (1, 2, 70)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    ("n", "density", "causal"), [(8192, 0.1, True), (8192, 0.25, False), (4096, 0.05, True)]
+)
+def test_full_size_random_plans_on_cuda(n: int, density: float, causal: bool) -> None:
+    """The default tiles and autotuned schedules at benchmark sizes (bf16, D=128, GQA 4:1), fwd + bwd."""
+    attnlab.settings.autotune = True
+    try:
+        q = torch.randn(1, 8, n, 128, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(1, 2, n, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        plan = random_plan(1, 8, n, n, causal, 128, density, 64, seed=n)
+        plan = Plan(
+            plan.n_q, plan.n_k, causal, 128, 128, plan.full.cuda(), plan.partial.cuda(), plan.mask_mod,
+            kind="dynamic", columns=plan.columns.cuda() if plan.columns is not None else None,
+        )  # fmt: skip
+        _run_and_compare(q, k, v, plan, causal, grads=True, tol=3e-2)
+    finally:
+        attnlab.settings.autotune = False
