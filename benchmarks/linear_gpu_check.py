@@ -180,10 +180,11 @@ def main() -> None:
                               "triton": triton.__version__, "checks": [], "timings": []}  # fmt: skip
     cases = [
         ("gla", 2, 4, 4096, 128, torch.bfloat16, 64),
-        ("gated_delta", 2, 4, 4096, 128, torch.bfloat16, 64),
         ("lightning", 2, 4, 4096, 128, torch.bfloat16, 64),
         ("linear", 2, 4, 4096, 128, torch.bfloat16, 64),
+        ("gla", 1, 2, 1000, 128, torch.bfloat16, 16),
         ("gla", 1, 2, 1000, 64, torch.float32, 32),
+        ("gated_delta", 2, 4, 4096, 128, torch.bfloat16, 64),
         ("gated_delta", 1, 2, 1000, 64, torch.float32, 16),
     ]
     for case in cases:

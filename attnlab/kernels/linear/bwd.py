@@ -64,13 +64,16 @@ def gla_bwd_state_kernel(
 
 
 @triton.jit
-def _scores(q_ptr, k_ptr, g_ptr, ri, rj, N, DK, dt, BS: tl.constexpr, BK: tl.constexpr, BKS: tl.constexpr,
-            DOT_PREC: tl.constexpr, DIAG: tl.constexpr):  # fmt: skip
-    """A between query sub-block ri and key sub-block rj (rj < ri, or rj == ri with DIAG)."""
+def _scores_t(q_ptr, k_ptr, g_ptr, ri, rj, N, DK, dt, BS: tl.constexpr, BK: tl.constexpr, BKS: tl.constexpr,
+              DOT_PREC: tl.constexpr, DIAG: tl.constexpr):  # fmt: skip
+    """A^T between query sub-block ri and key sub-block rj (rj < ri, or rj == ri with DIAG): rows are the
+    keys. Built transposed (k q^T), never by transposing a dot's result: Triton 3.4 to 3.7.0 miscompiles
+    tl.trans of a Hopper wgmma-layout tensor (fla issue #640)."""
     if DIAG:
         ii = tl.arange(0, BS)[:, None]
         jj = tl.arange(0, BS)[None, :]
         a = tl.where(ii >= jj, _diag_scores(q_ptr, k_ptr, g_ptr, ri, N, DK, BS, BK, BKS), 0.0)
+        at = tl.trans(a)  # (an elementwise sum, not a dot result)
     else:
         q_i = _tile(q_ptr, ri, N, 0, DK, DK, BS, BK)
         g_i = _tile(g_ptr, ri, ri + BS, 0, DK, DK, BS, BK)
@@ -79,8 +82,8 @@ def _scores(q_ptr, k_ptr, g_ptr, ri, rj, N, DK, dt, BS: tl.constexpr, BK: tl.con
         g_n = _row(g_ptr, ri, 0, DK, DK, BK)
         q_n = (q_i * tl.exp(g_i - g_n[None, :])).to(dt)
         k_n = (k_j * tl.exp(g_n[None, :] - g_j)).to(dt)
-        a = tl.dot(q_n, tl.trans(k_n), input_precision=DOT_PREC)
-    return a
+        at = tl.dot(k_n, tl.trans(q_n), input_precision=DOT_PREC)
+    return at
 
 
 @triton.jit
@@ -116,26 +119,28 @@ def gla_bwd_kernel(
     rs = tl.arange(0, BKS)[None, :]
     rv = tl.arange(0, BV)[None, :]
     g_last_row = t0 + BT - 1
-    for i in tl.static_range(BT // BS):
+    for i in range(BT // BS):  # runtime loops: unrolled, each 3-D product kept its own shared memory
         ri = t0 + i * BS
         do_i = _tile(do_ptr, ri, N, 0, DV, DV, BS, BV)
         v_i = _tile(v_ptr, ri, N, 0, DV, DV, BS, BV)
         da_ii = tl.where(ii >= jj, tl.dot(do_i.to(dt), tl.trans(v_i.to(dt)), input_precision=DOT_PREC), 0.0)
         # dv_i: the state part, then sum_{r>=i} A_ri^T do_r
         dv = tl.zeros((BS, BV), dtype=tl.float32)
-        for s in tl.static_range(BK // BKS):
+        for s in range(BK // BKS):
             k_s = _tile(k_ptr, ri, N, s * BKS, DK, DK, BS, BKS)
             g_s = _tile(g_ptr, ri, NP, s * BKS, DK, DK, BS, BKS)
             gl_s = _row(g_ptr, g_last_row, s * BKS, DK, DK, BKS)
             dh_s = _tile(dh_ptr, s * BKS, DK, 0, DV, DV, BKS, BV)
             dv += tl.dot((k_s * tl.exp(gl_s[None, :] - g_s)).to(dt), dh_s.to(dt), input_precision=DOT_PREC)
-        for r in tl.static_range(i, BT // BS):
+        at = _scores_t(q_ptr, k_ptr, g_ptr, ri, ri, N, DK, dt, BS, BK, BKS, DOT_PREC, True)
+        dv += scale * tl.dot(at.to(dt), do_i.to(dt), input_precision=DOT_PREC)
+        for r in range(i + 1, BT // BS):
             rr = t0 + r * BS
-            a = _scores(q_ptr, k_ptr, g_ptr, rr, ri, N, DK, dt, BS, BK, BKS, DOT_PREC, r == i)
+            at = _scores_t(q_ptr, k_ptr, g_ptr, rr, ri, N, DK, dt, BS, BK, BKS, DOT_PREC, False)
             do_r = _tile(do_ptr, rr, N, 0, DV, DV, BS, BV)
-            dv += scale * tl.dot(tl.trans(a.to(dt)), do_r.to(dt), input_precision=DOT_PREC)
+            dv += scale * tl.dot(at.to(dt), do_r.to(dt), input_precision=DOT_PREC)
         tl.store(dv_ptr + (ri + ii) * DV + rv, dv, mask=(ri + ii < N) & (rv < DV))
-        for s in tl.static_range(BK // BKS):
+        for s in range(BK // BKS):
             c0 = s * BKS
             g_is = _tile(g_ptr, ri, NP, c0, DK, DK, BS, BKS)
             q_is = _tile(q_ptr, ri, N, c0, DK, DK, BS, BKS)
@@ -145,7 +150,7 @@ def gla_bwd_kernel(
             s_s = _tile(s_ptr, c0, DK, 0, DV, DV, BKS, BV)
             dq = tl.exp(g_is) * tl.dot(do_i.to(dt), tl.trans(s_s.to(dt)), input_precision=DOT_PREC)
             g_n = _row(g_ptr, ri, c0, DK, DK, BKS)
-            for j in tl.static_range(i):
+            for j in range(i):
                 rj = t0 + j * BS
                 v_j = _tile(v_ptr, rj, N, 0, DV, DV, BS, BV)
                 k_js = _tile(k_ptr, rj, N, c0, DK, DK, BS, BKS)
@@ -162,19 +167,16 @@ def gla_bwd_kernel(
                 v_i.to(dt), tl.trans(dh_s.to(dt)), input_precision=DOT_PREC
             )
             dk += scale * tl.sum(da_ii[:, :, None] * q_is[:, None, :] * e_diag, axis=0)
-            for r in tl.static_range(i + 1, BT // BS):
+            for r in range(i + 1, BT // BS):
                 rr = t0 + r * BS
                 do_r = _tile(do_ptr, rr, N, 0, DV, DV, BS, BV)
                 q_rs = _tile(q_ptr, rr, N, c0, DK, DK, BS, BKS)
                 g_rs = _tile(g_ptr, rr, NP, c0, DK, DK, BS, BKS)
                 g_m = _row(g_ptr, rr, c0, DK, DK, BKS)
-                da = tl.dot(do_r.to(dt), tl.trans(v_i.to(dt)), input_precision=DOT_PREC)  # (r rows, i cols)
+                # dA^T (i rows, r cols), built transposed (see _scores_t)
+                da_t = tl.dot(v_i.to(dt), tl.trans(do_r.to(dt)), input_precision=DOT_PREC)
                 q_m = (q_rs * tl.exp(g_rs - g_m[None, :])).to(dt)
-                dk += (
-                    scale
-                    * tl.dot(tl.trans(da.to(dt)), q_m, input_precision=DOT_PREC)
-                    * tl.exp(g_m[None, :] - g_is)
-                )
+                dk += scale * tl.dot(da_t.to(dt), q_m, input_precision=DOT_PREC) * tl.exp(g_m[None, :] - g_is)
             tl.store(dk_ptr + (ri + ii) * DK + c0 + rs, dk, mask=(ri + ii < N) & (c0 + rs < DK))
 
 

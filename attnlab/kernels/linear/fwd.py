@@ -39,7 +39,7 @@ def _diag_scores(q_ptr, k_ptr, g_ptr, r0, N, DK, BS: tl.constexpr, BK: tl.conste
     jj = tl.arange(0, BS)[None, :]
     low = (ii >= jj)[:, :, None]
     a = tl.zeros((BS, BS), dtype=tl.float32)
-    for s in tl.static_range(BK // BKS):
+    for s in range(BK // BKS):  # (a runtime loop: one 3-D product's shared memory, reused)
         qs = _tile(q_ptr, r0, N, s * BKS, DK, DK, BS, BKS)
         ks = _tile(k_ptr, r0, N, s * BKS, DK, DK, BS, BKS)
         gs = _tile(g_ptr, r0, r0 + BS, s * BKS, DK, DK, BS, BKS)
@@ -86,14 +86,14 @@ def gla_fwd_kernel(
         if SAVE_HS:
             tl.store(HS + (bh * n_chunks + c) * DK * DV + state_off, s, mask=state_mask)
         s_dot = s.to(dt)
-        for i in tl.static_range(BT // BS):
+        for i in range(BT // BS):
             r0 = t0 + i * BS
             q_i = _tile(q_ptr, r0, N, 0, DK, DK, BS, BK)
             g_i = _tile(g_ptr, r0, NP, 0, DK, DK, BS, BK)
             acc = tl.dot((q_i * tl.exp(g_i)).to(dt), s_dot, input_precision=DOT_PREC)
             g_n = _row(g_ptr, r0, 0, DK, DK, BK)
             q_n = (q_i * tl.exp(g_i - g_n[None, :])).to(dt)
-            for j in tl.static_range(i):
+            for j in range(i):
                 rj = t0 + j * BS
                 k_j = _tile(k_ptr, rj, N, 0, DK, DK, BS, BK)
                 g_j = _tile(g_ptr, rj, NP, 0, DK, DK, BS, BK)
