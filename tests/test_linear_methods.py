@@ -22,8 +22,10 @@ from attnlab.catalog.linear import SPECS, gated_delta, gla, lightning, linear
 from attnlab.core import Result
 from attnlab.errors import BackendError, InputError, ParamError, UnsupportedPatternError
 from attnlab.registry import registered
+from attnlab.testing import device_under_test
 
 BY_NAME = {s.name: s for s in SPECS}
+DEV = device_under_test()
 
 
 @pytest.fixture
@@ -33,7 +35,9 @@ def reg(request: pytest.FixtureRequest) -> Iterator[None]:
         yield
 
 
-def inputs(name: str, b: int, h: int, hk: int, n: int, d: int, *, seed: int = 0) -> dict[str, Tensor]:
+def inputs(
+    name: str, b: int, h: int, hk: int, n: int, d: int, *, seed: int = 0, dev: torch.device | str = DEV
+) -> dict[str, Tensor]:
     """q, k, v and the method's tensor inputs (gates in a realistic range: decays 0.3..1)."""
     g = torch.Generator().manual_seed(seed)
     out = {
@@ -46,7 +50,7 @@ def inputs(name: str, b: int, h: int, hk: int, n: int, d: int, *, seed: int = 0)
     if name == "gated_delta":
         out["beta"] = torch.rand(b, h, n, generator=g)
         out["g"] = F.logsigmoid(torch.randn(b, h, n, d, generator=g) + 2.0)
-    return out
+    return {name: t.to(dev) for name, t in out.items()}
 
 
 def _state_list(state: Any) -> list[Tensor]:
@@ -127,8 +131,8 @@ def test_backend_matches_the_recurrence_output_state_and_gradients(
             torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
         # every gradient, through the output and the final state
         gen = torch.Generator().manual_seed(3)
-        dout = torch.randn(res.out.shape, generator=gen)
-        dstate = [torch.randn(t.shape, generator=gen) for t in _state_list(res.state)]
+        dout = torch.randn(res.out.shape, generator=gen).to(DEV)
+        dstate = [torch.randn(t.shape, generator=gen).to(DEV) for t in _state_list(res.state)]
         got_loss = _loss(res.out, res.state, dout, dstate)
         ref_loss = _loss(ref_out, ref_state, dout, dstate)
         names = list(leaves)
@@ -194,7 +198,7 @@ def test_gqa_is_kv_shared_by_the_group_and_the_state_is_per_query_head(name: str
 def test_gla_recurrence_is_the_closed_form_with_inclusive_decay() -> None:
     """o_i = scale * sum_{j<=i} sum_d q_id k_jd exp(g_{j+1,d} + ... + g_{i,d}) v_j: token j is written
     undecayed at step j and decays at every later step (decay, write, read)."""
-    x = inputs("gla", 1, 2, 2, 9, 4)
+    x = inputs("gla", 1, 2, 2, 9, 4, dev="cpu")
     o, s = _reference("gla", x)
     q, k, v, g = x["q"][0], x["k"][0], x["v"][0], x["g"][0]
     cum = g.cumsum(1)  # (H, N, D)
@@ -209,7 +213,7 @@ def test_gla_recurrence_is_the_closed_form_with_inclusive_decay() -> None:
 def test_lightning_default_decays_are_exp_minus_alibi_slopes() -> None:
     assert lightning.alibi_slopes(8) == [2.0 ** (-i) for i in range(1, 9)]
     assert lightning.alibi_slopes(6) == [*(2.0 ** (-2 * i) for i in range(1, 5)), 2.0**-1, 2.0**-3]
-    x = inputs("lightning", 1, 8, 8, 6, 4)
+    x = inputs("lightning", 1, 8, 8, 6, 4, dev="cpu")
     o, _ = _reference("lightning", x)
     lam = torch.exp(-torch.tensor(lightning.alibi_slopes(8)))
     i, j = torch.arange(6)[:, None], torch.arange(6)[None, :]
@@ -226,7 +230,7 @@ def test_lightning_default_decays_are_exp_minus_alibi_slopes() -> None:
 
 @pytest.mark.parametrize("fm", ["elu", "relu"])
 def test_normalised_linear_attention_is_a_weighted_mean_of_values(fm: str) -> None:
-    x = inputs("linear", 1, 2, 2, 7, 4)
+    x = inputs("linear", 1, 2, 2, 7, 4, dev="cpu")
     o, (_s, z) = _reference("linear", x, feature_map=fm)
     fq, fk = linear.feature_map(x["q"][0], fm), linear.feature_map(x["k"][0], fm)
     w = (fq @ fk.mT).tril()
@@ -239,7 +243,7 @@ def test_normalised_linear_attention_is_a_weighted_mean_of_values(fm: str) -> No
 
 def test_deltanet_reads_back_what_it_wrote() -> None:
     """With beta = 1 and unit k, the write replaces the value stored at k: S^T k = v (scale 1)."""
-    x = inputs("gated_delta", 1, 1, 1, 3, 4)
+    x = inputs("gated_delta", 1, 1, 1, 3, 4, dev="cpu")
     k = torch.zeros(1, 1, 3, 4)
     k[0, 0, :, 0] = 1.0  # the same key three times: each write overwrites
     x.update(k=k, q=k.clone(), beta=torch.ones(1, 1, 3))
@@ -250,7 +254,7 @@ def test_deltanet_reads_back_what_it_wrote() -> None:
     )
     torch.testing.assert_close(o[0, 0], x["v"][0, 0], atol=1e-5, rtol=1e-5)  # (l2norm of a unit k: ~k)
     # per-head gate (B, H, N, 1) equals the same gate on every channel
-    y = inputs("gated_delta", 1, 2, 2, 9, 4)
+    y = inputs("gated_delta", 1, 2, 2, 9, 4, dev="cpu")
     gh = F.logsigmoid(torch.randn(1, 2, 9, 1))
     a, _ = _reference("gated_delta", dict(y, g=gh))
     b, _ = _reference("gated_delta", dict(y, g=gh.expand(1, 2, 9, 4).clone()))
@@ -298,7 +302,7 @@ def test_gate_and_beta_of_wrong_shape_dtype_or_device_are_refused() -> None:
             _call("gla", dict(x, g=x["g"][..., 0]))
         with pytest.raises(InputError, match="g has dtype torch.int64; expected a floating dtype"):
             _call("gla", dict(x, g=torch.zeros(1, 2, 8, 4, dtype=torch.long)))
-        with pytest.raises(InputError, match="g is on meta, but q, k, v are on cpu"):
+        with pytest.raises(InputError, match="g is on meta, but q, k, v are on (cpu|cuda)"):
             _call("gla", dict(x, g=torch.zeros(1, 2, 8, 4, device="meta")))
     with registered(BY_NAME["gated_delta"]):
         x = inputs("gated_delta", 1, 2, 2, 8, 4)
@@ -337,10 +341,10 @@ def test_lightning_decays_outside_zero_one_are_refused() -> None:
         x = inputs("lightning", 1, 2, 2, 8, 4)
         for bad in (0.0, 1.5, float("nan"), -0.2):
             with pytest.raises(InputError, match=r"decay holds 1 value\(s\) outside \(0, 1\]"):
-                _call("lightning", dict(x, decay=torch.tensor([0.5, bad])))
+                _call("lightning", dict(x, decay=torch.tensor([0.5, bad], device=DEV)))
         with pytest.raises(InputError, match=r"decay has shape \(3\); method 'lightning' expects \(H=2\)"):
-            _call("lightning", dict(x, decay=torch.tensor([0.5, 0.5, 0.5])))
-        _call("lightning", dict(x, decay=torch.tensor([1.0, 0.25])))  # the closed ends are fine
+            _call("lightning", dict(x, decay=torch.tensor([0.5, 0.5, 0.5], device=DEV)))
+        _call("lightning", dict(x, decay=torch.tensor([1.0, 0.25], device=DEV)))  # the closed ends are fine
 
 
 def test_a_state_that_does_not_fit_is_refused() -> None:
@@ -359,7 +363,7 @@ def test_a_state_that_does_not_fit_is_refused() -> None:
         with pytest.raises(InputError, match=r"carries the state \(S, z\)"):
             _call("linear", x, torch.zeros(1, 2, 4, 4))
         with pytest.raises(InputError, match=r"state z has shape \(1, 2, 5\); this call needs \(1, 2, 4\)"):
-            _call("linear", x, (torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 5)))
+            _call("linear", x, (torch.zeros(1, 2, 4, 4, device=DEV), torch.zeros(1, 2, 5, device=DEV)))
 
 
 def test_bad_parameters_are_refused() -> None:
