@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import attnlab
-from attnlab.catalog.linear import SPECS, gated_delta, gla, lightning, linear
+from attnlab.catalog.linear import SPECS, based, gated_delta, gla, lightning, linear
 from attnlab.core import Result
 from attnlab.errors import BackendError, InputError, ParamError, UnsupportedPatternError
 from attnlab.registry import registered
@@ -86,6 +86,8 @@ PARAMS = [
     ("gla", {}),
     ("gated_delta", {}),
     ("gated_delta", {"qk_l2norm": False}),
+    ("based", {}),
+    ("based", {"mixer": "window", "window": 5}),
 ]
 
 
@@ -387,3 +389,31 @@ def test_a_chunk_size_the_triton_kernels_cannot_take_is_a_refusal_naming_it() ->
         ):
             _call("gla", x, chunk=24, backend="triton")
         assert _call("gla", x, chunk=24).out.shape == (1, 2, 8, 4)  # torch_chunk takes it
+
+
+def test_based_taylor_map_is_the_second_order_expansion_of_exp() -> None:
+    q, k = torch.randn(5, 16), torch.randn(5, 16)
+    s = 16**-0.5
+    x = s * (q * k).sum(-1)
+    dot = (based.taylor_map(q, s) * based.taylor_map(k, s)).sum(-1)
+    torch.testing.assert_close(dot, 1 + x + x**2 / 2)
+    assert based.taylor_map(q, s).shape == (5, 1 + 16 + 256)
+
+
+def test_based_window_counts_keys_self_included_and_carries_its_tail() -> None:
+    x = inputs("based", 1, 2, 2, 6, 4, dev="cpu")
+    o1, _ = _reference("based", x, mixer="window", window=1)
+    torch.testing.assert_close(o1, x["v"])  # one key: itself
+    o3, tail = _reference("based", x, mixer="window", window=3)
+    scores = (x["q"][0] @ x["k"][0].mT) * 0.5
+    i, j = torch.arange(6)[:, None], torch.arange(6)[None, :]
+    p = torch.softmax(scores.masked_fill(~((j <= i) & (j > i - 3)), float("-inf")), -1)
+    torch.testing.assert_close(o3[0], p @ x["v"][0])
+    assert tail[0].shape == (1, 2, 2, 4)  # the last window - 1 keys
+    with registered(BY_NAME["based"]):
+        with pytest.raises(InputError, match=r"expected \(B=1, H_kv=2, L, D=4\) with L <= window - 1 = 2"):
+            _call("based", x, (torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4)), mixer="window", window=3)
+        with pytest.raises(InputError, match="carries the state \\(k_tail, v_tail\\)"):
+            _call("based", x, torch.zeros(1, 2, 2, 4), mixer="window", window=3)
+        with pytest.raises(ParamError, match="mixer='conv' is invalid"):
+            _call("based", x, mixer="conv")

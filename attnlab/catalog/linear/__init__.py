@@ -14,11 +14,12 @@ from attnlab.catalog.linear import linear
 from attnlab.catalog.linear import lightning
 from attnlab.catalog.linear import gla
 from attnlab.catalog.linear import gated_delta
+from attnlab.catalog.linear import based
 
 from attnlab.core import MethodSpec
 from attnlab.registry import methods, register
 
-SPECS: tuple[MethodSpec, ...] = (linear.SPEC, lightning.SPEC, gla.SPEC, gated_delta.SPEC)
+SPECS: tuple[MethodSpec, ...] = (linear.SPEC, lightning.SPEC, gla.SPEC, gated_delta.SPEC, based.SPEC)
 
 
 def register_methods() -> list[str]:
@@ -32,4 +33,4 @@ def register_methods() -> list[str]:
     return done
 
 
-__all__ = ["SPECS", "gated_delta", "gla", "lightning", "linear", "register_methods"]
+__all__ = ["SPECS", "based", "gated_delta", "gla", "lightning", "linear", "register_methods"]
