@@ -1,0 +1,117 @@
+"""What the softmax variants share: the reference's building blocks (plain PyTorch, dense) and the Flex
+backend that builds a variant's score_mod from the call and its tensor inputs.
+
+Conventions of every variant: q (B, H, N_q, D), k (B, H_kv, N_k, D), v (B, H_kv, N_k, D_v); logits
+``s_ij = scale * q_i . k_j`` (``scale`` defaults to ``1 / sqrt(D)``); causal calls allow ``j <= p_i`` with
+``p_i = i + N_k - N_q`` (bottom-right); a row with no allowed key returns 0, never NaN.
+
+No variant offers the log-sum-exp (``return_lse``) yet: the reference backend's ``run_lse`` computes it
+from the plain logits ``scale * q . k``, which is not the normaliser of a transformed score.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnlab.backends.base import Call
+from attnlab.backends.flex import FlexBackend
+from attnlab.kernels import flex as flex_exec
+from attnlab.kernels.heads import expand_kv
+from attnlab.masks import causal_mask, mask_for
+from attnlab.reference import scores
+
+ScoreFactory = Callable[[Call, Mapping[str, Tensor]], "flex_exec.ScoreMod | None"]
+#: ``finish(out, lse, q, k, v, call, extra) -> output``: an output transform after FlexAttention
+Finish = Callable[[Tensor, "Tensor | None", Tensor, Tensor, Tensor, Call, Mapping[str, Tensor]], Tensor]
+
+
+def allowed(n_q: int, n_k: int, causal: bool, device: Any) -> Tensor | None:
+    """The (N_q, N_k) bool mask of a causal call (bottom-right), or None when every pair is allowed."""
+    return mask_for(causal_mask, None, n_q, n_k, True, device) if causal else None
+
+
+def logits(q: Tensor, k: Tensor, scale: float, upcast: bool) -> Tensor:
+    """``scale * q @ k^T``, (B, H, N_q, N_k), fp32 when ``upcast`` (GQA heads expanded)."""
+    return scores(q, k, scale, upcast)
+
+
+def softmax_rows(s: Tensor, mask: Tensor | None) -> Tensor:
+    """Row softmax over the allowed entries; a row with none is all zeros (no NaN, zero gradients)."""
+    if mask is None:
+        return torch.softmax(s, dim=-1)
+    s = s.masked_fill(~mask, float("-inf"))
+    row_max = s.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    p = torch.exp(s - row_max)
+    denom = p.sum(dim=-1, keepdim=True)
+    return p / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
+def weigh(p: Tensor, v: Tensor, upcast: bool) -> Tensor:
+    """``p @ v`` with v's heads expanded to p's, in p's compute dtype."""
+    ve = expand_kv(v, p.shape[1])
+    return torch.matmul(p, ve.float() if upcast else ve.to(p.dtype))
+
+
+def captured(t: Tensor) -> Tensor:
+    """``t`` as a score_mod should capture it. On a CPU, a static-shaped alias: PyTorch's CPU
+    FlexAttention template (torch 2.13) emits C++ that does not compile ("'cur_kvSplitSize5' was not
+    declared") once automatic dynamic shapes make a captured tensor's sizes symbolic, which happens after
+    a few compiles with other captured tensors. The alias keeps the caller's tensor unmarked."""
+    if t.device.type != "cpu" or torch.compiler.is_compiling():
+        return t
+    alias = t.view(t.shape)
+    torch._dynamo.mark_static(alias)
+    return alias
+
+
+def heads_index(t: Tensor, b: Tensor, h: Tensor) -> tuple[Any, Any]:
+    """Indices into a broadcastable (B|1, H|1, ...) tensor: 0 along its size-1 dims."""
+    return (b if t.shape[0] > 1 else 0), (h if t.shape[1] > 1 else 0)
+
+
+class VariantFlexBackend(FlexBackend):
+    """FlexAttention running a variant: the score_mod is built from the call *and* its tensor inputs
+    (``score(call, extra)``; the base class's comes from the call only), and an optional ``finish``
+    transforms the output (gates, sinks, affine weights). ``needs_lse``: ``finish`` needs FlexAttention's
+    log-sum-exp, which compiled FlexAttention cannot return on a CPU (then GPU only).
+
+    A score_mod that depends on the call only is made once per call signature (``call.memo``).
+    """
+
+    def __init__(
+        self,
+        score: ScoreFactory | None = None,
+        finish: Finish | None = None,
+        *,
+        needs_lse: bool = False,
+        per_call: bool = False,
+    ) -> None:
+        super().__init__(score_mod=None, unnormalized=needs_lse)
+        self.caps = replace(self.caps, lse=False)  # see the module docstring
+        self.score = score
+        self.finish = finish
+        self.needs_lse = needs_lse
+        self.per_call = per_call  # the score_mod reads the call's tensor inputs: made on every call
+
+    def _score_mod(self, call: Call, extra: Mapping[str, Tensor]) -> flex_exec.ScoreMod | None:
+        if self.score is None:
+            return None
+        if self.per_call and extra:
+            return self.score(call, extra)
+        mod = call.memo.get("variant_score_mod")
+        if mod is None:
+            mod = self.score(call, extra)
+            if not torch.compiler.is_compiling():
+                call.memo["variant_score_mod"] = mod
+        return mod  # type: ignore[no-any-return]
+
+    def run(self, q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor]) -> Tensor:
+        kwargs = {**self._kwargs(q, k, call), "score_mod": self._score_mod(call, extra)}
+        out, lse = flex_exec.flex_run(q, k, v, **kwargs, return_lse=self.needs_lse)
+        return out if self.finish is None else self.finish(out, lse, q, k, v, call, extra)

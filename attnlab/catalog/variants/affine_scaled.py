@@ -1,0 +1,110 @@
+"""``affine_scaled``: softmax weights under an input-dependent affine map, ``alpha_i * P_ij + beta_i / n_i``.
+
+Affine-Scaled Attention (2025) relaxes the unit sum of the softmax weights with an input-dependent
+scale and a corresponding bias on the normalised weights. Here both are tensor inputs of shape
+(B, H, N_q) (any dim may be 1), computed by the caller's own layers: ``alpha`` scales the softmax
+weights and ``beta`` is spread uniformly over the ``n_i`` allowed keys of row ``i``, so a row's weights
+sum to ``alpha_i + beta_i`` and
+
+    O_i = alpha_i * sum_j P_ij v_j + beta_i * mean_{j allowed} v_j
+
+Without ``alpha`` (``beta``) the scale is 1 (the bias 0): plain softmax. A row with no allowed key is 0.
+How the paper computes alpha and beta from the layer input (and any tie between them) is the caller's;
+this method fixes only how they act on the weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attnlab.backends.eager import EAGER
+from attnlab.catalog.variants._common import VariantFlexBackend, allowed, logits, softmax_rows, weigh
+from attnlab.core import Call, MethodSpec, TensorInput
+from attnlab.kernels.heads import expand_kv
+from attnlab.params import Params
+from attnlab.patterns import ALL_PATTERNS
+
+
+@dataclass(frozen=True)
+class AffineScaledParams(Params):
+    """No parameters: ``alpha`` and ``beta`` are tensor inputs (B, H, N_q), any dim may be 1."""
+
+    method = "affine_scaled"
+
+
+def reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    params: AffineScaledParams,
+    *,
+    causal: bool,
+    scale: float,
+    upcast: bool = True,
+    alpha: Tensor | None = None,
+    beta: Tensor | None = None,
+) -> Tensor:
+    """``O = (alpha_i * P_ij + beta_i * M_ij / n_i) V`` with ``P = softmax(scale * Q K^T)`` over the allowed
+    keys ``M_ij`` (``j <= i + N_k - N_q`` when causal), ``n_i = sum_j M_ij``; rows with ``n_i = 0`` are 0."""
+    s = logits(q, k, scale, upcast)
+    mask = allowed(q.shape[2], k.shape[2], causal, q.device)
+    w = softmax_rows(s, mask)
+    if alpha is not None:
+        w = w * alpha.to(w.dtype)[..., None]
+    if beta is not None:
+        m = torch.ones_like(s) if mask is None else mask.to(s.dtype).expand_as(s)
+        n = m.sum(dim=-1, keepdim=True)
+        w = w + beta.to(w.dtype)[..., None] * m / n.clamp(min=1)
+    return weigh(w, v, upcast).to(q.dtype)
+
+
+def allowed_mean(v: Tensor, n_q: int, causal: bool, heads: int) -> Tensor:
+    """``mean_{j allowed} v_j`` per query row, fp32 (B, H, N_q, D_v), from a running sum (no N x N)."""
+    b, h_kv, n_k, d_v = v.shape
+    vf = v.float()
+    if not causal:
+        mean = vf.mean(dim=2, keepdim=True).expand(b, h_kv, n_q, d_v)
+    else:
+        pos = torch.arange(n_q, device=v.device) + (n_k - n_q)  # the last allowed key of each row
+        running = vf.cumsum(dim=2)[:, :, pos.clamp(min=0)]
+        mean = running / (pos.clamp(min=0) + 1).to(vf.dtype)[:, None]
+        mean = mean * (pos >= 0).to(vf.dtype)[:, None]  # rows before the first key: no key, 0
+    return expand_kv(mean, heads)
+
+
+def _finish(out: Tensor, lse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, call: Call,
+            extra: Mapping[str, Tensor]) -> Tensor:  # fmt: skip
+    alpha, beta = extra.get("alpha"), extra.get("beta")
+    res = out.float()
+    if alpha is not None:
+        res = res * alpha.float()[..., None]
+    if beta is not None:
+        res = res + beta.float()[..., None] * allowed_mean(v, q.shape[2], call.problem.causal, q.shape[1])
+    return res.to(out.dtype)
+
+
+def _per_query(name: str, doc: str) -> TensorInput:
+    return TensorInput(name, ("B", "H", "N_q"), doc, required=False, broadcast=True)
+
+
+SPEC = MethodSpec(
+    name="affine_scaled",
+    family="dense",
+    paper="Affine-Scaled Attention: Towards Flexible and Stable Transformer Attention (2025)",
+    summary="alpha_i * softmax weights + beta_i spread over the allowed keys (tensor inputs alpha, beta)",
+    param_class=AffineScaledParams,
+    reference=reference,
+    backends=(VariantFlexBackend(finish=_finish), EAGER),
+    patterns=ALL_PATTERNS,
+    inputs=(
+        _per_query("alpha", "scales each query's softmax weights"),
+        _per_query("beta", "added weight, spread uniformly over each query's allowed keys"),
+    ),
+    test_params=({},),
+    bench_params=lambda n: [{}],
+    softmax_normalized=False,  # the weights of a row sum to alpha + beta
+)

@@ -1,0 +1,95 @@
+"""``bias``: softmax attention with an additive bias tensor, ``softmax(scale * q . k + bias)``.
+
+The bias is a tensor input of shape (B, H, N_q, N_k) where any dim may be 1 (broadcast): a key padding
+bias is (B, 1, 1, N_k), a relative-position table expanded per head is (1, H, N_q, N_k). It is added
+after ``scale`` and before the mask; ``-inf`` entries mask pairs out (a row left with no key returns 0).
+Without a bias the method is plain softmax attention. Gradients flow to the bias on the reference and
+eager paths; on FlexAttention they follow PyTorch's support for captured tensors in a score_mod (GPU).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from attnlab.backends.eager import EAGER
+from attnlab.catalog.variants._common import (
+    VariantFlexBackend,
+    allowed,
+    captured,
+    heads_index,
+    logits,
+    softmax_rows,
+    weigh,
+)
+from attnlab.core import Call, MethodSpec, TensorInput
+from attnlab.kernels.flex import ScoreMod
+from attnlab.params import Params
+from attnlab.patterns import ALL_PATTERNS
+
+
+@dataclass(frozen=True)
+class BiasParams(Params):
+    """No parameters: the bias is the tensor input ``bias`` (B, H, N_q, N_k), any dim may be 1."""
+
+    method = "bias"
+
+
+def reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    params: BiasParams,
+    *,
+    causal: bool,
+    scale: float,
+    upcast: bool = True,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """``O = softmax_j(scale * q_i . k_j + bias_{b,h,i,j}) V`` over the allowed keys (``j <= i + N_k - N_q``
+    when causal, and ``bias > -inf``), broadcasting the bias's size-1 dims; a row with no key is 0."""
+    s = logits(q, k, scale, upcast)
+    mask = allowed(q.shape[2], k.shape[2], causal, q.device)
+    if bias is not None:
+        s = s + bias.to(s.dtype)
+        finite = ~bias.isneginf()
+        mask = finite if mask is None else mask & finite
+    p = softmax_rows(s, mask)
+    return weigh(p, v, upcast).to(q.dtype)
+
+
+def _score(call: Call, extra: Mapping[str, Tensor]) -> ScoreMod | None:
+    given = extra.get("bias")
+    if given is None:
+        return None
+    bias = captured(given)
+    rows, cols = bias.shape[2] > 1, bias.shape[3] > 1
+
+    def add_bias(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        bi, hi = heads_index(bias, b, h)
+        return score + bias[bi, hi, q_idx if rows else 0, kv_idx if cols else 0]
+
+    return add_bias
+
+
+SPEC = MethodSpec(
+    name="bias",
+    family="dense",
+    paper="additive attention bias (relative positions, padding; FlashBias, Wu et al., 2025, for the "
+    "low-rank form, not implemented here)",
+    summary="softmax(scale*qk + bias) with a broadcastable (B, H, N_q, N_k) bias tensor",
+    param_class=BiasParams,
+    reference=reference,
+    backends=(VariantFlexBackend(_score, per_call=True), EAGER),
+    patterns=ALL_PATTERNS,
+    inputs=(
+        TensorInput(
+            "bias", ("B", "H", "N_q", "N_k"), "added to the scaled logits", required=False, broadcast=True
+        ),
+    ),
+    test_params=({},),
+    bench_params=lambda n: [{}],
+    softmax_normalized=False,  # it is softmax-normalised, but attnlab's reference lse is the plain one
+)

@@ -1,0 +1,96 @@
+"""``selective``: softmax attention with a per-query temperature, ``softmax(tau_i * scale * q_i . k_j)``.
+
+Selective Attention (Zhang et al., 2024) scales each query's logits by a temperature ``tau_i`` computed
+from the query (and its position) by a small learned function, so that each query controls how peaked
+its attention is. Here ``tau`` is a tensor input ``temperature`` of shape (B, H, N_q) (any dim may be
+1) that *multiplies* the scaled logits: ``tau > 1`` sharpens, ``tau < 1`` flattens, ``tau = 0`` gives a
+uniform average over the allowed keys; without it the method is plain softmax. The paper's value
+temperature is not part of this method (scale ``v`` before the call).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from attnlab.backends.eager import EAGER
+from attnlab.catalog.variants._common import (
+    VariantFlexBackend,
+    allowed,
+    captured,
+    heads_index,
+    logits,
+    softmax_rows,
+    weigh,
+)
+from attnlab.core import Call, MethodSpec, TensorInput
+from attnlab.kernels.flex import ScoreMod
+from attnlab.params import Params
+from attnlab.patterns import ALL_PATTERNS
+
+
+@dataclass(frozen=True)
+class SelectiveParams(Params):
+    """No parameters: the temperature is the tensor input ``temperature`` (B, H, N_q), any dim may be 1."""
+
+    method = "selective"
+
+
+def reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    params: SelectiveParams,
+    *,
+    causal: bool,
+    scale: float,
+    upcast: bool = True,
+    temperature: Tensor | None = None,
+) -> Tensor:
+    """``O_i = softmax_j(tau_i * scale * q_i . k_j) V`` over the allowed keys (``j <= i + N_k - N_q`` when
+    causal), ``tau`` (B, H, N_q) broadcast; without ``temperature``, ``tau = 1``. A row with no key is 0."""
+    s = logits(q, k, scale, upcast)
+    if temperature is not None:
+        s = s * temperature.to(s.dtype)[..., None]
+    p = softmax_rows(s, allowed(q.shape[2], k.shape[2], causal, q.device))
+    return weigh(p, v, upcast).to(q.dtype)
+
+
+def _score(call: Call, extra: Mapping[str, Tensor]) -> ScoreMod | None:
+    given = extra.get("temperature")
+    if given is None:
+        return None
+    tau = captured(given)
+    rows = tau.shape[2] > 1
+
+    def temperature(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        bi, hi = heads_index(tau, b, h)
+        return score * tau[bi, hi, q_idx if rows else 0]
+
+    return temperature
+
+
+SPEC = MethodSpec(
+    name="selective",
+    family="dense",
+    paper="Selective Attention: Enhancing Transformer through Principled Context Control (Zhang et al., 2024)",
+    summary="softmax of tau_i * scale*qk with a per-query temperature tensor tau (B, H, N_q)",
+    param_class=SelectiveParams,
+    reference=reference,
+    backends=(VariantFlexBackend(_score, per_call=True), EAGER),
+    patterns=ALL_PATTERNS,
+    inputs=(
+        TensorInput(
+            "temperature",
+            ("B", "H", "N_q"),
+            "multiplies each query's scaled logits",
+            required=False,
+            broadcast=True,
+        ),
+    ),
+    test_params=({},),
+    bench_params=lambda n: [{}],
+    softmax_normalized=False,  # it is softmax-normalised, but attnlab's reference lse is the plain one
+)

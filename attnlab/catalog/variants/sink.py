@@ -1,0 +1,98 @@
+"""``sink``: softmax attention with a learnable sink logit per head that joins the normaliser (gpt-oss).
+
+Each query head ``h`` has a logit ``s_h`` (not scaled) that enters the softmax's denominator as one
+more column with no value vector::
+
+    P_ij = exp(x_ij) / (exp(s_h) + sum_j' exp(x_ij')),   x = scale * q . k,   O_i = sum_j P_ij v_j
+
+Equivalently: append ``s_h`` as an extra logit column, softmax, drop the column. The weights of a row
+sum to less than 1; a row with no allowed key puts all its mass on the sink and returns 0. Evan Miller's
+"off-by-one" softmax is ``s_h = 0`` for every head, the default: a ``sinks`` tensor (H,) passed to the
+call (gpt-oss's learned per-head parameter) replaces the constant ``logit``. The FlexAttention path
+runs plain softmax and rescales: ``O = O_softmax * sigmoid(lse - s_h)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attnlab.backends.eager import EAGER
+from attnlab.catalog.variants._common import VariantFlexBackend, allowed, logits, weigh
+from attnlab.core import Call, MethodSpec, TensorInput
+from attnlab.params import Params
+from attnlab.patterns import ALL_PATTERNS
+
+
+@dataclass(frozen=True)
+class SinkParams(Params):
+    """``logit``: the sink logit of every head when no ``sinks`` tensor is given (finite; default 0.0,
+    the off-by-one softmax)."""
+
+    method = "sink"
+    logit: float = 0.0
+
+    def validate(self) -> None:
+        self.check_float("logit")
+
+
+def sink_logits(q: Tensor, params: SinkParams, sinks: Tensor | None) -> Tensor:
+    """The (H,) fp32 sink logits of a call: the ``sinks`` input, else ``logit`` for every head."""
+    if sinks is not None:
+        return sinks.float()
+    return torch.full((q.shape[1],), float(params.logit), dtype=torch.float32, device=q.device)
+
+
+def reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    params: SinkParams,
+    *,
+    causal: bool,
+    scale: float,
+    upcast: bool = True,
+    sinks: Tensor | None = None,
+) -> Tensor:
+    """``O_i = sum_j exp(x_ij) v_j / (exp(s_h) + sum_j exp(x_ij))`` over the allowed keys (``j <= i + N_k -
+    N_q`` when causal), ``x = scale * q . k``, ``s_h`` from ``sinks`` or ``logit``; computed stably with
+    the row maximum taken over the logits and the sink. A row with no key is 0."""
+    x = logits(q, k, scale, upcast)
+    sink = sink_logits(q, params, sinks).to(x.dtype)[None, :, None, None].expand(*x.shape[:3], 1)
+    mask = allowed(q.shape[2], k.shape[2], causal, q.device)
+    if mask is not None:
+        x = x.masked_fill(~mask, float("-inf"))
+    full = torch.cat([x, sink], dim=-1)  # the sink is always allowed: no row is empty
+    p = torch.softmax(full, dim=-1)[..., :-1]
+    return weigh(p, v, upcast).to(q.dtype)
+
+
+def rescale(out: Tensor, lse: Tensor, sink: Tensor) -> Tensor:
+    """Softmax output and log-sum-exp -> the sink's output: ``O * sigmoid(lse - s_h)`` (``sink`` (H,))."""
+    return (out.float() * torch.sigmoid(lse.float() - sink[None, :, None])[..., None]).to(out.dtype)
+
+
+def _finish(out: Tensor, lse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, call: Call,
+            extra: Mapping[str, Tensor]) -> Tensor:  # fmt: skip
+    assert lse is not None and isinstance(call.params, SinkParams)
+    return rescale(out, lse, sink_logits(q, call.params, extra.get("sinks")))
+
+
+SPEC = MethodSpec(
+    name="sink",
+    family="dense",
+    paper="gpt-oss-120b & gpt-oss-20b Model Card (OpenAI, 2025), learned attention sinks; "
+    "Attention Is Off By One (Evan Miller, 2023)",
+    summary="softmax with a per-head sink logit in the denominator (off-by-one softmax by default)",
+    param_class=SinkParams,
+    reference=reference,
+    backends=(VariantFlexBackend(finish=_finish, needs_lse=True), EAGER),
+    patterns=ALL_PATTERNS,
+    inputs=(TensorInput("sinks", ("H",), "per-head sink logits s_h (not scaled)", required=False),),
+    test_params=({}, {"logit": 2.0}, {"logit": -3.0}),
+    bench_params=lambda n: [{}],
+    softmax_normalized=False,  # the weights do not sum to 1
+)

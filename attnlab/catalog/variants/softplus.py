@@ -1,0 +1,130 @@
+"""``softplus``: Length-Scaled Softplus Attention (LSSA), softplus weights with l1 normalisation.
+
+"Softplus Attention with Re-weighting" (Gao et al., 2025) reads softmax as a positivity map followed by
+l1 normalisation and replaces ``exp`` by ``softplus``, with a length-dependent scale on the logits::
+
+    A_ij = softplus(lambda_i * s_ij) / sum_j' softplus(lambda_i * s_ij'),   s = scale * q . k
+    lambda_i = log(n_i) / log(D)    (``log_D n_i``; 1 with ``length_scale=False``)
+
+where ``n_i`` is the number of keys row ``i`` may attend (N_k, or ``p_i + 1`` when causal with
+``p_i = i + N_k - N_q``) and ``D`` the head dim: the scale grows with the log of the attended length,
+keeping the attention entropy steady as sequences grow. Masked entries weigh 0; a row with no key is 0.
+
+Our reading, from the paper's abstract and secondary summaries (its code was not available here): the
+exact form of the scale (log base, row length vs. total length) is unverified, and the re-weighting
+("sharpening") stage of LSSAR is not implemented. The FlexAttention path passes ``log softplus`` as its
+score, so that its softmax is exactly the l1 normalisation of the softplus weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnlab.backends.eager import EAGER
+from attnlab.catalog.variants._common import VariantFlexBackend, allowed, logits, weigh
+from attnlab.core import Call, MethodSpec
+from attnlab.errors import InputError
+from attnlab.kernels.flex import ScoreMod
+from attnlab.params import Params
+from attnlab.patterns import ALL_PATTERNS
+
+
+@dataclass(frozen=True)
+class SoftplusParams(Params):
+    """``length_scale``: multiply the logits by ``log(n_i) / log(D)`` (default True, LSSA); False gives
+    plain softplus attention with l1 normalisation."""
+
+    method = "softplus"
+    length_scale: bool = True
+
+    def validate(self) -> None:
+        self.check_bool("length_scale")
+
+
+def row_lengths(n_q: int, n_k: int, causal: bool, device: torch.device) -> Tensor:
+    """``n_i``: the number of keys each query row may attend, int64 (N_q,)."""
+    if not causal:
+        return torch.full((n_q,), n_k, dtype=torch.int64, device=device)
+    return (torch.arange(n_q, device=device) + (n_k - n_q) + 1).clamp(0, n_k)
+
+
+def _inv_log_d(head_dim: int) -> float:
+    if head_dim < 2:
+        raise InputError(
+            f"method 'softplus': the length scale log(n) / log(D) needs head dim D >= 2, got D={head_dim}"
+        )
+    return 1.0 / math.log(head_dim)
+
+
+def reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    params: SoftplusParams,
+    *,
+    causal: bool,
+    scale: float,
+    upcast: bool = True,
+) -> Tensor:
+    """``O_i = sum_j softplus(lambda_i s_ij) v_j / sum_j softplus(lambda_i s_ij)`` over the allowed keys
+    (``j <= i + N_k - N_q`` when causal), ``s = scale * q . k``, ``lambda_i = log(n_i) / log(D)`` with
+    ``n_i`` the row's allowed keys (1 when ``length_scale`` is False). A row with no key is 0."""
+    n_q, n_k = q.shape[2], k.shape[2]
+    s = logits(q, k, scale, upcast)
+    if params.length_scale:
+        n = row_lengths(n_q, n_k, causal, q.device).clamp(min=1).to(s.dtype)
+        s = s * (torch.log(n) * _inv_log_d(q.shape[-1]))[:, None]
+    w = F.softplus(s)
+    mask = allowed(n_q, n_k, causal, q.device)
+    if mask is not None:
+        w = w * mask
+    total = w.sum(dim=-1, keepdim=True)
+    a = w / torch.where(total > 0, total, torch.ones_like(total))
+    return weigh(a, v, upcast).to(q.dtype)
+
+
+def log_softplus(y: Tensor) -> Tensor:
+    """``log(softplus(y))``, finite (with finite gradients) for every finite y."""
+    mid = torch.log(torch.log1p(torch.exp(y.clamp(-20.0, 20.0))))
+    return torch.where(y > 20.0, torch.log(y.clamp(min=20.0)), torch.where(y < -20.0, y, mid))
+
+
+def _score(call: Call, extra: Mapping[str, Tensor]) -> ScoreMod:
+    assert isinstance(call.params, SoftplusParams)
+    p = call.problem
+    dev = p.device
+    inv = torch.tensor(_inv_log_d(p.head_dim) if call.params.length_scale else 0.0, device=dev)
+    offset = torch.tensor(p.n_k - p.n_q + 1, dtype=torch.int32, device=dev)
+    n_k = torch.tensor(p.n_k, dtype=torch.int32, device=dev)
+    causal = torch.tensor(p.causal, device=dev)
+    scaled = torch.tensor(call.params.length_scale, device=dev)
+
+    def lssa(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        n = torch.where(causal, (q_idx + offset).clamp(min=1), n_k)
+        n = torch.where(n < n_k, n, n_k)
+        lam = torch.where(scaled, torch.log(n.to(torch.float32)) * inv, 1.0)
+        return log_softplus(score * lam)
+
+    return lssa
+
+
+SPEC = MethodSpec(
+    name="softplus",
+    family="dense",
+    paper="Softplus Attention with Re-weighting Boosts Length Extrapolation in Large Language Models "
+    "(Gao et al., 2025): LSSA, without the re-weighting stage",
+    summary="softplus(log_D(n_i) * scale*qk) weights, l1-normalised per row (LSSA)",
+    param_class=SoftplusParams,
+    reference=reference,
+    backends=(VariantFlexBackend(_score), EAGER),
+    patterns=ALL_PATTERNS,
+    test_params=({}, {"length_scale": False}),
+    bench_params=lambda n: [{}],
+    softmax_normalized=False,  # l1-normalised softplus weights: no log-sum-exp
+)

@@ -1,0 +1,410 @@
+"""The softmax variants (attnlab/catalog/variants): each reference against the convention its docstring
+states (checked with independent math: SDPA with an explicit bias, an extra key column, rows by hand),
+each Flex score_mod and output transform against the reference, the fast paths under the accuracy rule,
+and every bad input with its error.
+
+The methods are not in the global registry yet (see ``attnlab/catalog/variants/__init__.py``): each test
+registers what it runs for its own duration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import attnlab
+from attnlab.catalog.variants import (
+    SPECS,
+    affine_scaled,
+    alibi,
+    bias,
+    gated,
+    selective,
+    sink,
+    softcap,
+    softplus,
+)
+from attnlab.core import Call, default_scale
+from attnlab.errors import BackendError, InputError, ParamError
+from attnlab.inputs import validate
+from attnlab.registry import registered
+from attnlab.testing import Case, check_parity
+
+B, H, H_KV, N_Q, N_K, D = 2, 4, 2, 9, 13, 16
+
+
+@pytest.fixture
+def variants() -> Iterator[None]:
+    """Every variant registered until the test ends."""
+    with contextlib.ExitStack() as stack:
+        for spec in SPECS:
+            stack.enter_context(registered(spec))
+        yield
+
+
+def qkv(n_q: int = N_Q, n_k: int = N_K, grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    q = torch.randn(B, H, n_q, D) * 2
+    k = torch.randn(B, H_KV, n_k, D) * 2
+    v = torch.randn(B, H_KV, n_k, D)
+    return q.requires_grad_(grad), k.requires_grad_(grad), v.requires_grad_(grad)
+
+
+def causal_bias(n_q: int, n_k: int, causal: bool) -> Tensor:
+    """0 where allowed, -inf where not (bottom-right causal), for SDPA's float attn_mask."""
+    pos = torch.arange(n_q)[:, None] + n_k - n_q
+    ok = torch.arange(n_k)[None, :] <= pos if causal else torch.ones(n_q, n_k, dtype=torch.bool)
+    return torch.zeros(n_q, n_k).masked_fill(~ok, float("-inf"))
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_bias: Tensor) -> Tensor:
+    """SDPA (math kernel, fp32) with a float bias; rows that are all -inf give 0 here (SDPA gives NaN)."""
+    k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    empty = torch.isneginf(attn_bias).all(dim=-1, keepdim=True)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_bias.masked_fill(empty, 0.0), scale=1 / D**0.5
+    )
+    return out.masked_fill(empty, 0.0)
+
+
+def test_every_variant_is_complete() -> None:
+    assert [s.name for s in SPECS] == [
+        "softcap", "alibi", "bias", "sink", "softplus", "selective", "gated", "affine_scaled",
+    ]  # fmt: skip
+    for spec in SPECS:
+        assert spec.family == "dense" and spec.param_class.__doc__ and len(spec.reference.__doc__ or "") > 40
+        assert [b.name for b in spec.backends] == ["flex", "eager"]
+        for kwargs in (*spec.test_params, *spec.bench_params(4096)):
+            spec.make_params(kwargs)
+        assert spec.params == spec.param_class()
+        assert not any(b.caps.lse for b in spec.backends)  # no lse until the reference's lse knows variants
+        assert spec.name not in attnlab.methods()
+
+
+# -- each reference states its convention; checked with independent math -----------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_softcap_caps_the_scaled_logits(causal: bool) -> None:
+    q, k, v = qkv()
+    s = torch.einsum("bhqd,bhkd->bhqk", q, k.repeat_interleave(2, dim=1)) / D**0.5
+    for cap in (0.5, 3.0):
+        want = sdpa(q, k, v, cap * torch.tanh(s / cap) - s + causal_bias(N_Q, N_K, causal))  # logits = capped
+        got = softcap.reference(q, k, v, softcap.SoftcapParams(cap), causal=causal, scale=1 / D**0.5)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    huge = softcap.reference(q, k, v, softcap.SoftcapParams(1e6), causal=causal, scale=1 / D**0.5)
+    torch.testing.assert_close(huge, sdpa(q, k, v, causal_bias(N_Q, N_K, causal)), atol=1e-5, rtol=1e-5)
+
+
+def test_alibi_slopes_are_the_papers() -> None:
+    assert alibi.alibi_slopes(8) == [2.0**-e for e in range(1, 9)]
+    assert alibi.alibi_slopes(4, max_bias=8.0) == [2.0**-2, 2.0**-4, 2.0**-6, 2.0**-8]
+    # 6 heads: the 4 slopes of H=4, then every other slope of H=8 (1/2, 1/8)
+    assert alibi.alibi_slopes(6) == [2.0**-2, 2.0**-4, 2.0**-6, 2.0**-8, 2.0**-1, 2.0**-3]
+
+
+@pytest.mark.parametrize(("n_q", "causal"), [(N_Q, False), (N_Q, True), (17, True)])
+def test_alibi_is_a_distance_penalty_from_bottom_right_positions(n_q: int, causal: bool) -> None:
+    q, k, v = qkv(n_q=n_q)
+    slopes = torch.tensor(alibi.alibi_slopes(H))
+    pos = torch.arange(n_q)[:, None] + N_K - n_q
+    dist = (pos - torch.arange(N_K)[None, :]).abs().float()
+    want = sdpa(q, k, v, -slopes[:, None, None] * dist + causal_bias(n_q, N_K, causal))
+    got = alibi.reference(q, k, v, alibi.AlibiParams(), causal=causal, scale=1 / D**0.5)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    given = torch.rand(H)
+    want = sdpa(q, k, v, -given[:, None, None] * dist + causal_bias(n_q, N_K, causal))
+    got = alibi.reference(q, k, v, alibi.AlibiParams(), causal=causal, scale=1 / D**0.5, slopes=given)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(B, H, N_Q, N_K), (1, H, 1, N_K), (B, 1, N_Q, 1)])
+def test_bias_is_added_to_the_scaled_logits(shape: tuple[int, ...]) -> None:
+    q, k, v = qkv()
+    b = torch.randn(shape)
+    for causal in (False, True):
+        want = sdpa(q, k, v, b + causal_bias(N_Q, N_K, causal))
+        got = bias.reference(q, k, v, bias.BiasParams(), causal=causal, scale=1 / D**0.5, bias=b)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # -inf entries mask pairs out; a row left with no key is 0, not NaN
+    b = torch.zeros(1, 1, N_Q, N_K)
+    b[..., 3, :] = float("-inf")
+    got = bias.reference(q, k, v, bias.BiasParams(), causal=False, scale=1 / D**0.5, bias=b)
+    assert torch.isfinite(got).all() and not got[:, :, 3].any()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sink_is_an_extra_logit_column_without_value(causal: bool) -> None:
+    n_q = 17  # causal: the first 4 queries sit before every key
+    q, k, v = qkv(n_q=n_q)
+    logits = torch.randn(H)
+    # append one key (zero vector, so q . k = 0) whose bias is the sink logit, and a zero value
+    k1 = torch.cat([k, torch.zeros(B, H_KV, 1, D)], dim=2)
+    v1 = torch.cat([v, torch.zeros(B, H_KV, 1, D)], dim=2)
+    col = torch.cat(
+        [causal_bias(n_q, N_K, causal).expand(H, n_q, N_K), logits[:, None, None].expand(H, n_q, 1)], -1
+    )
+    want = sdpa(q, k1, v1, col)
+    got = sink.reference(q, k, v, sink.SinkParams(), causal=causal, scale=1 / D**0.5, sinks=logits)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if causal:
+        assert not got[:, :, :4].any()  # no key: all mass on the sink, output 0
+    # the default is the off-by-one softmax: sink logit 0 for every head
+    off_by_one = sink.reference(q, k, v, sink.SinkParams(), causal=causal, scale=1 / D**0.5)
+    col[:, :, -1] = 0.0
+    torch.testing.assert_close(off_by_one, sdpa(q, k1, v1, col), atol=1e-5, rtol=1e-5)
+
+
+def test_sink_logit_gradient_is_the_gpt_oss_formula() -> None:
+    q, k, v = qkv()
+    logits = torch.randn(H, requires_grad=True)
+    out = sink.reference(q, k, v, sink.SinkParams(), causal=True, scale=1 / D**0.5, sinks=logits)
+    dout = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, logits, dout)
+    # ds_h = -sum over batch and rows of P_sink,i * (dO_i . O_i), P_sink,i = exp(s_h - LSE_i), LSE with the sink
+    s = torch.einsum("bhqd,bhkd->bhqk", q, k.repeat_interleave(2, dim=1)) / D**0.5 + causal_bias(
+        N_Q, N_K, True
+    )
+    lse = torch.logsumexp(torch.cat([s, logits.detach()[None, :, None, None].expand(B, H, N_Q, 1)], -1), -1)
+    p_sink = torch.exp(logits.detach()[None, :, None] - lse)
+    want = -(p_sink * (dout * out.detach()).sum(-1)).sum(dim=(0, 2))
+    torch.testing.assert_close(grad, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_softplus_weights_are_l1_normalised_with_the_length_scale(causal: bool) -> None:
+    n_q = 17
+    q, k, v = qkv(n_q=n_q)
+    scale = 1 / D**0.5
+    got = softplus.reference(q, k, v, softplus.SoftplusParams(), causal=causal, scale=scale)
+    plain = softplus.reference(
+        q, k, v, softplus.SoftplusParams(length_scale=False), causal=causal, scale=scale
+    )
+    ke, ve = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    for i in (0, 5, n_q - 1):  # rows by hand
+        keys = min(N_K, i + N_K - n_q + 1) if causal else N_K
+        if keys <= 0:
+            assert not got[:, :, i].any()
+            continue
+        s = torch.einsum("bhd,bhkd->bhk", q[:, :, i], ke[:, :, :keys]) * scale
+        for out, lam in ((got, math.log(keys) / math.log(D)), (plain, 1.0)):
+            w = F.softplus(lam * s)
+            want = torch.einsum("bhk,bhkd->bhd", w / w.sum(-1, keepdim=True), ve[:, :, :keys])
+            torch.testing.assert_close(out[:, :, i], want, atol=1e-5, rtol=1e-5)
+    # weights sum to 1 on rows with a key
+    ones = softplus.reference(q, k, torch.ones_like(v), softplus.SoftplusParams(), causal=causal, scale=scale)
+    rows = ones[..., 0] != 0
+    torch.testing.assert_close(ones[rows], torch.ones_like(ones[rows]))
+
+
+def test_selective_temperature_multiplies_each_querys_logits() -> None:
+    q, k, v = qkv()
+    tau = torch.rand(B, H, N_Q) * 3
+    for causal in (False, True):
+        want = sdpa(q * tau[..., None], k, v, causal_bias(N_Q, N_K, causal))  # tau_i * q_i . k_j
+        got = selective.reference(q, k, v, selective.SelectiveParams(), causal=causal, scale=1 / D**0.5,
+                                  temperature=tau)  # fmt: skip
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # temperature 0: the plain average of the allowed values; (B, 1, 1) broadcasts
+    flat = selective.reference(q, k, v, selective.SelectiveParams(), causal=False, scale=1 / D**0.5,
+                               temperature=torch.zeros(B, 1, 1))  # fmt: skip
+    torch.testing.assert_close(flat, v.repeat_interleave(2, dim=1).mean(dim=2, keepdim=True).expand_as(flat))
+
+
+def test_gated_is_sigmoid_gate_times_attention() -> None:
+    q, k, v = qkv()
+    for g in (torch.randn(B, H, N_Q, D), torch.randn(B, H, N_Q, 1)):  # elementwise and head-wise
+        want = torch.sigmoid(g) * sdpa(q, k, v, causal_bias(N_Q, N_K, True))
+        got = gated.reference(q, k, v, gated.GatedParams(), causal=True, scale=1 / D**0.5, gate=g)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("n_q", "causal"), [(N_Q, False), (N_Q, True), (17, True)])
+def test_affine_scaled_weights(n_q: int, causal: bool) -> None:
+    q, k, v = qkv(n_q=n_q)
+    alpha, beta = torch.rand(B, H, n_q), torch.randn(1, H, n_q)
+    got = affine_scaled.reference(q, k, v, affine_scaled.AffineScaledParams(), causal=causal,
+                                  scale=1 / D**0.5, alpha=alpha, beta=beta)  # fmt: skip
+    ve = v.repeat_interleave(2, dim=1)
+    mean = torch.zeros(B, H, n_q, D)
+    for i in range(n_q):  # the mean of each row's allowed values, by hand
+        keys = min(N_K, i + N_K - n_q + 1) if causal else N_K
+        if keys > 0:
+            mean[:, :, i] = ve[:, :, :keys].mean(dim=2)
+    want = alpha[..., None] * sdpa(q, k, v, causal_bias(n_q, N_K, causal)) + beta[..., None] * mean
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # the fast path's running mean is the same
+    torch.testing.assert_close(affine_scaled.allowed_mean(v, n_q, causal, H), mean, atol=1e-5, rtol=1e-5)
+
+
+# -- the Flex paths: score_mods evaluated on the full index grid, output transforms -----------------------
+
+
+def call_of(spec: Any, q: Tensor, k: Tensor, causal: bool, **params: Any) -> Call:
+    problem = validate(q, k, k, causal=causal, scale=None)
+    return Call(spec, spec.make_params(params), problem, default_scale(D, None))
+
+
+def grid_scores(mod: Any, s: Tensor) -> Tensor:
+    """A score_mod applied eagerly to every (b, h, q, k) of the scaled logits ``s``."""
+    b, h, n_q, n_k = s.shape
+    idx = [torch.arange(n, dtype=torch.int32).view(*(n if d == a else 1 for d in range(4))) for a, n in
+           enumerate((b, h, n_q, n_k))]  # fmt: skip
+    return mod(s, *idx).expand_as(s)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_score_mods_are_the_references_transform(causal: bool) -> None:
+    q, k, _ = qkv()
+    s = torch.einsum("bhqd,bhkd->bhqk", q, k.repeat_interleave(2, dim=1)) / D**0.5
+    pos = torch.arange(N_Q)[:, None] + N_K - N_Q
+    dist = (pos - torch.arange(N_K)[None, :]).abs().float()
+    # softcap
+    mod = softcap._score(call_of(softcap.SPEC, q, k, causal, cap=2.0), {})
+    torch.testing.assert_close(grid_scores(mod, s), 2.0 * torch.tanh(s / 2.0))
+    # alibi, default and given slopes
+    mod = alibi._score(call_of(alibi.SPEC, q, k, causal), {})
+    want = s - torch.tensor(alibi.alibi_slopes(H))[:, None, None] * dist
+    torch.testing.assert_close(grid_scores(mod, s), want)
+    given = torch.rand(H)
+    mod = alibi._score(call_of(alibi.SPEC, q, k, causal), {"slopes": given})
+    torch.testing.assert_close(grid_scores(mod, s), s - given[:, None, None] * dist)
+    # bias, broadcast dims
+    for shape in ((B, H, N_Q, N_K), (1, H, 1, N_K), (B, 1, N_Q, 1)):
+        b = torch.randn(shape)
+        mod = bias._score(call_of(bias.SPEC, q, k, causal), {"bias": b})
+        torch.testing.assert_close(grid_scores(mod, s), s + b)
+    assert bias._score(call_of(bias.SPEC, q, k, causal), {}) is None
+    # selective
+    tau = torch.rand(B, 1, N_Q)
+    mod = selective._score(call_of(selective.SPEC, q, k, causal), {"temperature": tau})
+    torch.testing.assert_close(grid_scores(mod, s), s * tau[..., None])
+    # softplus: log softplus of the length-scaled logits (FlexAttention's softmax of it is the l1 norm)
+    for scaled in (True, False):
+        mod = softplus._score(call_of(softplus.SPEC, q, k, causal, length_scale=scaled), {})
+        n = softplus.row_lengths(N_Q, N_K, causal, torch.device("cpu")).clamp(min=1).float()
+        lam = torch.log(n)[:, None] / math.log(D) if scaled else 1.0
+        torch.testing.assert_close(grid_scores(mod, s), torch.log(F.softplus(s * lam)))
+
+
+def test_log_softplus_is_finite_with_finite_gradients() -> None:
+    y = torch.tensor([-1e4, -50.0, -20.5, -3.0, 0.0, 3.0, 20.5, 60.0, 1e4], requires_grad=True)
+    out = softplus.log_softplus(y)
+    torch.testing.assert_close(out[2:7], torch.log(F.softplus(y[2:7])))
+    (g,) = torch.autograd.grad(out.sum(), y)
+    assert torch.isfinite(out).all() and torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sink_flex_rescaling_from_softmax_and_lse(causal: bool) -> None:
+    n_q = 17
+    q, k, v = qkv(n_q=n_q)
+    s = torch.einsum("bhqd,bhkd->bhqk", q, k.repeat_interleave(2, dim=1)) / D**0.5 + causal_bias(
+        n_q, N_K, causal
+    )
+    lse = torch.logsumexp(s, dim=-1)  # -inf on rows with no key, as FlexAttention returns it
+    plain = sdpa(q, k, v, causal_bias(n_q, N_K, causal))
+    logits = torch.randn(H)
+    got = sink.rescale(plain, lse, logits)
+    want = sink.reference(q, k, v, sink.SinkParams(), causal=causal, scale=1 / D**0.5, sinks=logits)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+FLEX_CASES = [("softcap", {"cap": 2.0}), ("softplus", {}), ("gated", {}), ("alibi", {}), ("bias", {})]
+
+
+@pytest.mark.parametrize(("name", "kwargs"), FLEX_CASES, ids=[c[0] for c in FLEX_CASES])
+@pytest.mark.parametrize("causal", [False, True])
+def test_flex_matches_reference(variants: None, name: str, kwargs: dict[str, Any], causal: bool) -> None:
+    spec = attnlab.get(name)
+    check = check_parity(spec, "flex", Case(2, 4, 2, 70, 200, 32, torch.float32, causal, kwargs), "cpu")
+    assert not check.skipped and check.passed, check.summary()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_flex_with_tensor_inputs_matches_reference(variants: None, causal: bool) -> None:
+    # head dim 32: compiled CPU FlexAttention returns wrong rows at D=16 for 70 x 200 (even plain softmax)
+    q, k, v = torch.randn(B, H, 70, 32) * 2, torch.randn(B, H_KV, 200, 32) * 2, torch.randn(B, H_KV, 200, 32)
+    for name, extra in (
+        ("gated", {"gate": torch.randn(B, H, 70, 1)}),
+        ("affine_scaled", {"alpha": torch.rand(B, H, 70), "beta": torch.randn(1, 1, 70)}),
+        ("alibi", {"slopes": torch.rand(H)}),
+        ("bias", {"bias": torch.randn(B, 1, 70, 200)}),
+        ("selective", {"temperature": torch.rand(B, H, 70) * 2}),
+    ):
+        got = attnlab.attention(q, k, v, method=name, causal=causal, backend="flex", **extra)
+        want = attnlab.attention(q, k, v, method=name, causal=causal, backend="reference", **extra)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
+def test_eager_matches_reference_with_gradients(variants: None, spec: Any) -> None:
+    for params in spec.test_params:
+        check = check_parity(spec, "eager", Case(2, 4, 2, 33, 47, 16, torch.bfloat16, True, params), "cpu")
+        assert check.passed and "dq" in check.errors, check.summary()
+
+
+def test_tensor_inputs_reach_every_backend_and_their_gradients(variants: None) -> None:
+    q, k, v = qkv(grad=True)
+    extras = {
+        "alibi": {"slopes": torch.rand(H)},
+        "bias": {"bias": torch.randn(1, H, N_Q, N_K)},
+        "sink": {"sinks": torch.randn(H)},
+        "selective": {"temperature": torch.rand(B, H, N_Q)},
+        "gated": {"gate": torch.randn(B, H, N_Q, D)},
+        "affine_scaled": {"alpha": torch.rand(B, H, N_Q), "beta": torch.randn(B, H, N_Q)},
+    }
+    for name, extra in extras.items():
+        leaves = {n: t.clone().requires_grad_(True) for n, t in extra.items()}
+        got = attnlab.attention(q, k, v, method=name, causal=True, **leaves)  # eager: inputs require grad
+        want = attnlab.get(name).reference(q, k, v, attnlab.get(name).params, causal=True, scale=1 / D**0.5,
+                                           **extra)  # fmt: skip
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        plain = attnlab.attention(q, k, v, method=name, causal=True)  # the input changes the output
+        assert not torch.allclose(got, plain)
+        grads = torch.autograd.grad(got.sum(), list(leaves.values()))
+        assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads), name
+
+
+# -- bad input -----------------------------------------------------------------------------------------------
+
+
+def test_softcap_must_be_positive() -> None:
+    for cap in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ParamError, match=r"method 'softcap': parameter cap=.* is invalid; expected a"):
+            softcap.SoftcapParams(cap)
+
+
+def test_bad_tensor_inputs_name_what_was_given_and_expected(variants: None) -> None:
+    q, k, v = qkv()
+    with pytest.raises(InputError, match=r"bias has shape \(2, 4, 9, 12\); method 'bias' expects \(B=2, H=4, "
+                       r"N_q=9, N_k=13\) where any dim may be 1"):  # fmt: skip
+        attnlab.attention(q, k, v, method="bias", bias=torch.randn(B, H, N_Q, N_K - 1))
+    with pytest.raises(InputError, match=r"bias has shape \(9, 13\)"):  # 2-D: not broadcast silently
+        attnlab.attention(q, k, v, method="bias", bias=torch.randn(N_Q, N_K))
+    with pytest.raises(InputError, match=r"sinks has shape \(2\); method 'sink' expects \(H=4\)"):
+        attnlab.attention(q, k, v, method="sink", backend="eager", sinks=torch.randn(H_KV))
+    with pytest.raises(InputError, match=r"slopes has shape \(8\); method 'alibi' expects \(H=4\)"):
+        attnlab.attention(q, k, v, method="alibi", slopes=torch.rand(8))
+    with pytest.raises(InputError, match=r"gate has shape \(2, 4, 9, 8\).*\(B=2, H=4, N_q=9, D_v=16\)"):
+        attnlab.attention(q, k, v, method="gated", gate=torch.randn(B, H, N_Q, 8))
+    with pytest.raises(InputError, match=r"temperature has shape \(2, 4, 9, 1\)"):
+        attnlab.attention(q, k, v, method="selective", temperature=torch.rand(B, H, N_Q, 1))
+    with pytest.raises(ParamError, match="method 'gated' has no parameter 'gates'"):
+        attnlab.attention(q, k, v, method="gated", gates=torch.randn(B, H, N_Q, D))
+    with pytest.raises(ParamError, match=r"max_bias=0 is invalid; expected a number > 0"):
+        alibi.AlibiParams(max_bias=0)
+
+
+def test_cpu_refusals_are_explained(variants: None) -> None:
+    q, k, v = qkv()
+    with pytest.raises(BackendError, match="compiled FlexAttention on CPU cannot return the log-sum-exp"):
+        attnlab.attention(q, k, v, method="sink", backend="flex")
+    with pytest.raises(InputError, match="needs head dim D >= 2, got D=1"):
+        softplus.reference(q[..., :1], k[..., :1], v, softplus.SoftplusParams(), causal=False, scale=1.0)
