@@ -100,7 +100,7 @@ def test_a_full_tile_past_the_key_tail_becomes_partial() -> None:
 def _run_and_compare(q, k, v, plan: Plan, causal: bool, grads: bool, tol: float) -> None:  # type: ignore[no-untyped-def]
     from attnlab.kernels.block_sparse.op import block_sparse_attention
 
-    tables = executor_tables(plan).as_args()
+    tables = tuple(t.to(q.device) for t in executor_tables(plan).as_args())
     mask = plan.dense_mask()
     scale = q.shape[-1] ** -0.5
     for t in (q, k, v):
@@ -173,6 +173,9 @@ def test_bad_input_gets_clear_errors() -> None:
         block_sparse_attention(q, kv, kv, executor_tables(odd).as_args(), 0.25, False)
     with pytest.raises(ValueError, match="13 tables"):
         block_sparse_attention(q, kv, kv, tables[:5], 0.25, False)
+    if on_cuda():
+        with pytest.raises(ValueError, match="build the plan on q's device"):
+            block_sparse_attention(q.cuda(), kv.cuda(), kv.cuda(), tables, 0.25, False)
 
 
 def test_the_backend_runs_the_static_methods_and_returns_its_plan() -> None:

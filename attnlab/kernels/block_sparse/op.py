@@ -115,6 +115,11 @@ def _checked(q: Tensor, k: Tensor, v: Tensor, tables: tuple[Tensor, ...]) -> tup
             f"the plan has {nqb} query tiles x {tables[7].shape[2]} key tiles of {bq} x {bk}; q/k have "
             f"N_q = {n_q}, N_k = {n_k}, which need {-(-n_q // bq)} x {-(-n_k // bk)}"
         )
+    wrong = [i for i, t in enumerate(tables) if t.device != q.device]
+    if wrong:
+        raise ValueError(
+            f"the plan's tables are on {tables[wrong[0]].device}, q is on {q.device}: build the plan on q's device"
+        )
     if v.shape[-1] != d:
         raise ValueError(f"the executor needs D_v == D, got D = {d}, D_v = {v.shape[-1]}")
     return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # type: ignore[return-value]
@@ -179,8 +184,11 @@ def block_sparse_bwd_launch(
     lse = lse.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     has_cols = bool(c_idx.shape[-1] > 1) or bool((c_num > 0).any())
-    dkc = torch.zeros(b, h_kv, n_k, d, dtype=torch.float32, device=q.device) if has_cols else dk
-    dvc = torch.zeros_like(dkc) if has_cols else dv
+    # the columns' dK/dV (atomics) go to their own fp32 buffers, which the autotuner zeroes before each
+    # timed config; without columns they are 1-element placeholders the kernel never touches
+    size = (b, h_kv, n_k, d) if has_cols else (1,)
+    dkc = torch.zeros(size, dtype=torch.float32, device=q.device)
+    dvc = torch.zeros_like(dkc)
     common = dict(
         PLAN_B=bp, BLOCK_Q=patterns.shape[1], BLOCK_K=patterns.shape[2], BLOCK_D=head_block(d), **_flags(q)
     )
