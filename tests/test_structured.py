@@ -321,7 +321,6 @@ PARITY = [
         130,
         {"shape": (10, 13), "window": (3, 4), "stride": (1, 2), "axis_causal": (True, False)},
     ),
-    ("neighborhood", "flex", 130, 130, {"window": 5, "dilation": 2, "stride": 2}),
     ("strided_heads", "sdpa_mask", 70, 200, {"block": 4, "local": 2, "vert_stride": 4}),
     ("strided_heads", "flex", 130, 130, {"block": 4, "local": 2, "vert_stride": 4}),
     ("power", "sdpa_mask", 63, 257, {"block": 4, "window": 1, "sinks": 1}),

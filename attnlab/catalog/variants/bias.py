@@ -24,6 +24,7 @@ from attnlab.catalog.variants._common import (
     softmax_rows,
     weigh,
 )
+from attnlab.catalog.variants._triton import TritonScoreBackend
 from attnlab.core import Call, MethodSpec, TensorInput
 from attnlab.kernels.flex import ScoreMod
 from attnlab.params import Params
@@ -74,6 +75,10 @@ def _score(call: Call, extra: Mapping[str, Tensor]) -> ScoreMod | None:
     return add_bias
 
 
+def _kernel_args(q: Tensor, call: Call, extra: Mapping[str, Tensor]) -> tuple[Tensor | None, None, float]:
+    return extra.get("bias"), None, 0.0
+
+
 SPEC = MethodSpec(
     name="bias",
     family="dense",
@@ -82,7 +87,7 @@ SPEC = MethodSpec(
     summary="softmax(scale*qk + bias) with a broadcastable (B, H, N_q, N_k) bias tensor",
     param_class=BiasParams,
     reference=reference,
-    backends=(VariantFlexBackend(_score, per_call=True), EAGER),
+    backends=(VariantFlexBackend(_score, per_call=True), TritonScoreBackend(_kernel_args), EAGER),
     patterns=ALL_PATTERNS,
     inputs=(
         TensorInput(

@@ -1,0 +1,49 @@
+"""The ``triton`` backend of the score-transform variants (softcap, bias, sink): attnlab's Triton kernel
+(:mod:`attnlab.kernels.score_transform`), forward only.
+
+It sits after ``flex`` in priority: it is checked against the references here in Triton's CPU interpreter,
+but has not run on a GPU yet (no backward, no autotuning, no measurement); ``backend="triton"`` selects it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping
+
+from torch import Tensor
+
+from attnlab.backends.base import Backend, Call, Capabilities
+from attnlab.kernels.triton_utils import triton_refusal
+
+_OP_MODULE = "attnlab.kernels.score_transform.op"
+
+#: ``transform(q, call, extra) -> (bias, sinks, cap)``: what the kernel is given for a call
+Transform = Callable[[Tensor, Call, Mapping[str, Tensor]], "tuple[Tensor | None, Tensor | None, float]"]
+
+
+def _imported_interpreted() -> bool | None:
+    mod = sys.modules.get(_OP_MODULE)
+    return None if mod is None else bool(mod.IMPORTED_INTERPRETED)
+
+
+class TritonScoreBackend(Backend):
+    name = "triton"
+    triton = True
+    summary = "attnlab's score-transform Triton kernel (forward only; CPU only under TRITON_INTERPRET=1)"
+    caps = Capabilities(
+        max_head_dim=256, same_v_dim=True, backward=False, where="GPU; CPU via Triton's interpreter"
+    )
+
+    def __init__(self, transform: Transform) -> None:
+        self.transform = transform
+
+    def reasons(self, call: Call) -> list[str]:
+        why = triton_refusal(call.problem.device, _imported_interpreted())
+        return [why] if why else []
+
+    def run(self, q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor]) -> Tensor:
+        from attnlab.kernels.score_transform.op import score_transform_fwd
+
+        bias, sinks, cap = self.transform(q, call, extra)
+        out, _ = score_transform_fwd(q, k, v, bias, sinks, float(call.scale), float(cap), call.problem.causal)
+        return out

@@ -1,0 +1,131 @@
+"""The score-transform Triton kernel (forward): its naive twin states the variants' math (checked against
+the method references), the kernel matches the twin for every transform, pattern, tail and GQA, writes
+every output, and runs as the ``triton`` backend of softcap, bias and sink.
+
+On CPU the kernel runs in Triton's interpreter (tiny shapes); on CUDA the same tests run on the GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+import attnlab
+from attnlab.catalog.variants import SPECS, bias, sink, softcap
+from attnlab.errors import BackendError
+from attnlab.kernels.score_transform.naive import score_transform_fwd_naive
+from attnlab.registry import registered
+from attnlab.testing import Case, check_parity, device_under_test, random_qkv
+
+DEVICE = device_under_test()
+SCALE = 0.25
+
+
+@pytest.fixture
+def variants() -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for spec in SPECS:
+            stack.enter_context(registered(spec))
+        yield
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_naive_twin_is_the_methods_math(causal: bool) -> None:
+    q, k, v = random_qkv(2, 4, 2, 13, 20, 16, device="cpu")
+    q = q * 3
+    b = torch.randn(2, 1, 13, 20)
+    s = torch.randn(4)
+    for (bias_t, sinks, cap), want in (
+        (
+            (None, None, 1.5),
+            softcap.reference(q, k, v, softcap.SoftcapParams(1.5), causal=causal, scale=SCALE),
+        ),
+        ((b, None, 0.0), bias.reference(q, k, v, bias.BiasParams(), causal=causal, scale=SCALE, bias=b)),
+        ((None, s, 0.0), sink.reference(q, k, v, sink.SinkParams(), causal=causal, scale=SCALE, sinks=s)),
+    ):
+        out, lse = score_transform_fwd_naive(q, k, v, bias_t, sinks, SCALE, cap, causal)
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    # lse: the log of the normaliser of the transformed logits, with the sink term
+    x = torch.einsum("bhqd,bhkd->bhqk", q, k.repeat_interleave(2, dim=1)) * SCALE
+    x = 1.5 * torch.tanh(x / 1.5) + b
+    if causal:
+        x = x.masked_fill(torch.ones(13, 20, dtype=torch.bool).tril(7).logical_not(), float("-inf"))
+    want_lse = torch.log(torch.exp(x).sum(-1) + torch.exp(s)[None, :, None])
+    _, lse = score_transform_fwd_naive(q, k, v, b, s, SCALE, 1.5, causal)
+    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
+
+
+CASES = [  # (N_q, N_k, bias shape or None, sinks, cap)
+    (17, 17, None, False, 2.0),
+    (9, 30, (2, 4, 9, 30), False, 0.0),
+    (30, 9, (1, 4, 1, 9), True, 0.0),
+    (20, 45, (2, 1, 20, 1), True, 1.5),
+    (1, 33, None, False, 0.0),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(("n_q", "n_k", "bias_shape", "with_sinks", "cap"), CASES)
+def test_kernel_matches_naive_twin(
+    poison_empty: None,
+    n_q: int,
+    n_k: int,
+    bias_shape: tuple[int, ...] | None,
+    with_sinks: bool,
+    cap: float,
+    causal: bool,
+    dtype: torch.dtype,
+) -> None:
+    from attnlab.kernels.score_transform.op import score_transform_fwd
+
+    q, k, v = random_qkv(2, 4, 2, n_q, n_k, 24, dtype)
+    q = q * 2
+    b = torch.randn(bias_shape, device=DEVICE) if bias_shape else None
+    sinks = torch.randn(4, device=DEVICE) if with_sinks else None
+    out, lse = score_transform_fwd(q, k, v, b, sinks, SCALE, cap, causal)
+    want, want_lse = score_transform_fwd_naive(q, k, v, b, sinks, SCALE, cap, causal)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), want.float(), atol=tol, rtol=tol)
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(want_lse))  # rows with no key: -inf on both
+    rows = torch.isfinite(want_lse)
+    torch.testing.assert_close(lse[rows], want_lse[rows], atol=tol, rtol=tol)
+    if causal and n_q > n_k and not with_sinks:
+        assert not out[:, :, : n_q - n_k].any()  # rows before the first key: 0
+
+
+def test_kernel_tiles_do_not_change_the_result() -> None:
+    from attnlab.kernels.score_transform.op import score_transform_fwd_launch
+
+    q, k, v = random_qkv(1, 2, 1, 40, 40, 32)
+    want, _ = score_transform_fwd_naive(q, k, v, None, None, SCALE, 3.0, True)
+    for block in ((16, 16), (32, 16), (16, 32)):
+        out, _ = score_transform_fwd_launch(q, k, v, None, None, SCALE, 3.0, True, block=block)
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("name", "params"), [("softcap", {"cap": 2.0}), ("sink", {"logit": 1.0}), ("bias", {})]
+)
+def test_triton_backend_matches_reference(variants: None, name: str, params: dict) -> None:
+    spec = attnlab.get(name)
+    for causal in (False, True):
+        check = check_parity(
+            spec, "triton", Case(2, 4, 2, 17, 30, 16, torch.bfloat16, causal, params), DEVICE
+        )
+        assert not check.skipped and check.passed, check.summary()
+    q, k, v = random_qkv(2, 4, 2, 17, 30, 16)
+    b = torch.randn(1, 4, 17, 30, device=DEVICE)
+    got = attnlab.attention(q, k, v, method="bias", causal=True, backend="triton", bias=b)
+    want = attnlab.attention(q, k, v, method="bias", causal=True, backend="reference", bias=b)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_triton_backend_is_forward_only(variants: None) -> None:
+    q, k, v = random_qkv(1, 2, 2, 8, 8, 16, grad=True)
+    with pytest.raises(BackendError, match="has no backward and an input requires grad"):
+        attnlab.attention(q, k, v, method="softcap", backend="triton")
