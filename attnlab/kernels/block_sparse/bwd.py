@@ -22,6 +22,28 @@ LENGTH_ARGS = ["N_Q", "N_K", "OFFSET"]
 
 
 @triton.jit
+def block_sparse_bwd_delta_kernel(
+    O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don, H, N_Q, HEAD_D,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Delta_i = sum_d dO_id O_id in fp32, (B * H, N_q) contiguous; grid (cdiv(N_q, BLOCK_M), B * H)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m = (offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_D)
+    o = tl.load(
+        O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :], mask=m, other=0.0
+    )
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :], mask=m,
+                 other=0.0)  # fmt: skip
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * N_Q + offs_m, delta, mask=offs_m < N_Q)
+
+
+@triton.jit
 def _lse2(LSE, row_base, offs_m, N_Q):
     """The saved natural-log lse of rows offs_m in base 2; +inf for rows without keys or past N_q."""
     lse = tl.load(LSE + row_base + offs_m, mask=offs_m < N_Q, other=float("inf"))
@@ -84,29 +106,27 @@ def block_sparse_bwd_dq_kernel(
     v_base = V + b * stride_vb + hk * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    t_pn, t_pi = table_offset(b, h, row, s_pn, s_pi, PLAN_B, PLAN_H, HEAD_DIV)
-    n_partial = tl.load(P_NUM + t_pn)
-    for t in range(n_partial):
-        kb = tl.load(P_IDX + t_pi + t)
-        pat = tl.load(P_PAT + t_pi + t).to(tl.int64)
-        for sub in tl.static_range(0, BLOCK_K, BLOCK_N):
-            offs_n = kb * BLOCK_K + sub + tl.arange(0, BLOCK_N)
-            k, v = load_kv(k_base, v_base, stride_kn, stride_vn, offs_n, offs_d, N_K, HEAD_D, False, EVEN_D)
-            cols_sub = sub + tl.arange(0, BLOCK_N)
-            keep = tl.load(
-                PATTERNS + pat * (BLOCK_Q * BLOCK_K) + rows_sub[:, None] * BLOCK_K + cols_sub[None, :]
-            )
-            dq, p, ds = _dq_step(dq, q, do, lse2, delta, k, v, qk_scale, keep != 0, True, DOT_PREC, UPCAST)
-
+    SUB: tl.constexpr = BLOCK_K // BLOCK_N
     t_fn, t_fi = table_offset(b, h, row, s_fn, s_fi, PLAN_B, PLAN_H, HEAD_DIV)
     n_full = tl.load(F_NUM + t_fn)
-    for t in range(n_full):
-        kb = tl.load(F_IDX + t_fi + t)
-        for sub in tl.static_range(0, BLOCK_K, BLOCK_N):
-            offs_n = kb * BLOCK_K + sub + tl.arange(0, BLOCK_N)
-            k, v = load_kv(k_base, v_base, stride_kn, stride_vn, offs_n, offs_d, N_K, HEAD_D, True, EVEN_D)
-            dq, p, ds = _dq_step(dq, q, do, lse2, delta, k, v, qk_scale, offs_n[None, :] >= 0, False, DOT_PREC,
-                                 UPCAST)  # fmt: skip
+    for it in tl.range(0, n_full * SUB):
+        kb = tl.load(F_IDX + t_fi + it // SUB)
+        offs_n = kb * BLOCK_K + (it % SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k, v = load_kv(k_base, v_base, stride_kn, stride_vn, offs_n, offs_d, N_K, HEAD_D, True, EVEN_D)
+        dq, p, ds = _dq_step(dq, q, do, lse2, delta, k, v, qk_scale, offs_n[None, :] >= 0, False, DOT_PREC,
+                             UPCAST)  # fmt: skip
+
+    t_pn, t_pi = table_offset(b, h, row, s_pn, s_pi, PLAN_B, PLAN_H, HEAD_DIV)
+    n_partial = tl.load(P_NUM + t_pn)
+    for it in tl.range(0, n_partial * SUB):
+        kb = tl.load(P_IDX + t_pi + it // SUB)
+        pat = tl.load(P_PAT + t_pi + it // SUB).to(tl.int64)
+        sub = (it % SUB) * BLOCK_N
+        offs_n = kb * BLOCK_K + sub + tl.arange(0, BLOCK_N)
+        k, v = load_kv(k_base, v_base, stride_kn, stride_vn, offs_n, offs_d, N_K, HEAD_D, False, EVEN_D)
+        cols_sub = sub + tl.arange(0, BLOCK_N)
+        keep = tl.load(PATTERNS + pat * (BLOCK_Q * BLOCK_K) + rows_sub[:, None] * BLOCK_K + cols_sub[None, :])
+        dq, p, ds = _dq_step(dq, q, do, lse2, delta, k, v, qk_scale, keep != 0, True, DOT_PREC, UPCAST)
 
     if HAS_COLS:
         t_cn, t_ci = table_offset(b, h, row, s_cn, s_ci, PLAN_B, PLAN_H, HEAD_DIV)
@@ -187,41 +207,43 @@ def block_sparse_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     H = H_KV * GROUP
+    SUB: tl.constexpr = BLOCK_Q // BLOCK_M
     for g in range(GROUP):
         h = hk * GROUP + g
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
         row_base = (b * H + h) * N_Q
-        t_pn, t_pi = table_offset(b, h, col, s_pn, s_pi, PLAN_B, PLAN_H, HEAD_DIV)
-        n_partial = tl.load(TP_NUM + t_pn)
-        for t in range(n_partial):
-            qb = tl.load(TP_IDX + t_pi + t)
-            pat = tl.load(TP_PAT + t_pi + t).to(tl.int64)
-            for sub in tl.static_range(0, BLOCK_Q, BLOCK_M):
-                offs_m = qb * BLOCK_Q + sub + tl.arange(0, BLOCK_M)
-                rows_sub = sub + tl.arange(0, BLOCK_M)
-                rmask = (offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_D)
-                q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=rmask, other=0.0)
-                do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :], mask=rmask, other=0.0)
-                lse2 = _lse2(LSE, row_base, offs_m, N_Q)
-                delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < N_Q, other=0.0)
-                keep_t = tl.load(PATTERNS + pat * (BLOCK_Q * BLOCK_K) + rows_sub[None, :] * BLOCK_K
-                                 + cols_sub[:, None])  # fmt: skip
-                dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, keep_t != 0, True, DOT_PREC,
-                                    UPCAST)  # fmt: skip
         t_fn, t_fi = table_offset(b, h, col, s_fn, s_fi, PLAN_B, PLAN_H, HEAD_DIV)
         n_full = tl.load(TF_NUM + t_fn)
-        for t in range(n_full):
-            qb = tl.load(TF_IDX + t_fi + t)
-            for sub in tl.static_range(0, BLOCK_Q, BLOCK_M):
-                offs_m = qb * BLOCK_Q + sub + tl.arange(0, BLOCK_M)
-                rmask = (offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_D)
-                q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=rmask, other=0.0)
-                do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :], mask=rmask, other=0.0)
-                lse2 = _lse2(LSE, row_base, offs_m, N_Q)
-                delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < N_Q, other=0.0)
-                dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, offs_m[None, :] >= 0, False,
-                                    DOT_PREC, UPCAST)  # fmt: skip
+        for it in tl.range(0, n_full * SUB):
+            qb = tl.load(TF_IDX + t_fi + it // SUB)
+            offs_m = qb * BLOCK_Q + (it % SUB) * BLOCK_M + tl.arange(0, BLOCK_M)
+            rmask = (offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_D)
+            q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=rmask, other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :], mask=rmask, other=0.0)
+            lse2 = _lse2(LSE, row_base, offs_m, N_Q)
+            delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < N_Q, other=0.0)
+            dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, offs_m[None, :] >= 0, False, DOT_PREC,
+                                UPCAST)  # fmt: skip
+        t_pn, t_pi = table_offset(b, h, col, s_pn, s_pi, PLAN_B, PLAN_H, HEAD_DIV)
+        n_partial = tl.load(TP_NUM + t_pn)
+        for it in tl.range(0, n_partial * SUB):
+            qb = tl.load(TP_IDX + t_pi + it // SUB)
+            pat = tl.load(TP_PAT + t_pi + it // SUB).to(tl.int64)
+            sub = (it % SUB) * BLOCK_M
+            offs_m = qb * BLOCK_Q + sub + tl.arange(0, BLOCK_M)
+            rows_sub = sub + tl.arange(0, BLOCK_M)
+            rmask = (offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_D)
+            q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=rmask, other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :], mask=rmask, other=0.0)
+            lse2 = _lse2(LSE, row_base, offs_m, N_Q)
+            delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < N_Q, other=0.0)
+            keep_t = tl.load(
+                PATTERNS + pat * (BLOCK_Q * BLOCK_K) + rows_sub[None, :] * BLOCK_K + cols_sub[:, None]
+            )
+            dk, dv = _dkdv_step(
+                dk, dv, k, v, q, do, lse2, delta, qk_scale, keep_t != 0, True, DOT_PREC, UPCAST
+            )
     dk = dk * scale
     nmask = (offs_n[:, None] < N_K) & (offs_d[None, :] < HEAD_D)
     tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],

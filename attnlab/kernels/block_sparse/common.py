@@ -78,3 +78,27 @@ def rounded(x, dtype, UPCAST: tl.constexpr):
         return bits.to(tl.float32, bitcast=True).to(dtype)
     else:
         return x.to(dtype)
+
+
+@triton.jit
+def tile_source(base, stride_n, n_rows, HEAD_D, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr):
+    """What (ROWS, BLOCK_D) tiles of one head's (n_rows, HEAD_D) matrix at ``base`` are read from: a tensor
+    descriptor when TMA, else the base pointer."""
+    if TMA:
+        return tl.make_tensor_descriptor(base, shape=[n_rows, HEAD_D], strides=[stride_n, 1],
+                                         block_shape=[ROWS, BLOCK_D])  # fmt: skip
+    else:
+        return base
+
+
+@triton.jit
+def kv_tile(
+    k_src, v_src, stride_kn, stride_vn, start_n, offs_d, N_K, HEAD_D, BLOCK_N: tl.constexpr,
+    IN_RANGE: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
+):  # fmt: skip
+    """K and V rows [start_n, start_n + BLOCK_N) from :func:`tile_source`; rows past N_K read as 0."""
+    if TMA:
+        return k_src.load([start_n, 0]), v_src.load([start_n, 0])
+    else:
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        return load_kv(k_src, v_src, stride_kn, stride_vn, offs_n, offs_d, N_K, HEAD_D, IN_RANGE, EVEN_D)

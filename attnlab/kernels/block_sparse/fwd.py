@@ -5,20 +5,23 @@ head h, which lie in plan row ``r = m*BLOCK_M // BLOCK_Q`` (BLOCK_M divides BLOC
 tables at (b | 0, h | 0, r) (strides 0 where the plan broadcasts), it runs an online softmax (base 2,
 fp32 running max, sum and accumulator) over:
 
-1. the partial tiles: key block ``kb`` with pattern ``u``; a score counts where
+1. the full tiles: no mask (they lie inside the matrix by the tables' convention);
+2. the partial tiles: key block ``kb`` with pattern ``u``; a score counts where
    ``PATTERNS[u, i % BLOCK_Q, j % BLOCK_K]`` is 1 (positions past N_k are 0 there);
-2. the full tiles: no mask (they lie inside the matrix by the tables' convention);
 3. the token columns, BLOCK_N at a time, gathered rows of K and V; -1 padding and, when CAUSAL, keys
    past the query's position ``i + OFFSET`` are masked.
 
-Each plan tile of BLOCK_K keys is read in BLOCK_K // BLOCK_N steps. GQA: head h reads kv head h // GROUP.
+Each plan tile of BLOCK_K keys is read in BLOCK_K // BLOCK_N steps, one flat loop over the steps of all
+listed tiles (so Triton pipelines loads across tiles). TMA: the tiles of K and V move by tensor descriptors
+built in the kernel (Hopper's copy engine; rows past N_k read as 0), else by masked pointer loads; the
+gathered columns always by pointer loads. GQA: head h reads kv head h // GROUP.
 Output: O = acc / l (0 where no key counted) and lse = m + log(l) in natural log (-inf there).
 """
 
 import triton
 import triton.language as tl
 
-from attnlab.kernels.block_sparse.common import attend, load_kv, rounded, table_offset
+from attnlab.kernels.block_sparse.common import attend, kv_tile, load_kv, rounded, table_offset, tile_source
 
 LENGTH_ARGS = ["N_Q", "N_K", "OFFSET"]
 
@@ -37,7 +40,7 @@ def block_sparse_fwd_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -57,36 +60,37 @@ def block_sparse_fwd_kernel(
         q = tl.load(q_ptrs, mask=(offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_D), other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
+    k_src = tile_source(k_base, stride_kn, N_K, HEAD_D, BLOCK_N, BLOCK_D, TMA)
+    v_src = tile_source(v_base, stride_vn, N_K, HEAD_D, BLOCK_N, BLOCK_D, TMA)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    SUB: tl.constexpr = BLOCK_K // BLOCK_N  # kernel steps per plan tile; the loops run over steps
 
-    # 1. partial tiles (token mask from the pattern)
-    t_pn, t_pi = table_offset(b, h, row, s_pn, s_pi, PLAN_B, PLAN_H, HEAD_DIV)
-    n_partial = tl.load(P_NUM + t_pn)
-    for t in range(n_partial):
-        kb = tl.load(P_IDX + t_pi + t)
-        pat = tl.load(P_PAT + t_pi + t).to(tl.int64)
-        for sub in tl.static_range(0, BLOCK_K, BLOCK_N):
-            start_n = kb * BLOCK_K + sub
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            k, v = load_kv(k_base, v_base, stride_kn, stride_vn, offs_n, offs_d, N_K, HEAD_D, False, EVEN_D)
-            cols_sub = sub + tl.arange(0, BLOCK_N)
-            keep = tl.load(
-                PATTERNS + pat * (BLOCK_Q * BLOCK_K) + rows_sub[:, None] * BLOCK_K + cols_sub[None, :]
-            )
-            acc, m_i, l_i = attend(acc, m_i, l_i, q, k, v, qk_scale, keep != 0, True, DOT_PREC, UPCAST)
-
-    # 2. full tiles (no mask)
+    # 1. full tiles (no mask)
     t_fn, t_fi = table_offset(b, h, row, s_fn, s_fi, PLAN_B, PLAN_H, HEAD_DIV)
     n_full = tl.load(F_NUM + t_fn)
-    for t in range(n_full):
-        kb = tl.load(F_IDX + t_fi + t)
-        for sub in tl.static_range(0, BLOCK_K, BLOCK_N):
-            offs_n = kb * BLOCK_K + sub + tl.arange(0, BLOCK_N)
-            k, v = load_kv(k_base, v_base, stride_kn, stride_vn, offs_n, offs_d, N_K, HEAD_D, True, EVEN_D)
-            acc, m_i, l_i = attend(acc, m_i, l_i, q, k, v, qk_scale, offs_n[None, :] >= 0, False, DOT_PREC,
-                                   UPCAST)  # fmt: skip
+    for it in tl.range(0, n_full * SUB):
+        kb = tl.load(F_IDX + t_fi + it // SUB)
+        start_n = kb * BLOCK_K + (it % SUB) * BLOCK_N
+        k, v = kv_tile(k_src, v_src, stride_kn, stride_vn, start_n, offs_d, N_K, HEAD_D, BLOCK_N, True, EVEN_D,
+                       TMA)  # fmt: skip
+        acc, m_i, l_i = attend(
+            acc, m_i, l_i, q, k, v, qk_scale, offs_d[None, :] >= 0, False, DOT_PREC, UPCAST
+        )
+
+    # 2. partial tiles (token mask from the pattern)
+    t_pn, t_pi = table_offset(b, h, row, s_pn, s_pi, PLAN_B, PLAN_H, HEAD_DIV)
+    n_partial = tl.load(P_NUM + t_pn)
+    for it in tl.range(0, n_partial * SUB):
+        kb = tl.load(P_IDX + t_pi + it // SUB)
+        pat = tl.load(P_PAT + t_pi + it // SUB).to(tl.int64)
+        sub = (it % SUB) * BLOCK_N
+        k, v = kv_tile(k_src, v_src, stride_kn, stride_vn, kb * BLOCK_K + sub, offs_d, N_K, HEAD_D, BLOCK_N, False,
+                       EVEN_D, TMA)  # fmt: skip
+        cols_sub = sub + tl.arange(0, BLOCK_N)
+        keep = tl.load(PATTERNS + pat * (BLOCK_Q * BLOCK_K) + rows_sub[:, None] * BLOCK_K + cols_sub[None, :])
+        acc, m_i, l_i = attend(acc, m_i, l_i, q, k, v, qk_scale, keep != 0, True, DOT_PREC, UPCAST)
 
     # 3. token columns (gathered rows)
     t_cn, t_ci = table_offset(b, h, row, s_cn, s_ci, PLAN_B, PLAN_H, HEAD_DIV)

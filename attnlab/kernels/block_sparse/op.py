@@ -12,9 +12,13 @@ import torch
 import triton
 from torch import Tensor
 
-from attnlab.kernels.block_sparse.bwd import block_sparse_bwd_dkdv_kernel, block_sparse_bwd_dq_kernel
+from attnlab.kernels.block_sparse.bwd import (
+    block_sparse_bwd_delta_kernel,
+    block_sparse_bwd_dkdv_kernel,
+    block_sparse_bwd_dq_kernel,
+)
 from attnlab.kernels.block_sparse.fwd import block_sparse_fwd_kernel
-from attnlab.kernels.triton_utils import head_block, interpreting
+from attnlab.kernels.triton_utils import descriptor_scratch, head_block, interpreting
 
 #: Whether this module was imported under TRITON_INTERPRET=1 (its kernels then take CPU tensors only).
 IMPORTED_INTERPRETED = interpreting()
@@ -94,6 +98,28 @@ def _flags(q: Tensor) -> dict:
     }
 
 
+#: The forward moves K/V tiles with tensor descriptors (TMA) where it can; False forces pointer loads.
+USE_TMA = True
+
+
+def _tma_ready(*ts: Tensor) -> bool:
+    """Whether the copy engine can move these tiles: a Hopper-or-newer GPU (or the interpreter), head dim at
+    most 128, 16-byte aligned bases and 16-byte multiples for every stride but the last (TMA's rules)."""
+    t0 = ts[0]
+    if not USE_TMA or head_block(t0.shape[-1]) > 128:
+        return False
+    if t0.is_cuda:
+        if torch.cuda.get_device_capability(t0.device)[0] < 9:
+            return False
+    elif not IMPORTED_INTERPRETED:
+        return False
+    for t in ts:
+        size = t.element_size()
+        if t.data_ptr() % 16 or any((st * size) % 16 for st in t.stride()[:-1]):
+            return False
+    return True
+
+
 def _checked(q: Tensor, k: Tensor, v: Tensor, tables: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor]:
     """q, k, v with a unit last stride, after checking the tables against them."""
     if len(tables) != 13:
@@ -139,14 +165,21 @@ def block_sparse_fwd_launch(
     q (B, H, N_q, D); k, v (B, H_kv, N_k, D). ``config`` (BLOCK_M, BLOCK_N, warps, stages) bypasses the
     autotuner (tests, benchmarks)."""
     q, k, v = _checked(q, k, v, tables)
-    p_num, p_idx, p_pat, f_num, f_idx, c_num, c_idx, *_, patterns = tables
-    b, h, n_q, d = q.shape
-    h_kv, n_k = k.shape[1], k.shape[2]
-    bp, hp = p_num.shape[:2]
+    b, h, n_q = q.shape[:3]
     o = torch.empty_like(q)
     lse = torch.empty(b, h, n_q, dtype=torch.float32, device=q.device)
     kernel, meta = (_pick(_FWD), {}) if config is None else (_FWD_ANY, config.all_kwargs())
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)
+    with descriptor_scratch(q.device):
+        _launch_fwd(kernel, grid, meta, q, k, v, o, lse, tables, scale, causal, _tma_ready(k, v))
+    return o, lse
+
+
+def _launch_fwd(kernel, grid, meta, q, k, v, o, lse, tables, scale, causal, tma):  # type: ignore[no-untyped-def]
+    p_num, p_idx, p_pat, f_num, f_idx, c_num, c_idx, *_, patterns = tables
+    h, n_q, d = q.shape[1:]
+    h_kv, n_k = k.shape[1], k.shape[2]
+    bp, hp = p_num.shape[:2]
     kernel[grid](
         q, k, v, o, lse,
         p_num, p_idx, p_pat, f_num, f_idx, c_num, c_idx, patterns,
@@ -157,9 +190,8 @@ def block_sparse_fwd_launch(
         p_num.shape[2], p_idx.shape[3], f_num.shape[2], f_idx.shape[3], c_num.shape[2], c_idx.shape[3],
         h, h // h_kv, n_q, n_k, n_k - n_q, d, scale * 1.4426950408889634, hp, h // hp,
         PLAN_B=bp, BLOCK_Q=patterns.shape[1], BLOCK_K=patterns.shape[2], BLOCK_D=head_block(d),
-        CAUSAL=causal, EVEN_M=n_q % patterns.shape[1] == 0, **_flags(q), **meta,
+        CAUSAL=causal, EVEN_M=n_q % patterns.shape[1] == 0, TMA=tma, **_flags(q), **meta,
     )  # fmt: skip
-    return o, lse
 
 
 def block_sparse_bwd_launch(
@@ -176,11 +208,17 @@ def block_sparse_bwd_launch(
     """(dQ, dK, dV) of :func:`block_sparse_fwd_launch`; dK/dV summed over each GQA group."""
     q, k, v = _checked(q, k, v, tables)
     do = do if do.stride(-1) == 1 else do.contiguous()
+    o = o if o.stride(-1) == 1 else o.contiguous()
     p_num, p_idx, p_pat, f_num, f_idx, c_num, c_idx, tp_num, tp_idx, tp_pat, tf_num, tf_idx, patterns = tables
     b, h, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     bp, hp = p_num.shape[:2]
-    delta = (do.float() * o.float()).sum(-1).contiguous()
+    delta = torch.empty(b, h, n_q, dtype=torch.float32, device=q.device)
+    block = 16 if IMPORTED_INTERPRETED else 64
+    block_sparse_bwd_delta_kernel[(triton.cdiv(n_q, block), b * h)](
+        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), h, n_q,
+        d, BLOCK_M=block, BLOCK_D=head_block(d),
+    )  # fmt: skip
     lse = lse.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     has_cols = bool(c_idx.shape[-1] > 1) or bool((c_num > 0).any())
