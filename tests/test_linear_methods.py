@@ -415,5 +415,8 @@ def test_based_window_counts_keys_self_included_and_carries_its_tail() -> None:
             _call("based", x, (torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4)), mixer="window", window=3)
         with pytest.raises(InputError, match="carries the state \\(k_tail, v_tail\\)"):
             _call("based", x, torch.zeros(1, 2, 2, 4), mixer="window", window=3)
+        big = inputs("based", 1, 1, 1, 2, 65, dev="cpu")
+        with pytest.raises(InputError, match=r"D=65, so the Taylor map has 1 \+ D \+ D\^2 = 4291 features"):
+            _call("based", big)
         with pytest.raises(ParamError, match="mixer='conv' is invalid"):
             _call("based", x, mixer="conv")

@@ -7,7 +7,8 @@ and sliding-window layers at different depths, gated short convolutions elsewher
 - ``mixer="taylor"`` (default): phi(x) = [1, sqrt(s) x, s vec(x x^T) / sqrt(2)] with s = ``scale``
   (default 1/sqrt(D); Based's map [1, x / d^(1/4), vec(x x^T) / (sqrt(2) sqrt(d))] is s = 1/sqrt(d)), so
   ``phi(q) . phi(k) = 1 + s q.k + (s q.k)^2 / 2``, the Taylor expansion of exp(s q.k), always >= 1/2.
-  1 + D + D^2 features (273 for Based's D = 16). Normalised::
+  1 + D + D^2 features (273 for Based's D = 16; q and k may have a smaller D than v; D <= 64).
+  Normalised::
 
       S_t = S_{t-1} + phi(k_t) v_t^T,   z_t = z_{t-1} + phi(k_t)
       o_t = S_t^T phi(q_t) / (phi(q_t) . z_t + eps)            eps = 1e-12 (Based's linear path)
@@ -75,8 +76,18 @@ def _need_causal(causal: bool) -> None:
         raise UnsupportedPatternError("method 'based' is causal: call it with causal=True")
 
 
+#: The largest q/k head dim the Taylor mixer takes: 1 + 64 + 64^2 = 4161 features (Based uses D = 16).
+MAX_TAYLOR_DIM = 64
+
+
 def _taylor_state(q: Tensor, v: Tensor, state: Any) -> tuple[Tensor | None, Tensor | None]:
     b, h, _, d = q.shape
+    if d > MAX_TAYLOR_DIM:
+        raise InputError(
+            f"method 'based' (mixer='taylor'): q and k have D={d}, so the Taylor map has 1 + D + D^2 = "
+            f"{1 + d + d * d} features per token; it takes D <= {MAX_TAYLOR_DIM}. Based projects q and k to "
+            "a small feature dim (16) and keeps v at the head dim: pass q, k of shape (B, H, N, 16)"
+        )
     return check_state("based", state, b, h, 1 + d + d * d, v.shape[-1], q.device, with_sum=True)
 
 
