@@ -176,3 +176,17 @@ def test_delta_kernels_match_the_recurrence(n: int, chunk: int, gate: str, poiso
     names = [nm for nm, t in zip(("dq", "dk", "dv", "dbeta", "dg", "dh0"), xs, strict=True) if t is not None]
     for name, a, b in zip(names, got, want, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_the_custom_ops_pass_opcheck() -> None:
+    """Schema, fake tensors (torch.compile traces them), autograd registration and AOT dispatch."""
+    op = _op()
+    q, k, v, g, h0 = _inputs(5, 8, 8, 1.0, h=1)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    gc = op.chunk_cumsum(g, 1, 1, 5, 8, 16, q.device).requires_grad_(True)
+    h0 = h0.requires_grad_(True)
+    torch.library.opcheck(op.gla_chunk_fwd, (*leaves, gc, h0, 0.3, 16, True))
+    beta = torch.rand(1, 1, 5).to(DEV).requires_grad_(True)
+    g = g.requires_grad_(True)  # type: ignore[union-attr]
+    torch.library.opcheck(op.delta_chunk_fwd, (*leaves, beta, g, h0, 0.3, 16, True))
+    torch.library.opcheck(op.linear_step, (q, k, v, None, None, h0.detach(), 0.3))

@@ -34,9 +34,20 @@ def _imported_interpreted() -> bool | None:
 class LinearBackend(Backend):
     """A stateful backend of one linear method: ``run_state`` runs the method's runner."""
 
+    #: a Triton kernel (on a CPU it runs only in Triton's interpreter: tests give it tiny shapes)
+    triton: bool = False
+
     def __init__(
-        self, name: str, summary: str, caps: Capabilities, runner: Runner, refusal: Refusal | None = None
+        self,
+        name: str,
+        summary: str,
+        caps: Capabilities,
+        runner: Runner,
+        refusal: Refusal | None = None,
+        *,
+        triton: bool = False,
     ) -> None:
+        self.triton = triton
         self.name = name
         self.summary = summary
         self.caps = caps
@@ -82,4 +93,5 @@ def triton_chunk(runner: Runner, refusal: Refusal | None = None, *, backward: bo
         Capabilities(stateful=True, backward=backward, where="GPU; CPU via Triton's interpreter"),
         runner,
         _triton_reasons(refusal),
+        triton=True,
     )
