@@ -1,7 +1,7 @@
 """Full-size GPU check of the linear family's Triton kernels (``attnlab/kernels/linear``) against the fp32
 token-by-token recurrence: output, final state and every gradient, with the same recurrence run in the
 input precision beside it (the yardstick of the 2x / 3x accuracy rule), then a short timing of the
-kernels as called against cuDNN SDPA (dense causal softmax) on the same shapes.
+methods as called against cuDNN SDPA (dense causal softmax; ``benchmarks/linear_bench.py``).
 
     python benchmarks/linear_gpu_check.py --out results.json [--budget 240]
 
@@ -115,59 +115,6 @@ def check(method: str, b: int, h: int, n: int, d: int, dtype: torch.dtype, chunk
     return row
 
 
-def _time(fn: Any, reps: int = 10) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
-
-
-def timings(b: int, h: int, n: int, d: int) -> dict[str, Any]:
-    """Median ms, forward and forward+backward, of the Triton kernels and of cuDNN SDPA causal."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from attnlab.kernels.linear.op import delta_chunk, gla_chunk
-
-    dev, dt = "cuda", torch.bfloat16
-    q, k, v = (torch.randn(b, h, n, d, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
-    g = (F.logsigmoid(torch.randn(b, h, n, d, device=dev) + 3) / 4).requires_grad_(True)
-    beta = torch.rand(b, h, n, device=dev, requires_grad=True)
-    do = torch.randn(b, h, n, d, device=dev, dtype=dt)
-    kn = F.normalize(k.detach().float(), dim=-1).to(dt).requires_grad_(True)
-
-    def sdpa() -> Tensor:
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-
-    fns = {
-        "cudnn_sdpa": (sdpa, (q, k, v)),
-        "gla_triton": (lambda: gla_chunk(q, k, v, g, d**-0.5, None, 64)[0], (q, k, v, g)),
-        "linear_triton": (lambda: gla_chunk(q, k, v, None, d**-0.5, None, 64)[0], (q, k, v)),
-        "gated_delta_triton": (
-            lambda: delta_chunk(q, kn, v, beta, g, d**-0.5, None, 64)[0],
-            (q, kn, v, beta, g),
-        ),
-    }
-    out: dict[str, Any] = {"B": b, "H": h, "N": n, "D": d}
-    for name, (fn, wrt) in fns.items():
-        try:
-            with torch.no_grad():
-                fwd = _time(fn)
-            fb = _time(lambda fn=fn, wrt=wrt: torch.autograd.grad(fn(), wrt, do))
-            out[name] = {"fwd_ms": fwd, "fwd_bwd_ms": fb}
-        except Exception as e:  # record and go on
-            out[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", required=True)
@@ -199,10 +146,12 @@ def main() -> None:
         result["checks"].append(row)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
+    from linear_bench import bench  # (benchmarks/linear_bench.py: as called vs cuDNN SDPA)
+
     for n in (4096, 16384):
         if time.perf_counter() - start > args.budget:
             break
-        row = timings(2, 4, n, 128)
+        row = bench(2, 4, n, 128)
         print(json.dumps(row), flush=True)
         result["timings"].append(row)
         with open(args.out, "w") as f:
