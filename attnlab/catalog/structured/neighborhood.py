@@ -206,10 +206,8 @@ SPEC = MethodSpec(
     patterns=SELF_PATTERNS,
     mask=mask,
     index_mask=index_mask,
-    test_params=(
-        {"window": 5, "dilation": 2},
-        {"shape": (10, 13), "window": (3, 4), "stride": (1, 2), "axis_causal": (True, False)},
-        {"shape": (2, 5, 13), "window": (2, 3, 5), "dilation": (1, 1, 2)},
-    ),
+    # 1-D only: the registry's parity lengths (1, 17, 63, 257, 1000, ...) share no 2-D grid; the 2-D and
+    # 3-D parity cases are in tests/test_structured.py
+    test_params=({"window": 5, "dilation": 2}, {"window": 4, "stride": 2, "axis_causal": True}),
     bench_params=_bench,
 )
