@@ -119,7 +119,8 @@ def _run_and_compare(q, k, v, plan: Plan, causal: bool, grads: bool, tol: float)
         want = torch.autograd.grad(ref, (q, k, v), do.float())
         for name, a, b in zip("qkv", got, want, strict=True):
             assert not a.isnan().any(), f"NaN in d{name}"
-            torch.testing.assert_close(a.float(), b, atol=tol * 4, rtol=tol * 4, msg=f"d{name}")
+            err, top = (a.float() - b).abs().max().item(), b.abs().max().item()
+            assert err <= tol * 4 * max(1.0, top), f"d{name}: max error {err:.3g}, max |d{name}| {top:.3g}"
 
 
 @pytest.mark.parametrize(
@@ -192,15 +193,18 @@ def test_the_backend_runs_the_static_methods_and_returns_its_plan() -> None:
 
 @pytest.mark.cuda
 @pytest.mark.parametrize(
-    ("n", "density", "causal"), [(8192, 0.1, True), (8192, 0.25, False), (4096, 0.05, True)]
+    ("n", "density", "causal", "columns"),
+    [(8192, 0.1, True, 0), (8192, 0.25, False, 0), (4096, 0.05, True, 64), (4096, 0.1, False, 64)],
 )
-def test_full_size_random_plans_on_cuda(n: int, density: float, causal: bool) -> None:
+def test_full_size_random_plans_on_cuda(n: int, density: float, causal: bool, columns: int) -> None:
     """The default tiles and autotuned schedules at benchmark sizes (bf16, D=128, GQA 4:1), fwd + bwd."""
     attnlab.settings.autotune = True
+    limit = attnlab.settings.max_dense_elements
+    attnlab.settings.max_dense_elements = 1 << 40  # the naive twin is dense on purpose
     try:
         q = torch.randn(1, 8, n, 128, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.randn(1, 2, n, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        plan = random_plan(1, 8, n, n, causal, 128, density, 64, seed=n)
+        plan = random_plan(1, 8, n, n, causal, 128, density, columns, seed=n)
         plan = Plan(
             plan.n_q, plan.n_k, causal, 128, 128, plan.full.cuda(), plan.partial.cuda(), plan.mask_mod,
             kind="dynamic", columns=plan.columns.cuda() if plan.columns is not None else None,
@@ -208,3 +212,4 @@ def test_full_size_random_plans_on_cuda(n: int, density: float, causal: bool) ->
         _run_and_compare(q, k, v, plan, causal, grads=True, tol=3e-2)
     finally:
         attnlab.settings.autotune = False
+        attnlab.settings.max_dense_elements = limit
