@@ -409,3 +409,24 @@ def test_cpu_refusals_are_explained(variants: None) -> None:
         attnlab.attention(q, k, v, method="sink", backend="flex")
     with pytest.raises(InputError, match="needs head dim D >= 2, got D=1"):
         softplus.reference(q[..., :1], k[..., :1], v, softplus.SoftplusParams(), causal=False, scale=1.0)
+
+
+def test_flex_and_kernel_paths_compile_without_graph_breaks(variants: None) -> None:
+    q, k, v = torch.randn(1, 4, 64, 32), torch.randn(1, 2, 64, 32), torch.randn(1, 2, 64, 32)
+    b, g = torch.randn(1, 4, 64, 64), torch.randn(1, 4, 64, 1)
+    calls = {
+        "bias": ("flex", {"bias": b}),  # a score_mod capturing a tensor input
+        "softcap": ("triton", {"cap": 2.0}),  # the Triton kernel's custom op
+        "gated": (None, {"gate": g}),  # on CPU: eager (inductor's CPU Flex template takes no epilogue)
+    }
+    for name, (backend, kwargs) in calls.items():
+
+        def f(
+            q: Tensor, k: Tensor, v: Tensor, name: str = name, backend: Any = backend, kw: Any = kwargs
+        ) -> Any:
+            return attnlab.attention(q, k, v, method=name, causal=True, backend=backend, **kw)
+
+        with torch.no_grad():
+            out = torch.compile(f, fullgraph=True)(q, k, v)
+        ref = attnlab.attention(q, k, v, method=name, causal=True, backend="reference", **kwargs)
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)

@@ -99,6 +99,15 @@ class VariantFlexBackend(FlexBackend):
         self.needs_lse = needs_lse
         self.per_call = per_call  # the score_mod reads the call's tensor inputs: made on every call
 
+    def reasons(self, call: Call) -> list[str]:
+        out = super().reasons(call)
+        if self.finish is not None and call.problem.device.type == "cpu" and torch.compiler.is_compiling():
+            out.append(
+                "inside torch.compile on CPU, inductor's FlexAttention template cannot take the output "
+                "transform after it (torch 2.13: epilogue_nodes unsupported); eager runs it, or use CUDA"
+            )
+        return out
+
     def _score_mod(self, call: Call, extra: Mapping[str, Tensor]) -> flex_exec.ScoreMod | None:
         if self.score is None:
             return None
