@@ -127,10 +127,10 @@ def test_backend_matches_the_recurrence_output_state_and_gradients(
         res = op(leaves["q"], leaves["k"], leaves["v"], state=_pack(s0_a), **extra)
         assert isinstance(res, Result)
         ref_out, ref_state = _reference(name, ref_leaves, _pack(s0_b), **params)
-        torch.testing.assert_close(res.out, ref_out, atol=2e-5, rtol=2e-5)
+        close(res.out, ref_out, 2e-5)
         for a, b in zip(_state_list(res.state), _state_list(ref_state), strict=True):
             assert a.dtype == torch.float32
-            torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+            close(a, b, 2e-5)
         # every gradient, through the output and the final state
         gen = torch.Generator().manual_seed(3)
         dout = torch.randn(res.out.shape, generator=gen).to(DEV)
@@ -141,9 +141,16 @@ def test_backend_matches_the_recurrence_output_state_and_gradients(
         got = torch.autograd.grad(got_loss, [leaves[kk] for kk in names] + s0_a)
         want = torch.autograd.grad(ref_loss, [ref_leaves[kk] for kk in names] + s0_b)
         for label, a, b in zip([*names, *("state",) * len(s0_a)], got, want, strict=True):
-            torch.testing.assert_close(
-                a, b, atol=5e-5, rtol=5e-5, msg=lambda m, label=label: f"d{label}: {m}"
-            )
+            close(a, b, 5e-5, f"d{label}")
+
+
+def close(a: Tensor, b: Tensor, tol: float, what: str = "") -> None:
+    """|a - b| <= tol * (1 + max|b|) everywhere: fp32 paths that sum in another order (chunks, GPU
+    matmuls) differ by rounding relative to the largest value (outputs grow like 1/(1 - decay))."""
+    a, b = a.detach().float(), b.detach().float()
+    err = float((a - b).abs().max()) if a.numel() else 0.0
+    peak = float(b.abs().max()) if b.numel() else 0.0
+    assert err <= tol * (1 + peak), f"{what} max error {err:.3e} > {tol:.0e} x (1 + max {peak:.3e})"
 
 
 def _loss(out: Tensor, state: Any, dout: Tensor, dstate: list[Tensor]) -> Tensor:
@@ -174,16 +181,16 @@ def test_a_state_carried_across_two_calls_equals_one_pass(name: str, backend: st
         second = _call(
             name, {kk: t[:, :, 21:] for kk, t in x.items()}, first.state, chunk=16, backend=backend
         )
-        torch.testing.assert_close(torch.cat([first.out, second.out], 2), whole.out, atol=1e-5, rtol=1e-5)
+        close(torch.cat([first.out, second.out], 2), whole.out, 1e-5)
         for a, b in zip(_state_list(second.state), _state_list(whole.state), strict=True):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+            close(a, b, 1e-5)
         # decode: one token at a time from the prefill's state
         state = _call(name, {kk: t[:, :, :48] for kk, t in x.items()}, chunk=16, backend=backend).state
         for t in (48, 49):  # (the triton backend takes its step kernel here)
             step = _call(
                 name, {kk: v[:, :, t : t + 1] for kk, v in x.items()}, state, chunk=16, backend=backend
             )
-            torch.testing.assert_close(step.out, whole.out[:, :, t : t + 1], atol=1e-5, rtol=1e-5)
+            close(step.out, whole.out[:, :, t : t + 1], 1e-5)
             state = step.state
 
 
