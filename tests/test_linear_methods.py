@@ -427,3 +427,25 @@ def test_based_window_counts_keys_self_included_and_carries_its_tail() -> None:
             _call("based", big)
         with pytest.raises(ParamError, match="mixer='conv' is invalid"):
             _call("based", x, mixer="conv")
+
+
+def test_a_triton_prefill_continues_in_the_torch_backend_and_back() -> None:
+    """Both backends carry the same state (float32, (B, H, K, V)): a prefill's state continues in either."""
+    with registered(BY_NAME["gla"]):
+        x = inputs("gla", 1, 2, 2, 40, 8)
+        whole = _call("gla", x, chunk=16)
+        first = _call("gla", {kk: t[:, :, :17] for kk, t in x.items()}, chunk=16, backend="triton")
+        second = _call("gla", {kk: t[:, :, 17:] for kk, t in x.items()}, first.state, chunk=32)
+        close(torch.cat([first.out, second.out], 2), whole.out, 1e-5)
+        close(second.state, whole.state, 1e-5)
+
+
+def test_non_causal_linear_attention_runs_on_the_torch_backend_and_triton_says_why_not() -> None:
+    with registered(BY_NAME["linear"]):
+        x = inputs("linear", 1, 2, 2, 9, 4)
+        choice = attnlab.explain(x["q"], x["k"], x["v"], method="linear", causal=False)
+        assert choice.backend is not None and choice.backend.name == "torch_chunk"
+        assert "non-causal linear attention is two matmuls" in str(choice)
+        res = _call("linear", x, causal=False, backend=None)
+        ref, _ = _reference("linear", x, causal=False)
+        close(res.out, ref, 1e-5)
