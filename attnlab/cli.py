@@ -323,7 +323,8 @@ def train(
         raise typer.Exit(2) from e
     state = result.state
     console.print(
-        f"{state['step']} steps, {state['tokens']:,} tokens; held-out loss {state['heldout']['loss']:.3f} -> "
+        f"{len(state['curve'])} steps run, {state['tokens']:,} tokens; held-out loss "
+        f"{state['heldout']['loss']:.3f} -> "
         f"{result.folder} (model card: {result.folder / 'README.md'})"
     )
 

@@ -32,6 +32,7 @@ TINY = {
     "eval_lengths": [256],
     "eval_samples": 1,
     "checkpoint_every": 1,
+    "max_seconds": None,
 }
 
 

@@ -12,9 +12,14 @@ def _curve_rows(curve: list[dict[str, Any]], rows: int = 12) -> list[dict[str, A
     if not curve:
         return []
     span = max(1, len(curve) // rows)
+    chunks: list[list[dict[str, Any]]] = []
+    for c in curve:  # consecutive steps of one length, at most `span` of them
+        if chunks and chunks[-1][-1]["length"] == c["length"] and len(chunks[-1]) < span:
+            chunks[-1].append(c)
+        else:
+            chunks.append([c])
     out = []
-    for i in range(0, len(curve), span):
-        chunk = curve[i : i + span]
+    for chunk in chunks:
         mean = lambda key, chunk=chunk: (
             sum(c[key] for c in chunk if c[key] is not None) / n
             if (n := sum(c[key] is not None for c in chunk))
@@ -71,8 +76,9 @@ def model_card(cfg: TrainConfig, state: dict[str, Any]) -> str:
         + ", ".join(f"{k} {v:,}" for k, v in data["chars_by_source"].items())
         + ".",
         "",
-        f"Each batch: {cfg.task_share:.0%} task samples ({', '.join(cfg.tasks)}; haystack from the training "
-        "split, trained on the answer only), the rest windows of the training corpus.",
+        f"Each batch row is a task sample with probability {cfg.task_share:.0%} ({', '.join(cfg.tasks)}; "
+        "haystack from the training split), otherwise a window of the training corpus; every token is a "
+        "target.",
         "",
         "## Training",
         "",
@@ -82,17 +88,25 @@ def model_card(cfg: TrainConfig, state: dict[str, Any]) -> str:
     for i, s in enumerate(cfg.stages):
         lines.append(f"| {i} | {s.steps} | {s.length} | {s.batch} | {s.length * s.batch:,} |")
     stopped = " (stopped early: `max_seconds` ran out)" if state.get("stopped_early") else ""
+    skipped = state.get("skipped") or []
+    if skipped:
+        stopped += (
+            f"; the time budget of {cfg.max_seconds:g} s was shared among the stages, which skipped steps "
+            + ", ".join(f"{a + 1}-{b}" for a, b in skipped)
+        )
     secs = state["train_seconds"]
     lines += [
         "",
-        f"{state['step']} of {cfg.total_steps} steps{stopped}, {state['tokens']:,} tokens in {secs:.0f} s of "
+        f"{len(state['curve'])} steps run of {cfg.total_steps} planned{stopped}; {state['tokens']:,} tokens in {secs:.0f} s of "
         f"optimiser steps ({state['tokens'] / max(secs, 1e-9):,.0f} tokens/s); AdamW, peak lr {cfg.lr:g}, "
         f"warm-up {cfg.warmup} steps, cosine to {cfg.lr * cfg.min_lr_ratio:g}, weight decay "
         f"{cfg.weight_decay:g}, gradient clip {cfg.grad_clip:g}, seed {cfg.seed}.",
         "",
         "### Loss curve",
         "",
-        "Mean per span of steps; corpus loss over every token of corpus windows, task loss over answer tokens.",
+        "Mean per span of steps (spans do not cross a change of length). Task loss: over answer tokens; "
+        "corpus loss: over every other token; loss: the optimised sum, corpus loss + "
+        f"{cfg.task_loss_weight:g} x task loss.",
         "",
         "| steps | length | loss | corpus loss | task loss | tokens/s |",
         "|---|---|---|---|---|---|",
@@ -107,7 +121,9 @@ def model_card(cfg: TrainConfig, state: dict[str, Any]) -> str:
         lines += [
             "",
             f"Held-out loss: {held['loss']:.3f} nats/token (perplexity {held['perplexity']:.1f}) over "
-            f"{held['windows']} windows of {held['length']} tokens of held-out prose.",
+            f"{held['windows']} windows of {held['length']} tokens of held-out prose. Baselines on the same "
+            f"tokens: {held['unigram_loss']:.3f} for the training split's token frequencies (no context), "
+            f"{held['uniform_loss']:.3f} for a uniform guess.",
         ]
     acc = state.get("task_accuracy")
     if acc:

@@ -28,10 +28,20 @@ if TYPE_CHECKING:
     import torch
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
+#: the organisms committed with the package, one folder each (``micro``)
+CHECKPOINTS = Path(__file__).parent / "checkpoints"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 LATEST = "LATEST"
 STATE = "training.json"
 OPTIMIZER = "optimizer.safetensors"
+
+
+def organism_path(name: str = "micro") -> Path:
+    """The folder of an organism shipped with attnlab (load it with :func:`load_organism`)."""
+    shipped = sorted(p.name for p in CHECKPOINTS.iterdir() if p.is_dir()) if CHECKPOINTS.is_dir() else []
+    if name not in shipped:
+        raise CheckpointError(f"no shipped organism {name!r}: expected one of {shipped}")
+    return CHECKPOINTS / name
 
 
 def atomic_dir(target: Path, write: Callable[[Path], None]) -> Path:

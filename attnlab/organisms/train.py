@@ -6,9 +6,17 @@ the long-context tasks, with a length curriculum.
 - Each step's batch is drawn from ``random.Random(f"{seed}:batch:{step}")``: a resumed run sees the same
   batches as an uninterrupted one, and no random state needs saving.
 - Corpus rows are windows of the training split's token stream (documents separated by the end-of-text
-  token), trained on every token; task rows are samples at the stage's length with haystack from the
-  training split, trained on their answer and end-of-text token only. The loss is the corpus rows' mean
-  token cross-entropy plus ``task_loss_weight`` times the task rows' (each over its own tokens).
+  token); task rows are samples at the stage's length with haystack from the training split, followed
+  by the answer and the end-of-text token. Every token is a next-token target; the loss is the mean
+  cross-entropy over the answer tokens (answers and their end-of-text token: ``task_loss``) times
+  ``task_loss_weight``, plus the mean over all other tokens (``corpus_loss``: corpus windows and task
+  prompts alike).
+- A time budget (``max_seconds``) is spread over the curriculum: at the start of each stage, the time
+  left is shared among it and the stages after it in proportion to their planned tokens, and a stage that has used its share
+  ends early (its remaining steps are skipped: the step counter, hence the batch seeds and the learning
+  rate schedule, jumps to the next stage's first step). So every stage, the longest lengths included,
+  is trained whatever the machine's speed; the steps skipped are recorded (``skipped``). Without
+  ``max_seconds`` every planned step runs and a run is reproducible step for step.
 - Checkpoints every ``checkpoint_every`` steps, at the end and when ``max_seconds`` runs out (see
   :mod:`attnlab.organisms.checkpoint`); resuming reloads the latest, with its tokenizer and optimizer.
 - At the end: task accuracy per task and length on held-out haystack, held-out loss, and the final
@@ -102,30 +110,40 @@ def task_fits(ctx: TaskContext, task: str, length: int) -> bool:
 
 
 def make_batch(cfg: TrainConfig, data: Data, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input ids, next-token labels with -100 where untrained, is-task row flags) for ``step``, each
-    (batch, length) / (batch,)."""
+    """(input ids, next-token labels with -100 on padding, answer-target flags) for ``step``, each
+    (batch, length)."""
     stage = cfg.stage_at(step)
     rng = random.Random(f"{cfg.seed}:batch:{step}")
     b, n = stage.batch, stage.length
-    tasks = data.fits.get(n) or tuple(t for t in cfg.tasks if task_fits(data.train_ctx, t, n))
-    n_task = round(b * cfg.task_share) if tasks else 0
+    tasks = data.fits[n] if n in data.fits else tuple(t for t in cfg.tasks if task_fits(data.train_ctx, t, n))
     x = torch.full((b, n), data.tokenizer.pad_token_id, dtype=torch.long)
     y = torch.full((b, n), IGNORE, dtype=torch.long)
-    for row in range(b):
-        if row < n_task:
+    answer = torch.zeros((b, n), dtype=torch.bool)
+    for row in range(b):  # each row is a task sample with probability task_share
+        if tasks and rng.random() < cfg.task_share:
             task = tasks[rng.randrange(len(tasks))]
             s = generate(task, data.train_ctx, n, TRAIN_SEED_BASE + rng.randrange(10**9))
             prompt = encode(data.tokenizer, s.prompt)
             seq = prompt + encode(data.tokenizer, s.answer) + [data.tokenizer.eos_token_id]
             m = len(seq) - 1
             x[row, :m] = torch.tensor(seq[:-1])
-            y[row, len(prompt) - 1 : m] = torch.tensor(seq[len(prompt) :])
+            y[row, :m] = torch.tensor(seq[1:])
+            answer[row, len(prompt) - 1 : m] = True
         else:
             start = rng.randrange(len(data.train_ids) - n - 1)
             x[row] = data.train_ids[start : start + n]
             y[row] = data.train_ids[start + 1 : start + n + 1]
-    is_task = torch.arange(b) < n_task
-    return x, y, is_task
+    return x, y, answer
+
+
+def unigram_loss(data: Data, tokens: int) -> float:
+    """The baseline a model that ignores context can reach: cross-entropy (nats/token) of the first
+    ``tokens`` held-out tokens under the training split's token frequencies (add-one smoothed)."""
+    vocab = len(data.tokenizer)
+    counts = torch.bincount(data.train_ids, minlength=vocab).double() + 1
+    logp = (counts / counts.sum()).log()
+    held = torch.tensor(data.heldout_ids[: tokens + 1][1:], dtype=torch.long)
+    return float(-logp[held].mean()) if len(held) else math.nan
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -138,14 +156,14 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 def losses(
-    model: LlamaForCausalLM, x: torch.Tensor, y: torch.Tensor, is_task: torch.Tensor
+    model: LlamaForCausalLM, x: torch.Tensor, y: torch.Tensor, answer: torch.Tensor
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(corpus loss, task loss): mean cross-entropy over the trained tokens of each kind of row (None when
-    the batch has no such row). Logits are computed only where a label is trained."""
+    """(corpus loss, task loss): mean cross-entropy over the non-answer targets and over the answer
+    targets (None when the batch has none of that kind). Logits are computed only where a label is."""
     hidden = model.model(input_ids=x).last_hidden_state
     out: list[torch.Tensor | None] = []
-    for rows in (~is_task, is_task):
-        mask = (y != IGNORE) & rows[:, None]
+    for kind in (~answer, answer):
+        mask = (y != IGNORE) & kind
         if not bool(mask.any()):
             out.append(None)
             continue
@@ -240,7 +258,14 @@ def train(
         state["task_accuracy"] = _evaluate(cfg, data, model, progress)
     ctx_len = max(s.length for s in cfg.stages)
     loss = heldout_loss(model, data.heldout_ids, ctx_len, windows=8)
-    state["heldout"] = {"loss": loss, "perplexity": math.exp(loss), "length": ctx_len, "windows": 8}
+    state["heldout"] = {
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "length": ctx_len,
+        "windows": 8,
+        "unigram_loss": unigram_loss(data, ctx_len * 8),
+        "uniform_loss": math.log(len(data.tokenizer)),
+    }
     state["environment"] = {
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
@@ -266,14 +291,20 @@ def _loop(
     bar, task = _bar(progress, "train", cfg.total_steps, state["step"])
     model.train()
     stopped = False
+    shares: list[float] = []
+    stage_index, stage_started = -1, 0.0
+    state.setdefault("skipped", [])
     try:
         while state["step"] < cfg.total_steps:
             step = state["step"]
             t0 = time.perf_counter()
-            x, y, is_task = make_batch(cfg, data, step)
+            if _stage_index(cfg, step) != stage_index:  # a new stage: share out the time left
+                stage_index, stage_started = _stage_index(cfg, step), t0
+                shares = _stage_budgets(cfg, step, started)
+            x, y, answer = make_batch(cfg, data, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(cfg, step)
-            corpus_loss, task_loss = losses(model, x, y, is_task)
+            corpus_loss, task_loss = losses(model, x, y, answer)
             parts = [
                 p
                 for p in (corpus_loss, None if task_loss is None else cfg.task_loss_weight * task_loss)
@@ -301,6 +332,17 @@ def _loop(
             if bar is not None:
                 bar.update(task, advance=1, loss=f"{float(loss.detach()):.3f}", tps=f"{x.numel() / dt:,.0f}")
             over = cfg.max_seconds is not None and time.perf_counter() - started > cfg.max_seconds
+            end = _stage_end(cfg, stage_index)
+            if (
+                shares
+                and not over
+                and time.perf_counter() - stage_started > shares[stage_index]
+                and state["step"] < end
+            ):
+                state["skipped"].append([state["step"], end])  # this stage's time share is spent
+                if bar is not None:
+                    bar.update(task, advance=end - state["step"])
+                state["step"] = end
             if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.total_steps or over:
                 ckpt.save_checkpoint(
                     out, state["step"], model, data.tokenizer, optimizer, state, cfg.keep_checkpoints
@@ -312,6 +354,32 @@ def _loop(
         if bar is not None:
             bar.stop()
     return stopped
+
+
+def _stage_index(cfg: TrainConfig, step: int) -> int:
+    for i in range(len(cfg.stages)):
+        if step < _stage_end(cfg, i):
+            return i
+    return len(cfg.stages) - 1
+
+
+def _stage_end(cfg: TrainConfig, index: int) -> int:
+    """The first step after stage ``index``."""
+    return sum(s.steps for s in cfg.stages[: index + 1])
+
+
+def _stage_budgets(cfg: TrainConfig, step: int, started: float) -> list[float]:
+    """Seconds each stage may take: the time left of ``max_seconds`` shared in proportion to the tokens
+    each stage has left from ``step`` on ([] without a time budget)."""
+    if cfg.max_seconds is None:
+        return []
+    left = max(0.0, cfg.max_seconds - (time.perf_counter() - started))
+    tokens = []
+    for i, s in enumerate(cfg.stages):
+        begin = _stage_end(cfg, i) - s.steps
+        tokens.append(max(0, _stage_end(cfg, i) - max(step, begin)) * s.length * s.batch)
+    total = sum(tokens) or 1
+    return [left * t / total for t in tokens]
 
 
 def _evaluate(
