@@ -1,18 +1,22 @@
-"""The ``triton`` backend of the score-transform variants (softcap, bias, sink): attnlab's Triton kernel
-(:mod:`attnlab.kernels.score_transform`), forward only.
+"""The ``triton`` backend of the score-transform variants (softcap, bias, sink): attnlab's Triton kernels
+(:mod:`attnlab.kernels.score_transform`), forward and backward (gradients for q, k, v and the sink logits;
+none for a bias tensor).
 
-It sits after ``flex`` in priority: it is checked against the references here in Triton's CPU interpreter,
-but has not run on a GPU yet (no backward, no autotuning, no measurement); ``backend="triton"`` selects it.
+It sits after ``flex`` in priority: it is checked against the references in Triton's CPU interpreter, but
+has not run on a GPU yet (no autotuning, no measurement); ``backend="triton"`` selects it.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 
+import torch
 from torch import Tensor
 
 from attnlab.backends.base import Backend, Call, Capabilities
+from attnlab.errors import BackendError
 from attnlab.kernels.triton_utils import triton_refusal
 
 _OP_MODULE = "attnlab.kernels.score_transform.op"
@@ -29,13 +33,13 @@ def _imported_interpreted() -> bool | None:
 class TritonScoreBackend(Backend):
     name = "triton"
     triton = True
-    summary = "attnlab's score-transform Triton kernel (forward only; CPU only under TRITON_INTERPRET=1)"
-    caps = Capabilities(
-        max_head_dim=256, same_v_dim=True, backward=False, where="GPU; CPU via Triton's interpreter"
-    )
+    summary = "attnlab's score-transform Triton kernels (fwd + bwd; CPU only under TRITON_INTERPRET=1)"
+    caps = Capabilities(max_head_dim=256, same_v_dim=True, where="GPU; CPU via Triton's interpreter")
 
-    def __init__(self, transform: Transform) -> None:
+    def __init__(self, transform: Transform, *, backward: bool = True) -> None:
         self.transform = transform
+        if not backward:  # (a bias's gradient: the chooser cannot see whether a tensor input requires grad)
+            self.caps = replace(self.caps, backward=False)
 
     def reasons(self, call: Call) -> list[str]:
         why = triton_refusal(call.problem.device, _imported_interpreted())
@@ -45,5 +49,10 @@ class TritonScoreBackend(Backend):
         from attnlab.kernels.score_transform.op import score_transform_fwd
 
         bias, sinks, cap = self.transform(q, call, extra)
+        if bias is not None and bias.requires_grad and torch.is_grad_enabled():
+            raise BackendError(
+                "backend 'triton' has no gradient for the bias tensor (it would be N_q x N_k); pass a bias "
+                "that does not require grad, or use backend='flex' (CUDA) or 'eager'"
+            )
         out, _ = score_transform_fwd(q, k, v, bias, sinks, float(call.scale), float(cap), call.problem.causal)
         return out

@@ -87,7 +87,11 @@ SPEC = MethodSpec(
     summary="softmax(scale*qk + bias) with a broadcastable (B, H, N_q, N_k) bias tensor",
     param_class=BiasParams,
     reference=reference,
-    backends=(VariantFlexBackend(_score, per_call=True), TritonScoreBackend(_kernel_args), EAGER),
+    backends=(
+        VariantFlexBackend(_score, per_call=True),
+        TritonScoreBackend(_kernel_args, backward=False),
+        EAGER,
+    ),
     patterns=ALL_PATTERNS,
     inputs=(
         TensorInput(
