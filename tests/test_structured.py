@@ -91,6 +91,9 @@ AGREE: list[tuple[str, dict[str, Any], tuple[tuple[int, int], ...]]] = [
     ("neighborhood", {"window": 5, "dilation": 2}, tuple((n, n) for n in SELF)),
     ("neighborhood", {"window": 4, "stride": 3, "axis_causal": True}, tuple((n, n) for n in SELF)),
     ("neighborhood", {"window": 1}, ((7, 7),)),
+    # beyond int32: the factory caps what acts alike (window cut to the group, dilation, stride)
+    ("neighborhood", {"window": 2**40, "dilation": 2**40, "stride": 2**40}, ((7, 7), (63, 63))),
+    ("neighborhood", {"window": 12, "stride": 12}, ((7, 7), (63, 63))),
     (
         "neighborhood",
         {"shape": (10, 13), "window": (3, 4), "stride": (1, 2), "axis_causal": (True, False)},

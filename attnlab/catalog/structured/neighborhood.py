@@ -120,8 +120,20 @@ def mask(p: NeighborhoodParams, ctx: MaskContext) -> MaskMod:
     shape = _grid.grid_of(p.method, p.shape, ctx.n_q, ctx.n_k)
     window, dilation, stride, causal = p.axes()
     strides = _grid.raster_strides(shape)
+    # capped where larger values act alike (the window is cut to the group, a dilation >= L leaves groups
+    # of one, a stride >= 2L makes one leader): keeps huge values inside the int32 range of ctx.const
     axes = [
-        tuple(ctx.const(x) for x in (shape[a], strides[a], window[a], dilation[a], stride[a], int(causal[a])))
+        tuple(
+            ctx.const(x)
+            for x in (
+                shape[a],
+                strides[a],
+                min(window[a], shape[a]),
+                min(dilation[a], shape[a]),
+                min(stride[a], 2 * shape[a] + 1),
+                int(causal[a]),
+            )
+        )
         for a in range(len(shape))
     ]
 
