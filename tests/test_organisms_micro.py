@@ -51,9 +51,9 @@ def test_micro_predicts_text_better_than_chance(micro) -> None:  # type: ignore[
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0, :-1]
     loss = float(torch.nn.functional.cross_entropy(logits, ids[0, 1:]))
-    # below a uniform guess (ln 1024 = 6.93); the card records how little more it learned (near the unigram
-    # baseline: a CPU budget of 270 s on a shared machine)
-    assert math.isfinite(loss) and loss < math.log(len(tok)) - 0.5
+    # well below a uniform guess (ln 1024 = 6.93) and below the ~6.0 that token frequencies alone reach on
+    # prose (the card's unigram baseline): it uses context
+    assert math.isfinite(loss) and loss < math.log(len(tok)) - 1.5
 
 
 def test_unknown_organism() -> None:

@@ -206,11 +206,23 @@ def train(
 ) -> TrainResult:
     """Train (or resume) the organism described by ``cfg`` into the folder ``out``; see the module
     docstring. ``max_seconds`` counts from this call (data preparation included, final evaluation
-    excluded). ``progress``: draw a progress bar with the loss and tokens/s."""
+    excluded). ``progress``: draw a progress bar with the loss and tokens/s. ``cfg.threads`` applies
+    for the call (torch's thread count is restored on return)."""
+    cfg = cfg.validate()
+    threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg, Path(out), resume, progress, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(
+    cfg: TrainConfig, out: Path, resume: bool, progress: bool, log: Callable[[str], None]
+) -> TrainResult:
     from attnlab.organisms.card import model_card
 
-    cfg = cfg.validate()
-    out = Path(out)
     started = time.perf_counter()
     latest = ckpt.latest_checkpoint(out) if resume else None
     if latest is None and ckpt.step_folders(out):
