@@ -9,7 +9,7 @@ import pytest
 
 from attnlab.organisms.corpus import CorpusConfig, build_corpus, prose
 from attnlab.organisms.errors import ConfigError
-from attnlab.organisms.tasks import TASKS, TaskContext, generate, score
+from attnlab.organisms.tasks import TASKS, TaskContext, generate, options, score
 from attnlab.organisms.tokenizer import train_tokenizer
 
 LENGTHS = (256, 1024)
@@ -94,6 +94,19 @@ def test_frequent_words_answer_is_the_top_three(ctx: TaskContext) -> None:
     counts = Counter(body.split()).most_common()
     assert [w for w, _ in counts[:3]] == s.answer.split()
     assert counts[0][1] > counts[1][1] > counts[2][1] > counts[3][1]  # no ties decide the answer
+
+
+def test_task_options(ctx: TaskContext) -> None:
+    assert options("niah_multikey") == {"keys": 4}
+    assert options("variable_tracking") == {"chains": 2, "hops": 4}
+    s = generate("niah_multikey", ctx, 512, seed=3, keys=6)
+    assert len(re.findall(r"The secret number for \w+ is \d+\.", s.prompt)) == 6
+    s = generate("mqar", ctx, 512, seed=3, queries=2)
+    assert len(s.answer.split()) == 2
+    with pytest.raises(ConfigError, match="task 'passkey' has no option 'keys': expected some of \\[\\]"):
+        generate("passkey", ctx, 512, seed=0, keys=2)
+    with pytest.raises(ConfigError, match="option hops=0: expected a positive integer"):
+        generate("variable_tracking", ctx, 512, seed=0, hops=0)
 
 
 def test_task_errors(ctx: TaskContext) -> None:

@@ -30,12 +30,14 @@ Conventions:
   comes from ``random.Random(f"{task}:{length}:{seed}")``).
 - Haystack text comes from the documents given to :class:`TaskContext`: the held-out split of the corpus
   for evaluation, the training split for training (so the held-out text stays unseen).
-- Numbers are 5 digits (RULER uses 7); the tokenizer splits digits, so a number is 5 tokens.
+- Needle numbers are 5 digits (RULER uses 7), MQAR values 3 digits; the tokenizer splits digits, so a
+  number is one token per digit.
 """
 
 from __future__ import annotations
 
 import bisect
+import inspect
 import itertools
 import random
 import re
@@ -112,7 +114,8 @@ class TaskContext:
         return out
 
 
-Generator = Callable[[TaskContext, random.Random, int], tuple[str, str]]
+#: (ctx, rng, length, **options) -> (prompt, answer)
+Generator = Callable[..., tuple[str, str]]
 
 
 @dataclass(frozen=True)
@@ -136,14 +139,28 @@ def _task(name: str, description: str) -> Callable[[Generator], Generator]:
     return register
 
 
-def generate(task: str, ctx: TaskContext, length: int, seed: int) -> Sample:
-    """The sample of ``task`` at ``length`` tokens for ``seed`` (see the module docstring)."""
+def options(task: str) -> dict[str, int]:
+    """The options of ``task`` and their defaults (``keys``, ``values``, ``chains``, ``hops``, ``queries``,
+    ``top``: see the module docstring)."""
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}: expected one of {sorted(TASKS)}")
+    params = list(inspect.signature(TASKS[task].make).parameters.values())[3:]
+    return {p.name: p.default for p in params}
+
+
+def generate(task: str, ctx: TaskContext, length: int, seed: int, **opts: int) -> Sample:
+    """The sample of ``task`` at ``length`` tokens for ``seed`` (see the module docstring); ``opts``
+    override the task's :func:`options` (each a positive integer)."""
+    known = options(task)
+    for name, value in opts.items():
+        if name not in known:
+            raise ConfigError(f"task {task!r} has no option {name!r}: expected some of {sorted(known)}")
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"task {task!r} option {name}={value!r}: expected a positive integer")
     if not isinstance(length, int) or length < 64:
         raise ConfigError(f"task length={length!r}: expected an integer number of tokens >= 64")
     rng = random.Random(f"{task}:{length}:{seed}")
-    prompt, answer = TASKS[task].make(ctx, rng, length)
+    prompt, answer = TASKS[task].make(ctx, rng, length, **opts)
     p, a = ctx.count(prompt), ctx.count(answer)
     if p + a > length - 1:  # the generators trim to fit; this guards the contract
         raise AssertionError(f"{task} at {length}: {p}+{a} tokens exceed {length - 1}")
