@@ -281,6 +281,8 @@ class MethodSpec:
       such a method has a static sparsity plan (``plan_kind == "static"``).
     - ``index_mask``: the same mask as plain index arithmetic over a dense grid (independent of ``mask``);
       a test checks that the two agree.
+    - ``estimate``: for dynamic sparse methods, ``estimate(q, k, params, *, causal, scale) -> Plan``, the
+      plan computed from the inputs (``plan_kind == "dynamic"``); backends that execute plans run it.
     - ``inputs``: tensors the method takes beside q, k, v.
     - ``stateful``: whether the method carries a recurrent state from call to call.
     - ``test_params``: parameter sets the parity tests run (small values that make the mask bite).
@@ -300,6 +302,7 @@ class MethodSpec:
     gqa: bool = True
     mask: Callable[[Any, Any], Any] | None = None
     index_mask: Callable[[Any, int, int, bool], Tensor] | None = None
+    estimate: Callable[..., Any] | None = None
     inputs: tuple[TensorInput, ...] = ()
     stateful: bool = False
     #: whether the weights are softmax-normalised over the allowed keys (then a log-sum-exp exists)
@@ -322,7 +325,10 @@ class MethodSpec:
 
     @property
     def plan_kind(self) -> str | None:
-        """The kind of sparsity plan the method executes ("static" for mask methods), or None."""
+        """The kind of sparsity plan the method executes ("static" for mask methods, "dynamic" for
+        methods with an estimator), or None."""
+        if self.estimate is not None:
+            return "dynamic"
         return "static" if self.mask is not None else None
 
     def make_params(self, kwargs: Mapping[str, Any]) -> Params:

@@ -36,7 +36,7 @@ class BlockSparseBackend(Backend):
         max_head_dim=256,
         same_v_dim=True,
         lse=True,
-        plan_kinds=frozenset({"static"}),
+        plan_kinds=frozenset({"static", "dynamic"}),
         where="GPU; CPU via Triton's interpreter",
     )
 
@@ -45,13 +45,21 @@ class BlockSparseBackend(Backend):
         return [why] if why else []
 
     def plan(self, q: Tensor, k: Tensor, call: Call) -> Plan | None:
-        """The method's static plan, in 128 x 128 tiles (32 x 32 on a CPU, where the kernels run in
-        Triton's interpreter and small tiles keep tests quick)."""
+        """A dynamic method's plan from its estimator; a static method's plan in 128 x 128 tiles (32 x 32
+        on a CPU, where the kernels run in Triton's interpreter and small tiles keep tests quick)."""
         p = call.problem
+        if call.spec.estimate is not None:
+            plan: Plan = call.spec.estimate(q, k, call.params, causal=p.causal, scale=call.scale)
+            return plan
         block = CPU_TILE if p.device.type == "cpu" else TILE
         return static_plan(call.spec, call.params, p.n_q, p.n_k, p.causal, p.device, block)
 
     def _fn(self, q: Tensor, k: Tensor, call: Call):  # type: ignore[no-untyped-def]
+        if call.spec.estimate is not None:  # a new plan for every call
+            from attnlab.kernels.block_sparse.op import block_sparse_attention
+
+            tables = executor_tables(self.plan(q, k, call)).as_args()  # type: ignore[arg-type]
+            return lambda q, k, v: block_sparse_attention(q, k, v, tables, call.scale, call.problem.causal)
         fn = call.memo.get("block_sparse")
         if fn is None:
             from attnlab.kernels.block_sparse.op import block_sparse_attention

@@ -74,8 +74,11 @@ class ReferenceBackend(Backend):
         allows (its plan's dense mask, or the causal mask), in float32; -inf for rows with no key."""
         out = self.run(q, k, v, call, extra)
         p = call.problem
-        if call.spec.mask is not None:
-            mask: Tensor | None = static_plan(
+        mask: Tensor | None
+        if call.spec.estimate is not None:
+            mask = call.spec.estimate(q, k, call.params, causal=p.causal, scale=call.scale).dense_mask()
+        elif call.spec.mask is not None:
+            mask = static_plan(
                 call.spec, call.params, p.n_q, p.n_k, p.causal, p.device
             ).dense_mask()
         else:

@@ -3,3 +3,7 @@
 Importing this package registers its methods; each method is one module, imported below.
 """
 # isort: skip_file
+
+from attnlab.catalog.dynamic import block_topk
+
+__all__ = ["block_topk"]

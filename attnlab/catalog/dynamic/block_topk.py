@@ -1,0 +1,164 @@
+"""``block_topk``: per query block, the key blocks with the highest pooled-query x pooled-key score.
+
+Estimator (per batch and query head; fp32, whatever the input dtype, so a bf16 call and its fp32
+reference choose the same blocks)::
+
+    q_blk[i] = mean of q over query block i (its rows inside the matrix)
+    k_blk[j] = mean of k over key block j (the kv head of the query head's GQA group)
+    score[i, j] = scale * q_blk[i] . k_blk[j]          (causal: -inf where block j starts after the
+                                                        last position of query block i)
+    keep the ``topk`` highest blocks of row i, or, with ``mass`` > 0, the fewest highest blocks whose
+    softmax share of row i reaches ``mass`` (at most ``topk``); always keep block 0 (``sink``) and the
+    block holding the query block's last position (``local``).
+
+Positions are bottom-right aligned (query ``i`` at ``i + N_k - N_q``). The kept tiles form the plan
+(B, H, N_q / block, N_k / block); causal tiles that straddle the diagonal are partial with the causal
+rule. Attention is exact softmax attention over the plan's pairs. With ``local`` on (the default) every
+query sees at least its own position when causal (self-attention), so no row is empty; with it off, rows
+whose kept blocks are all in their future get zeros.
+
+Conventions of other code: this is the block-sparse "pooled score" selection of MoBA / SeerAttention
+without a learned gate (their gate replaces the mean pooling) and of FlexPrefill's query-aware branch
+(which selects by cumulative mass, ``mass`` here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attnlab.backends.block_sparse import BLOCK_SPARSE
+from attnlab.errors import ParamError
+from attnlab.params import Params
+from attnlab.patterns import ALL_PATTERNS
+from attnlab.plans import Plan
+from attnlab.reference import masked_softmax_attention
+from attnlab.registry import MethodSpec, register
+
+#: Tile sizes the block-sparse executor takes.
+BLOCKS = (16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class BlockTopkParams(Params):
+    """``block``: tile size (query rows = key columns), one of 16, 32, 64, 128, 256 (default 128).
+    ``topk``: key blocks kept per query block, sink and local included (>= 1; default 16).
+    ``mass``: 0 keeps exactly ``topk`` blocks; in (0, 1] keeps the fewest blocks whose estimated share of
+    the row reaches ``mass`` (capped at ``topk``). ``sink`` / ``local``: always keep the first key block /
+    the block at the query block's last position."""
+
+    method = "block_topk"
+    block: int = 128
+    topk: int = 16
+    mass: float = 0.0
+    sink: bool = True
+    local: bool = True
+
+    def validate(self) -> None:
+        if self.block not in BLOCKS:
+            raise ParamError(f"block_topk: block={self.block!r}; the executor takes tiles of {BLOCKS}")
+        self.check_int("topk", minimum=1)
+        if not 0.0 <= float(self.mass) <= 1.0:
+            raise ParamError(f"block_topk: mass={self.mass!r} must be in [0, 1] (0 = keep exactly topk)")
+
+
+def _pool(x: Tensor, block: int) -> Tensor:
+    """Mean of x (B, H, N, D) over blocks of ``block`` rows (the last block over its real rows), fp32."""
+    b, h, n, d = x.shape
+    nb = -(-n // block)
+    pad = nb * block - n
+    xf = torch.nn.functional.pad(x.detach().float(), (0, 0, 0, pad))
+    sums = xf.view(b, h, nb, block, d).sum(3)
+    counts = torch.full((nb,), float(block), device=x.device)
+    counts[-1] = block - pad
+    return sums / counts[:, None]
+
+
+def estimate(q: Tensor, k: Tensor, params: BlockTopkParams, *, causal: bool, scale: float) -> Plan:
+    """The plan of ``params`` for q (B, H, N_q, D), k (B, H_kv, N_k, D) (see the module docstring)."""
+    bs = params.block
+    h, n_q = q.shape[1], q.shape[2]
+    n_k = k.shape[2]
+    nqb, nkb = -(-n_q // bs), -(-n_k // bs)
+    pq = _pool(q, bs)
+    pk = _pool(k, bs).repeat_interleave(h // k.shape[1], dim=1)
+    score = (pq @ pk.transpose(-1, -2)) * scale  # (B, H, NQB, NKB)
+    dev = q.device
+    offset = n_k - n_q
+    q_first = torch.arange(nqb, device=dev) * bs + offset
+    q_last = torch.clamp((torch.arange(nqb, device=dev) + 1) * bs, max=n_q) - 1 + offset
+    k_first = torch.arange(nkb, device=dev) * bs
+    k_last = torch.clamp(k_first + bs, max=n_k) - 1
+    allowed = torch.ones(nqb, nkb, dtype=torch.bool, device=dev)
+    if causal:
+        allowed = k_first[None, :] <= q_last[:, None]
+    score = score.masked_fill(~allowed, float("-inf"))
+    forced = torch.zeros(nqb, nkb, dtype=torch.bool, device=dev)
+    if params.sink:
+        forced[:, 0] = True
+    if params.local:
+        local = torch.clamp(q_last, 0, n_k - 1) // bs
+        forced[torch.arange(nqb, device=dev), local] = True
+    forced &= allowed
+    ranked = score.masked_fill(forced, float("inf"))
+    kk = min(params.topk, nkb)
+    top = torch.topk(ranked, kk, dim=-1)
+    keep = torch.zeros_like(ranked, dtype=torch.bool).scatter_(-1, top.indices, True)
+    if params.mass > 0:
+        # the fewest highest blocks whose softmax share reaches `mass`, forced blocks counted first
+        share = torch.softmax(score, dim=-1).nan_to_num(0.0)
+        shares = torch.gather(share, -1, top.indices)
+        before = torch.cumsum(shares, -1) - shares
+        within = before < params.mass
+        keep = torch.zeros_like(keep).scatter_(-1, top.indices, within)
+        keep |= forced[None, None]
+    keep &= allowed & torch.isfinite(score) | forced
+    if causal:
+        whole = k_last[None, :] <= q_first[:, None]
+        full = keep & whole
+        partial = keep & ~whole
+
+        def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            return kv_idx <= q_idx + offset
+
+        return Plan(n_q, n_k, True, bs, bs, full, partial, mask_mod, kind="dynamic")
+    return Plan(n_q, n_k, False, bs, bs, keep, torch.zeros_like(keep), None, kind="dynamic")
+
+
+def reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    params: BlockTopkParams,
+    *,
+    causal: bool,
+    scale: float,
+    upcast: bool = True,
+) -> Tensor:
+    """Softmax attention over the pairs of :func:`estimate`'s plan (dense, from its token mask)."""
+    mask = estimate(q, k, params, causal=causal, scale=scale).dense_mask()
+    return masked_softmax_attention(q, k, v, scale=scale, mask=mask, upcast=upcast)
+
+
+def _bench(n: int) -> list[dict[str, int]]:
+    blocks = -(-n // 128)
+    return [{"topk": max(2, blocks // 16)}, {"topk": max(2, blocks // 8)}]
+
+
+SPEC = register(
+    MethodSpec(
+        name="block_topk",
+        family="dynamic",
+        paper="MoBA (Lu et al., 2025); SeerAttention (Gao et al., 2024); FlexPrefill (Lai et al., 2025)",
+        summary="per query block, the top-k key blocks by pooled q . pooled k (sink and local kept)",
+        param_class=BlockTopkParams,
+        reference=reference,
+        backends=(BLOCK_SPARSE,),
+        patterns=ALL_PATTERNS,
+        estimate=estimate,
+        test_params=({"block": 16, "topk": 2}, {"block": 16, "topk": 3, "mass": 0.6, "sink": False}),
+        bench_params=_bench,
+    )
+)
