@@ -78,9 +78,7 @@ class ReferenceBackend(Backend):
         if call.spec.estimate is not None:
             mask = call.spec.estimate(q, k, call.params, causal=p.causal, scale=call.scale).dense_mask()
         elif call.spec.mask is not None:
-            mask = static_plan(
-                call.spec, call.params, p.n_q, p.n_k, p.causal, p.device
-            ).dense_mask()
+            mask = static_plan(call.spec, call.params, p.n_q, p.n_k, p.causal, p.device).dense_mask()
         else:
             mask = mask_for(causal_mask, None, p.n_q, p.n_k, True, p.device) if p.causal else None
         s = scores(q, k, call.scale, upcast=True)
