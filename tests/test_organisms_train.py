@@ -186,3 +186,20 @@ def test_cli_train_reports_config_errors(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "not divisible by heads=3" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_train_runs_and_resumes(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from attnlab.cli import app
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    args = ["train", "--out", str(tmp_path / "run"), "--config", str(config), "--eval-samples", "0"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "2 steps run, 1,024 tokens" in first.output and "loss" in first.output
+    state = ckpt.read_state(tmp_path / "run" / "final")
+    assert "task_accuracy" not in state and state["config"]["eval_samples"] == 0
+    again = CliRunner().invoke(app, args)  # everything is done: it resumes at step 2 and rewrites final/
+    assert again.exit_code == 0 and "resuming from" in again.output

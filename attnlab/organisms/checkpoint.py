@@ -10,7 +10,8 @@ A checkpoint folder holds ``config.json`` + ``model.safetensors`` (``save_pretra
 (``tokenizer.json``), ``training.json`` (configuration, step, loss curve, data summary) and, for resuming,
 ``optimizer.safetensors`` (AdamW moments as tensors; the scalar settings live in ``training.json``). No file
 is a pickle. A final model folder (:func:`write_model`) is the same without the optimizer, plus its model
-card (``README.md``).
+card (``README.md``). It replaces an older ``final/`` by two renames; a run killed between them leaves no
+``final/`` (the old one sits in ``.final.old-<pid>``) while every ``step-*`` folder stays loadable.
 """
 
 from __future__ import annotations
