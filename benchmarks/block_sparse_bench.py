@@ -10,6 +10,8 @@ Sections (each guarded; a failure is recorded in its place; DIR/block_sparse.jso
   calls each, spread kept): cuDNN SDPA dense, FlexAttention with the plan's BlockMask (compiled), and the
   executor (``block_sparse_attention`` with the plan's tables; tables built before timing, as a prepared
   static op has them). Labelled "kernel" sides: both take a prebuilt plan.
+- ``dynamic``: block_topk (causal, top-k = N/1024 blocks of 128, ~1/8 of the causal tiles) as a user
+  calls it (estimation, tables and executor), its estimator alone, and cuDNN dense, forward, 32K-128K.
 - ``static``: sliding_window (1024 at 32K, 2048 at 64K) as a user calls it, ``attnlab.attention(...,
   backend="block_sparse")`` and ``backend="flex"`` against cuDNN dense, causal, B=1 H=32 D=128.
 
@@ -206,6 +208,40 @@ def section_static(quick: bool) -> list[dict[str, Any]]:
     return rows
 
 
+def dynamic_point(n: int, topk: int) -> dict[str, Any]:
+    from attnlab.catalog.dynamic.block_topk import BlockTopkParams, estimate
+
+    row: dict[str, Any] = {"method": "block_topk", "topk": topk, "n": n, "b": 1, "h": 32, "d": 128}
+    q = torch.randn(1, 32, n, 128, device=DEV, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 8, n, 128, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+    call = {"method": "block_topk", "causal": True, "topk": topk}
+    res = attnlab.attention(q, k, v, return_plan=True, **call)
+    row["block_density"] = res.plan.block_density
+    params = BlockTopkParams(topk=topk)
+    run = {
+        "cudnn_dense": lambda: sdpa_dense(q, k, v, causal=True, scale=128**-0.5),
+        "block_topk_as_called": lambda: attnlab.attention(q, k, v, **call),
+        "estimate_only": lambda: estimate(q, k, params, causal=True, scale=128**-0.5),
+    }
+    row["fwd"] = timing_row(run)
+    return row
+
+
+def section_dynamic(quick: bool) -> list[dict[str, Any]]:
+    rows = []
+    points = [(32768, 32), (65536, 64), (131072, 128)] if not quick else [(4096, 4)]
+    for n, topk in points:
+        try:
+            row = dynamic_point(n, topk)
+            print(json.dumps(row), flush=True)
+        except Exception:
+            row = {"n": n, "topk": topk, "error": traceback.format_exc()[-2000:]}
+            print(row["error"], flush=True)
+        rows.append(row)
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -227,7 +263,7 @@ def main() -> None:
         ).stdout,
     }
     for name in args.sections.split(","):
-        fn = {"random": section_random, "static": section_static}[name]
+        fn = {"random": section_random, "static": section_static, "dynamic": section_dynamic}[name]
         try:
             doc[name] = fn(args.quick)
         except Exception:
