@@ -89,6 +89,14 @@ def test_tables_of_a_dynamic_plan_with_columns() -> None:
                     assert not any(bool(visited[c // 16]) for c in cols)
 
 
+def test_causal_rule_tables_equal_the_evaluated_ones() -> None:
+    for n_q, n_k in ((50, 77), (77, 50), (64, 64)):
+        plan = random_plan(2, 3, n_q, n_k, True, 16, 0.3, 0, seed=n_q)
+        fast = Plan(plan.n_q, plan.n_k, True, 16, 16, plan.full, plan.partial, plan.mask_mod, kind="dynamic",
+                    rule="causal")  # fmt: skip
+        assert torch.equal(_mask_of(fast), plan.dense_mask())
+
+
 def test_a_full_tile_past_the_key_tail_becomes_partial() -> None:
     full = torch.ones(1, 1, 2, 2, dtype=torch.bool)
     plan = Plan(40, 40, False, 32, 32, full, torch.zeros_like(full), None, kind="dynamic")

@@ -87,9 +87,36 @@ def _ordered(blocks: Tensor, pattern_of: Tensor | None) -> tuple[Tensor, Tensor,
     return num.contiguous(), idx.to(torch.int32).contiguous(), pat
 
 
+def _causal_patterns(plan: Plan, partial: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`_tile_patterns` for plans whose rule is causal: a tile's mask is fixed by its diagonal
+    offset ``i * block_q + N_k - N_q - j * block_k`` and whether it is the last tile row / column, so only
+    one tile per distinct (offset, last row, last column) is evaluated."""
+    bq, bk, dev = plan.block_q, plan.block_k, partial.device
+    nqb, nkb = partial.shape[-2:]
+    i = torch.arange(nqb, device=dev)[:, None]
+    j = torch.arange(nkb, device=dev)[None, :]
+    key = (i * bq + (plan.n_k - plan.n_q) - j * bk) * 4 + (i == nqb - 1) * 2 + (j == nkb - 1)
+    uniq, inverse = torch.unique(key[partial.any(0).any(0)], return_inverse=True)
+    where = partial.any(0).any(0).nonzero()
+    first = torch.full((uniq.shape[0],), -1, dtype=torch.int64, device=dev)
+    first.scatter_reduce_(0, inverse, torch.arange(where.shape[0], device=dev), "amin", include_self=False)
+    tiles = where[first]  # one representative (i, j) per distinct key
+    r = torch.arange(bq, device=dev)[None, :, None]
+    c = torch.arange(bk, device=dev)[None, None, :]
+    q_idx = tiles[:, 0, None, None] * bq + r
+    kv_idx = tiles[:, 1, None, None] * bk + c
+    pats = (kv_idx <= q_idx + plan.n_k - plan.n_q) & (q_idx < plan.n_q) & (kv_idx < plan.n_k)
+    ids = torch.full((nqb, nkb), -1, dtype=torch.int64, device=dev)
+    ids[where[:, 0], where[:, 1]] = inverse
+    pat_grid = torch.where(partial, ids.expand_as(partial), -1)
+    return pat_grid, pats.to(torch.uint8).contiguous()
+
+
 def _tile_patterns(plan: Plan, partial: Tensor) -> tuple[Tensor, Tensor]:
     """(pattern id per tile, -1 where not partial; the distinct patterns, uint8 (U, block_q, block_k))."""
     bq, bk, dev = plan.block_q, plan.block_k, partial.device
+    if plan.rule == "causal" and bool(partial.any()):
+        return _causal_patterns(plan, partial)
     pat_grid = torch.full(partial.shape, -1, dtype=torch.int64, device=dev)
     coords = partial.nonzero()  # (T, 4): b, h, i, j
     r = torch.arange(bq, device=dev, dtype=torch.int32)

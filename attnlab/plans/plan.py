@@ -39,6 +39,9 @@ class Plan:
     - ``allowed_count``: the exact number of computed pairs per (Bp, Hp) when the producer counted them
       (static plans), else None.
     - ``kind``: "static" (from a mask and shapes; cacheable) or "dynamic" (estimated from q, k).
+    - ``rule``: "causal" when ``mask_mod`` is the bottom-right causal rule ``kv_idx <= q_idx + N_k - N_q``
+      (then a partial tile's token mask depends only on its diagonal offset and the matrix edges, which
+      lets the executor's tables be built without evaluating every tile), else None.
 
     The token mask of the plan is ``full | (partial & mask_mod) | column hits outside visited tiles``
     (partial tiles also stop at the matrix's edges); every quantity below is
@@ -56,6 +59,7 @@ class Plan:
     kind: str = "static"
     columns: Tensor | None = None
     allowed_count: Tensor | None = None
+    rule: str | None = None
     #: derived values built on first use (the BlockMask, the tables)
     _memo: dict[str, Any] = field(default_factory=dict, repr=False)
 

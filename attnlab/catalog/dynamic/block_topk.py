@@ -123,7 +123,7 @@ def estimate(q: Tensor, k: Tensor, params: BlockTopkParams, *, causal: bool, sca
         def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             return kv_idx <= q_idx + offset
 
-        return Plan(n_q, n_k, True, bs, bs, full, partial, mask_mod, kind="dynamic")
+        return Plan(n_q, n_k, True, bs, bs, full, partial, mask_mod, kind="dynamic", rule="causal")
     return Plan(n_q, n_k, False, bs, bs, keep, torch.zeros_like(keep), None, kind="dynamic")
 
 
