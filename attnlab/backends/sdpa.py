@@ -1,5 +1,6 @@
 """PyTorch SDPA backends: ``sdpa`` (dense softmax, fastest SDPA kernel first) and ``sdpa_mask``
-(softmax with the method's plan materialised as a dense boolean mask: the plain fallback)."""
+(softmax with the method's plan, static or estimated, materialised as a dense boolean mask: the plain
+fallback)."""
 
 from __future__ import annotations
 
@@ -24,13 +25,17 @@ class SdpaBackend(Backend):
 class SdpaMaskBackend(Backend):
     name = "sdpa_mask"
     summary = "torch SDPA with the plan as a dense (N_q, N_k) boolean mask (plain fallback, O(N^2) memory)"
-    caps = Capabilities(plan_kinds=frozenset({"static"}))
+    caps = Capabilities(plan_kinds=frozenset({"static", "dynamic"}))
 
     def reasons(self, call: Call) -> list[str]:
         p = call.problem
         return dense_size_reasons(self.name, call, p.n_q * p.n_k + p.dense_elements)
 
     def run(self, q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor]) -> Tensor:
+        if call.spec.estimate is not None:  # a dynamic plan: estimated for every call, (B|1, H|1, N_q, N_k)
+            p = call.problem
+            plan = call.spec.estimate(q, k, call.params, causal=p.causal, scale=call.scale)
+            return sdpa_masked(q, k, v, mask=plan.dense_mask(), scale=call.scale)
         mask = call.memo.get("dense_mask")
         if mask is None:
             p = call.problem

@@ -92,7 +92,8 @@ def _with_priority(
 
 
 def sdpa_masked(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor, scale: float) -> Tensor:
-    """Softmax attention with a dense boolean ``mask`` (N_q, N_k), True = may attend.
+    """Softmax attention with a dense boolean ``mask`` (N_q, N_k), or any shape broadcastable to
+    (B, H, N_q, N_k), True = may attend.
 
     Rows with no allowed key return 0 with zero gradients: such rows are opened to every key before the
     call (so no NaN enters the backward) and zeroed after.

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from attnlab.backends.block_sparse import BLOCK_SPARSE
+from attnlab.backends.sdpa import SdpaMaskBackend
 from attnlab.errors import ParamError
 from attnlab.params import Params
 from attnlab.patterns import ALL_PATTERNS
@@ -155,7 +156,7 @@ SPEC = register(
         summary="per query block, the top-k key blocks by pooled q . pooled k (sink and local kept)",
         param_class=BlockTopkParams,
         reference=reference,
-        backends=(BLOCK_SPARSE,),
+        backends=(BLOCK_SPARSE, SdpaMaskBackend()),
         patterns=ALL_PATTERNS,
         estimate=estimate,
         test_params=({"block": 16, "topk": 2}, {"block": 16, "topk": 3, "mass": 0.6, "sink": False}),
