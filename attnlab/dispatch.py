@@ -43,11 +43,17 @@ def choose(call: Call, backend: str | None = None) -> Choice:
         why = chosen.refusals(call)
         return Choice(call, None if why else chosen, ((chosen.name, tuple(why)),) if why else ())
     refusals: list[tuple[str, tuple[str, ...]]] = []
-    for candidate in call.spec.backends:
-        why = candidate.refusals(call)
-        if not why:
-            return Choice(call, candidate, tuple(refusals))
-        refusals.append((candidate.name, tuple(why)))
+    # On a CPU, Triton backends run only in Triton's interpreter (a test aid, orders of magnitude slower):
+    # they are chosen automatically there only when no other backend can run the call.
+    cpu = call.problem.device.type == "cpu"
+    for interpreted in (False, True):
+        for candidate in call.spec.backends:
+            if (cpu and candidate.triton) != interpreted:
+                continue
+            why = candidate.refusals(call)
+            if not why:
+                return Choice(call, candidate, tuple(refusals))
+            refusals.append((candidate.name, tuple(why)))
     return Choice(call, None, tuple(refusals))
 
 

@@ -62,7 +62,8 @@ def test_recall_is_na_without_a_plan_and_measured_with_one() -> None:
 @pytest.mark.parametrize("budgets", ["first", "all"])
 def test_fidelity_budgets_and_densities_pair_with_the_speed_sweep(budgets: str) -> None:
     n = 256
-    rows = _rows(random_workload(n, 1, 32, CPU), budgets)
+    workload = random_workload(n, 1, 32, CPU)
+    rows = _rows(workload, budgets)
     speed = planned_rows((n,), None, SELF, ("fwd",), budgets)
     pairs = {(r.method, r.pattern.value, str(sorted(r.params.items()))) for r in speed}
     for r in rows:
@@ -70,6 +71,7 @@ def test_fidelity_budgets_and_densities_pair_with_the_speed_sweep(budgets: str) 
         assert (r["method"], r["pattern"], str(sorted(params.items()))) in pairs
         spec = attnlab.get(r["method"])
         causal = r["pattern"] == "causal_self"
+        q, k = {name: (q, k) for name, q, k, _ in workload.layers}[r["layer"]]  # dynamic: from q, k
         assert (r["density"], r["block_density"]) == densities(
-            spec, spec.make_params(params), n, n, causal, CPU
+            spec, spec.make_params(params), n, n, causal, CPU, q, k
         )

@@ -73,15 +73,19 @@ def has_recall(spec: attnlab.MethodSpec) -> bool:
     return spec.plan_kind is not None or spec.name == "softmax"
 
 
-def mass_recall(spec: attnlab.MethodSpec, params: Any, probs: Tensor, causal: bool) -> list[float] | None:
+def mass_recall(
+    spec: attnlab.MethodSpec, params: Any, probs: Tensor, causal: bool, plan: Any = None
+) -> list[float] | None:
     """Per head: the dense attention mass on the pairs the method computes, mean over query rows;
-    None when the method has no recall (:func:`has_recall`)."""
+    None when the method has no recall (:func:`has_recall`). Dynamic methods pass the ``plan`` they
+    estimated from the layer's q and k."""
     if not has_recall(spec):
         return None
-    if spec.mask is None:  # dense softmax: every pair the dense pattern allows
+    if plan is None and spec.mask is None:  # dense softmax: every pair the dense pattern allows
         return probs.sum(-1).mean(dim=(0, 2)).tolist()
     n_q, n_k = probs.shape[-2:]
-    plan = static_plan(spec, params, n_q, n_k, causal, probs.device)
+    if plan is None:
+        plan = static_plan(spec, params, n_q, n_k, causal, probs.device)
     return plan.recall(probs).mean(0).tolist()
 
 
@@ -107,6 +111,8 @@ def fidelity_rows(
             for name, spec in attnlab.methods().items():
                 if methods is not None and name not in (*methods, "softmax"):  # softmax: the control row
                     continue
+                if pattern not in spec.patterns:
+                    continue
                 sets = spec.bench_params(n_k)
                 for params in sets if budgets == "all" else sets[:1]:
                     p = spec.make_params(params)
@@ -115,8 +121,9 @@ def fidelity_rows(
                     diff = _head_norms(out - dense_out)
                     rel = (diff / dense_norm.clamp_min(1e-30)).tolist()
                     vs_uniform = (diff / uniform_err.clamp_min(1e-30)).tolist()
-                    recall = mass_recall(spec, p, probs, causal)
-                    density, block_density = densities(spec, p, n_q, n_k, causal, q.device)
+                    plan = spec.estimate(q, k, p, causal=causal, scale=scale) if spec.estimate else None
+                    recall = mass_recall(spec, p, probs, causal, plan)
+                    density, block_density = densities(spec, p, n_q, n_k, causal, q.device, q, k)
                     for h in range(q.shape[1]):
                         yield {
                             "workload": workload.name,

@@ -11,6 +11,7 @@ from torch.nn.attention import SDPBackend
 
 import attnlab
 from attnlab.backends.base import Backend
+from attnlab.kernels.triton_utils import interpreting
 from attnlab.patterns import Pattern
 from attnlab.plans import static_plan
 
@@ -35,8 +36,15 @@ class PlannedRow:
     backends: tuple[str, ...] | None = None
 
     def backend_specs(self) -> list[Backend]:
+        """The backends this row times: the method's (or the named ones), without Triton kernels while
+        they run in Triton's CPU interpreter (TRITON_INTERPRET=1: a test aid whose times mean nothing)."""
         spec = attnlab.get(self.method)
-        return [b for b in spec.backends if self.backends is None or b.name in self.backends]
+        interp = interpreting()
+        return [
+            b
+            for b in spec.backends
+            if (self.backends is None or b.name in self.backends) and not (interp and b.triton)
+        ]
 
 
 def planned_rows(
@@ -63,11 +71,24 @@ def planned_rows(
 
 
 def densities(
-    spec: attnlab.MethodSpec, params: Any, n_q: int, n_k: int, causal: bool, device: torch.device
+    spec: attnlab.MethodSpec,
+    params: Any,
+    n_q: int,
+    n_k: int,
+    causal: bool,
+    device: torch.device,
+    q: torch.Tensor | None = None,
+    k: torch.Tensor | None = None,
 ) -> tuple[float, float]:
     """(token density, block density) of the method's sparsity plan (:class:`attnlab.Plan`): the share of
-    the dense pattern's (query, key) pairs it computes, and of the dense pattern's 128 x 128 tiles it
-    visits. 1.0 for dense methods (no plan)."""
+    the dense pattern's (query, key) pairs it computes, and of the dense pattern's tiles it visits (128 x
+    128 for static plans, the method's own tiles for dynamic ones, estimated from ``q`` and ``k``, which
+    they need). 1.0 for dense methods (no plan)."""
+    if spec.estimate is not None:
+        if q is None or k is None:
+            raise ValueError(f"method {spec.name!r} estimates its plan from q and k: pass them")
+        plan = spec.estimate(q, k, params, causal=causal, scale=q.shape[-1] ** -0.5)
+        return plan.density, plan.block_density
     if spec.mask is None:
         return 1.0, 1.0
     plan = static_plan(spec, params, n_q, n_k, causal, device)

@@ -5,5 +5,6 @@ Importing this package registers its methods; each method is one module, importe
 # isort: skip_file
 
 from attnlab.catalog.dynamic import block_topk
+from attnlab.catalog.dynamic import vertical_slash
 
-__all__ = ["block_topk"]
+__all__ = ["block_topk", "vertical_slash"]
