@@ -177,12 +177,15 @@ def test_forced_backend_that_cannot_run_says_why() -> None:
 
 def test_unknown_backend_lists_the_methods_backends() -> None:
     q, k, v = qkv()
-    with pytest.raises(ParamError, match="no backend 'flexx'. Did you mean 'flex'.*flex, sdpa_mask"):
+    with pytest.raises(
+        ParamError, match="no backend 'flexx'. Did you mean 'flex'.*flex, block_sparse, sdpa_mask"
+    ):
         attnlab.attention(q, k, v, method="sliding_window", backend="flexx")
 
 
 def test_no_backend_lists_every_refusal(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(attnlab.settings, "max_dense_elements", 100)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # a CPU as users have it: no Triton interpreter
     q, k, v = qkv()
     q.requires_grad_(True)
     with pytest.raises(BackendError) as info:
@@ -190,6 +193,7 @@ def test_no_backend_lists_every_refusal(monkeypatch: pytest.MonkeyPatch) -> None
     msg = str(info.value)
     assert "no backend of method 'sliding_window' can run" in msg
     assert "- flex: FlexAttention has no backward on CPU" in msg
+    assert "- block_sparse: Triton kernels need a CUDA GPU" in msg
     assert "- sdpa_mask: sdpa_mask would materialise" in msg
 
 

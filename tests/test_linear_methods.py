@@ -445,7 +445,8 @@ def test_non_causal_linear_attention_runs_on_the_torch_backend_and_triton_says_w
         x = inputs("linear", 1, 2, 2, 9, 4)
         choice = attnlab.explain(x["q"], x["k"], x["v"], method="linear", causal=False)
         assert choice.backend is not None and choice.backend.name == "torch_chunk"
-        assert "non-causal linear attention is two matmuls" in str(choice)
+        forced = attnlab.explain(x["q"], x["k"], x["v"], method="linear", causal=False, backend="triton")
+        assert forced.backend is None and "non-causal linear attention is two matmuls" in str(forced)
         res = _call("linear", x, causal=False, backend=None)
         ref, _ = _reference("linear", x, causal=False)
         close(res.out, ref, 1e-5)
