@@ -55,6 +55,25 @@ def triton_refusal(device: torch.device, kernel_imported_interpreted: bool | Non
     return f"Triton kernels run on CUDA, not {device.type}"
 
 
+def tma_copyable(*ts: torch.Tensor, interpreted: bool) -> bool:
+    """Whether Hopper's copy engine (TMA, tensor descriptors) can move tiles of these (..., N, D) tensors: a
+    GPU of compute capability 9+ (or CPU tensors under the interpreter, ``interpreted``), head dim at most
+    128 (the box sizes measured), 16-byte aligned bases and 16-byte multiples for every stride but the last."""
+    t0 = ts[0]
+    if head_block(t0.shape[-1]) > 128:
+        return False
+    if t0.is_cuda:
+        if torch.cuda.get_device_capability(t0.device)[0] < 9:
+            return False
+    elif not interpreted:
+        return False
+    for t in ts:
+        size = t.element_size()
+        if t.data_ptr() % 16 or any((st * size) % 16 for st in t.stride()[:-1]):
+            return False
+    return True
+
+
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 

@@ -18,7 +18,7 @@ from attnlab.kernels.block_sparse.bwd import (
     block_sparse_bwd_dq_kernel,
 )
 from attnlab.kernels.block_sparse.fwd import block_sparse_fwd_kernel
-from attnlab.kernels.triton_utils import descriptor_scratch, head_block, interpreting
+from attnlab.kernels.triton_utils import descriptor_scratch, head_block, interpreting, tma_copyable
 
 #: Whether this module was imported under TRITON_INTERPRET=1 (its kernels then take CPU tensors only).
 IMPORTED_INTERPRETED = interpreting()
@@ -111,21 +111,9 @@ USE_TMA = True
 
 
 def _tma_ready(*ts: Tensor) -> bool:
-    """Whether the copy engine can move these tiles: a Hopper-or-newer GPU (or the interpreter), head dim at
-    most 128, 16-byte aligned bases and 16-byte multiples for every stride but the last (TMA's rules)."""
-    t0 = ts[0]
-    if not USE_TMA or head_block(t0.shape[-1]) > 128:
-        return False
-    if t0.is_cuda:
-        if torch.cuda.get_device_capability(t0.device)[0] < 9:
-            return False
-    elif not IMPORTED_INTERPRETED:
-        return False
-    for t in ts:
-        size = t.element_size()
-        if t.data_ptr() % 16 or any((st * size) % 16 for st in t.stride()[:-1]):
-            return False
-    return True
+    """Whether the kernels move these tensors' tiles by tensor descriptors (TMA): allowed (``USE_TMA``) and
+    possible (:func:`attnlab.kernels.triton_utils.tma_copyable`)."""
+    return USE_TMA and tma_copyable(*ts, interpreted=IMPORTED_INTERPRETED)
 
 
 def _checked(q: Tensor, k: Tensor, v: Tensor, tables: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor]:

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from attnlab.kernels.sigmoid.bwd import sigmoid_bwd_dkdv_kernel, sigmoid_bwd_dq_kernel
 from attnlab.kernels.sigmoid.fwd import sigmoid_fwd_kernel
-from attnlab.kernels.triton_utils import descriptor_scratch, head_block, interpreting
+from attnlab.kernels.triton_utils import descriptor_scratch, head_block, interpreting, tma_copyable
 
 #: Whether this module was imported under TRITON_INTERPRET=1 (its kernels then take CPU tensors only).
 IMPORTED_INTERPRETED = interpreting()
@@ -212,22 +212,9 @@ def _last_contiguous(*ts: Tensor) -> list[Tensor]:
 
 
 def _tma_ready(*ts: Tensor) -> bool:
-    """Whether the copy engine can move these tiles: a Hopper-or-newer GPU (or the interpreter), head dim
-    at most 128 (the box sizes measured), a 16-byte aligned base and 16-byte multiples for every stride but
-    the last (TMA's rules)."""
-    t0 = ts[0]
-    if not USE_TMA or head_block(t0.shape[-1]) > 128:
-        return False
-    if t0.is_cuda:
-        if torch.cuda.get_device_capability(t0.device)[0] < 9:
-            return False
-    elif not IMPORTED_INTERPRETED:
-        return False
-    for t in ts:
-        size = t.element_size()
-        if t.data_ptr() % 16 or any((st * size) % 16 for st in t.stride()[:-1]):
-            return False
-    return True
+    """Whether the kernels move these tensors' tiles by tensor descriptors (TMA): allowed (``USE_TMA``) and
+    possible (:func:`attnlab.kernels.triton_utils.tma_copyable`)."""
+    return USE_TMA and tma_copyable(*ts, interpreted=IMPORTED_INTERPRETED)
 
 
 def sigmoid_fwd_launch(
