@@ -1,0 +1,31 @@
+"""Decode-time KV selection (family ``decode``): a few queries against a long cache, a selector that picks
+the cache entries each KV group reads, and an executor over them (:mod:`attnlab.backends.decode_select`).
+
+Each method is one module, imported below; each defines its ``SPEC``. They are NOT registered at import:
+the registry-driven parity check and the benchmark do not handle stateful methods yet (a stateful call
+returns a ``Result``, the reference returns ``(out, state)``). :func:`register_methods` registers them for
+a session; ``tests/test_decode_*.py`` run each under ``attnlab.registry.registered``. Shared conventions
+(budgets in tokens, exact fallback, per-KV-head selection, state): :mod:`attnlab.catalog.decode._common`.
+"""
+# isort: skip_file
+
+from attnlab.catalog.decode import page_topk
+
+from attnlab.core import MethodSpec
+from attnlab.registry import methods, register
+
+SPECS: tuple[MethodSpec, ...] = (page_topk.SPEC,)
+
+
+def register_methods() -> list[str]:
+    """Register the decode methods not yet registered (an explicit call; nothing registers at import).
+    Returns the names registered now."""
+    done = []
+    for spec in SPECS:
+        if spec.name not in methods():
+            register(spec)
+            done.append(spec.name)
+    return done
+
+
+__all__ = ["SPECS", "page_topk", "register_methods"]

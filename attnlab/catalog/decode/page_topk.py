@@ -1,0 +1,179 @@
+"""``page_topk``: Quest (Tang et al., 2024): per-page key min/max, the pages with the highest upper bound.
+
+Selection (per batch and KV head, every step; fp32 whatever the input dtype)::
+
+    cache pages of ``page`` tokens from position 0 (the last one possibly partial)
+    kmax[p], kmin[p] = elementwise max / min of the keys of page p        (state: PageSummary)
+    u[r, p] = sum_d max(q_r[d] * kmax[p, d], q_r[d] * kmin[p, d])          (>= q_r . k for every k in p)
+    score[p] = max over the group's query rows r of u[r, p]  (reduce="max"; "mean": their mean)
+    keep the budget // page pages with the highest score; the pages holding the step's query positions
+    (N_k - N_q .. N_k - 1) are always kept (Quest's kernel always adds the current page)
+
+then exact causal softmax attention over the kept pages' tokens. Budget in tokens (a multiple of
+``page`` is used: budget // page pages); budget >= N_k, or a cache of at most budget // page pages, runs
+exact attention. Ties in the scores are broken by ``torch.topk``.
+
+Conventions of other code: Quest's page 16 and budgets 512-4096 are the defaults here. Quest's emulation
+(evaluation/quest_attention.py) selects per query head after ``repeat_kv`` and forces no page; its
+kernels (MHA only) take top-(budget - 1) pages besides the current one. With GQA a group here shares one
+choice (so its K/V are read once): ``reduce="max"`` keeps a page if any head of the group may attend to it
+strongly, the conservative analogue of per-head selection. Quest keeps its first two layers dense; which
+layers run which method is the model plan's business (attnlab.hf).
+
+State: :class:`attnlab.state.PageSummary` (summaries plus the number of tokens summarised); a step that
+appends tokens recomputes only the last (partial) page and the new ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnlab.backends.decode_select import Selection, torch_decode, triton_decode
+from attnlab.catalog.decode._common import (
+    CAUSAL_PATTERNS,
+    attend_reference,
+    require_causal,
+    selection_reference,
+)
+from attnlab.core import Call, MethodSpec
+from attnlab.errors import InputError
+from attnlab.params import Params
+from attnlab.state.pages import PageSummary, summarize
+
+REDUCES = ("max", "mean")
+
+
+@dataclass(frozen=True)
+class PageTopkParams(Params):
+    """``budget``: tokens attended per (batch, KV head), pages of the step's queries included (default
+    4096; >= the cache length: exact attention). ``page``: tokens per page, a power of two in [1, 256]
+    (default 16, Quest's). ``reduce``: how the query rows of a GQA group combine their page bounds into
+    the group's score, "max" (default) or "mean"."""
+
+    method = "page_topk"
+    budget: int = 4096
+    page: int = 16
+    reduce: str = "max"
+
+    def validate(self) -> None:
+        self.check_int("budget", minimum=1)
+        self.check_int("page", minimum=1, maximum=256)
+        if self.page & (self.page - 1):
+            raise self._fail("page", self.page, "a power of two in [1, 256]")
+        if self.reduce not in REDUCES:
+            raise self._fail("reduce", self.reduce, f"one of {', '.join(REDUCES)}")
+
+
+def page_count(n_q: int, n_k: int, p: PageTopkParams) -> tuple[int, int, int] | None:
+    """(pages in the cache, first forced page, pages kept) or None when the call runs exact attention."""
+    if p.budget >= n_k:
+        return None
+    n_pages = -(-n_k // p.page)
+    first_forced = max(0, n_k - n_q) // p.page
+    keep = min(n_pages, max(p.budget // p.page, n_pages - first_forced))
+    return None if keep >= n_pages else (n_pages, first_forced, keep)
+
+
+def _scores_torch(q: Tensor, kmax: Tensor, kmin: Tensor, reduce: str) -> Tensor:
+    """u = relu(q) . kmax + min(q, 0) . kmin (the same bound: q_d > 0 takes the max, else the min), fp32,
+    reduced over each group's query rows: (B, H_kv, n_pages)."""
+    b, h, n_q, d = q.shape
+    h_kv = kmax.shape[1]
+    qg = q.float().reshape(b, h_kv, (h // h_kv) * n_q, d)
+    pos = qg.clamp(min=0)
+    u = pos @ kmax.float().transpose(-1, -2) + (qg - pos) @ kmin.float().transpose(-1, -2)
+    return u.amax(2) if reduce == "max" else u.mean(2)
+
+
+def _top_pages(scores: Tensor, first_forced: int, keep: int) -> Tensor:
+    scores[..., first_forced:] = float("inf")
+    return torch.topk(scores, keep, dim=-1, sorted=False).indices.to(torch.int32)
+
+
+def _state(state: Any, k: Tensor, p: PageTopkParams) -> PageSummary:
+    if state is not None and not isinstance(state, PageSummary):
+        raise InputError(
+            f"page_topk: state must be the PageSummary of an earlier step or None, got {type(state).__name__}"
+        )
+    try:
+        return summarize(k, p.page, state)
+    except ValueError as e:
+        raise InputError(f"page_topk: {e}") from None
+
+
+def select(
+    q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor], state: Any, fast: bool
+) -> tuple[Selection | None, PageSummary]:
+    """The pages of this step (module docstring) and the updated page summary. ``fast``: score with the
+    Triton kernel (else the matmul form in PyTorch)."""
+    p: PageTopkParams = call.params  # type: ignore[assignment]
+    summary = _state(state, k, p)
+    counts = page_count(q.shape[2], k.shape[2], p)
+    if counts is None:
+        return None, summary
+    n_pages, first_forced, keep = counts
+    if fast:
+        from attnlab.kernels.decode.op import page_scores
+
+        scores = page_scores(q, summary.kmax, summary.kmin, n_pages, p.reduce == "max")
+    else:
+        scores = _scores_torch(q, *summary.valid(), p.reduce)
+    return Selection(_top_pages(scores, first_forced, keep), p.page), summary
+
+
+def reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    params: PageTopkParams,
+    *,
+    causal: bool,
+    scale: float,
+    upcast: bool = True,
+    state: Any = None,
+) -> tuple[Tensor, PageSummary]:
+    """Quest page selection from scratch (module docstring): page min/max of the whole cache and the
+    elementwise bound ``sum_d max(q_d kmax_d, q_d kmin_d)`` in fp32, group reduce, top pages (query pages
+    forced), then causal softmax attention over their tokens (fp32 when ``upcast``). The incoming state is
+    ignored (the reference recomputes everything); returns (out, the page summary of k)."""
+    require_causal("page_topk", causal)
+    b, h, n_q, d = q.shape
+    h_kv, n_k = k.shape[1], k.shape[2]
+    new_state = summarize(k, params.page)
+    counts = page_count(n_q, n_k, params)
+    if counts is None:
+        return attend_reference(q, k, v, None, scale=scale, upcast=upcast), new_state
+    n_pages, first_forced, keep = counts
+    kp = torch.nn.functional.pad(k.float(), (0, 0, 0, n_pages * params.page - n_k), value=float("nan"))
+    kp = kp.view(b, h_kv, n_pages, params.page, d)
+    kmax, kmin = kp.nan_to_num(float("-inf")).amax(3), kp.nan_to_num(float("inf")).amin(3)
+    qr = q.float().reshape(b, h_kv, 1, (h // h_kv) * n_q, d)
+    u = torch.maximum(qr * kmax[:, :, :, None], qr * kmin[:, :, :, None]).sum(-1)  # (B, H_kv, P, rows)
+    score = u.amax(-1) if params.reduce == "max" else u.mean(-1)
+    idx = _top_pages(score, first_forced, keep)
+    out = selection_reference(q, k, v, Selection(idx, params.page), scale=scale, upcast=upcast)
+    return out, new_state
+
+
+def _bench(n: int) -> list[dict[str, int]]:
+    return [{"budget": 4096}, {"budget": 1024}]
+
+
+SPEC = MethodSpec(
+    name="page_topk",
+    family="decode",
+    paper="Quest (Tang et al., 2024)",
+    summary="decode: per-page key min/max summaries (kept up to date), top pages by upper-bound score",
+    param_class=PageTopkParams,
+    reference=reference,
+    backends=(triton_decode(select), torch_decode(select)),
+    patterns=CAUSAL_PATTERNS,
+    test_params=({"budget": 32, "page": 4}, {"budget": 24, "page": 8, "reduce": "mean"}),
+    bench_params=_bench,
+    stateful=True,
+)

@@ -1,0 +1,207 @@
+"""Launchers and ``torch.library`` custom ops of the decode kernels (fwd.py).
+
+- ``decode_attention(q, k, v, index, count, page, scale, causal) -> (out, lse)``
+  (``attnlab::decode_select_fwd``): attention of a few queries over the selected entries of the cache.
+- ``page_scores(q, kmax, kmin, n_pages, reduce_max) -> scores`` (``attnlab::page_scores``): Quest's page
+  upper bounds per KV group.
+
+Both are opaque to ``torch.compile`` (fake-tensor rules below), launch no host synchronisation, and
+their output shapes depend on input shapes only, so a decode step built from them can be captured in a
+CUDA graph. Forward only (decode needs no gradient). Importing this module registers the two ops.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+from torch import Tensor
+
+from attnlab.kernels.decode.fwd import decode_merge_kernel, decode_split_kernel, page_score_kernel
+from attnlab.kernels.triton_utils import head_block, interpreting, next_power_of_2
+
+#: Whether this module was imported under TRITON_INTERPRET=1 (its kernels then take CPU tensors only).
+IMPORTED_INTERPRETED = interpreting()
+#: Key columns per inner step on a GPU (a multiple of the page; pages larger than this take one page).
+BLOCK_N = 64
+#: Programs the split-K launch aims for per streaming multiprocessor (enough to cover HBM latency).
+PROGRAMS_PER_SM = 4
+#: Pages per page-score program.
+BLOCK_P = 32
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
+
+
+def _target_programs(q: Tensor) -> int:
+    if q.is_cuda:
+        return PROGRAMS_PER_SM * _sm_count(q.device.index or 0)
+    return 4  # the interpreter: a few splits, so the merge is exercised on tiny shapes
+
+
+def plan_splits(n_entries: int, page: int, outer: int, target: int) -> tuple[int, int, int]:
+    """(BLOCK_N, entries per split, splits) for ``n_entries`` index entries of ``page`` tokens each and
+    ``outer`` = B * H_kv * row blocks programs per split: enough splits to give about ``target`` programs,
+    each split a whole number of inner steps."""
+    block_n = max(page, 16 if IMPORTED_INTERPRETED else BLOCK_N)
+    ent = block_n // page
+    steps = max(1, -(-n_entries // ent))
+    splits = max(1, min(steps, -(-target // max(outer, 1))))
+    per_split = -(-steps // splits) * ent
+    splits = max(1, -(-n_entries // per_split))
+    return block_n, per_split, splits
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, index: Tensor, page: int) -> None:
+    if page < 1 or page & (page - 1) or page > 256:
+        raise ValueError(f"decode kernel: page={page} must be a power of two in [1, 256]")
+    if index.dim() != 3 or index.shape[:2] != k.shape[:2]:
+        raise ValueError(
+            f"decode kernel: index has shape {tuple(index.shape)}; expected (B, H_kv, n) = "
+            f"({k.shape[0]}, {k.shape[1]}, n)"
+        )
+    if q.shape[-1] != v.shape[-1]:
+        raise ValueError(f"decode kernel: needs D_v == D, got D={q.shape[-1]}, D_v={v.shape[-1]}")
+
+
+def decode_launch(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    index: Tensor,
+    count: Tensor | None,
+    page: int,
+    scale: float,
+    causal: bool,
+) -> tuple[Tensor, Tensor]:
+    """Split-K decode over the selected entries (see fwd.py). q (B, H, N_q, D), k/v (B, H_kv, N_k, D) with a
+    unit last stride (copied otherwise), index (B, H_kv, n) int32, count (B, H_kv) int32 or None.
+    Returns (out (B, H, N_q, D) in q's dtype, lse (B, H, N_q) float32)."""
+    _check(q, k, v, index, page)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    index = index.to(torch.int32)
+    if index.stride(-1) != 1:
+        index = index.contiguous()
+    b, h, n_q, d = q.shape
+    h_kv, n_k = k.shape[1], k.shape[2]
+    group = h // h_kv
+    n_rows = group * n_q
+    block_m = max(16, min(64, next_power_of_2(n_rows)))
+    m_blocks = -(-n_rows // block_m)
+    n_idx = index.shape[2]
+    block_n, per_split, splits = plan_splits(n_idx, page, b * h_kv * m_blocks, _target_programs(q))
+    block_d = head_block(d)
+    o_part = torch.empty(b * h_kv * splits * n_rows, block_d, device=q.device, dtype=torch.float32)
+    lse_part = torch.empty(b * h_kv * splits * n_rows, device=q.device, dtype=torch.float32)
+    cnt = count.to(torch.int32).contiguous() if count is not None else index  # (unused without count)
+    upcast = IMPORTED_INTERPRETED and q.dtype != torch.float32
+    decode_split_kernel[(splits, m_blocks, b * h_kv)](
+        q, k, v, index, cnt, o_part, lse_part,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        index.stride(0), index.stride(1),
+        h_kv, n_q, n_k, n_idx, per_split, d, float(scale),
+        GROUP=group, PAGE=page, CAUSAL=bool(causal), HAS_CNT=count is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=upcast,
+        num_warps=4, num_stages=2 if q.is_cuda else 1,
+    )  # fmt: skip
+    out = torch.empty_like(q)
+    lse = torch.empty(b, h, n_q, device=q.device, dtype=torch.float32)
+    decode_merge_kernel[(b * h_kv * n_rows,)](
+        o_part, lse_part, out, lse,
+        out.stride(0), out.stride(1), out.stride(2),
+        h_kv, n_q, splits, d,
+        GROUP=group, BLOCK_S=max(2, next_power_of_2(splits)), BLOCK_D=block_d,
+        num_warps=1 if d <= 64 else 2,
+    )  # fmt: skip
+    return out, lse
+
+
+def page_scores_launch(q: Tensor, kmax: Tensor, kmin: Tensor, n_pages: int, reduce_max: bool) -> Tensor:
+    """(B, H_kv, n_pages) float32 Quest page bounds (fwd.py) of the first ``n_pages`` pages of kmax/kmin
+    (B, H_kv, >= n_pages, D), reduced over each KV group's query rows by max or mean."""
+    if kmax.shape != kmin.shape or kmax.shape[2] < n_pages or kmax.shape[-1] != q.shape[-1]:
+        raise ValueError(
+            f"page_scores: kmax {tuple(kmax.shape)} and kmin {tuple(kmin.shape)} must match and hold at least "
+            f"{n_pages} pages of head dim {q.shape[-1]}"
+        )
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    kmax, kmin = (t if t.stride(-1) == 1 else t.contiguous() for t in (kmax, kmin))
+    if kmax.stride() != kmin.stride():
+        kmax, kmin = kmax.contiguous(), kmin.contiguous()
+    b, h, n_q, d = q.shape
+    h_kv = kmax.shape[1]
+    out = torch.empty(b, h_kv, n_pages, device=q.device, dtype=torch.float32)
+    page_score_kernel[(triton.cdiv(n_pages, BLOCK_P), b * h_kv)](
+        q, kmax, kmin, out,
+        q.stride(0), q.stride(1), q.stride(2),
+        kmax.stride(0), kmax.stride(1), kmax.stride(2),
+        h_kv, n_q, n_pages, d,
+        GROUP=h // h_kv, REDUCE_MAX=bool(reduce_max), BLOCK_P=BLOCK_P, BLOCK_D=head_block(d),
+        num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+@torch.library.custom_op("attnlab::decode_select_fwd", mutates_args=())
+def decode_select_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    index: Tensor,
+    count: Tensor | None,
+    page: int,
+    scale: float,
+    causal: bool,
+) -> tuple[Tensor, Tensor]:
+    return decode_launch(q, k, v, index, count, page, scale, causal)
+
+
+@decode_select_fwd.register_fake
+def _(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    index: Tensor,
+    count: Tensor | None,
+    page: int,
+    scale: float,
+    causal: bool,
+) -> tuple[Tensor, Tensor]:
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("attnlab::page_scores", mutates_args=())
+def page_scores_op(q: Tensor, kmax: Tensor, kmin: Tensor, n_pages: int, reduce_max: bool) -> Tensor:
+    return page_scores_launch(q, kmax, kmin, n_pages, reduce_max)
+
+
+@page_scores_op.register_fake
+def _(q: Tensor, kmax: Tensor, kmin: Tensor, n_pages: int, reduce_max: bool) -> Tensor:
+    return q.new_empty((q.shape[0], kmax.shape[1], n_pages), dtype=torch.float32)
+
+
+def decode_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    index: Tensor,
+    count: Tensor | None,
+    page: int,
+    scale: float,
+    causal: bool,
+) -> tuple[Tensor, Tensor]:
+    """(out, lse) of attention over the selected cache entries (see :mod:`attnlab.kernels.decode.naive`
+    for the exact meaning of ``index``, ``count`` and ``page``), through the Triton kernels."""
+    return decode_select_fwd(q, k, v, index, count, int(page), float(scale), bool(causal))
+
+
+def page_scores(q: Tensor, kmax: Tensor, kmin: Tensor, n_pages: int, reduce_max: bool = True) -> Tensor:
+    """Quest page bounds (B, H_kv, n_pages) float32 through the Triton kernel."""
+    return page_scores_op(q, kmax, kmin, int(n_pages), bool(reduce_max))

@@ -1,0 +1,131 @@
+"""Per-page key summaries of a growing KV cache (Quest's page metadata), kept up to date incrementally.
+
+The cache (B, H_kv, N, D) is cut into pages of ``page`` tokens from position 0: page ``p`` holds tokens
+``[p * page, (p + 1) * page)``, the last page possibly partial. For each page the summary keeps the
+elementwise maximum and minimum of its keys over the tokens it holds::
+
+    kmax[b, h, p, d] = max_{t in page p, t < N} k[b, h, t, d]        kmin likewise with min
+
+Summaries are stored in the cache's dtype (max and min are exact in any dtype). Buffers have a capacity
+of whole pages that grows by doubling, so a decode step writes only the pages that changed: appending
+tokens to a cache summarised up to ``tokens`` recomputes the page that held token ``tokens - 1`` (if it
+was partial) and the new pages, never the earlier ones.
+
+Contract: the cache only grows by appending, and the tokens already summarised do not change. A new
+sequence, a cache that was cropped or reordered (beam search) needs a fresh summary (``state=None``).
+An update writes into the buffers it shares with the previous summary: keep only the newest one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+#: Pages the buffers hold at least when first made.
+MIN_CAPACITY = 64
+
+
+@dataclass
+class PageSummary:
+    """Key min/max per page of a cache. ``kmax``/``kmin``: (B, H_kv, capacity, D) buffers whose first
+    :attr:`n_pages` pages are valid; ``tokens``: the cache tokens summarised; ``page``: tokens per page."""
+
+    page: int
+    kmax: Tensor
+    kmin: Tensor
+    tokens: int
+
+    @property
+    def n_pages(self) -> int:
+        """Pages holding at least one summarised token: ceil(tokens / page)."""
+        return -(-self.tokens // self.page)
+
+    @property
+    def capacity(self) -> int:
+        return int(self.kmax.shape[2])
+
+    def valid(self) -> tuple[Tensor, Tensor]:
+        """(kmax, kmin) views of the valid pages: (B, H_kv, n_pages, D)."""
+        n = self.n_pages
+        return self.kmax[:, :, :n], self.kmin[:, :, :n]
+
+    def nbytes(self) -> int:
+        """Bytes of the summaries' valid pages (what a scoring pass reads)."""
+        n = self.n_pages
+        return 2 * self.kmax[:, :, :n].numel() * self.kmax.element_size()
+
+
+def _page_minmax(seg: Tensor, page: int) -> tuple[Tensor, Tensor]:
+    """(max, min) over pages of ``page`` tokens of seg (B, H, n, D); the last page may be partial."""
+    b, h, n, d = seg.shape
+    full = n // page
+    maxs, mins = [], []
+    if full:
+        blocks = seg[:, :, : full * page].reshape(b, h, full, page, d)
+        maxs.append(blocks.amax(3))
+        mins.append(blocks.amin(3))
+    if n > full * page:
+        tail = seg[:, :, full * page :]
+        maxs.append(tail.amax(2, keepdim=True))
+        mins.append(tail.amin(2, keepdim=True))
+    return torch.cat(maxs, 2), torch.cat(mins, 2)
+
+
+def _check(state: PageSummary, k: Tensor, page: int) -> None:
+    if not isinstance(state, PageSummary):
+        raise TypeError(f"state must be a PageSummary or None, got {type(state).__name__}")
+    b, h_kv, n_k, d = k.shape
+    want = (b, h_kv, d)
+    got = (state.kmax.shape[0], state.kmax.shape[1], state.kmax.shape[3])
+    if state.page != page:
+        raise ValueError(f"the page summary has page={state.page}, but this call uses page={page}")
+    if got != want:
+        raise ValueError(
+            f"the page summary is of a cache with (B, H_kv, D) = {got}, but k has {want}: pass state=None "
+            "for a new cache"
+        )
+    if state.tokens > n_k:
+        raise ValueError(
+            f"the page summary covers {state.tokens} tokens but the cache now holds {n_k}: a cache that "
+            "shrank (cropped, a new sequence) needs a fresh summary (state=None)"
+        )
+    if state.kmax.device != k.device or state.kmax.dtype != k.dtype:
+        raise ValueError(
+            f"the page summary is {state.kmax.dtype} on {state.kmax.device}, the cache {k.dtype} on "
+            f"{k.device}: pass state=None for a new cache"
+        )
+
+
+def summarize(k: Tensor, page: int, state: PageSummary | None = None) -> PageSummary:
+    """The page summary of the cache ``k`` (B, H_kv, N, D), updated from ``state`` (the summary of an
+    earlier, shorter version of the same cache; None: from scratch). Only the pages from the one holding
+    token ``state.tokens - 1`` onward are recomputed; the buffers grow by doubling when full."""
+    b, h_kv, n_k, d = k.shape
+    if page < 1:
+        raise ValueError(f"page={page} must be >= 1")
+    pages = -(-n_k // page)
+    if state is None:
+        cap = max(MIN_CAPACITY, pages)
+        kmax = k.new_empty(b, h_kv, cap, d)
+        kmin = k.new_empty(b, h_kv, cap, d)
+        first = 0
+    else:
+        _check(state, k, page)
+        kmax, kmin = state.kmax, state.kmin
+        first = state.tokens // page  # the first page that is partial or new
+        if state.tokens == n_k:
+            return state
+        if pages > state.capacity:
+            cap = max(pages, 2 * state.capacity)
+            bigger_max = k.new_empty(b, h_kv, cap, d)
+            bigger_min = k.new_empty(b, h_kv, cap, d)
+            bigger_max[:, :, :first] = kmax[:, :, :first]
+            bigger_min[:, :, :first] = kmin[:, :, :first]
+            kmax, kmin = bigger_max, bigger_min
+    if pages > first:
+        new_max, new_min = _page_minmax(k[:, :, first * page :], page)
+        kmax[:, :, first:pages] = new_max
+        kmin[:, :, first:pages] = new_min
+    return PageSummary(page, kmax, kmin, n_k)

@@ -1,0 +1,160 @@
+"""The decode kernels (split-K attention over selected entries, Quest page scores) against their naive twins.
+
+On CPU these run in Triton's interpreter on tiny shapes; on CUDA the same tests run on the GPU, plus a
+CUDA-graph capture. The naive twin itself is checked against masked dense attention built independently.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnlab.kernels.decode.naive import decode_attention_naive, page_scores_naive, selected_mask
+from attnlab.testing import device_under_test
+
+DEVICE = device_under_test()
+
+
+def _index(b: int, h_kv: int, n_entries: int, n: int, *, holes: bool = True) -> torch.Tensor:
+    """(b, h_kv, n) distinct random entries of range(n_entries), with a few -1 holes."""
+    rows = [torch.randperm(n_entries)[:n] for _ in range(b * h_kv)]
+    idx = torch.stack(rows).view(b, h_kv, n).to(torch.int32)
+    if holes and n > 1:
+        idx[0, 0, 1] = -1
+    return idx.to(DEVICE)
+
+
+def _qkv(b, h, h_kv, n_q, n_k, d, dtype):  # type: ignore[no-untyped-def]
+    q = torch.randn(b, h, n_q, d, device=DEVICE, dtype=dtype)
+    k = torch.randn(b, h_kv, n_k, d, device=DEVICE, dtype=dtype)
+    v = torch.randn(b, h_kv, n_k, d, device=DEVICE, dtype=dtype)
+    return q, k, v
+
+
+def test_naive_twin_equals_masked_dense_attention() -> None:
+    q, k, v = _qkv(1, 4, 2, 3, 21, 8, torch.float64)
+    idx = torch.tensor([[[0, 3, 5], [1, -1, 4]]], device=DEVICE)  # page 4: tokens 0-3, 12-15, 20 / 4-7, 16-19
+    out, lse = decode_attention_naive(q, k, v, idx, 4, 0.5, True)
+    allowed = torch.zeros(2, 21, dtype=torch.bool)
+    allowed[0, [0, 1, 2, 3, 12, 13, 14, 15, 20]] = True
+    allowed[1, [4, 5, 6, 7, 16, 17, 18, 19]] = True
+    for h in range(4):
+        for i in range(3):
+            cols = [j for j in range(21) if allowed[h // 2, j] and j <= i + 18]
+            s = (q[0, h, i] @ k[0, h // 2, cols].T) * 0.5
+            torch.testing.assert_close(lse[0, h, i], torch.logsumexp(s, 0).float(), atol=1e-6, rtol=1e-5)
+            want = torch.softmax(s, 0) @ v[0, h // 2, cols]  # naive: fp32 math
+            torch.testing.assert_close(out[0, h, i], want, atol=1e-6, rtol=1e-5)
+
+
+CASES = [
+    # b, h, h_kv, n_q, n_k, d, page, entries, dtype
+    (2, 4, 2, 1, 70, 16, 4, 9, torch.float32),  # GQA 2:1, page 4, several splits
+    (1, 6, 2, 3, 40, 24, 1, 17, torch.float32),  # token lists, odd head dim, 3 queries
+    (2, 2, 2, 2, 45, 16, 16, 2, torch.bfloat16),  # MHA, page 16 with a partial last page
+    (1, 16, 2, 9, 50, 16, 2, 6, torch.float32),  # 72 rows per group: two row blocks
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+@pytest.mark.parametrize("with_count", [False, True])
+def test_kernel_matches_naive(case: tuple, with_count: bool, poison_empty: None) -> None:
+    from attnlab.kernels.decode.op import decode_attention
+
+    b, h, h_kv, n_q, n_k, d, page, n, dtype = case
+    q, k, v = _qkv(b, h, h_kv, n_q, n_k, d, dtype)
+    idx = _index(b, h_kv, -(-n_k // page), n)
+    count = torch.randint(0, n + 1, (b, h_kv), device=DEVICE, dtype=torch.int32) if with_count else None
+    out, lse = decode_attention(q, k, v, idx, count, page, 0.3, True)
+    want, want_lse = decode_attention_naive(q, k, v, idx, page, 0.3, True, count)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the output's own rounding (eps 2^-8, |out| < 3)
+    torch.testing.assert_close(out.float(), want.float(), atol=tol, rtol=tol)
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+    fin = torch.isfinite(want_lse)
+    torch.testing.assert_close(lse[fin], want_lse[fin], atol=1e-4, rtol=1e-5)
+
+
+def test_fully_masked_rows_give_zeros_and_minus_inf_lse() -> None:
+    from attnlab.kernels.decode.op import decode_attention
+
+    q, k, v = _qkv(1, 2, 1, 4, 12, 16, torch.float32)
+    # only tokens 8..11 selected; causal: query 0 sits at position 8, so every query sees token 8 — except
+    # with N_q = 4 over N_k = 12 a selection of tokens 10.. leaves queries 0-1 (positions 8, 9) empty
+    idx = torch.tensor([[[10, 11]]], device=DEVICE, dtype=torch.int32)
+    out, lse = decode_attention(q, k, v, idx, None, 1, 0.25, True)
+    assert torch.equal(out[:, :, :2], torch.zeros_like(out[:, :, :2]))
+    assert torch.isneginf(lse[:, :, :2]).all() and torch.isfinite(lse[:, :, 2:]).all()
+    empty = torch.full((1, 1, 3), -1, device=DEVICE, dtype=torch.int32)
+    out, lse = decode_attention(q, k, v, empty, None, 1, 0.25, True)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+
+
+def test_non_causal_kernel_and_tokens_past_the_end() -> None:
+    from attnlab.kernels.decode.op import decode_attention
+
+    q, k, v = _qkv(1, 2, 2, 2, 10, 16, torch.float32)
+    idx = torch.tensor([[[2, 0], [1, 3]]], device=DEVICE, dtype=torch.int32)  # page 4: page 2 = tokens 8, 9
+    out, lse = decode_attention(q, k, v, idx, None, 4, 0.25, False)
+    want, want_lse = decode_attention_naive(q, k, v, idx, 4, 0.25, False)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(lse, want_lse)
+    assert selected_mask(idx, 4, 10)[0, 1].tolist() == [False] * 4 + [True] * 4 + [False] * 2
+
+
+@pytest.mark.parametrize("reduce_max", [True, False])
+def test_page_scores_match_naive_and_bound_every_key(reduce_max: bool) -> None:
+    from attnlab.kernels.decode.op import page_scores
+
+    b, h, h_kv, n_q, d, page, n_pages = 2, 4, 2, 2, 24, 4, 37
+    q = torch.randn(b, h, n_q, d, device=DEVICE)
+    k = torch.randn(b, h_kv, n_pages * page, d, device=DEVICE)
+    blocks = k.view(b, h_kv, n_pages, page, d)
+    kmax, kmin = blocks.amax(3), blocks.amin(3)
+    spare = torch.randn(b, h_kv, 5, d, device=DEVICE)  # buffers with capacity beyond the valid pages
+    got = page_scores(q, torch.cat([kmax, spare], 2), torch.cat([kmin, spare], 2), n_pages, reduce_max)
+    want = page_scores_naive(q, kmax, kmin, "max" if reduce_max else "mean")
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if reduce_max:  # the bound holds for every key of the page and every query row of the group
+        qk = torch.einsum("bgrd,bgtd->bgrt", q.view(b, h_kv, 2 * n_q, d), k)
+        per_page = qk.view(b, h_kv, 2 * n_q, n_pages, page).amax(-1).amax(2)
+        assert (per_page <= got + 1e-5).all()
+
+
+def test_custom_ops_compile_without_graph_breaks() -> None:
+    from attnlab.kernels.decode.op import decode_attention, page_scores
+
+    q, k, v = _qkv(1, 4, 2, 1, 40, 16, torch.float32)
+
+    def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        kb = k.view(1, 2, 10, 4, 16)
+        scores = page_scores(q, kb.amax(3), kb.amin(3), 10, True)
+        top = torch.topk(scores, 3, dim=-1).indices.to(torch.int32)
+        return decode_attention(q, k, v, top, None, 4, 0.25, True)[0]
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v), step(q, k, v))
+
+
+@pytest.mark.cuda
+def test_decode_step_captures_in_a_cuda_graph() -> None:
+    from attnlab.kernels.decode.op import decode_attention, page_scores
+
+    q, k, v = _qkv(2, 8, 2, 1, 4096, 128, torch.bfloat16)
+    kb = k.view(2, 2, 256, 16, 128)
+    kmax, kmin = kb.amax(3), kb.amin(3)
+
+    def step() -> torch.Tensor:
+        top = torch.topk(page_scores(q, kmax, kmin, 256, True), 32, dim=-1).indices.to(torch.int32)
+        return decode_attention(q, k, v, top, None, 16, 0.088, True)[0]
+
+    want = step()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, want)
