@@ -1,0 +1,370 @@
+"""The two functions transformers calls: the mask function (``AttentionMaskInterface``) and the attention
+function (``AttentionInterface``), and the :class:`Runtime` that runs a plan's methods behind them.
+
+The mask function returns an :class:`HFMask`, a small description of the mask rather than a dense tensor:
+where the queries sit among the keys, and per sequence the run of keys the 2-D ``attention_mask`` keeps
+(left padding). attnlab methods take no arbitrary mask, so a padded batch runs per sequence on its own
+keys: sequence ``b`` with valid keys ``[s, e)`` runs on ``k[b, :, s:e]`` with the queries that sit in
+that run, which is exactly what the causal mask with padding computes (relative positions are unchanged;
+a sink is the sequence's first real token). Query rows that are padding get zeros. Sequences with the same
+run share one call. Without padding a layer is one call per head group.
+
+The attention function receives q (B, H, N_q, D), k/v (B, H_kv, N_k, D) after RoPE and the cache update,
+chooses the phase (prefill: no cached keys before the queries; decode: otherwise), runs each head group's
+method through a prepared :class:`attnlab.Op` and returns (B, N_q, H, D_v) as transformers expects.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from attnlab.api import Op, prepare
+from attnlab.errors import AttnlabError
+from attnlab.hf.models import SUPPORTED_ATTENTION, ModelInfo, UnsupportedModelError
+from attnlab.hf.plan import HFPlan, MethodRef, PlanError, check_method
+from attnlab.registry import methods
+
+
+class HFRuntimeError(AttnlabError, RuntimeError):
+    """A transformers call that attnlab.hf cannot run exactly (mask kind, cache layout, dropout, ...)."""
+
+
+@dataclass(frozen=True)
+class HFMask:
+    """The attention mask of one forward pass, as attnlab.hf's mask function describes it.
+
+    - ``q_start``: the key index of the first query (``q_offset - kv_offset``); query ``i`` sits at key
+      index ``q_start + i`` and sees keys ``<= q_start + i`` (causal).
+    - ``runs``: per sequence the keys the 2-D attention mask keeps, ``(start, end)`` (one contiguous run,
+      as left padding makes it); None when every key is kept.
+    - ``local_size``: the sliding window transformers built this mask for (None: full causal).
+    """
+
+    batch: int
+    q_length: int
+    kv_length: int
+    q_start: int
+    runs: tuple[tuple[int, int], ...] | None = None
+    local_size: int | None = None
+
+    # transformers and user code sometimes read .shape / .dtype / .device of a mask; none of them does
+    # arithmetic on it here, and attnlab's attention function is the only consumer.
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.batch, 1, self.q_length, self.kv_length)
+
+
+def mask_function(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int | Tensor = 0,
+    kv_offset: int = 0,
+    mask_function: Any = None,
+    attention_mask: Tensor | None = None,
+    use_vmap: bool = False,
+    local_size: int | None = None,
+    **kwargs: Any,
+) -> HFMask:
+    """transformers' mask interface (same keywords as ``masking_utils.sdpa_mask``): returns an
+    :class:`HFMask`. Reads the 2-D padding mask once per forward pass (one host synchronisation when a
+    padding mask is given). Custom mask functions (``or_mask_function`` / ``and_mask_function``, e.g. for
+    image tokens) are refused: attnlab methods define their own masks."""
+    if use_vmap:
+        raise HFRuntimeError(
+            "the model asked for a custom mask function (or_mask_function / and_mask_function, e.g. bidirectional "
+            "image tokens); attnlab.hf runs causal language models whose mask is causal (optionally sliding) "
+            "with padding only"
+        )
+    q_start = int(q_offset) - int(kv_offset)  # a StaticCache gives q_offset as a tensor: a host sync
+    runs = None
+    if attention_mask is not None:
+        if attention_mask.ndim != 2:
+            raise HFRuntimeError(
+                f"attnlab.hf takes a 2-D attention_mask (batch, keys) of padding; got shape "
+                f"{tuple(attention_mask.shape)}"
+            )
+        pad = attention_mask.to(torch.bool)
+        need = kv_offset + kv_length - pad.shape[1]
+        if need > 0:  # like transformers' prepare_padding_mask: keys beyond the 2-D mask are not kept
+            pad = torch.nn.functional.pad(pad, (0, need))
+        pad = pad[:, kv_offset : kv_offset + kv_length]
+        if not bool(pad.all()):
+            runs = _runs(pad)
+    return HFMask(batch_size, q_length, kv_length, q_start, runs, local_size)
+
+
+def _runs(pad: Tensor) -> tuple[tuple[int, int], ...]:
+    """Per row, the (start, end) of its True entries, which must be contiguous."""
+    n = pad.shape[1]
+    count = pad.sum(1)
+    first = pad.to(torch.int8).argmax(1)
+    last = n - 1 - pad.flip(1).to(torch.int8).argmax(1)
+    rows = torch.stack([count, first, last], 1).tolist()
+    out = []
+    for b, (c, s, e) in enumerate(rows):
+        if c == 0:
+            out.append((0, 0))
+        elif c != e - s + 1:
+            raise HFRuntimeError(
+                f"sequence {b} of the batch has an attention_mask with holes (kept keys {s}..{e}, {c} of them); "
+                "attnlab.hf needs each sequence's kept keys to be one contiguous run: use left padding "
+                "(tokenizer.padding_side = 'left')"
+            )
+        else:
+            out.append((s, e + 1))
+    return tuple(out)
+
+
+@dataclass
+class Part:
+    """The query heads of a layer that run one method in one phase."""
+
+    heads: tuple[int, ...] | None  # None: every head
+    kv_heads: tuple[int, ...] | None
+    ref: MethodRef
+    op: Op
+    #: the layer's exact attention, run instead when a decode budget covers every key
+    exact: Op | None = None
+    budget: int | None = None
+    #: a soft-capped layer whose model window the softcap method cannot apply: fine while it does not bite
+    window_guard: int | None = None
+    exact_guard: int | None = None
+    _index: dict[torch.device, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+    def index(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        got = self._index.get(device)
+        if got is None:
+            assert self.heads is not None and self.kv_heads is not None
+            got = (torch.tensor(self.heads, device=device), torch.tensor(self.kv_heads, device=device))
+            self._index[device] = got
+        return got
+
+
+def effective(
+    ref: MethodRef, explicit: bool, window: int | None, cap: float | None, plan: HFPlan, where: str
+) -> tuple[MethodRef, int | None]:
+    """The method a head runs given the layer's model window and soft cap (see :mod:`attnlab.hf.plan`),
+    and the window the run must check does not bite (soft cap with a window, which no method combines)."""
+    guard = None
+    if window is not None and plan.sliding == "keep" and (not explicit or ref.name == "softmax"):
+        ref = MethodRef("sliding_window", (("window", int(window)),))
+    if cap is None:
+        return ref, None
+    if ref.name in ("softmax", "sliding_window") and (
+        ref.name == "softmax" or ref.kwargs.get("window") == window
+    ):
+        guard = window if ref.name == "sliding_window" else None
+        if "softcap" not in methods():
+            raise PlanError(
+                f"{where}: the model soft-caps attention logits at {cap} (attn_logit_softcapping), which needs "
+                "the method 'softcap', not registered in this process; register it with "
+                "attnlab.registry.register(attnlab.catalog.variants.softcap.SPEC)"
+            )
+        return MethodRef("softcap", (("cap", float(cap)),)), guard
+    if ref.name == "softcap" or plan.softcap == "drop":
+        return ref, None
+    raise PlanError(
+        f"{where}: the model soft-caps attention logits at {cap} (attn_logit_softcapping), which method "
+        f"{ref.name!r} cannot do; use 'softmax' (runs as 'softcap') there, or set the plan's 'softcap': 'drop' "
+        "to run it without the cap (a different function)"
+    )
+
+
+class Runtime:
+    """Runs a plan inside a model: the attention function, per-layer caches of prepared ops, and the
+    per-layer state of stateful (decode) methods.
+
+    ``states`` maps (layer, head group, batch rows) to the state a stateful method returned last; it is
+    cleared when a new prefill starts. ``calls`` counts (layer, phase, method) of the calls made.
+    """
+
+    def __init__(self, plan: HFPlan, info: ModelInfo | None = None) -> None:
+        self.plan = plan
+        self.info = info
+        self.states: dict[tuple[Any, ...], Any] = {}
+        self.calls: Counter[tuple[int, str, str]] = Counter()
+        self._parts: dict[tuple[Any, ...], list[Part]] = {}
+        self._prefilled: set[int] = set()
+        self._last_phase: str | None = None
+        self._checked: set[int] = set()
+
+    def reset(self) -> None:
+        """Forget every stateful method's state (a new prefill does this itself)."""
+        self.states.clear()
+        self._prefilled.clear()
+
+    # -- plan resolution -------------------------------------------------------------------------------
+
+    def parts(
+        self, layer: int, phase: str, heads: int, kv_heads: int, window: int | None, cap: float | None,
+        scale: float | None,
+    ) -> list[Part]:  # fmt: skip
+        """The head groups of ``layer`` in ``phase`` with their prepared ops (cached)."""
+        key = (layer, phase, heads, kv_heads, window, cap, scale)
+        got = self._parts.get(key)
+        if got is None:
+            got = self._build(layer, phase, heads, kv_heads, window, cap, scale)
+            self._parts[key] = got
+        return got
+
+    def _build(
+        self, layer: int, phase: str, heads: int, kv_heads: int, window: int | None, cap: float | None,
+        scale: float | None,
+    ) -> list[Part]:  # fmt: skip
+        groups: dict[tuple[MethodRef, int | None], list[int]] = {}
+        for h in range(heads):
+            ref, explicit = self.plan.method(layer, h, phase)
+            where = f"layer {layer}, head {h}"
+            eff = effective(ref, explicit, window, cap, self.plan, where)
+            check_method(eff[0], phase, where)
+            groups.setdefault(eff, []).append(h)
+        exact_ref, exact_guard = effective(
+            MethodRef("softmax"), True, window, cap, self.plan, f"layer {layer}"
+        )
+        group = heads // kv_heads
+        out = []
+        for (ref, guard), hs in groups.items():
+            op = prepare(ref.name, causal=True, scale=scale, **ref.kwargs)
+            budget = getattr(op.params, "budget", None) if ref.spec().family == "decode" else None
+            exact = prepare(exact_ref.name, causal=True, scale=scale, **exact_ref.kwargs) if budget else None
+            if len(hs) == heads:
+                out.append(Part(None, None, ref, op, exact, budget, guard, exact_guard))
+                continue
+            kv_groups = sorted({h // group for h in hs})
+            # whole KV groups keep GQA; where heads of one KV group differ, each head gets a copy of its KV head
+            whole = len(hs) == len(kv_groups) * group
+            kv = tuple(kv_groups) if whole else tuple(h // group for h in hs)
+            out.append(Part(tuple(hs), kv, ref, op, exact, budget, guard, exact_guard))
+        return out
+
+    # -- the attention function ------------------------------------------------------------------------
+
+    def forward(
+        self,
+        module: nn.Module,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Any,
+        scaling: float | None = None,
+        dropout: float = 0.0,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
+        **kwargs: Any,
+    ) -> tuple[Tensor, None]:
+        """transformers' attention function: q (B, H, N_q, D), k/v (B, H_kv, N_k, D) -> ((B, N_q, H, D_v),
+        None)."""
+        layer = int(getattr(module, "layer_idx", 0) or 0)
+        if layer not in self._checked:
+            self._check_module(module)
+            self._checked.add(layer)
+        if dropout and module.training:
+            raise HFRuntimeError(
+                f"attention dropout {dropout} in training mode: attnlab methods have no dropout; call model.eval()"
+            )
+        b, heads, n_q, _ = query.shape
+        n_k = key.shape[2]
+        runs = None
+        if isinstance(attention_mask, HFMask):
+            if attention_mask.q_length != n_q or attention_mask.kv_length != n_k:
+                raise HFRuntimeError(
+                    f"layer {layer}: the mask describes {attention_mask.q_length} queries x "
+                    f"{attention_mask.kv_length} keys but the attention call has {n_q} x {n_k}; this cache "
+                    "layout (e.g. a static sliding-window cache) is not supported: use the default DynamicCache"
+                )
+            q_start, runs = attention_mask.q_start, attention_mask.runs
+        elif attention_mask is None:
+            q_start = n_k - n_q
+        else:
+            raise HFRuntimeError(
+                f"layer {layer}: attnlab.hf got a materialised attention mask ({type(attention_mask).__name__} "
+                f"of shape {tuple(getattr(attention_mask, 'shape', ()))}); pass a 2-D padding attention_mask and let "
+                "the model build its mask under attnlab.hf.use"
+            )
+        visible = q_start + n_q  # keys any query can see (a static cache has empty slots after them)
+        if visible < n_k:
+            key, value = key[:, :, :visible], value[:, :, :visible]
+        phase = "prefill" if q_start == 0 else "decode"
+        if phase == "prefill" and (layer in self._prefilled or self._last_phase == "decode"):
+            self.reset()  # a new prefill: earlier decode state belongs to another sequence
+        if phase == "prefill":
+            self._prefilled.add(layer)
+        self._last_phase = phase
+        parts = self.parts(layer, phase, heads, key.shape[1], sliding_window, softcap, scaling)
+        if runs is None:
+            out = self._run(parts, layer, phase, query, key, value, None)
+        else:
+            out = query.new_zeros(b, heads, n_q, value.shape[3])
+            groups: dict[tuple[int, int, int, int], list[int]] = {}
+            for row, (s, e) in enumerate(runs):
+                e = min(e, visible)
+                i0, i1 = max(0, s - q_start), e - q_start
+                if i1 > i0 and e > s:
+                    groups.setdefault((s, e, i0, i1), []).append(row)
+            for (s, e, i0, i1), rows in groups.items():
+                if len(rows) == b:
+                    q_, k_, v_ = query[:, :, i0:i1], key[:, :, s:e], value[:, :, s:e]
+                else:
+                    idx = torch.tensor(rows, device=query.device)
+                    q_, k_, v_ = query[idx, :, i0:i1], key[idx, :, s:e], value[idx, :, s:e]
+                res = self._run(parts, layer, phase, q_, k_, v_, tuple(rows))
+                if len(rows) == b:
+                    out[:, :, i0:i1] = res
+                else:
+                    out[idx, :, i0:i1] = res
+        return out.transpose(1, 2).contiguous(), None
+
+    def _run(
+        self, parts: Sequence[Part], layer: int, phase: str, q: Tensor, k: Tensor, v: Tensor,
+        rows: tuple[int, ...] | None,
+    ) -> Tensor:  # fmt: skip
+        if len(parts) == 1 and parts[0].heads is None:
+            return self._run_part(parts[0], 0, layer, phase, q, k, v, rows)
+        out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
+        for i, part in enumerate(parts):
+            qi, ki = part.index(q.device)
+            out[:, qi] = self._run_part(part, i, layer, phase, q[:, qi], k[:, ki], v[:, ki], rows)
+        return out
+
+    def _run_part(
+        self, part: Part, i: int, layer: int, phase: str, q: Tensor, k: Tensor, v: Tensor,
+        rows: tuple[int, ...] | None,
+    ) -> Tensor:  # fmt: skip
+        n_k = k.shape[2]
+        op, guard = part.op, part.window_guard
+        if part.exact is not None and part.budget is not None and n_k <= part.budget:
+            op, guard = part.exact, part.exact_guard  # the budget covers every key: exact attention
+        if guard is not None and n_k > guard:
+            raise HFRuntimeError(
+                f"layer {layer}: the model attends within a sliding window of {guard} keys and "
+                f"soft-caps its logits, and this call has {n_k} keys, so the window bites; no attnlab method "
+                "applies both a window and a soft cap yet. Keep prompts within the window, or set the plan's "
+                "'sliding': 'override' (full attention there, a different function)"
+            )
+        self.calls[(layer, phase, op.spec.name)] += 1
+        if not op.spec.stateful:
+            return op(q, k, v)  # type: ignore[return-value]
+        skey = (layer, i, rows)
+        res = op(q, k, v, state=self.states.get(skey))
+        self.states[skey] = res.state  # type: ignore[union-attr]
+        return res.out  # type: ignore[union-attr]
+
+    def _check_module(self, module: nn.Module) -> None:
+        name = type(module).__name__
+        if name not in SUPPORTED_ATTENTION:
+            raise UnsupportedModelError(
+                f"attnlab.hf was called by the attention class {name}, which it does not support; supported "
+                f"attention classes: {', '.join(SUPPORTED_ATTENTION)}"
+            )
+        if self.info is None:  # registered globally: check the plan against this model on first use
+            cfg = getattr(module, "config", None)
+            layers = getattr(cfg, "num_hidden_layers", None)
+            heads = getattr(cfg, "num_attention_heads", None)
+            self.plan.check(layers, heads)

@@ -1,0 +1,162 @@
+"""``attnlab.hf.use(model, ...)``: run a transformers causal LM on attnlab methods for a ``with`` block;
+``attnlab.hf.register()``: make ``attn_implementation="attnlab"`` available to transformers.
+
+Nothing is registered or patched at import. ``use`` registers an attention function and its mask function
+under a fresh name, points the model's configs at it, and in ``finally`` (also when the block raises)
+removes both entries and restores every config's ``_attn_implementation``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from torch import nn
+
+from attnlab.hf.interface import Runtime, effective, mask_function
+from attnlab.hf.models import ModelInfo, inspect_model
+from attnlab.hf.plan import PHASES, HFPlan, PlanError, check_method, load_plan
+
+#: transformers releases this integration is tested with (the GPU machine has 5.17; CI 5.23)
+TESTED_TRANSFORMERS = ">=5.17,<6"
+NAME = "attnlab"
+_counter = itertools.count(1)
+_registered: dict[str, Runtime] = {}
+
+PlanLike = HFPlan | Mapping[str, Any] | str | os.PathLike[str] | None
+
+
+def _interfaces() -> tuple[Any, Any]:
+    import transformers
+    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    if not (5, 17) <= (major, minor) < (6, 0):
+        raise RuntimeError(
+            f"attnlab.hf needs transformers {TESTED_TRANSFORMERS} (its mask interface takes q_offset/kv_offset); "
+            f"found {transformers.__version__}"
+        )
+    return AttentionInterface, AttentionMaskInterface
+
+
+def check_plan(plan: HFPlan, info: ModelInfo) -> None:
+    """Check ``plan`` against the model: layers and heads it has, and for every layer, head and phase the
+    method that will run there (after the model's sliding window and soft cap are applied). Raises
+    :class:`~attnlab.hf.plan.PlanError` before anything runs."""
+    top = max(layer.index for layer in info.layers) + 1
+    plan.check(top, info.num_heads)
+    for layer in info.layers:
+        for head in range(info.num_heads):
+            for phase in PHASES:
+                ref, explicit = plan.method(layer.index, head, phase)
+                where = f"layer {layer.index} ({layer.cls}), head {head}, {phase}"
+                eff, _ = effective(ref, explicit, layer.sliding_window, layer.softcap, plan, where)
+                check_method(eff, phase, where)
+
+
+def _configs(model: nn.Module) -> list[Any]:
+    """Every distinct config object of the model and its submodules (sub-configs included)."""
+    seen: dict[int, Any] = {}
+    stack = [getattr(model, "config", None)] + [getattr(m, "config", None) for m in model.modules()]
+    while stack:
+        cfg = stack.pop()
+        if cfg is None or id(cfg) in seen or not hasattr(cfg, "_attn_implementation_internal"):
+            continue
+        seen[id(cfg)] = cfg
+        for name in getattr(cfg, "sub_configs", {}) or {}:
+            stack.append(getattr(cfg, name, None))
+    return list(seen.values())
+
+
+@contextlib.contextmanager
+def use(
+    model: nn.Module,
+    prefill: Any = None,
+    decode: Any = None,
+    *,
+    prefill_params: Mapping[str, Any] | None = None,
+    decode_params: Mapping[str, Any] | None = None,
+    plan: PlanLike = None,
+) -> Iterator[Runtime]:
+    """Run ``model``'s attention on attnlab methods inside the ``with`` block::
+
+        with attnlab.hf.use(model, prefill="vertical_slash", decode="softmax"):
+            out = model.generate(**inputs, max_new_tokens=64)
+
+    Args:
+        model: a transformers causal LM whose attention classes are in
+            :data:`attnlab.hf.models.SUPPORTED_ATTENTION` (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3).
+        prefill: the method of prefill calls (no cached keys before the queries): a name or
+            ``{"method": name, "params": {...}}``; default ``softmax`` (or the plan's).
+        decode: the method of decode calls (queries after cached keys); default ``softmax``.
+        prefill_params, decode_params: parameters of those methods.
+        plan: per-layer and per-head methods (a dict, a .json/.yaml path or an HFPlan; schema in
+            :mod:`attnlab.hf.plan`); the arguments above replace its defaults.
+
+    The plan is checked against the model before anything runs (unknown methods or parameters, layers or
+    heads the model lacks, a prefill-only method for decode or the reverse, a method that cannot keep the
+    model's soft cap). Yields the :class:`~attnlab.hf.interface.Runtime` (its ``calls`` count what ran,
+    its ``states`` hold stateful methods' per-layer state). On exit, also when the block raises, the
+    model's ``_attn_implementation`` and transformers' registries are restored.
+    """
+    attention_iface, mask_iface = _interfaces()
+    info = inspect_model(model)
+    hplan = load_plan(plan, prefill=prefill, decode=decode, prefill_params=prefill_params,
+                      decode_params=decode_params)  # fmt: skip
+    check_plan(hplan, info)
+    runtime = Runtime(hplan, info)
+    key = f"attnlab_use_{next(_counter)}"
+    configs = _configs(model)
+    saved = [(cfg, cfg._attn_implementation_internal) for cfg in configs]
+    attention_iface._global_mapping[key] = runtime.forward
+    mask_iface._global_mapping[key] = mask_function
+    try:
+        for cfg in configs:
+            cfg._attn_implementation_internal = key
+        yield runtime
+    finally:
+        for cfg, old in saved:
+            cfg._attn_implementation_internal = old
+        attention_iface._global_mapping.pop(key, None)
+        mask_iface._global_mapping.pop(key, None)
+
+
+def register(
+    plan: PlanLike = None,
+    *,
+    prefill: Any = None,
+    decode: Any = None,
+    prefill_params: Mapping[str, Any] | None = None,
+    decode_params: Mapping[str, Any] | None = None,
+    name: str = NAME,
+) -> Runtime:
+    """Register ``name`` (default ``"attnlab"``) with transformers' AttentionInterface and
+    AttentionMaskInterface, so that ``from_pretrained(..., attn_implementation="attnlab")`` or
+    ``model.set_attn_implementation("attnlab")`` runs the given methods (default: ``softmax`` for both
+    phases). An explicit call: nothing registers at import. The plan's methods are checked now, and
+    against each model's layers and heads on its first attention call. Registering a name again replaces
+    its plan. Returns the Runtime; :func:`unregister` removes the entries."""
+    attention_iface, mask_iface = _interfaces()
+    if name in attention_iface._global_mapping and name not in _registered:
+        raise PlanError(
+            f"transformers already has an attention implementation named {name!r}; pick another name"
+        )
+    hplan = load_plan(plan, prefill=prefill, decode=decode, prefill_params=prefill_params,
+                      decode_params=decode_params)  # fmt: skip
+    runtime = Runtime(hplan, None)
+    _registered[name] = runtime
+    attention_iface.register(name, runtime.forward)
+    mask_iface.register(name, mask_function)
+    return runtime
+
+
+def unregister(name: str = NAME) -> None:
+    """Remove what :func:`register` added (models still pointing at ``name`` then fail to run)."""
+    attention_iface, mask_iface = _interfaces()
+    if _registered.pop(name, None) is not None:
+        attention_iface._global_mapping.pop(name, None)
+        mask_iface._global_mapping.pop(name, None)
