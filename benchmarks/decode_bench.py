@@ -1,0 +1,278 @@
+"""Decode-step benchmark of page_topk (Quest) against dense SDPA decode over a long cache (GPU).
+
+One decode step of one layer: q (B, 32, 1, 128) against a cache k/v (B, 8, N, 128) (GQA 32:8), bf16.
+
+Checks first (correctness before speed):
+- the split-K kernel against its fp32 naive twin over the same selection (the 2x accuracy rule against the
+  same math in bf16 PyTorch: gather + SDPA);
+- the fast selection (Triton page scores) against the fp32 reference selection: share of pages in common.
+
+Timed, CUDA events, interleaved rounds in rotating order, the L2 cache flushed (a 256 MiB write) before
+every timed call (in a model every layer reads a different cache, so nothing stays in L2):
+- ``dense_cudnn`` / ``dense_flash``: SDPA decode over the whole cache with that kernel only;
+- ``page_topk_step``: the prepared op as called, state included (the summary update of one appended token,
+  page scores, top-k, split-K decode kernel, merge);
+- ``page_topk_graph``: the same step captured in a CUDA graph (no Python/launch overhead);
+- ``select_only`` (page scores + top-k), ``kernel_only`` (decode kernel over a fixed selection),
+  ``flash_gathered`` (FlashAttention over a pre-gathered budget-sized K/V: the floor the issue quotes).
+Bytes: dense reads K and V once; page_topk reads the page summaries (2 x N / page x D per KV head) and
+the selected K/V (2 x budget x D per KV head). Bandwidth shares are against 3.35 TB/s (H100 SXM HBM3).
+
+Usage: python benchmarks/decode_bench.py --out results.json [--context 131072] [--batches 1 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import attnlab
+from attnlab.bench.env import environment
+from attnlab.bench.timing import Timing
+from attnlab.catalog.decode import page_topk
+from attnlab.core import Result
+from attnlab.registry import registered
+
+HBM_BYTES_PER_S = 3.35e12
+HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+
+
+def timed(fns: dict[str, Callable[[], object]], reps: int, flush: torch.Tensor) -> dict[str, Timing]:
+    """Interleaved rounds (each round starts one function later), L2 flushed before each timed call."""
+    for fn in fns.values():  # warm-up (compilation, autotuning, cuDNN plans)
+        fn()
+        fn()
+    if not flush.is_cuda:  # --smoke: wall clock
+        t: dict[str, list[float]] = {n: [] for n in fns}
+        for _ in range(reps):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                t[name].append((time.perf_counter() - t0) * 1e3)
+        return {n: Timing.of(ts) for n, ts in t.items()}
+    torch.cuda.synchronize()
+    names = list(fns)
+    events: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {n: [] for n in names}
+    for r in range(reps):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            flush.zero_()
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fns[name]()
+            e.record()
+            events[name].append((s, e))
+    torch.cuda.synchronize()
+    return {n: Timing.of([s.elapsed_time(e) for s, e in ev]) for n, ev in events.items()}
+
+
+def row(t: Timing, nbytes: int | None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "median_us": round(t.median_ms * 1e3, 2),
+        "min_us": round(t.min_ms * 1e3, 2),
+        "iqr_us": round((t.iqr_ms or 0.0) * 1e3, 2),
+        "reps": t.reps,
+    }
+    if nbytes is not None:
+        out["bytes"] = nbytes
+        out["hbm_share_at_median"] = round(nbytes / (t.median_ms * 1e-3) / HBM_BYTES_PER_S, 3)
+    return out
+
+
+def graph_of(fn: Callable[[], object]) -> Callable[[], object]:
+    if not torch.cuda.is_available():  # --smoke
+        return fn
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.Tensor) -> dict[str, Any]:
+    from attnlab.kernels.decode.naive import decode_attention_naive
+    from attnlab.kernels.decode.op import decode_attention, page_scores
+
+    torch.manual_seed(b)
+    dev = flush.device
+    q = torch.randn(b, HEADS, 1, HEAD_DIM, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(b, KV_HEADS, n, HEAD_DIM, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(b, KV_HEADS, n, HEAD_DIM, device=dev, dtype=torch.bfloat16)
+    scale = HEAD_DIM**-0.5
+    params: dict[str, Any] = {"budget": budget, "page": page}
+    op = attnlab.prepare("page_topk", causal=True, **params)
+    # the state of the cache before this step's token: each timed step appends one token (last page)
+    first = op(q, k[:, :, : n - 1], v[:, :, : n - 1])
+    assert isinstance(first, Result)
+    state = first.state
+    res = op(q, k, v, state=state)
+    assert isinstance(res, Result)
+    call = attnlab.resolve(q, k, v, method="page_topk", causal=True, **params)
+    sel, summary = page_topk.select(q, k, v, call, {}, None, True)
+    assert sel is not None
+
+    # -- checks (per batch element: the fp32 twins expand K/V to every query head) ------------------
+    from attnlab.backends.decode_select import Selection, gather_attention
+
+    got, lse = decode_attention(q, k, v, sel.index, None, page, scale, True)
+    ptk = page_topk.PageTopkParams(budget=budget, page=page)
+    err = err_low = lse_err = step_err = peak = 0.0
+    overlap = []
+    for i in range(b):
+        qi, ki, vi = q[i : i + 1], k[i : i + 1], v[i : i + 1]
+        idx_i = sel.index[i : i + 1]
+        want, want_lse = decode_attention_naive(qi, ki, vi, idx_i, page, scale, True)  # fp32 math
+        low = gather_attention(qi, ki, vi, Selection(idx_i, page), scale, True)  # the same math in bf16
+        err = max(err, float((got[i : i + 1].float() - want.float()).abs().max()))
+        err_low = max(err_low, float((low.float() - want.float()).abs().max()))
+        lse_err = max(lse_err, float((lse[i : i + 1] - want_lse).abs().max()))
+        peak = max(peak, float(want.float().abs().max()))
+        ref_out, _ = page_topk.reference(qi, ki, vi, ptk, causal=True, scale=scale)
+        step_err = max(step_err, float((res.out[i : i + 1].float() - ref_out.float()).abs().max()))
+        call_i = attnlab.resolve(qi, ki, vi, method="page_topk", causal=True, **params)
+        ref_sel, _ = page_topk.select(qi.float(), ki.float(), vi.float(), call_i, {}, None, False)
+        assert ref_sel is not None
+        a = torch.zeros(KV_HEADS, summary.n_pages, dtype=torch.bool, device=dev)
+        a[torch.arange(KV_HEADS, device=dev)[:, None], idx_i[0].long()] = True
+        overlap.append(float(a.gather(1, ref_sel.index[0].long()).float().mean()))
+        del want, low, ref_out
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    bound = 2 * err_low + 1e-5 * (1 + peak) + 0.5 * torch.finfo(torch.bfloat16).eps * peak
+    checks = {
+        "kernel_vs_naive_max_abs": err,
+        "bf16_torch_vs_naive_max_abs": err_low,
+        "bound": bound,
+        "kernel_within_rule": err <= bound,
+        "lse_max_abs": lse_err,
+        "step_vs_reference_max_abs": step_err,
+        "fast_vs_reference_selection_overlap": round(min(overlap), 4),
+    }
+
+    # -- timing ---------------------------------------------------------------------------------------
+    def dense(kind: SDPBackend) -> Callable[[], object]:
+        kinds = [kind] if dev.type == "cuda" else [SDPBackend.MATH]  # (--smoke: the CPU kernel)
+
+        def fn() -> object:
+            with sdpa_kernel(kinds):
+                return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+
+        return fn
+
+    def step() -> object:
+        return op(q, k, v, state=state)  # one appended token: the last page's summary is recomputed
+
+    n_pages = summary.n_pages
+    keep = sel.index.shape[2]
+
+    def select_only() -> object:
+        s = page_scores(q, summary.kmax, summary.kmin, n_pages, True)
+        s[..., (n - 1) // page :] = float("inf")
+        return torch.topk(s, keep, dim=-1, sorted=False).indices
+
+    idx = sel.index
+
+    def kernel_only() -> object:
+        return decode_attention(q, k, v, idx, None, page, scale, True)[0]
+
+    tok = (idx.long()[..., None] * page + torch.arange(page, device=dev)).flatten(2)
+    kg = k.gather(2, tok[..., None].expand(-1, -1, -1, HEAD_DIM)).contiguous()
+    vg = v.gather(2, tok[..., None].expand(-1, -1, -1, HEAD_DIM)).contiguous()
+
+    def flash_gathered() -> object:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION] if dev.type == "cuda" else [SDPBackend.MATH]):
+            return F.scaled_dot_product_attention(q, kg, vg, scale=scale, enable_gqa=True)
+
+    fns = {
+        "dense_cudnn": dense(SDPBackend.CUDNN_ATTENTION),
+        "dense_flash": dense(SDPBackend.FLASH_ATTENTION),
+        "page_topk_step": step,
+        "page_topk_graph": graph_of(step),
+        "select_only": select_only,
+        "kernel_only": kernel_only,
+        "flash_gathered": flash_gathered,
+    }
+    times = timed(fns, reps, flush)
+    kv_bytes = 2 * b * KV_HEADS * n * HEAD_DIM * 2
+    summary_bytes = summary.nbytes()
+    sel_bytes = 2 * b * KV_HEADS * keep * page * HEAD_DIM * 2
+    nbytes = {
+        "dense_cudnn": kv_bytes,
+        "dense_flash": kv_bytes,
+        "page_topk_step": summary_bytes + sel_bytes,
+        "page_topk_graph": summary_bytes + sel_bytes,
+        "select_only": summary_bytes,
+        "kernel_only": sel_bytes,
+        "flash_gathered": sel_bytes,
+    }
+    rows = {name: row(t, nbytes[name]) for name, t in times.items()}
+    dense_best = min(times["dense_cudnn"].median_ms, times["dense_flash"].median_ms)
+    speedup = {
+        name: round(dense_best / times[name].median_ms, 2) for name in ("page_topk_step", "page_topk_graph")
+    }
+    return {
+        "batch": b,
+        "context": n,
+        "budget": budget,
+        "page": page,
+        "pages_kept": keep,
+        "checks": checks,
+        "times": rows,
+        "speedup_vs_best_dense_median": speedup,
+        "target_speedup": 8 if b >= 8 else 4,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    ap.add_argument("--context", type=int, default=131072, help="cache length N (tokens)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--budget", type=int, default=4096, help="tokens attended per (batch, KV head)")
+    ap.add_argument("--page", type=int, default=16, help="tokens per page")
+    ap.add_argument("--reps", type=int, default=30, help="timed calls per side (>= 10)")
+    ap.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny shapes (a dry run)")
+    args = ap.parse_args()
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"
+        args.context, args.batches, args.budget, args.page, args.reps = 256, [1, 2], 64, 16, 2
+        flush = torch.empty(16)
+    elif not torch.cuda.is_available():
+        raise SystemExit("decode_bench needs a CUDA GPU (or --smoke)")
+    else:
+        flush = torch.empty(256 * 2**20 // 4, device="cuda", dtype=torch.float32)
+    results = []
+    with registered(page_topk.SPEC):
+        for b in args.batches:
+            reps = args.reps if args.smoke else max(10, args.reps)
+            results.append(bench_batch(b, args.context, args.budget, args.page, reps, flush))
+            print(json.dumps(results[-1]), flush=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    out = {
+        "what": "one decode step (one layer), page_topk vs dense SDPA; GQA 32:8, D=128, bf16, L2 flushed",
+        "env": environment(flush.device),
+        "hbm_bytes_per_s": HBM_BYTES_PER_S,
+        "results": results,
+        "median_speedups": {r["batch"]: r["speedup_vs_best_dense_median"] for r in results},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1))
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
