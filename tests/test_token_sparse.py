@@ -5,6 +5,7 @@ against the reference on the same plan (registered only inside these tests)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -54,7 +55,7 @@ def test_the_planted_tokens_and_the_window_are_kept() -> None:
 def test_attention_is_the_compressed_sequence_scattered_back(method: None) -> None:
     q, k = planted()
     v = torch.randn(1, 2, N, N)
-    p = {"coverage": 0.2, "min_tokens": 3, "window": W, "kernel": 1, "block": 16}
+    p: dict[str, Any] = {"coverage": 0.2, "min_tokens": 3, "window": W, "kernel": 1, "block": 16}
     out = attnlab.attention(q, k, v, method="token_sparse", causal=True, scale=1.0, backend="reference", **p)
     kept = kept_tokens(q, k, TokenSparseParams(**p), scale=1.0)
     for h in range(2):
