@@ -10,11 +10,12 @@ a session; ``tests/test_decode_*.py`` run each under ``attnlab.registry.register
 # isort: skip_file
 
 from attnlab.catalog.decode import page_topk
+from attnlab.catalog.decode import retrieval_heads_kv
 
 from attnlab.core import MethodSpec
 from attnlab.registry import methods, register
 
-SPECS: tuple[MethodSpec, ...] = (page_topk.SPEC,)
+SPECS: tuple[MethodSpec, ...] = (page_topk.SPEC, retrieval_heads_kv.SPEC)
 
 
 def register_methods() -> list[str]:
@@ -28,4 +29,4 @@ def register_methods() -> list[str]:
     return done
 
 
-__all__ = ["SPECS", "page_topk", "register_methods"]
+__all__ = ["SPECS", "page_topk", "register_methods", "retrieval_heads_kv"]

@@ -1,0 +1,169 @@
+"""``retrieval_heads_kv``: full KV for retrieval heads, attention sinks + a recent window for the others.
+
+Selection (per batch and KV head, the same every step; no scores)::
+
+    retrieval KV head:   every cache token                          (exact attention)
+    other KV heads:      tokens [0, sink) and [N_k - (budget - sink), N_k)
+
+then causal softmax attention over them. Which KV heads are retrieval heads: the ``heads`` parameter (KV
+head indices), and/or the tensor input ``retrieval`` (H_kv,) or (B, H_kv) whose entries > 0 mark
+retrieval heads (e.g. from :mod:`attnlab.analysis` retrieval scores); their union counts. Budget in tokens
+for the non-retrieval heads (sinks included); a budget >= N_k runs exact attention for every head.
+
+Conventions of other code: DuoAttention (Xiao et al., 2024) learns a gate per KV head and runs
+"streaming heads" with sink + recent tokens (its defaults: 64 sinks, 256 recent; StreamingLLM's 4 sinks
+here); RazorAttention (Tang et al., 2024) keeps full caches for retrieval heads and compresses the rest.
+With GQA a query head is a retrieval head exactly when its KV head is (the cache is per KV head).
+
+KV memory: this method only masks (the cache keeps every token of every head); a serving system could
+drop the non-retrieval heads' middle tokens, which is what ``kept_tokens`` reports.
+
+State: none is needed; the method is declared stateful (like every decode method) and returns None.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnlab.backends.decode_select import Selection, torch_decode, triton_decode
+from attnlab.catalog.decode._common import CAUSAL_PATTERNS, attend_reference, require_causal
+from attnlab.core import Call, MethodSpec, TensorInput
+from attnlab.errors import InputError
+from attnlab.params import Params
+
+
+@dataclass(frozen=True)
+class RetrievalHeadsParams(Params):
+    """``heads``: KV head indices that keep the full cache (a tuple of ints; default none). ``budget``:
+    tokens each other KV head attends to, sinks included (default 4096). ``sink``: leading tokens kept by
+    the other heads (default 4, StreamingLLM's); the rest of the budget is the recent window."""
+
+    method = "retrieval_heads_kv"
+    heads: tuple[int, ...] = ()
+    budget: int = 4096
+    sink: int = 4
+
+    def validate(self) -> None:
+        if isinstance(self.heads, list):
+            object.__setattr__(self, "heads", tuple(self.heads))
+        if not isinstance(self.heads, tuple) or any(
+            isinstance(h, bool) or not isinstance(h, int) or h < 0 for h in self.heads
+        ):
+            raise self._fail("heads", self.heads, "a tuple of KV head indices >= 0")
+        if len(set(self.heads)) != len(self.heads):
+            raise self._fail("heads", self.heads, "distinct KV head indices")
+        self.check_int("budget", minimum=1)
+        self.check_int("sink", minimum=0)
+        if self.sink > self.budget:
+            raise self._fail("sink", self.sink, f"at most budget={self.budget}")
+
+
+def retrieval_mask(
+    params: RetrievalHeadsParams, extra: Mapping[str, Tensor], b: int, h_kv: int, device: torch.device
+) -> Tensor:
+    """(B, H_kv) bool: which KV heads keep the full cache (the ``heads`` parameter or ``retrieval`` > 0)."""
+    bad = [h for h in params.heads if h >= h_kv]
+    if bad:
+        raise InputError(
+            f"retrieval_heads_kv: heads={params.heads} names KV head(s) {bad}, but k has {h_kv} KV heads "
+            f"(indices 0..{h_kv - 1}); retrieval heads are KV heads (a query head h uses KV head h // group)"
+        )
+    mask = torch.zeros(b, h_kv, dtype=torch.bool, device=device)
+    if params.heads:
+        mask[:, list(params.heads)] = True
+    given = extra.get("retrieval")
+    if given is not None:
+        mask = mask | (given > 0).expand(b, h_kv)
+    return mask
+
+
+def _window(params: RetrievalHeadsParams, n_k: int) -> tuple[int, int]:
+    """(sink tokens, first token of the recent window) of a non-retrieval head."""
+    return params.sink, n_k - (params.budget - params.sink)
+
+
+def select(
+    q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor], state: Any, fast: bool
+) -> tuple[Selection | None, None]:
+    """Token lists (page 1): every token for retrieval heads, sinks + recent window for the others (module
+    docstring); None when the budget covers the cache. ``fast`` is unused (no scores)."""
+    p: RetrievalHeadsParams = call.params  # type: ignore[assignment]
+    b, h_kv, n_k = k.shape[0], k.shape[1], k.shape[2]
+    full = retrieval_mask(p, extra, b, h_kv, k.device)
+    if p.budget >= n_k:
+        return None, None
+    sink, start = _window(p, n_k)
+    dev = k.device
+    stream = torch.cat([torch.arange(sink, device=dev), torch.arange(start, n_k, device=dev)])  # (budget,)
+    if not p.heads and "retrieval" not in extra:  # no retrieval head: budget-long lists
+        return Selection(stream.to(torch.int32).expand(b, h_kv, -1), 1), None
+    every = torch.arange(n_k, device=dev, dtype=torch.int32)
+    padded = torch.nn.functional.pad(stream.to(torch.int32), (0, n_k - stream.numel()), value=-1)
+    index = torch.where(full[..., None], every, padded)
+    count = torch.where(full, n_k, p.budget).to(torch.int32)
+    return Selection(index, 1, count), None
+
+
+def kept_tokens(params: RetrievalHeadsParams, full: Tensor, n_k: int) -> Tensor:
+    """(B, H_kv) tokens each KV head needs to keep in memory at cache length ``n_k``."""
+    return torch.where(full, n_k, min(n_k, params.budget))
+
+
+def reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    params: RetrievalHeadsParams,
+    *,
+    causal: bool,
+    scale: float,
+    upcast: bool = True,
+    state: Any = None,
+    retrieval: Tensor | None = None,
+) -> tuple[Tensor, None]:
+    """Causal softmax attention (fp32 when ``upcast``) where retrieval KV heads see every token and the
+    others see ``t < sink or t >= N_k - (budget - sink)`` (every token when budget >= N_k)."""
+    require_causal("retrieval_heads_kv", causal)
+    b, h_kv, n_k = k.shape[0], k.shape[1], k.shape[2]
+    extra = {} if retrieval is None else {"retrieval": retrieval}
+    full = retrieval_mask(params, extra, b, h_kv, k.device)
+    if params.budget >= n_k:
+        return attend_reference(q, k, v, None, scale=scale, upcast=upcast), None
+    sink, start = _window(params, n_k)
+    t = torch.arange(n_k, device=k.device)
+    streaming = (t < sink) | (t >= start)
+    token_mask = full[..., None] | streaming
+    return attend_reference(q, k, v, token_mask, scale=scale, upcast=upcast), None
+
+
+def _bench(n: int) -> list[dict[str, Any]]:
+    return [{"heads": (0,), "budget": 4096}, {"budget": 4096}]
+
+
+SPEC = MethodSpec(
+    name="retrieval_heads_kv",
+    family="decode",
+    paper="DuoAttention (Xiao et al., 2024); RazorAttention (Tang et al., 2024)",
+    summary="decode: full KV for retrieval heads, attention sinks + recent window for the other heads",
+    param_class=RetrievalHeadsParams,
+    reference=reference,
+    backends=(triton_decode(select), torch_decode(select)),
+    patterns=CAUSAL_PATTERNS,
+    test_params=({"heads": (0,), "budget": 12, "sink": 2}, {"budget": 9, "sink": 0}),
+    bench_params=_bench,
+    inputs=(
+        TensorInput(
+            "retrieval",
+            ("B", "H_kv"),
+            "> 0 marks a KV head that keeps the full cache (union with the heads parameter)",
+            required=False,
+            broadcast=True,
+        ),
+    ),
+    stateful=True,
+)
