@@ -2,8 +2,10 @@
 
 - :mod:`attnlab.state.pages`: per-page key min/max summaries (Quest), updated incrementally as the cache
   grows.
+- :mod:`attnlab.state.eviction`: the tokens an eviction policy (SnapKV, H2O) keeps.
 """
 
+from attnlab.state.eviction import EvictionState
 from attnlab.state.pages import PageSummary, summarize
 
-__all__ = ["PageSummary", "summarize"]
+__all__ = ["EvictionState", "PageSummary", "summarize"]

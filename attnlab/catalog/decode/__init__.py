@@ -11,11 +11,13 @@ a session; ``tests/test_decode_*.py`` run each under ``attnlab.registry.register
 
 from attnlab.catalog.decode import page_topk
 from attnlab.catalog.decode import retrieval_heads_kv
+from attnlab.catalog.decode import snapkv
+from attnlab.catalog.decode import h2o
 
 from attnlab.core import MethodSpec
 from attnlab.registry import methods, register
 
-SPECS: tuple[MethodSpec, ...] = (page_topk.SPEC, retrieval_heads_kv.SPEC)
+SPECS: tuple[MethodSpec, ...] = (page_topk.SPEC, retrieval_heads_kv.SPEC, snapkv.SPEC, h2o.SPEC)
 
 
 def register_methods() -> list[str]:
@@ -29,4 +31,4 @@ def register_methods() -> list[str]:
     return done
 
 
-__all__ = ["SPECS", "page_topk", "register_methods", "retrieval_heads_kv"]
+__all__ = ["SPECS", "h2o", "page_topk", "register_methods", "retrieval_heads_kv", "snapkv"]
