@@ -3,9 +3,11 @@
 - :mod:`attnlab.state.pages`: per-page key min/max summaries (Quest), updated incrementally as the cache
   grows.
 - :mod:`attnlab.state.eviction`: the tokens an eviction policy (SnapKV, H2O) keeps.
+- :mod:`attnlab.state.reuse`: token positions chosen at one step and reused (recycled, tokenselect, tidal).
 """
 
 from attnlab.state.eviction import EvictionState
 from attnlab.state.pages import PageSummary, summarize
+from attnlab.state.reuse import TokenSet
 
-__all__ = ["EvictionState", "PageSummary", "summarize"]
+__all__ = ["EvictionState", "PageSummary", "TokenSet", "summarize"]

@@ -13,11 +13,22 @@ from attnlab.catalog.decode import page_topk
 from attnlab.catalog.decode import retrieval_heads_kv
 from attnlab.catalog.decode import snapkv
 from attnlab.catalog.decode import h2o
+from attnlab.catalog.decode import recycled
+from attnlab.catalog.decode import tokenselect
+from attnlab.catalog.decode import tidal
 
 from attnlab.core import MethodSpec
 from attnlab.registry import methods, register
 
-SPECS: tuple[MethodSpec, ...] = (page_topk.SPEC, retrieval_heads_kv.SPEC, snapkv.SPEC, h2o.SPEC)
+SPECS: tuple[MethodSpec, ...] = (
+    page_topk.SPEC,
+    retrieval_heads_kv.SPEC,
+    snapkv.SPEC,
+    h2o.SPEC,
+    recycled.SPEC,
+    tokenselect.SPEC,
+    tidal.SPEC,
+)
 
 
 def register_methods() -> list[str]:
@@ -31,4 +42,14 @@ def register_methods() -> list[str]:
     return done
 
 
-__all__ = ["SPECS", "h2o", "page_topk", "register_methods", "retrieval_heads_kv", "snapkv"]
+__all__ = [
+    "SPECS",
+    "h2o",
+    "page_topk",
+    "recycled",
+    "register_methods",
+    "retrieval_heads_kv",
+    "snapkv",
+    "tidal",
+    "tokenselect",
+]

@@ -1,0 +1,155 @@
+"""``recycled``: Recycled Attention (Xu et al., 2024, v1): full attention every ``stride`` steps, and in
+between attention over the top-k tokens of the last full step.
+
+Schedule and selection (per batch and KV head)::
+
+    a call with state=None, or whose state.step is a multiple of ``stride``, is a full step:
+        exact causal attention over the whole cache, and
+        P = softmax(scale * q k^T) (bottom-right causal), max over the group's query heads and the call's
+        queries; P = max_pool1d(P, ``pool``, stride 1, padding pool // 2) over key positions;
+        keep the ``budget`` tokens with the highest pooled P (sorted)
+    other calls: attention over the kept tokens and every token appended since the last full step
+
+Budget in tokens; a budget >= N_k keeps everything (that step is exact anyway).
+
+Conventions of other code: the paper (arXiv 2411.05787; no released code, see the literature card) builds
+the recycled cache from the last prompt token's attention, max-pooled with kernel 7, max over the heads of
+a GQA group; between refreshes it appends each new token and evicts the lowest-scored one to keep K
+tokens. Here the tokens appended since the last full step are all kept (at most ``stride - 1`` more than
+the budget), so no score needs updating between full steps. v2 (RefreshKV) refreshes when the query
+drifts; this is v1's fixed stride. Full steps cost one dense attention plus one more pass over K (the
+scores); they are the method's cost.
+
+State: :class:`attnlab.state.reuse.TokenSet` (kept positions, cache length at the full step, steps since).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnlab.backends.decode_select import Selection, torch_decode, triton_decode
+from attnlab.catalog.decode._common import CAUSAL_PATTERNS, attend_reference, require_causal
+from attnlab.catalog.decode._evict import causal_probs, group_rows
+from attnlab.core import Call, MethodSpec
+from attnlab.errors import InputError
+from attnlab.params import Params
+from attnlab.state.reuse import TokenSet
+
+#: Score elements per chunk of query rows (fp32: 256 MiB).
+CHUNK_ELEMENTS = 2**26
+
+
+@dataclass(frozen=True)
+class RecycledParams(Params):
+    """``budget``: tokens kept from each full step per (batch, KV head) (default 4096). ``stride``: a full
+    step every ``stride`` calls (default 10; 1 = always full). ``pool``: odd width of the max pooling of
+    the full step's attention over key positions (default 7, the paper's; 1 = none)."""
+
+    method = "recycled"
+    budget: int = 4096
+    stride: int = 10
+    pool: int = 7
+
+    def validate(self) -> None:
+        self.check_int("budget", minimum=1)
+        self.check_int("stride", minimum=1)
+        self.check_int("pool", minimum=1)
+        if self.pool % 2 == 0:
+            raise self._fail("pool", self.pool, "an odd width")
+
+
+def keep_scores(q: Tensor, k: Tensor, params: RecycledParams, scale: float) -> Tensor:
+    """(B, H_kv, N_k) float32: the full step's attention, max over the group's heads and queries, pooled."""
+    b, _, n_q, _ = q.shape
+    h_kv, n_k = k.shape[1], k.shape[2]
+    qg = group_rows(q, h_kv)
+    rows = max(1, CHUNK_ELEMENTS // (b * qg.shape[2] * n_k))
+    out = torch.zeros(b, h_kv, n_k, device=q.device)
+    for j in range(h_kv):
+        for r0 in range(0, n_q, rows):
+            probs = causal_probs(qg[:, j, :, r0 : r0 + rows], k[:, j], scale, r0, n_q)  # (B, G, rows, N_k)
+            out[:, j] = torch.maximum(out[:, j], probs.amax(dim=(1, 2)))
+    if params.pool > 1:
+        out = F.max_pool1d(out, params.pool, stride=1, padding=params.pool // 2)
+    return out
+
+
+def _state(state: Any, k: Tensor) -> TokenSet | None:
+    if state is None:
+        return None
+    if not isinstance(state, TokenSet):
+        raise InputError(
+            f"recycled: state must be the TokenSet of an earlier step or None, got {type(state).__name__}"
+        )
+    try:
+        state.check("recycled", k.shape[0], k.shape[1], k.shape[2])
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    return state
+
+
+def _full_step(q: Tensor, k: Tensor, params: RecycledParams, scale: float) -> TokenSet:
+    n_k = k.shape[2]
+    if params.budget >= n_k:
+        pos = torch.arange(n_k, device=k.device, dtype=torch.int32).expand(k.shape[0], k.shape[1], -1)
+        return TokenSet(pos.contiguous(), n_k, 1)
+    top = torch.topk(keep_scores(q, k, params, scale), params.budget, dim=-1, sorted=False).indices
+    return TokenSet(top.sort(dim=-1).values.to(torch.int32), n_k, 1)
+
+
+def select(
+    q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor], state: Any, fast: bool
+) -> tuple[Selection | None, TokenSet]:
+    """Full step (None: exact attention, and a new kept set) or the kept set plus the appended tokens."""
+    p: RecycledParams = call.params  # type: ignore[assignment]
+    st = _state(state, k)
+    if st is None or st.step % p.stride == 0:
+        return None, _full_step(q, k, p, call.scale)
+    nxt = TokenSet(st.positions, st.n_k, st.step + 1)
+    return Selection(st.index(k.shape[2]), 1), nxt
+
+
+def reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    params: RecycledParams,
+    *,
+    causal: bool,
+    scale: float,
+    upcast: bool = True,
+    state: Any = None,
+) -> tuple[Tensor, TokenSet]:
+    """Full steps: exact causal attention (fp32 when ``upcast``) and the kept set from the pooled
+    attention (module docstring). Other steps: causal attention over the kept and appended tokens."""
+    require_causal("recycled", causal)
+    st = _state(state, k)
+    if st is None or st.step % params.stride == 0:
+        return attend_reference(q, k, v, None, scale=scale, upcast=upcast), _full_step(q, k, params, scale)
+    mask = torch.zeros(k.shape[0], k.shape[1], k.shape[2], dtype=torch.bool, device=k.device)
+    mask.scatter_(2, st.positions.long(), True)
+    mask[..., st.n_k :] = True
+    return attend_reference(q, k, v, mask, scale=scale, upcast=upcast), TokenSet(
+        st.positions, st.n_k, st.step + 1
+    )
+
+
+SPEC = MethodSpec(
+    name="recycled",
+    family="decode",
+    paper="Recycled Attention / RefreshKV (Xu et al., 2024)",
+    summary="decode: full attention every s steps; in between, the top-k tokens of the last full step",
+    param_class=RecycledParams,
+    reference=reference,
+    backends=(triton_decode(select), torch_decode(select)),
+    patterns=CAUSAL_PATTERNS,
+    test_params=({"budget": 12, "stride": 3, "pool": 3}, {"budget": 16, "stride": 2, "pool": 1}),
+    bench_params=lambda n: [{"budget": 4096, "stride": 10}],
+    stateful=True,
+)

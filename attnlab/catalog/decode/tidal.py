@@ -1,0 +1,161 @@
+"""``tidal``: TidalDecode (Yang et al., 2024): a few selection layers run full attention and choose the
+top-k token positions; the other layers of the same decode step reuse them.
+
+Per layer, by its ``role``::
+
+    "full":   exact causal attention; the state passes through unchanged
+    "select": exact causal attention, and the positions for the layers after it:
+              s[t] = max over the group's query heads and the call's queries of scale * q . k[t]
+              (pre-softmax logits, bottom-right causal); keep the ``budget`` highest (sorted)
+    "reuse":  causal attention over the positions of the state (chosen by the last "select" layer of this
+              step) and the tokens appended since they were chosen; with no state yet: exact attention
+
+Budget in tokens; a budget >= N_k keeps every token.
+
+How a model passes the positions between layers (the HF integration wires this): the state is one
+:class:`attnlab.state.reuse.TokenSet` per sequence and decode step, shared by the layers, not one per
+layer. In each forward, call the layers in order and hand each layer's ``Result.state`` to the next
+layer's call (``state=``); start a step with the state the previous step ended with (a "reuse" layer
+before this step's "select" layer then reads the previous step's positions, extended by the tokens
+appended since). With per-layer KV caches of equal length (every layer of a decoder), positions mean the
+same token in every layer. TidalDecode's Llama-3-8B schedule (32 layers) is: layers 0-1 "full", layer 2
+"select", layers 3-12 "reuse", layer 13 "select" (re-selection), layers 14-31 "reuse"; its prefill is
+dense, which a plan gets by running ``softmax`` (or any prefill method) for prefill calls.
+
+Conventions of other code: DerrickYLJ/TidalDecode selects per query head (after ``repeat_kv``) with top_k
+256 (example script 128); here a KV group shares its positions (the max of its heads' logits, so a token
+any head ranks high can be kept), which is what lets a group read its K/V once. Like TidalDecode, no sink
+or local token is forced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnlab.backends.decode_select import Selection, torch_decode, triton_decode
+from attnlab.catalog.decode._common import CAUSAL_PATTERNS, attend_reference, require_causal
+from attnlab.catalog.decode._evict import group_rows
+from attnlab.core import Call, MethodSpec
+from attnlab.errors import InputError
+from attnlab.params import Params
+from attnlab.state.reuse import TokenSet
+
+ROLES = ("full", "select", "reuse")
+#: Score elements per chunk of query rows (fp32: 256 MiB).
+CHUNK_ELEMENTS = 2**26
+
+
+@dataclass(frozen=True)
+class TidalParams(Params):
+    """``budget``: positions chosen by a selection layer per (batch, KV head) (default 4096; TidalDecode
+    uses 256). ``role``: this layer's role, "full", "select" or "reuse" (default "reuse"; a model plan sets
+    it per layer)."""
+
+    method = "tidal"
+    budget: int = 4096
+    role: str = "reuse"
+
+    def validate(self) -> None:
+        self.check_int("budget", minimum=1)
+        if self.role not in ROLES:
+            raise self._fail("role", self.role, f"one of {', '.join(ROLES)}")
+
+
+def logit_scores(q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """(B, H_kv, N_k) float32: max over the group's heads and the call's queries of the causal logits."""
+    b, _, n_q, _ = q.shape
+    h_kv, n_k = k.shape[1], k.shape[2]
+    qg = group_rows(q, h_kv)
+    rows = max(1, CHUNK_ELEMENTS // (b * qg.shape[2] * n_k))
+    out = torch.full((b, h_kv, n_k), float("-inf"), device=q.device)
+    for j in range(h_kv):
+        for r0 in range(0, n_q, rows):
+            part = qg[:, j, :, r0 : r0 + rows].float()
+            s = torch.einsum("bgrd,bnd->bgrn", part, k[:, j].float()) * scale
+            pos = torch.arange(r0, r0 + part.shape[2], device=q.device)[:, None] + (n_k - n_q)
+            s = s.masked_fill(torch.arange(n_k, device=q.device)[None, :] > pos, float("-inf"))
+            out[:, j] = torch.maximum(out[:, j], s.amax(dim=(1, 2)))
+    return out
+
+
+def positions(q: Tensor, k: Tensor, p: TidalParams, scale: float) -> TokenSet:
+    """A selection layer's choice: the ``budget`` highest-scored positions (every one when it covers N_k)."""
+    b, h_kv, n_k = k.shape[0], k.shape[1], k.shape[2]
+    if p.budget >= n_k:
+        every = torch.arange(n_k, device=k.device, dtype=torch.int32).expand(b, h_kv, -1)
+        return TokenSet(every.contiguous(), n_k)
+    top = torch.topk(logit_scores(q, k, scale), p.budget, dim=-1, sorted=False).indices
+    return TokenSet(top.sort(dim=-1).values.to(torch.int32), n_k)
+
+
+def _state(state: Any, k: Tensor) -> TokenSet | None:
+    if state is None:
+        return None
+    if not isinstance(state, TokenSet):
+        raise InputError(
+            f"tidal: state must be the TokenSet of a selection layer or None, got {type(state).__name__}"
+        )
+    try:
+        state.check("tidal", k.shape[0], k.shape[1], k.shape[2])
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    return state
+
+
+def select(
+    q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor], state: Any, fast: bool
+) -> tuple[Selection | None, TokenSet | None]:
+    """Exact attention for "full" and "select" layers (the latter also choose positions); the state's
+    positions (and the tokens appended since) for "reuse" layers."""
+    p: TidalParams = call.params  # type: ignore[assignment]
+    st = _state(state, k)
+    if p.role == "select":
+        return None, positions(q, k, p, call.scale)
+    if p.role == "full" or st is None:
+        return None, st
+    return Selection(st.index(k.shape[2]), 1), st
+
+
+def reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    params: TidalParams,
+    *,
+    causal: bool,
+    scale: float,
+    upcast: bool = True,
+    state: Any = None,
+) -> tuple[Tensor, TokenSet | None]:
+    """Causal softmax attention (fp32 when ``upcast``) by the layer's role (module docstring); returns
+    the state for the next layer."""
+    require_causal("tidal", causal)
+    st = _state(state, k)
+    if params.role == "select":
+        return attend_reference(q, k, v, None, scale=scale, upcast=upcast), positions(q, k, params, scale)
+    if params.role == "full" or st is None:
+        return attend_reference(q, k, v, None, scale=scale, upcast=upcast), st
+    mask = torch.zeros(k.shape[0], k.shape[1], k.shape[2], dtype=torch.bool, device=k.device)
+    mask.scatter_(2, st.positions.long(), True)
+    mask[..., st.n_k :] = True
+    return attend_reference(q, k, v, mask, scale=scale, upcast=upcast), st
+
+
+SPEC = MethodSpec(
+    name="tidal",
+    family="decode",
+    paper="TidalDecode (Yang et al., 2024)",
+    summary="decode: selection layers pick the top-k positions by full attention; the other layers reuse them",
+    param_class=TidalParams,
+    reference=reference,
+    backends=(triton_decode(select), torch_decode(select)),
+    patterns=CAUSAL_PATTERNS,
+    test_params=({"budget": 12, "role": "reuse"}, {"budget": 12, "role": "select"}),
+    bench_params=lambda n: [{"budget": 4096, "role": "reuse"}],
+    stateful=True,
+)

@@ -1,0 +1,179 @@
+"""``tokenselect``: TokenSelect (Wu et al., 2024): per-head q . k criticality, soft-voted across the heads of a
+KV group, with a selection cache that is reused while consecutive queries stay similar.
+
+Selection (per batch and KV group)::
+
+    qf[h] = mean of the call's queries of head h (the query fingerprint)
+    candidates: tokens [n_init, N_k - n_local)
+    c[h, t] = softmax over candidates of qf[h] . k[t]        (no 1/sqrt(D), as TokenSelect)
+    vote[t] = sum over the group's query heads h of c[h, t]  (soft voting)
+    kept = [0, n_init)  +  the budget - n_init - n_local candidates with the highest vote  +  [N_k - n_local, N_k)
+
+Selection cache: when every batch element's fingerprint has cosine similarity > ``threshold`` with the
+previous call's (all heads' fingerprints as one vector), the previous call's voted tokens are reused (minus
+those that the local window now covers) with the current sinks and local window; otherwise a new vote.
+Budget in tokens (sinks and local window included); a budget >= N_k runs exact attention.
+
+Conventions of other code: pzs19/TokenSelect (``patcher/token_retrieval.py``) shares one selection across
+all heads of a layer (summing the per-head softmaxes over every head; its kernel maps query head h to KV
+head h % H_kv, unlike the usual h // G) and caches keys without RoPE; here the vote is per KV group (so a
+group reads its K/V once) over the cache as given. Its selection cache is switched off in the released code
+(``QUERY_CACHE=False``); the paper's threshold (0.9) is the default here. Llama-3 config there: n_init 128,
+n_local 512, top_k 2048 (budget 2688 here); the defaults here keep n_init and n_local and use budget 4096.
+
+The reuse decision reads one boolean from the device (a host synchronisation) per call; ``threshold=1``
+never reuses and never synchronises (a step can then be captured in a CUDA graph).
+
+State: :class:`attnlab.state.reuse.TokenSet` (voted positions, the cache length then, the fingerprint).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnlab.backends.decode_select import Selection, torch_decode, triton_decode
+from attnlab.catalog.decode._common import CAUSAL_PATTERNS, attend_reference, require_causal
+from attnlab.core import Call, MethodSpec
+from attnlab.errors import InputError
+from attnlab.params import Params
+from attnlab.state.reuse import TokenSet
+
+
+@dataclass(frozen=True)
+class TokenSelectParams(Params):
+    """``budget``: tokens attended per (batch, KV head), sinks and local window included (default 4096).
+    ``n_init``: leading tokens always kept (default 128). ``n_local``: most recent tokens always kept
+    (default 512). ``threshold``: reuse the previous selection while the query fingerprints' cosine
+    similarity exceeds it, in [0, 1] (default 0.9; 1 = never reuse)."""
+
+    method = "tokenselect"
+    budget: int = 4096
+    n_init: int = 128
+    n_local: int = 512
+    threshold: float = 0.9
+
+    def validate(self) -> None:
+        self.check_int("budget", minimum=1)
+        self.check_int("n_init", minimum=0)
+        self.check_int("n_local", minimum=1)
+        self.check_float("threshold")
+        if not 0.0 <= float(self.threshold) <= 1.0:
+            raise self._fail("threshold", self.threshold, "a cosine similarity in [0, 1] (1 = never reuse)")
+        if self.n_init + self.n_local > self.budget:
+            raise self._fail(
+                "budget",
+                self.budget,
+                f">= n_init + n_local = {self.n_init + self.n_local} (they are part of it)",
+            )
+
+
+def fingerprint(q: Tensor) -> Tensor:
+    """(B, H, D) float32: the mean of each head's queries."""
+    return q.float().mean(2)
+
+
+def votes(qf: Tensor, k: Tensor, lo: int, hi: int) -> Tensor:
+    """(B, H_kv, hi - lo) float32: per-head softmax over candidates [lo, hi) of qf . k, summed over each
+    group's heads."""
+    b, h, d = qf.shape
+    h_kv = k.shape[1]
+    s = torch.einsum("bkgd,bknd->bkgn", qf.view(b, h_kv, h // h_kv, d), k[:, :, lo:hi].float())
+    return torch.softmax(s, dim=-1).sum(2)
+
+
+def similar(qf: Tensor, prev: Tensor | None, threshold: float) -> bool:
+    """Whether every batch element's fingerprint (all heads as one vector) has cosine > threshold with the
+    previous one (a host synchronisation; False without a previous one or with threshold 1)."""
+    if prev is None or threshold >= 1.0 or prev.shape != qf.shape:
+        return False
+    cos = torch.nn.functional.cosine_similarity(qf.flatten(1), prev.flatten(1), dim=1)
+    return bool((cos > threshold).all())
+
+
+def choose(
+    q: Tensor, k: Tensor, p: TokenSelectParams, state: TokenSet | None
+) -> tuple[Tensor | None, TokenSet]:
+    """(index (B, H_kv, n) int32 of the step's tokens, or None for exact attention; the new state)."""
+    b, h_kv, n_k = k.shape[0], k.shape[1], k.shape[2]
+    qf = fingerprint(q)
+    dev = k.device
+    if p.budget >= n_k:
+        return None, TokenSet(torch.empty(b, h_kv, 0, dtype=torch.int32, device=dev), n_k, 0, qf)
+    lo, hi = p.n_init, n_k - p.n_local
+    if state is not None and similar(qf, state.query, p.threshold):
+        voted = state.positions
+        voted = torch.where(voted >= hi, torch.full_like(voted, -1), voted)  # now in the local window
+        new_state = TokenSet(state.positions, state.n_k, state.step + 1, qf)
+    else:
+        top = min(p.budget - p.n_init - p.n_local, hi - lo)
+        voted = (torch.topk(votes(qf, k, lo, hi), top, dim=-1, sorted=False).indices + lo).to(torch.int32)
+        new_state = TokenSet(voted, n_k, 0, qf)
+    fixed = torch.cat([torch.arange(lo, device=dev), torch.arange(hi, n_k, device=dev)]).to(torch.int32)
+    return torch.cat([fixed.expand(b, h_kv, -1), voted], dim=2), new_state
+
+
+def _state(state: Any, k: Tensor) -> TokenSet | None:
+    if state is None:
+        return None
+    if not isinstance(state, TokenSet):
+        raise InputError(
+            f"tokenselect: state must be the TokenSet of an earlier step or None, got {type(state).__name__}"
+        )
+    try:
+        state.check("tokenselect", k.shape[0], k.shape[1], k.shape[2])
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    return state
+
+
+def select(
+    q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor], state: Any, fast: bool
+) -> tuple[Selection | None, TokenSet]:
+    """The step's tokens (module docstring) as a token list, and the new state."""
+    index, new_state = choose(q, k, call.params, _state(state, k))  # type: ignore[arg-type]
+    return (None if index is None else Selection(index, 1)), new_state
+
+
+def reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    params: TokenSelectParams,
+    *,
+    causal: bool,
+    scale: float,
+    upcast: bool = True,
+    state: Any = None,
+) -> tuple[Tensor, TokenSet]:
+    """Causal softmax attention (fp32 when ``upcast``) over the tokens :func:`choose` keeps (sinks, voted
+    tokens, local window; every token when budget >= N_k)."""
+    require_causal("tokenselect", causal)
+    index, new_state = choose(q, k, params, _state(state, k))
+    if index is None:
+        return attend_reference(q, k, v, None, scale=scale, upcast=upcast), new_state
+    mask = torch.zeros(k.shape[0], k.shape[1], k.shape[2] + 1, dtype=torch.bool, device=k.device)
+    mask.scatter_(2, torch.where(index >= 0, index, k.shape[2]).long(), True)
+    return attend_reference(q, k, v, mask[..., :-1], scale=scale, upcast=upcast), new_state
+
+
+SPEC = MethodSpec(
+    name="tokenselect",
+    family="decode",
+    paper="TokenSelect (Wu et al., 2024)",
+    summary="decode: per-head q.k criticality soft-voted over the KV group, selection reused while queries stay similar",
+    param_class=TokenSelectParams,
+    reference=reference,
+    backends=(triton_decode(select), torch_decode(select)),
+    patterns=CAUSAL_PATTERNS,
+    test_params=(
+        {"budget": 14, "n_init": 2, "n_local": 4},
+        {"budget": 10, "n_init": 0, "n_local": 3, "threshold": 1.0},
+    ),
+    bench_params=lambda n: [{"budget": 4096}],
+    stateful=True,
+)

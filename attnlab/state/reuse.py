@@ -1,0 +1,46 @@
+"""State of decode methods that reuse an earlier selection: recycled attention, TokenSelect, TidalDecode.
+
+:class:`TokenSet` holds token positions chosen at some step (per batch and KV head) and the cache length
+then; :meth:`TokenSet.index` lists them together with the tokens appended since, the form the decode
+executors read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class TokenSet:
+    """``positions``: (B, H_kv, K) int32 cache positions chosen when the cache held ``n_k`` tokens
+    (entries < 0 are holes); ``step``: calls since the choice (methods that refresh on a schedule);
+    ``query``: (B, H, D) float32 fingerprint of the queries that chose them (TokenSelect), or None."""
+
+    positions: Tensor
+    n_k: int
+    step: int = 0
+    query: Tensor | None = None
+
+    def check(self, method: str, b: int, h_kv: int, n_k: int) -> None:
+        """Raise ValueError when this set cannot belong to a cache (B, H_kv, n_k)."""
+        if not isinstance(self.positions, Tensor) or self.positions.dim() != 3:
+            raise ValueError(f"{method}: the state's positions must be a (B, H_kv, K) tensor")
+        if tuple(self.positions.shape[:2]) != (b, h_kv):
+            raise ValueError(
+                f"{method}: the state holds positions for (B, H_kv) = {tuple(self.positions.shape[:2])}, but k "
+                f"has {(b, h_kv)}: pass state=None for a new cache"
+            )
+        if self.n_k > n_k:
+            raise ValueError(
+                f"{method}: the state was chosen on a {self.n_k}-token cache but the cache holds {n_k}: "
+                "a new sequence needs state=None"
+            )
+
+    def index(self, n_k: int) -> Tensor:
+        """(B, H_kv, K + n_k - self.n_k) int32: the chosen positions, then the tokens appended since."""
+        b, h_kv = self.positions.shape[:2]
+        new = torch.arange(self.n_k, n_k, device=self.positions.device, dtype=torch.int32)
+        return torch.cat([self.positions.to(torch.int32), new.expand(b, h_kv, -1)], dim=2)
