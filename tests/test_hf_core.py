@@ -13,7 +13,23 @@ transformers = pytest.importorskip("transformers")
 from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
 from transformers.modeling_utils import AttentionInterface  # noqa: E402
 
+import attnlab  # noqa: E402
 from attnlab.hf import register, tiny_config, unregister, use  # noqa: E402
+
+
+def cpu_backends() -> dict[str, str]:
+    """Backends that run these tiny CPU tests without compiling (Flex on a CPU compiles for ~30 s once)."""
+    out = {}
+    for name, spec in attnlab.methods().items():
+        names = [b.name for b in spec.backends]
+        for choice in ("sdpa_mask", "eager", "sdpa"):
+            if choice in names:
+                out[name] = choice
+                break
+    return out
+
+
+FAST = {"backends": cpu_backends()}
 
 
 def build(arch: str, attn: str = "sdpa", seed: int = 0, **overrides: Any) -> Any:
@@ -53,7 +69,7 @@ def test_use_restores_everything_when_generation_raises() -> None:
 
     hook = model.model.layers[1].register_forward_hook(fail)
     try:
-        with pytest.raises(Boom), use(model, prefill="streaming", prefill_params={"window": 4}):
+        with pytest.raises(Boom), use(model, prefill="streaming", prefill_params={"window": 4}, plan=FAST):
             assert model.config._attn_implementation.startswith("attnlab_use_")
             model.generate(ids(), max_new_tokens=3, do_sample=False)
     finally:

@@ -231,9 +231,18 @@ class Runtime:
         group = heads // kv_heads
         out = []
         for (ref, guard), hs in groups.items():
-            op = prepare(ref.name, causal=True, scale=scale, **ref.kwargs)
+            backends = self.plan.backends
+            op = prepare(ref.name, causal=True, scale=scale, backend=backends.get(ref.name), **ref.kwargs)
             budget = getattr(op.params, "budget", None) if ref.spec().family == "decode" else None
-            exact = prepare(exact_ref.name, causal=True, scale=scale, **exact_ref.kwargs) if budget else None
+            exact = None
+            if budget:
+                exact = prepare(
+                    exact_ref.name,
+                    causal=True,
+                    scale=scale,
+                    backend=backends.get(exact_ref.name),
+                    **exact_ref.kwargs,
+                )
             if len(hs) == heads:
                 out.append(Part(None, None, ref, op, exact, budget, guard, exact_guard))
                 continue

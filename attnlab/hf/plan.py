@@ -16,6 +16,7 @@ A plan is a dict (or a ``.json`` / ``.yaml`` file holding one)::
       },
       "sliding": "keep",                                    # or "override" (see below)
       "softcap": "require",                                 # or "drop" (see below)
+      "backends": {"sliding_window": "block_sparse"},       # force a backend per method (default: auto)
     }
 
 A *method* is a name or ``{"method": name, "params": {...}}``. An *assignment* is a method (a bare
@@ -69,7 +70,7 @@ PHASE_FAMILIES: dict[str, tuple[str, ...]] = {
 }
 _PHASE_PATTERN = {"prefill": Pattern.CAUSAL_SELF, "decode": Pattern.CAUSAL_CROSS}
 _TOP_KEYS = ("default", "prefill", "decode", "prefill_params", "decode_params", "layers", "heads", "sliding",
-             "softcap")  # fmt: skip
+             "softcap", "backends")  # fmt: skip
 
 
 class PlanError(AttnlabError, ValueError):
@@ -122,6 +123,8 @@ class HFPlan:
     heads: Mapping[int, Mapping[int, Assignment]] = field(default_factory=dict)
     sliding: Literal["keep", "override"] = "keep"
     softcap: Literal["require", "drop"] = "require"
+    #: method name -> the backend its calls are forced to (``attnlab.prepare(..., backend=)``)
+    backends: Mapping[str, str] = field(default_factory=dict)
 
     def method(self, layer: int, head: int, phase: str) -> tuple[MethodRef, bool]:
         """(the method of ``head`` of ``layer`` in ``phase``, whether the plan names it for that layer or
@@ -153,6 +156,16 @@ class HFPlan:
         the model has (when given). Raises :class:`PlanError` naming the entry."""
         for where, phase, ref in self.refs():
             check_method(ref, phase, where)
+        for name, backend in self.backends.items():
+            if name not in methods():
+                raise PlanError(
+                    f"plan backends: unknown attention method {name!r}.{did_you_mean(name, methods())}"
+                )
+            if backend != "reference":
+                try:
+                    get(name).backend(backend)
+                except ParamError as e:
+                    raise PlanError(f"plan backends: {e}") from None
         if num_layers is not None:
             for where, layers in (("layers", self.layers), ("heads", self.heads)):
                 bad = sorted(i for i in layers if not 0 <= i < num_layers)
@@ -292,7 +305,7 @@ def load_plan(
     if isinstance(plan, HFPlan):
         data: dict[str, Any] = {"prefill": plan.prefill, "decode": plan.decode, "layers": dict(plan.layers),
                                 "heads": {k: dict(v) for k, v in plan.heads.items()}, "sliding": plan.sliding,
-                                "softcap": plan.softcap}  # fmt: skip
+                                "softcap": plan.softcap, "backends": dict(plan.backends)}  # fmt: skip
     elif plan is None:
         data = {}
     elif isinstance(plan, Mapping):
@@ -336,9 +349,10 @@ def load_plan(
     softcap = data.get("softcap", "require")
     if softcap not in ("require", "drop"):
         raise PlanError(f"plan 'softcap' must be 'require' or 'drop', got {softcap!r}")
-    out = HFPlan(
-        prefill=pre_ref, decode=dec_ref, layers=layers, heads=heads, sliding=sliding, softcap=softcap
-    )
+    backends = dict(_mapping(data.get("backends"), "plan backends"))
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in backends.items()):
+        raise PlanError(f"plan backends must map method names to backend names, got {backends!r}")
+    out = HFPlan(pre_ref, dec_ref, layers, heads, sliding, softcap, backends)
     out.check()
     return out
 

@@ -1,0 +1,135 @@
+"""attnlab.hf on every supported architecture (config-built: real head dims and GQA ratios, 2 layers):
+softmax equals transformers' attention on left-padded batches, in prefill and in greedy generation; the
+model's sliding window and soft cap are kept; every sparse prefill method at full budget equals dense."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import attnlab  # noqa: E402
+from attnlab.hf import HFRuntimeError, PlanError, tiny_config, use  # noqa: E402
+from attnlab.hf.models import ARCHITECTURES  # noqa: E402
+from tests.test_hf_core import FAST  # noqa: E402
+
+#: Gemma 2 soft-caps its logits, which transformers' sdpa refuses: its baseline is eager attention
+BASELINE = {"gemma2": "eager"}
+#: small windows that bite on the 12-token prompts below (Mistral, Gemma 3); Gemma 2 keeps its real 4096
+#: window: no attnlab method combines a window with a soft cap yet (tested to fail clearly below)
+WINDOWS: dict[str, dict[str, Any]] = {"mistral": {"sliding_window": 5}, "gemma3": {"sliding_window": 5}}
+
+
+def build(arch: str, seed: int = 0, **overrides: Any) -> Any:
+    torch.manual_seed(seed)
+    cfg = tiny_config(arch, **{**WINDOWS.get(arch, {}), **overrides})
+    attn = BASELINE.get(arch, "sdpa")
+    return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
+
+
+def padded(
+    batch: int = 3, n: int = 12, pads: tuple[int, ...] = (0, 3, 7)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 128, (batch, n), generator=g)
+    mask = torch.ones_like(ids)
+    for b, p in enumerate(pads[:batch]):
+        mask[b, :p] = 0
+        ids[b, :p] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_softmax_equals_transformers_on_a_left_padded_batch(arch: str) -> None:
+    model = build(arch)
+    ids, mask = padded()
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        with use(model, plan=FAST) as rt:
+            got = model(ids, attention_mask=mask).logits
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], want[keep], rtol=1e-5, atol=2e-5)
+    windows = {layer.sliding_window for layer in attnlab.hf.inspect_model(model).layers}
+    if arch in WINDOWS:  # the model's window bites and was kept
+        assert windows == {None, 5} or windows == {5}
+        assert sum(n for (_, _, m), n in rt.calls.items() if m == "sliding_window") > 0
+    # generation: left padding, prefill then decode steps, same tokens as transformers
+    want_tokens = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    with use(model, prefill="softmax", decode="softmax", plan=FAST) as rt:
+        got_tokens = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert torch.equal(got_tokens, want_tokens)
+    assert sum(n for (_, phase, _), n in rt.calls.items() if phase == "decode") > 0
+
+
+def test_sliding_override_runs_full_attention_in_place_of_the_window() -> None:
+    mistral = build("mistral")
+    full = build("mistral", sliding_window=None)  # same weights, no window
+    ids, mask = padded()
+    with torch.no_grad():
+        want = full(ids, attention_mask=mask).logits
+        windowed = mistral(ids, attention_mask=mask).logits
+        with use(mistral, plan={**FAST, "sliding": "override"}):
+            got = mistral(ids, attention_mask=mask).logits
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], want[keep], rtol=1e-5, atol=2e-5)
+    assert (windowed[keep] - want[keep]).abs().max() > 1e-3  # the window bites on these prompts
+
+
+def test_softcap_is_kept_and_a_method_that_cannot_softcap_is_refused() -> None:
+    gemma2 = build("gemma2")
+    ids, mask = padded()
+    match = r"soft-caps attention logits at 50.0.*method 'streaming' cannot"
+    with pytest.raises(PlanError, match=match), use(gemma2, prefill="streaming", plan=FAST):
+        pass
+    with torch.no_grad(), use(gemma2, plan={**FAST, "layers": {1: "streaming"}, "softcap": "drop"}) as rt:
+        gemma2(ids, attention_mask=mask)
+    assert rt.calls[(1, "prefill", "streaming")] > 0 and rt.calls[(0, "prefill", "softcap")] > 0
+    # a window that bites together with a soft cap: no method does both; a clear error, not a wrong answer
+    small = build("gemma2", sliding_window=5)
+    with pytest.raises(HFRuntimeError, match="sliding window of 5 keys and soft-caps"), use(small, plan=FAST):
+        small(ids, attention_mask=mask)
+
+
+#: parameters that make each registered static / dynamic method compute every causal key of a 12-token
+#: prompt (its "full budget"). A method registered later needs an entry here.
+DENSE: dict[str, dict[str, Any] | None] = {
+    "sliding_window": {"window": 10**6},
+    "streaming": {"sinks": 4, "window": 10**6},
+    "dilated": {"window": 10**6, "dilation": 1},
+    "block_local": {"block": 10**6},
+    "block_topk": {"block": 16, "topk": 1000},
+    "vertical_slash": {"vertical": 1000, "slash": 1000, "last_q": 4, "block": 16},
+    "neighborhood": {"window": 25},
+    "strided_heads": {"block": 4, "local": 1000, "vert_stride": 1},
+    "power": {"block": 4, "window": 1000},
+    "radial": {"frame": 1000},
+    "doc_blocks": {},
+    "multi_axis": None,  # a 2-D (image) pattern: no meaning for a token sequence
+}
+
+
+def test_every_sparse_prefill_method_at_full_budget_equals_dense() -> None:
+    model = build("llama3")
+    ids, mask = padded()
+    keep = mask.bool()
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+    ran = []
+    for name, spec in attnlab.methods().items():
+        if spec.family not in ("static", "dynamic"):
+            continue
+        assert name in DENSE, f"{name}: add its full-budget parameters to DENSE in tests/test_hf_models.py"
+        params = DENSE[name]
+        if params is None:
+            continue
+        with torch.no_grad(), use(model, prefill=name, prefill_params=params, plan=FAST) as rt:
+            got = model(ids, attention_mask=mask).logits
+        torch.testing.assert_close(
+            got[keep], want[keep], rtol=1e-5, atol=2e-5, msg=lambda m, n=name: f"{n}: {m}"
+        )
+        assert rt.calls[(0, "prefill", name)] > 0
+        ran.append(name)
+    assert {"sliding_window", "streaming", "block_topk", "vertical_slash"} <= set(ran)
