@@ -19,7 +19,7 @@ from attnlab.hf import register, tiny_config, unregister, use  # noqa: E402
 
 def cpu_backends() -> dict[str, str]:
     """Backends that run these tiny CPU tests without compiling (Flex on a CPU compiles for ~30 s once)."""
-    out = {}
+    out: dict[str, str] = {}
     for name, spec in attnlab.methods().items():
         names = [b.name for b in spec.backends]
         for choice in ("sdpa_mask", "eager", "sdpa"):

@@ -127,9 +127,8 @@ def test_every_sparse_prefill_method_at_full_budget_equals_dense() -> None:
             continue
         with torch.no_grad(), use(model, prefill=name, prefill_params=params, plan=FAST) as rt:
             got = model(ids, attention_mask=mask).logits
-        torch.testing.assert_close(
-            got[keep], want[keep], rtol=1e-5, atol=2e-5, msg=lambda m, n=name: f"{n}: {m}"
-        )
+        err = (got[keep] - want[keep]).abs().max().item()
+        assert err < 2e-5 * (1 + want[keep].abs().max().item()), f"{name} at full budget: max error {err}"
         assert rt.calls[(0, "prefill", name)] > 0
         ran.append(name)
     assert {"sliding_window", "streaming", "block_topk", "vertical_slash"} <= set(ran)
