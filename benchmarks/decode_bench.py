@@ -14,9 +14,13 @@ every timed call (in a model every layer reads a different cache, so nothing sta
   page scores, top-k, split-K decode kernel, merge);
 - ``page_topk_graph``: the same step captured in a CUDA graph (no Python/launch overhead);
 - ``select_only`` (page scores + top-k), ``kernel_only`` (decode kernel over a fixed selection),
+  ``kernel_all_pages`` (the decode kernel over every page: its bandwidth on a dense read),
   ``flash_gathered`` (FlashAttention over a pre-gathered budget-sized K/V: the floor the issue quotes).
 Bytes: dense reads K and V once; page_topk reads the page summaries (2 x N / page x D per KV head) and
 the selected K/V (2 x budget x D per KV head). Bandwidth shares are against 3.35 TB/s (H100 SXM HBM3).
+
+Also one decode step of every other decode method at the same budget (prepared ops, eager, state from an
+earlier call) beside dense cuDNN decode.
 
 Usage: python benchmarks/decode_bench.py --out results.json [--context 131072] [--batches 1 8]
 """
@@ -24,6 +28,7 @@ Usage: python benchmarks/decode_bench.py --out results.json [--context 131072] [
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -38,19 +43,27 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import attnlab
 from attnlab.bench.env import environment
 from attnlab.bench.timing import Timing
+from attnlab.catalog.decode import SPECS as decode_specs
 from attnlab.catalog.decode import page_topk
 from attnlab.core import Result
 from attnlab.registry import registered
 
 HBM_BYTES_PER_S = 3.35e12
+#: sides whose warm-up raised: name -> error
+FAILED: dict[str, str] = {}
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 
 
 def timed(fns: dict[str, Callable[[], object]], reps: int, flush: torch.Tensor) -> dict[str, Timing]:
-    """Interleaved rounds (each round starts one function later), L2 flushed before each timed call."""
-    for fn in fns.values():  # warm-up (compilation, autotuning, cuDNN plans)
-        fn()
-        fn()
+    """Interleaved rounds (each round starts one function later), L2 flushed before each timed call.
+    A function that raises in its warm-up is left out (its error is in ``FAILED``)."""
+    for name, fn in list(fns.items()):  # warm-up (compilation, autotuning, cuDNN plans)
+        try:
+            fn()
+            fn()
+        except Exception as e:
+            FAILED[name] = f"{type(e).__name__}: {str(e)[:300]}"
+            del fns[name]
     if not flush.is_cuda:  # --smoke: wall clock
         t: dict[str, list[float]] = {n: [] for n in fns}
         for _ in range(reps):
@@ -65,13 +78,13 @@ def timed(fns: dict[str, Callable[[], object]], reps: int, flush: torch.Tensor) 
     for r in range(reps):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             flush.zero_()
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
             fns[name]()
-            e.record()
-            events[name].append((s, e))
+            end.record()
+            events[name].append((start, end))
     torch.cuda.synchronize()
-    return {n: Timing.of([s.elapsed_time(e) for s, e in ev]) for n, ev in events.items()}
+    return {n: Timing.of([a.elapsed_time(z) for a, z in ev]) for n, ev in events.items()}
 
 
 def row(t: Timing, nbytes: int | None) -> dict[str, Any]:
@@ -192,6 +205,11 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
     kg = k.gather(2, tok[..., None].expand(-1, -1, -1, HEAD_DIM)).contiguous()
     vg = v.gather(2, tok[..., None].expand(-1, -1, -1, HEAD_DIM)).contiguous()
 
+    every = torch.arange(n_pages, device=dev, dtype=torch.int32).expand(b, KV_HEADS, -1).contiguous()
+
+    def kernel_all_pages() -> object:  # the kernel reading the whole cache: its bandwidth on a dense read
+        return decode_attention(q, k, v, every, None, page, scale, True)[0]
+
     def flash_gathered() -> object:
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION] if dev.type == "cuda" else [SDPBackend.MATH]):
             return F.scaled_dot_product_attention(q, kg, vg, scale=scale, enable_gqa=True)
@@ -204,6 +222,7 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
         "select_only": select_only,
         "kernel_only": kernel_only,
         "flash_gathered": flash_gathered,
+        "kernel_all_pages": kernel_all_pages,
     }
     times = timed(fns, reps, flush)
     kv_bytes = 2 * b * KV_HEADS * n * HEAD_DIM * 2
@@ -217,11 +236,14 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
         "select_only": summary_bytes,
         "kernel_only": sel_bytes,
         "flash_gathered": sel_bytes,
+        "kernel_all_pages": kv_bytes,
     }
     rows = {name: row(t, nbytes[name]) for name, t in times.items()}
-    dense_best = min(times["dense_cudnn"].median_ms, times["dense_flash"].median_ms)
+    dense_best = min(t.median_ms for name, t in times.items() if name.startswith("dense_"))
     speedup = {
-        name: round(dense_best / times[name].median_ms, 2) for name in ("page_topk_step", "page_topk_graph")
+        name: round(dense_best / times[name].median_ms, 2)
+        for name in ("page_topk_step", "page_topk_graph")
+        if name in times
     }
     return {
         "batch": b,
@@ -236,41 +258,130 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
     }
 
 
+def bench_methods(b: int, n: int, budget: int, reps: int, flush: torch.Tensor) -> dict[str, Any]:
+    """One decode step of every other decode method at this budget, as called (prepared ops, eager, state
+    from an earlier call), beside dense cuDNN decode in the same rounds."""
+    torch.manual_seed(100 + b)
+    dev = flush.device
+    q = torch.randn(b, HEADS, 1, HEAD_DIM, device=dev, dtype=torch.bfloat16)
+    q_obs = torch.randn(b, HEADS, 16, HEAD_DIM, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(b, KV_HEADS, n, HEAD_DIM, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(b, KV_HEADS, n, HEAD_DIM, device=dev, dtype=torch.bfloat16)
+    scale = HEAD_DIM**-0.5
+
+    def result(x: object) -> Result:
+        assert isinstance(x, Result)
+        return x
+
+    def stepper(method: str, state: Any, qq: torch.Tensor = q, **params: Any) -> Callable[[], object]:
+        op = attnlab.prepare(method, causal=True, **params)
+        return lambda: op(qq, k, v, state=state)
+
+    fns: dict[str, Callable[[], object]] = {}
+    kinds = [SDPBackend.CUDNN_ATTENTION] if dev.type == "cuda" else [SDPBackend.MATH]
+
+    def dense() -> object:
+        with sdpa_kernel(kinds):
+            return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+
+    fns["dense_cudnn"] = dense
+    fns["retrieval_heads_kv_none"] = stepper("retrieval_heads_kv", None, budget=budget)
+    fns["retrieval_heads_kv_1of8"] = stepper("retrieval_heads_kv", None, budget=budget, heads=(0,))
+    for method in ("snapkv", "h2o"):  # decided at a first call with 16 observation queries, then a step
+        st = result(attnlab.attention(q_obs, k, v, method=method, causal=True, budget=budget)).state
+        fns[f"{method}_step"] = stepper(method, st, budget=budget)
+    full = result(attnlab.attention(q, k, v, method="recycled", causal=True, budget=budget, stride=10))
+    fns["recycled_partial_step"] = stepper("recycled", full.state, budget=budget, stride=10)
+    fns["recycled_full_step"] = stepper("recycled", None, budget=budget, stride=10)
+    tsp: dict[str, Any] = {
+        "budget": budget,
+        "n_init": min(128, budget // 32),
+        "n_local": min(512, budget // 8),
+    }  # defaults at 4K
+    ts = result(attnlab.attention(q, k, v, method="tokenselect", causal=True, **tsp)).state
+    fns["tokenselect_vote"] = stepper("tokenselect", ts, threshold=1.0, **tsp)
+    fns["tokenselect_reuse"] = stepper("tokenselect", ts, **tsp)  # the same query: cosine 1
+    chosen = result(
+        attnlab.attention(q, k, v, method="tidal", causal=True, budget=budget, role="select")
+    ).state
+    fns["tidal_reuse_layer"] = stepper("tidal", chosen, budget=budget, role="reuse")
+    fns["tidal_select_layer"] = stepper("tidal", None, budget=budget, role="select")
+    times = timed(fns, reps, flush)
+    dense_t = times["dense_cudnn"].median_ms if "dense_cudnn" in times else float("nan")
+    return {
+        "batch": b,
+        "context": n,
+        "budget": budget,
+        "times": {name: row(t, None) for name, t in times.items()},
+        "speedup_vs_dense_cudnn_median": {
+            name: round(dense_t / t.median_ms, 2) for name, t in times.items() if name != "dense_cudnn"
+        },
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="JSON file to write")
     ap.add_argument("--context", type=int, default=131072, help="cache length N (tokens)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--budget", type=int, default=4096, help="tokens attended per (batch, KV head)")
-    ap.add_argument("--page", type=int, default=16, help="tokens per page")
+    ap.add_argument("--pages", type=int, nargs="+", default=[16, 32], help="page sizes of page_topk (tokens)")
+    ap.add_argument("--no-methods", action="store_true", help="time page_topk only")
     ap.add_argument("--reps", type=int, default=30, help="timed calls per side (>= 10)")
     ap.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny shapes (a dry run)")
     args = ap.parse_args()
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"
-        args.context, args.batches, args.budget, args.page, args.reps = 256, [1, 2], 64, 16, 2
+        args.context, args.batches, args.budget, args.pages, args.reps = 256, [1, 2], 64, [16], 2
         flush = torch.empty(16)
     elif not torch.cuda.is_available():
         raise SystemExit("decode_bench needs a CUDA GPU (or --smoke)")
     else:
         flush = torch.empty(256 * 2**20 // 4, device="cuda", dtype=torch.float32)
-    results = []
-    with registered(page_topk.SPEC):
+    results: list[dict[str, Any]] = []
+    methods: list[dict[str, Any]] = []
+
+    def write() -> None:  # after every part, so a run cut short keeps what it measured
+        out = {
+            "what": "one decode step (one layer) vs dense SDPA decode; GQA 32:8, D=128, bf16, L2 flushed",
+            "env": environment(flush.device),
+            "hbm_bytes_per_s": HBM_BYTES_PER_S,
+            "page_topk": results,
+            "page_topk_speedups": {
+                f"B{r['batch']}/page{r['page']}": r["speedup_vs_best_dense_median"] for r in results
+            },
+            "methods": methods,
+            "failed_sides": FAILED,
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=1))
+
+    reps = args.reps if args.smoke else max(10, args.reps)
+    with contextlib.ExitStack() as stack:
+        for spec in decode_specs:
+            stack.enter_context(registered(spec))
         for b in args.batches:
-            reps = args.reps if args.smoke else max(10, args.reps)
-            results.append(bench_batch(b, args.context, args.budget, args.page, reps, flush))
-            print(json.dumps(results[-1]), flush=True)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-    out = {
-        "what": "one decode step (one layer), page_topk vs dense SDPA; GQA 32:8, D=128, bf16, L2 flushed",
-        "env": environment(flush.device),
-        "hbm_bytes_per_s": HBM_BYTES_PER_S,
-        "results": results,
-        "median_speedups": {r["batch"]: r["speedup_vs_best_dense_median"] for r in results},
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1))
+            for page in args.pages:
+                results.append(bench_batch(b, args.context, args.budget, page, reps, flush))
+                print(json.dumps(results[-1]), flush=True)
+                write()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        if not args.no_methods:
+            for b in args.batches:
+                methods.append(
+                    bench_methods(
+                        b,
+                        args.context,
+                        args.budget,
+                        max(2, reps // 2) if args.smoke else max(10, reps // 2),
+                        flush,
+                    )
+                )
+                print(json.dumps(methods[-1]), flush=True)
+                write()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
     print("wrote", args.out)
 
 

@@ -70,6 +70,8 @@ def _page_minmax(seg: Tensor, page: int) -> tuple[Tensor, Tensor]:
         tail = seg[:, :, full * page :]
         maxs.append(tail.amax(2, keepdim=True))
         mins.append(tail.amin(2, keepdim=True))
+    if len(maxs) == 1:  # (a decode step: only the last page)
+        return maxs[0], mins[0]
     return torch.cat(maxs, 2), torch.cat(mins, 2)
 
 

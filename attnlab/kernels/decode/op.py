@@ -198,10 +198,17 @@ def decode_attention(
     causal: bool,
 ) -> tuple[Tensor, Tensor]:
     """(out, lse) of attention over the selected cache entries (see :mod:`attnlab.kernels.decode.naive`
-    for the exact meaning of ``index``, ``count`` and ``page``), through the Triton kernels."""
-    return decode_select_fwd(q, k, v, index, count, int(page), float(scale), bool(causal))
+    for the exact meaning of ``index``, ``count`` and ``page``), through the Triton kernels. Inside
+    ``torch.compile`` through the custom op; in eager mode the launcher is called directly (the custom
+    op's dispatch costs tens of microseconds of Python per call, a decode step's whole budget)."""
+    if torch.compiler.is_compiling():
+        return decode_select_fwd(q, k, v, index, count, int(page), float(scale), bool(causal))
+    return decode_launch(q, k, v, index, count, int(page), float(scale), bool(causal))
 
 
 def page_scores(q: Tensor, kmax: Tensor, kmin: Tensor, n_pages: int, reduce_max: bool = True) -> Tensor:
-    """Quest page bounds (B, H_kv, n_pages) float32 through the Triton kernel."""
-    return page_scores_op(q, kmax, kmin, int(n_pages), bool(reduce_max))
+    """Quest page bounds (B, H_kv, n_pages) float32 through the Triton kernel (the custom op inside
+    ``torch.compile``, the launcher directly otherwise)."""
+    if torch.compiler.is_compiling():
+        return page_scores_op(q, kmax, kmin, int(n_pages), bool(reduce_max))
+    return page_scores_launch(q, kmax, kmin, int(n_pages), bool(reduce_max))
