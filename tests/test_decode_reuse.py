@@ -55,7 +55,7 @@ def test_decoding_loop_matches_reference(method: str, backend: str) -> None:
         q = q_all[:, :, t : t + 1]
         res = _run(method, q, k[:, :, :n], v[:, :, :n], backend=backend, state=state, **params)
         want, ref_state = _ref(method, q, k[:, :, :n], v[:, :, :n], params, ref_state)
-        torch.testing.assert_close(res.out, want, atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(res.out, want, atol=1e-5, rtol=1e-5)
         state = res.state
         assert isinstance(state, TokenSet) and torch.equal(state.positions, ref_state.positions)
     assert state is not None and state.step > 0  # reused at least once
@@ -72,7 +72,7 @@ def test_recycled_schedule_and_scores() -> None:
     fulls = []
     for _ in range(7):
         res = _run("recycled", q, k, v, budget=6, stride=3, pool=3, state=state)
-        fulls.append(torch.allclose(res.out, dense, atol=1e-6))
+        fulls.append(torch.allclose(res.out, dense, atol=1e-5))
         state = res.state
     assert fulls == [True, False, False, True, False, False, True]  # a full step every 3 calls
 
@@ -134,12 +134,12 @@ def test_tidal_layers_pass_positions(backend: str) -> None:
     for role, (q, k, v) in zip(roles, layers, strict=True):
         res = _run("tidal", q, k, v, backend=backend, budget=10, role=role, state=state)
         want, ref_state = _ref("tidal", q, k, v, {"budget": 10, "role": role}, ref_state)
-        torch.testing.assert_close(res.out, want, atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(res.out, want, atol=1e-5, rtol=1e-5)
         state = res.state
         if role == "select":
             assert isinstance(state, TokenSet) and state.positions.shape == (2, 2, 10)
             dense = attnlab.attention(q, k, v, method="softmax", causal=True)
-            torch.testing.assert_close(res.out, dense, atol=2e-6, rtol=1e-5)
+            torch.testing.assert_close(res.out, dense, atol=1e-5, rtol=1e-5)
     q, k, _ = layers[4]
     logits = (q @ k.repeat_interleave(2, 1).transpose(2, 3))[:, :, 0] * 0.25
     want_pos = logits.view(2, 2, 2, 37).amax(2).topk(10).indices.sort(-1).values
@@ -171,7 +171,7 @@ def test_budget_covering_the_cache_is_exact() -> None:
         state = None
         for _ in range(3):
             res = _run(method, q, k, v, state=state, **params)
-            torch.testing.assert_close(res.out, dense, atol=2e-6, rtol=1e-5)
+            torch.testing.assert_close(res.out, dense, atol=1e-5, rtol=1e-5)
             state = res.state
 
 
