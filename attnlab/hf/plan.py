@@ -300,7 +300,8 @@ def load_plan(
     decode_params: Mapping[str, Any] | None = None,
 ) -> HFPlan:
     """An :class:`HFPlan` from a dict, a ``.json`` / ``.yaml`` path or an HFPlan, with the keyword
-    arguments of :func:`attnlab.hf.use` on top (they replace the plan's defaults). Checks the schema and
+    arguments of :func:`attnlab.hf.use` on top (they replace the plan's defaults; a ``prefill`` / ``decode``
+    method given here drops the plan's ``prefill_params`` / ``decode_params``). Checks the schema and
     every method name and parameter; the model's layers and heads are checked by ``use``."""
     if isinstance(plan, HFPlan):
         data: dict[str, Any] = {"prefill": plan.prefill, "decode": plan.decode, "layers": dict(plan.layers),
@@ -327,8 +328,17 @@ def load_plan(
     dec = decode if decode is not None else data.get("decode")
     pre = pre if pre is not None else (default.prefill or "softmax")
     dec = dec if dec is not None else (default.decode or "softmax")
-    pre_ref = _ref(pre, "prefill", {**(data.get("prefill_params") or {}), **(prefill_params or {})})
-    dec_ref = _ref(dec, "decode", {**(data.get("decode_params") or {}), **(decode_params or {})})
+    # a method given to use() replaces the plan's default together with the plan's parameters for it
+    pre_ref = _ref(
+        pre,
+        "prefill",
+        {**(data.get("prefill_params") or {} if prefill is None else {}), **(prefill_params or {})},
+    )
+    dec_ref = _ref(
+        dec,
+        "decode",
+        {**(data.get("decode_params") or {} if decode is None else {}), **(decode_params or {})},
+    )
 
     layers: dict[int, Assignment] = {}
     for key, value in _mapping(data.get("layers"), "plan layers").items():
