@@ -27,6 +27,11 @@ IMPORTED_INTERPRETED = interpreting()
 BLOCK_N = 64
 #: Programs the split-K launch aims for per streaming multiprocessor (enough to cover HBM latency).
 PROGRAMS_PER_SM = 4
+#: The longest run of cache tokens one split-K program reads. Why (H100, 1559cad): one full-cache KV head
+#: beside seven 4K-token ones at B=8, 128K, planned by program count alone (9 splits of 14.5K tokens), took
+#: 1016 us where its 654 MB need ~220 us at the rate the kernel reached on a dense read (89% of HBM). The
+#: cap is not measured yet.
+MAX_SPLIT_TOKENS = 2048
 #: Pages per page-score program.
 BLOCK_P = 32
 
@@ -45,11 +50,13 @@ def _target_programs(q: Tensor) -> int:
 def plan_splits(n_entries: int, page: int, outer: int, target: int) -> tuple[int, int, int]:
     """(BLOCK_N, entries per split, splits) for ``n_entries`` index entries of ``page`` tokens each and
     ``outer`` = B * H_kv * row blocks programs per split: enough splits to give about ``target`` programs,
-    each split a whole number of inner steps."""
+    and no split longer than ``MAX_SPLIT_TOKENS`` (index rows of unequal ``count``: a few full-cache rows
+    beside short ones must not fall to a few programs), each split a whole number of inner steps."""
     block_n = max(page, 16 if IMPORTED_INTERPRETED else BLOCK_N)
     ent = block_n // page
     steps = max(1, -(-n_entries // ent))
-    splits = max(1, min(steps, -(-target // max(outer, 1))))
+    cap = -(-steps * block_n // MAX_SPLIT_TOKENS)
+    splits = max(1, min(steps, max(cap, -(-target // max(outer, 1)))))
     per_split = -(-steps // splits) * ent
     splits = max(1, -(-n_entries // per_split))
     return block_n, per_split, splits
