@@ -30,6 +30,11 @@ from attnlab.hf.models import SUPPORTED_ATTENTION, ModelInfo, UnsupportedModelEr
 from attnlab.hf.plan import HFPlan, MethodRef, PlanError, check_method
 from attnlab.registry import methods
 
+#: Stateful methods whose state passes from layer to layer within a step (TidalDecode's selected positions:
+#: each layer's call gets the state the previous layer's call returned, and a step starts with the state
+#: the previous step ended with); every other stateful method keeps one state per layer.
+SHARED_STATE: frozenset[str] = frozenset({"tidal"})
+
 
 class HFRuntimeError(AttnlabError, RuntimeError):
     """A transformers call that attnlab.hf cannot run exactly (mask kind, cache layout, dropout, ...)."""
@@ -130,12 +135,10 @@ class Part:
     kv_heads: tuple[int, ...] | None
     ref: MethodRef
     op: Op
-    #: the layer's exact attention, run instead when a decode budget covers every key
-    exact: Op | None = None
-    budget: int | None = None
     #: a soft-capped layer whose model window the softcap method cannot apply: fine while it does not bite
     window_guard: int | None = None
-    exact_guard: int | None = None
+    #: where the state of a stateful method lives: per layer, or shared by the layers (see SHARED_STATE)
+    shared_state: bool = False
     _index: dict[torch.device, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     def index(self, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -181,8 +184,10 @@ class Runtime:
     """Runs a plan inside a model: the attention function, per-layer caches of prepared ops, and the
     per-layer state of stateful (decode) methods.
 
-    ``states`` maps (layer, head group, batch rows) to the state a stateful method returned last; it is
-    cleared when a new prefill starts. ``calls`` counts (layer, phase, method) of the calls made.
+    ``states`` maps (layer, head group, batch rows) to the state a stateful method returned last (for the
+    methods of :data:`SHARED_STATE`: (method, heads, batch rows), shared by the layers); it is cleared when
+    a new prefill starts. Decode methods apply their own budget rule (a budget >= the cached keys runs exact
+    attention and still updates the state). ``calls`` counts (layer, phase, method) of the calls made.
     """
 
     def __init__(self, plan: HFPlan, info: ModelInfo | None = None) -> None:
@@ -225,32 +230,20 @@ class Runtime:
             eff = effective(ref, explicit, window, cap, self.plan, where)
             check_method(eff[0], phase, where)
             groups.setdefault(eff, []).append(h)
-        exact_ref, exact_guard = effective(
-            MethodRef("softmax"), True, window, cap, self.plan, f"layer {layer}"
-        )
         group = heads // kv_heads
         out = []
         for (ref, guard), hs in groups.items():
-            backends = self.plan.backends
-            op = prepare(ref.name, causal=True, scale=scale, backend=backends.get(ref.name), **ref.kwargs)
-            budget = getattr(op.params, "budget", None) if ref.spec().family == "decode" else None
-            exact = None
-            if budget:
-                exact = prepare(
-                    exact_ref.name,
-                    causal=True,
-                    scale=scale,
-                    backend=backends.get(exact_ref.name),
-                    **exact_ref.kwargs,
-                )
+            backend = self.plan.backends.get(ref.name)
+            op = prepare(ref.name, causal=True, scale=scale, backend=backend, **ref.kwargs)
+            shared = ref.name in SHARED_STATE
             if len(hs) == heads:
-                out.append(Part(None, None, ref, op, exact, budget, guard, exact_guard))
+                out.append(Part(None, None, ref, op, guard, shared))
                 continue
             kv_groups = sorted({h // group for h in hs})
             # whole KV groups keep GQA; where heads of one KV group differ, each head gets a copy of its KV head
             whole = len(hs) == len(kv_groups) * group
             kv = tuple(kv_groups) if whole else tuple(h // group for h in hs)
-            out.append(Part(tuple(hs), kv, ref, op, exact, budget, guard, exact_guard))
+            out.append(Part(tuple(hs), kv, ref, op, guard, shared))
         return out
 
     # -- the attention function ------------------------------------------------------------------------
@@ -348,8 +341,6 @@ class Runtime:
     ) -> Tensor:  # fmt: skip
         n_k = k.shape[2]
         op, guard = part.op, part.window_guard
-        if part.exact is not None and part.budget is not None and n_k <= part.budget:
-            op, guard = part.exact, part.exact_guard  # the budget covers every key: exact attention
         if guard is not None and n_k > guard:
             raise HFRuntimeError(
                 f"layer {layer}: the model attends within a sliding window of {guard} keys and "
@@ -360,7 +351,7 @@ class Runtime:
         self.calls[(layer, phase, op.spec.name)] += 1
         if not op.spec.stateful:
             return op(q, k, v)  # type: ignore[return-value]
-        skey = (layer, i, rows)
+        skey = (part.ref.name, part.heads, rows) if part.shared_state else (layer, i, rows)
         res = op(q, k, v, state=self.states.get(skey))
         self.states[skey] = res.state  # type: ignore[union-attr]
         return res.out  # type: ignore[union-attr]

@@ -43,7 +43,13 @@ cap is then left out, and the layer computes a different function).
 
 Budgets larger than the context fall back to exact attention: a static or dynamic method whose window or
 budget covers every key computes exact causal attention (its mask keeps every key); a decode method
-whose ``budget`` (tokens) is at least the number of cached keys runs exact attention for that step.
+whose ``budget`` (tokens) is at least the number of cached keys runs exact attention for that step (the
+decode family's rule, :mod:`attnlab.catalog.decode._common`; its state is still brought up to date).
+
+Stateful decode methods keep one state per layer (per head group and per padded-batch group of
+sequences), cleared when a new prefill starts; ``tidal`` passes its selected positions from layer to layer
+(set each layer's ``role`` in ``layers``: e.g. ``{"0-1": {"decode": {"method": "tidal", "params":
+{"role": "full"}}}, 2: ...}``).
 """
 
 from __future__ import annotations

@@ -1,0 +1,141 @@
+"""attnlab.hf decode: routing to the decode method, per-layer state kept in the use() context and reset
+at a new prefill, padded batches in decode, and every decode method of attnlab.catalog.decode inside
+generation (full budget: the same tokens as dense greedy decoding)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+transformers = pytest.importorskip("transformers")
+
+import attnlab  # noqa: E402
+from attnlab.backends.eager import EAGER  # noqa: E402
+from attnlab.core import MethodSpec  # noqa: E402
+from attnlab.hf import PlanError, use  # noqa: E402
+from attnlab.params import Params  # noqa: E402
+from attnlab.registry import registered  # noqa: E402
+from tests.test_hf_core import FAST, build  # noqa: E402
+from tests.test_hf_models import padded  # noqa: E402
+
+
+@dataclass(frozen=True)
+class _StepsParams(Params):
+    """No parameters."""
+
+    method = "test_decode_steps"
+
+
+def _steps_reference(
+    q: Tensor, k: Tensor, v: Tensor, params: Any, *, causal: bool, scale: float, upcast: bool = True,
+    state: dict[str, Any] | None = None,
+) -> tuple[Tensor, dict[str, Any]]:  # fmt: skip
+    """Exact causal attention; the state counts the calls and records the cache lengths seen."""
+    out = attnlab.attention(q, k, v, method="softmax", causal=True, scale=scale, backend="reference")
+    old = state or {"calls": 0, "lengths": []}
+    return out, {"calls": old["calls"] + 1, "lengths": [*old["lengths"], k.shape[2]], "batch": q.shape[0]}
+
+
+STEPS = MethodSpec(
+    name="test_decode_steps",
+    family="decode",
+    paper="(test)",
+    summary="a stateful test decode method",
+    param_class=_StepsParams,
+    reference=_steps_reference,  # type: ignore[arg-type]
+    backends=(EAGER,),
+    patterns=frozenset({attnlab.Pattern.CAUSAL_CROSS, attnlab.Pattern.CAUSAL_SELF}),
+    test_params=({},),
+    bench_params=lambda n: [{}],
+    stateful=True,
+)
+
+
+def test_decode_calls_carry_a_per_layer_state_reset_at_a_new_prefill() -> None:
+    model = build("llama3")
+    ids, mask = padded(batch=2, pads=(0, 3))
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    with registered(STEPS):
+        match = r"'test_decode_steps' cannot run in prefill: it is a decode-only"
+        with pytest.raises(PlanError, match=match), use(model, prefill="test_decode_steps"):
+            pass
+        with use(model, decode="test_decode_steps", plan=FAST) as rt:
+            got = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+            assert torch.equal(got, want)
+            # left padding: each sequence runs on its own keys, so each keeps its own state per layer
+            assert set(rt.states) == {(layer, 0, (row,)) for layer in (0, 1) for row in (0, 1)}
+            for (_, _, (row,)), state in rt.states.items():
+                pad = 3 * row
+                assert state["calls"] == 3 and state["batch"] == 1  # 4 new tokens: 3 decode steps
+                assert state["lengths"] == [13 - pad, 14 - pad, 15 - pad]
+            assert rt.calls[(0, "decode", "test_decode_steps")] == 3 * 2
+            model.generate(ids[:1], max_new_tokens=3, min_new_tokens=3, do_sample=False)  # a new prefill
+            assert set(rt.states) == {(0, 0, None), (1, 0, None)}
+            assert all(s["calls"] == 2 and s["lengths"] == [13, 14] for s in rt.states.values())
+
+
+@contextlib.contextmanager
+def decode_methods() -> Iterator[list[str]]:
+    """The decode methods of attnlab.catalog.decode, registered for the block where they are not yet."""
+    from attnlab.catalog.decode import SPECS
+
+    with contextlib.ExitStack() as stack:
+        for spec in SPECS:
+            if spec.name not in attnlab.methods():
+                stack.enter_context(registered(spec))
+        yield [spec.name for spec in SPECS]
+
+
+#: small-budget parameters (the 12-token prompts below have 12..15 cached keys)
+SMALL: dict[str, dict[str, Any]] = {
+    "page_topk": {"budget": 8, "page": 4},
+    "retrieval_heads_kv": {"heads": (0,), "budget": 6, "sink": 2},
+    "snapkv": {"budget": 8, "window": 4, "kernel": 3},
+    "h2o": {"budget": 8, "recent": 2},
+    "recycled": {"budget": 8, "stride": 2, "pool": 3},
+    "tokenselect": {"budget": 8, "n_init": 2, "n_local": 2},
+    "tidal": {"budget": 8},
+}
+
+
+def test_every_decode_method_in_generation() -> None:
+    """Full budget: the same tokens as dense greedy decoding (on a left-padded batch); small budget (fewer
+    tokens than the cache holds): generation runs through the method at every decode step of every layer."""
+    model = build("llama3")
+    ids, mask = padded(batch=2, pads=(0, 3))
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    with decode_methods() as names:
+        assert set(SMALL) == set(names), "add the new decode method's small-budget parameters to SMALL"
+        for name in names:
+            small = SMALL[name]
+            # tidal: layer 0 selects, layer 1 reuses its positions
+            layers = (
+                {0: {"decode": {"method": "tidal", "params": {"role": "select"}}}} if name == "tidal" else {}
+            )
+            full = {**small, "budget": 10**6}
+            with use(model, decode=name, decode_params=full, plan={**FAST, "layers": layers}) as rt:
+                got = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+            assert torch.equal(got, want), name
+            assert rt.calls[(1, "decode", name)] == 3 * 2, name
+            with use(model, decode=name, decode_params=small, plan={**FAST, "layers": layers}) as rt:
+                out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+            assert out.shape == want.shape and rt.calls[(1, "decode", name)] == 3 * 2, name
+
+
+def test_tidal_passes_positions_from_layer_to_layer() -> None:
+    model = build("llama3", layers=3)
+    ids, _ = padded(batch=1)
+    with decode_methods():
+        tidal = lambda role: {"decode": {"method": "tidal", "params": {"role": role, "budget": 5}}}
+        plan = {**FAST, "layers": {0: tidal("full"), 1: tidal("select"), 2: tidal("reuse")}}
+        with use(model, plan=plan) as rt:
+            model.generate(ids, max_new_tokens=3, do_sample=False)
+        # one state for the sequence, shared by the layers (not one per layer)
+        assert list(rt.states) == [("tidal", None, None)]
+        assert rt.calls[(2, "decode", "tidal")] == 2
