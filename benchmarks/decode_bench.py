@@ -13,7 +13,7 @@ every timed call (in a model every layer reads a different cache, so nothing sta
 - ``page_topk_step``: the prepared op as called, state included (the summary update of one appended token,
   page scores, top-k, split-K decode kernel, merge);
 - ``page_topk_graph``: the same step captured in a CUDA graph (no Python/launch overhead);
-- ``select_only`` (page scores + top-k), ``kernel_only`` (decode kernel over a fixed selection),
+- ``select_only`` (page scores + top-k), ``scores_only`` / ``topk_only`` (each part alone), ``kernel_only`` (decode kernel over a fixed selection),
   ``kernel_all_pages`` (the decode kernel over every page: its bandwidth on a dense read),
   ``flash_gathered`` (FlashAttention over a pre-gathered budget-sized K/V: the floor the issue quotes).
 Bytes: dense reads K and V once; page_topk reads the page summaries (2 x N / page x D per KV head) and
@@ -196,6 +196,14 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
         s[..., (n - 1) // page :] = float("inf")
         return torch.topk(s, keep, dim=-1, sorted=False).indices
 
+    fixed_scores = page_scores(q, summary.kmax, summary.kmin, n_pages, True)
+
+    def scores_only() -> object:  # the Triton page-score kernel alone
+        return page_scores(q, summary.kmax, summary.kmin, n_pages, True)
+
+    def topk_only() -> object:  # torch.topk alone, over (B * H_kv) rows of n_pages scores
+        return torch.topk(fixed_scores, keep, dim=-1, sorted=False).indices
+
     idx = sel.index
 
     def kernel_only() -> object:
@@ -220,6 +228,8 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
         "page_topk_step": step,
         "page_topk_graph": graph_of(step),
         "select_only": select_only,
+        "scores_only": scores_only,
+        "topk_only": topk_only,
         "kernel_only": kernel_only,
         "flash_gathered": flash_gathered,
         "kernel_all_pages": kernel_all_pages,
@@ -234,6 +244,8 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
         "page_topk_step": summary_bytes + sel_bytes,
         "page_topk_graph": summary_bytes + sel_bytes,
         "select_only": summary_bytes,
+        "scores_only": summary_bytes,
+        "topk_only": None,
         "kernel_only": sel_bytes,
         "flash_gathered": sel_bytes,
         "kernel_all_pages": kv_bytes,
