@@ -1,0 +1,273 @@
+"""Prefill time and per-token decode time of a transformers causal LM under ``attnlab.hf.use`` vs sdpa.
+
+The model is built from a config with random weights (no download): by default Llama-3-8B's shape
+(32 layers, hidden 4096, GQA 32:8, head dim 128, vocab 128256), bf16 on CUDA. It is called the way a user
+calls it:
+
+- ``prefill``: ``model(ids, use_cache=True, logits_to_keep=1)`` (a fresh DynamicCache each call) inside
+  ``use(model, prefill=method)``; the sides (sdpa and each method) take turns call by call (rounds in
+  rotating order), each call timed with CUDA events; ``--reps`` calls per side.
+- ``decode``: after one untimed prefill of ``context`` tokens, ``--reps`` decode steps
+  ``model(next_token, past_key_values=cache)`` inside ``use(model, decode=method)``, each step timed
+  with CUDA events (the cache grows by one token per step). A side holds its own KV cache (16 GiB per
+  sequence at 128K for the 8B shape), so decode sides run one after another, with the sdpa side timed
+  before and after them (``sdpa`` and ``sdpa_after``) to show drift.
+- ``generate`` (with ``--generate N``): one ``model.generate(max_new_tokens=N)`` per side, wall clock,
+  reported as new tokens per second end to end (prefill included).
+
+Every row: median, min, quartiles and IQR/median of its timed calls, with device, versions and the
+commit + dirty flag (``ATTNLAB_COMMIT`` environment variable or file, else git). Before timing, each
+method's first prefill logits are compared with sdpa's (max abs difference recorded: a sparse method is
+not exact, the number says how far it is).
+
+Usage (GPU):  python benchmarks/hf_bench.py --out hf.json --contexts 32768 131072 \\
+                  --prefill streaming:window=4096 vertical_slash block_topk --decode page_topk:budget=4096
+CPU smoke:    python benchmarks/hf_bench.py --tiny --contexts 64 --reps 3 --out /tmp/hf.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from attnlab.bench.env import environment
+from attnlab.bench.timing import Timing
+
+
+def parse_method(text: str) -> tuple[str, dict[str, Any]]:
+    """``name`` or ``name:k=v,k=v`` (values parsed as JSON when they parse, else kept as strings)."""
+    name, _, rest = text.partition(":")
+    params: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"bad method spec {text!r}: expected name:key=value,key=value")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return name, params
+
+
+def build_model(tiny: bool, layers: int | None, device: torch.device, dtype: torch.dtype) -> Any:
+    import transformers
+
+    from attnlab.hf import tiny_config
+
+    if tiny:
+        cfg = tiny_config("llama3", layers=layers or 2)
+    else:  # Llama-3-8B's shape
+        cfg = transformers.LlamaConfig(
+            hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers or 32, num_attention_heads=32,
+            num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=262144,
+            rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        )  # fmt: skip
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype)
+    return model.eval()
+
+
+class Clock:
+    """Per-call timing: CUDA events on CUDA (read after one synchronisation at the end), wall clock on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.pending: dict[str, list[Any]] = {}
+
+    @contextlib.contextmanager
+    def time(self, name: str) -> Iterator[None]:
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.pending.setdefault(name, []).append((start, end))
+        else:
+            t = time.perf_counter()
+            yield
+            self.pending.setdefault(name, []).append((time.perf_counter() - t) * 1e3)
+
+    def results(self) -> dict[str, Timing]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        out = {}
+        for name, items in self.pending.items():
+            ms = [s.elapsed_time(e) for s, e in items] if self.device.type == "cuda" else items
+            out[name] = Timing.of(ms)
+        self.pending.clear()
+        return out
+
+
+def side_context(
+    model: Any, phase: str, name: str, params: dict[str, Any]
+) -> contextlib.AbstractContextManager[Any]:
+    from attnlab.hf import use
+
+    if name == "sdpa":
+        return contextlib.nullcontext()
+    if phase == "prefill":
+        return use(model, prefill=name, prefill_params=params)
+    return use(model, decode=name, decode_params=params)
+
+
+def row(timing: Timing, **fields: Any) -> dict[str, Any]:
+    return {
+        **fields, "median_ms": timing.median_ms, "min_ms": timing.min_ms, "q1_ms": timing.q1_ms,
+        "q3_ms": timing.q3_ms, "spread": timing.spread, "reps": timing.reps,
+    }  # fmt: skip
+
+
+@torch.no_grad()
+def bench_prefill(model: Any, ids: torch.Tensor, sides: dict[str, tuple[str, dict[str, Any]]], reps: int,
+                  warmup: int, device: torch.device) -> list[dict[str, Any]]:  # fmt: skip
+    def call(label: str) -> Callable[[], Any]:
+        name, params = sides[label]
+
+        def run() -> Any:
+            with side_context(model, "prefill", name, params):
+                return model(ids, use_cache=True, logits_to_keep=1).logits
+
+        return run
+
+    fns = {label: call(label) for label in sides}
+    ref = fns["sdpa"]().float()
+    diffs = {}
+    for label, fn in fns.items():
+        for _ in range(warmup):
+            out = fn()
+        diffs[label] = (fn().float() - ref).abs().max().item()
+        del out
+    clock = Clock(device)
+    labels = list(fns)
+    for r in range(reps):
+        for label in labels[r % len(labels) :] + labels[: r % len(labels)]:
+            with clock.time(label):
+                fns[label]()
+    return [
+        row(
+            t,
+            phase="prefill",
+            side=label,
+            method=sides[label][0],
+            params=sides[label][1],
+            max_abs_logit_diff_vs_sdpa=diffs[label],
+        )
+        for label, t in clock.results().items()
+    ]
+
+
+@torch.no_grad()
+def bench_decode(model: Any, ids: torch.Tensor, label: str, name: str, params: dict[str, Any], reps: int,
+                 warmup: int, device: torch.device) -> dict[str, Any]:  # fmt: skip
+    from transformers import DynamicCache
+
+    clock = Clock(device)
+    with side_context(model, "decode", name, params):
+        cache = DynamicCache(config=model.config)
+        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        token = out.logits[:, -1:].argmax(-1)
+        del out
+        for step in range(warmup + reps):
+            if step < warmup:
+                out = model(token, past_key_values=cache, use_cache=True)
+            else:
+                with clock.time(label):
+                    out = model(token, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+        del cache, out
+    t = clock.results()[label]
+    return row(t, phase="decode", side=label, method=name, params=params)
+
+
+@torch.no_grad()
+def bench_generate(model: Any, ids: torch.Tensor, label: str, name: str, params: dict[str, Any], phase: str,
+                   new: int, device: torch.device) -> dict[str, Any]:  # fmt: skip
+    with side_context(model, phase, name, params):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        s = time.perf_counter() - t
+    made = (out.shape[1] - ids.shape[1]) * ids.shape[0]
+    return {"phase": "generate", "side": label, "method": name, "params": params, "seconds": s,
+            "new_tokens": made, "tokens_per_s": made / s}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="bfloat16 (CUDA default) or float32 (CPU default)")
+    ap.add_argument("--tiny", action="store_true", help="a 2-layer Llama-3-shaped model (CPU smoke test)")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: 32, tiny: 2)")
+    ap.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072], help="prompt tokens")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prefill", nargs="*", default=["softmax"], help="methods (name:key=value,...)")
+    ap.add_argument("--decode", nargs="*", default=["softmax"], help="methods (name:key=value,...)")
+    ap.add_argument("--reps", type=int, default=10, help="timed calls per side (>= 10 for reported numbers)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--generate", type=int, default=0, help="new tokens of an end-to-end generate (0: skip)")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = (
+        getattr(torch, args.dtype)
+        if args.dtype
+        else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    )
+    from attnlab.catalog.decode import register_methods
+
+    register_methods()  # the decode family is not registered at import yet
+    model = build_model(args.tiny, args.layers, device, dtype)
+    prefill: dict[str, tuple[str, dict[str, Any]]] = {"sdpa": ("sdpa", {})}
+    prefill |= {m: parse_method(m) for m in args.prefill}
+    decode = {m: parse_method(m) for m in args.decode}
+    rows: list[dict[str, Any]] = []
+    result = {"env": environment(device), "model": model.config.to_dict(), "args": vars(args) | {"out": str(args.out)},
+              "rows": rows}  # fmt: skip
+
+    def save() -> None:
+        args.out.write_text(json.dumps(result, indent=1, default=str))
+
+    g = torch.Generator().manual_seed(0)
+    for n in args.contexts:
+        ids = torch.randint(3, model.config.vocab_size, (args.batch, n), generator=g).to(device)
+        common = {"context": n, "batch": args.batch}
+        for r in bench_prefill(model, ids, prefill, args.reps, args.warmup, device):
+            rows.append(common | r)
+        save()
+        order: list[tuple[str, str, dict[str, Any]]] = (
+            [("sdpa", "sdpa", {})] + [(m, *decode[m]) for m in decode] + [("sdpa_after", "sdpa", {})]
+        )
+        for label, name, params in order:
+            rows.append(
+                common | bench_decode(model, ids, label, name, params, args.reps, args.warmup, device)
+            )
+            save()
+        if args.generate:
+            sides: list[tuple[str, str, dict[str, Any], str]] = [("sdpa", "sdpa", {}, "prefill")] + [
+                (m, *prefill[m], "prefill") for m in args.prefill
+            ]
+            sides += [(m, *decode[m], "decode") for m in decode]
+            for label, name, params, phase in sides:
+                rows.append(
+                    common | bench_generate(model, ids, label, name, params, phase, args.generate, device)
+                )
+                save()
+    for r in rows:
+        text = f"{r['context']:>7} {r['phase']:<8} {r['side']:<32}"
+        print(text + (f" {r['median_ms']:9.3f} ms (IQR/median {r['spread'] or 0:.2f}, {r['reps']} reps)"
+                      if "median_ms" in r else f" {r['tokens_per_s']:9.1f} tokens/s"))  # fmt: skip
+    return result
+
+
+if __name__ == "__main__":
+    main()
