@@ -79,6 +79,23 @@ def test_kernel_matches_naive(case: tuple, with_count: bool, poison_empty: None)
     torch.testing.assert_close(lse[fin], want_lse[fin], atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool])
+def test_key_mask_hides_padding(dtype: torch.dtype) -> None:
+    from attnlab.kernels.decode.op import decode_attention
+
+    q, k, v = _qkv(2, 4, 2, 2, 40, 16, torch.float32)
+    idx = _index(2, 2, 10, 6, holes=False)
+    key_mask = torch.ones(2, 40, device=DEVICE)
+    key_mask[0, :13] = 0  # batch 0 left-padded by 13 tokens
+    key_mask[1, 20:22] = 0
+    out, lse = decode_attention(q, k, v, idx, None, 4, 0.3, True, key_mask.to(dtype))
+    want, want_lse = decode_attention_naive(q, k, v, idx, 4, 0.3, True, None, key_mask)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+    unmasked, _ = decode_attention_naive(q, k, v, idx, 4, 0.3, True)
+    assert not torch.allclose(want[0], unmasked[0])  # the padding mattered
+
+
 def test_fully_masked_rows_give_zeros_and_minus_inf_lse() -> None:
     from attnlab.kernels.decode.op import decode_attention
 

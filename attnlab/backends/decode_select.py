@@ -16,7 +16,8 @@ Triton kernels there) and False on the PyTorch path. The executors:
 - ``torch``: gather the selected tokens and run SDPA with their mask (any device; the CPU path).
 
 Selections are per KV head: every query head of a group attends to the same entries (the method says how
-the group's heads are combined into one choice).
+the group's heads are combined into one choice). The optional tensor input ``key_mask`` (B, N_k), > 0 for
+a real token, hides padding (a batch's left padding) from both executors and from the exact path.
 """
 
 from __future__ import annotations
@@ -69,9 +70,17 @@ Selector = Callable[
 ]
 
 
-def gather_attention(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: float, causal: bool) -> Tensor:
-    """Attention over the selected tokens by gathering them and running SDPA with their mask (any device).
-    Rows with no allowed token give 0."""
+def gather_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    sel: Selection,
+    scale: float,
+    causal: bool,
+    key_mask: Tensor | None = None,
+) -> Tensor:
+    """Attention over the selected tokens by gathering them and running SDPA with their mask (any device);
+    ``key_mask`` (B, N_k): tokens <= 0 are padding. Rows with no allowed token give 0."""
     b, h, n_q = q.shape[:3]
     n_k = k.shape[2]
     idx = sel.index.long()
@@ -82,6 +91,8 @@ def gather_attention(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: flo
     tok = (idx.clamp(min=0)[..., None] * sel.page + torch.arange(sel.page, device=idx.device)).flatten(2)
     ok = valid.repeat_interleave(sel.page, dim=-1) & (tok < n_k)
     tok = torch.where(ok, tok, torch.zeros_like(tok))
+    if key_mask is not None:
+        ok = ok & (key_mask.gather(1, tok.flatten(1)).view(tok.shape) > 0)
     kg = k.gather(2, tok[..., None].expand(-1, -1, -1, k.shape[-1]))
     vg = v.gather(2, tok[..., None].expand(-1, -1, -1, v.shape[-1]))
     mask = ok[:, :, None, :]
@@ -90,6 +101,20 @@ def gather_attention(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: flo
         mask = mask & (tok[:, :, None, :] <= pos[:, None])
     mask = expand_kv(mask.expand(b, k.shape[1], n_q, tok.shape[-1]), h)
     return sdpa_masked(q, kg, vg, mask=mask, scale=scale)
+
+
+def exact_attention(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, key_mask: Tensor | None
+) -> Tensor:
+    """Every cache token (dense SDPA: cuDNN / flash on the GPU), padding hidden when ``key_mask`` is given."""
+    if key_mask is None:
+        return sdpa_dense(q, k, v, causal=causal, scale=scale)
+    n_q, n_k = q.shape[2], k.shape[2]
+    mask = (key_mask > 0)[:, None, None, :]
+    if causal:
+        pos = torch.arange(n_q, device=q.device)[:, None] + (n_k - n_q)
+        mask = mask & (torch.arange(n_k, device=q.device)[None, :] <= pos)
+    return sdpa_masked(q, k, v, mask=mask, scale=scale)
 
 
 def _imported_interpreted() -> bool | None:
@@ -120,14 +145,15 @@ class DecodeSelectBackend(Backend):
     ) -> tuple[Tensor, Any]:
         sel, new_state = self.selector(q, k, v, call, extra, state, self.triton)
         causal = call.problem.causal
+        key_mask = extra.get("key_mask")
         if sel is None:
-            return sdpa_dense(q, k, v, causal=causal, scale=call.scale), new_state
+            return exact_attention(q, k, v, call.scale, causal, key_mask), new_state
         if self.triton:
             from attnlab.kernels.decode.op import decode_attention
 
-            out, _ = decode_attention(q, k, v, sel.index, sel.count, sel.page, call.scale, causal)
+            out, _ = decode_attention(q, k, v, sel.index, sel.count, sel.page, call.scale, causal, key_mask)
             return out, new_state
-        return gather_attention(q, k, v, sel, call.scale, causal), new_state
+        return gather_attention(q, k, v, sel, call.scale, causal, key_mask), new_state
 
     def run(self, q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor]) -> Tensor:
         return self.run_state(q, k, v, call, extra, None)[0]

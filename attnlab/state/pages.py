@@ -6,6 +6,9 @@ elementwise maximum and minimum of its keys over the tokens it holds::
 
     kmax[b, h, p, d] = max_{t in page p, t < N} k[b, h, t, d]        kmin likewise with min
 
+With a key mask (B, N) (> 0: a real token), padding tokens are left out of the max and min; a page of
+padding only has max -inf and min +inf (its scores must be masked by whoever reads it).
+
 Summaries are stored in the cache's dtype (max and min are exact in any dtype). Buffers have a capacity
 of whole pages that grows by doubling, so a decode step writes only the pages that changed: appending
 tokens to a cache summarised up to ``tokens`` recomputes the page that held token ``tokens - 1`` (if it
@@ -51,14 +54,28 @@ class PageSummary:
         n = self.n_pages
         return self.kmax[:, :, :n], self.kmin[:, :, :n]
 
+    def real_pages(self, key_mask: Tensor | None) -> Tensor | None:
+        """(B, n_pages) bool: pages holding at least one real token (None without a key mask)."""
+        if key_mask is None:
+            return None
+        n = self.n_pages
+        valid = torch.nn.functional.pad(key_mask[:, : self.tokens] > 0, (0, n * self.page - self.tokens))
+        return valid.view(valid.shape[0], n, self.page).any(-1)
+
     def nbytes(self) -> int:
         """Bytes of the summaries' valid pages (what a scoring pass reads)."""
         n = self.n_pages
         return 2 * self.kmax[:, :, :n].numel() * self.kmax.element_size()
 
 
-def _page_minmax(seg: Tensor, page: int) -> tuple[Tensor, Tensor]:
-    """(max, min) over pages of ``page`` tokens of seg (B, H, n, D); the last page may be partial."""
+def _page_minmax(seg: Tensor, page: int, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(max, min) over pages of ``page`` tokens of seg (B, H, n, D); the last page may be partial; tokens
+    where ``valid`` (B, n) is False are left out."""
+    if valid is not None:
+        keep = valid[:, None, :, None]
+        hi = torch.where(keep, seg, torch.full_like(seg, float("-inf")))
+        lo = torch.where(keep, seg, torch.full_like(seg, float("inf")))
+        return _page_minmax(hi, page)[0], _page_minmax(lo, page)[1]
     b, h, n, d = seg.shape
     full = n // page
     maxs, mins = [], []
@@ -100,10 +117,13 @@ def _check(state: PageSummary, k: Tensor, page: int) -> None:
         )
 
 
-def summarize(k: Tensor, page: int, state: PageSummary | None = None) -> PageSummary:
+def summarize(
+    k: Tensor, page: int, state: PageSummary | None = None, key_mask: Tensor | None = None
+) -> PageSummary:
     """The page summary of the cache ``k`` (B, H_kv, N, D), updated from ``state`` (the summary of an
     earlier, shorter version of the same cache; None: from scratch). Only the pages from the one holding
-    token ``state.tokens - 1`` onward are recomputed; the buffers grow by doubling when full."""
+    token ``state.tokens - 1`` onward are recomputed; the buffers grow by doubling when full.
+    ``key_mask`` (B, N): tokens <= 0 are padding, left out of the summaries."""
     b, h_kv, n_k, d = k.shape
     if page < 1:
         raise ValueError(f"page={page} must be >= 1")
@@ -127,7 +147,8 @@ def summarize(k: Tensor, page: int, state: PageSummary | None = None) -> PageSum
             bigger_min[:, :, :first] = kmin[:, :, :first]
             kmax, kmin = bigger_max, bigger_min
     if pages > first:
-        new_max, new_min = _page_minmax(k[:, :, first * page :], page)
+        valid = None if key_mask is None else key_mask[:, first * page :] > 0
+        new_max, new_min = _page_minmax(k[:, :, first * page :], page, valid)
         kmax[:, :, first:pages] = new_max
         kmin[:, :, first:pages] = new_min
     return PageSummary(page, kmax, kmin, n_k)

@@ -12,6 +12,10 @@ Conventions of every decode method (family ``decode``):
   how their scores combine), so the fast path reads each selected K/V tile once per group.
 - Stateful: ``attnlab.attention(..., state=s)`` returns a Result whose ``state`` goes into the next step;
   ``state=None`` starts a new sequence.
+- Padding: the optional tensor input ``key_mask`` (B, N_k), > 0 for a real token (e.g. a batch's left
+  padding is 0, as in Hugging Face's attention mask, cast to float), hides padding everywhere: it is never
+  attended, selected or scored, and "first tokens" (sinks) count from each sequence's first real token.
+  The mask of tokens already in the cache must not change between steps (their state was built with it).
 """
 
 from __future__ import annotations
@@ -20,12 +24,36 @@ import torch
 from torch import Tensor
 
 from attnlab.backends.decode_select import Selection
+from attnlab.core import TensorInput
 from attnlab.kernels.heads import expand_kv
 from attnlab.patterns import Pattern
 from attnlab.reference import masked_softmax_attention
 
 #: Decode methods define causal attention only (self for N_q = N_k, cross otherwise).
 CAUSAL_PATTERNS = frozenset({Pattern.CAUSAL_SELF, Pattern.CAUSAL_CROSS})
+
+
+#: The padding mask every decode method takes (optional).
+KEY_MASK = TensorInput(
+    "key_mask",
+    ("B", "N_k"),
+    "> 0 marks a real cache token, <= 0 padding (e.g. left padding of a batch); default: every token real",
+    required=False,
+)
+
+
+def valid_keys(key_mask: Tensor | None) -> Tensor | None:
+    """(B, N_k) bool of real tokens, or None when every token is real."""
+    return None if key_mask is None else key_mask > 0
+
+
+def first_real(valid: Tensor | None, b: int, device: torch.device) -> Tensor:
+    """(B,) int64: each sequence's first real token (0 without a mask; N_k for an all-padding row)."""
+    if valid is None:
+        return torch.zeros(b, dtype=torch.long, device=device)
+    n_k = valid.shape[1]
+    pos = torch.where(valid, torch.arange(n_k, device=device), n_k)
+    return pos.amin(dim=1)
 
 
 def causal_mask(n_q: int, n_k: int, device: torch.device) -> Tensor:
@@ -35,24 +63,39 @@ def causal_mask(n_q: int, n_k: int, device: torch.device) -> Tensor:
 
 
 def attend_reference(
-    q: Tensor, k: Tensor, v: Tensor, token_mask: Tensor | None, *, scale: float, upcast: bool
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    token_mask: Tensor | None,
+    *,
+    scale: float,
+    upcast: bool,
+    key_mask: Tensor | None = None,
 ) -> Tensor:
     """Causal softmax attention restricted to ``token_mask`` (B, H_kv, N_k) bool of selected cache tokens
-    (None: every token). Rows with no allowed token give 0."""
+    (None: every token) and to real tokens (``key_mask`` > 0). Rows with no allowed token give 0."""
     n_q, n_k = q.shape[2], k.shape[2]
     mask = causal_mask(n_q, n_k, q.device)
     if token_mask is not None:
         mask = expand_kv(token_mask, q.shape[1])[:, :, None, :] & mask
+    if key_mask is not None:
+        mask = (key_mask > 0)[:, None, None, :] & mask
     return masked_softmax_attention(q, k, v, scale=scale, mask=mask, upcast=upcast)
 
 
 def selection_reference(
-    q: Tensor, k: Tensor, v: Tensor, sel: Selection | None, *, scale: float, upcast: bool
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    sel: Selection | None,
+    *,
+    scale: float,
+    upcast: bool,
+    key_mask: Tensor | None = None,
 ) -> Tensor:
     """:func:`attend_reference` over a selection's tokens (None: exact)."""
-    return attend_reference(
-        q, k, v, None if sel is None else sel.token_mask(k.shape[2]), scale=scale, upcast=upcast
-    )
+    token_mask = None if sel is None else sel.token_mask(k.shape[2])
+    return attend_reference(q, k, v, token_mask, scale=scale, upcast=upcast, key_mask=key_mask)
 
 
 def require_causal(method: str, causal: bool) -> None:

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from attnlab.backends.decode_select import torch_decode, triton_decode
 from attnlab.catalog.decode import _evict
-from attnlab.catalog.decode._common import CAUSAL_PATTERNS
+from attnlab.catalog.decode._common import CAUSAL_PATTERNS, KEY_MASK
 from attnlab.core import MethodSpec
 from attnlab.params import Params
 from attnlab.state.eviction import EvictionState
@@ -57,7 +57,7 @@ class H2OParams(Params):
             raise self._fail("recent", self.recent, f"at most budget={self.budget}")
 
 
-def scores(q: Tensor, k: Tensor, params: H2OParams, scale: float) -> Tensor:
+def scores(q: Tensor, k: Tensor, params: H2OParams, scale: float, valid: Tensor | None = None) -> Tensor:
     """(B, H_kv, N_k) float32 H2O scores (module docstring), in chunks of query rows per KV group."""
     b, h, n_q, _ = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
@@ -67,7 +67,7 @@ def scores(q: Tensor, k: Tensor, params: H2OParams, scale: float) -> Tensor:
     total = torch.zeros(b, h_kv, n_k, device=q.device)
     for j in range(h_kv):
         for r0 in range(0, n_q, rows):
-            probs = _evict.causal_probs(qg[:, j, :, r0 : r0 + rows], k[:, j], scale, r0, n_q)
+            probs = _evict.causal_probs(qg[:, j, :, r0 : r0 + rows], k[:, j], scale, r0, n_q, valid)
             total[:, j] += probs.sum(2).mean(1)
     if params.normalize:
         t = torch.arange(n_k, device=q.device)
@@ -88,12 +88,23 @@ def reference(
     scale: float,
     upcast: bool = True,
     state: Any = None,
+    key_mask: Tensor | None = None,
 ) -> tuple[Tensor, EvictionState]:
     """First call (``state=None``): exact causal attention (fp32 when ``upcast``) and the H2O choice of
     ``budget`` tokens per (batch, KV head) by :func:`scores`. Later calls: causal attention over the kept
     tokens and the tokens appended since the first call."""
     return _evict.reference(
-        "h2o", scores, q, k, v, params, causal=causal, scale=scale, upcast=upcast, state=state
+        "h2o",
+        scores,
+        q,
+        k,
+        v,
+        params,
+        causal=causal,
+        scale=scale,
+        upcast=upcast,
+        state=state,
+        key_mask=key_mask,
     )
 
 
@@ -111,5 +122,6 @@ SPEC = MethodSpec(
     patterns=CAUSAL_PATTERNS,
     test_params=({"budget": 12}, {"budget": 16, "recent": 6, "normalize": False}),
     bench_params=lambda n: [{"budget": 4096}, {"budget": 1024}],
+    inputs=(KEY_MASK,),
     stateful=True,
 )

@@ -21,7 +21,9 @@ strongly, the conservative analogue of per-head selection. Quest keeps its first
 layers run which method is the model plan's business (attnlab.hf).
 
 State: :class:`attnlab.state.PageSummary` (summaries plus the number of tokens summarised); a step that
-appends tokens recomputes only the last (partial) page and the new ones.
+appends tokens recomputes only the last (partial) page and the new ones. Padding (``key_mask``) is left
+out of the summaries, and pages of padding only are never chosen (unless the budget exceeds the real
+pages; the executor then still hides their tokens).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from torch import Tensor
 from attnlab.backends.decode_select import Selection, torch_decode, triton_decode
 from attnlab.catalog.decode._common import (
     CAUSAL_PATTERNS,
+    KEY_MASK,
     attend_reference,
     require_causal,
     selection_reference,
@@ -90,18 +93,20 @@ def _scores_torch(q: Tensor, kmax: Tensor, kmin: Tensor, reduce: str) -> Tensor:
     return u.amax(2) if reduce == "max" else u.mean(2)
 
 
-def _top_pages(scores: Tensor, first_forced: int, keep: int) -> Tensor:
+def _top_pages(scores: Tensor, first_forced: int, keep: int, real: Tensor | None = None) -> Tensor:
+    if real is not None:  # pages of padding only: never chosen over a real one
+        scores = scores.masked_fill(~real[:, None, :], float("-inf"))
     scores[..., first_forced:] = float("inf")
     return torch.topk(scores, keep, dim=-1, sorted=False).indices.to(torch.int32)
 
 
-def _state(state: Any, k: Tensor, p: PageTopkParams) -> PageSummary:
+def _state(state: Any, k: Tensor, p: PageTopkParams, key_mask: Tensor | None) -> PageSummary:
     if state is not None and not isinstance(state, PageSummary):
         raise InputError(
             f"page_topk: state must be the PageSummary of an earlier step or None, got {type(state).__name__}"
         )
     try:
-        return summarize(k, p.page, state)
+        return summarize(k, p.page, state, key_mask)
     except ValueError as e:
         raise InputError(f"page_topk: {e}") from None
 
@@ -112,7 +117,8 @@ def select(
     """The pages of this step (module docstring) and the updated page summary. ``fast``: score with the
     Triton kernel (else the matmul form in PyTorch)."""
     p: PageTopkParams = call.params  # type: ignore[assignment]
-    summary = _state(state, k, p)
+    key_mask = extra.get("key_mask")
+    summary = _state(state, k, p, key_mask)
     counts = page_count(q.shape[2], k.shape[2], p)
     if counts is None:
         return None, summary
@@ -123,7 +129,8 @@ def select(
         scores = page_scores(q, summary.kmax, summary.kmin, n_pages, p.reduce == "max")
     else:
         scores = _scores_torch(q, *summary.valid(), p.reduce)
-    return Selection(_top_pages(scores, first_forced, keep), p.page), summary
+    index = _top_pages(scores, first_forced, keep, summary.real_pages(key_mask))
+    return Selection(index, p.page), summary
 
 
 def reference(
@@ -136,27 +143,34 @@ def reference(
     scale: float,
     upcast: bool = True,
     state: Any = None,
+    key_mask: Tensor | None = None,
 ) -> tuple[Tensor, PageSummary]:
     """Quest page selection from scratch (module docstring): page min/max of the whole cache and the
     elementwise bound ``sum_d max(q_d kmax_d, q_d kmin_d)`` in fp32, group reduce, top pages (query pages
-    forced), then causal softmax attention over their tokens (fp32 when ``upcast``). The incoming state is
-    ignored (the reference recomputes everything); returns (out, the page summary of k)."""
+    forced; padding left out of the summaries, pages of padding only never chosen), then causal softmax
+    attention over their real tokens (fp32 when ``upcast``). The incoming state is ignored (the reference
+    recomputes everything); returns (out, the page summary of k)."""
     require_causal("page_topk", causal)
     b, h, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
-    new_state = summarize(k, params.page)
+    new_state = summarize(k, params.page, None, key_mask)
     counts = page_count(n_q, n_k, params)
     if counts is None:
-        return attend_reference(q, k, v, None, scale=scale, upcast=upcast), new_state
+        return attend_reference(q, k, v, None, scale=scale, upcast=upcast, key_mask=key_mask), new_state
     n_pages, first_forced, keep = counts
-    kp = torch.nn.functional.pad(k.float(), (0, 0, 0, n_pages * params.page - n_k), value=float("nan"))
-    kp = kp.view(b, h_kv, n_pages, params.page, d)
-    kmax, kmin = kp.nan_to_num(float("-inf")).amax(3), kp.nan_to_num(float("inf")).amin(3)
+    real = torch.ones(b, n_k, dtype=torch.bool, device=k.device) if key_mask is None else key_mask > 0
+    real = torch.nn.functional.pad(real, (0, n_pages * params.page - n_k))  # past the end: not real
+    keys = torch.nn.functional.pad(k.float(), (0, 0, 0, n_pages * params.page - n_k))
+    keys = keys.view(b, h_kv, n_pages, params.page, d)
+    real_tok = real.view(b, 1, n_pages, params.page, 1)
+    kmax = keys.masked_fill(~real_tok, float("-inf")).amax(3)
+    kmin = keys.masked_fill(~real_tok, float("inf")).amin(3)
     qr = q.float().reshape(b, h_kv, 1, (h // h_kv) * n_q, d)
     u = torch.maximum(qr * kmax[:, :, :, None], qr * kmin[:, :, :, None]).sum(-1)  # (B, H_kv, P, rows)
     score = u.amax(-1) if params.reduce == "max" else u.mean(-1)
-    idx = _top_pages(score, first_forced, keep)
-    out = selection_reference(q, k, v, Selection(idx, params.page), scale=scale, upcast=upcast)
+    idx = _top_pages(score, first_forced, keep, real.view(b, n_pages, params.page).any(-1))
+    sel = Selection(idx, params.page)
+    out = selection_reference(q, k, v, sel, scale=scale, upcast=upcast, key_mask=key_mask)
     return out, new_state
 
 
@@ -175,5 +189,6 @@ SPEC = MethodSpec(
     patterns=CAUSAL_PATTERNS,
     test_params=({"budget": 32, "page": 4}, {"budget": 24, "page": 8, "reduce": "mean"}),
     bench_params=_bench,
+    inputs=(KEY_MASK,),
     stateful=True,
 )

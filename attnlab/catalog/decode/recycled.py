@@ -34,7 +34,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.backends.decode_select import Selection, torch_decode, triton_decode
-from attnlab.catalog.decode._common import CAUSAL_PATTERNS, attend_reference, require_causal
+from attnlab.catalog.decode._common import (
+    CAUSAL_PATTERNS,
+    KEY_MASK,
+    attend_reference,
+    require_causal,
+    valid_keys,
+)
 from attnlab.catalog.decode._evict import causal_probs, group_rows
 from attnlab.core import Call, MethodSpec
 from attnlab.errors import InputError
@@ -64,8 +70,11 @@ class RecycledParams(Params):
             raise self._fail("pool", self.pool, "an odd width")
 
 
-def keep_scores(q: Tensor, k: Tensor, params: RecycledParams, scale: float) -> Tensor:
-    """(B, H_kv, N_k) float32: the full step's attention, max over the group's heads and queries, pooled."""
+def keep_scores(
+    q: Tensor, k: Tensor, params: RecycledParams, scale: float, valid: Tensor | None = None
+) -> Tensor:
+    """(B, H_kv, N_k) float32: the full step's attention, max over the group's heads and queries, pooled;
+    padding (``valid`` False) gets no attention and scores -inf."""
     b, _, n_q, _ = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     qg = group_rows(q, h_kv)
@@ -73,10 +82,14 @@ def keep_scores(q: Tensor, k: Tensor, params: RecycledParams, scale: float) -> T
     out = torch.zeros(b, h_kv, n_k, device=q.device)
     for j in range(h_kv):
         for r0 in range(0, n_q, rows):
-            probs = causal_probs(qg[:, j, :, r0 : r0 + rows], k[:, j], scale, r0, n_q)  # (B, G, rows, N_k)
+            probs = causal_probs(
+                qg[:, j, :, r0 : r0 + rows], k[:, j], scale, r0, n_q, valid
+            )  # (B, G, rows, N_k)
             out[:, j] = torch.maximum(out[:, j], probs.amax(dim=(1, 2)))
     if params.pool > 1:
         out = F.max_pool1d(out, params.pool, stride=1, padding=params.pool // 2)
+    if valid is not None:
+        out = out.masked_fill(~valid[:, None], float("-inf"))
     return out
 
 
@@ -94,12 +107,14 @@ def _state(state: Any, k: Tensor) -> TokenSet | None:
     return state
 
 
-def _full_step(q: Tensor, k: Tensor, params: RecycledParams, scale: float) -> TokenSet:
+def _full_step(
+    q: Tensor, k: Tensor, params: RecycledParams, scale: float, valid: Tensor | None = None
+) -> TokenSet:
     n_k = k.shape[2]
     if params.budget >= n_k:
         pos = torch.arange(n_k, device=k.device, dtype=torch.int32).expand(k.shape[0], k.shape[1], -1)
         return TokenSet(pos.contiguous(), n_k, 1)
-    top = torch.topk(keep_scores(q, k, params, scale), params.budget, dim=-1, sorted=False).indices
+    top = torch.topk(keep_scores(q, k, params, scale, valid), params.budget, dim=-1, sorted=False).indices
     return TokenSet(top.sort(dim=-1).values.to(torch.int32), n_k, 1)
 
 
@@ -110,7 +125,7 @@ def select(
     p: RecycledParams = call.params  # type: ignore[assignment]
     st = _state(state, k)
     if st is None or st.step % p.stride == 0:
-        return None, _full_step(q, k, p, call.scale)
+        return None, _full_step(q, k, p, call.scale, valid_keys(extra.get("key_mask")))
     nxt = TokenSet(st.positions, st.n_k, st.step + 1)
     return Selection(st.index(k.shape[2]), 1), nxt
 
@@ -125,13 +140,16 @@ def reference(
     scale: float,
     upcast: bool = True,
     state: Any = None,
+    key_mask: Tensor | None = None,
 ) -> tuple[Tensor, TokenSet]:
     """Full steps: exact causal attention (fp32 when ``upcast``) and the kept set from the pooled
-    attention (module docstring). Other steps: causal attention over the kept and appended tokens."""
+    attention (module docstring). Other steps: causal attention over the kept and appended tokens.
+    Padding (``key_mask`` <= 0) is never attended, and kept only when the budget exceeds the real tokens."""
     require_causal("recycled", causal)
     st = _state(state, k)
     if st is None or st.step % params.stride == 0:
-        return attend_reference(q, k, v, None, scale=scale, upcast=upcast), _full_step(q, k, params, scale)
+        out = attend_reference(q, k, v, None, scale=scale, upcast=upcast, key_mask=key_mask)
+        return out, _full_step(q, k, params, scale, valid_keys(key_mask))
     mask = torch.zeros(k.shape[0], k.shape[1], k.shape[2], dtype=torch.bool, device=k.device)
     mask.scatter_(2, st.positions.long(), True)
     mask[..., st.n_k :] = True
@@ -151,5 +169,6 @@ SPEC = MethodSpec(
     patterns=CAUSAL_PATTERNS,
     test_params=({"budget": 12, "stride": 3, "pool": 3}, {"budget": 16, "stride": 2, "pool": 1}),
     bench_params=lambda n: [{"budget": 4096, "stride": 10}],
+    inputs=(KEY_MASK,),
     stateful=True,
 )

@@ -6,9 +6,10 @@ Selection (per batch and KV head, the same every step; no scores)::
     other KV heads:      tokens [0, sink) and [N_k - (budget - sink), N_k)
 
 then causal softmax attention over them. Which KV heads are retrieval heads: the ``heads`` parameter (KV
-head indices), and/or the tensor input ``retrieval`` (H_kv,) or (B, H_kv) whose entries > 0 mark
+head indices), and/or the tensor input ``retrieval`` (1, H_kv) or (B, H_kv) whose entries > 0 mark
 retrieval heads (e.g. from :mod:`attnlab.analysis` retrieval scores); their union counts. Budget in tokens
-for the non-retrieval heads (sinks included); a budget >= N_k runs exact attention for every head.
+for the non-retrieval heads (sinks included); a budget >= N_k runs exact attention for every head. With a
+``key_mask`` (left padding) the sinks are each sequence's first real tokens, and padding is never attended.
 
 Conventions of other code: DuoAttention (Xiao et al., 2024) learns a gate per KV head and runs
 "streaming heads" with sink + recent tokens (its defaults: 64 sinks, 256 recent; StreamingLLM's 4 sinks
@@ -31,7 +32,14 @@ import torch
 from torch import Tensor
 
 from attnlab.backends.decode_select import Selection, torch_decode, triton_decode
-from attnlab.catalog.decode._common import CAUSAL_PATTERNS, attend_reference, require_causal
+from attnlab.catalog.decode._common import (
+    CAUSAL_PATTERNS,
+    KEY_MASK,
+    attend_reference,
+    first_real,
+    require_causal,
+    valid_keys,
+)
 from attnlab.core import Call, MethodSpec, TensorInput
 from attnlab.errors import InputError
 from attnlab.params import Params
@@ -99,11 +107,15 @@ def select(
         return None, None
     sink, start = _window(p, n_k)
     dev = k.device
-    stream = torch.cat([torch.arange(sink, device=dev), torch.arange(start, n_k, device=dev)])  # (budget,)
+    first = first_real(valid_keys(extra.get("key_mask")), b, dev)  # sinks follow any left padding
+    sinks = first[:, None] + torch.arange(sink, device=dev)
+    sinks = torch.where(sinks < start, sinks, -1)  # (already in the window: not twice)
+    window = torch.arange(start, n_k, device=dev).expand(b, -1)
+    stream = torch.cat([sinks, window], dim=1).to(torch.int32)  # (B, budget)
     if not p.heads and "retrieval" not in extra:  # no retrieval head: budget-long lists
-        return Selection(stream.to(torch.int32).expand(b, h_kv, -1), 1), None
+        return Selection(stream[:, None].expand(b, h_kv, -1), 1), None
     every = torch.arange(n_k, device=dev, dtype=torch.int32)
-    padded = torch.nn.functional.pad(stream.to(torch.int32), (0, n_k - stream.numel()), value=-1)
+    padded = torch.nn.functional.pad(stream, (0, n_k - stream.shape[1]), value=-1)[:, None]
     index = torch.where(full[..., None], every, padded)
     count = torch.where(full, n_k, p.budget).to(torch.int32)
     return Selection(index, 1, count), None
@@ -125,20 +137,23 @@ def reference(
     upcast: bool = True,
     state: Any = None,
     retrieval: Tensor | None = None,
+    key_mask: Tensor | None = None,
 ) -> tuple[Tensor, None]:
-    """Causal softmax attention (fp32 when ``upcast``) where retrieval KV heads see every token and the
-    others see ``t < sink or t >= N_k - (budget - sink)`` (every token when budget >= N_k)."""
+    """Causal softmax attention (fp32 when ``upcast``) over real tokens (``key_mask`` > 0) where retrieval
+    KV heads see every token and the others see ``first <= t < first + sink or t >= N_k - (budget - sink)``
+    with ``first`` the sequence's first real token (every token when budget >= N_k)."""
     require_causal("retrieval_heads_kv", causal)
     b, h_kv, n_k = k.shape[0], k.shape[1], k.shape[2]
     extra = {} if retrieval is None else {"retrieval": retrieval}
     full = retrieval_mask(params, extra, b, h_kv, k.device)
     if params.budget >= n_k:
-        return attend_reference(q, k, v, None, scale=scale, upcast=upcast), None
+        return attend_reference(q, k, v, None, scale=scale, upcast=upcast, key_mask=key_mask), None
     sink, start = _window(params, n_k)
     t = torch.arange(n_k, device=k.device)
-    streaming = (t < sink) | (t >= start)
-    token_mask = full[..., None] | streaming
-    return attend_reference(q, k, v, token_mask, scale=scale, upcast=upcast), None
+    first = first_real(valid_keys(key_mask), b, k.device)[:, None]
+    streaming = ((t >= first) & (t < first + sink)) | (t >= start)  # (B, N_k)
+    token_mask = full[..., None] | streaming[:, None]
+    return attend_reference(q, k, v, token_mask, scale=scale, upcast=upcast, key_mask=key_mask), None
 
 
 def _bench(n: int) -> list[dict[str, Any]]:
@@ -164,6 +179,7 @@ SPEC = MethodSpec(
             required=False,
             broadcast=True,
         ),
+        KEY_MASK,
     ),
     stateful=True,
 )

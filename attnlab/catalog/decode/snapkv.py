@@ -29,7 +29,7 @@ from torch import Tensor
 
 from attnlab.backends.decode_select import torch_decode, triton_decode
 from attnlab.catalog.decode import _evict
-from attnlab.catalog.decode._common import CAUSAL_PATTERNS
+from attnlab.catalog.decode._common import CAUSAL_PATTERNS, KEY_MASK
 from attnlab.core import MethodSpec
 from attnlab.params import Params
 from attnlab.state.eviction import EvictionState
@@ -54,7 +54,7 @@ class SnapKVParams(Params):
             raise self._fail("kernel", self.kernel, "an odd width (the pooled scores keep their length)")
 
 
-def scores(q: Tensor, k: Tensor, params: SnapKVParams, scale: float) -> Tensor:
+def scores(q: Tensor, k: Tensor, params: SnapKVParams, scale: float, valid: Tensor | None = None) -> Tensor:
     """(B, H_kv, N_k) float32 SnapKV scores (module docstring), one KV group at a time (memory
     B x G x window x N_k floats)."""
     b, n_q = q.shape[0], q.shape[2]
@@ -65,7 +65,7 @@ def scores(q: Tensor, k: Tensor, params: SnapKVParams, scale: float) -> Tensor:
     if n_k - w <= 0:
         return out
     for j in range(h_kv):
-        probs = _evict.causal_probs(qg[:, j], k[:, j], scale, n_q - w, n_q)  # (B, G, w, N_k)
+        probs = _evict.causal_probs(qg[:, j], k[:, j], scale, n_q - w, n_q, valid)  # (B, G, w, N_k)
         s = probs.mean(2)[..., : n_k - w]
         s = F.avg_pool1d(s, params.kernel, stride=1, padding=params.kernel // 2)
         out[:, j, : n_k - w] = s.mean(1)
@@ -82,12 +82,23 @@ def reference(
     scale: float,
     upcast: bool = True,
     state: Any = None,
+    key_mask: Tensor | None = None,
 ) -> tuple[Tensor, EvictionState]:
     """First call (``state=None``): exact causal attention (fp32 when ``upcast``) and the SnapKV choice of
     ``budget`` tokens per (batch, KV head) by :func:`scores`. Later calls: causal attention over the kept
     tokens and the tokens appended since the first call."""
     return _evict.reference(
-        "snapkv", scores, q, k, v, params, causal=causal, scale=scale, upcast=upcast, state=state
+        "snapkv",
+        scores,
+        q,
+        k,
+        v,
+        params,
+        causal=causal,
+        scale=scale,
+        upcast=upcast,
+        state=state,
+        key_mask=key_mask,
     )
 
 
@@ -105,5 +116,6 @@ SPEC = MethodSpec(
     patterns=CAUSAL_PATTERNS,
     test_params=({"budget": 12, "window": 4, "kernel": 3}, {"budget": 20, "window": 64, "kernel": 5}),
     bench_params=lambda n: [{"budget": 4096}, {"budget": 1024}],
+    inputs=(KEY_MASK,),
     stateful=True,
 )

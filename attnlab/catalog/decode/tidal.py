@@ -38,7 +38,13 @@ import torch
 from torch import Tensor
 
 from attnlab.backends.decode_select import Selection, torch_decode, triton_decode
-from attnlab.catalog.decode._common import CAUSAL_PATTERNS, attend_reference, require_causal
+from attnlab.catalog.decode._common import (
+    CAUSAL_PATTERNS,
+    KEY_MASK,
+    attend_reference,
+    require_causal,
+    valid_keys,
+)
 from attnlab.catalog.decode._evict import group_rows
 from attnlab.core import Call, MethodSpec
 from attnlab.errors import InputError
@@ -66,8 +72,9 @@ class TidalParams(Params):
             raise self._fail("role", self.role, f"one of {', '.join(ROLES)}")
 
 
-def logit_scores(q: Tensor, k: Tensor, scale: float) -> Tensor:
-    """(B, H_kv, N_k) float32: max over the group's heads and the call's queries of the causal logits."""
+def logit_scores(q: Tensor, k: Tensor, scale: float, valid: Tensor | None = None) -> Tensor:
+    """(B, H_kv, N_k) float32: max over the group's heads and the call's queries of the causal logits
+    (-inf for padding, ``valid`` False)."""
     b, _, n_q, _ = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     qg = group_rows(q, h_kv)
@@ -80,16 +87,18 @@ def logit_scores(q: Tensor, k: Tensor, scale: float) -> Tensor:
             pos = torch.arange(r0, r0 + part.shape[2], device=q.device)[:, None] + (n_k - n_q)
             s = s.masked_fill(torch.arange(n_k, device=q.device)[None, :] > pos, float("-inf"))
             out[:, j] = torch.maximum(out[:, j], s.amax(dim=(1, 2)))
+    if valid is not None:
+        out = out.masked_fill(~valid[:, None], float("-inf"))
     return out
 
 
-def positions(q: Tensor, k: Tensor, p: TidalParams, scale: float) -> TokenSet:
+def positions(q: Tensor, k: Tensor, p: TidalParams, scale: float, valid: Tensor | None = None) -> TokenSet:
     """A selection layer's choice: the ``budget`` highest-scored positions (every one when it covers N_k)."""
     b, h_kv, n_k = k.shape[0], k.shape[1], k.shape[2]
     if p.budget >= n_k:
         every = torch.arange(n_k, device=k.device, dtype=torch.int32).expand(b, h_kv, -1)
         return TokenSet(every.contiguous(), n_k)
-    top = torch.topk(logit_scores(q, k, scale), p.budget, dim=-1, sorted=False).indices
+    top = torch.topk(logit_scores(q, k, scale, valid), p.budget, dim=-1, sorted=False).indices
     return TokenSet(top.sort(dim=-1).values.to(torch.int32), n_k)
 
 
@@ -115,7 +124,7 @@ def select(
     p: TidalParams = call.params  # type: ignore[assignment]
     st = _state(state, k)
     if p.role == "select":
-        return None, positions(q, k, p, call.scale)
+        return None, positions(q, k, p, call.scale, valid_keys(extra.get("key_mask")))
     if p.role == "full" or st is None:
         return None, st
     return Selection(st.index(k.shape[2]), 1), st
@@ -131,19 +140,21 @@ def reference(
     scale: float,
     upcast: bool = True,
     state: Any = None,
+    key_mask: Tensor | None = None,
 ) -> tuple[Tensor, TokenSet | None]:
-    """Causal softmax attention (fp32 when ``upcast``) by the layer's role (module docstring); returns
-    the state for the next layer."""
+    """Causal softmax attention (fp32 when ``upcast``) over real tokens (``key_mask`` > 0) by the layer's
+    role (module docstring); returns the state for the next layer."""
     require_causal("tidal", causal)
     st = _state(state, k)
+    exact = attend_reference(q, k, v, None, scale=scale, upcast=upcast, key_mask=key_mask)
     if params.role == "select":
-        return attend_reference(q, k, v, None, scale=scale, upcast=upcast), positions(q, k, params, scale)
+        return exact, positions(q, k, params, scale, valid_keys(key_mask))
     if params.role == "full" or st is None:
-        return attend_reference(q, k, v, None, scale=scale, upcast=upcast), st
+        return exact, st
     mask = torch.zeros(k.shape[0], k.shape[1], k.shape[2], dtype=torch.bool, device=k.device)
     mask.scatter_(2, st.positions.long(), True)
     mask[..., st.n_k :] = True
-    return attend_reference(q, k, v, mask, scale=scale, upcast=upcast), st
+    return attend_reference(q, k, v, mask, scale=scale, upcast=upcast, key_mask=key_mask), st
 
 
 SPEC = MethodSpec(
@@ -157,5 +168,6 @@ SPEC = MethodSpec(
     patterns=CAUSAL_PATTERNS,
     test_params=({"budget": 12, "role": "reuse"}, {"budget": 12, "role": "select"}),
     bench_params=lambda n: [{"budget": 4096, "role": "reuse"}],
+    inputs=(KEY_MASK,),
     stateful=True,
 )

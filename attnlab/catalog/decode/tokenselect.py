@@ -37,7 +37,14 @@ import torch
 from torch import Tensor
 
 from attnlab.backends.decode_select import Selection, torch_decode, triton_decode
-from attnlab.catalog.decode._common import CAUSAL_PATTERNS, attend_reference, require_causal
+from attnlab.catalog.decode._common import (
+    CAUSAL_PATTERNS,
+    KEY_MASK,
+    attend_reference,
+    first_real,
+    require_causal,
+    valid_keys,
+)
 from attnlab.core import Call, MethodSpec
 from attnlab.errors import InputError
 from attnlab.params import Params
@@ -77,13 +84,17 @@ def fingerprint(q: Tensor) -> Tensor:
     return q.float().mean(2)
 
 
-def votes(qf: Tensor, k: Tensor, lo: int, hi: int) -> Tensor:
+def votes(qf: Tensor, k: Tensor, lo: int, hi: int, allowed: Tensor | None = None) -> Tensor:
     """(B, H_kv, hi - lo) float32: per-head softmax over candidates [lo, hi) of qf . k, summed over each
-    group's heads."""
+    group's heads; ``allowed`` (B, hi - lo) bool leaves candidates out (their vote is -1)."""
     b, h, d = qf.shape
     h_kv = k.shape[1]
     s = torch.einsum("bkgd,bknd->bkgn", qf.view(b, h_kv, h // h_kv, d), k[:, :, lo:hi].float())
-    return torch.softmax(s, dim=-1).sum(2)
+    if allowed is None:
+        return torch.softmax(s, dim=-1).sum(2)
+    s = s.masked_fill(~allowed[:, None, None, :], float("-inf"))
+    vote = torch.softmax(s, dim=-1).nan_to_num(0.0).sum(2)
+    return vote.masked_fill(~allowed[:, None, :], -1.0)
 
 
 def similar(qf: Tensor, prev: Tensor | None, threshold: float) -> bool:
@@ -96,9 +107,11 @@ def similar(qf: Tensor, prev: Tensor | None, threshold: float) -> bool:
 
 
 def choose(
-    q: Tensor, k: Tensor, p: TokenSelectParams, state: TokenSet | None
+    q: Tensor, k: Tensor, p: TokenSelectParams, state: TokenSet | None, key_mask: Tensor | None = None
 ) -> tuple[Tensor | None, TokenSet]:
-    """(index (B, H_kv, n) int32 of the step's tokens, or None for exact attention; the new state)."""
+    """(index (B, H_kv, n) int32 of the step's tokens, or None for exact attention; the new state).
+    With ``key_mask`` the sinks start at each sequence's first real token, padding is no candidate, and
+    list entries that would repeat a token or name padding are holes (-1)."""
     b, h_kv, n_k = k.shape[0], k.shape[1], k.shape[2]
     qf = fingerprint(q)
     dev = k.device
@@ -111,10 +124,26 @@ def choose(
         new_state = TokenSet(state.positions, state.n_k, state.step + 1, qf)
     else:
         top = min(p.budget - p.n_init - p.n_local, hi - lo)
-        voted = (torch.topk(votes(qf, k, lo, hi), top, dim=-1, sorted=False).indices + lo).to(torch.int32)
+        valid = valid_keys(key_mask)
+        if valid is None:
+            picked = torch.topk(votes(qf, k, lo, hi), top, dim=-1, sorted=False).indices + lo
+        else:
+            first = first_real(valid, b, dev)[:, None]
+            t = torch.arange(lo, hi, device=dev)
+            allowed = valid[:, lo:hi] & (t >= first + p.n_init)
+            top_ = torch.topk(votes(qf, k, lo, hi, allowed), top, dim=-1, sorted=False).indices
+            ok = allowed[:, None, :].expand(-1, h_kv, -1).gather(2, top_)
+            picked = torch.where(ok, top_ + lo, -1)
+        voted = picked.to(torch.int32)
         new_state = TokenSet(voted, n_k, 0, qf)
-    fixed = torch.cat([torch.arange(lo, device=dev), torch.arange(hi, n_k, device=dev)]).to(torch.int32)
-    return torch.cat([fixed.expand(b, h_kv, -1), voted], dim=2), new_state
+    first_tok = first_real(valid_keys(key_mask), b, dev)[:, None]
+    sinks = first_tok + torch.arange(lo, device=dev)
+    sinks = torch.where(sinks < hi, sinks, -1)  # (already in the local window: not twice)
+    local = torch.arange(hi, n_k, device=dev).expand(b, -1)
+    fixed = torch.cat([sinks, local], dim=1).to(torch.int32)[:, None].expand(b, h_kv, -1)
+    if key_mask is not None:  # a voted token among the sinks (reused across a changed start): not twice
+        voted = torch.where((voted >= first_tok[:, None]) & (voted < first_tok[:, None] + lo), -1, voted)
+    return torch.cat([fixed, voted], dim=2), new_state
 
 
 def _state(state: Any, k: Tensor) -> TokenSet | None:
@@ -135,7 +164,7 @@ def select(
     q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor], state: Any, fast: bool
 ) -> tuple[Selection | None, TokenSet]:
     """The step's tokens (module docstring) as a token list, and the new state."""
-    index, new_state = choose(q, k, call.params, _state(state, k))  # type: ignore[arg-type]
+    index, new_state = choose(q, k, call.params, _state(state, k), extra.get("key_mask"))  # type: ignore[arg-type]
     return (None if index is None else Selection(index, 1)), new_state
 
 
@@ -149,16 +178,17 @@ def reference(
     scale: float,
     upcast: bool = True,
     state: Any = None,
+    key_mask: Tensor | None = None,
 ) -> tuple[Tensor, TokenSet]:
-    """Causal softmax attention (fp32 when ``upcast``) over the tokens :func:`choose` keeps (sinks, voted
-    tokens, local window; every token when budget >= N_k)."""
+    """Causal softmax attention (fp32 when ``upcast``) over the real tokens :func:`choose` keeps (sinks,
+    voted tokens, local window; every token when budget >= N_k)."""
     require_causal("tokenselect", causal)
-    index, new_state = choose(q, k, params, _state(state, k))
+    index, new_state = choose(q, k, params, _state(state, k), key_mask)
     if index is None:
-        return attend_reference(q, k, v, None, scale=scale, upcast=upcast), new_state
+        return attend_reference(q, k, v, None, scale=scale, upcast=upcast, key_mask=key_mask), new_state
     mask = torch.zeros(k.shape[0], k.shape[1], k.shape[2] + 1, dtype=torch.bool, device=k.device)
     mask.scatter_(2, torch.where(index >= 0, index, k.shape[2]).long(), True)
-    return attend_reference(q, k, v, mask[..., :-1], scale=scale, upcast=upcast), new_state
+    return attend_reference(q, k, v, mask[..., :-1], scale=scale, upcast=upcast, key_mask=key_mask), new_state
 
 
 SPEC = MethodSpec(
@@ -175,5 +205,6 @@ SPEC = MethodSpec(
         {"budget": 10, "n_init": 0, "n_local": 3, "threshold": 1.0},
     ),
     bench_params=lambda n: [{"budget": 4096}],
+    inputs=(KEY_MASK,),
     stateful=True,
 )

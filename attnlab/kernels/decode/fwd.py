@@ -6,7 +6,8 @@ the rows [m*BLOCK_M, (m+1)*BLOCK_M) of the group's GROUP * N_Q query rows (row r
 It walks the entries [s*PER_SPLIT, min((s+1)*PER_SPLIT, count)) of the (b, h_kv) index list; entry e
 covers the PAGE cache tokens ``IDX[e] * PAGE + [0, PAGE)``; an entry < 0 covers nothing. A token is
 allowed when it exists (< N_K), and, when CAUSAL, sits at or before the row's position
-``r % N_Q + N_K - N_Q`` (bottom-right alignment). Online softmax in base 2, fp32 accumulation; it writes
+``r % N_Q + N_K - N_Q`` (bottom-right alignment), and, with HAS_KMASK, its key-mask entry
+``KMASK[b, t] > 0`` (padding, e.g. a batch's left padding, is never attended). Online softmax in base 2, fp32 accumulation; it writes
 the split's normalised output and natural-log lse (0 and -inf for a split that saw no allowed token).
 
 ``decode_merge_kernel``. Grid: (B * H_KV * GROUP * N_Q,). Merges one row's splits by their lse:
@@ -36,13 +37,14 @@ def _dot(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def decode_split_kernel(
-    Q, K, V, IDX, CNT, O_PART, LSE_PART,
+    Q, K, V, IDX, CNT, KMASK, O_PART, LSE_PART,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
-    stride_ib, stride_ih,
+    stride_ib, stride_ih, stride_mb,
     H_KV, N_Q, N_K, N_IDX, PER_SPLIT, HEAD_D, scale,
     GROUP: tl.constexpr, PAGE: tl.constexpr, CAUSAL: tl.constexpr, HAS_CNT: tl.constexpr,
+    HAS_KMASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
@@ -86,6 +88,8 @@ def decode_split_kernel(
         pg = tl.load(i_base + ent, mask=ent_ok, other=-1)
         tok = pg * PAGE + offs_n % PAGE
         tok_ok = ent_ok & (pg >= 0) & (tok < N_K)
+        if HAS_KMASK:
+            tok_ok = tok_ok & (tl.load(KMASK + b * stride_mb + tok, mask=tok_ok, other=0) > 0)
         kv_mask = tok_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + tok[:, None].to(tl.int64) * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale

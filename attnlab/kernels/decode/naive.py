@@ -4,7 +4,8 @@ Shapes: q (B, H, N_q, D), k/v (B, H_kv, N_k, D) the whole cache; ``index`` (B, H
 of (b, h_kv) covers cache tokens ``index[b, h_kv, e] * page + [0, page)``, negative entries cover
 nothing, and with ``count`` (B, H_kv) only the first ``count[b, h_kv]`` entries count. Entries must not
 repeat (a repeated token would be counted twice). Causal is bottom-right aligned: query ``i`` sits at
-``i + N_k - N_q`` and sees tokens at or before it.
+``i + N_k - N_q`` and sees tokens at or before it. ``key_mask`` (B, N_k): tokens whose entry is <= 0 are
+padding and never attended.
 """
 
 from __future__ import annotations
@@ -38,12 +39,15 @@ def decode_attention_naive(
     scale: float,
     causal: bool,
     count: Tensor | None = None,
+    key_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out (B, H, N_q, D_v) in q's dtype, lse (B, H, N_q) float32): softmax attention of each query over
     the selected tokens of its KV head (and, when causal, at or before its position). Rows with no
     allowed token: out 0, lse -inf."""
     h, n_q, n_k = q.shape[1], q.shape[2], k.shape[2]
     sel = expand_kv(selected_mask(index, page, n_k, count), h)[:, :, None, :]  # (B, H, 1, N_k)
+    if key_mask is not None:
+        sel = sel & (key_mask > 0)[:, None, None, :]
     if causal:
         pos = torch.arange(n_q, device=q.device)[:, None] + (n_k - n_q)
         sel = sel & (torch.arange(n_k, device=q.device)[None, :] <= pos)

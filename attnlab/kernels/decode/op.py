@@ -83,9 +83,11 @@ def decode_launch(
     page: int,
     scale: float,
     causal: bool,
+    key_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Split-K decode over the selected entries (see fwd.py). q (B, H, N_q, D), k/v (B, H_kv, N_k, D) with a
-    unit last stride (copied otherwise), index (B, H_kv, n) int32, count (B, H_kv) int32 or None.
+    unit last stride (copied otherwise), index (B, H_kv, n) int32, count (B, H_kv) int32 or None,
+    key_mask (B, N_k) (> 0: a real token; any dtype) or None.
     Returns (out (B, H, N_q, D) in q's dtype, lse (B, H, N_q) float32)."""
     _check(q, k, v, index, page)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -104,15 +106,20 @@ def decode_launch(
     o_part = torch.empty(b * h_kv * splits * n_rows, block_d, device=q.device, dtype=torch.float32)
     lse_part = torch.empty(b * h_kv * splits * n_rows, device=q.device, dtype=torch.float32)
     cnt = count.to(torch.int32).contiguous() if count is not None else index  # (unused without count)
+    if key_mask is not None and (key_mask.shape != (b, n_k) or key_mask.device != q.device):
+        raise ValueError(
+            f"decode kernel: key_mask {tuple(key_mask.shape)} must be (B, N_k) = ({b}, {n_k}) on {q.device}"
+        )
+    kmask = index if key_mask is None else (key_mask if key_mask.stride(-1) == 1 else key_mask.contiguous())
     upcast = IMPORTED_INTERPRETED and q.dtype != torch.float32
     decode_split_kernel[(splits, m_blocks, b * h_kv)](
-        q, k, v, index, cnt, o_part, lse_part,
+        q, k, v, index, cnt, kmask, o_part, lse_part,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        index.stride(0), index.stride(1),
+        index.stride(0), index.stride(1), kmask.stride(0),
         h_kv, n_q, n_k, n_idx, per_split, d, float(scale),
-        GROUP=group, PAGE=page, CAUSAL=bool(causal), HAS_CNT=count is not None,
+        GROUP=group, PAGE=page, CAUSAL=bool(causal), HAS_CNT=count is not None, HAS_KMASK=key_mask is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=upcast,
         num_warps=4, num_stages=2 if q.is_cuda else 1,
@@ -165,8 +172,9 @@ def decode_select_fwd(
     page: int,
     scale: float,
     causal: bool,
+    key_mask: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    return decode_launch(q, k, v, index, count, page, scale, causal)
+    return decode_launch(q, k, v, index, count, page, scale, causal, key_mask)
 
 
 @decode_select_fwd.register_fake
@@ -179,6 +187,7 @@ def _(
     page: int,
     scale: float,
     causal: bool,
+    key_mask: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     q = q if q.stride(-1) == 1 else q.contiguous()
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
@@ -203,14 +212,15 @@ def decode_attention(
     page: int,
     scale: float,
     causal: bool,
+    key_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out, lse) of attention over the selected cache entries (see :mod:`attnlab.kernels.decode.naive`
-    for the exact meaning of ``index``, ``count`` and ``page``), through the Triton kernels. Inside
+    for the exact meaning of ``index``, ``count``, ``page`` and ``key_mask``), through the Triton kernels. Inside
     ``torch.compile`` through the custom op; in eager mode the launcher is called directly (the custom
     op's dispatch costs tens of microseconds of Python per call, a decode step's whole budget)."""
     if torch.compiler.is_compiling():
-        return decode_select_fwd(q, k, v, index, count, int(page), float(scale), bool(causal))
-    return decode_launch(q, k, v, index, count, int(page), float(scale), bool(causal))
+        return decode_select_fwd(q, k, v, index, count, int(page), float(scale), bool(causal), key_mask)
+    return decode_launch(q, k, v, index, count, int(page), float(scale), bool(causal), key_mask)
 
 
 def page_scores(q: Tensor, kmax: Tensor, kmin: Tensor, n_pages: int, reduce_max: bool = True) -> Tensor:
