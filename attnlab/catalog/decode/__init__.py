@@ -5,7 +5,23 @@ Each method is one module, imported below; each defines its ``SPEC``. They are N
 the registry-driven parity check and the benchmark do not handle stateful methods yet (a stateful call
 returns a ``Result``, the reference returns ``(out, state)``). :func:`register_methods` registers them for
 a session; ``tests/test_decode_*.py`` run each under ``attnlab.registry.registered``. Shared conventions
-(budgets in tokens, exact fallback, per-KV-head selection, state): :mod:`attnlab.catalog.decode._common`.
+(budgets in tokens, exact fallback, per-KV-head selection, state, ``key_mask`` for padding):
+:mod:`attnlab.catalog.decode._common`.
+
+How a model integration drives them (one state per layer and sequence batch, except ``tidal``):
+
+- ``page_topk``, ``retrieval_heads_kv``, ``tokenselect``: decode calls only (a prefill runs a prefill
+  method); the first decode call gets ``state=None`` and builds the state from the whole cache (page_topk:
+  O(N_k) once), each later call passes the previous call's ``Result.state``.
+- ``snapkv``, ``h2o``: the call with ``state=None`` decides what to keep and runs exact attention; route the
+  prefill itself to the method so that its last queries are the observation window (SnapKV) and every
+  prompt query votes (H2O; O(N^2) in PyTorch chunks, slow at 128K). A first decode call decides from its
+  own few queries instead.
+- ``recycled``: the call with ``state=None`` is a full step; the schedule counts calls.
+- ``tidal``: one state per decode step shared by the layers in order (see its module docstring).
+
+The state objects (:mod:`attnlab.state`) hold tensors of the batch's shape: reorder or crop the batch
+(beam search) and the state must be rebuilt (``state=None``).
 """
 # isort: skip_file
 
