@@ -13,7 +13,8 @@ every timed call (in a model every layer reads a different cache, so nothing sta
 - ``page_topk_step``: the prepared op as called, state included (the summary update of one appended token,
   page scores, top-k, split-K decode kernel, merge);
 - ``page_topk_graph``: the same step captured in a CUDA graph (no Python/launch overhead);
-- ``select_only`` (page scores + top-k), ``scores_only`` / ``topk_only`` (each part alone), ``kernel_only`` (decode kernel over a fixed selection),
+- ``select_only`` (page scores + top-k), ``scores_only`` / ``topk_only`` (each part alone), ``topk_triton`` (attnlab's row top-k
+  kernel on the same scores), ``kernel_only`` (decode kernel over a fixed selection),
   ``kernel_all_pages`` (the decode kernel over every page: its bandwidth on a dense read),
   ``flash_gathered`` (FlashAttention over a pre-gathered budget-sized K/V: the floor the issue quotes).
 Bytes: dense reads K and V once; page_topk reads the page summaries (2 x N / page x D per KV head) and
@@ -117,7 +118,7 @@ def graph_of(fn: Callable[[], object]) -> Callable[[], object]:
 
 def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.Tensor) -> dict[str, Any]:
     from attnlab.kernels.decode.naive import decode_attention_naive
-    from attnlab.kernels.decode.op import decode_attention, page_scores
+    from attnlab.kernels.decode.op import decode_attention, page_scores, row_topk
 
     torch.manual_seed(b)
     dev = flush.device
@@ -204,6 +205,9 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
     def topk_only() -> object:  # torch.topk alone, over (B * H_kv) rows of n_pages scores
         return torch.topk(fixed_scores, keep, dim=-1, sorted=False).indices
 
+    def topk_triton() -> object:  # attnlab's row top-k kernel on the same rows (page_topk.USE_TRITON_TOPK)
+        return row_topk(fixed_scores, keep)
+
     idx = sel.index
 
     def kernel_only() -> object:
@@ -230,6 +234,7 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
         "select_only": select_only,
         "scores_only": scores_only,
         "topk_only": topk_only,
+        "topk_triton": topk_triton,
         "kernel_only": kernel_only,
         "flash_gathered": flash_gathered,
         "kernel_all_pages": kernel_all_pages,
@@ -246,6 +251,7 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
         "select_only": summary_bytes,
         "scores_only": summary_bytes,
         "topk_only": None,
+        "topk_triton": None,
         "kernel_only": sel_bytes,
         "flash_gathered": sel_bytes,
         "kernel_all_pages": kv_bytes,

@@ -9,7 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnlab.kernels.decode.naive import decode_attention_naive, page_scores_naive, selected_mask
+from attnlab.kernels.decode.naive import (
+    decode_attention_naive,
+    page_scores_naive,
+    row_topk_naive,
+    selected_mask,
+)
 from attnlab.testing import device_under_test
 
 DEVICE = device_under_test()
@@ -142,16 +147,30 @@ def test_page_scores_match_naive_and_bound_every_key(reduce_max: bool) -> None:
         assert (per_page <= got + 1e-5).all()
 
 
+@pytest.mark.parametrize(("n", "k"), [(37, 5), (300, 17), (8, 8), (1, 1)])
+def test_row_topk_matches_naive_with_ties_and_infinities(n: int, k: int) -> None:
+    from attnlab.kernels.decode.op import row_topk
+
+    x = torch.randn(3, 2, n, device=DEVICE)
+    x[0, 0, : min(n, 6)] = 1.5  # ties at the top
+    x[1, 0] = 0.0  # a row of ties: the lowest positions
+    x[2, 1, -1] = float("inf")
+    x[2, 1, 0] = float("-inf")
+    x[2, 0, : n // 2] = -x[2, 0, : n // 2].abs()  # negatives order too
+    got = row_topk(x, k)
+    assert torch.equal(got, row_topk_naive(x, k))
+    assert torch.equal(got[1, 0], torch.arange(k, device=DEVICE, dtype=torch.int32))
+
+
 def test_custom_ops_compile_without_graph_breaks() -> None:
-    from attnlab.kernels.decode.op import decode_attention, page_scores
+    from attnlab.kernels.decode.op import decode_attention, page_scores, row_topk
 
     q, k, v = _qkv(1, 4, 2, 1, 40, 16, torch.float32)
 
     def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         kb = k.view(1, 2, 10, 4, 16)
         scores = page_scores(q, kb.amax(3), kb.amin(3), 10, True)
-        top = torch.topk(scores, 3, dim=-1).indices.to(torch.int32)
-        return decode_attention(q, k, v, top, None, 4, 0.25, True)[0]
+        return decode_attention(q, k, v, row_topk(scores, 3), None, 4, 0.25, True)[0]
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(q, k, v), step(q, k, v))

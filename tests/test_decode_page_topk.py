@@ -57,6 +57,17 @@ def test_backend_matches_reference_fp32(backend: str, params: dict, n_q: int, n_
     torch.testing.assert_close(res.out, want, atol=1e-5, rtol=1e-5)
 
 
+def test_triton_row_topk_picks_the_reference_pages(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(page_topk, "USE_TRITON_TOPK", True)
+    q, k, v = _qkv(2, 4, 2, 2, 77, 16)
+    res = _run(q, k, v, backend="triton", budget=32, page=4)
+    want, _ = _ref(q, k, v, budget=32, page=4)
+    torch.testing.assert_close(res.out, want, atol=1e-5, rtol=1e-5)
+    call = attnlab.resolve(q, k, v, method="page_topk", causal=True, budget=32, page=4)
+    sel, _ = page_topk.select(q, k, v, call, {}, None, True)
+    assert sel is not None and torch.equal(sel.index, sel.index.sort(-1).values)  # ascending pages
+
+
 def test_bf16_triton_within_the_accuracy_rule() -> None:
     q, k, v = _qkv(1, 8, 2, 1, 90, 32, torch.bfloat16)
     res = _run(q, k, v, backend="triton", budget=32, page=8)

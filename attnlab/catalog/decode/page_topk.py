@@ -49,6 +49,10 @@ from attnlab.params import Params
 from attnlab.state.pages import PageSummary, summarize
 
 REDUCES = ("max", "mean")
+#: Take the top pages with attnlab's Triton row top-k (:func:`attnlab.kernels.decode.op.row_topk`) instead of
+#: ``torch.topk`` on the fast path. Off until measured: on the H100 (1559cad) scores + torch.topk took
+#: 78 us (B=1) / 215 us (B=8) at 128K, page 16, the decode kernel 20 / 67 us; which part is slow is not known.
+USE_TRITON_TOPK = False
 
 
 @dataclass(frozen=True)
@@ -93,10 +97,17 @@ def _scores_torch(q: Tensor, kmax: Tensor, kmin: Tensor, reduce: str) -> Tensor:
     return u.amax(2) if reduce == "max" else u.mean(2)
 
 
-def _top_pages(scores: Tensor, first_forced: int, keep: int, real: Tensor | None = None) -> Tensor:
+def _top_pages(
+    scores: Tensor, first_forced: int, keep: int, real: Tensor | None = None, triton_topk: bool = False
+) -> Tensor:
     if real is not None:  # pages of padding only: never chosen over a real one
         scores = scores.masked_fill(~real[:, None, :], float("-inf"))
     scores[..., first_forced:] = float("inf")
+    if triton_topk:
+        from attnlab.kernels.decode.op import MAX_TOPK_ROW, row_topk
+
+        if scores.shape[-1] <= MAX_TOPK_ROW:
+            return row_topk(scores, keep)
     return torch.topk(scores, keep, dim=-1, sorted=False).indices.to(torch.int32)
 
 
@@ -129,7 +140,7 @@ def select(
         scores = page_scores(q, summary.kmax, summary.kmin, n_pages, p.reduce == "max")
     else:
         scores = _scores_torch(q, *summary.valid(), p.reduce)
-    index = _top_pages(scores, first_forced, keep, summary.real_pages(key_mask))
+    index = _top_pages(scores, first_forced, keep, summary.real_pages(key_mask), fast and USE_TRITON_TOPK)
     return Selection(index, p.page), summary
 
 

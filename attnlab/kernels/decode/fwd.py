@@ -13,6 +13,9 @@ the split's normalised output and natural-log lse (0 and -inf for a split that s
 ``decode_merge_kernel``. Grid: (B * H_KV * GROUP * N_Q,). Merges one row's splits by their lse:
 ``lse = log sum_s exp(lse_s)``, ``o = sum_s exp(lse_s - lse) o_s`` (0 and -inf when every split is empty).
 
+``row_topk_kernel``. Grid: (rows,). The positions of each row's K largest values, ascending (a
+candidate for the selection's top-k; see its docstring).
+
 ``page_score_kernel``. Grid: (cdiv(N_PAGES, BLOCK_P), B * H_KV). Quest's upper bound of q . k over a page
 from its elementwise key max and min, ``u = sum_d max(q_d max_d, q_d min_d)`` in fp32, reduced over the
 group's GROUP * N_Q query rows by max (REDUCE_MAX) or mean.
@@ -189,3 +192,33 @@ def page_score_kernel(
     if not REDUCE_MAX:
         best = best / (GROUP * N_Q)
     tl.store(OUT + (bh.to(tl.int64) * N_PAGES + pages), best, mask=p_ok)
+
+
+@triton.jit
+def row_topk_kernel(X, OUT, N, K, stride_x, stride_o, BLOCK: tl.constexpr):
+    """Grid: (rows,). The K largest of the row's N fp32 values, their positions written to OUT in
+    ascending order (ties at the K-th value: the lowest positions). The row lives in registers (N <= BLOCK):
+    the K-th value is found by a 32-step binary search over an order-preserving int32 image of the floats
+    (count of keys >= t), then a prefix sum places the chosen positions."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    ok = offs < N
+    x = tl.load(X + row * stride_x + offs, mask=ok, other=0.0)
+    bits = x.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # float order as signed int order
+    key = tl.where(ok, key, -2147483648)
+    lo = tl.full([], -2147483648, tl.int64)
+    hi = tl.full([], 2147483647, tl.int64)
+    for _ in range(32):  # invariant: at least K keys >= lo
+        mid = lo + (hi - lo + 1) // 2
+        cnt = tl.sum((ok & (key >= mid)).to(tl.int32), 0)
+        take_mid = cnt >= K
+        lo = tl.where(take_mid, mid, lo)
+        hi = tl.where(take_mid, hi, mid - 1)
+    greater = ok & (key > lo)
+    equal = ok & (key == lo)
+    need = K - tl.sum(greater.to(tl.int32), 0)
+    rank = tl.cumsum(equal.to(tl.int32), 0)
+    take = greater | (equal & (rank <= need))
+    pos = tl.cumsum(take.to(tl.int32), 0) - 1
+    tl.store(OUT + row * stride_o + pos, offs, mask=take)

@@ -69,3 +69,11 @@ def page_scores_naive(q: Tensor, kmax: Tensor, kmin: Tensor, reduce: str = "max"
     qg = q.float().reshape(b, h_kv, (h // h_kv) * n_q, 1, d)
     u = torch.maximum(qg * kmax.float()[:, :, None], qg * kmin.float()[:, :, None]).sum(-1)
     return u.amax(2) if reduce == "max" else u.mean(2)
+
+
+def row_topk_naive(x: Tensor, k: int) -> Tensor:
+    """(..., k) int32: positions of the k largest values of each row of x (..., N), ascending; ties at
+    the k-th value go to the lowest positions."""
+    n = x.shape[-1]
+    order = torch.argsort(x.float(), dim=-1, descending=True, stable=True)  # stable: lower position first
+    return order[..., :k].sort(dim=-1).values.to(torch.int32) if k <= n else order.to(torch.int32)

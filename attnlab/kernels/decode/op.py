@@ -18,7 +18,12 @@ import torch
 import triton
 from torch import Tensor
 
-from attnlab.kernels.decode.fwd import decode_merge_kernel, decode_split_kernel, page_score_kernel
+from attnlab.kernels.decode.fwd import (
+    decode_merge_kernel,
+    decode_split_kernel,
+    page_score_kernel,
+    row_topk_kernel,
+)
 from attnlab.kernels.triton_utils import head_block, interpreting, next_power_of_2
 
 #: Whether this module was imported under TRITON_INTERPRET=1 (its kernels then take CPU tensors only).
@@ -160,6 +165,44 @@ def page_scores_launch(q: Tensor, kmax: Tensor, kmin: Tensor, n_pages: int, redu
         num_warps=4,
     )  # fmt: skip
     return out
+
+
+#: The longest row :func:`row_topk` takes (the row is held in one program's registers).
+MAX_TOPK_ROW = 16384
+
+
+def row_topk_launch(x: Tensor, k: int) -> Tensor:
+    """(..., k) int32 positions of the k largest values of each row of x (..., N) float32, ascending (ties
+    at the k-th value: the lowest positions); N <= MAX_TOPK_ROW, 1 <= k <= N."""
+    n = x.shape[-1]
+    if not 1 <= k <= n or n > MAX_TOPK_ROW:
+        raise ValueError(f"row_topk: k={k} of rows of {n} values; needs 1 <= k <= N <= {MAX_TOPK_ROW}")
+    rows = x.reshape(-1, n).float()
+    rows = rows if rows.stride(-1) == 1 else rows.contiguous()
+    out = torch.empty(rows.shape[0], k, device=x.device, dtype=torch.int32)
+    block = next_power_of_2(max(n, 16))
+    row_topk_kernel[(rows.shape[0],)](
+        rows, out, n, k, rows.stride(0), out.stride(0), BLOCK=block, num_warps=min(16, max(1, block // 512))
+    )
+    return out.view(*x.shape[:-1], k)
+
+
+@torch.library.custom_op("attnlab::row_topk", mutates_args=())
+def row_topk_op(x: Tensor, k: int) -> Tensor:
+    return row_topk_launch(x, k)
+
+
+@row_topk_op.register_fake
+def _(x: Tensor, k: int) -> Tensor:
+    return x.new_empty((*x.shape[:-1], k), dtype=torch.int32)
+
+
+def row_topk(x: Tensor, k: int) -> Tensor:
+    """Positions of each row's k largest values, ascending, through the Triton kernel (not yet measured
+    against ``torch.topk``; page_topk uses it only when ``USE_TRITON_TOPK``)."""
+    if torch.compiler.is_compiling():
+        return row_topk_op(x, int(k))
+    return row_topk_launch(x, int(k))
 
 
 @torch.library.custom_op("attnlab::decode_select_fwd", mutates_args=())
