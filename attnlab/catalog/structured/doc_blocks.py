@@ -86,21 +86,23 @@ def mask(p: DocBlocksParams, ctx: MaskContext) -> MaskMod:
 
 
 def index_mask(params: DocBlocksParams, n_q: int, n_k: int, causal: bool) -> Tensor:
-    """The (N_q, N_k) bool mask from explicit segment ranges, independently of :func:`mask`."""
+    """The (N_q, N_k) bool mask filled segment by segment with slices, independently of :func:`mask`:
+    segment ``s`` holds key columns ``[e_s, e_{s+1})`` and query rows whose position ``i + N_k - N_q``
+    lies there (rows at negative positions join segment 0); causal calls keep ``j <= i + N_k - N_q``."""
+    off = n_k - n_q
     edges = [0, *params.boundaries]
     last = len(params.boundaries)
-
-    def seg(x: int) -> int:
-        return max(s for s, start in enumerate(edges) if x >= start) if x >= 0 else 0
-
     out = torch.zeros(n_q, n_k, dtype=torch.bool)
-    for i in range(n_q):
-        pos = i + n_k - n_q
-        sq = seg(pos)
-        for j in range(n_k):
-            sk = seg(j)
-            seen = sq == sk or (params.prefix_global and sk == 0) or (params.last_sees_all and sq == last)
-            out[i, j] = seen and (not causal or j <= pos)
+    for s, start in enumerate(edges):
+        end = edges[s + 1] if s < last else n_k + n_q  # past every position
+        rows = slice(0 if s == 0 else max(start - off, 0), max(end - off, 0))  # slices stop at N_q
+        out[rows, start:end] = True  # its own segment
+        if params.prefix_global:
+            out[rows, 0 : edges[1] if last else n_k] = True
+        if params.last_sees_all and s == last:
+            out[rows, :] = True
+    if causal:
+        out &= torch.ones(n_q, n_k, dtype=torch.bool).tril(diagonal=off)
     return out
 
 

@@ -26,6 +26,18 @@ Per axis (length ``L``, query coordinate ``i``, window ``k``, dilation ``d``, st
 The grid is in raster order (last axis fastest; see :mod:`attnlab.catalog.structured._grid`). The call's
 ``causal=True`` further keeps only keys ``j <= i`` in that flattened order (with every axis causal it
 changes nothing). Self-attention only (``N_q == N_k == prod(shape)``).
+
+Checked against NATTEN (github.com/SHI-Labs/NATTEN, commit 8c8729f): the reference kernel's mask
+``csrc/include/natten/cuda/reference/mask.hpp`` (``get_window_left``/``get_window_right``: ``k // 2`` and
+``k // 2 + k % 2 - 1``; ``get_win_start``/``get_win_end``: the stride-group leader, the border shift
+``(leader + right >= L) * (L - right - leader - 1)``, the causal ``[max(leader - k + 1, 0), i]``;
+``qkv_fix_dilation``: each dilation group's own length; ``NeighborhoodAttentionReferenceMask``: keys of
+the query's group only), its FlexAttention mask ``src/natten/backends/flex.py`` ``get_na_flex_mask``
+(the same rule as a clamped window centre), and ``src/natten/utils/checks.py``
+(``check_args_against_input``: ``window * dilation <= L`` and ``stride <= window`` per axis). Where we
+differ: ``window=1`` is allowed (NATTEN asks for >= 2); ``shape=None`` cuts a window longer than a
+dilation group instead of refusing it; the call-level ``causal`` above is ours; NATTEN's additional
+(cross-attention) keys are not offered.
 """
 
 from __future__ import annotations

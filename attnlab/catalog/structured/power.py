@@ -66,16 +66,30 @@ def mask(p: PowerParams, ctx: MaskContext) -> MaskMod:
 
 
 def index_mask(params: PowerParams, n_q: int, n_k: int, causal: bool) -> Tensor:
-    """The (N_q, N_k) bool mask as plain index arithmetic, independently of :func:`mask`: block distances
-    are compared with the explicit list 1, 2, 4, ... (no bit tricks); ``pos = i + N_k - N_q``."""
+    """The (N_q, N_k) bool mask as plain index arithmetic, independently of :func:`mask`: per query row,
+    the key blocks it sees are marked on a list of the key blocks (the local run ``qb - window + 1 ..
+    qb + window - 1``, the distances 1, 2, 4, ... written out on both sides, blocks ``0 .. sinks - 1``)
+    and read back per key token; ``pos = i + N_k - N_q``, ``qb = pos // block``, ``j <= pos`` when
+    causal."""
     out = torch.zeros(n_q, n_k, dtype=torch.bool)
-    powers = {2**e for e in range((n_q + n_k).bit_length() + 1)}
+    b = params.block
+    n_blocks = -(-n_k // b)  # key blocks 0 .. n_blocks - 1 exist
+    block_of_key = torch.arange(n_k) // b
     for i in range(n_q):
         pos = i + n_k - n_q
-        for j in range(n_k if not causal else max(0, min(n_k, pos + 1))):
-            qb, kb = pos // params.block, j // params.block
-            dist = abs(qb - kb)
-            out[i, j] = dist < params.window or dist in powers or kb < params.sinks
+        qb = pos // b  # below 0 when the row's position is (N_q > N_k)
+        seen = torch.zeros(n_blocks, dtype=torch.bool)
+        seen[max(qb - params.window + 1, 0) : max(qb + params.window, 0)] = True
+        seen[: params.sinks] = True
+        step = 1
+        while step <= n_blocks + abs(qb):  # no existing key block is farther
+            for kb in (qb - step, qb + step):
+                if 0 <= kb < n_blocks:
+                    seen[kb] = True
+            step *= 2
+        out[i] = seen[block_of_key]
+        if causal:
+            out[i, max(pos + 1, 0) :] = False
     return out
 
 

@@ -80,15 +80,27 @@ def mask(p: RadialParams, ctx: MaskContext) -> MaskMod:
 
 
 def index_mask(params: RadialParams, n_q: int, n_k: int, causal: bool) -> Tensor:
-    """The (N, N) bool mask with the reach written as ``window >> (r.bit_length() - 1)``, independently of
-    :func:`mask`."""
+    """The (N, N) bool mask filled frame pair by frame pair, independently of :func:`mask`: the reach
+    starts at ``window`` and is halved each time the frame distance reaches the next power of two (2, 4,
+    8, ...); inside a pair of frames the kept pairs are the band ``|s_q - s_k| < reach``."""
     _check_self(n_q, n_k)
-    f = params.frame
-    out = torch.zeros(n_q, n_k, dtype=torch.bool)
-    for i in range(n_q):
-        for j in range(i + 1 if causal else n_k):
-            r = max(abs(i // f - j // f), 1)
-            out[i, j] = abs(i % f - j % f) < params.reach >> (r.bit_length() - 1)
+    f, n = params.frame, n_q
+    frames = -(-n // f)
+    limit, halved = 2, params.reach  # frame distances below `limit` keep a reach of at least 1
+    while halved // 2 > 0:
+        halved, limit = halved // 2, limit * 2
+    out = torch.zeros(n, n, dtype=torch.bool)
+    for fq in range(frames):
+        rows = torch.arange(fq * f, min((fq + 1) * f, n))
+        for fk in range(max(0, fq - limit + 1), min(frames, fq + limit)):
+            reach, doubling = params.reach, 2
+            while doubling <= abs(fq - fk):
+                reach, doubling = reach // 2, doubling * 2
+            cols = torch.arange(fk * f, min((fk + 1) * f, n))
+            band = ((rows - fq * f)[:, None] - (cols - fk * f)[None, :]).abs() < reach
+            out[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] = band
+    if causal:
+        out &= torch.ones(n, n, dtype=torch.bool).tril()
     return out
 
 

@@ -19,8 +19,15 @@ calls need ``j <= p``::
 With ``H_kv >= vert_stride`` the residues of the heads cover every key block: the union of the heads'
 shards is the whole context (tested). The pattern depends on the head, which attnlab's static plans
 (one mask for every head) do not express, so this method runs on its own two backends: FlexAttention
-with a per-head BlockMask and SDPA with a per-head dense mask. Sharding follows the dkernel code of the
-paper (linxihui/dkernel ``get_sparse_attn_mask``), with its vertical stride taken per KV head.
+with a per-head BlockMask and SDPA with a per-head dense mask.
+
+Sharding follows the paper's dkernel code (linxihui/dkernel ``utils.get_sparse_attn_mask``: absolute
+vertical positions ``(kb + h * head_sliding_step + head_sliding_offset) % vert_stride == 0`` per KV head,
+local blocks ``(local, 1)`` when causal and ``(local, local)`` both ways otherwise, queries bottom-right
+at ``past_len + i``), with two choices of ours: the step is ``max(1, vert_stride // H_kv)`` (dkernel divides
+by the query heads H, so with GQA its KV heads take neighbouring residues and may leave some uncovered),
+and non-causal calls keep the absolute, per-head shards (dkernel's bidirectional default,
+``vert_position_type='relative'``, strides relative to the local window and is the same for every head).
 """
 
 from __future__ import annotations
@@ -84,17 +91,26 @@ def mask(p: StridedHeadsParams, ctx: MaskContext, heads: int, kv_heads: int) -> 
 
 def index_mask(params: StridedHeadsParams, n_q: int, n_k: int, causal: bool, kv_heads: int) -> Tensor:
     """The (H_kv, N_q, N_k) bool mask per KV head as plain index arithmetic, independently of :func:`mask`
-    (query head ``h`` uses row ``h // (H / H_kv)``)."""
+    (query head ``h`` uses row ``h // (H / H_kv)``): per query row the slice of its local key blocks
+    (the same for every head), then per head the columns of the key blocks it owns, listed;
+    ``j <= pos`` when causal."""
+    b, off = params.block, n_k - n_q
+    n_blocks = -(-n_k // b)
+    local = torch.zeros(n_q, n_k, dtype=torch.bool)
+    for i in range(n_q):
+        qb = (i + off) // b
+        first = max(qb - params.local + 1, 0)
+        last = qb if causal else min(qb + params.local - 1, n_blocks)  # key blocks, inclusive
+        if last >= first:
+            local[i, first * b : (last + 1) * b] = True
+    block_of_key = torch.arange(n_k) // b
     out = torch.zeros(kv_heads, n_q, n_k, dtype=torch.bool)
     for g in range(kv_heads):
         offset = head_offset(params, g, kv_heads)
-        owned = {kb for kb in range(n_k // params.block + 1) if (kb + offset) % params.vert_stride == 0}
-        for i in range(n_q):
-            pos = i + n_k - n_q
-            for j in range(n_k):
-                d = pos // params.block - j // params.block
-                local = 0 <= d < params.local if causal else abs(d) < params.local
-                out[g, i, j] = (local or j // params.block in owned) and (not causal or j <= pos)
+        owned = torch.tensor([(kb + offset) % params.vert_stride == 0 for kb in range(n_blocks)])
+        out[g] = local | owned[block_of_key][None, :]
+    if causal:
+        out &= torch.ones(n_q, n_k, dtype=torch.bool).tril(diagonal=off)
     return out
 
 
