@@ -62,14 +62,32 @@ def test_the_search_runs_log_rounds_of_2k_scored_blocks(monkeypatch: pytest.Monk
     calls: list[int] = []
     scores = hip._block_scores
 
-    def counting(q_rows, k_tiles, k_valid, blocks):  # type: ignore[no-untyped-def]
+    def counting(q_rows, k, blocks, block, sample):  # type: ignore[no-untyped-def]
         calls.append(blocks.shape[-1])
-        return scores(q_rows, k_tiles, k_valid, blocks)
+        return scores(q_rows, k, blocks, block, sample)
 
     monkeypatch.setattr(hip, "_block_scores", counting)
     search(q, k, HipParams(block=BS, mask_k=2 * BS, window=1, sink=0), causal=True)
     # the last query block has 15 candidate blocks: 2 nodes of 7 and 8, halved 3 times
     assert calls == [4] * math.ceil(math.log2(math.ceil(15 / 2)))
+
+
+@pytest.mark.parametrize("sample", [1, 2, 5, 16])
+def test_a_block_scores_by_its_middle_keys(monkeypatch: pytest.MonkeyPatch, sample: int) -> None:
+    monkeypatch.setattr(hip, "CHUNK_ELEMENTS", 500)  # several query-block chunks
+    g = torch.Generator().manual_seed(3)
+    n_k, bs = 70, 16  # the last block holds 6 keys
+    q_rows = torch.randn(2, 1, 2, 3, 4, 8, generator=g)  # (B, Hkv, G, NQB, R, D)
+    k = torch.randn(2, 1, n_k, 8, generator=g)
+    blocks = torch.randint(0, 5, (2, 1, 2, 3, 6), generator=g)
+    got = hip._block_scores(q_rows, k, blocks, bs, sample)
+    for idx in blocks.flatten().unique().tolist():
+        real = min(bs, n_k - idx * bs)
+        lo = idx * bs + max(0, (real - sample) // 2)
+        keys = k[:, :, lo : min(lo + sample, idx * bs + real)]  # (B, Hkv, S', D)
+        want = torch.einsum("bhgqrd,bhsd->bhgqrs", q_rows, keys).amax((-1, -2))  # (B, Hkv, G, NQB)
+        where = blocks == idx
+        torch.testing.assert_close(got[where], want[..., None].expand_as(blocks)[where])
 
 
 def test_sink_and_window_blocks_are_always_kept() -> None:
@@ -140,6 +158,8 @@ def test_bench_budgets_give_block_topk_like_densities() -> None:
         ({"mask_k": 0}, "mask_k"),
         ({"stride_q": 0}, "stride_q"),
         ({"block": 16, "stride_q": 17}, "stride_q"),
+        ({"sample_k": 0}, "sample_k"),
+        ({"block": 16, "sample_k": 17}, "sample_k"),
         ({"window": 0}, "window"),
         ({"sink": -1}, "sink"),
     ],

@@ -11,14 +11,15 @@ key blocks to find; positions bottom-right aligned, query ``r`` at ``r + N_k - N
     else: K nodes (start, size) split the candidates evenly (start_m = floor(C m / K)); while a node is
       larger than one block:
         each node splits into halves [s, s + size // 2) and [s + size // 2, s + size)
-        a half's score = max over the scoring queries (rows stride_q - 1, 2 stride_q - 1, ... of the
-          block) and over the keys of its representative block (its centre, s + size // 2) of q . k
+        a half's score = max of q . k over the scoring queries (rows stride_q - 1, 2 stride_q - 1, ... of
+          the block) and the ``sample_k`` keys in the middle of its representative block (its centre
+          block, s + size // 2)
         keep the K best halves
       the K final one-block nodes are kept
 
 Attention is exact softmax attention over the kept blocks' pairs (causal: the causal rule inside the
 tiles that straddle the diagonal). Each search step scores 2K blocks per query block and there are
-ceil(log2(C / K)) steps: O(N_q / bs * K * log(N_k / (K bs)) * (bs / stride_q) * bs * D) per head.
+ceil(log2(C / K)) steps: O(N_q / bs * K * log(N_k / (K bs)) * (bs / stride_q) * sample_k * D) per head.
 Non-causal calls use the same rule with the candidates on both sides of the window (the official
 non-causal mode puts every query at the end of the keys instead).
 
@@ -35,10 +36,12 @@ max_group_size > 1", and the attention kernel's causal window (keys with distanc
 prototype (``v1_0/attention1.py``, ``mask``) is a different, per-query multi-scale search.
 Deliberate differences: the tree's leaves are executor tiles of ``block`` keys (the official leaves are
 ``block_size_k`` = 2 keys, which a block-sparse executor cannot run), so ``mask_k`` is rounded up to
-blocks and the sink and the window to whole blocks; the initial nodes are not aligned to power-of-two
-starts; batch > 1 and GQA are per (batch, query head) plans without repeating k.
+blocks and the sink and the window to whole blocks, and a node is represented by ``sample_k`` keys in the
+middle of its centre block (the official one by the ``block_size_k`` keys of its centre leaf); the
+initial nodes are not aligned to power-of-two starts; batch > 1 and GQA are per (batch, query head) plans without repeating k.
 
-Defaults: ``mask_k`` 512, ``block`` 64, ``stride_q`` 2, ``window`` 256, ``sink`` 16 (the v1.1 defaults).
+Defaults: ``mask_k`` 512, ``block`` 64, ``stride_q`` 2, ``sample_k`` 2 (block_size_k), ``window`` 256,
+``sink`` 16 (the v1.1 defaults).
 """
 
 from __future__ import annotations
@@ -63,13 +66,16 @@ class HipParams(Params):
     """``mask_k``: key tokens the tree search keeps per query block, rounded up to blocks (>= 1; default
     512). ``block``: tile size (query block and search leaf), one of 16, 32, 64, 128, 256 (default 64).
     ``stride_q``: every stride_q-th query of a block scores (1 <= stride_q <= block; default 2).
-    ``window``: tokens of local window always kept, own position included, rounded out to blocks (>= 1;
-    default 256). ``sink``: first tokens always kept, rounded up to blocks (>= 0; default 16)."""
+    ``sample_k``: keys in the middle of a representative block that score (1 <= sample_k <= block;
+    default 2; ``block``: the whole block). ``window``: tokens of local window always kept, own position
+    included, rounded out to blocks (>= 1; default 256). ``sink``: first tokens always kept, rounded up
+    to blocks (>= 0; default 16)."""
 
     method = "hip"
     mask_k: int = 512
     block: int = 64
     stride_q: int = 2
+    sample_k: int = 2
     window: int = 256
     sink: int = 16
 
@@ -78,6 +84,7 @@ class HipParams(Params):
             raise ParamError(f"hip: block={self.block!r}; the executor takes tiles of {BLOCKS}")
         self.check_int("mask_k", minimum=1)
         self.check_int("stride_q", minimum=1, maximum=self.block)
+        self.check_int("sample_k", minimum=1, maximum=self.block)
         self.check_int("window", minimum=1)
         self.check_int("sink", minimum=0)
 
@@ -122,20 +129,35 @@ def _scoring_rows(geo: Geometry, stride: int) -> Tensor:
     return torch.minimum(first[:, None] + m[None, :] * stride + stride - 1, last[:, None])
 
 
-def _block_scores(q_rows: Tensor, k_tiles: Tensor, k_valid: Tensor, blocks: Tensor) -> Tensor:
-    """max over rows and keys of q . k for each listed key block.
+#: Elements of the gathered keys and of the score tensor per step of :func:`_block_scores` (memory bound).
+CHUNK_ELEMENTS = 1 << 26
 
-    q_rows (B, Hkv, G, NQB, R, D), k_tiles (B, Hkv, NKB, bs, D), k_valid (NKB, bs) bool,
-    blocks (B, Hkv, G, NQB, M) long -> (B, Hkv, G, NQB, M) fp32."""
+
+def _block_scores(q_rows: Tensor, k: Tensor, blocks: Tensor, block: int, sample: int) -> Tensor:
+    """max over the scoring rows and the ``sample`` keys at the middle of each listed key block of q . k.
+
+    q_rows (B, Hkv, G, NQB, R, D) and k (B, Hkv, N_k, D) fp32, blocks (B, Hkv, G, NQB, M) long ->
+    (B, Hkv, G, NQB, M) fp32. Query blocks are taken in chunks so that no step holds more than
+    CHUNK_ELEMENTS gathered keys or scores."""
     b, hkv, g, nqb, m = blocks.shape
-    bs, d = k_tiles.shape[-2:]
-    flat = blocks.reshape(b, hkv, g * nqb * m)
-    keys = torch.gather(k_tiles.flatten(3), 2, flat[..., None].expand(-1, -1, -1, bs * d))
-    keys = keys.view(b, hkv, g, nqb, m, bs, d)
-    s = torch.einsum("bhgqrd,bhgqmtd->bhgqmrt", q_rows, keys).amax(dim=-2)  # (..., M, bs)
-    if not bool(k_valid.all()):
-        s = s.masked_fill(~k_valid[blocks], float("-inf"))
-    return s.amax(dim=-1)
+    n_k, d = k.shape[2], k.shape[3]
+    r = q_rows.shape[-2]
+    real = torch.clamp(n_k - blocks * block, max=block)  # keys of each block inside the matrix
+    first = blocks * block + torch.clamp((real - sample) // 2, min=0)
+    idx = first[..., None] + torch.arange(sample, device=k.device)  # (..., M, S)
+    valid = idx < blocks[..., None] * block + real[..., None]
+    idx = idx.clamp(max=n_k - 1)
+    step = max(1, CHUNK_ELEMENTS // max(1, b * hkv * g * m * sample * max(d, r)))
+    out = []
+    for lo in range(0, nqb, step):
+        part = idx[:, :, :, lo : lo + step]
+        nq = part.shape[3]
+        flat = part.reshape(b, hkv, g * nq * m * sample)
+        keys = torch.gather(k, 2, flat[..., None].expand(-1, -1, -1, d)).view(b, hkv, g, nq, m, sample, d)
+        s = torch.einsum("bhgqrd,bhgqmsd->bhgqmrs", q_rows[:, :, :, lo : lo + step], keys).amax(dim=-2)
+        s = s.masked_fill(~valid[:, :, :, lo : lo + step], float("-inf"))
+        out.append(s.amax(dim=-1))
+    return torch.cat(out, dim=3)
 
 
 def search(q: Tensor, k: Tensor, params: HipParams, *, causal: bool) -> Tensor:
@@ -160,15 +182,13 @@ def search(q: Tensor, k: Tensor, params: HipParams, *, causal: bool) -> Tensor:
     size = size.expand(b, hkv, g, -1, -1).contiguous()
     rows = _scoring_rows(geo, params.stride_q)
     q_rows = q.detach().float()[:, :, rows].view(b, hkv, g, geo.nqb, rows.shape[1], d)
-    pad = geo.nkb * bs - n_k
-    k_tiles = torch.nn.functional.pad(k.detach().float(), (0, 0, 0, pad)).view(b, hkv, geo.nkb, bs, d)
-    k_valid = (torch.arange(geo.nkb * bs, device=dev) < n_k).view(geo.nkb, bs)
+    kf = k.detach().float()
     while bool((size > 1).any()):
         half = size // 2
         c_start = torch.stack((start, start + half), -1).flatten(-2)
         c_size = torch.stack((half, size - half), -1).flatten(-2)
         rep = cand.block_of(c_start + c_size // 2).clamp(0, geo.nkb - 1)
-        score = _block_scores(q_rows, k_tiles, k_valid, rep)
+        score = _block_scores(q_rows, kf, rep, bs, params.sample_k)
         score = score.masked_fill(c_size == 0, float("-inf"))
         top = torch.topk(score, kk, dim=-1).indices
         start, size = torch.gather(c_start, -1, top), torch.gather(c_size, -1, top)
@@ -213,7 +233,7 @@ SPEC = MethodSpec(
     estimate=estimate,
     test_params=(
         {"block": 16, "mask_k": 16, "window": 16, "sink": 16},
-        {"block": 16, "mask_k": 16, "window": 1, "sink": 0, "stride_q": 1},
+        {"block": 16, "mask_k": 16, "window": 1, "sink": 0, "stride_q": 1, "sample_k": 4},
     ),
     bench_params=_bench,
 )
