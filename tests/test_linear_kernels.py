@@ -66,16 +66,37 @@ def test_gla_chunk_kernel_matches_the_recurrence(n: int, chunk: int, poison_empt
     _compare_with_recurrence(_inputs(n, 8, 12, 1.0), chunk)
 
 
-@pytest.mark.parametrize("gates", ["none", "near-zero-decay", "near-one-decay"])
+@pytest.mark.parametrize(
+    "gates", ["none", "near-zero-decay", "near-one-decay", "head", "head-near-zero-decay", "head-as-b-h-n-1"]
+)
 def test_gla_chunk_kernel_without_decay_and_at_decay_extremes(gates: str) -> None:
+    """Per-channel gates and gates shared by the channels (lightning's per-head decay broadcast over
+    (B, H, N, K), or a (B, H, N, 1) gate: the scalar-gate kernels), at their extremes."""
     xs = _inputs(33, 8, 8, 1.0)
+    g = xs[3]
+    assert g is not None
     if gates == "none":
         xs[3] = None
     elif gates == "near-zero-decay":  # decay ~ e^-30 per token: exp(-G) over a chunk would overflow
-        xs[3] = -30.0 - torch.rand_like(xs[3])  # type: ignore[arg-type]
-    else:  # decay 1 - 1e-6
-        xs[3] = torch.full_like(xs[3], -1e-6)  # type: ignore[arg-type]
+        xs[3] = -30.0 - torch.rand_like(g)
+    elif gates == "near-one-decay":  # decay 1 - 1e-6
+        xs[3] = torch.full_like(g, -1e-6)
+    elif gates == "head":  # a leaf of shape (B, H, 1, 1), expanded inside (its gradient reduces back)
+        xs[3] = torch.tensor([-0.3, -0.05]).to(DEV).view(1, 2, 1, 1)
+    elif gates == "head-near-zero-decay":
+        xs[3] = (-30.0 - torch.rand(1, 2, 33, 1)).to(DEV)
+    else:
+        xs[3] = g[..., :1].clone()
     _compare_with_recurrence(xs, 16)
+
+
+def test_gates_shared_by_the_channels_take_the_scalar_gate_kernels() -> None:
+    op = _op()
+    g = torch.randn(1, 2, 5, 1)
+    assert op._scalar_gate(g, 1, 2, 5, 8)[0]
+    assert op._scalar_gate(torch.randn(1, 2, 1, 1).expand(1, 2, 5, 8), 1, 2, 5, 8)[0]
+    assert op._scalar_gate(None, 1, 2, 5, 8) == (True, None)
+    assert not op._scalar_gate(torch.randn(1, 2, 5, 8), 1, 2, 5, 8)[0]
 
 
 def test_gla_chunk_kernel_with_several_key_slices_and_value_blocks() -> None:
@@ -150,11 +171,14 @@ def test_interpreter_bfloat16_dots_are_upcast() -> None:
 
 @pytest.mark.parametrize(
     ("n", "chunk", "gate"),
-    [(1, 16, "channel"), (63, 16, "channel"), (100, 64, "head"), (32, 32, "none")],
-    ids=["n1", "n63", "n100-chunk64-head-gate", "one-whole-chunk32-deltanet"],
-)
+    [(1, 16, "channel"), (63, 16, "channel"), (100, 64, "head"), (32, 32, "none"), (40, 16, "strong"),
+     (70, 64, "channel")],
+    ids=["n1", "n63", "n100-chunk64-head-gate", "one-whole-chunk32-deltanet", "n40-near-zero-decay",
+         "n70-chunk64"],
+)  # fmt: skip
 def test_delta_kernels_match_the_recurrence(n: int, chunk: int, gate: str, poison_empty: None) -> None:
-    """Output, final state and the gradients of q, k, v, beta, g and the initial state."""
+    """Output, final state and the gradients of q, k, v, beta, g and the initial state (forward: the
+    chunked WY/UT form; per-channel gates, per-head gates, plain DeltaNet)."""
     q, k, v, g, h0 = _inputs(n, 8, 8, 1.0, h=1)
     k = F.normalize(k, dim=-1)
     beta = torch.rand(1, 1, n, generator=torch.Generator().manual_seed(5)).to(DEV)
@@ -162,6 +186,8 @@ def test_delta_kernels_match_the_recurrence(n: int, chunk: int, gate: str, poiso
         g = g[..., :1].clone()  # type: ignore[index]
     elif gate == "none":
         g = None
+    elif gate == "strong":  # decay ~ e^-30 per token on half the channels
+        g = torch.where(torch.arange(8).to(DEV) % 2 == 0, -30.0, g)  # type: ignore[arg-type]
     xs = [q, k, v, beta, g, h0]
     leaves = [t.clone().requires_grad_(True) if t is not None else None for t in xs]
     ref = [t.clone().requires_grad_(True) if t is not None else None for t in xs]

@@ -1,5 +1,7 @@
 # mypy: ignore-errors
-"""Triton backward kernels of the chunked gated linear recurrence (see ``fwd.py`` for layout and tiling).
+"""Triton backward kernels: dq/dk/dv of the chunked gated linear recurrence under per-channel gates (one
+chunk per program; the scalar-gate one and the state-gradient pass are in ``chunk.py``), and the gated
+delta rule's exact reverse recurrence.
 
 Per chunk, with S the state at its start (saved by the forward), dH the gradient of the state at its end,
 A_ij = sum_d q_id k_jd exp(G_id - G_jd) (j <= i) and dA_ij = do_i . v_j::
@@ -7,10 +9,11 @@ A_ij = sum_d q_id k_jd exp(G_id - G_jd) (j <= i) and dA_ij = do_i . v_j::
     dq_i = scale [ exp(G_i) * (S do_i) + sum_{j<=i} dA_ij k_j * exp(G_i - G_j) ]
     dk_j = scale sum_{i>=j} dA_ij q_i * exp(G_i - G_j) + exp(G_C - G_j) * (dH v_j)
     dv_j = scale sum_{i>=j} A_ij do_i + (k_j * exp(G_C - G_j)) dH
-    dH_prev = exp(G_C) * dH + scale sum_i (q_i * exp(G_i)) do_i^T       (the state's gradient, backwards)
+    dH_prev = exp(G_C) * dH + scale sum_i (q_i * exp(G_i)) do_i^T       (the state's gradient, backwards:
+                                                                        ``chunk.py``'s stages 1 and 2)
 
-The log-decays' gradient needs no kernel: dg_t = sum_{s>=t} (q_s . dq_s - k_s . dk_s) per channel, plus
-sum_v S_N * dS_N (computed by the launcher from dq and dk in float32).
+The log-decays' gradient needs no kernel: dG_t = q_t * dq_t - k_t * dk_t per channel, plus at each
+chunk's last row sum_v S_end * dS_end (the scan's tail), taken back through the cumsum by autograd.
 """
 
 from __future__ import annotations
@@ -19,48 +22,6 @@ import triton
 import triton.language as tl
 
 from attnlab.kernels.linear.fwd import _diag_scores, _row, _tile
-
-
-@triton.jit
-def gla_bwd_state_kernel(
-    Q, DO, GC, DHT, DHS, DH0,
-    N, NP, DK, DV, scale,
-    HAS_DHT: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
-):  # fmt: skip
-    """The state's gradient, chunk by chunk backwards: DHS[c] is the gradient of the state at the end of
-    chunk c; DH0 that of the initial state. One program per (value block, batch * head)."""
-    pid_v = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    q_ptr = Q + bh * N * DK
-    do_ptr = DO + bh * N * DV + pid_v * BV
-    g_ptr = GC + bh * NP * DK
-    dv_left = DV - pid_v * BV
-    if UPCAST:  # noqa: SIM108  (Triton's CPU interpreter has no bfloat16 dot)
-        dt = tl.float32
-    else:
-        dt = DO.dtype.element_ty
-    rk = tl.arange(0, BK)
-    rv = tl.arange(0, BV)
-    state_mask = (rk[:, None] < DK) & (rv[None, :] < dv_left)
-    state_off = rk[:, None] * DV + pid_v * BV + rv[None, :]
-    if HAS_DHT:
-        dh = tl.load(DHT + bh * DK * DV + state_off, mask=state_mask, other=0.0).to(tl.float32)
-    else:
-        dh = tl.zeros((BK, BV), dtype=tl.float32)
-    n_chunks = tl.cdiv(N, BT)
-    for cc in range(n_chunks):
-        c = n_chunks - 1 - cc
-        t0 = c * BT
-        tl.store(DHS + (bh * n_chunks + c) * DK * DV + state_off, dh, mask=state_mask)
-        q_c = _tile(q_ptr, t0, N, 0, DK, DK, BT, BK)
-        g_c = _tile(g_ptr, t0, NP, 0, DK, DK, BT, BK)
-        do_c = _tile(do_ptr, t0, N, 0, dv_left, DV, BT, BV)
-        g_last = _row(g_ptr, t0 + BT - 1, 0, DK, DK, BK)
-        q_d = (q_c * tl.exp(g_c) * scale).to(dt)
-        dh = dh * tl.exp(g_last)[:, None] + tl.dot(tl.trans(q_d), do_c.to(dt), input_precision=DOT_PREC)
-    tl.store(DH0 + bh * DK * DV + state_off, dh, mask=state_mask)
 
 
 @triton.jit

@@ -1,13 +1,18 @@
 """Launchers and ``torch.library`` custom ops of the linear-family Triton kernels.
 
-- :func:`gla_chunk` ``(q, k, v, g, scale, state, chunk) -> (o, state)`` (the signature of the naive twin): the gated linear recurrence by
-  chunks (``attnlab::gla_chunk_fwd`` / ``attnlab::gla_chunk_bwd``), differentiable in q, k, v, g and the
-  initial state; a short call without gradients (decode, N <= ``DECODE_MAX``) runs the recurrent step
-  kernel instead (``attnlab::linear_step``).
+- :func:`gla_chunk` ``(q, k, v, g, scale, state, chunk) -> (o, state)`` (the signature of the naive twin): the
+  gated linear recurrence by chunks (``attnlab::gla_chunk_fwd`` / ``attnlab::gla_chunk_bwd``), chunk-parallel
+  in three stages (``chunk.py``: per-chunk local states, a scan over chunk states, per-chunk outputs; the
+  backward's state gradient the same way reversed, then dq/dk/dv per chunk), differentiable in q, k, v,
+  g and the initial state. A gate shared by all channels (lightning's per-head decay, linear's none, a
+  (B, H, N, 1) gate) runs the scalar-gate kernels (64-row score tiles); per-channel gates (gla) make the
+  intra-chunk scores in 16-row sub-blocks. A short call without gradients (decode, N <= ``DECODE_MAX``)
+  runs the recurrent step kernel instead (``attnlab::linear_step``).
 - :func:`delta_chunk` ``(q, k, v, beta, g, scale, state, chunk) -> (o, state)``: the gated delta rule
-  (``attnlab::delta_chunk_fwd`` / ``attnlab::delta_chunk_bwd``), token by token with the state saved at
-  every chunk start; the backward recomputes each chunk from its saved state and walks it backwards
-  (exact; differentiable in q, k, v, beta, g and the initial state). Not the WY/UT tensor-core form.
+  (``attnlab::delta_chunk_fwd`` / ``attnlab::delta_chunk_bwd``). Forward in the chunked WY/UT form
+  (``chunk.py``: per-chunk T = (I + A_kk)^-1, W, U0 in parallel; one sequential pass over the chunk states;
+  per-chunk outputs in parallel). Backward: the exact reverse recurrence token by token from the state
+  saved at every chunk start (differentiable in q, k, v, beta, g and the initial state); not chunked yet.
 - :func:`linear_step`: the recurrent step kernel of the gated linear recurrence and of the gated delta
   rule (forward only; a few tokens against a carried state).
 
@@ -22,8 +27,17 @@ import torch.nn.functional as F
 import triton
 from torch import Tensor
 
-from attnlab.kernels.linear.bwd import delta_bwd_kernel, gla_bwd_kernel, gla_bwd_state_kernel
-from attnlab.kernels.linear.fwd import delta_fwd_kernel, gla_fwd_kernel, recurrent_step_kernel
+from attnlab.kernels.linear.bwd import delta_bwd_kernel, gla_bwd_kernel
+from attnlab.kernels.linear.chunk import (
+    chunk_bwd_scalar_kernel,
+    chunk_local_state_kernel,
+    chunk_out_kernel,
+    chunk_scan_kernel,
+    delta_h_kernel,
+    delta_wy_kernel,
+    intra_scores_kernel,
+)
+from attnlab.kernels.linear.fwd import recurrent_step_kernel
 from attnlab.kernels.linear.limits import kernel_refusals
 from attnlab.kernels.triton_utils import head_block, interpreting
 
@@ -74,55 +88,149 @@ def chunk_cumsum(
     return gp.view(b, h, n_chunks, chunk, dk).cumsum(3).view(b, h, np_, dk)
 
 
+def chunk_cumsum_scalar(g: Tensor | None, b: int, h: int, n: int, chunk: int, device: torch.device) -> Tensor:
+    """The chunk-local inclusive cumsum of a gate with one value per token (g broadcastable to (B, H, N)),
+    float32 (B, H, NP), zero-padded to whole chunks (zeros without g)."""
+    n_chunks = triton.cdiv(n, chunk)
+    np_ = n_chunks * chunk
+    if g is None:
+        return torch.zeros(b, h, np_, dtype=torch.float32, device=device)
+    gp = F.pad(g.float().expand(b, h, n), (0, np_ - n))
+    return gp.view(b, h, n_chunks, chunk).cumsum(3).view(b, h, np_)
+
+
+def _scalar_gate(g: Tensor | None, b: int, h: int, n: int, dk: int) -> tuple[bool, Tensor | None]:
+    """(whether g holds one value per token, shared by every channel; g as (B, H, N) then, else as
+    (B, H, N, K)). A gate broadcast over the channels (stride 0, or a last dim of 1) is scalar."""
+    if g is None:
+        return True, None
+    gx = g.expand(b, h, n, dk)
+    if gx.shape[-1] == 1 or gx.stride(-1) == 0:
+        return True, gx[..., 0]
+    return False, gx
+
+
+def _gate_code(gc: Tensor) -> int:
+    """GATE of the chunk kernels: 2 for per-channel cumsums (B, H, NP, K), 1 for one per token (B, H, NP)."""
+    return 2 if gc.dim() == 4 else 1
+
+
+#: Tile of the chunk-state scan (stage 2): small, for many programs (each walks every chunk).
+SCAN_BK = 32
+SCAN_BV = 32
+
+
+def chunk_states(
+    x: Tensor, y: Tensor, gc: Tensor, init: Tensor | None, scale: float, chunk: int, backward: bool,
+    fwd_states: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:  # fmt: skip
+    """Stages 1 and 2: (the state at every chunk start (B, H, chunks, K, V), the final state, None) for
+    x = k, y = v; with ``backward``, x = q, y = do, init = the final state's gradient: (the state's
+    gradient at every chunk end, the initial state's gradient, and with ``fwd_states`` = (the forward's
+    states at the chunk starts, its final state) sum_v S_end * dS_end (B, H, chunks, K)). float32."""
+    b, h, n, dk = x.shape
+    dv = y.shape[-1]
+    n_chunks = triton.cdiv(n, chunk)
+    np_ = n_chunks * chunk
+    gate = _gate_code(gc)
+    buf = torch.empty(b, h, n_chunks, dk, dv, dtype=torch.float32, device=x.device)
+    final = torch.empty(b, h, dk, dv, dtype=torch.float32, device=x.device)
+    bk, bv = min(head_block(dk), 64), min(head_block(dv), 64)
+    nkb = triton.cdiv(dk, bk)
+    chunk_local_state_kernel[(nkb * triton.cdiv(dv, bv), n_chunks, b * h)](
+        x, y, gc, buf, n, np_, dk, dv, nkb, float(scale),
+        BACKWARD=backward, GATE=gate, BT=chunk, BK=bk, BV=bv, DOT_PREC=_prec(x), UPCAST=_upcast(x),
+        num_warps=4,
+    )  # fmt: skip
+    init_c = init.float().contiguous() if init is not None else final
+    sk, sv = min(head_block(dk), SCAN_BK), min(head_block(dv), SCAN_BV)
+    nkb, nvb = triton.cdiv(dk, sk), triton.cdiv(dv, sv)
+    tail = None
+    if fwd_states is not None:
+        tail = torch.empty(nvb, b, h, n_chunks, dk, dtype=torch.float32, device=x.device)
+    hs_f, ht_f = fwd_states if fwd_states is not None else (buf, final)
+    chunk_scan_kernel[(nkb * nvb, b * h)](
+        buf, gc, init_c, final, hs_f, ht_f, tail if tail is not None else final, n, np_, dk, dv, nkb,
+        REVERSE=backward, HAS_INIT=init is not None, GATE=gate, HAS_TAIL=tail is not None,
+        BT=chunk, BK=sk, BV=sv, num_warps=4,
+    )  # fmt: skip
+    return buf, final, (tail.sum(0) if tail is not None else None)
+
+
+def intra_scores(x: Tensor, k: Tensor, gc: Tensor, beta: Tensor | None, chunk: int, strict: bool) -> Tensor:
+    """The intra-chunk scores of per-channel gates (B, H, NP, chunk) float32: row t, column j of t's
+    chunk: (beta_t) sum_d x_td k_jd exp(G_td - G_jd) for j <= t (j < t when ``strict``), else 0."""
+    b, h, n, dk = x.shape
+    np_ = gc.shape[2]
+    a = torch.empty(b, h, np_, chunk, dtype=torch.float32, device=x.device)
+    intra_scores_kernel[(np_ // SUB, b * h)](
+        x, k, gc, beta if beta is not None else a, a, n, np_, dk,
+        STRICT=strict, HAS_BETA=beta is not None, BT=chunk, BS=SUB, BK=head_block(dk), BKS=16,
+        DOT_PREC=_prec(x), UPCAST=_upcast(x), num_warps=4,
+    )  # fmt: skip
+    return a
+
+
+def chunk_output(
+    q: Tensor, k: Tensor, v: Tensor, gc: Tensor, hs: Tensor, a: Tensor | None, scale: float, chunk: int
+) -> Tensor:
+    """Stage 3: o (B, H, N, V) in q's dtype from the states at the chunk starts ``hs`` and, for
+    per-channel gates, the intra-chunk scores ``a``. v may have NP rows (the delta rule's U)."""
+    b, h, n, dk = q.shape
+    dv = v.shape[-1]
+    n_chunks = triton.cdiv(n, chunk)
+    bv = min(head_block(dv), 64)
+    o = torch.empty(b, h, n, dv, dtype=q.dtype, device=q.device)
+    chunk_out_kernel[(triton.cdiv(dv, bv), n_chunks, b * h)](
+        q, k, v, gc, hs, a if a is not None else hs, o, n, v.shape[2], gc.shape[2], dk, dv, float(scale),
+        GATE=_gate_code(gc), BT=chunk, BK=head_block(dk), BV=bv, DOT_PREC=_prec(q), UPCAST=_upcast(q),
+        num_warps=4,
+    )  # fmt: skip
+    return o
+
+
 def gla_fwd_launch(
     q: Tensor, k: Tensor, v: Tensor, gc: Tensor, h0: Tensor | None, scale: float, chunk: int, save: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(o (B, H, N, V) in q's dtype, final state (B, H, K, V) fp32, states at the chunk starts
-    (B, H, chunks, K, V) fp32, or an empty tensor without ``save``)."""
+    (B, H, chunks, K, V) fp32, or an empty tensor without ``save``). gc: the chunk-local cumsum of the
+    log-decays, (B, H, NP, K) per channel or (B, H, NP) one per token (``chunk_cumsum*``)."""
     _check(q, k, v, chunk)
     q, k, v, gc = (t.contiguous() for t in (q, k, v, gc))
-    b, h, n, dk = q.shape
-    dv = v.shape[-1]
-    n_chunks = triton.cdiv(n, chunk)
-    bk, bks, bv, _ = _blocks(dk, dv)
-    o = torch.empty(b, h, n, dv, dtype=q.dtype, device=q.device)
-    ht = torch.empty(b, h, dk, dv, dtype=torch.float32, device=q.device)
-    hs = torch.empty((b, h, n_chunks, dk, dv) if save else (0,), dtype=torch.float32, device=q.device)
-    h0c = h0.float().contiguous() if h0 is not None else ht
-    grid = (triton.cdiv(dv, bv), b * h)
-    gla_fwd_kernel[grid](
-        q, k, v, gc, h0c, o, ht, hs, n, gc.shape[2], dk, dv, float(scale),
-        HAS_H0=h0 is not None, SAVE_HS=save, BT=chunk, BS=SUB, BK=bk, BKS=bks, BV=bv,
-        DOT_PREC=_prec(q), UPCAST=_upcast(q), num_warps=4,
-    )  # fmt: skip
-    return o, ht, hs
+    hs, ht, _ = chunk_states(k, v, gc, h0, 1.0, chunk, backward=False)
+    a = intra_scores(q, k, gc, None, chunk, strict=False) if gc.dim() == 4 else None
+    o = chunk_output(q, k, v, gc, hs, a, scale, chunk)
+    return o, ht, (hs if save else hs.new_empty(0))
 
 
 def gla_bwd_launch(
-    q: Tensor, k: Tensor, v: Tensor, gc: Tensor, hs: Tensor, do: Tensor, dht: Tensor | None,
+    q: Tensor, k: Tensor, v: Tensor, gc: Tensor, hs: Tensor, ht: Tensor, do: Tensor, dht: Tensor | None,
     scale: float, chunk: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """(dq, dk, dv fp32, the state's gradient at each chunk end (B, H, chunks, K, V), dh0), fp32."""
+    """(dq, dk, dv, sum_v S_end * dS_end per chunk and key channel (B, H, chunks, K), dh0), fp32; hs, ht:
+    the forward's states at the chunk starts and its final state."""
     q, k, v, gc, do = (t.contiguous() for t in (q, k, v, gc, do))
     b, h, n, dk = q.shape
     dv = v.shape[-1]
     n_chunks = triton.cdiv(n, chunk)
-    bk, bks, bv, bv_full = _blocks(dk, dv)
-    dhs = torch.empty(b, h, n_chunks, dk, dv, dtype=torch.float32, device=q.device)
-    dh0 = torch.empty(b, h, dk, dv, dtype=torch.float32, device=q.device)
-    dht_c = dht.float().contiguous() if dht is not None else dh0
-    gla_bwd_state_kernel[(triton.cdiv(dv, bv), b * h)](
-        q, do, gc, dht_c, dhs, dh0, n, gc.shape[2], dk, dv, float(scale),
-        HAS_DHT=dht is not None, BT=chunk, BK=bk, BV=bv, DOT_PREC=_prec(q), UPCAST=_upcast(q), num_warps=4,
-    )  # fmt: skip
+    dhs, dh0, tail = chunk_states(q, do, gc, dht, scale, chunk, backward=True, fwd_states=(hs, ht))
+    assert tail is not None
     dq = torch.empty(b, h, n, dk, dtype=torch.float32, device=q.device)
     dkk = torch.empty(b, h, n, dk, dtype=torch.float32, device=q.device)
     dvv = torch.empty(b, h, n, dv, dtype=torch.float32, device=q.device)
+    if gc.dim() == 3:
+        chunk_bwd_scalar_kernel[(n_chunks, b * h)](
+            q, k, v, gc, do, hs, dhs, dq, dkk, dvv, n, gc.shape[2], dk, dv, float(scale),
+            BT=chunk, BK=head_block(dk), BV=head_block(dv), DOT_PREC=_prec(q), UPCAST=_upcast(q),
+            num_warps=8,
+        )  # fmt: skip
+        return dq, dkk, dvv, tail, dh0
+    bk, bks, _, bv_full = _blocks(dk, dv)
     gla_bwd_kernel[(n_chunks, b * h)](
         q, k, v, gc, do, hs, dhs, dq, dkk, dvv, n, gc.shape[2], dk, dv, float(scale),
         BT=chunk, BS=SUB, BK=bk, BKS=bks, BV=bv_full, DOT_PREC=_prec(q), UPCAST=_upcast(q), num_warps=4,
     )  # fmt: skip
-    return dq, dkk, dvv, dhs, dh0
+    return dq, dkk, dvv, tail, dh0
 
 
 @torch.library.custom_op("attnlab::gla_chunk_fwd", mutates_args=())
@@ -151,12 +259,16 @@ def gla_chunk_bwd(
     scale: float, chunk: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(dq, dk, dv in the inputs' dtypes, dgc (B, H, NP, K) fp32, dh0 fp32)."""
-    dq, dk, dv, dhs, dh0 = gla_bwd_launch(q, k, v, gc, hs, do, dht, scale, chunk)
+    dq, dk, dv, tail, dh0 = gla_bwd_launch(q, k, v, gc, hs, ht, do, dht, scale, chunk)
     b, h, n, kd = q.shape
     n_chunks = hs.shape[2]
-    dgc = F.pad(q.float() * dq - k.float() * dk, (0, 0, 0, gc.shape[2] - n))
-    ends = torch.cat([hs[:, :, 1:], ht[:, :, None]], 2)  # the state at each chunk's end
-    dgc.view(b, h, n_chunks, chunk, kd)[:, :, :, -1] += (ends * dhs).sum(-1)
+    rows = q.float() * dq - k.float() * dk
+    if gc.dim() == 3:  # one gate per token: the channels' sum
+        dgc = F.pad(rows.sum(-1), (0, gc.shape[2] - n))
+        dgc.view(b, h, n_chunks, chunk)[:, :, :, -1] += tail.sum(-1)
+    else:
+        dgc = F.pad(rows, (0, 0, 0, gc.shape[2] - n))
+        dgc.view(b, h, n_chunks, chunk, kd)[:, :, :, -1] += tail
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dgc, dh0
 
 
@@ -239,7 +351,11 @@ def gla_chunk(
         _check(q, k, v, chunk)
         gx = None if g is None else g.expand(b, h, n, dk)
         return linear_step(q, k, v, gx, None, state, float(scale))
-    gc = chunk_cumsum(g, b, h, n, dk, chunk, q.device)
+    scalar, gx = _scalar_gate(g, b, h, n, dk)
+    if scalar:  # lightning's per-head decays, linear's none: one gate per token, 64-row score tiles
+        gc = chunk_cumsum_scalar(gx, b, h, n, chunk, q.device)
+    else:
+        gc = chunk_cumsum(gx, b, h, n, dk, chunk, q.device)
     o, ht, _ = gla_chunk_fwd(q, k, v, gc, state, float(scale), int(chunk), grad)
     return o, ht
 
@@ -252,24 +368,44 @@ def delta_fwd_launch(
     q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, h0: Tensor | None, scale: float,
     chunk: int, save: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """(o in q's dtype, final state fp32, states at the chunk starts fp32 or empty without ``save``)."""
+    """(o in q's dtype, final state fp32, states at the chunk starts fp32 or empty without ``save``): the
+    WY/UT chunked form (see ``chunk.py``). g: raw log-decays broadcastable to (B, H, N, K), or None."""
     _check(q, k, v, chunk)
     b, h, n, dk = q.shape
     dv = v.shape[-1]
     q, k, v = (t.contiguous() for t in (q, k, v))
-    bk, bv = head_block(dk), min(head_block(dv), DELTA_BV)
-    n_chunks = triton.cdiv(n, chunk)
-    o = torch.empty(b, h, n, dv, dtype=q.dtype, device=q.device)
-    ht = torch.empty(b, h, dk, dv, dtype=torch.float32, device=q.device)
-    hs = torch.empty((b, h, n_chunks, dk, dv) if save else (0,), dtype=torch.float32, device=q.device)
-    gc = g.float().expand(b, h, n, dk).contiguous() if g is not None else ht
     bc = beta.float().expand(b, h, n).contiguous()
-    h0c = h0.float().contiguous() if h0 is not None else ht
-    delta_fwd_kernel[(triton.cdiv(dv, bv), b * h)](
-        q, k, v, gc, bc, h0c, o, ht, hs, n, dk, dv, float(scale),
-        HAS_G=g is not None, HAS_H0=h0 is not None, SAVE_HS=save, BT=chunk, BK=bk, BV=bv, num_warps=4,
+    n_chunks = triton.cdiv(n, chunk)
+    np_ = n_chunks * chunk
+    scalar, gx = _scalar_gate(g, b, h, n, dk)
+    gc = (
+        chunk_cumsum_scalar(gx, b, h, n, chunk, q.device)
+        if scalar
+        else chunk_cumsum(gx, b, h, n, dk, chunk, q.device)
+    )
+    f32, dev = torch.float32, q.device
+    akk = aqk = None
+    if not scalar:
+        akk = intra_scores(k, k, gc, bc, chunk, strict=True)
+        aqk = intra_scores(q, k, gc, None, chunk, strict=False)
+    w = torch.empty(b, h, np_, dk, dtype=f32, device=dev)
+    u = torch.empty(b, h, np_, dv, dtype=f32, device=dev)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    delta_wy_kernel[(n_chunks, b * h)](
+        k, v, gc, bc, akk if akk is not None else w, w, u, n, np_, dk, dv,
+        GATE=_gate_code(gc), BT=chunk, BK=head_block(dk), BV=head_block(dv), DOT_PREC=prec, num_warps=4,
     )  # fmt: skip
-    return o, ht, hs
+    hs = torch.empty(b, h, n_chunks, dk, dv, dtype=f32, device=dev)
+    ht = torch.empty(b, h, dk, dv, dtype=f32, device=dev)
+    h0c = h0.float().contiguous() if h0 is not None else ht
+    bv = min(head_block(dv), DELTA_BV)
+    delta_h_kernel[(triton.cdiv(dv, bv), b * h)](
+        k, w, u, gc, h0c, hs, ht, n, np_, dk, dv,
+        GATE=_gate_code(gc), HAS_H0=h0 is not None, BT=chunk, BK=head_block(dk), BV=bv, DOT_PREC=prec,
+        num_warps=4,
+    )  # fmt: skip
+    o = chunk_output(q, k, u, gc, hs, aqk, scale, chunk)
+    return o, ht, (hs if save else hs.new_empty(0))
 
 
 def delta_bwd_launch(

@@ -1,0 +1,394 @@
+# mypy: ignore-errors
+"""Chunk-parallel Triton kernels of the gated linear recurrence (GLA; lightning and linear as a scalar
+gate) and of the gated delta rule (WY/UT form), forward, and the state-gradient pass of the backward.
+
+Layout: q, k (B*H, N, K), v and o (B*H, N, V), contiguous. ``GC`` holds the chunk-local inclusive cumsum
+G of the log-decays, zero-padded to NP = chunks * BT rows: per channel (GATE == 2: (B*H, NP, K)) or one
+per token (GATE == 1: (B*H, NP); lightning's per-head decays, linear's zeros, gated_delta's per-head
+gate). States (K, V) are float32. Every decay factor is exp of a difference G_i - G_j with i after j (so
+<= 1): nothing overflows, however strong the decay (no exp(G) / exp(-G) split across a chunk).
+
+The three stages (forward; the backward's state gradient is the same with ``BACKWARD``):
+
+1. :func:`chunk_local_state_kernel`, parallel over (chunk, batch * head, state tile): each chunk's own
+   contribution M_c = sum_j (k_j * exp(G_C - G_j)) v_j^T (backward: scale sum_i (q_i * exp(G_i)) do_i^T).
+2. :func:`chunk_scan_kernel`, parallel over (batch * head, state tile), sequential over chunks with one
+   multiply-add of a (BK, BV) tile each: S_{c+1} = exp(G_C) S_c + M_c, the state at each chunk start
+   written over M_c (backward: reversed, the state's gradient at each chunk end).
+3. :func:`chunk_out_kernel`, parallel over (chunk, batch * head, value block): o = scale [(q * exp(G)) S_c
+   + A v], A the intra-chunk causal scores: for a scalar gate (q k^T) * exp(G_i - G_j) in the kernel;
+   per channel sum_d q_id k_jd exp(G_id - G_jd), made by :func:`intra_scores_kernel` (16-row sub-blocks,
+   off-diagonal ones by tensor-core dots split at the query sub-block's first row, diagonal ones exactly
+   element by element) into a (B*H, NP, BT) buffer.
+
+The gated delta rule (Yang et al., "Parallelizing Linear Transformers with the Delta Rule"; Gated
+DeltaNet): per chunk, with A_kk the strict lower scores beta_i sum_d k_id k_jd exp(G_id - G_jd),
+T = (I + A_kk)^-1 (forward substitution, :func:`delta_wy_kernel`), W = T (beta K exp(G)) and
+U0 = T (beta V), all parallel over chunks; then a sequential pass (:func:`delta_h_kernel`) per (batch *
+head, value block): U_c = U0_c - W_c S_c (the u_t of the recurrence, all at once), S_{c+1} = exp(G_C) S_c
++ (K exp(G_C - G))^T U_c; then stage 3 with v replaced by U.
+
+Transposes are taken of loaded tiles only, never of a dot's result (Triton 3.4 to 3.7.0 miscompile
+tl.trans of a Hopper wgmma-layout tensor: fla issue #640).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from attnlab.kernels.linear.fwd import _row, _tile
+
+
+@triton.jit
+def chunk_local_state_kernel(
+    X, Y, GC, M,
+    N, NP, DK, DV, NKB, scale,
+    BACKWARD: tl.constexpr, GATE: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Stage 1: M[bh, c] (a (BK, BV) tile of it) = sum_j (x_j * f_j) y_j^T over chunk c's rows, with
+    f_j = exp(G_C - G_j) (forward: x = k, y = v) or scale exp(G_j) (BACKWARD: x = q, y = do)."""
+    pid = tl.program_id(0)
+    c = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    kb = pid % NKB
+    vb = pid // NKB
+    n_chunks = tl.cdiv(N, BT)
+    t0 = c * BT
+    if UPCAST:  # noqa: SIM108
+        dt = tl.float32
+    else:
+        dt = X.dtype.element_ty
+    x = _tile(X + bh * N * DK, t0, N, kb * BK, DK, DK, BT, BK)
+    y = _tile(Y + bh * N * DV, t0, N, vb * BV, DV, DV, BT, BV)
+    if GATE == 2:
+        g = _tile(GC + bh * NP * DK, t0, NP, kb * BK, DK, DK, BT, BK)
+        if BACKWARD:
+            x = x * (tl.exp(g) * scale)
+        else:
+            g_last = _row(GC + bh * NP * DK, t0 + BT - 1, kb * BK, DK, DK, BK)
+            x = x * tl.exp(g_last[None, :] - g)
+    else:
+        g = tl.load(GC + bh * NP + t0 + tl.arange(0, BT))
+        if BACKWARD:
+            x = x * (tl.exp(g) * scale)[:, None]
+        else:
+            g_last = tl.load(GC + bh * NP + t0 + BT - 1)
+            x = x * tl.exp(g_last - g)[:, None]
+    m = tl.dot(tl.trans(x.to(dt)), y.to(dt), input_precision=DOT_PREC)
+    rk = kb * BK + tl.arange(0, BK)
+    rv = vb * BV + tl.arange(0, BV)
+    tl.store(
+        M + (bh * n_chunks + c) * DK * DV + rk[:, None] * DV + rv[None, :],
+        m,
+        mask=(rk[:, None] < DK) & (rv[None, :] < DV),
+    )
+
+
+@triton.jit
+def chunk_scan_kernel(
+    M, GC, INIT, FINAL, HS, HT, TAIL,
+    N, NP, DK, DV, NKB,
+    REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, GATE: tl.constexpr, HAS_TAIL: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):  # fmt: skip
+    """Stage 2, in place: M[c] becomes the state at chunk c's start (REVERSE: the state's gradient at
+    chunk c's end); FINAL the state after the last chunk (REVERSE: the initial state's gradient). One
+    program per (state tile, batch * head). With HAS_TAIL (REVERSE), TAIL[value block, bh, c] gets this
+    tile's part of sum_v S_end * dS_end per key channel (S_end the forward state at chunk c's end: HS[c+1],
+    or HT after the last chunk): the log-decays' gradient at the chunk's last row."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    kb = pid % NKB
+    vb = pid // NKB
+    rk = kb * BK + tl.arange(0, BK)
+    rv = vb * BV + tl.arange(0, BV)
+    mk = rk < DK
+    mask = mk[:, None] & (rv[None, :] < DV)
+    off = rk[:, None] * DV + rv[None, :]
+    if HAS_INIT:
+        s = tl.load(INIT + bh * DK * DV + off, mask=mask, other=0.0).to(tl.float32)
+    else:
+        s = tl.zeros((BK, BV), dtype=tl.float32)
+    n_chunks = tl.cdiv(N, BT)
+    for cc in range(n_chunks):
+        if REVERSE:  # noqa: SIM108
+            c = n_chunks - 1 - cc
+        else:
+            c = cc
+        ptr = M + (bh * n_chunks + c) * DK * DV + off
+        m = tl.load(ptr, mask=mask, other=0.0)
+        tl.store(ptr, s, mask=mask)
+        if HAS_TAIL:
+            if c + 1 < n_chunks:
+                s_end = tl.load(HS + (bh * n_chunks + c + 1) * DK * DV + off, mask=mask, other=0.0)
+            else:
+                s_end = tl.load(HT + bh * DK * DV + off, mask=mask, other=0.0)
+            tail_ptr = TAIL + ((vb * tl.num_programs(1) + bh) * n_chunks + c) * DK + rk
+            tl.store(tail_ptr, tl.sum(s_end * s, axis=1), mask=mk)
+        if GATE == 2:
+            g_last = tl.load(GC + (bh * NP + c * BT + BT - 1) * DK + rk, mask=mk, other=0.0)
+            s = s * tl.exp(g_last)[:, None] + m
+        else:
+            s = s * tl.exp(tl.load(GC + bh * NP + c * BT + BT - 1)) + m
+    tl.store(FINAL + bh * DK * DV + off, s, mask=mask)
+
+
+@triton.jit
+def _diag_block(x_ptr, k_ptr, g_ptr, r0, N, DK, STRICT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
+                BKS: tl.constexpr):  # fmt: skip
+    """A_ij = sum_d x_id k_jd exp(G_id - G_jd) for j <= i (j < i when STRICT) inside one sub-block, exact
+    (the exponent masked to -inf before the exp), over slices of BKS channels; 0 elsewhere."""
+    ii = tl.arange(0, BS)[:, None]
+    jj = tl.arange(0, BS)[None, :]
+    if STRICT:  # noqa: SIM108
+        keep = (ii > jj)[:, :, None]
+    else:
+        keep = (ii >= jj)[:, :, None]
+    a = tl.zeros((BS, BS), dtype=tl.float32)
+    for s in range(BK // BKS):
+        xs = _tile(x_ptr, r0, N, s * BKS, DK, DK, BS, BKS)
+        ks = _tile(k_ptr, r0, N, s * BKS, DK, DK, BS, BKS)
+        gs = _tile(g_ptr, r0, r0 + BS, s * BKS, DK, DK, BS, BKS)
+        e = tl.exp(tl.where(keep, gs[:, None, :] - gs[None, :, :], float("-inf")))
+        a += tl.sum(xs[:, None, :] * ks[None, :, :] * e, axis=2)
+    return a
+
+
+@triton.jit
+def intra_scores_kernel(
+    X, K, GC, BETA, A,
+    N, NP, DK,
+    STRICT: tl.constexpr, HAS_BETA: tl.constexpr,
+    BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BKS: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """The intra-chunk scores of per-channel gates, one 16-row query sub-block per program (sub-block,
+    batch * head): A[t, j] = (beta_t) sum_d x_td k_jd exp(G_td - G_jd) for the chunk's key j <= t (j < t
+    when STRICT), 0 for later keys. Rows of A are tokens (NP of them), columns the chunk's BT keys."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    n_sub = BT // BS
+    c = pid // n_sub
+    i = pid % n_sub
+    t0 = c * BT
+    ri = t0 + i * BS
+    if UPCAST:  # noqa: SIM108
+        dt = tl.float32
+    else:
+        dt = X.dtype.element_ty
+    x_ptr = X + bh * N * DK
+    k_ptr = K + bh * N * DK
+    g_ptr = GC + bh * NP * DK
+    a_ptr = A + bh * NP * BT
+    rows = ri + tl.arange(0, BS)[:, None]
+    cols = tl.arange(0, BS)[None, :]
+    x_i = _tile(x_ptr, ri, N, 0, DK, DK, BS, BK)
+    g_i = _tile(g_ptr, ri, NP, 0, DK, DK, BS, BK)
+    g_n = _row(g_ptr, ri, 0, DK, DK, BK)
+    x_n = (x_i * tl.exp(g_i - g_n[None, :])).to(dt)
+    if HAS_BETA:
+        r1 = ri + tl.arange(0, BS)
+        b_i = tl.load(BETA + bh * N + r1, mask=r1 < N, other=0.0).to(tl.float32)
+    for j in range(i):
+        rj = t0 + j * BS
+        k_j = _tile(k_ptr, rj, N, 0, DK, DK, BS, BK)
+        g_j = _tile(g_ptr, rj, NP, 0, DK, DK, BS, BK)
+        a = tl.dot(x_n, tl.trans((k_j * tl.exp(g_n[None, :] - g_j)).to(dt)), input_precision=DOT_PREC)
+        if HAS_BETA:
+            a = a * b_i[:, None]
+        tl.store(a_ptr + rows * BT + j * BS + cols, a)
+    a = _diag_block(x_ptr, k_ptr, g_ptr, ri, N, DK, STRICT, BS, BK, BKS)
+    if HAS_BETA:
+        a = a * b_i[:, None]
+    tl.store(a_ptr + rows * BT + i * BS + cols, a)
+    for j in range(i + 1, n_sub):
+        tl.store(a_ptr + rows * BT + j * BS + cols, tl.zeros((BS, BS), dtype=tl.float32))
+
+
+@triton.jit
+def chunk_out_kernel(
+    Q, K, V, GC, HS, A, O,
+    N, NV, NP, DK, DV, scale,
+    GATE: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Stage 3, one program per (value block, chunk, batch * head): o = scale [(q * exp(G)) S_c + A v]
+    with S_c the state at the chunk's start (HS) and A the causal intra-chunk scores (GATE == 2: read from
+    A; GATE == 1: (q k^T) * exp(G_i - G_j) here). V has NV rows per batch * head (N, or NP for the delta
+    rule's U). BK covers the whole key dim."""
+    vb = tl.program_id(0)
+    c = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    n_chunks = tl.cdiv(N, BT)
+    t0 = c * BT
+    if UPCAST:  # noqa: SIM108
+        dt = tl.float32
+    else:
+        dt = Q.dtype.element_ty
+    ii = tl.arange(0, BT)[:, None]
+    jj = tl.arange(0, BT)[None, :]
+    q = _tile(Q + bh * N * DK, t0, N, 0, DK, DK, BT, BK)
+    if GATE == 2:
+        g = _tile(GC + bh * NP * DK, t0, NP, 0, DK, DK, BT, BK)
+        qg = q * tl.exp(g)
+    else:
+        g = tl.load(GC + bh * NP + t0 + tl.arange(0, BT))
+        qg = q * tl.exp(g)[:, None]
+    s = _tile(HS + (bh * n_chunks + c) * DK * DV, 0, DK, vb * BV, DV, DV, BK, BV)
+    acc = tl.dot(qg.to(dt), s.to(dt), input_precision=DOT_PREC)
+    if GATE == 2:
+        a = _tile(A + bh * NP * BT, t0, NP, 0, BT, BT, BT, BT)
+    else:
+        k = _tile(K + bh * N * DK, t0, N, 0, DK, DK, BT, BK)
+        a = tl.dot(q.to(dt), tl.trans(k.to(dt)), input_precision=DOT_PREC)
+        a = a * tl.exp(tl.where(ii >= jj, g[:, None] - g[None, :], float("-inf")))
+    a = tl.where(ii >= jj, a, 0.0)
+    v = _tile(V + bh * NV * DV, t0, NV, vb * BV, DV, DV, BT, BV)
+    acc += tl.dot(a.to(dt), v.to(dt), input_precision=DOT_PREC)
+    r = t0 + ii
+    rv = vb * BV + tl.arange(0, BV)[None, :]
+    tl.store(O + bh * N * DV + r * DV + rv, (acc * scale).to(O.dtype.element_ty), mask=(r < N) & (rv < DV))
+
+
+@triton.jit
+def chunk_bwd_scalar_kernel(
+    Q, K, V, GC, DO, HS, DHS, DQ, DK_, DV_,
+    N, NP, DK, DV, scale,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """dq, dk, dv (float32) of one chunk per program (chunk, batch * head) under a scalar gate (GATE 1),
+    from the state at the chunk's start S (HS) and its gradient at the chunk's end dH (DHS); with
+    D_ij = exp(G_i - G_j) for j <= i (else 0), dA = (do v^T) * D, A = (q k^T) * D::
+
+        dq = scale [exp(G) * (do S^T) + dA k]
+        dk = scale dA^T q + exp(G_C - G) * (v dH^T)
+        dv = scale A^T do + (k * exp(G_C - G)) dH
+
+    The transposed scores are built transposed (k q^T, v do^T), never by transposing a dot's result.
+    BK and BV cover the whole key and value dims."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    n_chunks = tl.cdiv(N, BT)
+    t0 = c * BT
+    if UPCAST:  # noqa: SIM108
+        dt = tl.float32
+    else:
+        dt = Q.dtype.element_ty
+    ii = tl.arange(0, BT)[:, None]
+    jj = tl.arange(0, BT)[None, :]
+    q = _tile(Q + bh * N * DK, t0, N, 0, DK, DK, BT, BK).to(dt)
+    k = _tile(K + bh * N * DK, t0, N, 0, DK, DK, BT, BK).to(dt)
+    v = _tile(V + bh * N * DV, t0, N, 0, DV, DV, BT, BV).to(dt)
+    do = _tile(DO + bh * N * DV, t0, N, 0, DV, DV, BT, BV).to(dt)
+    g = tl.load(GC + bh * NP + t0 + tl.arange(0, BT))
+    g_last = tl.load(GC + bh * NP + t0 + BT - 1)
+    d = tl.exp(tl.where(ii >= jj, g[:, None] - g[None, :], float("-inf")))  # D
+    dtr = tl.exp(tl.where(ii <= jj, g[None, :] - g[:, None], float("-inf")))  # D^T
+    s = _tile(HS + (bh * n_chunks + c) * DK * DV, 0, DK, 0, DV, DV, BK, BV).to(dt)
+    dh = _tile(DHS + (bh * n_chunks + c) * DK * DV, 0, DK, 0, DV, DV, BK, BV).to(dt)
+    da = (tl.dot(do, tl.trans(v), input_precision=DOT_PREC) * d).to(dt)
+    dq = tl.dot(do, tl.trans(s), input_precision=DOT_PREC) * tl.exp(g)[:, None]
+    dq += tl.dot(da, k, input_precision=DOT_PREC)
+    da_t = (tl.dot(v, tl.trans(do), input_precision=DOT_PREC) * dtr).to(dt)
+    tail = tl.exp(g_last - g)[:, None]
+    dk = scale * tl.dot(da_t, q, input_precision=DOT_PREC)
+    dk += tl.dot(v, tl.trans(dh), input_precision=DOT_PREC) * tail
+    a_t = (tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * dtr).to(dt)
+    dv = scale * tl.dot(a_t, do, input_precision=DOT_PREC)
+    dv += tl.dot((k.to(tl.float32) * tail).to(dt), dh, input_precision=DOT_PREC)
+    r = t0 + ii
+    rk = tl.arange(0, BK)[None, :]
+    rv = tl.arange(0, BV)[None, :]
+    tl.store(DQ + bh * N * DK + r * DK + rk, dq * scale, mask=(r < N) & (rk < DK))
+    tl.store(DK_ + bh * N * DK + r * DK + rk, dk, mask=(r < N) & (rk < DK))
+    tl.store(DV_ + bh * N * DV + r * DV + rv, dv, mask=(r < N) & (rv < DV))
+
+
+@triton.jit
+def delta_wy_kernel(
+    K, V, GC, BETA, AKK, W, U,
+    N, NP, DK, DV,
+    GATE: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    """The delta rule's UT transform of one chunk per program (chunk, batch * head): T = (I + A_kk)^-1 by
+    forward substitution (A_kk strict lower: beta_i sum_d k_id k_jd exp(G_id - G_jd); read from AKK when
+    GATE == 2, made here otherwise), then W = T (beta k exp(G)) (B*H, NP, K) and U0 = T (beta v)
+    (B*H, NP, V), float32 (dots in float32: ``DOT_PREC`` tf32 or ieee)."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    t0 = c * BT
+    ii = tl.arange(0, BT)[:, None]
+    jj = tl.arange(0, BT)[None, :]
+    rows = t0 + tl.arange(0, BT)
+    k = _tile(K + bh * N * DK, t0, N, 0, DK, DK, BT, BK)
+    beta = tl.load(BETA + bh * N + rows, mask=rows < N, other=0.0).to(tl.float32)
+    if GATE == 2:
+        g = _tile(GC + bh * NP * DK, t0, NP, 0, DK, DK, BT, BK)
+        kg = k * tl.exp(g)
+        a = _tile(AKK + bh * NP * BT, t0, NP, 0, BT, BT, BT, BT)
+    else:
+        g = tl.load(GC + bh * NP + rows)
+        kg = k * tl.exp(g)[:, None]
+        a = tl.dot(k, tl.trans(k), input_precision=DOT_PREC) * beta[:, None]
+        a = a * tl.exp(tl.where(ii > jj, g[:, None] - g[None, :], float("-inf")))
+    a = tl.where(ii > jj, a, 0.0)
+    t = tl.where(ii == jj, 1.0, 0.0)
+    for r in range(1, BT):  # row r of T: e_r - sum_{j<r} A_rj T_j
+        a_r = tl.sum(tl.where(ii == r, a, 0.0), axis=0)
+        t = tl.where(ii == r, t - tl.sum(a_r[:, None] * t, axis=0)[None, :], t)
+    w = tl.dot(t, kg * beta[:, None], input_precision=DOT_PREC)
+    v = _tile(V + bh * N * DV, t0, N, 0, DV, DV, BT, BV)
+    u = tl.dot(t, v * beta[:, None], input_precision=DOT_PREC)
+    rr = rows[:, None]
+    rk = tl.arange(0, BK)[None, :]
+    rv = tl.arange(0, BV)[None, :]
+    tl.store(W + bh * NP * DK + rr * DK + rk, w, mask=rk < DK)
+    tl.store(U + bh * NP * DV + rr * DV + rv, u, mask=rv < DV)
+
+
+@triton.jit
+def delta_h_kernel(
+    K, W, U, GC, H0, HS, HT,
+    N, NP, DK, DV,
+    GATE: tl.constexpr, HAS_H0: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    """The delta rule's sequential pass, one program per (value block, batch * head): per chunk, HS[c] = S
+    (the state at its start), U_c = U0_c - W_c S written over U0, S = exp(G_C) S + (k exp(G_C - G))^T U_c.
+    HT the final state. Dots in float32 (``DOT_PREC`` tf32 or ieee); BK covers the whole key dim."""
+    vb = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    rk = tl.arange(0, BK)
+    rv = vb * BV + tl.arange(0, BV)
+    mk = rk < DK
+    mask = mk[:, None] & (rv[None, :] < DV)
+    off = rk[:, None] * DV + rv[None, :]
+    if HAS_H0:
+        s = tl.load(H0 + bh * DK * DV + off, mask=mask, other=0.0).to(tl.float32)
+    else:
+        s = tl.zeros((BK, BV), dtype=tl.float32)
+    n_chunks = tl.cdiv(N, BT)
+    rt = tl.arange(0, BT)[:, None]
+    for c in range(n_chunks):
+        t0 = c * BT
+        tl.store(HS + (bh * n_chunks + c) * DK * DV + off, s, mask=mask)
+        w = _tile(W + bh * NP * DK, t0, NP, 0, DK, DK, BT, BK)
+        u_ptr = U + bh * NP * DV + (t0 + rt) * DV + rv[None, :]
+        u = tl.load(u_ptr, mask=rv[None, :] < DV, other=0.0) - tl.dot(w, s, input_precision=DOT_PREC)
+        tl.store(u_ptr, u, mask=rv[None, :] < DV)
+        k = _tile(K + bh * N * DK, t0, N, 0, DK, DK, BT, BK)
+        if GATE == 2:
+            g = _tile(GC + bh * NP * DK, t0, NP, 0, DK, DK, BT, BK)
+            g_last = _row(GC + bh * NP * DK, t0 + BT - 1, 0, DK, DK, BK)
+            kd = k * tl.exp(g_last[None, :] - g)
+            s = s * tl.exp(g_last)[:, None]
+        else:
+            g = tl.load(GC + bh * NP + t0 + tl.arange(0, BT))
+            g_last = tl.load(GC + bh * NP + t0 + BT - 1)
+            kd = k * tl.exp(g_last - g)[:, None]
+            s = s * tl.exp(g_last)
+        s += tl.dot(tl.trans(kd), u, input_precision=DOT_PREC)
+    tl.store(HT + bh * DK * DV + off, s, mask=mask)
