@@ -112,13 +112,15 @@ def chunk_starts(k: Tensor, params: DhsaParams) -> Tensor:
     """bool (B, N_k): the positions where a chunk starts (position 0 always), for k (B, H_kv, N_k, D)."""
     b, _, n, _ = k.shape
     w, nms, dev = params.boundary_window, params.nms_window, k.device
-    x = k.detach().float().transpose(1, 2).reshape(b, n, -1)
-    prefix = torch.nn.functional.pad(torch.cumsum(x, 1), (0, 0, 1, 0))  # (B, N + 1, F)
     t = torch.arange(n, device=dev)
-    lo, hi = (t - w).clamp(0, n), (t + w).clamp(0, n)
-    left = (prefix[:, t] - prefix[:, lo]) / w
-    right = (prefix[:, hi] - prefix[:, t]) / w
-    r = 1.0 - torch.nn.functional.cosine_similarity(left, right, dim=-1, eps=1e-12)
+    r = torch.zeros(b, n, device=dev)
+    if n >= 2 * w:  # window means m[s] = mean x[s, s + w); left of t: m[t - w], right: m[t]
+        x = k.detach().float().permute(0, 1, 3, 2).reshape(b, -1, n)  # (B, F, N)
+        m = torch.nn.functional.avg_pool1d(x, w, stride=1)  # (B, F, N - w + 1)
+        dots = (m[..., : n - 2 * w + 1] * m[..., w:]).sum(1)
+        norms = (m * m).sum(1)
+        cos = dots / (norms[:, : n - 2 * w + 1] * norms[:, w:]).sqrt().clamp_min(1e-12)
+        r[:, w : n - w + 1] = 1.0 - cos
     inst = n - params.dense_last if 0 < params.dense_last < n else n
     valid = (t >= w) & (t <= n - w) & (t < inst - nms) & (r > 1e-6)
     r = r.masked_fill(~valid, float("-inf"))
