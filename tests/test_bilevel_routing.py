@@ -98,6 +98,22 @@ def test_causal_routing_picks_only_regions_with_a_visible_key() -> None:
     assert torch.equal(mask, want)
 
 
+def test_rows_without_a_routed_past_key_give_zeros_unless_local(method: None) -> None:
+    # grid (2, 4), regions (1, 2): region 0 = tokens {0, 1, 4, 5}, region 1 = {2, 3, 6, 7}; region 0's
+    # queries point at region 1's keys, which tokens 0 and 1 cannot see (causal)
+    u = torch.eye(8)[:2] * 6
+    rid = [0, 0, 1, 1, 0, 0, 1, 1]
+    k = u[rid][None, None]
+    q = u[[1 - r for r in rid]][None, None]
+    v = torch.randn(1, 1, 8, 8)
+    kw = {"shape": (2, 4), "regions": (1, 2), "topk": 1, "block": 16, "backend": "reference"}
+    out = attnlab.attention(q, k, v, method="bilevel_routing", causal=True, **kw)
+    assert (out[0, 0, :2] == 0).all() and (out[0, 0, 2:].abs().sum(-1) > 0).all()
+    local = attnlab.attention(q, k, v, method="bilevel_routing", causal=True, local=True, topk=2,
+                              **{n: x for n, x in kw.items() if n != "topk"})  # fmt: skip
+    assert (local[0, 0].abs().sum(-1) > 0).all()
+
+
 def test_tile_aligned_regions_give_full_tiles_only() -> None:
     q, k = torch.randn(1, 2, 128, 16), torch.randn(1, 2, 128, 16)
     for causal in (False, True):
