@@ -6,6 +6,7 @@ the executor against the reference on the same plan (registered only inside thes
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -106,11 +107,10 @@ def test_rows_without_a_routed_past_key_give_zeros_unless_local(method: None) ->
     k = u[rid][None, None]
     q = u[[1 - r for r in rid]][None, None]
     v = torch.randn(1, 1, 8, 8)
-    kw = {"shape": (2, 4), "regions": (1, 2), "topk": 1, "block": 16, "backend": "reference"}
-    out = attnlab.attention(q, k, v, method="bilevel_routing", causal=True, **kw)
+    kw: dict[str, Any] = {"shape": (2, 4), "regions": (1, 2), "block": 16, "backend": "reference"}
+    out = attnlab.attention(q, k, v, method="bilevel_routing", causal=True, topk=1, **kw)
     assert (out[0, 0, :2] == 0).all() and (out[0, 0, 2:].abs().sum(-1) > 0).all()
-    local = attnlab.attention(q, k, v, method="bilevel_routing", causal=True, local=True, topk=2,
-                              **{n: x for n, x in kw.items() if n != "topk"})  # fmt: skip
+    local = attnlab.attention(q, k, v, method="bilevel_routing", causal=True, local=True, topk=2, **kw)
     assert (local[0, 0].abs().sum(-1) > 0).all()
 
 
