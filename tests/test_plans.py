@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 
 import pytest
 import torch
 
 import attnlab
-from attnlab.masks import MaskContext, dense_mask, dense_pairs
-from attnlab.plans import Plan, causal_plan, dense_block_count, plan_from_mask, static_plan
+from attnlab.masks import MaskContext, causal_mask, dense_mask, dense_pairs
+from attnlab.plans import Plan, blocks, causal_plan, dense_block_count, plan_from_mask, static_plan
+from attnlab.plans.blocks import block_rule, plan_from_rule
+from attnlab.plans.static import CAUSAL_RULE
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """These tests run many small tensor ops: one intra-op thread is faster (much faster on a busy
+    2-core machine, where a second thread spins waiting for a core)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 MASK_METHODS = [name for name, spec in attnlab.methods().items() if spec.mask is not None]
 CPU = torch.device("cpu")
@@ -122,3 +136,132 @@ def test_token_columns_add_pairs_and_respect_causality() -> None:
     assert torch.equal(m, want)
     with pytest.raises(ValueError, match="columns"):
         plan.block_mask()
+
+
+# --- the block-rule builder (attnlab.plans.blocks) gives the generic builder's plan, field by field ---
+
+#: edge parameters per method with a block rule: window 1, window > N, dilation > window, sinks > N, ...
+RULE_PARAMS: dict[str, list[dict[str, int]]] = {
+    "sliding_window": [{"window": 1}, {"window": 3}, {"window": 40}, {"window": 64}, {"window": 10**6}],
+    "streaming": [
+        {"sinks": 0, "window": 1},
+        {"sinks": 1, "window": 5},
+        {"sinks": 33, "window": 64},
+        {"sinks": 1000, "window": 3},
+        {"sinks": 20, "window": 10**6},
+    ],
+    "dilated": [
+        {"window": 1, "dilation": 3},
+        {"window": 4, "dilation": 2},
+        {"window": 9, "dilation": 7},
+        {"window": 3, "dilation": 50},
+        {"window": 2, "dilation": 10**6},
+        {"window": 70, "dilation": 1},
+    ],
+    "block_local": [
+        {"block": 1, "neighbors": 0},
+        {"block": 7, "neighbors": 1},
+        {"block": 32, "neighbors": 0},
+        {"block": 40, "neighbors": 2},
+        {"block": 10**6, "neighbors": 0},
+    ],
+}
+#: (n_q, n_k, block_q, block_k): odd lengths, one tile, one row / key, cross both ways, unequal tiles
+RULE_SHAPES = [
+    (300, 300, 64, 64),
+    (70, 200, 32, 32),
+    (200, 70, 16, 16),
+    (1, 1, 16, 16),
+    (1, 77, 16, 16),
+    (77, 1, 16, 16),
+    (129, 257, 32, 16),
+    (257, 129, 16, 32),
+    (256, 256, 32, 32),
+]
+
+
+def _assert_same_plan(got: Plan, want: Plan) -> None:
+    """Every field and derived value of two plans agree (the executor's tables included)."""
+    from attnlab.plans.executor import executor_tables
+
+    for name in ("n_q", "n_k", "causal", "block_q", "block_k", "kind", "rule", "columns", "mask_mod"):
+        assert getattr(got, name) is getattr(want, name) or getattr(got, name) == getattr(want, name), name
+    assert got.full.dtype == want.full.dtype and got.partial.dtype == want.partial.dtype
+    assert torch.equal(got.full, want.full) and torch.equal(got.partial, want.partial)
+    assert got.allowed_count is not None and want.allowed_count is not None
+    assert got.allowed_count.dtype == want.allowed_count.dtype
+    assert torch.equal(got.allowed_count, want.allowed_count)
+    assert got.density == want.density and got.block_density == want.block_density
+    assert got.computed_blocks == want.computed_blocks
+    for a, b in zip(got.tables(), want.tables(), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(got.dense_mask(), want.dense_mask())
+    ta, tb = executor_tables(got), executor_tables(want)
+    assert (ta.block_q, ta.block_k, ta.n_q, ta.n_k) == (tb.block_q, tb.block_k, tb.n_q, tb.n_k)
+    for a, b in zip(ta.as_args(), tb.as_args(), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("method", sorted(RULE_PARAMS))
+@pytest.mark.parametrize(("n_q", "n_k", "block_q", "block_k"), RULE_SHAPES)
+def test_block_rule_plan_equals_the_generic_plan(
+    method: str, n_q: int, n_k: int, block_q: int, block_k: int
+) -> None:
+    spec = attnlab.get(method)
+    rule = block_rule(spec.mask)
+    assert rule is not None, f"{method} has no block rule"
+    for causal, raw in itertools.product((False, True), RULE_PARAMS[method]):
+        params = spec.make_params(raw)
+        assert spec.mask is not None
+        mask_mod = spec.mask(params, MaskContext(n_q, n_k, causal, "cpu"))
+        want = plan_from_mask(mask_mod, n_q, n_k, causal, "cpu", block_q, block_k)
+        got = plan_from_rule(mask_mod, rule, params, n_q, n_k, causal, "cpu", block_q, block_k)
+        _assert_same_plan(got, want)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize(("n_q", "n_k", "block"), [(1, 1, 16), (300, 300, 64), (70, 200, 32), (200, 70, 16)])
+def test_causal_plan_equals_the_generic_plan(n_q: int, n_k: int, block: int) -> None:
+    mask_mod = causal_mask(None, MaskContext(n_q, n_k, True, "cpu"))
+    want = plan_from_mask(mask_mod, n_q, n_k, True, "cpu", block, block)
+    _assert_same_plan(plan_from_rule(mask_mod, CAUSAL_RULE, None, n_q, n_k, True, "cpu", block, block), want)
+    got = causal_plan(n_q, n_k, CPU, block)
+    assert torch.equal(got.full, want.full) and torch.equal(got.partial, want.partial)
+    assert got.allowed_count is not None and want.allowed_count is not None
+    assert torch.equal(got.allowed_count, want.allowed_count)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_static_plan_takes_the_block_path_only_with_a_rule() -> None:
+    sw = attnlab.get("sliding_window")
+    before = dict(blocks.stats)
+    static_plan(sw, sw.make_params({"window": 37}), 333, 333, True, CPU, 32)  # a new cache key
+    assert blocks.stats["builds"] == before["builds"] + 1
+    without = [name for name in MASK_METHODS if block_rule(attnlab.get(name).mask) is None]
+    for name in without[:1]:  # a mask method without a rule keeps the generic builder
+        spec = attnlab.get(name)
+        before = dict(blocks.stats)
+        static_plan(spec, spec.make_params(spec.test_params[0]), 91, 91, True, CPU, 16)
+        assert blocks.stats["builds"] == before["builds"]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_rule_path_evaluates_few_tiles_at_long_lengths() -> None:
+    """The point of the block path: at 32K with the benchmark's parameters the token mask is evaluated on
+    fewer tiles than there are query blocks (one per distinct edge pattern: a window's few diagonal
+    offsets; every offset of a dilated band), where the generic path evaluates all 32K x 32K pairs."""
+    n, block = 32768, 128
+    for method in RULE_PARAMS:
+        spec = attnlab.get(method)
+        rule = block_rule(spec.mask)
+        assert rule is not None and spec.mask is not None
+        for raw, causal in itertools.product(spec.bench_params(n), (False, True)):
+            params = spec.make_params(raw)
+            before = dict(blocks.stats)
+            mask_mod = spec.mask(params, MaskContext(n, n, causal, "cpu"))
+            plan = plan_from_rule(mask_mod, rule, params, n, n, causal, "cpu", block, block)
+            evaluated = blocks.stats["evaluated_tiles"] - before["evaluated_tiles"]
+            assert evaluated <= n // block // 2, (method, raw, causal, evaluated)
+            assert plan.allowed_count is not None
+            assert 0 < int(plan.allowed_count) <= dense_pairs(n, n, causal)

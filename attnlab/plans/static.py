@@ -1,8 +1,16 @@
 """Static plans: made from a mask and the shapes, exact, and cached (least recently used first out).
 
-:func:`plan_from_mask` evaluates a mask function in row chunks (memory O(chunk), never N x N at once) and
-classifies every tile exactly: full when every pair inside the matrix is allowed, partial when some are.
-Tiles that stick out of the matrix at the tail count as partial unless the mask is empty there.
+Two builders give the same plan, field by field:
+
+- :func:`plan_from_mask` (generic, any position-only mask): evaluates the mask over the whole grid in row
+  chunks (memory O(chunk), never N x N at once; time O(N_q x N_k)) and classifies every tile exactly:
+  full when every pair of the tile is allowed, partial when some are. A tile sticking out of the matrix
+  at a tail is never full (its padding is not allowed): partial unless the mask is empty there.
+- :func:`attnlab.plans.blocks.plan_from_rule` (methods whose mask factory has a block rule, see
+  :mod:`attnlab.plans.blocks`): classifies tiles from per-block bounds and evaluates the mask only on one
+  tile per distinct uncertain pattern (a window's edges), O(NQB x NKB) plus a few tiles.
+
+:func:`static_plan` and :func:`causal_plan` take the block path when a rule exists, else the generic one.
 """
 
 from __future__ import annotations
@@ -12,8 +20,17 @@ from collections.abc import Hashable
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from attnlab.masks import MaskContext, MaskMod, causal_mask
+from attnlab.plans.blocks import (
+    BlockRule,
+    TileGrid,
+    block_rule,
+    diagonal_keys,
+    plan_from_rule,
+    register_block_rule,
+)
 from attnlab.plans.plan import Plan
 from attnlab.settings import settings
 
@@ -88,13 +105,17 @@ def _cached(key: Hashable, build: Any) -> Plan:
 def static_plan(
     spec: Any, params: Any, n_q: int, n_k: int, causal: bool, device: torch.device, block: int = BLOCK
 ) -> Plan:
-    """The plan of a mask-defined method (``spec.mask``) for these shapes and parameters (cached)."""
+    """The plan of a mask-defined method (``spec.mask``) for these shapes and parameters (cached); built
+    from the method's block rule when its mask factory has one (:mod:`attnlab.plans.blocks`), else by
+    evaluating the mask over the grid."""
     key = (spec.name, params.key(), n_q, n_k, causal, str(device), block)
 
     def build() -> Plan:
-        return plan_from_mask(
-            spec.mask(params, MaskContext(n_q, n_k, causal, device)), n_q, n_k, causal, device, block, block
-        )
+        mask_mod = spec.mask(params, MaskContext(n_q, n_k, causal, device))
+        rule = block_rule(spec.mask)
+        if rule is not None:
+            return plan_from_rule(mask_mod, rule, params, n_q, n_k, causal, device, block, block)
+        return plan_from_mask(mask_mod, n_q, n_k, causal, device, block, block)
 
     return _cached(key, build)
 
@@ -105,6 +126,16 @@ def causal_plan(n_q: int, n_k: int, device: torch.device, block: int = BLOCK) ->
 
     def build() -> Plan:
         mask = causal_mask(None, MaskContext(n_q, n_k, True, device))
-        return plan_from_mask(mask, n_q, n_k, True, device, block, block)
+        return plan_from_rule(mask, CAUSAL_RULE, None, n_q, n_k, True, device, block, block)
 
     return _cached(key, build)
+
+
+def _causal_classify(params: Any, grid: TileGrid) -> tuple[Tensor, Tensor]:
+    """(maybe, full) tiles of :func:`~attnlab.masks.causal_mask`: ``d >= 0`` when causal, else every
+    pair; exact, and a tile's mask depends only on its diagonal offset."""
+    return grid.causal_range()
+
+
+#: The block rule of :func:`~attnlab.masks.causal_mask` (dense attention, causal or not).
+CAUSAL_RULE = register_block_rule(causal_mask, BlockRule(_causal_classify, diagonal_keys))

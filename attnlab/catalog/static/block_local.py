@@ -25,6 +25,7 @@ from attnlab.catalog.static import MASK_BACKENDS
 from attnlab.masks import MaskContext, MaskMod, mask_for
 from attnlab.params import Params
 from attnlab.patterns import ALL_PATTERNS
+from attnlab.plans.blocks import BlockRule, TileGrid, register_block_rule
 from attnlab.reference import masked_softmax_attention
 from attnlab.registry import MethodSpec, register
 
@@ -57,6 +58,45 @@ def mask(p: BlockLocalParams, ctx: MaskContext) -> MaskMod:
         return ctx.causal_ok(d) & ((q_block - k_block).abs() <= neighbors)
 
     return block_local
+
+
+def _blocks(p: BlockLocalParams, grid: TileGrid) -> tuple[int, int, Tensor, Tensor, Tensor, Tensor]:
+    """(block, neighbors, capped as in :func:`mask`; the query and key block-index bounds of each tile)."""
+    block, neighbors = min(p.block, grid.cap), min(p.neighbors, grid.cap)
+    qb_lo = torch.div(grid.p_first, block, rounding_mode="floor")
+    qb_hi = torch.div(grid.p_last, block, rounding_mode="floor")
+    kb_lo = torch.div(grid.k_first, block, rounding_mode="floor")
+    kb_hi = torch.div(grid.k_last, block, rounding_mode="floor")
+    return block, neighbors, qb_lo, qb_hi, kb_lo, kb_hi
+
+
+def classify(p: BlockLocalParams, grid: TileGrid) -> tuple[Tensor, Tensor]:
+    """(maybe, full) tiles of :func:`mask` (see :mod:`attnlab.plans.blocks`): over a tile,
+    ``delta = floor(p / block) - floor(j / block)`` takes every value between ``qb_lo - kb_hi`` and
+    ``qb_hi - kb_lo``, so ``|delta| <= neighbors`` holds somewhere / everywhere from those bounds; with the
+    causal range this gives ``full`` exactly and ``maybe`` soundly (allowed blocks and causal pairs may
+    lie in different places of a tile: the token mask decides)."""
+    _, neighbors, qb_lo, qb_hi, kb_lo, kb_hi = _blocks(p, grid)
+    c_any, c_all = grid.causal_range()
+    maybe = (qb_lo - neighbors <= kb_hi) & (qb_hi + neighbors >= kb_lo) & c_any
+    full = (qb_lo + neighbors >= kb_hi) & (qb_hi - neighbors <= kb_lo) & c_all
+    return maybe, full
+
+
+def keys(p: BlockLocalParams, grid: TileGrid) -> tuple[Tensor, ...]:
+    """Pattern keys: the diagonal offset, and where the tile straddles a block boundary the place of its
+    corner in its block (``p_first % block``, ``k_first % block``), which with the offset fixes every
+    ``delta`` of the tile; elsewhere ``delta`` is one allowed value (else the tile is not uncertain)."""
+    block, _, qb_lo, qb_hi, kb_lo, kb_hi = _blocks(p, grid)
+    straddle = (qb_lo != qb_hi) | (kb_lo != kb_hi)
+    return (
+        grid.d0,
+        torch.where(straddle, grid.p_first % block, -1),
+        torch.where(straddle, grid.k_first % block, -1),
+    )
+
+
+register_block_rule(mask, BlockRule(classify, keys))
 
 
 def index_mask(params: BlockLocalParams, n_q: int, n_k: int, causal: bool) -> Tensor:

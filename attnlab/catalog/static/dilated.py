@@ -26,6 +26,7 @@ from attnlab.catalog.static import MASK_BACKENDS
 from attnlab.masks import MaskContext, MaskMod, mask_for
 from attnlab.params import Params
 from attnlab.patterns import ALL_PATTERNS
+from attnlab.plans.blocks import BlockRule, TileGrid, diagonal_keys, register_block_rule
 from attnlab.reference import masked_softmax_attention
 from attnlab.registry import MethodSpec, register
 
@@ -56,6 +57,30 @@ def mask(p: DilatedParams, ctx: MaskContext) -> MaskMod:
         return ctx.causal_ok(d) & (d < span) & (d > -span) & (d % dilation == 0)
 
     return dilated
+
+
+def classify(p: DilatedParams, grid: TileGrid) -> tuple[Tensor, Tensor]:
+    """(maybe, full) tiles of :func:`mask` (see :mod:`attnlab.plans.blocks`): the allowed ``d`` are the
+    multiples of ``dilation`` in ``[lo, span - 1]`` (``lo = 0`` when causal, else ``1 - span``). A tile
+    holds one iff the largest multiple at most ``min(d_max, span - 1)`` reaches ``max(d_min, lo)``; it is
+    full iff its ``d`` range lies inside and is a single value on the grid (or ``dilation`` is 1). Exact;
+    a tile's token mask depends only on its diagonal offset (the pattern key)."""
+    dilation = min(p.dilation, grid.cap)
+    span = min(p.window * p.dilation, grid.cap)
+    lo, hi = (0 if grid.causal else 1 - span), span - 1
+    inside = grid.d_range(lo, hi)[1]
+    if dilation == 1:
+        return grid.d_range(lo, hi)
+    a = torch.clamp(grid.d_min, min=lo)
+    b = torch.clamp(grid.d_max, max=hi)
+    maybe = (a <= b) & (torch.div(b, dilation, rounding_mode="floor") * dilation >= a)
+    full = (
+        inside & (grid.p_first == grid.p_last) & (grid.k_first == grid.k_last) & (grid.d_min % dilation == 0)
+    )
+    return maybe, full
+
+
+register_block_rule(mask, BlockRule(classify, diagonal_keys))
 
 
 def index_mask(params: DilatedParams, n_q: int, n_k: int, causal: bool) -> Tensor:

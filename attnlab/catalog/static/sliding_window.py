@@ -25,6 +25,7 @@ from attnlab.catalog.static import MASK_BACKENDS
 from attnlab.masks import MaskContext, MaskMod, mask_for
 from attnlab.params import Params
 from attnlab.patterns import ALL_PATTERNS
+from attnlab.plans.blocks import BlockRule, TileGrid, diagonal_keys, register_block_rule
 from attnlab.reference import masked_softmax_attention
 from attnlab.registry import MethodSpec, register
 
@@ -51,6 +52,17 @@ def mask(p: SlidingWindowParams, ctx: MaskContext) -> MaskMod:
         return ctx.causal_ok(d) & (d < window) & (d > -window)
 
     return sliding_window
+
+
+def classify(p: SlidingWindowParams, grid: TileGrid) -> tuple[Tensor, Tensor]:
+    """(maybe, full) tiles of :func:`mask` (see :mod:`attnlab.plans.blocks`): the mask is
+    ``lo <= d <= window - 1`` (``lo = 0`` when causal, else ``1 - window``), exact from a tile's ``d``
+    range; a tile's token mask depends only on its diagonal offset (the pattern key)."""
+    window = min(p.window, grid.cap)
+    return grid.d_range(0 if grid.causal else 1 - window, window - 1)
+
+
+register_block_rule(mask, BlockRule(classify, diagonal_keys))
 
 
 def index_mask(params: SlidingWindowParams, n_q: int, n_k: int, causal: bool) -> Tensor:

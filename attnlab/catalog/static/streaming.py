@@ -25,6 +25,7 @@ from attnlab.catalog.static import MASK_BACKENDS
 from attnlab.masks import MaskContext, MaskMod, mask_for
 from attnlab.params import Params
 from attnlab.patterns import ALL_PATTERNS
+from attnlab.plans.blocks import BlockRule, TileGrid, register_block_rule
 from attnlab.reference import masked_softmax_attention
 from attnlab.registry import MethodSpec, register
 
@@ -55,6 +56,36 @@ def mask(p: StreamingParams, ctx: MaskContext) -> MaskMod:
         return ctx.causal_ok(d) & ((kv_idx < sinks) | ((d < window) & (d > -window)))
 
     return streaming
+
+
+def classify(p: StreamingParams, grid: TileGrid) -> tuple[Tensor, Tensor]:
+    """(maybe, full) tiles of :func:`mask` (see :mod:`attnlab.plans.blocks`), by key block: one wholly
+    among the sinks follows the causal rule alone, one wholly past them the window ``lo <= d <= window -
+    1``; the block holding the sinks' end is bounded (maybe: causal allows a pair; full: the window covers
+    it) and left to the token mask."""
+    sinks, window = min(p.sinks, grid.cap), min(p.window, grid.cap)
+    c_any, c_all = grid.causal_range()
+    w_any, w_all = grid.d_range(0 if grid.causal else 1 - window, window - 1)
+    maybe = torch.where(grid.k_first >= sinks, w_any, c_any)
+    full = torch.where(grid.k_last < sinks, c_all, w_all)
+    return maybe, full
+
+
+def keys(p: StreamingParams, grid: TileGrid) -> tuple[Tensor, ...]:
+    """Pattern keys: the diagonal offset and the key block's kind (among / past / across the sinks'
+    end). Across the sinks' end, a tile whose causal and window terms are each constant (far from the
+    diagonal: the mask is ``j < sinks`` or a constant) is keyed by those terms' values alone."""
+    sinks, window = min(p.sinks, grid.cap), min(p.window, grid.cap)
+    c_any, c_all = grid.causal_range()
+    w_any, w_all = grid.d_range(0 if grid.causal else 1 - window, window - 1)
+    kind = torch.where(grid.k_last < sinks, 0, torch.where(grid.k_first >= sinks, 1, 2))
+    constant = (c_all | ~c_any) & (w_all | ~w_any) & (kind == 2)
+    d0 = torch.where(constant, 0, grid.d0)
+    kind = torch.where(constant, 3 + 2 * c_all.to(torch.int64) + w_all.to(torch.int64), kind)
+    return d0, kind
+
+
+register_block_rule(mask, BlockRule(classify, keys))
 
 
 def index_mask(params: StreamingParams, n_q: int, n_k: int, causal: bool) -> Tensor:
