@@ -1,7 +1,8 @@
 """Full-size GPU check of the linear family's Triton kernels (``attnlab/kernels/linear``) against the fp32
-token-by-token recurrence: output, final state and every gradient, with the same recurrence run in the
-input precision beside it (the yardstick of the 2x / 3x accuracy rule), then a short timing of the
-methods as called against cuDNN SDPA (dense causal softmax; ``benchmarks/linear_bench.py``).
+token-by-token recurrence: output, final state and (at 4K) every gradient, with the same recurrence run
+in the input precision beside it (the yardstick of the 2x / 3x accuracy rule: the kernel's error against
+the fp32 recurrence at most 2x (output, state) or 3x (gradients) that of the bf16 recurrence, plus 1e-5
+relative and half an ulp of the peak). Timings are ``benchmarks/linear_bench.py``.
 
     python benchmarks/linear_gpu_check.py --out results.json [--budget 240]
 
@@ -31,7 +32,10 @@ def _peak(t: Tensor) -> float:
     return float(t.float().abs().max())
 
 
-def check(method: str, b: int, h: int, n: int, d: int, dtype: torch.dtype, chunk: int) -> dict[str, Any]:
+def check(
+    method: str, b: int, h: int, n: int, d: int, dtype: torch.dtype, chunk: int, grad: bool = True
+) -> dict[str, Any]:
+    """One case; ``gated_delta`` with a per-head gate (Gated DeltaNet), ``gated_delta_kda`` per channel."""
     from attnlab.kernels.linear.op import delta_chunk, gla_chunk
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -44,10 +48,13 @@ def check(method: str, b: int, h: int, n: int, d: int, dtype: torch.dtype, chunk
         extra["g"] = F.logsigmoid(torch.randn(b, h, n, d, device=dev, generator=gen) + 3.0) / 4
     if method == "lightning":
         extra["g"] = -torch.tensor(alibi_slopes(h), device=dev)[None, :, None, None].expand(b, h, n, d)
+    kda = method == "gated_delta_kda"
+    if kda:
+        method = "gated_delta"
     if method == "gated_delta":
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         extra["beta"] = torch.sigmoid(torch.randn(b, h, n, device=dev, generator=gen))
-        extra["g"] = F.logsigmoid(torch.randn(b, h, n, d, device=dev, generator=gen) + 4.0)
+        extra["g"] = F.logsigmoid(torch.randn(b, h, n, d if kda else 1, device=dev, generator=gen) + 4.0)
     h0 = torch.randn(b, h, d, d, device=dev, generator=gen)
     scale = d**-0.5
     base = [q.to(dtype), k.to(dtype), v.to(dtype)]
@@ -55,12 +62,12 @@ def check(method: str, b: int, h: int, n: int, d: int, dtype: torch.dtype, chunk
 
     def leaves(cast: torch.dtype | None) -> list[Tensor]:
         xs = [t.to(cast) if cast is not None else t for t in base]
-        xs = [t.detach().clone().requires_grad_(True) for t in xs]
+        xs = [t.detach().clone().requires_grad_(grad) for t in xs]
         if method == "gated_delta":
-            xs.append(extra["beta"].detach().clone().requires_grad_(True))
+            xs.append(extra["beta"].detach().clone().requires_grad_(grad))
         g = extra.get("g")
-        xs.append(g.detach().clone().requires_grad_(learn_g) if g is not None else None)  # type: ignore[arg-type]
-        xs.append(h0.detach().clone().requires_grad_(True))
+        xs.append(g.detach().clone().requires_grad_(learn_g and grad) if g is not None else None)  # type: ignore[arg-type]
+        xs.append(h0.detach().clone().requires_grad_(grad))
         return xs
 
     def run(xs: list[Tensor], fn: str) -> tuple[Tensor, Tensor]:
@@ -75,29 +82,36 @@ def check(method: str, b: int, h: int, n: int, d: int, dtype: torch.dtype, chunk
         return gated_recurrence(qq, kk, vv, g, scale, s0.to(qq.dtype))
 
     names = (
-        ["dq", "dk", "dv"]
-        + (["dbeta"] if method == "gated_delta" else [])
-        + (["dg"] if learn_g else [])
-        + ["dh0"]
+        (
+            ["dq", "dk", "dv"]
+            + (["dbeta"] if method == "gated_delta" else [])
+            + (["dg"] if learn_g else [])
+            + ["dh0"]
+        )
+        if grad
+        else []
     )
     outs = {}
     for label, cast, fn in (("kernel", None, "kernel"), ("ref", torch.float32, "rec"), ("low", None, "rec")):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         xs = leaves(cast)
-        o, s = run(xs, fn)
-        gg = torch.Generator(device="cuda").manual_seed(1)
-        do = torch.randn(o.shape, device=dev, generator=gg)
-        ds = torch.randn(s.shape, device=dev, generator=gg)
-        wrt = [t for t in xs if t is not None and t.requires_grad]
-        grads = torch.autograd.grad((o.float() * do).sum() + (s.float() * ds).sum(), wrt)
+        with torch.set_grad_enabled(grad):
+            o, s = run(xs, fn)
+        grads: tuple[Tensor, ...] = ()
+        if grad:
+            gg = torch.Generator(device="cuda").manual_seed(1)
+            do = torch.randn(o.shape, device=dev, generator=gg)
+            ds = torch.randn(s.shape, device=dev, generator=gg)
+            wrt = [t for t in xs if t is not None and t.requires_grad]
+            grads = torch.autograd.grad((o.float() * do).sum() + (s.float() * ds).sum(), wrt)
         torch.cuda.synchronize()
         outs[label] = (o.detach(), s.detach(), [gr.detach() for gr in grads], time.perf_counter() - t0)
     ko, ks, kg, _ = outs["kernel"]
     ro, rs, rg, _ = outs["ref"]
     lo, ls, lg, _ = outs["low"]
     row: dict[str, Any] = {
-        "method": method, "B": b, "H": h, "N": n, "D": d, "dtype": str(dtype).replace("torch.", ""),
+        "method": method + ("_kda" if kda else ""), "grad": grad, "B": b, "H": h, "N": n, "D": d, "dtype": str(dtype).replace("torch.", ""),
         "chunk": chunk, "finite": bool(torch.isfinite(ko).all()) and all(bool(torch.isfinite(x).all()) for x in kg),
     }  # fmt: skip
     checks = {"out": (ko, ro, lo, 2.0), "state": (ks, rs, ls, 2.0)}
@@ -125,14 +139,18 @@ def main() -> None:
 
     result: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                               "triton": triton.__version__, "checks": [], "timings": []}  # fmt: skip
+    bf, f32 = torch.bfloat16, torch.float32
     cases = [
-        ("gla", 2, 4, 4096, 128, torch.bfloat16, 64),
-        ("lightning", 2, 4, 4096, 128, torch.bfloat16, 64),
-        ("linear", 2, 4, 4096, 128, torch.bfloat16, 64),
-        ("gla", 1, 2, 1000, 128, torch.bfloat16, 16),
-        ("gla", 1, 2, 1000, 64, torch.float32, 32),
-        ("gated_delta", 2, 4, 4096, 128, torch.bfloat16, 64),
-        ("gated_delta", 1, 2, 1000, 64, torch.float32, 16),
+        ("gla", 1, 16, 4096, 128, bf, 64, True),
+        ("lightning", 1, 16, 4096, 128, bf, 64, True),
+        ("linear", 1, 16, 4096, 128, bf, 64, True),
+        ("gated_delta", 1, 16, 4096, 128, bf, 64, True),
+        ("gated_delta_kda", 1, 16, 4096, 128, bf, 64, True),
+        ("gla", 1, 16, 16384, 128, bf, 64, False),
+        ("lightning", 1, 16, 16384, 128, bf, 64, False),
+        ("gated_delta", 1, 16, 16384, 128, bf, 64, False),
+        ("gla", 1, 2, 1000, 64, f32, 32, True),
+        ("gated_delta_kda", 1, 2, 1000, 64, f32, 16, True),
     ]
     for case in cases:
         if time.perf_counter() - start > args.budget:
@@ -144,16 +162,6 @@ def main() -> None:
             row = {"case": str(case), "error": f"{type(e).__name__}: {e}"[:500]}
         print(json.dumps(row), flush=True)
         result["checks"].append(row)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-    from linear_bench import bench  # (benchmarks/linear_bench.py: as called vs cuDNN SDPA)
-
-    for n in (4096, 16384):
-        if time.perf_counter() - start > args.budget:
-            break
-        row = bench(2, 4, n, 128)
-        print(json.dumps(row), flush=True)
-        result["timings"].append(row)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
 

@@ -5,6 +5,8 @@ machine the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_I
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,24 +26,32 @@ def _op():  # type: ignore[no-untyped-def]
 
 def _inputs(
     n: int, dk: int, dv: int, g_shift: float | None, *, b: int = 1, h: int = 2, seed: int = 0
-) -> list[Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]:
     """q, k, v, g (log-decays; None without), h0, on the device under test, fp32."""
     gen = torch.Generator().manual_seed(seed)
     q, k = (torch.randn(b, h, n, dk, generator=gen) for _ in range(2))
     v = torch.randn(b, h, n, dv, generator=gen)
     g = None if g_shift is None else F.logsigmoid(torch.randn(b, h, n, dk, generator=gen) + g_shift)
     h0 = torch.randn(b, h, dk, dv, generator=gen)
-    return [t.to(DEV) if t is not None else None for t in (q, k, v, g, h0)]  # type: ignore[misc]
+    return q.to(DEV), k.to(DEV), v.to(DEV), (None if g is None else g.to(DEV)), h0.to(DEV)
+
+
+def _close(name: str, got: Tensor, want: Tensor, tol: float) -> None:
+    try:
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    except AssertionError as e:
+        raise AssertionError(f"{name}: {e}") from None
 
 
 def _compare_with_recurrence(
-    xs: list[Tensor | None], chunk: int, scale: float = 0.3, tol: float = 2e-5
+    xs: Sequence[Tensor | None], chunk: int, scale: float = 0.3, tol: float = 2e-5
 ) -> None:
     leaves = [t.clone().requires_grad_(True) if t is not None else None for t in xs]
     ref_leaves = [t.clone().requires_grad_(True) if t is not None else None for t in xs]
     q, k, v, g, h0 = leaves
     o, s = _op().gla_chunk(q, k, v, g, scale, h0, chunk)
     rq, rk, rv, rg, rh0 = ref_leaves
+    assert q is not None and rq is not None and rk is not None and rv is not None
     ro, rs = gated_recurrence(rq, rk, rv, rg, scale, rh0)
     assert o.dtype == q.dtype and s.dtype == torch.float32
     torch.testing.assert_close(o, ro, atol=tol, rtol=tol)
@@ -54,7 +64,7 @@ def _compare_with_recurrence(
     want = torch.autograd.grad((ro * do).sum() + (rs * ds).sum(), ref_wrt)
     names = [n for n, t in zip(("dq", "dk", "dv", "dg", "dh0"), xs, strict=True) if t is not None]
     for name, a, b in zip(names, got, want, strict=True):
-        torch.testing.assert_close(a, b, atol=tol * 5, rtol=tol * 5, msg=lambda m, name=name: f"{name}: {m}")
+        _close(name, a, b, tol * 5)
 
 
 @pytest.mark.parametrize(
@@ -72,7 +82,7 @@ def test_gla_chunk_kernel_matches_the_recurrence(n: int, chunk: int, poison_empt
 def test_gla_chunk_kernel_without_decay_and_at_decay_extremes(gates: str) -> None:
     """Per-channel gates and gates shared by the channels (lightning's per-head decay broadcast over
     (B, H, N, K), or a (B, H, N, 1) gate: the scalar-gate kernels), at their extremes."""
-    xs = _inputs(33, 8, 8, 1.0)
+    xs: list[Tensor | None] = list(_inputs(33, 8, 8, 1.0))
     g = xs[3]
     assert g is not None
     if gates == "none":
@@ -140,7 +150,12 @@ def test_short_calls_without_gradients_take_the_step_kernel(monkeypatch: pytest.
     op = _op()
     calls = []
     real = op.linear_step
-    monkeypatch.setattr(op, "linear_step", lambda *a: calls.append(1) or real(*a))
+
+    def counted(*a: object) -> tuple[Tensor, Tensor]:
+        calls.append(1)
+        return real(*a)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(op, "linear_step", counted)
     q, k, v, g, h0 = _inputs(2, 8, 8, 1.0)
     with torch.no_grad():
         o, s = op.gla_chunk(q, k, v, g, 0.3, h0, 16)
@@ -182,17 +197,20 @@ def test_delta_kernels_match_the_recurrence(n: int, chunk: int, gate: str, poiso
     q, k, v, g, h0 = _inputs(n, 8, 8, 1.0, h=1)
     k = F.normalize(k, dim=-1)
     beta = torch.rand(1, 1, n, generator=torch.Generator().manual_seed(5)).to(DEV)
+    assert g is not None
     if gate == "head":
-        g = g[..., :1].clone()  # type: ignore[index]
+        g = g[..., :1].clone()
     elif gate == "none":
         g = None
     elif gate == "strong":  # decay ~ e^-30 per token on half the channels
-        g = torch.where(torch.arange(8).to(DEV) % 2 == 0, -30.0, g)  # type: ignore[arg-type]
-    xs = [q, k, v, beta, g, h0]
+        g = torch.where(torch.arange(8).to(DEV) % 2 == 0, -30.0, g)
+    xs: list[Tensor | None] = [q, k, v, beta, g, h0]
     leaves = [t.clone().requires_grad_(True) if t is not None else None for t in xs]
     ref = [t.clone().requires_grad_(True) if t is not None else None for t in xs]
     o, s = _op().delta_chunk(*leaves[:5], 0.3, leaves[5], chunk)
-    ro, rs = delta_recurrence(*ref[:5], 0.3, ref[5])  # type: ignore[misc]
+    rq, rk, rv, rb, rg, rh0 = ref
+    assert rq is not None and rk is not None and rv is not None and rb is not None
+    ro, rs = delta_recurrence(rq, rk, rv, rb, rg, 0.3, rh0)
     torch.testing.assert_close(o, ro, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(s, rs, atol=2e-5, rtol=2e-5)
     gen = torch.Generator().manual_seed(7)
@@ -201,7 +219,7 @@ def test_delta_kernels_match_the_recurrence(n: int, chunk: int, gate: str, poiso
     want = torch.autograd.grad((ro * do).sum() + (rs * ds).sum(), [t for t in ref if t is not None])
     names = [nm for nm, t in zip(("dq", "dk", "dv", "dbeta", "dg", "dh0"), xs, strict=True) if t is not None]
     for name, a, b in zip(names, got, want, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+        _close(name, a, b, 1e-4)
 
 
 def test_the_custom_ops_pass_opcheck() -> None:
