@@ -202,11 +202,25 @@ def _assert_same_plan(got: Plan, want: Plan) -> None:
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
+def _assert_same_patterns(got: Plan, want: Plan, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The block plan's keyed tile patterns are the executor's generic ones (ids and order), with the
+    executor's chunk and with a 3-tile chunk (ids then depend on the chunk a pattern first occurs in)."""
+    from attnlab.plans import executor
+
+    assert got.pattern_ids is not None
+    for chunk in (executor.TILE_CHUNK, 3):
+        monkeypatch.setattr(executor, "TILE_CHUNK", chunk)
+        keyed = blocks.tile_patterns(got, got.partial, chunk)
+        assert keyed is not None
+        grid, patterns = executor._tile_patterns(want, want.partial)
+        assert torch.equal(keyed[0], grid) and torch.equal(keyed[1], patterns)
+
+
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("method", sorted(RULE_PARAMS))
 @pytest.mark.parametrize(("n_q", "n_k", "block_q", "block_k"), RULE_SHAPES)
 def test_block_rule_plan_equals_the_generic_plan(
-    method: str, n_q: int, n_k: int, block_q: int, block_k: int
+    method: str, n_q: int, n_k: int, block_q: int, block_k: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spec = attnlab.get(method)
     rule = block_rule(spec.mask)
@@ -218,6 +232,7 @@ def test_block_rule_plan_equals_the_generic_plan(
         want = plan_from_mask(mask_mod, n_q, n_k, causal, "cpu", block_q, block_k)
         got = plan_from_rule(mask_mod, rule, params, n_q, n_k, causal, "cpu", block_q, block_k)
         _assert_same_plan(got, want)
+        _assert_same_patterns(got, want, monkeypatch)
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -216,6 +216,16 @@ def plan_from_rule(
         partial[:, -1] |= full[:, -1]
         full[:, -1] = False
 
+    # pattern ids of partial tiles: 0 / 1 / 2 for certainly full tiles past the query tail / the key
+    # tail / both (their mask: the pairs inside the matrix), 3 + group for uncertain tiles found partial
+    ids = torch.full((nqb, nkb), -1, dtype=torch.int32, device=dev)
+    if rows_last < block_q:
+        ids[-1] = torch.where(partial[-1], 0, -1)
+    if cols_last < block_k:
+        ids[:, -1] = torch.where(partial[:, -1], 1, ids[:, -1])
+        if rows_last < block_q:
+            ids[-1, -1] = torch.where(partial[-1, -1], 2, -1)
+
     where = (maybe & ~sure_full).nonzero()  # (T, 2): the uncertain tiles, row-major
     if where.shape[0]:
         ti, tj = where[:, 0], where[:, 1]
@@ -233,7 +243,9 @@ def plan_from_rule(
         stats["evaluated_tiles"] += n_groups
         t_all = rep_all[group]
         full[ti, tj] = t_all
-        partial[ti, tj] = rep_any[group] & ~t_all
+        t_partial = rep_any[group] & ~t_all
+        partial[ti, tj] = t_partial
+        ids[ti, tj] = torch.where(t_partial, (group + 3).to(torch.int32), -1)
         allowed = allowed + rep_count[group].sum()
     stats["builds"] += 1
     return Plan(
@@ -247,6 +259,7 @@ def plan_from_rule(
         mask_mod=mask_mod,
         kind="static",
         allowed_count=allowed.to(torch.int64).view(1, 1),
+        pattern_ids=ids[None, None],
     )
 
 
@@ -280,3 +293,44 @@ def _evaluate(mask_mod: MaskMod, grid: TileGrid, tiles: Tensor) -> tuple[Tensor,
         out_all.append(flat.all(dim=1))
         out_count.append(flat.sum(dim=1))
     return torch.cat(out_any), torch.cat(out_all), torch.cat(out_count)
+
+
+def tile_patterns(plan: Plan, partial: Tensor, chunk: int) -> tuple[Tensor, Tensor] | None:
+    """The executor's (pattern id per tile, -1 where not partial; distinct patterns, uint8 (U, block_q,
+    block_k)) of ``partial`` (bool (Bp, Hp, NQB, NKB)), from ``plan.pattern_ids``: the token mask is
+    evaluated on one tile per id, not on every partial tile. Exactly what the executor's generic
+    ``_tile_patterns`` returns when it lists ``chunk`` tiles at a time: ids numbered by the chunk (of
+    ``chunk`` partial tiles in row-major order) where a pattern first occurs, then by the pattern's bytes.
+    None when the plan has no ids or a partial tile lacks one (then the caller evaluates every tile)."""
+    if plan.pattern_ids is None:
+        return None
+    bq, bk, dev = plan.block_q, plan.block_k, partial.device
+    pat_grid = torch.full(partial.shape, -1, dtype=torch.int64, device=dev)
+    coords = partial.nonzero()  # (T, 4): b, h, i, j, row-major as the generic path lists them
+    if coords.shape[0] == 0:
+        return pat_grid, torch.zeros(1, bq, bk, dtype=torch.uint8, device=dev)
+    b, h, i, j = coords.unbind(1)
+    tile_id = plan.pattern_ids.to(dev).expand(partial.shape)[b, h, i, j]
+    if bool((tile_id < 0).any()):
+        return None
+    uid, inverse = torch.unique(tile_id, return_inverse=True)
+    n = coords.shape[0]
+    first = torch.full((uid.shape[0],), n, dtype=torch.int64, device=dev)
+    first.scatter_reduce_(0, inverse, torch.arange(n, device=dev), "amin")
+    reps = coords[first].to(torch.int32)
+    r = torch.arange(bq, device=dev, dtype=torch.int32)
+    c = torch.arange(bk, device=dev, dtype=torch.int32)
+    q_idx = (reps[:, 2, None] * bq + r)[:, :, None]
+    kv_idx = (reps[:, 3, None] * bk + c)[:, None, :]
+    m = (q_idx < plan.n_q) & (kv_idx < plan.n_k)
+    if plan.mask_mod is not None:
+        m = m & plan.mask_mod(reps[:, 0, None, None], reps[:, 1, None, None], q_idx, kv_idx)
+    distinct, same = torch.unique(m.to(torch.uint8).reshape(m.shape[0], -1), dim=0, return_inverse=True)
+    u = distinct.shape[0]
+    first_chunk = torch.full((u,), n, dtype=torch.int64, device=dev)
+    first_chunk.scatter_reduce_(0, same, first // chunk, "amin")
+    order = torch.argsort(first_chunk * u + torch.arange(u, device=dev))  # by chunk, then by bytes
+    number = torch.empty(u, dtype=torch.int64, device=dev)
+    number[order] = torch.arange(u, device=dev)
+    pat_grid[b, h, i, j] = number[same][inverse]
+    return pat_grid, distinct[order].view(u, bq, bk).contiguous()

@@ -42,6 +42,10 @@ class Plan:
     - ``rule``: "causal" when ``mask_mod`` is the bottom-right causal rule ``kv_idx <= q_idx + N_k - N_q``
       (then a partial tile's token mask depends only on its diagonal offset and the matrix edges, which
       lets the executor's tables be built without evaluating every tile), else None.
+    - ``pattern_ids``: optional int32 (Bp, Hp, NQB, NKB), -1 outside partial tiles: partial tiles with
+      equal ids have the same token mask (``mask_mod`` over the tile, pairs past the matrix's edges
+      excluded), so one tile per id tells them all (see :func:`attnlab.plans.blocks.tile_patterns`).
+      Set by the block-rule builder of static plans; None when unknown.
 
     The token mask of the plan is ``full | (partial & mask_mod) | column hits outside visited tiles``
     (partial tiles also stop at the matrix's edges); every quantity below is
@@ -60,6 +64,7 @@ class Plan:
     columns: Tensor | None = None
     allowed_count: Tensor | None = None
     rule: str | None = None
+    pattern_ids: Tensor | None = None
     #: derived values built on first use (the BlockMask, the tables)
     _memo: dict[str, Any] = field(default_factory=dict, repr=False)
 
