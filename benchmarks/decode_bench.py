@@ -5,18 +5,24 @@ One decode step of one layer: q (B, 32, 1, 128) against a cache k/v (B, 8, N, 12
 Checks first (correctness before speed):
 - the split-K kernel against its fp32 naive twin over the same selection (the 2x accuracy rule against the
   same math in bf16 PyTorch: gather + SDPA);
-- the fast selection (Triton page scores) against the fp32 reference selection: share of pages in common.
+- the fused selection (``page_select``: summary update, bounds, top pages in one launch) against the rule
+  applied to its own scores (row_topk_naive: exact, ties to the lowest page) and against ``torch.topk`` on
+  the same scores (share of pages in common: ties aside, 1.0); the fast selection against the fp32
+  reference selection (share of pages in common).
 
 Timed, CUDA events, interleaved rounds in rotating order, the L2 cache flushed (a 256 MiB write) before
 every timed call (in a model every layer reads a different cache, so nothing stays in L2):
 - ``dense_cudnn`` / ``dense_flash``: SDPA decode over the whole cache with that kernel only;
-- ``page_topk_step``: the prepared op as called, state included (the summary update of one appended token,
-  page scores, top-k, split-K decode kernel, merge);
+- ``page_topk_step``: the prepared op as called, eager, state included (the fused selection kernel with the
+  summary update of one appended token, the split-K decode kernel, merge);
 - ``page_topk_graph``: the same step captured in a CUDA graph (no Python/launch overhead);
-- ``select_only`` (page scores + top-k), ``scores_only`` / ``topk_only`` (each part alone), ``topk_triton`` (attnlab's row top-k
-  kernel on the same scores), ``kernel_only`` (decode kernel over a fixed selection),
-  ``kernel_all_pages`` (the decode kernel over every page: its bandwidth on a dense read),
-  ``flash_gathered`` (FlashAttention over a pre-gathered budget-sized K/V: the floor the issue quotes).
+- parts, each captured in a CUDA graph (GPU time without the host): ``select_fused`` (the one selection
+  launch), ``select_scores_torch_topk`` (the same kernel scoring, ``torch.topk`` ranking),
+  ``select_previous`` (the previous path: page-score kernel, forced pages, ``torch.topk``, int32),
+  ``topk_torch`` / ``topk_triton`` (``torch.topk`` / attnlab's row top-k alone on the same scores),
+  ``kernel_only`` (decode kernel + merge over a fixed selection), ``kernel_all_pages`` (the decode kernel
+  over every page: its bandwidth on a dense read);
+- ``flash_gathered`` (FlashAttention over a pre-gathered budget-sized K/V: the floor the issue quotes).
 Bytes: dense reads K and V once; page_topk reads the page summaries (2 x N / page x D per KV head) and
 the selected K/V (2 x budget x D per KV head). Bandwidth shares are against 3.35 TB/s (H100 SXM HBM3).
 
@@ -24,6 +30,7 @@ Also one decode step of every other decode method at the same budget (prepared o
 earlier call) beside dense cuDNN decode.
 
 Usage: python benchmarks/decode_bench.py --out results.json [--context 131072] [--batches 1 8]
+       [--pages 16 32 64] [--no-methods]
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from attnlab.catalog.decode import SPECS as decode_specs
 from attnlab.catalog.decode import page_topk
 from attnlab.core import Result
 from attnlab.registry import registered
+from attnlab.state.pages import summarize
 
 HBM_BYTES_PER_S = 3.35e12
 #: sides whose warm-up raised: name -> error
@@ -117,8 +125,8 @@ def graph_of(fn: Callable[[], object]) -> Callable[[], object]:
 
 
 def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.Tensor) -> dict[str, Any]:
-    from attnlab.kernels.decode.naive import decode_attention_naive
-    from attnlab.kernels.decode.op import decode_attention, page_scores, row_topk
+    from attnlab.kernels.decode.naive import decode_attention_naive, row_topk_naive
+    from attnlab.kernels.decode.op import decode_attention, page_scores, page_select, row_topk
 
     torch.manual_seed(b)
     dev = flush.device
@@ -165,6 +173,19 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
         del want, low, ref_out
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+    # the fused selection: exactly the rule over its own scores, and torch.topk's pages on those scores
+    n_pages0 = summary.n_pages
+    keep0 = sel.index.shape[2]
+    counter = torch.zeros(b * KV_HEADS, dtype=torch.int32, device=dev)
+    fused_idx, fused_scores = page_select(
+        q, k, summary.kmax, summary.kmin, counter, page, keep0, (n - 1) // page, n_pages0, True
+    )
+    rule_exact = bool(torch.equal(fused_idx, row_topk_naive(fused_scores, keep0)))
+    tk = torch.topk(fused_scores, keep0, dim=-1).indices
+    picked = torch.zeros(b, KV_HEADS, n_pages0, dtype=torch.bool, device=dev)
+    picked.scatter_(2, fused_idx.long(), True)
+    topk_overlap = float(picked.gather(2, tk).float().mean())
+    counter_zero = bool((counter == 0).all())
     bound = 2 * err_low + 1e-5 * (1 + peak) + 0.5 * torch.finfo(torch.bfloat16).eps * peak
     checks = {
         "kernel_vs_naive_max_abs": err,
@@ -174,6 +195,9 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
         "lse_max_abs": lse_err,
         "step_vs_reference_max_abs": step_err,
         "fast_vs_reference_selection_overlap": round(min(overlap), 4),
+        "fused_selection_is_rule_over_its_scores": rule_exact,
+        "fused_vs_torch_topk_same_scores_overlap": round(topk_overlap, 6),
+        "fused_counters_left_zero": counter_zero,
     }
 
     # -- timing ---------------------------------------------------------------------------------------
@@ -191,21 +215,31 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
 
     n_pages = summary.n_pages
     keep = sel.index.shape[2]
+    first_forced = (n - 1) // page
+    sel_state = summarize(k, page)  # its last page is recomputed by every select_fused call
+    sel_counter = sel_state.select_counter()
 
-    def select_only() -> object:
+    def select_fused() -> object:  # one launch: last page's summary, bounds, top pages
+        return page_select(q, k, sel_state.kmax, sel_state.kmin, sel_counter, page, keep, first_forced,
+                           n_pages - 1, True)[0]  # fmt: skip
+
+    def select_scores_torch_topk() -> object:  # the same kernel scoring, torch.topk ranking
+        from attnlab.kernels.decode.op import page_select_launch
+
+        return page_select_launch(q, k, sel_state.kmax, sel_state.kmin, sel_counter, page, keep,
+                                  first_forced, n_pages, True, select=False)[0]  # fmt: skip
+
+    def select_previous() -> object:  # the path before the fused kernel (1559cad)
         s = page_scores(q, summary.kmax, summary.kmin, n_pages, True)
-        s[..., (n - 1) // page :] = float("inf")
-        return torch.topk(s, keep, dim=-1, sorted=False).indices
+        s[..., first_forced:] = float("inf")
+        return torch.topk(s, keep, dim=-1, sorted=False).indices.to(torch.int32)
 
     fixed_scores = page_scores(q, summary.kmax, summary.kmin, n_pages, True)
 
-    def scores_only() -> object:  # the Triton page-score kernel alone
-        return page_scores(q, summary.kmax, summary.kmin, n_pages, True)
-
-    def topk_only() -> object:  # torch.topk alone, over (B * H_kv) rows of n_pages scores
+    def topk_torch() -> object:  # torch.topk alone, over (B * H_kv) rows of n_pages scores
         return torch.topk(fixed_scores, keep, dim=-1, sorted=False).indices
 
-    def topk_triton() -> object:  # attnlab's row top-k kernel on the same rows (page_topk.USE_TRITON_TOPK)
+    def topk_triton() -> object:  # attnlab's row top-k kernel on the same rows
         return row_topk(fixed_scores, keep)
 
     idx = sel.index
@@ -226,18 +260,30 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION] if dev.type == "cuda" else [SDPBackend.MATH]):
             return F.scaled_dot_product_attention(q, kg, vg, scale=scale, enable_gqa=True)
 
+    def graphed(fn: Callable[[], object]) -> Callable[[], object]:
+        try:
+            return graph_of(fn)
+        except Exception as e:  # recorded; the side is left out
+            FAILED[f"graph:{fn.__name__}"] = f"{type(e).__name__}: {str(e)[:300]}"
+
+            def failed() -> object:
+                raise RuntimeError("graph capture failed")
+
+            return failed
+
     fns = {
         "dense_cudnn": dense(SDPBackend.CUDNN_ATTENTION),
         "dense_flash": dense(SDPBackend.FLASH_ATTENTION),
         "page_topk_step": step,
-        "page_topk_graph": graph_of(step),
-        "select_only": select_only,
-        "scores_only": scores_only,
-        "topk_only": topk_only,
-        "topk_triton": topk_triton,
-        "kernel_only": kernel_only,
+        "page_topk_graph": graphed(step),
+        "select_fused": graphed(select_fused),
+        "select_scores_torch_topk": graphed(select_scores_torch_topk),
+        "select_previous": graphed(select_previous),
+        "topk_torch": graphed(topk_torch),
+        "topk_triton": graphed(topk_triton),
+        "kernel_only": graphed(kernel_only),
         "flash_gathered": flash_gathered,
-        "kernel_all_pages": kernel_all_pages,
+        "kernel_all_pages": graphed(kernel_all_pages),
     }
     times = timed(fns, reps, flush)
     kv_bytes = 2 * b * KV_HEADS * n * HEAD_DIM * 2
@@ -248,9 +294,10 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
         "dense_flash": kv_bytes,
         "page_topk_step": summary_bytes + sel_bytes,
         "page_topk_graph": summary_bytes + sel_bytes,
-        "select_only": summary_bytes,
-        "scores_only": summary_bytes,
-        "topk_only": None,
+        "select_fused": summary_bytes,
+        "select_scores_torch_topk": summary_bytes,
+        "select_previous": summary_bytes,
+        "topk_torch": None,
         "topk_triton": None,
         "kernel_only": sel_bytes,
         "flash_gathered": sel_bytes,
@@ -343,7 +390,9 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=131072, help="cache length N (tokens)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--budget", type=int, default=4096, help="tokens attended per (batch, KV head)")
-    ap.add_argument("--pages", type=int, nargs="+", default=[16, 32], help="page sizes of page_topk (tokens)")
+    ap.add_argument(
+        "--pages", type=int, nargs="+", default=[16, 32, 64], help="page sizes of page_topk (tokens)"
+    )
     ap.add_argument("--no-methods", action="store_true", help="time page_topk only")
     ap.add_argument("--reps", type=int, default=30, help="timed calls per side (>= 10)")
     ap.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny shapes (a dry run)")

@@ -162,8 +162,90 @@ def test_row_topk_matches_naive_with_ties_and_infinities(n: int, k: int) -> None
     assert torch.equal(got[1, 0], torch.arange(k, device=DEVICE, dtype=torch.int32))
 
 
+SELECT_CASES = [
+    # b, h, h_kv, n_q, n_k, d, page, keep, stale pages, key mask, reduce_max
+    (2, 4, 2, 1, 300, 16, 4, 20, 1, False, True),  # 75 pages: several scoring programs per row
+    (1, 6, 2, 3, 150, 24, 8, 5, 2, True, True),  # 3 queries, odd head dim, left padding
+    (2, 2, 2, 2, 61, 16, 1, 9, 3, False, False),  # token pages, mean over the group
+    (1, 8, 2, 1, 100, 16, 16, 7, 0, True, True),  # nothing stale: the summaries as given
+]
+
+
+@pytest.mark.parametrize("case", SELECT_CASES, ids=[f"case{i}" for i in range(len(SELECT_CASES))])
+def test_page_select_updates_scores_and_picks_the_top_pages(case: tuple) -> None:
+    """The fused selection kernel: stale summaries recomputed (padding left out), every page's bound equal
+    to the naive twin's (forced pages +inf, padding-only pages -inf), and the positions of the top ``keep``
+    scores ascending with ties to the lowest (row_topk_naive over the kernel's own scores). Twice: the
+    row counters are left at zero, so a second launch (a CUDA-graph replay) selects again."""
+    from attnlab.kernels.decode.op import page_select
+    from attnlab.state.pages import summarize
+
+    b, h, h_kv, n_q, n_k, d, page, keep, stale, with_mask, reduce_max = case
+    q, k, _ = _qkv(b, h, h_kv, n_q, n_k, d, torch.float32)
+    key_mask = None
+    if with_mask:
+        key_mask = torch.ones(b, n_k, device=DEVICE)
+        key_mask[0, : 2 * page + 3] = 0  # left padding: two padding-only pages and a partial one
+    n_pages = -(-n_k // page)
+    first = n_pages - stale
+    summary = summarize(k, page, None, key_mask)
+    want_max, want_min = (t.clone() for t in summary.valid())
+    summary.kmax[:, :, first:n_pages] = 7.0  # stale pages: the kernel must recompute them
+    summary.kmin[:, :, first:n_pages] = -7.0
+    counter = torch.zeros(b * h_kv, device=DEVICE, dtype=torch.int32)
+    first_forced = (n_k - n_q) // page
+    for _ in range(2):
+        index, scores = page_select(q, k, summary.kmax, summary.kmin, counter, page, keep, first_forced,
+                                    first, reduce_max, key_mask)  # fmt: skip
+        assert torch.equal(summary.kmax[:, :, :n_pages], want_max)
+        assert torch.equal(summary.kmin[:, :, :n_pages], want_min)
+        want = page_scores_naive(q, want_max, want_min, "max" if reduce_max else "mean")
+        if key_mask is not None:
+            real = key_mask > 0
+            real = torch.nn.functional.pad(real, (0, n_pages * page - n_k)).view(b, n_pages, page).any(-1)
+            want = want.masked_fill(~real[:, None], float("-inf"))
+            assert torch.isneginf(scores[0, :, :2]).all()
+        want[..., first_forced:] = float("inf")
+        torch.testing.assert_close(scores, want, atol=1e-5, rtol=1e-5)
+        assert torch.equal(index, row_topk_naive(scores, keep))
+        assert torch.equal(counter, torch.zeros_like(counter))
+
+
+def test_page_select_ranks_long_rows_with_torch_topk() -> None:
+    """select=False (what rows longer than MAX_SELECT_ROW get): the same pages as the fused kernel."""
+    from attnlab.kernels.decode.op import page_select_launch
+    from attnlab.state.pages import summarize
+
+    q, k, _ = _qkv(1, 4, 2, 1, 200, 16, torch.float32)
+    summary = summarize(k, 4)
+    counter = torch.zeros(2, device=DEVICE, dtype=torch.int32)
+    fused, scores = page_select_launch(q, k, summary.kmax, summary.kmin, counter, 4, 11, 49, 50, True)
+    ranked, scores2 = page_select_launch(q, k, summary.kmax, summary.kmin, counter, 4, 11, 49, 50, True,
+                                         select=False)  # fmt: skip
+    assert torch.equal(scores, scores2)
+    assert torch.equal(fused, ranked.sort(-1).values)
+
+
+def test_page_select_refuses_bad_arguments() -> None:
+    from attnlab.kernels.decode.op import MAX_FUSED_UPDATE, page_select
+
+    q, k, _ = _qkv(1, 4, 2, 1, 200, 16, torch.float32)
+    kmax = torch.zeros(1, 2, 50, 16, device=DEVICE)
+    counter = torch.zeros(2, device=DEVICE, dtype=torch.int32)
+    with pytest.raises(ValueError, match="page=3 must be a power of two"):
+        page_select(q, k, kmax, kmax.clone(), counter, 3, 4, 49, 50)
+    with pytest.raises(ValueError, match=r"kmax \(1, 2, 50, 16\) and kmin .* must be \(B, H_kv, >= 100, D\)"):
+        page_select(q, k, kmax, kmax.clone(), counter, 2, 4, 99, 100)
+    with pytest.raises(ValueError, match="keep=51, first_update=50 for 50 pages"):
+        page_select(q, k, kmax, kmax.clone(), counter, 4, 51, 49, 50)
+    with pytest.raises(ValueError, match=f"at most {MAX_FUSED_UPDATE} pages to update"):
+        page_select(q, k, kmax, kmax.clone(), counter, 4, 5, 49, 50 - MAX_FUSED_UPDATE - 1)
+    with pytest.raises(ValueError, match=r"counter must be \(B \* H_kv,\) = \(2,\) int32"):
+        page_select(q, k, kmax, kmax.clone(), counter.long(), 4, 5, 49, 50)
+
+
 def test_custom_ops_compile_without_graph_breaks() -> None:
-    from attnlab.kernels.decode.op import decode_attention, page_scores, row_topk
+    from attnlab.kernels.decode.op import decode_attention, page_scores, page_select, row_topk
 
     q, k, v = _qkv(1, 4, 2, 1, 40, 16, torch.float32)
 
@@ -175,17 +257,28 @@ def test_custom_ops_compile_without_graph_breaks() -> None:
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(q, k, v), step(q, k, v))
 
+    kb = k.view(1, 2, 10, 4, 16)
+    kmax, kmin = kb.amax(3).contiguous(), kb.amin(3).contiguous()
+    counter = torch.zeros(2, device=DEVICE, dtype=torch.int32)
+
+    def fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        index, _ = page_select(q, k, kmax, kmin, counter, 4, 3, 9, 9, True)
+        return decode_attention(q, k, v, index, None, 4, 0.25, True)[0]
+
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v), fused(q, k, v))
+
 
 @pytest.mark.cuda
 def test_decode_step_captures_in_a_cuda_graph() -> None:
-    from attnlab.kernels.decode.op import decode_attention, page_scores
+    from attnlab.kernels.decode.op import decode_attention, page_select
+    from attnlab.state.pages import summarize
 
     q, k, v = _qkv(2, 8, 2, 1, 4096, 128, torch.bfloat16)
-    kb = k.view(2, 2, 256, 16, 128)
-    kmax, kmin = kb.amax(3), kb.amin(3)
+    state = summarize(k[:, :, :4095], 16)
 
-    def step() -> torch.Tensor:
-        top = torch.topk(page_scores(q, kmax, kmin, 256, True), 32, dim=-1).indices.to(torch.int32)
+    def step() -> torch.Tensor:  # the last page's summary recomputed, scores, top pages, attention
+        top, _ = page_select(q, k, state.kmax, state.kmin, state.select_counter(), 16, 32, 255, 255, True)
         return decode_attention(q, k, v, top, None, 16, 0.088, True)[0]
 
     want = step()

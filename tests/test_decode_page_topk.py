@@ -57,15 +57,38 @@ def test_backend_matches_reference_fp32(backend: str, params: dict, n_q: int, n_
     torch.testing.assert_close(res.out, want, atol=1e-5, rtol=1e-5)
 
 
-def test_triton_row_topk_picks_the_reference_pages(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(page_topk, "USE_TRITON_TOPK", True)
-    q, k, v = _qkv(2, 4, 2, 2, 77, 16)
-    res = _run(q, k, v, backend="triton", budget=32, page=4)
-    want, _ = _ref(q, k, v, budget=32, page=4)
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_fast_selection_is_the_reference_rule_over_its_scores(with_mask: bool) -> None:
+    """Over a decoding loop (the fused kernel recomputing the last page each step), the Triton selection is
+    exactly the reference's rule applied to the kernel's scores: ``torch.topk``'s pages where no two
+    scores tie, the lowest pages among ties, ascending; its summaries equal PyTorch's."""
+    from attnlab.kernels.decode.naive import row_topk_naive
+
+    q_all, k, v = _qkv(2, 4, 2, 6, 90, 16)
+    mask = torch.ones(2, 90, device=DEVICE)
+    mask[1, :13] = 0  # left padding (used when with_mask)
+    state = slow = None
+    for t, n in enumerate(range(87, 90)):  # the last page grows, then a new page
+        q, kk, vv = q_all[:, :, t : t + 1], k[:, :, :n], v[:, :, :n]
+        extra = {"key_mask": mask[:, :n]} if with_mask else {}
+        call = attnlab.resolve(q, kk, vv, method="page_topk", causal=True, budget=24, page=4)
+        sel, state = page_topk.select(q, kk, vv, call, extra, state, True)
+        ref, slow = page_topk.select(q, kk, vv, call, extra, slow, False)
+        assert sel is not None and ref is not None
+        assert torch.equal(state.valid()[0], slow.valid()[0]) and torch.equal(
+            state.valid()[1], slow.valid()[1]
+        )
+        scores = page_topk._scores_torch(q, *slow.valid(), "max")
+        real = slow.real_pages(extra.get("key_mask"))
+        if real is not None:
+            scores = scores.masked_fill(~real[:, None], float("-inf"))
+        scores[..., (n - 1) // 4 :] = float("inf")
+        assert torch.equal(sel.index, row_topk_naive(scores, 6))  # no ties in these random scores
+        assert torch.equal(sel.index, ref.index.sort(-1).values)
+    res = _run(q, kk, vv, backend="triton", budget=24, page=4, **extra)
+    want, _ = SPEC.reference(q, kk, vv, SPEC.make_params({"budget": 24, "page": 4}), causal=True,
+                             scale=16**-0.5, **extra)  # fmt: skip
     torch.testing.assert_close(res.out, want, atol=1e-5, rtol=1e-5)
-    call = attnlab.resolve(q, k, v, method="page_topk", causal=True, budget=32, page=4)
-    sel, _ = page_topk.select(q, k, v, call, {}, None, True)
-    assert sel is not None and torch.equal(sel.index, sel.index.sort(-1).values)  # ascending pages
 
 
 def test_bf16_triton_within_the_accuracy_rule() -> None:

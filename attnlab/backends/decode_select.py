@@ -163,7 +163,8 @@ def triton_decode(selector: Selector) -> DecodeSelectBackend:
     """The Triton backend of a decode method (GPU; CPU only in Triton's interpreter)."""
     return DecodeSelectBackend(
         "triton",
-        "selection (Triton scores where the method has them, torch top-k) + attnlab's split-K decode kernel "
+        "selection (Triton kernels where the method has them: page_topk's is one fused launch) + attnlab's "
+        "split-K decode kernel "
         "over the selected entries (GQA groups read K/V once; CPU only interpreted)",
         Capabilities(
             same_v_dim=True,

@@ -14,6 +14,11 @@ of whole pages that grows by doubling, so a decode step writes only the pages th
 tokens to a cache summarised up to ``tokens`` recomputes the page that held token ``tokens - 1`` (if it
 was partial) and the new pages, never the earlier ones.
 
+On the GPU, page_topk recomputes a decode step's stale pages inside its fused selection kernel:
+:func:`advance` brings the bookkeeping (tokens, grown buffers) up to date and says which pages are stale,
+and the kernel writes them (``attnlab.kernels.decode.op.page_select``); :func:`summarize` does both in
+PyTorch. ``counter`` holds that kernel's per-row completion counters (zero between launches).
+
 Contract: the cache only grows by appending, and the tokens already summarised do not change. A new
 sequence, a cache that was cropped or reordered (beam search) needs a fresh summary (``state=None``).
 An update writes into the buffers it shares with the previous summary: keep only the newest one.
@@ -39,6 +44,16 @@ class PageSummary:
     kmax: Tensor
     kmin: Tensor
     tokens: int
+    #: (B * H_kv,) int32 zeros: the per-row completion counters of the fused selection kernel (which leaves
+    #: them zero); made on first use and handed on with the buffers.
+    counter: Tensor | None = None
+
+    def select_counter(self) -> Tensor:
+        """The selection kernel's row counters (made here on first use)."""
+        if self.counter is None:
+            b, h_kv = self.kmax.shape[:2]
+            self.counter = torch.zeros(b * h_kv, dtype=torch.int32, device=self.kmax.device)
+        return self.counter
 
     @property
     def n_pages(self) -> int:
@@ -117,6 +132,33 @@ def _check(state: PageSummary, k: Tensor, page: int) -> None:
         )
 
 
+def advance(k: Tensor, page: int, state: PageSummary | None) -> tuple[PageSummary, int]:
+    """The summary of the cache ``k`` (B, H_kv, N, D) with buffers grown as needed, but the pages from the
+    one holding token ``state.tokens - 1`` onward *not yet recomputed*: returns (summary, first stale
+    page); the caller computes pages ``[first, summary.n_pages)`` (:func:`summarize` here, or the fused
+    selection kernel on the GPU). ``state=None``: fresh buffers, every page stale."""
+    b, h_kv, n_k, d = k.shape
+    if page < 1:
+        raise ValueError(f"page={page} must be >= 1")
+    pages = -(-n_k // page)
+    if state is None:
+        cap = max(MIN_CAPACITY, pages)
+        return PageSummary(page, k.new_empty(b, h_kv, cap, d), k.new_empty(b, h_kv, cap, d), n_k), 0
+    _check(state, k, page)
+    if state.tokens == n_k:
+        return state, pages
+    kmax, kmin = state.kmax, state.kmin
+    first = state.tokens // page  # the first page that is partial or new
+    if pages > state.capacity:
+        cap = max(pages, 2 * state.capacity)
+        bigger_max = k.new_empty(b, h_kv, cap, d)
+        bigger_min = k.new_empty(b, h_kv, cap, d)
+        bigger_max[:, :, :first] = kmax[:, :, :first]
+        bigger_min[:, :, :first] = kmin[:, :, :first]
+        kmax, kmin = bigger_max, bigger_min
+    return PageSummary(page, kmax, kmin, n_k, state.counter), first
+
+
 def summarize(
     k: Tensor, page: int, state: PageSummary | None = None, key_mask: Tensor | None = None
 ) -> PageSummary:
@@ -124,31 +166,11 @@ def summarize(
     earlier, shorter version of the same cache; None: from scratch). Only the pages from the one holding
     token ``state.tokens - 1`` onward are recomputed; the buffers grow by doubling when full.
     ``key_mask`` (B, N): tokens <= 0 are padding, left out of the summaries."""
-    b, h_kv, n_k, d = k.shape
-    if page < 1:
-        raise ValueError(f"page={page} must be >= 1")
-    pages = -(-n_k // page)
-    if state is None:
-        cap = max(MIN_CAPACITY, pages)
-        kmax = k.new_empty(b, h_kv, cap, d)
-        kmin = k.new_empty(b, h_kv, cap, d)
-        first = 0
-    else:
-        _check(state, k, page)
-        kmax, kmin = state.kmax, state.kmin
-        first = state.tokens // page  # the first page that is partial or new
-        if state.tokens == n_k:
-            return state
-        if pages > state.capacity:
-            cap = max(pages, 2 * state.capacity)
-            bigger_max = k.new_empty(b, h_kv, cap, d)
-            bigger_min = k.new_empty(b, h_kv, cap, d)
-            bigger_max[:, :, :first] = kmax[:, :, :first]
-            bigger_min[:, :, :first] = kmin[:, :, :first]
-            kmax, kmin = bigger_max, bigger_min
+    summary, first = advance(k, page, state)
+    pages = summary.n_pages
     if pages > first:
         valid = None if key_mask is None else key_mask[:, first * page :] > 0
         new_max, new_min = _page_minmax(k[:, :, first * page :], page, valid)
-        kmax[:, :, first:pages] = new_max
-        kmin[:, :, first:pages] = new_min
-    return PageSummary(page, kmax, kmin, n_k)
+        summary.kmax[:, :, first:pages] = new_max
+        summary.kmin[:, :, first:pages] = new_min
+    return summary

@@ -11,7 +11,15 @@ Selection (per batch and KV head, every step; fp32 whatever the input dtype)::
 
 then exact causal softmax attention over the kept pages' tokens. Budget in tokens (a multiple of
 ``page`` is used: budget // page pages); budget >= N_k, or a cache of at most budget // page pages, runs
-exact attention. Ties in the scores are broken by ``torch.topk``.
+exact attention. Ties in the scores: ``torch.topk``'s choice (PyTorch path), the lowest pages (Triton path).
+
+Fast path (GPU): one launch of ``attnlab.kernels.decode.op.page_select`` (the summary update of the pages a
+decode step appended to, the bounds of every page with all query heads of a KV group scored in one
+program, and the top pages: each row's last scoring program to finish ranks the row's scores with an
+order-preserving int32 image, a 3-way search for the ``keep``-th value and one scan), then one split-K
+decode launch and its merge: three launches, no host synchronisation, fixed shapes (CUDA-graph capturable).
+Bytes per step: the summaries, 2 x N / page x D per KV head (1/8 of the cache at page 16, 1/16 at 32), plus
+the selected K/V, 2 x budget x D per KV head.
 
 Conventions of other code: Quest's page 16 and budgets 512-4096 are the defaults here. Quest's emulation
 (evaluation/quest_attention.py) selects per query head after ``repeat_kv`` and forces no page; its
@@ -46,13 +54,9 @@ from attnlab.catalog.decode._common import (
 from attnlab.core import Call, MethodSpec
 from attnlab.errors import InputError
 from attnlab.params import Params
-from attnlab.state.pages import PageSummary, summarize
+from attnlab.state.pages import PageSummary, advance, summarize
 
 REDUCES = ("max", "mean")
-#: Take the top pages with attnlab's Triton row top-k (:func:`attnlab.kernels.decode.op.row_topk`) instead of
-#: ``torch.topk`` on the fast path. Off until measured: on the H100 (1559cad) scores + torch.topk took
-#: 78 us (B=1) / 215 us (B=8) at 128K, page 16, the decode kernel 20 / 67 us; which part is slow is not known.
-USE_TRITON_TOPK = False
 
 
 @dataclass(frozen=True)
@@ -97,50 +101,72 @@ def _scores_torch(q: Tensor, kmax: Tensor, kmin: Tensor, reduce: str) -> Tensor:
     return u.amax(2) if reduce == "max" else u.mean(2)
 
 
-def _top_pages(
-    scores: Tensor, first_forced: int, keep: int, real: Tensor | None = None, triton_topk: bool = False
-) -> Tensor:
+def _top_pages(scores: Tensor, first_forced: int, keep: int, real: Tensor | None = None) -> Tensor:
     if real is not None:  # pages of padding only: never chosen over a real one
         scores = scores.masked_fill(~real[:, None, :], float("-inf"))
     scores[..., first_forced:] = float("inf")
-    if triton_topk:
-        from attnlab.kernels.decode.op import MAX_TOPK_ROW, row_topk
-
-        if scores.shape[-1] <= MAX_TOPK_ROW:
-            return row_topk(scores, keep)
     return torch.topk(scores, keep, dim=-1, sorted=False).indices.to(torch.int32)
 
 
-def _state(state: Any, k: Tensor, p: PageTopkParams, key_mask: Tensor | None) -> PageSummary:
+def _checked_state(state: Any) -> PageSummary | None:
     if state is not None and not isinstance(state, PageSummary):
         raise InputError(
             f"page_topk: state must be the PageSummary of an earlier step or None, got {type(state).__name__}"
         )
+    return state
+
+
+def _state(state: Any, k: Tensor, p: PageTopkParams, key_mask: Tensor | None) -> PageSummary:
     try:
-        return summarize(k, p.page, state, key_mask)
+        return summarize(k, p.page, _checked_state(state), key_mask)
     except ValueError as e:
         raise InputError(f"page_topk: {e}") from None
+
+
+def _fast_select(
+    q: Tensor, k: Tensor, p: PageTopkParams, state: Any, key_mask: Tensor | None, counts: tuple[int, int, int]
+) -> tuple[Tensor, PageSummary]:
+    """The GPU path: one launch of the fused selection kernel, which also recomputes the summaries of the
+    pages this step appended to (a decode step: the last page); longer updates (a first call, a chunk of
+    many tokens) go through :func:`summarize` first."""
+    from attnlab.kernels.decode.op import MAX_FUSED_UPDATE, page_select
+
+    n_pages, first_forced, keep = counts
+    prev = _checked_state(state)
+    if prev is not None:
+        prev.select_counter()  # made once and handed on (a CUDA graph replays with the same counters)
+    if prev is None or n_pages - prev.tokens // p.page > MAX_FUSED_UPDATE:
+        summary, first = _state(prev, k, p, key_mask), n_pages
+    else:
+        try:
+            summary, first = advance(k, p.page, prev)
+        except ValueError as e:
+            raise InputError(f"page_topk: {e}") from None
+    index, _ = page_select(
+        q, k, summary.kmax, summary.kmin, summary.select_counter(), p.page, keep, first_forced, first,
+        p.reduce == "max", key_mask,
+    )  # fmt: skip
+    return index, summary
 
 
 def select(
     q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor], state: Any, fast: bool
 ) -> tuple[Selection | None, PageSummary]:
-    """The pages of this step (module docstring) and the updated page summary. ``fast``: score with the
-    Triton kernel (else the matmul form in PyTorch)."""
+    """The pages of this step (module docstring) and the updated page summary. ``fast``: the fused Triton
+    selection kernel (summary update of the step's pages, bounds, top pages in one launch, no host
+    synchronisation); else the summary in PyTorch, the matmul form of the bound and ``torch.topk``."""
     p: PageTopkParams = call.params  # type: ignore[assignment]
     key_mask = extra.get("key_mask")
-    summary = _state(state, k, p, key_mask)
     counts = page_count(q.shape[2], k.shape[2], p)
     if counts is None:
-        return None, summary
-    n_pages, first_forced, keep = counts
+        return None, _state(state, k, p, key_mask)
     if fast:
-        from attnlab.kernels.decode.op import page_scores
-
-        scores = page_scores(q, summary.kmax, summary.kmin, n_pages, p.reduce == "max")
-    else:
-        scores = _scores_torch(q, *summary.valid(), p.reduce)
-    index = _top_pages(scores, first_forced, keep, summary.real_pages(key_mask), fast and USE_TRITON_TOPK)
+        index, summary = _fast_select(q, k, p, state, key_mask, counts)
+        return Selection(index, p.page), summary
+    summary = _state(state, k, p, key_mask)
+    _, first_forced, keep = counts
+    scores = _scores_torch(q, *summary.valid(), p.reduce)
+    index = _top_pages(scores, first_forced, keep, summary.real_pages(key_mask))
     return Selection(index, p.page), summary
 
 

@@ -4,8 +4,11 @@
   (``attnlab::decode_select_fwd``): attention of a few queries over the selected entries of the cache.
 - ``page_scores(q, kmax, kmin, n_pages, reduce_max) -> scores`` (``attnlab::page_scores``): Quest's page
   upper bounds per KV group.
+- ``page_select(q, k, kmax, kmin, counter, ...) -> (index, scores)`` (``attnlab::page_select``): page_topk's
+  whole selection in one launch (summary update of the step's pages, bounds, top pages).
+- ``row_topk(x, k) -> positions`` (``attnlab::row_topk``): each row's k largest, ascending.
 
-Both are opaque to ``torch.compile`` (fake-tensor rules below), launch no host synchronisation, and
+All are opaque to ``torch.compile`` (fake-tensor rules below), launch no host synchronisation, and
 their output shapes depend on input shapes only, so a decode step built from them can be captured in a
 CUDA graph. Forward only (decode needs no gradient). Importing this module registers the two ops.
 """
@@ -22,6 +25,7 @@ from attnlab.kernels.decode.fwd import (
     decode_merge_kernel,
     decode_split_kernel,
     page_score_kernel,
+    page_select_kernel,
     row_topk_kernel,
 )
 from attnlab.kernels.triton_utils import head_block, interpreting, next_power_of_2
@@ -169,6 +173,102 @@ def page_scores_launch(q: Tensor, kmax: Tensor, kmin: Tensor, n_pages: int, redu
 
 #: The longest row :func:`row_topk` takes (the row is held in one program's registers).
 MAX_TOPK_ROW = 16384
+#: Pages per program of :func:`page_select` (64 x D summaries of each of max and min: 32 KiB at D=128, bf16).
+SELECT_BLOCK_P = 64
+#: The most pages :func:`page_select` selects from in its kernel (the row's scores are held in one program's
+#: registers); longer rows are scored by the kernel and ranked by ``torch.topk``.
+MAX_SELECT_ROW = MAX_TOPK_ROW
+#: The most stale pages :func:`page_select` recomputes in its kernel (each by one program, serially).
+MAX_FUSED_UPDATE = 16
+
+
+def _select_warps(block_row: int) -> int:
+    return 16 if block_row > 8192 else 8
+
+
+def page_select_launch(
+    q: Tensor,
+    k: Tensor,
+    kmax: Tensor,
+    kmin: Tensor,
+    counter: Tensor,
+    page: int,
+    keep: int,
+    first_forced: int,
+    first_update: int,
+    reduce_max: bool,
+    key_mask: Tensor | None = None,
+    select: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """page_topk's selection in one launch (fwd.py ``page_select_kernel``).
+
+    q (B, H, N_q, D); k (B, H_kv, N_k, D) the cache, in pages of ``page`` tokens (n_pages = ceil(N_k /
+    page)); kmax/kmin (B, H_kv, capacity >= n_pages, D) the page summaries, of which pages ``[first_update, n_pages)`` are recomputed from k here (written in place;
+    ``first_update = n_pages``: none; at most ``MAX_FUSED_UPDATE``); ``counter`` (B * H_kv,) int32 zeros
+    (left zero); pages ``>= first_forced`` always kept; ``key_mask`` (B, N_k) > 0 for real tokens.
+    Returns (index (B, H_kv, keep) int32 of the ``keep`` pages of highest bound, ascending, ties to the
+    lowest page; scores (B, H_kv, n_pages) float32, the bounds with forced pages +inf and pages of padding
+    only -inf). ``select=False``: the kernel scores only and ``torch.topk`` ranks (what rows longer than
+    ``MAX_SELECT_ROW`` get; positions then in ``torch.topk``'s order)."""
+    b, h, n_q, d = q.shape
+    h_kv, n_k = k.shape[1], k.shape[2]
+    if page < 1 or page & (page - 1) or page > 256:
+        raise ValueError(f"page_select: page={page} must be a power of two in [1, 256]")
+    n_pages = -(-n_k // page)
+    if (
+        kmax.shape != kmin.shape
+        or kmax.shape[:2] != (b, h_kv)
+        or kmax.shape[2] < n_pages
+        or kmax.shape[3] != d
+        or k.shape[0] != b
+        or k.shape[3] != d
+    ):
+        raise ValueError(
+            f"page_select: kmax {tuple(kmax.shape)} and kmin {tuple(kmin.shape)} must be (B, H_kv, >= "
+            f"{n_pages}, D) for q {tuple(q.shape)} and k {tuple(k.shape)}"
+        )
+    if (
+        not 1 <= keep <= n_pages
+        or not 0 <= first_update <= n_pages
+        or n_pages - first_update > MAX_FUSED_UPDATE
+    ):
+        raise ValueError(
+            f"page_select: keep={keep}, first_update={first_update} for {n_pages} pages; needs 1 <= keep <= "
+            f"n_pages and at most {MAX_FUSED_UPDATE} pages to update"
+        )
+    if counter.shape != (b * h_kv,) or counter.dtype != torch.int32:
+        raise ValueError(f"page_select: counter must be (B * H_kv,) = ({b * h_kv},) int32, got "
+                         f"{tuple(counter.shape)} {counter.dtype}")  # fmt: skip
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    if kmax.stride(-1) != 1 or kmin.stride(-1) != 1 or kmax.stride() != kmin.stride():
+        raise ValueError(
+            "page_select: kmax/kmin must share strides with a unit last stride (written in place)"
+        )
+    if key_mask is not None and (key_mask.shape != (b, n_k) or key_mask.device != q.device):
+        raise ValueError(
+            f"page_select: key_mask {tuple(key_mask.shape)} must be (B, N_k) = ({b}, {n_k}) on {q.device}"
+        )
+    kmask = counter if key_mask is None else (key_mask if key_mask.stride(-1) == 1 else key_mask.contiguous())
+    fused = select and n_pages <= MAX_SELECT_ROW
+    block_row = next_power_of_2(max(n_pages, 16))
+    scores = torch.empty(b, h_kv, n_pages, device=q.device, dtype=torch.float32)
+    index = torch.empty(b, h_kv, keep, device=q.device, dtype=torch.int32)
+    block_p = 16 if IMPORTED_INTERPRETED else SELECT_BLOCK_P  # (interpreted: several programs per row)
+    page_select_kernel[(triton.cdiv(n_pages, block_p), b * h_kv)](
+        q, k, kmask, kmax, kmin, scores, index, counter,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        kmax.stride(0), kmax.stride(1), kmax.stride(2), kmask.stride(0),
+        h_kv, n_q, n_k, n_pages, d, first_update, first_forced, keep,
+        GROUP=h // h_kv, PAGE=page, REDUCE_MAX=bool(reduce_max), HAS_KMASK=key_mask is not None,
+        SELECT=fused, BLOCK_P=block_p, BLOCK_D=head_block(d),
+        BLOCK_ROW=block_row if fused else 16,
+        num_warps=_select_warps(block_row) if fused else 4,
+    )  # fmt: skip
+    if not fused:
+        index = torch.topk(scores, keep, dim=-1, sorted=False).indices.to(torch.int32)
+    return index, scores
 
 
 def row_topk_launch(x: Tensor, k: int) -> Tensor:
@@ -264,6 +364,69 @@ def decode_attention(
     if torch.compiler.is_compiling():
         return decode_select_fwd(q, k, v, index, count, int(page), float(scale), bool(causal), key_mask)
     return decode_launch(q, k, v, index, count, int(page), float(scale), bool(causal), key_mask)
+
+
+@torch.library.custom_op("attnlab::page_select", mutates_args=("kmax", "kmin", "counter"))
+def page_select_op(
+    q: Tensor,
+    k: Tensor,
+    kmax: Tensor,
+    kmin: Tensor,
+    counter: Tensor,
+    page: int,
+    keep: int,
+    first_forced: int,
+    first_update: int,
+    reduce_max: bool,
+    key_mask: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    return page_select_launch(
+        q, k, kmax, kmin, counter, page, keep, first_forced, first_update, reduce_max, key_mask
+    )
+
+
+@page_select_op.register_fake
+def _(
+    q: Tensor,
+    k: Tensor,
+    kmax: Tensor,
+    kmin: Tensor,
+    counter: Tensor,
+    page: int,
+    keep: int,
+    first_forced: int,
+    first_update: int,
+    reduce_max: bool,
+    key_mask: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    b, h_kv = kmax.shape[:2]
+    n_pages = -(-k.shape[2] // page)
+    return (
+        q.new_empty((b, h_kv, keep), dtype=torch.int32),
+        q.new_empty((b, h_kv, n_pages), dtype=torch.float32),
+    )
+
+
+def page_select(
+    q: Tensor,
+    k: Tensor,
+    kmax: Tensor,
+    kmin: Tensor,
+    counter: Tensor,
+    page: int,
+    keep: int,
+    first_forced: int,
+    first_update: int,
+    reduce_max: bool = True,
+    key_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """page_topk's selection in one launch: (index (B, H_kv, keep) int32 ascending, scores (B, H_kv,
+    n_pages) float32); see :func:`page_select_launch`. Updates pages ``[first_update, n_pages)`` of
+    kmax/kmin in place. Through the custom op inside ``torch.compile``, the launcher directly otherwise."""
+    args = (int(page), int(keep), int(first_forced), int(first_update), bool(reduce_max))
+    if torch.compiler.is_compiling():
+        return page_select_op(q, k, kmax, kmin, counter, *args, key_mask)
+    return page_select_launch(q, k, kmax, kmin, counter, *args, key_mask)
 
 
 def page_scores(q: Tensor, kmax: Tensor, kmin: Tensor, n_pages: int, reduce_max: bool = True) -> Tensor:
