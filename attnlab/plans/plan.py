@@ -45,7 +45,8 @@ class Plan:
     - ``pattern_ids``: optional int32 (Bp, Hp, NQB, NKB), -1 outside partial tiles: partial tiles with
       equal ids have the same token mask (``mask_mod`` over the tile, pairs past the matrix's edges
       excluded), so one tile per id tells them all (see :func:`attnlab.plans.blocks.tile_patterns`).
-      Set by the block-rule builder of static plans; None when unknown.
+      Ids compare across the whole tensor (every (Bp, Hp)): a producer stacking per-head plans offsets
+      each head's ids or leaves None. Set by the block-rule builder of static plans; None when unknown.
 
     The token mask of the plan is ``full | (partial & mask_mod) | column hits outside visited tiles``
     (partial tiles also stop at the matrix's edges); every quantity below is

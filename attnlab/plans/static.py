@@ -11,6 +11,8 @@ Two builders give the same plan, field by field:
   tile per distinct uncertain pattern (a window's edges), O(NQB x NKB) plus a few tiles.
 
 :func:`static_plan` and :func:`causal_plan` take the block path when a rule exists, else the generic one.
+Inside a ``torch.compile`` region (where a plan is traced, not cached) they take the generic path: the
+block path's data-dependent steps (``nonzero``, grouping) would break a ``fullgraph`` trace.
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ def static_plan(
     def build() -> Plan:
         mask_mod = spec.mask(params, MaskContext(n_q, n_k, causal, device))
         rule = block_rule(spec.mask)
-        if rule is not None:
+        if rule is not None and not torch.compiler.is_compiling():
             return plan_from_rule(mask_mod, rule, params, n_q, n_k, causal, device, block, block)
         return plan_from_mask(mask_mod, n_q, n_k, causal, device, block, block)
 
@@ -126,6 +128,8 @@ def causal_plan(n_q: int, n_k: int, device: torch.device, block: int = BLOCK) ->
 
     def build() -> Plan:
         mask = causal_mask(None, MaskContext(n_q, n_k, True, device))
+        if torch.compiler.is_compiling():
+            return plan_from_mask(mask, n_q, n_k, True, device, block, block)
         return plan_from_rule(mask, CAUSAL_RULE, None, n_q, n_k, True, device, block, block)
 
     return _cached(key, build)
