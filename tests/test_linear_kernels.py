@@ -187,13 +187,14 @@ def test_interpreter_bfloat16_dots_are_upcast() -> None:
 @pytest.mark.parametrize(
     ("n", "chunk", "gate"),
     [(1, 16, "channel"), (63, 16, "channel"), (100, 64, "head"), (32, 32, "none"), (40, 16, "strong"),
-     (70, 64, "channel")],
+     (70, 64, "channel"), (63, 16, "head"), (40, 16, "head-strong")],
     ids=["n1", "n63", "n100-chunk64-head-gate", "one-whole-chunk32-deltanet", "n40-near-zero-decay",
-         "n70-chunk64"],
+         "n70-chunk64", "n63-head-gate", "n40-head-gate-near-zero-decay"],
 )  # fmt: skip
 def test_delta_kernels_match_the_recurrence(n: int, chunk: int, gate: str, poison_empty: None) -> None:
     """Output, final state and the gradients of q, k, v, beta, g and the initial state (forward: the
-    chunked WY/UT form; per-channel gates, per-head gates, plain DeltaNet)."""
+    chunked WY/UT form; per-channel gates (backward token by token), per-head gates and plain DeltaNet
+    (chunked backward))."""
     q, k, v, g, h0 = _inputs(n, 8, 8, 1.0, h=1)
     k = F.normalize(k, dim=-1)
     beta = torch.rand(1, 1, n, generator=torch.Generator().manual_seed(5)).to(DEV)
@@ -204,6 +205,8 @@ def test_delta_kernels_match_the_recurrence(n: int, chunk: int, gate: str, poiso
         g = None
     elif gate == "strong":  # decay ~ e^-30 per token on half the channels
         g = torch.where(torch.arange(8).to(DEV) % 2 == 0, -30.0, g)
+    elif gate == "head-strong":  # decay ~ e^-30 on every other token
+        g = torch.where(torch.arange(n).to(DEV)[:, None] % 2 == 0, -30.0, g[..., :1])
     xs: list[Tensor | None] = [q, k, v, beta, g, h0]
     leaves = [t.clone().requires_grad_(True) if t is not None else None for t in xs]
     ref = [t.clone().requires_grad_(True) if t is not None else None for t in xs]
@@ -233,4 +236,6 @@ def test_the_custom_ops_pass_opcheck() -> None:
     beta = torch.rand(1, 1, 5).to(DEV).requires_grad_(True)
     g = g.requires_grad_(True)  # type: ignore[union-attr]
     torch.library.opcheck(op.delta_chunk_fwd, (*leaves, beta, g, h0, 0.3, 16, True))
+    g1 = g[..., :1].detach().clone().requires_grad_(True)  # one gate per token: the chunked backward
+    torch.library.opcheck(op.delta_chunk_fwd, (*leaves, beta, g1, h0, 0.3, 16, True))
     torch.library.opcheck(op.linear_step, (q, k, v, None, None, h0.detach(), 0.3))

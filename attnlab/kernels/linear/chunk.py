@@ -308,15 +308,16 @@ def chunk_bwd_scalar_kernel(
 
 @triton.jit
 def delta_wy_kernel(
-    K, V, GC, BETA, AKK, W, U,
+    K, V, GC, BETA, AKK, W, U, TT,
     N, NP, DK, DV,
-    GATE: tl.constexpr,
+    GATE: tl.constexpr, SAVE_T: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
     """The delta rule's UT transform of one chunk per program (chunk, batch * head): T = (I + A_kk)^-1 by
     forward substitution (A_kk strict lower: beta_i sum_d k_id k_jd exp(G_id - G_jd); read from AKK when
     GATE == 2, made here otherwise), then W = T (beta k exp(G)) (B*H, NP, K) and U0 = T (beta v)
-    (B*H, NP, V), float32 (dots in float32: ``DOT_PREC`` tf32 or ieee)."""
+    (B*H, NP, V), float32 (dots in float32: ``DOT_PREC`` tf32 or ieee); with SAVE_T, T itself
+    (B*H, NP, BT) for the backward."""
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     t0 = c * BT
@@ -347,6 +348,8 @@ def delta_wy_kernel(
     rv = tl.arange(0, BV)[None, :]
     tl.store(W + bh * NP * DK + rr * DK + rk, w, mask=rk < DK)
     tl.store(U + bh * NP * DV + rr * DV + rv, u, mask=rv < DV)
+    if SAVE_T:
+        tl.store(TT + bh * NP * BT + rr * BT + jj, t)
 
 
 @triton.jit
@@ -392,3 +395,150 @@ def delta_h_kernel(
             s = s * tl.exp(g_last)
         s += tl.dot(tl.trans(kd), u, input_precision=DOT_PREC)
     tl.store(HT + bh * DK * DV + off, s, mask=mask)
+
+
+@triton.jit
+def delta_bwd_dh_kernel(
+    Q, K, DO, GC, W, DHT, DHS, DU, DH0,
+    N, NP, DK, DV, scale,
+    HAS_DHT: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    """The delta rule's backward sequential pass (scalar gate), one program per (value block, batch *
+    head), chunks in reverse. With dH the gradient of the state at the chunk's end, D^T_ij =
+    exp(G_j - G_i) for j >= i::
+
+        DHS[c] = dH;  dU = scale ((k q^T) * D^T) do + (k exp(G_C - G)) dH   (written to DU)
+        dH <- exp(G_C) dH + scale (q exp(G))^T do - W^T dU
+
+    DH0 the initial state's gradient. Dots in float32 (``DOT_PREC`` tf32 or ieee); BK covers the key dim."""
+    vb = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    rk = tl.arange(0, BK)
+    rv = vb * BV + tl.arange(0, BV)
+    mask = (rk[:, None] < DK) & (rv[None, :] < DV)
+    off = rk[:, None] * DV + rv[None, :]
+    if HAS_DHT:
+        dh = tl.load(DHT + bh * DK * DV + off, mask=mask, other=0.0).to(tl.float32)
+    else:
+        dh = tl.zeros((BK, BV), dtype=tl.float32)
+    ii = tl.arange(0, BT)[:, None]
+    jj = tl.arange(0, BT)[None, :]
+    rt = tl.arange(0, BT)[:, None]
+    n_chunks = tl.cdiv(N, BT)
+    for cc in range(n_chunks):
+        c = n_chunks - 1 - cc
+        t0 = c * BT
+        tl.store(DHS + (bh * n_chunks + c) * DK * DV + off, dh, mask=mask)
+        q = _tile(Q + bh * N * DK, t0, N, 0, DK, DK, BT, BK)
+        k = _tile(K + bh * N * DK, t0, N, 0, DK, DK, BT, BK)
+        w = _tile(W + bh * NP * DK, t0, NP, 0, DK, DK, BT, BK)
+        do = _tile(DO + bh * N * DV, t0, N, vb * BV, DV, DV, BT, BV)
+        g = tl.load(GC + bh * NP + t0 + tl.arange(0, BT))
+        g_last = tl.load(GC + bh * NP + t0 + BT - 1)
+        d_t = tl.exp(tl.where(ii <= jj, g[None, :] - g[:, None], float("-inf")))
+        a_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * d_t
+        kbar = k * tl.exp(g_last - g)[:, None]
+        du = scale * tl.dot(a_t, do, input_precision=DOT_PREC) + tl.dot(kbar, dh, input_precision=DOT_PREC)
+        tl.store(DU + bh * NP * DV + (t0 + rt) * DV + rv[None, :], du, mask=rv[None, :] < DV)
+        qt = q * (tl.exp(g) * scale)[:, None]
+        dh = dh * tl.exp(g_last) + tl.dot(tl.trans(qt), do, input_precision=DOT_PREC)
+        dh -= tl.dot(tl.trans(w), du, input_precision=DOT_PREC)
+    tl.store(DH0 + bh * DK * DV + off, dh, mask=mask)
+
+
+@triton.jit
+def delta_bwd_chunk_kernel(
+    Q, K, V, BETA, GC, DO, HS, DHS, U, DU, T, DQ, DK_, DV_, DB, DG,
+    N, NP, DK, DV, scale,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    """The delta rule's gradients of one chunk per program (chunk, batch * head), scalar gate, from the
+    forward's S (state at the chunk start), U (the chunk's u), T = (I + A_kk)^-1, and the backward pass's
+    dH (state gradient at the chunk end) and dU. With D_ij = exp(G_i - G_j) (i >= j), Ds its strict part,
+    X_w = beta k exp(G), X_u = beta v (W = T X_w, U = T X_u - W S)::
+
+        dq = scale [exp(G) (do S^T) + ((do U^T) * D) k]
+        dk = scale ((U do^T) * D^T) q + exp(G_C - G) (U dH^T) + (dA * Ds beta_i) k + ((dA * Ds beta_i)^T) k
+             + beta exp(G) dX_w
+        dW = -dU S^T;  dT = dW X_w^T + dU X_u^T;  dX_w = T^T dW;  dX_u = T^T dU;  dA = -T^T dT T^T (strict)
+        dv = beta dX_u;  dbeta = rowsum(dA * (k k^T * Ds)) + rowsum(dX_w * k exp(G)) + rowsum(dX_u * v)
+
+    and the gradient of the chunk-local cumsum G per token (DG: rows of the chunk, the chunk-end terms
+    exp(G_C) sum(S * dH) + sum(U dH^T * k exp(G_C - G)) on its last row). Transposed products are built
+    transposed, never by transposing a dot's result. Dots in float32; BK, BV cover the head dims."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    n_chunks = tl.cdiv(N, BT)
+    t0 = c * BT
+    ii = tl.arange(0, BT)[:, None]
+    jj = tl.arange(0, BT)[None, :]
+    rows = t0 + tl.arange(0, BT)
+    q = _tile(Q + bh * N * DK, t0, N, 0, DK, DK, BT, BK)
+    k = _tile(K + bh * N * DK, t0, N, 0, DK, DK, BT, BK)
+    v = _tile(V + bh * N * DV, t0, N, 0, DV, DV, BT, BV)
+    do = _tile(DO + bh * N * DV, t0, N, 0, DV, DV, BT, BV)
+    u = _tile(U + bh * NP * DV, t0, NP, 0, DV, DV, BT, BV)
+    du = _tile(DU + bh * NP * DV, t0, NP, 0, DV, DV, BT, BV)
+    s = _tile(HS + (bh * n_chunks + c) * DK * DV, 0, DK, 0, DV, DV, BK, BV)
+    dh = _tile(DHS + (bh * n_chunks + c) * DK * DV, 0, DK, 0, DV, DV, BK, BV)
+    tm = _tile(T + bh * NP * BT, t0, NP, 0, BT, BT, BT, BT)
+    beta = tl.load(BETA + bh * N + rows, mask=rows < N, other=0.0).to(tl.float32)
+    g = tl.load(GC + bh * NP + rows)
+    g_last = tl.load(GC + bh * NP + t0 + BT - 1)
+    eg = tl.exp(g)
+    tail = tl.exp(g_last - g)
+    d = tl.exp(tl.where(ii >= jj, g[:, None] - g[None, :], float("-inf")))
+    d_t = tl.exp(tl.where(ii <= jj, g[None, :] - g[:, None], float("-inf")))
+    ds = tl.where(ii > jj, d, 0.0)
+    ds_t = tl.where(ii < jj, d_t, 0.0)
+    # the output's intra-chunk scores and the state part
+    dq = scale * tl.dot(do, tl.trans(s), input_precision=DOT_PREC) * eg[:, None]
+    dgc = tl.sum(q * dq, axis=1)
+    da_qk = scale * tl.dot(do, tl.trans(u), input_precision=DOT_PREC) * d
+    dq += tl.dot(da_qk, k, input_precision=DOT_PREC)
+    p = da_qk * tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # dAqk * Aqk (da_qk holds D once)
+    dgc += tl.sum(p, axis=1) - tl.sum(p, axis=0)
+    da_qk_t = scale * tl.dot(u, tl.trans(do), input_precision=DOT_PREC) * d_t
+    dk = tl.dot(da_qk_t, q, input_precision=DOT_PREC)
+    # the state update's k exp(G_C - G)
+    dkbar = tl.dot(u, tl.trans(dh), input_precision=DOT_PREC)
+    dk += dkbar * tail[:, None]
+    kbar_term = tl.sum(dkbar * k, axis=1) * tail
+    dgc -= kbar_term
+    g_end = tl.sum(kbar_term, axis=0) + tl.exp(g_last) * tl.sum(tl.sum(s * dh, axis=1), axis=0)
+    # the UT transform
+    xw = k * (beta * eg)[:, None]
+    xu = v * beta[:, None]
+    dw = -tl.dot(du, tl.trans(s), input_precision=DOT_PREC)
+    dw_t = -tl.dot(s, tl.trans(du), input_precision=DOT_PREC)
+    dt_ = tl.dot(dw, tl.trans(xw), input_precision=DOT_PREC) + tl.dot(
+        du, tl.trans(xu), input_precision=DOT_PREC
+    )
+    dt_t = tl.dot(xw, dw_t, input_precision=DOT_PREC) + tl.dot(xu, tl.trans(du), input_precision=DOT_PREC)
+    dxw = tl.dot(tl.trans(tm), dw, input_precision=DOT_PREC)
+    dxu = tl.dot(tl.trans(tm), du, input_precision=DOT_PREC)
+    da = -tl.dot(tl.dot(tl.trans(tm), dt_, input_precision=DOT_PREC), tl.trans(tm), input_precision=DOT_PREC)
+    da_t = -tl.dot(tl.dot(tm, dt_t, input_precision=DOT_PREC), tm, input_precision=DOT_PREC)
+    da = tl.where(ii > jj, da, 0.0)
+    da_t = tl.where(ii < jj, da_t, 0.0)
+    kk = tl.dot(k, tl.trans(k), input_precision=DOT_PREC)
+    dab = da * ds * beta[:, None]
+    dab_t = da_t * ds_t * beta[None, :]
+    dk += tl.dot(dab, k, input_precision=DOT_PREC) + tl.dot(dab_t, k, input_precision=DOT_PREC)
+    p2 = da * kk * ds
+    db = tl.sum(p2, axis=1)
+    p2 = p2 * beta[:, None]
+    dgc += tl.sum(p2, axis=1) - tl.sum(p2, axis=0)
+    dk += dxw * (beta * eg)[:, None]
+    db += tl.sum(dxw * k * eg[:, None], axis=1) + tl.sum(dxu * v, axis=1)
+    dgc += tl.sum(dxw * xw, axis=1)
+    dgc += tl.where(tl.arange(0, BT) == BT - 1, g_end, 0.0)
+    rr = rows[:, None]
+    rk = tl.arange(0, BK)[None, :]
+    rv = tl.arange(0, BV)[None, :]
+    tl.store(DQ + bh * N * DK + rr * DK + rk, dq, mask=(rr < N) & (rk < DK))
+    tl.store(DK_ + bh * N * DK + rr * DK + rk, dk, mask=(rr < N) & (rk < DK))
+    tl.store(DV_ + bh * N * DV + rr * DV + rv, dxu * beta[:, None], mask=(rr < N) & (rv < DV))
+    tl.store(DB + bh * N + rows, db, mask=rows < N)
+    tl.store(DG + bh * NP + rows, dgc)

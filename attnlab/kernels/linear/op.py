@@ -11,8 +11,11 @@
 - :func:`delta_chunk` ``(q, k, v, beta, g, scale, state, chunk) -> (o, state)``: the gated delta rule
   (``attnlab::delta_chunk_fwd`` / ``attnlab::delta_chunk_bwd``). Forward in the chunked WY/UT form
   (``chunk.py``: per-chunk T = (I + A_kk)^-1, W, U0 in parallel; one sequential pass over the chunk states;
-  per-chunk outputs in parallel). Backward: the exact reverse recurrence token by token from the state
-  saved at every chunk start (differentiable in q, k, v, beta, g and the initial state); not chunked yet.
+  per-chunk outputs in parallel). Backward under a gate shared by the channels (Gated DeltaNet's per-head
+  gate, plain DeltaNet): chunked (one reverse sequential pass over the chunk states for dH and dU, then
+  every chunk's gradients in parallel from the saved S, U, T); under per-channel gates (KDA): the exact
+  reverse recurrence token by token from the state saved at every chunk start. Differentiable in q, k,
+  v, beta, g and the initial state.
 - :func:`linear_step`: the recurrent step kernel of the gated linear recurrence and of the gated delta
   rule (forward only; a few tokens against a carried state).
 
@@ -33,6 +36,8 @@ from attnlab.kernels.linear.chunk import (
     chunk_local_state_kernel,
     chunk_out_kernel,
     chunk_scan_kernel,
+    delta_bwd_chunk_kernel,
+    delta_bwd_dh_kernel,
     delta_h_kernel,
     delta_wy_kernel,
     intra_scores_kernel,
@@ -152,7 +157,7 @@ def chunk_states(
     chunk_scan_kernel[(nkb * nvb, b * h)](
         buf, gc, init_c, final, hs_f, ht_f, tail if tail is not None else final, n, np_, dk, dv, nkb,
         REVERSE=backward, HAS_INIT=init is not None, GATE=gate, HAS_TAIL=tail is not None,
-        BT=chunk, BK=sk, BV=sv, num_warps=4,
+        BT=chunk, BK=sk, BV=sv, num_warps=4, num_stages=2,
     )  # fmt: skip
     return buf, final, (tail.sum(0) if tail is not None else None)
 
@@ -364,12 +369,27 @@ def gla_chunk(
 DELTA_BV = 32
 
 
+def _delta_gate(g: Tensor | None, b: int, h: int, n: int, dk: int) -> Tensor | None:
+    """The delta kernels' gate: None, (B, H, N, 1) for a gate shared by the channels (the scalar-gate
+    kernels, chunked backward), else (B, H, N, K) per channel."""
+    scalar, gx = _scalar_gate(g, b, h, n, dk)
+    if gx is None:
+        return None
+    return gx[..., None] if scalar else gx
+
+
+def _delta_scalar(g: Tensor | None) -> bool:
+    return g is None or g.shape[-1] == 1
+
+
 def delta_fwd_launch(
     q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, h0: Tensor | None, scale: float,
     chunk: int, save: bool,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """(o in q's dtype, final state fp32, states at the chunk starts fp32 or empty without ``save``): the
-    WY/UT chunked form (see ``chunk.py``). g: raw log-decays broadcastable to (B, H, N, K), or None."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(o in q's dtype, final state fp32, and for the backward (empty without ``save``): the states at the
+    chunk starts, and for a scalar gate W (B, H, NP, K), U (B, H, NP, V) and T (B, H, NP, chunk), fp32):
+    the WY/UT chunked form (see ``chunk.py``). g: None, (B, H, N, 1) one log-decay per token, or
+    (B, H, N, K) per channel."""
     _check(q, k, v, chunk)
     b, h, n, dk = q.shape
     dv = v.shape[-1]
@@ -377,12 +397,11 @@ def delta_fwd_launch(
     bc = beta.float().expand(b, h, n).contiguous()
     n_chunks = triton.cdiv(n, chunk)
     np_ = n_chunks * chunk
-    scalar, gx = _scalar_gate(g, b, h, n, dk)
-    gc = (
-        chunk_cumsum_scalar(gx, b, h, n, chunk, q.device)
-        if scalar
-        else chunk_cumsum(gx, b, h, n, dk, chunk, q.device)
-    )
+    scalar = _delta_scalar(g)
+    if scalar:
+        gc = chunk_cumsum_scalar(None if g is None else g[..., 0], b, h, n, chunk, q.device)
+    else:
+        gc = chunk_cumsum(g, b, h, n, dk, chunk, q.device)
     f32, dev = torch.float32, q.device
     akk = aqk = None
     if not scalar:
@@ -390,10 +409,13 @@ def delta_fwd_launch(
         aqk = intra_scores(q, k, gc, None, chunk, strict=False)
     w = torch.empty(b, h, np_, dk, dtype=f32, device=dev)
     u = torch.empty(b, h, np_, dv, dtype=f32, device=dev)
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    save_t = save and scalar
+    t = torch.empty((b, h, np_, chunk) if save_t else (0,), dtype=f32, device=dev)
+    prec = _prec(q)
     delta_wy_kernel[(n_chunks, b * h)](
-        k, v, gc, bc, akk if akk is not None else w, w, u, n, np_, dk, dv,
-        GATE=_gate_code(gc), BT=chunk, BK=head_block(dk), BV=head_block(dv), DOT_PREC=prec, num_warps=4,
+        k, v, gc, bc, akk if akk is not None else w, w, u, t if save_t else w, n, np_, dk, dv,
+        GATE=_gate_code(gc), SAVE_T=save_t, BT=chunk, BK=head_block(dk), BV=head_block(dv), DOT_PREC=prec,
+        num_warps=8,
     )  # fmt: skip
     hs = torch.empty(b, h, n_chunks, dk, dv, dtype=f32, device=dev)
     ht = torch.empty(b, h, dk, dv, dtype=f32, device=dev)
@@ -402,10 +424,58 @@ def delta_fwd_launch(
     delta_h_kernel[(triton.cdiv(dv, bv), b * h)](
         k, w, u, gc, h0c, hs, ht, n, np_, dk, dv,
         GATE=_gate_code(gc), HAS_H0=h0 is not None, BT=chunk, BK=head_block(dk), BV=bv, DOT_PREC=prec,
-        num_warps=4,
+        num_warps=4, num_stages=2,
     )  # fmt: skip
     o = chunk_output(q, k, u, gc, hs, aqk, scale, chunk)
-    return o, ht, (hs if save else hs.new_empty(0))
+
+    def empty() -> Tensor:  # (a fresh one each: a custom op's outputs must not alias)
+        return hs.new_empty(0)
+
+    if not save:
+        return o, ht, empty(), empty(), empty(), empty()
+    if not scalar:
+        return o, ht, hs, empty(), empty(), empty()
+    return o, ht, hs, w, u, t
+
+
+def delta_bwd_scalar_launch(
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, hs: Tensor, w: Tensor, u: Tensor,
+    t: Tensor, do: Tensor, dht: Tensor | None, scale: float, chunk: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor]:  # fmt: skip
+    """The chunked backward of the delta rule under a gate shared by the channels (or none): (dq, dk, dv,
+    dbeta, dg (B, H, N, 1) or None, dh0), float32. A reverse sequential pass over the chunk states (dH,
+    dU), then every chunk's gradients in parallel (``chunk.py``)."""
+    b, h, n, dk = q.shape
+    dv = v.shape[-1]
+    q, k, v, do = (x.contiguous() for x in (q, k, v, do))
+    bc = beta.float().expand(b, h, n).contiguous()
+    n_chunks = triton.cdiv(n, chunk)
+    np_ = n_chunks * chunk
+    gc = chunk_cumsum_scalar(None if g is None else g[..., 0], b, h, n, chunk, q.device)
+    f32, dev = torch.float32, q.device
+    prec = _prec(q)
+    dhs = torch.empty(b, h, n_chunks, dk, dv, dtype=f32, device=dev)
+    du = torch.empty(b, h, np_, dv, dtype=f32, device=dev)
+    dh0 = torch.empty(b, h, dk, dv, dtype=f32, device=dev)
+    dht_c = dht.float().contiguous() if dht is not None else dh0
+    bv = min(head_block(dv), DELTA_BV)
+    delta_bwd_dh_kernel[(triton.cdiv(dv, bv), b * h)](
+        q, k, do, gc, w, dht_c, dhs, du, dh0, n, np_, dk, dv, float(scale),
+        HAS_DHT=dht is not None, BT=chunk, BK=head_block(dk), BV=bv, DOT_PREC=prec, num_warps=4, num_stages=2,
+    )  # fmt: skip
+    dq = torch.empty(b, h, n, dk, dtype=f32, device=dev)
+    dkk = torch.empty(b, h, n, dk, dtype=f32, device=dev)
+    dvv = torch.empty(b, h, n, dv, dtype=f32, device=dev)
+    db = torch.empty(b, h, n, dtype=f32, device=dev)
+    dgc = torch.empty(b, h, np_, dtype=f32, device=dev)
+    delta_bwd_chunk_kernel[(n_chunks, b * h)](
+        q, k, v, bc, gc, do, hs, dhs, u, du, t, dq, dkk, dvv, db, dgc, n, np_, dk, dv, float(scale),
+        BT=chunk, BK=head_block(dk), BV=head_block(dv), DOT_PREC=prec, num_warps=8,
+    )  # fmt: skip
+    dg = None
+    if g is not None:  # through the chunk-local cumsum: a reverse cumsum within each chunk
+        dg = dgc.view(b, h, n_chunks, chunk).flip(-1).cumsum(-1).flip(-1).reshape(b, h, np_)[:, :, :n, None]
+    return dq, dkk, dvv, db, dg, dh0
 
 
 def delta_bwd_launch(
@@ -440,7 +510,9 @@ def delta_bwd_launch(
 def delta_chunk_fwd(
     q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, h0: Tensor | None, scale: float,
     chunk: int, save: bool,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(o, final state, then what the backward takes: chunk-start states, W, U, T; see ``delta_fwd_launch``).
+    g: None, (B, H, N, 1) or (B, H, N, K)."""
     return delta_fwd_launch(q, k, v, beta, g, h0, scale, chunk, save)
 
 
@@ -448,34 +520,47 @@ def delta_chunk_fwd(
 def _(
     q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, h0: Tensor | None, scale: float,
     chunk: int, save: bool,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     b, h, n, dk = q.shape
     dv = v.shape[-1]
     n_chunks = (n + chunk - 1) // chunk
+    np_ = n_chunks * chunk
+    f32 = torch.float32
     o = q.new_empty(b, h, n, dv)
-    ht = q.new_empty(b, h, dk, dv, dtype=torch.float32)
-    hs = q.new_empty((b, h, n_chunks, dk, dv) if save else (0,), dtype=torch.float32)
-    return o, ht, hs
+    ht = q.new_empty(b, h, dk, dv, dtype=f32)
+    hs = q.new_empty((b, h, n_chunks, dk, dv) if save else (0,), dtype=f32)
+    wut = save and _delta_scalar(g)
+    w = q.new_empty((b, h, np_, dk) if wut else (0,), dtype=f32)
+    u = q.new_empty((b, h, np_, dv) if wut else (0,), dtype=f32)
+    t = q.new_empty((b, h, np_, chunk) if wut else (0,), dtype=f32)
+    return o, ht, hs, w, u, t
 
 
 @torch.library.custom_op("attnlab::delta_chunk_bwd", mutates_args=())
 def delta_chunk_bwd(
-    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, hs: Tensor, do: Tensor,
-    dht: Tensor | None, scale: float, chunk: int,
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, hs: Tensor, w: Tensor, u: Tensor,
+    t: Tensor, do: Tensor, dht: Tensor | None, scale: float, chunk: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """(dq, dk, dv, dbeta in the inputs' dtypes, dg (fp32; empty without g), dh0 fp32)."""
-    dq, dk, dv, db, dg, dh0 = delta_bwd_launch(q, k, v, beta, g, hs, do, dht, scale, chunk)
+    """(dq, dk, dv, dbeta in the inputs' dtypes, dg (fp32, g's shape; empty without g), dh0 fp32). A gate
+    shared by the channels (or none) takes the chunked backward; per-channel gates the exact reverse
+    recurrence token by token."""
+    if _delta_scalar(g):
+        dq, dk, dv, db, dg, dh0 = delta_bwd_scalar_launch(
+            q, k, v, beta, g, hs, w, u, t, do, dht, scale, chunk
+        )
+    else:
+        dq, dk, dv, db, dg, dh0 = delta_bwd_launch(q, k, v, beta, g, hs, do, dht, scale, chunk)
     dg_out = dg if dg is not None else q.new_empty(0, dtype=torch.float32)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), db.to(beta.dtype), dg_out, dh0
 
 
 @delta_chunk_bwd.register_fake
 def _(
-    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, hs: Tensor, do: Tensor,
-    dht: Tensor | None, scale: float, chunk: int,
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, hs: Tensor, w: Tensor, u: Tensor,
+    t: Tensor, do: Tensor, dht: Tensor | None, scale: float, chunk: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    b, h, n, dk = q.shape
-    dg = q.new_empty((b, h, n, dk) if g is not None else (0,), dtype=torch.float32)
+    b, h, _, dk = q.shape
+    dg = q.new_empty(tuple(g.shape) if g is not None else (0,), dtype=torch.float32)
     dh0 = q.new_empty(b, h, dk, v.shape[-1], dtype=torch.float32)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(beta), dg, dh0
 
@@ -486,14 +571,14 @@ def _delta_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
         raise RuntimeError(
             "attnlab::delta_chunk_fwd ran without saving its chunk states (save=False): no backward"
         )
-    ctx.save_for_backward(q, k, v, beta, g, output[2])
+    ctx.save_for_backward(q, k, v, beta, g, *output[2:])
     ctx.args = (scale, chunk)
     ctx.has = (g is not None, h0 is not None)
 
 
-def _delta_backward(ctx, do: Tensor, dht: Tensor | None, dhs: Tensor | None):  # type: ignore[no-untyped-def]
-    q, k, v, beta, g, hs = ctx.saved_tensors
-    dq, dk, dv, db, dg, dh0 = delta_chunk_bwd(q, k, v, beta, g, hs, do, dht, *ctx.args)
+def _delta_backward(ctx, do, dht, *_unused):  # type: ignore[no-untyped-def]
+    q, k, v, beta, g, hs, w, u, t = ctx.saved_tensors
+    dq, dk, dv, db, dg, dh0 = delta_chunk_bwd(q, k, v, beta, g, hs, w, u, t, do, dht, *ctx.args)
     has_g, has_h0 = ctx.has
     return dq, dk, dv, db, (dg if has_g else None), (dh0 if has_h0 else None), None, None, None
 
@@ -511,9 +596,10 @@ def delta_chunk(
     in q, k, v, beta, g and state. Short calls without gradients take the step kernel."""
     b, h, n, dk = q.shape
     grad = _needs_grad(q, k, v, beta, g, state)
-    gx = None if g is None else g.expand(b, h, n, dk)
     if n <= DECODE_MAX and not grad:
         _check(q, k, v, chunk)
+        gx = None if g is None else g.expand(b, h, n, dk)
         return linear_step(q, k, v, gx, beta.expand(b, h, n), state, float(scale))
-    o, ht, _ = delta_chunk_fwd(q, k, v, beta.expand(b, h, n), gx, state, float(scale), int(chunk), grad)
+    gd = _delta_gate(g, b, h, n, dk)
+    o, ht, *_ = delta_chunk_fwd(q, k, v, beta.expand(b, h, n), gd, state, float(scale), int(chunk), grad)
     return o, ht
