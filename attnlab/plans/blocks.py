@@ -130,14 +130,17 @@ class TileGrid:
         """(any, all) per tile for the rule ``lo <= d <= hi`` (None: unbounded on that side), as
         comparisons of row bounds against column bounds (no integer tensor of the grid's size)."""
         true = torch.ones((), dtype=torch.bool, device=self.device)
-        any_, all_ = true, true
+        any_: Tensor | None = None
+        all_: Tensor | None = None
         if lo is not None:  # d_max >= lo: k_first <= p_last - lo; d_min >= lo: k_last <= p_first - lo
-            any_ = any_ & (self.k_first <= self.p_last - lo)
-            all_ = all_ & (self.k_last <= self.p_first - lo)
+            any_ = self.k_first <= self.p_last - lo
+            all_ = self.k_last <= self.p_first - lo
         if hi is not None:  # d_min <= hi: k_last >= p_first - hi; d_max <= hi: k_first >= p_last - hi
-            any_ = any_ & (self.k_last >= self.p_first - hi)
-            all_ = all_ & (self.k_first >= self.p_last - hi)
-        return any_, all_
+            any_hi = self.k_last >= self.p_first - hi
+            all_hi = self.k_first >= self.p_last - hi
+            any_ = any_hi if any_ is None else any_ & any_hi
+            all_ = all_hi if all_ is None else all_ & all_hi
+        return (true if any_ is None else any_), (true if all_ is None else all_)
 
     def causal_range(self) -> tuple[Tensor, Tensor]:
         """(any, all) per tile of ``d >= 0`` when the call is causal, else (True, True)."""
@@ -201,13 +204,13 @@ def plan_from_rule(
     # certainly full tiles: pairs counted from the tile sizes (the last row / column of tiles may be
     # shorter: subtract what they lack, adding back the corner subtracted twice)
     short_q, short_k = block_q - rows_last, block_k - cols_last
+    full = sure_full.clone(memory_format=torch.contiguous_format)
     allowed = (
-        sure_full.sum() * (block_q * block_k)
-        - sure_full[-1].sum() * (short_q * block_k)
-        - sure_full[:, -1].sum() * (block_q * short_k)
-        + sure_full[-1, -1].to(torch.int64) * (short_q * short_k)
+        torch.count_nonzero(full) * (block_q * block_k)
+        - torch.count_nonzero(full[-1]) * (short_q * block_k)
+        - torch.count_nonzero(full[:, -1]) * (block_q * short_k)
+        + full[-1, -1].to(torch.int64) * (short_q * short_k)
     )
-    full = sure_full.clone()
     partial = torch.zeros_like(full)
     if rows_last < block_q:
         partial[-1] = full[-1]
