@@ -8,7 +8,8 @@ What is timed is what a first call of a mask method at a new length pays for its
 (``static_plan``'s build, the cache bypassed): the mask factory, then :func:`plan_from_rule` (methods
 whose mask has a block rule, and dense causal) or :func:`plan_from_mask` (the generic path, O(N_q x N_k):
 about a minute at 32K on a busy 2-core CPU, so by default only up to ``--generic-max``). Derived values
-(the BlockMask, the executor's tables) are not included. Before timing, the two paths' plans are
+(the BlockMask, the executor's tables) are not included; ``--patterns`` adds the executor's tile patterns
+(the costly part of its tables), from the plan's pattern ids vs evaluated on every partial tile. Before timing, the two paths' plans are
 checked equal (full, partial, allowed_count) at every length where the generic one runs. Each entry
 reports min and median over ``--reps`` builds (seconds). Writes DIR/plan_build.json.
 """
@@ -31,7 +32,7 @@ import torch
 import attnlab
 from attnlab.masks import MaskContext, causal_mask
 from attnlab.plans import Plan, plan_from_mask
-from attnlab.plans.blocks import block_rule, plan_from_rule
+from attnlab.plans.blocks import block_rule, plan_from_rule, tile_patterns
 from attnlab.plans.static import BLOCK, CAUSAL_RULE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,6 +137,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 row["generic"] = timed(generic, args.generic_reps, device)
             row["block_rule"] = timed(fast, args.reps, device)
             row["visited_tiles"] = plan.computed_blocks
+            if args.patterns:
+                row.update(pattern_times(plan, args))
             if "generic" in row:
                 row["speedup_min"] = row["generic"]["min_s"] / row["block_rule"]["min_s"]
             out["rows"].append(row)
@@ -146,6 +149,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def pattern_times(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
+    """The executor's tile patterns of ``plan``: keyed (:func:`attnlab.plans.blocks.tile_patterns`, one
+    tile evaluated per pattern id) vs the executor's generic path (every partial tile), checked equal."""
+    from attnlab.plans import executor
+
+    device = plan.full.device
+    keyed = lambda: tile_patterns(plan, plan.partial, executor.TILE_CHUNK)
+    generic = lambda: executor._tile_patterns(plan, plan.partial)
+    a, b = keyed(), generic()
+    if a is None or not (torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])):
+        raise AssertionError("keyed tile patterns differ from the executor's generic ones")
+    return {
+        "partial_tiles": int(plan.partial.sum()),
+        "patterns": int(b[1].shape[0]),
+        "patterns_keyed": timed(keyed, args.reps, device),
+        "patterns_generic": timed(generic, args.pattern_generic_reps, device),
+    }
+
+
 def line(row: dict[str, Any]) -> str:
     ms = lambda s: f"{s * 1e3:9.2f}"
     fast = row["block_rule"]
@@ -153,6 +175,12 @@ def line(row: dict[str, Any]) -> str:
     if "generic" in row:
         gen = row["generic"]
         text += f"   generic {ms(gen['min_s'])} /{ms(gen['median_s'])} ms  ({row['speedup_min']:.0f}x)"
+    if "patterns_keyed" in row:
+        pk, pg = row["patterns_keyed"], row["patterns_generic"]
+        text += (
+            f"\n{'':>24}executor patterns ({row['partial_tiles']} partial tiles, {row['patterns']} distinct): "
+            f"keyed {ms(pk['min_s'])} /{ms(pk['median_s'])} ms   generic {ms(pg['min_s'])} /{ms(pg['median_s'])} ms"
+        )
     return text
 
 
@@ -169,11 +197,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     p.add_argument("--non-causal", action="store_true", help="time non-causal plans")
+    p.add_argument(
+        "--patterns", action="store_true", help="also time the executor's tile patterns: keyed vs generic"
+    )
+    p.add_argument("--pattern-generic-reps", type=int, default=3, help="builds timed (generic patterns)")
     p.add_argument("--quick", action="store_true", help="smoke test: lengths 512 1024, 3 reps")
     p.add_argument("--out", type=Path, default=None, help="folder for plan_build.json")
     args = p.parse_args(argv)
     if args.quick:
         args.lengths, args.reps, args.generic_reps, args.generic_max = [512, 1024], 3, 2, 1024
+        args.pattern_generic_reps = 2
     return args
 
 

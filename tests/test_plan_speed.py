@@ -49,12 +49,13 @@ def test_block_rule_builder_is_at_least_5x_faster_than_the_generic_one() -> None
 
 def test_plan_build_benchmark_runs(tmp_path: Path) -> None:
     bench = _bench()
-    bench.main(["--quick", "--threads", "1", "--out", str(tmp_path)])
+    bench.main(["--quick", "--patterns", "--threads", "1", "--out", str(tmp_path)])
     out = json.loads((tmp_path / "plan_build.json").read_text())
     methods = {row["method"] for row in out["rows"]}
     assert methods == {"sliding_window", "streaming", "dilated", "block_local", "causal"}
     for row in out["rows"]:
         assert row["equal_to_generic"] is True
-        for key in ("block_rule", "generic"):
+        assert row["patterns"] >= 1 and row["partial_tiles"] >= 0
+        for key in ("block_rule", "generic", "patterns_keyed", "patterns_generic"):
             assert 0 < row[key]["min_s"] <= row[key]["median_s"]
     assert out["env"]["threads"] == 1
