@@ -53,7 +53,8 @@ class TileGrid:
     key ``j`` at ``j``; ``d = p - j``. Bounds count only the part of a tile inside the matrix (every tile
     has at least one row and one key there). On the whole grid ``p_first``, ``p_last`` are (NQB, 1) and
     ``k_first``, ``k_last`` (1, NKB); on the uncertain tiles all four are (T,). Integer tensors: int32
-    when every position fits with room, else int64.
+    when every position fits with room, else int64; a rule caps its parameters at :attr:`cap` (as the
+    mask factories do) so that no number it mixes with these tensors overflows them.
     """
 
     n_q: int
