@@ -5,6 +5,7 @@ machine the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_I
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import pytest
@@ -239,3 +240,81 @@ def test_the_custom_ops_pass_opcheck() -> None:
     g1 = g[..., :1].detach().clone().requires_grad_(True)  # one gate per token: the chunked backward
     torch.library.opcheck(op.delta_chunk_fwd, (*leaves, beta, g1, h0, 0.3, 16, True))
     torch.library.opcheck(op.linear_step, (q, k, v, None, None, h0.detach(), 0.3))
+
+
+def _per_sequence(rule: str, xs: list[Tensor | None], cu: list[int]) -> tuple[Tensor, Tensor]:
+    """The recurrence run on each packed sequence alone from its own initial state: (o, final states)."""
+    outs, states = [], []
+    h0 = xs[-1]
+    assert h0 is not None
+    for i, (a, b) in enumerate(itertools.pairwise(cu)):
+        if a == b:  # an empty sequence keeps its initial state
+            states.append(h0[i : i + 1])
+            continue
+        part = [None if t is None else t[:, :, a:b] for t in xs[:-1]]
+        q, k, v = part[0], part[1], part[2]
+        assert q is not None and k is not None and v is not None
+        if rule == "delta":
+            beta = part[3]
+            assert beta is not None
+            o, s = delta_recurrence(q, k, v, beta, part[4], 0.3, h0[i : i + 1])
+        else:
+            o, s = gated_recurrence(q, k, v, part[3], 0.3, h0[i : i + 1])
+        outs.append(o)
+        states.append(s)
+    return torch.cat(outs, 2), torch.cat(states, 0)
+
+
+@pytest.mark.parametrize("rule", ["lightning", "gla", "gated_delta", "deltanet"])
+def test_packed_sequences_run_each_sequence_alone(rule: str) -> None:
+    """cu_seqlens (an empty sequence, one shorter than a chunk, one over two chunk boundaries): output,
+    final state per sequence and every gradient equal the recurrence run on each sequence alone."""
+    cu = [0, 5, 5, 40, 61]
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 61, 8, generator=gen) for _ in range(3))
+    h0 = torch.randn(4, 2, 8, 8, generator=gen)
+    g: Tensor | None = F.logsigmoid(torch.randn(1, 2, 61, 8 if rule == "gla" else 1, generator=gen) + 1)
+    if rule == "deltanet":
+        g = None
+    delta = rule in ("gated_delta", "deltanet")
+    if delta:
+        k = F.normalize(k, dim=-1)
+    beta = torch.rand(1, 2, 61, generator=gen)
+    xs: list[Tensor | None] = [q, k, v, beta, g, h0] if delta else [q, k, v, g, h0]
+    xs = [None if t is None else t.to(DEV) for t in xs]
+    leaves = [None if t is None else t.clone().requires_grad_(True) for t in xs]
+    ref = [None if t is None else t.clone().requires_grad_(True) for t in xs]
+    cu_t = torch.tensor(cu).to(DEV)
+    if delta:
+        o, s = _op().delta_chunk_varlen(*leaves[:5], 0.3, leaves[5], 16, cu_t)
+    else:
+        o, s = _op().gla_chunk_varlen(*leaves[:4], 0.3, leaves[4], 16, cu_t)
+    ro, rs = _per_sequence("delta" if delta else "gla", ref, cu)
+    _close("o", o, ro, 2e-5)
+    _close("state", s, rs, 2e-5)
+    gen = torch.Generator().manual_seed(7)
+    do, ds = torch.randn(o.shape, generator=gen).to(DEV), torch.randn(s.shape, generator=gen).to(DEV)
+    got = torch.autograd.grad((o * do).sum() + (s * ds).sum(), [t for t in leaves if t is not None])
+    want = torch.autograd.grad((ro * do).sum() + (rs * ds).sum(), [t for t in ref if t is not None])
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        _close(f"gradient {i}", a, b, 1e-4)
+
+
+def test_packed_sequences_refuse_bad_input() -> None:
+    op = _op()
+    q = torch.randn(1, 2, 10, 8).to(DEV)
+    with pytest.raises(ValueError, match=r"cu_seqlens \[0, 4, 9\]: expected 0 first, the packed length 10"):
+        op.gla_chunk_varlen(q, q, q, None, 0.3, None, 16, torch.tensor([0, 4, 9]))
+    with pytest.raises(ValueError, match="nondecreasing"):
+        op.gla_chunk_varlen(q, q, q, None, 0.3, None, 16, torch.tensor([0, 6, 4, 10]))
+    with pytest.raises(ValueError, match="1-D integer tensor"):
+        op.gla_chunk_varlen(q, q, q, None, 0.3, None, 16, torch.tensor([0.0, 10.0]))
+    with pytest.raises(ValueError, match=r"state \(1, 2, 8, 8\): expected one per sequence and head"):
+        op.gla_chunk_varlen(q, q, q, None, 0.3, torch.zeros(1, 2, 8, 8), 16, torch.tensor([0, 4, 10]))
+    with pytest.raises(ValueError, match="a batch of 1"):
+        q2 = q.expand(2, 2, 10, 8)
+        op.gla_chunk_varlen(q2, q2, q2, None, 0.3, None, 16, torch.tensor([0, 10]))
+    g = torch.zeros(1, 2, 10, 8).to(DEV).requires_grad_(True)
+    o, _ = op.delta_chunk_varlen(q, q, q, torch.ones(1, 2, 10), g, 0.3, None, 16, torch.tensor([0, 4, 10]))
+    with pytest.raises(NotImplementedError, match="per-channel gates have no backward"):
+        o.sum().backward()

@@ -88,18 +88,30 @@ def chunk_local_state_kernel(
 
 @triton.jit
 def chunk_scan_kernel(
-    M, GC, INIT, FINAL, HS, HT, TAIL,
-    N, NP, DK, DV, NKB,
+    M, GC, INIT, FINAL, HS, HT, TAIL, SEQ,
+    N, NP, DK, DV, NKB, BHM,
     REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, GATE: tl.constexpr, HAS_TAIL: tl.constexpr,
+    VARLEN: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):  # fmt: skip
     """Stage 2, in place: M[c] becomes the state at chunk c's start (REVERSE: the state's gradient at
     chunk c's end); FINAL the state after the last chunk (REVERSE: the initial state's gradient). One
     program per (state tile, batch * head). With HAS_TAIL (REVERSE), TAIL[value block, bh, c] gets this
     tile's part of sum_v S_end * dS_end per key channel (S_end the forward state at chunk c's end: HS[c+1],
-    or HT after the last chunk): the log-decays' gradient at the chunk's last row."""
+    or HT after the last chunk): the log-decays' gradient at the chunk's last row. VARLEN: one program per
+    (state tile, sequence * head) over the sequence's chunks SEQ[s] .. SEQ[s + 1] of a packed batch of
+    BHM heads (INIT, FINAL, HT per sequence and head)."""
     pid = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    sh = tl.program_id(1).to(tl.int64)
+    n_chunks = tl.cdiv(N, BT)
+    if VARLEN:
+        bh = sh % BHM
+        c_lo = tl.load(SEQ + sh // BHM)
+        c_hi = tl.load(SEQ + sh // BHM + 1)
+    else:
+        bh = sh
+        c_lo = 0
+        c_hi = n_chunks
     kb = pid % NKB
     vb = pid // NKB
     rk = kb * BK + tl.arange(0, BK)
@@ -108,31 +120,30 @@ def chunk_scan_kernel(
     mask = mk[:, None] & (rv[None, :] < DV)
     off = rk[:, None] * DV + rv[None, :]
     if HAS_INIT:
-        s = tl.load(INIT + bh * DK * DV + off, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(INIT + sh * DK * DV + off, mask=mask, other=0.0).to(tl.float32)
     else:
         s = tl.zeros((BK, BV), dtype=tl.float32)
-    n_chunks = tl.cdiv(N, BT)
-    for cc in range(n_chunks):
+    for cc in range(c_lo, c_hi):
         if REVERSE:  # noqa: SIM108
-            c = n_chunks - 1 - cc
+            c = c_lo + c_hi - 1 - cc
         else:
             c = cc
         ptr = M + (bh * n_chunks + c) * DK * DV + off
         m = tl.load(ptr, mask=mask, other=0.0)
         tl.store(ptr, s, mask=mask)
         if HAS_TAIL:
-            if c + 1 < n_chunks:
+            if c + 1 < c_hi:
                 s_end = tl.load(HS + (bh * n_chunks + c + 1) * DK * DV + off, mask=mask, other=0.0)
             else:
-                s_end = tl.load(HT + bh * DK * DV + off, mask=mask, other=0.0)
-            tail_ptr = TAIL + ((vb * tl.num_programs(1) + bh) * n_chunks + c) * DK + rk
+                s_end = tl.load(HT + sh * DK * DV + off, mask=mask, other=0.0)
+            tail_ptr = TAIL + ((vb * BHM + bh) * n_chunks + c) * DK + rk
             tl.store(tail_ptr, tl.sum(s_end * s, axis=1), mask=mk)
         if GATE == 2:
             g_last = tl.load(GC + (bh * NP + c * BT + BT - 1) * DK + rk, mask=mk, other=0.0)
             s = s * tl.exp(g_last)[:, None] + m
         else:
             s = s * tl.exp(tl.load(GC + bh * NP + c * BT + BT - 1)) + m
-    tl.store(FINAL + bh * DK * DV + off, s, mask=mask)
+    tl.store(FINAL + sh * DK * DV + off, s, mask=mask)
 
 
 @triton.jit
@@ -354,28 +365,37 @@ def delta_wy_kernel(
 
 @triton.jit
 def delta_h_kernel(
-    K, W, U, GC, H0, HS, HT,
-    N, NP, DK, DV,
-    GATE: tl.constexpr, HAS_H0: tl.constexpr,
+    K, W, U, GC, H0, HS, HT, SEQ,
+    N, NP, DK, DV, BHM,
+    GATE: tl.constexpr, HAS_H0: tl.constexpr, VARLEN: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
     """The delta rule's sequential pass, one program per (value block, batch * head): per chunk, HS[c] = S
     (the state at its start), U_c = U0_c - W_c S written over U0, S = exp(G_C) S + (k exp(G_C - G))^T U_c.
-    HT the final state. Dots in float32 (``DOT_PREC`` tf32 or ieee); BK covers the whole key dim."""
+    HT the final state. Dots in float32 (``DOT_PREC`` tf32 or ieee); BK covers the whole key dim. VARLEN:
+    per (value block, sequence * head), as ``chunk_scan_kernel``."""
     vb = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    sh = tl.program_id(1).to(tl.int64)
+    n_chunks = tl.cdiv(N, BT)
+    if VARLEN:
+        bh = sh % BHM
+        c_lo = tl.load(SEQ + sh // BHM)
+        c_hi = tl.load(SEQ + sh // BHM + 1)
+    else:
+        bh = sh
+        c_lo = 0
+        c_hi = n_chunks
     rk = tl.arange(0, BK)
     rv = vb * BV + tl.arange(0, BV)
     mk = rk < DK
     mask = mk[:, None] & (rv[None, :] < DV)
     off = rk[:, None] * DV + rv[None, :]
     if HAS_H0:
-        s = tl.load(H0 + bh * DK * DV + off, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(H0 + sh * DK * DV + off, mask=mask, other=0.0).to(tl.float32)
     else:
         s = tl.zeros((BK, BV), dtype=tl.float32)
-    n_chunks = tl.cdiv(N, BT)
     rt = tl.arange(0, BT)[:, None]
-    for c in range(n_chunks):
+    for c in range(c_lo, c_hi):
         t0 = c * BT
         tl.store(HS + (bh * n_chunks + c) * DK * DV + off, s, mask=mask)
         w = _tile(W + bh * NP * DK, t0, NP, 0, DK, DK, BT, BK)
@@ -394,14 +414,14 @@ def delta_h_kernel(
             kd = k * tl.exp(g_last - g)[:, None]
             s = s * tl.exp(g_last)
         s += tl.dot(tl.trans(kd), u, input_precision=DOT_PREC)
-    tl.store(HT + bh * DK * DV + off, s, mask=mask)
+    tl.store(HT + sh * DK * DV + off, s, mask=mask)
 
 
 @triton.jit
 def delta_bwd_dh_kernel(
-    Q, K, DO, GC, W, DHT, DHS, DU, DH0,
-    N, NP, DK, DV, scale,
-    HAS_DHT: tl.constexpr,
+    Q, K, DO, GC, W, DHT, DHS, DU, DH0, SEQ,
+    N, NP, DK, DV, BHM, scale,
+    HAS_DHT: tl.constexpr, VARLEN: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
     """The delta rule's backward sequential pass (scalar gate), one program per (value block, batch *
@@ -411,23 +431,32 @@ def delta_bwd_dh_kernel(
         DHS[c] = dH;  dU = scale ((k q^T) * D^T) do + (k exp(G_C - G)) dH   (written to DU)
         dH <- exp(G_C) dH + scale (q exp(G))^T do - W^T dU
 
-    DH0 the initial state's gradient. Dots in float32 (``DOT_PREC`` tf32 or ieee); BK covers the key dim."""
+    DH0 the initial state's gradient. Dots in float32 (``DOT_PREC`` tf32 or ieee); BK covers the key dim.
+    VARLEN: per (value block, sequence * head), as ``chunk_scan_kernel``."""
     vb = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    sh = tl.program_id(1).to(tl.int64)
+    n_chunks = tl.cdiv(N, BT)
+    if VARLEN:
+        bh = sh % BHM
+        c_lo = tl.load(SEQ + sh // BHM)
+        c_hi = tl.load(SEQ + sh // BHM + 1)
+    else:
+        bh = sh
+        c_lo = 0
+        c_hi = n_chunks
     rk = tl.arange(0, BK)
     rv = vb * BV + tl.arange(0, BV)
     mask = (rk[:, None] < DK) & (rv[None, :] < DV)
     off = rk[:, None] * DV + rv[None, :]
     if HAS_DHT:
-        dh = tl.load(DHT + bh * DK * DV + off, mask=mask, other=0.0).to(tl.float32)
+        dh = tl.load(DHT + sh * DK * DV + off, mask=mask, other=0.0).to(tl.float32)
     else:
         dh = tl.zeros((BK, BV), dtype=tl.float32)
     ii = tl.arange(0, BT)[:, None]
     jj = tl.arange(0, BT)[None, :]
     rt = tl.arange(0, BT)[:, None]
-    n_chunks = tl.cdiv(N, BT)
-    for cc in range(n_chunks):
-        c = n_chunks - 1 - cc
+    for cc in range(c_lo, c_hi):
+        c = c_lo + c_hi - 1 - cc
         t0 = c * BT
         tl.store(DHS + (bh * n_chunks + c) * DK * DV + off, dh, mask=mask)
         q = _tile(Q + bh * N * DK, t0, N, 0, DK, DK, BT, BK)
@@ -444,7 +473,7 @@ def delta_bwd_dh_kernel(
         qt = q * (tl.exp(g) * scale)[:, None]
         dh = dh * tl.exp(g_last) + tl.dot(tl.trans(qt), do, input_precision=DOT_PREC)
         dh -= tl.dot(tl.trans(w), du, input_precision=DOT_PREC)
-    tl.store(DH0 + bh * DK * DV + off, dh, mask=mask)
+    tl.store(DH0 + sh * DK * DV + off, dh, mask=mask)
 
 
 @triton.jit

@@ -25,6 +25,8 @@ carries dG back to g (and to lightning's per-head decays). Importing this module
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -127,19 +129,22 @@ SCAN_BV = 32
 
 def chunk_states(
     x: Tensor, y: Tensor, gc: Tensor, init: Tensor | None, scale: float, chunk: int, backward: bool,
-    fwd_states: tuple[Tensor, Tensor] | None = None,
+    fwd_states: tuple[Tensor, Tensor] | None = None, seq_chunks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:  # fmt: skip
     """Stages 1 and 2: (the state at every chunk start (B, H, chunks, K, V), the final state, None) for
     x = k, y = v; with ``backward``, x = q, y = do, init = the final state's gradient: (the state's
     gradient at every chunk end, the initial state's gradient, and with ``fwd_states`` = (the forward's
-    states at the chunk starts, its final state) sum_v S_end * dS_end (B, H, chunks, K)). float32."""
+    states at the chunk starts, its final state) sum_v S_end * dS_end (B, H, chunks, K)). float32. With
+    ``seq_chunks`` (varlen, B = 1: the chunk offsets of the packed sequences), the scan restarts at every
+    sequence, and init / the final state are per sequence (S, H, K, V)."""
     b, h, n, dk = x.shape
     dv = y.shape[-1]
     n_chunks = triton.cdiv(n, chunk)
     np_ = n_chunks * chunk
     gate = _gate_code(gc)
     buf = torch.empty(b, h, n_chunks, dk, dv, dtype=torch.float32, device=x.device)
-    final = torch.empty(b, h, dk, dv, dtype=torch.float32, device=x.device)
+    n_seq = b if seq_chunks is None else seq_chunks.shape[0] - 1
+    final = torch.empty(n_seq, h, dk, dv, dtype=torch.float32, device=x.device)
     bk, bv = min(head_block(dk), 64), min(head_block(dv), 64)
     nkb = triton.cdiv(dk, bk)
     chunk_local_state_kernel[(nkb * triton.cdiv(dv, bv), n_chunks, b * h)](
@@ -154,9 +159,11 @@ def chunk_states(
     if fwd_states is not None:
         tail = torch.empty(nvb, b, h, n_chunks, dk, dtype=torch.float32, device=x.device)
     hs_f, ht_f = fwd_states if fwd_states is not None else (buf, final)
-    chunk_scan_kernel[(nkb * nvb, b * h)](
-        buf, gc, init_c, final, hs_f, ht_f, tail if tail is not None else final, n, np_, dk, dv, nkb,
+    chunk_scan_kernel[(nkb * nvb, n_seq * h)](
+        buf, gc, init_c, final, hs_f, ht_f, tail if tail is not None else final,
+        seq_chunks if seq_chunks is not None else final, n, np_, dk, dv, nkb, b * h,
         REVERSE=backward, HAS_INIT=init is not None, GATE=gate, HAS_TAIL=tail is not None,
+        VARLEN=seq_chunks is not None,
         BT=chunk, BK=sk, BV=sv, num_warps=4, num_stages=2,
     )  # fmt: skip
     return buf, final, (tail.sum(0) if tail is not None else None)
@@ -195,14 +202,15 @@ def chunk_output(
 
 
 def gla_fwd_launch(
-    q: Tensor, k: Tensor, v: Tensor, gc: Tensor, h0: Tensor | None, scale: float, chunk: int, save: bool
-) -> tuple[Tensor, Tensor, Tensor]:
+    q: Tensor, k: Tensor, v: Tensor, gc: Tensor, h0: Tensor | None, scale: float, chunk: int, save: bool,
+    seq_chunks: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """(o (B, H, N, V) in q's dtype, final state (B, H, K, V) fp32, states at the chunk starts
     (B, H, chunks, K, V) fp32, or an empty tensor without ``save``). gc: the chunk-local cumsum of the
     log-decays, (B, H, NP, K) per channel or (B, H, NP) one per token (``chunk_cumsum*``)."""
     _check(q, k, v, chunk)
     q, k, v, gc = (t.contiguous() for t in (q, k, v, gc))
-    hs, ht, _ = chunk_states(k, v, gc, h0, 1.0, chunk, backward=False)
+    hs, ht, _ = chunk_states(k, v, gc, h0, 1.0, chunk, backward=False, seq_chunks=seq_chunks)
     a = intra_scores(q, k, gc, None, chunk, strict=False) if gc.dim() == 4 else None
     o = chunk_output(q, k, v, gc, hs, a, scale, chunk)
     return o, ht, (hs if save else hs.new_empty(0))
@@ -210,7 +218,7 @@ def gla_fwd_launch(
 
 def gla_bwd_launch(
     q: Tensor, k: Tensor, v: Tensor, gc: Tensor, hs: Tensor, ht: Tensor, do: Tensor, dht: Tensor | None,
-    scale: float, chunk: int,
+    scale: float, chunk: int, seq_chunks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(dq, dk, dv, sum_v S_end * dS_end per chunk and key channel (B, H, chunks, K), dh0), fp32; hs, ht:
     the forward's states at the chunk starts and its final state."""
@@ -218,7 +226,9 @@ def gla_bwd_launch(
     b, h, n, dk = q.shape
     dv = v.shape[-1]
     n_chunks = triton.cdiv(n, chunk)
-    dhs, dh0, tail = chunk_states(q, do, gc, dht, scale, chunk, backward=True, fwd_states=(hs, ht))
+    dhs, dh0, tail = chunk_states(
+        q, do, gc, dht, scale, chunk, backward=True, fwd_states=(hs, ht), seq_chunks=seq_chunks
+    )
     assert tail is not None
     dq = torch.empty(b, h, n, dk, dtype=torch.float32, device=q.device)
     dkk = torch.empty(b, h, n, dk, dtype=torch.float32, device=q.device)
@@ -240,20 +250,23 @@ def gla_bwd_launch(
 
 @torch.library.custom_op("attnlab::gla_chunk_fwd", mutates_args=())
 def gla_chunk_fwd(
-    q: Tensor, k: Tensor, v: Tensor, gc: Tensor, h0: Tensor | None, scale: float, chunk: int, save: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    return gla_fwd_launch(q, k, v, gc, h0, scale, chunk, save)
+    q: Tensor, k: Tensor, v: Tensor, gc: Tensor, h0: Tensor | None, scale: float, chunk: int, save: bool,
+    seq_chunks: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    return gla_fwd_launch(q, k, v, gc, h0, scale, chunk, save, seq_chunks)
 
 
 @gla_chunk_fwd.register_fake
 def _(
-    q: Tensor, k: Tensor, v: Tensor, gc: Tensor, h0: Tensor | None, scale: float, chunk: int, save: bool
-) -> tuple[Tensor, Tensor, Tensor]:
+    q: Tensor, k: Tensor, v: Tensor, gc: Tensor, h0: Tensor | None, scale: float, chunk: int, save: bool,
+    seq_chunks: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     b, h, n, dk = q.shape
     dv = v.shape[-1]
     n_chunks = (n + chunk - 1) // chunk
     o = q.new_empty(b, h, n, dv)
-    ht = q.new_empty(b, h, dk, dv, dtype=torch.float32)
+    n_seq = b if seq_chunks is None else seq_chunks.shape[0] - 1
+    ht = q.new_empty(n_seq, h, dk, dv, dtype=torch.float32)
     hs = q.new_empty((b, h, n_chunks, dk, dv) if save else (0,), dtype=torch.float32)
     return o, ht, hs
 
@@ -261,10 +274,10 @@ def _(
 @torch.library.custom_op("attnlab::gla_chunk_bwd", mutates_args=())
 def gla_chunk_bwd(
     q: Tensor, k: Tensor, v: Tensor, gc: Tensor, hs: Tensor, ht: Tensor, do: Tensor, dht: Tensor | None,
-    scale: float, chunk: int,
+    scale: float, chunk: int, seq_chunks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """(dq, dk, dv in the inputs' dtypes, dgc (B, H, NP, K) fp32, dh0 fp32)."""
-    dq, dk, dv, tail, dh0 = gla_bwd_launch(q, k, v, gc, hs, ht, do, dht, scale, chunk)
+    """(dq, dk, dv in the inputs' dtypes, dgc (gc's shape) fp32, dh0 fp32)."""
+    dq, dk, dv, tail, dh0 = gla_bwd_launch(q, k, v, gc, hs, ht, do, dht, scale, chunk, seq_chunks)
     b, h, n, kd = q.shape
     n_chunks = hs.shape[2]
     rows = q.float() * dq - k.float() * dk
@@ -280,7 +293,7 @@ def gla_chunk_bwd(
 @gla_chunk_bwd.register_fake
 def _(
     q: Tensor, k: Tensor, v: Tensor, gc: Tensor, hs: Tensor, ht: Tensor, do: Tensor, dht: Tensor | None,
-    scale: float, chunk: int,
+    scale: float, chunk: int, seq_chunks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     return (
         torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(gc),
@@ -289,21 +302,21 @@ def _(
 
 
 def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
-    q, k, v, gc, h0, scale, chunk, save = inputs
+    q, k, v, gc, h0, scale, chunk, save, seq_chunks = inputs
     _, ht, hs = output
     if not save:
         raise RuntimeError(
             "attnlab::gla_chunk_fwd ran without saving its chunk states (save=False): no backward"
         )
     ctx.save_for_backward(q, k, v, gc, hs, ht)
-    ctx.args = (scale, chunk)
+    ctx.args = (scale, chunk, seq_chunks)
     ctx.has_h0 = h0 is not None
 
 
 def _backward(ctx, do: Tensor, dht: Tensor | None, dhs: Tensor | None):  # type: ignore[no-untyped-def]
     q, k, v, gc, hs, ht = ctx.saved_tensors
     dq, dk, dv, dgc, dh0 = gla_chunk_bwd(q, k, v, gc, hs, ht, do, dht, *ctx.args)
-    return dq, dk, dv, dgc, (dh0 if ctx.has_h0 else None), None, None, None
+    return dq, dk, dv, dgc, (dh0 if ctx.has_h0 else None), None, None, None, None
 
 
 gla_chunk_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -384,12 +397,12 @@ def _delta_scalar(g: Tensor | None) -> bool:
 
 def delta_fwd_launch(
     q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, h0: Tensor | None, scale: float,
-    chunk: int, save: bool,
+    chunk: int, save: bool, seq_chunks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(o in q's dtype, final state fp32, and for the backward (empty without ``save``): the states at the
     chunk starts, and for a scalar gate W (B, H, NP, K), U (B, H, NP, V) and T (B, H, NP, chunk), fp32):
     the WY/UT chunked form (see ``chunk.py``). g: None, (B, H, N, 1) one log-decay per token, or
-    (B, H, N, K) per channel."""
+    (B, H, N, K) per channel. ``seq_chunks``: varlen (see ``chunk_states``)."""
     _check(q, k, v, chunk)
     b, h, n, dk = q.shape
     dv = v.shape[-1]
@@ -418,12 +431,14 @@ def delta_fwd_launch(
         num_warps=8,
     )  # fmt: skip
     hs = torch.empty(b, h, n_chunks, dk, dv, dtype=f32, device=dev)
-    ht = torch.empty(b, h, dk, dv, dtype=f32, device=dev)
+    n_seq = b if seq_chunks is None else seq_chunks.shape[0] - 1
+    ht = torch.empty(n_seq, h, dk, dv, dtype=f32, device=dev)
     h0c = h0.float().contiguous() if h0 is not None else ht
     bv = min(head_block(dv), DELTA_BV)
-    delta_h_kernel[(triton.cdiv(dv, bv), b * h)](
-        k, w, u, gc, h0c, hs, ht, n, np_, dk, dv,
-        GATE=_gate_code(gc), HAS_H0=h0 is not None, BT=chunk, BK=head_block(dk), BV=bv, DOT_PREC=prec,
+    delta_h_kernel[(triton.cdiv(dv, bv), n_seq * h)](
+        k, w, u, gc, h0c, hs, ht, seq_chunks if seq_chunks is not None else ht, n, np_, dk, dv, b * h,
+        GATE=_gate_code(gc), HAS_H0=h0 is not None, VARLEN=seq_chunks is not None, BT=chunk,
+        BK=head_block(dk), BV=bv, DOT_PREC=prec,
         num_warps=4, num_stages=2,
     )  # fmt: skip
     o = chunk_output(q, k, u, gc, hs, aqk, scale, chunk)
@@ -440,7 +455,7 @@ def delta_fwd_launch(
 
 def delta_bwd_scalar_launch(
     q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, hs: Tensor, w: Tensor, u: Tensor,
-    t: Tensor, do: Tensor, dht: Tensor | None, scale: float, chunk: int,
+    t: Tensor, do: Tensor, dht: Tensor | None, scale: float, chunk: int, seq_chunks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor]:  # fmt: skip
     """The chunked backward of the delta rule under a gate shared by the channels (or none): (dq, dk, dv,
     dbeta, dg (B, H, N, 1) or None, dh0), float32. A reverse sequential pass over the chunk states (dH,
@@ -456,12 +471,14 @@ def delta_bwd_scalar_launch(
     prec = _prec(q)
     dhs = torch.empty(b, h, n_chunks, dk, dv, dtype=f32, device=dev)
     du = torch.empty(b, h, np_, dv, dtype=f32, device=dev)
-    dh0 = torch.empty(b, h, dk, dv, dtype=f32, device=dev)
+    n_seq = b if seq_chunks is None else seq_chunks.shape[0] - 1
+    dh0 = torch.empty(n_seq, h, dk, dv, dtype=f32, device=dev)
     dht_c = dht.float().contiguous() if dht is not None else dh0
     bv = min(head_block(dv), DELTA_BV)
-    delta_bwd_dh_kernel[(triton.cdiv(dv, bv), b * h)](
-        q, k, do, gc, w, dht_c, dhs, du, dh0, n, np_, dk, dv, float(scale),
-        HAS_DHT=dht is not None, BT=chunk, BK=head_block(dk), BV=bv, DOT_PREC=prec, num_warps=4, num_stages=2,
+    delta_bwd_dh_kernel[(triton.cdiv(dv, bv), n_seq * h)](
+        q, k, do, gc, w, dht_c, dhs, du, dh0, seq_chunks if seq_chunks is not None else dh0,
+        n, np_, dk, dv, b * h, float(scale),
+        HAS_DHT=dht is not None, VARLEN=seq_chunks is not None, BT=chunk, BK=head_block(dk), BV=bv, DOT_PREC=prec, num_warps=4, num_stages=2,
     )  # fmt: skip
     dq = torch.empty(b, h, n, dk, dtype=f32, device=dev)
     dkk = torch.empty(b, h, n, dk, dtype=f32, device=dev)
@@ -509,17 +526,17 @@ def delta_bwd_launch(
 @torch.library.custom_op("attnlab::delta_chunk_fwd", mutates_args=())
 def delta_chunk_fwd(
     q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, h0: Tensor | None, scale: float,
-    chunk: int, save: bool,
+    chunk: int, save: bool, seq_chunks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(o, final state, then what the backward takes: chunk-start states, W, U, T; see ``delta_fwd_launch``).
     g: None, (B, H, N, 1) or (B, H, N, K)."""
-    return delta_fwd_launch(q, k, v, beta, g, h0, scale, chunk, save)
+    return delta_fwd_launch(q, k, v, beta, g, h0, scale, chunk, save, seq_chunks)
 
 
 @delta_chunk_fwd.register_fake
 def _(
     q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, h0: Tensor | None, scale: float,
-    chunk: int, save: bool,
+    chunk: int, save: bool, seq_chunks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     b, h, n, dk = q.shape
     dv = v.shape[-1]
@@ -527,7 +544,8 @@ def _(
     np_ = n_chunks * chunk
     f32 = torch.float32
     o = q.new_empty(b, h, n, dv)
-    ht = q.new_empty(b, h, dk, dv, dtype=f32)
+    n_seq = b if seq_chunks is None else seq_chunks.shape[0] - 1
+    ht = q.new_empty(n_seq, h, dk, dv, dtype=f32)
     hs = q.new_empty((b, h, n_chunks, dk, dv) if save else (0,), dtype=f32)
     wut = save and _delta_scalar(g)
     w = q.new_empty((b, h, np_, dk) if wut else (0,), dtype=f32)
@@ -539,14 +557,19 @@ def _(
 @torch.library.custom_op("attnlab::delta_chunk_bwd", mutates_args=())
 def delta_chunk_bwd(
     q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, hs: Tensor, w: Tensor, u: Tensor,
-    t: Tensor, do: Tensor, dht: Tensor | None, scale: float, chunk: int,
+    t: Tensor, do: Tensor, dht: Tensor | None, scale: float, chunk: int, seq_chunks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(dq, dk, dv, dbeta in the inputs' dtypes, dg (fp32, g's shape; empty without g), dh0 fp32). A gate
     shared by the channels (or none) takes the chunked backward; per-channel gates the exact reverse
     recurrence token by token."""
     if _delta_scalar(g):
         dq, dk, dv, db, dg, dh0 = delta_bwd_scalar_launch(
-            q, k, v, beta, g, hs, w, u, t, do, dht, scale, chunk
+            q, k, v, beta, g, hs, w, u, t, do, dht, scale, chunk, seq_chunks
+        )
+    elif seq_chunks is not None:
+        raise NotImplementedError(
+            "attnlab::delta_chunk_bwd: packed sequences (cu_seqlens) with per-channel gates have no backward "
+            "yet (per-head gates and no gate do)"
         )
     else:
         dq, dk, dv, db, dg, dh0 = delta_bwd_launch(q, k, v, beta, g, hs, do, dht, scale, chunk)
@@ -557,22 +580,23 @@ def delta_chunk_bwd(
 @delta_chunk_bwd.register_fake
 def _(
     q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, hs: Tensor, w: Tensor, u: Tensor,
-    t: Tensor, do: Tensor, dht: Tensor | None, scale: float, chunk: int,
+    t: Tensor, do: Tensor, dht: Tensor | None, scale: float, chunk: int, seq_chunks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     b, h, _, dk = q.shape
     dg = q.new_empty(tuple(g.shape) if g is not None else (0,), dtype=torch.float32)
-    dh0 = q.new_empty(b, h, dk, v.shape[-1], dtype=torch.float32)
+    n_seq = b if seq_chunks is None else seq_chunks.shape[0] - 1
+    dh0 = q.new_empty(n_seq, h, dk, v.shape[-1], dtype=torch.float32)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(beta), dg, dh0
 
 
 def _delta_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
-    q, k, v, beta, g, h0, scale, chunk, save = inputs
+    q, k, v, beta, g, h0, scale, chunk, save, seq_chunks = inputs
     if not save:
         raise RuntimeError(
             "attnlab::delta_chunk_fwd ran without saving its chunk states (save=False): no backward"
         )
     ctx.save_for_backward(q, k, v, beta, g, *output[2:])
-    ctx.args = (scale, chunk)
+    ctx.args = (scale, chunk, seq_chunks)
     ctx.has = (g is not None, h0 is not None)
 
 
@@ -580,7 +604,7 @@ def _delta_backward(ctx, do, dht, *_unused):  # type: ignore[no-untyped-def]
     q, k, v, beta, g, hs, w, u, t = ctx.saved_tensors
     dq, dk, dv, db, dg, dh0 = delta_chunk_bwd(q, k, v, beta, g, hs, w, u, t, do, dht, *ctx.args)
     has_g, has_h0 = ctx.has
-    return dq, dk, dv, db, (dg if has_g else None), (dh0 if has_h0 else None), None, None, None
+    return dq, dk, dv, db, (dg if has_g else None), (dh0 if has_h0 else None), None, None, None, None
 
 
 delta_chunk_fwd.register_autograd(_delta_backward, setup_context=_delta_setup)
@@ -603,3 +627,94 @@ def delta_chunk(
     gd = _delta_gate(g, b, h, n, dk)
     o, ht, *_ = delta_chunk_fwd(q, k, v, beta.expand(b, h, n), gd, state, float(scale), int(chunk), grad)
     return o, ht
+
+
+# -- packed sequences (varlen) --
+
+
+def varlen_layout(cu_seqlens: Tensor, total: int, chunk: int) -> tuple[Tensor, Tensor, int]:
+    """The chunk-aligned layout of packed sequences: every sequence starts a new chunk (its last chunk
+    zero-padded: k = v = 0, beta = 0 and a zero log-decay leave the state as it is). Returns (each token's
+    row in the aligned layout (T,) int64, the chunk offsets of the sequences (S + 1,) int32, the aligned
+    length). ``cu_seqlens``: (S + 1,) cumulative lengths, 0 first, ``total`` last, nondecreasing."""
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2 or cu_seqlens.dtype.is_floating_point:
+        raise ValueError(
+            f"cu_seqlens: expected a 1-D integer tensor of S + 1 >= 2 cumulative lengths, got shape "
+            f"{tuple(cu_seqlens.shape)} dtype {cu_seqlens.dtype}"
+        )
+    cu = [int(x) for x in cu_seqlens.tolist()]
+    if cu[0] != 0 or cu[-1] != total or any(b < a for a, b in itertools.pairwise(cu)):
+        raise ValueError(
+            f"cu_seqlens {cu[:8]}{'...' if len(cu) > 8 else ''}: expected 0 first, the packed length "
+            f"{total} last, nondecreasing"
+        )
+    lens = [b - a for a, b in itertools.pairwise(cu)]
+    chunks = [0]
+    for n in lens:
+        chunks.append(chunks[-1] + -(-n // chunk))
+    dev = cu_seqlens.device
+    starts = torch.tensor(chunks[:-1], dtype=torch.int64) * chunk - torch.tensor(cu[:-1], dtype=torch.int64)
+    rows = torch.arange(total, dtype=torch.int64) + starts.repeat_interleave(torch.tensor(lens))
+    return rows.to(dev), torch.tensor(chunks, dtype=torch.int32, device=dev), chunks[-1] * chunk
+
+
+def _pack(x: Tensor, rows: Tensor, aligned: int) -> Tensor:
+    """x (1, H, T, ...) into the chunk-aligned layout (1, H, aligned, ...), zeros between sequences."""
+    shape = (*x.shape[:2], aligned, *x.shape[3:])
+    return x.new_zeros(shape).index_copy(2, rows, x)
+
+
+def _check_varlen(q: Tensor, state: Tensor | None, n_seq: int, v_dim: int) -> None:
+    if q.shape[0] != 1:
+        raise ValueError(
+            f"packed sequences (cu_seqlens) take a batch of 1: q (1, H, T, D), got {tuple(q.shape)}"
+        )
+    want = (n_seq, q.shape[1], q.shape[3], v_dim)
+    if state is not None and tuple(state.shape) != want:
+        raise ValueError(
+            f"state {tuple(state.shape)}: expected one per sequence and head (S, H, K, V) = {want}"
+        )
+
+
+def gla_chunk_varlen(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, scale: float, state: Tensor | None, chunk: int,
+    cu_seqlens: Tensor,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """:func:`gla_chunk` over packed sequences: q, k (1, H, T, K), v (1, H, T, V), g None or broadcastable
+    to (1, H, T, K), ``cu_seqlens`` (S + 1,) their cumulative lengths, state None or (S, H, K, V) (each
+    sequence's initial state). Returns (o (1, H, T, V), final states (S, H, K, V) float32); each sequence
+    runs alone from its own initial state (the scans restart at every sequence; chunks never straddle
+    two). Differentiable as :func:`gla_chunk`."""
+    _, h, n, dk = q.shape
+    _check(q, k, v, chunk)
+    rows, seq_chunks, aligned = varlen_layout(cu_seqlens, n, chunk)
+    _check_varlen(q, state, seq_chunks.shape[0] - 1, v.shape[-1])
+    scalar, gx = _scalar_gate(g, 1, h, n, dk)
+    qa, ka, va = (_pack(t, rows, aligned) for t in (q, k, v))
+    ga = None if gx is None else _pack(gx, rows, aligned)
+    if scalar:
+        gc = chunk_cumsum_scalar(ga, 1, h, aligned, chunk, q.device)
+    else:
+        gc = chunk_cumsum(ga, 1, h, aligned, dk, chunk, q.device)
+    grad = _needs_grad(q, k, v, g, state)
+    o, ht, _ = gla_chunk_fwd(qa, ka, va, gc, state, float(scale), int(chunk), grad, seq_chunks)
+    return o.index_select(2, rows), ht
+
+
+def delta_chunk_varlen(
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, scale: float, state: Tensor | None,
+    chunk: int, cu_seqlens: Tensor,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """:func:`delta_chunk` over packed sequences (shapes as :func:`gla_chunk_varlen`; beta (1, H, T)).
+    Differentiable under a gate shared by the channels or none; per-channel gates: forward only."""
+    _, h, n, dk = q.shape
+    _check(q, k, v, chunk)
+    rows, seq_chunks, aligned = varlen_layout(cu_seqlens, n, chunk)
+    _check_varlen(q, state, seq_chunks.shape[0] - 1, v.shape[-1])
+    gd = _delta_gate(g, 1, h, n, dk)
+    qa, ka, va = (_pack(t, rows, aligned) for t in (q, k, v))
+    ba = _pack(beta.expand(1, h, n), rows, aligned)
+    ga = None if gd is None else _pack(gd, rows, aligned)
+    grad = _needs_grad(q, k, v, beta, g, state)
+    o, ht, *_ = delta_chunk_fwd(qa, ka, va, ba, ga, state, float(scale), int(chunk), grad, seq_chunks)
+    return o.index_select(2, rows), ht
