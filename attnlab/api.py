@@ -36,10 +36,12 @@ CACHED_OPS = 256
 
 
 def _split_inputs(spec: MethodSpec, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(method parameters, tensor inputs) of keyword arguments, by the method's declared inputs."""
-    if not spec.input_names:
+    """(method parameters, tensor inputs) of keyword arguments, by the method's declared inputs (and
+    ``state`` for a stateful method)."""
+    if not spec.input_names and not spec.stateful:
         return kwargs, {}
-    tensors = {name: kwargs[name] for name in spec.input_names if name in kwargs}
+    names = spec.input_names | {"state"} if spec.stateful else spec.input_names
+    tensors = {name: kwargs[name] for name in names if name in kwargs}
     return {k: v for k, v in kwargs.items() if k not in tensors}, tensors
 
 

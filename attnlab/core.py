@@ -90,6 +90,9 @@ class TensorInput:
     ``"N_q"``, ``"N_k"``, ``"D"``, ``"D_v"``) or a fixed int. With ``broadcast``, any dim may also be 1.
     It must be a floating tensor on q's device (any float dtype unless ``same_dtype``); it is checked for
     NaN/Inf with q, k, v when ``check_finite`` is on.
+
+    ``sample(shape, generator) -> Tensor``: a valid random value of the full shape (float32, CPU), for
+    the parity tests and the benchmark (e.g. log-decays <= 0 for a gate); default: standard normal.
     """
 
     name: str
@@ -98,9 +101,27 @@ class TensorInput:
     required: bool = True
     broadcast: bool = False
     same_dtype: bool = False
+    sample: Callable[[tuple[int, ...], torch.Generator], Tensor] | None = field(default=None, compare=False)
 
     def expected(self, sizes: Mapping[str, int]) -> tuple[int, ...]:
         return tuple(sizes[s] if isinstance(s, str) else s for s in self.shape)
+
+    def random(
+        self,
+        sizes: Mapping[str, int],
+        generator: torch.Generator,
+        *,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> Tensor:
+        """A valid random value at the call's sizes (``Problem.symbols()``), on ``device`` in ``dtype``."""
+        shape = self.expected(sizes)
+        t = (
+            self.sample(shape, generator)
+            if self.sample is not None
+            else torch.randn(shape, generator=generator)
+        )
+        return t.to(device=device, dtype=dtype)
 
     def describe(self) -> str:
         dims = ", ".join(str(s) for s in self.shape)

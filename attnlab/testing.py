@@ -12,6 +12,7 @@ drawings), so that no test module imports another. Nothing here runs at import.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -46,6 +47,8 @@ class Case:
     dtype: torch.dtype
     causal: bool
     params: Mapping[str, Any] = field(default_factory=dict)
+    #: pass the method's optional tensor inputs too (its required ones are always passed)
+    optional_inputs: bool = False
 
     @property
     def pattern(self) -> Pattern:
@@ -56,7 +59,7 @@ class Case:
         dt = str(self.dtype).replace("torch.", "")
         return (
             f"{self.pattern.value}-B{self.batch}H{self.heads}/{self.kv_heads}-{self.n_q}x{self.n_k}-"
-            f"D{self.head_dim}-{dt}" + (f"-{p}" if p else "")
+            f"D{self.head_dim}-{dt}" + (f"-{p}" if p else "") + ("-inputs" if self.optional_inputs else "")
         )
 
     def inputs(self, device: torch.device | str, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
@@ -68,6 +71,29 @@ class Case:
             for s in (shape_q, shape_kv, shape_kv)
         )
         return q, k, v
+
+    def tensor_inputs(self, spec: MethodSpec, device: torch.device | str, seed: int = 0) -> dict[str, Tensor]:
+        """The method's tensor inputs for this case, each drawn by its declared sampler (valid values):
+        the required ones, and the optional ones with ``optional_inputs``."""
+        g = torch.Generator(device="cpu").manual_seed(seed + 7)
+        sizes = {"B": self.batch, "H": self.heads, "H_kv": self.kv_heads, "N_q": self.n_q, "N_k": self.n_k,
+                 "D": self.head_dim, "D_v": self.head_dim}  # fmt: skip
+        return {
+            t.name: t.random(sizes, g, device=device, dtype=self.dtype)
+            for t in spec.inputs
+            if t.required or self.optional_inputs
+        }
+
+
+def state_tensors(state: Any) -> list[Tensor]:
+    """A recurrent state as a flat list of tensors (a tensor, or a tuple/list of them). Other states (None,
+    the decode family's selection objects, whose integer choices their own tests compare) give none: the
+    registry parity compares only their outputs."""
+    if isinstance(state, Tensor):
+        return [state]
+    if isinstance(state, (tuple, list)):
+        return [t for part in state for t in state_tensors(part)]
+    return []
 
 
 @dataclass
@@ -127,6 +153,7 @@ def check_parity(
     """
     result = Check(spec.name, backend, case)
     q0, k0, v0 = case.inputs(device, seed)
+    x0 = case.tensor_inputs(spec, device, seed)
     params = spec.make_params(case.params)
     problem = validate(q0, k0, v0, causal=case.causal, scale=None)
     scale = default_scale(problem.head_dim, None)
@@ -140,17 +167,35 @@ def check_parity(
             *_leaves((q0, k0, v0), True), causal=case.causal, scale=None, check_finite=False
         )
         grad = choose(Call(spec, params, grad_problem, scale), backend).backend is not None
-    q, k, v = _leaves((q0, k0, v0), grad)
-    out = attention(q, k, v, method=spec.name, causal=case.causal, backend=backend, **case.params)
-    qr, kr, vr = _leaves((q0, k0, v0), grad)
-    ref = spec.reference(qr, kr, vr, params, causal=case.causal, scale=scale, upcast=True)
-    ql, kl, vl = _leaves((q0, k0, v0), grad)
-    low = spec.reference(ql, kl, vl, params, causal=case.causal, scale=scale, upcast=False)
+    names = tuple(x0)
+
+    def leaves() -> tuple[Tensor, ...]:
+        return _leaves((q0, k0, v0, *x0.values()), grad)
+
+    def reference(ts: tuple[Tensor, ...], upcast: bool) -> tuple[Tensor, list[Tensor]]:
+        got = spec.reference(*ts[:3], params, causal=case.causal, scale=scale, upcast=upcast,
+                             **dict(zip(names, ts[3:], strict=True)))  # fmt: skip
+        return (got[0], state_tensors(got[1])) if spec.stateful else (got, [])
+
+    xs = leaves()
+    kwargs: dict[str, Any] = {**case.params, **dict(zip(names, xs[3:], strict=True))}
+    res = attention(xs[0], xs[1], xs[2], method=spec.name, causal=case.causal, backend=backend, **kwargs)
+    out, state = (res.out, state_tensors(res.state)) if isinstance(res, Result) else (res, [])
+    xr, xl = leaves(), leaves()
+    ref, ref_state = reference(xr, True)
+    low, low_state = reference(xl, False)
     result.errors["out"] = (max_abs(out, ref), bound(max_abs(low, ref), ref, FWD_FACTOR, case.dtype))
     if not torch.isfinite(out).all():
         result.errors["out"] = (float("nan"), result.errors["out"][1])
+    if len(state) != len(ref_state):
+        result.crash = f"the backend's state has {len(state)} tensors, the reference's {len(ref_state)}"
+        return result
+    for i, (s_got, s_ref, s_low) in enumerate(zip(state, ref_state, low_state, strict=True)):
+        label = "state" if len(state) == 1 else f"state{i}"
+        err = max_abs(s_got, s_ref) if torch.isfinite(s_got).all() else float("nan")
+        result.errors[label] = (err, bound(max_abs(s_low, s_ref), s_ref, FWD_FACTOR, case.dtype))
     lse_call = Call(spec, params, problem, scale, want_lse=True)
-    if spec.softmax_normalized and choose(lse_call, backend).backend is not None:
+    if spec.softmax_normalized and not x0 and choose(lse_call, backend).backend is not None:
         with torch.no_grad():  # the log-sum-exp the backend returns, against the reference's
             lse_res = attention(q0, k0, v0, method=spec.name, causal=case.causal, backend=backend,
                                 return_lse=True, **case.params)  # fmt: skip
@@ -166,12 +211,22 @@ def check_parity(
     if grad:
         g = torch.Generator(device="cpu").manual_seed(seed + 1)
         dout = torch.randn(out.shape, generator=g).to(device=out.device, dtype=out.dtype)
-        got = torch.autograd.grad(out, (q, k, v), dout)
-        want = torch.autograd.grad(ref, (qr, kr, vr), dout.float().to(ref.dtype))
-        lowg = torch.autograd.grad(low, (ql, kl, vl), dout)
-        for name, a, r, lo in zip(("dq", "dk", "dv"), got, want, lowg, strict=True):
-            err = max_abs(a, r) if torch.isfinite(a).all() else float("nan")
-            result.errors[name] = (err, bound(max_abs(lo, r), r, BWD_FACTOR, case.dtype))
+        got = torch.autograd.grad(out, xs, dout, allow_unused=True)
+        want = torch.autograd.grad(ref, xr, dout.float().to(ref.dtype), allow_unused=True)
+        lowg = torch.autograd.grad(low, xl, dout, allow_unused=True)
+        for name, a, r, lo in zip(
+            ("dq", "dk", "dv", *(f"d{n}" for n in names)), got, want, lowg, strict=True
+        ):
+            if r is None:  # the output does not depend on this input (e.g. an unused option)
+                continue
+            if a is None or lo is None:
+                err = float("nan")  # the backend gives no gradient where the method has one
+            else:
+                err = max_abs(a, r) if torch.isfinite(a).all() else float("nan")
+            result.errors[name] = (
+                err,
+                bound(max_abs(lo, r) if lo is not None else 0.0, r, BWD_FACTOR, case.dtype),
+            )
     return result
 
 
@@ -244,15 +299,65 @@ PARITY_LENGTHS = ((1, 1), (63, 63), (257, 257), (1000, 1000), (63, 257), (257, 6
 PARITY_TRITON_LENGTHS = ((1, 1), (17, 17), (20, 45), (45, 20), (1, 33))
 
 
+#: Methods whose full parity set also runs on a CPU (the first methods of each plan kind). On a CPU the
+#: others run :func:`compact_cpu_cases` (a CPU's compiled FlexAttention costs 10-90 s per new score
+#: function and shape, and the suite must run in minutes on 2 cores); each method's own test module checks
+#: its backends on a CPU, and the full set runs on CUDA.
+CPU_FULL_PARITY = frozenset(
+    {
+        "softmax",
+        "sigmoid",
+        "sliding_window",
+        "streaming",
+        "dilated",
+        "block_local",
+        "block_topk",
+        "vertical_slash",
+    }
+)
+
+
+def compact_cpu_cases(spec: MethodSpec) -> list[tuple[str, str, Case]]:
+    """A CPU's parity cases for methods outside :data:`CPU_FULL_PARITY`: tiny odd shapes over every pattern
+    the method defines, every parameter set, GQA 2:1, fp32, plus one bf16 case and one with the optional
+    tensor inputs, for each backend except compiled FlexAttention (none on a CPU: see above); interpreted
+    Triton kernels get one self and one cross shape with the first parameter set."""
+    out = []
+    for backend in spec.backends:
+        if backend.name == "flex":
+            continue
+        decode = spec.family == "decode"  # a few queries against a longer cache
+        if backend.triton:  # interpreted: one self and one cross shape (its kernel tests cover the rest)
+            lengths: tuple[tuple[int, int], ...] = ((1, 40), (4, 45)) if decode else ((17, 17), (20, 45))
+            cases = list(cases_for(spec, lengths=lengths, head_dims=(16,), groups=(2,),
+                                   dtypes=(torch.float32,), heads=2, batch=1, all_params=False))  # fmt: skip
+        else:
+            lengths = ((1, 40), (4, 45), (16, 16)) if decode else ((17, 17), (20, 45), (45, 20))
+            cases = [
+                *cases_for(spec, lengths=lengths, head_dims=(16,), groups=(2,),
+                           dtypes=(torch.float32,), heads=4, batch=2),
+                *cases_for(spec, lengths=((2, 33) if decode else (33, 33),), head_dims=(16,), groups=(2,),
+                           dtypes=(torch.bfloat16,), heads=2, batch=1, all_params=False),
+            ]  # fmt: skip
+        if any(not t.required for t in spec.inputs):
+            cases.append(dataclasses.replace(cases[0], optional_inputs=True))
+        out += [(spec.name, backend.name, c) for c in cases if c.pattern in backend.caps.patterns]
+    return out
+
+
 def parity_cases(cuda: bool) -> list[tuple[str, str, Case]]:
     """The test suite's (method, backend, case) parity cases, for every backend of every registered method.
 
     Odd shapes over every supported pattern with each method's first parameter set (head dims 64 and 128,
     GQA 4:1 and 1:1), plus every parameter set and dtype on one self and one cross shape. Off CUDA
-    (``cuda=False``), Triton runs in its CPU interpreter and gets tiny shapes.
+    (``cuda=False``), Triton runs in its CPU interpreter and gets tiny shapes, and methods outside
+    :data:`CPU_FULL_PARITY` get :func:`compact_cpu_cases`.
     """
     out = []
     for name, spec in methods().items():
+        if not cuda and name not in CPU_FULL_PARITY:
+            out += compact_cpu_cases(spec)
+            continue
         for backend in spec.backends:
             interp = backend.triton and not cuda
             if interp:  # Triton's CPU interpreter is slow: few tiny cases (the full set runs on CUDA)
@@ -333,5 +438,10 @@ def parity_cases(cuda: bool) -> list[tuple[str, str, Case]]:
                 if cpu_flex:  # the low precision on one shape
                     extra = [*extra, *cases_for(spec, lengths=((130, 130),), head_dims=(64,), groups=(2,),
                                                 dtypes=lowp, heads=4, batch=2, all_params=False)]  # fmt: skip
+            if any(not t.required for t in spec.inputs):  # the optional tensor inputs, on the first shape
+                with_inputs = [dataclasses.replace(c, optional_inputs=True) for c in extra
+                               if c.params == dict(spec.test_params[0]) and c.n_q == extra[0].n_q]  # fmt: skip
+                extra = [*extra, *with_inputs]
             out += [(name, backend.name, c) for c in extra]
-    return out
+    # a backend that declares fewer patterns than its method defines is not run on the others
+    return [(m, b, c) for m, b, c in out if c.pattern in methods()[m].backend(b).caps.patterns]

@@ -304,6 +304,12 @@ def test_state_flows_in_and_out_of_a_stateful_method() -> None:
         assert isinstance(second, Result)
         torch.testing.assert_close(torch.cat([first.out, second.out], 2), whole.out)
         torch.testing.assert_close(second.state, whole.state)
+        # the same through attnlab.attention: state= is the state, not a parameter
+        third = attnlab.attention(
+            q[:, :, 6:], k[:, :, 6:], v[:, :, 6:], method="test_running_sum", causal=True, state=first.state
+        )
+        assert isinstance(third, Result)
+        torch.testing.assert_close(third.state, whole.state)
         flex_like = [b for b in attnlab.get("softmax").backends if not b.caps.stateful]
         call = attnlab.resolve(q, k, v, method="test_running_sum", causal=True)
         assert "cannot carry the method's recurrent state" in flex_like[0].refusals(call)

@@ -9,7 +9,6 @@ registers what it runs for its own duration.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -34,7 +33,6 @@ from attnlab.catalog.variants import (
 from attnlab.core import Call, default_scale
 from attnlab.errors import BackendError, InputError, ParamError
 from attnlab.inputs import validate
-from attnlab.registry import registered
 from attnlab.testing import Case, check_parity
 
 B, H, H_KV, N_Q, N_K, D = 2, 4, 2, 9, 13, 16
@@ -42,11 +40,9 @@ B, H, H_KV, N_Q, N_K, D = 2, 4, 2, 9, 13, 16
 
 @pytest.fixture
 def variants() -> Iterator[None]:
-    """Every variant registered until the test ends."""
-    with contextlib.ExitStack() as stack:
-        for spec in SPECS:
-            stack.enter_context(registered(spec))
-        yield
+    """Every variant (registered at import by attnlab.catalog.variants)."""
+    assert all(attnlab.get(spec.name) is spec for spec in SPECS)
+    yield
 
 
 def qkv(n_q: int = N_Q, n_k: int = N_K, grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:

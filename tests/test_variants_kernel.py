@@ -7,7 +7,6 @@ On CPU the kernel runs in Triton's interpreter (tiny shapes); on CUDA the same t
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 
 import pytest
@@ -17,7 +16,6 @@ import attnlab
 from attnlab.catalog.variants import SPECS, bias, sink, softcap
 from attnlab.errors import BackendError
 from attnlab.kernels.score_transform.naive import score_transform_bwd_naive, score_transform_fwd_naive
-from attnlab.registry import registered
 from attnlab.testing import Case, check_parity, device_under_test, random_qkv
 
 DEVICE = device_under_test()
@@ -26,10 +24,9 @@ SCALE = 0.25
 
 @pytest.fixture
 def variants() -> Iterator[None]:
-    with contextlib.ExitStack() as stack:
-        for spec in SPECS:
-            stack.enter_context(registered(spec))
-        yield
+    """Every variant (registered at import by attnlab.catalog.variants)."""
+    assert all(attnlab.get(spec.name) is spec for spec in SPECS)
+    yield
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from attnlab.backends.base import Backend, Call, Capabilities
 from attnlab.kernels.triton_utils import triton_refusal
+from attnlab.patterns import ALL_PATTERNS, Pattern
 
 Runner = Callable[[Tensor, Tensor, Tensor, Call, Mapping[str, Tensor], Any], tuple[Tensor, Any]]
 Refusal = Callable[[Call], list[str]]
@@ -85,12 +86,21 @@ def _triton_reasons(extra: Refusal | None) -> Refusal:
     return reasons
 
 
-def triton_chunk(runner: Runner, refusal: Refusal | None = None, *, backward: bool = True) -> LinearBackend:
-    """The Triton chunked backend of a method (``refusal``: its own limits, e.g. chunk sizes)."""
+def triton_chunk(
+    runner: Runner,
+    refusal: Refusal | None = None,
+    *,
+    backward: bool = True,
+    patterns: frozenset[Pattern] = ALL_PATTERNS,
+) -> LinearBackend:
+    """The Triton chunked backend of a method (``refusal``: its own limits, e.g. chunk sizes; ``patterns``:
+    the patterns its kernels run, when fewer than the method defines)."""
     return LinearBackend(
         "triton",
         "attnlab's chunked Triton kernels, state in/out (CPU only under TRITON_INTERPRET=1)",
-        Capabilities(stateful=True, backward=backward, where="GPU; CPU via Triton's interpreter"),
+        Capabilities(
+            stateful=True, backward=backward, patterns=patterns, where="GPU; CPU via Triton's interpreter"
+        ),
         runner,
         _triton_reasons(refusal),
         triton=True,

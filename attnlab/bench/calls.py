@@ -76,13 +76,45 @@ def dense_fn(x: Inputs, causal: bool, kernel: SDPBackend | None) -> Forward:
     return lambda: sdpa_dense(x.q, x.k, x.v, causal=causal, scale=scale, kernels=kernels)
 
 
+def method_inputs(x: Inputs, method: str, seed: int = 0) -> dict[str, Tensor]:
+    """The method's required tensor inputs at the shapes of ``x`` (see :func:`required_inputs`)."""
+    return required_inputs(method, x.q, x.k, x.v, seed)
+
+
+def required_inputs(method: str, q: Tensor, k: Tensor, v: Tensor, seed: int = 0) -> dict[str, Tensor]:
+    """The method's required tensor inputs (gates, beta, ...) at these shapes, drawn by their declared
+    samplers (valid values), in q's dtype and device; the same for the same (shapes, seed)."""
+    spec = attnlab.get(method)
+    if not spec.inputs:
+        return {}
+    b, h, n_q, d = q.shape
+    sizes = {"B": b, "H": h, "H_kv": k.shape[1], "N_q": n_q, "N_k": k.shape[2], "D": d, "D_v": v.shape[3]}
+    g = torch.Generator(device="cpu").manual_seed(seed + 7)
+    return {t.name: t.random(sizes, g, device=q.device, dtype=q.dtype) for t in spec.inputs if t.required}
+
+
+def output_of(out: Any) -> Tensor:
+    """The output tensor of a call (a stateful method returns a Result; its state is not timed apart)."""
+    return out.out if isinstance(out, attnlab.Result) else out
+
+
 def as_called_fn(x: Inputs, method: str, causal: bool, backend: str, params: dict[str, Any]) -> Forward:
-    """``attnlab.attention`` with this backend forced and every other argument at its default."""
-    return lambda: attnlab.attention(x.q, x.k, x.v, method=method, causal=causal, backend=backend, **params)
+    """``attnlab.attention`` with this backend forced and every other argument at its default (required
+    tensor inputs drawn once, outside the timed call)."""
+    extra = method_inputs(x, method)
+    if not extra and not attnlab.get(method).stateful:
+        return lambda: attnlab.attention(
+            x.q, x.k, x.v, method=method, causal=causal, backend=backend, **params
+        )
+    kwargs: dict[str, Any] = {**params, **extra}
+    return lambda: output_of(
+        attnlab.attention(x.q, x.k, x.v, method=method, causal=causal, backend=backend, **kwargs)
+    )
 
 
 def kernel_fn(x: Inputs, method: str, causal: bool, backend: str, params: dict[str, Any]) -> Forward:
     """The backend's executor alone: a prepared op resolves the call (validation, parameters, dispatch,
     the plan) once, here, and :meth:`attnlab.Op.bind` returns the bare backend call."""
-    fn: Forward = attnlab.prepare(method, causal=causal, backend=backend, **params).bind(x.q, x.k, x.v)
+    op = attnlab.prepare(method, causal=causal, backend=backend, **params)
+    fn: Forward = op.bind(x.q, x.k, x.v, **method_inputs(x, method))
     return fn

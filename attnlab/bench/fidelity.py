@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 import attnlab
+from attnlab.bench.calls import output_of, required_inputs
 from attnlab.bench.planning import densities
 from attnlab.bench.workloads import Workload
 from attnlab.masks import MaskContext, causal_mask, dense_mask
@@ -116,7 +117,11 @@ def fidelity_rows(
                 sets = spec.bench_params(n_k)
                 for params in sets if budgets == "all" else sets[:1]:
                     p = spec.make_params(params)
-                    out = attnlab.attention(q, k, v, method=name, causal=causal, check_finite=False, **params)
+                    # tensor inputs (gates, beta, ...): valid random values
+                    kwargs: dict[str, Any] = {**params, **required_inputs(name, q, k, v)}
+                    out = output_of(
+                        attnlab.attention(q, k, v, method=name, causal=causal, check_finite=False, **kwargs)
+                    )
                     backend = attnlab.explain(q, k, v, method=name, causal=causal, **params).backend
                     diff = _head_norms(out - dense_out)
                     rel = (diff / dense_norm.clamp_min(1e-30)).tolist()

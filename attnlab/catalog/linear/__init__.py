@@ -1,12 +1,9 @@
 """Linear and gated-recurrent attention (family ``linear``): a recurrence, its chunked executor, state in/out.
 
-Each method is one module, imported below; each defines its ``SPEC``. They are NOT registered at import
-yet: the registry-driven parity check (``attnlab.testing.check_parity``, used by ``tests/test_parity.py``
-and ``attnlab verify``) and the benchmark do not handle stateful methods (a stateful call returns a
-``Result``, the reference returns ``(out, state)``) nor methods with required tensor inputs, so
-registering them would break those suites. Until they do, :func:`register_methods` registers them for a
-session (``attnlab.catalog.linear.register_methods()``), and ``tests/test_linear*.py`` run each under
-``attnlab.registry.registered``.
+Each method is one module, imported below; each defines its ``SPEC``; importing this package registers
+them. A call returns a :class:`~attnlab.core.Result` whose ``state`` can be passed back as ``state=``
+(prefill, then decode). Their tensor inputs (gates, beta, decays) declare samplers of valid values, which
+the registry parity suite and the benchmark draw from.
 """
 # isort: skip_file
 
@@ -22,9 +19,13 @@ from attnlab.registry import methods, register
 SPECS: tuple[MethodSpec, ...] = (linear.SPEC, lightning.SPEC, gla.SPEC, gated_delta.SPEC, based.SPEC)
 
 
+for _spec in SPECS:
+    register(_spec)
+
+
 def register_methods() -> list[str]:
-    """Register the linear methods not yet registered (an explicit call; nothing registers at import).
-    Returns the names registered now."""
+    """Register the linear methods not yet registered (they are registered at import; this is kept for
+    code that removed them). Returns the names registered now."""
     done = []
     for spec in SPECS:
         if spec.name not in methods():

@@ -177,3 +177,22 @@ def delta_recurrence(
         s = s + kt[..., None] * u[..., None, :]
         outs.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, :, t], s))
     return torch.stack(outs, 2), s
+
+
+# -- valid random tensor inputs (TensorInput.sample: the parity tests and the benchmark draw with these) --
+
+
+def sample_log_decay(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
+    """Natural-log decays ``g = logsigmoid(x + 2)``, x standard normal: decays mostly in 0.5..1 (realistic
+    gates; a decay near 0 would erase the state every token)."""
+    return torch.nn.functional.logsigmoid(torch.randn(shape, generator=generator) + 2.0)
+
+
+def sample_unit(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
+    """Uniform in [0, 1) (beta, the delta rule's writing strength)."""
+    return torch.rand(shape, generator=generator)
+
+
+def sample_decay(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
+    """Uniform in [0.3, 1) (a per-head decay factor in (0, 1])."""
+    return 0.3 + 0.7 * torch.rand(shape, generator=generator)

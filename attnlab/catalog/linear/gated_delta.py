@@ -40,6 +40,8 @@ from attnlab.catalog.linear._common import (
     check_state,
     delta_recurrence,
     expand_heads,
+    sample_log_decay,
+    sample_unit,
 )
 from attnlab.core import Call, MethodSpec, TensorInput
 from attnlab.errors import InputError, UnsupportedPatternError
@@ -161,9 +163,14 @@ SPEC = MethodSpec(
     test_params=({}, {"qk_l2norm": False, "chunk": 16}),
     bench_params=lambda n: [{}],
     inputs=(
-        TensorInput("beta", ("B", "H", "N_q"), "writing strength per head and token"),
+        TensorInput("beta", ("B", "H", "N_q"), "writing strength per head and token", sample=sample_unit),
         TensorInput(
-            "g", ("B", "H", "N_q", "D"), "log-decay <= 0, per channel, or (B, H, N, 1) per head", False, True
+            "g",
+            ("B", "H", "N_q", "D"),
+            "log-decay <= 0, per channel, or (B, H, N, 1) per head",
+            False,
+            True,
+            sample=sample_log_decay,
         ),
     ),
     stateful=True,

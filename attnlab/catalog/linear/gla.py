@@ -26,6 +26,7 @@ from attnlab.catalog.linear._common import (
     check_state,
     expand_heads,
     gated_recurrence,
+    sample_log_decay,
 )
 from attnlab.core import Call, MethodSpec, TensorInput
 from attnlab.errors import InputError, UnsupportedPatternError
@@ -131,7 +132,11 @@ SPEC = MethodSpec(
     patterns=CAUSAL_ONLY,
     test_params=({}, {"chunk": 16}),
     bench_params=lambda n: [{}],
-    inputs=(TensorInput("g", ("B", "H", "N_q", "D"), "log-decay per channel, finite and <= 0"),),
+    inputs=(
+        TensorInput(
+            "g", ("B", "H", "N_q", "D"), "log-decay per channel, finite and <= 0", sample=sample_log_decay
+        ),
+    ),
     stateful=True,
     softmax_normalized=False,
 )

@@ -28,7 +28,13 @@ import torch
 from torch import Tensor
 
 from attnlab.backends.linear_chunk import torch_chunk, triton_chunk
-from attnlab.catalog.linear._common import CAUSAL_ONLY, check_state, expand_heads, gated_recurrence
+from attnlab.catalog.linear._common import (
+    CAUSAL_ONLY,
+    check_state,
+    expand_heads,
+    gated_recurrence,
+    sample_decay,
+)
 from attnlab.catalog.linear.gla import triton_refusal
 from attnlab.core import Call, MethodSpec, TensorInput
 from attnlab.errors import InputError, UnsupportedPatternError
@@ -145,7 +151,15 @@ SPEC = MethodSpec(
     patterns=CAUSAL_ONLY,
     test_params=({}, {"chunk": 16}),
     bench_params=lambda n: [{}],
-    inputs=(TensorInput("decay", ("H",), "decay per head in (0, 1] (default: exp(-ALiBi slope))", False),),
+    inputs=(
+        TensorInput(
+            "decay",
+            ("H",),
+            "decay per head in (0, 1] (default: exp(-ALiBi slope))",
+            False,
+            sample=sample_decay,
+        ),
+    ),
     stateful=True,
     softmax_normalized=False,
 )

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.backends.linear_chunk import torch_chunk, triton_chunk
-from attnlab.catalog.linear._common import SELF_ONLY, check_state, expand_heads
+from attnlab.catalog.linear._common import CAUSAL_ONLY, SELF_ONLY, check_state, expand_heads
 from attnlab.core import Call, MethodSpec
 from attnlab.kernels.linear.naive import gla_chunk_naive
 from attnlab.params import Params
@@ -174,10 +174,7 @@ def _triton_refusal(call: Call) -> list[str]:
 
     assert isinstance(call.params, LinearParams)
     extra_col = 1 if call.params.normalize else 0
-    why = kernel_refusals(call.params.chunk, call.problem.head_dim, call.problem.v_dim + extra_col)
-    if not call.problem.causal:
-        why.append("non-causal linear attention is two matmuls, run by the torch_chunk backend")
-    return why
+    return kernel_refusals(call.params.chunk, call.problem.head_dim, call.problem.v_dim + extra_col)
 
 
 SPEC = MethodSpec(
@@ -188,7 +185,8 @@ SPEC = MethodSpec(
     summary="linear attention phi(q) (sum phi(k) v^T), phi = elu+1 / relu / identity, optionally normalised",
     param_class=LinearParams,
     reference=reference,
-    backends=(triton_chunk(_run_triton, _triton_refusal), torch_chunk(_run_torch)),
+    # non-causal linear attention is two matmuls: the torch_chunk backend runs it
+    backends=(triton_chunk(_run_triton, _triton_refusal, patterns=CAUSAL_ONLY), torch_chunk(_run_torch)),
     patterns=SELF_ONLY,
     test_params=({}, {"feature_map": "relu", "normalize": False, "chunk": 16}),
     bench_params=lambda n: [{}],

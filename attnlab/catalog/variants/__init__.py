@@ -3,12 +3,12 @@
 Each method is one module, imported below, whose ``SPEC`` is listed in :data:`SPECS`; the shared
 conventions are in :mod:`attnlab.catalog.variants._common`.
 
-Not registered yet: registering a method changes the README's support matrix (a shared file) in the same
-commit, and the registry's parity suite cannot pass tensor inputs (bias, sinks, gate, ...) yet. Until
-then ``tests/test_variants.py`` registers each method for the duration of a test
-(:func:`attnlab.registry.registered`); registering them all is ``for spec in SPECS: register(spec)`` here.
+Importing this package registers them (the registry parity suite passes each method's tensor inputs,
+drawn by their declared samplers).
 """
 # isort: skip_file
+
+from attnlab.registry import register
 
 from attnlab.catalog.variants import softcap
 from attnlab.catalog.variants import alibi
@@ -30,5 +30,8 @@ SPECS = (
     gated.SPEC,
     affine_scaled.SPEC,
 )
+
+for _spec in SPECS:
+    register(_spec)
 
 __all__ = ["SPECS", "affine_scaled", "alibi", "bias", "gated", "selective", "sink", "softcap", "softplus"]

@@ -124,3 +124,8 @@ class VariantFlexBackend(FlexBackend):
         kwargs = {**self._kwargs(q, k, call), "score_mod": self._score_mod(call, extra)}
         out, lse = flex_exec.flex_run(q, k, v, **kwargs, return_lse=self.needs_lse)
         return out if self.finish is None else self.finish(out, lse, q, k, v, call, extra)
+
+
+def sample_positive(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
+    """Uniform in [0.25, 1.25): a valid random slope or temperature (TensorInput.sample)."""
+    return 0.25 + torch.rand(shape, generator=generator)

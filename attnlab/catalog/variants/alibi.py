@@ -26,6 +26,7 @@ from attnlab.catalog.variants._common import (
     allowed,
     captured,
     logits,
+    sample_positive,
     softmax_rows,
     weigh,
 )
@@ -119,7 +120,11 @@ SPEC = MethodSpec(
     patterns=ALL_PATTERNS,
     inputs=(
         TensorInput(
-            "slopes", ("H",), "per-head slopes m_h (default: ALiBi's geometric slopes)", required=False
+            "slopes",
+            ("H",),
+            "per-head slopes m_h (default: ALiBi's geometric slopes)",
+            required=False,
+            sample=sample_positive,
         ),
     ),
     test_params=({}, {"max_bias": 2.0}),

@@ -22,6 +22,7 @@ from attnlab.catalog.variants._common import (
     captured,
     heads_index,
     logits,
+    sample_positive,
     softmax_rows,
     weigh,
 )
@@ -88,6 +89,7 @@ SPEC = MethodSpec(
             "multiplies each query's scaled logits",
             required=False,
             broadcast=True,
+            sample=sample_positive,
         ),
     ),
     test_params=({},),
