@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import random
 from collections.abc import Iterator
 
 import pytest
@@ -280,3 +281,43 @@ def test_rule_path_evaluates_few_tiles_at_long_lengths() -> None:
             assert evaluated <= n // block // 2, (method, raw, causal, evaluated)
             assert plan.allowed_count is not None
             assert 0 < int(plan.allowed_count) <= dense_pairs(n, n, causal)
+
+
+def _random_params(method: str, gen: random.Random, n: int) -> dict[str, int]:
+    size = lambda: gen.choice([1, 2, 3, gen.randint(1, n), gen.randint(n, 3 * n)])
+    if method == "sliding_window":
+        return {"window": size()}
+    if method == "streaming":
+        return {"sinks": gen.choice([0, size()]), "window": size()}
+    if method == "dilated":
+        return {"window": size(), "dilation": size()}
+    return {"block": size(), "neighbors": gen.choice([0, 1, 2, size()])}
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("method", sorted(RULE_PARAMS))
+def test_block_rule_plan_equals_the_generic_plan_on_random_draws(method: str) -> None:
+    """Random shapes (tiles of any size, not dividing the lengths), parameters and causality."""
+    spec = attnlab.get(method)
+    rule = block_rule(spec.mask)
+    assert rule is not None and spec.mask is not None
+    gen = random.Random(f"plans-{method}")
+    for _ in range(40):  # (2,400 draws passed once, 600 per method)
+        n_q, n_k = gen.randint(1, 260), gen.randint(1, 260)
+        block_q, block_k = gen.choice([1, 3, 8, 16, 24, 64]), gen.choice([1, 5, 8, 16, 32, 64])
+        causal = gen.random() < 0.5
+        params = spec.make_params(_random_params(method, gen, max(n_q, n_k)))
+        mask_mod = spec.mask(params, MaskContext(n_q, n_k, causal, "cpu"))
+        want = plan_from_mask(mask_mod, n_q, n_k, causal, "cpu", block_q, block_k)
+        got = plan_from_rule(mask_mod, rule, params, n_q, n_k, causal, "cpu", block_q, block_k)
+        assert torch.equal(got.full, want.full), (n_q, n_k, block_q, block_k, causal, params)
+        assert torch.equal(got.partial, want.partial), (n_q, n_k, block_q, block_k, causal, params)
+        assert got.allowed_count is not None and want.allowed_count is not None
+        assert torch.equal(got.allowed_count, want.allowed_count), (
+            n_q,
+            n_k,
+            block_q,
+            block_k,
+            causal,
+            params,
+        )
