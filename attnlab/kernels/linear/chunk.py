@@ -28,6 +28,14 @@ U0 = T (beta V), all parallel over chunks; then a sequential pass (:func:`delta_
 head, value block): U_c = U0_c - W_c S_c (the u_t of the recurrence, all at once), S_{c+1} = exp(G_C) S_c
 + (K exp(G_C - G))^T U_c; then stage 3 with v replaced by U.
 
+Backward. The state's gradient at every chunk end by stages 1 and 2 reversed (``BACKWARD``; the scan also
+gives the log-decays' gradient at each chunk's last row, sum_v S_end * dS_end); then dq, dk, dv per chunk
+in parallel: :func:`chunk_bwd_scalar_kernel` (scalar gate, 64-row tiles) or :func:`gla_bwd_sub_kernel`
+(per-channel gates, 16-row sub-blocks; the intra-chunk scores remade by :func:`intra_scores_kernel`). The
+delta rule under a scalar gate: :func:`delta_bwd_dh_kernel` (the reverse sequential pass: dH, dU), then
+:func:`delta_bwd_chunk_kernel` (every chunk's gradients from the saved S, U, T). Packed sequences
+(varlen): the sequential kernels walk each sequence's chunks alone (``VARLEN``, chunk offsets ``SEQ``).
+
 Transposes are taken of loaded tiles only, never of a dot's result (Triton 3.4 to 3.7.0 miscompile
 tl.trans of a Hopper wgmma-layout tensor: fla issue #640).
 """
@@ -571,3 +579,107 @@ def delta_bwd_chunk_kernel(
     tl.store(DV_ + bh * N * DV + rr * DV + rv, dxu * beta[:, None], mask=(rr < N) & (rv < DV))
     tl.store(DB + bh * N + rows, db, mask=rows < N)
     tl.store(DG + bh * NP + rows, dgc)
+
+
+@triton.jit
+def gla_bwd_sub_kernel(
+    Q, K, V, GC, DO, HS, DHS, A, DQ, DK_, DV_,
+    N, NP, DK, DV, scale,
+    BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):  # fmt: skip
+    """dq, dk, dv (float32) of one 16-row sub-block i of a chunk per program (sub-block, batch * head),
+    per-channel gates, from S (the state at the chunk's start), dH (its gradient at the chunk's end) and
+    A (the forward's intra-chunk scores, ``intra_scores_kernel``). With dA = scale do v^T::
+
+        dq_i = scale exp(G_i) (do_i S^T) + sum_{j<=i} dA_ij k_j exp(G_i - G_j)
+        dk_j = sum_{i>=j} dA_ij q_i exp(G_i - G_j) + exp(G_C - G_j) (v_j dH^T)
+        dv_j = scale sum_{i>=j} A_ij do_i + (k_j exp(G_C - G_j)) dH
+
+    Earlier / later sub-blocks by tensor-core dots with the decay split at a row between them (the query
+    sub-block's first row for dq, the key sub-block's last row for dk: both factors <= 1); the diagonal
+    sub-block row by row, exactly (the exponent masked before the exp). dA^T blocks are built transposed
+    (v do^T), never by transposing a dot's result. BK and BV cover the head dims."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    n_sub = BT // BS
+    c = pid // n_sub
+    i = pid % n_sub
+    n_chunks = tl.cdiv(N, BT)
+    t0 = c * BT
+    ri = t0 + i * BS
+    if UPCAST:  # noqa: SIM108
+        dt = tl.float32
+    else:
+        dt = Q.dtype.element_ty
+    q_ptr = Q + bh * N * DK
+    k_ptr = K + bh * N * DK
+    v_ptr = V + bh * N * DV
+    do_ptr = DO + bh * N * DV
+    g_ptr = GC + bh * NP * DK
+    a_ptr = A + bh * NP * BT
+    ii = tl.arange(0, BS)[:, None]
+    jj = tl.arange(0, BS)[None, :]
+    rk = tl.arange(0, BK)
+    mk = rk < DK
+    do_i = _tile(do_ptr, ri, N, 0, DV, DV, BS, BV).to(dt)
+    v_i = _tile(v_ptr, ri, N, 0, DV, DV, BS, BV).to(dt)
+    k_i = _tile(k_ptr, ri, N, 0, DK, DK, BS, BK)
+    g_i = _tile(g_ptr, ri, NP, 0, DK, DK, BS, BK)
+    g_last = _row(g_ptr, t0 + BT - 1, 0, DK, DK, BK)
+    tail = tl.exp(g_last[None, :] - g_i)
+    s = _tile(HS + (bh * n_chunks + c) * DK * DV, 0, DK, 0, DV, DV, BK, BV).to(dt)
+    dh = _tile(DHS + (bh * n_chunks + c) * DK * DV, 0, DK, 0, DV, DV, BK, BV).to(dt)
+    # dq_i
+    dq = tl.dot(do_i, tl.trans(s), input_precision=DOT_PREC) * tl.exp(g_i)
+    g_n = _row(g_ptr, ri, 0, DK, DK, BK)
+    acc = tl.zeros((BS, BK), dtype=tl.float32)
+    for j in range(i):
+        rj = t0 + j * BS
+        v_j = _tile(v_ptr, rj, N, 0, DV, DV, BS, BV).to(dt)
+        k_j = _tile(k_ptr, rj, N, 0, DK, DK, BS, BK)
+        g_j = _tile(g_ptr, rj, NP, 0, DK, DK, BS, BK)
+        da = tl.dot(do_i, tl.trans(v_j), input_precision=DOT_PREC)
+        acc += tl.dot(da.to(dt), (k_j * tl.exp(g_n[None, :] - g_j)).to(dt), input_precision=DOT_PREC)
+    dq += acc * tl.exp(g_i - g_n[None, :])
+    da_ii = tl.where(ii >= jj, tl.dot(do_i, tl.trans(v_i), input_precision=DOT_PREC), 0.0)
+    for j in range(BS):  # the diagonal sub-block, one key row at a time
+        col = tl.sum(tl.where(jj == j, da_ii, 0.0), axis=1)
+        k_row = tl.load(k_ptr + (ri + j) * DK + rk, mask=mk & (ri + j + 0 * rk < N), other=0.0).to(tl.float32)
+        g_row = tl.load(g_ptr + (ri + j) * DK + rk, mask=mk, other=0.0)
+        e = tl.exp(tl.where(ii >= j, g_i - g_row[None, :], float("-inf")))
+        dq += col[:, None] * k_row[None, :] * e
+    r_i = ri + ii
+    tl.store(DQ + bh * N * DK + r_i * DK + rk[None, :], dq * scale, mask=(r_i < N) & mk[None, :])
+    # dk_i
+    dk = tl.dot(v_i, tl.trans(dh), input_precision=DOT_PREC) * tail
+    g_m = _row(g_ptr, ri + BS - 1, 0, DK, DK, BK)
+    acc = tl.zeros((BS, BK), dtype=tl.float32)
+    for r in range(i + 1, n_sub):
+        rr = t0 + r * BS
+        do_r = _tile(do_ptr, rr, N, 0, DV, DV, BS, BV).to(dt)
+        q_r = _tile(q_ptr, rr, N, 0, DK, DK, BS, BK)
+        g_r = _tile(g_ptr, rr, NP, 0, DK, DK, BS, BK)
+        da_t = tl.dot(v_i, tl.trans(do_r), input_precision=DOT_PREC)  # dA^T: keys i, queries r
+        acc += tl.dot(da_t.to(dt), (q_r * tl.exp(g_r - g_m[None, :])).to(dt), input_precision=DOT_PREC)
+    intra = acc * tl.exp(g_m[None, :] - g_i)
+    da_t_ii = tl.where(ii <= jj, tl.dot(v_i, tl.trans(do_i), input_precision=DOT_PREC), 0.0)
+    for j in range(BS):  # the diagonal sub-block, one query row at a time
+        col = tl.sum(tl.where(jj == j, da_t_ii, 0.0), axis=1)
+        q_row = tl.load(q_ptr + (ri + j) * DK + rk, mask=mk & (ri + j + 0 * rk < N), other=0.0).to(tl.float32)
+        g_row = tl.load(g_ptr + (ri + j) * DK + rk, mask=mk, other=0.0)
+        e = tl.exp(tl.where(ii <= j, g_row[None, :] - g_i, float("-inf")))
+        intra += col[:, None] * q_row[None, :] * e
+    dk += scale * intra
+    tl.store(DK_ + bh * N * DK + r_i * DK + rk[None, :], dk, mask=(r_i < N) & mk[None, :])
+    # dv_i
+    dv = tl.dot((k_i * tail).to(dt), dh, input_precision=DOT_PREC)
+    acc = tl.zeros((BS, BV), dtype=tl.float32)
+    for r in range(i, n_sub):
+        rr = t0 + r * BS
+        a_ri = _tile(a_ptr, rr, NP, i * BS, BT, BT, BS, BS)  # A rows r, columns i (loaded: transposable)
+        do_r = _tile(do_ptr, rr, N, 0, DV, DV, BS, BV).to(dt)
+        acc += tl.dot(tl.trans(a_ri).to(dt), do_r, input_precision=DOT_PREC)
+    dv += scale * acc
+    rv = tl.arange(0, BV)[None, :]
+    tl.store(DV_ + bh * N * DV + r_i * DV + rv, dv, mask=(r_i < N) & (rv < DV))

@@ -1,12 +1,7 @@
 # mypy: ignore-errors
-"""Tile helpers of the linear kernels, the exact in-sub-block scores of per-channel gates, and the recurrent
-step kernel (decode) of the gated linear recurrence and of the gated delta rule. The chunked forwards are
-in ``chunk.py``.
-
-Layout: q, k (B*H, N, K), v and o (B*H, N, V), contiguous; ``GC`` (B*H, NP, K) float32 is the chunk-local
-inclusive cumsum of the log-decays g, zero-padded to NP = chunks * BT rows. Within a sub-block of 16 rows
-the pairwise decay exp(G_i - G_j) is taken exactly, element by element, over slices of BKS key channels
-(``_diag_scores``). See ``naive.py`` for the math.
+"""Tile helpers of the linear kernels and the recurrent step kernel (decode) of the gated linear recurrence
+and of the gated delta rule. The chunked kernels are in ``chunk.py``. Layout: q, k (B*H, N, K), v and o
+(B*H, N, V), contiguous; the state (K, V) float32.
 """
 
 from __future__ import annotations
@@ -29,22 +24,6 @@ def _row(ptr, row, col0, n_cols, stride, BC: tl.constexpr):
     """One row (BC,) float32 of a row-major matrix; 0 outside."""
     c = col0 + tl.arange(0, BC)
     return tl.load(ptr + row * stride + c, mask=c < n_cols, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _diag_scores(q_ptr, k_ptr, g_ptr, r0, N, DK, BS: tl.constexpr, BK: tl.constexpr, BKS: tl.constexpr):
-    """A_ij = sum_d q_id k_jd exp(G_id - G_jd) for j <= i inside one sub-block (0 above the diagonal)."""
-    ii = tl.arange(0, BS)[:, None]
-    jj = tl.arange(0, BS)[None, :]
-    low = (ii >= jj)[:, :, None]
-    a = tl.zeros((BS, BS), dtype=tl.float32)
-    for s in range(BK // BKS):  # (a runtime loop: one 3-D product's shared memory, reused)
-        qs = _tile(q_ptr, r0, N, s * BKS, DK, DK, BS, BKS)
-        ks = _tile(k_ptr, r0, N, s * BKS, DK, DK, BS, BKS)
-        gs = _tile(g_ptr, r0, r0 + BS, s * BKS, DK, DK, BS, BKS)
-        e = tl.exp(tl.where(low, gs[:, None, :] - gs[None, :, :], float("-inf")))
-        a += tl.sum(qs[:, None, :] * ks[None, :, :] * e, axis=2)
-    return a
 
 
 @triton.jit

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import triton
 from torch import Tensor
 
-from attnlab.kernels.linear.bwd import delta_bwd_kernel, gla_bwd_kernel
+from attnlab.kernels.linear.bwd import delta_bwd_kernel
 from attnlab.kernels.linear.chunk import (
     chunk_bwd_scalar_kernel,
     chunk_local_state_kernel,
@@ -42,6 +42,7 @@ from attnlab.kernels.linear.chunk import (
     delta_bwd_dh_kernel,
     delta_h_kernel,
     delta_wy_kernel,
+    gla_bwd_sub_kernel,
     intra_scores_kernel,
 )
 from attnlab.kernels.linear.fwd import recurrent_step_kernel
@@ -240,10 +241,11 @@ def gla_bwd_launch(
             num_warps=8,
         )  # fmt: skip
         return dq, dkk, dvv, tail, dh0
-    bk, bks, _, bv_full = _blocks(dk, dv)
-    gla_bwd_kernel[(n_chunks, b * h)](
-        q, k, v, gc, do, hs, dhs, dq, dkk, dvv, n, gc.shape[2], dk, dv, float(scale),
-        BT=chunk, BS=SUB, BK=bk, BKS=bks, BV=bv_full, DOT_PREC=_prec(q), UPCAST=_upcast(q), num_warps=4,
+    a = intra_scores(q, k, gc, None, chunk, strict=False)  # (recomputed: the forward's scores)
+    gla_bwd_sub_kernel[(gc.shape[2] // SUB, b * h)](
+        q, k, v, gc, do, hs, dhs, a, dq, dkk, dvv, n, gc.shape[2], dk, dv, float(scale),
+        BT=chunk, BS=SUB, BK=head_block(dk), BV=head_block(dv), DOT_PREC=_prec(q), UPCAST=_upcast(q),
+        num_warps=4,
     )  # fmt: skip
     return dq, dkk, dvv, tail, dh0
 
