@@ -63,12 +63,12 @@ def interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 3) -
 
 
 def _sides(
-    b: int, h: int, n: int, d: int
+    b: int, h: int, n: int, d: int, dev: str = "cuda"
 ) -> tuple[dict[str, tuple[Callable[[], Tensor], list[Tensor]]], Tensor]:
     from attnlab.catalog.linear.lightning import alibi_slopes
     from attnlab.kernels.linear.op import delta_chunk, gla_chunk
 
-    dev, dt = "cuda", torch.bfloat16
+    dt = torch.bfloat16
     gen = torch.Generator(device=dev).manual_seed(0)
     q, k, v = (
         torch.randn(b, h, n, d, device=dev, dtype=dt, generator=gen).requires_grad_(True) for _ in range(3)
@@ -169,6 +169,29 @@ def bench_api(b: int, h: int, n: int, d: int, reps: int = 10) -> dict[str, Any]:
     return out
 
 
+def profile(b: int, h: int, n: int, d: int, path: str) -> None:
+    """Per-kernel GPU time of one forward + backward of each side (torch.profiler), as a text table per
+    side: where each method's time goes."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    sides, do = _sides(b, h, n, d)
+    with open(path, "w") as f:
+        for name, (fn, wrt) in sides.items():
+            for _ in range(2):
+                _fwd_bwd(fn, wrt, do)
+            torch.cuda.synchronize()
+            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    _fwd_bwd(fn, wrt, do)
+                torch.cuda.synchronize()
+            f.write(f"== {name} B={b} H={h} N={n} D={d}: 3 x (forward + backward)\n")
+            f.write(
+                prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
+            )
+            f.write("\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--shapes", default="1x16x4096,1x32x16384", help="BxHxN,...")
@@ -176,6 +199,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--api", action="store_true")
     ap.add_argument("--budget", type=float, default=1e9, help="seconds after which no new shape starts")
+    ap.add_argument("--profile", default="", help="BxHxN: write a per-kernel profile to --out + .prof.txt")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     start = time.perf_counter()
@@ -189,6 +213,9 @@ def main() -> None:
         print(json.dumps(result["rows"][-1]), flush=True)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
+    if args.profile:
+        b, h, n = (int(x) for x in args.profile.split("x"))
+        profile(b, h, n, args.head_dim, args.out + ".prof.txt")
     if args.api:
         b, h, n = (int(x) for x in args.shapes.split(",")[0].split("x"))
         result["api"] = bench_api(b, h, n, args.head_dim, args.reps)
