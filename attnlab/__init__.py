@@ -4,6 +4,8 @@
     out = attnlab.attention(q, k, v, method="sliding_window", causal=True, window=1024)
     op = attnlab.prepare("sliding_window", causal=True, window=1024)   # resolved once, called often
     out = op(q, k, v)
+    with attnlab.use(model, prefill="vertical_slash", decode="page_topk"):   # a Hugging Face causal LM
+        model.generate(...)
 
 Layout (batch, heads, seq, head_dim); GQA when k/v have fewer heads; cross-attention when N_q != N_k.
 Importing attnlab registers its methods in its own registry and does nothing else: no downloads, no
@@ -29,6 +31,8 @@ from attnlab.settings import settings
 
 # Register the built-in methods (into attnlab's own registry; nothing else happens at import).
 import attnlab.catalog  # noqa: F401  # isort: skip
+from attnlab import hf  # isort: skip  (transformers is imported only when a model is used)
+from attnlab.hf import use  # isort: skip
 
 __version__ = "0.1.0"
 
@@ -52,8 +56,10 @@ __all__ = [
     "attention",
     "explain",
     "get",
+    "hf",
     "methods",
     "prepare",
     "resolve",
     "settings",
+    "use",
 ]

@@ -31,7 +31,11 @@ def register(spec: MethodSpec) -> MethodSpec:
 
 @contextlib.contextmanager
 def registered(spec: MethodSpec) -> Iterator[MethodSpec]:
-    """Register ``spec`` for the duration of a ``with`` block (tests, experiments), then remove it."""
+    """Register ``spec`` for the duration of a ``with`` block (tests, experiments), then remove it. A spec
+    that is already registered (this very object: e.g. a catalog method) stays as it is."""
+    if _REGISTRY.get(spec.name) is spec:
+        yield spec
+        return
     register(spec)
     try:
         yield spec

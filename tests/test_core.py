@@ -316,6 +316,13 @@ def test_state_flows_in_and_out_of_a_stateful_method() -> None:
         assert choose(call).backend is EAGER
 
 
+def test_registered_leaves_a_registered_spec_registered() -> None:
+    spec = attnlab.get("sliding_window")
+    with registered(spec) as same:
+        assert same is spec
+    assert attnlab.get("sliding_window") is spec
+
+
 def test_registered_removes_the_method_even_on_error() -> None:
     with pytest.raises(RuntimeError), registered(GATED):
         raise RuntimeError

@@ -108,6 +108,12 @@ DENSE: dict[str, dict[str, Any] | None] = {
     "radial": {"frame": 1000},
     "doc_blocks": {},
     "multi_axis": None,  # a 2-D (image) pattern: no meaning for a token sequence
+    "flexprefill": {"block": 16, "gamma": 1.0, "min_budget": 1000},
+    "indexer_topk": {"topk": 10**6},
+    "token_sparse": {"min_tokens": 10**6},
+    "hip": {"mask_k": 10**6, "block": 16},
+    "dhsa": {"budget": 10**6, "block": 16},
+    "bilevel_routing": {"regions": 1, "topk": 1},
 }
 
 

@@ -16,9 +16,11 @@ from attnlab.catalog import structured
 from attnlab.catalog import variants
 from attnlab.catalog import dynamic
 from attnlab.catalog import linear
+from attnlab.catalog import decode
 
 __all__ = [
     "block_local",
+    "decode",
     "dilated",
     "dynamic",
     "linear",

@@ -1,10 +1,9 @@
 """Decode-time KV selection (family ``decode``): a few queries against a long cache, a selector that picks
 the cache entries each KV group reads, and an executor over them (:mod:`attnlab.backends.decode_select`).
 
-Each method is one module, imported below; each defines its ``SPEC``. They are NOT registered at import:
-the registry-driven parity check and the benchmark do not handle stateful methods yet (a stateful call
-returns a ``Result``, the reference returns ``(out, state)``). :func:`register_methods` registers them for
-a session; ``tests/test_decode_*.py`` run each under ``attnlab.registry.registered``. Shared conventions
+Each method is one module, imported below; each defines its ``SPEC``; importing this package registers
+them (the registry parity compares their outputs with the reference on decode-shaped calls; their own
+tests compare the selections). Shared conventions
 (budgets in tokens, exact fallback, per-KV-head selection, state, ``key_mask`` for padding):
 :mod:`attnlab.catalog.decode._common`.
 
@@ -47,9 +46,13 @@ SPECS: tuple[MethodSpec, ...] = (
 )
 
 
+for _spec in SPECS:
+    register(_spec)
+
+
 def register_methods() -> list[str]:
-    """Register the decode methods not yet registered (an explicit call; nothing registers at import).
-    Returns the names registered now."""
+    """Register the decode methods not yet registered (they are registered at import; this is kept for
+    code that removed them). Returns the names registered now."""
     done = []
     for spec in SPECS:
         if spec.name not in methods():
