@@ -62,21 +62,25 @@ def mask(p: DilatedParams, ctx: MaskContext) -> MaskMod:
 def classify(p: DilatedParams, grid: TileGrid) -> tuple[Tensor, Tensor]:
     """(maybe, full) tiles of :func:`mask` (see :mod:`attnlab.plans.blocks`): the allowed ``d`` are the
     multiples of ``dilation`` in ``[lo, span - 1]`` (``lo = 0`` when causal, else ``1 - span``). A tile
-    holds one iff the largest multiple at most ``min(d_max, span - 1)`` reaches ``max(d_min, lo)``; it is
-    full iff its ``d`` range lies inside and is a single value on the grid (or ``dilation`` is 1). Exact;
-    a tile's token mask depends only on its diagonal offset (the pattern key)."""
+    holds one iff its ``d`` range meets ``[lo, span - 1]`` (compared on the whole grid) and the largest
+    multiple at most ``min(d_max, span - 1)`` reaches ``max(d_min, lo)`` (checked on those tiles only); it
+    is full iff its ``d`` range lies inside and is a single value on the grid (or ``dilation`` is 1).
+    Exact; a tile's token mask depends only on its diagonal offset (the pattern key)."""
     dilation = min(p.dilation, grid.cap)
     span = min(p.window * p.dilation, grid.cap)
     lo, hi = (0 if grid.causal else 1 - span), span - 1
-    inside = grid.d_range(lo, hi)[1]
+    meets, inside = grid.d_range(lo, hi)
     if dilation == 1:
-        return grid.d_range(lo, hi)
-    a = torch.clamp(grid.d_min, min=lo)
-    b = torch.clamp(grid.d_max, max=hi)
-    maybe = (a <= b) & (torch.div(b, dilation, rounding_mode="floor") * dilation >= a)
-    full = (
-        inside & (grid.p_first == grid.p_last) & (grid.k_first == grid.k_last) & (grid.d_min % dilation == 0)
-    )
+        return meets, inside
+    shape = meets.shape
+    at = meets.nonzero(as_tuple=True)
+    a = torch.clamp(grid.p_first.expand(shape)[at] - grid.k_last.expand(shape)[at], min=lo)
+    b = torch.clamp(grid.p_last.expand(shape)[at] - grid.k_first.expand(shape)[at], max=hi)
+    maybe = torch.zeros_like(meets)
+    maybe[at] = torch.div(b, dilation, rounding_mode="floor") * dilation >= a
+    full = inside & (grid.p_first == grid.p_last) & (grid.k_first == grid.k_last)  # one pair per tile
+    if bool(full.any()):
+        full = full & (grid.d_min % dilation == 0)
     return maybe, full
 
 
