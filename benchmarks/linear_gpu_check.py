@@ -161,19 +161,24 @@ def check_varlen(method: str, lens: list[int], h: int, d: int, chunk: int) -> di
     for label, cast in (("ref", torch.float32), ("low", dt)):
         outs, states = [], []
         for i, (a, b) in enumerate(itertools.pairwise(cu)):
-            xs = [x[:, :, a:b].to(cast) for x in (qb, kb, vb)]
+            qs, ks, vs = (x[:, :, a:b].to(cast) for x in (qb, kb, vb))
             s0 = h0[i : i + 1].to(cast)
             if method == "gated_delta":
-                ro, rs = delta_recurrence(*xs, beta[:, :, a:b].to(cast), g[:, :, a:b].to(cast), scale, s0)
+                ro, rs = delta_recurrence(
+                    qs, ks, vs, beta[:, :, a:b].to(cast), g[:, :, a:b].to(cast), scale, s0
+                )
             else:
-                ro, rs = gated_recurrence(*xs, g[:, :, a:b].to(cast), scale, s0)
+                ro, rs = gated_recurrence(qs, ks, vs, g[:, :, a:b].to(cast), scale, s0)
             outs.append(ro)
             states.append(rs)
         refs[label] = (torch.cat(outs, 2), torch.cat(states, 0))
     row: dict[str, Any] = {"method": method + "_varlen", "lens": lens, "H": h, "D": d, "chunk": chunk}
     ok = True
-    for nm, got, ref, low in (("out", o, *[refs[x][0] for x in ("ref", "low")]),
-                              ("state", s, *[refs[x][1] for x in ("ref", "low")])):  # fmt: skip
+    pairs: list[tuple[str, Tensor, Tensor, Tensor]] = [
+        ("out", o, refs["ref"][0], refs["low"][0]),
+        ("state", s, refs["ref"][1], refs["low"][1]),
+    ]
+    for nm, got, ref, low in pairs:
         err, err_low, peak = _err(got, ref), _err(low, ref), _peak(ref)
         bound = 2.0 * err_low + 1e-5 * (1 + peak) + 0.5 * torch.finfo(dt).eps * peak
         row[nm] = {"err": err, "err_lowp": err_low, "max_ref": peak, "bound": bound, "pass": err <= bound}
