@@ -273,11 +273,12 @@ def chunk_out_kernel(
 
 @triton.jit
 def chunk_bwd_scalar_kernel(
-    Q, K, V, GC, DO, HS, DHS, DQ, DK_, DV_,
+    Q, K, V, GC, DO, HS, DHS, DQ, DK_, DV_, DG,
     N, NP, DK, DV, scale,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """dq, dk, dv (float32) of one chunk per program (chunk, batch * head) under a scalar gate (GATE 1),
+    """dq, dk, dv (in DQ's, DK_'s, DV_'s dtypes) and DG = sum_d (q dq - k dk) per token (float32, NP rows:
+    the gradient of the chunk-local cumsum G but for the chunk-end term) of one chunk per program (chunk, batch * head) under a scalar gate (GATE 1),
     from the state at the chunk's start S (HS) and its gradient at the chunk's end dH (DHS); with
     D_ij = exp(G_i - G_j) for j <= i (else 0), dA = (do v^T) * D, A = (q k^T) * D::
 
@@ -320,9 +321,13 @@ def chunk_bwd_scalar_kernel(
     r = t0 + ii
     rk = tl.arange(0, BK)[None, :]
     rv = tl.arange(0, BV)[None, :]
-    tl.store(DQ + bh * N * DK + r * DK + rk, dq * scale, mask=(r < N) & (rk < DK))
-    tl.store(DK_ + bh * N * DK + r * DK + rk, dk, mask=(r < N) & (rk < DK))
-    tl.store(DV_ + bh * N * DV + r * DV + rv, dv, mask=(r < N) & (rv < DV))
+    dq = dq * scale
+    tl.store(
+        DG + bh * NP + t0 + tl.arange(0, BT), tl.sum(q.to(tl.float32) * dq - k.to(tl.float32) * dk, axis=1)
+    )
+    tl.store(DQ + bh * N * DK + r * DK + rk, dq.to(DQ.dtype.element_ty), mask=(r < N) & (rk < DK))
+    tl.store(DK_ + bh * N * DK + r * DK + rk, dk.to(DK_.dtype.element_ty), mask=(r < N) & (rk < DK))
+    tl.store(DV_ + bh * N * DV + r * DV + rv, dv.to(DV_.dtype.element_ty), mask=(r < N) & (rv < DV))
 
 
 @triton.jit
@@ -502,7 +507,8 @@ def delta_bwd_chunk_kernel(
         dv = beta dX_u;  dbeta = rowsum(dA * (k k^T * Ds)) + rowsum(dX_w * k exp(G)) + rowsum(dX_u * v)
 
     and the gradient of the chunk-local cumsum G per token (DG: rows of the chunk, the chunk-end terms
-    exp(G_C) sum(S * dH) + sum(U dH^T * k exp(G_C - G)) on its last row). Transposed products are built
+    exp(G_C) sum(S * dH) + sum(U dH^T * k exp(G_C - G)) on its last row). dq, dk, dv in DQ's, DK_'s,
+    DV_'s dtypes. Transposed products are built
     transposed, never by transposing a dot's result. Dots in float32; BK, BV cover the head dims."""
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -574,21 +580,23 @@ def delta_bwd_chunk_kernel(
     rr = rows[:, None]
     rk = tl.arange(0, BK)[None, :]
     rv = tl.arange(0, BV)[None, :]
-    tl.store(DQ + bh * N * DK + rr * DK + rk, dq, mask=(rr < N) & (rk < DK))
-    tl.store(DK_ + bh * N * DK + rr * DK + rk, dk, mask=(rr < N) & (rk < DK))
-    tl.store(DV_ + bh * N * DV + rr * DV + rv, dxu * beta[:, None], mask=(rr < N) & (rv < DV))
+    tl.store(DQ + bh * N * DK + rr * DK + rk, dq.to(DQ.dtype.element_ty), mask=(rr < N) & (rk < DK))
+    tl.store(DK_ + bh * N * DK + rr * DK + rk, dk.to(DK_.dtype.element_ty), mask=(rr < N) & (rk < DK))
+    dv = dxu * beta[:, None]
+    tl.store(DV_ + bh * N * DV + rr * DV + rv, dv.to(DV_.dtype.element_ty), mask=(rr < N) & (rv < DV))
     tl.store(DB + bh * N + rows, db, mask=rows < N)
     tl.store(DG + bh * NP + rows, dgc)
 
 
 @triton.jit
 def gla_bwd_sub_kernel(
-    Q, K, V, GC, DO, HS, DHS, A, DQ, DK_, DV_,
+    Q, K, V, GC, DO, HS, DHS, A, DQ, DK_, DV_, DG,
     N, NP, DK, DV, scale,
     BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """dq, dk, dv (float32) of one 16-row sub-block i of a chunk per program (sub-block, batch * head),
+    """dq, dk, dv (in DQ's, DK_'s, DV_'s dtypes) and DG = q dq - k dk (float32 (B*H, NP, K): the gradient
+    of the chunk-local cumsum G but for the chunk-end term) of one 16-row sub-block i of a chunk per program (sub-block, batch * head),
     per-channel gates, from S (the state at the chunk's start), dH (its gradient at the chunk's end) and
     A (the forward's intra-chunk scores, ``intra_scores_kernel``). With dA = scale do v^T::
 
@@ -650,7 +658,12 @@ def gla_bwd_sub_kernel(
         e = tl.exp(tl.where(ii >= j, g_i - g_row[None, :], float("-inf")))
         dq += col[:, None] * k_row[None, :] * e
     r_i = ri + ii
-    tl.store(DQ + bh * N * DK + r_i * DK + rk[None, :], dq * scale, mask=(r_i < N) & mk[None, :])
+    dq = dq * scale
+    q_i = _tile(q_ptr, ri, N, 0, DK, DK, BS, BK)
+    dg = q_i * dq
+    tl.store(
+        DQ + bh * N * DK + r_i * DK + rk[None, :], dq.to(DQ.dtype.element_ty), mask=(r_i < N) & mk[None, :]
+    )
     # dk_i
     dk = tl.dot(v_i, tl.trans(dh), input_precision=DOT_PREC) * tail
     g_m = _row(g_ptr, ri + BS - 1, 0, DK, DK, BK)
@@ -671,7 +684,11 @@ def gla_bwd_sub_kernel(
         e = tl.exp(tl.where(ii <= j, g_row[None, :] - g_i, float("-inf")))
         intra += col[:, None] * q_row[None, :] * e
     dk += scale * intra
-    tl.store(DK_ + bh * N * DK + r_i * DK + rk[None, :], dk, mask=(r_i < N) & mk[None, :])
+    dg -= k_i * dk
+    tl.store(DG + bh * NP * DK + r_i * DK + rk[None, :], dg, mask=mk[None, :])
+    tl.store(
+        DK_ + bh * N * DK + r_i * DK + rk[None, :], dk.to(DK_.dtype.element_ty), mask=(r_i < N) & mk[None, :]
+    )
     # dv_i
     dv = tl.dot((k_i * tail).to(dt), dh, input_precision=DOT_PREC)
     acc = tl.zeros((BS, BV), dtype=tl.float32)
@@ -682,4 +699,4 @@ def gla_bwd_sub_kernel(
         acc += tl.dot(tl.trans(a_ri).to(dt), do_r, input_precision=DOT_PREC)
     dv += scale * acc
     rv = tl.arange(0, BV)[None, :]
-    tl.store(DV_ + bh * N * DV + r_i * DV + rv, dv, mask=(r_i < N) & (rv < DV))
+    tl.store(DV_ + bh * N * DV + r_i * DV + rv, dv.to(DV_.dtype.element_ty), mask=(r_i < N) & (rv < DV))

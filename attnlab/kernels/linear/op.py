@@ -221,8 +221,8 @@ def gla_bwd_launch(
     q: Tensor, k: Tensor, v: Tensor, gc: Tensor, hs: Tensor, ht: Tensor, do: Tensor, dht: Tensor | None,
     scale: float, chunk: int, seq_chunks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """(dq, dk, dv, sum_v S_end * dS_end per chunk and key channel (B, H, chunks, K), dh0), fp32; hs, ht:
-    the forward's states at the chunk starts and its final state."""
+    """(dq, dk, dv in the inputs' dtypes, dgc (gc's shape, fp32: the gradient of the chunk-local cumsum),
+    dh0 fp32); hs, ht: the forward's states at the chunk starts and its final state."""
     q, k, v, gc, do = (t.contiguous() for t in (q, k, v, gc, do))
     b, h, n, dk = q.shape
     dv = v.shape[-1]
@@ -231,23 +231,24 @@ def gla_bwd_launch(
         q, do, gc, dht, scale, chunk, backward=True, fwd_states=(hs, ht), seq_chunks=seq_chunks
     )
     assert tail is not None
-    dq = torch.empty(b, h, n, dk, dtype=torch.float32, device=q.device)
-    dkk = torch.empty(b, h, n, dk, dtype=torch.float32, device=q.device)
-    dvv = torch.empty(b, h, n, dv, dtype=torch.float32, device=q.device)
+    dq, dkk, dvv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dgc = torch.empty_like(gc)
     if gc.dim() == 3:
         chunk_bwd_scalar_kernel[(n_chunks, b * h)](
-            q, k, v, gc, do, hs, dhs, dq, dkk, dvv, n, gc.shape[2], dk, dv, float(scale),
+            q, k, v, gc, do, hs, dhs, dq, dkk, dvv, dgc, n, gc.shape[2], dk, dv, float(scale),
             BT=chunk, BK=head_block(dk), BV=head_block(dv), DOT_PREC=_prec(q), UPCAST=_upcast(q),
             num_warps=8,
         )  # fmt: skip
-        return dq, dkk, dvv, tail, dh0
-    a = intra_scores(q, k, gc, None, chunk, strict=False)  # (recomputed: the forward's scores)
-    gla_bwd_sub_kernel[(gc.shape[2] // SUB, b * h)](
-        q, k, v, gc, do, hs, dhs, a, dq, dkk, dvv, n, gc.shape[2], dk, dv, float(scale),
-        BT=chunk, BS=SUB, BK=head_block(dk), BV=head_block(dv), DOT_PREC=_prec(q), UPCAST=_upcast(q),
-        num_warps=4,
-    )  # fmt: skip
-    return dq, dkk, dvv, tail, dh0
+        dgc.view(b, h, n_chunks, chunk)[:, :, :, -1] += tail.sum(-1)  # the chunk-end term
+    else:
+        a = intra_scores(q, k, gc, None, chunk, strict=False)  # (recomputed: the forward's scores)
+        gla_bwd_sub_kernel[(gc.shape[2] // SUB, b * h)](
+            q, k, v, gc, do, hs, dhs, a, dq, dkk, dvv, dgc, n, gc.shape[2], dk, dv, float(scale),
+            BT=chunk, BS=SUB, BK=head_block(dk), BV=head_block(dv), DOT_PREC=_prec(q), UPCAST=_upcast(q),
+            num_warps=4,
+        )  # fmt: skip
+        dgc.view(b, h, n_chunks, chunk, dk)[:, :, :, -1] += tail
+    return dq, dkk, dvv, dgc, dh0
 
 
 @torch.library.custom_op("attnlab::gla_chunk_fwd", mutates_args=())
@@ -279,17 +280,7 @@ def gla_chunk_bwd(
     scale: float, chunk: int, seq_chunks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(dq, dk, dv in the inputs' dtypes, dgc (gc's shape) fp32, dh0 fp32)."""
-    dq, dk, dv, tail, dh0 = gla_bwd_launch(q, k, v, gc, hs, ht, do, dht, scale, chunk, seq_chunks)
-    b, h, n, kd = q.shape
-    n_chunks = hs.shape[2]
-    rows = q.float() * dq - k.float() * dk
-    if gc.dim() == 3:  # one gate per token: the channels' sum
-        dgc = F.pad(rows.sum(-1), (0, gc.shape[2] - n))
-        dgc.view(b, h, n_chunks, chunk)[:, :, :, -1] += tail.sum(-1)
-    else:
-        dgc = F.pad(rows, (0, 0, 0, gc.shape[2] - n))
-        dgc.view(b, h, n_chunks, chunk, kd)[:, :, :, -1] += tail
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dgc, dh0
+    return gla_bwd_launch(q, k, v, gc, hs, ht, do, dht, scale, chunk, seq_chunks)
 
 
 @gla_chunk_bwd.register_fake
@@ -459,8 +450,8 @@ def delta_bwd_scalar_launch(
     q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, hs: Tensor, w: Tensor, u: Tensor,
     t: Tensor, do: Tensor, dht: Tensor | None, scale: float, chunk: int, seq_chunks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor]:  # fmt: skip
-    """The chunked backward of the delta rule under a gate shared by the channels (or none): (dq, dk, dv,
-    dbeta, dg (B, H, N, 1) or None, dh0), float32. A reverse sequential pass over the chunk states (dH,
+    """The chunked backward of the delta rule under a gate shared by the channels (or none): (dq, dk, dv in
+    the inputs' dtypes, dbeta, dg (B, H, N, 1) or None, dh0 float32). A reverse sequential pass over the chunk states (dH,
     dU), then every chunk's gradients in parallel (``chunk.py``)."""
     b, h, n, dk = q.shape
     dv = v.shape[-1]
@@ -482,9 +473,7 @@ def delta_bwd_scalar_launch(
         n, np_, dk, dv, b * h, float(scale),
         HAS_DHT=dht is not None, VARLEN=seq_chunks is not None, BT=chunk, BK=head_block(dk), BV=bv, DOT_PREC=prec, num_warps=4, num_stages=2,
     )  # fmt: skip
-    dq = torch.empty(b, h, n, dk, dtype=f32, device=dev)
-    dkk = torch.empty(b, h, n, dk, dtype=f32, device=dev)
-    dvv = torch.empty(b, h, n, dv, dtype=f32, device=dev)
+    dq, dkk, dvv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     db = torch.empty(b, h, n, dtype=f32, device=dev)
     dgc = torch.empty(b, h, np_, dtype=f32, device=dev)
     delta_bwd_chunk_kernel[(n_chunks, b * h)](
