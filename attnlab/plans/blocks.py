@@ -21,7 +21,9 @@ matrix's edges applied), and gives every tile of the group that tile's verdict (
 and pair count. The result equals the generic builder's plan field by field (``full``, ``partial``,
 ``allowed_count``, ``mask_mod``; a tile sticking out of the matrix is never full, its padding not being
 allowed), at O(NQB x NKB + U x block_q x block_k) cost, U the number of groups (a window: its two edges,
-about 2 tiles; the generic path's work is N_q x N_k elements).
+about 2 tiles; the generic path's work is N_q x N_k elements). It also records the groups as the plan's
+``pattern_ids``, from which :func:`tile_patterns` gives the block-sparse executor its distinct tile masks
+evaluating one tile per id (the executor's generic path evaluates every partial tile).
 
 Rules are attached to a mask factory with :func:`register_block_rule` (the factory object is the key, so
 a rule only ever describes the mask it was written for); :func:`block_rule` looks one up.

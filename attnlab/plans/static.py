@@ -1,6 +1,6 @@
 """Static plans: made from a mask and the shapes, exact, and cached (least recently used first out).
 
-Two builders give the same plan, field by field:
+Two builders give the same plan, field by field (the block path also sets ``pattern_ids``):
 
 - :func:`plan_from_mask` (generic, any position-only mask): evaluates the mask over the whole grid in row
   chunks (memory O(chunk), never N x N at once; time O(N_q x N_k)) and classifies every tile exactly:
