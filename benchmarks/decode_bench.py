@@ -13,11 +13,13 @@ Checks first (correctness before speed):
 Timed, CUDA events, interleaved rounds in rotating order, the L2 cache flushed (a 256 MiB write) before
 every timed call (in a model every layer reads a different cache, so nothing stays in L2):
 - ``dense_cudnn`` / ``dense_flash``: SDPA decode over the whole cache with that kernel only;
-- ``page_topk_step``: the prepared op as called, eager, state included (the fused selection kernel with the
-  summary update of one appended token, the split-K decode kernel, merge);
+- ``page_topk_step``: the prepared op as called, eager, state included (the selection of the fast path: the
+  fused launch with the summary update of one appended token, or above ``page_topk.FUSED_MAX_SCORES`` the
+  split path; ``step_path`` says which), the split-K decode kernel, merge;
 - ``page_topk_graph``: the same step captured in a CUDA graph (no Python/launch overhead);
 - parts, each captured in a CUDA graph (GPU time without the host): ``select_fused`` (the one selection
   launch), ``select_scores_torch_topk`` (the same kernel scoring, ``torch.topk`` ranking),
+  ``select_two_launch`` (the kernel scoring in page_score_kernel's tile, then attnlab's row top-k),
   ``select_previous`` (the previous path: page-score kernel, forced pages, ``torch.topk``, int32),
   ``topk_torch`` / ``topk_triton`` (``torch.topk`` / attnlab's row top-k alone on the same scores),
   ``kernel_only`` (decode kernel + merge over a fixed selection), ``kernel_all_pages`` (the decode kernel
@@ -227,7 +229,13 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
         from attnlab.kernels.decode.op import page_select_launch
 
         return page_select_launch(q, k, sel_state.kmax, sel_state.kmin, sel_counter, page, keep,
-                                  first_forced, n_pages, True, select=False)[0]  # fmt: skip
+                                  first_forced, n_pages, True, rank="torch")[0]  # fmt: skip
+
+    def select_two_launch() -> object:  # the same kernel scoring (last page updated), then row_topk
+        from attnlab.kernels.decode.op import page_select_launch
+
+        return page_select_launch(q, k, sel_state.kmax, sel_state.kmin, sel_counter, page, keep,
+                                  first_forced, n_pages - 1, True, rank="triton")[0]  # fmt: skip
 
     def select_previous() -> object:  # the path before the fused kernel (1559cad)
         s = page_scores(q, summary.kmax, summary.kmin, n_pages, True)
@@ -278,6 +286,7 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
         "page_topk_graph": graphed(step),
         "select_fused": graphed(select_fused),
         "select_scores_torch_topk": graphed(select_scores_torch_topk),
+        "select_two_launch": graphed(select_two_launch),
         "select_previous": graphed(select_previous),
         "topk_torch": graphed(topk_torch),
         "topk_triton": graphed(topk_triton),
@@ -296,6 +305,7 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
         "page_topk_graph": summary_bytes + sel_bytes,
         "select_fused": summary_bytes,
         "select_scores_torch_topk": summary_bytes,
+        "select_two_launch": summary_bytes,
         "select_previous": summary_bytes,
         "topk_torch": None,
         "topk_triton": None,
@@ -316,6 +326,7 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
         "budget": budget,
         "page": page,
         "pages_kept": keep,
+        "step_path": "fused" if b * KV_HEADS * n_pages <= page_topk.FUSED_MAX_SCORES else "split",
         "checks": checks,
         "times": rows,
         "speedup_vs_best_dense_median": speedup,

@@ -211,8 +211,9 @@ def test_page_select_updates_scores_and_picks_the_top_pages(case: tuple) -> None
         assert torch.equal(counter, torch.zeros_like(counter))
 
 
-def test_page_select_ranks_long_rows_with_torch_topk() -> None:
-    """select=False (what rows longer than MAX_SELECT_ROW get): the same pages as the fused kernel."""
+def test_page_select_two_launch_and_torch_ranking_pick_the_same_pages() -> None:
+    """rank="triton" (scores, then row_topk) gives the fused launch's positions; rank="torch" (what rows
+    longer than MAX_SELECT_ROW get) the same set."""
     from attnlab.kernels.decode.op import page_select_launch
     from attnlab.state.pages import summarize
 
@@ -220,10 +221,15 @@ def test_page_select_ranks_long_rows_with_torch_topk() -> None:
     summary = summarize(k, 4)
     counter = torch.zeros(2, device=DEVICE, dtype=torch.int32)
     fused, scores = page_select_launch(q, k, summary.kmax, summary.kmin, counter, 4, 11, 49, 50, True)
-    ranked, scores2 = page_select_launch(q, k, summary.kmax, summary.kmin, counter, 4, 11, 49, 50, True,
-                                         select=False)  # fmt: skip
-    assert torch.equal(scores, scores2)
+    two, scores2 = page_select_launch(q, k, summary.kmax, summary.kmin, counter, 4, 11, 49, 50, True,
+                                      rank="triton")  # fmt: skip
+    ranked, scores3 = page_select_launch(q, k, summary.kmax, summary.kmin, counter, 4, 11, 49, 50, True,
+                                         rank="torch")  # fmt: skip
+    assert torch.equal(scores, scores2) and torch.equal(scores, scores3)
+    assert torch.equal(fused, two)
     assert torch.equal(fused, ranked.sort(-1).values)
+    with pytest.raises(ValueError, match="rank='heap'; expected 'fused', 'triton' or 'torch'"):
+        page_select_launch(q, k, summary.kmax, summary.kmin, counter, 4, 11, 49, 50, True, rank="heap")
 
 
 def test_page_select_refuses_bad_arguments() -> None:

@@ -91,6 +91,26 @@ def test_fast_selection_is_the_reference_rule_over_its_scores(with_mask: bool) -
     torch.testing.assert_close(res.out, want, atol=1e-5, rtol=1e-5)
 
 
+def test_split_path_above_the_fused_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above FUSED_MAX_SCORES the fast path scores with the page-score kernel and ranks with torch.topk:
+    the reference's pages and output, state kept current over two steps."""
+    q_all, k, v = _qkv(2, 4, 2, 2, 77, 16)
+    monkeypatch.setattr(page_topk, "FUSED_MAX_SCORES", 0)
+    state = None
+    for t, n in enumerate((76, 77)):
+        q, kk, vv = q_all[:, :, t : t + 1], k[:, :, :n], v[:, :, :n]
+        res = _run(q, kk, vv, backend="triton", budget=32, page=4, state=state)
+        state = res.state
+        want, _ = _ref(q, kk, vv, budget=32, page=4)
+        torch.testing.assert_close(res.out, want, atol=1e-5, rtol=1e-5)
+        call = attnlab.resolve(q, kk, vv, method="page_topk", causal=True, budget=32, page=4)
+        sel, _ = page_topk.select(q, kk, vv, call, {}, None, True)
+        ref, _ = page_topk.select(q, kk, vv, call, {}, None, False)
+        assert sel is not None and ref is not None
+        assert torch.equal(sel.index.sort(-1).values, ref.index.sort(-1).values)
+    assert isinstance(state, PageSummary) and state.tokens == 77
+
+
 def test_bf16_triton_within_the_accuracy_rule() -> None:
     q, k, v = _qkv(1, 8, 2, 1, 90, 32, torch.bfloat16)
     res = _run(q, k, v, backend="triton", budget=32, page=8)

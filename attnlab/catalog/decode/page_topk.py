@@ -11,15 +11,18 @@ Selection (per batch and KV head, every step; fp32 whatever the input dtype)::
 
 then exact causal softmax attention over the kept pages' tokens. Budget in tokens (a multiple of
 ``page`` is used: budget // page pages); budget >= N_k, or a cache of at most budget // page pages, runs
-exact attention. Ties in the scores: ``torch.topk``'s choice (PyTorch path), the lowest pages (Triton path).
+exact attention. Ties in the scores: ``torch.topk``'s choice (PyTorch and split paths), the lowest pages (fused path).
 
-Fast path (GPU): one launch of ``attnlab.kernels.decode.op.page_select`` (the summary update of the pages a
-decode step appended to, the bounds of every page with all query heads of a KV group scored in one
-program, and the top pages: each row's last scoring program to finish ranks the row's scores with an
-order-preserving int32 image, a 3-way search for the ``keep``-th value and one scan), then one split-K
-decode launch and its merge: three launches, no host synchronisation, fixed shapes (CUDA-graph capturable).
-Bytes per step: the summaries, 2 x N / page x D per KV head (1/8 of the cache at page 16, 1/16 at 32), plus
-the selected K/V, 2 x budget x D per KV head.
+Fast path (GPU), up to ``FUSED_MAX_SCORES`` scores (B * H_kv * pages; B=1 at 128K, B=8 from page 32 on):
+one launch of ``attnlab.kernels.decode.op.page_select`` (the summary update of the pages a decode step
+appended to, the bounds of every page with all query heads of a KV group scored in one program, and the
+top pages: each row's last scoring program to finish ranks the row's scores with an order-preserving int32
+image, a 3-way search for the ``keep``-th value and one scan), then one split-K decode launch and its
+merge: three launches, no host synchronisation, fixed shapes (CUDA-graph capturable). Above it, where the
+fused kernel measured slower, the split path: the summary update in PyTorch, the page-score kernel,
+``torch.topk`` (ties: its choice), then the same decode launches.
+Bytes per step: the summaries, 2 x N / page x D per KV head (1 / page of the K/V cache: 1/16 at page 16),
+plus the selected K/V, 2 x budget x D per KV head.
 
 Conventions of other code: Quest's page 16 and budgets 512-4096 are the defaults here. Quest's emulation
 (evaluation/quest_attention.py) selects per query head after ``repeat_kv`` and forces no page; its
@@ -57,6 +60,13 @@ from attnlab.params import Params
 from attnlab.state.pages import PageSummary, advance, summarize
 
 REDUCES = ("max", "mean")
+#: The fast path takes the fused selection launch up to this many scores (B * H_kv * pages), and above it
+#: the split path: the summary update in PyTorch, the page-score kernel, ``torch.topk``. Measured on the
+#: H100 (cc014cf, 128K, GQA 32:8, budget 4096, CUDA graph, selection alone): fused 64 / 32 / 25 us vs split
+#: 80 / 48 / 35 us at B=1 and pages 16 / 32 / 64 (2^16 .. 2^14 scores); at B=8: fused 321 / 116 / 69 us vs
+#: split 197 / 112 / 72 us (2^19 .. 2^17 scores): the fused kernel's scoring runs far below bandwidth when
+#: it has many pages to score (its top-k code costs the scoring programs occupancy).
+FUSED_MAX_SCORES = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -154,18 +164,24 @@ def select(
 ) -> tuple[Selection | None, PageSummary]:
     """The pages of this step (module docstring) and the updated page summary. ``fast``: the fused Triton
     selection kernel (summary update of the step's pages, bounds, top pages in one launch, no host
-    synchronisation); else the summary in PyTorch, the matmul form of the bound and ``torch.topk``."""
+    synchronisation) up to ``FUSED_MAX_SCORES`` scores, the Triton page-score kernel and ``torch.topk``
+    above; else the summary in PyTorch, the matmul form of the bound and ``torch.topk``."""
     p: PageTopkParams = call.params  # type: ignore[assignment]
     key_mask = extra.get("key_mask")
     counts = page_count(q.shape[2], k.shape[2], p)
     if counts is None:
         return None, _state(state, k, p, key_mask)
-    if fast:
+    if fast and k.shape[0] * k.shape[1] * counts[0] <= FUSED_MAX_SCORES:
         index, summary = _fast_select(q, k, p, state, key_mask, counts)
         return Selection(index, p.page), summary
     summary = _state(state, k, p, key_mask)
-    _, first_forced, keep = counts
-    scores = _scores_torch(q, *summary.valid(), p.reduce)
+    n_pages, first_forced, keep = counts
+    if fast:  # many pages: the split path (FUSED_MAX_SCORES)
+        from attnlab.kernels.decode.op import page_scores
+
+        scores = page_scores(q, summary.kmax, summary.kmin, n_pages, p.reduce == "max")
+    else:
+        scores = _scores_torch(q, *summary.valid(), p.reduce)
     index = _top_pages(scores, first_forced, keep, summary.real_pages(key_mask))
     return Selection(index, p.page), summary
 

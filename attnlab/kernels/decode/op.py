@@ -178,6 +178,8 @@ SELECT_BLOCK_P = 64
 #: The most pages :func:`page_select` selects from in its kernel (the row's scores are held in one program's
 #: registers); longer rows are scored by the kernel and ranked by ``torch.topk``.
 MAX_SELECT_ROW = MAX_TOPK_ROW
+#: Pages per scoring program when :func:`page_select` only scores (``page_score_kernel``'s measured tile).
+SPLIT_BLOCK_P = 32
 #: The most stale pages :func:`page_select` recomputes in its kernel (each by one program, serially).
 MAX_FUSED_UPDATE = 16
 
@@ -198,7 +200,7 @@ def page_select_launch(
     first_update: int,
     reduce_max: bool,
     key_mask: Tensor | None = None,
-    select: bool = True,
+    rank: str = "fused",
 ) -> tuple[Tensor, Tensor]:
     """page_topk's selection in one launch (fwd.py ``page_select_kernel``).
 
@@ -208,8 +210,10 @@ def page_select_launch(
     (left zero); pages ``>= first_forced`` always kept; ``key_mask`` (B, N_k) > 0 for real tokens.
     Returns (index (B, H_kv, keep) int32 of the ``keep`` pages of highest bound, ascending, ties to the
     lowest page; scores (B, H_kv, n_pages) float32, the bounds with forced pages +inf and pages of padding
-    only -inf). ``select=False``: the kernel scores only and ``torch.topk`` ranks (what rows longer than
-    ``MAX_SELECT_ROW`` get; positions then in ``torch.topk``'s order)."""
+    only -inf). ``rank``: "fused" (one launch), "triton" (the kernel scores only, in ``SPLIT_BLOCK_P``-page
+    programs of 4 warps, then :func:`row_topk`: two launches, the same positions; not measured yet) or
+    "torch" (the kernel scores, ``torch.topk`` ranks: positions in its order; what rows longer than
+    ``MAX_SELECT_ROW`` get)."""
     b, h, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     if page < 1 or page & (page - 1) or page > 256:
@@ -250,11 +254,15 @@ def page_select_launch(
             f"page_select: key_mask {tuple(key_mask.shape)} must be (B, N_k) = ({b}, {n_k}) on {q.device}"
         )
     kmask = counter if key_mask is None else (key_mask if key_mask.stride(-1) == 1 else key_mask.contiguous())
-    fused = select and n_pages <= MAX_SELECT_ROW
+    if rank not in ("fused", "triton", "torch"):
+        raise ValueError(f"page_select: rank={rank!r}; expected 'fused', 'triton' or 'torch'")
+    if n_pages > MAX_SELECT_ROW:
+        rank = "torch"
+    fused = rank == "fused"
     block_row = next_power_of_2(max(n_pages, 16))
     scores = torch.empty(b, h_kv, n_pages, device=q.device, dtype=torch.float32)
     index = torch.empty(b, h_kv, keep, device=q.device, dtype=torch.int32)
-    block_p = 16 if IMPORTED_INTERPRETED else SELECT_BLOCK_P  # (interpreted: several programs per row)
+    block_p = 16 if IMPORTED_INTERPRETED else (SELECT_BLOCK_P if fused else SPLIT_BLOCK_P)
     page_select_kernel[(triton.cdiv(n_pages, block_p), b * h_kv)](
         q, k, kmask, kmax, kmin, scores, index, counter,
         q.stride(0), q.stride(1), q.stride(2),
@@ -266,7 +274,9 @@ def page_select_launch(
         BLOCK_ROW=block_row if fused else 16,
         num_warps=_select_warps(block_row) if fused else 4,
     )  # fmt: skip
-    if not fused:
+    if rank == "triton":
+        index = row_topk_launch(scores, keep)
+    elif rank == "torch":
         index = torch.topk(scores, keep, dim=-1, sorted=False).indices.to(torch.int32)
     return index, scores
 
