@@ -1,4 +1,4 @@
-"""The ``attnlab`` command: list | verify | bench | report | train."""
+"""The ``attnlab`` command: list | verify | bench | report | train | eval."""
 
 from __future__ import annotations
 
@@ -327,6 +327,60 @@ def train(
         f"{state['heldout']['loss']:.3f} -> "
         f"{result.folder} (model card: {result.folder / 'README.md'})"
     )
+
+
+@app.command("eval")
+def eval_tasks(
+    model: Annotated[
+        Path, typer.Option(help="local checkpoint folder (an organism, a training folder, or a Llama model)")
+    ],
+    methods: Annotated[
+        str,
+        typer.Option(
+            help="comma-separated methods; name (its swept budgets) or name:key=value:key=value (softmax "
+            "is always run as the reference)"
+        ),
+    ] = "",
+    tasks: Annotated[str, typer.Option(help="comma-separated tasks")] = "passkey,niah_multikey",
+    lengths: Annotated[str, typer.Option(help="comma-separated context lengths in tokens")] = "1024",
+    samples: Annotated[int, typer.Option(help="samples per task and length (seeds 0..N-1)")] = 10,
+    budgets: Annotated[str, typer.Option(help="'all' swept parameter sets per method, or 'first'")] = "all",
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available)")] = None,
+    out: Annotated[Path, typer.Option(help="JSON file of the results")] = Path("attnlab-results/eval.json"),
+) -> None:
+    """Long-context task accuracy (exact match) of a local causal LM per attention method, budget, task
+    and length: prefill and decode run by the method through attnlab.hf."""
+    from attnlab.errors import AttnlabError
+    from attnlab.eval.tasks import EvalConfig, evaluate, planned_samples, table_rows
+
+    try:
+        cfg = EvalConfig(
+            model=model,
+            methods=_csv(methods) or (),
+            tasks=_csv(tasks) or (),
+            lengths=tuple(int(x) for x in _csv(lengths) or ()),
+            samples=samples,
+            device=device or _default_device(),
+            budgets=budgets,
+        )
+        total = planned_samples(cfg)
+        with _progress() as bar:
+            task = bar.add_task("eval", total=total)
+            result = evaluate(
+                cfg, advance=lambda n: bar.advance(task, n), log=lambda s: bar.console.print(escape(s))
+            )
+    except (AttnlabError, ValueError) as e:
+        console.print(f"[red]error[/red]: {escape(str(e))}")
+        raise typer.Exit(2) from e
+    cols, rows = table_rows(result)
+    table = Table(title=f"attnlab eval: {model} on {cfg.device}, {samples} samples per cell (exact match)")
+    table.add_column("method (budget)", no_wrap=True)
+    for c in cols:
+        table.add_column(c)
+    for label, cells in rows:
+        table.add_row(escape(label), *cells)
+    console.print(table)
+    console.print(f"results: {result.write(out)}")
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ def model():  # type: ignore[no-untyped-def]
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=300, hidden_size=64, layers=2, heads=4, kv_heads=2, intermediate_size=96)
+    cfg = ModelConfig(vocab_size=500, hidden_size=64, layers=2, heads=4, kv_heads=2, intermediate_size=96)
     return LlamaForCausalLM(cfg.llama_config()).eval()
 
 

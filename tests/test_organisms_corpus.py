@@ -30,7 +30,7 @@ def corpus():  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="module")
 def tokenizer(corpus):  # type: ignore[no-untyped-def]
-    return train_tokenizer((d.text for d in corpus.train), vocab_size=400)
+    return train_tokenizer((d.text for d in corpus.train), vocab_size=600)
 
 
 def test_corpus_is_deterministic_and_split_disjoint(corpus) -> None:  # type: ignore[no-untyped-def]
@@ -89,7 +89,7 @@ def test_corpus_split_name_error(corpus) -> None:  # type: ignore[no-untyped-def
 
 
 def test_tokenizer_round_trip(tokenizer, corpus, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    assert len(tokenizer) == 400
+    assert len(tokenizer) == 600
     texts = [
         corpus.heldout[0].text,
         "Hello  wörld\n\t  tabs, 日本語, emoji 🙂 and a literal " + EOS + " and " + PAD,
@@ -98,9 +98,21 @@ def test_tokenizer_round_trip(tokenizer, corpus, tmp_path: Path) -> None:  # typ
     for text in texts:
         assert decode(tokenizer, encode(tokenizer, text)) == text
     assert encode_batch(tokenizer, texts) == [encode(tokenizer, t) for t in texts]
-    # digits are single tokens, so numbers are copied digit by digit
-    digits = encode(tokenizer, "40213")
-    assert len(digits) == 5 and decode(tokenizer, digits[:2]) == "40"
+    # numbers are cut into groups of two digits from the left, the leading space kept with the first
+    # group, wherever the number stands (so a copied number is the same tokens)
+    for text, groups in (
+        (" 40213", [" 40", "21", "3"]),
+        ("x40213.", ["x", "40", "21", "3", "."]),
+        (" 7", [" 7"]),
+    ):
+        ids = encode(tokenizer, text)
+        assert [decode(tokenizer, [i]) for i in ids] == groups, text
+    assert encode(tokenizer, "The key is 40213.")[-4:-1] == encode(tokenizer, " 40213")
+    # every group is a token of its own, whatever the training text held
+    vocab = tokenizer.get_vocab()
+    for i in range(100):
+        assert f"{i:02d}" in vocab and f"\u0120{i:02d}" in vocab
+    assert all(f"\u0120{i}" in vocab for i in range(10))
     # special tokens: never produced by text, ids of their own
     assert tokenizer.eos_token == EOS and tokenizer.pad_token == PAD
     assert tokenizer.eos_token_id not in encode(tokenizer, texts[1])

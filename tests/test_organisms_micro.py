@@ -56,6 +56,24 @@ def test_micro_predicts_text_better_than_chance(micro) -> None:  # type: ignore[
     assert math.isfinite(loss) and loss < math.log(len(tok)) - 1.5
 
 
+def test_micro_answers_passkey_at_short_length(micro) -> None:  # type: ignore[no-untyped-def]
+    # issue 11: trained on the tasks, the micro must at least retrieve a pass key in a short context
+    # (its card: accuracy per task and length; it degrades past 512 tokens)
+    from attnlab.organisms.corpus import CorpusConfig, build_corpus, prose
+    from attnlab.organisms.evaluate import task_accuracy
+    from attnlab.organisms.tasks import TaskContext
+
+    model, tok = micro
+    corpus = build_corpus(
+        CorpusConfig(max_chars=300_000, sources=("pydoc",), pydoc_share=1.0, heldout_share=0.2)
+    )
+    ctx = TaskContext(tok, [d.text for d in prose(corpus.heldout)])
+    acc = task_accuracy(model, ctx, ("passkey",), (256, 512), samples=4)
+    assert acc["passkey"][256] + acc["passkey"][512] >= 1.0, acc
+    state = read_state(organism_path("micro"))
+    assert max(state["task_accuracy"]["passkey"].values()) >= 0.5
+
+
 def test_unknown_organism() -> None:
     with pytest.raises(CheckpointError, match="no shipped organism 'nano'"):
         organism_path("nano")

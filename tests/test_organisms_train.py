@@ -18,7 +18,7 @@ from attnlab.organisms.train import train
 TINY = {
     "name": "tiny",
     "model": {
-        "vocab_size": 300,
+        "vocab_size": 500,
         "hidden_size": 32,
         "layers": 1,
         "heads": 2,
@@ -29,6 +29,8 @@ TINY = {
     "corpus": {"max_chars": 60_000, "sources": ["pydoc"], "pydoc_share": 1.0, "heldout_share": 0.1},
     "tasks": ["passkey", "mqar"],
     "stages": [[2, 256, 2]],
+    "copy_warmup": 1,  # step 1: copy rows; step 2: task samples and corpus windows
+    "copy_share": 0.0,
     "eval_lengths": [256],
     "eval_samples": 1,
     "checkpoint_every": 1,
@@ -69,7 +71,7 @@ def test_two_step_run_writes_checkpoints_and_final_model(two_steps: Path) -> Non
     assert "| passkey |" in card and f"{state['heldout']['loss']:.3f}" in card
     model, tok = ckpt.load_organism(final)
     assert ModelConfig.from_llama(model.config) == tiny().model
-    assert len(tok) == 300
+    assert len(tok) == 500
     assert torch.equal(model.model.embed_tokens.weight.detach(), _weights(final)["model.embed_tokens.weight"])
 
 
@@ -152,7 +154,7 @@ def test_checkpoint_errors(tmp_path: Path) -> None:
         ({"model": {"hidden": 64}}, "unknown key 'hidden' in model.*Did you mean 'hidden_size'"),
         ({"model": {"heads": 3}}, "hidden_size=128 is not divisible by heads=3"),
         ({"model": {"heads": 4, "kv_heads": 3}}, "heads=4, kv_heads=3: expected heads divisible by kv_heads"),
-        ({"model": {"vocab_size": 10}}, "vocab_size=10: expected an integer >= 258"),
+        ({"model": {"vocab_size": 10}}, "vocab_size=10: expected an integer >= 468"),
         ({"stages": [[10, 4096, 1]]}, "length=4096 exceeds the model's max_position=2048"),
         ({"stages": [[10, 512]]}, r"expected \{'steps', 'length', 'batch'\}"),
         ({"tasks": ["passkee"]}, "unknown task 'passkee'.*Did you mean 'passkey'"),

@@ -9,7 +9,7 @@ import pytest
 
 from attnlab.organisms.corpus import CorpusConfig, build_corpus, prose
 from attnlab.organisms.errors import ConfigError
-from attnlab.organisms.tasks import TASKS, TaskContext, generate, options, score
+from attnlab.organisms.tasks import SENTENCE_TOKENS, TASKS, TaskContext, generate, options, score
 from attnlab.organisms.tokenizer import train_tokenizer
 
 LENGTHS = (256, 1024)
@@ -19,7 +19,7 @@ HAYSTACK_TASKS = ("passkey", "niah_multikey", "niah_multivalue", "variable_track
 @pytest.fixture(scope="module")
 def ctx() -> TaskContext:
     corpus = build_corpus(CorpusConfig(max_chars=150_000, sources=("pydoc",), pydoc_share=1.0))
-    tok = train_tokenizer((d.text for d in corpus.train), vocab_size=400)
+    tok = train_tokenizer((d.text for d in corpus.train), vocab_size=600)
     return TaskContext(tok, [d.text for d in prose(corpus.train)])
 
 
@@ -35,7 +35,10 @@ def test_deterministic_fits_length_and_scores(ctx: TaskContext, task: str, lengt
     assert generate(task, ctx, length, seed=8).prompt != s.prompt
     assert s.prompt_tokens == ctx.count(s.prompt) and s.answer_tokens == ctx.count(s.answer)
     assert s.prompt_tokens + s.answer_tokens <= length - 1
-    assert s.prompt_tokens + s.answer_tokens >= 0.85 * length  # the context is filled
+    # the context is filled: to within one haystack sentence (the filler stops at the first that does
+    # not fit), a few tokens of slack for merges at the joins
+    assert s.prompt_tokens + s.answer_tokens >= length - 1 - SENTENCE_TOKENS[1] - 4
+    assert s.prompt_tokens + s.answer_tokens >= 0.85 * length or length < 1024
     assert s.answer.startswith(" ") and s.answer.strip()
     assert score(s, s.answer) and score(s, s.answer + "\nanything after the first line")
     assert score(s, "  " + s.answer.strip() + "  ")

@@ -76,9 +76,10 @@ def model_card(cfg: TrainConfig, state: dict[str, Any]) -> str:
         + ", ".join(f"{k} {v:,}" for k, v in data["chars_by_source"].items())
         + ".",
         "",
-        f"Each batch row is a task sample with probability {cfg.task_share:.0%} ({', '.join(cfg.tasks)}; "
-        "haystack from the training split), otherwise a window of the training corpus; every token is a "
-        "target.",
+        f"Each batch row is a copy row (8 to {cfg.copy_span} random tokens repeated) with probability "
+        f"{cfg.copy_share:.0%} (every row in the first {cfg.copy_warmup} steps), else a task sample with "
+        f"probability {cfg.task_share:.0%} ({', '.join(cfg.tasks)}; haystack from the training split), "
+        "otherwise a window of the training corpus; every token is a target.",
         "",
         "## Training",
         "",

@@ -63,6 +63,9 @@ class CorpusConfig:
     ``max_doc_chars``: longer documents are cut at paragraph boundaries into pieces of at most this size
     (a paragraph longer than that is cut at the limit). ``max_file_bytes``: larger files are skipped.
     ``roots``: folders to read (default: the standard library and the site-packages of this interpreter).
+    ``file``: a corpus written by :func:`save_corpus` (JSON, gzipped when the name ends in ``.gz``), read
+    instead of the installation: the same documents, splits and fingerprint on any machine (the other
+    fields then only describe how it was built).
     """
 
     max_chars: int = 6_000_000
@@ -76,6 +79,7 @@ class CorpusConfig:
     min_doc_chars: int = 200
     max_file_bytes: int = 400_000
     roots: tuple[str, ...] | None = None
+    file: str | None = None
 
     def validate(self) -> CorpusConfig:
         if self.max_chars < 1_000:
@@ -94,6 +98,8 @@ class CorpusConfig:
                 f"corpus min_doc_chars={self.min_doc_chars}, max_doc_chars={self.max_doc_chars}: expected "
                 "min_doc_chars >= 1 and max_doc_chars >= 2 * min_doc_chars"
             )
+        if self.file is not None and not Path(self.file).is_file():
+            raise ConfigError(f"corpus file {self.file!r} does not exist: expected a file from save_corpus")
         for root in self.roots or ():
             if not Path(root).is_dir():
                 raise ConfigError(f"corpus root {root!r} is not a folder")
@@ -281,9 +287,60 @@ def _pieces(text: str, max_chars: int) -> list[str]:
     return out
 
 
+def save_corpus(corpus: Corpus, path: str | Path) -> Path:
+    """Write ``corpus`` (documents with their split, counts) as JSON, gzipped when ``path`` ends in
+    ``.gz``; ``CorpusConfig(file=path)`` reads it back."""
+    import gzip
+    import json
+
+    data = {
+        "format": "attnlab-corpus-1",
+        "fingerprint": corpus.fingerprint,
+        "chars_by_source": corpus.chars_by_source,
+        "duplicates_dropped": corpus.duplicates_dropped,
+        "documents": [
+            {"split": split, "source": d.source, "origin": d.origin, "text": d.text}
+            for split, docs in (("train", corpus.train), ("heldout", corpus.heldout))
+            for d in docs
+        ],
+    }
+    raw = json.dumps(data).encode("utf-8", "surrogatepass")
+    path = Path(path)
+    path.write_bytes(gzip.compress(raw, mtime=0) if path.name.endswith(".gz") else raw)
+    return path
+
+
+def _load_corpus(config: CorpusConfig) -> Corpus:
+    import gzip
+    import json
+
+    assert config.file is not None
+    raw = Path(config.file).read_bytes()
+    data = json.loads(
+        (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).decode("utf-8", "surrogatepass")
+    )
+    if not isinstance(data, dict) or data.get("format") != "attnlab-corpus-1":
+        raise ConfigError(f"corpus file {config.file!r}: expected a file written by save_corpus")
+    docs = {"train": [], "heldout": []}  # type: dict[str, list[Document]]
+    for d in data["documents"]:
+        docs[d["split"]].append(Document(d["source"], d["origin"], d["text"]))
+    corpus = Corpus(
+        config, docs["train"], docs["heldout"], data["chars_by_source"], data["duplicates_dropped"]
+    )
+    if corpus.fingerprint != data["fingerprint"]:
+        raise ConfigError(
+            f"corpus file {config.file!r} is damaged: its documents hash to {corpus.fingerprint}, the file "
+            f"says {data['fingerprint']}"
+        )
+    return corpus
+
+
 def build_corpus(config: CorpusConfig | None = None) -> Corpus:
-    """Read the sources in order, deduplicate, cut long documents, and split into train/held-out."""
+    """Read the sources in order, deduplicate, cut long documents, and split into train/held-out (or read
+    ``config.file``)."""
     config = (config or CorpusConfig()).validate()
+    if config.file is not None:
+        return _load_corpus(config)
     roots = _roots(config)
     seen_paras: set[str] = set()
     seen_docs: set[str] = set()

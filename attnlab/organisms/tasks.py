@@ -22,7 +22,7 @@ Conventions:
 
 - ``length`` is the context length in tokens of the given tokenizer: ``prompt_tokens + answer_tokens <=
   length - 1`` (one token is left for the end-of-text token that follows the answer in training), and the
-  haystack tasks fill the context to within a few percent of that.
+  haystack tasks fill the context to within one haystack sentence (at most 96 tokens) of that.
 - The answer starts with a space and continues the prompt directly: ``prompt + answer`` is the full text.
   :func:`score` compares the first line of a model's continuation with the answer, both with runs of
   whitespace collapsed and ends stripped (exact match, no partial credit).
@@ -93,7 +93,7 @@ class TaskContext:
 
     def filler(self, rng: random.Random, budget: int) -> list[str]:
         """Consecutive haystack sentences, from a random start (wrapping round), of at most ``budget``
-        tokens in all (each counted with its leading space)."""
+        tokens in all (each counted with its leading space): the budget is filled to within one sentence."""
         if not self.sentences:
             raise ConfigError(
                 "the task haystack is empty: expected documents with sentences of "
@@ -238,18 +238,31 @@ def _haystack(
     for shift, i in enumerate(order):  # later needles shift by the ones inserted before them
         items.insert(slots[i] + shift, needles[i])
         is_needle.insert(slots[i] + shift, True)
+    answer_tokens = ctx.count(answer)
     while True:
         prompt = header + " ".join(items) + question
-        if ctx.count(prompt) + ctx.count(answer) <= length - 1:
+        over = ctx.count(prompt) + answer_tokens - (length - 1)
+        if over <= 0:
             return prompt
-        drop = max(j for j, needle in enumerate(is_needle) if not needle)  # the last haystack sentence
-        del items[drop], is_needle[drop]
+        while over > 0:  # drop haystack sentences from the end, as many tokens as the prompt is over
+            drop = max(j for j, needle in enumerate(is_needle) if not needle)
+            over -= ctx.count(" " + items[drop])
+            del items[drop], is_needle[drop]
 
 
 def _fit(ctx: TaskContext, length: int, build: Callable[[int], tuple[str, str]], hi: int) -> tuple[str, str]:
     """``build(n)`` for the largest ``n <= hi`` whose prompt and answer fit ``length`` (bisection)."""
     fits = lambda n: sum(ctx.count(x) for x in build(n)) <= length - 1
-    n = bisect.bisect_left(range(1, hi + 1), True, key=lambda n: not fits(n))  # first n that does not fit
+    lo_n, hi_n = 1, hi
+    probe = min(hi, 32)  # narrow the search with the tokens per item of a short build (same result)
+    per = sum(ctx.count(x) for x in build(probe)) / probe
+    guess = int(length / per) if per > 0 else hi
+    if guess // 2 >= 1 and fits(guess // 2):
+        lo_n = guess // 2
+    if guess * 2 < hi and not fits(guess * 2):
+        hi_n = guess * 2
+    n = bisect.bisect_left(range(lo_n, hi_n + 1), True, key=lambda n: not fits(n))  # first that does not fit
+    n += lo_n - 1
     if n == 0:
         raise ConfigError(f"length={length} is too short for this task: expected a longer context")
     return build(n)

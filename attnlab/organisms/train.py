@@ -5,6 +5,9 @@ the long-context tasks, with a length curriculum.
   downloaded; so the Hugging Face path that evaluation uses is the real one.
 - Each step's batch is drawn from ``random.Random(f"{seed}:batch:{step}")``: a resumed run sees the same
   batches as an uninterrupted one, and no random state needs saving.
+- Copy rows (``copy_share``, every row during the first ``copy_warmup`` steps) are 8 to ``copy_span``
+  random tokens (special tokens excluded; the span drawn per row, so that no fixed offset predicts the
+  copy) repeated to fill the row: a dense match-and-copy signal.
 - Corpus rows are windows of the training split's token stream (documents separated by the end-of-text
   token); task rows are samples at the stage's length with haystack from the training split, followed
   by the answer and the end-of-text token. Every token is a next-token target; the loss is the mean
@@ -49,6 +52,8 @@ from attnlab.organisms.tokenizer import encode, encode_batch, load_tokenizer, tr
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
+#: (config, data) for the batch workers, set before they fork
+_WORK: tuple[TrainConfig, Data] | None = None
 #: fields of a config that a resumed run must share with its checkpoint (the rest may change)
 FIXED_ON_RESUME = ("model", "corpus", "tasks", "seed")
 IGNORE = -100
@@ -119,8 +124,16 @@ def make_batch(cfg: TrainConfig, data: Data, step: int) -> tuple[torch.Tensor, t
     x = torch.full((b, n), data.tokenizer.pad_token_id, dtype=torch.long)
     y = torch.full((b, n), IGNORE, dtype=torch.long)
     answer = torch.zeros((b, n), dtype=torch.bool)
-    for row in range(b):  # each row is a task sample with probability task_share
-        if tasks and rng.random() < cfg.task_share:
+    for row in range(b):  # a copy row, a task sample (probability task_share) or a corpus window
+        if step < cfg.copy_warmup or (cfg.copy_share and rng.random() < cfg.copy_share):
+            span = rng.randint(
+                min(8, cfg.copy_span), min(cfg.copy_span, n)
+            )  # varied: no fixed-offset shortcut
+            seg = torch.tensor([rng.randrange(2, len(data.tokenizer)) for _ in range(span)])
+            copy = seg.repeat(n // len(seg) + 2)[: n + 1]
+            x[row] = copy[:-1]
+            y[row] = copy[1:]
+        elif tasks and rng.random() < cfg.task_share:
             task = tasks[rng.randrange(len(tasks))]
             s = generate(task, data.train_ctx, n, TRAIN_SEED_BASE + rng.randrange(10**9))
             prompt = encode(data.tokenizer, s.prompt)
@@ -134,6 +147,46 @@ def make_batch(cfg: TrainConfig, data: Data, step: int) -> tuple[torch.Tensor, t
             x[row] = data.train_ids[start : start + n]
             y[row] = data.train_ids[start + 1 : start + n + 1]
     return x, y, answer
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+
+
+def _work(step: int) -> tuple[Any, Any, Any]:
+    assert _WORK is not None
+    x, y, answer = make_batch(*_WORK, step)
+    return x.numpy(), y.numpy(), answer.numpy()
+
+
+class Prefetcher:
+    """Batches built ahead by ``workers`` forked processes (``make_batch`` is deterministic per step, so
+    the batches are those the loop would build). Create it before CUDA is initialised."""
+
+    def __init__(self, cfg: TrainConfig, data: Data, workers: int, depth: int | None = None) -> None:
+        import multiprocessing
+        import os
+
+        global _WORK
+        _WORK = (cfg, data)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self.cfg, self.depth = cfg, depth or 2 * workers
+        self.pool = multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker)
+        self.pending: dict[int, Any] = {}
+
+    def get(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch of ``step``; queues the next ``depth`` steps."""
+        for s in range(step, min(step + self.depth, self.cfg.total_steps)):
+            if s not in self.pending:
+                self.pending[s] = self.pool.apply_async(_work, (s,))
+        for s in [s for s in self.pending if s < step]:  # steps skipped by the time budget
+            del self.pending[s]
+        x, y, answer = self.pending.pop(step).get()
+        return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(answer)
+
+    def close(self) -> None:
+        self.pool.terminate()
+        self.pool.join()
 
 
 def unigram_loss(data: Data, tokens: int) -> float:
@@ -228,6 +281,7 @@ def _train(
     if latest is None and ckpt.step_folders(out):
         raise CheckpointError(f"{out} already holds checkpoints; resume, or choose a fresh --out folder")
     state: dict[str, Any]
+    device = torch.device(cfg.device)
     if latest is not None:
         stored = ckpt.read_state(latest)
         _check_resume(cfg, stored, latest)
@@ -239,14 +293,16 @@ def _train(
                 f"differs from the one it was trained on ({stored['data']['fingerprint']}); the installed "
                 "packages changed. Train into a fresh --out folder."
             )
-        model, _ = ckpt.load_organism(latest)
-        model.train()
+        prefetch = Prefetcher(cfg, data, cfg.workers) if cfg.workers else None
+        model, _ = ckpt.load_organism(latest, device=cfg.device)
+        model.float().train()
         optimizer = build_optimizer(cfg, model)
         ckpt.load_optimizer(optimizer, latest, stored.pop("optimizer_param_groups"))
         state = {**stored, "config": cfg.to_dict()}
     else:
         data = prepare_data(cfg)
-        model = build_model(cfg)
+        prefetch = Prefetcher(cfg, data, cfg.workers) if cfg.workers else None
+        model = build_model(cfg).to(device)  # type: ignore[arg-type]  # (transformers' decorated .to)
         optimizer = build_optimizer(cfg, model)
         state = {
             "config": cfg.to_dict(),
@@ -261,7 +317,11 @@ def _train(
         f"corpus {data.corpus.fingerprint}: {len(data.train_ids)} training tokens, "
         f"{len(data.heldout_ids)} held-out tokens; prepared in {time.perf_counter() - started:.1f} s"
     )
-    stopped = _loop(cfg, data, model, optimizer, state, out, started, progress)
+    try:
+        stopped = _loop(cfg, data, model, optimizer, state, out, started, progress, prefetch, log)
+    finally:
+        if prefetch is not None:
+            prefetch.close()
     if stopped:
         log(f"stopped at step {state['step']} of {cfg.total_steps}: max_seconds={cfg.max_seconds} ran out")
     state["stopped_early"] = stopped
@@ -281,10 +341,12 @@ def _train(
     state["environment"] = {
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
-        "device": "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
     }
+    if cfg.save_dtype == "bfloat16":
+        model = model.to(torch.bfloat16)  # type: ignore[arg-type]
     folder = ckpt.write_model(out / "final", model, data.tokenizer, state, model_card(cfg, state))
     return TrainResult(folder, state)
 
@@ -298,8 +360,11 @@ def _loop(
     out: Path,
     started: float,
     progress: bool,
+    prefetch: Prefetcher | None = None,
+    log: Callable[[str], None] = lambda s: None,
 ) -> bool:
-    """Run the remaining steps; True when ``max_seconds`` stopped it early."""
+    """Run the remaining steps; True when ``max_seconds`` stopped it early. Every ``log_every`` steps (or
+    50), a line to ``log``: step, length, losses (mean since the last line), tokens/s, elapsed."""
     bar, task = _bar(progress, "train", cfg.total_steps, state["step"])
     model.train()
     stopped = False
@@ -313,10 +378,13 @@ def _loop(
             if _stage_index(cfg, step) != stage_index:  # a new stage: share out the time left
                 stage_index, stage_started = _stage_index(cfg, step), t0
                 shares = _stage_budgets(cfg, step, started)
-            x, y, answer = make_batch(cfg, data, step)
+            x, y, answer = prefetch.get(step) if prefetch is not None else make_batch(cfg, data, step)
+            device = next(model.parameters()).device
+            x, y, answer = (t.to(device, non_blocking=True) for t in (x, y, answer))
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(cfg, step)
-            corpus_loss, task_loss = losses(model, x, y, answer)
+            with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+                corpus_loss, task_loss = losses(model, x, y, answer)
             parts = [
                 p
                 for p in (corpus_loss, None if task_loss is None else cfg.task_loss_weight * task_loss)
@@ -341,6 +409,14 @@ def _loop(
                     "tokens_per_s": x.numel() / dt,
                 }
             )
+            if state["step"] % 50 == 0:
+                recent = state["curve"][-50:]
+                mean = lambda key, recent=recent: _mean([c[key] for c in recent])
+                log(
+                    f"step {state['step']} length {x.shape[1]}: loss {mean('loss'):.3f} corpus "
+                    f"{mean('corpus_loss'):.3f} task {mean('task_loss'):.3f}, {mean('tokens_per_s'):,.0f} tok/s, "
+                    f"{time.perf_counter() - started:.0f} s"
+                )
             if bar is not None:
                 bar.update(task, advance=1, loss=f"{float(loss.detach()):.3f}", tps=f"{x.numel() / dt:,.0f}")
             over = cfg.max_seconds is not None and time.perf_counter() - started > cfg.max_seconds
@@ -366,6 +442,11 @@ def _loop(
         if bar is not None:
             bar.stop()
     return stopped
+
+
+def _mean(values: list[float | None]) -> float:
+    kept = [v for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else math.nan
 
 
 def _stage_index(cfg: TrainConfig, step: int) -> int:
