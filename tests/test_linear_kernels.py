@@ -194,8 +194,7 @@ def test_interpreter_bfloat16_dots_are_upcast() -> None:
 )  # fmt: skip
 def test_delta_kernels_match_the_recurrence(n: int, chunk: int, gate: str, poison_empty: None) -> None:
     """Output, final state and the gradients of q, k, v, beta, g and the initial state (forward: the
-    chunked WY/UT form; per-channel gates (backward token by token), per-head gates and plain DeltaNet
-    (chunked backward))."""
+    chunked WY/UT form; backward chunked; per-channel gates, per-head gates and plain DeltaNet)."""
     q, k, v, g, h0 = _inputs(n, 8, 8, 1.0, h=1)
     k = F.normalize(k, dim=-1)
     beta = torch.rand(1, 1, n, generator=torch.Generator().manual_seed(5)).to(DEV)
@@ -265,7 +264,7 @@ def _per_sequence(rule: str, xs: list[Tensor | None], cu: list[int]) -> tuple[Te
     return torch.cat(outs, 2), torch.cat(states, 0)
 
 
-@pytest.mark.parametrize("rule", ["lightning", "gla", "gated_delta", "deltanet"])
+@pytest.mark.parametrize("rule", ["lightning", "gla", "gated_delta", "deltanet", "kda"])
 def test_packed_sequences_run_each_sequence_alone(rule: str) -> None:
     """cu_seqlens (an empty sequence, one shorter than a chunk, one over two chunk boundaries): output,
     final state per sequence and every gradient equal the recurrence run on each sequence alone."""
@@ -273,10 +272,11 @@ def test_packed_sequences_run_each_sequence_alone(rule: str) -> None:
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 2, 61, 8, generator=gen) for _ in range(3))
     h0 = torch.randn(4, 2, 8, 8, generator=gen)
-    g: Tensor | None = F.logsigmoid(torch.randn(1, 2, 61, 8 if rule == "gla" else 1, generator=gen) + 1)
+    channels = 8 if rule in ("gla", "kda") else 1
+    g: Tensor | None = F.logsigmoid(torch.randn(1, 2, 61, channels, generator=gen) + 1)
     if rule == "deltanet":
         g = None
-    delta = rule in ("gated_delta", "deltanet")
+    delta = rule in ("gated_delta", "deltanet", "kda")
     if delta:
         k = F.normalize(k, dim=-1)
     beta = torch.rand(1, 2, 61, generator=gen)
@@ -314,7 +314,3 @@ def test_packed_sequences_refuse_bad_input() -> None:
     with pytest.raises(ValueError, match="a batch of 1"):
         q2 = q.expand(2, 2, 10, 8)
         op.gla_chunk_varlen(q2, q2, q2, None, 0.3, None, 16, torch.tensor([0, 10]))
-    g = torch.zeros(1, 2, 10, 8).to(DEV).requires_grad_(True)
-    o, _ = op.delta_chunk_varlen(q, q, q, torch.ones(1, 2, 10), g, 0.3, None, 16, torch.tensor([0, 4, 10]))
-    with pytest.raises(NotImplementedError, match="per-channel gates have no backward"):
-        o.sum().backward()

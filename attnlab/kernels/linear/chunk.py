@@ -32,8 +32,10 @@ Backward. The state's gradient at every chunk end by stages 1 and 2 reversed (``
 gives the log-decays' gradient at each chunk's last row, sum_v S_end * dS_end); then dq, dk, dv per chunk
 in parallel: :func:`chunk_bwd_scalar_kernel` (scalar gate, 64-row tiles) or :func:`gla_bwd_sub_kernel`
 (per-channel gates, 16-row sub-blocks; the intra-chunk scores remade by :func:`intra_scores_kernel`). The
-delta rule under a scalar gate: :func:`delta_bwd_dh_kernel` (the reverse sequential pass: dH, dU), then
-:func:`delta_bwd_chunk_kernel` (every chunk's gradients from the saved S, U, T). Packed sequences
+delta rule: :func:`delta_bwd_dh_kernel` (the reverse sequential pass: dH, dU), then
+:func:`delta_bwd_chunk_kernel` (scalar gate: every chunk's gradients from the saved S, U, T), or per
+channel :func:`delta_bwd_chunk_channel_kernel` and :func:`score_bwd_kernel` (the intra-chunk scores' own
+gradients by 16-row sub-blocks). Packed sequences
 (varlen): the sequential kernels walk each sequence's chunks alone (``VARLEN``, chunk offsets ``SEQ``).
 
 Transposes are taken of loaded tiles only, never of a dot's result (Triton 3.4 to 3.7.0 miscompile
@@ -432,9 +434,9 @@ def delta_h_kernel(
 
 @triton.jit
 def delta_bwd_dh_kernel(
-    Q, K, DO, GC, W, DHT, DHS, DU, DH0, SEQ,
+    Q, K, DO, GC, W, AQK, DHT, DHS, DU, DH0, SEQ,
     N, NP, DK, DV, BHM, scale,
-    HAS_DHT: tl.constexpr, VARLEN: tl.constexpr,
+    HAS_DHT: tl.constexpr, VARLEN: tl.constexpr, GATE: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
     """The delta rule's backward sequential pass (scalar gate), one program per (value block, batch *
@@ -445,7 +447,8 @@ def delta_bwd_dh_kernel(
         dH <- exp(G_C) dH + scale (q exp(G))^T do - W^T dU
 
     DH0 the initial state's gradient. Dots in float32 (``DOT_PREC`` tf32 or ieee); BK covers the key dim.
-    VARLEN: per (value block, sequence * head), as ``chunk_scan_kernel``."""
+    GATE == 2 (per-channel gates): the scores (q k^T) * D^T are AQK's rows transposed (the forward's
+    intra-chunk scores), and the decays per channel. VARLEN: per (value block, sequence * head), as ``chunk_scan_kernel``."""
     vb = tl.program_id(0)
     sh = tl.program_id(1).to(tl.int64)
     n_chunks = tl.cdiv(N, BT)
@@ -476,15 +479,25 @@ def delta_bwd_dh_kernel(
         k = _tile(K + bh * N * DK, t0, N, 0, DK, DK, BT, BK)
         w = _tile(W + bh * NP * DK, t0, NP, 0, DK, DK, BT, BK)
         do = _tile(DO + bh * N * DV, t0, N, vb * BV, DV, DV, BT, BV)
-        g = tl.load(GC + bh * NP + t0 + tl.arange(0, BT))
-        g_last = tl.load(GC + bh * NP + t0 + BT - 1)
-        d_t = tl.exp(tl.where(ii <= jj, g[None, :] - g[:, None], float("-inf")))
-        a_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * d_t
-        kbar = k * tl.exp(g_last - g)[:, None]
+        if GATE == 2:
+            g = _tile(GC + bh * NP * DK, t0, NP, 0, DK, DK, BT, BK)
+            g_last = _row(GC + bh * NP * DK, t0 + BT - 1, 0, DK, DK, BK)
+            a = _tile(AQK + bh * NP * BT, t0, NP, 0, BT, BT, BT, BT)
+            a_t = tl.trans(tl.where(ii >= jj, a, 0.0))
+            kbar = k * tl.exp(g_last[None, :] - g)
+            qt = q * tl.exp(g) * scale
+            decay = tl.exp(g_last)[:, None]
+        else:
+            g = tl.load(GC + bh * NP + t0 + tl.arange(0, BT))
+            g_last = tl.load(GC + bh * NP + t0 + BT - 1)
+            d_t = tl.exp(tl.where(ii <= jj, g[None, :] - g[:, None], float("-inf")))
+            a_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * d_t
+            kbar = k * tl.exp(g_last - g)[:, None]
+            qt = q * (tl.exp(g) * scale)[:, None]
+            decay = tl.exp(g_last)
         du = scale * tl.dot(a_t, do, input_precision=DOT_PREC) + tl.dot(kbar, dh, input_precision=DOT_PREC)
         tl.store(DU + bh * NP * DV + (t0 + rt) * DV + rv[None, :], du, mask=rv[None, :] < DV)
-        qt = q * (tl.exp(g) * scale)[:, None]
-        dh = dh * tl.exp(g_last) + tl.dot(tl.trans(qt), do, input_precision=DOT_PREC)
+        dh = dh * decay + tl.dot(tl.trans(qt), do, input_precision=DOT_PREC)
         dh -= tl.dot(tl.trans(w), du, input_precision=DOT_PREC)
     tl.store(DH0 + sh * DK * DV + off, dh, mask=mask)
 
@@ -700,3 +713,160 @@ def gla_bwd_sub_kernel(
     dv += scale * acc
     rv = tl.arange(0, BV)[None, :]
     tl.store(DV_ + bh * N * DV + r_i * DV + rv, dv.to(DV_.dtype.element_ty), mask=(r_i < N) & (rv < DV))
+
+
+@triton.jit
+def delta_bwd_chunk_channel_kernel(
+    Q, K, V, BETA, GC, DO, HS, DHS, U, DU, T, BKK, DQ, DK_, DV_, DB, DG, DAQK, DBKK,
+    N, NP, DK, DV, scale,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    """The delta rule's gradients of one chunk per program (chunk, batch * head) under per-channel gates,
+    but for the intra-chunk scores' own (left to :func:`score_bwd_kernel`): as
+    :func:`delta_bwd_chunk_kernel` with exp(G) per channel, writing float32 partial dq, dk (state and UT
+    parts), dv, dbeta, DG (per channel; the chunk-end terms exp(G_C) sum_v S * dH + sum_i dKbar * Kbar on
+    the last row), and the score gradients DAQK = scale (do U^T) (i >= j) and DBKK = beta_i dA (i > j) of
+    Aqk and of the unscaled strict key scores B (BKK, so that dbeta = rowsum(dA * B) needs no division)."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    n_chunks = tl.cdiv(N, BT)
+    t0 = c * BT
+    ii = tl.arange(0, BT)[:, None]
+    jj = tl.arange(0, BT)[None, :]
+    rows = t0 + tl.arange(0, BT)
+    q = _tile(Q + bh * N * DK, t0, N, 0, DK, DK, BT, BK)
+    k = _tile(K + bh * N * DK, t0, N, 0, DK, DK, BT, BK)
+    v = _tile(V + bh * N * DV, t0, N, 0, DV, DV, BT, BV)
+    do = _tile(DO + bh * N * DV, t0, N, 0, DV, DV, BT, BV)
+    u = _tile(U + bh * NP * DV, t0, NP, 0, DV, DV, BT, BV)
+    du = _tile(DU + bh * NP * DV, t0, NP, 0, DV, DV, BT, BV)
+    s = _tile(HS + (bh * n_chunks + c) * DK * DV, 0, DK, 0, DV, DV, BK, BV)
+    dh = _tile(DHS + (bh * n_chunks + c) * DK * DV, 0, DK, 0, DV, DV, BK, BV)
+    tm = _tile(T + bh * NP * BT, t0, NP, 0, BT, BT, BT, BT)
+    bkk = _tile(BKK + bh * NP * BT, t0, NP, 0, BT, BT, BT, BT)
+    beta = tl.load(BETA + bh * N + rows, mask=rows < N, other=0.0).to(tl.float32)
+    g = _tile(GC + bh * NP * DK, t0, NP, 0, DK, DK, BT, BK)
+    g_last = _row(GC + bh * NP * DK, t0 + BT - 1, 0, DK, DK, BK)
+    eg = tl.exp(g)
+    tail = tl.exp(g_last[None, :] - g)
+    # the state part of the output
+    dq = scale * tl.dot(do, tl.trans(s), input_precision=DOT_PREC) * eg
+    dgc = q * dq
+    daqk = tl.where(ii >= jj, scale * tl.dot(do, tl.trans(u), input_precision=DOT_PREC), 0.0)
+    tl.store(DAQK + bh * NP * BT + rows[:, None] * BT + jj, daqk)
+    # the state update's k exp(G_C - G)
+    dkbar = tl.dot(u, tl.trans(dh), input_precision=DOT_PREC)
+    dk = dkbar * tail
+    kbar_term = dkbar * k * tail
+    dgc -= kbar_term
+    g_end = tl.sum(kbar_term, axis=0) + tl.exp(g_last) * tl.sum(s * dh, axis=1)
+    # the UT transform
+    xw = k * eg * beta[:, None]
+    xu = v * beta[:, None]
+    dw = -tl.dot(du, tl.trans(s), input_precision=DOT_PREC)
+    dt_ = tl.dot(dw, tl.trans(xw), input_precision=DOT_PREC) + tl.dot(
+        du, tl.trans(xu), input_precision=DOT_PREC
+    )
+    dxw = tl.dot(tl.trans(tm), dw, input_precision=DOT_PREC)
+    dxu = tl.dot(tl.trans(tm), du, input_precision=DOT_PREC)
+    da = -tl.dot(tl.dot(tl.trans(tm), dt_, input_precision=DOT_PREC), tl.trans(tm), input_precision=DOT_PREC)
+    da = tl.where(ii > jj, da, 0.0)
+    tl.store(DBKK + bh * NP * BT + rows[:, None] * BT + jj, da * beta[:, None])
+    db = tl.sum(da * tl.where(ii > jj, bkk, 0.0), axis=1)
+    dk += dxw * eg * beta[:, None]
+    db += tl.sum(dxw * k * eg, axis=1) + tl.sum(dxu * v, axis=1)
+    dgc += dxw * xw
+    dgc = tl.where(ii == BT - 1, dgc + g_end[None, :], dgc)
+    rr = rows[:, None]
+    rk = tl.arange(0, BK)[None, :]
+    rv = tl.arange(0, BV)[None, :]
+    tl.store(DQ + bh * NP * DK + rr * DK + rk, dq, mask=rk < DK)
+    tl.store(DK_ + bh * NP * DK + rr * DK + rk, dk, mask=rk < DK)
+    dv = dxu * beta[:, None]
+    tl.store(DV_ + bh * N * DV + rr * DV + rv, dv.to(DV_.dtype.element_ty), mask=(rr < N) & (rv < DV))
+    tl.store(DB + bh * N + rows, db, mask=rows < N)
+    tl.store(DG + bh * NP * DK + rr * DK + rk, dgc, mask=rk < DK)
+
+
+@triton.jit
+def score_bwd_kernel(
+    X, Y, GC, DP, DX, DY, DG,
+    N, NP, DK,
+    SAME_OUT: tl.constexpr,
+    BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """The backward of per-channel decayed intra-chunk scores P_ij = sum_d x_id y_jd exp(G_id - G_jd)
+    (j <= i within a chunk) given their gradient DP (B*H, NP, BT; zero where there is no score), one
+    16-row sub-block i per program (sub-block, batch * head), added to the float32 buffers (NP rows)::
+
+        DX_i += sum_{j<=i} dP_ij y_j exp(G_i - G_j);  DY_i += sum_{r>=i} dP_ri x_r exp(G_r - G_i)
+        DG_i += x_i * (that DX part) - y_i * (that DY part)
+
+    Earlier / later sub-blocks by dots with the decay split at a row between them; the diagonal
+    sub-block row by row, exactly. dP^T blocks are loaded tiles transposed. SAME_OUT: DX and DY are one
+    buffer (x = y = k: both parts added at once)."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    n_sub = BT // BS
+    c = pid // n_sub
+    i = pid % n_sub
+    t0 = c * BT
+    ri = t0 + i * BS
+    if UPCAST:  # noqa: SIM108
+        dt = tl.float32
+    else:
+        dt = X.dtype.element_ty
+    x_ptr = X + bh * N * DK
+    y_ptr = Y + bh * N * DK
+    g_ptr = GC + bh * NP * DK
+    p_ptr = DP + bh * NP * BT
+    ii = tl.arange(0, BS)[:, None]
+    jj = tl.arange(0, BS)[None, :]
+    rk = tl.arange(0, BK)
+    mk = rk < DK
+    x_i = _tile(x_ptr, ri, N, 0, DK, DK, BS, BK)
+    y_i = _tile(y_ptr, ri, N, 0, DK, DK, BS, BK)
+    g_i = _tile(g_ptr, ri, NP, 0, DK, DK, BS, BK)
+    # DX_i
+    g_n = _row(g_ptr, ri, 0, DK, DK, BK)
+    acc = tl.zeros((BS, BK), dtype=tl.float32)
+    for j in range(i):
+        rj = t0 + j * BS
+        y_j = _tile(y_ptr, rj, N, 0, DK, DK, BS, BK)
+        g_j = _tile(g_ptr, rj, NP, 0, DK, DK, BS, BK)
+        dp = _tile(p_ptr, ri, NP, j * BS, BT, BT, BS, BS)
+        acc += tl.dot(dp.to(dt), (y_j * tl.exp(g_n[None, :] - g_j)).to(dt), input_precision=DOT_PREC)
+    dx = acc * tl.exp(g_i - g_n[None, :])
+    dp_ii = tl.where(ii >= jj, _tile(p_ptr, ri, NP, i * BS, BT, BT, BS, BS), 0.0)
+    for j in range(BS):
+        col = tl.sum(tl.where(jj == j, dp_ii, 0.0), axis=1)
+        y_row = tl.load(y_ptr + (ri + j) * DK + rk, mask=mk & (ri + j + 0 * rk < N), other=0.0).to(tl.float32)
+        g_row = tl.load(g_ptr + (ri + j) * DK + rk, mask=mk, other=0.0)
+        dx += col[:, None] * y_row[None, :] * tl.exp(tl.where(ii >= j, g_i - g_row[None, :], float("-inf")))
+    # DY_i
+    g_m = _row(g_ptr, ri + BS - 1, 0, DK, DK, BK)
+    acc = tl.zeros((BS, BK), dtype=tl.float32)
+    for r in range(i + 1, n_sub):
+        rr = t0 + r * BS
+        x_r = _tile(x_ptr, rr, N, 0, DK, DK, BS, BK)
+        g_r = _tile(g_ptr, rr, NP, 0, DK, DK, BS, BK)
+        dp_t = tl.trans(_tile(p_ptr, rr, NP, i * BS, BT, BT, BS, BS))
+        acc += tl.dot(dp_t.to(dt), (x_r * tl.exp(g_r - g_m[None, :])).to(dt), input_precision=DOT_PREC)
+    dy = acc * tl.exp(g_m[None, :] - g_i)
+    dp_t_ii = tl.trans(dp_ii)
+    for j in range(BS):
+        col = tl.sum(tl.where(jj == j, dp_t_ii, 0.0), axis=1)
+        x_row = tl.load(x_ptr + (ri + j) * DK + rk, mask=mk & (ri + j + 0 * rk < N), other=0.0).to(tl.float32)
+        g_row = tl.load(g_ptr + (ri + j) * DK + rk, mask=mk, other=0.0)
+        dy += col[:, None] * x_row[None, :] * tl.exp(tl.where(ii <= j, g_row[None, :] - g_i, float("-inf")))
+    off = (ri + ii) * DK + rk[None, :]
+    m2 = mk[None, :]
+    if SAME_OUT:
+        tl.store(
+            DX + bh * NP * DK + off, tl.load(DX + bh * NP * DK + off, mask=m2, other=0.0) + dx + dy, mask=m2
+        )
+    else:
+        tl.store(DX + bh * NP * DK + off, tl.load(DX + bh * NP * DK + off, mask=m2, other=0.0) + dx, mask=m2)
+        tl.store(DY + bh * NP * DK + off, tl.load(DY + bh * NP * DK + off, mask=m2, other=0.0) + dy, mask=m2)
+    dg = tl.load(DG + bh * NP * DK + off, mask=m2, other=0.0) + x_i * dx - y_i * dy
+    tl.store(DG + bh * NP * DK + off, dg, mask=m2)

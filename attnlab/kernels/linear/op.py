@@ -11,11 +11,11 @@
 - :func:`delta_chunk` ``(q, k, v, beta, g, scale, state, chunk) -> (o, state)``: the gated delta rule
   (``attnlab::delta_chunk_fwd`` / ``attnlab::delta_chunk_bwd``). Forward in the chunked WY/UT form
   (``chunk.py``: per-chunk T = (I + A_kk)^-1, W, U0 in parallel; one sequential pass over the chunk states;
-  per-chunk outputs in parallel). Backward under a gate shared by the channels (Gated DeltaNet's per-head
-  gate, plain DeltaNet): chunked (one reverse sequential pass over the chunk states for dH and dU, then
-  every chunk's gradients in parallel from the saved S, U, T); under per-channel gates (KDA): the exact
-  reverse recurrence token by token from the state saved at every chunk start. Differentiable in q, k,
-  v, beta, g and the initial state.
+  per-chunk outputs in parallel). Backward chunked too: one reverse sequential pass over the chunk
+  states (dH, dU), every chunk's gradients in parallel from the saved S, U, T (64-row tiles under a gate
+  shared by the channels: Gated DeltaNet's per-head gate, plain DeltaNet), and under per-channel gates
+  (KDA-style) the intra-chunk score backwards per 16-row sub-block. Differentiable in q, k, v, beta, g
+  and the initial state.
 - :func:`linear_step`: the recurrent step kernel of the gated linear recurrence and of the gated delta
   rule (forward only; a few tokens against a carried state).
 
@@ -32,18 +32,19 @@ import torch.nn.functional as F
 import triton
 from torch import Tensor
 
-from attnlab.kernels.linear.bwd import delta_bwd_kernel
 from attnlab.kernels.linear.chunk import (
     chunk_bwd_scalar_kernel,
     chunk_local_state_kernel,
     chunk_out_kernel,
     chunk_scan_kernel,
+    delta_bwd_chunk_channel_kernel,
     delta_bwd_chunk_kernel,
     delta_bwd_dh_kernel,
     delta_h_kernel,
     delta_wy_kernel,
     gla_bwd_sub_kernel,
     intra_scores_kernel,
+    score_bwd_kernel,
 )
 from attnlab.kernels.linear.fwd import recurrent_step_kernel
 from attnlab.kernels.linear.limits import kernel_refusals
@@ -393,7 +394,7 @@ def delta_fwd_launch(
     chunk: int, save: bool, seq_chunks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(o in q's dtype, final state fp32, and for the backward (empty without ``save``): the states at the
-    chunk starts, and for a scalar gate W (B, H, NP, K), U (B, H, NP, V) and T (B, H, NP, chunk), fp32):
+    chunk starts, W (B, H, NP, K), U (B, H, NP, V) and T (B, H, NP, chunk), fp32):
     the WY/UT chunked form (see ``chunk.py``). g: None, (B, H, N, 1) one log-decay per token, or
     (B, H, N, K) per channel. ``seq_chunks``: varlen (see ``chunk_states``)."""
     _check(q, k, v, chunk)
@@ -415,7 +416,7 @@ def delta_fwd_launch(
         aqk = intra_scores(q, k, gc, None, chunk, strict=False)
     w = torch.empty(b, h, np_, dk, dtype=f32, device=dev)
     u = torch.empty(b, h, np_, dv, dtype=f32, device=dev)
-    save_t = save and scalar
+    save_t = save
     t = torch.empty((b, h, np_, chunk) if save_t else (0,), dtype=f32, device=dev)
     prec = _prec(q)
     delta_wy_kernel[(n_chunks, b * h)](
@@ -441,8 +442,6 @@ def delta_fwd_launch(
 
     if not save:
         return o, ht, empty(), empty(), empty(), empty()
-    if not scalar:
-        return o, ht, hs, empty(), empty(), empty()
     return o, ht, hs, w, u, t
 
 
@@ -469,9 +468,9 @@ def delta_bwd_scalar_launch(
     dht_c = dht.float().contiguous() if dht is not None else dh0
     bv = min(head_block(dv), DELTA_BV)
     delta_bwd_dh_kernel[(triton.cdiv(dv, bv), n_seq * h)](
-        q, k, do, gc, w, dht_c, dhs, du, dh0, seq_chunks if seq_chunks is not None else dh0,
+        q, k, do, gc, w, dh0, dht_c, dhs, du, dh0, seq_chunks if seq_chunks is not None else dh0,
         n, np_, dk, dv, b * h, float(scale),
-        HAS_DHT=dht is not None, VARLEN=seq_chunks is not None, BT=chunk, BK=head_block(dk), BV=bv, DOT_PREC=prec, num_warps=4, num_stages=2,
+        HAS_DHT=dht is not None, VARLEN=seq_chunks is not None, GATE=1, BT=chunk, BK=head_block(dk), BV=bv, DOT_PREC=prec, num_warps=4, num_stages=2,
     )  # fmt: skip
     dq, dkk, dvv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     db = torch.empty(b, h, n, dtype=f32, device=dev)
@@ -486,32 +485,57 @@ def delta_bwd_scalar_launch(
     return dq, dkk, dvv, db, dg, dh0
 
 
-def delta_bwd_launch(
-    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, hs: Tensor, do: Tensor,
-    dht: Tensor | None, scale: float, chunk: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor]:  # fmt: skip
-    """(dq, dk, dv, dbeta, dg or None, dh0), float32."""
+def delta_bwd_channel_launch(
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor, hs: Tensor, w: Tensor, u: Tensor, t: Tensor,
+    do: Tensor, dht: Tensor | None, scale: float, chunk: int, seq_chunks: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """The chunked backward of the delta rule under per-channel gates (KDA-style): (dq, dk, dv in the
+    inputs' dtypes, dbeta, dg (B, H, N, K), dh0 float32). The reverse sequential pass (dH, dU), every
+    chunk's state / UT-transform gradients in parallel, then the two intra-chunk score backwards (q k^T
+    and the strict k k^T) per 16-row sub-block (``chunk.py``)."""
     b, h, n, dk = q.shape
     dv = v.shape[-1]
-    q, k, v, do = (t.contiguous() for t in (q, k, v, do))
-    bk, bv = head_block(dk), min(head_block(dv), DELTA_BV)
-    nb = triton.cdiv(dv, bv)
-    f32, dev = torch.float32, q.device
-    gc = g.float().expand(b, h, n, dk).contiguous() if g is not None else hs
+    q, k, v, do = (x.contiguous() for x in (q, k, v, do))
     bc = beta.float().expand(b, h, n).contiguous()
-    scratch = torch.empty(nb * b * h * chunk * bk * bv, dtype=f32, device=dev)
-    dq = torch.empty(nb, b, h, n, dk, dtype=f32, device=dev)
-    dkk = torch.empty(nb, b, h, n, dk, dtype=f32, device=dev)
-    dvv = torch.empty(b, h, n, dv, dtype=f32, device=dev)
-    db = torch.empty(nb, b, h, n, dtype=f32, device=dev)
-    dg = torch.empty(nb, b, h, n, dk, dtype=f32, device=dev) if g is not None else db
-    dh0 = torch.empty(b, h, dk, dv, dtype=f32, device=dev)
+    n_chunks = triton.cdiv(n, chunk)
+    np_ = n_chunks * chunk
+    gc = chunk_cumsum(g, b, h, n, dk, chunk, q.device)
+    f32, dev = torch.float32, q.device
+    prec = _prec(q)
+    aqk = intra_scores(q, k, gc, None, chunk, strict=False)
+    bkk = intra_scores(k, k, gc, None, chunk, strict=True)
+    dhs = torch.empty(b, h, n_chunks, dk, dv, dtype=f32, device=dev)
+    du = torch.empty(b, h, np_, dv, dtype=f32, device=dev)
+    n_seq = b if seq_chunks is None else seq_chunks.shape[0] - 1
+    dh0 = torch.empty(n_seq, h, dk, dv, dtype=f32, device=dev)
     dht_c = dht.float().contiguous() if dht is not None else dh0
-    delta_bwd_kernel[(nb, b * h)](
-        q, k, v, gc, bc, hs, do, dht_c, scratch, dq, dkk, dvv, db, dg, dh0, n, dk, dv, nb, float(scale),
-        HAS_G=g is not None, HAS_DHT=dht is not None, BT=chunk, BK=bk, BV=bv, num_warps=4,
+    bv = min(head_block(dv), DELTA_BV)
+    delta_bwd_dh_kernel[(triton.cdiv(dv, bv), n_seq * h)](
+        q, k, do, gc, w, aqk, dht_c, dhs, du, dh0, seq_chunks if seq_chunks is not None else dh0,
+        n, np_, dk, dv, b * h, float(scale),
+        HAS_DHT=dht is not None, VARLEN=seq_chunks is not None, GATE=2, BT=chunk, BK=head_block(dk), BV=bv,
+        DOT_PREC=prec, num_warps=4, num_stages=2,
     )  # fmt: skip
-    return dq.sum(0), dkk.sum(0), dvv, db.sum(0), (dg.sum(0) if g is not None else None), dh0
+    dq = torch.empty(b, h, np_, dk, dtype=f32, device=dev)
+    dkk = torch.empty(b, h, np_, dk, dtype=f32, device=dev)
+    dgc = torch.empty(b, h, np_, dk, dtype=f32, device=dev)
+    dvv = torch.empty_like(v)
+    db = torch.empty(b, h, n, dtype=f32, device=dev)
+    daqk = torch.empty(b, h, np_, chunk, dtype=f32, device=dev)
+    dbkk = torch.empty(b, h, np_, chunk, dtype=f32, device=dev)
+    delta_bwd_chunk_channel_kernel[(n_chunks, b * h)](
+        q, k, v, bc, gc, do, hs, dhs, u, du, t, bkk, dq, dkk, dvv, db, dgc, daqk, dbkk,
+        n, np_, dk, dv, float(scale),
+        BT=chunk, BK=head_block(dk), BV=head_block(dv), DOT_PREC=prec, num_warps=8,
+    )  # fmt: skip
+    for x, dp, dx, dy, same in ((q, daqk, dq, dkk, False), (k, dbkk, dkk, dkk, True)):
+        score_bwd_kernel[(np_ // SUB, b * h)](
+            x, k, gc, dp, dx, dy, dgc, n, np_, dk,
+            SAME_OUT=same, BT=chunk, BS=SUB, BK=head_block(dk), DOT_PREC=prec, UPCAST=_upcast(q), num_warps=4,
+        )  # fmt: skip
+    # through the chunk-local cumsum: a reverse cumsum within each chunk
+    dg = dgc.view(b, h, n_chunks, chunk, dk).flip(3).cumsum(3).flip(3).reshape(b, h, np_, dk)[:, :, :n]
+    return dq[:, :, :n].to(q.dtype), dkk[:, :, :n].to(k.dtype), dvv, db, dg, dh0
 
 
 @torch.library.custom_op("attnlab::delta_chunk_fwd", mutates_args=())
@@ -538,7 +562,7 @@ def _(
     n_seq = b if seq_chunks is None else seq_chunks.shape[0] - 1
     ht = q.new_empty(n_seq, h, dk, dv, dtype=f32)
     hs = q.new_empty((b, h, n_chunks, dk, dv) if save else (0,), dtype=f32)
-    wut = save and _delta_scalar(g)
+    wut = save
     w = q.new_empty((b, h, np_, dk) if wut else (0,), dtype=f32)
     u = q.new_empty((b, h, np_, dv) if wut else (0,), dtype=f32)
     t = q.new_empty((b, h, np_, chunk) if wut else (0,), dtype=f32)
@@ -551,19 +575,16 @@ def delta_chunk_bwd(
     t: Tensor, do: Tensor, dht: Tensor | None, scale: float, chunk: int, seq_chunks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(dq, dk, dv, dbeta in the inputs' dtypes, dg (fp32, g's shape; empty without g), dh0 fp32). A gate
-    shared by the channels (or none) takes the chunked backward; per-channel gates the exact reverse
-    recurrence token by token."""
-    if _delta_scalar(g):
+    shared by the channels (or none) takes the 64-row chunked backward; per-channel gates add the
+    intra-chunk score backwards by 16-row sub-blocks."""
+    if g is None or _delta_scalar(g):
         dq, dk, dv, db, dg, dh0 = delta_bwd_scalar_launch(
             q, k, v, beta, g, hs, w, u, t, do, dht, scale, chunk, seq_chunks
         )
-    elif seq_chunks is not None:
-        raise NotImplementedError(
-            "attnlab::delta_chunk_bwd: packed sequences (cu_seqlens) with per-channel gates have no backward "
-            "yet (per-head gates and no gate do)"
-        )
     else:
-        dq, dk, dv, db, dg, dh0 = delta_bwd_launch(q, k, v, beta, g, hs, do, dht, scale, chunk)
+        dq, dk, dv, db, dg, dh0 = delta_bwd_channel_launch(
+            q, k, v, beta, g, hs, w, u, t, do, dht, scale, chunk, seq_chunks
+        )
     dg_out = dg if dg is not None else q.new_empty(0, dtype=torch.float32)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), db.to(beta.dtype), dg_out, dh0
 
@@ -697,7 +718,7 @@ def delta_chunk_varlen(
     chunk: int, cu_seqlens: Tensor,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """:func:`delta_chunk` over packed sequences (shapes as :func:`gla_chunk_varlen`; beta (1, H, T)).
-    Differentiable under a gate shared by the channels or none; per-channel gates: forward only."""
+    Differentiable as :func:`delta_chunk`."""
     _, h, n, dk = q.shape
     _check(q, k, v, chunk)
     rows, seq_chunks, aligned = varlen_layout(cu_seqlens, n, chunk)
