@@ -215,10 +215,16 @@ def main() -> None:
             json.dump(result, f, indent=1)
     if args.profile:
         b, h, n = (int(x) for x in args.profile.split("x"))
-        profile(b, h, n, args.head_dim, args.out + ".prof.txt")
+        try:
+            profile(b, h, n, args.head_dim, args.out + ".prof.txt")
+        except Exception as e:
+            result["profile_error"] = f"{type(e).__name__}: {e}"[:400]
     if args.api:
         b, h, n = (int(x) for x in args.shapes.split(",")[0].split("x"))
-        result["api"] = bench_api(b, h, n, args.head_dim, args.reps)
+        try:
+            result["api"] = bench_api(b, h, n, args.head_dim, args.reps)
+        except Exception as e:
+            result["api"] = {"error": f"{type(e).__name__}: {e}"[:400]}
         print(json.dumps(result["api"]), flush=True)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
