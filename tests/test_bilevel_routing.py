@@ -183,8 +183,12 @@ def test_bad_grids_and_cross_attention_are_refused(method: None) -> None:
     q = torch.randn(1, 1, 30, 16)
     with pytest.raises(InputError, match="holds 32 tokens"):
         attnlab.attention(q, q, q, method="bilevel_routing", shape=(4, 8), regions=2)
-    with pytest.raises(InputError, match="at most 30"):
-        attnlab.attention(q, q, q, method="bilevel_routing", regions=31)
+    with pytest.raises(ParamError, match="at most 4"):  # a given grid's axis shorter than its regions
+        attnlab.attention(q[:, :, :24], q[:, :, :24], q[:, :, :24], method="bilevel_routing", shape=(4, 6),
+                          regions=(5, 2))  # fmt: skip
+    # a 1-D sequence shorter than its region count: one region per token (every key routed: dense)
+    few = attnlab.attention(q, q, q, method="bilevel_routing", regions=31, topk=31)
+    torch.testing.assert_close(few, attnlab.attention(q, q, q, method="softmax"))
     k = torch.randn(1, 1, 40, 16)
     with pytest.raises(UnsupportedPatternError, match="noncausal_cross"):
         attnlab.attention(q, k, k, method="bilevel_routing", regions=2)

@@ -108,9 +108,12 @@ class BilevelRoutingParams(Params):
 
 def region_of(params: BilevelRoutingParams, n: int, device: torch.device) -> tuple[Tensor, int]:
     """(long (N,): the region of each token in raster order, number of regions). Raises InputError when
-    the grid does not hold N tokens or an axis is shorter than its region count."""
+    the grid does not hold N tokens or an axis of a given ``shape`` is shorter than its region count; a 1-D
+    sequence (``shape=None``) shorter than ``regions`` gets one region per token."""
     shape = _grid.grid_of(params.method, params.shape, n, n)
     regions = params.per_axis()
+    if params.shape is None:  # a 1-D sequence shorter than its region count: one region per token
+        regions = (min(regions[0], n),)
     for axis, (s, length) in enumerate(zip(regions, shape, strict=True)):
         if s > length:
             raise InputError(
