@@ -127,3 +127,17 @@ def test_tokenizer_errors(tmp_path: Path) -> None:
         train_tokenizer(["text"], vocab_size=100)
     with pytest.raises(CheckpointError, match="no tokenizer.json"):
         load_tokenizer(tmp_path)
+
+
+def test_saved_corpus_reads_back_the_same(corpus, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from attnlab.organisms.corpus import save_corpus
+
+    path = save_corpus(corpus, tmp_path / "corpus.json.gz")
+    again = build_corpus(CorpusConfig(file=str(path)))
+    assert again.fingerprint == corpus.fingerprint and again.train == corpus.train
+    assert again.heldout == corpus.heldout and again.chars_by_source == corpus.chars_by_source
+    with pytest.raises(ConfigError, match="corpus file '.*missing.json' does not exist"):
+        build_corpus(CorpusConfig(file=str(tmp_path / "missing.json")))
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(ConfigError, match="expected a file written by save_corpus"):
+        build_corpus(CorpusConfig(file=str(tmp_path / "other.json")))

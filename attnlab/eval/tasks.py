@@ -207,15 +207,19 @@ def _haystack(
     from attnlab.organisms.errors import ConfigError
     from attnlab.organisms.tasks import TaskContext
 
-    corpus_cfg = cfg.corpus
-    if corpus_cfg is None and state is not None:
-        stored = dict(state["config"]["corpus"])
-        stored = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}
+    corpus = None
+    if cfg.corpus is not None:
+        corpus = build_corpus(cfg.corpus)
+    elif state is not None:
+        stored: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in state["config"]["corpus"].items()
+        }
         try:
-            corpus_cfg = CorpusConfig(**stored).validate()
+            corpus = build_corpus(CorpusConfig(**stored))
         except (ConfigError, TypeError):  # e.g. a corpus file that is not on this machine
-            corpus_cfg = None
-    corpus = build_corpus(corpus_cfg or CorpusConfig(max_chars=2_000_000))
+            corpus = None
+    if corpus is None:
+        corpus = build_corpus(CorpusConfig(max_chars=2_000_000))
     return TaskContext(tok, [d.text for d in prose(corpus.heldout)]), corpus.fingerprint
 
 

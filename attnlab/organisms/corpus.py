@@ -98,8 +98,6 @@ class CorpusConfig:
                 f"corpus min_doc_chars={self.min_doc_chars}, max_doc_chars={self.max_doc_chars}: expected "
                 "min_doc_chars >= 1 and max_doc_chars >= 2 * min_doc_chars"
             )
-        if self.file is not None and not Path(self.file).is_file():
-            raise ConfigError(f"corpus file {self.file!r} does not exist: expected a file from save_corpus")
         for root in self.roots or ():
             if not Path(root).is_dir():
                 raise ConfigError(f"corpus root {root!r} is not a folder")
@@ -315,6 +313,8 @@ def _load_corpus(config: CorpusConfig) -> Corpus:
     import json
 
     assert config.file is not None
+    if not Path(config.file).is_file():
+        raise ConfigError(f"corpus file {config.file!r} does not exist: expected a file from save_corpus")
     raw = Path(config.file).read_bytes()
     data = json.loads(
         (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).decode("utf-8", "surrogatepass")
