@@ -20,6 +20,7 @@ every timed call (in a model every layer reads a different cache, so nothing sta
 - parts, each captured in a CUDA graph (GPU time without the host): ``select_fused`` (the one selection
   launch), ``select_scores_torch_topk`` (the same kernel scoring, ``torch.topk`` ranking),
   ``select_two_launch`` (the kernel scoring in page_score_kernel's tile, then attnlab's row top-k),
+  ``select_fused_dot`` / ``select_two_launch_dot`` (the same with the bounds as tensor-core products),
   ``select_previous`` (the previous path: page-score kernel, forced pages, ``torch.topk``, int32),
   ``topk_torch`` / ``topk_triton`` (``torch.topk`` / attnlab's row top-k alone on the same scores),
   ``kernel_only`` (decode kernel + merge over a fixed selection), ``kernel_all_pages`` (the decode kernel
@@ -188,6 +189,19 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
     picked.scatter_(2, fused_idx.long(), True)
     topk_overlap = float(picked.gather(2, tk).float().mean())
     counter_zero = bool((counter == 0).all())
+    from attnlab.kernels.decode.op import page_select_launch
+
+    variants: dict[str, Any] = {}  # the not-yet-default selections: exact rule over their scores, and
+    for name, rank, dot in (("two_launch", "triton", False), ("fused_dot", "fused", True),
+                            ("two_launch_dot", "triton", True)):  # fmt: skip
+        v_idx, v_scores = page_select_launch(q, k, summary.kmax, summary.kmin, counter, page, keep0,
+                                             (n - 1) // page, n_pages0, True, rank=rank, dot=dot)  # fmt: skip
+        fin = torch.isfinite(fused_scores)
+        variants[name] = {
+            "rule_over_its_scores": bool(torch.equal(v_idx, row_topk_naive(v_scores, keep0))),
+            "scores_vs_fused_max_abs": float((v_scores[fin] - fused_scores[fin]).abs().max()),
+            "same_pages_as_fused": round(float(v_idx.eq(fused_idx).float().mean()), 6),
+        }
     bound = 2 * err_low + 1e-5 * (1 + peak) + 0.5 * torch.finfo(torch.bfloat16).eps * peak
     checks = {
         "kernel_vs_naive_max_abs": err,
@@ -200,6 +214,7 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
         "fused_selection_is_rule_over_its_scores": rule_exact,
         "fused_vs_torch_topk_same_scores_overlap": round(topk_overlap, 6),
         "fused_counters_left_zero": counter_zero,
+        "variants": variants,
     }
 
     # -- timing ---------------------------------------------------------------------------------------
@@ -236,6 +251,16 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
 
         return page_select_launch(q, k, sel_state.kmax, sel_state.kmin, sel_counter, page, keep,
                                   first_forced, n_pages - 1, True, rank="triton")[0]  # fmt: skip
+
+    def select_fused_dot() -> object:  # select_fused, bounds as tensor-core products
+        return page_select(q, k, sel_state.kmax, sel_state.kmin, sel_counter, page, keep, first_forced,
+                           n_pages - 1, True, dot=True)[0]  # fmt: skip
+
+    def select_two_launch_dot() -> object:  # select_two_launch, bounds as tensor-core products
+        from attnlab.kernels.decode.op import page_select_launch
+
+        return page_select_launch(q, k, sel_state.kmax, sel_state.kmin, sel_counter, page, keep,
+                                  first_forced, n_pages - 1, True, rank="triton", dot=True)[0]  # fmt: skip
 
     def select_previous() -> object:  # the path before the fused kernel (1559cad)
         s = page_scores(q, summary.kmax, summary.kmin, n_pages, True)
@@ -287,6 +312,8 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
         "select_fused": graphed(select_fused),
         "select_scores_torch_topk": graphed(select_scores_torch_topk),
         "select_two_launch": graphed(select_two_launch),
+        "select_fused_dot": graphed(select_fused_dot),
+        "select_two_launch_dot": graphed(select_two_launch_dot),
         "select_previous": graphed(select_previous),
         "topk_torch": graphed(topk_torch),
         "topk_triton": graphed(topk_triton),
@@ -306,6 +333,8 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
         "select_fused": summary_bytes,
         "select_scores_torch_topk": summary_bytes,
         "select_two_launch": summary_bytes,
+        "select_fused_dot": summary_bytes,
+        "select_two_launch_dot": summary_bytes,
         "select_previous": summary_bytes,
         "topk_torch": None,
         "topk_triton": None,

@@ -171,13 +171,15 @@ SELECT_CASES = [
 ]
 
 
+@pytest.mark.parametrize("dot", [False, True], ids=["elementwise", "dot"])
 @pytest.mark.parametrize("case", SELECT_CASES, ids=[f"case{i}" for i in range(len(SELECT_CASES))])
-def test_page_select_updates_scores_and_picks_the_top_pages(case: tuple) -> None:
+def test_page_select_updates_scores_and_picks_the_top_pages(case: tuple, dot: bool) -> None:
     """The fused selection kernel: stale summaries recomputed (padding left out), every page's bound equal
     to the naive twin's (forced pages +inf, padding-only pages -inf), and the positions of the top ``keep``
     scores ascending with ties to the lowest (row_topk_naive over the kernel's own scores). Twice: the
-    row counters are left at zero, so a second launch (a CUDA-graph replay) selects again."""
-    from attnlab.kernels.decode.op import page_select
+    row counters are left at zero, so a second launch (a CUDA-graph replay) selects again. ``dot``: the
+    bounds as tensor-core products."""
+    from attnlab.kernels.decode.op import page_select_launch
     from attnlab.state.pages import summarize
 
     b, h, h_kv, n_q, n_k, d, page, keep, stale, with_mask, reduce_max = case
@@ -195,8 +197,8 @@ def test_page_select_updates_scores_and_picks_the_top_pages(case: tuple) -> None
     counter = torch.zeros(b * h_kv, device=DEVICE, dtype=torch.int32)
     first_forced = (n_k - n_q) // page
     for _ in range(2):
-        index, scores = page_select(q, k, summary.kmax, summary.kmin, counter, page, keep, first_forced,
-                                    first, reduce_max, key_mask)  # fmt: skip
+        index, scores = page_select_launch(q, k, summary.kmax, summary.kmin, counter, page, keep,
+                                           first_forced, first, reduce_max, key_mask, dot=dot)  # fmt: skip
         assert torch.equal(summary.kmax[:, :, :n_pages], want_max)
         assert torch.equal(summary.kmin[:, :, :n_pages], want_min)
         want = page_scores_naive(q, want_max, want_min, "max" if reduce_max else "mean")
@@ -209,6 +211,26 @@ def test_page_select_updates_scores_and_picks_the_top_pages(case: tuple) -> None
         torch.testing.assert_close(scores, want, atol=1e-5, rtol=1e-5)
         assert torch.equal(index, row_topk_naive(scores, keep))
         assert torch.equal(counter, torch.zeros_like(counter))
+
+
+@pytest.mark.parametrize("dot", [False, True], ids=["elementwise", "dot"])
+def test_page_select_bf16_with_padding(dot: bool) -> None:
+    """bf16 cache and summaries (the GPU case): bounds in fp32 from the bf16 summaries equal the naive
+    twin's up to summation order, padding-only pages -inf, positions the rule over the kernel's scores."""
+    from attnlab.kernels.decode.op import page_select_launch
+    from attnlab.state.pages import summarize
+
+    q, k, _ = _qkv(1, 8, 2, 1, 256, 128, torch.bfloat16)
+    key_mask = torch.ones(1, 256, device=DEVICE)
+    key_mask[0, :40] = 0
+    summary = summarize(k, 16, None, key_mask)
+    counter = torch.zeros(2, device=DEVICE, dtype=torch.int32)
+    index, scores = page_select_launch(q, k, summary.kmax, summary.kmin, counter, 16, 5, 15, 16, True,
+                                       key_mask, dot=dot)  # fmt: skip
+    want = page_scores_naive(q, *summary.valid(), "max")
+    assert torch.isneginf(scores[0, :, :2]).all()
+    torch.testing.assert_close(scores[..., 2:15], want[..., 2:15], atol=1e-3, rtol=1e-5)
+    assert torch.equal(index, row_topk_naive(scores, 5))
 
 
 def test_page_select_two_launch_and_torch_ranking_pick_the_same_pages() -> None:
@@ -228,6 +250,10 @@ def test_page_select_two_launch_and_torch_ranking_pick_the_same_pages() -> None:
     assert torch.equal(scores, scores2) and torch.equal(scores, scores3)
     assert torch.equal(fused, two)
     assert torch.equal(fused, ranked.sort(-1).values)
+    two_dot, scores4 = page_select_launch(q, k, summary.kmax, summary.kmin, counter, 4, 11, 49, 50, True,
+                                          rank="triton", dot=True)  # fmt: skip
+    torch.testing.assert_close(scores4, scores, atol=1e-5, rtol=1e-5)
+    assert torch.equal(two_dot, row_topk_naive(scores4, 11))
     with pytest.raises(ValueError, match="rank='heap'; expected 'fused', 'triton' or 'torch'"):
         page_select_launch(q, k, summary.kmax, summary.kmin, counter, 4, 11, 49, 50, True, rank="heap")
 

@@ -19,7 +19,8 @@ candidate for the selection's top-k; see its docstring).
 ``page_select_kernel``. Grid: (cdiv(N_PAGES, BLOCK_P), B * H_KV). page_topk's whole selection in one
 launch. Program (pb, b*h_kv) (1) recomputes the page summaries (elementwise key max / min of the real tokens)
 of its pages >= FIRST_UPDATE from K (a decode step's appended tokens; none when FIRST_UPDATE = N_PAGES),
-(2) scores its BLOCK_P pages as ``page_score_kernel`` does, pages with no real token (max < min) -inf,
+(2) scores its BLOCK_P pages as ``page_score_kernel`` does (DOT: as two tensor-core products of the
+group's query rows, split by sign, with the summaries), pages with no real token (max < min) -inf,
 pages >= FIRST_FORCED +inf, into SCORES, then (3) counts itself done on the row's counter (an atomic); the
 row's last program to finish reads the row's scores back and writes the positions of its KEEP largest,
 ascending (ties at the KEEP-th value: the lowest positions), to IDX, and resets the counter to 0 (so the
@@ -272,6 +273,7 @@ def page_select_kernel(
     H_KV, N_Q, N_K, N_PAGES, HEAD_D, FIRST_UPDATE, FIRST_FORCED, KEEP,
     GROUP: tl.constexpr, PAGE: tl.constexpr, REDUCE_MAX: tl.constexpr, HAS_KMASK: tl.constexpr,
     SELECT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_ROW: tl.constexpr,
+    DOT: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     pb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -312,22 +314,41 @@ def page_select_kernel(
     real = tl.max(tl.where(d_ok[None, :], kmax, float("-inf")), 1) >= tl.min(
         tl.where(d_ok[None, :], kmin, float("inf")), 1
     )
-    if REDUCE_MAX:  # noqa: SIM108
-        best = tl.full([BLOCK_P], float("-inf"), tl.float32)
-    else:
-        best = tl.zeros([BLOCK_P], tl.float32)
-    for r in range(0, GROUP * N_Q):
-        head = hk * GROUP + r // N_Q
-        qi = r % N_Q
-        q_ptr = Q + b * stride_qb + head.to(tl.int64) * stride_qh + qi * stride_qn + offs_d
-        qr = tl.load(q_ptr, mask=d_ok, other=0.0).to(tl.float32)
-        u = tl.sum(tl.maximum(qr[None, :] * kmax, qr[None, :] * kmin), 1)
-        if REDUCE_MAX:  # noqa: SIM108
-            best = tl.maximum(best, u)
+    if DOT:  # the bound as two products: relu(q) . kmax + min(q, 0) . kmin, every query row at once
+        rows = tl.arange(0, BLOCK_M)
+        row_ok = rows < GROUP * N_Q
+        heads = hk * GROUP + rows // N_Q
+        q_ptr = (
+            Q + b * stride_qb + heads[:, None].to(tl.int64) * stride_qh + (rows % N_Q)[:, None] * stride_qn
+        )
+        qt = tl.load(q_ptr + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        qf = qt.to(tl.float32)  # (signs compared in fp32: exact, and right in the interpreter too)
+        q_pos = tl.where(qf > 0, qf, 0.0).to(qt.dtype)
+        q_neg = tl.where(qf > 0, 0.0, qf).to(qt.dtype)
+        hi = tl.where(real[:, None], kmax, 0.0).to(qt.dtype)  # padding-only pages: no 0 * inf
+        lo = tl.where(real[:, None], kmin, 0.0).to(qt.dtype)
+        u2 = _dot(q_pos, tl.trans(hi), DOT_PREC, UPCAST) + _dot(q_neg, tl.trans(lo), DOT_PREC, UPCAST)
+        if REDUCE_MAX:
+            best = tl.max(tl.where(row_ok[:, None], u2, float("-inf")), 0)
         else:
-            best = best + u
-    if not REDUCE_MAX:
-        best = best / (GROUP * N_Q)
+            best = tl.sum(tl.where(row_ok[:, None], u2, 0.0), 0) / (GROUP * N_Q)
+    else:  # elementwise, one query row at a time
+        if REDUCE_MAX:
+            best = tl.full([BLOCK_P], float("-inf"), tl.float32)
+        else:
+            best = tl.zeros([BLOCK_P], tl.float32)
+        for r in range(0, GROUP * N_Q):
+            head = hk * GROUP + r // N_Q
+            qi = r % N_Q
+            q_ptr1 = Q + b * stride_qb + head.to(tl.int64) * stride_qh + qi * stride_qn + offs_d
+            qr = tl.load(q_ptr1, mask=d_ok, other=0.0).to(tl.float32)
+            u = tl.sum(tl.maximum(qr[None, :] * kmax, qr[None, :] * kmin), 1)
+            if REDUCE_MAX:  # noqa: SIM108
+                best = tl.maximum(best, u)
+            else:
+                best = best + u
+        if not REDUCE_MAX:
+            best = best / (GROUP * N_Q)
     best = tl.where(real, best, float("-inf"))
     best = tl.where(pages >= FIRST_FORCED, float("inf"), best)
     row_base = bh.to(tl.int64) * N_PAGES

@@ -201,6 +201,7 @@ def page_select_launch(
     reduce_max: bool,
     key_mask: Tensor | None = None,
     rank: str = "fused",
+    dot: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """page_topk's selection in one launch (fwd.py ``page_select_kernel``).
 
@@ -213,7 +214,9 @@ def page_select_launch(
     only -inf). ``rank``: "fused" (one launch), "triton" (the kernel scores only, in ``SPLIT_BLOCK_P``-page
     programs of 4 warps, then :func:`row_topk`: two launches, the same positions; not measured yet) or
     "torch" (the kernel scores, ``torch.topk`` ranks: positions in its order; what rows longer than
-    ``MAX_SELECT_ROW`` get)."""
+    ``MAX_SELECT_ROW`` get). ``dot``: the bounds as two tensor-core products per program
+    (``relu(q) . kmax + min(q, 0) . kmin``, fp32 accumulation) instead of elementwise products and a
+    cross-thread sum per query row; the same values up to summation order; not measured yet."""
     b, h, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     if page < 1 or page & (page - 1) or page > 256:
@@ -272,6 +275,9 @@ def page_select_launch(
         GROUP=h // h_kv, PAGE=page, REDUCE_MAX=bool(reduce_max), HAS_KMASK=key_mask is not None,
         SELECT=fused, BLOCK_P=block_p, BLOCK_D=head_block(d),
         BLOCK_ROW=block_row if fused else 16,
+        DOT=bool(dot), BLOCK_M=max(16, next_power_of_2((h // h_kv) * n_q)),
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST=IMPORTED_INTERPRETED and q.dtype != torch.float32,
         num_warps=_select_warps(block_row) if fused else 4,
     )  # fmt: skip
     if rank == "triton":
@@ -389,9 +395,10 @@ def page_select_op(
     first_update: int,
     reduce_max: bool,
     key_mask: Tensor | None,
+    dot: bool,
 ) -> tuple[Tensor, Tensor]:
     return page_select_launch(
-        q, k, kmax, kmin, counter, page, keep, first_forced, first_update, reduce_max, key_mask
+        q, k, kmax, kmin, counter, page, keep, first_forced, first_update, reduce_max, key_mask, dot=dot
     )
 
 
@@ -408,6 +415,7 @@ def _(
     first_update: int,
     reduce_max: bool,
     key_mask: Tensor | None,
+    dot: bool,
 ) -> tuple[Tensor, Tensor]:
     b, h_kv = kmax.shape[:2]
     n_pages = -(-k.shape[2] // page)
@@ -429,14 +437,15 @@ def page_select(
     first_update: int,
     reduce_max: bool = True,
     key_mask: Tensor | None = None,
+    dot: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """page_topk's selection in one launch: (index (B, H_kv, keep) int32 ascending, scores (B, H_kv,
     n_pages) float32); see :func:`page_select_launch`. Updates pages ``[first_update, n_pages)`` of
     kmax/kmin in place. Through the custom op inside ``torch.compile``, the launcher directly otherwise."""
     args = (int(page), int(keep), int(first_forced), int(first_update), bool(reduce_max))
     if torch.compiler.is_compiling():
-        return page_select_op(q, k, kmax, kmin, counter, *args, key_mask)
-    return page_select_launch(q, k, kmax, kmin, counter, *args, key_mask)
+        return page_select_op(q, k, kmax, kmin, counter, *args, key_mask, bool(dot))
+    return page_select_launch(q, k, kmax, kmin, counter, *args, key_mask, dot=bool(dot))
 
 
 def page_scores(q: Tensor, kmax: Tensor, kmin: Tensor, n_pages: int, reduce_max: bool = True) -> Tensor:
