@@ -9,7 +9,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import attnlab
-from attnlab.errors import ParamError
+from attnlab.core import Result
+from attnlab.errors import InputError, ParamError
+from attnlab.patterns import pattern_of
 from attnlab.testing import FWD_FACTOR, Case, bound, max_abs
 
 METHODS = list(attnlab.methods())
@@ -34,18 +36,29 @@ def calls(draw: st.DrawFn) -> tuple:
     n_q = draw(st.integers(1, 90))
     n_k = draw(st.integers(1, 90))
     causal = draw(st.booleans())
+    assume(pattern_of(causal, n_q, n_k) in spec.patterns)  # a pattern the method does not define: refused
     batch = draw(st.integers(1, 2))
     return method, params, batch, kv * group, kv, n_q, n_k, causal
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]
+)
 @given(calls())
 def test_default_backend_matches_reference(call: tuple) -> None:
     method, params, b, h, hk, n_q, n_k, causal = call
-    q, k, v = Case(b, h, hk, n_q, n_k, 32, torch.float32, causal).inputs("cpu", seed=n_q * 131 + n_k)
+    case = Case(b, h, hk, n_q, n_k, 32, torch.float32, causal)
+    q, k, v = case.inputs("cpu", seed=n_q * 131 + n_k)
     spec = attnlab.get(method)
-    out = attnlab.attention(q, k, v, method=method, causal=causal, **params)
-    ref = spec.reference(q, k, v, spec.make_params(params), causal=causal, scale=32**-0.5)
+    extra = case.tensor_inputs(spec, "cpu")  # required gates, beta, ...: valid values
+    try:
+        out = attnlab.attention(q, k, v, method=method, causal=causal, **params, **extra)
+    except InputError:  # shapes a method's parameters exclude (a grid that does not hold N tokens, ...)
+        assume(False)
+    ref = spec.reference(q, k, v, spec.make_params(params), causal=causal, scale=32**-0.5, **extra)
+    if spec.stateful:  # a Result and (out, state)
+        assert isinstance(out, Result)
+        out, ref = out.out, ref[0]
     assert out.shape == (b, h, n_q, 32)
     assert torch.isfinite(out).all()
     assert max_abs(out, ref) <= bound(0.0, ref, FWD_FACTOR, torch.float32)

@@ -32,7 +32,6 @@ import torch
 from torch import Tensor
 
 import attnlab
-from attnlab.catalog.structured import SPECS as STRUCTURED
 from attnlab.errors import InputError, ParamError
 from attnlab.masks import MaskContext, dense_mask
 from attnlab.patterns import pattern_of
@@ -43,12 +42,11 @@ IndexMask = Callable[[Any, int, int, bool], Tensor]
 #: (params, n_q, n_k, causal, heads, kv_heads) -> (H, N_q, N_k)
 HeadIndexMask = Callable[[Any, int, int, bool, int, int], Tensor]
 
-#: the methods under test: the registry's, and the structured patterns until their package registers them
-METHODS: dict[str, MethodSpec] = {**{s.name: s for s in STRUCTURED}, **attnlab.methods()}
+METHODS = attnlab.methods()
 
 
 def spec_of(name: str) -> MethodSpec:
-    return METHODS[name]
+    return attnlab.get(name)
 
 
 def head_module(spec: MethodSpec) -> ModuleType | None:

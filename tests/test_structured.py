@@ -4,13 +4,13 @@ fp32 reference on their backends, plans, and every bad input with its error. (Ea
 independent index arithmetic, parameter edge cases, grids drawn by hand with NATTEN's border and corner
 rules, and wrong definitions that must be caught: tests/test_index_masks.py.)
 
-The methods are not in the global registry yet (see ``attnlab/catalog/structured/__init__.py``): each test
-registers the one it runs for its own duration.
+The 1-D parameter sets of every method run on every backend in the registry's parity suite
+(tests/test_parity.py); the grids here are 2-D and 3-D, whose lengths that suite's shapes do not hold.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
 from typing import Any
 
 import pytest
@@ -29,25 +29,9 @@ from attnlab.catalog.structured import (
 )
 from attnlab.core import MethodSpec
 from attnlab.errors import InputError, ParamError, UnsupportedPatternError
-from attnlab.registry import registered
 from attnlab.testing import Case, check_parity, draw_mask
 
 BY_NAME = {spec.name: spec for spec in SPECS}
-
-
-@pytest.fixture
-def use() -> Iterator[Any]:
-    """``use(name)`` registers a structured method until the test ends."""
-    stack: list[Any] = []
-
-    def enter(name: str) -> MethodSpec:
-        ctx = registered(BY_NAME[name])
-        stack.append(ctx)
-        return ctx.__enter__()
-
-    yield enter
-    for ctx in reversed(stack):
-        ctx.__exit__(None, None, None)
 
 
 def index(spec: MethodSpec, kwargs: dict[str, Any], n_q: int, n_k: int, causal: bool) -> Tensor:
@@ -74,7 +58,7 @@ def test_every_method_is_complete() -> None:
             spec.make_params(test_kwargs)
         assert spec.mask is None or spec.index_mask is not None
         assert spec.params == spec.param_class()
-        assert spec.name not in attnlab.methods()  # registered only inside tests, for now
+        assert attnlab.get(spec.name) is spec  # registered
 
 
 # -- beyond the shared mask tests -----------------------------------------------------------------------
@@ -109,8 +93,10 @@ def test_strided_heads_union_covers_the_context() -> None:
 
 # -- against the reference on the backends ----------------------------------------------------------------
 
-PARITY = [
-    ("neighborhood", "sdpa_mask", 63, 63, {"window": 5, "dilation": 2}),
+#: (method, backend, N_q, N_k, params): 2-D/3-D grids, whose lengths the registry suite's shapes do not
+#: hold, and strided_heads' own per-head FlexAttention backend (the registry suite runs no compiled Flex
+#: on a CPU; one causal cross case here, forward only)
+PARITY: list[tuple[str, str, int, int, dict[str, Any]]] = [
     (
         "neighborhood",
         "sdpa_mask",
@@ -118,25 +104,31 @@ PARITY = [
         130,
         {"shape": (10, 13), "window": (3, 4), "stride": (1, 2), "axis_causal": (True, False)},
     ),
-    ("strided_heads", "sdpa_mask", 70, 200, {"block": 4, "local": 2, "vert_stride": 4}),
-    ("strided_heads", "flex", 130, 130, {"block": 4, "local": 2, "vert_stride": 4}),
-    ("power", "sdpa_mask", 63, 257, {"block": 4, "window": 1, "sinks": 1}),
-    ("radial", "sdpa_mask", 130, 130, {"frame": 9, "window": 7}),
+    (
+        "neighborhood",
+        "sdpa_mask",
+        130,
+        130,
+        {"shape": (2, 5, 13), "window": (2, 3, 5), "dilation": (1, 1, 2)},
+    ),
     ("multi_axis", "sdpa_mask", 130, 130, {"shape": (10, 13), "block": (2, 5), "grid": (3, 4)}),
-    ("doc_blocks", "sdpa_mask", 70, 200, {"boundaries": (5, 30, 31, 60)}),
+    ("strided_heads", "flex", 70, 200, {"block": 4, "local": 2, "vert_stride": 4}),
 ]
 
 
+#: the cases, causal and not (compiled Flex on a CPU: the causal one only, for CI time)
+PARITY_CASES = [(*p, c) for p in PARITY for c in (False, True) if c or p[1] != "flex"]
+
+
 @pytest.mark.parametrize(
-    ("name", "backend", "n_q", "n_k", "kwargs"),
-    PARITY,
-    ids=[f"{p[0]}-{p[1]}-{i}" for i, p in enumerate(PARITY)],
+    ("name", "backend", "n_q", "n_k", "kwargs", "causal"),
+    PARITY_CASES,
+    ids=[f"{p[0]}-{p[1]}-{'causal' if p[5] else 'full'}-{i}" for i, p in enumerate(PARITY_CASES)],
 )
-@pytest.mark.parametrize("causal", [False, True])
 def test_backend_matches_reference(
-    use: Any, name: str, backend: str, n_q: int, n_k: int, kwargs: Any, causal: bool
+    name: str, backend: str, n_q: int, n_k: int, kwargs: dict[str, Any], causal: bool
 ) -> None:
-    spec = use(name)
+    spec = attnlab.get(name)
     case = Case(2, 4, 2, n_q, n_k, 32, torch.float32, causal, kwargs)
     check = check_parity(spec, backend, case, "cpu")
     assert not check.skipped, check.skipped
@@ -145,14 +137,29 @@ def test_backend_matches_reference(
         assert "dq" in check.errors  # gradients checked too
 
 
-def test_plan_density_is_the_mask_density(use: Any) -> None:
-    use("neighborhood")
+GRIDS = [(p[0], p[4]) for p in PARITY if "shape" in p[4]]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["flex", "block_sparse"])
+@pytest.mark.parametrize(("name", "kwargs"), GRIDS, ids=[g[0] for g in GRIDS])
+def test_grid_fast_backends_match_reference_on_cuda(name: str, kwargs: Any, backend: str) -> None:
+    """The 2-D/3-D grids on FlexAttention and the block-sparse executor, forward and backward (on CPU,
+    compiled Flex has no backward and the executor runs interpreted: the registry suite covers 1-D)."""
+    spec = attnlab.get(name)
+    n = math.prod(kwargs["shape"])
+    for causal in (False, True):
+        case = Case(2, 4, 2, n, n, 64, torch.bfloat16, causal, kwargs)
+        check = check_parity(spec, backend, case, "cuda")
+        assert check.passed and "dq" in check.errors, f"{backend} {case.label()}: {check.summary()}"
+
+
+def test_plan_density_is_the_mask_density() -> None:
     q, k, v = (torch.randn(1, 2, 30, 16) for _ in range(3))
     kwargs: dict[str, Any] = {"shape": (5, 6), "window": (3, 3)}
     res = attnlab.attention(q, k, v, method="neighborhood", backend="sdpa_mask", return_plan=True, **kwargs)
     assert isinstance(res, attnlab.Result) and res.plan is not None
     assert res.plan.density == pytest.approx(9 / 30)  # every token sees exactly 3 x 3 keys
-    use("strided_heads")
     res = attnlab.attention(
         q,
         k,
@@ -174,9 +181,7 @@ def test_plan_density_is_the_mask_density(use: Any) -> None:
 # -- bad input ------------------------------------------------------------------------------------------
 
 
-def test_grid_shape_must_hold_the_sequence(use: Any) -> None:
-    use("neighborhood")
-    use("multi_axis")
+def test_grid_shape_must_hold_the_sequence() -> None:
     q = torch.randn(1, 2, 63, 16)
     with pytest.raises(InputError, match=r"shape=\(8, 8\) holds 64 tokens but the sequence has N=63"):
         attnlab.attention(q, q, q, method="neighborhood", shape=(8, 8), window=3)
@@ -215,8 +220,7 @@ def test_windows_larger_than_an_axis_are_refused() -> None:
     assert draw_mask(index(BY_NAME["neighborhood"], {"window": 9}, 3, 3, False)) == ["xxx"] * 3
 
 
-def test_grid_methods_are_self_attention_only(use: Any) -> None:
-    use("neighborhood")
+def test_grid_methods_are_self_attention_only() -> None:
     q, k = torch.randn(1, 2, 6, 16), torch.randn(1, 2, 9, 16)
     with pytest.raises(UnsupportedPatternError, match="does not define the noncausal_cross pattern"):
         attnlab.attention(q, k, k, method="neighborhood", window=3)

@@ -2,15 +2,13 @@
 
 Mask-defined methods use the static family's backends (:data:`attnlab.catalog.static.MASK_BACKENDS`);
 ``strided_heads``, whose mask depends on the head, brings its own two. Each method is one module,
-imported below, whose ``SPEC`` is listed in :data:`SPECS`.
-
-Not registered yet: registering a method changes shared files in the same commit (the README's support
-matrix, and ``tests/test_index_masks.py``, which needs every mask method in its EDGE_CASES and
-HAND_DRAWN tables). Until that commit, ``tests/test_structured.py`` registers each method for the
-duration of a test (:func:`attnlab.registry.registered`); registering them all is
-``for spec in SPECS: register(spec)`` here.
+imported below, whose ``SPEC`` is listed in :data:`SPECS`; importing this package registers them, in
+that order. Each mask method's index arithmetic, edge cases and hand-drawn grids are in
+``tests/test_index_masks.py``.
 """
 # isort: skip_file
+
+from attnlab.registry import register
 
 from attnlab.catalog.structured import neighborhood
 from attnlab.catalog.structured import strided_heads
@@ -28,5 +26,8 @@ SPECS = (
     multi_axis.SPEC,
     doc_blocks.SPEC,
 )
+
+for _spec in SPECS:
+    register(_spec)
 
 __all__ = ["SPECS", "doc_blocks", "multi_axis", "neighborhood", "power", "radial", "strided_heads"]
