@@ -78,7 +78,9 @@ def _sides(
     g = (F.logsigmoid(torch.randn(b, h, n, d, device=dev, generator=gen) + 3) / 4).requires_grad_(True)
     g_head = F.logsigmoid(torch.randn(b, h, n, 1, device=dev, generator=gen) + 3).requires_grad_(True)
     g_kda = F.logsigmoid(torch.randn(b, h, n, d, device=dev, generator=gen) + 4).requires_grad_(True)
-    slopes = -torch.tensor(alibi_slopes(h), device=dev)[None, :, None, None].expand(b, h, n, d)
+    # (negated before the expand: a stride-0 gate, as lightning.py hands the kernels; negating the expanded
+    # tensor would materialise it and time the per-channel kernels, as the run at 2c5277b did)
+    slopes = (-torch.tensor(alibi_slopes(h), device=dev))[None, :, None, None].expand(b, h, n, d)
     beta = torch.sigmoid(torch.randn(b, h, n, device=dev, generator=gen)).requires_grad_(True)
     scale = d**-0.5
 

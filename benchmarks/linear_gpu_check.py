@@ -48,7 +48,8 @@ def check(
     if method == "gla":
         extra["g"] = F.logsigmoid(torch.randn(b, h, n, d, device=dev, generator=gen) + 3.0) / 4
     if method == "lightning":
-        extra["g"] = -torch.tensor(alibi_slopes(h), device=dev)[None, :, None, None].expand(b, h, n, d)
+        # (negated before the expand: the stride-0 gate lightning.py hands the kernels, the scalar-gate path)
+        extra["g"] = (-torch.tensor(alibi_slopes(h), device=dev))[None, :, None, None].expand(b, h, n, d)
     kda = method == "gated_delta_kda"
     if kda:
         method = "gated_delta"

@@ -506,7 +506,7 @@ def delta_bwd_dh_kernel(
 def delta_bwd_chunk_kernel(
     Q, K, V, BETA, GC, DO, HS, DHS, U, DU, T, DQ, DK_, DV_, DB, DG,
     N, NP, DK, DV, scale,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """The delta rule's gradients of one chunk per program (chunk, batch * head), scalar gate, from the
     forward's S (state at the chunk start), U (the chunk's u), T = (I + A_kk)^-1, and the backward pass's
@@ -522,8 +522,13 @@ def delta_bwd_chunk_kernel(
     and the gradient of the chunk-local cumsum G per token (DG: rows of the chunk, the chunk-end terms
     exp(G_C) sum(S * dH) + sum(U dH^T * k exp(G_C - G)) on its last row). dq, dk, dv in DQ's, DK_'s,
     DV_'s dtypes. Transposed products are built
-    transposed, never by transposing a dot's result. Dots in float32; BK, BV cover the head dims."""
+    transposed, never by transposing a dot's result. Dot operands in the input dtype (float32 in the CPU
+    interpreter), accumulation in float32; BK, BV cover the head dims."""
     c = tl.program_id(0)
+    if UPCAST:  # noqa: SIM108
+        dt = tl.float32
+    else:
+        dt = Q.dtype.element_ty  # the dots take the input dtype (fp32 accumulation)
     bh = tl.program_id(1).to(tl.int64)
     n_chunks = tl.cdiv(N, BT)
     t0 = c * BT
@@ -549,16 +554,18 @@ def delta_bwd_chunk_kernel(
     ds = tl.where(ii > jj, d, 0.0)
     ds_t = tl.where(ii < jj, d_t, 0.0)
     # the output's intra-chunk scores and the state part
-    dq = scale * tl.dot(do, tl.trans(s), input_precision=DOT_PREC) * eg[:, None]
+    dq = scale * tl.dot((do).to(dt), (tl.trans(s)).to(dt), input_precision=DOT_PREC) * eg[:, None]
     dgc = tl.sum(q * dq, axis=1)
-    da_qk = scale * tl.dot(do, tl.trans(u), input_precision=DOT_PREC) * d
-    dq += tl.dot(da_qk, k, input_precision=DOT_PREC)
-    p = da_qk * tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # dAqk * Aqk (da_qk holds D once)
+    da_qk = scale * tl.dot((do).to(dt), (tl.trans(u)).to(dt), input_precision=DOT_PREC) * d
+    dq += tl.dot((da_qk).to(dt), (k).to(dt), input_precision=DOT_PREC)
+    p = da_qk * tl.dot(
+        (q).to(dt), (tl.trans(k)).to(dt), input_precision=DOT_PREC
+    )  # dAqk * Aqk (da_qk holds D once)
     dgc += tl.sum(p, axis=1) - tl.sum(p, axis=0)
-    da_qk_t = scale * tl.dot(u, tl.trans(do), input_precision=DOT_PREC) * d_t
-    dk = tl.dot(da_qk_t, q, input_precision=DOT_PREC)
+    da_qk_t = scale * tl.dot((u).to(dt), (tl.trans(do)).to(dt), input_precision=DOT_PREC) * d_t
+    dk = tl.dot((da_qk_t).to(dt), (q).to(dt), input_precision=DOT_PREC)
     # the state update's k exp(G_C - G)
-    dkbar = tl.dot(u, tl.trans(dh), input_precision=DOT_PREC)
+    dkbar = tl.dot((u).to(dt), (tl.trans(dh)).to(dt), input_precision=DOT_PREC)
     dk += dkbar * tail[:, None]
     kbar_term = tl.sum(dkbar * k, axis=1) * tail
     dgc -= kbar_term
@@ -566,22 +573,34 @@ def delta_bwd_chunk_kernel(
     # the UT transform
     xw = k * (beta * eg)[:, None]
     xu = v * beta[:, None]
-    dw = -tl.dot(du, tl.trans(s), input_precision=DOT_PREC)
-    dw_t = -tl.dot(s, tl.trans(du), input_precision=DOT_PREC)
-    dt_ = tl.dot(dw, tl.trans(xw), input_precision=DOT_PREC) + tl.dot(
-        du, tl.trans(xu), input_precision=DOT_PREC
+    dw = -tl.dot((du).to(dt), (tl.trans(s)).to(dt), input_precision=DOT_PREC)
+    dw_t = -tl.dot((s).to(dt), (tl.trans(du)).to(dt), input_precision=DOT_PREC)
+    dt_ = tl.dot((dw).to(dt), (tl.trans(xw)).to(dt), input_precision=DOT_PREC) + tl.dot(
+        (du).to(dt), (tl.trans(xu)).to(dt), input_precision=DOT_PREC
     )
-    dt_t = tl.dot(xw, dw_t, input_precision=DOT_PREC) + tl.dot(xu, tl.trans(du), input_precision=DOT_PREC)
-    dxw = tl.dot(tl.trans(tm), dw, input_precision=DOT_PREC)
-    dxu = tl.dot(tl.trans(tm), du, input_precision=DOT_PREC)
-    da = -tl.dot(tl.dot(tl.trans(tm), dt_, input_precision=DOT_PREC), tl.trans(tm), input_precision=DOT_PREC)
-    da_t = -tl.dot(tl.dot(tm, dt_t, input_precision=DOT_PREC), tm, input_precision=DOT_PREC)
+    dt_t = tl.dot((xw).to(dt), (dw_t).to(dt), input_precision=DOT_PREC) + tl.dot(
+        (xu).to(dt), (tl.trans(du)).to(dt), input_precision=DOT_PREC
+    )
+    dxw = tl.dot((tl.trans(tm)).to(dt), (dw).to(dt), input_precision=DOT_PREC)
+    dxu = tl.dot((tl.trans(tm)).to(dt), (du).to(dt), input_precision=DOT_PREC)
+    da = -tl.dot(
+        (tl.dot((tl.trans(tm)).to(dt), (dt_).to(dt), input_precision=DOT_PREC)).to(dt),
+        (tl.trans(tm)).to(dt),
+        input_precision=DOT_PREC,
+    )
+    da_t = -tl.dot(
+        (tl.dot((tm).to(dt), (dt_t).to(dt), input_precision=DOT_PREC)).to(dt),
+        (tm).to(dt),
+        input_precision=DOT_PREC,
+    )
     da = tl.where(ii > jj, da, 0.0)
     da_t = tl.where(ii < jj, da_t, 0.0)
-    kk = tl.dot(k, tl.trans(k), input_precision=DOT_PREC)
+    kk = tl.dot((k).to(dt), (tl.trans(k)).to(dt), input_precision=DOT_PREC)
     dab = da * ds * beta[:, None]
     dab_t = da_t * ds_t * beta[None, :]
-    dk += tl.dot(dab, k, input_precision=DOT_PREC) + tl.dot(dab_t, k, input_precision=DOT_PREC)
+    dk += tl.dot((dab).to(dt), (k).to(dt), input_precision=DOT_PREC) + tl.dot(
+        (dab_t).to(dt), (k).to(dt), input_precision=DOT_PREC
+    )
     p2 = da * kk * ds
     db = tl.sum(p2, axis=1)
     p2 = p2 * beta[:, None]
@@ -719,7 +738,7 @@ def gla_bwd_sub_kernel(
 def delta_bwd_chunk_channel_kernel(
     Q, K, V, BETA, GC, DO, HS, DHS, U, DU, T, BKK, DQ, DK_, DV_, DB, DG, DAQK, DBKK,
     N, NP, DK, DV, scale,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """The delta rule's gradients of one chunk per program (chunk, batch * head) under per-channel gates,
     but for the intra-chunk scores' own (left to :func:`score_bwd_kernel`): as
@@ -728,6 +747,10 @@ def delta_bwd_chunk_channel_kernel(
     the last row), and the score gradients DAQK = scale (do U^T) (i >= j) and DBKK = beta_i dA (i > j) of
     Aqk and of the unscaled strict key scores B (BKK, so that dbeta = rowsum(dA * B) needs no division)."""
     c = tl.program_id(0)
+    if UPCAST:  # noqa: SIM108
+        dt = tl.float32
+    else:
+        dt = Q.dtype.element_ty  # the dots take the input dtype (fp32 accumulation)
     bh = tl.program_id(1).to(tl.int64)
     n_chunks = tl.cdiv(N, BT)
     t0 = c * BT
@@ -750,12 +773,14 @@ def delta_bwd_chunk_channel_kernel(
     eg = tl.exp(g)
     tail = tl.exp(g_last[None, :] - g)
     # the state part of the output
-    dq = scale * tl.dot(do, tl.trans(s), input_precision=DOT_PREC) * eg
+    dq = scale * tl.dot((do).to(dt), (tl.trans(s)).to(dt), input_precision=DOT_PREC) * eg
     dgc = q * dq
-    daqk = tl.where(ii >= jj, scale * tl.dot(do, tl.trans(u), input_precision=DOT_PREC), 0.0)
+    daqk = tl.where(
+        ii >= jj, scale * tl.dot((do).to(dt), (tl.trans(u)).to(dt), input_precision=DOT_PREC), 0.0
+    )
     tl.store(DAQK + bh * NP * BT + rows[:, None] * BT + jj, daqk)
     # the state update's k exp(G_C - G)
-    dkbar = tl.dot(u, tl.trans(dh), input_precision=DOT_PREC)
+    dkbar = tl.dot((u).to(dt), (tl.trans(dh)).to(dt), input_precision=DOT_PREC)
     dk = dkbar * tail
     kbar_term = dkbar * k * tail
     dgc -= kbar_term
@@ -763,13 +788,17 @@ def delta_bwd_chunk_channel_kernel(
     # the UT transform
     xw = k * eg * beta[:, None]
     xu = v * beta[:, None]
-    dw = -tl.dot(du, tl.trans(s), input_precision=DOT_PREC)
-    dt_ = tl.dot(dw, tl.trans(xw), input_precision=DOT_PREC) + tl.dot(
-        du, tl.trans(xu), input_precision=DOT_PREC
+    dw = -tl.dot((du).to(dt), (tl.trans(s)).to(dt), input_precision=DOT_PREC)
+    dt_ = tl.dot((dw).to(dt), (tl.trans(xw)).to(dt), input_precision=DOT_PREC) + tl.dot(
+        (du).to(dt), (tl.trans(xu)).to(dt), input_precision=DOT_PREC
     )
-    dxw = tl.dot(tl.trans(tm), dw, input_precision=DOT_PREC)
-    dxu = tl.dot(tl.trans(tm), du, input_precision=DOT_PREC)
-    da = -tl.dot(tl.dot(tl.trans(tm), dt_, input_precision=DOT_PREC), tl.trans(tm), input_precision=DOT_PREC)
+    dxw = tl.dot((tl.trans(tm)).to(dt), (dw).to(dt), input_precision=DOT_PREC)
+    dxu = tl.dot((tl.trans(tm)).to(dt), (du).to(dt), input_precision=DOT_PREC)
+    da = -tl.dot(
+        (tl.dot((tl.trans(tm)).to(dt), (dt_).to(dt), input_precision=DOT_PREC)).to(dt),
+        (tl.trans(tm)).to(dt),
+        input_precision=DOT_PREC,
+    )
     da = tl.where(ii > jj, da, 0.0)
     tl.store(DBKK + bh * NP * BT + rows[:, None] * BT + jj, da * beta[:, None])
     db = tl.sum(da * tl.where(ii > jj, bkk, 0.0), axis=1)
