@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from attnlab.plans.blocks import tile_patterns
 from attnlab.plans.plan import Plan
 
 #: Partial tiles whose masks are evaluated at once (memory: this many x block_q x block_k bytes).
@@ -117,6 +118,10 @@ def _tile_patterns(plan: Plan, partial: Tensor) -> tuple[Tensor, Tensor]:
     bq, bk, dev = plan.block_q, plan.block_k, partial.device
     if plan.rule == "causal" and bool(partial.any()):
         return _causal_patterns(plan, partial)
+    if plan.pattern_ids is not None:  # a plan from a block rule numbers its distinct tile masks
+        keyed = tile_patterns(plan, partial, TILE_CHUNK)
+        if keyed is not None:  # None: some partial tile has no id (e.g. one moved from the key tail)
+            return keyed
     pat_grid = torch.full(partial.shape, -1, dtype=torch.int64, device=dev)
     coords = partial.nonzero()  # (T, 4): b, h, i, j
     r = torch.arange(bq, device=dev, dtype=torch.int32)

@@ -160,7 +160,9 @@ SPEC = MethodSpec(
     reference=reference,
     backends=(triton_chunk(_run_triton, _triton_refusal), torch_chunk(_run_torch)),
     patterns=CAUSAL_ONLY,
-    test_params=({}, {"qk_l2norm": False, "chunk": 16}),
+    # (without qk_l2norm the delta rule is stable only for keys of norm <= sqrt(2 / beta): the registry's
+    # standard-normal keys would blow it up, so that setting runs in tests/test_linear_methods.py)
+    test_params=({}, {"chunk": 16}),
     bench_params=lambda n: [{}],
     inputs=(
         TensorInput("beta", ("B", "H", "N_q"), "writing strength per head and token", sample=sample_unit),
