@@ -314,3 +314,13 @@ def test_packed_sequences_refuse_bad_input() -> None:
     with pytest.raises(ValueError, match="a batch of 1"):
         q2 = q.expand(2, 2, 10, 8)
         op.gla_chunk_varlen(q2, q2, q2, None, 0.3, None, 16, torch.tensor([0, 10]))
+
+
+def test_a_shared_memory_refusal_of_the_delta_backward_says_what_to_change() -> None:
+    """(What an H100 answers for float32 inputs at K = V = 128: 320 KiB asked, 227 KiB there.)"""
+    from triton.runtime.errors import OutOfResources
+
+    q = torch.zeros(1, 1, 4, 128)
+    hint = _op()._shared_memory_hint(q)
+    with pytest.raises(ValueError, match=r"float32 inputs with head dims \(128\).*Pass bf16 or fp16"), hint:
+        raise OutOfResources(327680, 232448, "shared memory")

@@ -25,12 +25,15 @@ carries dG back to g (and to lightning's per-head decays). Importing this module
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 import triton
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 
 from attnlab.kernels.linear.chunk import (
     chunk_bwd_scalar_kernel,
@@ -445,6 +448,21 @@ def delta_fwd_launch(
     return o, ht, hs, w, u, t
 
 
+@contextlib.contextmanager
+def _shared_memory_hint(q: Tensor) -> Iterator[None]:
+    """Turn Triton's launch-time shared-memory refusal of the delta backward's per-chunk kernels into an
+    error saying what to change. Their dot operands are in the input dtype: compiled for sm_90 at
+    K = V = 128 they take 112 KiB in bf16 but 320 KiB in float32 (over the H100's 227 KiB)."""
+    try:
+        yield
+    except OutOfResources as e:
+        raise ValueError(
+            f"the gated delta rule's chunked backward does not fit this GPU's shared memory for "
+            f"{str(q.dtype).replace('torch.', '')} inputs with head dims ({q.shape[-1]}): {e}. Pass bf16 or "
+            "fp16 q, k, v (the state and the accumulation stay float32), or head dims <= 64 in float32"
+        ) from e
+
+
 def delta_bwd_scalar_launch(
     q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, hs: Tensor, w: Tensor, u: Tensor,
     t: Tensor, do: Tensor, dht: Tensor | None, scale: float, chunk: int, seq_chunks: Tensor | None = None,
@@ -475,10 +493,11 @@ def delta_bwd_scalar_launch(
     dq, dkk, dvv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     db = torch.empty(b, h, n, dtype=f32, device=dev)
     dgc = torch.empty(b, h, np_, dtype=f32, device=dev)
-    delta_bwd_chunk_kernel[(n_chunks, b * h)](
-        q, k, v, bc, gc, do, hs, dhs, u, du, t, dq, dkk, dvv, db, dgc, n, np_, dk, dv, float(scale),
-        BT=chunk, BK=head_block(dk), BV=head_block(dv), DOT_PREC=prec, UPCAST=_upcast(q), num_warps=8,
-    )  # fmt: skip
+    with _shared_memory_hint(q):
+        delta_bwd_chunk_kernel[(n_chunks, b * h)](
+            q, k, v, bc, gc, do, hs, dhs, u, du, t, dq, dkk, dvv, db, dgc, n, np_, dk, dv, float(scale),
+            BT=chunk, BK=head_block(dk), BV=head_block(dv), DOT_PREC=prec, UPCAST=_upcast(q), num_warps=8,
+        )  # fmt: skip
     dg = None
     if g is not None:  # through the chunk-local cumsum: a reverse cumsum within each chunk
         dg = dgc.view(b, h, n_chunks, chunk).flip(-1).cumsum(-1).flip(-1).reshape(b, h, np_)[:, :, :n, None]
@@ -545,11 +564,12 @@ def delta_bwd_channel_launch(
     db = torch.empty(b, h, n, dtype=f32, device=dev)
     daqk = torch.empty(b, h, np_, chunk, dtype=f32, device=dev)
     dbkk = torch.empty(b, h, np_, chunk, dtype=f32, device=dev)
-    delta_bwd_chunk_channel_kernel[(n_chunks, b * h)](
-        q, k, v, bc, gc, do, hs, dhs, u, du, t, bkk, dq, dkk, dvv, db, dgc, daqk, dbkk,
-        n, np_, dk, dv, float(scale),
-        BT=chunk, BK=head_block(dk), BV=head_block(dv), DOT_PREC=prec, UPCAST=_upcast(q), num_warps=8,
-    )  # fmt: skip
+    with _shared_memory_hint(q):
+        delta_bwd_chunk_channel_kernel[(n_chunks, b * h)](
+            q, k, v, bc, gc, do, hs, dhs, u, du, t, bkk, dq, dkk, dvv, db, dgc, daqk, dbkk,
+            n, np_, dk, dv, float(scale),
+            BT=chunk, BK=head_block(dk), BV=head_block(dv), DOT_PREC=prec, UPCAST=_upcast(q), num_warps=8,
+        )  # fmt: skip
     for x, dp, dx, dy, same in ((q, daqk, dq, dkk, False), (k, dbkk, dkk, dkk, True)):
         score_bwd_kernel[(np_ // SUB, b * h)](
             x, k, gc, dp, dx, dy, dgc, n, np_, dk,
