@@ -299,27 +299,18 @@ PARITY_LENGTHS = ((1, 1), (63, 63), (257, 257), (1000, 1000), (63, 257), (257, 6
 PARITY_TRITON_LENGTHS = ((1, 1), (17, 17), (20, 45), (45, 20), (1, 33))
 
 
-#: Methods whose full parity set also runs on a CPU (the first methods of each plan kind). On a CPU the
-#: others run :func:`compact_cpu_cases` (a CPU's compiled FlexAttention costs 10-90 s per new score
-#: function and shape, and the suite must run in minutes on 2 cores); each method's own test module checks
-#: its backends on a CPU, and the full set runs on CUDA.
-CPU_FULL_PARITY = frozenset(
-    {
-        "softmax",
-        "sigmoid",
-        "sliding_window",
-        "streaming",
-        "dilated",
-        "block_local",
-        "block_topk",
-        "vertical_slash",
-    }
-)
+#: Methods whose full parity set also runs on a CPU (one of each executor and plan kind: dense SDPA, the
+#: sigmoid Triton kernel, a static mask on Flex / the block-sparse executor / SDPA, dynamic plans, token
+#: columns). On a CPU the others run :func:`compact_cpu_cases` (a CPU's compiled FlexAttention costs 10-90 s
+#: per new score function and shape, and the suite must run in minutes on 2 cores); each method's own test
+#: module checks its backends on a CPU, and the full set runs on CUDA.
+CPU_FULL_PARITY = frozenset({"softmax", "sigmoid", "sliding_window", "block_topk", "vertical_slash"})
 
 
 def compact_cpu_cases(spec: MethodSpec) -> list[tuple[str, str, Case]]:
     """A CPU's parity cases for methods outside :data:`CPU_FULL_PARITY`: tiny odd shapes over every pattern
-    the method defines, every parameter set, GQA 2:1, fp32, plus one bf16 case and one with the optional
+    the method defines (every parameter set on the first shape), GQA 2:1, fp32, plus one bf16 case and one
+    with the optional
     tensor inputs, for each backend except compiled FlexAttention (none on a CPU: see above); interpreted
     Triton kernels get one self and one cross shape with the first parameter set."""
     out = []
@@ -332,10 +323,12 @@ def compact_cpu_cases(spec: MethodSpec) -> list[tuple[str, str, Case]]:
             cases = list(cases_for(spec, lengths=lengths, head_dims=(16,), groups=(2,),
                                    dtypes=(torch.float32,), heads=2, batch=1, all_params=False))  # fmt: skip
         else:
-            lengths = ((1, 40), (4, 45), (16, 16)) if decode else ((17, 17), (20, 45), (45, 20))
-            cases = [
-                *cases_for(spec, lengths=lengths, head_dims=(16,), groups=(2,),
+            first, more = (((1, 40),), ((4, 45), (16, 16))) if decode else (((17, 17),), ((20, 45), (45, 20)))
+            cases = [  # every parameter set on one shape, the first set on the others
+                *cases_for(spec, lengths=first, head_dims=(16,), groups=(2,),
                            dtypes=(torch.float32,), heads=4, batch=2),
+                *cases_for(spec, lengths=more, head_dims=(16,), groups=(2,),
+                           dtypes=(torch.float32,), heads=4, batch=2, all_params=False),
                 *cases_for(spec, lengths=((2, 33) if decode else (33, 33),), head_dims=(16,), groups=(2,),
                            dtypes=(torch.bfloat16,), heads=2, batch=1, all_params=False),
             ]  # fmt: skip

@@ -39,10 +39,10 @@ def tiny(out: Path, **kw: object) -> BenchConfig:
     return cfg.with_(**kw)
 
 
-#: one method of each kind the benchmark must handle: dense softmax and sigmoid, a static plan, a dynamic
-#: plan, a softmax variant (no recall), a stateful linear method with required tensor inputs (every method
-#: is timed by `attnlab bench` itself; on a CPU here each one costs compiles)
-BENCH_METHODS = ("softmax", "sigmoid", "sliding_window", "block_topk", "softcap", "gla")
+#: one method of each kind the benchmark must handle: dense softmax, sigmoid (no recall), a static plan, a
+#: dynamic plan, a stateful linear method with required tensor inputs (every method is timed by
+#: `attnlab bench` itself; on a CPU here each one costs compiles)
+BENCH_METHODS = ("softmax", "sigmoid", "sliding_window", "block_topk", "gla")
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +170,11 @@ def test_planned_rows_cover_the_registry_and_scale_budgets() -> None:
     assert windows[65536] > windows[4096]
 
 
-def test_interleaved_timing_calls_each_function_in_turn_in_rotating_order() -> None:
+def test_interleaved_timing_calls_each_function_in_turn_in_rotating_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the order is under test, not the long-call rule (a loaded CI machine can take > 1 s for the sizing call)
+    monkeypatch.setattr("attnlab.bench.timing.LONG_CALL_S", float("inf"))
     calls: list[str] = []
     x = torch.randn(64, 64)
 

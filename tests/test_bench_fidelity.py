@@ -43,10 +43,11 @@ def test_error_vs_uniform_is_zero_for_dense_and_does_not_depend_on_the_scale_or_
         # the relative error changes with V's scale and mean; the error vs uniform does not, for every
         # method whose weights sum to 1 (sigmoid's do not, so V's mean moves its output)
         old = base[(r["method"], r["pattern"], r["head"])]
-        if r["method"] != "sigmoid":
-            assert r["out_err_vs_uniform"] == pytest.approx(old["out_err_vs_uniform"], rel=1e-3, abs=1e-6)
-        if r["method"] not in ("softmax", "sigmoid"):
-            assert r["out_rel_err"] != pytest.approx(old["out_rel_err"], rel=1e-2)
+        # (token_sparse's dropped query rows are zeros: their weights do not sum to 1 either)
+        if attnlab.get(r["method"]).softmax_normalized and r["method"] not in ("sigmoid", "token_sparse"):
+            assert r["out_err_vs_uniform"] == pytest.approx(old["out_err_vs_uniform"], rel=1e-3, abs=1e-6), r
+        if attnlab.get(r["method"]).plan_kind is not None:  # a sparse method's relative error moves with V
+            assert r["out_rel_err"] != pytest.approx(old["out_rel_err"], rel=1e-2), r
 
 
 def test_recall_is_na_without_a_plan_and_measured_with_one() -> None:
@@ -65,7 +66,10 @@ def test_fidelity_budgets_and_densities_pair_with_the_speed_sweep(budgets: str) 
     workload = random_workload(n, 1, 32, CPU)
     rows = _rows(workload, budgets)
     speed = planned_rows((n,), None, SELF, ("fwd",), budgets)
-    pairs = {(r.method, r.pattern.value, str(sorted(r.params.items()))) for r in speed}
+    # (parameters as the fidelity rows store them: through JSON, so tuples read back as lists)
+    pairs = {
+        (r.method, r.pattern.value, str(sorted(json.loads(json.dumps(r.params)).items()))) for r in speed
+    }
     for r in rows:
         params = json.loads(r["params"])
         assert (r["method"], r["pattern"], str(sorted(params.items()))) in pairs

@@ -3,8 +3,6 @@ everything, also when generation raises; register() makes attn_implementation="a
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
 
@@ -13,35 +11,10 @@ transformers = pytest.importorskip("transformers")
 from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
 from transformers.modeling_utils import AttentionInterface  # noqa: E402
 
-import attnlab  # noqa: E402
-from attnlab.hf import register, tiny_config, unregister, use  # noqa: E402
+from attnlab.hf import register, unregister, use  # noqa: E402
+from attnlab.hf.testing import build, fast_plan, ids  # noqa: E402
 
-
-def cpu_backends() -> dict[str, str]:
-    """Backends that run these tiny CPU tests without compiling (Flex on a CPU compiles for ~30 s once)."""
-    out: dict[str, str] = {}
-    for name, spec in attnlab.methods().items():
-        names = [b.name for b in spec.backends]
-        for choice in ("sdpa_mask", "eager", "sdpa"):
-            if choice in names:
-                out[name] = choice
-                break
-    return out
-
-
-FAST = {"backends": cpu_backends()}
-
-
-def build(arch: str, attn: str = "sdpa", seed: int = 0, **overrides: Any) -> Any:
-    torch.manual_seed(seed)
-    cfg = tiny_config(arch, **overrides)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn)
-    return model.eval()
-
-
-def ids(batch: int = 2, n: int = 12, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 128, (batch, n), generator=g)
+FAST = fast_plan()
 
 
 def test_softmax_logits_equal_sdpa_llama3() -> None:

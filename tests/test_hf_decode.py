@@ -19,10 +19,11 @@ import attnlab  # noqa: E402
 from attnlab.backends.eager import EAGER  # noqa: E402
 from attnlab.core import MethodSpec  # noqa: E402
 from attnlab.hf import PlanError, use  # noqa: E402
+from attnlab.hf.testing import build, fast_plan, padded  # noqa: E402
 from attnlab.params import Params  # noqa: E402
 from attnlab.registry import registered  # noqa: E402
-from tests.test_hf_core import FAST, build  # noqa: E402
-from tests.test_hf_models import padded  # noqa: E402
+
+FAST = fast_plan()
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,9 @@ transformers = pytest.importorskip("transformers")
 import attnlab  # noqa: E402
 from attnlab.hf import HFRuntimeError, PlanError, tiny_config, use  # noqa: E402
 from attnlab.hf.models import ARCHITECTURES  # noqa: E402
-from tests.test_hf_core import FAST  # noqa: E402
+from attnlab.hf.testing import fast_plan, padded  # noqa: E402
+
+FAST = fast_plan()
 
 #: Gemma 2 soft-caps its logits, which transformers' sdpa refuses: its baseline is eager attention
 BASELINE = {"gemma2": "eager"}
@@ -28,18 +30,6 @@ def build(arch: str, seed: int = 0, **overrides: Any) -> Any:
     cfg = tiny_config(arch, **{**WINDOWS.get(arch, {}), **overrides})
     attn = BASELINE.get(arch, "sdpa")
     return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
-
-
-def padded(
-    batch: int = 3, n: int = 12, pads: tuple[int, ...] = (0, 3, 7)
-) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, 128, (batch, n), generator=g)
-    mask = torch.ones_like(ids)
-    for b, p in enumerate(pads[:batch]):
-        mask[b, :p] = 0
-        ids[b, :p] = 0
-    return ids, mask
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

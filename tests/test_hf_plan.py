@@ -15,7 +15,9 @@ transformers = pytest.importorskip("transformers")
 import attnlab  # noqa: E402
 from attnlab.hf import HFRuntimeError, PlanError, Runtime, UnsupportedModelError, load_plan, use  # noqa: E402
 from attnlab.hf.plan import MethodRef  # noqa: E402
-from tests.test_hf_core import FAST, build, ids  # noqa: E402
+from attnlab.hf.testing import build, fast_plan, ids  # noqa: E402
+
+FAST = fast_plan()
 
 
 def test_plan_schema_from_dict_json_and_yaml(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ the test checks is the backend's own refusal, not an error; the same tests run a
 from __future__ import annotations
 
 import pytest
+import torch
 
 import attnlab
 from attnlab.testing import Case, check_parity, device_under_test, on_cuda, parity_cases
@@ -33,3 +34,14 @@ def test_backend_matches_reference(method: str, backend: str, case: Case) -> Non
     if spec.backward and attnlab.get(method).backend(backend).backward:
         # the backward must have been checked wherever the backend can run with gradients
         assert "dq" in check.errors or not ON_CUDA, f"{backend} did not check gradients on CUDA"
+
+
+@pytest.mark.skipif(ON_CUDA, reason="on CUDA the full parity set above runs Flex for every method")
+@pytest.mark.parametrize("method", ["streaming", "dilated", "block_local"])
+def test_static_methods_on_cpu_flex(method: str) -> None:
+    """The static methods outside CPU_FULL_PARITY on a CPU's compiled Flex: one causal cross case, forward
+    (a CPU's compiled Flex has no backward; the compact CPU set leaves Flex out)."""
+    spec = attnlab.get(method)
+    case = Case(1, 4, 2, 63, 130, 32, torch.float32, True, dict(spec.test_params[0]))
+    check = check_parity(spec, "flex", case, DEVICE)
+    assert check.passed and "out" in check.errors, check.summary()

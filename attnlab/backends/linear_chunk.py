@@ -18,8 +18,8 @@ from typing import Any
 from torch import Tensor
 
 from attnlab.backends.base import Backend, Call, Capabilities
+from attnlab.core import ALL_PATTERNS, Pattern
 from attnlab.kernels.triton_utils import triton_refusal
-from attnlab.patterns import ALL_PATTERNS, Pattern
 
 Runner = Callable[[Tensor, Tensor, Tensor, Call, Mapping[str, Tensor], Any], tuple[Tensor, Any]]
 Refusal = Callable[[Call], list[str]]
