@@ -321,6 +321,8 @@ def attention(
     """
     spec = get(method)
     params, tensors = _split_inputs(spec, params)
+    if causal.__class__ is not bool:  # before the op cache: 1 == True would find the causal=True op
+        raise InputError(f"causal must be a bool, got {causal!r}")
     if torch.compiler.is_compiling():  # nothing cached or mutated inside a trace
         call = _resolve_call(
             spec, spec.make_params(params), q, k, v, causal=causal, scale=scale, want_lse=return_lse

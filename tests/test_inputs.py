@@ -127,6 +127,7 @@ def test_bad_scale(scale: object) -> None:
 
 def test_causal_must_be_bool() -> None:
     q, k, v = qkv()
+    attnlab.attention(q, k, v, causal=True)  # a cached causal op must not answer for causal=1 (1 == True)
     with pytest.raises(InputError, match="causal must be a bool"):
         attnlab.attention(q, k, v, causal=1)  # type: ignore[arg-type]
 
