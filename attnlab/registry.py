@@ -9,7 +9,7 @@ registered method lacks a reference, parity-test parameters or benchmark paramet
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from attnlab.core import FAMILIES, MethodSpec
 from attnlab.errors import UnknownMethodError, did_you_mean
@@ -41,6 +41,17 @@ def registered(spec: MethodSpec) -> Iterator[MethodSpec]:
         yield spec
     finally:
         _REGISTRY.pop(spec.name, None)
+
+
+def register_missing(specs: Iterable[MethodSpec]) -> list[str]:
+    """Register each of ``specs`` whose name is not registered yet (a family's package calls it at import,
+    and again for code that removed its methods); returns the names registered now."""
+    done = []
+    for spec in specs:
+        if spec.name not in _REGISTRY:
+            register(spec)
+            done.append(spec.name)
+    return done
 
 
 def methods() -> dict[str, MethodSpec]:

@@ -327,3 +327,14 @@ def test_registered_removes_the_method_even_on_error() -> None:
     with pytest.raises(RuntimeError), registered(GATED):
         raise RuntimeError
     assert "test_gated" not in attnlab.methods()
+
+
+def test_register_missing_registers_only_what_is_absent() -> None:
+    from attnlab.registry import register_missing
+
+    assert register_missing([attnlab.get("softmax")]) == []  # already there: left alone
+    try:
+        assert register_missing([GATED, attnlab.get("softmax")]) == [GATED.name]
+        assert attnlab.get(GATED.name) is GATED
+    finally:
+        attnlab.registry._REGISTRY.pop(GATED.name, None)

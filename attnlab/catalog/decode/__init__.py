@@ -33,7 +33,7 @@ from attnlab.catalog.decode import tokenselect
 from attnlab.catalog.decode import tidal
 
 from attnlab.core import MethodSpec
-from attnlab.registry import methods, register
+from attnlab.registry import register_missing
 
 SPECS: tuple[MethodSpec, ...] = (
     page_topk.SPEC,
@@ -46,19 +46,13 @@ SPECS: tuple[MethodSpec, ...] = (
 )
 
 
-for _spec in SPECS:
-    register(_spec)
+register_missing(SPECS)
 
 
 def register_methods() -> list[str]:
-    """Register the decode methods not yet registered (they are registered at import; this is kept for
-    code that removed them). Returns the names registered now."""
-    done = []
-    for spec in SPECS:
-        if spec.name not in methods():
-            register(spec)
-            done.append(spec.name)
-    return done
+    """Register the decode methods not yet registered (importing this package registers them; this is kept
+    for code that removed them). Returns the names registered now."""
+    return register_missing(SPECS)
 
 
 __all__ = [

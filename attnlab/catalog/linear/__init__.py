@@ -14,24 +14,18 @@ from attnlab.catalog.linear import gated_delta
 from attnlab.catalog.linear import based
 
 from attnlab.core import MethodSpec
-from attnlab.registry import methods, register
+from attnlab.registry import register_missing
 
 SPECS: tuple[MethodSpec, ...] = (linear.SPEC, lightning.SPEC, gla.SPEC, gated_delta.SPEC, based.SPEC)
 
 
-for _spec in SPECS:
-    register(_spec)
+register_missing(SPECS)
 
 
 def register_methods() -> list[str]:
-    """Register the linear methods not yet registered (they are registered at import; this is kept for
-    code that removed them). Returns the names registered now."""
-    done = []
-    for spec in SPECS:
-        if spec.name not in methods():
-            register(spec)
-            done.append(spec.name)
-    return done
+    """Register the linear methods not yet registered (importing this package registers them; this is kept
+    for code that removed them). Returns the names registered now."""
+    return register_missing(SPECS)
 
 
 __all__ = ["SPECS", "based", "gated_delta", "gla", "lightning", "linear", "register_methods"]
