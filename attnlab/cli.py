@@ -50,6 +50,8 @@ def _preset_default(name: str) -> str:
     from attnlab.bench.config import BenchConfig
 
     def show(value: object) -> str:
+        if value is None:
+            return "all"
         if isinstance(value, tuple):
             return ",".join(str(getattr(v, "value", v)) for v in value)
         return str(value)
@@ -180,7 +182,13 @@ def bench(
         str | None,
         typer.Option(help=f"comma-separated sequence lengths in tokens {_preset_default('lengths')}"),
     ] = None,
-    methods: Annotated[str | None, typer.Option(help="comma-separated method names (default: all)")] = None,
+    methods: Annotated[
+        str | None,
+        typer.Option(
+            help="comma-separated method names, or 'all' for every registered method "
+            + _preset_default("methods")
+        ),
+    ] = None,
     patterns: Annotated[
         str | None,
         typer.Option(

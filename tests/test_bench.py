@@ -170,6 +170,18 @@ def test_planned_rows_cover_the_registry_and_scale_budgets() -> None:
     assert windows[65536] > windows[4096]
 
 
+def test_cpu_preset_times_a_registered_subset_and_all_means_every_method() -> None:
+    from attnlab.bench.config import CPU_METHODS
+
+    cpu, cuda = BenchConfig.preset("cpu"), BenchConfig.preset("cuda")
+    assert cpu.methods == CPU_METHODS and set(CPU_METHODS) <= set(attnlab.methods())
+    assert "softmax" in CPU_METHODS and len(CPU_METHODS) < len(attnlab.methods())
+    assert cuda.methods is None  # the H100 protocol times every method
+    assert cpu.with_(methods=("all",)).methods is None
+    assert cpu.with_(methods=None).methods == CPU_METHODS
+    assert cpu.with_(methods=("gla",)).methods == ("gla",)
+
+
 def test_interleaved_timing_calls_each_function_in_turn_in_rotating_order(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -12,6 +12,18 @@ from attnlab.patterns import Pattern
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODES = ("fwd", "fwd_bwd")
+#: ``attnlab bench`` on a CPU times these by default (one or two per family, so that the main job fits a
+#: 2-core machine in minutes); ``--methods all`` times every registered method, as the CUDA preset does.
+CPU_METHODS: tuple[str, ...] = (
+    "softmax",
+    "sigmoid",
+    "sliding_window",
+    "streaming",
+    "block_topk",
+    "vertical_slash",
+    "softcap",
+    "gla",
+)
 
 
 @dataclass(frozen=True)
@@ -65,10 +77,13 @@ class BenchConfig:
                 target_s=0.5,
                 max_reps=30,
             )
-        return BenchConfig(device=device)
+        return BenchConfig(device=device, methods=CPU_METHODS)
 
     def with_(self, **changes: Any) -> BenchConfig:
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+        """These changes, leaving a field as it is where its change is None; ``methods=("all",)`` means
+        every registered method."""
+        cfg = replace(self, **{k: v for k, v in changes.items() if v is not None})
+        return replace(cfg, methods=None) if cfg.methods == ("all",) else cfg
 
     @property
     def torch_device(self) -> torch.device:
