@@ -88,11 +88,15 @@ class TensorInput:
 
     ``shape`` names each dim with a symbol of :meth:`Problem.symbols` (``"B"``, ``"H"``, ``"H_kv"``,
     ``"N_q"``, ``"N_k"``, ``"D"``, ``"D_v"``) or a fixed int. With ``broadcast``, any dim may also be 1.
-    It must be a floating tensor on q's device (any float dtype unless ``same_dtype``); it is checked for
-    NaN/Inf with q, k, v when ``check_finite`` is on.
 
-    ``sample(shape, generator) -> Tensor``: a valid random value of the full shape (float32, CPU), for
-    the parity tests and the benchmark (e.g. log-decays <= 0 for a gate); default: standard normal.
+    ``kind`` is what the tensor holds: ``"float"`` (the default: any floating dtype, or q's dtype with
+    ``same_dtype``; checked for NaN/Inf with q, k, v when ``check_finite`` is on; may carry gradients),
+    ``"bool"`` (``torch.bool``, e.g. a key mask) or ``"int"`` (``torch.int32`` or ``torch.int64``, e.g.
+    sequence offsets). Bool and int inputs never carry gradients. It must be on q's device.
+
+    ``sample(shape, generator) -> Tensor``: a valid random value of the full shape (CPU; float32 for a
+    float input), for the parity tests and the benchmark (e.g. log-decays <= 0 for a gate); default:
+    standard normal for float, all True for bool. An int input must declare one.
     """
 
     name: str
@@ -102,6 +106,17 @@ class TensorInput:
     broadcast: bool = False
     same_dtype: bool = False
     sample: Callable[[tuple[int, ...], torch.Generator], Tensor] | None = field(default=None, compare=False)
+    kind: str = "float"
+
+    def __post_init__(self) -> None:
+        if self.kind not in TENSOR_KINDS:
+            raise ValueError(f"TensorInput {self.name!r}: kind {self.kind!r}; expected one of {TENSOR_KINDS}")
+        if self.sample is None and self.kind == "int":
+            raise ValueError(
+                f"TensorInput {self.name!r} (int) needs a sample function: no default value is valid"
+            )
+        if self.same_dtype and self.kind != "float":
+            raise ValueError(f"TensorInput {self.name!r}: same_dtype applies to float inputs only")
 
     def expected(self, sizes: Mapping[str, int]) -> tuple[int, ...]:
         return tuple(sizes[s] if isinstance(s, str) else s for s in self.shape)
@@ -114,18 +129,24 @@ class TensorInput:
         device: torch.device | str,
         dtype: torch.dtype,
     ) -> Tensor:
-        """A valid random value at the call's sizes (``Problem.symbols()``), on ``device`` in ``dtype``."""
+        """A valid random value at the call's sizes (``Problem.symbols()``), on ``device``; a float input in
+        ``dtype``, a bool or int input in its own dtype."""
         shape = self.expected(sizes)
-        t = (
-            self.sample(shape, generator)
-            if self.sample is not None
-            else torch.randn(shape, generator=generator)
-        )
-        return t.to(device=device, dtype=dtype)
+        if self.sample is not None:
+            t = self.sample(shape, generator)
+        elif self.kind == "bool":
+            t = torch.ones(shape, dtype=torch.bool)
+        else:
+            t = torch.randn(shape, generator=generator)
+        return t.to(device=device, dtype=dtype) if self.kind == "float" else t.to(device=device)
 
     def describe(self) -> str:
         dims = ", ".join(str(s) for s in self.shape)
         return f"{self.name} ({dims}{'; 1 broadcasts' if self.broadcast else ''}): {self.doc}"
+
+
+#: what a :class:`TensorInput` may hold
+TENSOR_KINDS = ("float", "bool", "int")
 
 
 def _dtype_name(dt: torch.dtype) -> str:

@@ -111,12 +111,14 @@ def _divisors(n: int) -> list[int]:
 
 
 def check_finite_values(tensors: Mapping[str, torch.Tensor]) -> None:
-    """Raise InputError if a tensor holds NaN/Inf. One reduction per tensor and a host synchronisation:
+    """Raise InputError if a floating tensor holds NaN/Inf. One reduction per tensor and a host synchronisation:
     opt-in (``check_finite=True``, ``attnlab.settings.check_finite`` or ``ATTNLAB_CHECK_FINITE=1``).
     Skipped inside ``torch.compile`` (a data-dependent check would break the graph)."""
     if torch.compiler.is_compiling():
         return
     for name, t in tensors.items():
+        if not t.dtype.is_floating_point:  # bool and int inputs (masks, offsets) hold no NaN
+            continue
         if not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise InputError(
@@ -153,7 +155,13 @@ def validate_extra(
                 f"{spec.name} has shape {_shape(t)}; method {method!r} expects ({names})"
                 + (" where any dim may be 1" if spec.broadcast else "")
             )
-        if not t.dtype.is_floating_point or (spec.same_dtype and t.dtype != problem.dtype):
+        if spec.kind == "bool" and t.dtype != torch.bool:
+            raise InputError(f"{spec.name} has dtype {t.dtype}; expected torch.bool (convert with .bool())")
+        if spec.kind == "int" and t.dtype not in (torch.int32, torch.int64):
+            raise InputError(f"{spec.name} has dtype {t.dtype}; expected torch.int32 or torch.int64")
+        if spec.kind == "float" and (
+            not t.dtype.is_floating_point or (spec.same_dtype and t.dtype != problem.dtype)
+        ):
             want_dt = str(problem.dtype) if spec.same_dtype else "a floating dtype"
             raise InputError(f"{spec.name} has dtype {t.dtype}; expected {want_dt}")
         if t.device != problem.device:

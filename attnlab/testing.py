@@ -134,7 +134,8 @@ def bound(err_lowp: float, ref: Tensor, factor: float, dtype: torch.dtype) -> fl
 
 
 def _leaves(ts: tuple[Tensor, ...], grad: bool) -> tuple[Tensor, ...]:
-    return tuple(t.detach().clone().requires_grad_(grad) for t in ts)
+    """Fresh copies; the floating ones require grad when ``grad`` (bool and int inputs never do)."""
+    return tuple(t.detach().clone().requires_grad_(grad and t.is_floating_point()) for t in ts)
 
 
 def check_parity(
@@ -211,12 +212,15 @@ def check_parity(
     if grad:
         g = torch.Generator(device="cpu").manual_seed(seed + 1)
         dout = torch.randn(out.shape, generator=g).to(device=out.device, dtype=out.dtype)
-        got = torch.autograd.grad(out, xs, dout, allow_unused=True)
-        want = torch.autograd.grad(ref, xr, dout.float().to(ref.dtype), allow_unused=True)
-        lowg = torch.autograd.grad(low, xl, dout, allow_unused=True)
-        for name, a, r, lo in zip(
-            ("dq", "dk", "dv", *(f"d{n}" for n in names)), got, want, lowg, strict=True
-        ):
+        diff = [i for i, t in enumerate(xs) if t.requires_grad]  # not the bool / int inputs
+        labels = [("dq", "dk", "dv", *(f"d{n}" for n in names))[i] for i in diff]
+
+        def grads(y: Tensor, ts: tuple[Tensor, ...], dy: Tensor) -> tuple[Tensor | None, ...]:
+            return torch.autograd.grad(y, [ts[i] for i in diff], dy, allow_unused=True)
+
+        got, want = grads(out, xs, dout), grads(ref, xr, dout.float().to(ref.dtype))
+        lowg = grads(low, xl, dout)
+        for name, a, r, lo in zip(labels, got, want, lowg, strict=True):
             if r is None:  # the output does not depend on this input (e.g. an unused option)
                 continue
             if a is None or lo is None:

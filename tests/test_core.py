@@ -257,6 +257,76 @@ def test_declared_tensor_inputs_are_validated_and_passed() -> None:
 
 
 @dataclass(frozen=True)
+class _KeyMaskParams(Params):
+    """No parameters."""
+
+    method = "test_key_mask"
+
+
+def _key_mask_reference(
+    q: Tensor, k: Tensor, v: Tensor, params: Any, *, causal: bool, scale: float, upcast: bool = True,
+    key_mask: Tensor | None = None, scores_bias: Tensor | None = None,
+) -> Tensor:  # fmt: skip
+    """softmax attention over the keys where ``key_mask`` (B, N_k, bool) is True, plus a float bias per key."""
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    if scores_bias is not None:
+        v = v + 0 * scores_bias.sum()  # the float input takes part in the graph (its gradient is checked)
+    return masked_softmax_attention(q, k, v, scale=scale, mask=mask, upcast=upcast)
+
+
+def _half_true(shape: tuple[int, ...], g: torch.Generator) -> Tensor:
+    m = torch.rand(shape, generator=g) < 0.5
+    m[..., 0] = True  # every row keeps a key
+    return m
+
+
+KEY_MASKED = MethodSpec(
+    name="test_key_mask",
+    family="dense",
+    paper="(test)",
+    summary="softmax attention over a boolean key mask (a test method)",
+    param_class=_KeyMaskParams,
+    reference=_key_mask_reference,  # type: ignore[arg-type]
+    backends=(EAGER,),
+    patterns=frozenset({attnlab.Pattern.NONCAUSAL_SELF}),
+    test_params=({},),
+    bench_params=lambda n: [{}],
+    inputs=(
+        TensorInput("key_mask", ("B", "N_k"), "True: a real key", kind="bool", sample=_half_true),
+        TensorInput("scores_bias", ("B",), "a float input beside it", required=False),
+    ),
+)
+
+
+def test_bool_and_int_tensor_inputs_are_validated_and_carry_no_gradient() -> None:
+    from attnlab.testing import Case, check_parity
+
+    q, k, v = qkv(hk=4)
+    mask = _half_true((1, 16), torch.Generator().manual_seed(0))
+    with registered(KEY_MASKED):
+        out = attnlab.attention(q, k, v, method="test_key_mask", key_mask=mask, check_finite=True)
+        torch.testing.assert_close(out, _key_mask_reference(q, k, v, None, causal=False, scale=0.25,
+                                                            key_mask=mask))  # fmt: skip
+        with pytest.raises(InputError, match=r"key_mask has dtype torch.float32; expected torch.bool"):
+            attnlab.attention(q, k, v, method="test_key_mask", key_mask=mask.float())
+        case = Case(2, 4, 2, 9, 9, 8, torch.float32, causal=False, optional_inputs=True)
+        drawn = case.tensor_inputs(KEY_MASKED, "cpu")
+        assert drawn["key_mask"].dtype == torch.bool and not bool(drawn["key_mask"].all())
+        check = check_parity(KEY_MASKED, "eager", case, "cpu")
+        assert check.passed, check.summary()
+        assert {"out", "dq", "dk", "dv", "dscores_bias"} <= set(check.errors)
+        assert "dkey_mask" not in check.errors  # a bool input has no gradient
+    with pytest.raises(ValueError, match="'offsets' \\(int\\) needs a sample function"):
+        TensorInput("offsets", ("B",), "sequence starts", kind="int")
+    with pytest.raises(ValueError, match="kind 'complex'"):
+        TensorInput("x", ("B",), "x", kind="complex")
+    ints = TensorInput(
+        "offsets", ("B",), "starts", kind="int", sample=lambda s, g: torch.zeros(s, dtype=torch.long)
+    )
+    assert ints.random({"B": 3}, torch.Generator(), device="cpu", dtype=torch.bfloat16).dtype == torch.int64
+
+
+@dataclass(frozen=True)
 class _SumParams(Params):
     """No parameters."""
 
