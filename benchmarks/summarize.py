@@ -381,6 +381,20 @@ def cold_warm_section(cpu: Path) -> list[str]:
     ]
 
 
+def session_notes(folder: Path) -> list[str]:
+    """Each results folder's ``NOTES.md`` under ``folder`` (one run or a few, by area: decode, linear, ...),
+    as sections of the summary: its headings one level down, a pointer to the folder first."""
+    lines: list[str] = []
+    for notes in sorted(folder.glob("*/NOTES.md")):
+        area = notes.parent
+        rel = f"{folder.name}/{area.name}"
+        lines += [f"## {rel}: measured figures and targets (from `{rel}/NOTES.md`)", ""]
+        for line in notes.read_text().strip().splitlines():
+            lines.append("#" + line if line.startswith("#") else line)
+        lines.append("")
+    return lines
+
+
 _BLOCK = re.compile(r"<!-- ([\w-]+):begin.*?-->.*?<!-- \1:end -->", re.DOTALL)
 
 
@@ -397,9 +411,17 @@ def main() -> None:
     parser.add_argument(
         "--readme", type=Path, default=None, help="also rewrite this README's generated block"
     )
+    parser.add_argument(
+        "--sessions",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="later results folders whose per-area NOTES.md are appended (e.g. h100-2026-11-23)",
+    )
     args = parser.parse_args()
     kept = foreign_blocks(args.out.read_text()) if args.out.exists() else []
-    args.out.write_text("\n".join([*summary(args.root), *kept]).rstrip("\n") + "\n")
+    later = [line for folder in args.sessions for line in session_notes(folder)]
+    args.out.write_text("\n".join([*summary(args.root), *kept, *later]).rstrip("\n") + "\n")
     print(f"wrote {args.out}")
     if args.readme:
         update_readme(args.readme, headline(args.root) + verify_line(args.root))
