@@ -13,9 +13,10 @@ from attnlab.catalog.dynamic import token_sparse
 from attnlab.catalog.dynamic import hip
 from attnlab.catalog.dynamic import dhsa
 from attnlab.catalog.dynamic import bilevel_routing
+from attnlab.catalog.dynamic import nsa
 from attnlab.registry import register
 
-for _module in (flexprefill, indexer_topk, token_sparse, hip, dhsa, bilevel_routing):
+for _module in (flexprefill, indexer_topk, token_sparse, hip, dhsa, bilevel_routing, nsa):
     register(_module.SPEC)
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "flexprefill",
     "hip",
     "indexer_topk",
+    "nsa",
     "token_sparse",
     "vertical_slash",
 ]

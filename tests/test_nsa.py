@@ -1,0 +1,125 @@
+"""nsa: the selection on planted structure (token and block granularity, shared by a GQA group, forced
+blocks), the branches against independent definitions (the window branch is sliding_window, the selected
+branch with every block kept is causal softmax, compressed-branch rows with no complete block are zero),
+the gates, bad input, and the fast path against the reference (forward, backward, gates, bf16, cross)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnlab
+from attnlab.catalog.dynamic.nsa import SPEC, NsaParams, compress, estimate_selection, reference, scan
+from attnlab.errors import AttnlabError, ParamError
+from attnlab.testing import Case, check_parity
+
+N, BS, FAR = 128, 16, 2  # 8 key blocks of 16; the planted block is block 2 (keys 32..47)
+
+
+def planted(heads: int = 1, kv_heads: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k (1, heads, N, 32): key block FAR holds one direction u; the last query block looks for u,
+    the other rows are random and small."""
+    g = torch.Generator().manual_seed(0)
+    u = torch.nn.functional.normalize(torch.randn(32, generator=g), dim=0)
+    k = 0.1 * torch.randn(1, kv_heads, N, 32, generator=g)
+    k[:, :, FAR * BS : (FAR + 1) * BS] += 4 * u
+    q = 0.1 * torch.randn(1, heads, N, 32, generator=g)
+    q[:, :, N - BS :] += 4 * u
+    return q, k
+
+
+@pytest.mark.parametrize("granularity", ["block", "token"])
+def test_planted_block_is_selected(granularity: str) -> None:
+    q, k = planted()
+    p = NsaParams(block=BS, topn=2, granularity=granularity)
+    _, sel = scan(q, k, None, p, scale=32**-0.5)
+    last = sel[0, 0, -1]  # the last query block (block) / the last row (token)
+    assert last.nonzero().flatten().tolist() == [FAR, N // BS - 1]  # the planted block and the local one
+    plan = estimate_selection(q, k, p, causal=True, scale=32**-0.5)
+    assert bool(plan.dense_mask()[0, 0, -1, FAR * BS : (FAR + 1) * BS].all())
+    assert not bool(plan.dense_mask()[0, 0, -1, (FAR + 1) * BS : N - BS].any())
+
+
+def test_selection_is_shared_by_a_gqa_group_and_summed_over_it() -> None:
+    q, k = planted(heads=4, kv_heads=2)
+    q[:, 1, N - BS :] = 0.0  # head 1 no longer looks for u: its group still picks FAR through head 0
+    q[:, 2:, N - BS :] = 0.1  # heads 2, 3 (kv head 1): no planted query
+    p = NsaParams(block=BS, topn=2)
+    plan = estimate_selection(q, k, p, causal=True, scale=32**-0.5)
+    tiles = plan.full | plan.partial  # (1, 4, NQB, NKB)
+    assert torch.equal(tiles[0, 0], tiles[0, 1]) and torch.equal(tiles[0, 2], tiles[0, 3])
+    assert bool(tiles[0, 1, -1, FAR])
+
+
+def test_forced_blocks_and_budget() -> None:
+    q, k = planted()
+    p = NsaParams(block=BS, topn=3, local=2, sink=True)
+    _, sel = scan(q, k, None, p, scale=32**-0.5)
+    assert sel[0, 0, -1].nonzero().flatten().tolist() == [0, N // BS - 2, N // BS - 1]  # sink and 2 local
+    counts = sel.sum(-1)[0, 0]
+    visible = torch.arange(N // BS) + 1
+    assert torch.equal(counts, torch.clamp(visible, max=3))  # topn, or every visible block when fewer
+
+
+def test_branches_against_independent_definitions() -> None:
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 2, 40, 16, generator=g) for _ in range(3))
+    one, zero = torch.ones(1, 1, 1), torch.zeros(1, 1, 1)
+    p = NsaParams(block=BS, topn=3, window=7)  # 3 blocks cover all 40 keys: the selection is everything
+    slc = reference(q, k, v, p, g_cmp=zero, g_slc=one, g_swa=zero, causal=True, scale=0.25)
+    dense = attnlab.attention(q, k, v, method="softmax", causal=True, scale=0.25, backend="reference")
+    torch.testing.assert_close(slc, dense)
+    swa = reference(q, k, v, p, g_cmp=zero, g_slc=zero, g_swa=one, causal=True, scale=0.25)
+    window = attnlab.attention(q, k, v, method="sliding_window", window=7, causal=True, scale=0.25,
+                               backend="reference")  # fmt: skip
+    torch.testing.assert_close(swa, window)
+    cmp = reference(q, k, v, p, g_cmp=one, g_slc=zero, g_swa=zero, causal=True, scale=0.25)
+    assert bool((cmp[:, :, : BS - 1] == 0).all())  # no complete block yet
+    # row 31 sees blocks 0 and 1: softmax over the two block means
+    kc, vc = compress(k, BS), compress(v, BS)
+    w = torch.softmax(q[:, :, 31:32] @ kc[:, :, :2].transpose(-1, -2) * 0.25, dim=-1)
+    torch.testing.assert_close(cmp[:, :, 31:32], w @ vc[:, :, :2])
+    both = reference(q, k, v, p, causal=True, scale=0.25)  # default gates: the mean of the three branches
+    torch.testing.assert_close(both, (cmp + slc + swa) / 3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"block": 48}, "block=48"),
+        ({"topn": 1, "local": 2}, "topn=1"),
+        ({"topn": 1, "sink": True}, "topn=1"),
+        ({"local": 0}, "local"),
+        ({"window": -1}, "window"),
+        ({"granularity": "row"}, "granularity"),
+    ],
+)
+def test_bad_parameters_get_clear_errors(kwargs: dict, match: str) -> None:
+    q = torch.randn(1, 1, 32, 16)
+    with pytest.raises(ParamError, match=match):
+        attnlab.attention(q, q, q, method="nsa", causal=True, **kwargs)
+
+
+def test_non_causal_and_bad_gates_are_refused() -> None:
+    q = torch.randn(1, 2, 32, 16)
+    with pytest.raises(AttnlabError, match="causal"):
+        attnlab.attention(q, q, q, method="nsa", causal=False)
+    with pytest.raises(AttnlabError, match="g_slc"):
+        attnlab.attention(q, q, q, method="nsa", causal=True, g_slc=torch.rand(1, 2, 31))
+
+
+P0, P1 = SPEC.test_params
+CASES = [
+    Case(2, 4, 2, 45, 45, 16, torch.float32, True, P0),
+    Case(1, 2, 1, 40, 40, 16, torch.float32, True, P1, optional_inputs=True),
+    Case(1, 2, 2, 20, 45, 16, torch.float32, True, P0, optional_inputs=True),
+    Case(1, 2, 2, 40, 40, 16, torch.bfloat16, True, P1),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.label() for c in CASES])
+def test_fast_path_matches_reference(case: Case) -> None:
+    check = check_parity(SPEC, "block_sparse", case, "cpu")
+    assert not check.skipped, check.skipped
+    assert check.passed, check.summary()
+    assert "dq" in check.errors  # the backward ran
