@@ -87,7 +87,7 @@ def _reference(name: str, x: dict[str, Tensor], state: Any = None, **params: Any
     return out
 
 
-PARAMS = [
+PARAMS: list[tuple[str, dict[str, Any]]] = [
     ("linear", {}),
     ("linear", {"feature_map": "relu", "normalize": False}),
     ("linear", {"feature_map": "identity", "normalize": False}),
@@ -430,8 +430,17 @@ def test_based_window_counts_keys_self_included_and_carries_its_tail() -> None:
         with pytest.raises(InputError, match="carries the state \\(k_tail, v_tail\\)"):
             _call("based", x, torch.zeros(1, 2, 2, 4), mixer="window", window=3)
         big = inputs("based", 1, 1, 1, 2, 65, dev="cpu")
-        with pytest.raises(InputError, match=r"D=65, so the Taylor map has 1 \+ D \+ D\^2 = 4291 features"):
+        # the backend declares the limit (a refusal, before any work); the reference says the same
+        with pytest.raises(
+            BackendError, match=r"takes q/k head dims up to 64 \(1 \+ D \+ D\^2 = 4291 features at D=65\)"
+        ):
             _call("based", big)
+        with pytest.raises(InputError, match=r"D=65, so the Taylor map has 1 \+ D \+ D\^2 = 4291 features"):
+            _reference("based", big)
+        assert based.BasedParams().head_dim_limit() == 64
+        assert based.BasedParams(mixer="window").head_dim_limit() is None
+        wide = _call("based", big, mixer="window", window=2)  # the window mixer takes any head dim
+        assert wide.out.shape == (1, 1, 2, 65)
         with pytest.raises(ParamError, match="mixer='conv' is invalid"):
             _call("based", x, mixer="conv")
 

@@ -67,13 +67,15 @@ class LinearBackend(Backend):
         return self.run_state(q, k, v, call, extra, None)[0]
 
 
-def torch_chunk(runner: Runner) -> LinearBackend:
-    """The plain-PyTorch chunked backend of a method."""
+def torch_chunk(runner: Runner, refusal: Refusal | None = None) -> LinearBackend:
+    """The plain-PyTorch chunked backend of a method (``refusal``: the method's own limits that depend on
+    its parameters, e.g. based's head-dim limit under the Taylor mixer)."""
     return LinearBackend(
         "torch_chunk",
         "the chunked parallel form in plain PyTorch (exact, fp32 accumulation; autograd backward)",
         Capabilities(stateful=True),
         runner,
+        refusal,
     )
 
 

@@ -62,6 +62,12 @@ class BasedParams(Params):
         self.check_float("eps", positive=True)
         self.check_int("chunk", minimum=1)
 
+    def head_dim_limit(self) -> int | None:
+        """The largest q/k head dim these parameters take (None: any): ``MAX_TAYLOR_DIM`` under the Taylor
+        mixer (1 + D + D^2 features), none for the window mixer. Backends refuse larger calls with this
+        reason; a parity harness can skip such cases by asking it."""
+        return MAX_TAYLOR_DIM if self.mixer == "taylor" else None
+
 
 def taylor_map(x: Tensor, scale: float) -> Tensor:
     """phi(x) = [1, sqrt(s) x, s vec(x x^T) / sqrt(2)]: (..., D) -> (..., 1 + D + D^2)."""
@@ -181,6 +187,19 @@ def _run_torch(
     return o.to(q.dtype), (s_aug[..., :vd], s_aug[..., vd])
 
 
+def _refusal(call: Call) -> list[str]:
+    """The Taylor mixer's head-dim limit, declared before any work (the runner's InputError says the same)."""
+    assert isinstance(call.params, BasedParams)
+    limit = call.params.head_dim_limit()
+    d = call.problem.head_dim
+    if limit is None or d <= limit:
+        return []
+    return [
+        f"mixer='taylor' takes q/k head dims up to {limit} (1 + D + D^2 = {1 + d + d * d} features at D={d}); "
+        "Based projects q and k to D = 16"
+    ]
+
+
 SPEC = MethodSpec(
     name="based",
     family="linear",
@@ -188,7 +207,7 @@ SPEC = MethodSpec(
     summary="Based's mixers: Taylor-map linear attention (normalised) or exact sliding-window softmax",
     param_class=BasedParams,
     reference=reference,
-    backends=(torch_chunk(_run_torch),),
+    backends=(torch_chunk(_run_torch, _refusal),),
     patterns=CAUSAL_ONLY,
     test_params=({}, {"mixer": "window", "window": 5}),
     bench_params=lambda n: [{}, {"mixer": "window"}],

@@ -7,11 +7,28 @@ Recurrence (fla's ``linear_attn``; phi applied to q and k, as fla's layer does b
     o_t = scale * S_t^T phi(q_t)                                    normalize=False
     o_t = S_t^T phi(q_t) / (phi(q_t) . z_t + eps)                   normalize=True (scale cancels)
 
-``feature_map``: ``"elu"`` (elu(x) + 1, the paper's), ``"relu"`` or ``"identity"``. The normalised form is
+``feature_map``: ``"elu"`` (elu(x) + 1, the paper's), ``"relu"``, ``"identity"`` or ``"hedgehog"``. The normalised form is
 the paper's (and fast-transformers', eps = 1e-6); fla's model default is unnormalised (then a per-head
 RMSNorm), its ``chunk_linear_attn`` default normalised: say which you compare with. The identity map
 with ``normalize=True`` is refused (phi(q) . z can be 0 or negative). relu features can give a row with
 phi(q) . z = 0: its output is 0 (numerator 0 over eps).
+
+**Learned maps** (tensor inputs ``map_q``, ``map_k``, each (H, D, D), optional): the weights W_h of a
+per-head projection applied before the map, ``x -> x W_h`` (``einsum("bhnd,hdf->bhnf")``, no bias;
+LoLCATs' ``FeatureMapMLP`` layout (H, D, F) with F = D). Queries take ``map_q``, keys ``map_k`` (after the
+keys are repeated to the H query heads of their group: the map is per query head, as in LoLCATs, where
+the kv heads are repeated before the map). An absent weight is the identity. With ``"relu"`` this is
+T2R's relu(x W) (Kasai et al., 2021; T2R's bias omitted), with ``"elu"`` elu(x W) + 1.
+
+**Hedgehog** (Zhang et al., 2024, "The Hedgehog & the Porcupine"): ``y = x W_h``, then
+``phi(x) = [softmax(y), softmax(-y)]``, each half a softmax over its D features (2D features in all, so
+the state is (B, H, 2D, D_v)). This is the ``softmax_dim`` map of the authors' code (LoLCATs
+``feature_map.py``, and the ThunderKittens Hedgehog kernel's PyTorch reference), without their
+``clamp(min=eps)`` (a softmax here is never 0 in fp32 for |y| < 80). The paper writes the map as
+``[exp(y), exp(-y)]`` (equal up to a per-token factor on each half, which the normalisation does not
+cancel), and fla's ``HedgehogFeatureMap`` takes one softmax over ``[2y, -2y]`` jointly: three different
+functions, this is the first. Without weights, W_h = I (the map's initialisation in the paper's code and
+in fla). Features are computed in float32 and handed to the kernels in q's dtype.
 
 Patterns: causal self, and non-causal self (every query reads the state after all N tokens:
 ``o_i = phi(q_i)^T S_N``, normalised by ``phi(q_i) . z_N``). State: S (unnormalised) or the pair (S, z)
@@ -30,17 +47,26 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.backends.linear_chunk import torch_chunk, triton_chunk
-from attnlab.catalog.linear._common import CAUSAL_ONLY, SELF_ONLY, check_state, expand_heads
-from attnlab.core import Call, MethodSpec
+from attnlab.catalog.linear._common import (
+    CAUSAL_ONLY,
+    SELF_ONLY,
+    check_finite_input,
+    check_state,
+    expand_heads,
+)
+from attnlab.core import Call, MethodSpec, TensorInput
 from attnlab.kernels.linear.naive import gla_chunk_naive
 from attnlab.params import Params
 
-FEATURE_MAPS = ("elu", "relu", "identity")
+FEATURE_MAPS = ("elu", "relu", "identity", "hedgehog")
+#: The tensor inputs of the learned maps (each (H, D, D), optional; absent = identity).
+MAP_INPUTS = ("map_q", "map_k")
 
 
 @dataclass(frozen=True)
 class LinearParams(Params):
-    """``feature_map``: "elu" (elu(x)+1, default), "relu" or "identity". ``normalize``: divide by
+    """``feature_map``: "elu" (elu(x)+1, default), "relu", "identity" or "hedgehog" ([softmax(xW),
+    softmax(-xW)], 2D features; W from the tensor inputs ``map_q`` / ``map_k``). ``normalize``: divide by
     phi(q) . z, the running key sum (default True). ``eps``: added to that denominator (default 1e-6).
     ``chunk``: tokens per chunk of the chunked backends (default 64; Triton takes 16, 32, 64)."""
 
@@ -65,18 +91,38 @@ class LinearParams(Params):
             )
 
 
-def feature_map(x: Tensor, name: str) -> Tensor:
-    """phi(x): elu(x) + 1, relu(x) or x."""
+def feature_map(x: Tensor, name: str, weight: Tensor | None = None) -> Tensor:
+    """phi(x) for x (B, H, N, D): elu(x) + 1, relu(x), x, or Hedgehog's [softmax(y), softmax(-y)] over the
+    last dim (2D features), each of x's projection ``y = x W_h`` when ``weight`` (H, D, D) is given (else
+    y = x). The hedgehog map is computed in float32 and returned in x's dtype; the others in x's dtype."""
+    if weight is not None:
+        x = torch.einsum("bhnd,hdf->bhnf", x, weight.to(x.dtype))
     if name == "elu":
         return F.elu(x) + 1
     if name == "relu":
         return F.relu(x)
+    if name == "hedgehog":
+        y = x.float()
+        return torch.cat([torch.softmax(y, -1), torch.softmax(-y, -1)], -1).to(x.dtype)
     return x
+
+
+def feature_dim(p: LinearParams, d: int) -> int:
+    """K, the size of phi(x) for a head dim ``d`` (the rows of the state): 2d for hedgehog, else d."""
+    return 2 * d if p.feature_map == "hedgehog" else d
+
+
+def _weights(extra: Mapping[str, Tensor]) -> tuple[Tensor | None, Tensor | None]:
+    """The learned maps' weights (None: identity), NaN/Inf refused (one host synchronisation each)."""
+    for name in MAP_INPUTS:
+        if name in extra:
+            check_finite_input("linear", name, extra[name])
+    return extra.get("map_q"), extra.get("map_k")
 
 
 def _states(p: LinearParams, q: Tensor, v: Tensor, state: Any) -> tuple[Tensor | None, Tensor | None]:
     b, h, _, d = q.shape
-    return check_state("linear", state, b, h, d, v.shape[-1], q.device, with_sum=p.normalize)
+    return check_state("linear", state, b, h, feature_dim(p, d), v.shape[-1], q.device, with_sum=p.normalize)
 
 
 def _zeros_if_none(s: Tensor | None, shape: tuple[int, ...], like: Tensor) -> Tensor:
@@ -93,17 +139,21 @@ def reference(
     scale: float,
     upcast: bool = True,
     state: Any = None,
+    map_q: Tensor | None = None,
+    map_k: Tensor | None = None,
 ) -> tuple[Tensor, Any]:
     """Token by token (causal) or in one sum (non-causal), as in the module docstring; fp32 when
-    ``upcast``. Returns (o (B, H, N, D_v) in q's dtype, state float32: S, or (S, z) when normalised)."""
+    ``upcast``. ``map_q``, ``map_k``: the learned maps' weights (H, D, D) or None (identity). Returns
+    (o (B, H, N, D_v) in q's dtype, state float32: S, or (S, z) when normalised)."""
     s0, z0 = _states(params, q, v, state)
     dt = torch.float32 if upcast else q.dtype
     b, h, n, d = q.shape
-    fq = feature_map(q.to(dt), params.feature_map)
-    fk = feature_map(expand_heads(k, h).to(dt), params.feature_map)
+    fq = feature_map(q.to(dt), params.feature_map, map_q)
+    fk = feature_map(expand_heads(k, h).to(dt), params.feature_map, map_k)
     vv = expand_heads(v, h).to(dt)
-    s = _zeros_if_none(s0, (b, h, d, v.shape[-1]), fq)
-    z = _zeros_if_none(z0, (b, h, d), fq)
+    f = feature_dim(params, d)
+    s = _zeros_if_none(s0, (b, h, f, v.shape[-1]), fq)
+    z = _zeros_if_none(z0, (b, h, f), fq)
     if not causal:
         s = s + fk.transpose(-1, -2) @ vv
         z = z + fk.sum(2)
@@ -124,7 +174,9 @@ def reference(
     return o.to(q.dtype), ((s.float(), z.float()) if params.normalize else s.float())
 
 
-def _run(q: Tensor, k: Tensor, v: Tensor, call: Call, state: Any, chunked: Any) -> tuple[Tensor, Any]:
+def _run(
+    q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor], state: Any, chunked: Any
+) -> tuple[Tensor, Any]:
     """Shared by both backends: phi, then the unnormalised chunked recurrence ``chunked``; the normalised
     form runs it on v with a column of ones appended, whose state column is z."""
     p = call.params
@@ -132,15 +184,17 @@ def _run(q: Tensor, k: Tensor, v: Tensor, call: Call, state: Any, chunked: Any) 
     s0, z0 = _states(p, q, v, state)
     b, h, n, d = q.shape
     vd = v.shape[-1]
-    fq = feature_map(q, p.feature_map)
-    fk = feature_map(expand_heads(k, h), p.feature_map)
+    wq, wk = _weights(extra)
+    fq = feature_map(q, p.feature_map, wq)
+    fk = feature_map(expand_heads(k, h), p.feature_map, wk)
     vv = expand_heads(v, h)
+    f = feature_dim(p, d)
     if not call.problem.causal:  # two matmuls in fp32
-        s = _zeros_if_none(s0, (b, h, d, vd), fq.float()) + fk.float().transpose(-1, -2) @ vv.float()
+        s = _zeros_if_none(s0, (b, h, f, vd), fq.float()) + fk.float().transpose(-1, -2) @ vv.float()
         num = fq.float() @ s
         if not p.normalize:
             return (call.scale * num).to(q.dtype), s
-        z = _zeros_if_none(z0, (b, h, d), fq.float()) + fk.float().sum(2)
+        z = _zeros_if_none(z0, (b, h, f), fq.float()) + fk.float().sum(2)
         return (num / (fq.float() @ z[..., None] + p.eps)).to(q.dtype), (s, z)
     if not p.normalize:
         o, s = chunked(fq, fk, vv, None, call.scale, s0, p.chunk)
@@ -158,7 +212,7 @@ def _run(q: Tensor, k: Tensor, v: Tensor, call: Call, state: Any, chunked: Any) 
 def _run_torch(
     q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor], state: Any
 ) -> tuple[Tensor, Any]:
-    return _run(q, k, v, call, state, gla_chunk_naive)
+    return _run(q, k, v, call, extra, state, gla_chunk_naive)
 
 
 def _run_triton(
@@ -166,7 +220,7 @@ def _run_triton(
 ) -> tuple[Tensor, Any]:
     from attnlab.kernels.linear.op import gla_chunk
 
-    return _run(q, k, v, call, state, gla_chunk)
+    return _run(q, k, v, call, extra, state, gla_chunk)
 
 
 def _triton_refusal(call: Call) -> list[str]:
@@ -174,7 +228,14 @@ def _triton_refusal(call: Call) -> list[str]:
 
     assert isinstance(call.params, LinearParams)
     extra_col = 1 if call.params.normalize else 0
-    return kernel_refusals(call.params.chunk, call.problem.head_dim, call.problem.v_dim + extra_col)
+    k_dim = feature_dim(call.params, call.problem.head_dim)
+    return kernel_refusals(call.params.chunk, k_dim, call.problem.v_dim + extra_col)
+
+
+def sample_map(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
+    """A learned map's weights near its initialisation: I + N(0, 0.25 / D) per head (shape (H, D, D))."""
+    d = shape[-1]
+    return torch.eye(d).expand(shape) + 0.5 * d**-0.5 * torch.randn(shape, generator=generator)
 
 
 SPEC = MethodSpec(
@@ -182,13 +243,34 @@ SPEC = MethodSpec(
     family="linear",
     paper="Transformers are RNNs: Fast Autoregressive Transformers with Linear Attention "
     "(Katharopoulos et al., 2020)",
-    summary="linear attention phi(q) (sum phi(k) v^T), phi = elu+1 / relu / identity, optionally normalised",
+    summary="linear attention phi(q) (sum phi(k) v^T), phi = elu+1 / relu / identity / Hedgehog's learned "
+    "map (weights as inputs), optionally normalised",
     param_class=LinearParams,
     reference=reference,
     # non-causal linear attention is two matmuls: the torch_chunk backend runs it
     backends=(triton_chunk(_run_triton, _triton_refusal, patterns=CAUSAL_ONLY), torch_chunk(_run_torch)),
     patterns=SELF_ONLY,
-    test_params=({}, {"feature_map": "relu", "normalize": False, "chunk": 16}),
+    test_params=(
+        {},
+        {"feature_map": "relu", "normalize": False, "chunk": 16},
+        {"feature_map": "hedgehog", "chunk": 32},
+    ),
+    inputs=(
+        TensorInput(
+            "map_q",
+            ("H", "D", "D"),
+            "weights of the queries' learned map x -> x W_h before phi (Hedgehog, T2R); absent: identity",
+            required=False,
+            sample=sample_map,
+        ),
+        TensorInput(
+            "map_k",
+            ("H", "D", "D"),
+            "weights of the keys' learned map (per query head, after the kv heads are repeated); absent: identity",
+            required=False,
+            sample=sample_map,
+        ),
+    ),
     bench_params=lambda n: [{}],
     stateful=True,
     softmax_normalized=False,
