@@ -130,6 +130,7 @@ class Op:
 
     __slots__ = (
         "_entries",
+        "_plain",
         "backend",
         "causal",
         "check_finite",
@@ -165,6 +166,8 @@ class Op:
         self.return_lse = return_lse
         self.return_plan = return_plan
         self._entries: dict[tuple[Any, ...], tuple[Call, Backend]] = {}
+        #: the output alone, from q, k, v alone: __call__ runs the backend itself (no Result, no inputs)
+        self._plain = not (spec.stateful or spec.inputs or return_lse or return_plan)
 
     def __repr__(self) -> str:
         return (
@@ -206,6 +209,11 @@ class Op:
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, **inputs: Any) -> Tensor | Result:
         call, backend = self._entry(q, k, v)
+        if self._plain and not inputs:  # the common call: what _execute does for it, without its checks
+            check = self.check_finite
+            if check or (check is None and settings.check_finite):
+                check_finite_values({"q": q, "k": k, "v": v})
+            return backend.run(q, k, v, call, _NO_EXTRA)
         return _execute(call, backend, q, k, v, inputs, self.check_finite, self.return_plan)
 
     def explain(self, q: Tensor, k: Tensor, v: Tensor) -> Choice:
@@ -320,7 +328,10 @@ def attention(
     Rows with no allowed key return zeros, never NaN. For repeated calls, :func:`prepare` an op.
     """
     spec = get(method)
-    params, tensors = _split_inputs(spec, params)
+    if spec.input_names or spec.stateful:
+        params, tensors = _split_inputs(spec, params)
+    else:
+        tensors = {}
     if causal.__class__ is not bool:  # before the op cache: 1 == True would find the causal=True op
         raise InputError(f"causal must be a bool, got {causal!r}")
     if torch.compiler.is_compiling():  # nothing cached or mutated inside a trace

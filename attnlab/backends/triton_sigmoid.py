@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Mapping
 
+import torch
 from torch import Tensor
 
 from attnlab.backends.base import Backend, Call, Capabilities
@@ -34,10 +35,25 @@ class TritonSigmoidBackend(Backend):
     def run(self, q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor]) -> Tensor:
         fn = call.memo.get("sigmoid")
         if fn is None:
-            from attnlab.kernels.sigmoid.op import sigmoid_fwd
-
-            bias, causal = float(self.bias_of(call)), call.problem.causal
-            scale = float(call.scale)
-            fn = lambda q, k, v: sigmoid_fwd(q, k, v, scale, bias, causal)
-            call.memo["sigmoid"] = fn
+            fn = self._launcher(call)
+            if not torch.compiler.is_compiling():
+                call.memo["sigmoid"] = fn
         return fn(q, k, v)
+
+    def _launcher(self, call: Call) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+        """The call's forward with its scalars bound: the ``attnlab::sigmoid_fwd`` custom op where autograd
+        or ``torch.compile`` needs it (an input requires grad with grad enabled, or inside a trace), else the
+        Triton launcher directly. The custom op's dispatch (autograd wrapper, schema checks) cost about
+        35 us per call on the H100's host (benchmarks/results/h100-2026-11-22/session4/NOTES.md, section
+        2), a quarter of a small call; the output is the same launch either way."""
+        from attnlab.kernels.sigmoid.op import sigmoid_fwd, sigmoid_fwd_launch
+
+        bias, causal, scale = float(self.bias_of(call)), call.problem.causal, float(call.scale)
+        is_compiling, grad_enabled = torch.compiler.is_compiling, torch.is_grad_enabled
+
+        def fn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            if is_compiling() or (grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+                return sigmoid_fwd(q, k, v, scale, bias, causal)
+            return sigmoid_fwd_launch(q, k, v, scale, bias, causal)
+
+        return fn
