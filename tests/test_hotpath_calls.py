@@ -2,7 +2,7 @@
 
 - Without autograd (no input requires grad, or grad disabled) the backend launches the Triton kernel
   directly; with autograd it goes through the ``attnlab::sigmoid_fwd`` custom op (its backward). Both give
-  the same output. (CPU: Triton's interpreter, tiny shapes; conftest sets TRITON_INTERPRET.)
+  the same output. (CPU: Triton's interpreter, tiny shapes; conftest sets TRITON_INTERPRET. CUDA: the GPU.)
 - The benchmark's balanced orders put every function right after every other one equally often.
 """
 
@@ -19,12 +19,14 @@ import pytest
 import torch
 
 import attnlab
+from attnlab.testing import device_under_test
 
+DEVICE = device_under_test()
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _qkv(grad: bool) -> tuple[torch.Tensor, ...]:
-    return tuple(torch.randn(1, 2, 40, 16, requires_grad=grad) for _ in range(3))
+    return tuple(torch.randn(1, 2, 40, 16, device=DEVICE, requires_grad=grad) for _ in range(3))
 
 
 def _count_custom_op_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -56,7 +58,7 @@ def test_sigmoid_triton_launches_directly_without_autograd_and_equals_the_custom
     bias = -math.log(k.shape[2])  # the method's default bias
     assert torch.equal(out, sigmoid_attention(q, k, v, q.shape[-1] ** -0.5, bias, causal))
     ref = attnlab.attention(q, k, v, method="sigmoid", causal=causal, backend="reference")
-    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
 
 
 def test_sigmoid_triton_takes_the_custom_op_when_gradients_are_needed(
