@@ -340,55 +340,128 @@ def train(
 @app.command("eval")
 def eval_tasks(
     model: Annotated[
-        Path, typer.Option(help="local checkpoint folder (an organism, a training folder, or a Llama model)")
-    ],
+        Path | None,
+        typer.Option(help="local checkpoint folder (an organism, a training folder, or a Llama model)"),
+    ] = None,
     methods: Annotated[
         str,
         typer.Option(
-            help="comma-separated methods; name (its swept budgets) or name:key=value:key=value (softmax "
-            "is always run as the reference)"
+            help="comma-separated methods: name (its budgets, see --budgets), name:key=value:key=value, or "
+            "'all' (every registered method that can run in the model); softmax is always run as the reference"
         ),
     ] = "",
     tasks: Annotated[str, typer.Option(help="comma-separated tasks")] = "passkey,niah_multikey",
     lengths: Annotated[str, typer.Option(help="comma-separated context lengths in tokens")] = "1024",
     samples: Annotated[int, typer.Option(help="samples per task and length (seeds 0..N-1)")] = 10,
-    budgets: Annotated[str, typer.Option(help="'all' swept parameter sets per method, or 'first'")] = "all",
+    budgets: Annotated[
+        str,
+        typer.Option(help="'all' or 'first' swept parameter sets per method, 'default', or 'default+tight'"),
+    ] = "all",
+    perplexity: Annotated[int, typer.Option(help="held-out perplexity windows per length (0: none)")] = 2,
+    decode_tokens: Annotated[
+        int, typer.Option(help="teacher-forced decode steps per perplexity window")
+    ] = 16,
+    max_seconds: Annotated[
+        float | None, typer.Option(help="start no new run after this many seconds (the rest is listed)")
+    ] = None,
+    run_seconds: Annotated[
+        float | None, typer.Option(help="stop a run after this many seconds (recorded as an error)")
+    ] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available)")] = None,
-    out: Annotated[Path, typer.Option(help="JSON file of the results")] = Path("attnlab-results/eval.json"),
+    out: Annotated[Path, typer.Option(help="JSON file of the results (rewritten after every run)")] = Path(
+        "attnlab-results/eval.json"
+    ),
+    db: Annotated[
+        Path | None,
+        typer.Option(help="DuckDB file the run is added to (default: eval.duckdb next to --out)"),
+    ] = None,
+    no_db: Annotated[
+        bool, typer.Option("--no-db", help="write only the JSON (e.g. where duckdb is missing)")
+    ] = False,
+    report: Annotated[
+        Path | None, typer.Option(help="folder of report.md/.html and Pareto PNGs (default: next to --out)")
+    ] = None,
+    no_report: Annotated[bool, typer.Option("--no-report", help="do not write the report")] = False,
+    bench: Annotated[
+        Path | None, typer.Option(help="folder of benchmark results.duckdb files: list their speedups too")
+    ] = None,
+    load: Annotated[
+        Path | None,
+        typer.Option(
+            help="evaluate nothing: load this result JSON (e.g. from a GPU machine) into --db and report"
+        ),
+    ] = None,
+    commit: Annotated[str | None, typer.Option(help="the code's commit, recorded with the run")] = None,
 ) -> None:
-    """Long-context task accuracy (exact match) of a local causal LM per attention method, budget, task
-    and length: prefill and decode run by the method through attnlab.hf."""
+    """Long-context task accuracy (exact match), held-out perplexity, density and step time of a local causal
+    LM per attention method and budget: prefill and decode run by the method through attnlab.hf. Results go
+    to a JSON file, a DuckDB file and a report with accuracy-vs-density/speed Pareto plots."""
     from attnlab.errors import AttnlabError
-    from attnlab.eval.tasks import EvalConfig, evaluate, planned_samples, table_rows
+    from attnlab.eval.tasks import EvalConfig, EvalResult, evaluate, planned_samples, table_rows
 
     try:
-        cfg = EvalConfig(
-            model=model,
-            methods=_csv(methods) or (),
-            tasks=_csv(tasks) or (),
-            lengths=tuple(int(x) for x in _csv(lengths) or ()),
-            samples=samples,
-            device=device or _default_device(),
-            budgets=budgets,
-        )
-        total = planned_samples(cfg)
-        with _progress() as bar:
-            task = bar.add_task("eval", total=total)
-            result = evaluate(
-                cfg, advance=lambda n: bar.advance(task, n), log=lambda s: bar.console.print(escape(s))
+        if load is not None:
+            result = EvalResult.read(load)
+            if commit:
+                result.info["commit"] = commit
+        else:
+            if model is None:
+                raise typer.BadParameter("--model is required (or --load a result file)")
+            cfg = EvalConfig(
+                model=model,
+                methods=_csv(methods) or (),
+                tasks=_csv(tasks) or (),
+                lengths=tuple(int(x) for x in _csv(lengths) or ()),
+                samples=samples,
+                device=device or _default_device(),
+                budgets=budgets,
+                perplexity=perplexity,
+                decode_tokens=decode_tokens,
+                max_seconds=max_seconds,
+                run_seconds=run_seconds,
             )
+            total = planned_samples(cfg)
+            extra = {"commit": commit or os.environ.get("ATTNLAB_COMMIT")}
+
+            def partial(res: EvalResult) -> None:
+                res.info.update(extra)
+                res.write(out)
+
+            with _progress() as bar:
+                task = bar.add_task("eval", total=total)
+                result = evaluate(
+                    cfg,
+                    advance=lambda n: bar.advance(task, n),
+                    log=lambda s: bar.console.print(escape(s)),
+                    on_run=partial,
+                )
+            result.info.update(extra)
+            console.print(f"results: {result.write(out)}")
     except (AttnlabError, ValueError) as e:
         console.print(f"[red]error[/red]: {escape(str(e))}")
         raise typer.Exit(2) from e
     cols, rows = table_rows(result)
-    table = Table(title=f"attnlab eval: {model} on {cfg.device}, {samples} samples per cell (exact match)")
+    table = Table(
+        title=f"attnlab eval: {result.info.get('model')} on {result.info.get('device')}, "
+        f"{result.info.get('samples')} samples per cell (exact match)"
+    )
     table.add_column("method (budget)", no_wrap=True)
     for c in cols:
         table.add_column(c)
     for label, cells in rows:
         table.add_row(escape(label), *cells)
     console.print(table)
-    console.print(f"results: {result.write(out)}")
+    if not no_db:
+        from attnlab.eval.store import EvalDB, store_result
+
+        path = db or (load or out).with_name("eval.duckdb")
+        with EvalDB(path) as store:
+            run_id = store_result(store, result)
+        console.print(f"database: {path} (run {run_id})")
+    if not no_report:
+        from attnlab.eval.report import write_report
+
+        console.print(f"report: {write_report(result, report or (load or out).parent, bench)}")
 
 
 def main() -> None:

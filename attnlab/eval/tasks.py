@@ -1,28 +1,43 @@
-"""Task accuracy per method, budget, task and length (the core of ``attnlab eval``).
+"""Task accuracy, perplexity, density and step time per method and budget (the core of ``attnlab eval``).
 
 Conventions:
 
 - A method runs where it can: in the prompt's prefill when its family runs prefill calls (dense, static,
   dynamic), in the answer's decode steps when it runs decode calls (dense, static, decode); the other
   phase runs ``softmax`` (see :func:`attnlab.hf.plan.phases_of`). A static method such as ``streaming``
-  runs both phases. Linear methods cannot run in a transformers model and are refused.
-- Budgets: a method given as ``name`` is run at every parameter set its registration sweeps at that
-  length (``spec.bench_params(length)``; ``budgets="first"``: the first only; none: its defaults); as
-  ``name:key=value:key=value`` at exactly those parameters.
+  runs both phases. Linear methods and methods with required tensor inputs cannot run in a transformers
+  model and are refused; ``all`` names every registered method that can. ``tidal`` gets per-layer roles
+  (:func:`attnlab.eval.density.tidal_roles`).
+- Budgets: a method given as ``name`` is run at the parameter sets ``budgets`` names: ``all`` (every set
+  its registration sweeps at that length, ``spec.bench_params(length)``), ``first`` (the first of them),
+  ``default`` (its defaults) or ``default+tight`` (its defaults and the lowest-density candidate below
+  the defaults' density; candidates are the swept sets and, for methods with a ``budget`` in tokens,
+  budgets of length/8 and length/4; density as :mod:`attnlab.eval.density` measures it; no second run
+  when no candidate is below the defaults). As ``name:key=value:key=value``: exactly those parameters.
 - ``softmax`` (dense attention through the same path) is always evaluated, first, as the reference row.
 - Samples: seeds ``0 .. samples-1`` of :func:`attnlab.organisms.tasks.generate`, haystack from the
   held-out split of the corpus (the organism's own, from its ``training.json``, when that corpus can be
   rebuilt here; else the default corpus). Greedy decoding of at most ``answer tokens + 2`` tokens,
   stopping at a newline or the end-of-text token; exact match of the first line
   (:func:`attnlab.organisms.tasks.score`).
+- Per run and length (``EvalResult.methods``): prefill and decode density (:mod:`attnlab.eval.density`),
+  the median prefill forward time and decode step time of the model over the run's samples (the first
+  sample of a run, which compiles, is left out when there are others; the model's whole forward pass, so
+  the attnlab.hf overhead is included), and the held-out prefill/decode losses
+  (:mod:`attnlab.eval.perplexity`, ``perplexity`` windows). A run that raises is recorded with its error
+  (``error``) and the evaluation goes on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
+import statistics
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,6 +68,8 @@ class MethodRun:
     prefill: str
     decode: str
     params: tuple[tuple[str, Any], ...] = ()
+    #: how the budget was chosen: "explicit", "swept", "default" or "tight"
+    budget: str = "default"
 
     @property
     def label(self) -> str:
@@ -60,11 +77,15 @@ class MethodRun:
         inner = ", ".join(f"{k}={v}" for k, v in self.params)
         return f"{self.method}({inner})" if inner else self.method
 
-    def use_kwargs(self, device: str = "cuda") -> dict[str, Any]:
+    def use_kwargs(self, device: str = "cuda", num_layers: int | None = None) -> dict[str, Any]:
         """Keyword arguments of :func:`attnlab.hf.use` for this run. On a CPU the method runs on a backend
         that does not compile (``sdpa_mask``, ``eager`` or ``sdpa``, where it has one): FlexAttention
-        compiles for tens of seconds per shape there."""
+        compiles for tens of seconds per shape there. ``tidal`` needs ``num_layers`` (its per-layer roles,
+        :func:`attnlab.eval.density.tidal_roles`)."""
+        from attnlab.eval.density import tidal_roles
+
         params = dict(self.params)
+        plan: dict[str, Any] = {}
         backends = {}
         if device == "cpu":
             from attnlab.registry import get
@@ -74,8 +95,17 @@ class MethodRun:
                 choice = next((c for c in ("sdpa_mask", "eager", "sdpa") if c in names), None)
                 if choice is not None:
                     backends[name] = choice
+        if backends:
+            plan["backends"] = backends
+        if self.decode == "tidal":
+            if num_layers is None:
+                raise EvalError("method 'tidal' needs the model's number of layers (its per-layer roles)")
+            plan["layers"] = {
+                i: {"decode": {"method": "tidal", "params": {**params, "role": role}}}
+                for i, role in tidal_roles(num_layers).items()
+            }
         return {
-            "plan": {"backends": backends} if backends else None,
+            "plan": plan or None,
             "prefill": self.prefill,
             "decode": self.decode,
             "prefill_params": params if self.prefill == self.method else None,
@@ -101,15 +131,65 @@ def parse_method(text: str) -> tuple[str, dict[str, Any] | None]:
     return name, params
 
 
-def method_runs(methods: Sequence[str], length: int, budgets: str = "all") -> list[MethodRun]:
-    """The runs of ``methods`` at ``length`` (see the module docstring); ``softmax`` first."""
+BUDGETS = ("all", "first", "default", "default+tight")
+
+
+def runnable_methods() -> list[str]:
+    """Every registered method that can run inside a transformers causal LM (what ``all`` names): not
+    linear, runs in prefill or decode, no required tensor inputs; in registry order, the dense family (score
+    variants) last. ``softmax`` excluded (always run)."""
+    from attnlab.hf.plan import phases_of
+    from attnlab.registry import methods as registered
+
+    names = [
+        n
+        for n, s in registered().items()
+        if n != DENSE and s.family != "linear" and phases_of(s) and not any(t.required for t in s.inputs)
+    ]
+    return sorted(names, key=lambda n: registered()[n].family == "dense")  # sparse methods first
+
+
+def tight_candidates(name: str, length: int) -> list[dict[str, Any]]:
+    """The parameter sets ``default+tight`` chooses from (see the module docstring), in order, each
+    validated (invalid ones, e.g. a budget below a method's fixed parts, are left out)."""
+    from attnlab.errors import ParamError
+    from attnlab.registry import get
+
+    spec = get(name)
+    defaults = spec.make_params({}).as_dict()
+    out: list[dict[str, Any]] = []
+    cands = [dict(p) for p in spec.bench_params(length)]
+    if "budget" in defaults:
+        cands += [{"budget": length // 8}, {"budget": length // 4}]
+    for c in cands:
+        try:
+            spec.make_params(c)
+        except (ParamError, ValueError):
+            continue
+        if c and c not in out and {**defaults, **c} != defaults:
+            out.append(c)
+    return out
+
+
+def method_runs(
+    methods: Sequence[str],
+    length: int,
+    budgets: str = "all",
+    density: Callable[[str, Mapping[str, Any]], float] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[MethodRun]:
+    """The runs of ``methods`` at ``length`` (see the module docstring); ``softmax`` first. ``all`` in
+    ``methods`` names :func:`runnable_methods`. ``density(name, params)`` (the density of the phase the
+    method runs) picks the tight budget of ``default+tight``; without it the first candidate stands in
+    (to count runs)."""
     from attnlab.hf.plan import MethodRef, PlanError, check_method, phases_of
     from attnlab.registry import methods as registered
 
-    if budgets not in ("all", "first"):
-        raise EvalError(f"budgets={budgets!r}: expected 'all' or 'first'")
+    if budgets not in BUDGETS:
+        raise EvalError(f"budgets={budgets!r}: expected one of {', '.join(BUDGETS)}")
+    names = [m for t in methods for m in (runnable_methods() if t.strip() == "all" else [t])]
     runs = [MethodRun(DENSE, DENSE, DENSE)]
-    for text in methods:
+    for text in names:
         name, explicit = parse_method(text)
         if name not in registered():
             raise EvalError(
@@ -123,17 +203,37 @@ def method_runs(methods: Sequence[str], length: int, budgets: str = "all") -> li
                 f"method {name!r} ({spec.family}) cannot run inside a transformers causal LM: attnlab.hf runs "
                 "dense, static, dynamic (prefill) and decode methods"
             )
+        sets: list[tuple[dict[str, Any], str]]
         if explicit is not None:
-            sets = [explicit]
-        else:
+            sets = [(explicit, "explicit")]
+        elif budgets in ("all", "first"):
             swept = list(spec.bench_params(length)) or [{}]
-            sets = swept[:1] if budgets == "first" else swept
-        for params in sets:
+            sets = [(dict(p), "swept") for p in (swept[:1] if budgets == "first" else swept)]
+        else:
+            sets = [({}, "default")]
+            cands = tight_candidates(name, length) if budgets == "default+tight" else []
+            if cands and density is None:
+                sets.append((cands[0], "tight"))
+            elif cands and density is not None:
+                try:
+                    base = density(name, {})
+                    scored = [(density(name, c), i, c) for i, c in enumerate(cands)]
+                except Exception as e:  # a density that cannot be measured: no tight run, said why
+                    if log is not None:
+                        log(f"{name} at {length}: no tight budget (density: {type(e).__name__}: {e})")
+                    scored, base = [], math.inf
+                below = [x for x in scored if x[0] < base]
+                if below:
+                    sets.append((min(below, key=lambda x: (x[0], x[1]))[2], "tight"))
+        for params, how in sets:
+            if name == "tidal":
+                params = {k: v for k, v in params.items() if k != "role"}  # roles come per layer
             run = MethodRun(
                 name,
                 name if "prefill" in phases else DENSE,
                 name if "decode" in phases else DENSE,
                 tuple(sorted(params.items())),
+                how,
             )
             for phase, method in (("prefill", run.prefill), ("decode", run.decode)):
                 if method == name:
@@ -141,7 +241,7 @@ def method_runs(methods: Sequence[str], length: int, budgets: str = "all") -> li
                         check_method(MethodRef(name, run.params), phase, where=f"method {text!r}")
                     except PlanError as e:
                         raise EvalError(str(e)) from None
-            if run not in runs:
+            if all((r.method, r.params) != (run.method, run.params) for r in runs):
                 runs.append(run)
     return runs
 
@@ -150,8 +250,10 @@ def method_runs(methods: Sequence[str], length: int, budgets: str = "all") -> li
 class EvalConfig:
     """What ``attnlab eval`` measures. ``model``: a local checkpoint folder (a Llama causal LM; an
     organism folder or a training folder). ``corpus``: the corpus whose held-out split gives the
-    haystack (default: the model's own from its ``training.json`` when it can be rebuilt here, else the
-    micro organism's corpus settings)."""
+    haystack and the perplexity text (default: the model's own from its ``training.json`` when it can be
+    rebuilt here, else the micro organism's corpus settings). ``perplexity``: held-out windows per length
+    (0: none), each with ``decode_tokens`` teacher-forced decode steps. ``max_seconds``: no new run
+    starts after this many seconds (the result says which were left out)."""
 
     model: str | Path
     methods: tuple[str, ...] = ()
@@ -162,17 +264,24 @@ class EvalConfig:
     budgets: str = "all"
     corpus: CorpusConfig | None = None
     task_options: dict[str, dict[str, int]] = field(default_factory=dict)
+    perplexity: int = 0
+    decode_tokens: int = 16
+    max_seconds: float | None = None
+    #: a run still going after this many seconds is stopped and recorded as an error (main thread, POSIX)
+    run_seconds: float | None = None
 
 
 @dataclass
 class EvalResult:
-    """One row per (method run, task, length): ``correct`` of ``samples``; plus what ran where."""
+    """``rows``: one per (method run, task, length), ``correct`` of ``samples``; ``methods``: one per
+    (method run, length) with densities, step times and perplexities; ``info``: what ran where."""
 
     rows: list[dict[str, Any]]
     info: dict[str, Any]
+    methods: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> str:
-        return json.dumps({"info": self.info, "rows": self.rows}, indent=1)
+        return json.dumps({"info": self.info, "rows": self.rows, "methods": self.methods}, indent=1)
 
     def write(self, path: str | Path) -> Path:
         """Write the result as JSON (folders created)."""
@@ -180,6 +289,21 @@ class EvalResult:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(self.to_json())
         return p
+
+    @classmethod
+    def read(cls, path: str | Path) -> EvalResult:
+        """A result written by :meth:`write` (files without ``methods`` rows, from older versions, load
+        with none)."""
+        p = Path(path)
+        if not p.is_file():
+            raise EvalError(f"no eval result file at {str(p)!r}")
+        try:
+            data = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise EvalError(f"{str(p)!r} is not JSON: {e}") from None
+        if not isinstance(data, dict) or "rows" not in data or "info" not in data:
+            raise EvalError(f"{str(p)!r}: expected an attnlab eval result (keys 'info', 'rows', 'methods')")
+        return cls(list(data["rows"]), dict(data["info"]), list(data.get("methods") or []))
 
 
 def _load(cfg: EvalConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerFast, dict[str, Any] | None]:
@@ -197,12 +321,13 @@ def _load(cfg: EvalConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerFast, di
         tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)  # type: ignore[assignment]
     if next(model.parameters()).device.type == "cpu":
         model = model.float()  # bf16 weights (the small organism) run in fp32 on a CPU
+    model.eval()
     return model, tok, state
 
 
 def _haystack(
     cfg: EvalConfig, tok: PreTrainedTokenizerFast, state: dict[str, Any] | None
-) -> tuple[TaskContext, str]:
+) -> tuple[TaskContext, str, list[str]]:
     from attnlab.organisms.corpus import CorpusConfig, build_corpus, prose
     from attnlab.organisms.errors import ConfigError
     from attnlab.organisms.tasks import TaskContext
@@ -220,89 +345,278 @@ def _haystack(
             corpus = None
     if corpus is None:
         corpus = build_corpus(CorpusConfig(max_chars=2_000_000))
-    return TaskContext(tok, [d.text for d in prose(corpus.heldout)]), corpus.fingerprint
+    texts = [d.text for d in prose(corpus.heldout)]
+    return TaskContext(tok, texts), corpus.fingerprint, texts
+
+
+class RunTimeout(EvalError):
+    """A run went past ``EvalConfig.run_seconds``."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float | None) -> Iterator[None]:
+    """Raise :class:`RunTimeout` in the block after ``seconds`` (SIGALRM; a no-op without it, off the main
+    thread, or with None)."""
+    usable = (
+        seconds is not None
+        and hasattr(signal, "setitimer")
+        and threading.current_thread() is threading.main_thread()
+    )
+    if not usable:
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise RunTimeout(f"the run took more than run_seconds={seconds} s")
+
+    old = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, float(seconds))  # type: ignore[arg-type]
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _median(xs: Sequence[float]) -> float | None:
+    return float(statistics.median(xs)) if xs else None
+
+
+class _Densities:
+    """Densities at one length (:mod:`attnlab.eval.density`), with Q/K captured once from the model on
+    the first ``n`` held-out tokens when a dynamic method needs them."""
+
+    def __init__(
+        self, model: PreTrainedModel, heldout: list[int], n: int, num_layers: int, kv_heads: int
+    ) -> None:
+        self.model, self.heldout, self.n = model, heldout, n
+        self.num_layers, self.kv_heads = num_layers, kv_heads
+        self.device = next(model.parameters()).device
+        self._qk: list[tuple[torch.Tensor, torch.Tensor, float]] | None = None
+
+    def qk(self) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+        from attnlab.organisms.capture import capture_qkv
+
+        if self._qk is None:
+            if len(self.heldout) < self.n:
+                raise EvalError(f"the held-out text has {len(self.heldout)} tokens; {self.n} are needed")
+            layers = capture_qkv(self.model, torch.tensor([self.heldout[: self.n]]))
+            self._qk = [(c.q, c.k, c.scale) for c in layers]
+        return self._qk
+
+    def prefill(self, name: str, params: Mapping[str, Any]) -> float:
+        from attnlab.eval.density import prefill_density
+        from attnlab.registry import get
+
+        spec = get(name)
+        return prefill_density(spec, params, self.n, self.qk() if spec.estimate else None, self.device)
+
+    def decode(self, name: str, params: Mapping[str, Any]) -> float:
+        from attnlab.eval.density import decode_density
+        from attnlab.registry import get
+
+        return decode_density(get(name), params, self.n, self.num_layers, self.kv_heads, self.device)
+
+    def phase(self, name: str, params: Mapping[str, Any]) -> float:
+        """The density of the phase the method runs (decode for decode-only methods, else prefill)."""
+        from attnlab.registry import get
+
+        return self.decode(name, params) if get(name).family == "decode" else self.prefill(name, params)
+
+    def both(self, name: str, params: Mapping[str, Any]) -> tuple[float, float]:
+        return self.prefill(name, params), self.decode(name, params)
 
 
 def evaluate(
-    cfg: EvalConfig, advance: Callable[[int], None] | None = None, log: Callable[[str], None] = lambda s: None
+    cfg: EvalConfig,
+    advance: Callable[[int], None] | None = None,
+    log: Callable[[str], None] = lambda s: None,
+    on_run: Callable[[EvalResult], None] | None = None,
 ) -> EvalResult:
-    """Accuracy per method run, task and length (see the module docstring). ``advance(n)`` is called
-    after each sample (progress)."""
+    """Accuracy, densities, step times and perplexities per method run and length (see the module
+    docstring). ``advance(n)`` is called after each sample (progress); ``on_run(result so far)`` after
+    each run (e.g. to write partial results)."""
     import attnlab.hf
+    from attnlab.eval.perplexity import phase_loss, windows
     from attnlab.organisms.errors import ConfigError
     from attnlab.organisms.evaluate import greedy
     from attnlab.organisms.tasks import TASKS, generate, score
-    from attnlab.organisms.tokenizer import decode, encode
+    from attnlab.organisms.tokenizer import decode, encode, encode_batch
+    from attnlab.registry import get
 
     for t in cfg.tasks:
         if t not in TASKS:
             raise EvalError(f"unknown task {t!r}: expected some of {sorted(TASKS)}.{did_you_mean(t, TASKS)}")
     if cfg.samples < 1:
         raise EvalError(f"samples={cfg.samples}: expected >= 1")
+    if cfg.perplexity < 0 or cfg.decode_tokens < 1:
+        raise EvalError(
+            f"perplexity={cfg.perplexity}, decode_tokens={cfg.decode_tokens}: expected >= 0 windows and >= 1 "
+            "decode tokens"
+        )
+    began = time.perf_counter()
+    method_runs(cfg.methods, max(cfg.lengths, default=1024), cfg.budgets)  # bad names fail before loading
     model, tok, state = _load(cfg)
     max_pos = int(model.config.max_position_embeddings)
+    num_layers = int(model.config.num_hidden_layers)
+    kv_heads = int(getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads)
     for n in cfg.lengths:
         if not 128 <= n <= max_pos:
             raise EvalError(
                 f"length {n}: expected 128 <= length <= the model's max_position_embeddings={max_pos}"
             )
-    runs = {n: method_runs(cfg.methods, n, cfg.budgets) for n in cfg.lengths}
-    ctx, fingerprint = _haystack(cfg, tok, state)
+        if cfg.perplexity and cfg.decode_tokens >= n:
+            raise EvalError(f"decode_tokens={cfg.decode_tokens}: expected fewer than the length {n}")
+    ctx, fingerprint, texts = _haystack(cfg, tok, state)
+    heldout: list[int] = []
+    for ids in encode_batch(tok, texts):
+        heldout += [*ids, tok.eos_token_id]
     stop = sorted({i for i in (tok.eos_token_id, *encode(tok, "\n")) if i is not None})
-    rows: list[dict[str, Any]] = []
+    device = next(model.parameters()).device
+    result = EvalResult([], {}, [])
+    skipped: list[str] = []
+    setup: dict[
+        int, tuple[dict[str, list[Any]], dict[str, list[list[int]]], list[list[int]], _Densities]
+    ] = {}
     for n in cfg.lengths:
+        samples: dict[str, list[Any]] = {}
         for task in cfg.tasks:
             try:
-                samples = [
+                samples[task] = [
                     generate(task, ctx, n, seed, **cfg.task_options.get(task, {}))
                     for seed in range(cfg.samples)
                 ]
             except ConfigError as e:
                 log(f"{task} at {n}: {e}")
-                samples = []
-            prompts = [encode(tok, s.prompt) for s in samples]
-            for run in runs[n]:
-                correct, started = 0, time.perf_counter()
-                outputs = []
-                with attnlab.hf.use(model, **run.use_kwargs(cfg.device)):
-                    for s, ids in zip(samples, prompts, strict=True):
-                        text = decode(tok, greedy(model, ids, s.answer_tokens + 2, stop))
+                samples[task] = []
+        prompts = {t: [encode(tok, s.prompt) for s in ss] for t, ss in samples.items()}
+        wins = windows(heldout, n, cfg.perplexity) if cfg.perplexity else []
+        if cfg.perplexity and len(wins) < cfg.perplexity:
+            log(f"perplexity at {n}: the held-out text holds {len(wins)} windows of {n + 1} tokens")
+        setup[n] = (samples, prompts, wins, _Densities(model, heldout, n, num_layers, kv_heads))
+    runs_at = {n: method_runs(cfg.methods, n, cfg.budgets, setup[n][3].phase, log) for n in cfg.lengths}
+    # method by method (every length of a method, then the next method): a time limit leaves whole methods out
+    order = list(dict.fromkeys(r.method for n in cfg.lengths for r in runs_at[n]))
+    todo = [(n, run) for name in order for n in cfg.lengths for run in runs_at[n] if run.method == name]
+    for n, run in todo:
+        samples, prompts, wins, dens_at = setup[n]
+        if cfg.max_seconds is not None and time.perf_counter() - began > cfg.max_seconds:
+            skipped.append(f"{run.label}@{n}")
+            continue
+        error = None
+        per_task: dict[str, tuple[int, list[str]]] = {}
+        prefill_s: list[float] = []
+        decode_s: list[float] = []
+        loss = None
+        started = time.perf_counter()
+        try:
+            with (
+                _time_limit(cfg.run_seconds),
+                attnlab.hf.use(model, **run.use_kwargs(cfg.device, num_layers)),
+            ):
+                first = True
+                for task in cfg.tasks:
+                    correct, outputs = 0, []
+                    for s, ids in zip(samples[task], prompts[task], strict=True):
+                        times: list[float] = []
+                        text = decode(tok, greedy(model, ids, s.answer_tokens + 2, stop, times))
+                        if not first:
+                            prefill_s.append(times[0])
+                            decode_s += times[1:]
+                        first = False
                         correct += score(s, text)
                         outputs.append(text)
                         if advance:
                             advance(1)
-                rows.append(
-                    {
-                        "method": run.method,
-                        "label": run.label,
-                        "params": dict(run.params),
-                        "prefill": run.prefill,
-                        "decode": run.decode,
-                        "task": task,
-                        "length": n,
-                        "samples": len(samples),
-                        "correct": correct,
-                        "accuracy": correct / len(samples) if samples else math.nan,
-                        "seconds": time.perf_counter() - started,
-                        "outputs": outputs,
-                    }
-                )
-    info = {
+                    per_task[task] = (correct, outputs)
+                if wins:
+                    loss = phase_loss(model, wins, cfg.decode_tokens)
+        except Exception as e:  # a run that fails is recorded, and the others still run
+            error = f"{type(e).__name__}: {e}"
+            log(f"{run.label} at {n}: {error}")
+        seconds = time.perf_counter() - started
+        for task in cfg.tasks:
+            correct, outputs = per_task.get(task, (0, []))
+            count = len(samples[task]) if task in per_task else 0
+            result.rows.append(
+                {
+                    "method": run.method,
+                    "label": run.label,
+                    "params": dict(run.params),
+                    "budget": run.budget,
+                    "prefill": run.prefill,
+                    "decode": run.decode,
+                    "task": task,
+                    "length": n,
+                    "samples": count,
+                    "correct": correct,
+                    "accuracy": correct / count if count else math.nan,
+                    "outputs": outputs,
+                    "error": error,
+                }
+            )
+        dens: dict[str, float | None] = {"prefill_density": None, "decode_density": None}
+        try:
+            dens["prefill_density"], dens["decode_density"] = dens_at.both(run.method, dict(run.params))
+        except Exception as e:  # e.g. a shape-bound mask that does not fit n
+            log(f"{run.label} at {n}: density: {type(e).__name__}: {e}")
+        result.methods.append(
+            {
+                "method": run.method,
+                "label": run.label,
+                "params": dict(run.params),
+                "budget": run.budget,
+                "family": get(run.method).family,
+                "prefill": run.prefill,
+                "decode": run.decode,
+                "length": n,
+                **dens,
+                "prefill_ms": None if (m := _median(prefill_s)) is None else 1e3 * m,
+                "decode_ms": None if (m := _median(decode_s)) is None else 1e3 * m,
+                "timed_prefills": len(prefill_s),
+                "timed_steps": len(decode_s),
+                "prefill_loss": loss.prefill_loss if loss else None,
+                "decode_loss": loss.decode_loss if loss else None,
+                "ppl_windows": len(wins) if loss else 0,
+                "ppl_prefill_tokens": loss.prefill_tokens if loss else 0,
+                "ppl_decode_tokens": loss.decode_tokens if loss else 0,
+                "seconds": seconds,
+                "error": error,
+            }
+        )
+        if on_run:
+            result.info = _info(cfg, state, fingerprint, device, skipped)
+            on_run(result)
+    result.info = _info(cfg, state, fingerprint, device, skipped)
+    return result
+
+
+def _info(
+    cfg: EvalConfig, state: dict[str, Any] | None, fingerprint: str, device: torch.device, skipped: list[str]
+) -> dict[str, Any]:
+    import transformers
+
+    return {
         "model": str(cfg.model),
         "model_name": (state or {}).get("config", {}).get("name"),
         "device": cfg.device,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "tasks": list(cfg.tasks),
         "lengths": list(cfg.lengths),
         "samples": cfg.samples,
+        "budgets": cfg.budgets,
+        "perplexity_windows": cfg.perplexity,
+        "decode_tokens": cfg.decode_tokens,
         "haystack_corpus": fingerprint,
         "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
+        "transformers": transformers.__version__,
+        "skipped": list(skipped),
     }
-    return EvalResult(rows, info)
 
 
 def planned_samples(cfg: EvalConfig) -> int:
-    """How many greedy generations :func:`evaluate` runs (for a progress bar)."""
+    """How many greedy generations :func:`evaluate` runs (for a progress bar; ``default+tight`` counts
+    a tight run for every method with a candidate)."""
     runs = sum(len(method_runs(cfg.methods, n, cfg.budgets)) for n in cfg.lengths)
     return runs * len(cfg.tasks) * cfg.samples
 

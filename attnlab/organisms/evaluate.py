@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -20,17 +21,35 @@ TRAIN_SEED_BASE = 1_000_000
 
 
 @torch.no_grad()
-def greedy(model: PreTrainedModel, ids: list[int], max_new: int, stop: Sequence[int]) -> list[int]:
+def greedy(
+    model: PreTrainedModel,
+    ids: list[int],
+    max_new: int,
+    stop: Sequence[int],
+    times: list[float] | None = None,
+) -> list[int]:
     """Greedy continuation of ``ids`` (a KV cache carries the prefix): at most ``max_new`` tokens, ending
-    before the first token in ``stop``."""
+    before the first token in ``stop``. ``times``, when given, receives the seconds of the prefill forward
+    pass and then of each decode step (each including the next token's argmax, which waits for the device;
+    the prefill is timed with an explicit CUDA synchronisation)."""
     device = next(model.parameters()).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if times is not None:
+        sync()
+    started = time.perf_counter()
     out = model(input_ids=torch.tensor([ids], device=device), use_cache=True)
+    if times is not None:
+        sync()
+        times.append(time.perf_counter() - started)
     new: list[int] = []
     for _ in range(max_new):
         tok = int(out.logits[0, -1].argmax())
+        if times is not None and new:
+            times.append(time.perf_counter() - started)
         if tok in stop:
             break
         new.append(tok)
+        started = time.perf_counter()
         out = model(
             input_ids=torch.tensor([[tok]], device=device),
             past_key_values=out.past_key_values,

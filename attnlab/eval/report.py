@@ -1,0 +1,348 @@
+"""The ``attnlab eval`` report: accuracy against density and speed per method, as markdown, HTML and plots.
+
+Per task and length, one figure with two panels (accuracy on the y axis of both):
+
+- against *density*: the share of attention the method computes in the phase it runs (prefill density for
+  methods that run in prefill, decode density for decode-only methods; :mod:`attnlab.eval.density`);
+- against *measured speedup*: softmax's median model step time over the method's, in the eval itself
+  (prefill forward pass for methods that run in prefill, decode step for decode-only methods; the whole
+  model through attnlab.hf, so overhead outside attention is included); where a benchmark database is
+  given, the attention-only speedup of the benchmark's row for the same method, parameters and length
+  is listed in the table next to it (the benchmark's shapes, not the model's).
+
+Points on the Pareto front of their phase (no other run of that phase is at least as accurate and at
+least as cheap, and better in one) are joined by a line. The table "cheapest run that keeps >= 95% of dense accuracy" lists, per task
+and length, the qualifying run of lowest density (ties: faster) and the fastest qualifying run; runs that
+raised or computed the same function as dense by construction (dense family) are left out of both.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from attnlab.eval.tasks import DENSE, EvalResult
+
+#: the share of dense accuracy a run must keep to count as keeping it
+KEEP = 0.95
+
+
+def _phase(m: Mapping[str, Any]) -> str:
+    """The phase whose cost a run changes: ``decode`` for decode-only methods, else ``prefill``."""
+    return "decode" if m.get("family") == "decode" else "prefill"
+
+
+def points(result: EvalResult, methods: Sequence[Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """One point per (method run, task, length): accuracy, the density and measured speedup of the
+    run's phase, perplexity changes (when ``methods`` rows carry them), error."""
+    from attnlab.eval.perplexity import with_ppl_changes
+
+    per = {(m["label"], m["length"]): m for m in (methods or with_ppl_changes(result.methods))}
+    dense = {m["length"]: m for m in per.values() if m["method"] == DENSE}
+    out = []
+    for r in result.rows:
+        m = per.get((r["label"], r["length"]), {})
+        phase = _phase(m)
+        ref = dense.get(r["length"], {})
+        ms, ref_ms = m.get(f"{phase}_ms"), ref.get(f"{phase}_ms")
+        out.append(
+            {
+                **{k: r[k] for k in ("method", "label", "task", "length", "samples", "correct", "accuracy")},
+                "family": m.get("family"),
+                "phase": phase,
+                "density": m.get(f"{phase}_density"),
+                "ms": ms,
+                "speedup": ref_ms / ms if ms and ref_ms else None,
+                "prefill_ppl_change": m.get("prefill_ppl_change"),
+                "decode_ppl_change": m.get("decode_ppl_change"),
+                "error": r.get("error") or m.get("error"),
+            }
+        )
+    return out
+
+
+def pareto(
+    pts: Sequence[Mapping[str, Any]], cost: str, higher_is_cheaper: bool = False
+) -> list[Mapping[str, Any]]:
+    """The points on the accuracy-vs-``cost`` Pareto front (points missing either value are left out),
+    ordered by cost (cheapest first)."""
+    sign = -1.0 if higher_is_cheaper else 1.0
+    ok = [p for p in pts if p.get(cost) is not None and not _nan(p.get("accuracy"))]
+    front = []
+    for p in ok:
+        c, a = sign * p[cost], p["accuracy"]
+        dominated = any(
+            sign * q[cost] <= c and q["accuracy"] >= a and (sign * q[cost] < c or q["accuracy"] > a)
+            for q in ok
+        )
+        if not dominated:
+            front.append(p)
+    return sorted(front, key=lambda p: sign * p[cost])
+
+
+def _nan(x: Any) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def cheapest(pts: Sequence[Mapping[str, Any]], keep: float = KEEP) -> list[dict[str, Any]]:
+    """Per (task, length): dense accuracy, the lowest-density run keeping ``keep`` of it, and the fastest."""
+    out = []
+    keys = list(dict.fromkeys((p["task"], p["length"]) for p in pts))
+    for task, n in keys:
+        cell = [p for p in pts if p["task"] == task and p["length"] == n]
+        dense = next((p for p in cell if p["method"] == DENSE), None)
+        if dense is None or _nan(dense["accuracy"]):
+            continue
+        need = keep * dense["accuracy"]
+        ok = [
+            p
+            for p in cell
+            if p["family"] != "dense" and not p["error"] and not _nan(p["accuracy"]) and p["accuracy"] >= need
+        ]
+        by_density = sorted(
+            (p for p in ok if p["density"] is not None), key=lambda p: (p["density"], -(p["speedup"] or 0.0))
+        )
+        by_speed = sorted((p for p in ok if p["speedup"] is not None), key=lambda p: -p["speedup"])
+        out.append(
+            {
+                "task": task,
+                "length": n,
+                "dense_accuracy": dense["accuracy"],
+                "kept": len(ok),
+                "runs": sum(1 for p in cell if p["family"] != "dense"),
+                "cheapest": by_density[0] if by_density else None,
+                "fastest": by_speed[0] if by_speed else None,
+            }
+        )
+    return out
+
+
+def bench_speedups(root: str | Path, lengths: Iterable[int]) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """Attention-only speedups from the benchmark databases under ``root`` (every ``results.duckdb``; the
+    latest row per key): (method, params JSON with sorted keys, length) -> the causal self-attention
+    forward row of the best backend (``speedup``, ``backend``, ``heads``, ``head_dim``, ``dtype``)."""
+    from attnlab.bench.sources import merged
+
+    want = set(lengths)
+    rows, _ = merged(Path(root), "efficiency")
+    out: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for r in rows:
+        if r.get("pattern") != "causal_self" or r.get("mode") != "fwd" or r.get("speedup") is None:
+            continue
+        if r.get("n_q") != r.get("n_k") or r.get("n_q") not in want:
+            continue
+        key = (r["method"], json.dumps(json.loads(r["params"] or "{}"), sort_keys=True), int(r["n_q"]))
+        if key not in out or r["speedup"] > out[key]["speedup"]:
+            out[key] = {k: r.get(k) for k in ("speedup", "backend", "heads", "head_dim", "dtype", "status")}
+    return out
+
+
+def _fmt(x: Any, spec: str = ".2f", none: str = "-") -> str:
+    if _nan(x):
+        return none
+    return format(x, spec)
+
+
+def _pct(x: Any) -> str:
+    return "-" if _nan(x) else f"{100 * x:+.1f}%"
+
+
+def plot(pts: Sequence[Mapping[str, Any]], task: str, n: int) -> bytes | None:
+    """The PNG of one task and length (see the module docstring), or None without points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cell = [p for p in pts if p["task"] == task and p["length"] == n and not p["error"]]
+    if not cell:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    marker = {"prefill": "o", "decode": "s"}
+    for ax, cost, cheap_high, xlabel in (
+        (axes[0], "density", False, "attention density of the method's phase (lower is cheaper)"),
+        (axes[1], "speedup", True, "measured model step speedup vs softmax (prefill or decode step)"),
+    ):
+        for phase in ("prefill", "decode"):
+            ps = [p for p in cell if p["phase"] == phase and p.get(cost) is not None]
+            if ps:
+                ax.scatter(
+                    [p[cost] for p in ps],
+                    [p["accuracy"] for p in ps],
+                    marker=marker[phase],
+                    alpha=0.7,
+                    label=f"{phase} methods",
+                )
+        for phase, style in (("prefill", "C0--"), ("decode", "C1--")):
+            front = pareto([p for p in cell if p["phase"] == phase], cost, cheap_high)
+            if front:
+                xs, ys = [p[cost] for p in front], [p["accuracy"] for p in front]
+                ax.plot(xs, ys, style, lw=1, label=f"Pareto front ({phase})")
+                for p in front:
+                    ax.annotate(p["label"], (p[cost], p["accuracy"]), fontsize=6, rotation=20)
+        if cost == "density":
+            ax.invert_xaxis()
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel("exact-match accuracy")
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{task} at {n} tokens")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def markdown(
+    result: EvalResult,
+    pts: Sequence[Mapping[str, Any]],
+    images: Mapping[tuple[str, int], str],
+    bench: Mapping[tuple[str, str, int], Mapping[str, Any]] | None = None,
+) -> str:
+    """The report as markdown (tables; images by relative path)."""
+    info = result.info
+    lines = [
+        f"# attnlab eval: {info.get('model_name') or info.get('model')}",
+        "",
+        f"Device {info.get('device_name') or info.get('device')}, torch {info.get('torch')}, transformers "
+        f"{info.get('transformers')}, commit {info.get('commit') or 'not recorded'}. {info.get('samples')} samples per "
+        f"task and length (exact match, greedy), budgets `{info.get('budgets')}`, held-out perplexity over "
+        f"{info.get('perplexity_windows', 0)} windows per length ({info.get('decode_tokens')} teacher-forced decode "
+        f"steps each). Haystack corpus {info.get('haystack_corpus')}.",
+        "",
+    ]
+    if info.get("skipped"):
+        lines += [f"Left out by the time limit: {', '.join(info['skipped'])}.", ""]
+    lines += ["## Cheapest run keeping >= 95% of dense accuracy", ""]
+    lines += [
+        "| task@length | dense | kept / runs | lowest density (acc, density) | fastest (acc, speedup) |"
+    ]
+    lines += ["|---|---|---|---|---|"]
+    for c in cheapest(pts):
+        ch, fa = c["cheapest"], c["fastest"]
+        lines.append(
+            f"| {c['task']}@{c['length']} | {c['dense_accuracy']:.2f} | {c['kept']} / {c['runs']} | "
+            + (f"{ch['label']} ({ch['accuracy']:.2f}, {ch['density']:.3f})" if ch else "none")
+            + " | "
+            + (f"{fa['label']} ({fa['accuracy']:.2f}, {fa['speedup']:.2f}x)" if fa else "none")
+            + " |"
+        )
+    lines += ["", "## Accuracy, density, speed and perplexity per run", ""]
+    tl = list(dict.fromkeys((p["task"], p["length"]) for p in pts))
+    lengths = list(dict.fromkeys(n for _, n in tl))
+    head = ["method (budget)", "phase"]
+    for n in lengths:
+        head += [f"{t}@{n}" for t, m in tl if m == n]
+        head += [f"density@{n}", f"speedup@{n}", f"ppl prefill@{n}", f"ppl decode@{n}"]
+        if bench:
+            head.append(f"bench attn speedup@{n}")
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    per = {(p["label"], p["task"], p["length"]): p for p in pts}
+    labels = list(dict.fromkeys(p["label"] for p in pts))
+    methods = {(m["label"], m["length"]): m for m in result.methods}
+    for label in labels:
+        any_p = next(p for p in pts if p["label"] == label)
+        row = [label.replace("|", "/"), any_p["phase"]]
+        for n in lengths:
+            first = None
+            for t, m in tl:
+                if m != n:
+                    continue
+                p = per.get((label, t, n))
+                first = first or p
+                if p is None:
+                    row.append("-")
+                elif p["error"]:
+                    row.append("error")
+                else:
+                    row.append(f"{p['accuracy']:.2f}")
+            row += [
+                _fmt(first["density"], ".3f") if first else "-",
+                _fmt(first["speedup"], ".2f") + ("x" if first and first["speedup"] else "") if first else "-",
+                _pct(first["prefill_ppl_change"]) if first else "-",
+                _pct(first["decode_ppl_change"]) if first else "-",
+            ]
+            if bench:
+                m = methods.get((label, n))
+                b = None
+                if m is not None:
+                    b = bench.get((m["method"], json.dumps(m["params"], sort_keys=True, default=list), n))
+                row.append(f"{b['speedup']:.2f}x ({b['backend']})" if b else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    errors = [(m["label"], m["length"], m["error"]) for m in result.methods if m.get("error")]
+    if errors:
+        lines += ["", "## Runs that raised", ""]
+        lines += [f"- {label} at {n}: `{str(e).splitlines()[0][:300]}`" for label, n, e in errors]
+    lines += ["", "## Pareto plots", ""]
+    for (task, n), name in images.items():
+        lines += [f"![{task} at {n}]({name})", ""]
+    return "\n".join(lines) + "\n"
+
+
+def _html(md: str, title: str) -> str:
+    """A minimal HTML page of the markdown report (tables, headings, images, lists)."""
+    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+           "<style>body{font-family:sans-serif;max-width:1400px;margin:auto}table{border-collapse:collapse;"
+           "font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}</style></head><body>"]  # fmt: skip
+    in_table = False
+    for line in md.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if all(set(c) <= {"-"} for c in cells):
+                continue
+            if not in_table:
+                out.append("<table>")
+                in_table = True
+                out.append("<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cells) + "</tr>")
+            else:
+                out.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+            continue
+        if in_table:
+            out.append("</table>")
+            in_table = False
+        if line.startswith("!["):
+            alt, src = line[2:].split("](", 1)
+            out.append(f"<p><img src='{html.escape(src.rstrip(')'))}' alt='{html.escape(alt)}'></p>")
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            out.append(f"<h{level}>{html.escape(line[level:].strip())}</h{level}>")
+        elif line.startswith("- "):
+            out.append(f"<li>{html.escape(line[2:])}</li>")
+        elif line.strip():
+            out.append(f"<p>{html.escape(line)}</p>")
+    if in_table:
+        out.append("</table>")
+    return "\n".join(out) + "</body></html>\n"
+
+
+def write_report(
+    result: EvalResult, out: str | Path, bench_root: str | Path | None = None, plots: bool = True
+) -> Path:
+    """Write ``report.md``, ``report.html`` and one ``pareto-<task>-<length>.png`` per task and length into
+    ``out``; returns the markdown's path. ``bench_root``: a folder of benchmark databases whose speedups
+    are listed next to the eval's."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    pts = points(result)
+    images: dict[tuple[str, int], str] = {}
+    if plots:
+        for task, n in dict.fromkeys((p["task"], p["length"]) for p in pts):
+            png = plot(pts, task, n)
+            if png is not None:
+                name = f"pareto-{task}-{n}.png"
+                (folder / name).write_bytes(png)
+                images[(task, n)] = name
+    bench = bench_speedups(bench_root, result.info.get("lengths", [])) if bench_root else None
+    md = markdown(result, pts, images, bench)
+    path = folder / "report.md"
+    path.write_text(md)
+    (folder / "report.html").write_text(_html(md, f"attnlab eval: {result.info.get('model_name')}"))
+    return path
