@@ -293,6 +293,31 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION] if dev.type == "cuda" else [SDPBackend.MATH]):
             return F.scaled_dot_product_attention(q, kg, vg, scale=scale, enable_gqa=True)
 
+    # the step (as called, in a CUDA graph) with each fast selection of page_topk (SMALL/LARGE_SELECT);
+    # each checked against the default step's output (the same rule: equal up to ties and summation order)
+    modes: dict[str, tuple[str, bool] | None] = {
+        "fused": ("fused", False), "two_launch": ("triton", False), "fused_dot": ("fused", True),
+        "two_launch_dot": ("triton", True), "split": None,
+    }  # fmt: skip
+    saved = (page_topk.SMALL_SELECT, page_topk.LARGE_SELECT)
+    mode_steps: dict[str, Callable[[], object]] = {}
+    mode_checks: dict[str, Any] = {}
+    for mode_name, mode in modes.items():
+        page_topk.SMALL_SELECT = page_topk.LARGE_SELECT = mode
+        try:
+            out_m = step()
+            assert isinstance(out_m, Result)
+            mode_checks[mode_name] = {
+                "step_vs_default_step_max_abs": float((out_m.out.float() - res.out.float()).abs().max())
+            }
+            g = graph_of(step)
+            mode_steps[f"step_graph_{mode_name}"] = g
+        except Exception as e:  # recorded; the side is left out
+            FAILED[f"step_graph_{mode_name}"] = f"{type(e).__name__}: {str(e)[:300]}"
+        finally:
+            page_topk.SMALL_SELECT, page_topk.LARGE_SELECT = saved
+    checks["step_modes"] = mode_checks
+
     def graphed(fn: Callable[[], object]) -> Callable[[], object]:
         try:
             return graph_of(fn)
@@ -320,6 +345,7 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
         "kernel_only": graphed(kernel_only),
         "flash_gathered": flash_gathered,
         "kernel_all_pages": graphed(kernel_all_pages),
+        **mode_steps,
     }
     times = timed(fns, reps, flush)
     kv_bytes = 2 * b * KV_HEADS * n * HEAD_DIM * 2
@@ -342,11 +368,12 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
         "flash_gathered": sel_bytes,
         "kernel_all_pages": kv_bytes,
     }
+    nbytes |= {name: summary_bytes + sel_bytes for name in mode_steps}
     rows = {name: row(t, nbytes[name]) for name, t in times.items()}
     dense_best = min(t.median_ms for name, t in times.items() if name.startswith("dense_"))
     speedup = {
         name: round(dense_best / times[name].median_ms, 2)
-        for name in ("page_topk_step", "page_topk_graph")
+        for name in ("page_topk_step", "page_topk_graph", *mode_steps)
         if name in times
     }
     return {
@@ -355,7 +382,7 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
         "budget": budget,
         "page": page,
         "pages_kept": keep,
-        "step_path": "fused" if b * KV_HEADS * n_pages <= page_topk.FUSED_MAX_SCORES else "split",
+        "step_path": str(page_topk.fast_select_mode(b * KV_HEADS * n_pages) or "split"),
         "checks": checks,
         "times": rows,
         "speedup_vs_best_dense_median": speedup,

@@ -105,16 +105,39 @@ class Clock:
         return out
 
 
-def side_context(
-    model: Any, phase: str, name: str, params: dict[str, Any]
-) -> contextlib.AbstractContextManager[Any]:
+#: the label suffix of a decode side run with attnlab.hf's bound decode step off (``--unbound``): every
+#: step goes through the prepared op's per-shape validation and dispatch, as before the bound step
+UNBOUND = "@unbound"
+
+
+def tidal_layers(n_layers: int, params: dict[str, Any]) -> dict[int, Any]:
+    """TidalDecode's schedule scaled to ``n_layers``: layers 0-1 full, layer 2 selects, the rest reuse,
+    with a re-selection at 13/32 of the depth (layer 13 of Llama-3-8B's 32)."""
+    again = max(3, round(13 * n_layers / 32))
+    roles = {i: "full" if i < 2 else "select" if i in (2, again) else "reuse" for i in range(n_layers)}
+    return {i: {"decode": {"method": "tidal", "params": {**params, "role": r}}} for i, r in roles.items()}
+
+
+@contextlib.contextmanager
+def side_context(model: Any, phase: str, name: str, params: dict[str, Any]) -> Iterator[Any]:
     from attnlab.hf import use
 
     if name == "sdpa":
-        return contextlib.nullcontext()
+        yield None
+        return
     if phase == "prefill":
-        return use(model, prefill=name, prefill_params=params)
-    return use(model, decode=name, decode_params=params)
+        with use(model, prefill=name, prefill_params=params) as rt:
+            yield rt
+        return
+    base, _, unbound = name.partition(UNBOUND)
+    if base == "tidal":
+        plan = {"layers": tidal_layers(model.config.num_hidden_layers, params)}
+        ctx = use(model, plan=plan)
+    else:
+        ctx = use(model, decode=base, decode_params=params)
+    with ctx as rt:
+        rt.bind_decode = not unbound
+        yield rt
 
 
 def row(timing: Timing, **fields: Any) -> dict[str, Any]:
@@ -216,6 +239,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--reps", type=int, default=10, help="timed calls per side (>= 10 for reported numbers)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--generate", type=int, default=0, help="new tokens of an end-to-end generate (0: skip)")
+    ap.add_argument(
+        "--prefill-reps",
+        type=int,
+        nargs="*",
+        default=None,
+        help="timed prefill calls per side, per context (default: --reps)",
+    )
+    ap.add_argument(
+        "--no-prefill-at",
+        type=int,
+        nargs="*",
+        default=[],
+        help="contexts whose prefill sides are not timed (decode only)",
+    )
+    ap.add_argument(
+        "--unbound",
+        nargs="*",
+        default=[],
+        help=f"decode methods also run with the bound decode step off (label +'{UNBOUND}')",
+    )
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     dtype = (
@@ -230,6 +273,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     prefill: dict[str, tuple[str, dict[str, Any]]] = {"sdpa": ("sdpa", {})}
     prefill |= {m: parse_method(m) for m in args.prefill}
     decode = {m: parse_method(m) for m in args.decode}
+    for m in args.unbound:
+        name, params = parse_method(m)
+        decode[m + UNBOUND] = (name + UNBOUND, params)
     rows: list[dict[str, Any]] = []
     result = {"env": environment(device), "model": model.config.to_dict(), "args": vars(args) | {"out": str(args.out)},
               "rows": rows}  # fmt: skip
@@ -238,12 +284,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.out.write_text(json.dumps(result, indent=1, default=str))
 
     g = torch.Generator().manual_seed(0)
-    for n in args.contexts:
+    for i, n in enumerate(args.contexts):
         ids = torch.randint(3, model.config.vocab_size, (args.batch, n), generator=g).to(device)
         common = {"context": n, "batch": args.batch}
-        for r in bench_prefill(model, ids, prefill, args.reps, args.warmup, device):
-            rows.append(common | r)
-        save()
+        p_reps = args.prefill_reps[min(i, len(args.prefill_reps) - 1)] if args.prefill_reps else args.reps
+        if n not in args.no_prefill_at:
+            for r in bench_prefill(model, ids, prefill, p_reps, min(args.warmup, 1), device):
+                rows.append(common | r)
+            save()
         order: list[tuple[str, str, dict[str, Any]]] = (
             [("sdpa", "sdpa", {})] + [(m, *decode[m]) for m in decode] + [("sdpa_after", "sdpa", {})]
         )
@@ -264,8 +312,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 save()
     for r in rows:
         text = f"{r['context']:>7} {r['phase']:<8} {r['side']:<32}"
+        if "median_ms" in r and r["phase"] == "decode":
+            r["tokens_per_s"] = r["batch"] * 1e3 / r["median_ms"]
         print(text + (f" {r['median_ms']:9.3f} ms (IQR/median {r['spread'] or 0:.2f}, {r['reps']} reps)"
-                      if "median_ms" in r else f" {r['tokens_per_s']:9.1f} tokens/s"))  # fmt: skip
+                      if "median_ms" in r else "") + (f" {r['tokens_per_s']:9.1f} tokens/s"
+                      if "tokens_per_s" in r else ""))  # fmt: skip
+    save()
     return result
 
 

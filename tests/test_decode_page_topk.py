@@ -57,12 +57,22 @@ def test_backend_matches_reference_fp32(backend: str, params: dict, n_q: int, n_
     torch.testing.assert_close(res.out, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("with_mask", [False, True])
-def test_fast_selection_is_the_reference_rule_over_its_scores(with_mask: bool) -> None:
-    """Over a decoding loop (the fused kernel recomputing the last page each step), the Triton selection is
-    exactly the reference's rule applied to the kernel's scores: ``torch.topk``'s pages where no two
-    scores tie, the lowest pages among ties, ascending; its summaries equal PyTorch's."""
+@pytest.mark.parametrize(
+    ("with_mask", "mode"),
+    [(False, ("fused", False)), (True, ("fused", False)), (True, ("triton", False)), (True, ("fused", True)),
+     (True, ("triton", True))],
+)  # fmt: skip
+def test_fast_selection_is_the_reference_rule_over_its_scores(
+    with_mask: bool, mode: tuple[str, bool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over a decoding loop (the selection kernel recomputing the last page each step), the Triton selection
+    is exactly the reference's rule applied to the kernel's scores: ``torch.topk``'s pages where no two
+    scores tie, the lowest pages among ties, ascending; its summaries equal PyTorch's. Every fast selection
+    mode (``page_topk.SMALL_SELECT``: one fused launch, or scores then attnlab's row top-k; elementwise or
+    tensor-core bounds)."""
     from attnlab.kernels.decode.naive import row_topk_naive
+
+    monkeypatch.setattr(page_topk, "SMALL_SELECT", mode)
 
     q_all, k, v = _qkv(2, 4, 2, 6, 90, 16)
     mask = torch.ones(2, 90, device=DEVICE)

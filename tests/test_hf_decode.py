@@ -140,3 +140,67 @@ def test_tidal_passes_positions_from_layer_to_layer() -> None:
         # one state for the sequence, shared by the layers (not one per layer)
         assert list(rt.states) == [("tidal", None, None)]
         assert rt.calls[(2, "decode", "tidal")] == 2
+
+
+def test_bound_decode_step_equals_the_op_call_and_resolves_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """attnlab.hf's bound decode step (the op's call resolved once, then only N_k updated) gives the same
+    tokens and logits as calling the prepared op every step, and validates once per layer and batch-row
+    group instead of once per step; a new signature (another batch) is resolved again."""
+    from attnlab.api import Op
+
+    model = build("llama3")
+    ids, mask = padded(batch=2, pads=(0, 3))
+    resolves: list[int] = []
+    real = Op.resolve
+
+    def counting(self: Op, q: Tensor, k: Tensor, v: Tensor) -> Any:
+        if self.spec.name == "page_topk":
+            resolves.append(k.shape[2])
+        return real(self, q, k, v)
+
+    monkeypatch.setattr(Op, "resolve", counting)
+    outs = {}
+    with decode_methods():
+        for bind in (False, True):
+            resolves.clear()
+            with use(model, decode="page_topk", decode_params=SMALL["page_topk"], plan=FAST) as rt:
+                rt.bind_decode = bind
+                outs[bind] = model.generate(
+                    ids, attention_mask=mask, max_new_tokens=5, do_sample=False, output_logits=True,
+                    return_dict_in_generate=True,
+                )  # fmt: skip
+                assert rt.calls[(1, "decode", "page_topk")] == 4 * 2  # 4 decode steps, 2 padded rows
+            # unbound: a resolve per layer and new cache length (rows of equal length share the op's
+            # cache entry); bound: one per layer and row group
+            if bind:
+                assert len(resolves) == 2 * 2, resolves
+            else:
+                assert len(resolves) == 2 * len(set(resolves)) >= 2 * 4, resolves
+    assert torch.equal(outs[True].sequences, outs[False].sequences)
+    for a, b in zip(outs[True].logits, outs[False].logits, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_bound_decode_step_revalidates_a_new_signature() -> None:
+    """The bound step keys on every shape but N_k: a batch of another size, or another dtype, is resolved
+    (and validated) again rather than reusing the earlier call."""
+    from attnlab.hf.interface import Runtime
+
+    model = build("llama3")
+    with decode_methods(), use(model, decode="page_topk", decode_params=SMALL["page_topk"], plan=FAST) as rt:
+        assert isinstance(rt, Runtime)
+        model.generate(ids_of(1), max_new_tokens=3, do_sample=False)
+        sigs = {id(p): b.sig for parts in rt._parts.values() for p in parts for b in p._bound.values()}
+        assert sigs and all(s[0][0][0] == 1 for s in sigs.values())  # q (B=1, ...)
+        model.generate(ids_of(2), max_new_tokens=3, do_sample=False)
+        sigs = {id(p): b.sig for parts in rt._parts.values() for p in parts for b in p._bound.values()}
+        assert all(s[0][0][0] == 2 for s in sigs.values())
+        for parts in rt._parts.values():
+            for p in parts:
+                for b in p._bound.values():
+                    assert b.call.problem.batch == 2 and b.call.problem.n_k == 14  # 12 + 3 - 1
+
+
+def ids_of(batch: int) -> Tensor:
+    g = torch.Generator().manual_seed(batch)
+    return torch.randint(3, 128, (batch, 12), generator=g)

@@ -125,6 +125,10 @@ def _imported_interpreted() -> bool | None:
 class DecodeSelectBackend(Backend):
     """A decode method's selector with one executor (``triton`` or ``torch``); carries the method's state."""
 
+    #: its refusals (capabilities and the Triton/device rule) do not depend on the cache length N_k, so a
+    #: model integration may reuse a resolved call while only N_k grows (attnlab.hf's bound decode step)
+    length_free_refusals = True
+
     def __init__(
         self, name: str, summary: str, caps: Capabilities, selector: Selector, *, triton: bool
     ) -> None:

@@ -17,7 +17,7 @@ method through a prepared :class:`attnlab.Op` and returns (B, N_q, H, D_v) as tr
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,15 +25,20 @@ import torch
 from torch import Tensor, nn
 
 from attnlab.api import Op, prepare
+from attnlab.backends.base import Backend
+from attnlab.core import Call, Problem
 from attnlab.errors import AttnlabError
 from attnlab.hf.models import SUPPORTED_ATTENTION, ModelInfo, UnsupportedModelError
 from attnlab.hf.plan import HFPlan, MethodRef, PlanError, check_method
 from attnlab.registry import methods
+from attnlab.settings import settings
 
 #: Stateful methods whose state passes from layer to layer within a step (TidalDecode's selected positions:
 #: each layer's call gets the state the previous layer's call returned, and a step starts with the state
 #: the previous step ended with); every other stateful method keeps one state per layer.
 SHARED_STATE: frozenset[str] = frozenset({"tidal"})
+#: the tensor inputs of a bound decode step (attnlab.hf passes none: padding runs per sequence)
+_NO_INPUTS: Mapping[str, Tensor] = {}
 
 
 class HFRuntimeError(AttnlabError, RuntimeError):
@@ -128,6 +133,27 @@ def _runs(pad: Tensor) -> tuple[tuple[int, int], ...]:
 
 
 @dataclass
+class Bound:
+    """A decode part's resolved call and backend for one call signature *except* the cache length, which
+    grows by one token per step (the op's own cache keys on every shape, so each step would re-validate
+    and re-dispatch): ``sig`` is everything else the op validated."""
+
+    sig: tuple[Any, ...]
+    call: Call
+    backend: Backend
+
+
+def _signature(q: Tensor, k: Tensor, v: Tensor) -> tuple[Any, ...]:
+    """What a decode step's validation depends on besides N_k (q's shape, k/v without their length, dtypes,
+    devices, the settings' generation)."""
+    ks, vs = k.shape, v.shape
+    return (
+        q.shape, ks[0], ks[1], ks[3], vs[0], vs[1], vs[3], q.dtype, k.dtype, v.dtype, q.device, k.device,
+        v.device, settings.generation,
+    )  # fmt: skip
+
+
+@dataclass
 class Part:
     """The query heads of a layer that run one method in one phase."""
 
@@ -140,6 +166,8 @@ class Part:
     #: where the state of a stateful method lives: per layer, or shared by the layers (see SHARED_STATE)
     shared_state: bool = False
     _index: dict[torch.device, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    #: per batch-row group, the decode step bound to its resolved call (see :meth:`Runtime._step`)
+    _bound: dict[tuple[int, ...] | None, Bound] = field(default_factory=dict)
 
     def index(self, device: torch.device) -> tuple[Tensor, Tensor]:
         got = self._index.get(device)
@@ -199,6 +227,8 @@ class Runtime:
         self._prefilled: set[int] = set()
         self._last_phase: str | None = None
         self._checked: set[int] = set()
+        #: decode steps of stateful methods skip the op's per-shape validation (see :meth:`_step`)
+        self.bind_decode = True
 
     def reset(self) -> None:
         """Forget every stateful method's state (a new prefill does this itself)."""
@@ -352,9 +382,53 @@ class Runtime:
         if not op.spec.stateful:
             return op(q, k, v)  # type: ignore[return-value]
         skey = (part.ref.name, part.heads, rows) if part.shared_state else (layer, i, rows)
-        res = op(q, k, v, state=self.states.get(skey))
+        state = self.states.get(skey)
+        bound = self._step(part, rows, q, k, v) if phase == "decode" and self.bind_decode else None
+        if bound is not None:
+            out, self.states[skey] = bound.backend.run_state(q, k, v, bound.call, _NO_INPUTS, state)
+            return out
+        res = op(q, k, v, state=state)
         self.states[skey] = res.state  # type: ignore[union-attr]
         return res.out  # type: ignore[union-attr]
+
+    def _step(
+        self, part: Part, rows: tuple[int, ...] | None, q: Tensor, k: Tensor, v: Tensor
+    ) -> Bound | None:
+        """The bound decode step of ``part`` for these inputs, or None where the op must run as called.
+
+        A decode step differs from the previous one only in the cache length N_k. The op validates and
+        dispatches on every new shape (q, k, v checks, pattern, backend refusals), which at one token per
+        step is most of a step's host time. Here a part's call is resolved by the op once per signature
+        (:func:`_signature`: every shape but N_k, dtypes, devices, grad mode, settings, and whether
+        N_k > N_q, the pattern), then only N_k is updated. Taken only for backends whose refusals cannot
+        depend on N_k (``length_free_refusals``; the decode methods' executors) and when the op returns a
+        plain output (no NaN check, lse or plan asked for)."""
+        op = part.op
+        if (
+            op.return_lse
+            or op.return_plan
+            or op.check_finite
+            or (op.check_finite is None and settings.check_finite)
+        ):
+            return None
+        n_k = k.shape[2]
+        if v.shape[2] != n_k or torch.compiler.is_compiling():
+            return None  # the op's own validation says what is wrong
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        sig = (_signature(q, k, v), grad, n_k > q.shape[2])
+        bound = part._bound.get(rows)
+        if bound is None or bound.sig != sig:
+            call, backend = op.resolve(q, k, v)
+            if not getattr(backend, "length_free_refusals", False):
+                return None
+            bound = Bound(sig, call, backend)
+            part._bound[rows] = bound
+        elif bound.call.problem.n_k != n_k:
+            c, p = bound.call, bound.call.problem
+            problem = Problem(p.batch, p.heads, p.kv_heads, p.n_q, n_k, p.head_dim, p.v_dim, p.causal, p.dtype,
+                              p.device, p.requires_grad)  # fmt: skip
+            bound.call = Call(c.spec, c.params, problem, c.scale, c.want_lse)
+        return bound
 
     def _check_module(self, module: nn.Module) -> None:
         name = type(module).__name__

@@ -67,6 +67,19 @@ REDUCES = ("max", "mean")
 #: split 197 / 112 / 72 us (2^19 .. 2^17 scores): the fused kernel's scoring runs far below bandwidth when
 #: it has many pages to score (its top-k code costs the scoring programs occupancy).
 FUSED_MAX_SCORES = 1 << 18
+#: The fast path's selection up to ``FUSED_MAX_SCORES`` scores (``SMALL_SELECT``) and above it
+#: (``LARGE_SELECT``): ``(rank, dot)`` of :func:`attnlab.kernels.decode.op.page_select` (rank "fused": one
+#: launch; "triton": the kernel scores and updates the step's summaries, attnlab's row top-k ranks, two
+#: launches; dot: the bounds as tensor-core products), or None: the split path (summary update in PyTorch,
+#: the page-score kernel, ``torch.topk``). Every choice is the same rule (exactly, up to the bounds'
+#: summation order and ties); they differ in speed only.
+SMALL_SELECT: tuple[str, bool] | None = ("fused", False)
+LARGE_SELECT: tuple[str, bool] | None = None
+
+
+def fast_select_mode(n_scores: int) -> tuple[str, bool] | None:
+    """The fast path's selection for ``n_scores`` = B * H_kv * pages (see ``SMALL_SELECT``)."""
+    return SMALL_SELECT if n_scores <= FUSED_MAX_SCORES else LARGE_SELECT
 
 
 @dataclass(frozen=True)
@@ -134,8 +147,9 @@ def _state(state: Any, k: Tensor, p: PageTopkParams, key_mask: Tensor | None) ->
 
 
 def _fast_select(
-    q: Tensor, k: Tensor, p: PageTopkParams, state: Any, key_mask: Tensor | None, counts: tuple[int, int, int]
-) -> tuple[Tensor, PageSummary]:
+    q: Tensor, k: Tensor, p: PageTopkParams, state: Any, key_mask: Tensor | None, counts: tuple[int, int, int],
+    mode: tuple[str, bool] = ("fused", False),
+) -> tuple[Tensor, PageSummary]:  # fmt: skip
     """The GPU path: one launch of the fused selection kernel, which also recomputes the summaries of the
     pages this step appended to (a decode step: the last page); longer updates (a first call, a chunk of
     many tokens) go through :func:`summarize` first."""
@@ -154,7 +168,7 @@ def _fast_select(
             raise InputError(f"page_topk: {e}") from None
     index, _ = page_select(
         q, k, summary.kmax, summary.kmin, summary.select_counter(), p.page, keep, first_forced, first,
-        p.reduce == "max", key_mask,
+        p.reduce == "max", key_mask, dot=mode[1], rank=mode[0],
     )  # fmt: skip
     return index, summary
 
@@ -164,19 +178,20 @@ def select(
 ) -> tuple[Selection | None, PageSummary]:
     """The pages of this step (module docstring) and the updated page summary. ``fast``: the fused Triton
     selection kernel (summary update of the step's pages, bounds, top pages in one launch, no host
-    synchronisation) up to ``FUSED_MAX_SCORES`` scores, the Triton page-score kernel and ``torch.topk``
-    above; else the summary in PyTorch, the matmul form of the bound and ``torch.topk``."""
+    synchronisation) or another :func:`fast_select_mode` (``SMALL_SELECT`` up to ``FUSED_MAX_SCORES``
+    scores, ``LARGE_SELECT`` above); else the summary in PyTorch, the matmul form of the bound and ``torch.topk``."""
     p: PageTopkParams = call.params  # type: ignore[assignment]
     key_mask = extra.get("key_mask")
     counts = page_count(q.shape[2], k.shape[2], p)
     if counts is None:
         return None, _state(state, k, p, key_mask)
-    if fast and k.shape[0] * k.shape[1] * counts[0] <= FUSED_MAX_SCORES:
-        index, summary = _fast_select(q, k, p, state, key_mask, counts)
+    mode = fast_select_mode(k.shape[0] * k.shape[1] * counts[0]) if fast else None
+    if mode is not None:
+        index, summary = _fast_select(q, k, p, state, key_mask, counts, mode)
         return Selection(index, p.page), summary
     summary = _state(state, k, p, key_mask)
     n_pages, first_forced, keep = counts
-    if fast:  # many pages: the split path (FUSED_MAX_SCORES)
+    if fast:  # the split path (LARGE_SELECT None)
         from attnlab.kernels.decode.op import page_scores
 
         scores = page_scores(q, summary.kmax, summary.kmin, n_pages, p.reduce == "max")

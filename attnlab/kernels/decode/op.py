@@ -396,9 +396,10 @@ def page_select_op(
     reduce_max: bool,
     key_mask: Tensor | None,
     dot: bool,
+    rank: str = "fused",
 ) -> tuple[Tensor, Tensor]:
     return page_select_launch(
-        q, k, kmax, kmin, counter, page, keep, first_forced, first_update, reduce_max, key_mask, dot=dot
+        q, k, kmax, kmin, counter, page, keep, first_forced, first_update, reduce_max, key_mask, rank, dot
     )
 
 
@@ -416,6 +417,7 @@ def _(
     reduce_max: bool,
     key_mask: Tensor | None,
     dot: bool,
+    rank: str = "fused",
 ) -> tuple[Tensor, Tensor]:
     b, h_kv = kmax.shape[:2]
     n_pages = -(-k.shape[2] // page)
@@ -438,14 +440,16 @@ def page_select(
     reduce_max: bool = True,
     key_mask: Tensor | None = None,
     dot: bool = False,
+    rank: str = "fused",
 ) -> tuple[Tensor, Tensor]:
     """page_topk's selection in one launch: (index (B, H_kv, keep) int32 ascending, scores (B, H_kv,
-    n_pages) float32); see :func:`page_select_launch`. Updates pages ``[first_update, n_pages)`` of
-    kmax/kmin in place. Through the custom op inside ``torch.compile``, the launcher directly otherwise."""
+    n_pages) float32); see :func:`page_select_launch` (``rank`` and ``dot`` as there). Updates pages
+    ``[first_update, n_pages)`` of kmax/kmin in place. Through the custom op inside ``torch.compile``, the
+    launcher directly otherwise."""
     args = (int(page), int(keep), int(first_forced), int(first_update), bool(reduce_max))
     if torch.compiler.is_compiling():
-        return page_select_op(q, k, kmax, kmin, counter, *args, key_mask, bool(dot))
-    return page_select_launch(q, k, kmax, kmin, counter, *args, key_mask, dot=bool(dot))
+        return page_select_op(q, k, kmax, kmin, counter, *args, key_mask, bool(dot), str(rank))
+    return page_select_launch(q, k, kmax, kmin, counter, *args, key_mask, rank=rank, dot=bool(dot))
 
 
 def page_scores(q: Tensor, kmax: Tensor, kmin: Tensor, n_pages: int, reduce_max: bool = True) -> Tensor:
