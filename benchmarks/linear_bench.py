@@ -1,16 +1,19 @@
-"""Timing of the linear family's Triton kernels against cuDNN SDPA (dense causal softmax) on the same shapes,
-bf16: forward and forward + backward, CUDA events, each rep of a kernel interleaved with a rep of cuDNN
-(the same clocks and thermal state for both), min / median / IQR over the reps after warm-up.
+"""Timing of the linear family against cuDNN SDPA (dense causal softmax) and fla-core's chunk kernels on the
+same shapes and values, bf16: forward and forward + backward, CUDA events, every side taking its turn
+in the same rounds (the same clocks and thermal state for all), min / median / IQR / max over the reps
+after warm-up. And the single-token recurrent decode step against fla-core's fused recurrent step and a
+dense decode over a 128K KV cache, with the bytes a step moves against the measured HBM bandwidth.
 
-The sides call the kernel entry points the Triton backends call (``attnlab.kernels.linear.op.gla_chunk``
-and ``delta_chunk``) with the inputs each method hands them: ``gla`` per-channel log-decays (learned),
-``lightning`` the ALiBi per-head decays broadcast over the channels (the scalar-gate kernels), ``linear``
-no gate (its feature map is elementwise work before the kernel, not timed), ``gated_delta`` a per-head
-gate (Gated DeltaNet; q, k L2-normalised beforehand) and ``gated_delta_kda`` a per-channel gate (KDA).
-``--api`` also times ``attnlab.prepare(method, causal=True)`` calls (feature maps, checks, dispatch).
-No fla-core here.
+Our side is called as a user calls it: a prepared op (``attnlab.prepare(method, causal=True,
+backend="triton", ...)``) on (B, H, N, D) tensors, its checks, feature maps and gate checks included.
+fla-core's side (when ``fla`` imports; never a dependency, the GPU run installs a carried wheel) gets
+the same values in its (B, N, H, D) layout, made before the clock. The methods and fla's twins are
+``linear_gpu_check.CASES`` (identity-map unnormalised linear / ``chunk_linear_attn``, lightning /
+``chunk_simple_gla``, gla / ``chunk_gla``, gated_delta per-head gate / ``chunk_gated_delta_rule``, per
+channel / ``chunk_kda``; q, k L2-normalised inside both). fla's own correctness is checked by
+``linear_gpu_check.py``.
 
-    python benchmarks/linear_bench.py --shapes 1x16x4096,4x32x16384 --out linear_bench.json
+    python benchmarks/linear_bench.py --shapes 1x32x8192,1x32x16384 --out linear_bench.json [--decode]
 """
 
 from __future__ import annotations
@@ -18,13 +21,21 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from linear_gpu_check import METHODS, fla_extra, fla_fn, make_case, to_fla
+
+#: Where the sides' tensors live (a CPU smoke test of this script sets "cpu" under TRITON_INTERPRET=1).
+DEV = "cuda"
 
 
 def _stats(ts: list[float]) -> dict[str, float]:
@@ -38,19 +49,28 @@ def _stats(ts: list[float]) -> dict[str, float]:
         return s[lo] + (s[hi] - s[lo]) * (x - lo)
 
     return {"min_ms": round(s[0], 4), "median_ms": round(q(0.5), 4), "iqr_ms": round(q(0.75) - q(0.25), 4),
-            "reps": n}  # fmt: skip
+            "max_ms": round(s[-1], 4), "reps": n}  # fmt: skip
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 3) -> dict[str, dict[str, float]]:
-    """Per side, CUDA-event times of ``reps`` runs, the sides taking turns within each round."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    torch.cuda.synchronize()
-    times: dict[str, list[float]] = {name: [] for name in fns}
+def interleaved(
+    fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 3
+) -> dict[str, dict[str, float] | str]:
+    """Per side, CUDA-event times of ``reps`` runs, the sides taking turns within each round. A side that
+    raises in its warm-up is left out (its error recorded in its place)."""
+    out: dict[str, dict[str, float] | str] = {}
+    live: dict[str, Callable[[], Any]] = {}
+    for name, fn in fns.items():
+        try:
+            for _ in range(warmup):
+                fn()
+            torch.cuda.synchronize()
+            live[name] = fn
+        except Exception as e:
+            out[name] = f"{type(e).__name__}: {e}"[:300]
+    times: dict[str, list[float]] = {name: [] for name in live}
     for _ in range(reps):
         events = []
-        for name, fn in fns.items():
+        for name, fn in live.items():
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
@@ -59,177 +79,268 @@ def interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 3) -
         torch.cuda.synchronize()
         for name, start, end in events:
             times[name].append(start.elapsed_time(end))
-    return {name: _stats(ts) for name, ts in times.items()}
+    out.update({name: _stats(ts) for name, ts in times.items()})
+    return out
 
 
-def _sides(
-    b: int, h: int, n: int, d: int, dev: str = "cuda"
-) -> tuple[dict[str, tuple[Callable[[], Tensor], list[Tensor]]], Tensor]:
-    from attnlab.catalog.linear.lightning import alibi_slopes
-    from attnlab.kernels.linear.op import delta_chunk, gla_chunk
+Side = tuple[Callable[[], Tensor], list[Tensor], Tensor]  # forward, what the backward differentiates, dout
+
+
+def sides(b: int, h: int, n: int, d: int, methods: tuple[str, ...], fla: bool) -> dict[str, Side]:
+    """cuDNN SDPA, then per method our prepared op and fla's chunk function, on the same values."""
+    import attnlab
 
     dt = torch.bfloat16
-    gen = torch.Generator(device=dev).manual_seed(0)
-    q, k, v = (
-        torch.randn(b, h, n, d, device=dev, dtype=dt, generator=gen).requires_grad_(True) for _ in range(3)
-    )
-    qn, kn = (F.normalize(t.detach().float(), dim=-1).to(dt).requires_grad_(True) for t in (q, k))
-    do = torch.randn(b, h, n, d, device=dev, dtype=dt, generator=gen)
-    g = (F.logsigmoid(torch.randn(b, h, n, d, device=dev, generator=gen) + 3) / 4).requires_grad_(True)
-    g_head = F.logsigmoid(torch.randn(b, h, n, 1, device=dev, generator=gen) + 3).requires_grad_(True)
-    g_kda = F.logsigmoid(torch.randn(b, h, n, d, device=dev, generator=gen) + 4).requires_grad_(True)
-    # (negated before the expand: a stride-0 gate, as lightning.py hands the kernels; negating the expanded
-    # tensor would materialise it and time the per-channel kernels, as the run at 2c5277b did)
-    slopes = (-torch.tensor(alibi_slopes(h), device=dev))[None, :, None, None].expand(b, h, n, d)
-    beta = torch.sigmoid(torch.randn(b, h, n, device=dev, generator=gen)).requires_grad_(True)
-    scale = d**-0.5
+    gen = torch.Generator(device=DEV).manual_seed(5)
+    do = torch.randn(b, h, n, d, device=DEV, dtype=dt, generator=gen)
+    out: dict[str, Side] = {}
+    qkv: list[Tensor] = []
+    for method in methods:
+        c = make_case(method, b, h, n, d, dt, h0=False, dev=DEV)
+        q, k, v = (t.requires_grad_(True) for t in (c.q, c.k, c.v))
+        if not qkv:
+            qkv = [q, k, v]
 
-    def sdpa() -> Tensor:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+            def sdpa(q: Tensor = q, k: Tensor = k, v: Tensor = v) -> Tensor:
+                from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-    sides: dict[str, tuple[Callable[[], Tensor], list[Tensor]]] = {
-        "cudnn_sdpa": (sdpa, [q, k, v]),
-        "linear": (lambda: gla_chunk(q, k, v, None, scale, None, 64)[0], [q, k, v]),
-        "lightning": (lambda: gla_chunk(q, k, v, slopes, scale, None, 64)[0], [q, k, v]),
-        "gla": (lambda: gla_chunk(q, k, v, g, scale, None, 64)[0], [q, k, v, g]),
-        "gated_delta": (lambda: delta_chunk(qn, kn, v, beta, g_head, scale, None, 64)[0], [qn, kn, v, beta, g_head]),
-        "gated_delta_kda": (lambda: delta_chunk(qn, kn, v, beta, g_kda, scale, None, 64)[0], [qn, kn, v, beta, g_kda]),
-    }  # fmt: skip
-    return sides, do
+            out["cudnn_sdpa"] = (sdpa, [q, k, v], do)
+        extra = {nm: t.requires_grad_(nm in c.learned) for nm, t in c.extra.items()}
+        op = attnlab.prepare(c.api, causal=True, backend="triton", **c.params)
+
+        def ours(op: Any = op, q: Tensor = q, k: Tensor = k, v: Tensor = v, extra: Any = extra) -> Tensor:
+            return op(q, k, v, **extra).out
+
+        out[method] = (ours, [q, k, v, *(extra[nm] for nm in c.learned)], do)
+        if fla and method != "hedgehog":
+            qf, kf, vf = (to_fla(t.detach()).requires_grad_(True) for t in (q, k, v))
+            xf = {nm: t.requires_grad_(nm in c.learned) for nm, t in fla_extra(c, c.extra).items()}
+            fn = fla_fn(c)
+
+            def theirs(
+                fn: Any = fn, qf: Tensor = qf, kf: Tensor = kf, vf: Tensor = vf, xf: Any = xf
+            ) -> Tensor:
+                return fn(qf, kf, vf, xf, None)[0]
+
+            out["fla:" + method] = (theirs, [qf, kf, vf, *(xf[nm] for nm in c.learned)], to_fla(do))
+    return out
 
 
 def _fwd_bwd(fn: Callable[[], Tensor], wrt: list[Tensor], do: Tensor) -> tuple[Tensor, ...]:
     return torch.autograd.grad(fn(), wrt, do)
 
 
-def bench(b: int, h: int, n: int, d: int, reps: int = 10, backward: bool = True) -> dict[str, Any]:
-    """min/median/IQR ms of forward and forward+backward, each method interleaved with cuDNN SDPA."""
-    sides, do = _sides(b, h, n, d)
-    out: dict[str, Any] = {"B": b, "H": h, "N": n, "D": d, "dtype": "bfloat16", "chunk": 64}
-    sdpa_fn, sdpa_wrt = sides.pop("cudnn_sdpa")
-    for name, (fn, wrt) in sides.items():
-        row: dict[str, Any] = {}
-        try:
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                fwd = interleaved({name: fn, "cudnn_sdpa": sdpa_fn}, reps)
-            row["fwd"], row["cudnn_fwd"] = fwd[name], fwd["cudnn_sdpa"]
-            row["fwd_speedup_vs_cudnn"] = round(fwd["cudnn_sdpa"]["median_ms"] / fwd[name]["median_ms"], 3)
-            if backward:
-                fb = interleaved(
-                    {
-                        name: functools.partial(_fwd_bwd, fn, wrt, do),
-                        "cudnn_sdpa": functools.partial(_fwd_bwd, sdpa_fn, sdpa_wrt, do),
-                    },
-                    reps,
-                )
-                row["fwd_bwd"], row["cudnn_fwd_bwd"] = fb[name], fb["cudnn_sdpa"]
-                row["fwd_bwd_speedup_vs_cudnn"] = round(
-                    fb["cudnn_sdpa"]["median_ms"] / fb[name]["median_ms"], 3
-                )
-            row["seconds"] = round(time.perf_counter() - t0, 1)
-        except Exception as e:  # recorded, and the others still run
-            row["error"] = f"{type(e).__name__}: {e}"[:400]
-        out[name] = row
-    return out
+def _ratio(a: Any, b: Any) -> float | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return round(a["median_ms"] / b["median_ms"], 3)
+    return None
 
 
-def bench_api(b: int, h: int, n: int, d: int, reps: int = 10) -> dict[str, Any]:
-    """Forward median ms of each method as called through ``attnlab.prepare`` (feature maps, checks and
-    dispatch included), interleaved with cuDNN SDPA."""
+def bench(
+    b: int, h: int, n: int, d: int, methods: tuple[str, ...], fla: bool, reps: int = 10, backward: bool = True
+) -> dict[str, Any]:
+    """Forward and forward+backward of every side, all interleaved in the same rounds; speedups vs cuDNN
+    (its time / ours) and our time over fla's (the 1.1x target: <= 1.1)."""
+    s = sides(b, h, n, d, methods, fla)
+    row: dict[str, Any] = {"B": b, "H": h, "N": n, "D": d, "dtype": "bfloat16", "chunk": 64, "reps": reps}
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        row["fwd"] = interleaved({name: fn for name, (fn, _, _) in s.items()}, reps)
+    if backward:
+        row["fwd_bwd"] = interleaved(
+            {name: functools.partial(_fwd_bwd, fn, wrt, do) for name, (fn, wrt, do) in s.items()}, reps
+        )
+    for mode in ("fwd", "fwd_bwd") if backward else ("fwd",):
+        t = row[mode]
+        row[mode + "_speedup_vs_cudnn"] = {m: _ratio(t.get("cudnn_sdpa"), t.get(m)) for m in methods}
+        if fla:
+            row[mode + "_ours_over_fla"] = {m: _ratio(t.get(m), t.get("fla:" + m)) for m in methods}
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
+def hbm_bandwidth(gib: float = 1.0, reps: int = 20) -> dict[str, float]:
+    """Measured device-memory bandwidth: a copy of ``gib`` GiB (read + write) timed with CUDA events."""
+    x = torch.empty(int(gib * 2**30) // 4, device="cuda", dtype=torch.float32)
+    y = torch.empty_like(x)
+    r = interleaved({"copy": lambda: y.copy_(x)}, reps)["copy"]
+    assert isinstance(r, dict)
+    return {
+        "copy_gib": gib,
+        "median_ms": r["median_ms"],
+        "GBps": round(2 * x.numel() * 4 / r["median_ms"] / 1e6, 1),
+    }
+
+
+def decode(b: int, h: int, d: int, methods: tuple[str, ...], fla: bool, reps: int = 100,
+           cache: int = 131072) -> dict[str, Any]:  # fmt: skip
+    """One token against a carried state: our prepared op, our kernel entry point (``gla_chunk`` /
+    ``delta_chunk``, which take the step kernel), fla's fused recurrent step; a dense decode over a
+    ``cache``-token KV cache (SDPA, default backend); each method's step checked against the one-step
+    recurrence in fp32 (ours and fla's). Bytes per step: the fp32 state read and written, plus q, k, v, o
+    and the gates."""
+    from linear_gpu_check import run_reference
+
     import attnlab
-    from attnlab.catalog.linear import register_methods
+    from attnlab.catalog.linear.gated_delta import l2norm
+    from attnlab.kernels.linear.op import delta_chunk, gla_chunk
 
-    register_methods()
-    sides, _ = _sides(b, h, n, d)
-    q, k, v = sides["cudnn_sdpa"][1]
-    g = sides["gla"][1][3]
-    beta, g_head = sides["gated_delta"][1][3:]
-    out: dict[str, Any] = {"B": b, "H": h, "N": n, "D": d, "dtype": "bfloat16", "via": "attnlab.prepare"}
-    for name, extra in (
-        ("linear", {}),
-        ("lightning", {}),
-        ("gla", {"g": g}),
-        ("gated_delta", {"g": g_head, "beta": beta}),
-    ):
-        try:
-            op = attnlab.prepare(name, causal=True)
-            with torch.no_grad():
-                r = interleaved(
-                    {
-                        name: functools.partial(op, q, k, v, **extra),
-                        "cudnn_sdpa": sides["cudnn_sdpa"][0],
-                    },
-                    reps,
-                )
-            out[name] = {"fwd": r[name], "cudnn_fwd": r["cudnn_sdpa"]}
-        except Exception as e:
-            out[name] = {"error": f"{type(e).__name__}: {e}"[:400]}
-    return out
-
-
-def profile(b: int, h: int, n: int, d: int, path: str) -> None:
-    """Per-kernel GPU time of one forward + backward of each side (torch.profiler), as a text table per
-    side: where each method's time goes."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    sides, do = _sides(b, h, n, d)
-    with open(path, "w") as f:
-        for name, (fn, wrt) in sides.items():
-            for _ in range(2):
-                _fwd_bwd(fn, wrt, do)
-            torch.cuda.synchronize()
-            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(3):
-                    _fwd_bwd(fn, wrt, do)
-                torch.cuda.synchronize()
-            f.write(f"== {name} B={b} H={h} N={n} D={d}: 3 x (forward + backward)\n")
-            f.write(
-                prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
+    dt = torch.bfloat16
+    row: dict[str, Any] = {"B": b, "H": h, "D": d, "dense_cache": cache}
+    fns: dict[str, Callable[[], Any]] = {}
+    bytes_per_step: dict[str, int] = {}
+    checks: dict[str, Any] = {}
+    for method in methods:
+        c = make_case(method, b, h, 1, d, dt, seed=3, dev=DEV)
+        assert c.h0 is not None
+        h0 = c.h0
+        op = attnlab.prepare(c.api, causal=True, backend="triton", **c.params)
+        fns[method] = functools.partial(op, c.q, c.k, c.v, state=h0, **c.extra)
+        delta = method.startswith("gated_delta")
+        g = c.extra.get("g", c.g)
+        gk = None if g is None else g.expand(b, h, 1, -1) if g.shape[-1] == 1 else g.expand(b, h, 1, d)
+        if delta:
+            qn, kn = (l2norm(t).to(dt) for t in (c.q, c.k))
+            fns["kernel:" + method] = functools.partial(
+                delta_chunk, qn, kn, c.v, c.extra["beta"], g, c.scale, h0, 64
             )
-            f.write("\n")
+        else:
+            gx = None if g is None else g.expand(b, h, 1, d)
+            fns["kernel:" + method] = functools.partial(gla_chunk, c.q, c.k, c.v, gx, c.scale, h0, 64)
+        state_bytes = 2 * b * h * d * d * 4
+        io_bytes = 4 * b * h * d * 2 + (0 if gk is None else gk.numel() * 4) + (b * h * 4 if delta else 0)
+        bytes_per_step[method] = state_bytes + io_bytes
+        with torch.no_grad():
+            ref = run_reference(c, c.q, c.k, c.v, c.extra, h0, torch.float32)
+            res = op(c.q, c.k, c.v, state=h0, **c.extra)
+        assert isinstance(res, attnlab.Result)
+        got: dict[str, tuple[Tensor, Tensor]] = {"attnlab": (res.out, res.state)}
+        if fla:
+            try:
+                fr = fla_step(c, h0)
+                fns["fla:" + method] = fr
+                with torch.no_grad():
+                    o, s = fr()
+                got["fla"] = (o.transpose(1, 2), s)
+            except Exception as e:
+                checks["fla:" + method] = f"{type(e).__name__}: {e}"[:300]
+        for side, (o, s) in got.items():
+            checks[f"{side}:{method}"] = {
+                "out_err": float((o.float() - ref[0].float()).abs().max()),
+                "out_max": float(ref[0].float().abs().max()),
+                "state_err": float((s.float() - ref[1]).abs().max()),
+                "state_max": float(ref[1].abs().max()),
+            }
+    gen = torch.Generator(device=DEV).manual_seed(9)
+    qd = torch.randn(b, h, 1, d, device=DEV, dtype=dt, generator=gen)
+    kc = torch.randn(b, h, cache, d, device=DEV, dtype=dt, generator=gen)
+    vc = torch.randn(b, h, cache, d, device=DEV, dtype=dt, generator=gen)
+    fns["dense_sdpa_128k"] = functools.partial(F.scaled_dot_product_attention, qd, kc, vc)
+    bytes_per_step["dense_sdpa_128k"] = 2 * kc.numel() * 2
+    with torch.no_grad():
+        t = interleaved(fns, reps, warmup=5)
+    row["times"] = t
+    row["checks"] = checks
+    row["bytes_per_step"] = bytes_per_step
+    bw = hbm_bandwidth()
+    row["hbm"] = bw
+    row["achieved_GBps"] = {}
+    for name, r in t.items():
+        base = name.split(":")[-1]
+        if isinstance(r, dict) and base in bytes_per_step:
+            row["achieved_GBps"][name] = round(bytes_per_step[base] / r["median_ms"] / 1e6, 1)
+    row["ours_over_fla"] = {m: _ratio(t.get(m), t.get("fla:" + m)) for m in methods}
+    row["kernel_over_fla"] = {m: _ratio(t.get("kernel:" + m), t.get("fla:" + m)) for m in methods}
+    row["dense_over_ours"] = {m: _ratio(t.get("dense_sdpa_128k"), t.get(m)) for m in methods}
+    return row
+
+
+def fla_step(c: Any, h0: Tensor) -> Callable[[], tuple[Tensor, Tensor]]:
+    """fla's fused recurrent step for case ``c`` (one token, (B, 1, H, D) inputs made here)."""
+    q, k, v = (to_fla(t) for t in (c.q, c.k, c.v))
+    x = fla_extra(c, c.extra)
+    kw = {"scale": c.scale, "initial_state": h0, "output_final_state": True}
+    if c.method == "linear":
+        from fla.ops.linear_attn import fused_recurrent_linear_attn
+
+        return functools.partial(fused_recurrent_linear_attn, q, k, v, normalize=False, **kw)
+    if c.method == "lightning":
+        from fla.ops.simple_gla import fused_recurrent_simple_gla
+
+        return functools.partial(fused_recurrent_simple_gla, q, k, v, g_gamma=-c.slopes, **kw)
+    if c.method == "gla":
+        from fla.ops.gla import fused_recurrent_gla
+
+        return functools.partial(fused_recurrent_gla, q, k, v, gk=x["g"], **kw)
+    if c.method == "gated_delta":
+        from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
+
+        return functools.partial(fused_recurrent_gated_delta_rule, q, k, v, g=x["g"][..., 0], beta=x["beta"],
+                                 use_qk_l2norm_in_kernel=True, **kw)  # fmt: skip
+    from fla.ops.kda import fused_recurrent_kda
+
+    return functools.partial(
+        fused_recurrent_kda, q, k, v, x["g"], x["beta"], use_qk_l2norm_in_kernel=True, **kw
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--shapes", default="1x16x4096,1x32x16384", help="BxHxN,...")
+    ap.add_argument("--shapes", default="1x32x8192,1x32x16384,1x32x32768", help="BxHxN,...")
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--api", action="store_true")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--no-fla", action="store_true")
+    ap.add_argument("--decode", default="", help="BxH,...: decode steps at these shapes")
     ap.add_argument("--budget", type=float, default=1e9, help="seconds after which no new shape starts")
-    ap.add_argument("--profile", default="", help="BxHxN: write a per-kernel profile to --out + .prof.txt")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     start = time.perf_counter()
-    result: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
+    methods = tuple(args.methods.split(","))
+    result: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": [],
+                              "decode": []}  # fmt: skip
+    fla = not args.no_fla
+    if fla:
+        try:
+            import fla as fla_mod
+
+            result["fla"] = getattr(fla_mod, "__version__", "?")
+        except Exception as e:
+            result["fla"] = f"not importable: {type(e).__name__}: {e}"[:300]
+            fla = False
+
+    def save(key: str, row: dict[str, Any]) -> None:
+        print(json.dumps(row), flush=True)
+        result[key].append(row)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
     for shape in args.shapes.split(","):
         if time.perf_counter() - start > args.budget:
-            result["rows"].append({"skipped": shape, "why": "budget"})
+            save("rows", {"skipped": shape, "why": "budget"})
             continue
         b, h, n = (int(x) for x in shape.split("x"))
-        result["rows"].append(bench(b, h, n, args.head_dim, args.reps))
-        print(json.dumps(result["rows"][-1]), flush=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-    if args.profile:
-        b, h, n = (int(x) for x in args.profile.split("x"))
         try:
-            profile(b, h, n, args.head_dim, args.out + ".prof.txt")
+            save("rows", bench(b, h, n, args.head_dim, methods, fla, args.reps))
         except Exception as e:
-            result["profile_error"] = f"{type(e).__name__}: {e}"[:400]
-    if args.api:
-        b, h, n = (int(x) for x in args.shapes.split(",")[0].split("x"))
+            save("rows", {"shape": shape, "error": f"{type(e).__name__}: {e}"[:500]})
+        torch.cuda.empty_cache()
+    for shape in filter(None, args.decode.split(",")):
+        if time.perf_counter() - start > args.budget:
+            save("decode", {"skipped": shape, "why": "budget"})
+            continue
+        b, h = (int(x) for x in shape.split("x"))
         try:
-            result["api"] = bench_api(b, h, n, args.head_dim, args.reps)
+            save("decode", decode(b, h, args.head_dim, methods, fla))
         except Exception as e:
-            result["api"] = {"error": f"{type(e).__name__}: {e}"[:400]}
-        print(json.dumps(result["api"]), flush=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+            save("decode", {"shape": shape, "error": f"{type(e).__name__}: {e}"[:500]})
+        torch.cuda.empty_cache()
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,28 @@
-"""Full-size GPU check of the linear family's Triton kernels (``attnlab/kernels/linear``) against the fp32
-token-by-token recurrence: output, final state and (at 4K) every gradient, with the same recurrence run
-in the input precision beside it (the yardstick of the 2x / 3x accuracy rule: the kernel's error against
-the fp32 recurrence at most 2x (output, state) or 3x (gradients) that of the bf16 recurrence, plus 1e-5
-relative and half an ulp of the peak). Timings are ``benchmarks/linear_bench.py``.
+"""Full-size GPU check of the linear family (``attnlab/kernels/linear``), and of fla-core's chunk kernels
+beside it, against the fp32 token-by-token recurrence: output, final state and every gradient, with the
+same recurrence run in the input precision beside it (the yardstick of the accuracy rule: an error
+against the fp32 recurrence of at most 2x (output, state) or 3x (gradients) that of the bf16 recurrence,
+plus 1e-5 relative and half an ulp of the peak).
 
-    python benchmarks/linear_gpu_check.py --out results.json [--budget 240]
+Our side is called as a user calls it: ``attnlab.prepare(method, causal=True, backend="triton", ...)``
+on (B, H, N, D) tensors with the method's tensor inputs; fla-core's side (when ``fla`` imports: it is
+never a dependency, the GPU run installs a carried wheel) gets the same values in its (B, N, H, D)
+layout. The methods (``CASES``):
+
+- ``linear``: identity map, unnormalised (``S_t = S_{t-1} + k v^T``, ``o = scale S^T q``; fla's
+  ``chunk_linear_attn(normalize=False)``);
+- ``lightning``: the default ALiBi decays exp(-s_h) (fla's ``chunk_simple_gla(g_gamma=-s)``);
+- ``gla``: per-channel log-decays (fla's ``chunk_gla``);
+- ``gated_delta``: per-head gate, q and k L2-normalised (fla's ``chunk_gated_delta_rule`` with
+  ``use_qk_l2norm_in_kernel=True``);
+- ``gated_delta_kda``: the same rule under a per-channel gate (fla's ``chunk_kda``).
+
+Gates and beta are drawn bf16-representable, so that fla's bf16 copies hold the same values as our fp32
+ones. The reference's backward at long N runs the recurrence in segments under activation
+checkpointing (same arithmetic, less memory). ``numerics_64k``: 64K tokens in bf16 with decays near 0
+and near 1 and beta at its extremes. Timings are ``benchmarks/linear_bench.py``.
+
+    python benchmarks/linear_gpu_check.py --out results.json [--budget 240] [--shapes 1x32x8192:grad,...]
 
 Writes one JSON file (rewritten after every case, so a run stopped at its limit keeps what it did).
 """
@@ -15,14 +33,22 @@ import argparse
 import itertools
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from attnlab.catalog.linear._common import delta_recurrence, gated_recurrence
+from attnlab.catalog.linear.gated_delta import l2norm
 from attnlab.catalog.linear.lightning import alibi_slopes
+
+#: Where the checks run (a CPU smoke test of this script sets "cpu" under TRITON_INTERPRET=1).
+DEV = "cuda"
+METHODS = ("linear", "lightning", "gla", "gated_delta", "gated_delta_kda")
 
 
 def _err(a: Tensor, b: Tensor) -> float:
@@ -33,102 +59,279 @@ def _peak(t: Tensor) -> float:
     return float(t.float().abs().max())
 
 
-def check(
-    method: str, b: int, h: int, n: int, d: int, dtype: torch.dtype, chunk: int, grad: bool = True
-) -> dict[str, Any]:
-    """One case; ``gated_delta`` with a per-head gate (Gated DeltaNet), ``gated_delta_kda`` per channel."""
-    from attnlab.kernels.linear.op import delta_chunk, gla_chunk
+def _sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
 
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    dev = "cuda"
-    q = torch.randn(b, h, n, d, device=dev, generator=gen)
-    k = torch.randn(b, h, n, d, device=dev, generator=gen)
-    v = torch.randn(b, h, n, d, device=dev, generator=gen)
+
+def _bf16_values(t: Tensor) -> Tensor:
+    """t rounded to bf16-representable values, kept in float32 (both sides then hold the same numbers)."""
+    return t.to(torch.bfloat16).float()
+
+
+@dataclass
+class Case:
+    """One method's inputs at one shape in attnlab's layout: q, k, v in ``dtype``; ``extra`` the API's
+    tensor inputs (float32, bf16-representable); ``params`` for ``attnlab.prepare``; ``h0`` an initial
+    state (float32) or None; ``g`` the log-decays the recurrence uses (None: no decay)."""
+
+    method: str
+    api: str
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    extra: dict[str, Tensor]
+    params: dict[str, Any]
+    scale: float
+    h0: Tensor | None
+    g: Tensor | None
+    slopes: Tensor | None = None
+    learned: tuple[str, ...] = field(default=())  # the extra inputs with gradients
+    pair: tuple[Tensor, Tensor] | None = None  # hedgehog's initial state (S, z)
+
+
+def make_case(
+    method: str,
+    b: int,
+    h: int,
+    n: int,
+    d: int,
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    gates: str = "default",
+    h0: bool = True,
+    seed: int = 0,
+    dev: str = "cuda",
+) -> Case:
+    """The inputs of ``method`` (one of ``METHODS``). ``gates``: "default" (decays mostly 0.5..1),
+    "near1" (log-decays ~ -1e-3: decays within 0.1% of 1), "near0" (log-decays ~ -8: the state all but
+    erased every token; beta then at its extremes 0 / 1 for the delta rule)."""
+    gen = torch.Generator(device=dev).manual_seed(seed)
+
+    def randn(*shape: int) -> Tensor:
+        return torch.randn(*shape, device=dev, generator=gen)
+
+    q, k, v = (randn(b, h, n, d).to(dtype) for _ in range(3))
+    state = randn(b, h, d, d) if h0 else None
+    shift = {"default": 3.0, "near1": 8.0, "near0": -8.0}[gates]
     extra: dict[str, Tensor] = {}
-    if method == "gla":
-        extra["g"] = F.logsigmoid(torch.randn(b, h, n, d, device=dev, generator=gen) + 3.0) / 4
-    if method == "lightning":
-        # (negated before the expand: the stride-0 gate lightning.py hands the kernels, the scalar-gate path)
-        extra["g"] = (-torch.tensor(alibi_slopes(h), device=dev))[None, :, None, None].expand(b, h, n, d)
-    kda = method == "gated_delta_kda"
-    if kda:
-        method = "gated_delta"
-    if method == "gated_delta":
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        extra["beta"] = torch.sigmoid(torch.randn(b, h, n, device=dev, generator=gen))
-        extra["g"] = F.logsigmoid(torch.randn(b, h, n, d if kda else 1, device=dev, generator=gen) + 4.0)
-    h0 = torch.randn(b, h, d, d, device=dev, generator=gen)
+    g: Tensor | None = None
+    slopes = None
     scale = d**-0.5
-    base = [q.to(dtype), k.to(dtype), v.to(dtype)]
-    learn_g = method in ("gla", "gated_delta")
+    if method == "hedgehog":  # normalised linear attention, Hedgehog's map (2D = 256 features at D = 128)
+        from attnlab.catalog.linear.linear import sample_map
 
-    def leaves(cast: torch.dtype | None) -> list[Tensor]:
-        xs = [t.to(cast) if cast is not None else t for t in base]
-        xs = [t.detach().clone().requires_grad_(grad) for t in xs]
-        if method == "gated_delta":
-            xs.append(extra["beta"].detach().clone().requires_grad_(grad))
-        g = extra.get("g")
-        xs.append(g.detach().clone().requires_grad_(learn_g and grad) if g is not None else None)  # type: ignore[arg-type]
-        xs.append(h0.detach().clone().requires_grad_(grad))
-        return xs
+        cpu = torch.Generator().manual_seed(seed)
+        extra = {nm: _bf16_values(sample_map((h, d, d), cpu).to(dev)) for nm in ("map_q", "map_k")}
+        hs = (randn(b, h, 2 * d, d).abs(), randn(b, h, 2 * d).abs()) if h0 else None
+        return Case(method, "linear", q, k, v, extra, {"feature_map": "hedgehog"}, scale, None, None,
+                    learned=("map_q", "map_k"), pair=hs)  # fmt: skip
+    if method == "linear":
+        return Case(method, "linear", q, k, v, extra, {"feature_map": "identity", "normalize": False},
+                    scale, state, None)  # fmt: skip
+    if method == "lightning":
+        slopes = torch.tensor(alibi_slopes(h), device=dev, dtype=torch.float32)
+        g = (-slopes)[None, :, None, None]
+        return Case(method, "lightning", q, k, v, extra, {}, scale, state, g, slopes)
+    if method == "gla":
+        g = _bf16_values(F.logsigmoid(randn(b, h, n, d) + shift) / (4 if gates == "default" else 1))
+        extra["g"] = g
+        return Case(method, "gla", q, k, v, extra, {}, scale, state, g, learned=("g",))
+    kda = method == "gated_delta_kda"
+    g = _bf16_values(F.logsigmoid(randn(b, h, n, d if kda else 1) + shift + 1))
+    if gates == "near0":
+        beta = (torch.rand(b, h, n, device=dev, generator=gen) > 0.5).float()
+    else:
+        beta = _bf16_values(torch.sigmoid(randn(b, h, n)))
+    extra.update(g=g, beta=beta)
+    return Case(method, "gated_delta", q, k, v, extra, {"qk_l2norm": True}, scale, state, g,
+                learned=("beta", "g"))  # fmt: skip
 
-    def run(xs: list[Tensor], fn: str) -> tuple[Tensor, Tensor]:
-        if method == "gated_delta":
-            qq, kk, vv, beta, g, s0 = xs
-            if fn == "kernel":
-                return delta_chunk(qq, kk, vv, beta, g, scale, s0, chunk)
-            return delta_recurrence(qq, kk, vv, beta.to(qq.dtype), g, scale, s0.to(qq.dtype))
-        qq, kk, vv, g, s0 = xs
-        if fn == "kernel":
-            return gla_chunk(qq, kk, vv, g, scale, s0, chunk)
-        return gated_recurrence(qq, kk, vv, g, scale, s0.to(qq.dtype))
 
-    names = (
-        (
-            ["dq", "dk", "dv"]
-            + (["dbeta"] if method == "gated_delta" else [])
-            + (["dg"] if learn_g else [])
-            + ["dh0"]
-        )
-        if grad
-        else []
-    )
-    outs = {}
-    for label, cast, fn in (("kernel", None, "kernel"), ("ref", torch.float32, "rec"), ("low", None, "rec")):
-        torch.cuda.synchronize()
+def _flat(state: Any) -> Tensor:
+    """A state as one tensor: S, or (S, z) as S with z appended as a last column (B, H, K, V + 1)."""
+    if isinstance(state, tuple):
+        return torch.cat([state[0], state[1][..., None]], -1)
+    return state
+
+
+def _unflat(state: Tensor | None) -> Any:
+    """Hedgehog's (S, z) from its flat form (see ``_flat``)."""
+    return None if state is None else (state[..., :-1], state[..., -1])
+
+
+def run_ours(c: Case, q: Tensor, k: Tensor, v: Tensor, extra: dict[str, Tensor], h0: Tensor | None) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Our side through the API (a prepared op on the Triton backend): (o (B, H, N, V), final state)."""
+    import attnlab
+
+    op = attnlab.prepare(c.api, causal=True, backend="triton", **c.params)
+    res = op(q, k, v, state=_unflat(h0) if c.method == "hedgehog" else h0, **extra)
+    assert isinstance(res, attnlab.Result)
+    return res.out, _flat(res.state)
+
+
+def fla_fn(c: Case) -> Callable[..., tuple[Tensor, Tensor]]:
+    """fla-core's chunk function for ``c`` on (B, N, H, D) inputs: ``fn(q, k, v, extra, h0)`` with extra
+    in fla's layout ((B, N, H, ...) gates and beta, bf16 like q)."""
+    if c.method == "linear":
+        from fla.ops.linear_attn import chunk_linear_attn
+
+        return lambda q, k, v, x, h0: chunk_linear_attn(q, k, v, scale=c.scale, initial_state=h0,
+                                                         output_final_state=True, normalize=False)  # fmt: skip
+    if c.method == "lightning":
+        from fla.ops.simple_gla import chunk_simple_gla
+
+        assert c.slopes is not None
+        gamma = -c.slopes
+        return lambda q, k, v, x, h0: chunk_simple_gla(q, k, v, g_gamma=gamma, scale=c.scale, initial_state=h0,
+                                                        output_final_state=True)  # fmt: skip
+    if c.method == "gla":
+        from fla.ops.gla import chunk_gla
+
+        return lambda q, k, v, x, h0: chunk_gla(q, k, v, x["g"], scale=c.scale, initial_state=h0,
+                                                 output_final_state=True)  # fmt: skip
+    if c.method == "gated_delta":
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+        return lambda q, k, v, x, h0: chunk_gated_delta_rule(
+            q, k, v, x["g"][..., 0], x["beta"], scale=c.scale, initial_state=h0, output_final_state=True,
+            use_qk_l2norm_in_kernel=True)  # fmt: skip
+    from fla.ops.kda import chunk_kda
+
+    return lambda q, k, v, x, h0: chunk_kda(q, k, v, x["g"], x["beta"], scale=c.scale, initial_state=h0,
+                                             output_final_state=True, use_qk_l2norm_in_kernel=True)  # fmt: skip
+
+
+def to_fla(t: Tensor) -> Tensor:
+    """(B, H, N, ...) -> (B, N, H, ...), contiguous."""
+    return t.transpose(1, 2).contiguous()
+
+
+def fla_extra(c: Case, extra: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The gates and beta in fla's layout and q's dtype (bf16-representable values: unchanged)."""
+    return {name: to_fla(t).to(c.q.dtype) for name, t in extra.items()}
+
+
+def run_fla(c: Case, q: Tensor, k: Tensor, v: Tensor, extra: dict[str, Tensor], h0: Tensor | None) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """fla-core's side on our layout (transposes in and out, differentiable)."""
+    o, s = fla_fn(c)(to_fla(q), to_fla(k), to_fla(v), fla_extra(c, extra), h0)
+    return o.transpose(1, 2), s
+
+
+def run_reference(
+    c: Case, q: Tensor, k: Tensor, v: Tensor, extra: dict[str, Tensor], h0: Tensor | None,
+    dtype: torch.dtype, seg: int = 1024, ckpt: bool = False,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The token-by-token recurrence in ``dtype`` (segments of ``seg`` tokens, under activation
+    checkpointing when ``ckpt``: the same arithmetic in the same order)."""
+    if c.method == "hedgehog":  # the normalised linear recurrence with the learned map (token loop)
+        from attnlab.catalog.linear.linear import LinearParams, reference
+
+        o, st = reference(q, k, v, LinearParams(feature_map="hedgehog"), causal=True, scale=c.scale,
+                          upcast=dtype == torch.float32, state=_unflat(h0), map_q=extra["map_q"],
+                          map_k=extra["map_k"])  # fmt: skip
+        return o, _flat(st)
+    delta = c.method.startswith("gated_delta")
+    g = extra.get("g", c.g)
+    if delta:
+        q, k = l2norm(q), l2norm(k)
+    qq, kk, vv = q.to(dtype), k.to(dtype), v.to(dtype)
+    gg = None if g is None else g.to(dtype)
+    bb = extra["beta"].to(dtype) if delta else None
+    s = None if h0 is None else h0.to(dtype)
+    n = q.shape[2]
+    outs = []
+
+    def segment(a: int, z: int, s: Tensor | None) -> tuple[Tensor, Tensor]:
+        gs = None if gg is None else (gg[:, :, a:z] if gg.shape[2] > 1 else gg)
+        if delta:
+            assert bb is not None
+            return delta_recurrence(
+                qq[:, :, a:z], kk[:, :, a:z], vv[:, :, a:z], bb[:, :, a:z], gs, c.scale, s
+            )
+        return gated_recurrence(qq[:, :, a:z], kk[:, :, a:z], vv[:, :, a:z], gs, c.scale, s)
+
+    for a in range(0, n, seg):
+        z = min(a + seg, n)
+        if ckpt:
+            o, s = checkpoint(segment, a, z, s, use_reentrant=False)
+        else:
+            o, s = segment(a, z, s)
+        outs.append(o)
+    assert s is not None
+    return torch.cat(outs, 2), s
+
+
+SIDES: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {"attnlab": run_ours, "fla": run_fla}
+
+
+def check(method: str, b: int, h: int, n: int, d: int, *, grad: bool, sides: tuple[str, ...],
+          gates: str = "default", dtype: torch.dtype = torch.bfloat16) -> list[dict[str, Any]]:  # fmt: skip
+    """One case: every side in ``sides`` (``attnlab``, ``fla``) against the same fp32 recurrence, one row
+    per side (output, state and, with ``grad``, the gradients of q, k, v, the learned gates / beta, h0)."""
+    c = make_case(method, b, h, n, d, dtype, gates=gates, dev=DEV)
+    base = {"q": c.q, "k": c.k, "v": c.v, **c.extra}
+    if c.h0 is not None:
+        base["h0"] = c.h0
+    if c.pair is not None:
+        base["h0"] = _flat(c.pair)
+    learn = ("q", "k", "v", *c.learned, "h0")
+    names = [nm for nm in learn if nm in base] if grad else []
+    gen = torch.Generator(device=DEV).manual_seed(1)
+    do = ds = None
+
+    def one(
+        fn: Callable[..., tuple[Tensor, Tensor]], **kw: Any
+    ) -> tuple[Tensor, Tensor, list[Tensor], float]:
+        nonlocal do, ds
+        _sync()
         t0 = time.perf_counter()
-        xs = leaves(cast)
+        xs = {nm: t.detach().clone().requires_grad_(nm in names) for nm, t in base.items()}
+        extra = {nm: xs[nm] for nm in c.extra}
         with torch.set_grad_enabled(grad):
-            o, s = run(xs, fn)
-        grads: tuple[Tensor, ...] = ()
+            o, s = fn(c, xs["q"], xs["k"], xs["v"], extra, xs.get("h0"), **kw)
+        grads: list[Tensor] = []
         if grad:
-            gg = torch.Generator(device="cuda").manual_seed(1)
-            do = torch.randn(o.shape, device=dev, generator=gg)
-            ds = torch.randn(s.shape, device=dev, generator=gg)
-            wrt = [t for t in xs if t is not None and t.requires_grad]
-            grads = torch.autograd.grad((o.float() * do).sum() + (s.float() * ds).sum(), wrt)
-        torch.cuda.synchronize()
-        outs[label] = (o.detach(), s.detach(), [gr.detach() for gr in grads], time.perf_counter() - t0)
-    ko, ks, kg, _ = outs["kernel"]
-    ro, rs, rg, _ = outs["ref"]
-    lo, ls, lg, _ = outs["low"]
-    row: dict[str, Any] = {
-        "method": method + ("_kda" if kda else ""), "grad": grad, "B": b, "H": h, "N": n, "D": d, "dtype": str(dtype).replace("torch.", ""),
-        "chunk": chunk, "finite": bool(torch.isfinite(ko).all()) and all(bool(torch.isfinite(x).all()) for x in kg),
-    }  # fmt: skip
-    checks = {"out": (ko, ro, lo, 2.0), "state": (ks, rs, ls, 2.0)}
-    for nm, a, r, lw in zip(names, kg, rg, lg, strict=True):
-        checks[nm] = (a, r, lw, 3.0)
-    ok = True
-    for nm, (a, r, lw, factor) in checks.items():
-        err, err_low, peak = _err(a, r), _err(lw, r), _peak(r)
-        bound = factor * err_low + 1e-5 * (1 + peak) + 0.5 * torch.finfo(dtype).eps * peak
-        row[nm] = {"err": err, "err_lowp": err_low, "max_ref": peak, "rel": err / max(peak, 1e-30), "bound": bound,
-                   "pass": err <= bound}  # fmt: skip
-        ok = ok and err <= bound
-    row["pass"] = ok and row["finite"]
-    row["seconds"] = {label: round(outs[label][3], 2) for label in outs}
-    return row
+            if do is None:
+                do = torch.randn(o.shape, device=DEV, generator=gen)
+                ds = torch.randn(s.shape, device=DEV, generator=gen)
+            assert ds is not None
+            loss = (o.float() * do).sum() + (s.float() * ds).sum()
+            grads = [x.detach() for x in torch.autograd.grad(loss, [xs[nm] for nm in names])]
+        _sync()
+        return o.detach(), s.detach(), grads, time.perf_counter() - t0
+
+    ref = one(run_reference, dtype=torch.float32, ckpt=grad)
+    low = one(run_reference, dtype=dtype, ckpt=grad)
+    rows = []
+    for side in sides:
+        if side == "fla" and method == "hedgehog":
+            continue  # (fla's HedgehogFeatureMap is another function: one softmax over [2y, -2y])
+        row: dict[str, Any] = {"side": side, "method": method, "gates": gates, "grad": grad, "B": b, "H": h,
+                               "N": n, "D": d, "dtype": str(dtype).replace("torch.", "")}  # fmt: skip
+        try:
+            got = one(SIDES[side])
+        except Exception as e:  # recorded (fla refusing, an OOM), and the other sides still run
+            row["error"] = f"{type(e).__name__}: {e}"[:500]
+            rows.append(row)
+            continue
+        row["finite"] = bool(torch.isfinite(got[0]).all()) and all(
+            bool(torch.isfinite(x).all()) for x in got[2]
+        )
+        checks = {"out": (got[0], ref[0], low[0], 2.0), "state": (got[1], ref[1], low[1], 2.0)}
+        for nm, a, r, lw in zip(names, got[2], ref[2], low[2], strict=True):
+            checks["d" + nm] = (a, r, lw, 3.0)
+        ok = True
+        for nm, (a, r, lw, factor) in checks.items():
+            err, err_low, peak = _err(a, r), _err(lw, r), _peak(r)
+            bound = factor * err_low + 1e-5 * (1 + peak) + 0.5 * torch.finfo(dtype).eps * peak
+            row[nm] = {"err": round(err, 6), "err_lowp": round(err_low, 6), "max_ref": round(peak, 4),
+                       "rel": round(err / max(peak, 1e-30), 6), "pass": err <= bound}  # fmt: skip
+            ok = ok and err <= bound
+        row["pass"] = ok and row["finite"]
+        row["seconds"] = {"side": round(got[3], 2), "ref": round(ref[3], 2), "lowp": round(low[3], 2)}
+        rows.append(row)
+    return rows
 
 
 def check_varlen(method: str, lens: list[int], h: int, d: int, chunk: int) -> dict[str, Any]:
@@ -188,50 +391,78 @@ def check_varlen(method: str, lens: list[int], h: int, d: int, chunk: int) -> di
     return row
 
 
+NUMERICS_64K = (
+    ("linear", "default"),
+    ("lightning", "default"),
+    ("gla", "default"),
+    ("gla", "near1"),
+    ("gla", "near0"),
+    ("gated_delta", "near1"),
+    ("gated_delta", "near0"),
+    ("gated_delta_kda", "near1"),
+)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", required=True)
     ap.add_argument("--budget", type=float, default=240.0, help="seconds after which no new case starts")
+    ap.add_argument("--shapes", default="1x32x8192:grad,1x32x32768", help="BxHxN[:grad],... (D = 128)")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--sides", default="attnlab,fla", help="attnlab, fla (skipped when fla does not import)")
+    ap.add_argument("--n64k", type=int, default=65536, help="tokens of the numerics cases (0: none)")
+    ap.add_argument("--h64k", type=int, default=4, help="heads of the numerics cases")
+    ap.add_argument("--varlen", action="store_true", help="also the packed-sequence checks")
     args = ap.parse_args()
     start = time.perf_counter()
     import triton
 
     result: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                              "triton": triton.__version__, "checks": [], "timings": []}  # fmt: skip
-    bf, f32 = torch.bfloat16, torch.float32
-    cases = [
-        ("gla", 1, 16, 4096, 128, bf, 64, True),
-        ("lightning", 1, 16, 4096, 128, bf, 64, True),
-        ("linear", 1, 16, 4096, 128, bf, 64, True),
-        ("gated_delta", 1, 16, 4096, 128, bf, 64, True),
-        ("gated_delta_kda", 1, 16, 4096, 128, bf, 64, True),
-        ("gla", 1, 16, 16384, 128, bf, 64, False),
-        ("lightning", 1, 16, 16384, 128, bf, 64, False),
-        ("gated_delta", 1, 16, 16384, 128, bf, 64, False),
-        ("gla", 1, 2, 1000, 64, f32, 32, True),
-        ("gated_delta_kda", 1, 2, 1000, 64, f32, 16, True),
-    ]
-    for case in cases:
+                              "triton": triton.__version__, "checks": [], "numerics": []}  # fmt: skip
+    sides = tuple(args.sides.split(","))
+    if "fla" in sides:
+        try:
+            import fla
+
+            result["fla"] = getattr(fla, "__version__", "?")
+        except Exception as e:
+            result["fla"] = f"not importable: {type(e).__name__}: {e}"[:300]
+            sides = tuple(s for s in sides if s != "fla")
+
+    def save(key: str, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            print(json.dumps(row), flush=True)
+        result[key].extend(rows)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+    def guarded(key: str, what: str, fn: Callable[..., list[dict[str, Any]]], *a: Any, **kw: Any) -> None:
         if time.perf_counter() - start > args.budget:
-            result["checks"].append({"skipped": str(case), "why": "budget"})
-            continue
+            save(key, [{"skipped": what, "why": "budget"}])
+            return
         try:
-            row = check(*case)
+            save(key, fn(*a, **kw))
         except Exception as e:
-            row = {"case": str(case), "error": f"{type(e).__name__}: {e}"[:500]}
-        print(json.dumps(row), flush=True)
-        result["checks"].append(row)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-    for method in ("lightning", "gated_delta"):
-        try:
-            row = check_varlen(method, [1000, 63, 4096, 1, 2900], 16, 128, 64)
-        except Exception as e:
-            row = {"case": method + "_varlen", "error": f"{type(e).__name__}: {e}"[:500]}
-        print(json.dumps(row), flush=True)
-        result["checks"].append(row)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+            save(key, [{"case": what, "error": f"{type(e).__name__}: {e}"[:500]}])
+        torch.cuda.empty_cache()
+
+    for shape in args.shapes.split(","):
+        dims, _, flag = shape.partition(":")
+        b, h, n = (int(x) for x in dims.split("x"))
+        for method in args.methods.split(","):
+            guarded("checks", f"{method} {dims} {flag}", check, method, b, h, n, 128, grad=flag == "grad",
+                    sides=sides)  # fmt: skip
+    if args.n64k:
+        for method, gates in NUMERICS_64K:
+            guarded("numerics", f"{method} {gates} N={args.n64k}", check, method, 1, args.h64k, args.n64k,
+                    128, grad=False, sides=("attnlab",), gates=gates)  # fmt: skip
+    if args.varlen:
+        for method in ("lightning", "gated_delta"):
+            guarded("checks", f"{method}_varlen", lambda m: [check_varlen(m, [1000, 63, 4096, 1, 2900], 16, 128, 64)],
+                    method)  # fmt: skip
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":
