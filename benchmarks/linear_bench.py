@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from linear_gpu_check import METHODS, fla_extra, fla_fn, make_case, to_fla
+from linear_gpu_check import METHODS, fast_autotune, fla_extra, fla_fn, make_case, to_fla
 
 #: Where the sides' tensors live (a CPU smoke test of this script sets "cpu" under TRITON_INTERPRET=1).
 DEV = "cuda"
@@ -296,8 +296,11 @@ def main() -> None:
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--decode", default="", help="BxH,...: decode steps at these shapes")
     ap.add_argument("--budget", type=float, default=1e9, help="seconds after which no new shape starts")
+    ap.add_argument("--fast-autotune", action="store_true", help="see linear_gpu_check.fast_autotune()")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    if args.fast_autotune:
+        fast_autotune()
     start = time.perf_counter()
     methods = tuple(args.methods.split(","))
     result: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": [],

@@ -51,6 +51,17 @@ DEV = "cuda"
 METHODS = ("linear", "lightning", "gla", "gated_delta", "gated_delta_kda")
 
 
+def fast_autotune(warmup: int = 5, rep: int = 25) -> None:
+    """Shorter benchmarking of each config in Triton's autotuner (``warmup`` / ``rep`` ms instead of 25 /
+    100): fla-core autotunes every kernel on first use; its config choice stays its own. Call before
+    importing fla (an Autotuner takes its benchmarker when the kernel is decorated)."""
+    import functools
+
+    import triton.testing
+
+    triton.testing.do_bench = functools.partial(triton.testing.do_bench, warmup=warmup, rep=rep)
+
+
 def _err(a: Tensor, b: Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
@@ -413,7 +424,10 @@ def main() -> None:
     ap.add_argument("--n64k", type=int, default=65536, help="tokens of the numerics cases (0: none)")
     ap.add_argument("--h64k", type=int, default=4, help="heads of the numerics cases")
     ap.add_argument("--varlen", action="store_true", help="also the packed-sequence checks")
+    ap.add_argument("--fast-autotune", action="store_true", help="see fast_autotune()")
     args = ap.parse_args()
+    if args.fast_autotune:
+        fast_autotune()
     start = time.perf_counter()
     import triton
 
