@@ -460,7 +460,7 @@ def main() -> None:
             save(key, [{"case": what, "error": f"{type(e).__name__}: {e}"[:500]}])
         torch.cuda.empty_cache()
 
-    for shape in args.shapes.split(","):
+    for shape in filter(None, args.shapes.split(",")):
         dims, _, flag = shape.partition(":")
         b, h, n = (int(x) for x in dims.split("x"))
         for method in args.methods.split(","):
