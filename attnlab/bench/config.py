@@ -34,8 +34,9 @@ class BenchConfig:
     N_q = N_k = n; cross patterns use N_q = n // 4 queries over N_k = n keys (chunked prefill).
     ``budgets``: "all" times every parameter set a method's ``bench_params(n)`` gives, "first" one.
     Every row is timed in interleaved rounds with the dense baseline (see :mod:`attnlab.bench.efficiency`).
-    Fidelity runs on ``workloads`` ("minilm": Q/K/V captured from the MiniLM encoder; "random" at
-    ``fidelity_length`` tokens), with the same ``budgets`` as the speed sweep.
+    Fidelity runs on ``workloads`` ("minilm": Q/K/V captured from the MiniLM encoder, for non-causal rows;
+    "organism": from the small organism, a causal LM, for causal rows, at ``fidelity_length`` tokens;
+    "random" at ``fidelity_length`` tokens), with the same ``budgets`` as the speed sweep.
     """
 
     device: str = "cpu"
@@ -52,7 +53,7 @@ class BenchConfig:
     peers: bool = True
     efficiency: bool = True
     fidelity: bool = True
-    workloads: tuple[str, ...] = ("minilm", "random")
+    workloads: tuple[str, ...] = ("minilm", "organism", "random")
     fidelity_length: int = 1024
     fidelity_heads: int = 4
     #: seconds of timed rounds to aim for per row (at least ``timing.MIN_REPS`` rounds, at most ``max_reps``)

@@ -33,7 +33,7 @@ from torch import Tensor
 import attnlab
 from attnlab.bench.calls import output_of, required_inputs
 from attnlab.bench.planning import densities
-from attnlab.bench.workloads import Workload
+from attnlab.bench.workloads import Workload, serves
 from attnlab.masks import MaskContext, causal_mask, dense_mask
 from attnlab.patterns import Pattern
 from attnlab.plans import static_plan
@@ -101,7 +101,7 @@ def fidelity_rows(
         n_q, n_k, d = q.shape[2], k.shape[2], q.shape[3]
         scale = d**-0.5
         for pattern in patterns:
-            if pattern.cross:
+            if pattern.cross or not serves(workload, pattern.causal):
                 continue
             causal = pattern.causal
             probs = _dense_probs(q, k, causal, scale)

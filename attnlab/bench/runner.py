@@ -89,7 +89,8 @@ def run(
                     note(f"workload {name} skipped: {e}")
                     advance(1)
                     continue
-                note(f"workload {name}: {wl.source}; {workload_stats(wl.layers, STATS_TOKENS).describe()}")
+                stats = workload_stats(wl.layers, STATS_TOKENS, causal=wl.causal_model is True)
+                note(f"workload {name}: {wl.source}; {stats.describe()}")
                 rows = list(fidelity.fidelity_rows(wl, cfg.methods, cfg.patterns, cfg.budgets, log))
                 n_fid += db.insert("fidelity", rows, run_id)
                 advance(1)

@@ -7,6 +7,13 @@ of the Python documentation that ships with the interpreter (``pydoc_data.topics
 shows; code samples, grammar rules and headings left out), 512 tokens per sequence. Nothing is
 downloaded. The encoder is not causal: causal rows apply a causal mask to its Q/K (``causal_model=False``).
 
+``organism``: the small organism attnlab trained itself (a 6-layer Llama-architecture causal LM, 5 query
+heads and 1 key/value head of dim 64, shipped in ``attnlab/organisms/checkpoints/small``): Q (after RoPE),
+K (after RoPE) and V of every layer while it reads the same prose, one sequence of ``n`` tokens. K and V are
+repeated to the 5 query heads (the fidelity measures compare heads one by one). It is causal, so it serves
+the causal rows, and the encoder the non-causal ones (:func:`serves`). Its training corpus includes the
+Python documentation, so this text is not held out: the workload measures attention patterns, not accuracy.
+
 ``random``: Gaussian Q/K/V, a smoke test (near-uniform attention), not evidence.
 :mod:`attnlab.bench.attention_stats` tells the two apart.
 """
@@ -135,9 +142,51 @@ def minilm_workload(device: torch.device, max_tokens: int = 512, sequences: int 
     return Workload("minilm", source, layers, causal_model=False)
 
 
+def organism_workload(device: torch.device, tokens: int = 1024, name: str = "small") -> Workload:
+    """Q/K/V of every layer of a shipped organism (causal LM) reading ``tokens`` tokens of the bundled prose."""
+    from attnlab.organisms.capture import capture_qkv
+    from attnlab.organisms.checkpoint import load_organism, organism_path
+    from attnlab.organisms.tokenizer import encode
+
+    model, tokenizer = load_organism(organism_path(name))
+    limit = int(model.config.max_position_embeddings)
+    if tokens > limit:
+        raise WorkloadUnavailable(
+            f"the {name} organism reads at most {limit} tokens; {tokens} were asked for"
+        )
+    ids: list[int] = []
+    for para in prose_paragraphs():
+        ids += encode(tokenizer, para + "\n\n")
+        if len(ids) >= tokens:
+            break
+    if len(ids) < tokens:
+        raise WorkloadUnavailable(f"the bundled prose has only {len(ids)} tokens; {tokens} needed")
+    model.float()
+    captured = capture_qkv(model, torch.tensor([ids[:tokens]]))
+    layers = []
+    for c in captured:
+        group = c.q.shape[1] // c.k.shape[1]
+        k, v = (t.repeat_interleave(group, dim=1) for t in (c.k, c.v))
+        layers.append((f"layer{c.layer}", c.q.to(device), k.to(device), v.to(device)))
+    heads, kv = captured[0].q.shape[1], captured[0].k.shape[1]
+    source = (
+        f"the {name} organism (causal LM, {len(layers)} layers, {heads} heads, {kv} kv head(s) repeated) on "
+        f"Python's bundled documentation prose, {tokens} tokens"
+    )
+    return Workload("organism", source, layers, causal_model=True)
+
+
+def serves(workload: Workload, causal: bool) -> bool:
+    """Whether ``workload`` gives rows of this pattern: a model's attention only in the way it was trained
+    (a causal LM's for causal rows, a bidirectional encoder's for non-causal ones); random inputs for both."""
+    return workload.causal_model is None or workload.causal_model == causal
+
+
 def load(name: str, device: torch.device, n: int, heads: int, head_dim: int, seed: int = 0) -> Workload:
     if name == "random":
         return random_workload(n, heads, head_dim, device, seed)
     if name == "minilm":
         return minilm_workload(device)
-    raise ValueError(f"unknown workload {name!r}; expected 'minilm' or 'random'")
+    if name == "organism":
+        return organism_workload(device, n)
+    raise ValueError(f"unknown workload {name!r}; expected 'minilm', 'organism' or 'random'")
