@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 from torch import Tensor
 
 from attnlab.kernels.decode.fwd import (
@@ -99,10 +98,23 @@ def decode_launch(
     key_mask (B, N_k) (> 0: a real token; any dtype) or None.
     Returns (out (B, H, N_q, D) in q's dtype, lse (B, H, N_q) float32)."""
     _check(q, k, v, index, page)
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    index = index.to(torch.int32)
-    if index.stride(-1) != 1:
+    # (host time matters at one token per step: one stride() call per tensor, no no-op casts)
+    qs, ks, vs = q.stride(), k.stride(), v.stride()
+    if qs[-1] != 1:
+        q = q.contiguous()
+        qs = q.stride()
+    if ks[-1] != 1:
+        k = k.contiguous()
+        ks = k.stride()
+    if vs[-1] != 1:
+        v = v.contiguous()
+        vs = v.stride()
+    if index.dtype != torch.int32:
+        index = index.to(torch.int32)
+    ids = index.stride()
+    if ids[-1] != 1:
         index = index.contiguous()
+        ids = index.stride()
     b, h, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     group = h // h_kv
@@ -123,21 +135,21 @@ def decode_launch(
     upcast = IMPORTED_INTERPRETED and q.dtype != torch.float32
     decode_split_kernel[(splits, m_blocks, b * h_kv)](
         q, k, v, index, cnt, kmask, o_part, lse_part,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        index.stride(0), index.stride(1), kmask.stride(0),
+        qs[0], qs[1], qs[2],
+        ks[0], ks[1], ks[2],
+        vs[0], vs[1], vs[2],
+        ids[0], ids[1], kmask.stride(0),
         h_kv, n_q, n_k, n_idx, per_split, d, float(scale),
         GROUP=group, PAGE=page, CAUSAL=bool(causal), HAS_CNT=count is not None, HAS_KMASK=key_mask is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=upcast,
         num_warps=4, num_stages=2 if q.is_cuda else 1,
     )  # fmt: skip
-    out = torch.empty_like(q)
+    out = torch.empty(b, h, n_q, d, device=q.device, dtype=q.dtype)  # contiguous: strides known
     lse = torch.empty(b, h, n_q, device=q.device, dtype=torch.float32)
     decode_merge_kernel[(b * h_kv * n_rows,)](
         o_part, lse_part, out, lse,
-        out.stride(0), out.stride(1), out.stride(2),
+        h * n_q * d, n_q * d, d,
         h_kv, n_q, splits, d,
         GROUP=group, BLOCK_S=max(2, next_power_of_2(splits)), BLOCK_D=block_d,
         num_warps=1 if d <= 64 else 2,
@@ -160,7 +172,7 @@ def page_scores_launch(q: Tensor, kmax: Tensor, kmin: Tensor, n_pages: int, redu
     b, h, n_q, d = q.shape
     h_kv = kmax.shape[1]
     out = torch.empty(b, h_kv, n_pages, device=q.device, dtype=torch.float32)
-    page_score_kernel[(triton.cdiv(n_pages, BLOCK_P), b * h_kv)](
+    page_score_kernel[(-(-n_pages // BLOCK_P), b * h_kv)](
         q, kmax, kmin, out,
         q.stride(0), q.stride(1), q.stride(2),
         kmax.stride(0), kmax.stride(1), kmax.stride(2),
@@ -246,9 +258,14 @@ def page_select_launch(
     if counter.shape != (b * h_kv,) or counter.dtype != torch.int32:
         raise ValueError(f"page_select: counter must be (B * H_kv,) = ({b * h_kv},) int32, got "
                          f"{tuple(counter.shape)} {counter.dtype}")  # fmt: skip
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    k = k if k.stride(-1) == 1 else k.contiguous()
-    if kmax.stride(-1) != 1 or kmin.stride(-1) != 1 or kmax.stride() != kmin.stride():
+    qs, ks, ms = q.stride(), k.stride(), kmax.stride()
+    if qs[-1] != 1:
+        q = q.contiguous()
+        qs = q.stride()
+    if ks[-1] != 1:
+        k = k.contiguous()
+        ks = k.stride()
+    if ms[-1] != 1 or ms != kmin.stride():
         raise ValueError(
             "page_select: kmax/kmin must share strides with a unit last stride (written in place)"
         )
@@ -266,11 +283,11 @@ def page_select_launch(
     scores = torch.empty(b, h_kv, n_pages, device=q.device, dtype=torch.float32)
     index = torch.empty(b, h_kv, keep, device=q.device, dtype=torch.int32)
     block_p = 16 if IMPORTED_INTERPRETED else (SELECT_BLOCK_P if fused else SPLIT_BLOCK_P)
-    page_select_kernel[(triton.cdiv(n_pages, block_p), b * h_kv)](
+    page_select_kernel[(-(-n_pages // block_p), b * h_kv)](
         q, k, kmask, kmax, kmin, scores, index, counter,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        kmax.stride(0), kmax.stride(1), kmax.stride(2), kmask.stride(0),
+        qs[0], qs[1], qs[2],
+        ks[0], ks[1], ks[2],
+        ms[0], ms[1], ms[2], kmask.stride(0),
         h_kv, n_q, n_k, n_pages, d, first_update, first_forced, keep,
         GROUP=h // h_kv, PAGE=page, REDUCE_MAX=bool(reduce_max), HAS_KMASK=key_mask is not None,
         SELECT=fused, BLOCK_P=block_p, BLOCK_D=head_block(d),
