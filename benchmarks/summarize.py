@@ -412,6 +412,12 @@ def main() -> None:
         "--readme", type=Path, default=None, help="also rewrite this README's generated block"
     )
     parser.add_argument(
+        "--headline",
+        type=Path,
+        default=None,
+        help="with --readme: take the README's headline table from this folder (e.g. one run) instead of root",
+    )
+    parser.add_argument(
         "--sessions",
         type=Path,
         nargs="*",
@@ -424,7 +430,7 @@ def main() -> None:
     args.out.write_text("\n".join([*summary(args.root), *kept, *later]).rstrip("\n") + "\n")
     print(f"wrote {args.out}")
     if args.readme:
-        update_readme(args.readme, headline(args.root) + verify_line(args.root))
+        update_readme(args.readme, headline(args.headline or args.root) + verify_line(args.root))
         print(f"rewrote the generated block of {args.readme}")
 
 
