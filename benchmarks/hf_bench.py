@@ -192,7 +192,8 @@ def bench_decode(model: Any, ids: torch.Tensor, label: str, name: str, params: d
     from transformers import DynamicCache
 
     clock = Clock(device)
-    with side_context(model, "decode", name, params):
+    check: dict[str, Any] = {}
+    with side_context(model, "decode", name, params) as rt:
         cache = DynamicCache(config=model.config)
         out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1:].argmax(-1)
@@ -204,9 +205,40 @@ def bench_decode(model: Any, ids: torch.Tensor, label: str, name: str, params: d
                 with clock.time(label):
                     out = model(token, past_key_values=cache, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
+        if rt is not None:
+            check = check_step(model, rt, cache, token)
         del cache, out
     t = clock.results()[label]
-    return row(t, phase="decode", side=label, method=name, params=params)
+    return row(t, phase="decode", side=label, method=name, params=params, check=check)
+
+
+def check_step(model: Any, rt: Any, cache: Any, token: torch.Tensor) -> dict[str, Any]:
+    """One more decode step, with layer 0's attention output compared against the method's reference on the
+    same q, k, v (a stateless reference: page_topk, snapkv/h2o/retrieval_heads_kv/recycled/tokenselect take
+    their state, so only page_topk is checked; others record nothing)."""
+    import attnlab
+
+    got: dict[str, Any] = {}
+    run_part = rt._run_part
+
+    def wrapped(part: Any, i: int, layer: int, phase: str, q: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor, rows: Any) -> torch.Tensor:  # fmt: skip
+        out = run_part(part, i, layer, phase, q, k, v, rows)
+        if layer == 0 and phase == "decode" and part.ref.name == "page_topk" and not got:
+            spec = attnlab.methods()[part.ref.name]
+            want, _ = spec.reference(
+                q, k, v, part.op.params, causal=True, scale=part.op.scale or q.shape[-1] ** -0.5
+            )
+            got["layer0_vs_reference_max_abs"] = float((out.float() - want.float()).abs().max())
+            got["shape"] = [list(q.shape), list(k.shape)]
+        return out
+
+    rt._run_part = wrapped
+    try:
+        model(token, past_key_values=cache, use_cache=True)
+    finally:
+        del rt._run_part
+    return got
 
 
 @torch.no_grad()
