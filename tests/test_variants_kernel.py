@@ -7,7 +7,7 @@ On CPU the kernel runs in Triton's interpreter (tiny shapes); on CUDA the same t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -82,7 +82,7 @@ def test_kernel_matches_naive_twin(
     q = q * 2
     b = torch.randn(bias_shape, device=DEVICE) if bias_shape else None
     sinks = torch.randn(4, device=DEVICE) if with_sinks else None
-    out, lse = score_transform_fwd(q, k, v, b, sinks, SCALE, cap, causal)
+    out, lse = score_transform_fwd(q, k, v, b, sinks, None, None, None, SCALE, cap, causal)
     want, want_lse = score_transform_fwd_naive(q, k, v, b, sinks, SCALE, cap, causal)
     assert out.dtype == dtype and lse.dtype == torch.float32
     tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -152,7 +152,7 @@ def test_backward_kernels_match_naive_twin(
     q, k, v = random_qkv(2, 4, 2, n_q, n_k, 24, grad=True)
     b = torch.randn(bias_shape, device=DEVICE) if bias_shape else None
     sinks = torch.randn(4, device=DEVICE, requires_grad=True) if with_sinks else None
-    out, _ = score_transform_fwd(q * 2, k, v, b, sinks, SCALE, cap, causal)
+    out, _ = score_transform_fwd(q * 2, k, v, b, sinks, None, None, None, SCALE, cap, causal)
     do = torch.randn_like(out)
     leaves = (q, k, v, sinks) if sinks is not None else (q, k, v)
     got = torch.autograd.grad(out, leaves, do)
@@ -175,3 +175,169 @@ def test_triton_backend_refuses_a_bias_that_needs_its_gradient(variants: None) -
     assert (
         attnlab.get("softcap").backend("triton").backward and attnlab.get("sink").backend("triton").backward
     )
+
+
+def _prefixed(what: str) -> Callable[[str], str]:
+    return lambda m: f"{what}: {m}"
+
+
+def _schedules(causal: bool) -> list:  # type: ignore[type-arg]
+    """Forward schedules to launch directly: on CPU the split and warp-specialized code paths on
+    interpreter-sized tiles; on CUDA every candidate the pruner keeps for a softcap call here."""
+    from attnlab.kernels.score_transform import op
+
+    if DEVICE.type == "cpu":
+        shapes = [(32, 16, 1, 1, 2, False), (32, 16, 1, 1, 1, True), (16, 16, 1, 1, 1, False)]
+        return [op._fwd_config(s) for s in shapes]
+    configs = [op._fwd_config(s) for s in op.FWD_SHAPES]
+    q = torch.empty(1, device=DEVICE, dtype=torch.bfloat16)
+    return op._prune_fwd(configs, {"Q": q, "TMA": True, "DOT_PREC": "tf32", "CAUSAL": causal, "BLOCK_D": 32})
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_every_forward_schedule_matches_the_naive_twin(poison_empty: None, causal: bool) -> None:
+    """Split query tile, warp specialization and plain tiles, with every transform at once (soft cap,
+    dense bias, ALiBi slopes, sink, low-rank bias) on lengths that no tile divides."""
+    from attnlab.kernels.score_transform.op import score_transform_fwd_launch
+
+    q, k, v = random_qkv(1, 4, 2, 37, 45, 32, torch.bfloat16)
+    b = torch.randn(1, 4, 37, 45, device=DEVICE)
+    sinks, slopes = torch.randn(4, device=DEVICE), torch.rand(4, device=DEVICE)
+    u, vf = torch.randn(1, 4, 37, 3, device=DEVICE), torch.randn(1, 1, 45, 3, device=DEVICE)
+    want, want_lse = score_transform_fwd_naive(
+        q, k, v, b, sinks, SCALE, 2.0, causal, slopes=slopes, u=u.bfloat16(), vf=vf.bfloat16()
+    )
+    for config in _schedules(causal):
+        out, lse = score_transform_fwd_launch(
+            q, k, v, b, sinks, SCALE, 2.0, causal, slopes=slopes, u=u, vf=vf, config=config
+        )
+        torch.testing.assert_close(
+            out.float(), want.float(), atol=2e-2, rtol=2e-2, msg=_prefixed(str(config))
+        )
+        torch.testing.assert_close(lse, want_lse, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize(("n_q", "n_k", "causal"), [(17, 30, True), (30, 17, True), (21, 21, False)])
+def test_alibi_and_lowrank_gradients_match_autograd_of_the_twin(
+    poison_empty: None, n_q: int, n_k: int, causal: bool
+) -> None:
+    """dq, dk, dv (GQA summed), dsinks and the low-rank factors' gradients (summed over the factors'
+    broadcast dims) against autograd through the naive twin, with ALiBi and a soft cap in the logits."""
+    from attnlab.kernels.score_transform.op import score_transform_fwd
+
+    q, k, v = random_qkv(2, 4, 2, n_q, n_k, 16, grad=True)
+    sinks = torch.randn(4, device=DEVICE, requires_grad=True)
+    slopes = torch.rand(4, device=DEVICE)
+    u = torch.randn(2, 1, n_q, 5, device=DEVICE, requires_grad=True)  # shared by the heads
+    vf = torch.randn(1, 4, n_k, 5, device=DEVICE, requires_grad=True)  # shared by the batch
+    leaves = (q, k, v, sinks, u, vf)
+    out, _ = score_transform_fwd(q, k, v, None, sinks, slopes, u, vf, SCALE, 1.5, causal)
+    do = torch.randn_like(out)
+    got = torch.autograd.grad(out, leaves, do)
+    ref, _ = score_transform_fwd_naive(q, k, v, None, sinks, SCALE, 1.5, causal, slopes=slopes, u=u, vf=vf)
+    want = torch.autograd.grad(ref, leaves, do)
+    for name, a, w in zip(("dq", "dk", "dv", "dsinks", "du", "dvf"), got, want, strict=True):
+        assert a.shape == w.shape, name
+        torch.testing.assert_close(a.float(), w.float(), atol=1e-4, rtol=1e-4, msg=_prefixed(name))
+
+
+def test_triton_backend_of_alibi_matches_reference(variants: None) -> None:
+    for causal in (False, True):
+        check = check_parity(
+            attnlab.get("alibi"), "triton", Case(1, 4, 2, 17, 30, 16, torch.bfloat16, causal), DEVICE
+        )
+        assert not check.skipped and check.passed and "dq" in check.errors, check.summary()
+
+
+def test_triton_backend_refuses_slopes_that_need_their_gradient(variants: None) -> None:
+    q, k, v = random_qkv(1, 2, 2, 8, 8, 16)
+    slopes = torch.rand(2, device=DEVICE, requires_grad=True)
+    with pytest.raises(BackendError, match="backend 'triton' has no gradient for the ALiBi slopes"):
+        attnlab.attention(q, k, v, method="alibi", backend="triton", slopes=slopes)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_lowrank_bias_fast_path_matches_its_reference(poison_empty: None, causal: bool) -> None:
+    """lowrank_bias_attention: the kernel (bias tile computed from the factors) against the dense-bias
+    reference, forward and every gradient, bf16, GQA, N_q != N_k, rank 6 (padded to 16 in the kernel)."""
+    from attnlab.catalog.variants.lowrank_bias import lowrank_bias_attention
+
+    q, k, v = random_qkv(1, 4, 2, 24, 40, 32, torch.bfloat16, grad=True)
+    g = torch.Generator(device="cpu").manual_seed(5)
+    u = (torch.randn(1, 4, 24, 6, generator=g) * 0.5).to(DEVICE, torch.bfloat16).requires_grad_(True)
+    vf = (torch.randn(1, 4, 40, 6, generator=g) * 0.5).to(DEVICE, torch.bfloat16).requires_grad_(True)
+    leaves = (q, k, v, u, vf)
+    got = lowrank_bias_attention(q, k, v, u, vf, causal=causal)
+    with torch.no_grad():
+        ref32 = lowrank_bias_attention(*(t.float() for t in leaves), causal=causal, backend="reference")
+    low = lowrank_bias_attention(q, k, v, u, vf, causal=causal, backend="reference")
+    assert got.dtype == torch.bfloat16
+    # the rule of attnlab.testing: within 2x (forward) / 3x (gradients) of bf16's own error, plus a floor
+    from attnlab.testing import bound, max_abs
+
+    assert max_abs(got, ref32) <= bound(max_abs(low, ref32), ref32, 2.0, torch.bfloat16)
+    do = torch.randn_like(got)
+    g_got = torch.autograd.grad(got, leaves, do)
+    g_low = torch.autograd.grad(low, leaves, do)
+    leaves32 = tuple(t.detach().float().requires_grad_(True) for t in leaves)
+    ref32 = lowrank_bias_attention(*leaves32, causal=causal, backend="reference")
+    g_ref = torch.autograd.grad(ref32, leaves32, do.float())
+    for name, a, lo, r in zip(("dq", "dk", "dv", "du", "dvf"), g_got, g_low, g_ref, strict=True):
+        assert max_abs(a, r) <= bound(max_abs(lo, r), r, 3.0, torch.bfloat16), name
+
+
+def test_lowrank_bias_never_materialises_the_bias(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast path hands the factors to the kernel: no (N_q, N_k) tensor is built on the way."""
+    from attnlab.catalog.variants import lowrank_bias
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the reference (dense bias) ran on the fast path")
+
+    monkeypatch.setattr(lowrank_bias, "reference", refuse)
+    q, k, v = random_qkv(1, 2, 2, 16, 16, 16)
+    u, vf = torch.randn(1, 2, 16, 2, device=DEVICE), torch.randn(1, 2, 16, 2, device=DEVICE)
+    out = lowrank_bias.lowrank_bias_attention(q, k, v, u, vf)
+    assert out.shape == q.shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    ("u_shape", "vf_shape", "match"),
+    [
+        (
+            (1, 2, 15, 4),
+            (1, 2, 16, 4),
+            r"u has shape \(1, 2, 15, 4\); expected \(B=1 or 1, H=2 or 1, N_q=16, r\)",
+        ),
+        (
+            (1, 2, 16, 4),
+            (1, 3, 16, 4),
+            r"vf has shape \(1, 3, 16, 4\); expected \(B=1 or 1, H=2 or 1, N_k=16, r\)",
+        ),
+        ((1, 2, 16, 4), (1, 2, 16, 3), r"u has rank 4 and vf rank 3; expected the same rank"),
+        ((2, 16, 4), (1, 2, 16, 4), r"u has shape \(2, 16, 4\)"),
+        ((1, 2, 16, 65), (1, 2, 16, 65), r"rank 65: the Triton kernel takes ranks up to 64"),
+    ],
+)
+def test_lowrank_bias_bad_factors_are_named(
+    u_shape: tuple[int, ...], vf_shape: tuple[int, ...], match: str
+) -> None:
+    from attnlab.catalog.variants.lowrank_bias import lowrank_bias_attention
+    from attnlab.errors import InputError
+
+    q, k, v = random_qkv(1, 2, 2, 16, 16, 16)
+    with pytest.raises(InputError, match=match):
+        lowrank_bias_attention(
+            q, k, v, torch.zeros(u_shape, device=DEVICE), torch.zeros(vf_shape, device=DEVICE)
+        )
+
+
+def test_lowrank_bias_bad_backend_and_int_factors_are_named() -> None:
+    from attnlab.catalog.variants.lowrank_bias import lowrank_bias_attention
+    from attnlab.errors import InputError
+
+    q, k, v = random_qkv(1, 2, 2, 8, 8, 16)
+    u = torch.zeros(1, 2, 8, 2, device=DEVICE)
+    with pytest.raises(InputError, match=r"backend 'flex'; expected one of \('triton', 'reference'\)"):
+        lowrank_bias_attention(q, k, v, u, u, backend="flex")
+    with pytest.raises(InputError, match=r"u has dtype torch.int64; expected a floating dtype"):
+        lowrank_bias_attention(q, k, v, u.long(), u)

@@ -1,9 +1,6 @@
-"""The ``triton`` backend of the score-transform variants (softcap, bias, sink): attnlab's Triton kernels
-(:mod:`attnlab.kernels.score_transform`), forward and backward (gradients for q, k, v and the sink logits;
-none for a bias tensor).
-
-It sits after ``flex`` in priority: it is checked against the references in Triton's CPU interpreter, but
-has not run on a GPU yet (no autotuning, no measurement); ``backend="triton"`` selects it.
+"""The ``triton`` backend of the score-transform variants (softcap, alibi, bias, sink): attnlab's Triton
+kernels (:mod:`attnlab.kernels.score_transform`), forward and backward (gradients for q, k, v and the sink
+logits; none for a bias tensor or ALiBi slopes).
 """
 
 from __future__ import annotations
@@ -11,6 +8,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -21,8 +19,18 @@ from attnlab.kernels.triton_utils import triton_refusal
 
 _OP_MODULE = "attnlab.kernels.score_transform.op"
 
-#: ``transform(q, call, extra) -> (bias, sinks, cap)``: what the kernel is given for a call
-Transform = Callable[[Tensor, Call, Mapping[str, Tensor]], "tuple[Tensor | None, Tensor | None, float]"]
+
+class KernelArgs(NamedTuple):
+    """What the kernel is given for a call (see :func:`attnlab.kernels.score_transform.op.score_transform_fwd`)."""
+
+    bias: Tensor | None = None
+    sinks: Tensor | None = None
+    cap: float = 0.0
+    slopes: Tensor | None = None
+
+
+#: ``transform(q, call, extra) -> KernelArgs``
+Transform = Callable[[Tensor, Call, Mapping[str, Tensor]], KernelArgs]
 
 
 def _imported_interpreted() -> bool | None:
@@ -48,11 +56,24 @@ class TritonScoreBackend(Backend):
     def run(self, q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor]) -> Tensor:
         from attnlab.kernels.score_transform.op import score_transform_fwd
 
-        bias, sinks, cap = self.transform(q, call, extra)
-        if bias is not None and bias.requires_grad and torch.is_grad_enabled():
-            raise BackendError(
-                "backend 'triton' has no gradient for the bias tensor (it would be N_q x N_k); pass a bias "
-                "that does not require grad, or use backend='flex' (CUDA) or 'eager'"
-            )
-        out, _ = score_transform_fwd(q, k, v, bias, sinks, float(call.scale), float(cap), call.problem.causal)
+        a = self.transform(q, call, extra)
+        for t, what in ((a.bias, "the bias tensor (it would be N_q x N_k)"), (a.slopes, "the ALiBi slopes")):
+            if t is not None and t.requires_grad and torch.is_grad_enabled():
+                raise BackendError(
+                    f"backend 'triton' has no gradient for {what}; pass one that does not require grad, or "
+                    "use backend='flex' (CUDA) or 'eager'"
+                )
+        out, _ = score_transform_fwd(
+            q,
+            k,
+            v,
+            a.bias,
+            a.sinks,
+            a.slopes,
+            None,
+            None,
+            float(call.scale),
+            float(a.cap),
+            call.problem.causal,
+        )
         return out

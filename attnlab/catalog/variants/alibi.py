@@ -30,6 +30,7 @@ from attnlab.catalog.variants._common import (
     softmax_rows,
     weigh,
 )
+from attnlab.catalog.variants._triton import KernelArgs, TritonScoreBackend
 from attnlab.core import Call, MethodSpec, TensorInput
 from attnlab.kernels.flex import ScoreMod
 from attnlab.params import Params
@@ -108,6 +109,11 @@ def _score(call: Call, extra: Mapping[str, Tensor]) -> ScoreMod:
     return alibi
 
 
+def _kernel_args(q: Tensor, call: Call, extra: Mapping[str, Tensor]) -> KernelArgs:
+    assert isinstance(call.params, AlibiParams)
+    return KernelArgs(slopes=slopes_of(q, call.params, extra.get("slopes")))
+
+
 SPEC = MethodSpec(
     name="alibi",
     family="dense",
@@ -116,7 +122,7 @@ SPEC = MethodSpec(
     summary="softmax with a per-head linear distance penalty -m_h * |p - j| (ALiBi slopes)",
     param_class=AlibiParams,
     reference=reference,
-    backends=(VariantFlexBackend(_score, per_call=True), EAGER),
+    backends=(TritonScoreBackend(_kernel_args), VariantFlexBackend(_score, per_call=True), EAGER),
     patterns=ALL_PATTERNS,
     inputs=(
         TensorInput(

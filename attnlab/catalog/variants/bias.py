@@ -24,7 +24,7 @@ from attnlab.catalog.variants._common import (
     softmax_rows,
     weigh,
 )
-from attnlab.catalog.variants._triton import TritonScoreBackend
+from attnlab.catalog.variants._triton import KernelArgs, TritonScoreBackend
 from attnlab.core import Call, MethodSpec, TensorInput
 from attnlab.kernels.flex import ScoreMod
 from attnlab.params import Params
@@ -75,8 +75,8 @@ def _score(call: Call, extra: Mapping[str, Tensor]) -> ScoreMod | None:
     return add_bias
 
 
-def _kernel_args(q: Tensor, call: Call, extra: Mapping[str, Tensor]) -> tuple[Tensor | None, None, float]:
-    return extra.get("bias"), None, 0.0
+def _kernel_args(q: Tensor, call: Call, extra: Mapping[str, Tensor]) -> KernelArgs:
+    return KernelArgs(bias=extra.get("bias"))
 
 
 SPEC = MethodSpec(
@@ -88,8 +88,8 @@ SPEC = MethodSpec(
     param_class=BiasParams,
     reference=reference,
     backends=(
-        VariantFlexBackend(_score, per_call=True),
         TritonScoreBackend(_kernel_args, backward=False),
+        VariantFlexBackend(_score, per_call=True),
         EAGER,
     ),
     patterns=ALL_PATTERNS,

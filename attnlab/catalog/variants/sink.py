@@ -22,7 +22,7 @@ from torch import Tensor
 
 from attnlab.backends.eager import EAGER
 from attnlab.catalog.variants._common import VariantFlexBackend, allowed, logits, weigh
-from attnlab.catalog.variants._triton import TritonScoreBackend
+from attnlab.catalog.variants._triton import KernelArgs, TritonScoreBackend
 from attnlab.core import Call, MethodSpec, TensorInput
 from attnlab.params import Params
 from attnlab.patterns import ALL_PATTERNS
@@ -82,9 +82,9 @@ def _finish(out: Tensor, lse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, ca
     return rescale(out, lse, sink_logits(q, call.params, extra.get("sinks")))
 
 
-def _kernel_args(q: Tensor, call: Call, extra: Mapping[str, Tensor]) -> tuple[None, Tensor, float]:
+def _kernel_args(q: Tensor, call: Call, extra: Mapping[str, Tensor]) -> KernelArgs:
     assert isinstance(call.params, SinkParams)
-    return None, sink_logits(q, call.params, extra.get("sinks")), 0.0
+    return KernelArgs(sinks=sink_logits(q, call.params, extra.get("sinks")))
 
 
 SPEC = MethodSpec(
@@ -95,7 +95,7 @@ SPEC = MethodSpec(
     summary="softmax with a per-head sink logit in the denominator (off-by-one softmax by default)",
     param_class=SinkParams,
     reference=reference,
-    backends=(VariantFlexBackend(finish=_finish, needs_lse=True), TritonScoreBackend(_kernel_args), EAGER),
+    backends=(TritonScoreBackend(_kernel_args), VariantFlexBackend(finish=_finish, needs_lse=True), EAGER),
     patterns=ALL_PATTERNS,
     inputs=(TensorInput("sinks", ("H",), "per-head sink logits s_h (not scaled)", required=False),),
     test_params=({}, {"logit": 2.0}, {"logit": -3.0}),

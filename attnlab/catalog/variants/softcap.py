@@ -16,7 +16,7 @@ from torch import Tensor
 
 from attnlab.backends.eager import EAGER
 from attnlab.catalog.variants._common import VariantFlexBackend, allowed, logits, softmax_rows, weigh
-from attnlab.catalog.variants._triton import TritonScoreBackend
+from attnlab.catalog.variants._triton import KernelArgs, TritonScoreBackend
 from attnlab.core import Call, MethodSpec
 from attnlab.kernels.flex import ScoreMod
 from attnlab.params import Params
@@ -59,9 +59,9 @@ def _score(call: Call, extra: Mapping[str, Tensor]) -> ScoreMod:
     return softcap
 
 
-def _kernel_args(q: Tensor, call: Call, extra: Mapping[str, Tensor]) -> tuple[None, None, float]:
+def _kernel_args(q: Tensor, call: Call, extra: Mapping[str, Tensor]) -> KernelArgs:
     assert isinstance(call.params, SoftcapParams)
-    return None, None, float(call.params.cap)
+    return KernelArgs(cap=float(call.params.cap))
 
 
 SPEC = MethodSpec(
@@ -72,7 +72,7 @@ SPEC = MethodSpec(
     summary="softmax of cap * tanh(logit / cap) (Gemma 2's logit soft cap)",
     param_class=SoftcapParams,
     reference=reference,
-    backends=(VariantFlexBackend(_score), TritonScoreBackend(_kernel_args), EAGER),
+    backends=(TritonScoreBackend(_kernel_args), VariantFlexBackend(_score), EAGER),
     patterns=ALL_PATTERNS,
     test_params=({"cap": 2.0}, {"cap": 0.5}, {"cap": 50.0}),
     bench_params=lambda n: [{}],

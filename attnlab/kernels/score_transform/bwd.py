@@ -1,49 +1,72 @@
 """Score-transform softmax backward (Triton): P is recomputed from Q, K and the forward's log-sum-exp.
 
-With x = T(s) + bias, s = scale * q k^T, T the soft cap (or the identity), P = exp(x - lse) (0 outside the
-mask, and on rows with no key: lse is passed as +inf there), Delta_i = dO_i . O_i (computed by the
-launcher; a sink has no value, so it adds nothing to Delta):
-    dV = P^T dO;   dX = P (dO V^T - Delta);   dS = dX * T'(s),  T'(s) = 1 - (T(s) / cap)^2;
-    dQ = scale * dS K;   dK = scale * dS^T Q.
+With x the logit of :func:`attnlab.kernels.score_transform.common.logits2` (s = q k^T, x = T(scale s) + bias
+terms, T the soft cap or the identity), P = exp(x - lse) (0 outside the mask, and on rows with no key: the
+launcher passes lse as +inf there; base-2 units inside), Delta_i = dO_i . O_i (computed by the launcher; a
+sink has no value, so it adds nothing to Delta):
+    dV = P^T dO;   dX = P (dO V^T - Delta);   dS = dX * T'(scale s),  T' = 1 - tanh^2 under the soft cap;
+    dQ = scale * dS K;   dK = scale * dS^T Q;   low-rank bias x += U V^T:  dU = dX V_f,  dV_f = dX^T U.
 Two kernels, no atomics: ``score_transform_bwd_dkdv_kernel`` (grid (cdiv(N_k, BLOCK_N), B * H_kv); a key
-block accumulates over the query blocks of every query head of its GQA group) and
-``score_transform_bwd_dq_kernel`` (grid (cdiv(N_q, BLOCK_M), B * H)). Every tile applies the bounds and
-causal masks (no unmasked fast loop yet). The sink logits' gradient, -sum_i exp(s_h - lse_i) Delta_i, is
-a reduction the launcher does in PyTorch; the bias has no gradient here.
+block accumulates over the query blocks of every query head of its GQA group, in the (keys, queries)
+orientation, and writes dV_f per query head) and ``score_transform_bwd_dq_kernel`` (grid (cdiv(N_q,
+BLOCK_M), B * H); writes dU). Only the causal diagonal blocks apply the causal mask. The sink logits'
+gradient, -sum_i exp(s_h - lse_i) Delta_i, is a reduction the launcher does in PyTorch; neither a dense
+bias nor the ALiBi slopes get a gradient here.
 """
 
 import triton
 import triton.language as tl
 
-from attnlab.kernels.sigmoid.common import dot, load_rows, store_rows
+from attnlab.kernels.score_transform.common import LOG2E, load_factor, logits2, store_factor
+from attnlab.kernels.sigmoid.common import causal_key_range, dot, load_rows, store_rows
 
 LENGTH_ARGS = ["N_Q", "N_K", "OFFSET"]
 
 
 @triton.jit
-def _scores(
-    s, bias_base, stride_bm, stride_bn, offs_m, offs_n, N_Q, N_K, OFFSET, cap, SOFTCAP: tl.constexpr,
-    HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
+def _dkdv_inner(
+    dk, dv, dvf, k, v, vf, q_base, do_base, u_base, lse_base, delta_base, bias_base, stride_qn, stride_don,
+    stride_un, stride_bm, stride_bn, slope2, offs_n, lo, hi, N_Q, N_K, OFFSET, HEAD_D, R, scale2, cap2, inv_cap,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, MASKED: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ALIBI: tl.constexpr, LOWRANK: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """(x, T'(s), allowed) of the (rows offs_m, cols offs_n) tile of scaled scores ``s``."""
-    deriv = tl.full(s.shape, 1.0, tl.float32)
-    x = s
-    if SOFTCAP:
-        x = cap * (1.0 - 2.0 / (tl.exp(2.0 * s / cap) + 1.0))
-        deriv = 1.0 - (x / cap) * (x / cap)
-    if HAS_BIAS:
-        inside = (offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K)
-        ptrs = bias_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn
-        x += tl.load(ptrs, mask=inside, other=0.0).to(tl.float32)
-    ok = (offs_n[None, :] < N_K) & (offs_m[:, None] < N_Q)
-    if CAUSAL:
-        ok = ok & (offs_n[None, :] <= offs_m[:, None] + OFFSET)
-    return x, deriv, ok
+    """dK, dV (and dV_f) of one key block += the contributions of query blocks [lo, hi) of one head."""
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = load_rows(q_base, stride_qn, start_m, N_Q, HEAD_D, BLOCK_M, BLOCK_D, EVEN_M, EVEN_D)
+        do = load_rows(do_base, stride_don, start_m, N_Q, HEAD_D, BLOCK_M, BLOCK_D, EVEN_M, EVEN_D)
+        lse2 = tl.load(lse_base + offs_m, mask=offs_m < N_Q, other=float("inf"))
+        delta = tl.load(delta_base + offs_m, mask=offs_m < N_Q, other=0.0)
+        s_t = dot(k, tl.trans(q), DOT_PREC, UPCAST)  # (BLOCK_N, BLOCK_M)
+        lr = s_t
+        u = q
+        if LOWRANK:
+            u = load_factor(u_base, stride_un, start_m, N_Q, R, BLOCK_M, BLOCK_R)
+            lr = dot(vf, tl.trans(u), DOT_PREC, UPCAST) * LOG2E
+        qi = offs_m[None, :]
+        kj = offs_n[:, None]
+        x_t, t_t = logits2(s_t, qi, kj, bias_base, stride_bm, stride_bn, slope2, lr, N_Q, N_K, OFFSET, scale2,
+                           cap2, inv_cap, SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, FAST)  # fmt: skip
+        p_t = tl.math.exp2(x_t - lse2[None, :])
+        if MASKED:
+            p_t = tl.where(kj <= qi + OFFSET, p_t, 0.0)
+        dv += dot(p_t.to(do.dtype), do, DOT_PREC, UPCAST)
+        dp_t = dot(v, tl.trans(do), DOT_PREC, UPCAST)
+        dx_t = p_t * (dp_t - delta[None, :])
+        ds_t = dx_t
+        if SOFTCAP:
+            ds_t = dx_t * (1.0 - t_t * t_t)
+        dk += dot(ds_t.to(q.dtype), q, DOT_PREC, UPCAST)
+        if LOWRANK:
+            dvf += dot(dx_t.to(u.dtype), u, DOT_PREC, UPCAST)
+    return dk, dv, dvf
 
 
 @triton.jit(do_not_specialize=LENGTH_ARGS)
 def score_transform_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, BIAS, DK, DV,
+    Q, K, V, DO, LSE, DELTA, BIAS, SLOPES, UF, VF, DK, DV, DVF,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -51,9 +74,12 @@ def score_transform_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     stride_bb, stride_bh, stride_bm, stride_bn,
-    H, H_KV, GROUP, N_Q, N_K, OFFSET, HEAD_D, scale, cap,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-    SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    stride_ub, stride_uh, stride_un,
+    stride_vfb, stride_vfh, stride_vfn,
+    H, H_KV, GROUP, N_Q, N_K, OFFSET, HEAD_D, R, scale, cap, N_BUCKET,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, ALIBI: tl.constexpr,
+    LOWRANK: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(1)
@@ -65,31 +91,53 @@ def score_transform_bwd_dkdv_kernel(
                   EVEN_D)  # fmt: skip
     v = load_rows(V + b * stride_vb + hk * stride_vh, stride_vn, start_n, N_K, HEAD_D, BLOCK_N, BLOCK_D, EVEN_N,
                   EVEN_D)  # fmt: skip
+    scale2 = scale * LOG2E
+    cap2 = cap * LOG2E
+    inv_cap = scale / cap
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    lo = 0
-    if CAUSAL:  # the first query block holding a query that sees a key of this block (i + OFFSET >= start_n)
-        lo = (tl.maximum(start_n - OFFSET, 0) // BLOCK_M) * BLOCK_M
+    if CAUSAL:
+        # queries that see some key of this block: position i + OFFSET >= start_n
+        lo = tl.maximum(start_n - OFFSET, 0)
+        lo = (lo // BLOCK_M) * BLOCK_M
+        # queries that see every key of it: i + OFFSET >= start_n + BLOCK_N - 1
+        full_start = tl.maximum(start_n + BLOCK_N - 1 - OFFSET, 0)
+        full_start = tl.minimum(((full_start + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, N_Q)
+        full_start = tl.maximum(full_start, lo)
+    else:
+        lo = 0
+        full_start = 0
     for g in range(0, GROUP):
         h = hk * GROUP + g
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
         row_base = (b * H + h) * N_Q
         bias_base = BIAS + b * stride_bb + h * stride_bh
-        for start_m in range(lo, N_Q, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            q = load_rows(q_base, stride_qn, start_m, N_Q, HEAD_D, BLOCK_M, BLOCK_D, EVEN_M, EVEN_D)
-            do = load_rows(do_base, stride_don, start_m, N_Q, HEAD_D, BLOCK_M, BLOCK_D, EVEN_M, EVEN_D)
-            lse = tl.load(LSE + row_base + offs_m, mask=offs_m < N_Q, other=float("inf"))
-            delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < N_Q, other=0.0)
-            s = dot(q, tl.trans(k), DOT_PREC, UPCAST) * scale  # (BLOCK_M, BLOCK_N)
-            x, deriv, ok = _scores(s, bias_base, stride_bm, stride_bn, offs_m, offs_n, N_Q, N_K, OFFSET, cap,
-                                   SOFTCAP, HAS_BIAS, CAUSAL)  # fmt: skip
-            p = tl.where(ok, tl.exp(x - lse[:, None]), 0.0)
-            dv += dot(tl.trans(p).to(do.dtype), do, DOT_PREC, UPCAST)
-            dp = dot(do, tl.trans(v), DOT_PREC, UPCAST)
-            ds = p * (dp - delta[:, None]) * deriv
-            dk += dot(tl.trans(ds).to(q.dtype), q, DOT_PREC, UPCAST)
+        u_base = UF + b * stride_ub + h * stride_uh
+        slope2 = 0.0
+        if ALIBI:
+            slope2 = tl.load(SLOPES + h).to(tl.float32) * LOG2E
+        vf = k
+        dvf = tl.zeros([BLOCK_N, BLOCK_R], dtype=tl.float32)
+        if LOWRANK:
+            vf = load_factor(
+                VF + b * stride_vfb + h * stride_vfh, stride_vfn, start_n, N_K, R, BLOCK_N, BLOCK_R
+            )
+        if CAUSAL:
+            dk, dv, dvf = _dkdv_inner(
+                dk, dv, dvf, k, v, vf, q_base, do_base, u_base, LSE + row_base, DELTA + row_base, bias_base,
+                stride_qn, stride_don, stride_un, stride_bm, stride_bn, slope2, offs_n, lo, full_start, N_Q, N_K,
+                OFFSET, HEAD_D, R, scale2, cap2, inv_cap, BLOCK_M, BLOCK_D, BLOCK_R, True, EVEN_M, EVEN_D,
+                SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, FAST, DOT_PREC, UPCAST,
+            )  # fmt: skip
+        dk, dv, dvf = _dkdv_inner(
+            dk, dv, dvf, k, v, vf, q_base, do_base, u_base, LSE + row_base, DELTA + row_base, bias_base,
+            stride_qn, stride_don, stride_un, stride_bm, stride_bn, slope2, offs_n, full_start, N_Q, N_Q, N_K,
+            OFFSET, HEAD_D, R, scale2, cap2, inv_cap, BLOCK_M, BLOCK_D, BLOCK_R, False, EVEN_M, EVEN_D, SOFTCAP,
+            HAS_BIAS, ALIBI, LOWRANK, FAST, DOT_PREC, UPCAST,
+        )  # fmt: skip
+        if LOWRANK:  # (B, H, N_k, BLOCK_R) fp32, contiguous
+            store_factor(DVF + (b * H + h) * N_K * BLOCK_R, BLOCK_R, start_n, dvf, N_K, R, BLOCK_N, BLOCK_R)
     dk *= scale
     store_rows(DK + b * stride_dkb + hk * stride_dkh, stride_dkn, start_n, dk.to(DK.dtype.element_ty), N_K, HEAD_D,
                BLOCK_N, BLOCK_D, EVEN_N, EVEN_D)  # fmt: skip
@@ -97,18 +145,61 @@ def score_transform_bwd_dkdv_kernel(
                BLOCK_N, BLOCK_D, EVEN_N, EVEN_D)  # fmt: skip
 
 
+@triton.jit
+def _dq_inner(
+    dq, du, q, do, u, lse2, delta, k_base, v_base, vf_base, bias_base, stride_kn, stride_vn, stride_vfn,
+    stride_bm, stride_bn, slope2, offs_m, lo, hi, N_Q, N_K, OFFSET, HEAD_D, R, scale2, cap2, inv_cap,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, MASKED: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ALIBI: tl.constexpr, LOWRANK: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):  # fmt: skip
+    """dQ (and dU) of one query block += the contributions of key blocks [lo, hi)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = load_rows(k_base, stride_kn, start_n, N_K, HEAD_D, BLOCK_N, BLOCK_D, EVEN_N, EVEN_D)
+        v = load_rows(v_base, stride_vn, start_n, N_K, HEAD_D, BLOCK_N, BLOCK_D, EVEN_N, EVEN_D)
+        s = dot(q, tl.trans(k), DOT_PREC, UPCAST)
+        lr = s
+        vf = k
+        if LOWRANK:
+            vf = load_factor(vf_base, stride_vfn, start_n, N_K, R, BLOCK_N, BLOCK_R)
+            lr = dot(u, tl.trans(vf), DOT_PREC, UPCAST) * LOG2E
+        qi = offs_m[:, None]
+        kj = offs_n[None, :]
+        x, t = logits2(s, qi, kj, bias_base, stride_bm, stride_bn, slope2, lr, N_Q, N_K, OFFSET, scale2, cap2,
+                       inv_cap, SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, FAST)  # fmt: skip
+        p = tl.math.exp2(x - lse2[:, None])
+        if MASKED:
+            p = tl.where(kj <= qi + OFFSET, p, 0.0)
+        if not EVEN_N:  # keys past N_k read as zero rows: their scores are not -inf
+            p = tl.where(kj < N_K, p, 0.0)
+        dp = dot(do, tl.trans(v), DOT_PREC, UPCAST)
+        dx = p * (dp - delta[:, None])
+        ds = dx
+        if SOFTCAP:
+            ds = dx * (1.0 - t * t)
+        dq += dot(ds.to(k.dtype), k, DOT_PREC, UPCAST)
+        if LOWRANK:
+            du += dot(dx.to(vf.dtype), vf, DOT_PREC, UPCAST)
+    return dq, du
+
+
 @triton.jit(do_not_specialize=LENGTH_ARGS)
 def score_transform_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, BIAS, DQ,
+    Q, K, V, DO, LSE, DELTA, BIAS, SLOPES, UF, VF, DQ, DU,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don,
     stride_dqb, stride_dqh, stride_dqn,
     stride_bb, stride_bh, stride_bm, stride_bn,
-    H, GROUP, N_Q, N_K, OFFSET, HEAD_D, scale, cap,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-    SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    stride_ub, stride_uh, stride_un,
+    stride_vfb, stride_vfh, stride_vfn,
+    H, GROUP, N_Q, N_K, OFFSET, HEAD_D, R, scale, cap, N_BUCKET,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, ALIBI: tl.constexpr,
+    LOWRANK: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(1)
@@ -122,26 +213,39 @@ def score_transform_bwd_dq_kernel(
     do = load_rows(DO + b * stride_dob + h * stride_doh, stride_don, start_m, N_Q, HEAD_D, BLOCK_M, BLOCK_D, EVEN_M,
                    EVEN_D)  # fmt: skip
     row_base = pid_bh.to(tl.int64) * N_Q
-    lse = tl.load(LSE + row_base + offs_m, mask=offs_m < N_Q, other=float("inf"))
+    lse2 = tl.load(LSE + row_base + offs_m, mask=offs_m < N_Q, other=float("inf"))
     delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < N_Q, other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
+    vf_base = VF + b * stride_vfb + h * stride_vfh
     bias_base = BIAS + b * stride_bb + h * stride_bh
-    hi = N_K
-    if CAUSAL:  # keys up to the block's last position
-        hi = tl.maximum(tl.minimum(tl.minimum(start_m + BLOCK_M, N_Q) + OFFSET, N_K), 0)
+    slope2 = 0.0
+    if ALIBI:
+        slope2 = tl.load(SLOPES + h).to(tl.float32) * LOG2E
+    u = q
+    if LOWRANK:
+        u = load_factor(UF + b * stride_ub + h * stride_uh, stride_un, start_m, N_Q, R, BLOCK_M, BLOCK_R)
+    scale2 = scale * LOG2E
+    cap2 = cap * LOG2E
+    inv_cap = scale / cap
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = load_rows(k_base, stride_kn, start_n, N_K, HEAD_D, BLOCK_N, BLOCK_D, EVEN_N, EVEN_D)
-        v = load_rows(v_base, stride_vn, start_n, N_K, HEAD_D, BLOCK_N, BLOCK_D, EVEN_N, EVEN_D)
-        s = dot(q, tl.trans(k), DOT_PREC, UPCAST) * scale
-        x, deriv, ok = _scores(s, bias_base, stride_bm, stride_bn, offs_m, offs_n, N_Q, N_K, OFFSET, cap, SOFTCAP,
-                               HAS_BIAS, CAUSAL)  # fmt: skip
-        p = tl.where(ok, tl.exp(x - lse[:, None]), 0.0)
-        dp = dot(do, tl.trans(v), DOT_PREC, UPCAST)
-        ds = p * (dp - delta[:, None]) * deriv
-        dq += dot(ds.to(k.dtype), k, DOT_PREC, UPCAST)
+    du = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    full_end, hi = causal_key_range(start_m, OFFSET, N_Q, N_K, BLOCK_M, BLOCK_N, CAUSAL)
+    dq, du = _dq_inner(
+        dq, du, q, do, u, lse2, delta, k_base, v_base, vf_base, bias_base, stride_kn, stride_vn, stride_vfn,
+        stride_bm, stride_bn, slope2, offs_m, 0, full_end, N_Q, N_K, OFFSET, HEAD_D, R, scale2, cap2, inv_cap,
+        BLOCK_N, BLOCK_D, BLOCK_R, False, EVEN_N, EVEN_D, SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, FAST, DOT_PREC,
+        UPCAST,
+    )  # fmt: skip
+    if CAUSAL:
+        dq, du = _dq_inner(
+            dq, du, q, do, u, lse2, delta, k_base, v_base, vf_base, bias_base, stride_kn, stride_vn, stride_vfn,
+            stride_bm, stride_bn, slope2, offs_m, full_end, hi, N_Q, N_K, OFFSET, HEAD_D, R, scale2, cap2,
+            inv_cap, BLOCK_N, BLOCK_D, BLOCK_R, True, EVEN_N, EVEN_D, SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, FAST,
+            DOT_PREC, UPCAST,
+        )  # fmt: skip
     dq *= scale
     store_rows(DQ + b * stride_dqb + h * stride_dqh, stride_dqn, start_m, dq.to(DQ.dtype.element_ty), N_Q, HEAD_D,
                BLOCK_M, BLOCK_D, EVEN_M, EVEN_D)  # fmt: skip
+    if LOWRANK:  # (B, H, N_q, BLOCK_R) fp32, contiguous
+        store_factor(DU + pid_bh.to(tl.int64) * N_Q * BLOCK_R, BLOCK_R, start_m, du, N_Q, R, BLOCK_M, BLOCK_R)

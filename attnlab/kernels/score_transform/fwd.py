@@ -2,104 +2,200 @@
 
 Grid: (cdiv(N_q, BLOCK_M), B * H). Program (m, b*h) computes rows [m*BLOCK_M, (m+1)*BLOCK_M) of head h
 (kv head h // GROUP), visiting key blocks [0, full_end) without the causal mask and [full_end, hi) with it
-(bottom-right: query i sits at i + OFFSET). Per key block, with s = scale * q k^T:
-    x = cap * tanh(s / cap)   (SOFTCAP)      x += bias[b, h, i, j]   (HAS_BIAS)      -inf outside the mask
-    m_new = max(m, rowmax(x));  l = l * e^(m - m_new) + rowsum(e^(x - m_new));  acc likewise, + e^(x - m_new) v
-After the loop a sink logit s_h joins the normaliser (HAS_SINK): l += e^(s_h - m) with m = max(m, s_h).
-out = acc / l (0 where l == 0), lse = m + log(l) (-inf where l == 0). Keys past N_k are masked (-inf),
-not read as zero scores. tanh is written with exp (the interpreter has no tanh): 1 - 2 / (e^(2y) + 1).
+(bottom-right: query i sits at i + OFFSET). Per key block, with s = q k^T and the logit x of
+:func:`attnlab.kernels.score_transform.common.logits2` (soft cap, dense bias, ALiBi, low-rank bias U V^T;
+base-2 units, so the exponentials are ``exp2``), -inf outside the mask:
+    m_new = max(m, rowmax(x));  l = l * 2^(m - m_new) + rowsum(2^(x - m_new));  acc likewise, + 2^(x - m_new) v
+After the loop a sink logit s_h joins the normaliser (HAS_SINK): l += 2^(s_h - m) with m = max(m, s_h).
+out = acc / l (0 where l == 0), lse = (m + log2(l)) * ln(2) (-inf where l == 0). Keys past N_k are masked
+(-inf), not read as zero scores.
+
+Schedule knobs (constexpr; the FlashSigmoid kernel's, see attnlab/kernels/sigmoid/fwd.py): TMA (tiles of
+q, k, v, o move by tensor descriptors built in the kernel), SPLIT=2 (the query tile is two row halves whose
+score products are issued before either half's exponentials), WS (Triton's warp specialization of the
+unmasked key loop; needs TMA; not with the causal diagonal loop).
 """
 
 import triton
 import triton.language as tl
 
-from attnlab.kernels.sigmoid.common import causal_key_range, dot, dot_acc, load_rows, store_rows
+from attnlab.kernels.score_transform.common import LOG2E, load_factor, logits2
+from attnlab.kernels.sigmoid.common import causal_key_range, dot, dot_acc
+from attnlab.kernels.sigmoid.fwd import _load_rows, _store_rows, _tile_source
 
 LENGTH_ARGS = ["N_Q", "N_K", "OFFSET"]
 
 
 @triton.jit
-def _block(
-    acc, m_i, l_i, q, k_base, v_base, bias_base, stride_kn, stride_vn, stride_bm, stride_bn, offs_m, start_n,
-    N_Q, N_K, OFFSET, HEAD_D, scale, cap, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    MASKED: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
-    EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+def _online(
+    acc, m_i, l_i, s, v, offs_m, offs_n, bias_base, stride_bm, stride_bn, slope2, u, vf, N_Q, N_K, OFFSET,
+    scale2, cap2, inv_cap, MASKED: tl.constexpr, BOUND: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ALIBI: tl.constexpr, LOWRANK: tl.constexpr, FAST: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    k = load_rows(k_base, stride_kn, start_n, N_K, HEAD_D, BLOCK_N, BLOCK_D, EVEN_N, EVEN_D)
-    v = load_rows(v_base, stride_vn, start_n, N_K, HEAD_D, BLOCK_N, BLOCK_D, EVEN_N, EVEN_D)
-    x = dot(q, tl.trans(k), DOT_PREC, UPCAST) * scale
-    if SOFTCAP:
-        x = cap * (1.0 - 2.0 / (tl.exp(2.0 * x / cap) + 1.0))
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    if HAS_BIAS:
-        ptrs = bias_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn
-        inside = (offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K)
-        x += tl.load(ptrs, mask=inside, other=0.0).to(tl.float32)
-    valid = offs_n[None, :] < N_K
+    """One key block's online-softmax update of one query tile (rows offs_m) given raw scores ``s``."""
+    lr = s
+    if LOWRANK:
+        lr = dot(u, tl.trans(vf), DOT_PREC, UPCAST) * LOG2E
+    qi = offs_m[:, None]
+    kj = offs_n[None, :]
+    x, _ = logits2(s, qi, kj, bias_base, stride_bm, stride_bn, slope2, lr, N_Q, N_K, OFFSET, scale2, cap2,
+                   inv_cap, SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, FAST)  # fmt: skip
     if MASKED:
-        valid = valid & (offs_n[None, :] <= offs_m[:, None] + OFFSET)
-    x = tl.where(valid, x, float("-inf"))
+        x = tl.where(kj <= qi + OFFSET, x, float("-inf"))
+    if BOUND:
+        x = tl.where(kj < N_K, x, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(x, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet: no NaN from -inf - -inf
-    p = tl.exp(x - m_safe[:, None])
-    alpha = tl.exp(m_i - m_safe)
+    p = tl.math.exp2(x - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = dot_acc(p.to(v.dtype), v, acc * alpha[:, None], DOT_PREC, UPCAST)
     return acc, m_new, l_i
 
 
+@triton.jit
+def _fwd_inner(
+    acc0, m0, l0, acc1, m1, l1, q0, q1, u0, u1, k_src, v_src, vf_base, stride_kn, stride_vn, stride_vfn,
+    bias_base, stride_bm, stride_bn, slope2, offs_m0, offs_m1, lo, hi, N_Q, N_K, OFFSET, HEAD_D, R, scale2,
+    cap2, inv_cap, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    MASKED: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ALIBI: tl.constexpr, LOWRANK: tl.constexpr, FAST: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, SPLIT: tl.constexpr, WS: tl.constexpr,
+):  # fmt: skip
+    """Add key blocks [lo, hi) to the query halves' (acc, m, l) (the second half unused when SPLIT == 1)."""
+    BOUND: tl.constexpr = not EVEN_N
+    if SPLIT == 1:
+        for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k = _load_rows(k_src, stride_kn, start_n, N_K, HEAD_D, BLOCK_N, BLOCK_D, EVEN_N, EVEN_D, TMA)
+            v = _load_rows(v_src, stride_vn, start_n, N_K, HEAD_D, BLOCK_N, BLOCK_D, EVEN_N, EVEN_D, TMA)
+            vf = k
+            if LOWRANK:
+                vf = load_factor(vf_base, stride_vfn, start_n, N_K, R, BLOCK_N, BLOCK_R)
+            s0 = dot(q0, tl.trans(k), DOT_PREC, UPCAST)
+            acc0, m0, l0 = _online(
+                acc0, m0, l0, s0, v, offs_m0, offs_n, bias_base, stride_bm, stride_bn, slope2, u0, vf, N_Q, N_K,
+                OFFSET, scale2, cap2, inv_cap, MASKED, BOUND, SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, FAST, DOT_PREC,
+                UPCAST,
+            )  # fmt: skip
+    else:
+        for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k = _load_rows(k_src, stride_kn, start_n, N_K, HEAD_D, BLOCK_N, BLOCK_D, EVEN_N, EVEN_D, TMA)
+            v = _load_rows(v_src, stride_vn, start_n, N_K, HEAD_D, BLOCK_N, BLOCK_D, EVEN_N, EVEN_D, TMA)
+            vf = k
+            if LOWRANK:
+                vf = load_factor(vf_base, stride_vfn, start_n, N_K, R, BLOCK_N, BLOCK_R)
+            s0 = dot(q0, tl.trans(k), DOT_PREC, UPCAST)
+            s1 = dot(q1, tl.trans(k), DOT_PREC, UPCAST)  # issued before the first half's exponentials
+            acc0, m0, l0 = _online(
+                acc0, m0, l0, s0, v, offs_m0, offs_n, bias_base, stride_bm, stride_bn, slope2, u0, vf, N_Q, N_K,
+                OFFSET, scale2, cap2, inv_cap, MASKED, BOUND, SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, FAST, DOT_PREC,
+                UPCAST,
+            )  # fmt: skip
+            acc1, m1, l1 = _online(
+                acc1, m1, l1, s1, v, offs_m1, offs_n, bias_base, stride_bm, stride_bn, slope2, u1, vf, N_Q, N_K,
+                OFFSET, scale2, cap2, inv_cap, MASKED, BOUND, SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, FAST, DOT_PREC,
+                UPCAST,
+            )  # fmt: skip
+    return acc0, m0, l0, acc1, m1, l1
+
+
+@triton.jit
+def _finish(acc, m_i, l_i, sink2, HAS_SINK: tl.constexpr):
+    """(out, lse) of one query tile: the sink joins the normaliser; rows with nothing give 0 and -inf."""
+    if HAS_SINK:
+        m_fin = tl.maximum(m_i, sink2)
+        alpha = tl.math.exp2(m_i - m_fin)  # m_i = -inf (no key): 0
+        l_i = l_i * alpha + tl.math.exp2(sink2 - m_fin)
+        acc = acc * alpha[:, None]
+        m_i = m_fin
+    has = l_i > 0.0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, (m_i + tl.math.log2(tl.where(has, l_i, 1.0))) / LOG2E, float("-inf"))
+    return out, lse
+
+
 @triton.jit(do_not_specialize=LENGTH_ARGS)
 def score_transform_fwd_kernel(
-    Q, K, V, O, LSE, BIAS, SINKS,
+    Q, K, V, O, LSE, BIAS, SINKS, SLOPES, UF, VF,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
     stride_bb, stride_bh, stride_bm, stride_bn,
-    H, GROUP, N_Q, N_K, OFFSET, HEAD_D, scale, cap,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-    SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SINK: tl.constexpr, DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+    stride_ub, stride_uh, stride_un,
+    stride_vfb, stride_vfh, stride_vfn,
+    H, GROUP, N_Q, N_K, OFFSET, HEAD_D, R, scale, cap, N_BUCKET,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SINK: tl.constexpr,
+    ALIBI: tl.constexpr, LOWRANK: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr, TMA: tl.constexpr, SPLIT: tl.constexpr, WS: tl.constexpr, EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
+    HALF: tl.constexpr = BLOCK_M // SPLIT
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     hk = h // GROUP
-    q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
+    q_src = _tile_source(Q, b * stride_qb + h * stride_qh, stride_qn, N_Q, HEAD_D, HALF, BLOCK_D, TMA)
+    k_src = _tile_source(K, b * stride_kb + hk * stride_kh, stride_kn, N_K, HEAD_D, BLOCK_N, BLOCK_D, TMA)
+    v_src = _tile_source(V, b * stride_vb + hk * stride_vh, stride_vn, N_K, HEAD_D, BLOCK_N, BLOCK_D, TMA)
+    o_dst = _tile_source(O, b * stride_ob + h * stride_oh, stride_on, N_Q, HEAD_D, HALF, BLOCK_D, TMA)
     bias_base = BIAS + b * stride_bb + h * stride_bh
+    u_base = UF + b * stride_ub + h * stride_uh
+    vf_base = VF + b * stride_vfb + h * stride_vfh
     start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    q = load_rows(q_base, stride_qn, start_m, N_Q, HEAD_D, BLOCK_M, BLOCK_D, EVEN_M, EVEN_D)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    offs_m0 = start_m + tl.arange(0, HALF)
+    offs_m1 = offs_m0 + HALF
+    q0 = _load_rows(q_src, stride_qn, start_m, N_Q, HEAD_D, HALF, BLOCK_D, EVEN_M, EVEN_D, TMA)
+    q1 = q0
+    if SPLIT == 2:
+        q1 = _load_rows(q_src, stride_qn, start_m + HALF, N_Q, HEAD_D, HALF, BLOCK_D, EVEN_M, EVEN_D, TMA)
+    u0 = q0
+    u1 = q0
+    if LOWRANK:
+        u0 = load_factor(u_base, stride_un, start_m, N_Q, R, HALF, BLOCK_R)
+        u1 = u0
+        if SPLIT == 2:
+            u1 = load_factor(u_base, stride_un, start_m + HALF, N_Q, R, HALF, BLOCK_R)
+    slope2 = 0.0
+    if ALIBI:
+        slope2 = tl.load(SLOPES + h).to(tl.float32) * LOG2E
+    acc0 = tl.zeros([HALF, BLOCK_D], dtype=tl.float32)
+    acc1 = tl.zeros([HALF, BLOCK_D], dtype=tl.float32)
+    m0 = tl.full([HALF], float("-inf"), dtype=tl.float32)
+    m1 = tl.full([HALF], float("-inf"), dtype=tl.float32)
+    l0 = tl.zeros([HALF], dtype=tl.float32)
+    l1 = tl.zeros([HALF], dtype=tl.float32)
+    scale2 = scale * LOG2E
+    cap2 = cap * LOG2E
+    inv_cap = scale / cap
     full_end, hi = causal_key_range(start_m, OFFSET, N_Q, N_K, BLOCK_M, BLOCK_N, CAUSAL)
-    for start_n in range(0, full_end, BLOCK_N):
-        acc, m_i, l_i = _block(
-            acc, m_i, l_i, q, k_base, v_base, bias_base, stride_kn, stride_vn, stride_bm, stride_bn, offs_m,
-            start_n, N_Q, N_K, OFFSET, HEAD_D, scale, cap, BLOCK_N, BLOCK_D, False, SOFTCAP, HAS_BIAS, EVEN_N,
-            EVEN_D, DOT_PREC, UPCAST,
-        )  # fmt: skip
+    acc0, m0, l0, acc1, m1, l1 = _fwd_inner(
+        acc0, m0, l0, acc1, m1, l1, q0, q1, u0, u1, k_src, v_src, vf_base, stride_kn, stride_vn, stride_vfn,
+        bias_base, stride_bm, stride_bn, slope2, offs_m0, offs_m1, 0, full_end, N_Q, N_K, OFFSET, HEAD_D, R,
+        scale2, cap2, inv_cap, BLOCK_N, BLOCK_D, BLOCK_R, False, EVEN_N, EVEN_D, SOFTCAP, HAS_BIAS, ALIBI,
+        LOWRANK, FAST, DOT_PREC, UPCAST, TMA, SPLIT, WS,
+    )  # fmt: skip
     if CAUSAL:
-        for start_n in range(full_end, hi, BLOCK_N):
-            acc, m_i, l_i = _block(
-                acc, m_i, l_i, q, k_base, v_base, bias_base, stride_kn, stride_vn, stride_bm, stride_bn,
-                offs_m, start_n, N_Q, N_K, OFFSET, HEAD_D, scale, cap, BLOCK_N, BLOCK_D, True, SOFTCAP,
-                HAS_BIAS, EVEN_N, EVEN_D, DOT_PREC, UPCAST,
-            )  # fmt: skip
+        acc0, m0, l0, acc1, m1, l1 = _fwd_inner(
+            acc0, m0, l0, acc1, m1, l1, q0, q1, u0, u1, k_src, v_src, vf_base, stride_kn, stride_vn,
+            stride_vfn, bias_base, stride_bm, stride_bn, slope2, offs_m0, offs_m1, full_end, hi, N_Q, N_K,
+            OFFSET, HEAD_D, R, scale2, cap2, inv_cap, BLOCK_N, BLOCK_D, BLOCK_R, True, EVEN_N, EVEN_D, SOFTCAP,
+            HAS_BIAS, ALIBI, LOWRANK, FAST, DOT_PREC, UPCAST, TMA, SPLIT, False,
+        )  # fmt: skip
+    sink2 = 0.0
     if HAS_SINK:
-        sink = tl.load(SINKS + h).to(tl.float32)
-        m_fin = tl.maximum(m_i, sink)
-        alpha = tl.exp(m_i - m_fin)  # m_i = -inf (no key): 0
-        l_i = l_i * alpha + tl.exp(sink - m_fin)
-        acc = acc * alpha[:, None]
-        m_i = m_fin
-    has = l_i > 0.0
-    out = acc / tl.where(has, l_i, 1.0)[:, None]
-    o_base = O + b * stride_ob + h * stride_oh
-    store_rows(o_base, stride_on, start_m, out.to(q.dtype), N_Q, HEAD_D, BLOCK_M, BLOCK_D, EVEN_M, EVEN_D)
-    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
-    tl.store(LSE + pid_bh.to(tl.int64) * N_Q + offs_m, lse, mask=offs_m < N_Q)
+        sink2 = tl.load(SINKS + h).to(tl.float32) * LOG2E
+    lse_base = LSE + pid_bh.to(tl.int64) * N_Q
+    out0, lse0 = _finish(acc0, m0, l0, sink2, HAS_SINK)
+    _store_rows(o_dst, stride_on, start_m, out0.to(q0.dtype), N_Q, HEAD_D, HALF, BLOCK_D, EVEN_M, EVEN_D, TMA)
+    tl.store(lse_base + offs_m0, lse0, mask=offs_m0 < N_Q)
+    if SPLIT == 2:
+        out1, lse1 = _finish(acc1, m1, l1, sink2, HAS_SINK)
+        _store_rows(o_dst, stride_on, start_m + HALF, out1.to(q0.dtype), N_Q, HEAD_D, HALF, BLOCK_D, EVEN_M,
+                    EVEN_D, TMA)  # fmt: skip
+        tl.store(lse_base + offs_m1, lse1, mask=offs_m1 < N_Q)

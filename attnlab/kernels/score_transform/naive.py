@@ -2,7 +2,9 @@
 
 Shapes: q (B, H, N_q, D), k/v (B, H_kv, N_k, D); ``bias`` broadcastable to (B, H, N_q, N_k) or None;
 ``sinks`` (H,) or None; ``cap > 0`` soft-caps the scaled logits, ``cap == 0`` leaves them; causal is
-bottom-right aligned. Returns (out in q's dtype, lse fp32 (B, H, N_q)).
+bottom-right aligned. Keyword-only: ``slopes`` (H,) adds ALiBi's ``-m_h * |i + N_k - N_q - j|``; ``u``
+(.., N_q, r) and ``vf`` (.., N_k, r) add the low-rank bias ``u @ vf^T`` (FlashBias; computed in fp32 here,
+in q's dtype by the kernel). Returns (out in q's dtype, lse fp32 (B, H, N_q)).
 """
 
 from __future__ import annotations
@@ -11,6 +13,37 @@ import torch
 from torch import Tensor
 
 from attnlab.kernels.heads import expand_kv
+
+
+def _logits(
+    q: Tensor,
+    k: Tensor,
+    bias: Tensor | None,
+    scale: float,
+    cap: float,
+    causal: bool,
+    slopes: Tensor | None,
+    u: Tensor | None,
+    vf: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """(x, dx/ds) in fp32: x the masked (-inf) transformed logits, ds the scaled scores' derivative."""
+    n_q, n_k = q.shape[2], k.shape[2]
+    s = torch.matmul(q.float(), expand_kv(k, q.shape[1]).float().transpose(-1, -2)) * scale
+    x, deriv = s, torch.ones_like(s)
+    if cap > 0:
+        x = torch.tanh(s / cap) * cap
+        deriv = 1 - (x / cap) ** 2
+    if bias is not None:
+        x = x + bias.float()
+    pos = torch.arange(n_q, device=q.device)[:, None] + (n_k - n_q)
+    cols = torch.arange(n_k, device=q.device)[None, :]
+    if slopes is not None:
+        x = x - slopes.float()[None, :, None, None] * (pos - cols).abs().float()
+    if u is not None and vf is not None:
+        x = x + torch.matmul(u.float(), vf.float().transpose(-1, -2))
+    if causal:
+        x = x.masked_fill(cols > pos, float("-inf"))
+    return x, deriv
 
 
 def score_transform_fwd_naive(
@@ -22,19 +55,15 @@ def score_transform_fwd_naive(
     scale: float,
     cap: float,
     causal: bool,
+    *,
+    slopes: Tensor | None = None,
+    u: Tensor | None = None,
+    vf: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``x = T(scale * Q K^T) + bias`` with ``T(s) = cap * tanh(s / cap)`` (identity when cap == 0),
     masked to -inf outside the allowed keys; ``lse_i = log(sum_j exp(x_ij) + exp(s_h))`` (sink term only
     with ``sinks``); ``O = exp(x - lse) V``. Rows with no key and no sink: O = 0, lse = -inf."""
-    n_q, n_k = q.shape[2], k.shape[2]
-    x = torch.matmul(q.float(), expand_kv(k, q.shape[1]).float().transpose(-1, -2)) * scale
-    if cap > 0:
-        x = torch.tanh(x / cap) * cap
-    if bias is not None:
-        x = x + bias.float()
-    if causal:
-        pos = torch.arange(n_q, device=q.device)[:, None] + (n_k - n_q)
-        x = x.masked_fill(torch.arange(n_k, device=q.device)[None, :] > pos, float("-inf"))
+    x, _ = _logits(q, k, bias, scale, cap, causal, slopes, u, vf)
     cols = x
     if sinks is not None:
         cols = torch.cat([x, sinks.float()[None, :, None, None].expand(*x.shape[:3], 1)], dim=-1)
@@ -54,23 +83,16 @@ def score_transform_bwd_naive(
     scale: float,
     cap: float,
     causal: bool,
+    *,
+    slopes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """(dQ, dK, dV, dsinks) by the backward kernels' formulas (see ``bwd.py``); dK/dV summed over each GQA
     group; dsinks (H,) = -sum over batch and rows of exp(s_h - lse_i) * (dO_i . O_i), None without sinks."""
     h, h_kv = q.shape[1], k.shape[1]
-    out, lse = score_transform_fwd_naive(q, k, v, bias, sinks, scale, cap, causal)
-    n_q, n_k = q.shape[2], k.shape[2]
+    out, lse = score_transform_fwd_naive(q, k, v, bias, sinks, scale, cap, causal, slopes=slopes)
+    n_k = k.shape[2]
     ke, ve = expand_kv(k, h).float(), expand_kv(v, h).float()
-    s = torch.matmul(q.float(), ke.transpose(-1, -2)) * scale
-    x, deriv = s, torch.ones_like(s)
-    if cap > 0:
-        x = torch.tanh(s / cap) * cap
-        deriv = 1 - (x / cap) ** 2
-    if bias is not None:
-        x = x + bias.float()
-    if causal:
-        pos = torch.arange(n_q, device=q.device)[:, None] + (n_k - n_q)
-        x = x.masked_fill(torch.arange(n_k, device=q.device)[None, :] > pos, float("-inf"))
+    x, deriv = _logits(q, k, bias, scale, cap, causal, slopes, None, None)
     safe = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))
     p = torch.exp(x - safe[..., None])
     do32 = do.float()

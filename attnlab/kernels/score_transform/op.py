@@ -1,15 +1,21 @@
-"""Launchers and ``torch.library`` custom ops of the score-transform kernels.
+"""Launchers, autotune configs and ``torch.library`` custom ops of the score-transform kernels.
 
-``score_transform_fwd(q, k, v, bias, sinks, scale, cap, causal) -> (out, lse)`` runs the Triton forward
-(``attnlab::score_transform_fwd``) and is differentiable in q, k, v and sinks through the backward kernels
-(``attnlab::score_transform_bwd``), both with fake-tensor rules so ``torch.compile`` traces through them.
-Not differentiable: the bias (its gradient would be an N_q x N_k tensor; asking for it raises) and the
-returned lse (its gradient is ignored; no backend exposes it).
-One fixed tile per dtype for now: 64 x 64 (32 x 32 for fp32 and D > 128), 16 x 16 under the interpreter;
-no autotuning and no GPU measurement yet.
+``score_transform_fwd(q, k, v, bias, sinks, slopes, u, vf, scale, cap, causal) -> (out, lse)`` runs the
+Triton forward (``attnlab::score_transform_fwd``) and is differentiable in q, k, v, the sink logits and the
+low-rank bias factors u, vf through the backward kernels (``attnlab::score_transform_bwd``), both with
+fake-tensor rules so ``torch.compile`` traces through them. Not differentiable: a dense bias (its gradient
+would be an N_q x N_k tensor; asking for it raises), the ALiBi slopes (likewise) and the returned lse (its
+gradient is ignored; no backend exposes it).
+
+The forward's schedules are the FlashSigmoid kernel's (attnlab/kernels/sigmoid/op.py): tensor descriptors
+(TMA) on Hopper, a split query tile, warp specialization; where a schedule was measured on the H100 in
+interleaved rounds it is pinned (``MEASURED_FWD`` / ``MEASURED_BWD``), elsewhere Triton's autotuner picks
+from the candidate lists.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import triton
@@ -17,19 +23,238 @@ from torch import Tensor
 
 from attnlab.kernels.score_transform.bwd import score_transform_bwd_dkdv_kernel, score_transform_bwd_dq_kernel
 from attnlab.kernels.score_transform.fwd import score_transform_fwd_kernel
-from attnlab.kernels.triton_utils import head_block, interpreting
+from attnlab.kernels.triton_utils import descriptor_scratch, head_block, interpreting, tma_copyable
 
 #: Whether this module was imported under TRITON_INTERPRET=1 (its kernel then takes CPU tensors only).
 IMPORTED_INTERPRETED = interpreting()
+#: The forward moves tiles with tensor descriptors (TMA) where it can (sm_90+, the interpreter, D <= 128).
+USE_TMA = True
+#: The largest low-rank bias rank the kernels take (the factors' tiles live in registers).
+MAX_RANK = 64
+LOG2E = 1.4426950408889634
+
+#: Forward candidates (BLOCK_M, BLOCK_N, warps, stages, SPLIT, WS): the FlashSigmoid kernel's measured
+#: schedules first, then the wider tiles of Triton's Hopper attention tutorial, then small ones (fp32, D=256).
+FWD_SHAPES = [
+    (128, 64, 4, 2, 1, False),
+    (128, 64, 4, 2, 2, False),
+    (128, 64, 4, 2, 1, True),
+    (128, 128, 8, 3, 1, False),
+    (128, 64, 8, 3, 1, False),
+    (128, 128, 8, 2, 2, False),
+    (64, 64, 4, 3, 1, False),
+    (64, 32, 4, 2, 1, False),
+]
+#: Backward candidates (BLOCK_M, BLOCK_N, warps, stages) of the dK/dV kernel and of the dQ kernel.
+DKDV_SHAPES = [
+    (64, 128, 8, 3),
+    (32, 128, 4, 3),
+    (64, 64, 4, 3),
+    (128, 128, 8, 2),
+    (32, 64, 4, 4),
+    (32, 32, 4, 2),
+]
+DQ_SHAPES = [
+    (128, 64, 8, 3),
+    (64, 64, 4, 3),
+    (128, 32, 4, 3),
+    (128, 128, 8, 2),
+    (64, 128, 8, 3),
+    (32, 32, 4, 2),
+]
+
+#: The Triton release the Hopper schedules were measured with (H100, 3.6.0); elsewhere the autotuner picks.
+MEASURED_TRITON = "3.6."
+#: Pinned schedules where they were measured (Hopper, Triton 3.6, 16-bit inputs, D=128, both lengths >=
+#: 8192): causal -> forward shape. Empty: not measured yet, the autotuner picks.
+MEASURED_FWD: dict[bool, tuple] = {}
+#: causal -> (dK/dV shape, dQ shape) where measured (as MEASURED_FWD).
+MEASURED_BWD: dict[bool, tuple[tuple, tuple]] = {}
+#: The autotuning bucket of problems whose query and key lengths are both at least 8192.
+LONG_BUCKET = 16384
 
 
-def _tile(q: Tensor) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, warps) for these inputs."""
-    if IMPORTED_INTERPRETED:
-        return 16, 16, 1
-    if q.dtype == torch.float32 or head_block(q.shape[-1]) > 128:
-        return 32, 32, 4
-    return 64, 64, 4
+def _bucket(n_q: int, n_k: int) -> int:
+    """Autotuning key for length: the longer side's next power of two up to 8192, LONG_BUCKET when both
+    sides are at least 8192."""
+    if min(n_q, n_k) >= 8192:
+        return LONG_BUCKET
+    return min(triton.next_power_of_2(max(n_q, n_k)), 8192)
+
+
+def _on_hopper(args: dict) -> bool:
+    q = args.get("Q")
+    return (
+        isinstance(q, Tensor)
+        and q.is_cuda
+        and torch.cuda.get_device_capability(q.device)[0] == 9
+        and triton.__version__.startswith(MEASURED_TRITON)
+    )
+
+
+def _measured_regime(args: dict) -> bool:
+    return (
+        args.get("BLOCK_D") == 128
+        and args.get("DOT_PREC") != "ieee"
+        and args.get("N_BUCKET") == LONG_BUCKET
+        and _on_hopper(args)
+    )
+
+
+def _fwd_config(shape: tuple) -> triton.Config:
+    m, n, w, s, split, ws = shape
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "SPLIT": split, "WS": ws}, num_warps=w, num_stages=s)
+
+
+def _bwd_config(shape: tuple) -> triton.Config:
+    m, n, w, s = shape
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+
+
+def _shape_of(c: triton.Config) -> tuple:
+    kw = c.kwargs
+    base = (kw["BLOCK_M"], kw["BLOCK_N"], c.num_warps, c.num_stages)
+    return (*base, kw["SPLIT"], kw["WS"]) if "SPLIT" in kw else base
+
+
+def _prune_fwd(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
+    """The measured schedule where measured; warp specialization only with TMA, not causal, 16-bit, on
+    Hopper under the measured Triton; fp32 only tiles of at most 128 x 64 (larger ones spill)."""
+    args = {**named_args, **kwargs}
+    heavy = args.get("HAS_BIAS") or args.get("LOWRANK")
+    if args.get("TMA") and _measured_regime(args):
+        want = MEASURED_FWD.get(bool(args.get("CAUSAL")))
+        if heavy and want is not None and (want[0] * want[1] > 128 * 64 or want[5]):
+            # a bias tile read or the factors' product: 128 x 128 tiles then need more shared memory than
+            # sm_90 has, and warp specialization fails to compile (compiled for sm_90 offline, Triton 3.9)
+            want = FWD_SHAPES[0]
+        picked = [c for c in configs if _shape_of(c) == want]
+        if picked:
+            return picked
+    ws_ok = args.get("TMA") and not args.get("CAUSAL") and args.get("DOT_PREC") != "ieee" and _on_hopper(args)
+    if not ws_ok:
+        configs = [c for c in configs if not c.kwargs.get("WS")]
+    if heavy:
+        configs = [c for c in configs if not c.kwargs.get("WS")]
+    if args.get("DOT_PREC") == "ieee" or args.get("BLOCK_D", 0) > 128 or heavy:
+        configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64] or configs[
+            -1:
+        ]
+    return configs
+
+
+def _prune_bwd(kind: int):  # type: ignore[no-untyped-def]
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
+        args = {**named_args, **kwargs}
+        if _measured_regime(args):
+            pinned = MEASURED_BWD.get(bool(args.get("CAUSAL")))
+            picked = [c for c in configs if pinned is not None and _shape_of(c) == pinned[kind]]
+            if picked:
+                return picked
+        if args.get("DOT_PREC") == "ieee" or args.get("BLOCK_D", 0) > 128:
+            return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64] or configs[
+                -1:
+            ]
+        return configs
+
+    return prune
+
+
+def _even(args: dict) -> dict:
+    """Whether the tiles divide the lengths. Under TMA the copy engine bounds-checks the forward's query
+    rows (EVEN_M pinned); EVEN_N is always the true divisibility: it also decides the key-bound mask."""
+    return {
+        "EVEN_M": bool(args.get("TMA")) or args["N_Q"] % args["BLOCK_M"] == 0,
+        "EVEN_N": args["N_K"] % args["BLOCK_N"] == 0,
+        "EVEN_D": args["HEAD_D"] == args["BLOCK_D"],
+    }
+
+
+_EVEN = {name: (lambda a, name=name: _even(a)[name]) for name in ("EVEN_M", "EVEN_N", "EVEN_D")}
+_FLAG_KEYS = ["SOFTCAP", "HAS_BIAS", "ALIBI", "LOWRANK"]
+_KEY = ["HEAD_D", "CAUSAL", "DOT_PREC", "N_BUCKET", "GROUP", *_FLAG_KEYS]
+
+
+def _interp_or(shapes: list[tuple], small: tuple, fwd: bool) -> list[triton.Config]:
+    make = _fwd_config if fwd else _bwd_config
+    return [make(small)] if IMPORTED_INTERPRETED else [make(s) for s in shapes]
+
+
+_FWD = triton.autotune(
+    _interp_or(FWD_SHAPES, (16, 16, 1, 1, 1, False), True),
+    key=[*_KEY, "HAS_SINK", "TMA"],
+    prune_configs_by={"early_config_prune": _prune_fwd},
+)(triton.heuristics(_EVEN)(score_transform_fwd_kernel))
+_FWD_ANY = triton.heuristics(_EVEN)(score_transform_fwd_kernel)  # launched with an explicit config
+_DKDV = triton.autotune(
+    _interp_or(DKDV_SHAPES, (16, 16, 1, 1), False),
+    key=_KEY,
+    prune_configs_by={"early_config_prune": _prune_bwd(0)},
+)(triton.heuristics(_EVEN)(score_transform_bwd_dkdv_kernel))
+_DKDV_ANY = triton.heuristics(_EVEN)(score_transform_bwd_dkdv_kernel)
+_DQ = triton.autotune(
+    _interp_or(DQ_SHAPES, (16, 16, 1, 1), False),
+    key=_KEY,
+    prune_configs_by={"early_config_prune": _prune_bwd(1)},
+)(triton.heuristics(_EVEN)(score_transform_bwd_dq_kernel))
+_DQ_ANY = triton.heuristics(_EVEN)(score_transform_bwd_dq_kernel)
+
+
+def _flags(q: Tensor) -> dict:
+    return {
+        "FAST": q.is_cuda and q.dtype != torch.float32,
+        "DOT_PREC": "ieee" if q.dtype == torch.float32 else "tf32",
+        "UPCAST": IMPORTED_INTERPRETED and q.dtype == torch.bfloat16,
+    }
+
+
+def _last_contiguous(*ts: Tensor) -> list[Tensor]:
+    for t in ts:
+        span = (t.shape[2] - 1) * t.stride(2) + t.shape[3]
+        if span >= 2**31:
+            raise ValueError(
+                f"one head's (N, D) = ({t.shape[2]}, {t.shape[3]}) matrix with row stride {t.stride(2)} spans "
+                f"{span:,} elements; the score-transform kernels address at most 2^31 - 1 within a head: pass "
+                "a contiguous (B, H, N, D) tensor, split the sequence, or use backend='flex'"
+            )
+    return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
+
+
+def _extras(
+    q: Tensor,
+    n_k: int,
+    bias: Tensor | None,
+    sinks: Tensor | None,
+    slopes: Tensor | None,
+    u: Tensor | None,
+    vf: Tensor | None,
+) -> dict:
+    """The kernels' tensor arguments and strides for the optional inputs (q stands in for absent ones)."""
+    b, h, n_q, _ = q.shape
+    if (u is None) != (vf is None):
+        raise ValueError("a low-rank bias needs both factors u (.., N_q, r) and vf (.., N_k, r)")
+    rank = 0 if u is None else u.shape[-1]
+    if u is not None and vf is not None:
+        if vf.shape[-1] != rank or not 1 <= rank <= MAX_RANK:
+            raise ValueError(
+                f"low-rank bias factors of ranks {rank} and {vf.shape[-1]}: expected one rank in [1, {MAX_RANK}]"
+            )
+        u = u.to(q.dtype).expand(b, h, n_q, rank)
+        vf = vf.to(q.dtype).expand(b, h, n_k, rank)
+        u, vf = (t if t.stride(-1) == 1 else t.contiguous() for t in (u, vf))
+    bias_t = None if bias is None else bias.expand(b, h, n_q, n_k)
+    return {
+        "BIAS": q if bias_t is None else bias_t,
+        "SINKS": q if sinks is None else sinks.float().contiguous(),
+        "SLOPES": q if slopes is None else slopes.float().contiguous(),
+        "UF": q if u is None else u,
+        "VF": q if vf is None else vf,
+        "bias_strides": (0, 0, 0, 0) if bias_t is None else bias_t.stride(),
+        "u_strides": (0, 0, 0) if u is None else u.stride()[:3],
+        "vf_strides": (0, 0, 0) if vf is None else vf.stride()[:3],
+        "R": rank,
+        "BLOCK_R": max(16, triton.next_power_of_2(max(rank, 1))),
+    }
 
 
 def score_transform_fwd_launch(
@@ -42,71 +267,44 @@ def score_transform_fwd_launch(
     cap: float,
     causal: bool,
     block: tuple[int, int] | None = None,
+    *,
+    slopes: Tensor | None = None,
+    u: Tensor | None = None,
+    vf: Tensor | None = None,
+    config: triton.Config | None = None,
 ) -> tuple[Tensor, Tensor]:
     """See :func:`attnlab.kernels.score_transform.naive.score_transform_fwd_naive` for the math. q (B, H,
-    N_q, D), k/v (B, H_kv, N_k, D), D <= 256; ``bias`` broadcastable to (B, H, N_q, N_k); ``sinks`` (H,).
-    ``block`` = (BLOCK_M, BLOCK_N) overrides the tile (tests)."""
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    N_q, D), k/v (B, H_kv, N_k, D), D <= 256; ``bias`` broadcastable to (B, H, N_q, N_k); ``sinks`` and
+    ``slopes`` (H,); ``u`` (B or 1, H or 1, N_q, r) and ``vf`` (B or 1, H or 1, N_k, r), r <= MAX_RANK, the
+    low-rank bias ``u @ vf^T`` (cast to q's dtype). ``block`` = (BLOCK_M, BLOCK_N) or ``config`` (a
+    ``triton.Config`` of BLOCK_M, BLOCK_N, SPLIT, WS, warps, stages) bypasses the autotuner."""
+    q, k, v = _last_contiguous(q, k, v)
     b, h, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
-    for t in (q, k, v):
-        if (t.shape[2] - 1) * t.stride(2) + t.shape[3] >= 2**31:
-            raise ValueError("one head's (N, D) matrix spans 2^31 elements or more; split the sequence")
     o = torch.empty_like(q)
     lse = torch.empty(b, h, n_q, device=q.device, dtype=torch.float32)
-    bm, bn, warps = _tile(q)
+    x = _extras(q, n_k, bias, sinks, slopes, u, vf)
     if block is not None:
-        bm, bn = block
-    bias_t = q if bias is None else bias.expand(b, h, n_q, n_k)
-    bias_strides = (0, 0, 0, 0) if bias is None else bias_t.stride()
-    sinks_t = q if sinks is None else sinks.float().contiguous()
-    block_d = head_block(d)
-    grid = (triton.cdiv(n_q, bm), b * h)
-    score_transform_fwd_kernel[grid](
-        q, k, v, o, lse, bias_t, sinks_t,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        o.stride(0), o.stride(1), o.stride(2),
-        *bias_strides,
-        h, h // h_kv, n_q, n_k, n_k - n_q, d, float(scale), float(cap) if cap > 0 else 1.0,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, CAUSAL=bool(causal), SOFTCAP=cap > 0,
-        HAS_BIAS=bias is not None, HAS_SINK=sinks is not None,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST=IMPORTED_INTERPRETED and q.dtype == torch.bfloat16,
-        EVEN_M=n_q % bm == 0, EVEN_N=n_k % bn == 0, EVEN_D=d == block_d,
-        num_warps=warps, num_stages=2,
-    )  # fmt: skip
+        config = triton.Config({"BLOCK_M": block[0], "BLOCK_N": block[1], "SPLIT": 1, "WS": False},
+                               num_warps=1 if IMPORTED_INTERPRETED else 4, num_stages=1)  # fmt: skip
+    kernel, meta = (_FWD, {}) if config is None else (_FWD_ANY, config.all_kwargs())
+    tma = USE_TMA and tma_copyable(q, k, v, o, interpreted=IMPORTED_INTERPRETED)
+    grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)
+    with descriptor_scratch(q.device):
+        kernel[grid](
+            q, k, v, o, lse, x["BIAS"], x["SINKS"], x["SLOPES"], x["UF"], x["VF"],
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            o.stride(0), o.stride(1), o.stride(2),
+            *x["bias_strides"], *x["u_strides"], *x["vf_strides"],
+            h, h // h_kv, n_q, n_k, n_k - n_q, d, x["R"], float(scale), float(cap) if cap > 0 else 1.0,
+            _bucket(n_q, n_k),
+            BLOCK_D=head_block(d), BLOCK_R=x["BLOCK_R"], CAUSAL=bool(causal), SOFTCAP=cap > 0,
+            HAS_BIAS=bias is not None, HAS_SINK=sinks is not None, ALIBI=slopes is not None,
+            LOWRANK=u is not None, TMA=tma, **_flags(q), **meta,
+        )  # fmt: skip
     return o, lse
-
-
-@torch.library.custom_op("attnlab::score_transform_fwd", mutates_args=())
-def score_transform_fwd(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    bias: Tensor | None,
-    sinks: Tensor | None,
-    scale: float,
-    cap: float,
-    causal: bool,
-) -> tuple[Tensor, Tensor]:
-    return score_transform_fwd_launch(q, k, v, bias, sinks, scale, cap, causal)
-
-
-@score_transform_fwd.register_fake
-def _(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    bias: Tensor | None,
-    sinks: Tensor | None,
-    scale: float,
-    cap: float,
-    causal: bool,
-) -> tuple[Tensor, Tensor]:
-    out = torch.empty_like(q if q.stride(-1) == 1 else q.contiguous())
-    return out, q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def score_transform_bwd_launch(
@@ -121,51 +319,104 @@ def score_transform_bwd_launch(
     scale: float,
     cap: float,
     causal: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """(dQ, dK, dV, dsinks) of :func:`score_transform_fwd_launch` given dO, its output and lse (see
-    ``bwd.py`` for the formulas); dK/dV summed over each GQA group; dsinks None without sinks."""
-    do, q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (do, q, k, v))
+    *,
+    slopes: Tensor | None = None,
+    u: Tensor | None = None,
+    vf: Tensor | None = None,
+    configs: tuple[triton.Config, triton.Config] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """(dQ, dK, dV, dsinks, du, dvf) of :func:`score_transform_fwd_launch` given dO, its output and lse
+    (see ``bwd.py`` for the formulas); dK/dV summed over each GQA group, du/dvf over the factors' broadcast
+    dims; None for an absent input. ``configs`` (dK/dV's, dQ's) bypasses the autotuner."""
+    do, q, k, v = _last_contiguous(do, q, k, v)
     b, h, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     delta = (do.float() * out.float()).sum(-1).contiguous()
-    lse_in = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf"))).contiguous()
+    lse2 = torch.where(torch.isfinite(lse), lse * LOG2E, torch.full_like(lse, float("inf"))).contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    bm, bn, warps = _tile(q)
-    bias_t = q if bias is None else bias.expand(b, h, n_q, n_k)
-    bias_strides = (0, 0, 0, 0) if bias is None else bias_t.stride()
-    block_d = head_block(d)
+    x = _extras(q, n_k, bias, sinks, slopes, u, vf)
+    lowrank = u is not None
+    du_buf = q.new_empty((b, h, n_q, x["BLOCK_R"]) if lowrank else (0,), dtype=torch.float32)
+    dvf_buf = q.new_empty((b, h, n_k, x["BLOCK_R"]) if lowrank else (0,), dtype=torch.float32)
     common = dict(
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, CAUSAL=bool(causal), SOFTCAP=cap > 0,
-        HAS_BIAS=bias is not None, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST=IMPORTED_INTERPRETED and q.dtype == torch.bfloat16,
-        EVEN_M=n_q % bm == 0, EVEN_N=n_k % bn == 0, EVEN_D=d == block_d, num_warps=warps, num_stages=2,
+        BLOCK_D=head_block(d), BLOCK_R=x["BLOCK_R"], CAUSAL=bool(causal), SOFTCAP=cap > 0,
+        HAS_BIAS=bias is not None, ALIBI=slopes is not None, LOWRANK=lowrank, **_flags(q),
     )  # fmt: skip
-    cap_arg = float(cap) if cap > 0 else 1.0
-    score_transform_bwd_dkdv_kernel[(triton.cdiv(n_k, bn), b * h_kv)](
-        q, k, v, do, lse_in, delta, bias_t, dk, dv,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2),
-        *bias_strides,
-        h, h_kv, h // h_kv, n_q, n_k, n_k - n_q, d, float(scale), cap_arg, **common,
+    scalars = (
+        n_q,
+        n_k,
+        n_k - n_q,
+        d,
+        x["R"],
+        float(scale),
+        float(cap) if cap > 0 else 1.0,
+        _bucket(n_q, n_k),
+    )
+    dkdv: tuple[Any, dict] = (_DKDV, {})
+    dqk: tuple[Any, dict] = (_DQ, {})
+    if configs is not None:
+        dkdv, dqk = (_DKDV_ANY, configs[0].all_kwargs()), (_DQ_ANY, configs[1].all_kwargs())
+    ins = (q, k, v, do, lse2, delta, x["BIAS"], x["SLOPES"], x["UF"], x["VF"])
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
+    extra_strides = (*x["bias_strides"], *x["u_strides"], *x["vf_strides"])
+    grid_kv = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), b * h_kv)
+    dkdv[0][grid_kv](
+        *ins, dk, dv, dvf_buf, *strides, *dk.stride()[:3], *dv.stride()[:3], *extra_strides,
+        h, h_kv, h // h_kv, *scalars, **common, **dkdv[1],
     )  # fmt: skip
-    score_transform_bwd_dq_kernel[(triton.cdiv(n_q, bm), b * h)](
-        q, k, v, do, lse_in, delta, bias_t, dq,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        *bias_strides,
-        h, h // h_kv, n_q, n_k, n_k - n_q, d, float(scale), cap_arg, **common,
+    grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)
+    dqk[0][grid_q](
+        *ins, dq, du_buf, *strides, *dq.stride()[:3], *extra_strides, h, h // h_kv, *scalars, **common, **dqk[1],
     )  # fmt: skip
-    dsinks = None
+    dsinks = du = dvf = None
     if sinks is not None:
         dsinks = -(torch.exp(sinks.float()[None, :, None] - lse) * delta).sum(dim=(0, 2)).to(sinks.dtype)
-    return dq, dk, dv, dsinks
+    if u is not None and vf is not None:
+        r = u.shape[-1]
+        du = _reduce_to(du_buf[..., :r], u.shape).to(u.dtype)
+        dvf = _reduce_to(dvf_buf[..., :r], vf.shape).to(vf.dtype)
+    return dq, dk, dv, dsinks, du, dvf
+
+
+def _reduce_to(g: Tensor, shape: torch.Size) -> Tensor:
+    """Sum a (B, H, N, r) gradient over the dims a factor of ``shape`` broadcast (size 1)."""
+    dims = tuple(i for i in (0, 1) if shape[i] == 1 and g.shape[i] != 1)
+    return g.sum(dim=dims, keepdim=True) if dims else g
+
+
+@torch.library.custom_op("attnlab::score_transform_fwd", mutates_args=())
+def score_transform_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor | None,
+    sinks: Tensor | None,
+    slopes: Tensor | None,
+    u: Tensor | None,
+    vf: Tensor | None,
+    scale: float,
+    cap: float,
+    causal: bool,
+) -> tuple[Tensor, Tensor]:
+    return score_transform_fwd_launch(q, k, v, bias, sinks, scale, cap, causal, slopes=slopes, u=u, vf=vf)
+
+
+@score_transform_fwd.register_fake
+def _(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor | None,
+    sinks: Tensor | None,
+    slopes: Tensor | None,
+    u: Tensor | None,
+    vf: Tensor | None,
+    scale: float,
+    cap: float,
+    causal: bool,
+) -> tuple[Tensor, Tensor]:
+    out = torch.empty_like(q if q.stride(-1) == 1 else q.contiguous())
+    return out, q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("attnlab::score_transform_bwd", mutates_args=())
@@ -178,12 +429,25 @@ def score_transform_bwd(
     lse: Tensor,
     bias: Tensor | None,
     sinks: Tensor | None,
+    slopes: Tensor | None,
+    u: Tensor | None,
+    vf: Tensor | None,
     scale: float,
     cap: float,
     causal: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    dq, dk, dv, dsinks = score_transform_bwd_launch(do, q, k, v, out, lse, bias, sinks, scale, cap, causal)
-    return dq, dk, dv, (dsinks if dsinks is not None else q.new_zeros(q.shape[1], dtype=torch.float32))
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dq, dk, dv, dsinks, du, dvf = score_transform_bwd_launch(
+        do, q, k, v, out, lse, bias, sinks, scale, cap, causal, slopes=slopes, u=u, vf=vf
+    )
+    empty = q.new_empty(0)
+    return (
+        dq,
+        dk,
+        dv,
+        dsinks if dsinks is not None else q.new_zeros(q.shape[1], dtype=torch.float32),
+        du if du is not None else empty,
+        dvf if dvf is not None else empty.clone(),
+    )
 
 
 @score_transform_bwd.register_fake
@@ -196,31 +460,51 @@ def _(
     lse: Tensor,
     bias: Tensor | None,
     sinks: Tensor | None,
+    slopes: Tensor | None,
+    u: Tensor | None,
+    vf: Tensor | None,
     scale: float,
     cap: float,
     causal: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     dq, dk, dv = (torch.empty_like(t if t.stride(-1) == 1 else t.contiguous()) for t in (q, k, v))
     dsinks = q.new_empty(q.shape[1], dtype=sinks.dtype if sinks is not None else torch.float32)
-    return dq, dk, dv, dsinks
+    du = q.new_empty(0) if u is None else torch.empty_like(u)
+    dvf = q.new_empty(0) if vf is None else torch.empty_like(vf)
+    return dq, dk, dv, dsinks, du, dvf
 
 
 def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
-    q, k, v, bias, sinks, scale, cap, causal = inputs
+    q, k, v, bias, sinks, slopes, u, vf, scale, cap, causal = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, bias, sinks)
+    ctx.save_for_backward(q, k, v, out, lse, bias, sinks, slopes, u, vf)
     ctx.args = (scale, cap, causal)
 
 
 def _backward(ctx, do: Tensor, dlse: Tensor):  # type: ignore[no-untyped-def]
-    q, k, v, out, lse, bias, sinks = ctx.saved_tensors
-    if ctx.needs_input_grad[3]:
-        raise NotImplementedError(
-            "the score-transform Triton kernel has no gradient for the bias tensor (it would be N_q x N_k); "
-            "use backend='flex' or 'eager' when the bias requires grad"
-        )
-    dq, dk, dv, dsinks = score_transform_bwd(do, q, k, v, out, lse, bias, sinks, *ctx.args)
-    return dq, dk, dv, None, (dsinks if sinks is not None else None), None, None, None
+    q, k, v, out, lse, bias, sinks, slopes, u, vf = ctx.saved_tensors
+    for i, what in ((3, "the bias tensor (it would be N_q x N_k)"), (5, "the ALiBi slopes")):
+        if ctx.needs_input_grad[i]:
+            raise NotImplementedError(
+                f"the score-transform Triton kernel has no gradient for {what}; use backend='flex' or "
+                "'eager' when it requires grad"
+            )
+    dq, dk, dv, dsinks, du, dvf = score_transform_bwd(
+        do, q, k, v, out, lse, bias, sinks, slopes, u, vf, *ctx.args
+    )
+    return (
+        dq,
+        dk,
+        dv,
+        None,
+        dsinks if sinks is not None else None,
+        None,
+        du if u is not None else None,
+        dvf if vf is not None else None,
+        None,
+        None,
+        None,
+    )
 
 
 score_transform_fwd.register_autograd(_backward, setup_context=_setup_context)

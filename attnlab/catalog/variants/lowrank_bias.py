@@ -1,0 +1,110 @@
+"""Low-rank attention bias (FlashBias, Wu et al., 2025): ``softmax(scale * q . k + U V^T) V`` with the bias
+given by its factors, never as an N_q x N_k tensor on the fast path.
+
+``u`` (B or 1, H or 1, N_q, r) and ``vf`` (B or 1, H or 1, N_k, r) (size-1 batch/head dims broadcast) give
+``bias_ij = u_i . vf_j`` for each (batch, head); it is added after ``scale``, unscaled, like the dense
+``bias`` method's tensor. FlashBias's observation is that many biases (ALiBi-like decays, spatial distances
+in vision and science models, AlphaFold's pair bias after projection) have low rank, so the kernel can
+compute the bias tile as one more small matrix product (``r`` columns) beside ``q k^T`` instead of reading
+an N x N tensor: the Triton kernel (:mod:`attnlab.kernels.score_transform`, ``LOWRANK``) does that, forward
+and backward, with gradients for both factors (``dU = dX V_f``, ``dV_f = dX^T U``, dX the logits'
+gradient), summed over broadcast dims. In the FlashBias paper's code (``thuml/FlashBias``) the Triton
+variant concatenates the factors to q and k (``[q*scale, U] [k, V]^T``); here they are separate operands of
+the same kernel, so q and k are not copied and the bias is not scaled.
+
+Not a registered method yet: :class:`attnlab.core.TensorInput` shapes name only the problem's sizes, and a
+factor's last dim is the rank (a new symbol). Call :func:`lowrank_bias_attention`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from attnlab.catalog.variants._common import allowed, logits, softmax_rows, weigh
+from attnlab.errors import InputError
+
+#: Backends of :func:`lowrank_bias_attention`: the Triton kernel and the reference (eager, dense bias).
+BACKENDS = ("triton", "reference")
+
+
+def check_factors(q: Tensor, k: Tensor, u: Tensor, vf: Tensor) -> int:
+    """Validate the factors against q (B, H, N_q, D) and k (B, H_kv, N_k, D); return the rank r. Raises
+    InputError naming what was given and what was expected."""
+    b, h, n_q = q.shape[0], q.shape[1], q.shape[2]
+    n_k = k.shape[2]
+    for name, t, n, rows in (("u", u, n_q, "N_q"), ("vf", vf, n_k, "N_k")):
+        if not isinstance(t, Tensor):
+            raise InputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        ok = t.dim() == 4 and t.shape[0] in (1, b) and t.shape[1] in (1, h) and t.shape[2] == n
+        if not ok:
+            raise InputError(
+                f"{name} has shape {tuple(t.shape)}; expected (B={b} or 1, H={h} or 1, {rows}={n}, r)"
+            )
+        if not t.dtype.is_floating_point:
+            raise InputError(f"{name} has dtype {t.dtype}; expected a floating dtype")
+        if t.device != q.device:
+            raise InputError(f"{name} is on {t.device}, but q is on {q.device}")
+    if u.shape[-1] != vf.shape[-1] or u.shape[-1] < 1:
+        raise InputError(
+            f"u has rank {u.shape[-1]} and vf rank {vf.shape[-1]}; expected the same rank r >= 1 (last dim)"
+        )
+    return int(u.shape[-1])
+
+
+def reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    u: Tensor,
+    vf: Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    upcast: bool = True,
+) -> Tensor:
+    """``O = softmax_j(scale * q_i . k_j + u_i . vf_j) V`` over the allowed keys (``j <= i + N_k - N_q``
+    when causal), the bias materialised densely (fp32 when ``upcast``, else q's dtype); a row with no key
+    is 0. Differentiable in every input."""
+    s = logits(q, k, scale, upcast)
+    bias = torch.matmul(u.to(s.dtype), vf.to(s.dtype).transpose(-1, -2))
+    p = softmax_rows(s + bias, allowed(q.shape[2], k.shape[2], causal, q.device))
+    return weigh(p, v, upcast).to(q.dtype)
+
+
+def lowrank_bias_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    u: Tensor,
+    vf: Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    backend: str = "triton",
+) -> Tensor:
+    """Attention with the low-rank bias ``u @ vf^T`` (see the module doc): q (B, H, N_q, D), k/v (B, H_kv,
+    N_k, D), GQA when H_kv divides H, causal bottom-right. ``backend="triton"`` (CUDA, or CPU under
+    TRITON_INTERPRET=1; rank <= 64, D <= 256; the factors are cast to q's dtype) computes the bias tile in
+    the kernel; ``"reference"`` materialises it. Differentiable in q, k, v, u and vf."""
+    from attnlab.inputs import validate
+
+    problem = validate(q, k, v, causal=causal, scale=scale)
+    rank = check_factors(q, k, u, vf)
+    sc = float(scale) if scale is not None else q.shape[-1] ** -0.5
+    if backend == "reference":
+        return reference(q, k, v, u, vf, causal=causal, scale=sc)
+    if backend != "triton":
+        raise InputError(f"backend {backend!r}; expected one of {BACKENDS}")
+    from attnlab.kernels.score_transform.op import MAX_RANK, score_transform_fwd
+
+    if rank > MAX_RANK:
+        raise InputError(
+            f"rank {rank}: the Triton kernel takes ranks up to {MAX_RANK}; use backend='reference'"
+        )
+    if problem.v_dim != problem.head_dim:
+        raise InputError(
+            f"v's head dim {problem.v_dim} differs from q's {problem.head_dim}; the kernel needs them equal"
+        )
+    out, _ = score_transform_fwd(q, k, v, None, None, None, u, vf, sc, 0.0, causal)
+    return out

@@ -1,0 +1,75 @@
+"""Triton helpers shared by the score-transform forward and backward kernels: the transformed logit of a
+tile, in base-2 units (the kernels use ``exp2``; ``LOG2E`` is folded into the scale, cap and bias).
+
+A tile's query and key positions come as broadcastable 2-D index arrays ``qi`` and ``kj`` (``offs_m[:,
+None]`` and ``offs_n[None, :]`` for a (queries, keys) tile, the transposes for a (keys, queries) tile), so
+one helper serves both orientations.
+"""
+
+import triton
+import triton.language as tl
+
+#: log2(e): natural-log logits times this are base-2 logits
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def tanh_of(x, FAST: tl.constexpr):
+    """tanh(x). FAST uses PTX ``tanh.approx.f32`` (one special-function op; max relative error about
+    2^-11), else ``1 - 2 / (e^(2x) + 1)`` (the interpreter has no tanh)."""
+    if FAST:
+        return tl.inline_asm_elementwise(
+            "tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def logits2(
+    s, qi, kj, bias_base, stride_bm, stride_bn, slope2, lr, N_Q, N_K, OFFSET, scale2, cap2, inv_cap,
+    SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, ALIBI: tl.constexpr, LOWRANK: tl.constexpr,
+    FAST: tl.constexpr,
+):  # fmt: skip
+    """(x * log2(e), t) for raw scores ``s = q . k`` of a tile, with x the variant's logit:
+        x = cap * tanh(scale * s / cap)  (SOFTCAP; t is the tanh)   or   scale * s  (t unused)
+          + bias[b, h, i, j]  (HAS_BIAS, read through ``bias_base`` and the strides; 0 outside the matrix)
+          - slope_h * |i + OFFSET - j|  (ALIBI; ``slope2`` = slope_h * log2(e))
+          + lr  (LOWRANK: the tile of U V^T, already in base-2 units)
+    ``scale2`` = scale * log2(e), ``cap2`` = cap * log2(e), ``inv_cap`` = scale / cap."""
+    if SOFTCAP:
+        t = tanh_of(s * inv_cap, FAST)
+        x = cap2 * t
+    else:
+        t = s
+        x = s * scale2
+    if HAS_BIAS:
+        inside = (qi < N_Q) & (kj < N_K)
+        x += (
+            tl.load(bias_base + qi * stride_bm + kj * stride_bn, mask=inside, other=0.0).to(tl.float32)
+            * LOG2E
+        )
+    if ALIBI:
+        x -= slope2 * tl.abs(qi + OFFSET - kj).to(tl.float32)
+    if LOWRANK:
+        x += lr
+    return x, t
+
+
+@triton.jit
+def load_factor(base, stride_n, start, n_rows, R, ROWS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The (ROWS, BLOCK_R) tile of rows [start, start + ROWS) of one head's (n_rows, R) low-rank factor
+    (unit column stride); rows >= n_rows and columns >= R read as 0."""
+    offs_r = start + tl.arange(0, ROWS)
+    offs_c = tl.arange(0, BLOCK_R)
+    ptrs = base + offs_r[:, None] * stride_n + offs_c[None, :]
+    return tl.load(ptrs, mask=(offs_r[:, None] < n_rows) & (offs_c[None, :] < R), other=0.0)
+
+
+@triton.jit
+def store_factor(base, stride_n, start, value, n_rows, R, ROWS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Store ``value`` as rows [start, start + ROWS) of :func:`load_factor`'s matrix."""
+    offs_r = start + tl.arange(0, ROWS)
+    offs_c = tl.arange(0, BLOCK_R)
+    ptrs = base + offs_r[:, None] * stride_n + offs_c[None, :]
+    tl.store(ptrs, value, mask=(offs_r[:, None] < n_rows) & (offs_c[None, :] < R))
