@@ -133,14 +133,29 @@ def chunk_scan_kernel(
         s = tl.load(INIT + sh * DK * DV + off, mask=mask, other=0.0).to(tl.float32)
     else:
         s = tl.zeros((BK, BV), dtype=tl.float32)
+    # Software-pipelined by hand: chunk c's local state and gate are loaded one step ahead (while chunk
+    # c - 1 is stored and folded in), so each step waits for one memory round trip at most, not two.
+    # (M[c + 1] is read before M[c] is overwritten: different addresses.)
+    # (Indices past the ends are clamped to a chunk of this head: a harmless load, never used.)
+    c = tl.minimum(tl.maximum(c_hi - 1 if REVERSE else c_lo, 0), n_chunks - 1)
+    m = tl.load(M + (bh * n_chunks + c) * DK * DV + off, mask=mask, other=0.0)
+    if GATE == 2:
+        gl = tl.load(GC + (bh * NP + c * BT + BT - 1) * DK + rk, mask=mk, other=0.0)
+    else:
+        gl = tl.load(GC + bh * NP + c * BT + BT - 1)
     for cc in range(c_lo, c_hi):
-        if REVERSE:  # noqa: SIM108
+        if REVERSE:
             c = c_lo + c_hi - 1 - cc
+            cn = tl.maximum(c - 1, 0)
         else:
             c = cc
-        ptr = M + (bh * n_chunks + c) * DK * DV + off
-        m = tl.load(ptr, mask=mask, other=0.0)
-        tl.store(ptr, s, mask=mask)
+            cn = tl.minimum(c + 1, n_chunks - 1)
+        m_next = tl.load(M + (bh * n_chunks + cn) * DK * DV + off, mask=mask, other=0.0)
+        if GATE == 2:
+            g_next = tl.load(GC + (bh * NP + cn * BT + BT - 1) * DK + rk, mask=mk, other=0.0)
+        else:
+            g_next = tl.load(GC + bh * NP + cn * BT + BT - 1)
+        tl.store(M + (bh * n_chunks + c) * DK * DV + off, s, mask=mask)
         if HAS_TAIL:
             if c + 1 < c_hi:
                 s_end = tl.load(HS + (bh * n_chunks + c + 1) * DK * DV + off, mask=mask, other=0.0)
@@ -148,11 +163,12 @@ def chunk_scan_kernel(
                 s_end = tl.load(HT + sh * DK * DV + off, mask=mask, other=0.0)
             tail_ptr = TAIL + ((vb * BHM + bh) * n_chunks + c) * DK + rk
             tl.store(tail_ptr, tl.sum(s_end * s, axis=1), mask=mk)
-        if GATE == 2:
-            g_last = tl.load(GC + (bh * NP + c * BT + BT - 1) * DK + rk, mask=mk, other=0.0)
-            s = s * tl.exp(g_last)[:, None] + m
+        if GATE == 2:  # noqa: SIM108
+            s = s * tl.exp(gl)[:, None] + m
         else:
-            s = s * tl.exp(tl.load(GC + bh * NP + c * BT + BT - 1)) + m
+            s = s * tl.exp(gl) + m
+        m = m_next
+        gl = g_next
     tl.store(FINAL + sh * DK * DV + off, s, mask=mask)
 
 
