@@ -316,6 +316,24 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
             FAILED[f"step_graph_{mode_name}"] = f"{type(e).__name__}: {str(e)[:300]}"
         finally:
             page_topk.SMALL_SELECT, page_topk.LARGE_SELECT = saved
+    # the default step with other scoring tiles of the two-launch selection (pages per program, warps)
+    from attnlab.kernels.decode import op as dop
+
+    tiles = (dop.SPLIT_BLOCK_P, dop.SPLIT_WARPS)
+    for bp, warps in ((64, 4), (64, 8), (128, 8), (16, 4)):
+        dop.SPLIT_BLOCK_P, dop.SPLIT_WARPS = bp, warps
+        name = f"step_graph_tile{bp}x{warps}w"
+        try:
+            out_t = step()
+            assert isinstance(out_t, Result)
+            mode_checks[name] = {
+                "step_vs_default_step_max_abs": float((out_t.out.float() - res.out.float()).abs().max())
+            }
+            mode_steps[name] = graph_of(step)
+        except Exception as e:  # recorded; the side is left out
+            FAILED[name] = f"{type(e).__name__}: {str(e)[:300]}"
+        finally:
+            dop.SPLIT_BLOCK_P, dop.SPLIT_WARPS = tiles
     checks["step_modes"] = mode_checks
 
     def graphed(fn: Callable[[], object]) -> Callable[[], object]:

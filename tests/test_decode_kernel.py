@@ -147,7 +147,7 @@ def test_page_scores_match_naive_and_bound_every_key(reduce_max: bool) -> None:
         assert (per_page <= got + 1e-5).all()
 
 
-@pytest.mark.parametrize(("n", "k"), [(37, 5), (300, 17), (8, 8), (1, 1)])
+@pytest.mark.parametrize(("n", "k"), [(37, 5), (300, 17), (8, 8), (1, 1), (700, 350), (2, 1)])
 def test_row_topk_matches_naive_with_ties_and_infinities(n: int, k: int) -> None:
     from attnlab.kernels.decode.op import row_topk
 
@@ -157,6 +157,8 @@ def test_row_topk_matches_naive_with_ties_and_infinities(n: int, k: int) -> None
     x[2, 1, -1] = float("inf")
     x[2, 1, 0] = float("-inf")
     x[2, 0, : n // 2] = -x[2, 0, : n // 2].abs()  # negatives order too
+    adjacent = 1.0 + torch.randperm(n, device=DEVICE).float() * 2**-23  # neighbouring floats: keys 1 apart
+    x[0, 1] = adjacent.repeat_interleave(2)[:n] if n > 2 else adjacent  # ... and pairs of ties among them
     got = row_topk(x, k)
     assert torch.equal(got, row_topk_naive(x, k))
     assert torch.equal(got[1, 0], torch.arange(k, device=DEVICE, dtype=torch.int32))

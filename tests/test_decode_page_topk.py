@@ -102,10 +102,12 @@ def test_fast_selection_is_the_reference_rule_over_its_scores(
 
 
 def test_split_path_above_the_fused_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Above FUSED_MAX_SCORES the fast path scores with the page-score kernel and ranks with torch.topk:
+    """Above FUSED_MAX_SCORES with LARGE_SELECT None, the fast path scores with the page-score kernel and
+    ranks with torch.topk:
     the reference's pages and output, state kept current over two steps."""
     q_all, k, v = _qkv(2, 4, 2, 2, 77, 16)
     monkeypatch.setattr(page_topk, "FUSED_MAX_SCORES", 0)
+    monkeypatch.setattr(page_topk, "LARGE_SELECT", None)
     state = None
     for t, n in enumerate((76, 77)):
         q, kk, vv = q_all[:, :, t : t + 1], k[:, :, :n], v[:, :, :n]

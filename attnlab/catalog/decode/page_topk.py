@@ -11,16 +11,17 @@ Selection (per batch and KV head, every step; fp32 whatever the input dtype)::
 
 then exact causal softmax attention over the kept pages' tokens. Budget in tokens (a multiple of
 ``page`` is used: budget // page pages); budget >= N_k, or a cache of at most budget // page pages, runs
-exact attention. Ties in the scores: ``torch.topk``'s choice (PyTorch and split paths), the lowest pages (fused path).
+exact attention. Ties in the scores: ``torch.topk``'s choice (PyTorch and split paths), the lowest pages
+(Triton ranking).
 
-Fast path (GPU), up to ``FUSED_MAX_SCORES`` scores (B * H_kv * pages; B=1 at 128K, B=8 from page 32 on):
-one launch of ``attnlab.kernels.decode.op.page_select`` (the summary update of the pages a decode step
-appended to, the bounds of every page with all query heads of a KV group scored in one program, and the
-top pages: each row's last scoring program to finish ranks the row's scores with an order-preserving int32
-image, a 3-way search for the ``keep``-th value and one scan), then one split-K decode launch and its
-merge: three launches, no host synchronisation, fixed shapes (CUDA-graph capturable). Above it, where the
-fused kernel measured slower, the split path: the summary update in PyTorch, the page-score kernel,
-``torch.topk`` (ties: its choice), then the same decode launches.
+Fast path (GPU; ``SMALL_SELECT`` / ``LARGE_SELECT`` choose among equivalent selections, the fastest
+measured by default): ``attnlab.kernels.decode.op.page_select`` with ``rank="triton", dot=True``: one
+launch recomputes the summaries of the pages a decode step appended to and scores every page (the bounds of
+all query heads of a KV group as two tensor-core products in one program), then attnlab's row top-k
+(an order-preserving int32 image of the scores, a search for the ``keep``-th value and one scan); then one
+split-K decode launch and its merge: four launches, no host synchronisation, fixed shapes (CUDA-graph
+capturable). Alternatives: the same in one fused launch (the row's last scoring program ranks it), or the
+split path (the summary update in PyTorch, the page-score kernel, ``torch.topk``, ties: its choice).
 Bytes per step: the summaries, 2 x N / page x D per KV head (1 / page of the K/V cache: 1/16 at page 16),
 plus the selected K/V, 2 x budget x D per KV head.
 
@@ -60,21 +61,20 @@ from attnlab.params import Params
 from attnlab.state.pages import PageSummary, advance, summarize
 
 REDUCES = ("max", "mean")
-#: The fast path takes the fused selection launch up to this many scores (B * H_kv * pages), and above it
-#: the split path: the summary update in PyTorch, the page-score kernel, ``torch.topk``. Measured on the
-#: H100 (cc014cf, 128K, GQA 32:8, budget 4096, CUDA graph, selection alone): fused 64 / 32 / 25 us vs split
-#: 80 / 48 / 35 us at B=1 and pages 16 / 32 / 64 (2^16 .. 2^14 scores); at B=8: fused 321 / 116 / 69 us vs
-#: split 197 / 112 / 72 us (2^19 .. 2^17 scores): the fused kernel's scoring runs far below bandwidth when
-#: it has many pages to score (its top-k code costs the scoring programs occupancy).
+#: ``SMALL_SELECT`` applies up to this many scores (B * H_kv * pages), ``LARGE_SELECT`` above it.
 FUSED_MAX_SCORES = 1 << 18
 #: The fast path's selection up to ``FUSED_MAX_SCORES`` scores (``SMALL_SELECT``) and above it
 #: (``LARGE_SELECT``): ``(rank, dot)`` of :func:`attnlab.kernels.decode.op.page_select` (rank "fused": one
 #: launch; "triton": the kernel scores and updates the step's summaries, attnlab's row top-k ranks, two
 #: launches; dot: the bounds as tensor-core products), or None: the split path (summary update in PyTorch,
 #: the page-score kernel, ``torch.topk``). Every choice is the same rule (exactly, up to the bounds'
-#: summation order and ties); they differ in speed only.
-SMALL_SELECT: tuple[str, bool] | None = ("fused", False)
-LARGE_SELECT: tuple[str, bool] | None = None
+#: summation order and ties); they differ in speed only. Measured on the H100 (5ae368a, 128K, GQA 32:8,
+#: page 16, budget 4096, the whole step in a CUDA graph), B=1 / B=8: two launches with tensor-core bounds
+#: 60 / 197 us; two launches elementwise 63 / 221; fused with tensor-core bounds 75 / 322; fused
+#: elementwise 79 / 378; split 118 / 273. The fused launch loses because its scoring programs carry the
+#: ranking code (a row of scores in registers) and run far below bandwidth; two launches win everywhere.
+SMALL_SELECT: tuple[str, bool] | None = ("triton", True)
+LARGE_SELECT: tuple[str, bool] | None = ("triton", True)
 
 
 def fast_select_mode(n_scores: int) -> tuple[str, bool] | None:

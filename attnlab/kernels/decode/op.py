@@ -190,8 +190,10 @@ SELECT_BLOCK_P = 64
 #: The most pages :func:`page_select` selects from in its kernel (the row's scores are held in one program's
 #: registers); longer rows are scored by the kernel and ranked by ``torch.topk``.
 MAX_SELECT_ROW = MAX_TOPK_ROW
-#: Pages per scoring program when :func:`page_select` only scores (``page_score_kernel``'s measured tile).
+#: Pages per scoring program when :func:`page_select` only scores (``page_score_kernel``'s measured tile),
+#: and its warps.
 SPLIT_BLOCK_P = 32
+SPLIT_WARPS = 4
 #: The most stale pages :func:`page_select` recomputes in its kernel (each by one program, serially).
 MAX_FUSED_UPDATE = 16
 
@@ -295,7 +297,7 @@ def page_select_launch(
         DOT=bool(dot), BLOCK_M=max(16, next_power_of_2((h // h_kv) * n_q)),
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=IMPORTED_INTERPRETED and q.dtype != torch.float32,
-        num_warps=_select_warps(block_row) if fused else 4,
+        num_warps=_select_warps(block_row) if fused else SPLIT_WARPS,
     )  # fmt: skip
     if rank == "triton":
         index = row_topk_launch(scores, keep)
