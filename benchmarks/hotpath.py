@@ -5,8 +5,9 @@
 
 Sections, each guarded (a failure is recorded in its place): ``host`` (us per call at 1x8x256x64 of F.sdpa,
 ``op.bind`` = the backend's launch with everything resolved, ``prepare(...)(q, k, v)``, ``attnlab.attention``
-and raw compiled flex, timed call by call interleaved (:func:`host_timed`); overhead = median of the paired
-call-by-call differences against bind; targets op - bind <= 10 us, attention - bind <= 25 us);
+and raw compiled flex, in short blocks of back-to-back calls interleaved (:func:`host_timed`); overhead =
+median of the paired differences of block means against bind; targets op - bind <= 10 us, attention - bind
+<= 25 us);
 ``first_call`` (new lengths, Triton autotuner/JIT caches, dynamo counters; a new length in a seen bucket
 (BUCKET_RULES) costs under 5 ms more than a warm call; before the next section, which warms those lengths);
 ``as_called_vs_kernel`` (cuDNN SDPA, as called, kernel, raw flex with the same BlockMask, rounds in
@@ -146,42 +147,48 @@ def timed(fns: dict[str, Fn], rounds: int, order: str = "balanced") -> dict[str,
     return out
 
 
-def host_timed(fns: dict[str, Fn], rounds: int, calls: int) -> tuple[dict[str, Any], dict[str, list[float]]]:
-    """Host time per call (us) of each function, call by call: in each round, ``calls`` iterations that
-    call every function once (in that round's :func:`balanced_orders` order), perf_counter around each
-    call, gc disabled throughout (collected before), the device synchronised at the end of each round only.
+def host_timed(
+    fns: dict[str, Fn], rounds: int, iterations: int, block: int
+) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """Host time per call (us) of each function: in each round, ``iterations`` iterations that run every
+    function for a block of ``block`` back-to-back calls (in that round's :func:`balanced_orders` order;
+    perf_counter around the block, its mean recorded), gc disabled throughout (collected before), the
+    device synchronised at the end of each round only.
 
-    Interleaving call by call puts every function under the same machine state (frequency, other load):
-    per-round means of back-to-back blocks varied by +-40% between rounds on the H100's host, so a
-    difference of medians of blocks (the overhead) came out between 0 and 50 us. Returns each function's
-    spread of single calls and ``paired``: for each function, its per-iteration differences against every
-    other function's call of the same iteration (median, q1, q3), the overhead estimate used below."""
+    Why blocks, interleaved: block means of 200 calls per function and round varied by +-40% between
+    rounds on the H100's host (524361e), so a difference of their medians (the overhead) came out anywhere
+    between 0 and 50 us; single calls interleaved one by one (5cd491b) run with cold caches, 2-3x slower
+    than back to back and with quartiles 50 us apart. Short blocks keep the calls warm, and adjacent blocks
+    see the same machine state: ``paired`` differences of the blocks of one iteration are the overhead
+    estimate. Returns each function's spread of block means, and the block means per function."""
     for fn in [*fns.values()] * 3:
         fn()
     sync()
     names = list(fns)
     orders = round_orders(names, "balanced")
     per: dict[str, list[float]] = {n: [] for n in names}
-    clock = time.perf_counter_ns
+    clock, calls = time.perf_counter_ns, range(block)
     gc.collect()
     gc.disable()
     try:
         for r in range(rounds):
-            order = [(n, fns[n], per[n]) for n in orders[r % len(orders)]]
-            for _ in range(calls):
-                for _name, fn, sink in order:
+            order = [(fns[n], per[n]) for n in orders[r % len(orders)]]
+            for _ in range(iterations):
+                for fn, sink in order:
                     t = clock()
-                    fn()
-                    sink.append((clock() - t) / 1e3)
+                    for _ in calls:
+                        fn()
+                    sink.append((clock() - t) / 1e3 / block)
             sync()
     finally:
         gc.enable()
-    stats = {n: {**spread(ts, "us"), "rounds": rounds, "calls_per_round": calls} for n, ts in per.items()}
+    stats = {n: {**spread(ts, "us"), "rounds": rounds, "iterations": iterations, "block": block}
+             for n, ts in per.items()}  # fmt: skip
     return stats, per
 
 
 def paired(a: list[float], b: list[float]) -> Stats:
-    """Spread of the call-by-call differences a_i - b_i (us; the same iteration of :func:`host_timed`)."""
+    """Spread of the differences a_i - b_i of block means of the same iteration (:func:`host_timed`, us)."""
     return spread([x - y for x, y in zip(a, b, strict=True)], "us")
 
 
@@ -236,7 +243,7 @@ def section_host() -> dict[str, Any]:
     assert isinstance(res, attnlab.Result) and res.plan is not None
     kw = {"block_mask": res.plan.block_mask(), "scale": 64**-0.5, **flex_options(256, 256, False, DEV)}
     fns["sliding_window.raw_flex"] = partial(torch.compile(flex_attention, dynamic=True), q, k, v, **kw)
-    t, per = host_timed(fns, ARGS.host_rounds, ARGS.host_calls)
+    t, per = host_timed(fns, ARGS.host_rounds, ARGS.host_calls, ARGS.host_block)
     derived: dict[str, Any] = {}
     for m in methods:
         bind = per[f"{m}.bind"]
@@ -252,7 +259,8 @@ def section_host() -> dict[str, Any]:
     raw = paired(per["sliding_window.bind"], per["sliding_window.raw_flex"])
     derived["sliding_window.bind_minus_raw_flex_median_us"] = raw["median_us"]
     return {"shape": [1, 8, 256, 64], "dtype": str(DT), "causal": True, "us_per_call": t, "derived": derived,
-            "method": "call by call, interleaved (host_timed); overhead = median of paired differences"}  # fmt: skip
+            "method": "blocks of back-to-back calls, interleaved (host_timed); overhead = median of paired "
+            "differences of block means"}  # fmt: skip
 
 
 #: What selects a compiled variant, i.e. what makes a length a "new bucket" (anything else is the same
@@ -307,8 +315,37 @@ def section_first_call() -> dict[str, Any]:
             seen |= {(m, n), (m, "bucket", bucket)}
             rows.append(row)
         del q, k, v
+    parts = [first_call_parts(n, heads, d) for n in ([448] if ARGS.quick else [8448, 33024, 66048])]
     return {"heads": heads, "head_dim": d, "dtype": str(DT), "causal": True, "rows": rows,
-            "bucket_rules": BUCKET_RULES, "warm": "the fastest of the next two calls"}  # fmt: skip
+            "bucket_rules": BUCKET_RULES, "warm": "the fastest of the next two calls", "parts": parts}  # fmt: skip
+
+
+def first_call_parts(n: int, heads: int, d: int) -> dict[str, Any]:
+    """Where the first call of sliding_window at a new length (in a seen bucket) spends its time, piece
+    by piece, each synchronised (ms): resolving the call (validation, dispatch), the static plan, its tables,
+    its BlockMask, then the call itself (the rest: flex's guards, allocation, the kernel) and a warm call."""
+    from attnlab.plans import static_plan
+
+    q, k, v = (randn(1, heads, n, d) for _ in range(3))
+    op = attnlab.prepare("sliding_window", causal=True, **KERNEL_METHODS["sliding_window"])
+    ms: dict[str, float] = {}
+
+    def step(name: str, fn: Callable[[], Any]) -> Any:
+        sync()
+        t0 = time.perf_counter()
+        out = fn()
+        sync()
+        ms[name] = (time.perf_counter() - t0) * 1e3
+        return out
+
+    call, _ = step("resolve", lambda: op.resolve(q, k, v))
+    p = call.problem
+    plan = step("plan", lambda: static_plan(call.spec, call.params, p.n_q, p.n_k, p.causal, p.device))
+    step("tables", plan.tables)
+    step("block_mask", plan.block_mask)
+    step("call", lambda: op(q, k, v))
+    step("warm_call", lambda: op(q, k, v))
+    return {"method": "sliding_window", "n": n, "ms": ms, "bucket": bucket_of("sliding_window", n)}
 
 
 def one_config(
@@ -497,11 +534,12 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--order-check", type=int, default=65536,
                     help="from this length on, also time the bench harness's cyclic order")  # fmt: skip
     ap.add_argument("--reps", type=int, default=20, help="timed rounds per point (quick: 6)")
-    ap.add_argument("--host-calls", type=int, default=100, help="iterations per host round (quick: 5)")
-    ap.add_argument("--host-rounds", type=int, default=20, help="host rounds (quick: 3)")
+    ap.add_argument("--host-calls", type=int, default=40, help="iterations per host round (quick: 5)")
+    ap.add_argument("--host-block", type=int, default=10, help="back-to-back calls per block (quick: 2)")
+    ap.add_argument("--host-rounds", type=int, default=10, help="host rounds (quick: 3)")
     args = ap.parse_args()
     if args.quick:
-        args.reps, args.host_calls, args.host_rounds, args.order_check = 6, 5, 3, 512
+        args.reps, args.host_calls, args.host_rounds, args.order_check, args.host_block = 6, 5, 3, 512, 2
     if set(args.sections.split(",")) - set(SECTIONS):
         ap.error(f"--sections: choose from {SECTIONS}")
     return args

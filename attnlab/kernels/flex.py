@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
+from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention, noop_mask
 
 from attnlab.masks import MaskMod
 
@@ -40,17 +40,39 @@ def block_mask_from_tables(
     n_q: int,
     n_k: int,
     block: tuple[int, int],
+    q_tables: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
 ) -> BlockMask:
     """A BlockMask from per-(batch|1, head|1, query block) tables of partial and full key blocks (int32,
-    visited blocks first); ``mask_mod`` decides inside partial blocks (None: every pair)."""
-    return BlockMask.from_kv_blocks(
-        partial_num,
-        partial_idx,
-        full_num,
-        full_idx,
-        BLOCK_SIZE=block,
-        mask_mod=mask_mod,
+    visited blocks first); ``mask_mod`` decides inside partial blocks (None: every pair).
+
+    ``q_tables``: the same four tables per key block (partial num, indices, full num, indices over query
+    blocks), which the backward reads. Given, they are used as they are (the caller derives them from its
+    block grids with the same ordering); else ``BlockMask.from_kv_blocks`` derives them from the key-side
+    tables by densifying under ``vmap`` and re-sorting, which took most of a first call's BlockMask time
+    (about 1 ms of Python and 30 small kernels at any length)."""
+    if q_tables is None:
+        return BlockMask.from_kv_blocks(
+            partial_num,
+            partial_idx,
+            full_num,
+            full_idx,
+            BLOCK_SIZE=block,
+            mask_mod=mask_mod,
+            seq_lengths=(n_q, n_k),
+        )
+    q_num, q_idx, full_q_num, full_q_idx = q_tables
+    return BlockMask(
         seq_lengths=(n_q, n_k),
+        kv_num_blocks=partial_num,
+        kv_indices=partial_idx,
+        full_kv_num_blocks=full_num,
+        full_kv_indices=full_idx,
+        q_num_blocks=q_num,
+        q_indices=q_idx,
+        full_q_num_blocks=full_q_num,
+        full_q_indices=full_q_idx,
+        BLOCK_SIZE=block,
+        mask_mod=mask_mod if mask_mod is not None else noop_mask,
     )
 
 

@@ -144,15 +144,17 @@ class Plan:
         return memo
 
     def block_mask(self) -> Any:
-        """The FlexAttention BlockMask of this plan (built once, then kept with the plan)."""
+        """The FlexAttention BlockMask of this plan (built once, then kept with the plan); its query-side
+        tables (for the backward) come from the transposed tile grids, as the key-side ones do."""
         bm = self._memo.get("block_mask")
         if bm is None:
             if self.columns is not None:
                 raise ValueError("a plan with token columns has no BlockMask form; use an executor")
             from attnlab.kernels.flex import block_mask_from_tables
 
+            q_side = (*_ordered(self.partial.transpose(-1, -2)), *_ordered(self.full.transpose(-1, -2)))
             bm = block_mask_from_tables(
-                *self.tables(), self.mask_mod, self.n_q, self.n_k, (self.block_q, self.block_k)
+                *self.tables(), self.mask_mod, self.n_q, self.n_k, (self.block_q, self.block_k), q_side
             )
             if not torch.compiler.is_compiling():
                 self._memo["block_mask"] = bm
@@ -161,6 +163,6 @@ class Plan:
 
 def _ordered(blocks: Tensor) -> tuple[Tensor, Tensor]:
     """(num, indices) of True tiles per query-block row, True columns first, as FlexAttention wants."""
-    num = blocks.sum(dim=-1, dtype=torch.int32)
-    idx = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
-    return num, idx
+    num = blocks.sum(dim=-1, dtype=torch.int32).contiguous()
+    idx = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True)
+    return num, idx.to(torch.int32, memory_format=torch.contiguous_format)
