@@ -204,3 +204,49 @@ def test_bound_decode_step_revalidates_a_new_signature() -> None:
 def ids_of(batch: int) -> Tensor:
     g = torch.Generator().manual_seed(batch)
     return torch.randint(3, 128, (batch, 12), generator=g)
+
+
+def test_static_cache_runs_and_matches_the_dynamic_cache() -> None:
+    """generate(cache_implementation="static") (a StaticCache: keys padded to the maximum length, the mask
+    made once by generate) runs every decode step through the method on the visible keys only: at full
+    budget the dense tokens, at a small budget the same tokens as with the dynamic cache."""
+    model = build("llama3")
+    ids, mask = padded(batch=2, pads=(0, 3))
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    small = SMALL["page_topk"]
+    with decode_methods():
+        with use(model, plan=FAST) as rt:
+            got = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                                 cache_implementation="static")  # fmt: skip
+        assert torch.equal(got, want) and rt.calls[(1, "decode", "softmax")] == 3 * 2
+        with use(model, decode="page_topk", decode_params={**small, "budget": 10**6}, plan=FAST):
+            got = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                                 cache_implementation="static")  # fmt: skip
+        assert torch.equal(got, want)
+        outs = []
+        for cache in ("dynamic", "static"):
+            with use(model, decode="page_topk", decode_params=small, plan=FAST) as rt:
+                outs.append(model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                                           cache_implementation=cache))  # fmt: skip
+            assert rt.calls[(1, "decode", "page_topk")] == 4 * 2
+        assert torch.equal(outs[0], outs[1])
+
+
+def test_beam_search_is_refused_with_a_stateful_decode_method() -> None:
+    """Beam search reorders the cache's rows between steps; a stateful decode method's state would not
+    follow, so generate refuses it inside use() (num_beams as a keyword or in a GenerationConfig), and
+    generate is the model's own again after the block."""
+    model = build("llama3")
+    ids = ids_of(1)
+    with decode_methods():
+        with use(model, decode="page_topk", decode_params=SMALL["page_topk"], plan=FAST):
+            with pytest.raises(attnlab.hf.HFRuntimeError, match=r"num_beams=2.*page_topk.*beam search"):
+                model.generate(ids, max_new_tokens=3, num_beams=2, do_sample=False)
+            cfg = transformers.GenerationConfig(num_beams=3, max_new_tokens=3, do_sample=False)
+            with pytest.raises(attnlab.hf.HFRuntimeError, match=r"num_beams=3"):
+                model.generate(ids, generation_config=cfg)
+            model.generate(ids, max_new_tokens=2, do_sample=False)  # greedy still runs
+        assert "generate" not in vars(model)
+        with use(model, plan=FAST):  # no stateful method: beams run
+            out = model.generate(ids, max_new_tokens=2, num_beams=2, do_sample=False)
+        assert out.shape == (1, 14)

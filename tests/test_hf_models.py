@@ -104,6 +104,7 @@ DENSE: dict[str, dict[str, Any] | None] = {
     "hip": {"mask_k": 10**6, "block": 16},
     "dhsa": {"budget": 10**6, "block": 16},
     "bilevel_routing": {"regions": 1, "topk": 1},
+    "nsa": None,  # gated sum of a compressed-block branch, selection and a window: no budget makes it dense
 }
 
 

@@ -69,6 +69,13 @@ class HFMask:
     def shape(self) -> tuple[int, int, int, int]:
         return (self.batch, 1, self.q_length, self.kv_length)
 
+    # generation with a compileable cache (StaticCache) builds the mask once in prepare_inputs_for_generation,
+    # calls .contiguous() on it and hands it to the model, which passes a mask of ndim 4 through unchanged
+    ndim = 4
+
+    def contiguous(self) -> HFMask:
+        return self
+
 
 def mask_function(
     batch_size: int,
@@ -92,6 +99,15 @@ def mask_function(
             "image tokens); attnlab.hf runs causal language models whose mask is causal (optionally sliding) "
             "with padding only"
         )
+    if isinstance(attention_mask, HFMask):  # made by generate() for a compileable cache (see HFMask.ndim)
+        if (attention_mask.batch, attention_mask.q_length, attention_mask.kv_length) != (
+            batch_size, q_length, kv_length,
+        ):  # fmt: skip
+            raise HFRuntimeError(
+                f"attnlab.hf got a prepared mask for {attention_mask.shape} but the model asks for batch "
+                f"{batch_size}, {q_length} queries x {kv_length} keys"
+            )
+        return attention_mask
     q_start = int(q_offset) - int(kv_offset)  # a StaticCache gives q_offset as a tensor: a host sync
     runs = None
     if attention_mask is not None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from attnlab.hf.interface import Runtime, effective, mask_function
+from attnlab.hf.interface import HFRuntimeError, Runtime, effective, mask_function
 from attnlab.hf.models import ModelInfo, inspect_model
 from attnlab.hf.plan import PHASES, HFPlan, PlanError, check_method, load_plan
 
@@ -43,12 +43,13 @@ def _interfaces() -> tuple[Any, Any]:
     return AttentionInterface, AttentionMaskInterface
 
 
-def check_plan(plan: HFPlan, info: ModelInfo) -> None:
+def check_plan(plan: HFPlan, info: ModelInfo) -> list[str]:
     """Check ``plan`` against the model: layers and heads it has, and for every layer, head and phase the
     method that will run there (after the model's sliding window and soft cap are applied). Raises
-    :class:`~attnlab.hf.plan.PlanError` before anything runs."""
+    :class:`~attnlab.hf.plan.PlanError` before anything runs. Returns the stateful methods the plan runs."""
     top = max(layer.index for layer in info.layers) + 1
     plan.check(top, info.num_heads)
+    stateful: set[str] = set()
     for layer in info.layers:
         for head in range(info.num_heads):
             for phase in PHASES:
@@ -56,6 +57,36 @@ def check_plan(plan: HFPlan, info: ModelInfo) -> None:
                 where = f"layer {layer.index} ({layer.cls}), head {head}, {phase}"
                 eff, _ = effective(ref, explicit, layer.sliding_window, layer.softcap, plan, where)
                 check_method(eff, phase, where)
+                if eff.spec().stateful:
+                    stateful.add(eff.name)
+    return sorted(stateful)
+
+
+def _beams(model: nn.Module, kwargs: Mapping[str, Any]) -> int:
+    """The beam count a ``generate`` call asks for (keyword, its generation_config, or the model's)."""
+    if kwargs.get("num_beams") is not None:
+        return int(kwargs["num_beams"])
+    cfg = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    return int(getattr(cfg, "num_beams", 1) or 1)
+
+
+def _refuse_beams(model: nn.Module, stateful: list[str]) -> Any:
+    """A ``generate`` that refuses beam search (the decode methods' state follows one sequence per batch
+    row; beam search reorders the cache's rows between steps, which the state would silently miss)."""
+    generate: Any = model.generate
+
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        beams = _beams(model, kwargs)
+        if beams > 1:
+            raise HFRuntimeError(
+                f"generate(num_beams={beams}) under attnlab.hf.use with the stateful decode method(s) "
+                f"{', '.join(stateful)}: beam search reorders the KV cache's rows between steps and their "
+                "per-row state (page summaries, kept sets) would not follow; use greedy or sampling "
+                "(num_beams=1), or a stateless decode method (e.g. 'softmax', 'sliding_window')"
+            )
+        return generate(*args, **kwargs)
+
+    return guarded
 
 
 def _configs(model: nn.Module) -> list[Any]:
@@ -99,7 +130,9 @@ def use(
 
     The plan is checked against the model before anything runs (unknown methods or parameters, layers or
     heads the model lacks, a prefill-only method for decode or the reverse, a method that cannot keep the
-    model's soft cap). Yields the :class:`~attnlab.hf.interface.Runtime` (its ``calls`` count what ran,
+    model's soft cap). With a stateful decode method, ``model.generate`` refuses beam search inside the
+    block (the state follows one sequence per batch row). A StaticCache (``cache_implementation="static"``)
+    works: its empty slots are never attended. Yields the :class:`~attnlab.hf.interface.Runtime` (its ``calls`` count what ran,
     its ``states`` hold stateful methods' per-layer state). On exit, also when the block raises, the
     model's ``_attn_implementation`` and transformers' registries are restored.
     """
@@ -107,20 +140,25 @@ def use(
     info = inspect_model(model)
     hplan = load_plan(plan, prefill=prefill, decode=decode, prefill_params=prefill_params,
                       decode_params=decode_params)  # fmt: skip
-    check_plan(hplan, info)
+    stateful = check_plan(hplan, info)
     runtime = Runtime(hplan, info)
     key = f"attnlab_use_{next(_counter)}"
     configs = _configs(model)
     saved = [(cfg, cfg._attn_implementation_internal) for cfg in configs]
+    had_generate = "generate" in vars(model)
     attention_iface._global_mapping[key] = runtime.forward
     mask_iface._global_mapping[key] = mask_function
     try:
         for cfg in configs:
             cfg._attn_implementation_internal = key
+        if stateful and hasattr(model, "generate") and not had_generate:
+            model.generate = _refuse_beams(model, stateful)  # (an instance attribute, removed below)
         yield runtime
     finally:
         for cfg, old in saved:
             cfg._attn_implementation_internal = old
+        if stateful and not had_generate:
+            vars(model).pop("generate", None)
         attention_iface._global_mapping.pop(key, None)
         mask_iface._global_mapping.pop(key, None)
 
