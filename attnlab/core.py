@@ -87,7 +87,9 @@ class TensorInput:
     """A tensor a method takes beside q, k, v, passed by name: ``attention(q, k, v, method=m, gate=g)``.
 
     ``shape`` names each dim with a symbol of :meth:`Problem.symbols` (``"B"``, ``"H"``, ``"H_kv"``,
-    ``"N_q"``, ``"N_k"``, ``"D"``, ``"D_v"``) or a fixed int. With ``broadcast``, any dim may also be 1.
+    ``"N_q"``, ``"N_k"``, ``"D"``, ``"D_v"``), a fixed int, or a free symbol of the method's own (any other
+    name, e.g. ``"R"`` for a low-rank factor's rank): its size is taken from the first input that has it,
+    and every other input naming it must agree. With ``broadcast``, any dim may also be 1.
 
     ``kind`` is what the tensor holds: ``"float"`` (the default: any floating dtype, or q's dtype with
     ``same_dtype``; checked for NaN/Inf with q, k, v when ``check_finite`` is on; may carry gradients),
@@ -119,7 +121,12 @@ class TensorInput:
             raise ValueError(f"TensorInput {self.name!r}: same_dtype applies to float inputs only")
 
     def expected(self, sizes: Mapping[str, int]) -> tuple[int, ...]:
-        return tuple(sizes[s] if isinstance(s, str) else s for s in self.shape)
+        """The shape at these sizes; a free symbol not (yet) in ``sizes`` gives -1."""
+        return tuple(sizes.get(s, -1) if isinstance(s, str) else s for s in self.shape)
+
+    def free_symbols(self) -> tuple[str, ...]:
+        """The symbols of ``shape`` that are not sizes of the call (:meth:`Problem.symbols`)."""
+        return tuple(s for s in self.shape if isinstance(s, str) and s not in PROBLEM_SYMBOLS)
 
     def random(
         self,
@@ -130,8 +137,9 @@ class TensorInput:
         dtype: torch.dtype,
     ) -> Tensor:
         """A valid random value at the call's sizes (``Problem.symbols()``), on ``device``; a float input in
-        ``dtype``, a bool or int input in its own dtype."""
-        shape = self.expected(sizes)
+        ``dtype``, a bool or int input in its own dtype. A free symbol absent from ``sizes`` is
+        ``FREE_SIZE``."""
+        shape = tuple(FREE_SIZE if x == -1 else x for x in self.expected(sizes))
         if self.sample is not None:
             t = self.sample(shape, generator)
         elif self.kind == "bool":
@@ -147,6 +155,10 @@ class TensorInput:
 
 #: what a :class:`TensorInput` may hold
 TENSOR_KINDS = ("float", "bool", "int")
+#: the sizes of a call that :class:`TensorInput` shapes may name (:meth:`Problem.symbols`)
+PROBLEM_SYMBOLS = ("B", "H", "H_kv", "N_q", "N_k", "D", "D_v")
+#: a free symbol's size in drawn test values (:meth:`TensorInput.random`)
+FREE_SIZE = 4
 
 
 def _dtype_name(dt: torch.dtype) -> str:

@@ -135,6 +135,7 @@ def validate_extra(
     out)."""
     sizes = problem.symbols()
     out: dict[str, torch.Tensor] = {}
+    bound: dict[str, str] = {}  # free symbol -> the input that fixed its size
     for spec in declared:
         t = given.get(spec.name)
         if t is None:
@@ -147,14 +148,22 @@ def validate_extra(
             raise InputError(f"{spec.name} must be a torch.Tensor, got {type(t).__name__}")
         want = spec.expected(sizes)
         ok = t.dim() == len(want) and all(
-            g == w or (spec.broadcast and g == 1) for g, w in zip(t.shape, want, strict=True)
+            g == w or w == -1 or (spec.broadcast and g == 1) for g, w in zip(t.shape, want, strict=True)
         )
         if not ok:
-            names = ", ".join(f"{s}={sizes[s]}" if isinstance(s, str) else str(s) for s in spec.shape)
+            names = ", ".join(
+                (f"{s}={sizes[s]}" if s in sizes else s) if isinstance(s, str) else str(s) for s in spec.shape
+            )
+            where = f" (free sizes fixed by {', '.join(sorted(set(bound.values())))})" if bound else ""
             raise InputError(
                 f"{spec.name} has shape {_shape(t)}; method {method!r} expects ({names})"
                 + (" where any dim may be 1" if spec.broadcast else "")
+                + where
             )
+        for sym, size in zip(spec.shape, t.shape, strict=True):
+            if isinstance(sym, str) and sym not in sizes:
+                sizes[sym] = size
+                bound[sym] = spec.name
         if spec.kind == "bool" and t.dtype != torch.bool:
             raise InputError(f"{spec.name} has dtype {t.dtype}; expected torch.bool (convert with .bool())")
         if spec.kind == "int" and t.dtype not in (torch.int32, torch.int64):

@@ -327,6 +327,66 @@ def test_bool_and_int_tensor_inputs_are_validated_and_carry_no_gradient() -> Non
 
 
 @dataclass(frozen=True)
+class _LowRankParams(Params):
+    """No parameters."""
+
+    method = "test_low_rank"
+
+
+def _low_rank_reference(
+    q: Tensor, k: Tensor, v: Tensor, params: Any, *, causal: bool, scale: float, upcast: bool = True,
+    u: Tensor | None = None, w: Tensor | None = None,
+) -> Tensor:  # fmt: skip
+    """softmax(q k^T * scale + u w^T) v: a score bias of rank R given by its factors."""
+    assert u is not None and w is not None
+    bias = torch.matmul(u.float(), w.float().transpose(-1, -2))
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale + bias
+    return torch.matmul(torch.softmax(s, -1), v.float()).to(q.dtype)
+
+
+LOW_RANK = MethodSpec(
+    name="test_low_rank",
+    family="dense",
+    paper="(test)",
+    summary="softmax attention with a low-rank score bias (a test method)",
+    param_class=_LowRankParams,
+    reference=_low_rank_reference,  # type: ignore[arg-type]
+    backends=(EAGER,),
+    patterns=frozenset({attnlab.Pattern.NONCAUSAL_SELF}),
+    gqa=False,
+    test_params=({},),
+    bench_params=lambda n: [{}],
+    inputs=(
+        TensorInput("u", ("B", "H", "N_q", "R"), "query-side factor"),
+        TensorInput("w", ("B", "H", "N_k", "R"), "key-side factor"),
+    ),
+)
+
+
+def test_a_free_symbol_takes_its_size_from_the_first_input_and_binds_the_others() -> None:
+    from attnlab.core import FREE_SIZE
+    from attnlab.testing import Case, check_parity
+
+    q, k, v = qkv(hk=4)
+    u, w = torch.randn(1, 4, 16, 3), torch.randn(1, 4, 16, 3)
+    with registered(LOW_RANK):
+        out = attnlab.attention(q, k, v, method="test_low_rank", u=u, w=w)
+        torch.testing.assert_close(
+            out, _low_rank_reference(q, k, v, None, causal=False, scale=0.25, u=u, w=w)
+        )
+        rank5 = torch.randn(1, 4, 16, 5)
+        with pytest.raises(InputError, match=r"w has shape \(1, 4, 16, 5\); method 'test_low_rank' expects "
+                                              r"\(B=1, H=4, N_k=16, R=3\) \(free sizes fixed by u\)"):  # fmt: skip
+            attnlab.attention(q, k, v, method="test_low_rank", u=u, w=rank5)
+        case = Case(1, 2, 2, 7, 7, 8, torch.float32, causal=False)
+        drawn = case.tensor_inputs(LOW_RANK, "cpu")
+        assert drawn["u"].shape[-1] == drawn["w"].shape[-1] == FREE_SIZE
+        check = check_parity(LOW_RANK, "eager", case, "cpu")
+        assert check.passed and {"du", "dw"} <= set(check.errors), check.summary()
+    assert LOW_RANK.inputs[0].free_symbols() == ("R",)
+
+
+@dataclass(frozen=True)
 class _SumParams(Params):
     """No parameters."""
 
