@@ -70,8 +70,9 @@ def _pool(x: Tensor, block: int) -> Tensor:
     b, h, n, d = x.shape
     nb = -(-n // block)
     pad = nb * block - n
-    xf = torch.nn.functional.pad(x.detach().float(), (0, 0, 0, pad))
-    sums = xf.view(b, h, nb, block, d).sum(3)
+    # fp32 accumulation over the input dtype (no fp32 copy of x; padding only for a ragged tail)
+    xp = x.detach() if pad == 0 else torch.nn.functional.pad(x.detach(), (0, 0, 0, pad))
+    sums = xp.reshape(b, h, nb, block, d).sum(3, dtype=torch.float32)
     counts = torch.full((nb,), float(block), device=x.device)
     counts[-1] = block - pad
     return sums / counts[:, None]

@@ -348,24 +348,40 @@ class NsaBackend(Backend):
         return tables  # type: ignore[no-any-return]
 
     def run(self, q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor]) -> Tensor:
-        from attnlab.kernels.block_sparse.op import block_sparse_attention
-        from attnlab.plans.executor import executor_tables
-
         params = call.params
         assert isinstance(params, NsaParams)
         _check(q, k, call.problem.causal)
         o_cmp, sel = scan(q, k, v, params, scale=call.scale)
         assert o_cmp is not None
-        plan = selection_plan(q, k, sel, params)
-        o_slc, _ = block_sparse_attention(q, k, v, executor_tables(plan).as_args(), call.scale, True)
-        g_cmp, g_slc, g_swa = gates(q, extra)
-        out = g_cmp * o_cmp + g_slc * o_slc.float()
-        if params.window > 0:
-            o_swa, _ = block_sparse_attention(q, k, v, self._window_tables(call), call.scale, True)
-            out = out + g_swa * o_swa.float()
-        elif g_swa.requires_grad:  # no window branch: the gate's gradient is 0, as in the reference
-            out = out + 0.0 * g_swa
-        return out.to(q.dtype)
+        window = self._window_tables(call) if params.window > 0 else None
+        return combine(q, k, v, o_cmp, selection_plan(q, k, sel, params), window, call.scale, extra)
+
+
+def combine(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o_cmp: Tensor,
+    plan: Plan,
+    window_tables: tuple[Tensor, ...] | None,
+    scale: float,
+    gate_inputs: Mapping[str, Tensor | None],
+) -> Tensor:
+    """The fast path's output from the compressed branch ``o_cmp`` (fp32, :func:`scan`), the selected
+    branch's ``plan`` and the window plan's executor tables (None: no window branch), run on the
+    block-sparse executor and combined by the gates in fp32."""
+    from attnlab.kernels.block_sparse.op import block_sparse_attention
+    from attnlab.plans.executor import executor_tables
+
+    o_slc, _ = block_sparse_attention(q, k, v, executor_tables(plan).as_args(), scale, True)
+    g_cmp, g_slc, g_swa = gates(q, gate_inputs)
+    out = g_cmp * o_cmp + g_slc * o_slc.float()
+    if window_tables is not None:
+        o_swa, _ = block_sparse_attention(q, k, v, window_tables, scale, True)
+        out = out + g_swa * o_swa.float()
+    elif g_swa.requires_grad:  # no window branch: the gate's gradient is 0, as in the reference
+        out = out + 0.0 * g_swa
+    return out.to(q.dtype)
 
 
 def _gate_sample(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
