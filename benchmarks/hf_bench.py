@@ -207,9 +207,44 @@ def bench_decode(model: Any, ids: torch.Tensor, label: str, name: str, params: d
             token = out.logits[:, -1:].argmax(-1)
         if rt is not None:
             check = check_step(model, rt, cache, token)
+        if PROFILE_DIR is not None:
+            profile_steps(model, cache, token, f"{label}_B{ids.shape[0]}_N{ids.shape[1]}", device)
         del cache, out
     t = clock.results()[label]
     return row(t, phase="decode", side=label, method=name, params=params, check=check)
+
+
+#: where ``--profile`` writes each decode side's host profile (None: not profiled)
+PROFILE_DIR: Path | None = None
+
+
+def profile_steps(model: Any, cache: Any, token: torch.Tensor, label: str, device: torch.device) -> None:
+    """Five more decode steps under cProfile (host time by Python function) and torch.profiler (host time
+    by op and CUDA runtime call: a cudaStreamSynchronize / cudaMemcpy there is a host synchronisation),
+    written as text tables to ``PROFILE_DIR/profile_<label>.txt``."""
+    import cProfile
+    import io
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    assert PROFILE_DIR is not None
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    pr = cProfile.Profile()
+    with profile(activities=acts) as prof:
+        pr.enable()
+        for _ in range(5):
+            out = model(token, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+        pr.disable()
+    text = io.StringIO()
+    pstats.Stats(pr, stream=text).sort_stats("tottime").print_stats(40)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
+    PROFILE_DIR.mkdir(parents=True, exist_ok=True)
+    (PROFILE_DIR / f"profile_{safe}.txt").write_text(
+        f"# {label}: 5 decode steps\n## cProfile (tottime)\n{text.getvalue()}\n## torch.profiler\n{table}\n"
+    )
 
 
 def check_step(model: Any, rt: Any, cache: Any, token: torch.Tensor) -> dict[str, Any]:
@@ -291,7 +326,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=[],
         help=f"decode methods also run with the bound decode step off (label +'{UNBOUND}')",
     )
+    ap.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="directory for a host profile of 5 more decode steps per side (cProfile, torch.profiler)",
+    )
     args = ap.parse_args(argv)
+    global PROFILE_DIR
+    PROFILE_DIR = args.profile
     device = torch.device(args.device)
     dtype = (
         getattr(torch, args.dtype)
