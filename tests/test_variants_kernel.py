@@ -341,3 +341,26 @@ def test_lowrank_bias_bad_backend_and_int_factors_are_named() -> None:
         lowrank_bias_attention(q, k, v, u, u, backend="flex")
     with pytest.raises(InputError, match=r"u has dtype torch.int64; expected a floating dtype"):
         lowrank_bias_attention(q, k, v, u.long(), u)
+
+
+def test_measured_schedules_are_pinned_only_where_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On Hopper under the measured Triton (faked here), bf16, D=128, both lengths >= 8K: the pinned
+    schedules are the only candidates; a bias or low-rank call never gets a pinned 128 x 128 or
+    warp-specialized tile (sm_90's shared memory / Triton's pass refuse them); elsewhere no pin."""
+    from attnlab.kernels.score_transform import op
+
+    monkeypatch.setattr(op, "_on_hopper", lambda args: True)
+    fwd = [op._fwd_config(s) for s in op.FWD_SHAPES]
+    args = {"TMA": True, "BLOCK_D": 128, "DOT_PREC": "tf32", "N_BUCKET": op.LONG_BUCKET}
+    for causal in (False, True):
+        kept = op._prune_fwd(fwd, {**args, "CAUSAL": causal})
+        assert [op._shape_of(c) for c in kept] == [op.MEASURED_FWD[causal]]
+        kept_b = op._prune_bwd(0)([op._bwd_config(s) for s in op.DKDV_SHAPES], {**args, "CAUSAL": causal})
+        assert [op._shape_of(c) for c in kept_b] == [op.MEASURED_BWD[causal][0]]
+        kept_q = op._prune_bwd(1)([op._bwd_config(s) for s in op.DQ_SHAPES], {**args, "CAUSAL": causal})
+        assert [op._shape_of(c) for c in kept_q] == [op.MEASURED_BWD[causal][1]]
+    monkeypatch.setitem(op.MEASURED_FWD, False, (128, 128, 8, 3, 1, False))
+    heavy = op._prune_fwd(fwd, {**args, "CAUSAL": False, "HAS_BIAS": True})
+    assert [op._shape_of(c) for c in heavy] == [op.FWD_SHAPES[0]]
+    short = op._prune_fwd(fwd, {**args, "CAUSAL": False, "N_BUCKET": 4096})
+    assert len(short) == len(fwd)  # not measured there: the autotuner chooses

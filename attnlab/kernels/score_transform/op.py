@@ -10,7 +10,8 @@ gradient is ignored; no backend exposes it).
 The forward's schedules are the FlashSigmoid kernel's (attnlab/kernels/sigmoid/op.py): tensor descriptors
 (TMA) on Hopper, a split query tile, warp specialization; where a schedule was measured on the H100 in
 interleaved rounds it is pinned (``MEASURED_FWD`` / ``MEASURED_BWD``), elsewhere Triton's autotuner picks
-from the candidate lists.
+from the candidate lists. Measured speed (H100, bf16, D=128, H=32, 8K-32K): forward 0.54-0.84x of cuDNN
+plain softmax, forward+backward 0.48-0.69x (benchmarks/results/h100-2026-11-23/variants/NOTES.md).
 """
 
 from __future__ import annotations
@@ -66,10 +67,18 @@ DQ_SHAPES = [
 #: The Triton release the Hopper schedules were measured with (H100, 3.6.0); elsewhere the autotuner picks.
 MEASURED_TRITON = "3.6."
 #: Pinned schedules where they were measured (Hopper, Triton 3.6, 16-bit inputs, D=128, both lengths >=
-#: 8192): causal -> forward shape. Empty: not measured yet, the autotuner picks.
-MEASURED_FWD: dict[bool, tuple] = {}
-#: causal -> (dK/dV shape, dQ shape) where measured (as MEASURED_FWD).
-MEASURED_BWD: dict[bool, tuple[tuple, tuple]] = {}
+#: 8192): causal -> forward shape. H100, softcap, 16K, interleaved with cuDNN (benchmarks/variants_bench.py
+#: --pin-from-probe at 15628b1; benchmarks/results/h100-2026-11-23/variants/): the split 128 x 64 tile ran
+#: 9.48 ms non-causal (plain 9.77, warp-specialized 10.10, 128 x 128 x 8 warps 10.62; cuDNN 6.48) and 5.09 ms
+#: causal (plain 5.14, 128 x 128 5.54; cuDNN 3.44). The benchmark's every row ran with these pins.
+MEASURED_FWD: dict[bool, tuple] = {False: (128, 64, 4, 2, 2, False), True: (128, 64, 4, 2, 2, False)}
+#: causal -> (dK/dV shape, dQ shape) where measured (as MEASURED_FWD): (64, 128, 8, 3) | (128, 64, 8, 3)
+#: took 39.3 / 19.4 ms (non-causal / causal) against 48.0 / 28.4 for 64 x 64 tiles and 74.2 / 56.1 for
+#: (32, 128, 4, 3) | (128, 32, 4, 3) (cuDNN's whole forward + backward: 25.2 / 12.9 ms).
+MEASURED_BWD: dict[bool, tuple[tuple, tuple]] = {
+    False: ((64, 128, 8, 3), (128, 64, 8, 3)),
+    True: ((64, 128, 8, 3), (128, 64, 8, 3)),
+}
 #: The autotuning bucket of problems whose query and key lengths are both at least 8192.
 LONG_BUCKET = 16384
 
