@@ -216,13 +216,48 @@ def point(method: str, n: int, quick: bool) -> dict[str, Any]:
     return row
 
 
+def table(doc: dict[str, Any]) -> str:
+    """Markdown rows of a dynamic.json: speed, estimation shares, the check, per (method, N)."""
+    lines = [
+        "| method | N | block density | as called ms | cuDNN ms | speedup (x cuDNN) | estimate share | "
+        "estimate+tables share | check err / allowed | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in doc["rows"]:
+        if "error" in r:
+            lines.append(
+                f"| {r['method']} | {r['n']} | | | | | | | | error: {r['error'].strip().splitlines()[-1][:120]} |"
+            )
+            continue
+        f, c = r["fwd"], r["check"]
+        spread = (
+            f"{f['as_called']['q1_ms']:.1f}-{f['as_called']['q3_ms']:.1f}"
+            if "q1_ms" in f["as_called"]
+            else "3 calls"
+        )
+        note = "not defaults (see JSON)" if "not_default" in r else ""
+        lines.append(
+            f"| {r['method']} | {r['n']} | {r['block_density']:.3f} | {f['as_called']['median_ms']:.1f} ({spread}) | "
+            f"{f['cudnn_dense']['median_ms']:.1f} | {r['speedup_vs_cudnn']:.2f} | {r['estimate_share']:.0%} | "
+            f"{r['estimate_and_tables_share']:.0%} | {c['err']:.1e} / {c['allowed']:.1e} "
+            f"{'pass' if c['passed'] else 'FAIL'} | {note} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--table", help="print the markdown table of this dynamic.json and exit")
+    ap.add_argument("--out")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--budget-s", type=float, default=420.0, help="wall seconds after which no point starts")
     ap.add_argument("--methods", default=",".join(METHODS))
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return
+    if not args.out:
+        ap.error("--out DIR is required (or --table FILE)")
     start = time.perf_counter()
     attnlab.settings.autotune = True
     attnlab.settings.max_dense_elements = 1 << 31
