@@ -275,13 +275,15 @@ def test_score_mods_are_the_references_transform(causal: bool) -> None:
     # bias, broadcast dims
     for shape in ((B, H, N_Q, N_K), (1, H, 1, N_K), (B, 1, N_Q, 1)):
         b = torch.randn(shape)
-        mod = bias._score(call_of(bias.SPEC, q, k, causal), {"bias": b})
-        torch.testing.assert_close(grid_scores(mod, s), s + b)
+        bias_mod = bias._score(call_of(bias.SPEC, q, k, causal), {"bias": b})
+        assert bias_mod is not None
+        torch.testing.assert_close(grid_scores(bias_mod, s), s + b)
     assert bias._score(call_of(bias.SPEC, q, k, causal), {}) is None
     # selective
     tau = torch.rand(B, 1, N_Q)
-    mod = selective._score(call_of(selective.SPEC, q, k, causal), {"temperature": tau})
-    torch.testing.assert_close(grid_scores(mod, s), s * tau[..., None])
+    sel_mod = selective._score(call_of(selective.SPEC, q, k, causal), {"temperature": tau})
+    assert sel_mod is not None
+    torch.testing.assert_close(grid_scores(sel_mod, s), s * tau[..., None])
     # softplus: log softplus of the length-scaled logits (FlexAttention's softmax of it is the l1 norm)
     for scaled in (True, False):
         mod = softplus._score(call_of(softplus.SPEC, q, k, causal, length_scale=scaled), {})
@@ -328,13 +330,14 @@ def test_flex_matches_reference(variants: None, name: str, kwargs: dict[str, Any
 def test_flex_with_tensor_inputs_matches_reference(variants: None, causal: bool) -> None:
     # head dim 32: compiled CPU FlexAttention returns wrong rows at D=16 for 70 x 200 (even plain softmax)
     q, k, v = torch.randn(B, H, 70, 32) * 2, torch.randn(B, H_KV, 200, 32) * 2, torch.randn(B, H_KV, 200, 32)
-    for name, extra in (
+    cases: tuple[tuple[str, dict[str, Any]], ...] = (
         ("gated", {"gate": torch.randn(B, H, 70, 1)}),
         ("affine_scaled", {"alpha": torch.rand(B, H, 70), "beta": torch.randn(1, 1, 70)}),
         ("alibi", {"slopes": torch.rand(H)}),
         ("bias", {"bias": torch.randn(B, 1, 70, 200)}),
         ("selective", {"temperature": torch.rand(B, H, 70) * 2}),
-    ):
+    )
+    for name, extra in cases:
         got = attnlab.attention(q, k, v, method=name, causal=causal, backend="flex", **extra)
         want = attnlab.attention(q, k, v, method=name, causal=causal, backend="reference", **extra)
         torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
@@ -358,7 +361,7 @@ def test_tensor_inputs_reach_every_backend_and_their_gradients(variants: None) -
         "affine_scaled": {"alpha": torch.rand(B, H, N_Q), "beta": torch.randn(B, H, N_Q)},
     }
     for name, extra in extras.items():
-        leaves = {n: t.clone().requires_grad_(True) for n, t in extra.items()}
+        leaves: dict[str, Any] = {n: t.clone().requires_grad_(True) for n, t in extra.items()}
         got = attnlab.attention(q, k, v, method=name, causal=True, **leaves)  # eager: inputs require grad
         want = attnlab.get(name).reference(q, k, v, attnlab.get(name).params, causal=True, scale=1 / D**0.5,
                                            **extra)  # fmt: skip
@@ -410,7 +413,7 @@ def test_cpu_refusals_are_explained(variants: None) -> None:
 def test_flex_and_kernel_paths_compile_without_graph_breaks(variants: None) -> None:
     q, k, v = torch.randn(1, 4, 64, 32), torch.randn(1, 2, 64, 32), torch.randn(1, 2, 64, 32)
     b, g = torch.randn(1, 4, 64, 64), torch.randn(1, 4, 64, 1)
-    calls = {
+    calls: dict[str, tuple[str | None, dict[str, Any]]] = {
         "bias": ("flex", {"bias": b}),  # a score_mod capturing a tensor input
         "softcap": ("triton", {"cap": 2.0}),  # the Triton kernel's custom op
         "gated": (None, {"gate": g}),  # on CPU: eager (inductor's CPU Flex template takes no epilogue)

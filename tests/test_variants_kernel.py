@@ -221,22 +221,23 @@ def test_every_forward_schedule_matches_the_naive_twin(poison_empty: None, causa
 def test_alibi_and_lowrank_gradients_match_autograd_of_the_twin(
     poison_empty: None, n_q: int, n_k: int, causal: bool
 ) -> None:
-    """dq, dk, dv (GQA summed), dsinks and the low-rank factors' gradients (summed over the factors'
-    broadcast dims) against autograd through the naive twin, with ALiBi and a soft cap in the logits."""
+    """dq, dk, dv (GQA summed), dsinks, the ALiBi slopes' gradient and the low-rank factors' gradients
+    (summed over the factors' broadcast dims) against autograd through the naive twin, with ALiBi and a soft
+    cap in the logits."""
     from attnlab.kernels.score_transform.op import score_transform_fwd
 
     q, k, v = random_qkv(2, 4, 2, n_q, n_k, 16, grad=True)
     sinks = torch.randn(4, device=DEVICE, requires_grad=True)
-    slopes = torch.rand(4, device=DEVICE)
+    slopes = torch.rand(4, device=DEVICE, requires_grad=True)
     u = torch.randn(2, 1, n_q, 5, device=DEVICE, requires_grad=True)  # shared by the heads
     vf = torch.randn(1, 4, n_k, 5, device=DEVICE, requires_grad=True)  # shared by the batch
-    leaves = (q, k, v, sinks, u, vf)
+    leaves = (q, k, v, sinks, slopes, u, vf)
     out, _ = score_transform_fwd(q, k, v, None, sinks, slopes, u, vf, SCALE, 1.5, causal)
     do = torch.randn_like(out)
     got = torch.autograd.grad(out, leaves, do)
     ref, _ = score_transform_fwd_naive(q, k, v, None, sinks, SCALE, 1.5, causal, slopes=slopes, u=u, vf=vf)
     want = torch.autograd.grad(ref, leaves, do)
-    for name, a, w in zip(("dq", "dk", "dv", "dsinks", "du", "dvf"), got, want, strict=True):
+    for name, a, w in zip(("dq", "dk", "dv", "dsinks", "dslopes", "du", "dvf"), got, want, strict=True):
         assert a.shape == w.shape, name
         torch.testing.assert_close(a.float(), w.float(), atol=1e-4, rtol=1e-4, msg=_prefixed(name))
 
@@ -247,13 +248,6 @@ def test_triton_backend_of_alibi_matches_reference(variants: None) -> None:
             attnlab.get("alibi"), "triton", Case(1, 4, 2, 17, 30, 16, torch.bfloat16, causal), DEVICE
         )
         assert not check.skipped and check.passed and "dq" in check.errors, check.summary()
-
-
-def test_triton_backend_refuses_slopes_that_need_their_gradient(variants: None) -> None:
-    q, k, v = random_qkv(1, 2, 2, 8, 8, 16)
-    slopes = torch.rand(2, device=DEVICE, requires_grad=True)
-    with pytest.raises(BackendError, match="backend 'triton' has no gradient for the ALiBi slopes"):
-        attnlab.attention(q, k, v, method="alibi", backend="triton", slopes=slopes)
 
 
 @pytest.mark.parametrize("causal", [False, True])

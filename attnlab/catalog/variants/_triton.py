@@ -1,6 +1,6 @@
 """The ``triton`` backend of the score-transform variants (softcap, alibi, bias, sink): attnlab's Triton
-kernels (:mod:`attnlab.kernels.score_transform`), forward and backward (gradients for q, k, v and the sink
-logits; none for a bias tensor or ALiBi slopes).
+kernels (:mod:`attnlab.kernels.score_transform`), forward and backward (gradients for q, k, v, the sink
+logits and the ALiBi slopes; none for a bias tensor).
 """
 
 from __future__ import annotations
@@ -57,12 +57,11 @@ class TritonScoreBackend(Backend):
         from attnlab.kernels.score_transform.op import score_transform_fwd
 
         a = self.transform(q, call, extra)
-        for t, what in ((a.bias, "the bias tensor (it would be N_q x N_k)"), (a.slopes, "the ALiBi slopes")):
-            if t is not None and t.requires_grad and torch.is_grad_enabled():
-                raise BackendError(
-                    f"backend 'triton' has no gradient for {what}; pass one that does not require grad, or "
-                    "use backend='flex' (CUDA) or 'eager'"
-                )
+        if a.bias is not None and a.bias.requires_grad and torch.is_grad_enabled():
+            raise BackendError(
+                "backend 'triton' has no gradient for the bias tensor (it would be N_q x N_k); pass a bias "
+                "that does not require grad, or use backend='flex' (CUDA) or 'eager'"
+            )
         out, _ = score_transform_fwd(
             q,
             k,

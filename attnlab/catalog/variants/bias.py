@@ -83,7 +83,7 @@ SPEC = MethodSpec(
     name="bias",
     family="dense",
     paper="additive attention bias (relative positions, padding; FlashBias, Wu et al., 2025, for the "
-    "low-rank form, not implemented here)",
+    "low-rank form: attnlab.catalog.variants.lowrank_bias, not a registered method)",
     summary="softmax(scale*qk + bias) with a broadcastable (B, H, N_q, N_k) bias tensor",
     param_class=BiasParams,
     reference=reference,

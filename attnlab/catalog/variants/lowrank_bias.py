@@ -8,9 +8,12 @@ in vision and science models, AlphaFold's pair bias after projection) have low r
 compute the bias tile as one more small matrix product (``r`` columns) beside ``q k^T`` instead of reading
 an N x N tensor: the Triton kernel (:mod:`attnlab.kernels.score_transform`, ``LOWRANK``) does that, forward
 and backward, with gradients for both factors (``dU = dX V_f``, ``dV_f = dX^T U``, dX the logits'
-gradient), summed over broadcast dims. In the FlashBias paper's code (``thuml/FlashBias``) the Triton
-variant concatenates the factors to q and k (``[q*scale, U] [k, V]^T``); here they are separate operands of
-the same kernel, so q and k are not copied and the bias is not scaled.
+gradient), summed over broadcast dims. The FlashBias paper's Triton code (``thuml/FlashBias``,
+``flash_bias/flash_bias_triton.py``, read for this) does the same math: ``qk * softmax_scale + q_bias
+k_bias^T`` per tile, ``dq_bias = dS k_bias``, ``dk_bias = dS^T q_bias``; it keeps the factors in fp32
+(here they are cast to q's dtype, bf16 products with fp32 accumulation, within the accuracy rule at the
+benchmarked shapes), one backward kernel with optional dq atomics (here: a dK/dV kernel and a dQ kernel, no
+atomics), and top-left causal alignment (here: bottom-right, as every attnlab method).
 
 Not a registered method yet: :class:`attnlab.core.TensorInput` shapes name only the problem's sizes, and a
 factor's last dim is the rank (a new symbol). Call :func:`lowrank_bias_attention`.

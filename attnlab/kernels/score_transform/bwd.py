@@ -10,8 +10,9 @@ Two kernels, no atomics: ``score_transform_bwd_dkdv_kernel`` (grid (cdiv(N_k, BL
 block accumulates over the query blocks of every query head of its GQA group, in the (keys, queries)
 orientation, and writes dV_f per query head) and ``score_transform_bwd_dq_kernel`` (grid (cdiv(N_q,
 BLOCK_M), B * H); writes dU). Only the causal diagonal blocks apply the causal mask. The sink logits'
-gradient, -sum_i exp(s_h - lse_i) Delta_i, is a reduction the launcher does in PyTorch; neither a dense
-bias nor the ALiBi slopes get a gradient here.
+gradient, -sum_i exp(s_h - lse_i) Delta_i, is a reduction the launcher does in PyTorch; the ALiBi slopes'
+gradient, -sum_ij dX_ij |i + N_k - N_q - j|, is summed per dQ program (ALIBI_GRAD) and over the programs by
+the launcher; a dense bias gets none.
 """
 
 import triton
@@ -147,14 +148,15 @@ def score_transform_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_inner(
-    dq, du, q, do, u, lse2, delta, k_base, v_base, vf_base, bias_base, stride_kn, stride_vn, stride_vfn,
+    dq, du, dsl, q, do, u, lse2, delta, k_base, v_base, vf_base, bias_base, stride_kn, stride_vn, stride_vfn,
     stride_bm, stride_bn, slope2, offs_m, lo, hi, N_Q, N_K, OFFSET, HEAD_D, R, scale2, cap2, inv_cap,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, MASKED: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ALIBI: tl.constexpr, LOWRANK: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    ALIBI: tl.constexpr, LOWRANK: tl.constexpr, ALIBI_GRAD: tl.constexpr, FAST: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """dQ (and dU) of one query block += the contributions of key blocks [lo, hi)."""
+    """dQ (and dU, and the ALiBi slope's gradient) of one query block += the contributions of key blocks
+    [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = load_rows(k_base, stride_kn, start_n, N_K, HEAD_D, BLOCK_N, BLOCK_D, EVEN_N, EVEN_D)
@@ -182,12 +184,14 @@ def _dq_inner(
         dq += dot(ds.to(k.dtype), k, DOT_PREC, UPCAST)
         if LOWRANK:
             du += dot(dx.to(vf.dtype), vf, DOT_PREC, UPCAST)
-    return dq, du
+        if ALIBI_GRAD:  # x = ... - m_h |i + OFFSET - j|: dL/dm_h = -sum dX |i + OFFSET - j|
+            dsl -= tl.sum(tl.sum(dx * tl.abs(qi + OFFSET - kj).to(tl.float32), 1), 0)
+    return dq, du, dsl
 
 
 @triton.jit(do_not_specialize=LENGTH_ARGS)
 def score_transform_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, BIAS, SLOPES, UF, VF, DQ, DU,
+    Q, K, V, DO, LSE, DELTA, BIAS, SLOPES, UF, VF, DQ, DU, DSL,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -199,7 +203,8 @@ def score_transform_bwd_dq_kernel(
     H, GROUP, N_Q, N_K, OFFSET, HEAD_D, R, scale, cap, N_BUCKET,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, ALIBI: tl.constexpr,
-    LOWRANK: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    LOWRANK: tl.constexpr, ALIBI_GRAD: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(1)
@@ -230,22 +235,25 @@ def score_transform_bwd_dq_kernel(
     inv_cap = scale / cap
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     du = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    dsl = 0.0
     full_end, hi = causal_key_range(start_m, OFFSET, N_Q, N_K, BLOCK_M, BLOCK_N, CAUSAL)
-    dq, du = _dq_inner(
-        dq, du, q, do, u, lse2, delta, k_base, v_base, vf_base, bias_base, stride_kn, stride_vn, stride_vfn,
+    dq, du, dsl = _dq_inner(
+        dq, du, dsl, q, do, u, lse2, delta, k_base, v_base, vf_base, bias_base, stride_kn, stride_vn, stride_vfn,
         stride_bm, stride_bn, slope2, offs_m, 0, full_end, N_Q, N_K, OFFSET, HEAD_D, R, scale2, cap2, inv_cap,
-        BLOCK_N, BLOCK_D, BLOCK_R, False, EVEN_N, EVEN_D, SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, FAST, DOT_PREC,
-        UPCAST,
+        BLOCK_N, BLOCK_D, BLOCK_R, False, EVEN_N, EVEN_D, SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, ALIBI_GRAD, FAST,
+        DOT_PREC, UPCAST,
     )  # fmt: skip
     if CAUSAL:
-        dq, du = _dq_inner(
-            dq, du, q, do, u, lse2, delta, k_base, v_base, vf_base, bias_base, stride_kn, stride_vn, stride_vfn,
+        dq, du, dsl = _dq_inner(
+            dq, du, dsl, q, do, u, lse2, delta, k_base, v_base, vf_base, bias_base, stride_kn, stride_vn, stride_vfn,
             stride_bm, stride_bn, slope2, offs_m, full_end, hi, N_Q, N_K, OFFSET, HEAD_D, R, scale2, cap2,
-            inv_cap, BLOCK_N, BLOCK_D, BLOCK_R, True, EVEN_N, EVEN_D, SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, FAST,
-            DOT_PREC, UPCAST,
+            inv_cap, BLOCK_N, BLOCK_D, BLOCK_R, True, EVEN_N, EVEN_D, SOFTCAP, HAS_BIAS, ALIBI, LOWRANK,
+            ALIBI_GRAD, FAST, DOT_PREC, UPCAST,
         )  # fmt: skip
     dq *= scale
     store_rows(DQ + b * stride_dqb + h * stride_dqh, stride_dqn, start_m, dq.to(DQ.dtype.element_ty), N_Q, HEAD_D,
                BLOCK_M, BLOCK_D, EVEN_M, EVEN_D)  # fmt: skip
+    if ALIBI_GRAD:  # (query blocks, B * H) fp32, zero-filled: one partial sum per program
+        tl.store(DSL + tl.program_id(0).to(tl.int64) * tl.num_programs(1) + pid_bh, dsl)
     if LOWRANK:  # (B, H, N_q, BLOCK_R) fp32, contiguous
         store_factor(DU + pid_bh.to(tl.int64) * N_Q * BLOCK_R, BLOCK_R, start_m, du, N_Q, R, BLOCK_M, BLOCK_R)

@@ -3,9 +3,9 @@
 ``score_transform_fwd(q, k, v, bias, sinks, slopes, u, vf, scale, cap, causal) -> (out, lse)`` runs the
 Triton forward (``attnlab::score_transform_fwd``) and is differentiable in q, k, v, the sink logits and the
 low-rank bias factors u, vf through the backward kernels (``attnlab::score_transform_bwd``), both with
-fake-tensor rules so ``torch.compile`` traces through them. Not differentiable: a dense bias (its gradient
-would be an N_q x N_k tensor; asking for it raises), the ALiBi slopes (likewise) and the returned lse (its
-gradient is ignored; no backend exposes it).
+fake-tensor rules so ``torch.compile`` traces through them. Also differentiable in the ALiBi slopes. Not differentiable: a dense
+bias (its gradient would be an N_q x N_k tensor; asking for it raises) and the returned lse (its gradient is
+ignored; no backend exposes it).
 
 The forward's schedules are the FlashSigmoid kernel's (attnlab/kernels/sigmoid/op.py): tensor descriptors
 (TMA) on Hopper, a split query tile, warp specialization; where a schedule was measured on the H100 in
@@ -332,11 +332,13 @@ def score_transform_bwd_launch(
     slopes: Tensor | None = None,
     u: Tensor | None = None,
     vf: Tensor | None = None,
+    slopes_grad: bool = False,
     configs: tuple[triton.Config, triton.Config] | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """(dQ, dK, dV, dsinks, du, dvf) of :func:`score_transform_fwd_launch` given dO, its output and lse
-    (see ``bwd.py`` for the formulas); dK/dV summed over each GQA group, du/dvf over the factors' broadcast
-    dims; None for an absent input. ``configs`` (dK/dV's, dQ's) bypasses the autotuner."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """(dQ, dK, dV, dsinks, du, dvf, dslopes) of :func:`score_transform_fwd_launch` given dO, its output and
+    lse (see ``bwd.py`` for the formulas); dK/dV summed over each GQA group, du/dvf over the factors'
+    broadcast dims, dslopes (H,) over the batch (only with ``slopes_grad``); None for an absent input.
+    ``configs`` (dK/dV's, dQ's) bypasses the autotuner."""
     do, q, k, v = _last_contiguous(do, q, k, v)
     b, h, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
@@ -346,6 +348,9 @@ def score_transform_bwd_launch(
     x = _extras(q, n_k, bias, sinks, slopes, u, vf)
     lowrank = u is not None
     du_buf = q.new_empty((b, h, n_q, x["BLOCK_R"]) if lowrank else (0,), dtype=torch.float32)
+    alibi_grad = slopes is not None and slopes_grad
+    min_bm = min(c.kwargs["BLOCK_M"] for c in _DQ.configs)  # the most query blocks any dQ config launches
+    dsl_buf = q.new_zeros((triton.cdiv(n_q, min_bm), b * h) if alibi_grad else (0,), dtype=torch.float32)
     dvf_buf = q.new_empty((b, h, n_k, x["BLOCK_R"]) if lowrank else (0,), dtype=torch.float32)
     common = dict(
         BLOCK_D=head_block(d), BLOCK_R=x["BLOCK_R"], CAUSAL=bool(causal), SOFTCAP=cap > 0,
@@ -375,16 +380,19 @@ def score_transform_bwd_launch(
     )  # fmt: skip
     grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)
     dqk[0][grid_q](
-        *ins, dq, du_buf, *strides, *dq.stride()[:3], *extra_strides, h, h // h_kv, *scalars, **common, **dqk[1],
+        *ins, dq, du_buf, dsl_buf, *strides, *dq.stride()[:3], *extra_strides, h, h // h_kv, *scalars, **common,
+        ALIBI_GRAD=alibi_grad, **dqk[1],
     )  # fmt: skip
-    dsinks = du = dvf = None
+    dsinks = du = dvf = dslopes = None
+    if slopes is not None and alibi_grad:
+        dslopes = dsl_buf.sum(0).view(b, h).sum(0).to(slopes.dtype)
     if sinks is not None:
         dsinks = -(torch.exp(sinks.float()[None, :, None] - lse) * delta).sum(dim=(0, 2)).to(sinks.dtype)
     if u is not None and vf is not None:
         r = u.shape[-1]
         du = _reduce_to(du_buf[..., :r], u.shape).to(u.dtype)
         dvf = _reduce_to(dvf_buf[..., :r], vf.shape).to(vf.dtype)
-    return dq, dk, dv, dsinks, du, dvf
+    return dq, dk, dv, dsinks, du, dvf, dslopes
 
 
 def _reduce_to(g: Tensor, shape: torch.Size) -> Tensor:
@@ -444,18 +452,33 @@ def score_transform_bwd(
     scale: float,
     cap: float,
     causal: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dq, dk, dv, dsinks, du, dvf = score_transform_bwd_launch(
-        do, q, k, v, out, lse, bias, sinks, scale, cap, causal, slopes=slopes, u=u, vf=vf
+    slopes_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dq, dk, dv, dsinks, du, dvf, dslopes = score_transform_bwd_launch(
+        do,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        bias,
+        sinks,
+        scale,
+        cap,
+        causal,
+        slopes=slopes,
+        u=u,
+        vf=vf,
+        slopes_grad=slopes_grad,
     )
-    empty = q.new_empty(0)
     return (
         dq,
         dk,
         dv,
         dsinks if dsinks is not None else q.new_zeros(q.shape[1], dtype=torch.float32),
-        du if du is not None else empty,
-        dvf if dvf is not None else empty.clone(),
+        du if du is not None else q.new_empty(0),
+        dvf if dvf is not None else q.new_empty(0),
+        dslopes if dslopes is not None else q.new_empty(0),
     )
 
 
@@ -475,12 +498,14 @@ def _(
     scale: float,
     cap: float,
     causal: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    slopes_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     dq, dk, dv = (torch.empty_like(t if t.stride(-1) == 1 else t.contiguous()) for t in (q, k, v))
     dsinks = q.new_empty(q.shape[1], dtype=sinks.dtype if sinks is not None else torch.float32)
     du = q.new_empty(0) if u is None else torch.empty_like(u)
     dvf = q.new_empty(0) if vf is None else torch.empty_like(vf)
-    return dq, dk, dv, dsinks, du, dvf
+    dslopes = torch.empty_like(slopes) if slopes is not None and slopes_grad else q.new_empty(0)
+    return dq, dk, dv, dsinks, du, dvf, dslopes
 
 
 def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
@@ -492,14 +517,14 @@ def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
 
 def _backward(ctx, do: Tensor, dlse: Tensor):  # type: ignore[no-untyped-def]
     q, k, v, out, lse, bias, sinks, slopes, u, vf = ctx.saved_tensors
-    for i, what in ((3, "the bias tensor (it would be N_q x N_k)"), (5, "the ALiBi slopes")):
-        if ctx.needs_input_grad[i]:
-            raise NotImplementedError(
-                f"the score-transform Triton kernel has no gradient for {what}; use backend='flex' or "
-                "'eager' when it requires grad"
-            )
-    dq, dk, dv, dsinks, du, dvf = score_transform_bwd(
-        do, q, k, v, out, lse, bias, sinks, slopes, u, vf, *ctx.args
+    if ctx.needs_input_grad[3]:
+        raise NotImplementedError(
+            "the score-transform Triton kernel has no gradient for the bias tensor (it would be N_q x N_k); "
+            "use backend='flex' or 'eager' when it requires grad"
+        )
+    slopes_grad = bool(ctx.needs_input_grad[5])
+    dq, dk, dv, dsinks, du, dvf, dslopes = score_transform_bwd(
+        do, q, k, v, out, lse, bias, sinks, slopes, u, vf, *ctx.args, slopes_grad
     )
     return (
         dq,
@@ -507,7 +532,7 @@ def _backward(ctx, do: Tensor, dlse: Tensor):  # type: ignore[no-untyped-def]
         dv,
         None,
         dsinks if sinks is not None else None,
-        None,
+        dslopes if slopes_grad else None,
         du if u is not None else None,
         dvf if vf is not None else None,
         None,
