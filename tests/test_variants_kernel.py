@@ -183,7 +183,8 @@ def _prefixed(what: str) -> Callable[[str], str]:
 
 def _schedules(causal: bool) -> list:  # type: ignore[type-arg]
     """Forward schedules to launch directly: on CPU the split and warp-specialized code paths on
-    interpreter-sized tiles; on CUDA every candidate the pruner keeps for a softcap call here."""
+    interpreter-sized tiles; on CUDA every candidate the pruner keeps for the call below (every transform,
+    a bias and low-rank factors among them)."""
     from attnlab.kernels.score_transform import op
 
     if DEVICE.type == "cpu":
@@ -191,7 +192,16 @@ def _schedules(causal: bool) -> list:  # type: ignore[type-arg]
         return [op._fwd_config(s) for s in shapes]
     configs = [op._fwd_config(s) for s in op.FWD_SHAPES]
     q = torch.empty(1, device=DEVICE, dtype=torch.bfloat16)
-    return op._prune_fwd(configs, {"Q": q, "TMA": True, "DOT_PREC": "tf32", "CAUSAL": causal, "BLOCK_D": 32})
+    args = {
+        "Q": q,
+        "TMA": True,
+        "DOT_PREC": "tf32",
+        "CAUSAL": causal,
+        "BLOCK_D": 32,
+        "HAS_BIAS": True,
+        "LOWRANK": True,
+    }
+    return op._prune_fwd(configs, args)
 
 
 @pytest.mark.parametrize("causal", [False, True])

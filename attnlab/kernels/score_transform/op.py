@@ -209,6 +209,13 @@ _DQ = triton.autotune(
 _DQ_ANY = triton.heuristics(_EVEN)(score_transform_bwd_dq_kernel)
 
 
+def _autotuning() -> bool:
+    """``attnlab.settings.autotune``: off, every launch takes each kernel's first candidate."""
+    from attnlab.settings import settings
+
+    return bool(settings.autotune)
+
+
 def _flags(q: Tensor) -> dict:
     return {
         "FAST": q.is_cuda and q.dtype != torch.float32,
@@ -296,6 +303,8 @@ def score_transform_fwd_launch(
     if block is not None:
         config = triton.Config({"BLOCK_M": block[0], "BLOCK_N": block[1], "SPLIT": 1, "WS": False},
                                num_warps=1 if IMPORTED_INTERPRETED else 4, num_stages=1)  # fmt: skip
+    if config is None and not _autotuning():
+        config = _FWD.configs[0]
     kernel, meta = (_FWD, {}) if config is None else (_FWD_ANY, config.all_kwargs())
     tma = USE_TMA and tma_copyable(q, k, v, o, interpreted=IMPORTED_INTERPRETED)
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)
@@ -368,6 +377,8 @@ def score_transform_bwd_launch(
     )
     dkdv: tuple[Any, dict] = (_DKDV, {})
     dqk: tuple[Any, dict] = (_DQ, {})
+    if configs is None and not _autotuning():
+        configs = (_DKDV.configs[0], _DQ.configs[0])
     if configs is not None:
         dkdv, dqk = (_DKDV_ANY, configs[0].all_kwargs()), (_DQ_ANY, configs[1].all_kwargs())
     ins = (q, k, v, do, lse2, delta, x["BIAS"], x["SLOPES"], x["UF"], x["VF"])
