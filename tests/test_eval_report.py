@@ -131,7 +131,32 @@ def test_runs_and_decode_routing(result: EvalResult) -> None:
     rows = {r["label"]: r for r in result.rows}
     assert rows["page_topk"]["outputs"] == rows[DENSE]["outputs"]
     for m in runs.values():
-        assert m["timed_prefills"] == 1 and m["prefill_ms"] > 0 and m["ppl_decode_tokens"] == 4
+        assert m["timed_prefills"] == (0 if m["shared_prefill"] else 1) and m["ppl_decode_tokens"] == 4
+        assert m["shared_prefill"] == (m["family"] == "decode") and m["decode_ms"] > 0
+
+
+def test_shared_prefill_equals_a_fresh_prefill(result: EvalResult) -> None:
+    tight = f"page_topk(budget={LENGTH // 8})"
+    shared = next(m for m in result.methods if m["label"] == tight)
+    assert shared["shared_prefill"] and shared["timed_prefills"] == 0 and shared["prefill_ms"] is None
+    cfg = EvalConfig(
+        model=organism_path("micro"),
+        methods=(f"page_topk:budget={LENGTH // 8}",),
+        tasks=("passkey",),
+        lengths=(LENGTH,),
+        samples=2,
+        corpus=HAYSTACK,
+        perplexity=1,
+        decode_tokens=4,
+        share_prefill=False,
+    )
+    fresh = evaluate(cfg)
+    m = next(m for m in fresh.methods if m["label"] == tight)
+    assert not m["shared_prefill"] and m["timed_prefills"] == 1
+    assert m["decode_loss"] == pytest.approx(shared["decode_loss"], rel=1e-6)
+    assert m["prefill_loss"] == pytest.approx(shared["prefill_loss"], rel=1e-6)
+    outs = {r["label"]: r["outputs"] for r in result.rows}
+    assert [r["outputs"] for r in fresh.rows if r["label"] == tight] == [outs[tight]]
 
 
 def test_use_kwargs_tidal_roles() -> None:

@@ -14,12 +14,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from attnlab.core import MethodSpec
+
+
+@contextlib.contextmanager
+def _dense_limit(elements: int) -> Iterator[None]:
+    """``attnlab.settings.max_dense_elements`` raised to at least ``elements`` inside the block."""
+    from attnlab.settings import settings
+
+    old = settings.max_dense_elements
+    if elements > old:
+        settings.max_dense_elements = elements
+    try:
+        yield
+    finally:
+        if settings.max_dense_elements != old:
+            settings.max_dense_elements = old
 
 
 def tidal_roles(num_layers: int) -> dict[int, str]:
@@ -53,7 +69,9 @@ def prefill_density(
         vals = []
         for q, k, scale in qk:
             q_, k_ = q[:, :, :n].to(device), k[:, :, :n].to(device)
-            vals.append(float(spec.estimate(q_, k_, p, causal=True, scale=scale).density))
+            # counting a plan's pairs may build its (H, N, N) bool mask: allowed here past the dense limit
+            with _dense_limit(q_.shape[0] * q_.shape[1] * n * n):
+                vals.append(float(spec.estimate(q_, k_, p, causal=True, scale=scale).density))
         return sum(vals) / len(vals)
     if spec.mask is None:
         return 1.0

@@ -10,8 +10,9 @@ Perplexity is ``exp(loss)``; deltas are taken against ``softmax`` run the same w
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -48,14 +49,31 @@ def windows(ids: Sequence[int], n: int, count: int) -> list[list[int]]:
     return [list(ids[i * (n + 1) : (i + 1) * (n + 1)]) for i in range(count) if (i + 1) * (n + 1) <= len(ids)]
 
 
+#: one window's prefill, for reuse by runs whose prefill is the same: (summed nats, tokens, KV cache)
+Prefill = tuple[float, int, Any]
+
+
 @torch.no_grad()
-def phase_loss(model: PreTrainedModel, wins: Sequence[Sequence[int]], decode_tokens: int) -> PhaseLoss:
+def phase_loss(
+    model: PreTrainedModel,
+    wins: Sequence[Sequence[int]],
+    decode_tokens: int,
+    shared: Sequence[Prefill] | None = None,
+    keep: list[Prefill] | None = None,
+    before_window: Callable[[], None] | None = None,
+) -> PhaseLoss:
     """The prefill and decode losses of ``model`` on ``wins`` (each ``n + 1`` tokens; see the module
-    docstring), with ``decode_tokens`` teacher-forced decode steps per window (``1 <= m < n``)."""
+    docstring), with ``decode_tokens`` teacher-forced decode steps per window (``1 <= m < n``).
+    ``shared``: per window, the prefill of an earlier call with the same model and prefill attention (its
+    cache is copied, never changed): the prefill is not run again. ``keep`` receives this call's prefills.
+    ``before_window`` is called before each window (e.g. to clear a stateful method's state, which a
+    shared prefill does not do)."""
     device = next(model.parameters()).device
     pre_nats = dec_nats = 0.0
     pre_count = dec_count = 0
-    for win in wins:
+    if shared is not None and len(shared) != len(wins):
+        raise ValueError(f"shared holds {len(shared)} prefills for {len(wins)} windows")
+    for i, win in enumerate(wins):
         n = len(win) - 1
         if not 1 <= decode_tokens < n:
             raise ValueError(
@@ -63,10 +81,18 @@ def phase_loss(model: PreTrainedModel, wins: Sequence[Sequence[int]], decode_tok
             )
         p = n - decode_tokens
         x = torch.tensor([list(win)], device=device)
-        out = model(input_ids=x[:, :p], use_cache=True)
-        pre_nats += float(cross_entropy(out.logits[0].float(), x[0, 1 : p + 1], reduction="sum"))
-        pre_count += p
-        cache = out.past_key_values
+        if before_window is not None:
+            before_window()
+        if shared is not None:
+            nats, count, cache = shared[i][0], shared[i][1], copy.deepcopy(shared[i][2])
+        else:
+            out = model(input_ids=x[:, :p], use_cache=True)
+            nats = float(cross_entropy(out.logits[0].float(), x[0, 1 : p + 1], reduction="sum"))
+            count, cache = p, out.past_key_values
+            if keep is not None:
+                keep.append((nats, count, copy.deepcopy(cache)))
+        pre_nats += nats
+        pre_count += count
         for t in range(p, n):
             out = model(input_ids=x[:, t : t + 1], past_key_values=cache, use_cache=True)
             cache = out.past_key_values

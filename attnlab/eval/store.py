@@ -65,6 +65,8 @@ TABLES: dict[str, dict[str, str]] = {
         "decode_ms": "DOUBLE",
         "timed_prefills": "INTEGER",
         "timed_steps": "INTEGER",
+        # a decode-only run that reused softmax's prefill (its prefill time is not measured)
+        "shared_prefill": "BOOLEAN",
         "prefill_loss": "DOUBLE",
         "decode_loss": "DOUBLE",
         # exp(loss) / exp(softmax's loss) - 1 at the same length, same run

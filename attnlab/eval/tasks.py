@@ -26,6 +26,9 @@ Conventions:
   the attnlab.hf overhead is included), and the held-out prefill/decode losses
   (:mod:`attnlab.eval.perplexity`, ``perplexity`` windows). A run that raises is recorded with its error
   (``error``) and the evaluation goes on.
+- Decode-only runs (prefill ``softmax``) reuse the softmax run's prefill of each prompt and perplexity
+  window (``share_prefill``; the same computation, so the same cache): only their decode steps run, and
+  their prefill time is not measured (``shared_prefill`` in their row).
 """
 
 from __future__ import annotations
@@ -269,6 +272,9 @@ class EvalConfig:
     max_seconds: float | None = None
     #: a run still going after this many seconds is stopped and recorded as an error (main thread, POSIX)
     run_seconds: float | None = None
+    #: decode-only runs reuse softmax's prefill of each prompt and perplexity window (the same computation;
+    #: their prefill time is then not measured)
+    share_prefill: bool = True
 
 
 @dataclass
@@ -498,6 +504,14 @@ def evaluate(
     # method by method (every length of a method, then the next method): a time limit leaves whole methods out
     order = list(dict.fromkeys(r.method for n in cfg.lengths for r in runs_at[n]))
     todo = [(n, run) for name in order for n in cfg.lengths for run in runs_at[n] if run.method == name]
+    # decode-only runs reuse the dense prefill of each prompt and window (the same computation: softmax
+    # through attnlab.hf), kept from the softmax run of that length
+    kept_gen: dict[tuple[int, str], list[tuple[torch.Tensor, Any]]] = {}
+    kept_ppl: dict[int, list[Any]] = {}
+    reuse_at = {
+        n: cfg.share_prefill and any(r.prefill == DENSE and r.method != DENSE for r in runs_at[n])
+        for n in cfg.lengths
+    }
     for n, run in todo:
         samples, prompts, wins, dens_at = setup[n]
         if cfg.max_seconds is not None and time.perf_counter() - began > cfg.max_seconds:
@@ -508,21 +522,30 @@ def evaluate(
         prefill_s: list[float] = []
         decode_s: list[float] = []
         loss = None
+        keeping = reuse_at[n] and run.method == DENSE
+        reusing = reuse_at[n] and run.method != DENSE and run.prefill == DENSE
+        shared = reusing and all(len(kept_gen.get((n, t), [])) == len(samples[t]) for t in cfg.tasks)
         started = time.perf_counter()
         try:
             with (
                 _time_limit(cfg.run_seconds),
-                attnlab.hf.use(model, **run.use_kwargs(cfg.device, num_layers)),
+                attnlab.hf.use(model, **run.use_kwargs(cfg.device, num_layers)) as runtime,
             ):
                 first = True
                 for task in cfg.tasks:
                     correct, outputs = 0, []
-                    for s, ids in zip(samples[task], prompts[task], strict=True):
+                    keep = kept_gen.setdefault((n, task), []) if keeping else None
+                    for i, (s, ids) in enumerate(zip(samples[task], prompts[task], strict=True)):
                         times: list[float] = []
-                        text = decode(tok, greedy(model, ids, s.answer_tokens + 2, stop, times))
+                        pre = kept_gen[(n, task)][i] if shared else None
+                        if pre is not None:  # no prefill call resets stateful methods' state: reset it here
+                            runtime.reset()
+                        new = greedy(model, ids, s.answer_tokens + 2, stop, times, prefilled=pre, keep=keep)
+                        text = decode(tok, new)
                         if not first:
-                            prefill_s.append(times[0])
-                            decode_s += times[1:]
+                            if pre is None:
+                                prefill_s.append(times[0])
+                            decode_s += times[0 if pre is not None else 1 :]
                         first = False
                         correct += score(s, text)
                         outputs.append(text)
@@ -530,7 +553,11 @@ def evaluate(
                             advance(1)
                     per_task[task] = (correct, outputs)
                 if wins:
-                    loss = phase_loss(model, wins, cfg.decode_tokens)
+                    ppl_keep = kept_ppl.setdefault(n, []) if keeping else None
+                    ppl_shared = kept_ppl.get(n) if shared and len(kept_ppl.get(n, [])) == len(wins) else None
+                    loss = phase_loss(
+                        model, wins, cfg.decode_tokens, ppl_shared, ppl_keep, before_window=runtime.reset
+                    )
         except Exception as e:  # a run that fails is recorded, and the others still run
             error = f"{type(e).__name__}: {e}"
             log(f"{run.label} at {n}: {error}")
@@ -574,6 +601,7 @@ def evaluate(
                 "prefill_ms": None if (m := _median(prefill_s)) is None else 1e3 * m,
                 "decode_ms": None if (m := _median(decode_s)) is None else 1e3 * m,
                 "timed_prefills": len(prefill_s),
+                "shared_prefill": shared,
                 "timed_steps": len(decode_s),
                 "prefill_loss": loss.prefill_loss if loss else None,
                 "decode_loss": loss.decode_loss if loss else None,

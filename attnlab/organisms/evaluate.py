@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,34 +28,43 @@ def greedy(
     max_new: int,
     stop: Sequence[int],
     times: list[float] | None = None,
+    prefilled: tuple[torch.Tensor, Any] | None = None,
+    keep: list[tuple[torch.Tensor, Any]] | None = None,
 ) -> list[int]:
     """Greedy continuation of ``ids`` (a KV cache carries the prefix): at most ``max_new`` tokens, ending
     before the first token in ``stop``. ``times``, when given, receives the seconds of the prefill forward
-    pass and then of each decode step (each including the next token's argmax, which waits for the device;
-    the prefill is timed with an explicit CUDA synchronisation)."""
+    pass (unless ``prefilled``) and then of each decode step (each including the next token's argmax, which
+    waits for the device; the prefill is timed with an explicit CUDA synchronisation).
+
+    ``prefilled``: (the prefill's last logits row, its KV cache) from an earlier prefill of the same
+    ``ids`` by the same model and attention: the prefill is not run again (the cache is copied, never
+    changed). ``keep``: receives that pair from this call's prefill (a copy of the cache)."""
     device = next(model.parameters()).device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    if times is not None:
-        sync()
-    started = time.perf_counter()
-    out = model(input_ids=torch.tensor([ids], device=device), use_cache=True)
-    if times is not None:
-        sync()
-        times.append(time.perf_counter() - started)
+    if prefilled is None:
+        if times is not None:
+            sync()
+        started = time.perf_counter()
+        out = model(input_ids=torch.tensor([ids], device=device), use_cache=True)
+        if times is not None:
+            sync()
+            times.append(time.perf_counter() - started)
+        logits, cache = out.logits[0, -1], out.past_key_values
+        if keep is not None:
+            keep.append((logits.clone(), copy.deepcopy(cache)))
+    else:
+        logits, cache = prefilled[0], copy.deepcopy(prefilled[1])
     new: list[int] = []
     for _ in range(max_new):
-        tok = int(out.logits[0, -1].argmax())
+        tok = int(logits.argmax())
         if times is not None and new:
             times.append(time.perf_counter() - started)
         if tok in stop:
             break
         new.append(tok)
         started = time.perf_counter()
-        out = model(
-            input_ids=torch.tensor([[tok]], device=device),
-            past_key_values=out.past_key_values,
-            use_cache=True,
-        )
+        out = model(input_ids=torch.tensor([[tok]], device=device), past_key_values=cache, use_cache=True)
+        logits, cache = out.logits[0, -1], out.past_key_values
     return new
 
 
