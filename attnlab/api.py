@@ -332,7 +332,9 @@ def attention(
         params, tensors = _split_inputs(spec, params)
     else:
         tensors = {}
-    if causal.__class__ is not bool:  # before the op cache: 1 == True would find the causal=True op
+    if not isinstance(causal, bool):  # before the op cache: 1 == True would find the causal=True op
+        # (isinstance, not ``causal.__class__ is not bool``: torch 2.11's dynamo evaluates that to True
+        # for a constant True inside torch.compile, which refused every compiled call; H100 at 2cffc0a)
         raise InputError(f"causal must be a bool, got {causal!r}")
     if torch.compiler.is_compiling():  # nothing cached or mutated inside a trace
         call = _resolve_call(
