@@ -18,7 +18,7 @@ the launcher; a dense bias gets none.
 import triton
 import triton.language as tl
 
-from attnlab.kernels.score_transform.common import LOG2E, load_factor, logits2, store_factor
+from attnlab.kernels.score_transform.common import LOG2E, distance, load_factor, logits2, store_factor
 from attnlab.kernels.sigmoid.common import causal_key_range, dot, load_rows, store_rows
 
 LENGTH_ARGS = ["N_Q", "N_K", "OFFSET"]
@@ -185,7 +185,7 @@ def _dq_inner(
         if LOWRANK:
             du += dot(dx.to(vf.dtype), vf, DOT_PREC, UPCAST)
         if ALIBI_GRAD:  # x = ... - m_h |i + OFFSET - j|: dL/dm_h = -sum dX |i + OFFSET - j|
-            dsl -= tl.sum(tl.sum(dx * tl.abs(qi + OFFSET - kj).to(tl.float32), 1), 0)
+            dsl -= tl.sum(tl.sum(dx * tl.abs(distance(qi, kj, OFFSET)), 1), 0)
     return dq, du, dsl
 
 

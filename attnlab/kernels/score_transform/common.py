@@ -26,6 +26,15 @@ def tanh_of(x, FAST: tl.constexpr):
 
 
 @triton.jit
+def distance(qi, kj, OFFSET):
+    """``i + OFFSET - j`` in fp32 (exact below 2^24), converted on the row and column vectors before they
+    broadcast: one subtraction per score instead of an integer subtraction and a conversion, whose unit
+    runs at a quarter of the fp32 rate on Hopper (the ALiBi forward measured 0.54-0.70x of cuDNN with the
+    per-score conversion, against 0.79-0.84x for the sink variant; this form was not run on the GPU)."""
+    return (qi + OFFSET).to(tl.float32) - kj.to(tl.float32)
+
+
+@triton.jit
 def logits2(
     s, qi, kj, bias_base, stride_bm, stride_bn, slope2, lr, N_Q, N_K, OFFSET, scale2, cap2, inv_cap,
     SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, ALIBI: tl.constexpr, LOWRANK: tl.constexpr,
@@ -50,7 +59,7 @@ def logits2(
             * LOG2E
         )
     if ALIBI:
-        x -= slope2 * tl.abs(qi + OFFSET - kj).to(tl.float32)
+        x -= slope2 * tl.abs(distance(qi, kj, OFFSET))
     if LOWRANK:
         x += lr
     return x, t
