@@ -31,12 +31,19 @@ def _host(h: dict[str, Any]) -> list[str]:
     t, d, lines = h["us_per_call"], h["derived"], []
     if "sliding_window.overhead_op_us" not in d:  # before call-by-call timing
         return _host_v1(h)
+    block = t["sdpa"].get("block")
+    how = (
+        f"timed in blocks of {block} back-to-back calls, every variant one block per iteration in balanced "
+        "orders, gc off (median and min of the block means, us). Overhead = median of the differences of "
+        "block means against `op.bind`"
+        if block
+        else "timed call by call, every variant once per iteration in balanced orders, gc off (median and "
+        "min of single calls, us). Overhead = median of the call-by-call differences against `op.bind`"
+    )
     lines += [
-        f"Host time per call, {tuple(h['shape'])} {h['dtype'].replace('torch.', '')} causal, timed call by call "
-        "(every variant once per iteration, in balanced orders, gc off; median and min of single calls, us). "
-        "Overhead = median of the call-by-call differences against `op.bind` (the backend's own launch with "
-        "everything resolved) in the same iteration, quartiles in brackets. Targets <= 10 us (prepared op), "
-        "<= 25 us (attention).",
+        f"Host time per call, {tuple(h['shape'])} {h['dtype'].replace('torch.', '')} causal, {how} (the "
+        "backend's own launch with everything resolved) in the same iteration, quartiles in brackets. Targets "
+        "<= 10 us (prepared op), <= 25 us (attention).",
         "",
         "| method | backend launch (bind) | prepared op | attention | op overhead | attention overhead | "
         "targets met (median) |",
@@ -150,6 +157,26 @@ def _first(f: dict[str, Any]) -> list[str]:
             f"{r['second_s'] * 1e3:.2f} | {extra:.1f} | {meets} | {'yes' if r['autotuner_grew'] else 'no'} | "
             f"{'yes' if r['jit_cache_grew'] else 'no'} | {recompiled} |"
         )
+    parts = f.get("parts", [])
+    if parts:
+        names = list(parts[0]["ms"])
+        lines += [
+            "",
+            "Where a first call of sliding_window at a new length in a seen bucket goes, piece by piece, each "
+            "synchronised (ms; after the rows above): resolving the call (validation, dispatch), the static "
+            "plan, its tables, its BlockMask, then the call itself (the rest) and a warm call.",
+            "",
+            "| N | bucket | " + " | ".join(names) + " | first call over warm |",
+            "|---|---|" + "---|" * len(names) + "---|",
+        ]
+        for p in parts:
+            ms = p["ms"]
+            over = sum(v for k, v in ms.items() if k != "warm_call") - ms.get("warm_call", 0.0)
+            lines.append(
+                f"| {p['n']} | {p.get('bucket') or '—'} | "
+                + " | ".join(f"{ms[k]:.2f}" for k in names)
+                + f" | {over:.2f} |"
+            )
     return lines
 
 
