@@ -22,6 +22,7 @@ import html
 import io
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,18 @@ def bench_speedups(root: str | Path, lengths: Iterable[int]) -> dict[tuple[str, 
     return out
 
 
+def short_label(label: str, keep: int = 3) -> str:
+    """``label`` with long tuple values shortened (``(256, 768, ..., 7936; 16 values)``) for tables and plots."""
+
+    def cut(m: re.Match[str]) -> str:
+        items = [x.strip() for x in m.group(1).split(",") if x.strip()]
+        if len(items) <= keep + 1:
+            return m.group(0)
+        return f"({', '.join(items[:keep])}, ..., {items[-1]}; {len(items)} values)"
+
+    return re.sub(r"\(([0-9, ]+)\)", cut, label)
+
+
 def _fmt(x: Any, spec: str = ".2f", none: str = "-") -> str:
     if _nan(x):
         return none
@@ -184,7 +197,7 @@ def plot(pts: Sequence[Mapping[str, Any]], task: str, n: int) -> bytes | None:
                 xs, ys = [p[cost] for p in front], [p["accuracy"] for p in front]
                 ax.plot(xs, ys, style, lw=1, label=f"Pareto front ({phase})")
                 for p in front:
-                    ax.annotate(p["label"], (p[cost], p["accuracy"]), fontsize=6, rotation=20)
+                    ax.annotate(short_label(p["label"]), (p[cost], p["accuracy"]), fontsize=6, rotation=20)
         if cost == "density":
             ax.invert_xaxis()
         ax.set_xlabel(xlabel, fontsize=8)
@@ -219,6 +232,9 @@ def markdown(
         f"steps each). Haystack corpus {info.get('haystack_corpus')}.",
         "",
     ]
+    for key in ("note", "caveat"):
+        if info.get(key):
+            lines += [f"{key.capitalize()}: {info[key]}", ""]
     if info.get("skipped"):
         lines += [f"Left out by the time limit: {', '.join(info['skipped'])}.", ""]
     lines += ["## Cheapest run keeping >= 95% of dense accuracy", ""]
@@ -230,9 +246,9 @@ def markdown(
         ch, fa = c["cheapest"], c["fastest"]
         lines.append(
             f"| {c['task']}@{c['length']} | {c['dense_accuracy']:.2f} | {c['kept']} / {c['runs']} | "
-            + (f"{ch['label']} ({ch['accuracy']:.2f}, {ch['density']:.3f})" if ch else "none")
+            + (f"{short_label(ch['label'])} ({ch['accuracy']:.2f}, {ch['density']:.3f})" if ch else "none")
             + " | "
-            + (f"{fa['label']} ({fa['accuracy']:.2f}, {fa['speedup']:.2f}x)" if fa else "none")
+            + (f"{short_label(fa['label'])} ({fa['accuracy']:.2f}, {fa['speedup']:.2f}x)" if fa else "none")
             + " |"
         )
     lines += ["", "## Accuracy, density, speed and perplexity per run", ""]
@@ -250,7 +266,7 @@ def markdown(
     methods = {(m["label"], m["length"]): m for m in result.methods}
     for label in labels:
         any_p = next(p for p in pts if p["label"] == label)
-        row = [label.replace("|", "/"), any_p["phase"]]
+        row = [short_label(label).replace("|", "/"), any_p["phase"]]
         for n in lengths:
             first = None
             for t, m in tl:
@@ -280,7 +296,9 @@ def markdown(
     errors = [(m["label"], m["length"], m["error"]) for m in result.methods if m.get("error")]
     if errors:
         lines += ["", "## Runs that raised", ""]
-        lines += [f"- {label} at {n}: `{str(e).splitlines()[0][:300]}`" for label, n, e in errors]
+        lines += [
+            f"- {short_label(label)} at {n}: `{str(e).splitlines()[0][:300]}`" for label, n, e in errors
+        ]
     lines += ["", "## Pareto plots", ""]
     for (task, n), name in images.items():
         lines += [f"![{task} at {n}]({name})", ""]
