@@ -33,21 +33,30 @@ def _online(
     HAS_BIAS: tl.constexpr, ALIBI: tl.constexpr, LOWRANK: tl.constexpr, FAST: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """One key block's online-softmax update of one query tile (rows offs_m) given raw scores ``s``."""
-    lr = s
-    if LOWRANK:
-        lr = dot(u, tl.trans(vf), DOT_PREC, UPCAST) * LOG2E
+    """One key block's online-softmax update of one query tile (rows offs_m) given raw scores ``s``.
+
+    Without a transform (plain softmax, the sink variant) the scale is folded as in Triton's attention
+    tutorial: the row maximum is taken on the raw scores and scaled once per row, and ``2^(s * scale2 - m)``
+    is one fused multiply-add per score (the timed kernel multiplied, then subtracted; not timed since)."""
     qi = offs_m[:, None]
     kj = offs_n[None, :]
-    x, _ = logits2(s, qi, kj, bias_base, stride_bm, stride_bn, slope2, lr, N_Q, N_K, OFFSET, scale2, cap2,
-                   inv_cap, SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, FAST)  # fmt: skip
+    if SOFTCAP or HAS_BIAS or ALIBI or LOWRANK:
+        lr = s
+        if LOWRANK:
+            lr = dot(u, tl.trans(vf), DOT_PREC, UPCAST) * LOG2E
+        x, _ = logits2(s, qi, kj, bias_base, stride_bm, stride_bn, slope2, lr, N_Q, N_K, OFFSET, scale2, cap2,
+                       inv_cap, SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, FAST)  # fmt: skip
+        x_scale = 1.0
+    else:
+        x = s
+        x_scale = scale2  # > 0: the maximum commutes with it
     if MASKED:
         x = tl.where(kj <= qi + OFFSET, x, float("-inf"))
     if BOUND:
         x = tl.where(kj < N_K, x, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(x, 1))
+    m_new = tl.maximum(m_i, tl.max(x, 1) * x_scale)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet: no NaN from -inf - -inf
-    p = tl.math.exp2(x - m_safe[:, None])
+    p = tl.math.exp2(x * x_scale - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = dot_acc(p.to(v.dtype), v, acc * alpha[:, None], DOT_PREC, UPCAST)
