@@ -65,6 +65,10 @@ def test_tidal_roles_and_decode_density() -> None:
     # prefill-only and dense methods: 1.0 in the phase they do not change
     assert decode_density(attnlab.get("block_topk"), {}, 1024, 2, 2, CPU) == 1.0
     assert prefill_density(page, {"budget": 256}, 1024, None, CPU) == 1.0
+    # a per-head mask no static plan expresses: not counted (NaN), not taken for dense
+    strided = attnlab.get("strided_heads")
+    assert math.isnan(prefill_density(strided, {}, 1024, None, CPU))
+    assert math.isnan(decode_density(strided, {}, 1024, 2, 2, CPU))
 
 
 def test_prefill_density_static_and_dynamic() -> None:

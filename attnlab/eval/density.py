@@ -10,11 +10,14 @@
   n) / n`` per layer and KV head; ``retrieval_heads_kv`` keeps every key of its ``heads``; ``tidal`` keeps
   every key on its ``full`` and ``select`` layers (see :func:`tidal_roles`). This counts the keys the
   attention reads, not the tokens a method's scoring pass touches.
+- NaN where attnlab cannot count it: a sparse method with neither a static plan nor an estimate
+  (``strided_heads``, whose mask differs per head; ``nsa``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -73,8 +76,8 @@ def prefill_density(
             with _dense_limit(q_.shape[0] * q_.shape[1] * n * n):
                 vals.append(float(spec.estimate(q_, k_, p, causal=True, scale=scale).density))
         return sum(vals) / len(vals)
-    if spec.mask is None:
-        return 1.0
+    if spec.mask is None:  # a sparse method without a plan attnlab can count (e.g. per-head masks)
+        return math.nan
     return float(densities(spec, p, n, n, True, device)[0])
 
 
@@ -91,7 +94,7 @@ def decode_density(
     p = spec.make_params(dict(params))
     if spec.family != "decode":
         if spec.mask is None:
-            return 1.0
+            return math.nan
         return float(densities(spec, p, 1, n, True, device)[0])
     budget = getattr(p, "budget", None)
     if budget is None:

@@ -73,7 +73,7 @@ def pareto(
     """The points on the accuracy-vs-``cost`` Pareto front (points missing either value are left out),
     ordered by cost (cheapest first)."""
     sign = -1.0 if higher_is_cheaper else 1.0
-    ok = [p for p in pts if p.get(cost) is not None and not _nan(p.get("accuracy"))]
+    ok = [p for p in pts if not _nan(p.get(cost)) and not _nan(p.get("accuracy"))]
     front = []
     for p in ok:
         c, a = sign * p[cost], p["accuracy"]
@@ -106,9 +106,9 @@ def cheapest(pts: Sequence[Mapping[str, Any]], keep: float = KEEP) -> list[dict[
             if p["family"] != "dense" and not p["error"] and not _nan(p["accuracy"]) and p["accuracy"] >= need
         ]
         by_density = sorted(
-            (p for p in ok if p["density"] is not None), key=lambda p: (p["density"], -(p["speedup"] or 0.0))
+            (p for p in ok if not _nan(p["density"])), key=lambda p: (p["density"], -(p["speedup"] or 0.0))
         )
-        by_speed = sorted((p for p in ok if p["speedup"] is not None), key=lambda p: -p["speedup"])
+        by_speed = sorted((p for p in ok if not _nan(p["speedup"])), key=lambda p: -p["speedup"])
         out.append(
             {
                 "task": task,
@@ -182,7 +182,7 @@ def plot(pts: Sequence[Mapping[str, Any]], task: str, n: int) -> bytes | None:
         (axes[1], "speedup", True, "measured model step speedup vs softmax (prefill or decode step)"),
     ):
         for phase in ("prefill", "decode"):
-            ps = [p for p in cell if p["phase"] == phase and p.get(cost) is not None]
+            ps = [p for p in cell if p["phase"] == phase and not _nan(p.get(cost))]
             if ps:
                 ax.scatter(
                     [p[cost] for p in ps],
