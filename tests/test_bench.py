@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -182,9 +183,7 @@ def test_cpu_preset_times_a_registered_subset_and_all_means_every_method() -> No
     assert cpu.with_(methods=("gla",)).methods == ("gla",)
 
 
-def test_interleaved_timing_calls_each_function_in_turn_in_rotating_order(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_interleaved_timing_calls_each_function_in_balanced_orders(monkeypatch: pytest.MonkeyPatch) -> None:
     # the order is under test, not the long-call rule (a loaded CI machine can take > 1 s for the sizing call)
     monkeypatch.setattr("attnlab.bench.timing.LONG_CALL_S", float("inf"))
     calls: list[str] = []
@@ -200,10 +199,24 @@ def test_interleaved_timing_calls_each_function_in_turn_in_rotating_order(
 
     fns = {"a": fn("a", 1), "b": fn("b", 60), "c": fn("c", 12)}
     t = measure_interleaved(fns, torch.device("cpu"), warmup=1, min_reps=4, max_reps=4)
-    assert set(t) == {"a", "b", "c"} and t["a"].reps == t["b"].reps == t["c"].reps == 4
+    # 4 rounds asked, rounded up to the 6 orders of three sides
+    assert set(t) == {"a", "b", "c"} and t["a"].reps == t["b"].reps == t["c"].reps == 6
     assert t["b"].median_ms > t["c"].median_ms > t["a"].median_ms > 0
-    timed = calls[6:]  # after warm-up and sizing: rounds of all three, each starting one later
-    assert timed == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
+    timed = calls[6:]  # after warm-up and sizing
+    rounds = [timed[i : i + 3] for i in range(0, len(timed), 3)]
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds)
+    pairs = Counter((r[i], r[i + 1]) for r in rounds for i in range(2))
+    assert len(pairs) == 6 and set(pairs.values()) == {2}  # every ordered pair adjacent equally often
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6])
+def test_balanced_orders_give_every_side_every_predecessor_equally_often(n: int) -> None:
+    from attnlab.bench.timing import balanced_orders
+
+    rows = balanced_orders(n)
+    assert all(sorted(r) == list(range(n)) for r in rows)
+    pairs = Counter((r[i], r[i + 1]) for r in rows for i in range(n - 1))
+    assert len(pairs) == n * (n - 1) and len(set(pairs.values())) <= 1
 
 
 def test_flops_and_shapes() -> None:

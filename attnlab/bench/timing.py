@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 #: at least this many timed calls per side and point ...
-MIN_REPS = 10
+MIN_REPS = 12
 #: ... unless one call of the slowest side takes longer than this many seconds; then only
 #: ``LONG_CALL_REPS`` calls are timed and the row says so (``few_reps``)
 LONG_CALL_S = 1.0
@@ -82,6 +82,24 @@ def repetitions(once_s: dict[str, float], target_s: float, min_reps: int, max_re
     return int(min(max_reps, max(min_reps, target_s / sum(once_s.values()))))
 
 
+def balanced_orders(n: int) -> list[list[int]]:
+    """Orders of ``n`` sides in which every side directly follows every other equally often (a Williams
+    design): rows ``(first + r) % n`` with first row ``0, 1, n-1, 2, n-2, ...``; for odd ``n`` the reversed
+    rows too (2n rows). A GPU call right after a long one (cuDNN at 64K) can run a few percent slower;
+    these orders give every side that position equally often."""
+    if n <= 1:
+        return [list(range(n))]
+    first, lo, hi = [0], 1, n - 1
+    while len(first) < n:
+        first.append(lo)
+        lo += 1
+        if len(first) < n:
+            first.append(hi)
+            hi -= 1
+    rows = [[(x + r) % n for x in first] for r in range(n)]
+    return rows + [row[::-1] for row in rows] if n % 2 else rows
+
+
 def measure_interleaved(
     fns: dict[str, Callable[[], object]],
     device: torch.device,
@@ -91,23 +109,29 @@ def measure_interleaved(
     min_reps: int = MIN_REPS,
     max_reps: int = 50,
 ) -> dict[str, Timing]:
-    """Time each function over rounds that call them in turn, each round starting one function later
-    (a, b, c, b, c, a, c, a, b, ...); returns each one's :class:`Timing`.
+    """Time each function over rounds that call them all in turn, in the orders of
+    :func:`balanced_orders` (for three: a b c, b c a, c a b, c b a, a c b, b a c, ...); returns each one's
+    :class:`Timing`. The rounds are rounded up to a whole number of those orders (unless the long-call
+    rule leaves only ``LONG_CALL_REPS``).
 
     Within a round every function sees the same clock, power, thermal and load state, which back-to-back
     blocks of one function each do not (on an H100 a block of heavy calls can run a few percent slower
     than the same calls spread out; on a shared CPU another process can take a core for a while). The
-    rotation gives every function every position: on the H100 a kernel that always ran right after cuDNN
-    measured 3% slower than the same kernel further down the round. On CUDA each call is bracketed by CUDA
-    events with no synchronisation inside the loop. Peak memory is not tracked here.
+    orders give every function every position and every predecessor equally often: on the H100 a kernel
+    right after a long cuDNN call runs 2-5% slower at 64K, and a plain rotation (a b c, b c a, c a b) put
+    one side after the baseline twice as often as another. On CUDA each call is bracketed by CUDA events
+    with no synchronisation inside the loop. Peak memory is not tracked here.
     """
     once = {name: _warm_then_once(fn, device, warmup) for name, fn in fns.items()}
     reps = repetitions(once, target_s, min_reps, max_reps)
+    names = list(fns)
+    orders = balanced_orders(len(names))
+    if reps > LONG_CALL_REPS:  # (the long-call rule's few rounds stay few)
+        reps = -(-reps // len(orders)) * len(orders)
     times: dict[str, list[float]] = {name: [] for name in fns}
     events: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {name: [] for name in fns}
-    names = list(fns)
     for r in range(reps):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
+        for name in (names[i] for i in orders[r % len(orders)]):
             fn = fns[name]
             if device.type == "cuda":  # no sync inside the loop: the GPU queue stays full
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
