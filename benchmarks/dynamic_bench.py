@@ -252,6 +252,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--budget-s", type=float, default=420.0, help="wall seconds after which no point starts")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--lengths", default="32768,65536", help="comma-separated N (the GPU run)")
+    ap.add_argument("--best", type=int, default=3, help="methods rerun at twice the last length")
     args = ap.parse_args()
     if args.table:
         print(table(json.loads(Path(args.table).read_text())))
@@ -275,7 +277,9 @@ def main() -> None:
         "rows": [],
     }
     methods = [m for m in args.methods.split(",") if m]
-    lengths = ((256, 512) if DEV.type == "cpu" else (2048, 4096)) if args.quick else (32768, 65536)
+    lengths = tuple(int(x) for x in args.lengths.split(","))
+    if args.quick:
+        lengths = (256, 512) if DEV.type == "cpu" else (2048, 4096)
     for n in lengths:
         for m in methods:
             if m in SKIP:
@@ -296,7 +300,7 @@ def main() -> None:
     last = [
         r for r in doc["rows"] if r["n"] == lengths[-1] and "speedup_vs_cudnn" in r and r["check"]["passed"]
     ]
-    best = sorted(last, key=lambda r: -r["speedup_vs_cudnn"])[:3]
+    best = sorted(last, key=lambda r: -r["speedup_vs_cudnn"])[: args.best]
     for r in best:
         n = lengths[-1] * 2
         if time.perf_counter() - start > args.budget_s:
