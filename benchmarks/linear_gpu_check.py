@@ -423,6 +423,7 @@ def main() -> None:
     ap.add_argument("--sides", default="attnlab,fla", help="attnlab, fla (skipped when fla does not import)")
     ap.add_argument("--n64k", type=int, default=65536, help="tokens of the numerics cases (0: none)")
     ap.add_argument("--h64k", type=int, default=4, help="heads of the numerics cases")
+    ap.add_argument("--numerics", default="", help="method:gates,... of NUMERICS_64K to run (default all)")
     ap.add_argument("--varlen", action="store_true", help="also the packed-sequence checks")
     ap.add_argument("--fast-autotune", action="store_true", help="see fast_autotune()")
     args = ap.parse_args()
@@ -467,7 +468,8 @@ def main() -> None:
             guarded("checks", f"{method} {dims} {flag}", check, method, b, h, n, 128, grad=flag == "grad",
                     sides=sides)  # fmt: skip
     if args.n64k:
-        for method, gates in NUMERICS_64K:
+        chosen = [tuple(x.split(":")) for x in filter(None, args.numerics.split(","))] or NUMERICS_64K
+        for method, gates in chosen:
             guarded("numerics", f"{method} {gates} N={args.n64k}", check, method, 1, args.h64k, args.n64k,
                     128, grad=False, sides=("attnlab",), gates=gates)  # fmt: skip
     if args.varlen:

@@ -172,3 +172,27 @@ def test_hedgehog_bad_input_is_refused_naming_what_was_given() -> None:
         attnlab.attention(q, k, v, method="linear", causal=True, feature_map="hedgehog", state=elu.state)
     with pytest.raises(ParamError, match="feature_map='softmax' is invalid"):
         attnlab.attention(q, k, v, method="linear", feature_map="softmax")
+
+
+@pytest.mark.parametrize("backend", ["triton"])
+def test_feature_slices_sum_to_the_whole_map(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past ``K_SLICE`` features the Triton path runs the kernels on feature slices and sums them (the
+    H100 refuses a 256-feature chunk kernel for shared memory): forced here with slices of 4 of 16
+    features, output, (S, z) and gradients equal the reference's."""
+    monkeypatch.setattr(linear, "K_SLICE", 4)
+    x = _inputs(1, 2, 2, 37, 8)
+    xa = {k: t.clone().requires_grad_(True) for k, t in x.items()}
+    xb = {k: t.clone().requires_grad_(True) for k, t in x.items()}
+    op = attnlab.prepare("linear", causal=True, backend=backend, feature_map="hedgehog", chunk=16)
+    res = op(xa["q"], xa["k"], xa["v"], map_q=xa["map_q"], map_k=xa["map_k"])
+    assert isinstance(res, Result)
+    p = linear.LinearParams(feature_map="hedgehog")
+    ref, ref_state = linear.reference(xb["q"], xb["k"], xb["v"], p, causal=True, scale=8**-0.5,
+                                      map_q=xb["map_q"], map_k=xb["map_k"])  # fmt: skip
+    _close(res.out, ref, 2e-5, "out")
+    for a, b in zip(res.state, ref_state, strict=True):
+        _close(a, b, 2e-5, "state")
+    got = torch.autograd.grad(res.out.sum(), list(xa.values()))
+    want = torch.autograd.grad(ref.sum(), list(xb.values()))
+    for name, a, b in zip(xa, got, want, strict=True):
+        _close(a, b, 5e-5, f"d{name}")

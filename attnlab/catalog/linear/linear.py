@@ -174,15 +174,40 @@ def reference(
     return o.to(q.dtype), ((s.float(), z.float()) if params.normalize else s.float())
 
 
+#: Key features per launch of the Triton kernels (more are split in slices of this many: the unnormalised
+#: recurrence is a sum over feature slices; at K = 256 a chunk kernel asks more shared memory than an H100
+#: has, seen on the GPU with Hedgehog's 2 x 128 features).
+K_SLICE = 128
+
+
+def _sliced(chunked: Any, fq: Tensor, fk: Tensor, v: Tensor, scale: float, s0: Tensor | None, chunk: int,
+            k_slice: int | None) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """``chunked`` on feature slices of at most ``k_slice`` (None: whole), outputs summed (float32 when
+    sliced), states concatenated along the features."""
+    f = fq.shape[-1]
+    if k_slice is None or f <= k_slice:
+        return chunked(fq, fk, v, None, scale, s0, chunk)
+    outs, states = [], []
+    for a in range(0, f, k_slice):
+        sl = slice(a, a + k_slice)
+        part = None if s0 is None else s0[..., sl, :].contiguous()
+        o, st = chunked(fq[..., sl].contiguous(), fk[..., sl].contiguous(), v, None, scale, part, chunk)
+        outs.append(o.float())
+        states.append(st)
+    return torch.stack(outs).sum(0), torch.cat(states, -2)
+
+
 def _run(
-    q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor], state: Any, chunked: Any
-) -> tuple[Tensor, Any]:
-    """Shared by both backends: phi, then the unnormalised chunked recurrence ``chunked``; the normalised
-    form runs it on v with a column of ones appended, whose state column is z."""
+    q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor], state: Any, chunked: Any,
+    k_slice: int | None = None,
+) -> tuple[Tensor, Any]:  # fmt: skip
+    """Shared by both backends: phi, then the unnormalised chunked recurrence ``chunked`` (on feature slices
+    of ``k_slice``); the normalised form divides its output by phi(q_t) . z_t, z_t the running key sum made
+    by a float32 cumsum over the tokens (its last row is the state's z)."""
     p = call.params
     assert isinstance(p, LinearParams)
     s0, z0 = _states(p, q, v, state)
-    b, h, n, d = q.shape
+    b, h, _, d = q.shape
     vd = v.shape[-1]
     wq, wk = _weights(extra)
     fq = feature_map(q, p.feature_map, wq)
@@ -196,17 +221,15 @@ def _run(
             return (call.scale * num).to(q.dtype), s
         z = _zeros_if_none(z0, (b, h, f), fq.float()) + fk.float().sum(2)
         return (num / (fq.float() @ z[..., None] + p.eps)).to(q.dtype), (s, z)
+    scale = call.scale if not p.normalize else 1.0
+    o, s = _sliced(chunked, fq, fk, vv, scale, s0, p.chunk, k_slice)
     if not p.normalize:
-        o, s = chunked(fq, fk, vv, None, call.scale, s0, p.chunk)
         return o.to(q.dtype), s
-    ones = vv.new_ones(b, h, n, 1)
-    s_aug = None
-    if s0 is not None:
-        assert z0 is not None
-        s_aug = torch.cat([s0.float(), z0.float()[..., None]], -1)
-    o_aug, s_aug = chunked(fq, fk, torch.cat([vv, ones], -1), None, 1.0, s_aug, p.chunk)
-    o = o_aug[..., :vd].float() / (o_aug[..., vd:].float() + p.eps)
-    return o.to(q.dtype), (s_aug[..., :vd], s_aug[..., vd])
+    zc = fk.float().cumsum(2)
+    if z0 is not None:
+        zc = zc + z0.float()[:, :, None, :]
+    den = (fq.float() * zc).sum(-1, keepdim=True)
+    return (o.float() / (den + p.eps)).to(q.dtype), (s, zc[:, :, -1])
 
 
 def _run_torch(
@@ -220,16 +243,15 @@ def _run_triton(
 ) -> tuple[Tensor, Any]:
     from attnlab.kernels.linear.op import gla_chunk
 
-    return _run(q, k, v, call, extra, state, gla_chunk)
+    return _run(q, k, v, call, extra, state, gla_chunk, K_SLICE)
 
 
 def _triton_refusal(call: Call) -> list[str]:
     from attnlab.kernels.linear.limits import kernel_refusals
 
     assert isinstance(call.params, LinearParams)
-    extra_col = 1 if call.params.normalize else 0
-    k_dim = feature_dim(call.params, call.problem.head_dim)
-    return kernel_refusals(call.params.chunk, k_dim, call.problem.v_dim + extra_col)
+    k_dim = min(feature_dim(call.params, call.problem.head_dim), K_SLICE)  # (more are sliced)
+    return kernel_refusals(call.params.chunk, k_dim, call.problem.v_dim)
 
 
 def sample_map(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
