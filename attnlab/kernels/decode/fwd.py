@@ -227,34 +227,22 @@ def _order_key(x):
 @triton.jit
 def _kth_largest_key(key, ok, K):
     """The K-th largest of the int32 keys where ``ok`` (1 <= K <= their count <= 32767): the largest t
-    with at least K keys >= t, by a 5-way search over [min key, max key] (four thresholds counted per
-    step, two per packed int32 reduction: ~14 rounds instead of a binary search's 32)."""
+    with at least K keys >= t, by a 3-way search over [min key, max key] (two thresholds counted per step
+    in one reduction of a packed int32: ~20 reduction rounds instead of a binary search's 32)."""
     lo = tl.min(tl.where(ok, key, 2147483647), 0).to(tl.int64)  # invariant: >= K keys >= lo
     hi = tl.max(tl.where(ok, key, -2147483648), 0).to(tl.int64)  # and fewer than K keys > hi
     while lo < hi:
         size = hi - lo + 1
-        t1 = lo + size // 5
-        t2 = lo + (2 * size) // 5
-        t3 = lo + (3 * size) // 5
-        t4 = lo + (4 * size) // 5  # <= hi; > lo once size >= 2, so every round moves lo or hi
-        p12 = (ok & (key >= t1.to(tl.int32))).to(tl.int32) + (
+        t1 = lo + size // 3
+        t2 = lo + (2 * size) // 3
+        both = (ok & (key >= t1.to(tl.int32))).to(tl.int32) + (
             (ok & (key >= t2.to(tl.int32))).to(tl.int32) << 16
         )
-        p34 = (ok & (key >= t3.to(tl.int32))).to(tl.int32) + (
-            (ok & (key >= t4.to(tl.int32))).to(tl.int32) << 16
-        )
-        s12 = tl.sum(p12, 0)
-        s34 = tl.sum(p34, 0)
-        c1 = s12 & 0xFFFF
-        c2 = s12 >> 16
-        c3 = s34 & 0xFFFF
-        c4 = s34 >> 16
-        new_lo = tl.where(
-            c4 >= K, t4, tl.where(c3 >= K, t3, tl.where(c2 >= K, t2, tl.where(c1 >= K, t1, lo)))
-        )
-        hi = tl.where(
-            c1 < K, t1 - 1, tl.where(c2 < K, t2 - 1, tl.where(c3 < K, t3 - 1, tl.where(c4 < K, t4 - 1, hi)))
-        )
+        tot = tl.sum(both, 0)
+        c1 = tot & 0xFFFF
+        c2 = tot >> 16
+        new_lo = tl.where(c2 >= K, t2, tl.where(c1 >= K, t1, lo))
+        hi = tl.where(c1 < K, t1 - 1, tl.where(c2 < K, t2 - 1, hi))
         lo = new_lo
     return lo.to(tl.int32)
 

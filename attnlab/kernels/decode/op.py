@@ -190,9 +190,11 @@ SELECT_BLOCK_P = 64
 #: The most pages :func:`page_select` selects from in its kernel (the row's scores are held in one program's
 #: registers); longer rows are scored by the kernel and ranked by ``torch.topk``.
 MAX_SELECT_ROW = MAX_TOPK_ROW
-#: Pages per scoring program when :func:`page_select` only scores (``page_score_kernel``'s measured tile),
-#: and its warps.
-SPLIT_BLOCK_P = 32
+#: Pages per scoring program when :func:`page_select` only scores, and its warps. Measured on the H100
+#: (8544b74, 128K, GQA 32:8, page 16, budget 4096, tensor-core bounds, page_topk's step in a CUDA graph),
+#: B=1 / B=8 in us: 64 pages x 4 warps 64.9 / 193.2; 32 x 4 65.4 / 202.3; 64 x 8 67.2 / 206.4;
+#: 128 x 8 71.9 / 241.1; 16 x 4 70.0 / 246.5.
+SPLIT_BLOCK_P = 64
 SPLIT_WARPS = 4
 #: The most stale pages :func:`page_select` recomputes in its kernel (each by one program, serially).
 MAX_FUSED_UPDATE = 16
