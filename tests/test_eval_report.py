@@ -269,3 +269,18 @@ def test_cli_load(result: EvalResult, tmp_path: Path) -> None:
     assert points(EvalResult.read(src))[0]["label"] == DENSE
     bad = CliRunner().invoke(app, ["eval", "--load", str(tmp_path / "none.json")])
     assert bad.exit_code == 2 and "no eval result file" in bad.output
+
+
+def test_small_card_states_the_committed_eval_figures() -> None:
+    from attnlab.eval.report import card_table
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks/results/h100-2026-11-23/organisms"
+    runs = [
+        ("H100", EvalResult.read(folder / "eval-h100/eval-small-h100.json")),
+        ("CPU", EvalResult.read(folder / "decode-cpu/eval-small-decode-cpu.json")),
+    ]
+    table = card_table(runs, 8192)
+    assert table in (organism_path("small") / "README.md").read_text()
+    assert table in (folder / "README.md").read_text()
+    decode = {m["method"] for m in runs[1][1].methods}
+    assert {"page_topk", "retrieval_heads_kv", "snapkv", "h2o", "recycled", "tokenselect", "tidal"} <= decode

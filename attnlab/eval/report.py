@@ -364,3 +364,40 @@ def write_report(
     path.write_text(md)
     (folder / "report.html").write_text(_html(md, f"attnlab eval: {result.info.get('model_name')}"))
     return path
+
+
+def card_table(results: Sequence[tuple[str, EvalResult]], length: int) -> str:
+    """The model card's table of ``attnlab eval`` runs at ``length``: one row per method run (``softmax``
+    from the first result only), with the density of its phase, ``correct/samples`` per task, the
+    perplexity changes and the name of the result it came from (e.g. ``H100``, ``CPU``)."""
+    from attnlab.eval.perplexity import with_ppl_changes
+
+    tasks = list(dict.fromkeys(r["task"] for _, res in results for r in res.rows))
+    lines = [
+        "| method (budget) | phase | density | " + " | ".join(tasks) + " | prefill ppl | decode ppl | run |"
+    ]
+    lines.append("|" + "---|" * (len(tasks) + 6))
+    for i, (where, res) in enumerate(results):
+        for m in with_ppl_changes(res.methods):
+            if m["length"] != length or (i and m["method"] == DENSE):
+                continue
+            cells = []
+            for t in tasks:
+                r = next(
+                    (
+                        x
+                        for x in res.rows
+                        if x["label"] == m["label"] and x["length"] == length and x["task"] == t
+                    ),
+                    None,
+                )
+                cells.append(
+                    "-" if r is None else "error" if r.get("error") else f"{r['correct']}/{r['samples']}"
+                )
+            phase = _phase(m)
+            lines.append(
+                f"| {short_label(m['label'])} | {phase} | {_fmt(m.get(f'{phase}_density'), '.3f')} | "
+                + " | ".join(cells)
+                + f" | {_pct(m.get('prefill_ppl_change'))} | {_pct(m.get('decode_ppl_change'))} | {where} |"
+            )
+    return "\n".join(lines)
