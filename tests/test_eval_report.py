@@ -284,3 +284,21 @@ def test_small_card_states_the_committed_eval_figures() -> None:
     assert table in (folder / "README.md").read_text()
     decode = {m["method"] for m in runs[1][1].methods}
     assert {"page_topk", "retrieval_heads_kv", "snapkv", "h2o", "recycled", "tokenselect", "tidal"} <= decode
+
+
+def test_bench_speedups_pair_with_eval_rows(result: EvalResult, tmp_path: Path) -> None:
+    from attnlab.bench.store import ResultsDB
+    from attnlab.eval.report import bench_speedups
+
+    row = {"method": "streaming", "params": json.dumps({"sinks": 4, "window": 32}, sort_keys=True),
+           "pattern": "causal_self", "mode": "fwd", "n_q": LENGTH, "n_k": LENGTH, "backend": "flex",
+           "speedup": 1.7, "heads": 8, "head_dim": 64, "dtype": "bfloat16", "status": "ok"}  # fmt: skip
+    with ResultsDB(tmp_path / "bench" / "results.duckdb") as db:
+        rid = db.new_run({"device": "test"}, {})
+        db.insert("efficiency", [row, {**row, "backend": "sdpa_mask", "speedup": 0.4}], run_id=rid)
+        db.insert("efficiency", [{**row, "mode": "fwd_bwd", "speedup": 9.0}], run_id=rid)
+    pairs = bench_speedups(tmp_path / "bench", [LENGTH])
+    key = ("streaming", json.dumps({"sinks": 4, "window": 32}, sort_keys=True), LENGTH)
+    assert list(pairs) == [key] and pairs[key]["speedup"] == 1.7 and pairs[key]["backend"] == "flex"
+    text = write_report(result, tmp_path / "r", bench_root=tmp_path / "bench", plots=False).read_text()
+    assert "bench attn speedup@256" in text and "1.70x (flex)" in text
