@@ -177,7 +177,9 @@ def register(
     ``model.set_attn_implementation("attnlab")`` runs the given methods (default: ``softmax`` for both
     phases). An explicit call: nothing registers at import. The plan's methods are checked now, and
     against each model's layers and heads on its first attention call. Registering a name again replaces
-    its plan. Returns the Runtime; :func:`unregister` removes the entries."""
+    its plan. Returns the Runtime; :func:`unregister` removes the entries. Unlike :func:`use`, nothing here
+    refuses beam search (there is no model to guard): with a stateful decode method, generate with
+    ``num_beams=1`` only (beam search reorders the cache's rows, which the per-row state would miss)."""
     attention_iface, mask_iface = _interfaces()
     if name in attention_iface._global_mapping and name not in _registered:
         raise PlanError(
