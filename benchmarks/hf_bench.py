@@ -247,6 +247,63 @@ def profile_steps(model: Any, cache: Any, token: torch.Tensor, label: str, devic
     )
 
 
+@torch.no_grad()
+def bench_decode_interleaved(model: Any, ids: torch.Tensor, sides: list[tuple[str, str, dict[str, Any]]],
+                             reps: int, warmup: int, device: torch.device) -> list[dict[str, Any]]:  # fmt: skip
+    """Decode sides timed step by step in rotating order (a fair A/B where the host's speed drifts): each
+    side holds its own cache and its own registered runtime (``attnlab.hf.register`` under a side's name,
+    so its per-layer state survives the switches); before each step the model's configs are pointed at
+    that side's implementation ("sdpa" for sdpa sides)."""
+    from transformers import DynamicCache
+
+    from attnlab.hf import register, unregister
+    from attnlab.hf.use import _configs
+
+    configs = _configs(model)
+    saved = [(cfg, cfg._attn_implementation_internal) for cfg in configs]
+    impl: dict[str, str] = {}
+    state: dict[str, tuple[Any, torch.Tensor]] = {}
+    try:
+        for i, (label, name, params) in enumerate(sides):
+            base, _, unbound = name.partition(UNBOUND)
+            if base == "sdpa":
+                impl[label] = "sdpa"
+            else:
+                impl[label] = f"attnlab_bench_{i}"
+                plan = (
+                    {"layers": tidal_layers(model.config.num_hidden_layers, params)}
+                    if base == "tidal"
+                    else None
+                )
+                rt = register(plan, decode=None if plan else base, decode_params=None if plan else params,
+                              name=impl[label])  # fmt: skip
+                rt.bind_decode = not unbound
+            for cfg in configs:
+                cfg._attn_implementation_internal = impl[label]
+            cache = DynamicCache(config=model.config)
+            out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            state[label] = (cache, out.logits[:, -1:].argmax(-1))
+        clock = Clock(device)
+        labels = [label for label, _, _ in sides]
+        for r in range(warmup + reps):
+            for label in labels[r % len(labels) :] + labels[: r % len(labels)]:
+                for cfg in configs:
+                    cfg._attn_implementation_internal = impl[label]
+                cache, token = state[label]
+                with clock.time(label) if r >= warmup else contextlib.nullcontext():
+                    out = model(token, past_key_values=cache, use_cache=True)
+                state[label] = (cache, out.logits[:, -1:].argmax(-1))
+        times = clock.results()
+    finally:
+        for cfg, old in saved:
+            cfg._attn_implementation_internal = old
+        for name in impl.values():
+            if name != "sdpa":
+                unregister(name)
+    return [row(times[label], phase="decode_interleaved", side=label, method=name, params=params)
+            for label, name, params in sides]  # fmt: skip
+
+
 def check_step(model: Any, rt: Any, cache: Any, token: torch.Tensor) -> dict[str, Any]:
     """One more decode step, with layer 0's attention output compared against the method's reference on the
     same q, k, v (a stateless reference: page_topk, snapkv/h2o/retrieval_heads_kv/recycled/tokenselect take
@@ -327,6 +384,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help=f"decode methods also run with the bound decode step off (label +'{UNBOUND}')",
     )
     ap.add_argument(
+        "--interleave",
+        action="store_true",
+        help="also time the decode sides step by step in rotating order (each with its own cache)",
+    )
+    ap.add_argument(
         "--profile",
         type=Path,
         default=None,
@@ -375,6 +437,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 common | bench_decode(model, ids, label, name, params, args.reps, args.warmup, device)
             )
             save()
+        if args.interleave:
+            sides_i: list[tuple[str, str, dict[str, Any]]] = [("sdpa", "sdpa", {})]
+            sides_i += [(m, *decode[m]) for m in decode]
+            for r in bench_decode_interleaved(model, ids, sides_i, args.reps, args.warmup, device):
+                rows.append(common | r)
+            save()
         if args.generate:
             sides: list[tuple[str, str, dict[str, Any], str]] = [("sdpa", "sdpa", {}, "prefill")] + [
                 (m, *prefill[m], "prefill") for m in args.prefill
@@ -387,7 +455,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 save()
     for r in rows:
         text = f"{r['context']:>7} {r['phase']:<8} {r['side']:<32}"
-        if "median_ms" in r and r["phase"] == "decode":
+        if "median_ms" in r and r["phase"].startswith("decode"):
             r["tokens_per_s"] = r["batch"] * 1e3 / r["median_ms"]
         print(text + (f" {r['median_ms']:9.3f} ms (IQR/median {r['spread'] or 0:.2f}, {r['reps']} reps)"
                       if "median_ms" in r else "") + (f" {r['tokens_per_s']:9.1f} tokens/s"
