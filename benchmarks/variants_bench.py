@@ -12,7 +12,8 @@ low-rank factors') is exactly the reference's autograd on those rows. The rule i
 against the fp32 reference at most 2x (forward) / 3x (gradients) the bf16 reference's, plus a floor.
 
 Speed (bf16, D=128, H=32, B=1): the method as called (``attnlab.prepare(method, causal=...)`` with its
-defaults, so the backend is the library's choice: which one is recorded), FlexAttention running the same
+defaults, so the backend is the library's choice: which one is recorded; ``selective``, whose kernel path
+is not its default yet, with ``backend="triton"``), FlexAttention running the same
 variant (``backend="flex"``) and cuDNN plain softmax, forward and forward+backward, timed in interleaved
 rounds (``measure_interleaved``, CUDA events, >= 10 reps; each side's median, min, quartiles). Ratio =
 t(cuDNN) / t(side): the issue's targets are forward >= 0.9, forward+backward >= 0.75, and above Flex's.
@@ -41,6 +42,8 @@ from attnlab.masks import dense_pairs
 from attnlab.testing import BWD_FACTOR, FWD_FACTOR, bound, max_abs
 
 CHECK_ROWS = 128
+#: tensor inputs indexed by query row (dim 2): sliced to the checked rows like q
+ROW_INPUTS = ("u", "temperature")
 #: the variants whose forward schedules the probe sweeps
 PROBE_KINDS = ("softcap",)
 #: forward schedules (BLOCK_M, BLOCK_N, warps, stages, SPLIT, WS) the probe times: FlashSigmoid's measured
@@ -57,6 +60,8 @@ PROBE_BWD = [
     ((32, 128, 4, 3), (128, 32, 4, 3)),
     ((64, 64, 4, 3), (64, 64, 4, 3)),
 ]
+#: variants whose kernel path is not the default yet (after Flex until timed): "ours" calls backend="triton"
+KERNEL_EXPLICIT = ("selective",)
 #: modes per variant: a dense bias has no gradient in the kernel, so its training call runs on Flex (timed
 #: there as Flex's), and only its forward is the kernel's
 MODES_OF = {"bias": ["fwd"]}
@@ -74,6 +79,8 @@ def _inputs(name: str, n: int, device: torch.device, grad: bool) -> dict[str, Te
         u = (torch.randn(1, HEADS, n, RANK, generator=g) * 0.3).to(device, torch.bfloat16)
         vf = (torch.randn(1, HEADS, n, RANK, generator=g) * 0.3).to(device, torch.bfloat16)
         return {"u": u.requires_grad_(grad), "vf": vf.requires_grad_(grad)}
+    if name == "selective":  # a per-query temperature in (0.5, 1.5), shared by the batch
+        return {"temperature": (0.5 + torch.rand(1, HEADS, n, generator=g)).to(device).requires_grad_(grad)}
     return {}
 
 
@@ -91,6 +98,8 @@ def _call(name: str, causal: bool, backend: str | None) -> Callable[..., Tensor]
 def _backend_of(name: str, causal: bool, q: Tensor, k: Tensor, v: Tensor) -> str:
     if name == "lowrank":
         return "triton"
+    if name in KERNEL_EXPLICIT:
+        return "triton (explicit: after flex in the defaults)"
     choice = attnlab.prepare(name, causal=causal).explain(q, k, v)
     return str(choice.backend.name if choice.backend is not None else None)
 
@@ -110,7 +119,7 @@ def _reference(name: str, q: Tensor, k: Tensor, v: Tensor, x: dict[str, Tensor],
 def _last_rows(x: dict[str, Tensor], rows: int) -> dict[str, Tensor]:
     out = {}
     for key, t in x.items():
-        if (key == "bias" and t.shape[2] > 1) or key == "u":
+        if (key == "bias" and t.shape[2] > 1) or key in ROW_INPUTS:
             t = t[:, :, -rows:]
         out[key] = t
     return out
@@ -131,8 +140,9 @@ def check(name: str, side: str, fn: Callable[..., Tensor], q: Tensor, k: Tensor,
         leaves = {n: full[n].detach().clone().requires_grad_(n in leaves_names) for n in full}
         ql = leaves["q"][:, :, -r:].detach().requires_grad_("q" in leaves_names)
         xs = _last_rows({n: leaves[n] for n in x}, r)
-        if "u" in xs and "u" in leaves_names:
-            xs["u"] = xs["u"].detach().requires_grad_(True)
+        for row_input in ROW_INPUTS:  # sliced to the last rows: a leaf of its own
+            if row_input in xs and row_input in leaves_names:
+                xs[row_input] = xs[row_input].detach().requires_grad_(True)
         got = _reference(name, ql, leaves["k"], leaves["v"], xs, causal, upcast)
         return got, {"q": ql, "k": leaves["k"], "v": leaves["v"], **{n: xs[n] for n in x}}
 
@@ -151,7 +161,9 @@ def check(name: str, side: str, fn: Callable[..., Tensor], q: Tensor, k: Tensor,
         want = torch.autograd.grad(ref, [ref_leaves[n] for n in leaves_names], do_rows.float().to(ref.dtype))
         lowg = torch.autograd.grad(low, [low_leaves[n] for n in leaves_names], do_rows)
         for n, a, w, lo in zip(leaves_names, got, want, lowg, strict=True):
-            if n in ("q", "u"):  # only the last rows have a gradient: the others must be exactly 0
+            if (
+                n == "q" or n in ROW_INPUTS
+            ):  # only the last rows have a gradient: the others must be exactly 0
                 errs[f"d{n}_other_rows"] = (float(a[:, :, :-r].abs().max()), 0.0)
                 a = a[:, :, -r:]
             err = max_abs(a, w) if torch.isfinite(a).all() else float("nan")
@@ -203,7 +215,7 @@ def point(name: str, n: int, causal: bool, device: torch.device, with_flex: bool
     for t in (q, k, v):
         t.requires_grad_(True)
     x = _inputs(name, n, device, grad=True)
-    ours = _call(name, causal, None)
+    ours = _call(name, causal, "triton" if name in KERNEL_EXPLICIT else None)
     sides: dict[str, Callable[..., Tensor]] = {"ours": ours}
     if with_flex:
         sides["flex"] = _call(name, causal, "flex")
@@ -389,7 +401,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out-dir", default=".")
     ap.add_argument("--lengths", default="8192,16384,32768")
-    ap.add_argument("--variants", default="softcap,sink,alibi,lowrank,bias")
+    ap.add_argument("--variants", default="softcap,sink,alibi,lowrank,bias,selective")
     ap.add_argument("--modes", default="fwd,fwd_bwd")
     ap.add_argument("--causal", default="0,1")
     ap.add_argument("--no-flex-for", default="lowrank", help="variants timed without a Flex side")

@@ -82,7 +82,7 @@ def test_kernel_matches_naive_twin(
     q = q * 2
     b = torch.randn(bias_shape, device=DEVICE) if bias_shape else None
     sinks = torch.randn(4, device=DEVICE) if with_sinks else None
-    out, lse = score_transform_fwd(q, k, v, b, sinks, None, None, None, SCALE, cap, causal)
+    out, lse = score_transform_fwd(q, k, v, b, sinks, None, None, None, None, SCALE, cap, causal)
     want, want_lse = score_transform_fwd_naive(q, k, v, b, sinks, SCALE, cap, causal)
     assert out.dtype == dtype and lse.dtype == torch.float32
     tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -152,7 +152,7 @@ def test_backward_kernels_match_naive_twin(
     q, k, v = random_qkv(2, 4, 2, n_q, n_k, 24, grad=True)
     b = torch.randn(bias_shape, device=DEVICE) if bias_shape else None
     sinks = torch.randn(4, device=DEVICE, requires_grad=True) if with_sinks else None
-    out, _ = score_transform_fwd(q * 2, k, v, b, sinks, None, None, None, SCALE, cap, causal)
+    out, _ = score_transform_fwd(q * 2, k, v, b, sinks, None, None, None, None, SCALE, cap, causal)
     do = torch.randn_like(out)
     leaves = (q, k, v, sinks) if sinks is not None else (q, k, v)
     got = torch.autograd.grad(out, leaves, do)
@@ -214,12 +214,13 @@ def test_every_forward_schedule_matches_the_naive_twin(poison_empty: None, causa
     b = torch.randn(1, 4, 37, 45, device=DEVICE)
     sinks, slopes = torch.randn(4, device=DEVICE), torch.rand(4, device=DEVICE)
     u, vf = torch.randn(1, 4, 37, 3, device=DEVICE), torch.randn(1, 1, 45, 3, device=DEVICE)
+    temp = torch.rand(1, 4, 37, device=DEVICE) * 2
     want, want_lse = score_transform_fwd_naive(
-        q, k, v, b, sinks, SCALE, 2.0, causal, slopes=slopes, u=u.bfloat16(), vf=vf.bfloat16()
+        q, k, v, b, sinks, SCALE, 2.0, causal, slopes=slopes, u=u.bfloat16(), vf=vf.bfloat16(), temp=temp
     )
     for config in _schedules(causal):
         out, lse = score_transform_fwd_launch(
-            q, k, v, b, sinks, SCALE, 2.0, causal, slopes=slopes, u=u, vf=vf, config=config
+            q, k, v, b, sinks, SCALE, 2.0, causal, slopes=slopes, u=u, vf=vf, temp=temp, config=config
         )
         torch.testing.assert_close(
             out.float(), want.float(), atol=2e-2, rtol=2e-2, msg=_prefixed(str(config))
@@ -231,9 +232,9 @@ def test_every_forward_schedule_matches_the_naive_twin(poison_empty: None, causa
 def test_alibi_and_lowrank_gradients_match_autograd_of_the_twin(
     poison_empty: None, n_q: int, n_k: int, causal: bool
 ) -> None:
-    """dq, dk, dv (GQA summed), dsinks, the ALiBi slopes' gradient and the low-rank factors' gradients
-    (summed over the factors' broadcast dims) against autograd through the naive twin, with ALiBi and a soft
-    cap in the logits."""
+    """dq, dk, dv (GQA summed), dsinks, the ALiBi slopes' gradient, the low-rank factors' gradients (summed
+    over the factors' broadcast dims) and the per-query temperature's (summed over its broadcast head dim)
+    against autograd through the naive twin, with ALiBi, a temperature and a soft cap in the logits."""
     from attnlab.kernels.score_transform.op import score_transform_fwd
 
     q, k, v = random_qkv(2, 4, 2, n_q, n_k, 16, grad=True)
@@ -241,23 +242,33 @@ def test_alibi_and_lowrank_gradients_match_autograd_of_the_twin(
     slopes = torch.rand(4, device=DEVICE, requires_grad=True)
     u = torch.randn(2, 1, n_q, 5, device=DEVICE, requires_grad=True)  # shared by the heads
     vf = torch.randn(1, 4, n_k, 5, device=DEVICE, requires_grad=True)  # shared by the batch
-    leaves = (q, k, v, sinks, slopes, u, vf)
-    out, _ = score_transform_fwd(q, k, v, None, sinks, slopes, u, vf, SCALE, 1.5, causal)
+    temp = (torch.rand(2, 1, n_q, device=DEVICE) * 2).requires_grad_(True)  # shared by the heads
+    leaves = (q, k, v, sinks, slopes, u, vf, temp)
+    out, _ = score_transform_fwd(q, k, v, None, sinks, slopes, u, vf, temp, SCALE, 1.5, causal)
     do = torch.randn_like(out)
     got = torch.autograd.grad(out, leaves, do)
-    ref, _ = score_transform_fwd_naive(q, k, v, None, sinks, SCALE, 1.5, causal, slopes=slopes, u=u, vf=vf)
+    ref, _ = score_transform_fwd_naive(
+        q, k, v, None, sinks, SCALE, 1.5, causal, slopes=slopes, u=u, vf=vf, temp=temp
+    )
     want = torch.autograd.grad(ref, leaves, do)
-    for name, a, w in zip(("dq", "dk", "dv", "dsinks", "dslopes", "du", "dvf"), got, want, strict=True):
+    names = ("dq", "dk", "dv", "dsinks", "dslopes", "du", "dvf", "dtemp")
+    for name, a, w in zip(names, got, want, strict=True):
         assert a.shape == w.shape, name
         torch.testing.assert_close(a.float(), w.float(), atol=1e-4, rtol=1e-4, msg=_prefixed(name))
 
 
-def test_triton_backend_of_alibi_matches_reference(variants: None) -> None:
+@pytest.mark.parametrize("name", ["alibi", "selective"])
+def test_triton_backend_of_alibi_and_selective_matches_reference(variants: None, name: str) -> None:
+    """With their tensor inputs (slopes, temperature) drawn and requiring grad: every gradient checked."""
     for causal in (False, True):
         check = check_parity(
-            attnlab.get("alibi"), "triton", Case(1, 4, 2, 17, 30, 16, torch.bfloat16, causal), DEVICE
+            attnlab.get(name),
+            "triton",
+            Case(1, 4, 2, 17, 30, 16, torch.bfloat16, causal, optional_inputs=True),
+            DEVICE,
         )
-        assert not check.skipped and check.passed and "dq" in check.errors, check.summary()
+        grad_of_input = "dslopes" if name == "alibi" else "dtemperature"
+        assert not check.skipped and check.passed and grad_of_input in check.errors, check.summary()
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -366,5 +377,10 @@ def test_measured_schedules_are_pinned_only_where_measured(monkeypatch: pytest.M
     monkeypatch.setitem(op.MEASURED_FWD, False, (128, 128, 8, 3, 1, False))
     heavy = op._prune_fwd(fwd, {**args, "CAUSAL": False, "HAS_BIAS": True})
     assert [op._shape_of(c) for c in heavy] == [op.FWD_SHAPES[0]]
+    monkeypatch.setitem(op.MEASURED_FWD, False, (128, 64, 4, 2, 1, True))
+    temp = op._prune_fwd(fwd, {**args, "CAUSAL": False, "TEMP": True})
+    assert [op._shape_of(c) for c in temp] == [op.FWD_SHAPES[0]]  # warp specialization fails with TEMP
+    temp_short = op._prune_fwd(fwd, {**args, "CAUSAL": False, "TEMP": True, "N_BUCKET": 4096})
+    assert temp_short and not any(c.kwargs["WS"] for c in temp_short)
     short = op._prune_fwd(fwd, {**args, "CAUSAL": False, "N_BUCKET": 4096})
     assert len(short) == len(fwd)  # not measured there: the autotuner chooses

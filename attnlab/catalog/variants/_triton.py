@@ -1,6 +1,6 @@
-"""The ``triton`` backend of the score-transform variants (softcap, alibi, bias, sink): attnlab's Triton
-kernels (:mod:`attnlab.kernels.score_transform`), forward and backward (gradients for q, k, v, the sink
-logits and the ALiBi slopes; none for a bias tensor).
+"""The ``triton`` backend of the score-transform variants (softcap, alibi, bias, sink, selective): attnlab's
+Triton kernels (:mod:`attnlab.kernels.score_transform`), forward and backward (gradients for q, k, v, the
+sink logits, the ALiBi slopes and the per-query temperature; none for a bias tensor).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ class KernelArgs(NamedTuple):
     sinks: Tensor | None = None
     cap: float = 0.0
     slopes: Tensor | None = None
+    temp: Tensor | None = None
 
 
 #: ``transform(q, call, extra) -> KernelArgs``
@@ -71,6 +72,7 @@ class TritonScoreBackend(Backend):
             a.slopes,
             None,
             None,
+            a.temp,
             float(call.scale),
             float(a.cap),
             call.problem.causal,

@@ -109,5 +109,5 @@ def lowrank_bias_attention(
         raise InputError(
             f"v's head dim {problem.v_dim} differs from q's {problem.head_dim}; the kernel needs them equal"
         )
-    out, _ = score_transform_fwd(q, k, v, None, None, None, u, vf, sc, 0.0, causal)
+    out, _ = score_transform_fwd(q, k, v, None, None, None, u, vf, None, sc, 0.0, causal)
     return out

@@ -26,6 +26,7 @@ from attnlab.catalog.variants._common import (
     softmax_rows,
     weigh,
 )
+from attnlab.catalog.variants._triton import KernelArgs, TritonScoreBackend
 from attnlab.core import Call, MethodSpec, TensorInput
 from attnlab.kernels.flex import ScoreMod
 from attnlab.params import Params
@@ -73,6 +74,10 @@ def _score(call: Call, extra: Mapping[str, Tensor]) -> ScoreMod | None:
     return temperature
 
 
+def _kernel_args(q: Tensor, call: Call, extra: Mapping[str, Tensor]) -> KernelArgs:
+    return KernelArgs(temp=extra.get("temperature"))
+
+
 SPEC = MethodSpec(
     name="selective",
     family="dense",
@@ -80,7 +85,8 @@ SPEC = MethodSpec(
     summary="softmax of tau_i * scale*qk with a per-query temperature tensor tau (B, H, N_q)",
     param_class=SelectiveParams,
     reference=reference,
-    backends=(VariantFlexBackend(_score, per_call=True), EAGER),
+    # the kernel after Flex: it was not timed on the GPU yet (backend="triton" selects it)
+    backends=(VariantFlexBackend(_score, per_call=True), TritonScoreBackend(_kernel_args), EAGER),
     patterns=ALL_PATTERNS,
     inputs=(
         TensorInput(

@@ -12,7 +12,8 @@ orientation, and writes dV_f per query head) and ``score_transform_bwd_dq_kernel
 BLOCK_M), B * H); writes dU). Only the causal diagonal blocks apply the causal mask. The sink logits'
 gradient, -sum_i exp(s_h - lse_i) Delta_i, is a reduction the launcher does in PyTorch; the ALiBi slopes'
 gradient, -sum_ij dX_ij |i + N_k - N_q - j|, is summed per dQ program (ALIBI_GRAD) and over the programs by
-the launcher; a dense bias gets none.
+the launcher; a per-query temperature (TEMP: s -> tau_i s) scales dS by tau_i, and its gradient
+scale * sum_j dS_ij s_ij is a row of the dQ program (TEMP_GRAD); a dense bias gets none.
 """
 
 import triton
@@ -26,12 +27,12 @@ LENGTH_ARGS = ["N_Q", "N_K", "OFFSET"]
 
 @triton.jit
 def _dkdv_inner(
-    dk, dv, dvf, k, v, vf, q_base, do_base, u_base, lse_base, delta_base, bias_base, stride_qn, stride_don,
-    stride_un, stride_bm, stride_bn, slope2, offs_n, lo, hi, N_Q, N_K, OFFSET, HEAD_D, R, scale2, cap2, inv_cap,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, MASKED: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ALIBI: tl.constexpr, LOWRANK: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    dk, dv, dvf, k, v, vf, q_base, do_base, u_base, tau_base, lse_base, delta_base, bias_base, stride_qn,
+    stride_don, stride_un, stride_tn, stride_bm, stride_bn, slope2, offs_n, lo, hi, N_Q, N_K, OFFSET, HEAD_D, R,
+    scale2, cap2, inv_cap, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    MASKED: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ALIBI: tl.constexpr, LOWRANK: tl.constexpr, TEMP: tl.constexpr, FAST: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """dK, dV (and dV_f) of one key block += the contributions of query blocks [lo, hi) of one head."""
     for start_m in range(lo, hi, BLOCK_M):
@@ -41,6 +42,10 @@ def _dkdv_inner(
         lse2 = tl.load(lse_base + offs_m, mask=offs_m < N_Q, other=float("inf"))
         delta = tl.load(delta_base + offs_m, mask=offs_m < N_Q, other=0.0)
         s_t = dot(k, tl.trans(q), DOT_PREC, UPCAST)  # (BLOCK_N, BLOCK_M)
+        tau = delta
+        if TEMP:  # the temperature multiplies the scores: s_eff = tau_i s
+            tau = tl.load(tau_base + offs_m * stride_tn, mask=offs_m < N_Q, other=1.0).to(tl.float32)
+            s_t = s_t * tau[None, :]
         lr = s_t
         u = q
         if LOWRANK:
@@ -59,6 +64,8 @@ def _dkdv_inner(
         ds_t = dx_t
         if SOFTCAP:
             ds_t = dx_t * (1.0 - t_t * t_t)
+        if TEMP:
+            ds_t = ds_t * tau[None, :]
         dk += dot(ds_t.to(q.dtype), q, DOT_PREC, UPCAST)
         if LOWRANK:
             dvf += dot(dx_t.to(u.dtype), u, DOT_PREC, UPCAST)
@@ -67,7 +74,7 @@ def _dkdv_inner(
 
 @triton.jit(do_not_specialize=LENGTH_ARGS)
 def score_transform_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, BIAS, SLOPES, UF, VF, DK, DV, DVF,
+    Q, K, V, DO, LSE, DELTA, BIAS, SLOPES, UF, VF, TAU, DK, DV, DVF,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -77,10 +84,11 @@ def score_transform_bwd_dkdv_kernel(
     stride_bb, stride_bh, stride_bm, stride_bn,
     stride_ub, stride_uh, stride_un,
     stride_vfb, stride_vfh, stride_vfn,
+    stride_tb, stride_th, stride_tn,
     H, H_KV, GROUP, N_Q, N_K, OFFSET, HEAD_D, R, scale, cap, N_BUCKET,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, ALIBI: tl.constexpr,
-    LOWRANK: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    LOWRANK: tl.constexpr, TEMP: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(1)
@@ -115,6 +123,7 @@ def score_transform_bwd_dkdv_kernel(
         row_base = (b * H + h) * N_Q
         bias_base = BIAS + b * stride_bb + h * stride_bh
         u_base = UF + b * stride_ub + h * stride_uh
+        tau_base = TAU + b * stride_tb + h * stride_th
         slope2 = 0.0
         if ALIBI:
             slope2 = tl.load(SLOPES + h).to(tl.float32) * LOG2E
@@ -126,16 +135,16 @@ def score_transform_bwd_dkdv_kernel(
             )
         if CAUSAL:
             dk, dv, dvf = _dkdv_inner(
-                dk, dv, dvf, k, v, vf, q_base, do_base, u_base, LSE + row_base, DELTA + row_base, bias_base,
-                stride_qn, stride_don, stride_un, stride_bm, stride_bn, slope2, offs_n, lo, full_start, N_Q, N_K,
+                dk, dv, dvf, k, v, vf, q_base, do_base, u_base, tau_base, LSE + row_base, DELTA + row_base,
+                bias_base, stride_qn, stride_don, stride_un, stride_tn, stride_bm, stride_bn, slope2, offs_n, lo, full_start, N_Q, N_K,
                 OFFSET, HEAD_D, R, scale2, cap2, inv_cap, BLOCK_M, BLOCK_D, BLOCK_R, True, EVEN_M, EVEN_D,
-                SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, FAST, DOT_PREC, UPCAST,
+                SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, TEMP, FAST, DOT_PREC, UPCAST,
             )  # fmt: skip
         dk, dv, dvf = _dkdv_inner(
-            dk, dv, dvf, k, v, vf, q_base, do_base, u_base, LSE + row_base, DELTA + row_base, bias_base,
-            stride_qn, stride_don, stride_un, stride_bm, stride_bn, slope2, offs_n, full_start, N_Q, N_Q, N_K,
+            dk, dv, dvf, k, v, vf, q_base, do_base, u_base, tau_base, LSE + row_base, DELTA + row_base,
+            bias_base, stride_qn, stride_don, stride_un, stride_tn, stride_bm, stride_bn, slope2, offs_n, full_start, N_Q, N_Q, N_K,
             OFFSET, HEAD_D, R, scale2, cap2, inv_cap, BLOCK_M, BLOCK_D, BLOCK_R, False, EVEN_M, EVEN_D, SOFTCAP,
-            HAS_BIAS, ALIBI, LOWRANK, FAST, DOT_PREC, UPCAST,
+            HAS_BIAS, ALIBI, LOWRANK, TEMP, FAST, DOT_PREC, UPCAST,
         )  # fmt: skip
         if LOWRANK:  # (B, H, N_k, BLOCK_R) fp32, contiguous
             store_factor(DVF + (b * H + h) * N_K * BLOCK_R, BLOCK_R, start_n, dvf, N_K, R, BLOCK_N, BLOCK_R)
@@ -148,20 +157,23 @@ def score_transform_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_inner(
-    dq, du, dsl, q, do, u, lse2, delta, k_base, v_base, vf_base, bias_base, stride_kn, stride_vn, stride_vfn,
-    stride_bm, stride_bn, slope2, offs_m, lo, hi, N_Q, N_K, OFFSET, HEAD_D, R, scale2, cap2, inv_cap,
+    dq, du, dsl, dtau, q, do, u, tau, lse2, delta, k_base, v_base, vf_base, bias_base, stride_kn, stride_vn,
+    stride_vfn, stride_bm, stride_bn, slope2, offs_m, lo, hi, N_Q, N_K, OFFSET, HEAD_D, R, scale2, cap2, inv_cap,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, MASKED: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ALIBI: tl.constexpr, LOWRANK: tl.constexpr, ALIBI_GRAD: tl.constexpr, FAST: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    ALIBI: tl.constexpr, LOWRANK: tl.constexpr, ALIBI_GRAD: tl.constexpr, TEMP: tl.constexpr,
+    TEMP_GRAD: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """dQ (and dU, and the ALiBi slope's gradient) of one query block += the contributions of key blocks
-    [lo, hi)."""
+    """dQ (and dU, the ALiBi slope's and the temperature's gradients) of one query block += the
+    contributions of key blocks [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = load_rows(k_base, stride_kn, start_n, N_K, HEAD_D, BLOCK_N, BLOCK_D, EVEN_N, EVEN_D)
         v = load_rows(v_base, stride_vn, start_n, N_K, HEAD_D, BLOCK_N, BLOCK_D, EVEN_N, EVEN_D)
-        s = dot(q, tl.trans(k), DOT_PREC, UPCAST)
+        s_raw = dot(q, tl.trans(k), DOT_PREC, UPCAST)
+        s = s_raw
+        if TEMP:  # the temperature multiplies the scores: s_eff = tau_i s
+            s = s_raw * tau[:, None]
         lr = s
         vf = k
         if LOWRANK:
@@ -181,17 +193,21 @@ def _dq_inner(
         ds = dx
         if SOFTCAP:
             ds = dx * (1.0 - t * t)
+        if TEMP:
+            if TEMP_GRAD:  # d(scale s_eff)/d tau_i = scale s (the launcher's scale)
+                dtau += tl.sum(ds * s_raw, 1)
+            ds = ds * tau[:, None]
         dq += dot(ds.to(k.dtype), k, DOT_PREC, UPCAST)
         if LOWRANK:
             du += dot(dx.to(vf.dtype), vf, DOT_PREC, UPCAST)
         if ALIBI_GRAD:  # x = ... - m_h |i + OFFSET - j|: dL/dm_h = -sum dX |i + OFFSET - j|
             dsl -= tl.sum(tl.sum(dx * tl.abs(distance(qi, kj, OFFSET)), 1), 0)
-    return dq, du, dsl
+    return dq, du, dsl, dtau
 
 
 @triton.jit(do_not_specialize=LENGTH_ARGS)
 def score_transform_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, BIAS, SLOPES, UF, VF, DQ, DU, DSL,
+    Q, K, V, DO, LSE, DELTA, BIAS, SLOPES, UF, VF, TAU, DQ, DU, DSL, DTAU,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -200,11 +216,12 @@ def score_transform_bwd_dq_kernel(
     stride_bb, stride_bh, stride_bm, stride_bn,
     stride_ub, stride_uh, stride_un,
     stride_vfb, stride_vfh, stride_vfn,
+    stride_tb, stride_th, stride_tn,
     H, GROUP, N_Q, N_K, OFFSET, HEAD_D, R, scale, cap, N_BUCKET,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, ALIBI: tl.constexpr,
-    LOWRANK: tl.constexpr, ALIBI_GRAD: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    LOWRANK: tl.constexpr, ALIBI_GRAD: tl.constexpr, TEMP: tl.constexpr, TEMP_GRAD: tl.constexpr,
+    FAST: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(1)
@@ -236,23 +253,30 @@ def score_transform_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     du = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     dsl = 0.0
+    tau = delta
+    if TEMP:
+        tau = tl.load(TAU + b * stride_tb + h * stride_th + offs_m * stride_tn, mask=offs_m < N_Q, other=1.0)
+        tau = tau.to(tl.float32)
+    dtau = tl.zeros([BLOCK_M], dtype=tl.float32)
     full_end, hi = causal_key_range(start_m, OFFSET, N_Q, N_K, BLOCK_M, BLOCK_N, CAUSAL)
-    dq, du, dsl = _dq_inner(
-        dq, du, dsl, q, do, u, lse2, delta, k_base, v_base, vf_base, bias_base, stride_kn, stride_vn, stride_vfn,
-        stride_bm, stride_bn, slope2, offs_m, 0, full_end, N_Q, N_K, OFFSET, HEAD_D, R, scale2, cap2, inv_cap,
-        BLOCK_N, BLOCK_D, BLOCK_R, False, EVEN_N, EVEN_D, SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, ALIBI_GRAD, FAST,
-        DOT_PREC, UPCAST,
+    dq, du, dsl, dtau = _dq_inner(
+        dq, du, dsl, dtau, q, do, u, tau, lse2, delta, k_base, v_base, vf_base, bias_base, stride_kn, stride_vn,
+        stride_vfn, stride_bm, stride_bn, slope2, offs_m, 0, full_end, N_Q, N_K, OFFSET, HEAD_D, R, scale2, cap2, inv_cap,
+        BLOCK_N, BLOCK_D, BLOCK_R, False, EVEN_N, EVEN_D, SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, ALIBI_GRAD, TEMP,
+        TEMP_GRAD, FAST, DOT_PREC, UPCAST,
     )  # fmt: skip
     if CAUSAL:
-        dq, du, dsl = _dq_inner(
-            dq, du, dsl, q, do, u, lse2, delta, k_base, v_base, vf_base, bias_base, stride_kn, stride_vn, stride_vfn,
-            stride_bm, stride_bn, slope2, offs_m, full_end, hi, N_Q, N_K, OFFSET, HEAD_D, R, scale2, cap2,
+        dq, du, dsl, dtau = _dq_inner(
+            dq, du, dsl, dtau, q, do, u, tau, lse2, delta, k_base, v_base, vf_base, bias_base, stride_kn,
+            stride_vn, stride_vfn, stride_bm, stride_bn, slope2, offs_m, full_end, hi, N_Q, N_K, OFFSET, HEAD_D, R, scale2, cap2,
             inv_cap, BLOCK_N, BLOCK_D, BLOCK_R, True, EVEN_N, EVEN_D, SOFTCAP, HAS_BIAS, ALIBI, LOWRANK,
-            ALIBI_GRAD, FAST, DOT_PREC, UPCAST,
+            ALIBI_GRAD, TEMP, TEMP_GRAD, FAST, DOT_PREC, UPCAST,
         )  # fmt: skip
     dq *= scale
     store_rows(DQ + b * stride_dqb + h * stride_dqh, stride_dqn, start_m, dq.to(DQ.dtype.element_ty), N_Q, HEAD_D,
                BLOCK_M, BLOCK_D, EVEN_M, EVEN_D)  # fmt: skip
+    if TEMP_GRAD:  # (B * H, N_q) fp32, one row per query
+        tl.store(DTAU + row_base + offs_m, dtau * scale, mask=offs_m < N_Q)
     if ALIBI_GRAD:  # (query blocks, B * H) fp32, zero-filled: one partial sum per program
         tl.store(DSL + tl.program_id(0).to(tl.int64) * tl.num_programs(1) + pid_bh, dsl)
     if LOWRANK:  # (B, H, N_q, BLOCK_R) fp32, contiguous

@@ -4,6 +4,7 @@ Grid: (cdiv(N_q, BLOCK_M), B * H). Program (m, b*h) computes rows [m*BLOCK_M, (m
 (kv head h // GROUP), visiting key blocks [0, full_end) without the causal mask and [full_end, hi) with it
 (bottom-right: query i sits at i + OFFSET). Per key block, with s = q k^T and the logit x of
 :func:`attnlab.kernels.score_transform.common.logits2` (soft cap, dense bias, ALiBi, low-rank bias U V^T;
+a per-query temperature tau_i multiplies s first when TEMP;
 base-2 units, so the exponentials are ``exp2``), -inf outside the mask:
     m_new = max(m, rowmax(x));  l = l * 2^(m - m_new) + rowsum(2^(x - m_new));  acc likewise, + 2^(x - m_new) v
 After the loop a sink logit s_h joins the normaliser (HAS_SINK): l += 2^(s_h - m) with m = max(m, s_h).
@@ -65,11 +66,11 @@ def _online(
 
 @triton.jit
 def _fwd_inner(
-    acc0, m0, l0, acc1, m1, l1, q0, q1, u0, u1, k_src, v_src, vf_base, stride_kn, stride_vn, stride_vfn,
-    bias_base, stride_bm, stride_bn, slope2, offs_m0, offs_m1, lo, hi, N_Q, N_K, OFFSET, HEAD_D, R, scale2,
-    cap2, inv_cap, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    acc0, m0, l0, acc1, m1, l1, q0, q1, u0, u1, tau0, tau1, k_src, v_src, vf_base, stride_kn, stride_vn,
+    stride_vfn, bias_base, stride_bm, stride_bn, slope2, offs_m0, offs_m1, lo, hi, N_Q, N_K, OFFSET, HEAD_D, R,
+    scale2, cap2, inv_cap, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     MASKED: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, SOFTCAP: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ALIBI: tl.constexpr, LOWRANK: tl.constexpr, FAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ALIBI: tl.constexpr, LOWRANK: tl.constexpr, TEMP: tl.constexpr, FAST: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, SPLIT: tl.constexpr, WS: tl.constexpr,
 ):  # fmt: skip
     """Add key blocks [lo, hi) to the query halves' (acc, m, l) (the second half unused when SPLIT == 1)."""
@@ -83,6 +84,8 @@ def _fwd_inner(
             if LOWRANK:
                 vf = load_factor(vf_base, stride_vfn, start_n, N_K, R, BLOCK_N, BLOCK_R)
             s0 = dot(q0, tl.trans(k), DOT_PREC, UPCAST)
+            if TEMP:
+                s0 = s0 * tau0[:, None]
             acc0, m0, l0 = _online(
                 acc0, m0, l0, s0, v, offs_m0, offs_n, bias_base, stride_bm, stride_bn, slope2, u0, vf, N_Q, N_K,
                 OFFSET, scale2, cap2, inv_cap, MASKED, BOUND, SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, FAST, DOT_PREC,
@@ -98,6 +101,9 @@ def _fwd_inner(
                 vf = load_factor(vf_base, stride_vfn, start_n, N_K, R, BLOCK_N, BLOCK_R)
             s0 = dot(q0, tl.trans(k), DOT_PREC, UPCAST)
             s1 = dot(q1, tl.trans(k), DOT_PREC, UPCAST)  # issued before the first half's exponentials
+            if TEMP:
+                s0 = s0 * tau0[:, None]
+                s1 = s1 * tau1[:, None]
             acc0, m0, l0 = _online(
                 acc0, m0, l0, s0, v, offs_m0, offs_n, bias_base, stride_bm, stride_bn, slope2, u0, vf, N_Q, N_K,
                 OFFSET, scale2, cap2, inv_cap, MASKED, BOUND, SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, FAST, DOT_PREC,
@@ -128,7 +134,7 @@ def _finish(acc, m_i, l_i, sink2, HAS_SINK: tl.constexpr):
 
 @triton.jit(do_not_specialize=LENGTH_ARGS)
 def score_transform_fwd_kernel(
-    Q, K, V, O, LSE, BIAS, SINKS, SLOPES, UF, VF,
+    Q, K, V, O, LSE, BIAS, SINKS, SLOPES, UF, VF, TAU,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -136,10 +142,11 @@ def score_transform_fwd_kernel(
     stride_bb, stride_bh, stride_bm, stride_bn,
     stride_ub, stride_uh, stride_un,
     stride_vfb, stride_vfh, stride_vfn,
+    stride_tb, stride_th, stride_tn,
     H, GROUP, N_Q, N_K, OFFSET, HEAD_D, R, scale, cap, N_BUCKET,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SINK: tl.constexpr,
-    ALIBI: tl.constexpr, LOWRANK: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    ALIBI: tl.constexpr, LOWRANK: tl.constexpr, TEMP: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr, TMA: tl.constexpr, SPLIT: tl.constexpr, WS: tl.constexpr, EVEN_M: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
@@ -173,6 +180,12 @@ def score_transform_fwd_kernel(
     slope2 = 0.0
     if ALIBI:
         slope2 = tl.load(SLOPES + h).to(tl.float32) * LOG2E
+    tau0 = tl.full([HALF], 1.0, dtype=tl.float32)
+    tau1 = tau0
+    if TEMP:
+        tau_base = TAU + b * stride_tb + h * stride_th
+        tau0 = tl.load(tau_base + offs_m0 * stride_tn, mask=offs_m0 < N_Q, other=1.0).to(tl.float32)
+        tau1 = tl.load(tau_base + offs_m1 * stride_tn, mask=offs_m1 < N_Q, other=1.0).to(tl.float32)
     acc0 = tl.zeros([HALF, BLOCK_D], dtype=tl.float32)
     acc1 = tl.zeros([HALF, BLOCK_D], dtype=tl.float32)
     m0 = tl.full([HALF], float("-inf"), dtype=tl.float32)
@@ -184,17 +197,17 @@ def score_transform_fwd_kernel(
     inv_cap = scale / cap
     full_end, hi = causal_key_range(start_m, OFFSET, N_Q, N_K, BLOCK_M, BLOCK_N, CAUSAL)
     acc0, m0, l0, acc1, m1, l1 = _fwd_inner(
-        acc0, m0, l0, acc1, m1, l1, q0, q1, u0, u1, k_src, v_src, vf_base, stride_kn, stride_vn, stride_vfn,
-        bias_base, stride_bm, stride_bn, slope2, offs_m0, offs_m1, 0, full_end, N_Q, N_K, OFFSET, HEAD_D, R,
+        acc0, m0, l0, acc1, m1, l1, q0, q1, u0, u1, tau0, tau1, k_src, v_src, vf_base, stride_kn, stride_vn,
+        stride_vfn, bias_base, stride_bm, stride_bn, slope2, offs_m0, offs_m1, 0, full_end, N_Q, N_K, OFFSET, HEAD_D, R,
         scale2, cap2, inv_cap, BLOCK_N, BLOCK_D, BLOCK_R, False, EVEN_N, EVEN_D, SOFTCAP, HAS_BIAS, ALIBI,
-        LOWRANK, FAST, DOT_PREC, UPCAST, TMA, SPLIT, WS,
+        LOWRANK, TEMP, FAST, DOT_PREC, UPCAST, TMA, SPLIT, WS,
     )  # fmt: skip
     if CAUSAL:
         acc0, m0, l0, acc1, m1, l1 = _fwd_inner(
-            acc0, m0, l0, acc1, m1, l1, q0, q1, u0, u1, k_src, v_src, vf_base, stride_kn, stride_vn,
-            stride_vfn, bias_base, stride_bm, stride_bn, slope2, offs_m0, offs_m1, full_end, hi, N_Q, N_K,
+            acc0, m0, l0, acc1, m1, l1, q0, q1, u0, u1, tau0, tau1, k_src, v_src, vf_base, stride_kn,
+            stride_vn, stride_vfn, bias_base, stride_bm, stride_bn, slope2, offs_m0, offs_m1, full_end, hi, N_Q, N_K,
             OFFSET, HEAD_D, R, scale2, cap2, inv_cap, BLOCK_N, BLOCK_D, BLOCK_R, True, EVEN_N, EVEN_D, SOFTCAP,
-            HAS_BIAS, ALIBI, LOWRANK, FAST, DOT_PREC, UPCAST, TMA, SPLIT, False,
+            HAS_BIAS, ALIBI, LOWRANK, TEMP, FAST, DOT_PREC, UPCAST, TMA, SPLIT, False,
         )  # fmt: skip
     sink2 = 0.0
     if HAS_SINK:

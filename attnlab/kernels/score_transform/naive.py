@@ -4,7 +4,8 @@ Shapes: q (B, H, N_q, D), k/v (B, H_kv, N_k, D); ``bias`` broadcastable to (B, H
 ``sinks`` (H,) or None; ``cap > 0`` soft-caps the scaled logits, ``cap == 0`` leaves them; causal is
 bottom-right aligned. Keyword-only: ``slopes`` (H,) adds ALiBi's ``-m_h * |i + N_k - N_q - j|``; ``u``
 (.., N_q, r) and ``vf`` (.., N_k, r) add the low-rank bias ``u @ vf^T`` (FlashBias; computed in fp32 here,
-in q's dtype by the kernel). Returns (out in q's dtype, lse fp32 (B, H, N_q)).
+in q's dtype by the kernel); ``temp`` (broadcastable to (B, H, N_q)) multiplies the scaled logits of each
+query before the transform (selective attention's temperature). Returns (out in q's dtype, lse fp32 (B, H, N_q)).
 """
 
 from __future__ import annotations
@@ -25,10 +26,13 @@ def _logits(
     slopes: Tensor | None,
     u: Tensor | None,
     vf: Tensor | None,
+    temp: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(x, dx/ds) in fp32: x the masked (-inf) transformed logits, ds the scaled scores' derivative."""
     n_q, n_k = q.shape[2], k.shape[2]
     s = torch.matmul(q.float(), expand_kv(k, q.shape[1]).float().transpose(-1, -2)) * scale
+    if temp is not None:
+        s = s * temp.float()[..., None]
     x, deriv = s, torch.ones_like(s)
     if cap > 0:
         x = torch.tanh(s / cap) * cap
@@ -59,11 +63,12 @@ def score_transform_fwd_naive(
     slopes: Tensor | None = None,
     u: Tensor | None = None,
     vf: Tensor | None = None,
+    temp: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``x = T(scale * Q K^T) + bias`` with ``T(s) = cap * tanh(s / cap)`` (identity when cap == 0),
     masked to -inf outside the allowed keys; ``lse_i = log(sum_j exp(x_ij) + exp(s_h))`` (sink term only
     with ``sinks``); ``O = exp(x - lse) V``. Rows with no key and no sink: O = 0, lse = -inf."""
-    x, _ = _logits(q, k, bias, scale, cap, causal, slopes, u, vf)
+    x, _ = _logits(q, k, bias, scale, cap, causal, slopes, u, vf, temp)
     cols = x
     if sinks is not None:
         cols = torch.cat([x, sinks.float()[None, :, None, None].expand(*x.shape[:3], 1)], dim=-1)

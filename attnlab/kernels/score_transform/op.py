@@ -1,9 +1,9 @@
 """Launchers, autotune configs and ``torch.library`` custom ops of the score-transform kernels.
 
-``score_transform_fwd(q, k, v, bias, sinks, slopes, u, vf, scale, cap, causal) -> (out, lse)`` runs the
+``score_transform_fwd(q, k, v, bias, sinks, slopes, u, vf, temp, scale, cap, causal) -> (out, lse)`` runs the
 Triton forward (``attnlab::score_transform_fwd``) and is differentiable in q, k, v, the sink logits and the
 low-rank bias factors u, vf through the backward kernels (``attnlab::score_transform_bwd``), both with
-fake-tensor rules so ``torch.compile`` traces through them. Also differentiable in the ALiBi slopes. Not differentiable: a dense
+fake-tensor rules so ``torch.compile`` traces through them. Also differentiable in the ALiBi slopes and the per-query temperature ``temp``. Not differentiable: a dense
 bias (its gradient would be an N_q x N_k tensor; asking for it raises) and the returned lse (its gradient is
 ignored; no backend exposes it).
 
@@ -131,9 +131,12 @@ def _prune_fwd(configs: list[triton.Config], named_args: dict, **kwargs: object)
     Hopper under the measured Triton; fp32 only tiles of at most 128 x 64 (larger ones spill)."""
     args = {**named_args, **kwargs}
     heavy = args.get("HAS_BIAS") or args.get("LOWRANK")
+    no_ws = heavy or args.get(
+        "TEMP"
+    )  # Triton's warp-specialization pass fails on these loops (sm_90, offline)
     if args.get("TMA") and _measured_regime(args):
         want = MEASURED_FWD.get(bool(args.get("CAUSAL")))
-        if heavy and want is not None and (want[0] * want[1] > 128 * 64 or want[5]):
+        if want is not None and ((heavy and want[0] * want[1] > 128 * 64) or (no_ws and want[5])):
             # a bias tile read or the factors' product: 128 x 128 tiles then need more shared memory than
             # sm_90 has, and warp specialization fails to compile (compiled for sm_90 offline, Triton 3.9)
             want = FWD_SHAPES[0]
@@ -143,7 +146,7 @@ def _prune_fwd(configs: list[triton.Config], named_args: dict, **kwargs: object)
     ws_ok = args.get("TMA") and not args.get("CAUSAL") and args.get("DOT_PREC") != "ieee" and _on_hopper(args)
     if not ws_ok:
         configs = [c for c in configs if not c.kwargs.get("WS")]
-    if heavy:
+    if no_ws:
         configs = [c for c in configs if not c.kwargs.get("WS")]
     if args.get("DOT_PREC") == "ieee" or args.get("BLOCK_D", 0) > 128 or heavy:
         configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64] or configs[
@@ -244,6 +247,7 @@ def _extras(
     slopes: Tensor | None,
     u: Tensor | None,
     vf: Tensor | None,
+    temp: Tensor | None = None,
 ) -> dict:
     """The kernels' tensor arguments and strides for the optional inputs (q stands in for absent ones)."""
     b, h, n_q, _ = q.shape
@@ -259,6 +263,7 @@ def _extras(
         vf = vf.to(q.dtype).expand(b, h, n_k, rank)
         u, vf = (t if t.stride(-1) == 1 else t.contiguous() for t in (u, vf))
     bias_t = None if bias is None else bias.expand(b, h, n_q, n_k)
+    tau = None if temp is None else temp.expand(b, h, n_q)
     return {
         "BIAS": q if bias_t is None else bias_t,
         "SINKS": q if sinks is None else sinks.float().contiguous(),
@@ -268,6 +273,8 @@ def _extras(
         "bias_strides": (0, 0, 0, 0) if bias_t is None else bias_t.stride(),
         "u_strides": (0, 0, 0) if u is None else u.stride()[:3],
         "vf_strides": (0, 0, 0) if vf is None else vf.stride()[:3],
+        "TAU": q if tau is None else tau,
+        "tau_strides": (0, 0, 0) if tau is None else tau.stride(),
         "R": rank,
         "BLOCK_R": max(16, triton.next_power_of_2(max(rank, 1))),
     }
@@ -287,19 +294,21 @@ def score_transform_fwd_launch(
     slopes: Tensor | None = None,
     u: Tensor | None = None,
     vf: Tensor | None = None,
+    temp: Tensor | None = None,
     config: triton.Config | None = None,
 ) -> tuple[Tensor, Tensor]:
     """See :func:`attnlab.kernels.score_transform.naive.score_transform_fwd_naive` for the math. q (B, H,
     N_q, D), k/v (B, H_kv, N_k, D), D <= 256; ``bias`` broadcastable to (B, H, N_q, N_k); ``sinks`` and
     ``slopes`` (H,); ``u`` (B or 1, H or 1, N_q, r) and ``vf`` (B or 1, H or 1, N_k, r), r <= MAX_RANK, the
-    low-rank bias ``u @ vf^T`` (cast to q's dtype). ``block`` = (BLOCK_M, BLOCK_N) or ``config`` (a
+    low-rank bias ``u @ vf^T`` (cast to q's dtype); ``temp`` broadcastable to (B, H, N_q), a per-query
+    temperature multiplying the scores. ``block`` = (BLOCK_M, BLOCK_N) or ``config`` (a
     ``triton.Config`` of BLOCK_M, BLOCK_N, SPLIT, WS, warps, stages) bypasses the autotuner."""
     q, k, v = _last_contiguous(q, k, v)
     b, h, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     o = torch.empty_like(q)
     lse = torch.empty(b, h, n_q, device=q.device, dtype=torch.float32)
-    x = _extras(q, n_k, bias, sinks, slopes, u, vf)
+    x = _extras(q, n_k, bias, sinks, slopes, u, vf, temp)
     if block is not None:
         config = triton.Config({"BLOCK_M": block[0], "BLOCK_N": block[1], "SPLIT": 1, "WS": False},
                                num_warps=1 if IMPORTED_INTERPRETED else 4, num_stages=1)  # fmt: skip
@@ -310,17 +319,17 @@ def score_transform_fwd_launch(
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)
     with descriptor_scratch(q.device):
         kernel[grid](
-            q, k, v, o, lse, x["BIAS"], x["SINKS"], x["SLOPES"], x["UF"], x["VF"],
+            q, k, v, o, lse, x["BIAS"], x["SINKS"], x["SLOPES"], x["UF"], x["VF"], x["TAU"],
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             o.stride(0), o.stride(1), o.stride(2),
-            *x["bias_strides"], *x["u_strides"], *x["vf_strides"],
+            *x["bias_strides"], *x["u_strides"], *x["vf_strides"], *x["tau_strides"],
             h, h // h_kv, n_q, n_k, n_k - n_q, d, x["R"], float(scale), float(cap) if cap > 0 else 1.0,
             _bucket(n_q, n_k),
             BLOCK_D=head_block(d), BLOCK_R=x["BLOCK_R"], CAUSAL=bool(causal), SOFTCAP=cap > 0,
             HAS_BIAS=bias is not None, HAS_SINK=sinks is not None, ALIBI=slopes is not None,
-            LOWRANK=u is not None, TMA=tma, **_flags(q), **meta,
+            LOWRANK=u is not None, TEMP=temp is not None, TMA=tma, **_flags(q), **meta,
         )  # fmt: skip
     return o, lse
 
@@ -341,12 +350,15 @@ def score_transform_bwd_launch(
     slopes: Tensor | None = None,
     u: Tensor | None = None,
     vf: Tensor | None = None,
+    temp: Tensor | None = None,
     slopes_grad: bool = False,
+    temp_grad: bool = False,
     configs: tuple[triton.Config, triton.Config] | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-    """(dQ, dK, dV, dsinks, du, dvf, dslopes) of :func:`score_transform_fwd_launch` given dO, its output and
-    lse (see ``bwd.py`` for the formulas); dK/dV summed over each GQA group, du/dvf over the factors'
-    broadcast dims, dslopes (H,) over the batch (only with ``slopes_grad``); None for an absent input.
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """(dQ, dK, dV, dsinks, du, dvf, dslopes, dtemp) of :func:`score_transform_fwd_launch` given dO, its
+    output and lse (see ``bwd.py`` for the formulas); dK/dV summed over each GQA group, du/dvf over the
+    factors' broadcast dims, dslopes (H,) over the batch (only with ``slopes_grad``), dtemp over the
+    temperature's broadcast dims (only with ``temp_grad``); None for an absent input.
     ``configs`` (dK/dV's, dQ's) bypasses the autotuner."""
     do, q, k, v = _last_contiguous(do, q, k, v)
     b, h, n_q, d = q.shape
@@ -354,16 +366,19 @@ def score_transform_bwd_launch(
     delta = (do.float() * out.float()).sum(-1).contiguous()
     lse2 = torch.where(torch.isfinite(lse), lse * LOG2E, torch.full_like(lse, float("inf"))).contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    x = _extras(q, n_k, bias, sinks, slopes, u, vf)
+    x = _extras(q, n_k, bias, sinks, slopes, u, vf, temp)
     lowrank = u is not None
     du_buf = q.new_empty((b, h, n_q, x["BLOCK_R"]) if lowrank else (0,), dtype=torch.float32)
     alibi_grad = slopes is not None and slopes_grad
     min_bm = min(c.kwargs["BLOCK_M"] for c in _DQ.configs)  # the most query blocks any dQ config launches
+    temp_grad = temp is not None and temp_grad
+    dtau_buf = q.new_empty((b, h, n_q) if temp_grad else (0,), dtype=torch.float32)
     dsl_buf = q.new_zeros((triton.cdiv(n_q, min_bm), b * h) if alibi_grad else (0,), dtype=torch.float32)
     dvf_buf = q.new_empty((b, h, n_k, x["BLOCK_R"]) if lowrank else (0,), dtype=torch.float32)
     common = dict(
         BLOCK_D=head_block(d), BLOCK_R=x["BLOCK_R"], CAUSAL=bool(causal), SOFTCAP=cap > 0,
-        HAS_BIAS=bias is not None, ALIBI=slopes is not None, LOWRANK=lowrank, **_flags(q),
+        HAS_BIAS=bias is not None, ALIBI=slopes is not None, LOWRANK=lowrank, TEMP=temp is not None,
+        **_flags(q),
     )  # fmt: skip
     scalars = (
         n_q,
@@ -381,9 +396,9 @@ def score_transform_bwd_launch(
         configs = (_DKDV.configs[0], _DQ.configs[0])
     if configs is not None:
         dkdv, dqk = (_DKDV_ANY, configs[0].all_kwargs()), (_DQ_ANY, configs[1].all_kwargs())
-    ins = (q, k, v, do, lse2, delta, x["BIAS"], x["SLOPES"], x["UF"], x["VF"])
+    ins = (q, k, v, do, lse2, delta, x["BIAS"], x["SLOPES"], x["UF"], x["VF"], x["TAU"])
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
-    extra_strides = (*x["bias_strides"], *x["u_strides"], *x["vf_strides"])
+    extra_strides = (*x["bias_strides"], *x["u_strides"], *x["vf_strides"], *x["tau_strides"])
     grid_kv = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), b * h_kv)
     dkdv[0][grid_kv](
         *ins, dk, dv, dvf_buf, *strides, *dk.stride()[:3], *dv.stride()[:3], *extra_strides,
@@ -391,10 +406,15 @@ def score_transform_bwd_launch(
     )  # fmt: skip
     grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)
     dqk[0][grid_q](
-        *ins, dq, du_buf, dsl_buf, *strides, *dq.stride()[:3], *extra_strides, h, h // h_kv, *scalars, **common,
-        ALIBI_GRAD=alibi_grad, **dqk[1],
+        *ins, dq, du_buf, dsl_buf, dtau_buf, *strides, *dq.stride()[:3], *extra_strides, h, h // h_kv, *scalars, **common,
+        ALIBI_GRAD=alibi_grad, TEMP_GRAD=temp_grad, **dqk[1],
     )  # fmt: skip
-    dsinks = du = dvf = dslopes = None
+    dsinks = du = dvf = dslopes = dtemp = None
+    if temp is not None and temp_grad:
+        dims = tuple(i for i in range(3) if temp.shape[-3 + i] == 1 and dtau_buf.shape[i] != 1)
+        dtemp = (
+            (dtau_buf.sum(dim=dims, keepdim=True) if dims else dtau_buf).reshape(temp.shape).to(temp.dtype)
+        )
     if slopes is not None and alibi_grad:
         dslopes = dsl_buf.sum(0).view(b, h).sum(0).to(slopes.dtype)
     if sinks is not None:
@@ -403,7 +423,7 @@ def score_transform_bwd_launch(
         r = u.shape[-1]
         du = _reduce_to(du_buf[..., :r], u.shape).to(u.dtype)
         dvf = _reduce_to(dvf_buf[..., :r], vf.shape).to(vf.dtype)
-    return dq, dk, dv, dsinks, du, dvf, dslopes
+    return dq, dk, dv, dsinks, du, dvf, dslopes, dtemp
 
 
 def _reduce_to(g: Tensor, shape: torch.Size) -> Tensor:
@@ -422,11 +442,14 @@ def score_transform_fwd(
     slopes: Tensor | None,
     u: Tensor | None,
     vf: Tensor | None,
+    temp: Tensor | None,
     scale: float,
     cap: float,
     causal: bool,
 ) -> tuple[Tensor, Tensor]:
-    return score_transform_fwd_launch(q, k, v, bias, sinks, scale, cap, causal, slopes=slopes, u=u, vf=vf)
+    return score_transform_fwd_launch(
+        q, k, v, bias, sinks, scale, cap, causal, slopes=slopes, u=u, vf=vf, temp=temp
+    )
 
 
 @score_transform_fwd.register_fake
@@ -439,6 +462,7 @@ def _(
     slopes: Tensor | None,
     u: Tensor | None,
     vf: Tensor | None,
+    temp: Tensor | None,
     scale: float,
     cap: float,
     causal: bool,
@@ -460,28 +484,17 @@ def score_transform_bwd(
     slopes: Tensor | None,
     u: Tensor | None,
     vf: Tensor | None,
+    temp: Tensor | None,
     scale: float,
     cap: float,
     causal: bool,
     slopes_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dq, dk, dv, dsinks, du, dvf, dslopes = score_transform_bwd_launch(
-        do,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        bias,
-        sinks,
-        scale,
-        cap,
-        causal,
-        slopes=slopes,
-        u=u,
-        vf=vf,
-        slopes_grad=slopes_grad,
-    )
+    temp_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dq, dk, dv, dsinks, du, dvf, dslopes, dtemp = score_transform_bwd_launch(
+        do, q, k, v, out, lse, bias, sinks, scale, cap, causal, slopes=slopes, u=u, vf=vf, temp=temp,
+        slopes_grad=slopes_grad, temp_grad=temp_grad,
+    )  # fmt: skip
     return (
         dq,
         dk,
@@ -490,6 +503,7 @@ def score_transform_bwd(
         du if du is not None else q.new_empty(0),
         dvf if dvf is not None else q.new_empty(0),
         dslopes if dslopes is not None else q.new_empty(0),
+        dtemp if dtemp is not None else q.new_empty(0),
     )
 
 
@@ -506,36 +520,40 @@ def _(
     slopes: Tensor | None,
     u: Tensor | None,
     vf: Tensor | None,
+    temp: Tensor | None,
     scale: float,
     cap: float,
     causal: bool,
     slopes_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    temp_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     dq, dk, dv = (torch.empty_like(t if t.stride(-1) == 1 else t.contiguous()) for t in (q, k, v))
     dsinks = q.new_empty(q.shape[1], dtype=sinks.dtype if sinks is not None else torch.float32)
     du = q.new_empty(0) if u is None else torch.empty_like(u)
     dvf = q.new_empty(0) if vf is None else torch.empty_like(vf)
     dslopes = torch.empty_like(slopes) if slopes is not None and slopes_grad else q.new_empty(0)
-    return dq, dk, dv, dsinks, du, dvf, dslopes
+    dtemp = torch.empty_like(temp) if temp is not None and temp_grad else q.new_empty(0)
+    return dq, dk, dv, dsinks, du, dvf, dslopes, dtemp
 
 
 def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
-    q, k, v, bias, sinks, slopes, u, vf, scale, cap, causal = inputs
+    q, k, v, bias, sinks, slopes, u, vf, temp, scale, cap, causal = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, bias, sinks, slopes, u, vf)
+    ctx.save_for_backward(q, k, v, out, lse, bias, sinks, slopes, u, vf, temp)
     ctx.args = (scale, cap, causal)
 
 
 def _backward(ctx, do: Tensor, dlse: Tensor):  # type: ignore[no-untyped-def]
-    q, k, v, out, lse, bias, sinks, slopes, u, vf = ctx.saved_tensors
+    q, k, v, out, lse, bias, sinks, slopes, u, vf, temp = ctx.saved_tensors
     if ctx.needs_input_grad[3]:
         raise NotImplementedError(
             "the score-transform Triton kernel has no gradient for the bias tensor (it would be N_q x N_k); "
             "use backend='flex' or 'eager' when it requires grad"
         )
     slopes_grad = bool(ctx.needs_input_grad[5])
-    dq, dk, dv, dsinks, du, dvf, dslopes = score_transform_bwd(
-        do, q, k, v, out, lse, bias, sinks, slopes, u, vf, *ctx.args, slopes_grad
+    temp_grad = bool(ctx.needs_input_grad[8])
+    dq, dk, dv, dsinks, du, dvf, dslopes, dtemp = score_transform_bwd(
+        do, q, k, v, out, lse, bias, sinks, slopes, u, vf, temp, *ctx.args, slopes_grad, temp_grad
     )
     return (
         dq,
@@ -546,6 +564,7 @@ def _backward(ctx, do: Tensor, dlse: Tensor):  # type: ignore[no-untyped-def]
         dslopes if slopes_grad else None,
         du if u is not None else None,
         dvf if vf is not None else None,
+        dtemp if temp_grad else None,
         None,
         None,
         None,
