@@ -167,7 +167,8 @@ def _chunk_rows(b: int, h: int, n_cmp: int, n_q: int, bs: int) -> int:
 def scan(
     q: Tensor, k: Tensor, v: Tensor | None, params: NsaParams, *, scale: float
 ) -> tuple[Tensor | None, Tensor]:
-    """One pass over query chunks: (O_cmp (B, H, N_q, D_v) fp32, or None without ``v``; the selection,
+    """One pass over query chunks: (O_cmp (B, H, N_q, D_v) fp32 (weights times block means in v's dtype,
+    fp32 accumulation), or None without ``v``; the selection,
     bool (B, H_kv, N_q, NKB) for ``granularity="token"``, (B, H_kv, NQB, NKB) for ``"block"``)."""
     bs = params.block
     b, h, n_q, _ = q.shape
@@ -180,13 +181,16 @@ def scan(
     token = params.granularity == "token"
     sel = torch.zeros(b, hk, n_q if token else nqb, nkb, dtype=torch.bool, device=q.device)
     out = None if v is None else torch.zeros(b, h, n_q, v.shape[-1], dtype=torch.float32, device=q.device)
+    vdt = torch.float32 if v is None or v.dtype == torch.float32 else v.dtype
     step = _chunk_rows(b, h, kc.shape[2], n_q, bs)
     for r0 in range(0, n_q, step):
         r1 = min(n_q, r0 + step)
         pos = torch.arange(r0, r1, device=q.device) + offset
         p = _cmp_probs(q[:, :, r0:r1], kc, pos, bs, scale)  # (B, H_kv, G, R, NC)
         if out is not None and vc is not None:
-            out[:, :, r0:r1] = (p @ vc[:, :, None]).view(b, h, r1 - r0, -1)
+            # the weights by the block means in the input dtype (fp32 accumulation), as the reference's
+            # low-precision run does: only the selection needs fp32 scores
+            out[:, :, r0:r1] = (p.to(vdt) @ vc[:, :, None].to(vdt)).view(b, h, r1 - r0, -1).float()
         imp = p.detach().sum(2)  # (B, H_kv, R, NC)
         if token:
             sel[:, :, r0:r1] = _rank(imp, pos, params, nkb)
