@@ -18,6 +18,7 @@ from attnlab.catalog.variants import softplus
 from attnlab.catalog.variants import selective
 from attnlab.catalog.variants import gated
 from attnlab.catalog.variants import affine_scaled
+from attnlab.catalog.variants import lowrank_bias
 
 #: The package's methods, in registration order.
 SPECS = (
@@ -29,9 +30,21 @@ SPECS = (
     selective.SPEC,
     gated.SPEC,
     affine_scaled.SPEC,
+    lowrank_bias.SPEC,
 )
 
 for _spec in SPECS:
     register(_spec)
 
-__all__ = ["SPECS", "affine_scaled", "alibi", "bias", "gated", "selective", "sink", "softcap", "softplus"]
+__all__ = [
+    "SPECS",
+    "affine_scaled",
+    "alibi",
+    "bias",
+    "gated",
+    "lowrank_bias",
+    "selective",
+    "sink",
+    "softcap",
+    "softplus",
+]

@@ -28,6 +28,9 @@ class KernelArgs(NamedTuple):
     cap: float = 0.0
     slopes: Tensor | None = None
     temp: Tensor | None = None
+    #: a low-rank bias's factors (B|1, H|1, N_q, r) and (B|1, H|1, N_k, r): bias = u @ vf^T
+    u: Tensor | None = None
+    vf: Tensor | None = None
 
 
 #: ``transform(q, call, extra) -> KernelArgs``
@@ -70,8 +73,8 @@ class TritonScoreBackend(Backend):
             a.bias,
             a.sinks,
             a.slopes,
-            None,
-            None,
+            a.u,
+            a.vf,
             a.temp,
             float(call.scale),
             float(a.cap),

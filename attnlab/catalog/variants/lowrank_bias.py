@@ -15,17 +15,27 @@ k_bias^T`` per tile, ``dq_bias = dS k_bias``, ``dk_bias = dS^T q_bias``; it keep
 benchmarked shapes), one backward kernel with optional dq atomics (here: a dK/dV kernel and a dQ kernel, no
 atomics), and top-left causal alignment (here: bottom-right, as every attnlab method).
 
-Not a registered method yet: :class:`attnlab.core.TensorInput` shapes name only the problem's sizes, and a
-factor's last dim is the rank (a new symbol). Call :func:`lowrank_bias_attention`.
+Registered as ``lowrank_bias``: ``attnlab.attention(q, k, v, method="lowrank_bias", u=U, vf=Vf)``, the rank a
+free size ``R`` of the two tensor inputs (they must agree). Backends: the Triton kernel (ranks up to
+``MAX_RANK``) and eager (the reference, bias materialised). :func:`lowrank_bias_attention` is the same
+computation as a plain function.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
+from attnlab.backends.eager import EAGER
 from attnlab.catalog.variants._common import allowed, logits, softmax_rows, weigh
-from attnlab.errors import InputError
+from attnlab.catalog.variants._triton import KernelArgs, TritonScoreBackend
+from attnlab.core import Call, MethodSpec, TensorInput
+from attnlab.errors import BackendError, InputError
+from attnlab.params import Params
+from attnlab.patterns import ALL_PATTERNS
 
 #: Backends of :func:`lowrank_bias_attention`: the Triton kernel and the reference (eager, dense bias).
 BACKENDS = ("triton", "reference")
@@ -111,3 +121,58 @@ def lowrank_bias_attention(
         )
     out, _ = score_transform_fwd(q, k, v, None, None, None, u, vf, None, sc, 0.0, causal)
     return out
+
+
+@dataclass(frozen=True)
+class LowRankBiasParams(Params):
+    """No parameters: the bias is given by the tensor inputs ``u`` (B, H, N_q, R) and ``vf`` (B, H, N_k, R)."""
+
+    method = "lowrank_bias"
+
+
+def method_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    params: LowRankBiasParams,
+    *,
+    causal: bool,
+    scale: float,
+    upcast: bool = True,
+    u: Tensor | None = None,
+    vf: Tensor | None = None,
+) -> Tensor:
+    """The registered method's reference: :func:`reference` with the factors as keyword inputs."""
+    if u is None or vf is None:
+        raise InputError("lowrank_bias needs both factors u and vf")
+    return reference(q, k, v, u, vf, causal=causal, scale=scale, upcast=upcast)
+
+
+def _kernel_args(q: Tensor, call: Call, extra: Mapping[str, Tensor]) -> KernelArgs:
+    from attnlab.kernels.score_transform.op import MAX_RANK
+
+    u, vf = extra["u"], extra["vf"]
+    if u.shape[-1] > MAX_RANK:
+        raise BackendError(
+            f"backend 'triton' takes ranks up to {MAX_RANK}, got u with rank {u.shape[-1]}; use backend='eager'"
+        )
+    return KernelArgs(u=u, vf=vf)
+
+
+SPEC = MethodSpec(
+    name="lowrank_bias",
+    family="dense",
+    paper="FlashBias (Wu et al., 2025): low-rank attention bias computed in the kernel",
+    summary="softmax(scale*qk + u vf^T) with the bias given by rank-R factors, never materialised (Triton)",
+    param_class=LowRankBiasParams,
+    reference=method_reference,
+    backends=(TritonScoreBackend(_kernel_args), EAGER),
+    patterns=ALL_PATTERNS,
+    inputs=(
+        TensorInput("u", ("B", "H", "N_q", "R"), "query-side factor of the bias", broadcast=True),
+        TensorInput("vf", ("B", "H", "N_k", "R"), "key-side factor of the bias", broadcast=True),
+    ),
+    test_params=({},),
+    bench_params=lambda n: [{}],
+    softmax_normalized=False,  # it is softmax-normalised, but attnlab's reference lse is the plain one
+)
