@@ -71,18 +71,17 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_bias: Tensor) -> Tensor:
 
 def test_every_variant_is_complete() -> None:
     assert [s.name for s in SPECS] == [
-        "softcap", "alibi", "bias", "sink", "softplus", "selective", "gated", "affine_scaled",
+        "softcap", "alibi", "bias", "sink", "softplus", "selective", "gated", "affine_scaled", "lowrank_bias",
     ]  # fmt: skip
     for spec in SPECS:
         assert spec.family == "dense" and spec.param_class.__doc__ and len(spec.reference.__doc__ or "") > 40
-        kernel = ["triton"] if spec.name in ("softcap", "alibi", "bias", "sink") else []
-        after = ["triton"] if spec.name == "selective" else []  # kernel path not timed yet: after Flex
-        assert [b.name for b in spec.backends] == [
-            *kernel,
-            "flex",
-            *after,
-            "eager",
-        ]  # the kernel first (CUDA)
+        if spec.name == "lowrank_bias":  # no Flex form: the kernel, then the reference
+            assert [b.name for b in spec.backends] == ["triton", "eager"]
+            assert [t.free_symbols() for t in spec.inputs] == [("R",), ("R",)]
+        else:
+            kernel = ["triton"] if spec.name in ("softcap", "alibi", "bias", "sink") else []
+            after = ["triton"] if spec.name == "selective" else []  # kernel path not timed yet: after Flex
+            assert [b.name for b in spec.backends] == [*kernel, "flex", *after, "eager"]  # the kernel first
         for kwargs in (*spec.test_params, *spec.bench_params(4096)):
             spec.make_params(kwargs)
         assert spec.params == spec.param_class()
