@@ -46,11 +46,17 @@ Defaults: ``block`` 64 (fla's ``block_size``; the paper's selection block), ``to
 forces 1 initial and 2 local blocks: ``sink=True, local=2``), ``granularity`` "block" (attnlab's: the
 executor's fast form; "token" is the paper's). Causal only (NSA is a decoder's attention).
 
-Fast path (backend ``block_sparse``): the compressed branch and the importance in one fp32 pass over
-query chunks (no N x N tensor; memory O(chunk x N / bs)), the selected branch on the block-sparse
-executor with the selection's plan, the window branch on the executor with ``sliding_window``'s static
-plan, combined in fp32. The backward flows through all three (the selection itself has no gradient).
-``return_plan`` gives the selected branch's plan.
+Fast path (backend ``block_sparse``): the compressed branch and the importance in one pass over query
+chunks (no N x N tensor; memory O(chunk x N / bs)): scores, softmax and importance in fp32 (so a bf16
+call picks the blocks its fp32 reference picks), the weighted sum of block means in the input dtype with
+fp32 accumulation; the selected branch on the block-sparse executor with the selection's plan, the window
+branch on the executor with ``sliding_window``'s static plan, combined in fp32. The backward flows
+through all three (the selection itself has no gradient; the compressed pass keeps its fp32 weights for
+the backward, B x H x N_q x N_k / bs x 4 bytes). ``return_plan`` gives the selected branch's plan.
+
+Cost (H100, ``benchmarks/results/h100-2026-11-23/dynamic``): the fp32 compressed scores are O(N^2 / bs)
+work without tensor cores and dominate the call (0.44x cuDNN at 32K, 0.55x at 64K with the defaults, at
+b65f02b: before the weighted sum moved to the input dtype).
 """
 
 from __future__ import annotations
