@@ -264,6 +264,9 @@ class Backend(ABC):
     caps: Capabilities = Capabilities()
     #: a Triton kernel: on a CPU it runs only in Triton's interpreter (tests give it tiny shapes)
     triton: bool = False
+    #: its refusals never depend on N_k, so a call resolved once may run again as only the key length
+    #: grows (a decode loop; :mod:`attnlab.hf` binds such calls once per layer)
+    length_free_refusals: bool = False
 
     def reasons(self, call: Call) -> list[str]:
         """Refusals beyond the declared capabilities (e.g. a device-specific limit). Default: none."""

@@ -435,7 +435,7 @@ class Runtime:
         bound = part._bound.get(rows)
         if bound is None or bound.sig != sig:
             call, backend = op.resolve(q, k, v)
-            if not getattr(backend, "length_free_refusals", False):
+            if not backend.length_free_refusals:
                 return None
             bound = Bound(sig, call, backend)
             part._bound[rows] = bound
