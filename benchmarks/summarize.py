@@ -382,15 +382,20 @@ def cold_warm_section(cpu: Path) -> list[str]:
 
 
 def session_notes(folder: Path) -> list[str]:
-    """Each results folder's ``NOTES.md`` under ``folder`` (one run or a few, by area: decode, linear, ...),
-    as sections of the summary: its headings one level down, a pointer to the folder first."""
+    """Each results folder's ``NOTES.md`` (or ``README.md``) under ``folder`` (one run or a few, by area:
+    decode, linear, ...), as sections of the summary: a heading naming the file, then its text with its
+    headings two levels down (code blocks left alone)."""
     lines: list[str] = []
-    for notes in sorted(folder.glob("*/NOTES.md")):
-        area = notes.parent
+    for area in sorted(p for p in folder.iterdir() if p.is_dir()):
+        notes = next((area / n for n in ("NOTES.md", "README.md") if (area / n).exists()), None)
+        if notes is None:
+            continue
         rel = f"{folder.name}/{area.name}"
-        lines += [f"## {rel}: measured figures and targets (from `{rel}/NOTES.md`)", ""]
+        lines += [f"## {rel}: measured figures and targets (from `{rel}/{notes.name}`)", ""]
+        in_code = False
         for line in notes.read_text().strip().splitlines():
-            lines.append("#" + line if line.startswith("#") else line)
+            in_code ^= line.startswith("```")
+            lines.append("##" + line if line.startswith("#") and not in_code else line)
         lines.append("")
     return lines
 

@@ -115,21 +115,28 @@ def test_cold_vs_warm_compares_each_rows_speedup(summarize: ModuleType, tmp_path
     assert "| all timed rows | median 1.500, 1/2 within 10%, range 1.00-2.00 |" in text
 
 
-def test_later_sessions_notes_are_appended_with_headings_one_level_down(
+def test_later_sessions_notes_are_appended_with_headings_two_levels_down(
     summarize: ModuleType, tmp_path: Path
 ) -> None:
-    for area, text in (("decode", "# Decode run\n\n| a | b |\n|---|---|\n| 1 | 2 |\n## Targets\nmet"),
-                       ("linear", "# Linear run\nnot met")):  # fmt: skip
+    for area, name, text in (
+        ("decode", "NOTES.md", "# Decode run\n\n| a | b |\n|---|---|\n| 1 | 2 |\n## Targets\nmet"),
+        ("linear", "NOTES.md", "# Linear run\nnot met\n```\n# a shell comment\n```"),
+        ("organisms", "README.md", "# Organisms"),
+    ):
         (tmp_path / area).mkdir()
-        (tmp_path / area / "NOTES.md").write_text(text)
+        (tmp_path / area / name).write_text(text)
     (tmp_path / "empty").mkdir()  # a folder without notes gives no section
     lines = summarize.session_notes(tmp_path)
     heads = [line for line in lines if line.startswith("#")]
+    top = tmp_path.name
     assert heads == [
-        f"## {tmp_path.name}/decode: measured figures and targets (from `{tmp_path.name}/decode/NOTES.md`)",
-        "## Decode run",
-        "### Targets",
-        f"## {tmp_path.name}/linear: measured figures and targets (from `{tmp_path.name}/linear/NOTES.md`)",
-        "## Linear run",
+        f"## {top}/decode: measured figures and targets (from `{top}/decode/NOTES.md`)",
+        "### Decode run",
+        "#### Targets",
+        f"## {top}/linear: measured figures and targets (from `{top}/linear/NOTES.md`)",
+        "### Linear run",
+        "# a shell comment",  # inside a code block: unchanged
+        f"## {top}/organisms: measured figures and targets (from `{top}/organisms/README.md`)",
+        "### Organisms",
     ]
     assert "| 1 | 2 |" in lines and "not met" in lines
