@@ -1,7 +1,8 @@
 """nsa: the selection on planted structure (token and block granularity, shared by a GQA group, forced
 blocks), the branches against independent definitions (the window branch is sliding_window, the selected
 branch with every block kept is causal softmax, compressed-branch rows with no complete block are zero),
-the gates, bad input, and the fast path against the reference (forward, backward, gates, bf16, cross)."""
+the gates, the reference against fla-org's naive NSA rewritten as loops (token granularity), bad input, and the
+fast path against the reference (forward, backward, gates, bf16, cross)."""
 
 from __future__ import annotations
 
@@ -123,3 +124,55 @@ def test_fast_path_matches_reference(case: Case) -> None:
     assert not check.skipped, check.skipped
     assert check.passed, check.summary()
     assert "dq" in check.errors  # the backward ran
+
+
+def fla_naive(q, k, v, g_cmp, g_slc, g_swa, bs: int, topn: int, window: int, scale: float):  # type: ignore[no-untyped-def]
+    """fla-org's naive NSA (``naive_nsa_with_compression``) rewritten as plain loops over (b, h, t):
+    mean-pooled complete blocks, the current block's importance 1 per head summed over the group, top-n
+    blocks per token, the window ``t - w + 1 .. t``, outputs times gates."""
+    b_, h_, n, d = q.shape
+    hk = k.shape[1]
+    grp = h_ // hk
+    nc = n // bs
+    kc = torch.stack([k[:, :, c * bs : (c + 1) * bs].mean(2) for c in range(nc)], 2) if nc else None
+    vc = torch.stack([v[:, :, c * bs : (c + 1) * bs].mean(2) for c in range(nc)], 2) if nc else None
+    out = torch.zeros_like(q)
+    for b in range(b_):
+        for t in range(n):
+            vis = [c for c in range(nc) if (c + 1) * bs - 1 <= t]
+            for kv in range(hk):
+                probs, imp = {}, torch.zeros(t // bs + 1)
+                for h in range(kv * grp, (kv + 1) * grp):
+                    if vis:
+                        assert kc is not None
+                        p = torch.softmax(torch.stack([q[b, h, t] @ kc[b, kv, c] * scale for c in vis]), 0)
+                        probs[h] = p
+                        for i, c in enumerate(vis):
+                            if c < t // bs:
+                                imp[c] += p[i]
+                    imp[t // bs] += 1.0
+                chosen = torch.argsort(imp, descending=True)[:topn].tolist()
+                keys = [j for c in chosen for j in range(c * bs, min((c + 1) * bs, n)) if j <= t]
+                win = list(range(max(0, t - window + 1), t + 1))
+                for h in range(kv * grp, (kv + 1) * grp):
+                    o_cmp = torch.zeros(d)
+                    if vis:
+                        assert vc is not None
+                        o_cmp = torch.stack([probs[h][i] * vc[b, kv, c] for i, c in enumerate(vis)]).sum(0)
+                    ws = torch.softmax(torch.stack([q[b, h, t] @ k[b, kv, j] * scale for j in keys]), 0)
+                    o_slc = sum(w * v[b, kv, j] for w, j in zip(ws, keys, strict=True))
+                    ww = torch.softmax(torch.stack([q[b, h, t] @ k[b, kv, j] * scale for j in win]), 0)
+                    o_swa = sum(w * v[b, kv, j] for w, j in zip(ww, win, strict=True))
+                    out[b, h, t] = g_cmp[b, h, t] * o_cmp + g_slc[b, h, t] * o_slc + g_swa[b, h, t] * o_swa
+    return out
+
+
+def test_token_granularity_matches_fla_naive_loops() -> None:
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, 70, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(1, 2, 70, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    gates = [torch.rand(1, 4, 70, generator=g, dtype=torch.float64) for _ in range(3)]
+    p = NsaParams(block=16, topn=2, window=9, granularity="token")
+    ours = reference(q, k, v, p, causal=True, scale=0.3, g_cmp=gates[0], g_slc=gates[1], g_swa=gates[2])
+    theirs = fla_naive(q, k, v, gates[0], gates[1], gates[2], bs=16, topn=2, window=9, scale=0.3)
+    torch.testing.assert_close(ours.double(), theirs, atol=1e-5, rtol=1e-5)
