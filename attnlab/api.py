@@ -15,6 +15,7 @@ The call a user makes is the product, so the path is built for repeated calls:
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, Literal, overload
 
 import torch
@@ -130,6 +131,7 @@ class Op:
 
     __slots__ = (
         "_entries",
+        "_growing",
         "_plain",
         "backend",
         "causal",
@@ -166,6 +168,8 @@ class Op:
         self.return_lse = return_lse
         self.return_plan = return_plan
         self._entries: dict[tuple[Any, ...], tuple[Call, Backend]] = {}
+        #: resolved calls of backends with ``length_free_refusals``, by their signature without N_k
+        self._growing: dict[tuple[Any, ...], tuple[Call, Backend]] = {}
         #: the output alone, from q, k, v alone: __call__ runs the backend itself (no Result, no inputs)
         self._plain = not (spec.stateful or spec.inputs or return_lse or return_plan)
 
@@ -195,6 +199,8 @@ class Op:
             return self.resolve(q, k, v)
         entry = self._entries.get(key)
         if entry is None:
+            entry = self._grown(q, k, v, key)
+        if entry is None:
             if q.is_cuda and torch.cuda.is_current_stream_capturing():
                 raise BackendError(
                     f"a new call signature of {self!r} inside CUDA-graph capture ({tuple(q.shape)} x "
@@ -202,10 +208,31 @@ class Op:
                     "capture forbids. Call the op once at this shape before capturing."
                 )
             entry = self.resolve(q, k, v)
+            if entry[1].length_free_refusals:
+                self._growing[_without_n_k(key)] = entry
             if len(self._entries) >= OP_SIGNATURES:
                 del self._entries[next(iter(self._entries))]
             self._entries[key] = entry
         return entry
+
+    def _grown(self, q: Tensor, k: Tensor, v: Tensor, key: tuple[Any, ...]) -> tuple[Call, Backend] | None:
+        """A decode loop's next step: the same signature as a resolved call but for the key length (and
+        the same pattern: self or cross), on a backend whose refusals cannot depend on N_k. Its call is
+        the resolved one with N_k replaced, without validating again; None if there is none."""
+        n_k = k.shape[2]
+        if v.shape[2] != n_k or n_k < 1:
+            return None  # validation says what is wrong
+        known = self._growing.get(_without_n_k(key))
+        if known is None:
+            return None
+        call, backend = known
+        if (call.problem.n_k == call.problem.n_q) != (n_k == q.shape[2]):
+            return None  # another pattern (self vs cross): resolved in full
+        grown = replace(call, problem=replace(call.problem, n_k=n_k))
+        if len(self._entries) >= OP_SIGNATURES:
+            del self._entries[next(iter(self._entries))]
+        self._entries[key] = (grown, backend)
+        return grown, backend
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, **inputs: Any) -> Tensor | Result:
         call, backend = self._entry(q, k, v)
@@ -229,6 +256,12 @@ class Op:
         call, backend = self.resolve(q, k, v)
         extra = validate_extra(self.spec.inputs, inputs, call.problem, self.spec.name)
         return lambda: backend.run(q, k, v, call, extra)
+
+
+def _without_n_k(key: tuple[Any, ...]) -> tuple[Any, ...]:
+    """An op's signature key with the key length left out of k's and v's shapes."""
+    k_shape, v_shape = key[1], key[2]
+    return (key[0], (*k_shape[:2], *k_shape[3:]), (*v_shape[:2], *v_shape[3:]), *key[3:])
 
 
 def prepare(

@@ -468,3 +468,38 @@ def test_register_missing_registers_only_what_is_absent() -> None:
         assert attnlab.get(GATED.name) is GATED
     finally:
         attnlab.registry._REGISTRY.pop(GATED.name, None)
+
+
+def test_a_prepared_decode_op_grows_its_cache_length_without_resolving_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A decode loop (N_k + 1 per step) on a backend whose refusals cannot depend on N_k: the op resolves
+    its first step only, and every step equals a fresh call; a self-attention call is a new pattern."""
+    op = attnlab.prepare("page_topk", causal=True, backend="torch", budget=8, page=4)
+    resolved: list[int] = []
+    real = attnlab.api.Op.resolve
+
+    def counting(self: attnlab.api.Op, q: Tensor, k: Tensor, v: Tensor) -> Any:
+        if self is op:
+            resolved.append(k.shape[2])
+        return real(self, q, k, v)
+
+    monkeypatch.setattr(attnlab.api.Op, "resolve", counting)
+    g = torch.Generator().manual_seed(0)
+    k_all, v_all = torch.randn(2, 2, 40, 16, generator=g), torch.randn(2, 2, 40, 16, generator=g)
+    state = None
+    for n_k in range(30, 40):
+        q = torch.randn(2, 4, 1, 16, generator=g)
+        k, v = k_all[:, :, :n_k], v_all[:, :, :n_k]
+        res = op(q, k, v, state=state)
+        fresh = attnlab.prepare("page_topk", causal=True, backend="torch", budget=8, page=4)(
+            q, k, v, state=state
+        )
+        assert isinstance(res, Result) and isinstance(fresh, Result)
+        torch.testing.assert_close(res.out, fresh.out, rtol=0, atol=0)
+        state = res.state
+    assert resolved == [30]  # the op resolved its first step only
+    op(torch.randn(2, 4, 12, 16), k_all[:, :, :12], v_all[:, :, :12])  # N_q == N_k: another pattern
+    assert resolved[-1] == 12
+    with pytest.raises(InputError, match="must have the same heads"):  # a bad step is still validated
+        op(q, k_all[:, :, :20], v_all[:, :, :21])
