@@ -9,6 +9,7 @@ overrides; unknown keys are errors, with a suggestion.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,8 @@ class ModelConfig:
 
     ``hidden_size`` is split into ``heads`` heads of ``hidden_size // heads`` dimensions; ``kv_heads``
     key/value heads (GQA: ``heads % kv_heads == 0``). ``max_position``: the longest context in tokens.
+    ``attention``: the attnlab method of each layer (``()``: the plain Llama layer with SDPA, the default),
+    with ``attention_params`` per method name; see :mod:`attnlab.organisms.architectures`.
     """
 
     vocab_size: int = 1024
@@ -38,6 +41,8 @@ class ModelConfig:
     rope_theta: float = 10_000.0
     max_position: int = 2048
     tie_embeddings: bool = True
+    attention: tuple[str, ...] = ()
+    attention_params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, hash=False)
 
     def validate(self) -> ModelConfig:
         for name in ("hidden_size", "layers", "heads", "kv_heads", "intermediate_size", "max_position"):
@@ -61,6 +66,9 @@ class ModelConfig:
             )
         if not isinstance(self.rope_theta, int | float) or not self.rope_theta > 0:
             raise ConfigError(f"model rope_theta={self.rope_theta}: expected a positive number")
+        from attnlab.organisms.architectures import check_plan
+
+        check_plan(self.attention, self.attention_params, self.layers)
         return self
 
     @property
@@ -278,6 +286,7 @@ class TrainConfig:
         for key, value in data.items():
             if key == "model":
                 _check_keys("model", value, ModelConfig)
+                value = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
                 values[key] = dataclasses.replace(base.model, **value)
             elif key == "corpus":
                 _check_keys("corpus", value, CorpusConfig)

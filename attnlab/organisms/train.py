@@ -226,10 +226,33 @@ def losses(
 
 
 def build_model(cfg: TrainConfig) -> LlamaForCausalLM:
+    """The untrained model: a Llama causal LM whose layers run ``cfg.model.attention``'s methods (plain
+    SDPA layers when it is empty; see :mod:`attnlab.organisms.architectures`)."""
     from transformers import LlamaForCausalLM
 
+    from attnlab.organisms.architectures import apply
+
     torch.manual_seed(cfg.seed)
-    return LlamaForCausalLM(cfg.model.llama_config())
+    return apply(LlamaForCausalLM(cfg.model.llama_config()), cfg.model)
+
+
+def _load_adapted(cfg: TrainConfig, folder: Path) -> LlamaForCausalLM:
+    """A checkpoint of an organism with an attention plan: built from ``cfg`` (the plan's layers and input
+    makers), weights from the folder's ``model.safetensors`` (every key must match; tied embeddings
+    aside)."""
+    from safetensors.torch import load_file
+
+    model = build_model(cfg)
+    missing, unexpected = model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
+    missing = [m for m in missing if not (cfg.model.tie_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{folder}: weights do not match the attention plan {list(cfg.model.attention)}: missing "
+            f"{missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    if cfg.model.tie_embeddings:
+        model.tie_weights()
+    return model.to(torch.device(cfg.device))  # type: ignore[arg-type]
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.AdamW:
@@ -294,7 +317,10 @@ def _train(
                 "packages changed. Train into a fresh --out folder."
             )
         prefetch = Prefetcher(cfg, data, cfg.workers) if cfg.workers else None
-        model, _ = ckpt.load_organism(latest, device=cfg.device)
+        if cfg.model.attention:
+            model = _load_adapted(cfg, latest)
+        else:
+            model, _ = ckpt.load_organism(latest, device=cfg.device)
         model.float().train()
         optimizer = build_optimizer(cfg, model)
         ckpt.load_optimizer(optimizer, latest, stored.pop("optimizer_param_groups"))

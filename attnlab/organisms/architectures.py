@@ -1,0 +1,356 @@
+"""Training-time attention choice for organisms: each layer of the Llama organism runs an attnlab method.
+
+``ModelConfig.attention`` is the per-layer plan: one method name per layer (``()``, the default, keeps
+the plain Llama model and its SDPA attention, the path every other organism uses). ``ModelConfig.
+attention_params`` maps a method name to its parameters (``{"sliding_window": {"window": 64}}``), the
+same for every layer running that method. :func:`uniform` and :func:`hybrid` build plans.
+
+Why an adapter and not ``attnlab.use``: ``attnlab.use`` routes a model's attention calls through attnlab
+methods, but it passes no tensor inputs (its Runtime calls every method with q, k, v alone), so it cannot
+run ``gated_delta`` (``beta`` required) or ``gla`` (``g`` required); and a decode step of a linear method
+there needs the method's decode state machinery. So every layer that is not plain SDPA gets a
+:class:`MethodAttention` (a ``LlamaAttention`` subclass: same q/k/v/o projections and parameter names,
+same initial weights) that calls ``attnlab.prepare(method, causal=True, **params)`` itself, with the
+tensor inputs produced by small per-layer modules. All architectures, softmax included, then train through
+the same code, which is what a comparison needs.
+
+Conventions of :class:`MethodAttention`:
+
+- Softmax-family layers (``softmax``, ``sliding_window``) apply RoPE to q and k, as the Llama layer does.
+  Linear layers (``lightning``, ``gated_delta``, ``based``, ``linear``, ``gla``) do not: their recurrences
+  carry position through decay or order (as in Gated DeltaNet, Based, Lightning/TransNormer).
+- Tensor inputs (:data:`INPUT_MAKERS`; checked against ``attnlab.get(name).inputs``):
+  ``gated_delta``: ``beta = sigmoid(x W_beta)`` (B, H, N) and one log-decay per head and token
+  ``g = logsigmoid(x W_g + b_g)`` (B, H, N, 1), ``b_g`` initialised to 3 (decay ~0.95), as Gated DeltaNet's
+  gates; ``gla``: ``g = logsigmoid(x W_g + b_g) / 16`` per channel (B, H, N, D), GLA's low-rank-free form.
+  A method with a required tensor input that has no maker here is refused when the config is validated.
+  ``lightning``'s optional ``decay`` is left to its default (ALiBi slopes); ``linear``'s maps are absent
+  (identity).
+- ``based`` runs its Taylor mixer on q and k mapped to ``BASED_FEATURE_DIM`` (16) dimensions by one
+  learned (D, 16) matrix per layer (Based projects q/k to a 16-dim feature space; at D = 32 the Taylor map
+  would have 1 + 32 + 1024 features per head).
+- Decoding with a KV cache (``use_cache=True``, as :func:`attnlab.organisms.evaluate.greedy` does) is exact
+  but not recurrent: softmax-family layers attend from the new queries to the cached keys (causal,
+  bottom-right); linear layers keep their q/k/v and input history on the cache object and re-run the
+  method over the whole prefix, returning the new rows. The recurrent state that an inference engine
+  would carry instead is what :func:`state_bytes` counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from attnlab.organisms.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from attnlab.organisms.config import ModelConfig
+
+#: methods whose layers use RoPE and a KV cache
+SOFTMAX_FAMILY = ("softmax", "sliding_window")
+#: linear (recurrent-state) methods the adapter runs
+LINEAR_FAMILY = ("lightning", "gated_delta", "based", "linear", "gla")
+SUPPORTED = SOFTMAX_FAMILY + LINEAR_FAMILY
+#: the tensor inputs each method gets from :class:`MethodAttention`'s per-layer modules
+INPUT_MAKERS: dict[str, tuple[str, ...]] = {"gated_delta": ("beta", "g"), "gla": ("g",)}
+#: the backend a method runs with on CPU tensors (the default dispatch picks FlexAttention for no-grad
+#: calls there, which compiles again for every decode length and has no CPU backward)
+CPU_BACKENDS: dict[str, str] = {"sliding_window": "sdpa_mask"}
+#: q/k feature dimension of ``based`` layers
+BASED_FEATURE_DIM = 16
+#: the attribute of a transformers cache that holds linear layers' history during decoding
+_HISTORY = "_attnlab_organism_history"
+
+
+def uniform(method: str, layers: int) -> tuple[str, ...]:
+    """The plan that runs ``method`` in every one of ``layers`` layers."""
+    return (method,) * layers
+
+
+def hybrid(
+    linear: str, layers: int, softmax_layers: Sequence[int], softmax: str = "softmax"
+) -> tuple[str, ...]:
+    """A hybrid plan: ``softmax`` in the layers ``softmax_layers`` (0-based), ``linear`` in the rest."""
+    bad = [i for i in softmax_layers if not 0 <= i < layers]
+    if bad:
+        raise ConfigError(f"hybrid softmax_layers={list(softmax_layers)}: {bad} outside 0..{layers - 1}")
+    return tuple(softmax if i in set(softmax_layers) else linear for i in range(layers))
+
+
+def check_plan(attention: Sequence[str], params: Mapping[str, Mapping[str, Any]], layers: int) -> None:
+    """Raise :class:`ConfigError` unless ``attention`` names one supported method per layer, each with the
+    tensor inputs it requires available (see :data:`INPUT_MAKERS`), and ``params`` holds valid parameters
+    of methods the plan uses."""
+    import attnlab
+    from attnlab.errors import did_you_mean
+
+    if not attention:
+        if params:
+            raise ConfigError(
+                f"model attention_params={dict(params)!r} without a model attention plan: name the methods "
+                "per layer (e.g. attention=['softmax', 'softmax'])"
+            )
+        return
+    if len(attention) != layers:
+        raise ConfigError(
+            f"model attention={list(attention)!r} names {len(attention)} layers; the model has layers={layers}: "
+            "expected one method per layer"
+        )
+    for i, name in enumerate(attention):
+        if not isinstance(name, str) or name not in attnlab.methods():
+            raise ConfigError(
+                f"model attention layer {i}: unknown method {name!r}; expected one of {list(SUPPORTED)}."
+                f"{did_you_mean(str(name), SUPPORTED)}"
+            )
+        required = [t.name for t in attnlab.get(name).inputs if t.required]
+        missing = [t for t in required if t not in INPUT_MAKERS.get(name, ())]
+        if missing:
+            raise ConfigError(
+                f"model attention layer {i}: method {name!r} requires the tensor input(s) {missing}, which the "
+                f"organism adapter does not produce (it makes {dict(INPUT_MAKERS)}); expected one of "
+                f"{list(SUPPORTED)}"
+            )
+        if name not in SUPPORTED:
+            raise ConfigError(
+                f"model attention layer {i}: method {name!r} is not one the organism adapter trains; expected "
+                f"one of {list(SUPPORTED)} (causal self-attention with a backward on CPU)"
+            )
+    for name, values in params.items():
+        if name not in attention:
+            raise ConfigError(
+                f"model attention_params names {name!r}, which no layer of attention={list(attention)!r} runs"
+            )
+        if not isinstance(values, Mapping):
+            raise ConfigError(
+                f"model attention_params[{name!r}]={values!r}: expected an object of parameters"
+            )
+        try:
+            attnlab.prepare(name, causal=True, **dict(values))
+        except Exception as exc:  # attnlab's own message says which parameter and what is expected
+            raise ConfigError(f"model attention_params[{name!r}]: {exc}") from exc
+
+
+class MethodAttention(nn.Module):
+    """A Llama attention layer whose attention is the attnlab method ``method`` (see the module docstring).
+
+    Same parameters as ``LlamaAttention`` (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``), plus the input
+    makers: ``beta_proj`` / ``gate_proj`` (gated_delta, gla) and ``feature_map`` (based)."""
+
+    def __init__(self, config: LlamaConfig, layer_idx: int, method: str, params: Mapping[str, Any]) -> None:
+        import attnlab
+
+        super().__init__()
+        self.config, self.layer_idx, self.method = config, layer_idx, method
+        self.head_dim = int(
+            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        )
+        self.heads = int(config.num_attention_heads)
+        self.kv_heads = int(config.num_key_value_heads or config.num_attention_heads)
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.heads * self.head_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, hidden, bias=config.attention_bias)
+        self.rope = method in SOFTMAX_FAMILY
+        self.beta_proj: nn.Linear | None = None
+        self.gate_proj: nn.Linear | None = None
+        self.feature_map: nn.Parameter | None = None
+        if method == "gated_delta":
+            self.beta_proj = nn.Linear(hidden, self.heads, bias=False)
+            self.gate_proj = nn.Linear(hidden, self.heads, bias=True)
+        elif method == "gla":
+            self.gate_proj = nn.Linear(hidden, self.heads * self.head_dim, bias=True)
+        elif method == "based":
+            self.feature_map = nn.Parameter(torch.empty(self.head_dim, BASED_FEATURE_DIM))
+        self.reset_extra()
+        self.op = attnlab.prepare(method, causal=True, **dict(params))
+        cpu = CPU_BACKENDS.get(method)
+        self.cpu_op = (
+            None if cpu is None else attnlab.prepare(method, causal=True, backend=cpu, **dict(params))
+        )
+
+    def reset_extra(self) -> None:
+        """Initialise the input makers (normal(0, 0.02) weights; gate biases 3: decay ~0.95 at start)."""
+        for lin in (self.beta_proj, self.gate_proj):
+            if lin is not None:
+                nn.init.normal_(lin.weight, std=0.02)
+                if lin.bias is not None:
+                    nn.init.constant_(lin.bias, 3.0)
+        if self.feature_map is not None:
+            nn.init.normal_(self.feature_map, std=self.head_dim**-0.5)
+
+    def _inputs(self, x: Tensor) -> dict[str, Tensor]:
+        b, n, _ = x.shape
+        if self.method == "gated_delta":
+            assert self.beta_proj is not None and self.gate_proj is not None
+            beta = torch.sigmoid(self.beta_proj(x)).transpose(1, 2)  # (B, H, N)
+            g = nn.functional.logsigmoid(self.gate_proj(x)).transpose(1, 2).unsqueeze(-1)  # (B, H, N, 1)
+            return {"beta": beta, "g": g}
+        if self.method == "gla":
+            assert self.gate_proj is not None
+            g = nn.functional.logsigmoid(self.gate_proj(x)) / 16
+            return {"g": g.view(b, n, self.heads, self.head_dim).transpose(1, 2)}
+        return {}
+
+    def _run(self, q: Tensor, k: Tensor, v: Tensor, inputs: Mapping[str, Tensor]) -> Tensor:
+        if self.feature_map is not None:
+            q, k = q @ self.feature_map, k @ self.feature_map
+        op = self.cpu_op if self.cpu_op is not None and q.device.type == "cpu" else self.op
+        out = op(q, k, v, **inputs)
+        return out if isinstance(out, Tensor) else out.out
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        position_embeddings: tuple[Tensor, Tensor] | None = None,
+        attention_mask: Any = None,
+        past_key_values: Any = None,
+        **kwargs: Any,
+    ) -> tuple[Tensor, None]:
+        """(B, N, hidden) -> ((B, N, hidden), None), as ``LlamaAttention.forward``. Padding masks are not
+        supported (organisms train and evaluate unpadded rows); a 2-D mask with a zero is refused."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        if (
+            isinstance(attention_mask, Tensor)
+            and attention_mask.dtype == torch.bool
+            and not bool(attention_mask.all())
+        ):
+            raise ConfigError(
+                f"layer {self.layer_idx} ({self.method}): padded batches are not supported by the organism "
+                "attention adapter; pass unpadded rows"
+            )
+        b, n, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.rope:
+            assert position_embeddings is not None
+            cos, sin = position_embeddings
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        inputs = self._inputs(hidden_states)
+        if past_key_values is not None:
+            k_all, v_all = past_key_values.update(k, v, self.layer_idx)
+        else:
+            k_all, v_all = k, v
+        if self.rope or k_all.shape[2] == n:  # softmax family (causal, bottom-right), or a prefill
+            out = self._run(q, k_all, v_all, inputs)
+        else:  # a linear layer's decode step: re-run over the prefix (exact), keep the new rows
+            history = getattr(past_key_values, _HISTORY, None)
+            if history is None:
+                history = {}
+                setattr(past_key_values, _HISTORY, history)
+            past = history.get(self.layer_idx)
+            if past is None or past[0].shape[2] + n != k_all.shape[2]:
+                raise ConfigError(
+                    f"layer {self.layer_idx} ({self.method}): a decode step needs the queries and inputs of the "
+                    "prefix, kept from the prefill on this cache; prefill with this model and cache first"
+                )
+            q_all = torch.cat([past[0], q], 2)
+            ins = {key: torch.cat([past[1][key], t], 2) for key, t in inputs.items()}
+            out = self._run(q_all, k_all, v_all, ins)[:, :, -n:]
+            q, inputs = q_all, ins
+        if past_key_values is not None and not self.rope:
+            history = getattr(past_key_values, _HISTORY, None)
+            if history is None:
+                history = {}
+                setattr(past_key_values, _HISTORY, history)
+            history[self.layer_idx] = (q.detach(), {key: t.detach() for key, t in inputs.items()})
+        out = out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim)
+        return self.o_proj(out), None
+
+
+def apply(model: LlamaForCausalLM, cfg: ModelConfig) -> LlamaForCausalLM:
+    """Replace the attention of every layer of ``model`` by the method ``cfg.attention`` names for it
+    (nothing changes when ``cfg.attention`` is empty). The q/k/v/o weights are kept; returns ``model``."""
+    if not cfg.attention:
+        return model
+    check_plan(cfg.attention, cfg.attention_params, cfg.layers)
+    layers = model.model.layers
+    for i, (layer, method) in enumerate(zip(layers, cfg.attention, strict=True)):
+        old = layer.self_attn
+        new = MethodAttention(model.config, i, method, cfg.attention_params.get(method, {}))
+        new.load_state_dict(old.state_dict(), strict=False)
+        layer.self_attn = new.to(next(old.parameters()).device)
+    model.config.use_cache = False  # training needs no cache; greedy decoding asks for one explicitly
+    return model
+
+
+def layer_methods(model: nn.Module) -> list[str]:
+    """The attention each decoder layer of ``model`` runs: the method of a :class:`MethodAttention`, else
+    ``"sdpa"`` (a plain Llama layer)."""
+    return [
+        layer.self_attn.method if isinstance(layer.self_attn, MethodAttention) else "sdpa"
+        for layer in model.model.layers  # type: ignore[union-attr]
+    ]
+
+
+def state_bytes(
+    method: str,
+    params: Mapping[str, Any],
+    context: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype_bytes: int = 4,
+) -> int:
+    """Bytes one layer keeps per sequence to decode the next token after ``context`` tokens.
+
+    softmax: the KV cache, ``2 * kv_heads * context * head_dim`` elements; sliding_window: the same over
+    ``min(window, context)`` keys; lightning, gated_delta, gla: the state S (heads, D, D); linear: S and
+    the normaliser z (heads, D) (normalize=True, default); based (Taylor, q/k at ``BASED_FEATURE_DIM``):
+    S (heads, F, D) and z (heads, F) with F = 1 + 16 + 256. Elements of ``dtype_bytes`` each (default 4:
+    fp32, the dtype organisms train in and that the linear states use)."""
+    import attnlab
+
+    p: Any = (
+        attnlab.prepare(method, causal=True, **dict(params)).params if params else attnlab.get(method).params
+    )
+    d = head_dim
+    if method == "softmax":
+        elements = 2 * kv_heads * context * d
+    elif method == "sliding_window":
+        elements = 2 * kv_heads * min(int(p.window), context) * d
+    elif method in ("lightning", "gated_delta", "gla"):
+        elements = heads * d * d
+    elif method == "linear":
+        elements = heads * d * d + (heads * d if p.normalize else 0)
+    elif method == "based":
+        if p.mixer == "window":
+            elements = 2 * kv_heads * min(int(p.window), context) * d
+        else:
+            f = 1 + BASED_FEATURE_DIM + BASED_FEATURE_DIM**2
+            elements = heads * f * d + heads * f
+    else:
+        raise ConfigError(f"state_bytes: method {method!r}; expected one of {list(SUPPORTED)}")
+    return int(elements * dtype_bytes)
+
+
+def plan_state_bytes(cfg: ModelConfig, context: int, dtype_bytes: int = 4) -> list[int]:
+    """:func:`state_bytes` of every layer of the organism ``cfg`` (a plain Llama counts as softmax)."""
+    plan = cfg.attention or uniform("softmax", cfg.layers)
+    return [
+        state_bytes(
+            m, cfg.attention_params.get(m, {}), context, cfg.heads, cfg.kv_heads, cfg.head_dim, dtype_bytes
+        )
+        for m in plan
+    ]
+
+
+def describe(attention: Sequence[str]) -> str:
+    """A short label of a plan: ``"gated_delta x3 + softmax x1 (layers 1)"`` style."""
+    if not attention:
+        return "softmax (sdpa)"
+    kinds = sorted(set(attention), key=attention.index)
+    if len(kinds) == 1:
+        return f"{kinds[0]} x{len(attention)}"
+    parts = [f"{m} x{attention.count(m)}" for m in kinds]
+    soft = [str(i) for i, m in enumerate(attention) if m in SOFTMAX_FAMILY]
+    return " + ".join(parts) + (f" (softmax-family layers {','.join(soft)})" if soft else "")
