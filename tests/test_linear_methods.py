@@ -405,6 +405,34 @@ def test_a_chunk_size_the_triton_kernels_cannot_take_is_a_refusal_naming_it() ->
         assert _call("gla", x, chunk=24).out.shape == (1, 2, 8, 4)  # torch_chunk takes it
 
 
+@pytest.mark.parametrize(
+    ("name", "dtype", "d"), [("gla", torch.bfloat16, 256), ("lightning", torch.float32, 128)]
+)
+def test_a_backward_whose_state_tile_exceeds_shared_memory_is_a_refusal(
+    name: str, dtype: torch.dtype, d: int
+) -> None:
+    """The chunked backward holds a whole (K, V) state tile: 256 x 256 in bf16 (gla's per-channel
+    kernel, 335872 B compiled for sm_90) and 128 x 128 in float32 (the scalar-gate kernel, 278528 B) do
+    not fit an H100's 232448 B. With gradients the Triton backend refuses, naming the tile; the call
+    goes to torch_chunk; the forward alone still runs on Triton."""
+    with registered(BY_NAME[name]):
+        x = {kk: t.to(dtype) for kk, t in inputs(name, 1, 1, 1, 4, d, dev="cpu").items()}
+        leaves = {kk: t.requires_grad_(kk in "qkv") for kk, t in x.items()}
+        extra: dict[str, Any] = {kk: t for kk, t in leaves.items() if kk not in "qkv"}
+        forced = attnlab.explain(leaves["q"], leaves["k"], leaves["v"], method=name, causal=True,
+                                 backend="triton", **extra)  # fmt: skip
+        assert forced.backend is None
+        assert f"holds a {d} x {d} state tile" in str(forced) and "232448 B" in str(forced), str(forced)
+        auto = attnlab.explain(leaves["q"], leaves["k"], leaves["v"], method=name, causal=True, **extra)
+        assert auto.backend is not None and auto.backend.name == "torch_chunk"
+        plain = {kk: t.detach() for kk, t in leaves.items()}
+        rest: dict[str, Any] = {kk: t for kk, t in plain.items() if kk not in "qkv"}
+        fwd = attnlab.explain(
+            plain["q"], plain["k"], plain["v"], method=name, causal=True, backend="triton", **rest
+        )
+        assert fwd.backend is not None and fwd.backend.name == "triton"
+
+
 def test_based_taylor_map_is_the_second_order_expansion_of_exp() -> None:
     q, k = torch.randn(5, 16), torch.randn(5, 16)
     s = 16**-0.5

@@ -114,11 +114,16 @@ def _run_triton(
 
 
 def triton_refusal(call: Call) -> list[str]:
-    """Limits of the Triton kernels shared by the gated-linear methods: chunk 16/32/64, head dims <= 128."""
-    from attnlab.kernels.linear.limits import kernel_refusals
+    """Limits of the Triton kernels shared by the gated-linear methods: chunk 16/32/64, head dims <= 256,
+    and with gradients the backward's state tile (per-channel gates for gla, one per head for lightning)."""
+    from attnlab.kernels.linear.limits import backward_refusals, kernel_refusals
 
     chunk = getattr(call.params, "chunk", 64)
-    return kernel_refusals(chunk, call.problem.head_dim, call.problem.v_dim)
+    p = call.problem
+    out = kernel_refusals(chunk, p.head_dim, p.v_dim)
+    if p.requires_grad:
+        out += backward_refusals(p.head_dim, p.v_dim, p.dtype, per_channel=call.spec.name == "gla")
+    return out
 
 
 SPEC = MethodSpec(

@@ -247,11 +247,15 @@ def _run_triton(
 
 
 def _triton_refusal(call: Call) -> list[str]:
-    from attnlab.kernels.linear.limits import kernel_refusals
+    from attnlab.kernels.linear.limits import backward_refusals, kernel_refusals
 
     assert isinstance(call.params, LinearParams)
     k_dim = min(feature_dim(call.params, call.problem.head_dim), K_SLICE)  # (more are sliced)
-    return kernel_refusals(call.params.chunk, k_dim, call.problem.v_dim)
+    p = call.problem
+    out = kernel_refusals(call.params.chunk, k_dim, p.v_dim)
+    if p.requires_grad:
+        out += backward_refusals(k_dim, p.v_dim, p.dtype, per_channel=False)
+    return out
 
 
 def sample_map(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
