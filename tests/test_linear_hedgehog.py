@@ -20,14 +20,18 @@ from attnlab.testing import device_under_test
 DEV = device_under_test()
 
 
-def _inputs(b: int, h: int, hk: int, n: int, d: int, seed: int = 0) -> dict[str, Tensor]:
+def _inputs(
+    b: int, h: int, hk: int, n: int, d: int, seed: int = 0, f: int | None = None
+) -> dict[str, Tensor]:
+    """q, k, v and the maps' weights (H, D, F), F = D unless given."""
     g = torch.Generator().manual_seed(seed)
+    f = d if f is None else f
     x = {
         "q": torch.randn(b, h, n, d, generator=g),
         "k": torch.randn(b, hk, n, d, generator=g),
         "v": torch.randn(b, hk, n, d, generator=g),
-        "map_q": linear.sample_map((h, d, d), g),
-        "map_k": linear.sample_map((h, d, d), g),
+        "map_q": linear.sample_map((h, d, f), g),
+        "map_k": linear.sample_map((h, d, f), g),
     }
     return {name: t.to(DEV) for name, t in x.items()}
 
@@ -46,11 +50,12 @@ def _close(a: Tensor, b: Tensor, tol: float, what: str = "") -> None:
     assert err <= tol * (1 + peak), f"{what}: max error {err:.3e} > {tol:.0e} x (1 + {peak:.3e})"
 
 
-@pytest.mark.parametrize("normalize", [True, False])
-def test_hedgehog_reference_is_the_quadratic_form_of_its_feature_map(normalize: bool) -> None:
+@pytest.mark.parametrize(("normalize", "f"), [(True, 8), (False, 8), (True, 4)])
+def test_hedgehog_reference_is_the_quadratic_form_of_its_feature_map(normalize: bool, f: int) -> None:
     """o_i = sum_{j<=i} (phi(q_i) . phi(k_j)) v_j, divided by sum_{j<=i} phi(q_i) . phi(k_j) when normalised
-    (scale otherwise); the state is sum_j phi(k_j) v_j^T, (B, H, 2D, D_v), and z = sum_j phi(k_j)."""
-    x = _inputs(1, 4, 2, 23, 8)
+    (scale otherwise); the state is sum_j phi(k_j) v_j^T, (B, H, 2F, D_v), and z = sum_j phi(k_j); F = D
+    or a map to fewer features (F = 4 of D = 8)."""
+    x = _inputs(1, 4, 2, 23, 8, f=f)
     fq = _hedgehog_by_hand(x["q"], x["map_q"])
     fk = _hedgehog_by_hand(x["k"].repeat_interleave(2, 1), x["map_k"])
     v = x["v"].repeat_interleave(2, 1).double()
@@ -62,13 +67,13 @@ def test_hedgehog_reference_is_the_quadratic_form_of_its_feature_map(normalize: 
     )
     _close(out, want, 1e-5, "out")
     s = state[0] if normalize else state
-    assert s.shape == (1, 4, 16, 8) and s.dtype == torch.float32
+    assert s.shape == (1, 4, 2 * f, 8) and s.dtype == torch.float32
     _close(s, fk.transpose(-1, -2) @ v, 1e-5, "state")
     if normalize:
         _close(state[1], fk.sum(2), 1e-5, "z")
     # each half of a feature vector sums to 1 (a softmax), all features positive
     assert bool((fq > 0).all())
-    _close(fq[..., :8].sum(-1), torch.ones_like(fq[..., 0]), 1e-12, "half sums")
+    _close(fq[..., :f].sum(-1), torch.ones_like(fq[..., 0]), 1e-12, "half sums")
 
 
 def test_hedgehog_without_weights_is_the_identity_initialisation() -> None:
@@ -94,16 +99,17 @@ def test_a_learned_projection_before_relu_is_t2r() -> None:
     _close(res.out, want, 1e-5, "out")
 
 
-CASES = [("torch_chunk", 1), ("torch_chunk", 63), ("triton", 63)]
+CASES = [("torch_chunk", 1, 8), ("torch_chunk", 63, 8), ("triton", 63, 8), ("triton", 40, 16)]
 
 
-@pytest.mark.parametrize(("backend", "n"), CASES, ids=[f"{b}-N{n}" for b, n in CASES])
-def test_hedgehog_backends_match_the_reference_with_every_gradient(backend: str, n: int) -> None:
+@pytest.mark.parametrize(("backend", "n", "f"), CASES, ids=[f"{b}-N{n}-F{f}" for b, n, f in CASES])
+def test_hedgehog_backends_match_the_reference_with_every_gradient(backend: str, n: int, f: int) -> None:
     """Output, (S, z) and the gradients of q, k, v, both weights and the initial state, GQA (H=4, H_kv=2),
-    a non-zero start state, chunk 16 (several chunks and a partial one at N=63)."""
-    x = _inputs(1, 4, 2, n, 8)
+    a non-zero start state, chunk 16 (several chunks and a partial one at N=63); maps to F = D = 8 or to
+    F = 16 features (32 state rows)."""
+    x = _inputs(1, 4, 2, n, 8, f=f)
     p = linear.LinearParams(feature_map="hedgehog")
-    y = _inputs(1, 4, 2, 5, 8, seed=1)  # a non-zero start state
+    y = _inputs(1, 4, 2, 5, 8, seed=1, f=f)  # a non-zero start state
     s0 = linear.reference(y["q"], y["k"], y["v"], p, causal=True, scale=8**-0.5, map_q=y["map_q"],
                           map_k=y["map_k"])[1]  # fmt: skip
     xa = {k: t.clone().requires_grad_(True) for k, t in x.items()}
@@ -170,6 +176,14 @@ def test_hedgehog_bad_input_is_refused_naming_what_was_given() -> None:
     assert isinstance(elu, Result)
     with pytest.raises(InputError, match=r"\(1, 2, 8, 4\)"):
         attnlab.attention(q, k, v, method="linear", causal=True, feature_map="hedgehog", state=elu.state)
+    # F fixed by map_q, another F in map_k; one weight mapping to F != D without the other
+    with pytest.raises(InputError, match=r"map_k has shape \(2, 4, 3\).*free sizes fixed by map_q"):
+        attnlab.attention(q, k, v, method="linear", feature_map="hedgehog", map_q=x["map_q"][..., :2],
+                          map_k=x["map_k"][..., :3])  # fmt: skip
+    with pytest.raises(InputError, match=r"map_q maps D=4 to F=2 features but map_k is absent"):
+        attnlab.attention(
+            q, k, v, method="linear", causal=True, feature_map="hedgehog", map_q=x["map_q"][..., :2]
+        )
     with pytest.raises(ParamError, match="feature_map='softmax' is invalid"):
         attnlab.attention(q, k, v, method="linear", feature_map="softmax")
 

@@ -2,8 +2,8 @@
 
 Recurrence (fla's ``linear_attn``; phi applied to q and k, as fla's layer does before its op)::
 
-    S_t = S_{t-1} + phi(k_t) v_t^T          S (B, H, D, D_v), float32
-    z_t = z_{t-1} + phi(k_t)                z (B, H, D): the running key sum (normalised only)
+    S_t = S_{t-1} + phi(k_t) v_t^T          S (B, H, K, D_v), float32; K = phi's size (D, F or 2F)
+    z_t = z_{t-1} + phi(k_t)                z (B, H, K): the running key sum (normalised only)
     o_t = scale * S_t^T phi(q_t)                                    normalize=False
     o_t = S_t^T phi(q_t) / (phi(q_t) . z_t + eps)                   normalize=True (scale cancels)
 
@@ -13,16 +13,18 @@ RMSNorm), its ``chunk_linear_attn`` default normalised: say which you compare wi
 with ``normalize=True`` is refused (phi(q) . z can be 0 or negative). relu features can give a row with
 phi(q) . z = 0: its output is 0 (numerator 0 over eps).
 
-**Learned maps** (tensor inputs ``map_q``, ``map_k``, each (H, D, D), optional): the weights W_h of a
-per-head projection applied before the map, ``x -> x W_h`` (``einsum("bhnd,hdf->bhnf")``, no bias;
-LoLCATs' ``FeatureMapMLP`` layout (H, D, F) with F = D). Queries take ``map_q``, keys ``map_k`` (after the
+**Learned maps** (tensor inputs ``map_q``, ``map_k``, each (H, D, F), optional; F free, the same for
+both): the weights W_h of a per-head projection applied before the map, ``x -> x W_h``
+(``einsum("bhnd,hdf->bhnf")``, no bias; LoLCATs' ``FeatureMapMLP`` layout; its ``feature_dim`` F is 64,
+as in the ThunderKittens Hedgehog kernel at D = 128). An absent weight is the identity (F = D), so with
+F != D both are needed. Queries take ``map_q``, keys ``map_k`` (after the
 keys are repeated to the H query heads of their group: the map is per query head, as in LoLCATs, where
 the kv heads are repeated before the map). An absent weight is the identity. With ``"relu"`` this is
 T2R's relu(x W) (Kasai et al., 2021; T2R's bias omitted), with ``"elu"`` elu(x W) + 1.
 
 **Hedgehog** (Zhang et al., 2024, "The Hedgehog & the Porcupine"): ``y = x W_h``, then
-``phi(x) = [softmax(y), softmax(-y)]``, each half a softmax over its D features (2D features in all, so
-the state is (B, H, 2D, D_v)). This is the ``softmax_dim`` map of the authors' code (LoLCATs
+``phi(x) = [softmax(y), softmax(-y)]``, each half a softmax over its F features (2F features in all, so
+the state is (B, H, 2F, D_v)). This is the ``softmax_dim`` map of the authors' code (LoLCATs
 ``feature_map.py``, and the ThunderKittens Hedgehog kernel's PyTorch reference), without their
 ``clamp(min=eps)`` (a softmax here is never 0 in fp32 for |y| < 80). The paper writes the map as
 ``[exp(y), exp(-y)]`` (equal up to a per-token factor on each half, which the normalisation does not
@@ -55,11 +57,12 @@ from attnlab.catalog.linear._common import (
     expand_heads,
 )
 from attnlab.core import Call, MethodSpec, TensorInput
+from attnlab.errors import InputError
 from attnlab.kernels.linear.naive import gla_chunk_naive
 from attnlab.params import Params
 
 FEATURE_MAPS = ("elu", "relu", "identity", "hedgehog")
-#: The tensor inputs of the learned maps (each (H, D, D), optional; absent = identity).
+#: The tensor inputs of the learned maps (each (H, D, F), optional; absent = identity).
 MAP_INPUTS = ("map_q", "map_k")
 
 
@@ -93,8 +96,8 @@ class LinearParams(Params):
 
 def feature_map(x: Tensor, name: str, weight: Tensor | None = None) -> Tensor:
     """phi(x) for x (B, H, N, D): elu(x) + 1, relu(x), x, or Hedgehog's [softmax(y), softmax(-y)] over the
-    last dim (2D features), each of x's projection ``y = x W_h`` when ``weight`` (H, D, D) is given (else
-    y = x). The hedgehog map is computed in float32 and returned in x's dtype; the others in x's dtype."""
+    last dim (2F features), each of x's projection ``y = x W_h`` (F features) when ``weight`` (H, D, F) is
+    given (else y = x, F = D). The hedgehog map is computed in float32 and returned in x's dtype; the others in x's dtype."""
     if weight is not None:
         x = torch.einsum("bhnd,hdf->bhnf", x, weight.to(x.dtype))
     if name == "elu":
@@ -107,22 +110,35 @@ def feature_map(x: Tensor, name: str, weight: Tensor | None = None) -> Tensor:
     return x
 
 
-def feature_dim(p: LinearParams, d: int) -> int:
-    """K, the size of phi(x) for a head dim ``d`` (the rows of the state): 2d for hedgehog, else d."""
-    return 2 * d if p.feature_map == "hedgehog" else d
+def feature_dim(p: LinearParams, f: int) -> int:
+    """K, the size of phi(x) (the rows of the state) for F projected features (D without weights): 2F for
+    hedgehog, else F."""
+    return 2 * f if p.feature_map == "hedgehog" else f
 
 
-def _weights(extra: Mapping[str, Tensor]) -> tuple[Tensor | None, Tensor | None]:
-    """The learned maps' weights (None: identity), NaN/Inf refused (one host synchronisation each)."""
-    for name in MAP_INPUTS:
-        if name in extra:
-            check_finite_input("linear", name, extra[name])
-    return extra.get("map_q"), extra.get("map_k")
+def _weights(d: int, wq: Tensor | None, wk: Tensor | None, check: bool) -> int:
+    """F, the maps' output size (D without weights). With ``check``, NaN/Inf weights are refused (one host
+    synchronisation each). A single weight with F != D is refused: the other side's identity has D."""
+    if check:
+        for name, w in (("map_q", wq), ("map_k", wk)):
+            if w is not None:
+                check_finite_input("linear", name, w)
+    if (wq is None) != (wk is None):
+        name, w = ("map_q", wq) if wq is not None else ("map_k", wk)
+        assert w is not None
+        if w.shape[-1] != d:
+            raise InputError(
+                f"method 'linear': {name} maps D={d} to F={w.shape[-1]} features but "
+                f"{'map_k' if name == 'map_q' else 'map_q'} is absent (the identity, F = D = {d}); q and k "
+                "need features of the same size: pass both weights"
+            )
+    w = wq if wq is not None else wk
+    return d if w is None else w.shape[-1]
 
 
-def _states(p: LinearParams, q: Tensor, v: Tensor, state: Any) -> tuple[Tensor | None, Tensor | None]:
-    b, h, _, d = q.shape
-    return check_state("linear", state, b, h, feature_dim(p, d), v.shape[-1], q.device, with_sum=p.normalize)
+def _states(p: LinearParams, q: Tensor, v: Tensor, state: Any, f: int) -> tuple[Tensor | None, Tensor | None]:
+    b, h, _, _ = q.shape
+    return check_state("linear", state, b, h, feature_dim(p, f), v.shape[-1], q.device, with_sum=p.normalize)
 
 
 def _zeros_if_none(s: Tensor | None, shape: tuple[int, ...], like: Tensor) -> Tensor:
@@ -143,15 +159,16 @@ def reference(
     map_k: Tensor | None = None,
 ) -> tuple[Tensor, Any]:
     """Token by token (causal) or in one sum (non-causal), as in the module docstring; fp32 when
-    ``upcast``. ``map_q``, ``map_k``: the learned maps' weights (H, D, D) or None (identity). Returns
+    ``upcast``. ``map_q``, ``map_k``: the learned maps' weights (H, D, F) or None (identity). Returns
     (o (B, H, N, D_v) in q's dtype, state float32: S, or (S, z) when normalised)."""
-    s0, z0 = _states(params, q, v, state)
-    dt = torch.float32 if upcast else q.dtype
     b, h, n, d = q.shape
+    fw = _weights(d, map_q, map_k, check=False)
+    s0, z0 = _states(params, q, v, state, fw)
+    f = feature_dim(params, fw)
+    dt = torch.float32 if upcast else q.dtype
     fq = feature_map(q.to(dt), params.feature_map, map_q)
     fk = feature_map(expand_heads(k, h).to(dt), params.feature_map, map_k)
     vv = expand_heads(v, h).to(dt)
-    f = feature_dim(params, d)
     s = _zeros_if_none(s0, (b, h, f, v.shape[-1]), fq)
     z = _zeros_if_none(z0, (b, h, f), fq)
     if not causal:
@@ -206,14 +223,15 @@ def _run(
     by a float32 cumsum over the tokens (its last row is the state's z)."""
     p = call.params
     assert isinstance(p, LinearParams)
-    s0, z0 = _states(p, q, v, state)
     b, h, _, d = q.shape
     vd = v.shape[-1]
-    wq, wk = _weights(extra)
+    wq, wk = extra.get("map_q"), extra.get("map_k")
+    fw = _weights(d, wq, wk, check=True)
+    s0, z0 = _states(p, q, v, state, fw)
+    f = feature_dim(p, fw)
     fq = feature_map(q, p.feature_map, wq)
     fk = feature_map(expand_heads(k, h), p.feature_map, wk)
     vv = expand_heads(v, h)
-    f = feature_dim(p, d)
     if not call.problem.causal:  # two matmuls in fp32
         s = _zeros_if_none(s0, (b, h, f, vd), fq.float()) + fk.float().transpose(-1, -2) @ vv.float()
         num = fq.float() @ s
@@ -250,7 +268,9 @@ def _triton_refusal(call: Call) -> list[str]:
     from attnlab.kernels.linear.limits import backward_refusals, kernel_refusals
 
     assert isinstance(call.params, LinearParams)
-    k_dim = min(feature_dim(call.params, call.problem.head_dim), K_SLICE)  # (more are sliced)
+    # (F, the learned maps' size, is not known before the tensors: D stands for it; more than K_SLICE
+    # features are sliced)
+    k_dim = min(feature_dim(call.params, call.problem.head_dim), K_SLICE)
     p = call.problem
     out = kernel_refusals(call.params.chunk, k_dim, p.v_dim)
     if p.requires_grad:
@@ -259,9 +279,10 @@ def _triton_refusal(call: Call) -> list[str]:
 
 
 def sample_map(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
-    """A learned map's weights near its initialisation: I + N(0, 0.25 / D) per head (shape (H, D, D))."""
-    d = shape[-1]
-    return torch.eye(d).expand(shape) + 0.5 * d**-0.5 * torch.randn(shape, generator=generator)
+    """A learned map's weights near its initialisation: the (D, F) identity (ones on the diagonal) plus
+    N(0, 0.25 / D), per head (shape (H, D, F))."""
+    d, f = shape[-2], shape[-1]
+    return torch.eye(d, f).expand(shape) + 0.5 * d**-0.5 * torch.randn(shape, generator=generator)
 
 
 SPEC = MethodSpec(
@@ -284,14 +305,14 @@ SPEC = MethodSpec(
     inputs=(
         TensorInput(
             "map_q",
-            ("H", "D", "D"),
+            ("H", "D", "F"),
             "weights of the queries' learned map x -> x W_h before phi (Hedgehog, T2R); absent: identity",
             required=False,
             sample=sample_map,
         ),
         TensorInput(
             "map_k",
-            ("H", "D", "D"),
+            ("H", "D", "F"),
             "weights of the keys' learned map (per query head, after the kv heads are repeated); absent: identity",
             required=False,
             sample=sample_map,
