@@ -45,6 +45,8 @@ from attnlab.organisms.train import (
 )
 
 TASKS = ("mqar", "passkey", "niah_multikey")
+#: the training mix: task rows draw from this list uniformly, so MQAR is half of them
+TRAIN_TASKS = ("mqar", "mqar", "passkey", "niah_multikey")
 
 
 def architectures(layers: int, window: int) -> dict[str, tuple[tuple[str, ...], dict[str, dict[str, Any]]]]:
@@ -75,9 +77,9 @@ def base_config(args: argparse.Namespace) -> TrainConfig:
         model=model,
         corpus=CorpusConfig(max_chars=args.corpus_chars),
         stages=(Stage(args.steps, args.context, args.batch),),
-        tasks=TASKS,
+        tasks=TRAIN_TASKS,
         task_share=0.8,
-        copy_share=0.1,
+        copy_share=0.15,
         copy_warmup=args.copy_warmup,
         lr=args.lr,
         warmup=20,
@@ -114,7 +116,7 @@ def train_one(cfg: TrainConfig, data: Any, log: Any) -> dict[str, Any]:
     train_s = time.perf_counter() - started
     model.eval()
     t0 = time.perf_counter()
-    acc = task_accuracy(model, data.eval_ctx, cfg.tasks, cfg.eval_lengths, cfg.eval_samples)
+    acc = task_accuracy(model, data.eval_ctx, TASKS, cfg.eval_lengths, cfg.eval_samples)
     ctx = cfg.eval_lengths[0]
     held = heldout_loss(model, data.heldout_ids, ctx, windows=8)
     eval_s = time.perf_counter() - t0
@@ -203,7 +205,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--window", type=int, default=64, help="sliding_window's keys per query")
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--copy-warmup", type=int, default=30)
+    ap.add_argument("--copy-warmup", type=int, default=100)
     ap.add_argument("--samples", type=int, default=20)
     ap.add_argument("--corpus-chars", type=int, default=600_000)
     ap.add_argument("--only", nargs="*", help="train only these architectures")
@@ -251,6 +253,7 @@ def main() -> None:
                 k: v for k, v in dataclasses.asdict(base.model).items() if not k.startswith("attention")
             },
             "tasks": list(TASKS),
+            "train_tasks": list(TRAIN_TASKS),
             "task_share": base.task_share,
             "copy_share": base.copy_share,
             "copy_warmup": base.copy_warmup,

@@ -1,0 +1,221 @@
+"""Organisms with an attention plan (attnlab.organisms.architectures): a training step per architecture,
+the hybrid's per-layer methods, exact cached decoding, state sizes against the real states, resume, and
+clear errors for bad plans."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import attnlab
+from attnlab.core import Result
+from attnlab.organisms import architectures as arch
+from attnlab.organisms import checkpoint as ckpt
+from attnlab.organisms.config import ModelConfig, TrainConfig
+from attnlab.organisms.errors import ConfigError
+from attnlab.organisms.train import (
+    Data,
+    build_model,
+    build_optimizer,
+    losses,
+    make_batch,
+    prepare_data,
+    train,
+)
+
+LAYERS = 2
+TINY = {
+    "name": "tiny",
+    "model": {
+        "vocab_size": 500,
+        "hidden_size": 32,
+        "layers": LAYERS,
+        "heads": 2,
+        "kv_heads": 1,
+        "intermediate_size": 64,
+        "max_position": 256,
+    },
+    "corpus": {"max_chars": 60_000, "sources": ["pydoc"], "pydoc_share": 1.0, "heldout_share": 0.1},
+    "tasks": ["passkey", "mqar"],
+    "stages": [[2, 256, 2]],
+    "copy_warmup": 1,
+    "copy_share": 0.0,
+    "eval_lengths": [256],
+    "eval_samples": 1,
+    "checkpoint_every": 1,
+    "max_seconds": None,
+}
+PLANS = {
+    "softmax": arch.uniform("softmax", LAYERS),
+    "sliding_window": arch.uniform("sliding_window", LAYERS),
+    "lightning": arch.uniform("lightning", LAYERS),
+    "gated_delta": arch.uniform("gated_delta", LAYERS),
+    "based": arch.uniform("based", LAYERS),
+    "hybrid": arch.hybrid("gated_delta", LAYERS, [1]),
+}
+
+
+def tiny(
+    plan: tuple[str, ...] = (), params: Mapping[str, Mapping[str, object]] | None = None, **changes: object
+) -> TrainConfig:
+    model = {**TINY["model"], "attention": list(plan), "attention_params": params or {}}  # type: ignore[dict-item]
+    return TrainConfig.from_dict({**TINY, "model": model, **changes})
+
+
+@pytest.fixture(scope="module")
+def data() -> Data:
+    return prepare_data(tiny())
+
+
+@pytest.mark.parametrize("name", list(PLANS))
+def test_one_training_step_per_architecture(name: str, data: Data) -> None:
+    params = {"sliding_window": {"window": 32}} if name == "sliding_window" else {}
+    cfg = tiny(PLANS[name], params)
+    torch.set_num_threads(1)
+    model = build_model(cfg)
+    assert arch.layer_methods(model) == list(PLANS[name])
+    opt = build_optimizer(cfg, model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x, y, answer = make_batch(cfg, data, 1)
+    corpus_loss, task_loss = losses(model, x, y, answer)
+    loss = torch.stack([p for p in (corpus_loss, task_loss) if p is not None]).sum()
+    assert math.isfinite(float(loss.detach()))
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(g is not None and bool(torch.isfinite(g).all()) for g in grads.values())
+    # every attention weight (input makers included) gets a gradient
+    for n, g in grads.items():
+        if ".self_attn." in n:
+            assert g is not None and float(g.abs().sum()) > 0, n
+    opt.step()
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_softmax_loss_decreases(data: Data) -> None:
+    cfg = tiny(PLANS["softmax"])
+    torch.set_num_threads(1)
+    model = build_model(cfg)
+    opt = build_optimizer(cfg, model)
+    x, y, answer = make_batch(cfg, data, 1)
+    curve = []
+    for _ in range(6):
+        corpus_loss, task_loss = losses(model, x, y, answer)
+        loss = torch.stack([p for p in (corpus_loss, task_loss) if p is not None]).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        curve.append(float(loss))
+    assert all(math.isfinite(v) for v in curve)
+    assert curve[-1] < curve[0] - 0.5, curve
+
+
+def test_hybrid_plan_assigns_the_method_per_layer() -> None:
+    plan = arch.hybrid("gated_delta", 4, [1, 3])
+    assert plan == ("gated_delta", "softmax", "gated_delta", "softmax")
+    cfg = dataclasses.replace(
+        tiny(), model=dataclasses.replace(tiny().model, layers=4, attention=plan)
+    ).validate()
+    model = build_model(cfg)
+    assert arch.layer_methods(model) == list(plan)
+    for layer, method in zip(model.model.layers, plan, strict=True):
+        attn = layer.self_attn
+        assert isinstance(attn, arch.MethodAttention) and attn.method == method
+        assert attn.rope == (method == "softmax")
+        assert (attn.beta_proj is not None) == (method == "gated_delta")
+    assert arch.describe(plan) == "gated_delta x2 + softmax x2 (softmax-family layers 1,3)"
+    assert arch.layer_methods(build_model(tiny())) == ["sdpa"] * LAYERS  # no plan: plain Llama layers
+
+
+@pytest.mark.parametrize(
+    "name", ["sliding_window", "lightning", "gated_delta", "based", "hybrid", "gla", "linear"]
+)
+def test_cached_decode_equals_the_full_forward(name: str) -> None:
+    plan = PLANS.get(name) or arch.uniform(name, LAYERS)
+    params = {"sliding_window": {"window": 8}} if name == "sliding_window" else {}
+    model = build_model(tiny(plan, params)).eval()
+    ids = torch.randint(2, 500, (1, 24))
+    with torch.no_grad():
+        full = model(input_ids=ids).logits[0, -3:]
+        out = model(input_ids=ids[:, :21], use_cache=True)
+        rows = []
+        for j in range(21, 24):
+            out = model(input_ids=ids[:, j : j + 1], past_key_values=out.past_key_values, use_cache=True)
+            rows.append(out.logits[0, -1])
+    torch.testing.assert_close(torch.stack(rows), full, atol=1e-5, rtol=1e-5)
+
+
+def test_state_bytes_match_the_real_states() -> None:
+    b, h, h_kv, n, d = 1, 4, 2, 40, 16
+    q, k, v = torch.randn(b, h, n, d), torch.randn(b, h_kv, n, d), torch.randn(b, h_kv, n, d)
+    cases: list[tuple[str, dict[str, Any]]] = [
+        ("lightning", {}),
+        ("gated_delta", {"beta": torch.rand(b, h, n), "g": -torch.rand(b, h, n, 1)}),
+        ("gla", {"g": -torch.rand(b, h, n, d)}),
+        ("linear", {}),
+    ]
+    for method, extra in cases:
+        result = attnlab.prepare(method, causal=True)(q, k, v, **extra)
+        assert isinstance(result, Result)  # stateful methods return the state beside the output
+        state = result.state
+        tensors = [state] if isinstance(state, torch.Tensor) else list(state)
+        assert sum(t.numel() * 4 for t in tensors) == arch.state_bytes(method, {}, n, h, h_kv, d), method
+    f = arch.BASED_FEATURE_DIM
+    result = attnlab.prepare("based", causal=True)(q[..., :f], k[..., :f], v)
+    assert isinstance(result, Result)
+    state = result.state
+    assert sum(t.numel() * 4 for t in state) == arch.state_bytes("based", {}, n, h, h_kv, d)
+    # softmax / sliding window: the KV cache a softmax organism's forward leaves, per layer
+    cfg = tiny(arch.uniform("softmax", LAYERS))
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        cache = model(input_ids=torch.randint(2, 500, (1, 50)), use_cache=True).past_key_values
+    per_layer = [(layer.keys.numel() + layer.values.numel()) * 4 for layer in cache.layers]
+    assert per_layer == arch.plan_state_bytes(cfg.model, 50)
+    assert arch.state_bytes("sliding_window", {"window": 16}, 50, 2, 1, 16) == 2 * 1 * 16 * 16 * 4
+    assert arch.state_bytes("sliding_window", {"window": 64}, 50, 2, 1, 16) == 2 * 1 * 50 * 16 * 4
+
+
+def test_adapted_run_trains_saves_and_resumes(tmp_path: Path) -> None:
+    plan = PLANS["hybrid"]
+    train(tiny(plan, stages=[[1, 256, 2]]), tmp_path, resume=False)
+    longer = tiny(plan, stages=[[1, 256, 2], [1, 256, 2]])
+    result = train(longer, tmp_path, resume=True)
+    assert result.state["step"] == 2 and all(math.isfinite(c["loss"]) for c in result.state["curve"])
+    assert list(result.state["config"]["model"]["attention"]) == list(plan)
+    assert set(result.state["task_accuracy"]) == {"passkey", "mqar"}
+    assert (tmp_path / "final" / "model.safetensors").is_file()
+    assert ckpt.read_state(tmp_path / "final")["config"]["model"]["attention"] == list(plan)
+
+
+@pytest.mark.parametrize(
+    ("plan", "params", "match"),
+    [
+        (("softmx", "softmax"), {}, r"layer 0: unknown method 'softmx'.*expected one of"),
+        (("softmax",), {}, r"names 1 layers; the model has layers=2"),
+        (("lowrank_bias", "softmax"), {}, r"requires the tensor input\(s\) \['u', 'vf'\]"),
+        (("softmax", "softmax"), {"lightning": {}}, r"names 'lightning', which no layer"),
+        (
+            ("sliding_window",) * 2,
+            {"sliding_window": {"window": 0}},
+            r"attention_params\['sliding_window'\].*window",
+        ),
+        ((), {"softmax": {}}, r"without a model attention plan"),
+    ],
+)
+def test_bad_plans_get_clear_errors(
+    plan: tuple[str, ...], params: dict[str, dict[str, object]], match: str
+) -> None:
+    with pytest.raises(ConfigError, match=match):
+        tiny(plan, params)
+
+
+def test_a_linear_method_without_its_inputs_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(arch, "INPUT_MAKERS", {"gla": ("g",)})
+    with pytest.raises(ConfigError, match=r"'gated_delta' requires the tensor input\(s\) \['beta'\]"):
+        ModelConfig(layers=2, attention=("gated_delta", "softmax")).validate()
