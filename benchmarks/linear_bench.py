@@ -8,7 +8,7 @@ Our side is called as a user calls it: a prepared op (``attnlab.prepare(method, 
 backend="triton", ...)``) on (B, H, N, D) tensors, its checks, feature maps and gate checks included.
 fla-core's side (when ``fla`` imports; never a dependency, the GPU run installs a carried wheel) gets
 the same values in its (B, N, H, D) layout, made before the clock. The methods and fla's twins are
-``linear_gpu_check.CASES`` (identity-map unnormalised linear / ``chunk_linear_attn``, lightning /
+``linear_gpu_check.make_case`` (identity-map unnormalised linear / ``chunk_linear_attn``, lightning /
 ``chunk_simple_gla``, gla / ``chunk_gla``, gated_delta per-head gate / ``chunk_gated_delta_rule``, per
 channel / ``chunk_kda``; q, k L2-normalised inside both). fla's own correctness is checked by
 ``linear_gpu_check.py``.

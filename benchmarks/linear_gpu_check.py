@@ -7,7 +7,7 @@ plus 1e-5 relative and half an ulp of the peak).
 Our side is called as a user calls it: ``attnlab.prepare(method, causal=True, backend="triton", ...)``
 on (B, H, N, D) tensors with the method's tensor inputs; fla-core's side (when ``fla`` imports: it is
 never a dependency, the GPU run installs a carried wheel) gets the same values in its (B, N, H, D)
-layout. The methods (``CASES``):
+layout. The methods (``make_case``):
 
 - ``linear``: identity map, unnormalised (``S_t = S_{t-1} + k v^T``, ``o = scale S^T q``; fla's
   ``chunk_linear_attn(normalize=False)``);
@@ -15,12 +15,14 @@ layout. The methods (``CASES``):
 - ``gla``: per-channel log-decays (fla's ``chunk_gla``);
 - ``gated_delta``: per-head gate, q and k L2-normalised (fla's ``chunk_gated_delta_rule`` with
   ``use_qk_l2norm_in_kernel=True``);
-- ``gated_delta_kda``: the same rule under a per-channel gate (fla's ``chunk_kda``).
+- ``gated_delta_kda``: the same rule under a per-channel gate (fla's ``chunk_kda``);
+- ``hedgehog``: normalised ``linear`` with Hedgehog's map, weights (H, D, D) (no fla twin: fla's map is
+  another function); its reference is ``linear.reference`` (token loop, not segmented).
 
 Gates and beta are drawn bf16-representable, so that fla's bf16 copies hold the same values as our fp32
 ones. The reference's backward at long N runs the recurrence in segments under activation
-checkpointing (same arithmetic, less memory). ``numerics_64k``: 64K tokens in bf16 with decays near 0
-and near 1 and beta at its extremes. Timings are ``benchmarks/linear_bench.py``.
+checkpointing (same arithmetic, less memory). ``NUMERICS_64K``: 64K tokens in bf16 with decays near 0
+and near 1 and beta at its extremes (``--n64k``, ``--numerics``). Timings are ``benchmarks/linear_bench.py``.
 
     python benchmarks/linear_gpu_check.py --out results.json [--budget 240] [--shapes 1x32x8192:grad,...]
 
