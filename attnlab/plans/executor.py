@@ -80,17 +80,10 @@ class ExecutorTables:
 
 
 def _ordered(blocks: Tensor, pattern_of: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(num, idx, pat): the True tiles of each row (ascending) in its first ``num`` entries, the list cut to
-    the longest row; the entries after a row's ``num`` are 0 (the kernels read only the first ``num``).
-
-    A compaction, not a sort: each True tile's place in its row is its running count, and its column is
-    scattered there (an argsort over the dense tile grid cost more than block_topk's estimator at 128K)."""
+    """(num, idx, pat): True tiles of each row first (ascending), the list cut to the longest row."""
     num = blocks.sum(dim=-1, dtype=torch.int32)
     width = max(1, int(num.max()) if num.numel() else 1)
-    cols = torch.arange(blocks.shape[-1], device=blocks.device).expand_as(blocks)
-    place = torch.where(blocks, blocks.cumsum(-1) - 1, width)  # False tiles go to a spare slot, cut below
-    idx = torch.zeros((*blocks.shape[:-1], width + 1), dtype=torch.int64, device=blocks.device)
-    idx = idx.scatter_(-1, place, cols)[..., :width]
+    idx = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True)[..., :width]
     pat = None if pattern_of is None else torch.gather(pattern_of, -1, idx).to(torch.int32).contiguous()
     return num.contiguous(), idx.to(torch.int32).contiguous(), pat
 
