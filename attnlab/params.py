@@ -28,6 +28,11 @@ class Params:
     def validate(self) -> None:
         """Raise ParamError if a value is out of range. Override in subclasses."""
 
+    def head_dim_limit(self) -> int | None:
+        """The largest q/k head dim these parameters take (None: any). A method whose backends refuse larger
+        head dims by design overrides it; the parity cases make no case above it."""
+        return None
+
     @classmethod
     def names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))

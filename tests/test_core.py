@@ -503,3 +503,19 @@ def test_a_prepared_decode_op_grows_its_cache_length_without_resolving_again(
     assert resolved[-1] == 12
     with pytest.raises(InputError, match="must have the same heads"):  # a bad step is still validated
         op(q, k_all[:, :, :20], v_all[:, :, :21])
+
+
+def test_parity_cases_skip_head_dims_a_parameter_set_refuses_by_design() -> None:
+    """based's Taylor mixer takes D <= 64 (its feature count grows as D^2): no D=128 case for it, while the
+    window mixer keeps its D=128 case; a method without a limit keeps every head dim."""
+    from attnlab.testing import cases_for
+
+    def dims(name: str) -> set[tuple[int, str]]:
+        cases = cases_for(attnlab.get(name), lengths=((17, 17),), head_dims=(16, 128), groups=(1,),
+                          dtypes=(torch.float32,))  # fmt: skip
+        return {(c.head_dim, str(c.params.get("mixer", ""))) for c in cases}
+
+    based = attnlab.get("based")
+    assert based.make_params({}).head_dim_limit() == 64
+    assert dims("based") == {(16, ""), (16, "window"), (128, "window")}
+    assert {d for d, _ in dims("softmax")} == {16, 128}
