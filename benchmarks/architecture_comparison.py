@@ -34,6 +34,8 @@ from attnlab.organisms import architectures as arch
 from attnlab.organisms.config import ModelConfig, Stage, TrainConfig
 from attnlab.organisms.corpus import CorpusConfig
 from attnlab.organisms.evaluate import heldout_loss, task_accuracy
+from attnlab.organisms.tasks import generate
+from attnlab.organisms.tokenizer import encode
 from attnlab.organisms.train import (
     IGNORE,
     build_model,
@@ -90,6 +92,27 @@ def base_config(args: argparse.Namespace) -> TrainConfig:
     ).validate()
 
 
+@torch.no_grad()
+def answer_token_accuracy(model: Any, ctx: Any, length: int, samples: int) -> dict[str, float]:
+    """Per task: the share of answer tokens the model predicts right (argmax) given the prompt and the
+    answer's earlier tokens (teacher-forced; evaluation seeds 0..samples-1, as exact match uses). A graded
+    signal beside exact match: MQAR's answer is 4 values of 3 digits, passkey's 5 digits."""
+    tok = ctx.tokenizer
+    out: dict[str, float] = {}
+    for task in TASKS:
+        right = total = 0
+        for seed in range(samples):
+            s = generate(task, ctx, length, seed)
+            prompt = encode(tok, s.prompt)
+            answer = encode(tok, s.answer)
+            ids = torch.tensor([prompt + answer])
+            pred = model(input_ids=ids[:, :-1]).logits[0, len(prompt) - 1 :].argmax(-1)
+            right += int((pred == ids[0, len(prompt) :]).sum())
+            total += len(answer)
+        out[task] = right / total
+    return out
+
+
 def train_one(cfg: TrainConfig, data: Any, log: Any) -> dict[str, Any]:
     """Train ``cfg``'s model for every planned step on ``data``; evaluate; return the record."""
     model = build_model(cfg)
@@ -118,6 +141,7 @@ def train_one(cfg: TrainConfig, data: Any, log: Any) -> dict[str, Any]:
     t0 = time.perf_counter()
     acc = task_accuracy(model, data.eval_ctx, TASKS, cfg.eval_lengths, cfg.eval_samples)
     ctx = cfg.eval_lengths[0]
+    token_acc = answer_token_accuracy(model, data.eval_ctx, ctx, cfg.eval_samples)
     held = heldout_loss(model, data.heldout_ids, ctx, windows=8)
     eval_s = time.perf_counter() - t0
     states = arch.plan_state_bytes(cfg.model, ctx)
@@ -133,6 +157,7 @@ def train_one(cfg: TrainConfig, data: Any, log: Any) -> dict[str, Any]:
         "final_loss_mean_last_20": sum(curve[-20:]) / len(curve[-20:]),
         "heldout_loss": held,
         "accuracy": {t: {str(n): a for n, a in per.items()} for t, per in acc.items()},
+        "answer_token_accuracy": {t: {str(ctx): a} for t, a in token_acc.items()},
         "state_bytes_per_layer": states,
         "state_bytes_total": sum(states),
         "curve_every_10": curve[::10],
@@ -148,15 +173,17 @@ def write_outputs(out: Path, meta: dict[str, Any], runs: dict[str, dict[str, Any
         f"architecture, 1 thread, commit {meta['commit']}. Accuracy: exact match over {meta['samples']} samples "
         f"at {meta['context']} tokens. State: bytes per sequence (fp32, all layers) to decode the next token.",
         "",
+        "Exact match (EM) and, in parentheses, teacher-forced answer-token accuracy (argmax).",
+        "",
         "| architecture | layers | parameters | train s | held-out loss | MQAR | passkey | multi-key NIAH | state bytes |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in runs.items():
-        a = r["accuracy"]
+        a, t = r["accuracy"], r["answer_token_accuracy"]
+        cells = " | ".join(f"{a[k][ctx]:.2f} ({t[k][ctx]:.2f})" for k in TASKS)
         lines.append(
             f"| {name} | {r['label']} | {r['parameters']:,} | {r['train_seconds']:.0f} | {r['heldout_loss']:.3f} | "
-            f"{a['mqar'][ctx]:.2f} | {a['passkey'][ctx]:.2f} | {a['niah_multikey'][ctx]:.2f} | "
-            f"{r['state_bytes_total']:,} |"
+            f"{cells} | {r['state_bytes_total']:,} |"
         )
     (out / "results.md").write_text("\n".join(lines) + "\n")
     plot(out / "accuracy_vs_state.png", meta, runs)
@@ -200,12 +227,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--hidden", type=int, default=64)
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--heads", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--window", type=int, default=64, help="sliding_window's keys per query")
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--copy-warmup", type=int, default=100)
+    ap.add_argument("--copy-warmup", type=int, default=50)
     ap.add_argument("--samples", type=int, default=20)
     ap.add_argument("--corpus-chars", type=int, default=600_000)
     ap.add_argument("--only", nargs="*", help="train only these architectures")
