@@ -191,6 +191,18 @@ def test_adapted_run_trains_saves_and_resumes(tmp_path: Path) -> None:
     assert set(result.state["task_accuracy"]) == {"passkey", "mqar"}
     assert (tmp_path / "final" / "model.safetensors").is_file()
     assert ckpt.read_state(tmp_path / "final")["config"]["model"]["attention"] == list(plan)
+    loaded, tok = arch.load_organism(tmp_path / "final")
+    assert arch.layer_methods(loaded) == list(plan) and len(tok) == 500
+    fresh = build_model(longer)
+    assert fresh.load_state_dict(loaded.state_dict()) is not None  # same keys, input makers included
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "final" / "model.safetensors"))
+    assert "model.layers.0.self_attn.beta_proj.weight" in saved
+    assert torch.equal(
+        loaded.model.layers[0].self_attn.beta_proj.weight.detach(),
+        saved["model.layers.0.self_attn.beta_proj.weight"],
+    )
 
 
 @pytest.mark.parametrize(

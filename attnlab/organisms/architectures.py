@@ -39,6 +39,7 @@ Conventions of :class:`MethodAttention`:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -47,7 +48,7 @@ from torch import Tensor, nn
 from attnlab.organisms.errors import ConfigError
 
 if TYPE_CHECKING:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     from attnlab.organisms.config import ModelConfig
 
@@ -354,3 +355,24 @@ def describe(attention: Sequence[str]) -> str:
     parts = [f"{m} x{attention.count(m)}" for m in kinds]
     soft = [str(i) for i, m in enumerate(attention) if m in SOFTMAX_FAMILY]
     return " + ".join(parts) + (f" (softmax-family layers {','.join(soft)})" if soft else "")
+
+
+def load_organism(path: str | Path, device: str = "cpu") -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """Load an organism folder written by ``attnlab train`` with its attention plan (``training.json``'s
+    ``model.attention``), in eval mode: the layers are rebuilt as :class:`MethodAttention` and every weight
+    (input makers included) comes from ``model.safetensors``. A folder without a plan loads through
+    :func:`attnlab.organisms.checkpoint.load_organism`. (That function alone would drop the input makers'
+    weights and run every layer as softmax with RoPE: use this one for adapted organisms.)"""
+    import dataclasses
+
+    from attnlab.organisms import checkpoint as ckpt
+    from attnlab.organisms.config import TrainConfig
+    from attnlab.organisms.tokenizer import load_tokenizer
+    from attnlab.organisms.train import _load_adapted
+
+    folder = ckpt.resolve(path)
+    stored = ckpt.read_state(folder)["config"]
+    if not stored.get("model", {}).get("attention"):
+        return ckpt.load_organism(folder, device=device)
+    cfg = dataclasses.replace(TrainConfig.from_dict(stored), device=device)
+    return _load_adapted(cfg, folder).eval(), load_tokenizer(folder)
