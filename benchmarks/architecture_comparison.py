@@ -194,22 +194,27 @@ def plot(path: Path, meta: dict[str, Any], runs: dict[str, dict[str, Any]]) -> N
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     ctx = str(meta["context"])
-    fig, axes = plt.subplots(1, len(TASKS), figsize=(5 * len(TASKS), 4), sharey=True)
-    for ax, task in zip(axes, TASKS, strict=True):
-        for name, r in runs.items():
-            acc = r["accuracy"][task][ctx]
-            ax.scatter(r["state_bytes_total"], acc, s=50)
-            ax.annotate(
-                name, (r["state_bytes_total"], acc), textcoords="offset points", xytext=(4, 4), fontsize=8
-            )
-        ax.set_xscale("log")
-        ax.set_xlabel("decode state per sequence (bytes, fp32, all layers)")
-        ax.set_title(f"{task} @ {ctx} tokens")
-        ax.set_ylim(-0.05, 1.05)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("exact-match accuracy")
+    rows = [("accuracy", "exact-match accuracy"), ("answer_token_accuracy", "answer-token accuracy")]
+    fig, grid = plt.subplots(len(rows), len(TASKS), figsize=(5 * len(TASKS), 7.5), sharey=True, sharex=True)
+    for row, (key, what) in enumerate(rows):
+        for ax, task in zip(grid[row], TASKS, strict=True):
+            for name, r in runs.items():
+                acc = r[key][task][ctx]
+                ax.scatter(r["state_bytes_total"], acc, s=50)
+                ax.annotate(
+                    name, (r["state_bytes_total"], acc), textcoords="offset points", xytext=(4, 4), fontsize=8
+                )
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            if row == len(rows) - 1:
+                ax.set_xlabel("decode state per sequence (bytes, fp32, all layers)")
+            ax.set_title(f"{task} @ {ctx} tokens: {what}", fontsize=9)
+            ax.set_ylim(-0.05, 1.05)
+            ax.grid(alpha=0.3)
+        grid[row][0].set_ylabel(what)
     fig.suptitle(
         f"CPU micro scale: {meta['steps']} steps x {meta['batch']}x{meta['context']} tokens, "
         f"~{meta['parameters_min'] // 1000}K params, commit {meta['commit']}",
@@ -236,7 +241,12 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=20)
     ap.add_argument("--corpus-chars", type=int, default=600_000)
     ap.add_argument("--only", nargs="*", help="train only these architectures")
+    ap.add_argument("--replot", action="store_true", help="rewrite results.md and the plot from results.json")
     args = ap.parse_args()
+    if args.replot:
+        stored = json.loads((args.out / "results.json").read_text())
+        write_outputs(args.out, stored["meta"], stored["runs"])
+        return
     torch.set_num_threads(1)
     commit = subprocess.run(
         ["git", "describe", "--always", "--dirty"], capture_output=True, text=True
