@@ -213,7 +213,8 @@ def bench(
         typer.Option(help=f"'all' parameter sets per method, or 'first' {_preset_default('budgets')}"),
     ] = None,
     workloads: Annotated[
-        str | None, typer.Option(help=f"fidelity workloads: minilm,organism,random {_preset_default('workloads')}")
+        str | None,
+        typer.Option(help=f"fidelity workloads: minilm,organism,random {_preset_default('workloads')}"),
     ] = None,
     no_fidelity: Annotated[bool, typer.Option("--no-fidelity", help="skip the fidelity part")] = False,
     no_efficiency: Annotated[bool, typer.Option("--no-efficiency", help="skip the timing part")] = False,
