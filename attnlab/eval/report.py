@@ -276,6 +276,8 @@ def markdown(
                 first = first or p
                 if p is None:
                     row.append("-")
+                elif p["error"] and p["samples"]:  # the task finished before the run stopped
+                    row.append(f"{p['accuracy']:.2f}*")
                 elif p["error"]:
                     row.append("error")
                 else:
@@ -295,7 +297,7 @@ def markdown(
         lines.append("| " + " | ".join(row) + " |")
     errors = [(m["label"], m["length"], m["error"]) for m in result.methods if m.get("error")]
     if errors:
-        lines += ["", "## Runs that raised", ""]
+        lines += ["", "## Runs that raised", "", "(`*`: a task that finished before its run stopped.)", ""]
         lines += [
             f"- {short_label(label)} at {n}: `{str(e).splitlines()[0][:300]}`" for label, n, e in errors
         ]
@@ -391,9 +393,12 @@ def card_table(results: Sequence[tuple[str, EvalResult]], length: int) -> str:
                     ),
                     None,
                 )
-                cells.append(
-                    "-" if r is None else "error" if r.get("error") else f"{r['correct']}/{r['samples']}"
-                )
+                if r is None:
+                    cells.append("-")
+                elif r.get("error"):
+                    cells.append(f"{r['correct']}/{r['samples']}*" if r["samples"] else "error")
+                else:
+                    cells.append(f"{r['correct']}/{r['samples']}")
             phase = _phase(m)
             lines.append(
                 f"| {short_label(m['label'])} | {phase} | {_fmt(m.get(f'{phase}_density'), '.3f')} | "
