@@ -201,11 +201,15 @@ def plot(path: Path, meta: dict[str, Any], runs: dict[str, dict[str, Any]]) -> N
     fig, grid = plt.subplots(len(rows), len(TASKS), figsize=(5 * len(TASKS), 7.5), sharey=True, sharex=True)
     for row, (key, what) in enumerate(rows):
         for ax, task in zip(grid[row], TASKS, strict=True):
-            for name, r in runs.items():
+            for i, (name, r) in enumerate(runs.items()):  # labels staggered: equal states overlap
                 acc = r[key][task][ctx]
                 ax.scatter(r["state_bytes_total"], acc, s=50)
                 ax.annotate(
-                    name, (r["state_bytes_total"], acc), textcoords="offset points", xytext=(4, 4), fontsize=8
+                    name,
+                    (r["state_bytes_total"], acc),
+                    textcoords="offset points",
+                    xytext=(4, 4 + 11 * (i % 3)),
+                    fontsize=8,
                 )
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(NullFormatter())
