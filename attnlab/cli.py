@@ -6,7 +6,7 @@ import json
 import os
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -309,6 +309,17 @@ def train(
         int | None, typer.Option(help="samples per task and length in the final evaluation (0: none)")
     ] = None,
     resume: Annotated[bool, typer.Option(help="continue from the latest checkpoint in --out")] = True,
+    attention: Annotated[
+        str | None,
+        typer.Option(
+            help="attnlab attention per layer: one method for every layer, or one per layer (comma-separated), "
+            "e.g. gated_delta,softmax,gated_delta (default: the plain Llama's softmax through transformers)"
+        ),
+    ] = None,
+    attention_params: Annotated[
+        str | None,
+        typer.Option(help='JSON parameters per method, e.g. \'{"sliding_window": {"window": 64}}\''),
+    ] = None,
 ) -> None:
     """Train an organism (a small Llama causal LM) on the offline corpus and the long-context tasks."""
     from attnlab.organisms.config import TrainConfig
@@ -320,7 +331,17 @@ def train(
         cfg = named(preset)
         if config is not None:
             cfg = TrainConfig.from_dict(json.loads(config.read_text()), base=cfg)
-        overrides = {"max_seconds": max_seconds, "eval_samples": eval_samples}
+        overrides: dict[str, Any] = {"max_seconds": max_seconds, "eval_samples": eval_samples}
+        if attention is not None or attention_params is not None:
+            names = [m.strip() for m in (attention or "").split(",") if m.strip()] or list(
+                cfg.model.attention
+            )
+            if len(names) == 1:
+                names *= cfg.model.layers  # one method for every layer
+            overrides["model"] = {
+                "attention": names,
+                "attention_params": json.loads(attention_params) if attention_params else {},
+            }
         cfg = TrainConfig.from_dict({k: v for k, v in overrides.items() if v is not None}, base=cfg)
         console.print(
             f"attnlab train {cfg.name}: {cfg.total_steps} steps, lengths "

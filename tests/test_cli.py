@@ -144,3 +144,29 @@ def test_python_dash_m_and_import_side_effects() -> None:
         [sys.executable, "-m", "attnlab", "list", "--json"], capture_output=True, text=True, timeout=120
     )
     assert res.returncode == 0 and json.loads(res.stdout)
+
+
+def test_train_takes_an_attention_plan(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """--attention: one method for every layer or one per layer, with --attention-params; bad plans exit 2
+    naming what is wrong (the run itself is stubbed: the plan is what is under test)."""
+    import attnlab.organisms.train as train_mod
+
+    seen = []
+
+    def fake_train(cfg, out, **kw):  # type: ignore[no-untyped-def]
+        seen.append(cfg)
+        raise train_mod.ConfigError("stub: stop before training")
+
+    monkeypatch.setattr(train_mod, "train", fake_train)
+    runner.invoke(app, ["train", "--out", str(tmp_path), "--attention", "gated_delta"])
+    layers = seen[-1].model.layers
+    assert seen[-1].model.attention == ("gated_delta",) * layers
+    plan = ",".join(["softmax"] + ["sliding_window"] * (layers - 1))
+    runner.invoke(app, ["train", "--out", str(tmp_path), "--attention", plan,
+                        "--attention-params", '{"sliding_window": {"window": 64}}'])  # fmt: skip
+    assert (
+        seen[-1].model.attention[0] == "softmax"
+        and seen[-1].model.attention_params["sliding_window"]["window"] == 64
+    )
+    bad = runner.invoke(app, ["train", "--out", str(tmp_path), "--attention", "softmax,softmax_typo"])
+    assert bad.exit_code == 2 and "softmax_typo" in bad.output

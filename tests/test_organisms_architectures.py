@@ -18,7 +18,7 @@ from attnlab.core import Result
 from attnlab.organisms import architectures as arch
 from attnlab.organisms import checkpoint as ckpt
 from attnlab.organisms.config import ModelConfig, TrainConfig
-from attnlab.organisms.errors import ConfigError
+from attnlab.organisms.errors import CheckpointError, ConfigError
 from attnlab.organisms.train import (
     Data,
     build_model,
@@ -193,6 +193,10 @@ def test_adapted_run_trains_saves_and_resumes(tmp_path: Path) -> None:
     assert ckpt.read_state(tmp_path / "final")["config"]["model"]["attention"] == list(plan)
     loaded, tok = arch.load_organism(tmp_path / "final")
     assert arch.layer_methods(loaded) == list(plan) and len(tok) == 500
+    with pytest.raises(
+        CheckpointError, match="trained with attnlab attention layers .*architectures.load_organism"
+    ):
+        ckpt.load_organism(tmp_path / "final")  # a plain load would silently run softmax everywhere
     fresh = build_model(longer)
     assert fresh.load_state_dict(loaded.state_dict()) is not None  # same keys, input makers included
     from safetensors.torch import load_file

@@ -200,6 +200,18 @@ def load_organism(
     from attnlab.organisms.tokenizer import load_tokenizer
 
     folder = resolve(path)
+    plan = (
+        read_state(folder).get("config", {}).get("model", {}).get("attention")
+        if (folder / STATE).is_file()
+        else None
+    )
+    if plan:
+        raise CheckpointError(
+            f"{folder} holds an organism trained with attnlab attention layers ({', '.join(plan)}): a plain "
+            "Llama load would drop their input makers' weights and run every layer as softmax. Load it with "
+            "attnlab.organisms.architectures.load_organism (its layers do not go through transformers' "
+            "attention, so attnlab.use and attnlab eval cannot swap their method)"
+        )
     raw = json.loads((folder / "config.json").read_text())
     if raw.get("model_type") != "llama":
         raise CheckpointError(
