@@ -349,13 +349,16 @@ def summary(root: Path) -> list[str]:
     cpu = latest_cpu_folder(root.parent)
     if cpu is not None:
         lines += fidelity_section(cpu, "on CPU")
-        lines += cold_warm_section(cpu)
+    cold_warm = latest_cpu_folder(root.parent, "cold/results.duckdb")
+    if cold_warm is not None:
+        lines += cold_warm_section(cold_warm)
     return lines
 
 
-def latest_cpu_folder(results: Path) -> Path | None:
-    """The newest ``cpu-*`` results folder (names sort by date, then session)."""
-    folders = sorted(p for p in results.glob("cpu-*") if p.is_dir())
+def latest_cpu_folder(results: Path, holding: str = "**/results.duckdb") -> Path | None:
+    """The newest ``cpu-*`` results folder (names sort by date, then session) with a file matching
+    ``holding`` (a glob: by default a bench database anywhere below it)."""
+    folders = sorted(p for p in results.glob("cpu-*") if p.is_dir() and any(p.glob(holding)))
     return folders[-1] if folders else None
 
 
