@@ -162,28 +162,11 @@ class ResultsDB:
         return run_id
 
     def insert(self, table: str, rows: Iterable[dict[str, Any]], run_id: str | None = None) -> int:
-        cols = list(TABLES[table])
-        data = []
-        for row in rows:
-            if run_id is not None:
-                row = {**row, "run_id": run_id}
-            unknown = set(row) - set(cols)
-            if unknown:
-                raise KeyError(f"table {table} has no columns {sorted(unknown)}")
-            data.append([row.get(c) for c in cols])
-        if data:
-            quoted = ", ".join(f'"{c}"' for c in cols)
-            marks = ", ".join("?" for _ in cols)
-            self.con.executemany(f"INSERT INTO {table} ({quoted}) VALUES ({marks})", data)
-            # into the database file now, not only its write-ahead log: a run killed by a time limit keeps
-            # every row it wrote, even where only the .duckdb file is copied away
-            self.con.execute("CHECKPOINT")
-        return len(data)
+        rows = rows if run_id is None else ({**row, "run_id": run_id} for row in rows)
+        return insert_rows(self.con, table, list(TABLES[table]), rows)
 
     def query(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
-        cur = self.con.execute(sql, params or [])
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+        return query_rows(self.con, sql, params)
 
     def runs(self) -> list[dict[str, Any]]:
         return self.query("SELECT * FROM runs ORDER BY started")
@@ -202,3 +185,28 @@ class ResultsDB:
 
     def notes(self, run_id: str) -> list[str]:
         return [r["note"] for r in self.rows("notes", run_id)]
+
+
+def insert_rows(con: Any, table: str, cols: list[str], rows: Iterable[dict[str, Any]]) -> int:
+    """Insert rows (keys: ``cols`` of ``table``; an unknown key is an error) into a DuckDB connection and
+    checkpoint the file: into the database file now, not only its write-ahead log, so a run killed by a
+    time limit keeps every row it wrote, even where only the .duckdb file is copied away."""
+    data = []
+    for row in rows:
+        unknown = set(row) - set(cols)
+        if unknown:
+            raise KeyError(f"table {table} has no columns {sorted(unknown)}")
+        data.append([row.get(c) for c in cols])
+    if data:
+        quoted = ", ".join(f'"{c}"' for c in cols)
+        marks = ", ".join("?" for _ in cols)
+        con.executemany(f"INSERT INTO {table} ({quoted}) VALUES ({marks})", data)
+        con.execute("CHECKPOINT")
+    return len(data)
+
+
+def query_rows(con: Any, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
+    """The rows of a query as dicts by column name."""
+    cur = con.execute(sql, params or [])
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]

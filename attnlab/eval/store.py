@@ -25,6 +25,7 @@ from typing import Any
 import duckdb
 
 from attnlab.bench.store import TABLES as BENCH_TABLES
+from attnlab.bench.store import insert_rows, query_rows
 from attnlab.eval.perplexity import with_ppl_changes
 from attnlab.eval.tasks import EvalResult
 
@@ -112,24 +113,10 @@ class EvalDB:
 
     def insert(self, table: str, rows: Iterable[dict[str, Any]]) -> int:
         """Insert rows (keys: columns of ``table``; unknown keys are an error) and checkpoint the file."""
-        cols = list(TABLES[table])
-        data = []
-        for row in rows:
-            unknown = set(row) - set(cols)
-            if unknown:
-                raise KeyError(f"table {table} has no columns {sorted(unknown)}")
-            data.append([row.get(c) for c in cols])
-        if data:
-            quoted = ", ".join(f'"{c}"' for c in cols)
-            marks = ", ".join("?" for _ in cols)
-            self.con.executemany(f"INSERT INTO {table} ({quoted}) VALUES ({marks})", data)
-            self.con.execute("CHECKPOINT")
-        return len(data)
+        return insert_rows(self.con, table, list(TABLES[table]), rows)
 
     def query(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
-        cur = self.con.execute(sql, params or [])
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+        return query_rows(self.con, sql, params)
 
     def runs(self) -> list[dict[str, Any]]:
         return self.query("SELECT * FROM runs ORDER BY started")
