@@ -224,8 +224,10 @@ def fidelity_section(root: Path, where: str) -> list[str]:
         f"## Fidelity to dense softmax, {where} (a measurement, not a test)",
         "",
         f"{src.legend()} `minilm` = Q/K/V of all six layers x 12 heads of the pretrained all-MiniLM-L6-v2 "
-        "encoder (bidirectional: its causal rows apply a causal mask to an encoder's Q/K) on 2 x 512 tokens; "
-        "`random` = Gaussian Q/K/V. Recall = share of the dense attention mass on the computed pairs (mean over "
+        "encoder on 2 x 512 tokens (bidirectional: in runs before the `organism` workload its causal rows "
+        "applied a causal mask to an encoder's Q/K; since then it gives non-causal rows only); `organism` = Q/K/V "
+        "of the six layers x 5 heads (1 KV head, repeated) of attnlab's small organism, a causal LM, for causal "
+        "rows; `random` = Gaussian Q/K/V. Recall = share of the dense attention mass on the computed pairs (mean over "
         "heads / worst head; n/a for methods that compute no subset of softmax attention); error vs uniform = "
         "||O - O_dense|| / ||O_uniform - O_dense|| with O_uniform the mean of V over the allowed keys (0: exact, "
         "1: no better than averaging V; comparable across workloads); rel. error = ||O - O_dense|| / ||O_dense||. "
