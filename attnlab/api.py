@@ -375,7 +375,9 @@ def attention(
         )
         return _execute(call, require(call, backend), q, k, v, tensors, check_finite, return_plan)
     try:
-        key = (method, causal, scale, backend, check_finite, return_lse, return_plan, *params.items())
+        # each value with its type: True == 1 and hashes alike, so window=True would find window=1's op
+        options = (method, scale, backend, check_finite, return_lse, return_plan)
+        key = (causal, *((type(x), x) for x in options), *((n, type(x), x) for n, x in params.items()))
         op_ = _OPS.get(key)
         if op_ is not None and op_.spec is not spec:  # the method was re-registered
             op_ = None

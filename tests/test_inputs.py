@@ -272,3 +272,15 @@ def test_explain_names_the_choice_and_the_refusals() -> None:
     assert choice.backend is not None and choice.backend.name == "sdpa_mask"
     assert "flex refused: FlexAttention has no backward on CPU" in choice.explain()
     assert "runs on backend 'sdpa_mask'" in repr(choice)  # prints readably in a REPL
+
+
+def test_a_cached_op_never_answers_a_parameter_equal_to_it_by_value_only() -> None:
+    """True == 1 and hashes alike: window=True after window=1 (and scale=True after scale=1) must still be
+    refused, not served by the op cached for the valid value."""
+    q, k, v = qkv()
+    attnlab.attention(q, k, v, method="sliding_window", window=1)
+    with pytest.raises(ParamError, match="window=True is invalid; expected an integer"):
+        attnlab.attention(q, k, v, method="sliding_window", window=True)
+    attnlab.attention(q, k, v, method="softmax", scale=1)
+    with pytest.raises(InputError, match="scale must be a positive finite number"):
+        attnlab.attention(q, k, v, method="softmax", scale=True)
