@@ -14,6 +14,7 @@ from attnlab.catalog.dynamic import hip
 from attnlab.catalog.dynamic import dhsa
 from attnlab.catalog.dynamic import bilevel_routing
 from attnlab.catalog.dynamic import nsa
+from attnlab.catalog.dynamic import seer  # noqa: F401  (registers itself)
 from attnlab.registry import register
 
 for _module in (flexprefill, indexer_topk, token_sparse, hip, dhsa, bilevel_routing, nsa):
