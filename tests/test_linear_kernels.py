@@ -147,6 +147,31 @@ def test_recurrent_step_kernel_matches_the_recurrence(rule: str) -> None:
     torch.testing.assert_close(s, rs, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("gate", ["per-token", "per-channel", "none"])
+def test_step_kernel_normalises_q_k_itself_and_takes_a_gate_per_token(gate: str) -> None:
+    """The decode path of ``delta_chunk(..., qk_l2norm=True)``: q and k normalised in the kernel, a gate
+    (B, H, N, 1) read as one value per token (no (B, H, N, K) copy), equal to the recurrence on
+    normalised q, k; and the same for ``gla_chunk`` under a per-token gate."""
+    from attnlab.kernels.linear.naive import l2norm
+
+    op = _op()
+    q, k, v, g, h0 = _inputs(3, 8, 12, 1.0)
+    assert g is not None
+    gg = {"per-token": g[..., :1], "per-channel": g, "none": None}[gate]
+    beta = torch.rand(1, 2, 3).to(DEV)
+    with torch.no_grad():
+        o, s = op.delta_chunk(q, k, v, beta, gg, 0.3, h0, 16, qk_l2norm=True)
+    ro, rs = delta_recurrence(l2norm(q), l2norm(k), v, beta, gg, 0.3, h0)
+    torch.testing.assert_close(o, ro, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(s, rs, atol=2e-5, rtol=2e-5)
+    if gate == "per-token":
+        with torch.no_grad():
+            o, s = op.gla_chunk(q, k, v, gg, 0.3, h0, 16)
+        ro, rs = gated_recurrence(q, k, v, gg, 0.3, h0)
+        torch.testing.assert_close(o, ro, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(s, rs, atol=2e-5, rtol=2e-5)
+
+
 def test_short_calls_without_gradients_take_the_step_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     op = _op()
     calls = []

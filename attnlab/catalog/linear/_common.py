@@ -124,6 +124,30 @@ def check_finite_input(method: str, name: str, t: Tensor) -> None:
         raise InputError(f"method {method!r}: {name} holds {bad} NaN/Inf value(s); expected finite values")
 
 
+def check_gate_inputs(method: str, *, g: Tensor | None = None, beta: Tensor | None = None) -> None:
+    """``check_log_decay(method, "g", g)`` and ``check_finite_input(method, "beta", beta)`` with one host
+    synchronisation for both (a decode step pays one): the min and max of each tensor (NaN propagates)
+    are read at once; only when one is out of range do the detailed checks run, to raise their errors.
+    Skipped inside ``torch.compile`` and CUDA-graph capture, like them."""
+    ts = [t for t in (g, beta) if t is not None and t.numel() > 0]
+    if not ts or torch.compiler.is_compiling():
+        return
+    if ts[0].is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    ext = [torch.stack(torch.aminmax(t.detach())) for t in ts]
+    vals = (ext[0] if len(ext) == 1 else torch.cat([x.float() for x in ext])).tolist()
+    i = 0
+    if g is not None and g.numel() > 0:
+        lo, hi = vals[0], vals[1]
+        i = 2
+        if not (lo > float("-inf") and hi <= 0.0):  # False for NaN
+            check_log_decay(method, "g", g)
+    if beta is not None and beta.numel() > 0:
+        lo, hi = vals[i], vals[i + 1]
+        if not (abs(lo) < float("inf") and abs(hi) < float("inf")):  # False for NaN
+            check_finite_input(method, "beta", beta)
+
+
 def gated_recurrence(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, scale: float, state: Tensor | None
 ) -> tuple[Tensor, Tensor]:

@@ -18,9 +18,9 @@ then commutes with the delta step); (B, H, N, D) one per channel (KDA); absent i
 applied after. Causal self-attention only; GQA: k and v shared by a group's query heads, beta, g and the
 state per query head (fla's GVA, more value than key heads, is the transpose of this and not offered).
 
-Backends: ``triton`` runs the rule token by token in Triton (exact, fp32 state), saving the state at every
-chunk start; its backward recomputes each chunk from there and walks it backwards. It is not the WY/UT
-tensor-core chunk form (``torch_chunk`` runs that form in PyTorch).
+Backends: ``triton`` runs the chunked WY/UT form in Triton (``attnlab.kernels.linear.op.delta_chunk``:
+fp32 state, forward and chunked backward); a short call without gradients (decode) takes the recurrent
+step kernel, which L2-normalises q and k itself. ``torch_chunk`` runs the same chunked form in PyTorch.
 """
 
 from __future__ import annotations
@@ -35,8 +35,7 @@ from torch import Tensor
 from attnlab.backends.linear_chunk import torch_chunk, triton_chunk
 from attnlab.catalog.linear._common import (
     CAUSAL_ONLY,
-    check_finite_input,
-    check_log_decay,
+    check_gate_inputs,
     check_state,
     delta_recurrence,
     expand_heads,
@@ -45,10 +44,10 @@ from attnlab.catalog.linear._common import (
 )
 from attnlab.core import Call, MethodSpec, TensorInput
 from attnlab.errors import InputError, UnsupportedPatternError
+from attnlab.kernels.linear.naive import L2_EPS as L2_EPS
 from attnlab.kernels.linear.naive import delta_chunk_naive
+from attnlab.kernels.linear.naive import l2norm as l2norm
 from attnlab.params import Params
-
-L2_EPS = 1e-6
 
 
 @dataclass(frozen=True)
@@ -65,12 +64,6 @@ class GatedDeltaParams(Params):
         self.check_int("chunk", minimum=1)
 
 
-def l2norm(x: Tensor) -> Tensor:
-    """x / sqrt(sum_d x^2 + 1e-6), in float32."""
-    x = x.float()
-    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + L2_EPS)
-
-
 def _inputs(
     q: Tensor,
     k: Tensor,
@@ -79,18 +72,20 @@ def _inputs(
     beta: Tensor | None,
     g: Tensor | None,
     state: Any,
+    normalize: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
-    """(q, k, v expanded to H heads, beta, g broadcast to (B, H, N, D) or None, initial state), checked."""
+    """(q, k, v expanded to H heads, beta, g broadcast to (B, H, N, D) or None, initial state), checked
+    (g and beta with one host synchronisation); q and k L2-normalised when ``params.qk_l2norm`` and
+    ``normalize`` (the Triton runner hands that to the kernels instead)."""
     b, h, n, d = q.shape
     if beta is None:
         raise InputError("method 'gated_delta' needs the tensor input beta (B, H, N): the writing strength")
-    check_finite_input("gated_delta", "beta", beta)
+    check_gate_inputs("gated_delta", g=g, beta=beta)
     if g is not None:
-        check_log_decay("gated_delta", "g", g)
         g = g.expand(b, h, n, d)
     s0, _ = check_state("gated_delta", state, b, h, d, v.shape[-1], q.device, with_sum=False)
     kk = expand_heads(k, h)
-    if params.qk_l2norm:
+    if params.qk_l2norm and normalize:
         q, kk = l2norm(q), l2norm(kk)
     return q, kk, expand_heads(v, h), beta.expand(b, h, n), g, s0
 
@@ -137,9 +132,9 @@ def _run_triton(
 
     p = call.params
     assert isinstance(p, GatedDeltaParams)
-    qq, kk, vv, bb, gg, s0 = _inputs(q, k, v, p, extra.get("beta"), extra.get("g"), state)
-    dt = q.dtype  # (l2norm works in fp32; the kernels take the input dtype)
-    o, s = delta_chunk(qq.to(dt), kk.to(dt), vv, bb, gg, call.scale, s0, p.chunk)
+    qq, kk, vv, bb, gg, s0 = _inputs(q, k, v, p, extra.get("beta"), extra.get("g"), state, normalize=False)
+    # (q, k normalised by delta_chunk: in the step kernel for decode, else in fp32 rounded to q's dtype)
+    o, s = delta_chunk(qq, kk, vv, bb, gg, call.scale, s0, p.chunk, qk_l2norm=p.qk_l2norm)
     return o.to(q.dtype), s
 
 

@@ -22,7 +22,7 @@ from torch import Tensor
 from attnlab.backends.linear_chunk import torch_chunk, triton_chunk
 from attnlab.catalog.linear._common import (
     CAUSAL_ONLY,
-    check_log_decay,
+    check_gate_inputs,
     check_state,
     expand_heads,
     gated_recurrence,
@@ -60,7 +60,7 @@ def _state(q: Tensor, v: Tensor, state: Any) -> Tensor | None:
 def _gate(g: Tensor | None) -> Tensor:
     if g is None:
         raise InputError("method 'gla' needs the tensor input g (B, H, N, D): the log-decays, g <= 0")
-    check_log_decay("gla", "g", g)
+    check_gate_inputs("gla", g=g)  # (one host synchronisation)
     return g
 
 

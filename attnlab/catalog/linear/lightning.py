@@ -67,10 +67,21 @@ def alibi_slopes(heads: int) -> list[float]:
     return power_of_2(c) + power_of_2(2 * c)[0::2][: heads - c]
 
 
+#: The default log-decays -s_h by (heads, device); read-only (callers take views, never write).
+_DEFAULT_LOG_DECAYS: dict[tuple[int, torch.device], Tensor] = {}
+
+
 def log_decays(heads: int, decay: Tensor | None, device: torch.device) -> Tensor:
     """log(lambda_h) per head, float32 (H,): from ``decay`` (checked to lie in (0, 1]) or the ALiBi slopes."""
-    if decay is None:
-        return -torch.tensor(alibi_slopes(heads), dtype=torch.float32, device=device)
+    if decay is None:  # (made once per heads and device: a decode step makes no host-to-device copy)
+        key = (heads, device)
+        cached = _DEFAULT_LOG_DECAYS.get(key)
+        if cached is None:
+            with torch.inference_mode(False):  # (a normal tensor, whatever mode the first call ran in)
+                cached = -torch.tensor(alibi_slopes(heads), dtype=torch.float32, device=device)
+            if not torch.compiler.is_compiling():
+                _DEFAULT_LOG_DECAYS[key] = cached
+        return cached
     if decay.dim() != 1 or decay.shape[0] != heads:
         raise InputError(f"decay has shape {tuple(decay.shape)}; method 'lightning' expects (H={heads},)")
     if not (torch.compiler.is_compiling() or (decay.is_cuda and torch.cuda.is_current_stream_capturing())):

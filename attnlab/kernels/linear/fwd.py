@@ -31,11 +31,13 @@ def recurrent_step_kernel(
     Q, K, V, G, BETA, H0, O, HT,
     N, DK, DV, scale,
     HAS_G: tl.constexpr, HAS_H0: tl.constexpr, DELTA: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, G_SCALAR: tl.constexpr = False, L2NORM: tl.constexpr = False,
 ):  # fmt: skip
-    """Decode: a few tokens, one at a time, per (value block, batch * head). G (B*H, N, K) log-decays,
-    BETA (B*H, N) (DELTA only). Gated linear: S = exp(g) S + k v^T; delta: S' = exp(g) S,
-    u = beta (v - S'^T k), S = S' + k u^T; then o = scale S^T q. fp32 state."""
+    """Decode: a few tokens, one at a time, per (value block, batch * head). G (B*H, N, K) log-decays, or
+    (B*H, N) one per token with ``G_SCALAR``; BETA (B*H, N) (DELTA only). Gated linear:
+    S = exp(g) S + k v^T; delta: S' = exp(g) S, u = beta (v - S'^T k), S = S' + k u^T; then
+    o = scale S^T q. fp32 state. ``L2NORM``: q and k are first normalised, x / sqrt(sum x^2 + 1e-6), in
+    fp32 (the delta rule's ``qk_l2norm``)."""
     pid_v = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     rk = tl.arange(0, BK)
@@ -53,9 +55,15 @@ def recurrent_step_kernel(
         q = tl.load(Q + row * DK + rk, mask=mk, other=0.0).to(tl.float32)
         k = tl.load(K + row * DK + rk, mask=mk, other=0.0).to(tl.float32)
         v = tl.load(V + row * DV + pid_v * BV + rv, mask=mv, other=0.0).to(tl.float32)
+        if L2NORM:
+            q = q * tl.rsqrt(tl.sum(q * q, axis=0) + 1e-6)
+            k = k * tl.rsqrt(tl.sum(k * k, axis=0) + 1e-6)
         if HAS_G:
-            g = tl.load(G + row * DK + rk, mask=mk, other=0.0).to(tl.float32)
-            s = s * tl.exp(g)[:, None]
+            if G_SCALAR:
+                s = s * tl.exp(tl.load(G + row).to(tl.float32))
+            else:
+                g = tl.load(G + row * DK + rk, mask=mk, other=0.0).to(tl.float32)
+                s = s * tl.exp(g)[:, None]
         if DELTA:
             beta = tl.load(BETA + row).to(tl.float32)
             v = beta * (v - tl.sum(s * k[:, None], axis=0))

@@ -27,6 +27,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+#: The epsilon of the delta rule's q/k L2 normalisation (fla's ``l2norm``): x / sqrt(sum x^2 + L2_EPS).
+L2_EPS = 1e-6
+
+
+def l2norm(x: Tensor) -> Tensor:
+    """x / sqrt(sum_d x^2 + 1e-6) over the last dim, in float32 (the recurrent step kernel does the same
+    in-kernel)."""
+    x = x.float()
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + L2_EPS)
+
 
 def _pad(t: Tensor | None, n_pad: int) -> Tensor | None:
     """Zero-pad dim 2 by ``n_pad`` tokens (k = v = 0 and g = 0 leave the state unchanged)."""

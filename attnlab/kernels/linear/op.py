@@ -51,6 +51,7 @@ from attnlab.kernels.linear.chunk import (
 )
 from attnlab.kernels.linear.fwd import recurrent_step_kernel
 from attnlab.kernels.linear.limits import kernel_refusals
+from attnlab.kernels.linear.naive import l2norm
 from attnlab.kernels.triton_utils import head_block, interpreting
 
 #: Whether this module was imported under TRITON_INTERPRET=1 (its kernels then take CPU tensors only).
@@ -321,30 +322,41 @@ gla_chunk_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 @torch.library.custom_op("attnlab::linear_step", mutates_args=())
 def linear_step(
-    q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, h0: Tensor | None, scale: float
-) -> tuple[Tensor, Tensor]:
-    """The recurrent step kernel: (o (B, H, N, V), final state fp32). g (B, H, N, K) log-decays or None;
-    ``beta`` (B, H, N) selects the gated delta rule (None: the gated linear recurrence). No backward."""
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, h0: Tensor | None, scale: float,
+    qk_l2norm: bool = False,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The recurrent step kernel: (o (B, H, N, V), final state fp32). g log-decays: (B, H, N, K) per
+    channel, (B, H, N) one per token (shared by the channels), or None; ``beta`` (B, H, N) selects the
+    gated delta rule (None: the gated linear recurrence); ``qk_l2norm``: q and k L2-normalised in the
+    kernel (fp32, ``naive.l2norm``'s formula). No backward."""
     b, h, n, dk = q.shape
     dv = v.shape[-1]
     bk, _, bv, _ = _blocks(dk, dv)
     q, k, v = (t.contiguous() for t in (q, k, v))
     o = torch.empty(b, h, n, dv, dtype=q.dtype, device=q.device)
     ht = torch.empty(b, h, dk, dv, dtype=torch.float32, device=q.device)
-    gc = g.float().expand(b, h, n, dk).contiguous() if g is not None else ht
-    bc = beta.float().expand(b, h, n).contiguous() if beta is not None else ht
+    g_scalar = g is not None and g.dim() == 3
+    if g is None:
+        gc = ht
+    elif g_scalar:
+        gc = g.expand(b, h, n).contiguous()
+    else:
+        gc = g.expand(b, h, n, dk).contiguous()
+    bc = beta.expand(b, h, n).contiguous() if beta is not None else ht
     h0c = h0.float().contiguous() if h0 is not None else ht
     recurrent_step_kernel[(triton.cdiv(dv, bv), b * h)](
         q, k, v, gc, bc, h0c, o, ht, n, dk, dv, float(scale),
-        HAS_G=g is not None, HAS_H0=h0 is not None, DELTA=beta is not None, BK=bk, BV=bv, num_warps=4,
+        HAS_G=g is not None, HAS_H0=h0 is not None, DELTA=beta is not None, BK=bk, BV=bv,
+        G_SCALAR=g_scalar, L2NORM=qk_l2norm, num_warps=4,
     )  # fmt: skip
     return o, ht
 
 
 @linear_step.register_fake
 def _(
-    q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, h0: Tensor | None, scale: float
-) -> tuple[Tensor, Tensor]:
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, h0: Tensor | None, scale: float,
+    qk_l2norm: bool = False,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     b, h, n, dk = q.shape
     return q.new_empty(b, h, n, v.shape[-1]), q.new_empty(b, h, dk, v.shape[-1], dtype=torch.float32)
 
@@ -362,11 +374,10 @@ def gla_chunk(
     differentiable in q, k, v, g and state. Short calls without gradients take the step kernel."""
     b, h, n, dk = q.shape
     grad = _needs_grad(q, k, v, g, state)
+    scalar, gx = _scalar_gate(g, b, h, n, dk)
     if n <= DECODE_MAX and not grad:
         _check(q, k, v, chunk)
-        gx = None if g is None else g.expand(b, h, n, dk)
         return linear_step(q, k, v, gx, None, state, float(scale))
-    scalar, gx = _scalar_gate(g, b, h, n, dk)
     if scalar:  # lightning's per-head decays, linear's none: one gate per token, 64-row score tiles
         gc = chunk_cumsum_scalar(gx, b, h, n, chunk, q.device)
     else:
@@ -666,18 +677,22 @@ delta_chunk_fwd.register_autograd(_delta_backward, setup_context=_delta_setup)
 
 def delta_chunk(
     q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, scale: float, state: Tensor | None,
-    chunk: int,
+    chunk: int, qk_l2norm: bool = False,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """The gated delta rule through the Triton kernels (the signature of the naive twin
     ``delta_chunk_naive``): q, k (B, H, N, K), v (B, H, N, V), beta (B, H, N), g None or broadcastable to
     (B, H, N, K), state None or (B, H, K, V). Returns (o in q's dtype, final state fp32), differentiable
-    in q, k, v, beta, g and state. Short calls without gradients take the step kernel."""
+    in q, k, v, beta, g and state. Short calls without gradients take the step kernel. ``qk_l2norm``: q
+    and k are L2-normalised first (``naive.l2norm``): inside the step kernel for a short call, else in
+    PyTorch (fp32, rounded to q's dtype for the chunk kernels)."""
     b, h, n, dk = q.shape
     grad = _needs_grad(q, k, v, beta, g, state)
     if n <= DECODE_MAX and not grad:
         _check(q, k, v, chunk)
-        gx = None if g is None else g.expand(b, h, n, dk)
-        return linear_step(q, k, v, gx, beta.expand(b, h, n), state, float(scale))
+        _, gx = _scalar_gate(g, b, h, n, dk)
+        return linear_step(q, k, v, gx, beta.expand(b, h, n), state, float(scale), qk_l2norm)
+    if qk_l2norm:
+        q, k = l2norm(q).to(q.dtype), l2norm(k).to(k.dtype)
     gd = _delta_gate(g, b, h, n, dk)
     o, ht, *_ = delta_chunk_fwd(q, k, v, beta.expand(b, h, n), gd, state, float(scale), int(chunk), grad)
     return o, ht
