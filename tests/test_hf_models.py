@@ -12,7 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import attnlab  # noqa: E402
-from attnlab.hf import HFRuntimeError, PlanError, tiny_config, use  # noqa: E402
+from attnlab.hf import PlanError, tiny_config, use  # noqa: E402
 from attnlab.hf.models import ARCHITECTURES  # noqa: E402
 from attnlab.hf.testing import fast_plan, padded  # noqa: E402
 
@@ -20,9 +20,13 @@ FAST = fast_plan()
 
 #: Gemma 2 soft-caps its logits, which transformers' sdpa refuses: its baseline is eager attention
 BASELINE = {"gemma2": "eager"}
-#: small windows that bite on the 12-token prompts below (Mistral, Gemma 3); Gemma 2 keeps its real 4096
-#: window: no attnlab method combines a window with a soft cap yet (tested to fail clearly below)
-WINDOWS: dict[str, dict[str, Any]] = {"mistral": {"sliding_window": 5}, "gemma3": {"sliding_window": 5}}
+#: small windows that bite on the 12-token prompts below (Mistral, Gemma 2 and 3: Gemma 2's sliding layers
+#: run softcap with the window)
+WINDOWS: dict[str, dict[str, Any]] = {
+    "mistral": {"sliding_window": 5},
+    "gemma2": {"sliding_window": 5},
+    "gemma3": {"sliding_window": 5},
+}
 
 
 def build(arch: str, seed: int = 0, **overrides: Any) -> Any:
@@ -45,7 +49,8 @@ def test_softmax_equals_transformers_on_a_left_padded_batch(arch: str) -> None:
     windows = {layer.sliding_window for layer in attnlab.hf.inspect_model(model).layers}
     if arch in WINDOWS:  # the model's window bites and was kept
         assert windows == {None, 5} or windows == {5}
-        assert sum(n for (_, _, m), n in rt.calls.items() if m == "sliding_window") > 0
+        windowed = "softcap" if arch == "gemma2" else "sliding_window"
+        assert sum(n for (_, _, m), n in rt.calls.items() if m == windowed) > 0
     # generation: left padding, prefill then decode steps, same tokens as transformers
     want_tokens = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
     with use(model, prefill="softmax", decode="softmax", plan=FAST) as rt:
@@ -77,10 +82,34 @@ def test_softcap_is_kept_and_a_method_that_cannot_softcap_is_refused() -> None:
     with torch.no_grad(), use(gemma2, plan={**FAST, "layers": {1: "streaming"}, "softcap": "drop"}) as rt:
         gemma2(ids, attention_mask=mask)
     assert rt.calls[(1, "prefill", "streaming")] > 0 and rt.calls[(0, "prefill", "softcap")] > 0
-    # a window that bites together with a soft cap: no method does both; a clear error, not a wrong answer
-    small = build("gemma2", sliding_window=5)
-    with pytest.raises(HFRuntimeError, match="sliding window of 5 keys and soft-caps"), use(small, plan=FAST):
-        small(ids, attention_mask=mask)
+
+
+def test_gemma2_sliding_layers_keep_both_the_window_and_the_softcap() -> None:
+    """A window smaller than the prompt and a small cap (both bite): logits equal transformers' eager
+    Gemma-2; the sliding layer ran softcap with the window, the full layer softcap without."""
+    model = build("gemma2", sliding_window=4, attn_logit_softcapping=0.5)
+    ids, mask = padded(n=14)
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        capped = build("gemma2", sliding_window=4)(ids, attention_mask=mask).logits  # cap 50: barely bites
+        unwindowed = build("gemma2", sliding_window=64, attn_logit_softcapping=0.5)(ids, attention_mask=mask)
+        with use(model, plan=FAST) as rt:
+            got = model(ids, attention_mask=mask).logits
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], want[keep], rtol=1e-5, atol=2e-5)
+    # both the cap and the window change these logits (the test would see either one dropped)
+    assert (capped[keep] - want[keep]).abs().max() > 1e-3
+    assert (unwindowed.logits[keep] - want[keep]).abs().max() > 1e-3
+    parts = {(layer, p.ref) for (layer, phase, *_), ps in rt._parts.items() for p in ps if phase == "prefill"}
+    assert parts == {
+        (0, attnlab.hf.MethodRef("softcap", (("cap", 0.5), ("window", 4)))),
+        (1, attnlab.hf.MethodRef("softcap", (("cap", 0.5),))),
+    }
+    # generation (prefill then decode steps with the sliding cache): the same tokens as eager
+    want_tokens = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    with use(model, plan=FAST):
+        got_tokens = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    assert torch.equal(got_tokens, want_tokens)
 
 
 #: parameters that make each registered static / dynamic method compute every causal key of a 12-token

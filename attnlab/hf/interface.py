@@ -177,8 +177,6 @@ class Part:
     kv_heads: tuple[int, ...] | None
     ref: MethodRef
     op: Op
-    #: a soft-capped layer whose model window the softcap method cannot apply: fine while it does not bite
-    window_guard: int | None = None
     #: where the state of a stateful method lives: per layer, or shared by the layers (see SHARED_STATE)
     shared_state: bool = False
     _index: dict[torch.device, tuple[Tensor, Tensor]] = field(default_factory=dict)
@@ -196,27 +194,29 @@ class Part:
 
 def effective(
     ref: MethodRef, explicit: bool, window: int | None, cap: float | None, plan: HFPlan, where: str
-) -> tuple[MethodRef, int | None]:
-    """The method a head runs given the layer's model window and soft cap (see :mod:`attnlab.hf.plan`),
-    and the window the run must check does not bite (soft cap with a window, which no method combines)."""
-    guard = None
+) -> MethodRef:
+    """The method a head runs given the layer's model window and soft cap (see :mod:`attnlab.hf.plan`).
+
+    A soft-capped layer runs ``softmax`` as ``softcap`` with the model's cap, and a sliding window there
+    (the model's, kept, or a ``sliding_window`` the plan names) as ``softcap`` with that ``window``: Gemma
+    2/3's sliding layers keep both the window and the cap."""
     if window is not None and plan.sliding == "keep" and (not explicit or ref.name == "softmax"):
         ref = MethodRef("sliding_window", (("window", int(window)),))
     if cap is None:
-        return ref, None
-    if ref.name in ("softmax", "sliding_window") and (
-        ref.name == "softmax" or ref.kwargs.get("window") == window
-    ):
-        guard = window if ref.name == "sliding_window" else None
+        return ref
+    if ref.name in ("softmax", "sliding_window"):
         if "softcap" not in methods():
             raise PlanError(
                 f"{where}: the model soft-caps attention logits at {cap} (attn_logit_softcapping), which needs "
                 "the method 'softcap', not registered in this process; register it with "
                 "attnlab.registry.register(attnlab.catalog.variants.softcap.SPEC)"
             )
-        return MethodRef("softcap", (("cap", float(cap)),)), guard
+        params: tuple[tuple[str, Any], ...] = (("cap", float(cap)),)
+        if ref.name == "sliding_window":
+            params += (("window", int(ref.make_params().window)),)  # type: ignore[attr-defined]
+        return MethodRef("softcap", params)
     if ref.name == "softcap" or plan.softcap == "drop":
-        return ref, None
+        return ref
     raise PlanError(
         f"{where}: the model soft-caps attention logits at {cap} (attn_logit_softcapping), which method "
         f"{ref.name!r} cannot do; use 'softmax' (runs as 'softcap') there, or set the plan's 'softcap': 'drop' "
@@ -269,27 +269,27 @@ class Runtime:
         self, layer: int, phase: str, heads: int, kv_heads: int, window: int | None, cap: float | None,
         scale: float | None,
     ) -> list[Part]:  # fmt: skip
-        groups: dict[tuple[MethodRef, int | None], list[int]] = {}
+        groups: dict[MethodRef, list[int]] = {}
         for h in range(heads):
             ref, explicit = self.plan.method(layer, h, phase)
             where = f"layer {layer}, head {h}"
             eff = effective(ref, explicit, window, cap, self.plan, where)
-            check_method(eff[0], phase, where)
+            check_method(eff, phase, where)
             groups.setdefault(eff, []).append(h)
         group = heads // kv_heads
         out = []
-        for (ref, guard), hs in groups.items():
+        for ref, hs in groups.items():
             backend = self.plan.backends.get(ref.name)
             op = prepare(ref.name, causal=True, scale=scale, backend=backend, **ref.kwargs)
             shared = ref.name in SHARED_STATE
             if len(hs) == heads:
-                out.append(Part(None, None, ref, op, guard, shared))
+                out.append(Part(None, None, ref, op, shared))
                 continue
             kv_groups = sorted({h // group for h in hs})
             # whole KV groups keep GQA; where heads of one KV group differ, each head gets a copy of its KV head
             whole = len(hs) == len(kv_groups) * group
             kv = tuple(kv_groups) if whole else tuple(h // group for h in hs)
-            out.append(Part(tuple(hs), kv, ref, op, guard, shared))
+            out.append(Part(tuple(hs), kv, ref, op, shared))
         return out
 
     # -- the attention function ------------------------------------------------------------------------
@@ -385,15 +385,7 @@ class Runtime:
         self, part: Part, i: int, layer: int, phase: str, q: Tensor, k: Tensor, v: Tensor,
         rows: tuple[int, ...] | None,
     ) -> Tensor:  # fmt: skip
-        n_k = k.shape[2]
-        op, guard = part.op, part.window_guard
-        if guard is not None and n_k > guard:
-            raise HFRuntimeError(
-                f"layer {layer}: the model attends within a sliding window of {guard} keys and "
-                f"soft-caps its logits, and this call has {n_k} keys, so the window bites; no attnlab method "
-                "applies both a window and a soft cap yet. Keep prompts within the window, or set the plan's "
-                "'sliding': 'override' (full attention there, a different function)"
-            )
+        op = part.op
         self.calls[(layer, phase, op.spec.name)] += 1
         if not op.spec.stateful:
             return op(q, k, v)  # type: ignore[return-value]

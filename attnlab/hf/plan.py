@@ -38,8 +38,10 @@ runs as named, in place of the window (the plan overrides it). With ``"sliding":
 method runs as the plan says (``softmax`` is then full causal attention) in place of the window.
 
 Logit soft-capping (Gemma 2's ``attn_logit_softcapping``): ``softmax`` runs as the ``softcap`` method
-with the model's cap; a method that cannot soft-cap is refused there unless ``"softcap": "drop"`` (the
-cap is then left out, and the layer computes a different function).
+with the model's cap, and a sliding window on such a layer (the model's, kept, or a ``sliding_window`` the
+plan names) as ``softcap`` with that ``window`` (Gemma 2/3's sliding layers keep both); a method that
+cannot soft-cap is refused there unless ``"softcap": "drop"`` (the cap is then left out, and the layer
+computes a different function).
 
 Budgets larger than the context fall back to exact attention: a static or dynamic method whose window or
 budget covers every key computes exact causal attention (its mask keeps every key); a decode method

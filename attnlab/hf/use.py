@@ -55,7 +55,7 @@ def check_plan(plan: HFPlan, info: ModelInfo) -> list[str]:
             for phase in PHASES:
                 ref, explicit = plan.method(layer.index, head, phase)
                 where = f"layer {layer.index} ({layer.cls}), head {head}, {phase}"
-                eff, _ = effective(ref, explicit, layer.sliding_window, layer.softcap, plan, where)
+                eff = effective(ref, explicit, layer.sliding_window, layer.softcap, plan, where)
                 check_method(eff, phase, where)
                 if eff.spec().stateful:
                     stateful.add(eff.name)
