@@ -284,6 +284,12 @@ def bucket_of(m: str, n: int) -> Any:
     return "IS_DIVISIBLE" if divisible else "bounds-checked"
 
 
+def gc_collections() -> int:
+    """Python's cyclic-GC collections so far, all generations (a collection inside a timed first call costs
+    milliseconds with torch, Triton and inductor loaded; the first-call rows record how many ran)."""
+    return sum(s["collections"] for s in gc.get_stats())
+
+
 def section_first_call() -> dict[str, Any]:
     lengths = [256, 320, 384] if ARGS.quick else [int(x) for x in ARGS.first_lengths.split(",")]
     heads, d = (8, 64) if ARGS.quick else (32, 128)
@@ -293,18 +299,20 @@ def section_first_call() -> dict[str, Any]:
         q, k, v = (randn(1, heads, n, d) for _ in range(3))
         for m in ("sigmoid", "sliding_window"):
             call = partial(attnlab.attention, q, k, v, method=m, causal=True, **KERNEL_METHODS[m])
-            before_c, before_t, times = dynamo_counters(), triton_caches(), []
+            before_c, before_t, times, gc_runs = dynamo_counters(), triton_caches(), [], []
             for _ in range(3):  # the first call, then warm ones: seconds, synchronised
                 sync()
+                gc0 = gc_collections()
                 t0 = time.perf_counter()
                 call()
                 sync()
                 times.append(time.perf_counter() - t0)
+                gc_runs.append(gc_collections() - gc0)
             first, second = times[0], min(times[1:])
             after_t, after_c = triton_caches(), dynamo_counters()
             bucket = bucket_of(m, n)  # after the call: the sigmoid module is imported by then
             row = {"method": m, "n": n, "first_s": first, "second_s": second, "bucket": bucket,
-                   "new_length": (m, n) not in seen, "seen_bucket": (m, "bucket", bucket) in seen,
+                   "gc_in_first_call": gc_runs[0], "new_length": (m, n) not in seen, "seen_bucket": (m, "bucket", bucket) in seen,
                    "triton_before": before_t, "triton_after": after_t,
                    "autotuner_grew": (after_t["autotuner"] or 0) > (before_t["autotuner"] or 0),
                    "jit_cache_grew": (after_t["jit"] or 0) > (before_t["jit"] or 0),
@@ -529,7 +537,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="small shapes and counts (CPU smoke test)")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {SECTIONS}")
     ap.add_argument("--lengths", default="8192,16384,32768,65536", help="as_called_vs_kernel lengths")
-    ap.add_argument("--first-lengths", default="8192,8320,12288,16384,16400,20008,32768,65536,8192",
+    ap.add_argument("--first-lengths", default="8192,8320,12288,16384,16400,20008,32768,32896,65536,65664,65792,8192",
                     help="first_call lengths, in this order (non-quick)")  # fmt: skip
     ap.add_argument("--order-check", type=int, default=65536,
                     help="from this length on, also time the bench harness's cyclic order")  # fmt: skip

@@ -240,8 +240,7 @@ def plan_from_rule(
             parts.append((ti == nqb - 1).to(torch.int64))
         if cols_last < block_k:
             parts.append((tj == nkb - 1).to(torch.int64))
-        group = _group(parts, where.shape[0], dev)
-        n_groups = int(group.max()) + 1
+        group, n_groups = _group(parts, where.shape[0], dev)
         first = torch.full((n_groups,), where.shape[0], dtype=torch.int64, device=dev)
         first.scatter_reduce_(0, group, torch.arange(where.shape[0], device=dev), "amin")
         rep_any, rep_all, rep_count = _evaluate(mask_mod, grid, where[first])
@@ -269,14 +268,18 @@ def plan_from_rule(
     )
 
 
-def _group(parts: list[Tensor], n: int, device: torch.device) -> Tensor:
-    """Group ids 0..G-1 of ``n`` items by the tuple of their key parts (int64 (n,) each): each part is
-    ranked and folded into the running id (kept below n * n: no overflow), then ranked again."""
-    group = torch.zeros(n, dtype=torch.int64, device=device)
-    for part in parts:
+def _group(parts: list[Tensor], n: int, device: torch.device) -> tuple[Tensor, int]:
+    """(group ids 0..G-1, G) of ``n`` items by the tuple of their key parts (int64 (n,) each): the first
+    part's ranks are the ids; each further part is ranked and folded into the running id (kept below
+    n * n: no overflow), then ranked again. One ``unique`` (one host sync) per part: the number of groups
+    is the length of the last one's values, never a separate ``max().item()``."""
+    if not parts:
+        return torch.zeros(n, dtype=torch.int64, device=device), 1
+    values, group = torch.unique(parts[0], return_inverse=True)
+    for part in parts[1:]:
         rank = torch.unique(part, return_inverse=True)[1]
-        group = torch.unique(group * n + rank, return_inverse=True)[1]
-    return group
+        values, group = torch.unique(group * n + rank, return_inverse=True)
+    return group, int(values.shape[0])
 
 
 def _evaluate(mask_mod: MaskMod, grid: TileGrid, tiles: Tensor) -> tuple[Tensor, Tensor, Tensor]:
