@@ -384,3 +384,93 @@ def test_measured_schedules_are_pinned_only_where_measured(monkeypatch: pytest.M
     assert temp_short and not any(c.kwargs["WS"] for c in temp_short)
     short = op._prune_fwd(fwd, {**args, "CAUSAL": False, "N_BUCKET": 4096})
     assert len(short) == len(fwd)  # not measured there: the autotuner chooses
+
+
+def test_naive_twin_softplus_is_the_methods_math() -> None:
+    """The twin's softplus transform with the length scale as its temperature is softplus.reference."""
+    from attnlab.catalog.variants import softplus
+
+    q, k, v = random_qkv(2, 4, 2, 13, 20, 16, device="cpu")
+    for causal in (False, True):
+        for scaled in (True, False):
+            params = softplus.SoftplusParams(length_scale=scaled)
+            lam = softplus.length_scale(13, 20, causal, 16, q.device) if scaled else None
+            got, _ = score_transform_fwd_naive(
+                q * 3, k, v, None, None, SCALE, 0.0, causal, temp=lam, softplus=True
+            )
+            want = softplus.reference(q * 3, k, v, params, causal=causal, scale=SCALE)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("n_q", "n_k", "causal", "dtype"),
+    [(17, 30, True, torch.float32), (30, 17, True, torch.float32), (21, 21, False, torch.float32),
+     (9, 40, False, torch.bfloat16)],
+)  # fmt: skip
+def test_softplus_kernel_matches_the_twin_forward_and_backward(
+    poison_empty: None, n_q: int, n_k: int, causal: bool, dtype: torch.dtype
+) -> None:
+    """Forward (out, lse = log of the l1 normaliser) and dq, dk, dv (GQA summed) against the twin and
+    autograd through it, with a per-query length scale; rows with no key (N_q > N_k causal) are 0 with
+    zero gradients."""
+    from attnlab.kernels.score_transform.op import score_transform_fwd
+
+    q, k, v = random_qkv(2, 4, 2, n_q, n_k, 16, dtype, grad=True)
+    lam = torch.rand(1, 1, n_q, device=DEVICE) * 2 + 0.5
+    out, lse = score_transform_fwd(q * 2, k, v, None, None, None, None, None, lam, SCALE, 0.0, causal, True)
+    ref, ref_lse = score_transform_fwd_naive(
+        q * 2, k, v, None, None, SCALE, 0.0, causal, temp=lam, softplus=True
+    )
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse))
+    rows = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[rows], ref_lse[rows], atol=tol, rtol=tol)
+    do = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), do)
+    want = torch.autograd.grad(ref, (q, k, v), do)
+    gtol = 1e-4 if dtype == torch.float32 else 5e-2
+    for name, a, w in zip(("dq", "dk", "dv"), got, want, strict=True):
+        torch.testing.assert_close(a.float(), w.float(), atol=gtol, rtol=gtol, msg=_prefixed(name))
+    if causal and n_q > n_k:
+        assert not out[:, :, : n_q - n_k].any() and not got[0][:, :, : n_q - n_k].any()
+
+
+def test_softplus_kernel_does_not_overflow_on_huge_logits() -> None:
+    """Logits of +-1e4 (exp would overflow fp32): softplus is linear there and the l1 sum stays finite;
+    rows of very negative logits keep their relative weights (the series branch)."""
+    from attnlab.kernels.score_transform.op import score_transform_fwd
+
+    q, k, v = random_qkv(1, 2, 2, 16, 24, 16)
+    for mult in (1e4, -1e4, -40.0):
+        qs = q * mult
+        out, _ = score_transform_fwd(qs, k, v, None, None, None, None, None, None, SCALE, 0.0, True, True)
+        want, _ = score_transform_fwd_naive(qs, k, v, None, None, SCALE, 0.0, True, softplus=True)
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4, msg=_prefixed(f"q * {mult}"))
+
+
+def test_softplus_kernel_refuses_sinks() -> None:
+    from attnlab.kernels.score_transform.op import score_transform_fwd_launch
+
+    q, k, v = random_qkv(1, 2, 2, 8, 8, 16)
+    with pytest.raises(
+        ValueError, match=r"softplus transform takes no sink logits .*; got sinks of shape \(2,\)"
+    ):
+        score_transform_fwd_launch(
+            q, k, v, None, torch.zeros(2, device=DEVICE), SCALE, 0.0, False, softplus=True
+        )
+
+
+@pytest.mark.parametrize("params", [{}, {"length_scale": False}])
+def test_triton_backend_of_softplus_matches_reference(variants: None, params: dict) -> None:
+    """The registry's parity rule (bf16, GQA, cross shapes, every gradient) for the softplus kernel."""
+    for causal in (False, True):
+        check = check_parity(
+            attnlab.get("softplus"),
+            "triton",
+            Case(1, 4, 2, 17, 30, 16, torch.bfloat16, causal, params),
+            DEVICE,
+        )
+        assert not check.skipped and check.passed and "dq" in check.errors, check.summary()
+    assert attnlab.get("softplus").backends[0].name == "triton"

@@ -1,5 +1,5 @@
-"""The ``triton`` backend of the score-transform variants (softcap, alibi, bias, sink, selective): attnlab's
-Triton kernels (:mod:`attnlab.kernels.score_transform`), forward and backward (gradients for q, k, v, the
+"""The ``triton`` backend of the score-transform variants (softcap, alibi, bias, sink, selective, softplus):
+attnlab's Triton kernels (:mod:`attnlab.kernels.score_transform`), forward and backward (gradients for q, k, v, the
 sink logits, the ALiBi slopes and the per-query temperature; none for a bias tensor).
 """
 
@@ -31,6 +31,8 @@ class KernelArgs(NamedTuple):
     #: a low-rank bias's factors (B|1, H|1, N_q, r) and (B|1, H|1, N_k, r): bias = u @ vf^T
     u: Tensor | None = None
     vf: Tensor | None = None
+    #: l1-normalised softplus weights instead of the softmax (``temp`` then carries LSSA's length scale)
+    softplus: bool = False
 
 
 #: ``transform(q, call, extra) -> KernelArgs``
@@ -79,5 +81,6 @@ class TritonScoreBackend(Backend):
             float(call.scale),
             float(a.cap),
             call.problem.causal,
+            a.softplus,
         )
         return out

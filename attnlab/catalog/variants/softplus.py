@@ -14,6 +14,11 @@ Our reading, from the paper's abstract and secondary summaries (its code was not
 exact form of the scale (log base, row length vs. total length) is unverified, and the re-weighting
 ("sharpening") stage of LSSAR is not implemented. The FlexAttention path passes ``log softplus`` as its
 score, so that its softmax is exactly the l1 normalisation of the softplus weights.
+
+Backends: ``triton`` (attnlab's score-transform kernel with its softplus transform, forward and backward;
+``lambda_i`` is the kernel's per-query temperature), ``flex``, ``eager``. The kernel keeps no running
+maximum: softplus grows linearly, computed as ``max(y, 0) + log(1 + e^-|y|)`` it never overflows, and the
+row sum of N_k weights stays in fp32 range for any logit below ~1e38 / N_k (exp would overflow at 88).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from torch import Tensor
 
 from attnlab.backends.eager import EAGER
 from attnlab.catalog.variants._common import VariantFlexBackend, allowed, logits, weigh
+from attnlab.catalog.variants._triton import KernelArgs, TritonScoreBackend
 from attnlab.core import Call, MethodSpec
 from attnlab.errors import InputError
 from attnlab.kernels.flex import ScoreMod
@@ -114,6 +120,27 @@ def _score(call: Call, extra: Mapping[str, Tensor]) -> ScoreMod:
     return lssa
 
 
+def length_scale(n_q: int, n_k: int, causal: bool, head_dim: int, device: torch.device) -> Tensor:
+    """``lambda_i = log(n_i) / log(D)`` per query row, fp32 (1, 1, N_q) (rows with no key: 0)."""
+    n = row_lengths(n_q, n_k, causal, device).clamp(min=1).to(torch.float32)
+    return (torch.log(n) * _inv_log_d(head_dim))[None, None]
+
+
+def _kernel_args(q: Tensor, call: Call, extra: Mapping[str, Tensor]) -> KernelArgs:
+    """The kernel's softplus transform; LSSA's length scale is its per-query temperature (made once per
+    call signature)."""
+    assert isinstance(call.params, SoftplusParams)
+    if not call.params.length_scale:
+        return KernelArgs(softplus=True)
+    lam = call.memo.get("softplus_lambda")
+    if lam is None:
+        p = call.problem
+        lam = length_scale(p.n_q, p.n_k, p.causal, p.head_dim, q.device)
+        if not torch.compiler.is_compiling():
+            call.memo["softplus_lambda"] = lam
+    return KernelArgs(softplus=True, temp=lam)
+
+
 SPEC = MethodSpec(
     name="softplus",
     family="dense",
@@ -122,7 +149,7 @@ SPEC = MethodSpec(
     summary="softplus(log_D(n_i) * scale*qk) weights, l1-normalised per row (LSSA)",
     param_class=SoftplusParams,
     reference=reference,
-    backends=(VariantFlexBackend(_score), EAGER),
+    backends=(TritonScoreBackend(_kernel_args), VariantFlexBackend(_score), EAGER),
     patterns=ALL_PATTERNS,
     test_params=({}, {"length_scale": False}),
     bench_params=lambda n: [{}],

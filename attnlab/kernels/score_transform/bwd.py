@@ -14,12 +14,25 @@ gradient, -sum_i exp(s_h - lse_i) Delta_i, is a reduction the launcher does in P
 gradient, -sum_ij dX_ij |i + N_k - N_q - j|, is summed per dQ program (ALIBI_GRAD) and over the programs by
 the launcher; a per-query temperature (TEMP: s -> tau_i s) scales dS by tau_i, and its gradient
 scale * sum_j dS_ij s_ij is a row of the dQ program (TEMP_GRAD); a dense bias gets none.
+
+SOFTPLUS (l1-normalised softplus weights, no exponential): the forward's lse is log L_i, L_i = sum_j
+softplus(x_ij), so with A = softplus(x) / L the same two kernels compute
+    dV = A^T dO;   dX = sigmoid(x) (dO V^T - Delta) / L
+(the softmax's P in the dX formula becomes sigmoid(x) / L; 1 / L = exp(-lse), 0 on rows with no key).
 """
 
 import triton
 import triton.language as tl
 
-from attnlab.kernels.score_transform.common import LOG2E, distance, load_factor, logits2, store_factor
+from attnlab.kernels.score_transform.common import (
+    LN2,
+    LOG2E,
+    distance,
+    load_factor,
+    logits2,
+    softplus2,
+    store_factor,
+)
 from attnlab.kernels.sigmoid.common import causal_key_range, dot, load_rows, store_rows
 
 LENGTH_ARGS = ["N_Q", "N_K", "OFFSET"]
@@ -32,7 +45,7 @@ def _dkdv_inner(
     scale2, cap2, inv_cap, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     MASKED: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_BIAS: tl.constexpr, ALIBI: tl.constexpr, LOWRANK: tl.constexpr, TEMP: tl.constexpr, FAST: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):  # fmt: skip
     """dK, dV (and dV_f) of one key block += the contributions of query blocks [lo, hi) of one head."""
     for start_m in range(lo, hi, BLOCK_M):
@@ -55,12 +68,22 @@ def _dkdv_inner(
         kj = offs_n[:, None]
         x_t, t_t = logits2(s_t, qi, kj, bias_base, stride_bm, stride_bn, slope2, lr, N_Q, N_K, OFFSET, scale2,
                            cap2, inv_cap, SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, FAST)  # fmt: skip
-        p_t = tl.math.exp2(x_t - lse2[None, :])
-        if MASKED:
-            p_t = tl.where(kj <= qi + OFFSET, p_t, 0.0)
+        if SOFTPLUS:  # A = softplus(y) / L, dY = sigmoid(y) (dP - Delta) / L; 1 / L = 2^-lse2 (0 on +inf)
+            w_t, g_t = softplus2(x_t)
+            inv = tl.math.exp2(-lse2)
+            p_t = w_t * (LN2 * inv[None, :])
+            g_t = g_t * inv[None, :]
+            if MASKED:
+                p_t = tl.where(kj <= qi + OFFSET, p_t, 0.0)
+                g_t = tl.where(kj <= qi + OFFSET, g_t, 0.0)
+        else:
+            p_t = tl.math.exp2(x_t - lse2[None, :])
+            if MASKED:
+                p_t = tl.where(kj <= qi + OFFSET, p_t, 0.0)
+            g_t = p_t
         dv += dot(p_t.to(do.dtype), do, DOT_PREC, UPCAST)
         dp_t = dot(v, tl.trans(do), DOT_PREC, UPCAST)
-        dx_t = p_t * (dp_t - delta[None, :])
+        dx_t = g_t * (dp_t - delta[None, :])
         ds_t = dx_t
         if SOFTCAP:
             ds_t = dx_t * (1.0 - t_t * t_t)
@@ -89,7 +112,7 @@ def score_transform_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, ALIBI: tl.constexpr,
     LOWRANK: tl.constexpr, TEMP: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(1)
     b = (pid_bh // H_KV).to(tl.int64)
@@ -138,13 +161,13 @@ def score_transform_bwd_dkdv_kernel(
                 dk, dv, dvf, k, v, vf, q_base, do_base, u_base, tau_base, LSE + row_base, DELTA + row_base,
                 bias_base, stride_qn, stride_don, stride_un, stride_tn, stride_bm, stride_bn, slope2, offs_n, lo, full_start, N_Q, N_K,
                 OFFSET, HEAD_D, R, scale2, cap2, inv_cap, BLOCK_M, BLOCK_D, BLOCK_R, True, EVEN_M, EVEN_D,
-                SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, TEMP, FAST, DOT_PREC, UPCAST,
+                SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, TEMP, FAST, DOT_PREC, UPCAST, SOFTPLUS,
             )  # fmt: skip
         dk, dv, dvf = _dkdv_inner(
             dk, dv, dvf, k, v, vf, q_base, do_base, u_base, tau_base, LSE + row_base, DELTA + row_base,
             bias_base, stride_qn, stride_don, stride_un, stride_tn, stride_bm, stride_bn, slope2, offs_n, full_start, N_Q, N_Q, N_K,
             OFFSET, HEAD_D, R, scale2, cap2, inv_cap, BLOCK_M, BLOCK_D, BLOCK_R, False, EVEN_M, EVEN_D, SOFTCAP,
-            HAS_BIAS, ALIBI, LOWRANK, TEMP, FAST, DOT_PREC, UPCAST,
+            HAS_BIAS, ALIBI, LOWRANK, TEMP, FAST, DOT_PREC, UPCAST, SOFTPLUS,
         )  # fmt: skip
         if LOWRANK:  # (B, H, N_k, BLOCK_R) fp32, contiguous
             store_factor(DVF + (b * H + h) * N_K * BLOCK_R, BLOCK_R, start_n, dvf, N_K, R, BLOCK_N, BLOCK_R)
@@ -163,6 +186,7 @@ def _dq_inner(
     EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
     ALIBI: tl.constexpr, LOWRANK: tl.constexpr, ALIBI_GRAD: tl.constexpr, TEMP: tl.constexpr,
     TEMP_GRAD: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
 ):  # fmt: skip
     """dQ (and dU, the ALiBi slope's and the temperature's gradients) of one query block += the
     contributions of key blocks [lo, hi)."""
@@ -183,13 +207,23 @@ def _dq_inner(
         kj = offs_n[None, :]
         x, t = logits2(s, qi, kj, bias_base, stride_bm, stride_bn, slope2, lr, N_Q, N_K, OFFSET, scale2, cap2,
                        inv_cap, SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, FAST)  # fmt: skip
-        p = tl.math.exp2(x - lse2[:, None])
-        if MASKED:
-            p = tl.where(kj <= qi + OFFSET, p, 0.0)
-        if not EVEN_N:  # keys past N_k read as zero rows: their scores are not -inf
-            p = tl.where(kj < N_K, p, 0.0)
+        if SOFTPLUS:  # see _dkdv_inner
+            _w, g = softplus2(x)
+            inv = tl.math.exp2(-lse2)
+            g = g * inv[:, None]
+            if MASKED:
+                g = tl.where(kj <= qi + OFFSET, g, 0.0)
+            if not EVEN_N:
+                g = tl.where(kj < N_K, g, 0.0)
+        else:
+            p = tl.math.exp2(x - lse2[:, None])
+            if MASKED:
+                p = tl.where(kj <= qi + OFFSET, p, 0.0)
+            if not EVEN_N:  # keys past N_k read as zero rows: their scores are not -inf
+                p = tl.where(kj < N_K, p, 0.0)
+            g = p
         dp = dot(do, tl.trans(v), DOT_PREC, UPCAST)
-        dx = p * (dp - delta[:, None])
+        dx = g * (dp - delta[:, None])
         ds = dx
         if SOFTCAP:
             ds = dx * (1.0 - t * t)
@@ -222,7 +256,7 @@ def score_transform_bwd_dq_kernel(
     CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, ALIBI: tl.constexpr,
     LOWRANK: tl.constexpr, ALIBI_GRAD: tl.constexpr, TEMP: tl.constexpr, TEMP_GRAD: tl.constexpr,
     FAST: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -263,14 +297,14 @@ def score_transform_bwd_dq_kernel(
         dq, du, dsl, dtau, q, do, u, tau, lse2, delta, k_base, v_base, vf_base, bias_base, stride_kn, stride_vn,
         stride_vfn, stride_bm, stride_bn, slope2, offs_m, 0, full_end, N_Q, N_K, OFFSET, HEAD_D, R, scale2, cap2, inv_cap,
         BLOCK_N, BLOCK_D, BLOCK_R, False, EVEN_N, EVEN_D, SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, ALIBI_GRAD, TEMP,
-        TEMP_GRAD, FAST, DOT_PREC, UPCAST,
+        TEMP_GRAD, FAST, DOT_PREC, UPCAST, SOFTPLUS,
     )  # fmt: skip
     if CAUSAL:
         dq, du, dsl, dtau = _dq_inner(
             dq, du, dsl, dtau, q, do, u, tau, lse2, delta, k_base, v_base, vf_base, bias_base, stride_kn,
             stride_vn, stride_vfn, stride_bm, stride_bn, slope2, offs_m, full_end, hi, N_Q, N_K, OFFSET, HEAD_D, R, scale2, cap2,
             inv_cap, BLOCK_N, BLOCK_D, BLOCK_R, True, EVEN_N, EVEN_D, SOFTCAP, HAS_BIAS, ALIBI, LOWRANK,
-            ALIBI_GRAD, TEMP, TEMP_GRAD, FAST, DOT_PREC, UPCAST,
+            ALIBI_GRAD, TEMP, TEMP_GRAD, FAST, DOT_PREC, UPCAST, SOFTPLUS,
         )  # fmt: skip
     dq *= scale
     store_rows(DQ + b * stride_dqb + h * stride_dqh, stride_dqn, start_m, dq.to(DQ.dtype.element_ty), N_Q, HEAD_D,

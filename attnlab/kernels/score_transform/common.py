@@ -82,3 +82,23 @@ def store_factor(base, stride_n, start, value, n_rows, R, ROWS: tl.constexpr, BL
     offs_c = tl.arange(0, BLOCK_R)
     ptrs = base + offs_r[:, None] * stride_n + offs_c[None, :]
     tl.store(ptrs, value, mask=(offs_r[:, None] < n_rows) & (offs_c[None, :] < R))
+
+
+#: ln(2): base-2 softplus weights times this are natural ones
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def softplus2(x):
+    """``(log2(1 + 2^x), sigmoid(x ln 2))`` of base-2 logits ``x`` (``softplus(y) / ln 2`` and its derivative
+    for the natural logit ``y = x ln 2``). Written as ``max(x, 0) + log2(1 + 2^-|x|)``, which never
+    overflows (softplus grows linearly); below ``x = -8`` as the series ``2^x (1 - 2^x / 2) / ln 2``
+    (relative error under 1e-5), so that rows of very negative logits keep their relative weights instead
+    of rounding ``1 + 2^x`` to 1 (the GPU's ``lg2`` is accurate in absolute, not relative, terms near 1)."""
+    e = tl.math.exp2(-tl.abs(x))
+    r = 1.0 / (1.0 + e)
+    sig = tl.where(x >= 0.0, r, e * r)
+    sp = tl.where(
+        x < -8.0, e * (1.0 - 0.5 * e) * 1.4426950408889634, tl.maximum(x, 0.0) + tl.math.log2(1.0 + e)
+    )
+    return sp, sig

@@ -20,7 +20,7 @@ unmasked key loop; needs TMA; not with the causal diagonal loop).
 import triton
 import triton.language as tl
 
-from attnlab.kernels.score_transform.common import LOG2E, load_factor, logits2
+from attnlab.kernels.score_transform.common import LN2, LOG2E, load_factor, logits2, softplus2
 from attnlab.kernels.sigmoid.common import causal_key_range, dot, dot_acc
 from attnlab.kernels.sigmoid.fwd import _load_rows, _store_rows, _tile_source
 
@@ -32,15 +32,35 @@ def _online(
     acc, m_i, l_i, s, v, offs_m, offs_n, bias_base, stride_bm, stride_bn, slope2, u, vf, N_Q, N_K, OFFSET,
     scale2, cap2, inv_cap, MASKED: tl.constexpr, BOUND: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_BIAS: tl.constexpr, ALIBI: tl.constexpr, LOWRANK: tl.constexpr, FAST: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):  # fmt: skip
     """One key block's online-softmax update of one query tile (rows offs_m) given raw scores ``s``.
 
     Without a transform (plain softmax, the sink variant) the scale is folded as in Triton's attention
     tutorial: the row maximum is taken on the raw scores and scaled once per row, and ``2^(s * scale2 - m)``
-    is one fused multiply-add per score (the timed kernel multiplied, then subtracted; not timed since)."""
+    is one fused multiply-add per score (the timed kernel multiplied, then subtracted; not timed since).
+
+    SOFTPLUS: no maximum; the weights ``log2(1 + 2^x)`` (softplus / ln 2, which cannot overflow) are summed
+    into ``l`` and multiply v directly; ``m`` is returned unchanged."""
     qi = offs_m[:, None]
     kj = offs_n[None, :]
+    if SOFTPLUS:
+        if SOFTCAP or HAS_BIAS or ALIBI or LOWRANK:
+            lr = s
+            if LOWRANK:
+                lr = dot(u, tl.trans(vf), DOT_PREC, UPCAST) * LOG2E
+            w, _ = logits2(s, qi, kj, bias_base, stride_bm, stride_bn, slope2, lr, N_Q, N_K, OFFSET, scale2, cap2,
+                           inv_cap, SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, FAST)  # fmt: skip
+        else:
+            w = s * scale2
+        w, _ = softplus2(w)
+        if MASKED:
+            w = tl.where(kj <= qi + OFFSET, w, 0.0)
+        if BOUND:
+            w = tl.where(kj < N_K, w, 0.0)
+        l_i = l_i + tl.sum(w, 1)
+        acc = dot_acc(w.to(v.dtype), v, acc, DOT_PREC, UPCAST)
+        return acc, m_i, l_i
     if SOFTCAP or HAS_BIAS or ALIBI or LOWRANK:
         lr = s
         if LOWRANK:
@@ -72,6 +92,7 @@ def _fwd_inner(
     MASKED: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_BIAS: tl.constexpr, ALIBI: tl.constexpr, LOWRANK: tl.constexpr, TEMP: tl.constexpr, FAST: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, SPLIT: tl.constexpr, WS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
 ):  # fmt: skip
     """Add key blocks [lo, hi) to the query halves' (acc, m, l) (the second half unused when SPLIT == 1)."""
     BOUND: tl.constexpr = not EVEN_N
@@ -89,7 +110,7 @@ def _fwd_inner(
             acc0, m0, l0 = _online(
                 acc0, m0, l0, s0, v, offs_m0, offs_n, bias_base, stride_bm, stride_bn, slope2, u0, vf, N_Q, N_K,
                 OFFSET, scale2, cap2, inv_cap, MASKED, BOUND, SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, FAST, DOT_PREC,
-                UPCAST,
+                UPCAST, SOFTPLUS,
             )  # fmt: skip
     else:
         for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
@@ -107,19 +128,26 @@ def _fwd_inner(
             acc0, m0, l0 = _online(
                 acc0, m0, l0, s0, v, offs_m0, offs_n, bias_base, stride_bm, stride_bn, slope2, u0, vf, N_Q, N_K,
                 OFFSET, scale2, cap2, inv_cap, MASKED, BOUND, SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, FAST, DOT_PREC,
-                UPCAST,
+                UPCAST, SOFTPLUS,
             )  # fmt: skip
             acc1, m1, l1 = _online(
                 acc1, m1, l1, s1, v, offs_m1, offs_n, bias_base, stride_bm, stride_bn, slope2, u1, vf, N_Q, N_K,
                 OFFSET, scale2, cap2, inv_cap, MASKED, BOUND, SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, FAST, DOT_PREC,
-                UPCAST,
+                UPCAST, SOFTPLUS,
             )  # fmt: skip
     return acc0, m0, l0, acc1, m1, l1
 
 
 @triton.jit
-def _finish(acc, m_i, l_i, sink2, HAS_SINK: tl.constexpr):
-    """(out, lse) of one query tile: the sink joins the normaliser; rows with nothing give 0 and -inf."""
+def _finish(acc, m_i, l_i, sink2, HAS_SINK: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """(out, lse) of one query tile: the sink joins the normaliser; rows with nothing give 0 and -inf.
+    SOFTPLUS: ``l`` is the sum of base-2 softplus weights; the "lse" returned is the log of the natural
+    normaliser, ``log(sum_j softplus(y_ij)) = log(l ln 2)``."""
+    if SOFTPLUS:
+        has = l_i > 0.0
+        out = acc / tl.where(has, l_i, 1.0)[:, None]
+        lse = tl.where(has, tl.math.log2(tl.where(has, l_i * LN2, 1.0)) / LOG2E, float("-inf"))
+        return out, lse
     if HAS_SINK:
         m_fin = tl.maximum(m_i, sink2)
         alpha = tl.math.exp2(m_i - m_fin)  # m_i = -inf (no key): 0
@@ -148,7 +176,7 @@ def score_transform_fwd_kernel(
     CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SINK: tl.constexpr,
     ALIBI: tl.constexpr, LOWRANK: tl.constexpr, TEMP: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr, TMA: tl.constexpr, SPLIT: tl.constexpr, WS: tl.constexpr, EVEN_M: tl.constexpr,
-    EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):  # fmt: skip
     HALF: tl.constexpr = BLOCK_M // SPLIT
     pid_m = tl.program_id(0)
@@ -200,24 +228,24 @@ def score_transform_fwd_kernel(
         acc0, m0, l0, acc1, m1, l1, q0, q1, u0, u1, tau0, tau1, k_src, v_src, vf_base, stride_kn, stride_vn,
         stride_vfn, bias_base, stride_bm, stride_bn, slope2, offs_m0, offs_m1, 0, full_end, N_Q, N_K, OFFSET, HEAD_D, R,
         scale2, cap2, inv_cap, BLOCK_N, BLOCK_D, BLOCK_R, False, EVEN_N, EVEN_D, SOFTCAP, HAS_BIAS, ALIBI,
-        LOWRANK, TEMP, FAST, DOT_PREC, UPCAST, TMA, SPLIT, WS,
+        LOWRANK, TEMP, FAST, DOT_PREC, UPCAST, TMA, SPLIT, WS, SOFTPLUS,
     )  # fmt: skip
     if CAUSAL:
         acc0, m0, l0, acc1, m1, l1 = _fwd_inner(
             acc0, m0, l0, acc1, m1, l1, q0, q1, u0, u1, tau0, tau1, k_src, v_src, vf_base, stride_kn,
             stride_vn, stride_vfn, bias_base, stride_bm, stride_bn, slope2, offs_m0, offs_m1, full_end, hi, N_Q, N_K,
             OFFSET, HEAD_D, R, scale2, cap2, inv_cap, BLOCK_N, BLOCK_D, BLOCK_R, True, EVEN_N, EVEN_D, SOFTCAP,
-            HAS_BIAS, ALIBI, LOWRANK, TEMP, FAST, DOT_PREC, UPCAST, TMA, SPLIT, False,
+            HAS_BIAS, ALIBI, LOWRANK, TEMP, FAST, DOT_PREC, UPCAST, TMA, SPLIT, False, SOFTPLUS,
         )  # fmt: skip
     sink2 = 0.0
     if HAS_SINK:
         sink2 = tl.load(SINKS + h).to(tl.float32) * LOG2E
     lse_base = LSE + pid_bh.to(tl.int64) * N_Q
-    out0, lse0 = _finish(acc0, m0, l0, sink2, HAS_SINK)
+    out0, lse0 = _finish(acc0, m0, l0, sink2, HAS_SINK, SOFTPLUS)
     _store_rows(o_dst, stride_on, start_m, out0.to(q0.dtype), N_Q, HEAD_D, HALF, BLOCK_D, EVEN_M, EVEN_D, TMA)
     tl.store(lse_base + offs_m0, lse0, mask=offs_m0 < N_Q)
     if SPLIT == 2:
-        out1, lse1 = _finish(acc1, m1, l1, sink2, HAS_SINK)
+        out1, lse1 = _finish(acc1, m1, l1, sink2, HAS_SINK, SOFTPLUS)
         _store_rows(o_dst, stride_on, start_m + HALF, out1.to(q0.dtype), N_Q, HEAD_D, HALF, BLOCK_D, EVEN_M,
                     EVEN_D, TMA)  # fmt: skip
         tl.store(lse_base + offs_m1, lse1, mask=offs_m1 < N_Q)

@@ -5,7 +5,8 @@ Shapes: q (B, H, N_q, D), k/v (B, H_kv, N_k, D); ``bias`` broadcastable to (B, H
 bottom-right aligned. Keyword-only: ``slopes`` (H,) adds ALiBi's ``-m_h * |i + N_k - N_q - j|``; ``u``
 (.., N_q, r) and ``vf`` (.., N_k, r) add the low-rank bias ``u @ vf^T`` (FlashBias; computed in fp32 here,
 in q's dtype by the kernel); ``temp`` (broadcastable to (B, H, N_q)) multiplies the scaled logits of each
-query before the transform (selective attention's temperature). Returns (out in q's dtype, lse fp32 (B, H, N_q)).
+query before the transform (selective attention's temperature); ``softplus`` l1-normalises softplus weights
+instead of the softmax. Returns (out in q's dtype, lse fp32 (B, H, N_q)).
 """
 
 from __future__ import annotations
@@ -64,11 +65,23 @@ def score_transform_fwd_naive(
     u: Tensor | None = None,
     vf: Tensor | None = None,
     temp: Tensor | None = None,
+    softplus: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``x = T(scale * Q K^T) + bias`` with ``T(s) = cap * tanh(s / cap)`` (identity when cap == 0),
     masked to -inf outside the allowed keys; ``lse_i = log(sum_j exp(x_ij) + exp(s_h))`` (sink term only
-    with ``sinks``); ``O = exp(x - lse) V``. Rows with no key and no sink: O = 0, lse = -inf."""
+    with ``sinks``); ``O = exp(x - lse) V``. Rows with no key and no sink: O = 0, lse = -inf.
+
+    ``softplus``: l1-normalised softplus weights instead, ``A = softplus(x) / L`` with ``L_i = sum_j
+    softplus(x_ij)`` over the allowed keys, ``lse = log L`` (no sinks); ``O = A V``."""
     x, _ = _logits(q, k, bias, scale, cap, causal, slopes, u, vf, temp)
+    if softplus:
+        if sinks is not None:
+            raise ValueError("the softplus transform takes no sink logits: expected sinks=None")
+        w = torch.where(torch.isfinite(x), torch.nn.functional.softplus(x), torch.zeros_like(x))
+        total = w.sum(dim=-1)
+        a = w / torch.where(total > 0, total, torch.ones_like(total))[..., None]
+        out = torch.matmul(a, expand_kv(v, q.shape[1]).float())
+        return out.to(q.dtype), torch.log(total)
     cols = x
     if sinks is not None:
         cols = torch.cat([x, sinks.float()[None, :, None, None].expand(*x.shape[:3], 1)], dim=-1)

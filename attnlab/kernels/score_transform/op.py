@@ -1,6 +1,7 @@
 """Launchers, autotune configs and ``torch.library`` custom ops of the score-transform kernels.
 
-``score_transform_fwd(q, k, v, bias, sinks, slopes, u, vf, temp, scale, cap, causal) -> (out, lse)`` runs the
+``score_transform_fwd(q, k, v, bias, sinks, slopes, u, vf, temp, scale, cap, causal, softplus=False) -> (out,
+lse)`` runs the
 Triton forward (``attnlab::score_transform_fwd``) and is differentiable in q, k, v, the sink logits and the
 low-rank bias factors u, vf through the backward kernels (``attnlab::score_transform_bwd``), both with
 fake-tensor rules so ``torch.compile`` traces through them. Also differentiable in the ALiBi slopes and the per-query temperature ``temp``. Not differentiable: a dense
@@ -183,7 +184,7 @@ def _even(args: dict) -> dict:
 
 
 _EVEN = {name: (lambda a, name=name: _even(a)[name]) for name in ("EVEN_M", "EVEN_N", "EVEN_D")}
-_FLAG_KEYS = ["SOFTCAP", "HAS_BIAS", "ALIBI", "LOWRANK"]
+_FLAG_KEYS = ["SOFTCAP", "HAS_BIAS", "ALIBI", "LOWRANK", "SOFTPLUS"]
 _KEY = ["HEAD_D", "CAUSAL", "DOT_PREC", "N_BUCKET", "GROUP", *_FLAG_KEYS]
 
 
@@ -295,14 +296,18 @@ def score_transform_fwd_launch(
     u: Tensor | None = None,
     vf: Tensor | None = None,
     temp: Tensor | None = None,
+    softplus: bool = False,
     config: triton.Config | None = None,
 ) -> tuple[Tensor, Tensor]:
     """See :func:`attnlab.kernels.score_transform.naive.score_transform_fwd_naive` for the math. q (B, H,
     N_q, D), k/v (B, H_kv, N_k, D), D <= 256; ``bias`` broadcastable to (B, H, N_q, N_k); ``sinks`` and
     ``slopes`` (H,); ``u`` (B or 1, H or 1, N_q, r) and ``vf`` (B or 1, H or 1, N_k, r), r <= MAX_RANK, the
     low-rank bias ``u @ vf^T`` (cast to q's dtype); ``temp`` broadcastable to (B, H, N_q), a per-query
-    temperature multiplying the scores. ``block`` = (BLOCK_M, BLOCK_N) or ``config`` (a
-    ``triton.Config`` of BLOCK_M, BLOCK_N, SPLIT, WS, warps, stages) bypasses the autotuner."""
+    temperature multiplying the scores. ``softplus``: l1-normalised softplus weights instead of the
+    softmax (see :func:`attnlab.kernels.score_transform.naive.score_transform_fwd_naive`; lse is then the
+    log of the normaliser ``sum_j softplus(x_ij)``; no sinks). ``block`` = (BLOCK_M, BLOCK_N) or ``config``
+    (a ``triton.Config`` of BLOCK_M, BLOCK_N, SPLIT, WS, warps, stages) bypasses the autotuner."""
+    _check_softplus(softplus, sinks)
     q, k, v = _last_contiguous(q, k, v)
     b, h, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
@@ -329,7 +334,7 @@ def score_transform_fwd_launch(
             _bucket(n_q, n_k),
             BLOCK_D=head_block(d), BLOCK_R=x["BLOCK_R"], CAUSAL=bool(causal), SOFTCAP=cap > 0,
             HAS_BIAS=bias is not None, HAS_SINK=sinks is not None, ALIBI=slopes is not None,
-            LOWRANK=u is not None, TEMP=temp is not None, TMA=tma, **_flags(q), **meta,
+            LOWRANK=u is not None, TEMP=temp is not None, TMA=tma, SOFTPLUS=bool(softplus), **_flags(q), **meta,
         )  # fmt: skip
     return o, lse
 
@@ -353,13 +358,16 @@ def score_transform_bwd_launch(
     temp: Tensor | None = None,
     slopes_grad: bool = False,
     temp_grad: bool = False,
+    softplus: bool = False,
     configs: tuple[triton.Config, triton.Config] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """(dQ, dK, dV, dsinks, du, dvf, dslopes, dtemp) of :func:`score_transform_fwd_launch` given dO, its
     output and lse (see ``bwd.py`` for the formulas); dK/dV summed over each GQA group, du/dvf over the
     factors' broadcast dims, dslopes (H,) over the batch (only with ``slopes_grad``), dtemp over the
     temperature's broadcast dims (only with ``temp_grad``); None for an absent input.
+    ``softplus``: the backward of the l1-normalised softplus forward (``lse`` its log-normaliser).
     ``configs`` (dK/dV's, dQ's) bypasses the autotuner."""
+    _check_softplus(softplus, sinks)
     do, q, k, v = _last_contiguous(do, q, k, v)
     b, h, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
@@ -378,7 +386,7 @@ def score_transform_bwd_launch(
     common = dict(
         BLOCK_D=head_block(d), BLOCK_R=x["BLOCK_R"], CAUSAL=bool(causal), SOFTCAP=cap > 0,
         HAS_BIAS=bias is not None, ALIBI=slopes is not None, LOWRANK=lowrank, TEMP=temp is not None,
-        **_flags(q),
+        SOFTPLUS=bool(softplus), **_flags(q),
     )  # fmt: skip
     scalars = (
         n_q,
@@ -426,6 +434,14 @@ def score_transform_bwd_launch(
     return dq, dk, dv, dsinks, du, dvf, dslopes, dtemp
 
 
+def _check_softplus(softplus: bool, sinks: Tensor | None) -> None:
+    if softplus and sinks is not None:
+        raise ValueError(
+            "the softplus transform takes no sink logits (a sink joins a softmax normaliser); got sinks of "
+            f"shape {tuple(sinks.shape)} with softplus=True: expected sinks=None"
+        )
+
+
 def _reduce_to(g: Tensor, shape: torch.Size) -> Tensor:
     """Sum a (B, H, N, r) gradient over the dims a factor of ``shape`` broadcast (size 1)."""
     dims = tuple(i for i in (0, 1) if shape[i] == 1 and g.shape[i] != 1)
@@ -446,9 +462,10 @@ def score_transform_fwd(
     scale: float,
     cap: float,
     causal: bool,
+    softplus: bool = False,
 ) -> tuple[Tensor, Tensor]:
     return score_transform_fwd_launch(
-        q, k, v, bias, sinks, scale, cap, causal, slopes=slopes, u=u, vf=vf, temp=temp
+        q, k, v, bias, sinks, scale, cap, causal, slopes=slopes, u=u, vf=vf, temp=temp, softplus=softplus
     )
 
 
@@ -466,6 +483,7 @@ def _(
     scale: float,
     cap: float,
     causal: bool,
+    softplus: bool = False,
 ) -> tuple[Tensor, Tensor]:
     out = torch.empty_like(q if q.stride(-1) == 1 else q.contiguous())
     return out, q.new_empty(q.shape[:3], dtype=torch.float32)
@@ -490,10 +508,11 @@ def score_transform_bwd(
     causal: bool,
     slopes_grad: bool,
     temp_grad: bool,
+    softplus: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     dq, dk, dv, dsinks, du, dvf, dslopes, dtemp = score_transform_bwd_launch(
         do, q, k, v, out, lse, bias, sinks, scale, cap, causal, slopes=slopes, u=u, vf=vf, temp=temp,
-        slopes_grad=slopes_grad, temp_grad=temp_grad,
+        slopes_grad=slopes_grad, temp_grad=temp_grad, softplus=softplus,
     )  # fmt: skip
     return (
         dq,
@@ -526,6 +545,7 @@ def _(
     causal: bool,
     slopes_grad: bool,
     temp_grad: bool,
+    softplus: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     dq, dk, dv = (torch.empty_like(t if t.stride(-1) == 1 else t.contiguous()) for t in (q, k, v))
     dsinks = q.new_empty(q.shape[1], dtype=sinks.dtype if sinks is not None else torch.float32)
@@ -537,10 +557,11 @@ def _(
 
 
 def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
-    q, k, v, bias, sinks, slopes, u, vf, temp, scale, cap, causal = inputs
+    q, k, v, bias, sinks, slopes, u, vf, temp, scale, cap, causal = inputs[:12]
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, bias, sinks, slopes, u, vf, temp)
     ctx.args = (scale, cap, causal)
+    ctx.softplus = bool(inputs[12]) if len(inputs) > 12 else False
 
 
 def _backward(ctx, do: Tensor, dlse: Tensor):  # type: ignore[no-untyped-def]
@@ -553,7 +574,22 @@ def _backward(ctx, do: Tensor, dlse: Tensor):  # type: ignore[no-untyped-def]
     slopes_grad = bool(ctx.needs_input_grad[5])
     temp_grad = bool(ctx.needs_input_grad[8])
     dq, dk, dv, dsinks, du, dvf, dslopes, dtemp = score_transform_bwd(
-        do, q, k, v, out, lse, bias, sinks, slopes, u, vf, temp, *ctx.args, slopes_grad, temp_grad
+        do,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        bias,
+        sinks,
+        slopes,
+        u,
+        vf,
+        temp,
+        *ctx.args,
+        slopes_grad,
+        temp_grad,
+        ctx.softplus,
     )
     return (
         dq,
@@ -565,6 +601,7 @@ def _backward(ctx, do: Tensor, dlse: Tensor):  # type: ignore[no-untyped-def]
         du if u is not None else None,
         dvf if vf is not None else None,
         dtemp if temp_grad else None,
+        None,
         None,
         None,
         None,
