@@ -421,7 +421,7 @@ def test_flex_and_kernel_paths_compile_without_graph_breaks(variants: None) -> N
     calls: dict[str, tuple[str | None, dict[str, Any]]] = {
         "bias": ("flex", {"bias": b}),  # a score_mod capturing a tensor input
         "softcap": ("triton", {"cap": 2.0}),  # the Triton kernel's custom op
-        "gated": (None, {"gate": g}),  # on CPU: eager (inductor's CPU Flex template takes no epilogue)
+        "gated": (None, {"gate": g}),  # SDPA softmax, then the gate
     }
     for name, (backend, kwargs) in calls.items():
 
@@ -434,3 +434,22 @@ def test_flex_and_kernel_paths_compile_without_graph_breaks(variants: None) -> N
             out = torch.compile(f, fullgraph=True)(q, k, v)
         ref = attnlab.attention(q, k, v, method=name, causal=True, backend="reference", **kwargs)
         torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("name", "grads"), [("gated", ("dgate",)), ("affine_scaled", ("dalpha", "dbeta"))])
+def test_sdpa_backend_of_output_transforms_matches_reference(variants: None, name: str, grads: tuple) -> None:
+    """gated and affine_scaled on plain SDPA softmax + their output transform (first backend: cuDNN speed
+    on the GPU): the registry's parity rule, bf16, GQA, cross shapes, with the tensor inputs drawn and
+    requiring grad (every gradient checked, the gate's and alpha/beta's included)."""
+    spec = attnlab.get(name)
+    assert spec.backends[0].name == "sdpa"
+    for causal in (False, True):
+        case = Case(2, 4, 2, 17, 30, 16, torch.bfloat16, causal, optional_inputs=True)
+        check = check_parity(spec, "sdpa", case, "cpu")
+        assert not check.skipped and check.passed, check.summary()
+        assert all(g in check.errors for g in ("dq", "dk", "dv", *grads)), check.summary()
+    # N_q > N_k causal: rows with no key stay 0 after the transform
+    q, k, v = qkv()
+    extra = {"gate": torch.randn(B, H, N_Q, D)} if name == "gated" else {"beta": torch.randn(B, H, N_Q)}
+    out = attnlab.attention(q, k[:, :, :4], v[:, :, :4], method=name, causal=True, backend="sdpa", **extra)
+    assert not out[:, :, : N_Q - 4].any()

@@ -1,5 +1,6 @@
-"""What the softmax variants share: the reference's building blocks (plain PyTorch, dense) and the Flex
-backend that builds a variant's score_mod from the call and its tensor inputs.
+"""What the softmax variants share: the reference's building blocks (plain PyTorch, dense), the Flex
+backend that builds a variant's score_mod from the call and its tensor inputs, and the SDPA backend of the
+output-transform variants (gated, affine_scaled).
 
 Conventions of every variant: q (B, H, N_q, D), k (B, H_kv, N_k, D), v (B, H_kv, N_k, D_v); logits
 ``s_ij = scale * q_i . k_j`` (``scale`` defaults to ``1 / sqrt(D)``); causal calls allow ``j <= p_i`` with
@@ -18,10 +19,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnlab.backends.base import Call
+from attnlab.backends.base import Backend, Call, Capabilities
 from attnlab.backends.flex import FlexBackend
 from attnlab.kernels import flex as flex_exec
 from attnlab.kernels.heads import expand_kv
+from attnlab.kernels.sdpa import sdpa_dense
 from attnlab.masks import causal_mask, mask_for
 from attnlab.reference import scores
 
@@ -124,6 +126,25 @@ class VariantFlexBackend(FlexBackend):
         kwargs = {**self._kwargs(q, k, call), "score_mod": self._score_mod(call, extra)}
         out, lse = flex_exec.flex_run(q, k, v, **kwargs, return_lse=self.needs_lse)
         return out if self.finish is None else self.finish(out, lse, q, k, v, call, extra)
+
+
+class SdpaFinishBackend(Backend):
+    """Plain softmax attention through torch SDPA (cuDNN first on Hopper, see
+    :func:`attnlab.kernels.sdpa.sdpa_dense`), then a variant's output transform ``finish`` (a gate, an
+    affine map of the weights): the variants whose transform acts on the attention output run at the
+    speed of plain softmax. Differentiable through SDPA and the transform (gradients for q, k, v and the
+    transform's tensor inputs). No log-sum-exp (the variant's output is not softmax attention's)."""
+
+    name = "sdpa"
+    summary = "torch SDPA softmax (cuDNN first on Hopper), then the variant's output transform"
+    caps = Capabilities()
+
+    def __init__(self, finish: Finish) -> None:
+        self.finish = finish
+
+    def run(self, q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor]) -> Tensor:
+        out = sdpa_dense(q, k, v, causal=call.problem.causal, scale=call.scale)
+        return self.finish(out, None, q, k, v, call, extra)
 
 
 def sample_positive(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:

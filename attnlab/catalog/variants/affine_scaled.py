@@ -11,6 +11,10 @@ sum to ``alpha_i + beta_i`` and
 Without ``alpha`` (``beta``) the scale is 1 (the bias 0): plain softmax. A row with no allowed key is 0.
 How the paper computes alpha and beta from the layer input (and any tie between them) is the caller's;
 this method fixes only how they act on the weights.
+
+The map is linear in the normalised weights, so it acts on softmax attention's output:
+``O = alpha * O_softmax + beta * mean_allowed(V)`` (a running mean, no N x N). Backends: ``sdpa`` (plain
+softmax through torch SDPA, cuDNN first on Hopper, then that map), ``flex``, ``eager``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,14 @@ import torch
 from torch import Tensor
 
 from attnlab.backends.eager import EAGER
-from attnlab.catalog.variants._common import VariantFlexBackend, allowed, logits, softmax_rows, weigh
+from attnlab.catalog.variants._common import (
+    SdpaFinishBackend,
+    VariantFlexBackend,
+    allowed,
+    logits,
+    softmax_rows,
+    weigh,
+)
 from attnlab.core import Call, MethodSpec, TensorInput
 from attnlab.kernels.heads import expand_kv
 from attnlab.params import Params
@@ -98,7 +109,7 @@ SPEC = MethodSpec(
     summary="alpha_i * softmax weights + beta_i spread over the allowed keys (tensor inputs alpha, beta)",
     param_class=AffineScaledParams,
     reference=reference,
-    backends=(VariantFlexBackend(finish=_finish), EAGER),
+    backends=(SdpaFinishBackend(_finish), VariantFlexBackend(finish=_finish), EAGER),
     patterns=ALL_PATTERNS,
     inputs=(
         _per_query("alpha", "scales each query's softmax weights"),

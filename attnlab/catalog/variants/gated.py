@@ -5,6 +5,9 @@ each head's attention output elementwise with ``sigmoid(G)``, where ``G`` is com
 input by a learned projection. Here ``G`` is the tensor input ``gate`` of shape (B, H, N_q, D_v) holding
 the pre-sigmoid logits, in attnlab's head-major layout (the paper's code has [B, T, H, D]); any dim may
 be 1, so (B, H, N_q, 1) is the paper's head-wise gate. Without a gate the output is not gated.
+
+Backends: ``sdpa`` (plain softmax through torch SDPA, cuDNN first on Hopper, then the gate: the gate is
+applied after the normalised attention, so the softmax needs no change), ``flex``, ``eager``.
 """
 
 from __future__ import annotations
@@ -16,7 +19,14 @@ import torch
 from torch import Tensor
 
 from attnlab.backends.eager import EAGER
-from attnlab.catalog.variants._common import VariantFlexBackend, allowed, logits, softmax_rows, weigh
+from attnlab.catalog.variants._common import (
+    SdpaFinishBackend,
+    VariantFlexBackend,
+    allowed,
+    logits,
+    softmax_rows,
+    weigh,
+)
 from attnlab.core import Call, MethodSpec, TensorInput
 from attnlab.params import Params
 from attnlab.patterns import ALL_PATTERNS
@@ -67,7 +77,7 @@ SPEC = MethodSpec(
     summary="sigmoid(gate) * softmax attention output, with the gate logits as a tensor input",
     param_class=GatedParams,
     reference=reference,
-    backends=(VariantFlexBackend(finish=_finish), EAGER),
+    backends=(SdpaFinishBackend(_finish), VariantFlexBackend(finish=_finish), EAGER),
     patterns=ALL_PATTERNS,
     inputs=(
         TensorInput(
