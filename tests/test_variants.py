@@ -450,6 +450,8 @@ def test_sdpa_backend_of_output_transforms_matches_reference(variants: None, nam
         assert all(g in check.errors for g in ("dq", "dk", "dv", *grads)), check.summary()
     # N_q > N_k causal: rows with no key stay 0 after the transform
     q, k, v = qkv()
-    extra = {"gate": torch.randn(B, H, N_Q, D)} if name == "gated" else {"beta": torch.randn(B, H, N_Q)}
+    extra: dict[str, Any] = (
+        {"gate": torch.randn(B, H, N_Q, D)} if name == "gated" else {"beta": torch.randn(B, H, N_Q)}
+    )
     out = attnlab.attention(q, k[:, :, :4], v[:, :, :4], method=name, causal=True, backend="sdpa", **extra)
     assert not out[:, :, : N_Q - 4].any()
