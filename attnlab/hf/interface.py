@@ -28,6 +28,7 @@ from attnlab.api import Op, prepare
 from attnlab.backends.base import Backend
 from attnlab.core import Call, Problem
 from attnlab.errors import AttnlabError
+from attnlab.hf.kv import EVICTING, Compaction
 from attnlab.hf.models import SUPPORTED_ATTENTION, ModelInfo, UnsupportedModelError
 from attnlab.hf.plan import HFPlan, MethodRef, PlanError, check_method
 from attnlab.registry import methods
@@ -245,11 +246,22 @@ class Runtime:
         self._checked: set[int] = set()
         #: decode steps of stateful methods skip the op's per-shape validation (see :meth:`_step`)
         self.bind_decode = True
+        #: remove what eviction methods drop from the cache (set by ``use(..., free_kv=True)``; see
+        #: :mod:`attnlab.hf.kv`); ``compacted``: the layers compacted so far, ``_pending``: the layers whose
+        #: eviction state was just decided (compacted by use()'s hook after the attention module returns)
+        self.free_kv = False
+        self.compacted: dict[int, Compaction] = {}
+        self._pending: dict[int, list[tuple[tuple[int, ...] | None, int, int]]] = {}
+        #: per layer, the physical cache length and per-row runs of real keys of its last call
+        self.last_runs: dict[int, tuple[int, tuple[tuple[int, int], ...] | None]] = {}
 
     def reset(self) -> None:
         """Forget every stateful method's state (a new prefill does this itself)."""
         self.states.clear()
         self._prefilled.clear()
+        self.compacted.clear()
+        self._pending.clear()
+        self.last_runs.clear()
 
     # -- plan resolution -------------------------------------------------------------------------------
 
@@ -320,7 +332,19 @@ class Runtime:
         b, heads, n_q, _ = query.shape
         n_k = key.shape[2]
         runs = None
-        if isinstance(attention_mask, HFMask):
+        rec = self.compacted.get(layer)
+        if rec is not None and isinstance(attention_mask, HFMask) and attention_mask.q_start > 0:
+            # a compacted layer (free_kv): transformers counts logical tokens, the cache holds fewer
+            if attention_mask.q_length != n_q or attention_mask.kv_length - rec.shift != n_k:
+                raise HFRuntimeError(
+                    f"layer {layer}: the mask describes {attention_mask.q_length} queries x "
+                    f"{attention_mask.kv_length} keys, {rec.shift} of them evicted (free_kv), but the attention "
+                    f"call has {n_q} x {n_k}"
+                )
+            q_start, runs = attention_mask.q_start - rec.shift, rec.runs(n_k)
+        elif rec is not None and attention_mask is None:
+            q_start, runs = n_k - n_q, rec.runs(n_k)
+        elif isinstance(attention_mask, HFMask):
             if attention_mask.q_length != n_q or attention_mask.kv_length != n_k:
                 raise HFRuntimeError(
                     f"layer {layer}: the mask describes {attention_mask.q_length} queries x "
@@ -346,8 +370,20 @@ class Runtime:
             self._prefilled.add(layer)
         self._last_phase = phase
         parts = self.parts(layer, phase, heads, key.shape[1], sliding_window, softcap, scaling)
+        self.last_runs[layer] = (key.shape[2], runs)
+        evict = (
+            self.free_kv
+            and phase == "decode"
+            and layer not in self.compacted
+            and len(parts) == 1
+            and parts[0].heads is None
+            and parts[0].ref.name in EVICTING
+            and not any(k[0] == layer for k in self.states)
+        )
         if runs is None:
             out = self._run(parts, layer, phase, query, key, value, None)
+            if evict:
+                self._pending[layer] = [(None, 0, key.shape[2])]
         else:
             out = query.new_zeros(b, heads, n_q, value.shape[3])
             groups: dict[tuple[int, int, int, int], list[int]] = {}
@@ -367,6 +403,8 @@ class Runtime:
                     out[:, :, i0:i1] = res
                 else:
                     out[idx, :, i0:i1] = res
+            if evict:
+                self._pending[layer] = [(tuple(rows), s, e) for (s, e, _, _), rows in groups.items()]
         return out.transpose(1, 2).contiguous(), None
 
     def _run(

@@ -17,7 +17,8 @@ from typing import Any
 from torch import nn
 
 from attnlab.hf.interface import HFRuntimeError, Runtime, effective, mask_function
-from attnlab.hf.models import ModelInfo, inspect_model
+from attnlab.hf.kv import compact
+from attnlab.hf.models import ModelInfo, attention_modules, inspect_model
 from attnlab.hf.plan import PHASES, HFPlan, PlanError, check_method, load_plan
 
 #: transformers releases this integration is tested with (the GPU machine has 5.17; CI 5.23)
@@ -103,6 +104,26 @@ def _configs(model: nn.Module) -> list[Any]:
     return list(seen.values())
 
 
+def _compact_hook(runtime: Runtime) -> Any:
+    """A forward hook (with kwargs) for attention modules: after a layer's attention ran, compact its cache
+    layer if its eviction state was just decided (see :mod:`attnlab.hf.kv`)."""
+
+    def hook(module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
+        layer = int(getattr(module, "layer_idx", 0) or 0)
+        entries = runtime._pending.pop(layer, None)
+        if entries is None:
+            return
+        cache = kwargs.get("past_key_values")
+        if cache is None or not hasattr(cache, "layers"):
+            raise HFRuntimeError(
+                f"layer {layer}: free_kv needs the model's cache (past_key_values) passed to its attention "
+                f"module; got {type(cache).__name__}"
+            )
+        compact(runtime, layer, cache.layers[layer], entries)
+
+    return hook
+
+
 @contextlib.contextmanager
 def use(
     model: nn.Module,
@@ -112,6 +133,7 @@ def use(
     prefill_params: Mapping[str, Any] | None = None,
     decode_params: Mapping[str, Any] | None = None,
     plan: PlanLike = None,
+    free_kv: bool = False,
 ) -> Iterator[Runtime]:
     """Run ``model``'s attention on attnlab methods inside the ``with`` block::
 
@@ -127,6 +149,11 @@ def use(
         prefill_params, decode_params: parameters of those methods.
         plan: per-layer and per-head methods (a dict, a .json/.yaml path or an HFPlan; schema in
             :mod:`attnlab.hf.plan`); the arguments above replace its defaults.
+        free_kv: remove the tokens the eviction methods (``snapkv``, ``h2o``) drop from transformers'
+            DynamicCache once they decide (their first decode step), so the cache memory shrinks to the
+            budget; default False (they only mask). Same tokens as the masking path; details, padding
+            and the logical cache length in :mod:`attnlab.hf.kv`. Layers running other methods are left
+            as they are. Report the memory with :func:`attnlab.hf.kv_memory`.
 
     The plan is checked against the model before anything runs (unknown methods or parameters, layers or
     heads the model lacks, a prefill-only method for decode or the reverse, a method that cannot keep the
@@ -146,15 +173,26 @@ def use(
     configs = _configs(model)
     saved = [(cfg, cfg._attn_implementation_internal) for cfg in configs]
     had_generate = "generate" in vars(model)
+    if not isinstance(free_kv, bool):
+        raise TypeError(f"free_kv must be True or False, got {free_kv!r}")
+    runtime.free_kv = free_kv
+    hooks = []
     attention_iface._global_mapping[key] = runtime.forward
     mask_iface._global_mapping[key] = mask_function
     try:
+        if free_kv:
+            hooks = [
+                m.register_forward_hook(_compact_hook(runtime), with_kwargs=True)
+                for m in attention_modules(model)
+            ]
         for cfg in configs:
             cfg._attn_implementation_internal = key
         if stateful and hasattr(model, "generate") and not had_generate:
             model.generate = _refuse_beams(model, stateful)  # (an instance attribute, removed below)
         yield runtime
     finally:
+        for hook in hooks:
+            hook.remove()
         for cfg, old in saved:
             cfg._attn_implementation_internal = old
         if stateful and not had_generate:

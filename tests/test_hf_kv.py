@@ -1,0 +1,153 @@
+"""attnlab.hf KV memory: ``use(..., free_kv=True)`` removes what snapkv / h2o evict from transformers'
+DynamicCache (same greedy tokens and logits as the masking path at the same budget, on config-built
+Llama-3 (GQA 4:1) and Qwen2 (7:1), left-padded batches included; the cache tensors shrink), and
+``kv_memory`` reports allocated vs kept vs read bytes per layer for every kind of decode method."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import attnlab  # noqa: E402
+from attnlab.hf import HFRuntimeError, kv_memory, use  # noqa: E402
+from attnlab.hf.testing import build, fast_plan, padded  # noqa: E402
+from attnlab.registry import registered  # noqa: E402
+
+FAST = fast_plan()
+NEW = 5  # new tokens: the prefill, then 4 decode steps (the first one decides and compacts)
+
+
+@contextlib.contextmanager
+def decode_methods() -> Iterator[None]:
+    from attnlab.catalog.decode import SPECS
+
+    with contextlib.ExitStack() as stack:
+        for spec in SPECS:
+            if spec.name not in attnlab.methods():
+                stack.enter_context(registered(spec))
+        yield
+
+
+def generate(model: Any, ids: torch.Tensor, mask: torch.Tensor | None, **kw: Any) -> Any:
+    return model.generate(
+        ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, output_logits=True,
+        return_dict_in_generate=True, **kw,
+    )  # fmt: skip
+
+
+def layer_lengths(cache: Any) -> list[int]:
+    return [int(layer.keys.shape[2]) for layer in cache.layers]
+
+
+CASES = [
+    # (arch, method, params, pads): budget 8 < every row's 13 / 10 tokens at the first decode step (no
+    # padding after compaction); budget 11 >= row 1's 10 real tokens (row 1 keeps all, left-padded by 1)
+    ("llama3", "snapkv", {"budget": 8, "window": 4, "kernel": 3}, (0, 3)),
+    ("llama3", "h2o", {"budget": 11, "recent": 2}, (0, 3)),
+    ("qwen2", "snapkv", {"budget": 11, "window": 4, "kernel": 3}, (0, 3)),
+    ("qwen2", "h2o", {"budget": 8}, (0, 0)),
+]
+
+
+@pytest.mark.parametrize(("arch", "method", "params", "pads"), CASES)
+def test_freeing_gives_the_masking_paths_tokens_and_shrinks_the_cache(
+    arch: str, method: str, params: dict[str, Any], pads: tuple[int, ...]
+) -> None:
+    model = build(arch)
+    ids, mask = padded(batch=2, pads=pads)
+    n = ids.shape[1]
+    with decode_methods():
+        with use(model, decode=method, decode_params=params, plan=FAST) as rt_mask:
+            masked = generate(model, ids, mask)
+            mem_masked = kv_memory(masked.past_key_values, rt_mask)
+        with use(model, decode=method, decode_params=params, plan=FAST, free_kv=True) as rt:
+            freed = generate(model, ids, mask)
+            mem_freed = kv_memory(freed.past_key_values, rt)
+    assert torch.equal(freed.sequences, masked.sequences)
+    for a, b in zip(freed.logits, masked.logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # the masking path keeps every token; freeing keeps, per row, min(budget, real tokens at the decision)
+    total = n + NEW - 1
+    assert layer_lengths(masked.past_key_values) == [total] * 2
+    real = [n + 1 - p for p in pads]  # tokens of each row when the first decode step decides
+    kept = [min(params["budget"], r) for r in real]
+    assert layer_lengths(freed.past_key_values) == [max(kept) + NEW - 2] * 2
+    assert freed.past_key_values.get_seq_length() == total  # the logical length transformers counts
+    # the compaction: per row the physical start of its real keys (left padding when rows keep fewer)
+    for layer in (0, 1):
+        rec = rt.compacted[layer]
+        assert rec.kept == tuple(kept) and rec.shift == n + 1 - max(kept)
+        assert rec.starts == (None if len(set(kept)) == 1 else tuple(max(kept) - c for c in kept))
+    # memory: what the masking path keeps is what the freed cache holds (plus its padding slots)
+    for m, f in zip(mem_masked, mem_freed, strict=True):
+        assert m.method == f.method == method and not m.freed and f.freed
+        assert m.kept == f.kept < m.allocated
+        per_token = f.allocated // (2 * freed.past_key_values.layers[0].keys.shape[1] * f.tokens)
+        pad_slots = sum(max(kept) - c for c in kept) * freed.past_key_values.layers[0].keys.shape[1]
+        assert f.allocated - f.kept == pad_slots * per_token
+        assert m.masked > 0
+
+
+def test_a_new_prefill_after_compaction_starts_over() -> None:
+    model = build("llama3")
+    ids, mask = padded(batch=2, pads=(0, 3))
+    params = {"budget": 8, "recent": 2}
+    with decode_methods():
+        with use(model, decode="h2o", decode_params=params, plan=FAST) as rt:
+            want_one = model.generate(ids[:1], max_new_tokens=3, do_sample=False)
+        with use(model, decode="h2o", decode_params=params, plan=FAST, free_kv=True) as rt:
+            generate(model, ids, mask)
+            assert set(rt.compacted) == {0, 1}
+            got_one = model.generate(ids[:1], max_new_tokens=3, do_sample=False)  # new cache, new prefill
+            assert torch.equal(got_one, want_one)
+            assert {k[2] for k in rt.states} == {None}  # the old per-row states are gone
+
+
+def test_kv_memory_reports_every_kind_of_decode_method() -> None:
+    model = build("llama3")
+    ids, mask = padded(batch=2, pads=(0, 3))
+    n = ids.shape[1] + NEW - 1
+    real = [n, n - 3]
+    h_kv = model.config.num_key_value_heads
+    with torch.no_grad():
+        plain = generate(model, ids, mask)
+    (layer0, *_) = kv_memory(plain.past_key_values)  # no runtime: every token counts as kept
+    assert layer0.method == "softmax" and layer0.kept == layer0.allocated == layer0.read
+    keys = plain.past_key_values.layers[0].keys
+    per_token = 2 * keys.shape[3] * keys.element_size()
+    assert layer0.allocated == 2 * keys.numel() * keys.element_size() == 2 * h_kv * n * per_token
+    with decode_methods():
+        with use(model, decode="retrieval_heads_kv", decode_params={"heads": (0,), "budget": 6, "sink": 2},
+                 plan=FAST) as rt:  # fmt: skip
+            mem = kv_memory(generate(model, ids, mask).past_key_values, rt)
+        # KV head 0 keeps every real token, head 1 its sink + window of 6
+        want = sum(r + min(6, r) for r in real) * per_token
+        assert [(m.method, m.kept, m.read, m.freed) for m in mem] == [
+            ("retrieval_heads_kv", want, want, False)
+        ] * 2
+        with use(model, decode="page_topk", decode_params={"budget": 8, "page": 4}, plan=FAST) as rt:
+            mem = kv_memory(generate(model, ids, mask).past_key_values, rt)
+        # a selection method keeps the cache (it may pick any token later) and reads its budget per step
+        kept, read = sum(real) * h_kv * per_token, sum(min(8, r) for r in real) * h_kv * per_token
+        assert [(m.kept, m.read) for m in mem] == [(kept, read)] * 2
+        assert all(m.masked == (2 * n - sum(real)) * h_kv * per_token for m in mem)  # the padding
+
+
+def test_free_kv_refuses_what_it_cannot_compact() -> None:
+    model = build("llama3")
+    ids, _ = padded(batch=1)
+    with pytest.raises(TypeError, match="free_kv must be True or False, got 1"), use(model, free_kv=1):  # type: ignore[arg-type]
+        pass
+    with decode_methods(), use(model, decode="snapkv", decode_params={"budget": 4}, plan=FAST, free_kv=True):
+        with pytest.raises(
+            HFRuntimeError, match="free_kv compacts transformers' full-attention DynamicLayer"
+        ):
+            model.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="static")
+    with pytest.raises(TypeError, match="kv_memory takes a transformers Cache"):
+        kv_memory(object())
