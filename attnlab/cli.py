@@ -277,7 +277,13 @@ def bench(
 
 @app.command()
 def report(
-    db: Annotated[Path, typer.Option(help="results database")] = Path("attnlab-results/results.duckdb"),
+    db: Annotated[
+        Path,
+        typer.Option(
+            help="results database; a results.jsonl (written where duckdb is missing) is first loaded into "
+            "the .duckdb file beside it"
+        ),
+    ] = Path("attnlab-results/results.duckdb"),
     out: Annotated[
         Path | None, typer.Option(help="folder for report.html and PNGs (default: the db's)")
     ] = None,
@@ -289,6 +295,17 @@ def report(
     if not db.exists():
         console.print(f"[red]no results database at {db}[/red]; run `attnlab bench` first")
         raise typer.Exit(1)
+    if db.suffix == ".jsonl":
+        from attnlab.bench.store import load_jsonl
+
+        target = db.with_suffix(".duckdb")
+        try:
+            ids = load_jsonl(db, target)
+        except ValueError as e:
+            console.print(f"[red]{escape(str(e))}[/red]")
+            raise typer.Exit(2) from e
+        console.print(f"loaded run(s) {', '.join(ids)} from {db} into {target}")
+        db = target
     path = write_report(db, out or db.parent, run)
     console.print(f"report: {path}")
 

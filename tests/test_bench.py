@@ -224,3 +224,38 @@ def test_flops_and_shapes() -> None:
     assert attention_flops(1, 1, 4, 4, 8, 8, 10, "fwd_bwd") == 2 * 10 * 16 * 3.5
     assert shapes(Pattern.CAUSAL_CROSS, 1024) == (256, 1024)
     assert shapes(Pattern.CAUSAL_SELF, 1024) == (1024, 1024)
+
+
+def test_without_duckdb_a_run_writes_json_lines_that_report_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GPU machine without duckdb: the run writes results.jsonl row by row (no report); `attnlab report
+    --db results.jsonl` loads it into results.duckdb beside it with every row, then reports; twice refused."""
+    import sys
+
+    from typer.testing import CliRunner
+
+    from attnlab.cli import app
+
+    cfg = tiny(tmp_path, methods=("softmax", "sliding_window"), modes=("fwd",), fidelity=False)
+    monkeypatch.setitem(sys.modules, "duckdb", None)  # import duckdb -> ImportError
+    result = run(cfg)
+    monkeypatch.undo()
+    assert result.db_path == tmp_path / "results.jsonl" and result.report is None
+    assert not (tmp_path / "results.duckdb").exists()
+    lines = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert Counter(x["table"] for x in lines)["efficiency"] == result.efficiency_rows > 0
+    cli = CliRunner().invoke(app, ["report", "--db", str(tmp_path / "results.jsonl")])
+    assert cli.exit_code == 0, cli.output
+    assert (tmp_path / "report.html").exists()
+    with ResultsDB(tmp_path / "results.duckdb", read_only=True) as db:
+        (only,) = db.runs()
+        assert only["run_id"] == result.run_id and only["started"] is not None
+        rows = db.rows("efficiency", result.run_id)
+    assert len(rows) == result.efficiency_rows
+    timed = [x["row"] for x in lines if x["table"] == "efficiency"]
+    assert sorted((r["method"], r["backend"], r["median_ms"]) for r in rows) == sorted(
+        (r["method"], r["backend"], r["median_ms"]) for r in timed
+    )
+    again = CliRunner().invoke(app, ["report", "--db", str(tmp_path / "results.jsonl")])
+    assert again.exit_code == 2 and "already holds" in again.output

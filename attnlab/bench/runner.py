@@ -13,7 +13,7 @@ from attnlab.bench.attention_stats import workload_stats
 from attnlab.bench.config import BenchConfig
 from attnlab.bench.env import environment
 from attnlab.bench.report import write_report
-from attnlab.bench.store import ResultsDB
+from attnlab.bench.store import ResultsDB, open_results
 
 DB_NAME = "results.duckdb"
 STALE = {
@@ -42,12 +42,14 @@ def run(
     advance: Callable[[int], None] = lambda n: None,
     report: bool = True,
 ) -> RunResult:
-    """Run ``cfg``; rows (and notes) are written to ``cfg.out / results.duckdb`` as they come."""
+    """Run ``cfg``; rows (and notes) are written to ``cfg.out / results.duckdb`` as they come (to
+    ``results.jsonl`` where duckdb is not installed: no report then; ``attnlab report --db`` that file)."""
     env = environment(cfg.torch_device)
-    db_path = cfg.out / DB_NAME
     notes: list[str] = []
     checks: list[dict[str, Any]] = []
-    with ResultsDB(db_path) as db:
+    store = open_results(cfg.out / DB_NAME)
+    db_path = store.path
+    with store as db:
         run_id = db.new_run(env, cfg.as_json())
 
         def note(text: str) -> None:
@@ -94,7 +96,7 @@ def run(
                 rows = list(fidelity.fidelity_rows(wl, cfg.methods, cfg.patterns, cfg.budgets, log))
                 n_fid += db.insert("fidelity", rows, run_id)
                 advance(1)
-    path = write_report(db_path, cfg.out, run_id) if report else None
+    path = write_report(db_path, cfg.out, run_id) if report and isinstance(store, ResultsDB) else None
     failed = [
         f"{c['method']}/{c['backend']} {c['pattern']} {c['detail']}"
         for c in checks

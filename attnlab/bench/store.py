@@ -7,6 +7,12 @@ the tree had uncommitted changes) and config; ``notes`` what a run had to say (a
 
 Databases written by older versions lack some columns: opening one for writing adds them (NULL in old
 rows); ``read_only=True`` leaves the file untouched and rows simply lack those keys.
+
+Where duckdb is not installed (a GPU machine with only torch), :func:`open_results` gives a
+:class:`JsonlResults` instead: the same writes, each row appended at once to ``results.jsonl`` (one JSON
+object per line: ``{"table": ..., "row": {...}}``), so a run cut short keeps every row it wrote.
+:func:`load_jsonl` inserts such a file into a DuckDB database (``attnlab report --db results.jsonl`` does
+it next to the file), from which every report and summary reads as from a run made here.
 """
 
 from __future__ import annotations
@@ -17,8 +23,6 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-
-import duckdb
 
 TABLES: dict[str, dict[str, str]] = {
     "runs": {
@@ -115,6 +119,8 @@ class ResultsDB:
     """A DuckDB results file; tables (and columns newer than the file) are added on open for writing."""
 
     def __init__(self, path: Path | str, read_only: bool = False) -> None:
+        import duckdb
+
         self.path = Path(path)
         self.read_only = read_only
         if read_only:
@@ -144,22 +150,9 @@ class ResultsDB:
         self.close()
 
     def new_run(self, env: dict[str, Any], config: dict[str, Any]) -> str:
-        run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-        self.insert(
-            "runs",
-            [
-                {
-                    "run_id": run_id,
-                    "started": datetime.now(UTC).replace(tzinfo=None),
-                    "device": env.get("device"),
-                    "commit": env.get("commit"),
-                    "dirty": env.get("dirty"),
-                    "env": json.dumps(env),
-                    "config": json.dumps(config),
-                }
-            ],
-        )
-        return run_id
+        row = run_row(env, config)
+        self.insert("runs", [row])
+        return str(row["run_id"])
 
     def insert(self, table: str, rows: Iterable[dict[str, Any]], run_id: str | None = None) -> int:
         rows = rows if run_id is None else ({**row, "run_id": run_id} for row in rows)
@@ -185,6 +178,100 @@ class ResultsDB:
 
     def notes(self, run_id: str) -> list[str]:
         return [r["note"] for r in self.rows("notes", run_id)]
+
+
+def run_row(env: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """A new run's row of ``runs``: a fresh id (UTC start time + 6 hex digits), device, commit, dirty flag,
+    environment and config as JSON."""
+    now = datetime.now(UTC)
+    return {
+        "run_id": now.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6],
+        "started": now.replace(tzinfo=None),
+        "device": env.get("device"),
+        "commit": env.get("commit"),
+        "dirty": env.get("dirty"),
+        "env": json.dumps(env),
+        "config": json.dumps(config),
+    }
+
+
+class JsonlResults:
+    """The writing half of :class:`ResultsDB` without duckdb: every inserted row is checked against the
+    table's columns and appended, flushed, to a JSON-lines file (timestamps as ISO strings)."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a", encoding="utf-8")
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> JsonlResults:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def new_run(self, env: dict[str, Any], config: dict[str, Any]) -> str:
+        row = run_row(env, config)
+        self.insert("runs", [row])
+        return str(row["run_id"])
+
+    def insert(self, table: str, rows: Iterable[dict[str, Any]], run_id: str | None = None) -> int:
+        cols = TABLES[table]
+        n = 0
+        for row in rows:
+            row = row if run_id is None else {**row, "run_id": run_id}
+            unknown = set(row) - set(cols)
+            if unknown:
+                raise KeyError(f"table {table} has no columns {sorted(unknown)}")
+            line = {"table": table, "row": {k: _jsonable(v) for k, v in row.items()}}
+            self._file.write(json.dumps(line) + "\n")
+            n += 1
+        self._file.flush()
+        return n
+
+
+def _jsonable(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+def open_results(db_path: Path) -> ResultsDB | JsonlResults:
+    """The results store a run writes to: the DuckDB file ``db_path``, or, where duckdb cannot be imported,
+    a :class:`JsonlResults` at ``db_path`` with the suffix ``.jsonl``."""
+    try:
+        import duckdb  # noqa: F401
+    except ImportError:
+        return JsonlResults(db_path.with_suffix(".jsonl"))
+    return ResultsDB(db_path)
+
+
+def load_jsonl(jsonl: Path, db_path: Path) -> list[str]:
+    """Insert every row of a :class:`JsonlResults` file into the DuckDB file ``db_path`` (created if
+    missing); returns the run ids it held. A run already in the database is refused (loaded twice)."""
+    lines = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
+    by_table: dict[str, list[dict[str, Any]]] = {}
+    for i, line in enumerate(lines, 1):
+        if (
+            not isinstance(line, dict)
+            or line.get("table") not in TABLES
+            or not isinstance(line.get("row"), dict)
+        ):
+            raise ValueError(f"{jsonl}:{i}: expected {{'table': one of {sorted(TABLES)}, 'row': {{...}}}}")
+        by_table.setdefault(line["table"], []).append(line["row"])
+    runs = by_table.get("runs", [])
+    for r in runs:
+        r["started"] = datetime.fromisoformat(r["started"]) if r.get("started") else None
+    ids = [str(r["run_id"]) for r in runs]
+    with ResultsDB(db_path) as db:
+        have = {r["run_id"] for r in db.runs()}
+        again = sorted(set(ids) & have)
+        if again:
+            raise ValueError(f"{db_path} already holds run(s) {again} from {jsonl}")
+        for table in TABLES:
+            db.insert(table, by_table.get(table, []))
+    return ids
 
 
 def insert_rows(con: Any, table: str, cols: list[str], rows: Iterable[dict[str, Any]]) -> int:
