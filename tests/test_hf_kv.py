@@ -144,10 +144,12 @@ def test_free_kv_refuses_what_it_cannot_compact() -> None:
     ids, _ = padded(batch=1)
     with pytest.raises(TypeError, match="free_kv must be True or False, got 1"), use(model, free_kv=1):  # type: ignore[arg-type]
         pass
-    with decode_methods(), use(model, decode="snapkv", decode_params={"budget": 4}, plan=FAST, free_kv=True):
-        with pytest.raises(
-            HFRuntimeError, match="free_kv compacts transformers' full-attention DynamicLayer"
-        ):
-            model.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="static")
+    static = "free_kv compacts transformers' full-attention DynamicLayer"
+    with (
+        decode_methods(),
+        use(model, decode="snapkv", decode_params={"budget": 4}, plan=FAST, free_kv=True),
+        pytest.raises(HFRuntimeError, match=static),
+    ):
+        model.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="static")
     with pytest.raises(TypeError, match="kv_memory takes a transformers Cache"):
         kv_memory(object())
