@@ -20,6 +20,7 @@ column list is sorted ascending with -1 padding after the valid entries.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -215,3 +216,173 @@ def executor_tables(plan: Plan) -> ExecutorTables:
     if not torch.compiler.is_compiling():
         plan._memo["executor_tables"] = tables
     return tables
+
+
+# -- varlen: packed sequences as one block-diagonal plan ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Local:
+    """One sequence's plan in its own coordinates: tiles (Hp, NQB_s, NKB_s) and its token rule
+    (``kind``: 0 = partial tiles count whole, 1 = the bottom-right causal rule, 2 = ``mask_mod``)."""
+
+    full: Tensor
+    partial: Tensor
+    kind: int
+    mask_mod: Any
+
+
+def _dense_local(n_q: int, n_k: int, causal: bool, block: int, device: torch.device) -> _Local:
+    """Dense attention of one sequence in ``block`` tiles (causal: bottom-right aligned)."""
+    nqb, nkb = -(-n_q // block), -(-n_k // block)
+    if not causal:
+        return _Local(torch.ones(1, nqb, nkb, dtype=torch.bool, device=device),
+                      torch.zeros(1, nqb, nkb, dtype=torch.bool, device=device), 0, None)  # fmt: skip
+    off = n_k - n_q
+    iq, ik = torch.arange(nqb, device=device), torch.arange(nkb, device=device)
+    q_first, q_last = iq * block + off, torch.clamp((iq + 1) * block, max=n_q) - 1 + off
+    k_first, k_last = ik * block, torch.clamp((ik + 1) * block, max=n_k) - 1
+    allowed = k_first[None, :] <= q_last[:, None]
+    whole = k_last[None, :] <= q_first[:, None]
+    return _Local((allowed & whole)[None], (allowed & ~whole)[None], 1, None)
+
+
+def _local_of(plan: Plan, n_q: int, n_k: int, block: int, index: int, device: torch.device) -> _Local:
+    """A sequence's plan after checking it against the sequence (batch 1, square ``block`` tiles, no columns)."""
+    if (plan.n_q, plan.n_k) != (n_q, n_k):
+        raise ValueError(f"sequence {index}: plan_fn gave a plan for ({plan.n_q}, {plan.n_k}) tokens; the "
+                         f"sequence has N_q = {n_q}, N_k = {n_k}")  # fmt: skip
+    if (plan.block_q, plan.block_k) != (block, block):
+        raise ValueError(f"sequence {index}: the plan's tiles are {plan.block_q} x {plan.block_k}; varlen "
+                         f"needs every sequence in {block} x {block} tiles")  # fmt: skip
+    if plan.full.shape[0] != 1:
+        raise ValueError(
+            f"sequence {index}: the plan has batch {plan.full.shape[0]}; a sequence's plan has 1"
+        )
+    if plan.columns is not None:
+        raise ValueError(f"sequence {index}: the plan has token columns (e.g. vertical_slash); varlen takes "
+                         "tile plans only")  # fmt: skip
+    kind = 0 if plan.mask_mod is None else 1 if plan.rule == "causal" else 2
+    return _Local(plan.full[0].to(device), plan.partial[0].to(device), kind, plan.mask_mod)
+
+
+def varlen_plan(
+    cu_q: list[int],
+    cu_k: list[int],
+    plans: list[Plan | None],
+    causal: bool,
+    block: int,
+    device: torch.device | str,
+) -> Plan:
+    """One plan over packed sequences: sequence ``s`` holds queries ``[cu_q[s], cu_q[s+1])`` and keys
+    ``[cu_k[s], cu_k[s+1])``; its pairs are those of ``plans[s]`` (a plan over the sequence alone, in its
+    own coordinates; None: dense, causal bottom-right aligned within the sequence when ``causal``). No
+    pair crosses a sequence boundary.
+
+    The packed plan (1, Hp, ceil(T_q / block), ceil(T_k / block)) visits every packed tile that a
+    sequence's visited tile touches. A packed tile is full when its rows and columns lie in one sequence
+    and every sequence tile it overlaps is full; otherwise it is partial, and its token mask (``mask_mod``)
+    checks the segment ids of both sides, then the sequence plan's own tile and rule at local positions,
+    so tiles straddling a boundary or a diagonal run exactly. Its ``causal`` flag is False (causality
+    lives in the sequences' rules). Hp is 1 or the sequences' common head count.
+    """
+    dev = torch.device(device)
+    n_seq = len(cu_q) - 1
+    tq, tk = cu_q[-1], cu_k[-1]
+    nqb, nkb = -(-tq // block), -(-tk // block)
+    locals_: list[_Local | None] = []
+    for s in range(n_seq):
+        n_q, n_k = cu_q[s + 1] - cu_q[s], cu_k[s + 1] - cu_k[s]
+        if n_q == 0 or n_k == 0:
+            locals_.append(None)  # no pair (rows without keys give zeros)
+        elif plans[s] is None:
+            locals_.append(_dense_local(n_q, n_k, causal, block, dev))
+        else:
+            locals_.append(_local_of(plans[s], n_q, n_k, block, s, dev))  # type: ignore[arg-type]
+    hps = {loc.full.shape[0] for loc in locals_ if loc is not None} - {1}
+    if len(hps) > 1:
+        raise ValueError(
+            f"the sequences' plans have head counts {sorted(hps | {1})}; they must be 1 or one H"
+        )
+    hp = hps.pop() if hps else 1
+    ovl = torch.zeros(hp, nqb * nkb, dtype=torch.int32, device=dev)  # sequence tiles overlapping a tile
+    fulls = torch.zeros_like(ovl)  # ... of which full
+    vis = torch.zeros_like(ovl)  # ... of which visited
+    mq = max([1] + [(loc.full.shape[1]) for loc in locals_ if loc is not None])
+    mk = max([1] + [(loc.full.shape[2]) for loc in locals_ if loc is not None])
+    stack_full = torch.zeros(n_seq, hp, mq, mk, dtype=torch.bool, device=dev)
+    stack_part = torch.zeros_like(stack_full)
+    kinds = torch.zeros(n_seq, dtype=torch.int64, device=dev)
+    for s, loc in enumerate(locals_):
+        if loc is None:
+            continue
+        lq, lk = loc.full.shape[1:]
+        stack_full[s, :, :lq, :lk] = loc.full
+        stack_part[s, :, :lq, :lk] = loc.partial
+        kinds[s] = loc.kind
+        n_q, n_k = cu_q[s + 1] - cu_q[s], cu_k[s + 1] - cu_k[s]
+        iq, ik = torch.arange(lq, device=dev), torch.arange(lk, device=dev)
+        rows = (
+            (cu_q[s] + iq * block) // block,
+            (cu_q[s] + torch.clamp((iq + 1) * block, max=n_q) - 1) // block,
+        )
+        cols = (
+            (cu_k[s] + ik * block) // block,
+            (cu_k[s] + torch.clamp((ik + 1) * block, max=n_k) - 1) // block,
+        )
+        f = loc.full.expand(hp, -1, -1).reshape(hp, -1).int()
+        v = (loc.full | loc.partial).expand(hp, -1, -1).reshape(hp, -1).int()
+        seen: set[tuple[int, int]] = set()
+        for a in (0, 1):
+            for c in (0, 1):
+                lin = rows[a][:, None] * nkb + cols[c][None, :]
+                # a tile counted once per sequence tile, even where the two row (column) ends coincide
+                fresh = torch.ones_like(lin, dtype=torch.bool)
+                for a0, c0 in seen:
+                    fresh &= lin != rows[a0][:, None] * nkb + cols[c0][None, :]
+                seen.add((a, c))
+                idx = lin[fresh]
+                ovl.index_add_(1, idx, torch.ones(hp, idx.numel(), dtype=torch.int32, device=dev))
+                fulls.index_add_(1, idx, f[:, fresh.flatten()])
+                vis.index_add_(1, idx, v[:, fresh.flatten()])
+    seg_q = torch.repeat_interleave(torch.arange(n_seq, device=dev),
+                                    torch.tensor(cu_q[1:], device=dev) - torch.tensor(cu_q[:-1], device=dev))  # fmt: skip
+    seg_k = torch.repeat_interleave(torch.arange(n_seq, device=dev),
+                                    torch.tensor(cu_k[1:], device=dev) - torch.tensor(cu_k[:-1], device=dev))  # fmt: skip
+
+    # a packed tile lies in one sequence when its first and last rows (columns) share a segment
+    def spans(seg: Tensor, n: int, nb: int) -> Tensor:
+        first = seg[torch.arange(nb, device=dev) * block]
+        last = seg[torch.clamp((torch.arange(nb, device=dev) + 1) * block, max=n) - 1]
+        return torch.where(first == last, first, -1)
+
+    one_q, one_k = spans(seg_q, tq, nqb), spans(seg_k, tk, nkb)
+    inside = (one_q[:, None] == one_k[None, :]) & (one_q[:, None] >= 0)
+    full = (inside.view(1, -1) & (ovl > 0) & (fulls == ovl)).view(1, hp, nqb, nkb)
+    partial = (vis > 0).view(1, hp, nqb, nkb) & ~full
+    cu_q_t = torch.tensor(cu_q, device=dev)
+    cu_k_t = torch.tensor(cu_k, device=dev)
+    offsets = (cu_k_t[1:] - cu_k_t[:-1]) - (cu_q_t[1:] - cu_q_t[:-1])
+    custom = [(s, loc) for s, loc in enumerate(locals_) if loc is not None and loc.kind == 2]
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        qi = q_idx.long().clamp(0, max(tq - 1, 0))
+        ki = kv_idx.long().clamp(0, max(tk - 1, 0))
+        s = seg_q[qi]
+        same = (seg_k[ki] == s) & (q_idx < tq) & (kv_idx < tk)
+        ql, kl = qi - cu_q_t[s], ki - cu_k_t[s]
+        qt, kt = (ql // block).clamp(0, mq - 1), (kl // block).clamp(0, mk - 1)
+        hh = h.long() if hp > 1 else torch.zeros_like(h, dtype=torch.long)
+        in_full = stack_full[s, hh, qt, kt]
+        in_part = stack_part[s, hh, qt, kt]
+        kind = kinds[s]
+        rule = (kind == 0) | ((kind == 1) & (kl <= ql + offsets[s]))
+        for si, loc in custom:  # sequences with their own token rule, at their local positions (clamped
+            # into the sequence where another sequence's element is evaluated: `same` drops those)
+            lq = ql.clamp(0, cu_q[si + 1] - cu_q[si] - 1)
+            lk = kl.clamp(0, cu_k[si + 1] - cu_k[si] - 1)
+            lh = hh if loc.full.shape[0] > 1 else torch.zeros_like(hh)
+            rule = torch.where(s == si, loc.mask_mod(torch.zeros_like(lh), lh, lq, lk), rule)
+        return same & (in_full | (in_part & rule))
+
+    return Plan(tq, tk, False, block, block, full, partial, mask_mod, kind="dynamic")
