@@ -32,7 +32,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from linear_gpu_check import METHODS, fast_autotune, fla_extra, fla_fn, make_case, to_fla
+from linear_gpu_check import (
+    METHODS,
+    cap_fla_configs,
+    fast_autotune,
+    fla_extra,
+    fla_fn,
+    make_case,
+    time_limit,
+    to_fla,
+)
 
 #: Where the sides' tensors live (a CPU smoke test of this script sets "cpu" under TRITON_INTERPRET=1).
 DEV = "cuda"
@@ -52,21 +61,28 @@ def _stats(ts: list[float]) -> dict[str, float]:
             "max_ms": round(s[-1], 4), "reps": n}  # fmt: skip
 
 
-def interleaved(
-    fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 3
-) -> dict[str, dict[str, float] | str]:
+#: Seconds a side's warm-up may take (its first call compiles, and for fla autotunes; 0: no limit).
+WARMUP_LIMIT = 0.0
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 3) -> dict[str, Any]:
     """Per side, CUDA-event times of ``reps`` runs, the sides taking turns within each round. A side that
-    raises in its warm-up is left out (its error recorded in its place)."""
-    out: dict[str, dict[str, float] | str] = {}
+    raises in its warm-up, or outlasts ``WARMUP_LIMIT`` there (first use: compile, fla's autotuning), is
+    left out (its error recorded in its place); the warm-up's seconds are recorded as ``warmup_s``."""
+    out: dict[str, Any] = {}
     live: dict[str, Callable[[], Any]] = {}
+    warm_s: dict[str, float] = {}
     for name, fn in fns.items():
+        t0 = time.perf_counter()
         try:
-            for _ in range(warmup):
-                fn()
-            torch.cuda.synchronize()
+            with time_limit(WARMUP_LIMIT):
+                for _ in range(warmup):
+                    fn()
+                torch.cuda.synchronize()
             live[name] = fn
         except Exception as e:
             out[name] = f"{type(e).__name__}: {e}"[:300]
+        warm_s[name] = round(time.perf_counter() - t0, 1)
     times: dict[str, list[float]] = {name: [] for name in live}
     for _ in range(reps):
         events = []
@@ -80,6 +96,7 @@ def interleaved(
         for name, start, end in events:
             times[name].append(start.elapsed_time(end))
     out.update({name: _stats(ts) for name, ts in times.items()})
+    out["warmup_s"] = warm_s
     return out
 
 
@@ -288,6 +305,135 @@ def fla_step(c: Any, h0: Tensor) -> Callable[[], tuple[Tensor, Tensor]]:
     )
 
 
+def _device_us(e: Any) -> float:
+    for attr in ("self_device_time_total", "self_cuda_time_total"):
+        if hasattr(e, attr):
+            return float(getattr(e, attr))
+    return 0.0
+
+
+def profile(b: int, h: int, n: int, d: int, methods: tuple[str, ...], iters: int = 2) -> dict[str, Any]:
+    """Where our fwd+bwd time goes: torch.profiler over ``iters`` fwd+bwd of each method's prepared op
+    (after a warm-up), GPU time per kernel (ms per iteration, share of the method's GPU total)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    s = sides(b, h, n, d, methods, fla=False)
+    out: dict[str, Any] = {"B": b, "H": h, "N": n, "D": d, "iters": iters}
+    for m in methods:
+        fn, wrt, do = s[m]
+        _fwd_bwd(fn, wrt, do)
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(iters):
+                _fwd_bwd(fn, wrt, do)
+            torch.cuda.synchronize()
+        rows = [(e.key, _device_us(e) / 1000 / iters, e.count // iters) for e in prof.key_averages()]
+        rows = [r for r in rows if r[1] > 0]
+        total = sum(r[1] for r in rows)
+        rows.sort(key=lambda r: -r[1])
+        out[m] = {
+            "gpu_ms_per_iter": round(total, 3),
+            "kernels": [
+                {"name": k[:80], "ms": round(t, 3), "share": round(t / total, 3), "calls": c}
+                for k, t, c in rows[:14]
+            ],
+        }
+    return out
+
+
+#: Launch variants tried by ``sweep`` per method: (label, LAUNCH_OVERRIDES, module constants of op.py).
+SWEEP: dict[str, list[tuple[str, dict[str, dict[str, int]], dict[str, int]]]] = {
+    "gla": [
+        ("gla_bwd_sub w8", {"gla_bwd_sub": {"num_warps": 8}}, {}),
+        ("gla_bwd_sub w2", {"gla_bwd_sub": {"num_warps": 2}}, {}),
+        ("gla_bwd_sub s1", {"gla_bwd_sub": {"num_stages": 1}}, {}),
+        ("intra w2", {"intra": {"num_warps": 2}}, {}),
+        ("intra w8", {"intra": {"num_warps": 8}}, {}),
+        ("scan 64x64", {}, {"SCAN_BK": 64, "SCAN_BV": 64}),
+        ("scan 16x32", {}, {"SCAN_BK": 16}),
+        ("local_state w8", {"local_state": {"num_warps": 8}}, {}),
+    ],
+    "gated_delta": [
+        ("delta BV16", {}, {"DELTA_BV": 16}),
+        ("delta BV64", {}, {"DELTA_BV": 64}),
+        ("delta_bwd_chunk w4", {"delta_bwd_chunk": {"num_warps": 4}}, {}),
+        ("delta_wy w4", {"delta_wy": {"num_warps": 4}}, {}),
+        ("delta_h s3", {"delta_h": {"num_stages": 3}, "delta_bwd_dh": {"num_stages": 3}}, {}),
+        ("out w8", {"out": {"num_warps": 8}}, {}),
+    ],
+    "gated_delta_kda": [
+        ("delta BV16", {}, {"DELTA_BV": 16}),
+        ("delta_bwd_channel w4", {"delta_bwd_channel": {"num_warps": 4}}, {}),
+        ("score_bwd w2", {"score_bwd": {"num_warps": 2}}, {}),
+        ("score_bwd w8", {"score_bwd": {"num_warps": 8}}, {}),
+        ("intra w2", {"intra": {"num_warps": 2}}, {}),
+        ("intra w8", {"intra": {"num_warps": 8}}, {}),
+    ],
+}
+
+
+def sweep(
+    b: int, h: int, n: int, d: int, methods: tuple[str, ...], reps: int = 5, budget: float = 120.0
+) -> dict[str, Any]:
+    """Launch variants (``SWEEP``) of our fwd+bwd: each timed interleaved with the defaults, and its output
+    and gradients compared with the defaults' (the largest difference over the largest value: a variant
+    changes tiling and rounding, not the math). A starting point for a default change, which is then
+    checked against the recurrence (``linear_gpu_check.py``)."""
+    from attnlab.kernels.linear import op as kop
+
+    base_consts = {nm: getattr(kop, nm) for nm in ("SCAN_BK", "SCAN_BV", "DELTA_BV")}
+    s = sides(b, h, n, d, methods, fla=False)
+    out: dict[str, Any] = {"B": b, "H": h, "N": n, "D": d, "reps": reps}
+    t0 = time.perf_counter()
+
+    def setting(over: dict[str, dict[str, int]], consts: dict[str, int]) -> None:
+        kop.LAUNCH_OVERRIDES.clear()
+        kop.LAUNCH_OVERRIDES.update(over)
+        for nm, val in {**base_consts, **consts}.items():
+            setattr(kop, nm, val)
+
+    def run(fn: Any, wrt: Any, do: Tensor, over: Any, consts: Any) -> tuple[Tensor, ...]:
+        setting(over, consts)
+        o = fn()
+        return (o.detach(), *torch.autograd.grad(o, wrt, do))
+
+    try:
+        for m in methods:
+            fn, wrt, do = s[m]
+            ref = run(fn, wrt, do, {}, {})
+            rows: list[dict[str, Any]] = []
+            for label, over, consts in SWEEP.get(m, []):
+                if time.perf_counter() - t0 > budget:
+                    rows.append({"variant": label, "skipped": "budget"})
+                    continue
+                try:
+                    got = run(fn, wrt, do, over, consts)
+                    diff = max(
+                        float((a.float() - r.float()).abs().max() / r.float().abs().max().clamp_min(1e-30))
+                        for a, r in zip(got, ref, strict=True)
+                    )
+                    t = interleaved(
+                        {
+                            "default": functools.partial(run, fn, wrt, do, {}, {}),
+                            "variant": functools.partial(run, fn, wrt, do, over, consts),
+                        },
+                        reps,
+                        warmup=1,
+                    )
+                    rows.append({"variant": label, "max_rel_diff_vs_default": round(diff, 6),
+                                 "default": t.get("default"), "variant_t": t.get("variant"),
+                                 "variant_over_default": _ratio(t.get("variant"), t.get("default"))})  # fmt: skip
+                except Exception as e:
+                    rows.append({"variant": label, "error": f"{type(e).__name__}: {e}"[:300]})
+                print(json.dumps({m: rows[-1]}), flush=True)
+            out[m] = rows
+    finally:
+        setting({}, {})
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--shapes", default="1x32x8192,1x32x16384,1x32x32768", help="BxHxN,...")
@@ -298,10 +444,17 @@ def main() -> None:
     ap.add_argument("--decode", default="", help="BxH,...: decode steps at these shapes")
     ap.add_argument("--budget", type=float, default=1e9, help="seconds after which no new shape starts")
     ap.add_argument("--fast-autotune", action="store_true", help="see linear_gpu_check.fast_autotune()")
+    ap.add_argument("--fla-limit", type=float, default=0.0, help="seconds per side's warm-up (0: none)")
+    ap.add_argument("--fla-max-configs", type=int, default=0, help="see linear_gpu_check.cap_fla_configs()")
+    ap.add_argument("--profile", default="", help="BxHxN: per-kernel GPU time of our fwd+bwd (profile())")
+    ap.add_argument("--sweep", default="", help="BxHxN: launch variants of our kernels (sweep())")
+    ap.add_argument("--sweep-budget", type=float, default=120.0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     if args.fast_autotune:
         fast_autotune()
+    global WARMUP_LIMIT
+    WARMUP_LIMIT = args.fla_limit
     start = time.perf_counter()
     methods = tuple(args.methods.split(","))
     result: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": [],
@@ -312,6 +465,8 @@ def main() -> None:
             import fla as fla_mod
 
             result["fla"] = getattr(fla_mod, "__version__", "?")
+            if args.fla_max_configs:
+                result["fla_configs"] = cap_fla_configs(args.fla_max_configs)
         except Exception as e:
             result["fla"] = f"not importable: {type(e).__name__}: {e}"[:300]
             fla = False
@@ -341,6 +496,22 @@ def main() -> None:
             save("rows", bench(b, h, n, args.head_dim, methods, fla, args.reps))
         except Exception as e:
             save("rows", {"shape": shape, "error": f"{type(e).__name__}: {e}"[:500]})
+        torch.cuda.empty_cache()
+    for key, arg, fn in (("profile", args.profile, profile), ("sweep", args.sweep, sweep)):
+        if not arg:
+            continue
+        if time.perf_counter() - start > args.budget:
+            result[key] = {"skipped": arg, "why": "budget"}
+            continue
+        b, h, n = (int(x) for x in arg.split("x"))
+        kw = {"budget": args.sweep_budget} if key == "sweep" else {}
+        try:
+            result[key] = fn(b, h, n, args.head_dim, tuple(m for m in methods if m != "hedgehog"), **kw)
+        except Exception as e:
+            result[key] = {"shape": arg, "error": f"{type(e).__name__}: {e}"[:500]}
+        print(json.dumps({key: result[key]})[:3000], flush=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
         torch.cuda.empty_cache()
     result["seconds"] = round(time.perf_counter() - start, 1)
     with open(args.out, "w") as f:

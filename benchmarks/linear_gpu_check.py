@@ -32,10 +32,12 @@ Writes one JSON file (rewritten after every case, so a run stopped at its limit 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
+import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +64,71 @@ def fast_autotune(warmup: int = 5, rep: int = 25) -> None:
     import triton.testing
 
     triton.testing.do_bench = functools.partial(triton.testing.do_bench, warmup=warmup, rep=rep)
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Raise ``TimeoutError`` in this (main) thread after ``seconds`` (SIGALRM; 0: no limit). Used for
+    fla-core's first calls, whose autotuning compiles and times every config of every kernel: the alarm
+    interrupts it between two Python steps (a kernel already queued still finishes on the GPU)."""
+    if seconds <= 0:
+        yield
+        return
+
+    def fire(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"still running after the {seconds:.0f} s limit (first use: compile + autotune)")
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def cap_fla_configs(n: int) -> dict[str, str]:
+    """Limit every fla-core Triton autotuner to at most ``n`` configs (its own pruning first, then the
+    first ``n`` by num_warps in (4, 8) first, then num_stages closest to 2, then its order), so that its
+    first-use autotuning compiles n configs per kernel instead of up to 36. fla's choice among those n
+    stays its own. Returns {kernel: "kept of total"} for the record. Imports fla's chunk and recurrent ops
+    of the five cases first (their kernels are made at import)."""
+    import importlib
+    import sys
+
+    from triton.runtime.autotuner import Autotuner
+
+    for name in ("fla.ops.gla", "fla.ops.gated_delta_rule", "fla.ops.kda", "fla.ops.simple_gla",
+                 "fla.ops.linear_attn"):  # fmt: skip
+        importlib.import_module(name)
+
+    def pick(configs: list[Any]) -> list[Any]:
+        order = sorted(
+            range(len(configs)),
+            key=lambda i: (configs[i].num_warps not in (4, 8), abs(configs[i].num_stages - 2), i),
+        )
+        return [configs[i] for i in sorted(order[:n])]
+
+    out: dict[str, str] = {}
+    seen: set[int] = set()
+    for name, mod in list(sys.modules.items()):
+        if not name.startswith("fla.") or mod is None:
+            continue
+        for obj in list(vars(mod).values()):
+            while obj is not None and not isinstance(obj, Autotuner) and hasattr(obj, "fn"):
+                obj = obj.fn  # (a triton.heuristics wrapper around the autotuner)
+            if not isinstance(obj, Autotuner) or id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            prune = obj.early_config_prune
+
+            def capped(configs: Any, nargs: Any, _prune: Any = prune, **kw: Any) -> list[Any]:
+                return pick(list(_prune(configs, nargs, **kw) if _prune is not None else configs))
+
+            obj.early_config_prune = capped
+            kname = getattr(getattr(obj, "fn", None), "__name__", str(id(obj)))
+            out[kname] = f"{min(n, len(obj.configs))} of {len(obj.configs)}"
+    return out
 
 
 def _err(a: Tensor, b: Tensor) -> float:
@@ -276,6 +343,10 @@ def run_reference(
 
 
 SIDES: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {"attnlab": run_ours, "fla": run_fla}
+#: Seconds a side's call may take in ``check`` (fla's first use autotunes; 0: no limit), and the
+#: (method, side) pairs that ran out of it once (not tried again at another shape).
+SIDE_LIMIT = {"fla": 0.0, "attnlab": 0.0}
+TIMED_OUT: set[tuple[str, str]] = set()
 
 
 def check(method: str, b: int, h: int, n: int, d: int, *, grad: bool, sides: tuple[str, ...],
@@ -322,9 +393,16 @@ def check(method: str, b: int, h: int, n: int, d: int, *, grad: bool, sides: tup
             continue  # (fla's HedgehogFeatureMap is another function: one softmax over [2y, -2y])
         row: dict[str, Any] = {"side": side, "method": method, "gates": gates, "grad": grad, "B": b, "H": h,
                                "N": n, "D": d, "dtype": str(dtype).replace("torch.", "")}  # fmt: skip
+        if (method, side) in TIMED_OUT:
+            row["error"] = "skipped: ran out of its time limit at an earlier shape"
+            rows.append(row)
+            continue
         try:
-            got = one(SIDES[side])
-        except Exception as e:  # recorded (fla refusing, an OOM), and the other sides still run
+            with time_limit(SIDE_LIMIT.get(side, 0.0)):
+                got = one(SIDES[side])
+        except Exception as e:  # recorded (fla refusing, an OOM, a time limit), the other sides still run
+            if isinstance(e, TimeoutError):
+                TIMED_OUT.add((method, side))
             row["error"] = f"{type(e).__name__}: {e}"[:500]
             rows.append(row)
             continue
@@ -428,9 +506,12 @@ def main() -> None:
     ap.add_argument("--numerics", default="", help="method:gates,... of NUMERICS_64K to run (default all)")
     ap.add_argument("--varlen", action="store_true", help="also the packed-sequence checks")
     ap.add_argument("--fast-autotune", action="store_true", help="see fast_autotune()")
+    ap.add_argument("--fla-limit", type=float, default=0.0, help="seconds per fla call in a check (0: none)")
+    ap.add_argument("--fla-max-configs", type=int, default=0, help="see cap_fla_configs() (0: all configs)")
     args = ap.parse_args()
     if args.fast_autotune:
         fast_autotune()
+    SIDE_LIMIT["fla"] = args.fla_limit
     start = time.perf_counter()
     import triton
 
@@ -442,6 +523,8 @@ def main() -> None:
             import fla
 
             result["fla"] = getattr(fla, "__version__", "?")
+            if args.fla_max_configs:
+                result["fla_configs"] = cap_fla_configs(args.fla_max_configs)
         except Exception as e:
             result["fla"] = f"not importable: {type(e).__name__}: {e}"[:300]
             sides = tuple(s for s in sides if s != "fla")

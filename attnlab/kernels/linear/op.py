@@ -128,6 +128,17 @@ def _gate_code(gc: Tensor) -> int:
     return 2 if gc.dim() == 4 else 1
 
 
+#: Launch options (num_warps, num_stages) per kernel, overriding the defaults written at each launch:
+#: for tuning runs (``benchmarks/linear_bench.py --sweep``); empty in normal use.
+LAUNCH_OVERRIDES: dict[str, dict[str, int]] = {}
+
+
+def _cfg(name: str, **defaults: int) -> dict[str, int]:
+    """The launch options of kernel ``name``: ``defaults`` updated by ``LAUNCH_OVERRIDES[name]``."""
+    over = LAUNCH_OVERRIDES.get(name)
+    return {**defaults, **over} if over else defaults
+
+
 #: Tile of the chunk-state scan (stage 2): small, for many programs (each walks every chunk).
 SCAN_BK = 32
 SCAN_BV = 32
@@ -156,7 +167,7 @@ def chunk_states(
     chunk_local_state_kernel[(nkb * triton.cdiv(dv, bv), n_chunks, b * h)](
         x, y, gc, buf, n, np_, dk, dv, nkb, float(scale),
         BACKWARD=backward, GATE=gate, BT=chunk, BK=bk, BV=bv, DOT_PREC=_prec(x), UPCAST=_upcast(x),
-        num_warps=4,
+        **_cfg("local_state", num_warps=4),
     )  # fmt: skip
     init_c = init.float().contiguous() if init is not None else final
     sk, sv = min(head_block(dk), SCAN_BK), min(head_block(dv), SCAN_BV)
@@ -170,7 +181,7 @@ def chunk_states(
         seq_chunks if seq_chunks is not None else final, n, np_, dk, dv, nkb, b * h,
         REVERSE=backward, HAS_INIT=init is not None, GATE=gate, HAS_TAIL=tail is not None,
         VARLEN=seq_chunks is not None,
-        BT=chunk, BK=sk, BV=sv, num_warps=4, num_stages=2,
+        BT=chunk, BK=sk, BV=sv, **_cfg("scan", num_warps=4, num_stages=2),
     )  # fmt: skip
     return buf, final, (tail.sum(0) if tail is not None else None)
 
@@ -184,7 +195,7 @@ def intra_scores(x: Tensor, k: Tensor, gc: Tensor, beta: Tensor | None, chunk: i
     intra_scores_kernel[(np_ // SUB, b * h)](
         x, k, gc, beta if beta is not None else a, a, n, np_, dk,
         STRICT=strict, HAS_BETA=beta is not None, BT=chunk, BS=SUB, BK=head_block(dk), BKS=16,
-        DOT_PREC=_prec(x), UPCAST=_upcast(x), num_warps=4,
+        DOT_PREC=_prec(x), UPCAST=_upcast(x), **_cfg("intra", num_warps=4),
     )  # fmt: skip
     return a
 
@@ -202,7 +213,7 @@ def chunk_output(
     chunk_out_kernel[(triton.cdiv(dv, bv), n_chunks, b * h)](
         q, k, v, gc, hs, a if a is not None else hs, o, n, v.shape[2], gc.shape[2], dk, dv, float(scale),
         GATE=_gate_code(gc), BT=chunk, BK=head_block(dk), BV=bv, DOT_PREC=_prec(q), UPCAST=_upcast(q),
-        num_warps=4,
+        **_cfg("out", num_warps=4),
     )  # fmt: skip
     return o
 
@@ -242,7 +253,7 @@ def gla_bwd_launch(
         chunk_bwd_scalar_kernel[(n_chunks, b * h)](
             q, k, v, gc, do, hs, dhs, dq, dkk, dvv, dgc, n, gc.shape[2], dk, dv, float(scale),
             BT=chunk, BK=head_block(dk), BV=head_block(dv), DOT_PREC=_prec(q), UPCAST=_upcast(q),
-            num_warps=8,
+            **_cfg("bwd_scalar", num_warps=8),
         )  # fmt: skip
         dgc.view(b, h, n_chunks, chunk)[:, :, :, -1] += tail.sum(-1)  # the chunk-end term
     else:
@@ -250,7 +261,7 @@ def gla_bwd_launch(
         gla_bwd_sub_kernel[(gc.shape[2] // SUB, b * h)](
             q, k, v, gc, do, hs, dhs, a, dq, dkk, dvv, dgc, n, gc.shape[2], dk, dv, float(scale),
             BT=chunk, BS=SUB, BK=head_block(dk), BV=head_block(dv), DOT_PREC=_prec(q), UPCAST=_upcast(q),
-            num_warps=4,
+            **_cfg("gla_bwd_sub", num_warps=4),
         )  # fmt: skip
         dgc.view(b, h, n_chunks, chunk, dk)[:, :, :, -1] += tail
     return dq, dkk, dvv, dgc, dh0
@@ -436,7 +447,7 @@ def delta_fwd_launch(
     delta_wy_kernel[(n_chunks, b * h)](
         k, v, gc, bc, akk if akk is not None else w, w, u, t if save_t else w, n, np_, dk, dv,
         GATE=_gate_code(gc), SAVE_T=save_t, BT=chunk, BK=head_block(dk), BV=head_block(dv), DOT_PREC=prec,
-        num_warps=8,
+        **_cfg("delta_wy", num_warps=8),
     )  # fmt: skip
     hs = torch.empty(b, h, n_chunks, dk, dv, dtype=f32, device=dev)
     n_seq = b if seq_chunks is None else seq_chunks.shape[0] - 1
@@ -447,7 +458,7 @@ def delta_fwd_launch(
         k, w, u, gc, h0c, hs, ht, seq_chunks if seq_chunks is not None else ht, n, np_, dk, dv, b * h,
         GATE=_gate_code(gc), HAS_H0=h0 is not None, VARLEN=seq_chunks is not None, BT=chunk,
         BK=head_block(dk), BV=bv, DOT_PREC=prec,
-        num_warps=4, num_stages=2,
+        **_cfg("delta_h", num_warps=4, num_stages=2),
     )  # fmt: skip
     o = chunk_output(q, k, u, gc, hs, aqk, scale, chunk)
 
@@ -499,7 +510,7 @@ def delta_bwd_scalar_launch(
     delta_bwd_dh_kernel[(triton.cdiv(dv, bv), n_seq * h)](
         q, k, do, gc, w, dh0, dht_c, dhs, du, dh0, seq_chunks if seq_chunks is not None else dh0,
         n, np_, dk, dv, b * h, float(scale),
-        HAS_DHT=dht is not None, VARLEN=seq_chunks is not None, GATE=1, BT=chunk, BK=head_block(dk), BV=bv, DOT_PREC=prec, num_warps=4, num_stages=2,
+        HAS_DHT=dht is not None, VARLEN=seq_chunks is not None, GATE=1, BT=chunk, BK=head_block(dk), BV=bv, DOT_PREC=prec, **_cfg("delta_bwd_dh", num_warps=4, num_stages=2),
     )  # fmt: skip
     dq, dkk, dvv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     db = torch.empty(b, h, n, dtype=f32, device=dev)
@@ -507,7 +518,7 @@ def delta_bwd_scalar_launch(
     with _shared_memory_hint(q):
         delta_bwd_chunk_kernel[(n_chunks, b * h)](
             q, k, v, bc, gc, do, hs, dhs, u, du, t, dq, dkk, dvv, db, dgc, n, np_, dk, dv, float(scale),
-            BT=chunk, BK=head_block(dk), BV=head_block(dv), DOT_PREC=prec, UPCAST=_upcast(q), num_warps=8,
+            BT=chunk, BK=head_block(dk), BV=head_block(dv), DOT_PREC=prec, UPCAST=_upcast(q), **_cfg("delta_bwd_chunk", num_warps=8),
         )  # fmt: skip
     dg = None
     if g is not None:  # through the chunk-local cumsum: a reverse cumsum within each chunk
@@ -565,8 +576,7 @@ def delta_bwd_channel_launch(
         BK=head_block(dk),
         BV=bv,
         DOT_PREC=prec,
-        num_warps=4,
-        num_stages=1,
+        **_cfg("delta_bwd_dh_channel", num_warps=4, num_stages=1),
     )  # fmt: skip  (num_stages=1: 57 KiB of shared memory for sm_90 at K=128, not 189 KiB)
     dq = torch.empty(b, h, np_, dk, dtype=f32, device=dev)
     dkk = torch.empty(b, h, np_, dk, dtype=f32, device=dev)
@@ -579,12 +589,12 @@ def delta_bwd_channel_launch(
         delta_bwd_chunk_channel_kernel[(n_chunks, b * h)](
             q, k, v, bc, gc, do, hs, dhs, u, du, t, bkk, dq, dkk, dvv, db, dgc, daqk, dbkk,
             n, np_, dk, dv, float(scale),
-            BT=chunk, BK=head_block(dk), BV=head_block(dv), DOT_PREC=prec, UPCAST=_upcast(q), num_warps=8,
+            BT=chunk, BK=head_block(dk), BV=head_block(dv), DOT_PREC=prec, UPCAST=_upcast(q), **_cfg("delta_bwd_channel", num_warps=8),
         )  # fmt: skip
     for x, dp, dx, dy, same in ((q, daqk, dq, dkk, False), (k, dbkk, dkk, dkk, True)):
         score_bwd_kernel[(np_ // SUB, b * h)](
             x, k, gc, dp, dx, dy, dgc, n, np_, dk,
-            SAME_OUT=same, BT=chunk, BS=SUB, BK=head_block(dk), DOT_PREC=prec, UPCAST=_upcast(q), num_warps=4,
+            SAME_OUT=same, BT=chunk, BS=SUB, BK=head_block(dk), DOT_PREC=prec, UPCAST=_upcast(q), **_cfg("score_bwd", num_warps=4),
         )  # fmt: skip
     # through the chunk-local cumsum: a reverse cumsum within each chunk
     dg = dgc.view(b, h, n_chunks, chunk, dk).flip(3).cumsum(3).flip(3).reshape(b, h, np_, dk)[:, :, :n]
