@@ -178,6 +178,36 @@ def test_plan_density_is_the_mask_density() -> None:
     assert torch.equal(res.plan.dense_mask()[0], mask)
 
 
+@pytest.mark.parametrize(
+    ("n_q", "n_k", "causal", "params"),
+    [
+        (70, 70, True, {"block": 4, "local": 2, "vert_stride": 4}),
+        (40, 75, True, {"block": 16, "local": 1, "vert_stride": 3}),
+        (75, 40, True, {"block": 16, "local": 1, "vert_stride": 3}),
+        (70, 70, False, {"block": 8, "local": 2, "vert_stride": 4}),
+    ],
+)
+def test_strided_heads_on_the_block_sparse_executor(
+    n_q: int, n_k: int, causal: bool, params: dict[str, Any]
+) -> None:
+    """The executor with the per-head plan (each query head its own tables, Hp = H, GQA 4:2) against the
+    reference: the registry's accuracy rule, bf16, forward and dq/dk/dv, in the interpreter (32 x 32 tiles,
+    partial tiles from the strided shards); its tables hold one plan row per query head."""
+    from attnlab.testing import Case, check_parity
+
+    spec = attnlab.get("strided_heads")
+    check = check_parity(
+        spec, "block_sparse", Case(1, 4, 2, n_q, n_k, 16, torch.bfloat16, causal, params), "cpu"
+    )
+    assert not check.skipped and check.passed and "dk" in check.errors, check.summary()
+    q, k = torch.randn(1, 4, n_q, 16), torch.randn(1, 2, n_k, 16)
+    res = attnlab.attention(q, k, k, method="strided_heads", causal=causal,
+                            backend="block_sparse", return_plan=True, **params)  # fmt: skip
+    assert isinstance(res, attnlab.Result) and res.plan is not None and res.plan.shape[1] == 4
+    mask = strided_heads.head_mask(strided_heads.StridedHeadsParams(**params), n_q, n_k, causal, 4, 2, "cpu")
+    assert torch.equal(res.plan.dense_mask()[0], mask)
+
+
 # -- bad input ------------------------------------------------------------------------------------------
 
 

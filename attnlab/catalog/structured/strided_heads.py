@@ -18,8 +18,9 @@ calls need ``j <= p``::
 
 With ``H_kv >= vert_stride`` the residues of the heads cover every key block: the union of the heads'
 shards is the whole context (tested). The pattern depends on the head, which attnlab's static plans
-(one mask for every head) do not express, so this method runs on its own two backends: FlexAttention
-with a per-head BlockMask and SDPA with a per-head dense mask.
+(one mask for every head) do not express, so this method runs on its own backends, each given the
+per-head plan (:func:`head_plan`): FlexAttention with a per-head BlockMask, attnlab's block-sparse executor
+with per-head tables, and SDPA with a per-head dense mask.
 
 Sharding follows the paper's dkernel code (linxihui/dkernel ``utils.get_sparse_attn_mask``: absolute
 vertical positions ``(kb + h * head_sliding_step + head_sliding_offset) % vert_stride == 0`` per KV head,
@@ -40,6 +41,7 @@ import torch
 from torch import Tensor
 
 from attnlab.backends.base import Backend, Call, Capabilities, dense_size_reasons
+from attnlab.backends.block_sparse import CPU_TILE, TILE, BlockSparseBackend
 from attnlab.backends.flex import FlexBackend
 from attnlab.core import MethodSpec
 from attnlab.kernels.sdpa import sdpa_masked
@@ -174,12 +176,13 @@ def head_plan(call: Call, block: int = 128) -> Plan:
     )
 
 
-def _memo_plan(call: Call) -> Plan:
-    plan = call.memo.get("head_plan")
+def _memo_plan(call: Call, block: int = 128) -> Plan:
+    key = "head_plan" if block == 128 else f"head_plan_{block}"
+    plan = call.memo.get(key)
     if plan is None:
-        plan = head_plan(call)
+        plan = head_plan(call, block)
         if not torch.compiler.is_compiling():
-            call.memo["head_plan"] = plan
+            call.memo[key] = plan
     assert isinstance(plan, Plan)
     return plan
 
@@ -197,6 +200,22 @@ class HeadFlexBackend(FlexBackend):
 
     def plan(self, q: Tensor, k: Tensor, call: Call) -> Any:
         return _memo_plan(call)
+
+
+class HeadBlockSparseBackend(BlockSparseBackend):
+    """attnlab's block-sparse executor over the call's per-head plan (Hp = H: each query head its own
+    tables; 128 x 128 tiles on a GPU, 32 x 32 on a CPU in the interpreter), forward and backward. The
+    tables are built once per call signature (``call.memo``)."""
+
+    summary = (
+        "attnlab's block-sparse Triton executor over the per-head plan (fwd + bwd; CPU only interpreted)"
+    )
+    # no lse: attnlab's reference log-sum-exp knows no per-head mask yet; no plan kind: the method has no
+    # (head-independent) mask for the generic plan path
+    caps = replace(BlockSparseBackend.caps, lse=False, plan_kinds=frozenset())
+
+    def plan(self, q: Tensor, k: Tensor, call: Call) -> Plan:
+        return _memo_plan(call, CPU_TILE if call.problem.device.type == "cpu" else TILE)
 
 
 class HeadMaskSdpaBackend(Backend):
@@ -232,7 +251,7 @@ SPEC = MethodSpec(
     summary="per-KV-head strided key blocks (shards whose union is the context) plus local blocks",
     param_class=StridedHeadsParams,
     reference=reference,
-    backends=(HeadFlexBackend(), HeadMaskSdpaBackend()),
+    backends=(HeadFlexBackend(), HeadBlockSparseBackend(), HeadMaskSdpaBackend()),
     patterns=ALL_PATTERNS,
     test_params=({"block": 4, "local": 2, "vert_stride": 4}, {"block": 16, "local": 1, "vert_stride": 3}),
     bench_params=_bench,
