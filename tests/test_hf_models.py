@@ -124,6 +124,7 @@ DENSE: dict[str, dict[str, Any] | None] = {
     "neighborhood": {"window": 25},
     "strided_heads": {"block": 4, "local": 1000, "vert_stride": 1},
     "power": {"block": 4, "window": 1000},
+    "seer": {"block": 16, "topk": 1000},  # one 16-token block holds the 12-token prompt (the local block)
     "radial": {"frame": 1000},
     "doc_blocks": {},
     "multi_axis": None,  # a 2-D (image) pattern: no meaning for a token sequence
