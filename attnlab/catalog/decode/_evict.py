@@ -7,8 +7,9 @@ attention over the kept tokens plus every token appended since. Budget in tokens
 length keeps everything (exact attention throughout). Padding (``key_mask``) gets no attention in the
 scores and is never kept.
 
-KV memory: attnlab only masks (the cache keeps every token); :meth:`EvictionState.kept_tokens` is what an
-evicting cache would hold.
+KV memory: a call here only masks (the cache passed in keeps every token); :meth:`EvictionState.kept_tokens`
+is what an evicting cache would hold. Under Hugging Face transformers, ``attnlab.hf.use(..., free_kv=True)``
+removes the dropped tokens from the cache after the decision (:mod:`attnlab.hf.kv`).
 """
 
 from __future__ import annotations

@@ -16,8 +16,9 @@ Conventions of other code: DuoAttention (Xiao et al., 2024) learns a gate per KV
 here); RazorAttention (Tang et al., 2024) keeps full caches for retrieval heads and compresses the rest.
 With GQA a query head is a retrieval head exactly when its KV head is (the cache is per KV head).
 
-KV memory: this method only masks (the cache keeps every token of every head); a serving system could
-drop the non-retrieval heads' middle tokens, which is what ``kept_tokens`` reports.
+KV memory: this method only masks (the cache keeps every token of every head; a cache tensor holds the
+same length for every KV head, so the retrieval heads' full caches keep it long); a serving system could
+drop the non-retrieval heads' middle tokens, which is what ``kept_tokens`` (and ``attnlab.hf.kv_memory``) reports.
 
 State: none is needed; the method is declared stateful (like every decode method) and returns None.
 """

@@ -54,11 +54,11 @@ def sides(budget: int) -> list[tuple[str, dict[str, Any] | None]]:
     h2o = {"decode": "h2o", "decode_params": {"budget": budget}}
     return [
         ("sdpa", None),
-        ("softmax", {}),
         ("snapkv_masked", snap),
         ("snapkv_free", {**snap, "free_kv": True}),
         ("h2o_masked", h2o),
         ("h2o_free", {**h2o, "free_kv": True}),
+        ("softmax", {}),
     ]
 
 
