@@ -13,8 +13,9 @@ import attnlab
 from attnlab.catalog.dynamic.seer import SPEC, SeerParams, estimate, gate_probs
 from attnlab.core import Result
 from attnlab.errors import AttnlabError, ParamError
-from attnlab.testing import Case, check_parity
+from attnlab.testing import Case, check_parity, device_under_test
 
+DEVICE = device_under_test()
 N, BS, FAR, D = 128, 16, 2, 32  # 8 key blocks of 16; the planted block is block 2 (keys 32..47)
 
 
@@ -163,7 +164,7 @@ CASES = [
 @pytest.mark.parametrize("backend", ["block_sparse", "eager"])
 @pytest.mark.parametrize("case", CASES, ids=[c.label() for c in CASES])
 def test_backends_match_reference(backend: str, case: Case) -> None:
-    check = check_parity(SPEC, backend, case, "cpu")
+    check = check_parity(SPEC, backend, case, DEVICE)
     assert not check.skipped, check.skipped
     assert check.passed, check.summary()
     assert "dq" in check.errors  # the backward ran
