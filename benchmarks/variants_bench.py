@@ -1,5 +1,7 @@
-"""Score-transform variants (softcap, alibi, sink, bias, low-rank bias) on the GPU: correctness at the timed
-length, then speed against cuDNN SDPA plain softmax and FlexAttention running the same variant.
+"""Score-transform variants (softcap, alibi, sink, bias, low-rank bias, selective, softplus), the output
+transforms on SDPA (gated, affine_scaled) and strided_heads on the block-sparse executor, on the GPU:
+correctness at the timed length, then speed against cuDNN SDPA plain softmax and FlexAttention running the
+same variant.
 
     python benchmarks/variants_bench.py --out-dir DIR                  # the issue's benchmark
     python benchmarks/variants_bench.py --probe --out-dir DIR          # schedule sweep of the kernels
@@ -12,8 +14,9 @@ low-rank factors') is exactly the reference's autograd on those rows. The rule i
 against the fp32 reference at most 2x (forward) / 3x (gradients) the bf16 reference's, plus a floor.
 
 Speed (bf16, D=128, H=32, B=1): the method as called (``attnlab.prepare(method, causal=...)`` with its
-defaults, so the backend is the library's choice: which one is recorded; ``selective``, whose kernel path
-is not its default yet, with ``backend="triton"``), FlexAttention running the same
+defaults, so the backend is the library's choice: which one is recorded; ``selective`` and
+``strided_heads``, whose kernel paths are not their defaults yet, with ``backend="triton"`` /
+``backend="block_sparse"``, see ``EXPLICIT``), FlexAttention running the same
 variant (``backend="flex"``) and cuDNN plain softmax, forward and forward+backward, timed in interleaved
 rounds (``measure_interleaved``, CUDA events, >= 10 reps; each side's median, min, quartiles). Ratio =
 t(cuDNN) / t(side): the issue's targets are forward >= 0.9, forward+backward >= 0.75, and above Flex's.
@@ -43,7 +46,7 @@ from attnlab.testing import BWD_FACTOR, FWD_FACTOR, bound, max_abs
 
 CHECK_ROWS = 128
 #: tensor inputs indexed by query row (dim 2): sliced to the checked rows like q
-ROW_INPUTS = ("u", "temperature")
+ROW_INPUTS = ("u", "temperature", "gate", "alpha", "beta")
 #: the variants whose forward schedules the probe sweeps
 PROBE_KINDS = ("softcap",)
 #: forward schedules (BLOCK_M, BLOCK_N, warps, stages, SPLIT, WS) the probe times: FlashSigmoid's measured
@@ -60,8 +63,8 @@ PROBE_BWD = [
     ((32, 128, 4, 3), (128, 32, 4, 3)),
     ((64, 64, 4, 3), (64, 64, 4, 3)),
 ]
-#: variants whose kernel path is not the default yet (after Flex until timed): "ours" calls backend="triton"
-KERNEL_EXPLICIT = ("selective",)
+#: variants whose kernel path is not the default yet (after Flex until timed): "ours" calls this backend
+EXPLICIT = {"selective": "triton", "strided_heads": "block_sparse"}
 #: modes per variant: a dense bias has no gradient in the kernel, so its training call runs on Flex (timed
 #: there as Flex's), and only its forward is the kernel's
 MODES_OF = {"bias": ["fwd"]}
@@ -81,6 +84,13 @@ def _inputs(name: str, n: int, device: torch.device, grad: bool) -> dict[str, Te
         return {"u": u.requires_grad_(grad), "vf": vf.requires_grad_(grad)}
     if name == "selective":  # a per-query temperature in (0.5, 1.5), shared by the batch
         return {"temperature": (0.5 + torch.rand(1, HEADS, n, generator=g)).to(device).requires_grad_(grad)}
+    if name == "gated":  # elementwise gate logits (the paper's G1 position), bf16 like the layer's
+        gate = torch.randn(1, HEADS, n, HEAD_DIM, generator=g).to(device, torch.bfloat16)
+        return {"gate": gate.requires_grad_(grad)}
+    if name == "affine_scaled":
+        alpha = (0.5 + torch.rand(1, HEADS, n, generator=g)).to(device)
+        beta = (torch.randn(1, HEADS, n, generator=g) * 0.1).to(device)
+        return {"alpha": alpha.requires_grad_(grad), "beta": beta.requires_grad_(grad)}
     return {}
 
 
@@ -98,8 +108,8 @@ def _call(name: str, causal: bool, backend: str | None) -> Callable[..., Tensor]
 def _backend_of(name: str, causal: bool, q: Tensor, k: Tensor, v: Tensor) -> str:
     if name == "lowrank":
         return "triton"
-    if name in KERNEL_EXPLICIT:
-        return "triton (explicit: after flex in the defaults)"
+    if name in EXPLICIT:
+        return f"{EXPLICIT[name]} (explicit: after flex in the defaults)"
     choice = attnlab.prepare(name, causal=causal).explain(q, k, v)
     return str(choice.backend.name if choice.backend is not None else None)
 
@@ -215,7 +225,7 @@ def point(name: str, n: int, causal: bool, device: torch.device, with_flex: bool
     for t in (q, k, v):
         t.requires_grad_(True)
     x = _inputs(name, n, device, grad=True)
-    ours = _call(name, causal, "triton" if name in KERNEL_EXPLICIT else None)
+    ours = _call(name, causal, EXPLICIT.get(name))
     sides: dict[str, Callable[..., Tensor]] = {"ours": ours}
     if with_flex:
         sides["flex"] = _call(name, causal, "flex")
