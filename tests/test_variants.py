@@ -455,3 +455,67 @@ def test_sdpa_backend_of_output_transforms_matches_reference(variants: None, nam
     )
     out = attnlab.attention(q, k[:, :, :4], v[:, :, :4], method=name, causal=True, backend="sdpa", **extra)
     assert not out[:, :, : N_Q - 4].any()
+
+
+def _lssar_direct(q: Tensor, k: Tensor, v: Tensor, p: int) -> Tensor:
+    """LSSAR as the third-party reimplementation writes it (causal self, float64, no log-domain trick):
+    LSSA weights, then relu(A * n - O)^p with O = 1 except the first 3 rows, then l1 normalisation."""
+    n = q.shape[2]
+    s = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double().repeat_interleave(H // H_KV, dim=1)) / D**0.5
+    rows = torch.arange(1, n + 1, dtype=torch.float64)
+    s = s * (torch.log(rows) / math.log(D))[:, None]
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    a = torch.nn.functional.softplus(s) * causal
+    a = a / a.sum(-1, keepdim=True)
+    offset = torch.ones(n, dtype=torch.float64)
+    offset[:3] = 0.0
+    r = torch.relu(a * rows[:, None] - offset[:, None]) ** p
+    r = r / torch.where(
+        r.sum(-1, keepdim=True) > 0, r.sum(-1, keepdim=True), torch.ones(1, dtype=torch.float64)
+    )
+    return torch.matmul(r, v.double().repeat_interleave(H // H_KV, dim=1)).float()
+
+
+@pytest.mark.parametrize("p", [3, 15])
+def test_softplus_reweight_is_the_sourced_formula(p: int) -> None:
+    """reweight=p against a direct float64 transcription of the sourced formula (causal self), and causal
+    cross rows equal the last rows of the self-attention call (the shift and n_i follow positions)."""
+    q, k, v = qkv(20, 20)
+    q = q * 3
+    got = softplus.reference(q, k, v, softplus.SoftplusParams(reweight=p), causal=True, scale=1 / D**0.5)
+    torch.testing.assert_close(got, _lssar_direct(q, k, v, p), atol=1e-4, rtol=1e-4)
+    cross = softplus.reference(q[:, :, -6:], k, v, softplus.SoftplusParams(reweight=p), causal=True,
+                               scale=1 / D**0.5)  # fmt: skip
+    torch.testing.assert_close(cross, got[:, :, -6:], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, softplus.reference(q, k, v, softplus.SoftplusParams(), causal=True,
+                                                      scale=1 / D**0.5))  # fmt: skip
+
+
+def test_softplus_reweight_runs_on_eager_with_gradients_and_does_not_overflow(variants: None) -> None:
+    """eager (the only backend with the stage; Triton and Flex refuse, naming eager) under the parity rule
+    with every gradient, and at N=600, p=15 where (a n)^p reaches 600^15 > fp32's range: finite."""
+    spec = attnlab.get("softplus")
+    check = check_parity(
+        spec, "eager", Case(1, 4, 2, 33, 47, 16, torch.bfloat16, True, {"reweight": 3}), "cpu"
+    )
+    assert check.passed and "dq" in check.errors, check.summary()
+    q, k, v = qkv(9, 13)
+    for backend in ("triton", "flex"):
+        with pytest.raises(
+            BackendError, match=r"no re-weighting stage \(reweight=3\).*backend='eager' runs it"
+        ):
+            attnlab.attention(q, k, v, method="softplus", causal=True, backend=backend, reweight=3)
+    chosen = attnlab.prepare("softplus", causal=True, reweight=3).explain(q, k, v).backend
+    assert chosen is not None and chosen.name == "eager"
+    x = torch.randn(1, 1, 600, D) * 3
+    out = softplus.reference(x, x, x, softplus.SoftplusParams(reweight=15), causal=True, scale=1 / D**0.5)
+    assert torch.isfinite(out).all() and out.abs().sum() > 0
+
+
+def test_softplus_reweight_bad_input_is_named() -> None:
+    q, k, v = qkv()
+    with pytest.raises(InputError, match=r"reweight=3 .* causal attention only.*got causal=False"):
+        attnlab.attention(q, k, v, method="softplus", causal=False, backend="eager", reweight=3)
+    for bad in (-1, 65, True, 2.0):
+        with pytest.raises(ParamError, match=r"method 'softplus': parameter reweight=.* is invalid"):
+            softplus.SoftplusParams(reweight=bad)  # type: ignore[arg-type]

@@ -11,8 +11,10 @@ where ``n_i`` is the number of keys row ``i`` may attend (N_k, or ``p_i + 1`` wh
 keeping the attention entropy steady as sequences grow. Masked entries weigh 0; a row with no key is 0.
 
 Our reading, from the paper's abstract and secondary summaries (its code was not available here): the
-exact form of the scale (log base, row length vs. total length) is unverified, and the re-weighting
-("sharpening") stage of LSSAR is not implemented. The FlexAttention path passes ``log softplus`` as its
+exact form of the scale (log base, row length vs. total length) is unverified: the two secondary sources
+checked for the re-weighting (see :func:`reweigh`) both write the scale as ``log(D) * log(n_i)`` applied to
+the cosine of L2-normalised q and k, not ``log_D n_i`` on ``scale * q . k`` as here (not changed: flagged
+for a decision). LSSAR's re-weighting stage is the option ``reweight=p`` (reference and eager only). The FlexAttention path passes ``log softplus`` as its
 score, so that its softmax is exactly the l1 normalisation of the softplus weights.
 
 Backends: ``triton`` (attnlab's score-transform kernel with its softplus transform, forward and backward;
@@ -24,7 +26,7 @@ row sum of N_k weights stays in fp32 range for any logit below ~1e38 / N_k (exp 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.backends.eager import EAGER
-from attnlab.catalog.variants._common import VariantFlexBackend, allowed, logits, weigh
+from attnlab.catalog.variants._common import VariantFlexBackend, allowed, logits, softmax_rows, weigh
 from attnlab.catalog.variants._triton import KernelArgs, TritonScoreBackend
 from attnlab.core import Call, MethodSpec
 from attnlab.errors import InputError
@@ -40,17 +42,23 @@ from attnlab.kernels.flex import ScoreMod
 from attnlab.params import Params
 from attnlab.patterns import ALL_PATTERNS
 
+#: LSSAR's shift O_i is 0 on the rows of the first SHIFT_FROM positions and 1 after (see :func:`reweigh`)
+SHIFT_FROM = 3
+
 
 @dataclass(frozen=True)
 class SoftplusParams(Params):
     """``length_scale``: multiply the logits by ``log(n_i) / log(D)`` (default True, LSSA); False gives
-    plain softplus attention with l1 normalisation."""
+    plain softplus attention with l1 normalisation. ``reweight``: the power ``p`` of LSSAR's re-weighting
+    stage (:func:`reweigh`; 0 to 64, default 0: off; the sources use 3 and 15); causal calls only."""
 
     method = "softplus"
     length_scale: bool = True
+    reweight: int = 0
 
     def validate(self) -> None:
         self.check_bool("length_scale")
+        self.check_int("reweight", minimum=0, maximum=64)
 
 
 def row_lengths(n_q: int, n_k: int, causal: bool, device: torch.device) -> Tensor:
@@ -92,7 +100,42 @@ def reference(
         w = w * mask
     total = w.sum(dim=-1, keepdim=True)
     a = w / torch.where(total > 0, total, torch.ones_like(total))
+    if params.reweight:
+        a = reweigh(a, mask, n_q, n_k, causal, params.reweight)
     return weigh(a, v, upcast).to(q.dtype)
+
+
+def reweigh(a: Tensor, mask: Tensor | None, n_q: int, n_k: int, causal: bool, p: int) -> Tensor:
+    """LSSAR's re-weighting of the l1-normalised weights ``a`` (B, H, N_q, N_k)::
+
+        R_ij = relu(a_ij * n_i - O_i) ** p,   A'_ij = R_ij / sum_j' R_ij'   (a row of zeros stays 0)
+
+    ``n_i`` the keys row ``i`` attends (``p_i + 1``, ``p_i = i + N_k - N_q``), ``O_i = 0`` for the rows at
+    positions ``p_i < SHIFT_FROM`` (3) and 1 after. Computed as a masked softmax of ``p * log(a n - O)``
+    over the entries where ``a n > O`` (``(a n)^p`` reaches ``N^p``, 2^225 at 32K and p=15: it would
+    overflow fp32). Entries below the shift get weight 0 (and no gradient).
+
+    Source: not the authors' code (none was found). The formula is the one of the third-party
+    reimplementation On-Point-RND/transformer-architecture-generalization, ``models/lssar.py`` at commit
+    6d3fc68cecd68356d2db1705e3d7e6a4a3621bd2 (``relu(attention * n - offset).pow(p)`` then the l1
+    normalisation, ``offset`` 1 with its first 3 rows 0, ``n`` = 1..L, p = 15 by default), which agrees with
+    a paper summary's description (``A <- ReLU^p(A * N - O)``, O all ones with its first 3 rows 0, p in {3,
+    15}). Both are causal; so is this (non-causal calls are refused: the shift's rows are positions)."""
+    if not causal:
+        raise InputError(
+            f"method 'softplus': reweight={p} (LSSAR's re-weighting) is defined for causal attention only "
+            "(its shift O_i depends on the query position); got causal=False: expected causal=True or "
+            "reweight=0"
+        )
+    dev = a.device
+    n = row_lengths(n_q, n_k, True, dev).to(a.dtype)
+    pos = torch.arange(n_q, device=dev) + (n_k - n_q)
+    shift = (pos >= SHIFT_FROM).to(a.dtype)
+    z = a * n[:, None] - shift[:, None]
+    keep = z > 0
+    if mask is not None:
+        keep = keep & mask
+    return softmax_rows(p * torch.log(z.clamp(min=torch.finfo(z.dtype).tiny)), keep)
 
 
 def log_softplus(y: Tensor) -> Tensor:
@@ -141,15 +184,39 @@ def _kernel_args(q: Tensor, call: Call, extra: Mapping[str, Tensor]) -> KernelAr
     return KernelArgs(softplus=True, temp=lam)
 
 
+def _no_reweight(backend: str) -> Callable[[Call], list[str]]:
+    def why(call: Call) -> list[str]:
+        p = call.params
+        if isinstance(p, SoftplusParams) and p.reweight:
+            return [
+                f"{backend} has no re-weighting stage (reweight={p.reweight}): it needs each row's l1 "
+                "normaliser before a second pass; backend='eager' runs it"
+            ]
+        return []
+
+    return why
+
+
+class _Triton(TritonScoreBackend):
+    def reasons(self, call: Call) -> list[str]:
+        return super().reasons(call) + _no_reweight("the Triton kernel")(call)
+
+
+class _Flex(VariantFlexBackend):
+    def reasons(self, call: Call) -> list[str]:
+        return super().reasons(call) + _no_reweight("FlexAttention")(call)
+
+
 SPEC = MethodSpec(
     name="softplus",
     family="dense",
     paper="Softplus Attention with Re-weighting Boosts Length Extrapolation in Large Language Models "
-    "(Gao et al., 2025): LSSA, without the re-weighting stage",
+    "(Gao et al., 2025): LSSA; the re-weighting stage (LSSAR) as the option reweight=p, formula from a "
+    "third-party reimplementation (the authors' code was not found)",
     summary="softplus(log_D(n_i) * scale*qk) weights, l1-normalised per row (LSSA)",
     param_class=SoftplusParams,
     reference=reference,
-    backends=(TritonScoreBackend(_kernel_args), VariantFlexBackend(_score), EAGER),
+    backends=(_Triton(_kernel_args), _Flex(_score), EAGER),
     patterns=ALL_PATTERNS,
     test_params=({}, {"length_scale": False}),
     bench_params=lambda n: [{}],
