@@ -34,9 +34,11 @@ def decode_methods() -> Iterator[None]:
         yield
 
 
-def generate(model: Any, ids: torch.Tensor, mask: torch.Tensor | None, **kw: Any) -> Any:
+def generate(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor | None, max_new_tokens: int = NEW, **kw: Any
+) -> Any:
     return model.generate(
-        ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, output_logits=True,
+        ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
         return_dict_in_generate=True, **kw,
     )  # fmt: skip
 
@@ -153,3 +155,41 @@ def test_free_kv_refuses_what_it_cannot_compact() -> None:
         model.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="static")
     with pytest.raises(TypeError, match="kv_memory takes a transformers Cache"):
         kv_memory(object())
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "keep"),
+    [
+        ("retrieval_heads_kv", {"heads": (), "budget": 6, "sink": 2}, 6),
+        ("streaming", {"sinks": 2, "window": 5}, 7),
+        ("retrieval_heads_kv", {"heads": (0,), "budget": 6, "sink": 2}, None),  # a retrieval head: no freeing
+    ],
+)
+def test_sink_and_window_methods_drop_their_middle(
+    monkeypatch: pytest.MonkeyPatch, method: str, params: dict[str, Any], keep: int | None
+) -> None:
+    """Freed whenever a row outgrows sinks + window + SLACK (SLACK 1 here): same tokens and logits as the
+    masking path; after each step the cache holds at most sinks + window + SLACK tokens per row."""
+    import sys
+
+    monkeypatch.setattr(sys.modules["attnlab.hf.use"], "SLACK", 1)  # (attnlab.hf.use is the function)
+    model = build("llama3")
+    ids, mask = padded(batch=2, pads=(0, 3))
+    new = 8
+    with decode_methods():
+        with use(model, decode=method, decode_params=params, plan=FAST):
+            masked = generate(model, ids, mask, max_new_tokens=new)
+        with use(model, decode=method, decode_params=params, plan=FAST, free_kv=True) as rt:
+            freed = generate(model, ids, mask, max_new_tokens=new)
+            mem = kv_memory(freed.past_key_values, rt)
+    assert torch.equal(freed.sequences, masked.sequences)
+    for a, b in zip(freed.logits, masked.logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    total = ids.shape[1] + new - 1
+    lengths = layer_lengths(freed.past_key_values)
+    assert freed.past_key_values.get_seq_length() == total
+    if keep is None:
+        assert lengths == [total] * 2 and not rt.compacted
+    else:
+        assert all(keep <= n <= keep + 1 for n in lengths) and set(rt.compacted) == {0, 1}
+        assert all(m.freed and m.kept == m.allocated for m in mem)  # both rows outgrew the window

@@ -28,7 +28,7 @@ from attnlab.api import Op, prepare
 from attnlab.backends.base import Backend
 from attnlab.core import Call, Problem
 from attnlab.errors import AttnlabError
-from attnlab.hf.kv import EVICTING, Compaction
+from attnlab.hf.kv import EVICTING, Compaction, Entries, window_keep
 from attnlab.hf.models import SUPPORTED_ATTENTION, ModelInfo, UnsupportedModelError
 from attnlab.hf.plan import HFPlan, MethodRef, PlanError, check_method
 from attnlab.registry import methods
@@ -251,7 +251,7 @@ class Runtime:
         #: eviction state was just decided (compacted by use()'s hook after the attention module returns)
         self.free_kv = False
         self.compacted: dict[int, Compaction] = {}
-        self._pending: dict[int, list[tuple[tuple[int, ...] | None, int, int]]] = {}
+        self._pending: dict[int, tuple[tuple[int, int] | bool, Entries]] = {}
         #: per layer, the physical cache length and per-row runs of real keys of its last call
         self.last_runs: dict[int, tuple[int, tuple[tuple[int, int], ...] | None]] = {}
 
@@ -371,19 +371,11 @@ class Runtime:
         self._last_phase = phase
         parts = self.parts(layer, phase, heads, key.shape[1], sliding_window, softcap, scaling)
         self.last_runs[layer] = (key.shape[2], runs)
-        evict = (
-            self.free_kv
-            and phase == "decode"
-            and layer not in self.compacted
-            and len(parts) == 1
-            and parts[0].heads is None
-            and parts[0].ref.name in EVICTING
-            and not any(k[0] == layer for k in self.states)
-        )
+        free = self._free(layer, phase, parts)
         if runs is None:
             out = self._run(parts, layer, phase, query, key, value, None)
-            if evict:
-                self._pending[layer] = [(None, 0, key.shape[2])]
+            if free:
+                self._pending[layer] = (free, [(None, 0, key.shape[2])])
         else:
             out = query.new_zeros(b, heads, n_q, value.shape[3])
             groups: dict[tuple[int, int, int, int], list[int]] = {}
@@ -403,9 +395,20 @@ class Runtime:
                     out[:, :, i0:i1] = res
                 else:
                     out[idx, :, i0:i1] = res
-            if evict:
-                self._pending[layer] = [(tuple(rows), s, e) for (s, e, _, _), rows in groups.items()]
+            if free:
+                self._pending[layer] = (free, [(tuple(rows), s, e) for (s, e, _, _), rows in groups.items()])
         return out.transpose(1, 2).contiguous(), None
+
+    def _free(self, layer: int, phase: str, parts: Sequence[Part]) -> tuple[int, int] | bool | None:
+        """What ``free_kv`` does after this call (:mod:`attnlab.hf.kv`): True: compact to the eviction
+        state about to be decided; (sinks, window): drop the middle if the cache outgrew them (checked after
+        the call); False / None: nothing."""
+        if not self.free_kv or phase != "decode" or len(parts) != 1 or parts[0].heads is not None:
+            return None
+        ref = parts[0].ref
+        if ref.name in EVICTING:
+            return layer not in self.compacted and not any(k[0] == layer for k in self.states)
+        return window_keep(ref.name, parts[0].op.params)
 
     def _run(
         self, parts: Sequence[Part], layer: int, phase: str, q: Tensor, k: Tensor, v: Tensor,

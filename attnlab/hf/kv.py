@@ -1,6 +1,10 @@
 """KV memory under attnlab.hf: eviction that frees the cache, and what each decode method keeps.
 
-**Freeing evicted KV** (``attnlab.hf.use(model, ..., free_kv=True)``; opt-in, off by default). The
+**Freeing evicted KV** (``attnlab.hf.use(model, ..., free_kv=True)``; opt-in, off by default). Two kinds
+of decode methods drop tokens for good: the eviction methods, and the sink + window methods
+(:data:`WINDOWED`: ``retrieval_heads_kv`` without retrieval heads, ``streaming``), whose dropped middle is
+removed whenever a row holds more than sinks + window + :data:`SLACK` tokens (the kept sinks and window
+are a superset of what later steps read, so outputs are unchanged). The
 eviction methods (:data:`EVICTING`: ``snapkv``, ``h2o``) decide once, at their first call (in attnlab.hf
 the first decode step: the prefill runs a prefill method), which prompt tokens each (batch, KV head)
 keeps; without ``free_kv`` the cache keeps every token and the method only masks the rest. With
@@ -85,13 +89,31 @@ def _compacted_class(base: Any) -> type:
     return got
 
 
-def compact(
-    runtime: Runtime, layer: int, cache_layer: Any, entries: list[tuple[tuple[int, ...] | None, int, int]]
-) -> None:
-    """Remove the tokens the eviction states of ``layer`` dropped from ``cache_layer`` (a DynamicLayer):
-    ``entries`` lists the decode call's row groups (rows or None for the whole batch, and their run
-    ``[s, e)`` of real keys). Replaces the layer's states by exact ones over the compacted cache and records
-    the :class:`Compaction` the runtime maps masks with."""
+#: the sink + window methods whose evicted middle ``free_kv`` removes (retrieval_heads_kv only without
+#: retrieval heads: a cache tensor has one length for all KV heads, and retrieval heads keep every token)
+WINDOWED: frozenset[str] = frozenset({"retrieval_heads_kv", "streaming"})
+#: a sink + window layer is compacted when a row holds more than its sinks + window + SLACK tokens (one
+#: copy of the kept tokens every SLACK steps instead of every step)
+SLACK = 64
+
+Entries = list[tuple[tuple[int, ...] | None, int, int]]
+
+
+def window_keep(name: str, params: Any) -> tuple[int, int] | None:
+    """(sinks, recent tokens) a sink + window decode method attends to from now on, or None where it needs
+    every token (retrieval heads) or is not a sink + window method. A superset of what the next step reads
+    (its window slides by one token), so dropping the rest changes nothing."""
+    if name == "retrieval_heads_kv" and not params.heads:
+        return int(params.sink), int(params.budget) - int(params.sink)
+    if name == "streaming":
+        return int(params.sinks), int(params.window)
+    return None
+
+
+def _gather(runtime: Runtime, layer: int, cache_layer: Any, per_row: list[Tensor | None]) -> list[int]:
+    """Keep, per batch row, the physical cache indices ``per_row[b]`` ((H_kv, c_b); None: nothing) of
+    ``cache_layer``, left-padding rows that keep fewer than the most; record the :class:`Compaction`.
+    Returns the kept counts per row."""
     from attnlab.hf.interface import HFRuntimeError
 
     cls = type(cache_layer)
@@ -102,18 +124,6 @@ def compact(
         )
     keys, values = cache_layer.keys, cache_layer.values
     b, h_kv, n, _ = keys.shape
-    per_row: list[Tensor | None] = [None] * b
-    for rows, s, e in entries:
-        state = runtime.states.get((layer, 0, rows))
-        if not isinstance(state, EvictionState):
-            raise HFRuntimeError(f"layer {layer}: free_kv found no eviction state for rows {rows}")
-        idx = (
-            torch.arange(s, e, device=keys.device).expand(len(rows) if rows else b, h_kv, -1)
-            if state.kept is None
-            else state.kept.long() + s
-        )
-        for j, row in enumerate(rows if rows is not None else range(b)):
-            per_row[row] = idx[j]
     counts = [0 if t is None else int(t.shape[1]) for t in per_row]
     p = max(counts)
     index = torch.zeros(b, h_kv, p, dtype=torch.long, device=keys.device)
@@ -126,26 +136,73 @@ def compact(
     gather = index[..., None]
     cache_layer.keys = keys.gather(2, gather.expand(-1, -1, -1, keys.shape[3]))
     cache_layer.values = values.gather(2, gather.expand(-1, -1, -1, values.shape[3]))
-    old = int(getattr(cache_layer, "dropped", 0))
     if cls.__name__ == "DynamicLayer":
         cache_layer.__class__ = _compacted_class(cls)
-    cache_layer.dropped = old + n - p
+    cache_layer.dropped = int(getattr(cache_layer, "dropped", 0)) + n - p
     starts = tuple(p - c for c in counts)
-    padded = any(starts)
+    prev = runtime.compacted.get(layer)
+    runtime.compacted[layer] = Compaction(
+        (prev.shift if prev else 0) + n - p, starts if any(starts) else None, tuple(counts)
+    )
+    return counts
+
+
+def compact(runtime: Runtime, layer: int, cache_layer: Any, entries: Entries) -> None:
+    """Remove the tokens the eviction states of ``layer`` dropped from ``cache_layer`` (a DynamicLayer):
+    ``entries`` lists the decode call's row groups (rows or None for the whole batch, and their run
+    ``[s, e)`` of real keys). Replaces the layer's states by exact ones over the compacted cache and records
+    the :class:`Compaction` the runtime maps masks with."""
+    from attnlab.hf.interface import HFRuntimeError
+
+    keys = cache_layer.keys
+    b, h_kv = keys.shape[:2]
+    per_row: list[Tensor | None] = [None] * b
+    for rows, s, e in entries:
+        state = runtime.states.get((layer, 0, rows))
+        if not isinstance(state, EvictionState):
+            raise HFRuntimeError(f"layer {layer}: free_kv found no eviction state for rows {rows}")
+        idx = (
+            torch.arange(s, e, device=keys.device).expand(len(rows) if rows else b, h_kv, -1)
+            if state.kept is None
+            else state.kept.long() + s
+        )
+        for j, row in enumerate(rows if rows is not None else range(b)):
+            per_row[row] = idx[j]
+    counts = _gather(runtime, layer, cache_layer, per_row)
     for key in [k for k in runtime.states if k[0] == layer]:
         del runtime.states[key]
-    if not padded:
-        runtime.states[(layer, 0, None)] = EvictionState(None, p)
+    if runtime.compacted[layer].starts is None:
+        runtime.states[(layer, 0, None)] = EvictionState(None, counts[0])
     else:
         groups: dict[int, list[int]] = {}
         for row, c in enumerate(counts):
             groups.setdefault(c, []).append(row)
         for c, rows_ in groups.items():
             runtime.states[(layer, 0, tuple(rows_))] = EvictionState(None, c)
-    prev = runtime.compacted.get(layer)
-    runtime.compacted[layer] = Compaction(
-        (prev.shift if prev else 0) + n - p, starts if padded else None, tuple(counts)
-    )
+
+
+def compact_window(
+    runtime: Runtime, layer: int, cache_layer: Any, keep: tuple[int, int], entries: Entries
+) -> None:
+    """Keep, per row, its first ``keep[0]`` real tokens (sinks) and its last ``keep[1]`` (window) in
+    ``cache_layer``; ``entries``: the decode call's row groups and their runs of real keys."""
+    keys = cache_layer.keys
+    b, h_kv = keys.shape[:2]
+    sink, recent = keep
+    per_row: list[Tensor | None] = [None] * b
+    for rows, s, e in entries:
+        if e - s <= sink + recent:
+            idx = torch.arange(s, e, device=keys.device)
+        else:
+            idx = torch.cat(
+                [
+                    torch.arange(s, s + sink, device=keys.device),
+                    torch.arange(e - recent, e, device=keys.device),
+                ]
+            )
+        for row in rows if rows is not None else range(b):
+            per_row[row] = idx.expand(h_kv, -1)
+    _gather(runtime, layer, cache_layer, per_row)
 
 
 @dataclass(frozen=True)

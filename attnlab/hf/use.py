@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from attnlab.hf.interface import HFRuntimeError, Runtime, effective, mask_function
-from attnlab.hf.kv import compact
+from attnlab.hf.kv import SLACK, compact, compact_window
 from attnlab.hf.models import ModelInfo, attention_modules, inspect_model
 from attnlab.hf.plan import PHASES, HFPlan, PlanError, check_method, load_plan
 
@@ -119,7 +119,11 @@ def _compact_hook(runtime: Runtime) -> Any:
                 f"layer {layer}: free_kv needs the model's cache (past_key_values) passed to its attention "
                 f"module; got {type(cache).__name__}"
             )
-        compact(runtime, layer, cache.layers[layer], entries)
+        kind, rows = entries
+        if kind is True:
+            compact(runtime, layer, cache.layers[layer], rows)
+        elif isinstance(kind, tuple) and max(e - s for _, s, e in rows) > sum(kind) + SLACK:
+            compact_window(runtime, layer, cache.layers[layer], kind, rows)
 
     return hook
 
@@ -150,8 +154,9 @@ def use(
         plan: per-layer and per-head methods (a dict, a .json/.yaml path or an HFPlan; schema in
             :mod:`attnlab.hf.plan`); the arguments above replace its defaults.
         free_kv: remove the tokens the eviction methods (``snapkv``, ``h2o``) drop from transformers'
-            DynamicCache once they decide (their first decode step), so the cache memory shrinks to the
-            budget; default False (they only mask). Same tokens as the masking path; details, padding
+            DynamicCache once they decide (their first decode step), and the middle that the sink + window
+            methods (``retrieval_heads_kv`` without retrieval heads, ``streaming``) no longer read, so the
+            cache memory shrinks to the budget; default False (they only mask). Same tokens as the masking path; details, padding
             and the logical cache length in :mod:`attnlab.hf.kv`. Layers running other methods are left
             as they are. Report the memory with :func:`attnlab.hf.kv_memory`.
 
