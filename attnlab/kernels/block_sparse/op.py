@@ -2,8 +2,13 @@
 
 ``block_sparse_attention(q, k, v, tables, scale, causal) -> (out, lse)`` is differentiable in q, k, v and
 opaque to ``torch.compile`` (``attnlab::block_sparse_fwd`` / ``attnlab::block_sparse_bwd`` with fake
-rules). ``tables`` are the 13 tensors of :meth:`attnlab.plans.executor.ExecutorTables.as_args` (this
-module never sees a Plan). The lse is an output only: no gradient flows through it.
+rules). ``tables`` are the 13 tensors of :meth:`attnlab.plans.executor.ExecutorTables.as_args` (the
+kernels never see a Plan). The lse is an output only: no gradient flows through it.
+
+``block_sparse_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=..., plan_fn=...)``: packed sequences
+(FlashAttention's varlen layout, batch 1). It is the one function here that builds a plan: it calls
+:func:`attnlab.plans.executor.varlen_plan` (imported when called, not at import) to join the sequences'
+plans into one block-diagonal plan, then runs :func:`block_sparse_attention` on its tables unchanged.
 """
 
 from __future__ import annotations
