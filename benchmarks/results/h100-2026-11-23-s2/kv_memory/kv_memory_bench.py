@@ -3,7 +3,7 @@
 A Llama-3-8B-shaped model (hidden 4096, GQA 32:8, head dim 128, vocab 128256; ``--layers`` layers, default
 4) built from its config with random weights, bf16 on CUDA, batch 1, a ``--context`` token prompt (default
 32768). Per side (transformers sdpa; attnlab softmax; snapkv and h2o at ``--budget`` tokens, masking and
-freeing):
+freeing; retrieval_heads_kv without retrieval heads, sinks + window, masking and freeing):
 
 - ``cache``: after the prefill and the first decode step (where the eviction methods decide and, with
   ``free_kv``, compact): ``attnlab.hf.kv_memory`` per layer (allocated / kept / read bytes, summed) and
@@ -52,6 +52,8 @@ def build(layers: int, device: torch.device, tiny: bool) -> Any:
 def sides(budget: int) -> list[tuple[str, dict[str, Any] | None]]:
     snap = {"decode": "snapkv", "decode_params": {"budget": budget}}
     h2o = {"decode": "h2o", "decode_params": {"budget": budget}}
+    # sinks + window on every KV head (no retrieval head): StreamingLLM-style decode
+    stream = {"decode": "retrieval_heads_kv", "decode_params": {"budget": budget, "sink": 4}}
     return [
         ("sdpa", None),
         ("snapkv_masked", snap),
@@ -59,6 +61,8 @@ def sides(budget: int) -> list[tuple[str, dict[str, Any] | None]]:
         ("h2o_masked", h2o),
         ("h2o_free", {**h2o, "free_kv": True}),
         ("softmax", {}),
+        ("retrieval_heads_kv_masked", stream),
+        ("retrieval_heads_kv_free", {**stream, "free_kv": True}),
     ]
 
 
@@ -146,7 +150,7 @@ def main() -> None:
         path.write_text(json.dumps(out, indent=1))
         print(name, row, flush=True)
     checks: dict[str, Any] = {}
-    for m in ("snapkv", "h2o"):
+    for m in ("snapkv", "h2o", "retrieval_heads_kv"):
         a, b = seqs.get(f"{m}_masked"), seqs.get(f"{m}_free")
         if a is None or b is None:
             continue
