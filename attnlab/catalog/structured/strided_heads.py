@@ -154,13 +154,17 @@ def head_plan(call: Call, block: int = 128) -> Plan:
     ctx = MaskContext(p.n_q, p.n_k, p.causal, p.device)
     mm = mask(params, ctx, p.heads, p.kv_heads)
     per_kv = []
+    by_offset: dict[int, Plan] = {}  # KV heads of one residue shift share their plan
     for g in range(p.kv_heads):
-        h = torch.tensor(g * p.group, dtype=torch.int32, device=p.device)
+        offset = head_offset(params, g, p.kv_heads)
+        if offset not in by_offset:
+            h = torch.tensor(g * p.group, dtype=torch.int32, device=p.device)
 
-        def fixed(b: Tensor, _h: Tensor, q_idx: Tensor, kv_idx: Tensor, h: Tensor = h) -> Tensor:
-            return mm(b, h, q_idx, kv_idx)
+            def fixed(b: Tensor, _h: Tensor, q_idx: Tensor, kv_idx: Tensor, h: Tensor = h) -> Tensor:
+                return mm(b, h, q_idx, kv_idx)
 
-        per_kv.append(plan_from_mask(fixed, p.n_q, p.n_k, p.causal, p.device, block, block))
+            by_offset[offset] = plan_from_mask(fixed, p.n_q, p.n_k, p.causal, p.device, block, block)
+        per_kv.append(by_offset[offset])
     rows = [per_kv[h // p.group] for h in range(p.heads)]
     return Plan(
         n_q=p.n_q,
