@@ -407,6 +407,51 @@ def pin(rows: list[dict], log: Callable[[dict], None]) -> None:
                     "bwd": {str(k): v for k, v in op.MEASURED_BWD.items()}}})  # fmt: skip
 
 
+def summarize(path: str) -> str:
+    """A markdown table of a run's rows (``variants.jsonl``): per point the backend as called, the checks,
+    each side's median ms and the ratios against cuDNN plain softmax and Flex."""
+    env: dict[str, Any] = {}
+    lines = [
+        "| variant | N | causal | mode | as called (backend) | checks | ours ms | flex ms | cuDNN ms | "
+        "ours / cuDNN | flex / cuDNN | ours vs flex |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    with open(path) as f:
+        for line in f:
+            obj = json.loads(line)
+            env = obj.get("env", env)
+            row = obj.get("row")
+            if not row:
+                continue
+            if "crash" in row:
+                lines.append(
+                    f"| {row['variant']} | {row['n']} | {row['causal']} | crash: {row['crash'][:120]} |"
+                )
+                continue
+            for mode in ("fwd", "fwd_bwd"):
+                if f"cudnn_softmax_{mode}" not in row:
+                    continue
+                checks = [c for c in row["checks"] if c.get("mode") == mode]
+                ok = ", ".join(f"{c['side']} {'ok' if c['passed'] else 'FAIL'}" for c in checks)
+
+                def ms(side: str, row: dict = row, mode: str = mode) -> str:
+                    t = row.get(f"{side}_{mode}")
+                    return f"{t['median_ms']:.2f}" if t else "-"
+
+                def ratio(key: str, row: dict = row) -> str:
+                    return f"{row[key]:.2f}" if key in row else "-"
+
+                backend = row["ours_backend_fwd" if mode == "fwd" else "ours_backend_fwd_bwd"]
+                lines.append(
+                    f"| {row['variant']} | {row['n']} | {row['causal']} | {mode} | {backend} | {ok} | "
+                    f"{ms('ours')} | {ms('flex')} | {ms('cudnn_softmax')} | "
+                    f"{ratio(f'ours_{mode}_ratio_vs_cudnn')} | {ratio(f'flex_{mode}_ratio_vs_cudnn')} | "
+                    f"{ratio(f'ours_vs_flex_{mode}')} |"
+                )
+    head = f"device {env.get('device')}, torch {env.get('torch')}, triton {env.get('triton')}, commit {env.get('commit')}"
+    return head + "\n\n" + "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out-dir", default=".")
@@ -424,7 +469,11 @@ def main() -> None:
     ap.add_argument("--probe-n", type=int, default=16384)
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new points after this")
     ap.add_argument("--dry-cpu", action="store_true", help="tiny CPU run of this script (TRITON_INTERPRET=1)")
+    ap.add_argument("--summarize", metavar="JSONL", help="print a markdown table of a run's rows and exit")
     args = ap.parse_args()
+    if args.summarize:
+        print(summarize(args.summarize), end="")
+        return
     device = torch.device("cuda")
     if args.dry_cpu:
         global HEADS, HEAD_DIM, CHECK_ROWS
