@@ -106,11 +106,16 @@ PLAN_FNS: dict[str, PlanFn] = {
 }
 
 
+LONG_Q = [40, 100, 37, 64, 3]  # sequences over several tiles: interior tiles share pattern ids
+LONG_K = [40, 90, 50, 64, 9]
+
+
 @pytest.mark.parametrize("plan", ["dense", "random", "window"])
-@pytest.mark.parametrize("shape", ["self", "cross"])
+@pytest.mark.parametrize("shape", ["self", "cross", "long", "long_cross"])
 @pytest.mark.parametrize("causal", [True, False])
 def test_packed_plan_is_block_diagonal(plan: str, shape: str, causal: bool) -> None:
-    lq, lk = (SELF, SELF) if shape == "self" else (CROSS_Q, CROSS_K)
+    lq, lk = {"self": (SELF, SELF), "cross": (CROSS_Q, CROSS_K), "long": (LONG_Q, LONG_Q),
+              "long_cross": (LONG_Q, LONG_K)}[shape]  # fmt: skip
     cq, ck = cu(lq).tolist(), cu(lk).tolist()
     q, k, _ = random_qkv(cq[-1], ck[-1], 0)
     fn = PLAN_FNS[plan]
@@ -130,6 +135,8 @@ def test_packed_plan_is_block_diagonal(plan: str, shape: str, causal: bool) -> N
     got = tables_mask(t.p_num, t.p_idx, t.p_pat, t.f_num, t.f_idx, t.c_num, t.c_idx, t.patterns,
                       packed.n_q, packed.n_k, False)  # fmt: skip
     assert torch.equal(got, want)
+    if shape.startswith("long"):  # tiles with equal ids were evaluated once: fewer patterns than tiles
+        assert packed.pattern_ids is not None and t.patterns.shape[0] < int(packed.partial.sum())
     if plan == "dense" and causal and shape == "self":  # tiles inside one sequence, below its diagonal,
         # run without a mask even when the sequence does not start on a tile boundary
         longer = varlen_plan([0, 40, 140], [0, 40, 140], [None, None], True, BS, "cpu")

@@ -312,39 +312,39 @@ def varlen_plan(
     mk = max([1] + [(loc.full.shape[2]) for loc in locals_ if loc is not None])
     stack_full = torch.zeros(n_seq, hp, mq, mk, dtype=torch.bool, device=dev)
     stack_part = torch.zeros_like(stack_full)
-    kinds = torch.zeros(n_seq, dtype=torch.int64, device=dev)
+    kinds = torch.tensor([0 if loc is None else loc.kind for loc in locals_], dtype=torch.int64, device=dev)
     for s, loc in enumerate(locals_):
         if loc is None:
             continue
         lq, lk = loc.full.shape[1:]
         stack_full[s, :, :lq, :lk] = loc.full
         stack_part[s, :, :lq, :lk] = loc.partial
-        kinds[s] = loc.kind
-        n_q, n_k = cu_q[s + 1] - cu_q[s], cu_k[s + 1] - cu_k[s]
-        iq, ik = torch.arange(lq, device=dev), torch.arange(lk, device=dev)
-        rows = (
-            (cu_q[s] + iq * block) // block,
-            (cu_q[s] + torch.clamp((iq + 1) * block, max=n_q) - 1) // block,
-        )
-        cols = (
-            (cu_k[s] + ik * block) // block,
-            (cu_k[s] + torch.clamp((ik + 1) * block, max=n_k) - 1) // block,
-        )
-        f = loc.full.expand(hp, -1, -1).reshape(hp, -1).int()
-        v = (loc.full | loc.partial).expand(hp, -1, -1).reshape(hp, -1).int()
-        seen: set[tuple[int, int]] = set()
-        for a in (0, 1):
-            for c in (0, 1):
-                lin = rows[a][:, None] * nkb + cols[c][None, :]
-                # a tile counted once per sequence tile, even where the two row (column) ends coincide
-                fresh = torch.ones_like(lin, dtype=torch.bool)
-                for a0, c0 in seen:
-                    fresh &= lin != rows[a0][:, None] * nkb + cols[c0][None, :]
-                seen.add((a, c))
-                idx = lin[fresh]
-                ovl.index_add_(1, idx, torch.ones(hp, idx.numel(), dtype=torch.int32, device=dev))
-                fulls.index_add_(1, idx, f[:, fresh.flatten()])
-                vis.index_add_(1, idx, v[:, fresh.flatten()])
+    # every sequence tile touches at most 2 x 2 packed tiles: count, per packed tile, the sequence tiles
+    # overlapping it, and of those the full and the visited ones (all sequences at once)
+    n_qs = torch.tensor(cu_q[1:], device=dev) - torch.tensor(cu_q[:-1], device=dev)
+    n_ks = torch.tensor(cu_k[1:], device=dev) - torch.tensor(cu_k[:-1], device=dev)
+    present = torch.tensor([loc is not None for loc in locals_], device=dev)
+    iq, ik = torch.arange(mq, device=dev)[None], torch.arange(mk, device=dev)[None]
+    q0, k0 = torch.tensor(cu_q[:-1], device=dev)[:, None], torch.tensor(cu_k[:-1], device=dev)[:, None]
+    rows = (q0 + iq * block) // block, (q0 + torch.minimum((iq + 1) * block, n_qs[:, None]) - 1) // block
+    cols = (k0 + ik * block) // block, (k0 + torch.minimum((ik + 1) * block, n_ks[:, None]) - 1) // block
+    valid = (present[:, None, None] & (iq < -(-n_qs // block)[:, None])[:, :, None]
+             & (ik < -(-n_ks // block)[:, None])[:, None, :])  # fmt: skip
+    f = stack_full.transpose(0, 1).int()  # (Hp, S, MQ, MK)
+    v = (stack_full | stack_part).transpose(0, 1).int()
+    seen: list[Tensor] = []
+    for a in (0, 1):
+        for c in (0, 1):
+            lin = rows[a][:, :, None] * nkb + cols[c][:, None, :]  # (S, MQ, MK)
+            # a packed tile counted once per sequence tile, even where its two row (column) ends coincide
+            fresh = valid.clone()
+            for prev in seen:
+                fresh &= lin != prev
+            seen.append(lin)
+            idx = lin[fresh]
+            ovl.index_add_(1, idx, torch.ones(hp, idx.numel(), dtype=torch.int32, device=dev))
+            fulls.index_add_(1, idx, f[:, fresh])
+            vis.index_add_(1, idx, v[:, fresh])
     seg_q = torch.repeat_interleave(torch.arange(n_seq, device=dev),
                                     torch.tensor(cu_q[1:], device=dev) - torch.tensor(cu_q[:-1], device=dev))  # fmt: skip
     seg_k = torch.repeat_interleave(torch.arange(n_seq, device=dev),
@@ -360,8 +360,12 @@ def varlen_plan(
     inside = (one_q[:, None] == one_k[None, :]) & (one_q[:, None] >= 0)
     full = (inside.view(1, -1) & (ovl > 0) & (fulls == ovl)).view(1, hp, nqb, nkb)
     partial = (vis > 0).view(1, hp, nqb, nkb) & ~full
+    if tk % block:  # a full tile past the key tail is partial for the executor: make it so here, with an id
+        partial[..., -1] |= full[..., -1]
+        full[..., -1] = False
     cu_q_t = torch.tensor(cu_q, device=dev)
     cu_k_t = torch.tensor(cu_k, device=dev)
+    ids = _varlen_pattern_ids(partial, one_q, inside, stack_full, stack_part, kinds, cu_q_t, cu_k_t, block)
     offsets = (cu_k_t[1:] - cu_k_t[:-1]) - (cu_q_t[1:] - cu_q_t[:-1])
     custom = [(s, loc) for s, loc in enumerate(locals_) if loc is not None and loc.kind == 2]
 
@@ -385,4 +389,58 @@ def varlen_plan(
             rule = torch.where(s == si, loc.mask_mod(torch.zeros_like(lh), lh, lq, lk), rule)
         return same & (in_full | (in_part & rule))
 
-    return Plan(tq, tk, False, block, block, full, partial, mask_mod, kind="dynamic")
+    return Plan(tq, tk, False, block, block, full, partial, mask_mod, kind="dynamic", pattern_ids=ids)
+
+
+def _varlen_pattern_ids(
+    partial: Tensor,
+    one_q: Tensor,
+    inside: Tensor,
+    stack_full: Tensor,
+    stack_part: Tensor,
+    kinds: Tensor,
+    cu_q: Tensor,
+    cu_k: Tensor,
+    block: int,
+) -> Tensor:
+    """int32 (1, Hp, NQB, NKB) pattern ids of a packed plan's partial tiles (-1 elsewhere), so that the
+    executor's tables evaluate one tile per id (:func:`attnlab.plans.blocks.tile_patterns`).
+
+    A tile whose rows and columns lie in one sequence ``s`` with a whole or causal rule has a token mask
+    fixed by: the rule, the split of its rows (columns) between two sequence tiles (``cu_q[s] % block``,
+    ``cu_k[s] % block``), the status (none / full / partial) of the up to four sequence tiles it
+    overlaps, its causal diagonal offset ``c - r <= (I - J) block + cu_k[s+1] - cu_q[s+1]`` (clipped to
+    [-block, block], beyond which the rule is constant), and whether it is the last tile row / column
+    (the matrix's edge); equal keys give equal masks. Every other partial tile (straddling a boundary, or
+    a sequence with its own token rule) gets an id of its own."""
+    dev = partial.device
+    _, hp, nqb, nkb = partial.shape
+    n_seq, _, mq, mk = stack_full.shape
+    s = one_q.clamp_min(0)[:, None].expand(nqb, nkb)
+    clean = inside & (kinds[s] <= 1)
+    i = torch.arange(nqb, device=dev)[:, None]
+    j = torch.arange(nkb, device=dev)[None, :]
+    rq, rk = cu_q[s] % block, cu_k[s] % block
+    a = torch.div(i * block - cu_q[s] + rq, block, rounding_mode="floor")  # the lower rows' sequence tile
+    b = torch.div(j * block - cu_k[s] + rk, block, rounding_mode="floor")
+    hh = torch.arange(hp, device=dev)[:, None, None]
+    status = (stack_full.int() + 2 * stack_part.int()).view(n_seq, hp, mq, mk)
+
+    def st(aa: Tensor, bb: Tensor, used: Tensor) -> Tensor:
+        got = status[s[None], hh, aa.clamp(0, mq - 1)[None], bb.clamp(0, mk - 1)[None]]
+        return torch.where(used[None] & (aa >= 0)[None] & (bb >= 0)[None], got, 0)
+
+    yes = torch.ones_like(clean)
+    quad = (st(a - 1, b - 1, (rq > 0) & (rk > 0)) * 27 + st(a - 1, b, (rq > 0) & yes) * 9
+            + st(a, b - 1, (rk > 0) & yes) * 3 + st(a, b, yes))  # fmt: skip
+    delta = ((i - j) * block + cu_k[s + 1] - cu_q[s + 1]).clamp(-block, block) + block
+    edge = (i == nqb - 1).long() * 2 + (j == nkb - 1).long()
+    key = (((kinds[s] * (2 * block + 1) + delta) * block + rq) * block + rk) * 4 + edge
+    key = key[None].long() * 81 + quad  # (Hp, NQB, NKB)
+    own = key.max() + 1 + torch.arange(hp * nqb * nkb, device=dev).view(hp, nqb, nkb)
+    key = torch.where(clean[None], key, own)[None]
+    ids = torch.full(partial.shape, -1, dtype=torch.int32, device=dev)
+    if bool(partial.any()):
+        _, inverse = torch.unique(key[partial], return_inverse=True)
+        ids[partial] = inverse.to(torch.int32)
+    return ids

@@ -91,19 +91,20 @@ class SeerParams(Params):
 
 def _pools(x: Tensor, block: int) -> tuple[Tensor, Tensor, Tensor]:
     """(max, min, avg) of x (B, H, N, D) over blocks of ``block`` rows, fp32 (B, H, NB, D) each; a ragged
-    last block over its real rows."""
+    last block over its real rows. Max and min are exact in x's dtype; the mean accumulates in fp32 (no
+    fp32 copy of x)."""
     b, h, n, d = x.shape
     nb = -(-n // block)
     pad = nb * block - n
-    xf = x.detach().float()
-    if pad:
-        xf = torch.nn.functional.pad(xf, (0, 0, 0, pad))
-    blocks = xf.view(b, h, nb, block, d)
-    real = (torch.arange(nb * block, device=x.device) < n).view(1, 1, nb, block, 1)
-    mx = blocks.masked_fill(~real, float("-inf")).amax(3)
-    mn = blocks.masked_fill(~real, float("inf")).amin(3)
-    counts = real.sum(3, dtype=torch.float32)
-    return mx, mn, blocks.sum(3) / counts
+    xd = x.detach()
+    full = xd[:, :, : (nb - 1) * block].reshape(b, h, nb - 1, block, d)
+    tail = xd[:, :, (nb - 1) * block :]  # the last block's real rows (block - pad of them)
+    mx = torch.cat([full.amax(3), tail.amax(2, keepdim=True)], 2).float()
+    mn = torch.cat([full.amin(3), tail.amin(2, keepdim=True)], 2).float()
+    sums = torch.cat([full.sum(3, dtype=torch.float32), tail.sum(2, keepdim=True, dtype=torch.float32)], 2)
+    counts = torch.full((nb,), float(block), device=x.device)
+    counts[-1] = block - pad
+    return mx, mn, sums / counts[:, None]
 
 
 def _check_weights(q: Tensor, k: Tensor, w_q: Tensor | None, w_k: Tensor | None) -> int:
