@@ -82,6 +82,8 @@ def list_methods(
     for spec in attnlab.methods().values():
         params = ", ".join(f"{k}={v}" for k, v in spec.make_params({}).as_dict().items()) or "-"
         backends = ", ".join(f"{b.name} ({b.where_text()})" for b in spec.backends)
+        if spec.training_backends:
+            backends += "; with gradients " + ", ".join(spec.training_backends) + " first"
         patterns = patterns_text(spec)
         table.add_row(
             spec.name,

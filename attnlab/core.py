@@ -333,6 +333,9 @@ class MethodSpec:
 
     - ``reference``: plain PyTorch, fp32 by default; the specification every backend must match.
     - ``backends``: fast paths in priority order (the chooser takes the first that can run a call).
+    - ``training_backends``: backend names tried first, in this order, when an input requires grad (a
+      training call): for methods whose fastest forward and fastest forward + backward are different
+      backends. Empty: one order for inference and training.
     - ``patterns``: which of the four CAB patterns the method defines.
     - ``mask``: for mask-defined methods, the factory of the token mask (see :mod:`attnlab.masks`);
       such a method has a static sparsity plan (``plan_kind == "static"``).
@@ -364,10 +367,25 @@ class MethodSpec:
     stateful: bool = False
     #: whether the weights are softmax-normalised over the allowed keys (then a log-sum-exp exists)
     softmax_normalized: bool = True
+    training_backends: tuple[str, ...] = ()
     input_names: frozenset[str] = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_names", frozenset(t.name for t in self.inputs))
+        names = [b.name for b in self.backends]
+        unknown = [n for n in self.training_backends if n not in names]
+        if unknown:
+            raise ValueError(
+                f"method {self.name!r}: training_backends {unknown} are not among its backends {names}"
+            )
+
+    def backends_for(self, requires_grad: bool) -> tuple[Backend, ...]:
+        """The backends in the order the chooser asks them: ``training_backends`` first when a gradient
+        is needed, then the rest in ``backends`` order."""
+        if not (requires_grad and self.training_backends):
+            return self.backends
+        first = [self.backend(n) for n in self.training_backends]
+        return (*first, *(b for b in self.backends if b.name not in self.training_backends))
 
     @property
     def params(self) -> Params:

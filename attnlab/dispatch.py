@@ -1,5 +1,5 @@
-"""Backend choice, in one place: a method's backends are asked in priority order; the first that can run
-the call runs it. ``backend=`` forces one. Every reason every backend refuses is kept (declared
+"""Backend choice, in one place: a method's backends are asked in priority order (its
+``training_backends`` first when an input requires grad); the first that can run the call runs it. ``backend=`` forces one. Every reason every backend refuses is kept (declared
 capabilities first, then the backend's own), so errors and :func:`attnlab.explain` can say why.
 """
 
@@ -46,8 +46,9 @@ def choose(call: Call, backend: str | None = None) -> Choice:
     # On a CPU, Triton backends run only in Triton's interpreter (a test aid, orders of magnitude slower):
     # they are chosen automatically there only when no other backend can run the call.
     cpu = call.problem.device.type == "cpu"
+    order = call.spec.backends_for(call.problem.requires_grad)
     for interpreted in (False, True):
-        for candidate in call.spec.backends:
+        for candidate in order:
             if (cpu and candidate.triton) != interpreted:
                 continue
             why = candidate.refusals(call)

@@ -56,7 +56,10 @@ def records() -> list[dict[str, Any]]:
 
 
 def _backends_cell(spec: MethodSpec) -> str:
-    return ", ".join(f"`{b.name}` ({b.where_text()})" for b in spec.backends)
+    cell = ", ".join(f"`{b.name}` ({b.where_text()})" for b in spec.backends)
+    if spec.training_backends:
+        cell += "; with gradients " + ", ".join(f"`{n}`" for n in spec.training_backends) + " first"
+    return cell
 
 
 def markdown_table() -> str:

@@ -87,6 +87,31 @@ def test_gradients_change_the_signature_and_honour_backward() -> None:
     assert chosen is not None and chosen.name != "flex" and chosen.backward
 
 
+def test_training_backends_go_first_only_when_a_gradient_is_needed() -> None:
+    class Named(Backend):
+        caps = Capabilities(backward=True)
+
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def run(self, q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor]) -> Tensor:
+            return masked_softmax_attention(q, k, v, scale=call.scale, causal=call.problem.causal)
+
+    base = attnlab.get("softmax")
+    spec = dataclasses.replace(
+        base, backends=(Named("fast_fwd"), Named("fast_bwd")), training_backends=("fast_bwd",)
+    )
+    assert [b.name for b in spec.backends_for(False)] == ["fast_fwd", "fast_bwd"]
+    assert [b.name for b in spec.backends_for(True)] == ["fast_bwd", "fast_fwd"]
+    call = dataclasses.replace(_call({"causal": True}), spec=spec)
+    assert choose(call).backend.name == "fast_fwd"  # type: ignore[union-attr]
+    grad_call = dataclasses.replace(call, problem=dataclasses.replace(call.problem, requires_grad=True))
+    assert choose(grad_call).backend.name == "fast_bwd"  # type: ignore[union-attr]
+    assert choose(grad_call, "fast_fwd").backend.name == "fast_fwd"  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match=r"training_backends \['flax'\] are not among its backends"):
+        dataclasses.replace(base, training_backends=("flax",))
+
+
 def test_attention_reuses_ops_and_takes_unhashable_params_through_validation() -> None:
     from attnlab import api
 
