@@ -153,6 +153,56 @@ def varlen_section(name: str, lengths: list[int]) -> dict[str, Any]:
     return res
 
 
+def varlen_dynamic_section(lengths: list[int]) -> dict[str, Any]:
+    """Per-sequence seer plans (identity gate, block 128, topk 8, per head) packed by varlen, against the
+    same plans run one sequence at a time on the executor; forward timed both ways."""
+    from attnlab.catalog.dynamic.seer import SeerParams, estimate
+
+    g = torch.Generator(device=DEV).manual_seed(2)
+    t = sum(lengths)
+    q = torch.randn(1, H, t, D, device=DEV, generator=g, dtype=torch.bfloat16)
+    k = torch.randn(1, HKV, t, D, device=DEV, generator=g, dtype=torch.bfloat16)
+    v = torch.randn(1, HKV, t, D, device=DEV, generator=g, dtype=torch.bfloat16)
+    scale = D**-0.5
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    bounds = list(itertools.pairwise(cu))
+    params = SeerParams(block=BLOCK, topk=8)
+    plans = [estimate(q[:, :, a:b], k[:, :, a:b], params, causal=True, scale=scale) for a, b in bounds]
+    sync()
+    t0 = time.perf_counter()
+    packed = varlen_plan(cu, cu, list(plans), True, BLOCK, DEV)
+    tables = executor_tables(packed).as_args()
+    sync()
+    build_ms = (time.perf_counter() - t0) * 1e3
+    seqs = [
+        (q[:, :, a:b].contiguous(), k[:, :, a:b].contiguous(), v[:, :, a:b].contiguous()) for a, b in bounds
+    ]
+    seq_tables = [executor_tables(p).as_args() for p in plans]
+    out = block_sparse_attention(q, k, v, tables, scale, False)[0]
+    alone = torch.cat(
+        [block_sparse_attention(*x, tb, scale, True)[0] for x, tb in zip(seqs, seq_tables, strict=True)], 2
+    )
+    fns: dict[str, Callable[[], object]] = {
+        "varlen": lambda: block_sparse_attention(q, k, v, tables, scale, False),
+        "one_by_one": lambda: [
+            block_sparse_attention(*x, tb, scale, True) for x, tb in zip(seqs, seq_tables, strict=True)
+        ],
+    }
+    timings = measure_interleaved(fns, DEV, target_s=0.15, max_reps=30)
+    return {
+        "lengths": lengths,
+        "plan": "seer per sequence (identity gate, block 128, topk 8, per head)",
+        "partial_tiles": int(packed.partial.sum()),
+        "full_tiles": int(packed.full.sum()),
+        "patterns": int(executor_tables(packed).patterns.shape[0]),
+        "max_abs_varlen_vs_one_by_one": float((out.float() - alone.float()).abs().max()),
+        "pack_plan_and_tables_ms": build_ms,
+        "fwd_ms": {n: {"median": tm.median_ms, "q1": tm.q1_ms, "q3": tm.q3_ms} for n, tm in timings.items()},
+    }
+
+
 def seer_section() -> dict[str, Any]:
     g = torch.Generator(device=DEV).manual_seed(1)
     n = SEER_N
@@ -218,6 +268,8 @@ def main() -> None:
     sections = [(f"varlen_{k}", lambda k=k: varlen_section(k, SETS[k])) for k in SETS] + [
         ("seer", seer_section)
     ]
+    dyn = [20, 1, 7, 33] if SMOKE else SETS["odd7"]
+    sections.append(("varlen_seer_plans_odd7", lambda: varlen_dynamic_section(dyn)))
     for name, fn in sections:
         t0 = time.perf_counter()
         try:
