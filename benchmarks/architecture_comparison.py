@@ -1,28 +1,47 @@
-"""Architecture comparison (issue 11, scope 5; zoology-style), CPU micro scale.
+"""Architecture comparison (issue 11, scope 5; zoology-style): MQAR and needle retrieval against decode state.
 
-Trains one small organism per attention architecture (``softmax``, ``sliding_window``, ``lightning``,
-``gated_delta``, ``based``, and a hybrid: linear layers with one softmax layer) on the same data, for the
-same number of optimiser steps of the same batches (so the same token budget), with the same Llama
-skeleton (the parameter counts differ only by the small per-layer input makers of gated_delta / based;
-they are reported). Then measures exact-match accuracy on MQAR, passkey and multi-key NIAH at the training
-context, and the per-sequence decoding state of each architecture at that context (KV cache bytes for the
-softmax family, recurrent-state bytes for the linear layers; fp32). Writes ``results.json``,
-``results.md`` and ``accuracy_vs_state.png`` under ``--out``.
+Trains one small model per attention architecture (``softmax``, ``sliding_window``, ``lightning``,
+``gated_delta``, ``based``, and a hybrid of gated_delta layers with one softmax layer) at one or more
+widths, every model of a width with the same Llama skeleton (the parameter counts differ only by the small
+per-layer input makers of gated_delta / based; they are reported), the same batches and the same number of
+optimiser steps. Then measures, at the training length:
+
+- MQAR accuracy (zoology's metric: the share of queried keys whose value is the argmax, teacher-forced),
+  per number of key-value pairs, on fresh rows;
+- passkey and multi-key NIAH exact match, teacher-forced: a sample counts when the argmax at every answer
+  token and at the end-of-text token after it is right (what greedy decoding would emit, answer then end);
+- the decode state per sequence of each architecture at that length (KV cache bytes for the softmax
+  family, recurrent-state bytes for the linear layers; fp32; plus the short convolution's last inputs).
+
+What makes retrieval learnable here (found on the CPU at small scale, see the results' NOTES):
+
+- MQAR rows in token space (:func:`attnlab.organisms.architectures.mqar_batch`): one token per key and per
+  value, loss on the queried values only, a mix of pair counts per batch (zoology trains on several);
+- a short causal convolution before every attention layer (:func:`~attnlab.organisms.architectures.
+  add_short_conv`, kernel 3), as zoology's MQAR models and Based / Gated DeltaNet have: without it a
+  2-layer softmax model stayed at chance (1/P) on MQAR for thousands of steps on the CPU;
+- passkey / multi-key NIAH rows (a quarter of each batch) from a pool of samples drawn once from the
+  training haystack; their loss is the answer tokens' plus a quarter of the prompt tokens' (language model).
+
+``--budget`` (seconds of training in all) sets the steps: after a few timed steps of every model
+(``--calibrate``, which also compiles the kernels), every model trains the same number of steps
+``min(--steps, budget / sum of step times)``. Each model's record is written to ``--out`` as soon as it is
+evaluated (``results.json``, ``results.md``, ``accuracy_vs_state.png``), so a run stopped early keeps them.
 
 Usage::
 
-    python benchmarks/architecture_comparison.py --steps 300 --out benchmarks/results/cpu-2026-11-23/architectures
-
-Every model trains with ``torch.set_num_threads(1)`` (the CPU is shared). The data (corpus, tokenizer,
-tasks) is prepared once and shared by every model; batch ``s`` is the same for every architecture.
+    python benchmarks/architecture_comparison.py --device cuda --widths 64 128 --budget 330 \\
+        --out benchmarks/results/h100-2026-11-23-s2/architectures
+    python benchmarks/architecture_comparison.py --replot --out ...   # results.md and plot from results.json
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import os
 import platform
+import random
 import subprocess
 import time
 from pathlib import Path
@@ -33,160 +52,250 @@ import torch
 from attnlab.organisms import architectures as arch
 from attnlab.organisms.config import ModelConfig, Stage, TrainConfig
 from attnlab.organisms.corpus import CorpusConfig
-from attnlab.organisms.evaluate import heldout_loss, task_accuracy
-from attnlab.organisms.tasks import generate
+from attnlab.organisms.evaluate import TRAIN_SEED_BASE
+from attnlab.organisms.tasks import TaskContext, generate
 from attnlab.organisms.tokenizer import encode
-from attnlab.organisms.train import (
-    IGNORE,
-    build_model,
-    build_optimizer,
-    losses,
-    lr_at,
-    make_batch,
-    prepare_data,
-)
+from attnlab.organisms.train import IGNORE, Data, prepare_data
 
-TASKS = ("mqar", "passkey", "niah_multikey")
-#: the training mix: task rows draw from this list uniformly, so MQAR is half of them
-TRAIN_TASKS = ("mqar", "mqar", "passkey", "niah_multikey")
+TEXT_TASKS = ("passkey", "niah_multikey")
+NAMES = ("softmax", "sliding_window", "lightning", "gated_delta", "based", "hybrid")
 
 
 def architectures(layers: int, window: int) -> dict[str, tuple[tuple[str, ...], dict[str, dict[str, Any]]]]:
-    """name -> (per-layer plan, per-method params)."""
-    soft_layer = [layers // 2]  # one softmax layer mid-stack (zoology's hybrids put a few there)
+    """name -> (per-layer plan, per-method params). The hybrid runs softmax in its last layer only."""
     return {
         "softmax": (arch.uniform("softmax", layers), {}),
         "sliding_window": (arch.uniform("sliding_window", layers), {"sliding_window": {"window": window}}),
         "lightning": (arch.uniform("lightning", layers), {}),
         "gated_delta": (arch.uniform("gated_delta", layers), {}),
         "based": (arch.uniform("based", layers), {}),
-        "hybrid": (arch.hybrid("gated_delta", layers, soft_layer), {}),
+        "hybrid": (arch.hybrid("gated_delta", layers, [layers - 1]), {}),
     }
 
 
-def base_config(args: argparse.Namespace) -> TrainConfig:
-    model = ModelConfig(
+def model_config(args: argparse.Namespace, hidden: int, name: str) -> ModelConfig:
+    plan, params = architectures(args.layers, args.window)[name]
+    return ModelConfig(
         vocab_size=args.vocab,
-        hidden_size=args.hidden,
+        hidden_size=hidden,
         layers=args.layers,
         heads=args.heads,
         kv_heads=args.heads,
-        intermediate_size=3 * args.hidden,
+        intermediate_size=2 * hidden,
         max_position=args.context,
-    )
-    return TrainConfig(
-        name="arch",
-        model=model,
-        corpus=CorpusConfig(max_chars=args.corpus_chars),
-        stages=(Stage(args.steps, args.context, args.batch),),
-        tasks=TRAIN_TASKS,
-        task_share=0.8,
-        copy_share=0.15,
-        copy_warmup=args.copy_warmup,
-        lr=args.lr,
-        warmup=20,
-        max_seconds=None,
-        eval_lengths=(args.context,),
-        eval_samples=args.samples,
-        threads=1,
+        attention=plan,
+        attention_params=params,
     ).validate()
 
 
-@torch.no_grad()
-def answer_token_accuracy(model: Any, ctx: Any, length: int, samples: int) -> dict[str, float]:
-    """Per task: the share of answer tokens the model predicts right (argmax) given the prompt and the
-    answer's earlier tokens (teacher-forced; evaluation seeds 0..samples-1, as exact match uses). A graded
-    signal beside exact match: MQAR's answer is 4 values of 3 digits, passkey's 5 digits."""
-    tok = ctx.tokenizer
-    out: dict[str, float] = {}
-    for task in TASKS:
-        right = total = 0
-        for seed in range(samples):
-            s = generate(task, ctx, length, seed)
+def build(cfg: ModelConfig, conv: int, device: str, seed: int) -> Any:
+    """The untrained model (seeded): Llama skeleton, attention plan, short convolutions."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = arch.apply(LlamaForCausalLM(cfg.llama_config()), cfg)
+    if conv:
+        arch.add_short_conv(model, conv)
+    return model.to(device)  # type: ignore[arg-type]
+
+
+def token_ranges(vocab: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """MQAR key and value token ids: the upper half of the vocabulary split in two (ids below 4 are the
+    tokenizer's special tokens)."""
+    mid = (4 + vocab) // 2
+    return (4, mid), (mid, vocab)
+
+
+class TextPool:
+    """Task samples (passkey, multi-key NIAH) at one length, tokenized once: each a (ids, answer start)
+    pair, ids = prompt + answer + end-of-text."""
+
+    def __init__(self, data: Data, ctx: TaskContext, length: int, count: int, seed_base: int) -> None:
+        tok = data.tokenizer
+        self.rows: list[tuple[list[int], int]] = []
+        self.tasks: list[str] = []
+        for i in range(count):
+            task = TEXT_TASKS[i % len(TEXT_TASKS)]
+            s = generate(task, ctx, length, seed_base + i // len(TEXT_TASKS))
             prompt = encode(tok, s.prompt)
-            answer = encode(tok, s.answer)
-            ids = torch.tensor([prompt + answer])
-            pred = model(input_ids=ids[:, :-1]).logits[0, len(prompt) - 1 :].argmax(-1)
-            right += int((pred == ids[0, len(prompt) :]).sum())
-            total += len(answer)
-        out[task] = right / total
-    return out
+            self.rows.append((prompt + encode(tok, s.answer) + [tok.eos_token_id], len(prompt)))
+            self.tasks.append(task)
 
 
-def train_one(cfg: TrainConfig, data: Any, log: Any) -> dict[str, Any]:
-    """Train ``cfg``'s model for every planned step on ``data``; evaluate; return the record."""
-    model = build_model(cfg)
-    params = sum(p.numel() for p in model.parameters())
-    optimizer = build_optimizer(cfg, model)
-    curve: list[float] = []
-    tokens = 0
-    started = time.perf_counter()
+def text_tensors(
+    rows: list[tuple[list[int], int]], length: int, pad: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input ids, next-token labels, answer flags), each (len(rows), length); labels IGNORE after the end."""
+    x = torch.full((len(rows), length), pad, dtype=torch.long)
+    y = torch.full((len(rows), length), IGNORE, dtype=torch.long)
+    answer = torch.zeros((len(rows), length), dtype=torch.bool)
+    for r, (ids, start) in enumerate(rows):
+        m = len(ids) - 1
+        x[r, :m] = torch.tensor(ids[:-1])
+        y[r, :m] = torch.tensor(ids[1:])
+        answer[r, start - 1 : m] = True
+    return x, y, answer
+
+
+def make_step(args: argparse.Namespace, pool: TextPool, pad: int, step: int) -> dict[str, torch.Tensor]:
+    """The batch of ``step`` (the same for every model): MQAR rows, one group per pair count, then text rows."""
+    keys, values = token_ranges(args.vocab)
+    gen = torch.Generator().manual_seed(10_000 + step)
+    per = args.mqar_rows // len(args.pairs)
+    xs, ys = zip(
+        *(arch.mqar_batch(gen, per, args.context, p, keys, values, pad) for p in args.pairs), strict=True
+    )
+    rng = random.Random(f"text:{step}")
+    picks = [pool.rows[rng.randrange(len(pool.rows))] for _ in range(args.text_rows)]
+    tx, ty, ta = text_tensors(picks, args.context, pad)
+    groups = torch.tensor(len(args.pairs))
+    return {"mx": torch.cat(xs), "my": torch.cat(ys), "tx": tx, "ty": ty, "ta": ta, "groups": groups}
+
+
+def step_loss(model: Any, batch: dict[str, torch.Tensor], lm_weight: float) -> torch.Tensor:
+    """MQAR answer loss (the mean over the pair-count groups of each group's mean) + text answer loss + ``lm_weight`` x text prompt (language model) loss: each a mean
+    cross-entropy over its targets; one forward pass over all rows."""
+    x = torch.cat([batch["mx"], batch["tx"]])
+    hidden = model.model(input_ids=x).last_hidden_state
+    m, groups = batch["mx"].shape[0], int(batch["groups"])
+    per = m // groups
+    parts: list[torch.Tensor] = []
+    for g in range(groups):  # each pair count weighs the same: the easy ones lead the way out of the plateau
+        y = batch["my"][g * per : (g + 1) * per]
+        logits = model.lm_head(hidden[g * per : (g + 1) * per][y != IGNORE]).float()
+        parts.append(torch.nn.functional.cross_entropy(logits, y[y != IGNORE]) / groups)
+    for h, y, w in (
+        (hidden[m:], torch.where(batch["ta"], batch["ty"], IGNORE), 1.0),
+        (hidden[m:], torch.where(batch["ta"], IGNORE, batch["ty"]), lm_weight),
+    ):
+        mask = y != IGNORE
+        if w and bool(mask.any()):
+            logits = model.lm_head(h[mask]).float()
+            parts.append(w * torch.nn.functional.cross_entropy(logits, y[mask]))
+    return torch.stack(parts).sum()
+
+
+def lr_at(args: argparse.Namespace, step: int, steps: int) -> float:
+    """Linear warm-up over 5% of the steps, then cosine decay to 10% of ``--lr``."""
+    import math
+
+    warm = max(1, steps // 20)
+    if step < warm:
+        return args.lr * (step + 1) / warm
+    p = (step - warm) / max(1, steps - warm)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def to(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def train(
+    model: Any, args: argparse.Namespace, batches: Any, steps: int, log: Any
+) -> tuple[list[float], float]:
+    """``steps`` AdamW steps (weight decay 0.1 on matrices, betas 0.9/0.95, grad clip 1); returns the loss
+    every 10 steps and the training seconds."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    rest = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+    )
     model.train()
-    for step in range(cfg.total_steps):
-        x, y, answer = make_batch(cfg, data, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(cfg, step)
-        corpus_loss, task_loss = losses(model, x, y, answer)
-        loss = torch.stack([p for p in (corpus_loss, task_loss) if p is not None]).sum()
-        optimizer.zero_grad(set_to_none=True)
+    curve: list[float] = []
+    sync(args.device)
+    started = time.perf_counter()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(args, step, steps)
+        loss = step_loss(model, to(batches(step), args.device), args.lm_weight)
+        opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        curve.append(float(loss.detach()))
-        tokens += int((y != IGNORE).sum())
-        if (step + 1) % 50 == 0:
-            log(f"  step {step + 1}: loss {sum(curve[-50:]) / 50:.3f}, {time.perf_counter() - started:.0f} s")
-    train_s = time.perf_counter() - started
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 10 == 0 or step == steps - 1:
+            curve.append(round(float(loss.detach()), 4))
+        if log and (step + 1) % max(1, steps // 5) == 0:
+            log(f"  step {step + 1}/{steps}: loss {curve[-1]:.3f}, {time.perf_counter() - started:.0f} s")
+    sync(args.device)
+    return curve, time.perf_counter() - started
+
+
+@torch.no_grad()
+def evaluate(model: Any, args: argparse.Namespace, eval_pool: TextPool, pad: int) -> dict[str, Any]:
+    """MQAR accuracy per pair count and text-task exact match (teacher-forced; see the module docstring)."""
     model.eval()
-    t0 = time.perf_counter()
-    acc = task_accuracy(model, data.eval_ctx, TASKS, cfg.eval_lengths, cfg.eval_samples)
-    ctx = cfg.eval_lengths[0]
-    token_acc = answer_token_accuracy(model, data.eval_ctx, ctx, cfg.eval_samples)
-    held = heldout_loss(model, data.heldout_ids, ctx, windows=8)
-    eval_s = time.perf_counter() - t0
-    states = arch.plan_state_bytes(cfg.model, ctx)
-    return {
-        "plan": list(cfg.model.attention),
-        "params": dict(cfg.model.attention_params),
-        "label": arch.describe(cfg.model.attention),
-        "parameters": params,
-        "steps": cfg.total_steps,
-        "tokens": tokens,
-        "train_seconds": round(train_s, 1),
-        "eval_seconds": round(eval_s, 1),
-        "final_loss_mean_last_20": sum(curve[-20:]) / len(curve[-20:]),
-        "heldout_loss": held,
-        "accuracy": {t: {str(n): a for n, a in per.items()} for t, per in acc.items()},
-        "answer_token_accuracy": {t: {str(ctx): a} for t, a in token_acc.items()},
-        "state_bytes_per_layer": states,
-        "state_bytes_total": sum(states),
-        "curve_every_10": curve[::10],
-    }
+    keys, values = token_ranges(args.vocab)
+    gen = torch.Generator().manual_seed(7)  # evaluation rows: a generator seed no training step uses
+    mqar: dict[str, float] = {}
+    for p in args.eval_pairs:
+        right = total = 0
+        for _ in range(args.eval_mqar_rows // 64):
+            x, y = arch.mqar_batch(gen, 64, args.context, p, keys, values, pad)
+            x, y = x.to(args.device), y.to(args.device)
+            pred = model(input_ids=x).logits.argmax(-1)
+            mask = y != IGNORE
+            right += int((pred[mask] == y[mask]).sum())
+            total += int(mask.sum())
+        mqar[str(p)] = right / total
+    text: dict[str, float] = {}
+    token: dict[str, float] = {}
+    for task in TEXT_TASKS:
+        rows = [r for r, t in zip(eval_pool.rows, eval_pool.tasks, strict=True) if t == task]
+        exact = tok_right = tok_total = 0
+        for i in range(0, len(rows), 32):
+            x, y, ans = (t.to(args.device) for t in text_tensors(rows[i : i + 32], args.context, pad))
+            ok = (model(input_ids=x).logits.argmax(-1) == y) | ~ans
+            exact += int(ok.all(-1).sum())
+            tok_right += int((ok & ans).sum())
+            tok_total += int(ans.sum())
+        text[task] = exact / len(rows)
+        token[task] = tok_right / tok_total
+    return {"mqar": mqar, "text_exact": text, "text_answer_tokens": token}
+
+
+def conv_state_bytes(cfg: ModelConfig, conv: int) -> int:
+    """Bytes the short convolutions keep to decode the next token: the last ``conv - 1`` normed inputs of
+    every layer (fp32)."""
+    return 4 * cfg.layers * (conv - 1) * cfg.hidden_size if conv else 0
 
 
 def write_outputs(out: Path, meta: dict[str, Any], runs: dict[str, dict[str, Any]]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
-    ctx = str(meta["context"])
+    pairs = [str(p) for p in meta["eval_pairs"]]
     lines = [
-        f"CPU micro-scale comparison: {meta['steps']} steps x {meta['batch']} x {meta['context']} tokens per "
-        f"architecture, 1 thread, commit {meta['commit']}. Accuracy: exact match over {meta['samples']} samples "
-        f"at {meta['context']} tokens. State: bytes per sequence (fp32, all layers) to decode the next token.",
+        f"{meta['device']}: {meta['steps']} steps x ({meta['mqar_rows']} MQAR + {meta['text_rows']} text rows) x "
+        f"{meta['context']} tokens per model, {meta['layers']} layers, short conv {meta['conv']}, commit "
+        f"{meta['commit']}.",
         "",
-        "Exact match (EM) and, in parentheses, teacher-forced answer-token accuracy (argmax).",
+        "MQAR: accuracy per number of key-value pairs (teacher-forced, share of queries right). passkey / NIAH: "
+        "exact match (teacher-forced; answer-token accuracy in parentheses). State: bytes per sequence (fp32, "
+        f"all layers) to decode the next token at {meta['context']} tokens.",
         "",
-        "| architecture | layers | parameters | train s | held-out loss | MQAR | passkey | multi-key NIAH | state bytes |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | width | layers | parameters | train s | "
+        + " | ".join(f"MQAR {p} pairs" for p in pairs)
+        + " | passkey | multi-key NIAH | state bytes |",
+        "|---|---:|---|---:|---:|" + "---:|" * (len(pairs) + 3),
     ]
-    for name, r in runs.items():
-        a, t = r["accuracy"], r["answer_token_accuracy"]
-        cells = " | ".join(f"{a[k][ctx]:.2f} ({t[k][ctx]:.2f})" for k in TASKS)
+    for key, r in runs.items():
+        mq = " | ".join(f"{r['mqar'][p]:.3f}" for p in pairs)
+        tx = " | ".join(f"{r['text_exact'][t]:.2f} ({r['text_answer_tokens'][t]:.2f})" for t in TEXT_TASKS)
         lines.append(
-            f"| {name} | {r['label']} | {r['parameters']:,} | {r['train_seconds']:.0f} | {r['heldout_loss']:.3f} | "
-            f"{cells} | {r['state_bytes_total']:,} |"
+            f"| {key} | {r['hidden']} | {r['label']} | {r['parameters']:,} | {r['train_seconds']:.0f} | {mq} | {tx} | "
+            f"{r['state_bytes_total']:,} |"
         )
     (out / "results.md").write_text("\n".join(lines) + "\n")
-    plot(out / "accuracy_vs_state.png", meta, runs)
+    try:
+        plot(out / "accuracy_vs_state.png", meta, runs)
+    except ImportError as exc:  # a machine without matplotlib: --replot draws it from results.json
+        print(f"no plot ({exc}); run with --replot where matplotlib is installed", flush=True)
 
 
 def plot(path: Path, meta: dict[str, Any], runs: dict[str, dict[str, Any]]) -> None:
@@ -196,115 +305,178 @@ def plot(path: Path, meta: dict[str, Any], runs: dict[str, dict[str, Any]]) -> N
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter
 
-    ctx = str(meta["context"])
-    rows = [("accuracy", "exact-match accuracy"), ("answer_token_accuracy", "answer-token accuracy")]
-    fig, grid = plt.subplots(len(rows), len(TASKS), figsize=(5 * len(TASKS), 7.5), sharey=True, sharex=True)
-    for row, (key, what) in enumerate(rows):
-        for ax, task in zip(grid[row], TASKS, strict=True):
-            for i, (name, r) in enumerate(runs.items()):  # labels staggered: equal states overlap
-                acc = r[key][task][ctx]
-                ax.scatter(r["state_bytes_total"], acc, s=50)
-                ax.annotate(
-                    name,
-                    (r["state_bytes_total"], acc),
-                    textcoords="offset points",
-                    xytext=(4, 4 + 11 * (i % 3)),
-                    fontsize=8,
-                )
-            ax.set_xscale("log")
-            ax.xaxis.set_minor_formatter(NullFormatter())
-            if row == len(rows) - 1:
-                ax.set_xlabel("decode state per sequence (bytes, fp32, all layers)")
-            ax.set_title(f"{task} @ {ctx} tokens: {what}", fontsize=9)
-            ax.set_ylim(-0.05, 1.05)
-            ax.grid(alpha=0.3)
-        grid[row][0].set_ylabel(what)
+    panels = [(f"MQAR, {p} pairs", "mqar", str(p)) for p in meta["eval_pairs"]]
+    panels += [(f"{t} (exact match)", "text_exact", t) for t in TEXT_TASKS]
+    cols = 3
+    rows = (len(panels) + cols - 1) // cols
+    fig, grid = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), sharey=True, squeeze=False)
+    colors = {n: f"C{i}" for i, n in enumerate(NAMES)}
+    markers = {w: m for w, m in zip(sorted({r["hidden"] for r in runs.values()}), "os^D", strict=False)}
+    for ax, (title, key, sub) in zip(grid.flat, panels, strict=False):
+        for name in NAMES:  # one line per architecture across widths
+            pts = sorted(
+                (r["state_bytes_total"], r[key][sub], r["hidden"]) for r in runs.values() if r["name"] == name
+            )
+            if not pts:
+                continue
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colors[name], alpha=0.5)
+            for sx, sy, w in pts:
+                ax.scatter(sx, sy, color=colors[name], marker=markers[w], s=40)
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_title(f"{title} @ {meta['context']} tokens", fontsize=9)
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("decode state per sequence (bytes, fp32)", fontsize=8)
+    for ax in grid.flat[len(panels) :]:
+        ax.axis("off")
+    handles = [plt.Line2D([], [], color=colors[n], marker="o", ls="-", label=n) for n in NAMES]
+    handles += [
+        plt.Line2D([], [], color="gray", marker=m, ls="", label=f"width {w}") for w, m in markers.items()
+    ]
+    fig.legend(handles=handles, loc="lower right", fontsize=8, ncol=2)
     fig.suptitle(
-        f"CPU micro scale: {meta['steps']} steps x {meta['batch']}x{meta['context']} tokens, "
-        f"~{meta['parameters_min'] // 1000}K params, commit {meta['commit']}",
+        f"{meta['device']}: {meta['steps']} steps, {meta['layers']} layers, widths {meta['widths']}, "
+        f"commit {meta['commit']}",
         fontsize=9,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu-2026-11-23/architectures"))
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/h100-2026-11-23-s2/architectures"))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--widths", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--only", nargs="*", choices=NAMES, help="train only these architectures")
+    ap.add_argument("--steps", type=int, default=3000, help="at most this many steps (the budget may cut)")
+    ap.add_argument("--budget", type=float, default=None, help="seconds of training for all models")
+    ap.add_argument("--calibrate", type=int, default=6, help="timed steps per model to size the budget")
     ap.add_argument("--context", type=int, default=256)
-    ap.add_argument("--hidden", type=int, default=64)
-    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument(
+        "--pairs", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64], help="MQAR pair counts trained"
+    )
+    ap.add_argument("--eval-pairs", type=int, nargs="+", default=[16, 32, 64])
+    ap.add_argument("--mqar-rows", type=int, default=96)
+    ap.add_argument("--text-rows", type=int, default=32)
+    ap.add_argument("--text-pool", type=int, default=1000, help="training text samples drawn once")
+    ap.add_argument("--eval-text", type=int, default=100, help="evaluation samples per text task")
+    ap.add_argument("--eval-mqar-rows", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=2)
+    ap.add_argument("--conv", type=int, default=3, help="short convolution kernel (0: none)")
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--window", type=int, default=64, help="sliding_window's keys per query")
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--copy-warmup", type=int, default=50)
-    ap.add_argument("--samples", type=int, default=20)
-    ap.add_argument("--corpus-chars", type=int, default=600_000)
-    ap.add_argument("--only", nargs="*", help="train only these architectures")
+    ap.add_argument("--lm-weight", type=float, default=0.25)
+    ap.add_argument("--corpus-chars", type=int, default=400_000)
+    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--replot", action="store_true", help="rewrite results.md and the plot from results.json")
     args = ap.parse_args()
     if args.replot:
         stored = json.loads((args.out / "results.json").read_text())
         write_outputs(args.out, stored["meta"], stored["runs"])
         return
-    torch.set_num_threads(1)
-    commit = subprocess.run(
-        ["git", "describe", "--always", "--dirty"], capture_output=True, text=True
-    ).stdout.strip()
-    base = base_config(args)
-    t0 = time.perf_counter()
-    data = prepare_data(base)
-    print(
-        f"data prepared in {time.perf_counter() - t0:.0f} s; tasks fitting {args.context}: {data.fits}",
-        flush=True,
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if 4 * max(args.pairs + args.eval_pairs) > args.context:
+        ap.error(f"--pairs/--eval-pairs up to {max(args.pairs + args.eval_pairs)}: expected <= context/4")
+    if args.mqar_rows % len(args.pairs):
+        ap.error(f"--mqar-rows {args.mqar_rows}: expected a multiple of the {len(args.pairs)} pair counts")
+    commit = (
+        os.environ.get("ATTNLAB_COMMIT")
+        or subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout
     )
+    t0 = time.perf_counter()
+    base = TrainConfig(
+        name="arch",
+        model=ModelConfig(
+            vocab_size=args.vocab, hidden_size=64, heads=2, kv_heads=2, max_position=args.context
+        ),
+        corpus=CorpusConfig(max_chars=args.corpus_chars),
+        stages=(Stage(1, args.context, 1),),
+        tasks=TEXT_TASKS,
+        max_seconds=None,
+        eval_lengths=(args.context,),
+    ).validate()
+    data = prepare_data(base)
+    pad = int(data.tokenizer.pad_token_id)
+    pool = TextPool(data, data.train_ctx, args.context, args.text_pool, TRAIN_SEED_BASE)
+    eval_pool = TextPool(data, data.eval_ctx, args.context, args.eval_text * len(TEXT_TASKS), 0)
+    print(f"data and text pools in {time.perf_counter() - t0:.0f} s", flush=True)
+    cache: dict[int, dict[str, torch.Tensor]] = {}
+
+    def batches(step: int) -> dict[str, torch.Tensor]:
+        if step not in cache:
+            cache[step] = make_step(args, pool, pad, step)
+        return cache[step]
+
+    names = [n for n in NAMES if not args.only or n in args.only]
+    jobs = [(w, n) for w in args.widths for n in names]
+    steps = args.steps
+    calibration: dict[str, float] = {}
+    if args.budget:
+        for w, n in jobs:  # a few steps of each model: compiles the kernels, times a step
+            model = build(model_config(args, w, n), args.conv, args.device, 0)
+            train(model, args, batches, 2, None)
+            _, secs = train(model, args, batches, args.calibrate, None)
+            calibration[f"{n}@{w}"] = secs / args.calibrate
+            del model
+        per_step = sum(calibration.values())
+        steps = max(1, min(args.steps, int(args.budget / per_step)))
+        print(f"calibration (s/step): {calibration}; {steps} steps per model", flush=True)
+    meta = {
+        "commit": commit.strip(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "device": torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "steps": steps,
+        "budget_s": args.budget,
+        "calibration_s_per_step": calibration,
+        **{
+            k: getattr(args, k)
+            for k in ("context", "pairs", "eval_pairs", "mqar_rows", "text_rows", "layers")
+        },
+        **{k: getattr(args, k) for k in ("heads", "conv", "vocab", "window", "lr", "lm_weight", "widths")},
+        **{k: getattr(args, k) for k in ("text_pool", "eval_text", "eval_mqar_rows", "corpus_chars")},
+        "state_dtype": "float32",
+    }
     runs: dict[str, dict[str, Any]] = {}
-    previous = args.out / "results.json"
-    if args.only and previous.is_file():  # keep the other architectures' records
-        runs = json.loads(previous.read_text())["runs"]
-    for name, (plan, params) in architectures(args.layers, args.window).items():
-        if args.only and name not in args.only:
-            continue
-        cfg = dataclasses.replace(
-            base, model=dataclasses.replace(base.model, attention=plan, attention_params=params)
-        )
-        cfg = cfg.validate()
-        print(f"{name}: {arch.describe(plan)}", flush=True)
-        runs[name] = train_one(cfg, data, lambda s: print(s, flush=True))
-        r = runs[name]
+    for w, n in jobs:
+        cfg = model_config(args, w, n)
+        model = build(cfg, args.conv, args.device, 0)
+        print(f"{n} @ width {w}: {arch.describe(cfg.attention)}", flush=True)
+        curve, secs = train(model, args, batches, steps, lambda s: print(s, flush=True))
+        t1 = time.perf_counter()
+        result = evaluate(model, args, eval_pool, pad)
+        states = arch.plan_state_bytes(cfg, args.context)
+        runs[f"{n}@{w}"] = {
+            "name": n,
+            "hidden": w,
+            "head_dim": cfg.head_dim,
+            "plan": list(cfg.attention),
+            "params": {k: dict(v) for k, v in cfg.attention_params.items()},
+            "label": arch.describe(cfg.attention),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "train_seconds": round(secs, 1),
+            "eval_seconds": round(time.perf_counter() - t1, 1),
+            **result,
+            "state_bytes_per_layer": states,
+            "conv_state_bytes": conv_state_bytes(cfg, args.conv),
+            "state_bytes_total": sum(states) + conv_state_bytes(cfg, args.conv),
+            "loss_every_10": curve,
+        }
         print(
-            f"  {r['parameters']:,} params, {r['train_seconds']:.0f} s train, {r['eval_seconds']:.0f} s eval, "
-            f"accuracy {r['accuracy']}, state {r['state_bytes_total']:,} B",
+            f"  {json.dumps({k: runs[f'{n}@{w}'][k] for k in ('mqar', 'text_exact', 'train_seconds')})}",
             flush=True,
         )
-        meta = {
-            "commit": commit,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "machine": f"{platform.processor() or platform.machine()}, shared 2-core CPU, torch threads 1",
-            "torch": torch.__version__,
-            "context": args.context,
-            "steps": args.steps,
-            "batch": args.batch,
-            "samples": args.samples,
-            "model": {
-                k: v for k, v in dataclasses.asdict(base.model).items() if not k.startswith("attention")
-            },
-            "tasks": list(TASKS),
-            "train_tasks": list(TRAIN_TASKS),
-            "task_share": base.task_share,
-            "copy_share": base.copy_share,
-            "copy_warmup": base.copy_warmup,
-            "lr": base.lr,
-            "corpus_chars": args.corpus_chars,
-            "window": args.window,
-            "parameters_min": min(r["parameters"] for r in runs.values()),
-            "state_dtype": "float32",
-        }
-        write_outputs(args.out, meta, runs)  # after every model: a partial run keeps its results
+        write_outputs(args.out, meta, runs)  # after every model: a stopped run keeps its results
+        del model
+    print(f"done in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -160,6 +160,8 @@ class MethodAttention(nn.Module):
         self.v_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.heads * self.head_dim, hidden, bias=config.attention_bias)
         self.rope = method in SOFTMAX_FAMILY
+        #: kernel of the short convolution :func:`add_short_conv` put before this layer (0: none)
+        self.input_conv = 0
         self.beta_proj: nn.Linear | None = None
         self.gate_proj: nn.Linear | None = None
         self.feature_map: nn.Parameter | None = None
@@ -228,6 +230,11 @@ class MethodAttention(nn.Module):
                 f"layer {self.layer_idx} ({self.method}): padded batches are not supported by the organism "
                 "attention adapter; pass unpadded rows"
             )
+        if past_key_values is not None and self.input_conv:
+            raise ConfigError(
+                f"layer {self.layer_idx} ({self.method}): cached decoding is not supported with the short input "
+                f"convolution (kernel {self.input_conv}) of add_short_conv; run full forward passes instead"
+            )
         b, n, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(b, n, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden_states).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -281,6 +288,47 @@ def apply(model: LlamaForCausalLM, cfg: ModelConfig) -> LlamaForCausalLM:
         new.load_state_dict(old.state_dict(), strict=False)
         layer.self_attn = new.to(next(old.parameters()).device)
     model.config.use_cache = False  # training needs no cache; greedy decoding asks for one explicitly
+    return model
+
+
+class ShortConv(nn.Module):
+    """``norm`` followed by a causal depthwise convolution over the sequence, added to its input:
+    ``y = h + conv(h)``, ``h = norm(x)``, each channel mixing itself over the last ``kernel`` tokens
+    (positions before the first are zeros). Zoology's MQAR models and Based / Gated DeltaNet put such a
+    short convolution before the sequence mixer; it gives every position its previous tokens directly,
+    the step that associative recall otherwise has to learn through a previous-token attention head."""
+
+    def __init__(self, norm: nn.Module, hidden: int, kernel: int) -> None:
+        super().__init__()
+        self.norm, self.kernel = norm, kernel
+        self.conv = nn.Conv1d(hidden, hidden, kernel, groups=hidden, padding=kernel - 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, N, hidden) -> (B, N, hidden)."""
+        h = self.norm(x)
+        return h + self.conv(h.transpose(1, 2))[..., : h.shape[1]].transpose(1, 2)
+
+
+def add_short_conv(model: LlamaForCausalLM, kernel: int) -> LlamaForCausalLM:
+    """Put a :class:`ShortConv` of ``kernel`` taps (>= 2) after the input norm of every decoder layer of
+    ``model``, whose layers must all be :class:`MethodAttention` (an organism built with an attention plan).
+    Trains and runs full forward passes; cached decoding is refused (the convolution keeps no cache) and
+    the checkpoint functions do not know the convolution (it is for in-process experiments such as the
+    architecture comparison). Returns ``model``."""
+    if not isinstance(kernel, int) or isinstance(kernel, bool) or kernel < 2:
+        raise ConfigError(f"add_short_conv kernel={kernel!r}: expected an integer >= 2")
+    layers = model.model.layers
+    plain = [i for i, layer in enumerate(layers) if not isinstance(layer.self_attn, MethodAttention)]
+    if plain:
+        raise ConfigError(
+            f"add_short_conv: layers {plain} are plain Llama layers; expected a model built with an attention "
+            "plan (ModelConfig.attention), every layer a MethodAttention"
+        )
+    for layer in layers:
+        norm = layer.input_layernorm
+        device = next(norm.parameters()).device
+        layer.input_layernorm = ShortConv(norm, model.config.hidden_size, kernel).to(device)
+        layer.self_attn.input_conv = kernel
     return model
 
 
@@ -376,3 +424,43 @@ def load_organism(path: str | Path, device: str = "cpu") -> tuple[LlamaForCausal
         return ckpt.load_organism(folder, device=device)
     cfg = dataclasses.replace(TrainConfig.from_dict(stored), device=device)
     return _load_adapted(cfg, folder).eval(), load_tokenizer(folder)
+
+
+def mqar_batch(
+    generator: torch.Generator,
+    batch: int,
+    length: int,
+    pairs: int,
+    keys: tuple[int, int],
+    values: tuple[int, int],
+    pad: int,
+    ignore: int = -100,
+) -> tuple[Tensor, Tensor]:
+    """A batch of zoology-style multi-query associative recall (MQAR) rows in token space.
+
+    Each row is ``pairs`` key-value pairs ``k1 v1 k2 v2 ... kP vP`` (keys distinct, drawn from the token ids
+    ``keys[0] <= id < keys[1]``; values drawn with replacement from ``values[0] <= id < values[1]``), then
+    every key once more in a random order, each followed by its value (``... kq vq ...``), then ``pad``
+    up to ``length``. The labels are ``ignore`` except at the query keys, whose label is their value (the
+    next token): the model is scored only on recalling values (zoology's MQAR; one token per key and per
+    value, so no tokenisation stands between a key and its value). Returns (input ids, labels), each
+    (batch, length) int64. Deterministic in ``generator``'s state."""
+    if not isinstance(pairs, int) or pairs < 1 or 4 * pairs > length:
+        raise ConfigError(f"mqar_batch pairs={pairs!r} at length={length}: expected 1 <= pairs <= length / 4")
+    for name, (lo, hi) in (("keys", keys), ("values", values)):
+        if not 0 <= lo < hi:
+            raise ConfigError(f"mqar_batch {name}={(lo, hi)}: expected a token id range 0 <= lo < hi")
+    if keys[1] - keys[0] < pairs:
+        raise ConfigError(f"mqar_batch keys={keys} holds {keys[1] - keys[0]} ids; expected >= pairs={pairs}")
+    if not (keys[1] <= values[0] or values[1] <= keys[0]):
+        raise ConfigError(f"mqar_batch keys={keys} and values={values} overlap: expected disjoint ranges")
+    k = torch.rand(batch, keys[1] - keys[0], generator=generator).argsort(-1)[:, :pairs] + keys[0]
+    v = torch.randint(values[0], values[1], (batch, pairs), generator=generator)
+    order = torch.rand(batch, pairs, generator=generator).argsort(-1)
+    qk, qv = k.gather(1, order), v.gather(1, order)
+    x = torch.full((batch, length), pad, dtype=torch.long)
+    x[:, : 2 * pairs : 2], x[:, 1 : 2 * pairs : 2] = k, v
+    x[:, 2 * pairs : 4 * pairs : 2], x[:, 2 * pairs + 1 : 4 * pairs : 2] = qk, qv
+    y = torch.full((batch, length), ignore, dtype=torch.long)
+    y[:, 2 * pairs : 4 * pairs : 2] = qv
+    return x, y
