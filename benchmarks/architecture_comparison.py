@@ -30,7 +30,7 @@ evaluated (``results.json``, ``results.md``, ``accuracy_vs_state.png``), so a ru
 
 Usage::
 
-    python benchmarks/architecture_comparison.py --device cuda --widths 64 128 --budget 330 \\
+    python benchmarks/architecture_comparison.py --device cuda --widths 64 256 --budget 340 \\
         --out benchmarks/results/h100-2026-11-23-s2/architectures
     python benchmarks/architecture_comparison.py --replot --out ...   # results.md and plot from results.json
 """
@@ -79,8 +79,8 @@ def model_config(args: argparse.Namespace, hidden: int, name: str) -> ModelConfi
         vocab_size=args.vocab,
         hidden_size=hidden,
         layers=args.layers,
-        heads=args.heads,
-        kv_heads=args.heads,
+        heads=max(1, hidden // args.head_dim),
+        kv_heads=max(1, hidden // args.head_dim),
         intermediate_size=2 * hidden,
         max_position=args.context,
         attention=plan,
@@ -349,7 +349,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/h100-2026-11-23-s2/architectures"))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--widths", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--widths", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--only", nargs="*", choices=NAMES, help="train only these architectures")
     ap.add_argument("--steps", type=int, default=3000, help="at most this many steps (the budget may cut)")
     ap.add_argument("--budget", type=float, default=None, help="seconds of training for all models")
@@ -365,7 +365,9 @@ def main() -> None:
     ap.add_argument("--eval-text", type=int, default=100, help="evaluation samples per text task")
     ap.add_argument("--eval-mqar-rows", type=int, default=512)
     ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--heads", type=int, default=2)
+    ap.add_argument(
+        "--head-dim", type=int, default=64, help="heads = width / head dim (zoology: 1 head at 64)"
+    )
     ap.add_argument("--conv", type=int, default=3, help="short convolution kernel (0: none)")
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--window", type=int, default=64, help="sliding_window's keys per query")
@@ -441,7 +443,7 @@ def main() -> None:
             k: getattr(args, k)
             for k in ("context", "pairs", "eval_pairs", "mqar_rows", "text_rows", "layers")
         },
-        **{k: getattr(args, k) for k in ("heads", "conv", "vocab", "window", "lr", "lm_weight", "widths")},
+        **{k: getattr(args, k) for k in ("head_dim", "conv", "vocab", "window", "lr", "lm_weight", "widths")},
         **{k: getattr(args, k) for k in ("text_pool", "eval_text", "eval_mqar_rows", "corpus_chars")},
         "state_dtype": "float32",
     }
