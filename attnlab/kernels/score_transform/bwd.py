@@ -69,7 +69,7 @@ def _dkdv_inner(
         x_t, t_t = logits2(s_t, qi, kj, bias_base, stride_bm, stride_bn, slope2, lr, N_Q, N_K, OFFSET, scale2,
                            cap2, inv_cap, SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, FAST)  # fmt: skip
         if SOFTPLUS:  # A = softplus(y) / L, dY = sigmoid(y) (dP - Delta) / L; 1 / L = 2^-lse2 (0 on +inf)
-            w_t, g_t = softplus2(x_t)
+            w_t, g_t = softplus2(x_t, FAST)
             inv = tl.math.exp2(-lse2)
             p_t = w_t * (LN2 * inv[None, :])
             g_t = g_t * inv[None, :]
@@ -208,7 +208,7 @@ def _dq_inner(
         x, t = logits2(s, qi, kj, bias_base, stride_bm, stride_bn, slope2, lr, N_Q, N_K, OFFSET, scale2, cap2,
                        inv_cap, SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, FAST)  # fmt: skip
         if SOFTPLUS:  # see _dkdv_inner
-            _w, g = softplus2(x)
+            _w, g = softplus2(x, FAST)
             inv = tl.math.exp2(-lse2)
             g = g * inv[:, None]
             if MASKED:

@@ -53,7 +53,7 @@ def _online(
                            inv_cap, SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, FAST)  # fmt: skip
         else:
             w = s * scale2
-        w, _ = softplus2(w)
+        w, _ = softplus2(w, FAST)
         if MASKED:
             w = tl.where(kj <= qi + OFFSET, w, 0.0)
         if BOUND:
