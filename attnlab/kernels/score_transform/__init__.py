@@ -2,7 +2,8 @@
 normaliser are compile-time choices (``SOFTCAP``: Gemma 2's ``cap * tanh(s / cap)``; ``HAS_BIAS``: an
 additive (B, H, N_q, N_k) bias read through broadcast strides; ``ALIBI``: ``-m_h |i + N_k - N_q - j|``
 from per-head slopes; ``LOWRANK``: FlashBias's low-rank bias ``U V^T`` computed per tile from its factors;
-``HAS_SINK``: a per-head sink logit that joins the normaliser, gpt-oss style), returning the output and
+``HAS_SINK``: a per-head sink logit that joins the normaliser, gpt-oss style; ``SOFTPLUS``: l1-normalised
+softplus weights instead of the softmax, no running maximum), returning the output and
 the log-sum-exp of the transformed logits. Gradients for q, k, v, the sink logits and the low-rank
 factors.
 

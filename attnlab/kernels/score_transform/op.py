@@ -12,7 +12,10 @@ The forward's schedules are the FlashSigmoid kernel's (attnlab/kernels/sigmoid/o
 (TMA) on Hopper, a split query tile, warp specialization; where a schedule was measured on the H100 in
 interleaved rounds it is pinned (``MEASURED_FWD`` / ``MEASURED_BWD``), elsewhere Triton's autotuner picks
 from the candidate lists. Measured speed (H100, bf16, D=128, H=32, 8K-32K): forward 0.54-0.84x of cuDNN
-plain softmax, forward+backward 0.48-0.69x (benchmarks/results/h100-2026-11-23/variants/NOTES.md).
+plain softmax, forward+backward 0.48-0.69x (benchmarks/results/h100-2026-11-23/variants/NOTES.md); the
+softplus transform at 56ab39e (exact libdevice log2): forward 0.37-0.39x, forward+backward 0.32-0.33x (8K/32K
+causal; 3.6-3.8x / 6.1-6.3x faster than Flex; benchmarks/results/h100-2026-11-23-s2/variants/NOTES.md); its
+FAST form (lg2.approx, b94794b) is not timed.
 """
 
 from __future__ import annotations
