@@ -61,6 +61,8 @@ def _stats(ts: list[float]) -> dict[str, float]:
             "max_ms": round(s[-1], 4), "reps": n}  # fmt: skip
 
 
+#: The methods whose fla-core twin is timed (None: all that have one).
+FLA_METHODS: frozenset[str] | None = None
 #: Seconds a side's warm-up may take (its first call compiles, and for fla autotunes; 0: no limit).
 WARMUP_LIMIT = 0.0
 
@@ -83,6 +85,7 @@ def interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 3) -
         except Exception as e:
             out[name] = f"{type(e).__name__}: {e}"[:300]
         warm_s[name] = round(time.perf_counter() - t0, 1)
+        print(f"warm-up {name}: {warm_s[name]} s{'' if name in live else ' (left out)'}", flush=True)
     times: dict[str, list[float]] = {name: [] for name in live}
     for _ in range(reps):
         events = []
@@ -132,7 +135,7 @@ def sides(b: int, h: int, n: int, d: int, methods: tuple[str, ...], fla: bool) -
             return op(q, k, v, **extra).out
 
         out[method] = (ours, [q, k, v, *(extra[nm] for nm in c.learned)], do)
-        if fla and method != "hedgehog":
+        if fla and method != "hedgehog" and (FLA_METHODS is None or method in FLA_METHODS):
             qf, kf, vf = (to_fla(t.detach()).requires_grad_(True) for t in (q, k, v))
             xf = {nm: t.requires_grad_(nm in c.learned) for nm, t in fla_extra(c, c.extra).items()}
             fn = fla_fn(c)
@@ -446,6 +449,7 @@ def main() -> None:
     ap.add_argument("--fast-autotune", action="store_true", help="see linear_gpu_check.fast_autotune()")
     ap.add_argument("--fla-limit", type=float, default=0.0, help="seconds per side's warm-up (0: none)")
     ap.add_argument("--fla-max-configs", type=int, default=0, help="see linear_gpu_check.cap_fla_configs()")
+    ap.add_argument("--fla-methods", default="", help="time fla's twin of these methods only (default all)")
     ap.add_argument("--profile", default="", help="BxHxN: per-kernel GPU time of our fwd+bwd (profile())")
     ap.add_argument("--sweep", default="", help="BxHxN: launch variants of our kernels (sweep())")
     ap.add_argument("--sweep-budget", type=float, default=120.0)
@@ -453,8 +457,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.fast_autotune:
         fast_autotune()
-    global WARMUP_LIMIT
+    global WARMUP_LIMIT, FLA_METHODS
     WARMUP_LIMIT = args.fla_limit
+    FLA_METHODS = frozenset(args.fla_methods.split(",")) if args.fla_methods else None
     start = time.perf_counter()
     methods = tuple(args.methods.split(","))
     result: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": [],
