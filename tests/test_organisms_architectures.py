@@ -235,3 +235,73 @@ def test_a_linear_method_without_its_inputs_is_refused(monkeypatch: pytest.Monke
     monkeypatch.setattr(arch, "INPUT_MAKERS", {"gla": ("g",)})
     with pytest.raises(ConfigError, match=r"'gated_delta' requires the tensor input\(s\) \['beta'\]"):
         ModelConfig(layers=2, attention=("gated_delta", "softmax")).validate()
+
+
+def test_mqar_batch_layout_and_labels() -> None:
+    gen = torch.Generator().manual_seed(0)
+    keys, values = (4, 40), (40, 60)
+    x, y = arch.mqar_batch(gen, 8, 64, 9, keys, values, pad=0)
+    assert x.shape == y.shape == (8, 64) and x.dtype == y.dtype == torch.long
+    for row in range(8):
+        ks, vs = x[row, 0:18:2].tolist(), x[row, 1:18:2].tolist()
+        assert len(set(ks)) == 9 and all(keys[0] <= k < keys[1] for k in ks)
+        assert all(values[0] <= v < values[1] for v in vs)
+        qk, qv = x[row, 18:36:2].tolist(), x[row, 19:36:2].tolist()
+        assert sorted(qk) == sorted(ks)  # every key asked once
+        value_of = dict(zip(ks, vs, strict=True))
+        assert qv == [value_of[k] for k in qk]  # each query followed by its own value
+        assert (x[row, 36:] == 0).all()
+        labelled = (y[row] != -100).nonzero().flatten().tolist()
+        assert labelled == list(range(18, 36, 2))  # only the query keys, labelled with their value
+        assert y[row, 18:36:2].tolist() == qv
+    again = arch.mqar_batch(torch.Generator().manual_seed(0), 8, 64, 9, keys, values, pad=0)
+    assert torch.equal(again[0], x) and torch.equal(again[1], y)
+
+
+@pytest.mark.parametrize(
+    ("pairs", "length", "keys", "values", "message"),
+    [
+        (17, 64, (4, 40), (40, 60), "pairs=17 at length=64"),
+        (4, 64, (4, 6), (40, 60), "holds 2 ids"),
+        (4, 64, (4, 50), (40, 60), "overlap"),
+        (4, 64, (9, 4), (40, 60), "keys=(9, 4)"),
+    ],
+)
+def test_mqar_batch_bad_arguments(
+    pairs: int, length: int, keys: tuple[int, int], values: tuple[int, int], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        arch.mqar_batch(torch.Generator(), 2, length, pairs, keys, values, pad=0)
+
+
+def test_short_conv_is_causal_trains_and_refuses_cached_decoding() -> None:
+    cfg = tiny(PLANS["hybrid"]).model
+    torch.manual_seed(0)
+    from transformers import LlamaForCausalLM
+
+    model = arch.add_short_conv(arch.apply(LlamaForCausalLM(cfg.llama_config()), cfg), 3)
+    assert all(isinstance(layer.input_layernorm, arch.ShortConv) for layer in model.model.layers)
+    x = torch.randint(4, 500, (1, 32))
+    x2 = x.clone()
+    x2[0, 20:] = torch.randint(4, 500, (12,))
+    with torch.no_grad():
+        a, b = model(input_ids=x).logits, model(input_ids=x2).logits
+    torch.testing.assert_close(a[:, :20], b[:, :20])  # later tokens change nothing before them
+    assert not torch.allclose(a[:, 20:], b[:, 20:])
+    model(input_ids=x).logits.sum().backward()
+    convs = [layer.input_layernorm.conv.weight.grad for layer in model.model.layers]
+    assert all(g is not None and bool(g.abs().sum() > 0) for g in convs)
+    with pytest.raises(ConfigError, match="short input convolution"):
+        model(input_ids=x, use_cache=True)
+
+
+def test_short_conv_bad_arguments() -> None:
+    from transformers import LlamaForCausalLM
+
+    cfg = tiny(PLANS["softmax"]).model
+    model = arch.apply(LlamaForCausalLM(cfg.llama_config()), cfg)
+    with pytest.raises(ConfigError, match="kernel=1"):
+        arch.add_short_conv(model, 1)
+    plain = LlamaForCausalLM(tiny().model.llama_config())
+    with pytest.raises(ConfigError, match="plain Llama layers"):
+        arch.add_short_conv(plain, 3)
