@@ -12,6 +12,10 @@ run share one call. Without padding a layer is one call per head group.
 The attention function receives q (B, H, N_q, D), k/v (B, H_kv, N_k, D) after RoPE and the cache update,
 chooses the phase (prefill: no cached keys before the queries; decode: otherwise), runs each head group's
 method through a prepared :class:`attnlab.Op` and returns (B, N_q, H, D_v) as transformers expects.
+
+With ``use(..., free_kv=True)`` a layer's cache may hold fewer tokens than transformers counts (evicted ones
+removed, :mod:`attnlab.hf.kv`): the mask still describes the logical cache, and the runtime maps it onto the
+layer's physical one (:class:`~attnlab.hf.kv.Compaction`: a shift, and each row's first real token).
 """
 
 from __future__ import annotations

@@ -27,7 +27,11 @@ largest count), which the runtime treats as that row's padding from then on. Wit
 is no padding and the batch runs as one call.
 
 Only transformers' full-attention ``DynamicLayer`` is compacted (a static or sliding-window cache layer
-raises :class:`~attnlab.hf.interface.HFRuntimeError`); beam search is refused under ``use`` anyway.
+raises :class:`~attnlab.hf.interface.HFRuntimeError`); beam search is refused under ``use`` anyway. After a
+layer is compacted, the 2-D ``attention_mask`` of later calls must mark every new token as real (what
+``generate`` does): the runtime takes each row's padding from the compaction, not from later masks.
+``free_kv`` is a ``use`` option only (``register`` installs no hook to compact with). ``h2o`` here decides
+once, like kvpress's press (not per step as in the H2O paper), so it frees once.
 
 **KV memory report**: :func:`kv_memory` gives, per layer, the bytes the cache has allocated, the bytes the
 decode method keeps (the tokens it can ever attend to again: an eviction method's kept set, a
