@@ -79,9 +79,10 @@ def test_every_variant_is_complete() -> None:
             assert [b.name for b in spec.backends] == ["triton", "eager"]
             assert [t.free_symbols() for t in spec.inputs] == [("R",), ("R",)]
         else:
-            kernel = ["triton"] if spec.name in ("softcap", "alibi", "bias", "sink") else []
+            kernel = ["triton"] if spec.name in ("softcap", "alibi", "bias", "sink", "softplus") else []
+            kernel = ["sdpa"] if spec.name in ("gated", "affine_scaled") else kernel  # cuDNN + output transform
             after = ["triton"] if spec.name == "selective" else []  # kernel path not timed yet: after Flex
-            assert [b.name for b in spec.backends] == [*kernel, "flex", *after, "eager"]  # the kernel first
+            assert [b.name for b in spec.backends] == [*kernel, "flex", *after, "eager"]  # the fast path first
         for kwargs in (*spec.test_params, *spec.bench_params(4096)):
             spec.make_params(kwargs)
         assert spec.params == spec.param_class()
