@@ -80,9 +80,11 @@ def test_every_variant_is_complete() -> None:
             assert [t.free_symbols() for t in spec.inputs] == [("R",), ("R",)]
         else:
             kernel = ["triton"] if spec.name in ("softcap", "alibi", "bias", "sink", "softplus") else []
-            kernel = ["sdpa"] if spec.name in ("gated", "affine_scaled") else kernel  # cuDNN + output transform
+            if spec.name in ("gated", "affine_scaled"):  # cuDNN softmax, then the output transform
+                kernel = ["sdpa"]
             after = ["triton"] if spec.name == "selective" else []  # kernel path not timed yet: after Flex
-            assert [b.name for b in spec.backends] == [*kernel, "flex", *after, "eager"]  # the fast path first
+            fast_first = [*kernel, "flex", *after, "eager"]
+            assert [b.name for b in spec.backends] == fast_first
         for kwargs in (*spec.test_params, *spec.bench_params(4096)):
             spec.make_params(kwargs)
         assert spec.params == spec.param_class()
