@@ -11,6 +11,10 @@ After the loop a sink logit s_h joins the normaliser (HAS_SINK): l += 2^(s_h - m
 out = acc / l (0 where l == 0), lse = (m + log2(l)) * ln(2) (-inf where l == 0). Keys past N_k are masked
 (-inf), not read as zero scores.
 
+SOFTPLUS (l1-normalised softplus weights): no maximum is kept; per key block l += rowsum(w) and acc += w v with
+w = log2(1 + 2^x) (softplus / ln 2: the ln 2 cancels in acc / l); out = acc / l (0 where l == 0) and the
+returned lse is log(l ln 2), the log of the natural normaliser sum_j softplus(x_ij).
+
 Schedule knobs (constexpr; the FlashSigmoid kernel's, see attnlab/kernels/sigmoid/fwd.py): TMA (tiles of
 q, k, v, o move by tensor descriptors built in the kernel), SPLIT=2 (the query tile is two row halves whose
 score products are issued before either half's exponentials), WS (Triton's warp specialization of the
