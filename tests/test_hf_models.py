@@ -29,10 +29,10 @@ WINDOWS: dict[str, dict[str, Any]] = {
 }
 
 
-def build(arch: str, seed: int = 0, **overrides: Any) -> Any:
+def build(arch: str, seed: int = 0, attn: str | None = None, **overrides: Any) -> Any:
     torch.manual_seed(seed)
     cfg = tiny_config(arch, **{**WINDOWS.get(arch, {}), **overrides})
-    attn = BASELINE.get(arch, "sdpa")
+    attn = attn or BASELINE.get(arch, "sdpa")
     return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
 
 
@@ -84,27 +84,39 @@ def test_softcap_is_kept_and_a_method_that_cannot_softcap_is_refused() -> None:
     assert rt.calls[(1, "prefill", "streaming")] > 0 and rt.calls[(0, "prefill", "softcap")] > 0
 
 
-def test_gemma2_sliding_layers_keep_both_the_window_and_the_softcap() -> None:
-    """A window smaller than the prompt and a small cap (both bite): logits equal transformers' eager
-    Gemma-2; the sliding layer ran softcap with the window, the full layer softcap without."""
-    model = build("gemma2", sliding_window=4, attn_logit_softcapping=0.5)
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_gemma_sliding_layers_keep_both_the_window_and_the_softcap(arch: str) -> None:
+    """A window smaller than the prompt and a small cap (both bite on Gemma 2): logits equal transformers'
+    eager model; Gemma 2's sliding layer ran softcap with the window, its full layer softcap without; Gemma
+    3 (whose attention ignores a configured cap) ran sliding_window and softmax."""
+    eager = {"attn": "eager"}
+    model = build(arch, sliding_window=4, attn_logit_softcapping=0.5, **eager)
     ids, mask = padded(n=14)
     with torch.no_grad():
         want = model(ids, attention_mask=mask).logits
-        capped = build("gemma2", sliding_window=4)(ids, attention_mask=mask).logits  # cap 50: barely bites
-        unwindowed = build("gemma2", sliding_window=64, attn_logit_softcapping=0.5)(ids, attention_mask=mask)
+        uncapped = {"attn_logit_softcapping": 50.0 if arch == "gemma2" else None}  # (50: barely bites)
+        capped = build(arch, sliding_window=4, **uncapped, **eager)(ids, attention_mask=mask).logits
+        wide = build(arch, sliding_window=64, attn_logit_softcapping=0.5, **eager)
+        unwindowed = wide(ids, attention_mask=mask)
         with use(model, plan=FAST) as rt:
             got = model(ids, attention_mask=mask).logits
     keep = mask.bool()
     torch.testing.assert_close(got[keep], want[keep], rtol=1e-5, atol=2e-5)
-    # both the cap and the window change these logits (the test would see either one dropped)
-    assert (capped[keep] - want[keep]).abs().max() > 1e-3
-    assert (unwindowed.logits[keep] - want[keep]).abs().max() > 1e-3
+    assert (unwindowed.logits[keep] - want[keep]).abs().max() > 1e-3  # the window bites
     parts = {(layer, p.ref) for (layer, phase, *_), ps in rt._parts.items() for p in ps if phase == "prefill"}
-    assert parts == {
-        (0, attnlab.hf.MethodRef("softcap", (("cap", 0.5), ("window", 4)))),
-        (1, attnlab.hf.MethodRef("softcap", (("cap", 0.5),))),
-    }
+    if arch == "gemma2":
+        assert (capped[keep] - want[keep]).abs().max() > 1e-3  # the cap bites
+        assert parts == {
+            (0, attnlab.hf.MethodRef("softcap", (("cap", 0.5), ("window", 4)))),
+            (1, attnlab.hf.MethodRef("softcap", (("cap", 0.5),))),
+        }
+    else:  # Gemma 3's attention never passes its config's cap to the attention function: none, as in transformers
+        torch.testing.assert_close(capped[keep], want[keep])
+        assert parts == {
+            (0, attnlab.hf.MethodRef("sliding_window", (("window", 4),))),
+            (1, attnlab.hf.MethodRef("softmax")),
+        }
+        assert {layer.softcap for layer in attnlab.hf.inspect_model(model).layers} == {None}
     # generation (prefill then decode steps with the sliding cache): the same tokens as eager
     want_tokens = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
     with use(model, plan=FAST):

@@ -29,6 +29,11 @@ SUPPORTED_ATTENTION: tuple[str, ...] = (
 )
 
 
+#: Attention classes that keep a config's ``attn_logit_softcapping`` as an attribute but never pass it to the
+#: attention function (Gemma 3 replaced the cap by QK-norm; transformers 5.17-5.23): they run uncapped.
+NO_SOFTCAP_PASSED: frozenset[str] = frozenset({"Gemma3Attention"})
+
+
 class UnsupportedModelError(AttnlabError, TypeError):
     """The model has an attention class attnlab.hf does not run."""
 
@@ -89,6 +94,8 @@ def inspect_model(model: nn.Module) -> ModelInfo:
         mcfg: Any = m.config
         window = getattr(m, "sliding_window", getattr(mcfg, "sliding_window", None))
         cap = getattr(m, "attn_logit_softcapping", None)
+        if type(m).__name__ in NO_SOFTCAP_PASSED:
+            cap = None
         layers.append(LayerInfo(int(getattr(m, "layer_idx")), type(m).__name__, window, cap))  # noqa: B009
     cfg: Any = mods[0].config
     heads = int(cfg.num_attention_heads)
