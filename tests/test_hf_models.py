@@ -89,14 +89,14 @@ def test_gemma_sliding_layers_keep_both_the_window_and_the_softcap(arch: str) ->
     """A window smaller than the prompt and a small cap (both bite on Gemma 2): logits equal transformers'
     eager model; Gemma 2's sliding layer ran softcap with the window, its full layer softcap without; Gemma
     3 (whose attention ignores a configured cap) ran sliding_window and softmax."""
-    eager = {"attn": "eager"}
-    model = build(arch, sliding_window=4, attn_logit_softcapping=0.5, **eager)
+    model = build(arch, attn="eager", sliding_window=4, attn_logit_softcapping=0.5)
     ids, mask = padded(n=14)
     with torch.no_grad():
         want = model(ids, attention_mask=mask).logits
-        uncapped = {"attn_logit_softcapping": 50.0 if arch == "gemma2" else None}  # (50: barely bites)
-        capped = build(arch, sliding_window=4, **uncapped, **eager)(ids, attention_mask=mask).logits
-        wide = build(arch, sliding_window=64, attn_logit_softcapping=0.5, **eager)
+        uncapped = 50.0 if arch == "gemma2" else None  # (50: barely bites)
+        capped = build(arch, attn="eager", sliding_window=4, attn_logit_softcapping=uncapped)
+        capped = capped(ids, attention_mask=mask).logits
+        wide = build(arch, attn="eager", sliding_window=64, attn_logit_softcapping=0.5)
         unwindowed = wide(ids, attention_mask=mask)
         with use(model, plan=FAST) as rt:
             got = model(ids, attention_mask=mask).logits
