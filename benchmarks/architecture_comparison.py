@@ -248,6 +248,8 @@ def evaluate(model: Any, args: argparse.Namespace, eval_pool: TextPool, pad: int
     token: dict[str, float] = {}
     for task in TEXT_TASKS:
         rows = [r for r, t in zip(eval_pool.rows, eval_pool.tasks, strict=True) if t == task]
+        if not rows:  # --eval-text 0: MQAR only
+            continue
         exact = tok_right = tok_total = 0
         for i in range(0, len(rows), 32):
             x, y, ans = (t.to(args.device) for t in text_tensors(rows[i : i + 32], args.context, pad))
@@ -286,7 +288,10 @@ def write_outputs(out: Path, meta: dict[str, Any], runs: dict[str, dict[str, Any
     ]
     for key, r in runs.items():
         mq = " | ".join(f"{r['mqar'][p]:.3f}" for p in pairs)
-        tx = " | ".join(f"{r['text_exact'][t]:.2f} ({r['text_answer_tokens'][t]:.2f})" for t in TEXT_TASKS)
+        tx = " | ".join(
+            f"{r['text_exact'][t]:.2f} ({r['text_answer_tokens'][t]:.2f})" if t in r["text_exact"] else "-"
+            for t in TEXT_TASKS
+        )
         lines.append(
             f"| {key} | {r['hidden']} | {r['label']} | {r['parameters']:,} | {r['train_seconds']:.0f} | {mq} | {tx} | "
             f"{r['state_bytes_total']:,} |"
@@ -306,7 +311,11 @@ def plot(path: Path, meta: dict[str, Any], runs: dict[str, dict[str, Any]]) -> N
     from matplotlib.ticker import NullFormatter
 
     panels = [(f"MQAR, {p} pairs", "mqar", str(p)) for p in meta["eval_pairs"]]
-    panels += [(f"{t} (exact match)", "text_exact", t) for t in TEXT_TASKS]
+    panels += [
+        (f"{t} (exact match)", "text_exact", t)
+        for t in TEXT_TASKS
+        if any(t in r["text_exact"] for r in runs.values())
+    ]
     cols = 3
     rows = (len(panels) + cols - 1) // cols
     fig, grid = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), sharey=True, squeeze=False)
@@ -395,13 +404,13 @@ def main() -> None:
     base = TrainConfig(
         name="arch",
         model=ModelConfig(
-            vocab_size=args.vocab, hidden_size=64, heads=2, kv_heads=2, max_position=args.context
+            vocab_size=args.vocab, hidden_size=64, heads=2, kv_heads=2, max_position=max(128, args.context)
         ),
         corpus=CorpusConfig(max_chars=args.corpus_chars),
-        stages=(Stage(1, args.context, 1),),
+        stages=(Stage(1, max(128, args.context), 1),),
         tasks=TEXT_TASKS,
         max_seconds=None,
-        eval_lengths=(args.context,),
+        eval_lengths=(max(128, args.context),),
     ).validate()
     data = prepare_data(base)
     pad = int(data.tokenizer.pad_token_id)
@@ -448,6 +457,19 @@ def main() -> None:
         "state_dtype": "float32",
     }
     runs: dict[str, dict[str, Any]] = {}
+    previous = args.out / "results.json"
+    if args.only and previous.is_file():  # --only: keep the other architectures' records of the same setup
+        stored = json.loads(previous.read_text())
+        same = {
+            k: v for k, v in stored["meta"].items() if k not in ("commit", "date", "calibration_s_per_step")
+        }
+        if same == {k: v for k, v in meta.items() if k not in ("commit", "date", "calibration_s_per_step")}:
+            runs = {k: v for k, v in stored["runs"].items() if v["name"] not in names}
+            meta["commit"] = (
+                f"{stored['meta']['commit']} + {meta['commit']}"
+                if stored["meta"]["commit"] != meta["commit"]
+                else meta["commit"]
+            )
     for w, n in jobs:
         cfg = model_config(args, w, n)
         model = build(cfg, args.conv, args.device, 0)
