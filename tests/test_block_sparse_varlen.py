@@ -210,3 +210,36 @@ def test_bad_cu_seqlens_and_plans_get_clear_errors() -> None:
 
     with pytest.raises(ValueError, match="columns"):
         block_sparse_varlen(q, k, v, good, good, causal=False, block=BS, plan_fn=with_columns)
+
+
+def test_random_packings_tables_match_the_block_diagonal_mask() -> None:
+    """Random packings (empty, length-1, sub-block and multi-block sequences; self and cross; every plan
+    kind): the tables the executor reads (tiles sharing a pattern id evaluated once) encode exactly the
+    block-diagonal mask."""
+    g = torch.Generator().manual_seed(5)
+    sizes = [0, 1, 2, 5, 15, 16, 17, 31, 33, 40, 64, 70]
+    for trial in range(20):
+        n_seq = int(torch.randint(1, 6, (1,), generator=g))
+        lq = [sizes[int(x)] for x in torch.randint(0, len(sizes), (n_seq,), generator=g)]
+        lk = lq if trial % 2 else [sizes[int(x)] for x in torch.randint(0, len(sizes), (n_seq,), generator=g)]
+        if sum(lq) == 0 or sum(lk) == 0:
+            continue
+        causal = trial % 4 < 2
+        fn = list(PLAN_FNS.values())[trial % 3]
+        cq, ck = cu(lq).tolist(), cu(lk).tolist()
+        q, k, _ = random_qkv(cq[-1], ck[-1], trial)
+        plans = [
+            None if fn is None or lq[s] == 0 or lk[s] == 0
+            else fn(q[:, :, cq[s] : cq[s + 1]], k[:, :, ck[s] : ck[s + 1]], causal)
+            for s in range(n_seq)
+        ]  # fmt: skip
+        packed = varlen_plan(cq, ck, plans, causal, BS, "cpu")
+        want = torch.zeros(1, packed.full.shape[1], cq[-1], ck[-1], dtype=torch.bool)
+        for s, p in enumerate(plans):
+            if lq[s] and lk[s]:
+                m = dense_mask(lq[s], lk[s], causal) if p is None else p.dense_mask()
+                want[:, :, cq[s] : cq[s + 1], ck[s] : ck[s + 1]] = m[0]
+        t = executor_tables(packed)
+        got = tables_mask(t.p_num, t.p_idx, t.p_pat, t.f_num, t.f_idx, t.c_num, t.c_idx, t.patterns,
+                          packed.n_q, packed.n_k, False)  # fmt: skip
+        assert torch.equal(got, want), (lq, lk, causal, trial)

@@ -365,7 +365,7 @@ def varlen_plan(
         full[..., -1] = False
     cu_q_t = torch.tensor(cu_q, device=dev)
     cu_k_t = torch.tensor(cu_k, device=dev)
-    ids = _varlen_pattern_ids(partial, one_q, inside, stack_full, stack_part, kinds, cu_q_t, cu_k_t, block)
+    ids = _varlen_pattern_ids(partial, one_q, one_k, stack_full, stack_part, kinds, cu_q_t, cu_k_t, block)
     offsets = (cu_k_t[1:] - cu_k_t[:-1]) - (cu_q_t[1:] - cu_q_t[:-1])
     custom = [(s, loc) for s, loc in enumerate(locals_) if loc is not None and loc.kind == 2]
 
@@ -395,7 +395,7 @@ def varlen_plan(
 def _varlen_pattern_ids(
     partial: Tensor,
     one_q: Tensor,
-    inside: Tensor,
+    one_k: Tensor,
     stack_full: Tensor,
     stack_part: Tensor,
     kinds: Tensor,
@@ -406,41 +406,50 @@ def _varlen_pattern_ids(
     """int32 (1, Hp, NQB, NKB) pattern ids of a packed plan's partial tiles (-1 elsewhere), so that the
     executor's tables evaluate one tile per id (:func:`attnlab.plans.blocks.tile_patterns`).
 
-    A tile whose rows and columns lie in one sequence ``s`` with a whole or causal rule has a token mask
-    fixed by: the rule, the split of its rows (columns) between two sequence tiles (``cu_q[s] % block``,
-    ``cu_k[s] % block``), the status (none / full / partial) of the up to four sequence tiles it
-    overlaps, its causal diagonal offset ``c - r <= (I - J) block + cu_k[s+1] - cu_q[s+1]`` (clipped to
-    [-block, block], beyond which the rule is constant), and whether it is the last tile row / column
-    (the matrix's edge); equal keys give equal masks. Every other partial tile (straddling a boundary, or
-    a sequence with its own token rule) gets an id of its own."""
+    A tile whose rows (or columns) lie in one sequence ``s`` with a whole or causal rule holds pairs of
+    ``s`` only, and its token mask is fixed by: the band of its columns (rows) inside ``s`` (``c0 <= c <
+    c1``, ``r0 <= r < r1``), the split of its rows (columns) between two sequence tiles (``cu_q[s] %
+    block``, ``cu_k[s] % block``), the status (none / full / partial) of the up to four sequence tiles
+    it overlaps, the rule, and its causal diagonal offset ``c - r <= (I - J) block + cu_k[s+1] -
+    cu_q[s+1]`` (clipped to [-block, block], beyond which the rule is constant): equal keys give equal
+    masks. Every other partial tile (rows and columns both straddling a boundary, or a sequence with its
+    own token rule) gets an id of its own."""
     dev = partial.device
     _, hp, nqb, nkb = partial.shape
     n_seq, _, mq, mk = stack_full.shape
-    s = one_q.clamp_min(0)[:, None].expand(nqb, nkb)
-    clean = inside & (kinds[s] <= 1)
     i = torch.arange(nqb, device=dev)[:, None]
     j = torch.arange(nkb, device=dev)[None, :]
+    rows_one = (one_q >= 0)[:, None].expand(nqb, nkb)
+    s = torch.where(rows_one, one_q[:, None].expand(nqb, nkb), one_k[None, :].expand(nqb, nkb)).clamp_min(0)
+    keyed = (rows_one | (one_k >= 0)[None, :]) & (kinds[s] <= 1)
+    lq = torch.div(cu_q[1:] - cu_q[:-1] + block - 1, block, rounding_mode="floor")[s]  # the sequence's tiles
+    lk = torch.div(cu_k[1:] - cu_k[:-1] + block - 1, block, rounding_mode="floor")[s]
+    r0, r1 = (cu_q[s] - i * block).clamp(0, block), (cu_q[s + 1] - i * block).clamp(0, block)
+    c0, c1 = (cu_k[s] - j * block).clamp(0, block), (cu_k[s + 1] - j * block).clamp(0, block)
     rq, rk = cu_q[s] % block, cu_k[s] % block
     a = torch.div(i * block - cu_q[s] + rq, block, rounding_mode="floor")  # the lower rows' sequence tile
     b = torch.div(j * block - cu_k[s] + rk, block, rounding_mode="floor")
     hh = torch.arange(hp, device=dev)[:, None, None]
     status = (stack_full.int() + 2 * stack_part.int()).view(n_seq, hp, mq, mk)
 
-    def st(aa: Tensor, bb: Tensor, used: Tensor) -> Tensor:
+    def st(aa: Tensor, bb: Tensor) -> Tensor:
+        """The status of sequence tile (aa, bb) of s; 0 outside the sequence's tiles."""
         got = status[s[None], hh, aa.clamp(0, mq - 1)[None], bb.clamp(0, mk - 1)[None]]
-        return torch.where(used[None] & (aa >= 0)[None] & (bb >= 0)[None], got, 0)
+        ok = (aa >= 0) & (aa < lq) & (bb >= 0) & (bb < lk)
+        return torch.where(ok[None], got, 0)
 
-    yes = torch.ones_like(clean)
-    quad = (st(a - 1, b - 1, (rq > 0) & (rk > 0)) * 27 + st(a - 1, b, (rq > 0) & yes) * 9
-            + st(a, b - 1, (rk > 0) & yes) * 3 + st(a, b, yes))  # fmt: skip
-    delta = ((i - j) * block + cu_k[s + 1] - cu_q[s + 1]).clamp(-block, block) + block
-    edge = (i == nqb - 1).long() * 2 + (j == nkb - 1).long()
-    key = (((kinds[s] * (2 * block + 1) + delta) * block + rq) * block + rk) * 4 + edge
-    key = key[None].long() * 81 + quad  # (Hp, NQB, NKB)
-    own = key.max() + 1 + torch.arange(hp * nqb * nkb, device=dev).view(hp, nqb, nkb)
-    key = torch.where(clean[None], key, own)[None]
+    top, left = rq > 0, rk > 0  # rows (columns) before the split exist
+    quad = (torch.where((top & left)[None], st(a - 1, b - 1), 0) * 27 + torch.where(top[None], st(a - 1, b), 0) * 9
+            + torch.where(left[None], st(a, b - 1), 0) * 3 + st(a, b))  # fmt: skip
+    delta = ((i - j) * block + cu_k[s + 1] - cu_q[s + 1]).clamp(-block, block)
+    fields = [kinds[s], delta, rq, rk, r0, r1, c0, c1]
+    key = torch.stack(
+        [f.expand(nqb, nkb)[None].expand(hp, -1, -1) for f in fields] + [quad], -1
+    )  # (Hp, ., ., 9)
+    own = -1 - torch.arange(hp * nqb * nkb, device=dev).view(hp, nqb, nkb)  # unique, below every key
+    key = torch.where(keyed[None, :, :, None], key, own[..., None])[None]
     ids = torch.full(partial.shape, -1, dtype=torch.int32, device=dev)
     if bool(partial.any()):
-        _, inverse = torch.unique(key[partial], return_inverse=True)
+        _, inverse = torch.unique(key[partial], dim=0, return_inverse=True)
         ids[partial] = inverse.to(torch.int32)
     return ids
