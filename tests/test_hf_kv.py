@@ -193,3 +193,54 @@ def test_sink_and_window_methods_drop_their_middle(
     else:
         assert all(keep <= n <= keep + 1 for n in lengths) and set(rt.compacted) == {0, 1}
         assert all(m.freed and m.kept == m.allocated for m in mem)  # both rows outgrew the window
+
+
+#: small budgets (the 12-token prompts hold 12..16 tokens while decoding)
+SMALL: dict[str, dict[str, Any]] = {
+    "page_topk": {"budget": 8, "page": 4},
+    "retrieval_heads_kv": {"heads": (1,), "budget": 6, "sink": 2},
+    "snapkv": {"budget": 8, "window": 4, "kernel": 3},
+    "h2o": {"budget": 8, "recent": 2},
+    "recycled": {"budget": 8, "stride": 2, "pool": 3},
+    "tokenselect": {"budget": 8, "n_init": 2, "n_local": 2},
+    "tidal": {"budget": 8},
+}
+
+
+def test_kv_memory_of_every_decode_method() -> None:
+    """Per decode method of attnlab.catalog.decode, masking (free_kv off): the cache allocates every token;
+    eviction keeps its budget, sink + window heads their budget, selection methods keep every real token and
+    read their budget; padding is allocated, never kept."""
+    from attnlab.catalog.decode import SPECS
+
+    model = build("llama3")
+    ids, mask = padded(batch=2, pads=(0, 3))
+    n = ids.shape[1] + NEW - 1
+    real = [n, n - 3]
+    h_kv = model.config.num_key_value_heads
+    with decode_methods():
+        assert {s.name for s in SPECS} == set(SMALL), "add the new decode method to SMALL"
+        for name, params in SMALL.items():
+            layers = (
+                {0: {"decode": {"method": "tidal", "params": {"role": "select"}}}} if name == "tidal" else {}
+            )
+            with use(model, decode=name, decode_params=params, plan={**FAST, "layers": layers}) as rt:
+                cache = generate(model, ids, mask).past_key_values
+                mem = kv_memory(cache, rt)
+            keys = cache.layers[0].keys
+            per_token = 2 * keys.shape[3] * keys.element_size()
+            budget = params["budget"]
+            if name in ("snapkv", "h2o"):  # decided at the first decode step (real + 1 - 4 tokens then)
+                kept = [min(budget, r - NEW + 2) + NEW - 2 for r in real]
+                want_kept = want_read = sum(kept) * h_kv
+            elif name == "retrieval_heads_kv":  # KV head 1 keeps everything, head 0 sinks + window
+                want_kept = want_read = sum(r + min(budget, r) for r in real)
+            else:
+                want_kept, want_read = sum(real) * h_kv, sum(min(budget, r) for r in real) * h_kv
+            for m in mem:
+                assert m.method == name and m.tokens == n and not m.freed, (name, m)
+                assert m.allocated == 2 * h_kv * n * per_token, name
+                read = (
+                    want_kept if name == "tidal" and m.layer == 0 else want_read
+                )  # layer 0 selects: reads all
+                assert (m.kept, m.read) == (want_kept * per_token, read * per_token), (name, m)

@@ -36,7 +36,9 @@ once, like kvpress's press (not per step as in the H2O paper), so it frees once.
 **KV memory report**: :func:`kv_memory` gives, per layer, the bytes the cache has allocated, the bytes the
 decode method keeps (the tokens it can ever attend to again: an eviction method's kept set, a
 sink + window head's sink and window, every token for exact attention and for the selection methods,
-which may pick any token later) and the bytes it reads per decode step (selection methods: their budget).
+which may pick any token later) and the bytes it reads per decode step (selection methods: their budget;
+tidal's full and selection layers: every token; recycled: a step between its full steps, whose full steps
+read every token, and the tokens appended since the last full step not counted).
 """
 
 from __future__ import annotations
@@ -246,7 +248,9 @@ def _kept_tokens(method: str, params: Any, kv_head: int, n: int, state: Any) -> 
     if method == "streaming":
         kept = min(int(getattr(params, "sinks", 0)) + int(getattr(params, "window", n)), n)
         return kept, kept
-    if method in SELECTING and hasattr(params, "budget"):
+    if method == "tidal" and params.role != "reuse":  # TidalDecode's full and selection layers read all
+        return n, n
+    if method in SELECTING and hasattr(params, "budget"):  # recycled: its steps between full steps
         return n, min(int(params.budget), n)
     if method == "softcap" and getattr(params, "window", None) is not None:
         return min(params.window, n), min(params.window, n)
