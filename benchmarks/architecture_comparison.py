@@ -61,20 +61,25 @@ TEXT_TASKS = ("passkey", "niah_multikey")
 NAMES = ("softmax", "sliding_window", "lightning", "gated_delta", "based", "hybrid")
 
 
-def architectures(layers: int, window: int) -> dict[str, tuple[tuple[str, ...], dict[str, dict[str, Any]]]]:
-    """name -> (per-layer plan, per-method params). The hybrid runs softmax in its last layer only."""
+def architectures(
+    layers: int, window: int, chunk: int | None = None
+) -> dict[str, tuple[tuple[str, ...], dict[str, dict[str, Any]]]]:
+    """name -> (per-layer plan, per-method params). The hybrid runs softmax in its last layer only.
+    ``chunk``: the chunk length of lightning / gated_delta (the same recurrence evaluated in chunks of that
+    many tokens: a speed setting, not a model change; None keeps the methods' default, 64)."""
+    c = {} if chunk is None else {"chunk": chunk}
     return {
         "softmax": (arch.uniform("softmax", layers), {}),
         "sliding_window": (arch.uniform("sliding_window", layers), {"sliding_window": {"window": window}}),
-        "lightning": (arch.uniform("lightning", layers), {}),
-        "gated_delta": (arch.uniform("gated_delta", layers), {}),
+        "lightning": (arch.uniform("lightning", layers), {"lightning": c} if c else {}),
+        "gated_delta": (arch.uniform("gated_delta", layers), {"gated_delta": c} if c else {}),
         "based": (arch.uniform("based", layers), {}),
-        "hybrid": (arch.hybrid("gated_delta", layers, [layers - 1]), {}),
+        "hybrid": (arch.hybrid("gated_delta", layers, [layers - 1]), {"gated_delta": c} if c else {}),
     }
 
 
 def model_config(args: argparse.Namespace, hidden: int, name: str) -> ModelConfig:
-    plan, params = architectures(args.layers, args.window)[name]
+    plan, params = architectures(args.layers, args.window, args.chunk)[name]
     return ModelConfig(
         vocab_size=args.vocab,
         hidden_size=hidden,
@@ -380,6 +385,9 @@ def main() -> None:
     ap.add_argument("--conv", type=int, default=3, help="short convolution kernel (0: none)")
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--window", type=int, default=64, help="sliding_window's keys per query")
+    ap.add_argument(
+        "--chunk", type=int, default=None, help="lightning / gated_delta chunk (CPU: 8 is fastest)"
+    )
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--lm-weight", type=float, default=0.25)
     ap.add_argument("--corpus-chars", type=int, default=400_000)
@@ -452,7 +460,10 @@ def main() -> None:
             k: getattr(args, k)
             for k in ("context", "pairs", "eval_pairs", "mqar_rows", "text_rows", "layers")
         },
-        **{k: getattr(args, k) for k in ("head_dim", "conv", "vocab", "window", "lr", "lm_weight", "widths")},
+        **{
+            k: getattr(args, k)
+            for k in ("head_dim", "conv", "vocab", "window", "chunk", "lr", "lm_weight", "widths")
+        },
         **{k: getattr(args, k) for k in ("text_pool", "eval_text", "eval_mqar_rows", "corpus_chars")},
         "state_dtype": "float32",
     }
@@ -460,10 +471,11 @@ def main() -> None:
     previous = args.out / "results.json"
     if args.only and previous.is_file():  # --only: keep the other architectures' records of the same setup
         stored = json.loads(previous.read_text())
-        same = {
-            k: v for k, v in stored["meta"].items() if k not in ("commit", "date", "calibration_s_per_step")
-        }
-        if same == {k: v for k, v in meta.items() if k not in ("commit", "date", "calibration_s_per_step")}:
+        free = ("commit", "date", "calibration_s_per_step", "chunk")  # chunk: speed only, the same model
+        same = {k: v for k, v in stored["meta"].items() if k not in free}
+        if same != {k: v for k, v in meta.items() if k not in free}:
+            print(f"{previous}: another setup; its records are replaced", flush=True)
+        else:
             runs = {k: v for k, v in stored["runs"].items() if v["name"] not in names}
             meta["commit"] = (
                 f"{stored['meta']['commit']} + {meta['commit']}"
