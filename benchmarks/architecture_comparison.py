@@ -104,11 +104,13 @@ def build(cfg: ModelConfig, conv: int, device: str, seed: int) -> Any:
     return model.to(device)  # type: ignore[arg-type]
 
 
-def token_ranges(vocab: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """MQAR key and value token ids: the upper half of the vocabulary split in two (ids below 4 are the
-    tokenizer's special tokens)."""
-    mid = (4 + vocab) // 2
-    return (4, mid), (mid, vocab)
+def token_ranges(vocab: int, ids: int | None = None) -> tuple[tuple[int, int], tuple[int, int]]:
+    """MQAR key and value token ids: ``ids`` keys from id 4 up (ids below 4 are the tokenizer's special
+    tokens) and ``ids`` values after them; ``ids=None``: the vocabulary from 4 up split in two halves."""
+    n = (vocab - 4) // 2 if ids is None else ids
+    if not 1 <= n <= (vocab - 4) // 2:
+        raise ValueError(f"--mqar-ids {ids}: expected 1 <= ids <= {(vocab - 4) // 2} at vocab {vocab}")
+    return (4, 4 + n), (4 + n, 4 + 2 * n)
 
 
 class TextPool:
@@ -144,7 +146,7 @@ def text_tensors(
 
 def make_step(args: argparse.Namespace, pool: TextPool, pad: int, step: int) -> dict[str, torch.Tensor]:
     """The batch of ``step`` (the same for every model): MQAR rows, one group per pair count, then text rows."""
-    keys, values = token_ranges(args.vocab)
+    keys, values = token_ranges(args.vocab, args.mqar_ids)
     gen = torch.Generator().manual_seed(10_000 + step)
     per = args.mqar_rows // len(args.pairs)
     xs, ys = zip(
@@ -236,7 +238,7 @@ def train(
 def evaluate(model: Any, args: argparse.Namespace, eval_pool: TextPool, pad: int) -> dict[str, Any]:
     """MQAR accuracy per pair count and text-task exact match (teacher-forced; see the module docstring)."""
     model.eval()
-    keys, values = token_ranges(args.vocab)
+    keys, values = token_ranges(args.vocab, args.mqar_ids)
     gen = torch.Generator().manual_seed(7)  # evaluation rows: a generator seed no training step uses
     mqar: dict[str, float] = {}
     for p in args.eval_pairs:
@@ -374,6 +376,7 @@ def main() -> None:
     )
     ap.add_argument("--eval-pairs", type=int, nargs="+", default=[16, 32, 64])
     ap.add_argument("--mqar-rows", type=int, default=96)
+    ap.add_argument("--mqar-ids", type=int, default=None, help="key ids and value ids each (default: half)")
     ap.add_argument("--text-rows", type=int, default=32)
     ap.add_argument("--text-pool", type=int, default=1000, help="training text samples drawn once")
     ap.add_argument("--eval-text", type=int, default=100, help="evaluation samples per text task")
@@ -458,7 +461,7 @@ def main() -> None:
         "calibration_s_per_step": calibration,
         **{
             k: getattr(args, k)
-            for k in ("context", "pairs", "eval_pairs", "mqar_rows", "text_rows", "layers")
+            for k in ("context", "pairs", "eval_pairs", "mqar_rows", "mqar_ids", "text_rows", "layers")
         },
         **{
             k: getattr(args, k)
