@@ -172,6 +172,22 @@ def test_step_kernel_normalises_q_k_itself_and_takes_a_gate_per_token(gate: str)
         torch.testing.assert_close(s, rs, atol=2e-5, rtol=2e-5)
 
 
+def test_gla_backward_takes_the_forwards_intra_chunk_scores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-channel gates: the forward's intra-chunk scores are kept for the backward (one
+    ``intra_scores`` launch per forward + backward, not two), with the gradients of the recurrence."""
+    op = _op()
+    calls = []
+    real = op.intra_scores
+
+    def counted(*a: object, **kw: object) -> Tensor:
+        calls.append(1)
+        return real(*a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(op, "intra_scores", counted)
+    _compare_with_recurrence(_inputs(40, 8, 8, 1.0), 16)
+    assert calls == [1]
+
+
 def test_short_calls_without_gradients_take_the_step_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     op = _op()
     calls = []

@@ -221,24 +221,29 @@ def chunk_output(
 def gla_fwd_launch(
     q: Tensor, k: Tensor, v: Tensor, gc: Tensor, h0: Tensor | None, scale: float, chunk: int, save: bool,
     seq_chunks: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(o (B, H, N, V) in q's dtype, final state (B, H, K, V) fp32, states at the chunk starts
-    (B, H, chunks, K, V) fp32, or an empty tensor without ``save``). gc: the chunk-local cumsum of the
-    log-decays, (B, H, NP, K) per channel or (B, H, NP) one per token (``chunk_cumsum*``)."""
+    (B, H, chunks, K, V) fp32, the intra-chunk scores of per-channel gates (B, H, NP, chunk) fp32 (kept
+    for the backward, which would otherwise recompute them); the last two empty without ``save``, the
+    scores empty too under a gate shared by the channels). gc: the chunk-local cumsum of the log-decays,
+    (B, H, NP, K) per channel or (B, H, NP) one per token (``chunk_cumsum*``)."""
     _check(q, k, v, chunk)
     q, k, v, gc = (t.contiguous() for t in (q, k, v, gc))
     hs, ht, _ = chunk_states(k, v, gc, h0, 1.0, chunk, backward=False, seq_chunks=seq_chunks)
     a = intra_scores(q, k, gc, None, chunk, strict=False) if gc.dim() == 4 else None
     o = chunk_output(q, k, v, gc, hs, a, scale, chunk)
-    return o, ht, (hs if save else hs.new_empty(0))
+    if not save:
+        return o, ht, hs.new_empty(0), hs.new_empty(0)
+    return o, ht, hs, (a if a is not None else hs.new_empty(0))
 
 
 def gla_bwd_launch(
     q: Tensor, k: Tensor, v: Tensor, gc: Tensor, hs: Tensor, ht: Tensor, do: Tensor, dht: Tensor | None,
-    scale: float, chunk: int, seq_chunks: Tensor | None = None,
+    scale: float, chunk: int, seq_chunks: Tensor | None = None, a: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(dq, dk, dv in the inputs' dtypes, dgc (gc's shape, fp32: the gradient of the chunk-local cumsum),
-    dh0 fp32); hs, ht: the forward's states at the chunk starts and its final state."""
+    dh0 fp32); hs, ht: the forward's states at the chunk starts and its final state; ``a``: the forward's
+    intra-chunk scores under per-channel gates (None or empty: recomputed here)."""
     q, k, v, gc, do = (t.contiguous() for t in (q, k, v, gc, do))
     b, h, n, dk = q.shape
     dv = v.shape[-1]
@@ -257,7 +262,8 @@ def gla_bwd_launch(
         )  # fmt: skip
         dgc.view(b, h, n_chunks, chunk)[:, :, :, -1] += tail.sum(-1)  # the chunk-end term
     else:
-        a = intra_scores(q, k, gc, None, chunk, strict=False)  # (recomputed: the forward's scores)
+        if a is None or a.numel() == 0:  # (the forward's scores, recomputed)
+            a = intra_scores(q, k, gc, None, chunk, strict=False)
         gla_bwd_sub_kernel[(gc.shape[2] // SUB, b * h)](
             q, k, v, gc, do, hs, dhs, a, dq, dkk, dvv, dgc, n, gc.shape[2], dk, dv, float(scale),
             BT=chunk, BS=SUB, BK=head_block(dk), BV=head_block(dv), DOT_PREC=_prec(q), UPCAST=_upcast(q),
@@ -271,7 +277,7 @@ def gla_bwd_launch(
 def gla_chunk_fwd(
     q: Tensor, k: Tensor, v: Tensor, gc: Tensor, h0: Tensor | None, scale: float, chunk: int, save: bool,
     seq_chunks: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     return gla_fwd_launch(q, k, v, gc, h0, scale, chunk, save, seq_chunks)
 
 
@@ -279,7 +285,7 @@ def gla_chunk_fwd(
 def _(
     q: Tensor, k: Tensor, v: Tensor, gc: Tensor, h0: Tensor | None, scale: float, chunk: int, save: bool,
     seq_chunks: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     b, h, n, dk = q.shape
     dv = v.shape[-1]
     n_chunks = (n + chunk - 1) // chunk
@@ -287,22 +293,25 @@ def _(
     n_seq = b if seq_chunks is None else seq_chunks.shape[0] - 1
     ht = q.new_empty(n_seq, h, dk, dv, dtype=torch.float32)
     hs = q.new_empty((b, h, n_chunks, dk, dv) if save else (0,), dtype=torch.float32)
-    return o, ht, hs
+    scores = save and gc.dim() == 4
+    a = q.new_empty((b, h, n_chunks * chunk, chunk) if scores else (0,), dtype=torch.float32)
+    return o, ht, hs, a
 
 
 @torch.library.custom_op("attnlab::gla_chunk_bwd", mutates_args=())
 def gla_chunk_bwd(
     q: Tensor, k: Tensor, v: Tensor, gc: Tensor, hs: Tensor, ht: Tensor, do: Tensor, dht: Tensor | None,
-    scale: float, chunk: int, seq_chunks: Tensor | None = None,
+    scale: float, chunk: int, seq_chunks: Tensor | None = None, a: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """(dq, dk, dv in the inputs' dtypes, dgc (gc's shape) fp32, dh0 fp32)."""
-    return gla_bwd_launch(q, k, v, gc, hs, ht, do, dht, scale, chunk, seq_chunks)
+    """(dq, dk, dv in the inputs' dtypes, dgc (gc's shape) fp32, dh0 fp32). ``a``: the forward's
+    intra-chunk scores (None or empty: recomputed)."""
+    return gla_bwd_launch(q, k, v, gc, hs, ht, do, dht, scale, chunk, seq_chunks, a)
 
 
 @gla_chunk_bwd.register_fake
 def _(
     q: Tensor, k: Tensor, v: Tensor, gc: Tensor, hs: Tensor, ht: Tensor, do: Tensor, dht: Tensor | None,
-    scale: float, chunk: int, seq_chunks: Tensor | None = None,
+    scale: float, chunk: int, seq_chunks: Tensor | None = None, a: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     return (
         torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(gc),
@@ -312,19 +321,19 @@ def _(
 
 def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
     q, k, v, gc, h0, scale, chunk, save, seq_chunks = inputs
-    _, ht, hs = output
+    _, ht, hs, a = output
     if not save:
         raise RuntimeError(
             "attnlab::gla_chunk_fwd ran without saving its chunk states (save=False): no backward"
         )
-    ctx.save_for_backward(q, k, v, gc, hs, ht)
+    ctx.save_for_backward(q, k, v, gc, hs, ht, a)
     ctx.args = (scale, chunk, seq_chunks)
     ctx.has_h0 = h0 is not None
 
 
-def _backward(ctx, do: Tensor, dht: Tensor | None, dhs: Tensor | None):  # type: ignore[no-untyped-def]
-    q, k, v, gc, hs, ht = ctx.saved_tensors
-    dq, dk, dv, dgc, dh0 = gla_chunk_bwd(q, k, v, gc, hs, ht, do, dht, *ctx.args)
+def _backward(ctx, do: Tensor, dht: Tensor | None, *_unused: Tensor | None):  # type: ignore[no-untyped-def]
+    q, k, v, gc, hs, ht, a = ctx.saved_tensors
+    dq, dk, dv, dgc, dh0 = gla_chunk_bwd(q, k, v, gc, hs, ht, do, dht, *ctx.args, a)
     return dq, dk, dv, dgc, (dh0 if ctx.has_h0 else None), None, None, None, None
 
 
@@ -393,7 +402,7 @@ def gla_chunk(
         gc = chunk_cumsum_scalar(gx, b, h, n, chunk, q.device)
     else:
         gc = chunk_cumsum(gx, b, h, n, dk, chunk, q.device)
-    o, ht, _ = gla_chunk_fwd(q, k, v, gc, state, float(scale), int(chunk), grad)
+    o, ht, *_ = gla_chunk_fwd(q, k, v, gc, state, float(scale), int(chunk), grad)
     return o, ht
 
 
@@ -776,7 +785,7 @@ def gla_chunk_varlen(
     else:
         gc = chunk_cumsum(ga, 1, h, aligned, dk, chunk, q.device)
     grad = _needs_grad(q, k, v, g, state)
-    o, ht, _ = gla_chunk_fwd(qa, ka, va, gc, state, float(scale), int(chunk), grad, seq_chunks)
+    o, ht, *_ = gla_chunk_fwd(qa, ka, va, gc, state, float(scale), int(chunk), grad, seq_chunks)
     return o.index_select(2, rows), ht
 
 
