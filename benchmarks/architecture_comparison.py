@@ -474,12 +474,13 @@ def main() -> None:
     previous = args.out / "results.json"
     if args.only and previous.is_file():  # --only: keep the other architectures' records of the same setup
         stored = json.loads(previous.read_text())
-        free = ("commit", "date", "calibration_s_per_step", "chunk")  # chunk: speed only, the same model
+        free = ("commit", "date", "calibration_s_per_step", "chunk", "widths")  # chunk: speed only
         same = {k: v for k, v in stored["meta"].items() if k not in free}
         if same != {k: v for k, v in meta.items() if k not in free}:
             print(f"{previous}: another setup; its records are replaced", flush=True)
         else:
-            runs = {k: v for k, v in stored["runs"].items() if v["name"] not in names}
+            runs = {k: v for k, v in stored["runs"].items() if (v["hidden"], v["name"]) not in jobs}
+            meta["widths"] = sorted({*stored["meta"]["widths"], *args.widths})
             meta["commit"] = (
                 f"{stored['meta']['commit']} + {meta['commit']}"
                 if stored["meta"]["commit"] != meta["commit"]
