@@ -276,7 +276,9 @@ BUCKET_RULES = {
 
 
 def bucket_of(m: str, n: int) -> Any:
-    """The compiled-variant bucket of a self-attention length (BUCKET_RULES)."""
+    """The compiled-variant bucket of a self-attention length (BUCKET_RULES); None for cuDNN SDPA."""
+    if m == "sdpa":
+        return None
     if m == "sigmoid":
         mod = sys.modules.get("attnlab.kernels.sigmoid.op")
         return f"N_BUCKET={mod._bucket(n, n)}" if mod is not None else None
@@ -290,6 +292,12 @@ def gc_collections() -> int:
     return sum(s["collections"] for s in gc.get_stats())
 
 
+def cuda_segments() -> int:
+    """Memory segments the CUDA caching allocator has obtained from the driver so far (each one a
+    cudaMalloc, milliseconds for large ones): the first-call rows record how many a first call needed."""
+    return int(torch.cuda.memory_stats().get("segment.all.allocated", 0)) if DEV.type == "cuda" else 0
+
+
 def section_first_call() -> dict[str, Any]:
     lengths = [256, 320, 384] if ARGS.quick else [int(x) for x in ARGS.first_lengths.split(",")]
     heads, d = (8, 64) if ARGS.quick else (32, 128)
@@ -297,22 +305,28 @@ def section_first_call() -> dict[str, Any]:
     seen: set[Any] = set()
     for n in lengths:
         q, k, v = (randn(1, heads, n, d) for _ in range(3))
-        for m in ("sigmoid", "sliding_window"):
-            call = partial(attnlab.attention, q, k, v, method=m, causal=True, **KERNEL_METHODS[m])
-            before_c, before_t, times, gc_runs = dynamo_counters(), triton_caches(), [], []
+        for m in ("sigmoid", "sliding_window", "sdpa"):  # sdpa (cuDNN, after ours): no bucket, for scale
+            call = (
+                partial(sdpa_dense, q, k, v, causal=True, scale=d**-0.5,
+                        kernels=[SDPBackend.CUDNN_ATTENTION] if DEV.type == "cuda" else None)
+                if m == "sdpa"
+                else partial(attnlab.attention, q, k, v, method=m, causal=True, **KERNEL_METHODS[m])
+            )  # fmt: skip
+            before_c, before_t, times, gc_runs, segments = dynamo_counters(), triton_caches(), [], [], []
             for _ in range(3):  # the first call, then warm ones: seconds, synchronised
                 sync()
-                gc0 = gc_collections()
+                gc0, seg0 = gc_collections(), cuda_segments()
                 t0 = time.perf_counter()
                 call()
                 sync()
                 times.append(time.perf_counter() - t0)
                 gc_runs.append(gc_collections() - gc0)
+                segments.append(cuda_segments() - seg0)
             first, second = times[0], min(times[1:])
             after_t, after_c = triton_caches(), dynamo_counters()
             bucket = bucket_of(m, n)  # after the call: the sigmoid module is imported by then
             row = {"method": m, "n": n, "first_s": first, "second_s": second, "bucket": bucket,
-                   "gc_in_first_call": gc_runs[0], "new_length": (m, n) not in seen, "seen_bucket": (m, "bucket", bucket) in seen,
+                   "gc_in_first_call": gc_runs[0], "cuda_segments_in_first_call": segments[0], "new_length": (m, n) not in seen, "seen_bucket": (m, "bucket", bucket) in seen,
                    "triton_before": before_t, "triton_after": after_t,
                    "autotuner_grew": (after_t["autotuner"] or 0) > (before_t["autotuner"] or 0),
                    "jit_cache_grew": (after_t["jit"] or 0) > (before_t["jit"] or 0),

@@ -144,8 +144,8 @@ def _first(f: dict[str, Any]) -> list[str]:
         lines.append("")
     lines += [
         "| method | N | bucket | new bucket | first (ms) | warm (ms) | extra (ms) | < 5 ms | Triton autotuned | "
-        "Triton compiled | dynamo recompiled | gc runs in the first call |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "Triton compiled | dynamo recompiled | gc runs in the first call | new CUDA memory segments in it |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in f["rows"]:
         extra = (r["first_s"] - r["second_s"]) * 1e3
@@ -155,7 +155,8 @@ def _first(f: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {r['method']} | {r['n']} | {r.get('bucket') or '—'} | {new_bucket} | {r['first_s'] * 1e3:.1f} | "
             f"{r['second_s'] * 1e3:.2f} | {extra:.1f} | {meets} | {'yes' if r['autotuner_grew'] else 'no'} | "
-            f"{'yes' if r['jit_cache_grew'] else 'no'} | {recompiled} | {r.get('gc_in_first_call', '—')} |"
+            f"{'yes' if r['jit_cache_grew'] else 'no'} | {recompiled} | {r.get('gc_in_first_call', '—')} | "
+            f"{r.get('cuda_segments_in_first_call', '—')} |"
         )
     parts = f.get("parts", [])
     if parts:
