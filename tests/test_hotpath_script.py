@@ -41,9 +41,11 @@ def test_hotpath_quick_cpu(tmp_path: Path) -> None:
     rows = data["first_call"]["rows"]
     assert "error" not in data["first_call"]
     assert {(r["method"], r["n"]) for r in rows} == {
-        (m, n) for m in ("sigmoid", "sliding_window") for n in (256, 320, 384)
+        (m, n) for m in ("sigmoid", "sliding_window", "sdpa") for n in (256, 320, 384)
     }
     assert all(r["first_s"] > 0 and r["second_s"] > 0 for r in rows)
+    assert all(r["gc_in_first_call"] >= 0 and r["cuda_segments_in_first_call"] == 0 for r in rows)  # CPU
+    assert all(r["bucket"] is None and "meets_5ms" not in r for r in rows if r["method"] == "sdpa")
 
     configs = data["as_called_vs_kernel"]["configs"]
     assert len(configs) == 6  # 3 methods x causal / non-causal at N=512
