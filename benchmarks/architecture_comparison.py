@@ -93,12 +93,23 @@ def model_config(args: argparse.Namespace, hidden: int, name: str) -> ModelConfi
     ).validate()
 
 
-def build(cfg: ModelConfig, conv: int, device: str, seed: int) -> Any:
-    """The untrained model (seeded): Llama skeleton, attention plan, short convolutions."""
+def build(cfg: ModelConfig, conv: int, device: str, seed: int, gate_bias: float | None = None) -> Any:
+    """The untrained model (seeded): Llama skeleton, attention plan, short convolutions. ``gate_bias``:
+    the initial bias of gated_delta's decay gate (g = logsigmoid(x W + b); the adapter's default b = 3 is a
+    decay of ~0.95 per token), for every gated_delta layer."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
     model = arch.apply(LlamaForCausalLM(cfg.llama_config()), cfg)
+    if gate_bias is not None:
+        for layer in model.model.layers:
+            att = layer.self_attn
+            if (
+                isinstance(att, arch.MethodAttention)
+                and att.method == "gated_delta"
+                and att.gate_proj is not None
+            ):
+                torch.nn.init.constant_(att.gate_proj.bias, gate_bias)
     if conv:
         arch.add_short_conv(model, conv)
     return model.to(device)  # type: ignore[arg-type]
@@ -391,6 +402,9 @@ def main() -> None:
     ap.add_argument(
         "--chunk", type=int, default=None, help="lightning / gated_delta chunk (CPU: 8 is fastest)"
     )
+    ap.add_argument(
+        "--gate-bias", type=float, default=None, help="gated_delta's initial gate bias (default 3)"
+    )
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--lm-weight", type=float, default=0.25)
     ap.add_argument("--corpus-chars", type=int, default=400_000)
@@ -441,7 +455,7 @@ def main() -> None:
     calibration: dict[str, float] = {}
     if args.budget:
         for w, n in jobs:  # a few steps of each model: compiles the kernels, times a step
-            model = build(model_config(args, w, n), args.conv, args.device, 0)
+            model = build(model_config(args, w, n), args.conv, args.device, 0, args.gate_bias)
             train(model, args, batches, 2, None)
             _, secs = train(model, args, batches, args.calibrate, None)
             calibration[f"{n}@{w}"] = secs / args.calibrate
@@ -465,7 +479,17 @@ def main() -> None:
         },
         **{
             k: getattr(args, k)
-            for k in ("head_dim", "conv", "vocab", "window", "chunk", "lr", "lm_weight", "widths")
+            for k in (
+                "head_dim",
+                "conv",
+                "vocab",
+                "window",
+                "chunk",
+                "gate_bias",
+                "lr",
+                "lm_weight",
+                "widths",
+            )
         },
         **{k: getattr(args, k) for k in ("text_pool", "eval_text", "eval_mqar_rows", "corpus_chars")},
         "state_dtype": "float32",
@@ -475,8 +499,8 @@ def main() -> None:
     if args.only and previous.is_file():  # --only: keep the other architectures' records of the same setup
         stored = json.loads(previous.read_text())
         free = ("commit", "date", "calibration_s_per_step", "chunk", "widths")  # chunk: speed only
-        same = {k: v for k, v in stored["meta"].items() if k not in free}
-        if same != {k: v for k, v in meta.items() if k not in free}:
+        same = {k: v for k, v in stored["meta"].items() if k not in free and v is not None}
+        if same != {k: v for k, v in meta.items() if k not in free and v is not None}:  # None: unset
             print(f"{previous}: another setup; its records are replaced", flush=True)
         else:
             runs = {k: v for k, v in stored["runs"].items() if (v["hidden"], v["name"]) not in jobs}
@@ -488,7 +512,7 @@ def main() -> None:
             )
     for w, n in jobs:
         cfg = model_config(args, w, n)
-        model = build(cfg, args.conv, args.device, 0)
+        model = build(cfg, args.conv, args.device, 0, args.gate_bias)
         print(f"{n} @ width {w}: {arch.describe(cfg.attention)}", flush=True)
         curve, secs = train(model, args, batches, steps, lambda s: print(s, flush=True))
         t1 = time.perf_counter()
