@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attnlab.catalog.static import MASK_BACKENDS
+from attnlab.catalog.static import EXECUTOR_FIRST
 from attnlab.masks import MaskContext, MaskMod, mask_for
 from attnlab.params import Params
 from attnlab.patterns import ALL_PATTERNS
@@ -128,7 +128,7 @@ SPEC = register(
         summary="sliding window over every `dilation`-th position",
         param_class=DilatedParams,
         reference=reference,
-        backends=MASK_BACKENDS,
+        backends=EXECUTOR_FIRST,
         patterns=ALL_PATTERNS,
         mask=mask,
         index_mask=index_mask,
