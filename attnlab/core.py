@@ -342,7 +342,8 @@ class MethodSpec:
     - ``index_mask``: the same mask as plain index arithmetic over a dense grid (independent of ``mask``);
       a test checks that the two agree.
     - ``estimate``: for dynamic sparse methods, ``estimate(q, k, params, *, causal, scale) -> Plan``, the
-      plan computed from the inputs (``plan_kind == "dynamic"``); backends that execute plans run it.
+      plan computed from the inputs (``plan_kind == "dynamic"``); backends that execute plans run it
+      (:meth:`estimate_plan`), passing the tensor inputs named in ``estimate_inputs``.
     - ``inputs``: tensors the method takes beside q, k, v.
     - ``stateful``: whether the method carries a recurrent state from call to call.
     - ``test_params``: parameter sets the parity tests run (small values that make the mask bite).
@@ -368,6 +369,8 @@ class MethodSpec:
     #: whether the weights are softmax-normalised over the allowed keys (then a log-sum-exp exists)
     softmax_normalized: bool = True
     training_backends: tuple[str, ...] = ()
+    #: the tensor inputs ``estimate`` takes as keyword arguments (e.g. a learned gate's weights)
+    estimate_inputs: tuple[str, ...] = ()
     input_names: frozenset[str] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -378,6 +381,18 @@ class MethodSpec:
             raise ValueError(
                 f"method {self.name!r}: training_backends {unknown} are not among its backends {names}"
             )
+        missing = [n for n in self.estimate_inputs if n not in self.input_names]
+        if missing or (self.estimate_inputs and self.estimate is None):
+            raise ValueError(
+                f"method {self.name!r}: estimate_inputs {list(self.estimate_inputs)} need an estimate and "
+                f"declared tensor inputs (not declared: {missing})"
+            )
+
+    def estimate_plan(self, q: Tensor, k: Tensor, call: Call, extra: Mapping[str, Tensor]) -> Any:
+        """``estimate`` for ``call``, given the call's tensor inputs that the estimator takes."""
+        assert self.estimate is not None, f"method {self.name!r} has no estimator"
+        kw = {n: extra[n] for n in self.estimate_inputs if extra.get(n) is not None}
+        return self.estimate(q, k, call.params, causal=call.problem.causal, scale=call.scale, **kw)
 
     def backends_for(self, requires_grad: bool) -> tuple[Backend, ...]:
         """The backends in the order the chooser asks them: ``training_backends`` first when a gradient

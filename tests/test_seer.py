@@ -127,6 +127,31 @@ def test_return_plan_is_the_plan_run_with_the_weights() -> None:
     assert torch.equal(res.plan.full | res.plan.partial, want.full | want.partial)
 
 
+def test_reference_log_sum_exp_uses_the_plan_of_the_weights() -> None:
+    """The reference backend's lse comes from the gate run with the call's weights (estimate_inputs), not
+    from the weightless gate."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 64, 16, generator=g) for _ in range(3))
+    w_q, w_k = torch.randn(2, 16, 8, generator=g), torch.randn(2, 3, 16, 8, generator=g)
+    kw = {
+        "method": "seer",
+        "block": 16,
+        "topk": 2,
+        "causal": True,
+        "backend": "reference",
+        "return_lse": True,
+    }
+    res = attnlab.attention(q, k, v, w_q=w_q, w_k=w_k, **kw)  # type: ignore[arg-type]
+    bare = attnlab.attention(q, k, v, **kw)  # type: ignore[arg-type]
+    assert isinstance(res, Result) and isinstance(bare, Result) and res.lse is not None
+    mask = estimate(
+        q, k, SeerParams(block=16, topk=2), causal=True, scale=0.25, w_q=w_q, w_k=w_k
+    ).dense_mask()
+    want = torch.logsumexp((0.25 * q @ k.transpose(-1, -2)).masked_fill(~mask, float("-inf")), dim=-1)
+    torch.testing.assert_close(res.lse, want)
+    assert not torch.allclose(bare.lse, want)  # the weights change the plan here
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [({"block": 48}, "block=48"), ({"topk": 0}, "topk"), ({"threshold": 1.0}, "threshold"),

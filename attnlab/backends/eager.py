@@ -76,7 +76,7 @@ class ReferenceBackend(Backend):
         p = call.problem
         mask: Tensor | None
         if call.spec.estimate is not None:
-            mask = call.spec.estimate(q, k, call.params, causal=p.causal, scale=call.scale).dense_mask()
+            mask = call.spec.estimate_plan(q, k, call, extra).dense_mask()
         elif call.spec.mask is not None:
             mask = static_plan(call.spec, call.params, p.n_q, p.n_k, p.causal, p.device).dense_mask()
         else:

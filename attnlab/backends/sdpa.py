@@ -33,8 +33,7 @@ class SdpaMaskBackend(Backend):
 
     def run(self, q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor]) -> Tensor:
         if call.spec.estimate is not None:  # a dynamic plan: estimated for every call, (B|1, H|1, N_q, N_k)
-            p = call.problem
-            plan = call.spec.estimate(q, k, call.params, causal=p.causal, scale=call.scale)
+            plan = call.spec.estimate_plan(q, k, call, extra)
             return sdpa_masked(q, k, v, mask=plan.dense_mask(), scale=call.scale)
         mask = call.memo.get("dense_mask")
         if mask is None:

@@ -315,6 +315,7 @@ SPEC = register(
         backends=(SeerBackend(), SeerEagerBackend()),
         patterns=ALL_PATTERNS,
         estimate=estimate,
+        estimate_inputs=("w_q", "w_k"),
         inputs=(
             TensorInput(
                 "w_q",
