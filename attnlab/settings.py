@@ -1,5 +1,5 @@
-"""Process-wide knobs. Plain attributes; change them in code. One is read from the environment when
-attnlab is imported (``ATTNLAB_CHECK_FINITE``); nothing is ever written to it."""
+"""Process-wide knobs. Plain attributes; change them in code. Two are read from the environment when
+attnlab is imported (``ATTNLAB_CHECK_FINITE``, ``ATTNLAB_CHECK_VALUES``); nothing is ever written to it."""
 
 from __future__ import annotations
 
@@ -26,6 +26,16 @@ class Settings:
     #: aid: it costs a reduction per tensor and a host synchronisation per call, so it is off unless
     #: set here, passed per call (``check_finite=True``) or set by ``ATTNLAB_CHECK_FINITE=1``.
     check_finite: bool = field(default_factory=lambda: _env_flag("ATTNLAB_CHECK_FINITE"))
+    #: Check the values of gate-like tensor inputs whose range a method defines (the linear family's
+    #: log-decays <= 0 and finite beta), with clear errors. It costs one host synchronisation per call
+    #: (one reduction of each such input), so a decode loop that knows its gates are valid may turn it off
+    #: here or with ``ATTNLAB_CHECK_VALUES=0``; on by default. (Skipped inside torch.compile and CUDA-graph
+    #: capture in any case.)
+    check_values: bool = field(
+        default_factory=lambda: (
+            os.environ.get("ATTNLAB_CHECK_VALUES", "1").strip().lower() not in ("0", "false", "no", "off")
+        )
+    )
     #: Bumped on every change of a setting, so prepared ops re-resolve their cached dispatch.
     generation: int = 0
 

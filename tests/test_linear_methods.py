@@ -352,6 +352,27 @@ def test_gates_outside_the_decay_range_or_nan_are_refused(name: str) -> None:
                 _reference(name, dict(x, g=g))
 
 
+@pytest.mark.parametrize("name", ["gla", "gated_delta"])
+def test_check_values_off_skips_the_gate_range_check(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """settings.check_values=False (a decode loop saving the host synchronisation) runs without reading the
+    gates: a positive log-decay is not refused then, and valid gates give the same result as with it on."""
+    from attnlab.catalog.linear import _common
+
+    with registered(BY_NAME[name]):
+        x = inputs(name, 1, 2, 2, 8, 4)
+        want = _call(name, x)
+        monkeypatch.setattr(attnlab.settings, "check_values", False)
+        reads: list[int] = []
+        real = torch.aminmax
+        monkeypatch.setattr(_common.torch, "aminmax", lambda *a, **k: reads.append(1) or real(*a, **k))
+        got = _call(name, x)
+        torch.testing.assert_close(got.out, want.out)
+        g = x["g"].clone()
+        g[0, 0, 3, 1] = 0.5
+        _call(name, dict(x, g=g))  # not refused: the check is off
+        assert reads == []
+
+
 def test_lightning_decays_outside_zero_one_are_refused() -> None:
     with registered(BY_NAME["lightning"]):
         x = inputs("lightning", 1, 2, 2, 8, 4)

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from attnlab.errors import InputError
 from attnlab.patterns import Pattern
+from attnlab.settings import settings
 
 CAUSAL_ONLY: frozenset[Pattern] = frozenset({Pattern.CAUSAL_SELF})
 SELF_ONLY: frozenset[Pattern] = frozenset({Pattern.CAUSAL_SELF, Pattern.NONCAUSAL_SELF})
@@ -128,9 +129,10 @@ def check_gate_inputs(method: str, *, g: Tensor | None = None, beta: Tensor | No
     """``check_log_decay(method, "g", g)`` and ``check_finite_input(method, "beta", beta)`` with one host
     synchronisation for both (a decode step pays one): the min and max of each tensor (NaN propagates)
     are read at once; only when one is out of range do the detailed checks run, to raise their errors.
-    Skipped inside ``torch.compile`` and CUDA-graph capture, like them."""
+    Skipped inside ``torch.compile`` and CUDA-graph capture, like them, and when
+    ``attnlab.settings.check_values`` is off (a decode loop saving the synchronisation)."""
     ts = [t for t in (g, beta) if t is not None and t.numel() > 0]
-    if not ts or torch.compiler.is_compiling():
+    if not ts or not settings.check_values or torch.compiler.is_compiling():
         return
     if ts[0].is_cuda and torch.cuda.is_current_stream_capturing():
         return
