@@ -361,13 +361,13 @@ def plot(path: Path, meta: dict[str, Any], runs: dict[str, dict[str, Any]]) -> N
     handles += [
         plt.Line2D([], [], color="gray", marker=m, ls="", label=f"width {w}") for w, m in markers.items()
     ]
-    fig.legend(handles=handles, loc="lower right", fontsize=8, ncol=2)
+    fig.legend(handles=handles, loc="lower center", fontsize=8, ncol=len(handles))
     fig.suptitle(
         f"{meta['device']}: {meta['steps']} steps, {meta['layers']} layers, widths {meta['widths']}, "
         f"commit {meta['commit']}",
         fontsize=9,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
@@ -505,11 +505,8 @@ def main() -> None:
         else:
             runs = {k: v for k, v in stored["runs"].items() if (v["hidden"], v["name"]) not in jobs}
             meta["widths"] = sorted({*stored["meta"]["widths"], *args.widths})
-            meta["commit"] = (
-                f"{stored['meta']['commit']} + {meta['commit']}"
-                if stored["meta"]["commit"] != meta["commit"]
-                else meta["commit"]
-            )
+            commits = stored["meta"]["commit"].split(" + ")
+            meta["commit"] = " + ".join(commits + [meta["commit"]] * (meta["commit"] not in commits))
     for w, n in jobs:
         cfg = model_config(args, w, n)
         model = build(cfg, args.conv, args.device, 0, args.gate_bias)
