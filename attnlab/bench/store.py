@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 TABLES: dict[str, dict[str, str]] = {
     "runs": {
@@ -115,7 +115,28 @@ TABLES: dict[str, dict[str, str]] = {
 }
 
 
-class ResultsDB:
+class _Writer:
+    """What both stores share: a context manager that closes, and a new run as a row of ``runs``."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def insert(self, table: str, rows: Iterable[dict[str, Any]], run_id: str | None = None) -> int:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def new_run(self, env: dict[str, Any], config: dict[str, Any]) -> str:
+        row = run_row(env, config)
+        self.insert("runs", [row])
+        return str(row["run_id"])
+
+
+class ResultsDB(_Writer):
     """A DuckDB results file; tables (and columns newer than the file) are added on open for writing."""
 
     def __init__(self, path: Path | str, read_only: bool = False) -> None:
@@ -142,17 +163,6 @@ class ResultsDB:
 
     def close(self) -> None:
         self.con.close()
-
-    def __enter__(self) -> ResultsDB:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def new_run(self, env: dict[str, Any], config: dict[str, Any]) -> str:
-        row = run_row(env, config)
-        self.insert("runs", [row])
-        return str(row["run_id"])
 
     def insert(self, table: str, rows: Iterable[dict[str, Any]], run_id: str | None = None) -> int:
         rows = rows if run_id is None else ({**row, "run_id": run_id} for row in rows)
@@ -195,7 +205,7 @@ def run_row(env: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-class JsonlResults:
+class JsonlResults(_Writer):
     """The writing half of :class:`ResultsDB` without duckdb: every inserted row is checked against the
     table's columns and appended, flushed, to a JSON-lines file (timestamps as ISO strings)."""
 
@@ -206,17 +216,6 @@ class JsonlResults:
 
     def close(self) -> None:
         self._file.close()
-
-    def __enter__(self) -> JsonlResults:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def new_run(self, env: dict[str, Any], config: dict[str, Any]) -> str:
-        row = run_row(env, config)
-        self.insert("runs", [row])
-        return str(row["run_id"])
 
     def insert(self, table: str, rows: Iterable[dict[str, Any]], run_id: str | None = None) -> int:
         cols = TABLES[table]
