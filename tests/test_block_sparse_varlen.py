@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import attnlab
+from attnlab.backends.varlen import block_sparse_varlen
 from attnlab.kernels.block_sparse.naive import block_sparse_naive, tables_mask
-from attnlab.kernels.block_sparse.op import block_sparse_varlen
 from attnlab.plans import Plan, static_plan
 from attnlab.plans.executor import executor_tables, varlen_plan
 from attnlab.testing import device_under_test

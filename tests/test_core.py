@@ -544,3 +544,17 @@ def test_parity_cases_skip_head_dims_a_parameter_set_refuses_by_design() -> None
     assert based.make_params({}).head_dim_limit() == 64
     assert dims("based") == {(16, ""), (16, "window"), (128, "window")}
     assert {d for d, _ in dims("softmax")} == {16, 128}
+
+
+def test_decode_shaped_sdpa_calls_put_flash_attention_before_cudnn() -> None:
+    """cuDNN plans per shape (tens of ms) and a decode loop's key length changes every step: decode-shaped
+    calls (<= 16 queries against more keys) ask FlashAttention first, prefill shapes keep cuDNN first."""
+    from torch.nn.attention import SDPBackend
+
+    from attnlab.kernels.sdpa import DECODE_PRIORITY, SDPA_PRIORITY, priority_for
+
+    assert SDPA_PRIORITY[0] == SDPBackend.CUDNN_ATTENTION and DECODE_PRIORITY[0] == SDPBackend.FLASH_ATTENTION
+    assert set(SDPA_PRIORITY) == set(DECODE_PRIORITY)
+    assert priority_for(1, 131072) == DECODE_PRIORITY and priority_for(16, 17) == DECODE_PRIORITY
+    assert priority_for(17, 4096) == SDPA_PRIORITY  # a chunk of prefill
+    assert priority_for(8, 8) == SDPA_PRIORITY and priority_for(4096, 4096) == SDPA_PRIORITY

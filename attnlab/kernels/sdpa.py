@@ -22,6 +22,23 @@ SDPA_PRIORITY: tuple[SDPBackend, ...] = (
     SDPBackend.EFFICIENT_ATTENTION,
     SDPBackend.MATH,
 )
+#: The order for decode-shaped calls (at most :data:`DECODE_MAX_QUERIES` queries against a longer key
+#: sequence): FlashAttention first. cuDNN builds an execution plan for every new shape (~36-50 ms on the
+#: H100 with torch 2.11), and a decode loop's cache grows by one key per step, so every step was a new plan;
+#: FlashAttention's decode is as fast as cuDNN's at a fixed length (B=1/8, 4K-128K keys, GQA 32:8, D=128:
+#: benchmarks/results/h100-2026-11-23-s2/decode/).
+DECODE_PRIORITY: tuple[SDPBackend, ...] = (
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+)
+DECODE_MAX_QUERIES = 16
+
+
+def priority_for(n_q: int, n_k: int) -> tuple[SDPBackend, ...]:
+    """The SDPA kernel order attnlab uses for a call of ``n_q`` queries and ``n_k`` keys."""
+    return DECODE_PRIORITY if n_q <= DECODE_MAX_QUERIES and n_q < n_k else SDPA_PRIORITY
 
 
 def sdpa_dense(
@@ -35,7 +52,8 @@ def sdpa_dense(
 ) -> Tensor:
     """Softmax attention (B, H, N_q, D) x (B, H_kv, N_k, D) -> (B, H, N_q, D_v), bottom-right causal.
 
-    ``kernels`` restricts SDPA to these kernels, in this priority (default: :data:`SDPA_PRIORITY`).
+    ``kernels`` restricts SDPA to these kernels, in this priority (default: :func:`priority_for` the
+    shape: :data:`SDPA_PRIORITY`, or :data:`DECODE_PRIORITY` for decode-shaped calls).
     """
     n_q, n_k = q.shape[2], k.shape[2]
     if causal and n_q > n_k:
@@ -56,19 +74,20 @@ def sdpa_dense(
             attn_mask = causal_lower_right(n_q, n_k)
     if kernels is None and not torch.compiler.is_compiling():
         return _with_priority(q, k, v, attn_mask, is_causal, scale, gqa)
-    with sdpa_kernel(list(kernels or SDPA_PRIORITY), set_priority=True):
+    with sdpa_kernel(list(kernels or priority_for(n_q, n_k)), set_priority=True):
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=gqa
         )
 
 
 _PRIORITY = [int(b) for b in SDPA_PRIORITY]  # type: ignore[call-overload]
+_DECODE = [int(b) for b in DECODE_PRIORITY]  # type: ignore[call-overload]
 
 
 def _with_priority(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Any, is_causal: bool, scale: float, gqa: bool
 ) -> Tensor:
-    """SDPA with :data:`SDPA_PRIORITY` as its kernel order for this call only. The same as
+    """SDPA with :func:`priority_for` the shape as its kernel order for this call only. The same as
     ``sdpa_kernel(SDPA_PRIORITY, set_priority=True)`` when every kernel is enabled (the default), without
     its per-call cost (about 30 us of Python): only the priority order is set, and restored after. On CPU
     the order does not matter (cuDNN and flash do not run there) and nothing is set."""
@@ -77,7 +96,8 @@ def _with_priority(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=gqa
         )
     previous = torch._C._get_sdp_priority_order()
-    wanted = _PRIORITY + [b for b in previous if b not in _PRIORITY]
+    order = _DECODE if q.shape[2] <= DECODE_MAX_QUERIES and q.shape[2] < k.shape[2] else _PRIORITY
+    wanted = order + [b for b in previous if b not in order]
     if previous == wanted:
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=gqa

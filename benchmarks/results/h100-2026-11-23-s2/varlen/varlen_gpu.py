@@ -33,8 +33,9 @@ from typing import Any
 import torch
 
 import attnlab
+from attnlab.backends.varlen import block_sparse_varlen
 from attnlab.bench.timing import measure_interleaved
-from attnlab.kernels.block_sparse.op import block_sparse_attention, block_sparse_varlen
+from attnlab.kernels.block_sparse.op import block_sparse_attention
 from attnlab.kernels.sdpa import sdpa_dense
 from attnlab.plans.executor import executor_tables, varlen_plan
 
