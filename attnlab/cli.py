@@ -307,7 +307,7 @@ def report(
             console.print(f"[red]{escape(str(e))}[/red]")
             raise typer.Exit(2) from e
         console.print(f"loaded run(s) {', '.join(ids)} from {db} into {target}")
-        db = target
+        db, run = target, run or (ids[-1] if ids else None)
     path = write_report(db, out or db.parent, run)
     console.print(f"report: {path}")
 

@@ -41,8 +41,11 @@ class Settings:
 
     def __setattr__(self, name: str, value: object) -> None:
         object.__setattr__(self, name, value)
-        if name != "generation":
+        if name not in _PER_CALL:  # settings read on every call do not change a resolved dispatch
             object.__setattr__(self, "generation", getattr(self, "generation", 0) + 1)
 
+
+#: read at every call, never part of a resolved call: changing them keeps prepared ops (and CUDA graphs) valid
+_PER_CALL = frozenset({"generation", "check_finite", "check_values"})
 
 settings = Settings()

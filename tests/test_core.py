@@ -558,3 +558,19 @@ def test_decode_shaped_sdpa_calls_put_flash_attention_before_cudnn() -> None:
     assert priority_for(1, 131072) == DECODE_PRIORITY and priority_for(16, 17) == DECODE_PRIORITY
     assert priority_for(17, 4096) == SDPA_PRIORITY  # a chunk of prefill
     assert priority_for(8, 8) == SDPA_PRIORITY and priority_for(4096, 4096) == SDPA_PRIORITY
+
+
+def test_per_call_settings_keep_prepared_ops_resolved(monkeypatch: pytest.MonkeyPatch) -> None:
+    """check_values / check_finite are read on every call: toggling them must not re-resolve a prepared op
+    (a captured decode loop would refuse a new signature), unlike a dispatch setting."""
+    op = attnlab.prepare("softmax")
+    q, k, v = qkv()
+    op(q, k, v)
+    before = dict(op._entries)
+    monkeypatch.setattr(attnlab.settings, "check_values", False)
+    monkeypatch.setattr(attnlab.settings, "check_finite", True)
+    op(q, k, v)
+    assert dict(op._entries) == before
+    monkeypatch.setattr(attnlab.settings, "max_dense_elements", 2**27)
+    op(q, k, v)
+    assert len(op._entries) != len(before) or dict(op._entries) != before
