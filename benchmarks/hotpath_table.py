@@ -150,7 +150,13 @@ def _first(f: dict[str, Any]) -> list[str]:
     for r in f["rows"]:
         extra = (r["first_s"] - r["second_s"]) * 1e3
         recompiled = "yes" if any(v for v in r.get("dynamo", {}).values()) else "no"
-        new_bucket = "—" if not r.get("new_length") else "no" if r.get("seen_bucket") else "yes"
+        new_bucket = (
+            "—"
+            if not r.get("new_length") or r.get("bucket") is None
+            else "no"
+            if r.get("seen_bucket")
+            else "yes"
+        )
         meets = {True: "met", False: "**not met**"}.get(r.get("meets_5ms"), "—")  # type: ignore[arg-type]
         lines.append(
             f"| {r['method']} | {r['n']} | {r.get('bucket') or '—'} | {new_bucket} | {r['first_s'] * 1e3:.1f} | "
