@@ -382,10 +382,15 @@ class MethodSpec:
                 f"method {self.name!r}: training_backends {unknown} are not among its backends {names}"
             )
         missing = [n for n in self.estimate_inputs if n not in self.input_names]
-        if missing or (self.estimate_inputs and self.estimate is None):
+        if self.estimate_inputs and self.estimate is None:
             raise ValueError(
-                f"method {self.name!r}: estimate_inputs {list(self.estimate_inputs)} need an estimate and "
-                f"declared tensor inputs (not declared: {missing})"
+                f"method {self.name!r}: estimate_inputs {list(self.estimate_inputs)} given but the method has no "
+                "estimate; pass estimate= or drop estimate_inputs"
+            )
+        if missing:
+            raise ValueError(
+                f"method {self.name!r}: estimate_inputs {missing} are not declared tensor inputs "
+                f"(declared: {sorted(self.input_names)}); declare them in inputs= or drop them"
             )
 
     def estimate_plan(self, q: Tensor, k: Tensor, call: Call, extra: Mapping[str, Tensor]) -> Any:

@@ -574,3 +574,11 @@ def test_per_call_settings_keep_prepared_ops_resolved(monkeypatch: pytest.Monkey
     monkeypatch.setattr(attnlab.settings, "max_dense_elements", 2**27)
     op(q, k, v)
     assert len(op._entries) != len(before) or dict(op._entries) != before
+
+
+def test_estimate_inputs_are_checked_at_registration() -> None:
+    seer = attnlab.get("seer")
+    with pytest.raises(ValueError, match=r"estimate_inputs \['nope'\] are not declared tensor inputs"):
+        dataclasses.replace(seer, estimate_inputs=("nope",))
+    with pytest.raises(ValueError, match="given but the method has no estimate"):
+        dataclasses.replace(seer, estimate=None)
