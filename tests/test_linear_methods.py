@@ -352,6 +352,16 @@ def test_gates_outside_the_decay_range_or_nan_are_refused(name: str) -> None:
                 _reference(name, dict(x, g=g))
 
 
+def _counting(fn: Any, log: list[Any], tag: Any) -> Any:
+    """``fn`` that appends ``tag`` (None: its second argument, a name) to ``log`` on every call."""
+
+    def wrapped(*a: Any, **k: Any) -> Any:
+        log.append(a[1] if tag is None else tag)
+        return fn(*a, **k)
+
+    return wrapped
+
+
 @pytest.mark.parametrize("name", ["gla", "gated_delta"])
 def test_check_values_off_skips_the_gate_range_check(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """settings.check_values=False (a decode loop saving the host synchronisation) runs without reading the
@@ -364,13 +374,65 @@ def test_check_values_off_skips_the_gate_range_check(name: str, monkeypatch: pyt
         monkeypatch.setattr(attnlab.settings, "check_values", False)
         reads: list[int] = []
         real = torch.aminmax
-        monkeypatch.setattr(_common.torch, "aminmax", lambda *a, **k: reads.append(1) or real(*a, **k))
+        monkeypatch.setattr(_common.torch, "aminmax", _counting(real, reads, 1))
         got = _call(name, x)
         torch.testing.assert_close(got.out, want.out)
         g = x["g"].clone()
         g[0, 0, 3, 1] = 0.5
         _call(name, dict(x, g=g))  # not refused: the check is off
         assert reads == []
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_lightning_decay_check_honours_check_values(check: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """settings.check_values: on, a decay outside (0, 1] is refused; off, the decays are not read (no
+    reduction, no host synchronisation) and valid decays give the same result as with the check on."""
+    with registered(BY_NAME["lightning"]):
+        x = inputs("lightning", 1, 2, 2, 8, 4)
+        x["decay"] = torch.tensor([0.9, 0.5], device=DEV)
+        want = _call("lightning", x)
+        monkeypatch.setattr(attnlab.settings, "check_values", check)
+        reads: list[int] = []
+        real = torch.Tensor.all
+        monkeypatch.setattr(torch.Tensor, "all", _counting(real, reads, 1))
+        got = _call("lightning", x)
+        torch.testing.assert_close(got.out, want.out)
+        assert (len(reads) > 0) == check
+        bad = dict(x, decay=torch.tensor([0.9, 1.5], device=DEV))
+        if check:
+            with pytest.raises(InputError, match=r"decay holds 1 value\(s\) outside \(0, 1\]: \[1.5"):
+                _call("lightning", bad)
+        else:
+            _call("lightning", bad)  # not refused: the check is off
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_linear_map_weight_check_honours_check_values(check: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """settings.check_values: on, NaN in a feature map's weights is refused naming the weight; off, the
+    weights are not scanned (no host synchronisation) and valid weights give the same result."""
+    from attnlab.catalog.linear import _common
+
+    with registered(BY_NAME["linear"]):
+        g = torch.Generator().manual_seed(3)
+        x = inputs("linear", 1, 2, 2, 8, 4)
+        x["map_q"] = linear.sample_map((2, 4, 4), g).to(DEV)
+        x["map_k"] = linear.sample_map((2, 4, 4), g).to(DEV)
+        want = _call("linear", x, feature_map="hedgehog")
+        monkeypatch.setattr(attnlab.settings, "check_values", check)
+        reads: list[str] = []
+        real = _common.check_finite_input
+        monkeypatch.setattr(linear, "check_finite_input", _counting(real, reads, None))
+        got = _call("linear", x, feature_map="hedgehog")
+        torch.testing.assert_close(got.out, want.out)
+        assert reads == (["map_q", "map_k"] if check else [])
+        bad_w = x["map_k"].clone()
+        bad_w[0, 0, 0] = float("nan")
+        if check:
+            with pytest.raises(InputError, match="map_k holds 1 NaN/Inf value"):
+                _call("linear", dict(x, map_k=bad_w), feature_map="hedgehog")
+        else:
+            out = _call("linear", dict(x, map_k=bad_w), feature_map="hedgehog").out
+            assert torch.isnan(out).any()  # not refused: the check is off, the NaN reaches the output
 
 
 def test_lightning_decays_outside_zero_one_are_refused() -> None:

@@ -40,6 +40,7 @@ from attnlab.core import Call, MethodSpec, TensorInput
 from attnlab.errors import InputError, UnsupportedPatternError
 from attnlab.kernels.linear.naive import gla_chunk_naive
 from attnlab.params import Params
+from attnlab.settings import settings
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,9 @@ def log_decays(heads: int, decay: Tensor | None, device: torch.device) -> Tensor
         return cached
     if decay.dim() != 1 or decay.shape[0] != heads:
         raise InputError(f"decay has shape {tuple(decay.shape)}; method 'lightning' expects (H={heads},)")
-    if not (torch.compiler.is_compiling() or (decay.is_cuda and torch.cuda.is_current_stream_capturing())):
+    if settings.check_values and not (
+        torch.compiler.is_compiling() or (decay.is_cuda and torch.cuda.is_current_stream_capturing())
+    ):  # (one host synchronisation; ``attnlab.settings.check_values`` off skips it, like gla's gate check)
         ok = (decay > 0) & (decay <= 1)  # False for NaN too
         if not bool(ok.all()):
             bad = decay[~ok].tolist()

@@ -60,6 +60,7 @@ from attnlab.core import Call, MethodSpec, TensorInput
 from attnlab.errors import InputError
 from attnlab.kernels.linear.naive import gla_chunk_naive
 from attnlab.params import Params
+from attnlab.settings import settings
 
 FEATURE_MAPS = ("elu", "relu", "identity", "hedgehog")
 #: The tensor inputs of the learned maps (each (H, D, F), optional; absent = identity).
@@ -226,7 +227,7 @@ def _run(
     b, h, _, d = q.shape
     vd = v.shape[-1]
     wq, wk = extra.get("map_q"), extra.get("map_k")
-    fw = _weights(d, wq, wk, check=True)
+    fw = _weights(d, wq, wk, check=settings.check_values)  # (off: no host synchronisation)
     s0, z0 = _states(p, q, v, state, fw)
     f = feature_dim(p, fw)
     fq = feature_map(q, p.feature_map, wq)
