@@ -301,10 +301,52 @@ def markdown(
         lines += [
             f"- {short_label(label)} at {n}: `{str(e).splitlines()[0][:300]}`" for label, n, e in errors
         ]
+    lines += variant_notes(result.methods)
     lines += ["", "## Pareto plots", ""]
     for (task, n), name in images.items():
         lines += [f"![{task} at {n}]({name})", ""]
     return "\n".join(lines) + "\n"
+
+
+def variant_notes(methods: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Markdown lines (a section, or none) saying, per dense variant in the run, which backend it ran on
+    and what it computed with no tensor inputs given (``function`` of its rows,
+    :func:`attnlab.eval.tasks.function_check`): softmax itself (its accuracy checks the code path, not the
+    variant) or another function than the one the model learned (its accuracy measures that distance, not
+    sparsity)."""
+    seen: dict[str, Mapping[str, Any]] = {}
+    for m in methods:
+        if m.get("function") and m["label"] not in seen:
+            seen[m["label"]] = m
+    if not seen:
+        return []
+    lines = [
+        "",
+        "## What the dense variants computed",
+        "",
+        "attnlab eval gives no tensor input (gate, temperature, sink logits, alpha/beta): the model never "
+        "learned one, so each variant runs at its documented default without it.",
+        "",
+    ]
+    for label, m in seen.items():
+        f = m["function"]
+        backends = m.get("backends") or {}
+        on = f" on `{backends[m['method']]}`" if m["method"] in backends else ""
+        absent = f"; not given: {', '.join(f['absent'])}" if f.get("absent") else ""
+        if f.get("error"):
+            what = f"check failed: `{f['error'][:200]}`"
+        elif f.get("same_as_softmax"):
+            what = (
+                f"the same function as softmax (max |diff| {f['softmax_max_diff']:.1e} on a random check): its "
+                "accuracy checks this code path, not the variant"
+            )
+        else:
+            what = (
+                f"a different function than softmax (max |diff| {f['softmax_max_diff']:.2f} on a random check): "
+                "its accuracy measures how far that function is from what the model learned, not sparsity"
+            )
+        lines.append(f"- {short_label(label)}{on}{absent}: {what}.")
+    return lines
 
 
 def _html(md: str, title: str) -> str:

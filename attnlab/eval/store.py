@@ -78,8 +78,15 @@ TABLES: dict[str, dict[str, str]] = {
         "ppl_decode_tokens": "INTEGER",
         "seconds": "DOUBLE",
         "error": "VARCHAR",
+        # JSON: the backend forced per method (CPU runs; null: the default order)
+        "backends": "VARCHAR",
+        # JSON: what a dense variant computed without its tensor inputs (attnlab.eval.tasks.function_check)
+        "function": "VARCHAR",
     },
 }
+
+#: eval_methods columns stored as JSON text (null stays null)
+JSON_COLUMNS = ("backends", "function")
 
 
 class EvalDB:
@@ -141,7 +148,14 @@ class EvalDB:
         rows = []
         for r in self.rows("eval_accuracy", rid):
             rows.append({**r, "params": json.loads(r["params"]), "outputs": json.loads(r["outputs"] or "[]")})
-        methods = [{**m, "params": json.loads(m["params"])} for m in self.rows("eval_methods", rid)]
+        methods = [
+            {
+                **m,
+                "params": json.loads(m["params"]),
+                **{c: None if m.get(c) is None else json.loads(m[c]) for c in JSON_COLUMNS},
+            }
+            for m in self.rows("eval_methods", rid)
+        ]
         return EvalResult(rows, info, methods)
 
 
@@ -200,8 +214,13 @@ def store_result(
             {
                 "run_id": run_id,
                 "model": model,
-                **{k: m.get(k) for k in TABLES["eval_methods"] if k not in ("run_id", "model", "params")},
+                **{
+                    k: m.get(k)
+                    for k in TABLES["eval_methods"]
+                    if k not in ("run_id", "model", "params", *JSON_COLUMNS)
+                },
                 "params": _params(m.get("params", {})),
+                **{c: None if m.get(c) is None else _params(m[c]) for c in JSON_COLUMNS},
             }
             for m in with_ppl_changes(result.methods)
         ),

@@ -63,6 +63,14 @@ class EvalError(AttnlabError, ValueError):
     """A bad ``attnlab eval`` request: unknown method, task or parameter, a length out of range."""
 
 
+#: the backends a method runs on in ``attnlab eval`` on a CPU, in order of preference: the masked SDPA of
+#: sparse methods, SDPA (``gated`` and ``affine_scaled``: torch SDPA then the variant's output transform,
+#: the speed of softmax), then the eager N x N path (the other dense variants: 14-24 s per 4K prefill of
+#: the small organism). ``sdpa`` came after ``eager`` before 2026-11-23 (s3), which put ``gated`` and
+#: ``affine_scaled`` on the eager path.
+CPU_BACKENDS = ("sdpa_mask", "sdpa", "eager")
+
+
 @dataclass(frozen=True)
 class MethodRun:
     """One method at one budget: the method asked for, what runs in prefill and in decode, its params."""
@@ -81,10 +89,10 @@ class MethodRun:
         return f"{self.method}({inner})" if inner else self.method
 
     def use_kwargs(self, device: str = "cuda", num_layers: int | None = None) -> dict[str, Any]:
-        """Keyword arguments of :func:`attnlab.hf.use` for this run. On a CPU the method runs on a backend
-        that does not compile (``sdpa_mask``, ``eager`` or ``sdpa``, where it has one): FlexAttention
-        compiles for tens of seconds per shape there. ``tidal`` needs ``num_layers`` (its per-layer roles,
-        :func:`attnlab.eval.density.tidal_roles`)."""
+        """Keyword arguments of :func:`attnlab.hf.use` for this run. On a CPU the method runs on the first
+        backend of :data:`CPU_BACKENDS` it has (none compiles: FlexAttention compiles for tens of seconds
+        per shape there); a method with none of them keeps its default order. ``tidal`` needs
+        ``num_layers`` (its per-layer roles, :func:`attnlab.eval.density.tidal_roles`)."""
         from attnlab.eval.density import tidal_roles
 
         params = dict(self.params)
@@ -95,7 +103,7 @@ class MethodRun:
 
             for name in {self.prefill, self.decode}:
                 names = [b.name for b in get(name).backends]
-                choice = next((c for c in ("sdpa_mask", "eager", "sdpa") if c in names), None)
+                choice = next((c for c in CPU_BACKENDS if c in names), None)
                 if choice is not None:
                     backends[name] = choice
         if backends:
@@ -135,6 +143,37 @@ def parse_method(text: str) -> tuple[str, dict[str, Any] | None]:
 
 
 BUDGETS = ("all", "first", "default", "default+tight")
+
+#: the max |difference| below which :func:`function_check` calls a method's output softmax's
+SAME_AS_SOFTMAX = 1e-5
+
+
+def function_check(name: str, params: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """What a dense-family method (a score variant) computes in ``attnlab eval``, where no tensor input is
+    ever given (attnlab.hf has nothing to compute a gate, a temperature or sink logits from in a model that
+    never learned them): ``{"absent": [its optional tensor inputs, each left out], "softmax_max_diff": max
+    |out - softmax's out|, "same_as_softmax": that <= SAME_AS_SOFTMAX}``, both outputs from the fp32
+    reference on one small random causal problem (B=1, H=2, N=64, D=16, seed 0; ``params`` as run). So
+    ``gated`` without a gate, ``selective`` without a temperature and ``affine_scaled`` without alpha/beta
+    are softmax itself (their accuracy checks the code path only), while ``sink`` (sink logit 0 per head,
+    the off-by-one softmax) and ``softplus`` compute other functions than the model learned. None for
+    methods outside the dense family and for ``softmax``."""
+    import attnlab
+    from attnlab.registry import get
+
+    spec = get(name)
+    if name == DENSE or spec.family != "dense":
+        return None
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 64, 16, generator=gen) for _ in range(3))
+    out = attnlab.attention(q, k, v, method=name, causal=True, backend="reference", **dict(params or {}))
+    ref = attnlab.attention(q, k, v, method=DENSE, causal=True, backend="reference")
+    diff = float((out.float() - ref.float()).abs().max())
+    return {
+        "absent": [t.name for t in spec.inputs],
+        "softmax_max_diff": diff,
+        "same_as_softmax": diff <= SAME_AS_SOFTMAX,
+    }
 
 
 def runnable_methods() -> list[str]:
@@ -610,6 +649,8 @@ def evaluate(
                 "ppl_decode_tokens": loss.decode_tokens if loss else 0,
                 "seconds": seconds,
                 "error": error,
+                "backends": (run.use_kwargs(cfg.device, num_layers)["plan"] or {}).get("backends"),
+                "function": _function(run),
             }
         )
         if on_run:
@@ -617,6 +658,14 @@ def evaluate(
             on_run(result)
     result.info = _info(cfg, state, fingerprint, device, skipped)
     return result
+
+
+def _function(run: MethodRun) -> dict[str, Any] | None:
+    """:func:`function_check` of the run's method, or where it fails the error (recorded, not raised)."""
+    try:
+        return function_check(run.method, dict(run.params))
+    except Exception as e:  # a check that cannot run must not lose the run's row
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 def _info(
