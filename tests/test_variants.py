@@ -182,30 +182,96 @@ def test_sink_logit_gradient_is_the_gpt_oss_formula() -> None:
     torch.testing.assert_close(grad, want, atol=1e-5, rtol=1e-5)
 
 
+def _lssa_weights(q: Tensor, k: Tensor) -> Tensor:
+    """LSSA's weights as the paper (via its notes) and the third-party reimplementation (models/lssa.py)
+    write them: causal self-attention in float64, q and k L2-normalised, ``scores = log(d) * log(n) * q @
+    k^T`` with ``n = 1..L`` per row, softplus, causal mask, l1 normalisation."""
+    n = q.shape[2]
+    qn = F.normalize(q.double(), dim=-1)
+    kn = F.normalize(k.double().repeat_interleave(q.shape[1] // k.shape[1], dim=1), dim=-1)
+    rows = torch.arange(1, n + 1, dtype=torch.float64)
+    s = (math.log(D) * torch.log(rows))[:, None] * (qn @ kn.transpose(-2, -1))
+    a = F.softplus(s) * torch.ones(n, n, dtype=torch.bool).tril()
+    return a / a.sum(-1, keepdim=True)
+
+
+def _lssa_direct(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return _lssa_weights(q, k) @ v.double().repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_softplus_weights_are_l1_normalised_with_the_length_scale(causal: bool) -> None:
+    """Rows by hand: ``softplus(log(D) log(n_i) t cos(q_i, k_j))`` l1-normalised over the row's n_i keys,
+    ``t = scale sqrt(D)``; plain softplus (``length_scale=False, qk_norm=False``) on ``scale q . k``; the
+    paper's form at the default scale against the sourced transcription; weights sum to 1."""
     n_q = 17
     q, k, v = qkv(n_q=n_q)
-    scale = 1 / D**0.5
-    got = softplus.reference(q, k, v, softplus.SoftplusParams(), causal=causal, scale=scale)
-    plain = softplus.reference(
-        q, k, v, softplus.SoftplusParams(length_scale=False), causal=causal, scale=scale
-    )
     ke, ve = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
-    for i in (0, 5, n_q - 1):  # rows by hand
-        keys = min(N_K, i + N_K - n_q + 1) if causal else N_K
-        if keys <= 0:
-            assert not got[:, :, i].any()
-            continue
-        s = torch.einsum("bhd,bhkd->bhk", q[:, :, i], ke[:, :, :keys]) * scale
-        for out, lam in ((got, math.log(keys) / math.log(D)), (plain, 1.0)):
-            w = F.softplus(lam * s)
-            want = torch.einsum("bhk,bhkd->bhd", w / w.sum(-1, keepdim=True), ve[:, :, :keys])
-            torch.testing.assert_close(out[:, :, i], want, atol=1e-5, rtol=1e-5)
+    for scale in (1 / D**0.5, 0.5):
+        got = softplus.reference(q, k, v, softplus.SoftplusParams(), causal=causal, scale=scale)
+        plain = softplus.reference(
+            q, k, v, softplus.SoftplusParams(length_scale=False, qk_norm=False), causal=causal, scale=scale
+        )
+        for i in (0, 5, n_q - 1):
+            keys = min(N_K, i + N_K - n_q + 1) if causal else N_K
+            if keys <= 0:  # fully masked rows (causal, N_q > N_K): zeros
+                assert not got[:, :, i].any() and not plain[:, :, i].any()
+                continue
+            dots = torch.einsum("bhd,bhkd->bhk", q[:, :, i], ke[:, :, :keys])
+            cos = dots / (q[:, :, i].norm(dim=-1)[..., None] * ke[:, :, :keys].norm(dim=-1))
+            for out, s in (
+                (got, math.log(D) * math.log(keys) * scale * D**0.5 * cos),
+                (plain, scale * dots),
+            ):
+                w = F.softplus(s)
+                want = torch.einsum("bhk,bhkd->bhd", w / w.sum(-1, keepdim=True), ve[:, :, :keys])
+                torch.testing.assert_close(out[:, :, i], want, atol=1e-5, rtol=1e-5)
+    # the default scale is the paper's logits (causal self-attention: the sources' setting)
+    qs, ks, vs = qkv(n_q=N_K)
+    paper = softplus.reference(
+        qs, ks, vs, softplus.SoftplusParams(), causal=True, scale=default_scale(D, None)
+    )
+    torch.testing.assert_close(paper, _lssa_direct(qs, ks, vs).float(), atol=1e-5, rtol=1e-5)
     # weights sum to 1 on rows with a key
-    ones = softplus.reference(q, k, torch.ones_like(v), softplus.SoftplusParams(), causal=causal, scale=scale)
+    ones = softplus.reference(q, k, torch.ones_like(v), softplus.SoftplusParams(), causal=causal, scale=0.3)
     rows = ones[..., 0] != 0
     torch.testing.assert_close(ones[rows], torch.ones_like(ones[rows]))
+
+
+def test_softplus_flex_and_eager_give_zeros_on_rows_with_no_key(variants: None) -> None:
+    """Causal 20 x 12 (bottom-right: the first 8 rows see no key): eager (both forms) and flex (the
+    paper's; one compile) equal the reference, and those rows are exactly 0 (D = 32: CPU FlexAttention's
+    D = 16 template is wrong, see above)."""
+    q, k, v = torch.randn(1, 4, 20, 32) * 2, torch.randn(1, 2, 12, 32) * 2, torch.randn(1, 2, 12, 32)
+    cases: tuple[tuple[str, dict[str, Any]], ...] = (
+        ("eager", {}),
+        ("eager", {"length_scale": False, "qk_norm": False}),
+        ("flex", {}),
+    )
+    for backend, params in cases:
+        want = attnlab.attention(q, k, v, method="softplus", causal=True, backend="reference", **params)
+        assert not want[:, :, :8].any() and want[:, :, 8:].abs().sum() > 0
+        got = attnlab.attention(q, k, v, method="softplus", causal=True, backend=backend, **params)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+        assert not got[:, :, :8].any()
+
+
+def test_softplus_qk_norm_alone_and_length_scale_alone() -> None:
+    """The two options are independent factors: ``qk_norm`` only (cosine times ``t``, no length scale)
+    and ``length_scale`` only (``log(D) log(n_i)`` on ``scale q . k``), rows by hand (non-causal)."""
+    q, k, v = qkv()
+    ke, ve = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    scale = 1 / D**0.5
+    dots = torch.einsum("bhqd,bhkd->bhqk", q, ke)
+    cos = dots / (q.norm(dim=-1)[..., None] * ke.norm(dim=-1)[:, :, None])
+    cases = (
+        ({"length_scale": False}, cos),  # t = 1 at the default scale
+        ({"qk_norm": False}, math.log(D) * math.log(N_K) * scale * dots),
+    )
+    for kw, s in cases:
+        got = softplus.reference(q, k, v, softplus.SoftplusParams(**kw), causal=False, scale=scale)
+        w = F.softplus(s)
+        torch.testing.assert_close(got, (w / w.sum(-1, keepdim=True)) @ ve, atol=1e-5, rtol=1e-5)
 
 
 def test_selective_temperature_multiplies_each_querys_logits() -> None:
@@ -293,11 +359,16 @@ def test_score_mods_are_the_references_transform(causal: bool) -> None:
     assert sel_mod is not None
     torch.testing.assert_close(grid_scores(sel_mod, s), s * tau[..., None])
     # softplus: log softplus of the length-scaled logits (FlexAttention's softmax of it is the l1 norm)
+    # (cos stands for scale * q' . k' of the normalised q', k': |cos| <= 1 / sqrt(D); sqrt(D) makes
+    # scale * sqrt(D) the temperature)
+    cos = s / s.abs().amax() / D**0.5
     for scaled in (True, False):
-        mod = softplus._score(call_of(softplus.SPEC, q, k, causal, length_scale=scaled), {})
-        n = softplus.row_lengths(N_Q, N_K, causal, torch.device("cpu")).clamp(min=1).float()
-        lam = torch.log(n)[:, None] / math.log(D) if scaled else 1.0
-        torch.testing.assert_close(grid_scores(mod, s), torch.log(F.softplus(s * lam)))
+        for norm in (True, False):
+            mod = softplus._score(call_of(softplus.SPEC, q, k, causal, length_scale=scaled, qk_norm=norm), {})
+            n = softplus.row_lengths(N_Q, N_K, causal, torch.device("cpu")).clamp(min=1).float()
+            lam = torch.log(n)[:, None] * math.log(D) if scaled else torch.ones(1)
+            t = D**0.5 if norm else 1.0
+            torch.testing.assert_close(grid_scores(mod, cos), torch.log(F.softplus(cos * (lam * t))))
 
 
 def test_log_softplus_is_finite_with_finite_gradients() -> None:
@@ -464,12 +535,8 @@ def _lssar_direct(q: Tensor, k: Tensor, v: Tensor, p: int) -> Tensor:
     """LSSAR as the third-party reimplementation writes it (causal self, float64, no log-domain trick):
     LSSA weights, then relu(A * n - O)^p with O = 1 except the first 3 rows, then l1 normalisation."""
     n = q.shape[2]
-    s = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double().repeat_interleave(H // H_KV, dim=1)) / D**0.5
     rows = torch.arange(1, n + 1, dtype=torch.float64)
-    s = s * (torch.log(rows) / math.log(D))[:, None]
-    causal = torch.ones(n, n, dtype=torch.bool).tril()
-    a = torch.nn.functional.softplus(s) * causal
-    a = a / a.sum(-1, keepdim=True)
+    a = _lssa_weights(q, k)
     offset = torch.ones(n, dtype=torch.float64)
     offset[:3] = 0.0
     r = torch.relu(a * rows[:, None] - offset[:, None]) ** p

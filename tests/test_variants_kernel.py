@@ -387,16 +387,20 @@ def test_measured_schedules_are_pinned_only_where_measured(monkeypatch: pytest.M
 
 
 def test_naive_twin_softplus_is_the_methods_math() -> None:
-    """The twin's softplus transform with the length scale as its temperature is softplus.reference."""
+    """The twin's softplus transform on the L2-normalised q, k with ``log(D) log(n_i) sqrt(D)`` as its
+    temperature (``sqrt(D)``: the paper's cosine at the default scale) is softplus.reference; without
+    the options, the plain transform on q, k."""
     from attnlab.catalog.variants import softplus
 
     q, k, v = random_qkv(2, 4, 2, 13, 20, 16, device="cpu")
     for causal in (False, True):
-        for scaled in (True, False):
-            params = softplus.SoftplusParams(length_scale=scaled)
-            lam = softplus.length_scale(13, 20, causal, 16, q.device) if scaled else None
+        for scaled, norm in ((True, True), (False, True), (True, False), (False, False)):
+            params = softplus.SoftplusParams(length_scale=scaled, qk_norm=norm)
+            lam = softplus.length_scale(13, 20, causal, 16, q.device) if scaled else torch.ones(1, 1, 13)
+            qn, kn, _ = softplus.normalise_qk(q * 3, k, params, SCALE)
+            temp = lam * (16**0.5 if norm else 1.0)
             got, _ = score_transform_fwd_naive(
-                q * 3, k, v, None, None, SCALE, 0.0, causal, temp=lam, softplus=True
+                qn, kn, v, None, None, SCALE, 0.0, causal, temp=temp, softplus=True
             )
             want = softplus.reference(q * 3, k, v, params, causal=causal, scale=SCALE)
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -462,15 +466,19 @@ def test_softplus_kernel_refuses_sinks() -> None:
         )
 
 
-@pytest.mark.parametrize("params", [{}, {"length_scale": False}])
+@pytest.mark.parametrize("params", [{}, {"length_scale": False, "qk_norm": False}])
 def test_triton_backend_of_softplus_matches_reference(variants: None, params: dict) -> None:
-    """The registry's parity rule (bf16, GQA, cross shapes, every gradient) for the softplus kernel."""
-    for causal in (False, True):
+    """The registry's parity rule (bf16, GQA, cross shapes, every gradient) for the softplus kernel: the
+    paper's form (q, k normalised before the kernel) and plain softplus."""
+    for n_q, n_k, causal in ((17, 30, False), (17, 30, True), (30, 17, True)):  # 30 x 17: 13 empty rows
         check = check_parity(
             attnlab.get("softplus"),
             "triton",
-            Case(1, 4, 2, 17, 30, 16, torch.bfloat16, causal, params),
+            Case(1, 4, 2, n_q, n_k, 16, torch.bfloat16, causal, params),
             DEVICE,
         )
         assert not check.skipped and check.passed and "dq" in check.errors, check.summary()
+    q, k, v = random_qkv(1, 4, 2, 30, 17, 16)
+    out = attnlab.attention(q, k, v, method="softplus", causal=True, backend="triton", **params)
+    assert not out[:, :, :13].any() and out[:, :, 13:].abs().sum() > 0
     assert attnlab.get("softplus").backends[0].name == "triton"
