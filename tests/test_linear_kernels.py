@@ -365,3 +365,115 @@ def test_a_shared_memory_refusal_of_the_delta_backward_says_what_to_change() -> 
     hint = _op()._shared_memory_hint(q)
     with pytest.raises(ValueError, match=r"float32 inputs with head dims \(128\).*Pass bf16 or fp16"), hint:
         raise OutOfResources(327680, 232448, "shared memory")
+
+
+@pytest.mark.parametrize(
+    ("n", "chunk", "gate", "dtype"),
+    [(1, 16, "head", "fp32"), (37, 16, "head", "fp32"), (40, 32, "none", "fp32"), (33, 16, "channel", "fp32"),
+     (17, 16, "channel", "bf16"), (50, 16, "head", "bf16")],
+    ids=["n1-head", "n37-head", "n40-deltanet", "n33-channel", "n17-channel-bf16", "n50-head-bf16"],
+)  # fmt: skip
+def test_fused_qk_l2norm_matches_the_recurrence(n: int, chunk: int, gate: str, dtype: str) -> None:
+    """``delta_chunk(..., qk_l2norm=True)`` with the norm fused (one Triton launch normalises q and k, the
+    backward applies its Jacobian in-kernel): output, final state and the gradients of the raw q, k and of
+    v, beta, g, h0 against the fp32 token recurrence on l2norm(q), l2norm(k) (autograd through the norm),
+    raw q, k of norms far from 1; per-head (GDN) and per-channel (KDA) gates and none (DeltaNet). No
+    PyTorch normalisation runs. bf16 inputs: each error against the fp32 recurrence within 2x (3x for
+    gradients) that of the old path (PyTorch norm, then the same chunk kernels: the path checked at full
+    size on the H100), plus half a bf16 ulp of the peak."""
+    from attnlab.kernels.linear.naive import l2norm
+
+    op = _op()
+    q, k, v, g, h0 = _inputs(n, 8, 8, 1.0, h=2, seed=3)
+    q, k = q * 3.0, k * 0.5
+    beta = torch.rand(1, 2, n, generator=torch.Generator().manual_seed(5)).to(DEV)
+    assert g is not None
+    gg = {"head": g[..., :1].clone(), "channel": g, "none": None}[gate]
+    low = torch.bfloat16 if dtype == "bf16" else torch.float32
+    xs: list[Tensor | None] = [q.to(low), k.to(low), v.to(low), beta, gg, h0]
+    gen = torch.Generator().manual_seed(7)
+    do = torch.randn(1, 2, n, 8, generator=gen).to(DEV)
+    ds = torch.randn(1, 2, 8, 8, generator=gen).to(DEV)
+
+    def loss_grads(o: Tensor, s: Tensor, wrt: list[Tensor]) -> list[Tensor]:
+        return [x.float() for x in torch.autograd.grad((o.float() * do).sum() + (s * ds).sum(), wrt)]
+
+    def run(fused: bool) -> list[Tensor]:
+        leaves = [t.clone().requires_grad_(True) if t is not None else None for t in xs]
+        real_l2norm = op.l2norm
+        try:
+            if fused:
+                op.l2norm = None  # no PyTorch normalisation on the fused path
+            o, s = op.delta_chunk(*leaves[:5], 0.3, leaves[5], chunk, qk_l2norm=True, fused_l2norm=fused)
+        finally:
+            op.l2norm = real_l2norm
+        assert o.dtype == low and s.dtype == torch.float32
+        return [o.float(), s, *loss_grads(o, s, [t for t in leaves if t is not None])]
+
+    ref = [t.clone().float().requires_grad_(True) if t is not None else None for t in xs]
+    rq, rk, rv, rb, rg, rh0 = ref
+    assert rq is not None and rk is not None and rv is not None and rb is not None
+    ro, rs = delta_recurrence(l2norm(rq), l2norm(rk), rv, rb, rg, 0.3, rh0)
+    want = [ro.detach(), rs.detach(), *loss_grads(ro, rs, [t for t in ref if t is not None])]
+    got = run(True)
+    names = ["out", "state"] + [
+        nm for nm, t in zip(("dq", "dk", "dv", "dbeta", "dg", "dh0"), xs, strict=True) if t is not None
+    ]
+    if dtype == "fp32":
+        for name, a, b in zip(names, got, want, strict=True):
+            _close(name, a, b, 2e-5 if name in ("out", "state") else 1e-4)
+        return
+    old = run(False)
+    for name, a, b, c in zip(names, got, want, old, strict=True):
+        err, base = float((a - b).abs().max()), float((c - b).abs().max())
+        peak = float(b.abs().max())
+        f = 2 if name in ("out", "state") else 3
+        assert err <= f * base + 2**-9 * peak, f"{name}: error {err:.3e}, the old path's {base:.3e}"
+
+
+def test_fused_qk_l2norm_keeps_no_extra_copies_and_matches_the_old_path() -> None:
+    """The fused path saves for the backward the normalised rows in place of the raw q, k (plus two
+    (B, H, N) float32 reciprocal norms): what autograd keeps is what the op without normalisation keeps
+    plus those, less than the old PyTorch path (which kept float32 copies); both paths agree."""
+    op = _op()
+    n = 40
+    q, k, v, g, h0 = _inputs(n, 8, 8, 1.0, h=2, seed=4)
+    beta = torch.rand(1, 2, n, generator=torch.Generator().manual_seed(5)).to(DEV)
+    assert g is not None
+    g1 = g[..., :1].clone()
+    xs = [t.to(torch.bfloat16) for t in (q, k, v)]
+
+    def saved_bytes(l2: bool, fused: bool) -> tuple[int, Tensor, list[Tensor]]:
+        leaves = [t.clone().requires_grad_(True) for t in xs]
+        sizes: dict[int, int] = {}
+
+        def pack(t: Tensor) -> Tensor:
+            sizes[id(t)] = t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            o, s = op.delta_chunk(*leaves, beta, g1, 0.3, h0, 16, qk_l2norm=l2, fused_l2norm=fused)
+        grads = list(torch.autograd.grad(o.float().sum() + s.sum(), leaves))
+        return sum(sizes.values()), o, grads
+
+    plain, _, _ = saved_bytes(False, False)
+    fused, o_f, g_f = saved_bytes(True, True)
+    old, o_o, g_o = saved_bytes(True, False)
+    assert fused == plain + 2 * (1 * 2 * n * 4), (fused, plain)
+    assert fused < old, (fused, old)
+    _close("out", o_f.float(), o_o.float(), 2e-2)
+    for name, a, b in zip(("dq", "dk", "dv"), g_f, g_o, strict=True):
+        _close(name, a.float(), b.float(), 3e-2)
+
+
+def test_the_fused_l2norm_op_passes_opcheck() -> None:
+    """attnlab::delta_chunk_fwd with qk_l2norm=True: schema, fake tensors (its extra saved outputs),
+    autograd registration (gradients of the raw q, k) and AOT dispatch."""
+    op = _op()
+    q, k, v, g, h0 = _inputs(5, 8, 8, 1.0, h=1, seed=2)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    beta = torch.rand(1, 1, 5).to(DEV).requires_grad_(True)
+    assert g is not None
+    gate = g[..., :1].clone().requires_grad_(True)  # (per channel: the fused tests' gradients cover it)
+    args = (*leaves, beta, gate, h0.clone().requires_grad_(True), 0.3, 16, True, None)
+    torch.library.opcheck(op.delta_chunk_fwd, (*args, True))

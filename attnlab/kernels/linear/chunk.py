@@ -520,9 +520,10 @@ def delta_bwd_dh_kernel(
 
 @triton.jit
 def delta_bwd_chunk_kernel(
-    Q, K, V, BETA, GC, DO, HS, DHS, U, DU, T, DQ, DK_, DV_, DB, DG,
+    Q, K, V, BETA, GC, DO, HS, DHS, U, DU, T, DQ, DK_, DV_, DB, DG, RQ, RK,
     N, NP, DK, DV, scale,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    L2NORM: tl.constexpr = False,
 ):  # fmt: skip
     """The delta rule's gradients of one chunk per program (chunk, batch * head), scalar gate, from the
     forward's S (state at the chunk start), U (the chunk's u), T = (I + A_kk)^-1, and the backward pass's
@@ -539,7 +540,11 @@ def delta_bwd_chunk_kernel(
     exp(G_C) sum(S * dH) + sum(U dH^T * k exp(G_C - G)) on its last row). dq, dk, dv in DQ's, DK_'s,
     DV_'s dtypes. Transposed products are built
     transposed, never by transposing a dot's result. Dot operands in the input dtype (float32 in the CPU
-    interpreter), accumulation in float32; BK, BV cover the head dims."""
+    interpreter), accumulation in float32; BK, BV cover the head dims.
+
+    ``L2NORM`` (the fused q/k L2 normalisation): Q and K hold the normalised rows q^ = q rstd_q, RQ and RK
+    (B*H, N) float32 the reciprocal norms; the stored dq, dk are then the gradients of the raw q, k,
+    through the norm's Jacobian applied here: dq = rstd_q (dq^ - q^ sum(q^ dq^)) (and dk alike)."""
     c = tl.program_id(0)
     if UPCAST:  # noqa: SIM108
         dt = tl.float32
@@ -628,6 +633,11 @@ def delta_bwd_chunk_kernel(
     rr = rows[:, None]
     rk = tl.arange(0, BK)[None, :]
     rv = tl.arange(0, BV)[None, :]
+    if L2NORM:  # the norm's Jacobian (q, k are the normalised rows; padded rows are zero)
+        rq = tl.load(RQ + bh * N + rows, mask=rows < N, other=0.0)
+        rkn = tl.load(RK + bh * N + rows, mask=rows < N, other=0.0)
+        dq = (dq - q * tl.sum(q * dq, axis=1)[:, None]) * rq[:, None]
+        dk = (dk - k * tl.sum(k * dk, axis=1)[:, None]) * rkn[:, None]
     tl.store(DQ + bh * N * DK + rr * DK + rk, dq.to(DQ.dtype.element_ty), mask=(rr < N) & (rk < DK))
     tl.store(DK_ + bh * N * DK + rr * DK + rk, dk.to(DK_.dtype.element_ty), mask=(rr < N) & (rk < DK))
     dv = dxu * beta[:, None]

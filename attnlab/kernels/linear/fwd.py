@@ -71,3 +71,75 @@ def recurrent_step_kernel(
         o = tl.sum(s * q[:, None], axis=0) * scale
         tl.store(O + row * DV + pid_v * BV + rv, o.to(O.dtype.element_ty), mask=mv)
     tl.store(HT + bh * DK * DV + state_off, s, mask=state_mask)
+
+
+@triton.jit
+def _round_bf16(x):
+    """float32 x rounded to the nearest bfloat16 (ties to even), still float32: what the GPU's cast does.
+    Triton's CPU interpreter truncates float32 -> bfloat16 instead; this keeps its results the GPU's."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _l2norm_rows(
+    X, Y, R, r0, N, D, EPS: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr, RTNE_BF16: tl.constexpr
+):  # fmt: skip
+    """Rows r0.. (BR of them) of X (rows, D): y = x * rstd, rstd = 1 / sqrt(sum x^2 + EPS) in float32;
+    y in Y's dtype, rstd (float32) to R. ``RTNE_BF16``: round to bfloat16 explicitly (the interpreter)."""
+    r = r0 + tl.arange(0, BR)
+    c = tl.arange(0, BD)
+    m = (r[:, None] < N) & (c[None, :] < D)
+    x = tl.load(X + r[:, None] * D + c[None, :], mask=m, other=0.0).to(tl.float32)
+    rs = tl.rsqrt(tl.sum(x * x, axis=1) + EPS)
+    y = x * rs[:, None]
+    if RTNE_BF16:
+        y = _round_bf16(y)
+    tl.store(Y + r[:, None] * D + c[None, :], y.to(Y.dtype.element_ty), mask=m)
+    tl.store(R + r, rs, mask=r < N)
+
+
+@triton.jit
+def l2norm_fwd_kernel(
+    X0, Y0, R0, X1, Y1, R1, N, D,
+    EPS: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr, RTNE_BF16: tl.constexpr = False,
+):  # fmt: skip
+    """The delta rule's q/k L2 normalisation, both tensors in one launch (grid (row blocks, 2): axis 1
+    picks q or k). X (rows, D) contiguous; Y the normalised rows (X's dtype), R (rows,) float32 the
+    reciprocal norms the backward takes."""
+    r0 = tl.program_id(0) * BR
+    if tl.program_id(1) == 0:
+        _l2norm_rows(X0, Y0, R0, r0, N, D, EPS, BR, BD, RTNE_BF16)
+    else:
+        _l2norm_rows(X1, Y1, R1, r0, N, D, EPS, BR, BD, RTNE_BF16)
+
+
+@triton.jit
+def _l2norm_bwd_rows(
+    Y, R, DY, DX, bh, r0, N, NP, D, BR: tl.constexpr, BD: tl.constexpr
+):  # fmt: skip
+    r = r0 + tl.arange(0, BR)
+    c = tl.arange(0, BD)
+    m = (r[:, None] < N) & (c[None, :] < D)
+    y = tl.load(Y + (bh * N + r[:, None]) * D + c[None, :], mask=m, other=0.0).to(tl.float32)
+    dy = tl.load(DY + (bh * NP + r[:, None]) * D + c[None, :], mask=m, other=0.0).to(tl.float32)
+    rs = tl.load(R + bh * N + r, mask=r < N, other=0.0)
+    dx = (dy - y * tl.sum(y * dy, axis=1)[:, None]) * rs[:, None]
+    tl.store(DX + (bh * N + r[:, None]) * D + c[None, :], dx.to(DX.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def l2norm_bwd_kernel(
+    Y0, R0, DY0, DX0, Y1, R1, DY1, DX1, N, NP, D,
+    BR: tl.constexpr, BD: tl.constexpr,
+):  # fmt: skip
+    """The Jacobian of y = x * rstd applied to dy, for q and k in one launch (grid (row blocks, B*H, 2)):
+    dx = rstd (dy - y sum(y dy)). Y (B*H, N, D) the normalised rows, R (B*H, N) float32, DY (B*H, NP, D)
+    (NP >= N rows per head: the chunk backward's padded float32 buffers), DX (B*H, N, D) in its dtype."""
+    r0 = tl.program_id(0) * BR
+    bh = tl.program_id(1).to(tl.int64)
+    if tl.program_id(2) == 0:
+        _l2norm_bwd_rows(Y0, R0, DY0, DX0, bh, r0, N, NP, D, BR, BD)
+    else:
+        _l2norm_bwd_rows(Y1, R1, DY1, DX1, bh, r0, N, NP, D, BR, BD)

@@ -49,9 +49,9 @@ from attnlab.kernels.linear.chunk import (
     intra_scores_kernel,
     score_bwd_kernel,
 )
-from attnlab.kernels.linear.fwd import recurrent_step_kernel
+from attnlab.kernels.linear.fwd import l2norm_bwd_kernel, l2norm_fwd_kernel, recurrent_step_kernel
 from attnlab.kernels.linear.limits import kernel_refusals
-from attnlab.kernels.linear.naive import l2norm
+from attnlab.kernels.linear.naive import L2_EPS, l2norm
 from attnlab.kernels.triton_utils import head_block, interpreting
 
 #: Whether this module was imported under TRITON_INTERPRET=1 (its kernels then take CPU tensors only).
@@ -423,18 +423,70 @@ def _delta_scalar(g: Tensor | None) -> bool:
     return g is None or g.shape[-1] == 1
 
 
+#: The gated delta rule's q/k L2 normalisation (``qk_l2norm``) fused into the chunk kernels: one Triton
+#: launch normalises q and k (the chunk kernels then take the normalised rows, which the backward keeps in
+#: place of the raw q, k, with the reciprocal norms), and the backward applies the norm's Jacobian inside
+#: its per-chunk kernel (per-head gate) or in one launch that also casts the float32 gradients (per-channel
+#: gate). False: the old path, a PyTorch normalisation in float32 under autograd before the chunk op (kept
+#: for A/B timing: ``benchmarks/linear_bench.py --l2norm-ab``).
+FUSED_L2NORM = True
+#: Rows per program of the L2-normalisation kernels.
+L2_ROWS = 16
+
+
+def l2norm_qk(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """q, k (B, H, N, K) L2-normalised over K in one launch: (q^, k^ in their dtypes, rstd_q, rstd_k
+    (B, H, N) float32), x^ = x / sqrt(sum x^2 + ``L2_EPS``) computed in float32 (``naive.l2norm``)."""
+    q, k = q.contiguous(), k.contiguous()
+    b, h, n, dk = q.shape
+    qn, kn = torch.empty_like(q), torch.empty_like(k)
+    rq = torch.empty(b, h, n, dtype=torch.float32, device=q.device)
+    rk = torch.empty_like(rq)
+    rows = b * h * n
+    if rows:
+        l2norm_fwd_kernel[(triton.cdiv(rows, L2_ROWS), 2)](
+            q, qn, rq, k, kn, rk, rows, dk, EPS=L2_EPS, BR=L2_ROWS, BD=triton.next_power_of_2(dk),
+            RTNE_BF16=IMPORTED_INTERPRETED and q.dtype == torch.bfloat16,
+            **_cfg("l2norm_fwd", num_warps=4),
+        )  # fmt: skip
+    return qn, kn, rq, rk
+
+
+def l2norm_qk_bwd(
+    qn: Tensor, kn: Tensor, rq: Tensor, rk: Tensor, dqn: Tensor, dkn: Tensor, dtype_q: torch.dtype,
+    dtype_k: torch.dtype,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The gradients of the raw q, k (B, H, N, K) from those of the normalised rows ``dqn``, ``dkn``
+    ((B, H, NP, K), NP >= N rows, any float dtype), in one launch: dx = rstd (dx^ - x^ sum(x^ dx^))."""
+    b, h, n, dk = qn.shape
+    assert dqn.shape == dkn.shape and dqn.is_contiguous() and dkn.is_contiguous()
+    dq = torch.empty(b, h, n, dk, dtype=dtype_q, device=qn.device)
+    dkk = torch.empty(b, h, n, dk, dtype=dtype_k, device=qn.device)
+    if n:
+        l2norm_bwd_kernel[(triton.cdiv(n, L2_ROWS), b * h, 2)](
+            qn, rq, dqn, dq, kn, rk, dkn, dkk, n, dqn.shape[2], dk, BR=L2_ROWS,
+            BD=triton.next_power_of_2(dk), **_cfg("l2norm_bwd", num_warps=4),
+        )  # fmt: skip
+    return dq, dkk
+
+
 def delta_fwd_launch(
     q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, h0: Tensor | None, scale: float,
-    chunk: int, save: bool, seq_chunks: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    chunk: int, save: bool, seq_chunks: Tensor | None = None, qk_l2norm: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(o in q's dtype, final state fp32, and for the backward (empty without ``save``): the states at the
-    chunk starts, W (B, H, NP, K), U (B, H, NP, V) and T (B, H, NP, chunk), fp32):
-    the WY/UT chunked form (see ``chunk.py``). g: None, (B, H, N, 1) one log-decay per token, or
-    (B, H, N, K) per channel. ``seq_chunks``: varlen (see ``chunk_states``)."""
+    chunk starts, W (B, H, NP, K), U (B, H, NP, V) and T (B, H, NP, chunk), fp32, and with ``qk_l2norm``
+    q^, k^ (the normalised q, k in their dtypes) and their reciprocal norms (B, H, N) fp32 (empty
+    otherwise)): the WY/UT chunked form (see ``chunk.py``). g: None, (B, H, N, 1) one log-decay per
+    token, or (B, H, N, K) per channel. ``seq_chunks``: varlen (see ``chunk_states``). ``qk_l2norm``: q
+    and k are L2-normalised first, by one launch of ``l2norm_fwd_kernel``."""
     _check(q, k, v, chunk)
     b, h, n, dk = q.shape
     dv = v.shape[-1]
     q, k, v = (t.contiguous() for t in (q, k, v))
+    rq = rk = None
+    if qk_l2norm:
+        q, k, rq, rk = l2norm_qk(q, k)
     bc = beta.float().expand(b, h, n).contiguous()
     n_chunks = triton.cdiv(n, chunk)
     np_ = n_chunks * chunk
@@ -475,8 +527,10 @@ def delta_fwd_launch(
         return hs.new_empty(0)
 
     if not save:
-        return o, ht, empty(), empty(), empty(), empty()
-    return o, ht, hs, w, u, t
+        return o, ht, empty(), empty(), empty(), empty(), empty(), empty(), empty(), empty()
+    if rq is None or rk is None:
+        return o, ht, hs, w, u, t, empty(), empty(), empty(), empty()
+    return o, ht, hs, w, u, t, q, k, rq, rk
 
 
 @contextlib.contextmanager
@@ -497,10 +551,13 @@ def _shared_memory_hint(q: Tensor) -> Iterator[None]:
 def delta_bwd_scalar_launch(
     q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, hs: Tensor, w: Tensor, u: Tensor,
     t: Tensor, do: Tensor, dht: Tensor | None, scale: float, chunk: int, seq_chunks: Tensor | None = None,
+    rq: Tensor | None = None, rk: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor]:  # fmt: skip
     """The chunked backward of the delta rule under a gate shared by the channels (or none): (dq, dk, dv in
     the inputs' dtypes, dbeta, dg (B, H, N, 1) or None, dh0 float32). A reverse sequential pass over the chunk states (dH,
-    dU), then every chunk's gradients in parallel (``chunk.py``)."""
+    dU), then every chunk's gradients in parallel (``chunk.py``). With ``rq``, ``rk`` (the fused L2
+    norm): q, k are the normalised rows, these their reciprocal norms, and dq, dk are returned for the
+    raw q, k (the norm's Jacobian applied in ``delta_bwd_chunk_kernel``)."""
     b, h, n, dk = q.shape
     dv = v.shape[-1]
     q, k, v, do = (x.contiguous() for x in (q, k, v, do))
@@ -526,8 +583,10 @@ def delta_bwd_scalar_launch(
     dgc = torch.empty(b, h, np_, dtype=f32, device=dev)
     with _shared_memory_hint(q):
         delta_bwd_chunk_kernel[(n_chunks, b * h)](
-            q, k, v, bc, gc, do, hs, dhs, u, du, t, dq, dkk, dvv, db, dgc, n, np_, dk, dv, float(scale),
-            BT=chunk, BK=head_block(dk), BV=head_block(dv), DOT_PREC=prec, UPCAST=_upcast(q), **_cfg("delta_bwd_chunk", num_warps=8),
+            q, k, v, bc, gc, do, hs, dhs, u, du, t, dq, dkk, dvv, db, dgc,
+            rq if rq is not None else db, rk if rk is not None else db, n, np_, dk, dv, float(scale),
+            BT=chunk, BK=head_block(dk), BV=head_block(dv), DOT_PREC=prec, UPCAST=_upcast(q),
+            L2NORM=rq is not None, **_cfg("delta_bwd_chunk", num_warps=8),
         )  # fmt: skip
     dg = None
     if g is not None:  # through the chunk-local cumsum: a reverse cumsum within each chunk
@@ -538,11 +597,14 @@ def delta_bwd_scalar_launch(
 def delta_bwd_channel_launch(
     q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor, hs: Tensor, w: Tensor, u: Tensor, t: Tensor,
     do: Tensor, dht: Tensor | None, scale: float, chunk: int, seq_chunks: Tensor | None = None,
+    rq: Tensor | None = None, rk: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """The chunked backward of the delta rule under per-channel gates (KDA-style): (dq, dk, dv in the
     inputs' dtypes, dbeta, dg (B, H, N, K), dh0 float32). The reverse sequential pass (dH, dU), every
     chunk's state / UT-transform gradients in parallel, then the two intra-chunk score backwards (q k^T
-    and the strict k k^T) per 16-row sub-block (``chunk.py``)."""
+    and the strict k k^T) per 16-row sub-block (``chunk.py``). With ``rq``, ``rk`` (the fused L2 norm: q,
+    k are the normalised rows), dq and dk are returned for the raw q, k: the norm's Jacobian is applied
+    by the launch that casts the float32 gradients to the inputs' dtypes (``l2norm_bwd_kernel``)."""
     b, h, n, dk = q.shape
     dv = v.shape[-1]
     q, k, v, do = (x.contiguous() for x in (q, k, v, do))
@@ -607,24 +669,28 @@ def delta_bwd_channel_launch(
         )  # fmt: skip
     # through the chunk-local cumsum: a reverse cumsum within each chunk
     dg = dgc.view(b, h, n_chunks, chunk, dk).flip(3).cumsum(3).flip(3).reshape(b, h, np_, dk)[:, :, :n]
+    if rq is not None and rk is not None:
+        dq_raw, dk_raw = l2norm_qk_bwd(q, k, rq, rk, dq, dkk, q.dtype, k.dtype)
+        return dq_raw, dk_raw, dvv, db, dg, dh0
     return dq[:, :, :n].to(q.dtype), dkk[:, :, :n].to(k.dtype), dvv, db, dg, dh0
 
 
 @torch.library.custom_op("attnlab::delta_chunk_fwd", mutates_args=())
 def delta_chunk_fwd(
     q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, h0: Tensor | None, scale: float,
-    chunk: int, save: bool, seq_chunks: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """(o, final state, then what the backward takes: chunk-start states, W, U, T; see ``delta_fwd_launch``).
-    g: None, (B, H, N, 1) or (B, H, N, K)."""
-    return delta_fwd_launch(q, k, v, beta, g, h0, scale, chunk, save, seq_chunks)
+    chunk: int, save: bool, seq_chunks: Tensor | None = None, qk_l2norm: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(o, final state, then what the backward takes: chunk-start states, W, U, T, and with ``qk_l2norm``
+    q^, k^, rstd_q, rstd_k; see ``delta_fwd_launch``). g: None, (B, H, N, 1) or (B, H, N, K).
+    ``qk_l2norm``: q and k are L2-normalised in the op (its gradients are those of the raw q, k)."""
+    return delta_fwd_launch(q, k, v, beta, g, h0, scale, chunk, save, seq_chunks, qk_l2norm)
 
 
 @delta_chunk_fwd.register_fake
 def _(
     q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, h0: Tensor | None, scale: float,
-    chunk: int, save: bool, seq_chunks: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    chunk: int, save: bool, seq_chunks: Tensor | None = None, qk_l2norm: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     b, h, n, dk = q.shape
     dv = v.shape[-1]
     n_chunks = (n + chunk - 1) // chunk
@@ -638,24 +704,31 @@ def _(
     w = q.new_empty((b, h, np_, dk) if wut else (0,), dtype=f32)
     u = q.new_empty((b, h, np_, dv) if wut else (0,), dtype=f32)
     t = q.new_empty((b, h, np_, chunk) if wut else (0,), dtype=f32)
-    return o, ht, hs, w, u, t
+    l2 = save and qk_l2norm
+    qn = q.new_empty(q.shape if l2 else (0,))
+    kn = k.new_empty(k.shape if l2 else (0,))
+    rq = q.new_empty((b, h, n) if l2 else (0,), dtype=f32)
+    rk = q.new_empty((b, h, n) if l2 else (0,), dtype=f32)
+    return o, ht, hs, w, u, t, qn, kn, rq, rk
 
 
 @torch.library.custom_op("attnlab::delta_chunk_bwd", mutates_args=())
 def delta_chunk_bwd(
     q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, hs: Tensor, w: Tensor, u: Tensor,
     t: Tensor, do: Tensor, dht: Tensor | None, scale: float, chunk: int, seq_chunks: Tensor | None = None,
+    rq: Tensor | None = None, rk: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(dq, dk, dv, dbeta in the inputs' dtypes, dg (fp32, g's shape; empty without g), dh0 fp32). A gate
     shared by the channels (or none) takes the 64-row chunked backward; per-channel gates add the
-    intra-chunk score backwards by 16-row sub-blocks."""
+    intra-chunk score backwards by 16-row sub-blocks. ``rq``, ``rk`` (the fused L2 norm): q, k are the
+    normalised rows and these their reciprocal norms; dq, dk are then those of the raw q, k."""
     if g is None or _delta_scalar(g):
         dq, dk, dv, db, dg, dh0 = delta_bwd_scalar_launch(
-            q, k, v, beta, g, hs, w, u, t, do, dht, scale, chunk, seq_chunks
+            q, k, v, beta, g, hs, w, u, t, do, dht, scale, chunk, seq_chunks, rq, rk
         )
     else:
         dq, dk, dv, db, dg, dh0 = delta_bwd_channel_launch(
-            q, k, v, beta, g, hs, w, u, t, do, dht, scale, chunk, seq_chunks
+            q, k, v, beta, g, hs, w, u, t, do, dht, scale, chunk, seq_chunks, rq, rk
         )
     dg_out = dg if dg is not None else q.new_empty(0, dtype=torch.float32)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), db.to(beta.dtype), dg_out, dh0
@@ -665,6 +738,7 @@ def delta_chunk_bwd(
 def _(
     q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, hs: Tensor, w: Tensor, u: Tensor,
     t: Tensor, do: Tensor, dht: Tensor | None, scale: float, chunk: int, seq_chunks: Tensor | None = None,
+    rq: Tensor | None = None, rk: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     b, h, _, dk = q.shape
     dg = q.new_empty(tuple(g.shape) if g is not None else (0,), dtype=torch.float32)
@@ -674,21 +748,25 @@ def _(
 
 
 def _delta_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
-    q, k, v, beta, g, h0, scale, chunk, save, seq_chunks = inputs
+    q, k, v, beta, g, h0, scale, chunk, save, seq_chunks, qk_l2norm = inputs
     if not save:
         raise RuntimeError(
             "attnlab::delta_chunk_fwd ran without saving its chunk states (save=False): no backward"
         )
-    ctx.save_for_backward(q, k, v, beta, g, *output[2:])
+    hs, w, u, t, qn, kn, rq, rk = output[2:]
+    if qk_l2norm:  # the normalised rows replace the raw q, k (no copy of both is kept)
+        ctx.save_for_backward(qn, kn, v, beta, g, hs, w, u, t, rq, rk)
+    else:
+        ctx.save_for_backward(q, k, v, beta, g, hs, w, u, t, None, None)
     ctx.args = (scale, chunk, seq_chunks)
     ctx.has = (g is not None, h0 is not None)
 
 
 def _delta_backward(ctx, do, dht, *_unused):  # type: ignore[no-untyped-def]
-    q, k, v, beta, g, hs, w, u, t = ctx.saved_tensors
-    dq, dk, dv, db, dg, dh0 = delta_chunk_bwd(q, k, v, beta, g, hs, w, u, t, do, dht, *ctx.args)
+    q, k, v, beta, g, hs, w, u, t, rq, rk = ctx.saved_tensors
+    dq, dk, dv, db, dg, dh0 = delta_chunk_bwd(q, k, v, beta, g, hs, w, u, t, do, dht, *ctx.args, rq, rk)
     has_g, has_h0 = ctx.has
-    return dq, dk, dv, db, (dg if has_g else None), (dh0 if has_h0 else None), None, None, None, None
+    return dq, dk, dv, db, (dg if has_g else None), (dh0 if has_h0 else None), None, None, None, None, None
 
 
 delta_chunk_fwd.register_autograd(_delta_backward, setup_context=_delta_setup)
@@ -696,24 +774,29 @@ delta_chunk_fwd.register_autograd(_delta_backward, setup_context=_delta_setup)
 
 def delta_chunk(
     q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, scale: float, state: Tensor | None,
-    chunk: int, qk_l2norm: bool = False,
+    chunk: int, qk_l2norm: bool = False, fused_l2norm: bool | None = None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """The gated delta rule through the Triton kernels (the signature of the naive twin
     ``delta_chunk_naive``): q, k (B, H, N, K), v (B, H, N, V), beta (B, H, N), g None or broadcastable to
     (B, H, N, K), state None or (B, H, K, V). Returns (o in q's dtype, final state fp32), differentiable
     in q, k, v, beta, g and state. Short calls without gradients take the step kernel. ``qk_l2norm``: q
-    and k are L2-normalised first (``naive.l2norm``): inside the step kernel for a short call, else in
-    PyTorch (fp32, rounded to q's dtype for the chunk kernels)."""
+    and k are L2-normalised first (``naive.l2norm``'s formula, in float32): inside the step kernel for a
+    short call, else in the chunk op (``fused_l2norm``, default ``FUSED_L2NORM``: one Triton launch, the
+    normalised rows rounded to q's dtype for the chunk kernels, the Jacobian in the backward's kernels)
+    or, with ``fused_l2norm=False``, in PyTorch under autograd (the old path, for A/B timing)."""
     b, h, n, dk = q.shape
     grad = _needs_grad(q, k, v, beta, g, state)
     if n <= DECODE_MAX and not grad:
         _check(q, k, v, chunk)
         _, gx = _scalar_gate(g, b, h, n, dk)
         return linear_step(q, k, v, gx, beta.expand(b, h, n), state, float(scale), qk_l2norm)
-    if qk_l2norm:
+    fused = qk_l2norm and (FUSED_L2NORM if fused_l2norm is None else fused_l2norm)
+    if qk_l2norm and not fused:
         q, k = l2norm(q).to(q.dtype), l2norm(k).to(k.dtype)
     gd = _delta_gate(g, b, h, n, dk)
-    o, ht, *_ = delta_chunk_fwd(q, k, v, beta.expand(b, h, n), gd, state, float(scale), int(chunk), grad)
+    o, ht, *_ = delta_chunk_fwd(
+        q, k, v, beta.expand(b, h, n), gd, state, float(scale), int(chunk), grad, None, fused
+    )
     return o, ht
 
 
