@@ -405,12 +405,15 @@ class Runtime:
 
     def _free(self, layer: int, phase: str, parts: Sequence[Part]) -> tuple[int, int] | bool | None:
         """What ``free_kv`` does after this call (:mod:`attnlab.hf.kv`): True: compact to the eviction
-        state about to be decided; (sinks, window): drop the middle if the cache outgrew them (checked after
+        state about to be decided (every decode call of an eviction method that evicts per step, e.g.
+        ``h2o`` with ``per_step``); (sinks, window): drop the middle if the cache outgrew them (checked after
         the call); False / None: nothing."""
         if not self.free_kv or phase != "decode" or len(parts) != 1 or parts[0].heads is not None:
             return None
         ref = parts[0].ref
         if ref.name in EVICTING:
+            if getattr(parts[0].op.params, "per_step", False):
+                return True
             return layer not in self.compacted and not any(k[0] == layer for k in self.states)
         return window_keep(ref.name, parts[0].op.params)
 

@@ -30,8 +30,11 @@ Only transformers' full-attention ``DynamicLayer`` is compacted (a static or sli
 raises :class:`~attnlab.hf.interface.HFRuntimeError`); beam search is refused under ``use`` anyway. After a
 layer is compacted, the 2-D ``attention_mask`` of later calls must mark every new token as real (what
 ``generate`` does): the runtime takes each row's padding from the compaction, not from later masks.
-``free_kv`` is a ``use`` option only (``register`` installs no hook to compact with). ``h2o`` here decides
-once, like kvpress's press (not per step as in the H2O paper), so it frees once.
+``free_kv`` is a ``use`` option only (``register`` installs no hook to compact with). ``h2o`` by default
+decides once, like kvpress's press, so it frees once; ``h2o`` with ``per_step=True`` (the H2O paper's
+loop) evicts at every decode step, and the layer is compacted after every step that dropped a token: its
+cache tensors hold ``budget`` tokens per row between steps (``budget + 1`` inside a step, when the new
+token is appended before the step evicts), the kept tokens' accumulated scores carried over re-indexed.
 
 **KV memory report**: :func:`kv_memory` gives, per layer, the bytes the cache has allocated, the bytes the
 decode method keeps (the tokens it can ever attend to again: an eviction method's kept set, a
@@ -49,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from attnlab.state.eviction import EvictionState
+from attnlab.state.eviction import EvictionState, StepEvictionState
 
 if TYPE_CHECKING:
     from attnlab.hf.interface import Runtime
@@ -156,35 +159,53 @@ def _gather(runtime: Runtime, layer: int, cache_layer: Any, per_row: list[Tensor
 def compact(runtime: Runtime, layer: int, cache_layer: Any, entries: Entries) -> None:
     """Remove the tokens the eviction states of ``layer`` dropped from ``cache_layer`` (a DynamicLayer):
     ``entries`` lists the decode call's row groups (rows or None for the whole batch, and their run
-    ``[s, e)`` of real keys). Replaces the layer's states by exact ones over the compacted cache and records
-    the :class:`Compaction` the runtime maps masks with."""
+    ``[s, e)`` of real keys). Replaces the layer's states by exact ones over the compacted cache (per-step
+    states: the same kept tokens and scores, re-indexed to the compacted cache, one state per group of
+    rows keeping as many tokens) and records the :class:`Compaction` the runtime maps masks with. A
+    per-step call that dropped nothing leaves the cache as it is."""
     from attnlab.hf.interface import HFRuntimeError
 
     keys = cache_layer.keys
     b, h_kv = keys.shape[:2]
     per_row: list[Tensor | None] = [None] * b
+    steps: dict[int, tuple[StepEvictionState, int]] = {}  # per row: its per-step state and row in it
+    dropped = False
     for rows, s, e in entries:
         state = runtime.states.get((layer, 0, rows))
-        if not isinstance(state, EvictionState):
+        if isinstance(state, StepEvictionState):
+            dropped = dropped or int(state.kept.shape[2]) < e - s
+            idx = state.kept.long() + s
+            for j, row in enumerate(rows if rows is not None else range(b)):
+                steps[row] = (state, j)
+        elif isinstance(state, EvictionState):
+            dropped = True
+            idx = (
+                torch.arange(s, e, device=keys.device).expand(len(rows) if rows else b, h_kv, -1)
+                if state.kept is None
+                else state.kept.long() + s
+            )
+        else:
             raise HFRuntimeError(f"layer {layer}: free_kv found no eviction state for rows {rows}")
-        idx = (
-            torch.arange(s, e, device=keys.device).expand(len(rows) if rows else b, h_kv, -1)
-            if state.kept is None
-            else state.kept.long() + s
-        )
         for j, row in enumerate(rows if rows is not None else range(b)):
             per_row[row] = idx[j]
+    if not dropped:
+        return
     counts = _gather(runtime, layer, cache_layer, per_row)
     for key in [k for k in runtime.states if k[0] == layer]:
         del runtime.states[key]
-    if runtime.compacted[layer].starts is None:
-        runtime.states[(layer, 0, None)] = EvictionState(None, counts[0])
-    else:
-        groups: dict[int, list[int]] = {}
-        for row, c in enumerate(counts):
-            groups.setdefault(c, []).append(row)
-        for c, rows_ in groups.items():
-            runtime.states[(layer, 0, tuple(rows_))] = EvictionState(None, c)
+    groups: dict[int, list[int]] = {}
+    for row, c in enumerate(counts):
+        groups.setdefault(c, []).append(row)
+    whole = runtime.compacted[layer].starts is None
+    for c, rows_ in groups.items():
+        key = (layer, 0, None if whole else tuple(rows_))
+        if len(steps) == b:
+            kept = torch.arange(c, device=keys.device, dtype=torch.int32).expand(len(rows_), h_kv, -1)
+            score = torch.stack([steps[r][0].score[steps[r][1]] for r in rows_])
+            seen = torch.stack([steps[r][0].seen[steps[r][1]] for r in rows_])
+            runtime.states[key] = StepEvictionState(kept.contiguous(), score, seen, c)
+        else:
+            runtime.states[key] = EvictionState(None, c)
 
 
 def compact_window(
@@ -237,6 +258,8 @@ class LayerKV:
 
 def _kept_tokens(method: str, params: Any, kv_head: int, n: int, state: Any) -> tuple[int, int]:
     """(kept, read) tokens of one (row, KV head) with ``n`` real tokens under a decode method."""
+    if isinstance(state, StepEvictionState) and state.length <= n:
+        return state.kept_tokens(n), state.kept_tokens(n)
     if method in EVICTING:
         kept = state.kept_tokens(n) if isinstance(state, EvictionState) and state.prefix <= n else n
         return kept, kept

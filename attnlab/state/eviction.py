@@ -47,3 +47,52 @@ class EvictionState:
     def kept_tokens(self, n_k: int) -> int:
         """Tokens per (batch, KV head) an evicting cache would hold at length ``n_k``."""
         return (self.prefix if self.kept is None else int(self.kept.shape[2])) + n_k - self.prefix
+
+
+@dataclass
+class StepEvictionState:
+    """The state of an eviction policy that evicts at every call (``h2o`` with ``per_step=True``).
+
+    ``kept`` (B, H_kv, K) int32: sorted cache positions each (batch, KV head) kept after the last call;
+    ``score`` / ``seen`` (B, H_kv, K) float32, aligned with ``kept``: the attention each kept token has
+    accumulated over every query that attended to it (summed over queries, mean over the query heads of the
+    KV group) and the number of those queries; ``length``: the cache length of the last call. The next
+    call, on a cache of ``N_k >= length`` tokens, attends to the kept tokens and to positions
+    ``length .. N_k - 1`` (the tokens appended since), then keeps ``budget`` of them.
+    """
+
+    kept: Tensor
+    score: Tensor
+    seen: Tensor
+    length: int
+
+    def check(self, method: str, b: int, h_kv: int, n_k: int) -> None:
+        """Raise ValueError when this state cannot belong to a cache (B, H_kv, n_k)."""
+        if self.length > n_k:
+            raise ValueError(
+                f"{method}: the state was made for a {self.length}-token cache but the cache holds {n_k} "
+                "tokens: a new sequence needs state=None"
+            )
+        if tuple(self.kept.shape[:2]) != (b, h_kv):
+            raise ValueError(
+                f"{method}: the state keeps tokens for (B, H_kv) = {tuple(self.kept.shape[:2])}, but k has "
+                f"{(b, h_kv)}: pass state=None for a new cache"
+            )
+
+    def candidates(self, n_k: int) -> Tensor:
+        """(B, H_kv, K + n_k - length) int64 sorted: the kept tokens then the tokens appended since."""
+        b, h_kv = self.kept.shape[:2]
+        new = torch.arange(self.length, n_k, device=self.kept.device)
+        return torch.cat([self.kept.long(), new.expand(b, h_kv, -1)], dim=2)
+
+    def complete(self) -> bool:
+        """True while nothing was evicted: the kept tokens are every position ``0 .. length - 1``."""
+        return int(self.kept.shape[2]) == self.length
+
+    def kept_tokens(self, n_k: int) -> int:
+        """Tokens per (batch, KV head) an evicting cache holds at length ``n_k``."""
+        return int(self.kept.shape[2]) + n_k - self.length
+
+    def rows(self, index: Tensor) -> StepEvictionState:
+        """The state of the batch rows ``index`` (1-D int64)."""
+        return StepEvictionState(self.kept[index], self.score[index], self.seen[index], self.length)
