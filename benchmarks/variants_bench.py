@@ -5,6 +5,8 @@ same variant.
 
     python benchmarks/variants_bench.py --out-dir DIR                  # the issue's benchmark
     python benchmarks/variants_bench.py --probe --out-dir DIR          # schedule sweep of the kernels
+    python benchmarks/variants_bench.py --neighborhoods --out-dir DIR  # 2-D/3-D neighborhoods vs dense
+    python benchmarks/variants_bench.py --summarize DIR/variants.jsonl # (or DIR/neighborhoods.jsonl)
 
 Every timed configuration is first checked against the fp32 reference on the GPU at the timed length: on
 its last ``CHECK_ROWS`` query rows (the full N x N fp32 reference does not fit at 32K), which for the
@@ -21,12 +23,22 @@ rounds (``measure_interleaved``, CUDA events, >= 10 reps; each side's median, mi
 t(cuDNN) / t(side): the issue's targets are forward >= 0.9, forward+backward >= 0.75, and above Flex's.
 The low-rank bias is not a registered method (its factors need a rank symbol in TensorInput shapes): its
 rows time the kernel through :func:`attnlab.catalog.variants.lowrank_bias.lowrank_bias_attention`.
+
+``--neighborhoods``: the 2-D and 3-D neighborhoods of ``NEIGHBORHOODS`` (128 x 128 tokens with 13 x 13 and
+31 x 31 windows, 16 x 32 x 32 with 7 x 7 x 7; N = 16384, non-causal unless ``--causal`` says otherwise),
+each as called (the library's backend, recorded), on FlexAttention and on the block-sparse executor
+(explicit), interleaved with cuDNN dense softmax, after the same last-rows check (the reference: softmax
+over each row's NATTEN neighborhood, from the method's mask). Each side's speed-up over dense
+(``t(dense) / t(side)``) is reported next to the ideal ``1 / density`` at two levels: the token density
+(allowed pairs / dense pairs) and the block density of the plan that backend runs (tiles visited / dense
+tiles, its own tile size): ``of_ideal = speed-up * density``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -93,14 +105,16 @@ def _inputs(name: str, n: int, device: torch.device, grad: bool) -> dict[str, Te
     return {}
 
 
-def _call(name: str, causal: bool, backend: str | None) -> Callable[..., Tensor]:
-    """The variant as called: a prepared op (backend None: the library's choice)."""
+def _call(
+    name: str, causal: bool, backend: str | None, params: dict[str, Any] | None = None
+) -> Callable[..., Tensor]:
+    """The variant as called: a prepared op (backend None: the library's choice) with ``params``."""
     if name == "lowrank":
         from attnlab.catalog.variants.lowrank_bias import lowrank_bias_attention
 
         return lambda q, k, v, **x: lowrank_bias_attention(q, k, v, x["u"], x["vf"], causal=causal,
                                                            backend=backend or "triton")  # fmt: skip
-    op = attnlab.prepare(name, causal=causal, backend=backend)
+    op = attnlab.prepare(name, causal=causal, backend=backend, **(params or {}))
     return lambda q, k, v, **x: op(q, k, v, **x)  # type: ignore[return-value]
 
 
@@ -134,9 +148,15 @@ def _last_rows(x: dict[str, Tensor], rows: int) -> dict[str, Tensor]:
     return out
 
 
+#: ``reference(q_rows, k, v, inputs, causal, upcast) -> out_rows``: a method's reference on q's last rows
+RowsReference = Callable[[Tensor, Tensor, Tensor, dict[str, Tensor], bool, bool], Tensor]
+
+
 def check(name: str, side: str, fn: Callable[..., Tensor], q: Tensor, k: Tensor, v: Tensor,
-          x: dict[str, Tensor], causal: bool, backward: bool) -> dict[str, Any]:  # fmt: skip
-    """``fn`` (the full problem) against the reference on the last CHECK_ROWS rows (see the module doc)."""
+          x: dict[str, Tensor], causal: bool, backward: bool,
+          reference: RowsReference | None = None) -> dict[str, Any]:  # fmt: skip
+    """``fn`` (the full problem) against the reference on the last CHECK_ROWS rows (see the module doc);
+    ``reference`` replaces the variant's (:func:`_reference`) for methods without cross shapes."""
     r = CHECK_ROWS
     leaves_names = ["q", "k", "v", *[n for n, t in x.items() if t.requires_grad]] if backward else []
     full = {"q": q, "k": k, "v": v, **x}
@@ -152,7 +172,10 @@ def check(name: str, side: str, fn: Callable[..., Tensor], q: Tensor, k: Tensor,
         for row_input in ROW_INPUTS:  # sliced to the last rows: a leaf of its own
             if row_input in xs and row_input in leaves_names:
                 xs[row_input] = xs[row_input].detach().requires_grad_(True)
-        got = _reference(name, ql, leaves["k"], leaves["v"], xs, causal, upcast)
+        if reference is not None:
+            got = reference(ql, leaves["k"], leaves["v"], xs, causal, upcast)
+        else:
+            got = _reference(name, ql, leaves["k"], leaves["v"], xs, causal, upcast)
         return got, {"q": ql, "k": leaves["k"], "v": leaves["v"], **{n: xs[n] for n in x}}
 
     ref, ref_leaves = sliced(True)
@@ -188,6 +211,10 @@ def _baseline(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
     """cuDNN SDPA plain softmax (on CPU, for a dry run of this script: the math kernel)."""
     kernels = [SDPBackend.CUDNN_ATTENTION] if q.is_cuda else [SDPBackend.MATH]
     return sdpa_dense(q, k, v, causal=causal, scale=q.shape[-1] ** -0.5, kernels=kernels)
+
+
+def _dense(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Callable[[], Tensor]:
+    return lambda: _baseline(q, k, v, causal)
 
 
 def _bind(
@@ -273,6 +300,175 @@ def point(name: str, n: int, causal: bool, device: torch.device, with_flex: bool
             row[f"ours_vs_flex_{mode}"] = tim["flex"].median_ms / tim["ours"].median_ms
     torch.cuda.empty_cache()
     return row
+
+
+#: 2-D/3-D neighborhoods timed by ``--neighborhoods`` (label, parameters; N = the grid's product)
+NEIGHBORHOODS: list[tuple[str, dict[str, Any]]] = [
+    ("2d-128x128-w13", {"shape": (128, 128), "window": 13}),
+    ("2d-128x128-w31", {"shape": (128, 128), "window": 31}),
+    ("3d-16x32x32-w7", {"shape": (16, 32, 32), "window": 7}),
+]
+#: their tiny stand-ins for ``--dry-cpu``
+NEIGHBORHOODS_DRY: list[tuple[str, dict[str, Any]]] = [
+    ("2d-8x8-w3", {"shape": (8, 8), "window": 3}),
+    ("3d-4x4x4-w3", {"shape": (4, 4, 4), "window": 3}),
+]
+#: the backends every neighborhood is timed on explicitly, besides the call as the library makes it
+NEIGHBORHOOD_BACKENDS = ("flex", "block_sparse")
+
+
+def neighborhood_rows_reference(
+    params: dict[str, Any], n: int, causal: bool, device: torch.device
+) -> RowsReference:
+    """The reference on the last rows of an N-token neighborhood call: softmax attention over each row's
+    neighborhood (the rows of the method's (N, N) mask; the method itself is self-attention only)."""
+    from attnlab.catalog.structured import neighborhood
+    from attnlab.masks import mask_for
+    from attnlab.reference import masked_softmax_attention
+
+    full = mask_for(neighborhood.mask, neighborhood.SPEC.make_params(params), n, n, causal, device)
+
+    def ref(q: Tensor, k: Tensor, v: Tensor, x: dict[str, Tensor], causal: bool, upcast: bool) -> Tensor:
+        rows = full[-q.shape[2] :]
+        return masked_softmax_attention(q, k, v, scale=q.shape[-1] ** -0.5, mask=rows, upcast=upcast)
+
+    return ref
+
+
+def _plan_of(
+    params: dict[str, Any], backend: str, causal: bool, q: Tensor, k: Tensor, v: Tensor
+) -> dict[str, Any]:
+    """The densities of the plan ``backend`` runs: token (allowed pairs / dense pairs) and block (tiles
+    visited / dense tiles at its tile size), and the ideal speed-ups over dense, their inverses."""
+    with torch.no_grad():
+        res = attnlab.attention(q, k, v, method="neighborhood", causal=causal, backend=backend, return_plan=True,
+                                **params)  # fmt: skip
+    assert isinstance(res, attnlab.Result) and res.plan is not None
+    plan = res.plan
+    token, block = plan.density, plan.block_density
+    return {"tile": [plan.block_q, plan.block_k], "token_density": token, "block_density": block,
+            "computed_tiles": plan.computed_blocks, "ideal_token": 1 / max(token, 1e-12),
+            "ideal_block": 1 / max(block, 1e-12)}  # fmt: skip
+
+
+def neighborhood_point(label: str, params: dict[str, Any], causal: bool, device: torch.device, modes: list[str],
+                       log: Callable[[dict], None]) -> dict[str, Any]:  # fmt: skip
+    """One neighborhood: checked, then timed as called, on Flex and on the executor, interleaved with cuDNN
+    dense; speed-ups over dense next to the ideal 1 / density (token and block; see the module doc). The
+    forward runs on inputs that need no gradient (inference), forward + backward on leaves that do; the
+    backend as called is recorded per mode (the library may choose differently for each)."""
+    n = math.prod(params["shape"])
+    g = torch.Generator(device="cpu").manual_seed(0)
+    qd, kd, vd = (
+        torch.randn(1, HEADS, n, HEAD_DIM, generator=g).to(device, torch.bfloat16) for _ in range(3)
+    )
+    q, k, v = (t.clone().requires_grad_(True) for t in (qd, kd, vd))
+    inputs = {"fwd": (qd, kd, vd), "fwd_bwd": (q, k, v)}
+    sides: dict[str, Callable[..., Tensor]] = {"ours": _call("neighborhood", causal, None, params)}
+    for b in NEIGHBORHOOD_BACKENDS:
+        sides[b] = _call("neighborhood", causal, b, params)
+    row: dict[str, Any] = {"pattern": label, "params": {k2: list(v2) if isinstance(v2, tuple) else v2
+                           for k2, v2 in params.items()}, "n": n, "causal": causal, "heads": HEADS,
+                           "head_dim": HEAD_DIM}  # fmt: skip
+    plans: dict[str, dict[str, Any]] = {}
+
+    def plan_of(backend: str) -> dict[str, Any]:
+        if backend not in plans:
+            try:
+                plans[backend] = _plan_of(params, backend, causal, qd, kd, vd)
+            except Exception as e:
+                plans[backend] = {"crash": repr(e)[:400]}
+        return plans[backend]
+
+    for mode in modes:
+        chosen = attnlab.prepare("neighborhood", causal=causal, **params).explain(*inputs[mode]).backend
+        row[f"ours_backend_{mode}"] = chosen.name if chosen is not None else None
+    for b in {*NEIGHBORHOOD_BACKENDS, *(row[f"ours_backend_{m}"] for m in modes)} - {None}:
+        plan_of(b)
+    row["plans"] = plans
+    ref = neighborhood_rows_reference(params, n, causal, device)
+    checks = []
+    for side, fn in sides.items():
+        for mode in modes:
+            qm, km, vm = inputs[mode]
+            try:
+                c = check("neighborhood", side, fn, qm, km, vm, {}, causal, mode == "fwd_bwd", reference=ref)
+            except Exception as e:  # a side that fails is reported, not timed
+                c = {"variant": "neighborhood", "side": side, "causal": causal, "n": n, "passed": False,
+                     "crash": repr(e)[:400]}  # fmt: skip
+            c["mode"] = mode
+            log({"check": {**c, "pattern": label}})
+            checks.append(c)
+    row["checks"] = checks
+    g2 = torch.Generator(device="cpu").manual_seed(3)
+    do = torch.randn(q.shape, generator=g2).to(device, torch.bfloat16)
+    for mode in modes:
+        qm, km, vm = inputs[mode]
+        passed = [
+            s for s in sides if all(c["passed"] for c in checks if c["side"] == s and c["mode"] == mode)
+        ]
+        row[f"not_timed_{mode}"] = sorted(set(sides) - set(passed))
+        fns: dict[str, Callable[[], object]] = {
+            "cudnn_dense": _timed(_dense(qm, km, vm, causal), mode, [q, k, v], do)
+        }
+        for s in passed:
+            fns[s] = _timed(_bind(sides[s], qm, km, vm, {}), mode, [q, k, v], do)
+        tim = measure_interleaved(fns, device, target_s=1.0)
+        dense = tim["cudnn_dense"].median_ms
+        for s, tm in tim.items():
+            row[f"{s}_{mode}"] = _timing(tm)
+            if s == "cudnn_dense":
+                continue
+            speedup = dense / tm.median_ms
+            row[f"{s}_{mode}_vs_dense"] = speedup
+            plan = plans.get(row[f"ours_backend_{mode}"] if s == "ours" else s, {})
+            if "token_density" in plan:
+                row[f"{s}_{mode}_of_ideal_token"] = speedup * plan["token_density"]
+                row[f"{s}_{mode}_of_ideal_block"] = speedup * plan["block_density"]
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def summarize_neighborhoods(rows: list[dict], env: dict[str, Any]) -> str:
+    """A markdown table of ``--neighborhoods`` rows: per pattern, mode and side the median ms, the
+    speed-up over cuDNN dense, and the ideal speed-ups 1 / density (token; block, with its tile) with the
+    share of each reached."""
+    lines = [
+        "| pattern | N | causal | mode | side (backend) | check | ms | dense ms | x dense | 1/token density "
+        "| of ideal (token) | 1/block density (tile) | of ideal (block) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if "crash" in row:
+            lines.append(
+                f"| {row['pattern']} | {row.get('n')} | {row.get('causal')} | crash: {row['crash'][:120]} |"
+            )
+            continue
+        for mode in ("fwd", "fwd_bwd"):
+            if f"cudnn_dense_{mode}" not in row:
+                continue
+            dense = row[f"cudnn_dense_{mode}"]["median_ms"]
+            for side in ("ours", *NEIGHBORHOOD_BACKENDS):
+                checks = [c for c in row["checks"] if c["side"] == side and c.get("mode") == mode]
+                ok = "ok" if checks and all(c["passed"] for c in checks) else "FAIL"
+                backend = row.get(f"ours_backend_{mode}") if side == "ours" else side
+                name = f"ours ({backend})" if side == "ours" else side
+                t = row.get(f"{side}_{mode}")
+                plan = row["plans"].get(backend, {})
+                if t is None or "token_density" not in plan:
+                    lines.append(f"| {row['pattern']} | {row['n']} | {row['causal']} | {mode} | {name} | {ok} | "
+                                 f"- | {dense:.2f} | - | - | - | - | - |")  # fmt: skip
+                    continue
+                lines.append(
+                    f"| {row['pattern']} | {row['n']} | {row['causal']} | {mode} | {name} | {ok} | "
+                    f"{t['median_ms']:.2f} | {dense:.2f} | {row[f'{side}_{mode}_vs_dense']:.2f} | "
+                    f"{plan['ideal_token']:.1f} | {row[f'{side}_{mode}_of_ideal_token']:.2f} | "
+                    f"{plan['ideal_block']:.1f} ({plan['tile'][0]}x{plan['tile'][1]}) | "
+                    f"{row[f'{side}_{mode}_of_ideal_block']:.2f} |"
+                )
+    head = f"device {env.get('device')}, torch {env.get('torch')}, triton {env.get('triton')}, commit {env.get('commit')}"
+    return head + "\n\n" + "\n".join(lines) + "\n"
 
 
 def probe(device: torch.device, n: int, log: Callable[[dict], None]) -> list[dict]:
@@ -410,43 +606,45 @@ def summarize(path: str) -> str:
     """A markdown table of a run's rows (``variants.jsonl``): per point the backend as called, the checks,
     each side's median ms and the ratios against cuDNN plain softmax and Flex."""
     env: dict[str, Any] = {}
+    with open(path) as f:
+        objs = [json.loads(line) for line in f if line.strip()]
+    for obj in objs:
+        env = obj.get("env", env)
+    nb_rows = [obj["row"] for obj in objs if "row" in obj and "pattern" in obj["row"]]
+    if nb_rows:
+        return summarize_neighborhoods(nb_rows, env)
     lines = [
         "| variant | N | causal | mode | as called (backend) | checks | ours ms | flex ms | cuDNN ms | "
         "ours / cuDNN | flex / cuDNN | ours vs flex |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    with open(path) as f:
-        for line in f:
-            obj = json.loads(line)
-            env = obj.get("env", env)
-            row = obj.get("row")
-            if not row:
+    for obj in objs:
+        row = obj.get("row")
+        if not row:
+            continue
+        if "crash" in row:
+            lines.append(f"| {row['variant']} | {row['n']} | {row['causal']} | crash: {row['crash'][:120]} |")
+            continue
+        for mode in ("fwd", "fwd_bwd"):
+            if f"cudnn_softmax_{mode}" not in row:
                 continue
-            if "crash" in row:
-                lines.append(
-                    f"| {row['variant']} | {row['n']} | {row['causal']} | crash: {row['crash'][:120]} |"
-                )
-                continue
-            for mode in ("fwd", "fwd_bwd"):
-                if f"cudnn_softmax_{mode}" not in row:
-                    continue
-                checks = [c for c in row["checks"] if c.get("mode") == mode]
-                ok = ", ".join(f"{c['side']} {'ok' if c['passed'] else 'FAIL'}" for c in checks)
+            checks = [c for c in row["checks"] if c.get("mode") == mode]
+            ok = ", ".join(f"{c['side']} {'ok' if c['passed'] else 'FAIL'}" for c in checks)
 
-                def ms(side: str, row: dict = row, mode: str = mode) -> str:
-                    t = row.get(f"{side}_{mode}")
-                    return f"{t['median_ms']:.2f}" if t else "-"
+            def ms(side: str, row: dict = row, mode: str = mode) -> str:
+                t = row.get(f"{side}_{mode}")
+                return f"{t['median_ms']:.2f}" if t else "-"
 
-                def ratio(key: str, row: dict = row) -> str:
-                    return f"{row[key]:.2f}" if key in row else "-"
+            def ratio(key: str, row: dict = row) -> str:
+                return f"{row[key]:.2f}" if key in row else "-"
 
-                backend = row["ours_backend_fwd" if mode == "fwd" else "ours_backend_fwd_bwd"]
-                lines.append(
-                    f"| {row['variant']} | {row['n']} | {row['causal']} | {mode} | {backend} | {ok} | "
-                    f"{ms('ours')} | {ms('flex')} | {ms('cudnn_softmax')} | "
-                    f"{ratio(f'ours_{mode}_ratio_vs_cudnn')} | {ratio(f'flex_{mode}_ratio_vs_cudnn')} | "
-                    f"{ratio(f'ours_vs_flex_{mode}')} |"
-                )
+            backend = row["ours_backend_fwd" if mode == "fwd" else "ours_backend_fwd_bwd"]
+            lines.append(
+                f"| {row['variant']} | {row['n']} | {row['causal']} | {mode} | {backend} | {ok} | "
+                f"{ms('ours')} | {ms('flex')} | {ms('cudnn_softmax')} | "
+                f"{ratio(f'ours_{mode}_ratio_vs_cudnn')} | {ratio(f'flex_{mode}_ratio_vs_cudnn')} | "
+                f"{ratio(f'ours_vs_flex_{mode}')} |"
+            )
     head = f"device {env.get('device')}, torch {env.get('torch')}, triton {env.get('triton')}, commit {env.get('commit')}"
     return head + "\n\n" + "\n".join(lines) + "\n"
 
@@ -457,7 +655,13 @@ def main() -> None:
     ap.add_argument("--lengths", default="8192,16384,32768")
     ap.add_argument("--variants", default="softcap,sink,alibi,lowrank,bias,selective")
     ap.add_argument("--modes", default="fwd,fwd_bwd")
-    ap.add_argument("--causal", default="0,1")
+    ap.add_argument("--causal", default=None, help="0,1 (default; --neighborhoods: 0)")
+    ap.add_argument(
+        "--neighborhoods",
+        action="store_true",
+        help="time the 2-D/3-D neighborhoods (NEIGHBORHOODS) against dense and 1/density instead",
+    )
+    ap.add_argument("--patterns", default=None, help="--neighborhoods: a comma list of NEIGHBORHOODS labels")
     ap.add_argument("--no-flex-for", default="lowrank", help="variants timed without a Flex side")
     ap.add_argument("--probe", action="store_true")
     ap.add_argument(
@@ -478,7 +682,9 @@ def main() -> None:
         global HEADS, HEAD_DIM, CHECK_ROWS
         HEADS, HEAD_DIM, CHECK_ROWS, device = 2, 32, 8, torch.device("cpu")
     os.makedirs(args.out_dir, exist_ok=True)
-    log_path = os.path.join(args.out_dir, "probe.jsonl" if args.probe else "variants.jsonl")
+    name = "probe" if args.probe else "neighborhoods" if args.neighborhoods else "variants"
+    log_path = os.path.join(args.out_dir, f"{name}.jsonl")
+    causal_flags = [c == "1" for c in (args.causal or ("0" if args.neighborhoods else "0,1")).split(",")]
     t0 = time.time()
 
     def log(obj: dict) -> None:
@@ -488,6 +694,22 @@ def main() -> None:
             f.write(json.dumps(obj, default=str) + "\n")
 
     log({"env": environment(device)})
+    if args.neighborhoods:
+        patterns = NEIGHBORHOODS_DRY if args.dry_cpu else NEIGHBORHOODS
+        if args.patterns:
+            patterns = [p for p in patterns if p[0] in args.patterns.split(",")]
+        for label, params in patterns:
+            for causal in causal_flags:
+                if time.time() - t0 > args.budget_s:
+                    log({"skipped": label, "causal": causal, "why": "time budget"})
+                    continue
+                try:
+                    row = neighborhood_point(label, params, causal, device, args.modes.split(","), log)
+                except Exception as e:
+                    row = {"pattern": label, "n": math.prod(params["shape"]), "causal": causal,
+                           "crash": repr(e)[:1000]}  # fmt: skip
+                log({"row": row})
+        return
     if args.probe or args.pin_from_probe:
         rows = probe(device, args.probe_n, log)
         if not args.pin_from_probe:
@@ -496,7 +718,7 @@ def main() -> None:
     no_flex = set(args.no_flex_for.split(","))
     for name in args.variants.split(","):
         for n in [int(s) for s in args.lengths.split(",")]:
-            for causal in [c == "1" for c in args.causal.split(",")]:
+            for causal in causal_flags:
                 if time.time() - t0 > args.budget_s:
                     log({"skipped": name, "n": n, "causal": causal, "why": "time budget"})
                     continue
