@@ -10,6 +10,14 @@ The call a user makes is the product, so the path is built for repeated calls:
 - :func:`attention` keeps a small cache of ops keyed by method, options and parameter values.
 - Nothing on this path synchronises with the device: the NaN/Inf scan is opt-in (``check_finite``).
 - Inside ``torch.compile`` nothing is cached or mutated: each trace resolves the call afresh.
+
+Packed sequences (FlashAttention's varlen layout: ``cu_seqlens_q=``, ``cu_seqlens_k=``) take one of two
+paths, chosen per call signature and packing (:func:`explain` says which): a backend that declares
+``varlen`` (the block-sparse executor: static plans per sequence, dynamic estimators on each sequence's
+own q and k, plain softmax dense) runs them in one launch; otherwise each sequence runs separately through
+the normal dispatch, with the method's tensor inputs cut to it along their token axes, and the outputs
+(and log-sum-exps) are packed back together. Reading ``cu_seqlens`` costs one host synchronisation when
+they live on a GPU.
 """
 
 from __future__ import annotations
@@ -21,11 +29,13 @@ from typing import Any, Literal, overload
 import torch
 from torch import Tensor
 
-from attnlab.core import Backend, Call, MethodSpec, Result, default_scale
+from attnlab.backends.varlen import packing_of, sequence_inputs
+from attnlab.core import Backend, Call, MethodSpec, Packing, Result, default_scale
 from attnlab.dispatch import Choice, choose, require
 from attnlab.errors import BackendError, InputError, ParamError, UnsupportedPatternError
 from attnlab.inputs import check_finite_values, validate, validate_extra
 from attnlab.params import Params
+from attnlab.patterns import pattern_of
 from attnlab.plans import Plan, static_plan
 from attnlab.registry import get
 from attnlab.settings import settings
@@ -46,6 +56,17 @@ def _split_inputs(spec: MethodSpec, kwargs: dict[str, Any]) -> tuple[dict[str, A
     return {k: v for k, v in kwargs.items() if k not in tensors}, tensors
 
 
+def _inputs_need_grad(inputs: Mapping[str, Any]) -> bool:
+    """Whether a tensor input (or a tensor of a tuple/list state) requires grad."""
+    for t in inputs.values():
+        if isinstance(t, Tensor):
+            if t.requires_grad:
+                return True
+        elif isinstance(t, (tuple, list)) and any(isinstance(x, Tensor) and x.requires_grad for x in t):
+            return True
+    return False
+
+
 def _resolve_call(
     spec: MethodSpec,
     params: Params,
@@ -56,26 +77,43 @@ def _resolve_call(
     causal: bool,
     scale: float | None,
     want_lse: bool,
+    extra_grad: bool = False,
+    packing: Packing | None = None,
 ) -> Call:
+    """Validate a call. ``extra_grad``: a tensor input beside q, k, v requires grad (a training call too).
+    ``packing``: packed sequences; each sequence's pattern must be one the method defines."""
     problem = validate(q, k, v, causal=causal, scale=scale)
-    if problem.pattern not in spec.patterns:
-        allowed = ", ".join(p.value for p in spec.patterns)
-        raise UnsupportedPatternError(
-            f"method {spec.name!r} does not define the {problem.pattern.value} pattern (N_q={problem.n_q}, "
-            f"N_k={problem.n_k}, causal={causal}); it supports: {allowed}"
-        )
+    if extra_grad and not problem.requires_grad and torch.is_grad_enabled():
+        problem = replace(problem, requires_grad=True)
+    if packing is None:
+        patterns = [(problem.pattern, problem.n_q, problem.n_k, "")]
+    else:
+        patterns = [
+            (pattern_of(causal, n_q, n_k), n_q, n_k, f"sequence {s} of the packed call: ")
+            for s in range(packing.count)
+            for n_q, n_k in [packing.lengths(s)]
+            if n_q and n_k
+        ]
+    for pattern, n_q, n_k, where in patterns:
+        if pattern not in spec.patterns:
+            allowed = ", ".join(p.value for p in spec.patterns)
+            raise UnsupportedPatternError(
+                f"{where}method {spec.name!r} does not define the {pattern.value} pattern (N_q={n_q}, "
+                f"N_k={n_k}, causal={causal}); it supports: {allowed}"
+            )
     if problem.group > 1 and not spec.gqa:
         raise InputError(
             f"method {spec.name!r} does not support grouped-query attention (q has {problem.heads} heads, "
             f"k/v {problem.kv_heads}); repeat k/v heads with k.repeat_interleave({problem.group}, dim=1)"
         )
-    return Call(spec, params, problem, default_scale(problem.head_dim, scale), want_lse)
+    return Call(spec, params, problem, default_scale(problem.head_dim, scale), want_lse, packing)
 
 
-def _plan_of(backend: Backend, q: Tensor, k: Tensor, call: Call) -> Plan | None:
-    """The sparsity plan a call executed: the backend's own (dynamic executors), else the method's static
-    plan (mask methods), else None (dense methods compute every pair)."""
-    plan = backend.plan(q, k, call)
+def _plan_of(backend: Backend, q: Tensor, k: Tensor, call: Call, extra: Mapping[str, Tensor]) -> Plan | None:
+    """The sparsity plan a call executed: the backend's own (dynamic executors, given the tensor inputs
+    the estimator takes), else the method's static plan (mask methods), else None (dense methods compute
+    every pair)."""
+    plan = backend.plan_for(q, k, call, extra)
     if plan is None and call.spec.mask is not None:
         p = call.problem
         plan = static_plan(call.spec, call.params, p.n_q, p.n_k, p.causal, p.device)
@@ -117,7 +155,7 @@ def _execute(
         out, lse = backend.run_lse(q, k, v, call, extra)
     else:
         out, lse = backend.run(q, k, v, call, extra), None
-    return Result(out, lse=lse, plan=_plan_of(backend, q, k, call) if return_plan else None)
+    return Result(out, lse=lse, plan=_plan_of(backend, q, k, call, extra) if return_plan else None)
 
 
 class Op:
@@ -132,6 +170,7 @@ class Op:
     __slots__ = (
         "_entries",
         "_growing",
+        "_packed",
         "_plain",
         "backend",
         "causal",
@@ -170,6 +209,8 @@ class Op:
         self._entries: dict[tuple[Any, ...], tuple[Call, Backend]] = {}
         #: resolved calls of backends with ``length_free_refusals``, by their signature without N_k
         self._growing: dict[tuple[Any, ...], tuple[Call, Backend]] = {}
+        #: packed calls (cu_seqlens): their resolution and choice, by signature and packing
+        self._packed: dict[tuple[Any, ...], tuple[Call, Choice]] = {}
         #: the output alone, from q, k, v alone: __call__ runs the backend itself (no Result, no inputs)
         self._plain = not (spec.stateful or spec.inputs or return_lse or return_plan)
 
@@ -179,20 +220,25 @@ class Op:
             f"backend={self.backend or 'auto'})"
         )
 
-    def resolve(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Call, Backend]:
-        """Validate these inputs and choose the backend (what a new call signature costs)."""
+    def resolve(self, q: Tensor, k: Tensor, v: Tensor, *, extra_grad: bool = False) -> tuple[Call, Backend]:
+        """Validate these inputs and choose the backend (what a new call signature costs).
+        ``extra_grad``: a tensor input beside q, k, v requires grad (a training call)."""
         call = _resolve_call(
-            self.spec, self.params, q, k, v, causal=self.causal, scale=self.scale, want_lse=self.return_lse
-        )
+            self.spec, self.params, q, k, v, causal=self.causal, scale=self.scale, want_lse=self.return_lse,
+            extra_grad=extra_grad,
+        )  # fmt: skip
         return call, require(call, self.backend)
 
-    def _entry(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Call, Backend]:
+    def _entry(
+        self, q: Tensor, k: Tensor, v: Tensor, inputs: Mapping[str, Any] = _NO_EXTRA
+    ) -> tuple[Call, Backend]:
+        extra_grad = bool(inputs) and torch.is_grad_enabled() and _inputs_need_grad(inputs)
         if torch.compiler.is_compiling():
-            return self.resolve(q, k, v)
+            return self.resolve(q, k, v, extra_grad=extra_grad)
         try:
             key = (
                 q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
-                torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
+                extra_grad or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)),
                 settings.generation,
             )  # fmt: skip
         except AttributeError:  # not tensors: validation says what is wrong
@@ -207,7 +253,8 @@ class Op:
                     f"{tuple(k.shape)}): resolving it builds tensors (plans, masks) on the device, which "
                     "capture forbids. Call the op once at this shape before capturing."
                 )
-            entry = self.resolve(q, k, v)
+            # (the keyword only when set: tests count resolve() calls with the plain signature)
+            entry = self.resolve(q, k, v, extra_grad=True) if extra_grad else self.resolve(q, k, v)
             if entry[1].length_free_refusals:
                 self._growing[_without_n_k(key)] = entry
             if len(self._entries) >= OP_SIGNATURES:
@@ -234,8 +281,21 @@ class Op:
         self._entries[key] = (grown, backend)
         return grown, backend
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor, **inputs: Any) -> Tensor | Result:
-        call, backend = self._entry(q, k, v)
+    def __call__(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        cu_seqlens_q: Tensor | None = None,
+        cu_seqlens_k: Tensor | None = None,
+        **inputs: Any,
+    ) -> Tensor | Result:
+        """Run the op: ``op(q, k, v, **tensor_inputs)``; packed sequences with ``cu_seqlens_q=`` (and
+        ``cu_seqlens_k=``, default: the same), as :func:`attention` describes."""
+        if cu_seqlens_q is not None or cu_seqlens_k is not None:
+            return self._run_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, inputs)
+        call, backend = self._entry(q, k, v, inputs)
         if self._plain and not inputs:  # the common call: what _execute does for it, without its checks
             check = self.check_finite
             if check or (check is None and settings.check_finite):
@@ -243,11 +303,148 @@ class Op:
             return backend.run(q, k, v, call, _NO_EXTRA)
         return _execute(call, backend, q, k, v, inputs, self.check_finite, self.return_plan)
 
-    def explain(self, q: Tensor, k: Tensor, v: Tensor) -> Choice:
-        """Which backend this op runs for these inputs, and why the ones before it refused."""
-        call = _resolve_call(
-            self.spec, self.params, q, k, v, causal=self.causal, scale=self.scale, want_lse=self.return_lse
+    # -- packed sequences (varlen) ------------------------------------------------------------------
+    def _packed_entry(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        cu_q: Tensor | None,
+        cu_k: Tensor | None,
+        inputs: dict[str, Any],
+    ) -> tuple[Call, Choice]:
+        """The resolved packed call and its choice (cached per signature and packing)."""
+        if cu_q is None:
+            raise InputError(
+                "cu_seqlens_k was given without cu_seqlens_q: packed sequences need the queries' cumulative "
+                "lengths (cu_seqlens_k defaults to cu_seqlens_q for packed self-attention)"
+            )
+        if self.spec.stateful and inputs.get("state") is not None:
+            raise InputError(
+                f"method {self.spec.name!r}: a state with packed sequences (cu_seqlens) is not supported: "
+                "each sequence would need its own; run the sequences one by one with their states, or pass "
+                "state=None (each packed sequence then starts from the initial state and result.state lists "
+                "their final states)"
+            )
+        if not all(isinstance(t, Tensor) for t in (q, k, v)):
+            validate(q, k, v, causal=self.causal, scale=self.scale)  # says what is wrong
+        packing = packing_of(cu_q, cu_k, q, k)
+        grad = torch.is_grad_enabled() and (
+            q.requires_grad or k.requires_grad or v.requires_grad or _inputs_need_grad(inputs)
         )
+        key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, grad,
+               settings.generation, packing)  # fmt: skip
+        entry = None if torch.compiler.is_compiling() else self._packed.get(key)
+        if entry is None:
+            call = _resolve_call(
+                self.spec, self.params, q, k, v, causal=self.causal, scale=self.scale,
+                want_lse=self.return_lse, extra_grad=grad, packing=packing,
+            )  # fmt: skip
+            entry = (call, choose(call, self.backend))
+            if not torch.compiler.is_compiling():
+                if len(self._packed) >= OP_SIGNATURES:
+                    del self._packed[next(iter(self._packed))]
+                self._packed[key] = entry
+        return entry
+
+    def _run_packed(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        cu_q: Tensor | None,
+        cu_k: Tensor | None,
+        inputs: dict[str, Any],
+    ) -> Tensor | Result:
+        """Packed sequences: in one launch on a backend that declares ``varlen``, else sequence by
+        sequence through the normal dispatch (see the module docstring)."""
+        spec = self.spec
+        call, choice = self._packed_entry(q, k, v, cu_q, cu_k, inputs)
+        inputs = {n: t for n, t in inputs.items() if n != "state"}
+        unknown = set(inputs) - spec.input_names
+        if unknown:
+            raise ParamError(
+                f"method {spec.name!r} takes no tensor input {sorted(unknown)[0]!r}; its tensor inputs: "
+                f"{', '.join(sorted(spec.input_names)) or 'none'}"
+            )
+        extra = validate_extra(spec.inputs, inputs, call.problem, spec.name) if spec.inputs else {}
+        if self.check_finite or (self.check_finite is None and settings.check_finite):
+            check_finite_values({"q": q, "k": k, "v": v, **extra})
+        pk = call.packing
+        assert pk is not None
+        if choice.backend is not None:
+            out, lse = choice.backend.run_varlen(q, k, v, call, extra)
+            if not (self.return_lse or self.return_plan or spec.stateful):
+                return out
+            plans = choice.backend.varlen_plans(q, k, call, extra) if self.return_plan else None
+            return Result(out, lse=lse if self.return_lse else None, plan=plans)
+        outs: list[Tensor] = []
+        lses: list[Tensor] = []
+        plans_: list[Any] = []
+        states: list[Any] = []
+        for s in range(pk.count):
+            q0, q1, k0, k1 = pk.bounds(s)
+            if q1 == q0 or k1 == k0:  # no query, or no key: zero rows (lse -inf), no plan, no state
+                outs.append(q.new_zeros((1, q.shape[1], q1 - q0, v.shape[3])))
+                lses.append(torch.full((1, q.shape[1], q1 - q0), float("-inf"), device=q.device))
+                plans_.append(None)
+                states.append(None)
+                continue
+            qs, ks, vs = q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1]
+            xs = sequence_inputs(spec.inputs, extra, pk, s) if extra else {}
+            c, b = self._entry(qs, ks, vs, xs)
+            r = _execute(c, b, qs, ks, vs, dict(xs), False, self.return_plan)
+            if isinstance(r, Result):
+                outs.append(r.out)
+                if r.lse is not None:
+                    lses.append(r.lse)
+                plans_.append(r.plan)
+                states.append(r.state)
+            else:
+                outs.append(r)
+        out = torch.cat(outs, 2)
+        if not (self.return_lse or self.return_plan or spec.stateful):
+            return out
+        lse = torch.cat(lses, 2) if self.return_lse else None
+        return Result(out, lse=lse, plan=plans_ if self.return_plan else None,
+                      state=states if spec.stateful else None)  # fmt: skip
+
+    def explain(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        cu_seqlens_q: Tensor | None = None,
+        cu_seqlens_k: Tensor | None = None,
+        **inputs: Any,
+    ) -> Choice:
+        """Which backend this op runs for these inputs, and why the ones before it refused; for packed
+        sequences, whether they run in one launch or one by one (and then on which backend each)."""
+        if cu_seqlens_q is not None or cu_seqlens_k is not None:
+            call, choice = self._packed_entry(q, k, v, cu_seqlens_q, cu_seqlens_k, dict(inputs))
+            if not choice.per_sequence:
+                return choice
+            pk = call.packing
+            assert pk is not None
+            groups: dict[tuple[int, int], list[int]] = {}
+            for s in range(pk.count):
+                n_q, n_k = pk.lengths(s)
+                if n_q and n_k:
+                    groups.setdefault((n_q, n_k), []).append(s)
+            sequences = []
+            for indices in groups.values():
+                q0, q1, k0, k1 = pk.bounds(indices[0])
+                sub = _resolve_call(
+                    self.spec, self.params, q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], causal=self.causal,
+                    scale=self.scale, want_lse=self.return_lse, extra_grad=call.problem.requires_grad,
+                )  # fmt: skip
+                sequences.append((tuple(indices), choose(sub, self.backend)))
+            return replace(choice, sequences=tuple(sequences))
+        call = _resolve_call(
+            self.spec, self.params, q, k, v, causal=self.causal, scale=self.scale, want_lse=self.return_lse,
+            extra_grad=torch.is_grad_enabled() and _inputs_need_grad(inputs),
+        )  # fmt: skip
         return choose(call, self.backend)
 
     def bind(self, q: Tensor, k: Tensor, v: Tensor, **inputs: Any) -> Any:
@@ -307,6 +504,8 @@ def attention(
     check_finite: bool | None = ...,
     return_lse: Literal[False] = ...,
     return_plan: Literal[False] = ...,
+    cu_seqlens_q: Tensor | None = ...,
+    cu_seqlens_k: Tensor | None = ...,
     **params: Any,
 ) -> Tensor: ...
 
@@ -324,6 +523,8 @@ def attention(
     check_finite: bool | None = ...,
     return_lse: bool = ...,
     return_plan: bool = ...,
+    cu_seqlens_q: Tensor | None = ...,
+    cu_seqlens_k: Tensor | None = ...,
     **params: Any,
 ) -> Result: ...
 
@@ -340,6 +541,8 @@ def attention(
     check_finite: bool | None = None,
     return_lse: bool = False,
     return_plan: bool = False,
+    cu_seqlens_q: Tensor | None = None,
+    cu_seqlens_k: Tensor | None = None,
     **params: Any,
 ) -> Tensor | Result:  # (stateful methods always return a Result: pass ``state=``, read ``.state``)
     """Attention of ``q`` over ``k``/``v`` by ``method``; returns (B, H, N_q, D_v) in the input dtype.
@@ -356,6 +559,16 @@ def attention(
             default: ``attnlab.settings.check_finite``, off unless ``ATTNLAB_CHECK_FINITE=1``).
         return_lse: also return the log-sum-exp per query row (softmax methods): a Result.
         return_plan: also return the sparsity plan the call executed: a Result.
+        cu_seqlens_q, cu_seqlens_k: packed sequences, as FlashAttention's ``flash_attn_varlen_func``:
+            q (1, H, T_q, D), k/v (1, H_kv, T_k, D) hold S sequences back to back; sequence ``s`` has
+            queries ``cu_seqlens_q[s]:cu_seqlens_q[s+1]`` and keys ``cu_seqlens_k[s]:cu_seqlens_k[s+1]``
+            (int32 or int64 tensors of S + 1 cumulative lengths: 0, non-decreasing, ending at T_q / T_k;
+            empty sequences allowed; ``cu_seqlens_k`` defaults to ``cu_seqlens_q``). No attention crosses
+            a sequence boundary; ``causal`` is bottom-right aligned within each sequence. The output (and
+            lse) are packed like q; tensor inputs are packed along their token axes (N_q, N_k) like q
+            and k. ``return_plan`` gives a list of each sequence's plan, a stateful method a list of each
+            sequence's final state (no state in). :func:`explain` with the same arguments says whether
+            the sequences run in one launch (a backend with ``varlen``) or one by one.
         **params: the method's parameters (e.g. ``window=1024`` for ``sliding_window``) and tensor inputs.
 
     Rows with no allowed key return zeros, never NaN. For repeated calls, :func:`prepare` an op.
@@ -370,9 +583,14 @@ def attention(
         # for a constant True inside torch.compile, which refused every compiled call; H100 at 2cffc0a)
         raise InputError(f"causal must be a bool, got {causal!r}")
     if torch.compiler.is_compiling():  # nothing cached or mutated inside a trace
+        if cu_seqlens_q is not None or cu_seqlens_k is not None:  # a fresh op, dropped after the call
+            op = prepare(method, causal=causal, scale=scale, backend=backend, check_finite=check_finite,
+                         return_lse=return_lse, return_plan=return_plan, **params)  # fmt: skip
+            return op(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, **tensors)
         call = _resolve_call(
-            spec, spec.make_params(params), q, k, v, causal=causal, scale=scale, want_lse=return_lse
-        )
+            spec, spec.make_params(params), q, k, v, causal=causal, scale=scale, want_lse=return_lse,
+            extra_grad=torch.is_grad_enabled() and _inputs_need_grad(tensors),
+        )  # fmt: skip
         return _execute(call, require(call, backend), q, k, v, tensors, check_finite, return_plan)
     try:
         # each value with its type: True == 1 and hashes alike, so window=True would find window=1's op
@@ -398,6 +616,8 @@ def attention(
             if len(_OPS) >= CACHED_OPS:
                 del _OPS[next(iter(_OPS))]
             _OPS[key] = op_
+    if cu_seqlens_q is not None or cu_seqlens_k is not None:
+        return op_(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, **tensors)
     return op_(q, k, v, **tensors)
 
 
@@ -437,12 +657,15 @@ def explain(
     check_finite: bool | None = None,
     return_lse: bool = False,
     return_plan: bool = False,
+    cu_seqlens_q: Tensor | None = None,
+    cu_seqlens_k: Tensor | None = None,
     **params: Any,
 ) -> Choice:
     """Which backend :func:`attention` would run for these arguments (it takes every one of them), and
-    why the ones before it refused. Prints readably."""
+    why the ones before it refused; for packed sequences (``cu_seqlens_q``), whether they run in one
+    launch or one by one, and on which backend each. Prints readably."""
     spec = get(method)
-    params, _ = _split_inputs(spec, params)
+    params, tensors = _split_inputs(spec, params)
     op = Op(
         spec,
         spec.make_params(params),
@@ -453,4 +676,4 @@ def explain(
         return_lse=return_lse,
         return_plan=return_plan,
     )
-    return op.explain(q, k, v)
+    return op.explain(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, **tensors)

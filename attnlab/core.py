@@ -8,6 +8,7 @@ of those (layers point down only).
 - :class:`Capabilities`: what a backend declares it can run; :meth:`Capabilities.reasons` returns every
   reason it refuses a call (xFormers' ``not_supported_reasons``), to which a backend adds its own.
 - :class:`Backend`: a way to run a method (an adapter from a :class:`Call` to an executor in ``kernels``).
+- :class:`Packing`: packed sequences (FlashAttention's varlen layout): cumulative lengths of q's and k's.
 - :class:`Call`: one resolved call (method, validated parameters, problem, scale, what to return).
 - :class:`Result`: the output and, on request, the log-sum-exp, the sparsity plan used and the state.
 - :class:`MethodSpec`: everything attnlab knows about one method (the registry holds them).
@@ -171,6 +172,8 @@ class Capabilities:
 
     ``plan_kinds``: the sparsity plans it executes ("static": from a mask, "dynamic": estimated from
     q and k); a method with a plan needs a backend that takes its kind (dense methods have none).
+    ``varlen``: it runs packed sequences (``cu_seqlens_q``/``cu_seqlens_k``) in one launch
+    (:meth:`Backend.run_varlen`); a packed call no backend takes runs each sequence separately.
     ``where``: how the support matrix describes its devices (default: from ``devices``).
     """
 
@@ -185,6 +188,7 @@ class Capabilities:
     lse: bool = False
     stateful: bool = False
     plan_kinds: frozenset[str] = frozenset()
+    varlen: bool = False
     where: str = ""
 
     def where_text(self) -> str:
@@ -217,7 +221,39 @@ class Capabilities:
         kind = call.spec.plan_kind
         if kind is not None and kind not in self.plan_kinds:
             out.append(f"does not execute {kind} sparsity plans")
+        if call.packing is not None and not self.varlen:
+            out.append("cannot run packed sequences (cu_seqlens) in one launch")
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class Packing:
+    """Packed sequences, FlashAttention's varlen layout: q is (1, H, T_q, D) and k, v (1, H_kv, T_k, D)
+    with S sequences back to back; sequence ``s`` has queries ``cu_q[s]:cu_q[s+1]`` and keys
+    ``cu_k[s]:cu_k[s+1]`` (``cu_q[0] == cu_k[0] == 0``, non-decreasing, ending at T_q and T_k; empty
+    sequences allowed). Attention never crosses a sequence boundary; causal is bottom-right aligned
+    within each sequence (query ``t`` of a sequence sits at ``t + n_k - n_q``)."""
+
+    cu_q: tuple[int, ...]
+    cu_k: tuple[int, ...]
+
+    @property
+    def count(self) -> int:
+        """S, the number of sequences."""
+        return len(self.cu_q) - 1
+
+    def bounds(self, s: int) -> tuple[int, int, int, int]:
+        """(q start, q end, k start, k end) of sequence ``s``."""
+        return self.cu_q[s], self.cu_q[s + 1], self.cu_k[s], self.cu_k[s + 1]
+
+    def lengths(self, s: int) -> tuple[int, int]:
+        """(N_q, N_k) of sequence ``s``."""
+        return self.cu_q[s + 1] - self.cu_q[s], self.cu_k[s + 1] - self.cu_k[s]
+
+    def describe(self) -> str:
+        lens = [self.lengths(s) for s in range(self.count)]
+        shown = ", ".join(f"{a}" if a == b else f"{a}x{b}" for a, b in lens[:8])
+        return f"{self.count} packed sequence(s) of lengths [{shown}{', ...' if len(lens) > 8 else ''}]"
 
 
 @dataclass(frozen=True)
@@ -233,6 +269,8 @@ class Call:
     problem: Problem
     scale: float
     want_lse: bool = False
+    #: packed sequences (``cu_seqlens``): ``problem`` then describes the packed tensors (B = 1, N = total)
+    packing: Packing | None = None
     #: what backends derive once per call signature and keep (a plan's BlockMask, a dense mask, ...)
     memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -247,6 +285,10 @@ class Result:
     - ``plan``: the :class:`attnlab.plans.Plan` the call executed, with ``return_plan=True`` (None for
       methods without a sparsity plan).
     - ``state``: the recurrent state after the call (stateful methods; None otherwise).
+
+    With packed sequences (``cu_seqlens_q``/``cu_seqlens_k``), ``out`` and ``lse`` are packed like q;
+    ``plan`` is a list with each sequence's plan in its own coordinates (None for an empty sequence or a
+    dense one) and ``state`` a list with each sequence's final state (None for an empty one).
     """
 
     out: Tensor
@@ -299,9 +341,27 @@ class Backend(ABC):
         only for backends whose ``caps.stateful`` is True."""
         raise NotImplementedError(f"backend {self.name} carries no state")
 
+    def run_varlen(
+        self, q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor]
+    ) -> tuple[Tensor, Tensor | None]:
+        """Packed sequences in one launch (``call.packing``; only for backends whose ``caps.varlen`` is
+        True): (output (1, H, T_q, D_v), lse (1, H, T_q) float32, or None when ``call.want_lse`` is False).
+        Tensor inputs in ``extra`` are packed like q and k along their token axes."""
+        raise NotImplementedError(f"backend {self.name} cannot run packed sequences")
+
+    def varlen_plans(self, q: Tensor, k: Tensor, call: Call, extra: Mapping[str, Tensor]) -> list[Any]:
+        """Each packed sequence's plan, in its own coordinates, as :meth:`run_varlen` executes it (None:
+        empty or dense). Default: none."""
+        return [None] * (call.packing.count if call.packing is not None else 0)
+
     def plan(self, q: Tensor, k: Tensor, call: Call) -> Any:
         """The sparsity plan this backend executes for ``call`` (None: it runs no plan)."""
         return None
+
+    def plan_for(self, q: Tensor, k: Tensor, call: Call, extra: Mapping[str, Tensor]) -> Any:
+        """:meth:`plan` given the call's tensor inputs too (what a dynamic estimator with
+        ``estimate_inputs`` needs); default: :meth:`plan`."""
+        return self.plan(q, k, call)
 
     @property
     def devices(self) -> tuple[str, ...]:
@@ -376,6 +436,12 @@ class MethodSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_names", frozenset(t.name for t in self.inputs))
         names = [b.name for b in self.backends]
+        twice = sorted({n for n in self.training_backends if self.training_backends.count(n) > 1})
+        if twice:
+            raise ValueError(
+                f"method {self.name!r}: training_backends {list(self.training_backends)} names {twice} more "
+                "than once; name each backend once, in the order to try them"
+            )
         unknown = [n for n in self.training_backends if n not in names]
         if unknown:
             raise ValueError(

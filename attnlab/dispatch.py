@@ -1,6 +1,12 @@
 """Backend choice, in one place: a method's backends are asked in priority order (its
-``training_backends`` first when an input requires grad); the first that can run the call runs it. ``backend=`` forces one. Every reason every backend refuses is kept (declared
-capabilities first, then the backend's own), so errors and :func:`attnlab.explain` can say why.
+``training_backends`` first when an input requires grad); the first that can run the call runs it.
+``backend=`` forces one. Every reason every backend refuses is kept (declared capabilities first, then the
+backend's own), so errors and :func:`attnlab.explain` can say why.
+
+Packed sequences (``cu_seqlens``): the first backend that declares ``varlen`` and accepts the packed call
+runs it in one launch; when none does (or the forced backend does not), the call runs each sequence
+separately through this same choice (:attr:`Choice.per_sequence`). On a CPU a Triton backend (interpreted
+there) is not chosen automatically for packed calls: the sequences run one by one on the CPU backends.
 """
 
 from __future__ import annotations
@@ -21,13 +27,42 @@ class Choice:
     call: Call
     backend: Backend | None
     refusals: tuple[tuple[str, tuple[str, ...]], ...]
+    #: a packed call run per sequence: (the sequences' indices, their choice), one per distinct shape
+    #: (filled by :func:`attnlab.explain`)
+    sequences: tuple[tuple[tuple[int, ...], Choice], ...] = ()
+
+    @property
+    def per_sequence(self) -> bool:
+        """A packed call (``cu_seqlens``) that no backend runs in one launch: each sequence runs
+        separately through the normal dispatch."""
+        return self.call.packing is not None and self.backend is None
 
     def explain(self) -> str:
-        head = f"method {self.call.spec.name!r} on {self.call.problem.describe()}"
-        chosen = f"runs on backend {self.backend.name!r}" if self.backend else "no backend can run this call"
+        pk = self.call.packing
+        if pk is None:
+            head = f"method {self.call.spec.name!r} on {self.call.problem.describe()}"
+            chosen = (
+                f"runs on backend {self.backend.name!r}" if self.backend else "no backend can run this call"
+            )
+        else:
+            head = (
+                f"method {self.call.spec.name!r} on {pk.describe()}, packed as {self.call.problem.describe()}"
+            )
+            chosen = (
+                f"runs the packed sequences in one launch on backend {self.backend.name!r}"
+                if self.backend
+                else "no backend runs the packed sequences in one launch: each sequence runs separately "
+                "through the normal dispatch, outputs packed back together"
+            )
         lines = [f"{head}:", f"  {chosen}"]
         for name, why in self.refusals:
             lines.append(f"  - {name} refused: {'; '.join(why)}")
+        for indices, choice in self.sequences:
+            p = choice.call.problem
+            which = f"sequence{'s' if len(indices) > 1 else ''} {', '.join(map(str, indices))}"
+            sub = choice.explain().splitlines()[1:]
+            lines.append(f"  {which} (N_q={p.n_q}, N_k={p.n_k}):")
+            lines += [f"  {line}" for line in sub]
         return "\n".join(lines)
 
     __str__ = explain
@@ -43,6 +78,8 @@ def choose(call: Call, backend: str | None = None) -> Choice:
         why = chosen.refusals(call)
         return Choice(call, None if why else chosen, ((chosen.name, tuple(why)),) if why else ())
     refusals: list[tuple[str, tuple[str, ...]]] = []
+    if call.packing is not None:
+        return _choose_packed(call)
     # On a CPU, Triton backends run only in Triton's interpreter (a test aid, orders of magnitude slower):
     # they are chosen automatically there only when no other backend can run the call.
     cpu = call.problem.device.type == "cpu"
@@ -55,6 +92,23 @@ def choose(call: Call, backend: str | None = None) -> Choice:
             if not why:
                 return Choice(call, candidate, tuple(refusals))
             refusals.append((candidate.name, tuple(why)))
+    return Choice(call, None, tuple(refusals))
+
+
+def _choose_packed(call: Call) -> Choice:
+    """The first backend that runs packed sequences in one launch, or none (then they run one by one)."""
+    refusals: list[tuple[str, tuple[str, ...]]] = []
+    cpu = call.problem.device.type == "cpu"
+    for candidate in call.spec.backends_for(call.problem.requires_grad):
+        why = candidate.refusals(call)
+        if not why and cpu and candidate.triton:
+            why = [
+                "a Triton kernel, interpreted on a CPU: packed sequences run one by one on the CPU backends "
+                "instead (backend=... forces it)"
+            ]
+        if not why:
+            return Choice(call, candidate, tuple(refusals))
+        refusals.append((candidate.name, tuple(why)))
     return Choice(call, None, tuple(refusals))
 
 

@@ -582,3 +582,80 @@ def test_estimate_inputs_are_checked_at_registration() -> None:
         dataclasses.replace(seer, estimate_inputs=("nope",))
     with pytest.raises(ValueError, match="given but the method has no estimate"):
         dataclasses.replace(seer, estimate=None)
+
+
+def test_training_backends_named_twice_are_refused() -> None:
+    base = attnlab.get("alibi")
+    with pytest.raises(ValueError, match=r"names \['flex'\] more than once"):
+        dataclasses.replace(base, training_backends=("flex", "eager", "flex"))
+
+
+def test_a_tensor_input_that_requires_grad_makes_a_training_call() -> None:
+    """Only a method's extra input (not q, k, v) requires grad: dispatch treats the call as training
+    (training_backends first, a backend without backward skipped), on ops, attention and explain."""
+    ran: list[str] = []
+
+    class Named(Backend):
+        def __init__(self, name: str, backward: bool) -> None:
+            self.name = name
+            self.caps = Capabilities(backward=backward)
+
+        def run(self, q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor]) -> Tensor:
+            ran.append(self.name)
+            out = masked_softmax_attention(q, k, v, scale=call.scale, mask=None)
+            return out * extra["gain"][None, :, None, None]
+
+    gain = TensorInput("gain", ("H",), "a per-head output gain")
+    spec = dataclasses.replace(
+        attnlab.get("softmax"),
+        backends=(Named("fwd_only", False), Named("other", True), Named("train", True)),
+        training_backends=("train",),
+        inputs=(gain,),
+    )
+    op = attnlab.api.Op(spec, spec.make_params({}), causal=True, scale=None, backend=None,
+                        check_finite=None, return_lse=False, return_plan=False)  # fmt: skip
+    q, k, v = qkv()
+    g = torch.ones(4)
+    assert op.explain(q, k, v, gain=g).backend.name == "fwd_only"  # type: ignore[union-attr]
+    op(q, k, v, gain=g)
+    g.requires_grad_(True)
+    assert op.explain(q, k, v, gain=g).backend.name == "train"  # type: ignore[union-attr]
+    out = op(q, k, v, gain=g)
+    assert ran == ["fwd_only", "train"]
+    out.sum().backward()
+    assert g.grad is not None
+    with torch.no_grad():  # no gradient wanted: the inference order again
+        op(q, k, v, gain=g)
+    assert ran[-1] == "fwd_only"
+    no_training = dataclasses.replace(spec, training_backends=())
+    op2 = attnlab.api.Op(no_training, spec.make_params({}), causal=True, scale=None, backend=None,
+                         check_finite=None, return_lse=False, return_plan=False)  # fmt: skip
+    op2(q, k, v, gain=g)
+    assert ran[-1] == "other"  # the backend without backward is skipped
+
+
+def test_the_generic_block_sparse_backend_gives_the_estimator_its_inputs() -> None:
+    """seer's estimator takes its gate weights (estimate_inputs) on the generic executor backend: the plan
+    and the output follow the weights (the reference's, with the same weights), not the weightless gate."""
+    from attnlab.backends.block_sparse import BLOCK_SPARSE
+    from attnlab.testing import Case
+
+    seer = attnlab.get("seer")
+    spec = dataclasses.replace(seer, backends=(BLOCK_SPARSE,), training_backends=())
+    case = Case(1, 4, 2, 96, 96, 16, torch.float32, True, {"block": 16, "topk": 2}, optional_inputs=True)
+    q, k, v = case.inputs("cpu", seed=3)
+    w = case.tensor_inputs(seer, "cpu", seed=3)
+    params = spec.make_params(case.params)
+    op = attnlab.api.Op(spec, params, causal=True, scale=None, backend="block_sparse",
+                        check_finite=None, return_lse=True, return_plan=True)  # fmt: skip
+    res = op(q, k, v, **w)
+    assert isinstance(res, Result)
+    call = attnlab.resolve(q, k, v, method="seer", causal=True, **case.params)
+    want_plan = seer.estimate_plan(q, k, call, w)
+    weightless = seer.estimate(q, k, params, causal=True, scale=call.scale)
+    assert torch.equal(res.plan.dense_mask(), want_plan.dense_mask())
+    assert not torch.equal(want_plan.dense_mask(), weightless.dense_mask())  # the weights matter here
+    ref = attnlab.attention(q, k, v, method="seer", causal=True, backend="reference", return_lse=True,
+                            **case.params, **w)  # fmt: skip
+    torch.testing.assert_close(res.out, ref.out, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(res.lse, ref.lse, atol=2e-5, rtol=1e-5)
