@@ -90,6 +90,7 @@ def model_config(args: argparse.Namespace, hidden: int, name: str) -> ModelConfi
         max_position=args.context,
         attention=plan,
         attention_params=params,
+        linear_output_norm=not args.no_output_norm,
     ).validate()
 
 
@@ -405,6 +406,11 @@ def main() -> None:
     ap.add_argument(
         "--gate-bias", type=float, default=None, help="gated_delta's initial gate bias (default 3)"
     )
+    ap.add_argument(
+        "--no-output-norm",
+        action="store_true",
+        help="no per-head output RMSNorm on lightning / gated_delta layers (the adapter before 2026-11-23 s3)",
+    )
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--lm-weight", type=float, default=0.25)
     ap.add_argument("--corpus-chars", type=int, default=400_000)
@@ -486,6 +492,7 @@ def main() -> None:
                 "window",
                 "chunk",
                 "gate_bias",
+                "no_output_norm",
                 "lr",
                 "lm_weight",
                 "widths",

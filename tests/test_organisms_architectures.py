@@ -305,3 +305,50 @@ def test_short_conv_bad_arguments() -> None:
     plain = LlamaForCausalLM(tiny().model.llama_config())
     with pytest.raises(ConfigError, match="plain Llama layers"):
         arch.add_short_conv(plain, 3)
+
+
+def without_output_norm(cfg: TrainConfig) -> TrainConfig:
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, linear_output_norm=False))
+
+
+@pytest.mark.parametrize("name", ["gated_delta", "lightning", "gla", "based", "softmax"])
+def test_output_norm_on_the_linear_layers_without_a_normaliser(name: str) -> None:
+    torch.manual_seed(0)
+    normed = build_model(tiny(arch.uniform(name, LAYERS))).eval()
+    plain = build_model(without_output_norm(tiny(arch.uniform(name, LAYERS)))).eval()
+    for layer in plain.model.layers:
+        assert layer.self_attn.o_norm is None
+    has = name in arch.OUTPUT_NORM
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for layer in normed.model.layers:
+        attn = layer.self_attn
+        assert (attn.o_norm is not None) == has
+        if has:
+            assert attn.o_norm.weight.shape == (attn.head_dim,) and bool((attn.o_norm.weight == 1).all())
+            norm = attn.o_norm
+            norm.register_forward_hook(lambda mod, args, out: seen.append((args[0], out)))
+    with torch.no_grad():
+        normed(input_ids=torch.randint(2, 500, (2, 24)))
+    assert len(seen) == (LAYERS if has else 0)
+    for raw, out in seen:  # the method's (B, H, N, D) output, each head and token RMS-normalised over D
+        assert raw.shape == (2, 2, 24, 16)
+        want = raw * torch.rsqrt(raw.pow(2).mean(-1, keepdim=True) + arch.OUTPUT_NORM_EPS)
+        torch.testing.assert_close(out, want)
+        assert float(out.pow(2).mean().sqrt()) > 3 * float(raw.pow(2).mean().sqrt())
+    if has:  # the norm's gain is a trained parameter, saved with the model
+        assert "model.layers.0.self_attn.o_norm.weight" in dict(normed.named_parameters())
+
+
+def test_a_checkpoint_saved_before_the_output_norm_loads_without_it(tmp_path: Path) -> None:
+    import json
+
+    plan = PLANS["gated_delta"]
+    train(without_output_norm(tiny(plan, stages=[[1, 256, 2]])), tmp_path, resume=False)
+    state_file = tmp_path / "final" / "training.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["model"]["linear_output_norm"]  # as written before the option existed
+    state_file.write_text(json.dumps(state))
+    loaded, _ = arch.load_organism(tmp_path / "final")
+    assert all(layer.self_attn.o_norm is None for layer in loaded.model.layers)
+    with pytest.raises(ConfigError, match="linear_output_norm='yes': expected true or false"):
+        ModelConfig(linear_output_norm="yes").validate()  # type: ignore[arg-type]

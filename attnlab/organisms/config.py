@@ -30,6 +30,9 @@ class ModelConfig:
     key/value heads (GQA: ``heads % kv_heads == 0``). ``max_position``: the longest context in tokens.
     ``attention``: the attnlab method of each layer (``()``: the plain Llama layer with SDPA, the default),
     with ``attention_params`` per method name; see :mod:`attnlab.organisms.architectures`.
+    ``linear_output_norm``: a per-head RMSNorm on the output of the plan's lightning, gated_delta and gla
+    layers (default True; False is the adapter before 2026-11-23 s3, whose gated_delta did not learn MQAR
+    at width 64; :data:`attnlab.organisms.architectures.OUTPUT_NORM`).
     """
 
     vocab_size: int = 1024
@@ -43,6 +46,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     attention: tuple[str, ...] = ()
     attention_params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, hash=False)
+    linear_output_norm: bool = True
 
     def validate(self) -> ModelConfig:
         for name in ("hidden_size", "layers", "heads", "kv_heads", "intermediate_size", "max_position"):
@@ -64,6 +68,8 @@ class ModelConfig:
             raise ConfigError(
                 f"model heads={self.heads}, kv_heads={self.kv_heads}: expected heads divisible by kv_heads (GQA)"
             )
+        if not isinstance(self.linear_output_norm, bool):
+            raise ConfigError(f"model linear_output_norm={self.linear_output_norm!r}: expected true or false")
         if not isinstance(self.rope_theta, int | float) or not self.rope_theta > 0:
             raise ConfigError(f"model rope_theta={self.rope_theta}: expected a positive number")
         from attnlab.organisms.architectures import check_plan
