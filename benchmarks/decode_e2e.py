@@ -1,0 +1,263 @@
+"""End-to-end decode rows in one command: prefill time and per-token decode time of a config-built
+Llama-3-8B-shaped model at each (context, batch), every decode method vs sdpa, with a full-budget token check.
+
+For each context (default 32K and 128K) and batch (default 1 and 8):
+
+1. **prefill** (sdpa, the prefill every decode side shares: transformers' own attention, as a user's
+   ``use(model, decode=...)`` runs it): ``model(ids, use_cache=True, logits_to_keep=1)`` timed with CUDA
+   events. Where ``batch x context`` exceeds ``--max-prefill-tokens`` (default 262144 = 8 x 32K; the 8B
+   shape's MLP needs ~90 GB of activations for a one-call 8 x 128K prefill), the rows are prefilled one at a
+   time (B=1 calls, ``prefill_mode: "rows"``), the row time is the median of those calls and the batch's
+   prefill time is reported as ``batch x`` that median (``median_ms``), and the batch's cache is the rows'
+   caches concatenated.
+2. **decode**: the prefilled cache is copied for each side (so every side starts from the same cache and
+   first token), then ``--warmup`` + ``--steps`` greedy steps ``model(token, past_key_values=cache)`` under
+   ``attnlab.hf.use(model, decode=method, decode_params=...)``, each timed with CUDA events; sides run one
+   after another, sdpa first and again last (``sdpa_after``: transformers' SDPA builds per-shape plans in
+   its first steps at a new cache length; the last side shows its warmed speed). tokens/s = batch / step.
+   Each row records the peak CUDA memory of its side.
+3. **check** (``--check-steps`` > 0): every method again from a copy of the same cache with a budget
+   covering the whole sequence (exact), ``--check-steps`` greedy steps: ``tokens_equal`` says whether the
+   greedy tokens equal sdpa's, ``max_abs_logit_diff`` how far the logits are (bf16 kernels differ: sdpa and
+   the exact fallback may run different attention kernels, so a near-tie can flip a token on random
+   weights; the logit difference says whether that happened).
+
+KV memory: ``layers x batch x context x 2 (K, V) x 8 KV heads x 128 x 2 bytes`` = 4 KiB per token and layer:
+at 8 x 128K with the default 4 layers, 16 GiB for the prefilled cache and 16 GiB for the side's copy.
+
+Output: compact JSON (``--out``): env, args, and one row per (context, batch, phase, side).
+
+GPU (H100, ~5-8 min):  python benchmarks/decode_e2e.py --out $OUT/decode_e2e.json
+CPU smoke:             python benchmarks/decode_e2e.py --tiny --contexts 48 --batches 1 2 --steps 2 \\
+                           --warmup 1 --budget 16 --check-steps 2 --max-prefill-tokens 64 --out /tmp/e2e.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from hf_bench import Clock, build_model, parse_method, row, side_context
+
+from attnlab.bench.env import environment
+
+#: every decode method at the budget (``{budget}`` filled in), and per-step H2O beside kvpress's h2o
+METHODS = (
+    "page_topk:budget={budget}",
+    "snapkv:budget={budget}",
+    "h2o:budget={budget}",
+    "h2o:budget={budget},per_step=true,recent={half},normalize=false",
+    "tidal:budget={budget}",
+    "recycled:budget={budget}",
+    "tokenselect:budget={budget}",
+    "retrieval_heads_kv:budget={budget}",
+)
+#: what ``--tiny`` adds to a method's parameters (tokenselect's default sinks + window exceed a tiny budget)
+TINY_EXTRA = {"tokenselect": ",n_init=2,n_local=2"}
+
+
+def concat_caches(caches: list[Any]) -> Any:
+    """One DynamicCache holding the rows of several (B=1) caches of equal length, in order."""
+    out = caches[0]
+    for i, layer in enumerate(out.layers):
+        layer.keys = torch.cat([c.layers[i].keys for c in caches], dim=0)
+        layer.values = torch.cat([c.layers[i].values for c in caches], dim=0)
+    return out
+
+
+@torch.no_grad()
+def prefill(
+    model: Any, ids: torch.Tensor, reps: int, max_tokens: int, device: torch.device
+) -> tuple[dict[str, Any], Any, torch.Tensor]:
+    """Timed sdpa prefill (module docstring); returns (row, the cache of the last call, first greedy token)."""
+    from transformers import DynamicCache
+
+    b, n = ids.shape
+    clock = Clock(device)
+    rows_mode = b * n > max_tokens
+    cache: Any = None
+    token: torch.Tensor | None = None
+    if not rows_mode:
+        for _ in range(reps):
+            cache = DynamicCache(config=model.config)
+            with clock.time("prefill"):
+                out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            token = out.logits[:, -1:].argmax(-1)
+            del out
+    else:
+        caches, tokens = [], []
+        for r in range(b):
+            cache_r = DynamicCache(config=model.config)
+            with clock.time("prefill"):
+                out = model(ids[r : r + 1], past_key_values=cache_r, use_cache=True, logits_to_keep=1)
+            caches.append(cache_r)
+            tokens.append(out.logits[:, -1:].argmax(-1))
+            del out
+        cache, token = concat_caches(caches), torch.cat(tokens, dim=0)
+        del caches
+    t = clock.results()["prefill"]
+    fields = row(t, phase="prefill", side="sdpa", method="sdpa", params={})
+    fields["prefill_mode"] = "rows" if rows_mode else "batched"
+    if rows_mode:  # the batch's prefill: b row calls
+        fields["row_median_ms"] = fields["median_ms"]
+        fields["median_ms"] = b * t.median_ms
+    assert token is not None
+    return fields, cache, token
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+@torch.no_grad()
+def decode_side(
+    model: Any, base: Any, token: torch.Tensor, label: str, name: str, params: dict[str, Any],
+    steps: int, warmup: int, device: torch.device,
+) -> tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]]:  # fmt: skip
+    """``warmup`` + ``steps`` greedy decode steps of one side from a copy of ``base``; returns (row, tokens
+    of every step, last-position logits of every step)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    cache = copy.deepcopy(base)
+    clock = Clock(device)
+    tokens, logits = [], []
+    with side_context(model, "decode", name, params):
+        for step in range(warmup + steps):
+            if step < warmup:
+                out = model(token, past_key_values=cache, use_cache=True)
+            else:
+                with clock.time(label):
+                    out = model(token, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            tokens.append(token)
+            logits.append(out.logits[:, -1].float())
+            del out
+    del cache
+    fields = row(clock.results()[label], phase="decode", side=label, method=name, params=params)
+    fields["tokens_per_s"] = token.shape[0] * 1e3 / fields["median_ms"]
+    fields["peak_gib"] = peak_gib(device)
+    return fields, tokens, logits
+
+
+def full_budget(params: dict[str, Any], tokens: int) -> dict[str, Any]:
+    """The method's parameters with a budget covering ``tokens`` (exact attention at every step)."""
+    return {**params, "budget": tokens} if "budget" in params else params
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument(
+        "--tiny", action="store_true", help="a 2-layer tiny Llama-3-shaped model (CPU smoke test)"
+    )
+    ap.add_argument("--layers", type=int, default=4, help="decoder layers of the 8B shape (default 4 of 32)")
+    ap.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--budget", type=int, default=4096, help="decode budget in tokens (default 4096)")
+    ap.add_argument("--methods", nargs="*", default=None, help="name:key=value,... (default: every method)")
+    ap.add_argument("--steps", type=int, default=10, help="timed decode steps per side")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--prefill-reps", type=int, default=3, help="timed batched prefill calls")
+    ap.add_argument("--max-prefill-tokens", type=int, default=8 * 32768, help="above: prefill row by row")
+    ap.add_argument(
+        "--check-steps", type=int, default=4, help="greedy steps of the full-budget check (0: none)"
+    )
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    from attnlab.catalog.decode import register_methods
+
+    register_methods()
+    model = build_model(args.tiny, None if args.tiny else args.layers, device, dtype)
+    specs = args.methods or [
+        m.format(budget=args.budget, half=args.budget // 2)
+        + (TINY_EXTRA.get(m.split(":")[0], "") if args.tiny else "")
+        for m in METHODS
+    ]
+    methods = [(m, *parse_method(m)) for m in specs]
+    rows: list[dict[str, Any]] = []
+    result = {
+        "env": environment(device),
+        "model": {k: getattr(model.config, k) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
+                                                        "num_key_value_heads", "head_dim", "vocab_size")},
+        "args": vars(args) | {"out": str(args.out)},
+        "rows": rows,
+    }  # fmt: skip
+
+    def save() -> None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, default=str, separators=(",", ":")))
+
+    g = torch.Generator().manual_seed(0)
+    for n in args.contexts:
+        for b in args.batches:
+            common = {"context": n, "batch": b}
+            ids = torch.randint(3, model.config.vocab_size, (b, n), generator=g).to(device)
+            p_row, base, token = prefill(model, ids, args.prefill_reps, args.max_prefill_tokens, device)
+            rows.append(common | p_row)
+            print(f"{n:>7} B={b} prefill {p_row['median_ms']:10.2f} ms ({p_row['prefill_mode']})", flush=True)
+            del ids
+            sides = [("sdpa", "sdpa", {}), *methods, ("sdpa_after", "sdpa", {})]
+            dense_tokens: list[torch.Tensor] = []
+            dense_logits: list[torch.Tensor] = []
+            for label, name, params in sides:
+                try:
+                    r, toks, logits = decode_side(model, base, token, label, name, params, args.steps,
+                                                  args.warmup, device)  # fmt: skip
+                except torch.cuda.OutOfMemoryError as e:
+                    r = {
+                        "phase": "decode",
+                        "side": label,
+                        "method": name,
+                        "params": params,
+                        "error": str(e)[:200],
+                    }
+                    torch.cuda.empty_cache()
+                    toks, logits = [], []
+                rows.append(common | r)
+                if label == "sdpa":
+                    dense_tokens, dense_logits = toks, logits
+                if "median_ms" in r:
+                    print(f"{n:>7} B={b} {label:<60} {r['median_ms']:9.3f} ms {r['tokens_per_s']:9.1f} tok/s",
+                          flush=True)  # fmt: skip
+                save()
+            if args.check_steps:
+                total = n + args.warmup + args.steps + 1
+                want = dense_tokens[: args.check_steps]
+                for label, name, params in methods:
+                    full = full_budget(params, total)
+                    try:
+                        _, toks, logits = decode_side(model, base, token, label, name, full, args.check_steps,
+                                                      0, device)  # fmt: skip
+                    except torch.cuda.OutOfMemoryError as e:
+                        rows.append(common | {"phase": "check", "side": label, "error": str(e)[:200]})
+                        torch.cuda.empty_cache()
+                        continue
+                    equal = all(torch.equal(a, w) for a, w in zip(toks, want, strict=True))
+                    diff = max(float((a - w).abs().max()) for a, w in zip(logits, dense_logits, strict=False))
+                    rows.append(common | {"phase": "check", "side": label, "method": name, "params": full,
+                                          "steps": args.check_steps, "tokens_equal": equal,
+                                          "max_abs_logit_diff": diff})  # fmt: skip
+                    print(
+                        f"{n:>7} B={b} check {label:<54} tokens_equal={equal} logit diff {diff:.3g}",
+                        flush=True,
+                    )
+                    save()
+            del base, token
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    save()
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""benchmarks/decode_e2e.py's logic on a tiny config-built Llama-3 model on the CPU: rows for every
+(context, batch, side), the row-by-row prefill's cache equals a batched prefill's, the full-budget check."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _module() -> ModuleType:
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("decode_e2e", BENCH / "decode_e2e.py")
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_rows_prefill_builds_the_batched_cache() -> None:
+    mod = _module()
+    model = mod.build_model(True, None, torch.device("cpu"), torch.float32)
+    ids = torch.randint(3, 100, (2, 20), generator=torch.Generator().manual_seed(0))
+    _, batched, tok_b = mod.prefill(model, ids, 1, 10**6, torch.device("cpu"))
+    row, rows, tok_r = mod.prefill(model, ids, 1, 20, torch.device("cpu"))
+    assert row["prefill_mode"] == "rows" and row["reps"] == 2
+    assert row["median_ms"] == pytest.approx(2 * row["row_median_ms"])
+    assert torch.equal(tok_b, tok_r)
+    for a, b in zip(batched.layers, rows.layers, strict=True):
+        torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=1e-5)
+
+
+def test_one_command_writes_every_row(tmp_path: Path) -> None:
+    mod = _module()
+    out = tmp_path / "e2e.json"
+    methods = ["page_topk:budget=16", "h2o:budget=16,per_step=true,recent=8"]
+    mod.main(["--tiny", "--contexts", "40", "--batches", "1", "2", "--steps", "1", "--warmup", "1",
+              "--check-steps", "2", "--max-prefill-tokens", "64", "--out", str(out), "--methods", *methods])  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    for b in (1, 2):
+        got = [(r["phase"], r["side"]) for r in rows if r["batch"] == b]
+        assert got == [("prefill", "sdpa"), ("decode", "sdpa"), *[("decode", m) for m in methods],
+                       ("decode", "sdpa_after"), *[("check", m) for m in methods]]  # fmt: skip
+        for r in rows:
+            if r["batch"] == b and r["phase"] == "decode":
+                assert r["median_ms"] > 0 and r["tokens_per_s"] == pytest.approx(b * 1e3 / r["median_ms"])
+            if r["batch"] == b and r["phase"] == "check":
+                assert r["tokens_equal"] and r["params"]["budget"] == 40 + 1 + 1 + 1
+    assert [r["prefill_mode"] for r in rows if r["phase"] == "prefill"] == ["batched", "rows"]
