@@ -154,6 +154,24 @@ def test_grid_fast_backends_match_reference_on_cuda(name: str, kwargs: Any, back
         assert check.passed and "dq" in check.errors, f"{backend} {case.label()}: {check.summary()}"
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "causal"),
+    [
+        ({"shape": (6, 11), "window": (3, 4), "stride": (1, 2), "axis_causal": (True, False)}, False),
+        ({"shape": (2, 3, 11), "window": (2, 3, 5), "dilation": (1, 1, 2)}, True),
+    ],
+    ids=["2d", "3d"],
+)
+def test_grid_neighborhoods_on_the_block_sparse_executor(kwargs: dict[str, Any], causal: bool) -> None:
+    """2-D and 3-D neighborhoods on the executor's static plan (built from the method's mask; 32 x 32
+    tiles in the interpreter, partial everywhere the window crosses a tile) against the fp32 reference:
+    the registry's accuracy rule, bf16, GQA 2:1, forward and dq/dk/dv."""
+    spec = attnlab.get("neighborhood")
+    case = Case(1, 2, 1, 66, 66, 16, torch.bfloat16, causal, kwargs)
+    check = check_parity(spec, "block_sparse", case, "cpu")
+    assert not check.skipped and check.passed and "dq" in check.errors, check.summary()
+
+
 def test_plan_density_is_the_mask_density() -> None:
     q, k, v = (torch.randn(1, 2, 30, 16) for _ in range(3))
     kwargs: dict[str, Any] = {"shape": (5, 6), "window": (3, 3)}
