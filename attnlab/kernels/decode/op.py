@@ -285,7 +285,9 @@ def page_select_launch(
     fused = rank == "fused"
     block_row = next_power_of_2(max(n_pages, 16))
     scores = torch.empty(b, h_kv, n_pages, device=q.device, dtype=torch.float32)
-    index = torch.empty(b, h_kv, keep, device=q.device, dtype=torch.int32)
+    # IDX is written by the fused launch only; the other ranks make their own index (the kernel gets the
+    # int32 counter as a never-written stand-in: one allocation less per step)
+    index = torch.empty(b, h_kv, keep, device=q.device, dtype=torch.int32) if fused else counter
     block_p = 16 if IMPORTED_INTERPRETED else (SELECT_BLOCK_P if fused else SPLIT_BLOCK_P)
     page_select_kernel[(-(-n_pages // block_p), b * h_kv)](
         q, k, kmask, kmax, kmin, scores, index, counter,
@@ -314,8 +316,11 @@ def row_topk_launch(x: Tensor, k: int) -> Tensor:
     n = x.shape[-1]
     if not 1 <= k <= n or n > MAX_TOPK_ROW:
         raise ValueError(f"row_topk: k={k} of rows of {n} values; needs 1 <= k <= N <= {MAX_TOPK_ROW}")
-    rows = x.reshape(-1, n).float()
-    rows = rows if rows.stride(-1) == 1 else rows.contiguous()
+    rows = x.reshape(-1, n)  # (a view for page_select's contiguous scores: no copy, no cast)
+    if rows.dtype != torch.float32:
+        rows = rows.float()
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
     out = torch.empty(rows.shape[0], k, device=x.device, dtype=torch.int32)
     block = next_power_of_2(max(n, 16))
     row_topk_kernel[(rows.shape[0],)](
