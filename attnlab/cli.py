@@ -302,13 +302,25 @@ def report(
 
         target = db.with_suffix(".duckdb")
         try:
-            ids = load_jsonl(db, target)
-        except ValueError as e:
-            console.print(f"[red]{escape(str(e))}[/red]")
-            raise typer.Exit(2) from e
-        console.print(f"loaded run(s) {', '.join(ids)} from {db} into {target}")
-        db, run = target, run or (ids[-1] if ids else None)
-    path = write_report(db, out or db.parent, run)
+            done = load_jsonl(db, target)
+        except (ValueError, KeyError, OSError) as e:  # a bad line or record, a value a column cannot hold
+            why = e.args[0] if isinstance(e, KeyError) and e.args else e
+            console.print(f"[red]cannot load {escape(str(db))}: {escape(str(why))}[/red]", soft_wrap=True)
+            raise typer.Exit(2) from None
+        for note in done.notes:
+            console.print(f"[yellow]{escape(note)}[/yellow]")
+        if done.skipped:
+            console.print(f"already in {target}, not loaded again: run(s) {', '.join(done.skipped)}")
+        console.print(
+            f"loaded {done.rows} rows of run(s) {', '.join(done.loaded) or '(none new)'} from {db} into {target}"
+        )
+        db, run = target, run or (done.order[-1] if done.order else None)
+    try:
+        path = write_report(db, out or db.parent, run)
+    except (KeyError, ValueError, FileNotFoundError) as e:  # no such run; a record without a field it reads
+        why = f"a record lacks the field {e.args[0]!r}" if isinstance(e, KeyError) and e.args else str(e)
+        console.print(f"[red]cannot report {escape(str(db))}: {escape(why)}[/red]", soft_wrap=True)
+        raise typer.Exit(2) from None
     console.print(f"report: {path}")
 
 

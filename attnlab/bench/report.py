@@ -39,7 +39,10 @@ def write_report(db_path: Path, out: Path, run_id: str | None = None) -> Path:
         run_id = run_id or db.latest_run()
         if run_id is None:
             raise FileNotFoundError(f"no runs in {db_path}; run `attnlab bench` first")
-        run = next(r for r in db.runs() if r["run_id"] == run_id)
+        run = next((r for r in db.runs() if r["run_id"] == run_id), None)
+        if run is None:
+            ids = [r["run_id"] for r in db.runs()]
+            raise ValueError(f"no run {run_id!r} in {db_path}; its runs: {', '.join(ids) or 'none'}")
         eff = db.rows("efficiency", run_id)
         fid = db.rows("fidelity", run_id)
         checks = db.rows("checks", run_id)

@@ -12,7 +12,9 @@ Where duckdb is not installed (a GPU machine with only torch), :func:`open_resul
 :class:`JsonlResults` instead: the same writes, each row appended at once to ``results.jsonl`` (one JSON
 object per line: ``{"table": ..., "row": {...}}``), so a run cut short keeps every row it wrote.
 :func:`load_jsonl` inserts such a file into a DuckDB database (``attnlab report --db results.jsonl`` does
-it next to the file), from which every report and summary reads as from a run made here.
+it next to the file), from which every report and summary reads as from a run made here: in one
+transaction, only the runs the database does not hold yet (so runs appended to one file load one after
+another), skipping a row cut off by a killed run with a note.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self
@@ -207,12 +210,20 @@ def run_row(env: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
 
 class JsonlResults(_Writer):
     """The writing half of :class:`ResultsDB` without duckdb: every inserted row is checked against the
-    table's columns and appended, flushed, to a JSON-lines file (timestamps as ISO strings)."""
+    table's columns and appended, flushed, to a JSON-lines file (timestamps as ISO strings). Runs append to
+    an existing file (a file that ends in a cut-off row gets a line break first)."""
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        cut_off = False
+        if self.path.exists() and self.path.stat().st_size:
+            with self.path.open("rb") as f:
+                f.seek(-1, 2)
+                cut_off = f.read(1) != b"\n"
         self._file = self.path.open("a", encoding="utf-8")
+        if cut_off:  # a run killed mid-row: this run starts on a line of its own (load_jsonl skips that row)
+            self._file.write("\n")
 
     def close(self) -> None:
         self._file.close()
@@ -246,37 +257,142 @@ def open_results(db_path: Path) -> ResultsDB | JsonlResults:
     return ResultsDB(db_path)
 
 
-def load_jsonl(jsonl: Path, db_path: Path) -> list[str]:
-    """Insert every row of a :class:`JsonlResults` file into the DuckDB file ``db_path`` (created if
-    missing); returns the run ids it held. A run already in the database is refused (loaded twice)."""
-    lines = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
-    by_table: dict[str, list[dict[str, Any]]] = {}
-    for i, line in enumerate(lines, 1):
-        if (
-            not isinstance(line, dict)
-            or line.get("table") not in TABLES
-            or not isinstance(line.get("row"), dict)
-        ):
-            raise ValueError(f"{jsonl}:{i}: expected {{'table': one of {sorted(TABLES)}, 'row': {{...}}}}")
-        by_table.setdefault(line["table"], []).append(line["row"])
-    runs = by_table.get("runs", [])
-    for r in runs:
-        r["started"] = datetime.fromisoformat(r["started"]) if r.get("started") else None
-    ids = [str(r["run_id"]) for r in runs]
+@dataclass(frozen=True)
+class JsonlLoad:
+    """What :func:`load_jsonl` did: the run ids it inserted and those the database already held (each in the
+    order of the file), the rows inserted, notes (a cut-off row skipped), and every run id of the file."""
+
+    loaded: list[str]
+    skipped: list[str]
+    rows: int
+    notes: list[str] = field(default_factory=list)
+    order: list[str] = field(default_factory=list)
+
+
+#: how a JSON-lines record starts (:class:`JsonlResults` writes ``{"table": ..., "row": ...}``)
+_RECORD_START = '{"table": '
+
+
+def _record(jsonl: Path, number: int, obj: Any) -> tuple[str, dict[str, Any]]:
+    """(table, row) of one parsed line, or a ValueError naming the line and what was expected."""
+    where = f"{jsonl}:{number}"
+    if not isinstance(obj, dict) or obj.get("table") not in TABLES or not isinstance(obj.get("row"), dict):
+        got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f"{where}: expected {{'table': one of {sorted(TABLES)}, 'row': {{...}}}}, got {got}")
+    table, row = obj["table"], obj["row"]
+    unknown = sorted(set(row) - set(TABLES[table]))
+    if unknown:
+        raise ValueError(
+            f"{where}: table {table} has no columns {unknown} (its columns: {list(TABLES[table])})"
+        )
+    if not isinstance(row.get("run_id"), str) or not row["run_id"]:
+        raise ValueError(f"{where}: a {table} row without a run_id (got {row.get('run_id')!r})")
+    if table == "runs" and row.get("started"):
+        try:
+            row["started"] = datetime.fromisoformat(row["started"])
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: runs.started {row['started']!r} is not an ISO timestamp") from None
+    return table, row
+
+
+def _parse(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return _BAD
+
+
+_BAD = object()
+
+
+def read_jsonl(jsonl: Path) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:
+    """The (table, row) records of a :class:`JsonlResults` file, in order, and notes on what was skipped.
+
+    A run killed while writing a row leaves that row cut off: at the end of the file, or (when another
+    run was appended after it by an older writer) joined to the next run's first record on one line, or
+    on its own line just before the next run's ``runs`` record. Such a cut-off row is skipped with a note
+    naming its line. Any other line that is not a record is an error naming the line."""
+    lines = [(i, line) for i, line in enumerate(jsonl.read_text(encoding="utf-8").split("\n"), 1)]
+    lines = [(i, line) for i, line in lines if line.strip()]
+    out: list[tuple[str, dict[str, Any]]] = []
+    notes: list[str] = []
+    for pos, (number, line) in enumerate(lines):
+        obj = _parse(line)
+        if obj is _BAD:
+            cut = line.rfind(_RECORD_START)
+            rest = _parse(line[cut:]) if cut > 0 else _BAD
+            nxt = _parse(lines[pos + 1][1]) if pos + 1 < len(lines) else None
+            if rest is not _BAD:  # a cut-off row, then the next run's first record
+                notes.append(
+                    f"{jsonl}:{number}: skipped a cut-off row ({cut} characters, a run killed while writing "
+                    "it) joined to the next record on the same line"
+                )
+                obj = rest
+            elif nxt is None or (isinstance(nxt, dict) and nxt.get("table") == "runs"):
+                notes.append(
+                    f"{jsonl}:{number}: skipped a cut-off last row of a run ({len(line)} characters, not valid "
+                    "JSON: a run killed while writing it)"
+                )
+                continue
+            else:
+                raise ValueError(
+                    f"{jsonl}:{number}: not valid JSON ({line[:60]!r}...), and not the cut-off last row of a "
+                    "run; expected one {'table': ..., 'row': {...}} object per line"
+                )
+        out.append(_record(jsonl, number, obj))
+    return out, notes
+
+
+def load_jsonl(jsonl: Path, db_path: Path) -> JsonlLoad:
+    """Insert the runs of a :class:`JsonlResults` file (:func:`read_jsonl`) that the DuckDB file ``db_path``
+    (created if missing) does not hold yet, in one transaction: on any error nothing is inserted.
+
+    Runs already in the database are skipped (a second run appended to the same file loads on the next
+    call); a cut-off row of a killed run is skipped with a note. Errors (``ValueError``) name the line or
+    the run: a line that is not a record, a row of a run the file and database have no ``runs`` row for,
+    a value the column cannot hold."""
+    import duckdb
+
+    records, notes = read_jsonl(jsonl)
+    order = list(dict.fromkeys(row["run_id"] for _, row in records))
+    declared = {row["run_id"] for table, row in records if table == "runs"}
     with ResultsDB(db_path) as db:
         have = {r["run_id"] for r in db.runs()}
-        again = sorted(set(ids) & have)
-        if again:
-            raise ValueError(f"{db_path} already holds run(s) {again} from {jsonl}")
-        for table in TABLES:
-            db.insert(table, by_table.get(table, []))
-    return ids
+        orphans = [r for r in order if r not in declared and r not in have]
+        if orphans:
+            raise ValueError(
+                f"{jsonl}: rows of run(s) {orphans} without their runs row (the first record a run writes); "
+                "nothing was loaded"
+            )
+        new = [r for r in order if r not in have]
+        by_table: dict[str, list[dict[str, Any]]] = {t: [] for t in TABLES}
+        for table, row in records:
+            if row["run_id"] not in have:
+                by_table[table].append(row)
+        db.con.execute("BEGIN TRANSACTION")
+        try:
+            n = sum(
+                insert_rows(db.con, t, list(TABLES[t]), rows, checkpoint=False)
+                for t, rows in by_table.items()
+            )
+            db.con.execute("COMMIT")
+        except duckdb.Error as e:
+            db.con.execute("ROLLBACK")
+            raise ValueError(f"{jsonl}: loading into {db_path} failed, nothing was loaded: {e}") from None
+        except BaseException:
+            db.con.execute("ROLLBACK")
+            raise
+        db.con.execute("CHECKPOINT")
+    return JsonlLoad(new, [r for r in order if r in have], n, notes, order)
 
 
-def insert_rows(con: Any, table: str, cols: list[str], rows: Iterable[dict[str, Any]]) -> int:
-    """Insert rows (keys: ``cols`` of ``table``; an unknown key is an error) into a DuckDB connection and
-    checkpoint the file: into the database file now, not only its write-ahead log, so a run killed by a
-    time limit keeps every row it wrote, even where only the .duckdb file is copied away."""
+def insert_rows(
+    con: Any, table: str, cols: list[str], rows: Iterable[dict[str, Any]], checkpoint: bool = True
+) -> int:
+    """Insert rows (keys: ``cols`` of ``table``; an unknown key is an error) into a DuckDB connection and,
+    with ``checkpoint``, checkpoint the file: into the database file now, not only its write-ahead log, so a
+    run killed by a time limit keeps every row it wrote, even where only the .duckdb file is copied away
+    (inside an explicit transaction pass ``checkpoint=False`` and checkpoint after the commit)."""
     data = []
     for row in rows:
         unknown = set(row) - set(cols)
@@ -287,7 +403,8 @@ def insert_rows(con: Any, table: str, cols: list[str], rows: Iterable[dict[str, 
         quoted = ", ".join(f'"{c}"' for c in cols)
         marks = ", ".join("?" for _ in cols)
         con.executemany(f"INSERT INTO {table} ({quoted}) VALUES ({marks})", data)
-        con.execute("CHECKPOINT")
+        if checkpoint:
+            con.execute("CHECKPOINT")
     return len(data)
 
 
