@@ -482,3 +482,75 @@ def test_triton_backend_of_softplus_matches_reference(variants: None, params: di
     out = attnlab.attention(q, k, v, method="softplus", causal=True, backend="triton", **params)
     assert not out[:, :, :13].any() and out[:, :, 13:].abs().sum() > 0
     assert attnlab.get("softplus").backends[0].name == "triton"
+
+
+#: (B, H, H_kv, N_q, N_k, D, causal, alpha's shape, beta's shape): cross rows, rows with no key (N_q > N_k
+#: causal), GQA, broadcast dims, a missing alpha or beta, D not a power of two, several scan steps
+AFFINE_CASES = [
+    (2, 4, 2, 21, 37, 16, True, (2, 4, 21), (1, 1, 21)),
+    (1, 4, 2, 37, 21, 16, True, (1, 4, 1), (1, 1, 37)),
+    (2, 4, 4, 19, 19, 24, False, (2, 4, 19), (2, 4, 19)),
+    (1, 2, 1, 33, 50, 16, False, None, (1, 2, 33)),
+    (1, 2, 1, 33, 50, 16, True, (1, 2, 33), None),
+]
+
+
+@pytest.mark.parametrize("case", AFFINE_CASES, ids=[f"case{i}" for i in range(len(AFFINE_CASES))])
+def test_affine_finish_kernel_is_the_map_forward_and_backward(case: tuple) -> None:
+    """The fused map ``alpha * out + beta * mean_allowed(v)`` against the same map in PyTorch on
+    affine_scaled.allowed_mean (fp32), output and every gradient (out, v, alpha, beta; broadcast dims
+    summed)."""
+    from attnlab.catalog.variants import affine_scaled
+    from attnlab.kernels.score_transform.affine import affine_finish
+
+    b, h, h_kv, n_q, n_k, d, causal, a_shape, b_shape = case
+    g = torch.Generator(device="cpu").manual_seed(0)
+    out = torch.randn(b, h, n_q, d, generator=g).to(DEVICE).requires_grad_(True)
+    v = torch.randn(b, h_kv, n_k, d, generator=g).to(DEVICE).requires_grad_(True)
+    alpha = (
+        None if a_shape is None else (torch.rand(a_shape, generator=g) + 0.5).to(DEVICE).requires_grad_(True)
+    )
+    beta = None if b_shape is None else torch.randn(b_shape, generator=g).to(DEVICE).requires_grad_(True)
+    got = affine_finish(out, v, alpha, beta, causal)
+    want = out * (1.0 if alpha is None else alpha[..., None])
+    if beta is not None:
+        want = want + beta[..., None] * affine_scaled.allowed_mean(v, n_q, causal, h)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if causal and n_q > n_k:  # rows with no key: no mean (allowed_mean is 0 there), alpha * out only
+        assert not affine_scaled.allowed_mean(v, n_q, causal, h)[:, :, : n_q - n_k].any()
+    leaves = [t for t in (out, v, alpha, beta) if t is not None]
+    do = torch.randn(got.shape, generator=g).to(DEVICE)
+    grads = torch.autograd.grad(got, leaves, do, allow_unused=True)
+    wants = torch.autograd.grad(want, leaves, do, allow_unused=True)
+    for leaf, a, w in zip(leaves, grads, wants, strict=True):
+        if w is None:  # v without beta: no gradient from the map
+            assert a is None or not a.any()
+            continue
+        assert a is not None and a.shape == leaf.shape
+        torch.testing.assert_close(a, w, atol=2e-5, rtol=2e-5)
+
+
+def test_sdpa_backend_of_affine_scaled_runs_the_fused_map(
+    variants: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """affine_scaled's first backend with the fused map (forced on this device): the registry's parity
+    rule (bf16, GQA, cross shapes, alpha and beta drawn; every gradient), the kernel called."""
+    from attnlab.catalog.variants import affine_scaled
+    from attnlab.kernels.score_transform import affine
+
+    monkeypatch.setattr(affine_scaled, "FUSED_DEVICES", ("cuda", "cpu"))
+    calls: list[bool] = []
+    real = affine.affine_finish
+
+    def spy(*args: object) -> torch.Tensor:
+        calls.append(True)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(affine, "affine_finish", spy)
+    spec = attnlab.get("affine_scaled")
+    for causal in (False, True):
+        case = Case(1, 4, 2, 17, 30, 16, torch.bfloat16, causal, optional_inputs=True)
+        check = check_parity(spec, "sdpa", case, DEVICE)
+        assert not check.skipped and check.passed, check.summary()
+        assert all(g in check.errors for g in ("dq", "dk", "dv", "dalpha", "dbeta")), check.summary()
+    assert calls

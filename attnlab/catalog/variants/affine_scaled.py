@@ -15,6 +15,13 @@ this method fixes only how they act on the weights.
 The map is linear in the normalised weights, so it acts on softmax attention's output:
 ``O = alpha * O_softmax + beta * mean_allowed(V)`` (a running mean, no N x N). Backends: ``sdpa`` (plain
 softmax through torch SDPA, cuDNN first on Hopper, then that map), ``flex``, ``eager``.
+
+Cost of the map: on a GPU it runs as one fused Triton pass forward and one backward
+(:mod:`attnlab.kernels.score_transform.affine`: reads ``O_softmax`` and ``V``, writes ``O``; the prefix
+sums of ``V`` live in registers). The unfused PyTorch form (:func:`_finish_torch`: fp32 copies, a cumsum,
+a gather, several elementwise passes, each with its autograd backward) made the ``sdpa`` path 0.18-0.61x
+of cuDNN at 8K-32K causal on the H100 (benchmarks/results/h100-2026-11-23-s2/variants/NOTES.md); it
+remains the CPU path and the one inside ``torch.compile``. The fused pass is not timed on a GPU yet.
 """
 
 from __future__ import annotations
@@ -87,8 +94,32 @@ def allowed_mean(v: Tensor, n_q: int, causal: bool, heads: int) -> Tensor:
     return expand_kv(mean, heads)
 
 
+#: devices where the map runs as the fused Triton kernel (tests add "cpu" under TRITON_INTERPRET=1)
+FUSED_DEVICES: tuple[str, ...] = ("cuda",)
+
+
+def _fused(out: Tensor) -> bool:
+    if out.device.type not in FUSED_DEVICES or torch.compiler.is_compiling():
+        return False
+    from attnlab.kernels.triton_utils import interpreting, triton_refusal
+
+    return not triton_refusal(out.device, interpreting())
+
+
 def _finish(out: Tensor, lse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, call: Call,
             extra: Mapping[str, Tensor]) -> Tensor:  # fmt: skip
+    """``alpha * out + beta * mean_allowed(v)``: the fused kernel where it runs (see the module
+    docstring), else :func:`_finish_torch`."""
+    if _fused(out):
+        from attnlab.kernels.score_transform.affine import affine_finish
+
+        return affine_finish(out, v, extra.get("alpha"), extra.get("beta"), call.problem.causal)
+    return _finish_torch(out, lse, q, k, v, call, extra)
+
+
+def _finish_torch(out: Tensor, lse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, call: Call,
+                  extra: Mapping[str, Tensor]) -> Tensor:  # fmt: skip
+    """The map in PyTorch ops, fp32 (the CPU path and the one inside torch.compile)."""
     alpha, beta = extra.get("alpha"), extra.get("beta")
     res = out.float()
     if alpha is not None:
