@@ -15,7 +15,8 @@ How a model integration drives them (one state per layer and sequence batch, exc
 - ``snapkv``, ``h2o``: the call with ``state=None`` decides what to keep and runs exact attention; route the
   prefill itself to the method so that its last queries are the observation window (SnapKV) and every
   prompt query votes (H2O; O(N^2) in PyTorch chunks, slow at 128K). A first decode call decides from its
-  own few queries instead.
+  own few queries instead. ``h2o`` with ``per_step=True`` (the H2O paper's loop) decides again at every
+  call, from the scores accumulated so far; each call passes the previous call's state.
 - ``recycled``: the call with ``state=None`` is a full step; the schedule counts calls.
 - ``tidal``: one state per decode step shared by the layers in order (see its module docstring).
 

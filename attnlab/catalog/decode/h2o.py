@@ -279,9 +279,13 @@ def _select(
     cand = _candidates(st, b, h_kv, n_k, q.device)
     if st is None:
         acc, seen = _first_weights(q, k, call.scale, valid)
-    else:
+    else:  # (nothing evicted yet: every token is a candidate, read in place rather than gathered)
         acc, seen = _carried(st, cand)
-        w, n = _step_weights(q, k, cand, call.scale, valid)
+        w, n = (
+            _first_weights(q, k, call.scale, valid)
+            if st.complete()
+            else _step_weights(q, k, cand, call.scale, valid)
+        )
         acc, seen = acc + w, seen + n
     sel = None if st is None or st.complete() else Selection(cand.to(torch.int32), 1)
     return sel, evict_step(cand, acc, seen, params, n_k, valid)
