@@ -16,9 +16,9 @@ The map is linear in the normalised weights, so it acts on softmax attention's o
 ``O = alpha * O_softmax + beta * mean_allowed(V)`` (a running mean, no N x N). Backends: ``sdpa`` (plain
 softmax through torch SDPA, cuDNN first on Hopper, then that map), ``flex``, ``eager``.
 
-Cost of the map: on a GPU it runs as one fused Triton pass forward and one backward
-(:mod:`attnlab.kernels.score_transform.affine`: reads ``O_softmax`` and ``V``, writes ``O``; the prefix
-sums of ``V`` live in registers). The unfused PyTorch form (:func:`_finish_torch`: fp32 copies, a cumsum,
+Cost of the map: on a GPU it runs as fused Triton passes (:mod:`attnlab.kernels.score_transform.affine`:
+chunk sums of ``V``, then one pass reading ``O_softmax`` and ``V`` and writing ``O``, the prefix sums made
+inside each chunk; the backward likewise). The unfused PyTorch form (:func:`_finish_torch`: fp32 copies, a cumsum,
 a gather, several elementwise passes, each with its autograd backward) made the ``sdpa`` path 0.18-0.61x
 of cuDNN at 8K-32K causal on the H100 (benchmarks/results/h100-2026-11-23-s2/variants/NOTES.md); it
 remains the CPU path and the one inside ``torch.compile``. The fused pass is not timed on a GPU yet.
