@@ -41,3 +41,97 @@ def test_last_rows_check_passes_the_backend_and_catches_a_wrong_one(
     monkeypatch.setattr(mod.attnlab, "get", lambda name: dataclasses.replace(spec, reference=wider))
     bad = mod.check_one("sliding_window", "sdpa_mask", {"window": 8}, causal, q, k, v, rows=12)
     assert not bad["passed"] and bad["errors"]["out"]["err"] > bad["errors"]["out"]["bound"]
+
+
+def test_rows_skip_reasons_use_the_pattern_of_the_row() -> None:
+    """A non-causal row needs the non-causal cross pattern (its reference), a causal row the causal one;
+    estimated plans and state are skipped."""
+    from attnlab.patterns import Pattern
+
+    mod = _module()
+    spec = attnlab.get("sliding_window")
+    causal_only_cross = dataclasses.replace(
+        spec, patterns=frozenset({Pattern.CAUSAL_SELF, Pattern.NONCAUSAL_SELF, Pattern.CAUSAL_CROSS})
+    )
+    assert mod.skip_reason(causal_only_cross, True) == ""
+    assert "no noncausal_cross pattern" in mod.skip_reason(causal_only_cross, False)
+    noncausal_only_cross = dataclasses.replace(
+        spec, patterns=frozenset({Pattern.CAUSAL_SELF, Pattern.NONCAUSAL_SELF, Pattern.NONCAUSAL_CROSS})
+    )
+    assert mod.skip_reason(noncausal_only_cross, False) == ""
+    assert "no causal_cross pattern" in mod.skip_reason(noncausal_only_cross, True)
+    assert "estimated from q and k" in mod.skip_reason(attnlab.get("block_topk"), True)
+    assert "stateful" in mod.skip_reason(attnlab.get("page_topk"), True)
+    assert mod.skip_reason(attnlab.get("alibi"), False) == ""  # optional inputs only: checked
+
+
+def test_every_budget_and_both_paths_are_checked_with_the_backend_each_ran(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """sliding_window: each budget the bench times, inference and training. alibi (optional inputs only,
+    checked without them as the bench times it), its backends replaced by a forward-only eager copy and the
+    eager one: dispatch runs the copy for inference and eager with gradients (on the GPU: its Triton
+    kernel, then Flex), and each result names the backend of its own path."""
+    from attnlab import registry
+
+    mod = _module()
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 128, 16) for _ in range(3))
+    quiet = lambda *a: None
+    res = mod.check_method("sliding_window", True, q, k, v, 8, backends=("sdpa_mask",), log=quiet)
+    budgets = attnlab.get("sliding_window").bench_params(128)
+    assert len(budgets) >= 2 and len(res) == 2 * len(budgets)
+    assert sorted((json_key(r["params"]), r["path"]) for r in res) == sorted(
+        (json_key(p), path) for p in budgets for path in ("fwd", "fwd_bwd")
+    )
+    assert all(r["passed"] and r["ran"] == "sdpa_mask" for r in res)
+    assert {frozenset(r["errors"]) for r in res} == {frozenset({"out"}), frozenset({"out", "dq", "dk", "dv"})}
+
+    alibi = attnlab.get("alibi")
+    eager = alibi.backend("eager")
+    fwd_only = type(eager)()
+    fwd_only.name, fwd_only.caps = "eager_fwd", dataclasses.replace(eager.caps, backward=False)
+    fake = dataclasses.replace(alibi, backends=(fwd_only, eager), training_backends=())
+    monkeypatch.setitem(registry._REGISTRY, "alibi", fake)
+    res = mod.check_method("alibi", False, q, k, v, 8, backends=("default",), log=quiet)
+    assert all(r["passed"] for r in res), res
+    assert {r["path"]: r["ran"] for r in res} == {"fwd": "eager_fwd", "fwd_bwd": "eager"}
+
+
+def json_key(params: dict) -> str:
+    import json
+
+    return json.dumps(params, sort_keys=True)
+
+
+def test_required_inputs_are_given_and_cut_to_the_last_rows() -> None:
+    """lowrank_bias requires u (B, H, N_q, R) and vf (B, H, N_k, R): drawn as the bench draws them; the
+    reference of the last rows gets u's last rows."""
+    mod = _module()
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 64, 16) for _ in range(3))
+    res = mod.check_method("lowrank_bias", True, q, k, v, 8, backends=("eager",), log=lambda *a: None)
+    assert [r["path"] for r in res] == ["fwd", "fwd_bwd"] and all(r["passed"] for r in res), res
+    spec = attnlab.get("lowrank_bias")
+    from attnlab.bench.calls import required_inputs
+
+    extra = required_inputs("lowrank_bias", q, k, v)
+    cut = mod.reference_inputs(spec, extra, 8)
+    assert torch.equal(cut["u"], extra["u"][:, :, -8:]) and torch.equal(cut["vf"], extra["vf"])
+
+
+def test_cpu_smoke_writes_checks_and_skips(tmp_path: Path) -> None:
+    mod = _module()
+    out = tmp_path / "tc.json"
+    report = mod.main(
+        ["--device", "cpu", "--n", "96", "--heads", "2", "--head-dim", "16", "--dtype", "float32", "--rows",
+         "8", "--methods", "softmax,block_topk,neighborhood", "--backends", "default,sdpa", "--out", str(out)]
+    )  # fmt: skip
+    assert report["summary"] == {"checked": 8, "passed": 8, "failed": 0, "skipped": 4}
+    skipped = {(r["method"], r["causal"]): r["skipped"] for r in report["results"] if "skipped" in r}
+    assert set(skipped) == {(m, c) for m in ("block_topk", "neighborhood") for c in (True, False)}
+    assert (
+        "noncausal_cross" in skipped[("neighborhood", False)]
+        and "causal_cross" in skipped[("neighborhood", True)]
+    )
+    assert out.exists() and report["env"]["device"]
