@@ -198,7 +198,9 @@ def _affine_bwd_kernel(
         suf = tl.load(SUF + b * s_pb + g * s_ph + c * s_pc + d, mask=dm, other=0.0)
         dv = tl.sum(acc, axis=0)[None, :] - tl.cumsum(acc, axis=0) + acc + suf[None, :]
         tl.store(
-            DV + b * s_wb + g * s_wh + idx[:, None] * s_wn + d[None, :], dv, mask=km[:, None] & dm[None, :]
+            DV + b * s_wb + g * s_wh + idx[:, None] * s_wn + d[None, :],
+            dv,
+            mask=km[:, None] & dm[None, :],
         )
 
 
