@@ -15,7 +15,9 @@ For each context (default 32K and 128K) and batch (default 1 and 8):
    ``attnlab.hf.use(model, decode=method, decode_params=...)``, each timed with CUDA events; sides run one
    after another, sdpa first and again last (``sdpa_after``: transformers' SDPA builds per-shape plans in
    its first steps at a new cache length; the last side shows its warmed speed). tokens/s = batch / step.
-   Each row records the peak CUDA memory of its side.
+   Each row records the peak CUDA memory of its side and its cache length per row after the last step
+   (``cache_tokens_after``: the context + the steps, or with ``free_kv=true`` in a method's parameters,
+   passed to ``use(..., free_kv=True)``, what the method kept: per-step h2o holds its budget).
 3. **check** (``--check-steps`` > 0): every method again from a copy of the same cache with a budget
    covering the whole sequence (exact), ``--check-steps`` greedy steps: ``tokens_equal`` says whether the
    greedy tokens equal sdpa's, ``max_abs_logit_diff`` how far the logits are (bf16 kernels differ: sdpa and
@@ -35,9 +37,11 @@ CPU smoke:             python benchmarks/decode_e2e.py --tiny --contexts 48 --ba
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +59,7 @@ METHODS = (
     "snapkv:budget={budget}",
     "h2o:budget={budget}",
     "h2o:budget={budget},per_step=true,recent={half},normalize=false",
+    "h2o:budget={budget},per_step=true,recent={half},normalize=false,free_kv=true",
     "tidal:budget={budget}",
     "recycled:budget={budget}",
     "tokenselect:budget={budget}",
@@ -62,6 +67,20 @@ METHODS = (
 )
 #: what ``--tiny`` adds to a method's parameters (tokenselect's default sinks + window exceed a tiny budget)
 TINY_EXTRA = {"tokenselect": ",n_init=2,n_local=2"}
+
+
+@contextlib.contextmanager
+def decode_context(model: Any, name: str, params: dict[str, Any]) -> Iterator[Any]:
+    """hf_bench's decode side; a ``free_kv`` parameter goes to ``use`` (the cache freed as the method evicts)."""
+    if "free_kv" not in params:
+        with side_context(model, "decode", name, params) as rt:
+            yield rt
+        return
+    from attnlab.hf import use
+
+    rest = {k: v for k, v in params.items() if k != "free_kv"}
+    with use(model, decode=name, decode_params=rest, free_kv=bool(params["free_kv"])) as rt:
+        yield rt
 
 
 def concat_caches(caches: list[Any]) -> Any:
@@ -129,7 +148,7 @@ def decode_side(
     cache = copy.deepcopy(base)
     clock = Clock(device)
     tokens, logits = [], []
-    with side_context(model, "decode", name, params):
+    with decode_context(model, name, params):
         for step in range(warmup + steps):
             if step < warmup:
                 out = model(token, past_key_values=cache, use_cache=True)
@@ -140,10 +159,11 @@ def decode_side(
             tokens.append(token)
             logits.append(out.logits[:, -1].float())
             del out
-    del cache
     fields = row(clock.results()[label], phase="decode", side=label, method=name, params=params)
     fields["tokens_per_s"] = token.shape[0] * 1e3 / fields["median_ms"]
     fields["peak_gib"] = peak_gib(device)
+    fields["cache_tokens_after"] = int(cache.layers[0].keys.shape[2])  # per row: physical (free_kv: kept)
+    del cache
     return fields, tokens, logits
 
 
@@ -230,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     print(f"{n:>7} B={b} {label:<60} {r['median_ms']:9.3f} ms {r['tokens_per_s']:9.1f} tok/s",
                           flush=True)  # fmt: skip
                 save()
-            if args.check_steps:
+            if args.check_steps and len(dense_tokens) >= args.check_steps:  # (not when sdpa's side failed)
                 total = n + args.warmup + args.steps + 1
                 want = dense_tokens[: args.check_steps]
                 for label, name, params in methods:

@@ -46,7 +46,8 @@ def test_rows_prefill_builds_the_batched_cache() -> None:
 def test_one_command_writes_every_row(tmp_path: Path) -> None:
     mod = _module()
     out = tmp_path / "e2e.json"
-    methods = ["page_topk:budget=16", "h2o:budget=16,per_step=true,recent=8"]
+    methods = ["page_topk:budget=16", "h2o:budget=16,per_step=true,recent=8",
+               "h2o:budget=16,per_step=true,recent=8,free_kv=true"]  # fmt: skip
     mod.main(["--tiny", "--contexts", "40", "--batches", "1", "2", "--steps", "1", "--warmup", "1",
               "--check-steps", "2", "--max-prefill-tokens", "64", "--out", str(out), "--methods", *methods])  # fmt: skip
     rows = json.loads(out.read_text())["rows"]
@@ -57,6 +58,8 @@ def test_one_command_writes_every_row(tmp_path: Path) -> None:
         for r in rows:
             if r["batch"] == b and r["phase"] == "decode":
                 assert r["median_ms"] > 0 and r["tokens_per_s"] == pytest.approx(b * 1e3 / r["median_ms"])
+                # the prompt + 2 steps; freed by per-step h2o: its budget
+                assert r["cache_tokens_after"] == (16 if "free_kv" in r["side"] else 42), r["side"]
             if r["batch"] == b and r["phase"] == "check":
                 assert r["tokens_equal"] and r["params"]["budget"] == 40 + 1 + 1 + 1
     assert [r["prefill_mode"] for r in rows if r["phase"] == "prefill"] == ["batched", "rows"]
