@@ -554,3 +554,52 @@ def test_sdpa_backend_of_affine_scaled_runs_the_fused_map(
         assert not check.skipped and check.passed, check.summary()
         assert all(g in check.errors for g in ("dq", "dk", "dv", "dalpha", "dbeta")), check.summary()
     assert calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_l2_normalize_kernel_is_f_normalize(dtype: torch.dtype) -> None:
+    """The one-pass L2 normalisation (softplus's q, k) against F.normalize in fp32: output, and the
+    gradient through it (a zero row included: output 0, finite gradient)."""
+    from attnlab.kernels.score_transform.l2norm import l2_normalize
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x32 = torch.randn(2, 3, 13, 24, generator=g) * 3
+    x32[0, 0, 5] = 0.0
+    x = x32.to(DEVICE, dtype).requires_grad_(True)
+    got = l2_normalize(x, 1e-12)
+    xr = x.detach().float().requires_grad_(True)
+    want = torch.nn.functional.normalize(xr, dim=-1, eps=1e-12)
+    tol = 1e-6 if dtype == torch.float32 else 8e-3
+    assert got.dtype == dtype and not got[0, 0, 5].any()
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+    dy = torch.randn(got.shape, generator=g).to(DEVICE)
+    (gx,) = torch.autograd.grad(got, x, dy.to(dtype))
+    (wx,) = torch.autograd.grad(want, xr, dy)
+    keep = torch.ones(2, 3, 13, dtype=torch.bool)
+    keep[0, 0, 5] = False  # (F.normalize's gradient at a zero row is dy / eps; ours subtracts a 0 projection)
+    assert torch.isfinite(gx).all()
+    torch.testing.assert_close(gx.float()[keep], wx[keep], atol=tol * 4, rtol=tol * 4)
+
+
+def test_triton_backend_of_softplus_with_the_fused_norm(
+    variants: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """softplus's kernel path with q and k normalised by the one-pass kernel (forced on this device): the
+    registry's parity rule (bf16, GQA, cross, every gradient), the kernel called."""
+    from attnlab.catalog.variants import softplus
+    from attnlab.kernels.score_transform import l2norm
+
+    monkeypatch.setattr(softplus, "FUSED_NORM_DEVICES", ("cuda", "cpu"))
+    calls: list[bool] = []
+    real = l2norm.l2_normalize
+
+    def spy(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+        calls.append(True)
+        return real(x, eps)
+
+    monkeypatch.setattr(l2norm, "l2_normalize", spy)
+    check = check_parity(
+        attnlab.get("softplus"), "triton", Case(1, 4, 2, 17, 30, 16, torch.bfloat16, True, {}), DEVICE
+    )
+    assert not check.skipped and check.passed and "dq" in check.errors, check.summary()
+    assert calls

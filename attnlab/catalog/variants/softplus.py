@@ -32,8 +32,9 @@ path passes ``log softplus`` as its score, so that its softmax is exactly the l1
 softplus weights.
 
 Backends: ``triton`` (attnlab's score-transform kernel with its softplus transform, forward and backward;
-q and k are L2-normalised before it (autograd carries their gradient) and ``lambda_i * t`` is the kernel's
-per-query temperature), ``flex`` (the same normalised q, k; the score_mod multiplies by ``lambda_i * t``),
+q and k are L2-normalised before it (on a GPU by a one-pass Triton kernel with its own backward,
+:mod:`attnlab.kernels.score_transform.l2norm`) and ``lambda_i * t`` is the kernel's per-query
+temperature), ``flex`` (the same normalised q, k; the score_mod multiplies by ``lambda_i * t``),
 ``eager``. The kernel keeps no running maximum: softplus grows linearly, computed as ``max(y, 0) +
 log(1 + e^-|y|)`` it never overflows, and the row sum of N_k weights stays in fp32 range for any logit
 below ~1e38 / N_k (exp would overflow at 88).
@@ -235,8 +236,27 @@ def _kernel_args(q: Tensor, call: Call, extra: Mapping[str, Tensor]) -> KernelAr
     return KernelArgs(softplus=True, temp=lam)
 
 
+#: devices where the backends L2-normalise q and k with the one-pass Triton kernel
+#: (:mod:`attnlab.kernels.score_transform.l2norm`; tests add "cpu" under TRITON_INTERPRET=1)
+FUSED_NORM_DEVICES: tuple[str, ...] = ("cuda",)
+
+
+def _fused_norm(x: Tensor) -> bool:
+    if x.device.type not in FUSED_NORM_DEVICES or torch.compiler.is_compiling():
+        return False
+    from attnlab.kernels.triton_utils import interpreting, triton_refusal
+
+    return not triton_refusal(x.device, interpreting())
+
+
 def _normalised(q: Tensor, k: Tensor, call: Call) -> tuple[Tensor, Tensor]:
+    """The backends' q and k: L2-normalised with ``qk_norm`` (one Triton pass each on a GPU, else
+    :func:`normalise_qk`'s PyTorch form; the same fp32 math), else unchanged."""
     assert isinstance(call.params, SoftplusParams)
+    if call.params.qk_norm and _fused_norm(q):
+        from attnlab.kernels.score_transform.l2norm import l2_normalize
+
+        return l2_normalize(q, NORM_EPS), l2_normalize(k, NORM_EPS)
     qn, kn, _ = normalise_qk(q, k, call.params, call.scale)
     return qn, kn
 
