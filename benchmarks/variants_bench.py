@@ -321,15 +321,19 @@ def neighborhood_rows_reference(
     params: dict[str, Any], n: int, causal: bool, device: torch.device
 ) -> RowsReference:
     """The reference on the last rows of an N-token neighborhood call: softmax attention over each row's
-    neighborhood (the rows of the method's (N, N) mask; the method itself is self-attention only)."""
+    neighborhood (the method's mask_mod evaluated on those rows only, (rows, N); the method itself is
+    self-attention only, so its reference cannot take the rows as a cross-attention call)."""
     from attnlab.catalog.structured import neighborhood
-    from attnlab.masks import mask_for
+    from attnlab.masks import MaskContext
     from attnlab.reference import masked_softmax_attention
 
-    full = mask_for(neighborhood.mask, neighborhood.SPEC.make_params(params), n, n, causal, device)
+    mask_mod = neighborhood.mask(neighborhood.NeighborhoodParams(**params), MaskContext(n, n, causal, device))
 
     def ref(q: Tensor, k: Tensor, v: Tensor, x: dict[str, Tensor], causal: bool, upcast: bool) -> Tensor:
-        rows = full[-q.shape[2] :]
+        zero = torch.zeros((), dtype=torch.int32, device=q.device)
+        q_idx = torch.arange(n - q.shape[2], n, dtype=torch.int32, device=q.device)[:, None]
+        kv_idx = torch.arange(n, dtype=torch.int32, device=q.device)[None, :]
+        rows = mask_mod(zero, zero, q_idx, kv_idx).expand(q.shape[2], n)
         return masked_softmax_attention(q, k, v, scale=q.shape[-1] ** -0.5, mask=rows, upcast=upcast)
 
     return ref
