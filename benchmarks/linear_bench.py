@@ -19,11 +19,12 @@ channel / ``chunk_kda``; q, k L2-normalised inside both). fla's own correctness 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,22 @@ from linear_gpu_check import (
 
 #: Where the sides' tensors live (a CPU smoke test of this script sets "cpu" under TRITON_INTERPRET=1).
 DEV = "cuda"
+#: Time gated_delta / KDA a second time with the old PyTorch q/k L2 norm (``--l2norm-ab``).
+L2NORM_AB = False
+
+
+@contextlib.contextmanager
+def fused_l2norm(on: bool) -> Iterator[None]:
+    """``attnlab.kernels.linear.op.FUSED_L2NORM`` set to ``on`` for the duration (the A/B of the fused
+    q/k L2 norm; the forward decides, its backward follows what the forward saved)."""
+    from attnlab.kernels.linear import op
+
+    saved = op.FUSED_L2NORM
+    op.FUSED_L2NORM = on
+    try:
+        yield
+    finally:
+        op.FUSED_L2NORM = saved
 
 
 def _stats(ts: list[float]) -> dict[str, float]:
@@ -135,6 +152,13 @@ def sides(b: int, h: int, n: int, d: int, methods: tuple[str, ...], fla: bool) -
             return op(q, k, v, **extra).out
 
         out[method] = (ours, [q, k, v, *(extra[nm] for nm in c.learned)], do)
+        if L2NORM_AB and c.api == "gated_delta":
+
+            def old(op: Any = op, q: Tensor = q, k: Tensor = k, v: Tensor = v, extra: Any = extra) -> Tensor:
+                with fused_l2norm(False):
+                    return op(q, k, v, **extra).out
+
+            out[method + "[old-l2norm]"] = (old, out[method][1], do)
         if fla and method != "hedgehog" and (FLA_METHODS is None or method in FLA_METHODS):
             qf, kf, vf = (to_fla(t.detach()).requires_grad_(True) for t in (q, k, v))
             xf = {nm: t.requires_grad_(nm in c.learned) for nm, t in fla_extra(c, c.extra).items()}
@@ -176,6 +200,10 @@ def bench(
     for mode in ("fwd", "fwd_bwd") if backward else ("fwd",):
         t = row[mode]
         row[mode + "_speedup_vs_cudnn"] = {m: _ratio(t.get("cudnn_sdpa"), t.get(m)) for m in methods}
+        if L2NORM_AB:  # the fused q/k L2 norm's time over the old path's (< 1: the fusion helps)
+            row[mode + "_fused_over_old_l2norm"] = {
+                m: _ratio(t.get(m), t.get(m + "[old-l2norm]")) for m in methods if m + "[old-l2norm]" in t
+            }
         if fla:
             row[mode + "_ours_over_fla"] = {m: _ratio(t.get(m), t.get("fla:" + m)) for m in methods}
     row["seconds"] = round(time.perf_counter() - t0, 1)
@@ -276,6 +304,116 @@ def decode(b: int, h: int, d: int, methods: tuple[str, ...], fla: bool, reps: in
     row["ours_over_fla"] = {m: _ratio(t.get(m), t.get("fla:" + m)) for m in methods}
     row["kernel_over_fla"] = {m: _ratio(t.get("kernel:" + m), t.get("fla:" + m)) for m in methods}
     row["dense_over_ours"] = {m: _ratio(t.get("dense_sdpa_128k"), t.get(m)) for m in methods}
+    return row
+
+
+#: aten ops that launch no device kernel (views, allocations, dtype no-ops, containers whose work is
+#: counted in the ops they call); ``_local_scalar_dense`` is a host read, counted as a synchronisation.
+_NO_LAUNCH = frozenset(
+    "aten::" + n
+    for n in (
+        "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "expand", "view",
+        "as_strided", "t", "transpose", "slice", "select", "unsqueeze", "squeeze", "detach", "alias",
+        "lift_fresh", "_to_copy", "to", "contiguous", "clone", "resolve_conj", "resolve_neg", "reshape",
+        "_reshape_alias", "result_type", "_unsafe_view", "_local_scalar_dense", "item", "is_nonzero",
+    )
+)  # fmt: skip
+
+
+class _StubLaunch:
+    """Stands in for a Triton kernel (``kernel[grid](...)``) on a CPU: counts launches, runs nothing, so
+    the host time measured is the call's own work (the interpreter would dominate it). Zeroes the step
+    kernel's range-check counts (its BAD argument) when CHECK is on, as a valid launch would."""
+
+    def __init__(self) -> None:
+        self.launches = 0
+
+    def __getitem__(self, grid: Any) -> Callable[..., None]:
+        def launch(*a: Any, **kw: Any) -> None:
+            self.launches += 1
+            if kw.get("CHECK"):
+                a[8].zero_()  # (one fill_ per checked call that a real launch would not make)
+
+        return launch
+
+
+def decode_host(
+    b: int, h: int, d: int, methods: tuple[str, ...], reps: int = 2000, profiled: int = 20
+) -> dict[str, Any]:
+    """What one prepared-op decode step (one token, a carried state, bf16) launches and costs on the host:
+    per method, with ``attnlab.settings.check_values`` on and off, the aten ops per call that launch a
+    device kernel (by name), Triton launches, allocations (aten::empty*), host reads (``tolist`` /
+    ``item``: synchronisations on a GPU) and the median host time per call over ``reps`` calls. On a CPU
+    (``DEV == "cpu"``, TRITON_INTERPRET=1) the step kernel is replaced by a launch counter that runs
+    nothing (``_StubLaunch``): the time is the host's own work per step. On CUDA the real kernel runs and
+    the time is per call, synchronised after each (a host-bound step's wall time)."""
+    import statistics
+
+    import attnlab
+    from attnlab.kernels.linear import op as kop
+
+    stub = _StubLaunch() if DEV == "cpu" else None
+    real_kernel = kop.recurrent_step_kernel
+    reads = [0]
+    real_tolist = torch.Tensor.tolist
+
+    def counted_tolist(t: Tensor) -> Any:
+        reads[0] += 1
+        return real_tolist(t)
+
+    row: dict[str, Any] = {"B": b, "H": h, "D": d, "device": DEV, "stubbed_kernel": stub is not None}
+    saved = attnlab.settings.check_values
+    try:
+        if stub is not None:
+            kop.recurrent_step_kernel = stub
+        torch.Tensor.tolist = counted_tolist  # type: ignore[method-assign, assignment]
+        for method in methods:
+            c = make_case(method, b, h, 1, d, torch.bfloat16, seed=3, dev=DEV)
+            op = attnlab.prepare(c.api, causal=True, backend="triton", **c.params)
+            fn = functools.partial(op, c.q, c.k, c.v, state=c.h0, **c.extra)
+            for check in (True, False):
+                attnlab.settings.check_values = check
+                with torch.no_grad():
+                    for _ in range(20):
+                        fn()
+                    if stub is not None:
+                        stub.launches = 0
+                    reads[0] = 0
+                    acts = [torch.profiler.ProfilerActivity.CPU]
+                    with torch.profiler.profile(activities=acts) as prof:
+                        for _ in range(profiled):
+                            fn()
+                    launches = (stub.launches / profiled) if stub is not None else None
+                    n_reads = reads[0] / profiled
+                    ops = {
+                        e.key: e.count / profiled for e in prof.key_averages() if e.key.startswith("aten::")
+                    }
+                    if stub is not None and check and method in ("gla", "gated_delta", "gated_delta_kda"):
+                        ops["aten::fill_"] = ops.get("aten::fill_", 0) - 1  # (the stub's zero_)
+                        ops["aten::zero_"] = ops.get("aten::zero_", 0) - 1
+                    launching = {k: v for k, v in ops.items() if k not in _NO_LAUNCH and v > 0}
+                    ts = []
+                    for _ in range(reps):
+                        t0 = time.perf_counter()
+                        fn()
+                        if DEV != "cpu":
+                            torch.cuda.synchronize()
+                        ts.append(time.perf_counter() - t0)
+                key = f"{method}:check_values={'on' if check else 'off'}"
+                row[key] = {
+                    "aten_launching_ops": round(sum(launching.values()), 2),
+                    "aten_ops": dict(sorted(launching.items())),
+                    "triton_launches": launches,
+                    "allocations": ops.get("aten::empty", 0) + ops.get("aten::empty_strided", 0),
+                    "host_reads": n_reads,
+                    "host_us_median": round(statistics.median(ts) * 1e6, 1),
+                    "host_us_min": round(min(ts) * 1e6, 1),
+                }
+                print(key, row[key], flush=True)
+    finally:
+        kop.recurrent_step_kernel = real_kernel
+        torch.Tensor.tolist = real_tolist  # type: ignore[method-assign]
+        attnlab.settings.check_values = saved
     return row
 
 
@@ -453,8 +591,24 @@ def main() -> None:
     ap.add_argument("--profile", default="", help="BxHxN: per-kernel GPU time of our fwd+bwd (profile())")
     ap.add_argument("--sweep", default="", help="BxHxN: launch variants of our kernels (sweep())")
     ap.add_argument("--sweep-budget", type=float, default=120.0)
+    ap.add_argument(
+        "--decode-host", default="", help="BxHxD,...: what a decode step launches (decode_host())"
+    )
+    ap.add_argument(
+        "--l2norm-ab",
+        action="store_true",
+        help="also time gated_delta / KDA with the old PyTorch q/k L2 norm (op.FUSED_L2NORM off)",
+    )
+    ap.add_argument(
+        "--cpu", action="store_true", help="run on the CPU (TRITON_INTERPRET=1; --decode-host only)"
+    )
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    global DEV, L2NORM_AB
+    L2NORM_AB = args.l2norm_ab
+    if args.cpu:  # (only --decode-host runs on a CPU)
+        DEV = "cpu"
+        args.shapes = args.decode = args.profile = args.sweep = ""
     if args.fast_autotune:
         fast_autotune()
     global WARMUP_LIMIT, FLA_METHODS
@@ -462,9 +616,9 @@ def main() -> None:
     FLA_METHODS = frozenset(args.fla_methods.split(",")) if args.fla_methods else None
     start = time.perf_counter()
     methods = tuple(args.methods.split(","))
-    result: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": [],
-                              "decode": []}  # fmt: skip
-    fla = not args.no_fla
+    result: dict[str, Any] = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
+                              "torch": torch.__version__, "rows": [], "decode": [], "decode_host": []}  # fmt: skip
+    fla = not args.no_fla and DEV == "cuda"
     if fla:
         try:
             import fla as fla_mod
@@ -482,6 +636,9 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
 
+    for shape in filter(None, args.decode_host.split(",")):
+        b, h, d = (int(x) for x in shape.split("x"))
+        save("decode_host", decode_host(b, h, d, tuple(m for m in methods if m != "hedgehog")))
     for shape in filter(None, args.decode.split(",")):
         if time.perf_counter() - start > args.budget:
             save("decode", {"skipped": shape, "why": "budget"})

@@ -383,6 +383,52 @@ def test_check_values_off_skips_the_gate_range_check(name: str, monkeypatch: pyt
         assert reads == []
 
 
+@pytest.mark.parametrize("name", ["gla", "gated_delta", "kda"])
+def test_decode_checks_gates_in_the_step_kernel(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Triton decode step (few tokens, no gradients) with settings.check_values on checks g and beta in
+    the step kernel: no reduction before the launch (aminmax is never called on valid gates), the same
+    result as with the check off, and a bad value still gets the detailed error of the host check."""
+    from attnlab.catalog.linear import _common
+    from attnlab.kernels.linear import op as kop
+
+    base = "gated_delta" if name == "kda" else name
+    with registered(BY_NAME[base]):
+        x = inputs(base, 1, 2, 2, 3, 16)
+        if name == "gated_delta":
+            x["g"] = x["g"][..., :1].contiguous()  # one gate per head (GDN); kda: per channel
+        checks: list[bool] = []
+        real_step = kop.linear_step
+
+        def step(*a: Any) -> Any:
+            checks.append(bool(a[8]))
+            return real_step(*a)
+
+        monkeypatch.setattr(kop, "linear_step", step)
+        reads: list[int] = []
+        monkeypatch.setattr(_common.torch, "aminmax", _counting(torch.aminmax, reads, 1))
+        with torch.no_grad():
+            got = _call(base, x, backend="triton")
+            assert checks == [True] and reads == []
+            monkeypatch.setattr(attnlab.settings, "check_values", False)
+            want = _call(base, x, backend="triton")
+            assert checks == [True, False]
+            torch.testing.assert_close(got.out, want.out)
+            torch.testing.assert_close(got.state, want.state)
+            monkeypatch.setattr(attnlab.settings, "check_values", True)
+            bad_inputs = [
+                ("g", 0.5, "1 positive"),
+                ("g", float("nan"), "1 NaN"),
+                ("g", float("-inf"), "1 -inf"),
+            ]
+            if base == "gated_delta":
+                bad_inputs.append(("beta", float("inf"), "1 NaN/Inf"))
+            for what, value, msg in bad_inputs:
+                t = x[what].clone()
+                t.view(-1)[-1] = value
+                with pytest.raises(InputError, match=f"{what} holds {msg}"):
+                    _call(base, dict(x, **{what: t}), backend="triton")
+
+
 @pytest.mark.parametrize("check", [True, False])
 def test_lightning_decay_check_honours_check_values(check: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """settings.check_values: on, a decay outside (0, 1] is refused; off, the decays are not read (no

@@ -150,6 +150,23 @@ def check_gate_inputs(method: str, *, g: Tensor | None = None, beta: Tensor | No
             check_finite_input(method, "beta", beta)
 
 
+def checks_in_step_kernel(n: int, *ts: Tensor | None) -> bool:
+    """Whether a Triton call on ``n`` tokens with inputs ``ts`` (q, k, v, gates, beta, state) should leave
+    the gate / beta range check to the recurrent step kernel (decode): ``settings.check_values`` on, the
+    call takes the step kernel (few tokens, no gradients), and not inside ``torch.compile`` or CUDA-graph
+    capture (where no check runs). The kernel counts the bad values as it reads them, the host reads the
+    counts once after the launch: no reduction launched before it (``check_gate_inputs`` launches
+    several, then synchronises). On a bad value the caller's ``check_gate_inputs`` runs to raise."""
+    if not settings.check_values or torch.compiler.is_compiling():
+        return False
+    q = ts[0]
+    if q is not None and q.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    from attnlab.kernels.linear.op import takes_step
+
+    return takes_step(n, *ts)
+
+
 def gated_recurrence(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, scale: float, state: Tensor | None
 ) -> tuple[Tensor, Tensor]:

@@ -19,8 +19,10 @@ applied after. Causal self-attention only; GQA: k and v shared by a group's quer
 state per query head (fla's GVA, more value than key heads, is the transpose of this and not offered).
 
 Backends: ``triton`` runs the chunked WY/UT form in Triton (``attnlab.kernels.linear.op.delta_chunk``:
-fp32 state, forward and chunked backward); a short call without gradients (decode) takes the recurrent
-step kernel, which L2-normalises q and k itself. ``torch_chunk`` runs the same chunked form in PyTorch.
+fp32 state, forward and chunked backward; q and k L2-normalised by the op's own launch, the norm's
+Jacobian applied in its backward kernels); a short call without gradients (decode) takes the recurrent
+step kernel, which L2-normalises q and k itself and (``settings.check_values``) checks g and beta as it
+reads them. ``torch_chunk`` runs the same chunked form in PyTorch.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from attnlab.catalog.linear._common import (
     CAUSAL_ONLY,
     check_gate_inputs,
     check_state,
+    checks_in_step_kernel,
     delta_recurrence,
     expand_heads,
     sample_log_decay,
@@ -73,14 +76,17 @@ def _inputs(
     g: Tensor | None,
     state: Any,
     normalize: bool = True,
+    check: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     """(q, k, v expanded to H heads, beta, g broadcast to (B, H, N, D) or None, initial state), checked
-    (g and beta with one host synchronisation); q and k L2-normalised when ``params.qk_l2norm`` and
-    ``normalize`` (the Triton runner hands that to the kernels instead)."""
+    (g and beta with one host synchronisation, unless ``check`` is False: the step kernel checks them);
+    q and k L2-normalised when ``params.qk_l2norm`` and ``normalize`` (the Triton runner hands that to
+    the kernels instead)."""
     b, h, n, d = q.shape
     if beta is None:
         raise InputError("method 'gated_delta' needs the tensor input beta (B, H, N): the writing strength")
-    check_gate_inputs("gated_delta", g=g, beta=beta)
+    if check:
+        check_gate_inputs("gated_delta", g=g, beta=beta)
     if g is not None:
         g = g.expand(b, h, n, d)
     s0, _ = check_state("gated_delta", state, b, h, d, v.shape[-1], q.device, with_sum=False)
@@ -132,9 +138,29 @@ def _run_triton(
 
     p = call.params
     assert isinstance(p, GatedDeltaParams)
-    qq, kk, vv, bb, gg, s0 = _inputs(q, k, v, p, extra.get("beta"), extra.get("g"), state, normalize=False)
-    # (q, k normalised by delta_chunk: in the step kernel for decode, else in fp32 rounded to q's dtype)
-    o, s = delta_chunk(qq, kk, vv, bb, gg, call.scale, s0, p.chunk, qk_l2norm=p.qk_l2norm)
+    beta, g = extra.get("beta"), extra.get("g")
+    # decode: the step kernel checks g and beta as it reads them (no reduction launched before it)
+    in_kernel = beta is not None and checks_in_step_kernel(
+        q.shape[2], q, k, v, beta, g, state if isinstance(state, Tensor) else None
+    )
+    qq, kk, vv, bb, gg, s0 = _inputs(q, k, v, p, beta, g, state, normalize=False, check=not in_kernel)
+
+    def on_bad() -> None:
+        check_gate_inputs("gated_delta", g=g, beta=beta)
+
+    # (q, k normalised by delta_chunk: in the step kernel for decode, else by the chunk op's own launch)
+    o, s = delta_chunk(
+        qq,
+        kk,
+        vv,
+        bb,
+        gg,
+        call.scale,
+        s0,
+        p.chunk,
+        qk_l2norm=p.qk_l2norm,
+        on_bad_gates=on_bad if in_kernel else None,
+    )
     return o.to(q.dtype), s
 
 

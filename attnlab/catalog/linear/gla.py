@@ -24,6 +24,7 @@ from attnlab.catalog.linear._common import (
     CAUSAL_ONLY,
     check_gate_inputs,
     check_state,
+    checks_in_step_kernel,
     expand_heads,
     gated_recurrence,
     sample_log_decay,
@@ -107,9 +108,28 @@ def _run_triton(
     from attnlab.kernels.linear.op import gla_chunk
 
     assert isinstance(call.params, GLAParams)
-    g = _gate(extra.get("g"))
+    g = extra.get("g")
     s0 = _state(q, v, state)
     h = q.shape[1]
+    in_kernel = g is not None and checks_in_step_kernel(q.shape[2], q, k, v, g, s0)
+    if in_kernel:  # decode: the step kernel checks g as it reads it (no reduction before the launch)
+        assert g is not None
+        gg = g
+
+        def on_bad() -> None:
+            check_gate_inputs("gla", g=gg)
+
+        return gla_chunk(
+            q,
+            expand_heads(k, h),
+            expand_heads(v, h),
+            g,
+            call.scale,
+            s0,
+            call.params.chunk,
+            on_bad_gates=on_bad,
+        )
+    g = _gate(g)
     return gla_chunk(q, expand_heads(k, h), expand_heads(v, h), g, call.scale, s0, call.params.chunk)
 
 

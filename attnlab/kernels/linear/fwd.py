@@ -28,16 +28,19 @@ def _row(ptr, row, col0, n_cols, stride, BC: tl.constexpr):
 
 @triton.jit
 def recurrent_step_kernel(
-    Q, K, V, G, BETA, H0, O, HT,
+    Q, K, V, G, BETA, H0, O, HT, BAD,
     N, DK, DV, scale,
     HAS_G: tl.constexpr, HAS_H0: tl.constexpr, DELTA: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, G_SCALAR: tl.constexpr = False, L2NORM: tl.constexpr = False,
+    CHECK: tl.constexpr = False,
 ):  # fmt: skip
     """Decode: a few tokens, one at a time, per (value block, batch * head). G (B*H, N, K) log-decays, or
     (B*H, N) one per token with ``G_SCALAR``; BETA (B*H, N) (DELTA only). Gated linear:
     S = exp(g) S + k v^T; delta: S' = exp(g) S, u = beta (v - S'^T k), S = S' + k u^T; then
     o = scale S^T q. fp32 state. ``L2NORM``: q and k are first normalised, x / sqrt(sum x^2 + 1e-6), in
-    fp32 (the delta rule's ``qk_l2norm``)."""
+    fp32 (the delta rule's ``qk_l2norm``). ``CHECK``: the gates' and beta's range check folded in (no
+    separate reduction): each program writes to BAD[bh * programs(0) + pid_v] how many of the values it
+    read are out of range (g NaN, > 0 or -inf; beta NaN or infinite); the host reads BAD after the launch."""
     pid_v = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     rk = tl.arange(0, BK)
@@ -50,6 +53,7 @@ def recurrent_step_kernel(
         s = tl.load(H0 + bh * DK * DV + state_off, mask=state_mask, other=0.0).to(tl.float32)
     else:
         s = tl.zeros((BK, BV), dtype=tl.float32)
+    n_bad = tl.zeros((), dtype=tl.int32)
     for t in range(N):
         row = bh * N + t
         q = tl.load(Q + row * DK + rk, mask=mk, other=0.0).to(tl.float32)
@@ -60,17 +64,26 @@ def recurrent_step_kernel(
             k = k * tl.rsqrt(tl.sum(k * k, axis=0) + 1e-6)
         if HAS_G:
             if G_SCALAR:
-                s = s * tl.exp(tl.load(G + row).to(tl.float32))
+                g1 = tl.load(G + row).to(tl.float32)
+                if CHECK:  # (NaN fails g1 <= 0)
+                    n_bad += ((~(g1 <= 0.0)) | (g1 == float("-inf"))).to(tl.int32)
+                s = s * tl.exp(g1)
             else:
                 g = tl.load(G + row * DK + rk, mask=mk, other=0.0).to(tl.float32)
+                if CHECK:
+                    n_bad += tl.sum(((~(g <= 0.0)) | (g == float("-inf"))).to(tl.int32), axis=0)
                 s = s * tl.exp(g)[:, None]
         if DELTA:
             beta = tl.load(BETA + row).to(tl.float32)
+            if CHECK:  # (NaN fails the comparison)
+                n_bad += (~(tl.abs(beta) < float("inf"))).to(tl.int32)
             v = beta * (v - tl.sum(s * k[:, None], axis=0))
         s = s + k[:, None] * v[None, :]
         o = tl.sum(s * q[:, None], axis=0) * scale
         tl.store(O + row * DV + pid_v * BV + rv, o.to(O.dtype.element_ty), mask=mv)
     tl.store(HT + bh * DK * DV + state_off, s, mask=state_mask)
+    if CHECK:
+        tl.store(BAD + bh * tl.num_programs(0) + pid_v, n_bad)
 
 
 @triton.jit

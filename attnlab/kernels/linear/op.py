@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -343,12 +343,15 @@ gla_chunk_fwd.register_autograd(_backward, setup_context=_setup_context)
 @torch.library.custom_op("attnlab::linear_step", mutates_args=())
 def linear_step(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, h0: Tensor | None, scale: float,
-    qk_l2norm: bool = False,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """The recurrent step kernel: (o (B, H, N, V), final state fp32). g log-decays: (B, H, N, K) per
-    channel, (B, H, N) one per token (shared by the channels), or None; ``beta`` (B, H, N) selects the
-    gated delta rule (None: the gated linear recurrence); ``qk_l2norm``: q and k L2-normalised in the
-    kernel (fp32, ``naive.l2norm``'s formula). No backward."""
+    qk_l2norm: bool = False, check: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """The recurrent step kernel: (o (B, H, N, V), final state fp32, the range check's counts). g
+    log-decays: (B, H, N, K) per channel, (B, H, N) one per token (shared by the channels), or None;
+    ``beta`` (B, H, N) selects the gated delta rule (None: the gated linear recurrence); ``qk_l2norm``: q
+    and k L2-normalised in the kernel (fp32, ``naive.l2norm``'s formula). ``check``: the kernel also
+    counts the gates / beta out of range (g NaN, > 0 or -inf; beta not finite) per program, int32
+    (programs,) (empty without ``check``): the host reads it after the launch (``step_bad_gates``)
+    instead of reducing g and beta before it. No backward."""
     b, h, n, dk = q.shape
     dv = v.shape[-1]
     bk, _, bv, _ = _blocks(dk, dv)
@@ -364,40 +367,72 @@ def linear_step(
         gc = g.expand(b, h, n, dk).contiguous()
     bc = beta.expand(b, h, n).contiguous() if beta is not None else ht
     h0c = h0.float().contiguous() if h0 is not None else ht
-    recurrent_step_kernel[(triton.cdiv(dv, bv), b * h)](
-        q, k, v, gc, bc, h0c, o, ht, n, dk, dv, float(scale),
+    grid = (triton.cdiv(dv, bv), b * h)
+    bad = torch.empty(grid[0] * grid[1] if check else 0, dtype=torch.int32, device=q.device)
+    recurrent_step_kernel[grid](
+        q, k, v, gc, bc, h0c, o, ht, bad if check else ht, n, dk, dv, float(scale),
         HAS_G=g is not None, HAS_H0=h0 is not None, DELTA=beta is not None, BK=bk, BV=bv,
-        G_SCALAR=g_scalar, L2NORM=qk_l2norm, num_warps=4,
+        G_SCALAR=g_scalar, L2NORM=qk_l2norm, CHECK=check, num_warps=4,
     )  # fmt: skip
-    return o, ht
+    return o, ht, bad
 
 
 @linear_step.register_fake
 def _(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, h0: Tensor | None, scale: float,
-    qk_l2norm: bool = False,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
+    qk_l2norm: bool = False, check: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     b, h, n, dk = q.shape
-    return q.new_empty(b, h, n, v.shape[-1]), q.new_empty(b, h, dk, v.shape[-1], dtype=torch.float32)
+    dv = v.shape[-1]
+    programs = triton.cdiv(dv, _blocks(dk, dv)[2]) * b * h if check else 0
+    return (
+        q.new_empty(b, h, n, dv), q.new_empty(b, h, dk, dv, dtype=torch.float32),
+        q.new_empty(programs, dtype=torch.int32),
+    )  # fmt: skip
 
 
 def _needs_grad(*ts: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
+def takes_step(n: int, *ts: Tensor | None) -> bool:
+    """Whether :func:`gla_chunk` / :func:`delta_chunk` on ``n`` tokens with inputs ``ts`` (q, k, v, gates,
+    state: any that may need gradients) runs the recurrent step kernel (decode) rather than the chunks."""
+    return n <= DECODE_MAX and not _needs_grad(*ts)
+
+
+def _step(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, h0: Tensor | None, scale: float,
+    qk_l2norm: bool, on_bad_gates: Callable[[], None] | None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The step kernel; with ``on_bad_gates`` its in-kernel range check on: when the counts it returns
+    (one device-to-host read, no reduction launched) show a bad value, ``on_bad_gates()`` is called to
+    raise the caller's detailed error (a ValueError here if it returns)."""
+    check = on_bad_gates is not None
+    o, ht, bad = linear_step(q, k, v, g, beta, h0, scale, qk_l2norm, check)
+    if check and any(bad.tolist()):
+        assert on_bad_gates is not None
+        on_bad_gates()
+        raise ValueError(f"the step kernel counted {sum(bad.tolist())} gate / beta value(s) out of range")
+    return o, ht
+
+
 def gla_chunk(
-    q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, scale: float, state: Tensor | None, chunk: int
-) -> tuple[Tensor, Tensor]:
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, scale: float, state: Tensor | None, chunk: int,
+    on_bad_gates: Callable[[], None] | None = None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """The gated linear recurrence ``S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T``, ``o_t = scale S_t^T q_t``
     through the Triton kernels: q, k (B, H, N, K), v (B, H, N, V), g None or broadcastable to
     (B, H, N, K), state None or (B, H, K, V). Returns (o in q's dtype, final state float32);
-    differentiable in q, k, v, g and state. Short calls without gradients take the step kernel."""
+    differentiable in q, k, v, g and state. Short calls without gradients take the step kernel
+    (:func:`takes_step`); ``on_bad_gates`` (used by the step kernel only) turns its range check of g on
+    and is called to raise when it finds a bad value (see ``_step``)."""
     b, h, n, dk = q.shape
     grad = _needs_grad(q, k, v, g, state)
     scalar, gx = _scalar_gate(g, b, h, n, dk)
     if n <= DECODE_MAX and not grad:
         _check(q, k, v, chunk)
-        return linear_step(q, k, v, gx, None, state, float(scale))
+        return _step(q, k, v, gx, None, state, float(scale), False, on_bad_gates)
     if scalar:  # lightning's per-head decays, linear's none: one gate per token, 64-row score tiles
         gc = chunk_cumsum_scalar(gx, b, h, n, chunk, q.device)
     else:
@@ -775,6 +810,7 @@ delta_chunk_fwd.register_autograd(_delta_backward, setup_context=_delta_setup)
 def delta_chunk(
     q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, scale: float, state: Tensor | None,
     chunk: int, qk_l2norm: bool = False, fused_l2norm: bool | None = None,
+    on_bad_gates: Callable[[], None] | None = None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """The gated delta rule through the Triton kernels (the signature of the naive twin
     ``delta_chunk_naive``): q, k (B, H, N, K), v (B, H, N, V), beta (B, H, N), g None or broadcastable to
@@ -783,13 +819,14 @@ def delta_chunk(
     and k are L2-normalised first (``naive.l2norm``'s formula, in float32): inside the step kernel for a
     short call, else in the chunk op (``fused_l2norm``, default ``FUSED_L2NORM``: one Triton launch, the
     normalised rows rounded to q's dtype for the chunk kernels, the Jacobian in the backward's kernels)
-    or, with ``fused_l2norm=False``, in PyTorch under autograd (the old path, for A/B timing)."""
+    or, with ``fused_l2norm=False``, in PyTorch under autograd (the old path, for A/B timing).
+    ``on_bad_gates``: as :func:`gla_chunk`'s (g and beta checked in the step kernel)."""
     b, h, n, dk = q.shape
     grad = _needs_grad(q, k, v, beta, g, state)
     if n <= DECODE_MAX and not grad:
         _check(q, k, v, chunk)
         _, gx = _scalar_gate(g, b, h, n, dk)
-        return linear_step(q, k, v, gx, beta.expand(b, h, n), state, float(scale), qk_l2norm)
+        return _step(q, k, v, gx, beta.expand(b, h, n), state, float(scale), qk_l2norm, on_bad_gates)
     fused = qk_l2norm and (FUSED_L2NORM if fused_l2norm is None else fused_l2norm)
     if qk_l2norm and not fused:
         q, k = l2norm(q).to(q.dtype), l2norm(k).to(k.dtype)
