@@ -199,10 +199,11 @@ def compact(runtime: Runtime, layer: int, cache_layer: Any, entries: Entries) ->
     whole = runtime.compacted[layer].starts is None
     for c, rows_ in groups.items():
         key = (layer, 0, None if whole else tuple(rows_))
-        if len(steps) == b:
+        if steps:  # per step (a row the call skipped, with no real token, keeps nothing)
             kept = torch.arange(c, device=keys.device, dtype=torch.int32).expand(len(rows_), h_kv, -1)
-            score = torch.stack([steps[r][0].score[steps[r][1]] for r in rows_])
-            seen = torch.stack([steps[r][0].seen[steps[r][1]] for r in rows_])
+            none = torch.zeros(h_kv, c, device=keys.device)
+            score = torch.stack([steps[r][0].score[steps[r][1]] if r in steps else none for r in rows_])
+            seen = torch.stack([steps[r][0].seen[steps[r][1]] if r in steps else none for r in rows_])
             runtime.states[key] = StepEvictionState(kept.contiguous(), score, seen, c)
         else:
             runtime.states[key] = EvictionState(None, c)
