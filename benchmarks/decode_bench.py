@@ -440,6 +440,11 @@ def bench_methods(b: int, n: int, budget: int, reps: int, flush: torch.Tensor) -
     for method in ("snapkv", "h2o"):  # decided at a first call with 16 observation queries, then a step
         st = result(attnlab.attention(q_obs, k, v, method=method, causal=True, budget=budget)).state
         fns[f"{method}_step"] = stepper(method, st, budget=budget)
+    # per-step H2O: state of the cache minus its last token, so the step attends to budget + 1 and evicts one
+    ps = attnlab.attention(q_obs, k[:, :, : n - 1], v[:, :, : n - 1], method="h2o", causal=True, budget=budget,
+                           per_step=True, recent=budget // 2, normalize=False)  # fmt: skip
+    fns["h2o_per_step"] = stepper("h2o", result(ps).state, budget=budget, per_step=True, recent=budget // 2,
+                                  normalize=False)  # fmt: skip
     full = result(attnlab.attention(q, k, v, method="recycled", causal=True, budget=budget, stride=10))
     fns["recycled_partial_step"] = stepper("recycled", full.state, budget=budget, stride=10)
     fns["recycled_full_step"] = stepper("recycled", None, budget=budget, stride=10)
