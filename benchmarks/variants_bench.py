@@ -21,6 +21,8 @@ path is not its default yet, with ``backend="triton"``, see ``EXPLICIT``), FlexA
 variant (``backend="flex"``) and cuDNN plain softmax, forward and forward+backward, timed in interleaved
 rounds (``measure_interleaved``, CUDA events, >= 10 reps; each side's median, min, quartiles). Ratio =
 t(cuDNN) / t(side): the issue's targets are forward >= 0.9, forward+backward >= 0.75, and above Flex's.
+``affine_scaled`` and ``softplus`` have a third side, ``unfused``: the same call with their fused Triton
+helper switched off (the output map in PyTorch; q, k normalised by F.normalize), to show its gain.
 The low-rank bias is not a registered method (its factors need a rank symbol in TensorInput shapes): its
 rows time the kernel through :func:`attnlab.catalog.variants.lowrank_bias.lowrank_bias_attention`.
 
@@ -80,6 +82,12 @@ EXPLICIT = {"selective": "triton"}
 #: there as Flex's), and only its forward is the kernel's
 MODES_OF = {"bias": ["fwd"]}
 HEADS, HEAD_DIM, RANK = 32, 128, 16
+#: variants whose GPU path has a fused Triton helper: an extra side "unfused" times the same call with the
+#: helper switched off (the module's device tuple emptied for the call), so one run shows what it gains
+UNFUSED = {
+    "affine_scaled": ("attnlab.catalog.variants.affine_scaled", "FUSED_DEVICES"),
+    "softplus": ("attnlab.catalog.variants.softplus", "FUSED_NORM_DEVICES"),
+}
 
 
 def _inputs(name: str, n: int, device: torch.device, grad: bool) -> dict[str, Tensor]:
@@ -116,6 +124,23 @@ def _call(
                                                            backend=backend or "triton")  # fmt: skip
     op = attnlab.prepare(name, causal=causal, backend=backend, **(params or {}))
     return lambda q, k, v, **x: op(q, k, v, **x)  # type: ignore[return-value]
+
+
+def _unfused(fn: Callable[..., Tensor], module: str, attr: str) -> Callable[..., Tensor]:
+    """``fn`` with ``module.attr`` (a tuple of devices) empty during the call: its fused helper off."""
+    import importlib
+
+    mod = importlib.import_module(module)
+
+    def call(q: Tensor, k: Tensor, v: Tensor, **x: Tensor) -> Tensor:
+        saved = getattr(mod, attr)
+        setattr(mod, attr, ())
+        try:
+            return fn(q, k, v, **x)
+        finally:
+            setattr(mod, attr, saved)
+
+    return call
 
 
 def _backend_of(name: str, causal: bool, q: Tensor, k: Tensor, v: Tensor) -> str:
@@ -255,6 +280,8 @@ def point(name: str, n: int, causal: bool, device: torch.device, with_flex: bool
     sides: dict[str, Callable[..., Tensor]] = {"ours": ours}
     if with_flex:
         sides["flex"] = _call(name, causal, "flex")
+    if name in UNFUSED:
+        sides["unfused"] = _unfused(ours, *UNFUSED[name])
     row: dict[str, Any] = {"variant": name, "n": n, "causal": causal, "heads": HEADS, "head_dim": HEAD_DIM,
                            "ours_backend_fwd": _backend_of(name, causal, q.detach(), k.detach(), v.detach()),
                            "ours_backend_fwd_bwd": _backend_of(name, causal, q, k, v)}  # fmt: skip
@@ -619,8 +646,8 @@ def summarize(path: str) -> str:
         return summarize_neighborhoods(nb_rows, env)
     lines = [
         "| variant | N | causal | mode | as called (backend) | checks | ours ms | flex ms | cuDNN ms | "
-        "ours / cuDNN | flex / cuDNN | ours vs flex |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "ours / cuDNN | flex / cuDNN | ours vs flex | unfused / cuDNN |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for obj in objs:
         row = obj.get("row")
@@ -647,7 +674,7 @@ def summarize(path: str) -> str:
                 f"| {row['variant']} | {row['n']} | {row['causal']} | {mode} | {backend} | {ok} | "
                 f"{ms('ours')} | {ms('flex')} | {ms('cudnn_softmax')} | "
                 f"{ratio(f'ours_{mode}_ratio_vs_cudnn')} | {ratio(f'flex_{mode}_ratio_vs_cudnn')} | "
-                f"{ratio(f'ours_vs_flex_{mode}')} |"
+                f"{ratio(f'ours_vs_flex_{mode}')} | {ratio(f'unfused_{mode}_ratio_vs_cudnn')} |"
             )
     head = f"device {env.get('device')}, torch {env.get('torch')}, triton {env.get('triton')}, commit {env.get('commit')}"
     return head + "\n\n" + "\n".join(lines) + "\n"

@@ -91,3 +91,52 @@ def test_neighborhood_point_reports_speedups_against_dense_and_ideal(
     assert cells[5:10] == ["ok", "2.00", "10.00", "5.00", f"{64 / 9:.1f}"]
     assert cells[10] == f"{5.0 * 9 / 64:.2f}"
     assert any(f"| ours ({ours}) |" in ln for ln in table.splitlines())
+
+
+def test_unfused_side_switches_the_helper_off_for_its_call(
+    vb: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """affine_scaled timed with its fused map (forced on the CPU under the interpreter) and, as the
+    ``unfused`` side, with it off for that call only: both checked against the reference, both timed, the
+    helper's switch restored; the table's last column is the unfused side's ratio."""
+    from attnlab.catalog.variants import affine_scaled
+    from attnlab.kernels.score_transform import affine
+
+    monkeypatch.setattr(vb, "HEADS", 2)
+    monkeypatch.setattr(vb, "HEAD_DIM", 16)
+    monkeypatch.setattr(vb, "CHECK_ROWS", 8)
+    monkeypatch.setattr(affine_scaled, "FUSED_DEVICES", ("cuda", "cpu"))
+    seen: list[tuple[str, ...]] = []
+    real = affine.affine_finish
+
+    def spy(*args: Any) -> torch.Tensor:
+        seen.append(affine_scaled.FUSED_DEVICES)
+        return real(*args)
+
+    monkeypatch.setattr(affine, "affine_finish", spy)
+    fixed = {"cudnn_softmax": 3.0, "ours": 4.0, "unfused": 6.0}
+
+    def fake_timer(fns: dict[str, Any], device: torch.device, **kw: Any) -> dict[str, Timing]:
+        for fn in fns.values():
+            fn()
+        return {name: Timing(fixed[name], fixed[name], 10, None, fixed[name], fixed[name]) for name in fns}
+
+    monkeypatch.setattr(vb, "measure_interleaved", fake_timer)
+    n_fused_before = len(seen)
+    row = vb.point("affine_scaled", 40, True, torch.device("cpu"), False, ["fwd_bwd"], lambda obj: None)
+    assert affine_scaled.FUSED_DEVICES == ("cuda", "cpu") and len(seen) > n_fused_before
+    assert {c["side"] for c in row["checks"]} == {"ours", "unfused"} and all(
+        c["passed"] for c in row["checks"]
+    )
+    assert row["unfused_fwd_bwd_ratio_vs_cudnn"] == pytest.approx(0.5)
+    assert row["ours_fwd_bwd_ratio_vs_cudnn"] == pytest.approx(0.75)
+    path = tmp_path / "variants.jsonl"
+    path.write_text("\n".join(json.dumps(o, default=str) for o in [{"env": {"device": "cpu"}}, {"row": row}]))
+    line = next(ln for ln in vb.summarize(str(path)).splitlines() if ln.startswith("| affine_scaled"))
+    assert line.strip("| ").split(" | ")[-1] == "0.50"
+    probe = {"alpha": torch.rand(1, 2, 5), "beta": torch.rand(1, 2, 5)}
+    calls_before = len(seen)
+    q = torch.randn(1, 2, 5, 16)
+    vb._unfused(vb._call("affine_scaled", True, "sdpa"), *vb.UNFUSED["affine_scaled"])(q, q, q, **probe)
+    assert len(seen) == calls_before  # off for that call
+    assert affine_scaled.FUSED_DEVICES == ("cuda", "cpu")  # and restored
