@@ -14,6 +14,13 @@ Conventions:
   the defaults' density; candidates are the swept sets and, for methods with a ``budget`` in tokens,
   budgets of length/8 and length/4; density as :mod:`attnlab.eval.density` measures it; no second run
   when no candidate is below the defaults). As ``name:key=value:key=value``: exactly those parameters.
+- Dense score variants run with no tensor input (attnlab.hf passes none, and a model that never learned a
+  gate, a temperature or sink logits has nothing to compute them from), so each runs at its documented
+  default without it: ``gated`` without a gate, ``selective`` without a temperature and ``affine_scaled``
+  without alpha/beta are softmax itself (their rows check the code path); ``sink`` is the off-by-one
+  softmax (sink logit ``logit``, default 0, for every head) and ``softplus`` its own function, both
+  different from what the model learned. Each run's row records this (``function``,
+  :func:`function_check`) and the backends forced on a CPU (``backends``, :data:`CPU_BACKENDS`).
 - ``softmax`` (dense attention through the same path) is always evaluated, first, as the reference row.
 - Samples: seeds ``0 .. samples-1`` of :func:`attnlab.organisms.tasks.generate`, haystack from the
   held-out split of the corpus (the organism's own, from its ``training.json``, when that corpus can be
