@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from linear_gpu_check import (
     METHODS,
     cap_fla_configs,
+    check,
     fast_autotune,
     fla_extra,
     fla_fn,
@@ -602,12 +603,21 @@ def main() -> None:
     ap.add_argument(
         "--cpu", action="store_true", help="run on the CPU (TRITON_INTERPRET=1; --decode-host only)"
     )
+    ap.add_argument(
+        "--check",
+        default="",
+        help="BxHxN[:grad],...: first check every method (and with --l2norm-ab the old norm path, fla when "
+        "it imports) against the fp32 recurrence (linear_gpu_check.check, the 2x rule)",
+    )
+    ap.add_argument("--check-budget", type=float, default=200.0, help="seconds after which no check starts")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     global DEV, L2NORM_AB
     L2NORM_AB = args.l2norm_ab
-    if args.cpu:  # (only --decode-host runs on a CPU)
-        DEV = "cpu"
+    if args.cpu:  # (only --decode-host and --check run on a CPU: a smoke test at tiny shapes)
+        import linear_gpu_check
+
+        DEV = linear_gpu_check.DEV = "cpu"
         args.shapes = args.decode = args.profile = args.sweep = ""
     if args.fast_autotune:
         fast_autotune()
@@ -617,7 +627,8 @@ def main() -> None:
     start = time.perf_counter()
     methods = tuple(args.methods.split(","))
     result: dict[str, Any] = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
-                              "torch": torch.__version__, "rows": [], "decode": [], "decode_host": []}  # fmt: skip
+                              "torch": torch.__version__, "rows": [], "decode": [], "decode_host": [],
+                              "checks": []}  # fmt: skip
     fla = not args.no_fla and DEV == "cuda"
     if fla:
         try:
@@ -636,6 +647,21 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
 
+    for shape in filter(None, args.check.split(",")):
+        dims, _, flag = shape.partition(":")
+        b, h, n = (int(x) for x in dims.split("x"))
+        for method in methods:
+            if time.perf_counter() - start > args.check_budget:
+                save("checks", {"skipped": f"{method} {shape}", "why": "check budget"})
+                continue
+            sides_ = ("attnlab", *(("attnlab-old-l2norm",) if L2NORM_AB else ()), *(("fla",) if fla else ()))
+            try:
+                rows = check(method, b, h, n, args.head_dim, grad=flag == "grad", sides=sides_)
+                for r in rows:
+                    save("checks", r)
+            except Exception as e:
+                save("checks", {"case": f"{method} {shape}", "error": f"{type(e).__name__}: {e}"[:500]})
+            torch.cuda.empty_cache()
     for shape in filter(None, args.decode_host.split(",")):
         b, h, d = (int(x) for x in shape.split("x"))
         save("decode_host", decode_host(b, h, d, tuple(m for m in methods if m != "hedgehog")))

@@ -342,7 +342,26 @@ def run_reference(
     return torch.cat(outs, 2), s
 
 
-SIDES: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {"attnlab": run_ours, "fla": run_fla}
+def run_ours_old_l2norm(
+    c: Case, q: Tensor, k: Tensor, v: Tensor, extra: dict[str, Tensor], h0: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """``run_ours`` on the old q/k L2-norm path (``attnlab.kernels.linear.op.FUSED_L2NORM`` off: the
+    PyTorch normalisation before the chunk op), for gated_delta / KDA: the A/B of the fused norm."""
+    from attnlab.kernels.linear import op
+
+    saved = op.FUSED_L2NORM
+    op.FUSED_L2NORM = False
+    try:
+        return run_ours(c, q, k, v, extra, h0)
+    finally:
+        op.FUSED_L2NORM = saved
+
+
+SIDES: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
+    "attnlab": run_ours,
+    "attnlab-old-l2norm": run_ours_old_l2norm,
+    "fla": run_fla,
+}
 #: Seconds a side's call may take in ``check`` (fla's first use autotunes; 0: no limit), and the
 #: (method, side) pairs that ran out of it once (not tried again at another shape).
 SIDE_LIMIT = {"fla": 0.0, "attnlab": 0.0}
@@ -391,6 +410,8 @@ def check(method: str, b: int, h: int, n: int, d: int, *, grad: bool, sides: tup
     for side in sides:
         if side == "fla" and method == "hedgehog":
             continue  # (fla's HedgehogFeatureMap is another function: one softmax over [2y, -2y])
+        if side == "attnlab-old-l2norm" and c.api != "gated_delta":
+            continue  # (only the delta rule normalises q and k)
         row: dict[str, Any] = {"side": side, "method": method, "gates": gates, "grad": grad, "B": b, "H": h,
                                "N": n, "D": d, "dtype": str(dtype).replace("torch.", "")}  # fmt: skip
         if (method, side) in TIMED_OUT:

@@ -1,0 +1,69 @@
+"""CPU smoke tests of the linear family's GPU scripts (``benchmarks/linear_bench.py``,
+``benchmarks/linear_gpu_check.py``) at tiny shapes under the interpreter: the reference check of the
+fused and the old q/k L2-norm paths, the A/B sides of the timing, and the decode-step launch profile."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from attnlab.testing import on_cuda
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+pytestmark = pytest.mark.skipif(on_cuda(), reason="CPU smoke test of the GPU scripts")
+
+
+@pytest.fixture
+def scripts(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, Any]]:
+    monkeypatch.syspath_prepend(str(BENCH))
+    import linear_bench
+    import linear_gpu_check
+
+    monkeypatch.setattr(linear_bench, "DEV", "cpu")
+    monkeypatch.setattr(linear_gpu_check, "DEV", "cpu")
+    yield linear_bench, linear_gpu_check
+    sys.modules.pop("linear_bench", None)
+
+
+def test_check_runs_the_fused_and_the_old_l2norm_paths_against_the_reference(
+    scripts: tuple[Any, Any],
+) -> None:
+    _, lgc = scripts
+    rows = lgc.check("gated_delta", 1, 2, 20, 16, grad=True, sides=("attnlab", "attnlab-old-l2norm"))
+    assert [r["side"] for r in rows] == ["attnlab", "attnlab-old-l2norm"]
+    for r in rows:
+        assert r["pass"], r
+        assert {"dq", "dk", "dv", "dbeta", "dg", "dh0"} <= set(r)
+    rows = lgc.check("gla", 1, 2, 20, 16, grad=False, sides=("attnlab", "attnlab-old-l2norm"))
+    assert [r["side"] for r in rows] == ["attnlab"]  # (no q/k norm to A/B)
+
+
+def test_l2norm_ab_sides_compute_the_same_function(
+    scripts: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lb, _ = scripts
+    monkeypatch.setattr(lb, "L2NORM_AB", True)
+    sides = lb.sides(1, 2, 20, 16, ("gated_delta",), fla=False)
+    assert set(sides) == {"cudnn_sdpa", "gated_delta", "gated_delta[old-l2norm]"}
+    (new, wrt, do), (old, wrt_old, _) = sides["gated_delta"], sides["gated_delta[old-l2norm]"]
+    assert wrt is wrt_old
+    g_new = lb._fwd_bwd(new, wrt, do)
+    g_old = lb._fwd_bwd(old, wrt, do)
+    for a, b in zip(g_new, g_old, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), atol=3e-2, rtol=3e-2)
+
+
+def test_decode_host_counts_what_a_step_launches(scripts: tuple[Any, Any]) -> None:
+    lb, _ = scripts
+    row = lb.decode_host(1, 2, 16, ("gated_delta", "lightning"), reps=5, profiled=3)
+    on, off = row["gated_delta:check_values=on"], row["gated_delta:check_values=off"]
+    assert on["triton_launches"] == off["triton_launches"] == 1
+    assert on["aten_launching_ops"] == off["aten_launching_ops"] == 0, (on, off)
+    assert (on["host_reads"], off["host_reads"]) == (1, 0)  # the in-kernel check's counts, read once
+    assert row["lightning:check_values=on"]["host_reads"] == 0
+    assert all(r["host_us_median"] > 0 for k, r in row.items() if ":" in k)
