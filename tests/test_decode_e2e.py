@@ -48,7 +48,7 @@ def test_one_command_writes_every_row(tmp_path: Path) -> None:
     out = tmp_path / "e2e.json"
     methods = ["page_topk:budget=16", "h2o:budget=16,per_step=true,recent=8",
                "h2o:budget=16,per_step=true,recent=8,free_kv=true"]  # fmt: skip
-    mod.main(["--tiny", "--contexts", "40", "--batches", "1", "2", "--steps", "1", "--warmup", "1",
+    mod.main(["--tiny", "--device", "cpu", "--contexts", "40", "--batches", "1", "2", "--steps", "1", "--warmup", "1",
               "--check-steps", "2", "--max-prefill-tokens", "64", "--out", str(out), "--methods", *methods])  # fmt: skip
     rows = json.loads(out.read_text())["rows"]
     for b in (1, 2):
