@@ -181,7 +181,9 @@ class EfficiencyRun:
         for r in todo:
             spec = attnlab.get(r.method)
             params = spec.make_params(r.params)
-            density, block_density = densities(spec, params, n_q, n_k, causal, c.torch_device, x.q, x.k)
+            density, block_density = densities(
+                spec, params, n_q, n_k, causal, c.torch_device, x.q, x.k, calls.method_inputs(x, r.method)
+            )
             call = attnlab.resolve(
                 x.q, x.k, x.v, method=r.method, causal=causal, check_finite=False, **r.params
             )

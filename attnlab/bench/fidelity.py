@@ -32,7 +32,7 @@ from torch import Tensor
 
 import attnlab
 from attnlab.bench.calls import output_of, required_inputs
-from attnlab.bench.planning import densities
+from attnlab.bench.planning import densities, estimated_plan
 from attnlab.bench.workloads import Workload, serves
 from attnlab.masks import MaskContext, causal_mask, dense_mask
 from attnlab.patterns import Pattern
@@ -90,13 +90,22 @@ def mass_recall(
     return plan.recall(probs).mean(0).tolist()
 
 
+#: ``inputs(method, q, k, v) -> {name: tensor}``: the tensor inputs a fidelity row gives a method
+InputsFn = Callable[[str, Tensor, Tensor, Tensor], dict[str, Tensor]]
+
+
 def fidelity_rows(
     workload: Workload,
     methods: tuple[str, ...] | None,
     patterns: tuple[Pattern, ...],
     budgets: str,
     log: Callable[[str], None] = lambda s: None,
+    inputs: InputsFn = required_inputs,
 ) -> Iterator[dict[str, Any]]:
+    """The fidelity rows of ``workload`` (module docstring). ``inputs``: each method's tensor inputs
+    (default: its required ones, valid random values, as the speed sweep draws them); the same tensors go
+    to the call, the backend's description and the estimator whose plan gives the recall and density
+    (:func:`attnlab.bench.planning.estimated_plan`: e.g. seer's gate weights)."""
     for layer, q, k, v in workload.layers:
         n_q, n_k, d = q.shape[2], k.shape[2], q.shape[3]
         scale = d**-0.5
@@ -117,18 +126,21 @@ def fidelity_rows(
                 sets = spec.bench_params(n_k)
                 for params in sets if budgets == "all" else sets[:1]:
                     p = spec.make_params(params)
-                    # tensor inputs (gates, beta, ...): valid random values
-                    kwargs: dict[str, Any] = {**params, **required_inputs(name, q, k, v)}
+                    extra = inputs(name, q, k, v)  # tensor inputs (gates, beta, weights, ...)
+                    kwargs: dict[str, Any] = {**params, **extra}
                     out = output_of(
                         attnlab.attention(q, k, v, method=name, causal=causal, check_finite=False, **kwargs)
                     )
-                    backend = attnlab.explain(q, k, v, method=name, causal=causal, **params).backend
+                    backend = attnlab.explain(q, k, v, method=name, causal=causal, **kwargs).backend
                     diff = _head_norms(out - dense_out)
                     rel = (diff / dense_norm.clamp_min(1e-30)).tolist()
                     vs_uniform = (diff / uniform_err.clamp_min(1e-30)).tolist()
-                    plan = spec.estimate(q, k, p, causal=causal, scale=scale) if spec.estimate else None
+                    plan = estimated_plan(spec, p, q, k, causal, extra, scale) if spec.estimate else None
                     recall = mass_recall(spec, p, probs, causal, plan)
-                    density, block_density = densities(spec, p, n_q, n_k, causal, q.device, q, k)
+                    if plan is not None:
+                        density, block_density = plan.density, plan.block_density
+                    else:
+                        density, block_density = densities(spec, p, n_q, n_k, causal, q.device)
                     for h in range(q.shape[1]):
                         yield {
                             "workload": workload.name,

@@ -3,6 +3,7 @@ length, mode) from the registry, and each row's density."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +12,9 @@ from torch.nn.attention import SDPBackend
 
 import attnlab
 from attnlab.backends.base import Backend
+from attnlab.core import Call, Problem, default_scale
 from attnlab.kernels.triton_utils import interpreting
+from attnlab.params import Params
 from attnlab.patterns import Pattern
 from attnlab.plans import static_plan
 
@@ -70,6 +73,31 @@ def planned_rows(
     return rows
 
 
+def estimated_plan(
+    spec: attnlab.MethodSpec,
+    params: Any,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    causal: bool,
+    inputs: Mapping[str, torch.Tensor] | None = None,
+    scale: float | None = None,
+) -> Any:
+    """A dynamic method's plan (:class:`attnlab.Plan`) for q (B, H, N_q, D), k (B, H_kv, N_k, D) through
+    :meth:`MethodSpec.estimate_plan`, as its backends estimate it: the estimator gets the tensor inputs it
+    declares in ``estimate_inputs`` (e.g. seer's gate weights ``w_q``, ``w_k``) from ``inputs``, the same
+    tensors the call itself is given. ``scale``: the attention's (default 1 / sqrt(D))."""
+    if spec.estimate is None:
+        raise ValueError(f"method {spec.name!r} has no estimator (its plan_kind is {spec.plan_kind!r})")
+    p = params if isinstance(params, Params) else spec.make_params(dict(params))
+    problem = Problem(
+        batch=q.shape[0], heads=q.shape[1], kv_heads=k.shape[1], n_q=q.shape[2], n_k=k.shape[2],
+        head_dim=q.shape[3], v_dim=k.shape[3], causal=causal, dtype=q.dtype, device=q.device,
+        requires_grad=False,
+    )  # fmt: skip
+    call = Call(spec, p, problem, default_scale(q.shape[-1], scale))
+    return spec.estimate_plan(q, k, call, dict(inputs or {}))
+
+
 def densities(
     spec: attnlab.MethodSpec,
     params: Any,
@@ -79,15 +107,17 @@ def densities(
     device: torch.device,
     q: torch.Tensor | None = None,
     k: torch.Tensor | None = None,
+    inputs: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[float, float]:
     """(token density, block density) of the method's sparsity plan (:class:`attnlab.Plan`): the share of
     the dense pattern's (query, key) pairs it computes, and of the dense pattern's tiles it visits (128 x
     128 for static plans, the method's own tiles for dynamic ones, estimated from ``q`` and ``k``, which
-    they need). 1.0 for dense methods (no plan)."""
+    they need, and the tensor inputs the estimator takes, from ``inputs``: :func:`estimated_plan`). 1.0 for
+    dense methods (no plan)."""
     if spec.estimate is not None:
         if q is None or k is None:
             raise ValueError(f"method {spec.name!r} estimates its plan from q and k: pass them")
-        plan = spec.estimate(q, k, params, causal=causal, scale=q.shape[-1] ** -0.5)
+        plan = estimated_plan(spec, params, q, k, causal, inputs)
         return plan.density, plan.block_density
     if spec.mask is None:
         return 1.0, 1.0

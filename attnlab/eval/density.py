@@ -57,10 +57,14 @@ def prefill_density(
     n: int,
     qk: Sequence[tuple[torch.Tensor, torch.Tensor, float]] | None,
     device: torch.device,
+    inputs: Sequence[Mapping[str, torch.Tensor]] | None = None,
 ) -> float:
     """The method's prefill density at ``n`` tokens (see the module docstring). ``qk``: per layer
-    (q (1, H, N, D), k (1, H_kv, N, D), scale) captured from the model, needed by dynamic methods only."""
-    from attnlab.bench.planning import densities
+    (q (1, H, N, D), k (1, H_kv, N, D), scale) captured from the model, needed by dynamic methods only.
+    ``inputs``: per layer (aligned with ``qk``), the tensor inputs the method's estimator takes (its
+    ``estimate_inputs``, e.g. seer's gate weights ``w_q``, ``w_k``: the plan is estimated through
+    :meth:`MethodSpec.estimate_plan` as its backends estimate it); None: none."""
+    from attnlab.bench.planning import densities, estimated_plan
     from attnlab.hf.plan import phases_of
 
     if "prefill" not in phases_of(spec) or spec.family == "dense":
@@ -69,12 +73,18 @@ def prefill_density(
     if spec.estimate is not None:
         if not qk:
             raise ValueError(f"method {spec.name!r} estimates its plan from q and k: captured Q/K are needed")
+        if inputs is not None and len(inputs) != len(qk):
+            raise ValueError(
+                f"prefill_density of {spec.name!r}: {len(inputs)} sets of tensor inputs for {len(qk)} layers "
+                "of captured Q/K; expected one per layer"
+            )
         vals = []
-        for q, k, scale in qk:
+        for i, (q, k, scale) in enumerate(qk):
             q_, k_ = q[:, :, :n].to(device), k[:, :, :n].to(device)
+            extra = {name: t.to(device) for name, t in (inputs[i] if inputs is not None else {}).items()}
             # counting a plan's pairs may build its (H, N, N) bool mask: allowed here past the dense limit
             with _dense_limit(q_.shape[0] * q_.shape[1] * n * n):
-                vals.append(float(spec.estimate(q_, k_, p, causal=True, scale=scale).density))
+                vals.append(float(estimated_plan(spec, p, q_, k_, True, extra, scale).density))
         return sum(vals) / len(vals)
     if spec.mask is None:  # a sparse method without a plan attnlab can count (e.g. per-head masks)
         return math.nan
