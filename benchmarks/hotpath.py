@@ -8,8 +8,11 @@ Sections, each guarded (a failure is recorded in its place): ``host`` (us per ca
 and raw compiled flex, in short blocks of back-to-back calls interleaved (:func:`host_timed`); overhead =
 median of the paired differences of block means against bind; targets op - bind <= 10 us, attention - bind
 <= 25 us);
-``first_call`` (new lengths, Triton autotuner/JIT caches, dynamo counters; a new length in a seen bucket
-(BUCKET_RULES) costs under 5 ms more than a warm call; before the next section, which warms those lengths);
+``first_call`` (new lengths, Triton autotuner/JIT caches, dynamo counters, the CUDA memory the allocator
+obtained inside the first call: new segments ("unknown" under ``expandable_segments:True``, where a segment
+grows in place), driver allocation calls and reserved growth (:func:`allocator_growth`); a new length in a
+seen bucket (BUCKET_RULES) costs under 5 ms more than a warm call; before the next section, which warms
+those lengths);
 ``as_called_vs_kernel`` (cuDNN SDPA, as called, kernel, raw flex with the same BlockMask, rounds in
 carry-over-balanced orders with CUDA events after correctness checks; at 8K+ as_called / kernel and attnlab
 flex / raw flex <= 1.03; from ``--order-check`` on, the three bench sides again in the bench harness's cyclic
@@ -292,10 +295,57 @@ def gc_collections() -> int:
     return sum(s["collections"] for s in gc.get_stats())
 
 
-def cuda_segments() -> int:
-    """Memory segments the CUDA caching allocator has obtained from the driver so far (each one a
-    cudaMalloc, milliseconds for large ones): the first-call rows record how many a first call needed."""
-    return int(torch.cuda.memory_stats().get("segment.all.allocated", 0)) if DEV.type == "cuda" else 0
+#: ``torch.cuda.memory_stats()`` keys the first-call rows compare before and after a call
+ALLOC_KEYS = ("segment.all.allocated", "num_device_alloc", "reserved_bytes.all.current")
+
+
+def allocator_conf() -> str:
+    """The CUDA caching allocator's settings from the environment (``PYTORCH_CUDA_ALLOC_CONF``, or the newer
+    ``PYTORCH_ALLOC_CONF``); "" when neither is set."""
+    return os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF") or ""
+
+
+def expandable_segments(conf: str) -> bool:
+    """Whether an allocator configuration string turns on expandable segments
+    (``expandable_segments:True`` among its comma-separated options)."""
+    for option in conf.split(","):
+        key, _, value = option.partition(":")
+        if key.strip() == "expandable_segments":
+            return value.strip().lower() in ("true", "1")
+    return False
+
+
+def allocator_counts() -> dict[str, int | None]:
+    """The :data:`ALLOC_KEYS` of ``torch.cuda.memory_stats()`` now (None for a key this torch lacks); every
+    count 0 on a CPU run (nothing is allocated on a GPU there)."""
+    if DEV.type != "cuda":
+        return dict.fromkeys(ALLOC_KEYS, 0)
+    stats = torch.cuda.memory_stats()
+    return {k: (int(stats[k]) if k in stats else None) for k in ALLOC_KEYS}
+
+
+def allocator_growth(
+    before: dict[str, int | None], after: dict[str, int | None], expandable: bool
+) -> dict[str, Any]:
+    """What the CUDA caching allocator obtained from the driver between two :func:`allocator_counts`:
+
+    - ``device_allocs``: driver allocation calls (``num_device_alloc``: cudaMalloc, and cuMemMap under
+      expandable segments; milliseconds each for large ones); None when this torch does not count them;
+    - ``reserved_mb``: growth of the memory reserved from the driver (MiB; either mode);
+    - ``segments``: new segments (``segment.all.allocated``), or "unknown" under expandable segments, where
+      one segment grows in place and the count stays put whatever is mapped.
+    """
+
+    def diff(key: str) -> int | None:
+        a, b = before.get(key), after.get(key)
+        return None if a is None or b is None else b - a
+
+    reserved = diff("reserved_bytes.all.current")
+    return {
+        "segments": "unknown" if expandable else diff("segment.all.allocated"),
+        "device_allocs": diff("num_device_alloc"),
+        "reserved_mb": None if reserved is None else reserved / 2**20,
+    }
 
 
 def section_first_call() -> dict[str, Any]:
@@ -303,6 +353,8 @@ def section_first_call() -> dict[str, Any]:
     heads, d = (8, 64) if ARGS.quick else (32, 128)
     rows: list[dict[str, Any]] = []
     seen: set[Any] = set()
+    conf = allocator_conf()
+    expandable = expandable_segments(conf)
     for n in lengths:
         q, k, v = (randn(1, heads, n, d) for _ in range(3))
         for m in ("sigmoid", "sliding_window", "sdpa"):  # sdpa (cuDNN, after ours): no bucket, for scale
@@ -312,21 +364,24 @@ def section_first_call() -> dict[str, Any]:
                 if m == "sdpa"
                 else partial(attnlab.attention, q, k, v, method=m, causal=True, **KERNEL_METHODS[m])
             )  # fmt: skip
-            before_c, before_t, times, gc_runs, segments = dynamo_counters(), triton_caches(), [], [], []
+            before_c, before_t, times, gc_runs, allocs = dynamo_counters(), triton_caches(), [], [], []
             for _ in range(3):  # the first call, then warm ones: seconds, synchronised
                 sync()
-                gc0, seg0 = gc_collections(), cuda_segments()
+                gc0, alloc0 = gc_collections(), allocator_counts()
                 t0 = time.perf_counter()
                 call()
                 sync()
                 times.append(time.perf_counter() - t0)
                 gc_runs.append(gc_collections() - gc0)
-                segments.append(cuda_segments() - seg0)
+                allocs.append(allocator_growth(alloc0, allocator_counts(), expandable))
             first, second = times[0], min(times[1:])
             after_t, after_c = triton_caches(), dynamo_counters()
             bucket = bucket_of(m, n)  # after the call: the sigmoid module is imported by then
             row = {"method": m, "n": n, "first_s": first, "second_s": second, "bucket": bucket,
-                   "gc_in_first_call": gc_runs[0], "cuda_segments_in_first_call": segments[0], "new_length": (m, n) not in seen, "seen_bucket": (m, "bucket", bucket) in seen,
+                   "gc_in_first_call": gc_runs[0], "cuda_segments_in_first_call": allocs[0]["segments"],
+                   "cuda_device_allocs_in_first_call": allocs[0]["device_allocs"],
+                   "cuda_reserved_mb_in_first_call": allocs[0]["reserved_mb"],
+                   "new_length": (m, n) not in seen, "seen_bucket": (m, "bucket", bucket) in seen,
                    "triton_before": before_t, "triton_after": after_t,
                    "autotuner_grew": (after_t["autotuner"] or 0) > (before_t["autotuner"] or 0),
                    "jit_cache_grew": (after_t["jit"] or 0) > (before_t["jit"] or 0),
@@ -339,7 +394,8 @@ def section_first_call() -> dict[str, Any]:
         del q, k, v
     parts = [first_call_parts(n, heads, d) for n in ([448] if ARGS.quick else [8448, 33024, 66048])]
     return {"heads": heads, "head_dim": d, "dtype": str(DT), "causal": True, "rows": rows,
-            "bucket_rules": BUCKET_RULES, "warm": "the fastest of the next two calls", "parts": parts}  # fmt: skip
+            "bucket_rules": BUCKET_RULES, "warm": "the fastest of the next two calls", "parts": parts,
+            "allocator_conf": conf, "expandable_segments": expandable}  # fmt: skip
 
 
 def first_call_parts(n: int, heads: int, d: int) -> dict[str, Any]:

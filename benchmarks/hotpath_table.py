@@ -128,6 +128,21 @@ def _called(a: dict[str, Any]) -> list[str]:
     return lines
 
 
+def alloc_cell(r: dict[str, Any]) -> str:
+    """A first-call row's CUDA allocations: "segments / driver allocation calls / reserved growth (MiB)",
+    each "—" where not recorded ("unknown" segments under expandable segments)."""
+    seg = r.get("cuda_segments_in_first_call")
+    allocs = r.get("cuda_device_allocs_in_first_call")
+    mb = r.get("cuda_reserved_mb_in_first_call")
+    return " / ".join(
+        [
+            "—" if seg is None else str(seg),
+            "—" if allocs is None else str(allocs),
+            "—" if mb is None else f"{mb:.0f}",
+        ]
+    )
+
+
 def _first(f: dict[str, Any]) -> list[str]:
     if "bucket_rules" not in f:
         return _first_v1(f)
@@ -142,9 +157,25 @@ def _first(f: dict[str, Any]) -> list[str]:
         lines.append(f"- Bucket of `{method}`: {rule}.")
     if f.get("bucket_rules"):
         lines.append("")
+    alloc_v2 = "expandable_segments" in f  # runs that record driver allocations and reserved growth too
+    if alloc_v2:
+        lines += [
+            "CUDA memory the allocator obtained inside the first call: new segments / driver allocation calls "
+            "(`num_device_alloc`) / growth of reserved memory (MiB)"
+            + (
+                "; the run used expandable segments (`"
+                + f["allocator_conf"]
+                + "`): a segment grows in place "
+                "there, so its count is unknown and the other two tell."
+                if f["expandable_segments"]
+                else "."
+            ),
+            "",
+        ]
+    last = "CUDA memory in it (segments / allocs / MiB)" if alloc_v2 else "new CUDA memory segments in it"
     lines += [
         "| method | N | bucket | new bucket | first (ms) | warm (ms) | extra (ms) | < 5 ms | Triton autotuned | "
-        "Triton compiled | dynamo recompiled | gc runs in the first call | new CUDA memory segments in it |",
+        f"Triton compiled | dynamo recompiled | gc runs in the first call | {last} |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in f["rows"]:
@@ -162,7 +193,7 @@ def _first(f: dict[str, Any]) -> list[str]:
             f"| {r['method']} | {r['n']} | {r.get('bucket') or '—'} | {new_bucket} | {r['first_s'] * 1e3:.1f} | "
             f"{r['second_s'] * 1e3:.2f} | {extra:.1f} | {meets} | {'yes' if r['autotuner_grew'] else 'no'} | "
             f"{'yes' if r['jit_cache_grew'] else 'no'} | {recompiled} | {r.get('gc_in_first_call', '—')} | "
-            f"{r.get('cuda_segments_in_first_call', '—')} |"
+            f"{alloc_cell(r) if alloc_v2 else r.get('cuda_segments_in_first_call', '—')} |"
         )
     parts = f.get("parts", [])
     if parts:

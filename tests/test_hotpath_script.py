@@ -45,6 +45,10 @@ def test_hotpath_quick_cpu(tmp_path: Path) -> None:
     }
     assert all(r["first_s"] > 0 and r["second_s"] > 0 for r in rows)
     assert all(r["gc_in_first_call"] >= 0 and r["cuda_segments_in_first_call"] == 0 for r in rows)  # CPU
+    assert all(
+        r["cuda_device_allocs_in_first_call"] == 0 and r["cuda_reserved_mb_in_first_call"] == 0 for r in rows
+    )
+    assert isinstance(data["first_call"]["expandable_segments"], bool)
     assert all(r["bucket"] is None and "meets_5ms" not in r for r in rows if r["method"] == "sdpa")
 
     configs = data["as_called_vs_kernel"]["configs"]
