@@ -49,6 +49,26 @@ from linear_gpu_check import (
 DEV = "cuda"
 #: Time gated_delta / KDA a second time with the old PyTorch q/k L2 norm (``--l2norm-ab``).
 L2NORM_AB = False
+#: Time gla a second time with its backward split in two kernels (``--gla-split-ab``: op.GLA_BWD_SPLIT).
+GLA_SPLIT_AB = False
+
+
+@contextlib.contextmanager
+def gla_split_bwd(on: bool) -> Iterator[None]:
+    """``attnlab.kernels.linear.op.GLA_BWD_SPLIT`` set to ``on`` for the duration (read by the backward)."""
+    from attnlab.kernels.linear import op
+
+    saved = op.GLA_BWD_SPLIT
+    op.GLA_BWD_SPLIT = on
+    try:
+        yield
+    finally:
+        op.GLA_BWD_SPLIT = saved
+
+
+def _split_fwd_bwd(fn: Callable[[], Tensor], wrt: list[Tensor], do: Tensor) -> tuple[Tensor, ...]:
+    with gla_split_bwd(True):
+        return torch.autograd.grad(fn(), wrt, do)
 
 
 @contextlib.contextmanager
@@ -160,6 +180,8 @@ def sides(b: int, h: int, n: int, d: int, methods: tuple[str, ...], fla: bool) -
                     return op(q, k, v, **extra).out
 
             out[method + "[old-l2norm]"] = (old, out[method][1], do)
+        if GLA_SPLIT_AB and method == "gla":  # (the forward is the same; bench() splits its backward)
+            out[method + "[split-bwd]"] = out[method]
         if fla and method != "hedgehog" and (FLA_METHODS is None or method in FLA_METHODS):
             qf, kf, vf = (to_fla(t.detach()).requires_grad_(True) for t in (q, k, v))
             xf = {nm: t.requires_grad_(nm in c.learned) for nm, t in fla_extra(c, c.extra).items()}
@@ -196,11 +218,19 @@ def bench(
         row["fwd"] = interleaved({name: fn for name, (fn, _, _) in s.items()}, reps)
     if backward:
         row["fwd_bwd"] = interleaved(
-            {name: functools.partial(_fwd_bwd, fn, wrt, do) for name, (fn, wrt, do) in s.items()}, reps
+            {
+                name: functools.partial(
+                    _split_fwd_bwd if name.endswith("[split-bwd]") else _fwd_bwd, fn, wrt, do
+                )
+                for name, (fn, wrt, do) in s.items()
+            },
+            reps,
         )
     for mode in ("fwd", "fwd_bwd") if backward else ("fwd",):
         t = row[mode]
         row[mode + "_speedup_vs_cudnn"] = {m: _ratio(t.get("cudnn_sdpa"), t.get(m)) for m in methods}
+        if GLA_SPLIT_AB and mode == "fwd_bwd":  # the split backward's fwd+bwd over the one-kernel one's
+            row["fwd_bwd_split_over_one_kernel"] = _ratio(t.get("gla[split-bwd]"), t.get("gla"))
         if L2NORM_AB:  # the fused q/k L2 norm's time over the old path's (< 1: the fusion helps)
             row[mode + "_fused_over_old_l2norm"] = {
                 m: _ratio(t.get(m), t.get(m + "[old-l2norm]")) for m in methods if m + "[old-l2norm]" in t
@@ -601,6 +631,9 @@ def main() -> None:
         help="also time gated_delta / KDA with the old PyTorch q/k L2 norm (op.FUSED_L2NORM off)",
     )
     ap.add_argument(
+        "--gla-split-ab", action="store_true", help="also time gla with its backward split (op.GLA_BWD_SPLIT)"
+    )
+    ap.add_argument(
         "--cpu", action="store_true", help="run on the CPU (TRITON_INTERPRET=1; --decode-host only)"
     )
     ap.add_argument(
@@ -612,8 +645,9 @@ def main() -> None:
     ap.add_argument("--check-budget", type=float, default=200.0, help="seconds after which no check starts")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    global DEV, L2NORM_AB
+    global DEV, L2NORM_AB, GLA_SPLIT_AB
     L2NORM_AB = args.l2norm_ab
+    GLA_SPLIT_AB = args.gla_split_ab
     if args.cpu:  # (only --decode-host and --check run on a CPU: a smoke test at tiny shapes)
         import linear_gpu_check
 
@@ -654,7 +688,12 @@ def main() -> None:
             if time.perf_counter() - start > args.check_budget:
                 save("checks", {"skipped": f"{method} {shape}", "why": "check budget"})
                 continue
-            sides_ = ("attnlab", *(("attnlab-old-l2norm",) if L2NORM_AB else ()), *(("fla",) if fla else ()))
+            sides_ = (
+                "attnlab",
+                *(("attnlab-old-l2norm",) if L2NORM_AB else ()),
+                *(("attnlab-gla-split",) if GLA_SPLIT_AB else ()),
+                *(("fla",) if fla else ()),
+            )
             try:
                 rows = check(method, b, h, n, args.head_dim, grad=flag == "grad", sides=sides_)
                 for r in rows:

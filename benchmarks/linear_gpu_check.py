@@ -357,10 +357,28 @@ def run_ours_old_l2norm(
         op.FUSED_L2NORM = saved
 
 
+@contextlib.contextmanager
+def gla_split_bwd() -> Iterator[None]:
+    """``attnlab.kernels.linear.op.GLA_BWD_SPLIT`` on for the duration (forward and backward of a side)."""
+    from attnlab.kernels.linear import op
+
+    saved = op.GLA_BWD_SPLIT
+    op.GLA_BWD_SPLIT = True
+    try:
+        yield
+    finally:
+        op.GLA_BWD_SPLIT = saved
+
+
 SIDES: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
     "attnlab": run_ours,
     "attnlab-old-l2norm": run_ours_old_l2norm,
+    "attnlab-gla-split": run_ours,  # (under SIDE_CONTEXT's flag, its backward included)
     "fla": run_fla,
+}
+#: A context a side's whole call (forward and backward) runs in.
+SIDE_CONTEXT: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
+    "attnlab-gla-split": gla_split_bwd
 }
 #: Seconds a side's call may take in ``check`` (fla's first use autotunes; 0: no limit), and the
 #: (method, side) pairs that ran out of it once (not tried again at another shape).
@@ -412,6 +430,8 @@ def check(method: str, b: int, h: int, n: int, d: int, *, grad: bool, sides: tup
             continue  # (fla's HedgehogFeatureMap is another function: one softmax over [2y, -2y])
         if side == "attnlab-old-l2norm" and c.api != "gated_delta":
             continue  # (only the delta rule normalises q and k)
+        if side == "attnlab-gla-split" and method != "gla":
+            continue  # (the per-channel gated linear backward only)
         row: dict[str, Any] = {"side": side, "method": method, "gates": gates, "grad": grad, "B": b, "H": h,
                                "N": n, "D": d, "dtype": str(dtype).replace("torch.", "")}  # fmt: skip
         if (method, side) in TIMED_OUT:
@@ -419,7 +439,7 @@ def check(method: str, b: int, h: int, n: int, d: int, *, grad: bool, sides: tup
             rows.append(row)
             continue
         try:
-            with time_limit(SIDE_LIMIT.get(side, 0.0)):
+            with time_limit(SIDE_LIMIT.get(side, 0.0)), SIDE_CONTEXT.get(side, contextlib.nullcontext)():
                 got = one(SIDES[side])
         except Exception as e:  # recorded (fla refusing, an OOM, a time limit), the other sides still run
             if isinstance(e, TimeoutError):

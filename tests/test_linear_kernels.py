@@ -477,3 +477,25 @@ def test_the_fused_l2norm_op_passes_opcheck() -> None:
     gate = g[..., :1].clone().requires_grad_(True)  # (per channel: the fused tests' gradients cover it)
     args = (*leaves, beta, gate, h0.clone().requires_grad_(True), 0.3, 16, True, None)
     torch.library.opcheck(op.delta_chunk_fwd, (*args, True))
+
+
+@pytest.mark.parametrize(("n", "chunk"), [(63, 16)], ids=["n63"])
+def test_gla_split_backward_matches_the_recurrence(
+    n: int, chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``GLA_BWD_SPLIT``: the state terms of the per-channel-gate backward by a per-chunk kernel
+    (``gla_bwd_inter_kernel``), the intra-chunk terms by ``gla_bwd_sub_kernel`` on top: every gradient
+    against the recurrence, as the one-kernel backward."""
+    op = _op()
+    monkeypatch.setattr(op, "GLA_BWD_SPLIT", True)
+    launched: list[int] = []
+    real = op.gla_bwd_inter_kernel
+
+    class Counted:
+        def __getitem__(self, grid: object) -> object:
+            launched.append(1)
+            return real[grid]
+
+    monkeypatch.setattr(op, "gla_bwd_inter_kernel", Counted())
+    _compare_with_recurrence(_inputs(n, 16, 8, 1.0), chunk)
+    assert launched == [1]

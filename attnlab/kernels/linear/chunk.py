@@ -647,11 +647,51 @@ def delta_bwd_chunk_kernel(
 
 
 @triton.jit
+def gla_bwd_inter_kernel(
+    K, V, GC, DO, HS, DHS, PQ, PK, PV,
+    N, NP, DK, DV,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """The state (inter-chunk) terms of the per-channel-gate backward, one whole chunk per program (chunk,
+    batch * head), 64-row tiles (tensor-core dots of M = BT), S and dH read once per chunk::
+
+        PQ = exp(G) * (do S^T)      PK = exp(G_C - G) * (v dH^T)      PV = (k * exp(G_C - G)) dH
+
+    float32 (B*H, NP, K) / (B*H, NP, V), unscaled: ``gla_bwd_sub_kernel`` with ``SPLIT`` adds the
+    intra-chunk terms to them (``GLA_BWD_SPLIT`` in op.py)."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    n_chunks = tl.cdiv(N, BT)
+    t0 = c * BT
+    if UPCAST:  # noqa: SIM108
+        dt = tl.float32
+    else:
+        dt = K.dtype.element_ty
+    k = _tile(K + bh * N * DK, t0, N, 0, DK, DK, BT, BK)
+    v = _tile(V + bh * N * DV, t0, N, 0, DV, DV, BT, BV).to(dt)
+    do = _tile(DO + bh * N * DV, t0, N, 0, DV, DV, BT, BV).to(dt)
+    g = _tile(GC + bh * NP * DK, t0, NP, 0, DK, DK, BT, BK)
+    g_last = _row(GC + bh * NP * DK, t0 + BT - 1, 0, DK, DK, BK)
+    tail = tl.exp(g_last[None, :] - g)
+    s = _tile(HS + (bh * n_chunks + c) * DK * DV, 0, DK, 0, DV, DV, BK, BV).to(dt)
+    dh = _tile(DHS + (bh * n_chunks + c) * DK * DV, 0, DK, 0, DV, DV, BK, BV).to(dt)
+    pq = tl.dot(do, tl.trans(s), input_precision=DOT_PREC) * tl.exp(g)
+    pk = tl.dot(v, tl.trans(dh), input_precision=DOT_PREC) * tail
+    pv = tl.dot((k * tail).to(dt), dh, input_precision=DOT_PREC)
+    rr = (t0 + tl.arange(0, BT))[:, None]
+    rk = tl.arange(0, BK)[None, :]
+    rv = tl.arange(0, BV)[None, :]
+    tl.store(PQ + bh * NP * DK + rr * DK + rk, pq, mask=rk < DK)
+    tl.store(PK + bh * NP * DK + rr * DK + rk, pk, mask=rk < DK)
+    tl.store(PV + bh * NP * DV + rr * DV + rv, pv, mask=rv < DV)
+
+
+@triton.jit
 def gla_bwd_sub_kernel(
     Q, K, V, GC, DO, HS, DHS, A, DQ, DK_, DV_, DG,
     N, NP, DK, DV, scale,
     BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, SPLIT: tl.constexpr = False, PQ=None, PK=None, PV=None,
 ):  # fmt: skip
     """dq, dk, dv (in DQ's, DK_'s, DV_'s dtypes) and DG = q dq - k dk (float32 (B*H, NP, K): the gradient
     of the chunk-local cumsum G but for the chunk-end term) of one 16-row sub-block i of a chunk per program (sub-block, batch * head),
@@ -665,7 +705,8 @@ def gla_bwd_sub_kernel(
     Earlier / later sub-blocks by tensor-core dots with the decay split at a row between them (the query
     sub-block's first row for dq, the key sub-block's last row for dk: both factors <= 1); the diagonal
     sub-block row by row, exactly (the exponent masked before the exp). dA^T blocks are built transposed
-    (v do^T), never by transposing a dot's result. BK and BV cover the head dims."""
+    (v do^T), never by transposing a dot's result. BK and BV cover the head dims. ``SPLIT``: the state
+    terms are not made here (no S / dH loads) but read from PQ, PK, PV (``gla_bwd_inter_kernel``)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     n_sub = BT // BS
@@ -694,10 +735,12 @@ def gla_bwd_sub_kernel(
     g_i = _tile(g_ptr, ri, NP, 0, DK, DK, BS, BK)
     g_last = _row(g_ptr, t0 + BT - 1, 0, DK, DK, BK)
     tail = tl.exp(g_last[None, :] - g_i)
-    s = _tile(HS + (bh * n_chunks + c) * DK * DV, 0, DK, 0, DV, DV, BK, BV).to(dt)
-    dh = _tile(DHS + (bh * n_chunks + c) * DK * DV, 0, DK, 0, DV, DV, BK, BV).to(dt)
     # dq_i
-    dq = tl.dot(do_i, tl.trans(s), input_precision=DOT_PREC) * tl.exp(g_i)
+    if SPLIT:
+        dq = _tile(PQ + bh * NP * DK, ri, NP, 0, DK, DK, BS, BK)
+    else:
+        s = _tile(HS + (bh * n_chunks + c) * DK * DV, 0, DK, 0, DV, DV, BK, BV).to(dt)
+        dq = tl.dot(do_i, tl.trans(s), input_precision=DOT_PREC) * tl.exp(g_i)
     g_n = _row(g_ptr, ri, 0, DK, DK, BK)
     acc = tl.zeros((BS, BK), dtype=tl.float32)
     for j in range(i):
@@ -723,7 +766,11 @@ def gla_bwd_sub_kernel(
         DQ + bh * N * DK + r_i * DK + rk[None, :], dq.to(DQ.dtype.element_ty), mask=(r_i < N) & mk[None, :]
     )
     # dk_i
-    dk = tl.dot(v_i, tl.trans(dh), input_precision=DOT_PREC) * tail
+    if SPLIT:
+        dk = _tile(PK + bh * NP * DK, ri, NP, 0, DK, DK, BS, BK)
+    else:
+        dh = _tile(DHS + (bh * n_chunks + c) * DK * DV, 0, DK, 0, DV, DV, BK, BV).to(dt)
+        dk = tl.dot(v_i, tl.trans(dh), input_precision=DOT_PREC) * tail
     g_m = _row(g_ptr, ri + BS - 1, 0, DK, DK, BK)
     acc = tl.zeros((BS, BK), dtype=tl.float32)
     for r in range(i + 1, n_sub):
@@ -748,7 +795,10 @@ def gla_bwd_sub_kernel(
         DK_ + bh * N * DK + r_i * DK + rk[None, :], dk.to(DK_.dtype.element_ty), mask=(r_i < N) & mk[None, :]
     )
     # dv_i
-    dv = tl.dot((k_i * tail).to(dt), dh, input_precision=DOT_PREC)
+    if SPLIT:
+        dv = _tile(PV + bh * NP * DV, ri, NP, 0, DV, DV, BS, BV)
+    else:
+        dv = tl.dot((k_i * tail).to(dt), dh, input_precision=DOT_PREC)
     acc = tl.zeros((BS, BV), dtype=tl.float32)
     for r in range(i, n_sub):
         rr = t0 + r * BS

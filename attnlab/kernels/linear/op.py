@@ -45,6 +45,7 @@ from attnlab.kernels.linear.chunk import (
     delta_bwd_dh_kernel,
     delta_h_kernel,
     delta_wy_kernel,
+    gla_bwd_inter_kernel,
     gla_bwd_sub_kernel,
     intra_scores_kernel,
     score_bwd_kernel,
@@ -138,6 +139,13 @@ def _cfg(name: str, **defaults: int) -> dict[str, int]:
     over = LAUNCH_OVERRIDES.get(name)
     return {**defaults, **over} if over else defaults
 
+
+#: The per-channel-gate (gla) backward in two kernels: the state terms (do S^T, v dH^T, k dH) per whole
+#: chunk in 64-row tiles (``gla_bwd_inter_kernel``: S and dH read once per chunk, not once per 16-row
+#: sub-block), then ``gla_bwd_sub_kernel`` without them (no S / dH tiles in its registers). Costs three
+#: float32 (B, H, NP, K|V) buffers written and read. Off by default: correct under the interpreter,
+#: NOT timed on the GPU yet (``benchmarks/linear_bench.py --gla-split-ab``).
+GLA_BWD_SPLIT = False
 
 #: Tile of the chunk-state scan (stage 2): small, for many programs (each walks every chunk).
 SCAN_BK = 32
@@ -264,10 +272,24 @@ def gla_bwd_launch(
     else:
         if a is None or a.numel() == 0:  # (the forward's scores, recomputed)
             a = intra_scores(q, k, gc, None, chunk, strict=False)
-        gla_bwd_sub_kernel[(gc.shape[2] // SUB, b * h)](
-            q, k, v, gc, do, hs, dhs, a, dq, dkk, dvv, dgc, n, gc.shape[2], dk, dv, float(scale),
+        np_ = gc.shape[2]
+        parts: dict[str, Tensor] = {}
+        if GLA_BWD_SPLIT:  # the state terms per whole chunk first (S, dH read once per chunk)
+            f32 = torch.float32
+            parts = {
+                "PQ": torch.empty(b, h, np_, dk, dtype=f32, device=q.device),
+                "PK": torch.empty(b, h, np_, dk, dtype=f32, device=q.device),
+                "PV": torch.empty(b, h, np_, dv, dtype=f32, device=q.device),
+            }
+            gla_bwd_inter_kernel[(n_chunks, b * h)](
+                k, v, gc, do, hs, dhs, parts["PQ"], parts["PK"], parts["PV"], n, np_, dk, dv,
+                BT=chunk, BK=head_block(dk), BV=head_block(dv), DOT_PREC=_prec(q), UPCAST=_upcast(q),
+                **_cfg("gla_bwd_inter", num_warps=8),
+            )  # fmt: skip
+        gla_bwd_sub_kernel[(np_ // SUB, b * h)](
+            q, k, v, gc, do, hs, dhs, a, dq, dkk, dvv, dgc, n, np_, dk, dv, float(scale),
             BT=chunk, BS=SUB, BK=head_block(dk), BV=head_block(dv), DOT_PREC=_prec(q), UPCAST=_upcast(q),
-            **_cfg("gla_bwd_sub", num_warps=4),
+            SPLIT=GLA_BWD_SPLIT, **parts, **_cfg("gla_bwd_sub", num_warps=4),
         )  # fmt: skip
         dgc.view(b, h, n_chunks, chunk, dk)[:, :, :, -1] += tail
     return dq, dkk, dvv, dgc, dh0
