@@ -370,8 +370,8 @@ def test_a_shared_memory_refusal_of_the_delta_backward_says_what_to_change() -> 
 @pytest.mark.parametrize(
     ("n", "chunk", "gate", "dtype"),
     [(1, 16, "head", "fp32"), (37, 16, "head", "fp32"), (40, 32, "none", "fp32"), (33, 16, "channel", "fp32"),
-     (17, 16, "channel", "bf16"), (50, 16, "head", "bf16")],
-    ids=["n1-head", "n37-head", "n40-deltanet", "n33-channel", "n17-channel-bf16", "n50-head-bf16"],
+     (17, 16, "channel", "bf16"), (33, 16, "head", "bf16")],
+    ids=["n1-head", "n37-head", "n40-deltanet", "n33-channel", "n17-channel-bf16", "n33-head-bf16"],
 )  # fmt: skip
 def test_fused_qk_l2norm_matches_the_recurrence(n: int, chunk: int, gate: str, dtype: str) -> None:
     """``delta_chunk(..., qk_l2norm=True)`` with the norm fused (one Triton launch normalises q and k, the
@@ -436,7 +436,7 @@ def test_fused_qk_l2norm_keeps_no_extra_copies_and_matches_the_old_path() -> Non
     (B, H, N) float32 reciprocal norms): what autograd keeps is what the op without normalisation keeps
     plus those, less than the old PyTorch path (which kept float32 copies); both paths agree."""
     op = _op()
-    n = 40
+    n = 20
     q, k, v, g, h0 = _inputs(n, 8, 8, 1.0, h=2, seed=4)
     beta = torch.rand(1, 2, n, generator=torch.Generator().manual_seed(5)).to(DEV)
     assert g is not None
