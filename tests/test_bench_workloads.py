@@ -96,3 +96,115 @@ def test_tokenizing_the_workload_never_warns_about_length(capfd: pytest.CaptureF
     err = capfd.readouterr().err
     assert "longer than the specified maximum sequence length" not in err
     assert "Loading weights" not in err
+
+
+# -- held-out text for the organism's causal rows (attnlab.bench.heldout) --------------------------------
+
+
+def test_the_organism_reads_held_out_text_of_its_own_corpus() -> None:
+    """The shipped documents pass the split rule on load, come from the small organism's corpus (its
+    fingerprint and held-out share in training.json), and are what the workload reads."""
+    import json
+
+    from attnlab.bench.heldout import load_heldout
+    from attnlab.bench.workloads import organism_text
+    from attnlab.organisms.checkpoint import organism_path
+    from attnlab.organisms.corpus import heldout_fraction
+
+    text = load_heldout()
+    data = json.loads((organism_path("small") / "training.json").read_text())["data"]
+    assert text.organism == "small" and text.fingerprint == data["fingerprint"]
+    assert text.heldout_share == data["config"]["heldout_share"]
+    assert all(heldout_fraction(d.text) < text.heldout_share for d in text.documents)
+    paras = organism_text("small")
+    assert paras == text.paragraphs() and sum(len(p.split()) for p in paras) > 16384 // 2
+
+
+def test_load_heldout_refuses_a_training_document_or_a_changed_text(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import gzip
+    import json
+
+    from attnlab.bench.heldout import HELDOUT_FILE, load_heldout
+    from attnlab.organisms.corpus import heldout_fraction
+
+    data = json.loads(gzip.decompress(HELDOUT_FILE.read_bytes()))
+    doc = dict(data["documents"][0])
+    i = 0
+    while heldout_fraction(f"{doc['text']} {i}") < data["heldout_share"]:
+        i += 1
+    train_doc = {**doc, "text": f"{doc['text']} {i}", "sha256": None}
+    import hashlib
+
+    train_doc["sha256"] = hashlib.sha256(train_doc["text"].encode()).hexdigest()
+    bad = tmp_path / "train.json.gz"
+    bad.write_bytes(gzip.compress(json.dumps({**data, "documents": [train_doc]}).encode()))
+    with pytest.raises(ValueError, match=r"document 0 .* is not held out: heldout_fraction"):
+        load_heldout(bad)
+    changed = tmp_path / "changed.json.gz"
+    changed.write_bytes(
+        gzip.compress(json.dumps({**data, "documents": [{**doc, "text": doc["text"] + "!"}]}).encode())
+    )
+    with pytest.raises(ValueError, match="does not match its recorded SHA-256"):
+        load_heldout(changed)
+
+
+def _synthetic_corpus(root):  # type: ignore[no-untyped-def]
+    """A corpus of 40 small Python files (docstrings and code sources): each file's docstring paragraphs are
+    also inside its code document, as in the organism's corpus."""
+    import random
+
+    from attnlab.organisms.corpus import CorpusConfig, build_corpus
+
+    rng = random.Random(0)
+    words = [
+        f"{a}{b}"
+        for a in ("alpha", "beta", "gamma", "delta", "omega", "sigma")
+        for b in ("ric", "lon", "tis", "mar", "quen")
+    ]
+    for f in range(40):
+        paras = [" ".join(rng.choice(words) for _ in range(rng.randint(14, 30))) + "." for _ in range(3)]
+        doc = "\n\n".join(paras)
+        (root / f"mod{f}.py").write_text(f'"""{doc}"""\n\n\ndef f{f}(x):\n    return x + {f}\n')
+    config = CorpusConfig(
+        max_chars=200_000, sources=("docstrings", "code"), docstring_share=0.5, code_share=0.5,
+        heldout_share=0.3, roots=(str(root),),
+    )  # fmt: skip
+    return build_corpus(config)
+
+
+def test_selected_held_out_text_occurs_nowhere_in_the_training_split(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """select_heldout keeps only held-out documents none of whose paragraphs occur in a training document;
+    taking every held-out document instead would let text through that the model trained on (inside a
+    training source file), which check_against_corpus reports."""
+    from attnlab.bench.heldout import (
+        HeldoutText,
+        check_against_corpus,
+        load_heldout,
+        save_heldout,
+        select_heldout,
+    )
+    from attnlab.organisms.corpus import prose
+
+    corpus = _synthetic_corpus(tmp_path)
+    held = [d for d in prose(corpus.heldout)]
+    chosen = select_heldout(corpus, lambda s: len(s.split()), 10**9)
+    assert chosen and len(chosen) < len(held)  # some held-out docstrings sit inside training code documents
+    path = save_heldout(corpus, chosen, "synthetic", tmp_path / "h.json.gz")
+    text = load_heldout(path)
+    assert [d.text for d in text.documents] == [d.text for d in chosen] and text.paragraphs()
+    assert check_against_corpus(text, corpus) == []
+    train = [" ".join(d.text.split()) for d in corpus.train]
+    assert not any(p in t for p in text.paragraphs() for t in train)
+    naive = HeldoutText("synthetic", corpus.fingerprint, 0.3, held)
+    assert any("occurs in the training split" in p for p in check_against_corpus(naive, corpus))
+
+
+def test_shipped_text_against_the_organisms_corpus_file() -> None:
+    """Where the small organism's corpus file is at hand (ATTNLAB_SMALL_CORPUS=path), every shipped document
+    is in its held-out split and no paragraph the workload reads occurs in a training document."""
+    from attnlab.bench.heldout import CORPUS_ENV, check_against_corpus, corpus_from_env, load_heldout
+
+    corpus = corpus_from_env()
+    if corpus is None:
+        pytest.skip(f"set {CORPUS_ENV} to the small organism's corpus file (small-corpus.json.gz) to run")
+    assert check_against_corpus(load_heldout(), corpus) == []

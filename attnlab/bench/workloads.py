@@ -9,10 +9,14 @@ downloaded. The encoder is not causal: causal rows apply a causal mask to its Q/
 
 ``organism``: the small organism attnlab trained itself (a 6-layer Llama-architecture causal LM, 5 query
 heads and 1 key/value head of dim 64, shipped in ``attnlab/organisms/checkpoints/small``): Q (after RoPE),
-K (after RoPE) and V of every layer while it reads the same prose, one sequence of ``n`` tokens. K and V are
-repeated to the 5 query heads (the fidelity measures compare heads one by one). It is causal, so it serves
-the causal rows, and the encoder the non-causal ones (:func:`serves`). Its training corpus includes the
-Python documentation, so this text is not held out: the workload measures attention patterns, not accuracy.
+K (after RoPE) and V of every layer while it reads one sequence of ``n`` tokens of text it never trained
+on: the prose paragraphs (:func:`prose_of`) of held-out documents of its training corpus (fingerprint
+``5e3e0dde5db02994``; docstrings and documentation files of the Python installation it was built from,
+the Python docs first), shipped in ``attnlab/bench/data/small_heldout.json.gz`` and checked against the
+corpus's split rule on every load (:mod:`attnlab.bench.heldout` says why that makes them held out; the
+Python documentation the encoder reads is in the organism's training split, so it is not used here). K
+and V are repeated to the 5 query heads (the fidelity measures compare heads one by one). It is causal,
+so it serves the causal rows, and the encoder the non-causal ones (:func:`serves`).
 
 ``random``: Gaussian Q/K/V, a smoke test (near-uniform attention), not evidence.
 :mod:`attnlab.bench.attention_stats` tells the two apart.
@@ -20,10 +24,15 @@ Python documentation, so this text is not held out: the workload measures attent
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from attnlab.bench.heldout import HeldoutText
 
 #: a paragraph is prose when at least this share of its whitespace-separated tokens are words
 PROSE_WORD_SHARE = 0.7
@@ -54,25 +63,30 @@ def random_workload(n: int, heads: int, head_dim: int, device: torch.device, see
     return Workload("random", f"N(0,1), n={n}", [("random", q, k, v)])
 
 
+def prose_of(text: str, min_words: int = 12) -> list[str]:
+    """The prose paragraphs of ``text`` (blank-line separated), whitespace-normalised: unindented paragraphs
+    of at least ``min_words`` words, of which most (:data:`PROSE_WORD_SHARE`) are words; headings, indented
+    code and grammar, interactive sessions and tables dropped."""
+    out = []
+    for para in re.split(r"\n\s*\n", text):
+        lines = [line for line in para.splitlines() if line.strip()]
+        if not lines or any(line.startswith((" ", "\t", ">>>", "...", "+-", "|")) for line in lines):
+            continue
+        if set(lines[-1].strip()) <= set("*=-^~"):  # a heading and its underline
+            continue
+        words = " ".join(line.strip() for line in lines).split()
+        alpha = sum(w.strip(".,;:()*\"'“”’").isalpha() for w in words)
+        if len(words) >= min_words and alpha >= PROSE_WORD_SHARE * len(words):
+            out.append(" ".join(words))
+    return out
+
+
 def prose_paragraphs(min_words: int = 12) -> list[str]:
     """English prose from the Python documentation bundled with the interpreter (``pydoc_data.topics``):
-    unindented paragraphs of at least ``min_words`` words, of which most are words; headings, indented
-    code and grammar, interactive sessions and tables dropped."""
+    :func:`prose_of` each topic."""
     from pydoc_data.topics import topics
 
-    out = []
-    for text in topics.values():
-        for para in text.split("\n\n"):
-            lines = [line for line in para.splitlines() if line.strip()]
-            if not lines or any(line.startswith((" ", ">>>", "...", "+-", "|")) for line in lines):
-                continue
-            if set(lines[-1].strip()) <= set("*=-^~"):  # a heading and its underline
-                continue
-            words = " ".join(line.strip() for line in lines).split()
-            alpha = sum(w.strip(".,;:()*\"'“”’").isalpha() for w in words)
-            if len(words) >= min_words and alpha >= PROSE_WORD_SHARE * len(words):
-                out.append(" ".join(words))
-    return out
+    return [p for text in topics.values() for p in prose_of(text, min_words)]
 
 
 def _split_heads(x: Tensor, heads: int) -> Tensor:
@@ -142,8 +156,28 @@ def minilm_workload(device: torch.device, max_tokens: int = 512, sequences: int 
     return Workload("minilm", source, layers, causal_model=False)
 
 
+def organism_heldout(name: str = "small") -> HeldoutText:
+    """The held-out documents the ``name`` organism's workload reads (:mod:`attnlab.bench.heldout`: shipped,
+    each checked against its corpus's split rule on load)."""
+    from attnlab.bench.heldout import HELDOUT_FILE, load_heldout
+
+    if name != "small":
+        raise WorkloadUnavailable(f"held-out text ships for the small organism only, not {name!r}")
+    try:
+        return load_heldout(HELDOUT_FILE)
+    except FileNotFoundError as e:
+        raise WorkloadUnavailable(str(e)) from None
+
+
+def organism_text(name: str = "small") -> list[str]:
+    """The paragraphs the ``name`` organism's workload reads, in order: the prose of
+    :func:`organism_heldout`'s documents."""
+    return organism_heldout(name).paragraphs()
+
+
 def organism_workload(device: torch.device, tokens: int = 1024, name: str = "small") -> Workload:
-    """Q/K/V of every layer of a shipped organism (causal LM) reading ``tokens`` tokens of the bundled prose."""
+    """Q/K/V of every layer of a shipped organism (causal LM) reading ``tokens`` tokens of held-out prose
+    (:func:`organism_text`)."""
     from attnlab.organisms.capture import capture_qkv
     from attnlab.organisms.checkpoint import load_organism, organism_path
     from attnlab.organisms.tokenizer import encode
@@ -154,13 +188,14 @@ def organism_workload(device: torch.device, tokens: int = 1024, name: str = "sma
         raise WorkloadUnavailable(
             f"the {name} organism reads at most {limit} tokens; {tokens} were asked for"
         )
+    held = organism_heldout(name)
     ids: list[int] = []
-    for para in prose_paragraphs():
+    for para in held.paragraphs():
         ids += encode(tokenizer, para + "\n\n")
         if len(ids) >= tokens:
             break
     if len(ids) < tokens:
-        raise WorkloadUnavailable(f"the bundled prose has only {len(ids)} tokens; {tokens} needed")
+        raise WorkloadUnavailable(f"the held-out prose has only {len(ids)} tokens; {tokens} needed")
     model.float()
     captured = capture_qkv(model, torch.tensor([ids[:tokens]]))
     layers = []
@@ -171,7 +206,8 @@ def organism_workload(device: torch.device, tokens: int = 1024, name: str = "sma
     heads, kv = captured[0].q.shape[1], captured[0].k.shape[1]
     source = (
         f"the {name} organism (causal LM, {len(layers)} layers, {heads} heads, {kv} kv head(s) repeated) on "
-        f"Python's bundled documentation prose, {tokens} tokens"
+        f"prose it never trained on ({len(held.documents)} held-out documents of its training corpus "
+        f"{held.fingerprint}, split rule rechecked on load; attnlab.bench.heldout), {tokens} tokens"
     )
     return Workload("organism", source, layers, causal_model=True)
 
