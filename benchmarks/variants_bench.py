@@ -704,7 +704,14 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new points after this")
     ap.add_argument("--dry-cpu", action="store_true", help="tiny CPU run of this script (TRITON_INTERPRET=1)")
     ap.add_argument("--summarize", metavar="JSONL", help="print a markdown table of a run's rows and exit")
+    ap.add_argument("--fused", action="store_true",
+                    help="turn on the fused Triton helpers (off by default until checked on a GPU) for this run")  # fmt: skip
     args = ap.parse_args()
+    if args.fused:
+        import importlib
+
+        for module, attr in UNFUSED.values():
+            setattr(importlib.import_module(module), attr, ("cuda",))
     if args.summarize:
         print(summarize(args.summarize), end="")
         return
