@@ -109,7 +109,7 @@ def test_every_method_packed_equals_its_sequences_run_alone(name: str) -> None:
     spec = methods()[name]
     lq, lk, causal = method_case(spec)
     params = dict(spec.test_params[0])
-    case = Case(1, 4, 2, sum(lq), sum(lk), 16, torch.float32, causal, params, optional_inputs=True)
+    case = Case(1, 2, 1, sum(lq), sum(lk), 16, torch.float32, causal, params, optional_inputs=True)
     q, k, v = case.inputs(DEVICE, seed=1)
     x = case.tensor_inputs(spec, DEVICE, seed=1)
     kw: dict[str, Any] = {"causal": causal, "backend": plain_backend(spec), **params}

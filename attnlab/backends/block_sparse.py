@@ -149,19 +149,22 @@ class BlockSparseBackend(Backend):
         once per packing and kept in ``call.memo``) joined block-diagonally. Dynamic plans in other tiles
         than their siblings' or with token columns (vertical_slash) run sequence by sequence on the
         executor instead (:func:`~attnlab.backends.varlen.block_sparse_packed`)."""
-        from attnlab.backends.varlen import block_sparse_packed
+        from attnlab.backends.varlen import block_sparse_packed, packed_tables
 
         pk = call.packing
         assert pk is not None, "run_varlen needs a packed call"
-        plans = None if call.spec.estimate is not None else call.memo.get("varlen_plans")
-        if plans is None:
+        causal = call.problem.causal
+        kept = None if call.spec.estimate is not None else call.memo.get("block_sparse_varlen")
+        if kept is None:
             plans = self.varlen_plans(q, k, call, extra)
-            if call.spec.estimate is None:
-                call.memo["varlen_plans"] = plans
-        blocks = {p.block_q for p in plans if p is not None}
-        block = blocks.pop() if len(blocks) == 1 else _tile(call)
+            blocks = {p.block_q for p in plans if p is not None}
+            block = blocks.pop() if len(blocks) == 1 else _tile(call)
+            kept = (plans, block, packed_tables(pk, plans, causal, block, q.device))
+            if call.spec.estimate is None:  # static and dense plans: once per packing
+                call.memo["block_sparse_varlen"] = kept
+        plans, block, tables = kept
         out, lse = block_sparse_packed(
-            q, k, v, pk, plans, causal=call.problem.causal, scale=call.scale, block=block
+            q, k, v, pk, plans, causal=causal, scale=call.scale, block=block, tables=tables
         )
         return out, lse
 

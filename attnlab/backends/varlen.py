@@ -101,6 +101,22 @@ def sequence_inputs(
     return out
 
 
+def packed_tables(
+    packing: Packing, plans: list[Any], causal: bool, block: int, device: torch.device
+) -> tuple[Tensor, ...] | None:
+    """The executor's tables of the sequences' plans joined block-diagonally (one launch), or None when
+    they cannot be joined: a plan in other tiles than ``block`` x ``block``, with token columns, or with
+    a head count other than 1 or its siblings'."""
+    packable = block in TILE_SIZES and all(
+        p is None or (p.block_q == p.block_k == block and p.columns is None and p.full.shape[0] == 1)
+        for p in plans
+    )
+    if not packable or len({p.full.shape[1] for p in plans if p is not None} - {1}) > 1:
+        return None
+    plan = varlen_plan(list(packing.cu_q), list(packing.cu_k), plans, causal, block, device)
+    return executor_tables(plan).as_args()
+
+
 def block_sparse_packed(
     q: Tensor,
     k: Tensor,
@@ -111,19 +127,17 @@ def block_sparse_packed(
     causal: bool,
     scale: float,
     block: int,
+    tables: tuple[Tensor, ...] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The block-sparse executor over packed sequences given each sequence's plan (None: dense; in the
-    sequence's own coordinates): (out (1, H, T_q, D), lse (1, H, T_q)). Plans in ``block`` x ``block``
-    tiles without token columns become one block-diagonal plan run in one launch; otherwise (token columns,
-    other tiles) each sequence runs on the executor alone with its own plan."""
-    packable = all(
-        p is None or (p.block_q == p.block_k == block and p.columns is None and p.full.shape[0] == 1)
-        for p in plans
-    )
-    heads = {p.full.shape[1] for p in plans if p is not None} - {1}
-    if packable and len(heads) <= 1 and block in TILE_SIZES:
-        plan = varlen_plan(list(packing.cu_q), list(packing.cu_k), plans, causal, block, q.device)
-        return block_sparse_attention(q, k, v, executor_tables(plan).as_args(), scale, False)
+    sequence's own coordinates): (out (1, H, T_q, D), lse (1, H, T_q)). ``tables``: the joined plan's
+    (:func:`packed_tables`, when the caller kept them), else they are built here. Plans that can be
+    joined run in one launch; otherwise (token columns, other tiles) each sequence runs on the executor
+    alone with its own plan."""
+    if tables is None:
+        tables = packed_tables(packing, plans, causal, block, q.device)
+    if tables is not None:
+        return block_sparse_attention(q, k, v, tables, scale, False)
     outs, lses = [], []
     for s, p in enumerate(plans):
         q0, q1, k0, k1 = packing.bounds(s)
