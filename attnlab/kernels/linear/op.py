@@ -362,18 +362,18 @@ def _backward(ctx, do: Tensor, dht: Tensor | None, *_unused: Tensor | None):  # 
 gla_chunk_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("attnlab::linear_step", mutates_args=())
+@torch.library.custom_op("attnlab::linear_step", mutates_args=("bad",))
 def linear_step(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, h0: Tensor | None, scale: float,
-    qk_l2norm: bool = False, check: bool = False,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """The recurrent step kernel: (o (B, H, N, V), final state fp32, the range check's counts). g
-    log-decays: (B, H, N, K) per channel, (B, H, N) one per token (shared by the channels), or None;
-    ``beta`` (B, H, N) selects the gated delta rule (None: the gated linear recurrence); ``qk_l2norm``: q
-    and k L2-normalised in the kernel (fp32, ``naive.l2norm``'s formula). ``check``: the kernel also
-    counts the gates / beta out of range (g NaN, > 0 or -inf; beta not finite) per program, int32
-    (programs,) (empty without ``check``): the host reads it after the launch (``step_bad_gates``)
-    instead of reducing g and beta before it. No backward."""
+    qk_l2norm: bool = False, bad: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The recurrent step kernel: (o (B, H, N, V), final state fp32). g log-decays: (B, H, N, K) per
+    channel, (B, H, N) one per token (shared by the channels), or None; ``beta`` (B, H, N) selects the
+    gated delta rule (None: the gated linear recurrence); ``qk_l2norm``: q and k L2-normalised in the
+    kernel (fp32, ``naive.l2norm``'s formula). ``bad``: int32 (``step_programs(q, v)``,), written with
+    the kernel's range check of the gates and beta (per program, how many values it read out of range:
+    g NaN, > 0 or -inf; beta not finite), read by the host after the launch instead of reductions before
+    it; None: no check (and no allocation). No backward."""
     b, h, n, dk = q.shape
     dv = v.shape[-1]
     bk, _, bv, _ = _blocks(dk, dv)
@@ -389,28 +389,28 @@ def linear_step(
         gc = g.expand(b, h, n, dk).contiguous()
     bc = beta.expand(b, h, n).contiguous() if beta is not None else ht
     h0c = h0.float().contiguous() if h0 is not None else ht
-    grid = (triton.cdiv(dv, bv), b * h)
-    bad = torch.empty(grid[0] * grid[1] if check else 0, dtype=torch.int32, device=q.device)
-    recurrent_step_kernel[grid](
-        q, k, v, gc, bc, h0c, o, ht, bad if check else ht, n, dk, dv, float(scale),
+    recurrent_step_kernel[(triton.cdiv(dv, bv), b * h)](
+        q, k, v, gc, bc, h0c, o, ht, bad if bad is not None else ht, n, dk, dv, float(scale),
         HAS_G=g is not None, HAS_H0=h0 is not None, DELTA=beta is not None, BK=bk, BV=bv,
-        G_SCALAR=g_scalar, L2NORM=qk_l2norm, CHECK=check, num_warps=4,
+        G_SCALAR=g_scalar, L2NORM=qk_l2norm, CHECK=bad is not None, num_warps=4,
     )  # fmt: skip
-    return o, ht, bad
+    return o, ht
 
 
 @linear_step.register_fake
 def _(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, h0: Tensor | None, scale: float,
-    qk_l2norm: bool = False, check: bool = False,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    qk_l2norm: bool = False, bad: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     b, h, n, dk = q.shape
+    return q.new_empty(b, h, n, v.shape[-1]), q.new_empty(b, h, dk, v.shape[-1], dtype=torch.float32)
+
+
+def step_programs(q: Tensor, v: Tensor) -> int:
+    """The step kernel's programs (value blocks x batch x heads): the length of ``linear_step``'s ``bad``."""
+    b, h, _, dk = q.shape
     dv = v.shape[-1]
-    programs = triton.cdiv(dv, _blocks(dk, dv)[2]) * b * h if check else 0
-    return (
-        q.new_empty(b, h, n, dv), q.new_empty(b, h, dk, dv, dtype=torch.float32),
-        q.new_empty(programs, dtype=torch.int32),
-    )  # fmt: skip
+    return triton.cdiv(dv, _blocks(dk, dv)[2]) * b * h
 
 
 def _needs_grad(*ts: Tensor | None) -> bool:
@@ -430,9 +430,11 @@ def _step(
     """The step kernel; with ``on_bad_gates`` its in-kernel range check on: when the counts it returns
     (one device-to-host read, no reduction launched) show a bad value, ``on_bad_gates()`` is called to
     raise the caller's detailed error (a ValueError here if it returns)."""
-    check = on_bad_gates is not None
-    o, ht, bad = linear_step(q, k, v, g, beta, h0, scale, qk_l2norm, check)
-    if check and any(bad.tolist()):
+    bad = None
+    if on_bad_gates is not None:
+        bad = torch.empty(step_programs(q, v), dtype=torch.int32, device=q.device)
+    o, ht = linear_step(q, k, v, g, beta, h0, scale, qk_l2norm, bad)
+    if bad is not None and any(bad.tolist()):
         assert on_bad_gates is not None
         on_bad_gates()
         raise ValueError(f"the step kernel counted {sum(bad.tolist())} gate / beta value(s) out of range")
