@@ -76,16 +76,24 @@ def test_every_budget_and_both_paths_are_checked_with_the_backend_each_ran(
 
     mod = _module()
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 128, 16) for _ in range(3))
     quiet = lambda *a: None
+    q, k, v = (torch.randn(1, 2, 1024, 16) for _ in range(3))
     res = mod.check_method("sliding_window", True, q, k, v, 8, backends=("sdpa_mask",), log=quiet)
-    budgets = attnlab.get("sliding_window").bench_params(128)
-    assert len(budgets) >= 2 and len(res) == 2 * len(budgets)
+    budgets = attnlab.get("sliding_window").bench_params(1024)
+    assert len({json_key(p) for p in budgets}) == len(budgets) >= 2 and len(res) == 2 * len(budgets)
     assert sorted((json_key(r["params"]), r["path"]) for r in res) == sorted(
         (json_key(p), path) for p in budgets for path in ("fwd", "fwd_bwd")
     )
     assert all(r["passed"] and r["ran"] == "sdpa_mask" for r in res)
     assert {frozenset(r["errors"]) for r in res} == {frozenset({"out"}), frozenset({"out", "dq", "dk", "dv"})}
+
+    q, k, v = (
+        t[:, :, :128] for t in (q, k, v)
+    )  # a budget listed twice (sliding_window at 128): checked once
+    unique = {json_key(p) for p in attnlab.get("sliding_window").bench_params(128)}
+    assert len(
+        mod.check_method("sliding_window", True, q, k, v, 8, backends=("sdpa_mask",), log=quiet)
+    ) == 2 * len(unique)
 
     alibi = attnlab.get("alibi")
     eager = alibi.backend("eager")
