@@ -372,6 +372,9 @@ class Op:
             check_finite_values({"q": q, "k": k, "v": v, **extra})
         pk = call.packing
         assert pk is not None
+        if choice.backend is not None and spec.stateful:
+            out, states_ = choice.backend.run_varlen_state(q, k, v, call, extra)
+            return Result(out, plan=[None] * pk.count if self.return_plan else None, state=states_)
         if choice.backend is not None:
             out, lse = choice.backend.run_varlen(q, k, v, call, extra)
             if not (self.return_lse or self.return_plan or spec.stateful):

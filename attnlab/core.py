@@ -349,6 +349,14 @@ class Backend(ABC):
         Tensor inputs in ``extra`` are packed like q and k along their token axes."""
         raise NotImplementedError(f"backend {self.name} cannot run packed sequences")
 
+    def run_varlen_state(
+        self, q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor]
+    ) -> tuple[Tensor, list[Any]]:
+        """A stateful method's packed sequences in one launch (``caps.varlen`` and ``caps.stateful``), each
+        from the initial state: (output (1, H, T_q, D_v), each sequence's final state, None for an empty
+        one), e.g. the linear kernels' op-level varlen."""
+        raise NotImplementedError(f"backend {self.name} cannot run a stateful method's packed sequences")
+
     def varlen_plans(self, q: Tensor, k: Tensor, call: Call, extra: Mapping[str, Tensor]) -> list[Any]:
         """Each packed sequence's plan, in its own coordinates, as :meth:`run_varlen` executes it (None:
         empty or dense). Default: none."""

@@ -13,6 +13,7 @@ backend: the packing logic under test is the same for every backend.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -21,7 +22,7 @@ from torch import Tensor
 
 import attnlab
 from attnlab.backends.block_sparse import BLOCK_SPARSE
-from attnlab.core import MethodSpec, Result
+from attnlab.core import Backend, Call, Capabilities, MethodSpec, Result
 from attnlab.errors import InputError, UnsupportedPatternError
 from attnlab.patterns import Pattern
 from attnlab.registry import methods
@@ -306,3 +307,51 @@ def test_packed_inputs_patterns_and_states_are_checked() -> None:
     assert isinstance(lin, Result) and lin.state is not None
     with pytest.raises(InputError, match="a state with packed sequences"):
         attnlab.attention(q, k, v, method="linear", causal=True, cu_seqlens_q=cu([7, 13]), state=lin.state)
+
+
+def test_a_stateful_backend_with_varlen_returns_each_sequences_state() -> None:
+    """The hook for the linear kernels' op-level varlen: a stateful backend declaring ``varlen`` runs the
+    packing in one call and returns each sequence's final state (here a stand-in running the method's
+    reference per sequence, so the test checks the API's contract, not a kernel)."""
+    base = attnlab.get("linear")
+
+    class PackedLinear(Backend):
+        name = "packed"
+        caps = Capabilities(stateful=True, varlen=True)
+        calls = 0
+
+        def run(self, q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor]) -> Tensor:
+            raise AssertionError("not called for a packed call")
+
+        def run_varlen_state(
+            self, q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor]
+        ) -> tuple[Tensor, list[Any]]:
+            PackedLinear.calls += 1
+            pk = call.packing
+            assert pk is not None
+            outs: list[Tensor] = []
+            states: list[Any] = []
+            for s in range(pk.count):
+                q0, q1, k0, k1 = pk.bounds(s)
+                if q1 == q0:
+                    outs.append(q.new_zeros(1, q.shape[1], 0, v.shape[3]))
+                    states.append(None)
+                    continue
+                o, st = base.reference(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], call.params,
+                                       causal=call.problem.causal, scale=call.scale)  # fmt: skip
+                outs.append(o.to(q.dtype))
+                states.append(st)
+            return torch.cat(outs, 2), states
+
+    spec = dataclasses.replace(base, backends=(PackedLinear(),), training_backends=())
+    op = attnlab.api.Op(spec, spec.make_params({}), causal=True, scale=None, backend=None,
+                        check_finite=None, return_lse=False, return_plan=False)  # fmt: skip
+    q, k, v = Case(1, 2, 1, sum(SELF), sum(SELF), 16, torch.float32, True).inputs(DEVICE, 8)
+    res = op(q, k, v, cu_seqlens_q=cu(SELF))
+    assert PackedLinear.calls == 1 and isinstance(res, Result)
+    assert isinstance(res.state, list) and len(res.state) == len(SELF) and res.state[2] is None
+    want, _, states = one_by_one(base, q, k, v, {}, SELF, SELF, causal=True, backend="torch_chunk")
+    torch.testing.assert_close(res.out, want, atol=1e-5, rtol=1e-5)
+    for a, b in zip(res.state, states, strict=True):
+        for ta, tb in zip(state_tensors(a), state_tensors(b), strict=True):
+            torch.testing.assert_close(ta, tb, atol=1e-5, rtol=1e-5)
