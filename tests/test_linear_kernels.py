@@ -468,7 +468,8 @@ def test_fused_qk_l2norm_keeps_no_extra_copies_and_matches_the_old_path() -> Non
 
 def test_the_fused_l2norm_op_passes_opcheck() -> None:
     """attnlab::delta_chunk_fwd with qk_l2norm=True: schema, fake tensors (its extra saved outputs),
-    autograd registration (gradients of the raw q, k) and AOT dispatch."""
+    autograd registration (gradients of the raw q, k) and AOT dispatch; and attnlab::linear_step with its
+    in-kernel range check (the counts written to the mutated input ``bad``)."""
     op = _op()
     q, k, v, g, h0 = _inputs(5, 8, 8, 1.0, h=1, seed=2)
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
@@ -477,6 +478,15 @@ def test_the_fused_l2norm_op_passes_opcheck() -> None:
     gate = g[..., :1].clone().requires_grad_(True)  # (per channel: the fused tests' gradients cover it)
     args = (*leaves, beta, gate, h0.clone().requires_grad_(True), 0.3, 16, True, None)
     torch.library.opcheck(op.delta_chunk_fwd, (*args, True))
+    # the step kernel with its range check writing the declared mutated input ``bad``
+    bad = torch.full((op.step_programs(q, v),), -1, dtype=torch.int32, device=DEV)  # (all overwritten)
+    torch.library.opcheck(op.linear_step, (q, k, v, g[..., 0], beta.detach(), h0, 0.3, True, bad))
+    op.linear_step(q, k, v, g[..., 0], beta.detach(), h0, 0.3, True, bad)  # (opcheck ran on copies)
+    assert bad.tolist() == [0] * bad.numel()  # every program wrote its count: none out of range
+    g_bad = g[..., 0].clone()
+    g_bad[0, 0, 2] = float("nan")
+    op.linear_step(q, k, v, g_bad, beta.detach(), h0, 0.3, True, bad)
+    assert sum(bad.tolist()) == 1
 
 
 @pytest.mark.parametrize(("n", "chunk"), [(63, 16)], ids=["n63"])
