@@ -20,6 +20,11 @@ What makes retrieval learnable here (found on the CPU at small scale, see the re
 - a short causal convolution before every attention layer (:func:`~attnlab.organisms.architectures.
   add_short_conv`, kernel 3), as zoology's MQAR models and Based / Gated DeltaNet have: without it a
   2-layer softmax model stayed at chance (1/P) on MQAR for thousands of steps on the CPU;
+- a per-head RMSNorm on the output of the lightning and gated_delta layers (``ModelConfig.
+  linear_output_norm``, as fla's GatedDeltaNet ``o_norm``; ``--no-output-norm`` turns it off): without
+  it gated_delta's output is ~18x smaller than softmax's at initialisation and width 64 stayed at chance
+  on MQAR (results before 2026-11-23 s3 ran without it; ``benchmarks/results/cpu-2026-11-23-s3/
+  gated-delta-width64/``);
 - passkey / multi-key NIAH rows (a quarter of each batch) from a pool of samples drawn once from the
   training haystack; their loss is the answer tokens' plus a quarter of the prompt tokens' (language model).
 
