@@ -360,7 +360,8 @@ class Op:
         sequence through the normal dispatch (see the module docstring)."""
         spec = self.spec
         call, choice = self._packed_entry(q, k, v, cu_q, cu_k, inputs)
-        inputs = {n: t for n, t in inputs.items() if n != "state"}
+        if spec.stateful:  # (a state other than None was refused above)
+            inputs = {n: t for n, t in inputs.items() if n != "state"}
         unknown = set(inputs) - spec.input_names
         if unknown:
             raise ParamError(

@@ -303,6 +303,8 @@ def test_packed_inputs_patterns_and_states_are_checked() -> None:
     with pytest.raises(UnsupportedPatternError, match="sequence 1 of the packed call: method 'multi_axis'"):
         attnlab.attention(q, k[:, :, :18], v[:, :, :18], method="multi_axis", block=4, grid=3,
                           cu_seqlens_q=cu([7, 13]), cu_seqlens_k=cu([7, 11]))  # fmt: skip
+    with pytest.raises(attnlab.errors.ParamError, match="takes no tensor input 'state'"):
+        attnlab.prepare("softmax")(q, k, v, cu_seqlens_q=cu([7, 13]), state=q)
     lin = attnlab.attention(q, k, v, method="linear", causal=True)
     assert isinstance(lin, Result) and lin.state is not None
     with pytest.raises(InputError, match="a state with packed sequences"):
