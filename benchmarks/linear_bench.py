@@ -647,6 +647,10 @@ def main() -> None:
     args = ap.parse_args()
     global DEV, L2NORM_AB, GLA_SPLIT_AB
     L2NORM_AB = args.l2norm_ab
+    if L2NORM_AB:  # "ours": the fused norm (off by default until checked on a GPU); the A/B side: the old one
+        from attnlab.kernels.linear import op
+
+        op.FUSED_L2NORM = True
     GLA_SPLIT_AB = args.gla_split_ab
     if args.cpu:  # (only --decode-host and --check run on a CPU: a smoke test at tiny shapes)
         import linear_gpu_check
