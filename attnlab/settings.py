@@ -26,9 +26,12 @@ class Settings:
     #: aid: it costs a reduction per tensor and a host synchronisation per call, so it is off unless
     #: set here, passed per call (``check_finite=True``) or set by ``ATTNLAB_CHECK_FINITE=1``.
     check_finite: bool = field(default_factory=lambda: _env_flag("ATTNLAB_CHECK_FINITE"))
-    #: Check the values of gate-like tensor inputs whose range a method defines (the linear family's
-    #: log-decays <= 0 and finite beta), with clear errors. It costs one host synchronisation per call
-    #: (one reduction of each such input), so a decode loop that knows its gates are valid may turn it off
+    #: Check the values of inputs whose range a method defines (the linear family's log-decays <= 0 and
+    #: finite beta, lightning's decays in (0, 1], linear's feature-map weights free of NaN), with clear
+    #: errors. It costs one host synchronisation per call (a reduction of each such input before the call;
+    #: on a Triton decode step of gla / gated_delta, <= 8 tokens without gradients, the step kernel counts
+    #: bad g and beta itself and the host reads the count once after the launch), so a decode loop that
+    #: knows its gates are valid may turn it off
     #: here or with ``ATTNLAB_CHECK_VALUES=0``; on by default. (Skipped inside torch.compile and CUDA-graph
     #: capture in any case.)
     check_values: bool = field(
