@@ -4,7 +4,7 @@ Same setup as ``benchmarks/results/cpu-2026-11-23/architectures-mqar`` (width 64
 64 tokens, MQAR with 2/4/8 pairs, 48 rows a step, 128 key and 128 value ids, chunk 8, lr 3e-3, short conv
 3), ``STEPS`` steps, one thread. ``base``: the adapter as it was; ``onorm``: a per-head ``nn.RMSNorm`` (eps
 1e-5, gain 1) on every non-softmax layer's attention output, as ``ModelConfig.linear_output_norm`` now
-does; ``gnorm``: that norm times ``silu(g_proj(x))``, fla's default gated form (``FusedRMSNormGated``). At a commit with the norm in the adapter, ``base`` needs ``no_output_norm=True`` (set below).
+does (``gain=G``: its gain initialised to G, default 1); ``gnorm``: that norm times ``silu(g_proj(x))``, fla's default gated form (``FusedRMSNormGated``). At a commit with the norm in the adapter, ``base`` needs ``no_output_norm=True`` (set below).
 
 Run: ``OMP_NUM_THREADS=1 python probe.py VARIANT STEPS [name=lightning]`` from the repository root.
 """
@@ -31,7 +31,7 @@ def main() -> None:
     args: Any = types.SimpleNamespace(
         device="cpu", head_dim=32, context=64, pairs=[2, 4, 8], eval_pairs=[4, 8, 16], window=16,
         mqar_rows=48, mqar_ids=128, chunk=8, text_rows=0, eval_mqar_rows=256, layers=2, vocab=1024, conv=3,
-        lr=3e-3, lm_weight=0.25, gate_bias=None, name="gated_delta", no_output_norm=True,
+        lr=3e-3, lm_weight=0.25, gate_bias=None, name="gated_delta", no_output_norm=True, gain=1.0,
     )  # fmt: skip
     for extra in sys.argv[3:]:
         key, value = extra.split("=")
@@ -43,6 +43,7 @@ def main() -> None:
             att = layer.self_attn
             if isinstance(att, arch.MethodAttention) and att.method != "softmax":
                 att.o_norm = nn.RMSNorm(att.head_dim, eps=1e-5)
+                nn.init.constant_(att.o_norm.weight, float(args.gain))
                 run = att._run
                 att._run = lambda q, k, v, inputs, att=att, run=run: att.o_norm(run(q, k, v, inputs))
             if isinstance(att, arch.MethodAttention) and att.method != "softmax" and variant == "gnorm":
@@ -67,6 +68,7 @@ def main() -> None:
     out = {
         "variant": variant,
         "method": args.name,
+        "gain": float(args.gain),
         "steps": steps,
         "mqar": res["mqar"],
         "train_s": round(secs),
