@@ -44,6 +44,12 @@ _NO_EXTRA: Mapping[str, Tensor] = {}
 #: Call signatures one op remembers, and ops ``attention`` remembers (oldest dropped first).
 OP_SIGNATURES = 64
 CACHED_OPS = 256
+#: Packings (cu_seqlens) one op remembers with their resolved call: few, since each may hold the executor's
+#: device tables, and a training loop with a new packing every step would only fill the cache.
+PACKED_SIGNATURES = 8
+#: Per-sequence signatures of the packed fallback one op remembers, apart from its ordinary calls (so a
+#: packing of many lengths neither misses on every call nor evicts the op's plain entries).
+SEQUENCE_SIGNATURES = 256
 
 
 def _split_inputs(spec: MethodSpec, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -172,6 +178,7 @@ class Op:
         "_growing",
         "_packed",
         "_plain",
+        "_sequences",
         "backend",
         "causal",
         "check_finite",
@@ -211,6 +218,8 @@ class Op:
         self._growing: dict[tuple[Any, ...], tuple[Call, Backend]] = {}
         #: packed calls (cu_seqlens): their resolution and choice, by signature and packing
         self._packed: dict[tuple[Any, ...], tuple[Call, Choice]] = {}
+        #: the packed fallback's per-sequence calls, by signature (apart from ``_entries``)
+        self._sequences: dict[tuple[Any, ...], tuple[Call, Backend]] = {}
         #: the output alone, from q, k, v alone: __call__ runs the backend itself (no Result, no inputs)
         self._plain = not (spec.stateful or spec.inputs or return_lse or return_plan)
 
@@ -230,8 +239,16 @@ class Op:
         return call, require(call, self.backend)
 
     def _entry(
-        self, q: Tensor, k: Tensor, v: Tensor, inputs: Mapping[str, Any] = _NO_EXTRA
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        inputs: Mapping[str, Any] = _NO_EXTRA,
+        entries: dict[tuple[Any, ...], tuple[Call, Backend]] | None = None,
     ) -> tuple[Call, Backend]:
+        """The resolved call of this signature, from ``entries`` (default: the op's own cache; the packed
+        fallback passes its per-sequence cache, which has no decode-growth shortcut)."""
+        cache, limit = (self._entries, OP_SIGNATURES) if entries is None else (entries, SEQUENCE_SIGNATURES)
         extra_grad = bool(inputs) and torch.is_grad_enabled() and _inputs_need_grad(inputs)
         if torch.compiler.is_compiling():
             return self.resolve(q, k, v, extra_grad=extra_grad)
@@ -243,8 +260,8 @@ class Op:
             )  # fmt: skip
         except AttributeError:  # not tensors: validation says what is wrong
             return self.resolve(q, k, v)
-        entry = self._entries.get(key)
-        if entry is None:
+        entry = cache.get(key)
+        if entry is None and entries is None:
             entry = self._grown(q, k, v, key)
         if entry is None:
             if q.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -255,11 +272,11 @@ class Op:
                 )
             # (the keyword only when set: tests count resolve() calls with the plain signature)
             entry = self.resolve(q, k, v, extra_grad=True) if extra_grad else self.resolve(q, k, v)
-            if entry[1].length_free_refusals:
+            if entry[1].length_free_refusals and entries is None:
                 self._growing[_without_n_k(key)] = entry
-            if len(self._entries) >= OP_SIGNATURES:
-                del self._entries[next(iter(self._entries))]
-            self._entries[key] = entry
+            if len(cache) >= limit:
+                del cache[next(iter(cache))]
+            cache[key] = entry
         return entry
 
     def _grown(self, q: Tensor, k: Tensor, v: Tensor, key: tuple[Any, ...]) -> tuple[Call, Backend] | None:
@@ -328,6 +345,12 @@ class Op:
             )
         if not all(isinstance(t, Tensor) for t in (q, k, v)):
             validate(q, k, v, causal=self.causal, scale=self.scale)  # says what is wrong
+        if q.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise BackendError(
+                f"packed sequences (cu_seqlens) through {self!r} inside CUDA-graph capture: reading the "
+                "cumulative lengths synchronises with the host, which capture forbids; run packed calls outside "
+                "capture"
+            )
         packing = packing_of(cu_q, cu_k, q, k)
         grad = torch.is_grad_enabled() and (
             q.requires_grad or k.requires_grad or v.requires_grad or _inputs_need_grad(inputs)
@@ -342,7 +365,7 @@ class Op:
             )  # fmt: skip
             entry = (call, choose(call, self.backend))
             if not torch.compiler.is_compiling():
-                if len(self._packed) >= OP_SIGNATURES:
+                if len(self._packed) >= PACKED_SIGNATURES:
                     del self._packed[next(iter(self._packed))]
                 self._packed[key] = entry
         return entry
@@ -396,7 +419,7 @@ class Op:
                 continue
             qs, ks, vs = q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1]
             xs = sequence_inputs(spec.inputs, extra, pk, s) if extra else {}
-            c, b = self._entry(qs, ks, vs, xs)
+            c, b = self._entry(qs, ks, vs, xs, self._sequences)
             r = _execute(c, b, qs, ks, vs, dict(xs), False, self.return_plan)
             if isinstance(r, Result):
                 outs.append(r.out)

@@ -257,6 +257,41 @@ def test_explain_says_which_path_runs_and_an_op_resolves_a_packing_once() -> Non
     assert len(op._packed) == 2
 
 
+def test_the_fallback_resolves_each_sequence_once_and_keeps_the_ops_own_calls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """More distinct sequence lengths than an op's own cache holds: each is resolved once (not on every
+    call), and the op's ordinary (unpacked) entries survive packed calls."""
+    from attnlab import api
+
+    lengths = list(range(1, api.OP_SIGNATURES + 6))
+    total = sum(lengths)
+    q, k, v = (torch.randn(1, 2, total, 8) for _ in range(3))
+    packed = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    op = attnlab.prepare("softmax", causal=True, backend="sdpa")
+    plain = (torch.randn(1, 2, 7, 8) for _ in range(3))
+    pq, pk_, pv = plain
+    op(pq, pk_, pv)
+    resolved: list[int] = []
+    original = api.Op.resolve
+
+    def counting(self: Any, q: Tensor, k: Tensor, v: Tensor, **kw: Any) -> Any:
+        resolved.append(q.shape[2])
+        return original(self, q, k, v, **kw)
+
+    monkeypatch.setattr(api.Op, "resolve", counting)
+    for _ in range(3):
+        out = op(q, k, v, cu_seqlens_q=packed)
+    assert isinstance(out, Tensor) and sorted(resolved) == lengths  # once per length over three calls
+    for n in lengths[:: len(lengths) // 4]:  # a few sequences against running them alone
+        first = sum(lengths[: n - 1])
+        alone = op(q[:, :, first : first + n], k[:, :, first : first + n], v[:, :, first : first + n])
+        assert isinstance(alone, Tensor) and torch.allclose(out[:, :, first : first + n], alone, atol=1e-6)
+    resolved.clear()
+    op(pq, pk_, pv)
+    assert 7 not in resolved  # the plain entry was not evicted
+
+
 # -- bad input ----------------------------------------------------------------------------------------
 def test_bad_packings_get_clear_errors() -> None:
     q, k, v = Case(1, 4, 2, 20, 20, 16, torch.float32, True).inputs(DEVICE)
