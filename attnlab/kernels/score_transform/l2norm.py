@@ -27,7 +27,7 @@ BLOCK_R = 4 if IMPORTED_INTERPRETED else 16
 
 @triton.jit
 def _l2norm_fwd_kernel(X, Y, R, N_ROWS, D, EPS, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # int64: offsets past 2**31
     d = tl.arange(0, BLOCK_D)
     rm = rows < N_ROWS
     m2 = rm[:, None] & (d < D)[None, :]
@@ -39,7 +39,7 @@ def _l2norm_fwd_kernel(X, Y, R, N_ROWS, D, EPS, BLOCK_R: tl.constexpr, BLOCK_D: 
 
 @triton.jit
 def _l2norm_bwd_kernel(DY, X, R, DX, N_ROWS, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # int64: offsets past 2**31
     d = tl.arange(0, BLOCK_D)
     rm = rows < N_ROWS
     m2 = rm[:, None] & (d < D)[None, :]
