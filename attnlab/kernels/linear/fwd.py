@@ -121,7 +121,7 @@ def l2norm_fwd_kernel(
     """The delta rule's q/k L2 normalisation, both tensors in one launch (grid (row blocks, 2): axis 1
     picks q or k). X (rows, D) contiguous; Y the normalised rows (X's dtype), R (rows,) float32 the
     reciprocal norms the backward takes."""
-    r0 = tl.program_id(0) * BR
+    r0 = tl.program_id(0).to(tl.int64) * BR  # int64: row offsets past 2**31 elements
     if tl.program_id(1) == 0:
         _l2norm_rows(X0, Y0, R0, r0, N, D, EPS, BR, BD, RTNE_BF16)
     else:
@@ -150,7 +150,7 @@ def l2norm_bwd_kernel(
     """The Jacobian of y = x * rstd applied to dy, for q and k in one launch (grid (row blocks, B*H, 2)):
     dx = rstd (dy - y sum(y dy)). Y (B*H, N, D) the normalised rows, R (B*H, N) float32, DY (B*H, NP, D)
     (NP >= N rows per head: the chunk backward's padded float32 buffers), DX (B*H, N, D) in its dtype."""
-    r0 = tl.program_id(0) * BR
+    r0 = tl.program_id(0).to(tl.int64) * BR  # int64: row offsets past 2**31 elements
     bh = tl.program_id(1).to(tl.int64)
     if tl.program_id(2) == 0:
         _l2norm_bwd_rows(Y0, R0, DY0, DX0, bh, r0, N, NP, D, BR, BD)
