@@ -6,7 +6,11 @@
   with the recurrent step kernel for one-token decode; GPU, or CPU under ``TRITON_INTERPRET=1``.
 
 Each method gives the backend a runner ``(q, k, v, call, extra, state) -> (out, state)`` (its feature maps,
-gates and state layout), and, for Triton, the refusals specific to it (chunk sizes, head dims).
+gates and state layout), and, for Triton, the refusals specific to it (chunk sizes, head dims). A method
+whose kernels have op-level varlen (``gla_chunk_varlen``, ``delta_chunk_varlen``) also gives its Triton
+backend a packed runner ``(q, k, v, call, extra, cu_seqlens) -> (out, final states (S, H, K, V))``: the
+backend then declares ``varlen`` and runs packed sequences (``cu_seqlens_q``) in one launch, each from the
+initial state (:meth:`LinearBackend.run_varlen_state`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from attnlab.backends.base import Backend, Call, Capabilities
@@ -23,6 +28,10 @@ from attnlab.kernels.triton_utils import triton_refusal
 
 Runner = Callable[[Tensor, Tensor, Tensor, Call, Mapping[str, Tensor], Any], tuple[Tensor, Any]]
 Refusal = Callable[[Call], list[str]]
+#: ``(q, k, v, call, extra, cu_seqlens) -> (out (1, H, T, V), final states (S, H, K, V))``: packed sequences
+#: (q (1, H, T, D), k, v (1, H_kv, T, .), tensor inputs packed along their token axes, ``cu_seqlens``
+#: (S + 1,) int32 on q's device), each sequence from the initial state.
+VarlenRunner = Callable[[Tensor, Tensor, Tensor, Call, Mapping[str, Tensor], Tensor], tuple[Tensor, Tensor]]
 
 _OP_MODULE = "attnlab.kernels.linear.op"
 
@@ -47,8 +56,10 @@ class LinearBackend(Backend):
         refusal: Refusal | None = None,
         *,
         triton: bool = False,
+        varlen: VarlenRunner | None = None,
     ) -> None:
         self.triton = triton
+        self.varlen_runner = varlen
         self.name = name
         self.summary = summary
         self.caps = caps
@@ -65,6 +76,23 @@ class LinearBackend(Backend):
 
     def run(self, q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor]) -> Tensor:
         return self.run_state(q, k, v, call, extra, None)[0]
+
+    def run_varlen_state(
+        self, q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor]
+    ) -> tuple[Tensor, list[Any]]:
+        """Packed sequences (``call.packing``; self-attention, as every linear method: the API refuses a
+        packing whose queries and keys differ in a sequence, so ``cu_q`` is the packing) in
+        one launch of the method's packed runner, each sequence from the initial state: (out (1, H, T, V),
+        each sequence's final state (1, H, K, V) float32, None for an empty sequence)."""
+        pk = call.packing
+        if self.varlen_runner is None or pk is None:
+            raise NotImplementedError(f"backend {self.name} of this method cannot run packed sequences")
+        cu = torch.tensor(pk.cu_q, dtype=torch.int32, device=q.device)
+        out, final = self.varlen_runner(q, k, v, call, extra, cu)
+        states: list[Any] = [
+            None if pk.cu_q[s + 1] == pk.cu_q[s] else final[s : s + 1] for s in range(pk.count)
+        ]
+        return out, states
 
 
 def torch_chunk(runner: Runner, refusal: Refusal | None = None) -> LinearBackend:
@@ -94,16 +122,23 @@ def triton_chunk(
     *,
     backward: bool = True,
     patterns: frozenset[Pattern] = ALL_PATTERNS,
+    varlen: VarlenRunner | None = None,
 ) -> LinearBackend:
     """The Triton chunked backend of a method (``refusal``: its own limits, e.g. chunk sizes; ``patterns``:
-    the patterns its kernels run, when fewer than the method defines)."""
+    the patterns its kernels run, when fewer than the method defines; ``varlen``: its packed runner, when
+    its kernels have op-level varlen: the backend then declares ``varlen``)."""
     return LinearBackend(
         "triton",
         "attnlab's chunked Triton kernels, state in/out (CPU only under TRITON_INTERPRET=1)",
         Capabilities(
-            stateful=True, backward=backward, patterns=patterns, where="GPU; CPU via Triton's interpreter"
+            stateful=True,
+            backward=backward,
+            patterns=patterns,
+            varlen=varlen is not None,
+            where="GPU; CPU via Triton's interpreter",
         ),
         runner,
         _triton_reasons(refusal),
         triton=True,
+        varlen=varlen,
     )

@@ -164,6 +164,24 @@ def _run_triton(
     return o.to(q.dtype), s
 
 
+def _run_triton_varlen(
+    q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor], cu_seqlens: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Packed sequences (q (1, H, T, D), beta (1, H, T) and g (1, H, T, D | 1) packed like q) in one
+    launch of ``delta_chunk_varlen``, each from a zero state: (o (1, H, T, D_v), final states
+    (S, H, D, D_v) float32). With ``qk_l2norm``, q and k are L2-normalised in PyTorch first (float32, then
+    q's dtype: the chunk op's unfused path; the packed op has no fused normalisation)."""
+    from attnlab.kernels.linear.op import delta_chunk_varlen
+
+    p = call.params
+    assert isinstance(p, GatedDeltaParams)
+    qq, kk, vv, bb, gg, _ = _inputs(q, k, v, p, extra.get("beta"), extra.get("g"), None, normalize=False)
+    if p.qk_l2norm:
+        qq, kk = l2norm(qq).to(q.dtype), l2norm(kk).to(k.dtype)
+    o, s = delta_chunk_varlen(qq, kk, vv, bb, gg, call.scale, None, p.chunk, cu_seqlens)
+    return o.to(q.dtype), s
+
+
 def _triton_refusal(call: Call) -> list[str]:
     from attnlab.kernels.linear.limits import kernel_refusals
 
@@ -179,7 +197,10 @@ SPEC = MethodSpec(
     summary="delta rule S = (I - beta k k^T) diag(exp g) S + beta k v^T; beta and g (per head or channel) inputs",
     param_class=GatedDeltaParams,
     reference=reference,
-    backends=(triton_chunk(_run_triton, _triton_refusal), torch_chunk(_run_torch)),
+    backends=(
+        triton_chunk(_run_triton, _triton_refusal, varlen=_run_triton_varlen),
+        torch_chunk(_run_torch),
+    ),
     patterns=CAUSAL_ONLY,
     # (without qk_l2norm the delta rule is stable only for keys of norm <= sqrt(2 / beta): the registry's
     # standard-normal keys would blow it up, so that setting runs in tests/test_linear_methods.py)

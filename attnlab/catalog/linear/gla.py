@@ -133,6 +133,22 @@ def _run_triton(
     return gla_chunk(q, expand_heads(k, h), expand_heads(v, h), g, call.scale, s0, call.params.chunk)
 
 
+def _run_triton_varlen(
+    q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor], cu_seqlens: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Packed sequences (q (1, H, T, D), g (1, H, T, D) packed like q) in one launch of
+    ``gla_chunk_varlen``, each from a zero state: (o (1, H, T, D_v), final states (S, H, D, D_v) float32)."""
+    from attnlab.kernels.linear.op import gla_chunk_varlen
+
+    assert isinstance(call.params, GLAParams)
+    g = _gate(extra.get("g"))
+    h = q.shape[1]
+    o, s = gla_chunk_varlen(
+        q, expand_heads(k, h), expand_heads(v, h), g, call.scale, None, call.params.chunk, cu_seqlens
+    )
+    return o.to(q.dtype), s
+
+
 def triton_refusal(call: Call) -> list[str]:
     """Limits of the Triton kernels shared by the gated-linear methods: chunk 16/32/64, head dims <= 256,
     and with gradients the backward's state tile (per-channel gates for gla, one per head for lightning)."""
@@ -153,7 +169,7 @@ SPEC = MethodSpec(
     summary="linear attention with a per-channel data-dependent decay exp(g) of the state (g: input)",
     param_class=GLAParams,
     reference=reference,
-    backends=(triton_chunk(_run_triton, triton_refusal), torch_chunk(_run_torch)),
+    backends=(triton_chunk(_run_triton, triton_refusal, varlen=_run_triton_varlen), torch_chunk(_run_torch)),
     patterns=CAUSAL_ONLY,
     test_params=({}, {"chunk": 16}),
     bench_params=lambda n: [{}],

@@ -154,6 +154,23 @@ def _run_triton(
     return gla_chunk(q, expand_heads(k, h), expand_heads(v, h), g, call.scale, s0, call.params.chunk)
 
 
+def _run_triton_varlen(
+    q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor], cu_seqlens: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Packed sequences (q (1, H, T, D)) in one launch of ``gla_chunk_varlen``, each from a zero state:
+    (o (1, H, T, D_v), final states (S, H, D, D_v) float32). The per-head decay is the same for every
+    sequence (it has no token axis)."""
+    from attnlab.kernels.linear.op import gla_chunk_varlen
+
+    assert isinstance(call.params, LightningParams)
+    g, _ = _args(q, v, extra, None)
+    h = q.shape[1]
+    o, s = gla_chunk_varlen(
+        q, expand_heads(k, h), expand_heads(v, h), g, call.scale, None, call.params.chunk, cu_seqlens
+    )
+    return o.to(q.dtype), s
+
+
 SPEC = MethodSpec(
     name="lightning",
     family="linear",
@@ -161,7 +178,7 @@ SPEC = MethodSpec(
     summary="linear attention with a constant decay per head (ALiBi-slope decays, or the input decay)",
     param_class=LightningParams,
     reference=reference,
-    backends=(triton_chunk(_run_triton, triton_refusal), torch_chunk(_run_torch)),
+    backends=(triton_chunk(_run_triton, triton_refusal, varlen=_run_triton_varlen), torch_chunk(_run_torch)),
     patterns=CAUSAL_ONLY,
     test_params=({}, {"chunk": 16}),
     bench_params=lambda n: [{}],
