@@ -27,12 +27,13 @@ BACKEND = None if DEVICE.type == "cuda" else "triton"
 # (method, params, tensor inputs: name -> shape with T for the packed token axis)
 CASES: list[tuple[str, dict[str, Any], dict[str, tuple[int | str, ...]]]] = [
     ("lightning", {"chunk": 16}, {}),
+    ("lightning", {}, {"decay": (H,)}),  # the user's decays (no token axis), chunk 64 > every sequence
     ("gla", {"chunk": 16}, {"g": (1, H, "T", D)}),
     ("gated_delta", {"chunk": 16}, {"beta": (1, H, "T"), "g": (1, H, "T", 1)}),  # Gated DeltaNet
     ("gated_delta", {"chunk": 16}, {"beta": (1, H, "T"), "g": (1, H, "T", D)}),  # KDA
     ("gated_delta", {"chunk": 16, "qk_l2norm": False}, {"beta": (1, H, "T")}),  # DeltaNet, raw q, k
 ]
-IDS = ["lightning", "gla", "gdn", "kda", "deltanet_no_l2"]
+IDS = ["lightning", "lightning_decay", "gla", "gdn", "kda", "deltanet_no_l2"]
 
 
 def _cu(lengths: list[int]) -> Tensor:
@@ -46,6 +47,8 @@ def _inputs(shapes: dict[str, tuple[int | str, ...]], total: int, seed: int) -> 
         size = tuple(total if s == "T" else int(s) for s in shape)
         if name == "g":
             t = torch.nn.functional.logsigmoid(torch.randn(size, generator=gen) + 2.0)
+        elif name == "decay":
+            t = 0.3 + 0.7 * torch.rand(size, generator=gen)
         else:
             t = torch.rand(size, generator=gen)
         out[name] = t.to(DEVICE).requires_grad_()
@@ -86,7 +89,7 @@ def test_packed_equals_sequences_one_by_one(
         if n == 0:
             states.append(None)
             continue
-        xs: dict[str, Any] = {**kw, **{nm: t[:, :, a : a + n] for nm, t in x.items()}}
+        xs: dict[str, Any] = {**kw, **{nm: t[:, :, a : a + n] if t.dim() > 2 else t for nm, t in x.items()}}
         r = attnlab.attention(q[:, :, a : a + n], k[:, :, a : a + n], v[:, :, a : a + n], method=name, **xs)
         assert isinstance(r, Result)
         outs.append(r.out)
