@@ -146,6 +146,16 @@ def test_load_heldout_refuses_a_training_document_or_a_changed_text(tmp_path) ->
     )
     with pytest.raises(ValueError, match="does not match its recorded SHA-256"):
         load_heldout(changed)
+    generous = tmp_path / "generous.json.gz"  # a file cannot pass the rule by stating a share of its own
+    generous.write_bytes(
+        gzip.compress(json.dumps({**data, "documents": [train_doc], "heldout_share": 1.0}).encode())
+    )
+    with pytest.raises(ValueError, match=r"held-out share 1.0 differ from what organism 'small' trained on"):
+        load_heldout(generous)
+    other = tmp_path / "other.json.gz"
+    other.write_bytes(gzip.compress(json.dumps({**data, "organism": "nobody"}).encode()))
+    with pytest.raises(ValueError, match="organism 'nobody' has no training record"):
+        load_heldout(other)
 
 
 def _synthetic_corpus(root):  # type: ignore[no-untyped-def]
@@ -190,7 +200,7 @@ def test_selected_held_out_text_occurs_nowhere_in_the_training_split(tmp_path) -
     chosen = select_heldout(corpus, lambda s: len(s.split()), 10**9)
     assert chosen and len(chosen) < len(held)  # some held-out docstrings sit inside training code documents
     path = save_heldout(corpus, chosen, "synthetic", tmp_path / "h.json.gz")
-    text = load_heldout(path)
+    text = load_heldout(path, split=(corpus.fingerprint, corpus.config.heldout_share))
     assert [d.text for d in text.documents] == [d.text for d in chosen] and text.paragraphs()
     assert check_against_corpus(text, corpus) == []
     train = [" ".join(d.text.split()) for d in corpus.train]

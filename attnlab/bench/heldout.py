@@ -120,7 +120,7 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def load_heldout(path: Path = HELDOUT_FILE) -> HeldoutText:
+def load_heldout(path: Path = HELDOUT_FILE, split: tuple[str, float] | None = None) -> HeldoutText:
     """The held-out documents in ``path``, each checked: its text's SHA-256 as recorded, and the split rule
     (``heldout_fraction(text) < heldout_share``). A ValueError names a document that fails."""
     if not path.is_file():
@@ -132,6 +132,7 @@ def load_heldout(path: Path = HELDOUT_FILE) -> HeldoutText:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"{path}: expected a {FORMAT} file (written by save_heldout)")
     share = float(data["heldout_share"])
+    _check_split_record(path, str(data.get("organism")), str(data.get("corpus_fingerprint")), share, split)
     docs = []
     for i, d in enumerate(data["documents"]):
         if _sha(d["text"]) != d["sha256"]:
@@ -143,6 +144,36 @@ def load_heldout(path: Path = HELDOUT_FILE) -> HeldoutText:
             )
         docs.append(Document(d["source"], d["origin"], d["text"]))
     return HeldoutText(str(data["organism"]), str(data["corpus_fingerprint"]), share, docs)
+
+
+def _check_split_record(
+    path: Path, organism: str, fingerprint: str, share: float, split: tuple[str, float] | None
+) -> None:
+    """The file's corpus fingerprint and held-out share must be ``split`` (default: those its shipped
+    organism recorded when it trained, ``training.json``), so that a file cannot pass the split rule by
+    stating a larger share of its own."""
+    from attnlab.organisms.checkpoint import CheckpointError, organism_path
+
+    if split is not None:
+        want = (split[0], float(split[1]))
+        if (fingerprint, share) != want:
+            raise ValueError(
+                f"{path}: corpus fingerprint {fingerprint} and held-out share {share} differ from the expected "
+                f"corpus (fingerprint {want[0]}, held-out share {want[1]})"
+            )
+        return
+    try:
+        record = json.loads((organism_path(organism) / "training.json").read_text())["data"]
+    except (CheckpointError, OSError, KeyError, ValueError) as e:
+        raise ValueError(
+            f"{path}: its organism {organism!r} has no training record to check the split against ({e})"
+        ) from e
+    want = (str(record["fingerprint"]), float(record["config"]["heldout_share"]))
+    if (fingerprint, share) != want:
+        raise ValueError(
+            f"{path}: corpus fingerprint {fingerprint} and held-out share {share} differ from what organism "
+            f"{organism!r} trained on (fingerprint {want[0]}, held-out share {want[1]})"
+        )
 
 
 def check_against_corpus(text: HeldoutText, corpus: Corpus) -> list[str]:
@@ -189,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     _, tokenizer = load_organism(folder)
     docs = select_heldout(corpus, lambda s: len(encode(tokenizer, s)), args.tokens)
     save_heldout(corpus, docs, args.organism, args.out)
-    text = load_heldout(args.out)
+    text = load_heldout(args.out, split=(corpus.fingerprint, corpus.config.heldout_share))
     problems = check_against_corpus(text, corpus)
     n_tokens = sum(len(encode(tokenizer, p + "\n\n")) for p in text.paragraphs())
     print(f"{args.out}: {len(docs)} documents, {len(text.paragraphs())} paragraphs, {n_tokens} tokens; "
