@@ -36,6 +36,7 @@ def record(spec: MethodSpec) -> dict[str, Any]:
                 "devices": list(b.devices),
                 "where": b.where_text(),
                 "backward": b.backward,
+                "varlen": b.caps.varlen,
                 "summary": b.summary,
             }
             for b in spec.backends
@@ -43,12 +44,26 @@ def record(spec: MethodSpec) -> dict[str, Any]:
         "patterns": [p.value for p in PATTERN_ABBREV if p in spec.patterns],
         "gqa": spec.gqa,
         "backward": spec.backward,
+        "varlen": varlen_backends(spec),
     }
 
 
 def patterns_text(spec: MethodSpec) -> str:
     """The method's patterns in the README's order: self, causal, cross, causal-cross."""
     return ", ".join(abbrev for p, abbrev in PATTERN_ABBREV.items() if p in spec.patterns)
+
+
+def varlen_backends(spec: MethodSpec) -> list[str]:
+    """Names of the method's backends that run packed sequences (``cu_seqlens``) in one launch.
+
+    Backends not listed run packed calls one sequence at a time (still correct, one call per sequence).
+    """
+    return [b.name for b in spec.backends if b.caps.varlen]
+
+
+def _varlen_cell(spec: MethodSpec) -> str:
+    names = varlen_backends(spec)
+    return ", ".join(f"`{n}`" for n in names) if names else "per sequence"
 
 
 def records() -> list[dict[str, Any]]:
@@ -65,16 +80,17 @@ def _backends_cell(spec: MethodSpec) -> str:
 def markdown_table() -> str:
     """The support matrix as a Markdown table."""
     head = (
-        "| method | family | parameters (defaults) | backends (priority order) | patterns | GQA | backward |"
+        "| method | family | parameters (defaults) | backends (priority order) | patterns | GQA | backward | "
+        "varlen (one launch) |"
     )
-    rule = "|---|---|---|---|---|---|---|"
+    rule = "|---|---|---|---|---|---|---|---|"
     rows = [head, rule]
     for spec in methods().values():
         params = ", ".join(f"{k}={v}" for k, v in spec.make_params({}).as_dict().items()) or "—"
         patterns = patterns_text(spec)
         rows.append(
             f"| `{spec.name}` | {spec.family} | {params} | {_backends_cell(spec)} | {patterns} | "
-            f"{'yes' if spec.gqa else 'no'} | {'yes' if spec.backward else 'no'} |"
+            f"{'yes' if spec.gqa else 'no'} | {'yes' if spec.backward else 'no'} | {_varlen_cell(spec)} |"
         )
     return "\n".join(rows)
 

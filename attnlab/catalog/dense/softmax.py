@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from attnlab.backends.block_sparse import BLOCK_SPARSE
 from attnlab.backends.flex import FLEX
 from attnlab.backends.sdpa import SdpaBackend
 from attnlab.core import MethodSpec
@@ -42,7 +43,9 @@ SPEC = register(
         summary="dense softmax attention; dispatches to the fastest SDPA kernel",
         param_class=SoftmaxParams,
         reference=reference,
-        backends=(SdpaBackend(), FLEX),
+        # BLOCK_SPARSE last: never chosen before sdpa/flex for ordinary calls; packed (cu_seqlens) calls on
+        # a GPU get its one-launch varlen path instead of one call per sequence
+        backends=(SdpaBackend(), FLEX, BLOCK_SPARSE),
         patterns=ALL_PATTERNS,
         test_params=({},),
         bench_params=lambda n: [{}],
