@@ -14,7 +14,8 @@ The call a user makes is the product, so the path is built for repeated calls:
 Packed sequences (FlashAttention's varlen layout: ``cu_seqlens_q=``, ``cu_seqlens_k=``) take one of two
 paths, chosen per call signature and packing (:func:`explain` says which): a backend that declares
 ``varlen`` (the block-sparse executor: static plans per sequence, dynamic estimators on each sequence's
-own q and k, plain softmax dense) runs them in one launch; otherwise each sequence runs separately through
+own q and k, plain softmax dense; the Triton kernels of lightning, gla and gated_delta, each sequence from
+the initial state, ``result.state`` listing the final states) runs them in one launch; otherwise each sequence runs separately through
 the normal dispatch, with the method's tensor inputs cut to it along their token axes, and the outputs
 (and log-sum-exps) are packed back together. Reading ``cu_seqlens`` costs one host synchronisation when
 they live on a GPU.
