@@ -5,7 +5,8 @@ from the query (and its position) by a small learned function, so that each quer
 its attention is. Here ``tau`` is a tensor input ``temperature`` of shape (B, H, N_q) (any dim may be
 1) that *multiplies* the scaled logits: ``tau > 1`` sharpens, ``tau < 1`` flattens, ``tau = 0`` gives a
 uniform average over the allowed keys; without it the method is plain softmax. The paper's value
-temperature is not part of this method (scale ``v`` before the call).
+temperature is not part of this method (scale ``v`` before the call). The ``sdpa`` backend runs torch SDPA
+on ``q * tau`` (exact; gradients reach ``temperature`` through autograd).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from attnlab.backends.base import Backend, Capabilities
 from attnlab.backends.eager import EAGER
 from attnlab.catalog.variants._common import (
     VariantFlexBackend,
@@ -29,6 +31,7 @@ from attnlab.catalog.variants._common import (
 from attnlab.catalog.variants._triton import KernelArgs, TritonScoreBackend
 from attnlab.core import Call, MethodSpec, TensorInput
 from attnlab.kernels.flex import ScoreMod
+from attnlab.kernels.sdpa import sdpa_dense
 from attnlab.params import Params
 from attnlab.patterns import ALL_PATTERNS
 
@@ -78,6 +81,21 @@ def _kernel_args(q: Tensor, call: Call, extra: Mapping[str, Tensor]) -> KernelAr
     return KernelArgs(temp=extra.get("temperature"))
 
 
+class SelectiveSdpaBackend(Backend):
+    """Selective attention as torch SDPA on ``q * tau[..., None]`` (``tau`` broadcast to (B, H, N_q)):
+    exact, differentiable for q, k, v and ``temperature``; plain SDPA without the input."""
+
+    name = "sdpa"
+    summary = "torch SDPA on q scaled by the per-query temperature"
+    caps = Capabilities()
+
+    def run(self, q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor]) -> Tensor:
+        tau = extra.get("temperature")
+        if tau is not None:
+            q = q * tau.to(q.dtype)[..., None]
+        return sdpa_dense(q, k, v, causal=call.problem.causal, scale=call.scale)
+
+
 SPEC = MethodSpec(
     name="selective",
     family="dense",
@@ -86,7 +104,12 @@ SPEC = MethodSpec(
     param_class=SelectiveParams,
     reference=reference,
     # the kernel after Flex: it was not timed on the GPU yet (backend="triton" selects it)
-    backends=(VariantFlexBackend(_score, per_call=True), TritonScoreBackend(_kernel_args), EAGER),
+    backends=(
+        VariantFlexBackend(_score, per_call=True),
+        TritonScoreBackend(_kernel_args),
+        SelectiveSdpaBackend(),
+        EAGER,
+    ),
     patterns=ALL_PATTERNS,
     inputs=(
         TensorInput(

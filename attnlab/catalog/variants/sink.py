@@ -9,7 +9,10 @@ Equivalently: append ``s_h`` as an extra logit column, softmax, drop the column.
 sum to less than 1; a row with no allowed key puts all its mass on the sink and returns 0. Evan Miller's
 "off-by-one" softmax is ``s_h = 0`` for every head, the default: a ``sinks`` tensor (H,) passed to the
 call (gpt-oss's learned per-head parameter) replaces the constant ``logit``. The FlexAttention path
-runs plain softmax and rescales: ``O = O_softmax * sigmoid(lse - s_h)``.
+runs plain softmax and rescales: ``O = O_softmax * sigmoid(lse - s_h)``. The ``sdpa`` backend runs
+torch SDPA with the sink as one more key: q gains columns ``s_h / scale`` (split in a high and a low part
+so a bf16 q keeps the fp32 sink), a key ``[0, ..., 1, 1]`` with a zero value is prepended (always allowed
+under bottom-right causal), exact and differentiable by autograd (q, k, v and ``sinks``).
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from attnlab.backends.base import Backend, Capabilities
 from attnlab.backends.eager import EAGER
 from attnlab.catalog.variants._common import VariantFlexBackend, allowed, logits, weigh
 from attnlab.catalog.variants._triton import KernelArgs, TritonScoreBackend
 from attnlab.core import Call, MethodSpec, TensorInput
+from attnlab.kernels.sdpa import sdpa_dense
 from attnlab.params import Params
 from attnlab.patterns import ALL_PATTERNS
 
@@ -87,6 +92,38 @@ def _kernel_args(q: Tensor, call: Call, extra: Mapping[str, Tensor]) -> KernelAr
     return KernelArgs(sinks=sink_logits(q, call.params, extra.get("sinks")))
 
 
+def sdpa_sink(q: Tensor, k: Tensor, v: Tensor, sink: Tensor, *, causal: bool, scale: float) -> Tensor:
+    """Sink attention through torch SDPA: ``sink`` (H,) fp32 logits become a prepended key with a zero
+    value; (B, H, N_q, D) x (B, H_kv, N_k, D) -> (B, H, N_q, D_v), bottom-right causal, GQA kept (the
+    sink key is shared by a group: the per-head logit rides on q). Rows with no key give 0."""
+    b, h, n_q, d = q.shape
+    hi = sink.to(q.dtype).float()
+    lo = sink - hi
+    width = -(-(d + 2) // 8) * 8  # SDPA's fused kernels want D a multiple of 8: zero columns are exact
+    cols = torch.stack([hi / scale, lo / scale], dim=-1).to(q.dtype)  # (H, 2)
+    qx = q.new_zeros(b, h, n_q, width)
+    qx[..., :d] = q
+    qx[..., d : d + 2] = cols[None, :, None, :]
+    kx = k.new_zeros(k.shape[0], k.shape[1], k.shape[2] + 1, width)
+    kx[:, :, 1:, :d] = k
+    kx[:, :, 0, d : d + 2] = 1.0
+    vx = torch.cat([v.new_zeros(v.shape[0], v.shape[1], 1, v.shape[3]), v], dim=2)
+    return sdpa_dense(qx, kx, vx, causal=causal, scale=scale)
+
+
+class SinkSdpaBackend(Backend):
+    """Sink attention as torch SDPA over one extra key (see :func:`sdpa_sink`): exact, differentiable."""
+
+    name = "sdpa"
+    summary = "torch SDPA with the sink as a prepended zero-value key (q gains the per-head logit)"
+    caps = Capabilities()
+
+    def run(self, q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor]) -> Tensor:
+        assert isinstance(call.params, SinkParams)
+        sink = sink_logits(q, call.params, extra.get("sinks"))
+        return sdpa_sink(q, k, v, sink, causal=call.problem.causal, scale=call.scale)
+
+
 SPEC = MethodSpec(
     name="sink",
     family="dense",
@@ -95,7 +132,12 @@ SPEC = MethodSpec(
     summary="softmax with a per-head sink logit in the denominator (off-by-one softmax by default)",
     param_class=SinkParams,
     reference=reference,
-    backends=(TritonScoreBackend(_kernel_args), VariantFlexBackend(finish=_finish, needs_lse=True), EAGER),
+    backends=(
+        TritonScoreBackend(_kernel_args),
+        VariantFlexBackend(finish=_finish, needs_lse=True),
+        SinkSdpaBackend(),
+        EAGER,
+    ),
     # training: Flex first (its forward + backward ran 0.99-1.06x the kernel's speed at 8K-32K on the H100, ahead at 7 of 8 points,
     # benchmarks/results/h100-2026-11-23/variants/); inference: the kernel (ahead of Flex forward)
     training_backends=("flex",),
