@@ -94,3 +94,13 @@ def test_sink_through_api_and_explain_picks_sdpa_on_cpu() -> None:
     for method, extra in (("sink", {}), cases[1]):
         report = attnlab.explain(qg, kg, vg, method=method, causal=True, **extra)
         assert report.backend is not None and report.backend.name == "sdpa", str(report)
+
+
+def test_sink_sdpa_value_dim_differs() -> None:
+    q, k, _ = _qkv(5, 7)
+    v = torch.randn(2, 2, 7, 6)
+    sinks = torch.tensor([1.0, -0.5, 0.0, 3.0])
+    out = sink.sdpa_sink(q, k, v, sinks, causal=True, scale=0.3)
+    ref = sink.reference(q, k, v, sink.SinkParams(), causal=True, scale=0.3, sinks=sinks)
+    assert out.shape == (2, 4, 5, 6)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

@@ -107,8 +107,11 @@ def sdpa_sink(q: Tensor, k: Tensor, v: Tensor, sink: Tensor, *, causal: bool, sc
     kx = k.new_zeros(k.shape[0], k.shape[1], k.shape[2] + 1, width)
     kx[:, :, 1:, :d] = k
     kx[:, :, 0, d : d + 2] = 1.0
-    vx = torch.cat([v.new_zeros(v.shape[0], v.shape[1], 1, v.shape[3]), v], dim=2)
-    return sdpa_dense(qx, kx, vx, causal=causal, scale=scale)
+    d_v = v.shape[3]
+    # D_v == D: v padded to q's width too (CPU SDPA took 2x longer with D_qk != D_v at 4K), output sliced
+    vx = v.new_zeros(v.shape[0], v.shape[1], v.shape[2] + 1, width if d_v == d else d_v)
+    vx[:, :, 1:, :d_v] = v
+    return sdpa_dense(qx, kx, vx, causal=causal, scale=scale)[..., :d_v]
 
 
 class SinkSdpaBackend(Backend):
