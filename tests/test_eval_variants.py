@@ -28,8 +28,8 @@ LENGTH = 256
 
 @pytest.mark.parametrize(
     ("method", "backend"),
-    [("gated", "sdpa"), ("affine_scaled", "sdpa"), ("sink", "eager"), ("softplus", "eager"),
-     ("selective", "eager"), ("sliding_window", "sdpa_mask"), (DENSE, "sdpa")],
+    [("gated", "sdpa"), ("affine_scaled", "sdpa"), ("sink", "sdpa"), ("softplus", "eager"),
+     ("selective", "sdpa"), ("sliding_window", "sdpa_mask"), (DENSE, "sdpa")],
 )  # fmt: skip
 def test_cpu_backend_is_the_first_of_the_preference_order(method: str, backend: str) -> None:
     names = [b.name for b in get(method).backends]
@@ -78,7 +78,7 @@ def test_variant_rows_record_backend_and_function(result: EvalResult, tmp_path: 
     assert rows["gated"]["outputs"] == rows[DENSE]["outputs"]
     methods = {m["label"]: m for m in result.methods}
     assert methods["gated"]["backends"] == {"gated": "sdpa"}
-    assert methods["sink"]["backends"] == {"sink": "eager"}
+    assert methods["sink"]["backends"] == {"sink": "sdpa"}
     assert methods["gated"]["function"]["same_as_softmax"]
     assert not methods["sink"]["function"]["same_as_softmax"]
     assert methods[DENSE]["function"] is None
@@ -90,7 +90,7 @@ def test_variant_rows_record_backend_and_function(result: EvalResult, tmp_path: 
     text = write_report(back, tmp_path / "report").read_text()
     assert "## What the dense variants computed" in text
     assert "- gated on `sdpa`; not given: gate: the same function as softmax" in text
-    assert "- sink on `eager`; not given: sinks: a different function than softmax" in text
+    assert "- sink on `sdpa`; not given: sinks: a different function than softmax" in text
 
 
 def test_variant_notes_without_variants_or_with_a_failed_check() -> None:

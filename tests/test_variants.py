@@ -83,7 +83,8 @@ def test_every_variant_is_complete() -> None:
             if spec.name in ("gated", "affine_scaled"):  # cuDNN softmax, then the output transform
                 kernel = ["sdpa"]
             after = ["triton"] if spec.name == "selective" else []  # kernel path not timed yet: after Flex
-            fast_first = [*kernel, "flex", *after, "eager"]
+            exact_sdpa = ["sdpa"] if spec.name in ("sink", "selective") else []  # before the N x N eager path
+            fast_first = [*kernel, "flex", *after, *exact_sdpa, "eager"]
             assert [b.name for b in spec.backends] == fast_first
         for kwargs in (*spec.test_params, *spec.bench_params(4096)):
             spec.make_params(kwargs)

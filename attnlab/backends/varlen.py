@@ -19,8 +19,14 @@ from torch import Tensor
 
 from attnlab.core import Packing, TensorInput
 from attnlab.errors import InputError
-from attnlab.kernels.block_sparse.op import TILE_SIZES, block_sparse_attention
 from attnlab.plans.executor import executor_tables, varlen_plan
+
+
+def _op() -> Any:
+    """The executor's op module, imported on first use (it imports Triton: nothing at ``import attnlab``)."""
+    from attnlab.kernels.block_sparse import op
+
+    return op
 
 
 class CuSeqlensTypeError(InputError, TypeError):
@@ -107,7 +113,7 @@ def packed_tables(
     """The executor's tables of the sequences' plans joined block-diagonally (one launch), or None when
     they cannot be joined: a plan in other tiles than ``block`` x ``block``, with token columns, or with
     a head count other than 1 or its siblings'."""
-    packable = block in TILE_SIZES and all(
+    packable = block in _op().TILE_SIZES and all(
         p is None or (p.block_q == p.block_k == block and p.columns is None and p.full.shape[0] == 1)
         for p in plans
     )
@@ -137,7 +143,7 @@ def block_sparse_packed(
     if tables is None:
         tables = packed_tables(packing, plans, causal, block, q.device)
     if tables is not None:
-        return block_sparse_attention(q, k, v, tables, scale, False)
+        return _op().block_sparse_attention(q, k, v, tables, scale, False)
     outs, lses = [], []
     for s, p in enumerate(plans):
         q0, q1, k0, k1 = packing.bounds(s)
@@ -148,9 +154,9 @@ def block_sparse_packed(
             continue
         if p is None:
             p = varlen_plan([0, q1 - q0], [0, k1 - k0], [None], causal, block, q.device)
-            o, lse = block_sparse_attention(qs, ks, vs, executor_tables(p).as_args(), scale, False)
+            o, lse = _op().block_sparse_attention(qs, ks, vs, executor_tables(p).as_args(), scale, False)
         else:
-            o, lse = block_sparse_attention(qs, ks, vs, executor_tables(p).as_args(), scale, causal)
+            o, lse = _op().block_sparse_attention(qs, ks, vs, executor_tables(p).as_args(), scale, causal)
         outs.append(o)
         lses.append(lse)
     return torch.cat(outs, 2), torch.cat(lses, 2)
@@ -186,8 +192,8 @@ def block_sparse_varlen(
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or q.shape[0] != 1 or k.shape[0] != 1 or v.shape[0] != 1:
         raise InputError(f"varlen takes the packed layout q (1, H, T_q, D), k/v (1, H_kv, T_k, D); got q "
                          f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")  # fmt: skip
-    if block not in TILE_SIZES:
-        raise InputError(f"block={block!r}; the executor takes tiles of {TILE_SIZES}")
+    if block not in _op().TILE_SIZES:
+        raise InputError(f"block={block!r}; the executor takes tiles of {_op().TILE_SIZES}")
     packing = packing_of(cu_seqlens_q, cu_seqlens_k, q, k)
     cu_q, cu_k = list(packing.cu_q), list(packing.cu_k)
     plans: list[Any] = []
@@ -200,4 +206,4 @@ def block_sparse_varlen(
             plans.append(plan_fn(qs, ks, causal))
     plan = varlen_plan(cu_q, cu_k, plans, causal, block, q.device)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return block_sparse_attention(q, k, v, executor_tables(plan).as_args(), scale, False)
+    return _op().block_sparse_attention(q, k, v, executor_tables(plan).as_args(), scale, False)
