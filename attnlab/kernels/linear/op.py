@@ -365,7 +365,7 @@ gla_chunk_fwd.register_autograd(_backward, setup_context=_setup_context)
 @torch.library.custom_op("attnlab::linear_step", mutates_args=("bad",))
 def linear_step(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, h0: Tensor | None, scale: float,
-    qk_l2norm: bool = False, bad: Tensor | None = None,
+    qk_l2norm: bool, bad: Tensor | None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """The recurrent step kernel: (o (B, H, N, V), final state fp32). g log-decays: (B, H, N, K) per
     channel, (B, H, N) one per token (shared by the channels), or None; ``beta`` (B, H, N) selects the
@@ -373,7 +373,10 @@ def linear_step(
     kernel (fp32, ``naive.l2norm``'s formula). ``bad``: int32 (``step_programs(q, v)``,), written with
     the kernel's range check of the gates and beta (per program, how many values it read out of range:
     g NaN, > 0 or -inf; beta not finite), read by the host after the launch instead of reductions before
-    it; None: no check (and no allocation). No backward."""
+    it; None: no check (and no allocation). No backward. ``qk_l2norm`` and ``bad`` have no defaults on
+    purpose: torch before 2.13 drops a trailing argument equal to its default when it boxes the call,
+    and then its version bump of the mutated ``bad`` indexes past the end (IndexError on the H100's
+    torch 2.11)."""
     b, h, n, dk = q.shape
     dv = v.shape[-1]
     bk, _, bv, _ = _blocks(dk, dv)
@@ -400,7 +403,7 @@ def linear_step(
 @linear_step.register_fake
 def _(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, h0: Tensor | None, scale: float,
-    qk_l2norm: bool = False, bad: Tensor | None = None,
+    qk_l2norm: bool, bad: Tensor | None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     b, h, n, dk = q.shape
     return q.new_empty(b, h, n, v.shape[-1]), q.new_empty(b, h, dk, v.shape[-1], dtype=torch.float32)
