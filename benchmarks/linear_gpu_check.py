@@ -358,12 +358,13 @@ def run_ours_old_l2norm(
 
 
 @contextlib.contextmanager
-def gla_split_bwd() -> Iterator[None]:
-    """``attnlab.kernels.linear.op.GLA_BWD_SPLIT`` on for the duration (forward and backward of a side)."""
+def gla_one_kernel_bwd() -> Iterator[None]:
+    """``attnlab.kernels.linear.op.GLA_BWD_SPLIT`` off for the duration (forward and backward of a side):
+    the one-kernel backward, the default before the split one was checked on the H100."""
     from attnlab.kernels.linear import op
 
     saved = op.GLA_BWD_SPLIT
-    op.GLA_BWD_SPLIT = True
+    op.GLA_BWD_SPLIT = False
     try:
         yield
     finally:
@@ -373,12 +374,12 @@ def gla_split_bwd() -> Iterator[None]:
 SIDES: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
     "attnlab": run_ours,
     "attnlab-old-l2norm": run_ours_old_l2norm,
-    "attnlab-gla-split": run_ours,  # (under SIDE_CONTEXT's flag, its backward included)
+    "attnlab-gla-one-kernel": run_ours,  # (under SIDE_CONTEXT's flag, its backward included)
     "fla": run_fla,
 }
 #: A context a side's whole call (forward and backward) runs in.
 SIDE_CONTEXT: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
-    "attnlab-gla-split": gla_split_bwd
+    "attnlab-gla-one-kernel": gla_one_kernel_bwd
 }
 #: Seconds a side's call may take in ``check`` (fla's first use autotunes; 0: no limit), and the
 #: (method, side) pairs that ran out of it once (not tried again at another shape).
@@ -430,7 +431,7 @@ def check(method: str, b: int, h: int, n: int, d: int, *, grad: bool, sides: tup
             continue  # (fla's HedgehogFeatureMap is another function: one softmax over [2y, -2y])
         if side == "attnlab-old-l2norm" and c.api != "gated_delta":
             continue  # (only the delta rule normalises q and k)
-        if side == "attnlab-gla-split" and method != "gla":
+        if side == "attnlab-gla-one-kernel" and method != "gla":
             continue  # (the per-channel gated linear backward only)
         row: dict[str, Any] = {"side": side, "method": method, "gates": gates, "grad": grad, "B": b, "H": h,
                                "N": n, "D": d, "dtype": str(dtype).replace("torch.", "")}  # fmt: skip

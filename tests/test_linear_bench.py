@@ -39,8 +39,8 @@ def test_check_runs_the_fused_and_the_old_l2norm_paths_against_the_reference(
     for r in rows:
         assert r["pass"], r
         assert {"dq", "dk", "dv", "dbeta", "dg", "dh0"} <= set(r)
-    rows = lgc.check("gla", 1, 1, 12, 16, grad=True, sides=("attnlab-old-l2norm", "attnlab-gla-split"))
-    assert [r["side"] for r in rows] == ["attnlab-gla-split"]  # (no q/k norm to A/B)
+    rows = lgc.check("gla", 1, 1, 12, 16, grad=True, sides=("attnlab-old-l2norm", "attnlab-gla-one-kernel"))
+    assert [r["side"] for r in rows] == ["attnlab-gla-one-kernel"]  # (no q/k norm to A/B)
     assert rows[0]["pass"] and "dg" in rows[0], rows[0]
 
 
