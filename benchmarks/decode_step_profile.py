@@ -36,10 +36,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-if __name__ == "__main__":
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton backend on a CPU (kernels stubbed)
-
 import torch
+
+if __name__ == "__main__" and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton backend on a CPU (kernels stubbed)
 
 KERNELS = ("page_select_kernel", "row_topk_kernel", "decode_split_kernel", "decode_merge_kernel")
 

@@ -705,7 +705,7 @@ def main() -> None:
     ap.add_argument("--dry-cpu", action="store_true", help="tiny CPU run of this script (TRITON_INTERPRET=1)")
     ap.add_argument("--summarize", metavar="JSONL", help="print a markdown table of a run's rows and exit")
     ap.add_argument("--fused", action="store_true",
-                    help="turn on the fused Triton helpers (off by default until checked on a GPU) for this run")  # fmt: skip
+                    help="turn on the fused Triton helpers for this run (on by default on CUDA since s4; for older commits)")  # fmt: skip
     args = ap.parse_args()
     if args.fused:
         import importlib
