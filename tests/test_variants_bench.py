@@ -18,6 +18,7 @@ import torch
 import attnlab
 from attnlab.bench.timing import Timing
 from attnlab.catalog.structured import neighborhood
+from attnlab.testing import on_cuda
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,7 +124,8 @@ def test_unfused_side_switches_the_helper_off_for_its_call(
 
     monkeypatch.setattr(vb, "measure_interleaved", fake_timer)
     n_fused_before = len(seen)
-    row = vb.point("affine_scaled", 40, True, torch.device("cpu"), False, ["fwd_bwd"], lambda obj: None)
+    dev = torch.device("cuda" if on_cuda() else "cpu")  # (CPU tensors take the helper under the interpreter only)
+    row = vb.point("affine_scaled", 40, True, dev, False, ["fwd_bwd"], lambda obj: None)
     assert affine_scaled.FUSED_DEVICES == ("cuda", "cpu") and len(seen) > n_fused_before
     assert {c["side"] for c in row["checks"]} == {"ours", "unfused"} and all(
         c["passed"] for c in row["checks"]
@@ -134,9 +136,9 @@ def test_unfused_side_switches_the_helper_off_for_its_call(
     path.write_text("\n".join(json.dumps(o, default=str) for o in [{"env": {"device": "cpu"}}, {"row": row}]))
     line = next(ln for ln in vb.summarize(str(path)).splitlines() if ln.startswith("| affine_scaled"))
     assert line.strip("| ").split(" | ")[-1] == "0.50"
-    probe = {"alpha": torch.rand(1, 2, 5), "beta": torch.rand(1, 2, 5)}
+    probe = {"alpha": torch.rand(1, 2, 5, device=dev), "beta": torch.rand(1, 2, 5, device=dev)}
     calls_before = len(seen)
-    q = torch.randn(1, 2, 5, 16)
+    q = torch.randn(1, 2, 5, 16, device=dev)
     vb._unfused(vb._call("affine_scaled", True, "sdpa"), *vb.UNFUSED["affine_scaled"])(q, q, q, **probe)
     assert len(seen) == calls_before  # off for that call
     assert affine_scaled.FUSED_DEVICES == ("cuda", "cpu")  # and restored
