@@ -117,14 +117,47 @@ def _resolve_call(
 
 
 def _plan_of(backend: Backend, q: Tensor, k: Tensor, call: Call, extra: Mapping[str, Tensor]) -> Plan | None:
-    """The sparsity plan a call executed: the backend's own (dynamic executors, given the tensor inputs
-    the estimator takes), else the method's static plan (mask methods), else None (dense methods compute
-    every pair)."""
+    """The sparsity plan a call executed, asked for after the run: the backend's own (dynamic executors,
+    given the tensor inputs the estimator takes), else the method's static plan (mask methods), else the
+    estimator's plan (a dynamic method on a backend that reports none, e.g. the reference, which runs the
+    estimator inside), else None (dense methods compute every pair). A dynamic call's plan is taken from
+    the run itself where the backend estimates through the spec (:class:`_PlanRecorder`)."""
     plan = backend.plan_for(q, k, call, extra)
     if plan is None and call.spec.mask is not None:
         p = call.problem
         plan = static_plan(call.spec, call.params, p.n_q, p.n_k, p.causal, p.device)
+    if plan is None and call.spec.estimate is not None:
+        plan = call.spec.estimate_plan(q, k, call, extra)
     return plan
+
+
+class _PlanRecorder:
+    """A dynamic method's estimator that keeps every plan it returns, so that ``return_plan`` gives the
+    plans the call executed, estimated once (not once to run and again to report). A call with
+    ``return_plan`` runs on a copy of its spec whose ``estimate`` is the recorder (:func:`_recording`);
+    backends that estimate through ``call.spec`` (``estimate`` / ``estimate_plan``) are recorded, in the
+    order they estimate (a packed call: its non-empty sequences in order)."""
+
+    __slots__ = ("estimate", "plans")
+
+    def __init__(self, estimate: Any) -> None:
+        self.estimate = estimate
+        self.plans: list[Any] = []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        plan = self.estimate(*args, **kwargs)
+        self.plans.append(plan)
+        return plan
+
+
+def _recording(call: Call) -> tuple[Call, _PlanRecorder | None]:
+    """``call`` on a spec whose estimator records its plans, and the recorder; (call, None) for a method
+    without an estimator, or inside ``torch.compile`` (nothing built per call there)."""
+    spec = call.spec
+    if spec.estimate is None or torch.compiler.is_compiling():
+        return call, None
+    recorder = _PlanRecorder(spec.estimate)
+    return replace(call, spec=replace(spec, estimate=recorder)), recorder
 
 
 def _execute(
@@ -158,11 +191,16 @@ def _execute(
         return Result(out, state=new_state)
     if not (call.want_lse or return_plan):
         return backend.run(q, k, v, call, extra)
+    run_call, recorder = _recording(call) if return_plan else (call, None)
     if call.want_lse:
-        out, lse = backend.run_lse(q, k, v, call, extra)
+        out, lse = backend.run_lse(q, k, v, run_call, extra)
     else:
-        out, lse = backend.run(q, k, v, call, extra), None
-    return Result(out, lse=lse, plan=_plan_of(backend, q, k, call, extra) if return_plan else None)
+        out, lse = backend.run(q, k, v, run_call, extra), None
+    if not return_plan:
+        return Result(out, lse=lse)
+    if recorder is not None and recorder.plans:  # the plan the run estimated (the last, if it asked twice)
+        return Result(out, lse=lse, plan=recorder.plans[-1])
+    return Result(out, lse=lse, plan=_plan_of(backend, q, k, call, extra))
 
 
 class Op:
@@ -401,10 +439,15 @@ class Op:
             out, states_ = choice.backend.run_varlen_state(q, k, v, call, extra)
             return Result(out, plan=[None] * pk.count if self.return_plan else None, state=states_)
         if choice.backend is not None:
-            out, lse = choice.backend.run_varlen(q, k, v, call, extra)
+            run_call, recorder = _recording(call) if self.return_plan else (call, None)
+            out, lse = choice.backend.run_varlen(q, k, v, run_call, extra)
             if not (self.return_lse or self.return_plan or spec.stateful):
                 return out
-            plans = choice.backend.varlen_plans(q, k, call, extra) if self.return_plan else None
+            plans = None
+            if self.return_plan:
+                plans = _recorded_sequences(pk, recorder)
+                if plans is None:  # static or dense plans (kept per packing), or a backend's own estimator
+                    plans = choice.backend.varlen_plans(q, k, call, extra)
             return Result(out, lse=lse if self.return_lse else None, plan=plans)
         outs: list[Tensor] = []
         lses: list[Tensor] = []
@@ -481,6 +524,21 @@ class Op:
         call, backend = self.resolve(q, k, v)
         extra = validate_extra(self.spec.inputs, inputs, call.problem, self.spec.name)
         return lambda: backend.run(q, k, v, call, extra)
+
+
+def _recorded_sequences(packing: Packing, recorder: _PlanRecorder | None) -> list[Any] | None:
+    """Each packed sequence's plan as the one-launch run estimated it (None for an empty sequence): the
+    recorder's plans, one per non-empty sequence in order; None when it holds another count (no recorder,
+    or a backend that estimates in its own way: then the backend reports the plans)."""
+    if recorder is None:
+        return None
+    live = [s for s in range(packing.count) if all(packing.lengths(s))]
+    if len(recorder.plans) != len(live):
+        return None
+    plans: list[Any] = [None] * packing.count
+    for s, plan in zip(live, recorder.plans, strict=True):
+        plans[s] = plan
+    return plans
 
 
 def _without_n_k(key: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -1,0 +1,140 @@
+"""Items a review left open (session 8), each checked by a test that failed before its fix.
+
+(a) ``return_plan=True`` on a dynamic method ran the estimator twice (once to execute, once again for the
+    returned plan) on the block-sparse executor, plain and packed; on ``sdpa_mask`` it returned no plan at
+    all. Now the returned plans are the ones the run estimated, one estimate per (non-empty) sequence.
+
+On a CPU the block-sparse kernels run in Triton's interpreter (tiny shapes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import torch
+
+import attnlab
+from attnlab import registry
+from attnlab.core import Result
+from attnlab.plans import Plan
+from attnlab.reference import masked_softmax_attention
+
+DYNAMIC = {
+    "block_topk": {"block": 16, "topk": 2},
+    "vertical_slash": None,  # (its first test_params)
+    "flexprefill": None,
+}
+LENGTHS = [20, 0, 37]  # an empty sequence between two of odd length
+
+
+class Counted:
+    """A registered dynamic method whose estimator counts its calls; ``shift`` makes each call's plan
+    differ from the last (block_topk's ``topk`` grows by one per call), so a plan reported from a second
+    estimate would not be the plan executed."""
+
+    def __init__(self, name: str, shift: bool = False) -> None:
+        self.spec = registry.get(name)
+        self.calls = 0
+        self.shift = shift
+
+    def estimate(self, q: torch.Tensor, k: torch.Tensor, params: Any, **kw: Any) -> Plan:
+        self.calls += 1
+        if self.shift:
+            params = replace(params, topk=params.topk + self.calls - 1)
+        assert self.spec.estimate is not None
+        plan: Plan = self.spec.estimate(q, k, params, **kw)
+        return plan
+
+
+@pytest.fixture
+def counted(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    def install(name: str, shift: bool = False) -> Counted:
+        c = Counted(name, shift)
+        monkeypatch.setitem(registry._REGISTRY, name, replace(c.spec, estimate=c.estimate))
+        return c
+
+    yield install
+
+
+def _params(name: str) -> dict[str, Any]:
+    given = DYNAMIC[name]
+    return dict(given if given is not None else registry.get(name).test_params[0])
+
+
+def _qkv(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return tuple(torch.randn(1, 2, n, 16, generator=g) for _ in range(3))  # type: ignore[return-value]
+
+
+def _cu(lengths: list[int]) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def _on_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """Softmax attention restricted to ``plan`` (fp32): what a run of that plan must give."""
+    return masked_softmax_attention(q, k, v, scale=q.shape[-1] ** -0.5, mask=plan.dense_mask(), upcast=True)
+
+
+@pytest.mark.parametrize("backend", ["block_sparse", "sdpa_mask"])
+@pytest.mark.parametrize("name", list(DYNAMIC))
+def test_a_return_plan_estimates_once(counted: Any, name: str, backend: str) -> None:
+    """Plain call: one estimate, and the returned plan is the one executed (output = attention on it)."""
+    c = counted(name)
+    q, k, v = _qkv(45)
+    res = attnlab.attention(
+        q, k, v, method=name, causal=True, backend=backend, return_plan=True, **_params(name)
+    )
+    assert isinstance(res, Result) and isinstance(res.plan, Plan)
+    assert c.calls == 1, f"{name} on {backend}: {c.calls} estimates for one call with return_plan"
+    torch.testing.assert_close(res.out, _on_plan(q, k, v, res.plan), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["block_sparse", "sdpa_mask"])
+@pytest.mark.parametrize("name", list(DYNAMIC))
+def test_a_packed_return_plan_estimates_once_per_sequence(counted: Any, name: str, backend: str) -> None:
+    """Packed call (one launch on the executor, one by one on sdpa_mask): one estimate per non-empty
+    sequence, each returned plan the one its sequence ran (None for the empty one)."""
+    c = counted(name)
+    q, k, v = _qkv(sum(LENGTHS))
+    res = attnlab.attention(q, k, v, method=name, causal=True, backend=backend, return_plan=True,
+                            cu_seqlens_q=_cu(LENGTHS), **_params(name))  # fmt: skip
+    assert isinstance(res, Result) and isinstance(res.plan, list) and len(res.plan) == len(LENGTHS)
+    assert c.calls == 2, f"{name} on {backend}: {c.calls} estimates for 2 non-empty packed sequences"
+    assert res.plan[1] is None
+    start = 0
+    for s, n in enumerate(LENGTHS):
+        if n:
+            plan = res.plan[s]
+            assert isinstance(plan, Plan) and plan.n_q == n
+            sl = slice(start, start + n)
+            want = _on_plan(q[:, :, sl], k[:, :, sl], v[:, :, sl], plan)
+            torch.testing.assert_close(res.out[:, :, sl], want, atol=2e-5, rtol=1e-4)
+        start += n
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_returned_plan_is_the_executed_one_when_estimates_differ(counted: Any, packed: bool) -> None:
+    """An estimator whose every call gives another plan: the returned plan must still be the one run
+    (before the fix, the executor ran the first estimate and reported the second)."""
+    counted("block_topk", shift=True)
+    q, k, v = _qkv(64)
+    cu = _cu([64]) if packed else None
+    res = attnlab.attention(q, k, v, method="block_topk", causal=False, backend="block_sparse",
+                            return_plan=True, cu_seqlens_q=cu, block=16, topk=1)  # fmt: skip
+    assert isinstance(res, Result)
+    plan = res.plan[0] if packed else res.plan
+    assert isinstance(plan, Plan)
+    torch.testing.assert_close(res.out, _on_plan(q, k, v, plan), atol=2e-5, rtol=1e-4)
+
+
+def test_a_reference_backend_reports_its_plan() -> None:
+    """The reference runs the estimator inside its own math: the plan it reports is the estimator's on
+    the same inputs (it reported None before)."""
+    q, k, v = _qkv(40)
+    res = attnlab.attention(q, k, v, method="block_topk", causal=True, backend="reference", return_plan=True,
+                            block=16, topk=2)  # fmt: skip
+    assert isinstance(res, Result) and isinstance(res.plan, Plan)
+    torch.testing.assert_close(res.out, _on_plan(q, k, v, res.plan), atol=2e-5, rtol=1e-4)
