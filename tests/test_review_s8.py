@@ -138,3 +138,37 @@ def test_a_reference_backend_reports_its_plan() -> None:
                             block=16, topk=2)  # fmt: skip
     assert isinstance(res, Result) and isinstance(res.plan, Plan)
     torch.testing.assert_close(res.out, _on_plan(q, k, v, res.plan), atol=2e-5, rtol=1e-4)
+
+
+# (c) ``attnlab eval``'s prefill density of a method with tensor inputs -------------------------------------
+def test_c_eval_density_is_the_density_of_the_plan_the_model_runs() -> None:
+    """``_Densities.prefill`` passes no tensor inputs to ``prefill_density``: not a defect, since the
+    model's attention gets none either (attnlab.hf passes none; required inputs are refused), so for
+    seer (the one estimator with inputs, its gate weights) the density measured is the density of the
+    plan a call without inputs executes. With gate weights the plan differs (the check is not vacuous)."""
+    from attnlab.eval.density import prefill_density
+    from attnlab.hf.interface import _NO_INPUTS  # what the hf interface passes to a bound backend
+
+    assert not _NO_INPUTS
+    spec = registry.get("seer")
+    params = {"block": 16, "topk": 2}
+    g = torch.Generator().manual_seed(3)
+    layers = [
+        (torch.randn(1, 2, 64, 16, generator=g), torch.randn(1, 1, 64, 16, generator=g), 0.25)
+        for _ in range(2)
+    ]
+    measured = prefill_density(spec, params, 64, layers, torch.device("cpu"))
+    run = []
+    for q, k, scale in layers:
+        v = torch.randn(1, 1, 64, 16, generator=g)
+        res = attnlab.attention(q, k, v, method="seer", causal=True, scale=scale, return_plan=True, **params)
+        assert isinstance(res, Result) and isinstance(res.plan, Plan)
+        run.append(res.plan.density)
+    assert measured == pytest.approx(sum(run) / len(run), abs=1e-12)
+    w = [
+        {"w_q": torch.randn(2, 16, 8, generator=g), "w_k": torch.randn(1, 3, 16, 8, generator=g)}
+        for _ in layers
+    ]
+    with_weights = prefill_density(spec, {"block": 16, "threshold": 0.2}, 64, layers, torch.device("cpu"), w)
+    without = prefill_density(spec, {"block": 16, "threshold": 0.2}, 64, layers, torch.device("cpu"))
+    assert with_weights != without

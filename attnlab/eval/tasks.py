@@ -461,6 +461,9 @@ class _Densities:
         from attnlab.registry import get
 
         spec = get(name)
+        # no tensor inputs: the model's attention gets none (attnlab.hf passes none; methods that require
+        # one are refused), so an estimator that takes inputs (seer's w_q, w_k) runs without them there
+        # too, and this is the plan the run executes (tests/test_review_s8.py pins it)
         return prefill_density(spec, params, self.n, self.qk() if spec.estimate else None, self.device)
 
     def decode(self, name: str, params: Mapping[str, Any]) -> float:
