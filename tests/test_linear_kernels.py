@@ -313,6 +313,36 @@ def _per_sequence(rule: str, xs: list[Tensor | None], cu: list[int]) -> tuple[Te
     return torch.cat(outs, 2), torch.cat(states, 0)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_packed_delta_rule_normalises_q_k_like_the_unpacked_op(fused: bool) -> None:
+    """``delta_chunk_varlen(..., qk_l2norm=True)`` on raw q, k (fused launch or the PyTorch path): output,
+    final states and the gradients of the raw q, k (through the norm) equal the recurrence on each
+    sequence's normalised q, k alone."""
+    from attnlab.kernels.linear.naive import l2norm
+
+    cu = [0, 5, 5, 40, 61]
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 61, 8, generator=gen) for _ in range(3))
+    h0 = torch.randn(4, 2, 8, 8, generator=gen)
+    g = F.logsigmoid(torch.randn(1, 2, 61, 1, generator=gen) + 1)
+    beta = torch.rand(1, 2, 61, generator=gen)
+    xs = [t.to(DEV) for t in (q, k, v, beta, g, h0)]
+    leaves = [t.clone().requires_grad_(True) for t in xs]
+    ref = [t.clone().requires_grad_(True) for t in xs]
+    cu_t = torch.tensor(cu).to(DEV)
+    o, s = _op().delta_chunk_varlen(*leaves[:5], 0.3, leaves[5], 16, cu_t, True, fused)
+    normed: list[Tensor | None] = [l2norm(ref[0]), l2norm(ref[1]), *ref[2:]]
+    ro, rs = _per_sequence("delta", normed, cu)
+    _close("o", o, ro, 2e-5)
+    _close("state", s, rs, 2e-5)
+    gen = torch.Generator().manual_seed(9)
+    do, ds = torch.randn(o.shape, generator=gen).to(DEV), torch.randn(s.shape, generator=gen).to(DEV)
+    got = torch.autograd.grad((o * do).sum() + (s * ds).sum(), leaves)
+    want = torch.autograd.grad((ro * do).sum() + (rs * ds).sum(), ref)
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        _close(f"gradient {i}", a, b, 1e-4)
+
+
 @pytest.mark.parametrize("rule", ["lightning", "gla", "gated_delta", "deltanet", "kda"])
 def test_packed_sequences_run_each_sequence_alone(rule: str) -> None:
     """cu_seqlens (an empty sequence, one shorter than a chunk, one over two chunk boundaries): output,

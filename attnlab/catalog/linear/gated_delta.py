@@ -169,16 +169,14 @@ def _run_triton_varlen(
 ) -> tuple[Tensor, Tensor]:
     """Packed sequences (q (1, H, T, D), beta (1, H, T) and g (1, H, T, D | 1) packed like q) in one
     launch of ``delta_chunk_varlen``, each from a zero state: (o (1, H, T, D_v), final states
-    (S, H, D, D_v) float32). With ``qk_l2norm``, q and k are L2-normalised in PyTorch first (float32, then
-    q's dtype: the chunk op's unfused path; the packed op has no fused normalisation)."""
+    (S, H, D, D_v) float32). With ``qk_l2norm``, q and k are L2-normalised by the packed op as by the
+    unpacked one (``op.FUSED_L2NORM``: the fused launch; else PyTorch in float32, then q's dtype)."""
     from attnlab.kernels.linear.op import delta_chunk_varlen
 
     p = call.params
     assert isinstance(p, GatedDeltaParams)
     qq, kk, vv, bb, gg, _ = _inputs(q, k, v, p, extra.get("beta"), extra.get("g"), None, normalize=False)
-    if p.qk_l2norm:
-        qq, kk = l2norm(qq).to(q.dtype), l2norm(kk).to(k.dtype)
-    o, s = delta_chunk_varlen(qq, kk, vv, bb, gg, call.scale, None, p.chunk, cu_seqlens)
+    o, s = delta_chunk_varlen(qq, kk, vv, bb, gg, call.scale, None, p.chunk, cu_seqlens, p.qk_l2norm)
     return o.to(q.dtype), s
 
 

@@ -943,18 +943,25 @@ def gla_chunk_varlen(
 
 def delta_chunk_varlen(
     q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, scale: float, state: Tensor | None,
-    chunk: int, cu_seqlens: Tensor,
+    chunk: int, cu_seqlens: Tensor, qk_l2norm: bool = False, fused_l2norm: bool | None = None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """:func:`delta_chunk` over packed sequences (shapes as :func:`gla_chunk_varlen`; beta (1, H, T)).
-    Differentiable as :func:`delta_chunk`."""
+    Differentiable as :func:`delta_chunk`. ``qk_l2norm`` / ``fused_l2norm`` as in :func:`delta_chunk`
+    (the normalisation is per row, so the fused launch runs on the packed rows unchanged; the chunk
+    padding rows are zeros and stay zeros)."""
     _, h, n, dk = q.shape
     _check(q, k, v, chunk)
     rows, seq_chunks, aligned = varlen_layout(cu_seqlens, n, chunk)
     _check_varlen(q, state, seq_chunks.shape[0] - 1, v.shape[-1])
+    fused = qk_l2norm and (FUSED_L2NORM if fused_l2norm is None else fused_l2norm)
+    if qk_l2norm and not fused:
+        q, k = l2norm(q).to(q.dtype), l2norm(k).to(k.dtype)
     gd = _delta_gate(g, 1, h, n, dk)
     qa, ka, va = (_pack(t, rows, aligned) for t in (q, k, v))
     ba = _pack(beta.expand(1, h, n), rows, aligned)
     ga = None if gd is None else _pack(gd, rows, aligned)
     grad = _needs_grad(q, k, v, beta, g, state)
-    o, ht, *_ = delta_chunk_fwd(qa, ka, va, ba, ga, state, float(scale), int(chunk), grad, seq_chunks)
+    o, ht, *_ = delta_chunk_fwd(
+        qa, ka, va, ba, ga, state, float(scale), int(chunk), grad, seq_chunks, fused
+    )  # fmt: skip
     return o.index_select(2, rows), ht
