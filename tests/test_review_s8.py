@@ -174,3 +174,46 @@ def test_c_eval_density_is_the_density_of_the_plan_the_model_runs() -> None:
     with_weights = prefill_density(spec, {"block": 16, "threshold": 0.2}, 64, layers, torch.device("cpu"), w)
     without = prefill_density(spec, {"block": 16, "threshold": 0.2}, 64, layers, torch.device("cpu"))
     assert with_weights != without
+
+
+# (d) the default backend of selective and sink on a CPU ---------------------------------------------------
+@pytest.mark.parametrize("d", [16, 64])
+def test_d_selective_defaults_to_exact_sdpa(d: int) -> None:
+    """selective ran compiled Flex by default for CPU inference at D >= 16 (12-18 s of compilation per
+    shape); SDPA on q * tau is first now, with and without a temperature, inference and training."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 24, d, generator=g) for _ in range(3))
+    tau = torch.rand(1, 2, 24, generator=g) + 0.5
+    extras: tuple[dict[str, Any], ...] = ({}, {"temperature": tau})
+    for extra in extras:
+        with torch.no_grad():
+            report = attnlab.explain(q, k, v, method="selective", causal=True, **extra)
+            out = attnlab.attention(q, k, v, method="selective", causal=True, **extra)
+        assert report.backend is not None and report.backend.name == "sdpa", str(report)
+        ref = attnlab.attention(q, k, v, method="selective", causal=True, backend="reference", **extra)
+        torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    qg = q.clone().requires_grad_(True)
+    report = attnlab.explain(qg, k, v, method="selective", causal=True, temperature=tau)
+    assert report.backend is not None and report.backend.name == "sdpa", str(report)
+
+
+@pytest.mark.parametrize(("n_q", "n_k"), [(24, 24), (12, 3), (4, 3), (5, 40), (1, 9)])
+def test_d_sink_sdpa_on_cpu_and_cross_shapes(n_q: int, n_k: int) -> None:
+    """sink on a CPU at D >= 16 picks its exact sdpa backend (the kernel runs only interpreted there, Flex
+    needs the lse compiled CPU Flex cannot give). Its prepended sink key under bottom-right causal is right
+    for cross shapes: N_q > N_k + 1 (leading rows see nothing: 0), N_q = N_k + 1 (the first row sees only
+    the sink: 0), N_q < N_k, one query."""
+    from attnlab.catalog.variants import sink
+
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 4, n_q, 64, generator=g)
+    k, v = (torch.randn(1, 2, n_k, 64, generator=g) for _ in range(2))
+    sinks = torch.tensor([0.5, -1.0, 2.0, 0.0])
+    with torch.no_grad():
+        report = attnlab.explain(q, k, v, method="sink", causal=True, sinks=sinks)
+        out = attnlab.attention(q, k, v, method="sink", causal=True, sinks=sinks)
+    assert report.backend is not None and report.backend.name == "sdpa", str(report)
+    ref = sink.reference(q, k, v, sink.SinkParams(), causal=True, scale=64**-0.5, sinks=sinks)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    keyless = max(0, n_q - n_k)  # rows with no key: exactly zero
+    assert torch.equal(out[:, :, :keyless], torch.zeros_like(out[:, :, :keyless]))

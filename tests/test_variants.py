@@ -83,7 +83,9 @@ def test_every_variant_is_complete() -> None:
             if spec.name in ("gated", "affine_scaled"):  # cuDNN softmax, then the output transform
                 kernel = ["sdpa"]
             after = ["triton"] if spec.name == "selective" else []  # kernel path not timed yet: after Flex
-            exact_sdpa = ["sdpa"] if spec.name in ("sink", "selective") else []  # before the N x N eager path
+            exact_sdpa = ["sdpa"] if spec.name == "sink" else []  # before the N x N eager path
+            if spec.name == "selective":  # SDPA on q * tau first (tests/test_review_s8.py, item d)
+                kernel = ["sdpa"]
             fast_first = [*kernel, "flex", *after, *exact_sdpa, "eager"]
             assert [b.name for b in spec.backends] == fast_first
         for kwargs in (*spec.test_params, *spec.bench_params(4096)):

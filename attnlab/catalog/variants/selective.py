@@ -5,8 +5,8 @@ from the query (and its position) by a small learned function, so that each quer
 its attention is. Here ``tau`` is a tensor input ``temperature`` of shape (B, H, N_q) (any dim may be
 1) that *multiplies* the scaled logits: ``tau > 1`` sharpens, ``tau < 1`` flattens, ``tau = 0`` gives a
 uniform average over the allowed keys; without it the method is plain softmax. The paper's value
-temperature is not part of this method (scale ``v`` before the call). The ``sdpa`` backend runs torch SDPA
-on ``q * tau`` (exact; gradients reach ``temperature`` through autograd).
+temperature is not part of this method (scale ``v`` before the call). The ``sdpa`` backend, the default on
+every device, runs torch SDPA on ``q * tau`` (exact; gradients reach ``temperature`` through autograd).
 """
 
 from __future__ import annotations
@@ -103,11 +103,15 @@ SPEC = MethodSpec(
     summary="softmax of tau_i * scale*qk with a per-query temperature tensor tau (B, H, N_q)",
     param_class=SelectiveParams,
     reference=reference,
-    # the kernel after Flex: it was not timed on the GPU yet (backend="triton" selects it)
+    # SDPA on q * tau first, on every device: exact, and it is plain softmax attention (cuDNN / flash on
+    # a GPU) after one elementwise product, which neither Flex's score_mod nor the score-transform kernel
+    # can beat by construction. On a CPU, Flex (chosen before: inference at D >= 16) compiled for 12-18 s
+    # on each new shape and ran 10x slower at N=256 (0.9-1.25x of SDPA at N=1024-2048). Flex, then the
+    # kernel (not timed on the GPU yet), stay for backend= (and variants_bench's sides).
     backends=(
+        SelectiveSdpaBackend(),
         VariantFlexBackend(_score, per_call=True),
         TritonScoreBackend(_kernel_args),
-        SelectiveSdpaBackend(),
         EAGER,
     ),
     patterns=ALL_PATTERNS,

@@ -11,8 +11,13 @@ sum to less than 1; a row with no allowed key puts all its mass on the sink and 
 call (gpt-oss's learned per-head parameter) replaces the constant ``logit``. The FlexAttention path
 runs plain softmax and rescales: ``O = O_softmax * sigmoid(lse - s_h)``. The ``sdpa`` backend runs
 torch SDPA with the sink as one more key: q gains columns ``s_h / scale`` (split in a high and a low part
-so a bf16 q keeps the fp32 sink), a key ``[0, ..., 1, 1]`` with a zero value is prepended (always allowed
-under bottom-right causal), exact and differentiable by autograd (q, k, v and ``sinks``).
+so a bf16 q keeps the fp32 sink; q and k zero-padded to a multiple of 8 wide, D + 8 for D a multiple of
+8), a key ``[0, ..., 1, 1]`` with a zero value is prepended, exact and differentiable by autograd (q, k,
+v and ``sinks``). Bottom-right causal over the N_k + 1 keys keeps every original pair (key ``j`` is key
+``j + 1`` there, and the offset grows by one) and lets query ``i`` see the sink exactly when
+``i >= N_q - N_k - 1``: every row that has a key, and the one row just before them, whose only key is
+the sink (output 0, as the reference's keyless row). The first ``N_q - N_k - 1`` rows of a cross call
+with ``N_q > N_k + 1`` see neither and return 0, as in the reference.
 """
 
 from __future__ import annotations
