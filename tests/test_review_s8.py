@@ -217,3 +217,20 @@ def test_d_sink_sdpa_on_cpu_and_cross_shapes(n_q: int, n_k: int) -> None:
     torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
     keyless = max(0, n_q - n_k)  # rows with no key: exactly zero
     assert torch.equal(out[:, :, :keyless], torch.zeros_like(out[:, :, :keyless]))
+
+
+# (b) sliding_window's benchmark parameter sets --------------------------------------------------------------
+def test_b_sliding_window_bench_params_are_distinct_and_ordered() -> None:
+    """Below N = 520 both budgets (n/32 and n/8 keys) clamped to window=64 and the benchmark timed the
+    same configuration twice: now one set there, two distinct sets (tightest first) above."""
+    spec = registry.get("sliding_window")
+    for n in (64, 256, 512, 519, 520, 1024, 4096, 131072):
+        sets = spec.bench_params(n)
+        windows = [p["window"] for p in sets]
+        assert len(set(windows)) == len(windows), f"n={n}: {sets}"
+        assert (
+            windows == sorted(windows) and windows[0] == max(64, n // 32) and windows[-1] == max(64, n // 8)
+        )
+        for p in sets:
+            spec.make_params(p)
+    assert len(spec.bench_params(512)) == 1 and len(spec.bench_params(520)) == 2
