@@ -234,3 +234,82 @@ def test_b_sliding_window_bench_params_are_distinct_and_ordered() -> None:
         for p in sets:
             spec.make_params(p)
     assert len(spec.bench_params(512)) == 1 and len(spec.bench_params(520)) == 2
+
+
+# (e) loading results.jsonl into DuckDB: a run loaded while it was still being written ---------------------
+def _db_count(db_path: Any, table: str) -> int:
+    from attnlab.bench.store import ResultsDB
+
+    with ResultsDB(db_path, read_only=True) as db:
+        return int(db.query(f"SELECT count(*) AS n FROM {table}")[0]["n"])
+
+
+def test_e_a_run_loaded_while_written_gets_its_later_rows(tmp_path: Any) -> None:
+    """A run loaded while still writing (or killed and its file copied early) used to be skipped whole
+    on the next load, losing the rows written since: now they load, once, by row identity; identical rows
+    count with multiplicity and NaN equals NaN."""
+    pytest.importorskip("duckdb")
+    from attnlab.bench.store import JsonlResults, ResultsDB, load_jsonl
+
+    jsonl, db = tmp_path / "results.jsonl", tmp_path / "results.duckdb"
+    store = JsonlResults(jsonl)
+    run = store.new_run({"device": "cpu", "commit": "abc1234", "dirty": False}, {"lengths": [128]})
+    nan_row = {"method": "softmax", "n_q": 128, "median_ms": float("nan"), "status": "oom"}
+    store.insert("efficiency", [nan_row, {"method": "softmax", "n_q": 256, "median_ms": 2.0}], run_id=run)
+    store.insert("notes", [{"note": "same"}], run_id=run)
+    first = load_jsonl(jsonl, db)  # the run is still being written
+    assert (first.loaded, first.extended, first.rows) == ([run], [], 4)
+
+    store.insert("efficiency", [{"method": "softmax", "n_q": 512, "median_ms": 3.0}], run_id=run)
+    store.insert("notes", [{"note": "same"}], run_id=run)  # the same note again: a second row
+    store.close()
+    later = load_jsonl(jsonl, db)
+    assert (later.loaded, later.skipped, later.extended, later.rows) == ([], [], [run], 2)
+    assert any(run in n and "2 row(s) written since" in n for n in later.notes)
+    assert _db_count(db, "efficiency") == 3 and _db_count(db, "notes") == 2 and _db_count(db, "runs") == 1
+    with ResultsDB(db, read_only=True) as d:
+        assert sorted(r["n_q"] for r in d.rows("efficiency", run)) == [128, 256, 512]
+
+    again = load_jsonl(jsonl, db)  # nothing new: nothing inserted (the NaN row is not taken for new)
+    assert (again.skipped, again.extended, again.rows) == ([run], [], 0)
+    assert _db_count(db, "efficiency") == 3
+
+
+def test_e_a_row_cut_off_at_the_first_load_loads_once_complete(tmp_path: Any) -> None:
+    """A row being written when the file was loaded is skipped as cut off; complete later, it loads."""
+    pytest.importorskip("duckdb")
+    from attnlab.bench.store import JsonlResults, load_jsonl
+
+    jsonl, db = tmp_path / "results.jsonl", tmp_path / "results.duckdb"
+    with JsonlResults(jsonl) as store:
+        run = store.new_run({"device": "cpu"}, {})
+        store.insert("efficiency", [{"method": "m", "n_q": i} for i in range(3)], run_id=run)
+    whole = jsonl.read_text()
+    jsonl.write_text(whole[: len(whole) - 12])  # the last row half written
+    cut = load_jsonl(jsonl, db)
+    assert cut.rows == 3 and any("cut-off" in n for n in cut.notes)
+    jsonl.write_text(whole)
+    done = load_jsonl(jsonl, db)
+    assert (done.extended, done.rows) == ([run], 1) and _db_count(db, "efficiency") == 3
+
+
+def test_e_a_run_the_file_does_not_match_is_refused(tmp_path: Any) -> None:
+    """The database holds rows of a run that this file lacks (another source, or a rewritten file):
+    a clear error, nothing loaded."""
+    pytest.importorskip("duckdb")
+    from attnlab.bench.store import JsonlResults, ResultsDB, load_jsonl
+
+    jsonl, db = tmp_path / "results.jsonl", tmp_path / "results.duckdb"
+    with JsonlResults(jsonl) as store:
+        run = store.new_run({"device": "cpu"}, {})
+        store.insert("efficiency", [{"method": "m", "n_q": 1}], run_id=run)
+    load_jsonl(jsonl, db)
+    with ResultsDB(db) as d:
+        d.insert("efficiency", [{"method": "elsewhere", "n_q": 7}], run_id=run)
+    with JsonlResults(jsonl) as store:
+        store.insert("efficiency", [{"method": "m", "n_q": 2}], run_id=run)
+    with pytest.raises(
+        ValueError, match=r"holds 1 efficiency row\(s\) of run\(s\) .* this file does not have"
+    ):
+        load_jsonl(jsonl, db)
+    assert _db_count(db, "efficiency") == 2

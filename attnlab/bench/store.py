@@ -13,14 +13,17 @@ Where duckdb is not installed (a GPU machine with only torch), :func:`open_resul
 object per line: ``{"table": ..., "row": {...}}``), so a run cut short keeps every row it wrote.
 :func:`load_jsonl` inserts such a file into a DuckDB database (``attnlab report --db results.jsonl`` does
 it next to the file), from which every report and summary reads as from a run made here: in one
-transaction, only the runs the database does not hold yet (so runs appended to one file load one after
-another), skipping a row cut off by a killed run with a note.
+transaction, only the rows the database does not hold yet (so runs appended to one file load one after
+another, and a run loaded while it was still being written gets the rows it wrote since on the next
+load), skipping a row cut off by a killed run with a note.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import uuid
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -259,14 +262,17 @@ def open_results(db_path: Path) -> ResultsDB | JsonlResults:
 
 @dataclass(frozen=True)
 class JsonlLoad:
-    """What :func:`load_jsonl` did: the run ids it inserted and those the database already held (each in the
-    order of the file), the rows inserted, notes (a cut-off row skipped), and every run id of the file."""
+    """What :func:`load_jsonl` did, run ids in the order of the file: ``loaded`` the runs it inserted,
+    ``skipped`` the runs the database already held in full, ``extended`` the runs it already held in part
+    (loaded while still being written) whose newer rows it inserted now; the rows inserted, notes (a
+    cut-off row skipped, a run extended), and every run id of the file."""
 
     loaded: list[str]
     skipped: list[str]
     rows: int
     notes: list[str] = field(default_factory=list)
     order: list[str] = field(default_factory=list)
+    extended: list[str] = field(default_factory=list)
 
 
 #: how a JSON-lines record starts (:class:`JsonlResults` writes ``{"table": ..., "row": ...}``)
@@ -343,14 +349,59 @@ def read_jsonl(jsonl: Path) -> tuple[list[tuple[str, dict[str, Any]]], list[str]
     return out, notes
 
 
-def load_jsonl(jsonl: Path, db_path: Path) -> JsonlLoad:
-    """Insert the runs of a :class:`JsonlResults` file (:func:`read_jsonl`) that the DuckDB file ``db_path``
-    (created if missing) does not hold yet, in one transaction: on any error nothing is inserted.
+def _row_key(cols: list[str], row: dict[str, Any]) -> tuple[Any, ...]:
+    """A row's identity: its value in every column of its table (a missing key is NULL; NaN equals NaN)."""
+    return tuple("NaN" if isinstance(v, float) and math.isnan(v) else v for v in (row.get(c) for c in cols))
 
-    Runs already in the database are skipped (a second run appended to the same file loads on the next
-    call); a cut-off row of a killed run is skipped with a note. Errors (``ValueError``) name the line or
-    the run: a line that is not a record, a row of a run the file and database have no ``runs`` row for,
-    a value the column cannot hold."""
+
+def _unheld_rows(
+    db: ResultsDB, jsonl: Path, records: list[tuple[str, dict[str, Any]]], held: list[str]
+) -> dict[str, list[dict[str, Any]]]:
+    """Per table, the file's rows of runs the database already holds (``held``) that it does not hold yet:
+    by row identity (:func:`_row_key`), each row as many times as the file has it more often than the
+    database, in the file's order. A run's ``runs`` row is its identity (never loaded twice). A database
+    row of such a run that the file does not have is an error: the run in the database was not loaded from
+    this file (or the file was rewritten), so appending to it would mix two sources."""
+    out: dict[str, list[dict[str, Any]]] = {t: [] for t in TABLES if t != "runs"}
+    if not held:
+        return out
+    keep = set(held)
+    marks = ", ".join("?" for _ in held)
+    for table in out:
+        cols = list(TABLES[table])
+        stored = Counter(
+            (r["run_id"], _row_key(cols, r))
+            for r in db.query(f"SELECT * FROM {table} WHERE run_id IN ({marks})", list(held))
+        )
+        for _, row in (rec for rec in records if rec[0] == table and rec[1]["run_id"] in keep):
+            key = (row["run_id"], _row_key(cols, row))
+            if stored[key] > 0:
+                stored[key] -= 1
+            else:
+                out[table].append(row)
+        extra = sorted({run for (run, _), n in stored.items() if n > 0})
+        if extra:
+            count = sum(n for (run, _), n in stored.items() if n > 0)
+            raise ValueError(
+                f"{jsonl}: the database holds {count} {table} row(s) of run(s) {extra} that this file does not "
+                "have: those runs were not loaded from this file, or it was rewritten since; nothing was "
+                "loaded (load it into another database, or remove those runs first)"
+            )
+    return out
+
+
+def load_jsonl(jsonl: Path, db_path: Path) -> JsonlLoad:
+    """Insert the rows of a :class:`JsonlResults` file (:func:`read_jsonl`) that the DuckDB file
+    ``db_path`` (created if missing) does not hold yet, in one transaction: on any error nothing is
+    inserted.
+
+    New runs load whole (a second run appended to the same file loads on the next call). A run the
+    database already holds gets only the rows it lacks, by row identity (every column's value, counted
+    with multiplicity): a run loaded while it was still being written, or killed, gets the rows written
+    since, with a note; loading the same file again inserts nothing. A cut-off row of a killed run is
+    skipped with a note. Errors (``ValueError``) name the line or the run: a line that is not a record, a
+    row of a run the file and database have no ``runs`` row for, a database row of a run that the file
+    does not have (another source), a value the column cannot hold."""
     import duckdb
 
     records, notes = read_jsonl(jsonl)
@@ -365,10 +416,22 @@ def load_jsonl(jsonl: Path, db_path: Path) -> JsonlLoad:
                 "nothing was loaded"
             )
         new = [r for r in order if r not in have]
+        held = [r for r in order if r in have]
         by_table: dict[str, list[dict[str, Any]]] = {t: [] for t in TABLES}
         for table, row in records:
             if row["run_id"] not in have:
                 by_table[table].append(row)
+        added = _unheld_rows(db, jsonl, records, held)
+        grown: Counter[str] = Counter()
+        for table, rows in added.items():
+            by_table[table].extend(rows)
+            grown.update(row["run_id"] for row in rows)
+        extended = [r for r in held if grown[r]]
+        notes += [
+            f"run {r} was in {db_path} already (loaded while it was still being written?): added its {grown[r]} "
+            "row(s) written since"
+            for r in extended
+        ]
         db.con.execute("BEGIN TRANSACTION")
         try:
             n = sum(
@@ -383,7 +446,7 @@ def load_jsonl(jsonl: Path, db_path: Path) -> JsonlLoad:
             db.con.execute("ROLLBACK")
             raise
         db.con.execute("CHECKPOINT")
-    return JsonlLoad(new, [r for r in order if r in have], n, notes, order)
+    return JsonlLoad(new, [r for r in held if not grown[r]], n, notes, order, extended)
 
 
 def insert_rows(
