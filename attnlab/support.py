@@ -58,7 +58,11 @@ def varlen_backends(spec: MethodSpec) -> list[str]:
 
     Backends not listed run packed calls one sequence at a time (still correct, one call per sequence).
     """
-    return [b.name for b in spec.backends if b.caps.varlen]
+    return [
+        b.name
+        for b in spec.backends
+        if b.caps.varlen and not getattr(b, "varlen_refusals", lambda _: [])(spec)  # Flex: per method
+    ]
 
 
 def _varlen_cell(spec: MethodSpec) -> str:
