@@ -27,9 +27,11 @@ from torch.nn.attention.flex_attention import flex_attention
 
 import attnlab
 from attnlab.backends.flex import VARLEN, FlexBackend, table_size
+from attnlab.core import Result
 from attnlab.kernels import flex as flex_exec
 from attnlab.masks import MaskContext, mask_for
 from attnlab.patterns import pattern_of
+from attnlab.plans import Plan
 from attnlab.registry import methods
 from attnlab.testing import device_under_test
 
@@ -190,6 +192,27 @@ def test_masks_and_score_mods_are_evaluated_where_their_method_says(
     eager_flex: None, name: str, params: dict[str, Any], inputs: Any
 ) -> None:
     check_packed(name, params, inputs)
+
+
+def test_return_plan_gives_each_sequences_plan(eager_flex: None) -> None:
+    """``return_plan`` with the one-launch path: each sequence's static plan at its own lengths (None for
+    the sequences without queries or keys), the plans the packed BlockMask was joined from."""
+    q, k, v = qkv(CROSS_Q, CROSS_K)
+    with torch.no_grad():
+        res = attnlab.attention(q, k, v, method="sliding_window", causal=True, window=3, backend="flex",
+                                return_plan=True, cu_seqlens_q=cu(CROSS_Q), cu_seqlens_k=cu(CROSS_K))  # fmt: skip
+    assert isinstance(res, Result) and isinstance(res.plan, list) and len(res.plan) == len(CROSS_Q)
+    spec = attnlab.get("sliding_window")
+    factory = spec.mask
+    assert factory is not None
+    for s, (n_q, n_k) in enumerate(zip(CROSS_Q, CROSS_K, strict=True)):
+        plan = res.plan[s]
+        if n_q == 0 or n_k == 0:
+            assert plan is None
+            continue
+        assert isinstance(plan, Plan) and (plan.n_q, plan.n_k, plan.causal) == (n_q, n_k, True)
+        want = mask_for(factory, spec.make_params({"window": 3}), n_q, n_k, True, "cpu")
+        assert torch.equal(plan.dense_mask()[0, 0].cpu(), want)
 
 
 # -- which path runs -----------------------------------------------------------------------------------
