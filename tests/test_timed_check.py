@@ -45,7 +45,8 @@ def test_last_rows_check_passes_the_backend_and_catches_a_wrong_one(
 
 def test_rows_skip_reasons_use_the_pattern_of_the_row() -> None:
     """A non-causal row needs the non-causal cross pattern (its reference), a causal row the causal one;
-    estimated plans and state are skipped."""
+    dynamic and linear methods are checked on the whole call (their own pattern only); decode selection and
+    a dynamic method without an estimator are skipped."""
     from attnlab.patterns import Pattern
 
     mod = _module()
@@ -60,8 +61,14 @@ def test_rows_skip_reasons_use_the_pattern_of_the_row() -> None:
     )
     assert mod.skip_reason(noncausal_only_cross, False) == ""
     assert "no causal_cross pattern" in mod.skip_reason(noncausal_only_cross, True)
-    assert "estimated from q and k" in mod.skip_reason(attnlab.get("block_topk"), True)
+    assert mod.skip_reason(attnlab.get("block_topk"), True) == mod.skip_reason(attnlab.get("gla"), True) == ""
+    assert (mod.kind_of(attnlab.get("block_topk")), mod.kind_of(attnlab.get("gla"))) == (
+        "planned",
+        "stateful",
+    )
+    assert "no noncausal_self pattern" in mod.skip_reason(attnlab.get("vertical_slash"), False)
     assert "stateful" in mod.skip_reason(attnlab.get("page_topk"), True)
+    assert "without an estimator" in mod.skip_reason(attnlab.get("nsa"), True)
     assert mod.skip_reason(attnlab.get("alibi"), False) == ""  # optional inputs only: checked
 
 
@@ -135,11 +142,103 @@ def test_cpu_smoke_writes_checks_and_skips(tmp_path: Path) -> None:
         ["--device", "cpu", "--n", "96", "--heads", "2", "--head-dim", "16", "--dtype", "float32", "--rows",
          "8", "--methods", "softmax,block_topk,neighborhood", "--backends", "default,sdpa", "--out", str(out)]
     )  # fmt: skip
-    assert report["summary"] == {"checked": 8, "passed": 8, "failed": 0, "skipped": 4}
+    # block_topk (dynamic) is checked too: its default choice, against softmax over its executed plan
+    assert report["summary"] == {"checked": 12, "passed": 12, "failed": 0, "skipped": 2}
+    assert {r["kind"] for r in report["results"] if r["method"] == "block_topk"} == {"planned"}
     skipped = {(r["method"], r["causal"]): r["skipped"] for r in report["results"] if "skipped" in r}
-    assert set(skipped) == {(m, c) for m in ("block_topk", "neighborhood") for c in (True, False)}
+    assert set(skipped) == {("neighborhood", c) for c in (True, False)}
     assert (
         "noncausal_cross" in skipped[("neighborhood", False)]
         and "causal_cross" in skipped[("neighborhood", True)]
     )
     assert out.exists() and report["env"]["device"]
+
+
+# -- dynamic sparse and stateful linear methods: the whole call ---------------------------------------------
+def test_dynamic_check_uses_the_executed_plan_and_catches_a_mismatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """block_topk (small tiles, so the plan bites) on the executor and sdpa_mask passes against softmax over
+    the plan the call returned; a call whose returned plan is not the one it ran (another top-k) fails."""
+    from attnlab.core import Result
+
+    mod = _module()
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 80, 16) for _ in range(3))
+    params = {"block": 16, "topk": 2}
+    for backend in ("block_sparse", "sdpa_mask"):
+        for causal in (True, False):
+            r = mod.check_one("block_topk", backend, params, causal, q, k, v, rows=20)
+            assert r["passed"] and r["ran"] == backend and r["kind"] == "planned", r
+            assert set(r["errors"]) == {"out", "dq", "dk", "dv"}
+    real = mod.attnlab.attention
+
+    def other_plan(*args, **kw):  # type: ignore[no-untyped-def]
+        res = real(*args, **kw)
+        wider = real(*args, **{**kw, "topk": 4})
+        return Result(res.out, plan=wider.plan)
+
+    monkeypatch.setattr(mod.attnlab, "attention", other_plan)
+    bad = mod.check_one("block_topk", "sdpa_mask", params, True, q, k, v, rows=20, grad=False)
+    assert not bad["passed"] and bad["errors"]["out"]["err"] > bad["errors"]["out"]["bound"]
+
+
+@pytest.mark.parametrize(("n", "rows", "block"), [(80, 20, 16), (75, 7, 16), (64, 64, 32)])
+def test_plan_rows_mask_is_the_last_rows_of_the_dense_mask(n: int, rows: int, block: int) -> None:
+    """The cut plan's mask (mask_mod shifted, token columns kept) equals the whole plan's dense mask on its
+    last rows: block_topk's causal rule and vertical_slash's columns, self and cross (N_q < N_k)."""
+    from attnlab.bench.planning import estimated_plan
+
+    mod = _module()
+    torch.manual_seed(0)
+    for method, params, n_k in (("block_topk", {"block": block, "topk": 2}, n), ("block_topk", {"block": block, "topk": 2}, n + 9),
+                                ("vertical_slash", {"vertical": 5, "slash": 7, "block": block}, n)):  # fmt: skip
+        spec = attnlab.get(method)
+        q, k = torch.randn(1, 2, n, 16), torch.randn(1, 2, n_k, 16)
+        plan = estimated_plan(spec, params, q, k, True)
+        assert (plan.columns is not None) == (method == "vertical_slash")  # the column path is exercised
+        assert torch.equal(mod.plan_rows_mask(plan, rows), plan.dense_mask()[:, :, -rows:]), (method, n_k)
+
+
+def test_plan_reason_accepts_softmax_over_the_plan_and_refuses_another_reference() -> None:
+    mod = _module()
+    spec = attnlab.get("block_topk")
+    assert mod.plan_reason(spec, {"block": 16, "topk": 2}, True, torch.device("cpu")) == ""
+    real = spec.reference
+
+    def sharper(q, k, v, params, *, scale, **kw):  # type: ignore[no-untyped-def]
+        return real(q, k, v, params, scale=2 * scale, **kw)
+
+    assert "not softmax over its estimated plan" in mod.plan_reason(
+        dataclasses.replace(spec, reference=sharper), {"block": 16, "topk": 2}, True, torch.device("cpu")
+    )
+
+
+def test_stateful_check_compares_output_and_state_and_guards_the_reference_graph(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """gla (its gate drawn as the bench draws it) on torch_chunk: output, final state and gradients pass;
+    a wrong final state fails; a reference graph over the limit skips the training path with the reason."""
+    from attnlab.bench.calls import required_inputs
+    from attnlab.core import Result
+
+    mod = _module()
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
+    extra = required_inputs("gla", q, k, v)
+    good = mod.check_one("gla", "torch_chunk", {}, True, q, k, v, rows=8, inputs=extra)
+    assert good["passed"] and good["kind"] == "stateful", good
+    assert set(good["errors"]) == {"out", "state", "dq", "dk", "dv"}
+    with pytest.raises(mod.Skip, match="ref-graph-gb"):
+        mod.check_one("gla", "torch_chunk", {}, True, q, k, v, rows=8, inputs=extra, ref_graph_gb=1e-9)
+    res = mod.check_method("gla", True, q, k, v, 8, backends=("torch_chunk",), log=lambda *a: None,
+                           ref_graph_gb=1e-9)  # fmt: skip
+    assert [("skipped" in r, r.get("passed")) for r in res] == [(False, True), (True, None)], res
+    real = mod.attnlab.attention
+
+    def drifting_state(*args, **kw):  # type: ignore[no-untyped-def]
+        r = real(*args, **kw)
+        return Result(r.out, state=r.state * 1.01)
+
+    monkeypatch.setattr(mod.attnlab, "attention", drifting_state)
+    bad = mod.check_one("gla", "torch_chunk", {}, True, q, k, v, rows=8, grad=False, inputs=extra)
+    assert not bad["passed"] and bad["errors"]["state"]["err"] > bad["errors"]["state"]["bound"]
+    assert bad["errors"]["out"]["err"] <= bad["errors"]["out"]["bound"]
