@@ -147,6 +147,41 @@ def test_recurrent_step_kernel_matches_the_recurrence(rule: str) -> None:
     torch.testing.assert_close(s, rs, atol=2e-5, rtol=2e-5)
 
 
+def test_the_step_skips_the_custom_op_in_eager_and_traces_it_under_compile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Eager ``linear_step`` launches directly (the custom op's dispatch layers cost most of a decode
+    step's host time; it has no autograd to lose); under ``torch.compile(fullgraph=True)`` it goes
+    through ``attnlab::linear_step`` (no graph break), with the same result."""
+    op = _op()
+    q, k, v, g, h0 = _inputs(1, 8, 12, 1.0)
+    beta = torch.rand(1, 2, 1).to(DEV)
+    k = F.normalize(k, dim=-1)
+    calls: list[int] = []
+    real_op = op.linear_step_op
+
+    def counted(*a: object) -> tuple[Tensor, Tensor]:
+        calls.append(1)
+        return real_op(*a)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(op, "linear_step_op", counted)
+    want = op.linear_step(q, k, v, g, beta, h0, 0.3, False, None)
+    assert calls == []  # eager: no custom-op dispatch
+    monkeypatch.setattr(op, "linear_step_op", real_op)
+    torch._dynamo.reset()
+    targets: list[str] = []
+
+    def record(gm: torch.fx.GraphModule, _: object) -> object:
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    step = torch.compile(lambda *a: op.linear_step(*a, 0.3, False, None), fullgraph=True, backend=record)
+    got = step(q, k, v, g, beta, h0)
+    assert "attnlab.linear_step.default" in targets, targets
+    torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("gate", ["per-token", "per-channel", "none"])
 def test_step_kernel_normalises_q_k_itself_and_takes_a_gate_per_token(gate: str) -> None:
     """The decode path of ``delta_chunk(..., qk_l2norm=True)``: q and k normalised in the kernel, a gate
@@ -279,14 +314,14 @@ def test_the_custom_ops_pass_opcheck() -> None:
     torch.library.opcheck(op.delta_chunk_fwd, (*leaves, beta, g, h0, 0.3, 16, True))
     g1 = g[..., :1].detach().clone().requires_grad_(True)  # one gate per token: the chunked backward
     torch.library.opcheck(op.delta_chunk_fwd, (*leaves, beta, g1, h0, 0.3, 16, True))
-    torch.library.opcheck(op.linear_step, (q, k, v, None, None, h0.detach(), 0.3, False, None))
+    torch.library.opcheck(op.linear_step_op, (q, k, v, None, None, h0.detach(), 0.3, False, None))
 
 
 def test_the_step_ops_mutated_argument_has_no_default() -> None:
     """torch 2.11 (the H100's) drops a trailing argument equal to its default when it boxes a call, and
     its version bump of a mutated argument then indexes past the end: ``bad`` (mutated, Optional) and
     the flag before it must be required in the schema, so a call with ``bad=None`` keeps its arity."""
-    args = {a.name: a for a in _op().linear_step._opoverload._schema.arguments}
+    args = {a.name: a for a in _op().linear_step_op._opoverload._schema.arguments}
     assert not args["bad"].has_default_value() and not args["qk_l2norm"].has_default_value()
 
 
@@ -518,7 +553,7 @@ def test_the_fused_l2norm_op_passes_opcheck() -> None:
     torch.library.opcheck(op.delta_chunk_fwd, (*args, True))
     # the step kernel with its range check writing the declared mutated input ``bad``
     bad = torch.full((op.step_programs(q, v),), -1, dtype=torch.int32, device=DEV)  # (all overwritten)
-    torch.library.opcheck(op.linear_step, (q, k, v, g[..., 0], beta.detach(), h0, 0.3, True, bad))
+    torch.library.opcheck(op.linear_step_op, (q, k, v, g[..., 0], beta.detach(), h0, 0.3, True, bad))
     op.linear_step(q, k, v, g[..., 0], beta.detach(), h0, 0.3, True, bad)  # (opcheck ran on copies)
     assert bad.tolist() == [0] * bad.numel()  # every program wrote its count: none out of range
     g_bad = g[..., 0].clone()

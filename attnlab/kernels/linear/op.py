@@ -364,8 +364,21 @@ def _backward(ctx, do: Tensor, dht: Tensor | None, *_unused: Tensor | None):  # 
 gla_chunk_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("attnlab::linear_step", mutates_args=("bad",))
 def linear_step(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, h0: Tensor | None, scale: float,
+    qk_l2norm: bool, bad: Tensor | None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The recurrent step kernel (:func:`linear_step_op`'s contract): through the custom op inside
+    ``torch.compile`` (no graph break), else the launch itself. The op has no autograd, so eager calls
+    lose nothing by skipping the custom op's dispatch (its autograd, ADInplaceOrView and redispatch
+    layers: most of a decode step's host time, as for ``attnlab::decode_select``)."""
+    if torch.compiler.is_compiling():
+        return linear_step_op(q, k, v, g, beta, h0, scale, qk_l2norm, bad)  # type: ignore[no-any-return]
+    return _step_launch(q, k, v, g, beta, h0, scale, qk_l2norm, bad)
+
+
+@torch.library.custom_op("attnlab::linear_step", mutates_args=("bad",))
+def linear_step_op(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, h0: Tensor | None, scale: float,
     qk_l2norm: bool, bad: Tensor | None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
@@ -379,6 +392,13 @@ def linear_step(
     purpose: torch before 2.13 drops a trailing argument equal to its default when it boxes the call,
     and then its version bump of the mutated ``bad`` indexes past the end (IndexError on the H100's
     torch 2.11)."""
+    return _step_launch(q, k, v, g, beta, h0, scale, qk_l2norm, bad)
+
+
+def _step_launch(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, h0: Tensor | None, scale: float,
+    qk_l2norm: bool, bad: Tensor | None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     b, h, n, dk = q.shape
     dv = v.shape[-1]
     bk, _, bv, _ = _blocks(dk, dv)
@@ -402,7 +422,7 @@ def linear_step(
     return o, ht
 
 
-@linear_step.register_fake
+@linear_step_op.register_fake
 def _(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, h0: Tensor | None, scale: float,
     qk_l2norm: bool, bad: Tensor | None,
