@@ -205,16 +205,7 @@ class FlexBackend(Backend):
         assert pk is not None
         p, dev = call.problem, q.device
         size = table_size(max(pk.cu_q[-1], pk.cu_k[-1]))
-        seg_q = torch.full((size,), -1, dtype=torch.int32)
-        seg_k = torch.full((size,), -2, dtype=torch.int32)
-        pos_q = torch.zeros(size, dtype=torch.int32)
-        pos_k = torch.zeros(size, dtype=torch.int32)
-        for s in range(pk.count):
-            q0, q1, k0, k1 = pk.bounds(s)
-            seg_q[q0:q1], seg_k[k0:k1] = s, s
-            pos_q[q0:q1] = torch.arange(q1 - q0, dtype=torch.int32) + ((k1 - k0) - (q1 - q0))
-            pos_k[k0:k1] = torch.arange(k1 - k0, dtype=torch.int32)
-        tables = tuple(_static(t.to(dev)) for t in (seg_q, seg_k, pos_q, pos_k))
+        tables = tuple(_static(t.to(dev)) for t in _token_tables(pk.cu_q, pk.cu_k, size))
         # one key frame for every sequence: offset 0 (the query tables hold p), constants capped at 2 x size
         ctx = MaskContext(size, size, p.causal, dev)
         # a dense method's rule is causal_mask whether causal or not (its flag is a captured tensor), so
@@ -289,6 +280,25 @@ class FlexBackend(Backend):
             assert lse is not None
             out = (out.float() * torch.exp(lse.float())[..., None]).to(q.dtype)
         return out, (lse.float() if call.want_lse and lse is not None else None)
+
+
+def _token_tables(cu_q: tuple[int, ...], cu_k: tuple[int, ...], size: int) -> tuple[Tensor, ...]:
+    """(seg_q, seg_k, pos_q, pos_k), int32 (``size``,) on the host: each packed query's and key's sequence
+    (padding: -1 for queries, -2 for keys, which never match), each query's bottom-right position
+    ``p = i + N_k - N_q`` in its sequence, each key's index in its sequence."""
+    starts_q, starts_k = torch.tensor(cu_q), torch.tensor(cu_k)
+    n_q, n_k = starts_q.diff(), starts_k.diff()
+    ids = torch.arange(len(cu_q) - 1)
+    t_q, t_k = cu_q[-1], cu_k[-1]
+    seg_q = torch.full((size,), -1, dtype=torch.int32)
+    seg_k = torch.full((size,), -2, dtype=torch.int32)
+    pos_q = torch.zeros(size, dtype=torch.int32)
+    pos_k = torch.zeros(size, dtype=torch.int32)
+    seg_q[:t_q] = ids.repeat_interleave(n_q)
+    seg_k[:t_k] = ids.repeat_interleave(n_k)
+    pos_q[:t_q] = torch.arange(t_q) - (starts_q[:-1] - (n_k - n_q)).repeat_interleave(n_q)
+    pos_k[:t_k] = torch.arange(t_k) - starts_k[:-1].repeat_interleave(n_k)
+    return seg_q, seg_k, pos_q, pos_k
 
 
 def _static(t: Tensor) -> Tensor:
