@@ -311,8 +311,11 @@ def report(
             console.print(f"[yellow]{escape(note)}[/yellow]")
         if done.skipped:
             console.print(f"already in {target}, not loaded again: run(s) {', '.join(done.skipped)}")
+        if done.extended:
+            console.print(f"added the rows written since to run(s) {', '.join(done.extended)}")
+        runs = [*done.loaded, *done.extended]
         console.print(
-            f"loaded {done.rows} rows of run(s) {', '.join(done.loaded) or '(none new)'} from {db} into {target}"
+            f"loaded {done.rows} rows of run(s) {', '.join(runs) or '(none new)'} from {db} into {target}"
         )
         db, run = target, run or (done.order[-1] if done.order else None)
     try:

@@ -500,6 +500,22 @@ class MethodSpec:
             return "dynamic"
         return "static" if self.mask is not None else None
 
+    def distinct_bench_params(self, n: int) -> list[dict[str, Any]]:
+        """``bench_params(n)`` without repeats, in order: two sets are the same when their validated
+        parameters are (at short lengths budgets clamp, e.g. two windows to the same size, and a set may
+        equal another only once defaults are filled in). What the benchmark, fidelity, verify and eval
+        sweep, so no configuration is timed twice."""
+        seen: dict[Any, dict[str, Any]] = {}
+        for p in self.bench_params(n):
+            made = self.make_params(p)
+            key: Any = made
+            try:
+                hash(made)
+            except TypeError:  # a parameter value that does not hash (a list): compare by repr
+                key = repr(made)
+            seen.setdefault(key, dict(p))
+        return list(seen.values())
+
     def make_params(self, kwargs: Mapping[str, Any]) -> Params:
         """Validated parameters from keyword arguments (defaults fill the rest)."""
         try:

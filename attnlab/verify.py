@@ -60,7 +60,7 @@ def timed_cases(spec: attnlab.MethodSpec) -> Iterator[Case]:
     for causal in (False, True):
         if pattern_of(causal, TIMED_LENGTH, TIMED_LENGTH) not in spec.patterns:
             continue
-        for params in spec.bench_params(TIMED_LENGTH):
+        for params in spec.distinct_bench_params(TIMED_LENGTH):
             yield Case(1, 2, 2, TIMED_LENGTH, TIMED_LENGTH, TIMED_HEAD_DIM, torch.bfloat16, causal, params)
 
 

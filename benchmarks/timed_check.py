@@ -317,7 +317,7 @@ def check_method(
     why = skip_reason(spec, causal)
     if why:
         return [{"method": method, "causal": causal, "skipped": why}]
-    sets = spec.bench_params(q0.shape[2])
+    sets = spec.distinct_bench_params(q0.shape[2])
     sets = list({json.dumps(p, sort_keys=True): p for p in sets}.values())  # a budget listed twice: once
     extra = required_inputs(method, q0, k0, v0)  # as the benchmark draws them
     names: list[str | None] = [None, *(b.name for b in spec.backends)]

@@ -262,3 +262,14 @@ def test_without_duckdb_a_run_writes_json_lines_that_report_loads(
     assert again.exit_code == 0 and "not loaded again" in again.output and result.run_id in again.output
     with ResultsDB(tmp_path / "results.duckdb", read_only=True) as db:
         assert len(db.runs()) == 1 and len(db.rows("efficiency", result.run_id)) == len(rows)
+    # a row written after the load (a run still going): the next report adds it and says so
+    extra = next(x for x in (tmp_path / "results.jsonl").read_text().splitlines() if '"efficiency"' in x)
+    with (tmp_path / "results.jsonl").open("a") as f:
+        f.write(extra + "\n")
+    grown = CliRunner().invoke(app, ["report", "--db", str(tmp_path / "results.jsonl")])
+    assert grown.exit_code == 0, grown.output
+    assert "added the rows written since" in grown.output and f"loaded 1 rows of run(s) {result.run_id}" in (
+        " ".join(grown.output.split())
+    )
+    with ResultsDB(tmp_path / "results.duckdb", read_only=True) as db:
+        assert len(db.rows("efficiency", result.run_id)) == len(rows) + 1

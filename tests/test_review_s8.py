@@ -313,3 +313,23 @@ def test_e_a_run_the_file_does_not_match_is_refused(tmp_path: Any) -> None:
     ):
         load_jsonl(jsonl, db)
     assert _db_count(db, "efficiency") == 2
+
+
+def test_every_sweep_takes_each_distinct_parameter_set_once() -> None:
+    """``MethodSpec.distinct_bench_params``: at short lengths budgets clamp to the same validated
+    parameters (sliding_window, streaming, dilated, block_local, ...): the benchmark, fidelity, verify and
+    eval sweep each configuration once, in the registration's order."""
+    import attnlab
+
+    for name, spec in attnlab.methods().items():
+        for n in (64, 256, 1024):
+            raw = spec.bench_params(n)
+            got = spec.distinct_bench_params(n)
+            made = [repr(spec.make_params(p)) for p in got]
+            assert len(set(made)) == len(made), (name, n, got)
+            assert {repr(spec.make_params(p)) for p in raw} == set(made), (name, n)
+            firsts = [p for i, p in enumerate(raw) if repr(spec.make_params(p)) not in
+                      {repr(spec.make_params(x)) for x in raw[:i]}]  # fmt: skip
+            assert got == [dict(p) for p in firsts], (name, n)
+    streaming = attnlab.methods()["streaming"]
+    assert len(streaming.distinct_bench_params(64)) < len(streaming.bench_params(64))

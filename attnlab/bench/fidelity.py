@@ -123,7 +123,7 @@ def fidelity_rows(
                     continue
                 if pattern not in spec.patterns:
                     continue
-                sets = spec.bench_params(n_k)
+                sets = spec.distinct_bench_params(n_k)
                 for params in sets if budgets == "all" else sets[:1]:
                     p = spec.make_params(params)
                     extra = inputs(name, q, k, v)  # tensor inputs (gates, beta, weights, ...)

@@ -66,7 +66,7 @@ def planned_rows(
             if pattern not in spec.patterns:
                 continue
             for n in lengths:
-                sets = spec.bench_params(n)
+                sets = spec.distinct_bench_params(n)
                 for params in sets if budgets == "all" else sets[:1]:
                     for mode in modes:
                         rows.append(PlannedRow(name, dict(params), pattern, n, mode))

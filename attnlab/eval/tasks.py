@@ -207,7 +207,7 @@ def tight_candidates(name: str, length: int) -> list[dict[str, Any]]:
     spec = get(name)
     defaults = spec.make_params({}).as_dict()
     out: list[dict[str, Any]] = []
-    cands = [dict(p) for p in spec.bench_params(length)]
+    cands = spec.distinct_bench_params(length)
     if "budget" in defaults:
         cands += [{"budget": length // 8}, {"budget": length // 4}]
     for c in cands:
@@ -256,7 +256,7 @@ def method_runs(
         if explicit is not None:
             sets = [(explicit, "explicit")]
         elif budgets in ("all", "first"):
-            swept = list(spec.bench_params(length)) or [{}]
+            swept = spec.distinct_bench_params(length) or [{}]
             sets = [(dict(p), "swept") for p in (swept[:1] if budgets == "first" else swept)]
         else:
             sets = [({}, "default")]
