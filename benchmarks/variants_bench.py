@@ -16,8 +16,8 @@ low-rank factors') is exactly the reference's autograd on those rows. The rule i
 against the fp32 reference at most 2x (forward) / 3x (gradients) the bf16 reference's, plus a floor.
 
 Speed (bf16, D=128, H=32, B=1): the method as called (``attnlab.prepare(method, causal=...)`` with its
-defaults, so the backend is the library's choice: which one is recorded; ``selective``, whose kernel
-path is not its default yet, with ``backend="triton"``, see ``EXPLICIT``), FlexAttention running the same
+defaults, so the backend is the library's choice: which one is recorded; a variant listed in
+``EXPLICIT`` is called with that backend instead), FlexAttention running the same
 variant (``backend="flex"``) and cuDNN plain softmax, forward and forward+backward, timed in interleaved
 rounds (``measure_interleaved``, CUDA events, >= 10 reps; each side's median, min, quartiles). Ratio =
 t(cuDNN) / t(side): the issue's targets are forward >= 0.9, forward+backward >= 0.75, and above Flex's.
@@ -76,8 +76,9 @@ PROBE_BWD = [
     ((32, 128, 4, 3), (128, 32, 4, 3)),
     ((64, 64, 4, 3), (64, 64, 4, 3)),
 ]
-#: variants whose kernel path is not the default yet (after Flex until timed): "ours" calls this backend
-EXPLICIT = {"selective": "triton"}
+#: variants whose kernel path is not the default yet (after Flex until timed): "ours" calls this backend.
+#: Empty: selective's default is its exact SDPA path (q * tau) since 4290b87, timed as called.
+EXPLICIT: dict[str, str] = {}
 #: modes per variant: a dense bias has no gradient in the kernel, so its training call runs on Flex (timed
 #: there as Flex's), and only its forward is the kernel's
 MODES_OF = {"bias": ["fwd"]}
