@@ -28,7 +28,9 @@ from torch._dynamo.utils import counters
 from torch.nn.attention.flex_attention import flex_attention
 
 import attnlab
-from attnlab.backends.flex import VARLEN, FlexBackend, table_size
+from attnlab.api import _resolve_call
+from attnlab.backends.flex import FLEX, VARLEN, FlexBackend, table_size
+from attnlab.backends.varlen import packing_of
 from attnlab.core import Result
 from attnlab.kernels import flex as flex_exec
 from attnlab.masks import MaskContext, mask_for
@@ -215,6 +217,32 @@ def test_return_plan_gives_each_sequences_plan(eager_flex: None) -> None:
         assert isinstance(plan, Plan) and (plan.n_q, plan.n_k, plan.causal) == (n_q, n_k, True)
         want = mask_for(factory, spec.make_params({"window": 3}), n_q, n_k, True, "cpu")
         assert torch.equal(plan.dense_mask()[0, 0].cpu(), want)
+
+
+def test_the_lse_comes_back_packed(eager_flex: None) -> None:
+    """``run_varlen`` with ``want_lse`` (a GPU call's ``return_lse``; compiled Flex on CPU cannot return it,
+    so the backend is called directly here, on eager Flex): the lse packed like q, each sequence's own,
+    -inf on rows without a key."""
+    q, k, v = qkv(CROSS_Q, CROSS_K, seed=8)
+    spec = attnlab.get("sliding_window")
+    call = _resolve_call(spec, spec.make_params({"window": 3}), q, k, v, causal=True, scale=None, want_lse=True,
+                         packing=packing_of(cu(CROSS_Q), cu(CROSS_K), q, k))  # fmt: skip
+    with torch.no_grad():
+        out, lse = FLEX.run_varlen(q, k, v, call, {})
+    assert lse is not None and lse.shape == (1, H, sum(CROSS_Q)) and lse.dtype == torch.float32
+    for (q0, q1), (k0, k1) in zip(bounds(CROSS_Q), bounds(CROSS_K), strict=True):
+        if q1 == q0:
+            continue
+        if k1 == k0:
+            assert bool((lse[:, :, q0:q1] == float("-inf")).all()) and bool((out[:, :, q0:q1] == 0).all())
+            continue
+        want = attnlab.attention(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], method="sliding_window",
+                                 window=3, causal=True, backend="reference", return_lse=True)  # fmt: skip
+        assert want.lse is not None
+        finite = torch.isfinite(want.lse)
+        assert torch.equal(torch.isfinite(lse[:, :, q0:q1]), finite)
+        torch.testing.assert_close(lse[:, :, q0:q1][finite], want.lse[finite], atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(out[:, :, q0:q1], want.out, atol=2e-5, rtol=1e-5)
 
 
 # -- which path runs -----------------------------------------------------------------------------------
