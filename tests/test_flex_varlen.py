@@ -263,10 +263,13 @@ def test_explain_reports_the_one_launch_flex_path_and_a_refusal_runs_per_sequenc
         assert choice.per_sequence and "each sequence runs separately" in text
         assert "flex refused: method 'neighborhood' is not checked for packed sequences" in text
         assert "sequence 0 (N_q=5, N_k=5)" in text  # each sequence's own choice
-    # with gradients on a CPU Flex refuses (no backward there): per sequence too
+    # with gradients: on a CPU Flex refuses (no backward there), per sequence; on a GPU one launch on Flex
     choice = attnlab.explain(q.requires_grad_(True), k, v, method="sliding_window", causal=True, window=3,
                              cu_seqlens_q=cu(SELF))  # fmt: skip
-    assert choice.per_sequence
+    if DEVICE.type == "cpu":
+        assert choice.per_sequence and "FlexAttention has no backward on CPU" in str(choice)
+    else:
+        assert not choice.per_sequence and "in one launch on backend 'flex'" in str(choice)
 
 
 def test_every_flex_method_is_listed_or_refuses_packed_calls() -> None:
