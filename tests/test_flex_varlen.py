@@ -10,11 +10,11 @@ per-sequence path. Compiled FlexAttention on CPU is inference only: forward unde
 Each compiled method costs one compile (~10 s on 2 shared cores; the first also builds the compiler's
 headers when its cache is cold): the compiled runs are softmax (with gated, the same kernel),
 sliding_window (the BlockMask's full and partial tiles, skipped by the kernel) and alibi (a LOCAL
-score_mod capturing the per-token tables). dilated's and power's masks and the score_mods of softcap,
-alibi with slopes, bias and selective run on uncompiled FlexAttention (PyTorch's eager form of the same
-function: the same mask_mod and score_mod over every pair; the BlockMask's tile tables are not read),
-which checks where each is evaluated (local or packed positions) in a second or two. 19 tests: about 20 s with a warm inductor
-cache, about 60 s cold.
+score_mod capturing the per-token tables). The masks of dilated, power, streaming, block_local and
+doc_blocks and the score_mods of softcap, alibi with slopes, bias and selective run on uncompiled
+FlexAttention (PyTorch's eager form of the same function: the same mask_mod and score_mod over every
+pair; the BlockMask's tile tables are not read), which checks where each is evaluated (local or packed
+positions) in a second or two each. The file: about 20 s with a warm inductor cache, about 60 s cold.
 """
 
 from __future__ import annotations
@@ -185,6 +185,9 @@ def _slopes(t_q: int, t_k: int) -> dict[str, Tensor]:
     [
         ("dilated", {"window": 3, "dilation": 2}, None),  # every tile partial
         ("power", dict(attnlab.get("power").test_params[0]), None),  # a structured mask (no score_mod)
+        ("streaming", {"sinks": 1, "window": 2}, None),
+        ("block_local", {"block": 7, "neighbors": 0}, None),
+        ("doc_blocks", {"boundaries": (3, 8), "prefix_global": False, "last_sees_all": False}, None),
         ("softcap", {"cap": 2.0, "window": 4}, None),  # LOCAL: the window reads p - j
         ("softcap", {"cap": 1.5}, None),
         ("alibi", {"max_bias": 2.0}, _slopes),  # LOCAL, with the slopes input
