@@ -95,6 +95,15 @@ def choose(call: Call, backend: str | None = None) -> Choice:
     return Choice(call, None, tuple(refusals))
 
 
+#: Backends whose one-launch packed path runs only when named (``backend="flex"``), never by default:
+#: FlexAttention's varlen (``attnlab.backends.flex``, ae07049) is tested on the CPU only, not yet compiled,
+#: checked or timed on a GPU (``benchmarks/flex_varlen_bench.py`` does that), and on a CPU one compiled
+#: launch was slower than the sequences one by one on SDPA (softmax, 4K tokens in 8 sequences: 103 ms vs
+#: 45 ms, after a ~10 s compile). So a packed call by default keeps the block-sparse executor (GPU) or runs
+#: each sequence on its own backend.
+PACKED_BY_NAME_ONLY = frozenset({"flex"})
+
+
 def _choose_packed(call: Call) -> Choice:
     """The first backend that runs packed sequences in one launch, or none (then they run one by one)."""
     refusals: list[tuple[str, tuple[str, ...]]] = []
@@ -105,6 +114,11 @@ def _choose_packed(call: Call) -> Choice:
             why = [
                 "a Triton kernel, interpreted on a CPU: packed sequences run one by one on the CPU backends "
                 "instead (backend=... forces it)"
+            ]
+        if not why and candidate.name in PACKED_BY_NAME_ONLY:
+            why = [
+                f"its one-launch packed path runs only when named (backend={candidate.name!r}): not yet "
+                "checked on a GPU, and slower than one call per sequence on a CPU"
             ]
         if not why:
             return Choice(call, candidate, tuple(refusals))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from attnlab.dispatch import PACKED_BY_NAME_ONLY
 from attnlab.patterns import Pattern
 from attnlab.registry import MethodSpec, methods
 
@@ -67,7 +68,8 @@ def varlen_backends(spec: MethodSpec) -> list[str]:
 
 def _varlen_cell(spec: MethodSpec) -> str:
     names = varlen_backends(spec)
-    return ", ".join(f"`{n}`" for n in names) if names else "per sequence"
+    cells = [f"`{n}`" + (" (named)" if n in PACKED_BY_NAME_ONLY else "") for n in names]
+    return ", ".join(cells) if names else "per sequence"
 
 
 def records() -> list[dict[str, Any]]:

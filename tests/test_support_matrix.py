@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from attnlab.dispatch import PACKED_BY_NAME_ONLY
 from attnlab.registry import methods
 from attnlab.support import markdown_table, record, varlen_backends
 
@@ -21,8 +22,10 @@ def test_varlen_column_matches_backend_caps() -> None:
         assert record(spec)["varlen"] == want
         assert [b["varlen"] for b in record(spec)["backends"]] == [b.caps.varlen for b in spec.backends]
         cell = rows[name].rstrip().rstrip("|").rsplit("|", 1)[1].strip()
-        if want:
-            assert cell == ", ".join(f"`{n}`" for n in want)
+        if want:  # a backend whose packed path runs only when named is marked so
+            assert cell == ", ".join(
+                f"`{n}`" + (" (named)" if n in PACKED_BY_NAME_ONLY else "") for n in want
+            )
             seen_varlen = True
         else:
             assert cell == "per sequence"

@@ -244,9 +244,12 @@ def test_explain_says_which_path_runs_and_an_op_resolves_a_packing_once() -> Non
     choice = attnlab.explain(q, k, v, method="sliding_window", causal=True, window=3, cu_seqlens_q=cu(SELF))
     text = str(choice)
     assert "4 packed sequence(s) of lengths [5, 1, 0, 12]" in text
-    # Flex, first in sliding_window's order, runs packed sequences in one launch on either device (the
-    # per-sequence explain of a refusing method: tests/test_flex_varlen.py)
-    assert not choice.per_sequence and "one launch on backend 'flex'" in text
+    # Flex's packed path runs only when named (dispatch.PACKED_BY_NAME_ONLY; tests/test_flex_varlen.py):
+    # by default the executor takes it in one launch on a GPU, each sequence runs alone on a CPU
+    if DEVICE.type == "cpu":
+        assert choice.per_sequence and "each sequence runs separately" in text
+    else:
+        assert not choice.per_sequence and "one launch on backend 'block_sparse'" in text
     op = attnlab.prepare("sigmoid", causal=True)
     for _ in range(2):
         op(q, k, v, cu_seqlens_q=cu(SELF))
