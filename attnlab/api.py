@@ -15,7 +15,9 @@ Packed sequences (FlashAttention's varlen layout: ``cu_seqlens_q=``, ``cu_seqlen
 paths, chosen per call signature and packing (:func:`explain` says which): a backend that declares
 ``varlen`` (the block-sparse executor: static plans per sequence, dynamic estimators on each sequence's
 own q and k, plain softmax dense; the Triton kernels of lightning, gla and gated_delta, each sequence from
-the initial state, ``result.state`` listing the final states) runs them in one launch; otherwise each sequence runs separately through
+the initial state, ``result.state`` listing the final states; FlexAttention for the methods in
+``attnlab.backends.flex.VARLEN``, only when named, ``dispatch.PACKED_BY_NAME_ONLY``) runs them in one
+launch; otherwise each sequence runs separately through
 the normal dispatch, with the method's tensor inputs cut to it along their token axes, and the outputs
 (and log-sum-exps) are packed back together. Reading ``cu_seqlens`` costs one host synchronisation when
 they live on a GPU.
