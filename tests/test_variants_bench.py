@@ -124,7 +124,9 @@ def test_unfused_side_switches_the_helper_off_for_its_call(
 
     monkeypatch.setattr(vb, "measure_interleaved", fake_timer)
     n_fused_before = len(seen)
-    dev = torch.device("cuda" if on_cuda() else "cpu")  # (CPU tensors take the helper under the interpreter only)
+    dev = torch.device(
+        "cuda" if on_cuda() else "cpu"
+    )  # (CPU tensors take the helper under the interpreter only)
     row = vb.point("affine_scaled", 40, True, dev, False, ["fwd_bwd"], lambda obj: None)
     assert affine_scaled.FUSED_DEVICES == ("cuda", "cpu") and len(seen) > n_fused_before
     assert {c["side"] for c in row["checks"]} == {"ours", "unfused"} and all(
