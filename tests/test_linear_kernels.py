@@ -178,6 +178,11 @@ def test_the_step_skips_the_custom_op_in_eager_and_traces_it_under_compile(
     step = torch.compile(lambda *a: op.linear_step(*a, 0.3, False, None), fullgraph=True, backend=record)
     got = step(q, k, v, g, beta, h0)
     assert "attnlab.linear_step.default" in targets, targets
+    # tracing without dynamo (make_fx over fake tensors) goes through the op too, with its fake shapes
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gm = make_fx(lambda *a: op.linear_step(*a, 0.3, False, None), tracing_mode="fake")(q, k, v, g, beta, h0)
+    assert any(str(n.target) == "attnlab.linear_step.default" for n in gm.graph.nodes)
     torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-6)
 

@@ -371,8 +371,15 @@ def linear_step(
     """The recurrent step kernel (:func:`linear_step_op`'s contract): through the custom op inside
     ``torch.compile`` (no graph break), else the launch itself. The op has no autograd, so eager calls
     lose nothing by skipping the custom op's dispatch (its autograd, ADInplaceOrView and redispatch
-    layers: most of a decode step's host time, as for ``attnlab::decode_select``)."""
-    if torch.compiler.is_compiling():
+    layers: most of a decode step's host time, as for ``attnlab::decode_select``). Any tracing (a
+    dispatch mode such as FakeTensorMode or ``make_fx``, fake or meta tensors) also takes the op: a
+    direct launch cannot run on tensors without data."""
+    if (
+        torch.compiler.is_compiling()
+        or type(q) is not Tensor
+        or q.device.type == "meta"
+        or torch.utils._python_dispatch._get_current_dispatch_mode() is not None
+    ):
         return linear_step_op(q, k, v, g, beta, h0, scale, qk_l2norm, bad)  # type: ignore[no-any-return]
     return _step_launch(q, k, v, g, beta, h0, scale, qk_l2norm, bad)
 
