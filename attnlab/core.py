@@ -507,12 +507,16 @@ class MethodSpec:
         sweep, so no configuration is timed twice."""
         seen: dict[Any, dict[str, Any]] = {}
         for p in self.bench_params(n):
-            made = self.make_params(p)
-            key: Any = made
+            key: Any
             try:
-                hash(made)
-            except TypeError:  # a parameter value that does not hash (a list): compare by repr
-                key = repr(made)
+                key = self.make_params(p)
+            except ValueError:  # invalid at this length: kept as given, for the caller to skip or report
+                key = ("invalid", repr(sorted(p.items())))
+            else:
+                try:
+                    hash(key)
+                except TypeError:  # a parameter value that does not hash (a list): compared by repr
+                    key = ("repr", repr(key))
             seen.setdefault(key, dict(p))
         return list(seen.values())
 
