@@ -45,7 +45,8 @@ over their plan, and methods without the self (or, checked on the last rows, cro
 
 Rule: FlashAttention's, as in :func:`attnlab.testing.check_parity`: the error against the fp32 reference at
 most ``FWD_FACTOR`` (forward) / ``BWD_FACTOR`` (gradients) times the error of the same reference computed in
-the low-precision dtype, plus a small floor.
+the low-precision dtype, plus a small floor; for stateful methods also at most ``STATEFUL_RTOL`` of the
+reference's scale (the low-precision recurrence drifts far more than the kernels).
 
     python benchmarks/timed_check.py --device cuda --length 65536 \\
         --methods softmax,sigmoid,sliding_window,streaming,dilated,block_local,alibi,sink --out timed_check.json
@@ -79,6 +80,12 @@ from attnlab.testing import BWD_FACTOR, FWD_FACTOR, bound, max_abs, state_tensor
 
 #: the two paths a check runs: inference (no grad, output only) and training (output and gradients)
 PATHS = ("fwd", "fwd_bwd")
+#: Stateful methods: the bound is also at most this share of (1 + max |reference|) (gradients: times
+#: BWD_FACTOR / FWD_FACTOR). The low-precision reference runs the recurrence token by token with the state
+#: in that dtype, whose drift over thousands of tokens (lightning, linear: 18-51% of max |o| at 8K bf16)
+#: would pass a 15% error; the kernels keep the state in fp32 (their errors: under 0.6% of max |ref| on
+#: the H100 at 8K bf16, benchmarks/results/h100-2026-11-23-s4/linear). fp32 allows TF32 dots on a GPU.
+STATEFUL_RTOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 5e-3}
 #: the most memory (GB) the stateful reference's autograd graph may take (one state per token, about
 #: three tensors each); above it the training path of a stateful method is skipped
 REF_GRAPH_GB = 16.0
@@ -285,10 +292,11 @@ def check_one(
     for name in got:
         factor = FWD_FACTOR if name in ("out", *names) else BWD_FACTOR
         err = max_abs(got[name], ref[name]) if torch.isfinite(got[name]).all() else float("nan")
-        errors[name] = {
-            "err": err,
-            "bound": bound(max_abs(low[name], ref[name]), ref[name], factor, q0.dtype),
-        }
+        limit = bound(max_abs(low[name], ref[name]), ref[name], factor, q0.dtype)
+        if whole:  # the low-precision recurrence's own drift is no yardstick: cap it (see STATEFUL_RTOL)
+            cap = STATEFUL_RTOL.get(q0.dtype, STATEFUL_RTOL[torch.float32]) * (factor / FWD_FACTOR)
+            limit = min(limit, cap * (1.0 + float(ref[name].detach().float().abs().max())))
+        errors[name] = {"err": err, "bound": limit}
     passed = all(e["err"] <= e["bound"] for e in errors.values())
     return {"method": method, "backend": backend or "default", "path": "fwd_bwd" if grad else "fwd",
             "ran": getattr(chosen, "name", None), "params": params, "causal": causal, "rows": rows,
