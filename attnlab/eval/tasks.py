@@ -418,7 +418,10 @@ def _time_limit(seconds: float | None) -> Iterator[None]:
         yield
         return
 
+    fired = []
+
     def stop(signum: int, frame: Any) -> None:
+        fired.append(True)
         raise RunTimeout(f"the run took more than run_seconds={seconds} s")
 
     old = signal.signal(signal.SIGALRM, stop)
@@ -428,6 +431,8 @@ def _time_limit(seconds: float | None) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+    if fired:  # the alarm's exception was swallowed by code in the block (a broad except): still a timeout
+        raise RunTimeout(f"the run took more than run_seconds={seconds} s")
 
 
 def _median(xs: Sequence[float]) -> float | None:
