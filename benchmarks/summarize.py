@@ -384,6 +384,23 @@ def cold_warm_section(cpu: Path) -> list[str]:
         "",
         *table,
         "",
+        *_warm_again(cpu, warm_db),
+    ]
+
+
+def _warm_again(cpu: Path, warm_db: Path) -> list[str]:
+    """A second warm run (``warm2/``) against the first: the benchmark's own run-to-run spread, the
+    yardstick for the cold / warm agreement above."""
+    warm2 = cpu / "warm2" / "results.duckdb"
+    table = agreement_table(warm2, warm_db) if warm2.exists() else []
+    if not table:
+        return []
+    return [
+        "The same command a third time (`warm2/`, caches warm) against `warm/`: how far two warm runs minutes "
+        f"apart agree (load: {load_text(warm2)}). Ratio = warm2 / warm.",
+        "",
+        *table,
+        "",
     ]
 
 
