@@ -400,18 +400,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     backends = args.backends.split(",") if args.backends else None
     causals = {"both": (True, False), "causal": (True,), "noncausal": (False,)}[args.causal]
     results: list[dict[str, Any]] = []
-    for method in args.methods.split(","):
+    shape = {"batch": 1, "heads": h, "kv_heads": h, "n": n, "head_dim": d, "dtype": args.dtype}
+    env = environment(dev)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    names = args.methods.split(",")
+    report: dict[str, Any] = {}
+    for i, method in enumerate(names):
         for causal in causals:
             results += check_method(
                 method, causal, q0, k0, v0, args.rows, budgets=args.budgets, backends=backends,
                 ref_graph_gb=args.ref_graph_gb,
             )  # fmt: skip
-    summary = summarize(results)
-    shape = {"batch": 1, "heads": h, "kv_heads": h, "n": n, "head_dim": d, "dtype": args.dtype}
-    report = {"env": environment(dev), "shape": shape, "summary": summary, "results": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1, default=str))
-    print(summary)
+        # written after every method, so a run cut short by a time limit keeps what it checked
+        done = names[: i + 1]
+        report = {"env": env, "shape": shape, "methods_done": done, "complete": len(done) == len(names),
+                  "summary": summarize(results), "results": results}  # fmt: skip
+        args.out.write_text(json.dumps(report, indent=1, default=str))
+    print(report["summary"])
     return report
 
 

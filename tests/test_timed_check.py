@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -144,6 +145,9 @@ def test_cpu_smoke_writes_checks_and_skips(tmp_path: Path) -> None:
     )  # fmt: skip
     # block_topk (dynamic) is checked too: its default choice, against softmax over its executed plan
     assert report["summary"] == {"checked": 12, "passed": 12, "failed": 0, "skipped": 2}
+    # the file is rewritten after each method (a run cut short keeps what it checked); this one finished
+    assert report["complete"] and report["methods_done"] == ["softmax", "block_topk", "neighborhood"]
+    assert json.loads(out.read_text())["summary"] == report["summary"]
     assert {r["kind"] for r in report["results"] if r["method"] == "block_topk"} == {"planned"}
     skipped = {(r["method"], r["causal"]): r["skipped"] for r in report["results"] if "skipped" in r}
     assert set(skipped) == {("neighborhood", c) for c in (True, False)}
