@@ -265,13 +265,19 @@ def test_explain_reports_the_one_launch_flex_path_and_a_refusal_runs_per_sequenc
                 assert choice.per_sequence and "runs only when named (backend='flex')" in text, text
             else:
                 assert not choice.per_sequence and "in one launch on backend 'block_sparse'" in text, text
-        # neighborhood's mask reads the sequence length (its grid): refused, each sequence alone
+        # neighborhood's mask reads the sequence length (its grid): Flex refuses it. On a CPU each sequence
+        # runs alone; on a GPU the block-sparse executor, which plans each sequence in its own coordinates,
+        # runs them in one launch (checked there by tests/test_varlen_api.py)
         choice = attnlab.explain(q, k, v, method="neighborhood", causal=False, window=3,
                                  cu_seqlens_q=cu(SELF))  # fmt: skip
         text = str(choice)
-        assert choice.per_sequence and "each sequence runs separately" in text
-        assert "flex refused: method 'neighborhood' is not checked for packed sequences" in text
-        assert "sequence 0 (N_q=5, N_k=5)" in text  # each sequence's own choice
+        assert FlexBackend().varlen_refusals(attnlab.get("neighborhood"))
+        if DEVICE.type == "cpu":
+            assert choice.per_sequence and "each sequence runs separately" in text
+            assert "flex refused: method 'neighborhood' is not checked for packed sequences" in text
+            assert "sequence 0 (N_q=5, N_k=5)" in text  # each sequence's own choice
+        else:
+            assert not choice.per_sequence and "in one launch on backend 'block_sparse'" in text, text
     # with gradients: on a CPU Flex refuses (no backward there), per sequence; on a GPU one launch on Flex
     choice = attnlab.explain(q.requires_grad_(True), k, v, method="sliding_window", causal=True, window=3,
                              cu_seqlens_q=cu(SELF))  # fmt: skip

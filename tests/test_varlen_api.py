@@ -142,6 +142,8 @@ EXECUTOR_CASES = [  # (method, params, causal, kv lengths or None for self)
     ("block_topk", {"block": 16, "topk": 2}, True, None),
     ("softmax", {}, True, [9, 2, 0, 20, 30]),  # cross: sequence 3 has 35 queries over 20 keys
     ("vertical_slash", dict(attnlab.get("vertical_slash").test_params[0]), True, None),  # token columns
+    # its window reads the sequence's length: each sequence planned in its own coordinates (Flex refuses it)
+    ("neighborhood", {"window": 5, "dilation": 2}, False, None),
 ]
 
 
