@@ -22,7 +22,9 @@ For each context (default 32K and 128K) and batch (default 1 and 8):
    covering the whole sequence (exact), ``--check-steps`` greedy steps: ``tokens_equal`` says whether the
    greedy tokens equal sdpa's, ``max_abs_logit_diff`` how far the logits are (bf16 kernels differ: sdpa and
    the exact fallback may run different attention kernels, so a near-tie can flip a token on random
-   weights; the logit difference says whether that happened).
+   weights; the logit difference says whether that happened). :func:`divergence` adds the first step whose
+   token differs, the logit difference up to it (like for like: both sides decoded the same tokens until
+   then) and sdpa's top-1 minus top-2 margin there (a margin below that difference: a near-tie).
 
 KV memory: ``layers x batch x context x 2 (K, V) x 8 KV heads x 128 x 2 bytes`` = 4 KiB per token and layer:
 at 8 x 128K with the default 4 layers, 16 GiB for the prefilled cache and 16 GiB for the side's copy.
@@ -167,6 +169,32 @@ def decode_side(
     return fields, tokens, logits
 
 
+def divergence(
+    tokens: list[torch.Tensor],
+    logits: list[torch.Tensor],
+    want: list[torch.Tensor],
+    dense: list[torch.Tensor],
+) -> dict[str, Any]:
+    """Where a check's greedy tokens first leave sdpa's and whether a near-tie explains it.
+
+    Up to and including the first step whose token differs, both sides decoded the same tokens, so their
+    logits there compare like for like (``logit_diff_before_divergence``); after it they decode different
+    text and any difference follows. ``dense_margin_at_divergence`` is sdpa's top-1 minus top-2 logit at
+    that step for the rows that differ (the smallest): a margin below the like-for-like logit difference
+    means a near-tie flipped the token, not a wrong attention."""
+    steps = len(tokens)
+    first = next((s for s in range(steps) if not torch.equal(tokens[s], want[s])), None)
+    upto = steps if first is None else first + 1
+    before = max((float((logits[s] - dense[s]).abs().max()) for s in range(upto)), default=0.0)
+    out: dict[str, Any] = {"first_divergence_step": first, "logit_diff_before_divergence": before}
+    if first is not None:
+        rows = (tokens[first] != want[first]).flatten().nonzero().flatten().tolist()
+        top2 = dense[first][rows].topk(2, dim=-1).values
+        out["divergence_rows"] = rows
+        out["dense_margin_at_divergence"] = float((top2[:, 0] - top2[:, 1]).min())
+    return out
+
+
 def full_budget(params: dict[str, Any], tokens: int) -> dict[str, Any]:
     """The method's parameters with a budget covering ``tokens`` (exact attention at every step)."""
     return {**params, "budget": tokens} if "budget" in params else params
@@ -266,7 +294,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     diff = max(float((a - w).abs().max()) for a, w in zip(logits, dense_logits, strict=False))
                     rows.append(common | {"phase": "check", "side": label, "method": name, "params": full,
                                           "steps": args.check_steps, "tokens_equal": equal,
-                                          "max_abs_logit_diff": diff})  # fmt: skip
+                                          "max_abs_logit_diff": diff,
+                                          **divergence(toks, logits, want, dense_logits)})  # fmt: skip
                     print(
                         f"{n:>7} B={b} check {label:<54} tokens_equal={equal} logit diff {diff:.3g}",
                         flush=True,

@@ -62,4 +62,24 @@ def test_one_command_writes_every_row(tmp_path: Path) -> None:
                 assert r["cache_tokens_after"] == (16 if "free_kv" in r["side"] else 42), r["side"]
             if r["batch"] == b and r["phase"] == "check":
                 assert r["tokens_equal"] and r["params"]["budget"] == 40 + 1 + 1 + 1
+                assert r["first_divergence_step"] is None and "dense_margin_at_divergence" not in r
+                assert r["logit_diff_before_divergence"] == pytest.approx(r["max_abs_logit_diff"])
     assert [r["prefill_mode"] for r in rows if r["phase"] == "prefill"] == ["batched", "rows"]
+
+
+def test_divergence_finds_the_first_differing_step_and_the_dense_margin_there() -> None:
+    mod = _module()
+    want = [torch.tensor([[1], [2]]), torch.tensor([[3], [4]]), torch.tensor([[5], [6]])]
+    toks = [torch.tensor([[1], [2]]), torch.tensor([[3], [0]]), torch.tensor([[9], [9]])]
+    dense = [torch.zeros(2, 5) for _ in range(3)]
+    dense[1][1] = torch.tensor([0.0, 0.0, 0.5, 0.0, 0.7])  # row 1 at step 1: top-1 0.7, top-2 0.5
+    logits = [d.clone() for d in dense]
+    logits[0][0, 0] += 0.25  # like for like before the divergence
+    logits[1][1, 0] += 0.5  # at the diverging step itself (still like for like)
+    logits[2] += 9.0  # after it: different text, not counted
+    got = mod.divergence(toks, logits, want, dense)
+    assert got["first_divergence_step"] == 1 and got["divergence_rows"] == [1]
+    assert got["logit_diff_before_divergence"] == pytest.approx(0.5)
+    assert got["dense_margin_at_divergence"] == pytest.approx(0.2)
+    assert mod.divergence(want, dense, want, dense) == {"first_divergence_step": None,
+                                                        "logit_diff_before_divergence": 0.0}  # fmt: skip
