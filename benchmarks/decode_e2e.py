@@ -18,6 +18,9 @@ For each context (default 32K and 128K) and batch (default 1 and 8):
    Each row records the peak CUDA memory of its side and its cache length per row after the last step
    (``cache_tokens_after``: the context + the steps, or with ``free_kv=true`` in a method's parameters,
    passed to ``use(..., free_kv=True)``, what the method kept: per-step h2o holds its budget).
+   With ``--cache static`` the prefilled tokens are moved into a StaticCache first (each step writes its
+   token in place; a DynamicCache copies every layer's keys and values to grow them by one token, 4 GiB
+   per layer and step at 8 x 128K), and the ``free_kv`` sides, which shrink a DynamicCache, are left out.
 3. **check** (``--check-steps`` > 0): every method again from a copy of the same cache with a budget
    covering the whole sequence (exact), ``--check-steps`` greedy steps: ``tokens_equal`` says whether the
    greedy tokens equal sdpa's, ``max_abs_logit_diff`` how far the logits are (bf16 kernels differ: sdpa and
@@ -94,6 +97,29 @@ def concat_caches(caches: list[Any]) -> Any:
     return out
 
 
+def to_static(cache: Any, model: Any, max_len: int) -> Any:
+    """A StaticCache of ``max_len`` slots holding ``cache``'s tokens (``--cache static``): the decode steps
+    then write each new token in place instead of growing every layer's keys and values by a copy."""
+    from transformers import StaticCache
+
+    static = StaticCache(config=model.config, max_cache_len=max_len)
+    for i, layer in enumerate(cache.layers):
+        n = layer.keys.shape[2]
+        pos = torch.arange(n, device=layer.keys.device)
+        static.update(layer.keys, layer.values, i, {"cache_position": pos})
+    return static
+
+
+def cache_tokens(cache: Any) -> int:
+    """Tokens per row the cache holds: its keys' length (a DynamicCache; with free_kv what the method kept)
+    or, for a StaticCache, the filled slots."""
+    from transformers import StaticCache
+
+    if isinstance(cache, StaticCache):
+        return int(cache.get_seq_length())
+    return int(cache.layers[0].keys.shape[2])
+
+
 @torch.no_grad()
 def prefill(
     model: Any, ids: torch.Tensor, reps: int, max_tokens: int, device: torch.device
@@ -164,7 +190,7 @@ def decode_side(
     fields = row(clock.results()[label], phase="decode", side=label, method=name, params=params)
     fields["tokens_per_s"] = token.shape[0] * 1e3 / fields["median_ms"]
     fields["peak_gib"] = peak_gib(device)
-    fields["cache_tokens_after"] = int(cache.layers[0].keys.shape[2])  # per row: physical (free_kv: kept)
+    fields["cache_tokens_after"] = cache_tokens(cache)  # per row: physical (free_kv: kept)
     del cache
     return fields, tokens, logits
 
@@ -219,6 +245,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument(
         "--check-steps", type=int, default=4, help="greedy steps of the full-budget check (0: none)"
     )
+    ap.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
+                    help="the decode cache: transformers' DynamicCache (grows by a copy every step) or the "
+                    "prefilled tokens moved into a StaticCache (written in place); free_kv sides need the "
+                    "dynamic one and are left out with static")  # fmt: skip
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -232,6 +262,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for m in METHODS
     ]
     methods = [(m, *parse_method(m)) for m in specs]
+    if args.cache == "static":
+        methods = [m for m in methods if "free_kv" not in m[2]]
     rows: list[dict[str, Any]] = []
     result = {
         "env": environment(device),
@@ -248,9 +280,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     for n in args.contexts:
         for b in args.batches:
-            common = {"context": n, "batch": b}
+            common = {"context": n, "batch": b, "cache": args.cache}
             ids = torch.randint(3, model.config.vocab_size, (b, n), generator=g).to(device)
             p_row, base, token = prefill(model, ids, args.prefill_reps, args.max_prefill_tokens, device)
+            if args.cache == "static":  # room for the longest side (the warm-up and timed steps, the check)
+                base = to_static(base, model, n + max(args.warmup + args.steps, args.check_steps) + 2)
             rows.append(common | p_row)
             print(f"{n:>7} B={b} prefill {p_row['median_ms']:10.2f} ms ({p_row['prefill_mode']})", flush=True)
             del ids

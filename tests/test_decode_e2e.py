@@ -83,3 +83,27 @@ def test_divergence_finds_the_first_differing_step_and_the_dense_margin_there() 
     assert got["dense_margin_at_divergence"] == pytest.approx(0.2)
     assert mod.divergence(want, dense, want, dense) == {"first_divergence_step": None,
                                                         "logit_diff_before_divergence": 0.0}  # fmt: skip
+
+
+def test_static_cache_sides_decode_what_the_dynamic_cache_decodes() -> None:
+    """--cache static: the prefilled tokens moved into a StaticCache; every side decodes the same tokens (and
+    logits) as from the DynamicCache, and the cache reports its filled slots, not its capacity."""
+    mod = _module()
+    from attnlab.catalog.decode import register_methods
+
+    register_methods()
+    model = mod.build_model(True, None, torch.device("cpu"), torch.float32)
+    ids = torch.randint(3, 100, (2, 40), generator=torch.Generator().manual_seed(0))
+    _, dynamic, token = mod.prefill(model, ids, 1, 10**6, torch.device("cpu"))
+    static = mod.to_static(dynamic, model, 40 + 8)
+    assert type(static).__name__ == "StaticCache" and mod.cache_tokens(static) == 40
+    for label in ("sdpa", "page_topk:budget=16"):
+        name, params = mod.parse_method(label)
+        outs = [mod.decode_side(model, base, token, label, name, params, 3, 1, torch.device("cpu"))
+                for base in (dynamic, static)]  # fmt: skip
+        (row_d, tok_d, log_d), (row_s, tok_s, log_s) = outs
+        assert all(torch.equal(a, b) for a, b in zip(tok_d, tok_s, strict=True)), label
+        for a, b in zip(log_d, log_s, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        assert row_d["cache_tokens_after"] == row_s["cache_tokens_after"] == 40 + 4
+    assert mod.cache_tokens(static) == 40  # each side decoded from a copy
