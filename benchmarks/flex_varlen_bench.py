@@ -207,6 +207,8 @@ def main() -> None:
                     log({"kind": "timing", "method": method, "packing": label, "mode": mode, "total": sum(lens),
                          "sequences": len(lens),
                          **{f"{n}_ms": t.median_ms for n, t in times.items()},
+                         **{f"{n}_q1_q3_ms": [t.q1_ms, t.q3_ms] for n, t in times.items()},
+                         "reps": min(t.reps for t in times.values()),
                          **{f"{n}_speedup_vs_per_sequence": base / t.median_ms for n, t in times.items()}})  # fmt: skip
     print(f"rows appended to {path}")
 
