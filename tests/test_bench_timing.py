@@ -14,7 +14,14 @@ from attnlab.bench import calls, efficiency
 from attnlab.bench.config import BenchConfig
 from attnlab.bench.memory import peak_memory_mb
 from attnlab.bench.row_columns import UNSTABLE_SPREAD, timing_columns
-from attnlab.bench.timing import LONG_CALL_REPS, MIN_REPS, Timing, repetitions
+from attnlab.bench.timing import (
+    LONG_CALL_REPS,
+    MIN_REPS,
+    Timing,
+    measure_interleaved,
+    paired_ratio,
+    repetitions,
+)
 from attnlab.patterns import Pattern
 
 
@@ -67,6 +74,31 @@ def test_row_columns_come_from_the_same_rounds_and_flag_wide_spreads() -> None:
     wide = {**tight, "baseline": Timing.of([10.0, 10.0, 20.0, 30.0])}  # only the baseline spreads
     assert Timing.of([10.0, 10.0, 20.0, 30.0]).spread > UNSTABLE_SPREAD
     assert timing_columns(wide, flops=1e9)["unstable"]
+
+
+def test_paired_speedups_compare_calls_round_by_round() -> None:
+    """A slow stretch that hits both sides of the same rounds cancels in the paired ratio; the ratio of
+    medians keeps it when it lands on one side's middle calls (rounds 3-4 here slow the baseline only)."""
+    base = Timing.of([10.0, 10.0, 20.0, 20.0, 10.0])
+    called = Timing.of([5.0, 5.0, 10.0, 10.0, 5.0])  # every round: exactly half the baseline's call
+    assert base.times_ms == (10.0, 10.0, 20.0, 20.0, 10.0) and base.reps == 5  # in the order they ran
+    assert paired_ratio(base, called) == pytest.approx(2.0)
+    skewed = Timing.of([5.0, 5.0, 5.0, 10.0, 10.0])  # the same calls in another order: other rounds
+    assert paired_ratio(base, skewed) == pytest.approx(2.0)  # median of 2, 2, 4, 2, 1
+    assert base.median_ms / skewed.median_ms == pytest.approx(2.0)
+    assert paired_ratio(base, Timing.of([5.0, 5.0])) is None  # not timed in the same rounds
+    assert paired_ratio(Timing(1.0, 1.0, 1), Timing(1.0, 1.0, 1)) is None  # built without its calls
+    row = timing_columns({"baseline": base, "called": called, "kernel": Timing.of([2.5, 2.5, 5.0, 5.0, 2.5])},
+                         flops=1e9)  # fmt: skip
+    assert row["paired_speedup"] == pytest.approx(2.0) and row["paired_kernel_speedup"] == pytest.approx(4.0)
+
+
+def test_measure_interleaved_keeps_each_rounds_call() -> None:
+    calls_made: list[str] = []
+    fns = {name: (lambda name=name: calls_made.append(name)) for name in ("baseline", "called")}
+    t = measure_interleaved(fns, torch.device("cpu"), warmup=0, target_s=0.0, min_reps=6, max_reps=6)
+    assert all(len(x.times_ms) == x.reps == 6 for x in t.values())
+    assert paired_ratio(t["baseline"], t["called"]) is not None
 
 
 def test_peak_memory_on_cpu_sees_an_allocation_and_hides_kinetos_chatter(

@@ -98,13 +98,14 @@ def test_headline_is_written_to_the_readme_only_when_asked(
 def test_cold_vs_warm_compares_each_rows_speedup(summarize: ModuleType, tmp_path: Path) -> None:
     from attnlab.bench.store import ResultsDB
 
-    def write(folder: str, speedups: list[float]) -> None:
+    def write(folder: str, speedups: list[float], paired: list[float] | None = None) -> None:
         with ResultsDB(tmp_path / "cpu-x" / folder / "results.duckdb") as db:
             run_id = db.new_run({"device": "cpu", "commit": "abc", "dirty": False}, {})
             rows = [
                 {"method": "m", "backend": "b", "params": "{}", "pattern": "causal_self", "n_q": n, "n_k": n,
-                 "mode": "fwd", "status": "ok", "speedup": sp, "kernel_speedup": sp, "unstable": False}
-                for n, sp in zip((512, 1024), speedups, strict=True)
+                 "mode": "fwd", "status": "ok", "speedup": sp, "kernel_speedup": sp, "unstable": False,
+                 "paired_speedup": ps, "paired_kernel_speedup": ps}
+                for n, sp, ps in zip((512, 1024), speedups, paired or [None, None], strict=True)
             ]  # fmt: skip
             db.insert("efficiency", rows, run_id)
 
@@ -113,6 +114,11 @@ def test_cold_vs_warm_compares_each_rows_speedup(summarize: ModuleType, tmp_path
     assert summarize.latest_cpu_folder(tmp_path) == tmp_path / "cpu-x"
     text = "\n".join(summarize.cold_warm_section(tmp_path / "cpu-x"))
     assert "| all timed rows | median 1.500, 1/2 within 10%, range 1.00-2.00 |" in text
+    assert "paired" not in text  # databases without the round-by-round speedups: no such line
+    write("cold", [1.0, 2.0], paired=[1.0, 1.05])
+    write("warm", [1.0, 1.0], paired=[1.0, 1.0])
+    text = "\n".join(summarize.cold_warm_section(tmp_path / "cpu-x"))
+    assert "| all timed rows, paired (round-by-round) speedups | median 1.025, 2/2 within 10%" in text
 
 
 def test_later_sessions_notes_are_appended_with_headings_two_levels_down(

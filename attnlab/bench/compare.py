@@ -35,7 +35,7 @@ def agreement_table(a_db: Path, b_db: Path) -> list[str]:
         return []
     stable = [(x, y) for x, y in pairs if not x.get("unstable") and not y.get("unstable")]
     control = [(x, y) for x, y in pairs if (x["method"], x["backend"]) == CONTROL]
-    return [
+    lines = [
         "| rows | as called | kernel |",
         "|---|---|---|",
         f"| all timed rows | {agreement(pairs, 'speedup')} | {agreement(pairs, 'kernel_speedup')} |",
@@ -43,6 +43,12 @@ def agreement_table(a_db: Path, b_db: Path) -> list[str]:
         f"| the control rows (softmax / sdpa) | {agreement(control, 'speedup')} | "
         f"{agreement(control, 'kernel_speedup')} |",
     ]
+    if any(x.get("paired_speedup") and y.get("paired_speedup") for x, y in pairs):  # (newer databases)
+        lines.append(
+            f"| all timed rows, paired (round-by-round) speedups | {agreement(pairs, 'paired_speedup')} | "
+            f"{agreement(pairs, 'paired_kernel_speedup')} |"
+        )
+    return lines
 
 
 def agreement(pairs: list[tuple[Row, Row]], col: str) -> str:

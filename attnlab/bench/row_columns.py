@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from attnlab.bench.timing import MIN_REPS, Timing
+from attnlab.bench.timing import MIN_REPS, Timing, paired_ratio
 
 #: a row whose timed calls spread wider than this (IQR / median, on any of its sides) is flagged
 #: ``unstable`` and the report prints "unstable" instead of its ratios
@@ -37,6 +37,9 @@ def timing_columns(t: dict[str, Timing], flops: float) -> dict[str, Any]:
     the same rounds; ``speedup`` / ``kernel_speedup``: ``baseline_ms`` over ``median_ms`` / ``kernel_ms``;
     ``tflops``: dense-equivalent FLOPs over ``median_ms``; ``unstable``: some side's IQR / median exceeds
     ``UNSTABLE_SPREAD``; ``few_reps``: fewer than ``MIN_REPS`` rounds (a single call took over 1 s).
+    ``paired_speedup`` / ``paired_kernel_speedup``: the same speedups round by round
+    (:func:`~attnlab.bench.timing.paired_ratio`: the median of the baseline's call over the side's call
+    in each round), less sensitive to a slow stretch of a shared machine than the ratio of medians.
     """
     called, kernel, base = t["called"], t.get("kernel"), t.get("baseline")
     row: dict[str, Any] = {
@@ -50,8 +53,10 @@ def timing_columns(t: dict[str, Timing], flops: float) -> dict[str, Any]:
     if base is not None:
         row.update(baseline_ms=base.median_ms, **_spread_columns("baseline_", base))
         row["speedup"] = base.median_ms / called.median_ms
+        row["paired_speedup"] = paired_ratio(base, called)
         if kernel is not None:
             row["kernel_speedup"] = base.median_ms / kernel.median_ms
+            row["paired_kernel_speedup"] = paired_ratio(base, kernel)
     spreads = [s.spread for s in t.values() if s.spread is not None]
     row["unstable"] = bool(spreads) and max(spreads) > UNSTABLE_SPREAD
     row["few_reps"] = called.reps < MIN_REPS

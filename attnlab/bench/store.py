@@ -75,6 +75,9 @@ TABLES: dict[str, dict[str, str]] = {
         "kernel_q1_ms": "DOUBLE",
         "kernel_q3_ms": "DOUBLE",
         "kernel_speedup": "DOUBLE",
+        # the speedups round by round: median of (baseline's call / the side's call) in each round
+        "paired_speedup": "DOUBLE",
+        "paired_kernel_speedup": "DOUBLE",
         # the baseline in the same rounds (baseline_ms is its median)
         "baseline_min_ms": "DOUBLE",
         "baseline_q1_ms": "DOUBLE",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,6 +29,8 @@ class Timing:
 
     ``q1_ms``/``q3_ms``: first and third quartiles (inclusive method), so ``iqr_ms = q3 - q1``.
     ``peak_mem_mb`` is filled by callers that measured it (see :mod:`attnlab.bench.memory`).
+    ``times_ms``: the timed calls in the order they ran (one per round of :func:`measure_interleaved`), so
+    that two sides timed in the same rounds can be compared round by round (:func:`paired_ratio`).
     """
 
     median_ms: float
@@ -37,6 +39,7 @@ class Timing:
     peak_mem_mb: float | None = None
     q1_ms: float | None = None
     q3_ms: float | None = None
+    times_ms: tuple[float, ...] = field(default=(), repr=False, compare=False)
 
     @staticmethod
     def of(times_ms: Sequence[float]) -> Timing:
@@ -45,7 +48,7 @@ class Timing:
             q1, _, q3 = statistics.quantiles(ts, n=4, method="inclusive")
         else:
             q1 = q3 = ts[0]
-        return Timing(statistics.median(ts), ts[0], len(ts), None, q1, q3)
+        return Timing(statistics.median(ts), ts[0], len(ts), None, q1, q3, tuple(times_ms))
 
     @property
     def iqr_ms(self) -> float | None:
@@ -56,6 +59,17 @@ class Timing:
         """IQR / median: the relative width of the middle half of the timed calls."""
         iqr = self.iqr_ms
         return None if iqr is None or self.median_ms <= 0 else iqr / self.median_ms
+
+
+def paired_ratio(num: Timing, den: Timing) -> float | None:
+    """The median over rounds of ``num``'s call / ``den``'s call in the same round (e.g. the baseline over
+    a method: its speedup). Each round's two calls saw the same machine state, so a slow stretch that
+    hits both cancels in their ratio, where a ratio of two medians keeps it when it hits one side's
+    middle calls more than the other's. None when the two were not timed in the same rounds."""
+    a, b = num.times_ms, den.times_ms
+    if not a or len(a) != len(b) or min(b) <= 0:
+        return None
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
 def _sync(device: torch.device) -> None:
