@@ -67,20 +67,33 @@ def test_one_command_writes_every_row(tmp_path: Path) -> None:
     assert [r["prefill_mode"] for r in rows if r["phase"] == "prefill"] == ["batched", "rows"]
 
 
-def test_divergence_finds_the_first_differing_step_and_the_dense_margin_there() -> None:
+def test_divergence_finds_the_first_differing_step_and_judges_each_row_against_the_noise() -> None:
     mod = _module()
-    want = [torch.tensor([[1], [2]]), torch.tensor([[3], [4]]), torch.tensor([[5], [6]])]
-    toks = [torch.tensor([[1], [2]]), torch.tensor([[3], [0]]), torch.tensor([[9], [9]])]
-    dense = [torch.zeros(2, 5) for _ in range(3)]
-    dense[1][1] = torch.tensor([0.0, 0.0, 0.5, 0.0, 0.7])  # row 1 at step 1: top-1 0.7, top-2 0.5
+    want = [torch.tensor([[1], [2], [3]]), torch.tensor([[3], [4], [1]]), torch.tensor([[0], [1], [2]])]
+    toks = [torch.tensor([[1], [2], [3]]), torch.tensor([[0], [0], [1]]), torch.tensor([[4], [4], [4]])]
+    dense = [torch.zeros(3, 5) for _ in range(3)]
+    dense[1][0] = torch.tensor([0.6, 0.0, 0.0, 0.65, 0.0])  # row 0: sdpa prefers 3 over 0 by 0.05
+    dense[1][1] = torch.tensor([0.0, 0.0, 0.0, 0.0, 3.0])  # row 1: sdpa prefers 4 over 0 by 3.0
     logits = [d.clone() for d in dense]
-    logits[0][0, 0] += 0.25  # like for like before the divergence
-    logits[1][1, 0] += 0.5  # at the diverging step itself (still like for like)
-    logits[2] += 9.0  # after it: different text, not counted
+    logits[0][2, 1] += 0.1  # row 2 never diverges: the noise between the two sides is 0.1
+    logits[1][0, 0] += 0.1  # row 0 flips: the side prefers 0 by 0.05
+    logits[1][1, 0] += 3.5  # row 1 flips by a large difference
+    logits[2] += 9.0  # after the divergence: different text, not counted
     got = mod.divergence(toks, logits, want, dense)
-    assert got["first_divergence_step"] == 1 and got["divergence_rows"] == [1]
-    assert got["logit_diff_before_divergence"] == pytest.approx(0.5)
-    assert got["dense_margin_at_divergence"] == pytest.approx(0.2)
+    assert got["first_divergence_step"] == 1 and got["noise"] == pytest.approx(0.1)
+    assert got["logit_diff_before_divergence"] == pytest.approx(3.5)
+    r0, r1 = got["divergence"]
+    assert (r0["row"], r0["dense_token"], r0["side_token"]) == (0, 3, 0)
+    assert r0["dense_gap"] == pytest.approx(0.05, abs=1e-6)
+    assert r0["side_gap"] == pytest.approx(0.05, abs=1e-6)
+    assert r0["row_diff"] == pytest.approx(0.1) and r0["near_tie"]  # 0.05 <= the noise
+    assert r1["dense_gap"] == pytest.approx(3.0) and r1["row_diff"] == pytest.approx(3.5)
+    assert not r1["near_tie"] and not got["all_near_ties"]  # sdpa was sure: a wrong attention
+    # every row diverging: no noise to judge against
+    everyone = mod.divergence(
+        [torch.tensor([[0]])], [torch.zeros(1, 2)], [torch.tensor([[1]])], [torch.zeros(1, 2)]
+    )
+    assert everyone["noise"] is None and everyone["divergence"][0]["near_tie"] is None
     assert mod.divergence(want, dense, want, dense) == {"first_divergence_step": None,
                                                         "logit_diff_before_divergence": 0.0}  # fmt: skip
 
@@ -107,3 +120,26 @@ def test_static_cache_sides_decode_what_the_dynamic_cache_decodes() -> None:
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
         assert row_d["cache_tokens_after"] == row_s["cache_tokens_after"] == 40 + 4
     assert mod.cache_tokens(static) == 40  # each side decoded from a copy
+
+
+def test_rows_check_compares_each_side_batched_and_alone(tmp_path: Path) -> None:
+    """benchmarks/decode_rows_check.py on a tiny model on the CPU: every side's batched step equals its rows
+    run alone, against attnlab's side as the named reference."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("decode_rows_check", BENCH / "decode_rows_check.py")
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(BENCH))
+    out = tmp_path / "rc.json"
+    got = mod.main(["--tiny", "--device", "cpu", "--context", "24", "--batch", "2", "--out", str(out)])
+    assert (
+        got["reference"] == "attnlab:page_topk"
+        and json.loads(out.read_text())["reference"] == got["reference"]
+    )
+    assert set(got["sides"]) == {"sdpa", "sdpa[math]", "attnlab:page_topk"}
+    for side in got["sides"].values():
+        assert side["tokens_equal_alone"] and side["tokens_equal_reference"]
+        assert max(side["diff"]) < 1e-4 and max(side["cross"]) < 1e-4 and len(side["reference_top2_gap"]) == 2

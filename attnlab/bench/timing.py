@@ -65,7 +65,9 @@ def paired_ratio(num: Timing, den: Timing) -> float | None:
     """The median over rounds of ``num``'s call / ``den``'s call in the same round (e.g. the baseline over
     a method: its speedup). Each round's two calls saw the same machine state, so a slow stretch that
     hits both cancels in their ratio, where a ratio of two medians keeps it when it hits one side's
-    middle calls more than the other's. None when the two were not timed in the same rounds."""
+    middle calls more than the other's. Both must come from the same :func:`measure_interleaved` call
+    (only their lengths are checked here: two separately timed runs of equal length would pair without
+    meaning); None when the lengths differ or a Timing was built without its calls."""
     a, b = num.times_ms, den.times_ms
     if not a or len(a) != len(b) or min(b) <= 0:
         return None
