@@ -127,12 +127,53 @@ def check_finite_values(tensors: Mapping[str, torch.Tensor]) -> None:
             )
 
 
+#: signatures (declared inputs, problem, each given tensor's shape, dtype and device) that passed
+#: :func:`validate_extra`: a decode loop passes the same shapes every step, and the check is a pure
+#: function of them (bounded: cleared when full)
+_VALID: dict[tuple[Any, ...], None] = {}
+_VALID_MAX = 512
+
+
+def _signature(
+    declared: tuple[TensorInput, ...], given: Mapping[str, Any], problem: Problem
+) -> tuple[Any, ...] | None:
+    """The cache key of a :func:`validate_extra` call, or None when it must run in full (a given value
+    that is not a tensor, or tracing, where shapes may be symbolic)."""
+    if torch.compiler.is_compiling():
+        return None
+    parts: list[Any] = [declared, problem]
+    for spec in declared:
+        t = given.get(spec.name)
+        if t is None:
+            parts.append(None)
+        elif type(t) is torch.Tensor or isinstance(t, torch.nn.Parameter):
+            parts.append((tuple(t.shape), t.dtype, t.device))
+        else:
+            return None
+    return tuple(parts)
+
+
 def validate_extra(
     declared: tuple[TensorInput, ...], given: Mapping[str, Any], problem: Problem, method: str
 ) -> dict[str, torch.Tensor]:
     """Check the tensors a method takes beside q, k, v (declared by the method) against the call's sizes;
     raise InputError naming what was given and expected. Returns them by name (absent optional ones left
-    out)."""
+    out). A signature that passed before (same declared inputs, problem, shapes, dtypes and devices) is
+    not checked again."""
+    key = _signature(declared, given, problem)
+    if key is not None and key in _VALID:
+        return {spec.name: given[spec.name] for spec in declared if given.get(spec.name) is not None}
+    out = _validate_extra(declared, given, problem, method)
+    if key is not None:
+        if len(_VALID) >= _VALID_MAX:
+            _VALID.clear()
+        _VALID[key] = None
+    return out
+
+
+def _validate_extra(
+    declared: tuple[TensorInput, ...], given: Mapping[str, Any], problem: Problem, method: str
+) -> dict[str, torch.Tensor]:
     sizes = problem.symbols()
     out: dict[str, torch.Tensor] = {}
     bound: dict[str, str] = {}  # free symbol -> the input that fixed its size

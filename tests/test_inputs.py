@@ -284,3 +284,27 @@ def test_a_cached_op_never_answers_a_parameter_equal_to_it_by_value_only() -> No
     attnlab.attention(q, k, v, method="softmax", scale=1)
     with pytest.raises(InputError, match="scale must be a positive finite number"):
         attnlab.attention(q, k, v, method="softmax", scale=True)
+
+
+def test_tensor_inputs_are_checked_once_per_signature_and_still_refused_when_they_change() -> None:
+    """validate_extra remembers the signatures that passed (a decode loop repeats them): the same shapes
+    skip the check and return the given tensors; a new shape, dtype or device is checked in full."""
+    from attnlab import inputs
+
+    spec = attnlab.get("gated_delta")
+    q, k, v = random_qkv(1, 2, 2, 4, 4, 8, dtype=torch.float32)
+    beta, g = torch.rand(1, 2, 4), -torch.rand(1, 2, 4, 1)
+    problem = inputs.validate(q, k, v, causal=True, scale=None)
+    inputs._VALID.clear()
+    got = inputs.validate_extra(spec.inputs, {"beta": beta, "g": g}, problem, "gated_delta")
+    assert got["beta"] is beta and got["g"] is g and len(inputs._VALID) == 1
+    beta2 = torch.rand(1, 2, 4)  # another tensor of the same signature: remembered, returned as given
+    again = inputs.validate_extra(spec.inputs, {"beta": beta2, "g": g}, problem, "gated_delta")
+    assert again["beta"] is beta2 and len(inputs._VALID) == 1
+    with pytest.raises(InputError, match="beta has shape"):  # a new shape: checked, refused
+        inputs.validate_extra(spec.inputs, {"beta": torch.rand(1, 2, 5), "g": g}, problem, "gated_delta")
+    with pytest.raises(InputError, match="g has dtype"):  # a new dtype: checked, refused
+        inputs.validate_extra(spec.inputs, {"beta": beta, "g": g.long()}, problem, "gated_delta")
+    with pytest.raises(InputError, match="must be a torch.Tensor"):  # not a tensor: never cached
+        inputs.validate_extra(spec.inputs, {"beta": [0.5], "g": g}, problem, "gated_delta")
+    assert len(inputs._VALID) == 1
