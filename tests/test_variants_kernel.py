@@ -459,6 +459,48 @@ def test_softplus_kernel_does_not_overflow_on_huge_logits() -> None:
         torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4, msg=_prefixed(f"q * {mult}"))
 
 
+def test_softplus_polynomial_fits_log2_of_one_plus_e() -> None:
+    """FAST bit 1's ``log2(1 + e) ~ e P(e)`` on [0, 1]: relative error under 2e-6 in float64, and under 3e-6
+    evaluated in float32 by Horner's rule as the kernel does."""
+    from attnlab.kernels.score_transform.common import SOFTPLUS_POLY
+
+    for dt, bound in ((torch.float64, 2e-6), (torch.float32, 3e-6)):
+        e = torch.linspace(1e-6, 1.0, 100001, dtype=dt)
+        p = torch.full_like(e, SOFTPLUS_POLY[-1])
+        for c in reversed(SOFTPLUS_POLY[:-1]):
+            p = p * e + c
+        want = torch.log2(1 + e.double())
+        assert float(((e * p).double() - want).abs().div(want).max()) < bound, dt
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_softplus_polynomial_path_matches_the_twin(causal: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the polynomial on for this device (``op.SOFTPLUS_POLY_DEVICES``; off by default), the softplus
+    kernel's forward and gradients still match the twin in fp32, also on huge and very negative logits;
+    other transforms never get the bit."""
+    from attnlab.kernels.score_transform import op
+    from attnlab.kernels.score_transform.op import score_transform_fwd
+
+    monkeypatch.setattr(op, "SOFTPLUS_POLY_DEVICES", (DEVICE.type,))
+    q, k, v = random_qkv(2, 4, 2, 40, 40, 16, torch.float32, grad=True)
+    assert op._flags(q, softplus=True)["FAST"] // 2 == 1 and op._flags(q)["FAST"] // 2 == 0
+    for mult in (2.0, 1e4, -40.0):
+        out, lse = score_transform_fwd(
+            q * mult, k, v, None, None, None, None, None, None, SCALE, 0.0, causal, True
+        )
+        ref, ref_lse = score_transform_fwd_naive(
+            q * mult, k, v, None, None, SCALE, 0.0, causal, softplus=True
+        )
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5, msg=_prefixed(f"q * {mult}"))
+        torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=2e-5)
+        if mult == 2.0:
+            do = torch.randn_like(out)
+            got = torch.autograd.grad(out, (q, k, v), do)
+            want = torch.autograd.grad(ref, (q, k, v), do)
+            for name, a, w in zip(("dq", "dk", "dv"), got, want, strict=True):
+                torch.testing.assert_close(a, w, atol=1e-4, rtol=1e-4, msg=_prefixed(name))
+
+
 def test_softplus_kernel_refuses_sinks() -> None:
     from attnlab.kernels.score_transform.op import score_transform_fwd_launch
 

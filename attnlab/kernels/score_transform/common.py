@@ -15,9 +15,10 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 @triton.jit
 def tanh_of(x, FAST: tl.constexpr):
-    """tanh(x). FAST uses PTX ``tanh.approx.f32`` (one special-function op; max relative error about
-    2^-11), else ``1 - 2 / (e^(2x) + 1)`` (the interpreter has no tanh)."""
-    if FAST:
+    """tanh(x). FAST (its bit 0: see :func:`softplus2` for bit 1) uses PTX ``tanh.approx.f32`` (one
+    special-function op; max relative error about 2^-11), else ``1 - 2 / (e^(2x) + 1)`` (the interpreter
+    has no tanh)."""
+    if FAST % 2 == 1:
         return tl.inline_asm_elementwise(
             "tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
         )
@@ -92,8 +93,9 @@ LN2 = tl.constexpr(0.6931471805599453)
 def log2_of(x, FAST: tl.constexpr):
     """log2(x). FAST uses PTX ``lg2.approx.f32`` (one special-function op; absolute error about 2^-22 on
     [1, 2]); ``tl.math.log2`` lowers to libdevice's accurate ``__nv_log2f``, a branching software sequence
-    (offline sm_90 PTX of the softplus forward: every log2 a ~20-instruction block, 280 selects in the loop)."""
-    if FAST:
+    (offline sm_90 PTX of the softplus forward: every log2 a ~20-instruction block, 280 selects in the loop).
+    (FAST's bit 0; True counts as 1.)"""
+    if FAST % 2 == 1:
         return tl.inline_asm_elementwise(
             "lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
         )
@@ -109,14 +111,42 @@ def softplus2(x, FAST: tl.constexpr):
     (relative error under 1e-5), so that rows of very negative logits keep their relative weights instead
     of rounding ``1 + 2^x`` to 1 (``lg2`` is accurate in absolute, not relative, terms near 1). FAST: the
     logarithm by ``lg2.approx`` and the sigmoid as ``0.5 + 0.5 tanh(y / 2)`` by ``tanh.approx`` (no
-    division); the compiler drops whichever output a caller does not use."""
+    division); the compiler drops whichever output a caller does not use.
+
+    FAST is two bits: bit 0 the approximations above; bit 1 (:data:`~attnlab.kernels.score_transform.op.
+    SOFTPLUS_POLY_DEVICES`) ``log2(1 + e)``, ``e = 2^-|x|`` in [0, 1], as ``e P(e)`` with ``P`` a degree-6
+    polynomial (:data:`SOFTPLUS_POLY`, a least-squares fit of ``log2(1 + e) / e`` on Chebyshev nodes of
+    [0, 1]; relative error under 2e-6 in exact arithmetic): seven fused multiply-adds instead of a second
+    special-function op per score (the exp2 stays), so the softplus forward does as many as a softmax."""
     e = tl.math.exp2(-tl.abs(x))
-    if FAST:
+    if FAST % 2 == 1:
         sig = 0.5 + 0.5 * tanh_of(x * 0.34657359027997264, FAST)  # y / 2 = x ln(2) / 2
     else:
         r = 1.0 / (1.0 + e)
         sig = tl.where(x >= 0.0, r, e * r)
-    sp = tl.where(
-        x < -8.0, e * (1.0 - 0.5 * e) * 1.4426950408889634, tl.maximum(x, 0.0) + log2_of(1.0 + e, FAST)
-    )
+    if FAST // 2 == 1:
+        p = 0.019929469324607846
+        p = p * e - 0.09436073554716287
+        p = p * e + 0.21363744838857676
+        p = p * e - 0.33821431178656336
+        p = p * e + 0.4774568040464606
+        p = p * e - 0.7211405298928082
+        p = p * e + 1.4426929299139422
+        log1pe = e * p
+    else:
+        log1pe = log2_of(1.0 + e, FAST)
+    sp = tl.where(x < -8.0, e * (1.0 - 0.5 * e) * 1.4426950408889634, tl.maximum(x, 0.0) + log1pe)
     return sp, sig
+
+
+#: :func:`softplus2`'s polynomial (FAST bit 1), lowest degree first: ``log2(1 + e) ~ e * sum_i c_i e^i`` on
+#: [0, 1] (kept here for the tests; the kernel spells the same constants out in Horner form)
+SOFTPLUS_POLY = (
+    1.4426929299139422,
+    -0.7211405298928082,
+    0.4774568040464606,
+    -0.33821431178656336,
+    0.21363744838857676,
+    -0.09436073554716287,
+    0.019929469324607846,
+)

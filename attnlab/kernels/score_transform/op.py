@@ -223,9 +223,17 @@ def _autotuning() -> bool:
     return bool(settings.autotune)
 
 
-def _flags(q: Tensor) -> dict:
+#: devices on which the softplus transform evaluates ``log2(1 + 2^-|x|)`` by a polynomial (FAST bit 1, see
+#: :func:`~attnlab.kernels.score_transform.common.softplus2`) instead of a second special-function op per
+#: score; off until checked and timed on the H100 (``("cpu",)`` runs it in the interpreter for the tests)
+SOFTPLUS_POLY_DEVICES: tuple[str, ...] = ()
+
+
+def _flags(q: Tensor, softplus: bool = False) -> dict:
+    approx = int(q.is_cuda and q.dtype != torch.float32)
+    poly = 2 if softplus and q.device.type in SOFTPLUS_POLY_DEVICES else 0
     return {
-        "FAST": q.is_cuda and q.dtype != torch.float32,
+        "FAST": approx + poly,
         "DOT_PREC": "ieee" if q.dtype == torch.float32 else "tf32",
         "UPCAST": IMPORTED_INTERPRETED and q.dtype == torch.bfloat16,
     }
@@ -337,7 +345,7 @@ def score_transform_fwd_launch(
             _bucket(n_q, n_k),
             BLOCK_D=head_block(d), BLOCK_R=x["BLOCK_R"], CAUSAL=bool(causal), SOFTCAP=cap > 0,
             HAS_BIAS=bias is not None, HAS_SINK=sinks is not None, ALIBI=slopes is not None,
-            LOWRANK=u is not None, TEMP=temp is not None, TMA=tma, SOFTPLUS=bool(softplus), **_flags(q), **meta,
+            LOWRANK=u is not None, TEMP=temp is not None, TMA=tma, SOFTPLUS=bool(softplus), **_flags(q, softplus), **meta,
         )  # fmt: skip
     return o, lse
 
@@ -389,7 +397,7 @@ def score_transform_bwd_launch(
     common = dict(
         BLOCK_D=head_block(d), BLOCK_R=x["BLOCK_R"], CAUSAL=bool(causal), SOFTCAP=cap > 0,
         HAS_BIAS=bias is not None, ALIBI=slopes is not None, LOWRANK=lowrank, TEMP=temp is not None,
-        SOFTPLUS=bool(softplus), **_flags(q),
+        SOFTPLUS=bool(softplus), **_flags(q, softplus),
     )  # fmt: skip
     scalars = (
         n_q,
