@@ -21,6 +21,7 @@ defaults, so the backend is the library's choice: which one is recorded; a varia
 variant (``backend="flex"``) and cuDNN plain softmax, forward and forward+backward, timed in interleaved
 rounds (``measure_interleaved``, CUDA events, >= 10 reps; each side's median, min, quartiles). Ratio =
 t(cuDNN) / t(side): the issue's targets are forward >= 0.9, forward+backward >= 0.75, and above Flex's.
+``softplus`` also has a side ``poly`` (``OPT_IN``: its polynomial log, off by default, on for the call).
 ``affine_scaled`` and ``softplus`` have a third side, ``unfused``: the same call with their fused Triton
 helper switched off (the output map in PyTorch; q, k normalised by F.normalize), to show its gain.
 The low-rank bias is not a registered method (its factors need a rank symbol in TensorInput shapes): its
@@ -127,15 +128,24 @@ def _call(
     return lambda q, k, v, **x: op(q, k, v, **x)  # type: ignore[return-value]
 
 
-def _unfused(fn: Callable[..., Tensor], module: str, attr: str) -> Callable[..., Tensor]:
-    """``fn`` with ``module.attr`` (a tuple of devices) empty during the call: its fused helper off."""
+#: options that are off by default, each timed as an extra side with it on: (side, module, its device tuple)
+OPT_IN = {
+    "softplus": ("poly", "attnlab.kernels.score_transform.op", "SOFTPLUS_POLY_DEVICES"),
+}
+
+
+def _unfused(
+    fn: Callable[..., Tensor], module: str, attr: str, devices: tuple[str, ...] = ()
+) -> Callable[..., Tensor]:
+    """``fn`` with ``module.attr`` (a tuple of devices) set to ``devices`` during the call: by default empty
+    (its fused helper off); ``OPT_IN`` sides pass ("cuda", "cpu") to turn an option on."""
     import importlib
 
     mod = importlib.import_module(module)
 
     def call(q: Tensor, k: Tensor, v: Tensor, **x: Tensor) -> Tensor:
         saved = getattr(mod, attr)
-        setattr(mod, attr, ())
+        setattr(mod, attr, devices)
         try:
             return fn(q, k, v, **x)
         finally:
@@ -283,6 +293,9 @@ def point(name: str, n: int, causal: bool, device: torch.device, with_flex: bool
         sides["flex"] = _call(name, causal, "flex")
     if name in UNFUSED:
         sides["unfused"] = _unfused(ours, *UNFUSED[name])
+    if name in OPT_IN:
+        label, module, attr = OPT_IN[name]
+        sides[label] = _unfused(ours, module, attr, ("cuda", "cpu"))
     row: dict[str, Any] = {"variant": name, "n": n, "causal": causal, "heads": HEADS, "head_dim": HEAD_DIM,
                            "ours_backend_fwd": _backend_of(name, causal, q.detach(), k.detach(), v.detach()),
                            "ours_backend_fwd_bwd": _backend_of(name, causal, q, k, v)}  # fmt: skip

@@ -144,3 +144,37 @@ def test_unfused_side_switches_the_helper_off_for_its_call(
     vb._unfused(vb._call("affine_scaled", True, "sdpa"), *vb.UNFUSED["affine_scaled"])(q, q, q, **probe)
     assert len(seen) == calls_before  # off for that call
     assert affine_scaled.FUSED_DEVICES == ("cuda", "cpu")  # and restored
+
+
+def test_opt_in_side_turns_the_option_on_for_its_call_only(
+    vb: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """softplus's ``poly`` side (``OPT_IN``): the polynomial's device tuple holds ("cuda", "cpu") during that
+    side's call and is empty again after; the side is checked and timed beside ``ours`` and ``unfused``."""
+    from attnlab.kernels.score_transform import op
+
+    label, module, attr = vb.OPT_IN["softplus"]
+    assert (label, attr) == ("poly", "SOFTPLUS_POLY_DEVICES") and op.SOFTPLUS_POLY_DEVICES == ()
+    seen: list[tuple[str, ...]] = []
+
+    def probe(q: Any, k: Any, v: Any, **x: Any) -> Any:
+        seen.append(op.SOFTPLUS_POLY_DEVICES)
+        return q
+
+    vb._unfused(probe, module, attr, ("cuda", "cpu"))(1, 2, 3)
+    assert seen == [("cuda", "cpu")] and op.SOFTPLUS_POLY_DEVICES == ()
+    monkeypatch.setattr(vb, "HEADS", 2)
+    monkeypatch.setattr(vb, "HEAD_DIM", 16)
+    monkeypatch.setattr(vb, "CHECK_ROWS", 8)
+    fixed = {"cudnn_softmax": 3.0, "ours": 4.0, "unfused": 6.0, "poly": 3.0}
+
+    def fake_timer(fns: dict[str, Any], device: torch.device, **kw: Any) -> dict[str, Timing]:
+        return {name: Timing(fixed[name], fixed[name], 10, None, fixed[name], fixed[name]) for name in fns}
+
+    monkeypatch.setattr(vb, "measure_interleaved", fake_timer)
+    monkeypatch.setattr(vb, "EXPLICIT", {"softplus": "triton"})  # (on a CPU: the kernel, interpreted)
+    dev = torch.device("cuda" if on_cuda() else "cpu")
+    row = vb.point("softplus", 40, True, dev, False, ["fwd"], lambda obj: None)
+    assert {c["side"] for c in row["checks"]} == {"ours", "unfused", "poly"}
+    assert all(c["passed"] for c in row["checks"]), row["checks"]
+    assert row["poly_fwd_ratio_vs_cudnn"] == pytest.approx(1.0)
