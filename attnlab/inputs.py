@@ -146,7 +146,7 @@ def _signature(
         t = given.get(spec.name)
         if t is None:
             parts.append(None)
-        elif type(t) is torch.Tensor or isinstance(t, torch.nn.Parameter):
+        elif type(t) in (torch.Tensor, torch.nn.Parameter):  # (not subclasses: fake, symbolic, DTensor)
             parts.append((tuple(t.shape), t.dtype, t.device))
         else:
             return None

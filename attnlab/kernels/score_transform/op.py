@@ -188,7 +188,7 @@ def _even(args: dict) -> dict:
 
 _EVEN = {name: (lambda a, name=name: _even(a)[name]) for name in ("EVEN_M", "EVEN_N", "EVEN_D")}
 _FLAG_KEYS = ["SOFTCAP", "HAS_BIAS", "ALIBI", "LOWRANK", "SOFTPLUS"]
-_KEY = ["HEAD_D", "CAUSAL", "DOT_PREC", "N_BUCKET", "GROUP", *_FLAG_KEYS]
+_KEY = ["HEAD_D", "CAUSAL", "DOT_PREC", "N_BUCKET", "GROUP", "FAST", *_FLAG_KEYS]
 
 
 def _interp_or(shapes: list[tuple], small: tuple, fwd: bool) -> list[triton.Config]:
@@ -229,11 +229,17 @@ def _autotuning() -> bool:
 SOFTPLUS_POLY_DEVICES: tuple[str, ...] = ()
 
 
-def _flags(q: Tensor, softplus: bool = False) -> dict:
+def softplus_poly(q: Tensor, softplus: bool) -> bool:
+    """Whether a softplus launch on ``q``'s device takes the polynomial (:data:`SOFTPLUS_POLY_DEVICES`,
+    read when the forward runs; its backward gets the forward's answer, see ``_setup_context``)."""
+    return bool(softplus) and q.device.type in SOFTPLUS_POLY_DEVICES
+
+
+def _flags(q: Tensor, softplus: bool = False, poly: bool | None = None) -> dict:
     approx = int(q.is_cuda and q.dtype != torch.float32)
-    poly = 2 if softplus and q.device.type in SOFTPLUS_POLY_DEVICES else 0
+    use_poly = softplus_poly(q, softplus) if poly is None else bool(poly) and bool(softplus)
     return {
-        "FAST": approx + poly,
+        "FAST": approx + (2 if use_poly else 0),
         "DOT_PREC": "ieee" if q.dtype == torch.float32 else "tf32",
         "UPCAST": IMPORTED_INTERPRETED and q.dtype == torch.bfloat16,
     }
@@ -370,13 +376,15 @@ def score_transform_bwd_launch(
     slopes_grad: bool = False,
     temp_grad: bool = False,
     softplus: bool = False,
+    poly: bool | None = None,
     configs: tuple[triton.Config, triton.Config] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """(dQ, dK, dV, dsinks, du, dvf, dslopes, dtemp) of :func:`score_transform_fwd_launch` given dO, its
     output and lse (see ``bwd.py`` for the formulas); dK/dV summed over each GQA group, du/dvf over the
     factors' broadcast dims, dslopes (H,) over the batch (only with ``slopes_grad``), dtemp over the
     temperature's broadcast dims (only with ``temp_grad``); None for an absent input.
-    ``softplus``: the backward of the l1-normalised softplus forward (``lse`` its log-normaliser).
+    ``softplus``: the backward of the l1-normalised softplus forward (``lse`` its log-normaliser);
+    ``poly``: whether that forward took the polynomial log (None: :func:`softplus_poly` now).
     ``configs`` (dK/dV's, dQ's) bypasses the autotuner."""
     _check_softplus(softplus, sinks)
     do, q, k, v = _last_contiguous(do, q, k, v)
@@ -397,7 +405,7 @@ def score_transform_bwd_launch(
     common = dict(
         BLOCK_D=head_block(d), BLOCK_R=x["BLOCK_R"], CAUSAL=bool(causal), SOFTCAP=cap > 0,
         HAS_BIAS=bias is not None, ALIBI=slopes is not None, LOWRANK=lowrank, TEMP=temp is not None,
-        SOFTPLUS=bool(softplus), **_flags(q, softplus),
+        SOFTPLUS=bool(softplus), **_flags(q, softplus, poly),
     )  # fmt: skip
     scalars = (
         n_q,
@@ -520,10 +528,11 @@ def score_transform_bwd(
     slopes_grad: bool,
     temp_grad: bool,
     softplus: bool,
+    poly: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     dq, dk, dv, dsinks, du, dvf, dslopes, dtemp = score_transform_bwd_launch(
         do, q, k, v, out, lse, bias, sinks, scale, cap, causal, slopes=slopes, u=u, vf=vf, temp=temp,
-        slopes_grad=slopes_grad, temp_grad=temp_grad, softplus=softplus,
+        slopes_grad=slopes_grad, temp_grad=temp_grad, softplus=softplus, poly=poly,
     )  # fmt: skip
     return (
         dq,
@@ -557,6 +566,7 @@ def _(
     slopes_grad: bool,
     temp_grad: bool,
     softplus: bool,
+    poly: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     dq, dk, dv = (torch.empty_like(t if t.stride(-1) == 1 else t.contiguous()) for t in (q, k, v))
     dsinks = q.new_empty(q.shape[1], dtype=sinks.dtype if sinks is not None else torch.float32)
@@ -573,6 +583,8 @@ def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
     ctx.save_for_backward(q, k, v, out, lse, bias, sinks, slopes, u, vf, temp)
     ctx.args = (scale, cap, causal)
     ctx.softplus = bool(inputs[12]) if len(inputs) > 12 else False
+    # the forward's choice of log (SOFTPLUS_POLY_DEVICES may change before the backward runs)
+    ctx.poly = softplus_poly(q, ctx.softplus)
 
 
 def _backward(ctx, do: Tensor, dlse: Tensor):  # type: ignore[no-untyped-def]
@@ -601,6 +613,7 @@ def _backward(ctx, do: Tensor, dlse: Tensor):  # type: ignore[no-untyped-def]
         slopes_grad,
         temp_grad,
         ctx.softplus,
+        ctx.poly,
     )
     return (
         dq,
