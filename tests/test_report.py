@@ -6,6 +6,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from attnlab.bench import plots
 from attnlab.bench.report import write_report
 from attnlab.bench.report_tables import efficiency_tables, fidelity_table
@@ -116,3 +118,31 @@ def test_the_report_reads_a_database_of_an_older_version_without_changing_it(tmp
     html = write_report(db, tmp_path).read_text()
     assert db.read_bytes() == before
     assert 'data-method="block_local"' in html and "n/a" in html  # sigmoid's stored 1.0 shows as n/a
+
+
+def test_speedup_plot_draws_unstable_rows_hollow_instead_of_dropping_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run on a busy machine (every row flagged unstable) still gets its speedup plot; unstable points
+    are hollow and say so in the legend, stable ones filled."""
+    import matplotlib.figure
+
+    lone = [row("sliding_window", 64, 1.0, block_density=0.5, unstable=True)]
+    assert plots.speedup_vs_density(lone) is not None
+    captured: list[matplotlib.figure.Figure] = []
+    real_png = plots._png
+
+    def keep(fig: matplotlib.figure.Figure) -> bytes:
+        captured.append(fig)
+        return real_png(fig)
+
+    monkeypatch.setattr(plots, "_png", keep)
+    rows = [row("sliding_window", 64, 1.0, block_density=0.5),
+            row("dilated", 64, 0.8, block_density=0.4, unstable=True)]  # fmt: skip
+    assert plots.speedup_vs_density(rows) is not None
+    (ax,) = captured[0].axes
+    filled, hollow = ax.collections[:2]
+    assert len(filled.get_facecolor()) == 1 and filled.get_facecolor()[0][3] == 1.0
+    assert len(hollow.get_facecolor()) == 0 and len(hollow.get_edgecolor()) == 1
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[:2] == ["causal_self fwd (N=64)", "causal_self fwd (N=64), unstable (hollow)"]
