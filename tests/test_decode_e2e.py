@@ -17,10 +17,10 @@ pytest.importorskip("transformers")
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _module() -> ModuleType:
+def _module(name: str = "decode_e2e") -> ModuleType:
     sys.path.insert(0, str(BENCH))
     try:
-        spec = importlib.util.spec_from_file_location("decode_e2e", BENCH / "decode_e2e.py")
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
         assert spec is not None and spec.loader is not None
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
@@ -125,14 +125,7 @@ def test_static_cache_sides_decode_what_the_dynamic_cache_decodes() -> None:
 def test_rows_check_compares_each_side_batched_and_alone(tmp_path: Path) -> None:
     """benchmarks/decode_rows_check.py on a tiny model on the CPU: every side's batched step equals its rows
     run alone, against attnlab's side as the named reference."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("decode_rows_check", BENCH / "decode_rows_check.py")
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(BENCH))
+    mod = _module("decode_rows_check")
     out = tmp_path / "rc.json"
     got = mod.main(["--tiny", "--device", "cpu", "--context", "24", "--batch", "2", "--out", str(out)])
     assert (
