@@ -471,6 +471,14 @@ def test_softplus_polynomial_fits_log2_of_one_plus_e() -> None:
             p = p * e + c
         want = torch.log2(1 + e.double())
         assert float(((e * p).double() - want).abs().div(want).max()) < bound, dt
+    # the kernel spells the same constants out in Horner form: each one is in softplus2's source
+    import inspect
+
+    from attnlab.kernels.score_transform import common
+
+    source = inspect.getsource(common.softplus2.fn)
+    for c in SOFTPLUS_POLY:
+        assert repr(abs(c)) in source, c
 
 
 @pytest.mark.parametrize(
