@@ -442,9 +442,10 @@ def eval_tasks(
         Path | None, typer.Option(help="folder of benchmark results.duckdb files: list their speedups too")
     ] = None,
     load: Annotated[
-        Path | None,
+        list[Path] | None,
         typer.Option(
-            help="evaluate nothing: load this result JSON (e.g. from a GPU machine) into --db and report"
+            help="evaluate nothing: load this result JSON (e.g. from a GPU machine) into --db and report; "
+            "given several times, the parts of one evaluation split across runs, merged into one result"
         ),
     ] = None,
     commit: Annotated[str | None, typer.Option(help="the code's commit, recorded with the run")] = None,
@@ -456,8 +457,9 @@ def eval_tasks(
     from attnlab.eval.tasks import EvalConfig, EvalResult, evaluate, planned_samples, table_rows
 
     try:
-        if load is not None:
-            result = EvalResult.read(load)
+        if load:
+            parts = [EvalResult.read(p) for p in load]
+            result = parts[0] if len(parts) == 1 else EvalResult.merge(parts)
             if commit:
                 result.info["commit"] = commit
         else:
@@ -510,14 +512,14 @@ def eval_tasks(
     if not no_db:
         from attnlab.eval.store import EvalDB, store_result
 
-        path = db or (load or out).with_name("eval.duckdb")
+        path = db or (load[0] if load else out).with_name("eval.duckdb")
         with EvalDB(path) as store:
             run_id = store_result(store, result)
         console.print(f"database: {path} (run {run_id})")
     if not no_report:
         from attnlab.eval.report import write_report
 
-        console.print(f"report: {write_report(result, report or (load or out).parent, bench)}")
+        console.print(f"report: {write_report(result, report or (load[0] if load else out).parent, bench)}")
 
 
 def main() -> None:

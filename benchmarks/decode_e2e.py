@@ -241,9 +241,16 @@ def divergence(
     return out
 
 
-def full_budget(params: dict[str, Any], tokens: int) -> dict[str, Any]:
-    """The method's parameters with a budget covering ``tokens`` (exact attention at every step)."""
-    return {**params, "budget": tokens} if "budget" in params else params
+def full_budget(name: str, params: dict[str, Any], tokens: int) -> dict[str, Any]:
+    """The method's parameters with a budget covering ``tokens`` (exact attention at every step): set
+    wherever the method's parameter class has a ``budget`` field, given on the command line or not (a
+    method named without parameters runs its default budget, which the check must raise too)."""
+    import dataclasses
+
+    import attnlab
+
+    fields = {f.name for f in dataclasses.fields(attnlab.methods()[name].param_class)}
+    return {**params, "budget": tokens} if "budget" in fields else params
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -336,7 +343,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 total = n + args.warmup + args.steps + 1
                 want = dense_tokens[: args.check_steps]
                 for label, name, params in methods:
-                    full = full_budget(params, total)
+                    full = full_budget(name, params, total)
                     try:
                         _, toks, logits = decode_side(model, base, token, label, name, full, args.check_steps,
                                                       0, device)  # fmt: skip

@@ -136,3 +136,16 @@ def test_rows_check_compares_each_side_batched_and_alone(tmp_path: Path) -> None
     for side in got["sides"].values():
         assert side["tokens_equal_alone"] and side["tokens_equal_reference"]
         assert max(side["diff"]) < 1e-4 and max(side["cross"]) < 1e-4 and len(side["reference_top2_gap"]) == 2
+
+
+def test_full_budget_check_raises_a_default_budget_too() -> None:
+    """The full-budget check sets ``budget`` whenever the method has one: a method named without
+    parameters (``--methods page_topk``) ran the check at its default budget before (an H100 run at
+    b335583 compared a 4096-token budget against dense and reported it as the full-budget check)."""
+    mod = _module()
+    from attnlab.catalog.decode import register_methods
+
+    register_methods()
+    assert mod.full_budget("page_topk", {}, 1000) == {"budget": 1000}
+    assert mod.full_budget("h2o", {"budget": 8, "recent": 4}, 1000) == {"budget": 1000, "recent": 4}
+    assert mod.full_budget("sliding_window", {"window": 8}, 1000) == {"window": 8}  # (no budget field)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import attnlab
+from attnlab.errors import AttnlabError
 from attnlab.eval.density import decode_density, prefill_density, tidal_roles
 from attnlab.eval.perplexity import phase_loss, ppl_change, windows, with_ppl_changes
 from attnlab.eval.report import cheapest, pareto, points, write_report
@@ -271,19 +272,51 @@ def test_cli_load(result: EvalResult, tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "no eval result file" in bad.output
 
 
+def test_merge_joins_the_parts_of_one_evaluation(result: EvalResult, tmp_path: Path) -> None:
+    """Two parts of one evaluation (each ran softmax and other methods) merge into one result: softmax's
+    rows once, every other run once, a run left out by one part's time limit but run by the other no
+    longer listed; parts that differ in what they evaluated, or run the same method twice, are refused."""
+    from typer.testing import CliRunner
+
+    from attnlab.cli import app
+
+    streaming = {m["label"] for m in result.methods if m["method"] == "streaming"}
+    a = EvalResult([r for r in result.rows if r["method"] != "page_topk" and r["method"] != "tidal"],
+                   {**result.info, "skipped": [f"{next(iter(streaming))}@9"]},
+                   [m for m in result.methods if m["method"] not in ("page_topk", "tidal")])  # fmt: skip
+    b = EvalResult([r for r in result.rows if r["method"] in (DENSE, "page_topk", "tidal")],
+                   {**result.info, "skipped": ["page_topk@512"]},
+                   [m for m in result.methods if m["method"] in (DENSE, "page_topk", "tidal")])  # fmt: skip
+    merged = EvalResult.merge([a, b])
+    key = [(r["label"], r["task"], r["length"]) for r in merged.rows]
+    assert sorted(key) == sorted((r["label"], r["task"], r["length"]) for r in result.rows)
+    assert len(merged.methods) == len(result.methods)
+    assert merged.info["skipped"] == [f"{next(iter(streaming))}@9", "page_topk@512"]
+    assert (
+        merged.info["parts"] == 2 and merged.info["softmax_per_part"][0] == merged.info["softmax_per_part"][1]
+    )
+    with pytest.raises(AttnlabError, match="runs .*again"):
+        EvalResult.merge([a, a])
+    with pytest.raises(AttnlabError, match="differs from part 0 in .*samples"):
+        EvalResult.merge([a, EvalResult(b.rows, {**b.info, "samples": 3}, b.methods)])
+    files = [str(a.write(tmp_path / "a.json")), str(b.write(tmp_path / "b.json"))]
+    out = CliRunner().invoke(app, ["eval", "--load", files[0], "--load", files[1], "--no-db", "--report",
+                                   str(tmp_path / "r")])  # fmt: skip
+    assert out.exit_code == 0, out.output
+    assert "page_topk" in (tmp_path / "r" / "report.md").read_text()
+
+
 def test_small_card_states_the_committed_eval_figures() -> None:
+    """The small organism's card table is the committed H100 evaluation (two parts of one run, merged), and
+    that run covers every method that can run in a model."""
     from attnlab.eval.report import card_table
 
-    folder = Path(__file__).resolve().parents[1] / "benchmarks/results/h100-2026-11-23/organisms"
-    runs = [
-        ("H100", EvalResult.read(folder / "eval-h100/eval-small-h100.json")),
-        ("CPU", EvalResult.read(folder / "decode-cpu/eval-small-decode-cpu.json")),
-    ]
-    table = card_table(runs, 8192)
+    folder = Path(__file__).resolve().parents[1] / "benchmarks/results/h100-2026-11-23-s6/eval"
+    merged = EvalResult.merge([EvalResult.read(folder / f"eval-{p}.json") for p in ("prefill", "rest")])
+    table = card_table([("H100", merged)], 8192)
     assert table in (organism_path("small") / "README.md").read_text()
-    assert table in (folder / "README.md").read_text()
-    decode = {m["method"] for m in runs[1][1].methods}
-    assert {"page_topk", "retrieval_heads_kv", "snapkv", "h2o", "recycled", "tokenselect", "tidal"} <= decode
+    assert {m["method"] for m in merged.methods} == {DENSE, *runnable_methods()}
+    assert merged.info["commit"] == "b335583" and not merged.info["skipped"]
 
 
 def test_bench_speedups_pair_with_eval_rows(result: EvalResult, tmp_path: Path) -> None:

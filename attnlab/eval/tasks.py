@@ -357,6 +357,46 @@ class EvalResult:
             raise EvalError(f"{str(p)!r}: expected an attnlab eval result (keys 'info', 'rows', 'methods')")
         return cls(list(data["rows"]), dict(data["info"]), list(data.get("methods") or []))
 
+    @classmethod
+    def merge(cls, parts: Sequence[EvalResult]) -> EvalResult:
+        """One result from several runs of one evaluation split across processes (e.g. two GPU commands,
+        each under a time limit): the same model, device, tasks, samples and haystack corpus, each method
+        run in one part only. Each part runs the softmax reference; the first part's softmax rows are
+        kept and the others' accuracies are recorded in ``info["softmax_per_part"]`` (the same seeds give
+        the same prompts, so they agree unless the runs differ). A run a part left out by its time limit
+        but another part ran is no longer listed as left out."""
+        if not parts:
+            raise EvalError("merge: no results given")
+        first = parts[0]
+        keys = ("model", "device_name", "tasks", "samples", "haystack_corpus", "budgets")
+        for i, part in enumerate(parts[1:], 1):
+            diff = [k for k in keys if part.info.get(k) != first.info.get(k)]
+            if diff:
+                got = {k: part.info.get(k) for k in diff}
+                want = {k: first.info.get(k) for k in diff}
+                raise EvalError(f"merge: part {i} differs from part 0 in {got} (part 0: {want})")
+        rows, methods, seen = list(first.rows), list(first.methods), {m["label"] for m in first.methods}
+        softmax: list[dict[str, Any]] = []
+        for i, part in enumerate(parts):
+            softmax.append(
+                {f"{r['task']}@{r['length']}": r["correct"] for r in part.rows if r["method"] == DENSE}
+            )
+            if i == 0:
+                continue
+            labels = {(m["label"], m["length"]) for m in part.methods if m["method"] != DENSE}
+            again = sorted(f"{lb}@{n}" for lb, n in labels if lb in seen)
+            if again:
+                raise EvalError(f"merge: part {i} runs {', '.join(again)} again (each run in one part only)")
+            rows += [r for r in part.rows if r["method"] != DENSE]
+            methods += [m for m in part.methods if m["method"] != DENSE]
+            seen |= {lb for lb, _ in labels}
+        ran = {f"{m['label']}@{m['length']}" for m in methods}
+        skipped = [s for part in parts for s in part.info.get("skipped", []) if s not in ran]
+        info = {**first.info, "skipped": list(dict.fromkeys(skipped)), "parts": len(parts),
+                "softmax_per_part": softmax,
+                "lengths": sorted({n for part in parts for n in part.info.get("lengths", [])})}  # fmt: skip
+        return cls(rows, info, methods)
+
 
 def _load(cfg: EvalConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerFast, dict[str, Any] | None]:
     from attnlab.organisms import checkpoint as ckpt
