@@ -374,7 +374,8 @@ def decode_host(
 ) -> dict[str, Any]:
     """What one prepared-op decode step (one token, a carried state, bf16) launches and costs on the host:
     per method, with ``attnlab.settings.check_values`` on and off, the aten ops per call that launch a
-    device kernel (by name), Triton launches, allocations (aten::empty*), host reads (``tolist`` /
+    device kernel (by name), all aten ops per call (``aten_calls``: views and allocations too, each a
+    dispatch on the host), Triton launches, allocations (aten::empty*), host reads (``tolist`` /
     ``item``: synchronisations on a GPU) and the median host time per call over ``reps`` calls. On a CPU
     (``DEV == "cpu"``, TRITON_INTERPRET=1) the step kernel is replaced by a launch counter that runs
     nothing (``_StubLaunch``): the time is the host's own work per step. On CUDA the real kernel runs and
@@ -434,6 +435,7 @@ def decode_host(
                 key = f"{method}:check_values={'on' if check else 'off'}"
                 row[key] = {
                     "aten_launching_ops": round(sum(launching.values()), 2),
+                    "aten_calls": round(sum(v for v in ops.values() if v > 0), 2),
                     "aten_ops": dict(sorted(launching.items())),
                     "triton_launches": launches,
                     "allocations": ops.get("aten::empty", 0) + ops.get("aten::empty_strided", 0),

@@ -18,6 +18,7 @@ Conventions of the whole family (each method's docstring repeats what applies to
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -131,8 +132,10 @@ def check_gate_inputs(method: str, *, g: Tensor | None = None, beta: Tensor | No
     are read at once; only when one is out of range do the detailed checks run, to raise their errors.
     Skipped inside ``torch.compile`` and CUDA-graph capture, like them, and when
     ``attnlab.settings.check_values`` is off (a decode loop saving the synchronisation)."""
+    if not settings.check_values or torch.compiler.is_compiling():
+        return
     ts = [t for t in (g, beta) if t is not None and t.numel() > 0]
-    if not ts or not settings.check_values or torch.compiler.is_compiling():
+    if not ts:
         return
     if ts[0].is_cuda and torch.cuda.is_current_stream_capturing():
         return
@@ -162,9 +165,21 @@ def checks_in_step_kernel(n: int, *ts: Tensor | None) -> bool:
     q = ts[0]
     if q is not None and q.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
-    from attnlab.kernels.linear.op import takes_step
+    return bool(linear_kernels().takes_step(n, *ts))
 
-    return takes_step(n, *ts)
+
+_KERNELS: list[ModuleType] = []
+
+
+def linear_kernels() -> ModuleType:
+    """``attnlab.kernels.linear.op``, imported on first use (it imports Triton) and then kept: the
+    runners call this rather than an import statement per call (microseconds of a decode step). (Not
+    ``functools.cache``: torch.compile traces the runners and warns at every cache wrapper.)"""
+    if not _KERNELS:
+        from attnlab.kernels.linear import op
+
+        _KERNELS.append(op)
+    return _KERNELS[0]
 
 
 def gated_recurrence(

@@ -42,6 +42,7 @@ from attnlab.catalog.linear._common import (
     checks_in_step_kernel,
     delta_recurrence,
     expand_heads,
+    linear_kernels,
     sample_log_decay,
     sample_unit,
 )
@@ -77,23 +78,26 @@ def _inputs(
     state: Any,
     normalize: bool = True,
     check: bool = True,
+    broadcast: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
-    """(q, k, v expanded to H heads, beta, g broadcast to (B, H, N, D) or None, initial state), checked
-    (g and beta with one host synchronisation, unless ``check`` is False: the step kernel checks them);
-    q and k L2-normalised when ``params.qk_l2norm`` and ``normalize`` (the Triton runner hands that to
-    the kernels instead)."""
+    """(q, k, v expanded to H heads, beta (B, H, N), g broadcast to (B, H, N, D) or None, initial state),
+    checked (g and beta with one host synchronisation, unless ``check`` is False: the step kernel checks
+    them); q and k L2-normalised when ``params.qk_l2norm`` and ``normalize`` (the Triton runner hands
+    that to the kernels instead). ``broadcast`` False: beta and g as given (the Triton ops broadcast
+    them; a decode step then makes no views)."""
     b, h, n, d = q.shape
     if beta is None:
         raise InputError("method 'gated_delta' needs the tensor input beta (B, H, N): the writing strength")
     if check:
         check_gate_inputs("gated_delta", g=g, beta=beta)
-    if g is not None:
-        g = g.expand(b, h, n, d)
+    if broadcast:
+        beta = beta.expand(b, h, n)
+        g = None if g is None else g.expand(b, h, n, d)
     s0, _ = check_state("gated_delta", state, b, h, d, v.shape[-1], q.device, with_sum=False)
     kk = expand_heads(k, h)
     if params.qk_l2norm and normalize:
         q, kk = l2norm(q), l2norm(kk)
-    return q, kk, expand_heads(v, h), beta.expand(b, h, n), g, s0
+    return q, kk, expand_heads(v, h), beta, g, s0
 
 
 def reference(
@@ -134,8 +138,6 @@ def _run_torch(
 def _run_triton(
     q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor], state: Any
 ) -> tuple[Tensor, Tensor]:
-    from attnlab.kernels.linear.op import delta_chunk
-
     p = call.params
     assert isinstance(p, GatedDeltaParams)
     beta, g = extra.get("beta"), extra.get("g")
@@ -143,13 +145,16 @@ def _run_triton(
     in_kernel = beta is not None and checks_in_step_kernel(
         q.shape[2], q, k, v, beta, g, state if isinstance(state, Tensor) else None
     )
-    qq, kk, vv, bb, gg, s0 = _inputs(q, k, v, p, beta, g, state, normalize=False, check=not in_kernel)
+    qq, kk, vv, bb, gg, s0 = _inputs(
+        q, k, v, p, beta, g, state, normalize=False, check=not in_kernel, broadcast=False
+    )
 
     def on_bad() -> None:
         check_gate_inputs("gated_delta", g=g, beta=beta)
 
-    # (q, k normalised by delta_chunk: in the step kernel for decode, else by the chunk op's own launch)
-    o, s = delta_chunk(
+    # (q, k normalised by delta_chunk: in the step kernel for decode, else by the chunk op's own launch;
+    # o comes in q's dtype)
+    o, s = linear_kernels().delta_chunk(
         qq,
         kk,
         vv,
@@ -161,7 +166,7 @@ def _run_triton(
         qk_l2norm=p.qk_l2norm,
         on_bad_gates=on_bad if in_kernel else None,
     )
-    return o.to(q.dtype), s
+    return o, s
 
 
 def _run_triton_varlen(

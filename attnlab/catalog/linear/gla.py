@@ -27,6 +27,7 @@ from attnlab.catalog.linear._common import (
     checks_in_step_kernel,
     expand_heads,
     gated_recurrence,
+    linear_kernels,
     sample_log_decay,
 )
 from attnlab.core import Call, MethodSpec, TensorInput
@@ -105,8 +106,7 @@ def _run_torch(
 def _run_triton(
     q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor], state: Any
 ) -> tuple[Tensor, Tensor]:
-    from attnlab.kernels.linear.op import gla_chunk
-
+    gla_chunk = linear_kernels().gla_chunk
     assert isinstance(call.params, GLAParams)
     g = extra.get("g")
     s0 = _state(q, v, state)

@@ -33,6 +33,7 @@ from attnlab.catalog.linear._common import (
     check_state,
     expand_heads,
     gated_recurrence,
+    linear_kernels,
     sample_decay,
 )
 from attnlab.catalog.linear.gla import triton_refusal
@@ -127,10 +128,15 @@ def reference(
     return o.to(q.dtype), s.float()
 
 
-def _args(q: Tensor, v: Tensor, extra: Mapping[str, Tensor], state: Any) -> tuple[Tensor, Tensor | None]:
+def _args(
+    q: Tensor, v: Tensor, extra: Mapping[str, Tensor], state: Any, broadcast: bool = True
+) -> tuple[Tensor, Tensor | None]:
+    """(the gate, (B, H, N, D), or (1, H, 1, 1) without ``broadcast``: the Triton ops broadcast it; the
+    initial state, checked)."""
     b, h, n, d = q.shape
     s0, _ = check_state("lightning", state, b, h, d, v.shape[-1], q.device, with_sum=False)
-    return _gate(q, extra.get("decay")).expand(b, h, n, d), s0
+    g = _gate(q, extra.get("decay"))
+    return (g.expand(b, h, n, d) if broadcast else g), s0
 
 
 def _run_torch(
@@ -146,12 +152,13 @@ def _run_torch(
 def _run_triton(
     q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor], state: Any
 ) -> tuple[Tensor, Tensor]:
-    from attnlab.kernels.linear.op import gla_chunk
-
     assert isinstance(call.params, LightningParams)
-    g, s0 = _args(q, v, extra, state)
+    g, s0 = _args(q, v, extra, state, broadcast=False)
     h = q.shape[1]
-    return gla_chunk(q, expand_heads(k, h), expand_heads(v, h), g, call.scale, s0, call.params.chunk)
+    o, s = linear_kernels().gla_chunk(
+        q, expand_heads(k, h), expand_heads(v, h), g, call.scale, s0, call.params.chunk
+    )
+    return o, s
 
 
 def _run_triton_varlen(

@@ -17,7 +17,8 @@
   (KDA-style) the intra-chunk score backwards per 16-row sub-block. Differentiable in q, k, v, beta, g
   and the initial state.
 - :func:`linear_step`: the recurrent step kernel of the gated linear recurrence and of the gated delta
-  rule (forward only; a few tokens against a carried state).
+  rule (forward only; a few tokens against a carried state), its launch resolved once per signature of
+  its inputs (:func:`step_plan`).
 
 The log-decays enter the chunk kernels as their chunk-local cumsum, made here in PyTorch, so autograd
 carries dG back to g (and to lightning's per-head decays). Importing this module registers the ops.
@@ -28,10 +29,10 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import triton
 from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
@@ -53,13 +54,18 @@ from attnlab.kernels.linear.chunk import (
 from attnlab.kernels.linear.fwd import l2norm_bwd_kernel, l2norm_fwd_kernel, recurrent_step_kernel
 from attnlab.kernels.linear.limits import kernel_refusals
 from attnlab.kernels.linear.naive import L2_EPS, l2norm
-from attnlab.kernels.triton_utils import head_block, interpreting
+from attnlab.kernels.triton_utils import head_block, interpreting, next_power_of_2
 
 #: Whether this module was imported under TRITON_INTERPRET=1 (its kernels then take CPU tensors only).
 IMPORTED_INTERPRETED = interpreting()
 #: Calls of at most this many tokens without gradients run the recurrent step kernel.
 DECODE_MAX = 8
 SUB = 16  # rows of a sub-block (tl.dot's minimum)
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) (``triton.cdiv`` is a constexpr function: a few microseconds a call on the host)."""
+    return -(-a // b)
 
 
 def _blocks(dk: int, dv: int) -> tuple[int, int, int, int]:
@@ -94,7 +100,7 @@ def chunk_cumsum(
 ) -> Tensor:
     """The chunk-local inclusive cumsum of g, float32 (B, H, NP, K), zero-padded to whole chunks (zeros
     without g)."""
-    n_chunks = triton.cdiv(n, chunk)
+    n_chunks = cdiv(n, chunk)
     np_ = n_chunks * chunk
     if g is None:
         return torch.zeros(b, h, np_, dk, dtype=torch.float32, device=device)
@@ -105,7 +111,7 @@ def chunk_cumsum(
 def chunk_cumsum_scalar(g: Tensor | None, b: int, h: int, n: int, chunk: int, device: torch.device) -> Tensor:
     """The chunk-local inclusive cumsum of a gate with one value per token (g broadcastable to (B, H, N)),
     float32 (B, H, NP), zero-padded to whole chunks (zeros without g)."""
-    n_chunks = triton.cdiv(n, chunk)
+    n_chunks = cdiv(n, chunk)
     np_ = n_chunks * chunk
     if g is None:
         return torch.zeros(b, h, np_, dtype=torch.float32, device=device)
@@ -166,22 +172,22 @@ def chunk_states(
     sequence, and init / the final state are per sequence (S, H, K, V)."""
     b, h, n, dk = x.shape
     dv = y.shape[-1]
-    n_chunks = triton.cdiv(n, chunk)
+    n_chunks = cdiv(n, chunk)
     np_ = n_chunks * chunk
     gate = _gate_code(gc)
     buf = torch.empty(b, h, n_chunks, dk, dv, dtype=torch.float32, device=x.device)
     n_seq = b if seq_chunks is None else seq_chunks.shape[0] - 1
     final = torch.empty(n_seq, h, dk, dv, dtype=torch.float32, device=x.device)
     bk, bv = min(head_block(dk), 64), min(head_block(dv), 64)
-    nkb = triton.cdiv(dk, bk)
-    chunk_local_state_kernel[(nkb * triton.cdiv(dv, bv), n_chunks, b * h)](
+    nkb = cdiv(dk, bk)
+    chunk_local_state_kernel[(nkb * cdiv(dv, bv), n_chunks, b * h)](
         x, y, gc, buf, n, np_, dk, dv, nkb, float(scale),
         BACKWARD=backward, GATE=gate, BT=chunk, BK=bk, BV=bv, DOT_PREC=_prec(x), UPCAST=_upcast(x),
         **_cfg("local_state", num_warps=4),
     )  # fmt: skip
     init_c = init.float().contiguous() if init is not None else final
     sk, sv = min(head_block(dk), SCAN_BK), min(head_block(dv), SCAN_BV)
-    nkb, nvb = triton.cdiv(dk, sk), triton.cdiv(dv, sv)
+    nkb, nvb = cdiv(dk, sk), cdiv(dv, sv)
     tail = None
     if fwd_states is not None:
         tail = torch.empty(nvb, b, h, n_chunks, dk, dtype=torch.float32, device=x.device)
@@ -217,10 +223,10 @@ def chunk_output(
     per-channel gates, the intra-chunk scores ``a``. v may have NP rows (the delta rule's U)."""
     b, h, n, dk = q.shape
     dv = v.shape[-1]
-    n_chunks = triton.cdiv(n, chunk)
+    n_chunks = cdiv(n, chunk)
     bv = min(head_block(dv), 64)
     o = torch.empty(b, h, n, dv, dtype=q.dtype, device=q.device)
-    chunk_out_kernel[(triton.cdiv(dv, bv), n_chunks, b * h)](
+    chunk_out_kernel[(cdiv(dv, bv), n_chunks, b * h)](
         q, k, v, gc, hs, a if a is not None else hs, o, n, v.shape[2], gc.shape[2], dk, dv, float(scale),
         GATE=_gate_code(gc), BT=chunk, BK=head_block(dk), BV=bv, DOT_PREC=_prec(q), UPCAST=_upcast(q),
         **_cfg("out", num_warps=4),
@@ -257,7 +263,7 @@ def gla_bwd_launch(
     q, k, v, gc, do = (t.contiguous() for t in (q, k, v, gc, do))
     b, h, n, dk = q.shape
     dv = v.shape[-1]
-    n_chunks = triton.cdiv(n, chunk)
+    n_chunks = cdiv(n, chunk)
     dhs, dh0, tail = chunk_states(
         q, do, gc, dht, scale, chunk, backward=True, fwd_states=(hs, ht), seq_chunks=seq_chunks
     )
@@ -389,9 +395,10 @@ def linear_step_op(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, h0: Tensor | None, scale: float,
     qk_l2norm: bool, bad: Tensor | None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """The recurrent step kernel: (o (B, H, N, V), final state fp32). g log-decays: (B, H, N, K) per
-    channel, (B, H, N) one per token (shared by the channels), or None; ``beta`` (B, H, N) selects the
-    gated delta rule (None: the gated linear recurrence); ``qk_l2norm``: q and k L2-normalised in the
+    """The recurrent step kernel: (o (B, H, N, V), final state fp32). g log-decays: None; (B, H, N) one
+    per token (shared by the channels); or broadcastable to (B, H, N, K): per channel, or one per token
+    when its last dim is 1 or broadcast (``_scalar_gate``). ``beta`` (broadcastable to (B, H, N)) selects
+    the gated delta rule (None: the gated linear recurrence); ``qk_l2norm``: q and k L2-normalised in the
     kernel (fp32, ``naive.l2norm``'s formula). ``bad``: int32 (``step_programs(q, v)``,), written with
     the kernel's range check of the gates and beta (per program, how many values it read out of range:
     g NaN, > 0 or -inf; beta not finite), read by the host after the launch instead of reductions before
@@ -402,29 +409,123 @@ def linear_step_op(
     return _step_launch(q, k, v, g, beta, h0, scale, qk_l2norm, bad)
 
 
+@dataclass(frozen=True, slots=True)
+class StepPlan:
+    """The step kernel's launch for one signature of its inputs (:func:`step_plan`), resolved once: the
+    grid, the runtime sizes (N, K, V) and the constexprs, the shapes of o and the final state, and which
+    of g, beta and h0 the kernel may read as they are (``*_ready``: their memory already holds what
+    ``expand(...).contiguous()`` / ``float().contiguous()`` would give: a call makes no view of them)."""
+
+    grid: tuple[int, int]
+    sizes: tuple[int, int, int]
+    out_shape: tuple[int, int, int, int]
+    state_shape: tuple[int, int, int, int]
+    consts: dict[str, int | bool]
+    g_ready: bool
+    beta_ready: bool
+    h0_ready: bool
+
+
+#: Step plans by signature (``_step_key``), cleared when full: a decode loop repeats one signature.
+_STEP_PLANS: dict[tuple[object, ...], StepPlan] = {}
+STEP_PLANS_MAX = 256
+
+
+def _step_gate(g: Tensor, b: int, h: int, n: int, dk: int) -> tuple[bool, Tensor]:
+    """(whether g holds one value per token, g as the step kernel reads it, contiguous: (B, H, N) then,
+    else (B, H, N, K)). A 3-D g is one per token; a 4-D one as ``_scalar_gate`` says."""
+    if g.dim() == 3:
+        return True, g.expand(b, h, n).contiguous()
+    scalar, gx = _scalar_gate(g, b, h, n, dk)
+    assert gx is not None
+    return scalar, gx.contiguous()
+
+
+def _reads_as_is(given: Tensor | None, made: Tensor | None) -> bool:
+    """Whether the kernel reading ``given`` reads what it would read in ``made`` (``made``, contiguous, was
+    made from it without a copy: the same first element and dtype). Never for an empty tensor (its data
+    pointer tells nothing)."""
+    if given is None or made is None or given.numel() == 0:
+        return False
+    return made.data_ptr() == given.data_ptr() and made.dtype == given.dtype
+
+
+def _step_key(
+    q: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, h0: Tensor | None, qk_l2norm: bool,
+    check: bool,
+) -> tuple[object, ...]:  # fmt: skip
+    """What a :class:`StepPlan` depends on (k has q's shape): shapes, the strides of g, beta and h0 (the
+    copies they need), h0's dtype, q's dtype and device, the flags."""
+    return (
+        q.shape, q.dtype, q.device, v.shape,
+        None if g is None else g.shape, None if g is None else g.stride(),
+        None if beta is None else beta.shape, None if beta is None else beta.stride(),
+        None if h0 is None else h0.shape, None if h0 is None else h0.stride(),
+        None if h0 is None else h0.dtype, qk_l2norm, check,
+    )  # fmt: skip
+
+
+def step_plan(
+    q: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, h0: Tensor | None, qk_l2norm: bool,
+    check: bool,
+) -> StepPlan:  # fmt: skip
+    """The :class:`StepPlan` of these inputs (``linear_step_op``'s arguments; ``check``: ``bad`` given),
+    made on the first call of a signature and kept (``STEP_PLANS_MAX`` of them)."""
+    key = _step_key(q, v, g, beta, h0, qk_l2norm, check)
+    plan = _STEP_PLANS.get(key)
+    if plan is None:
+        plan = _make_step_plan(q, v, g, beta, h0, qk_l2norm, check)
+        if len(_STEP_PLANS) >= STEP_PLANS_MAX:
+            _STEP_PLANS.clear()
+        _STEP_PLANS[key] = plan
+    return plan
+
+
+def _make_step_plan(
+    q: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, h0: Tensor | None, qk_l2norm: bool,
+    check: bool,
+) -> StepPlan:  # fmt: skip
+    b, h, n, dk = q.shape
+    dv = v.shape[-1]
+    bk, _, bv, _ = _blocks(dk, dv)
+    g_scalar, gc = (False, None) if g is None else _step_gate(g, b, h, n, dk)
+    return StepPlan(
+        grid=(cdiv(dv, bv), b * h),
+        sizes=(n, dk, dv),
+        out_shape=(b, h, n, dv),
+        state_shape=(b, h, dk, dv),
+        consts={
+            "HAS_G": g is not None,
+            "HAS_H0": h0 is not None,
+            "DELTA": beta is not None,
+            "BK": bk,
+            "BV": bv,
+            "G_SCALAR": g_scalar,
+            "L2NORM": qk_l2norm,
+            "CHECK": check,
+            "num_warps": 4,
+        },
+        g_ready=_reads_as_is(g, gc),
+        beta_ready=beta is not None and _reads_as_is(beta, beta.expand(b, h, n).contiguous()),
+        h0_ready=h0 is not None and _reads_as_is(h0, h0.float().contiguous()),
+    )
+
+
 def _step_launch(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, h0: Tensor | None, scale: float,
     qk_l2norm: bool, bad: Tensor | None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    b, h, n, dk = q.shape
-    dv = v.shape[-1]
-    bk, _, bv, _ = _blocks(dk, dv)
-    q, k, v = (t.contiguous() for t in (q, k, v))
-    o = torch.empty(b, h, n, dv, dtype=q.dtype, device=q.device)
-    ht = torch.empty(b, h, dk, dv, dtype=torch.float32, device=q.device)
-    g_scalar = g is not None and g.dim() == 3
-    if g is None:
-        gc = ht
-    elif g_scalar:
-        gc = g.expand(b, h, n).contiguous()
-    else:
-        gc = g.expand(b, h, n, dk).contiguous()
-    bc = beta.expand(b, h, n).contiguous() if beta is not None else ht
-    h0c = h0.float().contiguous() if h0 is not None else ht
-    recurrent_step_kernel[(triton.cdiv(dv, bv), b * h)](
-        q, k, v, gc, bc, h0c, o, ht, bad if bad is not None else ht, n, dk, dv, float(scale),
-        HAS_G=g is not None, HAS_H0=h0 is not None, DELTA=beta is not None, BK=bk, BV=bv,
-        G_SCALAR=g_scalar, L2NORM=qk_l2norm, CHECK=bad is not None, num_warps=4,
+    p = step_plan(q, v, g, beta, h0, qk_l2norm, bad is not None)
+    n, dk, dv = p.sizes
+    o = q.new_empty(p.out_shape)
+    ht = q.new_empty(p.state_shape, dtype=torch.float32)
+    b, h = p.out_shape[0], p.out_shape[1]
+    gc = ht if g is None else g if p.g_ready else _step_gate(g, b, h, n, dk)[1]
+    bc = ht if beta is None else beta if p.beta_ready else beta.expand(b, h, n).contiguous()
+    h0c = ht if h0 is None else h0 if p.h0_ready else h0.float().contiguous()
+    recurrent_step_kernel[p.grid](
+        q.contiguous(), k.contiguous(), v.contiguous(), gc, bc, h0c, o, ht, ht if bad is None else bad,
+        n, dk, dv, float(scale), **p.consts,
     )  # fmt: skip
     return o, ht
 
@@ -442,7 +543,7 @@ def step_programs(q: Tensor, v: Tensor) -> int:
     """The step kernel's programs (value blocks x batch x heads): the length of ``linear_step``'s ``bad``."""
     b, h, _, dk = q.shape
     dv = v.shape[-1]
-    return triton.cdiv(dv, _blocks(dk, dv)[2]) * b * h
+    return cdiv(dv, _blocks(dk, dv)[2]) * b * h
 
 
 def _needs_grad(*ts: Tensor | None) -> bool:
@@ -459,17 +560,18 @@ def _step(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor | None, h0: Tensor | None, scale: float,
     qk_l2norm: bool, on_bad_gates: Callable[[], None] | None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """The step kernel; with ``on_bad_gates`` its in-kernel range check on: when the counts it returns
+    """The step kernel (g and beta as :func:`linear_step_op` takes them: as the caller passed them, no
+    view made here); with ``on_bad_gates`` its in-kernel range check on: when the counts it returns
     (one device-to-host read, no reduction launched) show a bad value, ``on_bad_gates()`` is called to
     raise the caller's detailed error (a ValueError here if it returns)."""
-    bad = None
-    if on_bad_gates is not None:
-        bad = torch.empty(step_programs(q, v), dtype=torch.int32, device=q.device)
+    if on_bad_gates is None:
+        return linear_step(q, k, v, g, beta, h0, scale, qk_l2norm, None)
+    bad = q.new_empty((step_programs(q, v),), dtype=torch.int32)
     o, ht = linear_step(q, k, v, g, beta, h0, scale, qk_l2norm, bad)
-    if bad is not None and any(bad.tolist()):
-        assert on_bad_gates is not None
+    counts = bad.tolist()
+    if any(counts):
         on_bad_gates()
-        raise ValueError(f"the step kernel counted {sum(bad.tolist())} gate / beta value(s) out of range")
+        raise ValueError(f"the step kernel counted {sum(counts)} gate / beta value(s) out of range")
     return o, ht
 
 
@@ -485,10 +587,10 @@ def gla_chunk(
     and is called to raise when it finds a bad value (see ``_step``)."""
     b, h, n, dk = q.shape
     grad = _needs_grad(q, k, v, g, state)
-    scalar, gx = _scalar_gate(g, b, h, n, dk)
     if n <= DECODE_MAX and not grad:
         _check(q, k, v, chunk)
-        return _step(q, k, v, gx, None, state, float(scale), False, on_bad_gates)
+        return _step(q, k, v, g, None, state, float(scale), False, on_bad_gates)
+    scalar, gx = _scalar_gate(g, b, h, n, dk)
     if scalar:  # lightning's per-head decays, linear's none: one gate per token, 64-row score tiles
         gc = chunk_cumsum_scalar(gx, b, h, n, chunk, q.device)
     else:
@@ -538,8 +640,8 @@ def l2norm_qk(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     rk = torch.empty_like(rq)
     rows = b * h * n
     if rows:
-        l2norm_fwd_kernel[(triton.cdiv(rows, L2_ROWS), 2)](
-            q, qn, rq, k, kn, rk, rows, dk, EPS=L2_EPS, BR=L2_ROWS, BD=triton.next_power_of_2(dk),
+        l2norm_fwd_kernel[(cdiv(rows, L2_ROWS), 2)](
+            q, qn, rq, k, kn, rk, rows, dk, EPS=L2_EPS, BR=L2_ROWS, BD=next_power_of_2(dk),
             RTNE_BF16=IMPORTED_INTERPRETED and q.dtype == torch.bfloat16,
             **_cfg("l2norm_fwd", num_warps=4),
         )  # fmt: skip
@@ -557,9 +659,9 @@ def l2norm_qk_bwd(
     dq = torch.empty(b, h, n, dk, dtype=dtype_q, device=qn.device)
     dkk = torch.empty(b, h, n, dk, dtype=dtype_k, device=qn.device)
     if n:
-        l2norm_bwd_kernel[(triton.cdiv(n, L2_ROWS), b * h, 2)](
+        l2norm_bwd_kernel[(cdiv(n, L2_ROWS), b * h, 2)](
             qn, rq, dqn, dq, kn, rk, dkn, dkk, n, dqn.shape[2], dk, BR=L2_ROWS,
-            BD=triton.next_power_of_2(dk), **_cfg("l2norm_bwd", num_warps=4),
+            BD=next_power_of_2(dk), **_cfg("l2norm_bwd", num_warps=4),
         )  # fmt: skip
     return dq, dkk
 
@@ -582,7 +684,7 @@ def delta_fwd_launch(
     if qk_l2norm:
         q, k, rq, rk = l2norm_qk(q, k)
     bc = beta.float().expand(b, h, n).contiguous()
-    n_chunks = triton.cdiv(n, chunk)
+    n_chunks = cdiv(n, chunk)
     np_ = n_chunks * chunk
     scalar = _delta_scalar(g)
     if scalar:
@@ -609,7 +711,7 @@ def delta_fwd_launch(
     ht = torch.empty(n_seq, h, dk, dv, dtype=f32, device=dev)
     h0c = h0.float().contiguous() if h0 is not None else ht
     bv = min(head_block(dv), DELTA_BV)
-    delta_h_kernel[(triton.cdiv(dv, bv), n_seq * h)](
+    delta_h_kernel[(cdiv(dv, bv), n_seq * h)](
         k, w, u, gc, h0c, hs, ht, seq_chunks if seq_chunks is not None else ht, n, np_, dk, dv, b * h,
         GATE=_gate_code(gc), HAS_H0=h0 is not None, VARLEN=seq_chunks is not None, BT=chunk,
         BK=head_block(dk), BV=bv, DOT_PREC=prec,
@@ -656,7 +758,7 @@ def delta_bwd_scalar_launch(
     dv = v.shape[-1]
     q, k, v, do = (x.contiguous() for x in (q, k, v, do))
     bc = beta.float().expand(b, h, n).contiguous()
-    n_chunks = triton.cdiv(n, chunk)
+    n_chunks = cdiv(n, chunk)
     np_ = n_chunks * chunk
     gc = chunk_cumsum_scalar(None if g is None else g[..., 0], b, h, n, chunk, q.device)
     f32, dev = torch.float32, q.device
@@ -667,7 +769,7 @@ def delta_bwd_scalar_launch(
     dh0 = torch.empty(n_seq, h, dk, dv, dtype=f32, device=dev)
     dht_c = dht.float().contiguous() if dht is not None else dh0
     bv = min(head_block(dv), DELTA_BV)
-    delta_bwd_dh_kernel[(triton.cdiv(dv, bv), n_seq * h)](
+    delta_bwd_dh_kernel[(cdiv(dv, bv), n_seq * h)](
         q, k, do, gc, w, dh0, dht_c, dhs, du, dh0, seq_chunks if seq_chunks is not None else dh0,
         n, np_, dk, dv, b * h, float(scale),
         HAS_DHT=dht is not None, VARLEN=seq_chunks is not None, GATE=1, BT=chunk, BK=head_block(dk), BV=bv, DOT_PREC=prec, **_cfg("delta_bwd_dh", num_warps=4, num_stages=2),
@@ -703,7 +805,7 @@ def delta_bwd_channel_launch(
     dv = v.shape[-1]
     q, k, v, do = (x.contiguous() for x in (q, k, v, do))
     bc = beta.float().expand(b, h, n).contiguous()
-    n_chunks = triton.cdiv(n, chunk)
+    n_chunks = cdiv(n, chunk)
     np_ = n_chunks * chunk
     gc = chunk_cumsum(g, b, h, n, dk, chunk, q.device)
     f32, dev = torch.float32, q.device
@@ -716,7 +818,7 @@ def delta_bwd_channel_launch(
     dh0 = torch.empty(n_seq, h, dk, dv, dtype=f32, device=dev)
     dht_c = dht.float().contiguous() if dht is not None else dh0
     bv = min(head_block(dv), DELTA_BV)
-    delta_bwd_dh_kernel[(triton.cdiv(dv, bv), n_seq * h)](
+    delta_bwd_dh_kernel[(cdiv(dv, bv), n_seq * h)](
         q,
         k,
         do,
@@ -884,8 +986,7 @@ def delta_chunk(
     grad = _needs_grad(q, k, v, beta, g, state)
     if n <= DECODE_MAX and not grad:
         _check(q, k, v, chunk)
-        _, gx = _scalar_gate(g, b, h, n, dk)
-        return _step(q, k, v, gx, beta.expand(b, h, n), state, float(scale), qk_l2norm, on_bad_gates)
+        return _step(q, k, v, g, beta, state, float(scale), qk_l2norm, on_bad_gates)
     fused = qk_l2norm and (FUSED_L2NORM if fused_l2norm is None else fused_l2norm)
     if qk_l2norm and not fused:
         q, k = l2norm(q).to(q.dtype), l2norm(k).to(k.dtype)
