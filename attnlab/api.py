@@ -181,13 +181,13 @@ def _execute(
     spec = call.spec
     state = inputs.pop("state", None) if spec.stateful else None
     if inputs or spec.inputs:
-        unknown = set(inputs) - spec.input_names
-        if unknown:
+        if not inputs.keys() <= spec.input_names:
+            unknown = set(inputs) - spec.input_names
             raise ParamError(
                 f"method {spec.name!r} takes no tensor input {sorted(unknown)[0]!r}; its tensor inputs: "
                 f"{', '.join(sorted(spec.input_names)) or 'none'}"
             )
-        extra: Mapping[str, Any] = validate_extra(spec.inputs, inputs, call.problem, spec.name)
+        extra: Mapping[str, Any] = validate_extra(spec.inputs, inputs, call.problem, spec.name, call.memo)
     else:
         extra = _NO_EXTRA
     if check_finite or (check_finite is None and settings.check_finite):
@@ -220,6 +220,7 @@ class Op:
 
     __slots__ = (
         "_entries",
+        "_fast",
         "_growing",
         "_packed",
         "_plain",
@@ -267,6 +268,12 @@ class Op:
         self._sequences: dict[tuple[Any, ...], tuple[Call, Backend]] = {}
         #: the output alone, from q, k, v alone: __call__ runs the backend itself (no Result, no inputs)
         self._plain = not (spec.stateful or spec.inputs or return_lse or return_plan)
+        #: a stateful op's calls that passed the general path, by :meth:`_fast_key`: (call, backend, the
+        #: declared order of the given tensor inputs, or None when the call's own keywords are in it);
+        #: None for an op that never takes the fast path (stateless, or lse / plan asked for)
+        self._fast: dict[tuple[Any, ...], tuple[Call, Backend, tuple[str, ...] | None]] | None = (
+            {} if spec.stateful and not (return_lse or return_plan) else None
+        )
 
     def __repr__(self) -> str:
         return (
@@ -357,6 +364,25 @@ class Op:
         ``cu_seqlens_k=``, default: the same), as :func:`attention` describes."""
         if cu_seqlens_q is not None or cu_seqlens_k is not None:
             return self._run_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, inputs)
+        fast = self._fast
+        if fast is not None:  # a stateful op: a signature that passed before runs the backend at once
+            key = self._fast_key(q, k, v, inputs)
+            if key is not None:
+                hit = fast.get(key)
+                if hit is not None:
+                    call, backend, order = hit
+                    state = inputs.pop("state", None)
+                    extra = inputs if order is None else {n: inputs[n] for n in order}
+                    out, new_state = backend.run_state(q, k, v, call, extra, state)
+                    return Result(out, state=new_state)
+                call, backend = self._entry(q, k, v, inputs)
+                names = [n for n in inputs if n != "state"]
+                given = tuple(s.name for s in self.spec.inputs if inputs.get(s.name) is not None)
+                result = _execute(call, backend, q, k, v, inputs, self.check_finite, self.return_plan)
+                if len(fast) >= OP_SIGNATURES:
+                    del fast[next(iter(fast))]
+                fast[key] = (call, backend, None if tuple(names) == given else given)
+                return result
         call, backend = self._entry(q, k, v, inputs)
         if self._plain and not inputs:  # the common call: what _execute does for it, without its checks
             check = self.check_finite
@@ -364,6 +390,40 @@ class Op:
                 check_finite_values({"q": q, "k": k, "v": v})
             return backend.run(q, k, v, call, _NO_EXTRA)
         return _execute(call, backend, q, k, v, inputs, self.check_finite, self.return_plan)
+
+    def _fast_key(self, q: Tensor, k: Tensor, v: Tensor, inputs: Mapping[str, Any]) -> tuple[Any, ...] | None:
+        """A stateful call's signature for the fast path of :meth:`__call__`: q's, k's and v's shapes, dtypes
+        and devices, each given tensor input's name, shape, dtype and device in the order given (a None
+        value by its name), whether a state is given and its type, and the settings' generation. None when
+        the call must take the general path: a NaN/Inf scan asked for, tracing (``torch.compile``), a value
+        that is not a plain tensor (validation says what is wrong; subclasses: fake, symbolic), or gradients
+        needed (q, k, v, a tensor input or the state requires grad, with grad enabled)."""
+        check = self.check_finite
+        if check or (check is None and settings.check_finite) or torch.compiler.is_compiling():
+            return None
+        if not (type(q) is Tensor and type(k) is Tensor and type(v) is Tensor):
+            return None
+        grad = torch.is_grad_enabled()
+        if grad and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return None
+        parts: list[Any] = [
+            q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
+            settings.generation,
+        ]  # fmt: skip
+        for name, t in inputs.items():
+            if name == "state":
+                parts.append((name, type(t)))
+                if grad and _inputs_need_grad({name: t}):
+                    return None
+            elif t is None:
+                parts.append((name, None))
+            elif type(t) is Tensor:
+                if grad and t.requires_grad:
+                    return None
+                parts.append((name, t.shape, t.dtype, t.device))
+            else:
+                return None
+        return tuple(parts)
 
     # -- packed sequences (varlen) ------------------------------------------------------------------
     def _packed_entry(

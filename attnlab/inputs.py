@@ -153,13 +153,55 @@ def _signature(
     return tuple(parts)
 
 
+#: given-tensor signatures one call's memo keeps (:func:`validate_extra` with ``memo``; cleared when full)
+_MEMO_VALID_MAX = 64
+
+
+def _given_signature(declared: tuple[TensorInput, ...], given: Mapping[str, Any]) -> tuple[Any, ...] | None:
+    """Each declared input's (shape, dtype, device) as given (None where absent); None when the check
+    must run in full (a given value that is not a plain tensor, or tracing)."""
+    if torch.compiler.is_compiling():
+        return None
+    parts: list[Any] = []
+    for spec in declared:
+        t = given.get(spec.name)
+        if t is None:
+            parts.append(None)
+        elif type(t) in (torch.Tensor, torch.nn.Parameter):  # (not subclasses: fake, symbolic, DTensor)
+            parts.append((t.shape, t.dtype, t.device))
+        else:
+            return None
+    return tuple(parts)
+
+
 def validate_extra(
-    declared: tuple[TensorInput, ...], given: Mapping[str, Any], problem: Problem, method: str
+    declared: tuple[TensorInput, ...],
+    given: Mapping[str, Any],
+    problem: Problem,
+    method: str,
+    memo: dict[str, Any] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Check the tensors a method takes beside q, k, v (declared by the method) against the call's sizes;
     raise InputError naming what was given and expected. Returns them by name (absent optional ones left
     out). A signature that passed before (same declared inputs, problem, shapes, dtypes and devices) is
-    not checked again."""
+    not checked again. ``memo``: a resolved call's memo (``Call.memo``), where the signatures that passed
+    for this ``declared`` and ``problem`` (by identity) are kept, so a repeated call hashes only the
+    given tensors' shapes, dtypes and devices."""
+    if memo is not None:
+        parts = _given_signature(declared, given)
+        if parts is None:
+            return _validate_extra(declared, given, problem, method)
+        seen = memo.get("validate_extra")
+        if seen is None or seen[0] is not problem or seen[1] is not declared:
+            seen = (problem, declared, set[tuple[Any, ...]]())
+            memo["validate_extra"] = seen
+        if parts in seen[2]:
+            return {spec.name: given[spec.name] for spec in declared if given.get(spec.name) is not None}
+        out = _validate_extra(declared, given, problem, method)
+        if len(seen[2]) >= _MEMO_VALID_MAX:
+            seen[2].clear()
+        seen[2].add(parts)
+        return out
     key = _signature(declared, given, problem)
     if key is not None and key in _VALID:
         return {spec.name: given[spec.name] for spec in declared if given.get(spec.name) is not None}
