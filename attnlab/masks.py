@@ -45,14 +45,16 @@ class MaskContext:
         self.as_tensors = not torch.compiler.is_compiling()
         self.offset = self.const(n_k - n_q)
         self.not_causal: Tensor | bool = (
-            torch.tensor(not causal, dtype=torch.bool, device=self.device) if self.as_tensors else not causal
+            torch.full((), not causal, dtype=torch.bool, device=self.device) if self.as_tensors else not causal
         )
 
     def const(self, value: int) -> Any:
         """``value`` as a 0-d int32 tensor on the context's device (or a Python int under compile)."""
         if not self.as_tensors:
             return int(value)
-        return torch.tensor(int(value), dtype=torch.int32, device=self.device)
+        # (torch.full: a fill on the device; torch.tensor would copy from pageable host memory, which
+        # blocks the host on CUDA)
+        return torch.full((), int(value), dtype=torch.int32, device=self.device)
 
     def distance(self, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         """``p - j``: how many positions key ``kv_idx`` lies behind query ``q_idx`` (negative: ahead)."""
