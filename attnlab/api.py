@@ -181,8 +181,8 @@ def _execute(
     spec = call.spec
     state = inputs.pop("state", None) if spec.stateful else None
     if inputs or spec.inputs:
-        if not inputs.keys() <= spec.input_names:
-            unknown = set(inputs) - spec.input_names
+        unknown = set(inputs) - spec.input_names  # (a set: dynamo of torch 2.11 traces this form)
+        if unknown:
             raise ParamError(
                 f"method {spec.name!r} takes no tensor input {sorted(unknown)[0]!r}; its tensor inputs: "
                 f"{', '.join(sorted(spec.input_names)) or 'none'}"
@@ -301,7 +301,9 @@ class Op:
         """The resolved call of this signature, from ``entries`` (default: the op's own cache; the packed
         fallback passes its per-sequence cache, which has no decode-growth shortcut)."""
         cache, limit = (self._entries, OP_SIGNATURES) if entries is None else (entries, SEQUENCE_SIGNATURES)
-        extra_grad = bool(inputs) and torch.is_grad_enabled() and _inputs_need_grad(inputs)
+        # (len, not bool(inputs): dynamo of torch 2.11 cannot trace bool() of a dict; a compiled decode step
+        # failed on the H100)
+        extra_grad = len(inputs) > 0 and torch.is_grad_enabled() and _inputs_need_grad(inputs)
         if torch.compiler.is_compiling():
             return self.resolve(q, k, v, extra_grad=extra_grad)
         try:
