@@ -45,7 +45,9 @@ class MaskContext:
         self.as_tensors = not torch.compiler.is_compiling()
         self.offset = self.const(n_k - n_q)
         self.not_causal: Tensor | bool = (
-            torch.full((), not causal, dtype=torch.bool, device=self.device) if self.as_tensors else not causal
+            torch.full((), not causal, dtype=torch.bool, device=self.device)
+            if self.as_tensors
+            else not causal
         )
 
     def const(self, value: int) -> Any:
