@@ -67,15 +67,22 @@ def test_repeated_decode_step_takes_the_fast_path_with_bitwise_equal_results(
     assert calls[0] == 4 + 2
 
 
-def test_a_new_signature_takes_the_general_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = _count_execute(monkeypatch)
+def _warm() -> tuple[Any, dict[str, torch.Tensor], torch.Tensor]:
+    """A prepared gated_delta step whose signature with a state has run twice (the second time fast)."""
     op = attnlab.prepare("gated_delta", causal=True, backend="triton")
     x = _step(0)
     with torch.no_grad():
         s = _run(op, x, None).state
         _run(op, x, s)
         _run(op, x, s)
-        assert calls[0] == 2
+    return op, x, s
+
+
+def test_a_new_signature_takes_the_general_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _count_execute(monkeypatch)
+    op, x, s = _warm()
+    assert calls[0] == 2
+    with torch.no_grad():
         y = _step(1, b=2)  # another batch
         s2 = _run(op, y, None).state
         assert calls[0] == 3
@@ -124,12 +131,8 @@ def test_gradients_take_the_general_path(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_bad_inputs_still_raise_after_the_fast_path_is_warm() -> None:
-    op = attnlab.prepare("gated_delta", causal=True, backend="triton")
-    x = _step(0)
+    op, x, s = _warm()
     with torch.no_grad():
-        s = _run(op, x, None).state
-        _run(op, x, s)
-        _run(op, x, s)
         with pytest.raises(InputError, match=r"beta has shape \(1, 2, 2\)"):
             op(x["q"], x["k"], x["v"], state=s, beta=torch.rand(1, H, 2, device=DEVICE), g=x["g"])
         with pytest.raises(InputError, match="beta has dtype torch.int64"):
