@@ -270,9 +270,10 @@ class Op:
         self._plain = not (spec.stateful or spec.inputs or return_lse or return_plan)
         #: a stateful op's calls that passed the general path, by :meth:`_fast_key`: (call, backend, the
         #: declared order of the given tensor inputs, or None when the call's own keywords are in it);
-        #: None for an op that never takes the fast path (stateless, or lse / plan asked for)
+        #: None for an op that never takes the fast path (stateless, lse / plan asked for, or a decode-family
+        #: method: its key count grows every step, so each step would miss and pay for the key)
         self._fast: dict[tuple[Any, ...], tuple[Call, Backend, tuple[str, ...] | None]] | None = (
-            {} if spec.stateful and not (return_lse or return_plan) else None
+            {} if spec.stateful and spec.family == "linear" and not (return_lse or return_plan) else None
         )
 
     def __repr__(self) -> str:

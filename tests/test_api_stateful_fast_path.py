@@ -160,3 +160,13 @@ def test_bad_inputs_still_raise_after_the_fast_path_is_warm() -> None:
         assert str(fast_err.value) == str(general_err.value)
         # still fine afterwards
         _run(op, x, s)
+
+
+def test_only_linear_methods_take_the_fast_path() -> None:
+    """A decode-family method's cache grows every step (a new key each time): it keeps the general path."""
+    from attnlab.catalog.decode import register_methods
+
+    register_methods()
+    assert attnlab.prepare("gated_delta", causal=True)._fast is not None
+    assert attnlab.prepare("page_topk", causal=True)._fast is None
+    assert attnlab.prepare("gated_delta", causal=True, return_lse=False)._fast is not None

@@ -297,8 +297,10 @@ def test_merge_joins_the_parts_of_one_evaluation(result: EvalResult, tmp_path: P
     )
     with pytest.raises(AttnlabError, match="runs .*again"):
         EvalResult.merge([a, a])
-    with pytest.raises(AttnlabError, match="differs from part 0 in .*samples"):
-        EvalResult.merge([a, EvalResult(b.rows, {**b.info, "samples": 3}, b.methods)])
+    assert merged.info["softmax_parts_agree"] is True
+    for key, value in (("samples", 3), ("lengths", [LENGTH, 2 * LENGTH]), ("commit", "0000000")):
+        with pytest.raises(AttnlabError, match=f"differs from part 0 in .*{key}"):
+            EvalResult.merge([a, EvalResult(b.rows, {**b.info, key: value}, b.methods)])
     files = [str(a.write(tmp_path / "a.json")), str(b.write(tmp_path / "b.json"))]
     out = CliRunner().invoke(app, ["eval", "--load", files[0], "--load", files[1], "--no-db", "--report",
                                    str(tmp_path / "r")])  # fmt: skip

@@ -34,6 +34,15 @@ def test_unique_rows_is_torch_unique_up_to_order(t: int, n: int, hashed: bool) -
     assert _same_partition(inverse, want_inverse)
 
 
+@pytest.mark.parametrize("hashed", [True, False])
+def test_unique_rows_of_nothing(hashed: bool) -> None:
+    for shape in ((0, 16), (0, 0)):
+        uniq, inverse = unique_rows(torch.zeros(shape, dtype=torch.bool), hashed=hashed)
+        assert inverse.numel() == 0 and uniq.shape == (0, shape[1]) and uniq.dtype == torch.uint8
+    uniq, inverse = unique_rows(torch.zeros(3, 0, dtype=torch.bool), hashed=hashed)
+    assert uniq.shape == (1, 0) and inverse.tolist() == [0, 0, 0]
+
+
 def test_unique_rows_is_exact_when_every_hash_collides(monkeypatch: pytest.MonkeyPatch) -> None:
     """Multipliers of zero give every row the same hash: the check sees it and falls back."""
     monkeypatch.setattr(
@@ -59,11 +68,17 @@ def test_executor_tables_take_the_same_tile_masks_through_the_hash(monkeypatch: 
     q, k = torch.randn(1, 4, 300, 16), torch.randn(1, 2, 300, 16)
     plan = head_plan(_resolve_call(spec, params, q, k, k, causal=True, scale=None, want_lse=False), 32)
     tables = [executor.executor_tables(plan)]
-    real = executor.unique_rows
-    monkeypatch.setattr(executor, "unique_rows", lambda m: real(m, hashed=True))
+    real, hashed_calls = executor.unique_rows, [0]
+
+    def hashed(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hashed_calls[0] += 1
+        return real(m, hashed=True)
+
+    monkeypatch.setattr(executor, "unique_rows", hashed)
     tables.append(executor.executor_tables(head_plan(
         _resolve_call(spec, params, q, k, k, causal=True, scale=None, want_lse=False), 32)))  # fmt: skip
     a, b = tables
+    assert hashed_calls[0] >= 1  # the second tables went through the hashed route
     assert torch.equal(a.p_num, b.p_num) and torch.equal(a.p_idx, b.p_idx)
     assert int(a.p_num.sum()) > 0
     for num, pa, pb in ((a.p_num, a.p_pat, b.p_pat), (a.tp_num, a.tp_pat, b.tp_pat)):
@@ -89,5 +104,7 @@ def test_executor_tables_on_cuda_match_the_cpu() -> None:
         tables.append(executor.executor_tables(head_plan(call, 128)))
     a, b = tables
     assert torch.equal(a.p_num, b.p_num.cpu()) and torch.equal(a.p_idx, b.p_idx.cpu())
-    listed = torch.arange(a.p_pat.shape[-1]) < a.p_num[..., None]
-    assert torch.equal(a.patterns[a.p_pat[listed].long()], b.patterns.cpu()[b.p_pat.cpu()[listed].long()])
+    assert torch.equal(a.tp_num, b.tp_num.cpu()) and torch.equal(a.tp_idx, b.tp_idx.cpu())
+    for num, pa, pb in ((a.p_num, a.p_pat, b.p_pat.cpu()), (a.tp_num, a.tp_pat, b.tp_pat.cpu())):
+        listed = torch.arange(pa.shape[-1]) < num[..., None]
+        assert torch.equal(a.patterns[pa[listed].long()], b.patterns.cpu()[pb[listed].long()])

@@ -360,15 +360,16 @@ class EvalResult:
     @classmethod
     def merge(cls, parts: Sequence[EvalResult]) -> EvalResult:
         """One result from several runs of one evaluation split across processes (e.g. two GPU commands,
-        each under a time limit): the same model, device, tasks, samples and haystack corpus, each method
-        run in one part only. Each part runs the softmax reference; the first part's softmax rows are
-        kept and the others' accuracies are recorded in ``info["softmax_per_part"]`` (the same seeds give
-        the same prompts, so they agree unless the runs differ). A run a part left out by its time limit
+        each under a time limit): the same model, device, tasks, lengths, samples, budgets, haystack corpus
+        and commit, each method run in one part only. Each part runs the softmax reference; the first part's softmax rows are
+        kept and every part's softmax accuracies are recorded in ``info["softmax_per_part"]``, with
+        ``info["softmax_parts_agree"]`` (the same seeds give the same prompts, so they agree unless the
+        runs differ). A run a part left out by its time limit
         but another part ran is no longer listed as left out."""
         if not parts:
             raise EvalError("merge: no results given")
         first = parts[0]
-        keys = ("model", "device_name", "tasks", "samples", "haystack_corpus", "budgets")
+        keys = ("model", "device_name", "tasks", "lengths", "samples", "haystack_corpus", "budgets", "commit")
         for i, part in enumerate(parts[1:], 1):
             diff = [k for k in keys if part.info.get(k) != first.info.get(k)]
             if diff:
@@ -393,8 +394,7 @@ class EvalResult:
         ran = {f"{m['label']}@{m['length']}" for m in methods}
         skipped = [s for part in parts for s in part.info.get("skipped", []) if s not in ran]
         info = {**first.info, "skipped": list(dict.fromkeys(skipped)), "parts": len(parts),
-                "softmax_per_part": softmax,
-                "lengths": sorted({n for part in parts for n in part.info.get("lengths", [])})}  # fmt: skip
+                "softmax_per_part": softmax, "softmax_parts_agree": all(x == softmax[0] for x in softmax)}  # fmt: skip
         return cls(rows, info, methods)
 
 

@@ -130,11 +130,13 @@ def unique_rows(m: Tensor, hashed: bool | None = None) -> tuple[Tensor, Tensor]:
     compared with its group's representative, exactly: on a hash collision the result falls back to
     ``unique(dim=0)`` of the packed words. ``hashed``: that route (default: off the CPU, where
     ``unique(dim=0)`` is the faster one)."""
-    if not (m.device.type != "cpu" if hashed is None else hashed):
-        uniq, inverse = torch.unique(m.to(torch.uint8), dim=0, return_inverse=True)
-        return uniq, inverse
     t, n = m.shape
     dev = m.device
+    if t == 0 or n == 0:  # no rows: none distinct; rows of no columns: one, all alike
+        return m[: min(t, 1)].to(torch.uint8), torch.zeros(t, dtype=torch.int64, device=dev)
+    if not (dev.type != "cpu" if hashed is None else hashed):
+        uniq, inverse = torch.unique(m.to(torch.uint8), dim=0, return_inverse=True)
+        return uniq, inverse
     bits = torch.nn.functional.pad(m.to(torch.uint8), (0, (-n) % 64)).view(t, -1, 8)
     powers = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8).to(dev)
     words = (bits * powers).sum(-1, dtype=torch.uint8).view(torch.int64)  # (T, W): 64 of the row's bits each
