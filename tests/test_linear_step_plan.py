@@ -117,6 +117,30 @@ def test_a_planned_launch_equals_the_uncached_launch_bit_for_bit(plans: dict[Any
     assert len(plans) == len(CASES) - 1  # (q's strides are no part of it: q, k, v made contiguous per call)
 
 
+def test_a_plan_serves_other_tensors_of_its_signature(plans: dict[Any, Any]) -> None:
+    """A plan holds no data: the same signature with other tensors (a state and gates taken at an offset
+    inside larger buffers, same shapes and strides) reuses the plan and reads the new memory: results equal
+    the uncached launch's on those tensors."""
+    op = _op()
+    q, k, v, g, beta, h0, l2 = _case("delta-per-token-4d")
+    assert g is not None and beta is not None and h0 is not None
+    op._step_launch(q, k, v, g, beta, h0, 0.3, l2, None)
+    made = len(plans)
+    big_h0 = _rand(3 * h0.numel(), seed=11)
+    h0b = big_h0[h0.numel() : 2 * h0.numel()].view(h0.shape)  # a storage offset, contiguous strides
+    big_beta = torch.rand(2 * beta.numel(), generator=torch.Generator().manual_seed(12)).to(DEV)
+    betab = big_beta[beta.numel() :].view(beta.shape)
+    gb = _gate(*g.shape, seed=13)
+    assert h0b.stride() == h0.stride() and h0b.storage_offset() > 0 and betab.storage_offset() > 0
+    got = op._step_launch(q, k, v, gb, betab, h0b, 0.3, l2, None)
+    assert len(plans) == made  # the same signature: the plan was reused
+    want = _uncached_launch(q, k, v, gb, betab, h0b, l2)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    first = op._step_launch(q, k, v, g, beta, h0, 0.3, l2, None)
+    assert not torch.equal(first[1], got[1])  # (the other inputs made another state)
+
+
 def test_a_plan_is_made_once_per_signature(plans: dict[Any, Any]) -> None:
     """The same signature gets the same plan object; any change of what the launch depends on (a shape,
     q's dtype or device, the strides of g / beta / h0, h0's dtype, the flags) gets another; the plan says
