@@ -92,7 +92,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = profile_lengths(args.method, args.lengths, heads=args.heads, kv_heads=args.kv_heads,
                            head_dim=args.head_dim, causal=not args.non_causal, device=device,
                            top=args.top)  # fmt: skip
-    result = {"method": args.method, "device": str(device), "torch": torch.__version__, "rows": rows}
+    result = {"method": args.method, "device": str(device), "torch": torch.__version__, "heads": args.heads,
+              "kv_heads": args.kv_heads, "head_dim": args.head_dim, "causal": not args.non_causal,
+              "dtype": "bfloat16" if device.type == "cuda" else "float32",
+              "timing": "first call under cProfile, after attnlab.explain of the same call", "rows": rows}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"first_call_{args.method}.json").write_text(json.dumps(result, indent=1))
     return result

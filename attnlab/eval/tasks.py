@@ -375,7 +375,10 @@ class EvalResult:
             if diff:
                 got = {k: part.info.get(k) for k in diff}
                 want = {k: first.info.get(k) for k in diff}
-                raise EvalError(f"merge: part {i} differs from part 0 in {got} (part 0: {want})")
+                raise EvalError(
+                    f"merge: part {i} differs from part 0 in {got} (part 0: {want}); merge only the parts "
+                    "of one evaluation (one commit, the same settings), or report the results separately"
+                )
         rows, methods, seen = list(first.rows), list(first.methods), {m["label"] for m in first.methods}
         softmax: list[dict[str, Any]] = []
         for i, part in enumerate(parts):
@@ -387,7 +390,10 @@ class EvalResult:
             labels = {(m["label"], m["length"]) for m in part.methods if m["method"] != DENSE}
             again = sorted(f"{lb}@{n}" for lb, n in labels if lb in seen)
             if again:
-                raise EvalError(f"merge: part {i} runs {', '.join(again)} again (each run in one part only)")
+                raise EvalError(
+                    f"merge: part {i} runs {', '.join(again)} again (each run in one part only); drop it "
+                    "from one of the parts"
+                )
             rows += [r for r in part.rows if r["method"] != DENSE]
             methods += [m for m in part.methods if m["method"] != DENSE]
             seen |= {lb for lb, _ in labels}
