@@ -272,8 +272,25 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
     def topk_torch() -> object:  # torch.topk alone, over (B * H_kv) rows of n_pages scores
         return torch.topk(fixed_scores, keep, dim=-1, sorted=False).indices
 
-    def topk_triton() -> object:  # attnlab's row top-k kernel on the same rows
+    def topk_triton() -> object:  # attnlab's row top-k kernel on the same rows (the default search)
         return row_topk(fixed_scores, keep)
+
+    def topk_triton_3way() -> object:  # the same with the 3-way search (graphed with the flag off)
+        from attnlab.kernels.decode import op as dop_
+
+        saved_radix = dop_.TOPK_RADIX
+        dop_.TOPK_RADIX = False
+        try:
+            return row_topk(fixed_scores, keep)
+        finally:
+            dop_.TOPK_RADIX = saved_radix
+
+    radix_checks = {
+        "radix_vs_naive_exact": bool(
+            torch.equal(row_topk(fixed_scores, keep), row_topk_naive(fixed_scores, keep))
+        ),
+        "3way_vs_naive_exact": bool(torch.equal(topk_triton_3way(), row_topk_naive(fixed_scores, keep))),
+    }
 
     idx = sel.index
 
@@ -320,7 +337,7 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
     from attnlab.kernels.decode import op as dop
 
     tiles = (dop.SPLIT_BLOCK_P, dop.SPLIT_WARPS)
-    for bp, warps in ((64, 4), (64, 8), (128, 8), (16, 4)):
+    for bp, warps in ((32, 4), (128, 4), (128, 8)):
         dop.SPLIT_BLOCK_P, dop.SPLIT_WARPS = bp, warps
         name = f"step_graph_tile{bp}x{warps}w"
         try:
@@ -334,7 +351,33 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
             FAILED[name] = f"{type(e).__name__}: {str(e)[:300]}"
         finally:
             dop.SPLIT_BLOCK_P, dop.SPLIT_WARPS = tiles
+    # the default step with the older scoring form and/or the 3-way search for the keep-th score
+    # (op.SCORE_LEAN / op.TOPK_RADIX), and with other split-K program counts of the decode kernel
+    flags = (dop.SCORE_LEAN, dop.TOPK_RADIX, dop.PROGRAMS_PER_SM, dop.DECODE_EARLY_V)
+    lean0, radix0, pps0, early0 = flags
+    variants_of_step = {  # (SCORE_LEAN, TOPK_RADIX, PROGRAMS_PER_SM, DECODE_EARLY_V)
+        "step_graph_before": (False, False, pps0, False),  # the three changes of this commit off
+        "step_graph_fp32scores": (False, radix0, pps0, early0),
+        "step_graph_3way": (lean0, False, pps0, early0),
+        "step_graph_late_v": (lean0, radix0, pps0, False),
+        "step_graph_pps2": (lean0, radix0, 2, early0),
+        "step_graph_pps8": (lean0, radix0, 8, early0),
+    }
+    for name, (lean, radix, pps, early) in variants_of_step.items():
+        dop.SCORE_LEAN, dop.TOPK_RADIX, dop.PROGRAMS_PER_SM, dop.DECODE_EARLY_V = lean, radix, pps, early
+        try:
+            out_f = step()
+            assert isinstance(out_f, Result)
+            mode_checks[name] = {
+                "step_vs_default_step_max_abs": float((out_f.out.float() - res.out.float()).abs().max())
+            }
+            mode_steps[name] = graph_of(step)
+        except Exception as e:  # recorded; the side is left out
+            FAILED[name] = f"{type(e).__name__}: {str(e)[:300]}"
+        finally:
+            dop.SCORE_LEAN, dop.TOPK_RADIX, dop.PROGRAMS_PER_SM, dop.DECODE_EARLY_V = flags
     checks["step_modes"] = mode_checks
+    checks["row_topk"] = radix_checks
 
     def graphed(fn: Callable[[], object]) -> Callable[[], object]:
         try:
@@ -360,6 +403,7 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
         "select_previous": graphed(select_previous),
         "topk_torch": graphed(topk_torch),
         "topk_triton": graphed(topk_triton),
+        "topk_triton_3way": graphed(topk_triton_3way),
         "kernel_only": graphed(kernel_only),
         "flash_gathered": flash_gathered,
         "kernel_all_pages": graphed(kernel_all_pages),
@@ -382,6 +426,7 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
         "select_previous": summary_bytes,
         "topk_torch": None,
         "topk_triton": None,
+        "topk_triton_3way": None,
         "kernel_only": sel_bytes,
         "flash_gathered": sel_bytes,
         "kernel_all_pages": kv_bytes,

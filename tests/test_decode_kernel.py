@@ -147,8 +147,19 @@ def test_page_scores_match_naive_and_bound_every_key(reduce_max: bool) -> None:
         assert (per_page <= got + 1e-5).all()
 
 
+@pytest.fixture(params=[(True, True), (False, False)], ids=["lean-radix", "fp32-3way"])
+def kernel_flags(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> tuple[bool, bool]:
+    """Both scoring forms (``SCORE_LEAN``) and both searches for the keep-th score (``TOPK_RADIX``)."""
+    from attnlab.kernels.decode import op
+
+    lean, radix = request.param
+    monkeypatch.setattr(op, "SCORE_LEAN", lean)
+    monkeypatch.setattr(op, "TOPK_RADIX", radix)
+    return lean, radix
+
+
 @pytest.mark.parametrize(("n", "k"), [(37, 5), (300, 17), (8, 8), (1, 1), (700, 350), (2, 1)])
-def test_row_topk_matches_naive_with_ties_and_infinities(n: int, k: int) -> None:
+def test_row_topk_matches_naive_with_ties_and_infinities(n: int, k: int, kernel_flags: tuple) -> None:
     from attnlab.kernels.decode.op import row_topk
 
     x = torch.randn(3, 2, n, device=DEVICE)
@@ -164,6 +175,29 @@ def test_row_topk_matches_naive_with_ties_and_infinities(n: int, k: int) -> None
     assert torch.equal(got[1, 0], torch.arange(k, device=DEVICE, dtype=torch.int32))
 
 
+@pytest.mark.parametrize("radix", [True, False], ids=["radix", "3way"])
+def test_row_topk_keys_that_differ_in_one_byte_only(radix: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows whose values share their top bytes and differ in the lowest one only (each radix pass must keep
+    the right bin), differ in the top byte only (sign and exponent: negatives, +-0, infinities), and a
+    k-th value tied across many positions: the positions equal the naive rule's."""
+    from attnlab.kernels.decode import op
+
+    monkeypatch.setattr(op, "TOPK_RADIX", radix)
+    n = 600
+    base = torch.full((n,), 3.0, device=DEVICE)
+    low_byte = (base.view(torch.int32) + torch.randint(0, 256, (n,), device=DEVICE, dtype=torch.int32)).view(
+        torch.float32
+    )
+    signs = torch.tensor([-0.0, 0.0, -1.0, 1.0, float("inf"), float("-inf"), -2.0, 2.0], device=DEVICE)
+    top_byte = signs[torch.randint(0, 8, (n,), device=DEVICE)]
+    tied = torch.randn(n, device=DEVICE)
+    tied[100:400] = 0.5  # the k-th value below sits inside this run of ties
+    tied[:50] = 9.0
+    x = torch.stack([low_byte, top_byte, tied])
+    for k in (1, 7, 64, 200, 599, 600):
+        assert torch.equal(op.row_topk(x, k), row_topk_naive(x, k)), k
+
+
 SELECT_CASES = [
     # b, h, h_kv, n_q, n_k, d, page, keep, stale pages, key mask, reduce_max
     (2, 4, 2, 1, 300, 16, 4, 20, 1, False, True),  # 75 pages: several scoring programs per row
@@ -175,7 +209,9 @@ SELECT_CASES = [
 
 @pytest.mark.parametrize("dot", [False, True], ids=["elementwise", "dot"])
 @pytest.mark.parametrize("case", SELECT_CASES, ids=[f"case{i}" for i in range(len(SELECT_CASES))])
-def test_page_select_updates_scores_and_picks_the_top_pages(case: tuple, dot: bool) -> None:
+def test_page_select_updates_scores_and_picks_the_top_pages(
+    case: tuple, dot: bool, kernel_flags: tuple
+) -> None:
     """The fused selection kernel: stale summaries recomputed (padding left out), every page's bound equal
     to the naive twin's (forced pages +inf, padding-only pages -inf), and the positions of the top ``keep``
     scores ascending with ties to the lowest (row_topk_naive over the kernel's own scores). Twice: the
@@ -216,7 +252,7 @@ def test_page_select_updates_scores_and_picks_the_top_pages(case: tuple, dot: bo
 
 
 @pytest.mark.parametrize("dot", [False, True], ids=["elementwise", "dot"])
-def test_page_select_bf16_with_padding(dot: bool) -> None:
+def test_page_select_bf16_with_padding(dot: bool, kernel_flags: tuple) -> None:
     """bf16 cache and summaries (the GPU case): bounds in fp32 from the bf16 summaries equal the naive
     twin's up to summation order, padding-only pages -inf, positions the rule over the kernel's scores."""
     from attnlab.kernels.decode.op import page_select_launch
@@ -235,7 +271,7 @@ def test_page_select_bf16_with_padding(dot: bool) -> None:
     assert torch.equal(index, row_topk_naive(scores, 5))
 
 
-def test_page_select_two_launch_and_torch_ranking_pick_the_same_pages() -> None:
+def test_page_select_two_launch_and_torch_ranking_pick_the_same_pages(kernel_flags: tuple) -> None:
     """rank="triton" (scores, then row_topk) gives the fused launch's positions; rank="torch" (what rows
     longer than MAX_SELECT_ROW get) the same set."""
     from attnlab.kernels.decode.op import page_select_launch

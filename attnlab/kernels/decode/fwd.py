@@ -20,7 +20,9 @@ candidate for the selection's top-k; see its docstring).
 launch. Program (pb, b*h_kv) (1) recomputes the page summaries (elementwise key max / min of the real tokens)
 of its pages >= FIRST_UPDATE from K (a decode step's appended tokens; none when FIRST_UPDATE = N_PAGES),
 (2) scores its BLOCK_P pages as ``page_score_kernel`` does (DOT: as two tensor-core products of the
-group's query rows, split by sign, with the summaries), pages with no real token (max < min) -inf,
+group's query rows, split by sign, with the summaries; DOT and LEAN: the bf16 summaries go into the
+products as loaded, and a page of padding only, told by its channel 0, gets -inf after the products instead
+of zeroed summaries before them), pages with no real token (max < min) -inf,
 pages >= FIRST_FORCED +inf, into SCORES, then (3) counts itself done on the row's counter (an atomic); the
 row's last program to finish reads the row's scores back and writes the positions of its KEEP largest,
 ascending (ties at the KEEP-th value: the lowest positions), to IDX, and resets the counter to 0 (so the
@@ -59,7 +61,7 @@ def decode_split_kernel(
     GROUP: tl.constexpr, PAGE: tl.constexpr, CAUSAL: tl.constexpr, HAS_CNT: tl.constexpr,
     HAS_KMASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, EARLY_V: tl.constexpr,
 ):  # fmt: skip
     split = tl.program_id(0)
     mblk = tl.program_id(1)
@@ -105,6 +107,10 @@ def decode_split_kernel(
             tok_ok = tok_ok & (tl.load(KMASK + b * stride_mb + tok, mask=tok_ok, other=0) > 0)
         kv_mask = tok_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + tok[:, None].to(tl.int64) * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        if EARLY_V:  # V's load issued with K's (a split of one step has no loop for the pipeliner to overlap)
+            v = tl.load(
+                v_base + tok[:, None].to(tl.int64) * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0
+            )
         s = _dot(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
         allowed = tok_ok[None, :] & row_ok[:, None]
         if CAUSAL:
@@ -115,7 +121,10 @@ def decode_split_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + tok[:, None].to(tl.int64) * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        if not EARLY_V:
+            v = tl.load(
+                v_base + tok[:, None].to(tl.int64) * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0
+            )
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
         m_i = m_new
 
@@ -205,16 +214,17 @@ def page_score_kernel(
 
 
 @triton.jit
-def row_topk_kernel(X, OUT, N, K, stride_x, stride_o, BLOCK: tl.constexpr):
+def row_topk_kernel(X, OUT, N, K, stride_x, stride_o, BLOCK: tl.constexpr, RADIX: tl.constexpr):
     """Grid: (rows,). The K largest of the row's N fp32 values, their positions written to OUT in
     ascending order (ties at the K-th value: the lowest positions). The row lives in registers (N <= BLOCK):
-    the K-th value is found by a 3-way search over an order-preserving int32 image of the floats, then a
-    prefix sum places the chosen positions (``_store_topk``, shared with ``page_select_kernel``)."""
+    the K-th value is found over an order-preserving int32 image of the floats (RADIX: a radix select, 4
+    byte-wide histogram passes; else a 3-way search, ~20 reduction rounds), then a prefix sum places the
+    chosen positions (``_store_topk``, shared with ``page_select_kernel``)."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     ok = offs < N
     x = tl.load(X + row * stride_x + offs, mask=ok, other=0.0)
-    _store_topk(x, ok, offs, K, OUT + row * stride_o)
+    _store_topk(x, ok, offs, K, OUT + row * stride_o, RADIX)
 
 
 @triton.jit
@@ -248,11 +258,44 @@ def _kth_largest_key(key, ok, K):
 
 
 @triton.jit
-def _store_topk(x, ok, offs, K, OUT):
+def _kth_largest_key_radix(key, ok, K):
+    """The K-th largest of the int32 keys where ``ok`` (1 <= K <= their count): a radix select, most
+    significant byte first. Invariant: the wanted key is the ``need``-th largest of the candidates (the
+    keys whose bytes so far equal its bytes). Each of the 4 passes histograms the candidates' next byte
+    (the top byte with its sign bit flipped, so that unsigned byte order is the keys' signed order) and
+    keeps the largest byte value d with at least ``need`` candidates at or above it; the candidates above d
+    are then ranked before the wanted key (``need`` drops by their count)."""
+    bins = tl.arange(0, 256)
+    cand = ok
+    need = K
+    kth = tl.full([], 0, tl.int32)
+    for p in tl.static_range(4):
+        shift: tl.constexpr = 24 - 8 * p
+        digit = (key >> shift) & 0xFF
+        if p == 0:
+            digit = digit ^ 0x80
+        hist = tl.histogram(digit, 256, mask=cand)
+        at_or_above = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
+        d = tl.max(tl.where(at_or_above >= need, bins, -1), 0)
+        need = need - tl.sum(tl.where(bins > d, hist, 0), 0)
+        cand = cand & (digit == d)
+        if p == 0:  # noqa: SIM108 (constexpr branches)
+            kth = kth | ((d ^ 0x80) << shift)
+        else:
+            kth = kth | (d << shift)
+    return kth
+
+
+@triton.jit
+def _store_topk(x, ok, offs, K, OUT, RADIX: tl.constexpr):
     """Write the positions ``offs`` of the K largest of x where ``ok`` to OUT[0..K), ascending (ties at
-    the K-th value: the lowest positions); one scan places them."""
+    the K-th value: the lowest positions); one scan places them. RADIX: the K-th value by radix select,
+    else by the 3-way search (the same value)."""
     key = _order_key(x)
-    kth = _kth_largest_key(key, ok, K)
+    if RADIX:  # noqa: SIM108 (constexpr branch)
+        kth = _kth_largest_key_radix(key, ok, K)
+    else:
+        kth = _kth_largest_key(key, ok, K)
     greater = ok & (key > kth)
     equal = ok & (key == kth)
     need = K - tl.sum(greater.to(tl.int32), 0)
@@ -274,6 +317,7 @@ def page_select_kernel(
     GROUP: tl.constexpr, PAGE: tl.constexpr, REDUCE_MAX: tl.constexpr, HAS_KMASK: tl.constexpr,
     SELECT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_ROW: tl.constexpr,
     DOT: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    LEAN: tl.constexpr, RADIX: tl.constexpr,
 ):  # fmt: skip
     pb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -309,12 +353,7 @@ def page_select_kernel(
     p_ok = pages < N_PAGES
     off = s_base + pages[:, None].to(tl.int64) * stride_sp + offs_d[None, :]
     msk = p_ok[:, None] & d_ok[None, :]
-    kmax = tl.load(KMAX + off, mask=msk, other=0.0).to(tl.float32)
-    kmin = tl.load(KMIN + off, mask=msk, other=0.0).to(tl.float32)
-    real = tl.max(tl.where(d_ok[None, :], kmax, float("-inf")), 1) >= tl.min(
-        tl.where(d_ok[None, :], kmin, float("inf")), 1
-    )
-    if DOT:  # the bound as two products: relu(q) . kmax + min(q, 0) . kmin, every query row at once
+    if DOT and LEAN:  # the summaries go from memory straight into the products (no fp32 copy, no masking)
         rows = tl.arange(0, BLOCK_M)
         row_ok = rows < GROUP * N_Q
         heads = hk * GROUP + rows // N_Q
@@ -322,33 +361,67 @@ def page_select_kernel(
             Q + b * stride_qb + heads[:, None].to(tl.int64) * stride_qh + (rows % N_Q)[:, None] * stride_qn
         )
         qt = tl.load(q_ptr + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        qf = qt.to(tl.float32)  # (signs compared in fp32: exact, and right in the interpreter too)
+        qf = qt.to(tl.float32)
         q_pos = tl.where(qf > 0, qf, 0.0).to(qt.dtype)
         q_neg = tl.where(qf > 0, 0.0, qf).to(qt.dtype)
-        hi = tl.where(real[:, None], kmax, 0.0).to(qt.dtype)  # padding-only pages: no 0 * inf
-        lo = tl.where(real[:, None], kmin, 0.0).to(qt.dtype)
+        hi = tl.load(KMAX + off, mask=msk, other=0.0)
+        lo = tl.load(KMIN + off, mask=msk, other=0.0)
         u2 = _dot(q_pos, tl.trans(hi), DOT_PREC, UPCAST) + _dot(q_neg, tl.trans(lo), DOT_PREC, UPCAST)
-        if REDUCE_MAX:
-            best = tl.max(tl.where(row_ok[:, None], u2, float("-inf")), 0)
+        # a page of padding only (max -inf < min +inf in every channel, so channel 0 tells) may give NaN
+        # (0 * inf) or -inf in its column: replaced before the rows are combined
+        col0 = s_base + pages.to(tl.int64) * stride_sp
+        c0_max = tl.load(KMAX + col0, mask=p_ok, other=0.0).to(tl.float32)  # (fp32: the interpreter
+        c0_min = tl.load(KMIN + col0, mask=p_ok, other=0.0).to(tl.float32)  # compares bf16 as raw bits)
+        real = c0_max >= c0_min
+        u2 = tl.where(real[None, :] & row_ok[:, None], u2, float("-inf"))
+        if REDUCE_MAX:  # noqa: SIM108 (constexpr branches)
+            best = tl.max(u2, 0)
         else:
             best = tl.sum(tl.where(row_ok[:, None], u2, 0.0), 0) / (GROUP * N_Q)
-    else:  # elementwise, one query row at a time
-        if REDUCE_MAX:
-            best = tl.full([BLOCK_P], float("-inf"), tl.float32)
-        else:
-            best = tl.zeros([BLOCK_P], tl.float32)
-        for r in range(0, GROUP * N_Q):
-            head = hk * GROUP + r // N_Q
-            qi = r % N_Q
-            q_ptr1 = Q + b * stride_qb + head.to(tl.int64) * stride_qh + qi * stride_qn + offs_d
-            qr = tl.load(q_ptr1, mask=d_ok, other=0.0).to(tl.float32)
-            u = tl.sum(tl.maximum(qr[None, :] * kmax, qr[None, :] * kmin), 1)
-            if REDUCE_MAX:  # noqa: SIM108
-                best = tl.maximum(best, u)
+    else:
+        kmax = tl.load(KMAX + off, mask=msk, other=0.0).to(tl.float32)
+        kmin = tl.load(KMIN + off, mask=msk, other=0.0).to(tl.float32)
+        real = tl.max(tl.where(d_ok[None, :], kmax, float("-inf")), 1) >= tl.min(
+            tl.where(d_ok[None, :], kmin, float("inf")), 1
+        )
+        if DOT:  # the bound as two products: relu(q) . kmax + min(q, 0) . kmin, every query row at once
+            rows = tl.arange(0, BLOCK_M)
+            row_ok = rows < GROUP * N_Q
+            heads = hk * GROUP + rows // N_Q
+            q_ptr = (
+                Q
+                + b * stride_qb
+                + heads[:, None].to(tl.int64) * stride_qh
+                + (rows % N_Q)[:, None] * stride_qn
+            )
+            qt = tl.load(q_ptr + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            qf = qt.to(tl.float32)  # (signs compared in fp32: exact, and right in the interpreter too)
+            q_pos = tl.where(qf > 0, qf, 0.0).to(qt.dtype)
+            q_neg = tl.where(qf > 0, 0.0, qf).to(qt.dtype)
+            hi = tl.where(real[:, None], kmax, 0.0).to(qt.dtype)  # padding-only pages: no 0 * inf
+            lo = tl.where(real[:, None], kmin, 0.0).to(qt.dtype)
+            u2 = _dot(q_pos, tl.trans(hi), DOT_PREC, UPCAST) + _dot(q_neg, tl.trans(lo), DOT_PREC, UPCAST)
+            if REDUCE_MAX:
+                best = tl.max(tl.where(row_ok[:, None], u2, float("-inf")), 0)
             else:
-                best = best + u
-        if not REDUCE_MAX:
-            best = best / (GROUP * N_Q)
+                best = tl.sum(tl.where(row_ok[:, None], u2, 0.0), 0) / (GROUP * N_Q)
+        else:  # elementwise, one query row at a time
+            if REDUCE_MAX:
+                best = tl.full([BLOCK_P], float("-inf"), tl.float32)
+            else:
+                best = tl.zeros([BLOCK_P], tl.float32)
+            for r in range(0, GROUP * N_Q):
+                head = hk * GROUP + r // N_Q
+                qi = r % N_Q
+                q_ptr1 = Q + b * stride_qb + head.to(tl.int64) * stride_qh + qi * stride_qn + offs_d
+                qr = tl.load(q_ptr1, mask=d_ok, other=0.0).to(tl.float32)
+                u = tl.sum(tl.maximum(qr[None, :] * kmax, qr[None, :] * kmin), 1)
+                if REDUCE_MAX:  # noqa: SIM108
+                    best = tl.maximum(best, u)
+                else:
+                    best = best + u
+            if not REDUCE_MAX:
+                best = best / (GROUP * N_Q)
     best = tl.where(real, best, float("-inf"))
     best = tl.where(pages >= FIRST_FORCED, float("inf"), best)
     row_base = bh.to(tl.int64) * N_PAGES
@@ -362,5 +435,5 @@ def page_select_kernel(
             offs = tl.arange(0, BLOCK_ROW)
             ok = offs < N_PAGES
             x = tl.load(SCORES + row_base + offs, mask=ok, other=0.0, cache_modifier=".cg")
-            _store_topk(x, ok, offs, KEEP, IDX + bh.to(tl.int64) * KEEP)
+            _store_topk(x, ok, offs, KEEP, IDX + bh.to(tl.int64) * KEEP, RADIX)
             tl.atomic_xchg(CNT + bh, 0)

@@ -42,6 +42,10 @@ PROGRAMS_PER_SM = 4
 MAX_SPLIT_TOKENS = 2048
 #: Pages per page-score program.
 BLOCK_P = 32
+#: The split-K kernel loads each inner step's V tile together with its K tile (before the scores) instead of
+#: after the softmax. At 128K, budget 4096, B=1 every split is one inner step, so nothing else overlaps
+#: the two loads. The same results.
+DECODE_EARLY_V = True
 
 
 @functools.cache
@@ -142,7 +146,7 @@ def decode_launch(
         h_kv, n_q, n_k, n_idx, per_split, d, float(scale),
         GROUP=group, PAGE=page, CAUSAL=bool(causal), HAS_CNT=count is not None, HAS_KMASK=key_mask is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=upcast,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=upcast, EARLY_V=DECODE_EARLY_V,
         num_warps=4, num_stages=2 if q.is_cuda else 1,
     )  # fmt: skip
     out = torch.empty(b, h, n_q, d, device=q.device, dtype=q.dtype)  # contiguous: strides known
@@ -198,6 +202,13 @@ SPLIT_BLOCK_P = 64
 SPLIT_WARPS = 4
 #: The most stale pages :func:`page_select` recomputes in its kernel (each by one program, serially).
 MAX_FUSED_UPDATE = 16
+#: With ``dot``: the summaries go from memory into the tensor-core products as loaded (bf16), a page of
+#: padding only masked after the products (``page_select_kernel``'s LEAN); False: the fp32 copy with the
+#: padding masked before them (the path measured up to 8544b74). The same scores.
+SCORE_LEAN = True
+#: The ``keep``-th score by a radix select (4 byte-wide histogram passes) instead of the 3-way search
+#: (~20 reduction rounds) in :func:`row_topk` and the fused selection. The same positions.
+TOPK_RADIX = True
 
 
 def _select_warps(block_row: int) -> int:
@@ -301,6 +312,7 @@ def page_select_launch(
         DOT=bool(dot), BLOCK_M=max(16, next_power_of_2((h // h_kv) * n_q)),
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=IMPORTED_INTERPRETED and q.dtype != torch.float32,
+        LEAN=SCORE_LEAN, RADIX=TOPK_RADIX,
         num_warps=_select_warps(block_row) if fused else SPLIT_WARPS,
     )  # fmt: skip
     if rank == "triton":
@@ -324,7 +336,15 @@ def row_topk_launch(x: Tensor, k: int) -> Tensor:
     out = torch.empty(rows.shape[0], k, device=x.device, dtype=torch.int32)
     block = next_power_of_2(max(n, 16))
     row_topk_kernel[(rows.shape[0],)](
-        rows, out, n, k, rows.stride(0), out.stride(0), BLOCK=block, num_warps=min(16, max(1, block // 512))
+        rows,
+        out,
+        n,
+        k,
+        rows.stride(0),
+        out.stride(0),
+        BLOCK=block,
+        RADIX=TOPK_RADIX,
+        num_warps=min(16, max(1, block // 512)),
     )
     return out.view(*x.shape[:-1], k)
 
