@@ -270,7 +270,7 @@ def _kth_largest_key_radix(key, ok, K):
     need = K
     kth = tl.full([], 0, tl.int32)
     for p in tl.static_range(4):
-        shift: tl.constexpr = 24 - 8 * p
+        shift = 24 - 8 * p
         digit = (key >> shift) & 0xFF
         if p == 0:
             digit = digit ^ 0x80
