@@ -275,21 +275,21 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
     def topk_triton() -> object:  # attnlab's row top-k kernel on the same rows (the default search)
         return row_topk(fixed_scores, keep)
 
-    def topk_triton_3way() -> object:  # the same with the 3-way search (graphed with the flag off)
+    def topk_triton_narrow() -> object:  # the same, the search narrowed to one value (no early exit)
         from attnlab.kernels.decode import op as dop_
 
-        saved_radix = dop_.TOPK_RADIX
-        dop_.TOPK_RADIX = False
+        saved_early = dop_.TOPK_EARLY_EXIT
+        dop_.TOPK_EARLY_EXIT = False
         try:
             return row_topk(fixed_scores, keep)
         finally:
-            dop_.TOPK_RADIX = saved_radix
+            dop_.TOPK_EARLY_EXIT = saved_early
 
-    radix_checks = {
-        "radix_vs_naive_exact": bool(
+    topk_checks = {
+        "early_exit_vs_naive_exact": bool(
             torch.equal(row_topk(fixed_scores, keep), row_topk_naive(fixed_scores, keep))
         ),
-        "3way_vs_naive_exact": bool(torch.equal(topk_triton_3way(), row_topk_naive(fixed_scores, keep))),
+        "narrow_vs_naive_exact": bool(torch.equal(topk_triton_narrow(), row_topk_naive(fixed_scores, keep))),
     }
 
     idx = sel.index
@@ -337,7 +337,7 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
     from attnlab.kernels.decode import op as dop
 
     tiles = (dop.SPLIT_BLOCK_P, dop.SPLIT_WARPS)
-    for bp, warps in ((32, 4), (128, 4), (128, 8)):
+    for bp, warps in ((32, 4), (64, 2), (128, 4)):
         dop.SPLIT_BLOCK_P, dop.SPLIT_WARPS = bp, warps
         name = f"step_graph_tile{bp}x{warps}w"
         try:
@@ -351,20 +351,24 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
             FAILED[name] = f"{type(e).__name__}: {str(e)[:300]}"
         finally:
             dop.SPLIT_BLOCK_P, dop.SPLIT_WARPS = tiles
-    # the default step with the older scoring form and/or the 3-way search for the keep-th score
-    # (op.SCORE_LEAN / op.TOPK_RADIX), and with other split-K program counts of the decode kernel
-    flags = (dop.SCORE_LEAN, dop.TOPK_RADIX, dop.PROGRAMS_PER_SM, dop.DECODE_EARLY_V)
-    lean0, radix0, pps0, early0 = flags
-    variants_of_step = {  # (SCORE_LEAN, TOPK_RADIX, PROGRAMS_PER_SM, DECODE_EARLY_V)
-        "step_graph_before": (False, False, pps0, False),  # the three changes of this commit off
-        "step_graph_fp32scores": (False, radix0, pps0, early0),
-        "step_graph_3way": (lean0, False, pps0, early0),
-        "step_graph_late_v": (lean0, radix0, pps0, False),
-        "step_graph_pps2": (lean0, radix0, 2, early0),
-        "step_graph_pps8": (lean0, radix0, 8, early0),
+    # the default step with each change of this version off (op.SCORE_LEAN, op.TOPK_EARLY_EXIT,
+    # op.DECODE_EARLY_V), and with other split-K program counts / inner steps of the decode kernel
+    names = ("SCORE_LEAN", "TOPK_EARLY_EXIT", "DECODE_EARLY_V", "PROGRAMS_PER_SM", "BLOCK_N")
+    saved_flags = {f: getattr(dop, f) for f in names}
+    variants_of_step: dict[str, dict[str, Any]] = {
+        "step_graph_before": {"SCORE_LEAN": False, "TOPK_EARLY_EXIT": False, "DECODE_EARLY_V": False},
+        "step_graph_fp32scores": {"SCORE_LEAN": False},
+        "step_graph_narrow_topk": {"TOPK_EARLY_EXIT": False},
+        "step_graph_late_v": {"DECODE_EARLY_V": False},
+        "step_graph_pps2": {"PROGRAMS_PER_SM": 2},
+        "step_graph_pps8": {"PROGRAMS_PER_SM": 8},
+        "step_graph_bn32": {"BLOCK_N": 32},
+        "step_graph_bn32_pps8": {"BLOCK_N": 32, "PROGRAMS_PER_SM": 8},
+        "step_graph_bn128": {"BLOCK_N": 128},
     }
-    for name, (lean, radix, pps, early) in variants_of_step.items():
-        dop.SCORE_LEAN, dop.TOPK_RADIX, dop.PROGRAMS_PER_SM, dop.DECODE_EARLY_V = lean, radix, pps, early
+    for name, changed in variants_of_step.items():
+        for f, val in changed.items():
+            setattr(dop, f, val)
         try:
             out_f = step()
             assert isinstance(out_f, Result)
@@ -375,9 +379,10 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
         except Exception as e:  # recorded; the side is left out
             FAILED[name] = f"{type(e).__name__}: {str(e)[:300]}"
         finally:
-            dop.SCORE_LEAN, dop.TOPK_RADIX, dop.PROGRAMS_PER_SM, dop.DECODE_EARLY_V = flags
+            for f, val in saved_flags.items():
+                setattr(dop, f, val)
     checks["step_modes"] = mode_checks
-    checks["row_topk"] = radix_checks
+    checks["row_topk"] = topk_checks
 
     def graphed(fn: Callable[[], object]) -> Callable[[], object]:
         try:
@@ -403,7 +408,7 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
         "select_previous": graphed(select_previous),
         "topk_torch": graphed(topk_torch),
         "topk_triton": graphed(topk_triton),
-        "topk_triton_3way": graphed(topk_triton_3way),
+        "topk_triton_narrow": graphed(topk_triton_narrow),
         "kernel_only": graphed(kernel_only),
         "flash_gathered": flash_gathered,
         "kernel_all_pages": graphed(kernel_all_pages),
@@ -426,7 +431,7 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
         "select_previous": summary_bytes,
         "topk_torch": None,
         "topk_triton": None,
-        "topk_triton_3way": None,
+        "topk_triton_narrow": None,
         "kernel_only": sel_bytes,
         "flash_gathered": sel_bytes,
         "kernel_all_pages": kv_bytes,

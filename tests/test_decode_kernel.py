@@ -147,15 +147,16 @@ def test_page_scores_match_naive_and_bound_every_key(reduce_max: bool) -> None:
         assert (per_page <= got + 1e-5).all()
 
 
-@pytest.fixture(params=[(True, True), (False, False)], ids=["lean-radix", "fp32-3way"])
+@pytest.fixture(params=[(True, True), (False, False)], ids=["lean-early", "fp32-narrow"])
 def kernel_flags(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> tuple[bool, bool]:
-    """Both scoring forms (``SCORE_LEAN``) and both searches for the keep-th score (``TOPK_RADIX``)."""
+    """Both scoring forms (``SCORE_LEAN``) and both ends of the search for the keep-th score
+    (``TOPK_EARLY_EXIT``)."""
     from attnlab.kernels.decode import op
 
-    lean, radix = request.param
+    lean, early = request.param
     monkeypatch.setattr(op, "SCORE_LEAN", lean)
-    monkeypatch.setattr(op, "TOPK_RADIX", radix)
-    return lean, radix
+    monkeypatch.setattr(op, "TOPK_EARLY_EXIT", early)
+    return lean, early
 
 
 @pytest.mark.parametrize(("n", "k"), [(37, 5), (300, 17), (8, 8), (1, 1), (700, 350), (2, 1)])
@@ -175,14 +176,15 @@ def test_row_topk_matches_naive_with_ties_and_infinities(n: int, k: int, kernel_
     assert torch.equal(got[1, 0], torch.arange(k, device=DEVICE, dtype=torch.int32))
 
 
-@pytest.mark.parametrize("radix", [True, False], ids=["radix", "3way"])
-def test_row_topk_keys_that_differ_in_one_byte_only(radix: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Rows whose values share their top bytes and differ in the lowest one only (each radix pass must keep
-    the right bin), differ in the top byte only (sign and exponent: negatives, +-0, infinities), and a
-    k-th value tied across many positions: the positions equal the naive rule's."""
+@pytest.mark.parametrize("early", [True, False], ids=["early-exit", "narrow-to-one"])
+def test_row_topk_keys_that_differ_in_one_byte_only(early: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows whose values share their top bytes and differ in the lowest one only (neighbouring keys: the
+    bracket must narrow to one key), differ in the top byte only (sign and exponent: negatives, +-0,
+    infinities), and a k-th value tied across many positions (no threshold has exactly k keys above
+    it: the search must not stop early): the positions equal the naive rule's."""
     from attnlab.kernels.decode import op
 
-    monkeypatch.setattr(op, "TOPK_RADIX", radix)
+    monkeypatch.setattr(op, "TOPK_EARLY_EXIT", early)
     n = 600
     base = torch.full((n,), 3.0, device=DEVICE)
     low_byte = (base.view(torch.int32) + torch.randint(0, 256, (n,), device=DEVICE, dtype=torch.int32)).view(

@@ -214,17 +214,17 @@ def page_score_kernel(
 
 
 @triton.jit
-def row_topk_kernel(X, OUT, N, K, stride_x, stride_o, BLOCK: tl.constexpr, RADIX: tl.constexpr):
+def row_topk_kernel(X, OUT, N, K, stride_x, stride_o, BLOCK: tl.constexpr, EARLY: tl.constexpr):
     """Grid: (rows,). The K largest of the row's N fp32 values, their positions written to OUT in
     ascending order (ties at the K-th value: the lowest positions). The row lives in registers (N <= BLOCK):
-    the K-th value is found over an order-preserving int32 image of the floats (RADIX: a radix select, 4
-    byte-wide histogram passes; else a 3-way search, ~20 reduction rounds), then a prefix sum places the
-    chosen positions (``_store_topk``, shared with ``page_select_kernel``)."""
+    the K-th value is found by a 3-way search over an order-preserving int32 image of the floats (EARLY:
+    stopping once the bracket holds it alone), then a prefix sum places the chosen positions
+    (``_store_topk``, shared with ``page_select_kernel``)."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     ok = offs < N
     x = tl.load(X + row * stride_x + offs, mask=ok, other=0.0)
-    _store_topk(x, ok, offs, K, OUT + row * stride_o, RADIX)
+    _store_topk(x, ok, offs, K, OUT + row * stride_o, EARLY)
 
 
 @triton.jit
@@ -235,13 +235,22 @@ def _order_key(x):
 
 
 @triton.jit
-def _kth_largest_key(key, ok, K):
+def _kth_largest_key(key, ok, K, EARLY: tl.constexpr):
     """The K-th largest of the int32 keys where ``ok`` (1 <= K <= their count <= 32767): the largest t
     with at least K keys >= t, by a 3-way search over [min key, max key] (two thresholds counted per step
-    in one reduction of a packed int32: ~20 reduction rounds instead of a binary search's 32)."""
+    in one reduction of a packed int32: ~20 reduction rounds instead of a binary search's 32).
+
+    EARLY: the search also stops as soon as exactly K keys are >= its lower end ``lo`` and returns that
+    ``lo``, which may lie below the K-th largest key: for ``_store_topk`` it is the same threshold (the keys
+    above it and the first of the keys equal to it make the K). Scores are sparse in the 2^32 key range,
+    so a bracket holds K keys long before it narrows to one value: fewer rounds, the same positions."""
     lo = tl.min(tl.where(ok, key, 2147483647), 0).to(tl.int64)  # invariant: >= K keys >= lo
     hi = tl.max(tl.where(ok, key, -2147483648), 0).to(tl.int64)  # and fewer than K keys > hi
-    while lo < hi:
+    n_lo = tl.sum(ok.to(tl.int32), 0)  # keys >= lo
+    go = lo < hi
+    if EARLY:
+        go = go & (n_lo != K)
+    while go:
         size = hi - lo + 1
         t1 = lo + size // 3
         t2 = lo + (2 * size) // 3
@@ -252,50 +261,21 @@ def _kth_largest_key(key, ok, K):
         c1 = tot & 0xFFFF
         c2 = tot >> 16
         new_lo = tl.where(c2 >= K, t2, tl.where(c1 >= K, t1, lo))
+        n_lo = tl.where(c2 >= K, c2, tl.where(c1 >= K, c1, n_lo))
         hi = tl.where(c1 < K, t1 - 1, tl.where(c2 < K, t2 - 1, hi))
         lo = new_lo
+        go = lo < hi
+        if EARLY:
+            go = go & (n_lo != K)
     return lo.to(tl.int32)
 
 
 @triton.jit
-def _kth_largest_key_radix(key, ok, K):
-    """The K-th largest of the int32 keys where ``ok`` (1 <= K <= their count): a radix select, most
-    significant byte first. Invariant: the wanted key is the ``need``-th largest of the candidates (the
-    keys whose bytes so far equal its bytes). Each of the 4 passes histograms the candidates' next byte
-    (the top byte with its sign bit flipped, so that unsigned byte order is the keys' signed order) and
-    keeps the largest byte value d with at least ``need`` candidates at or above it; the candidates above d
-    are then ranked before the wanted key (``need`` drops by their count)."""
-    bins = tl.arange(0, 256)
-    cand = ok
-    need = K
-    kth = tl.full([], 0, tl.int32)
-    for p in tl.static_range(4):
-        shift = 24 - 8 * p
-        digit = (key >> shift) & 0xFF
-        if p == 0:
-            digit = digit ^ 0x80
-        hist = tl.histogram(digit, 256, mask=cand)
-        at_or_above = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
-        d = tl.max(tl.where(at_or_above >= need, bins, -1), 0)
-        need = need - tl.sum(tl.where(bins > d, hist, 0), 0)
-        cand = cand & (digit == d)
-        if p == 0:  # noqa: SIM108 (constexpr branches)
-            kth = kth | ((d ^ 0x80) << shift)
-        else:
-            kth = kth | (d << shift)
-    return kth
-
-
-@triton.jit
-def _store_topk(x, ok, offs, K, OUT, RADIX: tl.constexpr):
+def _store_topk(x, ok, offs, K, OUT, EARLY: tl.constexpr):
     """Write the positions ``offs`` of the K largest of x where ``ok`` to OUT[0..K), ascending (ties at
-    the K-th value: the lowest positions); one scan places them. RADIX: the K-th value by radix select,
-    else by the 3-way search (the same value)."""
+    the K-th value: the lowest positions); one scan places them (EARLY: as in ``_kth_largest_key``)."""
     key = _order_key(x)
-    if RADIX:  # noqa: SIM108 (constexpr branch)
-        kth = _kth_largest_key_radix(key, ok, K)
-    else:
-        kth = _kth_largest_key(key, ok, K)
+    kth = _kth_largest_key(key, ok, K, EARLY)  # (with EARLY possibly a threshold below the K-th key)
     greater = ok & (key > kth)
     equal = ok & (key == kth)
     need = K - tl.sum(greater.to(tl.int32), 0)
@@ -317,7 +297,7 @@ def page_select_kernel(
     GROUP: tl.constexpr, PAGE: tl.constexpr, REDUCE_MAX: tl.constexpr, HAS_KMASK: tl.constexpr,
     SELECT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_ROW: tl.constexpr,
     DOT: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    LEAN: tl.constexpr, RADIX: tl.constexpr,
+    LEAN: tl.constexpr, EARLY: tl.constexpr,
 ):  # fmt: skip
     pb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -435,5 +415,5 @@ def page_select_kernel(
             offs = tl.arange(0, BLOCK_ROW)
             ok = offs < N_PAGES
             x = tl.load(SCORES + row_base + offs, mask=ok, other=0.0, cache_modifier=".cg")
-            _store_topk(x, ok, offs, KEEP, IDX + bh.to(tl.int64) * KEEP, RADIX)
+            _store_topk(x, ok, offs, KEEP, IDX + bh.to(tl.int64) * KEEP, EARLY)
             tl.atomic_xchg(CNT + bh, 0)
