@@ -353,7 +353,10 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
             dop.SPLIT_BLOCK_P, dop.SPLIT_WARPS = tiles
     # the default step with each change of this version off (op.SCORE_LEAN, op.TOPK_EARLY_EXIT,
     # op.DECODE_EARLY_V), and with other split-K program counts / inner steps of the decode kernel
-    names = ("SCORE_LEAN", "TOPK_EARLY_EXIT", "DECODE_EARLY_V", "PROGRAMS_PER_SM", "BLOCK_N")
+    names = (
+        "SCORE_LEAN", "TOPK_EARLY_EXIT", "DECODE_EARLY_V", "PROGRAMS_PER_SM", "BLOCK_N", "SPLIT_TILES",
+        "SPLIT_STAGES", "TOPK_WARPS", "DECODE_WARPS", "DECODE_STAGES",
+    )  # fmt: skip
     saved_flags = {f: getattr(dop, f) for f in names}
     variants_of_step: dict[str, dict[str, Any]] = {
         "step_graph_before": {"SCORE_LEAN": False, "TOPK_EARLY_EXIT": False, "DECODE_EARLY_V": False},
@@ -363,8 +366,16 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
         "step_graph_pps2": {"PROGRAMS_PER_SM": 2},
         "step_graph_pps8": {"PROGRAMS_PER_SM": 8},
         "step_graph_bn32": {"BLOCK_N": 32},
-        "step_graph_bn32_pps8": {"BLOCK_N": 32, "PROGRAMS_PER_SM": 8},
-        "step_graph_bn128": {"BLOCK_N": 128},
+        "step_graph_tiles2": {"SPLIT_TILES": 2},
+        "step_graph_tiles4": {"SPLIT_TILES": 4},
+        "step_graph_tiles4_s3": {"SPLIT_TILES": 4, "SPLIT_STAGES": 3},
+        "step_graph_tiles8_s3": {"SPLIT_TILES": 8, "SPLIT_STAGES": 3},
+        "step_graph_tiles16_s3": {"SPLIT_TILES": 16, "SPLIT_STAGES": 3},
+        "step_graph_topk4w": {"TOPK_WARPS": 4},
+        "step_graph_topk8w": {"TOPK_WARPS": 8},
+        "step_graph_dec8w": {"DECODE_WARPS": 8},
+        "step_graph_dec_s3": {"DECODE_STAGES": 3},
+        "step_graph_bn128_dec8w": {"BLOCK_N": 128, "DECODE_WARPS": 8},
     }
     for name, changed in variants_of_step.items():
         for f, val in changed.items():

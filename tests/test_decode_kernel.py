@@ -147,16 +147,20 @@ def test_page_scores_match_naive_and_bound_every_key(reduce_max: bool) -> None:
         assert (per_page <= got + 1e-5).all()
 
 
-@pytest.fixture(params=[(True, True), (False, False)], ids=["lean-early", "fp32-narrow"])
-def kernel_flags(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> tuple[bool, bool]:
-    """Both scoring forms (``SCORE_LEAN``) and both ends of the search for the keep-th score
-    (``TOPK_EARLY_EXIT``)."""
+@pytest.fixture(
+    params=[(True, True, 1), (False, False, 1), (True, True, 3)], ids=["lean-early", "fp32-narrow", "tiles3"]
+)
+def kernel_flags(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> tuple[bool, bool, int]:
+    """Both scoring forms (``SCORE_LEAN``), both ends of the search for the keep-th score
+    (``TOPK_EARLY_EXIT``), and scoring programs of one tile or of a loop over 3 (``SPLIT_TILES``, the
+    two-launch selection: the last program's tiles partly past the row)."""
     from attnlab.kernels.decode import op
 
-    lean, early = request.param
+    lean, early, tiles = request.param
     monkeypatch.setattr(op, "SCORE_LEAN", lean)
     monkeypatch.setattr(op, "TOPK_EARLY_EXIT", early)
-    return lean, early
+    monkeypatch.setattr(op, "SPLIT_TILES", tiles)
+    return lean, early, tiles
 
 
 @pytest.mark.parametrize(("n", "k"), [(37, 5), (300, 17), (8, 8), (1, 1), (700, 350), (2, 1)])
@@ -209,10 +213,11 @@ SELECT_CASES = [
 ]
 
 
+@pytest.mark.parametrize("rank", ["fused", "triton"])
 @pytest.mark.parametrize("dot", [False, True], ids=["elementwise", "dot"])
 @pytest.mark.parametrize("case", SELECT_CASES, ids=[f"case{i}" for i in range(len(SELECT_CASES))])
 def test_page_select_updates_scores_and_picks_the_top_pages(
-    case: tuple, dot: bool, kernel_flags: tuple
+    case: tuple, dot: bool, rank: str, kernel_flags: tuple
 ) -> None:
     """The fused selection kernel: stale summaries recomputed (padding left out), every page's bound equal
     to the naive twin's (forced pages +inf, padding-only pages -inf), and the positions of the top ``keep``
@@ -238,7 +243,8 @@ def test_page_select_updates_scores_and_picks_the_top_pages(
     first_forced = (n_k - n_q) // page
     for _ in range(2):
         index, scores = page_select_launch(q, k, summary.kmax, summary.kmin, counter, page, keep,
-                                           first_forced, first, reduce_max, key_mask, dot=dot)  # fmt: skip
+                                           first_forced, first, reduce_max, key_mask, dot=dot,
+                                           rank=rank)  # fmt: skip
         assert torch.equal(summary.kmax[:, :, :n_pages], want_max)
         assert torch.equal(summary.kmin[:, :, :n_pages], want_min)
         want = page_scores_naive(q, want_max, want_min, "max" if reduce_max else "mean")

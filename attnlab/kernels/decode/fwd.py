@@ -16,9 +16,9 @@ the split's normalised output and natural-log lse (0 and -inf for a split that s
 ``row_topk_kernel``. Grid: (rows,). The positions of each row's K largest values, ascending (a
 candidate for the selection's top-k; see its docstring).
 
-``page_select_kernel``. Grid: (cdiv(N_PAGES, BLOCK_P), B * H_KV). page_topk's whole selection in one
-launch. Program (pb, b*h_kv) (1) recomputes the page summaries (elementwise key max / min of the real tokens)
-of its pages >= FIRST_UPDATE from K (a decode step's appended tokens; none when FIRST_UPDATE = N_PAGES),
+``page_select_kernel``. Grid: (cdiv(N_PAGES, BLOCK_P * TILES), B * H_KV). page_topk's whole selection in
+one launch. Program (pb, b*h_kv) owns TILES tiles of BLOCK_P pages: it (1) recomputes the page summaries
+(elementwise key max / min of the real tokens) of its pages >= FIRST_UPDATE from K (a decode step's appended tokens; none when FIRST_UPDATE = N_PAGES),
 (2) scores its BLOCK_P pages as ``page_score_kernel`` does (DOT: as two tensor-core products of the
 group's query rows, split by sign, with the summaries; DOT and LEAN: the bf16 summaries go into the
 products as loaded, and a page of padding only, told by its channel 0, gets -inf after the products instead
@@ -297,7 +297,7 @@ def page_select_kernel(
     GROUP: tl.constexpr, PAGE: tl.constexpr, REDUCE_MAX: tl.constexpr, HAS_KMASK: tl.constexpr,
     SELECT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_ROW: tl.constexpr,
     DOT: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    LEAN: tl.constexpr, EARLY: tl.constexpr,
+    LEAN: tl.constexpr, EARLY: tl.constexpr, TILES: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     pb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -310,7 +310,8 @@ def page_select_kernel(
     # (1) summaries of the pages this step changed (a decode step: the last page)
     k_base = K + b * stride_kb + hk.to(tl.int64) * stride_kh
     offs_t = tl.arange(0, PAGE)
-    for pg in range(tl.maximum(FIRST_UPDATE, pb * BLOCK_P), tl.minimum(N_PAGES, (pb + 1) * BLOCK_P)):
+    span: tl.constexpr = BLOCK_P * TILES
+    for pg in range(tl.maximum(FIRST_UPDATE, pb * span), tl.minimum(N_PAGES, (pb + 1) * span)):
         tok = pg * PAGE + offs_t
         t_ok = tok < N_K
         if HAS_KMASK:
@@ -328,12 +329,9 @@ def page_select_kernel(
         tl.store(KMIN + row, mn.to(KMIN.dtype.element_ty), mask=d_ok)
     tl.debug_barrier()  # this program's summary writes before its reads below
 
-    # (2) Quest bounds of this program's pages, reduced over the group's query rows
-    pages = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = pages < N_PAGES
-    off = s_base + pages[:, None].to(tl.int64) * stride_sp + offs_d[None, :]
-    msk = p_ok[:, None] & d_ok[None, :]
-    if DOT and LEAN:  # the summaries go from memory straight into the products (no fp32 copy, no masking)
+    # (2) Quest bounds of this program's pages (TILES tiles of BLOCK_P pages, a pipelined loop), reduced
+    # over the group's query rows
+    if DOT:  # the group's query rows, split by sign: relu(q) and min(q, 0), once per program
         rows = tl.arange(0, BLOCK_M)
         row_ok = rows < GROUP * N_Q
         heads = hk * GROUP + rows // N_Q
@@ -341,71 +339,64 @@ def page_select_kernel(
             Q + b * stride_qb + heads[:, None].to(tl.int64) * stride_qh + (rows % N_Q)[:, None] * stride_qn
         )
         qt = tl.load(q_ptr + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        qf = qt.to(tl.float32)
+        qf = qt.to(tl.float32)  # (signs compared in fp32: exact, and right in the interpreter too)
         q_pos = tl.where(qf > 0, qf, 0.0).to(qt.dtype)
         q_neg = tl.where(qf > 0, 0.0, qf).to(qt.dtype)
-        hi = tl.load(KMAX + off, mask=msk, other=0.0)
-        lo = tl.load(KMIN + off, mask=msk, other=0.0)
-        u2 = _dot(q_pos, tl.trans(hi), DOT_PREC, UPCAST) + _dot(q_neg, tl.trans(lo), DOT_PREC, UPCAST)
-        # a page of padding only (max -inf < min +inf in every channel, so channel 0 tells) may give NaN
-        # (0 * inf) or -inf in its column: replaced before the rows are combined
-        col0 = s_base + pages.to(tl.int64) * stride_sp
-        c0_max = tl.load(KMAX + col0, mask=p_ok, other=0.0).to(tl.float32)  # (fp32: the interpreter
-        c0_min = tl.load(KMIN + col0, mask=p_ok, other=0.0).to(tl.float32)  # compares bf16 as raw bits)
-        real = c0_max >= c0_min
-        u2 = tl.where(real[None, :] & row_ok[:, None], u2, float("-inf"))
-        if REDUCE_MAX:  # noqa: SIM108 (constexpr branches)
-            best = tl.max(u2, 0)
-        else:
-            best = tl.sum(tl.where(row_ok[:, None], u2, 0.0), 0) / (GROUP * N_Q)
-    else:
-        kmax = tl.load(KMAX + off, mask=msk, other=0.0).to(tl.float32)
-        kmin = tl.load(KMIN + off, mask=msk, other=0.0).to(tl.float32)
-        real = tl.max(tl.where(d_ok[None, :], kmax, float("-inf")), 1) >= tl.min(
-            tl.where(d_ok[None, :], kmin, float("inf")), 1
-        )
-        if DOT:  # the bound as two products: relu(q) . kmax + min(q, 0) . kmin, every query row at once
-            rows = tl.arange(0, BLOCK_M)
-            row_ok = rows < GROUP * N_Q
-            heads = hk * GROUP + rows // N_Q
-            q_ptr = (
-                Q
-                + b * stride_qb
-                + heads[:, None].to(tl.int64) * stride_qh
-                + (rows % N_Q)[:, None] * stride_qn
-            )
-            qt = tl.load(q_ptr + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            qf = qt.to(tl.float32)  # (signs compared in fp32: exact, and right in the interpreter too)
-            q_pos = tl.where(qf > 0, qf, 0.0).to(qt.dtype)
-            q_neg = tl.where(qf > 0, 0.0, qf).to(qt.dtype)
-            hi = tl.where(real[:, None], kmax, 0.0).to(qt.dtype)  # padding-only pages: no 0 * inf
-            lo = tl.where(real[:, None], kmin, 0.0).to(qt.dtype)
+    row_base = bh.to(tl.int64) * N_PAGES
+    for t in tl.range(0, TILES, num_stages=STAGES):
+        pages = (pb * TILES + t) * BLOCK_P + tl.arange(0, BLOCK_P)
+        p_ok = pages < N_PAGES
+        off = s_base + pages[:, None].to(tl.int64) * stride_sp + offs_d[None, :]
+        msk = p_ok[:, None] & d_ok[None, :]
+        if DOT and LEAN:  # the summaries go from memory straight into the products (no fp32 copy)
+            hi = tl.load(KMAX + off, mask=msk, other=0.0)
+            lo = tl.load(KMIN + off, mask=msk, other=0.0)
             u2 = _dot(q_pos, tl.trans(hi), DOT_PREC, UPCAST) + _dot(q_neg, tl.trans(lo), DOT_PREC, UPCAST)
+            # a page of padding only (max -inf < min +inf in every channel, so channel 0 tells) may give
+            # NaN (0 * inf) or -inf in its column: replaced before the rows are combined
+            col0 = s_base + pages.to(tl.int64) * stride_sp
+            c0_max = tl.load(KMAX + col0, mask=p_ok, other=0.0).to(tl.float32)  # (fp32: the interpreter
+            c0_min = tl.load(KMIN + col0, mask=p_ok, other=0.0).to(tl.float32)  # compares bf16 as bits)
+            real = c0_max >= c0_min
+            u2 = tl.where(real[None, :] & row_ok[:, None], u2, float("-inf"))
             if REDUCE_MAX:
-                best = tl.max(tl.where(row_ok[:, None], u2, float("-inf")), 0)
+                best = tl.max(u2, 0)
             else:
                 best = tl.sum(tl.where(row_ok[:, None], u2, 0.0), 0) / (GROUP * N_Q)
-        else:  # elementwise, one query row at a time
-            if REDUCE_MAX:
-                best = tl.full([BLOCK_P], float("-inf"), tl.float32)
-            else:
-                best = tl.zeros([BLOCK_P], tl.float32)
-            for r in range(0, GROUP * N_Q):
-                head = hk * GROUP + r // N_Q
-                qi = r % N_Q
-                q_ptr1 = Q + b * stride_qb + head.to(tl.int64) * stride_qh + qi * stride_qn + offs_d
-                qr = tl.load(q_ptr1, mask=d_ok, other=0.0).to(tl.float32)
-                u = tl.sum(tl.maximum(qr[None, :] * kmax, qr[None, :] * kmin), 1)
-                if REDUCE_MAX:  # noqa: SIM108
-                    best = tl.maximum(best, u)
+        else:
+            kmax = tl.load(KMAX + off, mask=msk, other=0.0).to(tl.float32)
+            kmin = tl.load(KMIN + off, mask=msk, other=0.0).to(tl.float32)
+            real = tl.max(tl.where(d_ok[None, :], kmax, float("-inf")), 1) >= tl.min(
+                tl.where(d_ok[None, :], kmin, float("inf")), 1
+            )
+            if DOT:  # the bound as two products: relu(q) . kmax + min(q, 0) . kmin, every query row at once
+                hi = tl.where(real[:, None], kmax, 0.0).to(qt.dtype)  # padding-only pages: no 0 * inf
+                lo = tl.where(real[:, None], kmin, 0.0).to(qt.dtype)
+                u2 = _dot(q_pos, tl.trans(hi), DOT_PREC, UPCAST) + _dot(q_neg, tl.trans(lo), DOT_PREC, UPCAST)
+                if REDUCE_MAX:
+                    best = tl.max(tl.where(row_ok[:, None], u2, float("-inf")), 0)
                 else:
-                    best = best + u
-            if not REDUCE_MAX:
-                best = best / (GROUP * N_Q)
-    best = tl.where(real, best, float("-inf"))
-    best = tl.where(pages >= FIRST_FORCED, float("inf"), best)
-    row_base = bh.to(tl.int64) * N_PAGES
-    tl.store(SCORES + row_base + pages, best, mask=p_ok)
+                    best = tl.sum(tl.where(row_ok[:, None], u2, 0.0), 0) / (GROUP * N_Q)
+            else:  # elementwise, one query row at a time
+                if REDUCE_MAX:
+                    best = tl.full([BLOCK_P], float("-inf"), tl.float32)
+                else:
+                    best = tl.zeros([BLOCK_P], tl.float32)
+                for r in range(0, GROUP * N_Q):
+                    head = hk * GROUP + r // N_Q
+                    qi = r % N_Q
+                    q_ptr1 = Q + b * stride_qb + head.to(tl.int64) * stride_qh + qi * stride_qn + offs_d
+                    qr = tl.load(q_ptr1, mask=d_ok, other=0.0).to(tl.float32)
+                    u = tl.sum(tl.maximum(qr[None, :] * kmax, qr[None, :] * kmin), 1)
+                    if REDUCE_MAX:  # noqa: SIM108
+                        best = tl.maximum(best, u)
+                    else:
+                        best = best + u
+                if not REDUCE_MAX:
+                    best = best / (GROUP * N_Q)
+        best = tl.where(real, best, float("-inf"))
+        best = tl.where(pages >= FIRST_FORCED, float("inf"), best)
+        tl.store(SCORES + row_base + pages, best, mask=p_ok)
 
     # (3) the row's last program to finish takes the row's top KEEP
     if SELECT:

@@ -46,6 +46,9 @@ BLOCK_P = 32
 #: after the softmax. At 128K, budget 4096, B=1 every split is one inner step, so nothing else overlaps
 #: the two loads. The same results.
 DECODE_EARLY_V = True
+#: Warps and software-pipeline stages of the split-K kernel on a GPU.
+DECODE_WARPS = 4
+DECODE_STAGES = 2
 
 
 @functools.cache
@@ -147,7 +150,7 @@ def decode_launch(
         GROUP=group, PAGE=page, CAUSAL=bool(causal), HAS_CNT=count is not None, HAS_KMASK=key_mask is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=upcast, EARLY_V=DECODE_EARLY_V,
-        num_warps=4, num_stages=2 if q.is_cuda else 1,
+        num_warps=DECODE_WARPS, num_stages=DECODE_STAGES if q.is_cuda else 1,
     )  # fmt: skip
     out = torch.empty(b, h, n_q, d, device=q.device, dtype=q.dtype)  # contiguous: strides known
     lse = torch.empty(b, h, n_q, device=q.device, dtype=torch.float32)
@@ -187,6 +190,8 @@ def page_scores_launch(q: Tensor, kmax: Tensor, kmin: Tensor, n_pages: int, redu
     return out
 
 
+#: Warps of :func:`row_topk`'s program (None: one per 512 values of the row, at most 16).
+TOPK_WARPS: int | None = None
 #: The longest row :func:`row_topk` takes (the row is held in one program's registers).
 MAX_TOPK_ROW = 16384
 #: Pages per program of :func:`page_select` (64 x D summaries of each of max and min: 32 KiB at D=128, bf16).
@@ -200,6 +205,10 @@ MAX_SELECT_ROW = MAX_TOPK_ROW
 #: 128 x 8 71.9 / 241.1; 16 x 4 70.0 / 246.5.
 SPLIT_BLOCK_P = 64
 SPLIT_WARPS = 4
+#: Tiles of ``SPLIT_BLOCK_P`` pages per scoring program (a loop pipelined over ``SPLIT_STAGES`` stages;
+#: 1: one tile, no loop). Not measured yet.
+SPLIT_TILES = 1
+SPLIT_STAGES = 2
 #: The most stale pages :func:`page_select` recomputes in its kernel (each by one program, serially).
 MAX_FUSED_UPDATE = 16
 #: With ``dot``: the summaries go from memory into the tensor-core products as loaded (bf16), a page of
@@ -302,7 +311,8 @@ def page_select_launch(
     # int32 counter as a never-written stand-in: one allocation less per step)
     index = torch.empty(b, h_kv, keep, device=q.device, dtype=torch.int32) if fused else counter
     block_p = 16 if IMPORTED_INTERPRETED else (SELECT_BLOCK_P if fused else SPLIT_BLOCK_P)
-    page_select_kernel[(-(-n_pages // block_p), b * h_kv)](
+    tiles = 1 if fused else max(1, min(SPLIT_TILES, -(-n_pages // block_p)))
+    page_select_kernel[(-(-n_pages // (block_p * tiles)), b * h_kv)](
         q, k, kmask, kmax, kmin, scores, index, counter,
         qs[0], qs[1], qs[2],
         ks[0], ks[1], ks[2],
@@ -314,7 +324,7 @@ def page_select_launch(
         DOT=bool(dot), BLOCK_M=max(16, next_power_of_2((h // h_kv) * n_q)),
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=IMPORTED_INTERPRETED and q.dtype != torch.float32,
-        LEAN=SCORE_LEAN, EARLY=TOPK_EARLY_EXIT,
+        LEAN=SCORE_LEAN, EARLY=TOPK_EARLY_EXIT, TILES=tiles, STAGES=SPLIT_STAGES if q.is_cuda else 1,
         num_warps=_select_warps(block_row) if fused else SPLIT_WARPS,
     )  # fmt: skip
     if rank == "triton":
@@ -346,7 +356,7 @@ def row_topk_launch(x: Tensor, k: int) -> Tensor:
         out.stride(0),
         BLOCK=block,
         EARLY=TOPK_EARLY_EXIT,
-        num_warps=min(16, max(1, block // 512)),
+        num_warps=TOPK_WARPS or min(16, max(1, block // 512)),
     )
     return out.view(*x.shape[:-1], k)
 
