@@ -56,9 +56,9 @@ def test_unique_rows_is_exact_when_every_hash_collides(monkeypatch: pytest.Monke
 
 
 def test_executor_tables_take_the_same_tile_masks_through_the_hash(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A per-head strided_heads plan (no block rule, so its tile masks go through ``unique_rows``): the
-    executor's tables give every listed partial tile the same token mask on the hashed route (what a GPU
-    takes) as on the CPU's ``unique(dim=0)``."""
+    """A per-head strided_heads plan (no block rule, so its tile masks go through ``distinct_words``): the
+    executor's tables are the same on the hashed route (what a GPU takes) as on the CPU's
+    ``unique(dim=0)``, pattern ids included (both number the distinct masks by first occurrence)."""
     import attnlab
     from attnlab.api import _resolve_call
     from attnlab.catalog.structured.strided_heads import head_plan
@@ -68,23 +68,20 @@ def test_executor_tables_take_the_same_tile_masks_through_the_hash(monkeypatch: 
     q, k = torch.randn(1, 4, 300, 16), torch.randn(1, 2, 300, 16)
     plan = head_plan(_resolve_call(spec, params, q, k, k, causal=True, scale=None, want_lse=False), 32)
     tables = [executor.executor_tables(plan)]
-    real, hashed_calls = executor.unique_rows, [0]
+    real, hashed_calls = executor.distinct_words, [0]
 
-    def hashed(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def hashed(w: torch.Tensor, hashed: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         hashed_calls[0] += 1
-        return real(m, hashed=True)
+        return real(w, hashed=True)
 
-    monkeypatch.setattr(executor, "unique_rows", hashed)
+    monkeypatch.setattr(executor, "distinct_words", hashed)
     tables.append(executor.executor_tables(head_plan(
         _resolve_call(spec, params, q, k, k, causal=True, scale=None, want_lse=False), 32)))  # fmt: skip
     a, b = tables
     assert hashed_calls[0] >= 1  # the second tables went through the hashed route
-    assert torch.equal(a.p_num, b.p_num) and torch.equal(a.p_idx, b.p_idx)
     assert int(a.p_num.sum()) > 0
-    for num, pa, pb in ((a.p_num, a.p_pat, b.p_pat), (a.tp_num, a.tp_pat, b.tp_pat)):
-        listed = torch.arange(pa.shape[-1]) < num[..., None]  # the slots past each row's count are padding
-        assert torch.equal(a.patterns[pa[listed].long()], b.patterns[pb[listed].long()])  # the same mask
-    assert torch.equal(a.tp_num, b.tp_num) and torch.equal(a.tp_idx, b.tp_idx)
+    for x, y in zip(a.as_args(), b.as_args(), strict=True):
+        assert torch.equal(x, y)
 
 
 @pytest.mark.skipif(

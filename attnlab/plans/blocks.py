@@ -304,13 +304,14 @@ def _evaluate(mask_mod: MaskMod, grid: TileGrid, tiles: Tensor) -> tuple[Tensor,
     return torch.cat(out_any), torch.cat(out_all), torch.cat(out_count)
 
 
-def tile_patterns(plan: Plan, partial: Tensor, chunk: int) -> tuple[Tensor, Tensor] | None:
+def tile_patterns(plan: Plan, partial: Tensor, chunk: int | None = None) -> tuple[Tensor, Tensor] | None:
     """The executor's (pattern id per tile, -1 where not partial; distinct patterns, uint8 (U, block_q,
     block_k)) of ``partial`` (bool (Bp, Hp, NQB, NKB)), from ``plan.pattern_ids``: the token mask is
     evaluated on one tile per id, not on every partial tile. Exactly what the executor's generic
-    ``_tile_patterns`` returns when it lists ``chunk`` tiles at a time: ids numbered by the chunk (of
-    ``chunk`` partial tiles in row-major order) where a pattern first occurs, then by the pattern's bytes.
-    None when the plan has no ids or a partial tile lacks one (then the caller evaluates every tile)."""
+    ``_tile_patterns`` returns: the distinct masks numbered by their first partial tile in row-major
+    (b, h, i, j) order. None when the plan has no ids or a partial tile lacks one (then the caller
+    evaluates every tile). ``chunk`` is unused (the ids no longer depend on the executor's chunk; kept
+    for callers that pass ``TILE_CHUNK``)."""
     if plan.pattern_ids is None:
         return None
     bq, bk, dev = plan.block_q, plan.block_k, partial.device
@@ -336,9 +337,9 @@ def tile_patterns(plan: Plan, partial: Tensor, chunk: int) -> tuple[Tensor, Tens
         m = m & plan.mask_mod(reps[:, 0, None, None], reps[:, 1, None, None], q_idx, kv_idx)
     distinct, same = torch.unique(m.to(torch.uint8).reshape(m.shape[0], -1), dim=0, return_inverse=True)
     u = distinct.shape[0]
-    first_chunk = torch.full((u,), n, dtype=torch.int64, device=dev)
-    first_chunk.scatter_reduce_(0, same, first // chunk, "amin")
-    order = torch.argsort(first_chunk * u + torch.arange(u, device=dev))  # by chunk, then by bytes
+    first_tile = torch.full((u,), n, dtype=torch.int64, device=dev)
+    first_tile.scatter_reduce_(0, same, first, "amin")
+    order = torch.argsort(first_tile)  # by first occurrence (distinct masks have distinct first tiles)
     number = torch.empty(u, dtype=torch.int64, device=dev)
     number[order] = torch.arange(u, device=dev)
     pat_grid[b, h, i, j] = number[same][inverse]

@@ -115,57 +115,100 @@ def _causal_patterns(plan: Plan, partial: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _row_hash_multipliers(words: int, device: torch.device) -> Tensor:
-    """Odd 64-bit multipliers of :func:`unique_rows`' row hash, one per word (a fixed seed: the same plan
-    gives the same ids)."""
+    """Odd 64-bit multipliers of :func:`distinct_words`' row hash, one per word (a fixed seed: the same
+    rows give the same hashes)."""
     g = torch.Generator().manual_seed(0x9E3779B9)
     return (torch.randint(0, 2**62, (words,), generator=g, dtype=torch.int64) * 2 + 1).to(device)
 
 
-def unique_rows(m: Tensor, hashed: bool | None = None) -> tuple[Tensor, Tensor]:
-    """The distinct rows of a (T, L) bool matrix, uint8, and each row's index among them: what
-    ``torch.unique(m.to(torch.uint8), dim=0, return_inverse=True)`` gives up to the order of the distinct
-    rows (here: by first occurrence of their hash, not sorted). ``unique(dim=0)`` sorts rows of L bytes
-    and took 0.6 s on the H100 for a per-head plan's tiles at 8K (L = 128 x 128); here each row is
-    packed into 64-bit words, hashed to one int64 and the hashes deduplicated, then every row is
-    compared with its group's representative, exactly: on a hash collision the result falls back to
-    ``unique(dim=0)`` of the packed words. ``hashed``: that route (default: off the CPU, where
-    ``unique(dim=0)`` is the faster one)."""
+def packed_rows(m: Tensor) -> Tensor:
+    """The rows of a bool (T, L) matrix as int64 (T, ceil(L / 64)) words, 64 columns each (zero padded);
+    :func:`unpacked_rows` inverts it."""
     t, n = m.shape
-    dev = m.device
-    if t == 0 or n == 0:  # no rows: none distinct; rows of no columns: one, all alike
-        return m[: min(t, 1)].to(torch.uint8), torch.zeros(t, dtype=torch.int64, device=dev)
-    if not (dev.type != "cpu" if hashed is None else hashed):
-        uniq, inverse = torch.unique(m.to(torch.uint8), dim=0, return_inverse=True)
-        return uniq, inverse
     bits = torch.nn.functional.pad(m.to(torch.uint8), (0, (-n) % 64)).view(t, -1, 8)
-    powers = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8).to(dev)
-    words = (bits * powers).sum(-1, dtype=torch.uint8).view(torch.int64)  # (T, W): 64 of the row's bits each
-    h = (words * _row_hash_multipliers(words.shape[1], dev)).sum(-1)  # (int64 wraps: a hash, checked below)
-    keys, inverse = torch.unique(h, return_inverse=True)
-    first = torch.full((keys.shape[0],), t, dtype=torch.int64, device=dev)
-    first.scatter_reduce_(0, inverse, torch.arange(t, device=dev), reduce="amin")
-    if not bool((words == words[first[inverse]]).all()):  # a collision: two distinct rows share a hash
-        _, inverse = torch.unique(words, dim=0, return_inverse=True)
-        first = torch.full((int(inverse.max()) + 1,), t, dtype=torch.int64, device=dev)
-        first.scatter_reduce_(0, inverse, torch.arange(t, device=dev), reduce="amin")
+    powers = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8).to(m.device)
+    return (bits * powers).sum(-1, dtype=torch.uint8).view(torch.int64)
+
+
+def unpacked_rows(words: Tensor, n: int) -> Tensor:
+    """uint8 (T, n) 0 / 1: the first ``n`` columns of the rows that :func:`packed_rows` packed."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=words.device)
+    bits = (words.contiguous().view(torch.uint8)[..., None] >> shifts) & 1  # (T, 8W, 8)
+    return bits.reshape(words.shape[0], -1)[:, :n]
+
+
+def distinct_words(words: Tensor, hashed: bool | None = None) -> tuple[Tensor, Tensor]:
+    """(first, inverse) of the rows of an int64 (T, W) matrix: ``first`` the index of each distinct row's
+    first occurrence, ascending, and ``inverse`` each row's id, the distinct rows numbered by first
+    occurrence (so the ids depend on the rows only, not on the device or the route). ``hashed``: hash each
+    row to one int64 and deduplicate the hashes, then compare every row with its group's representative,
+    exactly, falling back to ``unique(dim=0)`` on a collision; else ``unique(dim=0)``, which sorts the
+    rows (of the unpacked uint8 tile masks it took 0.6 s on the H100 for a per-head plan at 8K; on the
+    CPU it is the faster route). Default: hashed off the CPU. A constant number of host syncs (the
+    uniques' sizes, the collision check)."""
+    t, dev = words.shape[0], words.device
+    if t == 0:
+        return torch.zeros(0, dtype=torch.int64, device=dev), torch.zeros(0, dtype=torch.int64, device=dev)
+    inverse = None
+    use_hash = dev.type != "cpu" if hashed is None else hashed
+    if use_hash:
+        h = (words * _row_hash_multipliers(words.shape[1], dev)).sum(-1)  # (int64 wraps: a hash, checked)
+        keys, inverse = torch.unique(h, return_inverse=True)
+        first = _firsts(inverse, keys.shape[0])
+        if not bool((words == words[first[inverse]]).all()):  # a collision: two distinct rows share a hash
+            inverse = None
+    if inverse is None:
+        uniq, inverse = torch.unique(words, dim=0, return_inverse=True)
+        first = _firsts(inverse, uniq.shape[0])
+    order = torch.argsort(first)  # the groups by first occurrence
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.shape[0], device=dev)
+    return first[order], rank[inverse]
+
+
+def _firsts(inverse: Tensor, groups: int) -> Tensor:
+    """The smallest row index of each of ``groups`` groups (``inverse``: each row's group)."""
+    t = inverse.shape[0]
+    first = torch.full((groups,), t, dtype=torch.int64, device=inverse.device)
+    return first.scatter_reduce_(0, inverse, torch.arange(t, device=inverse.device), reduce="amin")
+
+
+def unique_rows(m: Tensor, hashed: bool | None = None) -> tuple[Tensor, Tensor]:
+    """The distinct rows of a (T, L) bool matrix, uint8, in order of first occurrence, and each row's
+    index among them: ``torch.unique(m.to(torch.uint8), dim=0, return_inverse=True)`` up to the order of
+    the distinct rows (see :func:`distinct_words` for ``hashed``)."""
+    t, n = m.shape
+    if t == 0 or n == 0:  # no rows: none distinct; rows of no columns: one, all alike
+        return m[: min(t, 1)].to(torch.uint8), torch.zeros(t, dtype=torch.int64, device=m.device)
+    first, inverse = distinct_words(packed_rows(m), hashed)
     return m[first].to(torch.uint8), inverse
 
 
 def _tile_patterns(plan: Plan, partial: Tensor) -> tuple[Tensor, Tensor]:
-    """(pattern id per tile, -1 where not partial; the distinct patterns, uint8 (U, block_q, block_k))."""
+    """(pattern id per tile, -1 where not partial; the distinct patterns, uint8 (U, block_q, block_k)).
+
+    Generic path (token-level ``mask_mod``, no ``pattern_ids``): the mask is evaluated over TILE_CHUNK
+    partial tiles at a time (bounding the bool (T, block_q x block_k) tensor) and each tile kept packed in
+    64-bit words (one bit per pair: T x block_q x block_k / 8 bytes in all, no more than the patterns
+    once an eighth of the tiles are distinct); one :func:`distinct_words` over all the tiles' words then
+    numbers the distinct masks by first occurrence in row-major (b, h, i, j) order (so the ids do not
+    depend on the chunk, the device or the dedupe route), and the patterns are the distinct rows
+    unpacked. Everything stays on the tiles' device: no per-pattern loop, a constant number of host syncs
+    whatever the number of tiles or patterns."""
     bq, bk, dev = plan.block_q, plan.block_k, partial.device
     if plan.rule == "causal" and bool(partial.any()):
         return _causal_patterns(plan, partial)
     if plan.pattern_ids is not None:  # a plan from a block rule numbers its distinct tile masks
-        keyed = tile_patterns(plan, partial, TILE_CHUNK)
+        keyed = tile_patterns(plan, partial)
         if keyed is not None:  # None: some partial tile has no id (e.g. one moved from the key tail)
             return keyed
     pat_grid = torch.full(partial.shape, -1, dtype=torch.int64, device=dev)
     coords = partial.nonzero()  # (T, 4): b, h, i, j
+    if coords.shape[0] == 0:
+        return pat_grid, torch.zeros(1, bq, bk, dtype=torch.uint8, device=dev)
     r = torch.arange(bq, device=dev, dtype=torch.int32)
     c = torch.arange(bk, device=dev, dtype=torch.int32)
-    seen: dict[bytes, int] = {}
-    distinct: list[Tensor] = []
+    words = []
     for t0 in range(0, coords.shape[0], TILE_CHUNK):
         tc = coords[t0 : t0 + TILE_CHUNK].to(torch.int32)
         q_idx = (tc[:, 2, None] * bq + r)[:, :, None]  # (T, bq, 1)
@@ -174,18 +217,11 @@ def _tile_patterns(plan: Plan, partial: Tensor) -> tuple[Tensor, Tensor]:
         if plan.mask_mod is not None:
             b, h = tc[:, 0, None, None], tc[:, 1, None, None]
             m = m & plan.mask_mod(b, h, q_idx, kv_idx)
-        uniq, inverse = unique_rows(m.reshape(m.shape[0], -1))
-        ids = torch.empty(uniq.shape[0], dtype=torch.int64)
-        for u in range(uniq.shape[0]):
-            key = uniq[u].cpu().numpy().tobytes()
-            if key not in seen:
-                seen[key] = len(distinct)
-                distinct.append(uniq[u].view(bq, bk))
-            ids[u] = seen[key]
-        chunk = coords[t0 : t0 + TILE_CHUNK]
-        pat_grid[chunk[:, 0], chunk[:, 1], chunk[:, 2], chunk[:, 3]] = ids.to(dev)[inverse]
-    patterns = torch.stack(distinct) if distinct else torch.zeros(1, bq, bk, dtype=torch.uint8, device=dev)
-    return pat_grid, patterns.contiguous()
+        words.append(packed_rows(m.reshape(m.shape[0], -1)))
+    every = torch.cat(words)
+    first, inverse = distinct_words(every)
+    pat_grid[coords.unbind(1)] = inverse
+    return pat_grid, unpacked_rows(every[first], bq * bk).view(-1, bq, bk).contiguous()
 
 
 def _columns(plan: Plan, visited: Tensor) -> tuple[Tensor, Tensor]:
