@@ -52,6 +52,29 @@ L2NORM_AB = False
 #: Time gla a second time with its one-kernel backward (``--gla-split-ab``; the split backward,
 #: op.GLA_BWD_SPLIT, is the default since it was checked and timed on the H100).
 GLA_SPLIT_AB = False
+#: Time gated_delta / KDA a second time with the previous delta-rule forward (``--wy-ab``: op.WY_BLOCKWISE
+#: and op.DELTA_FUSED_GLUE off for the whole call, its backward included).
+WY_AB = False
+
+
+@contextlib.contextmanager
+def previous_wy(off: bool = True) -> Iterator[None]:
+    """The delta rule's previous forward (row-by-row UT inverse, PyTorch cumsum and padding) for the
+    duration when ``off`` (forward and backward inside: the backward's gate cumsum follows the flag)."""
+    from attnlab.kernels.linear import op
+
+    saved = (op.WY_BLOCKWISE, op.DELTA_FUSED_GLUE)
+    if off:
+        op.WY_BLOCKWISE = op.DELTA_FUSED_GLUE = False
+    try:
+        yield
+    finally:
+        op.WY_BLOCKWISE, op.DELTA_FUSED_GLUE = saved
+
+
+def _previous_wy_fwd_bwd(fn: Callable[[], Tensor], wrt: list[Tensor], do: Tensor) -> tuple[Tensor, ...]:
+    with previous_wy():
+        return torch.autograd.grad(fn(), wrt, do)
 
 
 @contextlib.contextmanager
@@ -181,6 +204,13 @@ def sides(b: int, h: int, n: int, d: int, methods: tuple[str, ...], fla: bool) -
                     return op(q, k, v, **extra).out
 
             out[method + "[old-l2norm]"] = (old, out[method][1], do)
+        if WY_AB and c.api == "gated_delta":
+
+            def prev(op: Any = op, q: Tensor = q, k: Tensor = k, v: Tensor = v, extra: Any = extra) -> Tensor:
+                with previous_wy():
+                    return op(q, k, v, **extra).out
+
+            out[method + "[previous-wy]"] = (prev, out[method][1], do)
         if GLA_SPLIT_AB and method == "gla":  # (the forward is the same; bench() runs its old backward)
             out[method + "[one-kernel-bwd]"] = out[method]
         if fla and method != "hedgehog" and (FLA_METHODS is None or method in FLA_METHODS):
@@ -221,7 +251,14 @@ def bench(
         row["fwd_bwd"] = interleaved(
             {
                 name: functools.partial(
-                    _one_kernel_fwd_bwd if name.endswith("[one-kernel-bwd]") else _fwd_bwd, fn, wrt, do
+                    _one_kernel_fwd_bwd
+                    if name.endswith("[one-kernel-bwd]")
+                    else _previous_wy_fwd_bwd
+                    if name.endswith("[previous-wy]")
+                    else _fwd_bwd,
+                    fn,
+                    wrt,
+                    do,
                 )
                 for name, (fn, wrt, do) in s.items()
             },
@@ -232,6 +269,10 @@ def bench(
         row[mode + "_speedup_vs_cudnn"] = {m: _ratio(t.get("cudnn_sdpa"), t.get(m)) for m in methods}
         if GLA_SPLIT_AB and mode == "fwd_bwd":  # the split backward's fwd+bwd over the one-kernel one's
             row["fwd_bwd_split_over_one_kernel"] = _ratio(t.get("gla"), t.get("gla[one-kernel-bwd]"))
+        if WY_AB:  # the blockwise WY forward's time over the previous one's (< 1: faster)
+            row[mode + "_blockwise_over_previous_wy"] = {
+                m: _ratio(t.get(m), t.get(m + "[previous-wy]")) for m in methods if m + "[previous-wy]" in t
+            }
         if L2NORM_AB:  # the fused q/k L2 norm's time over the old path's (< 1: the fusion helps)
             row[mode + "_fused_over_old_l2norm"] = {
                 m: _ratio(t.get(m), t.get(m + "[old-l2norm]")) for m in methods if m + "[old-l2norm]" in t
@@ -629,6 +670,12 @@ def main() -> None:
         "--decode-host", default="", help="BxHxD,...: what a decode step launches (decode_host())"
     )
     ap.add_argument(
+        "--wy-ab",
+        action="store_true",
+        help="also time gated_delta / KDA with the previous delta-rule forward (op.WY_BLOCKWISE, "
+        "op.DELTA_FUSED_GLUE off)",
+    )
+    ap.add_argument(
         "--l2norm-ab",
         action="store_true",
         help="also time gated_delta / KDA with the old PyTorch q/k L2 norm (op.FUSED_L2NORM off)",
@@ -650,7 +697,8 @@ def main() -> None:
     ap.add_argument("--check-budget", type=float, default=200.0, help="seconds after which no check starts")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    global DEV, L2NORM_AB, GLA_SPLIT_AB
+    global DEV, L2NORM_AB, GLA_SPLIT_AB, WY_AB
+    WY_AB = args.wy_ab
     L2NORM_AB = args.l2norm_ab
     if L2NORM_AB:  # "ours": the fused norm (the default since checked on the H100); the A/B side: the old one
         from attnlab.kernels.linear import op

@@ -587,3 +587,119 @@ def test_gla_split_backward_matches_the_recurrence(
     monkeypatch.setattr(op, "gla_bwd_inter_kernel", Counted())
     _compare_with_recurrence(_inputs(n, 16, 8, 1.0), chunk)
     assert launched == [1]
+
+
+def _ut_reference(k: Tensor, beta: Tensor, g: Tensor | None, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(A_kk, T = (I + A_kk)^-1, W = T (beta k exp(G))) per chunk in float64, (B, H, chunks, C, C|K):
+    A_kk strict lower, beta_i sum_d k_id k_jd exp(G_id - G_jd), G the chunk-local cumsum of g (None, one
+    per token (B, H, N, 1), or per channel), the sequence zero-padded to whole chunks."""
+    b, h, n, dk = k.shape
+    nc = -(-n // chunk)
+    pad = nc * chunk - n
+    kk = F.pad(k.double(), (0, 0, 0, pad)).view(b, h, nc, chunk, dk)
+    bb = F.pad(beta.double().expand(b, h, n), (0, pad)).view(b, h, nc, chunk)
+    gg = torch.zeros(b, h, n, 1, dtype=torch.float64) if g is None else g.double().expand(b, h, n, -1)
+    gc = F.pad(gg, (0, 0, 0, pad)).view(b, h, nc, chunk, -1).cumsum(3)
+    lower = torch.ones(chunk, chunk, dtype=torch.bool).tril(-1)
+    diff = torch.where(lower[..., None], gc[..., :, None, :] - gc[..., None, :, :], float("-inf"))
+    a = bb[..., None] * (kk[..., :, None, :] * kk[..., None, :, :] * diff.exp()).sum(-1)
+    t = torch.linalg.inv(torch.eye(chunk, dtype=torch.float64) + a)
+    w = t @ (kk * gc.exp() * bb[..., None])
+    return a, t, w
+
+
+@pytest.mark.parametrize("chunk", [16, 32, 64])
+@pytest.mark.parametrize(
+    "case", ["head", "channel", "deltanet", "head-strong", "channel-strong", "beta01", "same-keys"]
+)
+def test_blockwise_ut_inverse_is_the_inverse(chunk: int, case: str) -> None:
+    """``delta_wy_block_kernel`` (``WY_BLOCKWISE``): the saved T satisfies T (I + A_kk) = I per chunk and
+    equals the float64 inverse, and W = T (beta k exp(G)), at odd lengths (a partial last chunk), under
+    strong decays (e^-30 per token on every other token / half the channels), beta in {0, 1}, and
+    identical keys (the substitution cancels exactly); and the row-by-row kernel agrees."""
+    op = _op()
+    n, dk, dv = 100, 24, 8
+    q, k, v, g, _ = _inputs(n, dk, dv, 1.0, h=2, seed=11)
+    k = F.normalize(k, dim=-1)
+    beta = torch.rand(1, 2, n, generator=torch.Generator().manual_seed(3)).to(DEV)
+    assert g is not None
+    gate: Tensor | None = g[..., :1].clone() if case.startswith("head") or case == "same-keys" else g
+    if case == "deltanet":
+        gate = None
+    elif case == "head-strong":
+        gate = torch.where(torch.arange(n).to(DEV)[:, None] % 2 == 0, -30.0, g[..., :1])
+    elif case == "channel-strong":
+        gate = torch.where(torch.arange(dk).to(DEV) % 2 == 0, -30.0, g)
+    elif case == "beta01":
+        beta = (beta > 0.5).to(beta.dtype)
+        beta[..., :5] = 1.0
+    elif case == "same-keys":  # A_kk's rows all alike: large cancelling terms in the substitution
+        k = k[:, :, :1].expand_as(k).contiguous()
+        beta = torch.ones_like(beta)
+    results = {}
+    for blockwise in (True, False):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(op, "WY_BLOCKWISE", blockwise)
+            out = op.delta_fwd_launch(q, k, v, beta, gate, None, 0.3, chunk, True)
+        results[blockwise] = out
+    _, _, _, w, _, t, *_ = results[True]
+    a_ref, t_ref, w_ref = (
+        x.to(DEV) for x in _ut_reference(k.cpu(), beta.cpu(), None if gate is None else gate.cpu(), chunk)
+    )
+    b, h, nc = 1, 2, -(-n // chunk)
+    t_c = t.double().view(b, h, nc, chunk, chunk)
+    w_c = w.double().view(b, h, nc, chunk, dk)
+    eye = torch.eye(chunk, dtype=torch.float64, device=DEV)
+    assert torch.equal(t_c.triu(1), torch.zeros_like(t_c)), "T is not lower triangular"
+    resid = float((t_c @ (eye + a_ref) - eye).abs().max())
+    scale = float(t_ref.abs().max()) * float((eye + a_ref).abs().max())
+    assert resid <= 1e-5 * max(1.0, scale), f"|T (I + A) - I| = {resid:.3e} (|T| |I + A| {scale:.3e})"
+    _close("T", t_c, t_ref, 1e-5 * max(1.0, float(t_ref.abs().max())))
+    _close("W", w_c, w_ref, 1e-5 * max(1.0, float(w_ref.abs().max())))
+    for name, a, c in zip(
+        ("o", "state", "hs", "w", "u", "t"), results[True][:6], results[False][:6], strict=True
+    ):
+        _close(f"{name} (blockwise vs row by row)", a, c, 2e-5 * max(1.0, float(c.abs().max())))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(("n", "chunk"), [(1, 16), (63, 16), (100, 64), (500, 32)])
+def test_gate_cumsum_kernel_is_the_chunk_local_cumsum(n: int, chunk: int, dtype: str) -> None:
+    """``gate_cumsum`` (one launch, g in its own dtype): the PyTorch chunk-local cumsum of the float32 g,
+    zero-padded to whole chunks, one gate per token and per channel."""
+    op = _op()
+    gen = torch.Generator().manual_seed(2)
+    g = F.logsigmoid(torch.randn(2, 3, n, 24, generator=gen)).to(getattr(torch, dtype)).to(DEV)
+    got = op.gate_cumsum(g, chunk)
+    want = op.chunk_cumsum(g.float(), 2, 3, n, 24, chunk, g.device)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    got1 = op.gate_cumsum(g[..., 0], chunk)
+    want1 = op.chunk_cumsum_scalar(g[..., 0].float(), 2, 3, n, chunk, g.device)
+    torch.testing.assert_close(got1, want1, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gate", ["head", "channel"])
+def test_the_previous_delta_forward_still_matches_the_recurrence(
+    gate: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``WY_BLOCKWISE`` and ``DELTA_FUSED_GLUE`` off (the A/B switch back to the row-by-row UT kernel and
+    PyTorch's gate cumsum and beta copy): output, state and every gradient against the recurrence."""
+    op = _op()
+    monkeypatch.setattr(op, "WY_BLOCKWISE", False)
+    monkeypatch.setattr(op, "DELTA_FUSED_GLUE", False)
+    n = 70
+    q, k, v, g, h0 = _inputs(n, 8, 8, 1.0, h=1, seed=6)
+    k = F.normalize(k, dim=-1)
+    beta = torch.rand(1, 1, n, generator=torch.Generator().manual_seed(5)).to(DEV)
+    assert g is not None
+    xs: list[Tensor | None] = [q, k, v, beta, g[..., :1].clone() if gate == "head" else g, h0]
+    leaves = [t.clone().requires_grad_(True) if t is not None else None for t in xs]
+    ref = [t.clone().requires_grad_(True) if t is not None else None for t in xs]
+    o, s = op.delta_chunk(*leaves[:5], 0.3, leaves[5], 64)
+    ro, rs = delta_recurrence(*ref[:5], 0.3, ref[5])  # type: ignore[arg-type]
+    torch.testing.assert_close(o, ro, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(s, rs, atol=2e-5, rtol=2e-5)
+    got = torch.autograd.grad(o.sum() + s.sum(), [t for t in leaves if t is not None])
+    want = torch.autograd.grad(ro.sum() + rs.sum(), [t for t in ref if t is not None])
+    for name, a, b in zip(("dq", "dk", "dv", "dbeta", "dg", "dh0"), got, want, strict=True):
+        _close(name, a, b, 1e-4)

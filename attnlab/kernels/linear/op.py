@@ -10,18 +10,23 @@
   runs the recurrent step kernel instead (``attnlab::linear_step``).
 - :func:`delta_chunk` ``(q, k, v, beta, g, scale, state, chunk) -> (o, state)``: the gated delta rule
   (``attnlab::delta_chunk_fwd`` / ``attnlab::delta_chunk_bwd``). Forward in the chunked WY/UT form
-  (``chunk.py``: per-chunk T = (I + A_kk)^-1, W, U0 in parallel; one sequential pass over the chunk states;
-  per-chunk outputs in parallel). Backward chunked too: one reverse sequential pass over the chunk
-  states (dH, dU), every chunk's gradients in parallel from the saved S, U, T (64-row tiles under a gate
-  shared by the channels: Gated DeltaNet's per-head gate, plain DeltaNet), and under per-channel gates
-  (KDA-style) the intra-chunk score backwards per 16-row sub-block. Differentiable in q, k, v, beta, g
-  and the initial state.
+  (``chunk.py``: per-chunk T = (I + A_kk)^-1, W, U0 in parallel, by 16-row blocks (``WY_BLOCKWISE``); one
+  sequential pass over the chunk states; per-chunk outputs in parallel). Backward chunked too: one reverse
+  sequential pass over the chunk states (dH, dU), every chunk's gradients in parallel from the saved S,
+  U, T (64-row tiles under a gate shared by the channels: Gated DeltaNet's per-head gate, plain
+  DeltaNet), and under per-channel gates (KDA-style) the intra-chunk score backwards per 16-row
+  sub-block. Differentiable in q, k, v, beta, g and the initial state.
 - :func:`linear_step`: the recurrent step kernel of the gated linear recurrence and of the gated delta
   rule (forward only; a few tokens against a carried state), its launch resolved once per signature of
   its inputs (:func:`step_plan`).
 
-The log-decays enter the chunk kernels as their chunk-local cumsum, made here in PyTorch, so autograd
-carries dG back to g (and to lightning's per-head decays). Importing this module registers the ops.
+The log-decays enter the gated linear recurrence's chunk kernels as their chunk-local cumsum, made here
+in PyTorch, so autograd carries dG back to g (and to lightning's per-head decays); the delta rule's op
+takes g itself and makes the cumsum inside (one Triton launch, ``DELTA_FUSED_GLUE``), its backward
+carrying dG back to g. A/B switches of the delta forward (module flags, read at each call):
+``WY_BLOCKWISE`` (the UT transform by 16-row blocks, else row by row), ``WY_INV_PREC``,
+``DELTA_FUSED_GLUE`` (gate cumsum and beta without PyTorch copies); both flags False is the previous
+forward. Importing this module registers the ops.
 """
 
 from __future__ import annotations
@@ -45,7 +50,9 @@ from attnlab.kernels.linear.chunk import (
     delta_bwd_chunk_kernel,
     delta_bwd_dh_kernel,
     delta_h_kernel,
+    delta_wy_block_kernel,
     delta_wy_kernel,
+    gate_cumsum_kernel,
     gla_bwd_inter_kernel,
     gla_bwd_sub_kernel,
     intra_scores_kernel,
@@ -629,6 +636,75 @@ FUSED_L2NORM = True
 #: Rows per program of the L2-normalisation kernels.
 L2_ROWS = 16
 
+#: The delta rule's UT transform (T = (I + A_kk)^-1, W, U0 per chunk) by 16-row blocks
+#: (``delta_wy_block_kernel``): A_kk's blocks by tensor-core dots, the four diagonal 16 x 16 blocks inverted
+#: by 16-step forward substitution in one loop, the blocks below them by block forward substitution
+#: (dots in ``WY_INV_PREC``), W and U0 by dots per block. False: ``delta_wy_kernel`` (one 64 x 64 tile,
+#: 63 sequential row steps over the whole tile). For A/B timing in one process: set it before a call
+#: (forward only; the backward reads the saved T either way).
+WY_BLOCKWISE = True
+#: Dot precision of the block forward substitution's 16 x 16 products (T_ab = -T_aa sum A_am T_mb):
+#: "ieee" (float32 FMAs: T as accurate as the row-by-row substitution's), or "tf32" / "tf32x3" (tensor
+#: cores: fla-core's fused kernel takes tf32) for A/B timing.
+WY_INV_PREC = "ieee"
+#: Channels per slice of the blockwise kernel's k k^T dots (every warp holds a 16-row dot operand whole)
+#: and columns per step of its W / U0 products.
+WY_BKS = 32
+WY_COLS = 64
+#: The delta rule's gate cumsum (forward and backward) by one launch of ``gate_cumsum_kernel`` (g read in
+#: its own dtype, the zero padding written by the kernel) and beta read by the kernels in its own dtype,
+#: instead of PyTorch's pad, cumsum and float copies (three to four launches). False: the PyTorch glue (for
+#: A/B timing; forward and backward must agree: flip it between calls, not between a forward and its
+#: backward). With ``WY_BLOCKWISE`` False too, the forward is the previous one exactly.
+DELTA_FUSED_GLUE = True
+#: Chunks per program of ``gate_cumsum_kernel`` for one gate per token.
+CUMSUM_CHUNKS = 16
+
+
+def gate_cumsum(g: Tensor, chunk: int) -> Tensor:
+    """The chunk-local inclusive cumsum of log-decays in one launch (``gate_cumsum_kernel``), float32,
+    zero-padded to whole chunks: g (B, H, N) one per token -> (B, H, NP), or (B, H, N, K) per channel ->
+    (B, H, NP, K); g in any float dtype (read as it is when contiguous)."""
+    g = g.contiguous()
+    b, h, n = g.shape[:3]
+    n_chunks = cdiv(n, chunk)
+    np_ = n_chunks * chunk
+    if g.dim() == 4:
+        dk = g.shape[3]
+        gc = torch.empty(b, h, np_, dk, dtype=torch.float32, device=g.device)
+        bd = min(head_block(dk), 64)
+        grid: tuple[int, ...] = (n_chunks, b * h, cdiv(dk, bd))
+        consts = {"PER_CHANNEL": True, "BR": 1, "BD": bd}
+    else:
+        dk = 1
+        gc = torch.empty(b, h, np_, dtype=torch.float32, device=g.device)
+        grid = (cdiv(n_chunks, CUMSUM_CHUNKS), b * h)
+        consts = {"PER_CHANNEL": False, "BR": CUMSUM_CHUNKS, "BD": 1}
+    if n_chunks:
+        gate_cumsum_kernel[grid](g, gc, n, np_, dk, BT=chunk, **consts, **_cfg("cumsum", num_warps=4))
+    return gc
+
+
+def _delta_cumsum(
+    g: Tensor | None, b: int, h: int, n: int, dk: int, chunk: int, device: torch.device
+) -> Tensor:
+    """The delta kernels' gate cumsum (``chunk_cumsum*``'s layout): (B, H, NP) for None or a (B, H, N, 1)
+    gate, (B, H, NP, K) per channel; by ``gate_cumsum`` with ``DELTA_FUSED_GLUE``."""
+    scalar = _delta_scalar(g)
+    if g is not None and DELTA_FUSED_GLUE:
+        return gate_cumsum(g.expand(b, h, n, 1)[..., 0] if scalar else g.expand(b, h, n, dk), chunk)
+    if scalar:
+        return chunk_cumsum_scalar(None if g is None else g[..., 0], b, h, n, chunk, device)
+    return chunk_cumsum(g, b, h, n, dk, chunk, device)
+
+
+def _delta_beta(beta: Tensor, b: int, h: int, n: int) -> Tensor:
+    """beta as the delta kernels read it, (B, H, N) contiguous: in its own dtype with
+    ``DELTA_FUSED_GLUE`` (the kernels load it as float32), else a float32 copy."""
+    if DELTA_FUSED_GLUE:
+        return beta.expand(b, h, n).contiguous()
+    return beta.float().expand(b, h, n).contiguous()
+
 
 def l2norm_qk(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """q, k (B, H, N, K) L2-normalised over K in one launch: (q^, k^ in their dtypes, rstd_q, rstd_k
@@ -683,14 +759,11 @@ def delta_fwd_launch(
     rq = rk = None
     if qk_l2norm:
         q, k, rq, rk = l2norm_qk(q, k)
-    bc = beta.float().expand(b, h, n).contiguous()
+    bc = _delta_beta(beta, b, h, n)
     n_chunks = cdiv(n, chunk)
     np_ = n_chunks * chunk
     scalar = _delta_scalar(g)
-    if scalar:
-        gc = chunk_cumsum_scalar(None if g is None else g[..., 0], b, h, n, chunk, q.device)
-    else:
-        gc = chunk_cumsum(g, b, h, n, dk, chunk, q.device)
+    gc = _delta_cumsum(g, b, h, n, dk, chunk, q.device)
     f32, dev = torch.float32, q.device
     akk = aqk = None
     if not scalar:
@@ -701,11 +774,20 @@ def delta_fwd_launch(
     save_t = save
     t = torch.empty((b, h, np_, chunk) if save_t else (0,), dtype=f32, device=dev)
     prec = _prec(q)
-    delta_wy_kernel[(n_chunks, b * h)](
-        k, v, gc, bc, akk if akk is not None else w, w, u, t if save_t else w, n, np_, dk, dv,
-        GATE=_gate_code(gc), SAVE_T=save_t, BT=chunk, BK=head_block(dk), BV=head_block(dv), DOT_PREC=prec,
-        **_cfg("delta_wy", num_warps=8),
-    )  # fmt: skip
+    bk, bv = head_block(dk), head_block(dv)
+    if WY_BLOCKWISE:
+        delta_wy_block_kernel[(n_chunks, b * h)](
+            k, v, gc, bc, akk if akk is not None else w, w, u, t if save_t else w, n, np_, dk, dv,
+            GATE=_gate_code(gc), SAVE_T=save_t, BT=chunk, BS=SUB, BK=bk, BV=bv, BKS=min(bk, WY_BKS),
+            BCK=min(bk, WY_COLS), BCV=min(bv, WY_COLS), DOT_PREC=prec, INV_PREC=WY_INV_PREC,
+            UPCAST=_upcast(k), **_cfg("delta_wy_block", num_warps=4),
+        )  # fmt: skip
+    else:
+        delta_wy_kernel[(n_chunks, b * h)](
+            k, v, gc, bc, akk if akk is not None else w, w, u, t if save_t else w, n, np_, dk, dv,
+            GATE=_gate_code(gc), SAVE_T=save_t, BT=chunk, BK=bk, BV=bv, DOT_PREC=prec,
+            **_cfg("delta_wy", num_warps=8),
+        )  # fmt: skip
     hs = torch.empty(b, h, n_chunks, dk, dv, dtype=f32, device=dev)
     n_seq = b if seq_chunks is None else seq_chunks.shape[0] - 1
     ht = torch.empty(n_seq, h, dk, dv, dtype=f32, device=dev)
@@ -760,7 +842,7 @@ def delta_bwd_scalar_launch(
     bc = beta.float().expand(b, h, n).contiguous()
     n_chunks = cdiv(n, chunk)
     np_ = n_chunks * chunk
-    gc = chunk_cumsum_scalar(None if g is None else g[..., 0], b, h, n, chunk, q.device)
+    gc = _delta_cumsum(g, b, h, n, dk, chunk, q.device)  # (the forward's)
     f32, dev = torch.float32, q.device
     prec = _prec(q)
     dhs = torch.empty(b, h, n_chunks, dk, dv, dtype=f32, device=dev)
@@ -807,7 +889,7 @@ def delta_bwd_channel_launch(
     bc = beta.float().expand(b, h, n).contiguous()
     n_chunks = cdiv(n, chunk)
     np_ = n_chunks * chunk
-    gc = chunk_cumsum(g, b, h, n, dk, chunk, q.device)
+    gc = _delta_cumsum(g, b, h, n, dk, chunk, q.device)  # (the forward's)
     f32, dev = torch.float32, q.device
     prec = _prec(q)
     aqk = intra_scores(q, k, gc, None, chunk, strict=False)
