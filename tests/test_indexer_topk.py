@@ -6,20 +6,24 @@ batch / GQA, the plan forms, bad input, and the executor against the reference o
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 import torch
+from torch.nn.attention.flex_attention import create_mask
 
 import attnlab
 from attnlab.catalog.dynamic.indexer_topk import (
     SPEC,
     IndexerTopkParams,
+    _membership,
     estimate,
     index_scores,
     select,
     selection_iou,
 )
 from attnlab.errors import InputError, ParamError
+from attnlab.plans import blocks, executor
 from attnlab.registry import registered
 from attnlab.testing import Case, check_parity
 
@@ -176,6 +180,91 @@ def test_bad_indexer_tensors_get_clear_errors() -> None:
         estimate(q, k, p, causal=True, scale=0.25, **{**good, "index_k": torch.ones(1, 3, 20, 4)})
     with pytest.raises(InputError, match="unknown indexer"):
         estimate(q, k, p, causal=True, scale=0.25, index_x=good["index_q"])
+
+
+def random_selection(b: int, hk: int, n_q: int, n_k: int, kk: int, seed: int) -> torch.Tensor:
+    """A selection as :func:`select` gives it: long (B, H_k, N_q, K), each row ascending distinct keys
+    then ``N_k`` padding; rows of every count from 0 (all padding) to K."""
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.argsort(torch.rand(b, hk, n_q, n_k, generator=g), dim=-1)[..., :kk]
+    count = torch.randint(0, kk + 1, (b, hk, n_q, 1), generator=g)
+    count.view(-1)[:2] = torch.tensor([0, kk])
+    keys = torch.where(torch.arange(kk) < count, keys, n_k)
+    return torch.sort(keys, dim=-1).values
+
+
+def brute_membership(sel: torch.Tensor, group: int, b, h, q_idx, kv_idx) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """The token rule's definition: kv_idx is one of the row's stored keys (padding ``N_k`` included),
+    query heads reading their kv head's row, query indices past the last row reading the last row."""
+    rows = sel[b.long(), h.long() // group, q_idx.long().clamp(max=sel.shape[2] - 1)]
+    return (rows == kv_idx.long()[..., None]).any(-1)
+
+
+SHAPES = [  # (B, H, H_k, N_q, N_k, K)
+    (2, 6, 3, 37, 53, 7),
+    (1, 4, 1, 45, 20, 20),  # K = N_k: full rows
+    (3, 2, 2, 19, 19, 1),
+    (1, 5, 1, 70, 33, 5),  # cross, N_q > N_k
+    (2, 3, 1, 9, 130, 64),  # cross, N_q < N_k
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[str(s) for s in SHAPES])
+def test_membership_matches_the_rows_it_was_given(shape: tuple[int, ...]) -> None:
+    """The token rule (one 1-D search over all rows) equals the brute-force membership on the shapes its
+    callers use: the executor's tiles ((T, 1, 1) heads, (T, bq, 1) x (T, 1, bk) positions, tiles past the
+    matrix's edges), the plan's dense mask (int32 broadcast grids) and FlexAttention's vmapped scalars."""
+    b, h, hk, n_q, n_k, kk = shape
+    sel = random_selection(b, hk, n_q, n_k, kk, seed=sum(shape))
+    group = h // hk
+    mod = _membership(sel, n_k, group)
+    # executor tiles, every (b, h, tile) including the ragged ones, plus out-of-range kv (n_k, beyond)
+    bq, bk = 16, 8
+    nqb, nkb = -(-n_q // bq), -(-(n_k + 9) // bk)
+    tiles = torch.cartesian_prod(torch.arange(b), torch.arange(h), torch.arange(nqb), torch.arange(nkb))
+    tc = tiles.to(torch.int32)
+    args = (tc[:, 0, None, None], tc[:, 1, None, None],
+            (tc[:, 2, None] * bq + torch.arange(bq, dtype=torch.int32))[:, :, None],
+            (tc[:, 3, None] * bk + torch.arange(bk, dtype=torch.int32))[:, None, :])  # fmt: skip
+    got = mod(*args)
+    assert got.shape == (tiles.shape[0], bq, bk)
+    assert torch.equal(got, brute_membership(sel, group, *args))
+    # the plan's dense-mask grids
+    grids = (torch.arange(b, dtype=torch.int32)[:, None, None, None],
+             torch.arange(h, dtype=torch.int32)[None, :, None, None],
+             torch.arange(n_q, dtype=torch.int32)[None, None, :, None],
+             torch.arange(n_k, dtype=torch.int32)[None, None, None, :])  # fmt: skip
+    dense = brute_membership(sel, group, *grids)
+    assert torch.equal(mod(*grids), dense)
+    assert dense.any() and not dense.all()
+    # FlexAttention: mask_mod called on 0-d tensors under vmap
+    assert torch.equal(create_mask(mod, b, h, n_q, n_k, device="cpu"), dense)
+
+
+@pytest.mark.parametrize(("causal", "n_q", "n_k"), [(True, 45, 60), (False, 45, 60), (True, 70, 33)])
+def test_query_heads_of_a_kv_head_share_their_tiles_patterns(causal: bool, n_q: int, n_k: int) -> None:
+    """The plan's ids give the query heads of one kv head the same tile ids; the executor's tables from
+    them (masks evaluated in several chunks) equal the generic path's, and the dense mask is each query's
+    own selection."""
+    q, k = torch.randn(2, 6, n_q, 16), torch.randn(2, 2, n_k, 16)
+    p = IndexerTopkParams(topk=5, block=16, index_dim=8)
+    plan = estimate(q, k, p, causal=causal, scale=0.25)
+    ids = plan.pattern_ids
+    assert ids is not None and torch.equal(ids >= 0, plan.partial)
+    assert torch.equal(ids[:, 0], ids[:, 2]) and torch.equal(ids[:, 3], ids[:, 5])
+    assert not (ids[:, 0, None] == ids[:, 3][:, None]).logical_and(ids[:, 0, None] >= 0).any()
+    sel = select(q, k, p, causal=causal)
+    pos = (torch.arange(2)[:, None, None, None], torch.arange(6)[None, :, None, None],
+           torch.arange(n_q)[None, None, :, None], torch.arange(n_k)[None, None, None, :])  # fmt: skip
+    want = brute_membership(sel, 3, *pos) & (pos[3] < n_k)
+    assert torch.equal(plan.dense_mask(), want)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(blocks, "EVAL_CHUNK_ELEMENTS", 3 * 16 * 16)  # 3 tiles a chunk
+        by_ids = executor.executor_tables(plan)
+    generic = executor.executor_tables(replace(plan, pattern_ids=None, _memo={}))
+    assert by_ids.patterns.shape[0] < int(plan.partial.sum())
+    for name in ("p_num", "p_idx", "p_pat", "tp_num", "tp_idx", "tp_pat", "patterns"):
+        assert torch.equal(getattr(by_ids, name), getattr(generic, name)), name
 
 
 P0, P1, P2 = SPEC.test_params

@@ -333,8 +333,13 @@ def tile_patterns(plan: Plan, partial: Tensor, chunk: int | None = None) -> tupl
     q_idx = (reps[:, 2, None] * bq + r)[:, :, None]
     kv_idx = (reps[:, 3, None] * bk + c)[:, None, :]
     m = (q_idx < plan.n_q) & (kv_idx < plan.n_k)
-    if plan.mask_mod is not None:
-        m = m & plan.mask_mod(reps[:, 0, None, None], reps[:, 1, None, None], q_idx, kv_idx)
+    if plan.mask_mod is not None:  # in chunks of tiles, bounding the token rule's temporaries
+        step = max(1, EVAL_CHUNK_ELEMENTS // (bq * bk))
+        m = torch.cat([
+            m[s : s + step] & plan.mask_mod(reps[s : s + step, 0, None, None], reps[s : s + step, 1, None, None],
+                                            q_idx[s : s + step], kv_idx[s : s + step])
+            for s in range(0, reps.shape[0], step)
+        ])  # fmt: skip
     distinct, same = torch.unique(m.to(torch.uint8).reshape(m.shape[0], -1), dim=0, return_inverse=True)
     u = distinct.shape[0]
     first_tile = torch.full((u,), n, dtype=torch.int64, device=dev)

@@ -46,7 +46,8 @@ Defaults: ``topk`` 2048 (DSA's ``index_topk``), ``hisa_block`` 128 and ``hisa_bl
 Cost: the estimator scores every (query, key) pair, O(N_q N_k (G d_I)) per kv head, in query chunks
 (memory O(chunk x N_k)); DSA's own indexer is O(N^2) too (HISA's stage 2 is what makes it cheaper in a
 fused kernel, not here). A ``"token"`` plan's executor tables hold one token pattern per distinct visited
-tile (up to blocks^2 bytes each): exact, but meant for moderate lengths; ``"block"`` plans have causal
+tile (up to blocks^2 bytes each): exact, but meant for moderate lengths (the query heads of a kv head
+share their tiles' ``pattern_ids``, so each tile's mask is evaluated once per kv head); ``"block"`` plans have causal
 patterns only.
 """
 
@@ -254,19 +255,29 @@ def selection_iou(
     return iou.sum(-1) / rows.sum(-1).clamp_min(1)
 
 
-def _membership(sel: Tensor, n_q: int):  # type: ignore[no-untyped-def]
-    """mask_mod: (b, h, q_idx, kv_idx) -> whether kv_idx is among query q_idx's selected keys."""
+def _membership(sel: Tensor, n_k: int, group: int):  # type: ignore[no-untyped-def]
+    """mask_mod: (b, h, q_idx, kv_idx) -> whether kv_idx is among query q_idx's selected keys, from
+    ``sel`` (B, H_k, N_q, K) of :func:`select` (rows ascending, ``N_k`` padding); query head ``h`` reads
+    its kv head ``h // group``'s selection. ``q_idx`` past the last row reads the last row; ``kv_idx`` is
+    a member when the row holds it (so ``N_k`` is one of a padded row's, as the selection stores it).
+
+    One 1-D search, no row gathered: row r = (b H_k + c) N_q + q_idx holds ``sel`` at the keys
+    r (N_k + 1) + s, s in [0, N_k], an ascending sequence over all rows (``flat``; memory that of
+    ``sel``); a pair is a member when its key r (N_k + 1) + kv_idx is found there. The temporaries have
+    the broadcast index shape (no per-pair row of K keys); no data-dependent control flow, so vmap (how
+    FlexAttention densifies a mask) and torch.compile trace it. (Inductor's CPU FlexAttention kernel
+    cannot lower a search inside the mask subgraph, nor could it the former per-row search.)"""
+    b_n, hk, n_q, kk = sel.shape
+    n_k1 = n_k + 1
+    rows = torch.arange(b_n * hk * n_q, device=sel.device)[:, None]
+    flat = (rows * n_k1 + sel.reshape(-1, kk)).reshape(-1)
 
     def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        q_idx = q_idx.clamp(max=n_q - 1).long()
-        lead = torch.broadcast_shapes(b.shape, h.shape, q_idx.shape)
-        full = torch.broadcast_shapes(lead, kv_idx.shape)
-        bl, hl, ql = (t.long().expand(lead) for t in (b, h, q_idx))
-        rows = sel[bl, hl, ql]  # lead + (K,)
-        rows = rows.expand(*full[:-1], 1, rows.shape[-1])[..., 0, :] if lead[-1] == 1 else rows
-        keys = kv_idx.long().expand(full).contiguous()
-        pos = torch.searchsorted(rows.contiguous(), keys).clamp(max=rows.shape[-1] - 1)
-        return torch.gather(rows, -1, pos) == keys
+        row = (b.long() * hk + h.long() // group) * n_q + q_idx.long().clamp(0, n_q - 1)
+        kv = kv_idx.long()
+        key = row * n_k1 + kv
+        pos = torch.searchsorted(flat, key).clamp(max=flat.shape[0] - 1)
+        return (flat[pos] == key) & (kv >= 0) & (kv < n_k1)
 
     return mask_mod
 
@@ -300,9 +311,23 @@ def estimate(
         tiles = torch.zeros_like(count, dtype=torch.bool).scatter_(-1, top.indices, top.values > 0)
         return tiles_plan(tiles.repeat_interleave(h // hk, dim=1), geo, causal)
     tiles = (count > 0).repeat_interleave(h // hk, dim=1)
-    sel_h = sel.repeat_interleave(h // hk, dim=1)
     return Plan(n_q, n_k, causal, params.block, params.block, torch.zeros_like(tiles), tiles,
-                _membership(sel_h, n_q), kind="dynamic")  # fmt: skip
+                _membership(sel, n_k, h // hk), kind="dynamic",
+                pattern_ids=_shared_ids(tiles, h // hk))  # fmt: skip
+
+
+def _shared_ids(tiles: Tensor, group: int) -> Tensor | None:
+    """The plan's ``pattern_ids``: the query heads of one kv head read one selection, so their tile
+    (b, h, i, j) has the id of (b, h // group, i, j) (the executor then evaluates each once); -1 outside
+    the partial tiles. None when there is nothing to share or the ids would not fit int32."""
+    b, h, nqb, nkb = tiles.shape
+    if group == 1 or b * (h // group) * nqb * nkb >= 2**31:
+        return None
+    kv_head = torch.arange(h, device=tiles.device) // group
+    base = (torch.arange(b, device=tiles.device)[:, None] * (h // group) + kv_head[None, :]) * (nqb * nkb)
+    local = torch.arange(nqb * nkb, device=tiles.device).view(nqb, nkb)
+    ids = base[:, :, None, None] + local
+    return torch.where(tiles, ids, -1).to(torch.int32)
 
 
 reference = plan_reference(estimate)
