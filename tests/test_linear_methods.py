@@ -623,3 +623,56 @@ def test_non_causal_linear_attention_runs_on_the_torch_backend_and_triton_says_w
         res = _call("linear", x, causal=False, backend=None)
         ref, _ = _reference("linear", x, causal=False)
         close(res.out, ref, 1e-5)
+
+
+@pytest.mark.parametrize("name", ["gla", "gated_delta"])
+def test_prefill_checks_gates_after_launching_its_kernels(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Triton prefill (many tokens) starts the gate check (the min / max reductions) before its kernels
+    and judges it after them (``start_gate_check``: on a GPU the values come by an asynchronous copy, so
+    the kernels are not held behind a host synchronisation): a bad gate is still refused with the detailed
+    error, good gates give the result of the check-free call."""
+    from attnlab.catalog.linear import _common
+    from attnlab.kernels.linear import op as kop
+
+    with registered(BY_NAME[name]):
+        x = inputs(name, 1, 2, 2, 40, 16)
+        log: list[str] = []
+        monkeypatch.setattr(_common.torch, "aminmax", _counting(torch.aminmax, log, "reduce"))
+        kernel = "delta_chunk" if name == "gated_delta" else "gla_chunk"
+        monkeypatch.setattr(kop, kernel, _counting(getattr(kop, kernel), log, "kernel"))
+        monkeypatch.setattr(_common, "check_log_decay", _counting(_common.check_log_decay, log, "judge"))
+        got = _call(name, x, backend="triton", chunk=16)
+        assert log[-1] == "kernel" and "reduce" in log and log.index("reduce") < log.index("kernel"), log
+        monkeypatch.setattr(attnlab.settings, "check_values", False)
+        want = _call(name, x, backend="triton", chunk=16)
+        torch.testing.assert_close(got.out, want.out)
+        monkeypatch.setattr(attnlab.settings, "check_values", True)
+        log.clear()
+        g = x["g"].clone()
+        g[0, 1, 30, 2] = 0.5
+        with pytest.raises(InputError, match="g holds 1 positive"):
+            _call(name, dict(x, g=g), backend="triton", chunk=16)
+        assert log.index("reduce") < log.index("kernel") < log.index("judge"), log
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the H100)")
+def test_prefill_gate_check_does_not_block_the_host_on_cuda() -> None:
+    """On a GPU the prefill's gate check makes no blocking device-to-host read before its kernels (sync
+    debug mode "error" raises on one) and still refuses a bad gate."""
+    from attnlab.catalog.linear import _common
+
+    finish = _common.start_gate_check("gla", g=-torch.rand(2, 3, device="cuda"))
+    assert finish is not None
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        finish = _common.start_gate_check("gla", g=-torch.rand(4, 5, device="cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert finish is not None
+    finish()
+    bad = -torch.rand(4, 5, device="cuda")
+    bad[1, 2] = float("nan")
+    finish = _common.start_gate_check("gla", g=bad)
+    assert finish is not None
+    with pytest.raises(InputError, match="g holds 1 NaN"):
+        finish()

@@ -18,6 +18,7 @@ Conventions of the whole family (each method's docstring repeats what applies to
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -132,25 +133,53 @@ def check_gate_inputs(method: str, *, g: Tensor | None = None, beta: Tensor | No
     are read at once; only when one is out of range do the detailed checks run, to raise their errors.
     Skipped inside ``torch.compile`` and CUDA-graph capture, like them, and when
     ``attnlab.settings.check_values`` is off (a decode loop saving the synchronisation)."""
+    finish = start_gate_check(method, g=g, beta=beta, defer=False)
+    if finish is not None:
+        finish()
+
+
+def start_gate_check(
+    method: str, *, g: Tensor | None = None, beta: Tensor | None = None, defer: bool = True
+) -> Callable[[], None] | None:
+    """:func:`check_gate_inputs` in two halves, so that a prefill need not wait for it before launching
+    its kernels: this launches the min / max reductions and (on a GPU, ``defer``) an asynchronous copy of
+    their values to pinned host memory, and returns ``finish``, which waits for that copy only (not for
+    work launched after it), then raises as :func:`check_gate_inputs` does. The caller launches its
+    kernels between the two and calls ``finish`` before it returns anything (a call with bad gates still
+    raises; its outputs are never seen). None: no check runs (as :func:`check_gate_inputs` skips)."""
     if not settings.check_values or torch.compiler.is_compiling():
-        return
+        return None
     ts = [t for t in (g, beta) if t is not None and t.numel() > 0]
     if not ts:
-        return
+        return None
     if ts[0].is_cuda and torch.cuda.is_current_stream_capturing():
-        return
+        return None
     ext = [torch.stack(torch.aminmax(t.detach())) for t in ts]
-    vals = (ext[0] if len(ext) == 1 else torch.cat([x.float() for x in ext])).tolist()
-    i = 0
-    if g is not None and g.numel() > 0:
-        lo, hi = vals[0], vals[1]
-        i = 2
-        if not (lo > float("-inf") and hi <= 0.0):  # False for NaN
-            check_log_decay(method, "g", g)
-    if beta is not None and beta.numel() > 0:
-        lo, hi = vals[i], vals[i + 1]
-        if not (abs(lo) < float("inf") and abs(hi) < float("inf")):  # False for NaN
-            check_finite_input(method, "beta", beta)
+    vals = ext[0] if len(ext) == 1 else torch.cat([x.float() for x in ext])
+    if defer and vals.is_cuda:
+        host = torch.empty(vals.shape, dtype=vals.dtype, pin_memory=True)
+        host.copy_(vals, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+    else:
+        host, done = vals, None
+
+    def finish() -> None:
+        if done is not None:
+            done.synchronize()
+        lst = host.tolist()
+        i = 0
+        if g is not None and g.numel() > 0:
+            lo, hi = lst[0], lst[1]
+            i = 2
+            if not (lo > float("-inf") and hi <= 0.0):  # False for NaN
+                check_log_decay(method, "g", g)
+        if beta is not None and beta.numel() > 0:
+            lo, hi = lst[i], lst[i + 1]
+            if not (abs(lo) < float("inf") and abs(hi) < float("inf")):  # False for NaN
+                check_finite_input(method, "beta", beta)
+
+    return finish
 
 
 def checks_in_step_kernel(n: int, *ts: Tensor | None) -> bool:

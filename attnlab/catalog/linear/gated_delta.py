@@ -45,6 +45,7 @@ from attnlab.catalog.linear._common import (
     linear_kernels,
     sample_log_decay,
     sample_unit,
+    start_gate_check,
 )
 from attnlab.core import Call, MethodSpec, TensorInput
 from attnlab.errors import InputError, UnsupportedPatternError
@@ -145,8 +146,11 @@ def _run_triton(
     in_kernel = beta is not None and checks_in_step_kernel(
         q.shape[2], q, k, v, beta, g, state if isinstance(state, Tensor) else None
     )
+    # a prefill checks g and beta without waiting: the reductions launch first, the kernels after them,
+    # and the host reads the result (an asynchronous copy) before returning
+    finish = None if in_kernel else start_gate_check("gated_delta", g=g, beta=beta)
     qq, kk, vv, bb, gg, s0 = _inputs(
-        q, k, v, p, beta, g, state, normalize=False, check=not in_kernel, broadcast=False
+        q, k, v, p, beta, g, state, normalize=False, check=False, broadcast=False
     )
 
     def on_bad() -> None:
@@ -166,6 +170,8 @@ def _run_triton(
         qk_l2norm=p.qk_l2norm,
         on_bad_gates=on_bad if in_kernel else None,
     )
+    if finish is not None:
+        finish()
     return o, s
 
 

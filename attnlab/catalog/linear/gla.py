@@ -29,6 +29,7 @@ from attnlab.catalog.linear._common import (
     gated_recurrence,
     linear_kernels,
     sample_log_decay,
+    start_gate_check,
 )
 from attnlab.core import Call, MethodSpec, TensorInput
 from attnlab.errors import InputError, UnsupportedPatternError
@@ -129,8 +130,15 @@ def _run_triton(
             call.params.chunk,
             on_bad_gates=on_bad,
         )
-    g = _gate(g)
-    return gla_chunk(q, expand_heads(k, h), expand_heads(v, h), g, call.scale, s0, call.params.chunk)
+    if g is None:
+        _gate(g)  # (raises: g is required)
+    # a prefill checks g without waiting: the reductions launch first, the kernels after them, and the
+    # host reads the result (an asynchronous copy) before returning
+    finish = start_gate_check("gla", g=g)
+    out = gla_chunk(q, expand_heads(k, h), expand_heads(v, h), g, call.scale, s0, call.params.chunk)
+    if finish is not None:
+        finish()
+    return out
 
 
 def _run_triton_varlen(
