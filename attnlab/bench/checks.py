@@ -6,6 +6,7 @@ skipped on the small case (it refused it) is recorded as skipped, not as passed;
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import attnlab
@@ -37,10 +38,16 @@ class ParityChecks:
         c = self.cfg
         n_q, n_k = (96, 384) if cross else (384, 384)
         kv_heads = max(1, 4 * c.n_kv_heads // c.heads)
-        case = Case(1, 4, kv_heads, n_q, n_k, c.head_dim, c.torch_dtype, causal, params)
+        check_params = _at_length(spec, params, n_k)
+        case = Case(1, 4, kv_heads, n_q, n_k, c.head_dim, c.torch_dtype, causal, check_params or {})
         try:
-            res = check_parity(spec, backend, case, c.torch_device, backward=grad)
-            passed, skipped, detail = res.passed, res.skipped, res.summary()
+            if check_params is None:
+                passed, skipped, detail = False, "", "no parameter set of this kind at the check's length"
+            else:
+                res = check_parity(spec, backend, case, c.torch_device, backward=grad)
+                passed, skipped, detail = res.passed, res.skipped, res.summary()
+                if check_params != params:
+                    detail = f"checked with {json.dumps(check_params, sort_keys=True)}: {detail}"
         except Exception as e:  # a crash in the check is a failed check, recorded
             passed, skipped, detail = False, "", f"error: {type(e).__name__}: {e}"
         ok = passed or bool(skipped)
@@ -59,3 +66,15 @@ class ParityChecks:
             }
         )
         return ok, detail
+
+
+def _at_length(spec: attnlab.MethodSpec, params: dict[str, Any], n: int) -> dict[str, Any] | None:
+    """The parameters the check runs with at its length ``n``: ``params`` themselves, unless they bind a
+    grid ``shape`` holding another number of tokens (multi_axis, 2-D/3-D neighborhood: such a set runs at
+    one length only); then the method's own benchmark set of the same keys at length ``n``, or None when
+    it has none."""
+    shape = params.get("shape")
+    if shape is None or math.prod(shape) == n:
+        return params
+    same = [p for p in spec.bench_params(n) if set(p) == set(params) and math.prod(p["shape"]) == n]
+    return same[0] if same else None
