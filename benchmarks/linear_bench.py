@@ -77,6 +77,42 @@ def _previous_wy_fwd_bwd(fn: Callable[[], Tensor], wrt: list[Tensor], do: Tensor
         return torch.autograd.grad(fn(), wrt, do)
 
 
+#: Boolean flags of ``attnlab.kernels.linear.op`` to A/B (``--ab-flags``): each adds, per gated_delta
+#: method, a side ``<method>[<FLAG>=off]`` with the flag off for the whole call, its backward included.
+AB_FLAGS: tuple[str, ...] = ()
+
+
+@contextlib.contextmanager
+def flag_off(name: str) -> Iterator[None]:
+    """``attnlab.kernels.linear.op.<name>`` set to False for the duration."""
+    from attnlab.kernels.linear import op
+
+    saved = getattr(op, name)
+    setattr(op, name, False)
+    try:
+        yield
+    finally:
+        setattr(op, name, saved)
+
+
+def _flag_off_fwd_bwd(
+    name: str, fn: Callable[[], Tensor], wrt: list[Tensor], do: Tensor
+) -> tuple[Tensor, ...]:
+    with flag_off(name):
+        return torch.autograd.grad(fn(), wrt, do)
+
+
+def _side_fwd_bwd(name: str) -> Callable[..., tuple[Tensor, ...]]:
+    """How bench() times side ``name`` forward + backward (A/B sides keep their setting in the backward)."""
+    if name.endswith("[one-kernel-bwd]"):
+        return _one_kernel_fwd_bwd
+    if name.endswith("[previous-wy]"):
+        return _previous_wy_fwd_bwd
+    if name.endswith("=off]"):
+        return functools.partial(_flag_off_fwd_bwd, name[name.rindex("[") + 1 : -len("=off]")])
+    return _fwd_bwd
+
+
 @contextlib.contextmanager
 def gla_split_bwd(on: bool) -> Iterator[None]:
     """``attnlab.kernels.linear.op.GLA_BWD_SPLIT`` set to ``on`` for the duration (read by the backward)."""
@@ -211,6 +247,20 @@ def sides(b: int, h: int, n: int, d: int, methods: tuple[str, ...], fla: bool) -
                     return op(q, k, v, **extra).out
 
             out[method + "[previous-wy]"] = (prev, out[method][1], do)
+        for flag in AB_FLAGS if c.api == "gated_delta" else ():
+
+            def off(
+                op: Any = op,
+                q: Tensor = q,
+                k: Tensor = k,
+                v: Tensor = v,
+                extra: Any = extra,
+                flag: str = flag,
+            ) -> Tensor:
+                with flag_off(flag):
+                    return op(q, k, v, **extra).out
+
+            out[f"{method}[{flag}=off]"] = (off, out[method][1], do)
         if GLA_SPLIT_AB and method == "gla":  # (the forward is the same; bench() runs its old backward)
             out[method + "[one-kernel-bwd]"] = out[method]
         if fla and method != "hedgehog" and (FLA_METHODS is None or method in FLA_METHODS):
@@ -249,19 +299,7 @@ def bench(
         row["fwd"] = interleaved({name: fn for name, (fn, _, _) in s.items()}, reps)
     if backward:
         row["fwd_bwd"] = interleaved(
-            {
-                name: functools.partial(
-                    _one_kernel_fwd_bwd
-                    if name.endswith("[one-kernel-bwd]")
-                    else _previous_wy_fwd_bwd
-                    if name.endswith("[previous-wy]")
-                    else _fwd_bwd,
-                    fn,
-                    wrt,
-                    do,
-                )
-                for name, (fn, wrt, do) in s.items()
-            },
+            {name: functools.partial(_side_fwd_bwd(name), fn, wrt, do) for name, (fn, wrt, do) in s.items()},
             reps,
         )
     for mode in ("fwd", "fwd_bwd") if backward else ("fwd",):
@@ -269,6 +307,10 @@ def bench(
         row[mode + "_speedup_vs_cudnn"] = {m: _ratio(t.get("cudnn_sdpa"), t.get(m)) for m in methods}
         if GLA_SPLIT_AB and mode == "fwd_bwd":  # the split backward's fwd+bwd over the one-kernel one's
             row["fwd_bwd_split_over_one_kernel"] = _ratio(t.get("gla"), t.get("gla[one-kernel-bwd]"))
+        for flag in AB_FLAGS:  # the default's time over the flag-off side's (< 1: the flag helps)
+            row[f"{mode}_default_over_{flag}_off"] = {
+                m: _ratio(t.get(m), t.get(f"{m}[{flag}=off]")) for m in methods if f"{m}[{flag}=off]" in t
+            }
         if WY_AB:  # the blockwise WY forward's time over the previous one's (< 1: faster)
             row[mode + "_blockwise_over_previous_wy"] = {
                 m: _ratio(t.get(m), t.get(m + "[previous-wy]")) for m in methods if m + "[previous-wy]" in t
@@ -697,6 +739,11 @@ def main() -> None:
         "--decode-host", default="", help="BxHxD,...: what a decode step launches (decode_host())"
     )
     ap.add_argument(
+        "--ab-flags",
+        default="",
+        help="comma list of boolean flags of attnlab.kernels.linear.op: each adds a gated_delta side with it off",
+    )
+    ap.add_argument(
         "--wy-ab",
         action="store_true",
         help="also time gated_delta / KDA with the previous delta-rule forward (op.WY_BLOCKWISE, "
@@ -724,8 +771,9 @@ def main() -> None:
     ap.add_argument("--check-budget", type=float, default=200.0, help="seconds after which no check starts")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    global DEV, L2NORM_AB, GLA_SPLIT_AB, WY_AB
+    global DEV, L2NORM_AB, GLA_SPLIT_AB, WY_AB, AB_FLAGS
     WY_AB = args.wy_ab
+    AB_FLAGS = tuple(filter(None, args.ab_flags.split(",")))
     L2NORM_AB = args.l2norm_ab
     if L2NORM_AB:  # "ours": the fused norm (the default since checked on the H100); the A/B side: the old one
         from attnlab.kernels.linear import op
