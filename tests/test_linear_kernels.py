@@ -703,3 +703,65 @@ def test_the_previous_delta_forward_still_matches_the_recurrence(
     want = torch.autograd.grad(ro.sum() + rs.sum(), [t for t in ref if t is not None])
     for name, a, b in zip(("dq", "dk", "dv", "dbeta", "dg", "dh0"), got, want, strict=True):
         _close(name, a, b, 1e-4)
+
+
+@pytest.mark.parametrize(
+    ("n", "chunk", "dk", "dv", "gate", "h0", "varlen"),
+    [(70, 16, 8, 8, "head", True, False), (63, 32, 72, 24, "channel", True, False),
+     (40, 16, 130, 16, "head", False, False), (33, 16, 16, 40, "channel", False, False),
+     (50, 16, 8, 8, "none", True, False), (61, 16, 8, 8, "head", True, True),
+     (61, 16, 8, 8, "channel", True, True)],
+    ids=["head-h0", "channel-k72-two-tiles", "head-k130-three-tiles", "channel-v40-two-value-blocks",
+         "deltanet", "varlen-head", "varlen-channel"],
+)  # fmt: skip
+def test_delta_h_v2_matches_the_previous_sequential_pass(
+    n: int, chunk: int, dk: int, dv: int, gate: str, h0: bool, varlen: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``DELTA_H_V2`` (the state as 64-row tiles, k^T loaded transposed) against ``delta_h_kernel``: output,
+    final state and the saved chunk-start states, W, U, T, at lengths off the chunk grid, several state
+    tiles and value blocks, with and without an initial state, packed sequences; and without ``save`` (the
+    compact states and U) the same output and final state. (H_kv < H reaches the kernels as repeated k.)"""
+    op = _op()
+    monkeypatch.setattr(op, "DELTA_H_BV", 16)  # several value blocks at these small dims
+    h = 3
+    gen = torch.Generator().manual_seed(11)
+    q, k = (torch.randn(1, h, n, dk, generator=gen) for _ in range(2))
+    k = F.normalize(k.repeat_interleave(3, dim=1)[:, :h], dim=-1)  # a key head shared by query heads
+    v = torch.randn(1, h, n, dv, generator=gen)
+    beta = torch.rand(1, h, n, generator=gen)
+    g: Tensor | None = F.logsigmoid(torch.randn(1, h, n, dk if gate == "channel" else 1, generator=gen) + 1)
+    if gate == "none":
+        g = None
+    seq = torch.tensor([0, 2, 3, 4]) if varlen else None
+    n_seq = 3 if varlen else 1
+    s0 = torch.randn(n_seq, h, dk, dv, generator=gen) if h0 else None
+    args = [None if t is None else t.to(DEV) for t in (q, k, v, beta, g, s0)]
+    seq_d = None if seq is None else seq.to(DEV)
+    for save in (True, False):
+        outs = {}
+        for v2 in (False, True):
+            monkeypatch.setattr(op, "DELTA_H_V2", v2)
+            outs[v2] = op.delta_fwd_launch(*args, 0.3, chunk, save, seq_d)  # type: ignore[arg-type]
+        names = ("o", "state", "hs", "w", "u", "t") if save else ("o", "state")
+        for name, a, b in zip(names, outs[True], outs[False], strict=False):
+            _close(f"{name} (save={save})", a, b, 2e-5)
+
+
+def test_delta_h_v2_compact_bfloat16_forward_matches_the_previous_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without gradients in bfloat16 the new pass hands the output kernel its states and U in bfloat16
+    (``DELTA_H_COMPACT``): the output within bfloat16 rounding of the float32 path's, the state as exact."""
+    op = _op()
+    q, k, v, g, h0 = _inputs(70, 16, 16, 1.0, h=2, seed=4)
+    k = F.normalize(k, dim=-1)
+    beta = torch.rand(1, 2, 70, generator=torch.Generator().manual_seed(5)).to(DEV)
+    assert g is not None
+    xs = [t.to(torch.bfloat16) for t in (q, k, v)]
+    outs = {}
+    for v2 in (False, True):
+        monkeypatch.setattr(op, "DELTA_H_V2", v2)
+        outs[v2] = op.delta_fwd_launch(*xs, beta, g[..., :1].clone(), h0, 0.3, 16, False)
+    assert outs[True][0].dtype == torch.bfloat16
+    _close("o", outs[True][0].float(), outs[False][0].float(), 2e-2)
+    _close("state", outs[True][1], outs[False][1], 1e-4)

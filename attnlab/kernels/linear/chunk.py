@@ -735,6 +735,159 @@ def delta_h_kernel(
 
 
 @triton.jit
+def _h2_state_io(ptr, s, k0, rv, DK, DV, STORE: tl.constexpr, BKT: tl.constexpr):
+    """One BKT-row tile (key rows k0..) of a (DK, DV) state at ``ptr``: stored (in ``ptr``'s dtype) when
+    STORE, else loaded as float32 (``s`` unused)."""
+    rk = k0 + tl.arange(0, BKT)
+    off = rk[:, None] * DV + rv[None, :]
+    mask = (rk[:, None] < DK) & (rv[None, :] < DV)
+    if STORE:
+        tl.store(ptr + off, s.to(ptr.dtype.element_ty), mask=mask)
+    else:
+        s = tl.load(ptr + off, mask=mask, other=0.0).to(tl.float32)
+    return s
+
+
+@triton.jit
+def _h2_ws(W, K, s, acc, t0, k0, NP, DK, BT: tl.constexpr, BKT: tl.constexpr, LOWP: tl.constexpr,
+           DOT_PREC: tl.constexpr):  # fmt: skip
+    """acc + W[t0.., k0..] s for one BKT-row state tile (W float32 (NP, DK) rows of a head); operands in
+    k's dtype (LOWP) or float32."""
+    w = _tile(W, t0, NP, k0, DK, DK, BT, BKT)
+    if LOWP:
+        acc = tl.dot(w.to(K.dtype.element_ty), s.to(K.dtype.element_ty), acc)
+    else:
+        acc = tl.dot(w, s, acc, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
+def _h2_fold(K, GC, s, ud, t0, k0, N, NP, DK, GATE: tl.constexpr, BT: tl.constexpr, BKT: tl.constexpr,
+             LOWP: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
+    """One BKT-row tile of the next chunk's state: s (already decayed by exp(G_C) under a gate shared by
+    the channels) + k^T ud, with k^T loaded transposed (BKT, BT) from k's rows (no transpose in
+    registers). Per channel (GATE == 2) the decays are applied here: s exp(G_C) + (k^T exp(G_C - G^T)) ud,
+    G^T loaded transposed too; else ud carries them (exp(G_C - G) per row)."""
+    rk = k0 + tl.arange(0, BKT)
+    rt = t0 + tl.arange(0, BT)
+    kt = tl.load(K + rt[None, :] * DK + rk[:, None], mask=(rk[:, None] < DK) & (rt[None, :] < N), other=0.0)
+    if GATE == 2:
+        gt = tl.load(GC + rt[None, :] * DK + rk[:, None], mask=rk[:, None] < DK, other=0.0)
+        gl = tl.load(GC + (t0 + BT - 1) * DK + rk, mask=rk < DK, other=0.0)
+        kt = kt.to(tl.float32) * tl.exp(gl[:, None] - gt)
+        s = s * tl.exp(gl)[:, None]
+    if LOWP:
+        s = tl.dot(kt.to(K.dtype.element_ty), ud, s)
+    else:
+        s = tl.dot(kt.to(tl.float32), ud, s, input_precision=DOT_PREC)
+    return s
+
+
+@triton.jit
+def delta_h_v2_kernel(
+    K, W, U, UO, GC, H0, HS, HT, SEQ,
+    N, NP, DK, DV, BHM,
+    GATE: tl.constexpr, HAS_H0: tl.constexpr, VARLEN: tl.constexpr,
+    BT: tl.constexpr, BKT: tl.constexpr, NKT: tl.constexpr, BV: tl.constexpr, LOWP: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    """The delta rule's sequential pass (as :func:`delta_h_kernel`), the state held as NKT register tiles
+    of BKT key rows (NKT <= 4: K <= 4 * BKT), one program per (value block, batch * head). Per chunk:
+    HS[c] = S (in HS's dtype), U_c = U0_c - W_c S (W's BKT-column slices against the tiles, accumulated)
+    written to UO (UO's dtype; UO may be U), then each tile S_i = exp(G_C) S_i + k_i^T (exp(G_C - G) U_c),
+    k_i^T loaded transposed (under a gate shared by the channels the row decays are folded into U_c once,
+    for all tiles). LOWP: dot operands in k's dtype (16-bit; W, S and U_c rounded to it), float32
+    accumulation; else float32 operands (``DOT_PREC``). VARLEN: as :func:`delta_h_kernel`."""
+    vb = tl.program_id(0)
+    sh = tl.program_id(1).to(tl.int64)
+    n_chunks = tl.cdiv(N, BT)
+    if VARLEN:
+        bh = sh % BHM
+        c_lo = tl.load(SEQ + sh // BHM)
+        c_hi = tl.load(SEQ + sh // BHM + 1)
+    else:
+        bh = sh
+        c_lo = 0
+        c_hi = n_chunks
+    rv = vb * BV + tl.arange(0, BV)
+    mv = rv[None, :] < DV
+    rt = tl.arange(0, BT)
+    k_ptr = K + bh * N * DK
+    w_ptr = W + bh * NP * DK
+    if GATE == 2:  # noqa: SIM108
+        g_ptr = GC + bh * NP * DK
+    else:
+        g_ptr = GC + bh * NP
+    if HAS_H0:
+        s0 = _h2_state_io(H0 + sh * DK * DV, 0, 0, rv, DK, DV, False, BKT)
+        if NKT > 1:
+            s1 = _h2_state_io(H0 + sh * DK * DV, 0, BKT, rv, DK, DV, False, BKT)
+        if NKT > 2:
+            s2 = _h2_state_io(H0 + sh * DK * DV, 0, 2 * BKT, rv, DK, DV, False, BKT)
+        if NKT > 3:
+            s3 = _h2_state_io(H0 + sh * DK * DV, 0, 3 * BKT, rv, DK, DV, False, BKT)
+    else:
+        s0 = tl.zeros((BKT, BV), dtype=tl.float32)
+        if NKT > 1:
+            s1 = tl.zeros((BKT, BV), dtype=tl.float32)
+        if NKT > 2:
+            s2 = tl.zeros((BKT, BV), dtype=tl.float32)
+        if NKT > 3:
+            s3 = tl.zeros((BKT, BV), dtype=tl.float32)
+    for c in range(c_lo, c_hi):
+        t0 = c * BT
+        hs_ptr = HS + (bh * n_chunks + c) * DK * DV
+        _h2_state_io(hs_ptr, s0, 0, rv, DK, DV, True, BKT)
+        if NKT > 1:
+            _h2_state_io(hs_ptr, s1, BKT, rv, DK, DV, True, BKT)
+        if NKT > 2:
+            _h2_state_io(hs_ptr, s2, 2 * BKT, rv, DK, DV, True, BKT)
+        if NKT > 3:
+            _h2_state_io(hs_ptr, s3, 3 * BKT, rv, DK, DV, True, BKT)
+        ws = tl.zeros((BT, BV), dtype=tl.float32)
+        ws = _h2_ws(w_ptr, k_ptr, s0, ws, t0, 0, NP, DK, BT, BKT, LOWP, DOT_PREC)
+        if NKT > 1:
+            ws = _h2_ws(w_ptr, k_ptr, s1, ws, t0, BKT, NP, DK, BT, BKT, LOWP, DOT_PREC)
+        if NKT > 2:
+            ws = _h2_ws(w_ptr, k_ptr, s2, ws, t0, 2 * BKT, NP, DK, BT, BKT, LOWP, DOT_PREC)
+        if NKT > 3:
+            ws = _h2_ws(w_ptr, k_ptr, s3, ws, t0, 3 * BKT, NP, DK, BT, BKT, LOWP, DOT_PREC)
+        u_off = bh * NP * DV + (t0 + rt)[:, None] * DV + rv[None, :]
+        u = tl.load(U + u_off, mask=mv, other=0.0).to(tl.float32) - ws
+        tl.store(UO + u_off, u.to(UO.dtype.element_ty), mask=mv)
+        if GATE == 2:
+            ud = u
+        else:
+            g = tl.load(g_ptr + t0 + rt)
+            g_last = tl.load(g_ptr + t0 + BT - 1)
+            ud = u * tl.exp(g_last - g)[:, None]
+            decay = tl.exp(g_last)
+            s0 = s0 * decay
+            if NKT > 1:
+                s1 = s1 * decay
+            if NKT > 2:
+                s2 = s2 * decay
+            if NKT > 3:
+                s3 = s3 * decay
+        if LOWP:
+            ud = ud.to(K.dtype.element_ty)
+        s0 = _h2_fold(k_ptr, g_ptr, s0, ud, t0, 0, N, NP, DK, GATE, BT, BKT, LOWP, DOT_PREC)
+        if NKT > 1:
+            s1 = _h2_fold(k_ptr, g_ptr, s1, ud, t0, BKT, N, NP, DK, GATE, BT, BKT, LOWP, DOT_PREC)
+        if NKT > 2:
+            s2 = _h2_fold(k_ptr, g_ptr, s2, ud, t0, 2 * BKT, N, NP, DK, GATE, BT, BKT, LOWP, DOT_PREC)
+        if NKT > 3:
+            s3 = _h2_fold(k_ptr, g_ptr, s3, ud, t0, 3 * BKT, N, NP, DK, GATE, BT, BKT, LOWP, DOT_PREC)
+    _h2_state_io(HT + sh * DK * DV, s0, 0, rv, DK, DV, True, BKT)
+    if NKT > 1:
+        _h2_state_io(HT + sh * DK * DV, s1, BKT, rv, DK, DV, True, BKT)
+    if NKT > 2:
+        _h2_state_io(HT + sh * DK * DV, s2, 2 * BKT, rv, DK, DV, True, BKT)
+    if NKT > 3:
+        _h2_state_io(HT + sh * DK * DV, s3, 3 * BKT, rv, DK, DV, True, BKT)
+
+
+@triton.jit
 def delta_bwd_dh_kernel(
     Q, K, DO, GC, W, AQK, DHT, DHS, DU, DH0, SEQ,
     N, NP, DK, DV, BHM, scale,

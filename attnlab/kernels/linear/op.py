@@ -50,6 +50,7 @@ from attnlab.kernels.linear.chunk import (
     delta_bwd_chunk_kernel,
     delta_bwd_dh_kernel,
     delta_h_kernel,
+    delta_h_v2_kernel,
     delta_wy_block_kernel,
     delta_wy_kernel,
     gate_cumsum_kernel,
@@ -609,6 +610,26 @@ def gla_chunk(
 #: Value columns per program of the delta-rule kernels (the state's columns evolve independently).
 DELTA_BV = 32
 
+#: The delta rule's forward sequential pass by ``delta_h_v2_kernel``: the state as 64-row register tiles
+#: (K = 128: two), W's 64-column slices dotted against them and accumulated, k^T (and per-channel gates'
+#: G^T) loaded transposed (no transpose in registers; under a per-head gate the row decays folded into U_c
+#: once for all tiles), 16-bit dot operands with float32 accumulation for 16-bit inputs
+#: (``DELTA_H_LOWP``), and without ``save`` (no backward) the chunk-start states and U written in the
+#: inputs' dtype for the output kernel (``DELTA_H_COMPACT``). False: ``delta_h_kernel`` (one (K, BV)
+#: float32 tile, tf32 dots, U in place). For A/B timing in one process: set it before a call.
+DELTA_H_V2 = True
+#: Dot operands of ``delta_h_v2_kernel`` in the inputs' 16-bit dtype (W, S, U_c rounded to it, as
+#: fla-core's kernel does; float32 accumulation) for bf16 / fp16 inputs. False: float32 operands in
+#: ``_prec`` (tf32). (Float32 inputs and Triton's CPU interpreter always take float32 operands.)
+DELTA_H_LOWP = True
+#: Without ``save``: ``delta_h_v2_kernel`` writes the chunk-start states and U in the inputs' dtype (half
+#: the bytes written there and read by ``chunk_out_kernel``, which rounds them to that dtype for its dots
+#: anyway) into fresh buffers (U0 left as is). With ``save`` both stay float32 (the backward reads them).
+DELTA_H_COMPACT = True
+#: Value columns per program and key rows per state tile of ``delta_h_v2_kernel``.
+DELTA_H_BV = 32
+DELTA_H_BKT = 64
+
 
 def _delta_gate(g: Tensor | None, b: int, h: int, n: int, dk: int) -> Tensor | None:
     """The delta kernels' gate: None, (B, H, N, 1) for a gate shared by the channels (the scalar-gate
@@ -788,18 +809,23 @@ def delta_fwd_launch(
             GATE=_gate_code(gc), SAVE_T=save_t, BT=chunk, BK=bk, BV=bv, DOT_PREC=prec,
             **_cfg("delta_wy", num_warps=8),
         )  # fmt: skip
-    hs = torch.empty(b, h, n_chunks, dk, dv, dtype=f32, device=dev)
     n_seq = b if seq_chunks is None else seq_chunks.shape[0] - 1
     ht = torch.empty(n_seq, h, dk, dv, dtype=f32, device=dev)
     h0c = h0.float().contiguous() if h0 is not None else ht
-    bv = min(head_block(dv), DELTA_BV)
-    delta_h_kernel[(cdiv(dv, bv), n_seq * h)](
-        k, w, u, gc, h0c, hs, ht, seq_chunks if seq_chunks is not None else ht, n, np_, dk, dv, b * h,
-        GATE=_gate_code(gc), HAS_H0=h0 is not None, VARLEN=seq_chunks is not None, BT=chunk,
-        BK=head_block(dk), BV=bv, DOT_PREC=prec,
-        **_cfg("delta_h", num_warps=4, num_stages=2),
-    )  # fmt: skip
-    o = chunk_output(q, k, u, gc, hs, aqk, scale, chunk)
+    seq = seq_chunks if seq_chunks is not None else ht
+    if DELTA_H_V2:
+        hs, u_out = delta_h_v2(k, w, u, gc, h0c if h0 is not None else None, ht, seq_chunks, save, chunk)
+    else:
+        hs = torch.empty(b, h, n_chunks, dk, dv, dtype=f32, device=dev)
+        u_out = u
+        bv = min(head_block(dv), DELTA_BV)
+        delta_h_kernel[(cdiv(dv, bv), n_seq * h)](
+            k, w, u, gc, h0c, hs, ht, seq, n, np_, dk, dv, b * h,
+            GATE=_gate_code(gc), HAS_H0=h0 is not None, VARLEN=seq_chunks is not None, BT=chunk,
+            BK=head_block(dk), BV=bv, DOT_PREC=prec,
+            **_cfg("delta_h", num_warps=4, num_stages=2),
+        )  # fmt: skip
+    o = chunk_output(q, k, u_out, gc, hs, aqk, scale, chunk)
 
     def empty() -> Tensor:  # (a fresh one each: a custom op's outputs must not alias)
         return hs.new_empty(0)
@@ -809,6 +835,37 @@ def delta_fwd_launch(
     if rq is None or rk is None:
         return o, ht, hs, w, u, t, empty(), empty(), empty(), empty()
     return o, ht, hs, w, u, t, q, k, rq, rk
+
+
+def delta_h_v2(
+    k: Tensor, w: Tensor, u: Tensor, gc: Tensor, h0: Tensor | None, ht: Tensor, seq_chunks: Tensor | None,
+    save: bool, chunk: int,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The delta rule's forward sequential pass by ``delta_h_v2_kernel``: (the states at the chunk starts
+    (B, H, chunks, K, V), U (B, H, NP, V)), the final state written to ``ht`` (h0 float32 or None;
+    ``seq_chunks``: varlen, as ``chunk_states``). With ``save`` (or ``DELTA_H_COMPACT``
+    off) both float32, U written over U0 (``u``); else both in k's dtype, fresh."""
+    b, h, n, dk = k.shape
+    dv = u.shape[-1]
+    n_chunks = cdiv(n, chunk)
+    compact = DELTA_H_COMPACT and not save
+    sdt = k.dtype if compact else torch.float32
+    hs = torch.empty(b, h, n_chunks, dk, dv, dtype=sdt, device=k.device)
+    u_out = torch.empty(u.shape, dtype=sdt, device=k.device) if compact else u
+    bk = head_block(dk)
+    bkt = min(bk, DELTA_H_BKT)
+    nkt = cdiv(bk, bkt)
+    assert nkt <= 4, f"delta_h_v2_kernel holds at most 4 state tiles (K={dk}, DELTA_H_BKT={DELTA_H_BKT})"
+    bv = min(head_block(dv), DELTA_H_BV)
+    lowp = DELTA_H_LOWP and k.dtype in (torch.bfloat16, torch.float16) and not IMPORTED_INTERPRETED
+    delta_h_v2_kernel[(cdiv(dv, bv), ht.shape[0] * h)](
+        k, w, u, u_out, gc, h0 if h0 is not None else ht, hs, ht, seq_chunks if seq_chunks is not None else ht,
+        n, w.shape[2], dk, dv, b * h,
+        GATE=_gate_code(gc), HAS_H0=h0 is not None, VARLEN=seq_chunks is not None, BT=chunk,
+        BKT=bkt, NKT=nkt, BV=bv, LOWP=lowp, DOT_PREC=_prec(k),
+        **_cfg("delta_h_v2", num_warps=4, num_stages=2),
+    )  # fmt: skip
+    return hs, u_out
 
 
 @contextlib.contextmanager
