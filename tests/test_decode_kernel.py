@@ -202,6 +202,9 @@ def test_row_topk_keys_that_differ_in_one_byte_only(early: bool, monkeypatch: py
     x = torch.stack([low_byte, top_byte, tied])
     for k in (1, 7, 64, 200, 599, 600):
         assert torch.equal(op.row_topk(x, k), row_topk_naive(x, k)), k
+    zeros = torch.tensor([-0.0, 0.0, 1.0, -0.0, 0.0, -1.0] * 3, device=DEVICE)[None]  # the cut among +-0
+    for k in (2, 4, 7):
+        assert torch.equal(op.row_topk(zeros, k), row_topk_naive(zeros, k)), k
 
 
 SELECT_CASES = [

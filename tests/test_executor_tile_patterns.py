@@ -144,3 +144,20 @@ def test_distinct_words_number_by_first_occurrence(hashed: bool) -> None:
     words = torch.tensor([[5, 1], [2, 2], [5, 1], [-1, 0], [2, 2], [0, 0]])
     first, inverse = executor.distinct_words(words, hashed)
     assert first.tolist() == [0, 1, 3, 5] and inverse.tolist() == [0, 1, 0, 2, 1, 3]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the H100)")
+def test_packing_and_hashing_make_no_blocking_copy_on_cuda() -> None:
+    """packed_rows builds its bit weights on the device and the row-hash multipliers are copied to the
+    device once per width: in sync debug mode "error" neither raises (a pageable host copy would)."""
+    from attnlab.plans.executor import _row_hash_multipliers, packed_rows
+
+    m = torch.rand(5, 200, device="cuda") > 0.5
+    _row_hash_multipliers(4, m.device)  # (the one copy, made before the check)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        words = packed_rows(m)
+        mult = _row_hash_multipliers(4, m.device)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert words.shape == (5, 4) and mult.shape == (4,) and mult.is_cuda

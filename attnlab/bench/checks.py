@@ -38,9 +38,9 @@ class ParityChecks:
         c = self.cfg
         n_q, n_k = (96, 384) if cross else (384, 384)
         kv_heads = max(1, 4 * c.n_kv_heads // c.heads)
-        check_params = _at_length(spec, params, n_k)
-        case = Case(1, 4, kv_heads, n_q, n_k, c.head_dim, c.torch_dtype, causal, check_params or {})
         try:
+            check_params = _at_length(spec, params, n_k)
+            case = Case(1, 4, kv_heads, n_q, n_k, c.head_dim, c.torch_dtype, causal, check_params or {})
             if check_params is None:
                 passed, skipped, detail = False, "", "no parameter set of this kind at the check's length"
             else:

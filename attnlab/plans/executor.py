@@ -114,11 +114,22 @@ def _causal_patterns(plan: Plan, partial: Tensor) -> tuple[Tensor, Tensor]:
     return pat_grid, pats.to(torch.uint8).contiguous()
 
 
+#: :func:`_row_hash_multipliers` per (words, device): made and copied to the device once per process
+_MULTIPLIERS: dict[tuple[int, torch.device], Tensor] = {}
+
+
 def _row_hash_multipliers(words: int, device: torch.device) -> Tensor:
     """Odd 64-bit multipliers of :func:`distinct_words`' row hash, one per word (a fixed seed: the same
-    rows give the same hashes)."""
-    g = torch.Generator().manual_seed(0x9E3779B9)
-    return (torch.randint(0, 2**62, (words,), generator=g, dtype=torch.int64) * 2 + 1).to(device)
+    rows give the same hashes); kept per device, so the host-to-device copy (a synchronisation from
+    pageable memory) happens once per width and device, not per call."""
+    key = (words, torch.device(device))
+    mult = _MULTIPLIERS.get(key)
+    if mult is None:
+        g = torch.Generator().manual_seed(0x9E3779B9)
+        mult = (torch.randint(0, 2**62, (words,), generator=g, dtype=torch.int64) * 2 + 1).to(device)
+        if len(_MULTIPLIERS) < 64:
+            _MULTIPLIERS[key] = mult
+    return mult
 
 
 def packed_rows(m: Tensor) -> Tensor:
@@ -126,7 +137,8 @@ def packed_rows(m: Tensor) -> Tensor:
     :func:`unpacked_rows` inverts it."""
     t, n = m.shape
     bits = torch.nn.functional.pad(m.to(torch.uint8), (0, (-n) % 64)).view(t, -1, 8)
-    powers = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8).to(m.device)
+    ones = torch.ones(8, dtype=torch.uint8, device=m.device)  # (made on the device: no host copy)
+    powers = torch.bitwise_left_shift(ones, torch.arange(8, dtype=torch.uint8, device=m.device))
     return (bits * powers).sum(-1, dtype=torch.uint8).view(torch.int64)
 
 

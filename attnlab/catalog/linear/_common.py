@@ -156,13 +156,18 @@ def start_gate_check(
         return None
     ext = [torch.stack(torch.aminmax(t.detach())) for t in ts]
     vals = ext[0] if len(ext) == 1 else torch.cat([x.float() for x in ext])
+    host, done = vals, None
     if defer and vals.is_cuda:
-        host = torch.empty(vals.shape, dtype=vals.dtype, pin_memory=True)
-        host.copy_(vals, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-    else:
-        host, done = vals, None
+        try:
+            pinned = torch.empty(vals.shape, dtype=vals.dtype, pin_memory=True)
+        except RuntimeError:  # no pinned memory to be had: the synchronous read below
+            pinned = None
+        if pinned is not None:
+            with torch.cuda.device(vals.device):  # the copy and its event on the gates' device's stream
+                pinned.copy_(vals, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(torch.cuda.current_stream(vals.device))
+            host = pinned
 
     def finish() -> None:
         if done is not None:

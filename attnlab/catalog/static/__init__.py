@@ -15,5 +15,6 @@ MASK_BACKENDS = (FLEX, BLOCK_SPARSE, SdpaMaskBackend())
 #: The executor first: for masks whose every tile is partial (dilated), where it runs 1.35-1.65x faster
 #: than FlexAttention forward and forward + backward at 64K in the same run, for neighborhoods (2-D and
 #: 3-D at 16K: 4.6-8.3x, benchmarks/results/h100-2026-11-24/neighborhoods/; 1-D window 512: 1.2-1.4x) and
-#: for radial (2.1-2.5x at 16K, benchmarks/results/h100-2026-11-24/structured/).
+#: for radial (2.1-2.5x at 16K with frame 512; the default frame 1024 was not timed) and multi_axis
+#: (2.4-3.3x at 16K), benchmarks/results/h100-2026-11-24/structured/.
 EXECUTOR_FIRST = (BLOCK_SPARSE, FLEX, MASK_BACKENDS[2])

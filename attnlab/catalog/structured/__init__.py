@@ -1,7 +1,9 @@
 """Structured static patterns (family ``static``): neighborhoods, strided, power-law, radial, multi-axis.
 
-Mask-defined methods use the static family's backends (:data:`attnlab.catalog.static.MASK_BACKENDS`);
-``strided_heads``, whose mask depends on the head, brings its own two. Each method is one module,
+Mask-defined methods use the static family's backends: FlexAttention first
+(:data:`attnlab.catalog.static.MASK_BACKENDS`; power, doc_blocks) or the block-sparse executor first
+(:data:`attnlab.catalog.static.EXECUTOR_FIRST`; neighborhood, radial, multi_axis, where it measured faster
+on the H100); ``strided_heads``, whose mask depends on the head, brings its own. Each method is one module,
 imported below, whose ``SPEC`` is listed in :data:`SPECS`; importing this package registers them, in
 that order. Each mask method's index arithmetic, edge cases and hand-drawn grids are in
 ``tests/test_index_masks.py``.

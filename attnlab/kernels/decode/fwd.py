@@ -229,8 +229,9 @@ def row_topk_kernel(X, OUT, N, K, stride_x, stride_o, BLOCK: tl.constexpr, EARLY
 
 @triton.jit
 def _order_key(x):
-    """An int32 image of fp32 values whose signed order is the floats' order (-0 just below +0)."""
-    bits = x.to(tl.int32, bitcast=True)
+    """An int32 image of fp32 values whose signed order is the floats' order (-0 and +0 one key: they
+    tie, as for the rule)."""
+    bits = (x + 0.0).to(tl.int32, bitcast=True)  # (-0 + 0 = +0)
     return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
 
 

@@ -206,14 +206,16 @@ MAX_SELECT_ROW = MAX_TOPK_ROW
 SPLIT_BLOCK_P = 64
 SPLIT_WARPS = 4
 #: Tiles of ``SPLIT_BLOCK_P`` pages per scoring program (a loop pipelined over ``SPLIT_STAGES`` stages;
-#: 1: one tile, no loop). Not measured yet.
+#: 1: one tile, no loop). Measured on the H100 (9926e72, 128K, page 16): 2, 4, 8 and 16 tiles no faster
+#: than 1 at B=1 or B=8 (benchmarks/results/h100-2026-11-24/decode_ab3/).
 SPLIT_TILES = 1
 SPLIT_STAGES = 2
 #: The most stale pages :func:`page_select` recomputes in its kernel (each by one program, serially).
 MAX_FUSED_UPDATE = 16
 #: With ``dot``: the summaries go from memory into the tensor-core products as loaded (bf16), a page of
 #: padding only masked after the products (``page_select_kernel``'s LEAN); False: the fp32 copy with the
-#: padding masked before them (the path measured up to 8544b74). The same scores.
+#: padding masked before them (the path measured up to 8544b74). The same scores. (Summaries of another
+#: dtype than q's take the fp32 copy: the products need one operand dtype.)
 SCORE_LEAN = True
 #: The search for the ``keep``-th score (:func:`row_topk`, the fused selection) stops once exactly ``keep``
 #: scores are at or above its lower end, instead of narrowing to one value. The same positions. (A radix
@@ -324,7 +326,7 @@ def page_select_launch(
         DOT=bool(dot), BLOCK_M=max(16, next_power_of_2((h // h_kv) * n_q)),
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=IMPORTED_INTERPRETED and q.dtype != torch.float32,
-        LEAN=SCORE_LEAN, EARLY=TOPK_EARLY_EXIT, TILES=tiles, STAGES=SPLIT_STAGES if q.is_cuda else 1,
+        LEAN=SCORE_LEAN and kmax.dtype == q.dtype, EARLY=TOPK_EARLY_EXIT, TILES=tiles, STAGES=SPLIT_STAGES if q.is_cuda else 1,
         num_warps=_select_warps(block_row) if fused else SPLIT_WARPS,
     )  # fmt: skip
     if rank == "triton":
