@@ -333,32 +333,21 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
             FAILED[f"step_graph_{mode_name}"] = f"{type(e).__name__}: {str(e)[:300]}"
         finally:
             page_topk.SMALL_SELECT, page_topk.LARGE_SELECT = saved
-    # the default step with other scoring tiles of the two-launch selection (pages per program, warps)
     from attnlab.kernels.decode import op as dop
 
-    tiles = (dop.SPLIT_BLOCK_P, dop.SPLIT_WARPS)
-    for bp, warps in ((32, 4), (64, 2), (128, 4)):
-        dop.SPLIT_BLOCK_P, dop.SPLIT_WARPS = bp, warps
-        name = f"step_graph_tile{bp}x{warps}w"
-        try:
-            out_t = step()
-            assert isinstance(out_t, Result)
-            mode_checks[name] = {
-                "step_vs_default_step_max_abs": float((out_t.out.float() - res.out.float()).abs().max())
-            }
-            mode_steps[name] = graph_of(step)
-        except Exception as e:  # recorded; the side is left out
-            FAILED[name] = f"{type(e).__name__}: {str(e)[:300]}"
-        finally:
-            dop.SPLIT_BLOCK_P, dop.SPLIT_WARPS = tiles
-    # the default step with each change of this version off (op.SCORE_LEAN, op.TOPK_EARLY_EXIT,
-    # op.DECODE_EARLY_V), and with other split-K program counts / inner steps of the decode kernel
+    # the default step with other scoring tiles of the two-launch selection (pages per program, warps),
+    # with each change of this version off (op.SCORE_LEAN, op.TOPK_EARLY_EXIT, op.DECODE_EARLY_V), and
+    # with other split-K program counts / inner steps of the decode kernel
     names = (
         "SCORE_LEAN", "TOPK_EARLY_EXIT", "DECODE_EARLY_V", "PROGRAMS_PER_SM", "BLOCK_N", "SPLIT_TILES",
-        "SPLIT_STAGES", "TOPK_WARPS", "DECODE_WARPS", "DECODE_STAGES",
+        "SPLIT_STAGES", "TOPK_WARPS", "DECODE_WARPS", "DECODE_STAGES", "SPLIT_BLOCK_P", "SPLIT_WARPS",
     )  # fmt: skip
     saved_flags = {f: getattr(dop, f) for f in names}
     variants_of_step: dict[str, dict[str, Any]] = {
+        **{
+            f"step_graph_tile{bp}x{warps}w": {"SPLIT_BLOCK_P": bp, "SPLIT_WARPS": warps}
+            for bp, warps in ((32, 4), (64, 2), (128, 4))
+        },
         "step_graph_before": {"SCORE_LEAN": False, "TOPK_EARLY_EXIT": False, "DECODE_EARLY_V": False},
         "step_graph_fp32scores": {"SCORE_LEAN": False},
         "step_graph_narrow_topk": {"TOPK_EARLY_EXIT": False},
