@@ -27,9 +27,11 @@ T = (I + A_kk)^-1, W = T (beta K exp(G)) and U0 = T (beta V), all parallel over 
 (:func:`delta_wy_block_kernel`: A_kk by 16-row blocks of tensor-core dots, the diagonal 16 x 16 blocks
 inverted by forward substitution side by side, the blocks below them by block forward substitution with
 dots, W and U0 by dots per block; or :func:`delta_wy_kernel`, forward substitution row by row over the
-whole chunk, ``op.WY_BLOCKWISE``); then a sequential pass (:func:`delta_h_kernel`) per (batch *
-head, value block): U_c = U0_c - W_c S_c (the u_t of the recurrence, all at once), S_{c+1} = exp(G_C) S_c
-+ (K exp(G_C - G))^T U_c; then stage 3 with v replaced by U.
+whole chunk, ``op.WY_BLOCKWISE``); then a sequential pass per (batch * head, value block): U_c = U0_c -
+W_c S_c (the u_t of the recurrence, all at once), S_{c+1} = exp(G_C) S_c + (K exp(G_C - G))^T U_c
+(:func:`delta_h_v2_kernel`: the state in 64-row register tiles, k^T loaded transposed, 16-bit dot operands
+with fp32 accumulation, and without a backward the chunk states and U kept in 16 bits; or
+:func:`delta_h_kernel`, ``op.DELTA_H_V2``); then stage 3 with v replaced by U.
 
 Backward. The state's gradient at every chunk end by stages 1 and 2 reversed (``BACKWARD``; the scan also
 gives the log-decays' gradient at each chunk's last row, sum_v S_end * dS_end); then dq, dk, dv per chunk
