@@ -40,6 +40,7 @@ from torch import Tensor
 
 from attnlab.masks import MaskMod
 from attnlab.plans.plan import Plan
+from attnlab.plans.rows import distinct_words, packed_rows, unpacked_rows
 
 #: Upper bound on the elements of the representative tiles evaluated at once (memory: bool elements).
 EVAL_CHUNK_ELEMENTS = 2**22
@@ -340,7 +341,9 @@ def tile_patterns(plan: Plan, partial: Tensor, chunk: int | None = None) -> tupl
                                             q_idx[s : s + step], kv_idx[s : s + step])
             for s in range(0, reps.shape[0], step)
         ])  # fmt: skip
-    distinct, same = torch.unique(m.to(torch.uint8).reshape(m.shape[0], -1), dim=0, return_inverse=True)
+    words = packed_rows(m.reshape(m.shape[0], -1))  # (64 masks' pairs per word: deduplicated as words)
+    rep, same = distinct_words(words)
+    distinct = unpacked_rows(words[rep], bq * bk)
     u = distinct.shape[0]
     first_tile = torch.full((u,), n, dtype=torch.int64, device=dev)
     first_tile.scatter_reduce_(0, same, first, "amin")
