@@ -29,5 +29,7 @@ def test_shape_bound_parameters_are_checked_with_the_methods_set_at_the_check_le
     assert ok and detail.startswith('checked with {"block": 4, "grid": 4, "shape": [24, 16]}'), detail
     ok, detail = checks.check(spec, "sdpa_mask", {"shape": (128, 128), "foo": 1}, causal=False, cross=False,
                               grad=False)  # fmt: skip
-    assert not ok and "no parameter set of this kind" in detail
+    assert (
+        not ok and "bind a grid shape of 16384 tokens" in detail and "bench_params(384) has no set" in detail
+    )
     assert checks.rows[-1]["passed"] is False

@@ -42,7 +42,16 @@ class ParityChecks:
             check_params = _at_length(spec, params, n_k)
             case = Case(1, 4, kv_heads, n_q, n_k, c.head_dim, c.torch_dtype, causal, check_params or {})
             if check_params is None:
-                passed, skipped, detail = False, "", "no parameter set of this kind at the check's length"
+                passed, skipped, detail = (
+                    False,
+                    "",
+                    (
+                        f"parameters {json.dumps(params, sort_keys=True, default=str)} bind a grid shape of "
+                        f"{math.prod(params['shape'])} tokens, and the method's bench_params({n_k}) has no set with "
+                        f"the same keys for the check's {n_k} tokens: add one there (or time this set without "
+                        "the bench, e.g. benchmarks/variants_bench.py)"
+                    ),
+                )
             else:
                 res = check_parity(spec, backend, case, c.torch_device, backward=grad)
                 passed, skipped, detail = res.passed, res.skipped, res.summary()
