@@ -152,7 +152,8 @@ class Plan:
                 raise ValueError("a plan with token columns has no BlockMask form; use an executor")
             from attnlab.kernels.flex import block_mask_from_tables
 
-            q_side = (*_ordered(self.partial.transpose(-1, -2)), *_ordered(self.full.transpose(-1, -2)))
+            # (contiguous transposed copies: a sort along a strided dim is several times slower on a GPU)
+            q_side = (*_ordered(self.partial.mT.contiguous()), *_ordered(self.full.mT.contiguous()))
             bm = block_mask_from_tables(
                 *self.tables(), self.mask_mod, self.n_q, self.n_k, (self.block_q, self.block_k), q_side
             )
@@ -164,5 +165,5 @@ class Plan:
 def _ordered(blocks: Tensor) -> tuple[Tensor, Tensor]:
     """(num, indices) of True tiles per query-block row, True columns first, as FlexAttention wants."""
     num = blocks.sum(dim=-1, dtype=torch.int32).contiguous()
-    idx = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True)
+    idx = torch.argsort(blocks.view(torch.int8), dim=-1, descending=True, stable=True)  # (a view: no copy)
     return num, idx.to(torch.int32, memory_format=torch.contiguous_format)
