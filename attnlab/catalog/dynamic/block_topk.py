@@ -32,6 +32,7 @@ from torch import Tensor
 from attnlab.backends.block_sparse import BLOCK_SPARSE
 from attnlab.backends.sdpa import SdpaMaskBackend
 from attnlab.errors import ParamError
+from attnlab.kernels.block_select.op import select_blocks
 from attnlab.params import Params
 from attnlab.patterns import ALL_PATTERNS
 from attnlab.plans import Plan
@@ -83,50 +84,21 @@ def estimate(q: Tensor, k: Tensor, params: BlockTopkParams, *, causal: bool, sca
     bs = params.block
     h, n_q = q.shape[1], q.shape[2]
     n_k = k.shape[2]
-    nqb, nkb = -(-n_q // bs), -(-n_k // bs)
     pq = _pool(q, bs)
     pk = _pool(k, bs).repeat_interleave(h // k.shape[1], dim=1)
     score = (pq @ pk.transpose(-1, -2)) * scale  # (B, H, NQB, NKB)
-    dev = q.device
-    offset = n_k - n_q
-    q_first = torch.arange(nqb, device=dev) * bs + offset
-    q_last = torch.clamp((torch.arange(nqb, device=dev) + 1) * bs, max=n_q) - 1 + offset
-    k_first = torch.arange(nkb, device=dev) * bs
-    k_last = torch.clamp(k_first + bs, max=n_k) - 1
-    allowed = torch.ones(nqb, nkb, dtype=torch.bool, device=dev)
+    full, partial = select_blocks(
+        score, n_q=n_q, n_k=n_k, block=bs, topk=params.topk, mass=params.mass, causal=causal,
+        sink=params.sink, local=params.local,
+    )  # fmt: skip
     if causal:
-        allowed = k_first[None, :] <= q_last[:, None]
-    score = score.masked_fill(~allowed, float("-inf"))
-    forced = torch.zeros(nqb, nkb, dtype=torch.bool, device=dev)
-    if params.sink:
-        forced[:, 0] = True
-    if params.local:
-        local = torch.clamp(q_last, 0, n_k - 1) // bs
-        forced[torch.arange(nqb, device=dev), local] = True
-    forced &= allowed
-    ranked = score.masked_fill(forced, float("inf"))
-    kk = min(params.topk, nkb)
-    top = torch.topk(ranked, kk, dim=-1)
-    keep = torch.zeros_like(ranked, dtype=torch.bool).scatter_(-1, top.indices, True)
-    if params.mass > 0:
-        # the fewest highest blocks whose softmax share reaches `mass`, forced blocks counted first
-        share = torch.softmax(score, dim=-1).nan_to_num(0.0)
-        shares = torch.gather(share, -1, top.indices)
-        before = torch.cumsum(shares, -1) - shares
-        within = before < params.mass
-        keep = torch.zeros_like(keep).scatter_(-1, top.indices, within)
-        keep |= forced[None, None]
-    keep &= allowed & torch.isfinite(score) | forced
-    if causal:
-        whole = k_last[None, :] <= q_first[:, None]
-        full = keep & whole
-        partial = keep & ~whole
+        offset = n_k - n_q
 
         def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             return kv_idx <= q_idx + offset
 
         return Plan(n_q, n_k, True, bs, bs, full, partial, mask_mod, kind="dynamic", rule="causal")
-    return Plan(n_q, n_k, False, bs, bs, keep, torch.zeros_like(keep), None, kind="dynamic")
+    return Plan(n_q, n_k, False, bs, bs, full, partial, None, kind="dynamic")
 
 
 def reference(
