@@ -146,13 +146,13 @@ def chunk_scores(q: Tensor, k: Tensor, starts: Tensor, params: DhsaParams) -> tu
     bs = params.block
     chunk = torch.cumsum(starts.long(), 1) - 1  # (B, N_k)
     n_c = int(chunk.max()) + 1
-    kbar = k.detach().float().mean(1)  # (B, N_k, D)
+    kbar = k.detach().mean(1, dtype=torch.float32)  # (B, N_k, D) (fp32 sums, no fp32 copy of k)
     sums = torch.zeros(b, n_c, kbar.shape[-1], device=k.device).scatter_add_(
         1, chunk[..., None].expand_as(kbar), kbar
     )
     lens = torch.zeros(b, n_c, device=k.device).scatter_add_(1, chunk, torch.ones_like(kbar[..., 0]))
     k_repr = sums / lens.clamp_min(1)[..., None]
-    q_repr = pool_mean(q.detach().float().mean(1, keepdim=True), bs)[:, 0]  # (B, NQB, D)
+    q_repr = pool_mean(q.detach().mean(1, keepdim=True, dtype=torch.float32), bs)[:, 0]  # (B, NQB, D)
     if params.sqrt_scale:
         rows = torch.full((q_repr.shape[1],), float(bs), device=q.device)
         rows[-1] = n_q - (q_repr.shape[1] - 1) * bs
