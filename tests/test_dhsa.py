@@ -21,7 +21,9 @@ from attnlab.catalog.dynamic.dhsa import (
 )
 from attnlab.errors import ParamError
 from attnlab.registry import registered
-from attnlab.testing import Case, check_parity
+from attnlab.testing import Case, check_parity, device_under_test
+
+DEVICE = device_under_test()  # (the GPU where there is one: the executor runs there, not on its CPU)
 
 N, D, BS = 96, 16, 16
 BOUNDS = [0, 13, 30, 41, 58, 75, N]  # chunk c holds keys [BOUNDS[c], BOUNDS[c + 1])
@@ -192,10 +194,10 @@ CASES = [
 
 @pytest.mark.parametrize(("backend", "case"), CASES, ids=[f"{b}-{c.label()}" for b, c in CASES])
 def test_backend_matches_reference_on_the_same_plan(method: None, backend: str, case: Case) -> None:
-    q, k, _ = case.inputs("cpu")
+    q, k, _ = case.inputs(DEVICE)
     plan = estimate(q, k, DhsaParams(**case.params), causal=True, scale=case.head_dim**-0.5)
     assert plan.block_density < 0.95  # the case drops tiles
-    check = check_parity(SPEC, backend, case, "cpu")
+    check = check_parity(SPEC, backend, case, DEVICE)
     assert not check.skipped, check.skipped
     assert check.passed, check.summary()
     assert "dq" in check.errors  # the backward ran
