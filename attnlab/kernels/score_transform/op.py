@@ -43,8 +43,13 @@ MAX_RANK = 64
 #: The backward runs as one kernel (``bwd_one_pass.py``: P recomputed once per tile pair, dQ accumulated
 #: by fp32 atomic adds, so its last bits depend on the programs' order) where it can (see
 #: :func:`one_pass_refusal`), else as the two kernels of ``bwd.py``. Read when the forward runs and saved
-#: for its backward (an A/B benchmark side sets it around its call). Not yet timed on a GPU.
-BWD_ONE_PASS = True
+#: for its backward (an A/B benchmark side sets it around its call). Off: on the H100 (774d414,
+#: benchmarks/results/h100-2026-11-24-s12/variants/NOTES.md) it was no faster than the two kernels (soft cap
+#: forward+backward 0.96-1.04x of their time at 16K-32K; the fp32 atomics cost what the saved products
+#: gain), and at 8K its first forward+backward per causal mode failed the pre-timing check (dQ wrong; the
+#: autotuner timing configs into the atomically accumulated buffer is the suspect, hence ``reset_to_zero``,
+#: not verified on a GPU).
+BWD_ONE_PASS = False
 LOG2E = 1.4426950408889634
 
 #: Forward candidates (BLOCK_M, BLOCK_N, warps, stages, SPLIT, WS): the FlashSigmoid kernel's measured
@@ -253,6 +258,7 @@ _ONE_PASS = triton.autotune(
     _interp_or(ONE_PASS_SHAPES, (16, 16, 1, 1), False),
     key=[*(name for name in _KEY if name != "LOWRANK"), "TEMP"],
     prune_configs_by={"early_config_prune": _prune_bwd(2)},
+    reset_to_zero=["DQ"],  # (dQ accumulates by atomics: a config the autotuner times must start from 0)
 )(triton.heuristics(_EVEN)(score_transform_bwd_one_pass_kernel))
 _ONE_PASS_ANY = triton.heuristics(_EVEN)(score_transform_bwd_one_pass_kernel)
 
