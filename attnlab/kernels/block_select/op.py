@@ -23,11 +23,29 @@ def kernel_applies(score: Tensor, topk: int, mass: float) -> bool:
     return score.is_cuda and mass == 0 and score.shape[-1] <= MAX_KERNEL_BLOCKS and topk <= MAX_KERNEL_TOPK
 
 
+#: (rows per program, warps) of the Triton pass, by row width (its power of two): the first that fits
+SCHEDULES = ((2048, 2, 4), (1024, 4, 4), (256, 8, 4), (0, 8, 2))
+
+
+def _schedule(block_l: int) -> tuple[int, int]:
+    return next((rows, warps) for width, rows, warps in SCHEDULES if block_l >= width)
+
+
 def select_blocks_kernel(
-    score: Tensor, *, n_q: int, n_k: int, block: int, topk: int, causal: bool, sink: bool, local: bool
+    score: Tensor,
+    *,
+    n_q: int,
+    n_k: int,
+    block: int,
+    topk: int,
+    causal: bool,
+    sink: bool,
+    local: bool,
+    schedule: tuple[int, int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The Triton pass of :func:`~attnlab.kernels.block_select.naive.select_blocks_naive` (``mass`` = 0)
-    on fp32 scores (B, H, NQB, NKB); runs wherever Triton does (the CPU interpreter in tests)."""
+    on fp32 scores (B, H, NQB, NKB); runs wherever Triton does (the CPU interpreter in tests).
+    ``schedule``: (rows per program, warps), default from :data:`SCHEDULES`."""
     from attnlab.kernels.block_select.fwd import block_select_kernel
 
     b, h, nqb, nkb = score.shape
@@ -36,10 +54,10 @@ def select_blocks_kernel(
     partial = torch.empty_like(full)
     rows = b * h * nqb
     block_l = max(16, _next_pow2(nkb))
-    per = max(1, min(8, 4096 // block_l))
+    per, warps = schedule or _schedule(block_l)
     block_select_kernel[(-(-rows // per),)](
         s, full, partial, rows, nqb, nkb, n_q, n_k, n_k - n_q, block, min(topk, nkb),
-        CAUSAL=causal, SINK=sink, LOCAL=local, ROWS=per, BLOCK_L=block_l, num_warps=4,
+        CAUSAL=causal, SINK=sink, LOCAL=local, ROWS=per, BLOCK_L=block_l, num_warps=warps,
     )  # fmt: skip
     return full.view(torch.bool), partial.view(torch.bool)
 
