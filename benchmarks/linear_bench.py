@@ -77,9 +77,16 @@ def _previous_wy_fwd_bwd(fn: Callable[[], Tensor], wrt: list[Tensor], do: Tensor
         return torch.autograd.grad(fn(), wrt, do)
 
 
-#: Boolean flags of ``attnlab.kernels.linear.op`` to A/B (``--ab-flags``): each adds, per gated_delta
-#: method, a side ``<method>[<FLAG>=off]`` with the flag off for the whole call, its backward included.
+#: Boolean flags of ``attnlab.kernels.linear.op`` to A/B (``--ab-flags``): each adds, per method it applies
+#: to (``flag_applies``), a side ``<method>[<FLAG>=off]`` with the flag off for the whole call, its backward
+#: included.
 AB_FLAGS: tuple[str, ...] = ()
+
+
+def flag_applies(flag: str, api: str) -> bool:
+    """Whether op flag ``flag`` changes the kernels of a method of API ``api``: ``GLA_*`` flags those of the
+    gated linear recurrence (gla, lightning, linear), the others the delta rule's (gated_delta, KDA)."""
+    return flag.startswith("GLA_") == (api != "gated_delta")
 
 
 @contextlib.contextmanager
@@ -247,7 +254,7 @@ def sides(b: int, h: int, n: int, d: int, methods: tuple[str, ...], fla: bool) -
                     return op(q, k, v, **extra).out
 
             out[method + "[previous-wy]"] = (prev, out[method][1], do)
-        for flag in AB_FLAGS if c.api == "gated_delta" else ():
+        for flag in (f for f in AB_FLAGS if flag_applies(f, c.api)):
 
             def off(
                 op: Any = op,
@@ -628,8 +635,12 @@ SWEEP: dict[str, list[tuple[str, dict[str, dict[str, int]], dict[str, int]]]] = 
         ("gla_bwd_sub w8", {"gla_bwd_sub": {"num_warps": 8}}, {}),
         ("gla_bwd_sub w2", {"gla_bwd_sub": {"num_warps": 2}}, {}),
         ("gla_bwd_sub s1", {"gla_bwd_sub": {"num_stages": 1}}, {}),
-        ("intra w2", {"intra": {"num_warps": 2}}, {}),
-        ("intra w8", {"intra": {"num_warps": 8}}, {}),
+        ("intra_v2 w4", {"intra_v2": {"num_warps": 4}}, {}),
+        ("intra_v2 BKS16", {}, {"GLA_INTRA_BKS": 16}),
+        ("intra_v2 s2", {"intra_v2": {"num_stages": 2}}, {}),
+        ("gla_h w8", {"gla_h": {"num_warps": 8}}, {}),
+        ("gla_h 64x64 w8", {"gla_h": {"num_warps": 8}}, {"GLA_H_BV": 64}),
+        ("gla_h s3", {"gla_h": {"num_stages": 3}}, {}),
         ("scan 64x64", {}, {"SCAN_BK": 64, "SCAN_BV": 64}),
         ("scan 16x32", {}, {"SCAN_BK": 16}),
         ("local_state w8", {"local_state": {"num_warps": 8}}, {}),
@@ -662,7 +673,10 @@ def sweep(
     checked against the recurrence (``linear_gpu_check.py``)."""
     from attnlab.kernels.linear import op as kop
 
-    base_consts = {nm: getattr(kop, nm) for nm in ("SCAN_BK", "SCAN_BV", "DELTA_BV")}
+    base_consts = {
+        nm: getattr(kop, nm)
+        for nm in ("SCAN_BK", "SCAN_BV", "DELTA_BV", "GLA_H_BK", "GLA_H_BV", "GLA_INTRA_BKS")
+    }
     s = sides(b, h, n, d, methods, fla=False)
     out: dict[str, Any] = {"B": b, "H": h, "N": n, "D": d, "reps": reps}
     t0 = time.perf_counter()
@@ -741,7 +755,8 @@ def main() -> None:
     ap.add_argument(
         "--ab-flags",
         default="",
-        help="comma list of boolean flags of attnlab.kernels.linear.op: each adds a gated_delta side with it off",
+        help="comma list of boolean flags of attnlab.kernels.linear.op: each adds a side with it off per method "
+        "it applies to (GLA_*: gla, lightning, linear; others: gated_delta, KDA)",
     )
     ap.add_argument(
         "--wy-ab",

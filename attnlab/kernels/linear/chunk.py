@@ -5,21 +5,32 @@ gate) and of the gated delta rule (WY/UT form), forward, and the state-gradient 
 Layout: q, k (B*H, N, K), v and o (B*H, N, V), contiguous. ``GC`` holds the chunk-local inclusive cumsum
 G of the log-decays, zero-padded to NP = chunks * BT rows: per channel (GATE == 2: (B*H, NP, K)) or one
 per token (GATE == 1: (B*H, NP); lightning's per-head decays, linear's zeros, gated_delta's per-head
-gate). States (K, V) are float32. Every decay factor is exp of a difference G_i - G_j with i after j (so
-<= 1): nothing overflows, however strong the decay (no exp(G) / exp(-G) split across a chunk).
+gate). States (K, V) are float32 (but the chunk-start states of a forward without a backward, kept in
+the inputs' 16-bit dtype: ``op.GLA_H_COMPACT``, ``op.DELTA_H_COMPACT``). Every decay factor is exp of a
+difference G_i - G_j with i after j, or a product of two such factors split at a row between i and j
+(each <= 1): nothing overflows, however strong the decay (no exp(G) / exp(-G) split across a chunk).
 
-The three stages (forward; the backward's state gradient is the same with ``BACKWARD``):
+The gated linear forward: ``GC`` per channel by :func:`gate_cumsum_kernel` (one pass over g in its own dtype,
+``op.GLA_FUSED_GLUE``; its backward :func:`gate_cumsum_bwd_kernel`), then three stages (the backward's
+state gradient takes stages 1 and 2 with ``BACKWARD``):
 
 1. :func:`chunk_local_state_kernel`, parallel over (chunk, batch * head, state tile): each chunk's own
    contribution M_c = sum_j (k_j * exp(G_C - G_j)) v_j^T (backward: scale sum_i (q_i * exp(G_i)) do_i^T).
 2. :func:`chunk_scan_kernel`, parallel over (batch * head, state tile), sequential over chunks with one
    multiply-add of a (BK, BV) tile each: S_{c+1} = exp(G_C) S_c + M_c, the state at each chunk start
    written over M_c (backward: reversed, the state's gradient at each chunk end).
+
+   The forward takes stages 1 and 2 in one sequential pass instead (``op.GLA_H_PASS``):
+   :func:`gla_h_kernel`, parallel over (key tile, value tile, batch * head), sequential over chunks: the
+   state at each chunk start stored, then S = exp(G_C) S + (k exp(G_C - G))^T v by one tensor-core dot
+   into the register tile (k^T loaded transposed), no M buffer written and read back.
 3. :func:`chunk_out_kernel`, parallel over (chunk, batch * head, value block): o = scale [(q * exp(G)) S_c
    + A v], A the intra-chunk causal scores: for a scalar gate (q k^T) * exp(G_i - G_j) in the kernel;
-   per channel sum_d q_id k_jd exp(G_id - G_jd), made by :func:`intra_scores_kernel` (16-row sub-blocks,
-   off-diagonal ones by tensor-core dots split at the query sub-block's first row, diagonal ones exactly
-   element by element) into a (B*H, NP, BT) buffer.
+   per channel sum_d q_id k_jd exp(G_id - G_jd) into a (B*H, NP, BT) buffer, made by
+   :func:`intra_scores_v2_kernel` (``op.GLA_INTRA_V2``: a chunk per program, log2(BT) tensor-core dots,
+   level b pairing the rows whose chunk-local indices first differ at bit b, split at the first row of
+   the later half) or :func:`intra_scores_kernel` (16-row sub-blocks, off-diagonal ones by tensor-core
+   dots split at the query sub-block's first row, diagonal ones exactly element by element).
 
 The gated delta rule (Yang et al., "Parallelizing Linear Transformers with the Delta Rule"; Gated
 DeltaNet): per chunk, with A_kk the strict lower scores beta_i sum_d k_id k_jd exp(G_id - G_jd),
@@ -36,13 +47,14 @@ with fp32 accumulation, and without a backward the chunk states and U kept in 16
 Backward. The state's gradient at every chunk end by stages 1 and 2 reversed (``BACKWARD``; the scan also
 gives the log-decays' gradient at each chunk's last row, sum_v S_end * dS_end); then dq, dk, dv per chunk
 in parallel: :func:`chunk_bwd_scalar_kernel` (scalar gate, 64-row tiles) or :func:`gla_bwd_sub_kernel`
-(per-channel gates, 16-row sub-blocks; the intra-chunk scores remade by :func:`intra_scores_kernel`). The
+(per-channel gates, 16-row sub-blocks, the forward's intra-chunk scores; :func:`gla_bwd_inter_kernel`
+first with ``op.GLA_BWD_SPLIT``), and dg from the cumsum's gradient by :func:`gate_cumsum_bwd_kernel`. The
 delta rule: :func:`delta_bwd_dh_kernel` (the reverse sequential pass: dH, dU), then
 :func:`delta_bwd_chunk_kernel` (scalar gate: every chunk's gradients from the saved S, U, T), or per
 channel :func:`delta_bwd_chunk_channel_kernel` and :func:`score_bwd_kernel` (the intra-chunk scores' own
 gradients by 16-row sub-blocks). The delta rule's ``GC`` is made by :func:`gate_cumsum_kernel` (one pass
-over g in its own dtype; ``op.DELTA_FUSED_GLUE``). Packed sequences
-(varlen): the sequential kernels walk each sequence's chunks alone (``VARLEN``, chunk offsets ``SEQ``).
+over g in its own dtype; ``op.DELTA_FUSED_GLUE``). Packed sequences (varlen): the sequential kernels walk
+each sequence's chunks alone (``VARLEN``, chunk offsets ``SEQ``; :func:`_chunk_range`).
 
 Transposes are taken of loaded tiles only, never of a dot's result (Triton 3.4 to 3.7.0 miscompile
 tl.trans of a Hopper wgmma-layout tensor: fla issue #640).
@@ -54,6 +66,22 @@ import triton
 import triton.language as tl
 
 from attnlab.kernels.linear.fwd import _row, _tile
+
+
+@triton.jit
+def _chunk_range(SEQ, sh, BHM, n_chunks, VARLEN: tl.constexpr):
+    """(batch * head, first chunk, end chunk) of program ``sh`` of a sequential kernel: every chunk of head
+    ``sh``, or with VARLEN (``sh`` = sequence * BHM + head, a packed batch of BHM heads) the sequence's
+    chunks SEQ[s] .. SEQ[s + 1]. (The chunk bounds are int32 tensors in both cases.)"""
+    if VARLEN:
+        bh = sh % BHM
+        c_lo = tl.load(SEQ + sh // BHM)
+        c_hi = tl.load(SEQ + sh // BHM + 1)
+    else:
+        bh = sh
+        c_lo = tl.zeros((), dtype=tl.int32)
+        c_hi = tl.zeros((), dtype=tl.int32) + n_chunks
+    return bh, c_lo, c_hi
 
 
 @triton.jit
@@ -120,14 +148,7 @@ def chunk_scan_kernel(
     pid = tl.program_id(0)
     sh = tl.program_id(1).to(tl.int64)
     n_chunks = tl.cdiv(N, BT)
-    if VARLEN:
-        bh = sh % BHM
-        c_lo = tl.load(SEQ + sh // BHM)
-        c_hi = tl.load(SEQ + sh // BHM + 1)
-    else:
-        bh = sh
-        c_lo = 0
-        c_hi = n_chunks
+    bh, c_lo, c_hi = _chunk_range(SEQ, sh, BHM, n_chunks, VARLEN)
     kb = pid % NKB
     vb = pid // NKB
     rk = kb * BK + tl.arange(0, BK)
@@ -176,6 +197,64 @@ def chunk_scan_kernel(
         m = m_next
         gl = g_next
     tl.store(FINAL + sh * DK * DV + off, s, mask=mask)
+
+
+@triton.jit
+def gla_h_kernel(
+    K, V, GC, H0, HS, HT, SEQ,
+    N, NP, DK, DV, NKB, BHM,
+    GATE: tl.constexpr, HAS_H0: tl.constexpr, VARLEN: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LOWP: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    """Stages 1 and 2 of the forward in one sequential pass (``op.GLA_H_PASS``), one program per (state
+    tile, batch * head) walking its chunks: HS[c] = S (the state at chunk c's start, in HS's dtype), then
+    S = exp(G_C) * S + (k exp(G_C - G))^T v by one tensor-core dot into the float32 register tile, k^T
+    (and per-channel gates' G^T) loaded transposed (BK, BT) from k's rows (no transpose in registers;
+    GATE == 1: the row decays exp(G_C - G_j) on k^T's columns). HT the final state (float32). The key
+    rows evolve independently, so the state is split over key and value tiles alike (no M buffer written
+    and read back, as stages 1 and 2 do). LOWP: dot operands in k's dtype (16-bit; k exp(G_C - G)
+    rounded to it), float32 accumulation; else float32 operands (``DOT_PREC``). VARLEN: as
+    :func:`chunk_scan_kernel` (H0, HT per sequence and head)."""
+    pid = tl.program_id(0)
+    sh = tl.program_id(1).to(tl.int64)
+    n_chunks = tl.cdiv(N, BT)
+    bh, c_lo, c_hi = _chunk_range(SEQ, sh, BHM, n_chunks, VARLEN)
+    kb = pid % NKB
+    vb = pid // NKB
+    rk = kb * BK + tl.arange(0, BK)
+    rv = vb * BV + tl.arange(0, BV)
+    rt = tl.arange(0, BT)
+    mk = rk < DK
+    mv = rv < DV
+    mask = mk[:, None] & mv[None, :]
+    off = rk[:, None] * DV + rv[None, :]
+    if HAS_H0:
+        s = tl.load(H0 + sh * DK * DV + off, mask=mask, other=0.0).to(tl.float32)
+    else:
+        s = tl.zeros((BK, BV), dtype=tl.float32)
+    k_ptr = K + bh * N * DK
+    v_ptr = V + bh * N * DV
+    for c in range(c_lo, c_hi):
+        t0 = c * BT
+        r = t0 + rt
+        tl.store(HS + (bh * n_chunks + c) * DK * DV + off, s.to(HS.dtype.element_ty), mask=mask)
+        kt = tl.load(k_ptr + r[None, :] * DK + rk[:, None], mask=mk[:, None] & (r[None, :] < N), other=0.0)
+        v = tl.load(v_ptr + r[:, None] * DV + rv[None, :], mask=(r[:, None] < N) & mv[None, :], other=0.0)
+        if GATE == 2:
+            gt = tl.load(GC + (bh * NP + r[None, :]) * DK + rk[:, None], mask=mk[:, None], other=0.0)
+            gl = tl.load(GC + (bh * NP + t0 + BT - 1) * DK + rk, mask=mk, other=0.0)
+            kd = kt.to(tl.float32) * tl.exp(gl[:, None] - gt)
+            s = s * tl.exp(gl)[:, None]
+        else:
+            g = tl.load(GC + bh * NP + r)
+            gl = tl.load(GC + bh * NP + t0 + BT - 1)
+            kd = kt.to(tl.float32) * tl.exp(gl - g)[None, :]
+            s = s * tl.exp(gl)
+        if LOWP:
+            s = tl.dot(kd.to(K.dtype.element_ty), v.to(K.dtype.element_ty), s)
+        else:
+            s = tl.dot(kd, v.to(tl.float32), s, input_precision=DOT_PREC)
+    tl.store(HT + sh * DK * DV + off, s, mask=mask)
 
 
 @triton.jit
@@ -248,6 +327,62 @@ def intra_scores_kernel(
     tl.store(a_ptr + rows * BT + i * BS + cols, a)
     for j in range(i + 1, n_sub):
         tl.store(a_ptr + rows * BT + j * BS + cols, tl.zeros((BS, BS), dtype=tl.float32))
+
+
+@triton.jit
+def intra_scores_v2_kernel(
+    X, K, GC, A,
+    N, NP, DK,
+    BT: tl.constexpr, LBT: tl.constexpr, BK: tl.constexpr, BKS: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """The intra-chunk scores of per-channel gates (``op.GLA_INTRA_V2``; :func:`intra_scores_kernel`'s
+    non-strict result without beta, the same layout), one whole chunk per program (chunk, batch * head),
+    by LBT = log2(BT) tensor-core dots over the chunk's rows per slice of BKS channels, no
+    element-by-element products. Level b pairs the rows t with bit b of t (chunk-local) set with the rows
+    j with it clear and the same higher bits, split at the row r_b = ((t >> b) | 1) << b between them (the
+    first row of the later half of their 2^(b+1)-row block)::
+
+        A_tj = sum_b [bits of t, j above b equal] (x_t exp(G_t - G_r)) . (k_j exp(G_r - G_j))    (t > j)
+        A_tt = x_t . k_t
+
+    Every t > j is paired at exactly one level (the highest bit where they differ), and both factors are
+    exps of a later row's G minus an earlier one's (<= 1: nothing overflows, however strong the decay).
+    One exp per element and level (the row's own side: exp(G_t - G_r) if bit b is set, exp(G_r - G_t)
+    if not), BKS channels at a time; dot operands in x's dtype (float32 with UPCAST). Upper entries are
+    exactly 0."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    t0 = c * BT
+    if UPCAST:  # noqa: SIM108
+        dt = tl.float32
+    else:
+        dt = X.dtype.element_ty
+    x_ptr = X + bh * N * DK
+    k_ptr = K + bh * N * DK
+    g_ptr = GC + bh * NP * DK
+    rt = tl.arange(0, BT)
+    ii = rt[:, None]
+    jj = rt[None, :]
+    acc = tl.zeros((BT, BT), dtype=tl.float32)
+    diag = tl.zeros((BT,), dtype=tl.float32)
+    for kc in range(0, BK, BKS):
+        cols = kc + tl.arange(0, BKS)[None, :]
+        x = _tile(x_ptr, t0, N, kc, DK, DK, BT, BKS)
+        k = _tile(k_ptr, t0, N, kc, DK, DK, BT, BKS)
+        g = _tile(g_ptr, t0, NP, kc, DK, DK, BT, BKS)
+        diag += tl.sum(x * k, axis=1)
+        for b in range(LBT):  # (a loop, not unrolled: the levels' masks and gathers are not all live at once)
+            up = (((rt >> b) & 1) == 1)[:, None]  # rows on the later side of their level-b split
+            ref = t0 + (((rt >> b) | 1) << b)
+            gr = tl.load(g_ptr + ref[:, None] * DK + cols, mask=cols < DK, other=0.0)
+            e = tl.exp(tl.where(up, g - gr, gr - g))
+            xb = tl.where(up, x * e, 0.0).to(dt)
+            kb = tl.where(up, 0.0, k * e).to(dt)
+            p = tl.dot(xb, tl.trans(kb), input_precision=DOT_PREC)
+            acc += tl.where((ii >> (b + 1)) == (jj >> (b + 1)), p, 0.0)
+    acc += tl.where(ii == jj, diag[:, None], 0.0)
+    tl.store(A + bh * NP * BT + (t0 + ii) * BT + jj, acc)
 
 
 @triton.jit
@@ -683,6 +818,26 @@ def gate_cumsum_kernel(
 
 
 @triton.jit
+def gate_cumsum_bwd_kernel(
+    DGC, TAIL, DG, N, NP, D,
+    BT: tl.constexpr, BD: tl.constexpr,
+):  # fmt: skip
+    """The gradient of per-channel log-decays through their chunk-local cumsum (``op.GLA_FUSED_GLUE``):
+    DG[t] = sum over the rows s >= t of t's chunk of DGC[s], plus TAIL[c] (the chunk-end term, which
+    reaches every row of the chunk), in DG's dtype. DGC (B*H, NP, D) float32, TAIL (B*H, chunks, D),
+    DG (B*H, N, D); one program per (chunk, batch * head, BD channels)."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    n_chunks = tl.cdiv(N, BT)
+    rows = c * BT + tl.arange(0, BT)[:, None]
+    cols = tl.program_id(2) * BD + tl.arange(0, BD)[None, :]
+    x = tl.load(DGC + (bh * NP + rows) * D + cols, mask=cols < D, other=0.0)
+    tail = tl.load(TAIL + (bh * n_chunks + c) * D + cols, mask=cols < D, other=0.0)
+    y = tl.cumsum(x, axis=0, reverse=True) + tail
+    tl.store(DG + (bh * N + rows) * D + cols, y.to(DG.dtype.element_ty), mask=(rows < N) & (cols < D))
+
+
+@triton.jit
 def delta_h_kernel(
     K, W, U, GC, H0, HS, HT, SEQ,
     N, NP, DK, DV, BHM,
@@ -696,14 +851,7 @@ def delta_h_kernel(
     vb = tl.program_id(0)
     sh = tl.program_id(1).to(tl.int64)
     n_chunks = tl.cdiv(N, BT)
-    if VARLEN:
-        bh = sh % BHM
-        c_lo = tl.load(SEQ + sh // BHM)
-        c_hi = tl.load(SEQ + sh // BHM + 1)
-    else:
-        bh = sh
-        c_lo = 0
-        c_hi = n_chunks
+    bh, c_lo, c_hi = _chunk_range(SEQ, sh, BHM, n_chunks, VARLEN)
     rk = tl.arange(0, BK)
     rv = vb * BV + tl.arange(0, BV)
     mk = rk < DK
@@ -803,14 +951,7 @@ def delta_h_v2_kernel(
     vb = tl.program_id(0)
     sh = tl.program_id(1).to(tl.int64)
     n_chunks = tl.cdiv(N, BT)
-    if VARLEN:
-        bh = sh % BHM
-        c_lo = tl.load(SEQ + sh // BHM)
-        c_hi = tl.load(SEQ + sh // BHM + 1)
-    else:
-        bh = sh
-        c_lo = 0
-        c_hi = n_chunks
+    bh, c_lo, c_hi = _chunk_range(SEQ, sh, BHM, n_chunks, VARLEN)
     rv = vb * BV + tl.arange(0, BV)
     mv = rv[None, :] < DV
     rt = tl.arange(0, BT)
@@ -909,14 +1050,7 @@ def delta_bwd_dh_kernel(
     vb = tl.program_id(0)
     sh = tl.program_id(1).to(tl.int64)
     n_chunks = tl.cdiv(N, BT)
-    if VARLEN:
-        bh = sh % BHM
-        c_lo = tl.load(SEQ + sh // BHM)
-        c_hi = tl.load(SEQ + sh // BHM + 1)
-    else:
-        bh = sh
-        c_lo = 0
-        c_hi = n_chunks
+    bh, c_lo, c_hi = _chunk_range(SEQ, sh, BHM, n_chunks, VARLEN)
     rk = tl.arange(0, BK)
     rv = vb * BV + tl.arange(0, BV)
     mask = (rk[:, None] < DK) & (rv[None, :] < DV)

@@ -1,13 +1,15 @@
 """Launchers and ``torch.library`` custom ops of the linear-family Triton kernels.
 
 - :func:`gla_chunk` ``(q, k, v, g, scale, state, chunk) -> (o, state)`` (the signature of the naive twin): the
-  gated linear recurrence by chunks (``attnlab::gla_chunk_fwd`` / ``attnlab::gla_chunk_bwd``), chunk-parallel
-  in three stages (``chunk.py``: per-chunk local states, a scan over chunk states, per-chunk outputs; the
-  backward's state gradient the same way reversed, then dq/dk/dv per chunk), differentiable in q, k, v,
-  g and the initial state. A gate shared by all channels (lightning's per-head decay, linear's none, a
+  gated linear recurrence by chunks (``attnlab::gla_chunk_fwd`` / ``attnlab::gla_chunk_bwd``): the chunk
+  states by one sequential pass (``GLA_H_PASS``; else per-chunk local states and a scan over them), the
+  intra-chunk scores and per-chunk outputs in parallel (``chunk.py``); the backward's state gradient by
+  local states and a reverse scan, then dq/dk/dv per chunk. Differentiable in q, k, v, g and the
+  initial state. A gate shared by all channels (lightning's per-head decay, linear's none, a
   (B, H, N, 1) gate) runs the scalar-gate kernels (64-row score tiles); per-channel gates (gla) make the
-  intra-chunk scores in 16-row sub-blocks. A short call without gradients (decode, N <= ``DECODE_MAX``)
-  runs the recurrent step kernel instead (``attnlab::linear_step``).
+  intra-chunk scores by log2(chunk) split dots per chunk (``GLA_INTRA_V2``; else in 16-row sub-blocks). A
+  short call without gradients (decode, N <= ``DECODE_MAX``) runs the recurrent step kernel instead
+  (``attnlab::linear_step``).
 - :func:`delta_chunk` ``(q, k, v, beta, g, scale, state, chunk) -> (o, state)``: the gated delta rule
   (``attnlab::delta_chunk_fwd`` / ``attnlab::delta_chunk_bwd``). Forward in the chunked WY/UT form
   (``chunk.py``: per-chunk T = (I + A_kk)^-1, W, U0 in parallel, by 16-row blocks (``WY_BLOCKWISE``); one
@@ -20,10 +22,14 @@
   rule (forward only; a few tokens against a carried state), its launch resolved once per signature of
   its inputs (:func:`step_plan`).
 
-The log-decays enter the gated linear recurrence's chunk kernels as their chunk-local cumsum, made here
-in PyTorch, so autograd carries dG back to g (and to lightning's per-head decays); the delta rule's op
-takes g itself and makes the cumsum inside (one Triton launch, ``DELTA_FUSED_GLUE``), its backward
-carrying dG back to g. A/B switches of the delta forward (module flags, read at each call):
+The log-decays enter the gated linear recurrence's chunk kernels as their chunk-local cumsum: per-channel
+gates (gla) as g itself, the op making the cumsum inside and its backward carrying dG back to g (one
+Triton launch each, ``GLA_FUSED_GLUE``); gates shared by the channels (and per-channel ones with the flag
+off) as the cumsum made here in PyTorch, so autograd carries dG back to g (and to lightning's per-head
+decays). A/B switches of the gated linear forward: ``GLA_FUSED_GLUE``, ``GLA_H_PASS``, ``GLA_H_COMPACT``,
+``GLA_INTRA_V2`` (all False: the previous forward). The delta rule's op takes g itself and makes the
+cumsum inside (one Triton launch, ``DELTA_FUSED_GLUE``), its backward carrying dG back to g. A/B
+switches of the delta forward (module flags, read at each call):
 ``WY_BLOCKWISE`` (the UT transform by 16-row blocks, else row by row), ``WY_INV_PREC``,
 ``DELTA_FUSED_GLUE`` (gate cumsum and beta without PyTorch copies); both flags False is the previous
 forward. Importing this module registers the ops.
@@ -53,10 +59,13 @@ from attnlab.kernels.linear.chunk import (
     delta_h_v2_kernel,
     delta_wy_block_kernel,
     delta_wy_kernel,
+    gate_cumsum_bwd_kernel,
     gate_cumsum_kernel,
     gla_bwd_inter_kernel,
     gla_bwd_sub_kernel,
+    gla_h_kernel,
     intra_scores_kernel,
+    intra_scores_v2_kernel,
     score_bwd_kernel,
 )
 from attnlab.kernels.linear.fwd import l2norm_bwd_kernel, l2norm_fwd_kernel, recurrent_step_kernel
@@ -167,6 +176,35 @@ GLA_BWD_SPLIT = True
 SCAN_BK = 32
 SCAN_BV = 32
 
+# A/B switches of the gated linear forward (module flags, read at each call; all False is the previous
+# forward exactly). For A/B timing in one process: set one before a call (a backward follows what its
+# forward did, whatever the flags are by then).
+
+#: Per-channel gates (gla): the chunk-local cumsum of g by one launch of ``gate_cumsum_kernel`` inside the
+#: op (g read in its own dtype, the zero padding written by the kernel; the cumsum kept for the
+#: backward), and the backward's dG carried back to g by one launch of ``gate_cumsum_bwd_kernel`` (the
+#: chunk-end term folded in, dg written in g's dtype). False: PyTorch's pad (a copy of g), cumsum and,
+#: in the backward, autograd's reverse cumsum, outside the op.
+GLA_FUSED_GLUE = True
+#: The forward's chunk states by one sequential pass (``gla_h_kernel``: one program per (key tile, value
+#: tile, batch * head), a tensor-core dot per chunk into the register state) instead of stages 1 and 2
+#: (``chunk_local_state_kernel`` writes every chunk's M, ``chunk_scan_kernel`` reads it back). Per-channel
+#: gates and gates shared by the channels (lightning, linear) alike.
+GLA_H_PASS = True
+#: With ``GLA_H_PASS`` and without ``save`` (no backward), 16-bit inputs: the chunk-start states written
+#: in the inputs' dtype (half the bytes written and read by ``chunk_out_kernel``, which rounds them to that
+#: dtype for its dot anyway). With ``save`` they stay float32 (the backward reads them).
+GLA_H_COMPACT = True
+#: Per-channel gates: the intra-chunk scores by ``intra_scores_v2_kernel`` (one program per chunk, log2(chunk)
+#: tensor-core dots split at a row inside every pair of half-blocks: no element-by-element 16 x 16 x 16
+#: diagonal products, a quarter of the exps) instead of ``intra_scores_kernel``.
+GLA_INTRA_V2 = True
+#: Key rows and value columns per program of ``gla_h_kernel`` (K = V = 128: 2 x 4 tiles per head).
+GLA_H_BK = 64
+GLA_H_BV = 32
+#: Channels per slice of ``intra_scores_v2_kernel``'s dots.
+GLA_INTRA_BKS = 32
+
 
 def chunk_states(
     x: Tensor, y: Tensor, gc: Tensor, init: Tensor | None, scale: float, chunk: int, backward: bool,
@@ -210,12 +248,23 @@ def chunk_states(
     return buf, final, (tail.sum(0) if tail is not None else None)
 
 
-def intra_scores(x: Tensor, k: Tensor, gc: Tensor, beta: Tensor | None, chunk: int, strict: bool) -> Tensor:
+def intra_scores(
+    x: Tensor, k: Tensor, gc: Tensor, beta: Tensor | None, chunk: int, strict: bool, v2: bool = False
+) -> Tensor:
     """The intra-chunk scores of per-channel gates (B, H, NP, chunk) float32: row t, column j of t's
-    chunk: (beta_t) sum_d x_td k_jd exp(G_td - G_jd) for j <= t (j < t when ``strict``), else 0."""
+    chunk: (beta_t) sum_d x_td k_jd exp(G_td - G_jd) for j <= t (j < t when ``strict``), else 0. ``v2``
+    (not strict, no beta): by ``intra_scores_v2_kernel`` (``GLA_INTRA_V2``)."""
     b, h, n, dk = x.shape
     np_ = gc.shape[2]
     a = torch.empty(b, h, np_, chunk, dtype=torch.float32, device=x.device)
+    if v2:
+        assert not strict and beta is None, "intra_scores_v2_kernel makes the non-strict scores without beta"
+        bk = head_block(dk)
+        intra_scores_v2_kernel[(np_ // chunk, b * h)](
+            x, k, gc, a, n, np_, dk, BT=chunk, LBT=chunk.bit_length() - 1, BK=bk, BKS=min(bk, GLA_INTRA_BKS),
+            DOT_PREC=_prec(x), UPCAST=_upcast(x), **_cfg("intra_v2", num_warps=8, num_stages=1),
+        )  # fmt: skip
+        return a
     intra_scores_kernel[(np_ // SUB, b * h)](
         x, k, gc, beta if beta is not None else a, a, n, np_, dk,
         STRICT=strict, HAS_BETA=beta is not None, BT=chunk, BS=SUB, BK=head_block(dk), BKS=16,
@@ -242,32 +291,74 @@ def chunk_output(
     return o
 
 
+def gla_h(
+    k: Tensor, v: Tensor, gc: Tensor, h0: Tensor | None, chunk: int, save: bool, seq_chunks: Tensor | None
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The forward's chunk states by one sequential pass (``gla_h_kernel``, ``GLA_H_PASS``): (the states
+    at the chunk starts (B, H, chunks, K, V), the final state (B, H, K, V) or per sequence with
+    ``seq_chunks`` (varlen, as ``chunk_states``) float32). The chunk-start states are float32 with
+    ``save``, else in k's dtype for 16-bit inputs (``GLA_H_COMPACT``)."""
+    b, h, n, dk = k.shape
+    dv = v.shape[-1]
+    n_chunks = cdiv(n, chunk)
+    f32, dev = torch.float32, k.device
+    low = k.dtype in (torch.bfloat16, torch.float16)
+    sdt = k.dtype if GLA_H_COMPACT and low and not save else f32
+    hs = torch.empty(b, h, n_chunks, dk, dv, dtype=sdt, device=dev)
+    n_seq = b if seq_chunks is None else seq_chunks.shape[0] - 1
+    ht = torch.empty(n_seq, h, dk, dv, dtype=f32, device=dev)
+    bk, bv = min(head_block(dk), GLA_H_BK), min(head_block(dv), GLA_H_BV)
+    nkb = cdiv(dk, bk)
+    gla_h_kernel[(nkb * cdiv(dv, bv), n_seq * h)](
+        k, v, gc, h0.float().contiguous() if h0 is not None else ht, hs, ht,
+        seq_chunks if seq_chunks is not None else ht, n, gc.shape[2], dk, dv, nkb, b * h,
+        GATE=_gate_code(gc), HAS_H0=h0 is not None, VARLEN=seq_chunks is not None, BT=chunk, BK=bk, BV=bv,
+        LOWP=low and not IMPORTED_INTERPRETED, DOT_PREC=_prec(k), **_cfg("gla_h", num_warps=4, num_stages=2),
+    )  # fmt: skip
+    return hs, ht
+
+
 def gla_fwd_launch(
     q: Tensor, k: Tensor, v: Tensor, gc: Tensor, h0: Tensor | None, scale: float, chunk: int, save: bool,
-    seq_chunks: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """(o (B, H, N, V) in q's dtype, final state (B, H, K, V) fp32, states at the chunk starts
-    (B, H, chunks, K, V) fp32, the intra-chunk scores of per-channel gates (B, H, NP, chunk) fp32 (kept
-    for the backward, which would otherwise recompute them); the last two empty without ``save``, the
-    scores empty too under a gate shared by the channels). gc: the chunk-local cumsum of the log-decays,
-    (B, H, NP, K) per channel or (B, H, NP) one per token (``chunk_cumsum*``)."""
+    seq_chunks: Tensor | None = None, raw_gate: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(o (B, H, N, V) in q's dtype, final state (B, H, K, V) fp32, and for the backward (empty without
+    ``save``): the states at the chunk starts (B, H, chunks, K, V) fp32, the intra-chunk scores of
+    per-channel gates (B, H, NP, chunk) fp32 (kept for the backward, which would otherwise recompute them;
+    empty under a gate shared by the channels), and with ``raw_gate`` the chunk-local cumsum made here
+    (B, H, NP, K) fp32 (empty otherwise)). gc: the chunk-local cumsum of the log-decays, (B, H, NP, K) per
+    channel or (B, H, NP) one per token (``chunk_cumsum*``); with ``raw_gate``, the per-channel log-decays
+    g (B, H, N, K) themselves, any float dtype (their cumsum made by ``gate_cumsum``: ``GLA_FUSED_GLUE``).
+    The forward's stages follow ``GLA_H_PASS``, ``GLA_H_COMPACT`` and ``GLA_INTRA_V2``."""
     _check(q, k, v, chunk)
     q, k, v, gc = (t.contiguous() for t in (q, k, v, gc))
-    hs, ht, _ = chunk_states(k, v, gc, h0, 1.0, chunk, backward=False, seq_chunks=seq_chunks)
-    a = intra_scores(q, k, gc, None, chunk, strict=False) if gc.dim() == 4 else None
+    if raw_gate:
+        gc = gate_cumsum(gc, chunk)
+    if GLA_H_PASS:
+        hs, ht = gla_h(k, v, gc, h0, chunk, save, seq_chunks)
+    else:
+        hs, ht, _ = chunk_states(k, v, gc, h0, 1.0, chunk, backward=False, seq_chunks=seq_chunks)
+    a = intra_scores(q, k, gc, None, chunk, strict=False, v2=GLA_INTRA_V2) if gc.dim() == 4 else None
     o = chunk_output(q, k, v, gc, hs, a, scale, chunk)
+
+    def empty() -> Tensor:  # (a fresh one each: a custom op's outputs must not alias)
+        return ht.new_empty(0)
+
     if not save:
-        return o, ht, hs.new_empty(0), hs.new_empty(0)
-    return o, ht, hs, (a if a is not None else hs.new_empty(0))
+        return o, ht, empty(), empty(), empty()
+    return o, ht, hs, (a if a is not None else empty()), (gc if raw_gate else empty())
 
 
 def gla_bwd_launch(
     q: Tensor, k: Tensor, v: Tensor, gc: Tensor, hs: Tensor, ht: Tensor, do: Tensor, dht: Tensor | None,
     scale: float, chunk: int, seq_chunks: Tensor | None = None, a: Tensor | None = None,
+    g_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(dq, dk, dv in the inputs' dtypes, dgc (gc's shape, fp32: the gradient of the chunk-local cumsum),
     dh0 fp32); hs, ht: the forward's states at the chunk starts and its final state; ``a``: the forward's
-    intra-chunk scores under per-channel gates (None or empty: recomputed here)."""
+    intra-chunk scores under per-channel gates (None or empty: recomputed here). ``g_dtype`` (per-channel
+    gates whose cumsum the forward made from g, ``raw_gate``): the fourth result is instead dg, the
+    gradient of g itself (B, H, N, K) in ``g_dtype`` (``gate_cumsum_bwd_kernel``)."""
     q, k, v, gc, do = (t.contiguous() for t in (q, k, v, gc, do))
     b, h, n, dk = q.shape
     dv = v.shape[-1]
@@ -287,7 +378,7 @@ def gla_bwd_launch(
         dgc.view(b, h, n_chunks, chunk)[:, :, :, -1] += tail.sum(-1)  # the chunk-end term
     else:
         if a is None or a.numel() == 0:  # (the forward's scores, recomputed)
-            a = intra_scores(q, k, gc, None, chunk, strict=False)
+            a = intra_scores(q, k, gc, None, chunk, strict=False, v2=GLA_INTRA_V2)
         np_ = gc.shape[2]
         parts: dict[str, Tensor] = {}
         if GLA_BWD_SPLIT:  # the state terms per whole chunk first (S, dH read once per chunk)
@@ -307,6 +398,13 @@ def gla_bwd_launch(
             BT=chunk, BS=SUB, BK=head_block(dk), BV=head_block(dv), DOT_PREC=_prec(q), UPCAST=_upcast(q),
             SPLIT=GLA_BWD_SPLIT, **parts, **_cfg("gla_bwd_sub", num_warps=4),
         )  # fmt: skip
+        if g_dtype is not None:  # dg through the cumsum, the chunk-end term folded in
+            dg = torch.empty(b, h, n, dk, dtype=g_dtype, device=q.device)
+            bd = min(head_block(dk), 64)
+            gate_cumsum_bwd_kernel[(n_chunks, b * h, cdiv(dk, bd))](
+                dgc, tail, dg, n, np_, dk, BT=chunk, BD=bd, **_cfg("cumsum_bwd", num_warps=4)
+            )
+            return dq, dkk, dvv, dg, dh0
         dgc.view(b, h, n_chunks, chunk, dk)[:, :, :, -1] += tail
     return dq, dkk, dvv, dgc, dh0
 
@@ -314,65 +412,72 @@ def gla_bwd_launch(
 @torch.library.custom_op("attnlab::gla_chunk_fwd", mutates_args=())
 def gla_chunk_fwd(
     q: Tensor, k: Tensor, v: Tensor, gc: Tensor, h0: Tensor | None, scale: float, chunk: int, save: bool,
-    seq_chunks: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    return gla_fwd_launch(q, k, v, gc, h0, scale, chunk, save, seq_chunks)
+    seq_chunks: Tensor | None = None, raw_gate: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(o, final state, then what the backward takes: chunk-start states, intra-chunk scores, with
+    ``raw_gate`` the gate cumsum; see ``gla_fwd_launch``). ``raw_gate``: gc is the per-channel g itself
+    (its gradient is then that of g)."""
+    return gla_fwd_launch(q, k, v, gc, h0, scale, chunk, save, seq_chunks, raw_gate)
 
 
 @gla_chunk_fwd.register_fake
 def _(
     q: Tensor, k: Tensor, v: Tensor, gc: Tensor, h0: Tensor | None, scale: float, chunk: int, save: bool,
-    seq_chunks: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    seq_chunks: Tensor | None = None, raw_gate: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     b, h, n, dk = q.shape
     dv = v.shape[-1]
     n_chunks = (n + chunk - 1) // chunk
+    f32 = torch.float32
     o = q.new_empty(b, h, n, dv)
     n_seq = b if seq_chunks is None else seq_chunks.shape[0] - 1
-    ht = q.new_empty(n_seq, h, dk, dv, dtype=torch.float32)
-    hs = q.new_empty((b, h, n_chunks, dk, dv) if save else (0,), dtype=torch.float32)
+    ht = q.new_empty(n_seq, h, dk, dv, dtype=f32)
+    hs = q.new_empty((b, h, n_chunks, dk, dv) if save else (0,), dtype=f32)
     scores = save and gc.dim() == 4
-    a = q.new_empty((b, h, n_chunks * chunk, chunk) if scores else (0,), dtype=torch.float32)
-    return o, ht, hs, a
+    a = q.new_empty((b, h, n_chunks * chunk, chunk) if scores else (0,), dtype=f32)
+    gcs = q.new_empty((b, h, n_chunks * chunk, dk) if save and raw_gate else (0,), dtype=f32)
+    return o, ht, hs, a, gcs
 
 
 @torch.library.custom_op("attnlab::gla_chunk_bwd", mutates_args=())
 def gla_chunk_bwd(
     q: Tensor, k: Tensor, v: Tensor, gc: Tensor, hs: Tensor, ht: Tensor, do: Tensor, dht: Tensor | None,
     scale: float, chunk: int, seq_chunks: Tensor | None = None, a: Tensor | None = None,
+    g_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(dq, dk, dv in the inputs' dtypes, dgc (gc's shape) fp32, dh0 fp32). ``a``: the forward's
-    intra-chunk scores (None or empty: recomputed)."""
-    return gla_bwd_launch(q, k, v, gc, hs, ht, do, dht, scale, chunk, seq_chunks, a)
+    intra-chunk scores (None or empty: recomputed). ``g_dtype``: dg (B, H, N, K) of the raw gate in that
+    dtype in place of dgc (see ``gla_bwd_launch``)."""
+    return gla_bwd_launch(q, k, v, gc, hs, ht, do, dht, scale, chunk, seq_chunks, a, g_dtype)
 
 
 @gla_chunk_bwd.register_fake
 def _(
     q: Tensor, k: Tensor, v: Tensor, gc: Tensor, hs: Tensor, ht: Tensor, do: Tensor, dht: Tensor | None,
     scale: float, chunk: int, seq_chunks: Tensor | None = None, a: Tensor | None = None,
+    g_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    return (
-        torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(gc),
-        torch.empty_like(ht),
-    )  # fmt: skip
+    dg = torch.empty_like(gc) if g_dtype is None else q.new_empty(q.shape, dtype=g_dtype)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dg, torch.empty_like(ht)
 
 
 def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
-    q, k, v, gc, h0, scale, chunk, save, seq_chunks = inputs
-    _, ht, hs, a = output
+    q, k, v, gc, h0, scale, chunk, save, seq_chunks, raw_gate = inputs
+    _, ht, hs, a, gcs = output
     if not save:
         raise RuntimeError(
             "attnlab::gla_chunk_fwd ran without saving its chunk states (save=False): no backward"
         )
-    ctx.save_for_backward(q, k, v, gc, hs, ht, a)
+    ctx.save_for_backward(q, k, v, gcs if raw_gate else gc, hs, ht, a)  # (raw_gate: the cumsum made)
     ctx.args = (scale, chunk, seq_chunks)
+    ctx.g_dtype = gc.dtype if raw_gate else None
     ctx.has_h0 = h0 is not None
 
 
 def _backward(ctx, do: Tensor, dht: Tensor | None, *_unused: Tensor | None):  # type: ignore[no-untyped-def]
     q, k, v, gc, hs, ht, a = ctx.saved_tensors
-    dq, dk, dv, dgc, dh0 = gla_chunk_bwd(q, k, v, gc, hs, ht, do, dht, *ctx.args, a)
-    return dq, dk, dv, dgc, (dh0 if ctx.has_h0 else None), None, None, None, None
+    dq, dk, dv, dgc, dh0 = gla_chunk_bwd(q, k, v, gc, hs, ht, do, dht, *ctx.args, a, ctx.g_dtype)
+    return dq, dk, dv, dgc, (dh0 if ctx.has_h0 else None), None, None, None, None, None
 
 
 gla_chunk_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -598,13 +703,25 @@ def gla_chunk(
     if n <= DECODE_MAX and not grad:
         _check(q, k, v, chunk)
         return _step(q, k, v, g, None, state, float(scale), False, on_bad_gates)
-    scalar, gx = _scalar_gate(g, b, h, n, dk)
-    if scalar:  # lightning's per-head decays, linear's none: one gate per token, 64-row score tiles
-        gc = chunk_cumsum_scalar(gx, b, h, n, chunk, q.device)
-    else:
-        gc = chunk_cumsum(gx, b, h, n, dk, chunk, q.device)
-    o, ht, *_ = gla_chunk_fwd(q, k, v, gc, state, float(scale), int(chunk), grad)
+    gc, raw = _gla_gate(g, b, h, n, dk, chunk, q.device)
+    o, ht, *_ = gla_chunk_fwd(q, k, v, gc, state, float(scale), int(chunk), grad, None, raw)
     return o, ht
+
+
+def _gla_gate(
+    g: Tensor | None, b: int, h: int, n: int, dk: int, chunk: int, device: torch.device
+) -> tuple[Tensor, bool]:
+    """What ``gla_chunk_fwd`` takes for gate g: (gc, raw_gate). One gate per token (lightning's per-head
+    decays, linear's none; the scalar-gate kernels, 64-row score tiles): its chunk-local cumsum (B, H, NP)
+    by PyTorch. Per channel: g (B, H, N, K) as it is, its cumsum made in the op (``GLA_FUSED_GLUE``), or
+    the cumsum (B, H, NP, K) by PyTorch."""
+    scalar, gx = _scalar_gate(g, b, h, n, dk)
+    if scalar:
+        return chunk_cumsum_scalar(gx, b, h, n, chunk, device), False
+    assert gx is not None
+    if GLA_FUSED_GLUE:
+        return gx, True
+    return chunk_cumsum(gx, b, h, n, dk, chunk, device), False
 
 
 #: Value columns per program of the delta-rule kernels (the state's columns evolve independently).
@@ -1198,13 +1315,10 @@ def gla_chunk_varlen(
     _check_varlen(q, state, seq_chunks.shape[0] - 1, v.shape[-1])
     scalar, gx = _scalar_gate(g, 1, h, n, dk)
     qa, ka, va = (_pack(t, rows, aligned) for t in (q, k, v))
-    ga = None if gx is None else _pack(gx, rows, aligned)
-    if scalar:
-        gc = chunk_cumsum_scalar(ga, 1, h, aligned, chunk, q.device)
-    else:
-        gc = chunk_cumsum(ga, 1, h, aligned, dk, chunk, q.device)
+    ga = None if gx is None else _pack(gx[..., None] if scalar else gx, rows, aligned)
+    gc, raw = _gla_gate(ga, 1, h, aligned, dk, chunk, q.device)
     grad = _needs_grad(q, k, v, g, state)
-    o, ht, *_ = gla_chunk_fwd(qa, ka, va, gc, state, float(scale), int(chunk), grad, seq_chunks)
+    o, ht, *_ = gla_chunk_fwd(qa, ka, va, gc, state, float(scale), int(chunk), grad, seq_chunks, raw)
     return o.index_select(2, rows), ht
 
 
