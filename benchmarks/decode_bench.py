@@ -23,6 +23,9 @@ every timed call (in a model every layer reads a different cache, so nothing sta
   ``select_fused_dot`` / ``select_two_launch_dot`` (the same with the bounds as tensor-core products),
   ``select_previous`` (the previous path: page-score kernel, forced pages, ``torch.topk``, int32),
   ``topk_torch`` / ``topk_triton`` (``torch.topk`` / attnlab's row top-k alone on the same scores),
+  ``topk_triton_forced_<search>`` (the row top-k on the step's rows, the forced page +inf, with each search
+  for the keep-th score: ``op.TOPK_SEARCH`` / ``TOPK_THRESHOLDS``; their exactness and the kernel's rounds
+  per row are in ``checks.row_topk.searches_on_forced_rows``),
   ``kernel_only`` (decode kernel + merge over a fixed selection), ``kernel_all_pages`` (the decode kernel
   over every page: its bandwidth on a dense read);
 - ``flash_gathered`` (FlashAttention over a pre-gathered budget-sized K/V: the floor the issue quotes).
@@ -43,7 +46,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -272,24 +275,66 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
     def topk_torch() -> object:  # torch.topk alone, over (B * H_kv) rows of n_pages scores
         return torch.topk(fixed_scores, keep, dim=-1, sorted=False).indices
 
-    def topk_triton() -> object:  # attnlab's row top-k kernel on the same rows (the default search)
-        return row_topk(fixed_scores, keep)
+    from attnlab.kernels.decode import op as dop_
+    from attnlab.kernels.decode.op import search_rounds
 
-    def topk_triton_narrow() -> object:  # the same, the search narrowed to one value (no early exit)
-        from attnlab.kernels.decode import op as dop_
+    # the step's rows: the same scores with the forced (last) page +inf, as the scoring kernel writes them
+    forced_scores = fixed_scores.clone()
+    forced_scores[..., first_forced:] = float("inf")
 
-        saved_early = dop_.TOPK_EARLY_EXIT
-        dop_.TOPK_EARLY_EXIT = False
+    @contextlib.contextmanager
+    def search_flags(**flags: Any) -> Iterator[None]:
+        """op's search flags (TOPK_*) set for the block (a CUDA graph captured in it keeps them)."""
+        saved_search = {f: getattr(dop_, f) for f in flags}
+        for f, val in flags.items():
+            setattr(dop_, f, val)
         try:
-            return row_topk(fixed_scores, keep)
+            yield
         finally:
-            dop_.TOPK_EARLY_EXIT = saved_early
+            for f, val in saved_search.items():
+                setattr(dop_, f, val)
 
+    def topk_with(scores: torch.Tensor, name: str, **flags: Any) -> Callable[[], torch.Tensor]:
+        """attnlab's row top-k on these rows under ``search_flags(**flags)``."""
+
+        def fn() -> torch.Tensor:
+            with search_flags(**flags):
+                return row_topk(scores, keep)
+
+        fn.__name__ = name
+        return fn
+
+    topk_triton = topk_with(fixed_scores, "topk_triton")  # the default search
+    topk_triton_narrow = topk_with(fixed_scores, "topk_triton_narrow", TOPK_EARLY_EXIT=False)  # to one value
+    # the search for the keep-th score (op.TOPK_SEARCH / TOPK_THRESHOLDS) on the step's rows
+    searches: dict[str, dict[str, Any]] = {
+        "default": {},
+        "ternary": {"TOPK_SEARCH": "ternary"},
+        "multi2": {"TOPK_SEARCH": "multi", "TOPK_THRESHOLDS": 2},
+        "multi4": {"TOPK_SEARCH": "multi", "TOPK_THRESHOLDS": 4},
+        "multi8": {"TOPK_SEARCH": "multi", "TOPK_THRESHOLDS": 8},
+    }
+    topk_sides = {
+        f"topk_triton_forced_{name}": topk_with(forced_scores, f"topk_triton_forced_{name}", **flags)
+        for name, flags in searches.items()
+    }
+    search_checks: dict[str, Any] = {}
+    for name, flags in searches.items():
+        exact = all(
+            torch.equal(topk_with(scores, name, **flags)(), row_topk_naive(scores, keep))
+            for scores in (fixed_scores, forced_scores)
+        )
+        with search_flags(**flags):  # the kernel's own rounds per row (reductions before its scan)
+            rounds = search_rounds(forced_scores, keep).float()
+        search_checks[name] = {
+            "vs_naive_exact": exact,
+            "rounds_mean": round(float(rounds.mean()), 2),
+            "rounds_max": int(rounds.max()),
+        }
     topk_checks = {
-        "early_exit_vs_naive_exact": bool(
-            torch.equal(row_topk(fixed_scores, keep), row_topk_naive(fixed_scores, keep))
-        ),
+        "early_exit_vs_naive_exact": bool(torch.equal(topk_triton(), row_topk_naive(fixed_scores, keep))),
         "narrow_vs_naive_exact": bool(torch.equal(topk_triton_narrow(), row_topk_naive(fixed_scores, keep))),
+        "searches_on_forced_rows": search_checks,
     }
 
     idx = sel.index
@@ -336,11 +381,13 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
     from attnlab.kernels.decode import op as dop
 
     # the default step with other scoring tiles of the two-launch selection (pages per program, warps),
-    # with each change of this version off (op.SCORE_LEAN, op.TOPK_EARLY_EXIT, op.DECODE_EARLY_V), and
-    # with other split-K program counts / inner steps of the decode kernel
+    # with each change of this version off (op.SCORE_LEAN, op.TOPK_EARLY_EXIT, op.DECODE_EARLY_V), with the
+    # other searches for the keep-th score (op.TOPK_SEARCH, op.TOPK_THRESHOLDS), and with other split-K
+    # program counts / inner steps of the decode kernel
     names = (
         "SCORE_LEAN", "TOPK_EARLY_EXIT", "DECODE_EARLY_V", "PROGRAMS_PER_SM", "BLOCK_N", "SPLIT_TILES",
         "SPLIT_STAGES", "TOPK_WARPS", "DECODE_WARPS", "DECODE_STAGES", "SPLIT_BLOCK_P", "SPLIT_WARPS",
+        "TOPK_SEARCH", "TOPK_THRESHOLDS",
     )  # fmt: skip
     saved_flags = {f: getattr(dop, f) for f in names}
     variants_of_step: dict[str, dict[str, Any]] = {
@@ -348,7 +395,16 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
             f"step_graph_tile{bp}x{warps}w": {"SPLIT_BLOCK_P": bp, "SPLIT_WARPS": warps}
             for bp, warps in ((32, 4), (64, 2), (128, 4))
         },
-        "step_graph_before": {"SCORE_LEAN": False, "TOPK_EARLY_EXIT": False, "DECODE_EARLY_V": False},
+        "step_graph_before": {
+            "SCORE_LEAN": False,
+            "TOPK_EARLY_EXIT": False,
+            "DECODE_EARLY_V": False,
+            "TOPK_SEARCH": "ternary",
+        },
+        "step_graph_topk_ternary": {"TOPK_SEARCH": "ternary"},
+        "step_graph_topk_multi4": {"TOPK_SEARCH": "multi", "TOPK_THRESHOLDS": 4},
+        "step_graph_topk_multi8": {"TOPK_SEARCH": "multi", "TOPK_THRESHOLDS": 8},
+        "step_graph_topk_ternary_narrow": {"TOPK_SEARCH": "ternary", "TOPK_EARLY_EXIT": False},
         "step_graph_fp32scores": {"SCORE_LEAN": False},
         "step_graph_narrow_topk": {"TOPK_EARLY_EXIT": False},
         "step_graph_late_v": {"DECODE_EARLY_V": False},
@@ -409,6 +465,7 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
         "topk_torch": graphed(topk_torch),
         "topk_triton": graphed(topk_triton),
         "topk_triton_narrow": graphed(topk_triton_narrow),
+        **{name: graphed(fn) for name, fn in topk_sides.items()},
         "kernel_only": graphed(kernel_only),
         "flash_gathered": flash_gathered,
         "kernel_all_pages": graphed(kernel_all_pages),
@@ -432,6 +489,7 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
         "topk_torch": None,
         "topk_triton": None,
         "topk_triton_narrow": None,
+        **dict.fromkeys(topk_sides),
         "kernel_only": sel_bytes,
         "flash_gathered": sel_bytes,
         "kernel_all_pages": kv_bytes,

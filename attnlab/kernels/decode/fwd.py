@@ -170,6 +170,33 @@ def decode_merge_kernel(
 
 
 @triton.jit
+def _elementwise_bound(
+    Q_B, stride_qh, stride_qn, hk, N_Q, offs_d, d_ok, kmax, kmin,
+    GROUP: tl.constexpr, REDUCE_MAX: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    """Quest's bound of BLOCK_P pages (kmax / kmin (BLOCK_P, BLOCK_D) fp32) for the GROUP * N_Q query rows
+    of KV head hk (Q_B: the batch element's q), one row at a time (elementwise products and a sum over the
+    head dim), reduced over the rows by max (REDUCE_MAX) or mean."""
+    if REDUCE_MAX:  # noqa: SIM108
+        best = tl.full([BLOCK_P], float("-inf"), tl.float32)
+    else:
+        best = tl.zeros([BLOCK_P], tl.float32)
+    for r in range(0, GROUP * N_Q):
+        head = hk * GROUP + r // N_Q
+        qi = r % N_Q
+        qr = tl.load(Q_B + head.to(tl.int64) * stride_qh + qi * stride_qn + offs_d, mask=d_ok, other=0.0)
+        qr = qr.to(tl.float32)
+        u = tl.sum(tl.maximum(qr[None, :] * kmax, qr[None, :] * kmin), 1)
+        if REDUCE_MAX:  # noqa: SIM108
+            best = tl.maximum(best, u)
+        else:
+            best = best + u
+    if not REDUCE_MAX:
+        best = best / (GROUP * N_Q)
+    return best
+
+
+@triton.jit
 def page_score_kernel(
     Q, KMAX, KMIN, OUT,
     stride_qb, stride_qh, stride_qn,
@@ -194,37 +221,30 @@ def page_score_kernel(
     msk = p_ok[:, None] & d_ok[None, :]
     kmax = tl.load(KMAX + off, mask=msk, other=0.0).to(tl.float32)
     kmin = tl.load(KMIN + off, mask=msk, other=0.0).to(tl.float32)
-    if REDUCE_MAX:  # noqa: SIM108
-        best = tl.full([BLOCK_P], float("-inf"), tl.float32)
-    else:
-        best = tl.zeros([BLOCK_P], tl.float32)
-    for r in range(0, GROUP * N_Q):
-        head = hk * GROUP + r // N_Q
-        qi = r % N_Q
-        q_ptr = Q + b * stride_qb + head.to(tl.int64) * stride_qh + qi * stride_qn + offs_d
-        qr = tl.load(q_ptr, mask=d_ok, other=0.0).to(tl.float32)
-        u = tl.sum(tl.maximum(qr[None, :] * kmax, qr[None, :] * kmin), 1)
-        if REDUCE_MAX:  # noqa: SIM108
-            best = tl.maximum(best, u)
-        else:
-            best = best + u
-    if not REDUCE_MAX:
-        best = best / (GROUP * N_Q)
+    best = _elementwise_bound(
+        Q + b * stride_qb, stride_qh, stride_qn, hk, N_Q, offs_d, d_ok, kmax, kmin, GROUP, REDUCE_MAX, BLOCK_P
+    )
     tl.store(OUT + (bh.to(tl.int64) * N_PAGES + pages), best, mask=p_ok)
 
 
 @triton.jit
-def row_topk_kernel(X, OUT, N, K, stride_x, stride_o, BLOCK: tl.constexpr, EARLY: tl.constexpr):
+def row_topk_kernel(
+    X, OUT, ROUNDS, N, K, stride_x, stride_o,
+    BLOCK: tl.constexpr, EARLY: tl.constexpr, THRESHOLDS: tl.constexpr, COUNT_ROUNDS: tl.constexpr,
+):  # fmt: skip
     """Grid: (rows,). The K largest of the row's N fp32 values, their positions written to OUT in
     ascending order (ties at the K-th value: the lowest positions). The row lives in registers (N <= BLOCK):
-    the K-th value is found by a 3-way search over an order-preserving int32 image of the floats (EARLY:
-    stopping once the bracket holds it alone), then a prefix sum places the chosen positions
-    (``_store_topk``, shared with ``page_select_kernel``)."""
+    the K-th value is found by a search over an order-preserving integer image of the floats (THRESHOLDS
+    per round, 0: the 3-way search; EARLY: stopping once the bracket holds it alone), then a prefix sum
+    places the chosen positions (``_store_topk``, shared with ``page_select_kernel``). COUNT_ROUNDS: the
+    search's rounds go to ROUNDS[row] (int32)."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     ok = offs < N
     x = tl.load(X + row * stride_x + offs, mask=ok, other=0.0)
-    _store_topk(x, ok, offs, K, OUT + row * stride_o, EARLY)
+    rounds = _store_topk(x, ok, offs, N, K, OUT + row * stride_o, EARLY, THRESHOLDS)
+    if COUNT_ROUNDS:
+        tl.store(ROUNDS + row, rounds)
 
 
 @triton.jit
@@ -239,7 +259,8 @@ def _order_key(x):
 def _kth_largest_key(key, ok, K, EARLY: tl.constexpr):
     """The K-th largest of the int32 keys where ``ok`` (1 <= K <= their count <= 32767): the largest t
     with at least K keys >= t, by a 3-way search over [min key, max key] (two thresholds counted per step
-    in one reduction of a packed int32: ~20 reduction rounds instead of a binary search's 32).
+    in one reduction of a packed int32: ~20 reduction rounds instead of a binary search's 32), and the
+    rounds it took.
 
     EARLY: the search also stops as soon as exactly K keys are >= its lower end ``lo`` and returns that
     ``lo``, which may lie below the K-th largest key: for ``_store_topk`` it is the same threshold (the keys
@@ -248,6 +269,7 @@ def _kth_largest_key(key, ok, K, EARLY: tl.constexpr):
     lo = tl.min(tl.where(ok, key, 2147483647), 0).to(tl.int64)  # invariant: >= K keys >= lo
     hi = tl.max(tl.where(ok, key, -2147483648), 0).to(tl.int64)  # and fewer than K keys > hi
     n_lo = tl.sum(ok.to(tl.int32), 0)  # keys >= lo
+    rounds = 0
     go = lo < hi
     if EARLY:
         go = go & (n_lo != K)
@@ -265,27 +287,127 @@ def _kth_largest_key(key, ok, K, EARLY: tl.constexpr):
         n_lo = tl.where(c2 >= K, c2, tl.where(c1 >= K, c1, n_lo))
         hi = tl.where(c1 < K, t1 - 1, tl.where(c2 < K, t2 - 1, hi))
         lo = new_lo
+        rounds += 1
         go = lo < hi
         if EARLY:
             go = go & (n_lo != K)
-    return lo.to(tl.int32)
+    return lo.to(tl.int32), rounds
 
 
 @triton.jit
-def _store_topk(x, ok, offs, K, OUT, EARLY: tl.constexpr):
-    """Write the positions ``offs`` of the K largest of x where ``ok`` to OUT[0..K), ascending (ties at
-    the K-th value: the lowest positions); one scan places them (EARLY: as in ``_kth_largest_key``)."""
+def _offset(span, step, i):
+    """A round's i-th threshold (i >= 1) above lo: ``i * step``, at most ``span`` = hi - lo (uint32)."""
+    return tl.minimum(i * step, span)
+
+
+@triton.jit
+def _word_counts(key, lo, span, step, P: tl.constexpr):
+    """Per key, int32: (key >= threshold 2P + 1) + (key >= threshold 2P + 2) << 16; summed over a row of
+    <= 16384 keys, the two counts of one word (no carry)."""
+    at_a = key >= lo + _offset(span, step, 2 * P + 1)
+    at_b = key >= lo + _offset(span, step, 2 * P + 2)
+    return at_a.to(tl.int32) + (at_b.to(tl.int32) << 16)
+
+
+@triton.jit
+def _kth_largest_key_multi(key, N, K, EARLY: tl.constexpr, M: tl.constexpr):
+    """The K-th largest of a row's N keys (uint32, unsigned order = the floats' order; 1 <= K <= N <= 16384;
+    entries past the row hold 0) by an (M + 1)-way search, M = 2, 4 or 8 thresholds counted per round:
+    (kth, need, rounds) such that the K are the keys > kth and the first ``need`` of the keys == kth (with
+    EARLY possibly a kth below the K-th largest key, as in ``_kth_largest_key``, with ``need`` >= the keys
+    equal to it).
+
+    The bracket [lo, hi] (uint32, so its arithmetic never wraps): ``c_lo`` = #keys >= lo >= K > ``c_up``
+    = #keys > hi. The first round takes the least key above -inf, the largest below +inf, and the counts
+    of the keys > +inf (NaNs), >= +inf, > -inf and >= -inf (a min, a max and two sums of two 16-bit
+    counts), so a row's +inf (forced pages) and -inf (padding) do not stretch the bracket: it starts as
+    the finite keys' [min, max] unless the K-th key is +-inf (then it is found at once, NaNs aside). Each
+    further round counts the keys at or above M thresholds ``lo + i * step`` (step = (hi - lo) // (M + 1)
+    + 1, the last ones clamped to hi), two per int32 word, M / 2 sums of one word each (independent:
+    their latencies overlap; an int64 word of four counts spilled registers at 16384 keys per row in a
+    trial sm_90 compile), and keeps the part that holds the K-th key. It ends when lo = hi (the K-th key) or, EARLY, when exactly K keys are
+    >= lo; either way need = K - c_up (no count of the keys above kth after it)."""
+    KINF: tl.constexpr = 0xFF800000  # the key of +inf (positive NaNs above it)
+    KNINF: tl.constexpr = 0x007FFFFF  # the key of -inf (negative NaNs below it)
+    fmn = tl.min(tl.where(key > KNINF, key, 0xFFFFFFFF), 0)  # least key above -inf
+    fmx = tl.max(tl.where(key < KINF, key, 0), 0)  # largest key below +inf
+    cnt_hi = tl.sum((key > KINF).to(tl.int32) + ((key >= KINF).to(tl.int32) << 16), 0)
+    cnt_lo = tl.sum((key > KNINF).to(tl.int32) + ((key >= KNINF).to(tl.int32) << 16), 0)
+    n_nan = cnt_hi & 0xFFFF  # keys > +inf
+    n_top = cnt_hi >> 16  # keys >= +inf
+    n_mid = cnt_lo & 0xFFFF  # keys > -inf
+    n_bot = cnt_lo >> 16  # keys >= -inf
+    # the K-th key among: NaNs above +inf; +inf; finite; -inf; NaNs below -inf
+    a = n_nan >= K
+    b = n_top >= K
+    c = n_mid >= K
+    d = n_bot >= K
+    lo = tl.where(a, KINF + 1, tl.where(b, KINF, tl.where(c, fmn, tl.where(d, KNINF, 0))))
+    hi = tl.where(a, 0xFFFFFFFF, tl.where(b, KINF, tl.where(c, fmx, tl.where(d, KNINF, KNINF - 1))))
+    c_lo = tl.where(a, n_nan, tl.where(b, n_top, tl.where(c, n_mid, tl.where(d, n_bot, N))))
+    c_up = tl.where(a, 0, tl.where(b, n_nan, tl.where(c, n_top, tl.where(d, n_mid, n_bot))))
+    rounds = 1
+    go = hi > lo
+    if EARLY:
+        go = go & (c_lo != K)
+    while go:
+        span = hi - lo
+        step = span // (M + 1) + 1  # thresholds lo + step, lo + 2 step, ... (at most hi)
+        tot0 = tl.sum(_word_counts(key, lo, span, step, 0), 0)
+        if M >= 4:
+            tot1 = tl.sum(_word_counts(key, lo, span, step, 1), 0)
+        if M == 8:
+            tot2 = tl.sum(_word_counts(key, lo, span, step, 2), 0)
+            tot3 = tl.sum(_word_counts(key, lo, span, step, 3), 0)
+        # the counts fall as the thresholds rise: the first ``passed`` thresholds have >= K keys at or above
+        passed = tl.full([], 0, tl.int32)
+        for i in tl.static_range(M):
+            if i < 2:
+                tot = tot0
+            elif i < 4:
+                tot = tot1
+            elif i < 6:
+                tot = tot2
+            else:
+                tot = tot3
+            cnt = (tot >> (16 * (i % 2))) & 0xFFFF
+            c_lo = tl.where(cnt >= K, cnt, c_lo)
+            c_up = tl.where((cnt < K) & (passed == i), cnt, c_up)
+            passed += (cnt >= K).to(tl.int32)
+        below = passed.to(tl.uint32)  # thresholds [below] and [below + 1] bound the K-th key
+        hi = tl.where(passed < M, lo + _offset(span, step, below + 1) - 1, hi)
+        lo = tl.where(passed > 0, lo + _offset(span, step, below), lo)
+        rounds += 1
+        go = hi > lo
+        if EARLY:
+            go = go & (c_lo != K)
+    return lo, K - c_up, rounds
+
+
+@triton.jit
+def _store_topk(x, ok, offs, N, K, OUT, EARLY: tl.constexpr, THRESHOLDS: tl.constexpr):
+    """Write the positions ``offs`` of the K largest of x where ``ok`` (the first N) to OUT[0..K),
+    ascending (ties at the K-th value: the lowest positions); one scan places them. The K-th value by
+    ``_kth_largest_key_multi`` with THRESHOLDS per round, or THRESHOLDS = 0 the 3-way
+    ``_kth_largest_key`` and a count of the keys above it (EARLY: as there). Returns the search's rounds
+    (reductions before the scan)."""
     key = _order_key(x)
-    kth = _kth_largest_key(key, ok, K, EARLY)  # (with EARLY possibly a threshold below the K-th key)
+    if THRESHOLDS == 0:
+        kth, rounds = _kth_largest_key(key, ok, K, EARLY)  # (EARLY: possibly a threshold below the K-th key)
+        need = K - tl.sum((ok & (key > kth)).to(tl.int32), 0)
+        rounds += 2  # (the extremes; the count above)
+    else:  # unsigned keys, those past the row 0 (never >= a threshold: each lies above a key of the row)
+        key = tl.where(ok, key.to(tl.uint32, bitcast=True) ^ 0x80000000, 0)
+        kth, need, rounds = _kth_largest_key_multi(key, N, K, EARLY, THRESHOLDS)
     greater = ok & (key > kth)
     equal = ok & (key == kth)
-    need = K - tl.sum(greater.to(tl.int32), 0)
     cs = tl.cumsum(greater.to(tl.int32) + (equal.to(tl.int32) << 16), 0)  # row <= 32767: no carry
     cg = cs & 0xFFFF
     ce = cs >> 16
     take = greater | (equal & (ce <= need))
     pos = cg + tl.minimum(ce, need) - 1
     tl.store(OUT + pos, offs, mask=take)
+    return rounds
 
 
 @triton.jit
@@ -298,7 +420,8 @@ def page_select_kernel(
     GROUP: tl.constexpr, PAGE: tl.constexpr, REDUCE_MAX: tl.constexpr, HAS_KMASK: tl.constexpr,
     SELECT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_ROW: tl.constexpr,
     DOT: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    LEAN: tl.constexpr, EARLY: tl.constexpr, TILES: tl.constexpr, STAGES: tl.constexpr,
+    LEAN: tl.constexpr, EARLY: tl.constexpr, THRESHOLDS: tl.constexpr, TILES: tl.constexpr,
+    STAGES: tl.constexpr,
 ):  # fmt: skip
     pb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -379,22 +502,8 @@ def page_select_kernel(
                 else:
                     best = tl.sum(tl.where(row_ok[:, None], u2, 0.0), 0) / (GROUP * N_Q)
             else:  # elementwise, one query row at a time
-                if REDUCE_MAX:
-                    best = tl.full([BLOCK_P], float("-inf"), tl.float32)
-                else:
-                    best = tl.zeros([BLOCK_P], tl.float32)
-                for r in range(0, GROUP * N_Q):
-                    head = hk * GROUP + r // N_Q
-                    qi = r % N_Q
-                    q_ptr1 = Q + b * stride_qb + head.to(tl.int64) * stride_qh + qi * stride_qn + offs_d
-                    qr = tl.load(q_ptr1, mask=d_ok, other=0.0).to(tl.float32)
-                    u = tl.sum(tl.maximum(qr[None, :] * kmax, qr[None, :] * kmin), 1)
-                    if REDUCE_MAX:  # noqa: SIM108
-                        best = tl.maximum(best, u)
-                    else:
-                        best = best + u
-                if not REDUCE_MAX:
-                    best = best / (GROUP * N_Q)
+                best = _elementwise_bound(Q + b * stride_qb, stride_qh, stride_qn, hk, N_Q, offs_d, d_ok, kmax,
+                                          kmin, GROUP, REDUCE_MAX, BLOCK_P)  # fmt: skip
         best = tl.where(real, best, float("-inf"))
         best = tl.where(pages >= FIRST_FORCED, float("inf"), best)
         tl.store(SCORES + row_base + pages, best, mask=p_ok)
@@ -407,5 +516,5 @@ def page_select_kernel(
             offs = tl.arange(0, BLOCK_ROW)
             ok = offs < N_PAGES
             x = tl.load(SCORES + row_base + offs, mask=ok, other=0.0, cache_modifier=".cg")
-            _store_topk(x, ok, offs, KEEP, IDX + bh.to(tl.int64) * KEEP, EARLY)
+            _store_topk(x, ok, offs, N_PAGES, KEEP, IDX + bh.to(tl.int64) * KEEP, EARLY, THRESHOLDS)
             tl.atomic_xchg(CNT + bh, 0)

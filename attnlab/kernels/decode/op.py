@@ -222,6 +222,36 @@ SCORE_LEAN = True
 #: select with ``tl.histogram``, 4 byte-wide passes, measured slower on the H100 at 6bcd603: 29.7 vs 17.8
 #: us for 8 rows of 8192 scores; removed.)
 TOPK_EARLY_EXIT = True
+#: The search for the ``keep``-th score (:func:`row_topk`, the fused selection): "multi" (default) or
+#: "ternary" (the search measured up to 9926e72). The same positions. "ternary": a 3-way search over
+#: [min, max] of the row's int32 keys, then a count of the scores above the one found. "multi": a first
+#: round takes the extremes of the finite scores and the counts of the +inf / -inf ones (a forced page's
+#: +inf no longer stretches the bracket over ~1e9 keys: ~5 rounds fewer at 8192 pages), then
+#: ``TOPK_THRESHOLDS`` thresholds per round over uint32 keys (32-bit bracket arithmetic, no mask per key,
+#: no count after it). Rounds (reductions before the scan; first round and count included) in the exact
+#: model of tests/test_decode_topk_search.py over Quest bounds of Gaussian bf16 q / k (D=128, 4 query
+#: rows), 8192 pages, keep 256, one forced page, mean / max of 8 rows (and of 64): ternary 14.6 / 17
+#: (14.9 / 19), multi with 2, 4, 8 thresholds 8.6 / 11 (8.8 / 13), 6.5 / 8 (6.5 / 9), 5.0 / 6 (5.1 / 7).
+TOPK_SEARCH = "multi"
+#: Thresholds counted per round of the "multi" search: 2, 4 or 8 (two 16-bit counts per int32 word, one
+#: sum per word). More thresholds: fewer rounds, but more work per score in each: the loop bodies compiled
+#: by Triton 3.6 for sm_90 (8192 scores, 16 warps) hold 137, 279 and 565 instructions per thread for 2, 4
+#: and 8 (the 3-way search's: 192), ~5 integer ops per score for 2 thresholds over 16 scores per thread, so
+#: a round at this size is bound by integer issue as much as by the reduction's latency. Not measured yet
+#: (decode_bench's ``step_graph_topk*`` sides).
+TOPK_THRESHOLDS = 2
+
+
+def _search_thresholds() -> int:
+    """The kernels' THRESHOLDS for ``TOPK_SEARCH`` / ``TOPK_THRESHOLDS`` (0: the 3-way search)."""
+    if TOPK_SEARCH == "ternary":
+        return 0
+    if TOPK_SEARCH != "multi" or TOPK_THRESHOLDS not in (2, 4, 8):
+        raise ValueError(
+            f"TOPK_SEARCH={TOPK_SEARCH!r}, TOPK_THRESHOLDS={TOPK_THRESHOLDS}: expected 'multi' with 2, 4 or "
+            "8 thresholds, or 'ternary'"
+        )
+    return TOPK_THRESHOLDS
 
 
 def _select_warps(block_row: int) -> int:
@@ -326,7 +356,8 @@ def page_select_launch(
         DOT=bool(dot), BLOCK_M=max(16, next_power_of_2((h // h_kv) * n_q)),
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=IMPORTED_INTERPRETED and q.dtype != torch.float32,
-        LEAN=SCORE_LEAN and kmax.dtype == q.dtype, EARLY=TOPK_EARLY_EXIT, TILES=tiles, STAGES=SPLIT_STAGES if q.is_cuda else 1,
+        LEAN=SCORE_LEAN and kmax.dtype == q.dtype, EARLY=TOPK_EARLY_EXIT, THRESHOLDS=_search_thresholds(),
+        TILES=tiles, STAGES=SPLIT_STAGES if q.is_cuda else 1,
         num_warps=_select_warps(block_row) if fused else SPLIT_WARPS,
     )  # fmt: skip
     if rank == "triton":
@@ -336,9 +367,10 @@ def page_select_launch(
     return index, scores
 
 
-def row_topk_launch(x: Tensor, k: int) -> Tensor:
+def row_topk_launch(x: Tensor, k: int, rounds: Tensor | None = None) -> Tensor:
     """(..., k) int32 positions of the k largest values of each row of x (..., N) float32, ascending (ties
-    at the k-th value: the lowest positions); N <= MAX_TOPK_ROW, 1 <= k <= N."""
+    at the k-th value: the lowest positions); N <= MAX_TOPK_ROW, 1 <= k <= N. ``rounds``: an int32 tensor
+    of x.numel() // N elements (contiguous) that gets each row's search rounds (see :func:`search_rounds`)."""
     n = x.shape[-1]
     if not 1 <= k <= n or n > MAX_TOPK_ROW:
         raise ValueError(f"row_topk: k={k} of rows of {n} values; needs 1 <= k <= N <= {MAX_TOPK_ROW}")
@@ -352,15 +384,28 @@ def row_topk_launch(x: Tensor, k: int) -> Tensor:
     row_topk_kernel[(rows.shape[0],)](
         rows,
         out,
+        out if rounds is None else rounds,
         n,
         k,
         rows.stride(0),
         out.stride(0),
         BLOCK=block,
         EARLY=TOPK_EARLY_EXIT,
+        THRESHOLDS=_search_thresholds(),
+        COUNT_ROUNDS=rounds is not None,
         num_warps=TOPK_WARPS or min(16, max(1, block // 512)),
     )
     return out.view(*x.shape[:-1], k)
+
+
+def search_rounds(x: Tensor, k: int) -> Tensor:
+    """(...) int32: the reduction rounds :func:`row_topk`'s search takes for each row of x (..., N) under the
+    current ``TOPK_SEARCH`` / ``TOPK_THRESHOLDS`` / ``TOPK_EARLY_EXIT`` (the first round of extremes
+    included; "ternary" also counts its count of the scores above the value found), for the benchmark
+    and the tests. The scan that places the positions is not counted."""
+    rounds = torch.empty(x.shape[:-1], device=x.device, dtype=torch.int32)
+    row_topk_launch(x, k, rounds)
+    return rounds
 
 
 @torch.library.custom_op("attnlab::row_topk", mutates_args=())
