@@ -21,7 +21,9 @@ from attnlab.catalog.dynamic.bilevel_routing import (
 )
 from attnlab.errors import InputError, ParamError, UnsupportedPatternError
 from attnlab.registry import registered
-from attnlab.testing import Case, check_parity
+from attnlab.testing import Case, check_parity, device_under_test
+
+DEVICE = device_under_test()  # (the GPU where there is one: the executor runs there, not on its CPU)
 
 CPU = torch.device("cpu")
 
@@ -208,11 +210,11 @@ CASES = [
 
 @pytest.mark.parametrize(("backend", "case"), CASES, ids=[f"{b}-{c.label()}" for b, c in CASES])
 def test_backend_matches_reference_on_the_same_plan(method: None, backend: str, case: Case) -> None:
-    q, k, _ = case.inputs("cpu")
+    q, k, _ = case.inputs(DEVICE)
     params = BilevelRoutingParams(**case.params)
     plan = estimate(q, k, params, causal=case.causal, scale=case.head_dim**-0.5)
     assert plan.density < 0.95 and bool(plan.partial.any())  # drops pairs; partial tiles run the rule
-    check = check_parity(SPEC, backend, case, "cpu")
+    check = check_parity(SPEC, backend, case, DEVICE)
     assert not check.skipped, check.skipped
     assert check.passed, check.summary()
     assert "dq" in check.errors  # the backward ran

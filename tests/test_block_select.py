@@ -87,3 +87,14 @@ def test_kernel_equals_the_rule_at_128k() -> None:
     kw = dict(n_q=131072, n_k=131072, block=128, topk=16, causal=True, sink=True, local=True)
     (kf, kp), (nf, np_) = _both(score, **kw)
     assert torch.equal(kf, nf) and torch.equal(kp, np_)
+
+
+def test_nan_scores_rank_highest_and_are_never_kept_unless_forced() -> None:
+    # torch.topk ranks every NaN (either sign bit) above every number; the pass must pick the same tiles
+    score = torch.randn(1, 1, 3, 8, device=DEVICE)
+    score[0, 0, :, 2] = float("nan")
+    score[0, 0, :, 5] = -float("nan")
+    kw = dict(n_q=48, n_k=128, block=16, topk=4, causal=False, sink=False, local=False)
+    (kf, kp), (nf, np_) = _both(score, **kw)
+    assert torch.equal(kf, nf) and torch.equal(kp, np_)
+    assert not bool(kf[..., 2].any()) and not bool(kf[..., 5].any())

@@ -72,7 +72,12 @@ def test_full_budget_equals_dense_attention() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"block": 24}, "tiles of"), ({"topk": 0}, "topk"), ({"mass": 1.5}, "mass")],
+    [
+        ({"block": 24}, "tiles of"),
+        ({"topk": 0}, "topk"),
+        ({"mass": 1.5}, "mass"),
+        ({"topk": 1}, "at least 2"),  # sink and local both forced: one place for two forced blocks
+    ],
 )
 def test_bad_budgets_get_clear_errors(kwargs: dict, match: str) -> None:
     q = torch.randn(1, 1, 32, 16)

@@ -13,7 +13,9 @@ import attnlab
 from attnlab.catalog.dynamic.flexprefill import SPEC, FlexPrefillParams, estimate, head_choice, js_distance
 from attnlab.errors import ParamError
 from attnlab.registry import registered
-from attnlab.testing import Case, check_parity
+from attnlab.testing import Case, check_parity, device_under_test
+
+DEVICE = device_under_test()  # (the GPU where there is one: the executor runs there, not on its CPU)
 
 N, COLUMN, DISTANCE = 96, 40, 20
 
@@ -175,10 +177,10 @@ CASES = [
 
 @pytest.mark.parametrize(("backend", "case"), CASES, ids=[f"{b}-{c.label()}" for b, c in CASES])
 def test_backend_matches_reference_on_the_same_plan(method: None, backend: str, case: Case) -> None:
-    q, k, _ = case.inputs("cpu")
+    q, k, _ = case.inputs(DEVICE)
     plan = estimate(q, k, FlexPrefillParams(**case.params), causal=True, scale=case.head_dim**-0.5)
     assert plan.block_density < 0.95  # the case drops tiles (not the dense short-input rule)
-    check = check_parity(SPEC, backend, case, "cpu")
+    check = check_parity(SPEC, backend, case, DEVICE)
     assert not check.skipped, check.skipped
     assert check.passed, check.summary()
     assert "dq" in check.errors  # the backward ran

@@ -25,7 +25,9 @@ from attnlab.catalog.dynamic.indexer_topk import (
 from attnlab.errors import InputError, ParamError
 from attnlab.plans import blocks, executor
 from attnlab.registry import registered
-from attnlab.testing import Case, check_parity
+from attnlab.testing import Case, check_parity, device_under_test
+
+DEVICE = device_under_test()  # (the GPU where there is one: the executor runs there, not on its CPU)
 
 
 @pytest.fixture
@@ -280,7 +282,7 @@ CASES = [
 
 @pytest.mark.parametrize(("backend", "case"), CASES, ids=[f"{b}-{c.label()}" for b, c in CASES])
 def test_backend_matches_reference_on_the_same_plan(method: None, backend: str, case: Case) -> None:
-    check = check_parity(SPEC, backend, case, "cpu")
+    check = check_parity(SPEC, backend, case, DEVICE)
     assert not check.skipped, check.skipped
     assert check.passed, check.summary()
     assert "dq" in check.errors  # the backward ran

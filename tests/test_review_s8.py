@@ -123,7 +123,7 @@ def test_a_returned_plan_is_the_executed_one_when_estimates_differ(counted: Any,
     q, k, v = _qkv(64)
     cu = _cu([64]) if packed else None
     res = attnlab.attention(q, k, v, method="block_topk", causal=False, backend="block_sparse",
-                            return_plan=True, cu_seqlens_q=cu, block=16, topk=1)  # fmt: skip
+                            return_plan=True, cu_seqlens_q=cu, block=16, topk=2)  # fmt: skip
     assert isinstance(res, Result)
     plan = res.plan[0] if packed else res.plan
     assert isinstance(plan, Plan)

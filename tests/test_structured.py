@@ -29,7 +29,9 @@ from attnlab.catalog.structured import (
 )
 from attnlab.core import MethodSpec
 from attnlab.errors import InputError, ParamError, UnsupportedPatternError
-from attnlab.testing import Case, check_parity, draw_mask
+from attnlab.testing import Case, check_parity, device_under_test, draw_mask
+
+DEVICE = device_under_test()  # (the GPU where there is one: the executor runs there, not on its CPU)
 
 BY_NAME = {spec.name: spec for spec in SPECS}
 
@@ -130,7 +132,7 @@ def test_backend_matches_reference(
 ) -> None:
     spec = attnlab.get(name)
     case = Case(2, 4, 2, n_q, n_k, 32, torch.float32, causal, kwargs)
-    check = check_parity(spec, backend, case, "cpu")
+    check = check_parity(spec, backend, case, DEVICE)
     assert not check.skipped, check.skipped
     assert check.passed, check.summary()
     if backend == "sdpa_mask":
@@ -168,7 +170,7 @@ def test_grid_neighborhoods_on_the_block_sparse_executor(kwargs: dict[str, Any],
     the registry's accuracy rule, bf16, GQA 2:1, forward and dq/dk/dv."""
     spec = attnlab.get("neighborhood")
     case = Case(1, 2, 1, 66, 66, 16, torch.bfloat16, causal, kwargs)
-    check = check_parity(spec, "block_sparse", case, "cpu")
+    check = check_parity(spec, "block_sparse", case, DEVICE)
     assert not check.skipped and check.passed and "dq" in check.errors, check.summary()
 
 
@@ -215,7 +217,7 @@ def test_strided_heads_on_the_block_sparse_executor(
 
     spec = attnlab.get("strided_heads")
     check = check_parity(
-        spec, "block_sparse", Case(1, 4, 2, n_q, n_k, 16, torch.bfloat16, causal, params), "cpu"
+        spec, "block_sparse", Case(1, 4, 2, n_q, n_k, 16, torch.bfloat16, causal, params), DEVICE
     )
     assert not check.skipped and check.passed and "dk" in check.errors, check.summary()
     q, k = torch.randn(1, 4, n_q, 16), torch.randn(1, 2, n_k, 16)

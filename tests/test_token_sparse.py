@@ -14,7 +14,9 @@ import attnlab
 from attnlab.catalog.dynamic.token_sparse import SPEC, TokenSparseParams, estimate, kept_tokens
 from attnlab.errors import ParamError
 from attnlab.registry import registered
-from attnlab.testing import Case, check_parity
+from attnlab.testing import Case, check_parity, device_under_test
+
+DEVICE = device_under_test()  # (the GPU where there is one: the executor runs there, not on its CPU)
 
 N, W, PLANTED = 64, 8, (3, 17, 30)
 
@@ -135,9 +137,9 @@ CASES = [
 
 @pytest.mark.parametrize(("backend", "case"), CASES, ids=[f"{b}-{c.label()}" for b, c in CASES])
 def test_backend_matches_reference_on_the_same_plan(method: None, backend: str, case: Case) -> None:
-    q, k, _ = case.inputs("cpu")
+    q, k, _ = case.inputs(DEVICE)
     assert not kept_tokens(q, k, TokenSparseParams(**case.params), scale=case.head_dim**-0.5).all()
-    check = check_parity(SPEC, backend, case, "cpu")
+    check = check_parity(SPEC, backend, case, DEVICE)
     assert not check.skipped, check.skipped
     assert check.passed, check.summary()
     assert "dq" in check.errors  # the backward ran

@@ -83,11 +83,13 @@ class ExecutorTables:
 
 
 def _ordered(
-    blocks: Tensor, pattern_of: Tensor | None, width: int | None = None
+    blocks: Tensor, pattern_of: Tensor | None, width: int | None = None, num: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """(num, idx, pat): True tiles of each row first (ascending), the list cut to ``width`` (default: the
-    longest row, read from the device here; :func:`_widths` reads several in one synchronisation)."""
-    num = blocks.sum(dim=-1, dtype=torch.int32)
+    longest row, read from the device here; :func:`_widths` reads several in one synchronisation);
+    ``num``: the rows' True counts when the caller has them."""
+    if num is None:
+        num = blocks.sum(dim=-1, dtype=torch.int32)
     if width is None:
         (width,) = _widths(num)
     # (bool viewed as int8: no copy; stable, so ties keep their column order)
@@ -222,11 +224,12 @@ def executor_tables(plan: Plan) -> ExecutorTables:
     pat_grid, patterns = _tile_patterns(plan, partial)
     # the four lists' widths in one host read; the key-side lists sort contiguous transposed copies (a
     # sort along a strided dim took 1.4 ms per grid on the H100 at 128K: H=32, 1024 x 1024 tiles)
-    widths = _widths(*(g.sum(dim=d, dtype=torch.int32) for g in (partial, full) for d in (-1, -2)))
-    p_num, p_idx, p_pat = _ordered(partial, pat_grid, widths[0])
-    f_num, f_idx, _ = _ordered(full, None, widths[2])
-    tp_num, tp_idx, tp_pat = _ordered(_t(partial), _t(pat_grid), widths[1])
-    tf_num, tf_idx, _ = _ordered(_t(full), None, widths[3])
+    nums = [g.sum(dim=d, dtype=torch.int32) for g in (partial, full) for d in (-1, -2)]
+    widths = _widths(*nums)
+    p_num, p_idx, p_pat = _ordered(partial, pat_grid, widths[0], nums[0])
+    f_num, f_idx, _ = _ordered(full, None, widths[2], nums[2])
+    tp_num, tp_idx, tp_pat = _ordered(_t(partial), _t(pat_grid), widths[1], nums[1])
+    tf_num, tf_idx, _ = _ordered(_t(full), None, widths[3], nums[3])
     c_num, c_idx = _columns(plan, full | partial)
     assert p_pat is not None and tp_pat is not None
     tables = ExecutorTables(

@@ -62,6 +62,12 @@ class BlockTopkParams(Params):
         if self.block not in BLOCKS:
             raise ParamError(f"block_topk: block={self.block!r}; the executor takes tiles of {BLOCKS}")
         self.check_int("topk", minimum=1)
+        forced = int(bool(self.sink)) + int(bool(self.local))
+        if self.topk < forced:
+            raise ParamError(
+                f"block_topk: topk={self.topk} with sink={self.sink} and local={self.local}: topk counts the "
+                f"forced blocks, so it must be at least {forced} (else a forced block would be dropped)"
+            )
         if not 0.0 <= float(self.mass) <= 1.0:
             raise ParamError(f"block_topk: mass={self.mass!r} must be in [0, 1] (0 = keep exactly topk)")
 

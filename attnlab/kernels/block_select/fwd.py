@@ -43,6 +43,7 @@ def block_select_kernel(
     forced = forced & allowed
     ranked = tl.where(forced, float("inf"), s)
     bits = (ranked + 0.0).to(tl.int32, bitcast=True)  # (-0 + 0 = +0: one key for both zeros)
+    bits = tl.where(ranked != ranked, 0x7FFFFFFF, bits)  # every NaN ranks highest, as in torch.topk
     okey = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
     key = (okey.to(tl.int64) << 32) + (BLOCK_L - 1 - cols[None, :]).to(tl.int64)
     keep = tl.zeros([ROWS, BLOCK_L], dtype=tl.int1)

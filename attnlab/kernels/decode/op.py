@@ -237,8 +237,9 @@ TOPK_SEARCH = "multi"
 #: sum per word). More thresholds: fewer rounds, but more work per score in each: the loop bodies compiled
 #: by Triton 3.6 for sm_90 (8192 scores, 16 warps) hold 137, 279 and 565 instructions per thread for 2, 4
 #: and 8 (the 3-way search's: 192), ~5 integer ops per score for 2 thresholds over 16 scores per thread, so
-#: a round at this size is bound by integer issue as much as by the reduction's latency. Not measured yet
-#: (decode_bench's ``step_graph_topk*`` sides).
+#: a round at this size is bound by integer issue as much as by the reduction's latency. Measured on the
+#: H100 (12ea309, benchmarks/results/h100-2026-11-24-s12/decode/): the row top-k alone on the step's 8
+#: rows took 15.5, 17.0 and 19.7 us with 2, 4 and 8 thresholds (ternary 20.0), so 2 stays.
 TOPK_THRESHOLDS = 2
 
 

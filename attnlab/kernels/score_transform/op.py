@@ -11,9 +11,9 @@ ignored; no backend exposes it).
 The forward's schedules are the FlashSigmoid kernel's (attnlab/kernels/sigmoid/op.py): tensor descriptors
 (TMA) on Hopper, a split query tile, warp specialization; where a schedule was measured on the H100 in
 interleaved rounds it is pinned (``MEASURED_FWD`` / ``MEASURED_BWD``), elsewhere Triton's autotuner picks
-from the candidate lists. The backward is one kernel with dQ by atomic adds (``BWD_ONE_PASS``, pinned
-``ONE_PASS_BWD`` not measured) where :func:`one_pass_refusal` allows, else the two kernels of ``bwd.py``
-(the measured figures below are theirs). Measured speed (H100, bf16, D=128, H=32, 8K-32K): forward
+from the candidate lists. The backward is the two kernels of ``bwd.py``; a one-pass kernel with dQ by
+atomic adds (``bwd_one_pass.py``) runs instead where ``BWD_ONE_PASS`` is on (off by default: measured no
+faster, see there) and :func:`one_pass_refusal` allows. Measured speed (H100, bf16, D=128, H=32, 8K-32K): forward
 0.54-0.84x of cuDNN plain softmax, forward+backward 0.48-0.69x
 (benchmarks/results/h100-2026-11-23/variants/NOTES.md); the
 softplus transform at 56ab39e (exact libdevice log2): forward 0.37-0.39x, forward+backward 0.32-0.33x (8K/32K
@@ -113,7 +113,9 @@ MEASURED_BWD: dict[bool, tuple[tuple, tuple]] = {
     True: ((64, 128, 8, 3), (128, 64, 8, 3)),
 }
 #: causal -> one-pass backward shape, pinned where MEASURED_BWD is: chosen by reasoning (ONE_PASS_SHAPES'
-#: comment; FlashAttention-2/3's 128-key blocks for D=128), not measured.
+#: comment; FlashAttention-2/3's 128-key blocks for D=128; register and spill figures there are Triton
+#: 3.9's), timed on the H100 at 774d414 as the kernel (no faster than the two kernels, BWD_ONE_PASS), other
+#: shapes not timed.
 ONE_PASS_BWD: dict[bool, tuple] = {False: (64, 128, 8, 2), True: (64, 128, 8, 2)}
 #: The autotuning bucket of problems whose query and key lengths are both at least 8192.
 LONG_BUCKET = 16384
