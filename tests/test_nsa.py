@@ -12,7 +12,9 @@ import torch
 import attnlab
 from attnlab.catalog.dynamic.nsa import SPEC, NsaParams, compress, estimate_selection, reference, scan
 from attnlab.errors import AttnlabError, ParamError
-from attnlab.testing import Case, check_parity
+from attnlab.testing import Case, check_parity, device_under_test
+
+DEVICE = device_under_test()  # (the GPU where there is one: the executor runs there, not on its CPU)
 
 N, BS, FAR = 128, 16, 2  # 8 key blocks of 16; the planted block is block 2 (keys 32..47)
 
@@ -120,7 +122,7 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=[c.label() for c in CASES])
 def test_fast_path_matches_reference(case: Case) -> None:
-    check = check_parity(SPEC, "block_sparse", case, "cpu")
+    check = check_parity(SPEC, "block_sparse", case, DEVICE)
     assert not check.skipped, check.skipped
     assert check.passed, check.summary()
     assert "dq" in check.errors  # the backward ran

@@ -21,6 +21,9 @@ from attnlab import registry
 from attnlab.core import Result
 from attnlab.plans import Plan
 from attnlab.reference import masked_softmax_attention
+from attnlab.testing import device_under_test
+
+DEVICE = device_under_test()
 
 DYNAMIC = {
     "block_topk": {"block": 16, "topk": 2},
@@ -65,12 +68,13 @@ def _params(name: str) -> dict[str, Any]:
 
 
 def _qkv(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """On the device under test (the executor runs on a GPU where there is one, not on its CPU)."""
     g = torch.Generator().manual_seed(1)
-    return tuple(torch.randn(1, 2, n, 16, generator=g) for _ in range(3))  # type: ignore[return-value]
+    return tuple(torch.randn(1, 2, n, 16, generator=g).to(DEVICE) for _ in range(3))  # type: ignore[return-value]
 
 
 def _cu(lengths: list[int]) -> torch.Tensor:
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
 
 
 def _on_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan) -> torch.Tensor:

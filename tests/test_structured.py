@@ -220,11 +220,11 @@ def test_strided_heads_on_the_block_sparse_executor(
         spec, "block_sparse", Case(1, 4, 2, n_q, n_k, 16, torch.bfloat16, causal, params), DEVICE
     )
     assert not check.skipped and check.passed and "dk" in check.errors, check.summary()
-    q, k = torch.randn(1, 4, n_q, 16), torch.randn(1, 2, n_k, 16)
+    q, k = torch.randn(1, 4, n_q, 16, device=DEVICE), torch.randn(1, 2, n_k, 16, device=DEVICE)
     res = attnlab.attention(q, k, k, method="strided_heads", causal=causal,
                             backend="block_sparse", return_plan=True, **params)  # fmt: skip
     assert isinstance(res, attnlab.Result) and res.plan is not None and res.plan.shape[1] == 4
-    mask = strided_heads.head_mask(strided_heads.StridedHeadsParams(**params), n_q, n_k, causal, 4, 2, "cpu")
+    mask = strided_heads.head_mask(strided_heads.StridedHeadsParams(**params), n_q, n_k, causal, 4, 2, DEVICE)
     assert torch.equal(res.plan.dense_mask()[0], mask)
 
 

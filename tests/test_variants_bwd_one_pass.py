@@ -77,7 +77,7 @@ def _twin_grads(q: Tensor, k: Tensor, v: Tensor, x: dict[str, Any], causal: bool
 
 CASES = [  # (transform, N_q, N_k): GQA H=4 over H_kv=2 throughout
     ("plain", 37, 37),
-    ("softcap", 100, 100),
+    ("softcap", 50, 50),  # (off by default since 774d414: kept small so CI stays within its time)
     ("sink", 30, 17),  # causal: 13 rows with no key (the sink alone)
     ("alibi", 17, 45),
     ("bias_temp", 21, 33),
