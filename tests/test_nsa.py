@@ -104,11 +104,11 @@ def test_bad_parameters_get_clear_errors(kwargs: dict, match: str) -> None:
 
 
 def test_non_causal_and_bad_gates_are_refused() -> None:
-    q = torch.randn(1, 2, 32, 16)
+    q = torch.randn(1, 2, 32, 16, device=DEVICE)  # (on a GPU machine the CPU has no backend to refuse with)
     with pytest.raises(AttnlabError, match="causal"):
         attnlab.attention(q, q, q, method="nsa", causal=False)
     with pytest.raises(AttnlabError, match="g_slc"):
-        attnlab.attention(q, q, q, method="nsa", causal=True, g_slc=torch.rand(1, 2, 31))
+        attnlab.attention(q, q, q, method="nsa", causal=True, g_slc=torch.rand(1, 2, 31, device=DEVICE))
 
 
 P0, P1 = SPEC.test_params
