@@ -640,13 +640,14 @@ def test_the_generic_block_sparse_backend_gives_the_estimator_its_inputs() -> No
     """seer's estimator takes its gate weights (estimate_inputs) on the generic executor backend: the plan
     and the output follow the weights (the reference's, with the same weights), not the weightless gate."""
     from attnlab.backends.block_sparse import BLOCK_SPARSE
-    from attnlab.testing import Case
+    from attnlab.testing import Case, device_under_test
 
     seer = attnlab.get("seer")
     spec = dataclasses.replace(seer, backends=(BLOCK_SPARSE,), training_backends=())
     case = Case(1, 4, 2, 96, 96, 16, torch.float32, True, {"block": 16, "topk": 2}, optional_inputs=True)
-    q, k, v = case.inputs("cpu", seed=3)
-    w = case.tensor_inputs(seer, "cpu", seed=3)
+    dev = device_under_test()  # (the executor runs on a GPU where there is one, not on its CPU)
+    q, k, v = case.inputs(dev, seed=3)
+    w = case.tensor_inputs(seer, dev, seed=3)
     params = spec.make_params(case.params)
     op = attnlab.api.Op(spec, params, causal=True, scale=None, backend="block_sparse",
                         check_finite=None, return_lse=True, return_plan=True)  # fmt: skip
