@@ -24,11 +24,6 @@ t(cuDNN) / t(side): the issue's targets are forward >= 0.9, forward+backward >= 
 ``softplus`` also has a side ``poly`` (``OPT_IN``: its polynomial log, off by default, on for the call).
 ``affine_scaled`` and ``softplus`` have a third side, ``unfused``: the same call with their fused Triton
 helper switched off (the output map in PyTorch; q, k normalised by F.normalize), to show its gain.
-``--ab-bwd`` adds, in forward+backward mode only, the side ``ours [one-pass bwd]`` (``AB_BWD``): the same
-prepared op with the score-transform kernel's ``op.BWD_ONE_PASS`` on around its forward call (the forward
-records the flag for its backward), i.e. the one-pass backward kernel instead of the two default kernels,
-checked and timed in the same rounds (``ours vs one-pass`` = t(one-pass side) / t(ours)). (The run at
-774d414, when the one-pass kernel was the default, had the side ``ours [two-pass bwd]`` instead.)
 The low-rank bias is not a registered method (its factors need a rank symbol in TensorInput shapes): its
 rows time the kernel through :func:`attnlab.catalog.variants.lowrank_bias.lowrank_bias_attention`.
 
@@ -137,22 +132,20 @@ def _call(
 OPT_IN = {
     "softplus": ("poly", "attnlab.kernels.score_transform.op", "SOFTPLUS_POLY_DEVICES"),
 }
-#: ``--ab-bwd``'s side (forward+backward only): (side, module, flag, value during the side's forward call)
-AB_BWD = ("ours [one-pass bwd]", "attnlab.kernels.score_transform.op", "BWD_ONE_PASS", True)
-#: the A/B side's name in the run at 774d414 (the one-pass backward was the default; the side ran two kernels)
-AB_BWD_774D414 = "ours [two-pass bwd]"
 
 
-def _unfused(fn: Callable[..., Tensor], module: str, attr: str, value: object = ()) -> Callable[..., Tensor]:
-    """``fn`` with ``module.attr`` set to ``value`` during the call: by default an empty device tuple (its
-    fused helper off); ``OPT_IN`` sides pass ("cuda", "cpu") to turn an option on, ``AB_BWD`` True."""
+def _unfused(
+    fn: Callable[..., Tensor], module: str, attr: str, devices: tuple[str, ...] = ()
+) -> Callable[..., Tensor]:
+    """``fn`` with ``module.attr`` (a tuple of devices) set to ``devices`` during the call: by default empty
+    (its fused helper off); ``OPT_IN`` sides pass ("cuda", "cpu") to turn an option on."""
     import importlib
 
     mod = importlib.import_module(module)
 
     def call(q: Tensor, k: Tensor, v: Tensor, **x: Tensor) -> Tensor:
         saved = getattr(mod, attr)
-        setattr(mod, attr, value)
+        setattr(mod, attr, devices)
         try:
             return fn(q, k, v, **x)
         finally:
@@ -288,9 +281,7 @@ def _timing(t: Timing) -> dict[str, Any]:
 
 
 def point(name: str, n: int, causal: bool, device: torch.device, with_flex: bool, modes: list[str],
-          log: Callable[[dict], None], ab_bwd: bool = False) -> dict[str, Any]:  # fmt: skip
-    """One variant at length n: every side checked, then the passing ones timed with cuDNN, per mode;
-    ``ab_bwd`` adds ``AB_BWD``'s side to the forward+backward mode."""
+          log: Callable[[dict], None]) -> dict[str, Any]:  # fmt: skip
     g = torch.Generator(device="cpu").manual_seed(0)
     q, k, v = (torch.randn(1, HEADS, n, HEAD_DIM, generator=g).to(device, torch.bfloat16) for _ in range(3))
     for t in (q, k, v):
@@ -305,18 +296,12 @@ def point(name: str, n: int, causal: bool, device: torch.device, with_flex: bool
     if name in OPT_IN:
         label, module, attr = OPT_IN[name]
         sides[label] = _unfused(ours, module, attr, ("cuda", "cpu"))
-    modes_of = {side: modes for side in sides}  # the modes each side is checked and timed in
-    # (only where the call runs the score-transform kernel: sink / alibi train on Flex as called)
-    if ab_bwd and "fwd_bwd" in modes and _backend_of(name, causal, q, k, v) == "triton":
-        label, module, attr, value = AB_BWD
-        sides[label] = _unfused(ours, module, attr, value)
-        modes_of[label] = ["fwd_bwd"]
     row: dict[str, Any] = {"variant": name, "n": n, "causal": causal, "heads": HEADS, "head_dim": HEAD_DIM,
                            "ours_backend_fwd": _backend_of(name, causal, q.detach(), k.detach(), v.detach()),
                            "ours_backend_fwd_bwd": _backend_of(name, causal, q, k, v)}  # fmt: skip
     checks = []
     for side, fn in sides.items():
-        for bwd in [m == "fwd_bwd" for m in modes_of[side]]:
+        for bwd in [m == "fwd_bwd" for m in modes]:
             try:
                 c = check(name, side, fn, q, k, v, x, causal, bwd)
             except Exception as e:  # a side that fails is reported, not timed
@@ -337,11 +322,10 @@ def point(name: str, n: int, causal: bool, device: torch.device, with_flex: bool
     leaves = [q, k, v, *[t for t in x.values() if t.requires_grad]]
     flops = attention_flops(1, HEADS, n, n, HEAD_DIM, HEAD_DIM, dense_pairs(n, n, causal), "fwd")
     for mode in modes:
-        in_mode = [s for s in sides if mode in modes_of[s]]
         passed = [
-            s for s in in_mode if all(c["passed"] for c in checks if c["side"] == s and c["mode"] == mode)
+            s for s in sides if all(c["passed"] for c in checks if c["side"] == s and c["mode"] == mode)
         ]
-        row[f"not_timed_{mode}"] = sorted(set(in_mode) - set(passed))
+        row[f"not_timed_{mode}"] = sorted(set(sides) - set(passed))
         fns: dict[str, Callable[[], object]] = {
             "cudnn_softmax": _timed(lambda: _baseline(q, k, v, causal), mode, leaves[:3], do)
         }
@@ -355,8 +339,6 @@ def point(name: str, n: int, causal: bool, device: torch.device, with_flex: bool
                 row[f"{s}_{mode}_ratio_vs_cudnn"] = tim["cudnn_softmax"].median_ms / tm.median_ms
         if "flex" in tim and "ours" in tim:
             row[f"ours_vs_flex_{mode}"] = tim["flex"].median_ms / tim["ours"].median_ms
-        if AB_BWD[0] in tim and "ours" in tim:
-            row[f"ours_vs_ab_bwd_{mode}"] = tim[AB_BWD[0]].median_ms / tim["ours"].median_ms
     torch.cuda.empty_cache()
     return row
 
@@ -678,8 +660,8 @@ def summarize(path: str) -> str:
         return summarize_neighborhoods(nb_rows, env)
     lines = [
         "| variant | N | causal | mode | as called (backend) | checks | ours ms | flex ms | cuDNN ms | "
-        "ours / cuDNN | flex / cuDNN | ours vs flex | A/B bwd side | A/B side ms | ours vs A/B side | unfused / cuDNN |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "ours / cuDNN | flex / cuDNN | ours vs flex | unfused / cuDNN |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for obj in objs:
         row = obj.get("row")
@@ -702,15 +684,11 @@ def summarize(path: str) -> str:
                 return f"{row[key]:.2f}" if key in row else "-"
 
             backend = row["ours_backend_fwd" if mode == "fwd" else "ours_backend_fwd_bwd"]
-            # the A/B side: AB_BWD's, or the two-kernel side of the run at 774d414 (one-pass default then)
-            ab = next((a for a in (AB_BWD[0], AB_BWD_774D414) if f"{a}_{mode}" in row), "")
-            ab_key = f"ours_vs_ab_bwd_{mode}" if ab == AB_BWD[0] else f"ours_vs_two_pass_{mode}"
             lines.append(
                 f"| {row['variant']} | {row['n']} | {row['causal']} | {mode} | {backend} | {ok} | "
                 f"{ms('ours')} | {ms('flex')} | {ms('cudnn_softmax')} | "
                 f"{ratio(f'ours_{mode}_ratio_vs_cudnn')} | {ratio(f'flex_{mode}_ratio_vs_cudnn')} | "
-                f"{ratio(f'ours_vs_flex_{mode}')} | {ab or '-'} | {ms(ab) if ab else '-'} | {ratio(ab_key)} | "
-                f"{ratio(f'unfused_{mode}_ratio_vs_cudnn')} |"
+                f"{ratio(f'ours_vs_flex_{mode}')} | {ratio(f'unfused_{mode}_ratio_vs_cudnn')} |"
             )
     head = f"device {env.get('device')}, torch {env.get('torch')}, triton {env.get('triton')}, commit {env.get('commit')}"
     return head + "\n\n" + "\n".join(lines) + "\n"
@@ -730,11 +708,6 @@ def main() -> None:
     )
     ap.add_argument("--patterns", default=None, help="--neighborhoods: a comma list of NEIGHBORHOODS labels")
     ap.add_argument("--no-flex-for", default="lowrank", help="variants timed without a Flex side")
-    ap.add_argument(
-        "--ab-bwd",
-        action="store_true",
-        help="add the side 'ours [one-pass bwd]' to fwd_bwd: op.BWD_ONE_PASS on for its calls (AB_BWD)",
-    )
     ap.add_argument("--probe", action="store_true")
     ap.add_argument(
         "--pin-from-probe",
@@ -803,7 +776,7 @@ def main() -> None:
                     continue
                 try:
                     modes = [m for m in args.modes.split(",") if m in MODES_OF.get(name, [m])]
-                    row = point(name, n, causal, device, name not in no_flex, modes, log, args.ab_bwd)
+                    row = point(name, n, causal, device, name not in no_flex, modes, log)
                 except Exception as e:
                     row = {"variant": name, "n": n, "causal": causal, "crash": repr(e)[:1000]}
                     torch.cuda.empty_cache()

@@ -7,8 +7,7 @@ softplus weights instead of the softmax, no running maximum), returning the outp
 the log-sum-exp of the transformed logits. Gradients for q, k, v, the sink logits and the low-rank
 factors.
 
-Files: ``common.py`` (the transformed logit), ``fwd.py`` / ``bwd.py`` (Triton; ``bwd_one_pass.py``: the
-backward as one kernel, dQ by atomic adds), ``naive.py`` (the same math in PyTorch), ``op.py`` (launch,
-schedules, custom ops). Import
+Files: ``common.py`` (the transformed logit), ``fwd.py`` / ``bwd.py`` (Triton), ``naive.py`` (the same math
+in PyTorch), ``op.py`` (launch, schedules, custom ops). Import
 :func:`attnlab.kernels.score_transform.op.score_transform_fwd` lazily (it registers custom ops).
 """

@@ -11,11 +11,8 @@ ignored; no backend exposes it).
 The forward's schedules are the FlashSigmoid kernel's (attnlab/kernels/sigmoid/op.py): tensor descriptors
 (TMA) on Hopper, a split query tile, warp specialization; where a schedule was measured on the H100 in
 interleaved rounds it is pinned (``MEASURED_FWD`` / ``MEASURED_BWD``), elsewhere Triton's autotuner picks
-from the candidate lists. The backward is the two kernels of ``bwd.py``; a one-pass kernel with dQ by
-atomic adds (``bwd_one_pass.py``) runs instead where ``BWD_ONE_PASS`` is on (off by default: measured no
-faster, see there) and :func:`one_pass_refusal` allows. Measured speed (H100, bf16, D=128, H=32, 8K-32K): forward
-0.54-0.84x of cuDNN plain softmax, forward+backward 0.48-0.69x
-(benchmarks/results/h100-2026-11-23/variants/NOTES.md); the
+from the candidate lists. Measured speed (H100, bf16, D=128, H=32, 8K-32K): forward 0.54-0.84x of cuDNN
+plain softmax, forward+backward 0.48-0.69x (benchmarks/results/h100-2026-11-23/variants/NOTES.md); the
 softplus transform at 56ab39e (exact libdevice log2): forward 0.37-0.39x, forward+backward 0.32-0.33x (8K/32K
 causal; 3.6-3.8x / 6.1-6.3x faster than Flex; benchmarks/results/h100-2026-11-23-s2/variants/NOTES.md); its
 FAST form (lg2.approx, b94794b) is not timed.
@@ -30,7 +27,6 @@ import triton
 from torch import Tensor
 
 from attnlab.kernels.score_transform.bwd import score_transform_bwd_dkdv_kernel, score_transform_bwd_dq_kernel
-from attnlab.kernels.score_transform.bwd_one_pass import score_transform_bwd_one_pass_kernel
 from attnlab.kernels.score_transform.fwd import score_transform_fwd_kernel
 from attnlab.kernels.triton_utils import descriptor_scratch, head_block, interpreting, tma_copyable
 
@@ -40,16 +36,6 @@ IMPORTED_INTERPRETED = interpreting()
 USE_TMA = True
 #: The largest low-rank bias rank the kernels take (the factors' tiles live in registers).
 MAX_RANK = 64
-#: The backward runs as one kernel (``bwd_one_pass.py``: P recomputed once per tile pair, dQ accumulated
-#: by fp32 atomic adds, so its last bits depend on the programs' order) where it can (see
-#: :func:`one_pass_refusal`), else as the two kernels of ``bwd.py``. Read when the forward runs and saved
-#: for its backward (an A/B benchmark side sets it around its call). Off: on the H100 (774d414,
-#: benchmarks/results/h100-2026-11-24-s12/variants/NOTES.md) it was no faster than the two kernels (soft cap
-#: forward+backward 0.96-1.04x of their time at 16K-32K; the fp32 atomics cost what the saved products
-#: gain), and at 8K its first forward+backward per causal mode failed the pre-timing check (dQ wrong; the
-#: autotuner timing configs into the atomically accumulated buffer is the suspect, hence ``reset_to_zero``,
-#: not verified on a GPU).
-BWD_ONE_PASS = False
 LOG2E = 1.4426950408889634
 
 #: Forward candidates (BLOCK_M, BLOCK_N, warps, stages, SPLIT, WS): the FlashSigmoid kernel's measured
@@ -82,21 +68,6 @@ DQ_SHAPES = [
     (32, 32, 4, 2),
 ]
 
-#: One-pass backward candidates (BLOCK_M, BLOCK_N, warps, stages). BLOCK_N is the key block whose dK, dV
-#: stay in registers (2 x 128 x 128 fp32 over 8 warps: 128 registers a thread) and sets the dQ atomics'
-#: traffic (N_q * D * 4 bytes per key block and head), so it stays at 128 (FlashAttention-2/3's key block
-#: at D=128); BLOCK_M = 64 keeps the S, dP and dQ^T tiles at 32 registers a thread each. Compiled for sm_90
-#: offline (Triton 3.9), the first: 98,816 B of shared memory at 2 stages as at 3 (q and dO pass through
-#: registers, not multi-buffered; lse and Delta are prefetched), 255 registers with 48 B spilled (soft cap
-#: 292 B, causal 628-924 B), as the measured dK/dV kernel (64, 128, 8, 3): 24 B, 300 B, 548-788 B.
-ONE_PASS_SHAPES = [
-    (64, 128, 8, 2),
-    (64, 128, 8, 3),
-    (64, 64, 4, 3),
-    (32, 64, 4, 2),
-    (32, 32, 4, 2),
-]
-
 #: The Triton release the Hopper schedules were measured with (H100, 3.6.0); elsewhere the autotuner picks.
 MEASURED_TRITON = "3.6."
 #: Pinned schedules where they were measured (Hopper, Triton 3.6, 16-bit inputs, D=128, both lengths >=
@@ -112,11 +83,6 @@ MEASURED_BWD: dict[bool, tuple[tuple, tuple]] = {
     False: ((64, 128, 8, 3), (128, 64, 8, 3)),
     True: ((64, 128, 8, 3), (128, 64, 8, 3)),
 }
-#: causal -> one-pass backward shape, pinned where MEASURED_BWD is: chosen by reasoning (ONE_PASS_SHAPES'
-#: comment; FlashAttention-2/3's 128-key blocks for D=128; register and spill figures there are Triton
-#: 3.9's), timed on the H100 at 774d414 as the kernel (no faster than the two kernels, BWD_ONE_PASS), other
-#: shapes not timed.
-ONE_PASS_BWD: dict[bool, tuple] = {False: (64, 128, 8, 2), True: (64, 128, 8, 2)}
 #: The autotuning bucket of problems whose query and key lengths are both at least 8192.
 LONG_BUCKET = 16384
 
@@ -193,20 +159,12 @@ def _prune_fwd(configs: list[triton.Config], named_args: dict, **kwargs: object)
     return configs
 
 
-def _pinned_bwd(kind: int, causal: bool) -> tuple | None:
-    """The pinned shape of backward kernel ``kind`` (0: dK/dV, 1: dQ, 2: one pass), None where none is."""
-    if kind == 2:
-        return ONE_PASS_BWD.get(causal)
-    pair = MEASURED_BWD.get(causal)
-    return None if pair is None else pair[kind]
-
-
 def _prune_bwd(kind: int):  # type: ignore[no-untyped-def]
     def prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
         args = {**named_args, **kwargs}
         if _measured_regime(args):
-            pinned = _pinned_bwd(kind, bool(args.get("CAUSAL")))
-            picked = [c for c in configs if pinned is not None and _shape_of(c) == pinned]
+            pinned = MEASURED_BWD.get(bool(args.get("CAUSAL")))
+            picked = [c for c in configs if pinned is not None and _shape_of(c) == pinned[kind]]
             if picked:
                 return picked
         if args.get("DOT_PREC") == "ieee" or args.get("BLOCK_D", 0) > 128:
@@ -256,13 +214,6 @@ _DQ = triton.autotune(
     prune_configs_by={"early_config_prune": _prune_bwd(1)},
 )(triton.heuristics(_EVEN)(score_transform_bwd_dq_kernel))
 _DQ_ANY = triton.heuristics(_EVEN)(score_transform_bwd_dq_kernel)
-_ONE_PASS = triton.autotune(
-    _interp_or(ONE_PASS_SHAPES, (16, 16, 1, 1), False),
-    key=[*(name for name in _KEY if name != "LOWRANK"), "TEMP"],
-    prune_configs_by={"early_config_prune": _prune_bwd(2)},
-    reset_to_zero=["DQ"],  # (dQ accumulates by atomics: a config the autotuner times must start from 0)
-)(triton.heuristics(_EVEN)(score_transform_bwd_one_pass_kernel))
-_ONE_PASS_ANY = triton.heuristics(_EVEN)(score_transform_bwd_one_pass_kernel)
 
 
 def _autotuning() -> bool:
@@ -405,21 +356,6 @@ def score_transform_fwd_launch(
     return o, lse
 
 
-def one_pass_refusal(head_dim: int, lowrank: bool, slopes_grad: bool, temp_grad: bool) -> str:
-    """Why the one-pass backward (``bwd_one_pass.py``) cannot take a call ('' when it can): the two-kernel
-    path then runs it."""
-    why = []
-    if head_block(head_dim) > 128:
-        why.append(f"head dim {head_dim} > 128 (dK, dV and a dQ tile in registers)")
-    if lowrank:
-        why.append("a low-rank bias (its dU would need atomics)")
-    if slopes_grad:
-        why.append("the ALiBi slopes' gradient")
-    if temp_grad:
-        why.append("the temperature's gradient")
-    return "; ".join(why)
-
-
 def score_transform_bwd_launch(
     do: Tensor,
     q: Tensor,
@@ -441,9 +377,7 @@ def score_transform_bwd_launch(
     temp_grad: bool = False,
     softplus: bool = False,
     poly: bool | None = None,
-    one_pass: bool | None = None,
     configs: tuple[triton.Config, triton.Config] | None = None,
-    config: triton.Config | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """(dQ, dK, dV, dsinks, du, dvf, dslopes, dtemp) of :func:`score_transform_fwd_launch` given dO, its
     output and lse (see ``bwd.py`` for the formulas); dK/dV summed over each GQA group, du/dvf over the
@@ -451,82 +385,71 @@ def score_transform_bwd_launch(
     temperature's broadcast dims (only with ``temp_grad``); None for an absent input.
     ``softplus``: the backward of the l1-normalised softplus forward (``lse`` its log-normaliser);
     ``poly``: whether that forward took the polynomial log (None: :func:`softplus_poly` now).
-    ``one_pass``: the one-pass kernel where :func:`one_pass_refusal` allows (None: :data:`BWD_ONE_PASS`
-    now); ``configs`` (dK/dV's, dQ's) runs the two-kernel path with these, ``config`` the one-pass kernel
-    with this, bypassing the autotuner."""
+    ``configs`` (dK/dV's, dQ's) bypasses the autotuner."""
     _check_softplus(softplus, sinks)
     do, q, k, v = _last_contiguous(do, q, k, v)
     b, h, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     delta = (do.float() * out.float()).sum(-1).contiguous()
     lse2 = torch.where(torch.isfinite(lse), lse * LOG2E, torch.full_like(lse, float("inf"))).contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     x = _extras(q, n_k, bias, sinks, slopes, u, vf, temp)
     lowrank = u is not None
+    du_buf = q.new_empty((b, h, n_q, x["BLOCK_R"]) if lowrank else (0,), dtype=torch.float32)
     alibi_grad = slopes is not None and slopes_grad
+    min_bm = min(c.kwargs["BLOCK_M"] for c in _DQ.configs)  # the most query blocks any dQ config launches
     temp_grad = temp is not None and temp_grad
-    flags = dict(
-        BLOCK_D=head_block(d), CAUSAL=bool(causal), SOFTCAP=cap > 0, HAS_BIAS=bias is not None,
-        ALIBI=slopes is not None, TEMP=temp is not None, SOFTPLUS=bool(softplus), **_flags(q, softplus, poly),
+    dtau_buf = q.new_empty((b, h, n_q) if temp_grad else (0,), dtype=torch.float32)
+    dsl_buf = q.new_zeros((triton.cdiv(n_q, min_bm), b * h) if alibi_grad else (0,), dtype=torch.float32)
+    dvf_buf = q.new_empty((b, h, n_k, x["BLOCK_R"]) if lowrank else (0,), dtype=torch.float32)
+    common = dict(
+        BLOCK_D=head_block(d), BLOCK_R=x["BLOCK_R"], CAUSAL=bool(causal), SOFTCAP=cap > 0,
+        HAS_BIAS=bias is not None, ALIBI=slopes is not None, LOWRANK=lowrank, TEMP=temp is not None,
+        SOFTPLUS=bool(softplus), **_flags(q, softplus, poly),
     )  # fmt: skip
-    lengths = (n_q, n_k, n_k - n_q, d)
-    scalars = (float(scale), float(cap) if cap > 0 else 1.0, _bucket(n_q, n_k))
-    ins = (q, k, v, do, lse2, delta, x["BIAS"], x["SLOPES"])
+    scalars = (
+        n_q,
+        n_k,
+        n_k - n_q,
+        d,
+        x["R"],
+        float(scale),
+        float(cap) if cap > 0 else 1.0,
+        _bucket(n_q, n_k),
+    )
+    dkdv: tuple[Any, dict] = (_DKDV, {})
+    dqk: tuple[Any, dict] = (_DQ, {})
+    if configs is None and not _autotuning():
+        configs = (_DKDV.configs[0], _DQ.configs[0])
+    if configs is not None:
+        dkdv, dqk = (_DKDV_ANY, configs[0].all_kwargs()), (_DQ_ANY, configs[1].all_kwargs())
+    ins = (q, k, v, do, lse2, delta, x["BIAS"], x["SLOPES"], x["UF"], x["VF"], x["TAU"])
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    one_pass = BWD_ONE_PASS if one_pass is None else one_pass
+    extra_strides = (*x["bias_strides"], *x["u_strides"], *x["vf_strides"], *x["tau_strides"])
+    grid_kv = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), b * h_kv)
+    dkdv[0][grid_kv](
+        *ins, dk, dv, dvf_buf, *strides, *dk.stride()[:3], *dv.stride()[:3], *extra_strides,
+        h, h_kv, h // h_kv, *scalars, **common, **dkdv[1],
+    )  # fmt: skip
+    grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)
+    dqk[0][grid_q](
+        *ins, dq, du_buf, dsl_buf, dtau_buf, *strides, *dq.stride()[:3], *extra_strides, h, h // h_kv, *scalars, **common,
+        ALIBI_GRAD=alibi_grad, TEMP_GRAD=temp_grad, **dqk[1],
+    )  # fmt: skip
     dsinks = du = dvf = dslopes = dtemp = None
-    if one_pass and configs is None and not one_pass_refusal(d, lowrank, alibi_grad, temp_grad):
-        dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-        kernel, meta = _ONE_PASS, {}
-        if config is None and not _autotuning():
-            config = _ONE_PASS.configs[0]
-        if config is not None:
-            kernel, meta = _ONE_PASS_ANY, config.all_kwargs()
-        grid = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), b * h_kv)
-        kernel[grid](
-            *ins, x["TAU"], dk, dv, dq_acc, *strides, *dk.stride()[:3], *dv.stride()[:3], *dq_acc.stride()[:3],
-            *x["bias_strides"], *x["tau_strides"], h, h_kv, h // h_kv, *lengths, *scalars, **flags, **meta,
-        )  # fmt: skip
-        dq = torch.mul(dq_acc, float(scale), out=torch.empty_like(q))
-    else:
-        dq = torch.empty_like(q)
-        du_buf = q.new_empty((b, h, n_q, x["BLOCK_R"]) if lowrank else (0,), dtype=torch.float32)
-        min_bm = min(c.kwargs["BLOCK_M"] for c in _DQ.configs)  # the most query blocks any dQ config launches
-        dtau_buf = q.new_empty((b, h, n_q) if temp_grad else (0,), dtype=torch.float32)
-        dsl_buf = q.new_zeros((triton.cdiv(n_q, min_bm), b * h) if alibi_grad else (0,), dtype=torch.float32)
-        dvf_buf = q.new_empty((b, h, n_k, x["BLOCK_R"]) if lowrank else (0,), dtype=torch.float32)
-        common = dict(**flags, BLOCK_R=x["BLOCK_R"], LOWRANK=lowrank)
-        two_scalars = (*lengths, x["R"], *scalars)
-        dkdv: tuple[Any, dict] = (_DKDV, {})
-        dqk: tuple[Any, dict] = (_DQ, {})
-        if configs is None and not _autotuning():
-            configs = (_DKDV.configs[0], _DQ.configs[0])
-        if configs is not None:
-            dkdv, dqk = (_DKDV_ANY, configs[0].all_kwargs()), (_DQ_ANY, configs[1].all_kwargs())
-        two_ins = (*ins, x["UF"], x["VF"], x["TAU"])
-        extra_strides = (*x["bias_strides"], *x["u_strides"], *x["vf_strides"], *x["tau_strides"])
-        grid_kv = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), b * h_kv)
-        dkdv[0][grid_kv](
-            *two_ins, dk, dv, dvf_buf, *strides, *dk.stride()[:3], *dv.stride()[:3], *extra_strides,
-            h, h_kv, h // h_kv, *two_scalars, **common, **dkdv[1],
-        )  # fmt: skip
-        grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)
-        dqk[0][grid_q](
-            *two_ins, dq, du_buf, dsl_buf, dtau_buf, *strides, *dq.stride()[:3], *extra_strides, h, h // h_kv,
-            *two_scalars, **common, ALIBI_GRAD=alibi_grad, TEMP_GRAD=temp_grad, **dqk[1],
-        )  # fmt: skip
-        if temp is not None and temp_grad:
-            dims = tuple(i for i in range(3) if temp.shape[-3 + i] == 1 and dtau_buf.shape[i] != 1)
-            summed = dtau_buf.sum(dim=dims, keepdim=True) if dims else dtau_buf
-            dtemp = summed.reshape(temp.shape).to(temp.dtype)
-        if slopes is not None and alibi_grad:
-            dslopes = dsl_buf.sum(0).view(b, h).sum(0).to(slopes.dtype)
-        if u is not None and vf is not None:
-            r = u.shape[-1]
-            du = _reduce_to(du_buf[..., :r], u.shape).to(u.dtype)
-            dvf = _reduce_to(dvf_buf[..., :r], vf.shape).to(vf.dtype)
+    if temp is not None and temp_grad:
+        dims = tuple(i for i in range(3) if temp.shape[-3 + i] == 1 and dtau_buf.shape[i] != 1)
+        dtemp = (
+            (dtau_buf.sum(dim=dims, keepdim=True) if dims else dtau_buf).reshape(temp.shape).to(temp.dtype)
+        )
+    if slopes is not None and alibi_grad:
+        dslopes = dsl_buf.sum(0).view(b, h).sum(0).to(slopes.dtype)
     if sinks is not None:
         dsinks = -(torch.exp(sinks.float()[None, :, None] - lse) * delta).sum(dim=(0, 2)).to(sinks.dtype)
+    if u is not None and vf is not None:
+        r = u.shape[-1]
+        du = _reduce_to(du_buf[..., :r], u.shape).to(u.dtype)
+        dvf = _reduce_to(dvf_buf[..., :r], vf.shape).to(vf.dtype)
     return dq, dk, dv, dsinks, du, dvf, dslopes, dtemp
 
 
@@ -606,11 +529,10 @@ def score_transform_bwd(
     temp_grad: bool,
     softplus: bool,
     poly: bool,
-    one_pass: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     dq, dk, dv, dsinks, du, dvf, dslopes, dtemp = score_transform_bwd_launch(
         do, q, k, v, out, lse, bias, sinks, scale, cap, causal, slopes=slopes, u=u, vf=vf, temp=temp,
-        slopes_grad=slopes_grad, temp_grad=temp_grad, softplus=softplus, poly=poly, one_pass=one_pass,
+        slopes_grad=slopes_grad, temp_grad=temp_grad, softplus=softplus, poly=poly,
     )  # fmt: skip
     return (
         dq,
@@ -645,7 +567,6 @@ def _(
     temp_grad: bool,
     softplus: bool,
     poly: bool,
-    one_pass: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     dq, dk, dv = (torch.empty_like(t if t.stride(-1) == 1 else t.contiguous()) for t in (q, k, v))
     dsinks = q.new_empty(q.shape[1], dtype=sinks.dtype if sinks is not None else torch.float32)
@@ -662,10 +583,8 @@ def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
     ctx.save_for_backward(q, k, v, out, lse, bias, sinks, slopes, u, vf, temp)
     ctx.args = (scale, cap, causal)
     ctx.softplus = bool(inputs[12]) if len(inputs) > 12 else False
-    # the forward's choice of log (SOFTPLUS_POLY_DEVICES may change before the backward runs), and of
-    # backward path (BWD_ONE_PASS, likewise)
+    # the forward's choice of log (SOFTPLUS_POLY_DEVICES may change before the backward runs)
     ctx.poly = softplus_poly(q, ctx.softplus)
-    ctx.one_pass = BWD_ONE_PASS
 
 
 def _backward(ctx, do: Tensor, dlse: Tensor):  # type: ignore[no-untyped-def]
@@ -695,7 +614,6 @@ def _backward(ctx, do: Tensor, dlse: Tensor):  # type: ignore[no-untyped-def]
         temp_grad,
         ctx.softplus,
         ctx.poly,
-        ctx.one_pass,
     )
     return (
         dq,
