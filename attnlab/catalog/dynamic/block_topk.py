@@ -66,7 +66,8 @@ class BlockTopkParams(Params):
         if self.topk < forced:
             raise ParamError(
                 f"block_topk: topk={self.topk} with sink={self.sink} and local={self.local}: topk counts the "
-                f"forced blocks, so it must be at least {forced} (else a forced block would be dropped)"
+                f"forced blocks, so it must be at least {forced} (else a forced block would be dropped): raise topk, "
+                "or set sink=False / local=False"
             )
         if not 0.0 <= float(self.mass) <= 1.0:
             raise ParamError(f"block_topk: mass={self.mass!r} must be in [0, 1] (0 = keep exactly topk)")
