@@ -45,6 +45,7 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -313,6 +314,7 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
         "multi2": {"TOPK_SEARCH": "multi", "TOPK_THRESHOLDS": 2},
         "multi4": {"TOPK_SEARCH": "multi", "TOPK_THRESHOLDS": 4},
         "multi8": {"TOPK_SEARCH": "multi", "TOPK_THRESHOLDS": 8},
+        "no_bmax": {"TOPK_BRACKET_MAX": False},
     }
     topk_sides = {
         f"topk_triton_forced_{name}": topk_with(forced_scores, f"topk_triton_forced_{name}", **flags)
@@ -339,8 +341,17 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
 
     idx = sel.index
 
-    def kernel_only() -> object:
+    def kernel_only() -> object:  # split-K launch + merge launch
         return decode_attention(q, k, v, idx, None, page, scale, True)[0]
+
+    merge_counter = torch.zeros(8 * b * KV_HEADS, dtype=torch.int32, device=dev)
+
+    def kernel_only_merged() -> object:  # one launch: the split-K kernel merges its own splits
+        return decode_attention(q, k, v, idx, None, page, scale, True, counter=merge_counter)[0]
+
+    merged_vs_two = float((kernel_only_merged().float() - kernel_only().float()).abs().max())  # type: ignore[attr-defined]
+    checks["kernel_merged_vs_two_launches_max_abs"] = merged_vs_two
+    checks["merge_counters_left_zero"] = bool((merge_counter == 0).all())
 
     tok = (idx.long()[..., None] * page + torch.arange(page, device=dev)).flatten(2)
     kg = k.gather(2, tok[..., None].expand(-1, -1, -1, HEAD_DIM)).contiguous()
@@ -387,7 +398,7 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
     names = (
         "SCORE_LEAN", "TOPK_EARLY_EXIT", "DECODE_EARLY_V", "PROGRAMS_PER_SM", "BLOCK_N", "SPLIT_TILES",
         "SPLIT_STAGES", "TOPK_WARPS", "DECODE_WARPS", "DECODE_STAGES", "SPLIT_BLOCK_P", "SPLIT_WARPS",
-        "TOPK_SEARCH", "TOPK_THRESHOLDS",
+        "TOPK_SEARCH", "TOPK_THRESHOLDS", "FUSED_MERGE", "TOPK_BRACKET_MAX",
     )  # fmt: skip
     saved_flags = {f: getattr(dop, f) for f in names}
     variants_of_step: dict[str, dict[str, Any]] = {
@@ -421,6 +432,9 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
         "step_graph_dec8w": {"DECODE_WARPS": 8},
         "step_graph_dec_s3": {"DECODE_STAGES": 3},
         "step_graph_bn128_dec8w": {"BLOCK_N": 128, "DECODE_WARPS": 8},
+        "step_graph_merge_launch": {"FUSED_MERGE": False},
+        "step_graph_no_bmax": {"TOPK_BRACKET_MAX": False},
+        "step_graph_before_s13": {"FUSED_MERGE": False, "TOPK_BRACKET_MAX": False},
     }
     for name, changed in variants_of_step.items():
         for f, val in changed.items():
@@ -467,6 +481,7 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
         "topk_triton_narrow": graphed(topk_triton_narrow),
         **{name: graphed(fn) for name, fn in topk_sides.items()},
         "kernel_only": graphed(kernel_only),
+        "kernel_only_merged": graphed(kernel_only_merged),
         "flash_gathered": flash_gathered,
         "kernel_all_pages": graphed(kernel_all_pages),
         **mode_steps,
@@ -491,6 +506,7 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
         "topk_triton_narrow": None,
         **dict.fromkeys(topk_sides),
         "kernel_only": sel_bytes,
+        "kernel_only_merged": sel_bytes,
         "flash_gathered": sel_bytes,
         "kernel_all_pages": kv_bytes,
     }
@@ -502,17 +518,59 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
         for name in ("page_topk_step", "page_topk_graph", *mode_steps)
         if name in times
     }
+    profile = kernel_profile(fns["page_topk_graph"], flush) if dev.type == "cuda" else None
     return {
         "batch": b,
         "context": n,
         "budget": budget,
         "page": page,
+        "graph_kernel_profile": profile,
         "pages_kept": keep,
         "step_path": str(page_topk.fast_select_mode(b * KV_HEADS * n_pages) or "split"),
         "checks": checks,
         "times": rows,
         "speedup_vs_best_dense_median": speedup,
         "target_speedup": 8 if b >= 8 else 4,
+    }
+
+
+def kernel_profile(fn: Callable[[], object], flush: torch.Tensor, reps: int = 20) -> dict[str, Any]:
+    """The kernels of one call of ``fn`` (a CUDA-graph replay) under torch.profiler, L2 flushed before each
+    call: per kernel (in launch order) the median duration, and the median gap from the previous kernel's
+    end (us); the call's span from the first kernel's start to the last one's end."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            flush.zero_()
+            torch.cuda.synchronize()
+            fn()
+            torch.cuda.synchronize()
+    kernels = sorted(
+        (e for e in prof.events() if e.device_type.name == "CUDA" and "fill" not in e.name.lower()
+         and "zero" not in e.name.lower()),
+        key=lambda e: e.time_range.start,
+    )  # fmt: skip
+    calls: list[list[Any]] = []
+    for e in kernels:  # a new call starts after a gap of > 50 us (the host synchronises between calls)
+        if not calls or e.time_range.start - calls[-1][-1].time_range.end > 50:
+            calls.append([])
+        calls[-1].append(e)
+    n_kernels = statistics.mode(len(c) for c in calls) if calls else 0
+    calls = [c for c in calls if len(c) == n_kernels]
+    per = []
+    for i in range(n_kernels):
+        per.append({
+            "name": calls[0][i].name[:80],
+            "median_us": round(statistics.median(c[i].time_range.elapsed_us() for c in calls), 2),
+            "gap_before_us": round(statistics.median(
+                c[i].time_range.start - c[i - 1].time_range.end for c in calls) if i else 0.0, 2),
+        })  # fmt: skip
+    span = [c[-1].time_range.end - c[0].time_range.start for c in calls]
+    return {
+        "calls": len(calls),
+        "kernels": per,
+        "span_median_us": round(statistics.median(span), 2) if span else None,
     }
 
 

@@ -84,6 +84,47 @@ def test_kernel_matches_naive(case: tuple, with_count: bool, poison_empty: None)
     torch.testing.assert_close(lse[fin], want_lse[fin], atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "case",
+    [CASES[0], (1, 16, 2, 9, 200, 16, 2, 40, torch.float32), (2, 2, 2, 2, 300, 16, 16, 12, torch.bfloat16)],
+    ids=["gqa", "two-row-blocks", "bf16-page16"],
+)
+def test_kernel_merges_its_splits_in_one_launch(case: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a counter the split-K kernel merges its own partials (no merge launch): the same output and lse
+    as the two launches, the counters left zero, and a second call on the same counters right too."""
+    from attnlab.kernels.decode import op
+
+    b, h, h_kv, n_q, n_k, d, page, n, dtype = case
+    q, k, v = _qkv(b, h, h_kv, n_q, n_k, d, dtype)
+    idx = _index(b, h_kv, -(-n_k // page), n)
+    count = torch.randint(0, n + 1, (b, h_kv), device=DEVICE, dtype=torch.int32)
+    count[0, 0] = n
+    monkeypatch.setattr(op, "_target_programs", lambda q: 64)  # several splits to merge
+    assert op.plan_splits(n, page, 2 * b * h_kv, 64)[2] > 1
+    want, want_lse = op.decode_attention(q, k, v, idx, count, page, 0.3, True)
+    counter = torch.zeros(8 * b * h_kv, dtype=torch.int32, device=DEVICE)
+
+    class NoMergeLaunch:
+        def __getitem__(self, grid: object) -> None:
+            raise AssertionError("the merge kernel was launched")
+
+    merge_kernel = op.decode_merge_kernel
+    monkeypatch.setattr(op, "decode_merge_kernel", NoMergeLaunch())
+    for _ in range(2):
+        out, lse = op.decode_attention(q, k, v, idx, count, page, 0.3, True, counter=counter)
+        torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
+        assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+        fin = torch.isfinite(want_lse)
+        torch.testing.assert_close(lse[fin], want_lse[fin], atol=1e-6, rtol=1e-6)
+        assert not counter.any()
+    with pytest.raises(ValueError, match="counter must be contiguous int32"):
+        op.decode_attention(q, k, v, idx, count, page, 0.3, True, counter=counter.long())
+    monkeypatch.setattr(op, "decode_merge_kernel", merge_kernel)  # a counter too short: the two launches
+    short = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    out2, _ = op.decode_attention(q, k, v, idx, count, page, 0.3, True, counter=short)
+    torch.testing.assert_close(out2, want, atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bool])
 def test_key_mask_hides_padding(dtype: torch.dtype) -> None:
     from attnlab.kernels.decode.op import decode_attention
@@ -360,7 +401,7 @@ def test_decode_step_captures_in_a_cuda_graph() -> None:
 
     def step() -> torch.Tensor:  # the last page's summary recomputed, scores, top pages, attention
         top, _ = page_select(q, k, state.kmax, state.kmin, state.select_counter(), 16, 32, 255, 255, True)
-        return decode_attention(q, k, v, top, None, 16, 0.088, True)[0]
+        return decode_attention(q, k, v, top, None, 16, 0.088, True, counter=state.merge_counter())[0]
 
     want = step()
     stream = torch.cuda.Stream()

@@ -26,26 +26,31 @@ DEVICE = device_under_test()
 KINF = 0x7F800000  # the order key of +inf
 KNINF = -0x7F800001  # the order key of -inf
 
-#: (TOPK_SEARCH, TOPK_THRESHOLDS, TOPK_EARLY_EXIT)
+#: (TOPK_SEARCH, TOPK_THRESHOLDS, TOPK_EARLY_EXIT, TOPK_BRACKET_MAX)
 SEARCHES = [
-    ("multi", 2, True),  # the default
-    ("multi", 4, True),
-    ("multi", 8, True),
-    ("multi", 2, False),
-    ("ternary", 4, True),
-    ("ternary", 4, False),
+    ("multi", 2, True, True),  # the default
+    ("multi", 2, True, False),
+    ("multi", 4, True, True),
+    ("multi", 8, True, False),
+    ("multi", 2, False, True),
+    ("ternary", 4, True, True),
+    ("ternary", 4, False, False),
 ]
-IDS = [f"{s}{m if s == 'multi' else ''}-{'early' if e else 'narrow'}" for s, m, e in SEARCHES]
+IDS = [
+    f"{s}{m if s == 'multi' else ''}-{'early' if e else 'narrow'}{'-bmax' if x and s == 'multi' else ''}"
+    for s, m, e, x in SEARCHES
+]
 
 
 @pytest.fixture(params=SEARCHES, ids=IDS)
-def search(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> tuple[str, int, bool]:
+def search(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> tuple[str, int, bool, bool]:
     from attnlab.kernels.decode import op
 
-    name, thresholds, early = request.param
+    name, thresholds, early, bmax = request.param
     monkeypatch.setattr(op, "TOPK_SEARCH", name)
     monkeypatch.setattr(op, "TOPK_THRESHOLDS", thresholds)
     monkeypatch.setattr(op, "TOPK_EARLY_EXIT", early)
+    monkeypatch.setattr(op, "TOPK_BRACKET_MAX", bmax)
     return request.param
 
 
@@ -58,7 +63,7 @@ def order_keys(x: torch.Tensor) -> np.ndarray:
     return torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).numpy()
 
 
-def _multi(key: np.ndarray, k: int, m: int, early: bool) -> tuple[int, int, int]:
+def _multi(key: np.ndarray, k: int, m: int, early: bool, bmax: bool) -> tuple[int, int, int]:
     n = len(key)
     n_nan, n_top = int((key > KINF).sum()), int((key >= KINF).sum())
     n_mid, n_bot = int((key > KNINF).sum()), int((key >= KNINF).sum())
@@ -74,7 +79,7 @@ def _multi(key: np.ndarray, k: int, m: int, early: bool) -> tuple[int, int, int]
     else:
         lo, c_lo, up, c_up = -(2**31), n, KNINF, n_bot
     rounds = 1
-    while up - lo > 1 and not (early and c_lo == k):
+    while up - lo > 1 and not (early and c_lo == k) and not (bmax and c_up == k - 1):
         step = (up - lo - 1) // (m + 1) + 1
         ts = [min(lo + i * step, up - 1) for i in range(1, m + 1)]
         cs = [int((key >= t).sum()) for t in ts]
@@ -83,6 +88,9 @@ def _multi(key: np.ndarray, k: int, m: int, early: bool) -> tuple[int, int, int]
             lo, c_lo = ts[passed - 1], cs[passed - 1]
         if passed < m:
             up, c_up = ts[passed], cs[passed]
+        rounds += 1
+    if bmax and up - lo > 1 and c_up == k - 1 and not (early and c_lo == k):
+        lo = int(key[key < up].max())  # the one key of the k left in the bracket: its largest
         rounds += 1
     return lo, k - c_up, rounds
 
@@ -102,10 +110,12 @@ def _ternary(key: np.ndarray, k: int, early: bool) -> tuple[int, int, int]:
     return lo, k - int((key > lo).sum()), rounds
 
 
-def model_search(key: np.ndarray, k: int, name: str, thresholds: int, early: bool) -> tuple[int, int, int]:
+def model_search(
+    key: np.ndarray, k: int, name: str, thresholds: int, early: bool, bmax: bool = True
+) -> tuple[int, int, int]:
     """(kth, need, rounds) of the kernels' search over one row's order keys: the k are the keys > kth and
     the first ``need`` keys == kth; ``rounds`` as ``op.search_rounds`` counts them."""
-    return _multi(key, k, thresholds, early) if name == "multi" else _ternary(key, k, early)
+    return _multi(key, k, thresholds, early, bmax) if name == "multi" else _ternary(key, k, early)
 
 
 def model_positions(key: np.ndarray, kth: int, need: int) -> np.ndarray:
@@ -178,13 +188,13 @@ def test_model_is_the_rule_and_counts_the_kernels_rounds(search: tuple) -> None:
     bounds of 8192 pages (the decode step's row length), keep 256 (the benchmark's budget)."""
     from attnlab.kernels.decode.op import search_rounds
 
-    name, thresholds, early = search
+    name, thresholds, early, bmax = search
     cases = [(_small_rows(37), 5), (_small_rows(300), 150), (quest_rows(2, 8192, seed=3), 256)]
     for x, k in cases:
         got = search_rounds(x, k).cpu()
         for i in range(x.shape[0]):
             key = order_keys(x[i])
-            kth, need, rounds = model_search(key, k, name, thresholds, early)
+            kth, need, rounds = model_search(key, k, name, thresholds, early, bmax)
             np.testing.assert_array_equal(model_positions(key, kth, need), row_topk_naive(x[i], k).cpu())
             assert int(got[i]) == rounds, (x.shape, k, i)
 
@@ -198,13 +208,16 @@ def test_default_search_takes_fewer_rounds_on_decode_rows() -> None:
     x = quest_rows(4, 8192, seed=11)
     keys = [order_keys(x[i]) for i in range(4)]
 
-    def rounds(name: str, thresholds: int) -> list[int]:
-        return [model_search(key, 256, name, thresholds, True)[2] for key in keys]
+    def rounds(name: str, thresholds: int, bmax: bool = op.TOPK_BRACKET_MAX) -> list[int]:
+        return [model_search(key, 256, name, thresholds, True, bmax)[2] for key in keys]
 
     default, ternary = rounds(op.TOPK_SEARCH, op.TOPK_THRESHOLDS), rounds("ternary", 0)
     assert 3 * sum(default) <= 2 * sum(ternary)
     assert max(default) <= min(ternary)
     assert sum(rounds("multi", 8)) < sum(rounds("multi", 4)) < sum(rounds("multi", 2))
+    # the bracket's max (one key of the keep left in it) ends a row's search earlier, never later
+    with_max, without = rounds("multi", 2, True), rounds("multi", 2, False)
+    assert all(a <= b for a, b in zip(with_max, without, strict=True)) and sum(with_max) < sum(without)
 
 
 @pytest.mark.parametrize(("name", "thresholds"), [("multi", 8), ("ternary", 4)])

@@ -48,11 +48,15 @@ class Selection:
     - ``page``: tokens per entry (1: a token list; a power of two up to 256).
     - ``count`` (B, H_kv) int32 or None: only the first ``count`` entries of each row count (rows of
       different lengths in one tensor, e.g. full-cache heads beside windowed ones).
+    - ``counter`` int32 zeros or None: completion counters the method keeps in its state for the Triton
+      executor (``attnlab.kernels.decode.op.decode_launch``: its split-K kernel then merges in the same
+      launch); the executor leaves them zero.
     """
 
     index: Tensor
     page: int
     count: Tensor | None = None
+    counter: Tensor | None = None
 
     def token_mask(self, n_k: int) -> Tensor:
         """(B, H_kv, N_k) bool: the cache tokens selected."""
@@ -155,7 +159,9 @@ class DecodeSelectBackend(Backend):
         if self.triton:
             from attnlab.kernels.decode.op import decode_attention
 
-            out, _ = decode_attention(q, k, v, sel.index, sel.count, sel.page, call.scale, causal, key_mask)
+            out, _ = decode_attention(
+                q, k, v, sel.index, sel.count, sel.page, call.scale, causal, key_mask, sel.counter
+            )
             return out, new_state
         return gather_attention(q, k, v, sel, call.scale, causal, key_mask), new_state
 

@@ -33,6 +33,9 @@ from torch import Tensor
 
 #: Pages the buffers hold at least when first made.
 MIN_CAPACITY = 64
+#: Decode-kernel merge counters kept per (batch, KV head): one per block of up to 64 of a KV group's
+#: GROUP * N_q query rows (8: up to 512 rows, e.g. 32 query heads per KV head x 16 queries).
+MERGE_SLOTS = 8
 
 
 @dataclass
@@ -44,16 +47,28 @@ class PageSummary:
     kmax: Tensor
     kmin: Tensor
     tokens: int
-    #: (B * H_kv,) int32 zeros: the per-row completion counters of the fused selection kernel (which leaves
-    #: them zero); made on first use and handed on with the buffers.
+    #: int32 zeros, (1 + MERGE_SLOTS) * B * H_kv: the per-row completion counters of the fused selection
+    #: kernel (the first B * H_kv) and of the decode kernel's in-launch merge (the rest); the kernels
+    #: leave them zero. Made on first use and handed on with the buffers.
     counter: Tensor | None = None
 
-    def select_counter(self) -> Tensor:
-        """The selection kernel's row counters (made here on first use)."""
+    def _counters(self) -> Tensor:
         if self.counter is None:
             b, h_kv = self.kmax.shape[:2]
-            self.counter = torch.zeros(b * h_kv, dtype=torch.int32, device=self.kmax.device)
+            self.counter = torch.zeros(
+                (1 + MERGE_SLOTS) * b * h_kv, dtype=torch.int32, device=self.kmax.device
+            )
         return self.counter
+
+    def select_counter(self) -> Tensor:
+        """The selection kernel's row counters, (B * H_kv,) (made here on first use)."""
+        b, h_kv = self.kmax.shape[:2]
+        return self._counters()[: b * h_kv]
+
+    def merge_counter(self) -> Tensor:
+        """The decode kernel's merge counters (``MERGE_SLOTS`` per (batch, KV head))."""
+        b, h_kv = self.kmax.shape[:2]
+        return self._counters()[b * h_kv :]
 
     @property
     def n_pages(self) -> int:

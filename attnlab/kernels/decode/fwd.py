@@ -9,6 +9,10 @@ allowed when it exists (< N_K), and, when CAUSAL, sits at or before the row's po
 ``r % N_Q + N_K - N_Q`` (bottom-right alignment), and, with HAS_KMASK, its key-mask entry
 ``KMASK[b, t] > 0`` (padding, e.g. a batch's left padding, is never attended). Online softmax in base 2, fp32 accumulation; it writes
 the split's normalised output and natural-log lse (0 and -inf for a split that saw no allowed token).
+MERGE: each program then counts itself done on its (b*h_kv, m) counter ``DONE[b*h_kv * m_blocks + m]``
+(an atomic after a barrier; zero between launches), and the last one to finish merges those rows as
+``decode_merge_kernel`` does (reading the partials past L1) into O / LSE and zeroes the counter again:
+one launch instead of two (needs BLOCK_S >= splits).
 
 ``decode_merge_kernel``. Grid: (B * H_KV * GROUP * N_Q,). Merges one row's splits by their lse:
 ``lse = log sum_s exp(lse_s)``, ``o = sum_s exp(lse_s - lse) o_s`` (0 and -inf when every split is empty).
@@ -52,16 +56,18 @@ def _dot(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def decode_split_kernel(
-    Q, K, V, IDX, CNT, KMASK, O_PART, LSE_PART,
+    Q, K, V, IDX, CNT, KMASK, O_PART, LSE_PART, DONE, O, LSE,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ib, stride_ih, stride_mb,
+    stride_ob, stride_oh, stride_on,
     H_KV, N_Q, N_K, N_IDX, PER_SPLIT, HEAD_D, scale,
     GROUP: tl.constexpr, PAGE: tl.constexpr, CAUSAL: tl.constexpr, HAS_CNT: tl.constexpr,
     HAS_KMASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, EARLY_V: tl.constexpr,
+    MERGE: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     split = tl.program_id(0)
     mblk = tl.program_id(1)
@@ -135,6 +141,53 @@ def decode_split_kernel(
     part = (bh.to(tl.int64) * n_splits + split) * n_rows + rows
     tl.store(O_PART + part[:, None] * BLOCK_D + offs_d[None, :], o, mask=row_ok[:, None])
     tl.store(LSE_PART + part, lse, mask=row_ok)
+    if MERGE:  # the group's last split to finish merges its rows (no second launch)
+        tl.debug_barrier()  # every thread's partial stores before the release below
+        slot = bh * tl.num_programs(1) + mblk
+        done = tl.atomic_add(DONE + slot, 1, sem="acq_rel")
+        if done == n_splits - 1:
+            for r in range(mblk * BLOCK_M, tl.minimum(mblk * BLOCK_M + BLOCK_M, n_rows)):
+                _merge_row(O_PART, LSE_PART, O, LSE, stride_ob, stride_oh, stride_on, bh, r, H_KV, N_Q,
+                           n_splits, HEAD_D, GROUP, BLOCK_S, BLOCK_D, True)  # fmt: skip
+            tl.atomic_xchg(DONE + slot, 0)  # zero again for the next launch (and a CUDA graph's replay)
+
+
+@triton.jit
+def _merge_row(
+    O_PART, LSE_PART, O, LSE, stride_ob, stride_oh, stride_on, bh, r, H_KV, N_Q, SPLITS, HEAD_D,
+    GROUP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, COHERENT: tl.constexpr,
+):  # fmt: skip
+    """Merge row ``r`` of group ``bh``'s SPLITS partials by their lse into O / LSE (COHERENT: read the
+    partials past L1, as other programs of the same launch wrote them)."""
+    n_rows = GROUP * N_Q
+    b = bh // H_KV
+    hk = bh % H_KV
+    head = hk * GROUP + r // N_Q
+    qi = r % N_Q
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < SPLITS
+    part = (bh.to(tl.int64) * SPLITS + offs_s) * n_rows + r
+    if COHERENT:
+        lse_s = tl.load(LSE_PART + part, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+        o_s = tl.load(
+            O_PART + part[:, None] * BLOCK_D + offs_d[None, :],
+            mask=s_ok[:, None],
+            other=0.0,
+            cache_modifier=".cg",
+        )
+    else:
+        lse_s = tl.load(LSE_PART + part, mask=s_ok, other=float("-inf"))
+        o_s = tl.load(O_PART + part[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    mx = tl.max(lse_s, 0)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    w = tl.exp(lse_s - mx_safe)
+    tot = tl.sum(w, 0)
+    o = tl.sum(o_s * w[:, None], 0) / tl.where(tot > 0.0, tot, 1.0)
+    lse = tl.where(tot > 0.0, mx_safe + tl.log(tl.where(tot > 0.0, tot, 1.0)), float("-inf"))
+    o_ptr = O + b.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + qi * stride_on + offs_d
+    tl.store(o_ptr, o.to(O.dtype.element_ty), mask=offs_d < HEAD_D)
+    tl.store(LSE + (b.to(tl.int64) * H_KV * GROUP + head) * N_Q + qi, lse)
 
 
 @triton.jit
@@ -146,27 +199,8 @@ def decode_merge_kernel(
 ):  # fmt: skip
     pid = tl.program_id(0)
     n_rows = GROUP * N_Q
-    bh = pid // n_rows
-    r = pid % n_rows
-    b = bh // H_KV
-    hk = bh % H_KV
-    head = hk * GROUP + r // N_Q
-    qi = r % N_Q
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    s_ok = offs_s < SPLITS
-    part = (bh.to(tl.int64) * SPLITS + offs_s) * n_rows + r
-    lse_s = tl.load(LSE_PART + part, mask=s_ok, other=float("-inf"))
-    mx = tl.max(lse_s, 0)
-    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
-    w = tl.exp(lse_s - mx_safe)
-    tot = tl.sum(w, 0)
-    o_s = tl.load(O_PART + part[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
-    o = tl.sum(o_s * w[:, None], 0) / tl.where(tot > 0.0, tot, 1.0)
-    lse = tl.where(tot > 0.0, mx_safe + tl.log(tl.where(tot > 0.0, tot, 1.0)), float("-inf"))
-    o_ptr = O + b.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + qi * stride_on + offs_d
-    tl.store(o_ptr, o.to(O.dtype.element_ty), mask=offs_d < HEAD_D)
-    tl.store(LSE + (b.to(tl.int64) * H_KV * GROUP + head) * N_Q + qi, lse)
+    _merge_row(O_PART, LSE_PART, O, LSE, stride_ob, stride_oh, stride_on, pid // n_rows, pid % n_rows, H_KV,
+               N_Q, SPLITS, HEAD_D, GROUP, BLOCK_S, BLOCK_D, False)  # fmt: skip
 
 
 @triton.jit
@@ -231,6 +265,7 @@ def page_score_kernel(
 def row_topk_kernel(
     X, OUT, ROUNDS, N, K, stride_x, stride_o,
     BLOCK: tl.constexpr, EARLY: tl.constexpr, THRESHOLDS: tl.constexpr, COUNT_ROUNDS: tl.constexpr,
+    BMAX: tl.constexpr,
 ):  # fmt: skip
     """Grid: (rows,). The K largest of the row's N fp32 values, their positions written to OUT in
     ascending order (ties at the K-th value: the lowest positions). The row lives in registers (N <= BLOCK):
@@ -242,7 +277,7 @@ def row_topk_kernel(
     offs = tl.arange(0, BLOCK)
     ok = offs < N
     x = tl.load(X + row * stride_x + offs, mask=ok, other=0.0)
-    rounds = _store_topk(x, ok, offs, N, K, OUT + row * stride_o, EARLY, THRESHOLDS)
+    rounds = _store_topk(x, ok, offs, N, K, OUT + row * stride_o, EARLY, THRESHOLDS, BMAX)
     if COUNT_ROUNDS:
         tl.store(ROUNDS + row, rounds)
 
@@ -310,7 +345,7 @@ def _word_counts(key, lo, span, step, P: tl.constexpr):
 
 
 @triton.jit
-def _kth_largest_key_multi(key, N, K, EARLY: tl.constexpr, M: tl.constexpr):
+def _kth_largest_key_multi(key, N, K, EARLY: tl.constexpr, M: tl.constexpr, BMAX: tl.constexpr):
     """The K-th largest of a row's N keys (uint32, unsigned order = the floats' order; 1 <= K <= N <= 16384;
     entries past the row hold 0) by an (M + 1)-way search, M = 2, 4 or 8 thresholds counted per round:
     (kth, need, rounds) such that the K are the keys > kth and the first ``need`` of the keys == kth (with
@@ -326,7 +361,9 @@ def _kth_largest_key_multi(key, N, K, EARLY: tl.constexpr, M: tl.constexpr):
     + 1, the last ones clamped to hi), two per int32 word, M / 2 sums of one word each (independent:
     their latencies overlap; an int64 word of four counts spilled registers at 16384 keys per row in a
     trial sm_90 compile), and keeps the part that holds the K-th key. It ends when lo = hi (the K-th key) or, EARLY, when exactly K keys are
-    >= lo; either way need = K - c_up (no count of the keys above kth after it)."""
+    >= lo; either way need = K - c_up (no count of the keys above kth after it). BMAX: it also ends when
+    c_up = K - 1 (one key of the K is left in the bracket: the largest key <= hi, found by one max
+    reduction instead of further rounds; need = 1)."""
     KINF: tl.constexpr = 0xFF800000  # the key of +inf (positive NaNs above it)
     KNINF: tl.constexpr = 0x007FFFFF  # the key of -inf (negative NaNs below it)
     fmn = tl.min(tl.where(key > KNINF, key, 0xFFFFFFFF), 0)  # least key above -inf
@@ -350,6 +387,8 @@ def _kth_largest_key_multi(key, N, K, EARLY: tl.constexpr, M: tl.constexpr):
     go = hi > lo
     if EARLY:
         go = go & (c_lo != K)
+    if BMAX:
+        go = go & (c_up != K - 1)
     while go:
         span = hi - lo
         step = span // (M + 1) + 1  # thresholds lo + step, lo + 2 step, ... (at most hi)
@@ -381,11 +420,20 @@ def _kth_largest_key_multi(key, N, K, EARLY: tl.constexpr, M: tl.constexpr):
         go = hi > lo
         if EARLY:
             go = go & (c_lo != K)
+        if BMAX:
+            go = go & (c_up != K - 1)
+    if BMAX:
+        last = (hi > lo) & (c_up == K - 1)
+        if EARLY:
+            last = last & (c_lo != K)
+        if last:  # the K-th key: the largest <= hi (keys past the row are 0, below every bracket's lo > 0)
+            lo = tl.max(tl.where(key <= hi, key, 0), 0)
+            rounds += 1
     return lo, K - c_up, rounds
 
 
 @triton.jit
-def _store_topk(x, ok, offs, N, K, OUT, EARLY: tl.constexpr, THRESHOLDS: tl.constexpr):
+def _store_topk(x, ok, offs, N, K, OUT, EARLY: tl.constexpr, THRESHOLDS: tl.constexpr, BMAX: tl.constexpr):
     """Write the positions ``offs`` of the K largest of x where ``ok`` (the first N) to OUT[0..K),
     ascending (ties at the K-th value: the lowest positions); one scan places them. The K-th value by
     ``_kth_largest_key_multi`` with THRESHOLDS per round, or THRESHOLDS = 0 the 3-way
@@ -398,7 +446,7 @@ def _store_topk(x, ok, offs, N, K, OUT, EARLY: tl.constexpr, THRESHOLDS: tl.cons
         rounds += 2  # (the extremes; the count above)
     else:  # unsigned keys, those past the row 0 (never >= a threshold: each lies above a key of the row)
         key = tl.where(ok, key.to(tl.uint32, bitcast=True) ^ 0x80000000, 0)
-        kth, need, rounds = _kth_largest_key_multi(key, N, K, EARLY, THRESHOLDS)
+        kth, need, rounds = _kth_largest_key_multi(key, N, K, EARLY, THRESHOLDS, BMAX)
     greater = ok & (key > kth)
     equal = ok & (key == kth)
     cs = tl.cumsum(greater.to(tl.int32) + (equal.to(tl.int32) << 16), 0)  # row <= 32767: no carry
@@ -420,7 +468,7 @@ def page_select_kernel(
     GROUP: tl.constexpr, PAGE: tl.constexpr, REDUCE_MAX: tl.constexpr, HAS_KMASK: tl.constexpr,
     SELECT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_ROW: tl.constexpr,
     DOT: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    LEAN: tl.constexpr, EARLY: tl.constexpr, THRESHOLDS: tl.constexpr, TILES: tl.constexpr,
+    LEAN: tl.constexpr, EARLY: tl.constexpr, THRESHOLDS: tl.constexpr, BMAX: tl.constexpr, TILES: tl.constexpr,
     STAGES: tl.constexpr,
 ):  # fmt: skip
     pb = tl.program_id(0)
@@ -516,5 +564,5 @@ def page_select_kernel(
             offs = tl.arange(0, BLOCK_ROW)
             ok = offs < N_PAGES
             x = tl.load(SCORES + row_base + offs, mask=ok, other=0.0, cache_modifier=".cg")
-            _store_topk(x, ok, offs, N_PAGES, KEEP, IDX + bh.to(tl.int64) * KEEP, EARLY, THRESHOLDS)
+            _store_topk(x, ok, offs, N_PAGES, KEEP, IDX + bh.to(tl.int64) * KEEP, EARLY, THRESHOLDS, BMAX)
             tl.atomic_xchg(CNT + bh, 0)

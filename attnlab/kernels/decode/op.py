@@ -49,6 +49,12 @@ DECODE_EARLY_V = True
 #: Warps and software-pipeline stages of the split-K kernel on a GPU.
 DECODE_WARPS = 4
 DECODE_STAGES = 2
+#: With a ``counter`` from the caller, the split-K kernel merges its partials itself (the last program of
+#: each group of rows merges them; ``decode_split_kernel``'s MERGE): one launch per step instead of two.
+#: The same results (the same merge arithmetic). Up to ``FUSED_MERGE_MAX_SPLITS`` splits (the merging
+#: program holds a (splits, D) tile); more go to the merge launch.
+FUSED_MERGE = True
+FUSED_MERGE_MAX_SPLITS = 64
 
 
 @functools.cache
@@ -99,10 +105,14 @@ def decode_launch(
     scale: float,
     causal: bool,
     key_mask: Tensor | None = None,
+    counter: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Split-K decode over the selected entries (see fwd.py). q (B, H, N_q, D), k/v (B, H_kv, N_k, D) with a
     unit last stride (copied otherwise), index (B, H_kv, n) int32, count (B, H_kv) int32 or None,
-    key_mask (B, N_k) (> 0: a real token; any dtype) or None.
+    key_mask (B, N_k) (> 0: a real token; any dtype) or None. ``counter``: int32 zeros on q's device, at
+    least B * H_kv * (row blocks: GROUP * N_q rows in blocks of up to 64) long, kept by the caller for later
+    calls (the kernel leaves them zero): the kernel then merges its splits itself (``FUSED_MERGE``) in one
+    launch (a shorter counter: two launches). Calls that share a counter must not run concurrently (other streams).
     Returns (out (B, H, N_q, D) in q's dtype, lse (B, H, N_q) float32)."""
     _check(q, k, v, index, page)
     # (host time matters at one token per step: one stride() call per tensor, no no-op casts)
@@ -140,28 +150,46 @@ def decode_launch(
         )
     kmask = index if key_mask is None else (key_mask if key_mask.stride(-1) == 1 else key_mask.contiguous())
     upcast = IMPORTED_INTERPRETED and q.dtype != torch.float32
+    out = torch.empty(b, h, n_q, d, device=q.device, dtype=q.dtype)  # contiguous: strides known
+    lse = torch.empty(b, h, n_q, device=q.device, dtype=torch.float32)
+    block_s = max(2, next_power_of_2(splits))
+    merge = (
+        FUSED_MERGE
+        and counter is not None
+        and splits <= FUSED_MERGE_MAX_SPLITS
+        and _counter_fits(counter, b * h_kv * m_blocks, q.device)
+    )
     decode_split_kernel[(splits, m_blocks, b * h_kv)](
-        q, k, v, index, cnt, kmask, o_part, lse_part,
+        q, k, v, index, cnt, kmask, o_part, lse_part, counter if merge else cnt, out, lse,
         qs[0], qs[1], qs[2],
         ks[0], ks[1], ks[2],
         vs[0], vs[1], vs[2],
         ids[0], ids[1], kmask.stride(0),
+        h * n_q * d, n_q * d, d,
         h_kv, n_q, n_k, n_idx, per_split, d, float(scale),
         GROUP=group, PAGE=page, CAUSAL=bool(causal), HAS_CNT=count is not None, HAS_KMASK=key_mask is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=upcast, EARLY_V=DECODE_EARLY_V,
+        MERGE=merge, BLOCK_S=block_s,
         num_warps=DECODE_WARPS, num_stages=DECODE_STAGES if q.is_cuda else 1,
     )  # fmt: skip
-    out = torch.empty(b, h, n_q, d, device=q.device, dtype=q.dtype)  # contiguous: strides known
-    lse = torch.empty(b, h, n_q, device=q.device, dtype=torch.float32)
-    decode_merge_kernel[(b * h_kv * n_rows,)](
-        o_part, lse_part, out, lse,
-        h * n_q * d, n_q * d, d,
-        h_kv, n_q, splits, d,
-        GROUP=group, BLOCK_S=max(2, next_power_of_2(splits)), BLOCK_D=block_d,
-        num_warps=1 if d <= 64 else 2,
-    )  # fmt: skip
+    if not merge:
+        decode_merge_kernel[(b * h_kv * n_rows,)](
+            o_part, lse_part, out, lse,
+            h * n_q * d, n_q * d, d,
+            h_kv, n_q, splits, d,
+            GROUP=group, BLOCK_S=block_s, BLOCK_D=block_d,
+            num_warps=1 if d <= 64 else 2,
+        )  # fmt: skip
     return out, lse
+
+
+def _counter_fits(counter: Tensor, slots: int, device: torch.device) -> bool:
+    if counter.dtype != torch.int32 or counter.device != device or not counter.is_contiguous():
+        raise ValueError(
+            f"decode kernel: counter must be contiguous int32 on {device}, got {counter.dtype} on {counter.device}"
+        )
+    return counter.numel() >= slots
 
 
 def page_scores_launch(q: Tensor, kmax: Tensor, kmin: Tensor, n_pages: int, reduce_max: bool) -> Tensor:
@@ -241,6 +269,10 @@ TOPK_SEARCH = "multi"
 #: H100 (12ea309, benchmarks/results/h100-2026-11-24-s12/decode/): the row top-k alone on the step's 8
 #: rows took 15.5, 17.0 and 19.7 us with 2, 4 and 8 thresholds (ternary 20.0), so 2 stays.
 TOPK_THRESHOLDS = 2
+#: The "multi" search also stops once all but one of the ``keep`` are above its bracket and takes the
+#: bracket's largest score as the ``keep``-th (one max reduction instead of further rounds). The same
+#: positions. Modelled (helper-58, s12): about one round fewer on a step's slowest row.
+TOPK_BRACKET_MAX = True
 
 
 def _search_thresholds() -> int:
@@ -357,7 +389,7 @@ def page_select_launch(
         DOT=bool(dot), BLOCK_M=max(16, next_power_of_2((h // h_kv) * n_q)),
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=IMPORTED_INTERPRETED and q.dtype != torch.float32,
-        LEAN=SCORE_LEAN and kmax.dtype == q.dtype, EARLY=TOPK_EARLY_EXIT, THRESHOLDS=_search_thresholds(),
+        LEAN=SCORE_LEAN and kmax.dtype == q.dtype, EARLY=TOPK_EARLY_EXIT, THRESHOLDS=_search_thresholds(), BMAX=TOPK_BRACKET_MAX,
         TILES=tiles, STAGES=SPLIT_STAGES if q.is_cuda else 1,
         num_warps=_select_warps(block_row) if fused else SPLIT_WARPS,
     )  # fmt: skip
@@ -393,6 +425,7 @@ def row_topk_launch(x: Tensor, k: int, rounds: Tensor | None = None) -> Tensor:
         BLOCK=block,
         EARLY=TOPK_EARLY_EXIT,
         THRESHOLDS=_search_thresholds(),
+        BMAX=TOPK_BRACKET_MAX,
         COUNT_ROUNDS=rounds is not None,
         num_warps=TOPK_WARPS or min(16, max(1, block // 512)),
     )
@@ -478,14 +511,16 @@ def decode_attention(
     scale: float,
     causal: bool,
     key_mask: Tensor | None = None,
+    counter: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out, lse) of attention over the selected cache entries (see :mod:`attnlab.kernels.decode.naive`
     for the exact meaning of ``index``, ``count``, ``page`` and ``key_mask``), through the Triton kernels. Inside
-    ``torch.compile`` through the custom op; in eager mode the launcher is called directly (the custom
-    op's dispatch costs tens of microseconds of Python per call, a decode step's whole budget)."""
+    ``torch.compile`` through the custom op (two launches; ``counter`` unused); in eager mode the launcher
+    is called directly (the custom op's dispatch costs tens of microseconds of Python per call, a decode
+    step's whole budget), with ``counter`` (see :func:`decode_launch`) in one launch."""
     if torch.compiler.is_compiling():
         return decode_select_fwd(q, k, v, index, count, int(page), float(scale), bool(causal), key_mask)
-    return decode_launch(q, k, v, index, count, int(page), float(scale), bool(causal), key_mask)
+    return decode_launch(q, k, v, index, count, int(page), float(scale), bool(causal), key_mask, counter)
 
 
 @torch.library.custom_op("attnlab::page_select", mutates_args=("kmax", "kmin", "counter"))
