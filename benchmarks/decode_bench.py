@@ -68,6 +68,17 @@ HBM_BYTES_PER_S = 3.35e12
 #: sides whose warm-up raised: name -> error
 FAILED: dict[str, str] = {}
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+#: split-K decode kernel settings timed beside the default (op.BLOCK_N, DECODE_STAGES, DECODE_WARPS,
+#: PROGRAMS_PER_SM), alone over a fixed selection (``kernel_only_<name>``) and in the whole step
+DECODE_KERNEL_VARIANTS: dict[str, dict[str, Any]] = {
+    "dec_s1": {"DECODE_STAGES": 1},
+    "bn32": {"BLOCK_N": 32},
+    "bn32_s1": {"BLOCK_N": 32, "DECODE_STAGES": 1},
+    "dec2w": {"DECODE_WARPS": 2},
+    "bn32_dec2w": {"BLOCK_N": 32, "DECODE_WARPS": 2},
+    "pps8_bn32": {"PROGRAMS_PER_SM": 8, "BLOCK_N": 32},
+    "pps2": {"PROGRAMS_PER_SM": 2},
+}
 
 
 def timed(fns: dict[str, Callable[[], object]], reps: int, flush: torch.Tensor) -> dict[str, Timing]:
@@ -349,6 +360,17 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
     def kernel_only_merged() -> object:  # one launch: the split-K kernel merges its own splits
         return decode_attention(q, k, v, idx, None, page, scale, True, counter=merge_counter)[0]
 
+    def kernel_with(name: str, **flags: Any) -> Callable[[], object]:
+        def fn() -> object:
+            with search_flags(**flags):
+                return kernel_only()
+
+        fn.__name__ = name
+        return fn
+
+    kernel_sides = {
+        f"kernel_only_{n}": kernel_with(f"kernel_only_{n}", **f) for n, f in DECODE_KERNEL_VARIANTS.items()
+    }
     merged_vs_two = float((kernel_only_merged().float() - kernel_only().float()).abs().max())  # type: ignore[attr-defined]
     checks["kernel_merged_vs_two_launches_max_abs"] = merged_vs_two
     checks["merge_counters_left_zero"] = bool((merge_counter == 0).all())
@@ -402,39 +424,21 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
     )  # fmt: skip
     saved_flags = {f: getattr(dop, f) for f in names}
     variants_of_step: dict[str, dict[str, Any]] = {
-        **{
-            f"step_graph_tile{bp}x{warps}w": {"SPLIT_BLOCK_P": bp, "SPLIT_WARPS": warps}
-            for bp, warps in ((32, 4), (64, 2), (128, 4))
-        },
-        "step_graph_before": {
+        "step_graph_before": {  # before 2026-11-23's search and scoring changes
             "SCORE_LEAN": False,
             "TOPK_EARLY_EXIT": False,
             "DECODE_EARLY_V": False,
             "TOPK_SEARCH": "ternary",
+            "TOPK_BRACKET_MAX": False,
         },
-        "step_graph_topk_ternary": {"TOPK_SEARCH": "ternary"},
-        "step_graph_topk_multi4": {"TOPK_SEARCH": "multi", "TOPK_THRESHOLDS": 4},
-        "step_graph_topk_multi8": {"TOPK_SEARCH": "multi", "TOPK_THRESHOLDS": 8},
-        "step_graph_topk_ternary_narrow": {"TOPK_SEARCH": "ternary", "TOPK_EARLY_EXIT": False},
-        "step_graph_fp32scores": {"SCORE_LEAN": False},
-        "step_graph_narrow_topk": {"TOPK_EARLY_EXIT": False},
-        "step_graph_late_v": {"DECODE_EARLY_V": False},
-        "step_graph_pps2": {"PROGRAMS_PER_SM": 2},
-        "step_graph_pps8": {"PROGRAMS_PER_SM": 8},
-        "step_graph_bn32": {"BLOCK_N": 32},
-        "step_graph_tiles2": {"SPLIT_TILES": 2},
-        "step_graph_tiles4": {"SPLIT_TILES": 4},
-        "step_graph_tiles4_s3": {"SPLIT_TILES": 4, "SPLIT_STAGES": 3},
-        "step_graph_tiles8_s3": {"SPLIT_TILES": 8, "SPLIT_STAGES": 3},
-        "step_graph_tiles16_s3": {"SPLIT_TILES": 16, "SPLIT_STAGES": 3},
-        "step_graph_topk4w": {"TOPK_WARPS": 4},
+        "step_graph_before_s13": {"TOPK_BRACKET_MAX": False},  # the default of 2026-11-24's s12
+        "step_graph_fused_merge": {"FUSED_MERGE": True},
+        # scoring tiles, row top-k warps, and the split-K decode kernel's tiles / stages / warps / programs
+        "step_graph_tile64x2w": {"SPLIT_BLOCK_P": 64, "SPLIT_WARPS": 2},
+        "step_graph_tile32x4w": {"SPLIT_BLOCK_P": 32, "SPLIT_WARPS": 4},
         "step_graph_topk8w": {"TOPK_WARPS": 8},
-        "step_graph_dec8w": {"DECODE_WARPS": 8},
-        "step_graph_dec_s3": {"DECODE_STAGES": 3},
-        "step_graph_bn128_dec8w": {"BLOCK_N": 128, "DECODE_WARPS": 8},
-        "step_graph_merge_launch": {"FUSED_MERGE": False},
-        "step_graph_no_bmax": {"TOPK_BRACKET_MAX": False},
-        "step_graph_before_s13": {"FUSED_MERGE": False, "TOPK_BRACKET_MAX": False},
+        **{f"step_graph_{name}": flags for name, flags in DECODE_KERNEL_VARIANTS.items()},
+        "step_graph_small": {"BLOCK_N": 32, "DECODE_STAGES": 1, "TOPK_WARPS": 8},
     }
     for name, changed in variants_of_step.items():
         for f, val in changed.items():
@@ -482,6 +486,7 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
         **{name: graphed(fn) for name, fn in topk_sides.items()},
         "kernel_only": graphed(kernel_only),
         "kernel_only_merged": graphed(kernel_only_merged),
+        **{name: graphed(fn) for name, fn in kernel_sides.items()},
         "flash_gathered": flash_gathered,
         "kernel_all_pages": graphed(kernel_all_pages),
         **mode_steps,
@@ -507,6 +512,7 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
         **dict.fromkeys(topk_sides),
         "kernel_only": sel_bytes,
         "kernel_only_merged": sel_bytes,
+        **dict.fromkeys(kernel_sides, sel_bytes),
         "flash_gathered": sel_bytes,
         "kernel_all_pages": kv_bytes,
     }

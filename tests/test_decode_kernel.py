@@ -86,7 +86,11 @@ def test_kernel_matches_naive(case: tuple, with_count: bool, poison_empty: None)
 
 @pytest.mark.parametrize(
     "case",
-    [CASES[0], (1, 16, 2, 9, 200, 16, 2, 40, torch.float32), (2, 2, 2, 2, 300, 16, 16, 12, torch.bfloat16)],
+    [
+        (2, 4, 2, 1, 700, 16, 4, 90, torch.float32),
+        (1, 16, 2, 9, 200, 16, 2, 40, torch.float32),
+        (2, 2, 2, 2, 300, 16, 16, 12, torch.bfloat16),
+    ],
     ids=["gqa", "two-row-blocks", "bf16-page16"],
 )
 def test_kernel_merges_its_splits_in_one_launch(case: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -94,6 +98,7 @@ def test_kernel_merges_its_splits_in_one_launch(case: tuple, monkeypatch: pytest
     as the two launches, the counters left zero, and a second call on the same counters right too."""
     from attnlab.kernels.decode import op
 
+    monkeypatch.setattr(op, "FUSED_MERGE", True)
     b, h, h_kv, n_q, n_k, d, page, n, dtype = case
     q, k, v = _qkv(b, h, h_kv, n_q, n_k, d, dtype)
     idx = _index(b, h_kv, -(-n_k // page), n)

@@ -19,8 +19,9 @@ measured by default): ``attnlab.kernels.decode.op.page_select`` with ``rank="tri
 launch recomputes the summaries of the pages a decode step appended to and scores every page (the bounds of
 all query heads of a KV group as two tensor-core products in one program), then attnlab's row top-k
 (an order-preserving int32 image of the scores, a search for the ``keep``-th value and one scan); then one
-split-K decode launch that merges its own splits (its completion counters live in the state): three
-launches, no host synchronisation, fixed shapes (CUDA-graph capturable). Alternatives: the same in one fused launch (the row's last scoring program ranks it), or the
+split-K decode launch and its merge (the kernel can merge in the same launch, on counters kept in the
+state: ``op.FUSED_MERGE``, off, measured slower): four launches, no host synchronisation, fixed shapes
+(CUDA-graph capturable). Alternatives: the same in one fused launch (the row's last scoring program ranks it), or the
 split path (the summary update in PyTorch, the page-score kernel, ``torch.topk``, ties: its choice).
 Bytes per step: the summaries, 2 x N / page x D per KV head (1 / page of the K/V cache: 1/16 at page 16),
 plus the selected K/V, 2 x budget x D per KV head.

@@ -52,8 +52,12 @@ DECODE_STAGES = 2
 #: With a ``counter`` from the caller, the split-K kernel merges its partials itself (the last program of
 #: each group of rows merges them; ``decode_split_kernel``'s MERGE): one launch per step instead of two.
 #: The same results (the same merge arithmetic). Up to ``FUSED_MERGE_MAX_SPLITS`` splits (the merging
-#: program holds a (splits, D) tile); more go to the merge launch.
-FUSED_MERGE = True
+#: program holds a (splits, D) tile); more go to the merge launch. Off: measured slower on the H100
+#: (617fc77, page_topk's step at 128K, page 16, budget 4096, CUDA graph): B=1 57.6 vs 49.4 us, B=8 176.2
+#: vs 171.5 us; the decode kernel alone 27.1 vs 19.4 us at B=1. A graph's kernels start 0.3-0.45 us
+#: after the previous one ends, so a launch saves little, while the last program merges its rows one
+#: after another (4 at B=1, each a dependent read of 64 partials).
+FUSED_MERGE = False
 FUSED_MERGE_MAX_SPLITS = 64
 
 
