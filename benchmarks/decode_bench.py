@@ -74,10 +74,9 @@ DECODE_KERNEL_VARIANTS: dict[str, dict[str, Any]] = {
     "dec_s1": {"DECODE_STAGES": 1},
     "bn32": {"BLOCK_N": 32},
     "bn32_s1": {"BLOCK_N": 32, "DECODE_STAGES": 1},
-    "dec2w": {"DECODE_WARPS": 2},
-    "bn32_dec2w": {"BLOCK_N": 32, "DECODE_WARPS": 2},
-    "pps8_bn32": {"PROGRAMS_PER_SM": 8, "BLOCK_N": 32},
-    "pps2": {"PROGRAMS_PER_SM": 2},
+    "merge1": {"MERGE_BLOCK_D": 128},  # one merge program per row (up to fae1c67)
+    "merge16": {"MERGE_BLOCK_D": 16},
+    "merge64": {"MERGE_BLOCK_D": 64},
 }
 
 
@@ -420,7 +419,7 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
     names = (
         "SCORE_LEAN", "TOPK_EARLY_EXIT", "DECODE_EARLY_V", "PROGRAMS_PER_SM", "BLOCK_N", "SPLIT_TILES",
         "SPLIT_STAGES", "TOPK_WARPS", "DECODE_WARPS", "DECODE_STAGES", "SPLIT_BLOCK_P", "SPLIT_WARPS",
-        "TOPK_SEARCH", "TOPK_THRESHOLDS", "FUSED_MERGE", "TOPK_BRACKET_MAX",
+        "TOPK_SEARCH", "TOPK_THRESHOLDS", "FUSED_MERGE", "TOPK_BRACKET_MAX", "SCORE_LAST_FIRST", "MERGE_BLOCK_D",
     )  # fmt: skip
     saved_flags = {f: getattr(dop, f) for f in names}
     variants_of_step: dict[str, dict[str, Any]] = {
@@ -431,7 +430,10 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
             "TOPK_SEARCH": "ternary",
             "TOPK_BRACKET_MAX": False,
         },
-        "step_graph_before_s13": {"TOPK_BRACKET_MAX": False},  # the default of 2026-11-24's s12
+        # the default of 2026-11-24's s12
+        "step_graph_before_s13": {"TOPK_BRACKET_MAX": False, "SCORE_LAST_FIRST": False, "MERGE_BLOCK_D": 128},
+        "step_graph_no_bmax": {"TOPK_BRACKET_MAX": False},
+        "step_graph_row_order": {"SCORE_LAST_FIRST": False},
         "step_graph_fused_merge": {"FUSED_MERGE": True},
         # scoring tiles, row top-k warps, and the split-K decode kernel's tiles / stages / warps / programs
         "step_graph_tile64x2w": {"SPLIT_BLOCK_P": 64, "SPLIT_WARPS": 2},

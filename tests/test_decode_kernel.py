@@ -130,6 +130,21 @@ def test_kernel_merges_its_splits_in_one_launch(case: tuple, monkeypatch: pytest
     torch.testing.assert_close(out2, want, atol=1e-6, rtol=1e-6)
 
 
+def test_merge_in_channel_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The merge launch with several programs per row (``MERGE_BLOCK_D`` < D): the naive twin's output and
+    lse."""
+    from attnlab.kernels.decode import op
+
+    monkeypatch.setattr(op, "MERGE_BLOCK_D", 16)
+    monkeypatch.setattr(op, "_target_programs", lambda q: 64)
+    q, k, v = _qkv(1, 4, 2, 2, 400, 64, torch.float32)
+    idx = _index(1, 2, 100, 60)
+    out, lse = op.decode_attention(q, k, v, idx, None, 4, 0.2, True)
+    want, want_lse = decode_attention_naive(q, k, v, idx, 4, 0.2, True)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, want_lse, atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bool])
 def test_key_mask_hides_padding(dtype: torch.dtype) -> None:
     from attnlab.kernels.decode.op import decode_attention

@@ -147,38 +147,35 @@ def decode_split_kernel(
         done = tl.atomic_add(DONE + slot, 1, sem="acq_rel")
         if done == n_splits - 1:
             for r in range(mblk * BLOCK_M, tl.minimum(mblk * BLOCK_M + BLOCK_M, n_rows)):
-                _merge_row(O_PART, LSE_PART, O, LSE, stride_ob, stride_oh, stride_on, bh, r, H_KV, N_Q,
-                           n_splits, HEAD_D, GROUP, BLOCK_S, BLOCK_D, True)  # fmt: skip
+                _merge_row(O_PART, LSE_PART, O, LSE, stride_ob, stride_oh, stride_on, bh, r, 0, H_KV, N_Q,
+                           n_splits, HEAD_D, BLOCK_D, GROUP, BLOCK_S, BLOCK_D, True)  # fmt: skip
             tl.atomic_xchg(DONE + slot, 0)  # zero again for the next launch (and a CUDA graph's replay)
 
 
 @triton.jit
 def _merge_row(
-    O_PART, LSE_PART, O, LSE, stride_ob, stride_oh, stride_on, bh, r, H_KV, N_Q, SPLITS, HEAD_D,
+    O_PART, LSE_PART, O, LSE, stride_ob, stride_oh, stride_on, bh, r, d0, H_KV, N_Q, SPLITS, HEAD_D, PART_D,
     GROUP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, COHERENT: tl.constexpr,
 ):  # fmt: skip
-    """Merge row ``r`` of group ``bh``'s SPLITS partials by their lse into O / LSE (COHERENT: read the
-    partials past L1, as other programs of the same launch wrote them)."""
+    """Merge channels [d0, d0 + BLOCK_D) of row ``r`` of group ``bh``'s SPLITS partials (rows of PART_D
+    floats) by their lse into O, and (d0 = 0) the row's lse into LSE (COHERENT: read the partials past L1,
+    as other programs of the same launch wrote them)."""
     n_rows = GROUP * N_Q
     b = bh // H_KV
     hk = bh % H_KV
     head = hk * GROUP + r // N_Q
     qi = r % N_Q
     offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = d0 + tl.arange(0, BLOCK_D)
     s_ok = offs_s < SPLITS
     part = (bh.to(tl.int64) * SPLITS + offs_s) * n_rows + r
+    o_part = O_PART + part[:, None] * PART_D + offs_d[None, :]
     if COHERENT:
         lse_s = tl.load(LSE_PART + part, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
-        o_s = tl.load(
-            O_PART + part[:, None] * BLOCK_D + offs_d[None, :],
-            mask=s_ok[:, None],
-            other=0.0,
-            cache_modifier=".cg",
-        )
+        o_s = tl.load(o_part, mask=s_ok[:, None], other=0.0, cache_modifier=".cg")
     else:
         lse_s = tl.load(LSE_PART + part, mask=s_ok, other=float("-inf"))
-        o_s = tl.load(O_PART + part[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+        o_s = tl.load(o_part, mask=s_ok[:, None], other=0.0)
     mx = tl.max(lse_s, 0)
     mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
     w = tl.exp(lse_s - mx_safe)
@@ -187,7 +184,7 @@ def _merge_row(
     lse = tl.where(tot > 0.0, mx_safe + tl.log(tl.where(tot > 0.0, tot, 1.0)), float("-inf"))
     o_ptr = O + b.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + qi * stride_on + offs_d
     tl.store(o_ptr, o.to(O.dtype.element_ty), mask=offs_d < HEAD_D)
-    tl.store(LSE + (b.to(tl.int64) * H_KV * GROUP + head) * N_Q + qi, lse)
+    tl.store(LSE + (b.to(tl.int64) * H_KV * GROUP + head) * N_Q + qi, lse, mask=d0 == 0)
 
 
 @triton.jit
@@ -195,12 +192,13 @@ def decode_merge_kernel(
     O_PART, LSE_PART, O, LSE,
     stride_ob, stride_oh, stride_on,
     H_KV, N_Q, SPLITS, HEAD_D,
-    GROUP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    PART_D: tl.constexpr, GROUP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
+    """Grid: (rows, PART_D // BLOCK_D): program (row, c) merges channels [c * BLOCK_D, (c + 1) * BLOCK_D)."""
     pid = tl.program_id(0)
     n_rows = GROUP * N_Q
-    _merge_row(O_PART, LSE_PART, O, LSE, stride_ob, stride_oh, stride_on, pid // n_rows, pid % n_rows, H_KV,
-               N_Q, SPLITS, HEAD_D, GROUP, BLOCK_S, BLOCK_D, False)  # fmt: skip
+    _merge_row(O_PART, LSE_PART, O, LSE, stride_ob, stride_oh, stride_on, pid // n_rows, pid % n_rows,
+               tl.program_id(1) * BLOCK_D, H_KV, N_Q, SPLITS, HEAD_D, PART_D, GROUP, BLOCK_S, BLOCK_D, False)  # fmt: skip
 
 
 @triton.jit
@@ -469,10 +467,14 @@ def page_select_kernel(
     SELECT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_ROW: tl.constexpr,
     DOT: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     LEAN: tl.constexpr, EARLY: tl.constexpr, THRESHOLDS: tl.constexpr, BMAX: tl.constexpr, TILES: tl.constexpr,
-    STAGES: tl.constexpr,
+    STAGES: tl.constexpr, LAST_FIRST: tl.constexpr,
 ):  # fmt: skip
-    pb = tl.program_id(0)
-    bh = tl.program_id(1)
+    if LAST_FIRST:  # grid (B * H_KV, blocks): every row's last block (its update) scheduled first
+        bh = tl.program_id(0)
+        pb = tl.num_programs(1) - 1 - tl.program_id(1)
+    else:
+        pb = tl.program_id(0)
+        bh = tl.program_id(1)
     b = (bh // H_KV).to(tl.int64)
     hk = bh % H_KV
     offs_d = tl.arange(0, BLOCK_D)
@@ -560,7 +562,7 @@ def page_select_kernel(
     if SELECT:
         tl.debug_barrier()  # every thread's score stores before the release below
         done = tl.atomic_add(CNT + bh, 1, sem="acq_rel")
-        if done == tl.num_programs(0) - 1:
+        if done == tl.num_programs(1 if LAST_FIRST else 0) - 1:  # (the row's blocks)
             offs = tl.arange(0, BLOCK_ROW)
             ok = offs < N_PAGES
             x = tl.load(SCORES + row_base + offs, mask=ok, other=0.0, cache_modifier=".cg")

@@ -58,6 +58,9 @@ DECODE_STAGES = 2
 #: after the previous one ends, so a launch saves little, while the last program merges its rows one
 #: after another (4 at B=1, each a dependent read of 64 partials).
 FUSED_MERGE = False
+#: Channels per merge program (a row's D channels over D / MERGE_BLOCK_D programs: more programs,
+#: each reading a narrower column of the partials; >= 128: one program per row, as up to fae1c67).
+MERGE_BLOCK_D = 32
 FUSED_MERGE_MAX_SPLITS = 64
 
 
@@ -178,12 +181,13 @@ def decode_launch(
         num_warps=DECODE_WARPS, num_stages=DECODE_STAGES if q.is_cuda else 1,
     )  # fmt: skip
     if not merge:
-        decode_merge_kernel[(b * h_kv * n_rows,)](
+        chunk = min(block_d, max(16, MERGE_BLOCK_D))
+        decode_merge_kernel[(b * h_kv * n_rows, block_d // chunk)](
             o_part, lse_part, out, lse,
             h * n_q * d, n_q * d, d,
             h_kv, n_q, splits, d,
-            GROUP=group, BLOCK_S=block_s, BLOCK_D=block_d,
-            num_warps=1 if d <= 64 else 2,
+            PART_D=block_d, GROUP=group, BLOCK_S=block_s, BLOCK_D=chunk,
+            num_warps=1 if chunk <= 64 else 2,
         )  # fmt: skip
     return out, lse
 
@@ -241,6 +245,11 @@ SPLIT_WARPS = 4
 #: 1: one tile, no loop). Measured on the H100 (9926e72, 128K, page 16): 2, 4, 8 and 16 tiles no faster
 #: than 1 at B=1 or B=8 (benchmarks/results/h100-2026-11-24/decode_ab3/).
 SPLIT_TILES = 1
+#: The selection kernel's programs in the order (row, block from the row's end): each row's last block,
+#: which recomputes the step's stale summaries before it scores, starts first (up to fae1c67 it started
+#: last in its row, and the last row's last). The same scores. (The grid's second dimension then holds
+#: the blocks: rows of more than 65535 blocks take the other order.)
+SCORE_LAST_FIRST = True
 SPLIT_STAGES = 2
 #: The most stale pages :func:`page_select` recomputes in its kernel (each by one program, serially).
 MAX_FUSED_UPDATE = 16
@@ -381,7 +390,9 @@ def page_select_launch(
     index = torch.empty(b, h_kv, keep, device=q.device, dtype=torch.int32) if fused else counter
     block_p = 16 if IMPORTED_INTERPRETED else (SELECT_BLOCK_P if fused else SPLIT_BLOCK_P)
     tiles = 1 if fused else max(1, min(SPLIT_TILES, -(-n_pages // block_p)))
-    page_select_kernel[(-(-n_pages // (block_p * tiles)), b * h_kv)](
+    blocks = -(-n_pages // (block_p * tiles))
+    last_first = SCORE_LAST_FIRST and blocks <= 65535
+    page_select_kernel[(b * h_kv, blocks) if last_first else (blocks, b * h_kv)](
         q, k, kmask, kmax, kmin, scores, index, counter,
         qs[0], qs[1], qs[2],
         ks[0], ks[1], ks[2],
@@ -394,7 +405,7 @@ def page_select_launch(
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=IMPORTED_INTERPRETED and q.dtype != torch.float32,
         LEAN=SCORE_LEAN and kmax.dtype == q.dtype, EARLY=TOPK_EARLY_EXIT, THRESHOLDS=_search_thresholds(), BMAX=TOPK_BRACKET_MAX,
-        TILES=tiles, STAGES=SPLIT_STAGES if q.is_cuda else 1,
+        TILES=tiles, STAGES=SPLIT_STAGES if q.is_cuda else 1, LAST_FIRST=last_first,
         num_warps=_select_warps(block_row) if fused else SPLIT_WARPS,
     )  # fmt: skip
     if rank == "triton":
