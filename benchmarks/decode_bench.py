@@ -71,9 +71,9 @@ HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 #: split-K decode kernel settings timed beside the default (op.BLOCK_N, DECODE_STAGES, DECODE_WARPS,
 #: PROGRAMS_PER_SM), alone over a fixed selection (``kernel_only_<name>``) and in the whole step
 DECODE_KERNEL_VARIANTS: dict[str, dict[str, Any]] = {
-    "dec_s1": {"DECODE_STAGES": 1},
+    "dec_s2": {"DECODE_STAGES": 2},  # the default up to 12f0b1b
     "bn32": {"BLOCK_N": 32},
-    "bn32_s1": {"BLOCK_N": 32, "DECODE_STAGES": 1},
+    "bn32_s2": {"BLOCK_N": 32, "DECODE_STAGES": 2},
     "merge1": {"MERGE_BLOCK_D": 128},  # one merge program per row (up to fae1c67)
     "merge16": {"MERGE_BLOCK_D": 16},
     "merge64": {"MERGE_BLOCK_D": 64},
@@ -431,7 +431,12 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
             "TOPK_BRACKET_MAX": False,
         },
         # the default of 2026-11-24's s12
-        "step_graph_before_s13": {"TOPK_BRACKET_MAX": False, "SCORE_LAST_FIRST": False, "MERGE_BLOCK_D": 128},
+        "step_graph_before_s13": {
+            "TOPK_BRACKET_MAX": False,
+            "SCORE_LAST_FIRST": False,
+            "MERGE_BLOCK_D": 128,
+            "DECODE_STAGES": 2,
+        },
         "step_graph_no_bmax": {"TOPK_BRACKET_MAX": False},
         "step_graph_row_order": {"SCORE_LAST_FIRST": False},
         "step_graph_fused_merge": {"FUSED_MERGE": True},

@@ -46,9 +46,12 @@ BLOCK_P = 32
 #: after the softmax. At 128K, budget 4096, B=1 every split is one inner step, so nothing else overlaps
 #: the two loads. The same results.
 DECODE_EARLY_V = True
-#: Warps and software-pipeline stages of the split-K kernel on a GPU.
+#: Warps and software-pipeline stages of the split-K kernel on a GPU. Stages 1 (no pipelining buffers:
+#: at 128K, budget 4096 most splits are one inner step): measured on the H100 (12f0b1b, two runs) in
+#: page_topk's step, B=1 48.19 / 47.97 us against 48.88 / 48.61 with 2 stages, B=8 171.6 / 171.6 against
+#: 171.6 / 171.3.
 DECODE_WARPS = 4
-DECODE_STAGES = 2
+DECODE_STAGES = 1
 #: With a ``counter`` from the caller, the split-K kernel merges its partials itself (the last program of
 #: each group of rows merges them; ``decode_split_kernel``'s MERGE): one launch per step instead of two.
 #: The same results (the same merge arithmetic). Up to ``FUSED_MERGE_MAX_SPLITS`` splits (the merging
