@@ -5,14 +5,16 @@ The generic builder (:func:`attnlab.plans.static.plan_from_mask`) evaluates the 
 :class:`BlockRule` of two functions written against a :class:`TileGrid` (per-tile bounds: first / last
 query position and first / last key inside the matrix):
 
-- ``classify(params, grid) -> (maybe, full)``, bool, broadcasting to (NQB, NKB): ``maybe`` False means
-  the tile is *certainly empty*; ``full`` True means every pair of the tile inside the matrix is allowed.
-  It is called once on the whole grid, where the bounds are (NQB, 1) row and (1, NKB) column vectors, so
-  it costs a few broadcast comparisons per tile (O(NQB x NKB) small operations, never per token).
+- ``classify(params, grid) -> (maybe, full)``, bool, broadcasting to the bounds' shape: ``maybe`` False
+  means the tile is *certainly empty*; ``full`` True means every pair of the tile inside the matrix is
+  allowed. It is called on the whole grid, where the bounds are (NQB, 1) row and (1, NKB) column vectors,
+  or on (C,) vectors of chosen tiles (the diagonal route below), so it must only broadcast; it costs a
+  few comparisons per tile, never per token.
 - ``keys(params, grid) -> tuple of int64 tensors``: a *pattern key* per tile. Two tiles with equal keys
   (and the same place at the matrix's tails, which :func:`plan_from_rule` adds) must have the same token
-  mask. It is called only on the uncertain tiles, where the bounds are (T,) vectors. A mask that depends
-  on ``d = p - j`` only keys a tile by its diagonal offset ``d0 = p_first - k_first``.
+  mask. It is called only on the uncertain tiles, where the bounds are (T,) vectors, on the host. A mask
+  that depends on ``d = p - j`` only keys a tile by its diagonal offset ``d0 = p_first - k_first``
+  (:func:`diagonal_keys`).
 
 A rule must be *sound* (``maybe`` False only for empty tiles, ``full`` True only for full ones); it need
 not be exact. The tiles that are ``maybe`` but not ``full`` are *uncertain*: :func:`plan_from_rule`
@@ -25,6 +27,22 @@ about 2 tiles; the generic path's work is N_q x N_k elements). It also records t
 ``pattern_ids``, from which :func:`tile_patterns` gives the block-sparse executor its distinct tile masks
 evaluating one tile per id (the executor's generic path evaluates every partial tile).
 
+Two routes build that plan, equal field by field, each with a constant number of device operations
+(the work a first call at a new length pays on a GPU, where every small operation is a launch and every
+data-dependent one a host synchronisation):
+
+- *diagonal* (rules keyed by :func:`diagonal_keys`, square tiles: ``sliding_window``, ``dilated`` and
+  dense causal): the tiles of one diagonal with the same size have the same mask, so the host classifies
+  one tile per class (each full-size diagonal, each tile of a short last row or column: about
+  2 x (NQB + NKB) classes, on small host tensors), groups the uncertain ones, and sends one buffer; the
+  device evaluates the groups' tiles and expands the class table to the grid (a strided window per row):
+  no host synchronisation, about 35 device operations whatever the length. Its ``pattern_ids`` equal the
+  grid route's when ``classify`` decides a tile from its bounds relative to each other (as every
+  registered rule does): the uncertain classes are then exactly the uncertain tiles' keys.
+- *grid* (any rule): ``classify`` runs on the whole grid on the device; the uncertain tiles are listed
+  (one ``nonzero``) and copied to the host (one small copy) to be grouped there, and their groups' tiles
+  go back in one copy to be evaluated: two host synchronisations (plus any the rule's own code makes).
+
 Rules are attached to a mask factory with :func:`register_block_rule` (the factory object is the key, so
 a rule only ever describes the mask it was written for); :func:`block_rule` looks one up.
 """
@@ -33,7 +51,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -74,8 +92,7 @@ class TileGrid:
     def of(n_q: int, n_k: int, causal: bool, block_q: int, block_k: int, device: torch.device) -> TileGrid:
         """The whole grid of tiles."""
         nqb, nkb = -(-n_q // block_q), -(-n_k // block_k)
-        big = n_q + n_k + 2 * (block_q + block_k)
-        dtype = torch.int32 if big < 2**30 else torch.int64
+        dtype = _bound_dtype(n_q, n_k, block_q, block_k)
         offset = n_k - n_q
         p_first = torch.arange(nqb, device=device, dtype=dtype)[:, None] * block_q + offset
         k_first = torch.arange(nkb, device=device, dtype=dtype)[None, :] * block_k
@@ -87,6 +104,27 @@ class TileGrid:
             block_k,
             p_first,
             torch.clamp(p_first + (block_q - 1), max=n_q - 1 + offset),
+            k_first,
+            torch.clamp(k_first + (block_k - 1), max=n_k - 1),
+        )
+
+    @staticmethod
+    def of_tiles(
+        n_q: int, n_k: int, causal: bool, block_q: int, block_k: int, ti: Tensor, tj: Tensor
+    ) -> TileGrid:
+        """The bounds of the listed tiles (int64 (T,) block coordinates ``ti``, ``tj``) as (T,) vectors on
+        their device: the values and integer type of :meth:`of`'s grid gathered there (:meth:`at`)."""
+        dtype = _bound_dtype(n_q, n_k, block_q, block_k)
+        p_first = (ti * block_q + (n_k - n_q)).to(dtype)
+        k_first = (tj * block_k).to(dtype)
+        return TileGrid(
+            n_q,
+            n_k,
+            causal,
+            block_q,
+            block_k,
+            p_first,
+            torch.clamp(p_first + (block_q - 1), max=n_q - 1 + n_k - n_q),
             k_first,
             torch.clamp(k_first + (block_k - 1), max=n_k - 1),
         )
@@ -151,6 +189,11 @@ class TileGrid:
         return self.d_range(0 if self.causal else None, None)
 
 
+def _bound_dtype(n_q: int, n_k: int, block_q: int, block_k: int) -> torch.dtype:
+    """int32 when every tile bound (and a rule's capped parameter added to one) fits with room."""
+    return torch.int32 if n_q + n_k + 2 * (block_q + block_k) < 2**30 else torch.int64
+
+
 Classify = Callable[[Any, TileGrid], tuple[Tensor, Tensor]]
 Keys = Callable[[Any, TileGrid], tuple[Tensor, ...]]
 
@@ -196,64 +239,20 @@ def plan_from_rule(
 ) -> Plan:
     """The exact static plan of the position-only ``mask_mod`` (Bp = Hp = 1), its tiles classified by
     ``rule`` and the token mask evaluated on one tile per group of uncertain tiles with equal keys. Equal,
-    field by field, to ``plan_from_mask(mask_mod, ...)`` when the rule is sound and its keys are right."""
+    field by field, to ``plan_from_mask(mask_mod, ...)`` when the rule is sound and its keys are right.
+    Takes the diagonal route when ``rule.keys`` is :func:`diagonal_keys` and the tiles are square, else
+    the grid route (the same plan, every field; see the module doc)."""
     if n_q < 1 or n_k < 1 or block_q < 1 or block_k < 1:
         raise ValueError(
             f"plan_from_rule: need n_q, n_k, block_q, block_k >= 1, got {(n_q, n_k, block_q, block_k)}"
         )
-    grid = TileGrid.of(n_q, n_k, causal, block_q, block_k, torch.device(device))
-    nqb, nkb, dev = -(-n_q // block_q), -(-n_k // block_k), grid.device
-    maybe, sure_full = (t.expand(nqb, nkb) for t in rule.classify(params, grid))
-    rows_last, cols_last = n_q - (nqb - 1) * block_q, n_k - (nkb - 1) * block_k
-    # certainly full tiles: pairs counted from the tile sizes (the last row / column of tiles may be
-    # shorter: subtract what they lack, adding back the corner subtracted twice)
-    short_q, short_k = block_q - rows_last, block_k - cols_last
-    full = sure_full.clone(memory_format=torch.contiguous_format)
-    allowed = (
-        torch.count_nonzero(full) * (block_q * block_k)
-        - torch.count_nonzero(full[-1]) * (short_q * block_k)
-        - torch.count_nonzero(full[:, -1]) * (block_q * short_k)
-        + full[-1, -1].to(torch.int64) * (short_q * short_k)
-    )
-    partial = torch.zeros_like(full)
-    if rows_last < block_q:
-        partial[-1] = full[-1]
-        full[-1] = False
-    if cols_last < block_k:
-        partial[:, -1] |= full[:, -1]
-        full[:, -1] = False
-
-    # pattern ids of partial tiles: 0 / 1 / 2 for certainly full tiles past the query tail / the key
-    # tail / both (their mask: the pairs inside the matrix), 3 + group for uncertain tiles found partial
-    ids = torch.full((nqb, nkb), -1, dtype=torch.int32, device=dev)
-    if rows_last < block_q:
-        ids[-1] = torch.where(partial[-1], 0, -1)
-    if cols_last < block_k:
-        ids[:, -1] = torch.where(partial[:, -1], 1, ids[:, -1])
-        if rows_last < block_q:
-            ids[-1, -1] = torch.where(partial[-1, -1], 2, -1)
-
-    where = (maybe & ~sure_full).nonzero()  # (T, 2): the uncertain tiles, row-major
-    if where.shape[0]:
-        ti, tj = where[:, 0], where[:, 1]
-        parts = [k.expand(ti.shape).to(torch.int64) for k in rule.keys(params, grid.at(ti, tj))]
-        if rows_last < block_q:
-            parts.append((ti == nqb - 1).to(torch.int64))
-        if cols_last < block_k:
-            parts.append((tj == nkb - 1).to(torch.int64))
-        group, n_groups = _group(parts, where.shape[0], dev)
-        first = torch.full((n_groups,), where.shape[0], dtype=torch.int64, device=dev)
-        first.scatter_reduce_(0, group, torch.arange(where.shape[0], device=dev), "amin")
-        rep_any, rep_all, rep_count = _evaluate(mask_mod, grid, where[first])
-        stats["uncertain_tiles"] += where.shape[0]
-        stats["evaluated_tiles"] += n_groups
-        t_all = rep_all[group]
-        full[ti, tj] = t_all
-        t_partial = rep_any[group] & ~t_all
-        partial[ti, tj] = t_partial
-        ids[ti, tj] = torch.where(t_partial, (group + 3).to(torch.int32), -1)
-        allowed = allowed + rep_count[group].sum()
+    dev = torch.device(device)
+    if rule.keys is diagonal_keys and block_q == block_k:
+        codes, allowed = _diagonal_codes(mask_mod, rule, params, n_q, n_k, causal, dev, block_q)
+    else:
+        codes, allowed = _grid_codes(mask_mod, rule, params, n_q, n_k, causal, dev, block_q, block_k)
     stats["builds"] += 1
+    full, partial = codes == FULL, codes >= 0
     return Plan(
         n_q=n_q,
         n_k=n_k,
@@ -264,45 +263,251 @@ def plan_from_rule(
         partial=partial[None, None],
         mask_mod=mask_mod,
         kind="static",
-        allowed_count=allowed.to(torch.int64).view(1, 1),
-        pattern_ids=ids[None, None],
+        allowed_count=allowed.view(1, 1),
+        pattern_ids=codes.clamp_min_(EMPTY)[None, None],  # (the codes become the ids: no new grid)
     )
 
 
-def _group(parts: list[Tensor], n: int, device: torch.device) -> tuple[Tensor, int]:
-    """(group ids 0..G-1, G) of ``n`` items by the tuple of their key parts (int64 (n,) each): the first
-    part's ranks are the ids; each further part is ranked and folded into the running id (kept below
-    n * n: no overflow), then ranked again. One ``unique`` (one host sync) per part: the number of groups
-    is the length of the last one's values, never a separate ``max().item()``."""
-    if not parts:
-        return torch.zeros(n, dtype=torch.int64, device=device), 1
-    values, group = torch.unique(parts[0], return_inverse=True)
-    for part in parts[1:]:
+#: A tile's code in the builders' int32 (NQB, NKB) grid: FULL, EMPTY, or (>= 0) partial with that pattern
+#: id: 0 / 1 / 2 for certainly full tiles past the query tail / the key tail / both (their mask: the pairs
+#: inside the matrix), ``GROUP_IDS + g`` for the uncertain tiles of key group g found partial (the groups
+#: numbered in the lexicographic order of their keys).
+FULL, EMPTY, GROUP_IDS = -2, -1, 3
+
+
+class _HostPart(NamedTuple):
+    """What the host sends the device, as one int32 ``buffer`` (one copy): a zero (the mask's ``b`` and
+    ``h``); the query rows (``groups`` x block_q) and keys (``groups`` x block_k) of each group's
+    representative tile; per group its partial code (``GROUP_IDS + g``) and the tiles it stands for; the
+    route's table (``table_len`` entries; the diagonal route's). From ``wide_at`` on, int64 values (as
+    pairs of int32; the device indexes with them): each uncertain item's group (an item is a tile, or a
+    class of tiles), then the route's places of the items (the diagonal route's: in the table).
+    ``allowed``: pairs counted on the host (certainly full tiles); ``tiles``: the uncertain tiles the
+    items stand for."""
+
+    buffer: Tensor
+    groups: int
+    items: int
+    table_len: int
+    wide_at: int
+    allowed: int
+    tiles: int
+
+    def table_at(self, block_q: int, block_k: int) -> int:
+        """Where the table starts in the buffer."""
+        return 1 + self.groups * (block_q + block_k + 2)
+
+
+def _tails(n_q: int, n_k: int, block_q: int, block_k: int) -> tuple[int, int, int, int]:
+    """(NQB, NKB, query rows of the last row of tiles, keys of the last column of tiles)."""
+    nqb, nkb = -(-n_q // block_q), -(-n_k // block_k)
+    return nqb, nkb, n_q - (nqb - 1) * block_q, n_k - (nkb - 1) * block_k
+
+
+def _diagonal_codes(
+    mask_mod: MaskMod,
+    rule: BlockRule,
+    params: Any,
+    n_q: int,
+    n_k: int,
+    causal: bool,
+    device: torch.device,
+    block: int,
+) -> tuple[Tensor, Tensor]:
+    """(codes, allowed pairs int64 0-d) by the diagonal route: the class table of
+    :func:`_host_diagonals` in one copy, the uncertain classes' verdicts written into it, then every
+    tile's code gathered from its class: tile ``(i, j)`` from the table's diagonal entry
+    ``NQB - 1 - i + j`` (row ``i`` of the grid is the window of NKB entries at ``NQB - 1 - i``), then the
+    short last row and column of tiles overwritten from their own classes."""
+    nqb, nkb, rows_last, cols_last = _tails(n_q, n_k, block, block)
+    tq, tk = int(rows_last < block), int(cols_last < block)
+    diagonals = nqb + nkb - 1
+    host = _host_diagonals(rule, params, n_q, n_k, causal, block)
+    buf = host.buffer.to(device, non_blocking=True)  # (from pageable memory: staged, no device sync)
+    at = host.table_at(block, block)
+    table = buf[at : at + host.table_len]
+    if host.groups:
+        code, pairs = _evaluated(mask_mod, buf, host, n_q, n_k, block, block)
+        places = buf[host.wide_at :].view(torch.int64)[host.items :]
+        table.index_put_((places,), code)
+        allowed = pairs + host.allowed
+    else:
+        allowed = torch.full((), host.allowed, dtype=torch.int64, device=device)
+    starts = torch.arange(nqb - 1, -1, -1, device=device)
+    codes = table[:diagonals].unfold(0, nkb, 1).index_select(0, starts)  # (a new contiguous grid)
+    if tq:  # the short last row: its classes, then the corner
+        codes[-1] = table[diagonals : diagonals + nkb]
+    if tk:  # the short last column, above the corner
+        at = diagonals + tq * nkb
+        codes[: nqb - tq, -1] = table[at : at + nqb - tq]
+    return codes, allowed
+
+
+def _host_diagonals(rule: BlockRule, params: Any, n_q: int, n_k: int, causal: bool, block: int) -> _HostPart:
+    """The host side of the diagonal route. Classes of tiles: the full-size tiles of each diagonal
+    ``t = i - j``, each tile of a short last row, the corner, each tile of a short last column. The
+    tiles of a class have the same bounds up to a shift along the diagonal, hence the same mask (a mask of
+    ``d``) and the same verdict of a rule keyed by ``d0``: the rule classifies one tile per class; the
+    certainly full classes are counted here, the uncertain ones grouped by key (their places in the table
+    sent along). The table holds one code per diagonal of the whole grid (entry ``NQB - 1 - t``; EMPTY
+    where no full-size tile lies), then the short last row's classes, the corner and the short last
+    column's; the uncertain classes' entries are EMPTY until the device writes them."""
+    nqb, nkb, rows_last, cols_last = _tails(n_q, n_k, block, block)
+    tq, tk = int(rows_last < block), int(cols_last < block)
+    ni, nj = nqb - tq, nkb - tk  # rows / columns of full-size tiles
+    i64 = torch.int64
+    t = torch.arange(-(nj - 1), ni if ni and nj else -(nj - 1), dtype=i64)  # i - j of each diagonal
+    i_first = t.clamp(min=0)  # the diagonal's tiles: rows i_first .. i_last, each in column i - t
+    i_last = torch.clamp(t + (nj - 1), max=ni - 1)
+    body, corner = t.shape[0], tq * tk
+    ci = torch.cat([i_first, torch.full((tq * nj + corner,), nqb - 1, dtype=i64), torch.arange(tk * ni)])
+    cj = torch.cat([i_first - t, torch.arange(tq * nj), torch.full((corner + tk * ni,), nkb - 1, dtype=i64)])
+    weight = torch.cat([i_last - i_first + 1, torch.ones(ci.shape[0] - body, dtype=i64)])
+    grid = TileGrid.of_tiles(n_q, n_k, causal, block, block, ci, cj)
+    maybe, sure = (torch.broadcast_to(m, ci.shape) for m in rule.classify(params, grid))
+    # per class: its code when certainly full (FULL in the body, else partial with the tail's id: last
+    # row 0, corner 2, column 1) and its tiles' pairs inside the matrix
+    by_part = [
+        [FULL, block * block],
+        [0, rows_last * block],
+        [2, rows_last * cols_last],
+        [1, block * cols_last],
+    ]
+    kind, pairs = torch.tensor(by_part).repeat_interleave(torch.tensor([body, tq * nj, corner, tk * ni]), 0).T
+    allowed = int((pairs * weight * sure).sum())
+    diagonals = nqb + nkb - 1
+    place = torch.cat([(nqb - 1) - t, torch.arange(diagonals, diagonals + ci.shape[0] - body)])
+    table = torch.full((diagonals + ci.shape[0] - body,), EMPTY, dtype=i64)
+    table[place] = torch.where(sure, kind, EMPTY)
+    # the uncertain classes, each its own key group: keys (d0, in the short last row, in the short last
+    # column), d0 = (i - j) * block + offset, numbered in lexicographic order (the grid route's numbering)
+    uncertain = torch.stack([ci, cj, weight, place])[:, (maybe & ~sure).nonzero()[:, 0]]
+    ti, tj = uncertain[0], uncertain[1]
+    key = (ti - tj) * 4 + (ti == nqb - 1) * (2 * tq) + (tj == nkb - 1) * tk
+    ti, tj, tiles, places = uncertain[:, torch.argsort(key)]
+    return _host_part(ti, tj, tiles, torch.arange(ti.shape[0]), block, block, allowed, table, places)
+
+
+def _grid_codes(
+    mask_mod: MaskMod,
+    rule: BlockRule,
+    params: Any,
+    n_q: int,
+    n_k: int,
+    causal: bool,
+    device: torch.device,
+    block_q: int,
+    block_k: int,
+) -> tuple[Tensor, Tensor]:
+    """(codes, allowed pairs int64 0-d) by the grid route: every tile classified on the device, the
+    certainly full ones coded and counted there; the uncertain tiles listed (one ``nonzero``) and copied
+    to the host, grouped there (:func:`_host_tiles`), their groups' representative tiles evaluated on the
+    device and every uncertain tile given its group's verdict."""
+    nqb, nkb, rows_last, cols_last = _tails(n_q, n_k, block_q, block_k)
+    short_q, short_k = block_q - rows_last, block_k - cols_last
+    grid = TileGrid.of(n_q, n_k, causal, block_q, block_k, device)
+    maybe, sure = (m.expand(nqb, nkb) for m in rule.classify(params, grid))
+    codes = torch.full((nqb, nkb), EMPTY, dtype=torch.int32, device=device).masked_fill_(sure, FULL)
+    # certainly full tiles: pairs from the tile sizes (the last row / column of tiles may be shorter:
+    # subtract what they lack, adding back the corner subtracted twice); on a short tail they are partial
+    allowed = torch.count_nonzero(sure) * (block_q * block_k)
+    if short_q:
+        codes[-1].masked_fill_(sure[-1], 0)
+        allowed = allowed - torch.count_nonzero(sure[-1]) * (short_q * block_k)
+    if short_k:
+        codes[:, -1].masked_fill_(sure[:, -1], 1)
+        allowed = allowed - torch.count_nonzero(sure[:, -1]) * (block_q * short_k)
+    if short_q and short_k:
+        codes[-1, -1].masked_fill_(sure[-1, -1], 2)
+        allowed = allowed + sure[-1, -1] * (short_q * short_k)
+    where = (maybe & ~sure).nonzero()  # (T, 2): the uncertain tiles, row-major (a host sync)
+    if where.shape[0]:
+        host = _host_tiles(rule, params, where.cpu(), n_q, n_k, causal, block_q, block_k)
+        buf = host.buffer.to(device, non_blocking=True)
+        code, pairs = _evaluated(mask_mod, buf, host, n_q, n_k, block_q, block_k)
+        codes[where[:, 0], where[:, 1]] = code
+        allowed = allowed + pairs
+    return codes, allowed
+
+
+def _host_tiles(
+    rule: BlockRule, params: Any, where: Tensor, n_q: int, n_k: int, causal: bool, block_q: int, block_k: int
+) -> _HostPart:
+    """The host side of the grid route: the uncertain tiles (int64 (T, 2), row-major) grouped by key: the
+    rule's keys plus, where the last row / column of tiles is short, whether the tile is in it (as in the
+    generic builder, a tile's mask stops at the matrix's edges); the groups numbered in the keys'
+    lexicographic order, each represented by its first tile."""
+    nqb, nkb, rows_last, cols_last = _tails(n_q, n_k, block_q, block_k)
+    ti, tj = where[:, 0], where[:, 1]
+    n, i64 = ti.shape[0], torch.int64
+    grid = TileGrid.of_tiles(n_q, n_k, causal, block_q, block_k, ti, tj)
+    parts = [k.expand(n).to(i64) for k in rule.keys(params, grid)]
+    if rows_last < block_q:
+        parts.append((ti == nqb - 1).to(i64))
+    if cols_last < block_k:
+        parts.append((tj == nkb - 1).to(i64))
+    group, groups = torch.zeros(n, dtype=i64), 1
+    for k, part in enumerate(parts):  # the running group id folded with each part's rank (below n * n)
         rank = torch.unique(part, return_inverse=True)[1]
-        values, group = torch.unique(group * n + rank, return_inverse=True)
-    return group, int(values.shape[0])
+        values, group = torch.unique(group * n + rank if k else rank, return_inverse=True)
+        groups = values.shape[0]
+    first = torch.full((groups,), n, dtype=i64).scatter_reduce_(0, group, torch.arange(n), "amin")
+    tiles = torch.bincount(group, minlength=groups)
+    return _host_part(ti[first], tj[first], tiles, group, block_q, block_k, 0)
 
 
-def _evaluate(mask_mod: MaskMod, grid: TileGrid, tiles: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(any, all, count) of the token mask over each listed tile (int64 (U, 2) block coordinates), with
-    the generic builder's conventions: pairs outside the matrix are not allowed (so a tile sticking out
-    is never all)."""
-    bq, bk, dev = grid.block_q, grid.block_k, grid.device
-    zero = torch.zeros((), dtype=torch.int32, device=dev)
-    r = torch.arange(bq, dtype=torch.int32, device=dev)
-    c = torch.arange(bk, dtype=torch.int32, device=dev)
-    out_any, out_all, out_count = [], [], []
-    step = max(1, EVAL_CHUNK_ELEMENTS // (bq * bk))
-    for t0 in range(0, tiles.shape[0], step):
-        tc = tiles[t0 : t0 + step].to(torch.int32)
-        q_idx = (tc[:, 0, None] * bq + r)[:, :, None]  # (T, bq, 1)
-        kv_idx = (tc[:, 1, None] * bk + c)[:, None, :]  # (T, 1, bk)
-        m = mask_mod(zero, zero, q_idx, kv_idx) & (q_idx < grid.n_q) & (kv_idx < grid.n_k)
-        flat = m.reshape(m.shape[0], -1)
-        out_any.append(flat.any(dim=1))
-        out_all.append(flat.all(dim=1))
-        out_count.append(flat.sum(dim=1))
-    return torch.cat(out_any), torch.cat(out_all), torch.cat(out_count)
+def _host_part(
+    rep_i: Tensor,
+    rep_j: Tensor,
+    tiles: Tensor,
+    group: Tensor,
+    block_q: int,
+    block_k: int,
+    allowed: int,
+    table: Tensor | None = None,
+    places: Tensor | None = None,
+) -> _HostPart:
+    """The buffer of :class:`_HostPart` from host int64 tensors: per group its representative tile
+    (``rep_i``, ``rep_j``) and the tiles it stands for; per uncertain item its group (and ``places``);
+    the route's ``table``."""
+    groups, i64 = rep_i.shape[0], torch.int64
+    q_idx = rep_i[:, None] * block_q + torch.arange(block_q)
+    kv_idx = rep_j[:, None] * block_k + torch.arange(block_k)
+    table = torch.zeros(0, dtype=i64) if table is None else table
+    pad = torch.zeros((1 + groups * (block_q + block_k) + table.shape[0]) % 2, dtype=i64)  # (int64 aligned)
+    narrow = [torch.zeros(1, dtype=i64), q_idx.flatten(), kv_idx.flatten(), torch.arange(groups) + GROUP_IDS]
+    wide = group if places is None else torch.cat([group, places])
+    buffer = torch.cat([torch.cat([*narrow, tiles, table, pad]).to(torch.int32), wide.view(torch.int32)])
+    wide_at = buffer.shape[0] - 2 * wide.shape[0]
+    return _HostPart(buffer, groups, group.shape[0], table.shape[0], wide_at, allowed, int(tiles.sum()))
+
+
+def _evaluated(
+    mask_mod: MaskMod, buf: Tensor, host: _HostPart, n_q: int, n_k: int, block_q: int, block_k: int
+) -> tuple[Tensor, Tensor]:
+    """(code of each uncertain item, int32 (T,); pairs allowed in the tiles they stand for, int64 0-d), on
+    ``buf``'s device: the token mask over each group's representative tile, with the generic builder's
+    conventions (pairs outside the matrix are not allowed, so a tile sticking out is never full)."""
+    g, zero = host.groups, buf[0]
+    at = 1 + g * (block_q + block_k)
+    q_idx = buf[1 : 1 + g * block_q].view(g, block_q, 1)
+    kv_idx = buf[1 + g * block_q : at].view(g, 1, block_k)
+    step = max(1, EVAL_CHUNK_ELEMENTS // (block_q * block_k))  # bounding the token rule's temporaries
+    counts = []
+    for q, kv in zip(q_idx.split(step), kv_idx.split(step), strict=True):
+        m = mask_mod(zero, zero, q, kv)
+        if n_q % block_q:  # (only a short last row or column of tiles sticks out of the matrix)
+            m = m & (q < n_q)
+        if n_k % block_k:
+            m = m & (kv < n_k)
+        counts.append(m.expand(q.shape[0], block_q, block_k).sum((1, 2)))
+    count = counts[0] if len(counts) == 1 else torch.cat(counts)
+    partial_code, tiles = buf[at : at + g], buf[at + g : at + 2 * g]
+    group = buf[host.wide_at :].view(torch.int64)[: host.items]
+    code = torch.where(count == block_q * block_k, FULL, torch.where(count > 0, partial_code, EMPTY))
+    stats["uncertain_tiles"] += host.tiles
+    stats["evaluated_tiles"] += g
+    return code[group], (count * tiles).sum()
 
 
 def tile_patterns(plan: Plan, partial: Tensor, chunk: int | None = None) -> tuple[Tensor, Tensor] | None:

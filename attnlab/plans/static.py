@@ -8,7 +8,9 @@ Two builders give the same plan, field by field (the block path also sets ``patt
   at a tail is never full (its padding is not allowed): partial unless the mask is empty there.
 - :func:`attnlab.plans.blocks.plan_from_rule` (methods whose mask factory has a block rule, see
   :mod:`attnlab.plans.blocks`): classifies tiles from per-block bounds and evaluates the mask only on one
-  tile per distinct uncertain pattern (a window's edges), O(NQB x NKB) plus a few tiles.
+  tile per distinct uncertain pattern (a window's edges), O(NQB x NKB) plus a few tiles; for a mask of
+  the diagonal offset (``sliding_window``, ``dilated``, dense causal) with no host synchronisation and a
+  few dozen device operations at any length (what a first call at a new length pays for its plan).
 
 :func:`static_plan` and :func:`causal_plan` take the block path when a rule exists, else the generic one.
 Inside a ``torch.compile`` region (where a plan is traced, not cached) they take the generic path: the
