@@ -373,7 +373,13 @@ def _host_diagonals(rule: BlockRule, params: Any, n_q: int, n_k: int, causal: bo
         [2, rows_last * cols_last],
         [1, block * cols_last],
     ]
-    kind, pairs = torch.tensor(by_part).repeat_interleave(torch.tensor([body, tq * nj, corner, tk * ni]), 0).T
+    # (torch.full per part, not repeat_interleave: its CPU kernel is a parallel_for of grain 1, which woke
+    # the thread pool for 4 rows and cost 4-6 ms per first call on the H100's host at 8ddb357)
+    counts = (body, tq * nj, corner, tk * ni)
+    kind = torch.cat(
+        [torch.full((c,), code, dtype=i64) for (code, _), c in zip(by_part, counts, strict=True)]
+    )
+    pairs = torch.cat([torch.full((c,), p, dtype=i64) for (_, p), c in zip(by_part, counts, strict=True)])
     allowed = int((pairs * weight * sure).sum())
     diagonals = nqb + nkb - 1
     place = torch.cat([(nqb - 1) - t, torch.arange(diagonals, diagonals + ci.shape[0] - body)])
