@@ -89,24 +89,79 @@ def flag_applies(flag: str, api: str) -> bool:
     return flag.startswith("GLA_") == (api != "gated_delta")
 
 
+#: Settings of ``attnlab.kernels.linear.op`` to A/B (``--ab-values``): each a tuple of (name, value) pairs, set
+#: together; each adds, per method it applies to, a side ``<method>[<NAME>=<value>+...]`` with them for the
+#: whole call, its backward included.
+Setting = tuple[tuple[str, Any], ...]
+AB_VALUES: tuple[Setting, ...] = ()
+
+
+def parse_value(text: str) -> Any:
+    """An ``--ab-values`` value: off / on / false / true as bools, then int, float, else the string."""
+    low = text.lower()
+    if low in ("off", "false", "on", "true"):
+        return low in ("on", "true")
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_setting(text: str) -> Setting:
+    """``NAME=VALUE[+NAME=VALUE...]`` (one ``--ab-values`` item) as (name, value) pairs."""
+    return tuple((nm, parse_value(x)) for nm, _, x in (a.partition("=") for a in text.split("+")))
+
+
+def ab_label(setting: Setting) -> str:
+    """A side's suffix for ``setting``: ``[NAME=off]`` for one flag off (``--ab-flags``' sides)."""
+    shown = ("off" if x is False else "on" if x is True else str(x) for _, x in setting)
+    return "[" + "+".join(f"{nm}={x}" for (nm, _), x in zip(setting, shown, strict=True)) + "]"
+
+
+def setting_applies(setting: Setting, api: str) -> bool:
+    """Whether every setting of ``setting`` applies to a method of API ``api`` (``flag_applies``)."""
+    return all(flag_applies(nm, api) for nm, _ in setting)
+
+
 @contextlib.contextmanager
-def flag_off(name: str) -> Iterator[None]:
-    """``attnlab.kernels.linear.op.<name>`` set to False for the duration."""
+def applied(setting: Setting) -> Iterator[None]:
+    """The settings of ``attnlab.kernels.linear.op`` in ``setting`` for the duration."""
     from attnlab.kernels.linear import op
 
-    saved = getattr(op, name)
-    setattr(op, name, False)
+    saved = [(nm, getattr(op, nm)) for nm, _ in setting]
     try:
+        for nm, x in setting:
+            setattr(op, nm, x)
         yield
     finally:
-        setattr(op, name, saved)
+        for nm, x in reversed(saved):
+            setattr(op, nm, x)
 
 
-def _flag_off_fwd_bwd(
-    name: str, fn: Callable[[], Tensor], wrt: list[Tensor], do: Tensor
+def flag_off(name: str) -> contextlib.AbstractContextManager[None]:
+    """``attnlab.kernels.linear.op.<name>`` set to False for the duration."""
+    return applied(((name, False),))
+
+
+def _setting_fwd_bwd(
+    setting: Setting, fn: Callable[[], Tensor], wrt: list[Tensor], do: Tensor
 ) -> tuple[Tensor, ...]:
-    with flag_off(name):
+    with applied(setting):
         return torch.autograd.grad(fn(), wrt, do)
+
+
+def _ab_setting(side: str) -> Setting | None:
+    """The setting of an A/B side named ``<method>[<NAME>=<value>+...]`` (None for other sides)."""
+    if not side.endswith("]") or "=" not in side[side.rindex("[") :]:
+        return None
+    return parse_setting(side[side.rindex("[") + 1 : -1])
+
+
+def ab_settings() -> list[Setting]:
+    """Every A/B setting: each ``--ab-flags`` flag off, then the ``--ab-values`` items."""
+    return [((f, False),) for f in AB_FLAGS] + list(AB_VALUES)
 
 
 def _side_fwd_bwd(name: str) -> Callable[..., tuple[Tensor, ...]]:
@@ -115,8 +170,9 @@ def _side_fwd_bwd(name: str) -> Callable[..., tuple[Tensor, ...]]:
         return _one_kernel_fwd_bwd
     if name.endswith("[previous-wy]"):
         return _previous_wy_fwd_bwd
-    if name.endswith("=off]"):
-        return functools.partial(_flag_off_fwd_bwd, name[name.rindex("[") + 1 : -len("=off]")])
+    setting = _ab_setting(name)
+    if setting is not None:
+        return functools.partial(_setting_fwd_bwd, setting)
     return _fwd_bwd
 
 
@@ -254,7 +310,7 @@ def sides(b: int, h: int, n: int, d: int, methods: tuple[str, ...], fla: bool) -
                     return op(q, k, v, **extra).out
 
             out[method + "[previous-wy]"] = (prev, out[method][1], do)
-        for flag in (f for f in AB_FLAGS if flag_applies(f, c.api)):
+        for setting in (x for x in ab_settings() if setting_applies(x, c.api)):
 
             def off(
                 op: Any = op,
@@ -262,12 +318,12 @@ def sides(b: int, h: int, n: int, d: int, methods: tuple[str, ...], fla: bool) -
                 k: Tensor = k,
                 v: Tensor = v,
                 extra: Any = extra,
-                flag: str = flag,
+                setting: Setting = setting,
             ) -> Tensor:
-                with flag_off(flag):
+                with applied(setting):
                     return op(q, k, v, **extra).out
 
-            out[f"{method}[{flag}=off]"] = (off, out[method][1], do)
+            out[method + ab_label(setting)] = (off, out[method][1], do)
         if GLA_SPLIT_AB and method == "gla":  # (the forward is the same; bench() runs its old backward)
             out[method + "[one-kernel-bwd]"] = out[method]
         if fla and method != "hedgehog" and (FLA_METHODS is None or method in FLA_METHODS):
@@ -282,6 +338,23 @@ def sides(b: int, h: int, n: int, d: int, methods: tuple[str, ...], fla: bool) -
 
             out["fla:" + method] = (theirs, [qf, kf, vf, *(xf[nm] for nm in c.learned)], to_fla(do))
     return out
+
+
+def register_check_sides(api: str) -> tuple[str, ...]:
+    """The A/B settings (``--ab-flags`` off, ``--ab-values``) of a method of API ``api`` as sides of
+    ``linear_gpu_check.check`` (``attnlab[<NAME>=<value>]``: our op with that setting for the whole call),
+    registered there; their names."""
+    import linear_gpu_check as lgc
+
+    names = []
+    for setting in ab_settings():
+        if not setting_applies(setting, api):
+            continue
+        side = "attnlab" + ab_label(setting)
+        lgc.SIDES[side] = lgc.run_ours
+        lgc.SIDE_CONTEXT[side] = functools.partial(applied, setting)
+        names.append(side)
+    return tuple(names)
 
 
 def _fwd_bwd(fn: Callable[[], Tensor], wrt: list[Tensor], do: Tensor) -> tuple[Tensor, ...]:
@@ -317,6 +390,11 @@ def bench(
         for flag in AB_FLAGS:  # the default's time over the flag-off side's (< 1: the flag helps)
             row[f"{mode}_default_over_{flag}_off"] = {
                 m: _ratio(t.get(m), t.get(f"{m}[{flag}=off]")) for m in methods if f"{m}[{flag}=off]" in t
+            }
+        for setting in AB_VALUES:  # the default's time over the side's (< 1: the default is faster)
+            lab = ab_label(setting)
+            row[f"{mode}_default_over{lab}"] = {
+                m: _ratio(t.get(m), t.get(m + lab)) for m in methods if m + lab in t
             }
         if WY_AB:  # the blockwise WY forward's time over the previous one's (< 1: faster)
             row[mode + "_blockwise_over_previous_wy"] = {
@@ -759,6 +837,19 @@ def main() -> None:
         "it applies to (GLA_*: gla, lightning, linear; others: gated_delta, KDA)",
     )
     ap.add_argument(
+        "--ab-values",
+        default="",
+        help="comma list of NAME=VALUE[+NAME=VALUE...] settings of attnlab.kernels.linear.op (off/on, ints, "
+        "floats, strings): each item adds a side with those values per method they apply to (GLA_*: gla, "
+        "lightning, linear)",
+    )
+    ap.add_argument(
+        "--check-ab",
+        action="store_true",
+        help="--check also runs every --ab-flags / --ab-values side (its setting for the whole call)",
+    )
+    ap.add_argument("--check-no-fla", action="store_true", help="--check leaves fla out")
+    ap.add_argument(
         "--wy-ab",
         action="store_true",
         help="also time gated_delta / KDA with the previous delta-rule forward (op.WY_BLOCKWISE, "
@@ -786,9 +877,15 @@ def main() -> None:
     ap.add_argument("--check-budget", type=float, default=200.0, help="seconds after which no check starts")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    global DEV, L2NORM_AB, GLA_SPLIT_AB, WY_AB, AB_FLAGS
+    global DEV, L2NORM_AB, GLA_SPLIT_AB, WY_AB, AB_FLAGS, AB_VALUES
     WY_AB = args.wy_ab
     AB_FLAGS = tuple(filter(None, args.ab_flags.split(",")))
+    AB_VALUES = tuple(parse_setting(a) for a in filter(None, args.ab_values.split(",")))
+    from attnlab.kernels.linear import op as linear_op
+
+    for nm in (*AB_FLAGS, *(nm for x in AB_VALUES for nm, _ in x)):
+        if not hasattr(linear_op, nm):
+            raise SystemExit(f"--ab-flags / --ab-values: attnlab.kernels.linear.op has no setting {nm}")
     L2NORM_AB = args.l2norm_ab
     if L2NORM_AB:  # "ours": the fused norm (the default since checked on the H100); the A/B side: the old one
         from attnlab.kernels.linear import op
@@ -835,11 +932,14 @@ def main() -> None:
             if time.perf_counter() - start > args.check_budget:
                 save("checks", {"skipped": f"{method} {shape}", "why": "check budget"})
                 continue
+            api = "gated_delta" if method.startswith("gated_delta") else method
+            ab_sides = register_check_sides(api) if args.check_ab else ()
             sides_ = (
                 "attnlab",
+                *ab_sides,
                 *(("attnlab-old-l2norm",) if L2NORM_AB else ()),
                 *(("attnlab-gla-one-kernel",) if GLA_SPLIT_AB else ()),
-                *(("fla",) if fla else ()),
+                *(("fla",) if fla and not args.check_no_fla else ()),
             )
             try:
                 rows = check(method, b, h, n, args.head_dim, grad=flag == "grad", sides=sides_)

@@ -4,6 +4,7 @@ fused and the old q/k L2-norm paths, the A/B sides of the timing, and the decode
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,3 +69,35 @@ def test_decode_host_counts_what_a_step_launches(scripts: tuple[Any, Any]) -> No
     assert (on["host_reads"], off["host_reads"]) == (1, 0)  # the in-kernel check's counts, read once
     assert row["lightning:check_values=on"]["host_reads"] == 0
     assert all(r["host_us_median"] > 0 for k, r in row.items() if ":" in k)
+
+
+def test_ab_value_sides_compute_the_same_function_and_pass_the_check(
+    scripts: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--ab-flags`` / ``--ab-values`` (gla's fused backward off; its slices of 32; the whole previous
+    backward: three settings in one side): one side per setting with its values for the whole call (the
+    backward included): the gradients of the default's, and as ``--check-ab`` sides of the reference
+    check, each passing it."""
+    lb, lgc = scripts
+    old = "GLA_BWD_FUSED=off+GLA_BWD_H_PASS=off+GLA_SKIP_ZERO_GRADS=off"
+    monkeypatch.setattr(lb, "AB_FLAGS", ("GLA_BWD_FUSED",))
+    monkeypatch.setattr(lb, "AB_VALUES", (lb.parse_setting("GLA_BWD_BKS=32"), lb.parse_setting(old)))
+    assert lb.parse_setting(old)[1] == ("GLA_BWD_H_PASS", False)
+    labels = ("[GLA_BWD_FUSED=off]", "[GLA_BWD_BKS=32]", f"[{old}]")
+    for side in ("attnlab" + lab for lab in labels):  # (both tables restored after the test)
+        monkeypatch.setitem(lgc.SIDES, side, lgc.run_ours)
+        monkeypatch.setitem(lgc.SIDE_CONTEXT, side, lambda: contextlib.nullcontext())
+    sides = lb.sides(1, 2, 20, 32, ("gla",), fla=False)
+    assert set(sides) == {"cudnn_sdpa", "gla", *("gla" + lab for lab in labels)}
+    fn, wrt, do = sides["gla"]
+    want = lb._fwd_bwd(fn, wrt, do)
+    for name in ("gla" + lab for lab in labels):
+        got = lb._side_fwd_bwd(name)(sides[name][0], wrt, do)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a.float(), b.float(), atol=3e-2, rtol=3e-2)
+    assert lb.register_check_sides("gated_delta") == ()
+    names = lb.register_check_sides("gla")
+    assert names == tuple("attnlab" + lab for lab in labels)
+    rows = lgc.check("gla", 1, 1, 12, 32, grad=True, sides=("attnlab", *names))
+    assert [r["side"] for r in rows] == ["attnlab", *names]
+    assert all(r["pass"] and "dg" in r for r in rows), rows

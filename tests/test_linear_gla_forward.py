@@ -257,8 +257,10 @@ KERNELS = [
 def test_the_forward_launches_what_its_switches_say(setting: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Per-channel gates, no gradients: with the defaults four launches (gate cumsum, state pass, scores,
     output) and no PyTorch cumsum; all off: the previous forward's (PyTorch cumsum, local states, scan,
-    scores by sub-block, output). With gradients the backward's dg takes one more launch (defaults)."""
+    scores by sub-block, output). With gradients the backward's dg takes one more launch (defaults) in the
+    previous backward (``GLA_BWD_FUSED`` off here; the fused one folds it in: test_linear_gla_backward)."""
     op = _op()
+    monkeypatch.setattr(op, "GLA_BWD_FUSED", False)
     launches = _Launches(monkeypatch, KERNELS)
     cumsums: list[int] = []
     real = op.chunk_cumsum

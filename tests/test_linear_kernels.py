@@ -575,6 +575,7 @@ def test_gla_split_backward_matches_the_recurrence(
     (``gla_bwd_inter_kernel``), the intra-chunk terms by ``gla_bwd_sub_kernel`` on top: every gradient
     against the recurrence, as the one-kernel backward."""
     op = _op()
+    monkeypatch.setattr(op, "GLA_BWD_FUSED", False)  # (the previous backward, which the split belongs to)
     monkeypatch.setattr(op, "GLA_BWD_SPLIT", True)
     launched: list[int] = []
     real = op.gla_bwd_inter_kernel

@@ -46,9 +46,13 @@ with fp32 accumulation, and without a backward the chunk states and U kept in 16
 
 Backward. The state's gradient at every chunk end by stages 1 and 2 reversed (``BACKWARD``; the scan also
 gives the log-decays' gradient at each chunk's last row, sum_v S_end * dS_end); then dq, dk, dv per chunk
-in parallel: :func:`chunk_bwd_scalar_kernel` (scalar gate, 64-row tiles) or :func:`gla_bwd_sub_kernel`
-(per-channel gates, 16-row sub-blocks, the forward's intra-chunk scores; :func:`gla_bwd_inter_kernel`
-first with ``op.GLA_BWD_SPLIT``), and dg from the cumsum's gradient by :func:`gate_cumsum_bwd_kernel`. The
+in parallel: :func:`chunk_bwd_scalar_kernel` (scalar gate, 64-row tiles) or, per-channel gates,
+:func:`gla_bwd_chunk_kernel` (``op.GLA_BWD_FUSED``: a whole chunk per program, dq, dk, dv and dg, the
+intra-chunk sums by the forward's split dots, the chunk-end term from S and dH, dg's reverse cumsum
+folded in; the state gradient then by :func:`gla_h_kernel` with ``REVERSE``, ``op.GLA_BWD_H_PASS``) or
+:func:`gla_bwd_sub_kernel` (16-row sub-blocks, the forward's intra-chunk scores;
+:func:`gla_bwd_inter_kernel` first with ``op.GLA_BWD_SPLIT``) and dg from the cumsum's gradient by
+:func:`gate_cumsum_bwd_kernel`. The
 delta rule: :func:`delta_bwd_dh_kernel` (the reverse sequential pass: dH, dU), then
 :func:`delta_bwd_chunk_kernel` (scalar gate: every chunk's gradients from the saved S, U, T), or per
 channel :func:`delta_bwd_chunk_channel_kernel` and :func:`score_bwd_kernel` (the intra-chunk scores' own
@@ -202,9 +206,10 @@ def chunk_scan_kernel(
 @triton.jit
 def gla_h_kernel(
     K, V, GC, H0, HS, HT, SEQ,
-    N, NP, DK, DV, NKB, BHM,
+    N, NP, DK, DV, NKB, BHM, scale,
     GATE: tl.constexpr, HAS_H0: tl.constexpr, VARLEN: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LOWP: tl.constexpr, DOT_PREC: tl.constexpr,
+    REVERSE: tl.constexpr = False,
 ):  # fmt: skip
     """Stages 1 and 2 of the forward in one sequential pass (``op.GLA_H_PASS``), one program per (state
     tile, batch * head) walking its chunks: HS[c] = S (the state at chunk c's start, in HS's dtype), then
@@ -214,7 +219,12 @@ def gla_h_kernel(
     rows evolve independently, so the state is split over key and value tiles alike (no M buffer written
     and read back, as stages 1 and 2 do). LOWP: dot operands in k's dtype (16-bit; k exp(G_C - G)
     rounded to it), float32 accumulation; else float32 operands (``DOT_PREC``). VARLEN: as
-    :func:`chunk_scan_kernel` (H0, HT per sequence and head)."""
+    :func:`chunk_scan_kernel` (H0, HT per sequence and head).
+
+    REVERSE (the backward's state gradient, ``op.GLA_BWD_H_PASS``: stages 1 and 2 with ``BACKWARD`` in one
+    pass): K = q, V = do, H0 = the final state's gradient, the chunks walked from the last: HS[c] = dS (the
+    gradient at chunk c's end), then dS = exp(G_C) * dS + scale (q exp(G))^T do; HT the initial state's
+    gradient. ``scale`` is read only then."""
     pid = tl.program_id(0)
     sh = tl.program_id(1).to(tl.int64)
     n_chunks = tl.cdiv(N, BT)
@@ -234,7 +244,11 @@ def gla_h_kernel(
         s = tl.zeros((BK, BV), dtype=tl.float32)
     k_ptr = K + bh * N * DK
     v_ptr = V + bh * N * DV
-    for c in range(c_lo, c_hi):
+    for cc in range(c_lo, c_hi):
+        if REVERSE:  # noqa: SIM108
+            c = c_lo + c_hi - 1 - cc
+        else:
+            c = cc
         t0 = c * BT
         r = t0 + rt
         tl.store(HS + (bh * n_chunks + c) * DK * DV + off, s.to(HS.dtype.element_ty), mask=mask)
@@ -243,12 +257,18 @@ def gla_h_kernel(
         if GATE == 2:
             gt = tl.load(GC + (bh * NP + r[None, :]) * DK + rk[:, None], mask=mk[:, None], other=0.0)
             gl = tl.load(GC + (bh * NP + t0 + BT - 1) * DK + rk, mask=mk, other=0.0)
-            kd = kt.to(tl.float32) * tl.exp(gl[:, None] - gt)
+            if REVERSE:
+                kd = kt.to(tl.float32) * (tl.exp(gt) * scale)
+            else:
+                kd = kt.to(tl.float32) * tl.exp(gl[:, None] - gt)
             s = s * tl.exp(gl)[:, None]
         else:
             g = tl.load(GC + bh * NP + r)
             gl = tl.load(GC + bh * NP + t0 + BT - 1)
-            kd = kt.to(tl.float32) * tl.exp(gl - g)[None, :]
+            if REVERSE:
+                kd = kt.to(tl.float32) * (tl.exp(g) * scale)[None, :]
+            else:
+                kd = kt.to(tl.float32) * tl.exp(gl - g)[None, :]
             s = s * tl.exp(gl)
         if LOWP:
             s = tl.dot(kd.to(K.dtype.element_ty), v.to(K.dtype.element_ty), s)
@@ -335,6 +355,7 @@ def intra_scores_v2_kernel(
     N, NP, DK,
     BT: tl.constexpr, LBT: tl.constexpr, BK: tl.constexpr, BKS: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    STRICT: tl.constexpr = False, HAS_BETA: tl.constexpr = False, BETA=None,
 ):  # fmt: skip
     """The intra-chunk scores of per-channel gates (``op.GLA_INTRA_V2``; :func:`intra_scores_kernel`'s
     non-strict result without beta, the same layout), one whole chunk per program (chunk, batch * head),
@@ -349,8 +370,9 @@ def intra_scores_v2_kernel(
     Every t > j is paired at exactly one level (the highest bit where they differ), and both factors are
     exps of a later row's G minus an earlier one's (<= 1: nothing overflows, however strong the decay).
     One exp per element and level (the row's own side: exp(G_t - G_r) if bit b is set, exp(G_r - G_t)
-    if not), BKS channels at a time; dot operands in x's dtype (float32 with UPCAST). Upper entries are
-    exactly 0."""
+    if not), BKS channels at a time; dot operands in x's dtype (float32 with UPCAST: then in DOT_PREC).
+    Upper entries are exactly 0. STRICT: the diagonal too (j < t); HAS_BETA: row t times BETA[t] (B*H, N)
+    (the delta rule's scores, ``op.DELTA_INTRA_V2``: :func:`intra_scores_kernel`'s other results)."""
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     t0 = c * BT
@@ -381,7 +403,11 @@ def intra_scores_v2_kernel(
             kb = tl.where(up, 0.0, k * e).to(dt)
             p = tl.dot(xb, tl.trans(kb), input_precision=DOT_PREC)
             acc += tl.where((ii >> (b + 1)) == (jj >> (b + 1)), p, 0.0)
-    acc += tl.where(ii == jj, diag[:, None], 0.0)
+    if not STRICT:
+        acc += tl.where(ii == jj, diag[:, None], 0.0)
+    if HAS_BETA:
+        b_t = tl.load(BETA + bh * N + t0 + rt, mask=t0 + rt < N, other=0.0).to(tl.float32)
+        acc = acc * b_t[:, None]
     tl.store(A + bh * NP * BT + (t0 + ii) * BT + jj, acc)
 
 
@@ -1383,6 +1409,134 @@ def gla_bwd_sub_kernel(
     dv += scale * acc
     rv = tl.arange(0, BV)[None, :]
     tl.store(DV_ + bh * N * DV + r_i * DV + rv, dv.to(DV_.dtype.element_ty), mask=(r_i < N) & (rv < DV))
+
+
+@triton.jit
+def _gla_bwd_level(g_ptr, q, k, g, da, dat, dq, dk, ii, jj, t0, ck, mk, b, DK, dt: tl.constexpr,
+                   DOT_PREC: tl.constexpr):  # fmt: skip
+    """Level b of :func:`gla_bwd_chunk_kernel`'s intra-chunk sums: (dq, dk) plus the pairs (t, j) whose
+    chunk-local indices first differ at bit b (t's bit set), the decay split at r = ((t >> b) | 1) << b."""
+    up = ((ii >> b) & 1) == 1  # rows on the later side of their level-b split
+    ref = t0 + (((ii >> b) | 1) << b)
+    gr = tl.load(g_ptr + ref * DK + ck[None, :], mask=mk[None, :], other=0.0)
+    e = tl.exp(tl.where(up, g - gr, gr - g))  # exp(G_t - G_r) on the later rows, exp(G_r - G_j) on the others
+    pair = (ii >> (b + 1)) == (jj >> (b + 1))  # (the other pairs meet a zero row of kb / qb or are dropped)
+    kb = tl.where(up, 0.0, k * e).to(dt)
+    qb = tl.where(up, q * e, 0.0).to(dt)
+    pq = tl.dot(tl.where(pair, da, 0.0), kb, input_precision=DOT_PREC)
+    pk = tl.dot(tl.where(pair, dat, 0.0), qb, input_precision=DOT_PREC)
+    dq += tl.where(up, e * pq, 0.0)
+    dk += tl.where(up, 0.0, e * pk)
+    return dq, dk
+
+
+@triton.jit
+def gla_bwd_chunk_kernel(
+    Q, K, V, GC, DO, HS, DHS, A, DQ, DK_, DV_, DG,
+    N, NP, DK, DV, scale,
+    RAW_G: tl.constexpr, BT: tl.constexpr, LBT: tl.constexpr, BKS: tl.constexpr, BV: tl.constexpr,
+    UNROLL: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Every gradient of one chunk of the per-channel-gate (gla) backward in one program (chunk, batch *
+    head) (``op.GLA_BWD_FUSED``): dq, dk, dv in DQ's, DK_'s, DV_'s dtypes and the gate's gradient, from S
+    (HS: the state at the chunk's start), dH (DHS: its gradient at the chunk's end) and A (the forward's
+    intra-chunk scores). With dA = scale (do v^T) masked to j <= t, built once per chunk (and dA^T by
+    v do^T, never by transposing a dot's result)::
+
+        dq_t = scale exp(G_t) (do_t S^T) + sum_{j<=t} dA_tj k_j exp(G_t - G_j)
+        dk_j = exp(G_C - G_j) (v_j dH^T) + sum_{t>=j} dA_tj q_t exp(G_t - G_j)
+        dv_j = scale sum_{t>=j} A_tj do_t + (k_j exp(G_C - G_j)) dH
+
+    The intra-chunk sums by ``intra_scores_v2_kernel``'s split (LBT = log2(BT) levels; level b pairs the
+    rows t with bit b set with the rows j with it clear and the same higher bits, the decay split at
+    r_b = ((t >> b) | 1) << b: exp(G_t - G_j) = exp(G_t - G_r) exp(G_r - G_j), both <= 1): per level one
+    exp tile e (exp(G_t - G_r) on the later rows, exp(G_r - G_j) on the earlier ones) serves both
+    dq += e * ((dA masked to the level's pairs) (k * e)) and dk += e * ((dA^T masked) (q * e)); the
+    diagonal (G_t - G_t = 0) is dA_tt k_t / dA_tt q_t, exact. Per slice of BKS key channels; dv (BT, BV)
+    accumulates over them. The gate's gradient DG = q dq - k dk, plus on the chunk's last row the
+    chunk-end term exp(G_C) sum_v S dH + sum_j k_j (exp(G_C - G_j) v_j dH^T) (= sum_v S_end dH: no
+    forward state past the chunk read): the gradient of the chunk-local cumsum (float32, NP rows); with
+    RAW_G that of g itself: the reverse cumsum within the chunk (N rows, DG's dtype). Dot operands in
+    q's dtype (float32 with UPCAST), float32 accumulation; BV covers the value dim. UNROLL: the levels
+    unrolled (their masks constant; compiled for sm_90 at BKS = 16 about 0.6x the instructions issued
+    per chunk of the loop, at the cost of more shared memory)."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    n_chunks = tl.cdiv(N, BT)
+    t0 = c * BT
+    if UPCAST:  # noqa: SIM108
+        dt = tl.float32
+    else:
+        dt = Q.dtype.element_ty
+    rt = tl.arange(0, BT)
+    ii = rt[:, None]
+    jj = rt[None, :]
+    rows = t0 + ii
+    mrow = rows < N
+    rv = tl.arange(0, BV)[None, :]
+    mtv = mrow & (rv < DV)
+    q_ptr = Q + bh * N * DK
+    k_ptr = K + bh * N * DK
+    g_ptr = GC + bh * NP * DK
+    s_ptr = HS + (bh * n_chunks + c) * DK * DV
+    dh_ptr = DHS + (bh * n_chunks + c) * DK * DV
+    do = tl.load(DO + bh * N * DV + rows * DV + rv, mask=mtv, other=0.0).to(dt)
+    v = tl.load(V + bh * N * DV + rows * DV + rv, mask=mtv, other=0.0).to(dt)
+    da = tl.dot(do, tl.trans(v), input_precision=DOT_PREC) * scale  # dA: queries t, keys j
+    da = tl.where(ii >= jj, da, 0.0)
+    dd = tl.sum(tl.where(ii == jj, da, 0.0), axis=1)[:, None]  # dA_tt (float32)
+    da = da.to(dt)
+    dat = tl.dot(v, tl.trans(do), input_precision=DOT_PREC) * scale  # dA^T: keys j, queries t
+    dat = tl.where(ii <= jj, dat, 0.0).to(dt)
+    # dv first (its accumulator is not live in the dq / dk loop below: fewer registers spilled)
+    at = tl.load(A + bh * NP * BT + (t0 + jj) * BT + ii)  # A^T: keys j, queries t (loaded transposed)
+    dv = tl.dot(tl.where(ii <= jj, at, 0.0).to(dt), do, input_precision=DOT_PREC) * scale
+    for kc in range(0, DK, BKS):
+        ck = kc + tl.arange(0, BKS)
+        mk = ck < DK
+        k = tl.load(k_ptr + rows * DK + ck[None, :], mask=mrow & mk[None, :], other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + rows * DK + ck[None, :], mask=mk[None, :], other=0.0)
+        gl = tl.load(g_ptr + (t0 + BT - 1) * DK + ck, mask=mk, other=0.0)
+        dh = tl.load(dh_ptr + ck[:, None] * DV + rv, mask=mk[:, None] & (rv < DV), other=0.0)
+        dv = tl.dot((k * tl.exp(gl[None, :] - g)).to(dt), dh.to(dt), dv, input_precision=DOT_PREC)
+    tl.store(DV_ + bh * N * DV + rows * DV + rv, dv.to(DV_.dtype.element_ty), mask=mtv)
+    for kc in range(0, DK, BKS):
+        ck = kc + tl.arange(0, BKS)
+        mk = ck < DK
+        mtk = mrow & mk[None, :]
+        q = tl.load(q_ptr + rows * DK + ck[None, :], mask=mtk, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + rows * DK + ck[None, :], mask=mtk, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + rows * DK + ck[None, :], mask=mk[None, :], other=0.0)
+        gl = tl.load(g_ptr + (t0 + BT - 1) * DK + ck, mask=mk, other=0.0)
+        msv = mk[:, None] & (rv < DV)
+        s = tl.load(s_ptr + ck[:, None] * DV + rv, mask=msv, other=0.0)  # (BKS, BV) of S
+        dh = tl.load(dh_ptr + ck[:, None] * DV + rv, mask=msv, other=0.0)  # (BKS, BV) of dH
+        # the state terms (do and v stay in shared memory as the dots' operands)
+        dq = tl.dot(do, tl.trans(s.to(dt)), input_precision=DOT_PREC) * (tl.exp(g) * scale)
+        dk = tl.dot(v, tl.trans(dh.to(dt)), input_precision=DOT_PREC) * tl.exp(gl[None, :] - g)
+        tail = tl.exp(gl) * tl.sum(s * dh, axis=1) + tl.sum(k * dk, axis=0)  # sum_v S_end dH per channel
+        # the intra-chunk terms, level by level
+        if UNROLL:  # (the levels' masked dA / dA^T are the same for every slice: made once, kept)
+            for b in tl.static_range(LBT):
+                dq, dk = _gla_bwd_level(
+                    g_ptr, q, k, g, da, dat, dq, dk, ii, jj, t0, ck, mk, b, DK, dt, DOT_PREC
+                )
+        else:
+            for b in range(LBT):
+                dq, dk = _gla_bwd_level(
+                    g_ptr, q, k, g, da, dat, dq, dk, ii, jj, t0, ck, mk, b, DK, dt, DOT_PREC
+                )
+        dq += dd * k
+        dk += dd * q
+        tl.store(DQ + bh * N * DK + rows * DK + ck[None, :], dq.to(DQ.dtype.element_ty), mask=mtk)
+        tl.store(DK_ + bh * N * DK + rows * DK + ck[None, :], dk.to(DK_.dtype.element_ty), mask=mtk)
+        dg = q * dq - k * dk
+        if RAW_G:
+            dg = tl.cumsum(dg, axis=0, reverse=True) + tail[None, :]
+            tl.store(DG + bh * N * DK + rows * DK + ck[None, :], dg.to(DG.dtype.element_ty), mask=mtk)
+        else:
+            dg += tl.where(ii == BT - 1, tail[None, :], 0.0)
+            tl.store(DG + bh * NP * DK + rows * DK + ck[None, :], dg, mask=mk[None, :])
 
 
 @triton.jit

@@ -38,6 +38,9 @@ SMEM_SM90 = 232448
 #: 256x128 229376, 256x256 393216 (the H100 refused exactly 393216 at 95eba9a-dirty, Hedgehog's 256
 #: features with a ones column); float32 128x64 180224, 128x128 278528. ``gla_bwd_sub_kernel`` (per-channel
 #: gates: gla) 16-bit 256x128 200704, 256x256 335872; float32 128x128 140288, 256x128 246784.
+#: ``gla_bwd_chunk_kernel`` (``op.GLA_BWD_FUSED``; slices of the key dim, so K does not count; chunk 64, 8
+#: warps) 16-bit V = 128 126976 (levels unrolled), V = 256 196608; float32 V = 128 102528 (levels in a
+#: loop): within these limits.
 MAX_BWD_TILE = {("scalar", 2): 256 * 128, ("channel", 2): 256 * 128, ("scalar", 4): 128 * 64,
                 ("channel", 4): 128 * 128}  # fmt: skip
 

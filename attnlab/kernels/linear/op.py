@@ -4,9 +4,12 @@
   gated linear recurrence by chunks (``attnlab::gla_chunk_fwd`` / ``attnlab::gla_chunk_bwd``): the chunk
   states by one sequential pass (``GLA_H_PASS``; else per-chunk local states and a scan over them), the
   intra-chunk scores and per-chunk outputs in parallel (``chunk.py``); the backward's state gradient by
-  local states and a reverse scan, then dq/dk/dv per chunk. Differentiable in q, k, v, g and the
-  initial state. A gate shared by all channels (lightning's per-head decay, linear's none, a
-  (B, H, N, 1) gate) runs the scalar-gate kernels (64-row score tiles); per-channel gates (gla) make the
+  one reverse sequential pass (``GLA_BWD_H_PASS``; else local states and a reverse scan), then under
+  per-channel gates every per-chunk gradient (dq, dk, dv, dg) by one kernel (``GLA_BWD_FUSED``; else
+  two kernels and the gate cumsum's backward), under gates shared by the channels dq/dk/dv per chunk.
+  Differentiable in q, k, v, g and the initial state. A gate shared by all channels (lightning's
+  per-head decay, linear's none, a (B, H, N, 1) gate) runs the scalar-gate kernels (64-row score tiles);
+  per-channel gates (gla) make the
   intra-chunk scores by log2(chunk) split dots per chunk (``GLA_INTRA_V2``; else in 16-row sub-blocks). A
   short call without gradients (decode, N <= ``DECODE_MAX``) runs the recurrent step kernel instead
   (``attnlab::linear_step``).
@@ -27,10 +30,12 @@ gates (gla) as g itself, the op making the cumsum inside and its backward carryi
 Triton launch each, ``GLA_FUSED_GLUE``); gates shared by the channels (and per-channel ones with the flag
 off) as the cumsum made here in PyTorch, so autograd carries dG back to g (and to lightning's per-head
 decays). A/B switches of the gated linear forward: ``GLA_FUSED_GLUE``, ``GLA_H_PASS``, ``GLA_H_COMPACT``,
-``GLA_INTRA_V2`` (all False: the previous forward). The delta rule's op takes g itself and makes the
-cumsum inside (one Triton launch, ``DELTA_FUSED_GLUE``), its backward carrying dG back to g. A/B
-switches of the delta forward (module flags, read at each call):
-``WY_BLOCKWISE`` (the UT transform by 16-row blocks, else row by row), ``WY_INV_PREC``,
+``GLA_INTRA_V2`` (all False: the previous forward); of its backward: ``GLA_BWD_FUSED``,
+``GLA_BWD_H_PASS``, ``GLA_SKIP_ZERO_GRADS`` (all False: the previous backward). The delta rule's op takes g
+itself and makes the cumsum inside (one Triton launch, ``DELTA_FUSED_GLUE``), its backward carrying dG back
+to g. A/B switches of the delta forward (module flags, read at each call):
+``WY_BLOCKWISE`` (the UT transform by 16-row blocks, else row by row), ``WY_INV_PREC``, ``DELTA_INTRA_V2``
+(per-channel gates' intra-chunk scores by split dots, forward and backward),
 ``DELTA_FUSED_GLUE`` (gate cumsum and beta without PyTorch copies); both flags False is the previous
 forward. Importing this module registers the ops.
 """
@@ -61,6 +66,7 @@ from attnlab.kernels.linear.chunk import (
     delta_wy_kernel,
     gate_cumsum_bwd_kernel,
     gate_cumsum_kernel,
+    gla_bwd_chunk_kernel,
     gla_bwd_inter_kernel,
     gla_bwd_sub_kernel,
     gla_h_kernel,
@@ -199,6 +205,35 @@ GLA_H_COMPACT = True
 #: tensor-core dots split at a row inside every pair of half-blocks: no element-by-element 16 x 16 x 16
 #: diagonal products, a quarter of the exps) instead of ``intra_scores_kernel``.
 GLA_INTRA_V2 = True
+# A/B switches of the gated linear backward (module flags; all False is the previous backward exactly).
+# ``GLA_SKIP_ZERO_GRADS`` is read by the forward (which sets up the backward), the others by the backward.
+
+#: Per-channel gates (gla): every per-chunk gradient (dq, dk, dv, and dg: the chunk-end term and, with
+#: ``GLA_FUSED_GLUE``, the reverse cumsum to g folded in) by one launch of ``gla_bwd_chunk_kernel`` per
+#: (chunk, batch * head): dA = scale do v^T made once per chunk, the intra-chunk sums by the forward's
+#: log2(chunk) split dots (no 16-row sub-blocks re-reading their neighbours, no element-by-element
+#: diagonal loops), S and dH read once, and the chunk-end term from them (the state-gradient scan no longer
+#: reads the forward's states for it, and ``gate_cumsum_bwd_kernel`` is not launched). False:
+#: ``gla_bwd_inter_kernel`` / ``gla_bwd_sub_kernel`` (``GLA_BWD_SPLIT``) and ``gate_cumsum_bwd_kernel``.
+GLA_BWD_FUSED = True
+#: With ``GLA_BWD_FUSED``: the state's gradient at every chunk end by one reverse sequential pass
+#: (``gla_h_kernel`` with ``REVERSE``: no M buffer written and read back) instead of stages 1 and 2
+#: (``chunk_local_state_kernel``, ``chunk_scan_kernel``). (Without ``GLA_BWD_FUSED``, and under gates
+#: shared by the channels, the scan also makes the chunk-end term: stages 1 and 2 run.)
+GLA_BWD_H_PASS = True
+#: The forward op's autograd context does not materialise zero gradients for the outputs that the loss
+#: does not use (``ctx.set_materialize_grads(False)``): the saved chunk states, scores and gate cumsum
+#: (returned by the op for the backward; 470 MB of zeros filled per backward at 1x32x8192, D = 128) and
+#: an unused final state. False: PyTorch's default (zero tensors made and passed to the backward).
+GLA_SKIP_ZERO_GRADS = True
+#: Key channels per slice of ``gla_bwd_chunk_kernel`` (dv accumulates over the slices), and whether its
+#: log2(chunk) levels are unrolled (16-bit inputs only: the unrolled levels keep their masked dA / dA^T in
+#: shared memory, 2 x log2(chunk) x chunk^2 x 2 bytes). Compiled for sm_90 (Triton 3.9, bf16, chunk 64,
+#: K = V = 128, 8 warps): 16 unrolled issues ~22K instructions per warp and chunk (spills: 132 per
+#: slice, 127 KB shared); 32 unrolled ~19K (288 spills per slice, 221 KB); 32 in a loop ~29K (134;
+#: 90 KB); 16 in a loop ~38K (37; 62 KB). Timed on the H100 as A/B sides (``linear_bench --ab-values``).
+GLA_BWD_BKS = 16
+GLA_BWD_UNROLL = True
 #: Key rows and value columns per program of ``gla_h_kernel`` (K = V = 128: 2 x 4 tiles per head).
 GLA_H_BK = 64
 GLA_H_BV = 32
@@ -249,20 +284,23 @@ def chunk_states(
 
 
 def intra_scores(
-    x: Tensor, k: Tensor, gc: Tensor, beta: Tensor | None, chunk: int, strict: bool, v2: bool = False
-) -> Tensor:
+    x: Tensor, k: Tensor, gc: Tensor, beta: Tensor | None, chunk: int, strict: bool, v2: bool = False,
+    f32_operands: bool = False,
+) -> Tensor:  # fmt: skip
     """The intra-chunk scores of per-channel gates (B, H, NP, chunk) float32: row t, column j of t's
-    chunk: (beta_t) sum_d x_td k_jd exp(G_td - G_jd) for j <= t (j < t when ``strict``), else 0. ``v2``
-    (not strict, no beta): by ``intra_scores_v2_kernel`` (``GLA_INTRA_V2``)."""
+    chunk: (beta_t) sum_d x_td k_jd exp(G_td - G_jd) for j <= t (j < t when ``strict``), else 0. ``v2``:
+    by ``intra_scores_v2_kernel`` (``GLA_INTRA_V2``, ``DELTA_INTRA_V2``), its dot operands in float32 (dots
+    in ``_prec``: tf32 for 16-bit inputs) with ``f32_operands``, else in x's dtype; without ``v2`` by
+    ``intra_scores_kernel`` (16-row sub-blocks, the diagonal ones exact in float32)."""
     b, h, n, dk = x.shape
     np_ = gc.shape[2]
     a = torch.empty(b, h, np_, chunk, dtype=torch.float32, device=x.device)
     if v2:
-        assert not strict and beta is None, "intra_scores_v2_kernel makes the non-strict scores without beta"
         bk = head_block(dk)
         intra_scores_v2_kernel[(np_ // chunk, b * h)](
             x, k, gc, a, n, np_, dk, BT=chunk, LBT=chunk.bit_length() - 1, BK=bk, BKS=min(bk, GLA_INTRA_BKS),
-            DOT_PREC=_prec(x), UPCAST=_upcast(x), **_cfg("intra_v2", num_warps=8, num_stages=1),
+            DOT_PREC=_prec(x), UPCAST=_upcast(x) or f32_operands, STRICT=strict, HAS_BETA=beta is not None,
+            BETA=beta, **_cfg("intra_v2", num_warps=8, num_stages=1),
         )  # fmt: skip
         return a
     intra_scores_kernel[(np_ // SUB, b * h)](
@@ -311,11 +349,38 @@ def gla_h(
     nkb = cdiv(dk, bk)
     gla_h_kernel[(nkb * cdiv(dv, bv), n_seq * h)](
         k, v, gc, h0.float().contiguous() if h0 is not None else ht, hs, ht,
-        seq_chunks if seq_chunks is not None else ht, n, gc.shape[2], dk, dv, nkb, b * h,
+        seq_chunks if seq_chunks is not None else ht, n, gc.shape[2], dk, dv, nkb, b * h, 1.0,
         GATE=_gate_code(gc), HAS_H0=h0 is not None, VARLEN=seq_chunks is not None, BT=chunk, BK=bk, BV=bv,
         LOWP=low and not IMPORTED_INTERPRETED, DOT_PREC=_prec(k), **_cfg("gla_h", num_warps=4, num_stages=2),
     )  # fmt: skip
     return hs, ht
+
+
+def gla_dh(
+    q: Tensor, do: Tensor, gc: Tensor, dht: Tensor | None, scale: float, chunk: int, seq_chunks: Tensor | None
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The backward's state gradient by one reverse sequential pass (``gla_h_kernel`` with ``REVERSE``,
+    ``GLA_BWD_H_PASS``): (the gradient at every chunk end (B, H, chunks, K, V), the initial state's
+    gradient (B, H, K, V) or per sequence with ``seq_chunks``), float32; ``chunk_states(..., backward=True)``
+    without its chunk-end term. ``dht``: the final state's gradient (None: zero)."""
+    b, h, n, dk = q.shape
+    dv = do.shape[-1]
+    n_chunks = cdiv(n, chunk)
+    f32, dev = torch.float32, q.device
+    dhs = torch.empty(b, h, n_chunks, dk, dv, dtype=f32, device=dev)
+    n_seq = b if seq_chunks is None else seq_chunks.shape[0] - 1
+    dh0 = torch.empty(n_seq, h, dk, dv, dtype=f32, device=dev)
+    bk, bv = min(head_block(dk), GLA_H_BK), min(head_block(dv), GLA_H_BV)
+    nkb = cdiv(dk, bk)
+    low = q.dtype in (torch.bfloat16, torch.float16)
+    gla_h_kernel[(nkb * cdiv(dv, bv), n_seq * h)](
+        q, do, gc, dht.float().contiguous() if dht is not None else dh0, dhs, dh0,
+        seq_chunks if seq_chunks is not None else dh0, n, gc.shape[2], dk, dv, nkb, b * h, float(scale),
+        GATE=_gate_code(gc), HAS_H0=dht is not None, VARLEN=seq_chunks is not None, BT=chunk, BK=bk, BV=bv,
+        LOWP=low and not IMPORTED_INTERPRETED, DOT_PREC=_prec(q), REVERSE=True,
+        **_cfg("gla_dh", num_warps=4, num_stages=2),
+    )  # fmt: skip
+    return dhs, dh0
 
 
 def gla_fwd_launch(
@@ -363,6 +428,8 @@ def gla_bwd_launch(
     b, h, n, dk = q.shape
     dv = v.shape[-1]
     n_chunks = cdiv(n, chunk)
+    if GLA_BWD_FUSED and gc.dim() == 4:
+        return _gla_bwd_fused(q, k, v, gc, hs, do, dht, scale, chunk, seq_chunks, a, g_dtype)
     dhs, dh0, tail = chunk_states(
         q, do, gc, dht, scale, chunk, backward=True, fwd_states=(hs, ht), seq_chunks=seq_chunks
     )
@@ -407,6 +474,36 @@ def gla_bwd_launch(
             return dq, dkk, dvv, dg, dh0
         dgc.view(b, h, n_chunks, chunk, dk)[:, :, :, -1] += tail
     return dq, dkk, dvv, dgc, dh0
+
+
+def _gla_bwd_fused(
+    q: Tensor, k: Tensor, v: Tensor, gc: Tensor, hs: Tensor, do: Tensor, dht: Tensor | None, scale: float,
+    chunk: int, seq_chunks: Tensor | None, a: Tensor | None, g_dtype: torch.dtype | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """``gla_bwd_launch`` under per-channel gates with ``GLA_BWD_FUSED``: the state gradient (one reverse
+    pass with ``GLA_BWD_H_PASS``, else stages 1 and 2 without the chunk-end term), then one launch of
+    ``gla_bwd_chunk_kernel`` for dq, dk, dv and dg (of g itself with ``g_dtype``, else of gc)."""
+    b, h, n, dk = q.shape
+    dv = v.shape[-1]
+    n_chunks = cdiv(n, chunk)
+    np_ = gc.shape[2]
+    if GLA_BWD_H_PASS:
+        dhs, dh0 = gla_dh(q, do, gc, dht, scale, chunk, seq_chunks)
+    else:
+        dhs, dh0, _ = chunk_states(q, do, gc, dht, scale, chunk, backward=True, seq_chunks=seq_chunks)
+    if a is None or a.numel() == 0:  # (the forward's scores, recomputed)
+        a = intra_scores(q, k, gc, None, chunk, strict=False, v2=GLA_INTRA_V2)
+    dq, dkk, dvv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    raw = g_dtype is not None
+    dg = torch.empty(b, h, n, dk, dtype=g_dtype, device=q.device) if raw else torch.empty_like(gc)
+    unroll = GLA_BWD_UNROLL and (q.element_size() == 2 or IMPORTED_INTERPRETED)
+    gla_bwd_chunk_kernel[(n_chunks, b * h)](
+        q, k, v, gc, do, hs, dhs, a, dq, dkk, dvv, dg, n, np_, dk, dv, float(scale),
+        RAW_G=raw, BT=chunk, LBT=chunk.bit_length() - 1, BKS=min(head_block(dk), GLA_BWD_BKS),
+        BV=head_block(dv), UNROLL=unroll, DOT_PREC=_prec(q), UPCAST=_upcast(q),
+        **_cfg("gla_bwd_chunk", num_warps=8),
+    )  # fmt: skip
+    return dq, dkk, dvv, dg, dh0
 
 
 @torch.library.custom_op("attnlab::gla_chunk_fwd", mutates_args=())
@@ -472,10 +569,14 @@ def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
     ctx.args = (scale, chunk, seq_chunks)
     ctx.g_dtype = gc.dtype if raw_gate else None
     ctx.has_h0 = h0 is not None
+    if GLA_SKIP_ZERO_GRADS:  # (None, not zeros, for the outputs the loss does not use)
+        ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, do: Tensor, dht: Tensor | None, *_unused: Tensor | None):  # type: ignore[no-untyped-def]
+def _backward(ctx, do: Tensor | None, dht: Tensor | None, *_unused: Tensor | None):  # type: ignore[no-untyped-def]
     q, k, v, gc, hs, ht, a = ctx.saved_tensors
+    if do is None:  # (GLA_SKIP_ZERO_GRADS: the output unused, only the final state)
+        do = q.new_zeros(v.shape)  # (o: q's dtype, v's shape)
     dq, dk, dv, dgc, dh0 = gla_chunk_bwd(q, k, v, gc, hs, ht, do, dht, *ctx.args, a, ctx.g_dtype)
     return dq, dk, dv, dgc, (dh0 if ctx.has_h0 else None), None, None, None, None, None
 
@@ -795,6 +896,16 @@ WY_COLS = 64
 #: A/B timing; forward and backward must agree: flip it between calls, not between a forward and its
 #: backward). With ``WY_BLOCKWISE`` False too, the forward is the previous one exactly.
 DELTA_FUSED_GLUE = True
+#: Per-channel gates (KDA): the delta rule's intra-chunk scores (the forward's beta-scaled strict k k^T and
+#: q k^T, the backward's recomputed q k^T and strict k k^T) by ``intra_scores_v2_kernel`` (a chunk per
+#: program, log2(chunk) split dots: gla's ``GLA_INTRA_V2`` kernel, with STRICT and beta) instead of
+#: ``intra_scores_kernel`` (16-row sub-blocks, the diagonal ones element by element: 4 launches, 2.63 ms
+#: of KDA's 13.45 ms forward + backward at 1x32x8192 on the H100, profile_fwd_bwd_cc89e2a). False: the
+#: sub-block kernel. ``DELTA_INTRA_V2_F32``: its dot operands in float32 (tf32 dots for 16-bit inputs: the
+#: scores near the diagonal feed the UT transform's inverse, which the sub-block kernel makes exactly in
+#: float32), else in the inputs' dtype (as gla's).
+DELTA_INTRA_V2 = True
+DELTA_INTRA_V2_F32 = True
 #: Chunks per program of ``gate_cumsum_kernel`` for one gate per token.
 CUMSUM_CHUNKS = 16
 
@@ -905,8 +1016,9 @@ def delta_fwd_launch(
     f32, dev = torch.float32, q.device
     akk = aqk = None
     if not scalar:
-        akk = intra_scores(k, k, gc, bc, chunk, strict=True)
-        aqk = intra_scores(q, k, gc, None, chunk, strict=False)
+        v2, wide = DELTA_INTRA_V2, DELTA_INTRA_V2_F32
+        akk = intra_scores(k, k, gc, bc, chunk, strict=True, v2=v2, f32_operands=wide)
+        aqk = intra_scores(q, k, gc, None, chunk, strict=False, v2=v2, f32_operands=wide)
     w = torch.empty(b, h, np_, dk, dtype=f32, device=dev)
     u = torch.empty(b, h, np_, dv, dtype=f32, device=dev)
     save_t = save
@@ -1066,8 +1178,9 @@ def delta_bwd_channel_launch(
     gc = _delta_cumsum(g, b, h, n, dk, chunk, q.device)  # (the forward's)
     f32, dev = torch.float32, q.device
     prec = _prec(q)
-    aqk = intra_scores(q, k, gc, None, chunk, strict=False)
-    bkk = intra_scores(k, k, gc, None, chunk, strict=True)
+    v2, wide = DELTA_INTRA_V2, DELTA_INTRA_V2_F32
+    aqk = intra_scores(q, k, gc, None, chunk, strict=False, v2=v2, f32_operands=wide)
+    bkk = intra_scores(k, k, gc, None, chunk, strict=True, v2=v2, f32_operands=wide)
     dhs = torch.empty(b, h, n_chunks, dk, dv, dtype=f32, device=dev)
     du = torch.empty(b, h, np_, dv, dtype=f32, device=dev)
     n_seq = b if seq_chunks is None else seq_chunks.shape[0] - 1
