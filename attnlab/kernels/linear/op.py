@@ -231,7 +231,8 @@ GLA_SKIP_ZERO_GRADS = True
 #: shared memory, 2 x log2(chunk) x chunk^2 x 2 bytes). Compiled for sm_90 (Triton 3.9, bf16, chunk 64,
 #: K = V = 128, 8 warps): 16 unrolled issues ~22K instructions per warp and chunk (spills: 132 per
 #: slice, 127 KB shared); 32 unrolled ~19K (288 spills per slice, 221 KB); 32 in a loop ~29K (134;
-#: 90 KB); 16 in a loop ~38K (37; 62 KB). Timed on the H100 as A/B sides (``linear_bench --ab-values``).
+#: 90 KB); 16 in a loop ~38K (37; 62 KB). On the H100 (Triton 3.6, 57f5974) 32 unrolled needs 237568 bytes
+#: of shared memory, over the 232448 available: it does not launch there; 16 (the default) is the one timed.
 GLA_BWD_BKS = 16
 GLA_BWD_UNROLL = True
 #: Key rows and value columns per program of ``gla_h_kernel`` (K = V = 128: 2 x 4 tiles per head).
