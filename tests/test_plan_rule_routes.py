@@ -194,7 +194,8 @@ def _ops_bench() -> ModuleType:
 def test_a_new_length_costs_a_few_dozen_device_ops_and_no_sync(monkeypatch: pytest.MonkeyPatch) -> None:
     """What a first call at a new length pays for its plan: the diagonal route makes no data-dependent
     device op and a constant number of device ops (the mask factory's included), whatever the length;
-    the grid route one ``nonzero`` (on a GPU also its result's copy to the host)."""
+    the grid route one ``nonzero`` (on a GPU also its result's copy to the host). The diagonal route's
+    host side works in numpy: its only torch ops are the rule's ``classify`` (a dozen for a window)."""
     bench = _ops_bench()
     monkeypatch.setattr(static, "_cache", OrderedDict())  # (the process's plan cache left as it was)
     cases = [*itertools.product(DIAGONAL, (8192, 20008, 65536)), ("streaming", 20008)]
@@ -204,7 +205,9 @@ def test_a_new_length_costs_a_few_dozen_device_ops_and_no_sync(monkeypatch: pyte
             bench.build(method, n, True, CPU, 128)
         device_ops, syncs = sum(c.device_ops.values()), sum(c.syncs.values())
         if method in DIAGONAL:
-            assert syncs == 0 and device_ops <= 45, (method, n, dict(c.device_ops), dict(c.syncs))
+            assert syncs == 0 and device_ops <= 36, (method, n, dict(c.device_ops), dict(c.syncs))
+            if method != "dilated":  # (dilated's classify lists its candidate tiles: a few dozen ops)
+                assert sum(c.host_ops.values()) <= 20, (method, n, dict(c.host_ops))
         else:
             assert syncs <= 1 and device_ops <= 90, (method, n, dict(c.device_ops), dict(c.syncs))
 

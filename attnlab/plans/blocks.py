@@ -34,9 +34,12 @@ data-dependent one a host synchronisation):
 - *diagonal* (rules keyed by :func:`diagonal_keys`, square tiles: ``sliding_window``, ``dilated`` and
   dense causal): the tiles of one diagonal with the same size have the same mask, so the host classifies
   one tile per class (each full-size diagonal, each tile of a short last row or column: about
-  2 x (NQB + NKB) classes, on small host tensors), groups the uncertain ones, and sends one buffer; the
-  device evaluates the groups' tiles and expands the class table to the grid (a strided window per row):
-  no host synchronisation, about 35 device operations whatever the length. Its ``pattern_ids`` equal the
+  2 x (NQB + NKB) classes), groups the uncertain ones, and sends one buffer; the device evaluates the
+  groups' tiles and expands the class table to the grid (a strided window per row, one gather): no host
+  synchronisation, about 20 device operations besides the mask's own, whatever the length. The host's
+  arithmetic is numpy (about a microsecond an operation; a torch operation on a small CPU tensor costs
+  10-20 us of dispatch): its only torch operations are the rule's ``classify``, on CPU tensors that
+  share the numpy arrays' memory. Its ``pattern_ids`` equal the
   grid route's when ``classify`` decides a tile from its bounds relative to each other (as every
   registered rule does): the uncertain classes are then exactly the uncertain tiles' keys.
 - *grid* (any rule): ``classify`` runs on the whole grid on the device; the uncertain tiles are listed
@@ -53,6 +56,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
+import numpy as np
+import numpy.typing as npt
 import torch
 from torch import Tensor
 
@@ -275,19 +280,23 @@ def plan_from_rule(
 FULL, EMPTY, GROUP_IDS = -2, -1, 3
 
 
+#: Host int64 vectors (numpy: about a microsecond an operation, no torch dispatch).
+Ints = npt.NDArray[np.int64]
+
+
 class _HostPart(NamedTuple):
-    """What the host sends the device, as one int32 ``buffer`` (one copy): a zero (the mask's ``b`` and
-    ``h``); the query rows (``groups`` x block_q) and keys (``groups`` x block_k) of each group's
-    representative tile; per group its partial code (``GROUP_IDS + g``) and the tiles it stands for; the
-    route's table (``table_len`` entries; the diagonal route's). From ``wide_at`` on, int64 values (as
-    pairs of int32; the device indexes with them): each uncertain item's group (an item is a tile, or a
-    class of tiles), then the route's places of the items (the diagonal route's: in the table).
+    """What the host sends the device, as one int32 ``buffer`` (one copy; a CPU tensor sharing a numpy
+    array's memory): a zero (the mask's ``b`` and ``h``); the query rows (``groups`` x block_q) and keys
+    (``groups`` x block_k) of each group's representative tile; per group its partial code
+    (``GROUP_IDS + g``) and the tiles it stands for; the route's table (``table_len`` entries; the
+    diagonal route's). From ``wide_at`` on, the route's int64 index vectors (as pairs of int32; the
+    device indexes with them, :meth:`wide`): the grid route's group of each uncertain tile; the diagonal
+    route's place of each group in the table, then where each row of the grid starts in the table.
     ``allowed``: pairs counted on the host (certainly full tiles); ``tiles``: the uncertain tiles the
-    items stand for."""
+    groups stand for."""
 
     buffer: Tensor
     groups: int
-    items: int
     table_len: int
     wide_at: int
     allowed: int
@@ -296,6 +305,10 @@ class _HostPart(NamedTuple):
     def table_at(self, block_q: int, block_k: int) -> int:
         """Where the table starts in the buffer."""
         return 1 + self.groups * (block_q + block_k + 2)
+
+    def wide(self, buf: Tensor) -> Tensor:
+        """The int64 vectors of ``buf`` (the buffer on its device), a view."""
+        return buf[self.wide_at :].view(torch.int64)
 
 
 def _tails(n_q: int, n_k: int, block_q: int, block_k: int) -> tuple[int, int, int, int]:
@@ -316,82 +329,91 @@ def _diagonal_codes(
 ) -> tuple[Tensor, Tensor]:
     """(codes, allowed pairs int64 0-d) by the diagonal route: the class table of
     :func:`_host_diagonals` in one copy, the uncertain classes' verdicts written into it, then every
-    tile's code gathered from its class: tile ``(i, j)`` from the table's diagonal entry
-    ``NQB - 1 - i + j`` (row ``i`` of the grid is the window of NKB entries at ``NQB - 1 - i``), then the
-    short last row and column of tiles overwritten from their own classes."""
+    tile's code gathered from its class in one ``index_select``: row ``i`` of the grid is the window of
+    NKB entries starting at the table's entry ``NQB - 1 - i`` (tile ``(i, j)``: its diagonal's entry
+    ``NQB - 1 - i + j``), a short last row the window of its own classes (the corner included); then
+    the short last column of tiles, above the corner, overwritten from its classes."""
     nqb, nkb, rows_last, cols_last = _tails(n_q, n_k, block, block)
     tq, tk = int(rows_last < block), int(cols_last < block)
-    diagonals = nqb + nkb - 1
     host = _host_diagonals(rule, params, n_q, n_k, causal, block)
     buf = host.buffer.to(device, non_blocking=True)  # (from pageable memory: staged, no device sync)
     at = host.table_at(block, block)
-    table = buf[at : at + host.table_len]
+    table, wide = buf[at : at + host.table_len], host.wide(buf)
     if host.groups:
         code, pairs = _evaluated(mask_mod, buf, host, n_q, n_k, block, block)
-        places = buf[host.wide_at :].view(torch.int64)[host.items :]
-        table.index_put_((places,), code)
+        table.index_put_((wide[: host.groups],), code)
         allowed = pairs + host.allowed
     else:
         allowed = torch.full((), host.allowed, dtype=torch.int64, device=device)
-    starts = torch.arange(nqb - 1, -1, -1, device=device)
-    codes = table[:diagonals].unfold(0, nkb, 1).index_select(0, starts)  # (a new contiguous grid)
-    if tq:  # the short last row: its classes, then the corner
-        codes[-1] = table[diagonals : diagonals + nkb]
+    rows_end = nqb + nkb - 1 + tq * nkb  # (the diagonals' entries, then the short last row's classes)
+    codes = table[:rows_end].unfold(0, nkb, 1).index_select(0, wide[host.groups :])  # (a new grid)
     if tk:  # the short last column, above the corner
-        at = diagonals + tq * nkb
-        codes[: nqb - tq, -1] = table[at : at + nqb - tq]
+        codes[: nqb - tq, -1] = table[rows_end:]
     return codes, allowed
 
 
+def _host_grid(n_q: int, n_k: int, causal: bool, block: int, ti: Ints, tj: Ints) -> TileGrid:
+    """:meth:`TileGrid.of_tiles` (square tiles) of host block coordinates, computed in numpy: the same
+    values and integer type, as CPU tensors sharing the arrays' memory (no torch operation)."""
+    dtype = np.int32 if _bound_dtype(n_q, n_k, block, block) == torch.int32 else np.int64
+    p_first, k_first = ti * block + (n_k - n_q), tj * block
+    p_last = np.minimum(p_first + (block - 1), n_k - 1)  # (n_q - 1 + offset: the last query's position)
+    k_last = np.minimum(k_first + (block - 1), n_k - 1)
+    bounds = [torch.from_numpy(b.astype(dtype)) for b in (p_first, p_last, k_first, k_last)]
+    return TileGrid(n_q, n_k, causal, block, block, *bounds)
+
+
 def _host_diagonals(rule: BlockRule, params: Any, n_q: int, n_k: int, causal: bool, block: int) -> _HostPart:
-    """The host side of the diagonal route. Classes of tiles: the full-size tiles of each diagonal
-    ``t = i - j``, each tile of a short last row, the corner, each tile of a short last column. The
-    tiles of a class have the same bounds up to a shift along the diagonal, hence the same mask (a mask of
-    ``d``) and the same verdict of a rule keyed by ``d0``: the rule classifies one tile per class; the
-    certainly full classes are counted here, the uncertain ones grouped by key (their places in the table
-    sent along). The table holds one code per diagonal of the whole grid (entry ``NQB - 1 - t``; EMPTY
-    where no full-size tile lies), then the short last row's classes, the corner and the short last
-    column's; the uncertain classes' entries are EMPTY until the device writes them."""
+    """The host side of the diagonal route, in numpy (the rule's ``classify`` excepted). Classes of
+    tiles: the full-size tiles of each diagonal ``t = i - j``, each tile of a short last row, the corner,
+    each tile of a short last column. The tiles of a class have the same bounds up to a shift along the
+    diagonal, hence the same mask (a mask of ``d``) and the same verdict of a rule keyed by ``d0``: the
+    rule classifies one tile per class; the certainly full classes are counted here, the uncertain ones
+    grouped by key (their places in the table sent along). The table holds one code per diagonal of the
+    whole grid (entry ``NQB - 1 - t``; EMPTY where no full-size tile lies), then the short last row's
+    classes, the corner and the short last column's; the uncertain classes' entries are EMPTY until the
+    device writes them. Sent after the places: where each row of the grid starts in the table."""
     nqb, nkb, rows_last, cols_last = _tails(n_q, n_k, block, block)
     tq, tk = int(rows_last < block), int(cols_last < block)
     ni, nj = nqb - tq, nkb - tk  # rows / columns of full-size tiles
-    i64 = torch.int64
-    t = torch.arange(-(nj - 1), ni if ni and nj else -(nj - 1), dtype=i64)  # i - j of each diagonal
-    i_first = t.clamp(min=0)  # the diagonal's tiles: rows i_first .. i_last, each in column i - t
-    i_last = torch.clamp(t + (nj - 1), max=ni - 1)
-    body, corner = t.shape[0], tq * tk
-    ci = torch.cat([i_first, torch.full((tq * nj + corner,), nqb - 1, dtype=i64), torch.arange(tk * ni)])
-    cj = torch.cat([i_first - t, torch.arange(tq * nj), torch.full((corner + tk * ni,), nkb - 1, dtype=i64)])
-    weight = torch.cat([i_last - i_first + 1, torch.ones(ci.shape[0] - body, dtype=i64)])
-    grid = TileGrid.of_tiles(n_q, n_k, causal, block, block, ci, cj)
-    maybe, sure = (torch.broadcast_to(m, ci.shape) for m in rule.classify(params, grid))
-    # per class: its code when certainly full (FULL in the body, else partial with the tail's id: last
-    # row 0, corner 2, column 1) and its tiles' pairs inside the matrix
-    by_part = [
-        [FULL, block * block],
-        [0, rows_last * block],
-        [2, rows_last * cols_last],
-        [1, block * cols_last],
-    ]
-    # (torch.full per part, not repeat_interleave: its CPU kernel is a parallel_for of grain 1, which woke
-    # the thread pool for 4 rows and cost 4-6 ms per first call on the H100's host at 8ddb357)
-    counts = (body, tq * nj, corner, tk * ni)
-    kind = torch.cat(
-        [torch.full((c,), code, dtype=i64) for (code, _), c in zip(by_part, counts, strict=True)]
+    diagonals, i64 = nqb + nkb - 1, np.int64
+    t = np.arange(-(nj - 1), ni if ni and nj else -(nj - 1), dtype=i64)  # i - j of each diagonal
+    i_first = np.maximum(t, 0)  # the diagonal's tiles: rows i_first .. i_last, each in column i - t
+    i_last = np.minimum(t + (nj - 1), ni - 1)
+    # the parts: the body's diagonals, the short last row, the corner, the short last column; per part
+    # its classes' code when certainly full (FULL in the body, else partial with the tail's id: last row
+    # 0, corner 2, column 1) and the pairs inside the matrix of each of their tiles
+    counts = [t.shape[0], tq * nj, tq * tk, tk * ni]
+    kind = np.repeat(np.array([FULL, 0, 2, 1], dtype=i64), counts)
+    pairs = np.repeat(
+        np.array([block * block, rows_last * block, rows_last * cols_last, block * cols_last], dtype=i64),
+        counts,
     )
-    pairs = torch.cat([torch.full((c,), p, dtype=i64) for (_, p), c in zip(by_part, counts, strict=True)])
-    allowed = int((pairs * weight * sure).sum())
-    diagonals = nqb + nkb - 1
-    place = torch.cat([(nqb - 1) - t, torch.arange(diagonals, diagonals + ci.shape[0] - body)])
-    table = torch.full((diagonals + ci.shape[0] - body,), EMPTY, dtype=i64)
-    table[place] = torch.where(sure, kind, EMPTY)
+    tails = counts[1] + counts[2] + counts[3]
+    ci = np.concatenate(
+        [i_first, np.full(counts[1] + counts[2], nqb - 1, dtype=i64), np.arange(counts[3], dtype=i64)]
+    )
+    cj = np.concatenate(
+        [i_first - t, np.arange(counts[1], dtype=i64), np.full(counts[2] + counts[3], nkb - 1, dtype=i64)]
+    )
+    weight = np.concatenate([i_last - i_first + 1, np.ones(tails, dtype=i64)])  # tiles per class
+    grid = _host_grid(n_q, n_k, causal, block, ci, cj)
+    maybe, sure = (np.broadcast_to(m.numpy(), ci.shape) for m in rule.classify(params, grid))
+    allowed = int((pairs * weight)[sure].sum())
+    place = np.concatenate([(nqb - 1) - t, np.arange(diagonals, diagonals + tails, dtype=i64)])
+    table = np.full(diagonals + tails, EMPTY, dtype=i64)
+    table[place] = np.where(sure, kind, EMPTY)
     # the uncertain classes, each its own key group: keys (d0, in the short last row, in the short last
     # column), d0 = (i - j) * block + offset, numbered in lexicographic order (the grid route's numbering)
-    uncertain = torch.stack([ci, cj, weight, place])[:, (maybe & ~sure).nonzero()[:, 0]]
-    ti, tj = uncertain[0], uncertain[1]
-    key = (ti - tj) * 4 + (ti == nqb - 1) * (2 * tq) + (tj == nkb - 1) * tk
-    ti, tj, tiles, places = uncertain[:, torch.argsort(key)]
-    return _host_part(ti, tj, tiles, torch.arange(ti.shape[0]), block, block, allowed, table, places)
+    uncertain = np.flatnonzero(maybe & ~sure)
+    ti, tj = ci[uncertain], cj[uncertain]
+    key = (ti - tj) * 4 + (ti == nqb - 1) * (2 * tq) + (tj == nkb - 1) * tk  # (distinct keys)
+    order = uncertain[np.argsort(key)]
+    starts = np.arange(nqb - 1, -1, -1, dtype=i64)  # row i: entry NQB - 1 - i; a short last row: its own
+    if tq:
+        starts[-1] = diagonals
+    wide = np.concatenate([place[order], starts])
+    return _host_part(ci[order], cj[order], weight[order], block, block, allowed, table, wide)
 
 
 def _grid_codes(
@@ -431,7 +453,7 @@ def _grid_codes(
         host = _host_tiles(rule, params, where.cpu(), n_q, n_k, causal, block_q, block_k)
         buf = host.buffer.to(device, non_blocking=True)
         code, pairs = _evaluated(mask_mod, buf, host, n_q, n_k, block_q, block_k)
-        codes[where[:, 0], where[:, 1]] = code
+        codes[where[:, 0], where[:, 1]] = code[host.wide(buf)]  # (each tile its group's code)
         allowed = allowed + pairs
     return codes, allowed
 
@@ -459,39 +481,35 @@ def _host_tiles(
         groups = values.shape[0]
     first = torch.full((groups,), n, dtype=i64).scatter_reduce_(0, group, torch.arange(n), "amin")
     tiles = torch.bincount(group, minlength=groups)
-    return _host_part(ti[first], tj[first], tiles, group, block_q, block_k, 0)
+    rep_i, rep_j = ti[first].numpy(), tj[first].numpy()
+    return _host_part(rep_i, rep_j, tiles.numpy(), block_q, block_k, 0, np.zeros(0, np.int64), group.numpy())
 
 
 def _host_part(
-    rep_i: Tensor,
-    rep_j: Tensor,
-    tiles: Tensor,
-    group: Tensor,
-    block_q: int,
-    block_k: int,
-    allowed: int,
-    table: Tensor | None = None,
-    places: Tensor | None = None,
+    rep_i: Ints, rep_j: Ints, tiles: Ints, block_q: int, block_k: int, allowed: int, table: Ints, wide: Ints
 ) -> _HostPart:
-    """The buffer of :class:`_HostPart` from host int64 tensors: per group its representative tile
-    (``rep_i``, ``rep_j``) and the tiles it stands for; per uncertain item its group (and ``places``);
-    the route's ``table``."""
-    groups, i64 = rep_i.shape[0], torch.int64
-    q_idx = rep_i[:, None] * block_q + torch.arange(block_q)
-    kv_idx = rep_j[:, None] * block_k + torch.arange(block_k)
-    table = torch.zeros(0, dtype=i64) if table is None else table
-    pad = torch.zeros((1 + groups * (block_q + block_k) + table.shape[0]) % 2, dtype=i64)  # (int64 aligned)
-    narrow = [torch.zeros(1, dtype=i64), q_idx.flatten(), kv_idx.flatten(), torch.arange(groups) + GROUP_IDS]
-    wide = group if places is None else torch.cat([group, places])
-    buffer = torch.cat([torch.cat([*narrow, tiles, table, pad]).to(torch.int32), wide.view(torch.int32)])
-    wide_at = buffer.shape[0] - 2 * wide.shape[0]
-    return _HostPart(buffer, groups, group.shape[0], table.shape[0], wide_at, allowed, int(tiles.sum()))
+    """The buffer of :class:`_HostPart` from host int64 arrays: per group its representative tile
+    (``rep_i``, ``rep_j``) and the tiles it stands for; the route's ``table`` and int64 vectors."""
+    groups = rep_i.shape[0]
+    q_idx = rep_i[:, None] * block_q + np.arange(block_q)
+    kv_idx = rep_j[:, None] * block_k + np.arange(block_k)
+    pad = (1 + groups * (block_q + block_k + 2) + table.shape[0]) % 2  # (the int64 vectors aligned)
+    codes = np.arange(GROUP_IDS, GROUP_IDS + groups, dtype=np.int64)
+    narrow = np.concatenate(
+        [np.zeros(1, np.int64), q_idx.ravel(), kv_idx.ravel(), codes, tiles, table, np.zeros(pad, np.int64)]
+    )
+    buffer = np.concatenate(
+        [narrow.astype(np.int32), np.ascontiguousarray(wide, dtype=np.int64).view(np.int32)]
+    )
+    return _HostPart(
+        torch.from_numpy(buffer), groups, table.shape[0], narrow.shape[0], allowed, int(tiles.sum())
+    )
 
 
 def _evaluated(
     mask_mod: MaskMod, buf: Tensor, host: _HostPart, n_q: int, n_k: int, block_q: int, block_k: int
 ) -> tuple[Tensor, Tensor]:
-    """(code of each uncertain item, int32 (T,); pairs allowed in the tiles they stand for, int64 0-d), on
+    """(code of each group, int32 (G,); pairs allowed in the tiles the groups stand for, int64 0-d), on
     ``buf``'s device: the token mask over each group's representative tile, with the generic builder's
     conventions (pairs outside the matrix are not allowed, so a tile sticking out is never full)."""
     g, zero = host.groups, buf[0]
@@ -509,11 +527,10 @@ def _evaluated(
         counts.append(m.expand(q.shape[0], block_q, block_k).sum((1, 2)))
     count = counts[0] if len(counts) == 1 else torch.cat(counts)
     partial_code, tiles = buf[at : at + g], buf[at + g : at + 2 * g]
-    group = buf[host.wide_at :].view(torch.int64)[: host.items]
-    code = torch.where(count == block_q * block_k, FULL, torch.where(count > 0, partial_code, EMPTY))
+    code = partial_code.masked_fill(count == 0, EMPTY).masked_fill_(count == block_q * block_k, FULL)
     stats["uncertain_tiles"] += host.tiles
     stats["evaluated_tiles"] += g
-    return code[group], (count * tiles).sum()
+    return code, (count * tiles).sum()
 
 
 def tile_patterns(plan: Plan, partial: Tensor, chunk: int | None = None) -> tuple[Tensor, Tensor] | None:
