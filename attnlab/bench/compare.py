@@ -67,3 +67,18 @@ def load_text(db_path: Path) -> str:
     """'median L (max M)' of the 1-minute load average the run's rows were timed at ('unknown' if not kept)."""
     loads = sorted(r["load_avg"] for r in timed_rows(db_path).values() if r.get("load_avg") is not None)
     return f"median {statistics.median(loads):.1f} (max {loads[-1]:.1f})" if loads else "unknown"
+
+
+def foreign_text(db_path: Path) -> str:
+    """'median F (max G) cores; R re-timed, C contended': other processes' CPU use while the run's rows were
+    timed (column foreign_cpu; 'unknown' for runs that did not measure it)."""
+    rows = list(timed_rows(db_path).values())
+    cores = sorted(r["foreign_cpu"] for r in rows if r.get("foreign_cpu") is not None)
+    if not cores:
+        return "unknown"
+    retimed = sum((r.get("attempts") or 1) > 1 for r in rows)
+    contended = sum(bool(r.get("contended")) for r in rows)
+    return (
+        f"median {statistics.median(cores):.2f} (max {cores[-1]:.2f}) cores; "
+        f"{retimed} rows re-timed, {contended} still contended"
+    )

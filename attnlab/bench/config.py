@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from attnlab.bench.host import MALLOC_POLICIES
 from attnlab.patterns import Pattern
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -59,8 +61,17 @@ class BenchConfig:
     #: seconds of timed rounds to aim for per row (at least ``timing.MIN_REPS`` rounds, at most ``max_reps``)
     target_s: float = 0.3
     max_reps: int = 30
+    #: the C allocator while the CPU efficiency rows are warmed and timed: "keep" (glibc keeps freed memory
+    #: in the process, so that a warmed call does not page-fault: :func:`attnlab.bench.host.kept_freed_memory`)
+    #: or "default" (glibc's own policy, whose page faults depend on what the process ran before);
+    #: ``ATTNLAB_BENCH_MALLOC`` in the environment sets the default
+    malloc: str = field(default_factory=lambda: os.environ.get("ATTNLAB_BENCH_MALLOC", "keep"))
     seed: int = 0
     out: Path = field(default_factory=lambda: Path("attnlab-results"))
+
+    def __post_init__(self) -> None:
+        if self.malloc not in MALLOC_POLICIES:
+            raise ValueError(f"malloc={self.malloc!r}: expected one of {', '.join(MALLOC_POLICIES)}")
 
     @staticmethod
     def preset(device: str) -> BenchConfig:

@@ -48,7 +48,11 @@ def busy_above(env: dict[str, Any]) -> float | None:
 
 
 def _busy(r: dict[str, Any], above: float | None) -> str:
-    """'busy (load 5.3)' for a CPU row timed while other processes competed for the cores."""
+    """'busy (load 5.3)' for a CPU row timed while other processes competed for the cores; 'shared (0.8
+    cores)' for one that other processes' CPU use measured while it was timed left contended even after
+    re-timing (column ``contended``)."""
+    if r.get("contended") and r.get("foreign_cpu") is not None:
+        return f"shared ({r['foreign_cpu']:.1f} cores)"
     load = r.get("load_avg")
     return f"busy (load {load:.1f})" if above is not None and load is not None and load > above else ""
 

@@ -87,6 +87,11 @@ TABLES: dict[str, dict[str, str]] = {
         "timed_compiles": "INTEGER",
         # the machine's 1-minute load average right after the row's rounds
         "load_avg": "DOUBLE",
+        # CPU: cores' worth of CPU other processes used while the kept rounds ran; the attempts made (a
+        # contended row is timed again); whether the kept attempt still shared the machine
+        "foreign_cpu": "DOUBLE",
+        "attempts": "INTEGER",
+        "contended": "BOOLEAN",
     },
     "fidelity": {
         "run_id": "VARCHAR",
