@@ -14,6 +14,9 @@ import torch
 # Must happen before any attnlab kernel module is imported (they are imported lazily on first use).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The suite's workers share the machine: a CPU bench row is never re-timed for other processes' load here
+# (attnlab.bench.efficiency; tests that exercise the re-timing set BenchConfig.retimes themselves).
+os.environ.setdefault("ATTNLAB_BENCH_RETIMES", "0")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -3,6 +3,7 @@ shared the machine with other processes (attnlab.bench.host, EfficiencyRun._time
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 
 import pytest
@@ -93,7 +94,7 @@ def _run(monkeypatch: pytest.MonkeyPatch, foreign: list[float]) -> tuple[Efficie
         "measure_interleaved",
         lambda fns, device, **kw: {name: efficiency.Timing.of([1.0] * (next(attempt) + 1)) for name in fns},
     )
-    run = EfficiencyRun(BenchConfig.preset("cpu"))
+    run = EfficiencyRun(dataclasses.replace(BenchConfig.preset("cpu"), retimes=2))
     return run, run._timed_rounds({"baseline": lambda: None}, "row")
 
 
@@ -108,7 +109,7 @@ def test_contended_row_is_timed_again_and_the_quietest_attempt_kept(monkeypatch:
     assert attempts == 2 and foreign == 0.1 and t["baseline"].reps == 2  # the second attempt
     assert run.retimed == ["row"] and run.contended == []
     run, (t, foreign, attempts) = _run(monkeypatch, [1.0, 0.9, 1.2, 0.0])
-    assert attempts == 1 + efficiency.RETIMES and foreign == 0.9 and t["baseline"].reps == 2
+    assert attempts == 1 + 2 and foreign == 0.9 and t["baseline"].reps == 2
     assert run.contended == ["row"]  # still shared the machine: flagged, not dropped
 
 
@@ -119,10 +120,24 @@ def test_retiming_stops_at_the_run_budget(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(
         efficiency, "measure_interleaved", lambda fns, device, **kw: {"b": efficiency.Timing.of([1.0])}
     )
-    run = EfficiencyRun(BenchConfig.preset("cpu"))
+    run = EfficiencyRun(dataclasses.replace(BenchConfig.preset("cpu"), retimes=2))
     run.retime_s = efficiency.RETIME_BUDGET_S
     _t, foreign, attempts = run._timed_rounds({"b": lambda: None}, "row")
     assert attempts == 1 and foreign == 1.0 and run.contended == ["row"]
+
+
+def test_retimes_zero_never_retimes_and_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    seq = iter([1.0])
+    monkeypatch.setattr(host, "cpu_sample", lambda: host.CpuSample(0.0, 0, 0))
+    monkeypatch.setattr(host, "foreign_cores", lambda a, b: next(seq))
+    monkeypatch.setattr(
+        efficiency, "measure_interleaved", lambda fns, device, **kw: {"b": efficiency.Timing.of([1.0])}
+    )
+    run = EfficiencyRun(dataclasses.replace(BenchConfig.preset("cpu"), retimes=0))
+    _t, _foreign, attempts = run._timed_rounds({"b": lambda: None}, "row")
+    assert attempts == 1 and run.retimed == [] and run.contended == ["row"]
+    with pytest.raises(ValueError, match="retimes=-1"):
+        dataclasses.replace(BenchConfig.preset("cpu"), retimes=-1)
 
 
 def test_report_marks_a_row_that_stayed_shared() -> None:

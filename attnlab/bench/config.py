@@ -66,12 +66,18 @@ class BenchConfig:
     #: or "default" (glibc's own policy, whose page faults depend on what the process ran before);
     #: ``ATTNLAB_BENCH_MALLOC`` in the environment sets the default
     malloc: str = field(default_factory=lambda: os.environ.get("ATTNLAB_BENCH_MALLOC", "keep"))
+    #: how many times a CPU row timed while other processes took the machine is timed again (0: never;
+    #: :mod:`attnlab.bench.efficiency`); ``ATTNLAB_BENCH_RETIMES`` in the environment sets the default (the
+    #: test suite sets 0: its parallel workers always share the machine)
+    retimes: int = field(default_factory=lambda: int(os.environ.get("ATTNLAB_BENCH_RETIMES", "2")))
     seed: int = 0
     out: Path = field(default_factory=lambda: Path("attnlab-results"))
 
     def __post_init__(self) -> None:
         if self.malloc not in MALLOC_POLICIES:
             raise ValueError(f"malloc={self.malloc!r}: expected one of {', '.join(MALLOC_POLICIES)}")
+        if self.retimes < 0:
+            raise ValueError(f"retimes={self.retimes}: expected an int >= 0")
 
     @staticmethod
     def preset(device: str) -> BenchConfig:

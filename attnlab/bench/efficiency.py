@@ -14,8 +14,8 @@ A run has two phases, so that no compilation competes with a measurement (on a 2
 On a CPU both phases run with the C allocator keeping freed memory in the process (``BenchConfig.malloc``,
 :func:`~attnlab.bench.host.kept_freed_memory`: no page faults in a warmed call, whatever the process ran
 before), and a row whose rounds shared the machine with other processes (more than ``CONTENDED_CORES``
-cores' worth of their CPU while it was timed, column ``foreign_cpu``) is timed again, up to ``RETIMES``
-times after waiting for the machine to quieten; the attempt with the least foreign CPU is kept, its row
+cores' worth of their CPU while it was timed, column ``foreign_cpu``) is timed again, up to
+``BenchConfig.retimes`` times after waiting for the machine to quieten; the attempt with the least foreign CPU is kept, its row
 says how many attempts there were and is flagged ``contended`` if even that one shared the machine.
 
 The baseline is SDPA restricted to cuDNN on CUDA (flash, mem-efficient are peers), PyTorch's default SDPA
@@ -52,8 +52,8 @@ from attnlab.patterns import Pattern
 WARM_CALLS = 2
 #: a CPU row timed while other processes used more than this many cores' worth of CPU is timed again ...
 CONTENDED_CORES = 0.25
-#: ... at most this many times, each after waiting up to ``QUIET_WAIT_S`` for the machine to quieten, ...
-RETIMES = 2
+#: ... at most ``BenchConfig.retimes`` times (default 2), each after waiting up to ``QUIET_WAIT_S`` for the
+#: machine to quieten, ...
 QUIET_WAIT_S = 5.0
 #: ... while the run's re-timing (waits included) has taken less than this many seconds in all
 RETIME_BUDGET_S = 180.0
@@ -320,7 +320,7 @@ class EfficiencyRun:
         self, fns: dict[str, Callable[[], Any]], label: str
     ) -> tuple[dict[str, Timing], float | None, int]:
         """The row's interleaved rounds, the cores' worth of CPU other processes used meanwhile (CPU, Linux;
-        else None) and the attempts made: on a CPU a contended attempt is repeated (see ``RETIMES``) and the
+        else None) and the attempts made: on a CPU a contended attempt is repeated (see ``BenchConfig.retimes``) and the
         attempt with the least foreign CPU is kept; the choice looks at the machine, never at the times."""
         c = self.cfg
         attempts: list[tuple[float, dict[str, Timing]]] = []
@@ -334,7 +334,7 @@ class EfficiencyRun:
             if attempts:
                 self.retime_s += time.perf_counter() - start
             attempts.append((foreign, t))
-            if foreign <= CONTENDED_CORES or len(attempts) > RETIMES or self.retime_s >= RETIME_BUDGET_S:
+            if foreign <= CONTENDED_CORES or len(attempts) > c.retimes or self.retime_s >= RETIME_BUDGET_S:
                 break
             if len(attempts) == 1:
                 self.retimed.append(label)
