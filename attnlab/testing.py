@@ -446,3 +446,24 @@ def parity_cases(cuda: bool) -> list[tuple[str, str, Case]]:
             out += [(name, backend.name, c) for c in extra]
     # a backend that declares fewer patterns than its method defines is not run on the others
     return [(m, b, c) for m, b, c in out if c.pattern in methods()[m].backend(b).caps.patterns]
+
+
+class KernelLaunches:
+    """Records which of a module's Triton kernels are launched: each named kernel attribute of ``module``
+    is replaced (through ``monkeypatch``) by a wrapper that appends its name to :attr:`seen` and launches
+    the kernel."""
+
+    def __init__(self, monkeypatch: Any, module: Any, names: list[str]) -> None:
+        self.seen: list[str] = []
+        for name in names:
+            monkeypatch.setattr(module, name, self._wrap(name, getattr(module, name)))
+
+    def _wrap(self, name: str, kernel: Any) -> Any:
+        seen = self.seen
+
+        class Counted:
+            def __getitem__(self, grid: object) -> Any:
+                seen.append(name)
+                return kernel[grid]
+
+        return Counted()

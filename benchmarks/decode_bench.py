@@ -357,7 +357,9 @@ def bench_batch(b: int, n: int, budget: int, page: int, reps: int, flush: torch.
     merge_counter = torch.zeros(8 * b * KV_HEADS, dtype=torch.int32, device=dev)
 
     def kernel_only_merged() -> object:  # one launch: the split-K kernel merges its own splits
-        return decode_attention(q, k, v, idx, None, page, scale, True, counter=merge_counter)[0]
+        with search_flags(FUSED_MERGE=True):  # (off by default since fae1c67; up to s13 this side, its
+            # check and its counters' check ran the two launches in decode_run2 .. decode_run4b)
+            return decode_attention(q, k, v, idx, None, page, scale, True, counter=merge_counter)[0]
 
     def kernel_with(name: str, **flags: Any) -> Callable[[], object]:
         def fn() -> object:

@@ -17,6 +17,9 @@ if not torch.cuda.is_available():
 # The suite's workers share the machine: a CPU bench row is never re-timed for other processes' load here
 # (attnlab.bench.efficiency; tests that exercise the re-timing set BenchConfig.retimes themselves).
 os.environ.setdefault("ATTNLAB_BENCH_RETIMES", "0")
+# ... and leaves the C allocator's policy alone (attnlab.bench.host: its mallopt would outlast the run in
+# the worker process; test_bench_host sets it where it tests it)
+os.environ.setdefault("ATTNLAB_BENCH_MALLOC", "default")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

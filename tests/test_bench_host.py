@@ -61,12 +61,25 @@ def test_kept_freed_memory_sets_and_restores_mallopt(monkeypatch: pytest.MonkeyP
     ]
 
 
-def test_malloc_policy_is_validated_and_recorded() -> None:
+def test_malloc_policy_is_validated_and_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ATTNLAB_BENCH_MALLOC", raising=False)  # (the suite's conftest sets "default")
     cfg = BenchConfig.preset("cpu")
     assert cfg.malloc == "keep" and cfg.as_json()["malloc"] == "keep"
+    monkeypatch.setenv("ATTNLAB_BENCH_MALLOC", "default")
+    assert BenchConfig.preset("cpu").malloc == "default"
     assert cfg.with_(malloc="default").malloc == "default"
     with pytest.raises(ValueError, match="malloc"):
         BenchConfig(malloc="jemalloc")
+
+
+@pytest.mark.parametrize("env", [("LD_PRELOAD", "/usr/lib/libtcmalloc.so"), ("MALLOC_TRIM_THRESHOLD_", "0")])
+def test_allocator_left_alone_when_preloaded_or_set_outside(
+    env: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(*env)
+    assert host._glibc() is None
+    with host.kept_freed_memory() as kept:
+        assert not kept
 
 
 def test_foreign_cores() -> None:
@@ -86,6 +99,7 @@ def _run(monkeypatch: pytest.MonkeyPatch, foreign: list[float]) -> tuple[Efficie
     are tagged with its index (in ``reps``)."""
     seq = iter(foreign)
     attempt = iter(range(100))
+    monkeypatch.setattr(efficiency, "spare_cores", lambda: 0)  # (a 2-core machine with 2 torch threads)
     monkeypatch.setattr(host, "cpu_sample", lambda: host.CpuSample(0.0, 0, 0))
     monkeypatch.setattr(host, "foreign_cores", lambda a, b: next(seq))
     monkeypatch.setattr(host, "wait_quiet", lambda threshold, max_s: 0.0)
@@ -115,6 +129,7 @@ def test_contended_row_is_timed_again_and_the_quietest_attempt_kept(monkeypatch:
 
 def test_retiming_stops_at_the_run_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     seq = iter([1.0, 1.0, 1.0])
+    monkeypatch.setattr(efficiency, "spare_cores", lambda: 0)  # (a 2-core machine with 2 torch threads)
     monkeypatch.setattr(host, "cpu_sample", lambda: host.CpuSample(0.0, 0, 0))
     monkeypatch.setattr(host, "foreign_cores", lambda a, b: next(seq))
     monkeypatch.setattr(
@@ -128,6 +143,7 @@ def test_retiming_stops_at_the_run_budget(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_retimes_zero_never_retimes_and_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
     seq = iter([1.0])
+    monkeypatch.setattr(efficiency, "spare_cores", lambda: 0)  # (a 2-core machine with 2 torch threads)
     monkeypatch.setattr(host, "cpu_sample", lambda: host.CpuSample(0.0, 0, 0))
     monkeypatch.setattr(host, "foreign_cores", lambda a, b: next(seq))
     monkeypatch.setattr(

@@ -368,6 +368,29 @@ def test_page_select_two_launch_and_torch_ranking_pick_the_same_pages(kernel_fla
         page_select_launch(q, k, summary.kmax, summary.kmin, counter, 4, 11, 49, 50, True, rank="heap")
 
 
+@pytest.mark.parametrize("rank", ["fused", "triton"])
+def test_page_select_program_order_does_not_change_the_selection(
+    rank: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``SCORE_LAST_FIRST`` off (the order rows of more than 65535 blocks take): the same summaries, scores
+    and pages, the fused ranking's counters left zero."""
+    from attnlab.kernels.decode import op
+    from attnlab.state.pages import summarize
+
+    q, k, _ = _qkv(2, 4, 2, 1, 300, 16, torch.float32)
+    results = []
+    for last_first in (True, False):
+        monkeypatch.setattr(op, "SCORE_LAST_FIRST", last_first)
+        summary = summarize(k, 4)  # (pages 72.. recomputed by the kernel as a decode step would)
+        counter = torch.zeros(4, device=DEVICE, dtype=torch.int32)
+        idx, scores = op.page_select_launch(q, k, summary.kmax, summary.kmin, counter, 4, 9, 74, 72, True,
+                                            rank=rank)  # fmt: skip
+        assert not counter.any()
+        results.append((idx, scores, summary.kmax[:, :, :75].clone()))
+    (i1, s1, m1), (i2, s2, m2) = results
+    assert torch.equal(i1, i2) and torch.equal(s1, s2) and torch.equal(m1, m2)
+
+
 def test_page_select_refuses_bad_arguments() -> None:
     from attnlab.kernels.decode.op import MAX_FUSED_UPDATE, page_select
 

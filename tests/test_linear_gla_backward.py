@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.catalog.linear._common import gated_recurrence
-from attnlab.testing import device_under_test
+from attnlab.testing import KernelLaunches, device_under_test
 
 DEV = device_under_test()
 
@@ -198,26 +198,6 @@ def test_bfloat16_inputs_and_gate_give_bfloat16_gradients(setting: str) -> None:
         _close(name, a.float() / peak, b / peak, 1e-2)
 
 
-class _Launches:
-    """Records the names of the op module's kernels launched (each wrapped by name)."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, names: list[str]) -> None:
-        self.seen: list[str] = []
-        op = _op()
-        for name in names:
-            monkeypatch.setattr(op, name, self._wrap(name, getattr(op, name)))
-
-    def _wrap(self, name: str, kernel: object) -> object:
-        seen = self.seen
-
-        class Counted:
-            def __getitem__(self, grid: object) -> object:
-                seen.append(name)
-                return kernel[grid]  # type: ignore[index]
-
-        return Counted()
-
-
 KERNELS = [
     "gla_h_kernel", "chunk_local_state_kernel", "chunk_scan_kernel", "gla_bwd_chunk_kernel",
     "gla_bwd_inter_kernel", "gla_bwd_sub_kernel", "gate_cumsum_bwd_kernel", "intra_scores_v2_kernel",
@@ -229,7 +209,7 @@ def test_the_backward_launches_what_its_switches_say(setting: str, monkeypatch: 
     """Per-channel gates: the defaults' backward is two launches (the reverse state pass, the fused chunk
     kernel); with the scan, stages 1 and 2 then the fused kernel; the previous backward: stages 1 and 2,
     the split kernels and the gate cumsum's backward."""
-    launches = _Launches(monkeypatch, KERNELS)
+    launches = KernelLaunches(monkeypatch, _op(), KERNELS)
     q, k, v, g, h0 = _inputs(40, 8, 8)
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v, g, h0)]  # type: ignore[union-attr]
     o, s = _op().gla_chunk(*leaves[:4], 0.3, leaves[4], 16)
@@ -267,3 +247,20 @@ def test_the_reverse_state_pass_equals_stages_1_and_2(gate: str, varlen: bool) -
         want_hs, want_h0, _ = op.chunk_states(q, do, gc, dht, 0.3, 16, True, seq_chunks=seq)
         _close("dhs", got_hs, want_hs, 2e-5)
         _close("dh0", got_h0, want_h0, 2e-5)
+
+
+def test_fused_backward_falls_back_when_the_gpu_lacks_shared_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the fused chunk kernel does not fit (Triton's OutOfResources at launch), the backward runs the
+    previous kernels: still the recurrence's gradients."""
+    from triton.runtime.errors import OutOfResources
+
+    tried: list[object] = []
+
+    class TooBig:
+        def __getitem__(self, grid: object) -> None:
+            tried.append(grid)
+            raise OutOfResources(130000, 101376, "shared memory")
+
+    monkeypatch.setattr(_op(), "gla_bwd_chunk_kernel", TooBig())
+    _check(_inputs(40, 16, 8), 16)
+    assert tried  # the fused kernel was tried first

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.catalog.linear._common import gated_recurrence
-from attnlab.testing import device_under_test
+from attnlab.testing import KernelLaunches, device_under_test
 
 DEV = device_under_test()
 FLAGS = ("GLA_FUSED_GLUE", "GLA_H_PASS", "GLA_H_COMPACT", "GLA_INTRA_V2")
@@ -227,26 +227,6 @@ def test_packed_sequences_run_each_sequence_alone(setting: str, gates: str) -> N
         _close(name, a, b, 1e-4)
 
 
-class _Launches:
-    """Records the names of the op module's kernels launched (each wrapped by name)."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, names: list[str]) -> None:
-        self.seen: list[str] = []
-        op = _op()
-        for name in names:
-            monkeypatch.setattr(op, name, self._wrap(name, getattr(op, name)))
-
-    def _wrap(self, name: str, kernel: object) -> object:
-        seen = self.seen
-
-        class Counted:
-            def __getitem__(self, grid: object) -> object:
-                seen.append(name)
-                return kernel[grid]  # type: ignore[index]
-
-        return Counted()
-
-
 KERNELS = [
     "gate_cumsum_kernel", "gate_cumsum_bwd_kernel", "gla_h_kernel", "chunk_local_state_kernel",
     "chunk_scan_kernel", "intra_scores_kernel", "intra_scores_v2_kernel", "chunk_out_kernel",
@@ -261,7 +241,7 @@ def test_the_forward_launches_what_its_switches_say(setting: str, monkeypatch: p
     previous backward (``GLA_BWD_FUSED`` off here; the fused one folds it in: test_linear_gla_backward)."""
     op = _op()
     monkeypatch.setattr(op, "GLA_BWD_FUSED", False)
-    launches = _Launches(monkeypatch, KERNELS)
+    launches = KernelLaunches(monkeypatch, _op(), KERNELS)
     cumsums: list[int] = []
     real = op.chunk_cumsum
 

@@ -14,7 +14,8 @@ A run has two phases, so that no compilation competes with a measurement (on a 2
 On a CPU both phases run with the C allocator keeping freed memory in the process (``BenchConfig.malloc``,
 :func:`~attnlab.bench.host.kept_freed_memory`: no page faults in a warmed call, whatever the process ran
 before), and a row whose rounds shared the machine with other processes (more than ``CONTENDED_CORES``
-cores' worth of their CPU while it was timed, column ``foreign_cpu``) is timed again, up to
+cores' worth of their CPU beyond the cores the benchmark leaves idle while it was timed, column
+``foreign_cpu``) is timed again, up to
 ``BenchConfig.retimes`` times after waiting for the machine to quieten; the attempt with the least foreign CPU is kept, its row
 says how many attempts there were and is flagged ``contended`` if even that one shared the machine.
 
@@ -57,6 +58,12 @@ CONTENDED_CORES = 0.25
 QUIET_WAIT_S = 5.0
 #: ... while the run's re-timing (waits included) has taken less than this many seconds in all
 RETIME_BUDGET_S = 180.0
+
+
+def spare_cores() -> int:
+    """Cores the benchmark's compute threads leave idle (the machine's cores minus torch's threads): other
+    processes there do not slow a row, so they count as contention only beyond these."""
+    return max(0, (os.cpu_count() or 1) - torch.get_num_threads())
 
 
 @dataclass
@@ -313,7 +320,7 @@ class EfficiencyRun:
             "load_avg": load_average(),
             "foreign_cpu": foreign,
             "attempts": attempts,
-            "contended": foreign is not None and foreign > CONTENDED_CORES,
+            "contended": foreign is not None and foreign > CONTENDED_CORES + spare_cores(),
         }
 
     def _timed_rounds(
@@ -324,6 +331,9 @@ class EfficiencyRun:
         attempt with the least foreign CPU is kept; the choice looks at the machine, never at the times."""
         c = self.cfg
         attempts: list[tuple[float, dict[str, Timing]]] = []
+        limit = (
+            CONTENDED_CORES + spare_cores()
+        )  # other processes on cores the benchmark leaves idle are no contention
         while True:
             start = time.perf_counter()
             a = host.cpu_sample() if c.torch_device.type == "cpu" else None
@@ -334,12 +344,12 @@ class EfficiencyRun:
             if attempts:
                 self.retime_s += time.perf_counter() - start
             attempts.append((foreign, t))
-            if foreign <= CONTENDED_CORES or len(attempts) > c.retimes or self.retime_s >= RETIME_BUDGET_S:
+            if foreign <= limit or len(attempts) > c.retimes or self.retime_s >= RETIME_BUDGET_S:
                 break
             if len(attempts) == 1:
                 self.retimed.append(label)
             self.retime_s += host.wait_quiet(CONTENDED_CORES, QUIET_WAIT_S)
         foreign, t = min(attempts, key=lambda ft: ft[0])
-        if foreign > CONTENDED_CORES:
+        if foreign > limit:
             self.contended.append(label)
         return t, foreign, len(attempts)

@@ -39,8 +39,17 @@ DEFAULT_MMAP_MAX = 65536
 MALLOC_POLICIES = ("keep", "default")
 
 
+#: environment variables that mean the allocator's policy was chosen outside (glibc's tunables) or another
+#: allocator serves malloc (a preload): the benchmark then leaves the allocator alone
+_ALLOCATOR_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
+
+
 def _glibc() -> ctypes.CDLL | None:
-    """The process's C library when it is glibc (whose ``mallopt`` this module sets), else None."""
+    """The process's C library when it is glibc and glibc's malloc is in charge (whose ``mallopt`` this
+    module sets), else None: also None when the environment sets glibc's malloc policy itself or preloads a
+    library (``LD_PRELOAD``, e.g. tcmalloc or jemalloc, which glibc's settings would not reach)."""
+    if os.environ.get("LD_PRELOAD") or any(v in os.environ for v in _ALLOCATOR_ENV):
+        return None
     try:
         libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version  # noqa: B018 (only glibc has it)
@@ -54,10 +63,12 @@ def _glibc() -> ctypes.CDLL | None:
 def kept_freed_memory(enabled: bool = True) -> Iterator[bool]:
     """For the block, glibc's ``malloc`` keeps freed memory in the process (``mallopt``: no ``mmap`` for
     allocations, no trimming of the heap), so that a call reuses what the previous call freed instead of
-    page-faulting fresh pages in; glibc's defaults are set back after the block (the dynamic mmap threshold
-    stays off: its fixed default of 128 KiB applies). Yields whether the policy was applied (False where
-    ``enabled`` is False or the C library is not glibc, e.g. musl, macOS, or with a preloaded allocator
-    glibc's settings do not reach: then nothing is changed)."""
+    page-faulting fresh pages in. After the block glibc's default values are set back, but not its exact
+    earlier state: setting either parameter turns glibc's *dynamic* mmap threshold off for the rest of the
+    process (the threshold stays at the value it had reached), a lasting change of the process that runs
+    the benchmark. Yields whether the policy was applied (False where ``enabled`` is False, the C library
+    is not glibc (musl, macOS), another allocator is preloaded or the environment sets glibc's malloc
+    policy: then nothing is changed)."""
     libc = _glibc() if enabled else None
     applied = bool(libc) and libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, -1) == 1  # type: ignore[union-attr]
     try:

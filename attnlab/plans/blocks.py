@@ -101,6 +101,14 @@ class TileGrid:
         offset = n_k - n_q
         p_first = torch.arange(nqb, device=device, dtype=dtype)[:, None] * block_q + offset
         k_first = torch.arange(nkb, device=device, dtype=dtype)[None, :] * block_k
+        return TileGrid._of_firsts(n_q, n_k, causal, block_q, block_k, p_first, k_first)
+
+    @staticmethod
+    def _of_firsts(
+        n_q: int, n_k: int, causal: bool, block_q: int, block_k: int, p_first: Tensor, k_first: Tensor
+    ) -> TileGrid:
+        """The grid whose tiles start at query positions ``p_first`` and keys ``k_first`` (their ends
+        clamped to the matrix)."""
         return TileGrid(
             n_q,
             n_k,
@@ -108,7 +116,7 @@ class TileGrid:
             block_q,
             block_k,
             p_first,
-            torch.clamp(p_first + (block_q - 1), max=n_q - 1 + offset),
+            torch.clamp(p_first + (block_q - 1), max=n_k - 1),
             k_first,
             torch.clamp(k_first + (block_k - 1), max=n_k - 1),
         )
@@ -122,17 +130,7 @@ class TileGrid:
         dtype = _bound_dtype(n_q, n_k, block_q, block_k)
         p_first = (ti * block_q + (n_k - n_q)).to(dtype)
         k_first = (tj * block_k).to(dtype)
-        return TileGrid(
-            n_q,
-            n_k,
-            causal,
-            block_q,
-            block_k,
-            p_first,
-            torch.clamp(p_first + (block_q - 1), max=n_q - 1 + n_k - n_q),
-            k_first,
-            torch.clamp(k_first + (block_k - 1), max=n_k - 1),
-        )
+        return TileGrid._of_firsts(n_q, n_k, causal, block_q, block_k, p_first, k_first)
 
     def at(self, ti: Tensor, tj: Tensor) -> TileGrid:
         """The same bounds gathered at tiles (``ti``, ``tj``): (T,) vectors."""

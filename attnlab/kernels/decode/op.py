@@ -46,10 +46,10 @@ BLOCK_P = 32
 #: after the softmax. At 128K, budget 4096, B=1 every split is one inner step, so nothing else overlaps
 #: the two loads. The same results.
 DECODE_EARLY_V = True
-#: Warps and software-pipeline stages of the split-K kernel on a GPU. Stages 1 (no pipelining buffers:
-#: at 128K, budget 4096 most splits are one inner step): measured on the H100 (12f0b1b, two runs) in
-#: page_topk's step, B=1 48.19 / 47.97 us against 48.88 / 48.61 with 2 stages, B=8 171.6 / 171.6 against
-#: 171.6 / 171.3.
+#: Warps and software-pipeline stages of the split-K kernel on a GPU. Stages 1 or 2 (at 128K, budget 4096
+#: most splits are one inner step): a difference within the noise whose sign flips between runs on the
+#: H100, page_topk's step at B=1: 1 stage 48.19 / 47.97 us against 48.88 / 48.61 with 2 at 12f0b1b, but
+#: 48.59 / 48.30 against 48.30 / 48.00 at 8ddb357 (h100-2026-11-24-s13/decode_run4/NOTES.md).
 DECODE_WARPS = 4
 DECODE_STAGES = 1
 #: With a ``counter`` from the caller, the split-K kernel merges its partials itself (the last program of
@@ -63,7 +63,7 @@ DECODE_STAGES = 1
 FUSED_MERGE = False
 #: Channels per merge program (a row's D channels over D / MERGE_BLOCK_D programs: more programs,
 #: each reading a narrower column of the partials; >= 128: one program per row, as up to fae1c67).
-MERGE_BLOCK_D = 32
+MERGE_BLOCK_D = 32  # (a power of two)
 FUSED_MERGE_MAX_SPLITS = 64
 
 
@@ -184,6 +184,8 @@ def decode_launch(
         num_warps=DECODE_WARPS, num_stages=DECODE_STAGES if q.is_cuda else 1,
     )  # fmt: skip
     if not merge:
+        if MERGE_BLOCK_D & (MERGE_BLOCK_D - 1):
+            raise ValueError(f"decode kernel: MERGE_BLOCK_D={MERGE_BLOCK_D} must be a power of two")
         chunk = min(block_d, max(16, MERGE_BLOCK_D))
         decode_merge_kernel[(b * h_kv * n_rows, block_d // chunk)](
             o_part, lse_part, out, lse,

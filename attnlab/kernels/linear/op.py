@@ -430,7 +430,10 @@ def gla_bwd_launch(
     dv = v.shape[-1]
     n_chunks = cdiv(n, chunk)
     if GLA_BWD_FUSED and gc.dim() == 4:
-        return _gla_bwd_fused(q, k, v, gc, hs, do, dht, scale, chunk, seq_chunks, a, g_dtype)
+        try:
+            return _gla_bwd_fused(q, k, v, gc, hs, do, dht, scale, chunk, seq_chunks, a, g_dtype)
+        except OutOfResources:  # a GPU with less shared memory per block than the fused kernel takes (bf16,
+            pass  # K = V = 128: 124 KiB; e.g. sm_89's 99 KiB): the previous kernels below, the same results
     dhs, dh0, tail = chunk_states(
         q, do, gc, dht, scale, chunk, backward=True, fwd_states=(hs, ht), seq_chunks=seq_chunks
     )
