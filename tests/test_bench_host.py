@@ -94,9 +94,12 @@ def test_foreign_cores() -> None:
         assert s.busy_ticks >= s.own_ticks >= 0
 
 
-def _run(monkeypatch: pytest.MonkeyPatch, foreign: list[float]) -> tuple[EfficiencyRun, tuple]:
-    """_timed_rounds with the machine's foreign CPU per attempt given by ``foreign``; each attempt's timings
-    are tagged with its index (in ``reps``)."""
+def _run(
+    monkeypatch: pytest.MonkeyPatch, foreign: list[float], retimes: int = 2, spent: float = 0.0
+) -> tuple[EfficiencyRun, tuple]:
+    """_timed_rounds with the machine's foreign CPU per attempt given by ``foreign``, ``retimes`` allowed and
+    ``spent`` seconds of the run's re-timing budget already used; each attempt's timings are tagged with its
+    index (in ``reps``)."""
     seq = iter(foreign)
     attempt = iter(range(100))
     monkeypatch.setattr(efficiency, "spare_cores", lambda: 0)  # (a 2-core machine with 2 torch threads)
@@ -108,7 +111,8 @@ def _run(monkeypatch: pytest.MonkeyPatch, foreign: list[float]) -> tuple[Efficie
         "measure_interleaved",
         lambda fns, device, **kw: {name: efficiency.Timing.of([1.0] * (next(attempt) + 1)) for name in fns},
     )
-    run = EfficiencyRun(dataclasses.replace(BenchConfig.preset("cpu"), retimes=2))
+    run = EfficiencyRun(dataclasses.replace(BenchConfig.preset("cpu"), retimes=retimes))
+    run.retime_s = spent
     return run, run._timed_rounds({"baseline": lambda: None}, "row")
 
 
@@ -128,29 +132,12 @@ def test_contended_row_is_timed_again_and_the_quietest_attempt_kept(monkeypatch:
 
 
 def test_retiming_stops_at_the_run_budget(monkeypatch: pytest.MonkeyPatch) -> None:
-    seq = iter([1.0, 1.0, 1.0])
-    monkeypatch.setattr(efficiency, "spare_cores", lambda: 0)  # (a 2-core machine with 2 torch threads)
-    monkeypatch.setattr(host, "cpu_sample", lambda: host.CpuSample(0.0, 0, 0))
-    monkeypatch.setattr(host, "foreign_cores", lambda a, b: next(seq))
-    monkeypatch.setattr(
-        efficiency, "measure_interleaved", lambda fns, device, **kw: {"b": efficiency.Timing.of([1.0])}
-    )
-    run = EfficiencyRun(dataclasses.replace(BenchConfig.preset("cpu"), retimes=2))
-    run.retime_s = efficiency.RETIME_BUDGET_S
-    _t, foreign, attempts = run._timed_rounds({"b": lambda: None}, "row")
+    run, (_t, foreign, attempts) = _run(monkeypatch, [1.0, 1.0, 1.0], spent=efficiency.RETIME_BUDGET_S)
     assert attempts == 1 and foreign == 1.0 and run.contended == ["row"]
 
 
 def test_retimes_zero_never_retimes_and_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
-    seq = iter([1.0])
-    monkeypatch.setattr(efficiency, "spare_cores", lambda: 0)  # (a 2-core machine with 2 torch threads)
-    monkeypatch.setattr(host, "cpu_sample", lambda: host.CpuSample(0.0, 0, 0))
-    monkeypatch.setattr(host, "foreign_cores", lambda a, b: next(seq))
-    monkeypatch.setattr(
-        efficiency, "measure_interleaved", lambda fns, device, **kw: {"b": efficiency.Timing.of([1.0])}
-    )
-    run = EfficiencyRun(dataclasses.replace(BenchConfig.preset("cpu"), retimes=0))
-    _t, _foreign, attempts = run._timed_rounds({"b": lambda: None}, "row")
+    run, (_t, _foreign, attempts) = _run(monkeypatch, [1.0], retimes=0)
     assert attempts == 1 and run.retimed == [] and run.contended == ["row"]
     with pytest.raises(ValueError, match="retimes=-1"):
         dataclasses.replace(BenchConfig.preset("cpu"), retimes=-1)
