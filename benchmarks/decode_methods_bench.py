@@ -25,7 +25,7 @@ worked, else eager, named in the output): ``recycled`` with stride 10 = (full + 
 ``tokenselect``: the share of reuse steps it needs to average 4x (B=1) / 8x (B=8) over dense.
 
 Checks first (B=2, the same N; ``--check-batch``): each step's output from the default backend against the
-method's fp32 reference from the same state (bound: twice the torch backend's error against the same
+method's reference from the same state, run on fp32 copies of q, k, v (an fp32 output) (bound: twice the torch backend's error against the same
 reference, plus a floor), and the positions its new state keeps against the torch backend's and the
 reference's (share in common: bf16 products may order near-ties differently from fp32).
 
@@ -142,8 +142,15 @@ def check_steps(b: int, n: int, budget: int, dev: torch.device) -> dict[str, Any
             got = op(qq, k, v, state=st)
             low = attnlab.prepare(method, causal=True, backend="torch", **p)(qq, k, v, state=st)
             spec = get(method)
-            ref_out, ref_state = spec.reference(
-                qq, k, v, spec.make_params(p), causal=True, scale=scale, upcast=True, state=st
+            ref_out, ref_state = spec.reference(  # fp32 operands: an fp32 output to measure against
+                qq.float(),
+                k.float(),
+                v.float(),
+                spec.make_params(p),
+                causal=True,
+                scale=scale,
+                upcast=True,
+                state=st,
             )
             assert isinstance(got, Result) and isinstance(low, Result)
             err = float((got.out.float() - ref_out.float()).abs().max())
@@ -194,6 +201,7 @@ def bench_batch(b: int, n: int, budget: int, reps: int, flush: torch.Tensor, pro
             graphs[f"{name}_graph"] = graph_of(fn)
         except Exception as e:  # recorded; the side is left out
             FAILED[f"B{b}:{name}_graph"] = f"{type(e).__name__}: {str(e)[:300]}"
+    host = host_profiles(fns, HOST_PROFILED) if profile and b == 1 and dev.type == "cuda" else {}
     times = timed({**fns, **graphs}, reps, flush)
     dense_best = min(t.median_ms for name, t in times.items() if name.startswith("dense_"))
     medians = {name: t.median_ms for name, t in times.items()}
@@ -217,8 +225,52 @@ def bench_batch(b: int, n: int, budget: int, reps: int, flush: torch.Tensor, pro
         },
         "schedules": schedules(medians, dense_best, b),
         "graph_kernel_profiles": profiles,
+        "host_profiles": host,
         "target_speedup": 8 if b >= 8 else 4,
     }
+
+
+#: eager steps whose host time is profiled (cProfile, B=1)
+HOST_PROFILED = ("snapkv_step", "retrieval_heads_kv_none", "tidal_reuse", "tokenselect_reuse")
+
+
+def host_profiles(
+    fns: dict[str, Callable[[], object]], names: tuple[str, ...], calls: int = 20
+) -> dict[str, Any]:
+    """Per eager step: the host time per call (calls back to back, then one synchronisation) and the
+    functions with the most own time under cProfile."""
+    import cProfile
+    import pstats
+    import time
+
+    out: dict[str, Any] = {}
+    for name in names:
+        fn = fns.get(name)
+        if fn is None:
+            continue
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        host_us = (time.perf_counter() - t0) / calls * 1e6
+        torch.cuda.synchronize()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        prof.disable()
+        stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+        top = sorted(stats.items(), key=lambda kv: -kv[1][2])[:12]
+        out[name] = {
+            "host_us_per_call": round(host_us, 1),
+            "top_own_time_us_per_call": [
+                [f"{Path(f).name}:{line}:{fname}", round(v[2] / calls * 1e6, 1), v[1] // calls]
+                for (f, line, fname), v in top
+            ],
+        }
+    return out
 
 
 def _stepper(

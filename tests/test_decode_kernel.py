@@ -84,6 +84,63 @@ def test_kernel_matches_naive(case: tuple, with_count: bool, poison_empty: None)
     torch.testing.assert_close(lse[fin], want_lse[fin], atol=1e-4, rtol=1e-5)
 
 
+def _logits_naive(q, k, idx, count, page, scale, key_mask):  # type: ignore[no-untyped-def]
+    """(B, H, N_q, n * page) float64 scores at their index-list columns, -inf where not allowed."""
+    b, h, n_q, _ = q.shape
+    h_kv, n_k = k.shape[1], k.shape[2]
+    n = idx.shape[2]
+    out = torch.full((b, h, n_q, n * page), float("-inf"), dtype=torch.float64)
+    for bi in range(b):
+        for hh in range(h):
+            for e in range(n if count is None else int(count[bi, hh // (h // h_kv)])):
+                p = int(idx[bi, hh // (h // h_kv), e])
+                for o in range(page):
+                    t = p * page + o
+                    if p < 0 or t >= n_k or (key_mask is not None and key_mask[bi, t] <= 0):
+                        continue
+                    for i in range(n_q):
+                        if t <= i + n_k - n_q:
+                            s = q[bi, hh, i].double() @ k[bi, hh // (h // h_kv), t].double()
+                            out[bi, hh, i, e * page + o] = scale * s
+    return out
+
+
+@pytest.mark.parametrize(
+    ("case", "with_count", "masked"),
+    [
+        ((2, 4, 2, 2, 70, 16, 4, 9, torch.float32), True, False),
+        ((1, 4, 2, 1, 40, 16, 1, 17, torch.bfloat16), False, True),
+    ],
+    ids=["gqa-page4-count", "bf16-tokens-padding"],
+)
+def test_kernel_writes_the_scores_it_attends_with(case: tuple, with_count: bool, masked: bool) -> None:
+    """decode_attention_logits: the same output and lse as decode_attention, its logits equal to the scores
+    at their index-list columns (-inf exactly where not allowed), and logsumexp(logits) == lse."""
+    from attnlab.kernels.decode.op import decode_attention, decode_attention_logits
+
+    b, h, h_kv, n_q, n_k, d, page, n, dtype = case
+    q, k, v = _qkv(b, h, h_kv, n_q, n_k, d, dtype)
+    idx = _index(b, h_kv, -(-n_k // page), n)
+    count = torch.tensor([[n, n - 3]] * b, device=DEVICE, dtype=torch.int32) if with_count else None
+    key_mask = None
+    if masked:
+        key_mask = torch.ones(b, n_k, device=DEVICE)
+        key_mask[:, :5] = 0  # left padding
+    out, lse, logits = decode_attention_logits(q, k, v, idx, count, page, 0.3, True, key_mask)
+    want_out, want_lse = decode_attention(q, k, v, idx, count, page, 0.3, True, key_mask)
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+    want = _logits_naive(
+        q.cpu(), k.cpu(), idx.cpu(), None if count is None else count.cpu(), page, 0.3, key_mask
+    )
+    got = logits.double().cpu()
+    assert got.shape == want.shape
+    assert torch.equal(torch.isinf(got), torch.isinf(want)) and bool(torch.isfinite(want).any())
+    fin = torch.isfinite(want)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got[fin], want[fin], atol=tol, rtol=tol)
+    torch.testing.assert_close(torch.logsumexp(logits, -1), lse, atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     "case",
     [

@@ -25,6 +25,7 @@ State: none is needed; the method is declared stateful (like every decode method
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -82,13 +83,20 @@ def retrieval_mask(
             f"retrieval_heads_kv: heads={params.heads} names KV head(s) {bad}, but k has {h_kv} KV heads "
             f"(indices 0..{h_kv - 1}); retrieval heads are KV heads (a query head h uses KV head h // group)"
         )
-    mask = torch.zeros(b, h_kv, dtype=torch.bool, device=device)
-    if params.heads:
-        mask[:, list(params.heads)] = True
+    mask = _heads_mask(params.heads, h_kv, str(device))[None].expand(b, h_kv)
     given = extra.get("retrieval")
     if given is not None:
         mask = mask | (given > 0).expand(b, h_kv)
     return mask
+
+
+@functools.lru_cache(maxsize=64)
+def _heads_mask(heads: tuple[int, ...], h_kv: int, device: str) -> Tensor:
+    """(H_kv,) bool on ``device``, True at ``heads``: made once per (heads, H_kv, device), so a step copies
+    nothing from the host (a host copy cannot be captured in a CUDA graph)."""
+    mask = torch.zeros(h_kv, dtype=torch.bool)
+    mask[list(heads)] = True
+    return mask.to(device)
 
 
 def _window(params: RetrievalHeadsParams, n_k: int) -> tuple[int, int]:

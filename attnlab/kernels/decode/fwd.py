@@ -9,6 +9,9 @@ allowed when it exists (< N_K), and, when CAUSAL, sits at or before the row's po
 ``r % N_Q + N_K - N_Q`` (bottom-right alignment), and, with HAS_KMASK, its key-mask entry
 ``KMASK[b, t] > 0`` (padding, e.g. a batch's left padding, is never attended). Online softmax in base 2, fp32 accumulation; it writes
 the split's normalised output and natural-log lse (0 and -inf for a split that saw no allowed token).
+WRITE_LOGITS: it also stores each visited score ``scale * q . k`` (natural-log units; -inf where not
+allowed) to ``LOGITS[b, head, i, e * PAGE + offset]`` (fp32, (B, H, N_Q, N_IDX * PAGE) contiguous): the
+scores of the attention itself, for selections that keep the tokens a step attended to most.
 MERGE: each program then counts itself done on its (b*h_kv, m) counter ``DONE[b*h_kv * m_blocks + m]``
 (an atomic after a barrier; zero between launches), and the last one to finish merges those rows as
 ``decode_merge_kernel`` does (reading the partials past L1) into O / LSE and zeroes the counter again:
@@ -67,7 +70,7 @@ def decode_split_kernel(
     HAS_KMASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, EARLY_V: tl.constexpr,
-    MERGE: tl.constexpr, BLOCK_S: tl.constexpr,
+    MERGE: tl.constexpr, BLOCK_S: tl.constexpr, LOGITS=None, WRITE_LOGITS: tl.constexpr = False,
 ):  # fmt: skip
     split = tl.program_id(0)
     mblk = tl.program_id(1)
@@ -122,6 +125,14 @@ def decode_split_kernel(
         if CAUSAL:
             allowed = allowed & (tok[None, :] <= pos[:, None])
         s = tl.where(allowed, s, float("-inf"))
+        if WRITE_LOGITS:  # the scores in natural-log units at their column e * PAGE + offset of the list
+            col = e0 * PAGE + offs_n
+            l_row = (b * H_KV * GROUP + head.to(tl.int64)) * N_Q + qi
+            tl.store(
+                LOGITS + l_row[:, None] * (N_IDX * PAGE) + col[None, :],
+                s * 0.6931471805599453,
+                mask=row_ok[:, None] & ent_ok[None, :],
+            )
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)

@@ -116,6 +116,7 @@ def decode_launch(
     causal: bool,
     key_mask: Tensor | None = None,
     counter: Tensor | None = None,
+    logits: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Split-K decode over the selected entries (see fwd.py). q (B, H, N_q, D), k/v (B, H_kv, N_k, D) with a
     unit last stride (copied otherwise), index (B, H_kv, n) int32, count (B, H_kv) int32 or None,
@@ -123,6 +124,9 @@ def decode_launch(
     least B * H_kv * (row blocks: GROUP * N_q rows in blocks of up to 64) long, kept by the caller for later
     calls (the kernel leaves them zero): the kernel then merges its splits itself (``FUSED_MERGE``) in one
     launch (a shorter counter: two launches). Calls that share a counter must not run concurrently (other streams).
+    ``logits``: a contiguous float32 (B, H, N_q, n * page) tensor that receives each score the kernel
+    computes, ``scale * q . k`` at column ``e * page + offset`` of the index list (-inf where the token is
+    not allowed; entries at or past ``count`` are left as they were), or None.
     Returns (out (B, H, N_q, D) in q's dtype, lse (B, H, N_q) float32)."""
     _check(q, k, v, index, page)
     # (host time matters at one token per step: one stride() call per tensor, no no-op casts)
@@ -163,6 +167,16 @@ def decode_launch(
     out = torch.empty(b, h, n_q, d, device=q.device, dtype=q.dtype)  # contiguous: strides known
     lse = torch.empty(b, h, n_q, device=q.device, dtype=torch.float32)
     block_s = max(2, next_power_of_2(splits))
+    if logits is not None and (
+        logits.shape != (b, h, n_q, n_idx * page)
+        or logits.dtype != torch.float32
+        or not logits.is_contiguous()
+        or logits.device != q.device
+    ):
+        raise ValueError(
+            f"decode kernel: logits {tuple(logits.shape)} {logits.dtype} must be a contiguous float32 "
+            f"(B, H, N_q, n * page) = ({b}, {h}, {n_q}, {n_idx * page}) tensor on {q.device}"
+        )
     merge = (
         FUSED_MERGE
         and counter is not None
@@ -180,7 +194,7 @@ def decode_launch(
         GROUP=group, PAGE=page, CAUSAL=bool(causal), HAS_CNT=count is not None, HAS_KMASK=key_mask is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=upcast, EARLY_V=DECODE_EARLY_V,
-        MERGE=merge, BLOCK_S=block_s,
+        MERGE=merge, BLOCK_S=block_s, LOGITS=logits, WRITE_LOGITS=logits is not None,
         num_warps=DECODE_WARPS, num_stages=DECODE_STAGES if q.is_cuda else 1,
     )  # fmt: skip
     if not merge:
@@ -541,6 +555,83 @@ def decode_attention(
     if torch.compiler.is_compiling():
         return decode_select_fwd(q, k, v, index, count, int(page), float(scale), bool(causal), key_mask)
     return decode_launch(q, k, v, index, count, int(page), float(scale), bool(causal), key_mask, counter)
+
+
+@torch.library.custom_op("attnlab::decode_logits_fwd", mutates_args=())
+def decode_logits_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    index: Tensor,
+    count: Tensor | None,
+    page: int,
+    scale: float,
+    causal: bool,
+    key_mask: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _decode_with_logits(q, k, v, index, count, page, scale, causal, key_mask)
+
+
+@decode_logits_fwd.register_fake
+def _(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    index: Tensor,
+    count: Tensor | None,
+    page: int,
+    scale: float,
+    causal: bool,
+    key_mask: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    b, h, n_q = q.shape[:3]
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    logits = q.new_empty((b, h, n_q, index.shape[2] * page), dtype=torch.float32)
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32), logits
+
+
+def _decode_with_logits(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    index: Tensor,
+    count: Tensor | None,
+    page: int,
+    scale: float,
+    causal: bool,
+    key_mask: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    b, h, n_q = q.shape[:3]
+    shape = (b, h, n_q, index.shape[2] * page)
+    logits = (
+        torch.empty(shape, device=q.device, dtype=torch.float32)
+        if count is None
+        else torch.full(shape, float("-inf"), device=q.device, dtype=torch.float32)
+    )
+    out, lse = decode_launch(q, k, v, index, count, page, scale, causal, key_mask, None, logits)
+    return out, lse, logits
+
+
+def decode_attention_logits(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    index: Tensor,
+    count: Tensor | None,
+    page: int,
+    scale: float,
+    causal: bool,
+    key_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, lse, logits) of :func:`decode_attention` together with the attention's own scores: ``logits``
+    (B, H, N_q, n * page) float32 holds ``scale * q . k`` of column ``e * page + offset`` of the index list
+    (-inf where the token is not allowed: past the cache, causal, padding, a negative entry, or past
+    ``count``). ``softmax(logits, -1)`` are the attention weights (``exp(logits - lse)``). One pass over
+    the selected K/V: a selection that keeps what the attention weighted most (recycled attention's full
+    step, TidalDecode's selection layer, H2O's per-step scores) costs one store of the scores more."""
+    if torch.compiler.is_compiling():
+        return decode_logits_fwd(q, k, v, index, count, int(page), float(scale), bool(causal), key_mask)
+    return _decode_with_logits(q, k, v, index, count, int(page), float(scale), bool(causal), key_mask)
 
 
 @torch.library.custom_op("attnlab::page_select", mutates_args=("kmax", "kmin", "counter"))
