@@ -201,7 +201,20 @@ def bench_batch(b: int, n: int, budget: int, reps: int, flush: torch.Tensor, pro
             graphs[f"{name}_graph"] = graph_of(fn)
         except Exception as e:  # recorded; the side is left out
             FAILED[f"B{b}:{name}_graph"] = f"{type(e).__name__}: {str(e)[:300]}"
-    host = host_profiles(fns, HOST_PROFILED) if profile and b == 1 and dev.type == "cuda" else {}
+    from attnlab.kernels.decode import op as dop
+
+    for name, flags in GRAPH_VARIANTS.items():  # a step captured under other kernel settings
+        saved = {f: getattr(dop, f) for f in flags}
+        try:
+            for f, val in flags.items():
+                setattr(dop, f, val)
+            graphs[name] = graph_of(fns[name.split(":")[0]])
+        except Exception as e:  # recorded; the side is left out
+            FAILED[f"B{b}:{name}"] = f"{type(e).__name__}: {str(e)[:300]}"
+        finally:
+            for f, val in saved.items():
+                setattr(dop, f, val)
+    host = host_profiles(fns, HOST_PROFILED if b == 1 else ()) if profile and dev.type == "cuda" else {}
     times = timed({**fns, **graphs}, reps, flush)
     dense_best = min(t.median_ms for name, t in times.items() if name.startswith("dense_"))
     medians = {name: t.median_ms for name, t in times.items()}
@@ -230,6 +243,10 @@ def bench_batch(b: int, n: int, budget: int, reps: int, flush: torch.Tensor, pro
     }
 
 
+#: graphed steps under other settings of the decode kernel (``attnlab.kernels.decode.op``): "<step>:<label>"
+GRAPH_VARIANTS: dict[str, dict[str, Any]] = {
+    f"retrieval_heads_kv_1of8:split{t}": {"MAX_SPLIT_TOKENS": t} for t in (256, 512, 1024)
+}
 #: eager steps whose host time is profiled (cProfile, B=1)
 HOST_PROFILED = ("snapkv_step", "retrieval_heads_kv_none", "tidal_reuse", "tokenselect_reuse")
 
@@ -237,24 +254,32 @@ HOST_PROFILED = ("snapkv_step", "retrieval_heads_kv_none", "tidal_reuse", "token
 def host_profiles(
     fns: dict[str, Callable[[], object]], names: tuple[str, ...], calls: int = 20
 ) -> dict[str, Any]:
-    """Per eager step: the host time per call (calls back to back, then one synchronisation) and the
-    functions with the most own time under cProfile."""
+    """Per eager step, ``calls`` calls back to back (no L2 flush between them, as a decode loop calls it):
+    the host time per call, the GPU time per call (CUDA events around the loop: the rate of an eager loop,
+    bound by the host or the GPU, whichever is slower), and for ``names`` the functions with the most own
+    time under cProfile."""
     import cProfile
     import pstats
     import time
 
     out: dict[str, Any] = {}
-    for name in names:
-        fn = fns.get(name)
-        if fn is None:
-            continue
+    for name, fn in fns.items():
         fn()
         torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         t0 = time.perf_counter()
+        start.record()
         for _ in range(calls):
             fn()
+        end.record()
         host_us = (time.perf_counter() - t0) / calls * 1e6
         torch.cuda.synchronize()
+        out[name] = {
+            "host_us_per_call": round(host_us, 1),
+            "loop_us_per_call": round(start.elapsed_time(end) / calls * 1e3, 1),
+        }
+        if name not in names:
+            continue
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(calls):
@@ -263,13 +288,10 @@ def host_profiles(
         prof.disable()
         stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
         top = sorted(stats.items(), key=lambda kv: -kv[1][2])[:12]
-        out[name] = {
-            "host_us_per_call": round(host_us, 1),
-            "top_own_time_us_per_call": [
-                [f"{Path(f).name}:{line}:{fname}", round(v[2] / calls * 1e6, 1), v[1] // calls]
-                for (f, line, fname), v in top
-            ],
-        }
+        out[name]["top_own_time_us_per_call"] = [
+            [f"{Path(f).name}:{line}:{fname}", round(v[2] / calls * 1e6, 1), v[1] // calls]
+            for (f, line, fname), v in top
+        ]
     return out
 
 
