@@ -3,10 +3,11 @@
 A decode method (family ``decode``) is called with a few queries q (B, H, N_q, D) against the whole cache
 k/v (B, H_kv, N_k, D), causal bottom-right, and carries a state from step to step. Its *selector*::
 
-    select(q, k, v, call, extra, state, fast) -> (Selection | None, new_state)
+    select(q, k, v, call, extra, state, fast) -> (Selection | Attended | None, new_state)
 
 says which cache entries each (batch, KV head) reads (:class:`Selection`; None: every token, i.e. exact
-attention, e.g. when the budget covers the cache). ``fast`` is True on the GPU path (the selector may use
+attention, e.g. when the budget covers the cache), or returns the step's output itself (:class:`Attended`:
+a step that attends to every token and selects by the weights of that same attention). ``fast`` is True on the GPU path (the selector may use
 Triton kernels there) and False on the PyTorch path. The executors:
 
 - ``triton``: attnlab's split-K decode kernel over the index list (:mod:`attnlab.kernels.decode`): the
@@ -68,9 +69,17 @@ class Selection:
         return int(self.index.shape[2]) * self.page
 
 
-#: ``select(q, k, v, call, extra, state, fast) -> (Selection | None, new_state)``
+@dataclass(frozen=True)
+class Attended:
+    """A selector's answer when it already attended (e.g. a full step whose selection needs the attention's
+    own weights: one pass gives both): ``out`` (B, H, N_q, D_v) in q's dtype is the step's output."""
+
+    out: Tensor
+
+
+#: ``select(q, k, v, call, extra, state, fast) -> (Selection | Attended | None, new_state)``
 Selector = Callable[
-    [Tensor, Tensor, Tensor, Call, Mapping[str, Tensor], Any, bool], tuple[Selection | None, Any]
+    [Tensor, Tensor, Tensor, Call, Mapping[str, Tensor], Any, bool], tuple[Selection | Attended | None, Any]
 ]
 
 
@@ -152,6 +161,8 @@ class DecodeSelectBackend(Backend):
         self, q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor], state: Any
     ) -> tuple[Tensor, Any]:
         sel, new_state = self.selector(q, k, v, call, extra, state, self.triton)
+        if isinstance(sel, Attended):
+            return sel.out, new_state
         causal = call.problem.causal
         key_mask = extra.get("key_mask")
         if sel is None:

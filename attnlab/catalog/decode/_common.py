@@ -98,6 +98,32 @@ def selection_reference(
     return attend_reference(q, k, v, token_mask, scale=scale, upcast=upcast, key_mask=key_mask)
 
 
+#: The most logits (B x H x N_q x N_k floats) :func:`attend_with_logits` writes in one call (512 MiB).
+FUSED_LOGITS_MAX = 2**27
+#: Tokens per index entry of :func:`attend_with_logits` (the decode kernel's key tile on a GPU).
+ALL_TOKENS_PAGE = 64
+
+
+def attend_with_logits(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, key_mask: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Exact causal attention over every cache token through the Triton decode kernel, with its own scores:
+    (out (B, H, N_q, D) in q's dtype, lse (B, H, N_q) float32, logits (B, H, N_q, N_k) float32 =
+    ``scale * q . k``, -inf where a token is not allowed: causal, padding). One pass over K and V gives
+    what a full step that selects by the attention weights (``exp(logits - lse)``) needs. None when the
+    logits would exceed :data:`FUSED_LOGITS_MAX` floats (the caller then scores in chunks)."""
+    from attnlab.kernels.decode.op import decode_attention_logits
+
+    b, h, n_q = q.shape[:3]
+    h_kv, n_k = k.shape[1], k.shape[2]
+    pages = -(-n_k // ALL_TOKENS_PAGE)
+    if b * h * n_q * pages * ALL_TOKENS_PAGE > FUSED_LOGITS_MAX:
+        return None
+    index = torch.arange(pages, device=q.device, dtype=torch.int32).expand(b, h_kv, pages)
+    out, lse, logits = decode_attention_logits(q, k, v, index, None, ALL_TOKENS_PAGE, scale, True, key_mask)
+    return out, lse, logits[..., :n_k]
+
+
 def require_causal(method: str, causal: bool) -> None:
     if not causal:
         raise ValueError(f"method {method!r} is defined for causal decoding only (pass causal=True)")

@@ -39,8 +39,12 @@ weights (a KV head keeps one set). ``normalize=True`` (the default, kvpress's) d
 kvpress divides by the queries that saw a token. Under ``attnlab.hf.use(..., free_kv=True)`` the cache is
 compacted after every decode step to the kept tokens (:mod:`attnlab.hf.kv`).
 
-Per-step cost beside the attention: one more q.k over the candidates (gathered; PyTorch, fp32) for the
-weights, and a top-k over ``budget + N_q`` scores.
+Per-step cost beside the attention: one more q.k over the candidates for the weights (the ``torch``
+backend: gathered, PyTorch, fp32; the ``triton`` backend: :mod:`attnlab.kernels.decode.logits` over the
+candidates as an index list, the cache read once in its own dtype, bf16 / fp16 products on the tensor
+cores with fp32 accumulation, then the same fp32 softmax, so the weights differ from the reference's by
+the summation order of the logits, and candidates whose ranks nearly tie may be kept differently), and a
+top-k over ``budget + N_q`` scores.
 """
 
 from __future__ import annotations
@@ -52,10 +56,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnlab.backends.decode_select import Selection, torch_decode, triton_decode
+from attnlab.backends.decode_select import Attended, Selection, torch_decode, triton_decode
 from attnlab.catalog.decode import _evict
 from attnlab.catalog.decode._common import (
     CAUSAL_PATTERNS,
+    FUSED_LOGITS_MAX,
     KEY_MASK,
     attend_reference,
     require_causal,
@@ -158,11 +163,20 @@ def _carried(st: StepEvictionState | None, cand: Tensor) -> tuple[Tensor, Tensor
 
 
 def evict_step(
-    cand: Tensor, acc: Tensor, seen: Tensor, params: H2OParams, n_k: int, valid: Tensor | None
+    cand: Tensor,
+    acc: Tensor,
+    seen: Tensor,
+    params: H2OParams,
+    n_k: int,
+    valid: Tensor | None,
+    *,
+    fast: bool = False,
 ) -> StepEvictionState:
     """The state after a per-step call: of the candidates (B, H_kv, C) sorted positions with their
     accumulated attention ``acc`` and query counts ``seen``, the ``budget`` best-ranked (module docstring;
-    all of them while C <= budget), sorted by position."""
+    all of them while C <= budget), sorted by position. ``fast``: the C - budget lowest-ranked are dropped
+    (a top-k of a few plus a compaction that keeps the order, instead of a top-k of ``budget``, a sort and
+    gathers); the same set unless ranks tie at the cut, where either may keep another of the tied."""
     c = cand.shape[2]
     if c > params.budget:
         rank = acc / seen.clamp(min=1) if params.normalize else acc.clone()
@@ -171,26 +185,65 @@ def evict_step(
         if valid is not None:
             real = valid.gather(1, cand.flatten(1)).view(cand.shape)
             rank = rank.masked_fill(~real, float("-inf"))
-        top = torch.topk(rank, params.budget, dim=-1, sorted=False).indices.sort(dim=-1).values
-        cand, acc, seen = cand.gather(2, top), acc.gather(2, top), seen.gather(2, top)
+        if fast:
+            low = torch.topk(rank, c - params.budget, dim=-1, largest=False, sorted=False).indices
+            keep = torch.ones_like(rank, dtype=torch.bool).scatter_(2, low, False)
+            dest = torch.where(keep, keep.cumsum(2) - 1, params.budget)  # (dropped: one spare slot)
+            cand, acc, seen = (_compact(x, dest, params.budget) for x in (cand, acc, seen))
+        else:
+            top = torch.topk(rank, params.budget, dim=-1, sorted=False).indices.sort(dim=-1).values
+            cand, acc, seen = cand.gather(2, top), acc.gather(2, top), seen.gather(2, top)
     return StepEvictionState(cand.to(torch.int32), acc, seen, n_k)
 
 
+def _compact(x: Tensor, dest: Tensor, budget: int) -> Tensor:
+    """x (B, H_kv, C) moved to positions ``dest`` of a (B, H_kv, budget) row (``dest == budget``: dropped)."""
+    return x.new_zeros(*x.shape[:2], budget + 1).scatter_(2, dest, x)[..., :budget]
+
+
 def _step_weights(
-    q: Tensor, k: Tensor, cand: Tensor, scale: float, valid: Tensor | None
+    q: Tensor, k: Tensor, cand: Tensor, scale: float, valid: Tensor | None, fast: bool = False
 ) -> tuple[Tensor, Tensor]:
-    """Fast path: (sum over queries of the causal attention weights over the candidates, mean over each KV
-    group's query heads; queries seeing each candidate), both (B, H_kv, C) float32, from the gathered keys."""
+    """(sum over queries of the causal attention weights over the candidates, mean over each KV group's
+    query heads; queries seeing each candidate), both (B, H_kv, C) float32. ``fast``: the logits from the
+    Triton kernel over the candidates as an index list (the cache read once in its dtype); otherwise from
+    the gathered keys in fp32."""
     n_q, d = q.shape[2], q.shape[3]
     h_kv, n_k = k.shape[1], k.shape[2]
-    kc = k.gather(2, cand[..., None].expand(-1, -1, -1, d)).float()
-    s = torch.einsum("bjgrd,bjcd->bjgrc", _evict.group_rows(q, h_kv).float(), kc) * scale
     pos = torch.arange(n_q, device=q.device) + (n_k - n_q)
     allowed = cand[:, :, None, :] <= pos[:, None]  # (B, H_kv, N_q, C)
     if valid is not None:
         allowed = allowed & valid.gather(1, cand.flatten(1)).view(cand.shape)[:, :, None, :]
+    if fast:
+        return _fast_step_weights(q, k, cand, scale, valid), allowed.sum(2).float()
+    kc = k.gather(2, cand[..., None].expand(-1, -1, -1, d)).float()
+    s = torch.einsum("bjgrd,bjcd->bjgrc", _evict.group_rows(q, h_kv).float(), kc) * scale
     probs = torch.softmax(s.masked_fill(~allowed[:, :, None], float("-inf")), dim=-1).nan_to_num(0.0)
     return probs.sum(3).mean(2), allowed.sum(2).float()
+
+
+def _fast_step_weights(q: Tensor, k: Tensor, cand: Tensor, scale: float, valid: Tensor | None) -> Tensor:
+    """:func:`_step_weights`'s weights from the Triton logits of the candidates (causal and padding masked in
+    the kernel; a row with no allowed candidate adds 0), in pieces of at most ``CHUNK_ELEMENTS`` logits."""
+    from attnlab.kernels.decode.logits import logit_chunks
+
+    b, h, _, _ = q.shape
+    h_kv, c_n = k.shape[1], cand.shape[2]
+    g = h // h_kv
+    acc: Tensor | None = None
+    for c in logit_chunks(q, k, scale, CHUNK_ELEMENTS, causal=True, key_mask=valid, index=cand):
+        # (B, heads, rows, C); a row with no allowed candidate: NaN -> 0
+        probs = torch.softmax(c.logits, dim=-1).nan_to_num_(0.0)
+        part = probs.view(b, c.kv1 - c.kv0, -1, c_n).sum(2)  # (over the group's heads and the rows)
+        if acc is None and c.kv1 - c.kv0 == h_kv:  # (the first piece of rows over every head)
+            acc = part
+        else:
+            if acc is None:
+                acc = torch.zeros(b, h_kv, c_n, device=q.device)
+            acc[:, c.kv0 : c.kv1] += part
+    if acc is None:  # (no query rows)
+        return torch.zeros(b, h_kv, c_n, device=q.device)
+    return acc / g
 
 
 def _first_weights(q: Tensor, k: Tensor, scale: float, valid: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -266,9 +319,12 @@ _select_once = _evict.selector("h2o", scores)
 
 def _select(
     q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor], state: Any, fast: bool
-) -> tuple[Selection | None, EvictionState | StepEvictionState]:
+) -> tuple[Selection | Attended | None, EvictionState | StepEvictionState]:
     """The selector: kvpress's one decision, or (``per_step``) this call's candidates and the kept set
-    after it (the candidates are every token while nothing was evicted: exact attention)."""
+    after it (the candidates are every token while nothing was evicted: exact attention). ``fast``, per
+    step, once something was evicted: the attention over the candidates and its weights in one pass (the
+    decode kernel's logits and lse, :func:`attnlab.kernels.decode.op.decode_attention_logits`) and the
+    compacting eviction of :func:`evict_step`, when the logits fit ``FUSED_LOGITS_MAX`` floats."""
     params = call.params
     assert isinstance(params, H2OParams)
     if not params.per_step:
@@ -277,6 +333,22 @@ def _select(
     b, h_kv, n_k = k.shape[0], k.shape[1], k.shape[2]
     valid = valid_keys(extra.get("key_mask"))
     cand = _candidates(st, b, h_kv, n_k, q.device)
+    if (
+        fast
+        and st is not None
+        and not st.complete()
+        and b * q.shape[1] * q.shape[2] * cand.shape[2] <= FUSED_LOGITS_MAX
+    ):
+        # the attention over the candidates and its weights in one pass (the decode kernel's own logits)
+        from attnlab.kernels.decode.op import decode_attention_logits
+
+        out, lse, logits = decode_attention_logits(
+            q, k, v, cand.to(torch.int32), None, 1, call.scale, True, extra.get("key_mask")
+        )
+        w = torch.exp(logits - lse[..., None]).nan_to_num_(0.0).sum(2).unflatten(1, (h_kv, -1)).mean(2)
+        n = torch.isfinite(logits.unflatten(1, (h_kv, -1))[:, :, 0]).sum(2).float()  # queries seeing each
+        acc, seen = _carried(st, cand)
+        return Attended(out), evict_step(cand, acc + w, seen + n, params, n_k, valid, fast=True)
     if st is None:
         acc, seen = _first_weights(q, k, call.scale, valid)
     else:  # (nothing evicted yet: every token is a candidate, read in place rather than gathered)
@@ -284,7 +356,7 @@ def _select(
         w, n = (
             _first_weights(q, k, call.scale, valid)
             if st.complete()
-            else _step_weights(q, k, cand, call.scale, valid)
+            else _step_weights(q, k, cand, call.scale, valid, fast)
         )
         acc, seen = acc + w, seen + n
     sel = None if st is None or st.complete() else Selection(cand.to(torch.int32), 1)

@@ -20,6 +20,13 @@ the budget), so no score needs updating between full steps. v2 (RefreshKV) refre
 drifts; this is v1's fixed stride. Full steps cost one dense attention plus one more pass over K (the
 scores); they are the method's cost.
 
+Scores: the reference (and the ``torch`` backend) computes P in fp32 from fp32 copies of q and K; the
+``triton`` backend computes the logits from the cache read once in its own dtype
+(:mod:`attnlab.kernels.decode.logits`: bf16 / fp16 products on the tensor cores, fp32 accumulation; fp32
+inputs as IEEE fp32), then the same fp32 softmax (a row with no allowed key: 0), so P differs from the
+reference's by the summation order of the logits, and tokens whose pooled P nearly tie may rank
+differently.
+
 State: :class:`attnlab.state.reuse.TokenSet` (kept positions, cache length at the full step, steps since).
 """
 
@@ -33,11 +40,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnlab.backends.decode_select import Selection, torch_decode, triton_decode
+from attnlab.backends.decode_select import Attended, Selection, torch_decode, triton_decode
 from attnlab.catalog.decode._common import (
     CAUSAL_PATTERNS,
     KEY_MASK,
     attend_reference,
+    attend_with_logits,
     require_causal,
     valid_keys,
 )
@@ -71,26 +79,67 @@ class RecycledParams(Params):
 
 
 def keep_scores(
-    q: Tensor, k: Tensor, params: RecycledParams, scale: float, valid: Tensor | None = None
+    q: Tensor,
+    k: Tensor,
+    params: RecycledParams,
+    scale: float,
+    valid: Tensor | None = None,
+    *,
+    fast: bool = False,
 ) -> Tensor:
     """(B, H_kv, N_k) float32: the full step's attention, max over the group's heads and queries, pooled;
-    padding (``valid`` False) gets no attention and scores -inf."""
-    b, _, n_q, _ = q.shape
-    h_kv, n_k = k.shape[1], k.shape[2]
-    qg = group_rows(q, h_kv)
-    rows = max(1, CHUNK_ELEMENTS // (b * qg.shape[2] * n_k))
-    out = torch.zeros(b, h_kv, n_k, device=q.device)
-    for j in range(h_kv):
-        for r0 in range(0, n_q, rows):
-            probs = causal_probs(
-                qg[:, j, :, r0 : r0 + rows], k[:, j], scale, r0, n_q, valid
-            )  # (B, G, rows, N_k)
-            out[:, j] = torch.maximum(out[:, j], probs.amax(dim=(1, 2)))
+    padding (``valid`` False) gets no attention and scores -inf. ``fast``: from the Triton logits
+    (:func:`attnlab.kernels.decode.logits.group_logits`: the cache read once in its dtype)."""
+    if fast:
+        out = _fast_attention_max(q, k, scale, valid)
+    else:
+        b, _, n_q, _ = q.shape
+        h_kv, n_k = k.shape[1], k.shape[2]
+        qg = group_rows(q, h_kv)
+        rows = max(1, CHUNK_ELEMENTS // (b * qg.shape[2] * n_k))
+        out = torch.zeros(b, h_kv, n_k, device=q.device)
+        for j in range(h_kv):
+            for r0 in range(0, n_q, rows):
+                probs = causal_probs(
+                    qg[:, j, :, r0 : r0 + rows], k[:, j], scale, r0, n_q, valid
+                )  # (B, G, rows, N_k)
+                out[:, j] = torch.maximum(out[:, j], probs.amax(dim=(1, 2)))
+    return _pooled(out, params, valid)
+
+
+def _pooled(best: Tensor, params: RecycledParams, valid: Tensor | None) -> Tensor:
+    """The attention maxima (B, H_kv, N_k) max-pooled over key positions, padding -inf."""
     if params.pool > 1:
-        out = F.max_pool1d(out, params.pool, stride=1, padding=params.pool // 2)
+        best = F.max_pool1d(best, params.pool, stride=1, padding=params.pool // 2)
     if valid is not None:
-        out = out.masked_fill(~valid[:, None], float("-inf"))
-    return out
+        best = best.masked_fill(~valid[:, None], float("-inf"))
+    return best
+
+
+def _keep(scores: Tensor, params: RecycledParams, n_k: int) -> TokenSet:
+    """The ``budget`` highest-scored tokens (sorted) as a full step's kept set."""
+    top = torch.topk(scores, params.budget, dim=-1, sorted=False).indices
+    return TokenSet(top.sort(dim=-1).values.to(torch.int32), n_k, 1)
+
+
+def _fast_attention_max(q: Tensor, k: Tensor, scale: float, valid: Tensor | None) -> Tensor:
+    """(B, H_kv, N_k) float32: softmax over every key of each query row of the Triton logits (causal and
+    padding masked in the kernel; a row with no allowed key gives 0, not NaN), max over the group's heads
+    and queries (and 0), in pieces of at most ``CHUNK_ELEMENTS`` logits."""
+    from attnlab.kernels.decode.logits import logit_chunks
+
+    b, h_kv, n_k = k.shape[0], k.shape[1], k.shape[2]
+    out: Tensor | None = None
+    for c in logit_chunks(q, k, scale, CHUNK_ELEMENTS, causal=True, key_mask=valid):
+        probs = torch.softmax(c.logits, dim=-1).nan_to_num_(0.0)  # (a row with no allowed key: NaN -> 0)
+        best = probs.view(b, c.kv1 - c.kv0, -1, n_k).amax(2)  # (>= 0)
+        if out is None and c.kv0 == 0 and c.kv1 == h_kv:  # (one piece: no other buffer)
+            out = best
+        else:
+            if out is None:
+                out = torch.zeros(b, h_kv, n_k, device=q.device)
+            out[:, c.kv0 : c.kv1] = torch.maximum(out[:, c.kv0 : c.kv1], best)
+    return out if out is not None else torch.zeros(b, h_kv, n_k, device=q.device)  # (no query rows)
 
 
 def _state(state: Any, k: Tensor) -> TokenSet | None:
@@ -108,24 +157,39 @@ def _state(state: Any, k: Tensor) -> TokenSet | None:
 
 
 def _full_step(
-    q: Tensor, k: Tensor, params: RecycledParams, scale: float, valid: Tensor | None = None
+    q: Tensor,
+    k: Tensor,
+    params: RecycledParams,
+    scale: float,
+    valid: Tensor | None = None,
+    *,
+    fast: bool = False,
 ) -> TokenSet:
     n_k = k.shape[2]
     if params.budget >= n_k:
         pos = torch.arange(n_k, device=k.device, dtype=torch.int32).expand(k.shape[0], k.shape[1], -1)
         return TokenSet(pos.contiguous(), n_k, 1)
-    top = torch.topk(keep_scores(q, k, params, scale, valid), params.budget, dim=-1, sorted=False).indices
-    return TokenSet(top.sort(dim=-1).values.to(torch.int32), n_k, 1)
+    return _keep(keep_scores(q, k, params, scale, valid, fast=fast), params, n_k)
 
 
 def select(
     q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor], state: Any, fast: bool
-) -> tuple[Selection | None, TokenSet]:
-    """Full step (None: exact attention, and a new kept set) or the kept set plus the appended tokens."""
+) -> tuple[Selection | Attended | None, TokenSet]:
+    """Full step (None: exact attention, and a new kept set) or the kept set plus the appended tokens.
+    ``fast``: a full step attends and weighs in one pass (the decode kernel's own logits and lse,
+    :func:`attnlab.catalog.decode._common.attend_with_logits`), up to its size limit."""
     p: RecycledParams = call.params  # type: ignore[assignment]
     st = _state(state, k)
     if st is None or st.step % p.stride == 0:
-        return None, _full_step(q, k, p, call.scale, valid_keys(extra.get("key_mask")))
+        key_mask = extra.get("key_mask")
+        if fast and p.budget < k.shape[2]:  # the attention and its weights in one pass over the cache
+            fused = attend_with_logits(q, k, v, call.scale, key_mask)
+            if fused is not None:
+                out, lse, logits = fused
+                probs = torch.exp(logits - lse[..., None]).nan_to_num_(0.0)  # (no allowed key: 0)
+                best = probs.unflatten(1, (k.shape[1], -1)).amax(dim=(2, 3))  # (B, H_kv, N_k)
+                return Attended(out), _keep(_pooled(best, p, valid_keys(key_mask)), p, k.shape[2])
+        return None, _full_step(q, k, p, call.scale, valid_keys(key_mask), fast=fast)
     nxt = TokenSet(st.positions, st.n_k, st.step + 1)
     return Selection(st.index(k.shape[2]), 1), nxt
 

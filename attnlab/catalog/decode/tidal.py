@@ -12,6 +12,11 @@ Per layer, by its ``role``::
 
 Budget in tokens; a budget >= N_k keeps every token.
 
+Scores: the reference (and the ``torch`` backend) computes the logits in fp32 from fp32 copies of q and K;
+the ``triton`` backend reads the cache once in its own dtype (:mod:`attnlab.kernels.decode.logits`: bf16 /
+fp16 products on the tensor cores, fp32 accumulation; fp32 inputs as IEEE fp32), so the logits differ
+from the reference's by the summation order, and tokens whose scores nearly tie may rank differently.
+
 How a model passes the positions between layers (the HF integration wires this): the state is one
 :class:`attnlab.state.reuse.TokenSet` per sequence and decode step, shared by the layers, not one per
 layer. In each forward, call the layers in order and hand each layer's ``Result.state`` to the next
@@ -37,11 +42,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnlab.backends.decode_select import Selection, torch_decode, triton_decode
+from attnlab.backends.decode_select import Attended, Selection, torch_decode, triton_decode
 from attnlab.catalog.decode._common import (
     CAUSAL_PATTERNS,
     KEY_MASK,
     attend_reference,
+    attend_with_logits,
     require_causal,
     valid_keys,
 )
@@ -72,9 +78,14 @@ class TidalParams(Params):
             raise self._fail("role", self.role, f"one of {', '.join(ROLES)}")
 
 
-def logit_scores(q: Tensor, k: Tensor, scale: float, valid: Tensor | None = None) -> Tensor:
+def logit_scores(
+    q: Tensor, k: Tensor, scale: float, valid: Tensor | None = None, *, fast: bool = False
+) -> Tensor:
     """(B, H_kv, N_k) float32: max over the group's heads and the call's queries of the causal logits
-    (-inf for padding, ``valid`` False)."""
+    (-inf for padding, ``valid`` False). ``fast``: the logits from the Triton kernel
+    (:func:`attnlab.kernels.decode.logits.group_logits`: the cache read once in its dtype)."""
+    if fast:
+        return _fast_logit_scores(q, k, scale, valid)
     b, _, n_q, _ = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     qg = group_rows(q, h_kv)
@@ -92,13 +103,36 @@ def logit_scores(q: Tensor, k: Tensor, scale: float, valid: Tensor | None = None
     return out
 
 
-def positions(q: Tensor, k: Tensor, p: TidalParams, scale: float, valid: Tensor | None = None) -> TokenSet:
-    """A selection layer's choice: the ``budget`` highest-scored positions (every one when it covers N_k)."""
+def _fast_logit_scores(q: Tensor, k: Tensor, scale: float, valid: Tensor | None) -> Tensor:
+    """:func:`logit_scores` from the Triton logits (padding and causality masked in the kernel), in
+    pieces of at most ``CHUNK_ELEMENTS`` logits."""
+    from attnlab.kernels.decode.logits import logit_chunks
+
+    b, h_kv, n_k = k.shape[0], k.shape[1], k.shape[2]
+    out: Tensor | None = None
+    for c in logit_chunks(q, k, scale, CHUNK_ELEMENTS, causal=True, key_mask=valid):
+        best = c.logits.view(b, c.kv1 - c.kv0, -1, n_k).amax(2)
+        if c.kv0 == 0 and c.kv1 == h_kv and out is None:  # (one piece: no other buffer)
+            out = best
+        else:
+            if out is None:
+                out = torch.full((b, h_kv, n_k), float("-inf"), device=q.device)
+            out[:, c.kv0 : c.kv1] = torch.maximum(out[:, c.kv0 : c.kv1], best)
+    if out is None:  # (no query rows)
+        out = torch.full((b, h_kv, n_k), float("-inf"), device=q.device)
+    return out
+
+
+def positions(
+    q: Tensor, k: Tensor, p: TidalParams, scale: float, valid: Tensor | None = None, *, fast: bool = False
+) -> TokenSet:
+    """A selection layer's choice: the ``budget`` highest-scored positions (every one when it covers N_k;
+    ``fast``: the scores from the Triton logits)."""
     b, h_kv, n_k = k.shape[0], k.shape[1], k.shape[2]
     if p.budget >= n_k:
         every = torch.arange(n_k, device=k.device, dtype=torch.int32).expand(b, h_kv, -1)
         return TokenSet(every.contiguous(), n_k)
-    top = torch.topk(logit_scores(q, k, scale, valid), p.budget, dim=-1, sorted=False).indices
+    top = torch.topk(logit_scores(q, k, scale, valid, fast=fast), p.budget, dim=-1, sorted=False).indices
     return TokenSet(top.sort(dim=-1).values.to(torch.int32), n_k)
 
 
@@ -118,13 +152,22 @@ def _state(state: Any, k: Tensor) -> TokenSet | None:
 
 def select(
     q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor], state: Any, fast: bool
-) -> tuple[Selection | None, TokenSet | None]:
+) -> tuple[Selection | Attended | None, TokenSet | None]:
     """Exact attention for "full" and "select" layers (the latter also choose positions); the state's
-    positions (and the tokens appended since) for "reuse" layers."""
+    positions (and the tokens appended since) for "reuse" layers. ``fast``: a "select" layer attends and
+    scores in one pass (:func:`attnlab.catalog.decode._common.attend_with_logits`: the decode kernel's
+    own logits), up to its size limit; beyond it, and on the torch path, exact attention then the scores."""
     p: TidalParams = call.params  # type: ignore[assignment]
     st = _state(state, k)
     if p.role == "select":
-        return None, positions(q, k, p, call.scale, valid_keys(extra.get("key_mask")))
+        if fast and p.budget < k.shape[2]:  # the attention and its logits in one pass over the cache
+            fused = attend_with_logits(q, k, v, call.scale, extra.get("key_mask"))
+            if fused is not None:
+                out, _, logits = fused
+                scores = logits.unflatten(1, (k.shape[1], -1)).amax(dim=(2, 3))  # (B, H_kv, N_k)
+                top = torch.topk(scores, p.budget, dim=-1, sorted=False).indices
+                return Attended(out), TokenSet(top.sort(dim=-1).values.to(torch.int32), k.shape[2])
+        return None, positions(q, k, p, call.scale, valid_keys(extra.get("key_mask")), fast=fast)
     if p.role == "full" or st is None:
         return None, st
     return Selection(st.index(k.shape[2]), 1), st

@@ -21,6 +21,12 @@ group reads its K/V once) over the cache as given. Its selection cache is switch
 (``QUERY_CACHE=False``); the paper's threshold (0.9) is the default here. Llama-3 config there: n_init 128,
 n_local 512, top_k 2048 (budget 2688 here); the defaults here keep n_init and n_local and use budget 4096.
 
+Votes: the reference (and the ``torch`` backend) computes qf . k in fp32 from an fp32 copy of K; the
+``triton`` backend reads the cache once in its own dtype (:mod:`attnlab.kernels.decode.logits`: the fp32
+fingerprint split into two bf16 halves against the bf16 keys as loaded, about fp32's precision; fp32
+accumulation), so the votes differ from the reference's by rounding, and candidates whose
+votes nearly tie may rank differently.
+
 The reuse decision reads one boolean from the device (a host synchronisation) per call; ``threshold=1``
 never reuses and never synchronises (a step can then be captured in a CUDA graph).
 
@@ -49,6 +55,9 @@ from attnlab.core import Call, MethodSpec
 from attnlab.errors import InputError
 from attnlab.params import Params
 from attnlab.state.reuse import TokenSet
+
+#: Vote logits per piece of KV heads (fp32: 256 MiB; the Triton path).
+CHUNK_ELEMENTS = 2**26
 
 
 @dataclass(frozen=True)
@@ -84,9 +93,15 @@ def fingerprint(q: Tensor) -> Tensor:
     return q.float().mean(2)
 
 
-def votes(qf: Tensor, k: Tensor, lo: int, hi: int, allowed: Tensor | None = None) -> Tensor:
+def votes(
+    qf: Tensor, k: Tensor, lo: int, hi: int, allowed: Tensor | None = None, *, fast: bool = False
+) -> Tensor:
     """(B, H_kv, hi - lo) float32: per-head softmax over candidates [lo, hi) of qf . k, summed over each
-    group's heads; ``allowed`` (B, hi - lo) bool leaves candidates out (their vote is -1)."""
+    group's heads; ``allowed`` (B, hi - lo) bool leaves candidates out (their vote is -1). ``fast``: the
+    products from the Triton logits (:func:`attnlab.kernels.decode.logits.group_logits`: the cache read
+    once in its dtype)."""
+    if fast:
+        return _fast_votes(qf, k, lo, hi, allowed)
     b, h, d = qf.shape
     h_kv = k.shape[1]
     s = torch.einsum("bkgd,bknd->bkgn", qf.view(b, h_kv, h // h_kv, d), k[:, :, lo:hi].float())
@@ -95,6 +110,37 @@ def votes(qf: Tensor, k: Tensor, lo: int, hi: int, allowed: Tensor | None = None
     s = s.masked_fill(~allowed[:, None, None, :], float("-inf"))
     vote = torch.softmax(s, dim=-1).nan_to_num(0.0).sum(2)
     return vote.masked_fill(~allowed[:, None, :], -1.0)
+
+
+def _fast_votes(qf: Tensor, k: Tensor, lo: int, hi: int, allowed: Tensor | None) -> Tensor:
+    """:func:`votes` from the Triton logits of the fingerprints (one query row per head, no scale, not
+    causal; the candidates left out masked in the kernel), in pieces of at most ``CHUNK_ELEMENTS`` logits
+    (KV heads)."""
+    from attnlab.kernels.decode.logits import logit_chunks
+
+    b = qf.shape[0]
+    h_kv, n_k = k.shape[1], k.shape[2]
+    key_mask = None
+    if allowed is not None:  # (B, N_k): the kernel's padding mask, True on the allowed candidates
+        key_mask = torch.zeros(b, n_k, dtype=torch.bool, device=k.device)
+        key_mask[:, lo:hi] = allowed
+    vote: Tensor | None = None
+    for c in logit_chunks(
+        qf[:, :, None], k, 1.0, CHUNK_ELEMENTS, causal=False, key_mask=key_mask, lo=lo, hi=hi
+    ):
+        # (a row with no allowed candidate gives NaN here: every head of its batch element has none, and
+        # its votes become -1 below)
+        part = torch.softmax(c.logits, dim=-1)  # (B, heads, 1, hi - lo)
+        part = part.view(b, c.kv1 - c.kv0, -1, hi - lo).sum(2)
+        if vote is None and c.kv1 - c.kv0 == h_kv:  # (one piece: no other buffer)
+            vote = part
+        else:
+            if vote is None:
+                vote = torch.empty(b, h_kv, hi - lo, device=k.device)
+            vote[:, c.kv0 : c.kv1] = part
+    if vote is None:  # (no heads)
+        vote = torch.zeros(b, h_kv, hi - lo, device=k.device)
+    return vote if allowed is None else vote.masked_fill(~allowed[:, None, :], -1.0)
 
 
 def similar(qf: Tensor, prev: Tensor | None, threshold: float) -> bool:
@@ -107,11 +153,18 @@ def similar(qf: Tensor, prev: Tensor | None, threshold: float) -> bool:
 
 
 def choose(
-    q: Tensor, k: Tensor, p: TokenSelectParams, state: TokenSet | None, key_mask: Tensor | None = None
+    q: Tensor,
+    k: Tensor,
+    p: TokenSelectParams,
+    state: TokenSet | None,
+    key_mask: Tensor | None = None,
+    *,
+    fast: bool = False,
 ) -> tuple[Tensor | None, TokenSet]:
     """(index (B, H_kv, n) int32 of the step's tokens, or None for exact attention; the new state).
     With ``key_mask`` the sinks start at each sequence's first real token, padding is no candidate, and
-    list entries that would repeat a token or name padding are holes (-1)."""
+    list entries that would repeat a token or name padding are holes (-1). ``fast``: the votes from the
+    Triton logits (:func:`votes`)."""
     b, h_kv, n_k = k.shape[0], k.shape[1], k.shape[2]
     qf = fingerprint(q)
     dev = k.device
@@ -126,12 +179,12 @@ def choose(
         top = min(p.budget - p.n_init - p.n_local, hi - lo)
         valid = valid_keys(key_mask)
         if valid is None:
-            picked = torch.topk(votes(qf, k, lo, hi), top, dim=-1, sorted=False).indices + lo
+            picked = torch.topk(votes(qf, k, lo, hi, fast=fast), top, dim=-1, sorted=False).indices + lo
         else:
             first = first_real(valid, b, dev)[:, None]
             t = torch.arange(lo, hi, device=dev)
             allowed = valid[:, lo:hi] & (t >= first + p.n_init)
-            top_ = torch.topk(votes(qf, k, lo, hi, allowed), top, dim=-1, sorted=False).indices
+            top_ = torch.topk(votes(qf, k, lo, hi, allowed, fast=fast), top, dim=-1, sorted=False).indices
             ok = allowed[:, None, :].expand(-1, h_kv, -1).gather(2, top_)
             picked = torch.where(ok, top_ + lo, -1)
         voted = picked.to(torch.int32)
@@ -164,7 +217,7 @@ def select(
     q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor], state: Any, fast: bool
 ) -> tuple[Selection | None, TokenSet]:
     """The step's tokens (module docstring) as a token list, and the new state."""
-    index, new_state = choose(q, k, call.params, _state(state, k), extra.get("key_mask"))  # type: ignore[arg-type]
+    index, new_state = choose(q, k, call.params, _state(state, k), extra.get("key_mask"), fast=fast)  # type: ignore[arg-type]
     return (None if index is None else Selection(index, 1)), new_state
 
 
