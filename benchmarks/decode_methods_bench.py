@@ -4,6 +4,7 @@ One layer's decode step: q (B, 32, 1, 128) against a cache k/v (B, 8, N, 128) (G
 4096 tokens, N = 128K by default. Each step is the prepared op as a user calls it (``attnlab.prepare(method,
 causal=True, **params)`` with the library's backend choice, the state of an earlier call passed in):
 
+- ``page_topk``: its step with one appended token (as ``decode_bench.py`` times it, 10 reps here);
 - ``retrieval_heads_kv_none`` / ``_1of8``: no retrieval head / KV head 0 keeps the whole cache;
 - ``snapkv_step`` / ``h2o_step``: a step after the decision (made by a first call with 16 queries);
 - ``h2o_per_step``: H2O's decoding loop (``per_step=True``, ``recent=budget // 2``, unnormalised): a step
@@ -79,7 +80,9 @@ def build_steps(
     def first(method: str, qq: torch.Tensor, kk: torch.Tensor, vv: torch.Tensor, **p: Any) -> Any:
         return _state(attnlab.attention(qq, kk, vv, method=method, causal=True, **p))
 
+    pt = {"budget": budget, "page": 16}  # page_topk's state before this step's token (decode_bench's step)
     steps: dict[str, Step] = {
+        "page_topk": ("page_topk", pt, first("page_topk", q, k[:, :, : n - 1], v[:, :, : n - 1], **pt), q),
         "retrieval_heads_kv_none": ("retrieval_heads_kv", {"budget": budget}, None, q),
         "retrieval_heads_kv_1of8": ("retrieval_heads_kv", {"budget": budget, "heads": (0,)}, None, q),
     }
@@ -245,7 +248,10 @@ def bench_batch(b: int, n: int, budget: int, reps: int, flush: torch.Tensor, pro
 
 #: graphed steps under other settings of the decode kernel (``attnlab.kernels.decode.op``): "<step>:<label>"
 GRAPH_VARIANTS: dict[str, dict[str, Any]] = {
-    f"retrieval_heads_kv_1of8:split{t}": {"MAX_SPLIT_TOKENS": t} for t in (256, 512, 1024)
+    "retrieval_heads_kv_1of8:split2048": {"MAX_SPLIT_TOKENS": 2048},  # the cap up to c5a93cb
+    "retrieval_heads_kv_1of8:split256": {"MAX_SPLIT_TOKENS": 256},
+    "retrieval_heads_kv_1of8:stages2": {"DECODE_STAGES": 2},
+    "page_topk:split2048": {"MAX_SPLIT_TOKENS": 2048},
 }
 #: eager steps whose host time is profiled (cProfile, B=1)
 HOST_PROFILED = ("snapkv_step", "retrieval_heads_kv_none", "tidal_reuse", "tokenselect_reuse")

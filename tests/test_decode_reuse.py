@@ -192,3 +192,16 @@ def test_bad_input() -> None:
     big = TokenSet(torch.zeros(1, 2, 3, dtype=torch.int32, device=DEVICE), 25)
     with pytest.raises(InputError, match="chosen on a 25-token cache but the cache holds 20"):
         _run("recycled", q, k, v, budget=4, state=big)
+
+
+def test_sorted_positions_equal_a_sort() -> None:
+    """The mask-and-count ordering of chosen positions equals torch.sort of them (rows of other sets,
+    the first and last positions included)."""
+    from attnlab.state.reuse import sorted_positions
+
+    gen = torch.Generator().manual_seed(3)
+    top = torch.stack([torch.randperm(50, generator=gen)[:7] for _ in range(6)]).view(2, 3, 7)
+    top[0, 0, :2] = torch.tensor([0, 49])
+    got = sorted_positions(top.to(DEVICE), 50)
+    assert got.dtype == torch.int32
+    assert torch.equal(got.cpu(), top.sort(-1).values.to(torch.int32))

@@ -44,3 +44,15 @@ class TokenSet:
         b, h_kv = self.positions.shape[:2]
         new = torch.arange(self.n_k, n_k, device=self.positions.device, dtype=torch.int32)
         return torch.cat([self.positions.to(torch.int32), new.expand(b, h_kv, -1)], dim=2)
+
+
+def sorted_positions(top: Tensor, n_k: int) -> Tensor:
+    """(B, H_kv, K) int32: the distinct positions ``top`` (B, H_kv, K) of [0, n_k) in ascending order,
+    through a mask over the n_k positions and its running count (on a GPU cheaper than sorting K in the
+    thousands: a few passes over B x H_kv x n_k instead of a radix sort of each row)."""
+    b, h, kk = top.shape
+    mask = torch.zeros(b, h, n_k, dtype=torch.bool, device=top.device).scatter_(2, top.long(), True)
+    dest = torch.where(mask, mask.cumsum(2) - 1, kk)  # (a position not chosen: the spare slot kk)
+    every = torch.arange(n_k, dtype=torch.int32, device=top.device).expand(b, h, n_k)
+    out = torch.empty(b, h, kk + 1, dtype=torch.int32, device=top.device)
+    return out.scatter_(2, dest, every)[..., :kk]

@@ -53,7 +53,7 @@ from attnlab.catalog.decode._evict import causal_probs, group_rows
 from attnlab.core import Call, MethodSpec
 from attnlab.errors import InputError
 from attnlab.params import Params
-from attnlab.state.reuse import TokenSet
+from attnlab.state.reuse import TokenSet, sorted_positions
 
 #: Score elements per chunk of query rows (fp32: 256 MiB).
 CHUNK_ELEMENTS = 2**26
@@ -119,7 +119,7 @@ def _pooled(best: Tensor, params: RecycledParams, valid: Tensor | None) -> Tenso
 def _keep(scores: Tensor, params: RecycledParams, n_k: int) -> TokenSet:
     """The ``budget`` highest-scored tokens (sorted) as a full step's kept set."""
     top = torch.topk(scores, params.budget, dim=-1, sorted=False).indices
-    return TokenSet(top.sort(dim=-1).values.to(torch.int32), n_k, 1)
+    return TokenSet(sorted_positions(top, n_k), n_k, 1)
 
 
 def _fast_attention_max(q: Tensor, k: Tensor, scale: float, valid: Tensor | None) -> Tensor:
@@ -186,8 +186,10 @@ def select(
             fused = attend_with_logits(q, k, v, call.scale, key_mask)
             if fused is not None:
                 out, lse, logits = fused
-                probs = torch.exp(logits - lse[..., None]).nan_to_num_(0.0)  # (no allowed key: 0)
-                best = probs.unflatten(1, (k.shape[1], -1)).amax(dim=(2, 3))  # (B, H_kv, N_k)
+                # max over the group's rows of exp(logit - lse) = exp of the max (exp is increasing); a
+                # row with no allowed key (lse -inf) has only -inf logits: 0
+                lse = torch.where(torch.isfinite(lse), lse, 0.0)
+                best = (logits - lse[..., None]).unflatten(1, (k.shape[1], -1)).amax(dim=(2, 3)).exp_()
                 return Attended(out), _keep(_pooled(best, p, valid_keys(key_mask)), p, k.shape[2])
         return None, _full_step(q, k, p, call.scale, valid_keys(key_mask), fast=fast)
     nxt = TokenSet(st.positions, st.n_k, st.step + 1)

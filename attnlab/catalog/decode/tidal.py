@@ -55,7 +55,7 @@ from attnlab.catalog.decode._evict import group_rows
 from attnlab.core import Call, MethodSpec
 from attnlab.errors import InputError
 from attnlab.params import Params
-from attnlab.state.reuse import TokenSet
+from attnlab.state.reuse import TokenSet, sorted_positions
 
 ROLES = ("full", "select", "reuse")
 #: Score elements per chunk of query rows (fp32: 256 MiB).
@@ -166,7 +166,7 @@ def select(
                 out, _, logits = fused
                 scores = logits.unflatten(1, (k.shape[1], -1)).amax(dim=(2, 3))  # (B, H_kv, N_k)
                 top = torch.topk(scores, p.budget, dim=-1, sorted=False).indices
-                return Attended(out), TokenSet(top.sort(dim=-1).values.to(torch.int32), k.shape[2])
+                return Attended(out), TokenSet(sorted_positions(top, k.shape[2]), k.shape[2])
         return None, positions(q, k, p, call.scale, valid_keys(extra.get("key_mask")), fast=fast)
     if p.role == "full" or st is None:
         return None, st

@@ -37,9 +37,12 @@ BLOCK_N = 64
 PROGRAMS_PER_SM = 4
 #: The longest run of cache tokens one split-K program reads. Why (H100, 1559cad): one full-cache KV head
 #: beside seven 4K-token ones at B=8, 128K, planned by program count alone (9 splits of 14.5K tokens), took
-#: 1016 us where its 654 MB need ~220 us at the rate the kernel reached on a dense read (89% of HBM). The
-#: cap is not measured yet.
-MAX_SPLIT_TOKENS = 2048
+#: 1016 us where its 654 MB need ~220 us at the rate the kernel reached on a dense read (89% of HBM).
+#: Measured at c5a93cb (retrieval_heads_kv with 1 of 8 KV heads full at 128K, token lists, the step in a
+#: CUDA graph; h100-2026-11-24-s14): cap 2048 / 1024 / 512 / 256 tokens: B=1 178.6 / 118.2 / 91.8 /
+#: 133.6 us, B=8 415.3 / 362.5 / 363.9 / 516.0 us. Steps over budget-sized lists (page_topk, 4096 tokens)
+#: plan the same splits under 512 as under 2048 (their splits are already shorter).
+MAX_SPLIT_TOKENS = 512
 #: Pages per page-score program.
 BLOCK_P = 32
 #: The split-K kernel loads each inner step's V tile together with its K tile (before the scores) instead of
