@@ -47,12 +47,14 @@ class TokenSet:
 
 
 def sorted_positions(top: Tensor, n_k: int) -> Tensor:
-    """(B, H_kv, K) int32: the distinct positions ``top`` (B, H_kv, K) of [0, n_k) in ascending order,
-    through a mask over the n_k positions and its running count (on a GPU cheaper than sorting K in the
-    thousands: a few passes over B x H_kv x n_k instead of a radix sort of each row)."""
+    """(B, H_kv, K) int32: the distinct positions ``top`` (B, H_kv, K) of [0, n_k) in ascending order per
+    row, by one sort of the whole tensor as a flat list (each row's positions offset by ``row * n_k``): on
+    a GPU a row-wise sort of a few long rows runs one block per row (8 rows of 4096: 34 us on the H100),
+    a flat sort spreads over the device."""
     b, h, kk = top.shape
-    mask = torch.zeros(b, h, n_k, dtype=torch.bool, device=top.device).scatter_(2, top.long(), True)
-    dest = torch.where(mask, mask.cumsum(2) - 1, kk)  # (a position not chosen: the spare slot kk)
-    every = torch.arange(n_k, dtype=torch.int32, device=top.device).expand(b, h, n_k)
-    out = torch.empty(b, h, kk + 1, dtype=torch.int32, device=top.device)
-    return out.scatter_(2, dest, every)[..., :kk]
+    rows = b * h
+    if rows * n_k >= 2**31:  # (offsets past int32)
+        return top.sort(dim=-1).values.to(torch.int32)
+    offset = torch.arange(0, rows * n_k, n_k, dtype=torch.int32, device=top.device)[:, None]
+    flat = (top.reshape(rows, kk).to(torch.int32) + offset).flatten()
+    return (flat.sort().values.view(rows, kk) - offset).view(b, h, kk)

@@ -186,7 +186,11 @@ def evict_step(
             real = valid.gather(1, cand.flatten(1)).view(cand.shape)
             rank = rank.masked_fill(~real, float("-inf"))
         if fast:
-            low = torch.topk(rank, c - params.budget, dim=-1, largest=False, sorted=False).indices
+            low = (  # (one to drop, a decode step's usual case: an argmin, cheaper than top-k)
+                rank.argmin(-1, keepdim=True)
+                if c - params.budget == 1
+                else torch.topk(rank, c - params.budget, dim=-1, largest=False, sorted=False).indices
+            )
             keep = torch.ones_like(rank, dtype=torch.bool).scatter_(2, low, False)
             dest = torch.where(keep, keep.cumsum(2) - 1, params.budget)  # (dropped: one spare slot)
             cand, acc, seen = (_compact(x, dest, params.budget) for x in (cand, acc, seen))
