@@ -217,18 +217,6 @@ def bench_batch(b: int, n: int, budget: int, reps: int, flush: torch.Tensor, pro
         finally:
             for f, val in saved.items():
                 setattr(dop, f, val)
-    # the ordering of a full step's chosen positions (B x 8 rows of budget positions of N), each way
-    from attnlab.state.reuse import sorted_positions
-
-    chosen = torch.rand(b, KV_HEADS, n, device=dev).topk(budget, dim=-1, sorted=False).indices
-    for name, fn in {
-        "order:row_sort": lambda: chosen.sort(dim=-1).values.to(torch.int32),
-        "order:sorted_positions": lambda: sorted_positions(chosen, n),
-    }.items():
-        try:
-            graphs[name] = graph_of(fn)
-        except Exception as e:  # recorded; the side is left out
-            FAILED[f"B{b}:{name}"] = f"{type(e).__name__}: {str(e)[:300]}"
     host = host_profiles(fns, HOST_PROFILED if b == 1 else ()) if profile and dev.type == "cuda" else {}
     times = timed({**fns, **graphs}, reps, flush)
     dense_best = min(t.median_ms for name, t in times.items() if name.startswith("dense_"))

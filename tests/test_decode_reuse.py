@@ -57,7 +57,8 @@ def test_decoding_loop_matches_reference(method: str, backend: str) -> None:
         want, ref_state = _ref(method, q, k[:, :, :n], v[:, :, :n], params, ref_state)
         torch.testing.assert_close(res.out, want, atol=1e-5, rtol=1e-5)
         state = res.state
-        assert isinstance(state, TokenSet) and torch.equal(state.positions, ref_state.positions)
+        assert isinstance(state, TokenSet)  # (the triton path keeps top-k order: compare the sets)
+        assert torch.equal(state.positions.sort(-1).values, ref_state.positions.sort(-1).values)
     assert state is not None and state.step > 0  # reused at least once
 
 
@@ -143,7 +144,7 @@ def test_tidal_layers_pass_positions(backend: str) -> None:
     q, k, _ = layers[4]
     logits = (q @ k.repeat_interleave(2, 1).transpose(2, 3))[:, :, 0] * 0.25
     want_pos = logits.view(2, 2, 2, 37).amax(2).topk(10).indices.sort(-1).values
-    assert isinstance(state, TokenSet) and torch.equal(state.positions.long(), want_pos)
+    assert isinstance(state, TokenSet) and torch.equal(state.positions.long().sort(-1).values, want_pos)
 
 
 def test_tidal_reuse_without_state_is_exact_and_appended_tokens_count() -> None:
@@ -192,16 +193,3 @@ def test_bad_input() -> None:
     big = TokenSet(torch.zeros(1, 2, 3, dtype=torch.int32, device=DEVICE), 25)
     with pytest.raises(InputError, match="chosen on a 25-token cache but the cache holds 20"):
         _run("recycled", q, k, v, budget=4, state=big)
-
-
-def test_sorted_positions_equal_a_sort() -> None:
-    """The mask-and-count ordering of chosen positions equals torch.sort of them (rows of other sets,
-    the first and last positions included)."""
-    from attnlab.state.reuse import sorted_positions
-
-    gen = torch.Generator().manual_seed(3)
-    top = torch.stack([torch.randperm(50, generator=gen)[:7] for _ in range(6)]).view(2, 3, 7)
-    top[0, 0, :2] = torch.tensor([0, 49])
-    got = sorted_positions(top.to(DEVICE), 50)
-    assert got.dtype == torch.int32
-    assert torch.equal(got.cpu(), top.sort(-1).values.to(torch.int32))

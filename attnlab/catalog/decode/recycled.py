@@ -7,7 +7,8 @@ Schedule and selection (per batch and KV head)::
         exact causal attention over the whole cache, and
         P = softmax(scale * q k^T) (bottom-right causal), max over the group's query heads and the call's
         queries; P = max_pool1d(P, ``pool``, stride 1, padding pool // 2) over key positions;
-        keep the ``budget`` tokens with the highest pooled P (sorted)
+        keep the ``budget`` tokens with the highest pooled P (sorted on the torch path; in top-k order on
+        the triton path, whose decode kernel reads a list in any order)
     other calls: attention over the kept tokens and every token appended since the last full step
 
 Budget in tokens; a budget >= N_k keeps everything (that step is exact anyway).
@@ -53,7 +54,7 @@ from attnlab.catalog.decode._evict import causal_probs, group_rows
 from attnlab.core import Call, MethodSpec
 from attnlab.errors import InputError
 from attnlab.params import Params
-from attnlab.state.reuse import TokenSet, sorted_positions
+from attnlab.state.reuse import TokenSet
 
 #: Score elements per chunk of query rows (fp32: 256 MiB).
 CHUNK_ELEMENTS = 2**26
@@ -116,10 +117,12 @@ def _pooled(best: Tensor, params: RecycledParams, valid: Tensor | None) -> Tenso
     return best
 
 
-def _keep(scores: Tensor, params: RecycledParams, n_k: int) -> TokenSet:
-    """The ``budget`` highest-scored tokens (sorted) as a full step's kept set."""
+def _keep(scores: Tensor, params: RecycledParams, n_k: int, *, ordered: bool = True) -> TokenSet:
+    """The ``budget`` highest-scored tokens as a full step's kept set, sorted (``ordered``) or in top-k
+    order (the fused fast path: the decode kernel reads them in any order, and a sort of B x H_kv rows of
+    thousands took ~35 us of a full step at B=1 on the H100)."""
     top = torch.topk(scores, params.budget, dim=-1, sorted=False).indices
-    return TokenSet(sorted_positions(top, n_k), n_k, 1)
+    return TokenSet((top.sort(dim=-1).values if ordered else top).to(torch.int32), n_k, 1)
 
 
 def _fast_attention_max(q: Tensor, k: Tensor, scale: float, valid: Tensor | None) -> Tensor:
@@ -190,7 +193,9 @@ def select(
                 # row with no allowed key (lse -inf) has only -inf logits: 0
                 lse = torch.where(torch.isfinite(lse), lse, 0.0)
                 best = (logits - lse[..., None]).unflatten(1, (k.shape[1], -1)).amax(dim=(2, 3)).exp_()
-                return Attended(out), _keep(_pooled(best, p, valid_keys(key_mask)), p, k.shape[2])
+                return Attended(out), _keep(
+                    _pooled(best, p, valid_keys(key_mask)), p, k.shape[2], ordered=False
+                )
         return None, _full_step(q, k, p, call.scale, valid_keys(key_mask), fast=fast)
     nxt = TokenSet(st.positions, st.n_k, st.step + 1)
     return Selection(st.index(k.shape[2]), 1), nxt

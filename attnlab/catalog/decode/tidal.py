@@ -6,7 +6,8 @@ Per layer, by its ``role``::
     "full":   exact causal attention; the state passes through unchanged
     "select": exact causal attention, and the positions for the layers after it:
               s[t] = max over the group's query heads and the call's queries of scale * q . k[t]
-              (pre-softmax logits, bottom-right causal); keep the ``budget`` highest (sorted)
+              (pre-softmax logits, bottom-right causal); keep the ``budget`` highest (sorted on the torch path;
+              in top-k order on the triton path, whose decode kernel reads a list in any order)
     "reuse":  causal attention over the positions of the state (chosen by the last "select" layer of this
               step) and the tokens appended since they were chosen; with no state yet: exact attention
 
@@ -55,7 +56,7 @@ from attnlab.catalog.decode._evict import group_rows
 from attnlab.core import Call, MethodSpec
 from attnlab.errors import InputError
 from attnlab.params import Params
-from attnlab.state.reuse import TokenSet, sorted_positions
+from attnlab.state.reuse import TokenSet
 
 ROLES = ("full", "select", "reuse")
 #: Score elements per chunk of query rows (fp32: 256 MiB).
@@ -166,7 +167,7 @@ def select(
                 out, _, logits = fused
                 scores = logits.unflatten(1, (k.shape[1], -1)).amax(dim=(2, 3))  # (B, H_kv, N_k)
                 top = torch.topk(scores, p.budget, dim=-1, sorted=False).indices
-                return Attended(out), TokenSet(sorted_positions(top, k.shape[2]), k.shape[2])
+                return Attended(out), TokenSet(top.to(torch.int32), k.shape[2])  # (in top-k order)
         return None, positions(q, k, p, call.scale, valid_keys(extra.get("key_mask")), fast=fast)
     if p.role == "full" or st is None:
         return None, st

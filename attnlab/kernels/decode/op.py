@@ -55,6 +55,11 @@ DECODE_EARLY_V = True
 #: 48.59 / 48.30 against 48.30 / 48.00 at 8ddb357 (h100-2026-11-24-s13/decode_run4/NOTES.md).
 DECODE_WARPS = 4
 DECODE_STAGES = 1
+#: Stages when a split walks more than one inner step (a loop for the pipeliner to overlap): a long
+#: full-cache row split in pieces of MAX_SPLIT_TOKENS. Measured at c3a6c39 / 3984ea0 (retrieval_heads_kv,
+#: 1 of 8 KV heads full at 128K, CUDA graph, h100-2026-11-24-s14): 2 stages instead of 1, B=1 81.8 / 81.4
+#: against 91.6 / 92.2 us, B=8 318.5 / 320.4 against 360.4 / 361.7 us.
+DECODE_LOOP_STAGES = 2
 #: With a ``counter`` from the caller, the split-K kernel merges its partials itself (the last program of
 #: each group of rows merges them; ``decode_split_kernel``'s MERGE): one launch per step instead of two.
 #: The same results (the same merge arithmetic). Up to ``FUSED_MERGE_MAX_SPLITS`` splits (the merging
@@ -198,7 +203,8 @@ def decode_launch(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=upcast, EARLY_V=DECODE_EARLY_V,
         MERGE=merge, BLOCK_S=block_s, LOGITS=logits, WRITE_LOGITS=logits is not None,
-        num_warps=DECODE_WARPS, num_stages=DECODE_STAGES if q.is_cuda else 1,
+        num_warps=DECODE_WARPS,
+        num_stages=(DECODE_LOOP_STAGES if per_split * page > block_n else DECODE_STAGES) if q.is_cuda else 1,
     )  # fmt: skip
     if not merge:
         if MERGE_BLOCK_D & (MERGE_BLOCK_D - 1):
