@@ -328,3 +328,18 @@ def test_h2o_step_weights_row_without_candidates(chunking: str) -> None:
     torch.testing.assert_close(w, w_ref, atol=1e-6, rtol=1e-5)
     assert torch.equal(n, n_ref)
     torch.testing.assert_close(w.sum(-1), torch.full_like(w[..., 0], 2.0))  # rows 1 and 2: weight 1 each
+
+
+@pytest.mark.parametrize("n_q", [3, 17], ids=["in-kernel", "reduced-after"])
+def test_attend_with_logits_group_max(n_q: int) -> None:
+    """attend_with_logits(group_max=True): the per-row logits' maximum over each KV group's query rows,
+    written by the kernel (4 x 3 rows) or reduced after it (4 x 17 = 68 rows: more than one row block)."""
+    q, k = _randn(1, 8, n_q, 16, seed=36), _randn(1, 2, 90, 16, seed=37)
+    v = k.flip(2)
+    rows = _common.attend_with_logits(q, k, v, 0.25)
+    grouped = _common.attend_with_logits(q, k, v, 0.25, group_max=True)
+    assert rows is not None and grouped is not None
+    assert torch.equal(grouped[0], rows[0]) and torch.equal(grouped[1], rows[1])
+    want = rows[2].unflatten(1, (2, -1)).amax(dim=(2, 3))
+    assert grouped[2].shape == (1, 2, 90)
+    torch.testing.assert_close(grouped[2], want)

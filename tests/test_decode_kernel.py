@@ -139,6 +139,16 @@ def test_kernel_writes_the_scores_it_attends_with(case: tuple, with_count: bool,
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(got[fin], want[fin], atol=tol, rtol=tol)
     torch.testing.assert_close(torch.logsumexp(logits, -1), lse, atol=1e-4, rtol=1e-5)
+    # group_max: each token's maximum over its KV group's query heads and queries, from the same launch
+    out_g, lse_g, gmax = decode_attention_logits(
+        q, k, v, idx, count, page, 0.3, True, key_mask, group_max=True
+    )
+    assert torch.equal(out_g, out) and torch.equal(lse_g, lse) and gmax.shape == (b, h_kv, n * page)
+    want_g = want.unflatten(1, (h_kv, -1)).amax(dim=(2, 3))
+    got_g = gmax.double().cpu()
+    assert torch.equal(torch.isinf(got_g), torch.isinf(want_g))
+    fin = torch.isfinite(want_g)
+    torch.testing.assert_close(got_g[fin], want_g[fin], atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize(

@@ -105,13 +105,15 @@ ALL_TOKENS_PAGE = 64
 
 
 def attend_with_logits(
-    q: Tensor, k: Tensor, v: Tensor, scale: float, key_mask: Tensor | None = None
+    q: Tensor, k: Tensor, v: Tensor, scale: float, key_mask: Tensor | None = None, *, group_max: bool = False
 ) -> tuple[Tensor, Tensor, Tensor] | None:
     """Exact causal attention over every cache token through the Triton decode kernel, with its own scores:
     (out (B, H, N_q, D) in q's dtype, lse (B, H, N_q) float32, logits (B, H, N_q, N_k) float32 =
     ``scale * q . k``, -inf where a token is not allowed: causal, padding). One pass over K and V gives
     what a full step that selects by the attention weights (``exp(logits - lse)``) needs. None when the
-    logits would exceed :data:`FUSED_LOGITS_MAX` floats (the caller then scores in chunks)."""
+    logits would exceed :data:`FUSED_LOGITS_MAX` floats (the caller then scores in chunks). ``group_max``:
+    logits (B, H_kv, N_k), each token's maximum over its KV group's query rows, written by the kernel
+    (when the group's G * N_q rows fit its one row block, 64; else reduced after it)."""
     from attnlab.kernels.decode.op import decode_attention_logits
 
     b, h, n_q = q.shape[:3]
@@ -120,7 +122,12 @@ def attend_with_logits(
     if b * h * n_q * pages * ALL_TOKENS_PAGE > FUSED_LOGITS_MAX:
         return None
     index = torch.arange(pages, device=q.device, dtype=torch.int32).expand(b, h_kv, pages)
-    out, lse, logits = decode_attention_logits(q, k, v, index, None, ALL_TOKENS_PAGE, scale, True, key_mask)
+    in_kernel = group_max and (h // h_kv) * n_q <= 64
+    out, lse, logits = decode_attention_logits(
+        q, k, v, index, None, ALL_TOKENS_PAGE, scale, True, key_mask, group_max=in_kernel
+    )
+    if group_max and not in_kernel:
+        logits = logits.unflatten(1, (h_kv, -1)).amax(dim=(2, 3))
     return out, lse, logits[..., :n_k]
 
 

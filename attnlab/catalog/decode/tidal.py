@@ -162,10 +162,9 @@ def select(
     st = _state(state, k)
     if p.role == "select":
         if fast and p.budget < k.shape[2]:  # the attention and its logits in one pass over the cache
-            fused = attend_with_logits(q, k, v, call.scale, extra.get("key_mask"))
+            fused = attend_with_logits(q, k, v, call.scale, extra.get("key_mask"), group_max=True)
             if fused is not None:
-                out, _, logits = fused
-                scores = logits.unflatten(1, (k.shape[1], -1)).amax(dim=(2, 3))  # (B, H_kv, N_k)
+                out, _, scores = fused  # (B, H_kv, N_k): the max over the group's rows
                 top = torch.topk(scores, p.budget, dim=-1, sorted=False).indices
                 return Attended(out), TokenSet(top.to(torch.int32), k.shape[2])  # (in top-k order)
         return None, positions(q, k, p, call.scale, valid_keys(extra.get("key_mask")), fast=fast)

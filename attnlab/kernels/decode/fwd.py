@@ -12,6 +12,8 @@ the split's normalised output and natural-log lse (0 and -inf for a split that s
 WRITE_LOGITS: it also stores each visited score ``scale * q . k`` (natural-log units; -inf where not
 allowed) to ``LOGITS[b, head, i, e * PAGE + offset]`` (fp32, (B, H, N_Q, N_IDX * PAGE) contiguous): the
 scores of the attention itself, for selections that keep the tokens a step attended to most.
+WRITE_LOGITS == 2: instead their maximum over the group's GROUP * N_Q rows, ``LOGITS[b, h_kv, e * PAGE +
+offset]`` ((B, H_KV, N_IDX * PAGE); needs one row block: GROUP * N_Q <= BLOCK_M).
 MERGE: each program then counts itself done on its (b*h_kv, m) counter ``DONE[b*h_kv * m_blocks + m]``
 (an atomic after a barrier; zero between launches), and the last one to finish merges those rows as
 ``decode_merge_kernel`` does (reading the partials past L1) into O / LSE and zeroes the counter again:
@@ -70,7 +72,7 @@ def decode_split_kernel(
     HAS_KMASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, EARLY_V: tl.constexpr,
-    MERGE: tl.constexpr, BLOCK_S: tl.constexpr, LOGITS=None, WRITE_LOGITS: tl.constexpr = False,
+    MERGE: tl.constexpr, BLOCK_S: tl.constexpr, LOGITS=None, WRITE_LOGITS: tl.constexpr = 0,
 ):  # fmt: skip
     split = tl.program_id(0)
     mblk = tl.program_id(1)
@@ -125,13 +127,20 @@ def decode_split_kernel(
         if CAUSAL:
             allowed = allowed & (tok[None, :] <= pos[:, None])
         s = tl.where(allowed, s, float("-inf"))
-        if WRITE_LOGITS:  # the scores in natural-log units at their column e * PAGE + offset of the list
+        if WRITE_LOGITS == 1:  # the scores in natural-log units at their column e * PAGE + offset
             col = e0 * PAGE + offs_n
             l_row = (b * H_KV * GROUP + head.to(tl.int64)) * N_Q + qi
             tl.store(
                 LOGITS + l_row[:, None] * (N_IDX * PAGE) + col[None, :],
                 s * 0.6931471805599453,
                 mask=row_ok[:, None] & ent_ok[None, :],
+            )
+        if WRITE_LOGITS == 2:  # their max over the group's rows (one row block holds them all)
+            col = e0 * PAGE + offs_n
+            tl.store(
+                LOGITS + bh.to(tl.int64) * (N_IDX * PAGE) + col,
+                tl.max(s, 0) * 0.6931471805599453,
+                mask=ent_ok,
             )
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)

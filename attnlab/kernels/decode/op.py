@@ -55,10 +55,12 @@ DECODE_EARLY_V = True
 #: 48.59 / 48.30 against 48.30 / 48.00 at 8ddb357 (h100-2026-11-24-s13/decode_run4/NOTES.md).
 DECODE_WARPS = 4
 DECODE_STAGES = 1
-#: Stages when a split walks more than one inner step (a loop for the pipeliner to overlap): a long
-#: full-cache row split in pieces of MAX_SPLIT_TOKENS. Measured at c3a6c39 / 3984ea0 (retrieval_heads_kv,
-#: 1 of 8 KV heads full at 128K, CUDA graph, h100-2026-11-24-s14): 2 stages instead of 1, B=1 81.8 / 81.4
-#: against 91.6 / 92.2 us, B=8 318.5 / 320.4 against 360.4 / 361.7 us.
+#: Stages when a split walks more than one inner step over entries smaller than a key tile (token lists:
+#: each tile waits for its index load; a loop for the pipeliner to overlap), e.g. a full-cache row of
+#: tokens split in pieces of MAX_SPLIT_TOKENS. Measured at c3a6c39 / 3984ea0 (retrieval_heads_kv, 1 of 8
+#: KV heads full at 128K, CUDA graph, h100-2026-11-24-s14): 2 stages instead of 1, B=1 81.8 / 81.4
+#: against 91.6 / 92.2 us, B=8 318.5 / 320.4 against 360.4 / 361.7 us. Not for whole tiles: every token
+#: of 128K in entries of 64 (a full step) took 203.8 us at B=1 with 2 stages (487e1e8), 197.6 with 1.
 DECODE_LOOP_STAGES = 2
 #: With a ``counter`` from the caller, the split-K kernel merges its partials itself (the last program of
 #: each group of rows merges them; ``decode_split_kernel``'s MERGE): one launch per step instead of two.
@@ -134,7 +136,8 @@ def decode_launch(
     launch (a shorter counter: two launches). Calls that share a counter must not run concurrently (other streams).
     ``logits``: a contiguous float32 (B, H, N_q, n * page) tensor that receives each score the kernel
     computes, ``scale * q . k`` at column ``e * page + offset`` of the index list (-inf where the token is
-    not allowed; entries at or past ``count`` are left as they were), or None.
+    not allowed; entries at or past ``count`` are left as they were), or a (B, H_kv, n * page) one that
+    receives their maximum over each KV group's query rows (GROUP * N_q <= 64), or None.
     Returns (out (B, H, N_q, D) in q's dtype, lse (B, H, N_q) float32)."""
     _check(q, k, v, index, page)
     # (host time matters at one token per step: one stride() call per tensor, no no-op casts)
@@ -175,15 +178,23 @@ def decode_launch(
     out = torch.empty(b, h, n_q, d, device=q.device, dtype=q.dtype)  # contiguous: strides known
     lse = torch.empty(b, h, n_q, device=q.device, dtype=torch.float32)
     block_s = max(2, next_power_of_2(splits))
+    group_max = logits is not None and logits.dim() == 3
+    if group_max and m_blocks > 1:
+        raise ValueError(
+            f"decode kernel: the group maximum of the logits needs GROUP * N_q <= 64 query rows per KV head, "
+            f"got {n_rows}"
+        )
+    want = (b, h_kv, n_idx * page) if group_max else (b, h, n_q, n_idx * page)
     if logits is not None and (
-        logits.shape != (b, h, n_q, n_idx * page)
+        tuple(logits.shape) != want
         or logits.dtype != torch.float32
         or not logits.is_contiguous()
         or logits.device != q.device
     ):
         raise ValueError(
             f"decode kernel: logits {tuple(logits.shape)} {logits.dtype} must be a contiguous float32 "
-            f"(B, H, N_q, n * page) = ({b}, {h}, {n_q}, {n_idx * page}) tensor on {q.device}"
+            f"{want} tensor on {q.device} ((B, H, N_q, n * page), or (B, H_kv, n * page) for the group "
+            "maximum)"
         )
     merge = (
         FUSED_MERGE
@@ -202,9 +213,11 @@ def decode_launch(
         GROUP=group, PAGE=page, CAUSAL=bool(causal), HAS_CNT=count is not None, HAS_KMASK=key_mask is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=upcast, EARLY_V=DECODE_EARLY_V,
-        MERGE=merge, BLOCK_S=block_s, LOGITS=logits, WRITE_LOGITS=logits is not None,
+        MERGE=merge, BLOCK_S=block_s, LOGITS=logits, WRITE_LOGITS=0 if logits is None else (2 if group_max else 1),
         num_warps=DECODE_WARPS,
-        num_stages=(DECODE_LOOP_STAGES if per_split * page > block_n else DECODE_STAGES) if q.is_cuda else 1,
+        num_stages=(DECODE_LOOP_STAGES if page < block_n < per_split * page else DECODE_STAGES)
+        if q.is_cuda
+        else 1,
     )  # fmt: skip
     if not merge:
         if MERGE_BLOCK_D & (MERGE_BLOCK_D - 1):
@@ -577,8 +590,9 @@ def decode_logits_fwd(
     scale: float,
     causal: bool,
     key_mask: Tensor | None,
+    group_max: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _decode_with_logits(q, k, v, index, count, page, scale, causal, key_mask)
+    return _decode_with_logits(q, k, v, index, count, page, scale, causal, key_mask, group_max)
 
 
 @decode_logits_fwd.register_fake
@@ -592,10 +606,12 @@ def _(
     scale: float,
     causal: bool,
     key_mask: Tensor | None,
+    group_max: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     b, h, n_q = q.shape[:3]
     q = q if q.stride(-1) == 1 else q.contiguous()
-    logits = q.new_empty((b, h, n_q, index.shape[2] * page), dtype=torch.float32)
+    n = index.shape[2] * page
+    logits = q.new_empty((b, k.shape[1], n) if group_max else (b, h, n_q, n), dtype=torch.float32)
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32), logits
 
 
@@ -609,9 +625,10 @@ def _decode_with_logits(
     scale: float,
     causal: bool,
     key_mask: Tensor | None,
+    group_max: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     b, h, n_q = q.shape[:3]
-    shape = (b, h, n_q, index.shape[2] * page)
+    shape = (b, k.shape[1], index.shape[2] * page) if group_max else (b, h, n_q, index.shape[2] * page)
     logits = (
         torch.empty(shape, device=q.device, dtype=torch.float32)
         if count is None
@@ -631,16 +648,20 @@ def decode_attention_logits(
     scale: float,
     causal: bool,
     key_mask: Tensor | None = None,
+    group_max: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(out, lse, logits) of :func:`decode_attention` together with the attention's own scores: ``logits``
     (B, H, N_q, n * page) float32 holds ``scale * q . k`` of column ``e * page + offset`` of the index list
     (-inf where the token is not allowed: past the cache, causal, padding, a negative entry, or past
     ``count``). ``softmax(logits, -1)`` are the attention weights (``exp(logits - lse)``). One pass over
     the selected K/V: a selection that keeps what the attention weighted most (recycled attention's full
-    step, TidalDecode's selection layer, H2O's per-step scores) costs one store of the scores more."""
+    step, TidalDecode's selection layer, H2O's per-step scores) costs one store of the scores more.
+    ``group_max``: ``logits`` (B, H_kv, n * page) holds instead each token's maximum over its KV group's
+    query heads and queries (GROUP * N_q <= 64; TidalDecode's score): a quarter of the store at GQA 4:1."""
+    args = (q, k, v, index, count, int(page), float(scale), bool(causal), key_mask, bool(group_max))
     if torch.compiler.is_compiling():
-        return decode_logits_fwd(q, k, v, index, count, int(page), float(scale), bool(causal), key_mask)
-    return _decode_with_logits(q, k, v, index, count, int(page), float(scale), bool(causal), key_mask)
+        return decode_logits_fwd(*args)
+    return _decode_with_logits(*args)
 
 
 @torch.library.custom_op("attnlab::page_select", mutates_args=("kmax", "kmin", "counter"))
