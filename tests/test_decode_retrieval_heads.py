@@ -38,7 +38,7 @@ def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: Any) -> Result
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("params", SPEC.test_params, ids=["one_head", "no_head"])
-@pytest.mark.parametrize(("n_q", "n_k"), [(1, 41), (3, 30)])
+@pytest.mark.parametrize(("n_q", "n_k"), [(1, 41), (3, 30), (2, 150)])
 def test_backend_matches_reference(backend: str, params: dict, n_q: int, n_k: int) -> None:
     q, k, v = _qkv(2, 4, 2, n_q, n_k)
     res = _run(q, k, v, backend=backend, **params)

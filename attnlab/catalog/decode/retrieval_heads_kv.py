@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnlab.backends.decode_select import Selection, torch_decode, triton_decode
+from attnlab.backends.decode_select import Attended, Selection, torch_decode, triton_decode
 from attnlab.catalog.decode._common import (
     CAUSAL_PATTERNS,
     KEY_MASK,
@@ -106,9 +106,10 @@ def _window(params: RetrievalHeadsParams, n_k: int) -> tuple[int, int]:
 
 def select(
     q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor], state: Any, fast: bool
-) -> tuple[Selection | None, None]:
+) -> tuple[Selection | Attended | None, None]:
     """Token lists (page 1): every token for retrieval heads, sinks + recent window for the others (module
-    docstring); None when the budget covers the cache. ``fast`` is unused (no scores)."""
+    docstring); None when the budget covers the cache. ``fast`` with retrieval heads: the step attends
+    itself in two decode launches (:func:`_two_launches`)."""
     p: RetrievalHeadsParams = call.params  # type: ignore[assignment]
     b, h_kv, n_k = k.shape[0], k.shape[1], k.shape[2]
     full = retrieval_mask(p, extra, b, h_kv, k.device)
@@ -123,11 +124,42 @@ def select(
     stream = torch.cat([sinks, window], dim=1).to(torch.int32)  # (B, budget)
     if not p.heads and "retrieval" not in extra:  # no retrieval head: budget-long lists
         return Selection(stream[:, None].expand(b, h_kv, -1), 1), None
+    if fast:
+        return Attended(_two_launches(q, k, v, call, extra.get("key_mask"), full, stream)), None
     every = torch.arange(n_k, device=dev, dtype=torch.int32)
     padded = torch.nn.functional.pad(stream, (0, n_k - stream.shape[1]), value=-1)[:, None]
     index = torch.where(full[..., None], every, padded)
     count = torch.where(full, n_k, p.budget).to(torch.int32)
     return Selection(index, 1, count), None
+
+
+#: Tokens per index entry of the retrieval heads' launch (whole key tiles of the decode kernel).
+FULL_PAGE = 64
+
+
+def _two_launches(
+    q: Tensor, k: Tensor, v: Tensor, call: Call, key_mask: Tensor | None, full: Tensor, stream: Tensor
+) -> Tensor:
+    """The step with retrieval heads on the GPU: one decode launch reads the retrieval heads' whole cache
+    in whole tiles (entries of ``FULL_PAGE`` tokens; the other heads' rows count 0 entries), one reads the
+    other heads' token lists (the retrieval heads' rows count 0), and each query head takes its KV head's
+    output. As one launch over token lists, a retrieval head's 128K tokens were read one index at a time:
+    1 of 8 KV heads full at 128K took 81 us at B=1 on the H100 (h100-2026-11-24-s14), where its bytes need
+    ~20."""
+    from attnlab.kernels.decode.op import decode_attention
+
+    b, h_kv, n_k = k.shape[0], k.shape[1], k.shape[2]
+    causal = call.problem.causal
+    pages = -(-n_k // FULL_PAGE)
+    every = torch.arange(pages, device=k.device, dtype=torch.int32).expand(b, h_kv, pages)
+    none = torch.zeros((), device=k.device, dtype=torch.int32)
+    n_full = torch.where(full, pages, none)
+    out_full, _ = decode_attention(q, k, v, every, n_full, FULL_PAGE, call.scale, causal, key_mask)
+    n_stream = torch.where(full, none, stream.shape[1])
+    lists = stream[:, None].expand(b, h_kv, -1)
+    out_stream, _ = decode_attention(q, k, v, lists, n_stream, 1, call.scale, causal, key_mask)
+    per_head = full[:, :, None].expand(b, h_kv, q.shape[1] // h_kv).reshape(b, q.shape[1])  # (no host sync)
+    return torch.where(per_head[:, :, None, None], out_full, out_stream)
 
 
 def kept_tokens(params: RetrievalHeadsParams, full: Tensor, n_k: int) -> Tensor:
