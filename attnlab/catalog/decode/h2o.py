@@ -328,7 +328,9 @@ def _select(
     after it (the candidates are every token while nothing was evicted: exact attention). ``fast``, per
     step, once something was evicted: the attention over the candidates and its weights in one pass (the
     decode kernel's logits and lse, :func:`attnlab.kernels.decode.op.decode_attention_logits`) and the
-    compacting eviction of :func:`evict_step`, when the logits fit ``FUSED_LOGITS_MAX`` floats."""
+    compacting eviction of :func:`evict_step` (one token to drop, a decode step's usual case: the whole
+    update in one Triton launch, :func:`attnlab.kernels.decode.evict.h2o_evict_one`), when the logits fit
+    ``FUSED_LOGITS_MAX`` floats."""
     params = call.params
     assert isinstance(params, H2OParams)
     if not params.per_step:
@@ -349,6 +351,14 @@ def _select(
         out, lse, logits = decode_attention_logits(
             q, k, v, cand.to(torch.int32), None, 1, call.scale, True, extra.get("key_mask")
         )
+        if cand.shape[2] - params.budget == 1 and st.kept.shape[2] == params.budget:  # (one to drop)
+            from attnlab.kernels.decode.evict import h2o_evict_one
+
+            kept, score, seen = h2o_evict_one(
+                logits, lse, cand, st.score, st.seen, extra.get("key_mask"),
+                recent=params.recent, normalize=params.normalize,
+            )  # fmt: skip
+            return Attended(out), StepEvictionState(kept, score, seen, n_k)
         w = torch.exp(logits - lse[..., None]).nan_to_num_(0.0).sum(2).unflatten(1, (h_kv, -1)).mean(2)
         n = torch.isfinite(logits.unflatten(1, (h_kv, -1))[:, :, 0]).sum(2).float()  # queries seeing each
         acc, seen = _carried(st, cand)
