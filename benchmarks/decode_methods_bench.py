@@ -204,19 +204,23 @@ def bench_batch(b: int, n: int, budget: int, reps: int, flush: torch.Tensor, pro
             graphs[f"{name}_graph"] = graph_of(fn)
         except Exception as e:  # recorded; the side is left out
             FAILED[f"B{b}:{name}_graph"] = f"{type(e).__name__}: {str(e)[:300]}"
+    from attnlab.kernels.decode import evict as dev_evict
     from attnlab.kernels.decode import op as dop
 
+    def target(flag: str) -> tuple[Any, str]:  # "NAME" in op, "evict.NAME" in evict
+        return (dev_evict, flag.split(".", 1)[1]) if flag.startswith("evict.") else (dop, flag)
+
     for name, flags in GRAPH_VARIANTS.items():  # a step captured under other kernel settings
-        saved = {f: getattr(dop, f) for f in flags}
+        saved = {f: getattr(*target(f)) for f in flags}
         try:
             for f, val in flags.items():
-                setattr(dop, f, val)
+                setattr(*target(f), val)
             graphs[name] = graph_of(fns[name.split(":")[0]])
         except Exception as e:  # recorded; the side is left out
             FAILED[f"B{b}:{name}"] = f"{type(e).__name__}: {str(e)[:300]}"
         finally:
             for f, val in saved.items():
-                setattr(dop, f, val)
+                setattr(*target(f), val)
     host = host_profiles(fns, HOST_PROFILED if b == 1 else ()) if profile and dev.type == "cuda" else {}
     times = timed({**fns, **graphs}, reps, flush)
     dense_best = min(t.median_ms for name, t in times.items() if name.startswith("dense_"))
@@ -248,10 +252,9 @@ def bench_batch(b: int, n: int, budget: int, reps: int, flush: torch.Tensor, pro
 
 #: graphed steps under other settings of the decode kernel (``attnlab.kernels.decode.op``): "<step>:<label>"
 GRAPH_VARIANTS: dict[str, dict[str, Any]] = {
-    "retrieval_heads_kv_1of8:split2048": {"MAX_SPLIT_TOKENS": 2048},  # the cap up to c5a93cb
-    "retrieval_heads_kv_1of8:split256": {"MAX_SPLIT_TOKENS": 256},
-    "retrieval_heads_kv_1of8:stages2": {"DECODE_STAGES": 2},
-    "page_topk:split2048": {"MAX_SPLIT_TOKENS": 2048},
+    "page_topk:split2048": {"MAX_SPLIT_TOKENS": 2048},  # the cap up to c5a93cb
+    "h2o_per_step:evict4096x8": {"evict.EVICT_BLOCK": 4096, "evict.EVICT_WARPS": 8},
+    "h2o_per_step:evict2048x8": {"evict.EVICT_BLOCK": 2048, "evict.EVICT_WARPS": 8},
 }
 #: eager steps whose host time is profiled (cProfile, B=1)
 HOST_PROFILED = ("snapkv_step", "retrieval_heads_kv_none", "tidal_reuse", "tokenselect_reuse")

@@ -125,7 +125,7 @@ def select(
     if not p.heads and "retrieval" not in extra:  # no retrieval head: budget-long lists
         return Selection(stream[:, None].expand(b, h_kv, -1), 1), None
     if fast:
-        return Attended(_two_launches(q, k, v, call, extra.get("key_mask"), full, stream)), None
+        return Attended(_two_launches(q, k, v, call, extra, full, stream)), None
     every = torch.arange(n_k, device=dev, dtype=torch.int32)
     padded = torch.nn.functional.pad(stream, (0, n_k - stream.shape[1]), value=-1)[:, None]
     index = torch.where(full[..., None], every, padded)
@@ -138,7 +138,13 @@ FULL_PAGE = 64
 
 
 def _two_launches(
-    q: Tensor, k: Tensor, v: Tensor, call: Call, key_mask: Tensor | None, full: Tensor, stream: Tensor
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    call: Call,
+    extra: Mapping[str, Tensor],
+    full: Tensor,
+    stream: Tensor,
 ) -> Tensor:
     """The step with retrieval heads on the GPU: one decode launch reads the retrieval heads' whole cache
     in whole tiles (entries of ``FULL_PAGE`` tokens; the other heads' rows count 0 entries), one reads the
@@ -150,11 +156,17 @@ def _two_launches(
 
     b, h_kv, n_k = k.shape[0], k.shape[1], k.shape[2]
     causal = call.problem.causal
+    key_mask = extra.get("key_mask")
     pages = -(-n_k // FULL_PAGE)
     every = torch.arange(pages, device=k.device, dtype=torch.int32).expand(b, h_kv, pages)
     none = torch.zeros((), device=k.device, dtype=torch.int32)
     n_full = torch.where(full, pages, none)
-    out_full, _ = decode_attention(q, k, v, every, n_full, FULL_PAGE, call.scale, causal, key_mask)
+    # the rows that read (known on the host from the heads parameter; with the tensor input, every row
+    # may): the splits are planned for them
+    active = b * h_kv if "retrieval" in extra else b * len(set(call.params.heads))  # type: ignore[attr-defined]
+    out_full, _ = decode_attention(
+        q, k, v, every, n_full, FULL_PAGE, call.scale, causal, key_mask, active_rows=active
+    )
     n_stream = torch.where(full, none, stream.shape[1])
     lists = stream[:, None].expand(b, h_kv, -1)
     out_stream, _ = decode_attention(q, k, v, lists, n_stream, 1, call.scale, causal, key_mask)

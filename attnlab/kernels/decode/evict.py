@@ -27,8 +27,9 @@ from torch import Tensor
 from attnlab.kernels.triton_utils import interpreting
 
 IMPORTED_INTERPRETED = interpreting()
-#: Candidates per block of a program's walk.
+#: Candidates per block of a program's walk, and warps per program.
 EVICT_BLOCK = 1024
+EVICT_WARPS = 4
 
 
 @triton.jit
@@ -130,7 +131,7 @@ def h2o_evict_one(
         logits, lse, cand, prev_score, prev_seen, kmask, kept, score, seen,
         h_kv, c, k_prev, int(recent), n_q, kmask.stride(0) if key_mask is not None else 0,
         GROUP=h // h_kv, NORMALIZE=bool(normalize), HAS_KMASK=key_mask is not None,
-        BLOCK=min(EVICT_BLOCK, max(16, triton.next_power_of_2(c))),
+        BLOCK=min(EVICT_BLOCK, max(16, triton.next_power_of_2(c))), num_warps=EVICT_WARPS,
     )  # fmt: skip
     return kept, score, seen
 

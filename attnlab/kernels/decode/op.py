@@ -88,15 +88,18 @@ def _target_programs(q: Tensor) -> int:
     return 4  # the interpreter: a few splits, so the merge is exercised on tiny shapes
 
 
-def plan_splits(n_entries: int, page: int, outer: int, target: int) -> tuple[int, int, int]:
+def plan_splits(
+    n_entries: int, page: int, outer: int, target: int, *, capped: bool = True
+) -> tuple[int, int, int]:
     """(BLOCK_N, entries per split, splits) for ``n_entries`` index entries of ``page`` tokens each and
     ``outer`` = B * H_kv * row blocks programs per split: enough splits to give about ``target`` programs,
     and no split longer than ``MAX_SPLIT_TOKENS`` (index rows of unequal ``count``: a few full-cache rows
-    beside short ones must not fall to a few programs), each split a whole number of inner steps."""
+    beside short ones must not fall to a few programs; ``capped`` False: rows of equal work, no cap),
+    each split a whole number of inner steps."""
     block_n = max(page, 16 if IMPORTED_INTERPRETED else BLOCK_N)
     ent = block_n // page
     steps = max(1, -(-n_entries // ent))
-    cap = -(-steps * block_n // MAX_SPLIT_TOKENS)
+    cap = -(-steps * block_n // MAX_SPLIT_TOKENS) if capped else 1
     splits = max(1, min(steps, max(cap, -(-target // max(outer, 1)))))
     per_split = -(-steps // splits) * ent
     splits = max(1, -(-n_entries // per_split))
@@ -127,6 +130,7 @@ def decode_launch(
     key_mask: Tensor | None = None,
     counter: Tensor | None = None,
     logits: Tensor | None = None,
+    active_rows: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Split-K decode over the selected entries (see fwd.py). q (B, H, N_q, D), k/v (B, H_kv, N_k, D) with a
     unit last stride (copied otherwise), index (B, H_kv, n) int32, count (B, H_kv) int32 or None,
@@ -138,6 +142,9 @@ def decode_launch(
     computes, ``scale * q . k`` at column ``e * page + offset`` of the index list (-inf where the token is
     not allowed; entries at or past ``count`` are left as they were), or a (B, H_kv, n * page) one that
     receives their maximum over each KV group's query rows (GROUP * N_q <= 64), or None.
+    ``active_rows``: how many of the B * H_kv index rows have entries, when the caller knows it and the
+    others count 0 (e.g. retrieval heads' whole-cache rows in a launch of their own): the splits are
+    planned for those rows alone, as rows of equal work.
     Returns (out (B, H, N_q, D) in q's dtype, lse (B, H, N_q) float32)."""
     _check(q, k, v, index, page)
     # (host time matters at one token per step: one stride() call per tensor, no no-op casts)
@@ -164,7 +171,10 @@ def decode_launch(
     block_m = max(16, min(64, next_power_of_2(n_rows)))
     m_blocks = -(-n_rows // block_m)
     n_idx = index.shape[2]
-    block_n, per_split, splits = plan_splits(n_idx, page, b * h_kv * m_blocks, _target_programs(q))
+    rows = b * h_kv if active_rows is None else max(1, active_rows)
+    block_n, per_split, splits = plan_splits(
+        n_idx, page, rows * m_blocks, _target_programs(q), capped=active_rows is None
+    )
     block_d = head_block(d)
     o_part = torch.empty(b * h_kv * splits * n_rows, block_d, device=q.device, dtype=torch.float32)
     lse_part = torch.empty(b * h_kv * splits * n_rows, device=q.device, dtype=torch.float32)
@@ -568,6 +578,7 @@ def decode_attention(
     causal: bool,
     key_mask: Tensor | None = None,
     counter: Tensor | None = None,
+    active_rows: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out, lse) of attention over the selected cache entries (see :mod:`attnlab.kernels.decode.naive`
     for the exact meaning of ``index``, ``count``, ``page`` and ``key_mask``), through the Triton kernels. Inside
@@ -576,7 +587,19 @@ def decode_attention(
     step's whole budget), with ``counter`` (see :func:`decode_launch`) in one launch."""
     if torch.compiler.is_compiling():
         return decode_select_fwd(q, k, v, index, count, int(page), float(scale), bool(causal), key_mask)
-    return decode_launch(q, k, v, index, count, int(page), float(scale), bool(causal), key_mask, counter)
+    return decode_launch(
+        q,
+        k,
+        v,
+        index,
+        count,
+        int(page),
+        float(scale),
+        bool(causal),
+        key_mask,
+        counter,
+        active_rows=active_rows,
+    )
 
 
 @torch.library.custom_op("attnlab::decode_logits_fwd", mutates_args=())
