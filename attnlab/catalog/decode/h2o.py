@@ -338,31 +338,35 @@ def _select(
     st = _step_state(state, k)
     b, h_kv, n_k = k.shape[0], k.shape[1], k.shape[2]
     valid = valid_keys(extra.get("key_mask"))
-    cand = _candidates(st, b, h_kv, n_k, q.device)
+    n_cand = n_k if st is None else int(st.kept.shape[2]) + n_k - st.length
     if (
         fast
         and st is not None
         and not st.complete()
-        and b * q.shape[1] * q.shape[2] * cand.shape[2] <= FUSED_LOGITS_MAX
+        and b * q.shape[1] * q.shape[2] * n_cand <= FUSED_LOGITS_MAX
     ):
         # the attention over the candidates and its weights in one pass (the decode kernel's own logits)
         from attnlab.kernels.decode.op import decode_attention_logits
 
+        new = torch.arange(st.length, n_k, device=q.device, dtype=torch.int32).expand(b, h_kv, -1)
+        cand32 = torch.cat([st.kept.to(torch.int32), new], dim=2)  # (int32 from the start: one copy)
         out, lse, logits = decode_attention_logits(
-            q, k, v, cand.to(torch.int32), None, 1, call.scale, True, extra.get("key_mask")
+            q, k, v, cand32, None, 1, call.scale, True, extra.get("key_mask")
         )
-        if cand.shape[2] - params.budget == 1 and st.kept.shape[2] == params.budget:  # (one to drop)
+        if n_cand - params.budget == 1 and st.kept.shape[2] == params.budget:  # (one to drop)
             from attnlab.kernels.decode.evict import h2o_evict_one
 
             kept, score, seen = h2o_evict_one(
-                logits, lse, cand, st.score, st.seen, extra.get("key_mask"),
+                logits, lse, cand32, st.score, st.seen, extra.get("key_mask"),
                 recent=params.recent, normalize=params.normalize,
             )  # fmt: skip
             return Attended(out), StepEvictionState(kept, score, seen, n_k)
+        cand = cand32.long()
         w = torch.exp(logits - lse[..., None]).nan_to_num_(0.0).sum(2).unflatten(1, (h_kv, -1)).mean(2)
         n = torch.isfinite(logits.unflatten(1, (h_kv, -1))[:, :, 0]).sum(2).float()  # queries seeing each
         acc, seen = _carried(st, cand)
         return Attended(out), evict_step(cand, acc + w, seen + n, params, n_k, valid, fast=True)
+    cand = _candidates(st, b, h_kv, n_k, q.device)
     if st is None:
         acc, seen = _first_weights(q, k, call.scale, valid)
     else:  # (nothing evicted yet: every token is a candidate, read in place rather than gathered)

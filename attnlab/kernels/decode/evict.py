@@ -122,9 +122,16 @@ def h2o_evict_one(
             f"h2o_evict_one: cand {tuple(cand.shape)} must be (B, H_kv, C) = ({b}, {h_kv}, {c}) and the "
             f"previous scores {tuple(prev_score.shape)} (B, H_kv, K < C)"
         )
-    logits, lse = logits.contiguous(), lse.contiguous()
-    cand = cand.to(torch.int32).contiguous()
-    prev_score, prev_seen = prev_score.float().contiguous(), prev_seen.float().contiguous()
+    if cand.dtype != torch.int32 or not cand.is_contiguous():  # (host time: no no-op copies)
+        cand = cand.to(torch.int32).contiguous()
+    if prev_score.dtype != torch.float32 or not prev_score.is_contiguous():
+        prev_score = prev_score.float().contiguous()
+    if prev_seen.dtype != torch.float32 or not prev_seen.is_contiguous():
+        prev_seen = prev_seen.float().contiguous()
+    if not logits.is_contiguous():
+        logits = logits.contiguous()
+    if not lse.is_contiguous():
+        lse = lse.contiguous()
     kept = torch.empty(b, h_kv, c - 1, device=cand.device, dtype=torch.int32)
     score = torch.empty(b, h_kv, c - 1, device=cand.device, dtype=torch.float32)
     seen = torch.empty_like(score)
