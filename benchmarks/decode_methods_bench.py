@@ -254,7 +254,6 @@ def bench_batch(b: int, n: int, budget: int, reps: int, flush: torch.Tensor, pro
 GRAPH_VARIANTS: dict[str, dict[str, Any]] = {
     "page_topk:split2048": {"MAX_SPLIT_TOKENS": 2048},  # the cap up to c5a93cb
     "h2o_per_step:evict1024x4": {"evict.EVICT_BLOCK": 1024, "evict.EVICT_WARPS": 4},  # up to d02bba7
-    "retrieval_heads_kv_1of8:split2048": {"MAX_SPLIT_TOKENS": 2048},
 }
 #: eager steps whose host time is profiled (cProfile, B=1)
 HOST_PROFILED = ("snapkv_step", "retrieval_heads_kv_none", "tidal_reuse", "tokenselect_reuse")

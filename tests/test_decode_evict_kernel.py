@@ -50,9 +50,14 @@ def test_kernel_matches_naive(n_q: int, recent: int, normalize: bool, padded: bo
     assert torch.equal(got[2], want[2])
 
 
-def test_per_step_loop_on_the_kernel_matches_the_torch_backend() -> None:
-    """Decode steps of one query past the budget (one token dropped per step: the one-launch path): the
-    same kept tokens, scores and outputs as the torch backend."""
+def test_per_step_loop_on_the_kernel_matches_the_torch_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode steps of one query past the budget (one token dropped per step: the one-launch path, which
+    every step takes): the same kept tokens, scores and outputs as the torch backend."""
+    import attnlab.kernels.decode.evict as ev
+
+    launches = []
+    real = ev.h2o_evict_one
+    monkeypatch.setattr(ev, "h2o_evict_one", lambda *a, **kw: launches.append(1) or real(*a, **kw))
     torch.manual_seed(1)
     n0, steps = 24, 5
     q = torch.randn(2, 8, n0 + steps, 16, device=DEVICE)
@@ -73,3 +78,4 @@ def test_per_step_loop_on_the_kernel_matches_the_torch_backend() -> None:
         assert torch.equal(a.kept, b.kept)  # type: ignore[attr-defined]
         torch.testing.assert_close(a.score, b.score, atol=1e-6, rtol=1e-5)  # type: ignore[attr-defined]
         torch.testing.assert_close(res["triton"].out, res["torch"].out, atol=1e-5, rtol=1e-5)
+    assert len(launches) == steps  # (the first call decides on the fp32 path; every step after it)

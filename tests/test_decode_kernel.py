@@ -524,3 +524,17 @@ def test_decode_step_captures_in_a_cuda_graph() -> None:
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out, want)
+
+
+def test_split_plan_for_active_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """plan_splits without the cap (rows of equal work, ``active_rows``): about the target programs over the
+    rows that read, no split under MIN_SPLIT_TOKENS; with the cap, no split over MAX_SPLIT_TOKENS."""
+    from attnlab.kernels.decode import op
+
+    monkeypatch.setattr(op, "IMPORTED_INTERPRETED", False)  # (planned for a GPU's 64-token key tile)
+    one_row = op.plan_splits(2048, 64, 1, 528, capped=False)  # one 128K row in 64-token entries
+    assert one_row[2] == 131072 // op.MIN_SPLIT_TOKENS and one_row[1] * 64 == op.MIN_SPLIT_TOKENS
+    eight = op.plan_splits(2048, 64, 8, 528, capped=False)
+    assert eight[2] == 64 and eight[1] * 64 == 2048  # 528 / 8 -> 66 splits, whole steps: 64 of 2048
+    capped = op.plan_splits(131072, 1, 8, 528)
+    assert capped[1] * 1 <= op.MAX_SPLIT_TOKENS and capped[2] * capped[1] >= 131072

@@ -119,10 +119,10 @@ def attend_with_logits(
     b, h, n_q = q.shape[:3]
     h_kv, n_k = k.shape[1], k.shape[2]
     pages = -(-n_k // ALL_TOKENS_PAGE)
-    if b * h * n_q * pages * ALL_TOKENS_PAGE > FUSED_LOGITS_MAX:
+    in_kernel = group_max and (h // h_kv) * n_q <= 64
+    if (b * h_kv if in_kernel else b * h * n_q) * pages * ALL_TOKENS_PAGE > FUSED_LOGITS_MAX:
         return None
     index = torch.arange(pages, device=q.device, dtype=torch.int32).expand(b, h_kv, pages)
-    in_kernel = group_max and (h // h_kv) * n_q <= 64
     out, lse, logits = decode_attention_logits(
         q, k, v, index, None, ALL_TOKENS_PAGE, scale, True, key_mask, group_max=in_kernel
     )

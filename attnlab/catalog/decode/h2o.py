@@ -39,12 +39,13 @@ weights (a KV head keeps one set). ``normalize=True`` (the default, kvpress's) d
 kvpress divides by the queries that saw a token. Under ``attnlab.hf.use(..., free_kv=True)`` the cache is
 compacted after every decode step to the kept tokens (:mod:`attnlab.hf.kv`).
 
-Per-step cost beside the attention: one more q.k over the candidates for the weights (the ``torch``
-backend: gathered, PyTorch, fp32; the ``triton`` backend: :mod:`attnlab.kernels.decode.logits` over the
-candidates as an index list, the cache read once in its own dtype, bf16 / fp16 products on the tensor
-cores with fp32 accumulation, then the same fp32 softmax, so the weights differ from the reference's by
-the summation order of the logits, and candidates whose ranks nearly tie may be kept differently), and a
-top-k over ``budget + N_q`` scores.
+Per-step cost beside the attention: the ``torch`` backend computes the weights with one more q.k over
+the gathered candidates (PyTorch, fp32) and ranks with a top-k over ``budget + N_q`` scores; the
+``triton`` backend takes the weights from the attention's own scores (the decode kernel's logits and lse
+over the candidates, bf16 / fp16 products with fp32 accumulation: they differ from the reference's by the
+summation order, and candidates whose ranks nearly tie may be kept differently) and, when a step drops
+one token, updates the scores, ranks and compacts in one launch (:mod:`attnlab.kernels.decode.evict`);
+beyond the fused size limit, :mod:`attnlab.kernels.decode.logits` over the candidates.
 """
 
 from __future__ import annotations

@@ -18,13 +18,14 @@ the recycled cache from the last prompt token's attention, max-pooled with kerne
 a GQA group; between refreshes it appends each new token and evicts the lowest-scored one to keep K
 tokens. Here the tokens appended since the last full step are all kept (at most ``stride - 1`` more than
 the budget), so no score needs updating between full steps. v2 (RefreshKV) refreshes when the query
-drifts; this is v1's fixed stride. Full steps cost one dense attention plus one more pass over K (the
-scores); they are the method's cost.
+drifts; this is v1's fixed stride. Full steps cost one dense attention plus the scores; they are the
+method's cost.
 
-Scores: the reference (and the ``torch`` backend) computes P in fp32 from fp32 copies of q and K; the
-``triton`` backend computes the logits from the cache read once in its own dtype
-(:mod:`attnlab.kernels.decode.logits`: bf16 / fp16 products on the tensor cores, fp32 accumulation; fp32
-inputs as IEEE fp32), then the same fp32 softmax (a row with no allowed key: 0), so P differs from the
+Scores: the reference (and the ``torch`` backend) computes P in fp32 from fp32 copies of q and K. The
+``triton`` backend attends and scores in one pass: the decode kernel over every token stores its logits,
+and P = exp(logit - lse) with the kernel's lse (bf16 / fp16 products on the tensor cores, fp32
+accumulation; a row with no allowed key: 0); beyond the fused size limit, exact attention and then the
+logits of :mod:`attnlab.kernels.decode.logits` with an fp32 softmax. Either way P differs from the
 reference's by the summation order of the logits, and tokens whose pooled P nearly tie may rank
 differently.
 

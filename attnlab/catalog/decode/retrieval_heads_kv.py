@@ -149,9 +149,9 @@ def _two_launches(
     """The step with retrieval heads on the GPU: one decode launch reads the retrieval heads' whole cache
     in whole tiles (entries of ``FULL_PAGE`` tokens; the other heads' rows count 0 entries), one reads the
     other heads' token lists (the retrieval heads' rows count 0), and each query head takes its KV head's
-    output. As one launch over token lists, a retrieval head's 128K tokens were read one index at a time:
-    1 of 8 KV heads full at 128K took 81 us at B=1 on the H100 (h100-2026-11-24-s14), where its bytes need
-    ~20."""
+    output. On the H100 (h100-2026-11-24-s14, 1 of 8 KV heads full at 128K, CUDA graph) this takes 86 us
+    at B=1 and 279 us at B=8, where one launch over token lists took 81-83 / 319 us (with 2-stage
+    pipelining; 178 / 415 us before it)."""
     from attnlab.kernels.decode.op import decode_attention
 
     b, h_kv, n_k = k.shape[0], k.shape[1], k.shape[2]
@@ -161,9 +161,9 @@ def _two_launches(
     every = torch.arange(pages, device=k.device, dtype=torch.int32).expand(b, h_kv, pages)
     none = torch.zeros((), device=k.device, dtype=torch.int32)
     n_full = torch.where(full, pages, none)
-    # the rows that read (known on the host from the heads parameter; with the tensor input, every row
-    # may): the splits are planned for them
-    active = b * h_kv if "retrieval" in extra else b * len(set(call.params.heads))  # type: ignore[attr-defined]
+    # the rows that read, when the host knows them (the heads parameter): the splits are planned for them;
+    # with the tensor input any subset may read: the capped plan for rows of unequal work
+    active = None if "retrieval" in extra else b * len(set(call.params.heads))  # type: ignore[attr-defined]
     out_full, _ = decode_attention(
         q, k, v, every, n_full, FULL_PAGE, call.scale, causal, key_mask, active_rows=active
     )

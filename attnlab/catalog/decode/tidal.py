@@ -14,9 +14,11 @@ Per layer, by its ``role``::
 Budget in tokens; a budget >= N_k keeps every token.
 
 Scores: the reference (and the ``torch`` backend) computes the logits in fp32 from fp32 copies of q and K;
-the ``triton`` backend reads the cache once in its own dtype (:mod:`attnlab.kernels.decode.logits`: bf16 /
-fp16 products on the tensor cores, fp32 accumulation; fp32 inputs as IEEE fp32), so the logits differ
-from the reference's by the summation order, and tokens whose scores nearly tie may rank differently.
+the ``triton`` backend's select layer attends and scores in one pass (the decode kernel stores each
+token's maximum logit over the group's rows; beyond the fused size limit, exact attention and then
+:mod:`attnlab.kernels.decode.logits`): bf16 / fp16 products on the tensor cores, fp32 accumulation, so the
+logits differ from the reference's by the summation order, and tokens whose scores nearly tie may rank
+differently.
 
 How a model passes the positions between layers (the HF integration wires this): the state is one
 :class:`attnlab.state.reuse.TokenSet` per sequence and decode step, shared by the layers, not one per

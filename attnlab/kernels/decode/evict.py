@@ -1,7 +1,7 @@
 """H2O's per-step eviction of one token in one launch (Triton): the step's attention weights from the decode
 kernel's own logits, the running scores, the rank, and the kept set without the lowest-ranked candidate.
 
-``h2o_evict_one(logits, lse, cand, prev_score, prev_seen, key_mask, *, budget, recent, normalize)`` for a
+``h2o_evict_one(logits, lse, cand, prev_score, prev_seen, key_mask, *, recent, normalize)`` for a
 per-step call whose C = budget + 1 candidates (the K = budget kept tokens, then the one appended) lose one:
 
     w[e]    = (1 / G) * sum over the group's G query heads h and the N_q queries i of exp(logits[h, i, e] - lse[h, i])

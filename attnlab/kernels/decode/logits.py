@@ -53,7 +53,7 @@ LOGITS_MAX_BLOCK_M = 64
 LOGITS_WARPS = 4
 #: The product when q and k differ in dtype (tokenselect's fp32 fingerprint against a bf16 cache):
 #: "split" (fp32 q against bf16 k only: q = hi + lo in bf16, two bf16 tensor-core products with fp32
-#: accumulation, k as loaded; other mixes widen as "tf32x3"), "tf32x3" (both widened to fp32 in
+#: accumulation, k as loaded; other mixes widen to fp32 with IEEE products), "tf32x3" (both widened to fp32 in
 #: registers, three tf32 products: about fp32's precision, exact for the bf16 / fp16 operand) or "ieee"
 #: (widened, fp32 FMAs). Measured on the H100 at the shape above, fp32 q against bf16 k, B=1 / B=8:
 #: split 117 / 837 us, tf32x3 196 / 1465 us (64 tokens per program; 32: 220 / 1649), ieee 1158 / 8915 us

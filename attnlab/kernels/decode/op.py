@@ -2,6 +2,8 @@
 
 - ``decode_attention(q, k, v, index, count, page, scale, causal) -> (out, lse)``
   (``attnlab::decode_select_fwd``): attention of a few queries over the selected entries of the cache.
+- ``decode_attention_logits(...) -> (out, lse, logits)`` (``attnlab::decode_logits_fwd``): the same with
+  the attention's own scores (per query row, or their maximum over each KV group's rows).
 - ``page_scores(q, kmax, kmin, n_pages, reduce_max) -> scores`` (``attnlab::page_scores``): Quest's page
   upper bounds per KV group.
 - ``page_select(q, k, kmax, kmin, counter, ...) -> (index, scores)`` (``attnlab::page_select``): page_topk's
@@ -10,7 +12,7 @@
 
 All are opaque to ``torch.compile`` (fake-tensor rules below), launch no host synchronisation, and
 their output shapes depend on input shapes only, so a decode step built from them can be captured in a
-CUDA graph. Forward only (decode needs no gradient). Importing this module registers the two ops.
+CUDA graph. Forward only (decode needs no gradient). Importing this module registers these ops.
 """
 
 from __future__ import annotations
@@ -38,10 +40,12 @@ PROGRAMS_PER_SM = 4
 #: The longest run of cache tokens one split-K program reads. Why (H100, 1559cad): one full-cache KV head
 #: beside seven 4K-token ones at B=8, 128K, planned by program count alone (9 splits of 14.5K tokens), took
 #: 1016 us where its 654 MB need ~220 us at the rate the kernel reached on a dense read (89% of HBM).
-#: Measured at c5a93cb (retrieval_heads_kv with 1 of 8 KV heads full at 128K, token lists, the step in a
-#: CUDA graph; h100-2026-11-24-s14): cap 2048 / 1024 / 512 / 256 tokens: B=1 178.6 / 118.2 / 91.8 /
-#: 133.6 us, B=8 415.3 / 362.5 / 363.9 / 516.0 us. Steps over budget-sized lists (page_topk, 4096 tokens)
-#: plan the same splits under 512 as under 2048 (their splits are already shorter).
+#: Measured at c5a93cb (retrieval_heads_kv with 1 of 8 KV heads full at 128K in one launch over token
+#: lists, the step in a CUDA graph; h100-2026-11-24-s14): cap 2048 / 1024 / 512 / 256 tokens: B=1 178.6 /
+#: 118.2 / 91.8 / 133.6 us, B=8 415.3 / 362.5 / 363.9 / 516.0 us. That step now runs two launches planned
+#: for their rows (``active_rows``); the cap still governs lists of unequal counts in one launch (e.g.
+#: retrieval heads given as a tensor input). Steps over budget-sized lists (page_topk, 4096 tokens) plan
+#: the same splits under 512 as under 2048 (their splits are already shorter).
 MAX_SPLIT_TOKENS = 512
 #: The shortest split when splits are planned for the rows that read (``active_rows``): one retrieval head's
 #: 128K tokens in 528 splits made the merge take 45.7 us (d02bba7, B=1), in 256 splits 4.3 us (3e39899).
@@ -589,7 +593,8 @@ def decode_attention(
     for the exact meaning of ``index``, ``count``, ``page`` and ``key_mask``), through the Triton kernels. Inside
     ``torch.compile`` through the custom op (two launches; ``counter`` unused); in eager mode the launcher
     is called directly (the custom op's dispatch costs tens of microseconds of Python per call, a decode
-    step's whole budget), with ``counter`` (see :func:`decode_launch`) in one launch."""
+    step's whole budget), with ``counter`` (see :func:`decode_launch`) in one launch; ``active_rows``
+    as :func:`decode_launch` takes it (eager only: the custom op plans for every row)."""
     if torch.compiler.is_compiling():
         return decode_select_fwd(q, k, v, index, count, int(page), float(scale), bool(causal), key_mask)
     return decode_launch(
@@ -640,7 +645,8 @@ def _(
     q = q if q.stride(-1) == 1 else q.contiguous()
     n = index.shape[2] * page
     logits = q.new_empty((b, k.shape[1], n) if group_max else (b, h, n_q, n), dtype=torch.float32)
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32), logits
+    out = q.new_empty(q.shape)  # (contiguous, as the launcher's)
+    return out, q.new_empty(q.shape[:3], dtype=torch.float32), logits
 
 
 def _decode_with_logits(
