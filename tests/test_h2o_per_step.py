@@ -15,6 +15,7 @@ import torch
 import attnlab
 from attnlab.catalog.decode import h2o
 from attnlab.errors import InputError
+from attnlab.hf.use import model_cache
 from attnlab.registry import registered
 from attnlab.state import EvictionState, StepEvictionState
 from attnlab.testing import device_under_test
@@ -173,7 +174,7 @@ def test_hf_free_kv_evicts_every_step_and_matches_masking(
     lengths: list[list[int]] = []
 
     def record(module: Any, args: Any, kwargs: dict[str, Any], output: Any) -> None:  # after the last layer
-        lengths.append([int(layer.keys.shape[2]) for layer in kwargs["past_key_values"].layers])
+        lengths.append([int(layer.keys.shape[2]) for layer in model_cache(kwargs).layers])
 
     with use(model, decode="h2o", decode_params=params, plan=FAST) as rt:
         masked = _generate(model, ids, mask, new)

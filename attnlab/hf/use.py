@@ -104,6 +104,13 @@ def _configs(model: nn.Module) -> list[Any]:
     return list(seen.values())
 
 
+def model_cache(kwargs: Mapping[str, Any]) -> Any:
+    """The KV cache a transformers layer passes to its attention module: ``cache=`` from transformers 5.24
+    on, ``past_key_values=`` before (None when neither is given)."""
+    cache = kwargs.get("cache")
+    return kwargs.get("past_key_values") if cache is None else cache
+
+
 def _compact_hook(runtime: Runtime) -> Any:
     """A forward hook (with kwargs) for attention modules: after a layer's attention ran, compact its cache
     layer if its eviction state was just decided (see :mod:`attnlab.hf.kv`)."""
@@ -113,10 +120,10 @@ def _compact_hook(runtime: Runtime) -> Any:
         entries = runtime._pending.pop(layer, None)
         if entries is None:
             return
-        cache = kwargs.get("past_key_values")
+        cache = model_cache(kwargs)
         if cache is None or not hasattr(cache, "layers"):
             raise HFRuntimeError(
-                f"layer {layer}: free_kv needs the model's cache (past_key_values) passed to its attention "
+                f"layer {layer}: free_kv needs the model's cache (cache / past_key_values) passed to its attention "
                 f"module; got {type(cache).__name__}"
             )
         kind, rows = entries

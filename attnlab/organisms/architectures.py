@@ -240,11 +240,16 @@ class MethodAttention(nn.Module):
         position_embeddings: tuple[Tensor, Tensor] | None = None,
         attention_mask: Any = None,
         past_key_values: Any = None,
+        cache: Any = None,
         **kwargs: Any,
     ) -> tuple[Tensor, None]:
         """(B, N, hidden) -> ((B, N, hidden), None), as ``LlamaAttention.forward``. Padding masks are not
-        supported (organisms train and evaluate unpadded rows); a 2-D mask with a zero is refused."""
+        supported (organisms train and evaluate unpadded rows); a 2-D mask with a zero is refused. The KV
+        cache comes as ``cache`` (transformers >= 5.24) or ``past_key_values`` (before)."""
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        if cache is not None:
+            past_key_values = cache
 
         if (
             isinstance(attention_mask, Tensor)
