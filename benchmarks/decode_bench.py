@@ -32,11 +32,11 @@ every timed call (in a model every layer reads a different cache, so nothing sta
 Bytes: dense reads K and V once; page_topk reads the page summaries (2 x N / page x D per KV head) and
 the selected K/V (2 x budget x D per KV head). Bandwidth shares are against 3.35 TB/s (H100 SXM HBM3).
 
-Also one decode step of every other decode method at the same budget (prepared ops, eager, state from an
-earlier call) beside dense cuDNN decode.
+Every decode method's step (page_topk's included), eager and in a CUDA graph, is timed by
+``decode_methods_bench.py``.
 
 Usage: python benchmarks/decode_bench.py --out results.json [--context 131072] [--batches 1 8]
-       [--pages 16 32 64] [--no-methods]
+       [--pages 16 32 64]
 """
 
 from __future__ import annotations
@@ -589,72 +589,6 @@ def kernel_profile(fn: Callable[[], object], flush: torch.Tensor, reps: int = 20
     }
 
 
-def bench_methods(b: int, n: int, budget: int, reps: int, flush: torch.Tensor) -> dict[str, Any]:
-    """One decode step of every other decode method at this budget, as called (prepared ops, eager, state
-    from an earlier call), beside dense cuDNN decode in the same rounds."""
-    torch.manual_seed(100 + b)
-    dev = flush.device
-    q = torch.randn(b, HEADS, 1, HEAD_DIM, device=dev, dtype=torch.bfloat16)
-    q_obs = torch.randn(b, HEADS, 16, HEAD_DIM, device=dev, dtype=torch.bfloat16)
-    k = torch.randn(b, KV_HEADS, n, HEAD_DIM, device=dev, dtype=torch.bfloat16)
-    v = torch.randn(b, KV_HEADS, n, HEAD_DIM, device=dev, dtype=torch.bfloat16)
-    scale = HEAD_DIM**-0.5
-
-    def result(x: object) -> Result:
-        assert isinstance(x, Result)
-        return x
-
-    def stepper(method: str, state: Any, qq: torch.Tensor = q, **params: Any) -> Callable[[], object]:
-        op = attnlab.prepare(method, causal=True, **params)
-        return lambda: op(qq, k, v, state=state)
-
-    fns: dict[str, Callable[[], object]] = {}
-    kinds = [SDPBackend.CUDNN_ATTENTION] if dev.type == "cuda" else [SDPBackend.MATH]
-
-    def dense() -> object:
-        with sdpa_kernel(kinds):
-            return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
-
-    fns["dense_cudnn"] = dense
-    fns["retrieval_heads_kv_none"] = stepper("retrieval_heads_kv", None, budget=budget)
-    fns["retrieval_heads_kv_1of8"] = stepper("retrieval_heads_kv", None, budget=budget, heads=(0,))
-    for method in ("snapkv", "h2o"):  # decided at a first call with 16 observation queries, then a step
-        st = result(attnlab.attention(q_obs, k, v, method=method, causal=True, budget=budget)).state
-        fns[f"{method}_step"] = stepper(method, st, budget=budget)
-    # per-step H2O: state of the cache minus its last token, so the step attends to budget + 1 and evicts one
-    ps = attnlab.attention(q_obs, k[:, :, : n - 1], v[:, :, : n - 1], method="h2o", causal=True, budget=budget,
-                           per_step=True, recent=budget // 2, normalize=False)  # fmt: skip
-    fns["h2o_per_step"] = stepper("h2o", result(ps).state, budget=budget, per_step=True, recent=budget // 2,
-                                  normalize=False)  # fmt: skip
-    full = result(attnlab.attention(q, k, v, method="recycled", causal=True, budget=budget, stride=10))
-    fns["recycled_partial_step"] = stepper("recycled", full.state, budget=budget, stride=10)
-    fns["recycled_full_step"] = stepper("recycled", None, budget=budget, stride=10)
-    tsp: dict[str, Any] = {
-        "budget": budget,
-        "n_init": min(128, budget // 32),
-        "n_local": min(512, budget // 8),
-    }  # defaults at 4K
-    ts = result(attnlab.attention(q, k, v, method="tokenselect", causal=True, **tsp)).state
-    fns["tokenselect_vote"] = stepper("tokenselect", ts, threshold=1.0, **tsp)
-    fns["tokenselect_reuse"] = stepper("tokenselect", ts, **tsp)  # the same query: cosine 1
-    chosen = result(
-        attnlab.attention(q, k, v, method="tidal", causal=True, budget=budget, role="select")
-    ).state
-    fns["tidal_reuse_layer"] = stepper("tidal", chosen, budget=budget, role="reuse")
-    fns["tidal_select_layer"] = stepper("tidal", None, budget=budget, role="select")
-    times = timed(fns, reps, flush)
-    dense_t = times["dense_cudnn"].median_ms if "dense_cudnn" in times else float("nan")
-    return {
-        "batch": b,
-        "context": n,
-        "budget": budget,
-        "times": {name: row(t, None) for name, t in times.items()},
-        "speedup_vs_dense_cudnn_median": {
-            name: round(dense_t / t.median_ms, 2) for name, t in times.items() if name != "dense_cudnn"
-        },
-    }
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="JSON file to write")
@@ -664,7 +598,6 @@ def main() -> None:
     ap.add_argument(
         "--pages", type=int, nargs="+", default=[16, 32, 64], help="page sizes of page_topk (tokens)"
     )
-    ap.add_argument("--no-methods", action="store_true", help="time page_topk only")
     ap.add_argument("--reps", type=int, default=30, help="timed calls per side (>= 10)")
     ap.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny shapes (a dry run)")
     args = ap.parse_args()
@@ -677,7 +610,6 @@ def main() -> None:
     else:
         flush = torch.empty(256 * 2**20 // 4, device="cuda", dtype=torch.float32)
     results: list[dict[str, Any]] = []
-    methods: list[dict[str, Any]] = []
 
     def write() -> None:  # after every part, so a run cut short keeps what it measured
         out = {
@@ -688,7 +620,6 @@ def main() -> None:
             "page_topk_speedups": {
                 f"B{r['batch']}/page{r['page']}": r["speedup_vs_best_dense_median"] for r in results
             },
-            "methods": methods,
             "failed_sides": FAILED,
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -702,21 +633,6 @@ def main() -> None:
             for page in args.pages:
                 results.append(bench_batch(b, args.context, args.budget, page, reps, flush))
                 print(json.dumps(results[-1]), flush=True)
-                write()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-        if not args.no_methods:
-            for b in args.batches:
-                methods.append(
-                    bench_methods(
-                        b,
-                        args.context,
-                        args.budget,
-                        max(2, reps // 2) if args.smoke else max(10, reps // 2),
-                        flush,
-                    )
-                )
-                print(json.dumps(methods[-1]), flush=True)
                 write()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()

@@ -201,7 +201,7 @@ def decode_launch(
     if group_max and m_blocks > 1:
         raise ValueError(
             f"decode kernel: the group maximum of the logits needs GROUP * N_q <= 64 query rows per KV head, "
-            f"got {n_rows}"
+            f"got {n_rows}; pass a (B, H, N_q, n * page) logits tensor and reduce it after the call"
         )
     want = (b, h_kv, n_idx * page) if group_max else (b, h, n_q, n_idx * page)
     if logits is not None and (
