@@ -224,6 +224,13 @@ def bench(
         Path | None, typer.Option(help=f"results folder (database, report, PNGs) {_preset_default('out')}")
     ] = None,
     no_report: Annotated[bool, typer.Option("--no-report", help="do not write the HTML report")] = False,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            help="processes the timing runs in, one after another; a row's speedups are the median of theirs "
+            "(default: 3 on a CPU, 1 on CUDA; ATTNLAB_BENCH_PROCESSES)"
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log every measurement")] = False,
 ) -> None:
     """Speed, memory and fidelity of every method on this device, into the results database and a report."""
@@ -245,6 +252,7 @@ def bench(
         budgets=budgets,
         workloads=_csv(workloads),
         out=out,
+        processes=processes,
     )
     if no_fidelity:
         cfg = cfg.with_(fidelity=False)

@@ -20,6 +20,8 @@ os.environ.setdefault("ATTNLAB_BENCH_RETIMES", "0")
 # ... and leaves the C allocator's policy alone (attnlab.bench.host: its mallopt would outlast the run in
 # the worker process; test_bench_host sets it where it tests it)
 os.environ.setdefault("ATTNLAB_BENCH_MALLOC", "default")
+# ... and times in one process (attnlab.bench.passes: test_bench_passes runs the fresh-process passes)
+os.environ.setdefault("ATTNLAB_BENCH_PROCESSES", "1")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

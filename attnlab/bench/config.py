@@ -70,6 +70,10 @@ class BenchConfig:
     #: :mod:`attnlab.bench.efficiency`); ``ATTNLAB_BENCH_RETIMES`` in the environment sets the default (the
     #: test suite sets 0: its parallel workers always share the machine)
     retimes: int = field(default_factory=lambda: int(os.environ.get("ATTNLAB_BENCH_RETIMES", "2")))
+    #: processes the timing phase runs in, one after another (:mod:`attnlab.bench.passes`): 0 means 3 on a
+    #: CPU (where one process's or one period's level moved rows by 10-30%) and 1 on CUDA;
+    #: ``ATTNLAB_BENCH_PROCESSES`` in the environment sets the default (the test suite sets 1)
+    processes: int = field(default_factory=lambda: int(os.environ.get("ATTNLAB_BENCH_PROCESSES", "0")))
     seed: int = 0
     out: Path = field(default_factory=lambda: Path("attnlab-results"))
 
@@ -78,6 +82,8 @@ class BenchConfig:
             raise ValueError(f"malloc={self.malloc!r}: expected one of {', '.join(MALLOC_POLICIES)}")
         if self.retimes < 0:
             raise ValueError(f"retimes={self.retimes}: expected an int >= 0")
+        if self.processes < 0:
+            raise ValueError(f"processes={self.processes}: expected an int >= 0 (0: 3 on a CPU, 1 on CUDA)")
 
     @staticmethod
     def preset(device: str) -> BenchConfig:
@@ -114,6 +120,21 @@ class BenchConfig:
     @property
     def n_kv_heads(self) -> int:
         return self.kv_heads or self.heads
+
+    @property
+    def timing_processes(self) -> int:
+        """Processes the timing phase runs in (``processes``, with 0 resolved for the device)."""
+        if self.processes:
+            return self.processes
+        return 3 if self.torch_device.type == "cpu" else 1
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> BenchConfig:
+        """The config :meth:`as_json` wrote."""
+        tuples = {k: tuple(v) for k, v in d.items() if isinstance(v, list)}
+        return BenchConfig(
+            **{**d, **tuples, "patterns": tuple(Pattern(p) for p in d["patterns"]), "out": Path(d["out"])}
+        )
 
     def as_json(self) -> dict[str, Any]:
         d = asdict(self)

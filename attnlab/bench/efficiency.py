@@ -27,6 +27,7 @@ on CPU. The control row ``softmax`` / ``sdpa`` is the same dense math through at
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import traceback
@@ -39,13 +40,13 @@ from torch.nn.attention import SDPBackend
 
 import attnlab
 from attnlab.backends.base import Call
-from attnlab.bench import calls, host
+from attnlab.bench import calls, host, passes
 from attnlab.bench.checks import ParityChecks
 from attnlab.bench.config import BenchConfig, shapes
 from attnlab.bench.memory import peak_memory_mb
 from attnlab.bench.planning import CONTROL, PEERS_CPU, PEERS_CUDA, PlannedRow, densities, planned_rows
-from attnlab.bench.row_columns import busy_load, load_average, timing_columns
-from attnlab.bench.timing import Timing, attention_flops, measure_interleaved
+from attnlab.bench.row_columns import busy_load, load_average
+from attnlab.bench.timing import MIN_REPS, Timing, attention_flops, measure_interleaved
 from attnlab.masks import dense_pairs
 from attnlab.patterns import Pattern
 
@@ -81,6 +82,8 @@ class Entry:
     status: str = "ok"
     peak_mem_mb: float | None = None
     compiles: int = 0
+    #: graphs compiled while the row was timed (none when the warm phase did its job)
+    timed_compiles: int = 0
 
     def sides(self, x: calls.Inputs, mode: str, causal: bool) -> dict[str, Callable[[], Any]]:
         """The timed callables of this row other than the baseline: ``called`` (and ``kernel``)."""
@@ -183,12 +186,30 @@ class EfficiencyRun:
             todo = [r for r in plan if (r.pattern, r.n, r.mode) == group]
             warmed[group] = self._warm(*group, todo)
         busiest = 0.0
-        for group, entries in warmed.items():  # phase 2: timing
-            for row in self._time(*group, entries):
-                busiest = max(busiest, row.get("load_avg") or 0.0)
-                yield row
+        processes = self.cfg.timing_processes
+        share = 1.0 / processes
+        first: dict[str, passes.PassResult] = {}
+        for group, entries in warmed.items():  # phase 2: timing (one group's rows at once with one pass)
+            first.update(self._time_pass(*group, entries, share, advance=True))
+            if processes == 1:
+                for row in self._group_rows(*group, entries, [first]):
+                    busiest = max(busiest, row.get("load_avg") or 0.0)
+                    yield row
             if self.cfg.torch_device.type == "cuda":
                 torch.cuda.empty_cache()
+        if processes > 1:  # the other passes, each in a fresh process
+            keys = [k for k, r in first.items() if isinstance(r, passes.PassTiming)]
+            others, failed = passes.run_passes(self.cfg.as_json(), keys, processes - 1, self.log)
+            self.notes.extend(failed)
+            self.notes.append(
+                f"timing in {1 + len(others)} passes (this process, then {len(others)} fresh one(s), one after "
+                "another, each with its share of the rounds): speedups are the median of the passes', times pool "
+                "their calls (attnlab.bench.passes)"
+            )
+            for group, entries in warmed.items():
+                for row in self._group_rows(*group, entries, [first, *others]):
+                    busiest = max(busiest, row.get("load_avg") or 0.0)
+                    yield row
         if self.cfg.torch_device.type == "cpu" and busiest > busy_load():
             self.notes.append(
                 f"the 1-minute load average reached {busiest:.1f} on {os.cpu_count()} cores while rows were timed "
@@ -196,17 +217,51 @@ class EfficiencyRun:
                 "(column load_avg) may not repeat on a quiet machine"
             )
 
+    def pass_timings(self, keys: set[str]) -> dict[str, passes.PassResult]:
+        """One timing pass of the rows named by ``keys`` (:func:`~attnlab.bench.passes.row_key`), in this
+        process: each group's rows are built and warmed (no parity checks, no memory measurement: the first
+        pass made them), then timed with this pass's share of the rounds (:mod:`attnlab.bench.passes`)."""
+        cpu = self.cfg.torch_device.type == "cpu"
+        share = 1.0 / self.cfg.timing_processes
+        out: dict[str, passes.PassResult] = {}
+        with host.kept_freed_memory(cpu and self.cfg.malloc == "keep"):
+            plan = self.plan()
+            warmed = {}
+            for group in self.groups():
+                entries = [
+                    Entry("softmax", label, {}, sdpa_kernel=k, peer=True) for label, k in self.peers().items()
+                ]
+                for r in plan:
+                    if (r.pattern, r.n, r.mode) == group:
+                        entries += [Entry(r.method, b.name, r.params) for b in r.backend_specs()]
+                warmed[group] = entries = [e for e in entries if self._key(*group, e) in keys]
+                n_q, n_k = shapes(group[0], group[1])
+                x = calls.Inputs.make(self.cfg, n_q, n_k, group[2] == "fwd_bwd")
+                for e in entries:
+                    self._warm_entry(e, x, group[2], group[0].causal, memory=False)
+            for group, entries in warmed.items():
+                out.update(self._time_pass(*group, entries, share))
+        return out
+
+    @staticmethod
+    def _key(pattern: Pattern, n: int, mode: str, e: Entry) -> str:
+        return passes.row_key(pattern.value, n, mode, e.method, e.backend, e.params)
+
     # -- phase 1 ------------------------------------------------------------------------------------
 
-    def _warm_entry(self, entry: Entry, x: calls.Inputs, mode: str, causal: bool) -> None:
-        """Call each side of ``entry`` ``WARM_CALLS`` times and measure the as-called side's peak memory."""
+    def _warm_entry(
+        self, entry: Entry, x: calls.Inputs, mode: str, causal: bool, memory: bool = True
+    ) -> None:
+        """Call each side of ``entry`` ``WARM_CALLS`` times and (``memory``) measure the as-called side's peak
+        memory."""
         before = _unique_graphs()
         try:
             sides = entry.sides(x, mode, causal)
             for fn in sides.values():
                 for _ in range(WARM_CALLS):
                     fn()
-            entry.peak_mem_mb = peak_memory_mb(sides["called"], self.cfg.torch_device)
+            if memory:
+                entry.peak_mem_mb = peak_memory_mb(sides["called"], self.cfg.torch_device)
         except Exception as e:
             self.log(traceback.format_exc(limit=3))
             entry.status = _failure(e)
@@ -251,13 +306,41 @@ class EfficiencyRun:
 
     # -- phase 2 ------------------------------------------------------------------------------------
 
-    def _time(self, pattern: Pattern, n: int, mode: str, entries: list[Entry]) -> Iterator[dict[str, Any]]:
-        c = self.cfg
+    def _time_pass(
+        self, pattern: Pattern, n: int, mode: str, entries: list[Entry], share: float, advance: bool = False
+    ) -> dict[str, passes.PassResult]:
+        """One pass's timing of a group's rows that warmed, by row key (each with ``share`` of the rounds)."""
         n_q, n_k = shapes(pattern, n)
         causal = pattern.causal
-        x = calls.Inputs.make(c, n_q, n_k, mode == "fwd_bwd")
+        x = calls.Inputs.make(self.cfg, n_q, n_k, mode == "fwd_bwd")
+        base = self._baseline(entries)
+        base_fn = base.sides(x, mode, causal)["called"] if base else None
+        out: dict[str, passes.PassResult] = {}
+        for e in entries:
+            if e.status == "ok":
+                label = f"{pattern.value} n={n} {mode} {e.method}/{e.backend}"
+                out[self._key(pattern, n, mode, e)] = self._pass(e, x, mode, causal, base_fn, share, label)
+            if advance:
+                self.advance(1)
+        return out
+
+    @staticmethod
+    def _baseline(entries: list[Entry]) -> Entry | None:
+        return next((e for e in entries if e.peer and e.status == "ok"), None)
+
+    def _group_rows(
+        self,
+        pattern: Pattern,
+        n: int,
+        mode: str,
+        entries: list[Entry],
+        results: list[dict[str, passes.PassResult]],
+    ) -> Iterator[dict[str, Any]]:
+        """A group's rows from its passes' results (:func:`~attnlab.bench.passes.merged_columns`)."""
+        c = self.cfg
+        n_q, n_k = shapes(pattern, n)
         flops = attention_flops(
-            c.batch, c.heads, n_q, n_k, c.head_dim, c.head_dim, dense_pairs(n_q, n_k, causal), mode
+            c.batch, c.heads, n_q, n_k, c.head_dim, c.head_dim, dense_pairs(n_q, n_k, pattern.causal), mode
         )
         common = {
             "pattern": pattern.value,
@@ -270,10 +353,9 @@ class EfficiencyRun:
             "dtype": c.dtype,
             "mode": mode,
         }
-        base = next((e for e in entries if e.peer and e.status == "ok"), None)
+        base = self._baseline(entries)
         if base is None:
             self.notes.append(f"{pattern.value} n={n} {mode}: no dense SDPA baseline ran; no speedups")
-        base_fn = base.sides(x, mode, causal)["called"] if base else None
         for e in entries:
             row: dict[str, Any] = {
                 **common,
@@ -286,45 +368,55 @@ class EfficiencyRun:
                 "baseline_of_run": e is base,
             }
             if e.status == "ok":
-                label = f"{pattern.value} n={n} {mode} {e.method}/{e.backend}"
-                row.update(self._measure(e, x, mode, causal, base_fn, flops, label))
+                key = self._key(pattern, n, mode, e)
+                got = [r[key] for r in results if key in r]
+                timed = [g for g in got if isinstance(g, passes.PassTiming)]
+                if len(timed) < len(got) and got and not isinstance(got[0], passes.PassTiming):
+                    row["status"] = str(got[0])  # the first pass failed: the row failed
+                elif timed:
+                    row.update(self._columns(e, timed, flops))
             self.log(f"{pattern.value} n={n} {mode} {e.method}{e.params} {e.backend}: "
                      f"{row.get('median_ms', row['status'])}")  # fmt: skip
-            self.advance(1)
             yield row
 
-    def _measure(
+    def _pass(
         self,
         e: Entry,
         x: calls.Inputs,
         mode: str,
         causal: bool,
         base_fn: Callable[[], Any] | None,
-        flops: float,
+        share: float = 1.0,
         label: str = "",
-    ) -> dict[str, Any]:
+    ) -> passes.PassResult:
         fns = e.sides(x, mode, causal)
         if base_fn is not None:
             fns = {"baseline": base_fn, **fns}
         before = _unique_graphs()
         try:
-            t, foreign, attempts = self._timed_rounds(fns, label or f"{e.method}/{e.backend}")
+            t, foreign, attempts = self._timed_rounds(fns, label or f"{e.method}/{e.backend}", share)
         except Exception as err:
             self.log(traceback.format_exc(limit=3))
-            return {"status": _failure(err)}
+            return _failure(err)
+        e.timed_compiles += _unique_graphs() - before
+        return passes.PassTiming(t, foreign, attempts)
+
+    def _columns(self, e: Entry, timed: list[passes.PassTiming], flops: float) -> dict[str, Any]:
+        foreign = [p.foreign for p in timed if p.foreign is not None]
+        worst = max(foreign) if foreign else None
         return {
-            **timing_columns(t, flops),
+            **passes.merged_columns(timed, flops),
             "peak_mem_mb": e.peak_mem_mb,
             "compiles": e.compiles,
-            "timed_compiles": _unique_graphs() - before,
+            "timed_compiles": e.timed_compiles,
             "load_avg": load_average(),
-            "foreign_cpu": foreign,
-            "attempts": attempts,
-            "contended": foreign is not None and foreign > CONTENDED_CORES + spare_cores(),
+            "foreign_cpu": worst,
+            "attempts": sum(p.attempts for p in timed),
+            "contended": worst is not None and worst > CONTENDED_CORES + spare_cores(),
         }
 
     def _timed_rounds(
-        self, fns: dict[str, Callable[[], Any]], label: str
+        self, fns: dict[str, Callable[[], Any]], label: str, share: float = 1.0
     ) -> tuple[dict[str, Timing], float | None, int]:
         """The row's interleaved rounds, the cores' worth of CPU other processes used meanwhile (CPU, Linux;
         else None) and the attempts made: on a CPU a contended attempt is repeated (see ``BenchConfig.retimes``) and the
@@ -337,7 +429,13 @@ class EfficiencyRun:
         while True:
             start = time.perf_counter()
             a = host.cpu_sample() if c.torch_device.type == "cpu" else None
-            t = measure_interleaved(fns, c.torch_device, target_s=c.target_s, max_reps=c.max_reps)
+            t = measure_interleaved(
+                fns,
+                c.torch_device,
+                target_s=c.target_s * share,
+                min_reps=MIN_REPS if share == 1.0 else passes.pass_min_reps(share),
+                max_reps=max(1, math.ceil(c.max_reps * share)),
+            )
             foreign = host.foreign_cores(a, host.cpu_sample())
             if foreign is None:
                 return t, None, len(attempts) + 1

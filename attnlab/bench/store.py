@@ -92,6 +92,10 @@ TABLES: dict[str, dict[str, str]] = {
         "foreign_cpu": "DOUBLE",
         "attempts": "INTEGER",
         "contended": "BOOLEAN",
+        # the timing passes (processes) the row's columns merge, and each pass's speedup as called (a JSON
+        # list; NULL with one pass): attnlab.bench.passes
+        "passes": "INTEGER",
+        "pass_speedups": "VARCHAR",
     },
     "fidelity": {
         "run_id": "VARCHAR",

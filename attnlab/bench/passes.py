@@ -1,0 +1,150 @@
+"""Timing passes in fresh processes (CPU): a row is timed in ``BenchConfig.timing_processes`` processes, one
+after another, and its speedups are the median of theirs.
+
+Why: on a 2-core VM the same CPU row's speedup moved 10-30% between two runs of ``attnlab bench`` even with the
+allocator fixed and contended rows re-timed (``benchmarks/results/cpu-2026-11-24-s13/NOTES.md``): one process
+out of three, or one stretch of minutes, ran one kind of kernel slower, and more rounds in the same process do
+not average that out. So on a CPU the timing phase makes K passes: the benchmark's own process times every row
+with 1/K of the rounds, then K - 1 fresh processes of the same Python (``python -m attnlab.bench.passes``)
+each warm the rows that pass timed (no parity checks: the first process made them) and time them again, the
+same way. The passes of one row are minutes apart and in different processes; with three, one odd process or
+period does not move the median.
+
+A row's columns (:func:`merged_columns`): ``speedup``, ``paired_speedup``, ``kernel_speedup`` and
+``paired_kernel_speedup`` are the median over the passes of each pass's value; the time columns (median, min,
+quartiles, reps) pool every pass's calls; ``unstable`` uses each side's median over the passes of its spread
+(IQR / median within a pass: the levels of different passes do not widen it); ``passes`` counts the passes and
+``pass_speedups`` lists each pass's speedup (as called). With one pass the columns are that pass's, as before.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from attnlab.bench.row_columns import UNSTABLE_SPREAD, timing_columns
+from attnlab.bench.timing import MIN_REPS, Timing
+
+#: seconds one fresh process may take for its pass (warm and time every row) before it is stopped
+PASS_TIMEOUT_S = 3600.0
+#: the speedup columns whose merged value is the median of the passes' values
+SPEEDUPS = ("speedup", "paired_speedup", "kernel_speedup", "paired_kernel_speedup")
+
+
+@dataclass(frozen=True)
+class PassTiming:
+    """One pass's timing of one row: each side's :class:`Timing` (``baseline``, ``called``, ``kernel``), the
+    cores' worth of CPU other processes used meanwhile (None where unknown) and the attempts made."""
+
+    timings: dict[str, Timing]
+    foreign: float | None
+    attempts: int
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "times": {side: list(t.times_ms) for side, t in self.timings.items()},
+            "foreign": self.foreign,
+            "attempts": self.attempts,
+        }
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> PassTiming:
+        return PassTiming({s: Timing.of(ts) for s, ts in d["times"].items()}, d["foreign"], d["attempts"])
+
+
+#: a pass's result for one row: its timing, or the status of a failure ("error: ...", "oom")
+PassResult = PassTiming | str
+
+
+def row_key(pattern: str, n: int, mode: str, method: str, backend: str, params: dict[str, Any]) -> str:
+    """The key that names one row in every pass (a JSON string)."""
+    return json.dumps([pattern, n, mode, method, backend, params], sort_keys=True)
+
+
+def pass_min_reps(share: float) -> int:
+    """Rounds per side at least in one pass when a pass takes ``share`` of a row's rounds (>= 4, so that a
+    pass's quartiles mean something; balanced orders round it up further)."""
+    return max(4, math.ceil(MIN_REPS * share))
+
+
+def merged_columns(passes: list[PassTiming], flops: float) -> dict[str, Any]:
+    """A row's timing columns from its passes (see the module docstring)."""
+    sides = list(passes[0].timings)
+    if len(passes) == 1:
+        return {**timing_columns(passes[0].timings, flops), "passes": 1, "pass_speedups": None}
+    pooled = {s: Timing.of([x for p in passes for x in p.timings[s].times_ms]) for s in sides}
+    row = timing_columns(pooled, flops)
+    per = [timing_columns(p.timings, flops) for p in passes]
+    for col in SPEEDUPS:
+        values = [r[col] for r in per if r.get(col) is not None]
+        if col in row:
+            row[col] = statistics.median(values) if values else None
+    spreads: list[float] = []
+    for s in sides:
+        within = [x for x in (p.timings[s].spread for p in passes) if x is not None]
+        if within:
+            spreads.append(statistics.median(within))
+    row["unstable"] = bool(spreads) and max(spreads) > UNSTABLE_SPREAD
+    row["passes"] = len(passes)
+    row["pass_speedups"] = (
+        json.dumps([round(r["speedup"], 4) for r in per]) if all(r.get("speedup") for r in per) else None
+    )
+    return row
+
+
+def run_passes(
+    cfg_json: dict[str, Any], keys: list[str], count: int, log: Callable[[str], None] = lambda s: None
+) -> tuple[list[dict[str, PassResult]], list[str]]:
+    """Time the rows ``keys`` of the config ``cfg_json`` (``BenchConfig.as_json()``) in ``count`` fresh
+    processes, one after another: ([each pass's results by key], notes on passes that failed)."""
+    results: list[dict[str, PassResult]] = []
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="attnlab-pass-") as tmp:
+        cfg_path, keys_path = Path(tmp) / "config.json", Path(tmp) / "keys.json"
+        cfg_path.write_text(json.dumps(cfg_json))
+        keys_path.write_text(json.dumps(keys))
+        for i in range(count):
+            out = Path(tmp) / f"pass{i}.json"
+            log(f"timing pass {i + 2} of {count + 1} in a fresh process")
+            cmd = [sys.executable, "-m", "attnlab.bench.passes", str(cfg_path), str(keys_path), str(out)]
+            try:
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=PASS_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                notes.append(f"timing pass {i + 2} did not finish within {PASS_TIMEOUT_S:.0f} s: left out")
+                continue
+            if done.returncode != 0 or not out.exists():
+                tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+                notes.append(
+                    f"timing pass {i + 2} failed (exit {done.returncode}): left out; " + " | ".join(tail)
+                )
+                continue
+            raw = json.loads(out.read_text())
+            results.append({k: v if isinstance(v, str) else PassTiming.from_json(v) for k, v in raw.items()})
+    return results, notes
+
+
+def main(argv: list[str]) -> int:
+    """``python -m attnlab.bench.passes CONFIG KEYS OUT``: one timing pass of the rows KEYS (a JSON list of
+    :func:`row_key` s) of the benchmark config CONFIG (``BenchConfig.as_json()``), written to OUT as a JSON
+    object {key: {"times": {side: [ms, ...]}, "foreign": cores, "attempts": n} or a failure status}."""
+    from attnlab.bench.config import BenchConfig
+    from attnlab.bench.efficiency import EfficiencyRun
+
+    cfg_path, keys_path, out = (Path(a) for a in argv)
+    cfg = BenchConfig.from_json(json.loads(cfg_path.read_text()))
+    keys = set(json.loads(keys_path.read_text()))
+    results = EfficiencyRun(cfg).pass_timings(keys)
+    out.write_text(json.dumps({k: v if isinstance(v, str) else v.as_json() for k, v in results.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
