@@ -53,6 +53,7 @@ def bench_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
     return out, result
 
 
+@pytest.mark.duckdb
 def test_run_writes_every_method_with_environment(bench_run: tuple[Path, object]) -> None:
     out, _result = bench_run
     with ResultsDB(out / "results.duckdb") as db:
@@ -103,6 +104,7 @@ def test_run_writes_every_method_with_environment(bench_run: tuple[Path, object]
             assert r["mass_recall"] == pytest.approx(1.0)
 
 
+@pytest.mark.duckdb
 def test_runs_accumulate_in_one_database(tmp_path: Path) -> None:
     cfg = tiny(tmp_path, methods=("softmax",), modes=("fwd",), fidelity=False)
     run(cfg, report=False)
@@ -111,6 +113,7 @@ def test_runs_accumulate_in_one_database(tmp_path: Path) -> None:
         assert len(db.runs()) == 2
 
 
+@pytest.mark.duckdb
 def test_rows_reach_the_database_file_before_it_is_closed(tmp_path: Path) -> None:
     """A run killed mid-way (e.g. by a GPU time limit) must leave its rows in the .duckdb file itself."""
     import shutil
@@ -124,6 +127,7 @@ def test_rows_reach_the_database_file_before_it_is_closed(tmp_path: Path) -> Non
     db.close()
 
 
+@pytest.mark.duckdb
 def test_report_has_tables_and_plots(bench_run: tuple[Path, object]) -> None:
     out, _ = bench_run
     html = (out / "report.html").read_text()
@@ -226,6 +230,7 @@ def test_flops_and_shapes() -> None:
     assert shapes(Pattern.CAUSAL_SELF, 1024) == (1024, 1024)
 
 
+@pytest.mark.duckdb
 def test_without_duckdb_a_run_writes_json_lines_that_report_loads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -99,6 +99,7 @@ def test_bad_requests() -> None:
         evaluate(EvalConfig(model=organism_path("micro"), lengths=(4096,), corpus=HAYSTACK))
 
 
+@pytest.mark.duckdb
 def test_cli_eval(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

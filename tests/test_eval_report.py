@@ -9,6 +9,8 @@ import math
 from pathlib import Path
 
 import pytest
+
+pytest.importorskip("duckdb", reason="the evaluation database needs duckdb, which is not installed here")
 import torch
 
 import attnlab

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("duckdb", reason="the evaluation database needs duckdb, which is not installed here")
+
 from attnlab.eval.report import variant_notes, write_report
 from attnlab.eval.store import EvalDB, store_result
 from attnlab.eval.tasks import (

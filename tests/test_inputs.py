@@ -293,7 +293,7 @@ def test_tensor_inputs_are_checked_once_per_signature_and_still_refused_when_the
 
     spec = attnlab.get("gated_delta")
     q, k, v = random_qkv(1, 2, 2, 4, 4, 8, dtype=torch.float32)
-    beta, g = torch.rand(1, 2, 4), -torch.rand(1, 2, 4, 1)
+    beta, g = torch.rand(1, 2, 4, device=q.device), -torch.rand(1, 2, 4, 1, device=q.device)
     problem = inputs.validate(q, k, v, causal=True, scale=None)
     inputs._VALID.clear()
     got = inputs.validate_extra(spec.inputs, {"beta": beta, "g": g}, problem, "gated_delta")

@@ -545,7 +545,7 @@ def test_a_backward_whose_state_tile_exceeds_shared_memory_is_a_refusal(
     not fit an H100's 232448 B. With gradients the Triton backend refuses, naming the tile; the call
     goes to torch_chunk; the forward alone still runs on Triton."""
     with registered(BY_NAME[name]):
-        x = {kk: t.to(dtype) for kk, t in inputs(name, 1, 1, 1, 4, d, dev="cpu").items()}
+        x = {kk: t.to(dtype) for kk, t in inputs(name, 1, 1, 1, 4, d, dev=DEV).items()}
         leaves = {kk: t.requires_grad_(kk in "qkv") for kk, t in x.items()}
         extra: dict[str, Any] = {kk: t for kk, t in leaves.items() if kk not in "qkv"}
         forced = attnlab.explain(leaves["q"], leaves["k"], leaves["v"], method=name, causal=True,

@@ -101,6 +101,7 @@ def test_latency_plot_gives_every_line_its_own_colour_and_marker_and_ticks_the_l
     assert legend.x0 >= ax.get_window_extent().x1
 
 
+@pytest.mark.duckdb
 def test_notes_reach_the_html(tmp_path: Path) -> None:
     with ResultsDB(tmp_path / "r.duckdb") as db:
         run_id = db.new_run({"device": "cpu", "commit": "abc", "dirty": True}, {"fidelity": True})
@@ -111,6 +112,7 @@ def test_notes_reach_the_html(tmp_path: Path) -> None:
     assert "uncommitted changes" in html
 
 
+@pytest.mark.duckdb
 def test_the_report_reads_a_database_of_an_older_version_without_changing_it(tmp_path: Path) -> None:
     db = tmp_path / "old.duckdb"
     shutil.copy(OLD_CPU_DB, db)

@@ -40,6 +40,7 @@ def _tables(lines: list[str]) -> list[tuple[str, list[str]]]:
     return out
 
 
+@pytest.mark.duckdb
 def test_every_table_names_its_run_or_tags_every_cell(summarize: ModuleType) -> None:
     lines = summarize.summary(H100)
     text = "\n".join(lines)
@@ -59,6 +60,7 @@ def test_every_table_names_its_run_or_tags_every_cell(summarize: ModuleType) -> 
     assert "a difference of two medians" in text  # the subtracted backward is labelled as such
 
 
+@pytest.mark.duckdb
 def test_the_control_row_is_in_every_table(summarize: ModuleType) -> None:
     for _, rows in _tables(summarize.summary(H100)):
         body = "\n".join(rows)
@@ -68,6 +70,7 @@ def test_the_control_row_is_in_every_table(summarize: ModuleType) -> None:
             assert re.search(r"\| softmax \|", body) or "(softmax / sdpa)" in body, rows[0]
 
 
+@pytest.mark.duckdb
 def test_merge_key_includes_the_shape_and_recall_is_na_for_sigmoid(summarize: ModuleType) -> None:
     from attnlab.bench.sources import ROW_KEY
 
@@ -77,6 +80,7 @@ def test_merge_key_includes_the_shape_and_recall_is_na_for_sigmoid(summarize: Mo
     assert sigmoid and all("| n/a | n/a |" in ln for ln in sigmoid)
 
 
+@pytest.mark.duckdb
 def test_headline_is_written_to_the_readme_only_when_asked(
     summarize: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -95,6 +99,7 @@ def test_headline_is_written_to_the_readme_only_when_asked(
     assert "old" not in block and "| softmax | sdpa |" in block and "commit `" in block
 
 
+@pytest.mark.duckdb
 def test_cold_vs_warm_compares_each_rows_speedup(summarize: ModuleType, tmp_path: Path) -> None:
     from attnlab.bench.store import ResultsDB
 

@@ -34,6 +34,7 @@ def _count(db_path: Path, table: str) -> int:
         return int(db.query(f"SELECT count(*) AS n FROM {table}")[0]["n"])
 
 
+@pytest.mark.duckdb
 def test_runs_appended_to_one_file_load_one_after_another(tmp_path: Path) -> None:
     jsonl, db = tmp_path / "results.jsonl", tmp_path / "results.duckdb"
     first = _run(jsonl, "softmax")
@@ -58,6 +59,7 @@ def _cut_last_row(path: Path, keep: int = 25) -> None:
     path.write_text("\n".join([*lines[:-1], lines[-1][:keep]]))
 
 
+@pytest.mark.duckdb
 def test_a_cut_off_last_row_is_skipped_with_a_note(tmp_path: Path) -> None:
     jsonl, db = tmp_path / "results.jsonl", tmp_path / "results.duckdb"
     run_id = _run(jsonl, "softmax", rows=3)  # runs, 3 efficiency rows, a note: 5 lines
@@ -69,6 +71,7 @@ def test_a_cut_off_last_row_is_skipped_with_a_note(tmp_path: Path) -> None:
     assert _count(db, "efficiency") == 3 and _count(db, "notes") == 0
 
 
+@pytest.mark.duckdb
 def test_a_run_appended_after_a_killed_one_loads_both(tmp_path: Path) -> None:
     """The writer starts a new run on a line of its own after a cut-off row; the loader skips that row.
     A file from an older writer, where the next run's first record joined the cut-off row, loads too."""
@@ -91,6 +94,7 @@ def test_a_run_appended_after_a_killed_one_loads_both(tmp_path: Path) -> None:
     assert _count(tmp_path / "old.duckdb", "efficiency") == 3
 
 
+@pytest.mark.duckdb
 def test_a_corrupt_line_before_the_end_is_an_error_and_loads_nothing(tmp_path: Path) -> None:
     jsonl, db = tmp_path / "results.jsonl", tmp_path / "results.duckdb"
     _run(jsonl, "softmax", rows=3)
@@ -117,6 +121,7 @@ def test_a_corrupt_line_before_the_end_is_an_error_and_loads_nothing(tmp_path: P
         ),
     ],
 )
+@pytest.mark.duckdb
 def test_malformed_records_are_errors_naming_the_line(tmp_path: Path, record: dict, expected: str) -> None:
     jsonl = tmp_path / "results.jsonl"
     _run(jsonl, "softmax", rows=1)
@@ -126,6 +131,7 @@ def test_malformed_records_are_errors_naming_the_line(tmp_path: Path, record: di
         load_jsonl(jsonl, tmp_path / "results.duckdb")
 
 
+@pytest.mark.duckdb
 def test_loading_is_one_transaction(tmp_path: Path) -> None:
     """A value a column cannot hold in a table inserted after runs and efficiency: the run's runs and
     efficiency rows inserted before it are rolled back; the run loaded earlier stays."""
@@ -142,6 +148,7 @@ def test_loading_is_one_transaction(tmp_path: Path) -> None:
         assert len(d.rows("efficiency", good)) == 2 and not d.rows("efficiency", bad)
 
 
+@pytest.mark.duckdb
 def test_report_turns_load_errors_into_one_line(tmp_path: Path) -> None:
     jsonl = tmp_path / "results.jsonl"
     _run(jsonl, "softmax", rows=1)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import attnlab
+from attnlab.testing import device_under_test
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -166,7 +167,7 @@ def test_dynamic_check_uses_the_executed_plan_and_catches_a_mismatch(monkeypatch
 
     mod = _module()
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 80, 16) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, 80, 16, device=device_under_test()) for _ in range(3))
     params = {"block": 16, "topk": 2}
     for backend in ("block_sparse", "sdpa_mask"):
         for causal in (True, False):

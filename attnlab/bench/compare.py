@@ -76,7 +76,7 @@ def foreign_text(db_path: Path) -> str:
     cores = sorted(r["foreign_cpu"] for r in rows if r.get("foreign_cpu") is not None)
     if not cores:
         return "unknown"
-    retimed = sum((r.get("attempts") or 1) > 1 for r in rows)
+    retimed = sum((r.get("attempts") or 1) > (r.get("passes") or 1) for r in rows)  # (one attempt per pass)
     contended = sum(bool(r.get("contended")) for r in rows)
     return (
         f"median {statistics.median(cores):.2f} (max {cores[-1]:.2f}) cores; "

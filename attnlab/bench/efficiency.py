@@ -201,11 +201,14 @@ class EfficiencyRun:
             keys = [k for k, r in first.items() if isinstance(r, passes.PassTiming)]
             others, failed = passes.run_passes(self.cfg.as_json(), keys, processes - 1, self.log)
             self.notes.extend(failed)
-            self.notes.append(
-                f"timing in {1 + len(others)} passes (this process, then {len(others)} fresh one(s), one after "
-                "another, each with its share of the rounds): speedups are the median of the passes', times pool "
-                "their calls (attnlab.bench.passes)"
-            )
+            if others:
+                self.notes.append(
+                    f"timing in {1 + len(others)} passes (this process, then {len(others)} fresh one(s), one after "
+                    "another, each with its share of the rounds): speedups are the median of the passes', times "
+                    "pool their calls (attnlab.bench.passes)"
+                )
+            else:
+                self.notes.append("rows were timed in this process only: no other timing pass finished")
             for group, entries in warmed.items():
                 for row in self._group_rows(*group, entries, [first, *others]):
                     busiest = max(busiest, row.get("load_avg") or 0.0)

@@ -34,6 +34,7 @@ import attnlab
 from attnlab.bench.calls import output_of, required_inputs
 from attnlab.bench.planning import densities, estimated_plan
 from attnlab.bench.workloads import Workload, serves
+from attnlab.errors import BackendError
 from attnlab.masks import MaskContext, causal_mask, dense_mask
 from attnlab.patterns import Pattern
 from attnlab.plans import static_plan
@@ -101,11 +102,14 @@ def fidelity_rows(
     budgets: str,
     log: Callable[[str], None] = lambda s: None,
     inputs: InputsFn = required_inputs,
+    skipped: dict[str, str] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """The fidelity rows of ``workload`` (module docstring). ``inputs``: each method's tensor inputs
     (default: its required ones, valid random values, as the speed sweep draws them); the same tensors go
     to the call, the backend's description and the estimator whose plan gives the recall and density
-    (:func:`attnlab.bench.planning.estimated_plan`: e.g. seer's gate weights)."""
+    (:func:`attnlab.bench.planning.estimated_plan`: e.g. seer's gate weights). A method that no backend can
+    run on this device (e.g. one whose only fast path is a Triton kernel, on a CPU without the
+    interpreter) gives no rows: its name and the refusal go to ``skipped``, and the log says so."""
     for layer, q, k, v in workload.layers:
         n_q, n_k, d = q.shape[2], k.shape[2], q.shape[3]
         scale = d**-0.5
@@ -128,9 +132,18 @@ def fidelity_rows(
                     p = spec.make_params(params)
                     extra = inputs(name, q, k, v)  # tensor inputs (gates, beta, weights, ...)
                     kwargs: dict[str, Any] = {**params, **extra}
-                    out = output_of(
-                        attnlab.attention(q, k, v, method=name, causal=causal, check_finite=False, **kwargs)
-                    )
+                    try:
+                        out = output_of(
+                            attnlab.attention(
+                                q, k, v, method=name, causal=causal, check_finite=False, **kwargs
+                            )
+                        )
+                    except BackendError as e:
+                        reason = str(e).splitlines()[-1].strip(" -")
+                        if skipped is not None:
+                            skipped[name] = reason
+                        log(f"fidelity: {name} skipped, no backend runs it on {q.device.type}: {reason}")
+                        continue
                     backend = attnlab.explain(q, k, v, method=name, causal=causal, **kwargs).backend
                     diff = _head_norms(out - dense_out)
                     rel = (diff / dense_norm.clamp_min(1e-30)).tolist()

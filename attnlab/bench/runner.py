@@ -77,6 +77,7 @@ def run(
             for text in eff.notes:
                 note(text)
         if cfg.fidelity:
+            unrunnable: dict[str, str] = {}
             for name in cfg.workloads:
                 try:
                     wl = workloads.load(
@@ -93,9 +94,15 @@ def run(
                     continue
                 stats = workload_stats(wl.layers, STATS_TOKENS, causal=wl.causal_model is True)
                 note(f"workload {name}: {wl.source}; {stats.describe()}")
-                rows = list(fidelity.fidelity_rows(wl, cfg.methods, cfg.patterns, cfg.budgets, log))
+                rows = list(
+                    fidelity.fidelity_rows(
+                        wl, cfg.methods, cfg.patterns, cfg.budgets, log, skipped=unrunnable
+                    )
+                )
                 n_fid += db.insert("fidelity", rows, run_id)
                 advance(1)
+            for name, reason in unrunnable.items():
+                note(f"fidelity: {name} has no rows, no backend runs it on this device ({reason})")
     path = write_report(db_path, cfg.out, run_id) if report and isinstance(store, ResultsDB) else None
     failed = [
         f"{c['method']}/{c['backend']} {c['pattern']} {c['detail']}"

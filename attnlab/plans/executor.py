@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from attnlab.plans.blocks import tile_patterns
-from attnlab.plans.plan import Plan
+from attnlab.plans.plan import Plan, sortable
 from attnlab.plans.rows import _row_hash_multipliers as _row_hash_multipliers
 from attnlab.plans.rows import distinct_words, packed_rows, unpacked_rows
 
@@ -92,8 +92,8 @@ def _ordered(
         num = blocks.sum(dim=-1, dtype=torch.int32)
     if width is None:
         (width,) = _widths(num)
-    # (bool viewed as int8: no copy; stable, so ties keep their column order)
-    idx = torch.argsort(blocks.view(torch.int8), dim=-1, descending=True, stable=True)[..., :width]
+    # (bool as int8, a view when eager; stable, so ties keep their column order)
+    idx = torch.argsort(sortable(blocks), dim=-1, descending=True, stable=True)[..., :width]
     pat = None if pattern_of is None else torch.gather(pattern_of, -1, idx).to(torch.int32).contiguous()
     return num.contiguous(), idx.to(torch.int32).contiguous(), pat
 

@@ -162,8 +162,15 @@ class Plan:
         return bm
 
 
+def sortable(blocks: Tensor) -> Tensor:
+    """A bool tile mask as int8 for ``argsort``: a view (no copy) when eager; a conversion under
+    ``torch.compile``, whose inductor cannot lower a bitcast of bool (``aten.view.dtype``: "torch.bool is not
+    supported by torch.iinfo", seen on CUDA with torch 2.11)."""
+    return blocks.to(torch.int8) if torch.compiler.is_compiling() else blocks.view(torch.int8)
+
+
 def _ordered(blocks: Tensor) -> tuple[Tensor, Tensor]:
     """(num, indices) of True tiles per query-block row, True columns first, as FlexAttention wants."""
     num = blocks.sum(dim=-1, dtype=torch.int32).contiguous()
-    idx = torch.argsort(blocks.view(torch.int8), dim=-1, descending=True, stable=True)  # (a view: no copy)
+    idx = torch.argsort(sortable(blocks), dim=-1, descending=True, stable=True)
     return num, idx.to(torch.int32, memory_format=torch.contiguous_format)
