@@ -33,7 +33,7 @@ from attnlab.catalog.variants import (
 from attnlab.core import Call, default_scale
 from attnlab.errors import BackendError, InputError, ParamError
 from attnlab.inputs import validate
-from attnlab.testing import Case, check_parity
+from attnlab.testing import Case, check_parity, device_under_test
 
 B, H, H_KV, N_Q, N_K, D = 2, 4, 2, 9, 13, 16
 
@@ -493,8 +493,9 @@ def test_cpu_refusals_are_explained(variants: None) -> None:
 
 
 def test_flex_and_kernel_paths_compile_without_graph_breaks(variants: None) -> None:
-    q, k, v = torch.randn(1, 4, 64, 32), torch.randn(1, 2, 64, 32), torch.randn(1, 2, 64, 32)
-    b, g = torch.randn(1, 4, 64, 64), torch.randn(1, 4, 64, 1)
+    dev = device_under_test()  # (the Triton kernel runs on a GPU, or in the interpreter on a CPU)
+    q, k, v = (torch.randn(1, h, 64, 32, device=dev) for h in (4, 2, 2))
+    b, g = torch.randn(1, 4, 64, 64, device=dev), torch.randn(1, 4, 64, 1, device=dev)
     calls: dict[str, tuple[str | None, dict[str, Any]]] = {
         "bias": ("flex", {"bias": b}),  # a score_mod capturing a tensor input
         "softcap": ("triton", {"cap": 2.0}),  # the Triton kernel's custom op
