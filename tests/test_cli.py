@@ -74,6 +74,7 @@ def test_verify_in_worker_processes_gives_the_serial_results(
     assert all(r["passed"] or r["skipped"] for r in parallel) and len(parallel) == len(serial) > 4
 
 
+@pytest.mark.duckdb
 def test_bench_and_report_commands(tmp_path: Path) -> None:
     out = tmp_path / "r"
     res = runner.invoke(
