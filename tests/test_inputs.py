@@ -298,11 +298,13 @@ def test_tensor_inputs_are_checked_once_per_signature_and_still_refused_when_the
     inputs._VALID.clear()
     got = inputs.validate_extra(spec.inputs, {"beta": beta, "g": g}, problem, "gated_delta")
     assert got["beta"] is beta and got["g"] is g and len(inputs._VALID) == 1
-    beta2 = torch.rand(1, 2, 4, device=q.device)  # another tensor of the same signature: remembered, returned as given
+    # another tensor of the same signature: remembered, returned as given
+    beta2 = torch.rand(1, 2, 4, device=q.device)
     again = inputs.validate_extra(spec.inputs, {"beta": beta2, "g": g}, problem, "gated_delta")
     assert again["beta"] is beta2 and len(inputs._VALID) == 1
     with pytest.raises(InputError, match="beta has shape"):  # a new shape: checked, refused
-        inputs.validate_extra(spec.inputs, {"beta": torch.rand(1, 2, 5, device=q.device), "g": g}, problem, "gated_delta")
+        bad = torch.rand(1, 2, 5, device=q.device)
+        inputs.validate_extra(spec.inputs, {"beta": bad, "g": g}, problem, "gated_delta")
     with pytest.raises(InputError, match="g has dtype"):  # a new dtype: checked, refused
         inputs.validate_extra(spec.inputs, {"beta": beta, "g": g.long()}, problem, "gated_delta")
     with pytest.raises(InputError, match="must be a torch.Tensor"):  # not a tensor: never cached
