@@ -102,3 +102,32 @@ def test_a_pass_times_only_the_rows_it_is_given(tmp_path: Path, monkeypatch: pyt
     assert list(got) == [key] and isinstance(got[key], PassTiming)
     assert set(got[key].timings) == {"baseline", "called"}
     assert got[key].timings["called"].reps >= pass_min_reps(0.5)
+
+
+def test_a_fresh_pass_without_the_first_pass_baseline_fails_its_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a fresh process the baseline is the group's first peer, as in the first pass: if it does not warm
+    there, the group's rows fail in that pass instead of pairing with another side."""
+    _only_sdpa(monkeypatch)
+    real_warm = efficiency.EfficiencyRun._warm_entry
+
+    def warm(self: efficiency.EfficiencyRun, entry: efficiency.Entry, *args: Any, **kw: Any) -> None:
+        real_warm(self, entry, *args, **kw)
+        if entry.peer:
+            entry.status = "error: RuntimeError: no baseline here"
+
+    monkeypatch.setattr(efficiency.EfficiencyRun, "_warm_entry", warm)
+    keys = {row_key("causal_self", 64, "fwd", "softmax", b, {}) for b in ("sdpa:default", "sdpa")}
+    got = efficiency.EfficiencyRun(_tiny(tmp_path, processes=2)).pass_timings(keys)
+    assert got == {row_key("causal_self", 64, "fwd", "softmax", "sdpa", {}): (
+        "error: the baseline did not run in this timing pass"
+    )}  # fmt: skip
+
+
+def test_passes_that_timed_other_sides_are_not_merged_and_load_and_compiles_are_kept() -> None:
+    full = PassTiming({"baseline": Timing.of([4.0] * 4), "called": Timing.of([2.0] * 4)}, 0.1, 1, 1.5, 1)
+    alone = PassTiming({"called": Timing.of([1.0] * 4)}, 0.0, 1, 0.5, 0)
+    row = merged_columns([full, alone, full], 1e9)
+    assert row["passes"] == 2 and row["speedup"] == pytest.approx(2.0) and row["reps"] == 8
+    assert PassTiming.from_json(json.loads(json.dumps(full.as_json()))) == full

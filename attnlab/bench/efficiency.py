@@ -9,7 +9,9 @@ A run has two phases, so that no compilation competes with a measurement (on a 2
    (:func:`~attnlab.bench.timing.measure_interleaved`): a method row's rounds hold the baseline, the method
    as called and the method's kernel; a peer's hold the baseline and the peer; the baseline's own row
    holds the baseline twice (an A/A control: its ratio shows the noise floor). Speedups are ratios of
-   medians from the same rounds; nothing is derived by subtraction.
+   medians from the same rounds; nothing is derived by subtraction. On a CPU this phase runs in
+   ``BenchConfig.timing_processes`` passes (this process, then fresh ones; a row's speedups are the median of
+   its passes': :mod:`~attnlab.bench.passes`).
 
 On a CPU both phases run with the C allocator keeping freed memory in the process (``BenchConfig.malloc``,
 :func:`~attnlab.bench.host.kept_freed_memory`: no page faults in a warmed call, whatever the process ran
@@ -82,8 +84,6 @@ class Entry:
     status: str = "ok"
     peak_mem_mb: float | None = None
     compiles: int = 0
-    #: graphs compiled while the row was timed (none when the warm phase did its job)
-    timed_compiles: int = 0
 
     def sides(self, x: calls.Inputs, mode: str, causal: bool) -> dict[str, Callable[[], Any]]:
         """The timed callables of this row other than the baseline: ``called`` (and ``kernel``)."""
@@ -187,20 +187,26 @@ class EfficiencyRun:
             warmed[group] = self._warm(*group, todo)
         busiest = 0.0
         processes = self.cfg.timing_processes
-        share = 1.0 / processes
-        first: dict[str, passes.PassResult] = {}
-        for group, entries in warmed.items():  # phase 2: timing (one group's rows at once with one pass)
-            first.update(self._time_pass(*group, entries, share, advance=True))
-            if processes == 1:
-                for row in self._group_rows(*group, entries, [first]):
+        if processes == 1:  # one pass: each row is timed and written at once (a run cut short keeps its rows)
+            for group, entries in warmed.items():
+                for row in self._group_rows(*group, entries, None):
                     busiest = max(busiest, row.get("load_avg") or 0.0)
                     yield row
-            if self.cfg.torch_device.type == "cuda":
-                torch.cuda.empty_cache()
-        if processes > 1:  # the other passes, each in a fresh process
+                if self.cfg.torch_device.type == "cuda":
+                    torch.cuda.empty_cache()
+        else:  # rows are written once every pass has timed them (a run cut short before then keeps none)
+            share = 1.0 / processes
+            first: dict[str, passes.PassResult] = {}
+            for group, entries in warmed.items():
+                first.update(self._time_pass(*group, entries, share, advance=True))
+                if self.cfg.torch_device.type == "cuda":
+                    torch.cuda.empty_cache()
             keys = [k for k, r in first.items() if isinstance(r, passes.PassTiming)]
-            others, failed = passes.run_passes(self.cfg.as_json(), keys, processes - 1, self.log)
+            others, failed, logged = passes.run_passes(self.cfg.as_json(), keys, processes - 1, self.log)
             self.notes.extend(failed)
+            self.retimed += logged.retimed
+            self.contended += logged.contended
+            self.retime_s += logged.retime_s
             if others:
                 self.notes.append(
                     f"timing in {1 + len(others)} passes (this process, then {len(others)} fresh one(s), one after "
@@ -243,7 +249,7 @@ class EfficiencyRun:
                 for e in entries:
                     self._warm_entry(e, x, group[2], group[0].causal, memory=False)
             for group, entries in warmed.items():
-                out.update(self._time_pass(*group, entries, share))
+                out.update(self._time_pass(*group, entries, share, strict=True))
         return out
 
     @staticmethod
@@ -310,25 +316,45 @@ class EfficiencyRun:
     # -- phase 2 ------------------------------------------------------------------------------------
 
     def _time_pass(
-        self, pattern: Pattern, n: int, mode: str, entries: list[Entry], share: float, advance: bool = False
+        self,
+        pattern: Pattern,
+        n: int,
+        mode: str,
+        entries: list[Entry],
+        share: float,
+        advance: bool = False,
+        strict: bool = False,
     ) -> dict[str, passes.PassResult]:
-        """One pass's timing of a group's rows that warmed, by row key (each with ``share`` of the rounds)."""
-        n_q, n_k = shapes(pattern, n)
-        causal = pattern.causal
-        x = calls.Inputs.make(self.cfg, n_q, n_k, mode == "fwd_bwd")
-        base = self._baseline(entries)
-        base_fn = base.sides(x, mode, causal)["called"] if base else None
+        """One pass's timing of a group's rows that warmed, by row key (each with ``share`` of the rounds).
+        ``strict`` (a fresh process's pass): the baseline is the group's first peer, the one the first pass
+        used; if it did not warm here, the group's rows fail in this pass rather than pair with another."""
+        x = calls.Inputs.make(self.cfg, *shapes(pattern, n), mode == "fwd_bwd")
+        base = self._baseline(entries, strict)
         out: dict[str, passes.PassResult] = {}
         for e in entries:
             if e.status == "ok":
-                label = f"{pattern.value} n={n} {mode} {e.method}/{e.backend}"
-                out[self._key(pattern, n, mode, e)] = self._pass(e, x, mode, causal, base_fn, share, label)
+                key = self._key(pattern, n, mode, e)
+                if strict and base is None:
+                    out[key] = "error: the baseline did not run in this timing pass"
+                else:
+                    out[key] = self._time_entry(pattern, n, mode, e, x, base, share)
             if advance:
                 self.advance(1)
         return out
 
+    def _time_entry(
+        self, pattern: Pattern, n: int, mode: str, e: Entry, x: calls.Inputs, base: Entry | None, share: float
+    ) -> passes.PassResult:
+        base_fn = base.sides(x, mode, pattern.causal)["called"] if base else None
+        label = f"{pattern.value} n={n} {mode} {e.method}/{e.backend}"
+        return self._pass(e, x, mode, pattern.causal, base_fn, share, label)
+
     @staticmethod
-    def _baseline(entries: list[Entry]) -> Entry | None:
+    def _baseline(entries: list[Entry], strict: bool = False) -> Entry | None:
+        """The group's baseline: its first peer that ran (``strict``: its first peer, if that ran)."""
+        if strict:
+            first = next((e for e in entries if e.peer), None)
+            return first if first is not None and first.status == "ok" else None
         return next((e for e in entries if e.peer and e.status == "ok"), None)
 
     def _group_rows(
@@ -337,9 +363,10 @@ class EfficiencyRun:
         n: int,
         mode: str,
         entries: list[Entry],
-        results: list[dict[str, passes.PassResult]],
+        results: list[dict[str, passes.PassResult]] | None,
     ) -> Iterator[dict[str, Any]]:
-        """A group's rows from its passes' results (:func:`~attnlab.bench.passes.merged_columns`)."""
+        """A group's rows from its passes' results (:func:`~attnlab.bench.passes.merged_columns`); with
+        ``results`` None each row is timed here, in one pass, right before it is yielded."""
         c = self.cfg
         n_q, n_k = shapes(pattern, n)
         flops = attention_flops(
@@ -356,6 +383,7 @@ class EfficiencyRun:
             "dtype": c.dtype,
             "mode": mode,
         }
+        x: calls.Inputs | None = None
         base = self._baseline(entries)
         if base is None:
             self.notes.append(f"{pattern.value} n={n} {mode}: no dense SDPA baseline ran; no speedups")
@@ -372,14 +400,25 @@ class EfficiencyRun:
             }
             if e.status == "ok":
                 key = self._key(pattern, n, mode, e)
-                got = [r[key] for r in results if key in r]
+                if results is None:
+                    if x is None:
+                        x = calls.Inputs.make(c, n_q, n_k, mode == "fwd_bwd")
+                    got = [self._time_entry(pattern, n, mode, e, x, base, 1.0)]
+                else:
+                    got = [r[key] for r in results if key in r]
                 timed = [g for g in got if isinstance(g, passes.PassTiming)]
-                if len(timed) < len(got) and got and not isinstance(got[0], passes.PassTiming):
+                if got and not isinstance(got[0], passes.PassTiming):
                     row["status"] = str(got[0])  # the first pass failed: the row failed
                 elif timed:
                     row.update(self._columns(e, timed, flops))
+                    if len(timed) < len(got):
+                        self.notes.append(
+                            f"{key}: {len(got) - len(timed)} timing pass(es) failed, left out of the row"
+                        )
             self.log(f"{pattern.value} n={n} {mode} {e.method}{e.params} {e.backend}: "
                      f"{row.get('median_ms', row['status'])}")  # fmt: skip
+            if results is None:
+                self.advance(1)
             yield row
 
     def _pass(
@@ -401,18 +440,18 @@ class EfficiencyRun:
         except Exception as err:
             self.log(traceback.format_exc(limit=3))
             return _failure(err)
-        e.timed_compiles += _unique_graphs() - before
-        return passes.PassTiming(t, foreign, attempts)
+        return passes.PassTiming(t, foreign, attempts, load_average(), _unique_graphs() - before)
 
     def _columns(self, e: Entry, timed: list[passes.PassTiming], flops: float) -> dict[str, Any]:
         foreign = [p.foreign for p in timed if p.foreign is not None]
         worst = max(foreign) if foreign else None
+        loads = [p.load_avg for p in timed if p.load_avg is not None]
         return {
             **passes.merged_columns(timed, flops),
             "peak_mem_mb": e.peak_mem_mb,
             "compiles": e.compiles,
-            "timed_compiles": e.timed_compiles,
-            "load_avg": load_average(),
+            "timed_compiles": sum(p.compiles for p in timed),
+            "load_avg": max(loads) if loads else None,  # (the highest of the passes')
             "foreign_cpu": worst,
             "attempts": sum(p.attempts for p in timed),
             "contended": worst is not None and worst > CONTENDED_CORES + spare_cores(),

@@ -14,7 +14,12 @@ A row's columns (:func:`merged_columns`): ``speedup``, ``paired_speedup``, ``ker
 ``paired_kernel_speedup`` are the median over the passes of each pass's value; the time columns (median, min,
 quartiles, reps) pool every pass's calls; ``unstable`` uses each side's median over the passes of its spread
 (IQR / median within a pass: the levels of different passes do not widen it); ``passes`` counts the passes and
-``pass_speedups`` lists each pass's speedup (as called). With one pass the columns are that pass's, as before.
+``pass_speedups`` lists each pass's speedup (as called); ``few_reps`` says a pass had the long-call rule's few
+rounds. A pass that timed other sides than the first (its baseline missing) is not merged. With one pass the
+columns are that pass's, as before.
+
+On a CPU with several passes the rows reach the database only once every pass is done (a run killed during the
+fresh processes' passes keeps no efficiency rows); with one pass (CUDA) each row is written as it is timed.
 """
 
 from __future__ import annotations
@@ -26,12 +31,12 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from attnlab.bench.row_columns import UNSTABLE_SPREAD, timing_columns
-from attnlab.bench.timing import MIN_REPS, Timing
+from attnlab.bench.timing import LONG_CALL_REPS, MIN_REPS, Timing
 
 #: seconds one fresh process may take for its pass (warm and time every row) before it is stopped
 PASS_TIMEOUT_S = 3600.0
@@ -42,22 +47,38 @@ SPEEDUPS = ("speedup", "paired_speedup", "kernel_speedup", "paired_kernel_speedu
 @dataclass(frozen=True)
 class PassTiming:
     """One pass's timing of one row: each side's :class:`Timing` (``baseline``, ``called``, ``kernel``), the
-    cores' worth of CPU other processes used meanwhile (None where unknown) and the attempts made."""
+    cores' worth of CPU other processes used meanwhile (None where unknown), the attempts made, the 1-minute
+    load average right after the row's rounds and the graphs compiled while they ran."""
 
     timings: dict[str, Timing]
     foreign: float | None
     attempts: int
+    load_avg: float | None = None
+    compiles: int = 0
 
     def as_json(self) -> dict[str, Any]:
         return {
             "times": {side: list(t.times_ms) for side, t in self.timings.items()},
             "foreign": self.foreign,
             "attempts": self.attempts,
+            "load_avg": self.load_avg,
+            "compiles": self.compiles,
         }
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> PassTiming:
-        return PassTiming({s: Timing.of(ts) for s, ts in d["times"].items()}, d["foreign"], d["attempts"])
+        times = {s: Timing.of(ts) for s, ts in d["times"].items()}
+        return PassTiming(times, d["foreign"], d["attempts"], d.get("load_avg"), d.get("compiles", 0))
+
+
+@dataclass
+class PassLog:
+    """What a pass's process re-timed because other processes took the CPU (labels), what stayed contended
+    and the seconds that took: the parent adds every pass's to its notes."""
+
+    retimed: list[str] = field(default_factory=list)
+    contended: list[str] = field(default_factory=list)
+    retime_s: float = 0.0
 
 
 #: a pass's result for one row: its timing, or the status of a failure ("error: ...", "oom")
@@ -78,6 +99,7 @@ def pass_min_reps(share: float) -> int:
 def merged_columns(passes: list[PassTiming], flops: float) -> dict[str, Any]:
     """A row's timing columns from its passes (see the module docstring)."""
     sides = list(passes[0].timings)
+    passes = [p for p in passes if list(p.timings) == sides]  # (a pass that timed other sides: not merged)
     if len(passes) == 1:
         return {**timing_columns(passes[0].timings, flops), "passes": 1, "pass_speedups": None}
     pooled = {s: Timing.of([x for p in passes for x in p.timings[s].times_ms]) for s in sides}
@@ -93,6 +115,8 @@ def merged_columns(passes: list[PassTiming], flops: float) -> dict[str, Any]:
         if within:
             spreads.append(statistics.median(within))
     row["unstable"] = bool(spreads) and max(spreads) > UNSTABLE_SPREAD
+    # (a pass with the long-call rule's few rounds; a pass's own minimum is at least 4, above that rule's 3)
+    row["few_reps"] = any(p.timings[sides[0]].reps <= LONG_CALL_REPS for p in passes)
     row["passes"] = len(passes)
     row["pass_speedups"] = (
         json.dumps([round(r["speedup"], 4) for r in per]) if all(r.get("speedup") for r in per) else None
@@ -102,11 +126,15 @@ def merged_columns(passes: list[PassTiming], flops: float) -> dict[str, Any]:
 
 def run_passes(
     cfg_json: dict[str, Any], keys: list[str], count: int, log: Callable[[str], None] = lambda s: None
-) -> tuple[list[dict[str, PassResult]], list[str]]:
+) -> tuple[list[dict[str, PassResult]], list[str], PassLog]:
     """Time the rows ``keys`` of the config ``cfg_json`` (``BenchConfig.as_json()``) in ``count`` fresh
-    processes, one after another: ([each pass's results by key], notes on passes that failed)."""
+    processes, one after another: ([each pass's results by key], notes on passes that failed, their
+    re-timing together)."""
     results: list[dict[str, PassResult]] = []
     notes: list[str] = []
+    total = PassLog()
+    if not keys:
+        return results, notes, total
     with tempfile.TemporaryDirectory(prefix="attnlab-pass-") as tmp:
         cfg_path, keys_path = Path(tmp) / "config.json", Path(tmp) / "keys.json"
         cfg_path.write_text(json.dumps(cfg_json))
@@ -127,22 +155,34 @@ def run_passes(
                 )
                 continue
             raw = json.loads(out.read_text())
-            results.append({k: v if isinstance(v, str) else PassTiming.from_json(v) for k, v in raw.items()})
-    return results, notes
+            results.append(
+                {k: v if isinstance(v, str) else PassTiming.from_json(v) for k, v in raw["rows"].items()}
+            )
+            total.retimed += raw["retimed"]
+            total.contended += raw["contended"]
+            total.retime_s += raw["retime_s"]
+    return results, notes, total
 
 
 def main(argv: list[str]) -> int:
     """``python -m attnlab.bench.passes CONFIG KEYS OUT``: one timing pass of the rows KEYS (a JSON list of
     :func:`row_key` s) of the benchmark config CONFIG (``BenchConfig.as_json()``), written to OUT as a JSON
-    object {key: {"times": {side: [ms, ...]}, "foreign": cores, "attempts": n} or a failure status}."""
+    object {"rows": {key: :meth:`PassTiming.as_json` or a failure status}, "retimed": [...], "contended":
+    [...], "retime_s": s}."""
     from attnlab.bench.config import BenchConfig
     from attnlab.bench.efficiency import EfficiencyRun
 
     cfg_path, keys_path, out = (Path(a) for a in argv)
     cfg = BenchConfig.from_json(json.loads(cfg_path.read_text()))
     keys = set(json.loads(keys_path.read_text()))
-    results = EfficiencyRun(cfg).pass_timings(keys)
-    out.write_text(json.dumps({k: v if isinstance(v, str) else v.as_json() for k, v in results.items()}))
+    run = EfficiencyRun(cfg)
+    results = run.pass_timings(keys)
+    rows = {k: v if isinstance(v, str) else v.as_json() for k, v in results.items()}
+    out.write_text(
+        json.dumps(
+            {"rows": rows, "retimed": run.retimed, "contended": run.contended, "retime_s": run.retime_s}
+        )
+    )
     return 0
 
 

@@ -1,14 +1,17 @@
 """Where a table's numbers come from, when they are merged from several runs and databases.
 
-:func:`merged` reads every ``results.duckdb`` under a folder (read-only) and keeps the latest row per key;
+:func:`merged` reads every ``results.duckdb`` (or ``results.duckdb.gz``) under a folder (read-only) and keeps the
+latest row per key;
 :class:`Sources` names the runs behind a table: one run is named above it, several get a tag per cell
 (``[a]``, ``[b]``, ...) and a legend with each run's folder, id, commit (dirty flag) and timing method.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import string
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +22,43 @@ ROW_KEY = ("method", "backend", "params", "pattern", *SHAPE, "n_q", "n_k", "mode
 Row = dict[str, Any]
 
 
+def unpacked_db(folder: Path) -> Path:
+    """``folder/results.duckdb``, or where only ``results.duckdb.gz`` is there (a CPU run's 2 MB database is
+    mostly empty blocks: committed gzipped, it takes ~50 KB), that file unpacked once per process into a
+    temporary folder."""
+    db = folder / "results.duckdb"
+    packed = folder / "results.duckdb.gz"
+    if db.exists() or not packed.exists():
+        return db
+    key = str(packed.resolve())
+    if key not in _UNPACKED:
+        out = Path(tempfile.mkdtemp(prefix="attnlab-db-")) / "results.duckdb"
+        out.write_bytes(gzip.decompress(packed.read_bytes()))
+        _UNPACKED[key] = out
+    return _UNPACKED[key]
+
+
+_UNPACKED: dict[str, Path] = {}
+
+
+def database_folders(root: Path) -> list[Path]:
+    """The folders under ``root`` holding a results database, plain or gzipped (:func:`unpacked_db`)."""
+    found = {p.parent for p in root.glob("**/results.duckdb")} | {
+        p.parent for p in root.glob("**/results.duckdb.gz")
+    }
+    return sorted(found)
+
+
 def merged(root: Path, table: str, key: tuple[str, ...] = ROW_KEY) -> tuple[list[Row], list[Row]]:
-    """(rows, runs): the latest row per key over every run of every database under ``root``."""
+    """(rows, runs): the latest row per key over every run of every database under ``root`` (plain or
+    gzipped)."""
     found: dict[tuple, tuple[str, Row]] = {}
-    for db_path in sorted(root.glob("**/results.duckdb")):
+    for folder_path in database_folders(root):
+        db_path = unpacked_db(folder_path)
         with ResultsDB(db_path, read_only=True) as db:
             for run in db.runs():
                 rows = db.rows(table, run["run_id"])
-                folder = db_path.parent.relative_to(root).as_posix()
+                folder = folder_path.relative_to(root).as_posix()
                 run = {
                     **run,
                     "folder": root.name if folder == "." else f"{root.name}/{folder}",

@@ -30,8 +30,9 @@ def tanh_of(x, FAST: tl.constexpr):
 def distance(qi, kj, OFFSET):
     """``i + OFFSET - j`` in fp32 (exact below 2^24), converted on the row and column vectors before they
     broadcast: one subtraction per score instead of an integer subtraction and a conversion, whose unit
-    runs at a quarter of the fp32 rate on Hopper (the ALiBi forward measured 0.54-0.70x of cuDNN with the
-    per-score conversion, against 0.79-0.84x for the sink variant; this form was not run on the GPU)."""
+    runs at a quarter of the fp32 rate on Hopper. The ALiBi forward measured 0.54-0.70x of cuDNN with the
+    per-score conversion and 0.55-0.66x with this form (774d414, ``h100-2026-11-24-s12/variants``): no
+    change beyond the spread, so the conversion was not what limits it."""
     return (qi + OFFSET).to(tl.float32) - kj.to(tl.float32)
 
 
