@@ -79,3 +79,26 @@ def test_fidelity_budgets_and_densities_pair_with_the_speed_sweep(budgets: str) 
         assert (r["density"], r["block_density"]) == densities(
             spec, spec.make_params(params), n, n, causal, CPU, q, k
         )
+
+
+def test_a_method_whose_call_is_refused_gets_no_rows_and_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refused call (e.g. a method whose only backend is a Triton kernel, on a CPU without the interpreter)
+    skips that method with its reason instead of ending the fidelity part; the others keep their rows."""
+    from attnlab.bench import fidelity
+    from attnlab.errors import BackendError
+
+    real = fidelity.attnlab.attention
+
+    def refuse(*args: object, method: str, **kw: object) -> object:
+        if method == "sliding_window":
+            raise BackendError(
+                "no backend of method 'sliding_window' can run this call:\n  - x: refused here"
+            )
+        return real(*args, method=method, **kw)
+
+    monkeypatch.setattr(fidelity.attnlab, "attention", refuse)
+    skipped: dict[str, str] = {}
+    wl = random_workload(128, 1, 16, CPU)
+    rows = list(fidelity_rows(wl, ("softmax", "sliding_window"), SELF, "first", skipped=skipped))
+    assert {r["method"] for r in rows} == {"softmax"}
+    assert skipped == {"sliding_window": "x: refused here"}

@@ -142,7 +142,7 @@ def fidelity_rows(
                         reason = str(e).splitlines()[-1].strip(" -")
                         if skipped is not None:
                             skipped[name] = reason
-                        log(f"fidelity: {name} skipped, no backend runs it on {q.device.type}: {reason}")
+                        log(f"fidelity: {name} skipped, the call was refused on {q.device.type}: {reason}")
                         continue
                     backend = attnlab.explain(q, k, v, method=name, causal=causal, **kwargs).backend
                     diff = _head_norms(out - dense_out)

@@ -102,7 +102,7 @@ def run(
                 n_fid += db.insert("fidelity", rows, run_id)
                 advance(1)
             for name, reason in unrunnable.items():
-                note(f"fidelity: {name} has no rows, no backend runs it on this device ({reason})")
+                note(f"fidelity: {name} was skipped where its call was refused on this device ({reason})")
     path = write_report(db_path, cfg.out, run_id) if report and isinstance(store, ResultsDB) else None
     failed = [
         f"{c['method']}/{c['backend']} {c['pattern']} {c['detail']}"
