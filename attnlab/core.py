@@ -314,9 +314,16 @@ class Backend(ABC):
         """Refusals beyond the declared capabilities (e.g. a device-specific limit). Default: none."""
         return []
 
+    def param_refusals(self, params: Params) -> list[str]:
+        """Refusals that depend on the method's parameters alone, by design (e.g. a kernel without a
+        window refusing ``window=``): never on the device, shapes or dtype. The test suite leaves such
+        (backend, parameters) pairs out of its parity cases. Default: none."""
+        return []
+
     def refusals(self, call: Call) -> list[str]:
-        """Every reason this backend cannot run ``call`` (declared capabilities first)."""
-        return self.caps.reasons(call) + self.reasons(call)
+        """Every reason this backend cannot run ``call`` (declared capabilities first, then the
+        parameter refusals, then :meth:`reasons`)."""
+        return self.caps.reasons(call) + self.param_refusals(call.params) + self.reasons(call)
 
     def can_use(self, call: Call) -> Verdict:
         """(True, "") if this backend can run ``call``, else (False, every reason, joined)."""

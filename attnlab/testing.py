@@ -444,8 +444,15 @@ def parity_cases(cuda: bool) -> list[tuple[str, str, Case]]:
                                if c.params == dict(spec.test_params[0]) and c.n_q == extra[0].n_q]  # fmt: skip
                 extra = [*extra, *with_inputs]
             out += [(name, backend.name, c) for c in extra]
-    # a backend that declares fewer patterns than its method defines is not run on the others
-    return [(m, b, c) for m, b, c in out if c.pattern in methods()[m].backend(b).caps.patterns]
+    # a backend that declares fewer patterns than its method defines is not run on the others, nor with
+    # parameters it refuses by design (its param_refusals)
+    return [(m, b, c) for m, b, c in out if _runs_by_design(methods()[m], b, c)]
+
+
+def _runs_by_design(spec: MethodSpec, backend: str, case: Case) -> bool:
+    """Whether ``backend`` takes ``case``'s pattern and parameters (declared, not device-dependent)."""
+    b = spec.backend(backend)
+    return case.pattern in b.caps.patterns and not b.param_refusals(spec.make_params(case.params))
 
 
 class KernelLaunches:

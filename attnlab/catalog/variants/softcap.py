@@ -105,14 +105,13 @@ def _kernel_args(q: Tensor, call: Call, extra: Mapping[str, Tensor]) -> KernelAr
 class _SoftcapTriton(TritonScoreBackend):
     """The score-transform kernel, which has no window: it refuses windowed calls."""
 
-    def reasons(self, call: Call) -> list[str]:
-        why = super().reasons(call)
-        window = getattr(call.params, "window", None)
+    def param_refusals(self, params: Params) -> list[str]:
+        window = getattr(params, "window", None)
         if window is not None:
-            why.append(
+            return [
                 f"the score-transform kernel has no window (softcap window={window}); flex or eager run it"
-            )
-        return why
+            ]
+        return []
 
 
 SPEC = MethodSpec(

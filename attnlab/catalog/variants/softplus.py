@@ -42,7 +42,7 @@ below ~1e38 / N_k (exp would overflow at 88).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -262,22 +262,18 @@ def _normalised(q: Tensor, k: Tensor, call: Call) -> tuple[Tensor, Tensor]:
     return qn, kn
 
 
-def _no_reweight(backend: str) -> Callable[[Call], list[str]]:
-    def why(call: Call) -> list[str]:
-        p = call.params
-        if isinstance(p, SoftplusParams) and p.reweight:
-            return [
-                f"{backend} has no re-weighting stage (reweight={p.reweight}): it needs each row's l1 "
-                "normaliser before a second pass; backend='eager' runs it"
-            ]
-        return []
-
-    return why
+def _no_reweight(backend: str, params: Params) -> list[str]:
+    if isinstance(params, SoftplusParams) and params.reweight:
+        return [
+            f"{backend} has no re-weighting stage (reweight={params.reweight}): it needs each row's l1 "
+            "normaliser before a second pass; backend='eager' runs it"
+        ]
+    return []
 
 
 class _Triton(TritonScoreBackend):
-    def reasons(self, call: Call) -> list[str]:
-        return super().reasons(call) + _no_reweight("the Triton kernel")(call)
+    def param_refusals(self, params: Params) -> list[str]:
+        return _no_reweight("the Triton kernel", params)
 
     def run(self, q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor]) -> Tensor:
         qn, kn = _normalised(q, k, call)
@@ -285,8 +281,8 @@ class _Triton(TritonScoreBackend):
 
 
 class _Flex(VariantFlexBackend):
-    def reasons(self, call: Call) -> list[str]:
-        return super().reasons(call) + _no_reweight("FlexAttention")(call)
+    def param_refusals(self, params: Params) -> list[str]:
+        return _no_reweight("FlexAttention", params)
 
     def run(self, q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor]) -> Tensor:
         qn, kn = _normalised(q, k, call)
