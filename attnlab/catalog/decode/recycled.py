@@ -24,7 +24,9 @@ method's cost.
 Scores: the reference (and the ``torch`` backend) computes P in fp32 from fp32 copies of q and K. The
 ``triton`` backend attends and scores in one pass: the decode kernel over every token stores its logits,
 and P = exp(logit - lse) with the kernel's lse (bf16 / fp16 products on the tensor cores, fp32
-accumulation; a row with no allowed key: 0); beyond the fused size limit, exact attention and then the
+accumulation; a row with no allowed key: 0); one kernel makes the pooled scores from those logits
+(:mod:`attnlab.kernels.decode.recycled_scores`: read once, the group maximum, exp, pooling and padding in
+one launch); beyond the fused size limit, exact attention and then the
 logits of :mod:`attnlab.kernels.decode.logits` with an fp32 softmax. Either way P differs from the
 reference's by the summation order of the logits, and tokens whose pooled P nearly tie may rank
 differently.
@@ -146,6 +148,35 @@ def _fast_attention_max(q: Tensor, k: Tensor, scale: float, valid: Tensor | None
     return out if out is not None else torch.zeros(b, h_kv, n_k, device=q.device)  # (no query rows)
 
 
+def _scores_torch(
+    logits: Tensor, lse: Tensor, h_kv: int, params: RecycledParams, valid: Tensor | None
+) -> Tensor:
+    """(B, H_kv, N_k) float32: the pooled scores of a fused full step from the decode kernel's logits
+    (B, H, N_q, N_k) and lse (B, H, N_q), in PyTorch (the formula of
+    :func:`attnlab.kernels.decode.recycled_scores.recycled_scores`)."""
+    # max over the group's rows of exp(logit - lse) = exp of the max (exp is increasing); a row with no
+    # allowed key (lse -inf) has only -inf logits: 0
+    lse = torch.where(torch.isfinite(lse), lse, 0.0)
+    best = (logits - lse[..., None]).unflatten(1, (h_kv, -1)).amax(dim=(2, 3)).exp_()
+    return _pooled(best, params, valid)
+
+
+def _fused_scores(
+    logits: Tensor, lse: Tensor, h_kv: int, params: RecycledParams, valid: Tensor | None
+) -> Tensor:
+    """:func:`_scores_torch` in one Triton launch that reads the logits once
+    (:func:`attnlab.kernels.decode.recycled_scores.recycled_scores`), or in PyTorch where that kernel
+    cannot run on the logits' device."""
+    from attnlab.kernels.triton_utils import triton_available, triton_refusal
+
+    if triton_available():
+        from attnlab.kernels.decode import recycled_scores as rs
+
+        if not triton_refusal(logits.device, rs.IMPORTED_INTERPRETED):
+            return rs.recycled_scores(logits, lse, h_kv, params.pool, valid)
+    return _scores_torch(logits, lse, h_kv, params, valid)
+
+
 def _state(state: Any, k: Tensor) -> TokenSet | None:
     if state is None:
         return None
@@ -190,13 +221,8 @@ def select(
             fused = attend_with_logits(q, k, v, call.scale, key_mask)
             if fused is not None:
                 out, lse, logits = fused
-                # max over the group's rows of exp(logit - lse) = exp of the max (exp is increasing); a
-                # row with no allowed key (lse -inf) has only -inf logits: 0
-                lse = torch.where(torch.isfinite(lse), lse, 0.0)
-                best = (logits - lse[..., None]).unflatten(1, (k.shape[1], -1)).amax(dim=(2, 3)).exp_()
-                return Attended(out), _keep(
-                    _pooled(best, p, valid_keys(key_mask)), p, k.shape[2], ordered=False
-                )
+                scores = _fused_scores(logits, lse, k.shape[1], p, valid_keys(key_mask))
+                return Attended(out), _keep(scores, p, k.shape[2], ordered=False)
         return None, _full_step(q, k, p, call.scale, valid_keys(key_mask), fast=fast)
     nxt = TokenSet(st.positions, st.n_k, st.step + 1)
     return Selection(st.index(k.shape[2]), 1), nxt
