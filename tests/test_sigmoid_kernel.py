@@ -111,16 +111,39 @@ def test_dispatch_picks_the_triton_kernel_for_sigmoid_on_gpus_only() -> None:
         assert forced is not None and forced.name == "triton"
 
 
-def test_fp32_autotuning_tries_only_small_tiles() -> None:
+def test_fp32_takes_only_the_small_schedule() -> None:
+    """float32 on a GPU (``ieee`` products on FMA units): only triton_utils.FP32_SHAPE in every kernel
+    family's prune (larger tiles spill GBs of local memory, see FP32_SHAPE), the smallest tile where it is
+    not a candidate; other precisions keep their candidates. The fixed launchers (autotuning off) take the
+    same. No TMA for float32 on a GPU (checked where a GPU is)."""
     import triton
 
-    from attnlab.kernels.sigmoid.op import _prune
+    from attnlab.kernels.block_sparse import op as bs
+    from attnlab.kernels.score_transform import op as st
+    from attnlab.kernels.sigmoid import op as sig
+    from attnlab.kernels.triton_utils import FP32_SHAPE, fp32_tiles, tma_copyable
 
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}) for m, n in ((128, 128), (128, 64), (64, 32))]
-    sizes = lambda cs: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in cs]
-    assert sizes(_prune(configs, {}, DOT_PREC="ieee")) == [(128, 64), (64, 32)]
-    assert sizes(_prune(configs, {}, DOT_PREC="tf32")) == sizes(configs)
-    assert sizes(_prune(configs[:1], {}, DOT_PREC="ieee")) == [(128, 128)]  # never empty
+    cfg = lambda m, n, w: triton.Config({"BLOCK_M": m, "BLOCK_N": n, "SPLIT": 1, "WS": False}, num_warps=w)
+    configs = [cfg(128, 128, 8), cfg(128, 64, 4), cfg(32, 32, 4), cfg(32, 32, 8)]
+    shape = lambda cs: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in cs]
+    want = [FP32_SHAPE[:3]]
+    assert shape(sig._prune(configs, {}, DOT_PREC="ieee")) == want
+    assert shape(sig._prune_bwd(configs, {}, DOT_PREC="ieee")) == want
+    assert shape(sig._prune(configs, {}, DOT_PREC="tf32")) == shape(configs)
+    assert shape(sig._prune(configs[:2], {}, DOT_PREC="ieee")) == [(128, 64, 4)]  # never empty: the smallest
+    assert shape(st._prune_fwd(configs, {"DOT_PREC": "ieee"})) == want
+    assert shape(st._prune_bwd(0)(configs, {"DOT_PREC": "ieee"})) == want
+    assert shape(bs._prune(configs, {"DOT_PREC": "ieee", "BLOCK_Q": 128, "BLOCK_K": 128})) == want
+    # every family offers the shape (the backward lists too), so the prune never falls back on a GPU
+    m, n, w, s = FP32_SHAPE
+    for shapes in (sig.FWD_SHAPES, st.FWD_SHAPES):
+        assert (m, n, w, s, 1, False) in shapes
+    for shapes in (st.DKDV_SHAPES, st.DQ_SHAPES, bs.FWD_SHAPES, bs.DQ_SHAPES, bs.DKDV_SHAPES):
+        assert (m, n, w, s) in shapes
+    assert fp32_tiles(configs) == [configs[3]]
+    if torch.cuda.is_available():
+        x = torch.zeros(1, 1, 64, 64, device="cuda")
+        assert not tma_copyable(x, interpreted=False)
 
 
 def _forward_schedules(q: torch.Tensor, tma: bool, causal: bool) -> list:  # type: ignore[type-arg]

@@ -57,13 +57,14 @@ def triton_refusal(device: torch.device, kernel_imported_interpreted: bool | Non
 
 def tma_copyable(*ts: torch.Tensor, interpreted: bool) -> bool:
     """Whether Hopper's copy engine (TMA, tensor descriptors) can move tiles of these (..., N, D) tensors: a
-    GPU of compute capability 9+ (or CPU tensors under the interpreter, ``interpreted``), head dim at most
-    128 (the box sizes measured), 16-byte aligned bases and 16-byte multiples for every stride but the last."""
+    GPU of compute capability 9+ (or CPU tensors under the interpreter, ``interpreted``), 16-bit tensors on
+    a GPU (see :data:`FP32_SHAPE`: float32 tiles moved by descriptors spill), head dim at most 128 (the
+    box sizes measured), 16-byte aligned bases and 16-byte multiples for every stride but the last."""
     t0 = ts[0]
     if head_block(t0.shape[-1]) > 128:
         return False
     if t0.is_cuda:
-        if torch.cuda.get_device_capability(t0.device)[0] < 9:
+        if torch.cuda.get_device_capability(t0.device)[0] < 9 or t0.dtype == torch.float32:
             return False
     elif not interpreted:
         return False
@@ -99,3 +100,25 @@ def descriptor_scratch(device: torch.device) -> Iterator[None]:
         yield
     finally:
         _allocation._allocator.reset(token)
+
+
+#: (BLOCK_M, BLOCK_N, warps, stages) of the attention kernels (sigmoid, score_transform, block_sparse: forward,
+#: dK/dV, dQ) for float32 inputs on a GPU. Their products then run in full fp32 (``input_precision="ieee"``:
+#: FMA units, not tensor cores), with every operand tile in registers; larger tiles or fewer warps spill to
+#: local memory, which the driver reserves for every thread the GPU can hold when a kernel first launches
+#: (bytes x 2048 threads x 132 SMs on an H100). Compiled for sm_90 on a CPU machine
+#: (``benchmarks/gpu/offline_resources.py``, Triton 3.9), bytes of stack per thread: the sigmoid forward's
+#: 128 x 64 tile with tensor descriptors 17,744 (4.8 GB; the H100 lost 5.1 GB of free memory to one float32
+#: parity case at 897709b, and 14 test processes ran out of memory), 7,080 without; 64 x 64 tiles
+#: 750-11,600 (D = 64); 32 x 32 with 4 warps up to 904 (D = 128); this shape 0 at D = 64 and at most 232
+#: at D = 128, in all nine kernels. Float32 inputs are for checking, not speed; they also skip TMA
+#: (:func:`tma_copyable`).
+FP32_SHAPE = (32, 32, 8, 2)
+
+
+def fp32_tiles(configs: list) -> list:
+    """The ``triton.Config`` s of :data:`FP32_SHAPE` (float32 inputs on a GPU), or the smallest tile when
+    none is (e.g. a plan whose 16-wide tiles 32 does not divide)."""
+    m, n, w, _ = FP32_SHAPE
+    exact = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) == (m, n, w)]
+    return exact or sorted(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])[:1]

@@ -21,7 +21,13 @@ from attnlab.kernels.block_sparse.bwd import (
     block_sparse_bwd_dq_kernel,
 )
 from attnlab.kernels.block_sparse.fwd import block_sparse_fwd_kernel
-from attnlab.kernels.triton_utils import descriptor_scratch, head_block, interpreting, tma_copyable
+from attnlab.kernels.triton_utils import (
+    descriptor_scratch,
+    fp32_tiles,
+    head_block,
+    interpreting,
+    tma_copyable,
+)
 
 #: Whether this module was imported under TRITON_INTERPRET=1 (its kernels then take CPU tensors only).
 IMPORTED_INTERPRETED = interpreting()
@@ -36,8 +42,10 @@ FWD_SHAPES = [
     (64, 32, 4, 2),
     (32, 32, 4, 2),
     (16, 16, 2, 2),
+    (32, 32, 8, 2),  # float32 on a GPU (triton_utils.FP32_SHAPE)
 ]
-DQ_SHAPES = [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2), (16, 16, 2, 2)]
+DQ_SHAPES = [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2), (16, 16, 2, 2),
+             (32, 32, 8, 2)]  # fmt: skip
 DKDV_SHAPES = [
     (64, 128, 8, 2),
     (64, 64, 4, 3),
@@ -45,6 +53,7 @@ DKDV_SHAPES = [
     (32, 64, 4, 2),
     (32, 32, 4, 2),
     (16, 16, 2, 2),
+    (32, 32, 8, 2),
 ]
 INTERPRETED_SHAPE = (16, 16, 1, 1)
 #: Tiles of a plan the kernels take: powers of two from 16 to 256 (both sides).
@@ -58,12 +67,13 @@ def _configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
-    """Configs whose tiles divide the plan's tiles (and, in fp32, tiles of at most 128 x 64)."""
+    """Configs whose tiles divide the plan's tiles (and, in fp32, only
+    :data:`attnlab.kernels.triton_utils.FP32_SHAPE`: larger tiles spill)."""
     args = {**named_args, **kwargs}
     bq, bk = int(args["BLOCK_Q"]), int(args["BLOCK_K"])  # type: ignore[call-overload]
     ok = [c for c in configs if bq % c.kwargs["BLOCK_M"] == 0 and bk % c.kwargs["BLOCK_N"] == 0]
     if args.get("DOT_PREC") == "ieee":
-        ok = [c for c in ok if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64] or ok
+        ok = fp32_tiles(ok) if ok else ok
     if not ok:
         raise ValueError(f"no executor tile divides the plan's ({bq} x {bk}) tiles; plans take {TILE_SIZES}")
     return ok

@@ -28,7 +28,13 @@ from torch import Tensor
 
 from attnlab.kernels.score_transform.bwd import score_transform_bwd_dkdv_kernel, score_transform_bwd_dq_kernel
 from attnlab.kernels.score_transform.fwd import score_transform_fwd_kernel
-from attnlab.kernels.triton_utils import descriptor_scratch, head_block, interpreting, tma_copyable
+from attnlab.kernels.triton_utils import (
+    descriptor_scratch,
+    fp32_tiles,
+    head_block,
+    interpreting,
+    tma_copyable,
+)
 
 #: Whether this module was imported under TRITON_INTERPRET=1 (its kernel then takes CPU tensors only).
 IMPORTED_INTERPRETED = interpreting()
@@ -49,6 +55,7 @@ FWD_SHAPES = [
     (128, 128, 8, 2, 2, False),
     (64, 64, 4, 3, 1, False),
     (64, 32, 4, 2, 1, False),
+    (32, 32, 8, 2, 1, False),  # float32 on a GPU (triton_utils.FP32_SHAPE)
 ]
 #: Backward candidates (BLOCK_M, BLOCK_N, warps, stages) of the dK/dV kernel and of the dQ kernel.
 DKDV_SHAPES = [
@@ -58,6 +65,7 @@ DKDV_SHAPES = [
     (128, 128, 8, 2),
     (32, 64, 4, 4),
     (32, 32, 4, 2),
+    (32, 32, 8, 2),  # float32 on a GPU (triton_utils.FP32_SHAPE)
 ]
 DQ_SHAPES = [
     (128, 64, 8, 3),
@@ -66,6 +74,7 @@ DQ_SHAPES = [
     (128, 128, 8, 2),
     (64, 128, 8, 3),
     (32, 32, 4, 2),
+    (32, 32, 8, 2),  # float32 on a GPU (triton_utils.FP32_SHAPE)
 ]
 
 #: The Triton release the Hopper schedules were measured with (H100, 3.6.0); elsewhere the autotuner picks.
@@ -132,7 +141,8 @@ def _shape_of(c: triton.Config) -> tuple:
 
 def _prune_fwd(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
     """The measured schedule where measured; warp specialization only with TMA, not causal, 16-bit, on
-    Hopper under the measured Triton; fp32 only tiles of at most 128 x 64 (larger ones spill)."""
+    Hopper under the measured Triton; fp32 only :data:`attnlab.kernels.triton_utils.FP32_SHAPE` (larger
+    tiles spill), D > 128 and the heavy variants at most 128 x 64."""
     args = {**named_args, **kwargs}
     heavy = args.get("HAS_BIAS") or args.get("LOWRANK")
     no_ws = heavy or args.get(
@@ -152,7 +162,9 @@ def _prune_fwd(configs: list[triton.Config], named_args: dict, **kwargs: object)
         configs = [c for c in configs if not c.kwargs.get("WS")]
     if no_ws:
         configs = [c for c in configs if not c.kwargs.get("WS")]
-    if args.get("DOT_PREC") == "ieee" or args.get("BLOCK_D", 0) > 128 or heavy:
+    if args.get("DOT_PREC") == "ieee":
+        return fp32_tiles(configs)
+    if args.get("BLOCK_D", 0) > 128 or heavy:
         configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64] or configs[
             -1:
         ]
@@ -167,7 +179,9 @@ def _prune_bwd(kind: int):  # type: ignore[no-untyped-def]
             picked = [c for c in configs if pinned is not None and _shape_of(c) == pinned[kind]]
             if picked:
                 return picked
-        if args.get("DOT_PREC") == "ieee" or args.get("BLOCK_D", 0) > 128:
+        if args.get("DOT_PREC") == "ieee":
+            return fp32_tiles(configs)
+        if args.get("BLOCK_D", 0) > 128:
             return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64] or configs[
                 -1:
             ]
@@ -335,7 +349,7 @@ def score_transform_fwd_launch(
         config = triton.Config({"BLOCK_M": block[0], "BLOCK_N": block[1], "SPLIT": 1, "WS": False},
                                num_warps=1 if IMPORTED_INTERPRETED else 4, num_stages=1)  # fmt: skip
     if config is None and not _autotuning():
-        config = _FWD.configs[0]
+        config = _FWD.configs[0] if q.dtype != torch.float32 or not q.is_cuda else fp32_tiles(_FWD.configs)[0]
     kernel, meta = (_FWD, {}) if config is None else (_FWD_ANY, config.all_kwargs())
     tma = USE_TMA and tma_copyable(q, k, v, o, interpreted=IMPORTED_INTERPRETED)
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)
@@ -420,7 +434,12 @@ def score_transform_bwd_launch(
     dkdv: tuple[Any, dict] = (_DKDV, {})
     dqk: tuple[Any, dict] = (_DQ, {})
     if configs is None and not _autotuning():
-        configs = (_DKDV.configs[0], _DQ.configs[0])
+        fp32 = q.dtype == torch.float32 and q.is_cuda  # (small tiles: see triton_utils.FP32_SHAPE)
+        configs = (
+            (fp32_tiles(_DKDV.configs)[0], fp32_tiles(_DQ.configs)[0])
+            if fp32
+            else (_DKDV.configs[0], _DQ.configs[0])
+        )
     if configs is not None:
         dkdv, dqk = (_DKDV_ANY, configs[0].all_kwargs()), (_DQ_ANY, configs[1].all_kwargs())
     ins = (q, k, v, do, lse2, delta, x["BIAS"], x["SLOPES"], x["UF"], x["VF"], x["TAU"])

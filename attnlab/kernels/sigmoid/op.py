@@ -13,7 +13,13 @@ from torch import Tensor
 
 from attnlab.kernels.sigmoid.bwd import sigmoid_bwd_dkdv_kernel, sigmoid_bwd_dq_kernel
 from attnlab.kernels.sigmoid.fwd import sigmoid_fwd_kernel
-from attnlab.kernels.triton_utils import descriptor_scratch, head_block, interpreting, tma_copyable
+from attnlab.kernels.triton_utils import (
+    descriptor_scratch,
+    fp32_tiles,
+    head_block,
+    interpreting,
+    tma_copyable,
+)
 
 #: Whether this module was imported under TRITON_INTERPRET=1 (its kernels then take CPU tensors only).
 IMPORTED_INTERPRETED = interpreting()
@@ -34,6 +40,7 @@ FWD_SHAPES = [
     (128, 32, 4, 3, 1, False),
     (64, 64, 4, 3, 1, False),
     (64, 32, 4, 2, 1, False),
+    (32, 32, 8, 2, 1, False),  # float32 on a GPU (triton_utils.FP32_SHAPE)
 ]
 
 
@@ -55,6 +62,7 @@ def _configs(kind: str) -> list[triton.Config]:
             (64, 128, 8, 2),
             (32, 64, 4, 4),
             (128, 128, 8, 2),
+            (32, 32, 8, 2),  # float32 on a GPU (triton_utils.FP32_SHAPE)
         ]
     else:  # dq
         shapes = [
@@ -64,6 +72,7 @@ def _configs(kind: str) -> list[triton.Config]:
             (128, 64, 8, 2),
             (64, 128, 8, 3),
             (128, 128, 8, 2),
+            (32, 32, 8, 2),  # float32 on a GPU (triton_utils.FP32_SHAPE)
         ]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
@@ -134,8 +143,8 @@ def _shape_of(c: triton.Config) -> tuple:
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
     """The measured schedule where it was measured (MEASURED_FWD); drop warp-specialized configs where
-    they are not allowed (above). fp32 tiles take twice the registers and shared memory of bf16 ones, and
-    large fp32 tiles compile slowly and spill: in fp32 only tiles of at most 128 x 64 are tried."""
+    they are not allowed (above). fp32 products run on FMA units with every tile in registers, and larger
+    tiles spill: in fp32 only :data:`attnlab.kernels.triton_utils.FP32_SHAPE`."""
     args = {**named_args, **kwargs}
     measured_regime = args.get("TMA") and args.get("BLOCK_D") == 128 and args.get("DOT_PREC") != "ieee"
     if measured_regime and args.get("N_BUCKET") == LONG_BUCKET and _on_hopper(args):
@@ -150,18 +159,36 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> 
             )
     if args.get("DOT_PREC") != "ieee":
         return configs
-    small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64]
-    return small or configs[-1:]
+    return fp32_tiles(configs)
+
+
+def _prune_bwd(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
+    """The backward's candidates; in fp32 only :data:`attnlab.kernels.triton_utils.FP32_SHAPE` (see :func:`_prune`)."""
+    args = {**named_args, **kwargs}
+    return fp32_tiles(configs) if args.get("DOT_PREC") == "ieee" else configs
+
+
+def _first(prune):  # type: ignore[no-untyped-def]
+    """The first config the prune function leaves (the launchers' fixed schedule, autotuning off)."""
+
+    def first(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
+        return prune(configs, named_args, **kwargs)[:1]
+
+    return first
 
 
 def _variants(kernel, kind: str):  # type: ignore[no-untyped-def]
-    """(autotuned, fixed first-config) launchers of one kernel."""
+    """(autotuned, fixed first-config) launchers of one kernel (the fixed one takes the first config its
+    prune function leaves, so float32 gets a small tile there too)."""
     configs = _configs(kind)
     key = [*_KEY, "TMA"] if kind == "fwd" else _KEY
-    tuned = triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _prune})(
+    prune = _prune if kind == "fwd" else _prune_bwd
+    tuned = triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(
         triton.heuristics(_EVEN)(kernel)
     )
-    fixed = triton.autotune(configs[:1], key=[])(triton.heuristics(_EVEN)(kernel))
+    fixed = triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _first(prune)})(
+        triton.heuristics(_EVEN)(kernel)
+    )
     return tuned, fixed
 
 
