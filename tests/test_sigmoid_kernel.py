@@ -111,7 +111,7 @@ def test_dispatch_picks_the_triton_kernel_for_sigmoid_on_gpus_only() -> None:
         assert forced is not None and forced.name == "triton"
 
 
-def test_fp32_takes_only_the_small_schedule() -> None:
+def test_fp32_takes_only_the_small_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
     """float32 on a GPU (``ieee`` products on FMA units): only triton_utils.FP32_SHAPE in every kernel
     family's prune (larger tiles spill GBs of local memory, see FP32_SHAPE), the smallest tile where it is
     not a candidate; other precisions keep their candidates. The fixed launchers (autotuning off) take the
@@ -141,6 +141,13 @@ def test_fp32_takes_only_the_small_schedule() -> None:
     for shapes in (st.DKDV_SHAPES, st.DQ_SHAPES, bs.FWD_SHAPES, bs.DQ_SHAPES, bs.DKDV_SHAPES):
         assert (m, n, w, s) in shapes
     assert fp32_tiles(configs) == [configs[3]]
+    monkeypatch.setattr(sig, "IMPORTED_INTERPRETED", False)  # the GPU's candidate lists
+    for kind in ("fwd", "dkdv", "dq"):
+        assert shape(fp32_tiles(sig._configs(kind))) == want, kind
+    # the fixed float32 launchers hold that one config (GPU lists) or the interpreter's one config
+    for variants in (sig._FWD, sig._DKDV, sig._DQ):
+        (only,) = variants[2].configs
+        assert (only.kwargs["BLOCK_M"], only.kwargs["BLOCK_N"], only.num_warps) in (want[0], (16, 16, 1))
     if torch.cuda.is_available():
         x = torch.zeros(1, 1, 64, 64, device="cuda")
         assert not tma_copyable(x, interpreted=False)

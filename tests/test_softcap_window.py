@@ -78,7 +78,7 @@ def test_triton_refuses_a_window_and_bad_windows_are_named() -> None:
         softcap.SPEC, softcap.SPEC.make_params({"cap": 2.0, "window": 3}), problem, default_scale(D, None)
     )
     triton = next(b for b in softcap.SPEC.backends if b.name == "triton")
-    assert any("no window" in why for why in triton.reasons(call))
+    assert any("no window" in why for why in triton.refusals(call))  # (a parameter refusal: param_refusals)
     for bad in (0, -2, 1.5, "4"):
         with pytest.raises(ValueError, match="window"):
             softcap.SPEC.make_params({"cap": 2.0, "window": bad})

@@ -6,7 +6,9 @@ Runs each named test_parity case (``method-backend-label`` as in its test id) th
 ``attnlab.kernels`` with its registers per thread, local memory per thread (spills, bytes) and shared
 memory. A kernel with local memory makes the driver reserve that much per resident thread of the whole
 GPU when it first launches (bytes x 2048 threads x SMs), which is device memory the caching allocator
-does not see. Writes JSON to ``--out``.
+does not see. Writes JSON to ``--out``. The kernel list reads Triton 3.9's per-device caches
+(``JITFunction.device_caches``); on Triton 3.6 (the H100's) it came out empty: the free-memory figures are
+what that run measured.
 
     python benchmarks/gpu/kernel_resources.py --out res.json sigmoid-triton-causal_self-B2H4/2-130x130-D64-float32
 """

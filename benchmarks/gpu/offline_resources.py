@@ -10,7 +10,11 @@ first launches, the driver reserves it for every thread the GPU can hold (2048 p
 
     python benchmarks/gpu/offline_resources.py --dtype float32 --head-dim 64 --out res.json
 
-Diagnostic only (not a test, and not a launch: nothing here runs the kernels).
+Diagnostic only (not a test, and not a launch: nothing here runs the kernels). What it does not mirror:
+the tensors are CPU tensors, so a launcher's own device checks take their CPU branch (``--tma auto`` means
+no TMA; ``FAST`` is off, so 16-bit compiles differ from the GPU's); block_sparse compiles every config
+given, including ones its prune would drop for the plan. ``--kernels`` keeps some kernels only (e.g.
+``sigmoid.fwd``).
 """
 
 from __future__ import annotations
@@ -95,13 +99,17 @@ def _only(autotuner: Any, config: triton.Config) -> Iterator[None]:
 
 #: Largest BLOCK_M x BLOCK_N compiled (``--max-tile``; fp32 tiles above 64 x 64 take minutes each).
 MAX_TILE = [64 * 64]
+#: The kernels to compile (``--kernels``; None: all of the families').
+ONLY: list[set[str] | None] = [None]
 
 
 def _compile(name: str, tuner: Any, configs: list[triton.Config], launch: Callable[[], object]) -> list[dict]:
     """Compile ``launch`` once per config of ``tuner`` (the kernel ``name``); report the new cubin of that
     kernel (a launch may compile other kernels too: they are told apart by function name)."""
     fn = tuner.base_fn.__name__ if hasattr(tuner, "base_fn") else tuner.fn.__name__
-    rows = []
+    rows: list[dict] = []
+    if ONLY[0] is not None and name not in ONLY[0]:
+        return rows
     for c in configs:
         if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > MAX_TILE[0]:
             continue
@@ -129,9 +137,11 @@ def main() -> None:
     )
     ap.add_argument("--families", nargs="*", default=["sigmoid", "score_transform", "block_sparse"])
     ap.add_argument("--max-tile", type=int, default=64 * 64, help="largest BLOCK_M * BLOCK_N compiled")
+    ap.add_argument("--kernels", nargs="*", default=None, help="only these, e.g. sigmoid.fwd block_sparse.dq")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     MAX_TILE[0] = args.max_tile
+    ONLY[0] = set(args.kernels) if args.kernels else None
     driver.set_active(_Sm90())
     triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8))
     from attnlab.settings import settings

@@ -168,28 +168,19 @@ def _prune_bwd(configs: list[triton.Config], named_args: dict, **kwargs: object)
     return fp32_tiles(configs) if args.get("DOT_PREC") == "ieee" else configs
 
 
-def _first(prune):  # type: ignore[no-untyped-def]
-    """The first config the prune function leaves (the launchers' fixed schedule, autotuning off)."""
-
-    def first(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
-        return prune(configs, named_args, **kwargs)[:1]
-
-    return first
-
-
 def _variants(kernel, kind: str):  # type: ignore[no-untyped-def]
-    """(autotuned, fixed first-config) launchers of one kernel (the fixed one takes the first config its
-    prune function leaves, so float32 gets a small tile there too)."""
+    """(autotuned, fixed first-config, fixed float32) launchers of one kernel. The fixed ones hold one
+    config each and no key, so they never benchmark (Triton 3.6's autotuner times even a single pruned
+    config); the float32 one is :data:`attnlab.kernels.triton_utils.FP32_SHAPE` (float32 on a GPU)."""
     configs = _configs(kind)
     key = [*_KEY, "TMA"] if kind == "fwd" else _KEY
     prune = _prune if kind == "fwd" else _prune_bwd
     tuned = triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(
         triton.heuristics(_EVEN)(kernel)
     )
-    fixed = triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _first(prune)})(
-        triton.heuristics(_EVEN)(kernel)
-    )
-    return tuned, fixed
+    fixed = triton.autotune(configs[:1], key=[])(triton.heuristics(_EVEN)(kernel))
+    fixed_fp32 = triton.autotune(fp32_tiles(configs)[:1], key=[])(triton.heuristics(_EVEN)(kernel))
+    return tuned, fixed, fixed_fp32
 
 
 _FWD = _variants(sigmoid_fwd_kernel, "fwd")
@@ -198,10 +189,13 @@ _DKDV = _variants(sigmoid_bwd_dkdv_kernel, "dkdv")
 _DQ = _variants(sigmoid_bwd_dq_kernel, "dq")
 
 
-def _pick(variants):  # type: ignore[no-untyped-def]
+def _pick(variants, q: Tensor):  # type: ignore[no-untyped-def]
+    """The autotuned launcher (``attnlab.settings.autotune``), else the fixed one for q's dtype."""
     from attnlab.settings import settings
 
-    return variants[0] if settings.autotune else variants[1]
+    if settings.autotune:
+        return variants[0]
+    return variants[2] if q.is_cuda and q.dtype == torch.float32 else variants[1]
 
 
 def _flags(q: Tensor) -> dict:
@@ -264,7 +258,7 @@ def sigmoid_fwd_launch(
     o = torch.empty_like(q)
     tma = _tma_ready(q, k, v, o)
     if config is None:
-        kernel, meta = _pick(_FWD), {}
+        kernel, meta = _pick(_FWD, q), {}
     else:
         kernel, meta = _FWD_ANY, config.all_kwargs()
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)
@@ -293,7 +287,7 @@ def sigmoid_bwd_launch(
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     common = dict(BLOCK_D=head_block(d), CAUSAL=causal, N_BUCKET=_bucket(n_q, n_k), **_flags(q))
     grid_kv = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), b * h_kv)
-    _pick(_DKDV)[grid_kv](
+    _pick(_DKDV, q)[grid_kv](
         q, k, v, do, dk, dv,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -304,7 +298,7 @@ def sigmoid_bwd_launch(
         h_kv, h // h_kv, n_q, n_k, n_k - n_q, d, scale, bias, **common,
     )  # fmt: skip
     grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)
-    _pick(_DQ)[grid_q](
+    _pick(_DQ, q)[grid_q](
         q, k, v, do, dq,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
