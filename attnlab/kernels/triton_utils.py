@@ -109,10 +109,10 @@ def descriptor_scratch(device: torch.device) -> Iterator[None]:
 #: (bytes x 2048 threads x 132 SMs on an H100). Compiled for sm_90 on a CPU machine
 #: (``benchmarks/gpu/offline_resources.py``, Triton 3.9), bytes of stack per thread: the sigmoid forward's
 #: 128 x 64 tile with tensor descriptors 17,744 (4.8 GB; the H100 lost 5.1 GB of free memory to one float32
-#: parity case at 897709b, and 14 test processes ran out of memory), 7,080 without; 64 x 64 tiles
-#: 750-11,600 (D = 64); 32 x 32 with 4 warps up to 904 (D = 128); this shape 0 at D = 64 and at most 232
-#: at D = 128, in all nine kernels. Float32 inputs are for checking, not speed; they also skip TMA
-#: (:func:`tma_copyable`).
+#: parity case at 897709b, and 14 test processes ran out of memory), 7,104 without; 64 x 64 tiles
+#: 752-11,568 (D = 64); this shape 0 in all nine kernels at D = 64 and at most 232 at D = 128
+#: (benchmarks/results/h100-2026-11-24-s16/fp32/NOTES.md). Not compiled at D = 256. Float32 inputs are
+#: for checking, not speed; they also skip TMA (:func:`tma_copyable`).
 FP32_SHAPE = (32, 32, 8, 2)
 
 
