@@ -210,9 +210,11 @@ def test_time_limits(tmp_path: Path) -> None:
         f"{DENSE}@{LENGTH}",
         f"streaming(sinks=4, window=32)@{LENGTH}",
     ]
-    cfg.max_seconds, cfg.run_seconds, cfg.methods = None, 1e-3, ()
+    cfg.max_seconds, cfg.run_seconds, cfg.methods, cfg.samples = None, 1e-3, (), 4
     res = evaluate(cfg)
-    assert "RunTimeout" in res.methods[0]["error"] and res.rows[0]["samples"] == 0
+    # the alarm fires 1 ms in; Python runs its handler at the next bytecode, so a sample that was in a long
+    # C call may still finish (CI at bded78d counted one): the run stops well before its 4 samples
+    assert "RunTimeout" in res.methods[0]["error"] and res.rows[0]["samples"] < 4
 
 
 def test_store_report_and_pareto(result: EvalResult, tmp_path: Path) -> None:
