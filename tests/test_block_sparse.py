@@ -159,6 +159,32 @@ def test_rows_without_keys_give_zeros_and_no_nan() -> None:
     _run_and_compare(q, k, v, plan, False, grads=True, tol=1e-4)
 
 
+def test_explicit_schedules_bypass_the_autotuner_with_the_same_result() -> None:
+    """``config`` / ``dq_config`` / ``dkdv_config`` (benchmarks and schedule probes) launch the kernels
+    directly and give the autotuned launch's outputs and gradients."""
+    import triton
+
+    from attnlab.kernels.block_sparse import op
+    from attnlab.kernels.triton_utils import FP32_SHAPE
+
+    q = torch.randn(1, 4, 40, 16, device=DEVICE)
+    k, v = (torch.randn(1, 2, 40, 16, device=DEVICE) for _ in range(2))
+    plan = random_plan(1, 4, 40, 40, True, 32, 0.5, 3, seed=3)
+    tables = tuple(t.to(DEVICE) for t in executor_tables(plan).as_args())
+    m, n, w, st = op.INTERPRETED_SHAPE if DEVICE.type == "cpu" else FP32_SHAPE
+    config = triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+    o, lse = op.block_sparse_fwd_launch(q, k, v, tables, 0.25, True)
+    o2, lse2 = op.block_sparse_fwd_launch(q, k, v, tables, 0.25, True, config=config)
+    do = torch.randn_like(o)
+    got = op.block_sparse_bwd_launch(do, q, k, v, o, lse, tables, 0.25, True)
+    want = op.block_sparse_bwd_launch(do, q, k, v, o, lse, tables, 0.25, True, dq_config=config,
+                                      dkdv_config=config)  # fmt: skip
+    torch.testing.assert_close(o2, o, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse2, lse, atol=1e-5, rtol=1e-5)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_bf16_forward_within_the_rounding_of_its_output() -> None:
     q, k, v = (torch.randn(1, 2, 40, 24, device=DEVICE).bfloat16() for _ in range(3))
     plan = random_plan(1, 2, 40, 40, True, 32, 0.5, 4, seed=3)

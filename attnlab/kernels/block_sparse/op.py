@@ -103,6 +103,8 @@ _FWD = _tuned(block_sparse_fwd_kernel, FWD_SHAPES)
 _FWD_ANY = block_sparse_fwd_kernel  # launched with an explicit config
 _DQ = _tuned(block_sparse_bwd_dq_kernel, DQ_SHAPES, reset=["DKC", "DVC"])
 _DKDV = _tuned(block_sparse_bwd_dkdv_kernel, DKDV_SHAPES)
+_DQ_ANY = block_sparse_bwd_dq_kernel  # launched with an explicit config
+_DKDV_ANY = block_sparse_bwd_dkdv_kernel
 
 
 def _pick(variants):  # type: ignore[no-untyped-def]
@@ -213,8 +215,11 @@ def block_sparse_bwd_launch(
     tables: tuple[Tensor, ...],
     scale: float,
     causal: bool,
+    dq_config: triton.Config | None = None,
+    dkdv_config: triton.Config | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dQ, dK, dV) of :func:`block_sparse_fwd_launch`; dK/dV summed over each GQA group."""
+    """(dQ, dK, dV) of :func:`block_sparse_fwd_launch`; dK/dV summed over each GQA group. ``dq_config`` /
+    ``dkdv_config`` (BLOCK_M, BLOCK_N, warps, stages) bypass the autotuner (tests, benchmarks)."""
     q, k, v = _checked(q, k, v, tables)
     do = do if do.stride(-1) == 1 else do.contiguous()
     o = o if o.stride(-1) == 1 else o.contiguous()
@@ -240,7 +245,9 @@ def block_sparse_bwd_launch(
         PLAN_B=bp, BLOCK_Q=patterns.shape[1], BLOCK_K=patterns.shape[2], BLOCK_D=head_block(d), **_flags(q)
     )
     scalars = (n_q, n_k, n_k - n_q, d, scale * 1.4426950408889634, scale, hp, h // hp)
-    _pick(_DKDV)[lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), b * h_kv)](
+    dkdv, dkdv_meta = (_pick(_DKDV), {}) if dkdv_config is None else (_DKDV_ANY, dkdv_config.all_kwargs())
+    dq_kernel, dq_meta = (_pick(_DQ), {}) if dq_config is None else (_DQ_ANY, dq_config.all_kwargs())
+    dkdv[lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), b * h_kv)](
         q, k, v, do, lse, delta, dk, dv,
         tp_num, tp_idx, tp_pat, tf_num, tf_idx, patterns,
         q.stride(0), q.stride(1), q.stride(2),
@@ -250,9 +257,9 @@ def block_sparse_bwd_launch(
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
         tp_num.shape[2], tp_idx.shape[3], tf_num.shape[2], tf_idx.shape[3],
-        h_kv, h // h_kv, *scalars, **common,
+        h_kv, h // h_kv, *scalars, **common, **dkdv_meta,
     )  # fmt: skip
-    _pick(_DQ)[lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)](
+    dq_kernel[lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)](
         q, k, v, do, lse, delta, dq, dkc, dvc,
         p_num, p_idx, p_pat, f_num, f_idx, c_num, c_idx, patterns,
         q.stride(0), q.stride(1), q.stride(2),
@@ -261,7 +268,7 @@ def block_sparse_bwd_launch(
         do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         p_num.shape[2], p_idx.shape[3], f_num.shape[2], f_idx.shape[3], c_num.shape[2], c_idx.shape[3],
-        h, h // h_kv, *scalars, CAUSAL=causal, HAS_COLS=has_cols, **common,
+        h, h // h_kv, *scalars, CAUSAL=causal, HAS_COLS=has_cols, **common, **dq_meta,
     )  # fmt: skip
     if has_cols:
         dk = (dk.float() + dkc).to(k.dtype)
