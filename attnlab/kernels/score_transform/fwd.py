@@ -68,13 +68,14 @@ def _online(
     into ``l`` and multiply v directly; ``m`` is returned unchanged."""
     qi = offs_m[:, None]
     kj = offs_n[None, :]
+    ANY_ALIBI: tl.constexpr = ALIBI != ALIBI_OFF
     if SOFTPLUS:
-        if SOFTCAP or HAS_BIAS or ALIBI != ALIBI_OFF or LOWRANK:
+        if SOFTCAP or HAS_BIAS or ANY_ALIBI or LOWRANK:
             lr = s
             if LOWRANK:
                 lr = dot(u, tl.trans(vf), DOT_PREC, UPCAST) * LOG2E
             w, _ = logits2(s, qi, kj, bias_base, stride_bm, stride_bn, slope2, lr, N_Q, N_K, OFFSET, scale2, cap2,
-                           inv_cap, SOFTCAP, HAS_BIAS, ALIBI != ALIBI_OFF, LOWRANK, FAST)  # fmt: skip
+                           inv_cap, SOFTCAP, HAS_BIAS, ANY_ALIBI, LOWRANK, FAST)  # fmt: skip
         else:
             w = s * scale2
         w, _ = softplus2(w, FAST)
@@ -268,39 +269,35 @@ def score_transform_fwd_kernel(
     inv_cap = scale / cap
     full_end, hi = causal_key_range(start_m, OFFSET, N_Q, N_K, BLOCK_M, BLOCK_N, CAUSAL)
     # ALiBi: key ranges by side of the diagonal (see the module docstring); the loops share one row frame
+    # (forms as annotated constexprs: Triton 3.6 turns a plain local assignment into a tensor)
+    SHIFTED: tl.constexpr = ALIBI and not SOFTPLUS
+    FIRST: tl.constexpr = ALIBI * (SOFTPLUS * ALIBI_TRUE + (1 - SOFTPLUS) * ALIBI_BELOW)
+    SECOND: tl.constexpr = ALIBI * (
+        SOFTPLUS * ALIBI_TRUE + (1 - SOFTPLUS) * (CAUSAL * ALIBI_BELOW + (1 - CAUSAL) * ALIBI_STRADDLE)
+    )
     below_end = full_end
     above_start = hi
-    first = ALIBI_OFF
-    second = ALIBI_OFF
-    if ALIBI:
-        if SOFTPLUS:
-            first = ALIBI_TRUE
-            second = ALIBI_TRUE
-        else:
-            first = ALIBI_BELOW
-            second = ALIBI_BELOW if CAUSAL else ALIBI_STRADDLE
-            if not CAUSAL:
-                below_end = tl.minimum(tl.maximum(((start_m + OFFSET + 1) // BLOCK_N) * BLOCK_N, 0), N_K)
-                above_start = tl.maximum(
-                    tl.minimum(((start_m + OFFSET + BLOCK_M - 1 + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, N_K),
-                    below_end,
-                )
-    WS_FIRST: tl.constexpr = WS and not (ALIBI and not CAUSAL and not SOFTPLUS)
+    if SHIFTED and not CAUSAL:
+        below_end = tl.minimum(tl.maximum(((start_m + OFFSET + 1) // BLOCK_N) * BLOCK_N, 0), N_K)
+        above_start = tl.maximum(
+            tl.minimum(((start_m + OFFSET + BLOCK_M - 1 + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, N_K), below_end
+        )
+    WS_FIRST: tl.constexpr = WS and not (SHIFTED and not CAUSAL)
     acc0, m0, l0, acc1, m1, l1 = _fwd_inner(
         acc0, m0, l0, acc1, m1, l1, q0, q1, u0, u1, tau0, tau1, k_src, v_src, vf_base, stride_kn, stride_vn,
         stride_vfn, bias_base, stride_bm, stride_bn, slope2, offs_m0, offs_m1, start_m, 0, below_end, N_Q, N_K,
         OFFSET, HEAD_D, R, scale2, cap2, inv_cap, BLOCK_N, BLOCK_D, BLOCK_R, False, EVEN_N, EVEN_D, SOFTCAP,
-        HAS_BIAS, first, LOWRANK, TEMP, FAST, DOT_PREC, UPCAST, TMA, SPLIT, WS_FIRST, SOFTPLUS,
+        HAS_BIAS, FIRST, LOWRANK, TEMP, FAST, DOT_PREC, UPCAST, TMA, SPLIT, WS_FIRST, SOFTPLUS,
     )  # fmt: skip
-    if CAUSAL or (ALIBI and not SOFTPLUS):
+    if CAUSAL or SHIFTED:
         acc0, m0, l0, acc1, m1, l1 = _fwd_inner(
             acc0, m0, l0, acc1, m1, l1, q0, q1, u0, u1, tau0, tau1, k_src, v_src, vf_base, stride_kn,
             stride_vn, stride_vfn, bias_base, stride_bm, stride_bn, slope2, offs_m0, offs_m1, start_m, below_end,
             above_start, N_Q, N_K, OFFSET, HEAD_D, R, scale2, cap2, inv_cap, BLOCK_N, BLOCK_D, BLOCK_R, CAUSAL,
-            EVEN_N, EVEN_D, SOFTCAP, HAS_BIAS, second, LOWRANK, TEMP, FAST, DOT_PREC, UPCAST, TMA, SPLIT, False,
+            EVEN_N, EVEN_D, SOFTCAP, HAS_BIAS, SECOND, LOWRANK, TEMP, FAST, DOT_PREC, UPCAST, TMA, SPLIT, False,
             SOFTPLUS,
         )  # fmt: skip
-    if ALIBI and not CAUSAL and not SOFTPLUS:
+    if SHIFTED and not CAUSAL:
         acc0, m0, l0, acc1, m1, l1 = _fwd_inner(
             acc0, m0, l0, acc1, m1, l1, q0, q1, u0, u1, tau0, tau1, k_src, v_src, vf_base, stride_kn,
             stride_vn, stride_vfn, bias_base, stride_bm, stride_bn, slope2, offs_m0, offs_m1, start_m,
@@ -308,7 +305,7 @@ def score_transform_fwd_kernel(
             False, EVEN_N, EVEN_D, SOFTCAP, HAS_BIAS, ALIBI_ABOVE, LOWRANK, TEMP, FAST, DOT_PREC, UPCAST, TMA,
             SPLIT, False, SOFTPLUS,
         )  # fmt: skip
-    if ALIBI and not SOFTPLUS:  # back to the true frame: x = x' - slope2 * (i - start_m)
+    if SHIFTED:  # back to the true frame: x = x' - slope2 * (i - start_m)
         m0 -= slope2 * (offs_m0 - start_m).to(tl.float32)
         m1 -= slope2 * (offs_m1 - start_m).to(tl.float32)
     sink2 = 0.0
