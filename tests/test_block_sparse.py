@@ -185,6 +185,31 @@ def test_explicit_schedules_bypass_the_autotuner_with_the_same_result() -> None:
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_autotuning_off_launches_the_first_fitting_config_directly() -> None:
+    """With autotuning off the executor's launchers are not Triton autotuners (Triton 3.6's benchmarks
+    even one pruned config per new key): each launches the first config that divides the plan's tiles,
+    with the autotuned launch's result."""
+    from attnlab.kernels.block_sparse import op
+
+    q = torch.randn(1, 4, 40, 16, device=DEVICE)
+    k, v = (torch.randn(1, 2, 40, 16, device=DEVICE) for _ in range(2))
+    plan = random_plan(1, 4, 40, 40, False, 32, 0.5, 0, seed=4)
+    tables = tuple(t.to(DEVICE) for t in executor_tables(plan).as_args())
+    want = op.block_sparse_fwd_launch(q, k, v, tables, 0.25, False)
+    saved = attnlab.settings.autotune
+    attnlab.settings.autotune = False
+    try:
+        launchers = [op._pick(v) for v in (op._FWD, op._DQ, op._DKDV)]
+        assert all(isinstance(f, op._FirstFit) for f in launchers)
+        got = op.block_sparse_fwd_launch(q, k, v, tables, 0.25, False)
+    finally:
+        attnlab.settings.autotune = saved
+    first = launchers[0].config_for(BLOCK_Q=32, BLOCK_K=32, DOT_PREC="ieee")
+    assert 32 % first.kwargs["BLOCK_M"] == 0 and 32 % first.kwargs["BLOCK_N"] == 0
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_bf16_forward_within_the_rounding_of_its_output() -> None:
     q, k, v = (torch.randn(1, 2, 40, 24, device=DEVICE).bfloat16() for _ in range(3))
     plan = random_plan(1, 2, 40, 40, True, 32, 0.5, 4, seed=3)

@@ -119,3 +119,19 @@ def test_fused_full_step_uses_the_kernel(monkeypatch: pytest.MonkeyPatch) -> Non
     assert isinstance(res, attnlab.core.Result)
     want = calls[0].topk(10, dim=-1).indices.sort(-1).values
     assert torch.equal(res.state.positions.long().sort(-1).values, want)
+
+
+def test_pools_wider_than_the_kernel_unrolls_take_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pool above MAX_POOL (the kernel unrolls its shifts) is scored by the PyTorch formula; up to it, by
+    the kernel."""
+    import attnlab.kernels.decode.recycled_scores as rs
+
+    calls: list[int] = []
+    real = rs.recycled_scores
+    monkeypatch.setattr(rs, "recycled_scores", lambda *a, **kw: calls.append(a[3]) or real(*a, **kw))
+    logits, lse = _inputs(1, 4, 2, 40, wide=False, seed=6)
+    for pool in (rs.MAX_POOL, rs.MAX_POOL + 2):
+        params = recycled.RecycledParams(pool=pool)
+        got = recycled._fused_scores(logits, lse, 2, params, None)
+        _check(got, recycled._scores_torch(logits, lse, 2, params, None))
+    assert calls == [rs.MAX_POOL]

@@ -234,12 +234,10 @@ def test_every_forward_schedule_matches_the_naive_twin(poison_empty: None, causa
 
 
 @pytest.mark.parametrize(("n_q", "n_k", "causal"), [(70, 100, False), (100, 70, True), (64, 64, False)])
-def test_alibi_row_frame_forward_matches_the_twin(
-    poison_empty: None, n_q: int, n_k: int, causal: bool
-) -> None:
-    """ALiBi alone and with sinks, in the forward's row frame (key blocks below, above and across the
-    diagonal, several of each at these lengths; steep slopes so a wrong frame shows): out and lse equal the
-    twin's true-frame result; on CPU also with the split and warp-specialized schedules."""
+def test_alibi_forward_matches_the_twin(poison_empty: None, n_q: int, n_k: int, causal: bool) -> None:
+    """ALiBi alone and with sinks (key blocks below, above and across the diagonal, several of each at these
+    lengths; steep slopes): out and lse equal the twin's; on CPU also with the split and warp-specialized
+    schedules."""
     from attnlab.kernels.score_transform.op import score_transform_fwd_launch
 
     q, k, v = random_qkv(1, 4, 2, n_q, n_k, 16, torch.float32)

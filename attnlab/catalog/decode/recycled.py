@@ -166,13 +166,14 @@ def _fused_scores(
 ) -> Tensor:
     """:func:`_scores_torch` in one Triton launch that reads the logits once
     (:func:`attnlab.kernels.decode.recycled_scores.recycled_scores`), or in PyTorch where that kernel
-    cannot run on the logits' device."""
+    cannot run on the logits' device or the pool is wider than it unrolls
+    (:data:`attnlab.kernels.decode.recycled_scores.MAX_POOL`)."""
     from attnlab.kernels.triton_utils import triton_available, triton_refusal
 
     if triton_available():
         from attnlab.kernels.decode import recycled_scores as rs
 
-        if not triton_refusal(logits.device, rs.IMPORTED_INTERPRETED):
+        if params.pool <= rs.MAX_POOL and not triton_refusal(logits.device, rs.IMPORTED_INTERPRETED):
             return rs.recycled_scores(logits, lse, h_kv, params.pool, valid)
     return _scores_torch(logits, lse, h_kv, params, valid)
 

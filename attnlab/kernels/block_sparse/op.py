@@ -87,16 +87,28 @@ def _tuned(kernel, shapes, reset=None):  # type: ignore[no-untyped-def]
     configs = _configs(shapes)
     prune = {"early_config_prune": _prune}
     tuned = triton.autotune(configs, key=_KEY, prune_configs_by=prune, reset_to_zero=reset)(kernel)
-    fixed = triton.autotune(configs, key=_KEY, prune_configs_by={"early_config_prune": _first(prune)},
-                            reset_to_zero=reset)(kernel)  # fmt: skip
-    return tuned, fixed
+    return tuned, _FirstFit(kernel, configs)
 
 
-def _first(prune: dict):  # type: ignore[no-untyped-def]
-    def first(configs, named_args, **kwargs):  # type: ignore[no-untyped-def]
-        return prune["early_config_prune"](configs, named_args, **kwargs)[:1]
+class _FirstFit:
+    """``launcher[grid](*args, **kwargs)`` runs ``kernel`` with the first config that :func:`_prune` keeps
+    for the call (autotuning off). Not a Triton autotuner: Triton 3.6's benchmarks even a single pruned
+    config once per new key (kernel runs the caller did not ask for, and a hazard inside a CUDA-graph
+    capture)."""
 
-    return first
+    def __init__(self, kernel, configs: list[triton.Config]) -> None:  # type: ignore[no-untyped-def]
+        self.kernel = kernel
+        self.configs = configs
+
+    def config_for(self, **kwargs: object) -> triton.Config:
+        return _prune(self.configs, {}, **kwargs)[0]
+
+    def __getitem__(self, grid):  # type: ignore[no-untyped-def]
+        def launch(*args: object, **kwargs: object) -> object:
+            meta = self.config_for(**kwargs).all_kwargs()
+            return self.kernel[grid(meta) if callable(grid) else grid](*args, **kwargs, **meta)
+
+        return launch
 
 
 _FWD = _tuned(block_sparse_fwd_kernel, FWD_SHAPES)

@@ -47,6 +47,9 @@ IMPORTED_INTERPRETED = interpreting()
 #: 48 / 57 and 311 / 368 us). N_q = 4, B=1: 44 us (pool 1: 27).
 SCORES_BLOCK = 256
 SCORES_WARPS = 4
+#: The widest pool this kernel takes: it unrolls the window's POOL shifts (compile time and code size grow
+#: with it); recycled's wider pools take the PyTorch path.
+MAX_POOL = 63
 
 
 @triton.jit

@@ -15,15 +15,6 @@ SOFTPLUS (l1-normalised softplus weights): no maximum is kept; per key block l +
 w = log2(1 + 2^x) (softplus / ln 2: the ln 2 cancels in acc / l); out = acc / l (0 where l == 0) and the
 returned lse is log(l ln 2), the log of the natural normaliser sum_j softplus(x_ij).
 
-ALiBi (softmax): the row term of the distance cancels in the softmax, so each program keeps its logits in
-a row frame, x' = x + slope2 * u_i with u_i = i - start_m and w_j = j - (start_m + OFFSET) (base-2 slope):
-key blocks wholly at or below the diagonal (every j <= i + OFFSET; all of them when CAUSAL) take
-x' = scale2 s + slope2 w_j, one fused multiply-add per score instead of the distance's four operations;
-blocks wholly above it (non-causal) take x' = scale2 s - slope2 w_j + 2 slope2 u_i; blocks that straddle
-it take the true logit plus slope2 u_i. Every value stays within slope2 * (distance + BLOCK_M) of the
-true one, so no precision is lost at long lengths, and m returns to the true frame before the finish
-(acc and l are relative to m and need nothing). The softplus path keeps the true frame.
-
 Schedule knobs (constexpr; the FlashSigmoid kernel's, see attnlab/kernels/sigmoid/fwd.py): TMA (tiles of
 q, k, v, o move by tensor descriptors built in the kernel), SPLIT=2 (the query tile is two row halves whose
 score products are issued before either half's exponentials), WS (Triton's warp specialization of the
@@ -39,19 +30,11 @@ from attnlab.kernels.sigmoid.fwd import _load_rows, _store_rows, _tile_source
 
 LENGTH_ARGS = ["N_Q", "N_K", "OFFSET"]
 
-#: ALiBi forms of a key loop (compile-time): none; the true-frame |i + OFFSET - j| (softplus, whose weights
-#: are not shift-invariant); and the row-frame forms of the softmax kernel (see the module docstring).
-ALIBI_OFF = tl.constexpr(0)
-ALIBI_TRUE = tl.constexpr(1)
-ALIBI_STRADDLE = tl.constexpr(2)
-ALIBI_BELOW = tl.constexpr(3)
-ALIBI_ABOVE = tl.constexpr(4)
-
 
 @triton.jit
 def _online(
-    acc, m_i, l_i, s, v, offs_m, offs_n, start_m, bias_base, stride_bm, stride_bn, slope2, u, vf, N_Q, N_K,
-    OFFSET, scale2, cap2, inv_cap, MASKED: tl.constexpr, BOUND: tl.constexpr, SOFTCAP: tl.constexpr,
+    acc, m_i, l_i, s, v, offs_m, offs_n, bias_base, stride_bm, stride_bn, slope2, u, vf, N_Q, N_K, OFFSET,
+    scale2, cap2, inv_cap, MASKED: tl.constexpr, BOUND: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_BIAS: tl.constexpr, ALIBI: tl.constexpr, LOWRANK: tl.constexpr, FAST: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):  # fmt: skip
@@ -61,21 +44,17 @@ def _online(
     tutorial: the row maximum is taken on the raw scores and scaled once per row, and ``2^(s * scale2 - m)``
     is one fused multiply-add per score (the timed kernel multiplied, then subtracted; not timed since).
 
-    ALIBI is the ALiBi form (:data:`ALIBI_OFF`, ..., :data:`ALIBI_ABOVE`; see the module docstring): the
-    shifted forms keep logits and ``m`` in the program's row frame, x' = x + slope2 * (i - start_m).
-
     SOFTPLUS: no maximum; the weights ``log2(1 + 2^x)`` (softplus / ln 2, which cannot overflow) are summed
     into ``l`` and multiply v directly; ``m`` is returned unchanged."""
     qi = offs_m[:, None]
     kj = offs_n[None, :]
-    ANY_ALIBI: tl.constexpr = ALIBI != ALIBI_OFF
     if SOFTPLUS:
-        if SOFTCAP or HAS_BIAS or ANY_ALIBI or LOWRANK:
+        if SOFTCAP or HAS_BIAS or ALIBI or LOWRANK:
             lr = s
             if LOWRANK:
                 lr = dot(u, tl.trans(vf), DOT_PREC, UPCAST) * LOG2E
             w, _ = logits2(s, qi, kj, bias_base, stride_bm, stride_bn, slope2, lr, N_Q, N_K, OFFSET, scale2, cap2,
-                           inv_cap, SOFTCAP, HAS_BIAS, ANY_ALIBI, LOWRANK, FAST)  # fmt: skip
+                           inv_cap, SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, FAST)  # fmt: skip
         else:
             w = s * scale2
         w, _ = softplus2(w, FAST)
@@ -86,31 +65,12 @@ def _online(
         l_i = l_i + tl.sum(w, 1)
         acc = dot_acc(w.to(v.dtype), v, acc, DOT_PREC, UPCAST)
         return acc, m_i, l_i
-    GENERAL: tl.constexpr = ALIBI != ALIBI_OFF and ALIBI < ALIBI_BELOW  # ALIBI_TRUE or ALIBI_STRADDLE
-    if SOFTCAP or HAS_BIAS or GENERAL or LOWRANK:
+    if SOFTCAP or HAS_BIAS or ALIBI or LOWRANK:
         lr = s
         if LOWRANK:
             lr = dot(u, tl.trans(vf), DOT_PREC, UPCAST) * LOG2E
         x, _ = logits2(s, qi, kj, bias_base, stride_bm, stride_bn, slope2, lr, N_Q, N_K, OFFSET, scale2, cap2,
-                       inv_cap, SOFTCAP, HAS_BIAS, GENERAL, LOWRANK, FAST)  # fmt: skip
-        x_scale = 1.0
-        if ALIBI == ALIBI_STRADDLE:
-            x += (slope2 * (offs_m - start_m).to(tl.float32))[:, None]
-        if ALIBI == ALIBI_BELOW:
-            x += (slope2 * (offs_n - (start_m + OFFSET)).to(tl.float32))[None, :]
-        if ALIBI == ALIBI_ABOVE:
-            x += (2.0 * slope2 * (offs_m - start_m).to(tl.float32))[:, None] - (
-                slope2 * (offs_n - (start_m + OFFSET)).to(tl.float32)
-            )[None, :]
-    elif ALIBI == ALIBI_BELOW:
-        x = s * scale2 + (slope2 * (offs_n - (start_m + OFFSET)).to(tl.float32))[None, :]
-        x_scale = 1.0
-    elif ALIBI == ALIBI_ABOVE:
-        x = (
-            s * scale2
-            + (2.0 * slope2 * (offs_m - start_m).to(tl.float32))[:, None]
-            - (slope2 * (offs_n - (start_m + OFFSET)).to(tl.float32))[None, :]
-        )
+                       inv_cap, SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, FAST)  # fmt: skip
         x_scale = 1.0
     else:
         x = s
@@ -131,8 +91,8 @@ def _online(
 @triton.jit
 def _fwd_inner(
     acc0, m0, l0, acc1, m1, l1, q0, q1, u0, u1, tau0, tau1, k_src, v_src, vf_base, stride_kn, stride_vn,
-    stride_vfn, bias_base, stride_bm, stride_bn, slope2, offs_m0, offs_m1, start_m, lo, hi, N_Q, N_K, OFFSET,
-    HEAD_D, R, scale2, cap2, inv_cap, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    stride_vfn, bias_base, stride_bm, stride_bn, slope2, offs_m0, offs_m1, lo, hi, N_Q, N_K, OFFSET, HEAD_D, R,
+    scale2, cap2, inv_cap, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     MASKED: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_BIAS: tl.constexpr, ALIBI: tl.constexpr, LOWRANK: tl.constexpr, TEMP: tl.constexpr, FAST: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, SPLIT: tl.constexpr, WS: tl.constexpr,
@@ -152,7 +112,7 @@ def _fwd_inner(
             if TEMP:
                 s0 = s0 * tau0[:, None]
             acc0, m0, l0 = _online(
-                acc0, m0, l0, s0, v, offs_m0, offs_n, start_m, bias_base, stride_bm, stride_bn, slope2, u0, vf, N_Q, N_K,
+                acc0, m0, l0, s0, v, offs_m0, offs_n, bias_base, stride_bm, stride_bn, slope2, u0, vf, N_Q, N_K,
                 OFFSET, scale2, cap2, inv_cap, MASKED, BOUND, SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, FAST, DOT_PREC,
                 UPCAST, SOFTPLUS,
             )  # fmt: skip
@@ -170,12 +130,12 @@ def _fwd_inner(
                 s0 = s0 * tau0[:, None]
                 s1 = s1 * tau1[:, None]
             acc0, m0, l0 = _online(
-                acc0, m0, l0, s0, v, offs_m0, offs_n, start_m, bias_base, stride_bm, stride_bn, slope2, u0, vf, N_Q, N_K,
+                acc0, m0, l0, s0, v, offs_m0, offs_n, bias_base, stride_bm, stride_bn, slope2, u0, vf, N_Q, N_K,
                 OFFSET, scale2, cap2, inv_cap, MASKED, BOUND, SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, FAST, DOT_PREC,
                 UPCAST, SOFTPLUS,
             )  # fmt: skip
             acc1, m1, l1 = _online(
-                acc1, m1, l1, s1, v, offs_m1, offs_n, start_m, bias_base, stride_bm, stride_bn, slope2, u1, vf, N_Q, N_K,
+                acc1, m1, l1, s1, v, offs_m1, offs_n, bias_base, stride_bm, stride_bn, slope2, u1, vf, N_Q, N_K,
                 OFFSET, scale2, cap2, inv_cap, MASKED, BOUND, SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, FAST, DOT_PREC,
                 UPCAST, SOFTPLUS,
             )  # fmt: skip
@@ -268,46 +228,19 @@ def score_transform_fwd_kernel(
     cap2 = cap * LOG2E
     inv_cap = scale / cap
     full_end, hi = causal_key_range(start_m, OFFSET, N_Q, N_K, BLOCK_M, BLOCK_N, CAUSAL)
-    # ALiBi: key ranges by side of the diagonal (see the module docstring); the loops share one row frame
-    # (forms as annotated constexprs: Triton 3.6 turns a plain local assignment into a tensor)
-    SHIFTED: tl.constexpr = ALIBI and not SOFTPLUS
-    FIRST: tl.constexpr = ALIBI * (SOFTPLUS * ALIBI_TRUE + (1 - SOFTPLUS) * ALIBI_BELOW)
-    SECOND: tl.constexpr = ALIBI * (
-        SOFTPLUS * ALIBI_TRUE + (1 - SOFTPLUS) * (CAUSAL * ALIBI_BELOW + (1 - CAUSAL) * ALIBI_STRADDLE)
-    )
-    below_end = full_end
-    above_start = hi
-    if SHIFTED and not CAUSAL:
-        below_end = tl.minimum(tl.maximum(((start_m + OFFSET + 1) // BLOCK_N) * BLOCK_N, 0), N_K)
-        above_start = tl.maximum(
-            tl.minimum(((start_m + OFFSET + BLOCK_M - 1 + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, N_K), below_end
-        )
-    WS_FIRST: tl.constexpr = WS and not (SHIFTED and not CAUSAL)
     acc0, m0, l0, acc1, m1, l1 = _fwd_inner(
         acc0, m0, l0, acc1, m1, l1, q0, q1, u0, u1, tau0, tau1, k_src, v_src, vf_base, stride_kn, stride_vn,
-        stride_vfn, bias_base, stride_bm, stride_bn, slope2, offs_m0, offs_m1, start_m, 0, below_end, N_Q, N_K,
-        OFFSET, HEAD_D, R, scale2, cap2, inv_cap, BLOCK_N, BLOCK_D, BLOCK_R, False, EVEN_N, EVEN_D, SOFTCAP,
-        HAS_BIAS, FIRST, LOWRANK, TEMP, FAST, DOT_PREC, UPCAST, TMA, SPLIT, WS_FIRST, SOFTPLUS,
+        stride_vfn, bias_base, stride_bm, stride_bn, slope2, offs_m0, offs_m1, 0, full_end, N_Q, N_K, OFFSET, HEAD_D, R,
+        scale2, cap2, inv_cap, BLOCK_N, BLOCK_D, BLOCK_R, False, EVEN_N, EVEN_D, SOFTCAP, HAS_BIAS, ALIBI,
+        LOWRANK, TEMP, FAST, DOT_PREC, UPCAST, TMA, SPLIT, WS, SOFTPLUS,
     )  # fmt: skip
-    if CAUSAL or SHIFTED:
+    if CAUSAL:
         acc0, m0, l0, acc1, m1, l1 = _fwd_inner(
             acc0, m0, l0, acc1, m1, l1, q0, q1, u0, u1, tau0, tau1, k_src, v_src, vf_base, stride_kn,
-            stride_vn, stride_vfn, bias_base, stride_bm, stride_bn, slope2, offs_m0, offs_m1, start_m, below_end,
-            above_start, N_Q, N_K, OFFSET, HEAD_D, R, scale2, cap2, inv_cap, BLOCK_N, BLOCK_D, BLOCK_R, CAUSAL,
-            EVEN_N, EVEN_D, SOFTCAP, HAS_BIAS, SECOND, LOWRANK, TEMP, FAST, DOT_PREC, UPCAST, TMA, SPLIT, False,
-            SOFTPLUS,
+            stride_vn, stride_vfn, bias_base, stride_bm, stride_bn, slope2, offs_m0, offs_m1, full_end, hi, N_Q, N_K,
+            OFFSET, HEAD_D, R, scale2, cap2, inv_cap, BLOCK_N, BLOCK_D, BLOCK_R, True, EVEN_N, EVEN_D, SOFTCAP,
+            HAS_BIAS, ALIBI, LOWRANK, TEMP, FAST, DOT_PREC, UPCAST, TMA, SPLIT, False, SOFTPLUS,
         )  # fmt: skip
-    if SHIFTED and not CAUSAL:
-        acc0, m0, l0, acc1, m1, l1 = _fwd_inner(
-            acc0, m0, l0, acc1, m1, l1, q0, q1, u0, u1, tau0, tau1, k_src, v_src, vf_base, stride_kn,
-            stride_vn, stride_vfn, bias_base, stride_bm, stride_bn, slope2, offs_m0, offs_m1, start_m,
-            above_start, N_K, N_Q, N_K, OFFSET, HEAD_D, R, scale2, cap2, inv_cap, BLOCK_N, BLOCK_D, BLOCK_R,
-            False, EVEN_N, EVEN_D, SOFTCAP, HAS_BIAS, ALIBI_ABOVE, LOWRANK, TEMP, FAST, DOT_PREC, UPCAST, TMA,
-            SPLIT, False, SOFTPLUS,
-        )  # fmt: skip
-    if SHIFTED:  # back to the true frame: x = x' - slope2 * (i - start_m)
-        m0 -= slope2 * (offs_m0 - start_m).to(tl.float32)
-        m1 -= slope2 * (offs_m1 - start_m).to(tl.float32)
     sink2 = 0.0
     if HAS_SINK:
         sink2 = tl.load(SINKS + h).to(tl.float32) * LOG2E
