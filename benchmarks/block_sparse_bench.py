@@ -9,7 +9,9 @@ Sections (each guarded; a failure is recorded in its place; DIR/block_sparse.jso
   Sides, timed in rotating rounds with CUDA events (attnlab.bench.timing.measure_interleaved, >= 10
   calls each, spread kept): cuDNN SDPA dense, FlexAttention with the plan's BlockMask (compiled), and the
   executor (``block_sparse_attention`` with the plan's tables; tables built before timing, as a prepared
-  static op has them). Labelled "kernel" sides: both take a prebuilt plan.
+  static op has them). Labelled "kernel" sides: both take a prebuilt plan. Also the backward pass alone
+  (``bwd``: autograd over a saved graph, cuDNN and the executor; Flex's compiled backward refuses a
+  retained graph).
 - ``dynamic``: block_topk (causal, top-k = N/1024 blocks of 128, ~1/8 of the causal tiles) as a user
   calls it (estimation, tables and executor), its estimator alone, and cuDNN dense, forward, 32K-128K.
 - ``static``: sliding_window (1024 at 32K, 2048 at 64K) as a user calls it, ``attnlab.attention(...,
@@ -132,6 +134,14 @@ def sides(q, k, v, tables, bm, causal: bool, mode: str) -> dict[str, Any]:  # ty
     if mode == "fwd":
         return run
     do = torch.randn_like(q)
+    if mode == "bwd":
+        # the backward pass alone over a saved graph, the same way on both sides; FlexAttention's compiled
+        # backward refuses a retained graph (donated buffers), so it has no side here
+        outs = {name: run[name]() for name in ("cudnn_dense", "executor")}
+        return {
+            name: (lambda o=o: torch.autograd.grad(o, (q, k, v), do, retain_graph=True))
+            for name, o in outs.items()
+        }
 
     def fwd_bwd(fn):  # type: ignore[no-untyped-def]
         return lambda: torch.autograd.grad(fn(), (q, k, v), do)
@@ -159,7 +169,7 @@ def section_random(quick: bool) -> list[dict[str, Any]]:
                     tables = executor_tables(plan).as_args()
                     bm = plan.block_mask()
                     row["check"] = check(q, k, v, plan, tables, bm, causal)
-                    for mode in ("fwd", "fwd_bwd"):
+                    for mode in ("fwd", "fwd_bwd", "bwd"):
                         row[mode] = timing_row(sides(q, k, v, tables, bm, causal, mode))
                     print(json.dumps(row), flush=True)
                 except Exception:

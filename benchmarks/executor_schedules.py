@@ -45,9 +45,9 @@ from attnlab.kernels.sdpa import sdpa_dense
 from attnlab.plans.executor import executor_tables
 
 DEV = torch.device("cuda")
-FWD = [*op.FWD_SHAPES[:5], (128, 64, 8, 3), (128, 32, 4, 3), (128, 64, 4, 4)]
-DQ = op.DQ_SHAPES[:5]
-DKDV = [*op.DKDV_SHAPES[:5], (64, 128, 8, 3), (128, 128, 8, 2)]
+FWD = [*op.FWD_SHAPES[:5], (128, 64, 4, 2), (64, 64, 4, 2), (64, 128, 4, 3), (128, 64, 4, 4)]
+DQ = [*op.DQ_SHAPES[:5], (64, 64, 4, 2), (64, 64, 8, 3)]
+DKDV = [*op.DKDV_SHAPES[:5], (64, 128, 8, 3), (64, 64, 4, 2), (64, 64, 8, 3)]
 
 
 def _config(shape: tuple[int, int, int, int]) -> triton.Config:
