@@ -89,6 +89,24 @@ def test_tables_of_a_dynamic_plan_with_columns() -> None:
                     assert not any(bool(visited[c // 16]) for c in cols)
 
 
+def test_column_tables_say_from_their_shape_whether_the_plan_has_columns() -> None:
+    """No columns: 1-wide column tables; one column per row (or more): at least 2 wide, -1 padded, so the
+    executor decides from shapes (no device read) and still runs the single column, forward and backward."""
+    from attnlab.plans.executor import COLUMNS_MIN_WIDTH
+
+    none = executor_tables(random_plan(1, 2, 40, 40, True, 16, 0.3, 0, seed=2))
+    assert none.c_idx.shape[-1] == 1 and not none.has_columns
+    plan = random_plan(1, 2, 40, 40, True, 16, 0.3, 0, seed=2)
+    cols = torch.full((1, 2, 3, 1), 0, dtype=torch.int32)  # key 0 for every row (outside most visited tiles)
+    one = Plan(40, 40, True, 16, 16, plan.full, plan.partial, plan.mask_mod, kind="dynamic", columns=cols)
+    t = executor_tables(one)
+    assert t.has_columns and t.c_idx.shape[-1] == COLUMNS_MIN_WIDTH
+    assert (t.c_idx[..., 1] == -1).all()
+    q = torch.randn(1, 2, 40, 16, device=DEVICE)
+    k, v = (torch.randn(1, 2, 40, 16, device=DEVICE) for _ in range(2))
+    _run_and_compare(q, k, v, one, True, grads=True, tol=1e-4)
+
+
 def test_causal_rule_tables_equal_the_evaluated_ones() -> None:
     for n_q, n_k in ((50, 77), (77, 50), (64, 64)):
         plan = random_plan(2, 3, n_q, n_k, True, 16, 0.3, 0, seed=n_q)

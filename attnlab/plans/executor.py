@@ -34,6 +34,11 @@ from attnlab.plans.rows import distinct_words, packed_rows, unpacked_rows
 TILE_CHUNK = 2048
 
 
+#: Width of the column tables of a plan with token columns, at least (width 1 is the "no columns" form, so
+#: the executor knows from shapes alone, without reading the device, whether columns take part).
+COLUMNS_MIN_WIDTH = 2
+
+
 @dataclass(frozen=True, eq=False)
 class ExecutorTables:
     """The executor's view of a plan. Every table is int32 with a leading (Bp, Hp) pair (1 broadcasts)."""
@@ -49,7 +54,7 @@ class ExecutorTables:
     f_num: Tensor
     f_idx: Tensor  # (Bp, Hp, NQB, max full)
     c_num: Tensor
-    c_idx: Tensor  # (Bp, Hp, NQB, C) key tokens, ascending, -1 padded (C >= 1)
+    c_idx: Tensor  # (Bp, Hp, NQB, C) key tokens, ascending, -1 padded; C = 1: no columns, else C >= 2
     #: backward (dK/dV): per (Bp, Hp, NKB), the query blocks that visit each key block
     tp_num: Tensor
     tp_idx: Tensor
@@ -61,7 +66,10 @@ class ExecutorTables:
 
     @property
     def has_columns(self) -> bool:
-        return self.c_idx.shape[-1] > 1 or bool((self.c_num > 0).any())
+        """Whether the plan had token columns, from the tables' shape alone (no device read): the column
+        tables of a plan without columns are 1 wide, those of a plan with columns at least
+        :data:`COLUMNS_MIN_WIDTH`."""
+        return self.c_idx.shape[-1] >= COLUMNS_MIN_WIDTH
 
     def as_args(self) -> tuple[Tensor, ...]:
         """The tables in the order the executor's custom ops take them."""
@@ -207,6 +215,8 @@ def _columns(plan: Plan, visited: Tensor) -> tuple[Tensor, Tensor]:
     num = (ordered < big).sum(-1, dtype=torch.int32)
     width = max(1, int(num.max()))
     idx = torch.where(ordered < big, ordered, -1)[..., :width]
+    # a plan with columns has tables at least 2 wide (-1 padded): width 1 means "no columns" to the kernels
+    idx = torch.nn.functional.pad(idx, (0, max(0, COLUMNS_MIN_WIDTH - idx.shape[-1])), value=-1)
     return num.contiguous(), idx.to(torch.int32).contiguous()
 
 

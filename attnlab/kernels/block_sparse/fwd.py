@@ -9,7 +9,9 @@ fp32 running max, sum and accumulator) over:
 2. the partial tiles: key block ``kb`` with pattern ``u``; a score counts where
    ``PATTERNS[u, i % BLOCK_Q, j % BLOCK_K]`` is 1 (positions past N_k are 0 there);
 3. the token columns, BLOCK_N at a time, gathered rows of K and V; -1 padding and, when CAUSAL, keys
-   past the query's position ``i + OFFSET`` are masked.
+   past the query's position ``i + OFFSET`` are masked. Only when HAS_COLS: column tables 1 wide mean
+   "no columns" (:attr:`attnlab.plans.executor.ExecutorTables.has_columns`), so no launch reads the
+   device to decide it.
 
 Each plan tile of BLOCK_K keys is read in BLOCK_K // BLOCK_N steps, one flat loop over the steps of all
 listed tiles (so Triton pipelines loads across tiles). TMA: the tiles of K and V move by tensor descriptors
@@ -40,7 +42,7 @@ def block_sparse_fwd_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr, HAS_COLS: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -92,18 +94,19 @@ def block_sparse_fwd_kernel(
         keep = tl.load(PATTERNS + pat * (BLOCK_Q * BLOCK_K) + rows_sub[:, None] * BLOCK_K + cols_sub[None, :])
         acc, m_i, l_i = attend(acc, m_i, l_i, q, k, v, qk_scale, keep != 0, True, DOT_PREC, UPCAST)
 
-    # 3. token columns (gathered rows)
-    t_cn, t_ci = table_offset(b, h, row, s_cn, s_ci, PLAN_B, PLAN_H, HEAD_DIV)
-    n_cols = tl.load(C_NUM + t_cn)
-    for c0 in range(0, n_cols, BLOCK_N):
-        offs_c = c0 + tl.arange(0, BLOCK_N)
-        idx = tl.load(C_IDX + t_ci + offs_c, mask=offs_c < n_cols, other=-1)
-        valid = idx >= 0
-        k, v = load_kv(k_base, v_base, stride_kn, stride_vn, idx, offs_d, N_K, HEAD_D, False, EVEN_D)
-        keep = valid[None, :]
-        if CAUSAL:
-            keep = keep & (idx[None, :] <= offs_m[:, None] + OFFSET)
-        acc, m_i, l_i = attend(acc, m_i, l_i, q, k, v, qk_scale, keep, True, DOT_PREC, UPCAST)
+    # 3. token columns (gathered rows), when the tables have them (1-wide column tables: none)
+    if HAS_COLS:
+        t_cn, t_ci = table_offset(b, h, row, s_cn, s_ci, PLAN_B, PLAN_H, HEAD_DIV)
+        n_cols = tl.load(C_NUM + t_cn)
+        for c0 in range(0, n_cols, BLOCK_N):
+            offs_c = c0 + tl.arange(0, BLOCK_N)
+            idx = tl.load(C_IDX + t_ci + offs_c, mask=offs_c < n_cols, other=-1)
+            valid = idx >= 0
+            k, v = load_kv(k_base, v_base, stride_kn, stride_vn, idx, offs_d, N_K, HEAD_D, False, EVEN_D)
+            keep = valid[None, :]
+            if CAUSAL:
+                keep = keep & (idx[None, :] <= offs_m[:, None] + OFFSET)
+            acc, m_i, l_i = attend(acc, m_i, l_i, q, k, v, qk_scale, keep, True, DOT_PREC, UPCAST)
 
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]

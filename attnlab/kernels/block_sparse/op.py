@@ -213,7 +213,8 @@ def _launch_fwd(kernel, grid, meta, q, k, v, o, lse, tables, scale, causal, tma)
         p_num.shape[2], p_idx.shape[3], f_num.shape[2], f_idx.shape[3], c_num.shape[2], c_idx.shape[3],
         h, h // h_kv, n_q, n_k, n_k - n_q, d, scale * 1.4426950408889634, hp, h // hp,
         PLAN_B=bp, BLOCK_Q=patterns.shape[1], BLOCK_K=patterns.shape[2], BLOCK_D=head_block(d),
-        CAUSAL=causal, EVEN_M=n_q % patterns.shape[1] == 0, TMA=tma, **_flags(q), **meta,
+        CAUSAL=causal, EVEN_M=n_q % patterns.shape[1] == 0, TMA=tma, HAS_COLS=c_idx.shape[-1] > 1, **_flags(q),
+        **meta,
     )  # fmt: skip
 
 
@@ -247,7 +248,7 @@ def block_sparse_bwd_launch(
     )  # fmt: skip
     lse = lse.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    has_cols = bool(c_idx.shape[-1] > 1) or bool((c_num > 0).any())
+    has_cols = c_idx.shape[-1] > 1  # the tables' convention (ExecutorTables.has_columns): no device read
     # the columns' dK/dV (atomics) go to their own fp32 buffers, which the autotuner zeroes before each
     # timed config; without columns they are 1-element placeholders the kernel never touches
     size = (b, h_kv, n_k, d) if has_cols else (1,)
