@@ -185,14 +185,12 @@ def main() -> None:
         spec = attnlab.get("sliding_window")
         plan = static_plan(spec, spec.make_params({"window": 100}), 256, 256, True, torch.device("cpu"))
         tables = executor_tables(plan).as_args()
-        # the executor's autotuners, each held to one config by _only (one config: nothing benchmarked)
-        settings.autotune = True
-        rows += _compile("block_sparse.fwd", bs._FWD[0], bs._FWD[0].configs,
+        # the executor's autotuning-off launchers (_FirstFit), each held to one config by _only
+        rows += _compile("block_sparse.fwd", bs._FWD[1], bs._FWD[1].configs,
                          lambda: bs.block_sparse_fwd_launch(q, k, k, tables, 0.1, True))  # fmt: skip
         bwd_bs = lambda: bs.block_sparse_bwd_launch(q, q, k, k, q, lse, tables, 0.1, True)
-        rows += _compile("block_sparse.dq", bs._DQ[0], bs._DQ[0].configs, bwd_bs)
-        rows += _compile("block_sparse.dkdv", bs._DKDV[0], bs._DKDV[0].configs, bwd_bs)
-        settings.autotune = False
+        rows += _compile("block_sparse.dq", bs._DQ[1], bs._DQ[1].configs, bwd_bs)
+        rows += _compile("block_sparse.dkdv", bs._DKDV[1], bs._DKDV[1].configs, bwd_bs)
     meta = {
         "dtype": args.dtype,
         "head_dim": d,

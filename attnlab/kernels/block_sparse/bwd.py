@@ -16,7 +16,7 @@ Rows with no allowed key (lse = -inf) take lse = +inf, so their P is 0 (no NaN).
 import triton
 import triton.language as tl
 
-from attnlab.kernels.block_sparse.common import dot, load_kv, rounded, table_offset
+from attnlab.kernels.block_sparse.common import column_keys, dot, load_kv, rounded, table_offset
 
 LENGTH_ARGS = ["N_Q", "N_K", "OFFSET"]
 
@@ -133,13 +133,9 @@ def block_sparse_bwd_dq_kernel(
         n_cols = tl.load(C_NUM + t_cn)
         col_base = (b * (H // GROUP) + hk) * N_K * HEAD_D
         for c0 in range(0, n_cols, BLOCK_N):
-            offs_c = c0 + tl.arange(0, BLOCK_N)
-            idx = tl.load(C_IDX + t_ci + offs_c, mask=offs_c < n_cols, other=-1)
-            valid = idx >= 0
-            k, v = load_kv(k_base, v_base, stride_kn, stride_vn, idx, offs_d, N_K, HEAD_D, False, EVEN_D)
-            keep = valid[None, :]
-            if CAUSAL:
-                keep = keep & (idx[None, :] <= offs_m[:, None] + OFFSET)
+            idx, valid, k, v, keep = column_keys(C_IDX, t_ci, c0, n_cols, k_base, v_base, stride_kn, stride_vn,
+                                                 offs_m, offs_d, N_K, HEAD_D, OFFSET, BLOCK_N, CAUSAL,
+                                                 EVEN_D)  # fmt: skip
             dq, p, ds = _dq_step(dq, q, do, lse2, delta, k, v, qk_scale, keep, True, DOT_PREC, UPCAST)
             if UPCAST:
                 dv_c = tl.dot(tl.trans(p), do.to(tl.float32), input_precision="ieee")

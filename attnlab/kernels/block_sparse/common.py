@@ -102,3 +102,21 @@ def kv_tile(
     else:
         offs_n = start_n + tl.arange(0, BLOCK_N)
         return load_kv(k_src, v_src, stride_kn, stride_vn, offs_n, offs_d, N_K, HEAD_D, IN_RANGE, EVEN_D)
+
+
+@triton.jit
+def column_keys(
+    C_IDX, t_ci, c0, n_cols, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, N_K, HEAD_D, OFFSET,
+    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
+):  # fmt: skip
+    """(idx, valid, k, v, keep) of the token columns [c0, c0 + BLOCK_N) of a row's column list at
+    ``C_IDX + t_ci`` (``n_cols`` long, -1 padded): the key positions, which are real, their K and V rows
+    (gathered; 0 where not real) and the (queries ``offs_m``, columns) mask, causal when CAUSAL."""
+    offs_c = c0 + tl.arange(0, BLOCK_N)
+    idx = tl.load(C_IDX + t_ci + offs_c, mask=offs_c < n_cols, other=-1)
+    valid = idx >= 0
+    k, v = load_kv(k_base, v_base, stride_kn, stride_vn, idx, offs_d, N_K, HEAD_D, False, EVEN_D)
+    keep = valid[None, :]
+    if CAUSAL:
+        keep = keep & (idx[None, :] <= offs_m[:, None] + OFFSET)
+    return idx, valid, k, v, keep

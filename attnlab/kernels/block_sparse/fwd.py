@@ -23,7 +23,14 @@ Output: O = acc / l (0 where no key counted) and lse = m + log(l) in natural log
 import triton
 import triton.language as tl
 
-from attnlab.kernels.block_sparse.common import attend, kv_tile, load_kv, rounded, table_offset, tile_source
+from attnlab.kernels.block_sparse.common import (
+    attend,
+    column_keys,
+    kv_tile,
+    rounded,
+    table_offset,
+    tile_source,
+)
 
 LENGTH_ARGS = ["N_Q", "N_K", "OFFSET"]
 
@@ -99,13 +106,8 @@ def block_sparse_fwd_kernel(
         t_cn, t_ci = table_offset(b, h, row, s_cn, s_ci, PLAN_B, PLAN_H, HEAD_DIV)
         n_cols = tl.load(C_NUM + t_cn)
         for c0 in range(0, n_cols, BLOCK_N):
-            offs_c = c0 + tl.arange(0, BLOCK_N)
-            idx = tl.load(C_IDX + t_ci + offs_c, mask=offs_c < n_cols, other=-1)
-            valid = idx >= 0
-            k, v = load_kv(k_base, v_base, stride_kn, stride_vn, idx, offs_d, N_K, HEAD_D, False, EVEN_D)
-            keep = valid[None, :]
-            if CAUSAL:
-                keep = keep & (idx[None, :] <= offs_m[:, None] + OFFSET)
+            _, _, k, v, keep = column_keys(C_IDX, t_ci, c0, n_cols, k_base, v_base, stride_kn, stride_vn, offs_m,
+                                           offs_d, N_K, HEAD_D, OFFSET, BLOCK_N, CAUSAL, EVEN_D)  # fmt: skip
             acc, m_i, l_i = attend(acc, m_i, l_i, q, k, v, qk_scale, keep, True, DOT_PREC, UPCAST)
 
     has = l_i > 0.0

@@ -97,7 +97,7 @@ class _FirstFit:
     capture)."""
 
     def __init__(self, kernel, configs: list[triton.Config]) -> None:  # type: ignore[no-untyped-def]
-        self.kernel = kernel
+        self.kernel = self.fn = kernel  # (``fn``: the name Triton's autotuner gives its kernel)
         self.configs = configs
 
     def config_for(self, **kwargs: object) -> triton.Config:
