@@ -45,14 +45,15 @@ from attnlab.kernels.sdpa import sdpa_dense
 from attnlab.plans.executor import executor_tables
 
 DEV = torch.device("cuda")
-FWD = [*op.FWD_SHAPES[:5], (128, 64, 4, 2), (64, 64, 4, 2), (64, 128, 4, 3), (128, 64, 4, 4)]
+FWD = [*op.FWD_SHAPES[:6], (128, 64, 4, 4), (128, 128, 8, 2, 2), (128, 64, 8, 3, 2)]
 DQ = [*op.DQ_SHAPES[:5], (64, 64, 4, 2), (64, 64, 8, 3)]
 DKDV = [*op.DKDV_SHAPES[:5], (64, 128, 8, 3), (64, 64, 4, 2), (64, 64, 8, 3)]
 
 
-def _config(shape: tuple[int, int, int, int]) -> triton.Config:
-    m, n, w, s = shape
-    return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+def _config(shape: tuple[int, ...]) -> triton.Config:
+    m, n, w, s, *split = shape
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n} | ({"SPLIT": split[0]} if split else {}), num_warps=w,
+                         num_stages=s)  # fmt: skip
 
 
 def _commit() -> str:
@@ -105,7 +106,7 @@ def _profile(fn) -> dict[str, float]:  # type: ignore[no-untyped-def]
     return dict(sorted(out.items(), key=lambda kv: -kv[1])[:8])
 
 
-def run_point(name: str) -> dict[str, Any]:
+def run_point(name: str, fwd_only: bool = False) -> dict[str, Any]:
     q, k, v, plan, causal = _point(name)
     n = q.shape[2]
     scale = 128**-0.5
@@ -140,6 +141,9 @@ def run_point(name: str) -> dict[str, Any]:
     row["fwd_max_abs_diff_vs_flex"] = diffs
     row["fwd"] = _timings(fwd)
     row["fwd_auto_config"] = {str(key): str(c) for key, c in op._FWD[0].cache.items()}
+    if fwd_only:
+        row["profile_fwd"] = _profile(fwd["exec_auto"])
+        return row
 
     do = torch.randn_like(flex_o)
     ref = torch.autograd.grad(
@@ -190,6 +194,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--points", default="random_nc,random_c,window")
+    ap.add_argument("--fwd-only", action="store_true", help="the forward pass only (no backward sweep)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -202,7 +207,7 @@ def main() -> None:
     }
     for name in args.points.split(","):
         try:
-            row = run_point(name)
+            row = run_point(name, fwd_only=args.fwd_only)
         except Exception:
             row = {"point": name, "error": traceback.format_exc()[-3000:]}
         doc["rows"].append(row)
@@ -210,6 +215,7 @@ def main() -> None:
         summary = {k: v for k, v in row.items() if k in ("point", "block_density", "error")}
         if "fwd" in row:
             summary["fwd_ms"] = {s: round(t["median_ms"], 3) for s, t in row["fwd"].items()}
+        if "fwd_bwd" in row:
             summary["fwd_bwd_ms"] = {s: round(t["median_ms"], 3) for s, t in row["fwd_bwd"].items()}
         print(json.dumps(summary), flush=True)
         torch.cuda.empty_cache()

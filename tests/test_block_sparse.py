@@ -203,6 +203,39 @@ def test_explicit_schedules_bypass_the_autotuner_with_the_same_result() -> None:
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_split_query_tile_matches_the_plain_one(causal: bool) -> None:
+    """SPLIT=2 (two row halves per program) gives the plain tile's output and lse, with partial tiles, token
+    columns and a tail (N_q not a multiple of the tile)."""
+    import triton
+
+    from attnlab.kernels.block_sparse import op
+
+    n_q, n_k = 70, 90
+    q = torch.randn(1, 4, n_q, 16, device=DEVICE)
+    k, v = (torch.randn(1, 2, n_k, 16, device=DEVICE) for _ in range(2))
+    plan = random_plan(1, 4, n_q, n_k, causal, 32, 0.5, 3, seed=5)
+    tables = tuple(t.to(DEVICE) for t in executor_tables(plan).as_args())
+    plain = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "SPLIT": 1}, num_warps=4, num_stages=2)
+    split = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "SPLIT": 2}, num_warps=4, num_stages=2)
+    want = op.block_sparse_fwd_launch(q, k, v, tables, 0.25, causal, config=plain)
+    got = op.block_sparse_fwd_launch(q, k, v, tables, 0.25, causal, config=split)
+    ref, _ = block_sparse_naive(q, k, v, plan.dense_mask(), 0.25)
+    torch.testing.assert_close(want[0], ref, atol=1e-4, rtol=1e-4)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    if causal:  # columns on the diagonal (its tile not visited): the halves' causal limits differ there
+        full = torch.zeros(1, 1, 2, 2, dtype=torch.bool)
+        full[0, 0, 1, 0] = True
+        cols = torch.tensor([[5, 20, -1, -1], [40, 45, 50, 60]], dtype=torch.int32).view(1, 1, 2, 4)
+        diag = Plan(64, 64, True, 32, 32, full, torch.zeros_like(full), None, kind="dynamic", columns=cols)
+        q, k, v = (torch.randn(1, 2, 64, 16, device=DEVICE) for _ in range(3))
+        tables = tuple(t.to(DEVICE) for t in executor_tables(diag).as_args())
+        got = op.block_sparse_fwd_launch(q, k, v, tables, 0.25, True, config=split)
+        ref, _ = block_sparse_naive(q, k, v, diag.dense_mask(), 0.25)
+        torch.testing.assert_close(got[0], ref, atol=1e-4, rtol=1e-4)
+
+
 def test_autotuning_off_launches_the_first_fitting_config_directly() -> None:
     """With autotuning off the executor's launchers are not Triton autotuners (Triton 3.6's benchmarks
     even one pruned config per new key): each launches the first config that divides the plan's tiles,

@@ -88,13 +88,18 @@ def _usage(path: str) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _only(autotuner: Any, config: triton.Config) -> Iterator[None]:
-    """The autotuner with this one config and no pruning."""
-    saved = autotuner.configs, autotuner.early_config_prune, autotuner.cache
-    autotuner.configs, autotuner.early_config_prune, autotuner.cache = [config], None, {}
+    """The autotuner (or a launcher with ``configs``, such as the executor's autotuning-off one) with this
+    one config and no pruning."""
+    names = [n for n in ("configs", "early_config_prune", "cache") if hasattr(autotuner, n)]
+    saved = {n: getattr(autotuner, n) for n in names}
+    for n, value in {"configs": [config], "early_config_prune": None, "cache": {}}.items():
+        if n in saved:
+            setattr(autotuner, n, value)
     try:
         yield
     finally:
-        autotuner.configs, autotuner.early_config_prune, autotuner.cache = saved
+        for n, value in saved.items():
+            setattr(autotuner, n, value)
 
 
 #: Largest BLOCK_M x BLOCK_N compiled (``--max-tile``; fp32 tiles above 64 x 64 take minutes each).

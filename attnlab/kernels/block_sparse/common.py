@@ -52,7 +52,16 @@ def attend(acc, m_i, l_i, q, k, v, qk_scale, keep, MASKED: tl.constexpr, DOT_PRE
     """One online-softmax step (base 2): scores s = qk_scale * q k^T (-inf where ``keep`` is False when
     MASKED); returns the updated (acc, running max, running sum). A row with no key so far keeps
     max = -inf, sum = 0 and acc = 0 (no NaN: exponents are taken against 0 there)."""
-    s = dot(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
+    s = dot(q, tl.trans(k), DOT_PREC, UPCAST)
+    return attend_scores(acc, m_i, l_i, s, v, qk_scale, keep, MASKED, DOT_PREC, UPCAST)
+
+
+@triton.jit
+def attend_scores(acc, m_i, l_i, s, v, qk_scale, keep, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
+                  UPCAST: tl.constexpr):  # fmt: skip
+    """:func:`attend` given the raw scores ``s = q k^T`` (so that a split query tile can issue both halves'
+    products before either half's exponentials)."""
+    s = s * qk_scale
     if MASKED:
         s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))

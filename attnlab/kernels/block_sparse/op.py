@@ -34,8 +34,11 @@ IMPORTED_INTERPRETED = interpreting()
 
 #: Forward / backward candidates (BLOCK_M, BLOCK_N, warps, stages); a config runs only where BLOCK_M divides
 #: the plan's query tile and BLOCK_N its key tile. Under the interpreter one small config.
+#: Forward: (BLOCK_M, BLOCK_N, warps, stages[, SPLIT]) (SPLIT 2: two row halves, see the kernel; default 1).
 FWD_SHAPES = [
     (128, 64, 4, 3),
+    (128, 64, 4, 2, 2),
+    (128, 64, 4, 3, 2),
     (128, 64, 8, 2),
     (128, 128, 8, 2),
     (64, 64, 4, 3),
@@ -60,10 +63,15 @@ INTERPRETED_SHAPE = (16, 16, 1, 1)
 TILE_SIZES = (16, 32, 64, 128, 256)
 
 
-def _configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+def _configs(shapes: list[tuple[int, ...]], split: bool = False) -> list[triton.Config]:
+    """Configs of (BLOCK_M, BLOCK_N, warps, stages[, SPLIT]) shapes; ``split``: the kernel takes SPLIT."""
     if IMPORTED_INTERPRETED:
         shapes = [INTERPRETED_SHAPE]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+    configs = []
+    for m, n, w, s, *rest in shapes:
+        kw = {"BLOCK_M": m, "BLOCK_N": n} | ({"SPLIT": rest[0] if rest else 1} if split else {})
+        configs.append(triton.Config(kw, num_warps=w, num_stages=s))
+    return configs
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
@@ -82,9 +90,9 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> 
 _KEY = ["HEAD_D", "DOT_PREC", "BLOCK_Q", "BLOCK_K", "PLAN_B"]
 
 
-def _tuned(kernel, shapes, reset=None):  # type: ignore[no-untyped-def]
+def _tuned(kernel, shapes, reset=None, split=False):  # type: ignore[no-untyped-def]
     """(autotuned, first-fitting-config) launchers of one kernel."""
-    configs = _configs(shapes)
+    configs = _configs(shapes, split)
     prune = {"early_config_prune": _prune}
     tuned = triton.autotune(configs, key=_KEY, prune_configs_by=prune, reset_to_zero=reset)(kernel)
     return tuned, _FirstFit(kernel, configs)
@@ -111,7 +119,7 @@ class _FirstFit:
         return launch
 
 
-_FWD = _tuned(block_sparse_fwd_kernel, FWD_SHAPES)
+_FWD = _tuned(block_sparse_fwd_kernel, FWD_SHAPES, split=True)
 _FWD_ANY = block_sparse_fwd_kernel  # launched with an explicit config
 _DQ = _tuned(block_sparse_bwd_dq_kernel, DQ_SHAPES, reset=["DKC", "DVC"])
 _DKDV = _tuned(block_sparse_bwd_dkdv_kernel, DKDV_SHAPES)
@@ -191,7 +199,7 @@ def block_sparse_fwd_launch(
     b, h, n_q = q.shape[:3]
     o = torch.empty_like(q)
     lse = torch.empty(b, h, n_q, dtype=torch.float32, device=q.device)
-    kernel, meta = (_pick(_FWD), {}) if config is None else (_FWD_ANY, config.all_kwargs())
+    kernel, meta = (_pick(_FWD), {}) if config is None else (_FWD_ANY, {"SPLIT": 1, **config.all_kwargs()})
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)
     with descriptor_scratch(q.device):
         _launch_fwd(kernel, grid, meta, q, k, v, o, lse, tables, scale, causal, _tma_ready(k, v))
