@@ -46,8 +46,8 @@ from attnlab.plans.executor import executor_tables
 
 DEV = torch.device("cuda")
 FWD = [*op.FWD_SHAPES[:6], (128, 64, 4, 4), (128, 128, 8, 2, 2), (128, 64, 8, 3, 2)]
-DQ = [*op.DQ_SHAPES[:5], (64, 64, 4, 2), (64, 64, 8, 3)]
-DKDV = [*op.DKDV_SHAPES[:5], (64, 128, 8, 3), (64, 64, 4, 2), (64, 64, 8, 3)]
+DQ = [*op.DQ_SHAPES[:4], (128, 64, 8, 2, 2), (128, 64, 4, 3, 2)]
+DKDV = [*op.DKDV_SHAPES[:4], (64, 128, 8, 2, 2), (64, 64, 4, 3, 2)]
 
 
 def _config(shape: tuple[int, ...]) -> triton.Config:

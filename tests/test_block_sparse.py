@@ -216,14 +216,22 @@ def test_split_query_tile_matches_the_plain_one(causal: bool) -> None:
     k, v = (torch.randn(1, 2, n_k, 16, device=DEVICE) for _ in range(2))
     plan = random_plan(1, 4, n_q, n_k, causal, 32, 0.5, 3, seed=5)
     tables = tuple(t.to(DEVICE) for t in executor_tables(plan).as_args())
-    plain = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "SPLIT": 1}, num_warps=4, num_stages=2)
-    split = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "SPLIT": 2}, num_warps=4, num_stages=2)
+    plain = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "SPLIT": 1}, num_warps=4, num_stages=2)
+    split = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "SPLIT": 2}, num_warps=4, num_stages=2)
     want = op.block_sparse_fwd_launch(q, k, v, tables, 0.25, causal, config=plain)
     got = op.block_sparse_fwd_launch(q, k, v, tables, 0.25, causal, config=split)
     ref, _ = block_sparse_naive(q, k, v, plan.dense_mask(), 0.25)
     torch.testing.assert_close(want[0], ref, atol=1e-4, rtol=1e-4)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # the backward's split tiles (dQ: query halves; dK/dV: key halves) against the plain ones
+    do = torch.randn_like(want[0])
+    grads_plain = op.block_sparse_bwd_launch(do, q, k, v, *want, tables, 0.25, causal, dq_config=plain,
+                                             dkdv_config=plain)  # fmt: skip
+    grads_split = op.block_sparse_bwd_launch(do, q, k, v, *want, tables, 0.25, causal, dq_config=split,
+                                             dkdv_config=split)  # fmt: skip
+    for name, a, b in zip("qkv", grads_split, grads_plain, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"d{name}: {m}")
     if causal:  # columns on the diagonal (its tile not visited): the halves' causal limits differ there
         full = torch.zeros(1, 1, 2, 2, dtype=torch.bool)
         full[0, 0, 1, 0] = True

@@ -47,6 +47,9 @@ FWD_SHAPES = [
     (16, 16, 2, 2),
     (32, 32, 8, 2),  # float32 on a GPU (triton_utils.FP32_SHAPE)
 ]
+#: Backward: the same form. The kernels take SPLIT = 2 (the program's own tile, query rows for dQ and key rows
+#: for dK/dV, as two halves), but no candidate uses it: compiled for sm_90 offline (Triton 3.6, D=128) the split
+#: 128-row tiles take all 255 registers and spill 328-1,720 bytes per thread (the plain ones 0-240).
 DQ_SHAPES = [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2), (16, 16, 2, 2),
              (32, 32, 8, 2)]  # fmt: skip
 DKDV_SHAPES = [
@@ -121,10 +124,15 @@ class _FirstFit:
 
 _FWD = _tuned(block_sparse_fwd_kernel, FWD_SHAPES, split=True)
 _FWD_ANY = block_sparse_fwd_kernel  # launched with an explicit config
-_DQ = _tuned(block_sparse_bwd_dq_kernel, DQ_SHAPES, reset=["DKC", "DVC"])
-_DKDV = _tuned(block_sparse_bwd_dkdv_kernel, DKDV_SHAPES)
+_DQ = _tuned(block_sparse_bwd_dq_kernel, DQ_SHAPES, reset=["DKC", "DVC"], split=True)
+_DKDV = _tuned(block_sparse_bwd_dkdv_kernel, DKDV_SHAPES, split=True)
 _DQ_ANY = block_sparse_bwd_dq_kernel  # launched with an explicit config
 _DKDV_ANY = block_sparse_bwd_dkdv_kernel
+
+
+def _explicit(config: triton.Config) -> dict:
+    """An explicit config's launch arguments (SPLIT 1 unless it says otherwise)."""
+    return {"SPLIT": 1, **config.all_kwargs()}
 
 
 def _pick(variants):  # type: ignore[no-untyped-def]
@@ -199,7 +207,7 @@ def block_sparse_fwd_launch(
     b, h, n_q = q.shape[:3]
     o = torch.empty_like(q)
     lse = torch.empty(b, h, n_q, dtype=torch.float32, device=q.device)
-    kernel, meta = (_pick(_FWD), {}) if config is None else (_FWD_ANY, {"SPLIT": 1, **config.all_kwargs()})
+    kernel, meta = (_pick(_FWD), {}) if config is None else (_FWD_ANY, _explicit(config))
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)
     with descriptor_scratch(q.device):
         _launch_fwd(kernel, grid, meta, q, k, v, o, lse, tables, scale, causal, _tma_ready(k, v))
@@ -266,8 +274,8 @@ def block_sparse_bwd_launch(
         PLAN_B=bp, BLOCK_Q=patterns.shape[1], BLOCK_K=patterns.shape[2], BLOCK_D=head_block(d), **_flags(q)
     )
     scalars = (n_q, n_k, n_k - n_q, d, scale * 1.4426950408889634, scale, hp, h // hp)
-    dkdv, dkdv_meta = (_pick(_DKDV), {}) if dkdv_config is None else (_DKDV_ANY, dkdv_config.all_kwargs())
-    dq_kernel, dq_meta = (_pick(_DQ), {}) if dq_config is None else (_DQ_ANY, dq_config.all_kwargs())
+    dkdv, dkdv_meta = (_pick(_DKDV), {}) if dkdv_config is None else (_DKDV_ANY, _explicit(dkdv_config))
+    dq_kernel, dq_meta = (_pick(_DQ), {}) if dq_config is None else (_DQ_ANY, _explicit(dq_config))
     dkdv[lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), b * h_kv)](
         q, k, v, do, lse, delta, dk, dv,
         tp_num, tp_idx, tp_pat, tf_num, tf_idx, patterns,
