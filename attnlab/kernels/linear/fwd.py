@@ -1,6 +1,6 @@
 # mypy: ignore-errors
 """Tile helpers of the linear kernels and the recurrent step kernel (decode) of the gated linear recurrence
-and of the gated delta rule. The chunked kernels are in ``chunk.py``. Layout: q, k (B*H, N, K), v and o
+and of the gated delta rule. The chunked kernels are in ``chunk_*.py``. Layout: q, k (B*H, N, K), v and o
 (B*H, N, V), contiguous; the state (K, V) float32.
 """
 

@@ -1,0 +1,243 @@
+# mypy: ignore-errors
+"""The per-chunk backward kernels of the gated delta rule: every chunk's gradients in parallel from the
+forward's saved S (the states at the chunk starts), U and T and the reverse pass's dH and dU
+(``delta_bwd_dh_kernel`` in ``chunk_state.py``).
+
+- A gate shared by the channels (Gated DeltaNet's per-head gate, plain DeltaNet):
+  :func:`delta_bwd_chunk_kernel` (the fused q/k L2 norm's Jacobian folded in).
+- Per-channel gates (KDA-style): :func:`delta_bwd_chunk_channel_kernel`, then the intra-chunk scores' own
+  gradients by ``score_bwd_kernel`` (``chunk_scores.py``).
+
+Both read a chunk's tiles (:func:`_chunk_tiles`) and go back through the UT transform
+(:func:`_ut_transform_bwd`) alike.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from attnlab.kernels.linear.fwd import _row, _tile
+
+
+@triton.jit
+def _chunk_tiles(
+    Q, K, V, DO, U, DU, HS, DHS, T, bh, c, t0, n_chunks,
+    N, NP, DK, DV,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):  # fmt: skip
+    """Chunk c's tiles (float32) that both backward kernels read: q, k (BT, BK) and v, do (BT, BV) of its
+    rows; the forward's U and the reverse pass's dU (BT, BV; NP rows per head); S, the state at the chunk's
+    start, and dH, its gradient at the chunk's end (BK, BV); T (BT, BT)."""
+    q = _tile(Q + bh * N * DK, t0, N, 0, DK, DK, BT, BK)
+    k = _tile(K + bh * N * DK, t0, N, 0, DK, DK, BT, BK)
+    v = _tile(V + bh * N * DV, t0, N, 0, DV, DV, BT, BV)
+    do = _tile(DO + bh * N * DV, t0, N, 0, DV, DV, BT, BV)
+    u = _tile(U + bh * NP * DV, t0, NP, 0, DV, DV, BT, BV)
+    du = _tile(DU + bh * NP * DV, t0, NP, 0, DV, DV, BT, BV)
+    s = _tile(HS + (bh * n_chunks + c) * DK * DV, 0, DK, 0, DV, DV, BK, BV)
+    dh = _tile(DHS + (bh * n_chunks + c) * DK * DV, 0, DK, 0, DV, DV, BK, BV)
+    tm = _tile(T + bh * NP * BT, t0, NP, 0, BT, BT, BT, BT)
+    return q, k, v, do, u, du, s, dh, tm
+
+
+@triton.jit
+def _ut_transform_bwd(tm, dw, du, dtm, dt: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Back through the UT transform (W = T X_w, U = T X_u - W S) from dW, dU and dT (``dtm``):
+    (dX_w = T^T dW, dX_u = T^T dU, dA = -T^T dT T^T), dA not yet masked to A_kk's strict lower part. Dot
+    operands in ``dt``, accumulation in float32."""
+    dxw = tl.dot((tl.trans(tm)).to(dt), (dw).to(dt), input_precision=DOT_PREC)
+    dxu = tl.dot((tl.trans(tm)).to(dt), (du).to(dt), input_precision=DOT_PREC)
+    da = -tl.dot(
+        (tl.dot((tl.trans(tm)).to(dt), (dtm).to(dt), input_precision=DOT_PREC)).to(dt),
+        (tl.trans(tm)).to(dt),
+        input_precision=DOT_PREC,
+    )
+    return dxw, dxu, da
+
+
+@triton.jit
+def delta_bwd_chunk_kernel(
+    Q, K, V, BETA, GC, DO, HS, DHS, U, DU, T, DQ, DK_, DV_, DB, DG, RQ, RK,
+    N, NP, DK, DV, scale,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    L2NORM: tl.constexpr = False,
+):  # fmt: skip
+    """The delta rule's gradients of one chunk per program (chunk, batch * head), scalar gate, from the
+    forward's S (state at the chunk start), U (the chunk's u), T = (I + A_kk)^-1, and the backward pass's
+    dH (state gradient at the chunk end) and dU. With D_ij = exp(G_i - G_j) (i >= j), Ds its strict part,
+    X_w = beta k exp(G), X_u = beta v (W = T X_w, U = T X_u - W S)::
+
+        dq = scale [exp(G) (do S^T) + ((do U^T) * D) k]
+        dk = scale ((U do^T) * D^T) q + exp(G_C - G) (U dH^T) + (dA * Ds beta_i) k + ((dA * Ds beta_i)^T) k
+             + beta exp(G) dX_w
+        dW = -dU S^T;  dT = dW X_w^T + dU X_u^T;  dX_w = T^T dW;  dX_u = T^T dU;  dA = -T^T dT T^T (strict)
+        dv = beta dX_u;  dbeta = rowsum(dA * (k k^T * Ds)) + rowsum(dX_w * k exp(G)) + rowsum(dX_u * v)
+
+    and the gradient of the chunk-local cumsum G per token (DG: rows of the chunk, the chunk-end terms
+    exp(G_C) sum(S * dH) + sum(U dH^T * k exp(G_C - G)) on its last row). dq, dk, dv in DQ's, DK_'s,
+    DV_'s dtypes. Transposed products are built
+    transposed, never by transposing a dot's result. Dot operands in the input dtype (float32 in the CPU
+    interpreter), accumulation in float32; BK, BV cover the head dims.
+
+    ``L2NORM`` (the fused q/k L2 normalisation): Q and K hold the normalised rows q^ = q rstd_q, RQ and RK
+    (B*H, N) float32 the reciprocal norms; the stored dq, dk are then the gradients of the raw q, k,
+    through the norm's Jacobian applied here: dq = rstd_q (dq^ - q^ sum(q^ dq^)) (and dk alike)."""
+    c = tl.program_id(0)
+    if UPCAST:  # noqa: SIM108
+        dt = tl.float32
+    else:
+        dt = Q.dtype.element_ty  # the dots take the input dtype (fp32 accumulation)
+    bh = tl.program_id(1).to(tl.int64)
+    n_chunks = tl.cdiv(N, BT)
+    t0 = c * BT
+    ii = tl.arange(0, BT)[:, None]
+    jj = tl.arange(0, BT)[None, :]
+    rows = t0 + tl.arange(0, BT)
+    q, k, v, do, u, du, s, dh, tm = _chunk_tiles(
+        Q, K, V, DO, U, DU, HS, DHS, T, bh, c, t0, n_chunks, N, NP, DK, DV, BT, BK, BV
+    )
+    beta = tl.load(BETA + bh * N + rows, mask=rows < N, other=0.0).to(tl.float32)
+    g = tl.load(GC + bh * NP + rows)
+    g_last = tl.load(GC + bh * NP + t0 + BT - 1)
+    eg = tl.exp(g)
+    tail = tl.exp(g_last - g)
+    d = tl.exp(tl.where(ii >= jj, g[:, None] - g[None, :], float("-inf")))
+    d_t = tl.exp(tl.where(ii <= jj, g[None, :] - g[:, None], float("-inf")))
+    ds = tl.where(ii > jj, d, 0.0)
+    ds_t = tl.where(ii < jj, d_t, 0.0)
+    # the output's intra-chunk scores and the state part
+    dq = scale * tl.dot((do).to(dt), (tl.trans(s)).to(dt), input_precision=DOT_PREC) * eg[:, None]
+    dgc = tl.sum(q * dq, axis=1)
+    da_qk = scale * tl.dot((do).to(dt), (tl.trans(u)).to(dt), input_precision=DOT_PREC) * d
+    dq += tl.dot((da_qk).to(dt), (k).to(dt), input_precision=DOT_PREC)
+    p = da_qk * tl.dot(
+        (q).to(dt), (tl.trans(k)).to(dt), input_precision=DOT_PREC
+    )  # dAqk * Aqk (da_qk holds D once)
+    dgc += tl.sum(p, axis=1) - tl.sum(p, axis=0)
+    da_qk_t = scale * tl.dot((u).to(dt), (tl.trans(do)).to(dt), input_precision=DOT_PREC) * d_t
+    dk = tl.dot((da_qk_t).to(dt), (q).to(dt), input_precision=DOT_PREC)
+    # the state update's k exp(G_C - G)
+    dkbar = tl.dot((u).to(dt), (tl.trans(dh)).to(dt), input_precision=DOT_PREC)
+    dk += dkbar * tail[:, None]
+    kbar_term = tl.sum(dkbar * k, axis=1) * tail
+    dgc -= kbar_term
+    g_end = tl.sum(kbar_term, axis=0) + tl.exp(g_last) * tl.sum(tl.sum(s * dh, axis=1), axis=0)
+    # the UT transform
+    xw = k * (beta * eg)[:, None]
+    xu = v * beta[:, None]
+    dw = -tl.dot((du).to(dt), (tl.trans(s)).to(dt), input_precision=DOT_PREC)
+    dw_t = -tl.dot((s).to(dt), (tl.trans(du)).to(dt), input_precision=DOT_PREC)
+    dt_ = tl.dot((dw).to(dt), (tl.trans(xw)).to(dt), input_precision=DOT_PREC) + tl.dot(
+        (du).to(dt), (tl.trans(xu)).to(dt), input_precision=DOT_PREC
+    )
+    dt_t = tl.dot((xw).to(dt), (dw_t).to(dt), input_precision=DOT_PREC) + tl.dot(
+        (xu).to(dt), (tl.trans(du)).to(dt), input_precision=DOT_PREC
+    )
+    dxw, dxu, da = _ut_transform_bwd(tm, dw, du, dt_, dt, DOT_PREC)
+    da_t = -tl.dot(
+        (tl.dot((tm).to(dt), (dt_t).to(dt), input_precision=DOT_PREC)).to(dt),
+        (tm).to(dt),
+        input_precision=DOT_PREC,
+    )
+    da = tl.where(ii > jj, da, 0.0)
+    da_t = tl.where(ii < jj, da_t, 0.0)
+    kk = tl.dot((k).to(dt), (tl.trans(k)).to(dt), input_precision=DOT_PREC)
+    dab = da * ds * beta[:, None]
+    dab_t = da_t * ds_t * beta[None, :]
+    dk += tl.dot((dab).to(dt), (k).to(dt), input_precision=DOT_PREC) + tl.dot(
+        (dab_t).to(dt), (k).to(dt), input_precision=DOT_PREC
+    )
+    p2 = da * kk * ds
+    db = tl.sum(p2, axis=1)
+    p2 = p2 * beta[:, None]
+    dgc += tl.sum(p2, axis=1) - tl.sum(p2, axis=0)
+    dk += dxw * (beta * eg)[:, None]
+    db += tl.sum(dxw * k * eg[:, None], axis=1) + tl.sum(dxu * v, axis=1)
+    dgc += tl.sum(dxw * xw, axis=1)
+    dgc += tl.where(tl.arange(0, BT) == BT - 1, g_end, 0.0)
+    rr = rows[:, None]
+    rk = tl.arange(0, BK)[None, :]
+    rv = tl.arange(0, BV)[None, :]
+    if L2NORM:  # the norm's Jacobian (q, k are the normalised rows; padded rows are zero)
+        rq = tl.load(RQ + bh * N + rows, mask=rows < N, other=0.0)
+        rkn = tl.load(RK + bh * N + rows, mask=rows < N, other=0.0)
+        dq = (dq - q * tl.sum(q * dq, axis=1)[:, None]) * rq[:, None]
+        dk = (dk - k * tl.sum(k * dk, axis=1)[:, None]) * rkn[:, None]
+    tl.store(DQ + bh * N * DK + rr * DK + rk, dq.to(DQ.dtype.element_ty), mask=(rr < N) & (rk < DK))
+    tl.store(DK_ + bh * N * DK + rr * DK + rk, dk.to(DK_.dtype.element_ty), mask=(rr < N) & (rk < DK))
+    dv = dxu * beta[:, None]
+    tl.store(DV_ + bh * N * DV + rr * DV + rv, dv.to(DV_.dtype.element_ty), mask=(rr < N) & (rv < DV))
+    tl.store(DB + bh * N + rows, db, mask=rows < N)
+    tl.store(DG + bh * NP + rows, dgc)
+
+
+@triton.jit
+def delta_bwd_chunk_channel_kernel(
+    Q, K, V, BETA, GC, DO, HS, DHS, U, DU, T, BKK, DQ, DK_, DV_, DB, DG, DAQK, DBKK,
+    N, NP, DK, DV, scale,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """The delta rule's gradients of one chunk per program (chunk, batch * head) under per-channel gates,
+    but for the intra-chunk scores' own (left to :func:`score_bwd_kernel`): as
+    :func:`delta_bwd_chunk_kernel` with exp(G) per channel, writing float32 partial dq, dk (state and UT
+    parts), dv, dbeta, DG (per channel; the chunk-end terms exp(G_C) sum_v S * dH + sum_i dKbar * Kbar on
+    the last row), and the score gradients DAQK = scale (do U^T) (i >= j) and DBKK = beta_i dA (i > j) of
+    Aqk and of the unscaled strict key scores B (BKK, so that dbeta = rowsum(dA * B) needs no division)."""
+    c = tl.program_id(0)
+    if UPCAST:  # noqa: SIM108
+        dt = tl.float32
+    else:
+        dt = Q.dtype.element_ty  # the dots take the input dtype (fp32 accumulation)
+    bh = tl.program_id(1).to(tl.int64)
+    n_chunks = tl.cdiv(N, BT)
+    t0 = c * BT
+    ii = tl.arange(0, BT)[:, None]
+    jj = tl.arange(0, BT)[None, :]
+    rows = t0 + tl.arange(0, BT)
+    q, k, v, do, u, du, s, dh, tm = _chunk_tiles(
+        Q, K, V, DO, U, DU, HS, DHS, T, bh, c, t0, n_chunks, N, NP, DK, DV, BT, BK, BV
+    )
+    bkk = _tile(BKK + bh * NP * BT, t0, NP, 0, BT, BT, BT, BT)
+    beta = tl.load(BETA + bh * N + rows, mask=rows < N, other=0.0).to(tl.float32)
+    g = _tile(GC + bh * NP * DK, t0, NP, 0, DK, DK, BT, BK)
+    g_last = _row(GC + bh * NP * DK, t0 + BT - 1, 0, DK, DK, BK)
+    eg = tl.exp(g)
+    tail = tl.exp(g_last[None, :] - g)
+    # the state part of the output
+    dq = scale * tl.dot((do).to(dt), (tl.trans(s)).to(dt), input_precision=DOT_PREC) * eg
+    dgc = q * dq
+    daqk = tl.where(
+        ii >= jj, scale * tl.dot((do).to(dt), (tl.trans(u)).to(dt), input_precision=DOT_PREC), 0.0
+    )
+    tl.store(DAQK + bh * NP * BT + rows[:, None] * BT + jj, daqk)
+    # the state update's k exp(G_C - G)
+    dkbar = tl.dot((u).to(dt), (tl.trans(dh)).to(dt), input_precision=DOT_PREC)
+    dk = dkbar * tail
+    kbar_term = dkbar * k * tail
+    dgc -= kbar_term
+    g_end = tl.sum(kbar_term, axis=0) + tl.exp(g_last) * tl.sum(s * dh, axis=1)
+    # the UT transform
+    xw = k * eg * beta[:, None]
+    xu = v * beta[:, None]
+    dw = -tl.dot((du).to(dt), (tl.trans(s)).to(dt), input_precision=DOT_PREC)
+    dt_ = tl.dot((dw).to(dt), (tl.trans(xw)).to(dt), input_precision=DOT_PREC) + tl.dot(
+        (du).to(dt), (tl.trans(xu)).to(dt), input_precision=DOT_PREC
+    )
+    dxw, dxu, da = _ut_transform_bwd(tm, dw, du, dt_, dt, DOT_PREC)
+    da = tl.where(ii > jj, da, 0.0)
+    tl.store(DBKK + bh * NP * BT + rows[:, None] * BT + jj, da * beta[:, None])
+    db = tl.sum(da * tl.where(ii > jj, bkk, 0.0), axis=1)
+    dk += dxw * eg * beta[:, None]
+    db += tl.sum(dxw * k * eg, axis=1) + tl.sum(dxu * v, axis=1)
+    dgc += dxw * xw
+    dgc = tl.where(ii == BT - 1, dgc + g_end[None, :], dgc)
+    rr = rows[:, None]
+    rk = tl.arange(0, BK)[None, :]
+    rv = tl.arange(0, BV)[None, :]
+    tl.store(DQ + bh * NP * DK + rr * DK + rk, dq, mask=rk < DK)
+    tl.store(DK_ + bh * NP * DK + rr * DK + rk, dk, mask=rk < DK)
+    dv = dxu * beta[:, None]
+    tl.store(DV_ + bh * N * DV + rr * DV + rv, dv.to(DV_.dtype.element_ty), mask=(rr < N) & (rv < DV))
+    tl.store(DB + bh * N + rows, db, mask=rows < N)
+    tl.store(DG + bh * NP * DK + rr * DK + rk, dgc, mask=rk < DK)

@@ -1,0 +1,351 @@
+"""Launchers of the gated delta rule's chunk kernels: the gate's cumsum and beta as the kernels read them,
+the fused q/k L2 normalisation (``fwd.py``'s kernels), the forward in the chunked WY/UT form (per-chunk
+T = (I + A_kk)^-1, W, U0 in parallel: ``chunk_delta_wy.py``; one sequential pass over the chunk states:
+``chunk_state.py``; per-chunk outputs: ``launch_scores.py``), and the chunked backward (the reverse
+sequential pass, then every chunk's gradients: ``chunk_delta_bwd.py``; under per-channel gates the
+intra-chunk score backwards by 16-row sub-blocks).
+
+Switches, kernels and the helpers that tests replace are read as ``op.NAME`` at each call: op is the
+namespace where tests and benchmarks set them (op imports this module; see its docstring).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+from triton.runtime.errors import OutOfResources
+
+from attnlab.kernels.linear.launch import (
+    IMPORTED_INTERPRETED,
+    SUB,
+    _cfg,
+    _check,
+    _gate_code,
+    _prec,
+    _scalar_gate,
+    _upcast,
+    cdiv,
+    chunk_cumsum_scalar,
+)
+from attnlab.kernels.linear.naive import L2_EPS
+from attnlab.kernels.triton_utils import head_block, next_power_of_2
+
+
+def _delta_gate(g: Tensor | None, b: int, h: int, n: int, dk: int) -> Tensor | None:
+    """The delta kernels' gate: None, (B, H, N, 1) for a gate shared by the channels (the scalar-gate
+    kernels, chunked backward), else (B, H, N, K) per channel."""
+    scalar, gx = _scalar_gate(g, b, h, n, dk)
+    if gx is None:
+        return None
+    return gx[..., None] if scalar else gx
+
+
+def _delta_scalar(g: Tensor | None) -> bool:
+    return g is None or g.shape[-1] == 1
+
+
+def _delta_cumsum(
+    g: Tensor | None, b: int, h: int, n: int, dk: int, chunk: int, device: torch.device
+) -> Tensor:
+    """The delta kernels' gate cumsum (``chunk_cumsum*``'s layout): (B, H, NP) for None or a (B, H, N, 1)
+    gate, (B, H, NP, K) per channel; by ``gate_cumsum`` with ``DELTA_FUSED_GLUE``."""
+    scalar = _delta_scalar(g)
+    if g is not None and op.DELTA_FUSED_GLUE:
+        return gate_cumsum(g.expand(b, h, n, 1)[..., 0] if scalar else g.expand(b, h, n, dk), chunk)
+    if scalar:
+        return chunk_cumsum_scalar(None if g is None else g[..., 0], b, h, n, chunk, device)
+    return op.chunk_cumsum(g, b, h, n, dk, chunk, device)
+
+
+def _delta_beta(beta: Tensor, b: int, h: int, n: int) -> Tensor:
+    """beta as the delta kernels read it, (B, H, N) contiguous: in its own dtype with
+    ``DELTA_FUSED_GLUE`` (the kernels load it as float32), else a float32 copy."""
+    if op.DELTA_FUSED_GLUE:
+        return beta.expand(b, h, n).contiguous()
+    return beta.float().expand(b, h, n).contiguous()
+
+
+def l2norm_qk(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """q, k (B, H, N, K) L2-normalised over K in one launch: (q^, k^ in their dtypes, rstd_q, rstd_k
+    (B, H, N) float32), x^ = x / sqrt(sum x^2 + ``L2_EPS``) computed in float32 (``naive.l2norm``)."""
+    q, k = q.contiguous(), k.contiguous()
+    b, h, n, dk = q.shape
+    qn, kn = torch.empty_like(q), torch.empty_like(k)
+    rq = torch.empty(b, h, n, dtype=torch.float32, device=q.device)
+    rk = torch.empty_like(rq)
+    rows = b * h * n
+    if rows:
+        op.l2norm_fwd_kernel[(cdiv(rows, op.L2_ROWS), 2)](
+            q, qn, rq, k, kn, rk, rows, dk, EPS=L2_EPS, BR=op.L2_ROWS, BD=next_power_of_2(dk),
+            RTNE_BF16=IMPORTED_INTERPRETED and q.dtype == torch.bfloat16,
+            **_cfg("l2norm_fwd", num_warps=4),
+        )  # fmt: skip
+    return qn, kn, rq, rk
+
+
+def l2norm_qk_bwd(
+    qn: Tensor, kn: Tensor, rq: Tensor, rk: Tensor, dqn: Tensor, dkn: Tensor, dtype_q: torch.dtype,
+    dtype_k: torch.dtype,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The gradients of the raw q, k (B, H, N, K) from those of the normalised rows ``dqn``, ``dkn``
+    ((B, H, NP, K), NP >= N rows, any float dtype), in one launch: dx = rstd (dx^ - x^ sum(x^ dx^))."""
+    b, h, n, dk = qn.shape
+    assert dqn.shape == dkn.shape and dqn.is_contiguous() and dkn.is_contiguous()
+    dq = torch.empty(b, h, n, dk, dtype=dtype_q, device=qn.device)
+    dkk = torch.empty(b, h, n, dk, dtype=dtype_k, device=qn.device)
+    if n:
+        op.l2norm_bwd_kernel[(cdiv(n, op.L2_ROWS), b * h, 2)](
+            qn, rq, dqn, dq, kn, rk, dkn, dkk, n, dqn.shape[2], dk, BR=op.L2_ROWS,
+            BD=next_power_of_2(dk), **_cfg("l2norm_bwd", num_warps=4),
+        )  # fmt: skip
+    return dq, dkk
+
+
+def delta_fwd_launch(
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, h0: Tensor | None, scale: float,
+    chunk: int, save: bool, seq_chunks: Tensor | None = None, qk_l2norm: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(o in q's dtype, final state fp32, and for the backward (empty without ``save``): the states at the
+    chunk starts, W (B, H, NP, K), U (B, H, NP, V) and T (B, H, NP, chunk), fp32, and with ``qk_l2norm``
+    q^, k^ (the normalised q, k in their dtypes) and their reciprocal norms (B, H, N) fp32 (empty
+    otherwise)): the WY/UT chunked form (see ``chunk_delta_wy.py``). g: None, (B, H, N, 1) one log-decay per
+    token, or (B, H, N, K) per channel. ``seq_chunks``: varlen (see ``chunk_states``). ``qk_l2norm``: q
+    and k are L2-normalised first, by one launch of ``l2norm_fwd_kernel``."""
+    _check(q, k, v, chunk)
+    b, h, n, dk = q.shape
+    dv = v.shape[-1]
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    rq = rk = None
+    if qk_l2norm:
+        q, k, rq, rk = l2norm_qk(q, k)
+    bc = _delta_beta(beta, b, h, n)
+    n_chunks = cdiv(n, chunk)
+    np_ = n_chunks * chunk
+    scalar = _delta_scalar(g)
+    gc = _delta_cumsum(g, b, h, n, dk, chunk, q.device)
+    f32, dev = torch.float32, q.device
+    akk = aqk = None
+    if not scalar:
+        v2, wide = op.DELTA_INTRA_V2, op.DELTA_INTRA_V2_F32
+        akk = op.intra_scores(k, k, gc, bc, chunk, strict=True, v2=v2, f32_operands=wide)
+        aqk = op.intra_scores(q, k, gc, None, chunk, strict=False, v2=v2, f32_operands=wide)
+    w = torch.empty(b, h, np_, dk, dtype=f32, device=dev)
+    u = torch.empty(b, h, np_, dv, dtype=f32, device=dev)
+    save_t = save
+    t = torch.empty((b, h, np_, chunk) if save_t else (0,), dtype=f32, device=dev)
+    prec = _prec(q)
+    bk, bv = head_block(dk), head_block(dv)
+    if op.WY_BLOCKWISE:
+        op.delta_wy_block_kernel[(n_chunks, b * h)](
+            k, v, gc, bc, akk if akk is not None else w, w, u, t if save_t else w, n, np_, dk, dv,
+            GATE=_gate_code(gc), SAVE_T=save_t, BT=chunk, BS=SUB, BK=bk, BV=bv, BKS=min(bk, op.WY_BKS),
+            BCK=min(bk, op.WY_COLS), BCV=min(bv, op.WY_COLS), DOT_PREC=prec, INV_PREC=op.WY_INV_PREC,
+            UPCAST=_upcast(k), **_cfg("delta_wy_block", num_warps=4),
+        )  # fmt: skip
+    else:
+        op.delta_wy_kernel[(n_chunks, b * h)](
+            k, v, gc, bc, akk if akk is not None else w, w, u, t if save_t else w, n, np_, dk, dv,
+            GATE=_gate_code(gc), SAVE_T=save_t, BT=chunk, BK=bk, BV=bv, DOT_PREC=prec,
+            **_cfg("delta_wy", num_warps=8),
+        )  # fmt: skip
+    n_seq = b if seq_chunks is None else seq_chunks.shape[0] - 1
+    ht = torch.empty(n_seq, h, dk, dv, dtype=f32, device=dev)
+    h0c = h0.float().contiguous() if h0 is not None else ht
+    seq = seq_chunks if seq_chunks is not None else ht
+    if op.DELTA_H_V2:
+        hs, u_out = delta_h_v2(k, w, u, gc, h0c if h0 is not None else None, ht, seq_chunks, save, chunk)
+    else:
+        hs = torch.empty(b, h, n_chunks, dk, dv, dtype=f32, device=dev)
+        u_out = u
+        bv = min(head_block(dv), op.DELTA_BV)
+        op.delta_h_kernel[(cdiv(dv, bv), n_seq * h)](
+            k, w, u, gc, h0c, hs, ht, seq, n, np_, dk, dv, b * h,
+            GATE=_gate_code(gc), HAS_H0=h0 is not None, VARLEN=seq_chunks is not None, BT=chunk,
+            BK=head_block(dk), BV=bv, DOT_PREC=prec,
+            **_cfg("delta_h", num_warps=4, num_stages=2),
+        )  # fmt: skip
+    o = chunk_output(q, k, u_out, gc, hs, aqk, scale, chunk)
+
+    def empty() -> Tensor:  # (a fresh one each: a custom op's outputs must not alias)
+        return hs.new_empty(0)
+
+    if not save:
+        return o, ht, empty(), empty(), empty(), empty(), empty(), empty(), empty(), empty()
+    if rq is None or rk is None:
+        return o, ht, hs, w, u, t, empty(), empty(), empty(), empty()
+    return o, ht, hs, w, u, t, q, k, rq, rk
+
+
+def delta_h_v2(
+    k: Tensor, w: Tensor, u: Tensor, gc: Tensor, h0: Tensor | None, ht: Tensor, seq_chunks: Tensor | None,
+    save: bool, chunk: int,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The delta rule's forward sequential pass by ``delta_h_v2_kernel``: (the states at the chunk starts
+    (B, H, chunks, K, V), U (B, H, NP, V)), the final state written to ``ht`` (h0 float32 or None;
+    ``seq_chunks``: varlen, as ``chunk_states``). With ``save`` (or ``DELTA_H_COMPACT``
+    off) both float32, U written over U0 (``u``); else both in k's dtype, fresh."""
+    b, h, n, dk = k.shape
+    dv = u.shape[-1]
+    n_chunks = cdiv(n, chunk)
+    compact = op.DELTA_H_COMPACT and not save
+    sdt = k.dtype if compact else torch.float32
+    hs = torch.empty(b, h, n_chunks, dk, dv, dtype=sdt, device=k.device)
+    u_out = torch.empty(u.shape, dtype=sdt, device=k.device) if compact else u
+    bk = head_block(dk)
+    bkt = min(bk, op.DELTA_H_BKT)
+    nkt = cdiv(bk, bkt)
+    assert nkt <= 4, f"delta_h_v2_kernel holds at most 4 state tiles (K={dk}, DELTA_H_BKT={op.DELTA_H_BKT})"
+    bv = min(head_block(dv), op.DELTA_H_BV)
+    lowp = op.DELTA_H_LOWP and k.dtype in (torch.bfloat16, torch.float16) and not IMPORTED_INTERPRETED
+    op.delta_h_v2_kernel[(cdiv(dv, bv), ht.shape[0] * h)](
+        k, w, u, u_out, gc, h0 if h0 is not None else ht, hs, ht, seq_chunks if seq_chunks is not None else ht,
+        n, w.shape[2], dk, dv, b * h,
+        GATE=_gate_code(gc), HAS_H0=h0 is not None, VARLEN=seq_chunks is not None, BT=chunk,
+        BKT=bkt, NKT=nkt, BV=bv, LOWP=lowp, DOT_PREC=_prec(k),
+        **_cfg("delta_h_v2", num_warps=4, num_stages=2),
+    )  # fmt: skip
+    return hs, u_out
+
+
+@contextlib.contextmanager
+def _shared_memory_hint(q: Tensor) -> Iterator[None]:
+    """Turn Triton's launch-time shared-memory refusal of the delta backward's per-chunk kernels into an
+    error saying what to change. Their dot operands are in the input dtype: compiled for sm_90 at
+    K = V = 128 they take 112 KiB in bf16 but 320 KiB in float32 (over the H100's 227 KiB)."""
+    try:
+        yield
+    except OutOfResources as e:
+        raise ValueError(
+            f"the gated delta rule's chunked backward does not fit this GPU's shared memory for "
+            f"{str(q.dtype).replace('torch.', '')} inputs with head dims ({q.shape[-1]}): {e}. Pass bf16 or "
+            "fp16 q, k, v (the state and the accumulation stay float32), or head dims <= 64 in float32"
+        ) from e
+
+
+def _delta_bwd_dh(
+    q: Tensor, k: Tensor, do: Tensor, gc: Tensor, w: Tensor, aqk: Tensor | None, dht: Tensor | None,
+    scale: float, chunk: int, seq_chunks: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """The delta rule's reverse sequential pass (``delta_bwd_dh_kernel``), the first launch of both chunked
+    backwards: (dH at every chunk end (B, H, chunks, K, V), dU (B, H, NP, V), the initial state's gradient
+    (B, H, K, V), or per sequence with ``seq_chunks``), float32. ``aqk``: per-channel gates' intra-chunk
+    q k^T scores (the kernel's GATE 2); None under a gate shared by the channels (GATE 1). ``dht``: the
+    final state's gradient (None: zero). q, k, do contiguous; gc the forward's gate cumsum."""
+    b, h, n, dk = q.shape
+    dv = do.shape[-1]
+    n_chunks = cdiv(n, chunk)
+    np_ = n_chunks * chunk
+    f32, dev = torch.float32, q.device
+    dhs = torch.empty(b, h, n_chunks, dk, dv, dtype=f32, device=dev)
+    du = torch.empty(b, h, np_, dv, dtype=f32, device=dev)
+    n_seq = b if seq_chunks is None else seq_chunks.shape[0] - 1
+    dh0 = torch.empty(n_seq, h, dk, dv, dtype=f32, device=dev)
+    dht_c = dht.float().contiguous() if dht is not None else dh0
+    bv = min(head_block(dv), op.DELTA_BV)
+    if aqk is None:
+        gate, cfg = 1, _cfg("delta_bwd_dh", num_warps=4, num_stages=2)
+    else:  # (num_stages=1: 57 KiB of shared memory for sm_90 at K=128, not 189 KiB)
+        gate, cfg = 2, _cfg("delta_bwd_dh_channel", num_warps=4, num_stages=1)
+    op.delta_bwd_dh_kernel[(cdiv(dv, bv), n_seq * h)](
+        q, k, do, gc, w, aqk if aqk is not None else dh0, dht_c, dhs, du, dh0,
+        seq_chunks if seq_chunks is not None else dh0, n, np_, dk, dv, b * h, float(scale),
+        HAS_DHT=dht is not None, VARLEN=seq_chunks is not None, GATE=gate, BT=chunk, BK=head_block(dk), BV=bv,
+        DOT_PREC=_prec(q), **cfg,
+    )  # fmt: skip
+    return dhs, du, dh0
+
+
+def delta_bwd_scalar_launch(
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, hs: Tensor, w: Tensor, u: Tensor,
+    t: Tensor, do: Tensor, dht: Tensor | None, scale: float, chunk: int, seq_chunks: Tensor | None = None,
+    rq: Tensor | None = None, rk: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor]:  # fmt: skip
+    """The chunked backward of the delta rule under a gate shared by the channels (or none): (dq, dk, dv in
+    the inputs' dtypes, dbeta, dg (B, H, N, 1) or None, dh0 float32). A reverse sequential pass over the chunk states (dH,
+    dU), then every chunk's gradients in parallel (``chunk_delta_bwd.py``). With ``rq``, ``rk`` (the fused L2
+    norm): q, k are the normalised rows, these their reciprocal norms, and dq, dk are returned for the
+    raw q, k (the norm's Jacobian applied in ``delta_bwd_chunk_kernel``)."""
+    b, h, n, dk = q.shape
+    dv = v.shape[-1]
+    q, k, v, do = (x.contiguous() for x in (q, k, v, do))
+    bc = beta.float().expand(b, h, n).contiguous()
+    n_chunks = cdiv(n, chunk)
+    np_ = n_chunks * chunk
+    gc = _delta_cumsum(g, b, h, n, dk, chunk, q.device)  # (the forward's)
+    f32, dev = torch.float32, q.device
+    prec = _prec(q)
+    dhs, du, dh0 = _delta_bwd_dh(q, k, do, gc, w, None, dht, scale, chunk, seq_chunks)
+    dq, dkk, dvv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    db = torch.empty(b, h, n, dtype=f32, device=dev)
+    dgc = torch.empty(b, h, np_, dtype=f32, device=dev)
+    with _shared_memory_hint(q):
+        op.delta_bwd_chunk_kernel[(n_chunks, b * h)](
+            q, k, v, bc, gc, do, hs, dhs, u, du, t, dq, dkk, dvv, db, dgc,
+            rq if rq is not None else db, rk if rk is not None else db, n, np_, dk, dv, float(scale),
+            BT=chunk, BK=head_block(dk), BV=head_block(dv), DOT_PREC=prec, UPCAST=_upcast(q),
+            L2NORM=rq is not None, **_cfg("delta_bwd_chunk", num_warps=8),
+        )  # fmt: skip
+    dg = None
+    if g is not None:  # through the chunk-local cumsum: a reverse cumsum within each chunk
+        dg = dgc.view(b, h, n_chunks, chunk).flip(-1).cumsum(-1).flip(-1).reshape(b, h, np_)[:, :, :n, None]
+    return dq, dkk, dvv, db, dg, dh0
+
+
+def delta_bwd_channel_launch(
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor, hs: Tensor, w: Tensor, u: Tensor, t: Tensor,
+    do: Tensor, dht: Tensor | None, scale: float, chunk: int, seq_chunks: Tensor | None = None,
+    rq: Tensor | None = None, rk: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """The chunked backward of the delta rule under per-channel gates (KDA-style): (dq, dk, dv in the
+    inputs' dtypes, dbeta, dg (B, H, N, K), dh0 float32). The reverse sequential pass (dH, dU), every
+    chunk's state / UT-transform gradients in parallel (``chunk_delta_bwd.py``), then the two intra-chunk
+    score backwards (q k^T and the strict k k^T) per 16-row sub-block (``score_bwd_kernel``). With ``rq``,
+    ``rk`` (the fused L2 norm: q, k are the normalised rows), dq and dk are returned for the raw q, k: the
+    norm's Jacobian is applied by the launch that casts the float32 gradients to the inputs' dtypes
+    (``l2norm_bwd_kernel``)."""
+    b, h, n, dk = q.shape
+    dv = v.shape[-1]
+    q, k, v, do = (x.contiguous() for x in (q, k, v, do))
+    bc = beta.float().expand(b, h, n).contiguous()
+    n_chunks = cdiv(n, chunk)
+    np_ = n_chunks * chunk
+    gc = _delta_cumsum(g, b, h, n, dk, chunk, q.device)  # (the forward's)
+    f32, dev = torch.float32, q.device
+    prec = _prec(q)
+    v2, wide = op.DELTA_INTRA_V2, op.DELTA_INTRA_V2_F32
+    aqk = op.intra_scores(q, k, gc, None, chunk, strict=False, v2=v2, f32_operands=wide)
+    bkk = op.intra_scores(k, k, gc, None, chunk, strict=True, v2=v2, f32_operands=wide)
+    dhs, du, dh0 = _delta_bwd_dh(q, k, do, gc, w, aqk, dht, scale, chunk, seq_chunks)
+    dq = torch.empty(b, h, np_, dk, dtype=f32, device=dev)
+    dkk = torch.empty(b, h, np_, dk, dtype=f32, device=dev)
+    dgc = torch.empty(b, h, np_, dk, dtype=f32, device=dev)
+    dvv = torch.empty_like(v)
+    db = torch.empty(b, h, n, dtype=f32, device=dev)
+    daqk = torch.empty(b, h, np_, chunk, dtype=f32, device=dev)
+    dbkk = torch.empty(b, h, np_, chunk, dtype=f32, device=dev)
+    with _shared_memory_hint(q):
+        op.delta_bwd_chunk_channel_kernel[(n_chunks, b * h)](
+            q, k, v, bc, gc, do, hs, dhs, u, du, t, bkk, dq, dkk, dvv, db, dgc, daqk, dbkk,
+            n, np_, dk, dv, float(scale),
+            BT=chunk, BK=head_block(dk), BV=head_block(dv), DOT_PREC=prec, UPCAST=_upcast(q), **_cfg("delta_bwd_channel", num_warps=8),
+        )  # fmt: skip
+    for x, dp, dx, dy, same in ((q, daqk, dq, dkk, False), (k, dbkk, dkk, dkk, True)):
+        op.score_bwd_kernel[(np_ // SUB, b * h)](
+            x, k, gc, dp, dx, dy, dgc, n, np_, dk,
+            SAME_OUT=same, BT=chunk, BS=SUB, BK=head_block(dk), DOT_PREC=prec, UPCAST=_upcast(q), **_cfg("score_bwd", num_warps=4),
+        )  # fmt: skip
+    # through the chunk-local cumsum: a reverse cumsum within each chunk
+    dg = dgc.view(b, h, n_chunks, chunk, dk).flip(3).cumsum(3).flip(3).reshape(b, h, np_, dk)[:, :, :n]
+    if rq is not None and rk is not None:
+        dq_raw, dk_raw = l2norm_qk_bwd(q, k, rq, rk, dq, dkk, q.dtype, k.dtype)
+        return dq_raw, dk_raw, dvv, db, dg, dh0
+    return dq[:, :, :n].to(q.dtype), dkk[:, :, :n].to(k.dtype), dvv, db, dg, dh0
+
+
+# Imported last: op imports this module, and this module reads op (and the launchers op imports) only at
+# call time, so that any of them may be imported first.
+from attnlab.kernels.linear import op  # noqa: E402
+from attnlab.kernels.linear.launch_scores import chunk_output, gate_cumsum  # noqa: E402
