@@ -92,7 +92,7 @@ def test_tables_of_a_dynamic_plan_with_columns() -> None:
 def test_column_tables_say_from_their_shape_whether_the_plan_has_columns() -> None:
     """No columns: 1-wide column tables; one column per row (or more): at least 2 wide, -1 padded, so the
     executor decides from shapes (no device read) and still runs the single column, forward and backward."""
-    from attnlab.plans.executor import COLUMNS_MIN_WIDTH
+    from attnlab.kernels.block_sparse import COLUMNS_MIN_WIDTH
 
     none = executor_tables(random_plan(1, 2, 40, 40, True, 16, 0.3, 0, seed=2))
     assert none.c_idx.shape[-1] == 1 and not none.has_columns
@@ -179,7 +179,8 @@ def test_rows_without_keys_give_zeros_and_no_nan() -> None:
 
 def test_explicit_schedules_bypass_the_autotuner_with_the_same_result() -> None:
     """``config`` / ``dq_config`` / ``dkdv_config`` (benchmarks and schedule probes) launch the kernels
-    directly and give the autotuned launch's outputs and gradients."""
+    directly and give the default launch's outputs and gradients (the same config here: the explicit path
+    itself is what is checked)."""
     import triton
 
     from attnlab.kernels.block_sparse import op
@@ -242,6 +243,15 @@ def test_split_query_tile_matches_the_plain_one(causal: bool) -> None:
         got = op.block_sparse_fwd_launch(q, k, v, tables, 0.25, True, config=split)
         ref, _ = block_sparse_naive(q, k, v, diag.dense_mask(), 0.25)
         torch.testing.assert_close(got[0], ref, atol=1e-4, rtol=1e-4)
+        do = torch.randn_like(ref)
+        g_split = op.block_sparse_bwd_launch(do, q, k, v, *got, tables, 0.25, True, dq_config=split,
+                                             dkdv_config=split)  # fmt: skip
+        g_plain = op.block_sparse_bwd_launch(do, q, k, v, *got, tables, 0.25, True, dq_config=plain,
+                                             dkdv_config=plain)  # fmt: skip
+        for name, a, b in zip("qkv", g_split, g_plain, strict=True):
+            torch.testing.assert_close(
+                a, b, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"diag d{name}: {m}"
+            )
 
 
 def test_autotuning_off_launches_the_first_fitting_config_directly() -> None:
@@ -254,10 +264,12 @@ def test_autotuning_off_launches_the_first_fitting_config_directly() -> None:
     k, v = (torch.randn(1, 2, 40, 16, device=DEVICE) for _ in range(2))
     plan = random_plan(1, 4, 40, 40, False, 32, 0.5, 0, seed=4)
     tables = tuple(t.to(DEVICE) for t in executor_tables(plan).as_args())
-    want = op.block_sparse_fwd_launch(q, k, v, tables, 0.25, False)
     saved = attnlab.settings.autotune
-    attnlab.settings.autotune = False
     try:
+        attnlab.settings.autotune = True  # (the test session runs with autotuning off)
+        assert not isinstance(op._pick(op._FWD), op._FirstFit)
+        want = op.block_sparse_fwd_launch(q, k, v, tables, 0.25, False)
+        attnlab.settings.autotune = False
         launchers = [op._pick(v) for v in (op._FWD, op._DQ, op._DKDV)]
         assert all(isinstance(f, op._FirstFit) for f in launchers)
         got = op.block_sparse_fwd_launch(q, k, v, tables, 0.25, False)
@@ -267,6 +279,46 @@ def test_autotuning_off_launches_the_first_fitting_config_directly() -> None:
     assert 32 % first.kwargs["BLOCK_M"] == 0 and 32 % first.kwargs["BLOCK_N"] == 0
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_first_fit_skips_a_config_the_compiler_refuses_and_remembers_it() -> None:
+    """A config refused for its resources (OutOfResources at launch, e.g. shared memory at D > 128) is
+    skipped for the next kept one, and not tried again for the same key."""
+    import triton
+    from triton.runtime.errors import OutOfResources
+
+    from attnlab.kernels.block_sparse import op
+
+    tried: list[int] = []
+
+    class Kernel:
+        def __getitem__(self, grid):  # type: ignore[no-untyped-def]
+            def run(*args: object, **meta: object) -> str:
+                tried.append(int(meta["BLOCK_M"]))  # type: ignore[call-overload]
+                if meta["BLOCK_M"] == 64:
+                    raise OutOfResources(270336, 232448, "shared memory")
+                return "ran"
+
+            return run
+
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": 32}, num_warps=4, num_stages=2) for m in (64, 32)]
+    launcher = op._FirstFit(Kernel(), configs)
+    kwargs = {"BLOCK_Q": 64, "BLOCK_K": 64, "DOT_PREC": "tf32", "BLOCK_D": 256}
+    assert launcher[(1,)](torch.empty(1), **kwargs) == "ran"
+    assert launcher[(1,)](torch.empty(1), **kwargs) == "ran"
+    assert tried == [64, 32, 32]
+
+
+def test_columns_all_inside_visited_tiles_give_the_no_columns_form() -> None:
+    """A plan whose columns all fall inside visited tiles has 1-wide column tables (no fp32 column buffers
+    in the backward, no column loop)."""
+    plan = random_plan(1, 2, 40, 40, False, 16, 0.3, 0, seed=2)
+    full = plan.full | plan.partial
+    full[..., 1] = True  # every row visits key tile 1 (keys 16..31)
+    cols = torch.tensor([16, 20, 31], dtype=torch.int32).view(1, 1, 1, 3).expand(1, 2, 3, 3).contiguous()
+    absorbed = Plan(40, 40, False, 16, 16, full, torch.zeros_like(full), None, kind="dynamic", columns=cols)
+    t = executor_tables(absorbed)
+    assert int(t.c_num.sum()) == 0 and t.c_idx.shape[-1] == 1 and not t.has_columns
 
 
 def test_bf16_forward_within_the_rounding_of_its_output() -> None:

@@ -135,3 +135,5 @@ def test_pools_wider_than_the_kernel_unrolls_take_the_torch_path(monkeypatch: py
         got = recycled._fused_scores(logits, lse, 2, params, None)
         _check(got, recycled._scores_torch(logits, lse, 2, params, None))
     assert calls == [rs.MAX_POOL]
+    with pytest.raises(ValueError, match="MAX_POOL"):  # the kernel itself refuses what it would unroll
+        real(logits, lse, 2, rs.MAX_POOL + 2, None)

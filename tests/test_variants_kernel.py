@@ -233,7 +233,7 @@ def test_every_forward_schedule_matches_the_naive_twin(poison_empty: None, causa
         torch.testing.assert_close(lse, want_lse, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize(("n_q", "n_k", "causal"), [(70, 100, False), (100, 70, True), (64, 64, False)])
+@pytest.mark.parametrize(("n_q", "n_k", "causal"), [(70, 100, False), (100, 70, True)])
 def test_alibi_forward_matches_the_twin(poison_empty: None, n_q: int, n_k: int, causal: bool) -> None:
     """ALiBi alone and with sinks (key blocks below, above and across the diagonal, several of each at these
     lengths; steep slopes): out and lse equal the twin's; on CPU also with the split and warp-specialized

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from attnlab.kernels.block_sparse import COLUMNS_MIN_WIDTH
 from attnlab.plans.blocks import tile_patterns
 from attnlab.plans.plan import Plan, sortable
 from attnlab.plans.rows import _row_hash_multipliers as _row_hash_multipliers
@@ -32,11 +33,6 @@ from attnlab.plans.rows import distinct_words, packed_rows, unpacked_rows
 
 #: Partial tiles whose masks are evaluated at once (memory: this many x block_q x block_k bytes).
 TILE_CHUNK = 2048
-
-
-#: Width of the column tables of a plan with token columns, at least (width 1 is the "no columns" form, so
-#: the executor knows from shapes alone, without reading the device, whether columns take part).
-COLUMNS_MIN_WIDTH = 2
 
 
 @dataclass(frozen=True, eq=False)
@@ -66,9 +62,9 @@ class ExecutorTables:
 
     @property
     def has_columns(self) -> bool:
-        """Whether the plan had token columns, from the tables' shape alone (no device read): the column
-        tables of a plan without columns are 1 wide, those of a plan with columns at least
-        :data:`COLUMNS_MIN_WIDTH`."""
+        """Whether token columns take part, from the tables' shape alone (no device read): the column
+        tables of a plan without columns (or whose columns all fall inside visited tiles) are 1 wide, the
+        others at least :data:`COLUMNS_MIN_WIDTH`."""
         return self.c_idx.shape[-1] >= COLUMNS_MIN_WIDTH
 
     def as_args(self) -> tuple[Tensor, ...]:
@@ -213,9 +209,11 @@ def _columns(plan: Plan, visited: Tensor) -> tuple[Tensor, Tensor]:
     dup[..., 1:] = ordered[..., 1:] == ordered[..., :-1]
     ordered = torch.sort(torch.where(dup, big, ordered), dim=-1).values
     num = (ordered < big).sum(-1, dtype=torch.int32)
-    width = max(1, int(num.max()))
-    idx = torch.where(ordered < big, ordered, -1)[..., :width]
-    # a plan with columns has tables at least 2 wide (-1 padded): width 1 means "no columns" to the kernels
+    most = int(num.max())
+    if most == 0:  # every column fell inside a visited tile: the "no columns" form
+        return num.contiguous(), torch.full((bp, hp, nqb, 1), -1, dtype=torch.int32, device=dev)
+    idx = torch.where(ordered < big, ordered, -1)[..., :most]
+    # tables that hold columns are at least 2 wide (-1 padded): width 1 means "no columns" to the kernels
     idx = torch.nn.functional.pad(idx, (0, max(0, COLUMNS_MIN_WIDTH - idx.shape[-1])), value=-1)
     return num.contiguous(), idx.to(torch.int32).contiguous()
 

@@ -3,8 +3,8 @@
 With P = exp(scale q k^T - lse) on the plan's pairs (0 elsewhere) and Delta_i = sum_d dO_id O_id:
 dV = P^T dO, dS = P (dO V^T - Delta), dQ = scale dS K, dK = scale dS^T Q.
 
-- ``block_sparse_bwd_dq_kernel``: grid (cdiv(N_q, BLOCK_M), B * H), the forward's iteration (partial
-  tiles, full tiles, token columns) accumulating dQ. Token columns have no transposed table: their dK and
+- ``block_sparse_bwd_dq_kernel``: grid (cdiv(N_q, BLOCK_M), B * H), the forward's iteration (full
+  tiles, partial tiles, token columns) accumulating dQ. Token columns have no transposed table: their dK and
   dV contributions are added here with fp32 atomics into DKC / DVC (B, H_kv, N_k, D), when HAS_COLS.
 - ``block_sparse_bwd_dkdv_kernel``: grid (cdiv(N_k, BLOCK_N), B * H_kv); for each query head of the
   kv head's GQA group, the query blocks of the transposed tables (full, then partial with their pattern)

@@ -15,6 +15,7 @@ import torch
 import triton
 from torch import Tensor
 
+from attnlab.kernels.block_sparse import COLUMNS_MIN_WIDTH
 from attnlab.kernels.block_sparse.bwd import (
     block_sparse_bwd_delta_kernel,
     block_sparse_bwd_dkdv_kernel,
@@ -36,7 +37,7 @@ IMPORTED_INTERPRETED = interpreting()
 #: the plan's query tile and BLOCK_N its key tile. Under the interpreter one small config.
 #: Forward: (BLOCK_M, BLOCK_N, warps, stages[, SPLIT]) (SPLIT 2: two row halves, see the kernel; default 1).
 FWD_SHAPES = [
-    (128, 64, 4, 2, 2),  # first (autotuning off): the fastest on the H100 (executor_schedules, ecbaacd)
+    (128, 64, 4, 2, 2),  # first (autotuning off): with the 3-stage split, the fastest on the H100 (ecbaacd)
     (128, 64, 4, 3, 2),
     (128, 64, 4, 3),
     (128, 64, 8, 2),
@@ -49,7 +50,8 @@ FWD_SHAPES = [
 ]
 #: Backward: the same form. The kernels take SPLIT = 2 (the program's own tile, query rows for dQ and key rows
 #: for dK/dV, as two halves), but no candidate uses it: compiled for sm_90 offline (Triton 3.6, D=128) the split
-#: 128-row tiles take all 255 registers and spill 328-1,720 bytes per thread (the plain ones 0-240).
+#: 128-row tiles take all 255 registers and spill 328-1,720 bytes per thread (the plain candidates 0-976),
+#: and on the H100 they ran slower (benchmarks/results/h100-2026-11-24-s17/block_sparse_split/NOTES.md).
 DQ_SHAPES = [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2), (16, 16, 2, 2),
              (32, 32, 8, 2)]  # fmt: skip
 DKDV_SHAPES = [
@@ -103,21 +105,37 @@ def _tuned(kernel, shapes, reset=None, split=False):  # type: ignore[no-untyped-
 
 class _FirstFit:
     """``launcher[grid](*args, **kwargs)`` runs ``kernel`` with the first config that :func:`_prune` keeps
-    for the call (autotuning off). Not a Triton autotuner: Triton 3.6's benchmarks even a single pruned
-    config once per new key (kernel runs the caller did not ask for, and a hazard inside a CUDA-graph
-    capture)."""
+    for the call (autotuning off) and that fits the device: a config the compiler refuses for its resources
+    (shared memory, e.g. D > 128 in 16-bit) is skipped, and the skip is remembered per (tiles, precision,
+    head block, dtype). Not a Triton autotuner: Triton 3.6's benchmarks even a single pruned config once per
+    new key (kernel runs the caller did not ask for, and a hazard inside a CUDA-graph capture)."""
 
     def __init__(self, kernel, configs: list[triton.Config]) -> None:  # type: ignore[no-untyped-def]
         self.kernel = self.fn = kernel  # (``fn``: the name Triton's autotuner gives its kernel)
         self.configs = configs
+        self.skipped: dict[tuple, int] = {}
 
     def config_for(self, **kwargs: object) -> triton.Config:
         return _prune(self.configs, {}, **kwargs)[0]
 
     def __getitem__(self, grid):  # type: ignore[no-untyped-def]
         def launch(*args: object, **kwargs: object) -> object:
-            meta = self.config_for(**kwargs).all_kwargs()
-            return self.kernel[grid(meta) if callable(grid) else grid](*args, **kwargs, **meta)
+            from triton.runtime.errors import OutOfResources
+
+            kept = _prune(self.configs, {}, **kwargs)
+            key = (
+                *(kwargs.get(n) for n in ("BLOCK_Q", "BLOCK_K", "DOT_PREC", "BLOCK_D")),
+                str(getattr(args[0], "dtype", "")),
+            )
+            for i in range(self.skipped.get(key, 0), len(kept)):
+                meta = kept[i].all_kwargs()
+                try:
+                    return self.kernel[grid(meta) if callable(grid) else grid](*args, **kwargs, **meta)
+                except OutOfResources:
+                    if i == len(kept) - 1:
+                        raise
+                    self.skipped[key] = i + 1
+            raise RuntimeError("unreachable: _prune keeps at least one config")
 
         return launch
 
@@ -201,8 +219,8 @@ def block_sparse_fwd_launch(
 ) -> tuple[Tensor, Tensor]:
     """(O (B, H, N_q, D) in q's dtype, lse (B, H, N_q) float32) of softmax attention over the tables' pairs.
 
-    q (B, H, N_q, D); k, v (B, H_kv, N_k, D). ``config`` (BLOCK_M, BLOCK_N, warps, stages) bypasses the
-    autotuner (tests, benchmarks)."""
+    q (B, H, N_q, D); k, v (B, H_kv, N_k, D). ``config`` (BLOCK_M, BLOCK_N, warps, stages, and SPLIT: 2
+    for two row halves, 1 if absent) bypasses the autotuner (tests, benchmarks)."""
     q, k, v = _checked(q, k, v, tables)
     b, h, n_q = q.shape[:3]
     o = torch.empty_like(q)
@@ -229,7 +247,7 @@ def _launch_fwd(kernel, grid, meta, q, k, v, o, lse, tables, scale, causal, tma)
         p_num.shape[2], p_idx.shape[3], f_num.shape[2], f_idx.shape[3], c_num.shape[2], c_idx.shape[3],
         h, h // h_kv, n_q, n_k, n_k - n_q, d, scale * 1.4426950408889634, hp, h // hp,
         PLAN_B=bp, BLOCK_Q=patterns.shape[1], BLOCK_K=patterns.shape[2], BLOCK_D=head_block(d),
-        CAUSAL=causal, EVEN_M=n_q % patterns.shape[1] == 0, TMA=tma, HAS_COLS=c_idx.shape[-1] > 1, **_flags(q),
+        CAUSAL=causal, EVEN_M=n_q % patterns.shape[1] == 0, TMA=tma, HAS_COLS=c_idx.shape[-1] >= COLUMNS_MIN_WIDTH, **_flags(q),
         **meta,
     )  # fmt: skip
 
@@ -248,7 +266,8 @@ def block_sparse_bwd_launch(
     dkdv_config: triton.Config | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dQ, dK, dV) of :func:`block_sparse_fwd_launch`; dK/dV summed over each GQA group. ``dq_config`` /
-    ``dkdv_config`` (BLOCK_M, BLOCK_N, warps, stages) bypass the autotuner (tests, benchmarks)."""
+    ``dkdv_config`` (BLOCK_M, BLOCK_N, warps, stages, and SPLIT, 1 if absent) bypass the autotuner (tests,
+    benchmarks)."""
     q, k, v = _checked(q, k, v, tables)
     do = do if do.stride(-1) == 1 else do.contiguous()
     o = o if o.stride(-1) == 1 else o.contiguous()
@@ -264,7 +283,7 @@ def block_sparse_bwd_launch(
     )  # fmt: skip
     lse = lse.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    has_cols = c_idx.shape[-1] > 1  # the tables' convention (ExecutorTables.has_columns): no device read
+    has_cols = c_idx.shape[-1] >= COLUMNS_MIN_WIDTH  # the tables' convention (ExecutorTables.has_columns)
     # the columns' dK/dV (atomics) go to their own fp32 buffers, which the autotuner zeroes before each
     # timed config; without columns they are 1-element placeholders the kernel never touches
     size = (b, h_kv, n_k, d) if has_cols else (1,)

@@ -48,7 +48,7 @@ IMPORTED_INTERPRETED = interpreting()
 SCORES_BLOCK = 256
 SCORES_WARPS = 4
 #: The widest pool this kernel takes: it unrolls the window's POOL shifts (compile time and code size grow
-#: with it); recycled's wider pools take the PyTorch path.
+#: with it; a bound chosen for that, not measured); recycled's wider pools take the PyTorch path.
 MAX_POOL = 63
 
 
@@ -96,8 +96,11 @@ def recycled_scores_launch(
             f"recycled_scores: logits {tuple(logits.shape)} must be (B, H, N_q, N_k) with lse "
             f"{tuple(lse.shape)} (B, H, N_q) and H % h_kv == 0 (h_kv={h_kv})"
         )
-    if pool < 1 or pool % 2 == 0:
-        raise ValueError(f"recycled_scores: pool must be an odd width >= 1, got {pool}")
+    if pool < 1 or pool % 2 == 0 or pool > MAX_POOL:
+        raise ValueError(
+            f"recycled_scores: pool must be an odd width from 1 to MAX_POOL = {MAX_POOL} (the kernel unrolls "
+            f"it), got {pool}"
+        )
     b, h, n_q, n_k = logits.shape
     if valid is not None and (valid.shape != (b, n_k) or valid.device != logits.device):
         raise ValueError(
