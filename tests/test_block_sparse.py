@@ -92,8 +92,10 @@ def test_tables_of_a_dynamic_plan_with_columns() -> None:
 def test_column_tables_say_from_their_shape_whether_the_plan_has_columns() -> None:
     """No columns: 1-wide column tables; one column per row (or more): at least 2 wide, -1 padded, so the
     executor decides from shapes (no device read) and still runs the single column, forward and backward."""
-    from attnlab.kernels.block_sparse import COLUMNS_MIN_WIDTH
+    from attnlab.kernels import block_sparse
+    from attnlab.plans.executor import COLUMNS_MIN_WIDTH
 
+    assert block_sparse.COLUMNS_MIN_WIDTH == COLUMNS_MIN_WIDTH  # the builder's and the launchers' copies
     none = executor_tables(random_plan(1, 2, 40, 40, True, 16, 0.3, 0, seed=2))
     assert none.c_idx.shape[-1] == 1 and not none.has_columns
     plan = random_plan(1, 2, 40, 40, True, 16, 0.3, 0, seed=2)

@@ -25,11 +25,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnlab.kernels.block_sparse import COLUMNS_MIN_WIDTH
 from attnlab.plans.blocks import tile_patterns
 from attnlab.plans.plan import Plan, sortable
 from attnlab.plans.rows import _row_hash_multipliers as _row_hash_multipliers
 from attnlab.plans.rows import distinct_words, packed_rows, unpacked_rows
+
+#: Width of the column tables that hold token columns, at least: 1-wide column tables mean "no columns", so
+#: the executor's launchers know from shapes alone, without reading the device, whether columns take part
+#: (the kernels' copy, which they may not import from here: ``attnlab.kernels.block_sparse.COLUMNS_MIN_WIDTH``).
+COLUMNS_MIN_WIDTH = 2
 
 #: Partial tiles whose masks are evaluated at once (memory: this many x block_q x block_k bytes).
 TILE_CHUNK = 2048

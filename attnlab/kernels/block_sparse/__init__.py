@@ -5,5 +5,7 @@
 """
 
 #: Width of the column tables that hold token columns, at least: 1-wide column tables mean "no columns", so
-#: the kernels' launchers know from shapes alone, without reading the device, whether columns take part.
+#: the kernels' launchers know from shapes alone, without reading the device, whether columns take part
+#: (the tables' builder keeps its own copy, ``attnlab.plans.executor.COLUMNS_MIN_WIDTH``: plans may not import
+#: kernels; a test holds the two equal).
 COLUMNS_MIN_WIDTH = 2
