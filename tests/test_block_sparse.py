@@ -256,6 +256,40 @@ def test_split_query_tile_matches_the_plain_one(causal: bool) -> None:
             )
 
 
+@pytest.mark.parametrize(("causal", "hp", "bp"), [(True, 4, 2), (False, 1, 1), (True, 2, 1)])
+def test_one_pass_backward_matches_the_two_kernels(causal: bool, hp: int, bp: int) -> None:
+    """The one-pass backward (dQ added into a float32 buffer from the dK/dV kernel's tile pairs) gives the
+    two-kernel backward's gradients: per-head, shared and per-kv-head plans, GQA 2:1, partial tiles, a tail
+    (N_q, N_k not multiples of the tile), cross-attention; plans with token columns take the two kernels."""
+    from attnlab.kernels.block_sparse import op
+
+    n_q, n_k = 70, 90
+    q = torch.randn(bp, 4, n_q, 16, device=DEVICE)
+    k, v = (torch.randn(bp, 2, n_k, 16, device=DEVICE) for _ in range(2))
+    plan = random_plan(bp, hp, n_q, n_k, causal, 32, 0.5, 0, seed=7 + hp)
+    tables = tuple(t.to(DEVICE) for t in executor_tables(plan).as_args())
+    o, lse = op.block_sparse_fwd_launch(q, k, v, tables, 0.25, causal)
+    do = torch.randn_like(o)
+    two = op.block_sparse_bwd_launch(do, q, k, v, o, lse, tables, 0.25, causal, fused=False)
+    one = op.block_sparse_bwd_launch(do, q, k, v, o, lse, tables, 0.25, causal, fused=True)
+    for name, a, b in zip("qkv", one, two, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"d{name}: {m}")
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    ref, _ = block_sparse_naive(*leaves, plan.dense_mask(), 0.25)
+    want = torch.autograd.grad(ref, leaves, do)
+    for name, a, b in zip("qkv", one, want, strict=True):
+        torch.testing.assert_close(
+            a, b, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"d{name} vs naive: {m}"
+        )
+    cols = random_plan(bp, hp, n_q, n_k, causal, 32, 0.5, 3, seed=7 + hp)
+    tables = tuple(t.to(DEVICE) for t in executor_tables(cols).as_args())
+    o, lse = op.block_sparse_fwd_launch(q, k, v, tables, 0.25, causal)
+    fell_back = op.block_sparse_bwd_launch(do, q, k, v, o, lse, tables, 0.25, causal, fused=True)
+    two = op.block_sparse_bwd_launch(do, q, k, v, o, lse, tables, 0.25, causal, fused=False)
+    for a, b in zip(fell_back, two, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_autotuning_off_launches_the_first_fitting_config_directly() -> None:
     """With autotuning off the executor's launchers are not Triton autotuners (Triton 3.6's benchmarks
     even one pruned config per new key): each launches the first config that divides the plan's tiles,
@@ -383,5 +417,40 @@ def test_full_size_random_plans_on_cuda(n: int, density: float, causal: bool, co
         )  # fmt: skip
         _run_and_compare(q, k, v, plan, causal, grads=True, tol=3e-2)
     finally:
+        attnlab.settings.autotune = False
+        attnlab.settings.max_dense_elements = limit
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    ("n", "density", "causal"), [(8192, 0.1, True), (8192, 0.25, False), (4096, 0.1, False)]
+)
+def test_full_size_one_pass_backward_on_cuda(n: int, density: float, causal: bool) -> None:
+    """The one-pass backward (dQ by tensor-descriptor reductions on Hopper) at benchmark sizes, autotuned,
+    against the naive twin and the two-kernel backward (bf16, D=128, GQA 4:1)."""
+    from attnlab.kernels.block_sparse import op
+
+    attnlab.settings.autotune = True
+    limit = attnlab.settings.max_dense_elements
+    attnlab.settings.max_dense_elements = 1 << 40  # the naive twin is dense on purpose
+    saved = op.FUSED_BWD
+    try:
+        op.FUSED_BWD = True
+        q = torch.randn(1, 8, n, 128, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(1, 2, n, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        plan = random_plan(1, 8, n, n, causal, 128, density, 0, seed=n)
+        plan = Plan(plan.n_q, plan.n_k, causal, 128, 128, plan.full.cuda(), plan.partial.cuda(), plan.mask_mod,
+                    kind="dynamic")  # fmt: skip
+        _run_and_compare(q, k, v, plan, causal, grads=True, tol=3e-2)
+        tables = tuple(t for t in executor_tables(plan).as_args())
+        o, lse = op.block_sparse_fwd_launch(q, k, v, tables, 128**-0.5, causal)
+        do = torch.randn_like(o)
+        one = op.block_sparse_bwd_launch(do, q, k, v, o, lse, tables, 128**-0.5, causal, fused=True)
+        two = op.block_sparse_bwd_launch(do, q, k, v, o, lse, tables, 128**-0.5, causal, fused=False)
+        for name, a, b in zip("qkv", one, two, strict=True):
+            err, top = (a.float() - b.float()).abs().max().item(), b.float().abs().max().item()
+            assert err <= 1e-2 * top, f"d{name}: one-pass vs two kernels {err:.3g} (max |d{name}| {top:.3g})"
+    finally:
+        op.FUSED_BWD = saved
         attnlab.settings.autotune = False
         attnlab.settings.max_dense_elements = limit

@@ -221,18 +221,10 @@ def block_sparse_bwd_dq_kernel(
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, keep_t, MASKED: tl.constexpr,
-               DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
-    """dK/dV of one (BLOCK_N keys) x (BLOCK_M queries) step, in transposed form (rows are keys)."""
-    s_t = dot(k, tl.trans(q), DOT_PREC, UPCAST)
-    dp_t = dot(v, tl.trans(do), DOT_PREC, UPCAST)
-    return _dkdv_update(dk, dv, s_t, dp_t, q, do, lse2, delta, qk_scale, keep_t, MASKED, DOT_PREC, UPCAST)
-
-
-@triton.jit
 def _dkdv_update(dk, dv, s_t, dp_t, q, do, lse2, delta, qk_scale, keep_t, MASKED: tl.constexpr,
                  DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
-    """:func:`_dkdv_step` given the raw products s^T = k q^T and dp^T = v dO^T."""
+    """dK/dV of one (BLOCK_N keys) x (BLOCK_M queries) step in transposed form (rows are keys), given the raw
+    products s^T = k q^T and dp^T = v dO^T; returns (dk, dv, ds^T)."""
     p_t = tl.exp2(s_t * qk_scale - lse2[None, :])
     if MASKED:
         p_t = tl.where(keep_t, p_t, 0.0)
@@ -243,7 +235,7 @@ def _dkdv_update(dk, dv, s_t, dp_t, q, do, lse2, delta, qk_scale, keep_t, MASKED
     else:
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)
-    return dk, dv
+    return dk, dv, ds_t
 
 
 @triton.jit(do_not_specialize=LENGTH_ARGS)
@@ -305,12 +297,12 @@ def block_sparse_bwd_dkdv_kernel(
             if SPLIT == 2:  # both halves' products issued before either half's exponentials
                 s1 = dot(k1, tl.trans(q), DOT_PREC, UPCAST)
                 dp1 = dot(v1, tl.trans(do), DOT_PREC, UPCAST)
-                dk0, dv0 = _dkdv_update(dk0, dv0, s0, dp0, q, do, lse2, delta, qk_scale, False, False, DOT_PREC,
+                dk0, dv0, _ = _dkdv_update(dk0, dv0, s0, dp0, q, do, lse2, delta, qk_scale, False, False, DOT_PREC,
                                         UPCAST)  # fmt: skip
-                dk1, dv1 = _dkdv_update(dk1, dv1, s1, dp1, q, do, lse2, delta, qk_scale, False, False, DOT_PREC,
+                dk1, dv1, _ = _dkdv_update(dk1, dv1, s1, dp1, q, do, lse2, delta, qk_scale, False, False, DOT_PREC,
                                         UPCAST)  # fmt: skip
             else:
-                dk0, dv0 = _dkdv_update(dk0, dv0, s0, dp0, q, do, lse2, delta, qk_scale, False, False, DOT_PREC,
+                dk0, dv0, _ = _dkdv_update(dk0, dv0, s0, dp0, q, do, lse2, delta, qk_scale, False, False, DOT_PREC,
                                         UPCAST)  # fmt: skip
         t_pn, t_pi = table_offset(b, h, col, s_pn, s_pi, PLAN_B, PLAN_H, HEAD_DIV)
         n_partial = tl.load(TP_NUM + t_pn)
@@ -331,13 +323,13 @@ def block_sparse_bwd_dkdv_kernel(
                 dp1 = dot(v1, tl.trans(do), DOT_PREC, UPCAST)
                 keep0 = tl.load(pat_base + cols_sub0[:, None]) != 0
                 keep1 = tl.load(pat_base + cols_sub1[:, None]) != 0
-                dk0, dv0 = _dkdv_update(dk0, dv0, s0, dp0, q, do, lse2, delta, qk_scale, keep0, True, DOT_PREC,
+                dk0, dv0, _ = _dkdv_update(dk0, dv0, s0, dp0, q, do, lse2, delta, qk_scale, keep0, True, DOT_PREC,
                                         UPCAST)  # fmt: skip
-                dk1, dv1 = _dkdv_update(dk1, dv1, s1, dp1, q, do, lse2, delta, qk_scale, keep1, True, DOT_PREC,
+                dk1, dv1, _ = _dkdv_update(dk1, dv1, s1, dp1, q, do, lse2, delta, qk_scale, keep1, True, DOT_PREC,
                                         UPCAST)  # fmt: skip
             else:
                 keep0 = tl.load(pat_base + cols_sub0[:, None]) != 0
-                dk0, dv0 = _dkdv_update(dk0, dv0, s0, dp0, q, do, lse2, delta, qk_scale, keep0, True, DOT_PREC,
+                dk0, dv0, _ = _dkdv_update(dk0, dv0, s0, dp0, q, do, lse2, delta, qk_scale, keep0, True, DOT_PREC,
                                         UPCAST)  # fmt: skip
     _store_kv_grads(DK, DV, b, hk, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, dk0, dv0,
                     offs_n0, offs_d, scale, N_K, HEAD_D, UPCAST)  # fmt: skip

@@ -21,6 +21,10 @@ from attnlab.kernels.block_sparse.bwd import (
     block_sparse_bwd_dkdv_kernel,
     block_sparse_bwd_dq_kernel,
 )
+from attnlab.kernels.block_sparse.bwd_fused import (
+    block_sparse_bwd_fused_kernel,
+    block_sparse_dq_finish_kernel,
+)
 from attnlab.kernels.block_sparse.fwd import block_sparse_fwd_kernel
 from attnlab.kernels.triton_utils import (
     descriptor_scratch,
@@ -63,6 +67,12 @@ DKDV_SHAPES = [
     (16, 16, 2, 2),
     (32, 32, 8, 2),
 ]
+#: The one-pass backward (``bwd_fused.py``: dK/dV and dQ from one computation of each tile pair's scores, dQ
+#: added into a float32 buffer): its (BLOCK_M, BLOCK_N, warps, stages) candidates, and whether the launcher
+#: takes it for plans without token columns (``FUSED_BWD``; ``fused=`` per call).
+FUSED_SHAPES = [(64, 128, 8, 2), (64, 64, 4, 3), (32, 128, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2), (16, 16, 2, 2),
+                (32, 32, 8, 2)]  # fmt: skip
+FUSED_BWD = False
 INTERPRETED_SHAPE = (16, 16, 1, 1)
 #: Tiles of a plan the kernels take: powers of two from 16 to 256 (both sides).
 TILE_SIZES = (16, 32, 64, 128, 256)
@@ -95,11 +105,12 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> 
 _KEY = ["HEAD_D", "DOT_PREC", "BLOCK_Q", "BLOCK_K", "PLAN_B"]
 
 
-def _tuned(kernel, shapes, reset=None, split=False):  # type: ignore[no-untyped-def]
-    """(autotuned, first-fitting-config) launchers of one kernel."""
+def _tuned(kernel, shapes, reset=None, split=False, key=()):  # type: ignore[no-untyped-def]
+    """(autotuned, first-fitting-config) launchers of one kernel; ``key``: autotuning key names besides
+    ``_KEY``."""
     configs = _configs(shapes, split)
     prune = {"early_config_prune": _prune}
-    tuned = triton.autotune(configs, key=_KEY, prune_configs_by=prune, reset_to_zero=reset)(kernel)
+    tuned = triton.autotune(configs, key=[*_KEY, *key], prune_configs_by=prune, reset_to_zero=reset)(kernel)
     return tuned, _FirstFit(kernel, configs)
 
 
@@ -145,6 +156,7 @@ _FWD_ANY = block_sparse_fwd_kernel  # launched with an explicit config
 _DQ = _tuned(block_sparse_bwd_dq_kernel, DQ_SHAPES, reset=["DKC", "DVC"], split=True)
 _DKDV = _tuned(block_sparse_bwd_dkdv_kernel, DKDV_SHAPES, split=True)
 _DQ_ANY = block_sparse_bwd_dq_kernel  # launched with an explicit config
+_FUSED = _tuned(block_sparse_bwd_fused_kernel, FUSED_SHAPES, reset=["DQA"], key=["DQ_TMA"])
 _DKDV_ANY = block_sparse_bwd_dkdv_kernel
 
 
@@ -264,10 +276,12 @@ def block_sparse_bwd_launch(
     causal: bool,
     dq_config: triton.Config | None = None,
     dkdv_config: triton.Config | None = None,
+    fused: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dQ, dK, dV) of :func:`block_sparse_fwd_launch`; dK/dV summed over each GQA group. ``dq_config`` /
     ``dkdv_config`` (BLOCK_M, BLOCK_N, warps, stages, and SPLIT, 1 if absent) bypass the autotuner (tests,
-    benchmarks)."""
+    benchmarks). ``fused`` (default :data:`FUSED_BWD`): the one-pass kernel for plans without token columns
+    (``dkdv_config`` then names its schedule, SPLIT not taken)."""
     q, k, v = _checked(q, k, v, tables)
     do = do if do.stride(-1) == 1 else do.contiguous()
     o = o if o.stride(-1) == 1 else o.contiguous()
@@ -284,15 +298,17 @@ def block_sparse_bwd_launch(
     lse = lse.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     has_cols = c_idx.shape[-1] >= COLUMNS_MIN_WIDTH  # the tables' convention (ExecutorTables.has_columns)
+    common = dict(
+        PLAN_B=bp, BLOCK_Q=patterns.shape[1], BLOCK_K=patterns.shape[2], BLOCK_D=head_block(d), **_flags(q)
+    )
+    scalars = (n_q, n_k, n_k - n_q, d, scale * 1.4426950408889634, scale, hp, h // hp)
+    if (FUSED_BWD if fused is None else fused) and not has_cols:
+        return _fused_bwd(do, q, k, v, lse, delta, tables, scalars, common, dkdv_config)
     # the columns' dK/dV (atomics) go to their own fp32 buffers, which the autotuner zeroes before each
     # timed config; without columns they are 1-element placeholders the kernel never touches
     size = (b, h_kv, n_k, d) if has_cols else (1,)
     dkc = torch.zeros(size, dtype=torch.float32, device=q.device)
     dvc = torch.zeros_like(dkc)
-    common = dict(
-        PLAN_B=bp, BLOCK_Q=patterns.shape[1], BLOCK_K=patterns.shape[2], BLOCK_D=head_block(d), **_flags(q)
-    )
-    scalars = (n_q, n_k, n_k - n_q, d, scale * 1.4426950408889634, scale, hp, h // hp)
     dkdv, dkdv_meta = (_pick(_DKDV), {}) if dkdv_config is None else (_DKDV_ANY, _explicit(dkdv_config))
     dq_kernel, dq_meta = (_pick(_DQ), {}) if dq_config is None else (_DQ_ANY, _explicit(dq_config))
     dkdv[lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), b * h_kv)](
@@ -321,6 +337,45 @@ def block_sparse_bwd_launch(
     if has_cols:
         dk = (dk.float() + dkc).to(k.dtype)
         dv = (dv.float() + dvc).to(v.dtype)
+    return dq, dk, dv
+
+
+def _dq_tma_ready(q: Tensor) -> bool:
+    """Whether the one-pass backward adds dQ tiles by tensor-descriptor reductions: a Hopper-class GPU and a
+    head dim that is its own tile width (the float32 buffer's rows are then 16-byte multiples)."""
+    d = q.shape[-1]
+    return _tma_ready(q) and q.is_cuda and d == head_block(d)
+
+
+def _fused_bwd(do, q, k, v, lse, delta, tables, scalars, common, config):  # type: ignore[no-untyped-def]
+    """(dQ, dK, dV) by the one-pass kernel (``bwd_fused.py``) and dQ's scale-and-round pass."""
+    tp_num, tp_idx, tp_pat, tf_num, tf_idx, patterns = tables[7:]
+    b, h, n_q, d = q.shape
+    h_kv, n_k = k.shape[1], k.shape[2]
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dqa = torch.zeros(b * h, n_q, d, dtype=torch.float32, device=q.device)
+    kernel, meta = (
+        (_pick(_FUSED), {}) if config is None else (block_sparse_bwd_fused_kernel, config.all_kwargs())
+    )
+    with descriptor_scratch(q.device):
+        kernel[lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), b * h_kv)](
+            q, k, v, do, lse, delta, dk, dv, dqa,
+            tp_num, tp_idx, tp_pat, tf_num, tf_idx, patterns,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2),
+            tp_num.shape[2], tp_idx.shape[3], tf_num.shape[2], tf_idx.shape[3],
+            h_kv, h // h_kv, *scalars, **common, DQ_TMA=_dq_tma_ready(q), **meta,
+        )  # fmt: skip
+    dq = torch.empty_like(q)
+    block = 16 if IMPORTED_INTERPRETED else 64
+    block_sparse_dq_finish_kernel[(triton.cdiv(n_q, block), b * h)](
+        dqa, dq, dq.stride(0), dq.stride(1), dq.stride(2), h, n_q, d, scalars[5], BLOCK_M=block,
+        BLOCK_D=head_block(d), UPCAST=common["UPCAST"],
+    )  # fmt: skip
     return dq, dk, dv
 
 
