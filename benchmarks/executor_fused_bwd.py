@@ -84,7 +84,7 @@ def run_point(name: str) -> dict[str, Any]:
         "one_pass_tma": lambda: launch(True),
         "one_pass_atomic": lambda: launch(True, tma=False),
     }
-    for shape in op.FUSED_SHAPES[:3]:
+    for shape in op.FUSED_SHAPES[:4]:
         cfg = _config(shape)
         sides["one_pass_" + "x".join(map(str, shape))] = lambda cfg=cfg: launch(True, config=cfg)
     rels: dict[str, Any] = {}
