@@ -46,7 +46,9 @@ def test_error_vs_uniform_is_zero_for_dense_and_does_not_depend_on_the_scale_or_
         # (token_sparse's dropped query rows are zeros: their weights do not sum to 1 either)
         if attnlab.get(r["method"]).softmax_normalized and r["method"] not in ("sigmoid", "token_sparse"):
             assert r["out_err_vs_uniform"] == pytest.approx(old["out_err_vs_uniform"], rel=1e-3, abs=1e-6), r
-        if attnlab.get(r["method"]).plan_kind is not None:  # a sparse method's relative error moves with V
+        # a sparse method's relative error moves with V (where its plan is sparse: block_topk's first budget
+        # at 256 tokens keeps both 128-token blocks, so it is dense there and its error is rounding)
+        if attnlab.get(r["method"]).plan_kind is not None and r["density"] < 1.0:
             assert r["out_rel_err"] != pytest.approx(old["out_rel_err"], rel=1e-2), r
 
 
