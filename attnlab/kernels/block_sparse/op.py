@@ -69,7 +69,9 @@ DKDV_SHAPES = [
 ]
 #: The one-pass backward (``bwd_fused.py``: dK/dV and dQ from one computation of each tile pair's scores, dQ
 #: added into a float32 buffer): its (BLOCK_M, BLOCK_N, warps, stages) candidates, and whether the launcher
-#: takes it for plans without token columns (``FUSED_BWD``; ``fused=`` per call).
+#: takes it for plans without token columns (``FUSED_BWD``; ``fused=`` per call). Off: on the H100 at 32K it
+#: was not faster than the two kernels (5-8% slower on random plans, 3-4% faster on a sliding window;
+#: benchmarks/results/h100-2026-11-25-s18/fused_bwd/NOTES.md).
 FUSED_SHAPES = [(64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2), (16, 16, 2, 2),
                 (32, 32, 8, 2)]  # fmt: skip
 FUSED_BWD = False
