@@ -2,7 +2,7 @@
 
 Triton compiles a kernel for a target without a GPU when the active driver only reports the target (and
 its "launch" does nothing): the cubin lands in Triton's cache. This script installs such a stub
-driver, launches each kernel family (sigmoid, score_transform, block_sparse: forward, dK/dV, dQ; block_sparse's one-pass backward) once per
+driver, launches each kernel family (sigmoid, score_transform, block_sparse: forward, dK/dV, dQ; block_sparse's dK/dV in its one-pass form) once per
 candidate schedule with CPU tensors of the given dtype and head dim, and reads each cubin's resource usage
 with the ``cuobjdump`` that ships with Triton. STACK is local memory per thread: when a kernel with stack
 first launches, the driver reserves it for every thread the GPU can hold (2048 per SM: on an H100, 132 SMs,
@@ -198,7 +198,7 @@ def main() -> None:
         rows += _compile("block_sparse.dq", bs._DQ[1], bs._DQ[1].configs, bwd_bs)
         rows += _compile("block_sparse.dkdv", bs._DKDV[1], bs._DKDV[1].configs, bwd_bs)
         fused_bs = lambda: bs.block_sparse_bwd_launch(q, q, k, k, q, lse, tables, 0.1, True, fused=True)
-        rows += _compile("block_sparse.fused", bs._FUSED[1], bs._FUSED[1].configs, fused_bs)
+        rows += _compile("block_sparse.dkdv_one_pass", bs._DKDV[1], bs._DKDV[1].configs, fused_bs)
     meta = {
         "dtype": args.dtype,
         "head_dim": d,

@@ -8,7 +8,9 @@ dV = P^T dO, dS = P (dO V^T - Delta), dQ = scale dS K, dK = scale dS^T Q.
   dV contributions are added here with fp32 atomics into DKC / DVC (B, H_kv, N_k, D), when HAS_COLS.
 - ``block_sparse_bwd_dkdv_kernel``: grid (cdiv(N_k, BLOCK_N), B * H_kv); for each query head of the
   kv head's GQA group, the query blocks of the transposed tables (full, then partial with their pattern)
-  in BLOCK_M steps; dK and dV summed over the group in registers.
+  in BLOCK_M steps; dK and dV summed over the group in registers. FUSED_DQ (the one-pass backward, for plans
+  without token columns, SPLIT = 1): it also adds each pair's dQ into a float32 buffer
+  (:mod:`attnlab.kernels.block_sparse.dq_reduce`), and the dQ kernel does not run.
 
 SPLIT = 2 (schedule knob, both kernels, as in the forward): the program's own tile (query rows for dQ, key
 rows for dK/dV) is two row halves whose products are issued before either half's exponentials.
@@ -20,6 +22,7 @@ import triton
 import triton.language as tl
 
 from attnlab.kernels.block_sparse.common import column_keys, dot, load_kv, rounded, table_offset
+from attnlab.kernels.block_sparse.dq_reduce import add_dq, dq_target
 
 LENGTH_ARGS = ["N_Q", "N_K", "OFFSET"]
 
@@ -240,7 +243,7 @@ def _dkdv_update(dk, dv, s_t, dp_t, q, do, lse2, delta, qk_scale, keep_t, MASKED
 
 @triton.jit(do_not_specialize=LENGTH_ARGS)
 def block_sparse_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQA,
     TP_NUM, TP_IDX, TP_PAT, TF_NUM, TF_IDX, PATTERNS,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -254,7 +257,9 @@ def block_sparse_bwd_dkdv_kernel(
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr, SPLIT: tl.constexpr,
+    FUSED_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
 ):  # fmt: skip
+    tl.static_assert(not (FUSED_DQ and SPLIT == 2), "the one-pass backward takes SPLIT = 1")
     HALF: tl.constexpr = BLOCK_N // SPLIT  # SPLIT = 2: the key tile as two row halves
     pid_n = tl.program_id(0)
     pid_bk = tl.program_id(1)
@@ -283,11 +288,15 @@ def block_sparse_bwd_dkdv_kernel(
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
         row_base = (b * H + h) * N_Q
+        dqa = DQA
+        if FUSED_DQ:
+            dqa = dq_target(DQA, row_base, N_Q, HEAD_D, BLOCK_M, BLOCK_D, DQ_TMA)
         t_fn, t_fi = table_offset(b, h, col, s_fn, s_fi, PLAN_B, PLAN_H, HEAD_DIV)
         n_full = tl.load(TF_NUM + t_fn)
         for it in tl.range(0, n_full * SUB):
             qb = tl.load(TF_IDX + t_fi + it // SUB)
-            offs_m = qb * BLOCK_Q + (it % SUB) * BLOCK_M + tl.arange(0, BLOCK_M)
+            start_m = qb * BLOCK_Q + (it % SUB) * BLOCK_M
+            offs_m = start_m + tl.arange(0, BLOCK_M)
             q = _rows(q_base, stride_qn, offs_m, offs_d, N_Q, HEAD_D)
             do = _rows(do_base, stride_don, offs_m, offs_d, N_Q, HEAD_D)
             lse2 = _lse2(LSE, row_base, offs_m, N_Q)
@@ -302,15 +311,18 @@ def block_sparse_bwd_dkdv_kernel(
                 dk1, dv1, _ = _dkdv_update(dk1, dv1, s1, dp1, q, do, lse2, delta, qk_scale, False, False, DOT_PREC,
                                         UPCAST)  # fmt: skip
             else:
-                dk0, dv0, _ = _dkdv_update(dk0, dv0, s0, dp0, q, do, lse2, delta, qk_scale, False, False, DOT_PREC,
-                                        UPCAST)  # fmt: skip
+                dk0, dv0, ds0 = _dkdv_update(dk0, dv0, s0, dp0, q, do, lse2, delta, qk_scale, False, False,
+                                             DOT_PREC, UPCAST)  # fmt: skip
+                if FUSED_DQ:
+                    add_dq(dqa, ds0, k0, start_m, N_Q, HEAD_D, BLOCK_M, BLOCK_D, DOT_PREC, UPCAST, DQ_TMA)
         t_pn, t_pi = table_offset(b, h, col, s_pn, s_pi, PLAN_B, PLAN_H, HEAD_DIV)
         n_partial = tl.load(TP_NUM + t_pn)
         for it in tl.range(0, n_partial * SUB):
             qb = tl.load(TP_IDX + t_pi + it // SUB)
             pat = tl.load(TP_PAT + t_pi + it // SUB).to(tl.int64)
             sub = (it % SUB) * BLOCK_M
-            offs_m = qb * BLOCK_Q + sub + tl.arange(0, BLOCK_M)
+            start_m = qb * BLOCK_Q + sub
+            offs_m = start_m + tl.arange(0, BLOCK_M)
             q = _rows(q_base, stride_qn, offs_m, offs_d, N_Q, HEAD_D)
             do = _rows(do_base, stride_don, offs_m, offs_d, N_Q, HEAD_D)
             lse2 = _lse2(LSE, row_base, offs_m, N_Q)
@@ -329,8 +341,10 @@ def block_sparse_bwd_dkdv_kernel(
                                         UPCAST)  # fmt: skip
             else:
                 keep0 = tl.load(pat_base + cols_sub0[:, None]) != 0
-                dk0, dv0, _ = _dkdv_update(dk0, dv0, s0, dp0, q, do, lse2, delta, qk_scale, keep0, True, DOT_PREC,
-                                        UPCAST)  # fmt: skip
+                dk0, dv0, ds0 = _dkdv_update(dk0, dv0, s0, dp0, q, do, lse2, delta, qk_scale, keep0, True,
+                                             DOT_PREC, UPCAST)  # fmt: skip
+                if FUSED_DQ:
+                    add_dq(dqa, ds0, k0, start_m, N_Q, HEAD_D, BLOCK_M, BLOCK_D, DOT_PREC, UPCAST, DQ_TMA)
     _store_kv_grads(DK, DV, b, hk, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, dk0, dv0,
                     offs_n0, offs_d, scale, N_K, HEAD_D, UPCAST)  # fmt: skip
     if SPLIT == 2:

@@ -21,10 +21,7 @@ from attnlab.kernels.block_sparse.bwd import (
     block_sparse_bwd_dkdv_kernel,
     block_sparse_bwd_dq_kernel,
 )
-from attnlab.kernels.block_sparse.bwd_fused import (
-    block_sparse_bwd_fused_kernel,
-    block_sparse_dq_finish_kernel,
-)
+from attnlab.kernels.block_sparse.dq_reduce import block_sparse_dq_finish_kernel
 from attnlab.kernels.block_sparse.fwd import block_sparse_fwd_kernel
 from attnlab.kernels.triton_utils import (
     descriptor_scratch,
@@ -67,13 +64,10 @@ DKDV_SHAPES = [
     (16, 16, 2, 2),
     (32, 32, 8, 2),
 ]
-#: The one-pass backward (``bwd_fused.py``: dK/dV and dQ from one computation of each tile pair's scores, dQ
-#: added into a float32 buffer): its (BLOCK_M, BLOCK_N, warps, stages) candidates, and whether the launcher
-#: takes it for plans without token columns (``FUSED_BWD``; ``fused=`` per call). Off: on the H100 at 32K it
-#: was not faster than the two kernels (5-8% slower on random plans, 3-4% faster on a sliding window;
-#: benchmarks/results/h100-2026-11-25-s18/fused_bwd/NOTES.md).
-FUSED_SHAPES = [(64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2), (16, 16, 2, 2),
-                (32, 32, 8, 2)]  # fmt: skip
+#: The one-pass backward (the dK/dV kernel with FUSED_DQ: each tile pair's scores computed once and dQ added
+#: into a float32 buffer, ``dq_reduce.py``) for plans without token columns: the default when True
+#: (``fused=`` per call). Off: on the H100 at 32K it was not faster than the two kernels (5-8% slower on random
+#: plans, 3-4% faster on a sliding window; benchmarks/results/h100-2026-11-25-s18/fused_bwd/NOTES.md).
 FUSED_BWD = False
 INTERPRETED_SHAPE = (16, 16, 1, 1)
 #: Tiles of a plan the kernels take: powers of two from 16 to 256 (both sides).
@@ -156,9 +150,10 @@ class _FirstFit:
 _FWD = _tuned(block_sparse_fwd_kernel, FWD_SHAPES, split=True)
 _FWD_ANY = block_sparse_fwd_kernel  # launched with an explicit config
 _DQ = _tuned(block_sparse_bwd_dq_kernel, DQ_SHAPES, reset=["DKC", "DVC"], split=True)
-_DKDV = _tuned(block_sparse_bwd_dkdv_kernel, DKDV_SHAPES, split=True)
+_DKDV = _tuned(
+    block_sparse_bwd_dkdv_kernel, DKDV_SHAPES, reset=["DQA"], split=True, key=["FUSED_DQ", "DQ_TMA"]
+)
 _DQ_ANY = block_sparse_bwd_dq_kernel  # launched with an explicit config
-_FUSED = _tuned(block_sparse_bwd_fused_kernel, FUSED_SHAPES, reset=["DQA"], key=["DQ_TMA"])
 _DKDV_ANY = block_sparse_bwd_dkdv_kernel
 
 
@@ -282,8 +277,8 @@ def block_sparse_bwd_launch(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dQ, dK, dV) of :func:`block_sparse_fwd_launch`; dK/dV summed over each GQA group. ``dq_config`` /
     ``dkdv_config`` (BLOCK_M, BLOCK_N, warps, stages, and SPLIT, 1 if absent) bypass the autotuner (tests,
-    benchmarks). ``fused`` (default :data:`FUSED_BWD`): the one-pass kernel for plans without token columns
-    (``dkdv_config`` then names its schedule, SPLIT not taken)."""
+    benchmarks). ``fused`` (default :data:`FUSED_BWD`): the one-pass backward for plans without token columns
+    (the dK/dV kernel adds dQ too; ``dq_config`` unused, ``dkdv_config`` without SPLIT = 2)."""
     q, k, v = _checked(q, k, v, tables)
     do = do if do.stride(-1) == 1 else do.contiguous()
     o = o if o.stride(-1) == 1 else o.contiguous()
@@ -304,27 +299,35 @@ def block_sparse_bwd_launch(
         PLAN_B=bp, BLOCK_Q=patterns.shape[1], BLOCK_K=patterns.shape[2], BLOCK_D=head_block(d), **_flags(q)
     )
     scalars = (n_q, n_k, n_k - n_q, d, scale * 1.4426950408889634, scale, hp, h // hp)
-    if (FUSED_BWD if fused is None else fused) and not has_cols:
-        return _fused_bwd(do, q, k, v, lse, delta, tables, scalars, common, dkdv_config)
-    # the columns' dK/dV (atomics) go to their own fp32 buffers, which the autotuner zeroes before each
-    # timed config; without columns they are 1-element placeholders the kernel never touches
+    one_pass = bool(FUSED_BWD if fused is None else fused) and not has_cols
+    # the columns' dK/dV (atomics) and the one-pass dQ go to their own fp32 buffers, which the autotuner
+    # zeroes before each timed config; unused, they are 1-element placeholders the kernels never touch
     size = (b, h_kv, n_k, d) if has_cols else (1,)
     dkc = torch.zeros(size, dtype=torch.float32, device=q.device)
     dvc = torch.zeros_like(dkc)
+    dqa = torch.zeros((b * h, n_q, d) if one_pass else (1,), dtype=torch.float32, device=q.device)
     dkdv, dkdv_meta = (_pick(_DKDV), {}) if dkdv_config is None else (_DKDV_ANY, _explicit(dkdv_config))
     dq_kernel, dq_meta = (_pick(_DQ), {}) if dq_config is None else (_DQ_ANY, _explicit(dq_config))
-    dkdv[lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), b * h_kv)](
-        q, k, v, do, lse, delta, dk, dv,
-        tp_num, tp_idx, tp_pat, tf_num, tf_idx, patterns,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2),
-        tp_num.shape[2], tp_idx.shape[3], tf_num.shape[2], tf_idx.shape[3],
-        h_kv, h // h_kv, *scalars, **common, **dkdv_meta,
-    )  # fmt: skip
+    with descriptor_scratch(q.device):
+        dkdv[lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), b * h_kv)](
+            q, k, v, do, lse, delta, dk, dv, dqa,
+            tp_num, tp_idx, tp_pat, tf_num, tf_idx, patterns,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2),
+            tp_num.shape[2], tp_idx.shape[3], tf_num.shape[2], tf_idx.shape[3],
+            h_kv, h // h_kv, *scalars, **common, FUSED_DQ=one_pass, DQ_TMA=one_pass and _dq_tma_ready(q),
+            **dkdv_meta,
+        )  # fmt: skip
+    if one_pass:
+        block_sparse_dq_finish_kernel[(triton.cdiv(n_q, block), b * h)](
+            dqa, dq, dq.stride(0), dq.stride(1), dq.stride(2), h, n_q, d, scale, BLOCK_M=block,
+            BLOCK_D=head_block(d), UPCAST=common["UPCAST"],
+        )  # fmt: skip
+        return dq, dk, dv
     dq_kernel[lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)](
         q, k, v, do, lse, delta, dq, dkc, dvc,
         p_num, p_idx, p_pat, f_num, f_idx, c_num, c_idx, patterns,
@@ -347,38 +350,6 @@ def _dq_tma_ready(q: Tensor) -> bool:
     head dim that is its own tile width (the float32 buffer's rows are then 16-byte multiples)."""
     d = q.shape[-1]
     return _tma_ready(q) and q.is_cuda and d == head_block(d)
-
-
-def _fused_bwd(do, q, k, v, lse, delta, tables, scalars, common, config):  # type: ignore[no-untyped-def]
-    """(dQ, dK, dV) by the one-pass kernel (``bwd_fused.py``) and dQ's scale-and-round pass."""
-    tp_num, tp_idx, tp_pat, tf_num, tf_idx, patterns = tables[7:]
-    b, h, n_q, d = q.shape
-    h_kv, n_k = k.shape[1], k.shape[2]
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    dqa = torch.zeros(b * h, n_q, d, dtype=torch.float32, device=q.device)
-    kernel, meta = (
-        (_pick(_FUSED), {}) if config is None else (block_sparse_bwd_fused_kernel, config.all_kwargs())
-    )
-    with descriptor_scratch(q.device):
-        kernel[lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), b * h_kv)](
-            q, k, v, do, lse, delta, dk, dv, dqa,
-            tp_num, tp_idx, tp_pat, tf_num, tf_idx, patterns,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            do.stride(0), do.stride(1), do.stride(2),
-            dk.stride(0), dk.stride(1), dk.stride(2),
-            dv.stride(0), dv.stride(1), dv.stride(2),
-            tp_num.shape[2], tp_idx.shape[3], tf_num.shape[2], tf_idx.shape[3],
-            h_kv, h // h_kv, *scalars, **common, DQ_TMA=_dq_tma_ready(q), **meta,
-        )  # fmt: skip
-    dq = torch.empty_like(q)
-    block = 16 if IMPORTED_INTERPRETED else 64
-    block_sparse_dq_finish_kernel[(triton.cdiv(n_q, block), b * h)](
-        dqa, dq, dq.stride(0), dq.stride(1), dq.stride(2), h, n_q, d, scalars[5], BLOCK_M=block,
-        BLOCK_D=head_block(d), UPCAST=common["UPCAST"],
-    )  # fmt: skip
-    return dq, dk, dv
 
 
 @torch.library.custom_op("attnlab::block_sparse_fwd", mutates_args=())
