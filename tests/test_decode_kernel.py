@@ -501,6 +501,18 @@ def test_custom_ops_compile_without_graph_breaks() -> None:
     torch.testing.assert_close(compiled(q, k, v), fused(q, k, v))
 
 
+def test_custom_ops_fake_outputs_match_the_real_ones_for_a_transposed_q() -> None:
+    """The decode op's fake (torch.compile's shape and stride rule) gives the real outputs' shapes, dtypes and
+    strides, also for a q that is a transposed view ((B, N, H, D) -> (B, H, N, D), as Hugging Face hands it)."""
+    from attnlab.kernels.decode.op import decode_select_fwd
+
+    q0, k, v = _qkv(1, 4, 2, 3, 40, 16, torch.float32)
+    q = q0.transpose(1, 2).contiguous().transpose(1, 2)  # same values, (B, N, H, D) memory
+    assert not q.is_contiguous() and q.stride(-1) == 1
+    args = (q, k, v, _index(1, 2, 10, 3), None, 4, 0.25, True, None)
+    torch.library.opcheck(decode_select_fwd, args, test_utils=("test_schema", "test_faketensor"))
+
+
 @pytest.mark.cuda
 def test_decode_step_captures_in_a_cuda_graph() -> None:
     from attnlab.kernels.decode.op import decode_attention, page_select

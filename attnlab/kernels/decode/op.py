@@ -562,8 +562,8 @@ def _(
     causal: bool,
     key_mask: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    # contiguous, as the launcher's outputs (empty_like would keep a transposed q's strides)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("attnlab::page_scores", mutates_args=())
