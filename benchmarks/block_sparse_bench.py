@@ -25,6 +25,7 @@ of each), and the executor's gradients against FlexAttention's (max abs differen
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import subprocess
 import traceback
@@ -265,6 +266,7 @@ def main() -> None:
     commit = Path("ATTNLAB_COMMIT").read_text().strip() if Path("ATTNLAB_COMMIT").exists() else "unknown"
     doc: dict[str, Any] = {
         "commit": commit,
+        "time_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "triton": __import__("triton").__version__,
