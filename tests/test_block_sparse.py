@@ -89,6 +89,18 @@ def test_tables_of_a_dynamic_plan_with_columns() -> None:
                     assert not any(bool(visited[c // 16]) for c in cols)
 
 
+@pytest.mark.parametrize("cols", [[0, -1], [5, 0, -1], [-1, 0], [-1, -1]])
+def test_dense_mask_keeps_a_key_0_column_before_padding(cols: list[int]) -> None:
+    """-1 pads in a column list do not hide a real column 0 (the dense mask is the reference's mask)."""
+    full = torch.zeros(1, 1, 2, 2, dtype=torch.bool)
+    full[0, 0, 1, 1] = True
+    columns = torch.tensor([cols, cols], dtype=torch.int32).view(1, 1, 2, len(cols))
+    plan = Plan(64, 64, False, 32, 32, full, torch.zeros_like(full), None, kind="dynamic", columns=columns)
+    mask = plan.dense_mask()
+    assert torch.equal(mask, _mask_of(plan))
+    assert bool(mask[0, 0, 0, 0]) == (0 in cols)  # query block 0 visits no tile: key 0 only as a column
+
+
 def test_column_tables_say_from_their_shape_whether_the_plan_has_columns() -> None:
     """No columns: 1-wide column tables; one column per row (or more): at least 2 wide, -1 padded, so the
     executor decides from shapes (no device read) and still runs the single column, forward and backward."""

@@ -113,10 +113,12 @@ class Plan:
             partial = partial & self.mask_mod(b, h, q_idx, kv_idx)
         mask = full | partial
         if self.columns is not None:
-            hit = torch.zeros_like(mask)
+            # one spare key column takes the -1 pads (scattering their False onto key 0 would drop a real
+            # column 0 whenever a pad came after it)
+            hit = torch.zeros(*mask.shape[:3], self.n_k + 1, dtype=torch.bool, device=dev)
             cols_tok = self.columns[:, :, rows].long()  # (Bp, Hp, N_q, C)
-            valid = cols_tok >= 0
-            hit.scatter_(-1, cols_tok.clamp_min(0), valid)
+            hit.scatter_(-1, torch.where(cols_tok >= 0, cols_tok, self.n_k), True)
+            hit = hit[..., : self.n_k]
             visited = (self.full | self.partial)[:, :, rows][:, :, :, cols]
             hit &= ~visited
             if self.causal:
