@@ -58,8 +58,10 @@ def _(
     scale: float, chunk: int, seq_chunks: Tensor | None = None, a: Tensor | None = None,
     g_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    dg = torch.empty_like(gc) if g_dtype is None else q.new_empty(q.shape, dtype=g_dtype)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dg, torch.empty_like(ht)
+    # contiguous, as the launcher's (it makes its inputs contiguous first; empty_like would keep a
+    # transposed input's strides)
+    dg = gc.new_empty(gc.shape) if g_dtype is None else q.new_empty(q.shape, dtype=g_dtype)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dg, torch.empty_like(ht)
 
 
 def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
@@ -143,8 +145,16 @@ def delta_chunk_bwd(
         dq, dk, dv, db, dg, dh0 = delta_bwd_channel_launch(
             q, k, v, beta, g, hs, w, u, t, do, dht, scale, chunk, seq_chunks, rq, rk
         )
-    dg_out = dg if dg is not None else q.new_empty(0, dtype=torch.float32)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), db.to(beta.dtype), dg_out, dh0
+    # contiguous, as the fake says (in float32 the chunk-padded buffers' slices would be views)
+    dg_out = dg.contiguous() if dg is not None else q.new_empty(0, dtype=torch.float32)
+    return (
+        dq.to(q.dtype).contiguous(),
+        dk.to(k.dtype).contiguous(),
+        dv.to(v.dtype).contiguous(),
+        db.to(beta.dtype).contiguous(),
+        dg_out,
+        dh0,
+    )
 
 
 @delta_chunk_bwd.register_fake
@@ -157,7 +167,14 @@ def _(
     dg = q.new_empty(tuple(g.shape) if g is not None else (0,), dtype=torch.float32)
     n_seq = b if seq_chunks is None else seq_chunks.shape[0] - 1
     dh0 = q.new_empty(n_seq, h, dk, v.shape[-1], dtype=torch.float32)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(beta), dg, dh0
+    return (
+        q.new_empty(q.shape),
+        k.new_empty(k.shape),
+        v.new_empty(v.shape),
+        beta.new_empty(beta.shape),
+        dg,
+        dh0,
+    )
 
 
 def _delta_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]

@@ -467,8 +467,8 @@ def score_transform_bwd_launch(
         dsinks = -(torch.exp(sinks.float()[None, :, None] - lse) * delta).sum(dim=(0, 2)).to(sinks.dtype)
     if u is not None and vf is not None:
         r = u.shape[-1]
-        du = _reduce_to(du_buf[..., :r], u.shape).to(u.dtype)
-        dvf = _reduce_to(dvf_buf[..., :r], vf.shape).to(vf.dtype)
+        du = _reduce_to(du_buf[..., :r], u.shape).to(u.dtype).contiguous()  # (a view of the padded buffer
+        dvf = _reduce_to(dvf_buf[..., :r], vf.shape).to(vf.dtype).contiguous()  # otherwise; the fake's)
     return dq, dk, dv, dsinks, du, dvf, dslopes, dtemp
 
 
