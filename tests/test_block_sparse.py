@@ -268,14 +268,32 @@ def test_split_query_tile_matches_the_plain_one(causal: bool) -> None:
             )
 
 
-@pytest.mark.parametrize(("causal", "hp", "bp"), [(True, 4, 2), (False, 1, 1), (True, 2, 1)])
-def test_one_pass_backward_matches_the_two_kernels(causal: bool, hp: int, bp: int) -> None:
+class _LaunchCount:
+    """A kernel launcher that counts its launches (``kernel[grid](...)``)."""
+
+    def __init__(self, kernel) -> None:  # type: ignore[no-untyped-def]
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):  # type: ignore[no-untyped-def]
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize(
+    ("causal", "hp", "bp", "n_q", "n_k"),
+    [(True, 4, 2, 70, 90), (False, 1, 1, 70, 90), (True, 2, 1, 70, 90), (True, 4, 1, 90, 40)],
+)
+def test_one_pass_backward_matches_the_two_kernels(
+    causal: bool, hp: int, bp: int, n_q: int, n_k: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The one-pass backward (dQ added into a float32 buffer from the dK/dV kernel's tile pairs) gives the
     two-kernel backward's gradients: per-head, shared and per-kv-head plans, GQA 2:1, partial tiles, a tail
-    (N_q, N_k not multiples of the tile), cross-attention; plans with token columns take the two kernels."""
+    (N_q, N_k not multiples of the tile), cross-attention (N_q > N_k causal: rows without keys); plans with
+    token columns take the two kernels."""
     from attnlab.kernels.block_sparse import op
 
-    n_q, n_k = 70, 90
+    finish = _LaunchCount(op.block_sparse_dq_finish_kernel)
+    monkeypatch.setattr(op, "block_sparse_dq_finish_kernel", finish)
     q = torch.randn(bp, 4, n_q, 16, device=DEVICE)
     k, v = (torch.randn(bp, 2, n_k, 16, device=DEVICE) for _ in range(2))
     plan = random_plan(bp, hp, n_q, n_k, causal, 32, 0.5, 0, seed=7 + hp)
@@ -283,8 +301,11 @@ def test_one_pass_backward_matches_the_two_kernels(causal: bool, hp: int, bp: in
     o, lse = op.block_sparse_fwd_launch(q, k, v, tables, 0.25, causal)
     do = torch.randn_like(o)
     two = op.block_sparse_bwd_launch(do, q, k, v, o, lse, tables, 0.25, causal, fused=False)
+    assert finish.launches == 0
     one = op.block_sparse_bwd_launch(do, q, k, v, o, lse, tables, 0.25, causal, fused=True)
+    assert finish.launches == 1  # the one-pass path ran
     for name, a, b in zip("qkv", one, two, strict=True):
+        assert not a.isnan().any(), f"NaN in d{name}"
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"d{name}: {m}")
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     ref, _ = block_sparse_naive(*leaves, plan.dense_mask(), 0.25)
@@ -297,6 +318,7 @@ def test_one_pass_backward_matches_the_two_kernels(causal: bool, hp: int, bp: in
     tables = tuple(t.to(DEVICE) for t in executor_tables(cols).as_args())
     o, lse = op.block_sparse_fwd_launch(q, k, v, tables, 0.25, causal)
     fell_back = op.block_sparse_bwd_launch(do, q, k, v, o, lse, tables, 0.25, causal, fused=True)
+    assert finish.launches == 1  # columns: the two kernels
     two = op.block_sparse_bwd_launch(do, q, k, v, o, lse, tables, 0.25, causal, fused=False)
     for a, b in zip(fell_back, two, strict=True):
         assert torch.equal(a, b)
@@ -392,6 +414,15 @@ def test_bad_input_gets_clear_errors() -> None:
         block_sparse_attention(q, kv, kv, executor_tables(odd).as_args(), 0.25, False)
     with pytest.raises(ValueError, match="13 tables"):
         block_sparse_attention(q, kv, kv, tables[:5], 0.25, False)
+    shared = executor_tables(random_plan(1, 1, 40, 40, False, 32, 0.5, 0, seed=0)).as_args()
+    with pytest.raises(ValueError, match="H a multiple of H_kv"):  # 3 query heads over 2 kv heads
+        block_sparse_attention(torch.randn(1, 3, 40, 16), kv, kv, shared, 0.25, False)
+    with pytest.raises(ValueError, match="q's batch"):  # k and v of batch 1 for q of batch 2
+        block_sparse_attention(torch.randn(2, 2, 40, 16), kv, kv, shared, 0.25, False)
+    with pytest.raises(ValueError, match="the same"):  # v shorter than k
+        block_sparse_attention(q, kv, kv[:, :, :30], tables, 0.25, False)
+    with pytest.raises(ValueError, match="takes \\(B, H, N, D\\)"):
+        block_sparse_attention(q[0], kv[0], kv[0], tables, 0.25, False)
     if on_cuda():
         with pytest.raises(ValueError, match="build the plan on q's device"):
             block_sparse_attention(q.cuda(), kv.cuda(), kv.cuda(), tables, 0.25, False)

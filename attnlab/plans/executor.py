@@ -41,7 +41,8 @@ TILE_CHUNK = 2048
 
 @dataclass(frozen=True, eq=False)
 class ExecutorTables:
-    """The executor's view of a plan. Every table is int32 with a leading (Bp, Hp) pair (1 broadcasts)."""
+    """The executor's view of a plan. Every table but ``patterns`` is int32 with a leading (Bp, Hp) pair (1
+    broadcasts); ``patterns`` is uint8 (U, block_q, block_k), the partial tiles' distinct masks."""
 
     block_q: int
     block_k: int

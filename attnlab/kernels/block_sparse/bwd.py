@@ -41,9 +41,11 @@ def block_sparse_bwd_delta_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m = (offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_D)
     o = tl.load(
-        O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :], mask=m, other=0.0
+        O + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_on + offs_d[None, :],
+        mask=m,
+        other=0.0,
     )
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :], mask=m,
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None].to(tl.int64) * stride_don + offs_d[None, :], mask=m,
                  other=0.0)  # fmt: skip
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + pid_bh.to(tl.int64) * N_Q + offs_m, delta, mask=offs_m < N_Q)
@@ -85,7 +87,7 @@ def _dq_update(dq, s, dp, lse2, delta, k, qk_scale, keep, MASKED: tl.constexpr, 
 def _rows(base, stride_n, offs, offs_d, N, HEAD_D):
     """Rows ``offs`` of one head's (N, HEAD_D) matrix at ``base`` (rows past N and columns past HEAD_D: 0)."""
     m = (offs[:, None] < N) & (offs_d[None, :] < HEAD_D)
-    return tl.load(base + offs[:, None] * stride_n + offs_d[None, :], mask=m, other=0.0)
+    return tl.load(base + offs[:, None].to(tl.int64) * stride_n + offs_d[None, :], mask=m, other=0.0)
 
 
 @triton.jit
@@ -215,11 +217,11 @@ def block_sparse_bwd_dq_kernel(
 
     dq_base = DQ + b * stride_dqb + h * stride_dqh
     rmask0 = (offs_m0[:, None] < N_Q) & (offs_d[None, :] < HEAD_D)
-    tl.store(dq_base + offs_m0[:, None] * stride_dqn + offs_d[None, :],
+    tl.store(dq_base + offs_m0[:, None].to(tl.int64) * stride_dqn + offs_d[None, :],
              rounded(dq0 * scale, DQ.dtype.element_ty, UPCAST), mask=rmask0)  # fmt: skip
     if SPLIT == 2:
         rmask1 = (offs_m1[:, None] < N_Q) & (offs_d[None, :] < HEAD_D)
-        tl.store(dq_base + offs_m1[:, None] * stride_dqn + offs_d[None, :],
+        tl.store(dq_base + offs_m1[:, None].to(tl.int64) * stride_dqn + offs_d[None, :],
                  rounded(dq1 * scale, DQ.dtype.element_ty, UPCAST), mask=rmask1)  # fmt: skip
 
 
@@ -357,7 +359,7 @@ def _store_kv_grads(DK, DV, b, hk, stride_dkb, stride_dkh, stride_dkn, stride_dv
                     offs_n, offs_d, scale, N_K, HEAD_D, UPCAST: tl.constexpr):  # fmt: skip
     """dK (times the softmax scale) and dV of key rows ``offs_n``."""
     nmask = (offs_n[:, None] < N_K) & (offs_d[None, :] < HEAD_D)
-    tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+    tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :],
              rounded(dk * scale, DK.dtype.element_ty, UPCAST), mask=nmask)  # fmt: skip
-    tl.store(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+    tl.store(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None].to(tl.int64) * stride_dvn + offs_d[None, :],
              rounded(dv, DV.dtype.element_ty, UPCAST), mask=nmask)  # fmt: skip

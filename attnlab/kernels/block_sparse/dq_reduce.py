@@ -62,5 +62,5 @@ def block_sparse_dq_finish_kernel(DQA, DQ, stride_dqb, stride_dqh, stride_dqn, H
     acc = tl.load(
         DQA + (pid_bh.to(tl.int64) * N_Q + offs_m[:, None]) * HEAD_D + offs_d[None, :], mask=m, other=0.0
     )
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqn + offs_d[None, :],
              rounded(acc * scale, DQ.dtype.element_ty, UPCAST), mask=m)  # fmt: skip

@@ -2,7 +2,8 @@
 
 Grid: (cdiv(N_q, BLOCK_M), B * H). Program (m, b*h) computes query rows [m*BLOCK_M, (m+1)*BLOCK_M) of
 head h, which lie in plan row ``r = m*BLOCK_M // BLOCK_Q`` (BLOCK_M divides BLOCK_Q). With the plan's
-tables at (b | 0, h | 0, r) (strides 0 where the plan broadcasts), it runs an online softmax (base 2,
+tables at (b or 0, h // HEAD_DIV, r) (``common.table_offset``: plan batch 1 broadcasts; a plan for H_kv heads
+is read by the query heads of each GQA group, one for 1 head by all), it runs an online softmax (base 2,
 fp32 running max, sum and accumulator) over:
 
 1. the full tiles: no mask (they lie inside the matrix by the tables' convention);
@@ -44,7 +45,7 @@ LENGTH_ARGS = ["N_Q", "N_K", "OFFSET"]
 @triton.jit
 def _q_rows(Q, q_base, stride_qn, offs_m, offs_d, N_Q, HEAD_D, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr):
     """Query rows ``offs_m`` (rows past N_q and columns past HEAD_D read as 0)."""
-    q_ptrs = Q + q_base + offs_m[:, None] * stride_qn + offs_d[None, :]
+    q_ptrs = Q + q_base + offs_m[:, None].to(tl.int64) * stride_qn + offs_d[None, :]
     if EVEN_M and EVEN_D:
         return tl.load(q_ptrs)
     else:
@@ -58,7 +59,7 @@ def _store_half(O, o_base, stride_on, LSE, lse_base, acc, m_i, l_i, offs_m, offs
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    o_ptrs = O + o_base + offs_m[:, None] * stride_on + offs_d[None, :]
+    o_ptrs = O + o_base + offs_m[:, None].to(tl.int64) * stride_on + offs_d[None, :]
     if EVEN_M and EVEN_D:
         tl.store(o_ptrs, rounded(out, O.dtype.element_ty, UPCAST))
     else:

@@ -91,6 +91,8 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> 
     args = {**named_args, **kwargs}
     bq, bk = int(args["BLOCK_Q"]), int(args["BLOCK_K"])  # type: ignore[call-overload]
     ok = [c for c in configs if bq % c.kwargs["BLOCK_M"] == 0 and bk % c.kwargs["BLOCK_N"] == 0]
+    if args.get("FUSED_DQ"):  # the one-pass dK/dV kernel takes whole key tiles only
+        ok = [c for c in ok if c.kwargs.get("SPLIT", 1) == 1]
     if args.get("DOT_PREC") == "ieee":
         ok = fp32_tiles(ok) if ok else ok
     if not ok:
@@ -114,7 +116,7 @@ class _FirstFit:
     """``launcher[grid](*args, **kwargs)`` runs ``kernel`` with the first config that :func:`_prune` keeps
     for the call (autotuning off) and that fits the device: a config the compiler refuses for its resources
     (shared memory, e.g. D > 128 in 16-bit) is skipped, and the skip is remembered per (tiles, precision,
-    head block, dtype). Not a Triton autotuner: Triton 3.6's benchmarks even a single pruned config once per
+    head block, one-pass form, columns, dtype). Not a Triton autotuner: Triton 3.6's benchmarks even a single pruned config once per
     new key (kernel runs the caller did not ask for, and a hazard inside a CUDA-graph capture)."""
 
     def __init__(self, kernel, configs: list[triton.Config]) -> None:  # type: ignore[no-untyped-def]
@@ -131,7 +133,10 @@ class _FirstFit:
 
             kept = _prune(self.configs, {}, **kwargs)
             key = (
-                *(kwargs.get(n) for n in ("BLOCK_Q", "BLOCK_K", "DOT_PREC", "BLOCK_D")),
+                *(
+                    kwargs.get(n)
+                    for n in ("BLOCK_Q", "BLOCK_K", "DOT_PREC", "BLOCK_D", "FUSED_DQ", "HAS_COLS")
+                ),
                 str(getattr(args[0], "dtype", "")),
             )
             for i in range(self.skipped.get(key, 0), len(kept)):
@@ -149,7 +154,7 @@ class _FirstFit:
 
 _FWD = _tuned(block_sparse_fwd_kernel, FWD_SHAPES, split=True)
 _FWD_ANY = block_sparse_fwd_kernel  # launched with an explicit config
-_DQ = _tuned(block_sparse_bwd_dq_kernel, DQ_SHAPES, reset=["DKC", "DVC"], split=True)
+_DQ = _tuned(block_sparse_bwd_dq_kernel, DQ_SHAPES, reset=["DKC", "DVC"], split=True, key=["HAS_COLS"])
 _DKDV = _tuned(
     block_sparse_bwd_dkdv_kernel, DKDV_SHAPES, reset=["DQA"], split=True, key=["FUSED_DQ", "DQ_TMA"]
 )
@@ -176,7 +181,8 @@ def _flags(q: Tensor) -> dict:
     }
 
 
-#: The forward moves K/V tiles with tensor descriptors (TMA) where it can; False forces pointer loads.
+#: The forward moves K/V tiles with tensor descriptors (TMA) where it can, and the one-pass backward adds its dQ
+#: tiles by descriptor reductions; False forces pointer loads and element-wise atomics.
 USE_TMA = True
 
 
@@ -188,6 +194,9 @@ def _tma_ready(*ts: Tensor) -> bool:
 
 def _checked(q: Tensor, k: Tensor, v: Tensor, tables: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor]:
     """q, k, v with a unit last stride, after checking the tables against them."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"the executor takes (B, H, N, D) q, k, v; got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")  # fmt: skip
     if len(tables) != 13:
         raise ValueError(f"the executor takes the 13 tables of ExecutorTables.as_args(), got {len(tables)}")
     p_num, patterns = tables[0], tables[12]
@@ -195,6 +204,11 @@ def _checked(q: Tensor, k: Tensor, v: Tensor, tables: tuple[Tensor, ...]) -> tup
     bq, bk = patterns.shape[1:]
     b, h, n_q, d = q.shape
     n_k = k.shape[2]
+    if k.shape[:3] != v.shape[:3] or k.shape[0] != b or h % k.shape[1]:
+        raise ValueError(
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: k and v need q's batch, the same "
+            "(B, H_kv, N_k), and H a multiple of H_kv"
+        )
     if bq not in TILE_SIZES or bk not in TILE_SIZES:
         raise ValueError(f"the plan's tiles are {bq} x {bk}; the executor takes tiles of {TILE_SIZES}")
     if bp not in (1, b) or hp == 0 or h % hp or (hp != 1 and hp != h and hp != k.shape[1]):
@@ -346,8 +360,10 @@ def block_sparse_bwd_launch(
 
 
 def _dq_tma_ready(q: Tensor) -> bool:
-    """Whether the one-pass backward adds dQ tiles by tensor-descriptor reductions: a Hopper-class GPU and a
-    head dim that is its own tile width (the float32 buffer's rows are then 16-byte multiples)."""
+    """Whether the one-pass backward adds dQ tiles by tensor-descriptor reductions: where the forward's tiles
+    move by descriptors (:func:`_tma_ready`: ``USE_TMA``, compute capability 9+, 16-bit inputs, D <= 128,
+    aligned), on a GPU, with a head dim that is its own tile width (the float32 buffer's rows are then
+    16-byte multiples)."""
     d = q.shape[-1]
     return _tma_ready(q) and q.is_cuda and d == head_block(d)
 
