@@ -324,6 +324,24 @@ def test_one_pass_backward_matches_the_two_kernels(
         assert torch.equal(a, b)
 
 
+def test_wide_row_offsets_give_the_same_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backward's int64 row offsets (taken where q's or dO's could pass 2^31; forced here) give the int32
+    path's gradients, for transposed q and dO views."""
+    from attnlab.kernels.block_sparse import op
+
+    q = torch.randn(1, 40, 4, 16, device=DEVICE).transpose(1, 2)  # (B, H, N, D) view of (B, N, H, D)
+    k, v = (torch.randn(1, 2, 40, 16, device=DEVICE) for _ in range(2))
+    plan = random_plan(1, 4, 40, 40, True, 32, 0.5, 0, seed=11)
+    tables = tuple(t.to(DEVICE) for t in executor_tables(plan).as_args())
+    o, lse = op.block_sparse_fwd_launch(q, k, v, tables, 0.25, True)
+    do = torch.randn(1, 40, 4, 16, device=DEVICE).transpose(1, 2)
+    narrow = op.block_sparse_bwd_launch(do, q, k, v, o, lse, tables, 0.25, True)
+    monkeypatch.setattr(op, "ROW_OFFSET_LIMIT", 0)
+    wide = op.block_sparse_bwd_launch(do, q, k, v, o, lse, tables, 0.25, True)
+    for name, a, b in zip("qkv", wide, narrow, strict=True):
+        assert torch.equal(a, b), f"d{name}"
+
+
 def test_autotuning_off_launches_the_first_fitting_config_directly() -> None:
     """With autotuning off the executor's launchers are not Triton autotuners (Triton 3.6's benchmarks
     even one pruned config per new key): each launches the first config that divides the plan's tiles,

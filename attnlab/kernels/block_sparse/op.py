@@ -70,6 +70,8 @@ DKDV_SHAPES = [
 #: plans, 3-4% faster on a sliding window; benchmarks/results/h100-2026-11-25-s18/fused_bwd/NOTES.md).
 FUSED_BWD = False
 INTERPRETED_SHAPE = (16, 16, 1, 1)
+#: Row offsets (row times row stride, plus D) from this on make the backward's loops compute them in int64.
+ROW_OFFSET_LIMIT = 2**31
 #: Tiles of a plan the kernels take: powers of two from 16 to 256 (both sides).
 TILE_SIZES = (16, 32, 64, 128, 256)
 
@@ -313,6 +315,8 @@ def block_sparse_bwd_launch(
         PLAN_B=bp, BLOCK_Q=patterns.shape[1], BLOCK_K=patterns.shape[2], BLOCK_D=head_block(d), **_flags(q)
     )
     scalars = (n_q, n_k, n_k - n_q, d, scale * 1.4426950408889634, scale, hp, h // hp)
+    # int64 row offsets in the loops only where q's or dO's could pass 2^31 (a view's row stride times N)
+    common["WIDE"] = any((t.shape[2] - 1) * t.stride(2) + t.shape[3] >= ROW_OFFSET_LIMIT for t in (q, do))
     one_pass = bool(FUSED_BWD if fused is None else fused) and not has_cols
     # the columns' dK/dV (atomics) and the one-pass dQ go to their own fp32 buffers, which the autotuner
     # zeroes before each timed config; unused, they are 1-element placeholders the kernels never touch
