@@ -169,6 +169,40 @@ def test_sink_is_an_extra_logit_column_without_value(causal: bool) -> None:
     torch.testing.assert_close(off_by_one, sdpa(q, k1, v1, col), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sink_extreme_logits_match_the_reference_without_nan(dtype: torch.dtype) -> None:
+    """Sink logits at the ends of the range on every CPU backend: -inf is plain softmax, +inf gives zeros,
+    and finite logits whose sink / scale overflows fp16 (-1e4 at scale 1/8, 100 at scale 1e-3) give the
+    reference's result, not NaN (the SDPA path carries sink / scale in q's dtype)."""
+    q, k, v = (t.to(dtype) for t in qkv(n_q=16))
+    cases: list[tuple[dict[str, Any], dict[str, Any]]] = [
+        ({"logit": -1e4}, {}),
+        ({"logit": 100.0, "scale": 1e-3}, {}),
+        ({}, {"sinks": torch.full((H,), float("-inf"))}),
+        ({}, {"sinks": torch.full((H,), float("inf"))}),
+        ({}, {"sinks": torch.tensor([0.0, 1e30, -1e30, 2.0])[:H]}),
+    ]
+    for params, extra in cases:
+        want = attnlab.attention(
+            q.float(), k.float(), v.float(), method="sink", backend="reference", **params, **extra
+        )
+        assert not want.isnan().any(), (params, extra)
+        if extra.get("sinks") is not None and bool(torch.isinf(extra["sinks"]).all()):
+            plain = (
+                torch.zeros_like(want)
+                if extra["sinks"][0] > 0
+                else attnlab.attention(q.float(), k.float(), v.float())
+            )
+            torch.testing.assert_close(want, plain, atol=1e-5, rtol=1e-5)
+        for backend in ("sdpa", "eager"):
+            got = attnlab.attention(q, k, v, method="sink", backend=backend, **params, **extra)
+            assert not got.isnan().any(), (backend, params, extra)
+            tol = 1e-5 if dtype == torch.float32 else 2e-3
+            torch.testing.assert_close(
+                got.float(), want, atol=tol, rtol=tol, msg=f"{backend} {params} {extra}"
+            )
+
+
 def test_sink_logit_gradient_is_the_gpt_oss_formula() -> None:
     q, k, v = qkv()
     logits = torch.randn(H, requires_grad=True)

@@ -70,7 +70,8 @@ def reference(
 ) -> Tensor:
     """``O_i = sum_j exp(x_ij) v_j / (exp(s_h) + sum_j exp(x_ij))`` over the allowed keys (``j <= i + N_k -
     N_q`` when causal), ``x = scale * q . k``, ``s_h`` from ``sinks`` or ``logit``; computed stably with
-    the row maximum taken over the logits and the sink. A row with no key is 0."""
+    the row maximum taken over the logits and the sink. A row with no key is 0; ``s_h = -inf`` is plain
+    softmax and ``s_h = +inf`` gives 0 (all the weight on the sink, whose value is zero)."""
     x = logits(q, k, scale, upcast)
     sink = sink_logits(q, params, sinks).to(x.dtype)[None, :, None, None].expand(*x.shape[:3], 1)
     mask = allowed(q.shape[2], k.shape[2], causal, q.device)
@@ -78,6 +79,7 @@ def reference(
         x = x.masked_fill(~mask, float("-inf"))
     full = torch.cat([x, sink], dim=-1)  # the sink is always allowed: no row is empty
     p = torch.softmax(full, dim=-1)[..., :-1]
+    p = p.masked_fill(torch.isposinf(sink), 0.0)  # (softmax of a row holding +inf is NaN; its limit is 0)
     return weigh(p, v, upcast).to(q.dtype)
 
 
@@ -100,12 +102,19 @@ def _kernel_args(q: Tensor, call: Call, extra: Mapping[str, Tensor]) -> KernelAr
 def sdpa_sink(q: Tensor, k: Tensor, v: Tensor, sink: Tensor, *, causal: bool, scale: float) -> Tensor:
     """Sink attention through torch SDPA: ``sink`` (H,) fp32 logits become a prepended key with a zero
     value; (B, H, N_q, D) x (B, H_kv, N_k, D) -> (B, H, N_q, D_v), bottom-right causal, GQA kept (the
-    sink key is shared by a group: the per-head logit rides on q). Rows with no key give 0."""
+    sink key is shared by a group: the per-head logit rides on q). Rows with no key give 0.
+
+    The logit rides on q as ``sink / scale`` split into a q-dtype part and its remainder (two columns), clamped
+    to a quarter of q's dtype's largest value: in fp16 a logit of -1e4 (or -inf: no sink) at scale 1/8 would
+    overflow to -inf, and -inf times the real keys' zero sink column is NaN. At the clamp the sink's weight
+    is ``exp(-max/4 * scale)`` of the largest score's (0 in fp32 at any scale above 1e-4 in fp16; the
+    positive side saturates the same way, every row then attending to the zero-value sink)."""
     b, h, n_q, d = q.shape
-    hi = sink.to(q.dtype).float()
-    lo = sink - hi
+    big = torch.finfo(q.dtype).max / 4
+    s = (sink.float() / scale).clamp(-big, big)
+    hi = s.to(q.dtype).float()
     width = -(-(d + 2) // 8) * 8  # SDPA's fused kernels want D a multiple of 8: zero columns are exact
-    cols = torch.stack([hi / scale, lo / scale], dim=-1).to(q.dtype)  # (H, 2)
+    cols = torch.stack([hi, s - hi], dim=-1).to(q.dtype)  # (H, 2)
     qx = q.new_zeros(b, h, n_q, width)
     qx[..., :d] = q
     qx[..., d : d + 2] = cols[None, :, None, :]
