@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from attnlab.backends.varlen import packing_of, sequence_inputs
-from attnlab.core import Backend, Call, MethodSpec, Packing, Result, default_scale
+from attnlab.core import Backend, Call, MethodSpec, Packing, Problem, Result, default_scale
 from attnlab.dispatch import Choice, choose, require
 from attnlab.errors import BackendError, InputError, ParamError, UnsupportedPatternError
 from attnlab.inputs import check_finite_values, validate, validate_extra
@@ -166,6 +166,22 @@ def _recording(call: Call) -> tuple[Call, _PlanRecorder | None]:
     return replace(call, spec=replace(spec, estimate=recorder)), recorder
 
 
+def _checked_inputs(
+    spec: MethodSpec, inputs: Mapping[str, Any], problem: Problem, memo: dict[str, Any] | None = None
+) -> Mapping[str, Any]:
+    """A call's tensor inputs beside q, k, v (``state`` taken out): no name the method does not take, each
+    declared one checked against the call's sizes (:func:`attnlab.inputs.validate_extra`)."""
+    if not (inputs or spec.inputs):
+        return _NO_EXTRA
+    unknown = set(inputs) - spec.input_names  # (a set: dynamo of torch 2.11 traces this form)
+    if unknown:
+        raise ParamError(
+            f"method {spec.name!r} takes no tensor input {sorted(unknown)[0]!r}; its tensor inputs: "
+            f"{', '.join(sorted(spec.input_names)) or 'none'}"
+        )
+    return validate_extra(spec.inputs, inputs, problem, spec.name, memo)
+
+
 def _execute(
     call: Call,
     backend: Backend,
@@ -180,16 +196,7 @@ def _execute(
     scan, then the backend (a Result when more than the output is asked for, or the method is stateful)."""
     spec = call.spec
     state = inputs.pop("state", None) if spec.stateful else None
-    if inputs or spec.inputs:
-        unknown = set(inputs) - spec.input_names  # (a set: dynamo of torch 2.11 traces this form)
-        if unknown:
-            raise ParamError(
-                f"method {spec.name!r} takes no tensor input {sorted(unknown)[0]!r}; its tensor inputs: "
-                f"{', '.join(sorted(spec.input_names)) or 'none'}"
-            )
-        extra: Mapping[str, Any] = validate_extra(spec.inputs, inputs, call.problem, spec.name, call.memo)
-    else:
-        extra = _NO_EXTRA
+    extra = _checked_inputs(spec, inputs, call.problem, call.memo)
     if check_finite or (check_finite is None and settings.check_finite):
         check_finite_values({"q": q, "k": k, "v": v, **extra})
     if spec.stateful:
@@ -493,13 +500,7 @@ class Op:
         call, choice = self._packed_entry(q, k, v, cu_q, cu_k, inputs)
         if spec.stateful:  # (a state other than None was refused above)
             inputs = {n: t for n, t in inputs.items() if n != "state"}
-        unknown = set(inputs) - spec.input_names
-        if unknown:
-            raise ParamError(
-                f"method {spec.name!r} takes no tensor input {sorted(unknown)[0]!r}; its tensor inputs: "
-                f"{', '.join(sorted(spec.input_names)) or 'none'}"
-            )
-        extra = validate_extra(spec.inputs, inputs, call.problem, spec.name) if spec.inputs else {}
+        extra = _checked_inputs(spec, inputs, call.problem)
         if self.check_finite or (self.check_finite is None and settings.check_finite):
             check_finite_values({"q": q, "k": k, "v": v, **extra})
         pk = call.packing
@@ -585,13 +586,15 @@ class Op:
             self.spec, self.params, q, k, v, causal=self.causal, scale=self.scale, want_lse=self.return_lse,
             extra_grad=torch.is_grad_enabled() and _inputs_need_grad(inputs),
         )  # fmt: skip
+        # the tensor inputs as a call would check them (explain names no backend for a call that is refused)
+        _checked_inputs(self.spec, {n: t for n, t in inputs.items() if n != "state"}, call.problem)
         return choose(call, self.backend)
 
     def bind(self, q: Tensor, k: Tensor, v: Tensor, **inputs: Any) -> Any:
         """A zero-argument function that runs this op's backend on these tensors with everything resolved
         beforehand: the executor's own time, without the API's per-call work (the benchmark's "kernel")."""
         call, backend = self.resolve(q, k, v)
-        extra = validate_extra(self.spec.inputs, inputs, call.problem, self.spec.name)
+        extra = _checked_inputs(self.spec, inputs, call.problem)
         return lambda: backend.run(q, k, v, call, extra)
 
 

@@ -274,6 +274,23 @@ def test_explain_names_the_choice_and_the_refusals() -> None:
     assert "runs on backend 'sdpa_mask'" in repr(choice)  # prints readably in a REPL
 
 
+def test_explain_checks_the_tensor_inputs_as_a_call_does() -> None:
+    """explain names no backend for a call that would be refused for its tensor inputs: a wrong shape, a
+    missing required input, an unknown name; bind refuses an unknown name instead of dropping it."""
+    q, k, v = qkv()
+    with pytest.raises(InputError, match="sinks"):
+        attnlab.attention(q, k, v, method="sink", sinks=torch.randn(1))
+    with pytest.raises(InputError, match="sinks"):
+        attnlab.explain(q, k, v, method="sink", sinks=torch.randn(1))
+    with pytest.raises(InputError, match="needs the tensor input g"):
+        attnlab.explain(q, k, v, method="gla", causal=True)
+    with pytest.raises(ParamError, match="takes no tensor input 'bias'"):
+        attnlab.explain(q, k, v, method="sink", bias=torch.randn(1))
+    with pytest.raises(ParamError, match="takes no tensor input 'bias'"):
+        attnlab.prepare("sink").bind(q, k, v, bias=torch.randn(1))
+    assert attnlab.explain(q, k, v, method="sink", sinks=torch.randn(q.shape[1])).backend is not None
+
+
 def test_a_cached_op_never_answers_a_parameter_equal_to_it_by_value_only() -> None:
     """True == 1 and hashes alike: window=True after window=1 (and scale=True after scale=1) must still be
     refused, not served by the op cached for the valid value."""

@@ -102,6 +102,7 @@ class BilevelRoutingParams(Params):
             _grid.check_fits(self.method, "regions", regions, self.shape)
         self.check_int("topk", minimum=1)
         self.check_bool("local")
+        self.check_int("block")
         if self.block not in BLOCKS:
             raise ParamError(f"bilevel_routing: block={self.block!r}; the executor takes tiles of {BLOCKS}")
 

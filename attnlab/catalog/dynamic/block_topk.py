@@ -59,10 +59,14 @@ class BlockTopkParams(Params):
     local: bool = True
 
     def validate(self) -> None:
+        self.check_int("block")
         if self.block not in BLOCKS:
             raise ParamError(f"block_topk: block={self.block!r}; the executor takes tiles of {BLOCKS}")
         self.check_int("topk", minimum=1)
-        forced = int(bool(self.sink)) + int(bool(self.local))
+        self.check_float("mass")
+        self.check_bool("sink")
+        self.check_bool("local")
+        forced = int(self.sink) + int(self.local)
         if self.topk < forced:
             raise ParamError(
                 f"block_topk: topk={self.topk} with sink={self.sink} and local={self.local}: topk counts the "

@@ -88,6 +88,7 @@ class DhsaParams(Params):
     sqrt_scale: bool = True
 
     def validate(self) -> None:
+        self.check_int("block")
         if self.block not in BLOCKS:
             raise ParamError(f"dhsa: block={self.block!r}; the executor takes tiles of {BLOCKS}")
         self.check_int("budget", minimum=1)

@@ -89,6 +89,7 @@ class FlexPrefillParams(Params):
     block: int = 128
 
     def validate(self) -> None:
+        self.check_int("block")
         if self.block not in BLOCKS:
             raise ParamError(f"flexprefill: block={self.block!r}; the executor takes tiles of {BLOCKS}")
         self.check_float("gamma")

@@ -80,6 +80,7 @@ class HipParams(Params):
     sink: int = 16
 
     def validate(self) -> None:
+        self.check_int("block")
         if self.block not in BLOCKS:
             raise ParamError(f"hip: block={self.block!r}; the executor takes tiles of {BLOCKS}")
         self.check_int("mask_k", minimum=1)

@@ -100,6 +100,7 @@ class IndexerTopkParams(Params):
             raise ParamError(f"indexer_topk: search={self.search!r}; expected 'token' (DSA) or 'hisa'")
         if self.granularity not in ("token", "block"):
             raise ParamError(f"indexer_topk: granularity={self.granularity!r}; expected 'token' or 'block'")
+        self.check_int("block")
         if self.block not in BLOCKS:
             raise ParamError(f"indexer_topk: block={self.block!r}; the executor takes tiles of {BLOCKS}")
 

@@ -101,13 +101,13 @@ class NsaParams(Params):
     granularity: str = "block"
 
     def validate(self) -> None:
+        self.check_int("block")
         if self.block not in BLOCKS:
             raise ParamError(f"nsa: block={self.block!r}; the executor takes tiles of {BLOCKS}")
         self.check_int("topn", minimum=1)
         self.check_int("window", minimum=0)
         self.check_int("local", minimum=1)
-        if not isinstance(self.sink, bool):
-            raise ParamError(f"nsa: sink={self.sink!r} must be a bool")
+        self.check_bool("sink")
         if self.topn < self.local + int(self.sink):
             raise ParamError(
                 f"nsa: topn={self.topn} is below the forced blocks (local={self.local} + sink={self.sink}); "

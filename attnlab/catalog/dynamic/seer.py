@@ -79,6 +79,7 @@ class SeerParams(Params):
     threshold: float = 0.0
 
     def validate(self) -> None:
+        self.check_int("block")
         if self.block not in BLOCKS:
             raise ParamError(f"seer: block={self.block!r}; the executor takes tiles of {BLOCKS}")
         self.check_int("topk", minimum=1)

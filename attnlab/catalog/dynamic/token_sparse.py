@@ -77,6 +77,7 @@ class TokenSparseParams(Params):
         self.check_int("kernel", minimum=1)
         if self.kernel % 2 == 0:
             raise ParamError(f"token_sparse: kernel={self.kernel} must be odd (a centred smoothing window)")
+        self.check_int("block")
         if self.block not in BLOCKS:
             raise ParamError(f"token_sparse: block={self.block!r}; the executor takes tiles of {BLOCKS}")
 

@@ -60,6 +60,7 @@ class VerticalSlashParams(Params):
             self.check_int(name, minimum=1)
         for name in ("sink_columns", "local_diagonals"):
             self.check_int(name, minimum=0)
+        self.check_int("block")
         if self.block not in BLOCKS:
             raise ParamError(f"vertical_slash: block={self.block!r}; the executor takes tiles of {BLOCKS}")
 
