@@ -284,8 +284,10 @@ def test_explain_checks_the_tensor_inputs_as_a_call_does() -> None:
         attnlab.explain(q, k, v, method="sink", sinks=torch.randn(1))
     with pytest.raises(InputError, match="needs the tensor input g"):
         attnlab.explain(q, k, v, method="gla", causal=True)
-    with pytest.raises(ParamError, match="takes no tensor input 'bias'"):
+    with pytest.raises(ParamError, match="no parameter 'bias'"):  # (explain's keywords are parameters too)
         attnlab.explain(q, k, v, method="sink", bias=torch.randn(1))
+    with pytest.raises(ParamError, match="takes no tensor input 'bias'"):
+        attnlab.prepare("sink").explain(q, k, v, bias=torch.randn(1))
     with pytest.raises(ParamError, match="takes no tensor input 'bias'"):
         attnlab.prepare("sink").bind(q, k, v, bias=torch.randn(1))
     assert attnlab.explain(q, k, v, method="sink", sinks=torch.randn(q.shape[1])).backend is not None

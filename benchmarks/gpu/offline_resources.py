@@ -108,9 +108,18 @@ MAX_TILE = [64 * 64]
 ONLY: list[set[str] | None] = [None]
 
 
-def _compile(name: str, tuner: Any, configs: list[triton.Config], launch: Callable[[], object]) -> list[dict]:
+def _compile(
+    name: str,
+    tuner: Any,
+    configs: list[triton.Config],
+    launch: Callable[[], object],
+    other: tuple[Any, triton.Config] | None = None,
+) -> list[dict]:
     """Compile ``launch`` once per config of ``tuner`` (the kernel ``name``); report the new cubin of that
-    kernel (a launch may compile other kernels too: they are told apart by function name)."""
+    kernel (a launch may compile other kernels too: they are told apart by function name). ``other``: the
+    launch's other kernel (a backward's dQ beside its dK/dV) and a small config it is held to meanwhile, so
+    that neither its first config's compile error lands on this kernel's rows nor its first config's cubin
+    is compiled here (it would then be missing, as not new, from its own rows)."""
     fn = tuner.base_fn.__name__ if hasattr(tuner, "base_fn") else tuner.fn.__name__
     rows: list[dict] = []
     if ONLY[0] is not None and name not in ONLY[0]:
@@ -120,7 +129,8 @@ def _compile(name: str, tuner: Any, configs: list[triton.Config], launch: Callab
             continue
         before = _cubins()
         error = ""
-        with _only(tuner, c):
+        held = _only(*other) if other is not None else contextlib.nullcontext()
+        with _only(tuner, c), held:
             try:
                 launch()
             except Exception as e:  # a compile error (or a launcher's own check) is kept
@@ -165,10 +175,21 @@ def main() -> None:
             sig._tma_ready = lambda *ts: force
         rows += _compile("sigmoid.fwd", sig._FWD[1], sig._configs("fwd"),
                          lambda: sig.sigmoid_fwd_launch(q, k, k, 0.1, 0.0, True))  # fmt: skip
-        rows += _compile("sigmoid.dkdv", sig._DKDV[1], sig._configs("dkdv"),
-                         lambda: sig.sigmoid_bwd_launch(q, q, k, k, 0.1, 0.0, True))  # fmt: skip
-        rows += _compile("sigmoid.dq", sig._DQ[1], sig._configs("dq"),
-                         lambda: sig.sigmoid_bwd_launch(q, q, k, k, 0.1, 0.0, True))  # fmt: skip
+        bwd_sig = lambda: sig.sigmoid_bwd_launch(q, q, k, k, 0.1, 0.0, True)
+        rows += _compile(
+            "sigmoid.dkdv",
+            sig._DKDV[1],
+            sig._configs("dkdv"),
+            bwd_sig,
+            other=(sig._DQ[1], sig._configs("dq")[-1]),
+        )
+        rows += _compile(
+            "sigmoid.dq",
+            sig._DQ[1],
+            sig._configs("dq"),
+            bwd_sig,
+            other=(sig._DKDV[1], sig._configs("dkdv")[-1]),
+        )
     if "score_transform" in args.families:
         import attnlab.kernels.score_transform.op as st
 
@@ -177,8 +198,12 @@ def main() -> None:
         rows += _compile("score_transform.fwd", st._FWD, st._FWD.configs,
                          lambda: st.score_transform_fwd_launch(q, k, k, None, None, 0.1, 0.0, True))  # fmt: skip
         bwd = lambda: st.score_transform_bwd_launch(q, q, k, k, q, lse, None, None, 0.1, 0.0, True)
-        rows += _compile("score_transform.dkdv", st._DKDV, st._DKDV.configs, bwd)
-        rows += _compile("score_transform.dq", st._DQ, st._DQ.configs, bwd)
+        rows += _compile(
+            "score_transform.dkdv", st._DKDV, st._DKDV.configs, bwd, other=(st._DQ, st._DQ.configs[-1])
+        )
+        rows += _compile(
+            "score_transform.dq", st._DQ, st._DQ.configs, bwd, other=(st._DKDV, st._DKDV.configs[-1])
+        )
     if "block_sparse" in args.families:
         import attnlab
         import attnlab.kernels.block_sparse.op as bs
@@ -195,8 +220,20 @@ def main() -> None:
         rows += _compile("block_sparse.fwd", bs._FWD[1], bs._FWD[1].configs,
                          lambda: bs.block_sparse_fwd_launch(q, k, k, tables, 0.1, True))  # fmt: skip
         bwd_bs = lambda: bs.block_sparse_bwd_launch(q, q, k, k, q, lse, tables, 0.1, True)
-        rows += _compile("block_sparse.dq", bs._DQ[1], bs._DQ[1].configs, bwd_bs)
-        rows += _compile("block_sparse.dkdv", bs._DKDV[1], bs._DKDV[1].configs, bwd_bs)
+        rows += _compile(
+            "block_sparse.dq",
+            bs._DQ[1],
+            bs._DQ[1].configs,
+            bwd_bs,
+            other=(bs._DKDV[1], bs._DKDV[1].configs[-1]),
+        )
+        rows += _compile(
+            "block_sparse.dkdv",
+            bs._DKDV[1],
+            bs._DKDV[1].configs,
+            bwd_bs,
+            other=(bs._DQ[1], bs._DQ[1].configs[-1]),
+        )
         fused_bs = lambda: bs.block_sparse_bwd_launch(q, q, k, k, q, lse, tables, 0.1, True, fused=True)
         rows += _compile("block_sparse.dkdv_one_pass", bs._DKDV[1], bs._DKDV[1].configs, fused_bs)
     meta = {
