@@ -102,6 +102,18 @@ def _only(autotuner: Any, config: triton.Config) -> Iterator[None]:
             setattr(autotuner, n, value)
 
 
+#: (kernel function, config) -> the resource usage of a cubin compiled while that kernel was held to the config
+HELD: dict[tuple[str, tuple], dict[str, Any]] = {}
+
+
+def _name(tuner: Any) -> str:
+    return str(tuner.base_fn.__name__ if hasattr(tuner, "base_fn") else tuner.fn.__name__)
+
+
+def _key(config: triton.Config) -> tuple:
+    return (tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages)
+
+
 #: Largest BLOCK_M x BLOCK_N compiled (``--max-tile``; fp32 tiles above 64 x 64 take minutes each).
 MAX_TILE = [64 * 64]
 #: The kernels to compile (``--kernels``; None: all of the families').
@@ -119,8 +131,9 @@ def _compile(
     kernel (a launch may compile other kernels too: they are told apart by function name). ``other``: the
     launch's other kernel (a backward's dQ beside its dK/dV) and a small config it is held to meanwhile, so
     that neither its first config's compile error lands on this kernel's rows nor its first config's cubin
-    is compiled here (it would then be missing, as not new, from its own rows)."""
-    fn = tuner.base_fn.__name__ if hasattr(tuner, "base_fn") else tuner.fn.__name__
+    is compiled here (it would then be missing, as not new, from its own rows). The held config's cubin is
+    kept (:data:`HELD`) and reported on its own row when that kernel's turn finds it already compiled."""
+    fn = _name(tuner)
     rows: list[dict] = []
     if ONLY[0] is not None and name not in ONLY[0]:
         return rows
@@ -135,7 +148,14 @@ def _compile(
                 launch()
             except Exception as e:  # a compile error (or a launcher's own check) is kept
                 error = f"{type(e).__name__}: {e}"[:200]
-        usage = [u for u in map(_usage, sorted(_cubins() - before)) if u["function"] == fn]
+        new = [_usage(path) for path in sorted(_cubins() - before)]
+        if other is not None:
+            for u in new:
+                if u["function"] == _name(other[0]):
+                    HELD.setdefault((u["function"], _key(other[1])), u)
+        usage = [u for u in new if u["function"] == fn] or [
+            u for u in [HELD.get((fn, _key(c)))] if u is not None and not error
+        ]
         row = {"kernel": name, "config": {**c.kwargs, "warps": c.num_warps, "stages": c.num_stages}}
         row.update(usage[0] if usage else {"error": error or "no new cubin"})
         rows.append(row)
