@@ -140,5 +140,8 @@ def require(call: Call, backend: str | None = None) -> Backend:
             "(an N x N tensor)" in r for _, why in choice.refusals for r in why
         )
         error = DenseTooLargeError if too_large else BackendError
-        raise error(f"{what} {call.problem.describe()}:\n{reasons}")
+        hint = ""
+        if backend is None and call.want_lse and not REFERENCE.refusals(call):
+            hint = "\n  (backend='reference' returns the log-sum-exp on any device: the fp32 reference, dense and slow)"
+        raise error(f"{what} {call.problem.describe()}:\n{reasons}{hint}")
     return choice.backend

@@ -255,7 +255,8 @@ def _validate_extra(
             not t.dtype.is_floating_point or (spec.same_dtype and t.dtype != problem.dtype)
         ):
             want_dt = str(problem.dtype) if spec.same_dtype else "a floating dtype"
-            raise InputError(f"{spec.name} has dtype {t.dtype}; expected {want_dt}")
+            hint = f" (convert with .to({problem.dtype}))" if not t.dtype.is_floating_point else ""
+            raise InputError(f"{spec.name} has dtype {t.dtype}; expected {want_dt}{hint}")
         if t.device != problem.device:
             raise InputError(f"{spec.name} is on {t.device}, but q, k, v are on {problem.device}")
         out[spec.name] = t

@@ -293,6 +293,28 @@ def test_explain_checks_the_tensor_inputs_as_a_call_does() -> None:
     assert attnlab.explain(q, k, v, method="sink", sinks=torch.randn(q.shape[1])).backend is not None
 
 
+def test_refusal_messages_say_what_to_do() -> None:
+    """return_lse refused on a CPU names the reference backend (which returns it); an integer or bool mask
+    where a float input is expected gets the conversion; a wrong state is named once."""
+    q, k, v = qkv()
+    # (strided_heads: no CPU backend returns an lse, also not under the interpreter the tests run in)
+    with pytest.raises(BackendError, match="backend='reference' returns the log-sum-exp"):
+        attnlab.attention(q, k, v, method="strided_heads", causal=True, return_lse=True)
+    res = attnlab.attention(
+        q, k, v, method="strided_heads", causal=True, return_lse=True, backend="reference"
+    )
+    assert res.lse is not None
+    q1 = q[:, :, :1]
+    with pytest.raises(
+        InputError, match=r"key_mask has dtype torch.bool; expected a floating dtype \(convert"
+    ):
+        attnlab.attention(
+            q1, k, v, method="page_topk", causal=True, key_mask=torch.ones(1, k.shape[2], dtype=torch.bool)
+        )
+    with pytest.raises(InputError, match="^page_topk: state must be"):
+        attnlab.attention(q1, k, v, method="page_topk", causal=True, state=3)
+
+
 def test_a_cached_op_never_answers_a_parameter_equal_to_it_by_value_only() -> None:
     """True == 1 and hashes alike: window=True after window=1 (and scale=True after scale=1) must still be
     refused, not served by the op cached for the valid value."""

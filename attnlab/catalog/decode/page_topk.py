@@ -143,6 +143,8 @@ def _checked_state(state: Any) -> PageSummary | None:
 def _state(state: Any, k: Tensor, p: PageTopkParams, key_mask: Tensor | None) -> PageSummary:
     try:
         return summarize(k, p.page, _checked_state(state), key_mask)
+    except InputError:  # (already says so; an InputError is a ValueError too)
+        raise
     except ValueError as e:
         raise InputError(f"page_topk: {e}") from None
 
