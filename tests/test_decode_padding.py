@@ -95,3 +95,17 @@ def test_padding_is_hidden(method: str, first: dict, second: dict) -> None:
         alone = _two_steps(method, first, second, q[:1], k[:1, :, PAD:], v[:1, :, PAD:], None, None)
         for a, b in zip(alone, want, strict=True):
             torch.testing.assert_close(a, b[:1], atol=1e-5, rtol=1e-5)
+
+
+def test_the_torch_paths_refuse_masks_above_the_dense_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The torch decode backend's masked paths (exact attention with a key_mask, the gathered selection's
+    mask) refuse above attnlab.settings.max_dense_elements like every other dense path."""
+    from attnlab.errors import DenseTooLargeError
+
+    q, k, v, mask = _inputs(0)
+    monkeypatch.setattr(attnlab.settings, "max_dense_elements", 100)
+    with pytest.raises(DenseTooLargeError, match="exact attention with a key_mask"):
+        attnlab.attention(q, k, v, method="recycled", causal=True, backend="torch", key_mask=mask,
+                          budget=10, stride=2, pool=3)  # fmt: skip
+    with pytest.raises(DenseTooLargeError, match="torch decode path's mask"):
+        attnlab.attention(q, k, v, method="page_topk", causal=True, backend="torch", budget=12, page=4)

@@ -36,6 +36,7 @@ from attnlab.kernels.decode.naive import selected_mask
 from attnlab.kernels.heads import expand_kv
 from attnlab.kernels.sdpa import sdpa_dense, sdpa_masked
 from attnlab.kernels.triton_utils import triton_refusal
+from attnlab.masks import check_dense_size
 
 _OP_MODULE = "attnlab.kernels.decode.op"
 
@@ -106,6 +107,7 @@ def gather_attention(
     tok = torch.where(ok, tok, torch.zeros_like(tok))
     if key_mask is not None:
         ok = ok & (key_mask.gather(1, tok.flatten(1)).view(tok.shape) > 0)
+    check_dense_size(b * h * n_q * tok.shape[-1], "the torch decode path's mask", "the triton backend")
     kg = k.gather(2, tok[..., None].expand(-1, -1, -1, k.shape[-1]))
     vg = v.gather(2, tok[..., None].expand(-1, -1, -1, v.shape[-1]))
     mask = ok[:, :, None, :]
@@ -123,6 +125,8 @@ def exact_attention(
     if key_mask is None:
         return sdpa_dense(q, k, v, causal=causal, scale=scale)
     n_q, n_k = q.shape[2], k.shape[2]
+    # (a padded prefill through a decode method: the mask is N_q x N_k per sequence)
+    check_dense_size(q.shape[0] * n_q * n_k, "exact attention with a key_mask", "a prefill method")
     mask = (key_mask > 0)[:, None, None, :]
     if causal:
         pos = torch.arange(n_q, device=q.device)[:, None] + (n_k - n_q)
