@@ -175,9 +175,11 @@ def _checked_inputs(
         return _NO_EXTRA
     unknown = set(inputs) - spec.input_names  # (a set: dynamo of torch 2.11 traces this form)
     if unknown:
+        name = sorted(unknown)[0]
+        hint = f" ({name!r} is a parameter: give it to prepare)" if name in spec.param_class.names() else ""
         raise ParamError(
-            f"method {spec.name!r} takes no tensor input {sorted(unknown)[0]!r}; its tensor inputs: "
-            f"{', '.join(sorted(spec.input_names)) or 'none'}"
+            f"method {spec.name!r} takes no tensor input {name!r}; its tensor inputs: "
+            f"{', '.join(sorted(spec.input_names)) or 'none'}{hint}"
         )
     return validate_extra(spec.inputs, inputs, problem, spec.name, memo)
 
@@ -634,6 +636,12 @@ def prepare(
     window=1024); out = op(q, k, v)``. Arguments as in :func:`attention`; parameters are validated now,
     inputs on each new call signature."""
     spec = get(method)
+    tensors = sorted(set(params) & (spec.input_names | ({"state"} if spec.stateful else set())))
+    if tensors:
+        raise ParamError(
+            f"{tensors[0]!r} is a tensor input of method {spec.name!r}, given per call: "
+            f"op = prepare({spec.name!r}, ...); op(q, k, v, {tensors[0]}=...)"
+        )
     return Op(
         spec,
         spec.make_params(params),

@@ -311,6 +311,10 @@ def test_refusal_messages_say_what_to_do() -> None:
         attnlab.attention(
             q1, k, v, method="page_topk", causal=True, key_mask=torch.ones(1, k.shape[2], dtype=torch.bool)
         )
+    with pytest.raises(ParamError, match="'sinks' is a tensor input of method 'sink', given per call"):
+        attnlab.prepare("sink", sinks=torch.zeros(q.shape[1]))
+    with pytest.raises(ParamError, match="'logit' is a parameter: give it to prepare"):
+        attnlab.prepare("sink")(q, k, v, logit=1.0)
     with pytest.raises(InputError, match="^page_topk: state must be"):
         attnlab.attention(q1, k, v, method="page_topk", causal=True, state=3)
 
