@@ -250,3 +250,72 @@ def test_beam_search_is_refused_with_a_stateful_decode_method() -> None:
         with use(model, plan=FAST):  # no stateful method: beams run
             out = model.generate(ids, max_new_tokens=2, num_beams=2, do_sample=False)
         assert out.shape == (1, 14)
+
+
+def test_review_s18_packed_sequences_are_refused_not_attended_across() -> None:
+    """position_ids restarting inside a row (transformers' packed sequences) ask for a mask other than causal:
+    refused, instead of attending across the packed sequences; a plain prompt still runs."""
+    from attnlab.hf import HFRuntimeError
+    from attnlab.hf.testing import ids
+
+    m = build("llama3")
+    x = ids(batch=1, n=12)
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5]])
+    with torch.no_grad(), use(m, plan=FAST):
+        with pytest.raises(HFRuntimeError, match="packed sequences"):
+            m(x, position_ids=pos, use_cache=False)
+        m(x, use_cache=False)
+
+
+def test_review_s18_generate_from_a_cached_prefix_starts_fresh_decode_state() -> None:
+    """A generate that continues a cached prefix (no prefill call) after another generation in the same use
+    gives what it gives alone: the decode state starts fresh at every generate."""
+    import copy
+
+    from transformers import DynamicCache
+
+    from attnlab.hf.testing import ids
+
+    m = build("llama3")
+    a, b = ids(1, 12, seed=1), ids(1, 24, seed=2)
+    with torch.no_grad():
+        prefix = DynamicCache()
+        m(b[:, :20], past_key_values=prefix)
+    outs = []
+    for warm in (False, True):
+        with use(m, decode="snapkv", decode_params={"budget": 8, "window": 2}, plan=FAST):
+            if warm:
+                m.generate(a, max_new_tokens=5, do_sample=False)
+            outs.append(m.generate(b, past_key_values=copy.deepcopy(prefix), max_new_tokens=5, do_sample=False,
+                                   output_logits=True, return_dict_in_generate=True))  # fmt: skip
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    for x, y in zip(outs[0].logits, outs[1].logits, strict=True):
+        torch.testing.assert_close(x, y)
+
+
+def test_review_s18_tidal_without_a_select_layer_is_refused() -> None:
+    m = build("llama3", layers=3)
+    with pytest.raises(PlanError, match="no layer with role 'select'"), use(m, decode="tidal", plan=FAST):
+        pass
+    plan = {**FAST, "layers": {0: {"decode": {"method": "tidal", "params": {"role": "select", "budget": 4}}}}}
+    with use(m, decode="tidal", decode_params={"budget": 4}, plan=plan):
+        pass
+
+
+def test_review_s18_a_registered_plan_is_checked_against_every_model() -> None:
+    """One registered runtime serving two models checks the plan against each (head 7 exists in the first
+    model only)."""
+    from attnlab.hf import register, unregister
+    from attnlab.hf.testing import ids
+
+    register(plan={**FAST, "heads": {0: {7: {"method": "streaming", "params": {"window": 2}}}}})
+    try:
+        a = build("llama3", attn="attnlab")
+        b = build("llama3", attn="attnlab", heads=4, kv_heads=1)
+        x = ids(batch=1, n=8)
+        with torch.no_grad():
+            a(x)
+            with pytest.raises(PlanError, match="names query head 7"):
+                b(x)
+    finally:
+        unregister()

@@ -20,6 +20,7 @@ layer's physical one (:class:`~attnlab.hf.kv.Compaction`: a shift, and each row'
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -114,6 +115,10 @@ def mask_function(
             )
         return attention_mask
     q_start = int(q_offset) - int(kv_offset)  # a StaticCache gives q_offset as a tensor: a host sync
+    if q_start == 0 and mask_function is not None:
+        _refuse_other_masks(
+            mask_function, batch_size, q_length, kv_offset, kv_length, local_size, kwargs, attention_mask
+        )
     runs = None
     if attention_mask is not None:
         if attention_mask.ndim != 2:
@@ -129,6 +134,34 @@ def mask_function(
         if not bool(pad.all()):
             runs = _runs(pad)
     return HFMask(batch_size, q_length, kv_length, q_start, runs, local_size)
+
+
+def _refuse_other_masks(
+    fn: Any, batch: int, q_length: int, kv_offset: int, kv_length: int, local_size: int | None,
+    kwargs: Mapping[str, Any], attention_mask: Tensor | None,
+) -> None:  # fmt: skip
+    """Refuse a prefill whose mask function is not the causal (or sliding-window) rule attnlab's methods
+    apply, e.g. transformers' packed sequences (``position_ids`` restarting inside a row, no cache, no padding
+    mask): its last query row is evaluated and compared with the causal row (one host synchronisation, in
+    prefill only). transformers' plain causal function is known and skipped."""
+    from transformers import masking_utils
+
+    if fn is masking_utils.causal_mask_function:
+        return
+    device = kwargs.get("device") or (attention_mask.device if attention_mask is not None else "cpu")
+    q_last = torch.tensor(kv_offset + q_length - 1, device=device)
+    kv = kv_offset + torch.arange(kv_length, device=device)[None, :]
+    want = kv <= q_last
+    if local_size is not None:
+        want = want & (kv > q_last - local_size)
+    got = torch.as_tensor(fn(torch.arange(batch, device=device)[:, None], 0, q_last, kv), device=device)
+    if not bool((got.expand(batch, kv_length) == want).all()):
+        raise HFRuntimeError(
+            "the model asked for a mask other than causal"
+            + (f" with a sliding window of {local_size}" if local_size is not None else "")
+            + " (e.g. packed sequences: position_ids that restart inside a row); attnlab.hf's methods apply "
+            "the causal rule with left padding only: pass one sequence per row with a 2-D attention_mask"
+        )
 
 
 def _runs(pad: Tensor) -> tuple[tuple[int, int], ...]:
@@ -247,7 +280,9 @@ class Runtime:
         self._parts: dict[tuple[Any, ...], list[Part]] = {}
         self._prefilled: set[int] = set()
         self._last_phase: str | None = None
-        self._checked: set[int] = set()
+        #: the attention modules checked against the plan (per module: one registered runtime may serve
+        #: several models)
+        self._checked: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         #: decode steps of stateful methods skip the op's per-shape validation (see :meth:`_step`)
         self.bind_decode = True
         #: remove what eviction methods drop from the cache (set by ``use(..., free_kv=True)``; see
@@ -326,9 +361,9 @@ class Runtime:
         """transformers' attention function: q (B, H, N_q, D), k/v (B, H_kv, N_k, D) -> ((B, N_q, H, D_v),
         None)."""
         layer = int(getattr(module, "layer_idx", 0) or 0)
-        if layer not in self._checked:
+        if module not in self._checked:
             self._check_module(module)
-            self._checked.add(layer)
+            self._checked.add(module)
         if dropout and module.training:
             raise HFRuntimeError(
                 f"attention dropout {dropout} in training mode: attnlab methods have no dropout; call model.eval()"

@@ -51,6 +51,7 @@ def check_plan(plan: HFPlan, info: ModelInfo) -> list[str]:
     top = max(layer.index for layer in info.layers) + 1
     plan.check(top, info.num_heads)
     stateful: set[str] = set()
+    tidal_roles: set[str] = set()
     for layer in info.layers:
         for head in range(info.num_heads):
             for phase in PHASES:
@@ -60,6 +61,15 @@ def check_plan(plan: HFPlan, info: ModelInfo) -> list[str]:
                 check_method(eff, phase, where)
                 if eff.spec().stateful:
                     stateful.add(eff.name)
+                if eff.name == "tidal" and phase == "decode":
+                    tidal_roles.add(str(eff.kwargs.get("role", "reuse")))
+    if tidal_roles and "select" not in tidal_roles:
+        raise PlanError(
+            f"the plan runs 'tidal' (roles {', '.join(sorted(tidal_roles))}) on no layer with role 'select': its "
+            "'reuse' layers would have no selection to reuse and attend to every token; give one or a few "
+            "layers role 'select', e.g. {'layers': {2: {'decode': {'method': 'tidal', 'params': {'role': "
+            "'select'}}}}}"
+        )
     return sorted(stateful)
 
 
@@ -71,12 +81,15 @@ def _beams(model: nn.Module, kwargs: Mapping[str, Any]) -> int:
     return int(getattr(cfg, "num_beams", 1) or 1)
 
 
-def _refuse_beams(model: nn.Module, stateful: list[str]) -> Any:
-    """A ``generate`` that refuses beam search (the decode methods' state follows one sequence per batch
-    row; beam search reorders the cache's rows between steps, which the state would silently miss)."""
+def _refuse_beams(model: nn.Module, stateful: list[str], runtime: Runtime) -> Any:
+    """A ``generate`` that starts every call with fresh decode state (a generation from a cached prefix makes
+    no prefill call, which would otherwise reset it) and refuses beam search (the decode methods' state
+    follows one sequence per batch row; beam search reorders the cache's rows between steps, which the
+    state would silently miss)."""
     generate: Any = model.generate
 
     def guarded(*args: Any, **kwargs: Any) -> Any:
+        runtime.reset()
         beams = _beams(model, kwargs)
         if beams > 1:
             raise HFRuntimeError(
@@ -200,7 +213,7 @@ def use(
         for cfg in configs:
             cfg._attn_implementation_internal = key
         if stateful and hasattr(model, "generate") and not had_generate:
-            model.generate = _refuse_beams(model, stateful)  # (an instance attribute, removed below)
+            model.generate = _refuse_beams(model, stateful, runtime)  # (an instance attribute, removed below)
         yield runtime
     finally:
         for hook in hooks:
