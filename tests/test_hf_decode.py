@@ -319,3 +319,27 @@ def test_review_s18_a_registered_plan_is_checked_against_every_model() -> None:
                 b(x)
     finally:
         unregister()
+
+
+def test_review_s18_a_method_in_place_of_a_window_needs_a_cache_that_keeps_every_token() -> None:
+    """On a sliding layer whose cache keeps the model's window only, a method the plan runs in place of the
+    window is refused (it would see the window's keys alone); with a full DynamicCache it runs and, as
+    softmax with "sliding": "override", gives the model without a window."""
+    from transformers import DynamicCache
+
+    from attnlab.hf import HFRuntimeError
+    from attnlab.hf.testing import ids
+
+    windowed = build("mistral", sliding_window=5)
+    full = build("mistral", sliding_window=None)
+    x = ids(1, 12)
+    want = full.generate(x, max_new_tokens=6, do_sample=False)
+    plan = {**FAST, "sliding": "override"}
+    with use(windowed, plan=plan):
+        with pytest.raises(HFRuntimeError, match="keeps only the model's sliding window of 5"):
+            windowed.generate(x, max_new_tokens=6, do_sample=False)
+        got = windowed.generate(x, max_new_tokens=6, do_sample=False, past_key_values=DynamicCache())
+    assert torch.equal(got, want)
+    with use(windowed, plan=FAST):  # the model's own window: runs on its window cache
+        kept = windowed.generate(x, max_new_tokens=6, do_sample=False)
+    assert torch.equal(kept, windowed.generate(x, max_new_tokens=6, do_sample=False))

@@ -68,6 +68,7 @@ class HFMask:
     q_start: int
     runs: tuple[tuple[int, int], ...] | None = None
     local_size: int | None = None
+    kv_offset: int = 0
 
     # transformers and user code sometimes read .shape / .dtype / .device of a mask; none of them does
     # arithmetic on it here, and attnlab's attention function is the only consumer.
@@ -133,7 +134,7 @@ def mask_function(
         pad = pad[:, kv_offset : kv_offset + kv_length]
         if not bool(pad.all()):
             runs = _runs(pad)
-    return HFMask(batch_size, q_length, kv_length, q_start, runs, local_size)
+    return HFMask(batch_size, q_length, kv_length, q_start, runs, local_size, int(kv_offset))
 
 
 def _refuse_other_masks(
@@ -161,6 +162,23 @@ def _refuse_other_masks(
             + (f" with a sliding window of {local_size}" if local_size is not None else "")
             + " (e.g. packed sequences: position_ids that restart inside a row); attnlab.hf's methods apply "
             "the causal rule with left padding only: pass one sequence per row with a 2-D attention_mask"
+        )
+
+
+def _refuse_past_the_window(layer: int, parts: Sequence[Part], window: int | None, kv_offset: int) -> None:
+    """A layer whose cache dropped its first ``kv_offset`` keys (transformers' sliding-window cache layer keeps
+    the model's window only) runs only the model's own window there: a method the plan runs in place of the
+    window would silently see the window's keys alone."""
+    own = all(
+        p.ref.name in ("sliding_window", "softcap") and p.ref.kwargs.get("window") == window for p in parts
+    )
+    if not own:
+        names = ", ".join(sorted({p.ref.name for p in parts}))
+        raise HFRuntimeError(
+            f"layer {layer}: the KV cache keeps only the model's sliding window of {window} tokens (it dropped "
+            f"the first {kv_offset}), but the plan runs {names} there in place of the window, which would see "
+            "the window's keys alone: pass past_key_values=transformers.DynamicCache() (a cache that keeps "
+            "every token) to generate, or keep the model's window on this layer"
         )
 
 
@@ -409,6 +427,8 @@ class Runtime:
             self._prefilled.add(layer)
         self._last_phase = phase
         parts = self.parts(layer, phase, heads, key.shape[1], sliding_window, softcap, scaling)
+        if isinstance(attention_mask, HFMask) and attention_mask.kv_offset > 0:
+            _refuse_past_the_window(layer, parts, sliding_window, attention_mask.kv_offset)
         self.last_runs[layer] = (key.shape[2], runs)
         free = self._free(layer, phase, parts)
         if runs is None:

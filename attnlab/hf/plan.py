@@ -35,7 +35,9 @@ with ``"sliding": "keep"`` (default) such a layer keeps the model's window: meth
 plan's defaults are replaced there by ``sliding_window(window=W)``, the model's own exact attention, and
 a ``softmax`` named for that layer or head means the same; another method named for that layer or head
 runs as named, in place of the window (the plan overrides it). With ``"sliding": "override"`` every
-method runs as the plan says (``softmax`` is then full causal attention) in place of the window.
+method runs as the plan says (``softmax`` is then full causal attention) in place of the window. A method
+run in place of a window needs a cache that keeps every token: transformers' default cache keeps only the
+window on such layers, and decode there is refused; pass ``past_key_values=transformers.DynamicCache()``.
 
 Logit soft-capping (Gemma 2's ``attn_logit_softcapping``): ``softmax`` runs as the ``softcap`` method
 with the model's cap, and a sliding window on such a layer (the model's, kept, or a ``sliding_window`` the
