@@ -41,6 +41,20 @@ def _progress() -> Progress:
     )
 
 
+def _check_device(name: str) -> None:
+    """A device this machine has (ValueError naming what was given otherwise)."""
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"device {name!r}: {e}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r}: expected cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: this machine has no CUDA GPU (use --device cpu)")
+
+
 def _csv(value: str | None) -> tuple[str, ...] | None:
     return tuple(x.strip() for x in value.split(",") if x.strip()) if value else None
 
@@ -53,7 +67,7 @@ def _preset_default(name: str) -> str:
         if value is None:
             return "all"
         if isinstance(value, tuple):
-            return ",".join(str(getattr(v, "value", v)) for v in value)
+            return ", ".join(str(getattr(v, "value", v)) for v in value)  # (spaces: help text can wrap)
         return str(value)
 
     cpu, cuda = (show(getattr(BenchConfig.preset(d), name)) for d in ("cpu", "cuda"))
@@ -112,10 +126,13 @@ def verify(
     dev = torch.device(device or _default_device())
     if dev.type == "cpu":  # Triton kernels can only run in the interpreter here (must precede their import)
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    import attnlab
     from attnlab.bench.env import environment
     from attnlab.verify import verify as run_verify
     from attnlab.verify import verify_cases
 
+    for m in _csv(methods) or ():
+        attnlab.get(m)  # unknown names fail now, with a suggestion (else nothing is checked and it "passes")
     env = environment(dev)
     total = sum(1 for _ in verify_cases(dev, _csv(methods)))
     sink = out.open("w") if out else None
@@ -239,21 +256,25 @@ def bench(
     from attnlab.patterns import parse_pattern
 
     dev = device or _default_device()
-    cfg = BenchConfig.preset(dev).with_(
-        lengths=tuple(int(x) for x in _csv(lengths) or ()) or None,
-        methods=_csv(methods),
-        patterns=tuple(parse_pattern(p) for p in _csv(patterns) or ()) or None,
-        modes=_csv(modes),
-        dtype=dtype,
-        heads=heads,
-        kv_heads=kv_heads,
-        head_dim=head_dim,
-        batch=batch,
-        budgets=budgets,
-        workloads=_csv(workloads),
-        out=out,
-        processes=processes,
-    )
+    try:  # bad option values fail here, before a run is opened, with one line each
+        _check_device(dev)
+        cfg = BenchConfig.preset(dev).with_(
+            lengths=tuple(int(x) for x in _csv(lengths) or ()) or None,
+            methods=_csv(methods),
+            patterns=tuple(parse_pattern(p) for p in _csv(patterns) or ()) or None,
+            modes=_csv(modes),
+            dtype=dtype,
+            heads=heads,
+            kv_heads=kv_heads,
+            head_dim=head_dim,
+            batch=batch,
+            budgets=budgets,
+            workloads=_csv(workloads),
+            out=out,
+            processes=processes,
+        )
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
     if no_fidelity:
         cfg = cfg.with_(fidelity=False)
     if no_efficiency:

@@ -108,13 +108,15 @@ def test_bench_and_report_commands(tmp_path: Path) -> None:
     assert res.exit_code == 0 and (out / "report.html").exists()
 
 
-def test_bench_help_shows_the_defaults() -> None:
-    res = runner.invoke(app, ["bench", "--help"], terminal_width=200)
+@pytest.mark.parametrize("width", [200, 80])
+def test_bench_help_shows_the_defaults(width: int) -> None:
+    """Also at a terminal's 80 columns, where a list without spaces was cut off."""
+    res = runner.invoke(app, ["bench", "--help"], terminal_width=width)
     assert res.exit_code == 0
-    text = " ".join(res.output.split())
+    text = " ".join(res.output.replace("│", " ").split())
     for default in (
-        "512,1024,2048 on CPU",
-        "4096,8192,16384,32768,65536 on CUDA",
+        "512, 1024, 2048 on CPU",
+        "4096, 8192, 16384, 32768, 65536 on CUDA",
         "float32 on CPU",
         "first on CPU",
     ):
@@ -189,3 +191,32 @@ def test_train_takes_an_attention_plan(monkeypatch: pytest.MonkeyPatch, tmp_path
     )
     bad = runner.invoke(app, ["train", "--out", str(tmp_path), "--attention", "softmax,softmax_typo"])
     assert bad.exit_code == 2 and "softmax_typo" in bad.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--modes", "bwd"], "modes=bwd"),
+        (["--budgets", "al"], "budgets='al'"),
+        (["--workloads", "organisms"], "workloads=organisms"),
+        (["--lengths", "12x"], "12x"),
+        (["--lengths", "0"], "positive token counts"),
+        (["--dtype", "fp16"], "dtype='fp16'"),
+        (["--kv-heads", "3"], "kv_heads=3"),
+        (["--device", "tpu"], "tpu"),
+    ],
+)
+def test_bench_refuses_bad_options_before_a_run_opens(tmp_path: Path, args: list[str], message: str) -> None:
+    """Bad option values exit with a usage error naming them, and no run is written."""
+    out = tmp_path / "r"
+    res = runner.invoke(app, ["bench", "--device", "cpu", "--out", str(out), *args], terminal_width=200)
+    assert res.exit_code == 2, res.output
+    assert message in res.output
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_verify_refuses_an_unknown_method() -> None:
+    """A misspelled method is an error with a suggestion, not a run of zero checks that passes."""
+    res = runner.invoke(app, ["verify", "--methods", "softmx", "--device", "cpu"])
+    assert res.exit_code != 0
+    assert "Did you mean 'softmax'" in str(res.exception)

@@ -14,6 +14,8 @@ from attnlab.patterns import Pattern
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODES = ("fwd", "fwd_bwd")
+BUDGETS = ("first", "all")
+WORKLOADS = ("minilm", "organism", "random")
 #: ``attnlab bench`` on a CPU times these by default (one or two per family, so that the main job fits a
 #: 2-core machine in minutes); ``--methods all`` times every registered method, as the CUDA preset does.
 CPU_METHODS: tuple[str, ...] = (
@@ -78,6 +80,23 @@ class BenchConfig:
     out: Path = field(default_factory=lambda: Path("attnlab-results"))
 
     def __post_init__(self) -> None:
+        bad_modes = [m for m in self.modes if m not in MODES]
+        if bad_modes or not self.modes:
+            raise ValueError(f"modes={','.join(self.modes)}: expected some of {', '.join(MODES)}")
+        if self.budgets not in BUDGETS:
+            raise ValueError(f"budgets={self.budgets!r}: expected one of {', '.join(BUDGETS)}")
+        bad_workloads = [w for w in self.workloads if w not in WORKLOADS]
+        if bad_workloads:
+            raise ValueError(f"workloads={','.join(self.workloads)}: expected some of {', '.join(WORKLOADS)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}: expected one of {', '.join(DTYPES)}")
+        if not self.lengths or any(n <= 0 for n in self.lengths):
+            raise ValueError(f"lengths={self.lengths}: expected positive token counts")
+        for name in ("batch", "heads", "head_dim", "fidelity_length", "fidelity_heads", "max_reps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)}: expected a positive int")
+        if self.kv_heads is not None and (self.kv_heads <= 0 or self.heads % self.kv_heads):
+            raise ValueError(f"kv_heads={self.kv_heads}: expected a positive divisor of heads={self.heads}")
         if self.malloc not in MALLOC_POLICIES:
             raise ValueError(f"malloc={self.malloc!r}: expected one of {', '.join(MALLOC_POLICIES)}")
         if self.retimes < 0:
