@@ -166,6 +166,18 @@ def _recording(call: Call) -> tuple[Call, _PlanRecorder | None]:
     return replace(call, spec=replace(spec, estimate=recorder)), recorder
 
 
+def _state_tensors(state: Any) -> dict[str, Tensor]:
+    """A state's float tensors by name, for the NaN/Inf scan (a tensor, or a tuple/list of them; other
+    states, such as a decode method's summaries, are the library's own)."""
+    if isinstance(state, Tensor):
+        return {"state": state} if state.is_floating_point() else {}
+    if isinstance(state, (tuple, list)):
+        return {
+            f"state[{i}]": t for i, t in enumerate(state) if isinstance(t, Tensor) and t.is_floating_point()
+        }
+    return {}
+
+
 def _checked_inputs(
     spec: MethodSpec, inputs: Mapping[str, Any], problem: Problem, memo: dict[str, Any] | None = None
 ) -> Mapping[str, Any]:
@@ -200,7 +212,7 @@ def _execute(
     state = inputs.pop("state", None) if spec.stateful else None
     extra = _checked_inputs(spec, inputs, call.problem, call.memo)
     if check_finite or (check_finite is None and settings.check_finite):
-        check_finite_values({"q": q, "k": k, "v": v, **extra})
+        check_finite_values({"q": q, "k": k, "v": v, **extra, **_state_tensors(state)})
     if spec.stateful:
         out, new_state = backend.run_state(q, k, v, call, extra, state)
         return Result(out, state=new_state)

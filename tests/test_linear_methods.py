@@ -676,3 +676,29 @@ def test_prefill_gate_check_does_not_block_the_host_on_cuda() -> None:
     assert finish is not None
     with pytest.raises(InputError, match="g holds 1 NaN"):
         finish()
+
+
+def test_normalised_linear_in_float16_stays_finite_over_long_prompts() -> None:
+    """The default (normalised) linear attention in float16 over 1K tokens and a decode step after a long
+    state: finite and at the reference (the Triton chunk op's unnormalised float16 numerator overflowed, so
+    that backend refuses this case and torch_chunk, which divides in float32, runs it)."""
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 1, 1024, 32, generator=g).half() for _ in range(2))
+    v = (1 + torch.randn(1, 1, 1024, 32, generator=g)).half()
+    res = attnlab.attention(q, k, v, method="linear", causal=True, chunk=16)
+    ref = attnlab.attention(q, k, v, method="linear", causal=True, chunk=16, backend="reference")
+    assert torch.isfinite(res.out).all()
+    torch.testing.assert_close(res.out.float(), ref.out.float(), atol=2e-2, rtol=2e-2)
+    step = attnlab.attention(q[:, :, -1:], k[:, :, -1:], v[:, :, -1:], method="linear", causal=True, chunk=16,
+                             state=res.state)  # fmt: skip
+    assert torch.isfinite(step.out).all()
+    choice = attnlab.explain(q, k, v, method="linear", causal=True, chunk=16, backend="triton")
+    assert choice.backend is None and "overflows float16" in choice.explain()
+
+
+def test_check_finite_scans_the_state_too() -> None:
+    q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
+    g = -torch.rand(1, 2, 8, 16)
+    state = torch.full((1, 2, 16, 16), float("nan"))
+    with pytest.raises(InputError, match="state"):
+        attnlab.attention(q, k, v, method="gla", causal=True, g=g, state=state, check_finite=True)

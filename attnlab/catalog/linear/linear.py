@@ -274,6 +274,12 @@ def _triton_refusal(call: Call) -> list[str]:
     k_dim = min(feature_dim(call.params, call.problem.head_dim), K_SLICE)
     p = call.problem
     out = kernel_refusals(call.params.chunk, k_dim, p.v_dim)
+    if call.params.normalize and p.dtype == torch.float16:
+        # the chunk op returns the unnormalised numerator in q's dtype, which grows with the length: in
+        # float16 it passed 65504 (inf) near 1K tokens; torch_chunk divides in float32
+        out.append(
+            "normalize=True in float16: the kernel's unnormalised output overflows float16 (use bfloat16)"
+        )
     if p.requires_grad:
         out += backward_refusals(k_dim, p.v_dim, p.dtype, per_channel=False)
     return out
