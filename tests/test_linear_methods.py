@@ -2,8 +2,8 @@
 chunked PyTorch backend matches the token-by-token recurrence (output, final state, every gradient), a
 state carried across two calls equals one pass, and bad input gets a clear error.
 
-The methods are not in the global registry yet (see ``attnlab/catalog/linear/__init__.py``): each test
-registers the one it uses for its duration.
+The methods are registered at import; ``registered(...)`` in the tests leaves an already registered spec
+as it is.
 """
 
 from __future__ import annotations

@@ -19,14 +19,15 @@ both): the weights W_h of a per-head projection applied before the map, ``x -> x
 as in the ThunderKittens Hedgehog kernel at D = 128). An absent weight is the identity (F = D), so with
 F != D both are needed. Queries take ``map_q``, keys ``map_k`` (after the
 keys are repeated to the H query heads of their group: the map is per query head, as in LoLCATs, where
-the kv heads are repeated before the map). An absent weight is the identity. With ``"relu"`` this is
+the kv heads are repeated before the map). With ``"relu"`` this is
 T2R's relu(x W) (Kasai et al., 2021; T2R's bias omitted), with ``"elu"`` elu(x W) + 1.
 
 **Hedgehog** (Zhang et al., 2024, "The Hedgehog & the Porcupine"): ``y = x W_h``, then
 ``phi(x) = [softmax(y), softmax(-y)]``, each half a softmax over its F features (2F features in all, so
 the state is (B, H, 2F, D_v)). This is the ``softmax_dim`` map of the authors' code (LoLCATs
 ``feature_map.py``, and the ThunderKittens Hedgehog kernel's PyTorch reference), without their
-``clamp(min=eps)`` (a softmax here is never 0 in fp32 for |y| < 80). The paper writes the map as
+``clamp(min=eps)`` (a feature underflows to 0 in fp32 only when y spans more than about 100 across the F
+features of a token, e.g. [60, -60]: the normalisation then keeps the other features' weight). The paper writes the map as
 ``[exp(y), exp(-y)]`` (equal up to a per-token factor on each half, which the normalisation does not
 cancel), and fla's ``HedgehogFeatureMap`` takes one softmax over ``[2y, -2y]`` jointly: three different
 functions, this is the first. Without weights, W_h = I (the map's initialisation in the paper's code and
