@@ -21,7 +21,15 @@ Rows with no allowed key (lse = -inf) take lse = +inf, so their P is 0 (no NaN).
 import triton
 import triton.language as tl
 
-from attnlab.kernels.block_sparse.common import column_keys, dot, load_kv, rounded, table_offset
+from attnlab.kernels.block_sparse.common import (
+    column_keys,
+    dot,
+    head_rows,
+    head_tile,
+    load_kv,
+    rounded,
+    table_offset,
+)
 from attnlab.kernels.block_sparse.dq_reduce import add_dq, dq_target
 
 LENGTH_ARGS = ["N_Q", "N_K", "OFFSET"]
@@ -33,22 +41,11 @@ def block_sparse_bwd_delta_kernel(
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Delta_i = sum_d dO_id O_id in fp32, (B * H, N_q) contiguous; grid (cdiv(N_q, BLOCK_M), B * H)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m = (offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_D)
-    o = tl.load(
-        O + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_on + offs_d[None, :],
-        mask=m,
-        other=0.0,
-    )
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None].to(tl.int64) * stride_don + offs_d[None, :], mask=m,
-                 other=0.0)  # fmt: skip
+    b, h, offs_m, offs_d, m = head_tile(H, N_Q, HEAD_D, BLOCK_M, BLOCK_D)
+    o = tl.load(head_rows(O, b, h, stride_ob, stride_oh, stride_on, offs_m, offs_d), mask=m, other=0.0)
+    do = tl.load(head_rows(DO, b, h, stride_dob, stride_doh, stride_don, offs_m, offs_d), mask=m, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + pid_bh.to(tl.int64) * N_Q + offs_m, delta, mask=offs_m < N_Q)
+    tl.store(DELTA + (b * H + h) * N_Q + offs_m, delta, mask=offs_m < N_Q)
 
 
 @triton.jit

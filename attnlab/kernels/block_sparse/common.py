@@ -15,6 +15,24 @@ def dot(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def head_tile(H, N_Q, HEAD_D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The program's tile of a row-wise kernel with grid (cdiv(N_q, BLOCK_M), B * H): (b, h, offs_m, offs_d,
+    mask), b and h int64, mask (BLOCK_M, BLOCK_D) of rows < N_q and columns < HEAD_D."""
+    pid_bh = tl.program_id(1)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_D)
+    return (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64), offs_m, offs_d, mask
+
+
+@triton.jit
+def head_rows(base, b, h, stride_b, stride_h, stride_n, offs_m, offs_d):
+    """Pointers to rows ``offs_m`` (columns ``offs_d``) of head (b, h) of a (B, H, N, D) tensor at ``base``
+    (int64 row offsets)."""
+    return base + b * stride_b + h * stride_h + offs_m[:, None].to(tl.int64) * stride_n + offs_d[None, :]
+
+
+@triton.jit
 def table_offset(b, h, row, s_num, s_idx, PLAN_B: tl.constexpr, PLAN_H, HEAD_DIV):
     """Offsets of (b, h, row) in a count table (Bp, Hp, R) and an index table (Bp, Hp, R, W) (contiguous;
     ``s_num`` = R, ``s_idx`` = W). A plan batch of 1 broadcasts; query head h reads plan head

@@ -16,7 +16,7 @@ dV are. Measured on the H100: not faster than the two kernels (benchmarks/result
 import triton
 import triton.language as tl
 
-from attnlab.kernels.block_sparse.common import rounded
+from attnlab.kernels.block_sparse.common import head_rows, head_tile, rounded
 
 
 @triton.jit
@@ -52,15 +52,7 @@ def add_dq(dqa, ds_t, k, start_m, N_Q, HEAD_D, BLOCK_M: tl.constexpr, BLOCK_D: t
 def block_sparse_dq_finish_kernel(DQA, DQ, stride_dqb, stride_dqh, stride_dqn, H, N_Q, HEAD_D, scale,
                                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
     """DQ = scale * DQA rounded to DQ's dtype; grid (cdiv(N_q, BLOCK_M), B * H), DQA (B * H, N_q, HEAD_D)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m = (offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_D)
-    acc = tl.load(
-        DQA + (pid_bh.to(tl.int64) * N_Q + offs_m[:, None]) * HEAD_D + offs_d[None, :], mask=m, other=0.0
-    )
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqn + offs_d[None, :],
+    b, h, offs_m, offs_d, m = head_tile(H, N_Q, HEAD_D, BLOCK_M, BLOCK_D)
+    acc = tl.load(DQA + ((b * H + h) * N_Q + offs_m[:, None]) * HEAD_D + offs_d[None, :], mask=m, other=0.0)
+    tl.store(head_rows(DQ, b, h, stride_dqb, stride_dqh, stride_dqn, offs_m, offs_d),
              rounded(acc * scale, DQ.dtype.element_ty, UPCAST), mask=m)  # fmt: skip
