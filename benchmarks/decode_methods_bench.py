@@ -80,34 +80,50 @@ def build_steps(
     def first(method: str, qq: torch.Tensor, kk: torch.Tensor, vv: torch.Tensor, **p: Any) -> Any:
         return _state(attnlab.attention(qq, kk, vv, method=method, causal=True, **p))
 
-    pt = {"budget": budget, "page": 16}  # page_topk's state before this step's token (decode_bench's step)
-    steps: dict[str, Step] = {
-        "page_topk": ("page_topk", pt, first("page_topk", q, k[:, :, : n - 1], v[:, :, : n - 1], **pt), q),
-        "retrieval_heads_kv_none": ("retrieval_heads_kv", {"budget": budget}, None, q),
-        "retrieval_heads_kv_1of8": ("retrieval_heads_kv", {"budget": budget, "heads": (0,)}, None, q),
-    }
+    def want(*names: str) -> bool:  # (--steps: build only the steps asked for)
+        return STEPS is None or any(name in STEPS for name in names)
+
+    steps: dict[str, Step] = {}
+    if want("page_topk"):
+        pt = {
+            "budget": budget,
+            "page": 16,
+        }  # page_topk's state before this step's token (decode_bench's step)
+        steps["page_topk"] = (
+            "page_topk",
+            pt,
+            first("page_topk", q, k[:, :, : n - 1], v[:, :, : n - 1], **pt),
+            q,
+        )
+    steps["retrieval_heads_kv_none"] = ("retrieval_heads_kv", {"budget": budget}, None, q)
+    steps["retrieval_heads_kv_1of8"] = ("retrieval_heads_kv", {"budget": budget, "heads": (0,)}, None, q)
     for method in ("snapkv", "h2o"):  # decided at a first call with 16 observation queries, then a step
-        p = {"budget": budget}
-        steps[f"{method}_step"] = (method, p, first(method, q_obs, k, v, **p), q)
-    # per-step H2O: the state of the cache minus its last token, so the step attends to budget + 1 tokens
-    ps = {"budget": budget, "per_step": True, "recent": budget // 2, "normalize": False}
-    steps["h2o_per_step"] = ("h2o", ps, first("h2o", q_obs, k[:, :, : n - 1], v[:, :, : n - 1], **ps), q)
+        if want(f"{method}_step"):
+            p = {"budget": budget}
+            steps[f"{method}_step"] = (method, p, first(method, q_obs, k, v, **p), q)
+    if want("h2o_per_step"):
+        # per-step H2O: the state of the cache minus its last token, so the step attends to budget + 1 tokens
+        ps = {"budget": budget, "per_step": True, "recent": budget // 2, "normalize": False}
+        steps["h2o_per_step"] = ("h2o", ps, first("h2o", q_obs, k[:, :, : n - 1], v[:, :, : n - 1], **ps), q)
     rp = {"budget": budget, "stride": RECYCLED_STRIDE}
-    steps["recycled_partial"] = ("recycled", rp, first("recycled", q, k, v, **rp), q)
+    if want("recycled_partial"):
+        steps["recycled_partial"] = ("recycled", rp, first("recycled", q, k, v, **rp), q)
     steps["recycled_full"] = ("recycled", rp, None, q)
-    tsp: dict[str, Any] = {
-        "budget": budget,
-        "n_init": min(128, budget // 32),
-        "n_local": min(512, budget // 8),
-    }
-    ts = first("tokenselect", q, k, v, **tsp)
-    steps["tokenselect_vote"] = ("tokenselect", {**tsp, "threshold": 1.0}, ts, q)
-    steps["tokenselect_reuse"] = ("tokenselect", tsp, ts, q)  # the same query: cosine 1 > 0.9
-    chosen = first("tidal", q, k, v, budget=budget, role="select")
-    steps["tidal_reuse"] = ("tidal", {"budget": budget, "role": "reuse"}, chosen, q)
+    if want("tokenselect_vote", "tokenselect_reuse"):
+        tsp: dict[str, Any] = {
+            "budget": budget,
+            "n_init": min(128, budget // 32),
+            "n_local": min(512, budget // 8),
+        }
+        ts = first("tokenselect", q, k, v, **tsp)
+        steps["tokenselect_vote"] = ("tokenselect", {**tsp, "threshold": 1.0}, ts, q)
+        steps["tokenselect_reuse"] = ("tokenselect", tsp, ts, q)  # the same query: cosine 1 > 0.9
+    if want("tidal_reuse"):
+        chosen = first("tidal", q, k, v, budget=budget, role="select")
+        steps["tidal_reuse"] = ("tidal", {"budget": budget, "role": "reuse"}, chosen, q)
     steps["tidal_select"] = ("tidal", {"budget": budget, "role": "select"}, None, q)
     steps["tidal_full"] = ("tidal", {"budget": budget, "role": "full"}, None, q)
-    return steps
+    return {name: step for name, step in steps.items() if want(name)}
 
 
 def _positions(state: Any) -> torch.Tensor | None:
@@ -204,13 +220,18 @@ def bench_batch(b: int, n: int, budget: int, reps: int, flush: torch.Tensor, pro
             graphs[f"{name}_graph"] = graph_of(fn)
         except Exception as e:  # recorded; the side is left out
             FAILED[f"B{b}:{name}_graph"] = f"{type(e).__name__}: {str(e)[:300]}"
+    from attnlab.catalog.decode import retrieval_heads_kv as rh
     from attnlab.kernels.decode import evict as dev_evict
     from attnlab.kernels.decode import op as dop
 
-    def target(flag: str) -> tuple[Any, str]:  # "NAME" in op, "evict.NAME" in evict
-        return (dev_evict, flag.split(".", 1)[1]) if flag.startswith("evict.") else (dop, flag)
+    def target(flag: str) -> tuple[Any, str]:  # "NAME" in op, "evict.NAME" in evict, "rh.NAME" in rh
+        modules = {"evict": dev_evict, "rh": rh}
+        prefix, _, rest = flag.partition(".")
+        return (modules[prefix], rest) if rest else (dop, flag)
 
     for name, flags in GRAPH_VARIANTS.items():  # a step captured under other kernel settings
+        if name.split(":")[0] not in fns:
+            continue
         saved = {f: getattr(*target(f)) for f in flags}
         try:
             for f, val in flags.items():
@@ -250,11 +271,16 @@ def bench_batch(b: int, n: int, budget: int, reps: int, flush: torch.Tensor, pro
     }
 
 
-#: graphed steps under other settings of the decode kernel (``attnlab.kernels.decode.op``): "<step>:<label>"
+#: graphed steps under other settings of the decode kernel (``attnlab.kernels.decode.op``; "evict.NAME" in
+#: ``kernels.decode.evict``, "rh.NAME" in ``catalog.decode.retrieval_heads_kv``): "<step>:<label>"
 GRAPH_VARIANTS: dict[str, dict[str, Any]] = {
     "page_topk:split2048": {"MAX_SPLIT_TOKENS": 2048},  # the cap up to c5a93cb
     "h2o_per_step:evict1024x4": {"evict.EVICT_BLOCK": 1024, "evict.EVICT_WARPS": 4},  # up to d02bba7
+    "retrieval_heads_kv_none:lists": {"rh.USE_RANGES": False},  # token lists, up to this change
+    "retrieval_heads_kv_1of8:two_launches": {"rh.USE_RANGES": False},  # two launches, up to this change
 }
+#: the steps to build and time (``--steps``; None: every step)
+STEPS: set[str] | None = None
 #: eager steps whose host time is profiled (cProfile, B=1)
 HOST_PROFILED = ("snapkv_step", "retrieval_heads_kv_none", "tidal_reuse", "tokenselect_reuse")
 
@@ -351,7 +377,10 @@ def main() -> None:
     ap.add_argument("--check-batch", type=int, default=2, help="batch of the correctness checks (0: none)")
     ap.add_argument("--no-profile", action="store_true", help="skip the kernel profile of each graphed step")
     ap.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny shapes (a dry run)")
+    ap.add_argument("--steps", nargs="+", default=None, help="time only these steps (default: every step)")
     args = ap.parse_args()
+    global STEPS
+    STEPS = None if args.steps is None else set(args.steps)
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"
         args.context, args.batches, args.budget, args.reps, args.check_batch = 256, [1, 2], 64, 2, 2

@@ -103,6 +103,19 @@ def test_decode_select_fwd_with_count_and_key_mask(layout: str) -> None:
     _opcheck(decode_select_fwd, (q, k, v, _index(2, 10, 3), count, 4, 0.25, True, key_mask))
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_decode_ranges_fwd_with_first_and_key_mask(layout: str) -> None:
+    from attnlab.kernels.decode.op import decode_ranges_fwd
+
+    q, k, v = (torch.cat([t, t]) for t in _qkv(4, 2, 3, 40, 16, "contiguous"))
+    q, k, v = (_laid(t, layout) for t in (q, k, v))
+    full = torch.tensor([[True, False]], device=DEV).expand(2, 2)
+    key_mask = torch.ones(2, 40, device=DEV)
+    key_mask[1, :5] = 0
+    first = torch.tensor([0, 5], device=DEV)
+    _opcheck(decode_ranges_fwd, (q, k, v, full, first, 4, 30, 0.25, True, key_mask, -1))
+
+
 @pytest.mark.parametrize("group_max", [False, True], ids=["per-query", "group-max"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_decode_logits_fwd(layout: str, group_max: bool) -> None:

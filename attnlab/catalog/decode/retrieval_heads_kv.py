@@ -108,8 +108,8 @@ def select(
     q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor], state: Any, fast: bool
 ) -> tuple[Selection | Attended | None, None]:
     """Token lists (page 1): every token for retrieval heads, sinks + recent window for the others (module
-    docstring); None when the budget covers the cache. ``fast`` with retrieval heads: the step attends
-    itself in two decode launches (:func:`_two_launches`)."""
+    docstring); None when the budget covers the cache. ``fast`` (the Triton backend): the step attends
+    itself in one decode launch over each row's contiguous token runs (:func:`_ranges_step`)."""
     p: RetrievalHeadsParams = call.params  # type: ignore[assignment]
     b, h_kv, n_k = k.shape[0], k.shape[1], k.shape[2]
     full = retrieval_mask(p, extra, b, h_kv, k.device)
@@ -117,7 +117,10 @@ def select(
         return None, None
     sink, start = _window(p, n_k)
     dev = k.device
-    first = first_real(valid_keys(extra.get("key_mask")), b, dev)  # sinks follow any left padding
+    key_mask = extra.get("key_mask")
+    if fast and USE_RANGES:
+        return Attended(_ranges_step(q, k, v, call, extra, full, sink, start)), None
+    first = first_real(valid_keys(key_mask), b, dev)  # sinks follow any left padding
     sinks = first[:, None] + torch.arange(sink, device=dev)
     sinks = torch.where(sinks < start, sinks, -1)  # (already in the window: not twice)
     window = torch.arange(start, n_k, device=dev).expand(b, -1)
@@ -135,6 +138,35 @@ def select(
 
 #: Tokens per index entry of the retrieval heads' launch (whole key tiles of the decode kernel).
 FULL_PAGE = 64
+#: The Triton step reads each row's token runs in one launch (:func:`_ranges_step`); False: token lists
+#: (no retrieval head) or :func:`_two_launches` (with retrieval heads), as measured in session 14.
+USE_RANGES = True
+
+
+def _ranges_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    call: Call,
+    extra: Mapping[str, Tensor],
+    full: Tensor,
+    sink: int,
+    start: int,
+) -> Tensor:
+    """The step on the GPU in one split-K launch (and its merge) over contiguous token runs, no index
+    tensor: retrieval KV heads read ``[0, N_k)``, the others ``[first, first + sink)`` and ``[start, N_k)``
+    (:class:`attnlab.kernels.decode.op.Ranges`); the splits are planned for the retrieval heads' rows
+    when the ``heads`` parameter names them, for every row when the tensor input may mark any."""
+    from attnlab.kernels.decode.op import Ranges, decode_ranges
+
+    key_mask = extra.get("key_mask")
+    first = None if key_mask is None else first_real(valid_keys(key_mask), k.shape[0], k.device)
+    heads = call.params.heads  # type: ignore[attr-defined]
+    active = None if "retrieval" in extra else k.shape[0] * len(heads)
+    out, _ = decode_ranges(
+        q, k, v, Ranges(full, first, sink, start), call.scale, call.problem.causal, key_mask, active
+    )
+    return out
 
 
 def _two_launches(

@@ -14,6 +14,13 @@ allowed) to ``LOGITS[b, head, i, e * PAGE + offset]`` (fp32, (B, H, N_Q, N_IDX *
 scores of the attention itself, for selections that keep the tokens a step attended to most.
 WRITE_LOGITS == 2: instead their maximum over the group's GROUP * N_Q rows, ``LOGITS[b, h_kv, e * PAGE +
 offset]`` ((B, H_KV, N_IDX * PAGE); needs one row block: GROUP * N_Q <= BLOCK_M).
+RANGES (PAGE 1, no index list, no count): row (b, h_kv) reads the tokens ``[0, N_K)`` when ``FULL[b, h_kv]``
+is non-zero, else ``[first, first + sink) + [WIN, N_K)`` with ``first = FIRST[b]`` (0 without HAS_FIRST) and
+``sink = clamp(min(first + SINK, WIN) - first, 0)`` (the sinks that lie before the window): a position ``v``
+of the row's list is the token ``first + v`` below ``sink``, else ``WIN + v - sink`` (retrieval_heads_kv:
+full KV heads beside sink + window ones, read contiguously without an index tensor). A split past its
+row's list stores nothing; split 0 of row block 0 stores the row's split count to ``NSPLIT[b * H_KV +
+h_kv]`` for the merge (``decode_merge_kernel``'s ROW_SPLITS).
 MERGE: each program then counts itself done on its (b*h_kv, m) counter ``DONE[b*h_kv * m_blocks + m]``
 (an atomic after a barrier; zero between launches), and the last one to finish merges those rows as
 ``decode_merge_kernel`` does (reading the partials past L1) into O / LSE and zeroes the counter again:
@@ -73,6 +80,8 @@ def decode_split_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, EARLY_V: tl.constexpr,
     MERGE: tl.constexpr, BLOCK_S: tl.constexpr, LOGITS=None, WRITE_LOGITS: tl.constexpr = 0,
+    RANGES: tl.constexpr = False, FULL=None, stride_fb=0, FIRST=None, HAS_FIRST: tl.constexpr = False,
+    NSPLIT=None, SINK=0, WIN=0,
 ):  # fmt: skip
     split = tl.program_id(0)
     mblk = tl.program_id(1)
@@ -92,7 +101,19 @@ def decode_split_kernel(
     q = tl.load(q_ptr, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     pos = qi + N_K - N_Q
 
-    if HAS_CNT:  # noqa: SIM108 (constexpr branches)
+    r_first = 0
+    r_sink = 0
+    r_win = 0
+    if RANGES:  # the row's token list: [0, N_K), or sinks + window (docstring)
+        r_full = tl.load(FULL + b * stride_fb + hk) != 0
+        if HAS_FIRST:
+            r_first = tl.load(FIRST + b).to(tl.int32)
+        r_sink = tl.maximum(tl.minimum(r_first + SINK, WIN) - r_first, 0)
+        r_first = tl.where(r_full, 0, r_first)
+        r_sink = tl.where(r_full, 0, r_sink)
+        r_win = tl.where(r_full, 0, WIN)
+        n_valid = r_sink + N_K - r_win
+    elif HAS_CNT:
         n_valid = tl.minimum(tl.load(CNT + b * H_KV + hk), N_IDX)
     else:
         n_valid = N_IDX
@@ -109,11 +130,17 @@ def decode_split_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
     for e0 in range(start, end, ENT):
-        ent = e0 + offs_n // PAGE
-        ent_ok = ent < end
-        pg = tl.load(i_base + ent, mask=ent_ok, other=-1)
-        tok = pg * PAGE + offs_n % PAGE
-        tok_ok = ent_ok & (pg >= 0) & (tok < N_K)
+        if RANGES:  # (PAGE 1) list position -> token, contiguous runs
+            ent = e0 + offs_n
+            ent_ok = ent < end
+            tok = tl.where(ent < r_sink, r_first + ent, r_win + ent - r_sink)
+            tok_ok = ent_ok & (tok < N_K)
+        else:
+            ent = e0 + offs_n // PAGE
+            ent_ok = ent < end
+            pg = tl.load(i_base + ent, mask=ent_ok, other=-1)
+            tok = pg * PAGE + offs_n % PAGE
+            tok_ok = ent_ok & (pg >= 0) & (tok < N_K)
         if HAS_KMASK:
             tok_ok = tok_ok & (tl.load(KMASK + b * stride_mb + tok, mask=tok_ok, other=0) > 0)
         kv_mask = tok_ok[:, None] & d_ok[None, :]
@@ -159,8 +186,13 @@ def decode_split_kernel(
     lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     n_splits = tl.num_programs(0)
     part = (bh.to(tl.int64) * n_splits + split) * n_rows + rows
-    tl.store(O_PART + part[:, None] * BLOCK_D + offs_d[None, :], o, mask=row_ok[:, None])
-    tl.store(LSE_PART + part, lse, mask=row_ok)
+    keep = row_ok
+    if RANGES:  # splits past the row's list store nothing; the merge reads the row's count of splits
+        keep = tl.where((start < n_valid) | (split == 0), row_ok, False)
+        if (split == 0) & (mblk == 0):
+            tl.store(NSPLIT + bh, tl.maximum(tl.cdiv(n_valid, PER_SPLIT), 1))
+    tl.store(O_PART + part[:, None] * BLOCK_D + offs_d[None, :], o, mask=keep[:, None])
+    tl.store(LSE_PART + part, lse, mask=keep)
     if MERGE:  # the group's last split to finish merges its rows (no second launch)
         tl.debug_barrier()  # every thread's partial stores before the release below
         slot = bh * tl.num_programs(1) + mblk
@@ -168,18 +200,18 @@ def decode_split_kernel(
         if done == n_splits - 1:
             for r in range(mblk * BLOCK_M, tl.minimum(mblk * BLOCK_M + BLOCK_M, n_rows)):
                 _merge_row(O_PART, LSE_PART, O, LSE, stride_ob, stride_oh, stride_on, bh, r, 0, H_KV, N_Q,
-                           n_splits, HEAD_D, BLOCK_D, GROUP, BLOCK_S, BLOCK_D, True)  # fmt: skip
+                           n_splits, n_splits, HEAD_D, BLOCK_D, GROUP, BLOCK_S, BLOCK_D, True)  # fmt: skip
             tl.atomic_xchg(DONE + slot, 0)  # zero again for the next launch (and a CUDA graph's replay)
 
 
 @triton.jit
 def _merge_row(
-    O_PART, LSE_PART, O, LSE, stride_ob, stride_oh, stride_on, bh, r, d0, H_KV, N_Q, SPLITS, HEAD_D, PART_D,
-    GROUP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, COHERENT: tl.constexpr,
+    O_PART, LSE_PART, O, LSE, stride_ob, stride_oh, stride_on, bh, r, d0, H_KV, N_Q, SPLITS, USED, HEAD_D,
+    PART_D, GROUP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, COHERENT: tl.constexpr,
 ):  # fmt: skip
-    """Merge channels [d0, d0 + BLOCK_D) of row ``r`` of group ``bh``'s SPLITS partials (rows of PART_D
-    floats) by their lse into O, and (d0 = 0) the row's lse into LSE (COHERENT: read the partials past L1,
-    as other programs of the same launch wrote them)."""
+    """Merge channels [d0, d0 + BLOCK_D) of row ``r`` of group ``bh``'s first USED of its SPLITS partials
+    (rows of PART_D floats) by their lse into O, and (d0 = 0) the row's lse into LSE (COHERENT: read the
+    partials past L1, as other programs of the same launch wrote them)."""
     n_rows = GROUP * N_Q
     b = bh // H_KV
     hk = bh % H_KV
@@ -187,7 +219,7 @@ def _merge_row(
     qi = r % N_Q
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = d0 + tl.arange(0, BLOCK_D)
-    s_ok = offs_s < SPLITS
+    s_ok = offs_s < USED
     part = (bh.to(tl.int64) * SPLITS + offs_s) * n_rows + r
     o_part = O_PART + part[:, None] * PART_D + offs_d[None, :]
     if COHERENT:
@@ -213,12 +245,19 @@ def decode_merge_kernel(
     stride_ob, stride_oh, stride_on,
     H_KV, N_Q, SPLITS, HEAD_D,
     PART_D: tl.constexpr, GROUP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    NSPLIT=None, ROW_SPLITS: tl.constexpr = False,
 ):  # fmt: skip
-    """Grid: (rows, PART_D // BLOCK_D): program (row, c) merges channels [c * BLOCK_D, (c + 1) * BLOCK_D)."""
+    """Grid: (rows, PART_D // BLOCK_D): program (row, c) merges channels [c * BLOCK_D, (c + 1) * BLOCK_D).
+    ROW_SPLITS: a group's row merges only its first ``NSPLIT[group]`` splits (the split kernel's RANGES)."""
     pid = tl.program_id(0)
     n_rows = GROUP * N_Q
-    _merge_row(O_PART, LSE_PART, O, LSE, stride_ob, stride_oh, stride_on, pid // n_rows, pid % n_rows,
-               tl.program_id(1) * BLOCK_D, H_KV, N_Q, SPLITS, HEAD_D, PART_D, GROUP, BLOCK_S, BLOCK_D, False)  # fmt: skip
+    bh = pid // n_rows
+    used = SPLITS
+    if ROW_SPLITS:
+        used = tl.load(NSPLIT + bh)
+    _merge_row(O_PART, LSE_PART, O, LSE, stride_ob, stride_oh, stride_on, bh, pid % n_rows,
+               tl.program_id(1) * BLOCK_D, H_KV, N_Q, SPLITS, used, HEAD_D, PART_D, GROUP, BLOCK_S, BLOCK_D,
+               False)  # fmt: skip
 
 
 @triton.jit

@@ -2,6 +2,8 @@
 
 - ``decode_attention(q, k, v, index, count, page, scale, causal) -> (out, lse)``
   (``attnlab::decode_select_fwd``): attention of a few queries over the selected entries of the cache.
+- ``decode_ranges(q, k, v, ranges, scale, causal) -> (out, lse)`` (``attnlab::decode_ranges_fwd``): the
+  same over contiguous token runs per row (the whole cache, or sinks + a recent window), no index tensor.
 - ``decode_attention_logits(...) -> (out, lse, logits)`` (``attnlab::decode_logits_fwd``): the same with
   the attention's own scores (per query row, or their maximum over each KV group's rows).
 - ``page_scores(q, kmax, kmin, n_pages, reduce_max) -> scores`` (``attnlab::page_scores``): Quest's page
@@ -18,6 +20,7 @@ CUDA graph. Forward only (decode needs no gradient). Importing this module regis
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -115,6 +118,17 @@ def plan_splits(
     return block_n, per_split, splits
 
 
+class Ranges(NamedTuple):
+    """Per-row token runs of the split kernel's RANGES mode (``fwd.py``): ``full`` (B or 1, H_kv) bool or
+    int8, non-zero where the KV head reads the whole cache; ``first`` (B,) integer, each sequence's first
+    real token, or None for 0; the other rows read ``[first, first + sink) + [win, N_k)``."""
+
+    full: Tensor
+    first: Tensor | None
+    sink: int
+    win: int
+
+
 def _check(q: Tensor, k: Tensor, v: Tensor, index: Tensor, page: int) -> None:
     if page < 1 or page & (page - 1) or page > 256:
         raise ValueError(f"decode kernel: page={page} must be a power of two in [1, 256]")
@@ -131,7 +145,7 @@ def decode_launch(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    index: Tensor,
+    index: Tensor | None,
     count: Tensor | None,
     page: int,
     scale: float,
@@ -140,6 +154,7 @@ def decode_launch(
     counter: Tensor | None = None,
     logits: Tensor | None = None,
     active_rows: int | None = None,
+    ranges: Ranges | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Split-K decode over the selected entries (see fwd.py). q (B, H, N_q, D), k/v (B, H_kv, N_k, D) with a
     unit last stride (copied otherwise), index (B, H_kv, n) int32, count (B, H_kv) int32 or None,
@@ -154,7 +169,14 @@ def decode_launch(
     ``active_rows``: how many of the B * H_kv index rows have entries, when the caller knows it and the
     others count 0 (e.g. retrieval heads' whole-cache rows in a launch of their own): the splits are
     planned for those rows alone, as rows of equal work.
+    ``ranges``: the rows read token runs instead of an index list (:class:`Ranges`; ``index`` and ``count``
+    are then ignored, ``page`` must be 1; ``active_rows`` counts the full rows, 0 when there are none:
+    the splits are planned for the longest row there can be).
     Returns (out (B, H, N_q, D) in q's dtype, lse (B, H, N_q) float32)."""
+    if ranges is not None:
+        return _ranges_launch(q, k, v, ranges, scale, causal, key_mask, active_rows)
+    if index is None:
+        raise ValueError("decode kernel: an index list is needed without ranges")
     _check(q, k, v, index, page)
     # (host time matters at one token per step: one stride() call per tensor, no no-op casts)
     qs, ks, vs = q.stride(), k.stride(), v.stride()
@@ -249,6 +271,99 @@ def decode_launch(
             PART_D=block_d, GROUP=group, BLOCK_S=block_s, BLOCK_D=chunk,
             num_warps=1 if chunk <= 64 else 2,
         )  # fmt: skip
+    return out, lse
+
+
+def _ranges_launch(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    ranges: Ranges,
+    scale: float,
+    causal: bool,
+    key_mask: Tensor | None,
+    active_rows: int | None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`decode_launch` with ``ranges`` (its docstring): the split kernel in RANGES mode, then the merge
+    of each row's own splits."""
+    b, h, n_q, d = q.shape
+    h_kv, n_k = k.shape[1], k.shape[2]
+    full, first, sink, win = ranges
+    if not 0 < win < n_k or sink < 0:
+        raise ValueError(
+            f"decode kernel: ranges need 0 < win < N_k={n_k} and sink >= 0, got win={win}, sink={sink}"
+        )
+    if full.dim() != 2 or full.shape[1] != h_kv or full.shape[0] not in (1, b) or full.device != q.device:
+        raise ValueError(
+            f"decode kernel: ranges.full {tuple(full.shape)} on {full.device} must be (B or 1, H_kv) = "
+            f"({b} or 1, {h_kv}) on {q.device}"
+        )
+    if first is not None and (tuple(first.shape) != (b,) or first.device != q.device):
+        raise ValueError(
+            f"decode kernel: ranges.first {tuple(first.shape)} must be (B,) = ({b},) on {q.device}"
+        )
+    if key_mask is not None and (key_mask.shape != (b, n_k) or key_mask.device != q.device):
+        raise ValueError(
+            f"decode kernel: key_mask {tuple(key_mask.shape)} must be (B, N_k) = ({b}, {n_k}) on {q.device}"
+        )
+    if full.dtype == torch.bool:
+        full = full.view(torch.int8)
+    if full.stride(1) != 1:
+        full = full.contiguous()
+    fb = full.stride(0) if full.shape[0] == b else 0
+    qs, ks, vs = q.stride(), k.stride(), v.stride()
+    if qs[-1] != 1:
+        q = q.contiguous()
+        qs = q.stride()
+    if ks[-1] != 1:
+        k = k.contiguous()
+        ks = k.stride()
+    if vs[-1] != 1:
+        v = v.contiguous()
+        vs = v.stride()
+    group = h // h_kv
+    n_rows = group * n_q
+    block_m = max(16, min(64, next_power_of_2(n_rows)))
+    m_blocks = -(-n_rows // block_m)
+    longest = min(n_k, sink + n_k - win) if active_rows == 0 else n_k
+    rows = active_rows if active_rows else b * h_kv
+    block_n, per_split, splits = plan_splits(
+        longest, 1, rows * m_blocks, _target_programs(q), capped=not active_rows
+    )
+    block_d = head_block(d)
+    o_part = torch.empty(b * h_kv * splits * n_rows, block_d, device=q.device, dtype=torch.float32)
+    lse_part = torch.empty(b * h_kv * splits * n_rows, device=q.device, dtype=torch.float32)
+    n_split = torch.empty(b * h_kv, device=q.device, dtype=torch.int32)
+    kmask = q if key_mask is None else (key_mask if key_mask.stride(-1) == 1 else key_mask.contiguous())
+    out = torch.empty(b, h, n_q, d, device=q.device, dtype=q.dtype)
+    lse = torch.empty(b, h, n_q, device=q.device, dtype=torch.float32)
+    block_s = max(2, next_power_of_2(splits))
+    decode_split_kernel[(splits, m_blocks, b * h_kv)](
+        q, k, v, q, q, kmask, o_part, lse_part, q, out, lse,
+        qs[0], qs[1], qs[2],
+        ks[0], ks[1], ks[2],
+        vs[0], vs[1], vs[2],
+        0, 0, kmask.stride(0) if key_mask is not None else 0,
+        h * n_q * d, n_q * d, d,
+        h_kv, n_q, n_k, longest, per_split, d, float(scale),
+        GROUP=group, PAGE=1, CAUSAL=bool(causal), HAS_CNT=False, HAS_KMASK=key_mask is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST=IMPORTED_INTERPRETED and q.dtype != torch.float32, EARLY_V=DECODE_EARLY_V,
+        MERGE=False, BLOCK_S=block_s, LOGITS=None, WRITE_LOGITS=0,
+        RANGES=True, FULL=full, stride_fb=fb, FIRST=q if first is None else first, HAS_FIRST=first is not None,
+        NSPLIT=n_split, SINK=int(sink), WIN=int(win),
+        num_warps=DECODE_WARPS,
+        num_stages=(DECODE_LOOP_STAGES if block_n < per_split else DECODE_STAGES) if q.is_cuda else 1,
+    )  # fmt: skip
+    chunk = min(block_d, max(16, MERGE_BLOCK_D))
+    decode_merge_kernel[(b * h_kv * n_rows, block_d // chunk)](
+        o_part, lse_part, out, lse,
+        h * n_q * d, n_q * d, d,
+        h_kv, n_q, splits, d,
+        PART_D=block_d, GROUP=group, BLOCK_S=block_s, BLOCK_D=chunk, NSPLIT=n_split, ROW_SPLITS=True,
+        num_warps=1 if chunk <= 64 else 2,
+    )  # fmt: skip
     return out, lse
 
 
@@ -609,6 +724,67 @@ def decode_attention(
         key_mask,
         counter,
         active_rows=active_rows,
+    )
+
+
+@torch.library.custom_op("attnlab::decode_ranges_fwd", mutates_args=())
+def decode_ranges_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    full: Tensor,
+    first: Tensor | None,
+    sink: int,
+    win: int,
+    scale: float,
+    causal: bool,
+    key_mask: Tensor | None,
+    active_rows: int,
+) -> tuple[Tensor, Tensor]:
+    ranges = Ranges(full, first, sink, win)
+    active = None if active_rows < 0 else active_rows
+    return decode_launch(q, k, v, None, None, 1, scale, causal, key_mask, active_rows=active, ranges=ranges)
+
+
+@decode_ranges_fwd.register_fake
+def _(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    full: Tensor,
+    first: Tensor | None,
+    sink: int,
+    win: int,
+    scale: float,
+    causal: bool,
+    key_mask: Tensor | None,
+    active_rows: int,
+) -> tuple[Tensor, Tensor]:
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def decode_ranges(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    ranges: Ranges,
+    scale: float,
+    causal: bool,
+    key_mask: Tensor | None = None,
+    active_rows: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(out, lse) of attention where each (batch, KV head) row reads contiguous token runs (:class:`Ranges`:
+    the whole cache, or sinks + a recent window), one split-K launch and its merge, no index tensor.
+    ``active_rows``: how many rows read the whole cache when the caller knows it (0: none), else None.
+    Inside ``torch.compile`` through the custom op ``attnlab::decode_ranges_fwd``."""
+    if torch.compiler.is_compiling():
+        full, first, sink, win = ranges
+        active = -1 if active_rows is None else int(active_rows)
+        return decode_ranges_fwd(
+            q, k, v, full, first, int(sink), int(win), float(scale), bool(causal), key_mask, active
+        )
+    return decode_launch(
+        q, k, v, None, None, 1, float(scale), bool(causal), key_mask, active_rows=active_rows, ranges=ranges
     )
 
 
