@@ -278,6 +278,11 @@ GRAPH_VARIANTS: dict[str, dict[str, Any]] = {
     "h2o_per_step:evict1024x4": {"evict.EVICT_BLOCK": 1024, "evict.EVICT_WARPS": 4},  # up to d02bba7
     "retrieval_heads_kv_none:lists": {"rh.USE_RANGES": False},  # token lists, up to this change
     "retrieval_heads_kv_1of8:two_launches": {"rh.USE_RANGES": False},  # two launches, up to this change
+    "retrieval_heads_kv_1of8:stages3": {"DECODE_LOOP_STAGES": 3},
+    "retrieval_heads_kv_1of8:warps8": {"DECODE_WARPS": 8},
+    "retrieval_heads_kv_1of8:block128": {"BLOCK_N": 128},
+    "retrieval_heads_kv_1of8:split256": {"MIN_SPLIT_TOKENS": 256, "MERGE_BLOCK_D": 16},
+    "retrieval_heads_kv_1of8:split1024": {"MIN_SPLIT_TOKENS": 1024},
 }
 #: the steps to build and time (``--steps``; None: every step)
 STEPS: set[str] | None = None
