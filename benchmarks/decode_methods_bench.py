@@ -283,6 +283,18 @@ GRAPH_VARIANTS: dict[str, dict[str, Any]] = {
     "retrieval_heads_kv_1of8:block128": {"BLOCK_N": 128},
     "retrieval_heads_kv_1of8:split256": {"MIN_SPLIT_TOKENS": 256, "MERGE_BLOCK_D": 16},
     "retrieval_heads_kv_1of8:split1024": {"MIN_SPLIT_TOKENS": 1024},
+    "retrieval_heads_kv_1of8:block32": {"BLOCK_N": 32},
+    "retrieval_heads_kv_1of8:block32_stages3": {"BLOCK_N": 32, "DECODE_LOOP_STAGES": 3},
+    "retrieval_heads_kv_1of8:block32_stages4": {"BLOCK_N": 32, "DECODE_LOOP_STAGES": 4},
+    "retrieval_heads_kv_1of8:warps2": {"DECODE_WARPS": 2},
+    "retrieval_heads_kv_1of8:stages1": {"DECODE_LOOP_STAGES": 1},
+    "retrieval_heads_kv_1of8:late_v": {"DECODE_EARLY_V": False},
+    "retrieval_heads_kv_1of8:split256_block32_stages3": {
+        "MIN_SPLIT_TOKENS": 256,
+        "BLOCK_N": 32,
+        "DECODE_LOOP_STAGES": 3,
+        "MERGE_BLOCK_D": 16,
+    },
 }
 #: the steps to build and time (``--steps``; None: every step)
 STEPS: set[str] | None = None
