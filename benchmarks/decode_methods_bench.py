@@ -278,22 +278,13 @@ GRAPH_VARIANTS: dict[str, dict[str, Any]] = {
     "h2o_per_step:evict1024x4": {"evict.EVICT_BLOCK": 1024, "evict.EVICT_WARPS": 4},  # up to d02bba7
     "retrieval_heads_kv_none:lists": {"rh.USE_RANGES": False},  # token lists, up to this change
     "retrieval_heads_kv_1of8:two_launches": {"rh.USE_RANGES": False},  # two launches, up to this change
-    "retrieval_heads_kv_1of8:stages3": {"DECODE_LOOP_STAGES": 3},
-    "retrieval_heads_kv_1of8:warps8": {"DECODE_WARPS": 8},
-    "retrieval_heads_kv_1of8:block128": {"BLOCK_N": 128},
-    "retrieval_heads_kv_1of8:split256": {"MIN_SPLIT_TOKENS": 256, "MERGE_BLOCK_D": 16},
-    "retrieval_heads_kv_1of8:split1024": {"MIN_SPLIT_TOKENS": 1024},
-    "retrieval_heads_kv_1of8:block32": {"BLOCK_N": 32},
-    "retrieval_heads_kv_1of8:block32_stages3": {"BLOCK_N": 32, "DECODE_LOOP_STAGES": 3},
-    "retrieval_heads_kv_1of8:block32_stages4": {"BLOCK_N": 32, "DECODE_LOOP_STAGES": 4},
-    "retrieval_heads_kv_1of8:warps2": {"DECODE_WARPS": 2},
-    "retrieval_heads_kv_1of8:stages1": {"DECODE_LOOP_STAGES": 1},
-    "retrieval_heads_kv_1of8:late_v": {"DECODE_EARLY_V": False},
-    "retrieval_heads_kv_1of8:split256_block32_stages3": {
-        "MIN_SPLIT_TOKENS": 256,
+    "retrieval_heads_kv_1of8:split448": {"MIN_SPLIT_TOKENS": 448},
+    "retrieval_heads_kv_1of8:split640": {"MIN_SPLIT_TOKENS": 640},
+    "retrieval_heads_kv_1of8:split768": {"MIN_SPLIT_TOKENS": 768},
+    "retrieval_heads_kv_1of8:split640_block32_stages3": {
+        "MIN_SPLIT_TOKENS": 640,
         "BLOCK_N": 32,
         "DECODE_LOOP_STAGES": 3,
-        "MERGE_BLOCK_D": 16,
     },
 }
 #: the steps to build and time (``--steps``; None: every step)
