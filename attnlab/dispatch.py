@@ -84,15 +84,34 @@ def choose(call: Call, backend: str | None = None) -> Choice:
     # they are chosen automatically there only when no other backend can run the call.
     cpu = call.problem.device.type == "cpu"
     order = call.spec.backends_for(call.problem.requires_grad)
+    passed_over: list[tuple[str, tuple[str, ...]]] = []  # (said by explain when a CPU backend runs the call)
     for interpreted in (False, True):
         for candidate in order:
             if (cpu and candidate.triton) != interpreted:
+                if not interpreted:
+                    passed_over.append((candidate.name, (CPU_TRITON,)))
                 continue
             why = candidate.refusals(call)
             if not why:
-                return Choice(call, candidate, tuple(refusals))
+                said = refusals + passed_over if not interpreted else refusals
+                return Choice(call, candidate, tuple(_in_order(said, order)))
             refusals.append((candidate.name, tuple(why)))
     return Choice(call, None, tuple(refusals))
+
+
+#: Why a Triton backend is passed over on a CPU (listed by explain when another backend runs the call).
+CPU_TRITON = (
+    "passed over on a CPU: a Triton kernel runs there only in Triton's interpreter (a test aid), chosen only "
+    "when no other backend can run the call, or when named with backend=..."
+)
+
+
+def _in_order(
+    refusals: list[tuple[str, tuple[str, ...]]], order: tuple[Backend, ...] | list[Backend]
+) -> list[tuple[str, tuple[str, ...]]]:
+    """``refusals`` in the backends' priority order."""
+    rank = {b.name: i for i, b in enumerate(order)}
+    return sorted(refusals, key=lambda r: rank.get(r[0], len(rank)))
 
 
 #: Backends whose one-launch packed path runs only when named (``backend="flex"``), never by default:

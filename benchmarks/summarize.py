@@ -301,6 +301,19 @@ def headline(root: Path) -> list[str]:
             extra = f" ({r['speedup'] * r['density']:.2f})" if r["density"] < 1 else ""
             cells.append(f"{r['speedup']:.2f}x{extra}" + src.tag(r))
         lines.append(f"| {key[0]} | {key[1]} | {dens:.3f} | " + " | ".join(cells) + " |")
+    shares = [
+        r["speedup"] * r["density"]
+        for by_col in cols.values()
+        for r in by_col.values()
+        if r is not None and r["density"] < 1 and not r.get("unstable")
+    ]
+    if shares:
+        met = sum(x >= 0.8 for x in shares)
+        lines += [
+            "",
+            f"Share of the ideal 1/density (the block-sparse issue's target: >= 0.8): {met} of {len(shares)} sparse "
+            f"cells reach it (range {min(shares):.2f}-{max(shares):.2f}).",
+        ]
     return lines
 
 
@@ -316,10 +329,14 @@ def verify_line(root: Path) -> list[str]:
     skipped = sum(bool(r["skipped"]) for r in rows)
     failed = len(rows) - passed - skipped
     at = f" at commit `{str(env['commit'])[:7]}`{' (dirty tree)' if env.get('dirty') else ''}" if env else ""
+    methods = sorted({str(r["method"]) for r in rows})
+    now = len(attnlab.methods())
     return [
         "",
         f"`attnlab verify --device cuda` on the H100{at}: {passed} passed, {failed} failed, {skipped} skipped "
-        f"(every method x backend x pattern, bf16 and fp32, forward and gradients; `{root.name}/{path.name}`).",
+        f"(every backend x pattern of the {len(methods)} methods registered then: {', '.join(methods)}; bf16 and "
+        f"fp32, forward and gradients; `{root.name}/{path.name}`). The registry now has {now} methods; no "
+        "`attnlab verify` of all of them has run on a GPU since (the GPU test runs are listed in `SUMMARY.md`).",
     ]
 
 

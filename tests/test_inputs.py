@@ -355,3 +355,18 @@ def test_tensor_inputs_are_checked_once_per_signature_and_still_refused_when_the
     with pytest.raises(InputError, match="must be a torch.Tensor"):  # not a tensor: never cached
         inputs.validate_extra(spec.inputs, {"beta": [0.5], "g": g}, problem, "gated_delta")
     assert len(inputs._VALID) == 1
+
+
+def test_explain_lists_triton_backends_passed_over_on_a_cpu() -> None:
+    """On a CPU a Triton backend (interpreted there) is passed over when another backend can run the call:
+    explain says so, in priority order, instead of leaving it out."""
+    q, k, v = qkv()
+    choice = attnlab.explain(q, k, v, method="dilated", causal=True, window=2)
+    names = [name for name, _ in choice.refusals]
+    assert choice.backend is not None and choice.backend.name == "flex"
+    assert names[0] == "block_sparse"  # first in priority, skipped on a CPU
+    assert "block_sparse refused: passed over on a CPU: a Triton kernel" in choice.explain()
+    sig = attnlab.explain(q, k, v, method="sigmoid", causal=True)
+    assert any(name == "triton" and "passed over on a CPU" in why[0] for name, why in sig.refusals)
+    forced = attnlab.explain(q, k, v, method="sigmoid", causal=True, backend="triton")  # named: it runs
+    assert forced.backend is not None and forced.backend.name == "triton" and forced.refusals == ()
