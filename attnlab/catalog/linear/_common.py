@@ -13,7 +13,10 @@ Conventions of the whole family (each method's docstring repeats what applies to
   K is the feature dim of the keys (D, or a feature map's size) and V = D_v. It is returned after every
   call and may be passed back as ``state=``; ``state=None`` starts from zeros.
 - Step order (fla's): decay the state, write token t, then read: ``o_t`` uses ``S_t``, which includes
-  token t. Gates are natural-log decays ``g <= 0`` (decay ``exp(g)`` in (0, 1]).
+  token t. Gates are natural-log decays ``g <= 0`` (decay ``exp(g)`` in (0, 1]), finite in their own
+  dtype (the checks below). The chunked backends floor them at ``naive.GATE_FLOOR`` (-128) in float32
+  before their chunk-local cumsum (a float64 gate below float32's range, or float32's min, would make it
+  -inf, and -inf - (-inf) NaN); exp(g) is 0 in float32 at the floor as below it, so nothing changes.
 """
 
 from __future__ import annotations

@@ -10,7 +10,10 @@ Recurrence (fla's naive step order: decay, delta, write, read)::
 
 Inputs: ``beta`` (B, H, N) (the writing strength; GDN makes it sigmoid(x W), in (0, 1); with negative
 eigenvalues allowed, 2 sigmoid, in (0, 2)); ``g`` (B, H, N, D) or (B, H, N, 1), optional: the log-decays,
-finite and ``<= 0``. Shape (B, H, N, 1) is one gate per head and token (Gated DeltaNet: alpha_t = exp(g_t)
+finite and ``<= 0`` (the chunked backends floor g at -128 in float32, ``naive.GATE_FLOOR``, before its
+chunk-local cumsum: exp(g) is 0 in float32 there as for any smaller g, so the result is the recurrence's
+for any finite g, float32's min or a float64 g below float32's range included; the gradient at a floored
+gate is 0, up to rounding on triton, as the recurrence's is). Shape (B, H, N, 1) is one gate per head and token (Gated DeltaNet: alpha_t = exp(g_t)
 then commutes with the delta step); (B, H, N, D) one per channel (KDA); absent is DeltaNet (no decay).
 
 ``qk_l2norm`` (default True, as GDN's and KDA's layers set it): q and k are L2-normalised over D first,

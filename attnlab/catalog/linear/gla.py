@@ -6,7 +6,11 @@ Recurrence (fla's ``naive_recurrent_gla``; decay on the key dimension)::
     o_t = scale * S_t^T q_t                         scale defaults to 1/sqrt(D), as in fla
 
 ``g`` (B, H, N, D) is the natural log of the decay, ``g <= 0`` and finite (decay in (0, 1]); GLA's layer
-makes it ``logsigmoid(x W) / 16``. Causal self-attention only (a recurrence has no non-causal or cross
+makes it ``logsigmoid(x W) / 16``. The chunked backends (``torch_chunk``, ``triton``) floor g at -128 in
+float32 (``naive.GATE_FLOOR``) before its chunk-local cumsum: exp(g) is 0 in float32 there as for any
+smaller g, so outputs and states are the recurrence's for any finite g (float32's min, a float64 g below
+float32's range); the gradient at a floored gate is 0 (torch_chunk) or 0 up to rounding (triton), as the
+recurrence's is (exp(g) times a finite value). Causal self-attention only (a recurrence has no non-causal or cross
 form); GQA: k and v are shared by the query heads of a group, g and the state are per query head.
 """
 

@@ -9,7 +9,9 @@ as a recurrence::
 ``lambda_h = exp(-s_h)`` with ``s_h`` the ALiBi slopes of H heads (``s_h = 2^(-8 (h+1) / H)`` for H a
 power of two; otherwise the slopes of the power of two below, then every other slope of twice that, as
 ``_build_slope_tensor`` does), or the decays given as the optional input ``decay`` (H,), each in (0, 1]
-(TransNormerLLM's per-layer factor is the user's to apply there). No normaliser. The official kernels
+(TransNormerLLM's per-layer factor is the user's to apply there; a float64 decay's log is taken in
+float64, so any decay in (0, 1] has a finite log-decay, which the chunked backends floor at -128,
+``naive.GATE_FLOOR``: a decay of exp(-128) or less is 0 in float32 alike). No normaliser. The official kernels
 have no 1/sqrt(D) scale: pass ``scale=1.0`` to match them (attnlab's default scale is 1/sqrt(D)).
 fla's ``lightning_attn`` uses other decays (linear in the head index): compare with it only through
 ``decay``. The Lightning-2 tiling (intra-block quadratic, inter-block recurrent) is the chunked form of
@@ -74,7 +76,10 @@ _DEFAULT_LOG_DECAYS: dict[tuple[int, torch.device], Tensor] = {}
 
 
 def log_decays(heads: int, decay: Tensor | None, device: torch.device) -> Tensor:
-    """log(lambda_h) per head, float32 (H,): from ``decay`` (checked to lie in (0, 1]) or the ALiBi slopes."""
+    """log(lambda_h) per head, float32 (H,): from ``decay`` (checked to lie in (0, 1]; the log taken in
+    float64 for a float64 decay, so finite for any decay in (0, 1]) or the ALiBi slopes. The chunked
+    backends floor the log-decays at ``naive.GATE_FLOOR`` (-128: decay exp(-128), 0 in float32 as any
+    smaller one; the gradient to ``decay`` there is 0, as the float32 recurrence's)."""
     if decay is None:  # (made once per heads and device: a decode step makes no host-to-device copy)
         key = (heads, device)
         cached = _DEFAULT_LOG_DECAYS.get(key)
@@ -96,7 +101,10 @@ def log_decays(heads: int, decay: Tensor | None, device: torch.device) -> Tensor
                 f"method 'lightning': decay holds {len(bad)} value(s) outside (0, 1]: {bad[:4]}; each head's "
                 "decay lambda_h must satisfy 0 < lambda_h <= 1"
             )
-    return torch.log(decay.float())
+    # the log in the decay's own dtype when wider than float32 (a float64 decay of 1e-300 is in (0, 1]
+    # but 0 in float32: log(0) = -inf; log(1e-300) = -690.8 is finite in float32), then float32
+    wide = decay if decay.dtype == torch.float64 else decay.float()
+    return torch.log(wide).float()
 
 
 def _gate(q: Tensor, decay: Tensor | None) -> Tensor:

@@ -161,10 +161,12 @@ def reference(
     map_k: Tensor | None = None,
 ) -> tuple[Tensor, Any]:
     """Token by token (causal) or in one sum (non-causal), as in the module docstring; fp32 when
-    ``upcast``. ``map_q``, ``map_k``: the learned maps' weights (H, D, F) or None (identity). Returns
-    (o (B, H, N, D_v) in q's dtype, state float32: S, or (S, z) when normalised)."""
+    ``upcast``. ``map_q``, ``map_k``: the learned maps' weights (H, D, F) or None (identity); NaN/Inf
+    weights are refused (InputError) as the chunked backends refuse them (unless
+    ``attnlab.settings.check_values`` is off). Returns (o (B, H, N, D_v) in q's dtype, state float32: S,
+    or (S, z) when normalised)."""
     b, h, n, d = q.shape
-    fw = _weights(d, map_q, map_k, check=False)
+    fw = _weights(d, map_q, map_k, check=settings.check_values)
     s0, z0 = _states(params, q, v, state, fw)
     f = feature_dim(params, fw)
     dt = torch.float32 if upcast else q.dtype
@@ -218,11 +220,13 @@ def _sliced(chunked: Any, fq: Tensor, fk: Tensor, v: Tensor, scale: float, s0: T
 
 def _run(
     q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor], state: Any, chunked: Any,
-    k_slice: int | None = None,
+    k_slice: int | None = None, triton: bool = False,
 ) -> tuple[Tensor, Any]:  # fmt: skip
     """Shared by both backends: phi, then the unnormalised chunked recurrence ``chunked`` (on feature slices
     of ``k_slice``); the normalised form divides its output by phi(q_t) . z_t, z_t the running key sum made
-    by a float32 cumsum over the tokens (its last row is the state's z)."""
+    by a float32 cumsum over the tokens (its last row is the state's z). ``triton``: ``chunked`` is the
+    Triton op, whose backward is checked here against the real feature width (:func:`backward_fallback`):
+    when its state tile would not fit, this call runs ``gla_chunk_naive`` (torch_chunk's path) instead."""
     p = call.params
     assert isinstance(p, LinearParams)
     b, h, _, d = q.shape
@@ -242,6 +246,8 @@ def _run(
         z = _zeros_if_none(z0, (b, h, f), fq.float()) + fk.float().sum(2)
         return (num / (fq.float() @ z[..., None] + p.eps)).to(q.dtype), (s, z)
     scale = call.scale if not p.normalize else 1.0
+    if triton and backward_fallback(f, vd, fq.dtype, _needs_grad(fq, fk, vv, s0)):
+        chunked, k_slice = gla_chunk_naive, None  # (the same results, by torch_chunk's path)
     o, s = _sliced(chunked, fq, fk, vv, scale, s0, p.chunk, k_slice)
     if not p.normalize:
         return o.to(q.dtype), s
@@ -263,15 +269,38 @@ def _run_triton(
 ) -> tuple[Tensor, Any]:
     from attnlab.kernels.linear.op import gla_chunk
 
-    return _run(q, k, v, call, extra, state, gla_chunk, K_SLICE)
+    return _run(q, k, v, call, extra, state, gla_chunk, K_SLICE, triton=True)
+
+
+def _needs_grad(*ts: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+def backward_fallback(k_dim: int, v_dim: int, dtype: torch.dtype, grad: bool) -> list[str]:
+    """Why the Triton backend's runner takes torch_chunk's path for a call whose features phi(x) have
+    ``k_dim`` = K columns (D, F or 2F: the learned maps' width, known only from their weights), values
+    ``v_dim``, in ``dtype``, with ``grad`` (the chunk op's inputs need gradients): the chunked backward
+    holds a (min(K, K_SLICE), V) state tile (feature slices of ``K_SLICE``) that would exceed the
+    shared memory (``limits.backward_refusals``). Empty: the Triton kernels run."""
+    if not grad:
+        return []
+    from attnlab.kernels.linear.limits import backward_refusals
+
+    return backward_refusals(min(k_dim, K_SLICE), v_dim, dtype, per_channel=False)
 
 
 def _triton_refusal(call: Call) -> list[str]:
-    from attnlab.kernels.linear.limits import backward_refusals, kernel_refusals
+    """The Triton kernels' limits on the chunk size and head dims, and float16 with ``normalize``. The
+    backward's state tile is not refused here: its rows are the features of phi, whose number F (2F for
+    hedgehog) the learned maps' weights set, and a refusal sees the call's shapes, not its tensor inputs
+    (D would stand for F: wrong both ways, a map to more features than D passing and one to fewer refused).
+    The runner checks the real width (:func:`backward_fallback`) and runs a call whose tile would not fit
+    by torch_chunk's path (the same results, float32 accumulation, autograd backward)."""
+    from attnlab.kernels.linear.limits import kernel_refusals
 
     assert isinstance(call.params, LinearParams)
-    # (F, the learned maps' size, is not known before the tensors: D stands for it; more than K_SLICE
-    # features are sliced)
+    # (F is not known before the tensors: D stands for it; more than K_SLICE features are sliced, so the
+    # forward's tiles always fit)
     k_dim = min(feature_dim(call.params, call.problem.head_dim), K_SLICE)
     p = call.problem
     out = kernel_refusals(call.params.chunk, k_dim, p.v_dim)
@@ -281,8 +310,6 @@ def _triton_refusal(call: Call) -> list[str]:
         out.append(
             "normalize=True in float16: the kernel's unnormalised output overflows float16 (use bfloat16)"
         )
-    if p.requires_grad:
-        out += backward_refusals(k_dim, p.v_dim, p.dtype, per_channel=False)
     return out
 
 

@@ -29,6 +29,8 @@ zeros, gated_delta's per-head gate). States (K, V) are float32 (but the chunk-st
 without a backward, kept in the inputs' 16-bit dtype: ``op.GLA_H_COMPACT``, ``op.DELTA_H_COMPACT``). Every
 decay factor is exp of a difference G_i - G_j with i after j, or a product of two such factors split at a
 row between i and j (each <= 1): nothing overflows, however strong the decay (no exp(G) / exp(-G) split
-across a chunk). Transposes are taken of loaded tiles only, never of a dot's result (Triton 3.4 to 3.7.0
+across a chunk). G itself stays finite: every log-decay is floored at ``naive.GATE_FLOOR`` (-128, a decay
+that is 0 in float32 as any stronger one) before the cumsum (``gate_cumsum_kernel``, ``chunk_cumsum*``,
+the naive twins), else float32's min (or a float64 gate out of float32's range) gave -inf - (-inf). Transposes are taken of loaded tiles only, never of a dot's result (Triton 3.4 to 3.7.0
 miscompile tl.trans of a Hopper wgmma-layout tensor: fla issue #640).
 """

@@ -23,6 +23,10 @@ import triton
 import triton.language as tl
 
 from attnlab.kernels.linear.fwd import _row, _tile
+from attnlab.kernels.linear.naive import GATE_FLOOR
+
+#: ``naive.GATE_FLOOR`` as the kernels read it (a float global inside ``@triton.jit`` must be constexpr).
+_GATE_FLOOR: tl.constexpr = tl.constexpr(GATE_FLOOR)
 
 
 @triton.jit
@@ -33,18 +37,22 @@ def gate_cumsum_kernel(
     """The chunk-local inclusive cumsum of log-decays, float32, zero-padded to NP = chunks * BT rows, in one
     pass (G in any float dtype, contiguous). PER_CHANNEL: G (B*H, N, D) -> GC (B*H, NP, D), one program
     per (chunk, batch * head, BD channels). Else one gate per token: G (B*H, N) -> GC (B*H, NP), one
-    program per (BR chunks, batch * head), a (BR, BT) tile of them."""
+    program per (BR chunks, batch * head), a (BR, BT) tile of them. Each gate is floored at
+    ``naive.GATE_FLOOR`` in float32 before the sum (``naive.floor_gate``: no -inf in the cumsum, whatever
+    g's dtype and magnitude)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     if PER_CHANNEL:
         rows = pid * BT + tl.arange(0, BT)[:, None]
         cols = tl.program_id(2) * BD + tl.arange(0, BD)[None, :]
         g = tl.load(G + bh * N * D + rows * D + cols, mask=(rows < N) & (cols < D), other=0.0)
-        tl.store(GC + bh * NP * D + rows * D + cols, tl.cumsum(g.to(tl.float32), axis=0), mask=cols < D)
+        g = tl.maximum(g.to(tl.float32), _GATE_FLOOR)
+        tl.store(GC + bh * NP * D + rows * D + cols, tl.cumsum(g, axis=0), mask=cols < D)
     else:
         rows = (pid * BR + tl.arange(0, BR))[:, None] * BT + tl.arange(0, BT)[None, :]
         g = tl.load(G + bh * N + rows, mask=rows < N, other=0.0)
-        tl.store(GC + bh * NP + rows, tl.cumsum(g.to(tl.float32), axis=1), mask=rows < NP)
+        g = tl.maximum(g.to(tl.float32), _GATE_FLOOR)
+        tl.store(GC + bh * NP + rows, tl.cumsum(g, axis=1), mask=rows < NP)
 
 
 @triton.jit

@@ -40,7 +40,9 @@ def recurrent_step_kernel(
     o = scale S^T q. fp32 state. ``L2NORM``: q and k are first normalised, x / sqrt(sum x^2 + 1e-6), in
     fp32 (the delta rule's ``qk_l2norm``). ``CHECK``: the gates' and beta's range check folded in (no
     separate reduction): each program writes to BAD[bh * programs(0) + pid_v] how many of the values it
-    read are out of range (g NaN, > 0 or -inf; beta NaN or infinite); the host reads BAD after the launch."""
+    read are out of range (g NaN, > 0 or -inf in its own dtype, as ``check_log_decay`` checks it: a float64
+    gate below float32's range is in range, its decay exp(g) 0; beta NaN or infinite); the host reads BAD
+    after the launch."""
     pid_v = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     rk = tl.arange(0, BK)
@@ -64,15 +66,15 @@ def recurrent_step_kernel(
             k = k * tl.rsqrt(tl.sum(k * k, axis=0) + 1e-6)
         if HAS_G:
             if G_SCALAR:
-                g1 = tl.load(G + row).to(tl.float32)
-                if CHECK:  # (NaN fails g1 <= 0)
+                g1 = tl.load(G + row)
+                if CHECK:  # (NaN fails g1 <= 0; in g's dtype: a float64 -1e300 is finite, -inf in float32)
                     n_bad += ((~(g1 <= 0.0)) | (g1 == float("-inf"))).to(tl.int32)
-                s = s * tl.exp(g1)
+                s = s * tl.exp(g1.to(tl.float32))
             else:
-                g = tl.load(G + row * DK + rk, mask=mk, other=0.0).to(tl.float32)
-                if CHECK:
+                g = tl.load(G + row * DK + rk, mask=mk, other=0.0)
+                if CHECK:  # (in g's dtype, as above)
                     n_bad += tl.sum(((~(g <= 0.0)) | (g == float("-inf"))).to(tl.int32), axis=0)
-                s = s * tl.exp(g)[:, None]
+                s = s * tl.exp(g.to(tl.float32))[:, None]
         if DELTA:
             beta = tl.load(BETA + row).to(tl.float32)
             if CHECK:  # (NaN fails the comparison)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnlab.kernels.linear.limits import kernel_refusals
+from attnlab.kernels.linear.naive import floor_gate
 from attnlab.kernels.triton_utils import head_block, interpreting
 
 #: Whether this module was imported under TRITON_INTERPRET=1 (the kernels then take CPU tensors only).
@@ -52,23 +53,23 @@ def chunk_cumsum(
     g: Tensor | None, b: int, h: int, n: int, dk: int, chunk: int, device: torch.device
 ) -> Tensor:
     """The chunk-local inclusive cumsum of g, float32 (B, H, NP, K), zero-padded to whole chunks (zeros
-    without g)."""
+    without g); g floored at ``naive.GATE_FLOOR`` first (``floor_gate``: no -inf in the cumsum)."""
     n_chunks = cdiv(n, chunk)
     np_ = n_chunks * chunk
     if g is None:
         return torch.zeros(b, h, np_, dk, dtype=torch.float32, device=device)
-    gp = F.pad(g.float().expand(b, h, n, dk), (0, 0, 0, np_ - n))
+    gp = F.pad(floor_gate(g).expand(b, h, n, dk), (0, 0, 0, np_ - n))
     return gp.view(b, h, n_chunks, chunk, dk).cumsum(3).view(b, h, np_, dk)
 
 
 def chunk_cumsum_scalar(g: Tensor | None, b: int, h: int, n: int, chunk: int, device: torch.device) -> Tensor:
     """The chunk-local inclusive cumsum of a gate with one value per token (g broadcastable to (B, H, N)),
-    float32 (B, H, NP), zero-padded to whole chunks (zeros without g)."""
+    float32 (B, H, NP), zero-padded to whole chunks (zeros without g); g floored as in ``chunk_cumsum``."""
     n_chunks = cdiv(n, chunk)
     np_ = n_chunks * chunk
     if g is None:
         return torch.zeros(b, h, np_, dtype=torch.float32, device=device)
-    gp = F.pad(g.float().expand(b, h, n), (0, np_ - n))
+    gp = F.pad(floor_gate(g).expand(b, h, n), (0, np_ - n))
     return gp.view(b, h, n_chunks, chunk).cumsum(3).view(b, h, np_)
 
 

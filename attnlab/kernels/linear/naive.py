@@ -19,6 +19,14 @@ with G the chunk-local inclusive cumsum of g (G_i = g_1 + ... + g_i):
 
       o_i   = scale * [ (q_i * exp(G_i)) S + sum_{j<=i} (sum_d q_id k_jd exp(G_id - G_jd)) u_j ]
       S_new = exp(G_C) * S + sum_j (k_j * exp(G_C - G_j)) u_j^T
+
+Gate floor (every chunked path, PyTorch and Triton, forward and backward): the log-gates are taken in
+float32 and raised to at least ``GATE_FLOOR`` before their chunk-local cumsum (:func:`floor_gate`). A gate
+below it decays by exp(g) = 0 in float32 exactly as the floor does, so the result is unchanged; without
+it a cumsum of very negative gates (float32's min, or about -5.4e36 per token at chunk 64, or a float64
+gate below float32's range) overflows to -inf and G_i - G_j = -inf - (-inf) is NaN, and gates of
+1e30-ish magnitude erase the small ones summed after them. The gradient at a floored gate is 0 (the
+recurrence's own gradient there is exp(g) times a finite value: 0 in float32).
 """
 
 from __future__ import annotations
@@ -29,6 +37,21 @@ from torch import Tensor
 
 #: The epsilon of the delta rule's q/k L2 normalisation (fla's ``l2norm``): x / sqrt(sum x^2 + L2_EPS).
 L2_EPS = 1e-6
+
+
+#: The floor of the log-gates on every chunked path (see the module docstring): exp(-128) = 2.6e-56 is 0
+#: in float32 (below half the smallest subnormal, exp(-103.97)), so a gate below it changes nothing. Near
+#: that bound on purpose: the differences G_i - G_j between the tokens after floored gates are rounded at
+#: the cumsum's magnitude (at most 64 x 128 = 8192, where a float32 ulp is 1e-3, as for finite gates of
+#: -128; a floor of -1e4 would make it 0.06).
+GATE_FLOOR = -128.0
+
+
+def floor_gate(g: Tensor) -> Tensor:
+    """g in float32, raised to at least ``GATE_FLOOR`` (-inf too, from a float64 gate out of float32's
+    range); NaN stays NaN. Differentiable: the gradient is 0 where g was floored (as is the recurrence's,
+    exp(g) being 0 there in float32), g's own elsewhere."""
+    return g.float().clamp(min=GATE_FLOOR)
 
 
 def l2norm(x: Tensor) -> Tensor:
@@ -62,7 +85,7 @@ def gla_chunk_naive(
     vd = v.shape[-1]
     n_pad = -n % chunk
     qf, kf, vf = (_pad(t.float(), n_pad) for t in (q, k, v))
-    gf = None if g is None else _pad(g.float().expand(b, h, n, kd), n_pad)
+    gf = None if g is None else _pad(floor_gate(g).expand(b, h, n, kd), n_pad)
     assert qf is not None and kf is not None and vf is not None
     s = q.new_zeros(b, h, kd, vd, dtype=torch.float32) if state is None else state.float()
     outs = []
@@ -99,7 +122,7 @@ def delta_chunk_naive(
     n_pad = -n % chunk
     qf, kf, vf = (_pad(t.float(), n_pad) for t in (q, k, v))
     bf = _pad(beta.float()[..., None], n_pad)
-    gf = None if g is None else _pad(g.float().expand(b, h, n, kd), n_pad)
+    gf = None if g is None else _pad(floor_gate(g).expand(b, h, n, kd), n_pad)
     assert qf is not None and kf is not None and vf is not None and bf is not None
     s = q.new_zeros(b, h, kd, vd, dtype=torch.float32) if state is None else state.float()
     eye = torch.eye(chunk, device=q.device)
