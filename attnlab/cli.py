@@ -59,6 +59,68 @@ def _csv(value: str | None) -> tuple[str, ...] | None:
     return tuple(x.strip() for x in value.split(",") if x.strip()) if value else None
 
 
+def _ints(value: str | None, option: str) -> tuple[int, ...]:
+    """The comma-separated integers of ``option``'s ``value`` (ValueError naming the option, the value and
+    what was expected otherwise)."""
+    out = []
+    for x in _csv(value) or ():
+        try:
+            out.append(int(x))
+        except ValueError:
+            raise ValueError(
+                f"{option} {value!r}: {x!r} is not an integer; expected comma-separated integers (tokens), "
+                "e.g. 1024,4096"
+            ) from None
+    return tuple(out)
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    """Print ``message`` as one red error line; the Exit to raise (``raise _fail(...)``)."""
+    console.print(f"[red]error[/red]: {escape(message)}", soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _unusable(path: Path) -> str | None:
+    """Why files cannot be written into the folder ``path`` (created here, parents too, where missing), or
+    None where they can."""
+    import tempfile
+
+    if path.exists() and not path.is_dir():
+        return "it is a file, not a folder"
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{parent} is a file, not a folder"
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".attnlab-write-check-"):
+            pass
+    except OSError as e:
+        return f"cannot create or write to it ({e.strerror or e})"
+    return None
+
+
+def _check_out_dir(path: Path, option: str) -> None:
+    """Create the output folder ``path`` and check that it is writable, before any work; else one error line
+    naming the option, the path and why, and exit 2."""
+    why = _unusable(path)
+    if why is not None:
+        raise _fail(f"{option} {path}: {why}; expected a folder that can be created and written to")
+
+
+def _check_out_file(path: Path, option: str) -> None:
+    """Check that the file ``path`` can be written (not a folder; its folder created and writable), before
+    any work; else one error line naming the option, the path and why, and exit 2."""
+    if path.is_dir():
+        raise _fail(f"{option} {path}: it is a folder; expected a file path")
+    why = _unusable(path.parent)
+    if why is not None:
+        raise _fail(
+            f"{option} {path}: its folder {path.parent}: {why}; expected a folder that can be written to"
+        )
+
+
 def _preset_default(name: str) -> str:
     """'(default: <CPU preset> on CPU; <CUDA preset> on CUDA)' for a BenchConfig field (help texts)."""
     from attnlab.bench.config import BenchConfig
@@ -259,7 +321,7 @@ def bench(
     try:  # bad option values fail here, before a run is opened, with one line each
         _check_device(dev)
         cfg = BenchConfig.preset(dev).with_(
-            lengths=tuple(int(x) for x in _csv(lengths) or ()) or None,
+            lengths=_ints(lengths, "--lengths") or None,
             methods=_csv(methods),
             patterns=tuple(parse_pattern(p) for p in _csv(patterns) or ()) or None,
             modes=_csv(modes),
@@ -275,6 +337,7 @@ def bench(
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
+    _check_out_dir(Path(cfg.out), "--out")  # before a run is opened: not after its work
     if no_fidelity:
         cfg = cfg.with_(fidelity=False)
     if no_efficiency:
@@ -306,12 +369,29 @@ def bench(
         raise typer.Exit(1)
 
 
+def _unpack_gz(packed: Path) -> Path:
+    """``x.duckdb.gz`` unpacked into a new temporary folder as ``x.duckdb`` (the file given is left as it
+    is); ValueError saying why where it is not a readable gzip file."""
+    import gzip
+    import tempfile
+
+    target = Path(tempfile.mkdtemp(prefix="attnlab-report-")) / packed.name[: -len(".gz")]
+    try:
+        target.write_bytes(gzip.decompress(packed.read_bytes()))
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise ValueError(
+            f"--db {packed}: cannot unpack it ({e}); expected a gzipped results database"
+        ) from None
+    return target
+
+
 @app.command()
 def report(
     db: Annotated[
         Path,
         typer.Option(
-            help="results database; a results.jsonl (written where duckdb is missing) is first loaded into "
+            help="results database file: results.duckdb; results.duckdb.gz (unpacked into a temporary file, "
+            "the .gz left as it is); or a results.jsonl (written where duckdb is missing), first loaded into "
             "the .duckdb file beside it"
         ),
     ] = Path("attnlab-results/results.duckdb"),
@@ -326,6 +406,19 @@ def report(
     if not db.exists():
         console.print(f"[red]no results database at {db}[/red]; run `attnlab bench` first")
         raise typer.Exit(1)
+    if db.is_dir():
+        inside = [p.name for p in (db / "results.duckdb", db / "results.duckdb.gz") if p.is_file()]
+        hint = f" (it holds {inside[0]}: --db {db / inside[0]})" if inside else ""
+        raise _fail(
+            f"--db {db}: it is a folder{hint}; expected a results database file (.duckdb, .duckdb.gz or .jsonl)"
+        )
+    target_out = out or db.parent
+    _check_out_dir(target_out, "--out" if out else "--out (default: the database's folder)")
+    if db.suffix == ".gz":
+        try:
+            db = _unpack_gz(db)
+        except ValueError as e:
+            raise _fail(str(e)) from None
     if db.suffix == ".jsonl":
         from attnlab.bench.store import load_jsonl
 
@@ -348,11 +441,15 @@ def report(
         )
         db, run = target, run or (done.order[-1] if done.order else None)
     try:
-        path = write_report(db, out or db.parent, run)
+        path = write_report(db, target_out, run)
     except (KeyError, ValueError, FileNotFoundError) as e:  # no such run; a record without a field it reads
         why = f"a record lacks the field {e.args[0]!r}" if isinstance(e, KeyError) and e.args else str(e)
         console.print(f"[red]cannot report {escape(str(db))}: {escape(why)}[/red]", soft_wrap=True)
         raise typer.Exit(2) from None
+    except Exception as e:  # a file that is not a DuckDB database (duckdb's own errors)
+        if not type(e).__module__.lstrip("_").startswith("duckdb"):
+            raise
+        raise _fail(f"--db {db}: cannot read it as a results database ({e})") from None
     console.print(f"report: {path}")
 
 
@@ -422,8 +519,25 @@ def train(
     )
 
 
+#: the options of ``attnlab eval`` that say what to evaluate: refused with --load (which evaluates nothing)
+EVAL_ONLY = (
+    "model",
+    "methods",
+    "tasks",
+    "lengths",
+    "samples",
+    "budgets",
+    "perplexity",
+    "decode_tokens",
+    "max_seconds",
+    "run_seconds",
+    "device",
+)
+
+
 @app.command("eval")
 def eval_tasks(
+    ctx: typer.Context,
     model: Annotated[
         Path | None,
         typer.Option(help="local checkpoint folder (an organism, a training folder, or a Llama model)"),
@@ -435,8 +549,12 @@ def eval_tasks(
             "'all' (every registered method that can run in the model); softmax is always run as the reference"
         ),
     ] = "",
-    tasks: Annotated[str, typer.Option(help="comma-separated tasks")] = "passkey,niah_multikey",
-    lengths: Annotated[str, typer.Option(help="comma-separated context lengths in tokens")] = "1024",
+    tasks: Annotated[
+        str, typer.Option(help="comma-separated tasks (at least one)")
+    ] = "passkey,niah_multikey",
+    lengths: Annotated[
+        str, typer.Option(help="comma-separated context lengths in tokens (integers, at least one)")
+    ] = "1024",
     samples: Annotated[int, typer.Option(help="samples per task and length (seeds 0..N-1)")] = 10,
     budgets: Annotated[
         str,
@@ -453,28 +571,46 @@ def eval_tasks(
         float | None, typer.Option(help="stop a run after this many seconds (recorded as an error)")
     ] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available)")] = None,
-    out: Annotated[Path, typer.Option(help="JSON file of the results (rewritten after every run)")] = Path(
-        "attnlab-results/eval.json"
-    ),
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="JSON file of the results (rewritten after every run); with --load, where the loaded (merged) "
+            "result is written (default with --load: not written)"
+        ),
+    ] = Path("attnlab-results/eval.json"),
     db: Annotated[
         Path | None,
-        typer.Option(help="DuckDB file the run is added to (default: eval.duckdb next to --out)"),
+        typer.Option(
+            help="DuckDB file the run is added to (default: eval.duckdb next to --out; with --load and no "
+            "--out, next to the first --load file); a result it already holds is not added again"
+        ),
     ] = None,
     no_db: Annotated[
         bool, typer.Option("--no-db", help="write only the JSON (e.g. where duckdb is missing)")
     ] = False,
     report: Annotated[
-        Path | None, typer.Option(help="folder of report.md/.html and Pareto PNGs (default: next to --out)")
+        Path | None,
+        typer.Option(
+            help="folder of report.md/.html and Pareto PNGs (default: next to --out; with --load and no --out, "
+            "next to the first --load file)"
+        ),
     ] = None,
     no_report: Annotated[bool, typer.Option("--no-report", help="do not write the report")] = False,
     bench: Annotated[
-        Path | None, typer.Option(help="folder of benchmark results.duckdb files: list their speedups too")
+        Path | None,
+        typer.Option(
+            help="folder of benchmark results.duckdb files: list their speedups too (the newest run on this "
+            "eval's device per method and length; an error if the folder does not exist)"
+        ),
     ] = None,
     load: Annotated[
         list[Path] | None,
         typer.Option(
             help="evaluate nothing: load this result JSON (e.g. from a GPU machine) into --db and report; "
-            "given several times, the parts of one evaluation split across runs, merged into one result"
+            "given several times, the parts of one evaluation split across runs, merged into one result. "
+            "The options that say what to evaluate (--model, --methods, --tasks, --lengths, --samples, "
+            "--budgets, --perplexity, --decode-tokens, --max-seconds, --run-seconds, --device) are refused "
+            "with it"
         ),
     ] = None,
     commit: Annotated[str | None, typer.Option(help="the code's commit, recorded with the run")] = None,
@@ -485,28 +621,82 @@ def eval_tasks(
     from attnlab.errors import AttnlabError
     from attnlab.eval.tasks import EvalConfig, EvalResult, evaluate, planned_samples, table_rows
 
+    def given(name: str) -> bool:
+        """Whether the option was given (command line or environment), not left at its default."""
+        source = ctx.get_parameter_source(name)  # (typer's own click: compared by name)
+        return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+    # every option checked before any work: a bad value or an unusable output location fails in one line now,
+    # not after the first run's work
+    if load:
+        extra_opts = [f"--{name.replace('_', '-')}" for name in EVAL_ONLY if given(name)]
+        if extra_opts:
+            raise _fail(
+                f"--load evaluates nothing, so {', '.join(extra_opts)} would be ignored: drop "
+                f"{'it' if len(extra_opts) == 1 else 'them'} (the loaded result records what it evaluated)"
+            )
+        base = out if given("out") else load[0]
+        write_to = out if given("out") else None
+    else:
+        if model is None:
+            raise _fail("--model is required (or --load a result file)")
+        base, write_to = out, out
+    cfg = None
+    if not load:
+        try:
+            dev = device or _default_device()
+            _check_device(dev)
+            task_names = _csv(tasks) or ()
+            if not task_names:
+                raise ValueError(f"--tasks {tasks!r}: expected at least one task name, e.g. passkey")
+            length_values = _ints(lengths, "--lengths")
+            if not length_values:
+                raise ValueError(f"--lengths {lengths!r}: expected at least one length in tokens, e.g. 1024")
+        except ValueError as e:
+            raise _fail(str(e)) from None
+        cfg = EvalConfig(
+            model=model,  # type: ignore[arg-type]  # (checked above)
+            methods=_csv(methods) or (),
+            tasks=task_names,
+            lengths=length_values,
+            samples=samples,
+            device=dev,
+            budgets=budgets,
+            perplexity=perplexity,
+            decode_tokens=decode_tokens,
+            max_seconds=max_seconds,
+            run_seconds=run_seconds,
+        )
+    if bench is not None:
+        from attnlab.bench.sources import database_folders
+
+        if not bench.is_dir():
+            what = "it is a file" if bench.exists() else "no such folder"
+            raise _fail(f"--bench {bench}: {what}; expected a folder of benchmark results.duckdb files")
+        if not database_folders(bench):
+            console.print(
+                f"[yellow]warning[/yellow]: --bench {escape(str(bench))}: no results.duckdb (or .duckdb.gz) "
+                "under it; the report's bench column stays empty",
+                soft_wrap=True,
+            )
+    if write_to is not None:
+        _check_out_file(write_to, "--out")
+    db_path = db or base.with_name("eval.duckdb")
+    if not no_db:
+        _check_out_file(db_path, "--db" if db else "--db (default: eval.duckdb next to --out)")
+    report_dir = report or base.parent
+    if not no_report:
+        _check_out_dir(report_dir, "--report" if report else "--report (default: next to --out)")
     try:
         if load:
             parts = [EvalResult.read(p) for p in load]
             result = parts[0] if len(parts) == 1 else EvalResult.merge(parts)
             if commit:
                 result.info["commit"] = commit
+            if write_to is not None:
+                console.print(f"results: {result.write(write_to)}")
         else:
-            if model is None:
-                raise typer.BadParameter("--model is required (or --load a result file)")
-            cfg = EvalConfig(
-                model=model,
-                methods=_csv(methods) or (),
-                tasks=_csv(tasks) or (),
-                lengths=tuple(int(x) for x in _csv(lengths) or ()),
-                samples=samples,
-                device=device or _default_device(),
-                budgets=budgets,
-                perplexity=perplexity,
-                decode_tokens=decode_tokens,
-                max_seconds=max_seconds,
-                run_seconds=run_seconds,
-            )
+            assert cfg is not None
             total = planned_samples(cfg)
             extra = {"commit": commit or os.environ.get("ATTNLAB_COMMIT")}
 
@@ -539,16 +729,17 @@ def eval_tasks(
         table.add_row(escape(label), *cells)
     console.print(table)
     if not no_db:
-        from attnlab.eval.store import EvalDB, store_result
+        from attnlab.eval.store import EvalDB, store_result, stored_run
 
-        path = db or (load[0] if load else out).with_name("eval.duckdb")
-        with EvalDB(path) as store:
-            run_id = store_result(store, result)
-        console.print(f"database: {path} (run {run_id})")
+        with EvalDB(db_path) as store:
+            existing = stored_run(store, result)
+            run_id = existing or store_result(store, result)
+        held = ", already stored: not added again" if existing else ""
+        console.print(f"database: {db_path} (run {run_id}{held})")
     if not no_report:
         from attnlab.eval.report import write_report
 
-        console.print(f"report: {write_report(result, report or (load[0] if load else out).parent, bench)}")
+        console.print(f"report: {write_report(result, report_dir, bench)}")
 
 
 def main() -> None:

@@ -333,7 +333,7 @@ def test_bench_speedups_pair_with_eval_rows(result: EvalResult, tmp_path: Path) 
            "pattern": "causal_self", "mode": "fwd", "n_q": LENGTH, "n_k": LENGTH, "backend": "flex",
            "speedup": 1.7, "heads": 8, "head_dim": 64, "dtype": "bfloat16", "status": "ok"}  # fmt: skip
     with ResultsDB(tmp_path / "bench" / "results.duckdb") as db:
-        rid = db.new_run({"device": "test"}, {})
+        rid = db.new_run({"device": "CPU test", "device_type": "cpu"}, {})  # (the eval ran on a CPU)
         db.insert("efficiency", [row, {**row, "backend": "sdpa_mask", "speedup": 0.4}], run_id=rid)
         db.insert("efficiency", [{**row, "mode": "fwd_bwd", "speedup": 9.0}], run_id=rid)
     pairs = bench_speedups(tmp_path / "bench", [LENGTH])

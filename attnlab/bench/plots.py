@@ -159,7 +159,7 @@ def speedup_vs_density(rows: list[dict[str, Any]]) -> bytes | None:
     ax.set(
         xscale="log",
         yscale="log",
-        xlabel="block density (share of dense 128x128 tiles computed)",
+        xlabel="block density (share of the plan's tiles computed; tile size per method)",
         ylabel="speedup over dense SDPA (as called)",
         title="speedup vs density",
     )

@@ -8,6 +8,7 @@ cells are left empty.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from typing import Any
 
@@ -57,12 +58,29 @@ def _busy(r: dict[str, Any], above: float | None) -> str:
     return f"busy (load {load:.1f})" if above is not None and load is not None and load > above else ""
 
 
+def _pass_speedups(r: dict[str, Any]) -> str:
+    """'1.02, 1.10, 1.05x': each timing pass's speedup as called, for a row merged from several passes
+    (its ``speedup`` is their median); '' for a single pass."""
+    if (r.get("passes") or 1) <= 1 or not r.get("pass_speedups"):
+        return ""
+    try:
+        values = json.loads(r["pass_speedups"])
+    except (TypeError, json.JSONDecodeError):
+        return ""
+    return ", ".join(f"{v:.2f}" for v in values) + "x" if values else ""
+
+
 def _cells(r: dict[str, Any], busy: float | None) -> dict[str, Any]:
-    """The timed columns of one ok row."""
+    """The timed columns of one ok row. With several timing passes the ms columns and q1–q3 pool every
+    pass's calls while the speedups are the median of the passes' (:mod:`attnlab.bench.passes`): the
+    spread says "pooled" and each pass's speedup is listed."""
     unstable = bool(r.get("unstable"))
+    passes = r.get("passes") or 1
     spread = ""
     if r.get("q1_ms") is not None and r.get("q3_ms") is not None:
-        spread = f"{fmt(r['q1_ms'])}–{fmt(r['q3_ms'])}"
+        spread = f"{fmt(r['q1_ms'])}–{fmt(r['q3_ms'])}" + (
+            f" (pooled, {passes} passes)" if passes > 1 else ""
+        )
     return {
         "ms": fmt(r["median_ms"]),
         "spread": spread,
@@ -74,7 +92,10 @@ def _cells(r: dict[str, Any], busy: float | None) -> dict[str, Any]:
         "unstable": unstable,
         "tflops": fmt(r.get("tflops")),
         "mem": fmt(r.get("peak_mem_mb")),
-        "reps": f"{r.get('reps')}" + (" (few: calls > 1 s)" if r.get("few_reps") else ""),
+        "pass_speedups": "" if unstable else _pass_speedups(r),
+        "reps": f"{r.get('reps')}"
+        + (f" ({passes} passes)" if passes > 1 else "")
+        + (" (few: calls > 1 s)" if r.get("few_reps") else ""),
         "busy": _busy(r, busy),
     }
 

@@ -1,7 +1,8 @@
 """Where a table's numbers come from, when they are merged from several runs and databases.
 
 :func:`merged` reads every ``results.duckdb`` (or ``results.duckdb.gz``) under a folder (read-only) and keeps the
-latest row per key;
+latest row per key, the device included (the run's ``env["device"]``: a CPU row and a GPU row of the same
+shape are two rows, never one replacing the other);
 :class:`Sources` names the runs behind a table: one run is named above it, several get a tag per cell
 (``[a]``, ``[b]``, ...) and a legend with each run's folder, id, commit (dirty flag) and timing method.
 """
@@ -18,7 +19,9 @@ from typing import Any
 from attnlab.bench.store import ResultsDB
 
 SHAPE = ("dtype", "batch", "heads", "kv_heads", "head_dim")
-ROW_KEY = ("method", "backend", "params", "pattern", *SHAPE, "n_q", "n_k", "mode")
+#: what names one timed row: the device it ran on (``device``: a row's own column where it has one, else its
+#: run's ``env["device"]``, :func:`row_device`), the method, backend, budget, pattern, shape, lengths and mode
+ROW_KEY = ("device", "method", "backend", "params", "pattern", *SHAPE, "n_q", "n_k", "mode")
 Row = dict[str, Any]
 
 
@@ -49,9 +52,24 @@ def database_folders(root: Path) -> list[Path]:
     return sorted(found)
 
 
+def run_device(run: Row) -> str | None:
+    """The device a run ran on (``env["device"]``, e.g. ``NVIDIA H100 80GB HBM3`` or ``CPU x86_64 x2``)."""
+    try:
+        env = json.loads(run.get("env") or "{}")
+    except (TypeError, json.JSONDecodeError):
+        return None
+    return env.get("device") if isinstance(env, dict) else None
+
+
+def row_device(row: Row, run: Row) -> str | None:
+    """The device of ``row`` of ``run``: its own ``device`` column where it has one, else the run's."""
+    return row["device"] if row.get("device") is not None else run_device(run)
+
+
 def merged(root: Path, table: str, key: tuple[str, ...] = ROW_KEY) -> tuple[list[Row], list[Row]]:
     """(rows, runs): the latest row per key over every run of every database under ``root`` (plain or
-    gzipped)."""
+    gzipped). The device is always part of the key (whether ``key`` names ``device`` or not): rows of two
+    devices never replace each other."""
     found: dict[tuple, tuple[str, Row]] = {}
     for folder_path in database_folders(root):
         db_path = unpacked_db(folder_path)
@@ -66,7 +84,8 @@ def merged(root: Path, table: str, key: tuple[str, ...] = ROW_KEY) -> tuple[list
                 }
                 for r in rows:
                     run["has_kernel"] |= r.get("kernel_ms") is not None
-                    k = tuple(r.get(c) for c in key)
+                    device = row_device(r, run)
+                    k = (device, *(r.get(c) for c in key if c != "device"))
                     if k not in found or str(run["started"]) >= found[k][0]:
                         found[k] = (str(run["started"]), {**r, "_run": run})
     runs = {r["_run"]["run_id"]: r["_run"] for _, r in found.values()}

@@ -8,12 +8,15 @@ Per task and length, one figure with two panels (accuracy on the y axis of both)
   (prefill forward pass for methods that run in prefill, decode step for decode-only methods; the whole
   model through attnlab.hf, so overhead outside attention is included); where a benchmark database is
   given, the attention-only speedup of the benchmark's row for the same method, parameters and length
-  is listed in the table next to it (the benchmark's shapes, not the model's).
+  is listed in the table next to it (the newest benchmark run on the eval's device that timed it, its
+  fastest stable backend; the benchmark's shapes, not the model's, named under the table:
+  :func:`bench_speedups`).
 
 Points on the Pareto front of their phase (no other run of that phase is at least as accurate and at
 least as cheap, and better in one) are joined by a line. The table "cheapest run that keeps >= 95% of dense accuracy" lists, per task
 and length, the qualifying run of lowest density (ties: faster) and the fastest qualifying run; runs that
-raised or computed the same function as dense by construction (dense family) are left out of both.
+raised or computed the same function as dense by construction (dense family) are left out of both. Where
+dense accuracy is 0 the cell says "not determined (dense accuracy 0)" (every run would qualify).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import io
 import json
 import math
 import re
+import string
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -91,7 +95,9 @@ def _nan(x: Any) -> bool:
 
 
 def cheapest(pts: Sequence[Mapping[str, Any]], keep: float = KEEP) -> list[dict[str, Any]]:
-    """Per (task, length): dense accuracy, the lowest-density run keeping ``keep`` of it, and the fastest."""
+    """Per (task, length): dense accuracy, the lowest-density run keeping ``keep`` of it, and the fastest.
+    Where dense accuracy is 0 the question has no answer (every run keeps 95% of 0): ``determined`` is
+    False and no run is listed (``kept`` 0, ``cheapest`` and ``fastest`` None)."""
     out = []
     keys = list(dict.fromkeys((p["task"], p["length"]) for p in pts))
     for task, n in keys:
@@ -100,10 +106,16 @@ def cheapest(pts: Sequence[Mapping[str, Any]], keep: float = KEEP) -> list[dict[
         if dense is None or _nan(dense["accuracy"]):
             continue
         need = keep * dense["accuracy"]
+        # with dense accuracy 0 every run "keeps" 95% of it: nothing is determined, no run is listed
+        determined = dense["accuracy"] > 0
         ok = [
             p
             for p in cell
-            if p["family"] != "dense" and not p["error"] and not _nan(p["accuracy"]) and p["accuracy"] >= need
+            if determined
+            and p["family"] != "dense"
+            and not p["error"]
+            and not _nan(p["accuracy"])
+            and p["accuracy"] >= need
         ]
         by_density = sorted(
             (p for p in ok if not _nan(p["density"])), key=lambda p: (p["density"], -(p["speedup"] or 0.0))
@@ -114,6 +126,7 @@ def cheapest(pts: Sequence[Mapping[str, Any]], keep: float = KEEP) -> list[dict[
                 "task": task,
                 "length": n,
                 "dense_accuracy": dense["accuracy"],
+                "determined": determined,
                 "kept": len(ok),
                 "runs": sum(1 for p in cell if p["family"] != "dense"),
                 "cheapest": by_density[0] if by_density else None,
@@ -123,24 +136,141 @@ def cheapest(pts: Sequence[Mapping[str, Any]], keep: float = KEEP) -> list[dict[
     return out
 
 
-def bench_speedups(root: str | Path, lengths: Iterable[int]) -> dict[tuple[str, str, int], dict[str, Any]]:
-    """Attention-only speedups from the benchmark databases under ``root`` (every ``results.duckdb``; the
-    latest row per key): (method, params JSON with sorted keys, length) -> the causal self-attention
-    forward row of the best backend (``speedup``, ``backend``, ``heads``, ``head_dim``, ``dtype``)."""
+def _device_kind(env: Mapping[str, Any]) -> str:
+    """``cpu`` or ``cuda`` for a benchmark run's environment (older runs lack ``device_type``: their device
+    name says it, ``CPU ...`` on a CPU)."""
+    kind = env.get("device_type")
+    if kind:
+        return str(kind)
+    return "cpu" if str(env.get("device") or "").upper().startswith("CPU") else "cuda"
+
+
+def bench_speedups(
+    root: str | Path,
+    lengths: Iterable[int],
+    device: str | None = None,
+    device_name: str | None = None,
+) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """Attention-only speedups from the benchmark databases under ``root`` (every ``results.duckdb``):
+    (method, params JSON with sorted keys, length) -> the as-called speedup of the causal self-attention
+    forward row at that length.
+
+    Which row: only runs on the eval's device (``device``: ``cpu`` or ``cuda``, the run's device type; on
+    CUDA also ``device_name``, the GPU's name, when given); without ``device``, only the device of the
+    newest run that has such rows (devices are never mixed). Per key, the newest of those runs that timed
+    it (one run has one dtype and shape, so the value's shape is that run's), and in it the fastest
+    backend among its rows not flagged ``unstable``; where every row of that run is unstable, the entry
+    says so (``unstable`` True, ``speedup`` None) rather than falling back to another run. Each entry:
+    ``speedup``, ``unstable``, ``backend``, ``device``, ``dtype``, ``batch``, ``heads``, ``kv_heads``,
+    ``head_dim``, ``passes`` (timing passes whose per-pass speedups the value is the median of), ``run_id``
+    and ``folder`` (where the run's database lies under ``root``)."""
     from attnlab.bench.sources import merged
 
     want = set(lengths)
     rows, _ = merged(Path(root), "efficiency")
-    out: dict[tuple[str, str, int], dict[str, Any]] = {}
+    cand: list[dict[str, Any]] = []
     for r in rows:
         if r.get("pattern") != "causal_self" or r.get("mode") != "fwd" or r.get("speedup") is None:
             continue
+        if r.get("status") not in (None, "ok") or r.get("baseline_of_run"):
+            continue
         if r.get("n_q") != r.get("n_k") or r.get("n_q") not in want:
             continue
+        cand.append(r)
+    envs = {id(r): json.loads(r["_run"].get("env") or "{}") for r in cand}
+    if device is not None:
+        kind = device.split(":")[0]
+        cand = [
+            r
+            for r in cand
+            if _device_kind(envs[id(r)]) == kind
+            and (kind != "cuda" or not device_name or envs[id(r)].get("device") == device_name)
+        ]
+    elif cand:
+        newest = max(cand, key=lambda r: str(r["_run"]["started"]))
+        cand = [r for r in cand if envs[id(r)].get("device") == envs[id(newest)].get("device")]
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for r in cand:
         key = (r["method"], json.dumps(json.loads(r["params"] or "{}"), sort_keys=True), int(r["n_q"]))
-        if key not in out or r["speedup"] > out[key]["speedup"]:
-            out[key] = {k: r.get(k) for k in ("speedup", "backend", "heads", "head_dim", "dtype", "status")}
+        groups.setdefault(key, []).append(r)
+    out: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for key, rs in groups.items():
+        run = max((r["_run"] for r in rs), key=lambda run: str(run["started"]))
+        mine = [r for r in rs if r["_run"]["run_id"] == run["run_id"]]
+        stable = [r for r in mine if not r.get("unstable")]
+        best = max(stable or mine, key=lambda r: r["speedup"])
+        env = json.loads(run.get("env") or "{}")
+        out[key] = {
+            **{
+                k: best.get(k)
+                for k in ("dtype", "batch", "heads", "kv_heads", "head_dim", "status", "passes")
+            },
+            "speedup": best["speedup"] if stable else None,
+            "unstable": not stable,
+            "backend": best["backend"] if stable else ", ".join(sorted({r["backend"] for r in mine})),
+            "device": env.get("device"),
+            "run_id": run["run_id"],
+            "folder": run.get("folder"),
+        }
     return out
+
+
+def _bench_source(b: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The run and shape a benchmark value comes from (what its tag names)."""
+    return (b["run_id"], *(b.get(k) for k in ("dtype", "batch", "heads", "kv_heads", "head_dim")))
+
+
+def _bench_tags(bench: Mapping[tuple[str, str, int], Mapping[str, Any]]) -> dict[tuple[Any, ...], str]:
+    """A tag (``a``, ``b``, ...) per run and shape the values come from, in run order."""
+    sources = sorted({_bench_source(b) for b in bench.values()}, key=str)
+    return {src: string.ascii_lowercase[i] if i < 26 else f"r{i}" for i, src in enumerate(sources)}
+
+
+def _bench_cell(b: Mapping[str, Any] | None, tags: Mapping[tuple[Any, ...], str]) -> str:
+    if not b:
+        return "-"
+    tag = f" [{tags[_bench_source(b)]}]" if len(tags) > 1 else ""
+    if b.get("unstable"):
+        return f"unstable ({b['backend']}){tag}"
+    return f"{b['speedup']:.2f}x ({b['backend']}){tag}"
+
+
+def _bench_legend(
+    bench: Mapping[tuple[str, str, int], Mapping[str, Any]],
+    tags: Mapping[tuple[Any, ...], str],
+    info: Mapping[str, Any],
+) -> list[str]:
+    """The lines under the table that say what the ``bench attn speedup`` column shows and where each
+    value comes from (device, dtype and shape of its run)."""
+    where = info.get("device_name") or info.get("device") or "the newest benchmark run's device"
+    lines = [
+        "",
+        "`bench attn speedup`: the attention call alone (`attnlab bench`, causal self-attention forward, as "
+        "called) over dense SDPA at the same length, in the benchmark's own shape (not the model's), on "
+        f"this eval's device ({where}): the newest benchmark run that timed the method at that length, its "
+        "fastest backend among the rows not flagged unstable (`unstable`: every row of that run was). With "
+        "one timing pass the value is the baseline's median over the row's median in the same rounds; with "
+        "several passes (CPU runs) it is the median over the passes of each pass's ratio.",
+    ]
+    if not bench:
+        lines += [
+            "",
+            f"No benchmark row of this eval's device ({where}) at its lengths: the column is empty.",
+        ]
+        return lines
+    sources = {_bench_source(b): b for b in bench.values()}
+    parts = []
+    for src, tag in tags.items():
+        b, rid = sources[src], src[0]
+        shape = (
+            f"{b.get('dtype')}, B={b.get('batch')}, H={b.get('heads')}, H_kv={b.get('kv_heads')}, "
+            f"D={b.get('head_dim')}"
+        )
+        head = f"[{tag}] " if len(tags) > 1 else ""
+        parts.append(f"{head}run `{rid}` (`{b.get('folder')}/`) on {b.get('device')}: {shape}")
+    lines += ["", ("Benchmark runs (each cell's tag names its run): " if len(tags) > 1 else "Benchmark run: ")
+              + "; ".join(parts) + "."]  # fmt: skip
+    return lines
 
 
 def short_label(label: str, keep: int = 3) -> str:
@@ -244,6 +374,12 @@ def markdown(
     lines += ["|---|---|---|---|---|"]
     for c in cheapest(pts):
         ch, fa = c["cheapest"], c["fastest"]
+        if not c["determined"]:
+            what = "not determined (dense accuracy 0)"
+            lines.append(
+                f"| {c['task']}@{c['length']} | {c['dense_accuracy']:.2f} | - / {c['runs']} | {what} | {what} |"
+            )
+            continue
         lines.append(
             f"| {c['task']}@{c['length']} | {c['dense_accuracy']:.2f} | {c['kept']} / {c['runs']} | "
             + (f"{short_label(ch['label'])} ({ch['accuracy']:.2f}, {ch['density']:.3f})" if ch else "none")
@@ -258,12 +394,13 @@ def markdown(
     for n in lengths:
         head += [f"{t}@{n}" for t, m in tl if m == n]
         head += [f"density@{n}", f"speedup@{n}", f"ppl prefill@{n}", f"ppl decode@{n}"]
-        if bench:
+        if bench is not None:
             head.append(f"bench attn speedup@{n}")
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     per = {(p["label"], p["task"], p["length"]): p for p in pts}
     labels = list(dict.fromkeys(p["label"] for p in pts))
     methods = {(m["label"], m["length"]): m for m in result.methods}
+    tags = _bench_tags(bench or {})
     for label in labels:
         any_p = next(p for p in pts if p["label"] == label)
         row = [short_label(label).replace("|", "/"), any_p["phase"]]
@@ -280,21 +417,23 @@ def markdown(
                     row.append(f"{p['accuracy']:.2f}*")
                 elif p["error"]:
                     row.append("error")
-                else:
-                    row.append(f"{p['accuracy']:.2f}")
+                else:  # (no sample made: NaN, shown as the console shows it)
+                    row.append(_fmt(p["accuracy"]))
             row += [
                 _fmt(first["density"], ".3f") if first else "-",
                 _fmt(first["speedup"], ".2f") + ("x" if first and first["speedup"] else "") if first else "-",
                 _pct(first["prefill_ppl_change"]) if first else "-",
                 _pct(first["decode_ppl_change"]) if first else "-",
             ]
-            if bench:
+            if bench is not None:
                 m = methods.get((label, n))
                 b = None
                 if m is not None:
                     b = bench.get((m["method"], json.dumps(m["params"], sort_keys=True, default=list), n))
-                row.append(f"{b['speedup']:.2f}x ({b['backend']})" if b else "-")
+                row.append(_bench_cell(b, tags))
         lines.append("| " + " | ".join(row) + " |")
+    if bench is not None:
+        lines += _bench_legend(bench, tags, info)
     errors = [(m["label"], m["length"], m["error"]) for m in result.methods if m.get("error")]
     if errors:
         lines += ["", "## Runs that raised", "", "(`*`: a task that finished before its run stopped.)", ""]
@@ -402,7 +541,15 @@ def write_report(
                 name = f"pareto-{task}-{n}.png"
                 (folder / name).write_bytes(png)
                 images[(task, n)] = name
-    bench = bench_speedups(bench_root, result.info.get("lengths", [])) if bench_root else None
+    bench = None
+    if bench_root:
+        info = result.info
+        bench = bench_speedups(
+            bench_root,
+            info.get("lengths") or sorted({m["length"] for m in result.methods}),
+            info.get("device"),
+            info.get("device_name") if str(info.get("device") or "").startswith("cuda") else None,
+        )
     md = markdown(result, pts, images, bench)
     path = folder / "report.md"
     path.write_text(md)

@@ -15,6 +15,7 @@ tables and columns newer than the file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from collections.abc import Iterable
@@ -163,11 +164,42 @@ def _params(p: Any) -> str:
     return json.dumps(p, sort_keys=True, default=list)
 
 
+def content_key(result: EvalResult) -> str:
+    """A digest of the result's content (info, rows and method rows; a ``run_id`` in ``info``, which a result
+    read back from a database carries, left out): the same result loaded twice gives the same key."""
+    info = {k: v for k, v in result.info.items() if k not in ("run_id", "kind", "content_key")}
+    body = json.dumps(
+        {"info": info, "rows": result.rows, "methods": result.methods}, sort_keys=True, default=str
+    )
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def stored_run(db: EvalDB, result: EvalResult) -> str | None:
+    """The run id under which ``db`` already holds ``result``: its ``info["run_id"]`` where ``db`` has that
+    run, else a run stored with the same :func:`content_key`; None when it holds neither."""
+    key = content_key(result)
+    rid = result.info.get("run_id")
+    for run in db.runs():
+        if rid is not None and run["run_id"] == rid:
+            return str(rid)
+        try:
+            config = json.loads(run["config"] or "{}")
+        except json.JSONDecodeError:
+            continue
+        if isinstance(config, dict) and config.get("content_key") == key:
+            return str(run["run_id"])
+    return None
+
+
 def store_result(
     db: EvalDB, result: EvalResult, env: dict[str, Any] | None = None, notes: Iterable[str] = ()
 ) -> str:
     """Write ``result`` as a new run of ``db``; returns its run id. ``env``: device, commit, dirty flag
-    and versions (default: what ``result.info`` says)."""
+    and versions (default: what ``result.info`` says). A result ``db`` already holds (the same run id or
+    the same content, :func:`stored_run`) is not inserted again: its existing run id is returned."""
+    existing = stored_run(db, result)
+    if existing is not None:
+        return existing
     info = result.info
     env = dict(env or {})
     env.setdefault("device", info.get("device_name") or info.get("device"))
@@ -186,7 +218,7 @@ def store_result(
                 "commit": env.get("commit"),
                 "dirty": env.get("dirty"),
                 "env": json.dumps(env),
-                "config": json.dumps({"kind": "eval", **info}),
+                "config": json.dumps({"kind": "eval", **info, "content_key": content_key(result)}),
             }
         ],
     )

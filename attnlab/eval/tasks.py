@@ -29,8 +29,8 @@ Conventions:
   (:func:`attnlab.organisms.tasks.score`).
 - Per run and length (``EvalResult.methods``): prefill and decode density (:mod:`attnlab.eval.density`),
   the median prefill forward time and decode step time of the model over the run's samples (the first
-  sample of a run, which compiles, is left out when there are others; the model's whole forward pass, so
-  the attnlab.hf overhead is included), and the held-out prefill/decode losses
+  sample of a run, which compiles, is left out when there are others, and timed when it is the run's only
+  one; the model's whole forward pass, so the attnlab.hf overhead is included), and the held-out prefill/decode losses
   (:mod:`attnlab.eval.perplexity`, ``perplexity`` windows). A run that raises is recorded with its error
   (``error``) and the evaluation goes on.
 - Decode-only runs (prefill ``softmax``) reuse the softmax run's prefill of each prompt and perplexity
@@ -360,8 +360,8 @@ class EvalResult:
     @classmethod
     def merge(cls, parts: Sequence[EvalResult]) -> EvalResult:
         """One result from several runs of one evaluation split across processes (e.g. two GPU commands,
-        each under a time limit): the same model, device, tasks, lengths, samples, budgets, haystack corpus
-        and commit, each method run in one part only. Each part runs the softmax reference; the first part's softmax rows are
+        each under a time limit): the same model, device, tasks, lengths, samples, budgets, haystack corpus,
+        perplexity windows, decode tokens and commit, each method run (label and length) in one part only. Each part runs the softmax reference; the first part's softmax rows are
         kept and every part's softmax accuracies are recorded in ``info["softmax_per_part"]``, with
         ``info["softmax_parts_agree"]`` (the same seeds give the same prompts, so they agree unless the
         runs differ). A run a part left out by its time limit
@@ -369,7 +369,18 @@ class EvalResult:
         if not parts:
             raise EvalError("merge: no results given")
         first = parts[0]
-        keys = ("model", "device_name", "tasks", "lengths", "samples", "haystack_corpus", "budgets", "commit")
+        keys = (
+            "model",
+            "device_name",
+            "tasks",
+            "lengths",
+            "samples",
+            "haystack_corpus",
+            "budgets",
+            "perplexity_windows",
+            "decode_tokens",
+            "commit",
+        )
         for i, part in enumerate(parts[1:], 1):
             diff = [k for k in keys if part.info.get(k) != first.info.get(k)]
             if diff:
@@ -379,7 +390,8 @@ class EvalResult:
                     f"merge: part {i} differs from part 0 in {got} (part 0: {want}); merge only the parts "
                     "of one evaluation (one commit, the same settings), or report the results separately"
                 )
-        rows, methods, seen = list(first.rows), list(first.methods), {m["label"] for m in first.methods}
+        rows, methods = list(first.rows), list(first.methods)
+        seen = {(m["label"], m["length"]) for m in first.methods}
         softmax: list[dict[str, Any]] = []
         for i, part in enumerate(parts):
             softmax.append(
@@ -388,7 +400,7 @@ class EvalResult:
             if i == 0:
                 continue
             labels = {(m["label"], m["length"]) for m in part.methods if m["method"] != DENSE}
-            again = sorted(f"{lb}@{n}" for lb, n in labels if lb in seen)
+            again = sorted(f"{lb}@{n}" for lb, n in labels if (lb, n) in seen)
             if again:
                 raise EvalError(
                     f"merge: part {i} runs {', '.join(again)} again (each run in one part only); drop it "
@@ -396,7 +408,7 @@ class EvalResult:
                 )
             rows += [r for r in part.rows if r["method"] != DENSE]
             methods += [m for m in part.methods if m["method"] != DENSE]
-            seen |= {lb for lb, _ in labels}
+            seen |= labels
         ran = {f"{m['label']}@{m['length']}" for m in methods}
         skipped = [s for part in parts for s in part.info.get("skipped", []) if s not in ran]
         info = {**first.info, "skipped": list(dict.fromkeys(skipped)), "parts": len(parts),
@@ -631,7 +643,8 @@ def evaluate(
                 _time_limit(cfg.run_seconds),
                 attnlab.hf.use(model, **run.use_kwargs(cfg.device, num_layers)) as runtime,
             ):
-                first = True
+                # the run's first sample compiles: left out of the step times unless it is the only one
+                first, alone = True, sum(len(samples[t]) for t in cfg.tasks) == 1
                 for task in cfg.tasks:
                     correct, outputs = 0, []
                     keep = kept_gen.setdefault((n, task), []) if keeping else None
@@ -642,7 +655,7 @@ def evaluate(
                             runtime.reset()
                         new = greedy(model, ids, s.answer_tokens + 2, stop, times, prefilled=pre, keep=keep)
                         text = decode(tok, new)
-                        if not first:
+                        if not first or alone:
                             if pre is None:
                                 prefill_s.append(times[0])
                             decode_s += times[0 if pre is not None else 1 :]
