@@ -83,6 +83,33 @@ def main() -> None:
                     result["cases"].append(row)
                     if not row.get("ok"):
                         print(json.dumps(row), flush=True)
+    # the forward's own schedules: out and lse of each against fp32 (the backward reads the lse)
+    result["forward"] = []
+    for n_f, d_f in ((n, d), (1000, 128), (4096, 128)):
+        qf = torch.randn(b, h, n_f, d_f, device=dev, dtype=torch.bfloat16)
+        kf, vf = (torch.randn(b, h_kv, n_f, d_f, device=dev, dtype=torch.bfloat16) for _ in range(2))
+        g = h // h_kv
+        for causal in (False, True):
+            x = (qf.float() @ kf.float().repeat_interleave(g, 1).transpose(-1, -2)) * d_f**-0.5
+            if causal:
+                keep = torch.ones(n_f, n_f, dtype=torch.bool, device=dev).tril()
+                x = x.masked_fill(~keep, float("-inf"))
+            ref_lse = x.logsumexp(-1)
+            ref_out = torch.softmax(x, -1) @ vf.float().repeat_interleave(g, 1)
+            for shape in op.FWD_SHAPES[:-1]:
+                cfg = op._fwd_config(shape)
+                row = {"n": n_f, "d": d_f, "causal": causal, "config": list(shape)}
+                try:
+                    o, lse = op.score_transform_fwd_launch(
+                        qf, kf, vf, None, None, d_f**-0.5, 0.0, causal, config=cfg
+                    )
+                    row.update(out_err=float((o.float() - ref_out).abs().max()),
+                               lse_err=float((lse - ref_lse).abs().max()))  # fmt: skip
+                    row["ok"] = row["out_err"] < 2e-2 and row["lse_err"] < 1e-2
+                except Exception as e:
+                    row.update(error=f"{type(e).__name__}: {str(e)[:200]}")
+                result["forward"].append(row)
+                print(json.dumps(row), flush=True)
     bad = [r for r in result["cases"] if not r.get("ok")]
     print(f"{len(result['cases'])} schedule pairs, {len(bad)} wrong or failed", flush=True)
     args.out.write_text(json.dumps(result, indent=1))
