@@ -409,7 +409,8 @@ def test_measured_schedules_are_pinned_only_where_measured(monkeypatch: pytest.M
     temp_short = op._prune_fwd(fwd, {**args, "CAUSAL": False, "TEMP": True, "N_BUCKET": 4096})
     assert temp_short and not any(c.kwargs["WS"] for c in temp_short)
     short = op._prune_fwd(fwd, {**args, "CAUSAL": False, "N_BUCKET": 4096})
-    assert len(short) == len(fwd)  # not measured there: the autotuner chooses
+    # not measured there: the autotuner chooses, never the warp-specialized forward (a wrong lse on Hopper)
+    assert len(short) == len(fwd) - 1 and not any(c.kwargs["WS"] for c in short)
 
 
 def test_naive_twin_softplus_is_the_methods_math() -> None:
@@ -722,3 +723,30 @@ def test_triton_backend_of_softplus_with_the_fused_norm(
     )
     assert not check.skipped and check.passed and "dq" in check.errors, check.summary()
     assert calls
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the H100)")
+@pytest.mark.parametrize("causal", [False, True])
+def test_every_forward_candidate_returns_the_right_lse_on_the_gpu(causal: bool) -> None:
+    """Each forward schedule the autotuner may pick, named explicitly, against fp32: output and log-sum-exp
+    (the backward reads the lse: a schedule with a right output and a wrong lse gave wrong gradients)."""
+    from attnlab.kernels.score_transform import op
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 257, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 2, 257, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    x = (q.float() @ k.float().repeat_interleave(2, 1).transpose(-1, -2)) * 0.125
+    if causal:
+        x = x.masked_fill(~torch.ones(257, 257, dtype=torch.bool, device="cuda").tril(), float("-inf"))
+    want_out, want_lse = torch.softmax(x, -1) @ v.float().repeat_interleave(2, 1), x.logsumexp(-1)
+    args = {"TMA": True, "BLOCK_D": 64, "DOT_PREC": "tf32", "N_BUCKET": 512, "CAUSAL": causal, "Q": q}
+    fwd = [op._fwd_config(s) for s in op.FWD_SHAPES[:-1]]
+    kept = op._prune_fwd(fwd, args)
+    assert kept and not any(c.kwargs["WS"] for c in kept)
+    for cfg in kept:
+        out, lse = op.score_transform_fwd_launch(q, k, v, None, None, 0.125, 0.0, causal, config=cfg)
+        torch.testing.assert_close(out.float(), want_out, atol=2e-2, rtol=2e-2, msg=_prefixed(str(cfg)))
+        torch.testing.assert_close(lse, want_lse, atol=1e-3, rtol=1e-4, msg=_prefixed(str(cfg)))
+    ws = op._fwd_config((128, 64, 4, 2, 1, True))
+    with pytest.raises(ValueError, match="warp-specialized schedule"):
+        op.score_transform_fwd_launch(q, k, v, None, None, 0.125, 0.0, causal, config=ws)

@@ -57,6 +57,13 @@ FWD_SHAPES = [
     (64, 32, 4, 2, 1, False),
     (32, 32, 8, 2, 1, False),  # float32 on a GPU (triton_utils.FP32_SHAPE)
 ]
+#: Whether the autotuner may pick the warp-specialized forward (the WS candidate). Off: on the H100 under
+#: Triton 3.6 it returns a right output with a wrong log-sum-exp (off by 6.5-9.1 at every non-causal shape
+#: tried, 257 x 257 D=64 to 4096 x 4096 D=128; the running maximum is lost while acc and l stay
+#: consistent), so every gradient through it is wrong (``attnlab verify --device cuda`` at 5e7f2db:
+#: sink/triton non-causal 257 x 257 bf16; benchmarks/results/h100-2026-11-25-s19/verify/), and it does not
+#: compile causal; it was measured 3% slower than the split tile anyway.
+FWD_WARP_SPECIALIZE = False
 #: Backward candidates (BLOCK_M, BLOCK_N, warps, stages) of the dK/dV kernel and of the dQ kernel.
 DKDV_SHAPES = [
     (64, 128, 8, 3),
@@ -157,10 +164,10 @@ def _prune_fwd(configs: list[triton.Config], named_args: dict, **kwargs: object)
         picked = [c for c in configs if _shape_of(c) == want]
         if picked:
             return picked
+    if not FWD_WARP_SPECIALIZE or no_ws:
+        configs = [c for c in configs if not c.kwargs.get("WS")]
     ws_ok = args.get("TMA") and not args.get("CAUSAL") and args.get("DOT_PREC") != "ieee" and _on_hopper(args)
     if not ws_ok:
-        configs = [c for c in configs if not c.kwargs.get("WS")]
-    if no_ws:
         configs = [c for c in configs if not c.kwargs.get("WS")]
     if args.get("DOT_PREC") == "ieee":
         return fp32_tiles(configs)
@@ -350,6 +357,11 @@ def score_transform_fwd_launch(
                                num_warps=1 if IMPORTED_INTERPRETED else 4, num_stages=1)  # fmt: skip
     if config is None and not _autotuning():
         config = _FWD.configs[0] if q.dtype != torch.float32 or not q.is_cuda else fp32_tiles(_FWD.configs)[0]
+    if config is not None and config.kwargs.get("WS") and q.is_cuda and not FWD_WARP_SPECIALIZE:
+        raise ValueError(
+            "score-transform forward: the warp-specialized schedule (WS=True) returns a wrong log-sum-exp on "
+            "this GPU under Triton 3.6 (FWD_WARP_SPECIALIZE is off); name another config"
+        )
     kernel, meta = (_FWD, {}) if config is None else (_FWD_ANY, config.all_kwargs())
     tma = USE_TMA and tma_copyable(q, k, v, o, interpreted=IMPORTED_INTERPRETED)
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)
