@@ -110,6 +110,12 @@ def _resolve_call(
                 f"{where}method {spec.name!r} does not define the {pattern.value} pattern (N_q={n_q}, "
                 f"N_k={n_k}, causal={causal}); it supports: {allowed}"
             )
+        try:
+            params.check_lengths(n_q, n_k)
+        except InputError as e:
+            if not where:
+                raise
+            raise InputError(f"{where}{e}") from None
     if problem.group > 1 and not spec.gqa:
         raise InputError(
             f"method {spec.name!r} does not support grouped-query attention (q has {problem.heads} heads, "
@@ -667,6 +673,14 @@ def prepare(
 
 
 _OPS: dict[tuple[Any, ...], Op] = {}
+_CONTAINERS = (tuple, frozenset)
+
+
+def _typed(value: tuple[Any, ...] | frozenset[Any]) -> tuple[Any, ...] | frozenset[Any]:
+    """A tuple's (or frozenset's) elements each with its type, nested ones too: the op cache's key of a
+    container parameter, so that ``(True, 3.0)`` does not find the op of ``(1, 3)`` (equal, alike hashes)."""
+    typed = [(type(x), _typed(x) if isinstance(x, _CONTAINERS) else x) for x in value]
+    return frozenset(typed) if isinstance(value, frozenset) else tuple(typed)
 
 
 @overload
@@ -772,8 +786,13 @@ def attention(
         return _execute(call, require(call, backend), q, k, v, tensors, check_finite, return_plan)
     try:
         # each value with its type: True == 1 and hashes alike, so window=True would find window=1's op
+        # (a tuple's elements too, _typed: (True, 3.0) == (1, 3) would find the op of a valid tuple)
         options = (method, scale, backend, check_finite, return_lse, return_plan)
-        key = (causal, *((type(x), x) for x in options), *((n, type(x), x) for n, x in params.items()))
+        key = (
+            causal,
+            *((type(x), x) for x in options),
+            *((n, type(x), _typed(x) if isinstance(x, _CONTAINERS) else x) for n, x in params.items()),
+        )
         op_ = _OPS.get(key)
         if op_ is not None and op_.spec is not spec:  # the method was re-registered
             op_ = None

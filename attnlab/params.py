@@ -28,6 +28,12 @@ class Params:
     def validate(self) -> None:
         """Raise ParamError if a value is out of range. Override in subclasses."""
 
+    def check_lengths(self, n_q: int, n_k: int) -> None:
+        """Raise InputError when these parameters cannot serve N_q queries over N_k keys (e.g. a grid whose
+        product is not the sequence length). Called when a call is resolved (``attention``, ``explain``,
+        ``resolve``; each packed sequence on its own), so that a call refused when its mask is built is
+        refused before a backend is named. Default: any lengths."""
+
     def head_dim_limit(self) -> int | None:
         """The largest q/k head dim these parameters take (None: any). A method whose backends refuse larger
         head dims by design overrides it; the parity cases make no case above it."""

@@ -52,9 +52,14 @@ class MultiAxisParams(Params):
         super().__post_init__()
 
     def validate(self) -> None:
-        _grid.check_shape(self.method, self.shape, max_axes=2)
-        if self.shape is not None and len(self.shape) != 2:
-            raise self._fail("shape", self.shape, "None or a 2-D (height, width) tuple")
+        s = self.shape
+        ok = s is None or (
+            isinstance(s, tuple)
+            and len(s) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in s)
+        )
+        if not ok:
+            raise self._fail("shape", s, "None (a 1 x N grid) or a (height, width) tuple of positive ints")
         block = _grid.per_axis(self.method, "block", self.block, 2)
         grid = _grid.per_axis(self.method, "grid", self.grid, 2)
         if self.shape is not None:
@@ -69,6 +74,9 @@ class MultiAxisParams(Params):
         blocks = (min(block[0], shape[0]), min(block[1], shape[1]))
         steps = (-(-shape[0] // min(grid[0], shape[0])), -(-shape[1] // min(grid[1], shape[1])))
         return shape, blocks, steps
+
+    def check_lengths(self, n_q: int, n_k: int) -> None:
+        _grid.grid_of(self.method, self.shape, n_q, n_k)
 
 
 def mask(p: MultiAxisParams, ctx: MaskContext) -> MaskMod:

@@ -109,6 +109,9 @@ class NeighborhoodParams(Params):
             spans = tuple(k * d for k, d in zip(window, dilation, strict=True))
             _grid.check_fits(self.method, "window * dilation", spans, self.shape)
 
+    def check_lengths(self, n_q: int, n_k: int) -> None:
+        _grid.grid_of(self.method, self.shape, n_q, n_k)
+
 
 def _axis_ok(qi: Tensor, kj: Tensor, length: Any, k: Any, d: Any, s: Any, causal: Any) -> Tensor:
     """NATTEN's one-axis rule on coordinate tensors (FlexAttention-friendly integer arithmetic)."""
@@ -125,6 +128,8 @@ def _axis_ok(qi: Tensor, kj: Tensor, length: Any, k: Any, d: Any, s: Any, causal
     lead_c = (ip // s) * s + s - 1
     lead_c = torch.where(lead_c < lg - 1, lead_c, lg - 1)
     back = (jp >= (lead_c - kk + 1).clamp(min=0)) & (jp <= ip)
+    if isinstance(causal, int):  # inside torch.compile the context's constants are Python ints
+        return (kj % d == g) & (back if causal else full)
     return (kj % d == g) & torch.where(causal == 1, back, full)
 
 

@@ -196,7 +196,8 @@ class HeadFlexBackend(FlexBackend):
 
     def __init__(self) -> None:
         super().__init__()
-        # attnlab's reference log-sum-exp knows no per-head mask yet: no lse from this backend
+        # no lse from this backend: not checked against the reference's per-head log-sum-exp (which the
+        # reference takes from the per-head plan, attnlab.backends.eager._backends_plan)
         self.caps = replace(self.caps, lse=False, plan_kinds=frozenset())
 
     def _plan(self, call: Call) -> Plan | None:
@@ -214,8 +215,9 @@ class HeadBlockSparseBackend(BlockSparseBackend):
     summary = (
         "attnlab's block-sparse Triton executor over the per-head plan (fwd + bwd; CPU only interpreted)"
     )
-    # no lse: attnlab's reference log-sum-exp knows no per-head mask yet; no plan kind: the method has no
-    # (head-independent) mask for the generic plan path
+    # no lse: not checked against the reference's per-head log-sum-exp (taken from the per-head plan,
+    # attnlab.backends.eager._backends_plan); no plan kind: the method has no (head-independent) mask for
+    # the generic plan path
     caps = replace(BlockSparseBackend.caps, lse=False, plan_kinds=frozenset())
 
     def plan(self, q: Tensor, k: Tensor, call: Call) -> Plan:
