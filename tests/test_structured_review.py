@@ -135,6 +135,7 @@ def test_typed_key_tells_nested_and_set_elements_apart() -> None:
     [
         ("neighborhood", {"shape": (3, 4), "window": 3}),
         ("multi_axis", {"shape": (3, 4), "block": 2, "grid": 2}),
+        ("bilevel_routing", {"shape": (3, 4), "regions": 1}),
     ],
 )
 def test_explain_and_resolve_refuse_a_grid_that_does_not_hold_the_sequence(

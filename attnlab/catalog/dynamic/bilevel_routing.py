@@ -106,6 +106,9 @@ class BilevelRoutingParams(Params):
         if self.block not in BLOCKS:
             raise ParamError(f"bilevel_routing: block={self.block!r}; the executor takes tiles of {BLOCKS}")
 
+    def check_lengths(self, n_q: int, n_k: int) -> None:
+        _grid.grid_of(self.method, self.shape, n_q, n_k)
+
 
 def region_of(params: BilevelRoutingParams, n: int, device: torch.device) -> tuple[Tensor, int]:
     """(long (N,): the region of each token in raster order, number of regions). Raises InputError when
