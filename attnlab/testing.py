@@ -25,7 +25,9 @@ from attnlab.api import attention
 from attnlab.backends.eager import REFERENCE
 from attnlab.core import Call, MethodSpec, Result, default_scale
 from attnlab.dispatch import choose
+from attnlab.errors import InputError
 from attnlab.inputs import validate
+from attnlab.params import Params
 from attnlab.patterns import Pattern, pattern_of
 from attnlab.registry import methods
 
@@ -246,7 +248,8 @@ def cases_for(
     all_params: bool = True,
 ) -> Iterator[Case]:
     """Parity cases over the method's supported patterns and its ``test_params``; a head dim above what a
-    parameter set takes (:meth:`Params.head_dim_limit`) gets no case."""
+    parameter set takes (:meth:`Params.head_dim_limit`), or lengths it refuses (:meth:`Params.check_lengths`:
+    e.g. a decode method's query bound, a grid that does not hold N), get no case."""
     param_sets = spec.test_params if all_params else spec.test_params[:1]
     for n_q, n_k in lengths:
         for causal in (False, True):
@@ -256,10 +259,21 @@ def cases_for(
                 for group in groups:
                     for dtype in dtypes:
                         for params in param_sets:
-                            limit = spec.make_params(params).head_dim_limit()
+                            made = spec.make_params(params)
+                            limit = made.head_dim_limit()
                             if limit is not None and d > limit:
                                 continue  # a head dim these parameters refuse by design (based's Taylor)
+                            if not _lengths_taken(made, n_q, n_k):
+                                continue  # lengths these parameters refuse by design
                             yield Case(batch, heads, heads // group, n_q, n_k, d, dtype, causal, dict(params))
+
+
+def _lengths_taken(params: Params, n_q: int, n_k: int) -> bool:
+    try:
+        params.check_lengths(n_q, n_k)
+    except InputError:
+        return False
+    return True
 
 
 # -- the test suite's setup ---------------------------------------------------------------------------

@@ -122,10 +122,10 @@ def test_planted_heavy_hitter_is_kept() -> None:
 
 def test_budget_covering_the_prompt_is_exact_throughout() -> None:
     q, k, v = _qkv(1, 4, 2, 30, 30)
-    for method in ("snapkv", "h2o"):
-        first = _run(method, q[:, :, :28], k[:, :, :28], v[:, :, :28], budget=28)
+    for method, window in (("snapkv", {"window": 4}), ("h2o", {})):  # (snapkv: budget >= window)
+        first = _run(method, q[:, :, :28], k[:, :, :28], v[:, :, :28], budget=28, **window)
         assert isinstance(first.state, EvictionState) and first.state.kept is None
-        step = _run(method, q[:, :, 29:], k, v, budget=28, state=first.state)
+        step = _run(method, q[:, :, 29:], k, v, budget=28, state=first.state, **window)
         dense = attnlab.attention(q[:, :, 29:], k, v, method="softmax", causal=True)
         torch.testing.assert_close(step.out, dense)
 

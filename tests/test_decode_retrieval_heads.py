@@ -86,7 +86,7 @@ def test_bad_input() -> None:
         _run(q, k, v, heads=(0, 2), budget=8)
     with pytest.raises(ParamError, match="distinct KV head indices"):
         attnlab.prepare("retrieval_heads_kv", causal=True, heads=(1, 1))
-    with pytest.raises(ParamError, match="sink=9 is invalid; expected at most budget=8"):
+    with pytest.raises(ParamError, match="sink=9 is invalid; expected less than budget=8"):
         attnlab.prepare("retrieval_heads_kv", causal=True, budget=8, sink=9)
     with pytest.raises(
         InputError, match=r"retrieval has shape \(3\); method 'retrieval_heads_kv' expects \(B=1, H_kv=2\)"

@@ -149,7 +149,7 @@ def test_free_kv_refuses_what_it_cannot_compact() -> None:
     static = "free_kv compacts transformers' full-attention DynamicLayer"
     with (
         decode_methods(),
-        use(model, decode="snapkv", decode_params={"budget": 4}, plan=FAST, free_kv=True),
+        use(model, decode="snapkv", decode_params={"budget": 4, "window": 2}, plan=FAST, free_kv=True),
         pytest.raises(HFRuntimeError, match=static),
     ):
         model.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="static")

@@ -9,19 +9,24 @@ tests compare the selections). Shared conventions
 
 How a model integration drives them (one state per layer and sequence batch, except ``tidal``):
 
-- ``page_topk``, ``retrieval_heads_kv``, ``tokenselect``: decode calls only (a prefill runs a prefill
-  method); the first decode call gets ``state=None`` and builds the state from the whole cache (page_topk:
-  O(N_k) once), each later call passes the previous call's ``Result.state``.
+- ``page_topk``, ``retrieval_heads_kv``, ``tokenselect``: decode calls (a prefill runs a prefill method:
+  ``retrieval_heads_kv`` and ``tokenselect`` refuse a call with more queries than their recent window /
+  local window when they select, see :mod:`attnlab.catalog.decode._common`); the first decode call gets
+  ``state=None`` and builds the state from the whole cache (page_topk: O(N_k) once), each later call passes
+  the previous call's ``Result.state``.
 - ``snapkv``, ``h2o``: the call with ``state=None`` decides what to keep and runs exact attention; route the
   prefill itself to the method so that its last queries are the observation window (SnapKV) and every
   prompt query votes (H2O; O(N^2) in PyTorch chunks, slow at 128K). A first decode call decides from its
   own few queries instead. ``h2o`` with ``per_step=True`` (the H2O paper's loop) decides again at every
   call, from the scores accumulated so far; each call passes the previous call's state.
 - ``recycled``: the call with ``state=None`` is a full step; the schedule counts calls.
-- ``tidal``: one state per decode step shared by the layers in order (see its module docstring).
+- ``tidal``: one state per decode step shared by the layers in order (see its module docstring); its prefill
+  is dense (a "reuse" call with a state takes at most as many queries as the state holds positions).
 
 The state objects (:mod:`attnlab.state`) hold tensors of the batch's shape: reorder or crop the batch
-(beam search) and the state must be rebuilt (``state=None``).
+(beam search) and the state must be rebuilt (``state=None``). A state belongs to the method that made it:
+recycled, tokenselect and tidal share :class:`attnlab.state.reuse.TokenSet`, which names its method, and
+each refuses another's (InputError).
 """
 # isort: skip_file
 

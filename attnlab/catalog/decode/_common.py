@@ -2,9 +2,13 @@
 
 Conventions of every decode method (family ``decode``):
 
-- q (B, H, N_q, D) holds the step's few queries (N_q = 1..16 in decoding; any N_q is defined), k/v
-  (B, H_kv, N_k, D) the whole cache; causal, bottom-right aligned: query ``i`` sits at position
-  ``i + N_k - N_q`` and sees tokens at or before it.
+- q (B, H, N_q, D) holds the step's few queries (N_q = 1..16 in decoding), k/v (B, H_kv, N_k, D) the whole
+  cache; causal, bottom-right aligned: query ``i`` sits at position ``i + N_k - N_q`` and sees tokens at or
+  before it. Any N_q is defined (a first call may be the prefill: snapkv, h2o, recycled's full step, tidal's
+  full and select layers attend exactly), except where a method's selection would leave the call's first
+  queries with only sinks or nothing: ``retrieval_heads_kv`` (N_q <= budget - sink), ``tokenselect``
+  (N_q <= n_local) and a ``tidal`` "reuse" call with a state (N_q <= the state's positions) refuse more
+  queries with an InputError when they select (budget < N_k); each method's docstring says why.
 - Budgets are in tokens (so methods compare at equal cost): the tokens each (batch, KV head) attends to.
   A budget >= N_k runs exact causal attention (nothing to select), and the method's state is still
   brought up to date, so a short cache that grows past the budget continues seamlessly.

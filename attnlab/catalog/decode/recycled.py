@@ -59,6 +59,8 @@ from attnlab.errors import InputError
 from attnlab.params import Params
 from attnlab.state.reuse import TokenSet
 
+#: The method's name, which its states carry (:class:`attnlab.state.reuse.TokenSet`).
+METHOD = "recycled"
 #: Score elements per chunk of query rows (fp32: 256 MiB).
 CHUNK_ELEMENTS = 2**26
 
@@ -125,7 +127,7 @@ def _keep(scores: Tensor, params: RecycledParams, n_k: int, *, ordered: bool = T
     order (the fused fast path: the decode kernel reads them in any order, and a sort of B x H_kv rows of
     thousands took ~35 us of a full step at B=1 on the H100)."""
     top = torch.topk(scores, params.budget, dim=-1, sorted=False).indices
-    return TokenSet((top.sort(dim=-1).values if ordered else top).to(torch.int32), n_k, 1)
+    return TokenSet((top.sort(dim=-1).values if ordered else top).to(torch.int32), n_k, 1, method=METHOD)
 
 
 def _fast_attention_max(q: Tensor, k: Tensor, scale: float, valid: Tensor | None) -> Tensor:
@@ -204,7 +206,7 @@ def _full_step(
     n_k = k.shape[2]
     if params.budget >= n_k:
         pos = torch.arange(n_k, device=k.device, dtype=torch.int32).expand(k.shape[0], k.shape[1], -1)
-        return TokenSet(pos.contiguous(), n_k, 1)
+        return TokenSet(pos.contiguous(), n_k, 1, method=METHOD)
     return _keep(keep_scores(q, k, params, scale, valid, fast=fast), params, n_k)
 
 
@@ -225,7 +227,7 @@ def select(
                 scores = _fused_scores(logits, lse, k.shape[1], p, valid_keys(key_mask))
                 return Attended(out), _keep(scores, p, k.shape[2], ordered=False)
         return None, _full_step(q, k, p, call.scale, valid_keys(key_mask), fast=fast)
-    nxt = TokenSet(st.positions, st.n_k, st.step + 1)
+    nxt = TokenSet(st.positions, st.n_k, st.step + 1, method=METHOD)
     return Selection(st.index(k.shape[2]), 1), nxt
 
 
@@ -243,18 +245,15 @@ def reference(
 ) -> tuple[Tensor, TokenSet]:
     """Full steps: exact causal attention (fp32 when ``upcast``) and the kept set from the pooled
     attention (module docstring). Other steps: causal attention over the kept and appended tokens.
-    Padding (``key_mask`` <= 0) is never attended, and kept only when the budget exceeds the real tokens."""
+    Padding (``key_mask`` <= 0) is never attended (it is kept only when the budget exceeds the real tokens,
+    and then masked); kept entries < 0 are holes, as the decode executors read them."""
     require_causal("recycled", causal)
     st = _state(state, k)
     if st is None or st.step % params.stride == 0:
         out = attend_reference(q, k, v, None, scale=scale, upcast=upcast, key_mask=key_mask)
         return out, _full_step(q, k, params, scale, valid_keys(key_mask))
-    mask = torch.zeros(k.shape[0], k.shape[1], k.shape[2], dtype=torch.bool, device=k.device)
-    mask.scatter_(2, st.positions.long(), True)
-    mask[..., st.n_k :] = True
-    return attend_reference(q, k, v, mask, scale=scale, upcast=upcast), TokenSet(
-        st.positions, st.n_k, st.step + 1
-    )
+    out = attend_reference(q, k, v, st.mask(k.shape[2]), scale=scale, upcast=upcast, key_mask=key_mask)
+    return out, TokenSet(st.positions, st.n_k, st.step + 1, method=METHOD)
 
 
 SPEC = MethodSpec(

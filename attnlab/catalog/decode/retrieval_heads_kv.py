@@ -5,11 +5,18 @@ Selection (per batch and KV head, the same every step; no scores)::
     retrieval KV head:   every cache token                          (exact attention)
     other KV heads:      tokens [0, sink) and [N_k - (budget - sink), N_k)
 
-then causal softmax attention over them. Which KV heads are retrieval heads: the ``heads`` parameter (KV
+then causal softmax attention over them (the window is the last ``budget - sink`` keys of the call, for
+every query of it). Which KV heads are retrieval heads: the ``heads`` parameter (KV
 head indices), and/or the tensor input ``retrieval`` (1, H_kv) or (B, H_kv) whose entries > 0 mark
 retrieval heads (e.g. from :mod:`attnlab.analysis` retrieval scores); their union counts. Budget in tokens
 for the non-retrieval heads (sinks included); a budget >= N_k runs exact attention for every head. With a
 ``key_mask`` (left padding) the sinks are each sequence's first real tokens, and padding is never attended.
+
+Queries per call: ``sink < budget``, so the window holds at least one token. A call that selects
+(budget < N_k) takes N_q <= ``budget - sink`` queries (decoding: 1 to a few): query ``i`` sits at position
+``N_k - N_q + i``, inside the window exactly when ``i >= N_q - (budget - sink)``, so then every query sees
+its own token and the window's tokens before it. More queries (a prefill: its first rows would see only the
+sinks, or nothing) are refused with an InputError; a call with budget >= N_k is exact for any N_q.
 
 Conventions of other code: DuoAttention (Xiao et al., 2024) learns a gate per KV head and runs
 "streaming heads" with sink + recent tokens (its defaults: 64 sinks, 256 recent; StreamingLLM's 4 sinks
@@ -69,8 +76,27 @@ class RetrievalHeadsParams(Params):
             raise self._fail("heads", self.heads, "distinct KV head indices")
         self.check_int("budget", minimum=1)
         self.check_int("sink", minimum=0)
-        if self.sink > self.budget:
-            raise self._fail("sink", self.sink, f"at most budget={self.budget}")
+        if self.sink >= self.budget:
+            raise self._fail(
+                "sink",
+                self.sink,
+                f"less than budget={self.budget} (the rest of the budget is the recent window, which holds "
+                "each query's own token)",
+            )
+
+    def check_lengths(self, n_q: int, n_k: int) -> None:
+        check_queries(self, n_q, n_k)
+
+
+def check_queries(p: RetrievalHeadsParams, n_q: int, n_k: int) -> None:
+    """Raise InputError when a call that selects (budget < N_k) has more queries than the recent window
+    (module docstring: queries per call)."""
+    if p.budget < n_k and n_q > p.budget - p.sink:
+        raise InputError(
+            f"retrieval_heads_kv: N_q={n_q} queries over a {n_k}-token cache with budget={p.budget} < N_k; "
+            f"expected N_q <= budget - sink = {p.budget - p.sink} (the recent window), so that every query "
+            "sees its own token: run a prefill with a prefill method, or in chunks of at most that many queries"
+        )
 
 
 def retrieval_mask(
@@ -112,6 +138,7 @@ def select(
     itself in one decode launch over each row's contiguous token runs (:func:`_ranges_step`)."""
     p: RetrievalHeadsParams = call.params  # type: ignore[assignment]
     b, h_kv, n_k = k.shape[0], k.shape[1], k.shape[2]
+    check_queries(p, q.shape[2], n_k)
     full = retrieval_mask(p, extra, b, h_kv, k.device)
     if p.budget >= n_k:
         return None, None
@@ -231,6 +258,7 @@ def reference(
     with ``first`` the sequence's first real token (every token when budget >= N_k)."""
     require_causal("retrieval_heads_kv", causal)
     b, h_kv, n_k = k.shape[0], k.shape[1], k.shape[2]
+    check_queries(params, q.shape[2], n_k)
     extra = {} if retrieval is None else {"retrieval": retrieval}
     full = retrieval_mask(params, extra, b, h_kv, k.device)
     if params.budget >= n_k:
@@ -256,7 +284,8 @@ SPEC = MethodSpec(
     reference=reference,
     backends=(triton_decode(select), torch_decode(select)),
     patterns=CAUSAL_PATTERNS,
-    test_params=({"heads": (0,), "budget": 12, "sink": 2}, {"budget": 9, "sink": 0}),
+    # (the first set exact on the CPU parity's 16 x 16 self case: a prefill that selects is refused)
+    test_params=({"heads": (0,), "budget": 16, "sink": 2}, {"budget": 9, "sink": 0}),
     bench_params=_bench,
     inputs=(
         TensorInput(

@@ -11,8 +11,15 @@ Scores (per batch and KV head, once, at the first call; fp32)::
 then the ``budget`` highest-scored tokens are kept (shared machinery and state: ``_evict``): the first
 call runs exact attention, later calls attend to the kept prompt tokens and every token appended since.
 
-Conventions of other code: kvpress (``kvpress/presses/snapkv_press.py``) pads the window's keys with the
-maximum score, so a tie can evict a window token; +inf here always keeps them. kvpress requires
+The budget must be >= ``window`` (a ParamError otherwise): the window's keys are always kept, so with
+``w <= window <= budget`` the +inf tier never holds more tokens than the budget and the kept set is
+determined by the scores (a first call shorter than the window included: its window is its N_q queries).
+
+Conventions of other code: SnapKV (``snapkv_utils.py``) keeps the window and the top
+``max_capacity_prompt - window_size`` of the prefix, so its capacity covers the window; kvpress
+(``kvpress/presses/snapkv_press.py``) pads the window's keys with the maximum score, so when it keeps fewer
+tokens than the window, which window tokens survive is a tie broken by ``topk``; +inf here always keeps
+them, and a budget below the window is refused. kvpress requires
 N_q > window (a prefill); here a first call with fewer queries uses all of them as the window (e.g. a
 first decode step: window 1). Defaults are kvpress's (window 64, kernel 5). Budget in tokens where
 kvpress takes a compression ratio (ratio r keeps N_k * (1 - r) tokens).
@@ -37,9 +44,9 @@ from attnlab.state.eviction import EvictionState
 
 @dataclass(frozen=True)
 class SnapKVParams(Params):
-    """``budget``: prompt tokens kept per (batch, KV head), the observation window's included (default
-    4096). ``window``: queries of the observation window, the call's last ones (default 64). ``kernel``:
-    width of the average pooling over key positions, odd (default 5)."""
+    """``budget``: prompt tokens kept per (batch, KV head), the observation window's included, so at least
+    ``window`` (default 4096). ``window``: queries of the observation window, the call's last ones (default
+    64). ``kernel``: width of the average pooling over key positions, odd (default 5)."""
 
     method = "snapkv"
     budget: int = 4096
@@ -52,6 +59,13 @@ class SnapKVParams(Params):
         self.check_int("kernel", minimum=1)
         if self.kernel % 2 == 0:
             raise self._fail("kernel", self.kernel, "an odd width (the pooled scores keep their length)")
+        if self.budget < self.window:
+            raise self._fail(
+                "budget",
+                self.budget,
+                f">= window={self.window} (the observation window is always kept and is part of the budget, "
+                "as in SnapKV; lower the window or raise the budget)",
+            )
 
 
 def scores(q: Tensor, k: Tensor, params: SnapKVParams, scale: float, valid: Tensor | None = None) -> Tensor:
@@ -114,7 +128,7 @@ SPEC = MethodSpec(
     reference=reference,
     backends=(triton_decode(_select), torch_decode(_select)),
     patterns=CAUSAL_PATTERNS,
-    test_params=({"budget": 12, "window": 4, "kernel": 3}, {"budget": 20, "window": 64, "kernel": 5}),
+    test_params=({"budget": 12, "window": 4, "kernel": 3}, {"budget": 20, "window": 16, "kernel": 5}),
     bench_params=lambda n: [{"budget": 4096}, {"budget": 1024}],
     inputs=(KEY_MASK,),
     stateful=True,

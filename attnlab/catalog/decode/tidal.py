@@ -13,6 +13,13 @@ Per layer, by its ``role``::
 
 Budget in tokens; a budget >= N_k keeps every token.
 
+Queries per call: "full" and "select" layers (and "reuse" without a state) run exact attention, defined for
+any N_q. A "reuse" layer with a state takes at most as many queries as the state holds positions (K: the
+selection layer's budget, or the whole cache then when the budget covered it): the call's queries sit at
+the last N_q positions, so at most N_q - 1 of the K distinct chosen positions lie after its first query and
+every query row sees at least one chosen token. Beyond that (a prefill through a "reuse" layer: its first
+rows would see nothing) the call is refused with an InputError; TidalDecode runs its prefill dense.
+
 Scores: the reference (and the ``torch`` backend) computes the logits in fp32 from fp32 copies of q and K;
 the ``triton`` backend's select layer attends and scores in one pass (the decode kernel stores each
 token's maximum logit over the group's rows; beyond the fused size limit, exact attention and then
@@ -61,6 +68,8 @@ from attnlab.params import Params
 from attnlab.state.reuse import TokenSet
 
 ROLES = ("full", "select", "reuse")
+#: The method's name, which its states carry (:class:`attnlab.state.reuse.TokenSet`).
+METHOD = "tidal"
 #: Score elements per chunk of query rows (fp32: 256 MiB).
 CHUNK_ELEMENTS = 2**26
 
@@ -134,12 +143,14 @@ def positions(
     b, h_kv, n_k = k.shape[0], k.shape[1], k.shape[2]
     if p.budget >= n_k:
         every = torch.arange(n_k, device=k.device, dtype=torch.int32).expand(b, h_kv, -1)
-        return TokenSet(every.contiguous(), n_k)
+        return TokenSet(every.contiguous(), n_k, method=METHOD)
     top = torch.topk(logit_scores(q, k, scale, valid, fast=fast), p.budget, dim=-1, sorted=False).indices
-    return TokenSet(top.sort(dim=-1).values.to(torch.int32), n_k)
+    return TokenSet(top.sort(dim=-1).values.to(torch.int32), n_k, method=METHOD)
 
 
-def _state(state: Any, k: Tensor) -> TokenSet | None:
+def _state(state: Any, q: Tensor, k: Tensor, role: str) -> TokenSet | None:
+    """The state, checked against the cache; a "reuse" call with more queries than the state's positions
+    is refused (module docstring: queries per call)."""
     if state is None:
         return None
     if not isinstance(state, TokenSet):
@@ -150,6 +161,13 @@ def _state(state: Any, k: Tensor) -> TokenSet | None:
         state.check("tidal", k.shape[0], k.shape[1], k.shape[2])
     except ValueError as e:
         raise InputError(str(e)) from None
+    n_q, chosen = q.shape[2], state.positions.shape[2]
+    if role == "reuse" and n_q > chosen:
+        raise InputError(
+            f"tidal: a 'reuse' call with N_q={n_q} queries over a state of {chosen} positions; expected "
+            f"N_q <= {chosen} (the positions the selection layer chose), else the first queries of the call "
+            "may see no token at all: run a prefill with a prefill method (or role 'full' / 'select')"
+        )
     return state
 
 
@@ -161,14 +179,15 @@ def select(
     scores in one pass (:func:`attnlab.catalog.decode._common.attend_with_logits`: the decode kernel's
     own logits), up to its size limit; beyond it, and on the torch path, exact attention then the scores."""
     p: TidalParams = call.params  # type: ignore[assignment]
-    st = _state(state, k)
+    st = _state(state, q, k, p.role)
     if p.role == "select":
         if fast and p.budget < k.shape[2]:  # the attention and its logits in one pass over the cache
             fused = attend_with_logits(q, k, v, call.scale, extra.get("key_mask"), group_max=True)
             if fused is not None:
                 out, _, scores = fused  # (B, H_kv, N_k): the max over the group's rows
                 top = torch.topk(scores, p.budget, dim=-1, sorted=False).indices
-                return Attended(out), TokenSet(top.to(torch.int32), k.shape[2])  # (in top-k order)
+                chosen = TokenSet(top.to(torch.int32), k.shape[2], method=METHOD)  # (in top-k order)
+                return Attended(out), chosen
         return None, positions(q, k, p, call.scale, valid_keys(extra.get("key_mask")), fast=fast)
     if p.role == "full" or st is None:
         return None, st
@@ -190,16 +209,13 @@ def reference(
     """Causal softmax attention (fp32 when ``upcast``) over real tokens (``key_mask`` > 0) by the layer's
     role (module docstring); returns the state for the next layer."""
     require_causal("tidal", causal)
-    st = _state(state, k)
+    st = _state(state, q, k, params.role)
     exact = attend_reference(q, k, v, None, scale=scale, upcast=upcast, key_mask=key_mask)
     if params.role == "select":
         return exact, positions(q, k, params, scale, valid_keys(key_mask))
     if params.role == "full" or st is None:
         return exact, st
-    mask = torch.zeros(k.shape[0], k.shape[1], k.shape[2], dtype=torch.bool, device=k.device)
-    mask.scatter_(2, st.positions.long(), True)
-    mask[..., st.n_k :] = True
-    return attend_reference(q, k, v, mask, scale=scale, upcast=upcast, key_mask=key_mask), st
+    return attend_reference(q, k, v, st.mask(k.shape[2]), scale=scale, upcast=upcast, key_mask=key_mask), st
 
 
 SPEC = MethodSpec(

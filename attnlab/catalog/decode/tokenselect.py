@@ -12,7 +12,14 @@ Selection (per batch and KV group)::
 Selection cache: when every batch element's fingerprint has cosine similarity > ``threshold`` with the
 previous call's (all heads' fingerprints as one vector), the previous call's voted tokens are reused (minus
 those that the local window now covers) with the current sinks and local window; otherwise a new vote.
-Budget in tokens (sinks and local window included); a budget >= N_k runs exact attention.
+Budget in tokens (sinks and local window included); a budget >= N_k runs exact attention and votes nothing,
+so the first call past the budget always votes (a selection is reused only when it holds the
+``budget - n_init - n_local`` votes the call takes).
+
+Queries per call: a call that selects (budget < N_k) takes N_q <= ``n_local`` queries (decoding: 1 to a
+few), so that the local window holds every query's own token (query ``i`` sits at position
+``N_k - N_q + i``); more (a prefill: its first rows would see only the sinks and the voted tokens before
+them, or nothing) are refused with an InputError. A call with budget >= N_k is exact for any N_q.
 
 Conventions of other code: pzs19/TokenSelect (``patcher/token_retrieval.py``) shares one selection across
 all heads of a layer (summing the per-head softmaxes over every head; its kernel maps query head h to KV
@@ -56,6 +63,8 @@ from attnlab.errors import InputError
 from attnlab.params import Params
 from attnlab.state.reuse import TokenSet
 
+#: The method's name, which its states carry (:class:`attnlab.state.reuse.TokenSet`).
+METHOD = "tokenselect"
 #: Vote logits per piece of KV heads (fp32: 256 MiB; the Triton path).
 CHUNK_ELEMENTS = 2**26
 
@@ -86,6 +95,20 @@ class TokenSelectParams(Params):
                 self.budget,
                 f">= n_init + n_local = {self.n_init + self.n_local} (they are part of it)",
             )
+
+    def check_lengths(self, n_q: int, n_k: int) -> None:
+        check_queries(self, n_q, n_k)
+
+
+def check_queries(p: TokenSelectParams, n_q: int, n_k: int) -> None:
+    """Raise InputError when a selecting call (budget < N_k) has more queries than the local window
+    (module docstring: queries per call)."""
+    if p.budget < n_k and n_q > p.n_local:
+        raise InputError(
+            f"tokenselect: N_q={n_q} queries over a {n_k}-token cache with budget={p.budget} < N_k; expected "
+            f"N_q <= n_local={p.n_local}, so that every query sees its own token (the local window holds the "
+            "call's queries): run a prefill with a prefill method, or in chunks of at most n_local queries"
+        )
 
 
 def fingerprint(q: Tensor) -> Tensor:
@@ -169,17 +192,21 @@ def choose(
     list entries that would repeat a token or name padding are holes (-1). ``fast``: the votes from the
     Triton logits (:func:`votes`)."""
     b, h_kv, n_k = k.shape[0], k.shape[1], k.shape[2]
+    check_queries(p, q.shape[2], n_k)
     qf = fingerprint(q)
     dev = k.device
-    if p.budget >= n_k:
-        return None, TokenSet(torch.empty(b, h_kv, 0, dtype=torch.int32, device=dev), n_k, 0, qf)
+    if p.budget >= n_k:  # (no vote: a later step past the budget votes anew, see below)
+        empty = torch.empty(b, h_kv, 0, dtype=torch.int32, device=dev)
+        return None, TokenSet(empty, n_k, 0, qf, method=METHOD)
     lo, hi = p.n_init, n_k - p.n_local
-    if state is not None and similar(qf, state.query, p.threshold):
+    top = min(p.budget - p.n_init - p.n_local, hi - lo)
+    # a selection is reused only when it holds the votes this step takes: not one made under the exact
+    # fallback (no votes) or with another budget (a shape, no host synchronisation)
+    if state is not None and state.positions.shape[2] == top and similar(qf, state.query, p.threshold):
         voted = state.positions
         voted = torch.where(voted >= hi, torch.full_like(voted, -1), voted)  # now in the local window
-        new_state = TokenSet(state.positions, state.n_k, state.step + 1, qf)
+        new_state = TokenSet(state.positions, state.n_k, state.step + 1, qf, method=METHOD)
     else:
-        top = min(p.budget - p.n_init - p.n_local, hi - lo)
         valid = valid_keys(key_mask)
         if valid is None:
             picked = torch.topk(votes(qf, k, lo, hi, fast=fast), top, dim=-1, sorted=False).indices + lo
@@ -191,7 +218,7 @@ def choose(
             ok = allowed[:, None, :].expand(-1, h_kv, -1).gather(2, top_)
             picked = torch.where(ok, top_ + lo, -1)
         voted = picked.to(torch.int32)
-        new_state = TokenSet(voted, n_k, 0, qf)
+        new_state = TokenSet(voted, n_k, 0, qf, method=METHOD)
     first_tok = first_real(valid_keys(key_mask), b, dev)[:, None]
     sinks = first_tok + torch.arange(lo, device=dev)
     sinks = torch.where(sinks < hi, sinks, -1)  # (already in the local window: not twice)
@@ -256,8 +283,8 @@ SPEC = MethodSpec(
     reference=reference,
     backends=(triton_decode(select), torch_decode(select)),
     patterns=CAUSAL_PATTERNS,
-    test_params=(
-        {"budget": 14, "n_init": 2, "n_local": 4},
+    test_params=(  # (the first set exact on the CPU parity's 16 x 16 self case: see queries per call)
+        {"budget": 16, "n_init": 2, "n_local": 4},
         {"budget": 10, "n_init": 0, "n_local": 3, "threshold": 1.0},
     ),
     bench_params=lambda n: [{"budget": 4096}],
