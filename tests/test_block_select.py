@@ -21,7 +21,8 @@ def _both(score: torch.Tensor, **kw: object) -> tuple[tuple[torch.Tensor, torch.
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize(
-    ("n_q", "n_k", "block"), [(256, 256, 16), (100, 300, 16), (1000, 1000, 64), (48, 16, 16)]
+    ("n_q", "n_k", "block"),
+    [(256, 256, 16), (100, 300, 16), (1000, 1000, 64), (48, 16, 16), (64, 88, 16), (50, 40, 16)],
 )
 # (topk 1 with both sink and local forced is left out: two +inf tiles for one place, a tie)
 @pytest.mark.parametrize(
@@ -60,6 +61,29 @@ def test_kernel_keeps_the_lowest_columns_among_ties_and_counts_forced_tiles() ->
         want = {0, 1, 2, 4 + i}
         assert set(keep[i].nonzero().flatten().tolist()) == want
         assert bool(partial[0, 0, i, 4 + i]) and not bool(partial[0, 0, i, :4].any())
+
+
+def test_a_query_block_straddling_two_key_blocks_forces_both_on_top_of_topk() -> None:
+    # N_k - N_q = 24: query block i holds positions 24 + 16 i .. 39 + 16 i, key blocks i + 1 and i + 2; the
+    # budget (topk 3) counts the sink and block i + 2, block i + 1 comes on top; equal scores: the lowest
+    # allowed other column fills the one scored place
+    score = torch.zeros(1, 1, 4, 6, device=DEVICE)
+    kw = dict(n_q=64, n_k=88, block=16, topk=3, causal=True, sink=True, local=True)
+    full, partial = select_blocks_kernel(score, **kw)  # type: ignore[arg-type]
+    keep = (full | partial)[0, 0].cpu()
+    want = [{0, 1, 2}, {0, 1, 2, 3}, {0, 1, 3, 4}, {0, 1, 4, 5}]  # (block 0 allows only 0 .. 2)
+    assert [set(row.nonzero().flatten().tolist()) for row in keep] == want
+    # the span straddles the diagonal: both its tiles are partial
+    assert all(bool(partial[0, 0, i, i + 1]) and bool(partial[0, 0, i, i + 2]) for i in range(4))
+    # the rule on distinct scores: the same forced tiles and budget
+    score = torch.randn(1, 1, 4, 6, device=DEVICE)
+    nf, np_ = select_blocks_naive(score, **kw)  # type: ignore[arg-type]
+    kept = (nf | np_)[0, 0].cpu()
+    assert kept.sum(-1).tolist() == [3, 4, 4, 4]
+    assert all(bool(kept[i, [0, i + 1, i + 2]].all()) for i in range(4))
+    # mass > 0 (the rule only): the span is forced there too
+    mf, mp = select_blocks_naive(score, **{**kw, "mass": 1e-6})  # type: ignore[arg-type]
+    assert all(bool((mf | mp)[0, 0, i, [0, i + 1, i + 2]].all().item()) for i in range(4))
 
 
 def test_non_finite_scores_are_never_kept_unless_forced() -> None:

@@ -59,6 +59,38 @@ def test_gqa_and_batch_plans_are_per_batch_and_query_head() -> None:
     # batch 1 estimated alone gives the same tiles as inside the batch (no cross-batch mixing)
     alone = estimate(q[1:2], k[1:2], BlockTopkParams(block=16, topk=2), causal=True, scale=0.25)
     assert torch.equal(alone.full[0], plan.full[1]) and torch.equal(alone.partial[0], plan.partial[1])
+    # GQA: query head h scores with kv head h // 2, as with k repeated per query head (MHA)
+    for causal in (True, False):
+        p = BlockTopkParams(block=16, topk=2, sink=False, local=False)
+        gqa = estimate(q, k, p, causal=causal, scale=0.25)
+        mha = estimate(q, k.repeat_interleave(2, dim=1), p, causal=causal, scale=0.25)
+        assert torch.equal(gqa.full, mha.full) and torch.equal(gqa.partial, mha.partial)
+    assert not torch.equal(gqa.full[:, 0], gqa.full[:, 2])  # the kv heads' plans differ
+
+
+def test_chunked_prefill_forces_the_diagonal_span_on_top_of_the_budget() -> None:
+    # 24 cached keys, then 64 queries: query block i holds positions 24 + 16 i .. 39 + 16 i, key blocks
+    # i + 1 and i + 2 (N_k - N_q = 24 is not a multiple of 16): both are forced, the budget counts the
+    # second (its last position's) with the sink, the first comes on top: topk - 2 = 1 block by score
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (
+        torch.randn(2, 2, 64, 16, generator=g),
+        torch.randn(2, 2, 88, 16, generator=g),
+        torch.randn(2, 2, 88, 16, generator=g),
+    )
+    plan = estimate(q, k, BlockTopkParams(block=16, topk=3), causal=True, scale=0.25)
+    tiles = plan.full | plan.partial
+    for i in range(4):
+        row = tiles[..., i, :]
+        assert bool(row[..., [0, i + 1, i + 2]].all())  # the sink and the span
+        assert torch.equal(row.sum(-1), torch.full((2, 2), min(4, i + 3)))  # (block 0: only 3 allowed)
+    # the first rows of each query block see their own position (the old rule gave them zeros with
+    # topk=1 and no sink)
+    out = attnlab.attention(q, k, v, method="block_topk", causal=True, block=16, topk=1, sink=False,
+                            backend="reference")  # fmt: skip
+    assert not bool((out.abs().sum(-1) == 0).any())
+    mask = estimate(q, k, BlockTopkParams(block=16, topk=1, sink=False), causal=True, scale=0.25).dense_mask()
+    assert bool(mask[..., torch.arange(64), torch.arange(64) + 24].all())
 
 
 def test_full_budget_equals_dense_attention() -> None:

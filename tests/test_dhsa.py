@@ -130,6 +130,28 @@ def test_forced_blocks_budget_and_dense_last_queries() -> None:
             assert len(kept) == max(len(forced), min(3, i + 1)), (i, kept)
 
 
+def test_chunked_prefill_forces_the_diagonal_span_on_top_of_the_budget() -> None:
+    # N_k - N_q = 24: query block i (positions 24 + 16 i .. 39 + 16 i) straddles key blocks i + 1, i + 2;
+    # local=1 forced only the block of the last position (its first rows lost their own keys): now both,
+    # the budget (2 blocks) counting the second, the first on top, so one block is still chosen by score
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (
+        torch.randn(1, 2, 64, 16, generator=g),
+        torch.randn(1, 2, 88, 16, generator=g),
+        torch.randn(1, 2, 88, 16, generator=g),
+    )
+    p = DhsaParams(block=16, budget=32, local=1, sink=0, dense_last=0)
+    plan = estimate(q, k, p, causal=True, scale=0.25)
+    tiles = (plan.full | plan.partial)[0, 0]
+    for i in range(4):
+        kept = set(tiles[i].nonzero().flatten().tolist())
+        assert {i + 1, i + 2} <= kept and len(kept) == 3, (i, kept)
+    assert bool(plan.dense_mask()[..., torch.arange(64), torch.arange(64) + 24].all())
+    out = attnlab.attention(q, k, v, method="dhsa", causal=True, block=16, budget=16, local=1, sink=0,
+                            dense_last=0, backend="reference")  # fmt: skip
+    assert not bool((out.abs().sum(-1) == 0).any())
+
+
 def test_batch_with_different_chunk_counts_and_gqa() -> None:
     k0, _ = segments()
     k1, _ = segments([0, 40, N], seed=3)

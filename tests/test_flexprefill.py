@@ -102,8 +102,33 @@ def test_batch_and_gqa_estimate_each_sequence_alone() -> None:
     assert plan.full.shape == (3, 4, 5, 5)
     alone = estimate(q[2:], k[2:], p, causal=True, scale=0.25)
     assert torch.equal(plan.full[2], alone.full[0]) and torch.equal(plan.partial[2], alone.partial[0])
+    # GQA: query head h estimates with kv head h // 2, as with k repeated per query head (MHA)
+    mha = estimate(q, k.repeat_interleave(2, dim=1), p, causal=True, scale=0.25)
+    assert torch.equal(plan.full, mha.full) and torch.equal(plan.partial, mha.partial)
+    assert not torch.equal(plan.full[:, :2], plan.full[:, 2:])  # the kv heads' plans differ
     # the diagonal tiles are always kept (partial, causal rule inside)
     assert plan.partial[:, :, torch.arange(5), torch.arange(5)].all()
+
+
+def test_chunked_prefill_distance_block_zero_is_the_diagonal_span() -> None:
+    # N_k - N_q = 24: query block i (positions 24 + 16 i .. 39 + 16 i) straddles key blocks i + 1, i + 2;
+    # distance block 0 (always kept) stands for both, so every row keeps its own position
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (
+        torch.randn(1, 2, 64, 16, generator=g),
+        torch.randn(1, 2, 88, 16, generator=g),
+        torch.randn(1, 2, 88, 16, generator=g),
+    )
+    p = FlexPrefillParams(block=16, gamma=0.05, tau=0.0, min_budget=16, max_budget=16)
+    plan = estimate(q, k, p, causal=True, scale=0.25)
+    tiles = plan.full | plan.partial
+    assert bool(tiles[..., torch.arange(4), torch.arange(4) + 1].all())
+    assert bool(tiles[..., torch.arange(4), torch.arange(4) + 2].all())
+    assert bool(plan.dense_mask()[..., torch.arange(64), torch.arange(64) + 24].all())
+    with registered(SPEC):
+        out = attnlab.attention(q, k, v, method="flexprefill", causal=True, backend="reference", block=16,
+                                gamma=0.05, tau=0.0, min_budget=16, max_budget=16)  # fmt: skip
+    assert not bool((out.abs().sum(-1) == 0).any())
 
 
 def test_short_inputs_and_full_budgets_are_dense() -> None:

@@ -170,6 +170,26 @@ def test_bad_parameters_get_clear_errors(method: None, kwargs: dict, match: str)
         attnlab.attention(q, q, q, method="indexer_topk", **kwargs)
 
 
+def test_hisa_blocks_that_cannot_hold_topk_keys_are_refused(method: None) -> None:
+    # m B < k: stage 2 would return fewer than topk keys (HISA's constraint m·B >= k)
+    msg = r"hisa_blocks=2 x hisa_block=8 = 16 candidate keys < topk=17.*m·B >= k"
+    with pytest.raises(ParamError, match=msg):
+        IndexerTopkParams(topk=17, search="hisa", hisa_block=8, hisa_blocks=2)
+    q = torch.randn(1, 1, 64, 16)
+    with pytest.raises(ParamError, match=msg):
+        attnlab.attention(q, q, q, method="indexer_topk", topk=17, search="hisa", hisa_block=8, hisa_blocks=2)
+    # the search override of select / selection_iou checks it too (the params' own search is "token")
+    token = IndexerTopkParams(topk=17, hisa_block=8, hisa_blocks=2, index_dim=0)
+    with pytest.raises(ParamError, match=msg):
+        select(q, q, token, causal=True, search="hisa")
+    with pytest.raises(ParamError, match=msg):
+        selection_iou(q, q, token)
+    # m B = k is taken: every query with topk visible keys gets topk of them
+    exact = IndexerTopkParams(topk=16, search="hisa", hisa_block=8, hisa_blocks=2, index_dim=0)
+    sel = select(q, q, exact, causal=False)
+    assert bool((sel < 64).all())
+
+
 def test_bad_indexer_tensors_get_clear_errors() -> None:
     q, k = torch.randn(1, 2, 20, 16), torch.randn(1, 1, 20, 16)
     p = IndexerTopkParams(topk=3)

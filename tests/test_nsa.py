@@ -64,6 +64,29 @@ def test_forced_blocks_and_budget() -> None:
     assert torch.equal(counts, torch.clamp(visible, max=3))  # topn, or every visible block when fewer
 
 
+@pytest.mark.parametrize(("local", "sink"), [(1, False), (2, True)])
+def test_chunked_prefill_query_blocks_force_every_rows_own_block(local: int, sink: bool) -> None:
+    # N_k - N_q = 24: query block i (positions 24 + 16 i .. 39 + 16 i) straddles key blocks i + 1, i + 2;
+    # the forced set is the union of its rows' (the local blocks before each row's own), topn counts its
+    # last row's, the one more comes on top (topn + 1 blocks, topn - local - sink by importance)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 64, 32, generator=g), torch.randn(1, 1, 88, 32, generator=g)
+    topn = local + int(sink) + 1
+    p = NsaParams(block=BS, topn=topn, window=0, local=local, sink=sink)
+    _, sel = scan(q, k, None, p, scale=32**-0.5)
+    for i in range(4):
+        kept = set(sel[0, 0, i].nonzero().flatten().tolist())
+        forced = set(range(max(0, i + 2 - local), i + 3)) | ({0} if sink else set())
+        assert forced <= kept and max(kept) == i + 2, (i, kept)
+        assert len(kept) == min(topn + 1, i + 3), (i, kept)
+    mask = estimate_selection(q, k, p, causal=True, scale=32**-0.5).dense_mask()
+    assert bool(mask[..., torch.arange(64), torch.arange(64) + 24].all())  # every row's own position
+    # the token granularity's rows are unchanged: their own block is forced as before
+    tok = NsaParams(block=BS, topn=topn, window=0, local=local, sink=sink, granularity="token")
+    _, rows = scan(q, k, None, tok, scale=32**-0.5)
+    assert torch.equal(rows.sum(-1)[0, 0], torch.clamp((torch.arange(64) + 24) // BS + 1, max=topn))
+
+
 def test_branches_against_independent_definitions() -> None:
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, 2, 40, 16, generator=g) for _ in range(3))

@@ -110,6 +110,23 @@ def test_topk_threshold_and_local_block() -> None:
         assert torch.equal(thr.full | thr.partial, want)
 
 
+def test_chunked_prefill_keeps_the_diagonal_span_on_top_of_topk() -> None:
+    # N_k - N_q = 24: query block i (positions 24 + 16 i .. 39 + 16 i) straddles key blocks i + 1, i + 2;
+    # both are kept (the reviewer's repro: topk=1 gave 32 zero rows), the second one on top of topk
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 32, generator=g) for n in (64, 88, 88))
+    out = attnlab.attention(q, k, v, method="seer", causal=True, block=16, topk=1, backend="reference")
+    assert not bool((out.abs().sum(-1) == 0).any())
+    for topk in (1, 2):
+        plan = estimate(q, k, SeerParams(block=16, topk=topk), causal=True, scale=0.25)
+        tiles = plan.full | plan.partial
+        for i in range(4):
+            assert bool(tiles[..., i, [i + 1, i + 2]].all())
+            assert torch.equal(tiles[..., i, :].sum(-1), torch.full((1, 2), min(topk + 1, i + 3)))
+    thr = estimate(q, k, SeerParams(block=16, threshold=0.9), causal=True, scale=0.25)
+    assert bool((thr.full | thr.partial)[..., torch.arange(4), torch.arange(4) + 1].all())
+
+
 def test_cross_causal_rows_without_keys_give_zeros() -> None:
     q, k, v = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 20, 16), torch.randn(1, 2, 20, 16)
     out = attnlab.attention(q, k, v, method="seer", block=16, topk=2, causal=True, backend="reference")

@@ -195,7 +195,7 @@ def test_plan_rows_mask_is_the_last_rows_of_the_dense_mask(n: int, rows: int, bl
     mod = _module()
     torch.manual_seed(0)
     for method, params, n_k in (("block_topk", {"block": block, "topk": 2}, n), ("block_topk", {"block": block, "topk": 2}, n + 9),
-                                ("vertical_slash", {"vertical": 5, "slash": 7, "block": block}, n)):  # fmt: skip
+                                ("vertical_slash", {"vertical": 5, "slash": 7, "sink_columns": 1, "local_diagonals": 1, "block": block}, n)):  # fmt: skip
         spec = attnlab.get(method)
         q, k = torch.randn(1, 2, n, 16), torch.randn(1, 2, n_k, 16)
         plan = estimated_plan(spec, params, q, k, True)

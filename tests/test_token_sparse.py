@@ -86,6 +86,9 @@ def test_batch_and_gqa_keep_per_batch_and_query_head() -> None:
     assert kept.shape == (3, 4, 48) and not kept.all()
     alone = kept_tokens(q[1:2], k[1:2], p, scale=0.25)
     assert torch.equal(alone[0], kept[1])
+    # GQA: query head h estimates with kv head h // 2, as with k repeated per query head (MHA)
+    assert torch.equal(kept, kept_tokens(q, k.repeat_interleave(2, dim=1), p, scale=0.25))
+    assert not torch.equal(kept[:, :2], kept[:, 2:])  # the kv heads' selections differ
     # one drop count per batch element: every head of an element keeps the same number of tokens
     counts = kept.sum(-1)
     assert (counts == counts[:, :1]).all()

@@ -54,11 +54,17 @@ def test_batch_and_gqa_estimate_each_sequence_alone() -> None:
     alone = estimate(q[2:], k[2:], p, causal=True, scale=0.25)
     assert plan.columns is not None and alone.columns is not None
     assert torch.equal(plan.columns[2], alone.columns[0]) and torch.equal(plan.full[2], alone.full[0])
+    assert torch.equal(plan.partial[2], alone.partial[0])
+    # GQA: query head h estimates with kv head h // 2, as with k repeated per query head (MHA)
+    mha = estimate(q, k.repeat_interleave(2, dim=1), p, causal=True, scale=0.25)
+    assert mha.columns is not None
+    assert torch.equal(plan.columns, mha.columns)
+    assert torch.equal(plan.full, mha.full) and torch.equal(plan.partial, mha.partial)
 
 
 def test_full_budget_equals_dense_causal_attention() -> None:
     q, k, v = (torch.randn(1, 2, 50, 16) for _ in range(3))
-    out = attnlab.attention(q, k, v, method="vertical_slash", causal=True, vertical=50, slash=50, block=16,
+    out = attnlab.attention(q, k, v, method="vertical_slash", causal=True, vertical=50, slash=100, block=16,
                             backend="reference")  # fmt: skip
     dense = attnlab.attention(q, k, v, method="softmax", causal=True, backend="reference")
     torch.testing.assert_close(out, dense)
@@ -72,3 +78,17 @@ def test_bad_input_gets_clear_errors() -> None:
         attnlab.attention(q, q, q, method="vertical_slash", causal=True, vertical=0)
     with pytest.raises(Exception, match="causal"):
         attnlab.attention(q, q, q, method="vertical_slash", causal=False)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"vertical": 2, "sink_columns": 3}, "vertical=2 is below sink_columns=3"),
+        ({"slash": 1, "local_diagonals": 2}, "slash=1 is below local_diagonals=2"),
+    ],
+)
+def test_budgets_below_their_forced_entries_are_refused(kwargs: dict, match: str) -> None:
+    # else topk picks an arbitrary subset of the tied +inf sinks / local diagonals
+    with pytest.raises(ParamError, match=match):
+        VerticalSlashParams(**{"vertical": 3, "slash": 3, "sink_columns": 1, "local_diagonals": 1, **kwargs})
+    VerticalSlashParams(vertical=3, slash=2, sink_columns=3, local_diagonals=2)  # equal: every one kept

@@ -58,6 +58,39 @@ class Geometry:
         """long (NQB,): the key block holding each query block's last position (clamped into the keys)."""
         return torch.clamp(self.q_last, 0, self.n_k - 1) // self.block
 
+    def local_first(self) -> Tensor:
+        """long (NQB,): the key block holding each query block's first position (clamped into the keys)."""
+        return torch.clamp(self.q_first, 0, self.n_k - 1) // self.block
+
+    def local_span(self) -> Tensor:
+        """bool (NQB, NKB): the query block's diagonal span, the key blocks holding one of its positions
+        ``[q_first, q_last]`` (clamped into the keys): one block when ``N_k - N_q`` is a multiple of
+        ``block``, else up to two (the query block then straddles two key blocks, and the block of its
+        last position alone would miss its first rows' own positions)."""
+        j = torch.arange(self.nkb, device=self.q_first.device)[None, :]
+        return (j >= self.local_first()[:, None]) & (j <= self.local()[:, None])
+
+
+def top_entries(ranked: Tensor, count: int, extra: Tensor) -> Tensor:
+    """bool like ``ranked`` (..., M): the ``count + extra`` highest entries of each row (``extra`` long,
+    broadcastable to the rows ``ranked.shape[:-1]``; at most M in all), those ranked -inf left out.
+
+    The estimators with a forced diagonal span count it in their budget as the block of the query block's
+    last position; ``extra`` (:func:`span_extra`) is the one more block the span adds when it straddles two
+    key blocks, kept on top of the budget (so the scored share of the budget is the same on every row)."""
+    m = ranked.shape[-1]
+    most = min(m, count + (int(extra.max()) if extra.numel() else 0))
+    top = torch.topk(ranked, most, dim=-1)
+    within = torch.arange(most, device=ranked.device) < (count + extra)[..., None]
+    keep = within & (top.values > float("-inf"))
+    return torch.zeros_like(ranked, dtype=torch.bool).scatter_(-1, top.indices, keep)
+
+
+def span_extra(forced: Tensor, forced_last: Tensor) -> Tensor:
+    """long (...): forced blocks per row (bool (..., M)) beyond those of the same rule applied to the query
+    block's last position alone (``forced_last``): 0, or 1 where the diagonal span adds a block."""
+    return forced.sum(-1) - forced_last.sum(-1)
+
 
 def geometry(n_q: int, n_k: int, block: int, device: torch.device) -> Geometry:
     """The tile ranges of an (n_q, n_k) problem in ``block``-sized tiles."""

@@ -9,13 +9,19 @@ reference choose the same blocks)::
                                                         last position of query block i)
     keep the ``topk`` highest blocks of row i, or, with ``mass`` > 0, the fewest highest blocks whose
     softmax share of row i reaches ``mass`` (at most ``topk``); always keep block 0 (``sink``) and the
-    block holding the query block's last position (``local``).
+    query block's diagonal span (``local``): the key blocks holding one of its positions, one block, or
+    two when N_k - N_q is not a multiple of ``block`` (causal cross-attention such as chunked prefill
+    after a cached prefix: the query block then straddles two key blocks).
+
+Budget: ``topk`` counts the forced blocks as ``sink + local`` (hence ``topk >= sink + local``), the span
+as the block of the query block's last position; a second span block comes on top, so such a query block
+keeps up to ``topk + 1`` blocks and the scored share (``topk - sink - local``) is the same on every row.
 
 Positions are bottom-right aligned (query ``i`` at ``i + N_k - N_q``). The kept tiles form the plan
 (B, H, N_q / block, N_k / block); causal tiles that straddle the diagonal are partial with the causal
 rule. Attention is exact softmax attention over the plan's pairs. With ``local`` on (the default) every
-query sees at least its own position when causal (self-attention), so no row is empty; with it off, rows
-whose kept blocks are all in their future get zeros.
+causal query with a visible key sees at least its own position (self- and cross-attention), so no such
+row is empty; with it off, rows whose kept blocks are all in their future get zeros.
 
 Conventions of other code: this is the block-sparse "pooled score" selection of MoBA / SeerAttention
 without a learned gate (their gate replaces the mean pooling) and of FlexPrefill's query-aware branch
@@ -49,7 +55,8 @@ class BlockTopkParams(Params):
     ``topk``: key blocks kept per query block, sink and local included (>= 1; default 16).
     ``mass``: 0 keeps exactly ``topk`` blocks; in (0, 1] keeps the fewest blocks whose estimated share of
     the row reaches ``mass`` (capped at ``topk``). ``sink`` / ``local``: always keep the first key block /
-    the block at the query block's last position."""
+    the query block's diagonal span (the key blocks holding its positions; the span counts as one block
+    of ``topk``, a second span block, when N_k - N_q is not a multiple of ``block``, comes on top)."""
 
     method = "block_topk"
     block: int = 128
@@ -70,8 +77,8 @@ class BlockTopkParams(Params):
         if self.topk < forced:
             raise ParamError(
                 f"block_topk: topk={self.topk} with sink={self.sink} and local={self.local}: topk counts the "
-                f"forced blocks, so it must be at least {forced} (else a forced block would be dropped): raise topk, "
-                "or set sink=False / local=False"
+                f"forced blocks (the local span as one), so it must be at least {forced} (else a forced block would "
+                "be dropped): raise topk, or set sink=False / local=False"
             )
         if not 0.0 <= float(self.mass) <= 1.0:
             raise ParamError(f"block_topk: mass={self.mass!r} must be in [0, 1] (0 = keep exactly topk)")

@@ -16,8 +16,12 @@ Estimator, per batch element (fp32, shared by every head as in DHSA; ``bs`` = ``
     block importance T[i, j] = mean over the tokens t of key block j of S[i, chunk(t)] (the token scores
       DHSA upsamples, pooled back to the executor's tiles)
     keep ceil(budget / bs) blocks per query block among those with a key <= its last position: the
-      blocks holding [0, sink) and the last ``local`` positions (always, at least the diagonal block),
-      then the highest T; query blocks holding one of the last ``dense_last`` queries keep every block
+      blocks holding [0, sink) and the positions [min(first, last - local + 1), last] (always: the
+      ``local`` positions before its last one and its own diagonal span, the key blocks of its positions
+      first .. last, so every row keeps its own position even when the query block straddles two key
+      blocks, N_k - N_q not a multiple of bs), then the highest T; the budget counts the forced blocks of
+      [0, sink) and [last - local + 1, last] (kept even beyond it), and the span's one more block, when
+      it adds one, on top; query blocks holding one of the last ``dense_last`` queries keep every block
 
 The kept tiles form the plan (B, 1, NQB, NKB) (one plan for all heads); tiles straddling the diagonal are
 partial with the causal rule. Attention is exact softmax attention over the plan's pairs.
@@ -57,7 +61,15 @@ from torch import Tensor
 
 from attnlab.backends.block_sparse import BLOCK_SPARSE
 from attnlab.backends.sdpa import SdpaMaskBackend
-from attnlab.catalog.dynamic._tiles import BLOCKS, geometry, plan_reference, pool_mean, tiles_plan
+from attnlab.catalog.dynamic._tiles import (
+    BLOCKS,
+    geometry,
+    plan_reference,
+    pool_mean,
+    span_extra,
+    tiles_plan,
+    top_entries,
+)
 from attnlab.core import MethodSpec
 from attnlab.errors import ParamError
 from attnlab.params import Params
@@ -72,7 +84,7 @@ class DhsaParams(Params):
     ``chunk_beta``: at most (N_k // block) * chunk_beta chunks (>= 1; default 8). ``boundary_window``:
     keys on each side of a candidate boundary (>= 1; default 4). ``nms_window``: no two chunk starts
     closer than this (>= 0; default 8). ``local``: most recent positions always kept, rounded out to blocks
-    (>= 1, so the diagonal block always; default 128). ``sink``: first positions always kept (>= 0;
+    (>= 1; the query block's diagonal span is always kept too; default 128). ``sink``: first positions always kept (>= 0;
     default 128). ``dense_last``: the last queries that attend densely (>= 0; default 64).
     ``sqrt_scale``: scale the pooled query block and chunk by sqrt of their lengths (default True)."""
 
@@ -185,12 +197,13 @@ def estimate(q: Tensor, k: Tensor, params: DhsaParams, *, causal: bool, scale: f
     importance = block_importance(scores, chunk, bs)  # (B, NQB, NKB)
     allowed = geo.allowed(True)
     j = torch.arange(geo.nkb, device=q.device)[None, :]
-    first_local = torch.clamp(geo.q_last - params.local + 1, 0, n_k - 1) // bs
-    forced = (j < -(-params.sink // bs)) | ((j >= first_local[:, None]) & (j <= geo.local()[:, None]))
-    forced &= allowed
+    recent = torch.clamp(geo.q_last - params.local + 1, 0, n_k - 1) // bs  # the last `local` positions
+    first_local = torch.minimum(recent, geo.local_first())  # ... and the query block's diagonal span
+    sink = j < -(-params.sink // bs)
+    forced = (sink | ((j >= first_local[:, None]) & (j <= geo.local()[:, None]))) & allowed
+    counted = (sink | ((j >= recent[:, None]) & (j <= geo.local()[:, None]))) & allowed
     ranked = importance.masked_fill(~allowed, float("-inf")).masked_fill(forced, float("inf"))
-    top = torch.topk(ranked, min(math.ceil(params.budget / bs), geo.nkb), dim=-1)
-    keep = torch.zeros_like(ranked, dtype=torch.bool).scatter_(-1, top.indices, top.values > float("-inf"))
+    keep = top_entries(ranked, math.ceil(params.budget / bs), span_extra(forced, counted))
     dense_rows = geo.q_last - geo.offset >= n_q - params.dense_last  # blocks holding a dense query
     keep = keep | forced | (dense_rows[:, None] & allowed)
     return tiles_plan(keep[:, None], geo, True)

@@ -14,15 +14,18 @@ Estimator, per batch and query head (fp32; ``bs`` = ``block``, R = min(bs, N_q) 
     D = sqrt(JSD(a_hat, V))  (natural log);  D < tau: a query-aware head, n_v = n_s = min_b
     keep key block 0 and distance block 0, then the top n_v blocks of V and the top n_s of S:
       a vertical block j is visited by every query block that may see it; a slash block c by query
-      block i at key block l_i - c (l_i: the key block holding i's last position)
+      block i at the key blocks l - c for each key block l of i's diagonal span (the key blocks holding
+      one of i's positions: one block, or two when N_k - N_q is not a multiple of bs, as in chunked
+      prefill after a cached prefix), so distance block 0 is the whole span
     query-aware heads also keep, over the whole grid, the highest entries of the block-causal row
     softmax of scale * qbar_i . kbar_j (qbar_i: mean of q over query block i) while their cumulative
     sum stays <= gamma * (rows with a visible block)
 
 The kept tiles form the plan (B, H, NQB, NKB); tiles straddling the diagonal are partial with the causal
 rule. Short inputs are dense, as in FlexPrefill: when N_k <= max(2 bs, min_b bs) or N_q == 1 every causal
-tile is kept. Attention is exact softmax attention over the plan's pairs; the diagonal block is always
-kept, so every query with a visible key sees at least its own block.
+tile is kept. Attention is exact softmax attention over the plan's pairs; the diagonal span is always
+kept, so every query with a visible key sees at least its own position (the budgets count distance
+blocks, not tiles: a span of two key blocks puts each kept distance block on up to two tiles per row).
 
 Checked against the official code (ByteDance-Seed/FlexPrefill, ``flex_prefill/ops/
 flex_prefill_attention.py``): ``get_active_blocks`` (last ``block_size`` queries, fp32 softmax with the
@@ -195,9 +198,11 @@ def estimate(q: Tensor, k: Tensor, params: FlexPrefillParams, *, causal: bool, s
     s_set = _top_set(s_blk, n_s)  # kept distance blocks
     dev = q.device
     j = torch.arange(geo.nkb, device=dev)[None, :]
-    c = geo.local()[:, None] - j  # (NQB, NKB): the distance block tile (i, j) stands for
-    on = (c >= 0) & (c < geo.nkb)
-    tiles = v_set[:, :, None, :] | (s_set[:, :, c.clamp(0, geo.nkb - 1)] & on)
+    tiles = v_set[:, :, None, :].expand(-1, -1, geo.nqb, -1)
+    for span_block in (geo.local_first(), geo.local()):  # the diagonal span's (one or two) key blocks
+        c = span_block[:, None] - j  # (NQB, NKB): the distance block tile (i, j) stands for
+        on = (c >= 0) & (c < geo.nkb)
+        tiles = tiles | (s_set[:, :, c.clamp(0, geo.nkb - 1)] & on)
     if bool(query_aware.any()):
         kbar = pool_mean(k, bs).repeat_interleave(h // k.shape[1], dim=1)
         qa = _query_aware_tiles(q, kbar, geo, float(params.gamma), scale)

@@ -19,8 +19,10 @@ Selection (``search``):
   positions); all of them when fewer are visible.
 - ``"hisa"`` (HISA): stage 1 scores key blocks of ``hisa_block`` tokens with the block-mean index key,
   keeps the first and the last visible block (+inf) and the ``hisa_blocks`` best; stage 2 takes the
-  ``topk`` best visible tokens inside them. When ``hisa_blocks * hisa_block`` covers the visible keys it
-  equals ``"token"``; :func:`selection_iou` reports the overlap of the two.
+  ``topk`` best visible tokens inside them. ``hisa_blocks * hisa_block >= topk`` is required (HISA's
+  m·B >= k: fewer candidate keys than ``topk`` would leave a query short of its budget). When
+  ``hisa_blocks * hisa_block`` covers the visible keys it equals ``"token"``; :func:`selection_iou`
+  reports the overlap of the two.
 
 One selection is shared by the query heads of a kv head (DSA: one index set for all heads). The plan
 (``granularity``): ``"token"`` visits, per query block of ``block`` rows, the tiles holding a selected key
@@ -75,8 +77,9 @@ CHUNK_ELEMENTS = 1 << 22
 class IndexerTopkParams(Params):
     """``topk``: keys per query (>= 1; default 2048). ``search``: "token" (DSA, default) or "hisa".
     ``hisa_block`` (>= 1, default 128) / ``hisa_blocks`` (>= 1, default 64): HISA's pooling block and the
-    blocks stage 1 keeps. ``index_dim``: dimension of the derived scorer's projection (0 = q . k itself;
-    default 32); ``seed``: its projection's seed (default 0). ``granularity``: "token" (each query's own
+    blocks stage 1 keeps; with ``search="hisa"``, ``hisa_blocks * hisa_block >= topk`` (HISA's m·B >= k).
+    ``index_dim``: dimension of the derived scorer's projection (0 = q . k itself; default 32);
+    ``seed``: its projection's seed (default 0). ``granularity``: "token" (each query's own
     keys, default) or "block" (whole tiles). ``block``: tile size, one of 16, 32, 64, 128, 256 (default
     64)."""
 
@@ -98,11 +101,24 @@ class IndexerTopkParams(Params):
         self.check_int("seed", minimum=0)
         if self.search not in ("token", "hisa"):
             raise ParamError(f"indexer_topk: search={self.search!r}; expected 'token' (DSA) or 'hisa'")
+        if self.search == "hisa":
+            _check_hisa(self)
         if self.granularity not in ("token", "block"):
             raise ParamError(f"indexer_topk: granularity={self.granularity!r}; expected 'token' or 'block'")
         self.check_int("block")
         if self.block not in BLOCKS:
             raise ParamError(f"indexer_topk: block={self.block!r}; the executor takes tiles of {BLOCKS}")
+
+
+def _check_hisa(params: IndexerTopkParams) -> None:
+    """HISA's m·B >= k: stage 1's ``hisa_blocks`` blocks of ``hisa_block`` keys must hold ``topk`` keys."""
+    m, bs, k = params.hisa_blocks, params.hisa_block, params.topk
+    if m * bs < k:
+        raise ParamError(
+            f"indexer_topk: search='hisa' with hisa_blocks={m} x hisa_block={bs} = {m * bs} candidate keys "
+            f"< topk={k}: HISA needs m·B >= k (stage 1's blocks must hold the topk keys stage 2 takes, else "
+            "a query gets fewer): raise hisa_blocks or hisa_block, or lower topk"
+        )
 
 
 def _projection(d: int, index_dim: int, seed: int, device: torch.device) -> Tensor | None:
@@ -190,6 +206,8 @@ def select(
     where fewer keys are visible; H_k = the index key heads (H_kv for the derived scorer). ``search``
     overrides ``params.search``; the indexer tensors, when given, replace the derived scorer."""
     search = params.search if search is None else search
+    if search == "hisa":
+        _check_hisa(params)
     given = [t is not None for t in (index_q, index_k, index_w)]
     if any(given) and not all(given):
         raise InputError("indexer_topk: give index_q, index_k and index_w together (or none of them)")

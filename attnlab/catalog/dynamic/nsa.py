@@ -20,9 +20,14 @@ fp32 in the reference.
     partial tiles carry each row's own blocks, so the executor's tables grow with the number of
     distinct row patterns: meant for short sequences and tests;
   * ``"block"`` (default): one set per query block of ``bs`` rows, from the importance summed over the
-    block's rows, forced blocks counted from the block's last row; the plan is whole tiles (causal rule
-    on the diagonal), which the executor runs at tile cost. This is the form the fast path is meant for;
-    it differs from the paper's per-token choice (a row may see blocks its own importance would not pick).
+    block's rows; the forced blocks are the union of its rows' (the candidates ``c <= last // bs``, the
+    local ones ``first // bs - local < c``, ``first`` / ``last`` its first / last position with a key),
+    so every row keeps its own block even when the query block straddles two key blocks (N_k - N_q not a
+    multiple of bs: chunked prefill after a cached prefix); ``topn`` counts them as its last row's, and
+    the one more block a straddling query block forces comes on top (``topn + 1`` blocks, the same
+    ``topn - local - sink`` by importance). The plan is whole tiles (causal rule on the diagonal), which
+    the executor runs at tile cost. This is the form the fast path is meant for; it differs from the
+    paper's per-token choice (a row may see blocks its own importance would not pick).
 
 - **Sliding window**: ``O_swa`` is softmax attention over the ``window`` keys ``p - window < j <= p``
   (self included; fla's ``window_size=w`` = FlashAttention ``window_size=(w - 1, 0)`` = ``window=w``
@@ -69,7 +74,7 @@ import torch
 from torch import Tensor
 
 from attnlab.backends.block_sparse import CPU_TILE, TILE
-from attnlab.catalog.dynamic._tiles import BLOCKS, geometry, tiles_plan
+from attnlab.catalog.dynamic._tiles import BLOCKS, geometry, span_extra, tiles_plan, top_entries
 from attnlab.core import Backend, Call, Capabilities, MethodSpec, TensorInput
 from attnlab.errors import InputError, ParamError
 from attnlab.kernels.triton_utils import triton_refusal
@@ -87,7 +92,8 @@ GATES = ("g_cmp", "g_slc", "g_swa")
 class NsaParams(Params):
     """``block``: compression block = stride = selection block, one of 16, 32, 64, 128, 256 (default 64).
     ``topn``: key blocks kept per query (per query block with ``granularity="block"``), forced ones
-    included (>= local + sink; default 16). ``window``: sliding-window keys, self included (>= 0; 0 = no
+    included (>= local + sink; default 16; a query block straddling two key blocks forces, and keeps, one
+    more). ``window``: sliding-window keys, self included (>= 0; 0 = no
     window branch; default 512). ``local``: most recent key blocks always kept (>= 1; default 1, the
     current block). ``sink``: always keep key block 0 (default False). ``granularity``: "block" (one
     selection per query block, default) or "token" (per query row, the paper's)."""
@@ -149,20 +155,24 @@ def _cmp_probs(qc: Tensor, kc: Tensor, pos: Tensor, bs: int, scale: float) -> Te
     return torch.softmax(s, dim=-1).nan_to_num(0.0)
 
 
-def _rank(imp: Tensor, pos_last: Tensor, params: NsaParams, nkb: int) -> Tensor:
-    """bool (..., R, NKB): the kept blocks of rows (or query blocks) whose (last) position is ``pos_last``
-    (R,), from their importance ``imp`` (..., R, NC)."""
+def _rank(imp: Tensor, pos_first: Tensor, pos_last: Tensor, params: NsaParams, nkb: int) -> Tensor:
+    """bool (..., R, NKB): the kept blocks of rows (or query blocks) whose first / last position is
+    ``pos_first`` / ``pos_last`` (R,) (equal for a row), from their importance ``imp`` (..., R, NC). The
+    forced blocks are the union of the rows' (see the module docstring); ``topn`` counts those of the last
+    position, a query block's one more (its first row's own block, when it straddles two) comes on top."""
     dev = imp.device
     imp = torch.nn.functional.pad(imp, (0, nkb - imp.shape[-1]))
     c = torch.arange(nkb, device=dev)[None, :]
     cur = torch.div(pos_last, params.block, rounding_mode="floor")[:, None]  # (R, 1); < 0: no key
+    first = torch.div(pos_first.clamp_min(0), params.block, rounding_mode="floor")[:, None]
     cand = (c <= cur) & (pos_last[:, None] >= 0)
-    forced = (c > cur - params.local) & cand
+    forced = (c > first - params.local) & cand
+    counted = (c > cur - params.local) & cand
     if params.sink:
         forced |= (c == 0) & cand
+        counted |= (c == 0) & cand
     score = imp.masked_fill(~cand, float("-inf")).masked_fill(forced, float("inf"))
-    top = torch.topk(score, min(params.topn, nkb), dim=-1)
-    return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, top.indices, top.values > float("-inf"))
+    return top_entries(score, params.topn, span_extra(forced, counted))
 
 
 def _chunk_rows(b: int, h: int, n_cmp: int, n_q: int, bs: int) -> int:
@@ -199,12 +209,13 @@ def scan(
             out[:, :, r0:r1] = (p.to(vdt) @ vc[:, :, None].to(vdt)).view(b, h, r1 - r0, -1).float()
         imp = p.detach().sum(2)  # (B, H_kv, R, NC)
         if token:
-            sel[:, :, r0:r1] = _rank(imp, pos, params, nkb)
+            sel[:, :, r0:r1] = _rank(imp, pos, pos, params, nkb)
             continue
         i0, i1 = r0 // bs, -(-r1 // bs)
         rows = torch.nn.functional.pad(imp, (0, 0, 0, i1 * bs - r1)).view(b, hk, i1 - i0, bs, -1).sum(3)
-        last = torch.clamp((torch.arange(i0, i1, device=q.device) + 1) * bs, max=n_q) - 1 + offset
-        sel[:, :, i0:i1] = _rank(rows, last, params, nkb)
+        blocks = torch.arange(i0, i1, device=q.device)
+        last = torch.clamp((blocks + 1) * bs, max=n_q) - 1 + offset
+        sel[:, :, i0:i1] = _rank(rows, blocks * bs + offset, last, params, nkb)
     return out, sel
 
 

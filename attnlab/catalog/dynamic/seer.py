@@ -12,7 +12,14 @@ bf16 call and its fp32 reference choose the same blocks)::
     prob[i, :] = softmax_j(gq[i] . gk[j] / sqrt(D_gate))  over the allowed key blocks (causal: block j
                                                starts at or before query block i's last position)
     keep: with ``threshold`` > 0 the blocks with prob > threshold, else the ``topk`` most probable;
-          always the local block (the key block holding query block i's last position).
+          always the local span: the key blocks holding one of query block i's positions (one block,
+          or two when N_k - N_q is not a multiple of ``block``: causal cross-attention, e.g. chunked
+          prefill after a cached prefix, where the block of its last position alone would leave its
+          first rows without their own position).
+
+The local span counts as one block of ``topk`` (the block of the query block's last position); a second
+span block comes on top of it, so such a query block keeps ``topk + 1`` blocks and its gate still picks
+``topk - 1``.
 
 Blocks are pooled over their rows inside the matrix (a ragged last block over its real rows, as the
 official ``avg_pool3d(ceil_mode=True)`` / ``max_pool3d`` do). Positions are bottom-right aligned
@@ -51,7 +58,7 @@ import torch
 from torch import Tensor
 
 from attnlab.backends.base import Backend, Call, Capabilities, dense_size_reasons
-from attnlab.catalog.dynamic._tiles import BLOCKS, geometry, tiles_plan
+from attnlab.catalog.dynamic._tiles import BLOCKS, geometry, span_extra, tiles_plan, top_entries
 from attnlab.core import MethodSpec, TensorInput
 from attnlab.errors import InputError, ParamError
 from attnlab.kernels.triton_utils import triton_refusal
@@ -71,7 +78,8 @@ class SeerParams(Params):
     ``topk``: key blocks kept per query block, the local one included (>= 1; default 16), when
     ``threshold`` is 0. ``threshold``: in [0, 1); > 0 keeps every key block whose gate probability is above
     it (``topk`` then unused; the official threshold mode), 0 keeps the ``topk`` most probable (default 0).
-    The local block (holding the query block's last position) is always kept."""
+    The local span (the key blocks holding the query block's positions) is always kept; it counts as one
+    block of ``topk``, a second span block (N_k - N_q not a multiple of ``block``) comes on top."""
 
     method = "seer"
     block: int = 64
@@ -186,15 +194,15 @@ def estimate(
     prob = gate_probs(q, k, params, causal=causal, w_q=w_q, w_k=w_k)
     geo = geometry(q.shape[2], k.shape[2], params.block, q.device)
     allowed = geo.allowed(causal)
-    local = torch.zeros(geo.nqb, geo.nkb, dtype=torch.bool, device=q.device)
-    local[torch.arange(geo.nqb, device=q.device), geo.local()] = True
-    local &= allowed
+    local = geo.local_span() & allowed
     if params.threshold > 0:
         keep = prob > params.threshold
-    else:  # the local block ranks first, so it counts in topk
-        ranked = prob.masked_fill(~allowed, -1.0).masked_fill(local, 2.0)
-        top = torch.topk(ranked, min(params.topk, geo.nkb), dim=-1)
-        keep = torch.zeros_like(prob, dtype=torch.bool).scatter_(-1, top.indices, top.values >= 0)
+    else:  # the local span ranks first; it counts as one block of topk (its second block on top)
+        last = torch.zeros_like(local)
+        last[torch.arange(geo.nqb, device=q.device), geo.local()] = True
+        extra = span_extra(local, last & allowed)
+        ranked = prob.masked_fill(~allowed, float("-inf")).masked_fill(local, 2.0)
+        keep = top_entries(ranked, params.topk, extra)
     keep = (keep | local) & allowed
     return tiles_plan(keep, geo, causal)
 

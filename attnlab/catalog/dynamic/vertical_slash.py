@@ -43,7 +43,8 @@ BLOCKS = (16, 32, 64, 128, 256)
 
 @dataclass(frozen=True)
 class VerticalSlashParams(Params):
-    """``vertical``: key columns kept (default 1000); ``slash``: distances kept (default 6096);
+    """``vertical``: key columns kept, the sink columns included (>= max(1, sink_columns); default 1000);
+    ``slash``: distances kept, the local diagonals included (>= max(1, local_diagonals); default 6096);
     ``last_q``: queries that estimate (default 64); ``block``: tile size of the slash bands (16-256,
     default 64 as in MInference); ``sink_columns`` (30) and ``local_diagonals`` (100) always kept."""
 
@@ -63,6 +64,14 @@ class VerticalSlashParams(Params):
         self.check_int("block")
         if self.block not in BLOCKS:
             raise ParamError(f"vertical_slash: block={self.block!r}; the executor takes tiles of {BLOCKS}")
+        for budget, forced in (("vertical", "sink_columns"), ("slash", "local_diagonals")):
+            if getattr(self, budget) < getattr(self, forced):
+                raise ParamError(
+                    f"vertical_slash: {budget}={getattr(self, budget)} is below {forced}="
+                    f"{getattr(self, forced)}: {budget} counts the always-kept {forced}, so it must be at "
+                    f"least {forced} (else an arbitrary subset of them would be kept): raise {budget} or "
+                    f"lower {forced}"
+                )
 
 
 def _last_probs(q: Tensor, k: Tensor, last_q: int, scale: float) -> tuple[Tensor, Tensor]:
@@ -150,7 +159,9 @@ def reference(
 
 
 def _bench(n: int) -> list[dict[str, int]]:
-    return [{"vertical": max(30, n // 64), "slash": max(50, n // 16)}, {"vertical": 1000, "slash": 6096}]
+    """Budgets growing with n, at least the default sink columns (30) and local diagonals (100) they
+    count, then MInference's fallback (1000, 6096)."""
+    return [{"vertical": max(30, n // 64), "slash": max(100, n // 16)}, {"vertical": 1000, "slash": 6096}]
 
 
 SPEC = register(

@@ -60,7 +60,8 @@ def select_blocks_kernel(
     per, warps = schedule or _schedule(block_l)
     block_select_kernel[(-(-rows // per),)](
         s, full, partial, rows, nqb, nkb, n_q, n_k, n_k - n_q, block, min(topk, nkb),
-        CAUSAL=causal, SINK=sink, LOCAL=local, ROWS=per, BLOCK_L=block_l, num_warps=warps,
+        CAUSAL=causal, SINK=sink, LOCAL=local, SPAN=int(local and (n_k - n_q) % block != 0), ROWS=per,
+        BLOCK_L=block_l, num_warps=warps,
     )  # fmt: skip
     return full.view(torch.bool), partial.view(torch.bool)
 
