@@ -123,6 +123,21 @@ def test_split_path_above_the_fused_limit(monkeypatch: pytest.MonkeyPatch) -> No
     assert isinstance(state, PageSummary) and state.tokens == 77
 
 
+def test_many_query_rows_take_the_split_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """More than FAST_SELECT_MAX_ROWS query rows per KV group (GROUP * N_q) do not go to the one-tile
+    selection kernel (its register tile holds every row): the split path, the reference's pages."""
+    monkeypatch.setattr(page_topk, "FAST_SELECT_MAX_ROWS", 3)
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the one-tile selection ran for more rows than it takes")
+
+    monkeypatch.setattr(page_topk, "_fast_select", refused)
+    q, k, v = _qkv(1, 4, 2, 2, 77, 16)  # GROUP 2 x N_q 2 = 4 rows > 3
+    res = _run(q, k, v, backend="triton", budget=32, page=4)
+    want, _ = _ref(q, k, v, budget=32, page=4)
+    torch.testing.assert_close(res.out, want, atol=1e-5, rtol=1e-5)
+
+
 def test_bf16_triton_within_the_accuracy_rule() -> None:
     q, k, v = _qkv(1, 8, 2, 1, 90, 32, torch.bfloat16)
     res = _run(q, k, v, backend="triton", budget=32, page=8)

@@ -78,6 +78,11 @@ SMALL_SELECT: tuple[str, bool] | None = ("triton", True)
 LARGE_SELECT: tuple[str, bool] | None = ("triton", True)
 
 
+#: The fused / two-launch selection holds the group's query rows (GROUP * N_q) in one register tile: above
+#: this many rows a call takes the split path (the page-score kernel loops over the rows), same pages.
+FAST_SELECT_MAX_ROWS = 64
+
+
 def fast_select_mode(n_scores: int) -> tuple[str, bool] | None:
     """The fast path's selection for ``n_scores`` = B * H_kv * pages (see ``SMALL_SELECT``)."""
     return SMALL_SELECT if n_scores <= FUSED_MAX_SCORES else LARGE_SELECT
@@ -188,7 +193,12 @@ def select(
     counts = page_count(q.shape[2], k.shape[2], p)
     if counts is None:
         return None, _state(state, k, p, key_mask)
-    mode = fast_select_mode(k.shape[0] * k.shape[1] * counts[0]) if fast else None
+    rows = (q.shape[1] // k.shape[1]) * q.shape[2]
+    mode = (
+        fast_select_mode(k.shape[0] * k.shape[1] * counts[0])
+        if fast and rows <= FAST_SELECT_MAX_ROWS
+        else None
+    )
     if mode is not None:
         index, summary = _fast_select(q, k, p, state, key_mask, counts, mode)
         return Selection(index, p.page, counter=summary.merge_counter()), summary
