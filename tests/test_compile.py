@@ -113,3 +113,19 @@ def test_neighborhood_compiles_on_every_backend(backend: str | None) -> None:
 )
 def test_structured_methods_compile_like_eager(method: str, params: dict) -> None:
     _compiled_matches_reference(method, "sdpa_mask", True, params)
+
+
+def test_the_executor_is_not_chosen_inside_a_compiled_trace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The block-sparse executor builds its tables with data-dependent sizes, which torch.compile cannot
+    trace (fullgraph): inside a trace it refuses, saying why, and a static method's call takes its next
+    backend (on the H100 the executor is their default: neighborhood failed to compile there)."""
+    from attnlab.backends.block_sparse import COMPILE_REFUSAL
+
+    q = torch.randn(1, 2, 16, 16)
+    call = attnlab.resolve(q, q, q, method="sliding_window", causal=True, window=4)
+    executor = attnlab.get("sliding_window").backend("block_sparse")
+    assert COMPILE_REFUSAL not in executor.reasons(call)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert COMPILE_REFUSAL in executor.reasons(call)
+    choice = attnlab.explain(q, q, q, method="sliding_window", causal=True, window=4, backend="block_sparse")
+    assert choice.backend is None and "inside torch.compile" in choice.explain()

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from attnlab.backends.base import Backend, Call, Capabilities
@@ -41,6 +42,16 @@ def _tile(call: Call) -> int:
     return CPU_TILE if call.problem.device.type == "cpu" else TILE
 
 
+#: Why the executor refuses a call traced by ``torch.compile``: its tables are built from the plan with
+#: data-dependent sizes (``nonzero``), which dynamo cannot trace with ``fullgraph=True`` (found on the
+#: H100, where the executor is a static method's default: neighborhood under compile, session 19). A
+#: compiled call takes the method's next backend (FlexAttention for the mask-defined methods).
+COMPILE_REFUSAL = (
+    "inside torch.compile: the executor's tables are built from the plan with data-dependent sizes, which "
+    "torch.compile cannot trace (call it outside the compiled region, or use backend='flex')"
+)
+
+
 class BlockSparseBackend(Backend):
     name = "block_sparse"
     triton = True
@@ -60,6 +71,8 @@ class BlockSparseBackend(Backend):
         why = triton_refusal(call.problem.device, _imported_interpreted())
         if why:
             out.append(why)
+        if torch.compiler.is_compiling():
+            out.append(COMPILE_REFUSAL)
         spec = call.spec
         generic = type(self).plan is BlockSparseBackend.plan  # a subclass with its own plan() has one
         if spec.plan_kind is None and generic and (not spec.softmax_normalized or spec.inputs):

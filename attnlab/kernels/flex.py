@@ -106,6 +106,18 @@ def flex_options(n_q: int, n_k: int, gqa: bool, device: torch.device) -> dict[st
     return {"enable_gqa": gqa, "kernel_options": options}
 
 
+def _own_buffers(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """k and v copied where they share memory with q or each other (views of one packed qkv buffer, or
+    ``attention(x, x, x)``): inductor's CPU lowering of FlexAttention in torch 2.11 refuses "query, key,
+    value are the same buffer" (found on the GPU machine's CPU path, session 19)."""
+    qs, ks, vs = (t.untyped_storage().data_ptr() for t in (q, k, v))
+    if ks == qs:
+        k = k.clone()
+    if vs in (qs, ks):
+        v = v.clone()
+    return k, v
+
+
 def flex_run(
     q: Tensor,
     k: Tensor,
@@ -124,6 +136,8 @@ def flex_run(
     """
     compiling = torch.compiler.is_compiling()
     fn: Callable[..., Any] = flex_attention if compiling else compiled_flex()  # type: ignore[assignment]
+    if not compiling and q.device.type == "cpu":
+        k, v = _own_buffers(q, k, v)
     if options is None:
         options = flex_options(q.shape[2], k.shape[2], q.shape[1] != k.shape[1], q.device)
     if return_lse:
