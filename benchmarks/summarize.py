@@ -331,13 +331,27 @@ def verify_line(root: Path) -> list[str]:
     at = f" at commit `{str(env['commit'])[:7]}`{' (dirty tree)' if env.get('dirty') else ''}" if env else ""
     methods = sorted({str(r["method"]) for r in rows})
     now = len(attnlab.methods())
-    return [
+    lines = [
         "",
         f"`attnlab verify --device cuda` on the H100{at}: {passed} passed, {failed} failed, {skipped} skipped "
         f"(every backend x pattern of the {len(methods)} methods registered then: {', '.join(methods)}; bf16 and "
-        f"fp32, forward and gradients; `{root.name}/{path.name}`). The registry now has {now} methods; no "
-        "`attnlab verify` of all of them has run on a GPU since (the GPU test runs are listed in `SUMMARY.md`).",
+        f"fp32, forward and gradients; `{root.name}/{path.name}`). The registry now has {now} methods.",
     ]
+    later = sorted(root.parent.glob("*/verify/verify_cuda_*.jsonl"))
+    if later:
+        folder = later[-1].parent
+        runs = sorted(folder.glob("verify_cuda_*.jsonl"))
+        recs = [json.loads(x) for f in runs for x in f.read_text().splitlines() if x.strip()]
+        recs = [r for r in recs if "environment" not in r]
+        n_ok = sum(bool(r["passed"]) for r in recs)
+        n_skip = sum(bool(r["skipped"]) for r in recs)
+        covered = len({str(r["method"]) for r in recs})
+        lines.append(
+            f"Later GPU verify runs in `{folder.parent.name}/{folder.name}/` ({len(runs)} runs, {covered} methods; "
+            f"their NOTES say which commit and what each failure was): {n_ok} passed, "
+            f"{len(recs) - n_ok - n_skip} failed, {n_skip} skipped."
+        )
+    return lines
 
 
 def update_readme(readme: Path, lines: list[str]) -> None:
