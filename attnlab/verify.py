@@ -20,6 +20,10 @@ import attnlab
 from attnlab.patterns import pattern_of
 from attnlab.testing import Case, Check, cases_for, check_parity
 
+#: Decode-shaped (N_q, N_k) of the decode methods' cases, beside the prefill shapes (which some of them
+#: refuse: a query bound, ``Params.check_lengths``).
+DECODE_LENGTHS = ((1, 41), (4, 300))
+
 
 def verify_cases(
     device: torch.device, methods: tuple[str, ...] | None = None
@@ -31,6 +35,8 @@ def verify_cases(
         for backend in spec.backends:
             tiny = device.type == "cpu" and backend.triton
             lengths = ((17, 17), (9, 30)) if tiny else ((257, 257), (63, 257))
+            if spec.family == "decode":  # a few queries against a longer cache, as decoding calls them
+                lengths += DECODE_LENGTHS
             for case in cases_for(
                 spec,
                 lengths=lengths,
