@@ -34,7 +34,7 @@ def verify_cases(
             continue
         for backend in spec.backends:
             tiny = device.type == "cpu" and backend.triton
-            lengths = ((17, 17), (9, 30)) if tiny else ((257, 257), (63, 257))
+            lengths: tuple[tuple[int, int], ...] = ((17, 17), (9, 30)) if tiny else ((257, 257), (63, 257))
             if spec.family == "decode":  # a few queries against a longer cache, as decoding calls them
                 lengths += DECODE_LENGTHS
             for case in cases_for(
