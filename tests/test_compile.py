@@ -129,3 +129,6 @@ def test_the_executor_is_not_chosen_inside_a_compiled_trace(monkeypatch: pytest.
     assert COMPILE_REFUSAL in executor.reasons(call)
     choice = attnlab.explain(q, q, q, method="sliding_window", causal=True, window=4, backend="block_sparse")
     assert choice.backend is None and "inside torch.compile" in choice.explain()
+    # a dynamic method keeps the executor (its other backend is dense): dynamo runs it through a graph break
+    dyn = attnlab.resolve(q, q, q, method="block_topk", causal=True, block=16, topk=2)
+    assert COMPILE_REFUSAL not in attnlab.get("block_topk").backend("block_sparse").reasons(dyn)

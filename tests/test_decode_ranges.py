@@ -141,3 +141,22 @@ def test_ranges_refuse_bad_arguments() -> None:
         op.decode_ranges(q, k, v, op.Ranges(full, torch.zeros(2, dtype=torch.long), 4, 8), 0.25, True)
     with pytest.raises(ValueError, match="an index list is needed without ranges"):
         op.decode_launch(q, k, v, None, None, 1, 0.25, True)
+
+
+def test_a_full_row_under_a_no_full_row_plan_reads_only_written_splits(poison_empty: None) -> None:
+    """``active_rows=0`` promises no full row; a full row given anyway must not make the merge read splits
+    the launch did not write (the row's count of splits is capped at the grid's): a finite output."""
+    q = torch.randn(1, 4, 1, 16, device=DEVICE)
+    k, v = (torch.randn(1, 2, 512, 16, device=DEVICE) for _ in range(2))
+    full = torch.tensor([[True, False]], device=DEVICE)
+    out, lse = op.decode_ranges(q, k, v, op.Ranges(full, None, 4, 480), 0.25, True, None, 0)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+
+
+def test_ranges_refuse_mismatched_q_k_v() -> None:
+    q = torch.randn(1, 4, 1, 16, device=DEVICE)
+    k = torch.randn(1, 2, 64, 16, device=DEVICE)
+    full = torch.zeros(1, 2, dtype=torch.bool, device=DEVICE)
+    for kk, vv in ((k, k[..., :8]), (k, k[:, :1]), (torch.randn(1, 3, 64, 16, device=DEVICE),) * 2):
+        with pytest.raises(ValueError, match=r"expected k and v of one shape"):
+            op.decode_ranges(q, kk, vv, op.Ranges(full, None, 4, 8), 0.25, True)

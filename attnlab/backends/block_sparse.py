@@ -42,13 +42,15 @@ def _tile(call: Call) -> int:
     return CPU_TILE if call.problem.device.type == "cpu" else TILE
 
 
-#: Why the executor refuses a call traced by ``torch.compile``: its tables are built from the plan with
-#: data-dependent sizes (``nonzero``), which dynamo cannot trace with ``fullgraph=True`` (found on the
-#: H100, where the executor is a static method's default: neighborhood under compile, session 19). A
-#: compiled call takes the method's next backend (FlexAttention for the mask-defined methods).
+#: Why the executor refuses a static (mask-defined) method's call traced by ``torch.compile``: its tables
+#: are built from the plan with data-dependent sizes (``nonzero``), which dynamo cannot trace with
+#: ``fullgraph=True`` (found on the H100, where the executor is a static method's default: neighborhood
+#: under compile, session 19); such a call takes the method's FlexAttention backend, which traces. A dynamic
+#: method's call is not refused: its other backend is dense (``sdpa_mask``), so dynamo keeps the executor
+#: through a graph break (not with ``fullgraph=True``).
 COMPILE_REFUSAL = (
     "inside torch.compile: the executor's tables are built from the plan with data-dependent sizes, which "
-    "torch.compile cannot trace (call it outside the compiled region, or use backend='flex')"
+    "torch.compile cannot trace; this static method's FlexAttention backend runs the call instead"
 )
 
 
@@ -71,7 +73,7 @@ class BlockSparseBackend(Backend):
         why = triton_refusal(call.problem.device, _imported_interpreted())
         if why:
             out.append(why)
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() and call.spec.estimate is None:
             out.append(COMPILE_REFUSAL)
         spec = call.spec
         generic = type(self).plan is BlockSparseBackend.plan  # a subclass with its own plan() has one

@@ -190,7 +190,7 @@ def decode_split_kernel(
     if RANGES:  # splits past the row's list store nothing; the merge reads the row's count of splits
         keep = tl.where((start < n_valid) | (split == 0), row_ok, False)
         if (split == 0) & (mblk == 0):
-            tl.store(NSPLIT + bh, tl.maximum(tl.cdiv(n_valid, PER_SPLIT), 1))
+            tl.store(NSPLIT + bh, tl.minimum(tl.maximum(tl.cdiv(n_valid, PER_SPLIT), 1), n_splits))
     tl.store(O_PART + part[:, None] * BLOCK_D + offs_d[None, :], o, mask=keep[:, None])
     tl.store(LSE_PART + part, lse, mask=keep)
     if MERGE:  # the group's last split to finish merges its rows (no second launch)

@@ -289,6 +289,18 @@ def _ranges_launch(
     b, h, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     full, first, sink, win = ranges
+    if (
+        k.dim() != 4
+        or v.shape != k.shape
+        or k.shape[0] != b
+        or h % h_kv
+        or d != k.shape[3]
+        or d != v.shape[3]
+    ):
+        raise ValueError(
+            f"decode kernel: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}; expected k and v of "
+            f"one shape (B={b}, H_kv, N_k, D={d}) with H={h} a multiple of H_kv"
+        )
     if not 0 < win < n_k or sink < 0:
         raise ValueError(
             f"decode kernel: ranges need 0 < win < N_k={n_k} and sink >= 0, got win={win}, sink={sink}"
@@ -775,7 +787,9 @@ def decode_ranges(
 ) -> tuple[Tensor, Tensor]:
     """(out, lse) of attention where each (batch, KV head) row reads contiguous token runs (:class:`Ranges`:
     the whole cache, or sinks + a recent window), one split-K launch and its merge, no index tensor.
-    ``active_rows``: how many rows read the whole cache when the caller knows it (0: none), else None.
+    ``active_rows``: how many rows read the whole cache when the caller knows it (0: none; a promise: the
+    splits then cover only the sink + window length, and a full row would read just that many tokens),
+    else None.
     Inside ``torch.compile`` through the custom op ``attnlab::decode_ranges_fwd``."""
     if torch.compiler.is_compiling():
         full, first, sink, win = ranges
