@@ -320,10 +320,21 @@ class Backend(ABC):
         (backend, parameters) pairs out of its parity cases. Default: none."""
         return []
 
+    def dtype_refusals(self, params: Params, dtype: torch.dtype) -> list[str]:
+        """Refusals that depend on the parameters and the input dtype alone, by design (e.g. a kernel
+        whose unnormalised float16 output would overflow): never on the device or shapes. The test suite
+        leaves such (backend, parameters, dtype) cases out of its parity cases. Default: none."""
+        return []
+
     def refusals(self, call: Call) -> list[str]:
         """Every reason this backend cannot run ``call`` (declared capabilities first, then the
-        parameter refusals, then :meth:`reasons`)."""
-        return self.caps.reasons(call) + self.param_refusals(call.params) + self.reasons(call)
+        parameter and dtype refusals, then :meth:`reasons`)."""
+        return (
+            self.caps.reasons(call)
+            + self.param_refusals(call.params)
+            + self.dtype_refusals(call.params, call.problem.dtype)
+            + self.reasons(call)
+        )
 
     def can_use(self, call: Call) -> Verdict:
         """(True, "") if this backend can run ``call``, else (False, every reason, joined)."""

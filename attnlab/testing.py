@@ -459,14 +459,19 @@ def parity_cases(cuda: bool) -> list[tuple[str, str, Case]]:
                 extra = [*extra, *with_inputs]
             out += [(name, backend.name, c) for c in extra]
     # a backend that declares fewer patterns than its method defines is not run on the others, nor with
-    # parameters it refuses by design (its param_refusals)
+    # parameters (or parameters in a dtype) it refuses by design (its param_refusals, dtype_refusals)
     return [(m, b, c) for m, b, c in out if _runs_by_design(methods()[m], b, c)]
 
 
 def _runs_by_design(spec: MethodSpec, backend: str, case: Case) -> bool:
-    """Whether ``backend`` takes ``case``'s pattern and parameters (declared, not device-dependent)."""
+    """Whether ``backend`` takes ``case``'s pattern, parameters and dtype (declared, not device-dependent)."""
     b = spec.backend(backend)
-    return case.pattern in b.caps.patterns and not b.param_refusals(spec.make_params(case.params))
+    params = spec.make_params(case.params)
+    return (
+        case.pattern in b.caps.patterns
+        and not b.param_refusals(params)
+        and not b.dtype_refusals(params, case.dtype)
+    )
 
 
 class KernelLaunches:

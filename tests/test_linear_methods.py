@@ -702,3 +702,25 @@ def test_check_finite_scans_the_state_too() -> None:
     state = torch.full((1, 2, 16, 16), float("nan"))
     with pytest.raises(InputError, match="state"):
         attnlab.attention(q, k, v, method="gla", causal=True, g=g, state=state, check_finite=True)
+
+
+def test_float16_normalize_refusal_is_by_design_and_left_out_of_parity_cases() -> None:
+    """The Triton backend's float16 + normalize refusal is declared by parameters and dtype alone
+    (``dtype_refusals``): the parity cases (CUDA and CPU sets) leave that (backend, parameters, dtype) out
+    instead of counting a refusal on CUDA as a failure, and keep bfloat16 and unnormalised float16."""
+    from attnlab.testing import parity_cases
+
+    spec = attnlab.get("linear")
+    triton = spec.backend("triton")
+    normalised, plain = spec.make_params({"normalize": True}), spec.make_params({"normalize": False})
+    assert triton.dtype_refusals(normalised, torch.float16)
+    assert not triton.dtype_refusals(normalised, torch.bfloat16)
+    assert not triton.dtype_refusals(plain, torch.float16)
+    assert not spec.backend("torch_chunk").dtype_refusals(normalised, torch.float16)
+    for cuda in (True, False):
+        cases = [c for m, b, c in parity_cases(cuda) if m == "linear" and b == "triton"]
+        assert cases
+        assert not [c for c in cases if c.dtype == torch.float16 and spec.make_params(c.params).normalize]
+        if cuda:
+            assert [c for c in cases if c.dtype == torch.bfloat16 and spec.make_params(c.params).normalize]
+            assert [c for c in cases if c.dtype == torch.float16]

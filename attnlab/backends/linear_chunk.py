@@ -25,9 +25,12 @@ from torch import Tensor
 from attnlab.backends.base import Backend, Call, Capabilities
 from attnlab.core import ALL_PATTERNS, Pattern
 from attnlab.kernels.triton_utils import triton_refusal
+from attnlab.params import Params
 
 Runner = Callable[[Tensor, Tensor, Tensor, Call, Mapping[str, Tensor], Any], tuple[Tensor, Any]]
 Refusal = Callable[[Call], list[str]]
+#: ``(params, dtype) -> reasons``: refusals by design that depend on the parameters and the dtype alone
+DtypeRefusal = Callable[[Params, torch.dtype], list[str]]
 #: ``(q, k, v, call, extra, cu_seqlens) -> (out (1, H, T, V), final states (S, H, K, V))``: packed sequences
 #: (q (1, H, T, D), k, v (1, H_kv, T, .), tensor inputs packed along their token axes, ``cu_seqlens``
 #: (S + 1,) int32 on q's device), each sequence from the initial state.
@@ -57,8 +60,10 @@ class LinearBackend(Backend):
         *,
         triton: bool = False,
         varlen: VarlenRunner | None = None,
+        dtype_refusal: DtypeRefusal | None = None,
     ) -> None:
         self.triton = triton
+        self.dtype_refusal = dtype_refusal
         self.varlen_runner = varlen
         self.name = name
         self.summary = summary
@@ -68,6 +73,9 @@ class LinearBackend(Backend):
 
     def reasons(self, call: Call) -> list[str]:
         return self.refusal(call) if self.refusal is not None else []
+
+    def dtype_refusals(self, params: Params, dtype: torch.dtype) -> list[str]:
+        return self.dtype_refusal(params, dtype) if self.dtype_refusal is not None else []
 
     def run_state(
         self, q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor], state: Any
@@ -123,10 +131,12 @@ def triton_chunk(
     backward: bool = True,
     patterns: frozenset[Pattern] = ALL_PATTERNS,
     varlen: VarlenRunner | None = None,
+    dtype_refusal: DtypeRefusal | None = None,
 ) -> LinearBackend:
     """The Triton chunked backend of a method (``refusal``: its own limits, e.g. chunk sizes; ``patterns``:
     the patterns its kernels run, when fewer than the method defines; ``varlen``: its packed runner, when
-    its kernels have op-level varlen: the backend then declares ``varlen``)."""
+    its kernels have op-level varlen: the backend then declares ``varlen``; ``dtype_refusal``: its
+    refusals by design of a parameter set in a dtype, which the parity cases leave out)."""
     return LinearBackend(
         "triton",
         "attnlab's chunked Triton kernels, state in/out (CPU only under TRITON_INTERPRET=1)",
@@ -141,4 +151,5 @@ def triton_chunk(
         _triton_reasons(refusal),
         triton=True,
         varlen=varlen,
+        dtype_refusal=dtype_refusal,
     )

@@ -303,14 +303,19 @@ def _triton_refusal(call: Call) -> list[str]:
     # forward's tiles always fit)
     k_dim = min(feature_dim(call.params, call.problem.head_dim), K_SLICE)
     p = call.problem
-    out = kernel_refusals(call.params.chunk, k_dim, p.v_dim)
-    if call.params.normalize and p.dtype == torch.float16:
-        # the chunk op returns the unnormalised numerator in q's dtype, which grows with the length: in
-        # float16 it passed 65504 (inf) near 1K tokens; torch_chunk divides in float32
-        out.append(
+    return kernel_refusals(call.params.chunk, k_dim, p.v_dim)
+
+
+def _triton_dtype_refusal(params: Params, dtype: torch.dtype) -> list[str]:
+    """``normalize=True`` in float16: the chunk op returns the unnormalised numerator in q's dtype, which
+    grows with the length (in float16 it passed 65504, inf, near 1K tokens); torch_chunk divides in
+    float32 and takes the call."""
+    assert isinstance(params, LinearParams)
+    if params.normalize and dtype == torch.float16:
+        return [
             "normalize=True in float16: the kernel's unnormalised output overflows float16 (use bfloat16)"
-        )
-    return out
+        ]
+    return []
 
 
 def sample_map(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
@@ -330,7 +335,10 @@ SPEC = MethodSpec(
     param_class=LinearParams,
     reference=reference,
     # non-causal linear attention is two matmuls: the torch_chunk backend runs it
-    backends=(triton_chunk(_run_triton, _triton_refusal, patterns=CAUSAL_ONLY), torch_chunk(_run_torch)),
+    backends=(
+        triton_chunk(_run_triton, _triton_refusal, patterns=CAUSAL_ONLY, dtype_refusal=_triton_dtype_refusal),
+        torch_chunk(_run_torch),
+    ),
     patterns=SELF_ONLY,
     test_params=(
         {},
