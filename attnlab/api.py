@@ -36,7 +36,7 @@ from attnlab.backends.varlen import packing_of, sequence_inputs
 from attnlab.core import Backend, Call, MethodSpec, Packing, Problem, Result, default_scale
 from attnlab.dispatch import Choice, choose, require
 from attnlab.errors import BackendError, InputError, ParamError, UnsupportedPatternError
-from attnlab.inputs import check_finite_values, validate, validate_extra
+from attnlab.inputs import check_finite_values, check_scale, validate, validate_extra
 from attnlab.params import Params
 from attnlab.patterns import pattern_of
 from attnlab.plans import Plan, static_plan
@@ -276,6 +276,7 @@ class Op:
     ) -> None:
         if not isinstance(causal, bool):
             raise InputError(f"causal must be a bool, got {causal!r}")
+        check_scale(scale)  # before an op is cached with it
         if backend is not None and backend != "reference":
             spec.backend(backend)  # an unknown name fails here, once
         self.spec = spec

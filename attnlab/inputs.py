@@ -81,13 +81,7 @@ def validate(
         )
     if b == 0 or d == 0 or d_v == 0:
         raise InputError(f"empty batch or head dim: q {_shape(q)}, v {_shape(v)}")
-    if scale is not None and (
-        isinstance(scale, bool)
-        or not isinstance(scale, int | float)
-        or not math.isfinite(scale)
-        or scale <= 0
-    ):
-        raise InputError(f"scale must be a positive finite number or None (1/sqrt(D)), got {scale!r}")
+    check_scale(scale)
     if check_finite:
         check_finite_values({"q": q, "k": k, "v": v})
     requires_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
@@ -261,3 +255,14 @@ def _validate_extra(
             raise InputError(f"{spec.name} is on {t.device}, but q, k, v are on {problem.device}")
         out[spec.name] = t
     return out
+
+
+def check_scale(scale: object) -> None:
+    """Refuse a ``scale`` that is not a positive finite number or None (the default 1/sqrt(D))."""
+    if scale is not None and (
+        isinstance(scale, bool)
+        or not isinstance(scale, int | float)
+        or not math.isfinite(scale)
+        or scale <= 0
+    ):
+        raise InputError(f"scale must be a positive finite number or None (1/sqrt(D)), got {scale!r}")

@@ -136,6 +136,10 @@ def flex_run(
     """
     compiling = torch.compiler.is_compiling()
     fn: Callable[..., Any] = flex_attention if compiling else compiled_flex()  # type: ignore[assignment]
+    if not torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        # no graph is recorded, but FlexAttention reads the tensors' flags (on a CPU it then refuses:
+        # "does not support backward"); dispatch already saw a call without gradients
+        q, k, v = q.detach(), k.detach(), v.detach()
     if not compiling and q.device.type == "cpu":
         k, v = _own_buffers(q, k, v)
     if options is None:

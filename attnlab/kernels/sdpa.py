@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from attnlab.kernels.heads import expand_kv
+
 #: SDPA kernels in the order attnlab prefers them on CUDA (fastest first on Hopper); SDPA skips the
 #: ones that cannot take the inputs.
 SDPA_PRIORITY: tuple[SDPBackend, ...] = (
@@ -41,6 +43,14 @@ def priority_for(n_q: int, n_k: int) -> tuple[SDPBackend, ...]:
     return DECODE_PRIORITY if n_q <= DECODE_MAX_QUERIES and n_q < n_k else SDPA_PRIORITY
 
 
+def native_gqa(q: Tensor, v: Tensor) -> bool:
+    """Whether SDPA on CUDA takes ``enable_gqa`` without its math kernel: FlashAttention does (16-bit, head
+    dims up to 256); other inputs (float32, wider heads) would fall to the math kernel, which builds the
+    (B, H, N_q, N_k) scores, so :func:`sdpa_dense` repeats K/V for them and lets the memory-efficient
+    kernel run (O(N) memory). On a CPU SDPA's flash kernel takes GQA in every dtype."""
+    return q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256 and v.shape[-1] <= 256
+
+
 def sdpa_dense(
     q: Tensor,
     k: Tensor,
@@ -62,6 +72,9 @@ def sdpa_dense(
         head = tail.new_zeros(q.shape[0], q.shape[1], n_q - n_k, v.shape[-1])
         return torch.cat([head, tail], dim=2)
     gqa = q.shape[1] != k.shape[1]
+    if gqa and q.is_cuda and not native_gqa(q, v):
+        k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
+        gqa = False
     attn_mask = None
     is_causal = causal
     if causal and n_q < n_k:

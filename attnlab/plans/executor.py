@@ -154,8 +154,11 @@ def unique_rows(m: Tensor, hashed: bool | None = None) -> tuple[Tensor, Tensor]:
     return m[first].to(torch.uint8), inverse
 
 
-def _tile_patterns(plan: Plan, partial: Tensor) -> tuple[Tensor, Tensor]:
+def _tile_patterns(plan: Plan, partial: Tensor, moved: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(pattern id per tile, -1 where not partial; the distinct patterns, uint8 (U, block_q, block_k)).
+
+    ``moved``: the full tiles of the key tail made partial (their pattern is every in-matrix pair, as a full
+    tile's is for :meth:`Plan.dense_mask`, whatever ``mask_mod`` says there).
 
     Generic path (token-level ``mask_mod``, no ``pattern_ids``): the mask is evaluated over TILE_CHUNK
     partial tiles at a time (bounding the bool (T, block_q x block_k) tensor) and each tile kept packed in
@@ -186,7 +189,11 @@ def _tile_patterns(plan: Plan, partial: Tensor) -> tuple[Tensor, Tensor]:
         m = (q_idx < plan.n_q) & (kv_idx < plan.n_k)
         if plan.mask_mod is not None:
             b, h = tc[:, 0, None, None], tc[:, 1, None, None]
-            m = m & plan.mask_mod(b, h, q_idx, kv_idx)
+            allowed = plan.mask_mod(b, h, q_idx, kv_idx)
+            if moved is not None:
+                was_full = moved[tuple(coords[t0 : t0 + TILE_CHUNK].unbind(1))][:, None, None]
+                allowed = allowed | was_full
+            m = m & allowed
         words.append(packed_rows(m.reshape(m.shape[0], -1)))
     every = torch.cat(words)
     first, inverse = distinct_words(every)
@@ -230,11 +237,14 @@ def executor_tables(plan: Plan) -> ExecutorTables:
         return memo
     full, partial = plan.full, plan.partial
     nkb = full.shape[-1]
+    moved: Tensor | None = None
     if plan.n_k % plan.block_k:  # a full tile past the key tail becomes partial (the kernel masks it)
         full, partial = full.clone(), partial.clone()
+        moved = torch.zeros_like(partial)
+        moved[..., nkb - 1] = full[..., nkb - 1]
         partial[..., nkb - 1] |= full[..., nkb - 1]
         full[..., nkb - 1] = False
-    pat_grid, patterns = _tile_patterns(plan, partial)
+    pat_grid, patterns = _tile_patterns(plan, partial, moved)
     # the four lists' widths in one host read; the key-side lists sort contiguous transposed copies (a
     # sort along a strided dim took 1.4 ms per grid on the H100 at 128K: H=32, 1024 x 1024 tiles)
     nums = [g.sum(dim=d, dtype=torch.int32) for g in (partial, full) for d in (-1, -2)]

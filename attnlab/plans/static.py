@@ -112,7 +112,9 @@ def static_plan(
     """The plan of a mask-defined method (``spec.mask``) for these shapes and parameters (cached); built
     from the method's block rule when its mask factory has one (:mod:`attnlab.plans.blocks`), else by
     evaluating the mask over the grid."""
-    key = (spec.name, params.key(), n_q, n_k, causal, str(device), block)
+    # the mask factory itself (held by the cache, so never a reused id) besides the name: a method
+    # registered again under its name with another mask must not get the old one's plan
+    key = (spec.name, spec.mask, params.key(), n_q, n_k, causal, str(device), block)
 
     def build() -> Plan:
         mask_mod = spec.mask(params, MaskContext(n_q, n_k, causal, device))
