@@ -91,7 +91,13 @@ def test_every_variant_is_complete() -> None:
         for kwargs in (*spec.test_params, *spec.bench_params(4096)):
             spec.make_params(kwargs)
         assert spec.params == spec.param_class()
-        assert not any(b.caps.lse for b in spec.backends)  # no lse until the reference's lse knows variants
+        # the log-sum-exp: every backend but SDPA's for the methods with one (the log of their own normaliser,
+        # tests/test_variants_review.py); none for softplus and affine_scaled
+        with_lse = {b.name for b in spec.backends if b.caps.lse}
+        if spec.name in ("softplus", "affine_scaled"):
+            assert not with_lse, spec.name
+        else:
+            assert with_lse == {b.name for b in spec.backends if b.name != "sdpa"}, spec.name
         assert attnlab.get(spec.name) is spec  # registered at import
 
 
@@ -170,11 +176,15 @@ def test_sink_is_an_extra_logit_column_without_value(causal: bool) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_sink_extreme_logits_match_the_reference_without_nan(dtype: torch.dtype) -> None:
-    """Sink logits at the ends of the range on every CPU backend: -inf is plain softmax, +inf gives zeros,
-    and finite logits whose sink / scale overflows fp16 (-1e4 at scale 1/8, 100 at scale 1e-3) give the
-    reference's result, not NaN (the SDPA path carries sink / scale in q's dtype)."""
-    q, k, v = (t.to(dtype) for t in qkv(n_q=16))
+@pytest.mark.parametrize(("n_q", "causal"), [(16, False), (17, True)])
+def test_sink_extreme_logits_match_the_reference_without_nan(
+    dtype: torch.dtype, n_q: int, causal: bool
+) -> None:
+    """Sink logits at the ends of the range on every CPU backend (the kernel in Triton's interpreter): -inf is
+    plain softmax, +inf gives zeros, and finite logits whose sink / scale overflows fp16 (-1e4 at scale 1/8,
+    100 at scale 1e-3) give the reference's result, not NaN (the SDPA path carries sink / scale in q's
+    dtype). Causal cross 17 x 13: the first 4 rows have no key, 0 also with s_h = -inf (no NaN)."""
+    q, k, v = (t.to(dtype) for t in qkv(n_q=n_q))
     cases: list[tuple[dict[str, Any], dict[str, Any]]] = [
         ({"logit": -1e4}, {}),
         ({"logit": 100.0, "scale": 1e-3}, {}),
@@ -184,18 +194,27 @@ def test_sink_extreme_logits_match_the_reference_without_nan(dtype: torch.dtype)
     ]
     for params, extra in cases:
         want = attnlab.attention(
-            q.float(), k.float(), v.float(), method="sink", backend="reference", **params, **extra
+            q.float(),
+            k.float(),
+            v.float(),
+            method="sink",
+            causal=causal,
+            backend="reference",
+            **params,
+            **extra,
         )
         assert not want.isnan().any(), (params, extra)
+        if causal:
+            assert not want[:, :, : n_q - N_K].any()
         if extra.get("sinks") is not None and bool(torch.isinf(extra["sinks"]).all()):
             plain = (
                 torch.zeros_like(want)
                 if extra["sinks"][0] > 0
-                else attnlab.attention(q.float(), k.float(), v.float())
+                else attnlab.attention(q.float(), k.float(), v.float(), causal=causal)
             )
             torch.testing.assert_close(want, plain, atol=1e-5, rtol=1e-5)
-        for backend in ("sdpa", "eager"):
-            got = attnlab.attention(q, k, v, method="sink", backend=backend, **params, **extra)
+        for backend in ("sdpa", "eager", "triton"):
+            got = attnlab.attention(q, k, v, method="sink", causal=causal, backend=backend, **params, **extra)
             assert not got.isnan().any(), (backend, params, extra)
             tol = 1e-5 if dtype == torch.float32 else 2e-3
             torch.testing.assert_close(

@@ -36,7 +36,21 @@ SPECS = (
 for _spec in SPECS:
     register(_spec)
 
+#: Each method with a log-sum-exp -> its ``reference_lse(q, k, v, params, *, causal, scale, upcast=True,
+#: **tensor_inputs) -> (out, lse)``: the reference's output and the log of the method's own normaliser
+#: (see attnlab.catalog.variants._common). softplus and affine_scaled have none.
+LSE_REFERENCES = {
+    "softcap": softcap.reference_lse,
+    "alibi": alibi.reference_lse,
+    "bias": bias.reference_lse,
+    "sink": sink.reference_lse,
+    "selective": selective.reference_lse,
+    "gated": gated.reference_lse,
+    "lowrank_bias": lowrank_bias.method_reference_lse,
+}
+
 __all__ = [
+    "LSE_REFERENCES",
     "SPECS",
     "affine_scaled",
     "alibi",

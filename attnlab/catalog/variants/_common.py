@@ -6,8 +6,17 @@ Conventions of every variant: q (B, H, N_q, D), k (B, H_kv, N_k, D), v (B, H_kv,
 ``s_ij = scale * q_i . k_j`` (``scale`` defaults to ``1 / sqrt(D)``); causal calls allow ``j <= p_i`` with
 ``p_i = i + N_k - N_q`` (bottom-right); a row with no allowed key returns 0, never NaN.
 
-No variant offers the log-sum-exp (``return_lse``) yet: the reference backend's ``run_lse`` computes it
-from the plain logits ``scale * q . k``, which is not the normaliser of a transformed score.
+The log-sum-exp (``return_lse=True``): the natural log of a row's normaliser, ``lse_i = log sum_j
+exp(x_ij)`` over the allowed keys, ``x`` the method's *transformed* logits (soft-capped, biased, ...; sink:
+the sink term ``exp(s_h)`` included), float32 (B, H, N_q), -inf on a row with no allowed key. Each method
+whose weights are a softmax of its logits gives it: softcap, alibi, bias, sink, selective, lowrank_bias, and
+gated (an output gate on plain softmax: plain softmax's lse). softplus (l1-normalised softplus weights) and
+affine_scaled (weights ``alpha P + beta / n``, whose split outputs the lse alone cannot merge) have none.
+Each such module has ``reference_lse(...) -> (out, lse)`` (the package's ``LSE_REFERENCES``); the ``eager``
+backend (:class:`VariantEagerBackend`), the Triton kernel and FlexAttention (GPU) return it. The
+``reference`` backend (attnlab/backends/eager.py) computes the lse of the *plain* logits ``scale * q . k``:
+it returns one only for gated (``softmax_normalized``) and refuses the others until it can call a method's
+``reference_lse``.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import torch
 from torch import Tensor
 
 from attnlab.backends.base import Backend, Call, Capabilities
+from attnlab.backends.eager import EagerBackend
 from attnlab.backends.flex import FlexBackend
 from attnlab.kernels import flex as flex_exec
 from attnlab.kernels.heads import expand_kv
@@ -30,6 +40,10 @@ from attnlab.reference import scores
 ScoreFactory = Callable[[Call, Mapping[str, Tensor]], "flex_exec.ScoreMod | None"]
 #: ``finish(out, lse, q, k, v, call, extra) -> output``: an output transform after FlexAttention
 Finish = Callable[[Tensor, "Tensor | None", Tensor, Tensor, Tensor, Call, Mapping[str, Tensor]], Tensor]
+#: ``lse_map(lse, q, call, extra) -> lse``: FlexAttention's lse (of its scores) -> the method's
+LseMap = Callable[[Tensor, Tensor, Call, Mapping[str, Tensor]], Tensor]
+#: ``reference_lse(q, k, v, params, *, causal, scale, upcast=True, **tensor_inputs) -> (out, lse)``
+LseReference = Callable[..., tuple[Tensor, Tensor]]
 
 
 def allowed(n_q: int, n_k: int, causal: bool, device: Any) -> Tensor | None:
@@ -46,12 +60,37 @@ def softmax_rows(s: Tensor, mask: Tensor | None) -> Tensor:
     """Row softmax over the allowed entries; a row with none is all zeros (no NaN, zero gradients)."""
     if mask is None:
         return torch.softmax(s, dim=-1)
-    s = s.masked_fill(~mask, float("-inf"))
+    return safe_softmax(s.masked_fill(~mask, float("-inf")))
+
+
+def safe_softmax(s: Tensor) -> Tensor:
+    """Row softmax in which -inf entries weigh 0 and a row of only -inf is all zeros (no NaN, zero
+    gradients), where ``torch.softmax`` gives NaN."""
     row_max = s.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     p = torch.exp(s - row_max)
     denom = p.sum(dim=-1, keepdim=True)
     return p / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
+def row_lse(s: Tensor, mask: Tensor | None) -> Tensor:
+    """``log sum_j exp(s_ij)`` over the allowed entries (and those above -inf), float32 (B, H, N_q): -inf on
+    a row with none, with zero gradients there (``torch.logsumexp`` gives NaN gradients on such rows); +inf
+    where an entry is +inf."""
+    s = s.float()
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    top = s.amax(dim=-1, keepdim=True).detach()  # (lse does not depend on it: no gradient needed)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    total = torch.exp(s - top).sum(dim=-1)
+    some = total > 0
+    logged = top.squeeze(-1) + torch.log(torch.where(some, total, torch.ones_like(total)))
+    return torch.where(some, logged, torch.full_like(total, float("-inf")))
+
+
+def softmax_attend(s: Tensor, mask: Tensor | None, v: Tensor, dtype: torch.dtype, upcast: bool) -> Tensor:
+    """``softmax_rows(s, mask) @ v`` in ``dtype`` (the references' last step)."""
+    return weigh(softmax_rows(s, mask), v, upcast).to(dtype)
 
 
 def weigh(p: Tensor, v: Tensor, upcast: bool) -> Tensor:
@@ -83,6 +122,11 @@ class VariantFlexBackend(FlexBackend):
     transforms the output (gates, sinks, affine weights). ``needs_lse``: ``finish`` needs FlexAttention's
     log-sum-exp, which compiled FlexAttention cannot return on a CPU (then GPU only).
 
+    ``lse``: the backend returns the method's log-sum-exp (``return_lse``; GPU only, as every compiled
+    FlexAttention lse): FlexAttention's, which is the log normaliser of the score_mod's logits, mapped by
+    ``lse_map`` where the method's normaliser has more (a sink's term). Off for a score_mod that is not the
+    method's logits (softplus's log-weights) or an output transform that changes the normaliser's meaning.
+
     A score_mod that depends on the call only is made once per call signature (``call.memo``).
     """
 
@@ -93,12 +137,15 @@ class VariantFlexBackend(FlexBackend):
         *,
         needs_lse: bool = False,
         per_call: bool = False,
+        lse: bool = False,
+        lse_map: LseMap | None = None,
     ) -> None:
         super().__init__(score_mod=None, unnormalized=needs_lse)
-        self.caps = replace(self.caps, lse=False)  # see the module docstring
+        self.caps = replace(self.caps, lse=lse)  # see the module docstring
         self.score = score
         self.finish = finish
         self.needs_lse = needs_lse
+        self.lse_map = lse_map
         self.per_call = per_call  # the score_mod reads the call's tensor inputs: made on every call
 
     def reasons(self, call: Call) -> list[str]:
@@ -126,6 +173,37 @@ class VariantFlexBackend(FlexBackend):
         kwargs = {**self._kwargs(q, k, call), "score_mod": self._score_mod(call, extra)}
         out, lse = flex_exec.flex_run(q, k, v, **kwargs, return_lse=self.needs_lse)
         return out if self.finish is None else self.finish(out, lse, q, k, v, call, extra)
+
+    def run_lse(
+        self, q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """(output, the method's lse): FlexAttention's lse of the score_mod's logits, through ``lse_map``."""
+        kwargs = {**self._kwargs(q, k, call), "score_mod": self._score_mod(call, extra)}
+        out, lse = flex_exec.flex_run(q, k, v, **kwargs, return_lse=True)
+        assert lse is not None
+        lse = lse.float()
+        if self.finish is not None:
+            out = self.finish(out, lse, q, k, v, call, extra)
+        return out, lse if self.lse_map is None else self.lse_map(lse, q, call, extra)
+
+
+class VariantEagerBackend(EagerBackend):
+    """The ``eager`` backend (the method's reference at the input precision) that also returns the
+    method's log-sum-exp: ``reference_lse(q, k, v, params, *, causal, scale, upcast=False, **inputs) ->
+    (out, lse)`` (lse float32; see the module docstring). Without one it is plain eager (no lse)."""
+
+    def __init__(self, reference_lse: LseReference | None = None) -> None:
+        self.reference_lse = reference_lse
+        self.caps = replace(EagerBackend.caps, lse=reference_lse is not None)
+
+    def run_lse(
+        self, q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        if self.reference_lse is None:
+            return super().run_lse(q, k, v, call, extra)
+        return self.reference_lse(
+            q, k, v, call.params, causal=call.problem.causal, scale=call.scale, upcast=False, **extra
+        )
 
 
 class SdpaFinishBackend(Backend):

@@ -1,6 +1,12 @@
-"""The ``triton`` backend of the score-transform variants (softcap, alibi, bias, sink, selective, softplus):
-attnlab's Triton kernels (:mod:`attnlab.kernels.score_transform`), forward and backward (gradients for q, k, v, the
-sink logits, the ALiBi slopes and the per-query temperature; none for a bias tensor).
+"""The ``triton`` backend of the score-transform variants (softcap, alibi, bias, sink, selective, softplus,
+lowrank_bias): attnlab's Triton kernels (:mod:`attnlab.kernels.score_transform`), forward and backward
+(gradients for q, k, v, the sink logits, the ALiBi slopes, the per-query temperature and the low-rank
+factors; none for a bias tensor).
+
+The log-sum-exp (``return_lse``, ``lse=True``): the kernel's, the natural log of the normaliser of the
+transformed logits (a sink's term included; -inf on a row with no key and no sink), float32; gradients flow
+through it (the backward adds ``dlse_i P_ij`` to the logits' gradient). Off for softplus (its kernel's
+"lse" is the log of the l1 normaliser, and the method declares no log-sum-exp).
 """
 
 from __future__ import annotations
@@ -50,16 +56,29 @@ class TritonScoreBackend(Backend):
     summary = "attnlab's score-transform Triton kernels (fwd + bwd; CPU only under TRITON_INTERPRET=1)"
     caps = Capabilities(max_head_dim=256, same_v_dim=True, where="GPU; CPU via Triton's interpreter")
 
-    def __init__(self, transform: Transform, *, backward: bool = True) -> None:
+    def __init__(self, transform: Transform, *, backward: bool = True, lse: bool = True) -> None:
         self.transform = transform
         if not backward:  # (a bias's gradient: the chooser cannot see whether a tensor input requires grad)
             self.caps = replace(self.caps, backward=False)
+        if lse:
+            self.caps = replace(self.caps, lse=True)
 
     def reasons(self, call: Call) -> list[str]:
         why = triton_refusal(call.problem.device, _imported_interpreted())
         return [why] if why else []
 
     def run(self, q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor]) -> Tensor:
+        return self.launch(q, k, v, call, extra)[0]
+
+    def run_lse(
+        self, q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        return self.launch(q, k, v, call, extra)
+
+    def launch(
+        self, q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """(output, lse) of the kernel for ``call`` (see the module docstring)."""
         from attnlab.kernels.score_transform.op import score_transform_fwd
 
         a = self.transform(q, call, extra)
@@ -68,7 +87,7 @@ class TritonScoreBackend(Backend):
                 "backend 'triton' has no gradient for the bias tensor (it would be N_q x N_k); pass a bias "
                 "that does not require grad, or use backend='flex' (CUDA) or 'eager'"
             )
-        out, _ = score_transform_fwd(
+        out, lse = score_transform_fwd(
             q,
             k,
             v,
@@ -83,4 +102,4 @@ class TritonScoreBackend(Backend):
             call.problem.causal,
             a.softplus,
         )
-        return out
+        return out, lse

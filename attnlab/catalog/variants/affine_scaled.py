@@ -12,6 +12,10 @@ Without ``alpha`` (``beta``) the scale is 1 (the bias 0): plain softmax. A row w
 How the paper computes alpha and beta from the layer input (and any tie between them) is the caller's;
 this method fixes only how they act on the weights.
 
+No log-sum-exp (``return_lse=True`` is refused on every backend): the weights ``alpha P + beta M / n`` are
+not a softmax of any logits, and the lse of the softmax ``P`` inside would not merge split outputs (the
+``beta`` part averages by key counts, not by ``exp(lse)``).
+
 The map is linear in the normalised weights, so it acts on softmax attention's output:
 ``O = alpha * O_softmax + beta * mean_allowed(V)`` (a running mean, no N x N). Backends: ``sdpa`` (plain
 softmax through torch SDPA, cuDNN first on Hopper, then that map), ``flex``, ``eager``.

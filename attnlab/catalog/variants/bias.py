@@ -12,17 +12,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
-from attnlab.backends.eager import EAGER
 from attnlab.catalog.variants._common import (
+    VariantEagerBackend,
     VariantFlexBackend,
     allowed,
     captured,
     heads_index,
     logits,
-    softmax_rows,
-    weigh,
+    row_lse,
+    softmax_attend,
 )
 from attnlab.catalog.variants._triton import KernelArgs, TritonScoreBackend
 from attnlab.core import Call, MethodSpec, TensorInput
@@ -51,21 +52,47 @@ def reference(
 ) -> Tensor:
     """``O = softmax_j(scale * q_i . k_j + bias_{b,h,i,j}) V`` over the allowed keys (``j <= i + N_k - N_q``
     when causal, and ``bias > -inf``), broadcasting the bias's size-1 dims; a row with no key is 0."""
+    s, mask = _scores(q, k, causal, scale, upcast, bias)
+    return softmax_attend(s, mask, v, q.dtype, upcast)
+
+
+def reference_lse(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    params: BiasParams,
+    *,
+    causal: bool,
+    scale: float,
+    upcast: bool = True,
+    bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(:func:`reference`'s output, ``lse_i = log sum_j exp(scale * q_i . k_j + bias_ij)`` over the allowed
+    keys, float32 (B, H, N_q), -inf on a row with no key)."""
+    s, mask = _scores(q, k, causal, scale, upcast, bias)
+    return softmax_attend(s, mask, v, q.dtype, upcast), row_lse(s, mask)
+
+
+def _scores(
+    q: Tensor, k: Tensor, causal: bool, scale: float, upcast: bool, bias: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """The biased logits and the allowed pairs (causal, and the bias above -inf; None: all)."""
     s = logits(q, k, scale, upcast)
     mask = allowed(q.shape[2], k.shape[2], causal, q.device)
     if bias is not None:
         s = s + bias.to(s.dtype)
         finite = ~bias.isneginf()
         mask = finite if mask is None else mask & finite
-    p = softmax_rows(s, mask)
-    return weigh(p, v, upcast).to(q.dtype)
+    return s, mask
 
 
 def _score(call: Call, extra: Mapping[str, Tensor]) -> ScoreMod | None:
     given = extra.get("bias")
     if given is None:
         return None
-    bias = captured(given)
+    # float32 like the scores (a float64 bias would make the score_mod's sum float64, which the compiled
+    # FlexAttention kernel does not take: wrong results, as alibi's slopes before)
+    bias = captured(given.to(torch.float32))
     rows, cols = bias.shape[2] > 1, bias.shape[3] > 1
 
     def add_bias(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
@@ -89,8 +116,8 @@ SPEC = MethodSpec(
     reference=reference,
     backends=(
         TritonScoreBackend(_kernel_args, backward=False),
-        VariantFlexBackend(_score, per_call=True),
-        EAGER,
+        VariantFlexBackend(_score, per_call=True, lse=True),
+        VariantEagerBackend(reference_lse),
     ),
     patterns=ALL_PATTERNS,
     inputs=(
@@ -100,5 +127,6 @@ SPEC = MethodSpec(
     ),
     test_params=({},),
     bench_params=lambda n: [{}],
-    softmax_normalized=False,  # it is softmax-normalised, but attnlab's reference lse is the plain one
+    # it is softmax-normalised with an lse (reference_lse), but the reference backend's lse is the plain one
+    softmax_normalized=False,
 )

@@ -8,6 +8,10 @@ be 1, so (B, H, N_q, 1) is the paper's head-wise gate. Without a gate the output
 
 Backends: ``sdpa`` (plain softmax through torch SDPA, cuDNN first on Hopper, then the gate: the gate is
 applied after the normalised attention, so the softmax needs no change), ``flex``, ``eager``.
+
+The log-sum-exp (``return_lse``) is plain softmax's, ``log sum_j exp(scale * q_i . k_j)`` over the allowed
+keys: the gate multiplies the output, not the weights, so split outputs still merge by it (the gate is the
+same factor on every part). The reference, eager and flex (GPU) backends return it; sdpa does not.
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attnlab.backends.eager import EAGER
 from attnlab.catalog.variants._common import (
     SdpaFinishBackend,
+    VariantEagerBackend,
     VariantFlexBackend,
     allowed,
     logits,
+    row_lse,
     softmax_rows,
     weigh,
 )
@@ -67,6 +72,23 @@ def reference(
     return out.to(q.dtype)
 
 
+def reference_lse(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    params: GatedParams,
+    *,
+    causal: bool,
+    scale: float,
+    upcast: bool = True,
+    gate: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(:func:`reference`'s output, plain softmax's ``lse_i = log sum_j exp(scale * q_i . k_j)`` over the
+    allowed keys, float32 (B, H, N_q), -inf on a row with no key)."""
+    out = reference(q, k, v, params, causal=causal, scale=scale, upcast=upcast, gate=gate)
+    return out, row_lse(logits(q, k, scale, upcast), allowed(q.shape[2], k.shape[2], causal, q.device))
+
+
 def _finish(out: Tensor, lse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, call: Call,
             extra: Mapping[str, Tensor]) -> Tensor:  # fmt: skip
     return apply_gate(out, extra.get("gate"))
@@ -80,7 +102,11 @@ SPEC = MethodSpec(
     summary="sigmoid(gate) * softmax attention output, with the gate logits as a tensor input",
     param_class=GatedParams,
     reference=reference,
-    backends=(SdpaFinishBackend(_finish), VariantFlexBackend(finish=_finish), EAGER),
+    backends=(
+        SdpaFinishBackend(_finish),
+        VariantFlexBackend(finish=_finish, lse=True),
+        VariantEagerBackend(reference_lse),
+    ),
     patterns=ALL_PATTERNS,
     inputs=(
         TensorInput(

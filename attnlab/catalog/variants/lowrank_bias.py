@@ -10,15 +10,20 @@ an N x N tensor: the Triton kernel (:mod:`attnlab.kernels.score_transform`, ``LO
 and backward, with gradients for both factors (``dU = dX V_f``, ``dV_f = dX^T U``, dX the logits'
 gradient), summed over broadcast dims. The FlashBias paper's Triton code (``thuml/FlashBias``,
 ``flash_bias/flash_bias_triton.py``, read for this) does the same math: ``qk * softmax_scale + q_bias
-k_bias^T`` per tile, ``dq_bias = dS k_bias``, ``dk_bias = dS^T q_bias``; it keeps the factors in fp32
-(here they are cast to q's dtype, bf16 products with fp32 accumulation, within the accuracy rule at the
-benchmarked shapes), one backward kernel with optional dq atomics (here: a dK/dV kernel and a dQ kernel, no
-atomics), and top-left causal alignment (here: bottom-right, as every attnlab method).
+k_bias^T`` per tile, ``dq_bias = dS k_bias``, ``dk_bias = dS^T q_bias``; it keeps the factors in fp32, and
+so does this kernel (the bias tile is an fp32 product at full precision: position-style factors, e.g. ALiBi
+as ``u = [-m p_i, 1]``, ``vf = [1, m j]``, hold values of ``m N`` whose bf16 rounding made logit errors of
+~2 at N = 600; du and dvf come back in the factors' dtypes), one backward kernel with optional dq atomics
+(here: a dK/dV kernel and a dQ kernel, no atomics), and top-left causal alignment (here: bottom-right, as
+every attnlab method).
 
 Registered as ``lowrank_bias``: ``attnlab.attention(q, k, v, method="lowrank_bias", u=U, vf=Vf)``, the rank a
-free size ``R`` of the two tensor inputs (they must agree). Backends: the Triton kernel (ranks up to
-``MAX_RANK``) and eager (the reference, bias materialised). :func:`lowrank_bias_attention` is the same
-computation as a plain function.
+free size ``R`` of the two tensor inputs (they must agree: a rank of 1 does not broadcast, an InputError
+names both). Backends: the Triton kernel (ranks up to ``MAX_RANK``; a call of a higher rank, which the
+dispatcher cannot see when it picks the kernel, runs the eager path instead) and eager (the reference, bias
+materialised). The log-sum-exp (``return_lse``): ``log sum_j exp(scale * q_i . k_j + u_i . vf_j)`` over the
+allowed keys, -inf on a row with none. :func:`lowrank_bias_attention` is the same computation as a plain
+function.
 """
 
 from __future__ import annotations
@@ -29,8 +34,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attnlab.backends.eager import EAGER
-from attnlab.catalog.variants._common import allowed, logits, softmax_rows, weigh
+from attnlab.catalog.variants._common import (
+    VariantEagerBackend,
+    allowed,
+    logits,
+    row_lse,
+    softmax_attend,
+)
 from attnlab.catalog.variants._triton import KernelArgs, TritonScoreBackend
 from attnlab.core import Call, MethodSpec, TensorInput
 from attnlab.errors import BackendError, InputError
@@ -58,9 +68,15 @@ def check_factors(q: Tensor, k: Tensor, u: Tensor, vf: Tensor) -> int:
             raise InputError(f"{name} has dtype {t.dtype}; expected a floating dtype")
         if t.device != q.device:
             raise InputError(f"{name} is on {t.device}, but q is on {q.device}")
+    return check_ranks(u, vf)
+
+
+def check_ranks(u: Tensor, vf: Tensor) -> int:
+    """The rank r of the factors u (.., N_q, r) and vf (.., N_k, r); InputError unless both have it."""
     if u.shape[-1] != vf.shape[-1] or u.shape[-1] < 1:
         raise InputError(
-            f"u has rank {u.shape[-1]} and vf rank {vf.shape[-1]}; expected the same rank r >= 1 (last dim)"
+            f"u has rank {u.shape[-1]} and vf rank {vf.shape[-1]}; expected the same rank r >= 1 (last dim) for "
+            f"both factors (u {tuple(u.shape)}, vf {tuple(vf.shape)}; a rank of 1 does not broadcast)"
         )
     return int(u.shape[-1])
 
@@ -79,10 +95,32 @@ def reference(
     """``O = softmax_j(scale * q_i . k_j + u_i . vf_j) V`` over the allowed keys (``j <= i + N_k - N_q``
     when causal), the bias materialised densely (fp32 when ``upcast``, else q's dtype); a row with no key
     is 0. Differentiable in every input."""
+    s = _scores(q, k, u, vf, scale, upcast)
+    return softmax_attend(s, allowed(q.shape[2], k.shape[2], causal, q.device), v, q.dtype, upcast)
+
+
+def reference_lse(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    u: Tensor,
+    vf: Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    upcast: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """(:func:`reference`'s output, ``lse_i = log sum_j exp(scale * q_i . k_j + u_i . vf_j)`` over the
+    allowed keys, float32 (B, H, N_q), -inf on a row with no key)."""
+    s = _scores(q, k, u, vf, scale, upcast)
+    mask = allowed(q.shape[2], k.shape[2], causal, q.device)
+    return softmax_attend(s, mask, v, q.dtype, upcast), row_lse(s, mask)
+
+
+def _scores(q: Tensor, k: Tensor, u: Tensor, vf: Tensor, scale: float, upcast: bool) -> Tensor:
+    check_ranks(u, vf)
     s = logits(q, k, scale, upcast)
-    bias = torch.matmul(u.to(s.dtype), vf.to(s.dtype).transpose(-1, -2))
-    p = softmax_rows(s + bias, allowed(q.shape[2], k.shape[2], causal, q.device))
-    return weigh(p, v, upcast).to(q.dtype)
+    return s + torch.matmul(u.to(s.dtype), vf.to(s.dtype).transpose(-1, -2))
 
 
 def lowrank_bias_attention(
@@ -98,8 +136,8 @@ def lowrank_bias_attention(
 ) -> Tensor:
     """Attention with the low-rank bias ``u @ vf^T`` (see the module doc): q (B, H, N_q, D), k/v (B, H_kv,
     N_k, D), GQA when H_kv divides H, causal bottom-right. ``backend="triton"`` (CUDA, or CPU under
-    TRITON_INTERPRET=1; rank <= 64, D <= 256; the factors are cast to q's dtype) computes the bias tile in
-    the kernel; ``"reference"`` materialises it. Differentiable in q, k, v, u and vf."""
+    TRITON_INTERPRET=1; rank <= 64, D <= 256; the factors in fp32) computes the bias tile in the kernel;
+    ``"reference"`` materialises it. Differentiable in q, k, v, u and vf."""
     from attnlab.inputs import validate
 
     problem = validate(q, k, v, causal=causal, scale=scale)
@@ -148,15 +186,55 @@ def method_reference(
     return reference(q, k, v, u, vf, causal=causal, scale=scale, upcast=upcast)
 
 
-def _kernel_args(q: Tensor, call: Call, extra: Mapping[str, Tensor]) -> KernelArgs:
-    from attnlab.kernels.score_transform.op import MAX_RANK
+def method_reference_lse(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    params: LowRankBiasParams,
+    *,
+    causal: bool,
+    scale: float,
+    upcast: bool = True,
+    u: Tensor | None = None,
+    vf: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The registered method's (output, lse): :func:`reference_lse` with the factors as keyword inputs."""
+    if u is None or vf is None:
+        raise InputError("lowrank_bias needs both factors u and vf")
+    return reference_lse(q, k, v, u, vf, causal=causal, scale=scale, upcast=upcast)
 
+
+def _kernel_args(q: Tensor, call: Call, extra: Mapping[str, Tensor]) -> KernelArgs:
     u, vf = extra["u"], extra["vf"]
-    if u.shape[-1] > MAX_RANK:
-        raise BackendError(
-            f"backend 'triton' takes ranks up to {MAX_RANK}, got u with rank {u.shape[-1]}; use backend='eager'"
-        )
+    check_ranks(u, vf)
     return KernelArgs(u=u, vf=vf)
+
+
+_EAGER = VariantEagerBackend(method_reference_lse)
+
+
+class _LowRankTriton(TritonScoreBackend):
+    """The kernel; a call whose rank exceeds its ``MAX_RANK`` runs on the eager path instead. The rank is a
+    size of the tensor inputs, which the dispatcher does not see when it picks a backend (its refusals read
+    the call's shapes only), so on CUDA a rank-65 call lands here: it runs (dense, O(N^2) memory) rather than
+    failing, unless eager refuses it too (then a BackendError gives both reasons)."""
+
+    def launch(
+        self, q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        from attnlab.kernels.score_transform.op import MAX_RANK
+
+        u, vf = extra["u"], extra["vf"]
+        rank = check_ranks(u, vf)
+        if rank <= MAX_RANK:
+            return super().launch(q, k, v, call, extra)
+        why = _EAGER.refusals(call)
+        if why:
+            raise BackendError(
+                f"backend 'triton' takes ranks up to {MAX_RANK}, got rank {rank}, and its fallback, eager, "
+                f"cannot run the call either: {'; '.join(why)}"
+            )
+        return _EAGER.run_lse(q, k, v, call, extra)
 
 
 SPEC = MethodSpec(
@@ -166,7 +244,7 @@ SPEC = MethodSpec(
     summary="softmax(scale*qk + u vf^T) with the bias given by rank-R factors, never materialised (Triton)",
     param_class=LowRankBiasParams,
     reference=method_reference,
-    backends=(TritonScoreBackend(_kernel_args), EAGER),
+    backends=(_LowRankTriton(_kernel_args), _EAGER),
     patterns=ALL_PATTERNS,
     inputs=(
         TensorInput("u", ("B", "H", "N_q", "R"), "query-side factor of the bias", broadcast=True),
@@ -174,5 +252,7 @@ SPEC = MethodSpec(
     ),
     test_params=({},),
     bench_params=lambda n: [{}],
-    softmax_normalized=False,  # it is softmax-normalised, but attnlab's reference lse is the plain one
+    # it is softmax-normalised with an lse (method_reference_lse), but the reference backend's lse is the
+    # plain one
+    softmax_normalized=False,
 )

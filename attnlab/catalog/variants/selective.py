@@ -14,19 +14,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from attnlab.backends.base import Backend, Capabilities
-from attnlab.backends.eager import EAGER
 from attnlab.catalog.variants._common import (
+    VariantEagerBackend,
     VariantFlexBackend,
     allowed,
     captured,
     heads_index,
     logits,
+    row_lse,
     sample_positive,
-    softmax_rows,
-    weigh,
+    softmax_attend,
 )
 from attnlab.catalog.variants._triton import KernelArgs, TritonScoreBackend
 from attnlab.core import Call, MethodSpec, TensorInput
@@ -56,18 +57,38 @@ def reference(
 ) -> Tensor:
     """``O_i = softmax_j(tau_i * scale * q_i . k_j) V`` over the allowed keys (``j <= i + N_k - N_q`` when
     causal), ``tau`` (B, H, N_q) broadcast; without ``temperature``, ``tau = 1``. A row with no key is 0."""
+    s = _scores(q, k, scale, upcast, temperature)
+    return softmax_attend(s, allowed(q.shape[2], k.shape[2], causal, q.device), v, q.dtype, upcast)
+
+
+def reference_lse(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    params: SelectiveParams,
+    *,
+    causal: bool,
+    scale: float,
+    upcast: bool = True,
+    temperature: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(:func:`reference`'s output, ``lse_i = log sum_j exp(tau_i * scale * q_i . k_j)`` over the allowed
+    keys, float32 (B, H, N_q), -inf on a row with no key)."""
+    s = _scores(q, k, scale, upcast, temperature)
+    mask = allowed(q.shape[2], k.shape[2], causal, q.device)
+    return softmax_attend(s, mask, v, q.dtype, upcast), row_lse(s, mask)
+
+
+def _scores(q: Tensor, k: Tensor, scale: float, upcast: bool, temperature: Tensor | None) -> Tensor:
     s = logits(q, k, scale, upcast)
-    if temperature is not None:
-        s = s * temperature.to(s.dtype)[..., None]
-    p = softmax_rows(s, allowed(q.shape[2], k.shape[2], causal, q.device))
-    return weigh(p, v, upcast).to(q.dtype)
+    return s if temperature is None else s * temperature.to(s.dtype)[..., None]
 
 
 def _score(call: Call, extra: Mapping[str, Tensor]) -> ScoreMod | None:
     given = extra.get("temperature")
     if given is None:
         return None
-    tau = captured(given)
+    tau = captured(given.to(torch.float32))  # float32 like the scores (see bias._score)
     rows = tau.shape[2] > 1
 
     def temperature(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
@@ -110,9 +131,9 @@ SPEC = MethodSpec(
     # kernel (not timed on the GPU yet), stay for backend= (and variants_bench's sides).
     backends=(
         SelectiveSdpaBackend(),
-        VariantFlexBackend(_score, per_call=True),
+        VariantFlexBackend(_score, per_call=True, lse=True),
         TritonScoreBackend(_kernel_args),
-        EAGER,
+        VariantEagerBackend(reference_lse),
     ),
     patterns=ALL_PATTERNS,
     inputs=(
@@ -127,5 +148,6 @@ SPEC = MethodSpec(
     ),
     test_params=({},),
     bench_params=lambda n: [{}],
-    softmax_normalized=False,  # it is softmax-normalised, but attnlab's reference lse is the plain one
+    # it is softmax-normalised with an lse (reference_lse), but the reference backend's lse is the plain one
+    softmax_normalized=False,
 )

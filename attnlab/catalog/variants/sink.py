@@ -6,10 +6,14 @@ more column with no value vector::
     P_ij = exp(x_ij) / (exp(s_h) + sum_j' exp(x_ij')),   x = scale * q . k,   O_i = sum_j P_ij v_j
 
 Equivalently: append ``s_h`` as an extra logit column, softmax, drop the column. The weights of a row
-sum to less than 1; a row with no allowed key puts all its mass on the sink and returns 0. Evan Miller's
+sum to less than 1; a row with no allowed key puts all its mass on the sink and returns 0 (also with
+``s_h = -inf``, when the row has nothing at all). The log-sum-exp (``return_lse``) is the log of that
+denominator, the sink's term included: ``lse_i = log(exp(s_h) + sum_j exp(x_ij))``, so ``s_h`` on a row
+with no key (-inf only where ``s_h`` is -inf too, +inf where ``s_h`` is +inf). Evan Miller's
 "off-by-one" softmax is ``s_h = 0`` for every head, the default: a ``sinks`` tensor (H,) passed to the
 call (gpt-oss's learned per-head parameter) replaces the constant ``logit``. The FlexAttention path
-runs plain softmax and rescales: ``O = O_softmax * sigmoid(lse - s_h)``. The ``sdpa`` backend runs
+runs plain softmax and rescales: ``O = O_softmax * sigmoid(lse - s_h)`` (0 where its lse is -inf), and its
+lse with the sink is ``logaddexp(lse, s_h)``. The ``sdpa`` backend runs
 torch SDPA with the sink as one more key: q gains columns ``s_h / scale`` (split in a high and a low part
 so a bf16 q keeps the fp32 sink; q and k zero-padded to a multiple of 8 wide, D + 8 for D a multiple of
 8), a key ``[0, ..., 1, 1]`` with a zero value is prepended, exact and differentiable by autograd (q, k,
@@ -29,8 +33,15 @@ import torch
 from torch import Tensor
 
 from attnlab.backends.base import Backend, Capabilities
-from attnlab.backends.eager import EAGER
-from attnlab.catalog.variants._common import VariantFlexBackend, allowed, logits, weigh
+from attnlab.catalog.variants._common import (
+    VariantEagerBackend,
+    VariantFlexBackend,
+    allowed,
+    logits,
+    row_lse,
+    safe_softmax,
+    weigh,
+)
 from attnlab.catalog.variants._triton import KernelArgs, TritonScoreBackend
 from attnlab.core import Call, MethodSpec, TensorInput
 from attnlab.kernels.sdpa import sdpa_dense
@@ -70,22 +81,83 @@ def reference(
 ) -> Tensor:
     """``O_i = sum_j exp(x_ij) v_j / (exp(s_h) + sum_j exp(x_ij))`` over the allowed keys (``j <= i + N_k -
     N_q`` when causal), ``x = scale * q . k``, ``s_h`` from ``sinks`` or ``logit``; computed stably with
-    the row maximum taken over the logits and the sink. A row with no key is 0; ``s_h = -inf`` is plain
-    softmax and ``s_h = +inf`` gives 0 (all the weight on the sink, whose value is zero)."""
+    the row maximum taken over the logits and the sink. A row with no key is 0 (with ``s_h = -inf`` too);
+    ``s_h = -inf`` is plain softmax and ``s_h = +inf`` gives 0 (all the weight on the sink, whose value is
+    zero)."""
+    return _attend(q, k, v, params, causal, scale, upcast, sinks, want_lse=False)[0]
+
+
+def reference_lse(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    params: SinkParams,
+    *,
+    causal: bool,
+    scale: float,
+    upcast: bool = True,
+    sinks: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(:func:`reference`'s output, ``lse_i = log(exp(s_h) + sum_j exp(x_ij))`` over the allowed keys,
+    float32 (B, H, N_q): ``s_h`` on a row with no key, -inf only where ``s_h`` is -inf too, +inf where
+    ``s_h`` is +inf)."""
+    out, lse = _attend(q, k, v, params, causal, scale, upcast, sinks, want_lse=True)
+    assert lse is not None
+    return out, lse
+
+
+def _attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    params: SinkParams,
+    causal: bool,
+    scale: float,
+    upcast: bool,
+    sinks: Tensor | None,
+    want_lse: bool,
+) -> tuple[Tensor, Tensor | None]:
     x = logits(q, k, scale, upcast)
     sink = sink_logits(q, params, sinks).to(x.dtype)[None, :, None, None].expand(*x.shape[:3], 1)
+    saturated = torch.isposinf(sink)  # all the weight on the sink: output 0 (softmax of +inf is NaN)
     mask = allowed(q.shape[2], k.shape[2], causal, q.device)
     if mask is not None:
         x = x.masked_fill(~mask, float("-inf"))
-    full = torch.cat([x, sink], dim=-1)  # the sink is always allowed: no row is empty
-    p = torch.softmax(full, dim=-1)[..., :-1]
-    p = p.masked_fill(torch.isposinf(sink), 0.0)  # (softmax of a row holding +inf is NaN; its limit is 0)
-    return weigh(p, v, upcast).to(q.dtype)
+    full = torch.cat([x, sink.masked_fill(saturated, 0.0)], dim=-1)
+    # (a row with no key and s_h = -inf holds only -inf: zeros, not torch.softmax's NaN)
+    p = safe_softmax(full)[..., :-1].masked_fill(saturated, 0.0)
+    out = weigh(p, v, upcast).to(q.dtype)
+    if not want_lse:
+        return out, None
+    return out, row_lse(full, None).masked_fill(saturated[..., 0], float("inf"))
 
 
 def rescale(out: Tensor, lse: Tensor, sink: Tensor) -> Tensor:
-    """Softmax output and log-sum-exp -> the sink's output: ``O * sigmoid(lse - s_h)`` (``sink`` (H,))."""
-    return (out.float() * torch.sigmoid(lse.float() - sink[None, :, None])[..., None]).to(out.dtype)
+    """Softmax output and log-sum-exp -> the sink's output: ``O * sigmoid(lse - s_h)`` (``sink`` (H,)); 0
+    on a row whose lse is -inf (no key: ``sigmoid(-inf - s_h)`` is NaN for ``s_h = -inf``; the -inf is
+    replaced before the sigmoid too, so that no NaN reaches the gradients either)."""
+    lse = lse.float()
+    empty = torch.isneginf(lse)
+    w = torch.sigmoid(torch.where(empty, torch.zeros_like(lse), lse) - sink.float()[None, :, None])
+    w = torch.where(empty, torch.zeros_like(w), w)
+    return (out.float() * w[..., None]).to(out.dtype)
+
+
+def with_sink(lse: Tensor, sink: Tensor) -> Tensor:
+    """Softmax's log-sum-exp (B, H, N_q) -> the sink's, ``log(exp(lse) + exp(s_h))`` (``sink`` (H,)),
+    computed stably (``logaddexp``); -inf where both are -inf (with zero gradients there: logaddexp's
+    would be NaN)."""
+    lse = lse.float()
+    s = sink.float()[None, :, None].expand_as(lse)
+    nothing = torch.isneginf(lse) & torch.isneginf(s)
+    zero = torch.zeros_like(lse)
+    both = torch.logaddexp(torch.where(nothing, zero, lse), torch.where(nothing, zero, s))
+    return torch.where(nothing, torch.full_like(lse, float("-inf")), both)
+
+
+def _flex_lse(lse: Tensor, q: Tensor, call: Call, extra: Mapping[str, Tensor]) -> Tensor:
+    assert isinstance(call.params, SinkParams)
+    return with_sink(lse, sink_logits(q, call.params, extra.get("sinks")))
 
 
 def _finish(out: Tensor, lse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, call: Call,
@@ -151,9 +223,9 @@ SPEC = MethodSpec(
     reference=reference,
     backends=(
         TritonScoreBackend(_kernel_args),
-        VariantFlexBackend(finish=_finish, needs_lse=True),
+        VariantFlexBackend(finish=_finish, needs_lse=True, lse=True, lse_map=_flex_lse),
         SinkSdpaBackend(),
-        EAGER,
+        VariantEagerBackend(reference_lse),
     ),
     # training: Flex first (its forward + backward ran 0.99-1.06x the kernel's speed at 8K-32K on the H100, ahead at 7 of 8 points,
     # benchmarks/results/h100-2026-11-23/variants/); inference: the kernel (ahead of Flex forward)
@@ -162,5 +234,5 @@ SPEC = MethodSpec(
     inputs=(TensorInput("sinks", ("H",), "per-head sink logits s_h (not scaled)", required=False),),
     test_params=({}, {"logit": 2.0}, {"logit": -3.0}),
     bench_params=lambda n: [{}],
-    softmax_normalized=False,  # the weights do not sum to 1
+    softmax_normalized=False,  # the weights do not sum to 1 (its lse, reference_lse, holds the sink's term)
 )

@@ -21,8 +21,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnlab.backends.eager import EAGER
-from attnlab.catalog.variants._common import VariantFlexBackend, allowed, logits, softmax_rows, weigh
+from attnlab.catalog.variants._common import (
+    VariantEagerBackend,
+    VariantFlexBackend,
+    allowed,
+    logits,
+    row_lse,
+    softmax_attend,
+)
 from attnlab.catalog.variants._triton import KernelArgs, TritonScoreBackend
 from attnlab.core import Call, MethodSpec
 from attnlab.kernels.flex import ScoreMod
@@ -59,19 +65,33 @@ def capped(s: Tensor, cap: float) -> Tensor:
     return torch.tanh(s / cap) * cap
 
 
+def _scores(
+    q: Tensor, k: Tensor, params: SoftcapParams, causal: bool, scale: float, upcast: bool
+) -> tuple[Tensor, Tensor | None]:
+    """The capped logits (B, H, N_q, N_k) and the allowed pairs (None: all)."""
+    s = capped(logits(q, k, scale, upcast), params.cap)
+    n_q, n_k = q.shape[2], k.shape[2]
+    if params.window is None:
+        return s, allowed(n_q, n_k, causal, q.device)
+    return s, window_mask(n_q, n_k, params.window, causal, q.device)
+
+
 def reference(
     q: Tensor, k: Tensor, v: Tensor, params: SoftcapParams, *, causal: bool, scale: float, upcast: bool = True
 ) -> Tensor:
     """``O = softmax_j(cap * tanh(s_ij / cap)) V`` over the allowed keys, ``s_ij = scale * q_i . k_j``
     (``j <= i + N_k - N_q`` when causal; within ``window`` when set); a row with no key is 0."""
-    s = capped(logits(q, k, scale, upcast), params.cap)
-    n_q, n_k = q.shape[2], k.shape[2]
-    if params.window is None:
-        mask = allowed(n_q, n_k, causal, q.device)
-    else:
-        mask = window_mask(n_q, n_k, params.window, causal, q.device)
-    p = softmax_rows(s, mask)
-    return weigh(p, v, upcast).to(q.dtype)
+    s, mask = _scores(q, k, params, causal, scale, upcast)
+    return softmax_attend(s, mask, v, q.dtype, upcast)
+
+
+def reference_lse(
+    q: Tensor, k: Tensor, v: Tensor, params: SoftcapParams, *, causal: bool, scale: float, upcast: bool = True
+) -> tuple[Tensor, Tensor]:
+    """(:func:`reference`'s output, ``lse_i = log sum_j exp(cap * tanh(s_ij / cap))`` over the allowed keys,
+    float32 (B, H, N_q), -inf on a row with no key)."""
+    s, mask = _scores(q, k, params, causal, scale, upcast)
+    return softmax_attend(s, mask, v, q.dtype, upcast), row_lse(s, mask)
 
 
 def _score(call: Call, extra: Mapping[str, Tensor]) -> ScoreMod:
@@ -122,9 +142,14 @@ SPEC = MethodSpec(
     summary="softmax of cap * tanh(logit / cap) (Gemma 2's logit soft cap)",
     param_class=SoftcapParams,
     reference=reference,
-    backends=(_SoftcapTriton(_kernel_args), VariantFlexBackend(_score), EAGER),
+    backends=(
+        _SoftcapTriton(_kernel_args),
+        VariantFlexBackend(_score, lse=True),
+        VariantEagerBackend(reference_lse),
+    ),
     patterns=ALL_PATTERNS,
     test_params=({"cap": 2.0}, {"cap": 0.5}, {"cap": 50.0}, {"cap": 2.0, "window": 3}),
     bench_params=lambda n: [{}],
-    softmax_normalized=False,  # it is softmax-normalised, but attnlab's reference lse is the plain one
+    # it is softmax-normalised with an lse (reference_lse), but the reference backend's lse is the plain one
+    softmax_normalized=False,
 )

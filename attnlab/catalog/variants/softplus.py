@@ -36,7 +36,11 @@ q and k are L2-normalised before it (on CUDA, ``FUSED_NORM_DEVICES``, by a one-p
 temperature), ``flex`` (the same normalised q, k; the score_mod multiplies by ``lambda_i * t``),
 ``eager``. The kernel keeps no running maximum: softplus grows linearly, computed as ``max(y, 0) +
 log(1 + e^-|y|)`` it never overflows, and the row sum of N_k weights stays in fp32 range for any logit
-below ~1e38 / N_k (exp would overflow at 88).
+below ~1e38 / N_k (exp would overflow at 88). The reference and eager sum and normalise the weights in fp32
+too (a float16 sum overflows at N_k * lambda t > 65504, e.g. N = 4096 at the default scale).
+
+No log-sum-exp: the weights are l1-normalised softplus values, not a softmax, so ``return_lse=True`` is
+refused on every backend (the kernel's internal "lse", the log of the l1 normaliser, stays internal).
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from torch import Tensor
 
 from attnlab.backends.eager import EAGER
 from attnlab.catalog.variants._common import VariantFlexBackend, allowed, logits, softmax_rows, weigh
-from attnlab.catalog.variants._triton import KernelArgs, TritonScoreBackend
+from attnlab.catalog.variants._triton import KernelArgs, Transform, TritonScoreBackend
 from attnlab.core import Call, MethodSpec
 from attnlab.errors import InputError
 from attnlab.kernels.flex import ScoreMod
@@ -141,8 +145,11 @@ def reference(
     mask = allowed(n_q, n_k, causal, q.device)
     if mask is not None:
         w = w * mask
-    total = w.sum(dim=-1, keepdim=True)
-    a = w / torch.where(total > 0, total, torch.ones_like(total))
+    # the row sum and the normalisation in fp32 (a float16 row of N weights ~ lambda t each passes 65504 at
+    # N = 4096, lambda = 35: w / inf would be all zeros), the weights back in the compute dtype
+    w32 = w.float()
+    total = w32.sum(dim=-1, keepdim=True)
+    a = (w32 / torch.where(total > 0, total, torch.ones_like(total))).to(w.dtype)
     if params.reweight:
         a = reweigh(a, mask, n_q, n_k, causal, params.reweight)
     return weigh(a, v, upcast).to(q.dtype)
@@ -272,6 +279,9 @@ def _no_reweight(backend: str, params: Params) -> list[str]:
 
 
 class _Triton(TritonScoreBackend):
+    def __init__(self, transform: Transform) -> None:
+        super().__init__(transform, lse=False)  # no log-sum-exp (module docstring)
+
     def param_refusals(self, params: Params) -> list[str]:
         return _no_reweight("the Triton kernel", params)
 

@@ -13,7 +13,13 @@ BLOCK_M), B * H); writes dU). Only the causal diagonal blocks apply the causal m
 gradient, -sum_i exp(s_h - lse_i) Delta_i, is a reduction the launcher does in PyTorch; the ALiBi slopes'
 gradient, -sum_ij dX_ij |i + N_k - N_q - j|, is summed per dQ program (ALIBI_GRAD) and over the programs by
 the launcher; a per-query temperature (TEMP: s -> tau_i s) scales dS by tau_i, and its gradient
-scale * sum_j dS_ij s_ij is a row of the dQ program (TEMP_GRAD); a dense bias gets none.
+scale * sum_j dS_ij s_ij is a row of the dQ program (TEMP_GRAD); a dense bias gets none. A gradient of the
+returned lse (dlse) enters through Delta: d lse_i / d x_ij = P_ij, so dX = P (dO V^T - (Delta - dlse)); the
+launcher passes Delta - dlse (the sinks' gradient takes the same Delta). The low-rank factors are fp32:
+the bias tile U V_f^T is recomputed as the forward computes it (an fp32 product,
+:func:`~attnlab.kernels.score_transform.common.lowrank_tile`), so P matches the forward's lse; dU and dV_f
+multiply dX by the factors in q's dtype with fp32 accumulation, as dQ and dK do (16-bit operands keep
+these tiles' shared memory as it was; their error is a gradient's relative rounding, not a logit offset).
 
 SOFTPLUS (l1-normalised softplus weights, no exponential): the forward's lse is log L_i, L_i = sum_j
 softplus(x_ij), so with A = softplus(x) / L the same two kernels compute
@@ -30,6 +36,7 @@ from attnlab.kernels.score_transform.common import (
     distance,
     load_factor,
     logits2,
+    lowrank_tile,
     softplus2,
     store_factor,
 )
@@ -63,7 +70,7 @@ def _dkdv_inner(
         u = q
         if LOWRANK:
             u = load_factor(u_base, stride_un, start_m, N_Q, R, BLOCK_M, BLOCK_R)
-            lr = dot(vf, tl.trans(u), DOT_PREC, UPCAST) * LOG2E
+            lr = lowrank_tile(vf, u)
         qi = offs_m[None, :]
         kj = offs_n[:, None]
         x_t, t_t = logits2(s_t, qi, kj, bias_base, stride_bm, stride_bn, slope2, lr, N_Q, N_K, OFFSET, scale2,
@@ -91,7 +98,7 @@ def _dkdv_inner(
             ds_t = ds_t * tau[None, :]
         dk += dot(ds_t.to(q.dtype), q, DOT_PREC, UPCAST)
         if LOWRANK:
-            dvf += dot(dx_t.to(u.dtype), u, DOT_PREC, UPCAST)
+            dvf += dot(dx_t.to(q.dtype), u.to(q.dtype), DOT_PREC, UPCAST)  # (q's dtype, as dK's operands)
     return dk, dv, dvf
 
 
@@ -202,7 +209,7 @@ def _dq_inner(
         vf = k
         if LOWRANK:
             vf = load_factor(vf_base, stride_vfn, start_n, N_K, R, BLOCK_N, BLOCK_R)
-            lr = dot(u, tl.trans(vf), DOT_PREC, UPCAST) * LOG2E
+            lr = lowrank_tile(u, vf)
         qi = offs_m[:, None]
         kj = offs_n[None, :]
         x, t = logits2(s, qi, kj, bias_base, stride_bm, stride_bn, slope2, lr, N_Q, N_K, OFFSET, scale2, cap2,
@@ -233,7 +240,7 @@ def _dq_inner(
             ds = ds * tau[:, None]
         dq += dot(ds.to(k.dtype), k, DOT_PREC, UPCAST)
         if LOWRANK:
-            du += dot(dx.to(vf.dtype), vf, DOT_PREC, UPCAST)
+            du += dot(dx.to(k.dtype), vf.to(k.dtype), DOT_PREC, UPCAST)  # (k's dtype, as dQ's operands)
         if ALIBI_GRAD:  # x = ... - m_h |i + OFFSET - j|: dL/dm_h = -sum dX |i + OFFSET - j|
             dsl -= tl.sum(tl.sum(dx * tl.abs(distance(qi, kj, OFFSET)), 1), 0)
     return dq, du, dsl, dtau

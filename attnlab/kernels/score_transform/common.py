@@ -68,9 +68,20 @@ def logits2(
 
 
 @triton.jit
+def lowrank_tile(a, b):
+    """``a b^T`` of two fp32 low-rank factor tiles, (rows, BLOCK_R) and (cols, BLOCK_R), in base-2 units: the
+    bias tile ``U V_f^T`` (or its transpose) as a full-precision fp32 product. ``input_precision="ieee"``:
+    Triton's default for fp32 tiles on a GPU is tf32, which rounds each factor to 10 mantissa bits (about
+    |u||vf| 2^-11 per logit: 0.15 at the values of ALiBi written as rank 2 at N = 600). FlashBias keeps its
+    factors in fp32 too."""
+    return tl.dot(a, tl.trans(b), input_precision="ieee") * LOG2E
+
+
+@triton.jit
 def load_factor(base, stride_n, start, n_rows, R, ROWS: tl.constexpr, BLOCK_R: tl.constexpr):
     """The (ROWS, BLOCK_R) tile of rows [start, start + ROWS) of one head's (n_rows, R) low-rank factor
-    (unit column stride); rows >= n_rows and columns >= R read as 0."""
+    (unit column stride; fp32, as the launcher passes the factors); rows >= n_rows and columns >= R read as
+    0."""
     offs_r = start + tl.arange(0, ROWS)
     offs_c = tl.arange(0, BLOCK_R)
     ptrs = base + offs_r[:, None] * stride_n + offs_c[None, :]

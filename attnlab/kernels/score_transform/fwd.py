@@ -7,9 +7,11 @@ Grid: (cdiv(N_q, BLOCK_M), B * H). Program (m, b*h) computes rows [m*BLOCK_M, (m
 a per-query temperature tau_i multiplies s first when TEMP;
 base-2 units, so the exponentials are ``exp2``), -inf outside the mask:
     m_new = max(m, rowmax(x));  l = l * 2^(m - m_new) + rowsum(2^(x - m_new));  acc likewise, + 2^(x - m_new) v
-After the loop a sink logit s_h joins the normaliser (HAS_SINK): l += 2^(s_h - m) with m = max(m, s_h).
+After the loop a sink logit s_h joins the normaliser (HAS_SINK): l += 2^(s_h - m) with m = max(m, s_h)
+(s_h = -inf adds nothing, also on a row with no key; s_h = +inf leaves only the sink: out 0, lse +inf).
 out = acc / l (0 where l == 0), lse = (m + log2(l)) * ln(2) (-inf where l == 0). Keys past N_k are masked
-(-inf), not read as zero scores.
+(-inf), not read as zero scores. The low-rank bias tile U V_f^T is an fp32 product of fp32 factors
+(:func:`~attnlab.kernels.score_transform.common.lowrank_tile`).
 
 SOFTPLUS (l1-normalised softplus weights): no maximum is kept; per key block l += rowsum(w) and acc += w v with
 w = log2(1 + 2^x) (softplus / ln 2: the ln 2 cancels in acc / l); out = acc / l (0 where l == 0) and the
@@ -24,7 +26,7 @@ unmasked key loop; needs TMA; not with the causal diagonal loop).
 import triton
 import triton.language as tl
 
-from attnlab.kernels.score_transform.common import LN2, LOG2E, load_factor, logits2, softplus2
+from attnlab.kernels.score_transform.common import LN2, LOG2E, load_factor, logits2, lowrank_tile, softplus2
 from attnlab.kernels.sigmoid.common import causal_key_range, dot, dot_acc
 from attnlab.kernels.sigmoid.fwd import _load_rows, _store_rows, _tile_source
 
@@ -52,7 +54,7 @@ def _online(
         if SOFTCAP or HAS_BIAS or ALIBI or LOWRANK:
             lr = s
             if LOWRANK:
-                lr = dot(u, tl.trans(vf), DOT_PREC, UPCAST) * LOG2E
+                lr = lowrank_tile(u, vf)
             w, _ = logits2(s, qi, kj, bias_base, stride_bm, stride_bn, slope2, lr, N_Q, N_K, OFFSET, scale2, cap2,
                            inv_cap, SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, FAST)  # fmt: skip
         else:
@@ -68,7 +70,7 @@ def _online(
     if SOFTCAP or HAS_BIAS or ALIBI or LOWRANK:
         lr = s
         if LOWRANK:
-            lr = dot(u, tl.trans(vf), DOT_PREC, UPCAST) * LOG2E
+            lr = lowrank_tile(u, vf)
         x, _ = logits2(s, qi, kj, bias_base, stride_bm, stride_bn, slope2, lr, N_Q, N_K, OFFSET, scale2, cap2,
                        inv_cap, SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, FAST)  # fmt: skip
         x_scale = 1.0
@@ -154,8 +156,11 @@ def _finish(acc, m_i, l_i, sink2, HAS_SINK: tl.constexpr, SOFTPLUS: tl.constexpr
         return out, lse
     if HAS_SINK:
         m_fin = tl.maximum(m_i, sink2)
+        # m_fin = -inf: no key and s_h = -inf, nothing in the row (l stays 0: out 0, lse -inf); without the
+        # guard exp2(-inf - -inf) is NaN. s_h = +inf: all the weight on the sink (l = 1, acc 0: out 0, lse +inf)
+        m_fin = tl.where(m_fin == float("-inf"), 0.0, m_fin)
         alpha = tl.math.exp2(m_i - m_fin)  # m_i = -inf (no key): 0
-        l_i = l_i * alpha + tl.math.exp2(sink2 - m_fin)
+        l_i = l_i * alpha + tl.where(sink2 == m_fin, 1.0, tl.math.exp2(sink2 - m_fin))
         acc = acc * alpha[:, None]
         m_i = m_fin
     has = l_i > 0.0

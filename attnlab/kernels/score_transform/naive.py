@@ -3,8 +3,8 @@
 Shapes: q (B, H, N_q, D), k/v (B, H_kv, N_k, D); ``bias`` broadcastable to (B, H, N_q, N_k) or None;
 ``sinks`` (H,) or None; ``cap > 0`` soft-caps the scaled logits, ``cap == 0`` leaves them; causal is
 bottom-right aligned. Keyword-only: ``slopes`` (H,) adds ALiBi's ``-m_h * |i + N_k - N_q - j|``; ``u``
-(.., N_q, r) and ``vf`` (.., N_k, r) add the low-rank bias ``u @ vf^T`` (FlashBias; computed in fp32 here,
-in q's dtype by the kernel); ``temp`` (broadcastable to (B, H, N_q)) multiplies the scaled logits of each
+(.., N_q, r) and ``vf`` (.., N_k, r) add the low-rank bias ``u @ vf^T`` (FlashBias; fp32 here and in the
+kernel); ``temp`` (broadcastable to (B, H, N_q)) multiplies the scaled logits of each
 query before the transform (selective attention's temperature); ``softplus`` l1-normalises softplus weights
 instead of the softmax. Returns (out in q's dtype, lse fp32 (B, H, N_q)).
 """

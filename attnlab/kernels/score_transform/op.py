@@ -4,9 +4,10 @@
 lse)`` runs the
 Triton forward (``attnlab::score_transform_fwd``) and is differentiable in q, k, v, the sink logits and the
 low-rank bias factors u, vf through the backward kernels (``attnlab::score_transform_bwd``), both with
-fake-tensor rules so ``torch.compile`` traces through them. Also differentiable in the ALiBi slopes and the per-query temperature ``temp``. Not differentiable: a dense
-bias (its gradient would be an N_q x N_k tensor; asking for it raises) and the returned lse (its gradient is
-ignored; no backend exposes it).
+fake-tensor rules so ``torch.compile`` traces through them. Also differentiable in the ALiBi slopes and the per-query temperature ``temp``, and through the
+returned lse (the ``triton`` backend's ``return_lse``: its gradient joins Delta, see ``bwd.py``). Not
+differentiable: a dense bias (its gradient would be an N_q x N_k tensor; asking for it raises). The low-rank
+factors run in fp32 whatever q's dtype (their gradients come back in the factors' dtypes).
 
 The forward's schedules are the FlashSigmoid kernel's (attnlab/kernels/sigmoid/op.py): tensor descriptors
 (TMA) on Hopper, a split query tile, warp specialization; where a schedule was measured on the H100 in
@@ -298,8 +299,9 @@ def _extras(
             raise ValueError(
                 f"low-rank bias factors of ranks {rank} and {vf.shape[-1]}: expected one rank in [1, {MAX_RANK}]"
             )
-        u = u.to(q.dtype).expand(b, h, n_q, rank)
-        vf = vf.to(q.dtype).expand(b, h, n_k, rank)
+        # fp32 whatever q's dtype (position-like factors lose whole logits in bf16; lowrank_tile)
+        u = u.to(torch.float32).expand(b, h, n_q, rank)
+        vf = vf.to(torch.float32).expand(b, h, n_k, rank)
         u, vf = (t if t.stride(-1) == 1 else t.contiguous() for t in (u, vf))
     bias_t = None if bias is None else bias.expand(b, h, n_q, n_k)
     tau = None if temp is None else temp.expand(b, h, n_q)
@@ -339,8 +341,8 @@ def score_transform_fwd_launch(
 ) -> tuple[Tensor, Tensor]:
     """See :func:`attnlab.kernels.score_transform.naive.score_transform_fwd_naive` for the math. q (B, H,
     N_q, D), k/v (B, H_kv, N_k, D), D <= 256; ``bias`` broadcastable to (B, H, N_q, N_k); ``sinks`` and
-    ``slopes`` (H,); ``u`` (B or 1, H or 1, N_q, r) and ``vf`` (B or 1, H or 1, N_k, r), r <= MAX_RANK, the
-    low-rank bias ``u @ vf^T`` (cast to q's dtype); ``temp`` broadcastable to (B, H, N_q), a per-query
+    ``slopes`` (H,); ``u`` (B or 1, H or 1, N_q or 1, r) and ``vf`` (B or 1, H or 1, N_k or 1, r), r <=
+    MAX_RANK, the low-rank bias ``u @ vf^T`` (in fp32); ``temp`` broadcastable to (B, H, N_q), a per-query
     temperature multiplying the scores. ``softplus``: l1-normalised softplus weights instead of the
     softmax (see :func:`attnlab.kernels.score_transform.naive.score_transform_fwd_naive`; lse is then the
     log of the normaliser ``sum_j softplus(x_ij)``; no sinks). ``block`` = (BLOCK_M, BLOCK_N) or ``config``
@@ -404,6 +406,7 @@ def score_transform_bwd_launch(
     softplus: bool = False,
     poly: bool | None = None,
     configs: tuple[triton.Config, triton.Config] | None = None,
+    dlse: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """(dQ, dK, dV, dsinks, du, dvf, dslopes, dtemp) of :func:`score_transform_fwd_launch` given dO, its
     output and lse (see ``bwd.py`` for the formulas); dK/dV summed over each GQA group, du/dvf over the
@@ -411,22 +414,24 @@ def score_transform_bwd_launch(
     temperature's broadcast dims (only with ``temp_grad``); None for an absent input.
     ``softplus``: the backward of the l1-normalised softplus forward (``lse`` its log-normaliser);
     ``poly``: whether that forward took the polynomial log (None: :func:`softplus_poly` now).
-    ``configs`` (dK/dV's, dQ's) bypasses the autotuner."""
+    ``configs`` (dK/dV's, dQ's) bypasses the autotuner. ``dlse`` (B, H, N_q): the gradient of the returned
+    lse, None for none."""
     _check_softplus(softplus, sinks)
     do, q, k, v = _last_contiguous(do, q, k, v)
     b, h, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
-    delta = (do.float() * out.float()).sum(-1).contiguous()
+    delta = (do.float() * out.float()).sum(-1)
+    if dlse is not None:  # d lse_i / d x_ij = P_ij: the lse's gradient is Delta's, with the opposite sign
+        delta = delta - dlse.float()
+    delta = delta.contiguous()
     lse2 = torch.where(torch.isfinite(lse), lse * LOG2E, torch.full_like(lse, float("inf"))).contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     x = _extras(q, n_k, bias, sinks, slopes, u, vf, temp)
     lowrank = u is not None
     du_buf = q.new_empty((b, h, n_q, x["BLOCK_R"]) if lowrank else (0,), dtype=torch.float32)
     alibi_grad = slopes is not None and slopes_grad
-    min_bm = min(c.kwargs["BLOCK_M"] for c in _DQ.configs)  # the most query blocks any dQ config launches
     temp_grad = temp is not None and temp_grad
     dtau_buf = q.new_empty((b, h, n_q) if temp_grad else (0,), dtype=torch.float32)
-    dsl_buf = q.new_zeros((triton.cdiv(n_q, min_bm), b * h) if alibi_grad else (0,), dtype=torch.float32)
     dvf_buf = q.new_empty((b, h, n_k, x["BLOCK_R"]) if lowrank else (0,), dtype=torch.float32)
     common = dict(
         BLOCK_D=head_block(d), BLOCK_R=x["BLOCK_R"], CAUSAL=bool(causal), SOFTCAP=cap > 0,
@@ -454,6 +459,12 @@ def score_transform_bwd_launch(
         )
     if configs is not None:
         dkdv, dqk = (_DKDV_ANY, configs[0].all_kwargs()), (_DQ_ANY, configs[1].all_kwargs())
+    # one partial slope gradient per dQ program: as many rows as query blocks of the dQ config launched (the
+    # autotuner's: its candidates' smallest BLOCK_M, the most blocks any of them launches)
+    min_bm = (
+        configs[1].kwargs["BLOCK_M"] if configs is not None else min(c.kwargs["BLOCK_M"] for c in _DQ.configs)
+    )
+    dsl_buf = q.new_zeros((triton.cdiv(n_q, min_bm), b * h) if alibi_grad else (0,), dtype=torch.float32)
     ins = (q, k, v, do, lse2, delta, x["BIAS"], x["SLOPES"], x["UF"], x["VF"], x["TAU"])
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
     extra_strides = (*x["bias_strides"], *x["u_strides"], *x["vf_strides"], *x["tau_strides"])
@@ -476,7 +487,10 @@ def score_transform_bwd_launch(
     if slopes is not None and alibi_grad:
         dslopes = dsl_buf.sum(0).view(b, h).sum(0).to(slopes.dtype)
     if sinks is not None:
-        dsinks = -(torch.exp(sinks.float()[None, :, None] - lse) * delta).sum(dim=(0, 2)).to(sinks.dtype)
+        # the sink's weight exp(s_h - lse_i); NaN where both are -inf (s_h = -inf on a row with no key: the
+        # sink has no weight) or +inf (s_h = +inf: the output is 0, so Delta is 0): 0 in both
+        p_sink = torch.exp(sinks.float()[None, :, None] - lse).nan_to_num(nan=0.0)
+        dsinks = -(p_sink * delta).sum(dim=(0, 2)).to(sinks.dtype)
     if u is not None and vf is not None:
         r = u.shape[-1]
         du = _reduce_to(du_buf[..., :r], u.shape).to(u.dtype).contiguous()  # (a view of the padded buffer
@@ -493,8 +507,9 @@ def _check_softplus(softplus: bool, sinks: Tensor | None) -> None:
 
 
 def _reduce_to(g: Tensor, shape: torch.Size) -> Tensor:
-    """Sum a (B, H, N, r) gradient over the dims a factor of ``shape`` broadcast (size 1)."""
-    dims = tuple(i for i in (0, 1) if shape[i] == 1 and g.shape[i] != 1)
+    """Sum a (B, H, N, r) gradient over the dims a factor of ``shape`` broadcast (size 1: the batch, the
+    heads or the rows), so that it has the factor's shape (the fake rule's)."""
+    dims = tuple(i for i in (0, 1, 2) if shape[i] == 1 and g.shape[i] != 1)
     return g.sum(dim=dims, keepdim=True) if dims else g
 
 
@@ -560,10 +575,11 @@ def score_transform_bwd(
     temp_grad: bool,
     softplus: bool,
     poly: bool,
+    dlse: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     dq, dk, dv, dsinks, du, dvf, dslopes, dtemp = score_transform_bwd_launch(
         do, q, k, v, out, lse, bias, sinks, scale, cap, causal, slopes=slopes, u=u, vf=vf, temp=temp,
-        slopes_grad=slopes_grad, temp_grad=temp_grad, softplus=softplus, poly=poly,
+        slopes_grad=slopes_grad, temp_grad=temp_grad, softplus=softplus, poly=poly, dlse=dlse,
     )  # fmt: skip
     return (
         dq,
@@ -598,6 +614,7 @@ def _(
     temp_grad: bool,
     softplus: bool,
     poly: bool,
+    dlse: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     dq, dk, dv = (torch.empty_like(t if t.stride(-1) == 1 else t.contiguous()) for t in (q, k, v))
     dsinks = q.new_empty(q.shape[1], dtype=sinks.dtype if sinks is not None else torch.float32)
@@ -618,7 +635,7 @@ def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
     ctx.poly = softplus_poly(q, ctx.softplus)
 
 
-def _backward(ctx, do: Tensor, dlse: Tensor):  # type: ignore[no-untyped-def]
+def _backward(ctx, do: Tensor, dlse: Tensor | None):  # type: ignore[no-untyped-def]
     q, k, v, out, lse, bias, sinks, slopes, u, vf, temp = ctx.saved_tensors
     if ctx.needs_input_grad[3]:
         raise NotImplementedError(
@@ -645,6 +662,7 @@ def _backward(ctx, do: Tensor, dlse: Tensor):  # type: ignore[no-untyped-def]
         temp_grad,
         ctx.softplus,
         ctx.poly,
+        dlse,
     )
     return (
         dq,
