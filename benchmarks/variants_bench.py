@@ -67,11 +67,9 @@ PROBE_KINDS = ("softcap", "alibi")
 #: ones (plain, split, warp-specialized) and the 128 x 128 tile of Triton's Hopper attention tutorial
 PROBE_FWD = [
     (128, 64, 4, 2, 2, False),  # the pinned schedule (op.MEASURED_FWD) first: the others' output comparison
-    (128, 64, 4, 2, 2, False, True),  # POLY: the second half's exponentials by exp2_poly (s20)
-    (128, 64, 4, 3, 2, False, True),
     (128, 128, 8, 2, 2, False),
-    (128, 128, 8, 2, 2, False, True),
     (128, 64, 4, 2, 1, False),
+    (128, 128, 8, 3, 1, False),
 ]
 #: whether the probe also times backward schedule pairs (--probe-fwd-only: no)
 PROBE_BWD_ON = True

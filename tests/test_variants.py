@@ -36,6 +36,7 @@ from attnlab.inputs import validate
 from attnlab.testing import Case, check_parity, device_under_test
 
 B, H, H_KV, N_Q, N_K, D = 2, 4, 2, 9, 13, 16
+DEVICE = device_under_test()
 
 
 @pytest.fixture
@@ -213,8 +214,10 @@ def test_sink_extreme_logits_match_the_reference_without_nan(
                 else attnlab.attention(q.float(), k.float(), v.float(), causal=causal)
             )
             torch.testing.assert_close(want, plain, atol=1e-5, rtol=1e-5)
-        for backend in ("sdpa", "eager", "triton"):
-            got = attnlab.attention(q, k, v, method="sink", causal=causal, backend=backend, **params, **extra)
+        for backend in ("sdpa", "eager", "triton"):  # (on the device under test: CUDA or the CPU)
+            dev = {n: t.to(DEVICE) for n, t in extra.items()}
+            got = attnlab.attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), method="sink", causal=causal,
+                                    backend=backend, **params, **dev).cpu()  # fmt: skip
             assert not got.isnan().any(), (backend, params, extra)
             tol = 1e-5 if dtype == torch.float32 else 2e-3
             torch.testing.assert_close(

@@ -89,11 +89,13 @@ def test_minus_inf_sinks_on_causal_cross_rows_with_no_key_are_zero_not_nan() -> 
     sinks = torch.tensor([float("-inf"), 0.0])
     want = _sink_by_hand(q, k, v, sinks, True)
     assert not want[:, :, :3].any()
-    for backend in ("reference", "eager", "sdpa", "triton"):
-        leaves = [t.clone().requires_grad_(True) for t in (q, k, v, sinks)]
+    for backend in ("reference", "eager", "sdpa", "triton"):  # (on the device under test: CUDA or the CPU)
+        leaves = [t.to(DEVICE).requires_grad_(True) for t in (q, k, v, sinks)]
         got = attnlab.attention(*leaves[:3], method="sink", causal=True, backend=backend, sinks=leaves[3])
         assert not got.isnan().any(), backend
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m, b=backend: f"{b}: {m}")
+        torch.testing.assert_close(
+            got.cpu(), want, atol=1e-5, rtol=1e-5, msg=lambda m, b=backend: f"{b}: {m}"
+        )
         grads = torch.autograd.grad(got, leaves, torch.randn_like(got))
         assert all(torch.isfinite(g).all() for g in grads), backend
     # FlexAttention's path: plain softmax output (0 on the rows with no key) and lse -inf there
@@ -218,11 +220,12 @@ def test_variants_return_the_log_sum_exp_of_their_normaliser(
 
 def _lse_of(q: Tensor, k: Tensor, v: Tensor, name: str, causal: bool, backend: str | None,
             params: dict[str, Any], extra: dict[str, Tensor], plain: Tensor) -> Tensor:  # fmt: skip
-    res = attnlab.attention(q, k, v, method=name, causal=causal, backend=backend, return_lse=True, **params,
-                            **extra)  # fmt: skip
+    dev = {n: t.to(DEVICE) for n, t in extra.items()}  # (on the device under test: CUDA or the CPU)
+    res = attnlab.attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), method=name, causal=causal, backend=backend,
+                            return_lse=True, **params, **dev)  # fmt: skip
     assert isinstance(res, Result) and res.lse is not None
-    torch.testing.assert_close(res.out, plain, atol=2e-5, rtol=2e-5)
-    return res.lse
+    torch.testing.assert_close(res.out.cpu(), plain, atol=2e-5, rtol=2e-5)
+    return res.lse.cpu()
 
 
 def test_lse_conventions_where_a_variant_has_none() -> None:

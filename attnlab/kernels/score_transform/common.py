@@ -67,26 +67,6 @@ def logits2(
     return x, t
 
 
-#: exp2's argument where :func:`exp2_poly` returns 0 (below it: 2^x under float32's normal range)
-POLY_FLOOR = -126.0
-
-
-@triton.jit
-def exp2_poly(x):
-    """2^x for x <= 0 (-inf included) on the FMA and integer units instead of the special-function unit
-    (FlashAttention-4's software exponential): x = j + f with j = round(x) (by adding and subtracting
-    1.5 * 2^23) and f in [-0.5, 0.5]; 2^f by a degree-3 polynomial (fitted here to the relative error over
-    [-0.5, 0.5]: at most 7.5e-5 in float32, against bfloat16's rounding of 2^-9 = 2.0e-3 of the weights it
-    feeds); j added to the result's exponent bits. 0 below :data:`POLY_FLOOR` (masked keys' -inf too)."""
-    xc = tl.maximum(x, -126.0)
-    t = xc + 12582912.0
-    f = xc - (t - 12582912.0)
-    p = 0.9999280571937561 + f * (0.6932609677314758 + f * (0.2426111400127411 + f * 0.0551716685295105))
-    j = t.to(tl.int32, bitcast=True) - 0x4B400000
-    r = (p.to(tl.int32, bitcast=True) + (j << 23)).to(tl.float32, bitcast=True)
-    return tl.where(x < -126.0, 0.0, r)
-
-
 @triton.jit
 def lowrank_tile(a, b):
     """``a b^T`` of two fp32 low-rank factor tiles, (rows, BLOCK_R) and (cols, BLOCK_R), in base-2 units: the

@@ -26,15 +26,7 @@ unmasked key loop; needs TMA; not with the causal diagonal loop).
 import triton
 import triton.language as tl
 
-from attnlab.kernels.score_transform.common import (
-    LN2,
-    LOG2E,
-    exp2_poly,
-    load_factor,
-    logits2,
-    lowrank_tile,
-    softplus2,
-)
+from attnlab.kernels.score_transform.common import LN2, LOG2E, load_factor, logits2, lowrank_tile, softplus2
 from attnlab.kernels.sigmoid.common import causal_key_range, dot, dot_acc
 from attnlab.kernels.sigmoid.fwd import _load_rows, _store_rows, _tile_source
 
@@ -46,7 +38,7 @@ def _online(
     acc, m_i, l_i, s, v, offs_m, offs_n, bias_base, stride_bm, stride_bn, slope2, u, vf, N_Q, N_K, OFFSET,
     scale2, cap2, inv_cap, MASKED: tl.constexpr, BOUND: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_BIAS: tl.constexpr, ALIBI: tl.constexpr, LOWRANK: tl.constexpr, FAST: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, SOFTPLUS: tl.constexpr, POLY: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):  # fmt: skip
     """One key block's online-softmax update of one query tile (rows offs_m) given raw scores ``s``.
 
@@ -91,10 +83,7 @@ def _online(
         x = tl.where(kj < N_K, x, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(x, 1) * x_scale)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet: no NaN from -inf - -inf
-    if POLY:  # noqa: SIM108  (the scores' exponentials on the FMA units; the row factors stay on exp2)
-        p = exp2_poly(x * x_scale - m_safe[:, None])
-    else:
-        p = tl.math.exp2(x * x_scale - m_safe[:, None])
+    p = tl.math.exp2(x * x_scale - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = dot_acc(p.to(v.dtype), v, acc * alpha[:, None], DOT_PREC, UPCAST)
@@ -109,11 +98,9 @@ def _fwd_inner(
     MASKED: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_BIAS: tl.constexpr, ALIBI: tl.constexpr, LOWRANK: tl.constexpr, TEMP: tl.constexpr, FAST: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, SPLIT: tl.constexpr, WS: tl.constexpr,
-    SOFTPLUS: tl.constexpr, POLY: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
 ):  # fmt: skip
-    """Add key blocks [lo, hi) to the query halves' (acc, m, l) (the second half unused when SPLIT == 1).
-    POLY (SPLIT == 2 only): the second half's score exponentials by :func:`exp2_poly`, so that the two
-    halves share the special-function unit's work with the FMA units."""
+    """Add key blocks [lo, hi) to the query halves' (acc, m, l) (the second half unused when SPLIT == 1)."""
     BOUND: tl.constexpr = not EVEN_N
     if SPLIT == 1:
         for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
@@ -129,7 +116,7 @@ def _fwd_inner(
             acc0, m0, l0 = _online(
                 acc0, m0, l0, s0, v, offs_m0, offs_n, bias_base, stride_bm, stride_bn, slope2, u0, vf, N_Q, N_K,
                 OFFSET, scale2, cap2, inv_cap, MASKED, BOUND, SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, FAST, DOT_PREC,
-                UPCAST, SOFTPLUS, False,
+                UPCAST, SOFTPLUS,
             )  # fmt: skip
     else:
         for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
@@ -147,12 +134,12 @@ def _fwd_inner(
             acc0, m0, l0 = _online(
                 acc0, m0, l0, s0, v, offs_m0, offs_n, bias_base, stride_bm, stride_bn, slope2, u0, vf, N_Q, N_K,
                 OFFSET, scale2, cap2, inv_cap, MASKED, BOUND, SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, FAST, DOT_PREC,
-                UPCAST, SOFTPLUS, False,
+                UPCAST, SOFTPLUS,
             )  # fmt: skip
             acc1, m1, l1 = _online(
                 acc1, m1, l1, s1, v, offs_m1, offs_n, bias_base, stride_bm, stride_bn, slope2, u1, vf, N_Q, N_K,
                 OFFSET, scale2, cap2, inv_cap, MASKED, BOUND, SOFTCAP, HAS_BIAS, ALIBI, LOWRANK, FAST, DOT_PREC,
-                UPCAST, SOFTPLUS, POLY,
+                UPCAST, SOFTPLUS,
             )  # fmt: skip
     return acc0, m0, l0, acc1, m1, l1
 
@@ -198,7 +185,7 @@ def score_transform_fwd_kernel(
     CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SINK: tl.constexpr,
     ALIBI: tl.constexpr, LOWRANK: tl.constexpr, TEMP: tl.constexpr, FAST: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr, TMA: tl.constexpr, SPLIT: tl.constexpr, WS: tl.constexpr, EVEN_M: tl.constexpr,
-    EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, SOFTPLUS: tl.constexpr, POLY: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):  # fmt: skip
     HALF: tl.constexpr = BLOCK_M // SPLIT
     pid_m = tl.program_id(0)
@@ -250,7 +237,7 @@ def score_transform_fwd_kernel(
         acc0, m0, l0, acc1, m1, l1, q0, q1, u0, u1, tau0, tau1, k_src, v_src, vf_base, stride_kn, stride_vn,
         stride_vfn, bias_base, stride_bm, stride_bn, slope2, offs_m0, offs_m1, 0, full_end, N_Q, N_K, OFFSET, HEAD_D, R,
         scale2, cap2, inv_cap, BLOCK_N, BLOCK_D, BLOCK_R, False, EVEN_N, EVEN_D, SOFTCAP, HAS_BIAS, ALIBI,
-        LOWRANK, TEMP, FAST, DOT_PREC, UPCAST, TMA, SPLIT, WS, SOFTPLUS, POLY and SPLIT == 2 and not SOFTPLUS,
+        LOWRANK, TEMP, FAST, DOT_PREC, UPCAST, TMA, SPLIT, WS, SOFTPLUS,
     )  # fmt: skip
     if CAUSAL:
         acc0, m0, l0, acc1, m1, l1 = _fwd_inner(
@@ -258,7 +245,6 @@ def score_transform_fwd_kernel(
             stride_vn, stride_vfn, bias_base, stride_bm, stride_bn, slope2, offs_m0, offs_m1, full_end, hi, N_Q, N_K,
             OFFSET, HEAD_D, R, scale2, cap2, inv_cap, BLOCK_N, BLOCK_D, BLOCK_R, True, EVEN_N, EVEN_D, SOFTCAP,
             HAS_BIAS, ALIBI, LOWRANK, TEMP, FAST, DOT_PREC, UPCAST, TMA, SPLIT, False, SOFTPLUS,
-            POLY and SPLIT == 2 and not SOFTPLUS,
         )  # fmt: skip
     sink2 = 0.0
     if HAS_SINK:

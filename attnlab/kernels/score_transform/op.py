@@ -45,7 +45,7 @@ USE_TMA = True
 MAX_RANK = 64
 LOG2E = 1.4426950408889634
 
-#: Forward candidates (BLOCK_M, BLOCK_N, warps, stages, SPLIT, WS[, POLY]): the FlashSigmoid kernel's measured
+#: Forward candidates (BLOCK_M, BLOCK_N, warps, stages, SPLIT, WS): the FlashSigmoid kernel's measured
 #: schedules first, then the wider tiles of Triton's Hopper attention tutorial, then small ones (fp32, D=256).
 FWD_SHAPES = [
     (128, 64, 4, 2, 1, False),
@@ -57,9 +57,6 @@ FWD_SHAPES = [
     (64, 64, 4, 3, 1, False),
     (64, 32, 4, 2, 1, False),
     (32, 32, 8, 2, 1, False),  # float32 on a GPU (triton_utils.FP32_SHAPE)
-    # POLY (7th): the split tile's second half takes its exponentials from exp2_poly (FMA units, s20)
-    (128, 64, 4, 2, 2, False, True),
-    (128, 128, 8, 2, 2, False, True),
 ]
 #: Whether the autotuner may pick the warp-specialized forward (the WS candidate). Off: on the H100 under
 #: Triton 3.6 it returns a right output with a wrong log-sum-exp (off by 6.5-9.1 at every non-causal shape
@@ -135,12 +132,8 @@ def _measured_regime(args: dict) -> bool:
 
 
 def _fwd_config(shape: tuple) -> triton.Config:
-    """(BLOCK_M, BLOCK_N, warps, stages, SPLIT, WS[, POLY]) -> the forward's config (POLY: False when not
-    given)."""
-    m, n, w, s, split, ws = shape[:6]
-    poly = bool(shape[6]) if len(shape) > 6 else False
-    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "SPLIT": split, "WS": ws, "POLY": poly}, num_warps=w,
-                         num_stages=s)  # fmt: skip
+    m, n, w, s, split, ws = shape
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "SPLIT": split, "WS": ws}, num_warps=w, num_stages=s)
 
 
 def _bwd_config(shape: tuple) -> triton.Config:
@@ -151,9 +144,7 @@ def _bwd_config(shape: tuple) -> triton.Config:
 def _shape_of(c: triton.Config) -> tuple:
     kw = c.kwargs
     base = (kw["BLOCK_M"], kw["BLOCK_N"], c.num_warps, c.num_stages)
-    if "SPLIT" not in kw:
-        return base
-    return (*base, kw["SPLIT"], kw["WS"], True) if kw.get("POLY") else (*base, kw["SPLIT"], kw["WS"])
+    return (*base, kw["SPLIT"], kw["WS"]) if "SPLIT" in kw else base
 
 
 def _prune_fwd(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
@@ -364,14 +355,10 @@ def score_transform_fwd_launch(
     lse = torch.empty(b, h, n_q, device=q.device, dtype=torch.float32)
     x = _extras(q, n_k, bias, sinks, slopes, u, vf, temp)
     if block is not None:
-        config = triton.Config({"BLOCK_M": block[0], "BLOCK_N": block[1], "SPLIT": 1, "WS": False, "POLY": False},
+        config = triton.Config({"BLOCK_M": block[0], "BLOCK_N": block[1], "SPLIT": 1, "WS": False},
                                num_warps=1 if IMPORTED_INTERPRETED else 4, num_stages=1)  # fmt: skip
     if config is None and not _autotuning():
         config = _FWD.configs[0] if q.dtype != torch.float32 or not q.is_cuda else fp32_tiles(_FWD.configs)[0]
-    if config is not None and config.kwargs.get("POLY") and q.dtype == torch.float32:
-        # POLY's exponentials (relative error <= 7.5e-5) are below 16-bit inputs' rounding, not float32's
-        config = triton.Config({**config.kwargs, "POLY": False}, num_warps=config.num_warps,
-                               num_stages=config.num_stages)  # fmt: skip
     if config is not None and config.kwargs.get("WS") and q.is_cuda and not FWD_WARP_SPECIALIZE:
         raise ValueError(
             "score-transform forward: the warp-specialized schedule (WS=True) returns a wrong log-sum-exp on "
