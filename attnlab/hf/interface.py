@@ -24,7 +24,7 @@ import weakref
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -34,8 +34,8 @@ from attnlab.backends.base import Backend
 from attnlab.core import Call, Problem
 from attnlab.errors import AttnlabError
 from attnlab.hf.kv import EVICTING, Compaction, Entries, window_keep
-from attnlab.hf.models import SUPPORTED_ATTENTION, ModelInfo, UnsupportedModelError
-from attnlab.hf.plan import HFPlan, MethodRef, PlanError, check_method
+from attnlab.hf.models import SUPPORTED_ATTENTION, ModelInfo, UnsupportedModelError, info_from_module
+from attnlab.hf.plan import PHASES, HFPlan, MethodRef, PlanError, check_method
 from attnlab.registry import methods
 from attnlab.settings import settings
 
@@ -255,7 +255,8 @@ def effective(
 
     A soft-capped layer runs ``softmax`` as ``softcap`` with the model's cap, and a sliding window there
     (the model's, kept, or a ``sliding_window`` the plan names) as ``softcap`` with that ``window``: Gemma
-    2/3's sliding layers keep both the window and the cap."""
+    2/3's sliding layers keep both the window and the cap. A ``softcap`` the plan names there gets the
+    model's cap, and on a sliding layer (``"sliding": "keep"``) the model's window, where it gives none."""
     if window is not None and plan.sliding == "keep" and (not explicit or ref.name == "softmax"):
         ref = MethodRef("sliding_window", (("window", int(window)),))
     if cap is None:
@@ -271,7 +272,13 @@ def effective(
         if ref.name == "sliding_window":
             params += (("window", int(ref.make_params().window)),)  # type: ignore[attr-defined]
         return MethodRef("softcap", params)
-    if ref.name == "softcap" or plan.softcap == "drop":
+    if ref.name == "softcap":  # the model's own function named: its cap and window where the plan gives none
+        given = ref.kwargs
+        extra: tuple[tuple[str, Any], ...] = () if "cap" in given else (("cap", float(cap)),)
+        if window is not None and plan.sliding == "keep" and "window" not in given:
+            extra += (("window", int(window)),)
+        return MethodRef(ref.name, ref.params + extra) if extra else ref
+    if plan.softcap == "drop":
         return ref
     raise PlanError(
         f"{where}: the model soft-caps attention logits at {cap} (attn_logit_softcapping), which method "
@@ -280,45 +287,296 @@ def effective(
     )
 
 
+def groups(
+    plan: HFPlan, layer: int, phase: str, heads: int, window: int | None, cap: float | None, cls: str = ""
+) -> dict[MethodRef, list[int]]:
+    """The query heads of ``layer`` per method they run in ``phase`` (the model's window and cap applied;
+    in head order): the runtime's head groups (:class:`Part`). Raises :class:`PlanError` for a method that
+    cannot run there (``cls``: the attention class, for the message)."""
+    out: dict[MethodRef, list[int]] = {}
+    for h in range(heads):
+        ref, explicit = plan.method(layer, h, phase)
+        where = f"layer {layer}{f' ({cls})' if cls else ''}, head {h}, {phase}"
+        eff = effective(ref, explicit, window, cap, plan, where)
+        check_method(eff, phase, where)
+        out.setdefault(eff, []).append(h)
+    return out
+
+
+def part_kv_heads(hs: Sequence[int], heads: int, kv_heads: int) -> tuple[int, ...] | None:
+    """The model's KV head of each KV head a head group ``hs`` gets (None: every head, every KV head): whole
+    KV groups keep GQA (one entry per KV head); where the heads of one KV group run different methods, each
+    query head gets a copy of its KV head (one entry per query head)."""
+    if len(hs) == heads:
+        return None
+    group = heads // kv_heads
+    kv_groups = sorted({h // group for h in hs})
+    return tuple(kv_groups) if len(hs) == len(kv_groups) * group else tuple(h // group for h in hs)
+
+
+def local_heads(ref: MethodRef, hs: Sequence[int], heads: int, kv_heads: int, where: str) -> MethodRef:
+    """``ref`` as the head group ``hs`` runs it: ``retrieval_heads_kv``'s ``heads`` name the model's KV
+    heads, while the group's call gets only its own KV heads (:func:`part_kv_heads`), numbered from 0; they
+    are renumbered to those positions. Raises :class:`PlanError` for a KV head the model lacks or that no
+    query head of the group uses."""
+    if ref.name != "retrieval_heads_kv":
+        return ref
+    named = tuple(getattr(ref.make_params(), "heads", ()))
+    bad = [h for h in named if h >= kv_heads]
+    if bad:
+        raise PlanError(
+            f"{where}: retrieval_heads_kv heads={named} names KV head {bad[0]}, but the model has {kv_heads} KV "
+            f"heads (0..{kv_heads - 1}); retrieval heads are the model's KV heads (query head h uses KV head "
+            f"h // {heads // kv_heads})"
+        )
+    kv = part_kv_heads(hs, heads, kv_heads)
+    if kv is None or not named:
+        return ref
+    outside = [h for h in named if h not in kv]
+    if outside:
+        raise PlanError(
+            f"{where}: retrieval_heads_kv heads={named} names KV head {outside[0]}, which none of the query heads "
+            f"{_span(hs)} that run it uses (they use KV heads {', '.join(map(str, sorted(set(kv))))}); name "
+            "the model's KV heads of these query heads"
+        )
+    local = tuple(j for j, h in enumerate(kv) if h in named)
+    return MethodRef(ref.name, tuple((k, local if k == "heads" else v) for k, v in ref.params))
+
+
+def _span(hs: Sequence[int]) -> str:
+    """Head indices as a plan writes them ("4-7" for a run, else a list)."""
+    if len(hs) > 1 and list(hs) == list(range(hs[0], hs[0] + len(hs))):
+        return f"{hs[0]}-{hs[-1]}"
+    return ", ".join(map(str, hs))
+
+
+def check_plan(plan: HFPlan, info: ModelInfo) -> list[str]:
+    """Check ``plan`` against the model: layers and heads it has, and for every layer, head and phase the
+    method that will run there (after the model's sliding window and soft cap are applied; retrieval heads
+    that are KV heads of the model and of their query heads). Raises
+    :class:`~attnlab.hf.plan.PlanError` before anything runs. Returns the stateful methods the plan runs."""
+    top = max(layer.index for layer in info.layers) + 1
+    plan.check(top, info.num_heads)
+    stateful: set[str] = set()
+    tidal_roles: set[str] = set()
+    for layer in info.layers:
+        for phase in PHASES:
+            for eff, hs in groups(
+                plan, layer.index, phase, info.num_heads, layer.sliding_window, layer.softcap, layer.cls
+            ).items():
+                where = f"layer {layer.index} ({layer.cls}), heads {_span(hs)}, {phase}"
+                local_heads(eff, hs, info.num_heads, info.num_kv_heads, where)
+                if eff.spec().stateful:
+                    stateful.add(eff.name)
+                if eff.name == "tidal" and phase == "decode":
+                    tidal_roles.add(str(eff.kwargs.get("role", "reuse")))
+    if tidal_roles and "select" not in tidal_roles:
+        raise PlanError(
+            f"the plan runs 'tidal' (roles {', '.join(sorted(tidal_roles))}) on no layer with role 'select': its "
+            "'reuse' layers would have no selection to reuse and attend to every token; give one or a few "
+            "layers role 'select', e.g. {'layers': {2: {'decode': {'method': 'tidal', 'params': {'role': "
+            "'select'}}}}}"
+        )
+    return sorted(stateful)
+
+
+def model_cache(kwargs: Mapping[str, Any]) -> Any:
+    """The KV cache a transformers layer passes to its attention module: ``cache=`` from transformers 5.24
+    on, ``past_key_values=`` before (None when neither is given)."""
+    cache = kwargs.get("cache")
+    return kwargs.get("past_key_values") if cache is None else cache
+
+
+V = TypeVar("V")
+
+
+class ByIdentity(Generic[V]):
+    """Values keyed by objects' identity that hold the objects weakly: an entry goes when its object is
+    collected, so that a runtime never keeps a KV cache or a model alive, and an object born at a dead
+    one's address never finds the dead one's value."""
+
+    def __init__(self) -> None:
+        self._items: dict[int, tuple[weakref.ref[Any], V]] = {}
+
+    def get(self, obj: Any) -> V | None:
+        got = self._items.get(id(obj))
+        return got[1] if got is not None and got[0]() is obj else None
+
+    def set(self, obj: Any, value: V) -> None:
+        key, me = id(obj), weakref.ref(self)
+
+        def gone(ref: weakref.ref[Any]) -> None:
+            owner = me()
+            entry = owner._items.get(key) if owner is not None else None
+            if owner is not None and entry is not None and entry[0] is ref:
+                del owner._items[key]
+
+        self._items[key] = (weakref.ref(obj, gone), value)
+
+    def pop(self, obj: Any) -> V | None:
+        got = self.get(obj)
+        if got is not None:
+            del self._items[id(obj)]
+        return got
+
+    def values(self) -> list[V]:
+        return [v for _, v in self._items.values()]
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclass
+class CacheState:
+    """What a :class:`Runtime` keeps for one KV cache (see :meth:`Runtime.forward`): the stateful methods'
+    ``states``, the layers ``compacted`` by ``free_kv`` and those ``pending`` compaction, per layer the
+    physical length and padding runs of its ``last_runs`` call, and per layer the tokens (logical, evicted
+    ones included) its last call ended with (``lengths``: a call that starts before that is a new sequence
+    on this cache, a prefill or a cropped cache, and clears the rest)."""
+
+    states: dict[tuple[Any, ...], Any] = field(default_factory=dict)
+    compacted: dict[int, Compaction] = field(default_factory=dict)
+    pending: dict[int, tuple[tuple[int, int] | bool, Entries]] = field(default_factory=dict)
+    last_runs: dict[int, tuple[int, tuple[tuple[int, int], ...] | None]] = field(default_factory=dict)
+    lengths: dict[int, int] = field(default_factory=dict)
+
+    def clear(self) -> None:
+        self.states.clear()
+        self.compacted.clear()
+        self.pending.clear()
+        self.last_runs.clear()
+        self.lengths.clear()
+
+
+def _owner(module: nn.Module) -> Any:
+    """What identifies the model of an attention module: its config (shared by a model's layers)."""
+    cfg = getattr(module, "config", None)
+    return module if cfg is None else cfg
+
+
 class Runtime:
     """Runs a plan inside a model: the attention function, per-layer caches of prepared ops, and the
-    per-layer state of stateful (decode) methods.
+    per-layer state of stateful (decode) methods, kept per KV cache.
+
+    The decode state belongs to the KV cache it was computed on (a :class:`CacheState` per cache, dropped
+    when the cache is collected: the runtime refers to caches weakly): two caches stepped in turn, or two
+    models under one registered runtime, never read each other's. The runtime learns each call's cache from a forward pre-hook on the
+    attention modules (:meth:`watch`: ``use`` installs it on every attention module, ``register`` on a
+    module's first call; a call whose cache it was not told, a registered module's first, keeps its state
+    for the model until the model's next call names its cache, which takes it over). A call that starts
+    before the tokens the cache's last call of that layer ended with (a new prefill, a cropped cache) starts
+    the cache's state over.
 
     ``states`` maps (layer, head group, batch rows) to the state a stateful method returned last (for the
-    methods of :data:`SHARED_STATE`: (method, heads, batch rows), shared by the layers); it is cleared when
-    a new prefill starts. Decode methods apply their own budget rule (a budget >= the cached keys runs exact
-    attention and still updates the state). ``calls`` counts (layer, phase, method) of the calls made.
+    methods of :data:`SHARED_STATE`: (method, heads, batch rows), shared by the layers), for the cache of the
+    last call (readable after that cache is gone, until the next call; :meth:`cache_state` gives any live
+    cache's). Decode methods apply their own budget rule (a budget >= the cached keys runs exact attention
+    and still updates the state). ``calls`` counts (layer, phase, method) of the calls made.
     """
 
     def __init__(self, plan: HFPlan, info: ModelInfo | None = None) -> None:
         self.plan = plan
         self.info = info
-        self.states: dict[tuple[Any, ...], Any] = {}
         self.calls: Counter[tuple[int, str, str]] = Counter()
         self._parts: dict[tuple[Any, ...], list[Part]] = {}
-        self._prefilled: set[int] = set()
-        self._last_phase: str | None = None
         #: the attention modules checked against the plan (per module: one registered runtime may serve
-        #: several models)
+        #: several models), and the models (by their attention modules' config) checked with check_plan
         self._checked: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        self._models: ByIdentity[bool] = ByIdentity()
         #: decode steps of stateful methods skip the op's per-shape validation (see :meth:`_step`)
         self.bind_decode = True
         #: remove what eviction methods drop from the cache (set by ``use(..., free_kv=True)``; see
-        #: :mod:`attnlab.hf.kv`); ``compacted``: the layers compacted so far, ``_pending``: the layers whose
-        #: eviction state was just decided (compacted by use()'s hook after the attention module returns)
+        #: :mod:`attnlab.hf.kv`)
         self.free_kv = False
-        self.compacted: dict[int, Compaction] = {}
-        self._pending: dict[int, tuple[tuple[int, int] | bool, Entries]] = {}
-        #: per layer, the physical cache length and per-row runs of real keys of its last call
-        self.last_runs: dict[int, tuple[int, tuple[tuple[int, int], ...] | None]] = {}
+        #: per KV cache its state; calls without a cache; calls whose cache the runtime was not told (per
+        #: model config); the state of the last call
+        self._caches: ByIdentity[CacheState] = ByIdentity()
+        self._no_cache = CacheState()
+        self._untold: ByIdentity[CacheState] = ByIdentity()
+        self._current = self._no_cache
+        #: the cache the watched attention module about to call the runtime was given (module id, a weak
+        #: reference to the cache or None), set by the pre-hook of :meth:`watch`
+        self._next: tuple[int, weakref.ref[Any] | None] | None = None
+        self._hooks: list[Any] = []
 
-    def reset(self) -> None:
-        """Forget every stateful method's state (a new prefill does this itself)."""
-        self.states.clear()
-        self._prefilled.clear()
-        self.compacted.clear()
-        self._pending.clear()
-        self.last_runs.clear()
+    # -- the state of each cache -----------------------------------------------------------------------
+
+    @property
+    def states(self) -> dict[tuple[Any, ...], Any]:
+        """The stateful methods' states of the last call's cache."""
+        return self._current.states
+
+    @property
+    def compacted(self) -> dict[int, Compaction]:
+        """The layers of the last call's cache compacted by ``free_kv`` (:mod:`attnlab.hf.kv`)."""
+        return self._current.compacted
+
+    @property
+    def last_runs(self) -> dict[int, tuple[int, tuple[tuple[int, int], ...] | None]]:
+        """Per layer of the last call's cache, the physical length and per-row runs of real keys of its last
+        call."""
+        return self._current.last_runs
+
+    @property
+    def _pending(self) -> dict[int, tuple[tuple[int, int] | bool, Entries]]:
+        """The layers of the last call's cache whose eviction state was just decided (compacted by use()'s
+        hook after the attention module returns)."""
+        return self._current.pending
+
+    def cache_state(self, cache: Any) -> CacheState | None:
+        """The state this runtime keeps for ``cache`` (None: no call ran on it, or it was reset)."""
+        return self._caches.get(cache)
+
+    def reset(self, cache: Any = None) -> None:
+        """Forget the stateful methods' state (a new prefill, or a call on a cache that shrank, does this
+        itself for its cache): of ``cache`` only where given, else of every cache."""
+        if cache is not None:
+            got = self._caches.get(cache)
+            if got is not None:
+                got.clear()
+            return
+        for state in (*self._caches.values(), *self._untold.values(), self._no_cache):
+            state.clear()
+        self._caches.clear()
+        self._untold.clear()
+
+    def watch(self, module: nn.Module) -> None:
+        """Learn the cache of each call of the attention ``module`` (a forward pre-hook; :meth:`unwatch`
+        removes them)."""
+        self._hooks.append(module.register_forward_pre_hook(self._note, with_kwargs=True))
+
+    def unwatch(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self._next = None
+
+    def _note(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        cache = model_cache(kwargs)
+        self._next = (id(module), None if cache is None else weakref.ref(cache))
+
+    def _state_of(self, module: nn.Module) -> CacheState:
+        """The state of the cache of this call of ``module``."""
+        told, self._next = self._next, None
+        if told is not None and told[0] == id(module):
+            if told[1] is None:
+                return self._no_cache
+            cache = told[1]()
+            if cache is not None:
+                got = self._caches.get(cache)
+                if got is None:  # a new cache (taking over what its model's untold first calls kept)
+                    got = self._untold.pop(_owner(module)) or CacheState()
+                    self._caches.set(cache, got)
+                return got
+        owner = _owner(module)
+        got = self._untold.get(owner)
+        if got is None:
+            got = CacheState()
+            self._untold.set(owner, got)
+        return got
 
     # -- plan resolution -------------------------------------------------------------------------------
 
@@ -338,27 +596,15 @@ class Runtime:
         self, layer: int, phase: str, heads: int, kv_heads: int, window: int | None, cap: float | None,
         scale: float | None,
     ) -> list[Part]:  # fmt: skip
-        groups: dict[MethodRef, list[int]] = {}
-        for h in range(heads):
-            ref, explicit = self.plan.method(layer, h, phase)
-            where = f"layer {layer}, head {h}"
-            eff = effective(ref, explicit, window, cap, self.plan, where)
-            check_method(eff, phase, where)
-            groups.setdefault(eff, []).append(h)
-        group = heads // kv_heads
         out = []
-        for ref, hs in groups.items():
+        for ref, hs in groups(self.plan, layer, phase, heads, window, cap).items():
             backend = self.plan.backends.get(ref.name)
-            op = prepare(ref.name, causal=True, scale=scale, backend=backend, **ref.kwargs)
+            where = f"layer {layer}, heads {_span(hs)}, {phase}"
+            run = local_heads(ref, hs, heads, kv_heads, where)  # retrieval heads: the part's own KV heads
+            op = prepare(run.name, causal=True, scale=scale, backend=backend, **run.kwargs)
             shared = ref.name in SHARED_STATE
-            if len(hs) == heads:
-                out.append(Part(None, None, ref, op, shared))
-                continue
-            kv_groups = sorted({h // group for h in hs})
-            # whole KV groups keep GQA; where heads of one KV group differ, each head gets a copy of its KV head
-            whole = len(hs) == len(kv_groups) * group
-            kv = tuple(kv_groups) if whole else tuple(h // group for h in hs)
-            out.append(Part(tuple(hs), kv, ref, op, shared))
+            kv = part_kv_heads(hs, heads, kv_heads)
+            out.append(Part(None if kv is None else tuple(hs), kv, ref, op, shared))
         return out
 
     # -- the attention function ------------------------------------------------------------------------
@@ -386,10 +632,21 @@ class Runtime:
             raise HFRuntimeError(
                 f"attention dropout {dropout} in training mode: attnlab methods have no dropout; call model.eval()"
             )
+        cs = self._current = self._state_of(module)
         b, heads, n_q, _ = query.shape
         n_k = key.shape[2]
+        rec = cs.compacted.get(layer)
+        # where the queries start among the tokens the cache has seen (evicted ones included): before the
+        # end of this layer's last call on this cache is a new sequence (a prefill, a cropped cache)
+        if isinstance(attention_mask, HFMask):
+            start = attention_mask.kv_offset + attention_mask.q_start
+        else:
+            start = n_k - n_q + (rec.shift if rec is not None else 0)
+        if start < cs.lengths.get(layer, 0):
+            cs.clear()  # earlier state belongs to another sequence
+            rec = None
+        cs.lengths[layer] = start + n_q
         runs = None
-        rec = self.compacted.get(layer)
         if rec is not None and isinstance(attention_mask, HFMask) and attention_mask.q_start > 0:
             # a compacted layer (free_kv): transformers counts logical tokens, the cache holds fewer
             if attention_mask.q_length != n_q or attention_mask.kv_length - rec.shift != n_k:
@@ -421,29 +678,24 @@ class Runtime:
         if visible < n_k:
             key, value = key[:, :, :visible], value[:, :, :visible]
         phase = "prefill" if q_start == 0 else "decode"
-        if phase == "prefill" and (layer in self._prefilled or self._last_phase == "decode"):
-            self.reset()  # a new prefill: earlier decode state belongs to another sequence
-        if phase == "prefill":
-            self._prefilled.add(layer)
-        self._last_phase = phase
         parts = self.parts(layer, phase, heads, key.shape[1], sliding_window, softcap, scaling)
         if isinstance(attention_mask, HFMask) and attention_mask.kv_offset > 0:
             _refuse_past_the_window(layer, parts, sliding_window, attention_mask.kv_offset)
-        self.last_runs[layer] = (key.shape[2], runs)
+        cs.last_runs[layer] = (key.shape[2], runs)
         free = self._free(layer, phase, parts)
         if runs is None:
             out = self._run(parts, layer, phase, query, key, value, None)
             if free:
-                self._pending[layer] = (free, [(None, 0, key.shape[2])])
+                cs.pending[layer] = (free, [(None, 0, key.shape[2])])
         else:
             out = query.new_zeros(b, heads, n_q, value.shape[3])
-            groups: dict[tuple[int, int, int, int], list[int]] = {}
+            by_run: dict[tuple[int, int, int, int], list[int]] = {}
             for row, (s, e) in enumerate(runs):
                 e = min(e, visible)
                 i0, i1 = max(0, s - q_start), e - q_start
                 if i1 > i0 and e > s:
-                    groups.setdefault((s, e, i0, i1), []).append(row)
-            for (s, e, i0, i1), rows in groups.items():
+                    by_run.setdefault((s, e, i0, i1), []).append(row)
+            for (s, e, i0, i1), rows in by_run.items():
                 if len(rows) == b:
                     q_, k_, v_ = query[:, :, i0:i1], key[:, :, s:e], value[:, :, s:e]
                 else:
@@ -455,7 +707,7 @@ class Runtime:
                 else:
                     out[idx, :, i0:i1] = res
             if free:
-                self._pending[layer] = (free, [(tuple(rows), s, e) for (s, e, _, _), rows in groups.items()])
+                cs.pending[layer] = (free, [(tuple(rows), s, e) for (s, e, _, _), rows in by_run.items()])
         return out.transpose(1, 2).contiguous(), None
 
     def _free(self, layer: int, phase: str, parts: Sequence[Part]) -> tuple[int, int] | bool | None:
@@ -548,8 +800,18 @@ class Runtime:
                 f"attnlab.hf was called by the attention class {name}, which it does not support; supported "
                 f"attention classes: {', '.join(SUPPORTED_ATTENTION)}"
             )
-        if self.info is None:  # registered globally: check the plan against this model on first use
-            cfg = getattr(module, "config", None)
-            layers = getattr(cfg, "num_hidden_layers", None)
-            heads = getattr(cfg, "num_attention_heads", None)
-            self.plan.check(layers, heads)
+        if self.info is None:  # registered globally: check the plan against each model on its first call
+            owner = _owner(module)
+            if self._models.get(owner) is None:
+                info = info_from_module(module)
+                if info is not None:
+                    check_plan(self.plan, info)
+                else:  # no config to read the model from: its layer and head counts where it has them
+                    cfg = getattr(module, "config", None)
+                    layers, heads = (
+                        getattr(cfg, "num_hidden_layers", None),
+                        getattr(cfg, "num_attention_heads", None),
+                    )
+                    self.plan.check(layers, heads)
+                self._models.set(owner, True)
+            self.watch(module)  # (from its next call on: this call's cache is not told)

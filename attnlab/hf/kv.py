@@ -55,7 +55,7 @@ from torch import Tensor
 from attnlab.state.eviction import EvictionState, StepEvictionState
 
 if TYPE_CHECKING:
-    from attnlab.hf.interface import Runtime
+    from attnlab.hf.interface import CacheState, Runtime
 
 #: decode methods whose dropped tokens ``free_kv`` removes from the cache
 EVICTING: frozenset[str] = frozenset({"snapkv", "h2o"})
@@ -287,11 +287,13 @@ def kv_memory(cache: Any, runtime: Runtime | None = None) -> list[LayerKV]:
     (:class:`LayerKV`). ``runtime``: the :class:`~attnlab.hf.interface.Runtime` that ran the model
     (``with attnlab.hf.use(...) as rt``), whose plan, states and last padding give each layer's decode
     method and real tokens; without it every token counts as kept (plain transformers attention)."""
-    from attnlab.hf.interface import effective
+    from attnlab.hf.interface import CacheState, effective
 
     layers = getattr(cache, "layers", None)
     if layers is None:
         raise TypeError(f"kv_memory takes a transformers Cache with .layers; got {type(cache).__name__}")
+    # the runtime's state of this cache (its decode states, padding and compactions)
+    own = (runtime.cache_state(cache) if runtime is not None else None) or CacheState()
     out = []
     for i, lay in enumerate(layers):
         keys, values = getattr(lay, "keys", None), getattr(lay, "values", None)
@@ -301,38 +303,40 @@ def kv_memory(cache: Any, runtime: Runtime | None = None) -> list[LayerKV]:
         per_token = d * keys.element_size() + values.shape[3] * values.element_size()
         allocated = keys.numel() * keys.element_size() + values.numel() * values.element_size()
         method, params = "softmax", None
-        heads: dict[int, tuple[str, Any]] = {}
+        heads: dict[int, tuple[str, Any, int]] = {}  # per KV head: method, params, its head group (part)
         if runtime is not None:
             info = runtime.info.layer(i) if runtime.info is not None else None
             window = info.sliding_window if info is not None else None
             cap = info.softcap if info is not None else None
             n_heads = runtime.info.num_heads if runtime.info is not None else h_kv
             group = max(1, n_heads // h_kv)
+            parts: dict[Any, int] = {}  # the runtime's head groups, in head order (Runtime._build)
             for h in range(n_heads):
                 ref, explicit = runtime.plan.method(i, h, "decode")
                 eff = effective(ref, explicit, window, cap, runtime.plan, f"layer {i}, head {h}")
-                heads.setdefault(h // group, (eff.name, eff.make_params()))
-            names = sorted({m for m, _ in heads.values()})
+                part = parts.setdefault(eff, len(parts))
+                heads.setdefault(h // group, (eff.name, eff.make_params(), part))
+            names = sorted({m for m, _, _ in heads.values()})
             method = names[0] if len(names) == 1 else "+".join(names)
-        last = runtime.last_runs.get(i) if runtime is not None else None
+        last = own.last_runs.get(i)
         row_runs = last[1] if last is not None and last[0] == n else None
         kept = read = 0
         for row in range(b):
             real = n if row_runs is None else row_runs[row][1] - row_runs[row][0]
-            state = _row_state(runtime, i, row) if runtime is not None else None
             for kv in range(h_kv):
-                m, p = heads.get(kv, (method, params))
+                m, p, part = heads.get(kv, (method, params, 0))
+                state = _row_state(own, i, part, row) if runtime is not None else None
                 k_, r_ = _kept_tokens(m, p, kv, real, state)
                 kept += k_
                 read += r_
-        freed = runtime is not None and i in runtime.compacted
+        freed = runtime is not None and i in own.compacted
         out.append(LayerKV(i, method, n, allocated, kept * per_token, read * per_token, freed))
     return out
 
 
-def _row_state(runtime: Runtime, layer: int, row: int) -> Any:
-    """The (first part's) decode state of ``layer`` that covers batch ``row``."""
-    for key, state in runtime.states.items():
-        if len(key) == 3 and key[0] == layer and key[1] == 0 and (key[2] is None or row in key[2]):
+def _row_state(own: CacheState, layer: int, part: int, row: int) -> Any:
+    """The decode state of head group ``part`` of ``layer`` that covers batch ``row``."""
+    for key, state in own.states.items():
+        if len(key) == 3 and key[0] == layer and key[1] == part and (key[2] is None or row in key[2]):
             return state
     return None

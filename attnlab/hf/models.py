@@ -89,19 +89,52 @@ def inspect_model(model: nn.Module) -> ModelInfo:
             f"{type(model).__name__} uses the attention class {bad[0]}, which attnlab.hf does not support; "
             f"supported attention classes: {', '.join(SUPPORTED_ATTENTION)}"
         )
-    layers = []
-    for m in mods:
-        mcfg: Any = m.config
-        window = getattr(m, "sliding_window", getattr(mcfg, "sliding_window", None))
-        cap = getattr(m, "attn_logit_softcapping", None)
-        if type(m).__name__ in NO_SOFTCAP_PASSED:
-            cap = None
-        layers.append(LayerInfo(int(getattr(m, "layer_idx")), type(m).__name__, window, cap))  # noqa: B009
-    cfg: Any = mods[0].config
+    layers = [_layer_info(m, int(getattr(m, "layer_idx"))) for m in mods]  # noqa: B009
+    return _model_info(mods[0].config, layers)
+
+
+def _layer_info(module: nn.Module, index: int) -> LayerInfo:
+    """What an attention module's forward passes to the attention function: its sliding window (the
+    module's own, else its config's) and soft cap (none for :data:`NO_SOFTCAP_PASSED`)."""
+    cfg: Any = getattr(module, "config", None)
+    window = getattr(module, "sliding_window", getattr(cfg, "sliding_window", None))
+    cap = getattr(module, "attn_logit_softcapping", None)
+    if type(module).__name__ in NO_SOFTCAP_PASSED:
+        cap = None
+    return LayerInfo(index, type(module).__name__, window, cap)
+
+
+def _model_info(cfg: Any, layers: list[LayerInfo]) -> ModelInfo:
     heads = int(cfg.num_attention_heads)
     kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
     return ModelInfo(tuple(sorted(layers, key=lambda x: x.index)), heads, kv, head_dim)
+
+
+def info_from_module(module: nn.Module) -> ModelInfo | None:
+    """The :func:`inspect_model` of the model one attention module belongs to, from that module and its
+    config (``register()`` meets a model's attention modules one call at a time, never the model): every
+    layer of ``num_hidden_layers`` of the module's class, the sliding window as the supported classes set it
+    (a class whose modules carry ``sliding_window`` takes the config's window on the ``layer_types``
+    entries ``"sliding_attention"``, another class the config's ``sliding_window`` on every layer) and the
+    module's soft cap. None when the config lacks the layer or head counts."""
+    cfg: Any = getattr(module, "config", None)
+    n = getattr(cfg, "num_hidden_layers", None)
+    if not isinstance(n, int) or not isinstance(getattr(cfg, "num_attention_heads", None), int):
+        return None
+    own = _layer_info(module, int(getattr(module, "layer_idx", 0) or 0))
+    types = getattr(cfg, "layer_types", None)
+    layers = []
+    for i in range(n):
+        if i == own.index:
+            layers.append(own)
+            continue
+        window = getattr(cfg, "sliding_window", None)
+        if hasattr(module, "sliding_window"):
+            sliding = types is not None and i < len(types) and types[i] == "sliding_attention"
+            window = window if sliding else None
+        layers.append(LayerInfo(i, own.cls, window, own.softcap))
+    return _model_info(cfg, layers)
 
 
 #: real models' attention shapes (query heads, kv heads, head dim) and their config class names

@@ -50,10 +50,15 @@ budget covers every key computes exact causal attention (its mask keeps every ke
 whose ``budget`` (tokens) is at least the number of cached keys runs exact attention for that step (the
 decode family's rule, :mod:`attnlab.catalog.decode._common`; its state is still brought up to date).
 
-Stateful decode methods keep one state per layer (per head group and per padded-batch group of
-sequences), cleared when a new prefill starts; ``tidal`` passes its selected positions from layer to layer
-(set each layer's ``role`` in ``layers``: e.g. ``{"0-1": {"decode": {"method": "tidal", "params":
-{"role": "full"}}}, 2: ...}``).
+Stateful decode methods keep one state per KV cache and layer (per head group and per padded-batch group
+of sequences), cleared when a new prefill starts on that cache or the cache shrank (cropped); ``tidal``
+passes its selected positions from layer to layer (set each layer's ``role`` in ``layers``: e.g.
+``{"0-1": {"decode": {"method": "tidal", "params": {"role": "full"}}}, 2: ...}``).
+
+Parameters are plain values; lists (all a JSON or YAML plan can write) are taken as tuples. The ``heads``
+of ``retrieval_heads_kv`` are the model's KV heads (query head ``h`` uses KV head ``h // group``), also in
+``heads`` entries: there they must be KV heads of the query heads that run the method (e.g. query heads
+4-7 of a model with group 2 use KV heads 2 and 3).
 """
 
 from __future__ import annotations
@@ -244,11 +249,26 @@ def _needs_inputs(spec: MethodSpec) -> bool:
 # -- parsing ---------------------------------------------------------------------------------------------
 
 
+def _frozen(value: Any) -> Any:
+    """A parameter value with its lists as tuples (recursively): JSON and YAML plans can only write lists,
+    and a method's parameters must be hashable (a method names a head group and its prepared op)."""
+    if isinstance(value, list | tuple):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+def _params(*given: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    merged: dict[str, Any] = {}
+    for g in given:
+        merged.update(g)
+    return tuple((k, _frozen(v)) for k, v in merged.items())
+
+
 def _ref(value: Any, where: str, params: Mapping[str, Any] | None = None) -> MethodRef:
     if isinstance(value, MethodRef):
-        return MethodRef(value.name, tuple({**value.kwargs, **(params or {})}.items()))
+        return MethodRef(value.name, _params(value.kwargs, params or {}))
     if isinstance(value, str):
-        return MethodRef(value, tuple((params or {}).items()))
+        return MethodRef(value, _params(params or {}))
     if isinstance(value, Mapping):
         unknown = set(value) - {"method", "params"}
         if unknown or "method" not in value:
@@ -260,7 +280,7 @@ def _ref(value: Any, where: str, params: Mapping[str, Any] | None = None) -> Met
             raise PlanError(f"{where}: 'params' must map parameter names to values, got {own!r}")
         if not isinstance(value["method"], str):
             raise PlanError(f"{where}: 'method' must be a method name, got {value['method']!r}")
-        return MethodRef(value["method"], tuple({**own, **(params or {})}.items()))
+        return MethodRef(value["method"], _params(own, params or {}))
     raise PlanError(f"{where}: a method is a name or {{'method': name, 'params': {{...}}}}; got {value!r}")
 
 

@@ -9,6 +9,7 @@ removes both entries and restores every config's ``_attn_implementation``.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import os
 from collections.abc import Iterator, Mapping
@@ -16,16 +17,17 @@ from typing import Any
 
 from torch import nn
 
-from attnlab.hf.interface import HFRuntimeError, Runtime, effective, mask_function
+from attnlab.hf.interface import HFRuntimeError, Runtime, check_plan, mask_function, model_cache
 from attnlab.hf.kv import SLACK, compact, compact_window
-from attnlab.hf.models import ModelInfo, attention_modules, inspect_model
-from attnlab.hf.plan import PHASES, HFPlan, PlanError, check_method, load_plan
+from attnlab.hf.models import attention_modules, inspect_model
+from attnlab.hf.plan import HFPlan, PlanError, load_plan
 
 #: transformers releases this integration is tested with (the GPU machine has 5.17; CI 5.23)
 TESTED_TRANSFORMERS = ">=5.17,<6"
 NAME = "attnlab"
 _counter = itertools.count(1)
 _registered: dict[str, Runtime] = {}
+_MISSING = object()
 
 PlanLike = HFPlan | Mapping[str, Any] | str | os.PathLike[str] | None
 
@@ -44,84 +46,135 @@ def _interfaces() -> tuple[Any, Any]:
     return AttentionInterface, AttentionMaskInterface
 
 
-def check_plan(plan: HFPlan, info: ModelInfo) -> list[str]:
-    """Check ``plan`` against the model: layers and heads it has, and for every layer, head and phase the
-    method that will run there (after the model's sliding window and soft cap are applied). Raises
-    :class:`~attnlab.hf.plan.PlanError` before anything runs. Returns the stateful methods the plan runs."""
-    top = max(layer.index for layer in info.layers) + 1
-    plan.check(top, info.num_heads)
-    stateful: set[str] = set()
-    tidal_roles: set[str] = set()
-    for layer in info.layers:
-        for head in range(info.num_heads):
-            for phase in PHASES:
-                ref, explicit = plan.method(layer.index, head, phase)
-                where = f"layer {layer.index} ({layer.cls}), head {head}, {phase}"
-                eff = effective(ref, explicit, layer.sliding_window, layer.softcap, plan, where)
-                check_method(eff, phase, where)
-                if eff.spec().stateful:
-                    stateful.add(eff.name)
-                if eff.name == "tidal" and phase == "decode":
-                    tidal_roles.add(str(eff.kwargs.get("role", "reuse")))
-    if tidal_roles and "select" not in tidal_roles:
-        raise PlanError(
-            f"the plan runs 'tidal' (roles {', '.join(sorted(tidal_roles))}) on no layer with role 'select': its "
-            "'reuse' layers would have no selection to reuse and attend to every token; give one or a few "
-            "layers role 'select', e.g. {'layers': {2: {'decode': {'method': 'tidal', 'params': {'role': "
-            "'select'}}}}}"
-        )
-    return sorted(stateful)
+#: generate options that run assisted generation (prompt lookup, an assistant model, early exit): they crop
+#: the KV cache after rejected candidate tokens
+ASSISTED: tuple[str, ...] = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+
+
+def _arguments(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``generate`` call's arguments by name: positional ones bound to the model's ``generate``
+    signature (else a GenerationConfig among them taken as ``generation_config``), keywords as given."""
+    method = getattr(type(model), "generate", None)
+    try:
+        sig = inspect.signature(method)  # type: ignore[arg-type]
+        bound = sig.bind_partial(model, *args, **kwargs).arguments
+    except (TypeError, ValueError):
+        named = dict(kwargs)
+        for arg in args:
+            if type(arg).__name__.endswith("GenerationConfig"):
+                named.setdefault("generation_config", arg)
+        return named
+    named = {}
+    for name, value in bound.items():
+        if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif sig.parameters[name].kind is not inspect.Parameter.VAR_POSITIONAL:
+            named[name] = value
+    return named
+
+
+def _option(model: nn.Module, named: Mapping[str, Any], name: str) -> Any:
+    """A generate option: the call's keyword, else its generation_config's, else the model's (None: unset)."""
+    if named.get(name) is not None:
+        return named[name]
+    cfg = named.get("generation_config") or getattr(model, "generation_config", None)
+    return getattr(cfg, name, None)
 
 
 def _beams(model: nn.Module, kwargs: Mapping[str, Any]) -> int:
     """The beam count a ``generate`` call asks for (keyword, its generation_config, or the model's)."""
-    if kwargs.get("num_beams") is not None:
-        return int(kwargs["num_beams"])
-    cfg = kwargs.get("generation_config") or getattr(model, "generation_config", None)
-    return int(getattr(cfg, "num_beams", 1) or 1)
+    return int(_option(model, kwargs, "num_beams") or 1)
 
 
-def _refuse_beams(model: nn.Module, stateful: list[str], runtime: Runtime) -> Any:
-    """A ``generate`` that starts every call with fresh decode state (a generation from a cached prefix makes
-    no prefill call, which would otherwise reset it) and refuses beam search (the decode methods' state
-    follows one sequence per batch row; beam search reorders the cache's rows between steps, which the
-    state would silently miss)."""
+def _guard(
+    model: nn.Module, stateful: list[str], free_kv: bool, visual: Mapping[str, int], runtime: Runtime
+) -> Any:
+    """The model's current ``generate`` wrapped: every call starts the decode state of the cache it is given
+    over (a generation from a cached prefix makes no prefill call, which would otherwise do it), and refuses
+    what the per-cache state cannot follow: beam search with a stateful decode method (it reorders the
+    cache's rows between steps) and assisted generation (``prompt_lookup_num_tokens``, ``assistant_model``,
+    ``assistant_early_exit``: it crops the cache after rejected candidates) with a stateful decode method
+    or ``free_kv``; and images (``visual``: the model's image inputs; generate builds their mask before it
+    calls the model). A ``use`` inside another wraps the outer one's guard."""
     generate: Any = model.generate
+    methods = ", ".join(stateful)
 
     def guarded(*args: Any, **kwargs: Any) -> Any:
-        runtime.reset()
-        beams = _beams(model, kwargs)
-        if beams > 1:
+        named = _arguments(model, args, kwargs)
+        for name in visual:
+            if named.get(name) is not None:
+                raise _images_error(model, name)
+        beams = _beams(model, named)
+        if stateful and beams > 1:
             raise HFRuntimeError(
                 f"generate(num_beams={beams}) under attnlab.hf.use with the stateful decode method(s) "
-                f"{', '.join(stateful)}: beam search reorders the KV cache's rows between steps and their "
+                f"{methods}: beam search reorders the KV cache's rows between steps and their "
                 "per-row state (page summaries, kept sets) would not follow; use greedy or sampling "
                 "(num_beams=1), or a stateless decode method (e.g. 'softmax', 'sliding_window')"
             )
+        for name in ASSISTED:
+            value = _option(model, named, name)
+            if value is not None and (stateful or free_kv):
+                shown = type(value).__name__ if name == "assistant_model" else repr(value)
+                what = f"the stateful decode method(s) {methods}" if stateful else "free_kv=True"
+                raise HFRuntimeError(
+                    f"generate({name}={shown}) under attnlab.hf.use with {what}: assisted generation (prompt "
+                    "lookup, an assistant model, early exit) crops the KV cache after rejected candidate tokens, "
+                    "which the per-cache decode state (page summaries, kept sets, evicted tokens) would not "
+                    "follow; generate without it, or use a stateless decode method (e.g. 'softmax', "
+                    "'sliding_window') without free_kv"
+                )
+        cache = model_cache(named)
+        if cache is not None:
+            runtime.reset(cache)
         return generate(*args, **kwargs)
 
     return guarded
 
 
+#: keywords of a model's forward that carry images or videos
+_VISUAL = ("pixel_values", "pixel_values_videos")
+
+
+def _visual_inputs(model: nn.Module) -> dict[str, int]:
+    """The image (or video) inputs a model's forward takes (e.g. Gemma 3's multimodal model), each with
+    its position among the forward's parameters."""
+    try:
+        params = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return {}
+    return {name: params.index(name) for name in _VISUAL if name in params}
+
+
+def _images_error(model: nn.Module, name: str) -> HFRuntimeError:
+    return HFRuntimeError(
+        f"{type(model).__name__} got {name} under attnlab.hf.use: attnlab.hf runs the language model's "
+        "attention on causal methods, while image tokens attend to each other both ways (a mask attnlab's "
+        "methods do not apply); run prompts with images outside attnlab.hf.use, or pass text only"
+    )
+
+
+def _images_hook(model: nn.Module, visual: Mapping[str, int]) -> Any:
+    """A forward pre-hook (with kwargs) of the model that refuses a call with images before anything runs
+    (the image tokens attend to each other both ways); text runs."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        for name, i in visual.items():
+            if kwargs.get(name) is not None or (i < len(args) and args[i] is not None):
+                raise _images_error(model, name)
+
+    return hook
+
+
 def _configs(model: nn.Module) -> list[Any]:
-    """Every distinct config object of the model and its submodules (sub-configs included)."""
+    """The distinct configs of the model's attention modules (a vision tower's, whose attention attnlab.hf
+    does not run, keeps its implementation)."""
     seen: dict[int, Any] = {}
-    stack = [getattr(model, "config", None)] + [getattr(m, "config", None) for m in model.modules()]
-    while stack:
-        cfg = stack.pop()
-        if cfg is None or id(cfg) in seen or not hasattr(cfg, "_attn_implementation_internal"):
-            continue
-        seen[id(cfg)] = cfg
-        for name in getattr(cfg, "sub_configs", {}) or {}:
-            stack.append(getattr(cfg, name, None))
+    for m in attention_modules(model):
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation_internal"):
+            seen.setdefault(id(cfg), cfg)
     return list(seen.values())
-
-
-def model_cache(kwargs: Mapping[str, Any]) -> Any:
-    """The KV cache a transformers layer passes to its attention module: ``cache=`` from transformers 5.24
-    on, ``past_key_values=`` before (None when neither is given)."""
-    cache = kwargs.get("cache")
-    return kwargs.get("past_key_values") if cache is None else cache
 
 
 def _compact_hook(runtime: Runtime) -> Any:
@@ -183,10 +236,15 @@ def use(
     The plan is checked against the model before anything runs (unknown methods or parameters, layers or
     heads the model lacks, a prefill-only method for decode or the reverse, a method that cannot keep the
     model's soft cap). With a stateful decode method, ``model.generate`` refuses beam search inside the
-    block (the state follows one sequence per batch row). A StaticCache (``cache_implementation="static"``)
-    works: its empty slots are never attended. Yields the :class:`~attnlab.hf.interface.Runtime` (its ``calls`` count what ran,
-    its ``states`` hold stateful methods' per-layer state). On exit, also when the block raises, the
-    model's ``_attn_implementation`` and transformers' registries are restored.
+    block (the state follows one sequence per batch row), and with one or ``free_kv`` it refuses assisted
+    generation (``prompt_lookup_num_tokens``, ``assistant_model``, ``assistant_early_exit``: it crops the
+    cache); each ``generate`` starts the decode state of the cache it is given over. The decode state is
+    kept per KV cache (:class:`~attnlab.hf.interface.Runtime`). Inputs with images (``pixel_values``, e.g.
+    Gemma 3's multimodal model) are refused: only the language model's attention runs on attnlab. A
+    StaticCache (``cache_implementation="static"``) works: its empty slots are never attended. Yields the
+    :class:`~attnlab.hf.interface.Runtime` (its ``calls`` count what ran, its ``states`` hold stateful
+    methods' per-layer state of the last call's cache). On exit, also when the block raises, the model's
+    ``_attn_implementation``, its ``generate`` and transformers' registries are restored.
     """
     attention_iface, mask_iface = _interfaces()
     info = inspect_model(model)
@@ -197,31 +255,39 @@ def use(
     key = f"attnlab_use_{next(_counter)}"
     configs = _configs(model)
     saved = [(cfg, cfg._attn_implementation_internal) for cfg in configs]
-    had_generate = "generate" in vars(model)
     if not isinstance(free_kv, bool):
         raise TypeError(f"free_kv must be True or False, got {free_kv!r}")
     runtime.free_kv = free_kv
+    visual = _visual_inputs(model)
+    guard = bool(stateful or free_kv or visual) and hasattr(model, "generate")
+    previous = vars(model).get("generate", _MISSING)  # (an outer use's guard, restored below)
     hooks = []
     attention_iface._global_mapping[key] = runtime.forward
     mask_iface._global_mapping[key] = mask_function
     try:
+        modules = attention_modules(model)
+        for m in modules:
+            runtime.watch(m)
         if free_kv:
-            hooks = [
-                m.register_forward_hook(_compact_hook(runtime), with_kwargs=True)
-                for m in attention_modules(model)
-            ]
+            hooks = [m.register_forward_hook(_compact_hook(runtime), with_kwargs=True) for m in modules]
+        if visual:
+            hooks.append(model.register_forward_pre_hook(_images_hook(model, visual), with_kwargs=True))
         for cfg in configs:
             cfg._attn_implementation_internal = key
-        if stateful and hasattr(model, "generate") and not had_generate:
-            model.generate = _refuse_beams(model, stateful, runtime)  # (an instance attribute, removed below)
+        if guard:  # an instance attribute, restored below
+            model.generate = _guard(model, stateful, free_kv, visual, runtime)
         yield runtime
     finally:
+        runtime.unwatch()
         for hook in hooks:
             hook.remove()
         for cfg, old in saved:
             cfg._attn_implementation_internal = old
-        if stateful and not had_generate:
-            vars(model).pop("generate", None)
+        if guard:
+            if previous is _MISSING:
+                vars(model).pop("generate", None)
+            else:
+                model.generate = previous
         attention_iface._global_mapping.pop(key, None)
         mask_iface._global_mapping.pop(key, None)
 
@@ -239,10 +305,14 @@ def register(
     AttentionMaskInterface, so that ``from_pretrained(..., attn_implementation="attnlab")`` or
     ``model.set_attn_implementation("attnlab")`` runs the given methods (default: ``softmax`` for both
     phases). An explicit call: nothing registers at import. The plan's methods are checked now, and
-    against each model's layers and heads on its first attention call. Registering a name again replaces
-    its plan. Returns the Runtime; :func:`unregister` removes the entries. Unlike :func:`use`, nothing here
-    refuses beam search (there is no model to guard): with a stateful decode method, generate with
-    ``num_beams=1`` only (beam search reorders the cache's rows, which the per-row state would miss)."""
+    against each model on its first attention call (:func:`check_plan`, the model read from that attention
+    module's config). Registering a name again replaces its plan. Returns the Runtime; :func:`unregister`
+    removes the entries. The decode state is kept per KV cache (a cache that shrank, or a new prefill,
+    starts its state over), so models and caches never share it. Unlike :func:`use`, nothing here refuses
+    beam search or assisted generation (there is no model to guard): with a stateful decode method,
+    generate with ``num_beams=1`` and no ``prompt_lookup_num_tokens`` / ``assistant_model`` only (beam
+    search reorders the cache's rows, which the per-row state would miss; assisted generation crops the
+    cache)."""
     attention_iface, mask_iface = _interfaces()
     if name in attention_iface._global_mapping and name not in _registered:
         raise PlanError(
@@ -251,6 +321,9 @@ def register(
     hplan = load_plan(plan, prefill=prefill, decode=decode, prefill_params=prefill_params,
                       decode_params=decode_params)  # fmt: skip
     runtime = Runtime(hplan, None)
+    replaced = _registered.get(name)
+    if replaced is not None:
+        replaced.unwatch()
     _registered[name] = runtime
     attention_iface.register(name, runtime.forward)
     mask_iface.register(name, mask_function)
@@ -260,6 +333,8 @@ def register(
 def unregister(name: str = NAME) -> None:
     """Remove what :func:`register` added (models still pointing at ``name`` then fail to run)."""
     attention_iface, mask_iface = _interfaces()
-    if _registered.pop(name, None) is not None:
+    runtime = _registered.pop(name, None)
+    if runtime is not None:
+        runtime.unwatch()
         attention_iface._global_mapping.pop(name, None)
         mask_iface._global_mapping.pop(name, None)
