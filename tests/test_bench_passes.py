@@ -49,7 +49,7 @@ def test_a_pass_takes_its_share_of_the_rounds() -> None:
 
 
 def test_the_process_count_resolves_per_device_and_the_config_round_trips() -> None:
-    assert BenchConfig(device="cpu", processes=0).timing_processes == 3
+    assert BenchConfig(device="cpu", processes=0).timing_processes == 7
     assert BenchConfig(device="cuda", processes=0).timing_processes == 1
     assert BenchConfig(device="cpu", processes=2).timing_processes == 2
     with pytest.raises(ValueError, match="processes=-1: expected an int >= 0"):

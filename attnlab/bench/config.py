@@ -30,6 +30,10 @@ CPU_METHODS: tuple[str, ...] = (
 )
 
 
+#: the timing passes of a CPU run by default (``BenchConfig.processes`` = 0; :mod:`attnlab.bench.passes`)
+CPU_TIMING_PROCESSES = 7
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     """One benchmark run.
@@ -72,8 +76,9 @@ class BenchConfig:
     #: :mod:`attnlab.bench.efficiency`); ``ATTNLAB_BENCH_RETIMES`` in the environment sets the default (the
     #: test suite sets 0: its parallel workers always share the machine)
     retimes: int = field(default_factory=lambda: int(os.environ.get("ATTNLAB_BENCH_RETIMES", "2")))
-    #: processes the timing phase runs in, one after another (:mod:`attnlab.bench.passes`): 0 means 3 on a
-    #: CPU (where one process's or one period's level moved rows by 10-30%) and 1 on CUDA;
+    #: processes the timing phase runs in, one after another (:mod:`attnlab.bench.passes`): 0 means 7 on a
+    #: CPU (where one process's or one period's level moved rows by 10-30%: with 3, two odd passes of a row
+    #: still moved its median in 1-12 rows of 108 between two runs) and 1 on CUDA;
     #: ``ATTNLAB_BENCH_PROCESSES`` in the environment sets the default (the test suite sets 1)
     processes: int = field(default_factory=lambda: int(os.environ.get("ATTNLAB_BENCH_PROCESSES", "0")))
     seed: int = 0
@@ -145,7 +150,7 @@ class BenchConfig:
         """Processes the timing phase runs in (``processes``, with 0 resolved for the device)."""
         if self.processes:
             return self.processes
-        return 3 if self.torch_device.type == "cpu" else 1
+        return CPU_TIMING_PROCESSES if self.torch_device.type == "cpu" else 1
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> BenchConfig:

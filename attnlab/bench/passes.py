@@ -7,8 +7,9 @@ out of three, or one stretch of minutes, ran one kind of kernel slower, and more
 not average that out. So on a CPU the timing phase makes K passes: the benchmark's own process times every row
 with 1/K of the rounds, then K - 1 fresh processes of the same Python (``python -m attnlab.bench.passes``)
 each warm the rows that pass timed (no parity checks: the first process made them) and time them again, the
-same way. The passes of one row are minutes apart and in different processes; with three, one odd process or
-period does not move the median.
+same way. The passes of one row are minutes apart and in different processes; with seven (the CPU default
+since session 20; three before, when two odd passes of a row still moved its median in 1-12 rows of 108
+between a first run and a warm rerun), two or three odd processes or periods do not move the median.
 
 A row's columns (:func:`merged_columns`): ``speedup``, ``paired_speedup``, ``kernel_speedup`` and
 ``paired_kernel_speedup`` are the median over the passes of each pass's value; the time columns (median, min,
