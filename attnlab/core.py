@@ -281,7 +281,8 @@ class Result:
 
     - ``out``: (B, H, N_q, D_v) in the input dtype.
     - ``lse``: (B, H, N_q) float32, natural-log sum of exp(score) over the allowed keys (softmax methods;
-      -inf for rows with no allowed key), with ``return_lse=True``.
+      -inf for rows with no allowed key; a softmax variant's scores are its transformed logits, a sink's
+      term included: :attr:`MethodSpec.reference_lse`), with ``return_lse=True``.
     - ``plan``: the :class:`attnlab.plans.Plan` the call executed, with ``return_plan=True`` (None for
       methods without a sparsity plan).
     - ``state``: the recurrent state after the call (stateful methods; None otherwise).
@@ -431,6 +432,8 @@ class MethodSpec:
       plan computed from the inputs (``plan_kind == "dynamic"``); backends that execute plans run it
       (:meth:`estimate_plan`), passing the tensor inputs named in ``estimate_inputs``.
     - ``inputs``: tensors the method takes beside q, k, v.
+    - ``reference_lse``: the reference's output and the method's own log-sum-exp, where its normaliser is
+      over transformed logits (the softmax variants); the ``reference`` backend and the parity check use it.
     - ``stateful``: whether the method carries a recurrent state from call to call.
     - ``test_params``: parameter sets the parity tests run (small values that make the mask bite).
     - ``bench_params(n)``: parameter sets the benchmark sweeps at length ``n`` (budgets, i.e. densities).
@@ -454,6 +457,13 @@ class MethodSpec:
     stateful: bool = False
     #: whether the weights are softmax-normalised over the allowed keys (then a log-sum-exp exists)
     softmax_normalized: bool = True
+    #: ``reference_lse(q, k, v, params, *, causal, scale, upcast=True, **tensor_inputs) -> (out, lse)``: the
+    #: reference's output and the method's own log-sum-exp (float32 (B, H, N_q), natural log), for a method
+    #: whose normaliser is not plain softmax's over the pairs it allows: the log of its normaliser over its
+    #: transformed logits (soft-capped, biased, ...; a sink's term included). The ``reference`` backend
+    #: returns it (also where ``softmax_normalized`` is False) and the parity check compares every backend's
+    #: lse with it. None: plain softmax's lse where ``softmax_normalized``, else none.
+    reference_lse: ReferenceFn | None = None
     training_backends: tuple[str, ...] = ()
     #: the tensor inputs ``estimate`` takes as keyword arguments (e.g. a learned gate's weights)
     estimate_inputs: tuple[str, ...] = ()
@@ -504,6 +514,12 @@ class MethodSpec:
         """The method's parameters with their defaults, e.g. ``SlidingWindowParams(window=1024)`` (the
         class is ``param_class``; its docstring says what each one means)."""
         return self.param_class()
+
+    @property
+    def has_lse(self) -> bool:
+        """Whether the method has a log-sum-exp: its own (``reference_lse``) or plain softmax's
+        (``softmax_normalized``)."""
+        return self.reference_lse is not None or self.softmax_normalized
 
     @property
     def backward(self) -> bool:

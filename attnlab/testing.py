@@ -6,6 +6,22 @@ the error of the same math run by the reference in the input precision (``upcast
 ``FLOOR_REL x (1 + max|ref|)`` (fp32 inputs, whose low-precision run *is* the reference) and half the
 dtype's epsilon x max|ref| (the final rounding of a bf16/fp16 result). Errors are max-abs.
 
+The log-sum-exp (``return_lse=True``; checked for every backend that returns one, the method's tensor inputs
+passed). Its reference is the method's own where it has one (``MethodSpec.reference_lse``: a softmax
+variant's normaliser over its transformed logits, a sink's term included), else plain softmax's over the
+allowed pairs (``ReferenceBackend.run_lse``). The error is the max absolute difference in nats over the rows
+whose reference lse is finite; the bound:
+
+- with ``reference_lse``: the output rule with the lse's own dtype, float32: ``FWD_FACTOR`` x the error of
+  ``reference_lse`` run in the input precision (``upcast=False``) + ``FLOOR_REL x (1 + max|lse|)`` + half
+  float32's epsilon x max|lse| (in bf16 about 2x the bf16 logits' rounding, a few 1e-3 nats; in fp32 about
+  1e-5 x (1 + max|lse|));
+- without: ``LSE_ULPS`` (8) x the input dtype's epsilon x ``(1 + max|lse|)`` (an lse is about the largest
+  logit plus ``log N``, so its error follows the logits' rounding; the input-precision run is not there).
+
+The lse must be float32 (B, H, N_q), and every row whose reference lse is not finite (-inf: no key; a sink's
++inf) must hold the same value, else the error is NaN.
+
 Also the test suite's shared setup (the device under test, random inputs, the parity cases, mask
 drawings), so that no test module imports another. Nothing here runs at import.
 """
@@ -34,6 +50,9 @@ from attnlab.registry import methods
 FWD_FACTOR = 2.0
 BWD_FACTOR = 3.0
 FLOOR_REL = 1e-5
+#: the lse rule's allowance for a method without ``reference_lse``: this many of the input dtype's epsilon
+#: x (1 + max|lse|) (see the module docstring)
+LSE_ULPS = 8.0
 
 
 @dataclass(frozen=True)
@@ -100,7 +119,8 @@ def state_tensors(state: Any) -> list[Tensor]:
 
 @dataclass
 class Check:
-    """Outcome of one parity check; ``errors`` maps 'out', 'dq', 'dk', 'dv' to (error, bound)."""
+    """Outcome of one parity check; ``errors`` maps 'out', 'lse', 'dq', 'dk', 'dv' (and a state's, a tensor
+    input's gradient) to (error, bound)."""
 
     method: str
     backend: str
@@ -151,7 +171,8 @@ def check_parity(
 ) -> Check:
     """Run ``backend`` on ``case`` and compare with the reference under the accuracy rule.
 
-    The backward is checked when ``backward`` and the backend can run with gradients; a backend that
+    The backward is checked when ``backward`` and the backend can run with gradients; the log-sum-exp
+    (:func:`lse_error`) when the method has one and the backend returns it for the call; a backend that
     refuses the call (``can_use``) gives a skipped Check carrying its reason.
     """
     result = Check(spec.name, backend, case)
@@ -198,19 +219,19 @@ def check_parity(
         err = max_abs(s_got, s_ref) if torch.isfinite(s_got).all() else float("nan")
         result.errors[label] = (err, bound(max_abs(s_low, s_ref), s_ref, FWD_FACTOR, case.dtype))
     lse_call = Call(spec, params, problem, scale, want_lse=True)
-    if spec.softmax_normalized and not x0 and choose(lse_call, backend).backend is not None:
-        with torch.no_grad():  # the log-sum-exp the backend returns, against the reference's
+    if spec.has_lse and choose(lse_call, backend).backend is not None:
+        with torch.no_grad():  # the log-sum-exp the backend returns, against the method's reference lse
+            lse_kwargs: dict[str, Any] = {**case.params, **x0}
             lse_res = attention(q0, k0, v0, method=spec.name, causal=case.causal, backend=backend,
-                                return_lse=True, **case.params)  # fmt: skip
-            _, want_lse = REFERENCE.run_lse(q0, k0, v0, lse_call, {})
+                                return_lse=True, **lse_kwargs)  # fmt: skip
         assert isinstance(lse_res, Result) and lse_res.lse is not None
-        rows = torch.isfinite(want_lse)
-        same_inf = torch.equal(rows, torch.isfinite(lse_res.lse))  # rows with no key: -inf on both sides
-        err = max_abs(lse_res.lse[rows], want_lse[rows]) if same_inf else float("nan")
-        # lse ~ log N + max score: its error follows the score's rounding (a few ulps of the input dtype)
-        peak = float(want_lse[rows].abs().max()) if bool(rows.any()) else 0.0
-        tol = 8 * torch.finfo(case.dtype).eps * (1.0 + peak)
-        result.errors["lse"] = (err, tol)
+        got_lse, lse_shape = lse_res.lse, (case.batch, case.heads, case.n_q)
+        if got_lse.dtype != torch.float32 or tuple(got_lse.shape) != lse_shape:
+            result.crash = (
+                f"the lse is {got_lse.dtype} {tuple(got_lse.shape)}; expected torch.float32 {lse_shape}"
+            )
+        else:
+            result.errors["lse"] = lse_error(lse_call, (q0, k0, v0), x0, got_lse)
     if grad:
         g = torch.Generator(device="cpu").manual_seed(seed + 1)
         dout = torch.randn(out.shape, generator=g).to(device=out.device, dtype=out.dtype)
@@ -234,6 +255,34 @@ def check_parity(
                 bound(max_abs(lo, r) if lo is not None else 0.0, r, BWD_FACTOR, case.dtype),
             )
     return result
+
+
+def lse_error(
+    call: Call, qkv: tuple[Tensor, Tensor, Tensor], inputs: Mapping[str, Tensor], got: Tensor
+) -> tuple[float, float]:
+    """(error, bound) of a backend's log-sum-exp ``got`` (float32 (B, H, N_q)) for ``call`` under the lse
+    rule (see the module docstring). The reference is the method's own lse (``spec.reference_lse``, given
+    the tensor inputs; else plain softmax's over the allowed pairs: :meth:`ReferenceBackend.run_lse`). The
+    error is NaN where a row whose reference is not finite (-inf: no key) differs, or a finite one is not
+    finite."""
+    spec, (q, k, v) = call.spec, qkv
+    causal, scale = call.problem.causal, call.scale
+    with torch.no_grad():
+        _, want = REFERENCE.run_lse(q, k, v, call, dict(inputs))
+        low: Tensor | None = None
+        if spec.reference_lse is not None:  # the same lse computed in the input precision
+            _, low = spec.reference_lse(
+                q, k, v, call.params, causal=causal, scale=scale, upcast=False, **inputs
+            )
+    rows = torch.isfinite(want)
+    # rows without a finite lse (no key: -inf) must be the same value on both sides
+    same = torch.equal(rows, torch.isfinite(got)) and torch.equal(got[~rows], want[~rows].to(got.dtype))
+    err = max_abs(got[rows], want[rows]) if same else float("nan")
+    if low is not None:  # the output rule, the lse being float32 (no final rounding to q's dtype)
+        both = rows & torch.isfinite(low)
+        return err, bound(max_abs(low[both], want[both]), want[rows], FWD_FACTOR, torch.float32)
+    peak = float(want[rows].abs().max()) if bool(rows.any()) else 0.0
+    return err, LSE_ULPS * torch.finfo(q.dtype).eps * (1.0 + peak)
 
 
 def cases_for(

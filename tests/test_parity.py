@@ -31,6 +31,9 @@ def test_backend_matches_reference(method: str, backend: str, case: Case) -> Non
         pytest.skip(check.skipped)
     assert check.errors["out"][0] == check.errors["out"][0], "NaN in output"
     assert check.passed, f"{method}/{backend} {case.label()}: {check.summary()}"
+    if spec.reference_lse is not None and spec.backend(backend).caps.lse and (ON_CUDA or backend != "flex"):
+        # a variant's lse, against its reference_lse (compiled CPU FlexAttention returns none)
+        assert "lse" in check.errors, f"{backend} did not check the lse of {method}"
     if spec.backward and attnlab.get(method).backend(backend).backward:
         # the backward must have been checked wherever the backend can run with gradients
         assert "dq" in check.errors or not ON_CUDA, f"{backend} did not check gradients on CUDA"

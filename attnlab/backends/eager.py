@@ -52,7 +52,7 @@ class ReferenceBackend(Backend):
 
     def reasons(self, call: Call) -> list[str]:
         why = dense_size_reasons(self.name, call, call.problem.dense_elements)
-        if call.want_lse and not call.spec.softmax_normalized:
+        if call.want_lse and not call.spec.has_lse:
             why.append(f"method {call.spec.name!r} is not softmax-normalised: it has no log-sum-exp")
         return why
 
@@ -80,14 +80,22 @@ class ReferenceBackend(Backend):
     def run_lse(
         self, q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor]
     ) -> tuple[Tensor, Tensor]:
-        """The reference output, and ``lse = log sum_j exp(scale q_i . k_j)`` over the pairs the method
-        allows (its plan's dense mask: estimated, static, or the plan its backends execute for a method
-        whose sparsity they define, e.g. a per-head mask; else the causal mask), in float32; -inf for
-        rows with no key. A method outside the dense family with neither kind of plan is refused: its
-        reference masks in a way the log-sum-exp cannot follow."""
+        """The reference output and its log-sum-exp, float32 (B, H, N_q), -inf for rows with no key.
+
+        A method with ``reference_lse`` (the softmax variants: a normaliser over transformed logits, a
+        sink's term) gives its own, the tensor inputs in ``extra`` passed to it. Otherwise ``lse = log
+        sum_j exp(scale q_i . k_j)`` over the pairs the method allows (its plan's dense mask: estimated,
+        static, or the plan its backends execute for a method whose sparsity they define, e.g. a per-head
+        mask; else the causal mask). A method outside the dense family with neither kind of plan is
+        refused: its reference masks in a way the log-sum-exp cannot follow."""
+        spec = call.spec
+        if spec.reference_lse is not None:
+            out, lse = spec.reference_lse(
+                q, k, v, call.params, causal=call.problem.causal, scale=call.scale, **extra
+            )
+            return out, lse
         out = self.run(q, k, v, call, extra)
         p = call.problem
-        spec = call.spec
         mask: Tensor | None
         if spec.estimate is not None:
             mask = spec.estimate_plan(q, k, call, extra).dense_mask()

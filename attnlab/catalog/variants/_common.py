@@ -13,10 +13,9 @@ whose weights are a softmax of its logits gives it: softcap, alibi, bias, sink, 
 gated (an output gate on plain softmax: plain softmax's lse). softplus (l1-normalised softplus weights) and
 affine_scaled (weights ``alpha P + beta / n``, whose split outputs the lse alone cannot merge) have none.
 Each such module has ``reference_lse(...) -> (out, lse)`` (the package's ``LSE_REFERENCES``); the ``eager``
-backend (:class:`VariantEagerBackend`), the Triton kernel and FlexAttention (GPU) return it. The
-``reference`` backend (attnlab/backends/eager.py) computes the lse of the *plain* logits ``scale * q . k``:
-it returns one only for gated (``softmax_normalized``) and refuses the others until it can call a method's
-``reference_lse``.
+backend (:class:`VariantEagerBackend`), the Triton kernel and FlexAttention (GPU) return it, and so does
+the ``reference`` backend (attnlab/backends/eager.py), through the spec's ``MethodSpec.reference_lse``; the
+parity harness checks every backend's lse against it.
 """
 
 from __future__ import annotations

@@ -166,6 +166,8 @@ SPEC = MethodSpec(
     ),
     test_params=({}, {"max_bias": 2.0}),
     bench_params=lambda n: [{}],
-    # it is softmax-normalised with an lse (reference_lse), but the reference backend's lse is the plain one
+    # softmax-normalised over its transformed logits: its lse is reference_lse's (the reference backend's
+    # too), not the plain one of scale * q . k
     softmax_normalized=False,
+    reference_lse=reference_lse,
 )

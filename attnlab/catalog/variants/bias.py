@@ -127,6 +127,8 @@ SPEC = MethodSpec(
     ),
     test_params=({},),
     bench_params=lambda n: [{}],
-    # it is softmax-normalised with an lse (reference_lse), but the reference backend's lse is the plain one
+    # softmax-normalised over its transformed logits: its lse is reference_lse's (the reference backend's
+    # too), not the plain one of scale * q . k
     softmax_normalized=False,
+    reference_lse=reference_lse,
 )

@@ -115,4 +115,5 @@ SPEC = MethodSpec(
     ),
     test_params=({},),
     bench_params=lambda n: [{}],
+    reference_lse=reference_lse,  # plain softmax's lse (the gate acts on the output), the gate passed through
 )

@@ -252,7 +252,8 @@ SPEC = MethodSpec(
     ),
     test_params=({},),
     bench_params=lambda n: [{}],
-    # it is softmax-normalised with an lse (method_reference_lse), but the reference backend's lse is the
-    # plain one
+    # softmax-normalised over its biased logits: its lse is method_reference_lse's (the reference backend's
+    # too), not the plain one of scale * q . k
     softmax_normalized=False,
+    reference_lse=method_reference_lse,
 )

@@ -235,4 +235,5 @@ SPEC = MethodSpec(
     test_params=({}, {"logit": 2.0}, {"logit": -3.0}),
     bench_params=lambda n: [{}],
     softmax_normalized=False,  # the weights do not sum to 1 (its lse, reference_lse, holds the sink's term)
+    reference_lse=reference_lse,
 )

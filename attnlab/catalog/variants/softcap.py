@@ -150,6 +150,8 @@ SPEC = MethodSpec(
     patterns=ALL_PATTERNS,
     test_params=({"cap": 2.0}, {"cap": 0.5}, {"cap": 50.0}, {"cap": 2.0, "window": 3}),
     bench_params=lambda n: [{}],
-    # it is softmax-normalised with an lse (reference_lse), but the reference backend's lse is the plain one
+    # softmax-normalised over its transformed logits: its lse is reference_lse's (the reference backend's
+    # too), not the plain one of scale * q . k
     softmax_normalized=False,
+    reference_lse=reference_lse,
 )
