@@ -162,9 +162,10 @@ def _recording(call: Call) -> tuple[Call, _PlanRecorder | None]:
     """``call`` on a spec whose estimator records its plans, and the recorder; (call, None) for a method
     without an estimator, or inside ``torch.compile`` (nothing built per call there).
 
-    The copy shares ``call.memo`` on purpose (seer's estimator leaves its plan there for ``_plan_of``).
-    So nothing may memoize a closure over the recording call: a cached op would keep appending to a dead
-    recorder on later calls. No backend does today; the recording call lives for this call only."""
+    The copy shares ``call.memo`` (backends keep what they derive per call signature there; seer's
+    backends hand their weighted plan to ``return_plan`` through the recorder, not the memo). So nothing may
+    memoize a closure over the recording call: a cached op would keep appending to a dead recorder on later
+    calls. No backend does today; the recording call lives for this call only."""
     spec = call.spec
     if spec.estimate is None or torch.compiler.is_compiling():
         return call, None

@@ -26,16 +26,18 @@ def planted() -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_the_estimator_finds_the_planted_column_and_distance() -> None:
     q, k = planted()
-    p = VerticalSlashParams(vertical=1, slash=1, last_q=16, block=16, sink_columns=0, local_diagonals=0)
+    # slash = 2: the diagonal (distance 0, always kept, local_diagonals = 0 or not) and the planted one
+    p = VerticalSlashParams(vertical=1, slash=2, last_q=16, block=16, sink_columns=0, local_diagonals=0)
     plan = estimate(q, k, p, causal=True, scale=1.0)
     assert plan.columns is not None and set(plan.columns[0, 0, 0].tolist()) == {COLUMN}
-    # the kept distance's band: in query block i, the tiles holding keys (positions - DISTANCE)
+    # the kept distance's band: in query block i, the tiles holding keys (positions - DISTANCE), and the
+    # diagonal's (tile i)
     tiles = (plan.full | plan.partial)[0, 0]
     for i in range(N // 16):
         want = {max(0, (i * 16 - DISTANCE)) // 16, max(0, (i * 16 + 15 - DISTANCE)) // 16}
         if i * 16 + 15 - DISTANCE < 0:
             want = set()
-        assert set(tiles[i].nonzero()[:, 0].tolist()) == want, i
+        assert set(tiles[i].nonzero()[:, 0].tolist()) == want | {i}, i
 
 
 def test_sinks_and_local_diagonals_are_always_kept() -> None:

@@ -23,9 +23,8 @@ import torch
 from torch import Tensor
 
 from attnlab.backends.base import Backend, Call, Capabilities
-from attnlab.core import ALL_PATTERNS, Pattern
+from attnlab.core import ALL_PATTERNS, Params, Pattern
 from attnlab.kernels.triton_utils import triton_refusal
-from attnlab.params import Params
 
 Runner = Callable[[Tensor, Tensor, Tensor, Call, Mapping[str, Tensor], Any], tuple[Tensor, Any]]
 Refusal = Callable[[Call], list[str]]

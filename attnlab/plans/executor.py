@@ -39,6 +39,26 @@ COLUMNS_MIN_WIDTH = 2
 TILE_CHUNK = 2048
 
 
+class ExecutorArgs(tuple):  # type: ignore[type-arg]
+    """The 13 tables in the order the executor's custom ops take them (a plain tuple to everything that
+    indexes, unpacks or copies it), with what they were built for: ``n_q``, ``n_k`` and the plan's
+    ``causal``, host values that :func:`attnlab.kernels.block_sparse.op.block_sparse_attention` and its
+    launchers check against q, k and the call (the tile counts alone let tables for one length run on
+    another of the same count of tiles). A copy (``tuple(args)``, a list, a slice) drops them."""
+
+    n_q: int
+    n_k: int
+    causal: bool
+
+    def __new__(cls, tables: tuple[Tensor, ...], n_q: int, n_k: int, causal: bool) -> ExecutorArgs:
+        self = super().__new__(cls, tables)
+        self.n_q, self.n_k, self.causal = n_q, n_k, causal
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ExecutorArgs, (tuple(self), self.n_q, self.n_k, self.causal))
+
+
 @dataclass(frozen=True, eq=False)
 class ExecutorTables:
     """The executor's view of a plan. Every table but ``patterns`` is int32 with a leading (Bp, Hp) pair (1
@@ -48,6 +68,8 @@ class ExecutorTables:
     block_k: int
     n_q: int
     n_k: int
+    #: the plan's ``causal`` (the kernels apply it to token columns; the tiles carry it in their patterns)
+    causal: bool
     #: forward: per (Bp, Hp, NQB)
     p_num: Tensor
     p_idx: Tensor  # (Bp, Hp, NQB, max partial)
@@ -72,9 +94,10 @@ class ExecutorTables:
         others at least :data:`COLUMNS_MIN_WIDTH`."""
         return self.c_idx.shape[-1] >= COLUMNS_MIN_WIDTH
 
-    def as_args(self) -> tuple[Tensor, ...]:
-        """The tables in the order the executor's custom ops take them."""
-        return (
+    def as_args(self) -> ExecutorArgs:
+        """The tables in the order the executor's custom ops take them (a tuple that also carries ``n_q``,
+        ``n_k`` and ``causal``, see :class:`ExecutorArgs`)."""
+        tables = (
             self.p_num,
             self.p_idx,
             self.p_pat,
@@ -89,6 +112,7 @@ class ExecutorTables:
             self.tf_idx,
             self.patterns,
         )
+        return ExecutorArgs(tables, self.n_q, self.n_k, self.causal)
 
 
 def _ordered(
@@ -236,10 +260,12 @@ def executor_tables(plan: Plan) -> ExecutorTables:
     if memo is not None:
         return memo
     full, partial = plan.full, plan.partial
+    # a tile both full and partial is full (Plan.dense_mask reads full | partial): visited once, as full
+    partial = partial & ~full
     nkb = full.shape[-1]
     moved: Tensor | None = None
     if plan.n_k % plan.block_k:  # a full tile past the key tail becomes partial (the kernel masks it)
-        full, partial = full.clone(), partial.clone()
+        full = full.clone()
         moved = torch.zeros_like(partial)
         moved[..., nkb - 1] = full[..., nkb - 1]
         partial[..., nkb - 1] |= full[..., nkb - 1]
@@ -260,6 +286,7 @@ def executor_tables(plan: Plan) -> ExecutorTables:
         block_k=plan.block_k,
         n_q=plan.n_q,
         n_k=plan.n_k,
+        causal=bool(plan.causal),
         p_num=p_num,
         p_idx=p_idx,
         p_pat=p_pat,

@@ -69,6 +69,46 @@ class Plan:
     #: derived values built on first use (the BlockMask, the tables)
     _memo: dict[str, Any] = field(default_factory=dict, repr=False)
 
+    def __post_init__(self) -> None:
+        """Checks the shapes (only shapes: no device read, nothing that depends on the values, so a Plan
+        builds inside a traced graph): ``full`` and ``partial`` of one (Bp, Hp, NQB, NKB) shape whose tile
+        dims are (ceil(N_q / block_q), ceil(N_k / block_k)); ``columns`` (Bp or 1, Hp or 1, NQB, C) of an
+        integer dtype. (Bp and Hp against the call's B and H are the executor's check: a plan does not
+        know them.)"""
+        full, partial = self.full, self.partial
+        if full.dim() != 4 or partial.dim() != 4:
+            raise ValueError(
+                f"a plan's full and partial tile grids are (Bp, Hp, NQB, NKB); got full {tuple(full.shape)}, "
+                f"partial {tuple(partial.shape)}"
+            )
+        if full.shape != partial.shape:
+            raise ValueError(
+                f"a plan's full {tuple(full.shape)} and partial {tuple(partial.shape)} tile grids differ in "
+                "shape: give both the same (Bp, Hp, NQB, NKB) (expand the broadcast one)"
+            )
+        tiles = (-(-self.n_q // self.block_q), -(-self.n_k // self.block_k))
+        if tuple(full.shape[2:]) != tiles:
+            raise ValueError(
+                f"a plan's tile grids have {tuple(full.shape[2:])} tiles; N_q = {self.n_q}, N_k = {self.n_k} "
+                f"in tiles of {self.block_q} x {self.block_k} need {tiles}"
+            )
+        cols = self.columns
+        if cols is not None:
+            bp, hp, nqb = full.shape[:3]
+            ok = (
+                cols.dim() == 4
+                and cols.shape[0] in (1, bp)
+                and cols.shape[1] in (1, hp)
+                and cols.shape[2] == nqb
+            )
+            if not ok:
+                raise ValueError(
+                    f"a plan's columns {tuple(cols.shape)} do not fit its tile grids {tuple(full.shape)}: "
+                    f"expected ({bp}, {hp}, {nqb}, C) (its first two dims may be 1)"
+                )
+            if cols.dtype.is_floating_point or cols.dtype.is_complex or cols.dtype == torch.bool:
+                raise ValueError(f"a plan's columns are key indices of an integer dtype; got {cols.dtype}")
+
     @property
     def shape(self) -> tuple[int, int, int, int]:
         """(Bp, Hp, NQB, NKB)."""

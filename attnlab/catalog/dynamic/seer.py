@@ -44,8 +44,8 @@ q, k you pass), ``last_block_dense`` and training (the distillation loss). Defau
 
 Backends: ``block_sparse`` (the estimated plan on the block-sparse executor, forward and backward) and
 ``eager`` (the plan's dense mask, softmax in the input dtype). The weights have no gradient here (the
-selection is discrete). With ``return_plan``, the plan is the one the call executed (kept in the call's
-memo by the backend that ran it).
+selection is discrete). With ``return_plan``, the plan is the one the call executed (estimated once,
+through the call's spec, which records it for that call alone; nothing is kept in the call's memo).
 """
 
 from __future__ import annotations
@@ -226,20 +226,13 @@ def reference(
 
 
 def _estimated(q: Tensor, k: Tensor, call: Call, extra: Mapping[str, Tensor]) -> Plan:
+    """The gate's plan for this run, with its weights, through the call's spec: a call with ``return_plan``
+    estimates through a recorder (``attnlab.api._recording``), which hands this very plan back. Nothing is
+    kept in ``call.memo``: a cached call lives as long as its op, and a plan there (with its executor
+    tables on the device) would outlive the run and be seen by another thread's call of the signature."""
     assert isinstance(call.params, SeerParams)
-    plan = estimate(q, k, call.params, causal=call.problem.causal, scale=call.scale,
-                    w_q=extra.get("w_q"), w_k=extra.get("w_k"))  # fmt: skip
-    call.memo["seer_plan"] = plan  # what ``plan`` reports after a run (return_plan)
+    plan: Plan = call.spec.estimate_plan(q, k, call, extra)
     return plan
-
-
-def _last_plan(q: Tensor, k: Tensor, call: Call) -> Plan:
-    """The plan of the last run of ``call`` (with its weights), else the weightless gate's."""
-    plan = call.memo.get("seer_plan")
-    if plan is None:
-        assert isinstance(call.params, SeerParams)
-        plan = estimate(q, k, call.params, causal=call.problem.causal, scale=call.scale)
-    return plan  # type: ignore[no-any-return]
 
 
 _OP_MODULE = "attnlab.kernels.block_sparse.op"
@@ -268,7 +261,10 @@ class SeerBackend(Backend):
         return [why] if why else []
 
     def plan(self, q: Tensor, k: Tensor, call: Call) -> Any:
-        return _last_plan(q, k, call)
+        return _estimated(q, k, call, {})  # the weightless gate's
+
+    def plan_for(self, q: Tensor, k: Tensor, call: Call, extra: Mapping[str, Tensor]) -> Any:
+        return _estimated(q, k, call, extra)
 
     def run_lse(
         self, q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor]
@@ -295,7 +291,10 @@ class SeerEagerBackend(Backend):
         return dense_size_reasons(self.name, call, call.problem.dense_elements)
 
     def plan(self, q: Tensor, k: Tensor, call: Call) -> Any:
-        return _last_plan(q, k, call)
+        return _estimated(q, k, call, {})  # the weightless gate's
+
+    def plan_for(self, q: Tensor, k: Tensor, call: Call, extra: Mapping[str, Tensor]) -> Any:
+        return _estimated(q, k, call, extra)
 
     def run(self, q: Tensor, k: Tensor, v: Tensor, call: Call, extra: Mapping[str, Tensor]) -> Tensor:
         mask = _estimated(q, k, call, extra).dense_mask()

@@ -6,7 +6,8 @@ Estimator, per batch and query head (fp32)::
     A = softmax(scale * q[-last_q:] k^T) over the keys each of the last ``last_q`` queries may see
     vertical[j] = sum_r A[r, j]                 the first ``sink_columns`` keys always kept
     slash[o]    = sum_r A[r, p_r - o]           o = distance from the query's position p_r; the
-                                                ``local_diagonals`` nearest (o < local) always kept
+                                                max(1, ``local_diagonals``) nearest always kept (the
+                                                diagonal o = 0 even when local_diagonals = 0)
     keep the top ``vertical`` columns and the top ``slash`` distances (at most N_k each; MInference also
     raises budgets below 30 / 50 to those values, attnlab takes them as given)
 
@@ -15,6 +16,13 @@ Execution (what MInference's kernel computes): a kept distance o is covered at t
 causal rule inside diagonal tiles, so a slash line brings its tile-wide band; a kept column is visited as
 one token by every query at or after it (``Plan.columns``), outside the tiles already visited. Positions
 are bottom-right aligned (query ``i`` at ``i + N_k - N_q``).
+
+The diagonal (distance 0) is always kept, as one of the ``slash`` distances (``slash`` >= 1), so a plan
+never leaves a query that may see a key without one: with ``sink_columns = 0`` and ``local_diagonals = 0``
+the top distances and columns alone could miss every key of some rows, whose output would then be zeros.
+Every query keeps at least its own position's key (its local block), in the reference (the plan's dense
+mask) and on every backend alike. With ``local_diagonals >= 1`` (MInference keeps 100) nothing changes:
+``local_diagonals = 0`` reads as 1.
 
 Defaults follow MInference's fallback config for a head without a searched pattern, (1000, 6096), its
 ``last_q = 64``, 30 sink columns and 100 local diagonals (literature card; MInference per-head configs
@@ -44,7 +52,8 @@ BLOCKS = (16, 32, 64, 128, 256)
 @dataclass(frozen=True)
 class VerticalSlashParams(Params):
     """``vertical``: key columns kept, the sink columns included (>= max(1, sink_columns); default 1000);
-    ``slash``: distances kept, the local diagonals included (>= max(1, local_diagonals); default 6096);
+    ``slash``: distances kept, the local diagonals included (>= max(1, local_diagonals); default 6096; the
+    diagonal, distance 0, is always one of them, local_diagonals = 0 or not);
     ``last_q``: queries that estimate (default 64); ``block``: tile size of the slash bands (16-256,
     default 64 as in MInference); ``sink_columns`` (30) and ``local_diagonals`` (100) always kept."""
 
@@ -105,7 +114,9 @@ def estimate(q: Tensor, k: Tensor, params: VerticalSlashParams, *, causal: bool,
     j = pos[:, None] - o[None, :]  # (R, N_k)
     valid = j >= 0
     slash = (torch.gather(a, 3, j.clamp_min(0).expand(b, h, -1, -1)) * valid).sum(2)  # (B, H, N_k)
-    slash[..., : params.local_diagonals] = float("inf")
+    # the local diagonals, and always the diagonal itself (distance 0), within the budget (slash >= 1): no
+    # query that may see a key is left without one (sink_columns = local_diagonals = 0 could select none)
+    slash[..., : max(1, params.local_diagonals)] = float("inf")
     n_s = min(n_k, params.slash)
     dist = torch.topk(slash, n_s, dim=-1).indices  # (B, H, S) kept distances
     # a distance's band: in query block i (positions i*bs + off ...), key tiles j with j - i in
@@ -153,7 +164,8 @@ def reference(
     scale: float,
     upcast: bool = True,
 ) -> Tensor:
-    """Softmax attention over the pairs of :func:`estimate`'s plan (dense, from its token mask)."""
+    """Softmax attention over the pairs of :func:`estimate`'s plan (dense, from its token mask; the diagonal
+    always among them, so only a query before every key, N_q > N_k, gives zeros)."""
     mask = estimate(q, k, params, causal=causal, scale=scale).dense_mask()
     return masked_softmax_attention(q, k, v, scale=scale, mask=mask, upcast=upcast)
 

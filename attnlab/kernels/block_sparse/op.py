@@ -1,9 +1,11 @@
 """Launchers, autotune configs and the ``torch.library`` custom ops of the block-sparse executor.
 
-``block_sparse_attention(q, k, v, tables, scale, causal) -> (out, lse)`` is differentiable in q, k, v and
-opaque to ``torch.compile`` (``attnlab::block_sparse_fwd`` / ``attnlab::block_sparse_bwd`` with fake
-rules). ``tables`` are the 13 tensors of :meth:`attnlab.plans.executor.ExecutorTables.as_args` (the
-kernels never see a Plan). The lse is an output only: no gradient flows through it.
+``block_sparse_attention(q, k, v, tables, scale, causal) -> (out, lse)`` is differentiable in q, k, v
+(through out and through lse: d lse_i / d s_ij = P_ij, so the lse's gradient enters the backward as
+Delta - dlse) and opaque to ``torch.compile`` (``attnlab::block_sparse_fwd`` / ``attnlab::block_sparse_bwd``
+with fake rules). ``tables`` are the 13 tensors of :meth:`attnlab.plans.executor.ExecutorTables.as_args`
+(the kernels never see a Plan); they say which lengths and causality they were built for
+(``n_q``, ``n_k``, ``causal``), which the launchers check against q, k and the call.
 
 Packed sequences (FlashAttention's varlen layout) run through :func:`block_sparse_attention` too: their
 block-diagonal plan is built on the plan side, in :func:`attnlab.backends.varlen.block_sparse_varlen`.
@@ -194,6 +196,28 @@ def _tma_ready(*ts: Tensor) -> bool:
     return USE_TMA and tma_copyable(*ts, interpreted=IMPORTED_INTERPRETED)
 
 
+def _check_built_for(tables: object, q: Tensor, k: Tensor, causal: bool) -> None:
+    """Refuses tables built for other lengths or another causality than q, k and the call's ``causal``.
+
+    Tables from :meth:`attnlab.plans.executor.ExecutorTables.as_args` carry the plan's ``n_q``, ``n_k`` and
+    ``causal`` (host ints: no device read); the tile counts alone (:func:`_checked`) let a plan for N = 40
+    run on q / k of 45 (the same count of 16-tiles) with the last tiles' patterns of the other length.
+    Tables without them (a plain tuple or list, e.g. the custom op's own list) are not checked here."""
+    n_q, n_k, plan_causal = (getattr(tables, name, None) for name in ("n_q", "n_k", "causal"))
+    if n_q is None or n_k is None or plan_causal is None or q.dim() != 4 or k.dim() != 4:
+        return  # (other dims: :func:`_checked` says what is wrong)
+    if (n_q, n_k) != (q.shape[2], k.shape[2]):
+        raise ValueError(
+            f"the executor's tables were built for N_q = {n_q}, N_k = {n_k}; q / k have N_q = {q.shape[2]}, "
+            f"N_k = {k.shape[2]}: build the plan (and its tables) for these lengths"
+        )
+    if bool(plan_causal) != bool(causal):
+        raise ValueError(
+            f"the executor's tables were built for a plan with causal={bool(plan_causal)}; the call has "
+            f"causal={bool(causal)}: launch with the plan's causality"
+        )
+
+
 def _checked(q: Tensor, k: Tensor, v: Tensor, tables: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor]:
     """q, k, v with a unit last stride, after checking the tables against them."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -246,6 +270,7 @@ def block_sparse_fwd_launch(
 
     q (B, H, N_q, D); k, v (B, H_kv, N_k, D). ``config`` (BLOCK_M, BLOCK_N, warps, stages, and SPLIT: 2
     for two row halves, 1 if absent) bypasses the autotuner (tests, benchmarks)."""
+    _check_built_for(tables, q, k, causal)
     q, k, v = _checked(q, k, v, tables)
     b, h, n_q = q.shape[:3]
     o = torch.empty_like(q)
@@ -290,11 +315,16 @@ def block_sparse_bwd_launch(
     dq_config: triton.Config | None = None,
     dkdv_config: triton.Config | None = None,
     fused: bool | None = None,
+    dlse: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dQ, dK, dV) of :func:`block_sparse_fwd_launch`; dK/dV summed over each GQA group. ``dq_config`` /
     ``dkdv_config`` (BLOCK_M, BLOCK_N, warps, stages, and SPLIT, 1 if absent) bypass the autotuner (tests,
     benchmarks). ``fused`` (default :data:`FUSED_BWD`): the one-pass backward for plans without token columns
-    (the dK/dV kernel adds dQ too; ``dq_config`` unused, ``dkdv_config`` without SPLIT = 2)."""
+    (the dK/dV kernel adds dQ too; ``dq_config`` unused, ``dkdv_config`` without SPLIT = 2). ``dlse``
+    (B, H, N_q): the gradient of the returned lse, None for none; d lse_i / d s_ij = P_ij, so it enters as
+    Delta - dlse (dS = P (dO V^T - Delta + dlse)) on every path: both kernels, the token columns, the
+    one-pass backward, the split tiles (rows without keys have P = 0: no contribution)."""
+    _check_built_for(tables, q, k, causal)
     q, k, v = _checked(q, k, v, tables)
     do = do if do.stride(-1) == 1 else do.contiguous()
     o = o if o.stride(-1) == 1 else o.contiguous()
@@ -308,6 +338,10 @@ def block_sparse_bwd_launch(
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), h, n_q,
         d, BLOCK_M=block, BLOCK_D=head_block(d),
     )  # fmt: skip
+    if dlse is not None:  # d lse_i / d s_ij = P_ij: the lse's gradient is Delta's, with the opposite sign
+        if dlse.shape != (b, h, n_q):
+            raise ValueError(f"dlse has shape {tuple(dlse.shape)}; the lse's is {(b, h, n_q)}")
+        delta = (delta - dlse.float()).contiguous()
     lse = lse.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     has_cols = c_idx.shape[-1] >= COLUMNS_MIN_WIDTH  # the tables' convention (ExecutorTables.has_columns)
@@ -398,8 +432,9 @@ def block_sparse_bwd(
     tables: list[Tensor],
     scale: float,
     causal: bool,
+    dlse: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return block_sparse_bwd_launch(do, q, k, v, o, lse, tuple(tables), scale, causal)
+    return block_sparse_bwd_launch(do, q, k, v, o, lse, tuple(tables), scale, causal, dlse=dlse)
 
 
 @block_sparse_bwd.register_fake
@@ -413,6 +448,7 @@ def _(
     tables: list[Tensor],
     scale: float,
     causal: bool,
+    dlse: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     dq, dk, dv = (torch.empty_like(t if t.stride(-1) == 1 else t.contiguous()) for t in (q, k, v))
     return dq, dk, dv
@@ -423,11 +459,15 @@ def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, *tables)
     ctx.args = (scale, causal)
+    # an output the loss does not use gets None, not zeros (no Delta - 0 for the common out-only loss)
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, do: Tensor, dlse: Tensor | None):  # type: ignore[no-untyped-def]
+def _backward(ctx, do: Tensor | None, dlse: Tensor | None):  # type: ignore[no-untyped-def]
     q, k, v, o, lse, *tables = ctx.saved_tensors
-    dq, dk, dv = block_sparse_bwd(do, q, k, v, o, lse, list(tables), *ctx.args)
+    if do is None:  # a loss of the lse alone
+        do = torch.zeros_like(o)
+    dq, dk, dv = block_sparse_bwd(do, q, k, v, o, lse, list(tables), *ctx.args, dlse)
     return dq, dk, dv, [None] * len(tables), None, None
 
 
@@ -438,5 +478,7 @@ def block_sparse_attention(
     q: Tensor, k: Tensor, v: Tensor, tables: tuple[Tensor, ...], scale: float, causal: bool
 ) -> tuple[Tensor, Tensor]:
     """Softmax attention over the pairs of a plan's executor tables: (out (B, H, N_q, D), lse (B, H, N_q)),
-    differentiable in q, k, v (not through lse)."""
+    differentiable in q, k, v (through out and lse). Tables that say what they were built for
+    (:meth:`~attnlab.plans.executor.ExecutorTables.as_args`) are checked against q, k and ``causal``."""
+    _check_built_for(tables, q, k, causal)
     return block_sparse_fwd(q, k, v, list(tables), float(scale), bool(causal))
