@@ -45,7 +45,8 @@ def _plan(n_q: int, n_k: int, causal: bool, block: int, columns: int, seed: int,
 
     cols = None
     if columns:
-        cols = torch.randint(-1, n_k, (1, hp, nqb, columns), generator=g, dtype=torch.int32)
+        cols = torch.randint(-1, n_k, (1, hp, nqb, columns), generator=g, dtype=torch.int32).to(DEVICE)
+    full, partial = full.to(DEVICE), partial.to(DEVICE)  # (the plan lives on q's device)
     return Plan(n_q, n_k, causal, block, block, full, partial, mask_mod, kind="dynamic", columns=cols)
 
 
@@ -213,6 +214,7 @@ def test_a_tile_both_full_and_partial_is_visited_once(n_k: int, causal: bool) ->
     full = torch.rand(1, 2, nqb, nkb, generator=g) < 0.6
     partial = torch.rand(1, 2, nqb, nkb, generator=g) < 0.6
     full[..., -1] = partial[..., -1] = True  # overlap, the key tail included
+    full, partial = full.to(DEVICE), partial.to(DEVICE)  # (the plan lives on q's device)
     off = n_k - n_q
 
     def mask_mod(b, h, q_idx, kv_idx):  # type: ignore[no-untyped-def]
