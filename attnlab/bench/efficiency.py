@@ -210,7 +210,7 @@ class EfficiencyRun:
             if others:
                 self.notes.append(
                     f"timing in {1 + len(others)} passes (this process, then {len(others)} fresh one(s), one after "
-                    "another, each with its share of the rounds): speedups are the median of the passes', times "
+                    "another, each with its share of the rounds): speedups are the mean of the passes', times "
                     "pool their calls (attnlab.bench.passes)"
                 )
             else:

@@ -1,5 +1,5 @@
 """Timing passes in fresh processes (CPU): a row is timed in ``BenchConfig.timing_processes`` processes, one
-after another, and its speedups are the median of theirs.
+after another, and its speedups are the mean of theirs.
 
 Why: on a 2-core VM the same CPU row's speedup moved 10-30% between two runs of ``attnlab bench`` even with the
 allocator fixed and contended rows re-timed (``benchmarks/results/cpu-2026-11-24-s13/NOTES.md``): one process
@@ -7,12 +7,16 @@ out of three, or one stretch of minutes, ran one kind of kernel slower, and more
 not average that out. So on a CPU the timing phase makes K passes: the benchmark's own process times every row
 with 1/K of the rounds, then K - 1 fresh processes of the same Python (``python -m attnlab.bench.passes``)
 each warm the rows that pass timed (no parity checks: the first process made them) and time them again, the
-same way. The passes of one row are minutes apart and in different processes; with seven (the CPU default
-since session 20; three before, when two odd passes of a row still moved its median in 1-12 rows of 108
-between a first run and a warm rerun), two or three odd processes or periods do not move the median.
+same way. The passes of one row are minutes apart and in different processes. Seven passes (the CPU default
+since session 20; three before): with three, odd passes of a row still moved its speedup in 1-12 rows of 108
+between a first run and a warm rerun. A row's speedups are the mean of its passes', not their median: some
+rows' passes fall on two levels, process by process (eager softcap forward+backward: 0.32 or 0.38 in a run's
+seven passes, about half on each), and a median then flips between the levels with the majority (0.87 and
+1.16 between two runs in s20), where the mean moves by a fraction of the gap (the same two runs: every row
+within 0.95-1.07; ``benchmarks/results/cpu-2026-11-25-s20/NOTES.md``).
 
 A row's columns (:func:`merged_columns`): ``speedup``, ``paired_speedup``, ``kernel_speedup`` and
-``paired_kernel_speedup`` are the median over the passes of each pass's value; the time columns (median, min,
+``paired_kernel_speedup`` are the mean over the passes of each pass's value; the time columns (median, min,
 quartiles, reps) pool every pass's calls; ``unstable`` uses each side's median over the passes of its spread
 (IQR / median within a pass: the levels of different passes do not widen it); ``passes`` counts the passes and
 ``pass_speedups`` lists each pass's speedup (as called); ``few_reps`` says a pass had the long-call rule's few
@@ -41,7 +45,7 @@ from attnlab.bench.timing import LONG_CALL_REPS, MIN_REPS, Timing
 
 #: seconds one fresh process may take for its pass (warm and time every row) before it is stopped
 PASS_TIMEOUT_S = 3600.0
-#: the speedup columns whose merged value is the median of the passes' values
+#: the speedup columns whose merged value is the mean of the passes' values
 SPEEDUPS = ("speedup", "paired_speedup", "kernel_speedup", "paired_kernel_speedup")
 
 
@@ -109,7 +113,7 @@ def merged_columns(passes: list[PassTiming], flops: float) -> dict[str, Any]:
     for col in SPEEDUPS:
         values = [r[col] for r in per if r.get(col) is not None]
         if col in row:
-            row[col] = statistics.median(values) if values else None
+            row[col] = statistics.fmean(values) if values else None
     spreads: list[float] = []
     for s in sides:
         within = [x for x in (p.timings[s].spread for p in passes) if x is not None]

@@ -72,7 +72,7 @@ def _pass_speedups(r: dict[str, Any]) -> str:
 
 def _cells(r: dict[str, Any], busy: float | None) -> dict[str, Any]:
     """The timed columns of one ok row. With several timing passes the ms columns and q1–q3 pool every
-    pass's calls while the speedups are the median of the passes' (:mod:`attnlab.bench.passes`): the
+    pass's calls while the speedups are the mean of the passes' (:mod:`attnlab.bench.passes`): the
     spread says "pooled" and each pass's speedup is listed."""
     unstable = bool(r.get("unstable"))
     passes = r.get("passes") or 1
