@@ -430,7 +430,7 @@ def _more_pairs(cpu: Path) -> list[str]:
         table = agreement_table(unpacked_db(cold), unpacked_db(warm)) if warm.is_dir() else []
         if table:
             lines += [
-                f"The same procedure again later (`{cold.name}/` against `{warm.name}/`; load: cold "
+                f"The same procedure on another pair of runs (`{cold.name}/` against `{warm.name}/`; load: cold "
                 f"{load_text(unpacked_db(cold))}, warm {load_text(unpacked_db(warm))}).",
                 "",
                 *table,
