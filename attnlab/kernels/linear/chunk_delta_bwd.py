@@ -61,7 +61,7 @@ def delta_bwd_chunk_kernel(
     Q, K, V, BETA, GC, DO, HS, DHS, U, DU, T, DQ, DK_, DV_, DB, DG, RQ, RK,
     N, NP, DK, DV, scale,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    L2NORM: tl.constexpr = False,
+    L2NORM: tl.constexpr = False, BVB: tl.constexpr = 0,
 ):  # fmt: skip
     """The delta rule's gradients of one chunk per program (chunk, batch * head), scalar gate, from the
     forward's S (state at the chunk start), U (the chunk's u), T = (I + A_kk)^-1, and the backward pass's
@@ -177,6 +177,7 @@ def delta_bwd_chunk_channel_kernel(
     Q, K, V, BETA, GC, DO, HS, DHS, U, DU, T, BKK, DQ, DK_, DV_, DB, DG, DAQK, DBKK,
     N, NP, DK, DV, scale,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BVB: tl.constexpr = 0,
 ):  # fmt: skip
     """The delta rule's gradients of one chunk per program (chunk, batch * head) under per-channel gates,
     but for the intra-chunk scores' own (left to :func:`score_bwd_kernel`): as

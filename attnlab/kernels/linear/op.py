@@ -259,6 +259,18 @@ DELTA_FUSED_GLUE = True
 #: float32), else in the inputs' dtype (as gla's).
 DELTA_INTRA_V2 = True
 DELTA_INTRA_V2_F32 = True
+#: Value columns per step of the delta rule's per-chunk backward kernels (``delta_bwd_chunk_kernel``,
+#: ``delta_bwd_chunk_channel_kernel``): 0 holds the whole (K, V) state and its gradient as one tile (the
+#: previous kernels); a power of two below V loops over V in slices of this width, accumulating the
+#: products summed over V (fewer live registers, no spills at K = V = 128).
+DELTA_BWD_BVB = 0
+#: The delta rule's backward sequential pass by ``delta_bwd_dh_v2_kernel``: the intra-chunk part of dU,
+#: scale ((k q^T) * D^T) do, made for every chunk in parallel first (``delta_bwd_du_local_kernel``), so that
+#: the reverse loop only adds (k exp(G_C - G)) dH and updates dH; q^T and W^T loaded transposed, loads
+#: pipelined, 16-bit dot operands (dH and dU rounded to the inputs' dtype, float32 accumulation) for 16-bit
+#: inputs (``DELTA_BWD_DH_LOWP``). False: ``delta_bwd_dh_kernel`` (everything in the loop, tf32 dots).
+DELTA_BWD_DH_V2 = False
+DELTA_BWD_DH_LOWP = True
 #: Chunks per program of ``gate_cumsum_kernel`` for one gate per token.
 CUMSUM_CHUNKS = 16
 
