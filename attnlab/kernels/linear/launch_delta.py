@@ -245,6 +245,34 @@ def _delta_bwd_dh(
     dh0 = torch.empty(n_seq, h, dk, dv, dtype=f32, device=dev)
     dht_c = dht.float().contiguous() if dht is not None else dh0
     bv = min(head_block(dv), op.DELTA_BV)
+    if op.DELTA_BWD_DH_V2:
+        lowp = (
+            op.DELTA_BWD_DH_LOWP and q.dtype in (torch.bfloat16, torch.float16) and not IMPORTED_INTERPRETED
+        )
+        gate = 1 if aqk is None else 2
+        bvl = min(head_block(dv), 128)
+        if gate == 2:  # the pass's decayed operands (in the dots' dtype)
+            kg = torch.empty(b, h, np_, dk, dtype=q.dtype if lowp else f32, device=dev)
+            qg = torch.empty_like(kg)
+        else:
+            kg = qg = du
+        op.delta_bwd_du_local_kernel[(n_chunks, cdiv(dv, bvl), b * h)](
+            q, k, do, gc, aqk if aqk is not None else du, du, kg, qg, n, np_, dk, dv, float(scale),
+            GATE=gate, BT=chunk, BK=head_block(dk), BV=bvl, LOWP=lowp, DOT_PREC=_prec(q),
+            **_cfg("delta_bwd_du_local", num_warps=4),
+        )  # fmt: skip
+        # (sm_90, K = 128, BV = 32, bf16, Triton 3.6: 8 warps spill nothing, 240 / 193 registers; 4 spill)
+        if gate == 1:
+            cfg = _cfg("delta_bwd_dh_v2", num_warps=8, num_stages=1)
+        else:
+            cfg = _cfg("delta_bwd_dh_v2_channel", num_warps=8, num_stages=2)
+        op.delta_bwd_dh_v2_kernel[(cdiv(dv, bv), n_seq * h)](
+            q, k, do, gc, w, kg, qg, dht_c, dhs, du, dh0, seq_chunks if seq_chunks is not None else dh0,
+            n, np_, dk, dv, b * h, float(scale),
+            HAS_DHT=dht is not None, VARLEN=seq_chunks is not None, GATE=gate, BT=chunk, BK=head_block(dk),
+            BV=bv, LOWP=lowp, DOT_PREC=_prec(q), **cfg,
+        )  # fmt: skip
+        return dhs, du, dh0
     if aqk is None:
         gate, cfg = 1, _cfg("delta_bwd_dh", num_warps=4, num_stages=2)
     else:  # (num_stages=1: 57 KiB of shared memory for sm_90 at K=128, not 189 KiB)
@@ -338,7 +366,15 @@ def delta_bwd_channel_launch(
             SAME_OUT=same, BT=chunk, BS=SUB, BK=head_block(dk), DOT_PREC=prec, UPCAST=_upcast(q), **_cfg("score_bwd", num_warps=4),
         )  # fmt: skip
     # through the chunk-local cumsum: a reverse cumsum within each chunk
-    dg = dgc.view(b, h, n_chunks, chunk, dk).flip(3).cumsum(3).flip(3).reshape(b, h, np_, dk)[:, :, :n]
+    if op.DELTA_FUSED_GLUE:  # one launch (the chunk-end terms are already in dgc's last rows)
+        dg = torch.empty(b, h, n, dk, dtype=f32, device=dev)
+        bd = min(head_block(dk), 64)
+        no_tail = torch.zeros(b * h, n_chunks, dk, dtype=f32, device=dev)
+        op.gate_cumsum_bwd_kernel[(n_chunks, b * h, cdiv(dk, bd))](
+            dgc, no_tail, dg, n, np_, dk, BT=chunk, BD=bd, **_cfg("cumsum_bwd", num_warps=4)
+        )
+    else:
+        dg = dgc.view(b, h, n_chunks, chunk, dk).flip(3).cumsum(3).flip(3).reshape(b, h, np_, dk)[:, :, :n]
     if rq is not None and rk is not None:
         dq_raw, dk_raw = l2norm_qk_bwd(q, k, rq, rk, dq, dkk, q.dtype, k.dtype)
         return dq_raw, dk_raw, dvv, db, dg, dh0

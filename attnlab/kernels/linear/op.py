@@ -59,6 +59,8 @@ from attnlab.kernels.linear.chunk_delta_bwd import (
     delta_bwd_chunk_channel_kernel as delta_bwd_chunk_channel_kernel,
 )
 from attnlab.kernels.linear.chunk_delta_bwd import delta_bwd_chunk_kernel as delta_bwd_chunk_kernel
+from attnlab.kernels.linear.chunk_delta_dh import delta_bwd_dh_v2_kernel as delta_bwd_dh_v2_kernel
+from attnlab.kernels.linear.chunk_delta_dh import delta_bwd_du_local_kernel as delta_bwd_du_local_kernel
 from attnlab.kernels.linear.chunk_delta_wy import delta_wy_block_kernel as delta_wy_block_kernel
 from attnlab.kernels.linear.chunk_delta_wy import delta_wy_kernel as delta_wy_kernel
 from attnlab.kernels.linear.chunk_gla_bwd import chunk_bwd_scalar_kernel as chunk_bwd_scalar_kernel
@@ -245,9 +247,10 @@ WY_BKS = 32
 WY_COLS = 64
 #: The delta rule's gate cumsum (forward and backward) by one launch of ``gate_cumsum_kernel`` (g read in
 #: its own dtype, the zero padding written by the kernel) and beta read by the kernels in its own dtype,
-#: instead of PyTorch's pad, cumsum and float copies (three to four launches). False: the PyTorch glue (for
-#: A/B timing; forward and backward must agree: flip it between calls, not between a forward and its
-#: backward). With ``WY_BLOCKWISE`` False too, the forward is the previous one exactly.
+#: instead of PyTorch's pad, cumsum and float copies (three to four launches); per-channel gates'
+#: backward takes dG back through the cumsum by one ``gate_cumsum_bwd_kernel`` launch (else a flip,
+#: cumsum, flip). False: the PyTorch glue (for A/B timing; forward and backward must agree: flip it
+#: between calls, not between a forward and its backward). With ``WY_BLOCKWISE`` False too, the forward is the previous one exactly.
 DELTA_FUSED_GLUE = True
 #: Per-channel gates (KDA): the delta rule's intra-chunk scores (the forward's beta-scaled strict k k^T and
 #: q k^T, the backward's recomputed q k^T and strict k k^T) by ``intra_scores_v2_kernel`` (a chunk per
@@ -271,6 +274,10 @@ DELTA_BWD_BVB = 0
 #: inputs (``DELTA_BWD_DH_LOWP``). False: ``delta_bwd_dh_kernel`` (everything in the loop, tf32 dots).
 DELTA_BWD_DH_V2 = False
 DELTA_BWD_DH_LOWP = True
+#: Per-channel gates (KDA): the backward of the two intra-chunk score products (q k^T and the strict
+#: k k^T) by ``score_bwd_v2_kernel`` (a chunk per program, split levels, as gla's fused backward) instead
+#: of ``score_bwd_kernel`` (16-row sub-blocks, the diagonal ones row by row).
+DELTA_SCORE_BWD_V2 = False
 #: Chunks per program of ``gate_cumsum_kernel`` for one gate per token.
 CUMSUM_CHUNKS = 16
 

@@ -1,0 +1,107 @@
+"""The delta rule's backward sequential pass in two launches (``op.DELTA_BWD_DH_V2``:
+``chunk_delta_dh.py``) against the token-by-token recurrence and against the single-launch pass: every
+gradient, per-channel gates, a gate per token and none, odd lengths, several chunks and value blocks, a
+final-state gradient, and packed sequences."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnlab.catalog.linear._common import delta_recurrence
+from attnlab.testing import device_under_test
+
+DEV = device_under_test()
+
+
+def _op():  # type: ignore[no-untyped-def]
+    from attnlab.kernels.linear import op
+
+    return op
+
+
+def _inputs(n: int, dk: int, dv: int, gate: str, seed: int = 0) -> list[Tensor | None]:
+    gen = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(2, 2, n, dk, generator=gen) for _ in range(2))
+    k = F.normalize(k, dim=-1)
+    v = torch.randn(2, 2, n, dv, generator=gen)
+    beta = torch.rand(2, 2, n, generator=gen)
+    g: Tensor | None = F.logsigmoid(torch.randn(2, 2, n, dk, generator=gen) + 1.0)
+    assert g is not None
+    if gate == "head":
+        g = g[..., :1].clone()
+    elif gate == "none":
+        g = None
+    h0 = torch.randn(2, 2, dk, dv, generator=gen)
+    return [None if t is None else t.to(DEV) for t in (q, k, v, beta, g, h0)]
+
+
+def _grads(xs: list[Tensor | None], chunk: int, v2: bool, mp: pytest.MonkeyPatch) -> tuple[Tensor, ...]:
+    op = _op()
+    mp.setattr(op, "DELTA_BWD_DH_V2", v2)
+    leaves = [None if t is None else t.clone().requires_grad_(True) for t in xs]
+    o, s = op.delta_chunk(*leaves[:5], 0.3, leaves[5], chunk)
+    gen = torch.Generator().manual_seed(7)
+    do, ds = torch.randn(o.shape, generator=gen).to(DEV), torch.randn(s.shape, generator=gen).to(DEV)
+    return torch.autograd.grad((o * do).sum() + (s * ds).sum(), [t for t in leaves if t is not None])
+
+
+def _reference(xs: list[Tensor | None]) -> tuple[Tensor, ...]:
+    ref = [None if t is None else t.clone().requires_grad_(True) for t in xs]
+    q, k, v, beta, g, h0 = ref
+    assert q is not None and k is not None and v is not None and beta is not None
+    o, s = delta_recurrence(q, k, v, beta, g, 0.3, h0)
+    gen = torch.Generator().manual_seed(7)
+    do, ds = torch.randn(o.shape, generator=gen).to(DEV), torch.randn(s.shape, generator=gen).to(DEV)
+    return torch.autograd.grad((o * do).sum() + (s * ds).sum(), [t for t in ref if t is not None])
+
+
+@pytest.mark.parametrize(
+    ("n", "chunk", "dk", "dv", "gate"),
+    [(63, 16, 8, 40, "channel"), (70, 32, 16, 8, "head"), (33, 16, 8, 8, "none"), (16, 16, 8, 8, "channel")],
+    ids=["n63-channel-3-value-blocks", "n70-head-gate", "n33-deltanet", "one-chunk"],
+)
+def test_two_launch_pass_matches_the_recurrence_and_the_one_launch_pass(
+    n: int, chunk: int, dk: int, dv: int, gate: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """dv = 40 against DELTA_BV = 32: two value blocks, the second masked (and one du-local block of 64)."""
+    xs = _inputs(n, dk, dv, gate)
+    got = _grads(xs, chunk, True, monkeypatch)
+    old = _grads(xs, chunk, False, monkeypatch)
+    want = _reference(xs)
+    names = [nm for nm, t in zip(("dq", "dk", "dv", "dbeta", "dg", "dh0"), xs, strict=True) if t is not None]
+    for name, a, b, c in zip(names, got, want, old, strict=True):
+        torch.testing.assert_close(
+            a, b, atol=1e-4, rtol=1e-4, msg=lambda m, nm=name: f"{nm} vs recurrence: {m}"
+        )
+        torch.testing.assert_close(
+            a, c, atol=2e-5, rtol=2e-5, msg=lambda m, nm=name: f"{nm} vs one launch: {m}"
+        )
+
+
+@pytest.mark.parametrize("gate", ["head", "channel"])
+def test_two_launch_pass_on_packed_sequences(gate: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Packed sequences (an empty one, one shorter than a chunk, one over two chunk boundaries; VARLEN):
+    the two-launch pass gives the one-launch pass's gradients."""
+    op = _op()
+    cu = torch.tensor([0, 5, 5, 40, 61])
+    n = 61
+    gen = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(1, 2, n, 8, generator=gen) for _ in range(2))
+    k = F.normalize(k, dim=-1)
+    v = torch.randn(1, 2, n, 8, generator=gen)
+    beta = torch.rand(1, 2, n, generator=gen)
+    g = F.logsigmoid(torch.randn(1, 2, n, 8 if gate == "channel" else 1, generator=gen) + 1.0)
+    xs = [t.to(DEV) for t in (q, k, v, beta, g)]
+    outs = []
+    for v2 in (True, False):
+        monkeypatch.setattr(op, "DELTA_BWD_DH_V2", v2)
+        leaves = [t.clone().requires_grad_(True) for t in xs]
+        o, s = op.delta_chunk_varlen(*leaves, 0.3, None, 16, cu.to(DEV))
+        do = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(DEV)
+        ds = torch.randn(s.shape, generator=torch.Generator().manual_seed(2)).to(DEV)
+        outs.append(torch.autograd.grad((o * do).sum() + (s * ds).sum(), leaves))
+    for name, a, b in zip(("dq", "dk", "dv", "dbeta", "dg"), *outs, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5, msg=lambda m, nm=name: f"{nm}: {m}")
