@@ -9,7 +9,8 @@ forward's saved S (the states at the chunk starts), U and T and the reverse pass
   gradients by ``score_bwd_kernel`` (``chunk_scores.py``).
 
 Both read a chunk's tiles (:func:`_chunk_tiles`) and go back through the UT transform
-(:func:`_ut_transform_bwd`) alike.
+(:func:`_ut_transform_bwd`) alike, or, with ``BVB`` > 0 (``op.DELTA_BWD_BVB``), loop over the value dim in
+slices of BVB columns (:func:`_value_slices`).
 """
 
 from __future__ import annotations
@@ -57,6 +58,73 @@ def _ut_transform_bwd(tm, dw, du, dtm, dt: tl.constexpr, DOT_PREC: tl.constexpr)
 
 
 @triton.jit
+def _ut_transform_bwd_w(tm, dw, dtm, dt: tl.constexpr, DOT_PREC: tl.constexpr):
+    """:func:`_ut_transform_bwd` without dX_u (made per value slice by :func:`_value_slices`):
+    (dX_w = T^T dW, dA = -T^T dT T^T), dA not yet masked."""
+    dxw = tl.dot((tl.trans(tm)).to(dt), (dw).to(dt), input_precision=DOT_PREC)
+    da = -tl.dot(
+        (tl.dot((tl.trans(tm)).to(dt), (dtm).to(dt), input_precision=DOT_PREC)).to(dt),
+        (tl.trans(tm)).to(dt),
+        input_precision=DOT_PREC,
+    )
+    return dxw, da
+
+
+@triton.jit
+def _value_slices(
+    V, DO, U, DU, HS, DHS, DV_, tm, beta, bh, c, t0, n_chunks,
+    N, NP, DK, DV,
+    dt: tl.constexpr, DOT_PREC: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BVB: tl.constexpr,
+    TWINS: tl.constexpr,
+):  # fmt: skip
+    """Chunk c's products that sum over the value dim, from slices of BVB value columns (v, do, u, du
+    (BT, BVB) of its rows, S and dH (BK, BVB)), accumulated in float32 over the slices:
+    (do S^T, do U^T, U do^T, U dH^T, dW = -dU S^T, dW^T = -S dU^T, dU X_u^T, X_u dU^T, sum_v S * dH per
+    row of S (BK,), rowsum(dX_u * v) (BT,)), X_u = beta v. The transposed twins (U do^T, dW^T, X_u dU^T)
+    only with ``TWINS`` (else zeros), built transposed. dX_u = T^T dU is per slice: dv = beta dX_u is
+    stored here (DV_'s dtype, rows < N). Dot operands in ``dt``."""
+    rr = (t0 + tl.arange(0, BT))[:, None]
+    state = (bh * n_chunks + c) * DK * DV
+    tm_t = (tl.trans(tm)).to(dt)
+    dos = tl.zeros((BT, BK), dtype=tl.float32)
+    dou = tl.zeros((BT, BT), dtype=tl.float32)
+    udo = tl.zeros((BT, BT), dtype=tl.float32)
+    dkbar = tl.zeros((BT, BK), dtype=tl.float32)
+    dus = tl.zeros((BT, BK), dtype=tl.float32)
+    sdu = tl.zeros((BK, BT), dtype=tl.float32)
+    duxu = tl.zeros((BT, BT), dtype=tl.float32)
+    xudu = tl.zeros((BT, BT), dtype=tl.float32)
+    sdh = tl.zeros((BK,), dtype=tl.float32)
+    dxu_v = tl.zeros((BT,), dtype=tl.float32)
+    # (loads one slice ahead: the kernel's num_stages=3 would buffer three slices of u, du, S, dH, 278-303 KiB
+    # of shared memory on sm_90 at K = V = 128, BVB = 64)
+    for v0 in tl.range(0, DV, BVB, num_stages=2):
+        v = _tile(V + bh * N * DV, t0, N, v0, DV, DV, BT, BVB)
+        do = _tile(DO + bh * N * DV, t0, N, v0, DV, DV, BT, BVB)
+        u = _tile(U + bh * NP * DV, t0, NP, v0, DV, DV, BT, BVB)
+        du = _tile(DU + bh * NP * DV, t0, NP, v0, DV, DV, BT, BVB)
+        s = _tile(HS + state, 0, DK, v0, DV, DV, BK, BVB)
+        dh = _tile(DHS + state, 0, DK, v0, DV, DV, BK, BVB)
+        xu = v * beta[:, None]
+        dos = tl.dot((do).to(dt), (tl.trans(s)).to(dt), dos, input_precision=DOT_PREC)
+        dou = tl.dot((do).to(dt), (tl.trans(u)).to(dt), dou, input_precision=DOT_PREC)
+        dkbar = tl.dot((u).to(dt), (tl.trans(dh)).to(dt), dkbar, input_precision=DOT_PREC)
+        dus = tl.dot((du).to(dt), (tl.trans(s)).to(dt), dus, input_precision=DOT_PREC)
+        duxu = tl.dot((du).to(dt), (tl.trans(xu)).to(dt), duxu, input_precision=DOT_PREC)
+        if TWINS:
+            udo = tl.dot((u).to(dt), (tl.trans(do)).to(dt), udo, input_precision=DOT_PREC)
+            sdu = tl.dot((s).to(dt), (tl.trans(du)).to(dt), sdu, input_precision=DOT_PREC)
+            xudu = tl.dot((xu).to(dt), (tl.trans(du)).to(dt), xudu, input_precision=DOT_PREC)
+        sdh += tl.sum(s * dh, axis=1)
+        dxu = tl.dot(tm_t, (du).to(dt), input_precision=DOT_PREC)
+        dxu_v += tl.sum(dxu * v, axis=1)
+        rv = v0 + tl.arange(0, BVB)[None, :]
+        dv = dxu * beta[:, None]
+        tl.store(DV_ + bh * N * DV + rr * DV + rv, dv.to(DV_.dtype.element_ty), mask=(rr < N) & (rv < DV))
+    return dos, dou, udo, dkbar, -dus, -sdu, duxu, xudu, sdh, dxu_v
+
+
+@triton.jit
 def delta_bwd_chunk_kernel(
     Q, K, V, BETA, GC, DO, HS, DHS, U, DU, T, DQ, DK_, DV_, DB, DG, RQ, RK,
     N, NP, DK, DV, scale,
@@ -80,6 +148,12 @@ def delta_bwd_chunk_kernel(
     transposed, never by transposing a dot's result. Dot operands in the input dtype (float32 in the CPU
     interpreter), accumulation in float32; BK, BV cover the head dims.
 
+    ``BVB`` (``op.DELTA_BWD_BVB``): 0 holds v, do, U, dU (BT, BV) and S, dH (BK, BV) whole; a power of two
+    <= BV loops over V in slices of BVB columns (:func:`_value_slices`, masked on DV), accumulating in
+    float32 what sums over V (do S^T, do U^T and U do^T, U dH^T, dW and dW^T, dU X_u^T and X_u dU^T,
+    sum(S * dH), rowsum(dX_u * v)) and storing dv = beta T^T dU per slice; dT, dX_w and dA follow from the
+    full dW after the loop. Fewer live registers (K = V = 128, chunk 64: the whole tiles spill).
+
     ``L2NORM`` (the fused q/k L2 normalisation): Q and K hold the normalised rows q^ = q rstd_q, RQ and RK
     (B*H, N) float32 the reciprocal norms; the stored dq, dk are then the gradients of the raw q, k,
     through the norm's Jacobian applied here: dq = rstd_q (dq^ - q^ sum(q^ dq^)) (and dk alike)."""
@@ -94,82 +168,153 @@ def delta_bwd_chunk_kernel(
     ii = tl.arange(0, BT)[:, None]
     jj = tl.arange(0, BT)[None, :]
     rows = t0 + tl.arange(0, BT)
-    q, k, v, do, u, du, s, dh, tm = _chunk_tiles(
-        Q, K, V, DO, U, DU, HS, DHS, T, bh, c, t0, n_chunks, N, NP, DK, DV, BT, BK, BV
-    )
-    beta = tl.load(BETA + bh * N + rows, mask=rows < N, other=0.0).to(tl.float32)
-    g = tl.load(GC + bh * NP + rows)
-    g_last = tl.load(GC + bh * NP + t0 + BT - 1)
-    eg = tl.exp(g)
-    tail = tl.exp(g_last - g)
-    d = tl.exp(tl.where(ii >= jj, g[:, None] - g[None, :], float("-inf")))
-    d_t = tl.exp(tl.where(ii <= jj, g[None, :] - g[:, None], float("-inf")))
-    ds = tl.where(ii > jj, d, 0.0)
-    ds_t = tl.where(ii < jj, d_t, 0.0)
-    # the output's intra-chunk scores and the state part
-    dq = scale * tl.dot((do).to(dt), (tl.trans(s)).to(dt), input_precision=DOT_PREC) * eg[:, None]
-    dgc = tl.sum(q * dq, axis=1)
-    da_qk = scale * tl.dot((do).to(dt), (tl.trans(u)).to(dt), input_precision=DOT_PREC) * d
-    dq += tl.dot((da_qk).to(dt), (k).to(dt), input_precision=DOT_PREC)
-    p = da_qk * tl.dot(
-        (q).to(dt), (tl.trans(k)).to(dt), input_precision=DOT_PREC
-    )  # dAqk * Aqk (da_qk holds D once)
-    dgc += tl.sum(p, axis=1) - tl.sum(p, axis=0)
-    da_qk_t = scale * tl.dot((u).to(dt), (tl.trans(do)).to(dt), input_precision=DOT_PREC) * d_t
-    dk = tl.dot((da_qk_t).to(dt), (q).to(dt), input_precision=DOT_PREC)
-    # the state update's k exp(G_C - G)
-    dkbar = tl.dot((u).to(dt), (tl.trans(dh)).to(dt), input_precision=DOT_PREC)
-    dk += dkbar * tail[:, None]
-    kbar_term = tl.sum(dkbar * k, axis=1) * tail
-    dgc -= kbar_term
-    g_end = tl.sum(kbar_term, axis=0) + tl.exp(g_last) * tl.sum(tl.sum(s * dh, axis=1), axis=0)
-    # the UT transform
-    xw = k * (beta * eg)[:, None]
-    xu = v * beta[:, None]
-    dw = -tl.dot((du).to(dt), (tl.trans(s)).to(dt), input_precision=DOT_PREC)
-    dw_t = -tl.dot((s).to(dt), (tl.trans(du)).to(dt), input_precision=DOT_PREC)
-    dt_ = tl.dot((dw).to(dt), (tl.trans(xw)).to(dt), input_precision=DOT_PREC) + tl.dot(
-        (du).to(dt), (tl.trans(xu)).to(dt), input_precision=DOT_PREC
-    )
-    dt_t = tl.dot((xw).to(dt), (dw_t).to(dt), input_precision=DOT_PREC) + tl.dot(
-        (xu).to(dt), (tl.trans(du)).to(dt), input_precision=DOT_PREC
-    )
-    dxw, dxu, da = _ut_transform_bwd(tm, dw, du, dt_, dt, DOT_PREC)
-    da_t = -tl.dot(
-        (tl.dot((tm).to(dt), (dt_t).to(dt), input_precision=DOT_PREC)).to(dt),
-        (tm).to(dt),
-        input_precision=DOT_PREC,
-    )
-    da = tl.where(ii > jj, da, 0.0)
-    da_t = tl.where(ii < jj, da_t, 0.0)
-    kk = tl.dot((k).to(dt), (tl.trans(k)).to(dt), input_precision=DOT_PREC)
-    dab = da * ds * beta[:, None]
-    dab_t = da_t * ds_t * beta[None, :]
-    dk += tl.dot((dab).to(dt), (k).to(dt), input_precision=DOT_PREC) + tl.dot(
-        (dab_t).to(dt), (k).to(dt), input_precision=DOT_PREC
-    )
-    p2 = da * kk * ds
-    db = tl.sum(p2, axis=1)
-    p2 = p2 * beta[:, None]
-    dgc += tl.sum(p2, axis=1) - tl.sum(p2, axis=0)
-    dk += dxw * (beta * eg)[:, None]
-    db += tl.sum(dxw * k * eg[:, None], axis=1) + tl.sum(dxu * v, axis=1)
-    dgc += tl.sum(dxw * xw, axis=1)
-    dgc += tl.where(tl.arange(0, BT) == BT - 1, g_end, 0.0)
-    rr = rows[:, None]
-    rk = tl.arange(0, BK)[None, :]
-    rv = tl.arange(0, BV)[None, :]
-    if L2NORM:  # the norm's Jacobian (q, k are the normalised rows; padded rows are zero)
-        rq = tl.load(RQ + bh * N + rows, mask=rows < N, other=0.0)
-        rkn = tl.load(RK + bh * N + rows, mask=rows < N, other=0.0)
-        dq = (dq - q * tl.sum(q * dq, axis=1)[:, None]) * rq[:, None]
-        dk = (dk - k * tl.sum(k * dk, axis=1)[:, None]) * rkn[:, None]
-    tl.store(DQ + bh * N * DK + rr * DK + rk, dq.to(DQ.dtype.element_ty), mask=(rr < N) & (rk < DK))
-    tl.store(DK_ + bh * N * DK + rr * DK + rk, dk.to(DK_.dtype.element_ty), mask=(rr < N) & (rk < DK))
-    dv = dxu * beta[:, None]
-    tl.store(DV_ + bh * N * DV + rr * DV + rv, dv.to(DV_.dtype.element_ty), mask=(rr < N) & (rv < DV))
-    tl.store(DB + bh * N + rows, db, mask=rows < N)
-    tl.store(DG + bh * NP + rows, dgc)
+    if BVB == 0:  # the whole V tile at once
+        q, k, v, do, u, du, s, dh, tm = _chunk_tiles(
+            Q, K, V, DO, U, DU, HS, DHS, T, bh, c, t0, n_chunks, N, NP, DK, DV, BT, BK, BV
+        )
+        beta = tl.load(BETA + bh * N + rows, mask=rows < N, other=0.0).to(tl.float32)
+        g = tl.load(GC + bh * NP + rows)
+        g_last = tl.load(GC + bh * NP + t0 + BT - 1)
+        eg = tl.exp(g)
+        tail = tl.exp(g_last - g)
+        d = tl.exp(tl.where(ii >= jj, g[:, None] - g[None, :], float("-inf")))
+        d_t = tl.exp(tl.where(ii <= jj, g[None, :] - g[:, None], float("-inf")))
+        ds = tl.where(ii > jj, d, 0.0)
+        ds_t = tl.where(ii < jj, d_t, 0.0)
+        # the output's intra-chunk scores and the state part
+        dq = scale * tl.dot((do).to(dt), (tl.trans(s)).to(dt), input_precision=DOT_PREC) * eg[:, None]
+        dgc = tl.sum(q * dq, axis=1)
+        da_qk = scale * tl.dot((do).to(dt), (tl.trans(u)).to(dt), input_precision=DOT_PREC) * d
+        dq += tl.dot((da_qk).to(dt), (k).to(dt), input_precision=DOT_PREC)
+        p = da_qk * tl.dot(
+            (q).to(dt), (tl.trans(k)).to(dt), input_precision=DOT_PREC
+        )  # dAqk * Aqk (da_qk holds D once)
+        dgc += tl.sum(p, axis=1) - tl.sum(p, axis=0)
+        da_qk_t = scale * tl.dot((u).to(dt), (tl.trans(do)).to(dt), input_precision=DOT_PREC) * d_t
+        dk = tl.dot((da_qk_t).to(dt), (q).to(dt), input_precision=DOT_PREC)
+        # the state update's k exp(G_C - G)
+        dkbar = tl.dot((u).to(dt), (tl.trans(dh)).to(dt), input_precision=DOT_PREC)
+        dk += dkbar * tail[:, None]
+        kbar_term = tl.sum(dkbar * k, axis=1) * tail
+        dgc -= kbar_term
+        g_end = tl.sum(kbar_term, axis=0) + tl.exp(g_last) * tl.sum(tl.sum(s * dh, axis=1), axis=0)
+        # the UT transform
+        xw = k * (beta * eg)[:, None]
+        xu = v * beta[:, None]
+        dw = -tl.dot((du).to(dt), (tl.trans(s)).to(dt), input_precision=DOT_PREC)
+        dw_t = -tl.dot((s).to(dt), (tl.trans(du)).to(dt), input_precision=DOT_PREC)
+        dt_ = tl.dot((dw).to(dt), (tl.trans(xw)).to(dt), input_precision=DOT_PREC) + tl.dot(
+            (du).to(dt), (tl.trans(xu)).to(dt), input_precision=DOT_PREC
+        )
+        dt_t = tl.dot((xw).to(dt), (dw_t).to(dt), input_precision=DOT_PREC) + tl.dot(
+            (xu).to(dt), (tl.trans(du)).to(dt), input_precision=DOT_PREC
+        )
+        dxw, dxu, da = _ut_transform_bwd(tm, dw, du, dt_, dt, DOT_PREC)
+        da_t = -tl.dot(
+            (tl.dot((tm).to(dt), (dt_t).to(dt), input_precision=DOT_PREC)).to(dt),
+            (tm).to(dt),
+            input_precision=DOT_PREC,
+        )
+        da = tl.where(ii > jj, da, 0.0)
+        da_t = tl.where(ii < jj, da_t, 0.0)
+        kk = tl.dot((k).to(dt), (tl.trans(k)).to(dt), input_precision=DOT_PREC)
+        dab = da * ds * beta[:, None]
+        dab_t = da_t * ds_t * beta[None, :]
+        dk += tl.dot((dab).to(dt), (k).to(dt), input_precision=DOT_PREC) + tl.dot(
+            (dab_t).to(dt), (k).to(dt), input_precision=DOT_PREC
+        )
+        p2 = da * kk * ds
+        db = tl.sum(p2, axis=1)
+        p2 = p2 * beta[:, None]
+        dgc += tl.sum(p2, axis=1) - tl.sum(p2, axis=0)
+        dk += dxw * (beta * eg)[:, None]
+        db += tl.sum(dxw * k * eg[:, None], axis=1) + tl.sum(dxu * v, axis=1)
+        dgc += tl.sum(dxw * xw, axis=1)
+        dgc += tl.where(tl.arange(0, BT) == BT - 1, g_end, 0.0)
+        rr = rows[:, None]
+        rk = tl.arange(0, BK)[None, :]
+        rv = tl.arange(0, BV)[None, :]
+        if L2NORM:  # the norm's Jacobian (q, k are the normalised rows; padded rows are zero)
+            rq = tl.load(RQ + bh * N + rows, mask=rows < N, other=0.0)
+            rkn = tl.load(RK + bh * N + rows, mask=rows < N, other=0.0)
+            dq = (dq - q * tl.sum(q * dq, axis=1)[:, None]) * rq[:, None]
+            dk = (dk - k * tl.sum(k * dk, axis=1)[:, None]) * rkn[:, None]
+        tl.store(DQ + bh * N * DK + rr * DK + rk, dq.to(DQ.dtype.element_ty), mask=(rr < N) & (rk < DK))
+        tl.store(DK_ + bh * N * DK + rr * DK + rk, dk.to(DK_.dtype.element_ty), mask=(rr < N) & (rk < DK))
+        dv = dxu * beta[:, None]
+        tl.store(DV_ + bh * N * DV + rr * DV + rv, dv.to(DV_.dtype.element_ty), mask=(rr < N) & (rv < DV))
+        tl.store(DB + bh * N + rows, db, mask=rows < N)
+        tl.store(DG + bh * NP + rows, dgc)
+    else:  # slices of BVB value columns, the products over V accumulated (_value_slices)
+        tl.static_assert(BVB <= BV)
+        tm = _tile(T + bh * NP * BT, t0, NP, 0, BT, BT, BT, BT)
+        beta = tl.load(BETA + bh * N + rows, mask=rows < N, other=0.0).to(tl.float32)
+        dos, dou, udo, dkbar, dw, dw_t, duxu, xudu, sdh, dxu_v = _value_slices(
+            V, DO, U, DU, HS, DHS, DV_, tm, beta, bh, c, t0, n_chunks, N, NP, DK, DV,
+            dt, DOT_PREC, BT, BK, BVB, True,
+        )  # fmt: skip
+        # (what the loop does not read is loaded after it: fewer live registers across it)
+        q = _tile(Q + bh * N * DK, t0, N, 0, DK, DK, BT, BK)
+        k = _tile(K + bh * N * DK, t0, N, 0, DK, DK, BT, BK)
+        g = tl.load(GC + bh * NP + rows)
+        g_last = tl.load(GC + bh * NP + t0 + BT - 1)
+        eg = tl.exp(g)
+        tail = tl.exp(g_last - g)
+        d = tl.exp(tl.where(ii >= jj, g[:, None] - g[None, :], float("-inf")))
+        d_t = tl.exp(tl.where(ii <= jj, g[None, :] - g[:, None], float("-inf")))
+        ds = tl.where(ii > jj, d, 0.0)
+        ds_t = tl.where(ii < jj, d_t, 0.0)
+        # the output's intra-chunk scores and the state part
+        dq = scale * dos * eg[:, None]
+        dgc = tl.sum(q * dq, axis=1)
+        da_qk = scale * dou * d
+        dq += tl.dot((da_qk).to(dt), (k).to(dt), input_precision=DOT_PREC)
+        p = da_qk * tl.dot((q).to(dt), (tl.trans(k)).to(dt), input_precision=DOT_PREC)
+        dgc += tl.sum(p, axis=1) - tl.sum(p, axis=0)
+        da_qk_t = scale * udo * d_t
+        dk = tl.dot((da_qk_t).to(dt), (q).to(dt), input_precision=DOT_PREC)
+        # the state update's k exp(G_C - G)
+        dk += dkbar * tail[:, None]
+        kbar_term = tl.sum(dkbar * k, axis=1) * tail
+        dgc -= kbar_term
+        g_end = tl.sum(kbar_term, axis=0) + tl.exp(g_last) * tl.sum(sdh, axis=0)
+        # the UT transform (dU X_u^T and X_u dU^T summed over the slices)
+        xw = k * (beta * eg)[:, None]
+        dt_ = tl.dot((dw).to(dt), (tl.trans(xw)).to(dt), duxu, input_precision=DOT_PREC)
+        dt_t = tl.dot((xw).to(dt), (dw_t).to(dt), xudu, input_precision=DOT_PREC)
+        dxw, da = _ut_transform_bwd_w(tm, dw, dt_, dt, DOT_PREC)
+        da_t = -tl.dot(
+            (tl.dot((tm).to(dt), (dt_t).to(dt), input_precision=DOT_PREC)).to(dt),
+            (tm).to(dt),
+            input_precision=DOT_PREC,
+        )
+        da = tl.where(ii > jj, da, 0.0)
+        da_t = tl.where(ii < jj, da_t, 0.0)
+        kk = tl.dot((k).to(dt), (tl.trans(k)).to(dt), input_precision=DOT_PREC)
+        dab = da * ds * beta[:, None]
+        dab_t = da_t * ds_t * beta[None, :]
+        dk += tl.dot((dab).to(dt), (k).to(dt), input_precision=DOT_PREC) + tl.dot(
+            (dab_t).to(dt), (k).to(dt), input_precision=DOT_PREC
+        )
+        p2 = da * kk * ds
+        db = tl.sum(p2, axis=1)
+        p2 = p2 * beta[:, None]
+        dgc += tl.sum(p2, axis=1) - tl.sum(p2, axis=0)
+        dk += dxw * (beta * eg)[:, None]
+        db += tl.sum(dxw * k * eg[:, None], axis=1) + dxu_v
+        dgc += tl.sum(dxw * xw, axis=1)
+        dgc += tl.where(tl.arange(0, BT) == BT - 1, g_end, 0.0)
+        rr = rows[:, None]
+        rk = tl.arange(0, BK)[None, :]
+        if L2NORM:  # the norm's Jacobian (q, k are the normalised rows; padded rows are zero)
+            rq = tl.load(RQ + bh * N + rows, mask=rows < N, other=0.0)
+            rkn = tl.load(RK + bh * N + rows, mask=rows < N, other=0.0)
+            dq = (dq - q * tl.sum(q * dq, axis=1)[:, None]) * rq[:, None]
+            dk = (dk - k * tl.sum(k * dk, axis=1)[:, None]) * rkn[:, None]
+        tl.store(DQ + bh * N * DK + rr * DK + rk, dq.to(DQ.dtype.element_ty), mask=(rr < N) & (rk < DK))
+        tl.store(DK_ + bh * N * DK + rr * DK + rk, dk.to(DK_.dtype.element_ty), mask=(rr < N) & (rk < DK))
+        tl.store(DB + bh * N + rows, db, mask=rows < N)
+        tl.store(DG + bh * NP + rows, dgc)
 
 
 @triton.jit
@@ -184,7 +329,10 @@ def delta_bwd_chunk_channel_kernel(
     :func:`delta_bwd_chunk_kernel` with exp(G) per channel, writing float32 partial dq, dk (state and UT
     parts), dv, dbeta, DG (per channel; the chunk-end terms exp(G_C) sum_v S * dH + sum_i dKbar * Kbar on
     the last row), and the score gradients DAQK = scale (do U^T) (i >= j) and DBKK = beta_i dA (i > j) of
-    Aqk and of the unscaled strict key scores B (BKK, so that dbeta = rowsum(dA * B) needs no division)."""
+    Aqk and of the unscaled strict key scores B (BKK, so that dbeta = rowsum(dA * B) needs no division).
+
+    ``BVB``: as :func:`delta_bwd_chunk_kernel`'s (0: the whole V tile; else slices of BVB value columns,
+    the products over V accumulated by :func:`_value_slices`, without the transposed twins)."""
     c = tl.program_id(0)
     if UPCAST:  # noqa: SIM108
         dt = tl.float32
@@ -196,49 +344,93 @@ def delta_bwd_chunk_channel_kernel(
     ii = tl.arange(0, BT)[:, None]
     jj = tl.arange(0, BT)[None, :]
     rows = t0 + tl.arange(0, BT)
-    q, k, v, do, u, du, s, dh, tm = _chunk_tiles(
-        Q, K, V, DO, U, DU, HS, DHS, T, bh, c, t0, n_chunks, N, NP, DK, DV, BT, BK, BV
-    )
-    bkk = _tile(BKK + bh * NP * BT, t0, NP, 0, BT, BT, BT, BT)
-    beta = tl.load(BETA + bh * N + rows, mask=rows < N, other=0.0).to(tl.float32)
-    g = _tile(GC + bh * NP * DK, t0, NP, 0, DK, DK, BT, BK)
-    g_last = _row(GC + bh * NP * DK, t0 + BT - 1, 0, DK, DK, BK)
-    eg = tl.exp(g)
-    tail = tl.exp(g_last[None, :] - g)
-    # the state part of the output
-    dq = scale * tl.dot((do).to(dt), (tl.trans(s)).to(dt), input_precision=DOT_PREC) * eg
-    dgc = q * dq
-    daqk = tl.where(
-        ii >= jj, scale * tl.dot((do).to(dt), (tl.trans(u)).to(dt), input_precision=DOT_PREC), 0.0
-    )
-    tl.store(DAQK + bh * NP * BT + rows[:, None] * BT + jj, daqk)
-    # the state update's k exp(G_C - G)
-    dkbar = tl.dot((u).to(dt), (tl.trans(dh)).to(dt), input_precision=DOT_PREC)
-    dk = dkbar * tail
-    kbar_term = dkbar * k * tail
-    dgc -= kbar_term
-    g_end = tl.sum(kbar_term, axis=0) + tl.exp(g_last) * tl.sum(s * dh, axis=1)
-    # the UT transform
-    xw = k * eg * beta[:, None]
-    xu = v * beta[:, None]
-    dw = -tl.dot((du).to(dt), (tl.trans(s)).to(dt), input_precision=DOT_PREC)
-    dt_ = tl.dot((dw).to(dt), (tl.trans(xw)).to(dt), input_precision=DOT_PREC) + tl.dot(
-        (du).to(dt), (tl.trans(xu)).to(dt), input_precision=DOT_PREC
-    )
-    dxw, dxu, da = _ut_transform_bwd(tm, dw, du, dt_, dt, DOT_PREC)
-    da = tl.where(ii > jj, da, 0.0)
-    tl.store(DBKK + bh * NP * BT + rows[:, None] * BT + jj, da * beta[:, None])
-    db = tl.sum(da * tl.where(ii > jj, bkk, 0.0), axis=1)
-    dk += dxw * eg * beta[:, None]
-    db += tl.sum(dxw * k * eg, axis=1) + tl.sum(dxu * v, axis=1)
-    dgc += dxw * xw
-    dgc = tl.where(ii == BT - 1, dgc + g_end[None, :], dgc)
-    rr = rows[:, None]
-    rk = tl.arange(0, BK)[None, :]
-    rv = tl.arange(0, BV)[None, :]
-    tl.store(DQ + bh * NP * DK + rr * DK + rk, dq, mask=rk < DK)
-    tl.store(DK_ + bh * NP * DK + rr * DK + rk, dk, mask=rk < DK)
-    dv = dxu * beta[:, None]
-    tl.store(DV_ + bh * N * DV + rr * DV + rv, dv.to(DV_.dtype.element_ty), mask=(rr < N) & (rv < DV))
-    tl.store(DB + bh * N + rows, db, mask=rows < N)
-    tl.store(DG + bh * NP * DK + rr * DK + rk, dgc, mask=rk < DK)
+    if BVB == 0:  # the whole V tile at once
+        q, k, v, do, u, du, s, dh, tm = _chunk_tiles(
+            Q, K, V, DO, U, DU, HS, DHS, T, bh, c, t0, n_chunks, N, NP, DK, DV, BT, BK, BV
+        )
+        bkk = _tile(BKK + bh * NP * BT, t0, NP, 0, BT, BT, BT, BT)
+        beta = tl.load(BETA + bh * N + rows, mask=rows < N, other=0.0).to(tl.float32)
+        g = _tile(GC + bh * NP * DK, t0, NP, 0, DK, DK, BT, BK)
+        g_last = _row(GC + bh * NP * DK, t0 + BT - 1, 0, DK, DK, BK)
+        eg = tl.exp(g)
+        tail = tl.exp(g_last[None, :] - g)
+        # the state part of the output
+        dq = scale * tl.dot((do).to(dt), (tl.trans(s)).to(dt), input_precision=DOT_PREC) * eg
+        dgc = q * dq
+        daqk = tl.where(
+            ii >= jj, scale * tl.dot((do).to(dt), (tl.trans(u)).to(dt), input_precision=DOT_PREC), 0.0
+        )
+        tl.store(DAQK + bh * NP * BT + rows[:, None] * BT + jj, daqk)
+        # the state update's k exp(G_C - G)
+        dkbar = tl.dot((u).to(dt), (tl.trans(dh)).to(dt), input_precision=DOT_PREC)
+        dk = dkbar * tail
+        kbar_term = dkbar * k * tail
+        dgc -= kbar_term
+        g_end = tl.sum(kbar_term, axis=0) + tl.exp(g_last) * tl.sum(s * dh, axis=1)
+        # the UT transform
+        xw = k * eg * beta[:, None]
+        xu = v * beta[:, None]
+        dw = -tl.dot((du).to(dt), (tl.trans(s)).to(dt), input_precision=DOT_PREC)
+        dt_ = tl.dot((dw).to(dt), (tl.trans(xw)).to(dt), input_precision=DOT_PREC) + tl.dot(
+            (du).to(dt), (tl.trans(xu)).to(dt), input_precision=DOT_PREC
+        )
+        dxw, dxu, da = _ut_transform_bwd(tm, dw, du, dt_, dt, DOT_PREC)
+        da = tl.where(ii > jj, da, 0.0)
+        tl.store(DBKK + bh * NP * BT + rows[:, None] * BT + jj, da * beta[:, None])
+        db = tl.sum(da * tl.where(ii > jj, bkk, 0.0), axis=1)
+        dk += dxw * eg * beta[:, None]
+        db += tl.sum(dxw * k * eg, axis=1) + tl.sum(dxu * v, axis=1)
+        dgc += dxw * xw
+        dgc = tl.where(ii == BT - 1, dgc + g_end[None, :], dgc)
+        rr = rows[:, None]
+        rk = tl.arange(0, BK)[None, :]
+        rv = tl.arange(0, BV)[None, :]
+        tl.store(DQ + bh * NP * DK + rr * DK + rk, dq, mask=rk < DK)
+        tl.store(DK_ + bh * NP * DK + rr * DK + rk, dk, mask=rk < DK)
+        dv = dxu * beta[:, None]
+        tl.store(DV_ + bh * N * DV + rr * DV + rv, dv.to(DV_.dtype.element_ty), mask=(rr < N) & (rv < DV))
+        tl.store(DB + bh * N + rows, db, mask=rows < N)
+        tl.store(DG + bh * NP * DK + rr * DK + rk, dgc, mask=rk < DK)
+    else:  # slices of BVB value columns, the products over V accumulated (_value_slices)
+        tl.static_assert(BVB <= BV)
+        tm = _tile(T + bh * NP * BT, t0, NP, 0, BT, BT, BT, BT)
+        beta = tl.load(BETA + bh * N + rows, mask=rows < N, other=0.0).to(tl.float32)
+        dos, dou, _, dkbar, dw, _, duxu, _, sdh, dxu_v = _value_slices(
+            V, DO, U, DU, HS, DHS, DV_, tm, beta, bh, c, t0, n_chunks, N, NP, DK, DV,
+            dt, DOT_PREC, BT, BK, BVB, False,
+        )  # fmt: skip
+        # (what the loop does not read is loaded after it: fewer live registers across it)
+        q = _tile(Q + bh * N * DK, t0, N, 0, DK, DK, BT, BK)
+        k = _tile(K + bh * N * DK, t0, N, 0, DK, DK, BT, BK)
+        bkk = _tile(BKK + bh * NP * BT, t0, NP, 0, BT, BT, BT, BT)
+        g = _tile(GC + bh * NP * DK, t0, NP, 0, DK, DK, BT, BK)
+        g_last = _row(GC + bh * NP * DK, t0 + BT - 1, 0, DK, DK, BK)
+        eg = tl.exp(g)
+        tail = tl.exp(g_last[None, :] - g)
+        # the state part of the output
+        dq = scale * dos * eg
+        dgc = q * dq
+        daqk = tl.where(ii >= jj, scale * dou, 0.0)
+        tl.store(DAQK + bh * NP * BT + rows[:, None] * BT + jj, daqk)
+        # the state update's k exp(G_C - G)
+        dk = dkbar * tail
+        kbar_term = dkbar * k * tail
+        dgc -= kbar_term
+        g_end = tl.sum(kbar_term, axis=0) + tl.exp(g_last) * sdh
+        # the UT transform (dU X_u^T summed over the slices)
+        xw = k * eg * beta[:, None]
+        dt_ = tl.dot((dw).to(dt), (tl.trans(xw)).to(dt), duxu, input_precision=DOT_PREC)
+        dxw, da = _ut_transform_bwd_w(tm, dw, dt_, dt, DOT_PREC)
+        da = tl.where(ii > jj, da, 0.0)
+        tl.store(DBKK + bh * NP * BT + rows[:, None] * BT + jj, da * beta[:, None])
+        db = tl.sum(da * tl.where(ii > jj, bkk, 0.0), axis=1)
+        dk += dxw * eg * beta[:, None]
+        db += tl.sum(dxw * k * eg, axis=1) + dxu_v
+        dgc += dxw * xw
+        dgc = tl.where(ii == BT - 1, dgc + g_end[None, :], dgc)
+        rr = rows[:, None]
+        rk = tl.arange(0, BK)[None, :]
+        tl.store(DQ + bh * NP * DK + rr * DK + rk, dq, mask=rk < DK)
+        tl.store(DK_ + bh * NP * DK + rr * DK + rk, dk, mask=rk < DK)
+        tl.store(DB + bh * N + rows, db, mask=rows < N)
+        tl.store(DG + bh * NP * DK + rr * DK + rk, dgc, mask=rk < DK)
