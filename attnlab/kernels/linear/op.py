@@ -265,14 +265,17 @@ DELTA_INTRA_V2_F32 = True
 #: Value columns per step of the delta rule's per-chunk backward kernels (``delta_bwd_chunk_kernel``,
 #: ``delta_bwd_chunk_channel_kernel``): 0 holds the whole (K, V) state and its gradient as one tile (the
 #: previous kernels); a power of two below V loops over V in slices of this width, accumulating the
-#: products summed over V (fewer live registers, no spills at K = V = 128).
-DELTA_BWD_BVB = 0
+#: products summed over V (fewer live registers: sm_90, K = V = 128, bf16, 8 warps: 2.1 / 1.1 KB of
+#: spills against 3.6 / 3.3 KB whole). 32 since checked and timed (benchmarks/results/h200-2026-11-25-s21).
+DELTA_BWD_BVB = 32
 #: The delta rule's backward sequential pass by ``delta_bwd_dh_v2_kernel``: the intra-chunk part of dU,
 #: scale ((k q^T) * D^T) do, made for every chunk in parallel first (``delta_bwd_du_local_kernel``), so that
 #: the reverse loop only adds (k exp(G_C - G)) dH and updates dH; q^T and W^T loaded transposed, loads
 #: pipelined, 16-bit dot operands (dH and dU rounded to the inputs' dtype, float32 accumulation) for 16-bit
 #: inputs (``DELTA_BWD_DH_LOWP``). False: ``delta_bwd_dh_kernel`` (everything in the loop, tf32 dots).
-DELTA_BWD_DH_V2 = False
+#: On since checked against the fp32 recurrence at 1x32x8192 (every gradient) and timed on an H200: with
+#: ``DELTA_BWD_BVB`` 32, gated_delta forward+backward 1.60x / 1.71x faster at 8K / 32K, KDA 1.29x.
+DELTA_BWD_DH_V2 = True
 DELTA_BWD_DH_LOWP = True
 #: Per-channel gates (KDA): the backward of the two intra-chunk score products (q k^T and the strict
 #: k k^T) by ``score_bwd_v2_kernel`` (a chunk per program, split levels, as gla's fused backward) instead
