@@ -105,3 +105,36 @@ def test_two_launch_pass_on_packed_sequences(gate: str, monkeypatch: pytest.Monk
         outs.append(torch.autograd.grad((o * do).sum() + (s * ds).sum(), leaves))
     for name, a, b in zip(("dq", "dk", "dv", "dbeta", "dg"), *outs, strict=True):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5, msg=lambda m, nm=name: f"{nm}: {m}")
+
+
+@pytest.mark.parametrize("skip", [True, False], ids=["unmaterialised", "zero-filled"])
+@pytest.mark.parametrize("loss", ["out", "state"])
+@pytest.mark.parametrize("gate", ["head", "channel"])
+def test_a_loss_on_the_output_or_the_final_state_alone(
+    gate: str, loss: str, skip: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only o, or only the final state, in the loss: with ``DELTA_SKIP_ZERO_GRADS`` the backward gets None
+    for the unused output (a zero do made in the backward; no dht) and no zero-filled gradients for the
+    saved outputs; the gradients are the recurrence's either way."""
+    op = _op()
+    monkeypatch.setattr(op, "DELTA_SKIP_ZERO_GRADS", skip)
+    xs = _inputs(40, 8, 8, gate)
+    leaves = [None if t is None else t.clone().requires_grad_(True) for t in xs]
+    ref = [None if t is None else t.clone().requires_grad_(True) for t in xs]
+    o, s = op.delta_chunk(*leaves[:5], 0.3, leaves[5], 16)
+    q, k, v, beta, g, h0 = ref
+    assert q is not None and k is not None and v is not None and beta is not None
+    ro, rs = delta_recurrence(q, k, v, beta, g, 0.3, h0)
+    gen = torch.Generator().manual_seed(7)
+    w_o, w_s = torch.randn(o.shape, generator=gen).to(DEV), torch.randn(s.shape, generator=gen).to(DEV)
+    got = torch.autograd.grad(
+        (o * w_o).sum() if loss == "out" else (s * w_s).sum(), [t for t in leaves if t is not None]
+    )
+    want = torch.autograd.grad(
+        (ro * w_o).sum() if loss == "out" else (rs * w_s).sum(),
+        [t for t in ref if t is not None],
+        allow_unused=True,
+    )
+    for name, a, b in zip(("dq", "dk", "dv", "dbeta", "dg", "dh0"), got, want, strict=True):
+        want_b = torch.zeros_like(a) if b is None else b  # (the final state does not depend on q)
+        torch.testing.assert_close(a, want_b, atol=1e-4, rtol=1e-4, msg=lambda m, nm=name: f"{nm}: {m}")

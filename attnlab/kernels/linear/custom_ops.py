@@ -190,10 +190,14 @@ def _delta_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
         ctx.save_for_backward(q, k, v, beta, g, hs, w, u, t, None, None)
     ctx.args = (scale, chunk, seq_chunks)
     ctx.has = (g is not None, h0 is not None)
+    if op.DELTA_SKIP_ZERO_GRADS:  # (None, not zeros, for the outputs the loss does not use)
+        ctx.set_materialize_grads(False)
 
 
 def _delta_backward(ctx, do, dht, *_unused):  # type: ignore[no-untyped-def]
     q, k, v, beta, g, hs, w, u, t, rq, rk = ctx.saved_tensors
+    if do is None:  # (DELTA_SKIP_ZERO_GRADS: the output unused, only the final state)
+        do = q.new_zeros(v.shape)  # (o: q's dtype, v's shape)
     dq, dk, dv, db, dg, dh0 = delta_chunk_bwd(q, k, v, beta, g, hs, w, u, t, do, dht, *ctx.args, rq, rk)
     has_g, has_h0 = ctx.has
     return dq, dk, dv, db, (dg if has_g else None), (dh0 if has_h0 else None), None, None, None, None, None

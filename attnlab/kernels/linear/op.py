@@ -281,6 +281,11 @@ DELTA_BWD_DH_LOWP = True
 #: k k^T) by ``score_bwd_v2_kernel`` (a chunk per program, split levels, as gla's fused backward) instead
 #: of ``score_bwd_kernel`` (16-row sub-blocks, the diagonal ones row by row).
 DELTA_SCORE_BWD_V2 = False
+#: The delta rule's chunk op leaves the gradients of the outputs the loss does not use unmaterialised
+#: (``set_materialize_grads(False)``, as ``GLA_SKIP_ZERO_GRADS``): its saved outputs (the chunk states,
+#: W, U, T, the normalised q / k) got zero-filled gradients before (8 fills, 0.17 ms of gated_delta's 4.2
+#: ms forward + backward at 1x32x8192 on an H200, profile in benchmarks/results/h200-2026-11-25-s21).
+DELTA_SKIP_ZERO_GRADS = True
 #: Chunks per program of ``gate_cumsum_kernel`` for one gate per token.
 CUMSUM_CHUNKS = 16
 
