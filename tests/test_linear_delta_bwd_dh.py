@@ -138,3 +138,24 @@ def test_a_loss_on_the_output_or_the_final_state_alone(
     for name, a, b in zip(("dq", "dk", "dv", "dbeta", "dg", "dh0"), got, want, strict=True):
         want_b = torch.zeros_like(a) if b is None else b  # (the final state does not depend on q)
         torch.testing.assert_close(a, want_b, atol=1e-4, rtol=1e-4, msg=lambda m, nm=name: f"{nm}: {m}")
+
+
+@pytest.mark.parametrize("gate", ["head", "none"])
+def test_transposed_twins_as_transposes(gate: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``DELTA_BWD_TRANS``: the scalar-gate per-chunk backward's transposed products taken as transposes
+    (value slices of 16 over V = 40: three slices, the last masked) give the recurrence's gradients and
+    the dot-made twins' to float32 rounding."""
+    op = _op()
+    monkeypatch.setattr(op, "DELTA_BWD_BVB", 16)
+    xs = _inputs(63, 8, 40, gate)
+    want = _reference(xs)
+    monkeypatch.setattr(op, "DELTA_BWD_TRANS", True)
+    got = _grads(xs, 16, True, monkeypatch)
+    monkeypatch.setattr(op, "DELTA_BWD_TRANS", False)
+    old = _grads(xs, 16, True, monkeypatch)
+    names = [nm for nm, t in zip(("dq", "dk", "dv", "dbeta", "dg", "dh0"), xs, strict=True) if t is not None]
+    for name, a, b, c in zip(names, got, want, old, strict=True):
+        torch.testing.assert_close(
+            a, b, atol=1e-4, rtol=1e-4, msg=lambda m, nm=name: f"{nm} vs recurrence: {m}"
+        )
+        torch.testing.assert_close(a, c, atol=2e-5, rtol=2e-5, msg=lambda m, nm=name: f"{nm} vs twins: {m}")

@@ -129,7 +129,7 @@ def delta_bwd_chunk_kernel(
     Q, K, V, BETA, GC, DO, HS, DHS, U, DU, T, DQ, DK_, DV_, DB, DG, RQ, RK,
     N, NP, DK, DV, scale,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    L2NORM: tl.constexpr = False, BVB: tl.constexpr = 0,
+    L2NORM: tl.constexpr = False, BVB: tl.constexpr = 0, TRANS: tl.constexpr = False,
 ):  # fmt: skip
     """The delta rule's gradients of one chunk per program (chunk, batch * head), scalar gate, from the
     forward's S (state at the chunk start), U (the chunk's u), T = (I + A_kk)^-1, and the backward pass's
@@ -251,7 +251,7 @@ def delta_bwd_chunk_kernel(
         beta = tl.load(BETA + bh * N + rows, mask=rows < N, other=0.0).to(tl.float32)
         dos, dou, udo, dkbar, dw, dw_t, duxu, xudu, sdh, dxu_v = _value_slices(
             V, DO, U, DU, HS, DHS, DV_, tm, beta, bh, c, t0, n_chunks, N, NP, DK, DV,
-            dt, DOT_PREC, BT, BK, BVB, True,
+            dt, DOT_PREC, BT, BK, BVB, not TRANS,
         )  # fmt: skip
         # (what the loop does not read is loaded after it: fewer live registers across it)
         q = _tile(Q + bh * N * DK, t0, N, 0, DK, DK, BT, BK)
@@ -271,8 +271,11 @@ def delta_bwd_chunk_kernel(
         dq += tl.dot((da_qk).to(dt), (k).to(dt), input_precision=DOT_PREC)
         p = da_qk * tl.dot((q).to(dt), (tl.trans(k)).to(dt), input_precision=DOT_PREC)
         dgc += tl.sum(p, axis=1) - tl.sum(p, axis=0)
-        da_qk_t = scale * udo * d_t
-        dk = tl.dot((da_qk_t).to(dt), (q).to(dt), input_precision=DOT_PREC)
+        if TRANS:  # (the transposed twins as transposes: U do^T = (do U^T)^T)
+            dk = tl.dot((tl.trans(da_qk)).to(dt), (q).to(dt), input_precision=DOT_PREC)
+        else:
+            da_qk_t = scale * udo * d_t
+            dk = tl.dot((da_qk_t).to(dt), (q).to(dt), input_precision=DOT_PREC)
         # the state update's k exp(G_C - G)
         dk += dkbar * tail[:, None]
         kbar_term = tl.sum(dkbar * k, axis=1) * tail
@@ -281,21 +284,24 @@ def delta_bwd_chunk_kernel(
         # the UT transform (dU X_u^T and X_u dU^T summed over the slices)
         xw = k * (beta * eg)[:, None]
         dt_ = tl.dot((dw).to(dt), (tl.trans(xw)).to(dt), duxu, input_precision=DOT_PREC)
-        dt_t = tl.dot((xw).to(dt), (dw_t).to(dt), xudu, input_precision=DOT_PREC)
         dxw, da = _ut_transform_bwd_w(tm, dw, dt_, dt, DOT_PREC)
-        da_t = -tl.dot(
-            (tl.dot((tm).to(dt), (dt_t).to(dt), input_precision=DOT_PREC)).to(dt),
-            (tm).to(dt),
-            input_precision=DOT_PREC,
-        )
         da = tl.where(ii > jj, da, 0.0)
-        da_t = tl.where(ii < jj, da_t, 0.0)
         kk = tl.dot((k).to(dt), (tl.trans(k)).to(dt), input_precision=DOT_PREC)
         dab = da * ds * beta[:, None]
-        dab_t = da_t * ds_t * beta[None, :]
-        dk += tl.dot((dab).to(dt), (k).to(dt), input_precision=DOT_PREC) + tl.dot(
-            (dab_t).to(dt), (k).to(dt), input_precision=DOT_PREC
-        )
+        if TRANS:  # (dA^T = -T dT^T T = the transpose of dA = -T^T dT T^T: dab_t = dab^T)
+            dk += tl.dot((dab + tl.trans(dab)).to(dt), (k).to(dt), input_precision=DOT_PREC)
+        else:
+            dt_t = tl.dot((xw).to(dt), (dw_t).to(dt), xudu, input_precision=DOT_PREC)
+            da_t = -tl.dot(
+                (tl.dot((tm).to(dt), (dt_t).to(dt), input_precision=DOT_PREC)).to(dt),
+                (tm).to(dt),
+                input_precision=DOT_PREC,
+            )
+            da_t = tl.where(ii < jj, da_t, 0.0)
+            dab_t = da_t * ds_t * beta[None, :]
+            dk += tl.dot((dab).to(dt), (k).to(dt), input_precision=DOT_PREC) + tl.dot(
+                (dab_t).to(dt), (k).to(dt), input_precision=DOT_PREC
+            )
         p2 = da * kk * ds
         db = tl.sum(p2, axis=1)
         p2 = p2 * beta[:, None]

@@ -314,7 +314,7 @@ def delta_bwd_scalar_launch(
             q, k, v, bc, gc, do, hs, dhs, u, du, t, dq, dkk, dvv, db, dgc,
             rq if rq is not None else db, rk if rk is not None else db, n, np_, dk, dv, float(scale),
             BT=chunk, BK=head_block(dk), BV=head_block(dv), DOT_PREC=prec, UPCAST=_upcast(q),
-            L2NORM=rq is not None, BVB=min(op.DELTA_BWD_BVB, head_block(dv)), **_cfg("delta_bwd_chunk", num_warps=8),
+            L2NORM=rq is not None, BVB=min(op.DELTA_BWD_BVB, head_block(dv)), TRANS=op.DELTA_BWD_TRANS, **_cfg("delta_bwd_chunk", num_warps=8),
         )  # fmt: skip
     dg = None
     if g is not None:  # through the chunk-local cumsum: a reverse cumsum within each chunk

@@ -268,6 +268,10 @@ DELTA_INTRA_V2_F32 = True
 #: products summed over V (fewer live registers: sm_90, K = V = 128, bf16, 8 warps: 2.1 / 1.1 KB of
 #: spills against 3.6 / 3.3 KB whole). 32 since checked and timed (benchmarks/results/h200-2026-11-25-s21).
 DELTA_BWD_BVB = 32
+#: With ``DELTA_BWD_BVB`` > 0, the scalar-gate per-chunk backward takes the transposed products it needs
+#: (U do^T, dW^T, X_u dU^T, dT^T, dA^T) as transposes of the ones it makes (they are exactly those) instead
+#: of making each by its own dot (3 fewer dots per value slice, 3 after the loop).
+DELTA_BWD_TRANS = False
 #: The delta rule's backward sequential pass by ``delta_bwd_dh_v2_kernel``: the intra-chunk part of dU,
 #: scale ((k q^T) * D^T) do, made for every chunk in parallel first (``delta_bwd_du_local_kernel``), so that
 #: the reverse loop only adds (k exp(G_C - G)) dH and updates dH; q^T and W^T loaded transposed, loads
