@@ -159,3 +159,36 @@ def test_transposed_twins_as_transposes(gate: str, monkeypatch: pytest.MonkeyPat
             a, b, atol=1e-4, rtol=1e-4, msg=lambda m, nm=name: f"{nm} vs recurrence: {m}"
         )
         torch.testing.assert_close(a, c, atol=2e-5, rtol=2e-5, msg=lambda m, nm=name: f"{nm} vs twins: {m}")
+
+
+def test_kda_score_backward_by_split_levels_in_the_whole_backward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``DELTA_SCORE_BWD_V2`` (16-bit inputs only: bf16 here; float32 ones keep the sub-block kernel):
+    KDA's gradients with the split-level score backward equal the sub-block kernel's (to bf16 rounding of
+    the stored gradients) and the fp32 recurrence's (to bf16 accuracy)."""
+    op = _op()
+    xs = _inputs(70, 16, 16, "channel", seed=4)
+    low = [None if t is None else (t.to(torch.bfloat16) if i < 3 else t) for i, t in enumerate(xs)]
+    launched = []
+    real = op.score_bwd_v2_kernel
+
+    class Spy:
+        def __getitem__(self, grid):  # type: ignore[no-untyped-def]
+            launched.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(op, "score_bwd_v2_kernel", Spy())
+    grads = {}
+    for v2 in (True, False):
+        monkeypatch.setattr(op, "DELTA_SCORE_BWD_V2", v2)
+        grads[v2] = _grads(low, 32, True, monkeypatch)
+    assert len(launched) == 2  # (q k^T and the strict k k^T, with the switch on only)
+    want = _reference([None if t is None else t.float() for t in low])
+    for name, a, b, c in zip(
+        ("dq", "dk", "dv", "dbeta", "dg", "dh0"), grads[True], grads[False], want, strict=True
+    ):
+        torch.testing.assert_close(
+            a.float(), b.float(), atol=2e-2, rtol=2e-2, msg=lambda m, nm=name: f"{nm}: {m}"
+        )
+        torch.testing.assert_close(
+            a.float(), c, atol=5e-2, rtol=5e-2, msg=lambda m, nm=name: f"{nm} vs ref: {m}"
+        )

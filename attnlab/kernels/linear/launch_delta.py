@@ -361,6 +361,9 @@ def delta_bwd_channel_launch(
             BT=chunk, BK=head_block(dk), BV=head_block(dv), DOT_PREC=prec, UPCAST=_upcast(q), BVB=min(op.DELTA_BWD_BVB, head_block(dv)), **_cfg("delta_bwd_channel", num_warps=8),
         )  # fmt: skip
     for x, dp, dx, dy, same in ((q, daqk, dq, dkk, False), (k, dbkk, dkk, dkk, True)):
+        if op.DELTA_SCORE_BWD_V2 and q.dtype != torch.float32:  # (float32: the sub-block kernel is faster)
+            score_bwd_v2(x, k, gc, dp, dx, dy, dgc, same_out=same, chunk=chunk, prec=prec, upcast=_upcast(q))
+            continue
         op.score_bwd_kernel[(np_ // SUB, b * h)](
             x, k, gc, dp, dx, dy, dgc, n, np_, dk,
             SAME_OUT=same, BT=chunk, BS=SUB, BK=head_block(dk), DOT_PREC=prec, UPCAST=_upcast(q), **_cfg("score_bwd", num_warps=4),
@@ -384,4 +387,4 @@ def delta_bwd_channel_launch(
 # Imported last: op imports this module, and this module reads op (and the launchers op imports) only at
 # call time, so that any of them may be imported first.
 from attnlab.kernels.linear import op  # noqa: E402
-from attnlab.kernels.linear.launch_scores import chunk_output, gate_cumsum  # noqa: E402
+from attnlab.kernels.linear.launch_scores import chunk_output, gate_cumsum, score_bwd_v2  # noqa: E402

@@ -86,6 +86,54 @@ def chunk_output(
     return o
 
 
+#: ``score_bwd_v2_kernel``'s channels per slice (at most the head dim's block) and whether its levels are
+#: unrolled, for 16-bit inputs (compiled for sm_90 by Triton 3.6 at chunk 64, K = 128, 8 warps: 255
+#: registers, 120 B of stack, 112 KiB of shared memory; with ``upcast`` 88 B, 224 KiB) and for float32
+#: ones (ieee dots: unrolled or 64 channels wide they spill KiBs; 164 registers, no stack, 32 KiB):
+#: module settings until op.py holds them.
+SCORE_BWD_BKS = 64
+SCORE_BWD_UNROLL = True
+SCORE_BWD_BKS_F32 = 32
+SCORE_BWD_UNROLL_F32 = False
+
+
+def score_bwd_v2(
+    x: Tensor, y: Tensor, gc: Tensor, dp: Tensor, dx: Tensor, dy: Tensor, dgc: Tensor, *, same_out: bool,
+    chunk: int, prec: str, upcast: bool,
+) -> None:  # fmt: skip
+    """The backward of the per-channel decayed intra-chunk scores P_tj = sum_d x_td y_jd exp(G_td - G_jd)
+    (j <= t within a chunk) by ``score_bwd_v2_kernel`` (a chunk per program, log2(chunk) split levels),
+    added into the float32 buffers ``dx``, ``dy``, ``dgc`` (B, H, NP, K) as ``score_bwd_kernel``'s launches
+    in ``delta_bwd_channel_launch`` add: dx_t += sum_{j<=t} dP_tj y_j e^(G_t - G_j), dy_j += sum_{t>=j}
+    dP_tj x_t e^(G_t - G_j), dgc += x * (the dx part) - y * (the dy part). x, y (B, H, N, K) contiguous
+    (any float dtype); gc (B, H, NP, K) float32, the chunk-local gate cumsum (NP = N rounded up to whole
+    chunks); dp (B, H, NP, chunk) float32, used on and below the diagonal only. ``same_out``: x and y are
+    one tensor (k) and dx, dy one buffer. ``prec``: the dots' input precision (``_prec(x)``); ``upcast``:
+    float32 dot operands (``_upcast(x)``: bf16 in the interpreter; on a GPU, with 16-bit inputs, tf32 dots
+    more accurate than the sub-block kernel, and slower: see the kernel's docstring). Measured on an H100
+    (B=1, H=32, N=8192, the two launches of the delta backward): bf16, K = 128: chunk 64 1.41 ms against
+    the sub-block kernel's 3.18 (``upcast`` 2.21), chunk 32 1.62 / 3.05, chunk 16 1.15 / 1.97; K = 64,
+    chunk 64 0.76 / 1.59. float32 inputs (ieee dots, done by FMAs, and the split levels' dots do about 12x
+    the triangle's work): 3.90 ms against 2.97, slower."""
+    b, h, n, dk = x.shape
+    np_ = gc.shape[2]
+    assert np_ % chunk == 0 and dp.shape[-2:] == (np_, chunk) and dx.shape == dy.shape == dgc.shape
+    assert all(t.is_contiguous() for t in (x, y, gc, dp, dx, dy, dgc))
+    assert not same_out or (x.data_ptr() == y.data_ptr() and dx.data_ptr() == dy.data_ptr())
+    if np_ == 0 or b * h == 0:
+        return
+    wide = x.dtype == torch.float32
+    bks = min(head_block(dk), SCORE_BWD_BKS_F32 if wide else SCORE_BWD_BKS)
+    kernel = getattr(op, "score_bwd_v2_kernel", score_bwd_v2_kernel)
+    kernel[(np_ // chunk, b * h)](
+        x, y, gc, dp, dx, dy, dgc, n, np_, dk,
+        SAME_OUT=same_out, BT=chunk, LBT=chunk.bit_length() - 1, BKS=bks,
+        UNROLL=SCORE_BWD_UNROLL_F32 if wide else SCORE_BWD_UNROLL, DOT_PREC=prec, UPCAST=upcast,
+        **_cfg("score_bwd_v2", num_warps=8, num_stages=1),
+    )  # fmt: skip
+
+
 # Imported last: op imports this module, and this module reads op (and the launchers op imports) only at
 # call time, so that any of them may be imported first.
 from attnlab.kernels.linear import op  # noqa: E402
+from attnlab.kernels.linear.chunk_scores import score_bwd_v2_kernel  # noqa: E402

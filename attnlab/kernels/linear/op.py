@@ -73,6 +73,7 @@ from attnlab.kernels.linear.chunk_scores import gate_cumsum_kernel as gate_cumsu
 from attnlab.kernels.linear.chunk_scores import intra_scores_kernel as intra_scores_kernel
 from attnlab.kernels.linear.chunk_scores import intra_scores_v2_kernel as intra_scores_v2_kernel
 from attnlab.kernels.linear.chunk_scores import score_bwd_kernel as score_bwd_kernel
+from attnlab.kernels.linear.chunk_scores import score_bwd_v2_kernel as score_bwd_v2_kernel
 from attnlab.kernels.linear.chunk_state import chunk_local_state_kernel as chunk_local_state_kernel
 from attnlab.kernels.linear.chunk_state import chunk_scan_kernel as chunk_scan_kernel
 from attnlab.kernels.linear.chunk_state import delta_bwd_dh_kernel as delta_bwd_dh_kernel
@@ -283,7 +284,11 @@ DELTA_BWD_DH_V2 = True
 DELTA_BWD_DH_LOWP = True
 #: Per-channel gates (KDA): the backward of the two intra-chunk score products (q k^T and the strict
 #: k k^T) by ``score_bwd_v2_kernel`` (a chunk per program, split levels, as gla's fused backward) instead
-#: of ``score_bwd_kernel`` (16-row sub-blocks, the diagonal ones row by row).
+#: of ``score_bwd_kernel`` (16-row sub-blocks, the diagonal ones row by row), for 16-bit inputs (float32
+#: ones keep the sub-block kernel: ieee dots over the split levels' 64 x 64 tiles are slower there).
+#: Measured by helper-100 on an H100 (1x32x8192, K = 128, chunk 64, bf16, both launches): 1.41 ms against
+#: 3.18; its dot operands are in the inputs' dtype (the sub-block kernel made the pairs inside 16-row
+#: blocks exactly), slice width and unrolling in ``launch_scores.SCORE_BWD_*``.
 DELTA_SCORE_BWD_V2 = False
 #: The delta rule's chunk op leaves the gradients of the outputs the loss does not use unmaterialised
 #: (``set_materialize_grads(False)``, as ``GLA_SKIP_ZERO_GRADS``): its saved outputs (the chunk states,
