@@ -271,8 +271,10 @@ DELTA_INTRA_V2_F32 = True
 DELTA_BWD_BVB = 32
 #: With ``DELTA_BWD_BVB`` > 0, the scalar-gate per-chunk backward takes the transposed products it needs
 #: (U do^T, dW^T, X_u dU^T, dT^T, dA^T) as transposes of the ones it makes (they are exactly those) instead
-#: of making each by its own dot (3 fewer dots per value slice, 3 after the loop).
-DELTA_BWD_TRANS = False
+#: of making each by its own dot (3 fewer dots per value slice, 3 after the loop). On since checked
+#: (1x32x8192, every gradient) and timed on the H100: gated_delta fwd+bwd 1.21x / 1.22x faster at 8K / 32K
+#: (benchmarks/results/h100-2026-11-25-s21).
+DELTA_BWD_TRANS = True
 #: The delta rule's backward sequential pass by ``delta_bwd_dh_v2_kernel``: the intra-chunk part of dU,
 #: scale ((k q^T) * D^T) do, made for every chunk in parallel first (``delta_bwd_du_local_kernel``), so that
 #: the reverse loop only adds (k exp(G_C - G)) dH and updates dH; q^T and W^T loaded transposed, loads
@@ -288,8 +290,10 @@ DELTA_BWD_DH_LOWP = True
 #: ones keep the sub-block kernel: ieee dots over the split levels' 64 x 64 tiles are slower there).
 #: Measured by helper-100 on an H100 (1x32x8192, K = 128, chunk 64, bf16, both launches): 1.41 ms against
 #: 3.18; its dot operands are in the inputs' dtype (the sub-block kernel made the pairs inside 16-row
-#: blocks exactly), slice width and unrolling in ``launch_scores.SCORE_BWD_*``.
-DELTA_SCORE_BWD_V2 = False
+#: blocks exactly), slice width and unrolling in ``launch_scores.SCORE_BWD_*``. On since checked in the
+#: whole KDA backward (1x32x8192, every gradient, the 2x / 3x rule) and timed on the H100: KDA fwd+bwd
+#: 1.26x / 1.28x faster at 8K / 32K (benchmarks/results/h100-2026-11-25-s21).
+DELTA_SCORE_BWD_V2 = True
 #: The delta rule's chunk op leaves the gradients of the outputs the loss does not use unmaterialised
 #: (``set_materialize_grads(False)``, as ``GLA_SKIP_ZERO_GRADS``): its saved outputs (the chunk states,
 #: W, U, T, the normalised q / k) got zero-filled gradients before (8 fills, 0.17 ms of gated_delta's 4.2
