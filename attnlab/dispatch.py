@@ -155,9 +155,10 @@ def require(call: Call, backend: str | None = None) -> Backend:
             else f"no backend of method {call.spec.name!r} can run"
         )
         reasons = "\n".join(f"  - {name}: {'; '.join(why)}" for name, why in choice.refusals)
-        too_large = backend is not None and all(
-            "(an N x N tensor)" in r for _, why in choice.refusals for r in why
-        )
+        # (the named backend refused for its size alone, or, dispatching, some dense fallback did: the call
+        # is too large for the dense path, whatever the other backends' reasons)
+        n_by_n = ["(an N x N tensor)" in r for _, why in choice.refusals for r in why]
+        too_large = bool(n_by_n) and (all(n_by_n) if backend is not None else any(n_by_n))
         error = DenseTooLargeError if too_large else BackendError
         hint = ""
         if backend is None and call.want_lse and not REFERENCE.refusals(call):

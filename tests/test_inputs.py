@@ -198,6 +198,8 @@ def test_no_backend_lists_every_refusal(monkeypatch: pytest.MonkeyPatch) -> None
     assert "- flex: FlexAttention has no backward on CPU" in msg
     assert "- block_sparse: Triton kernels need a CUDA GPU" in msg
     assert "- sdpa_mask: sdpa_mask would materialise" in msg
+    # (the dense fallback refused for its size: DenseTooLargeError, a BackendError, without a named backend too)
+    assert isinstance(info.value, DenseTooLargeError)
 
 
 def test_dense_fallback_refuses_n_by_n_above_the_limit_and_names_the_fast_backend(

@@ -192,3 +192,102 @@ def test_kda_score_backward_by_split_levels_in_the_whole_backward(monkeypatch: p
         torch.testing.assert_close(
             a.float(), c, atol=5e-2, rtol=5e-2, msg=lambda m, nm=name: f"{nm} vs ref: {m}"
         )
+
+
+@pytest.mark.parametrize("gate", ["head", "channel", "none"])
+def test_sixteen_bit_operands_of_the_reverse_pass(gate: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``DELTA_BWD_DH_LOWP`` (the GPU's default for 16-bit inputs; the CPU interpreter is told it is not
+    interpreting, so the 16-bit branches run): fp16 inputs, every gradient within fp16 accuracy of the fp32
+    recurrence and no further from it than float32 operands (twice their error plus 1e-3)."""
+    from attnlab.kernels.linear import launch_delta
+
+    op = _op()
+    monkeypatch.setattr(launch_delta, "IMPORTED_INTERPRETED", False)
+    xs = _inputs(70, 24, 40, gate, seed=5)
+    low = [None if t is None else (t.half() if i < 3 else t) for i, t in enumerate(xs)]
+    want = _reference([None if t is None else t.float() for t in low])
+    got = {}
+    for lowp in (True, False):
+        monkeypatch.setattr(op, "DELTA_BWD_DH_LOWP", lowp)
+        got[lowp] = _grads(low, 32, True, monkeypatch)
+    names = [nm for nm, t in zip(("dq", "dk", "dv", "dbeta", "dg", "dh0"), xs, strict=True) if t is not None]
+    for name, a, b, c in zip(names, got[True], got[False], want, strict=True):
+        err_lowp = float((a.float() - c).abs().max())
+        err_f32 = float((b.float() - c).abs().max())
+        assert err_lowp <= 2 * err_f32 + 1e-3, (
+            f"{name}: 16-bit operands {err_lowp:.3g}, float32 {err_f32:.3g}"
+        )
+        torch.testing.assert_close(a.float(), c, atol=3e-2, rtol=3e-2, msg=lambda m, nm=name: f"{nm}: {m}")
+
+
+@pytest.mark.parametrize("loss", ["out", "state"])
+@pytest.mark.parametrize("skip", [True, False], ids=["unmaterialised", "zero-filled"])
+def test_unused_outputs_reach_the_backward_as_none(
+    skip: bool, loss: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the chunk op's backward receives: with ``DELTA_SKIP_ZERO_GRADS`` None for the output the loss
+    does not use (then a zero do is made inside, and no dht), else zero-filled gradients."""
+    from attnlab.kernels.linear import custom_ops
+
+    op = _op()
+    monkeypatch.setattr(op, "DELTA_SKIP_ZERO_GRADS", skip)
+    seen: dict[str, Tensor | None] = {}
+    real = custom_ops.delta_chunk_bwd
+
+    def spy(*args: object) -> object:
+        seen["do"], seen["dht"] = args[9], args[10]  # type: ignore[assignment]
+        return real(*args)
+
+    monkeypatch.setattr(custom_ops, "delta_chunk_bwd", spy)
+    xs = _inputs(40, 8, 8, "head")
+    leaves = [None if t is None else t.clone().requires_grad_(True) for t in xs]
+    o, s = op.delta_chunk(*leaves[:5], 0.3, leaves[5], 16)
+    (o.sum() if loss == "out" else s.sum()).backward()
+    do, dht = seen["do"], seen["dht"]
+    assert do is not None  # (always a tensor for the kernels)
+    if loss == "state":
+        assert torch.count_nonzero(do) == 0 and dht is not None and torch.count_nonzero(dht) > 0
+    elif skip:
+        assert dht is None and torch.count_nonzero(do) > 0
+    else:
+        assert dht is not None and torch.count_nonzero(dht) == 0
+
+
+@pytest.mark.parametrize("gate", ["head", "channel"])
+def test_packed_sequences_at_chunk_64_match_each_sequence_alone(gate: str) -> None:
+    """Packed sequences (cumulative lengths 0, 5, 5, 70, 130, 131: an empty one, one of a single token, one
+    over a chunk boundary) at chunk 64 with an initial state each: every gradient equals the recurrence
+    run on each sequence alone."""
+    op = _op()
+    cu = [0, 5, 5, 70, 130, 131]
+    n = cu[-1]
+    gen = torch.Generator().manual_seed(8)
+    q, k = (torch.randn(1, 2, n, 8, generator=gen) for _ in range(2))
+    k = F.normalize(k, dim=-1)
+    v = torch.randn(1, 2, n, 8, generator=gen)
+    beta = torch.rand(1, 2, n, generator=gen)
+    g = F.logsigmoid(torch.randn(1, 2, n, 8 if gate == "channel" else 1, generator=gen) + 1.0)
+    h0 = torch.randn(len(cu) - 1, 2, 8, 8, generator=gen)
+    xs = [t.to(DEV) for t in (q, k, v, beta, g, h0)]
+    leaves = [t.clone().requires_grad_(True) for t in xs]
+    ref = [t.clone().requires_grad_(True) for t in xs]
+    o, s = op.delta_chunk_varlen(*leaves[:5], 0.3, leaves[5], 64, torch.tensor(cu).to(DEV))
+    outs, states = [], []
+    for i in range(len(cu) - 1):
+        t0, t1 = cu[i], cu[i + 1]
+        if t0 == t1:
+            states.append(ref[5][i : i + 1])
+            continue
+        rq, rk, rv, rb, rg = (t[:, :, t0:t1] for t in ref[:5])
+        oi, si = delta_recurrence(rq, rk, rv, rb, rg, 0.3, ref[5][i : i + 1])
+        outs.append(oi)
+        states.append(si)
+    ro, rs = torch.cat(outs, 2), torch.cat(states, 0)
+    torch.testing.assert_close(o, ro, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(s, rs, atol=2e-5, rtol=2e-5)
+    gen = torch.Generator().manual_seed(7)
+    do, ds = torch.randn(o.shape, generator=gen).to(DEV), torch.randn(s.shape, generator=gen).to(DEV)
+    got = torch.autograd.grad((o * do).sum() + (s * ds).sum(), leaves)
+    want = torch.autograd.grad((ro * do).sum() + (rs * ds).sum(), ref)
+    for name, a, b in zip(("dq", "dk", "dv", "dbeta", "dg", "dh0"), got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m, nm=name: f"{nm}: {m}")

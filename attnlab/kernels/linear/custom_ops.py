@@ -135,7 +135,7 @@ def delta_chunk_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(dq, dk, dv, dbeta in the inputs' dtypes, dg (fp32, g's shape; empty without g), dh0 fp32). A gate
     shared by the channels (or none) takes the 64-row chunked backward; per-channel gates add the
-    intra-chunk score backwards by 16-row sub-blocks. ``rq``, ``rk`` (the fused L2 norm): q, k are the
+    intra-chunk score backwards (by split levels or 16-row sub-blocks: ``delta_bwd_channel_launch``). ``rq``, ``rk`` (the fused L2 norm): q, k are the
     normalised rows and these their reciprocal norms; dq, dk are then those of the raw q, k."""
     if g is None or _delta_scalar(g):
         dq, dk, dv, db, dg, dh0 = delta_bwd_scalar_launch(

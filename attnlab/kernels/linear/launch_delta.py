@@ -2,8 +2,9 @@
 the fused q/k L2 normalisation (``fwd.py``'s kernels), the forward in the chunked WY/UT form (per-chunk
 T = (I + A_kk)^-1, W, U0 in parallel: ``chunk_delta_wy.py``; one sequential pass over the chunk states:
 ``chunk_state.py``; per-chunk outputs: ``launch_scores.py``), and the chunked backward (the reverse
-sequential pass, then every chunk's gradients: ``chunk_delta_bwd.py``; under per-channel gates the
-intra-chunk score backwards by 16-row sub-blocks).
+sequential pass: ``chunk_delta_dh.py``, then every chunk's gradients: ``chunk_delta_bwd.py``; under
+per-channel gates the intra-chunk score backwards by split levels, ``launch_scores.score_bwd_v2``, or by
+16-row sub-blocks).
 
 Switches, kernels and the helpers that tests replace are read as ``op.NAME`` at each call: op is the
 namespace where tests and benchmarks set them (op imports this module; see its docstring).
@@ -229,8 +230,9 @@ def _delta_bwd_dh(
     q: Tensor, k: Tensor, do: Tensor, gc: Tensor, w: Tensor, aqk: Tensor | None, dht: Tensor | None,
     scale: float, chunk: int, seq_chunks: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """The delta rule's reverse sequential pass (``delta_bwd_dh_kernel``), the first launch of both chunked
-    backwards: (dH at every chunk end (B, H, chunks, K, V), dU (B, H, NP, V), the initial state's gradient
+    """The delta rule's reverse sequential pass (with ``DELTA_BWD_DH_V2`` two launches, ``chunk_delta_dh.py``:
+    the intra-chunk dU part for every chunk, then the reverse loop; else ``delta_bwd_dh_kernel``), the first
+    launch of both chunked backwards: (dH at every chunk end (B, H, chunks, K, V), dU (B, H, NP, V), the initial state's gradient
     (B, H, K, V), or per sequence with ``seq_chunks``), float32. ``aqk``: per-channel gates' intra-chunk
     q k^T scores (the kernel's GATE 2); None under a gate shared by the channels (GATE 1). ``dht``: the
     final state's gradient (None: zero). q, k, do contiguous; gc the forward's gate cumsum."""
@@ -330,7 +332,8 @@ def delta_bwd_channel_launch(
     """The chunked backward of the delta rule under per-channel gates (KDA-style): (dq, dk, dv in the
     inputs' dtypes, dbeta, dg (B, H, N, K), dh0 float32). The reverse sequential pass (dH, dU), every
     chunk's state / UT-transform gradients in parallel (``chunk_delta_bwd.py``), then the two intra-chunk
-    score backwards (q k^T and the strict k k^T) per 16-row sub-block (``score_bwd_kernel``). With ``rq``,
+    score backwards (q k^T and the strict k k^T) by split levels (``score_bwd_v2``, 16-bit inputs with
+    ``DELTA_SCORE_BWD_V2``) or per 16-row sub-block (``score_bwd_kernel``). With ``rq``,
     ``rk`` (the fused L2 norm: q, k are the normalised rows), dq and dk are returned for the raw q, k: the
     norm's Jacobian is applied by the launch that casts the float32 gradients to the inputs' dtypes
     (``l2norm_bwd_kernel``)."""
@@ -372,7 +375,7 @@ def delta_bwd_channel_launch(
     if op.DELTA_FUSED_GLUE:  # one launch (the chunk-end terms are already in dgc's last rows)
         dg = torch.empty(b, h, n, dk, dtype=f32, device=dev)
         bd = min(head_block(dk), 64)
-        no_tail = torch.zeros(b * h, n_chunks, dk, dtype=f32, device=dev)
+        no_tail = torch.zeros(b * h, n_chunks, dk, dtype=f32, device=dev)  # (the terms are in dgc already)
         op.gate_cumsum_bwd_kernel[(n_chunks, b * h, cdiv(dk, bd))](
             dgc, no_tail, dg, n, np_, dk, BT=chunk, BD=bd, **_cfg("cumsum_bwd", num_warps=4)
         )
