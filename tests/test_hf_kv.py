@@ -244,3 +244,26 @@ def test_kv_memory_of_every_decode_method() -> None:
                     want_kept if name == "tidal" and m.layer == 0 else want_read
                 )  # layer 0 selects: reads all
                 assert (m.kept, m.read) == (want_kept * per_token, read * per_token), (name, m)
+
+
+@pytest.mark.parametrize("pads", [(0, 5), (0, 95)], ids=["rows-keep-alike", "a-short-row-left-padded"])
+def test_beam_search_with_free_kv_and_a_stateless_method(pads: tuple[int, ...]) -> None:
+    """Beam search runs under ``free_kv`` with a stateless sink + window method (no per-row decode state
+    to reorder): the beams of one prompt keep the same tokens, so the compaction's per-row padding follows
+    transformers' row reordering, and the beams' tokens equal the masking path's; (0, 95): one row holds
+    fewer real tokens than sinks + window, and is left-padded in the compacted cache."""
+    model = build("llama3")
+    ids, mask = padded(batch=2, n=100, pads=pads)
+    params = {"sinks": 4, "window": 8}
+    outs = {}
+    for free in (False, True):
+        with use(model, decode="streaming", decode_params=params, plan=FAST, free_kv=free) as rt:
+            outs[free] = model.generate(
+                ids, attention_mask=mask, max_new_tokens=4, do_sample=False, num_beams=2,
+                return_dict_in_generate=True,
+            )  # fmt: skip
+            if free:
+                real = [100 + 1 - p for p in pads]  # (at the first decode step, which compacts)
+                kept = tuple(min(12, r) for r in real for _ in range(2))  # (two beams per prompt)
+                assert {layer: rec.kept for layer, rec in rt.compacted.items()} == {0: kept, 1: kept}
+    assert torch.equal(outs[True].sequences, outs[False].sequences)

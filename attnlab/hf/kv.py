@@ -27,7 +27,9 @@ largest count), which the runtime treats as that row's padding from then on. Wit
 is no padding and the batch runs as one call.
 
 Only transformers' full-attention ``DynamicLayer`` is compacted (a static or sliding-window cache layer
-raises :class:`~attnlab.hf.interface.HFRuntimeError`); beam search is refused under ``use`` anyway. After a
+raises :class:`~attnlab.hf.interface.HFRuntimeError`); beam search is refused under ``use`` with the
+stateful (evicting) methods and runs with the stateless sink + window ones (the beams of a prompt keep the
+same tokens, so a row's padding follows transformers' row reordering; tested). After a
 layer is compacted, the 2-D ``attention_mask`` of later calls must mark every new token as real (what
 ``generate`` does): the runtime takes each row's padding from the compaction, not from later masks.
 ``free_kv`` is a ``use`` option only (``register`` installs no hook to compact with). ``h2o`` by default
