@@ -663,3 +663,44 @@ def test_the_generic_block_sparse_backend_gives_the_estimator_its_inputs() -> No
     ref = attnlab.attention(q, k, v, method="seer", causal=True, backend="reference", return_lse=True, **kw)
     torch.testing.assert_close(res.out, ref.out, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(res.lse, ref.lse, atol=2e-5, rtol=1e-5)
+
+
+def test_the_sdpa_priority_order_is_scoped_per_call_across_threads() -> None:
+    """SDPA's kernel order is process-wide: a second thread's call (prefill-like) that starts while a first
+    one (decode-like) runs waits for it, so each runs under its own order, and the order is the user's
+    again after both (without the lock the first call ran on under the second's order)."""
+    import threading
+
+    from attnlab.kernels.sdpa import _DECODE, _PRIORITY, _scoped_priority
+
+    before = torch._C._get_sdp_priority_order()
+    seen: dict[str, list[int]] = {}
+    started, second_in, first_done = threading.Event(), threading.Event(), threading.Event()
+
+    def first_call() -> Tensor:
+        started.set()
+        second_in.wait(0.5)  # (with the lock the second call cannot start now: this times out)
+        seen["first"] = torch._C._get_sdp_priority_order()
+        return torch.zeros(1)
+
+    def second_call() -> Tensor:
+        second_in.set()
+        first_done.wait(0.5)
+        seen["second"] = torch._C._get_sdp_priority_order()
+        return torch.zeros(1)
+
+    def first() -> None:
+        _scoped_priority(_DECODE, first_call)
+        first_done.set()
+
+    def second() -> None:
+        started.wait(5)
+        _scoped_priority(_PRIORITY, second_call)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen["first"][: len(_DECODE)] == _DECODE and seen["second"][: len(_PRIORITY)] == _PRIORITY
+    assert torch._C._get_sdp_priority_order() == before

@@ -6,7 +6,8 @@ Causal attention with N_q != N_k is aligned bottom-right (see :mod:`attnlab.patt
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -108,20 +109,34 @@ def _with_priority(
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=gqa
         )
-    previous = torch._C._get_sdp_priority_order()
     order = _DECODE if q.shape[2] <= DECODE_MAX_QUERIES and q.shape[2] < k.shape[2] else _PRIORITY
-    wanted = order + [b for b in previous if b not in order]
-    if previous == wanted:
-        return F.scaled_dot_product_attention(
+    return _scoped_priority(
+        order,
+        lambda: F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=gqa
-        )
-    torch._C._set_sdp_priority_order(wanted)
-    try:
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=gqa
-        )
-    finally:
-        torch._C._set_sdp_priority_order(previous)
+        ),
+    )
+
+
+#: SDPA's kernel priority order is one setting for the whole process (not per thread: checked on torch
+#: 2.13), so :func:`_scoped_priority` holds this lock while it is changed
+_PRIORITY_LOCK = threading.Lock()
+
+
+def _scoped_priority(order: list[int], call: Callable[[], Tensor]) -> Tensor:
+    """``call()`` with SDPA's kernel priority order starting with ``order`` (the other kernels after it, in
+    their previous order), restored after. One lock around set, call and restore: calls from several
+    threads neither run under another's order nor leave it changed (the call itself only launches)."""
+    with _PRIORITY_LOCK:
+        previous = torch._C._get_sdp_priority_order()
+        wanted = order + [b for b in previous if b not in order]
+        if previous == wanted:
+            return call()
+        torch._C._set_sdp_priority_order(wanted)
+        try:
+            return call()
+        finally:
+            torch._C._set_sdp_priority_order(previous)
 
 
 def sdpa_masked(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor, scale: float) -> Tensor:
