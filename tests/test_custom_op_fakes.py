@@ -264,7 +264,7 @@ def test_delta_chunk_bwd(layout: str, gate: str, l2norm: bool) -> None:
     q, k, v, g, h0 = _lin_inputs(layout)
     beta = torch.rand(1, 2, N_LIN, device=DEV)
     gd = _delta_gate(g, gate)
-    o, ht, hs, w, u, t, qn, kn, rq, rk = delta_chunk_fwd(
+    o, ht, hs, w, u, t, qn, kn, rq, rk, *_ = delta_chunk_fwd(
         q, k, v, beta, gd, h0, 0.3, CHUNK, True, None, l2norm
     )
     do = _laid(torch.randn(o.shape, device=DEV), layout)

@@ -7,7 +7,9 @@ exp(G_id - G_jd), T = (I + A_kk)^-1, W = T (beta K exp(G)) and U0 = T (beta V), 
 diagonal 16 x 16 blocks inverted by forward substitution side by side, the blocks below them by block
 forward substitution with dots, W and U0 by dots per block. Or :func:`delta_wy_kernel`: forward
 substitution row by row over the whole chunk. (Then the sequential pass over the chunk states,
-``chunk_state.py``, and the output stage with v replaced by U, ``chunk_scores.py``.)
+``chunk_state.py``, and the output stage with v replaced by U, ``chunk_scores.py``.) Under per-channel
+gates both read A_kk's blocks made by ``intra_scores``, or (``AKK_BETA`` False: ``op.DELTA_SAVE_SCORES``,
+the backward keeps the scores without beta) the scores without beta, their rows multiplied by beta here.
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ def delta_wy_kernel(
     N, NP, DK, DV,
     GATE: tl.constexpr, SAVE_T: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr,
+    AKK_BETA: tl.constexpr = True,
 ):  # fmt: skip
     """The delta rule's UT transform of one chunk per program (chunk, batch * head): T = (I + A_kk)^-1 by
     forward substitution (A_kk strict lower: beta_i sum_d k_id k_jd exp(G_id - G_jd); read from AKK when
     GATE == 2, made here otherwise), then W = T (beta k exp(G)) (B*H, NP, K) and U0 = T (beta v)
     (B*H, NP, V), float32 (dots in float32: ``DOT_PREC`` tf32 or ieee); with SAVE_T, T itself
-    (B*H, NP, BT) for the backward."""
+    (B*H, NP, BT) for the backward. ``AKK_BETA`` (GATE == 2): AKK holds A_kk (beta in); False: it holds
+    the scores without beta (``op.DELTA_SAVE_SCORES``), their rows multiplied by beta here."""
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     t0 = c * BT
@@ -42,6 +46,8 @@ def delta_wy_kernel(
         g = _tile(GC + bh * NP * DK, t0, NP, 0, DK, DK, BT, BK)
         kg = k * tl.exp(g)
         a = _tile(AKK + bh * NP * BT, t0, NP, 0, BT, BT, BT, BT)
+        if not AKK_BETA:  # (the scores without beta: the rows times beta, as intra_scores would)
+            a = a * beta[:, None]
     else:
         g = tl.load(GC + bh * NP + rows)
         kg = k * tl.exp(g)[:, None]
@@ -77,6 +83,23 @@ def _kk_scale(p, ba, ga, gb, DIAG: tl.constexpr, BS: tl.constexpr):
         a = tl.where(ii > jj, a, 0.0)
     else:
         a = a * tl.exp(ga[:, None] - gb[None, :])
+    return a
+
+
+@triton.jit
+def _akk_block(
+    a_ptr, r0, c0, NP, ba, DIAG: tl.constexpr, AKK_BETA: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr
+):  # fmt: skip
+    """The 16 x 16 block of a chunk's AKK (per-channel gates) at rows r0, columns c0: A_ab as read
+    (``AKK_BETA``), or the scores without beta read and their rows multiplied by beta_a (``ba``) here (the
+    product intra_scores makes: the same A_ab); ``DIAG``: its strict lower part (a = b)."""
+    a = _tile(a_ptr, r0, NP, c0, BT, BT, BS, BS)
+    if not AKK_BETA:
+        a = a * ba[:, None]
+    if DIAG:
+        ii = tl.arange(0, BS)[:, None]
+        jj = tl.arange(0, BS)[None, :]
+        a = tl.where(ii > jj, a, 0.0)
     return a
 
 
@@ -164,12 +187,13 @@ def delta_wy_block_kernel(
     GATE: tl.constexpr, SAVE_T: tl.constexpr,
     BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKS: tl.constexpr,
     BCK: tl.constexpr, BCV: tl.constexpr, DOT_PREC: tl.constexpr, INV_PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, AKK_BETA: tl.constexpr = True,
 ):  # fmt: skip
     """:func:`delta_wy_kernel`'s results (W, U0, with SAVE_T T; the same layouts) by 16-row blocks, one
     chunk per program (chunk, batch * head). With NB = BT / 16 blocks (1, 2 or 4) and A_ab the (a, b)
     block of A_kk (GATE == 1: beta_a (k_a k_b^T) exp(G_a - G_b) by tensor-core dots in k's dtype
-    (float32 with UPCAST); GATE == 2: read from AKK)::
+    (float32 with UPCAST); GATE == 2: read from AKK, beta in with ``AKK_BETA``, else AKK's rows are the
+    scores without beta (``op.DELTA_SAVE_SCORES``), multiplied by beta_a here)::
 
         T_aa = (I + A_aa)^-1                            16-step forward substitution, float32
         T_ab = -T_aa sum_{b<=m<a} A_am T_mb   (a > b)   block forward substitution, dots in INV_PREC
@@ -241,19 +265,19 @@ def delta_wy_block_kernel(
             a31 = _kk_scale(p31, b3, g3, g1, False, BS)
             a32 = _kk_scale(p32, b3, g3, g2, False, BS)
             a33 = _kk_scale(p33, b3, g3, g3, True, BS)
-    else:  # GATE == 2: the blocks of AKK (beta and the per-channel decays in)
-        a00 = tl.where(ii > jj, _tile(a_ptr, t0, NP, 0, BT, BT, BS, BS), 0.0)
+    else:  # GATE == 2: the blocks of AKK (the per-channel decays in; beta too with AKK_BETA)
+        a00 = _akk_block(a_ptr, t0, 0, NP, b0, True, AKK_BETA, BT, BS)
         if NB > 1:
-            a10 = _tile(a_ptr, t0 + BS, NP, 0, BT, BT, BS, BS)
-            a11 = tl.where(ii > jj, _tile(a_ptr, t0 + BS, NP, BS, BT, BT, BS, BS), 0.0)
+            a10 = _akk_block(a_ptr, t0 + BS, 0, NP, b1, False, AKK_BETA, BT, BS)
+            a11 = _akk_block(a_ptr, t0 + BS, BS, NP, b1, True, AKK_BETA, BT, BS)
         if NB > 2:
-            a20 = _tile(a_ptr, t0 + 2 * BS, NP, 0, BT, BT, BS, BS)
-            a21 = _tile(a_ptr, t0 + 2 * BS, NP, BS, BT, BT, BS, BS)
-            a22 = tl.where(ii > jj, _tile(a_ptr, t0 + 2 * BS, NP, 2 * BS, BT, BT, BS, BS), 0.0)
-            a30 = _tile(a_ptr, t0 + 3 * BS, NP, 0, BT, BT, BS, BS)
-            a31 = _tile(a_ptr, t0 + 3 * BS, NP, BS, BT, BT, BS, BS)
-            a32 = _tile(a_ptr, t0 + 3 * BS, NP, 2 * BS, BT, BT, BS, BS)
-            a33 = tl.where(ii > jj, _tile(a_ptr, t0 + 3 * BS, NP, 3 * BS, BT, BT, BS, BS), 0.0)
+            a20 = _akk_block(a_ptr, t0 + 2 * BS, 0, NP, b2, False, AKK_BETA, BT, BS)
+            a21 = _akk_block(a_ptr, t0 + 2 * BS, BS, NP, b2, False, AKK_BETA, BT, BS)
+            a22 = _akk_block(a_ptr, t0 + 2 * BS, 2 * BS, NP, b2, True, AKK_BETA, BT, BS)
+            a30 = _akk_block(a_ptr, t0 + 3 * BS, 0, NP, b3, False, AKK_BETA, BT, BS)
+            a31 = _akk_block(a_ptr, t0 + 3 * BS, BS, NP, b3, False, AKK_BETA, BT, BS)
+            a32 = _akk_block(a_ptr, t0 + 3 * BS, 2 * BS, NP, b3, False, AKK_BETA, BT, BS)
+            a33 = _akk_block(a_ptr, t0 + 3 * BS, 3 * BS, NP, b3, True, AKK_BETA, BT, BS)
     # the diagonal blocks' inverses, X = T - I, by forward substitution (rows 0 and 1 are -A's already)
     x0 = -a00
     if NB > 1:

@@ -94,10 +94,14 @@ gla_chunk_fwd.register_autograd(_backward, setup_context=_setup_context)
 def delta_chunk_fwd(
     q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, h0: Tensor | None, scale: float,
     chunk: int, save: bool, seq_chunks: Tensor | None = None, qk_l2norm: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """(o, final state, then what the backward takes: chunk-start states, W, U, T, and with ``qk_l2norm``
-    q^, k^, rstd_q, rstd_k; see ``delta_fwd_launch``). g: None, (B, H, N, 1) or (B, H, N, K).
-    ``qk_l2norm``: q and k are L2-normalised in the op (its gradients are those of the raw q, k)."""
+) -> tuple[
+    Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor
+]:  # fmt: skip
+    """(o, final state, then what the backward takes: chunk-start states, W, U, T, with ``qk_l2norm``
+    q^, k^, rstd_q, rstd_k, and under per-channel gates with ``op.DELTA_SAVE_SCORES`` the intra-chunk
+    q k^T scores and the strict k k^T scores without beta; see ``delta_fwd_launch``). g: None,
+    (B, H, N, 1) or (B, H, N, K). ``qk_l2norm``: q and k are L2-normalised in the op (its gradients are
+    those of the raw q, k). The fake reads ``op.DELTA_SAVE_SCORES`` when traced, as the op when run."""
     return delta_fwd_launch(q, k, v, beta, g, h0, scale, chunk, save, seq_chunks, qk_l2norm)
 
 
@@ -105,7 +109,9 @@ def delta_chunk_fwd(
 def _(
     q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, h0: Tensor | None, scale: float,
     chunk: int, save: bool, seq_chunks: Tensor | None = None, qk_l2norm: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+) -> tuple[
+    Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor
+]:  # fmt: skip
     b, h, n, dk = q.shape
     dv = v.shape[-1]
     n_chunks = (n + chunk - 1) // chunk
@@ -124,26 +130,31 @@ def _(
     kn = k.new_empty(k.shape if l2 else (0,))
     rq = q.new_empty((b, h, n) if l2 else (0,), dtype=f32)
     rk = q.new_empty((b, h, n) if l2 else (0,), dtype=f32)
-    return o, ht, hs, w, u, t, qn, kn, rq, rk
+    kept = save and not _delta_scalar(g) and op.DELTA_SAVE_SCORES  # (as delta_fwd_launch decides)
+    aqk = q.new_empty((b, h, np_, chunk) if kept else (0,), dtype=f32)
+    bkk = q.new_empty((b, h, np_, chunk) if kept else (0,), dtype=f32)
+    return o, ht, hs, w, u, t, qn, kn, rq, rk, aqk, bkk
 
 
 @torch.library.custom_op("attnlab::delta_chunk_bwd", mutates_args=())
 def delta_chunk_bwd(
     q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, hs: Tensor, w: Tensor, u: Tensor,
     t: Tensor, do: Tensor, dht: Tensor | None, scale: float, chunk: int, seq_chunks: Tensor | None = None,
-    rq: Tensor | None = None, rk: Tensor | None = None,
+    rq: Tensor | None = None, rk: Tensor | None = None, aqk: Tensor | None = None, bkk: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(dq, dk, dv, dbeta in the inputs' dtypes, dg (fp32, g's shape; empty without g), dh0 fp32). A gate
     shared by the channels (or none) takes the 64-row chunked backward; per-channel gates add the
     intra-chunk score backwards (by split levels or 16-row sub-blocks: ``delta_bwd_channel_launch``). ``rq``, ``rk`` (the fused L2 norm): q, k are the
-    normalised rows and these their reciprocal norms; dq, dk are then those of the raw q, k."""
+    normalised rows and these their reciprocal norms; dq, dk are then those of the raw q, k. ``aqk``,
+    ``bkk``: per-channel gates' intra-chunk scores kept by the forward (``op.DELTA_SAVE_SCORES``; None or
+    empty: recomputed; a gate shared by the channels takes none)."""
     if g is None or _delta_scalar(g):
         dq, dk, dv, db, dg, dh0 = delta_bwd_scalar_launch(
             q, k, v, beta, g, hs, w, u, t, do, dht, scale, chunk, seq_chunks, rq, rk
         )
     else:
         dq, dk, dv, db, dg, dh0 = delta_bwd_channel_launch(
-            q, k, v, beta, g, hs, w, u, t, do, dht, scale, chunk, seq_chunks, rq, rk
+            q, k, v, beta, g, hs, w, u, t, do, dht, scale, chunk, seq_chunks, rq, rk, aqk, bkk
         )
     # contiguous, as the fake says (in float32 the chunk-padded buffers' slices would be views)
     dg_out = dg.contiguous() if dg is not None else q.new_empty(0, dtype=torch.float32)
@@ -161,7 +172,7 @@ def delta_chunk_bwd(
 def _(
     q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, hs: Tensor, w: Tensor, u: Tensor,
     t: Tensor, do: Tensor, dht: Tensor | None, scale: float, chunk: int, seq_chunks: Tensor | None = None,
-    rq: Tensor | None = None, rk: Tensor | None = None,
+    rq: Tensor | None = None, rk: Tensor | None = None, aqk: Tensor | None = None, bkk: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     b, h, _, dk = q.shape
     dg = q.new_empty(tuple(g.shape) if g is not None else (0,), dtype=torch.float32)
@@ -183,11 +194,13 @@ def _delta_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
         raise RuntimeError(
             "attnlab::delta_chunk_fwd ran without saving its chunk states (save=False): no backward"
         )
-    hs, w, u, t, qn, kn, rq, rk = output[2:]
+    hs, w, u, t, qn, kn, rq, rk, aqk, bkk = output[2:]
+    if aqk.dim() != 4 or bkk.dim() != 4:  # (not kept, (0,): DELTA_SAVE_SCORES off; recomputed)
+        aqk = bkk = None
     if qk_l2norm:  # the normalised rows replace the raw q, k (no copy of both is kept)
-        ctx.save_for_backward(qn, kn, v, beta, g, hs, w, u, t, rq, rk)
+        ctx.save_for_backward(qn, kn, v, beta, g, hs, w, u, t, rq, rk, aqk, bkk)
     else:
-        ctx.save_for_backward(q, k, v, beta, g, hs, w, u, t, None, None)
+        ctx.save_for_backward(q, k, v, beta, g, hs, w, u, t, None, None, aqk, bkk)
     ctx.args = (scale, chunk, seq_chunks)
     ctx.has = (g is not None, h0 is not None)
     if op.DELTA_SKIP_ZERO_GRADS:  # (None, not zeros, for the outputs the loss does not use)
@@ -195,10 +208,12 @@ def _delta_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
 
 
 def _delta_backward(ctx, do, dht, *_unused):  # type: ignore[no-untyped-def]
-    q, k, v, beta, g, hs, w, u, t, rq, rk = ctx.saved_tensors
+    q, k, v, beta, g, hs, w, u, t, rq, rk, aqk, bkk = ctx.saved_tensors
     if do is None:  # (DELTA_SKIP_ZERO_GRADS: the output unused, only the final state)
         do = q.new_zeros(v.shape)  # (o: q's dtype, v's shape)
-    dq, dk, dv, db, dg, dh0 = delta_chunk_bwd(q, k, v, beta, g, hs, w, u, t, do, dht, *ctx.args, rq, rk)
+    dq, dk, dv, db, dg, dh0 = delta_chunk_bwd(
+        q, k, v, beta, g, hs, w, u, t, do, dht, *ctx.args, rq, rk, aqk, bkk
+    )
     has_g, has_h0 = ctx.has
     return dq, dk, dv, db, (dg if has_g else None), (dh0 if has_h0 else None), None, None, None, None, None
 

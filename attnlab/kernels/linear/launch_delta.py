@@ -108,13 +108,17 @@ def l2norm_qk_bwd(
 def delta_fwd_launch(
     q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, h0: Tensor | None, scale: float,
     chunk: int, save: bool, seq_chunks: Tensor | None = None, qk_l2norm: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+) -> tuple[
+    Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor
+]:  # fmt: skip
     """(o in q's dtype, final state fp32, and for the backward (empty without ``save``): the states at the
-    chunk starts, W (B, H, NP, K), U (B, H, NP, V) and T (B, H, NP, chunk), fp32, and with ``qk_l2norm``
+    chunk starts, W (B, H, NP, K), U (B, H, NP, V) and T (B, H, NP, chunk), fp32, with ``qk_l2norm``
     q^, k^ (the normalised q, k in their dtypes) and their reciprocal norms (B, H, N) fp32 (empty
-    otherwise)): the WY/UT chunked form (see ``chunk_delta_wy.py``). g: None, (B, H, N, 1) one log-decay per
-    token, or (B, H, N, K) per channel. ``seq_chunks``: varlen (see ``chunk_states``). ``qk_l2norm``: q
-    and k are L2-normalised first, by one launch of ``l2norm_fwd_kernel``."""
+    otherwise), and under per-channel gates with ``op.DELTA_SAVE_SCORES`` the intra-chunk q k^T scores and
+    the strict k k^T scores without beta (B, H, NP, chunk) fp32 (``delta_bwd_channel_launch``'s ``aqk``,
+    ``bkk``; empty otherwise)): the WY/UT chunked form (see ``chunk_delta_wy.py``). g: None, (B, H, N, 1)
+    one log-decay per token, or (B, H, N, K) per channel. ``seq_chunks``: varlen (see ``chunk_states``).
+    ``qk_l2norm``: q and k are L2-normalised first, by one launch of ``l2norm_fwd_kernel``."""
     _check(q, k, v, chunk)
     b, h, n, dk = q.shape
     dv = v.shape[-1]
@@ -129,9 +133,12 @@ def delta_fwd_launch(
     gc = _delta_cumsum(g, b, h, n, dk, chunk, q.device)
     f32, dev = torch.float32, q.device
     akk = aqk = None
+    # (kept for the backward: akk is then the strict scores without beta, B; the UT kernel applies beta)
+    keep_scores = save and not scalar and op.DELTA_SAVE_SCORES
     if not scalar:
         v2, wide = op.DELTA_INTRA_V2, op.DELTA_INTRA_V2_F32
-        akk = op.intra_scores(k, k, gc, bc, chunk, strict=True, v2=v2, f32_operands=wide)
+        akk_beta = None if keep_scores else bc
+        akk = op.intra_scores(k, k, gc, akk_beta, chunk, strict=True, v2=v2, f32_operands=wide)
         aqk = op.intra_scores(q, k, gc, None, chunk, strict=False, v2=v2, f32_operands=wide)
     w = torch.empty(b, h, np_, dk, dtype=f32, device=dev)
     u = torch.empty(b, h, np_, dv, dtype=f32, device=dev)
@@ -144,13 +151,13 @@ def delta_fwd_launch(
             k, v, gc, bc, akk if akk is not None else w, w, u, t if save_t else w, n, np_, dk, dv,
             GATE=_gate_code(gc), SAVE_T=save_t, BT=chunk, BS=SUB, BK=bk, BV=bv, BKS=min(bk, op.WY_BKS),
             BCK=min(bk, op.WY_COLS), BCV=min(bv, op.WY_COLS), DOT_PREC=prec, INV_PREC=op.WY_INV_PREC,
-            UPCAST=_upcast(k), **_cfg("delta_wy_block", num_warps=4),
+            UPCAST=_upcast(k), AKK_BETA=not keep_scores, **_cfg("delta_wy_block", num_warps=4),
         )  # fmt: skip
     else:
         op.delta_wy_kernel[(n_chunks, b * h)](
             k, v, gc, bc, akk if akk is not None else w, w, u, t if save_t else w, n, np_, dk, dv,
             GATE=_gate_code(gc), SAVE_T=save_t, BT=chunk, BK=bk, BV=bv, DOT_PREC=prec,
-            **_cfg("delta_wy", num_warps=8),
+            AKK_BETA=not keep_scores, **_cfg("delta_wy", num_warps=8),
         )  # fmt: skip
     n_seq = b if seq_chunks is None else seq_chunks.shape[0] - 1
     ht = torch.empty(n_seq, h, dk, dv, dtype=f32, device=dev)
@@ -174,10 +181,11 @@ def delta_fwd_launch(
         return hs.new_empty(0)
 
     if not save:
-        return o, ht, empty(), empty(), empty(), empty(), empty(), empty(), empty(), empty()
+        return o, ht, empty(), empty(), empty(), empty(), empty(), empty(), empty(), empty(), empty(), empty()
+    kept = (aqk, akk) if keep_scores and aqk is not None and akk is not None else (empty(), empty())
     if rq is None or rk is None:
-        return o, ht, hs, w, u, t, empty(), empty(), empty(), empty()
-    return o, ht, hs, w, u, t, q, k, rq, rk
+        return o, ht, hs, w, u, t, empty(), empty(), empty(), empty(), *kept
+    return o, ht, hs, w, u, t, q, k, rq, rk, *kept
 
 
 def delta_h_v2(
@@ -327,7 +335,7 @@ def delta_bwd_scalar_launch(
 def delta_bwd_channel_launch(
     q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor, hs: Tensor, w: Tensor, u: Tensor, t: Tensor,
     do: Tensor, dht: Tensor | None, scale: float, chunk: int, seq_chunks: Tensor | None = None,
-    rq: Tensor | None = None, rk: Tensor | None = None,
+    rq: Tensor | None = None, rk: Tensor | None = None, aqk: Tensor | None = None, bkk: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """The chunked backward of the delta rule under per-channel gates (KDA-style): (dq, dk, dv in the
     inputs' dtypes, dbeta, dg (B, H, N, K), dh0 float32). The reverse sequential pass (dH, dU), every
@@ -336,7 +344,9 @@ def delta_bwd_channel_launch(
     ``DELTA_SCORE_BWD_V2``) or per 16-row sub-block (``score_bwd_kernel``). With ``rq``,
     ``rk`` (the fused L2 norm: q, k are the normalised rows), dq and dk are returned for the raw q, k: the
     norm's Jacobian is applied by the launch that casts the float32 gradients to the inputs' dtypes
-    (``l2norm_bwd_kernel``)."""
+    (``l2norm_bwd_kernel``). ``aqk``, ``bkk``: the forward's intra-chunk q k^T scores and strict k k^T
+    scores without beta ((B, H, NP, chunk) fp32, kept with ``op.DELTA_SAVE_SCORES``; None or empty:
+    recomputed here)."""
     b, h, n, dk = q.shape
     dv = v.shape[-1]
     q, k, v, do = (x.contiguous() for x in (q, k, v, do))
@@ -347,8 +357,12 @@ def delta_bwd_channel_launch(
     f32, dev = torch.float32, q.device
     prec = _prec(q)
     v2, wide = op.DELTA_INTRA_V2, op.DELTA_INTRA_V2_F32
-    aqk = op.intra_scores(q, k, gc, None, chunk, strict=False, v2=v2, f32_operands=wide)
-    bkk = op.intra_scores(k, k, gc, None, chunk, strict=True, v2=v2, f32_operands=wide)
+    if aqk is None or aqk.numel() == 0:
+        aqk = op.intra_scores(q, k, gc, None, chunk, strict=False, v2=v2, f32_operands=wide)
+    if bkk is None or bkk.numel() == 0:
+        bkk = op.intra_scores(k, k, gc, None, chunk, strict=True, v2=v2, f32_operands=wide)
+    assert aqk.shape == bkk.shape == (b, h, np_, chunk), (aqk.shape, bkk.shape)
+    aqk, bkk = aqk.float().contiguous(), bkk.float().contiguous()
     dhs, du, dh0 = _delta_bwd_dh(q, k, do, gc, w, aqk, dht, scale, chunk, seq_chunks)
     dq = torch.empty(b, h, np_, dk, dtype=f32, device=dev)
     dkk = torch.empty(b, h, np_, dk, dtype=f32, device=dev)

@@ -294,6 +294,14 @@ DELTA_BWD_DH_LOWP = True
 #: whole KDA backward (1x32x8192, every gradient, the 2x / 3x rule) and timed on the H100: KDA fwd+bwd
 #: 1.26x / 1.28x faster at 8K / 32K (benchmarks/results/h100-2026-11-25-s21).
 DELTA_SCORE_BWD_V2 = True
+#: Per-channel gates (KDA), a forward that saves for a backward: the forward makes the strict k k^T scores
+#: without beta (B) in place of the beta-scaled A_kk (the UT-transform kernel applies beta itself,
+#: ``AKK_BETA`` False) and the op keeps B and the q k^T scores for the backward, which then recomputes
+#: neither (``delta_bwd_channel_launch``'s ``aqk``, ``bkk``; about 0.66 ms of KDA's 7.05 ms forward +
+#: backward at 1x32x8192, K = 128 on the H100). Memory: two more (B, H, NP, chunk) float32 tensors kept
+#: from the forward to the backward. Read at each forward (the op's fake too: under torch.compile, set it
+#: before compiling). Off until checked and timed on the GPU; False: the previous launches exactly.
+DELTA_SAVE_SCORES = False
 #: The delta rule's chunk op leaves the gradients of the outputs the loss does not use unmaterialised
 #: (``set_materialize_grads(False)``, as ``GLA_SKIP_ZERO_GRADS``): its saved outputs (the chunk states,
 #: W, U, T, the normalised q / k) got zero-filled gradients before (8 fills, 0.17 ms of gated_delta's 4.2
