@@ -120,11 +120,12 @@ def _(
     o = q.new_empty(b, h, n, dv)
     n_seq = b if seq_chunks is None else seq_chunks.shape[0] - 1
     ht = q.new_empty(n_seq, h, dk, dv, dtype=f32)
-    hs = q.new_empty((b, h, n_chunks, dk, dv) if save else (0,), dtype=f32)
+    kdt = saved_dtype(k) if save else f32  # (as delta_fwd_launch decides: op.DELTA_SAVED_LOWP)
+    hs = q.new_empty((b, h, n_chunks, dk, dv) if save else (0,), dtype=kdt)
     wut = save
-    w = q.new_empty((b, h, np_, dk) if wut else (0,), dtype=f32)
-    u = q.new_empty((b, h, np_, dv) if wut else (0,), dtype=f32)
-    t = q.new_empty((b, h, np_, chunk) if wut else (0,), dtype=f32)
+    w = q.new_empty((b, h, np_, dk) if wut else (0,), dtype=kdt)
+    u = q.new_empty((b, h, np_, dv) if wut else (0,), dtype=kdt)
+    t = q.new_empty((b, h, np_, chunk) if wut else (0,), dtype=kdt)
     l2 = save and qk_l2norm
     qn = q.new_empty(q.shape if l2 else (0,))
     kn = k.new_empty(k.shape if l2 else (0,))
@@ -229,5 +230,6 @@ from attnlab.kernels.linear.launch_delta import (  # noqa: E402
     delta_bwd_channel_launch,
     delta_bwd_scalar_launch,
     delta_fwd_launch,
+    saved_dtype,
 )
 from attnlab.kernels.linear.launch_gla import gla_bwd_launch, gla_fwd_launch  # noqa: E402

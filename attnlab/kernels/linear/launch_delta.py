@@ -48,6 +48,20 @@ def _delta_scalar(g: Tensor | None) -> bool:
     return g is None or g.shape[-1] == 1
 
 
+def saved_dtype(k: Tensor) -> torch.dtype:
+    """The dtype of W and of what the forward keeps for the backward (chunk-start states, U, T): k's
+    16-bit dtype with ``op.DELTA_SAVED_LOWP`` and the 16-bit sequential passes, else float32."""
+    lowp = (
+        op.DELTA_SAVED_LOWP
+        and op.DELTA_H_V2
+        and op.DELTA_H_LOWP
+        and op.DELTA_BWD_DH_V2
+        and op.DELTA_BWD_DH_LOWP
+        and k.dtype in (torch.bfloat16, torch.float16)
+    )
+    return k.dtype if lowp else torch.float32
+
+
 def _delta_cumsum(
     g: Tensor | None, b: int, h: int, n: int, dk: int, chunk: int, device: torch.device
 ) -> Tensor:
@@ -112,7 +126,7 @@ def delta_fwd_launch(
     Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor
 ]:  # fmt: skip
     """(o in q's dtype, final state fp32, and for the backward (empty without ``save``): the states at the
-    chunk starts, W (B, H, NP, K), U (B, H, NP, V) and T (B, H, NP, chunk), fp32, with ``qk_l2norm``
+    chunk starts, W (B, H, NP, K), U (B, H, NP, V) and T (B, H, NP, chunk), in ``saved_dtype(k)``, with ``qk_l2norm``
     q^, k^ (the normalised q, k in their dtypes) and their reciprocal norms (B, H, N) fp32 (empty
     otherwise), and under per-channel gates with ``op.DELTA_SAVE_SCORES`` the intra-chunk q k^T scores and
     the strict k k^T scores without beta (B, H, NP, chunk) fp32 (``delta_bwd_channel_launch``'s ``aqk``,
@@ -140,10 +154,11 @@ def delta_fwd_launch(
         akk_beta = None if keep_scores else bc
         akk = op.intra_scores(k, k, gc, akk_beta, chunk, strict=True, v2=v2, f32_operands=wide)
         aqk = op.intra_scores(q, k, gc, None, chunk, strict=False, v2=v2, f32_operands=wide)
-    w = torch.empty(b, h, np_, dk, dtype=f32, device=dev)
+    kept_dt = saved_dtype(k)
+    w = torch.empty(b, h, np_, dk, dtype=kept_dt, device=dev)
     u = torch.empty(b, h, np_, dv, dtype=f32, device=dev)
     save_t = save
-    t = torch.empty((b, h, np_, chunk) if save_t else (0,), dtype=f32, device=dev)
+    t = torch.empty((b, h, np_, chunk) if save_t else (0,), dtype=kept_dt, device=dev)
     prec = _prec(q)
     bk, bv = head_block(dk), head_block(dv)
     if op.WY_BLOCKWISE:
@@ -177,15 +192,16 @@ def delta_fwd_launch(
         )  # fmt: skip
     o = chunk_output(q, k, u_out, gc, hs, aqk, scale, chunk)
 
-    def empty() -> Tensor:  # (a fresh one each: a custom op's outputs must not alias)
-        return hs.new_empty(0)
+    def empty(dtype: torch.dtype = f32) -> Tensor:  # (a fresh one each: a custom op's outputs must not alias;
+        return hs.new_empty(0, dtype=dtype)  # the fake's dtypes)
 
+    qk_empty = (empty(q.dtype), empty(k.dtype))
     if not save:
-        return o, ht, empty(), empty(), empty(), empty(), empty(), empty(), empty(), empty(), empty(), empty()
+        return o, ht, empty(), empty(), empty(), empty(), *qk_empty, empty(), empty(), empty(), empty()
     kept = (aqk, akk) if keep_scores and aqk is not None and akk is not None else (empty(), empty())
     if rq is None or rk is None:
-        return o, ht, hs, w, u, t, empty(), empty(), empty(), empty(), *kept
-    return o, ht, hs, w, u, t, q, k, rq, rk, *kept
+        return o, ht, hs, w, u_out, t, *qk_empty, empty(), empty(), *kept
+    return o, ht, hs, w, u_out, t, q, k, rq, rk, *kept
 
 
 def delta_h_v2(
@@ -194,13 +210,18 @@ def delta_h_v2(
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """The delta rule's forward sequential pass by ``delta_h_v2_kernel``: (the states at the chunk starts
     (B, H, chunks, K, V), U (B, H, NP, V)), the final state written to ``ht`` (h0 float32 or None;
-    ``seq_chunks``: varlen, as ``chunk_states``). With ``save`` (or ``DELTA_H_COMPACT``
-    off) both float32, U written over U0 (``u``); else both in k's dtype, fresh."""
+    ``seq_chunks``: varlen, as ``chunk_states``). With ``save``: both in ``saved_dtype(k)``, U written over
+    U0 (``u``) when that is float32; without: in k's dtype (``DELTA_H_COMPACT``, else float32 over U0).
+    Fresh buffers whenever they are 16-bit (U0 left as is)."""
     b, h, n, dk = k.shape
     dv = u.shape[-1]
     n_chunks = cdiv(n, chunk)
-    compact = op.DELTA_H_COMPACT and not save
-    sdt = k.dtype if compact else torch.float32
+    if save:  # (the backward reads them: ``saved_dtype``)
+        sdt = saved_dtype(k)
+        compact = sdt != torch.float32
+    else:
+        compact = op.DELTA_H_COMPACT
+        sdt = k.dtype if compact else torch.float32
     hs = torch.empty(b, h, n_chunks, dk, dv, dtype=sdt, device=k.device)
     u_out = torch.empty(u.shape, dtype=sdt, device=k.device) if compact else u
     bk = head_block(dk)
@@ -249,7 +270,8 @@ def _delta_bwd_dh(
     n_chunks = cdiv(n, chunk)
     np_ = n_chunks * chunk
     f32, dev = torch.float32, q.device
-    dhs = torch.empty(b, h, n_chunks, dk, dv, dtype=f32, device=dev)
+    # (dH in W's dtype: 16-bit with ``op.DELTA_SAVED_LOWP``, as the forward decided)
+    dhs = torch.empty(b, h, n_chunks, dk, dv, dtype=w.dtype if op.DELTA_BWD_DH_V2 else f32, device=dev)
     du = torch.empty(b, h, np_, dv, dtype=f32, device=dev)
     n_seq = b if seq_chunks is None else seq_chunks.shape[0] - 1
     dh0 = torch.empty(n_seq, h, dk, dv, dtype=f32, device=dev)

@@ -300,8 +300,19 @@ DELTA_SCORE_BWD_V2 = True
 #: neither (``delta_bwd_channel_launch``'s ``aqk``, ``bkk``; about 0.66 ms of KDA's 7.05 ms forward +
 #: backward at 1x32x8192, K = 128 on the H100). Memory: two more (B, H, NP, chunk) float32 tensors kept
 #: from the forward to the backward. Read at each forward (the op's fake too: under torch.compile, set it
-#: before compiling). Off until checked and timed on the GPU; False: the previous launches exactly.
-DELTA_SAVE_SCORES = False
+#: before compiling). On since checked (1x32x8192, every gradient: errors equal to the recomputing
+#: path's) and timed on the H100: KDA forward + backward 1.09x / 1.13x faster at 8K / 32K
+#: (benchmarks/results/h100-2026-11-25-s22). False: the previous launches exactly.
+DELTA_SAVE_SCORES = True
+#: 16-bit inputs with the 16-bit sequential passes (``DELTA_H_V2`` and ``DELTA_H_LOWP``,
+#: ``DELTA_BWD_DH_V2`` and ``DELTA_BWD_DH_LOWP``): what the forward keeps for the backward (the
+#: chunk-start states S, W, U, T) and the backward's state gradients dH are stored in the inputs' dtype
+#: instead of float32. Every kernel that reads them rounds them to that dtype as dot operands anyway;
+#: the one float32 use, sum_v S * dH (the gate gradient's chunk-end term), takes the rounded values.
+#: Half the bytes written by the forward's passes and by the reverse pass, and read by the per-chunk
+#: backward kernels; half the memory kept from the forward to the backward. Read at each forward (the
+#: op's fake too) and, for dH, from W's dtype in the backward. False: float32, the previous launches.
+DELTA_SAVED_LOWP = False
 #: The delta rule's chunk op leaves the gradients of the outputs the loss does not use unmaterialised
 #: (``set_materialize_grads(False)``, as ``GLA_SKIP_ZERO_GRADS``): its saved outputs (the chunk states,
 #: W, U, T, the normalised q / k) got zero-filled gradients before (8 fills, 0.17 ms of gated_delta's 4.2
