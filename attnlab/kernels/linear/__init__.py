@@ -12,7 +12,8 @@ the ``chunk_*.py`` kernels) and a recurrent decode step, with the state carried 
   - ``chunk_scores.py``: what both families share: the gate cumsum, the intra-chunk scores and their
     backward, the per-chunk output;
   - ``chunk_gla_bwd.py``: the gated linear recurrence's per-chunk backward;
-  - ``chunk_delta_wy.py``: the delta rule's UT transform; ``chunk_delta_bwd.py``: its per-chunk backward.
+  - ``chunk_delta_wy.py``: the delta rule's UT transform; ``chunk_delta_bwd.py``: its per-chunk backward
+    (``chunk_delta_bwd_split.py``: the scalar-gate one with its products over V in two loops).
 
 - Host side: ``launch.py`` (sizes, dot precisions, checks, gate layouts, launch options);
   ``launch_scores.py``, ``launch_gla.py``, ``launch_delta.py`` (the launchers); ``custom_ops.py`` (the

@@ -276,14 +276,22 @@ def delta_bwd_chunk_kernel(
         else:
             da_qk_t = scale * udo * d_t
             dk = tl.dot((da_qk_t).to(dt), (q).to(dt), input_precision=DOT_PREC)
+        # dq is final here: stored now, so that neither it nor q stays live through the UT part
+        rr = rows[:, None]
+        rk = tl.arange(0, BK)[None, :]
+        if L2NORM:  # the norm's Jacobian (q is the normalised rows; padded rows are zero)
+            rq = tl.load(RQ + bh * N + rows, mask=rows < N, other=0.0)
+            dq = (dq - q * tl.sum(q * dq, axis=1)[:, None]) * rq[:, None]
+        tl.store(DQ + bh * N * DK + rr * DK + rk, dq.to(DQ.dtype.element_ty), mask=(rr < N) & (rk < DK))
         # the state update's k exp(G_C - G)
         dk += dkbar * tail[:, None]
         kbar_term = tl.sum(dkbar * k, axis=1) * tail
         dgc -= kbar_term
         g_end = tl.sum(kbar_term, axis=0) + tl.exp(g_last) * tl.sum(sdh, axis=0)
         # the UT transform (dU X_u^T and X_u dU^T summed over the slices)
-        xw = k * (beta * eg)[:, None]
-        dt_ = tl.dot((dw).to(dt), (tl.trans(xw)).to(dt), duxu, input_precision=DOT_PREC)
+        # (X_w only as a dot operand, in its dtype: its float32 uses below go through k)
+        xw = (k * (beta * eg)[:, None]).to(dt)
+        dt_ = tl.dot((dw).to(dt), tl.trans(xw), duxu, input_precision=DOT_PREC)
         dxw, da = _ut_transform_bwd_w(tm, dw, dt_, dt, DOT_PREC)
         da = tl.where(ii > jj, da, 0.0)
         kk = tl.dot((k).to(dt), (tl.trans(k)).to(dt), input_precision=DOT_PREC)
@@ -291,7 +299,7 @@ def delta_bwd_chunk_kernel(
         if TRANS:  # (dA^T = -T dT^T T = the transpose of dA = -T^T dT T^T: dab_t = dab^T)
             dk += tl.dot((dab + tl.trans(dab)).to(dt), (k).to(dt), input_precision=DOT_PREC)
         else:
-            dt_t = tl.dot((xw).to(dt), (dw_t).to(dt), xudu, input_precision=DOT_PREC)
+            dt_t = tl.dot(xw, (dw_t).to(dt), xudu, input_precision=DOT_PREC)
             da_t = -tl.dot(
                 (tl.dot((tm).to(dt), (dt_t).to(dt), input_precision=DOT_PREC)).to(dt),
                 (tm).to(dt),
@@ -307,17 +315,13 @@ def delta_bwd_chunk_kernel(
         p2 = p2 * beta[:, None]
         dgc += tl.sum(p2, axis=1) - tl.sum(p2, axis=0)
         dk += dxw * (beta * eg)[:, None]
-        db += tl.sum(dxw * k * eg[:, None], axis=1) + dxu_v
-        dgc += tl.sum(dxw * xw, axis=1)
+        dxw_k = tl.sum(dxw * k * eg[:, None], axis=1)
+        db += dxw_k + dxu_v
+        dgc += beta * dxw_k  # (rowsum(dX_w * X_w))
         dgc += tl.where(tl.arange(0, BT) == BT - 1, g_end, 0.0)
-        rr = rows[:, None]
-        rk = tl.arange(0, BK)[None, :]
-        if L2NORM:  # the norm's Jacobian (q, k are the normalised rows; padded rows are zero)
-            rq = tl.load(RQ + bh * N + rows, mask=rows < N, other=0.0)
+        if L2NORM:  # the norm's Jacobian (k is the normalised rows; padded rows are zero)
             rkn = tl.load(RK + bh * N + rows, mask=rows < N, other=0.0)
-            dq = (dq - q * tl.sum(q * dq, axis=1)[:, None]) * rq[:, None]
             dk = (dk - k * tl.sum(k * dk, axis=1)[:, None]) * rkn[:, None]
-        tl.store(DQ + bh * N * DK + rr * DK + rk, dq.to(DQ.dtype.element_ty), mask=(rr < N) & (rk < DK))
         tl.store(DK_ + bh * N * DK + rr * DK + rk, dk.to(DK_.dtype.element_ty), mask=(rr < N) & (rk < DK))
         tl.store(DB + bh * N + rows, db, mask=rows < N)
         tl.store(DG + bh * NP + rows, dgc)

@@ -341,13 +341,22 @@ def delta_bwd_scalar_launch(
     dq, dkk, dvv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     db = torch.empty(b, h, n, dtype=f32, device=dev)
     dgc = torch.empty(b, h, np_, dtype=f32, device=dev)
+    bvb = min(op.DELTA_BWD_BVB, head_block(dv))
+    args = (
+        q, k, v, bc, gc, do, hs, dhs, u, du, t, dq, dkk, dvv, db, dgc,
+        rq if rq is not None else db, rk if rk is not None else db, n, np_, dk, dv, float(scale),
+    )  # fmt: skip
+    consts = {"BT": chunk, "BK": head_block(dk), "BV": head_block(dv), "DOT_PREC": prec, "UPCAST": _upcast(q),
+              "L2NORM": rq is not None, "BVB": bvb}  # fmt: skip
     with _shared_memory_hint(q):
-        op.delta_bwd_chunk_kernel[(n_chunks, b * h)](
-            q, k, v, bc, gc, do, hs, dhs, u, du, t, dq, dkk, dvv, db, dgc,
-            rq if rq is not None else db, rk if rk is not None else db, n, np_, dk, dv, float(scale),
-            BT=chunk, BK=head_block(dk), BV=head_block(dv), DOT_PREC=prec, UPCAST=_upcast(q),
-            L2NORM=rq is not None, BVB=min(op.DELTA_BWD_BVB, head_block(dv)), TRANS=op.DELTA_BWD_TRANS, **_cfg("delta_bwd_chunk", num_warps=8),
-        )  # fmt: skip
+        if op.DELTA_BWD_SPLIT and op.DELTA_BWD_TRANS and bvb > 0:
+            op.delta_bwd_chunk_split_kernel[(n_chunks, b * h)](
+                *args, **consts, **_cfg("delta_bwd_chunk", num_warps=8)
+            )
+        else:
+            op.delta_bwd_chunk_kernel[(n_chunks, b * h)](
+                *args, **consts, TRANS=op.DELTA_BWD_TRANS, **_cfg("delta_bwd_chunk", num_warps=8)
+            )
     dg = None
     if g is not None:  # through the chunk-local cumsum: a reverse cumsum within each chunk
         dg = dgc.view(b, h, n_chunks, chunk).flip(-1).cumsum(-1).flip(-1).reshape(b, h, np_)[:, :, :n, None]

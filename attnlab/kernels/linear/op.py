@@ -59,6 +59,9 @@ from attnlab.kernels.linear.chunk_delta_bwd import (
     delta_bwd_chunk_channel_kernel as delta_bwd_chunk_channel_kernel,
 )
 from attnlab.kernels.linear.chunk_delta_bwd import delta_bwd_chunk_kernel as delta_bwd_chunk_kernel
+from attnlab.kernels.linear.chunk_delta_bwd_split import (
+    delta_bwd_chunk_split_kernel as delta_bwd_chunk_split_kernel,
+)
 from attnlab.kernels.linear.chunk_delta_dh import delta_bwd_dh_v2_kernel as delta_bwd_dh_v2_kernel
 from attnlab.kernels.linear.chunk_delta_dh import delta_bwd_du_local_kernel as delta_bwd_du_local_kernel
 from attnlab.kernels.linear.chunk_delta_wy import delta_wy_block_kernel as delta_wy_block_kernel
@@ -275,6 +278,11 @@ DELTA_BWD_BVB = 32
 #: (1x32x8192, every gradient) and timed on the H100: gated_delta fwd+bwd 1.21x / 1.22x faster at 8K / 32K
 #: (benchmarks/results/h100-2026-11-25-s21).
 DELTA_BWD_TRANS = True
+#: With ``DELTA_BWD_BVB`` > 0 and ``DELTA_BWD_TRANS``, the scalar-gate per-chunk backward makes its products
+#: over V in two loops (``delta_bwd_chunk_split_kernel``: the output's and the state update's, then the UT
+#: transform's, S read twice) instead of one, so that fewer accumulators are live at once (sm_90, K = V =
+#: 128, bf16, 8 warps, Triton 3.6: 0.65 KB of spills with one loop). Off until timed on the GPU.
+DELTA_BWD_SPLIT = False
 #: The delta rule's backward sequential pass by ``delta_bwd_dh_v2_kernel``: the intra-chunk part of dU,
 #: scale ((k q^T) * D^T) do, made for every chunk in parallel first (``delta_bwd_du_local_kernel``), so that
 #: the reverse loop only adds (k exp(G_C - G)) dH and updates dH; q^T and W^T loaded transposed, loads
