@@ -80,6 +80,8 @@ def _check_slices(
     from attnlab.kernels.linear.naive import l2norm as norm
 
     op = _op()
+    monkeypatch.setattr(op, "DELTA_BWD_SPLIT", False)  # (the one-loop kernel: test_linear_delta_bwd_split)
+    monkeypatch.setattr(op, "DELTA_BWD_SPLIT_CHANNEL", False)
     channel = xs[4] is not None and xs[4].shape[-1] > 1
     name = "delta_bwd_chunk_channel_kernel" if channel else "delta_bwd_chunk_kernel"
     spy = _Spy(getattr(op, name))

@@ -36,10 +36,11 @@ def _inputs(n: int, dk: int, dv: int, gate: str, dtype: torch.dtype, seed: int =
     q, k = (torch.randn(1, 2, n, dk, generator=gen) for _ in range(2))
     k = F.normalize(k, dim=-1)
     v = torch.randn(1, 2, n, dv, generator=gen)
-    g = F.logsigmoid(torch.randn(1, 2, n, 1, generator=gen) + 1.0)
+    g = F.logsigmoid(torch.randn(1, 2, n, dk, generator=gen) + 1.0)
     beta = torch.rand(1, 2, n, generator=gen)
     h0 = torch.randn(1, 2, dk, dv, generator=gen)
-    xs = [q.to(dtype), k.to(dtype), v.to(dtype), beta, g if gate == "head" else None, h0]
+    gg = {"head": g[..., :1].clone(), "channel": g, "none": None}[gate]
+    xs = [q.to(dtype), k.to(dtype), v.to(dtype), beta, gg, h0]
     return [t.to(DEV) if t is not None else None for t in xs]
 
 
@@ -55,13 +56,15 @@ class _Count:
 
 
 def _run(
-    xs: list[Tensor | None], split: bool, l2norm: bool, mp: pytest.MonkeyPatch
+    xs: list[Tensor | None], split: bool, l2norm: bool, mp: pytest.MonkeyPatch, channel: bool = False
 ) -> tuple[list[Tensor], _Count, _Count]:  # fmt: skip
     op = _op()
-    mp.setattr(op, "DELTA_BWD_SPLIT", split)
-    one, two = _Count(op.delta_bwd_chunk_kernel), _Count(op.delta_bwd_chunk_split_kernel)
-    mp.setattr(op, "delta_bwd_chunk_kernel", one)
-    mp.setattr(op, "delta_bwd_chunk_split_kernel", two)
+    mp.setattr(op, "DELTA_BWD_SPLIT_CHANNEL" if channel else "DELTA_BWD_SPLIT", split)
+    names = ("delta_bwd_chunk_channel_kernel", "delta_bwd_chunk_channel_split_kernel") if channel else (
+        "delta_bwd_chunk_kernel", "delta_bwd_chunk_split_kernel")  # fmt: skip
+    one, two = _Count(getattr(op, names[0])), _Count(getattr(op, names[1]))
+    mp.setattr(op, names[0], one)
+    mp.setattr(op, names[1], two)
     leaves = [t.clone().requires_grad_(True) if t is not None else None for t in xs]
     o, s = op.delta_chunk(*leaves[:5], 0.3, leaves[5], 16, qk_l2norm=l2norm)
     gen = torch.Generator().manual_seed(7)
@@ -70,8 +73,8 @@ def _run(
     got = torch.autograd.grad(
         (o.float() * do.float()).sum() + (s * ds).sum(), [t for t in leaves if t is not None]
     )
-    mp.setattr(op, "delta_bwd_chunk_kernel", one.kernel)
-    mp.setattr(op, "delta_bwd_chunk_split_kernel", two.kernel)
+    mp.setattr(op, names[0], one.kernel)
+    mp.setattr(op, names[1], two.kernel)
     return [x.float() for x in got], one, two
 
 
@@ -131,3 +134,30 @@ def test_the_switch_applies_to_the_sliced_scalar_kernel_only(monkeypatch: pytest
         monkeypatch.setattr(op, "DELTA_BWD_TRANS", trans)
         _, one, two = _run(xs, True, False, monkeypatch)
         assert (one.calls, two.calls) == (1, 0), (bvb, trans)
+
+
+@pytest.mark.parametrize(
+    ("n", "l2norm", "dtype"),
+    [(63, False, torch.float32), (37, True, torch.float32), (50, False, torch.float16)],
+    ids=["n63", "n37-l2norm", "n50-fp16"],
+)
+def test_per_channel_gates_in_two_loops(
+    n: int, l2norm: bool, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``DELTA_BWD_SPLIT_CHANNEL`` (KDA): every gradient against the one-loop kernel (the partial dk and dG
+    rows go through memory between the loops and the chunk-end terms join dG's last row before dX_w X_w
+    does: within 1e-6 of the largest value) and the recurrence."""
+    op = _op()
+    monkeypatch.setattr(op, "DELTA_BWD_BVB", 32)
+    xs = _inputs(n, 32, 40, "channel", dtype, seed=2)
+    split, one_a, two_a = _run(xs, True, l2norm, monkeypatch, channel=True)
+    loop, one_b, two_b = _run(xs, False, l2norm, monkeypatch, channel=True)
+    assert (one_a.calls, two_a.calls, one_b.calls, two_b.calls) == (0, 1, 1, 0)
+    want = _reference(xs, l2norm)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for nm, a, b, c in zip(NAMES, split, loop, want, strict=True):
+        torch.testing.assert_close(
+            a, b, atol=1e-6 * float(b.abs().max()), rtol=0, msg=lambda m, nm=nm: f"{nm}: {m}"
+        )
+        err = float((a - c).abs().max()) / float(c.abs().max())
+        assert err < tol, f"{nm}: {err:.2e} of the largest value from the recurrence"

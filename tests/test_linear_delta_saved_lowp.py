@@ -168,14 +168,18 @@ def test_what_the_forward_keeps(gate: str, monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_the_switch_follows_the_sequential_passes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """16-bit kept tensors only with both 16-bit sequential passes (their old forms read float32 W)."""
+    """16-bit kept tensors only with both 16-bit sequential passes (their old forms read float32 W); bf16
+    in Triton's interpreter keeps float32 (its dots take float32 operands there)."""
+    from attnlab.kernels.linear import launch
     from attnlab.kernels.linear.launch_delta import saved_dtype
 
     op = _op()
-    x = torch.zeros(1, dtype=torch.bfloat16)
+    x = torch.zeros(1, dtype=torch.float16)
     monkeypatch.setattr(op, "DELTA_SAVED_LOWP", True)
-    assert saved_dtype(x) == torch.bfloat16
+    assert saved_dtype(x) == torch.float16
     assert saved_dtype(x.float()) == torch.float32
+    bf16 = torch.float32 if launch.IMPORTED_INTERPRETED else torch.bfloat16
+    assert saved_dtype(x.bfloat16()) == bf16
     for flag in ("DELTA_H_V2", "DELTA_H_LOWP", "DELTA_BWD_DH_V2", "DELTA_BWD_DH_LOWP"):
         monkeypatch.setattr(op, flag, False)
         assert saved_dtype(x) == torch.float32, flag

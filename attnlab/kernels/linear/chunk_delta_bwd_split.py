@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from attnlab.kernels.linear.chunk_delta_bwd import _ut_transform_bwd_w
-from attnlab.kernels.linear.fwd import _tile
+from attnlab.kernels.linear.fwd import _row, _tile
 
 
 @triton.jit
@@ -154,3 +154,73 @@ def delta_bwd_chunk_split_kernel(
     tl.store(DK_ + bh * N * DK + rr * DK + rk, dk.to(DK_.dtype.element_ty), mask=(rr < N) & (rk < DK))
     tl.store(DB + bh * N + rows, db, mask=rows < N)
     tl.store(DG + bh * NP + rows, dgc)
+
+
+@triton.jit
+def delta_bwd_chunk_channel_split_kernel(
+    Q, K, V, BETA, GC, DO, HS, DHS, U, DU, T, BKK, DQ, DK_, DV_, DB, DG, DAQK, DBKK,
+    N, NP, DK, DV, scale,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BVB: tl.constexpr = 32,
+):  # fmt: skip
+    """``delta_bwd_chunk_channel_kernel``'s outputs (per-channel gates; its docstring has them; ``BVB`` > 0),
+    one chunk per program (chunk, batch * head), its products over V in two loops (the module docstring).
+    Between the loops the float32 partial dk and dG rows (BT, BK) go to DK_ and DG and come back after
+    the second (the program's own rows: no other program touches them), so that they are not live
+    through it."""
+    tl.static_assert(BVB <= BV)
+    c = tl.program_id(0)
+    if UPCAST:  # noqa: SIM108
+        dt = tl.float32
+    else:
+        dt = Q.dtype.element_ty  # the dots take the input dtype (fp32 accumulation)
+    bh = tl.program_id(1).to(tl.int64)
+    n_chunks = tl.cdiv(N, BT)
+    t0 = c * BT
+    ii = tl.arange(0, BT)[:, None]
+    jj = tl.arange(0, BT)[None, :]
+    rows = t0 + tl.arange(0, BT)
+    rr = rows[:, None]
+    rk = tl.arange(0, BK)[None, :]
+    out = bh * NP * DK + rr * DK + rk
+    dos, dou, dkbar, sdh = _state_slices(
+        DO, U, HS, DHS, bh, c, t0, n_chunks, N, NP, DK, DV, dt, DOT_PREC, BT, BK, BVB
+    )
+    q = _tile(Q + bh * N * DK, t0, N, 0, DK, DK, BT, BK)
+    k = _tile(K + bh * N * DK, t0, N, 0, DK, DK, BT, BK)
+    g = _tile(GC + bh * NP * DK, t0, NP, 0, DK, DK, BT, BK)
+    g_last = _row(GC + bh * NP * DK, t0 + BT - 1, 0, DK, DK, BK)
+    # the state part of the output: dq final, stored
+    dq = scale * dos * tl.exp(g)
+    tl.store(DQ + out, dq, mask=rk < DK)
+    dgc = q * dq
+    tl.store(DAQK + bh * NP * BT + rr * BT + jj, tl.where(ii >= jj, scale * dou, 0.0))
+    # the state update's k exp(G_C - G)
+    tail = tl.exp(g_last[None, :] - g)
+    dk = dkbar * tail
+    kbar_term = dkbar * k * tail
+    dgc -= kbar_term
+    g_end = tl.sum(kbar_term, axis=0) + tl.exp(g_last) * sdh
+    tl.store(DK_ + out, dk, mask=rk < DK)  # (partial: back after the second loop)
+    tl.store(DG + out, tl.where(ii == BT - 1, dgc + g_end[None, :], dgc), mask=rk < DK)
+    # the UT transform's products over V, then the transform's backward
+    beta = tl.load(BETA + bh * N + rows, mask=rows < N, other=0.0).to(tl.float32)
+    tm = _tile(T + bh * NP * BT, t0, NP, 0, BT, BT, BT, BT)
+    dw, duxu, dxu_v = _ut_slices(
+        V, DU, HS, DV_, tm, beta, bh, c, t0, n_chunks, N, NP, DK, DV, dt, DOT_PREC, BT, BK, BVB
+    )
+    k = _tile(K + bh * N * DK, t0, N, 0, DK, DK, BT, BK)  # (again: not live through the second loop)
+    eg = tl.exp(_tile(GC + bh * NP * DK, t0, NP, 0, DK, DK, BT, BK))
+    xw = k * eg * beta[:, None]
+    dt_ = tl.dot((dw).to(dt), (tl.trans(xw)).to(dt), duxu, input_precision=DOT_PREC)
+    dxw, da = _ut_transform_bwd_w(tm, dw, dt_, dt, DOT_PREC)
+    da = tl.where(ii > jj, da, 0.0)
+    tl.store(DBKK + bh * NP * BT + rr * BT + jj, da * beta[:, None])
+    bkk = _tile(BKK + bh * NP * BT, t0, NP, 0, BT, BT, BT, BT)
+    db = tl.sum(da * tl.where(ii > jj, bkk, 0.0), axis=1)
+    db += tl.sum(dxw * k * eg, axis=1) + dxu_v
+    tl.store(DB + bh * N + rows, db, mask=rows < N)
+    dk = tl.load(DK_ + out, mask=rk < DK, other=0.0) + dxw * eg * beta[:, None]
+    tl.store(DK_ + out, dk, mask=rk < DK)
+    dgc = tl.load(DG + out, mask=rk < DK, other=0.0) + dxw * xw
+    tl.store(DG + out, dgc, mask=rk < DK)

@@ -136,6 +136,8 @@ def delta_bwd_dh_v2_kernel(
         mt = rt < N
         tl.store(DHS + (bh * n_chunks + c) * DK * DV + off, dh, mask=mask)
         w_t = _t_tile(W + bh * NP * DK, t0, NP, DK, DK, BT, BK)
+        if not LOWP:  # (negated below: in float32, as its product takes it; W may be 16-bit)
+            w_t = w_t.to(tl.float32)
         do = tl.load(
             DO + bh * N * DV + rt[:, None] * DV + rv[None, :], mask=mt[:, None] & mv[None, :], other=0.0
         )

@@ -50,9 +50,11 @@ def _delta_scalar(g: Tensor | None) -> bool:
 
 def saved_dtype(k: Tensor) -> torch.dtype:
     """The dtype of W and of what the forward keeps for the backward (chunk-start states, U, T): k's
-    16-bit dtype with ``op.DELTA_SAVED_LOWP`` and the 16-bit sequential passes, else float32."""
+    16-bit dtype with ``op.DELTA_SAVED_LOWP`` and the 16-bit sequential passes, else float32 (also for
+    bf16 in Triton's CPU interpreter, whose dots then take float32 operands: ``_upcast``)."""
     lowp = (
         op.DELTA_SAVED_LOWP
+        and not _upcast(k)
         and op.DELTA_H_V2
         and op.DELTA_H_LOWP
         and op.DELTA_BWD_DH_V2
@@ -402,11 +404,18 @@ def delta_bwd_channel_launch(
     db = torch.empty(b, h, n, dtype=f32, device=dev)
     daqk = torch.empty(b, h, np_, chunk, dtype=f32, device=dev)
     dbkk = torch.empty(b, h, np_, chunk, dtype=f32, device=dev)
+    bvb = min(op.DELTA_BWD_BVB, head_block(dv))
+    kernel = (
+        op.delta_bwd_chunk_channel_split_kernel
+        if op.DELTA_BWD_SPLIT_CHANNEL and bvb > 0
+        else op.delta_bwd_chunk_channel_kernel
+    )
     with _shared_memory_hint(q):
-        op.delta_bwd_chunk_channel_kernel[(n_chunks, b * h)](
+        kernel[(n_chunks, b * h)](
             q, k, v, bc, gc, do, hs, dhs, u, du, t, bkk, dq, dkk, dvv, db, dgc, daqk, dbkk,
             n, np_, dk, dv, float(scale),
-            BT=chunk, BK=head_block(dk), BV=head_block(dv), DOT_PREC=prec, UPCAST=_upcast(q), BVB=min(op.DELTA_BWD_BVB, head_block(dv)), **_cfg("delta_bwd_channel", num_warps=8),
+            BT=chunk, BK=head_block(dk), BV=head_block(dv), DOT_PREC=prec, UPCAST=_upcast(q), BVB=bvb,
+            **_cfg("delta_bwd_channel", num_warps=8),
         )  # fmt: skip
     for x, dp, dx, dy, same in ((q, daqk, dq, dkk, False), (k, dbkk, dkk, dkk, True)):
         if op.DELTA_SCORE_BWD_V2 and q.dtype != torch.float32:  # (float32: the sub-block kernel is faster)

@@ -60,6 +60,9 @@ from attnlab.kernels.linear.chunk_delta_bwd import (
 )
 from attnlab.kernels.linear.chunk_delta_bwd import delta_bwd_chunk_kernel as delta_bwd_chunk_kernel
 from attnlab.kernels.linear.chunk_delta_bwd_split import (
+    delta_bwd_chunk_channel_split_kernel as delta_bwd_chunk_channel_split_kernel,
+)
+from attnlab.kernels.linear.chunk_delta_bwd_split import (
     delta_bwd_chunk_split_kernel as delta_bwd_chunk_split_kernel,
 )
 from attnlab.kernels.linear.chunk_delta_dh import delta_bwd_dh_v2_kernel as delta_bwd_dh_v2_kernel
@@ -281,8 +284,14 @@ DELTA_BWD_TRANS = True
 #: With ``DELTA_BWD_BVB`` > 0 and ``DELTA_BWD_TRANS``, the scalar-gate per-chunk backward makes its products
 #: over V in two loops (``delta_bwd_chunk_split_kernel``: the output's and the state update's, then the UT
 #: transform's, S read twice) instead of one, so that fewer accumulators are live at once (sm_90, K = V =
-#: 128, bf16, 8 warps, Triton 3.6: 0.65 KB of spills with one loop). Off until timed on the GPU.
-DELTA_BWD_SPLIT = False
+#: 128, bf16, 8 warps, Triton 3.6: 0.65 KB of spills with one loop, 0.24 KB with two and
+#: ``DELTA_SAVED_LOWP``). On since checked (1x32x8192, every gradient: the one loop's errors) and timed on
+#: the H100 with ``DELTA_SAVED_LOWP``: gated_delta forward + backward 1.21x / 1.25x faster at 8K / 32K than
+#: with neither (benchmarks/results/h100-2026-11-25-s22).
+DELTA_BWD_SPLIT = True
+#: The same for per-channel gates (``delta_bwd_chunk_channel_split_kernel``; the partial dk and dG rows
+#: stored between the loops and read back). Off until timed on the GPU.
+DELTA_BWD_SPLIT_CHANNEL = False
 #: The delta rule's backward sequential pass by ``delta_bwd_dh_v2_kernel``: the intra-chunk part of dU,
 #: scale ((k q^T) * D^T) do, made for every chunk in parallel first (``delta_bwd_du_local_kernel``), so that
 #: the reverse loop only adds (k exp(G_C - G)) dH and updates dH; q^T and W^T loaded transposed, loads
@@ -320,7 +329,10 @@ DELTA_SAVE_SCORES = True
 #: Half the bytes written by the forward's passes and by the reverse pass, and read by the per-chunk
 #: backward kernels; half the memory kept from the forward to the backward. Read at each forward (the
 #: op's fake too) and, for dH, from W's dtype in the backward. False: float32, the previous launches.
-DELTA_SAVED_LOWP = False
+#: On since checked (1x32x8192, every gradient: errors equal but dg's, 0.2235 against 0.2184 for
+#: gated_delta, the bf16 recurrence's 1.14) and timed on the H100: gated_delta forward + backward 1.12x,
+#: KDA 1.05x faster at 32K (benchmarks/results/h100-2026-11-25-s22).
+DELTA_SAVED_LOWP = True
 #: The delta rule's chunk op leaves the gradients of the outputs the loss does not use unmaterialised
 #: (``set_materialize_grads(False)``, as ``GLA_SKIP_ZERO_GRADS``): its saved outputs (the chunk states,
 #: W, U, T, the normalised q / k) got zero-filled gradients before (8 fills, 0.17 ms of gated_delta's 4.2
