@@ -677,11 +677,14 @@ def profile(
     for m in [x for x in s if x != "cudnn_sdpa"]:
         fn, wrt, do = s[m]
 
-        def call(fn: Callable[[], Tensor] = fn, wrt: list[Tensor] = wrt, do: Tensor = do) -> Any:
+        # (an A/B side keeps its setting through the backward, as bench() times it)
+        def call(
+            fn: Callable[[], Tensor] = fn, wrt: list[Tensor] = wrt, do: Tensor = do, side: str = m
+        ) -> Any:
             if fwd_only:
                 with torch.no_grad():
                     return fn()
-            return _fwd_bwd(fn, wrt, do)
+            return _side_fwd_bwd(side)(fn, wrt, do)
 
         try:
             call()

@@ -78,6 +78,8 @@ def _scalar_gate(g: Tensor | None, b: int, h: int, n: int, dk: int) -> tuple[boo
     (B, H, N, K)). A gate broadcast over the channels (stride 0, or a last dim of 1) is scalar."""
     if g is None:
         return True, None
+    if g.shape[-1] == 1:  # (not through (B, H, N, K): a select's backward would fill and sum one that size)
+        return True, g.expand(b, h, n, 1)[..., 0]
     gx = g.expand(b, h, n, dk)
     if gx.shape[-1] == 1 or gx.stride(-1) == 0:
         return True, gx[..., 0]
