@@ -345,7 +345,8 @@ def gla_bwd_chunk_kernel(
         # the state terms (do and v stay in shared memory as the dots' operands)
         dq = tl.dot(do, tl.trans(s.to(dt)), input_precision=DOT_PREC) * (tl.exp(g) * scale)
         dk = tl.dot(v, tl.trans(dh.to(dt)), input_precision=DOT_PREC) * tl.exp(gl[None, :] - g)
-        tail = tl.exp(gl) * tl.sum(s * dh, axis=1) + tl.sum(k * dk, axis=0)  # sum_v S_end dH per channel
+        # sum_v S_end dH per channel (in float32: S and dH may be 16-bit, GLA_SAVED_LOWP)
+        tail = tl.exp(gl) * tl.sum(s.to(tl.float32) * dh.to(tl.float32), axis=1) + tl.sum(k * dk, axis=0)
         # the intra-chunk terms, level by level
         if UNROLL:  # (the levels' masked dA / dA^T are the same for every slice: made once, kept)
             for b in tl.static_range(LBT):

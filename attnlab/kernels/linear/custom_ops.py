@@ -33,7 +33,8 @@ def _(
     o = q.new_empty(b, h, n, dv)
     n_seq = b if seq_chunks is None else seq_chunks.shape[0] - 1
     ht = q.new_empty(n_seq, h, dk, dv, dtype=f32)
-    hs = q.new_empty((b, h, n_chunks, dk, dv) if save else (0,), dtype=f32)
+    hs_dt = gla_saved_dtype(k, gc) if save else f32  # (as gla_fwd_launch decides: op.GLA_SAVED_LOWP)
+    hs = q.new_empty((b, h, n_chunks, dk, dv) if save else (0,), dtype=hs_dt)
     scores = save and gc.dim() == 4
     a = q.new_empty((b, h, n_chunks * chunk, chunk) if scores else (0,), dtype=f32)
     gcs = q.new_empty((b, h, n_chunks * chunk, dk) if save and raw_gate else (0,), dtype=f32)
@@ -232,4 +233,4 @@ from attnlab.kernels.linear.launch_delta import (  # noqa: E402
     delta_fwd_launch,
     saved_dtype,
 )
-from attnlab.kernels.linear.launch_gla import gla_bwd_launch, gla_fwd_launch  # noqa: E402
+from attnlab.kernels.linear.launch_gla import gla_bwd_launch, gla_fwd_launch, gla_saved_dtype  # noqa: E402

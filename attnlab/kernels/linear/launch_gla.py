@@ -70,19 +70,35 @@ def chunk_states(
     return buf, final, (tail.sum(0) if tail is not None else None)
 
 
+def gla_saved_dtype(k: Tensor, gc: Tensor) -> torch.dtype:
+    """The dtype of the chunk-start states the forward keeps for the backward: k's 16-bit dtype with
+    ``op.GLA_SAVED_LOWP`` under per-channel gates (gc (B, H, N or NP, K)) and the one-pass states and fused
+    backward, else float32 (also for bf16 in Triton's CPU interpreter: ``_upcast``)."""
+    lowp = (
+        op.GLA_SAVED_LOWP
+        and gc.dim() == 4
+        and op.GLA_H_PASS
+        and op.GLA_BWD_FUSED
+        and op.GLA_BWD_H_PASS
+        and k.dtype in (torch.bfloat16, torch.float16)
+        and not _upcast(k)
+    )
+    return k.dtype if lowp else torch.float32
+
+
 def gla_h(
     k: Tensor, v: Tensor, gc: Tensor, h0: Tensor | None, chunk: int, save: bool, seq_chunks: Tensor | None
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """The forward's chunk states by one sequential pass (``gla_h_kernel``, ``GLA_H_PASS``): (the states
     at the chunk starts (B, H, chunks, K, V), the final state (B, H, K, V) or per sequence with
-    ``seq_chunks`` (varlen, as ``chunk_states``) float32). The chunk-start states are float32 with
-    ``save``, else in k's dtype for 16-bit inputs (``GLA_H_COMPACT``)."""
+    ``seq_chunks`` (varlen, as ``chunk_states``) float32). The chunk-start states are in
+    ``gla_saved_dtype`` with ``save``, else in k's dtype for 16-bit inputs (``GLA_H_COMPACT``)."""
     b, h, n, dk = k.shape
     dv = v.shape[-1]
     n_chunks = cdiv(n, chunk)
     f32, dev = torch.float32, k.device
     low = k.dtype in (torch.bfloat16, torch.float16)
-    sdt = k.dtype if op.GLA_H_COMPACT and low and not save else f32
+    sdt = gla_saved_dtype(k, gc) if save else (k.dtype if op.GLA_H_COMPACT and low else f32)
     hs = torch.empty(b, h, n_chunks, dk, dv, dtype=sdt, device=dev)
     n_seq = b if seq_chunks is None else seq_chunks.shape[0] - 1
     ht = torch.empty(n_seq, h, dk, dv, dtype=f32, device=dev)
@@ -98,17 +114,19 @@ def gla_h(
 
 
 def gla_dh(
-    q: Tensor, do: Tensor, gc: Tensor, dht: Tensor | None, scale: float, chunk: int, seq_chunks: Tensor | None
+    q: Tensor, do: Tensor, gc: Tensor, dht: Tensor | None, scale: float, chunk: int, seq_chunks: Tensor | None,
+    dhs_dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """The backward's state gradient by one reverse sequential pass (``gla_h_kernel`` with ``REVERSE``,
     ``GLA_BWD_H_PASS``): (the gradient at every chunk end (B, H, chunks, K, V), the initial state's
-    gradient (B, H, K, V) or per sequence with ``seq_chunks``), float32; ``chunk_states(..., backward=True)``
-    without its chunk-end term. ``dht``: the final state's gradient (None: zero)."""
+    gradient (B, H, K, V) or per sequence with ``seq_chunks``), float32 (the first in ``dhs_dtype``: the
+    kept states' with ``GLA_SAVED_LOWP``); ``chunk_states(..., backward=True)`` without its chunk-end term.
+    ``dht``: the final state's gradient (None: zero)."""
     b, h, n, dk = q.shape
     dv = do.shape[-1]
     n_chunks = cdiv(n, chunk)
     f32, dev = torch.float32, q.device
-    dhs = torch.empty(b, h, n_chunks, dk, dv, dtype=f32, device=dev)
+    dhs = torch.empty(b, h, n_chunks, dk, dv, dtype=dhs_dtype, device=dev)
     n_seq = b if seq_chunks is None else seq_chunks.shape[0] - 1
     dh0 = torch.empty(n_seq, h, dk, dv, dtype=f32, device=dev)
     bk, bv = min(head_block(dk), op.GLA_H_BK), min(head_block(dv), op.GLA_H_BV)
@@ -173,7 +191,8 @@ def gla_bwd_launch(
         try:
             return _gla_bwd_fused(q, k, v, gc, hs, do, dht, scale, chunk, seq_chunks, a, g_dtype)
         except OutOfResources:  # a GPU with less shared memory per block than the fused kernel takes (bf16,
-            pass  # K = V = 128: 124 KiB; e.g. sm_89's 99 KiB): the previous kernels below, the same results
+            hs = hs.float()  # K = V = 128: 124 KiB; e.g. sm_89's 99 KiB): the previous kernels below, the
+            # same results (they take float32 states: GLA_SAVED_LOWP's 16-bit ones converted)
     dhs, dh0, tail = chunk_states(
         q, do, gc, dht, scale, chunk, backward=True, fwd_states=(hs, ht), seq_chunks=seq_chunks
     )
@@ -232,7 +251,7 @@ def _gla_bwd_fused(
     n_chunks = cdiv(n, chunk)
     np_ = gc.shape[2]
     if op.GLA_BWD_H_PASS:
-        dhs, dh0 = gla_dh(q, do, gc, dht, scale, chunk, seq_chunks)
+        dhs, dh0 = gla_dh(q, do, gc, dht, scale, chunk, seq_chunks, dhs_dtype=hs.dtype)
     else:
         dhs, dh0, _ = chunk_states(q, do, gc, dht, scale, chunk, backward=True, seq_chunks=seq_chunks)
     if a is None or a.numel() == 0:  # (the forward's scores, recomputed)

@@ -159,6 +159,13 @@ GLA_H_PASS = True
 #: in the inputs' dtype (half the bytes written and read by ``chunk_out_kernel``, which rounds them to that
 #: dtype for its dot anyway). With ``save`` they stay float32 (the backward reads them).
 GLA_H_COMPACT = True
+#: Per-channel gates (gla), 16-bit inputs, the one-pass states and fused backward (``GLA_H_PASS``,
+#: ``GLA_BWD_FUSED``, ``GLA_BWD_H_PASS``): the chunk-start states kept for the backward and the backward's
+#: state gradients dH stored in the inputs' dtype, as the delta rule's ``DELTA_SAVED_LOWP``
+#: (``gla_bwd_chunk_kernel`` rounds both to it as dot operands; its chunk-end term sum_v S * dH takes the
+#: rounded values). Read at each forward (the op's fake too); dH follows the kept states' dtype. Off until
+#: timed on the GPU.
+GLA_SAVED_LOWP = False
 #: Per-channel gates: the intra-chunk scores by ``intra_scores_v2_kernel`` (one program per chunk, log2(chunk)
 #: tensor-core dots split at a row inside every pair of half-blocks: no element-by-element 16 x 16 x 16
 #: diagonal products, a quarter of the exps) instead of ``intra_scores_kernel``.
