@@ -150,6 +150,10 @@ def test_per_channel_gates_in_two_loops(
     op = _op()
     monkeypatch.setattr(op, "DELTA_BWD_BVB", 32)
     xs = _inputs(n, 32, 40, "channel", dtype, seed=2)
+    if l2norm:  # (raw rows of norms far from 1)
+        q, k = xs[0], xs[1]
+        assert q is not None and k is not None
+        xs[0], xs[1] = q * 3.0, k * 0.5
     split, one_a, two_a = _run(xs, True, l2norm, monkeypatch, channel=True)
     loop, one_b, two_b = _run(xs, False, l2norm, monkeypatch, channel=True)
     assert (one_a.calls, two_a.calls, one_b.calls, two_b.calls) == (0, 1, 1, 0)

@@ -101,13 +101,17 @@ def test_the_unfused_fallback_takes_sixteen_bit_states(monkeypatch: pytest.Monke
     16-bit states converted: the switch off's gradients but dg's rounding."""
     from triton.runtime.errors import OutOfResources
 
+    tried: list[object] = []
+
     class TooBig:
         def __getitem__(self, grid: object) -> None:
+            tried.append(grid)
             raise OutOfResources(130000, 101376, "shared memory")
 
     xs = _inputs(40, seed=6)
     off = _run(xs, False, monkeypatch)
     monkeypatch.setattr(_op(), "gla_bwd_chunk_kernel", TooBig())
     on = _run(xs, True, monkeypatch)
+    assert tried  # (the fused kernel was tried first, then the fallback ran)
     for name, a, b in zip(("o", "state", "dq", "dk", "dv", "dg", "dh0"), on, off, strict=True):
         assert float((a - b).abs().max()) <= 1e-2 * float(b.abs().max()), name

@@ -189,7 +189,10 @@ def _run_triton_varlen(
 
     p = call.params
     assert isinstance(p, GatedDeltaParams)
-    qq, kk, vv, bb, gg, _ = _inputs(q, k, v, p, extra.get("beta"), extra.get("g"), None, normalize=False)
+    # (beta and g as given: the packed op broadcasts them; a (1, H, T, 1) gate then stays one per token)
+    qq, kk, vv, bb, gg, _ = _inputs(
+        q, k, v, p, extra.get("beta"), extra.get("g"), None, normalize=False, broadcast=False
+    )
     o, s = delta_chunk_varlen(qq, kk, vv, bb, gg, call.scale, None, p.chunk, cu_seqlens, p.qk_l2norm)
     return o.to(q.dtype), s
 

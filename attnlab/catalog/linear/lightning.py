@@ -178,7 +178,7 @@ def _run_triton_varlen(
     from attnlab.kernels.linear.op import gla_chunk_varlen
 
     assert isinstance(call.params, LightningParams)
-    g, _ = _args(q, v, extra, None)
+    g, _ = _args(q, v, extra, None, broadcast=False)  # (the packed op broadcasts it)
     h = q.shape[1]
     o, s = gla_chunk_varlen(
         q, expand_heads(k, h), expand_heads(v, h), g, call.scale, None, call.params.chunk, cu_seqlens

@@ -7,7 +7,8 @@ over value slices: do S^T, do U^T, U dH^T, dU S^T and dU X_u^T, five accumulator
 registers at K = 128, chunk 64, 8 warps) live together, and then the q, k and UT-transform work on top of
 them. Here the first loop makes the output's and the state update's products (:func:`_state_slices`),
 which finish dq (stored at once) and start dk; the second makes the UT transform's (:func:`_ut_slices`,
-reading S again) with dq, q and the first loop's accumulators no longer live. Same math, same dot
+reading S again) with dq, q and the first loop's accumulators no longer live (dk, the decays and k's
+exp(G) still are; k is loaded again after it). Same math, same dot
 operands and order of accumulation per product as the one-loop kernel with ``TRANS``.
 """
 
@@ -210,6 +211,9 @@ def delta_bwd_chunk_channel_split_kernel(
         V, DU, HS, DV_, tm, beta, bh, c, t0, n_chunks, N, NP, DK, DV, dt, DOT_PREC, BT, BK, BVB
     )
     k = _tile(K + bh * N * DK, t0, N, 0, DK, DK, BT, BK)  # (again: not live through the second loop)
+    # (the partial rows were stored by other threads of this program than may read them back: Triton
+    # orders shared memory only, so a barrier orders the global stores before the loads below)
+    tl.debug_barrier()
     eg = tl.exp(_tile(GC + bh * NP * DK, t0, NP, 0, DK, DK, BT, BK))
     xw = k * eg * beta[:, None]
     dt_ = tl.dot((dw).to(dt), (tl.trans(xw)).to(dt), duxu, input_precision=DOT_PREC)

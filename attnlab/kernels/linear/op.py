@@ -157,7 +157,7 @@ GLA_FUSED_GLUE = True
 GLA_H_PASS = True
 #: With ``GLA_H_PASS`` and without ``save`` (no backward), 16-bit inputs: the chunk-start states written
 #: in the inputs' dtype (half the bytes written and read by ``chunk_out_kernel``, which rounds them to that
-#: dtype for its dot anyway). With ``save`` they stay float32 (the backward reads them).
+#: dtype for its dot anyway). With ``save`` their dtype is ``GLA_SAVED_LOWP``'s choice.
 GLA_H_COMPACT = True
 #: Per-channel gates (gla), 16-bit inputs, the one-pass states and fused backward (``GLA_H_PASS``,
 #: ``GLA_BWD_FUSED``, ``GLA_BWD_H_PASS``): the chunk-start states kept for the backward and the backward's
@@ -217,7 +217,7 @@ DELTA_BV = 32
 #: G^T) loaded transposed (no transpose in registers; under a per-head gate the row decays folded into U_c
 #: once for all tiles), 16-bit dot operands with float32 accumulation for 16-bit inputs
 #: (``DELTA_H_LOWP``), and without ``save`` (no backward) the chunk-start states and U written in the
-#: inputs' dtype for the output kernel (``DELTA_H_COMPACT``). False: ``delta_h_kernel`` (one (K, BV)
+#: inputs' dtype for the output kernel (``DELTA_H_COMPACT``; with ``save``: ``DELTA_SAVED_LOWP``'s choice). False: ``delta_h_kernel`` (one (K, BV)
 #: float32 tile, tf32 dots, U in place). For A/B timing in one process: set it before a call.
 DELTA_H_V2 = True
 #: Dot operands of ``delta_h_v2_kernel`` in the inputs' 16-bit dtype (W, S, U_c rounded to it, as
@@ -226,7 +226,7 @@ DELTA_H_V2 = True
 DELTA_H_LOWP = True
 #: Without ``save``: ``delta_h_v2_kernel`` writes the chunk-start states and U in the inputs' dtype (half
 #: the bytes written there and read by ``chunk_out_kernel``, which rounds them to that dtype for its dots
-#: anyway) into fresh buffers (U0 left as is). With ``save`` both stay float32 (the backward reads them).
+#: anyway) into fresh buffers (U0 left as is). With ``save``: in ``DELTA_SAVED_LOWP``'s dtype (the backward reads them).
 DELTA_H_COMPACT = True
 #: Value columns per program and key rows per state tile of ``delta_h_v2_kernel``.
 DELTA_H_BV = 32
