@@ -202,3 +202,26 @@ def test_the_delta_ops_pass_opcheck_with_the_switch(monkeypatch: pytest.MonkeyPa
     assert hs.dtype == w.dtype == u.dtype == t.dtype == torch.float16
     torch.library.opcheck(op.delta_chunk_bwd, (*xd[:5], hs, w, u, t, torch.randn_like(o), torch.randn_like(ht),
                                                0.3, 16, None, None, None))  # fmt: skip
+
+
+@pytest.mark.parametrize("gate", ["head", "channel"])
+@pytest.mark.usefixtures("gpu_branches")
+def test_sixteen_bit_du(gate: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``DELTA_BWD_DU_LOWP`` on top of the 16-bit kept tensors: dU in float16 (its intra-chunk part rounded
+    once more before the pass adds the state term): every result within float16 rounding of the float32
+    dU's and as close to the recurrence (the rule of :func:`_compare`, without its bit-equality)."""
+    op = _op()
+    xs = _inputs(70, gate, seed=8)
+    monkeypatch.setattr(op, "DELTA_BWD_DU_LOWP", True)
+    on = _run(xs, True, monkeypatch)
+    monkeypatch.setattr(op, "DELTA_BWD_DU_LOWP", False)
+    off = _run(xs, True, monkeypatch)
+    want = _reference(xs)
+    changed = False
+    for name, a, b, c in zip(_names(xs), on, off, want, strict=True):
+        scale = float(c.abs().max()) + 1e-6
+        assert float((a - b).abs().max()) / scale < 1e-2, name
+        err_on, err_off = (float((x - c).abs().max()) / scale for x in (a, b))
+        assert err_on <= 2 * err_off + 2e-3, f"{name}: {err_on:.2e} from the recurrence, off {err_off:.2e}"
+        changed |= not torch.equal(a, b)
+    assert changed  # (the switch reached the pass: dU's rounding shows somewhere)

@@ -142,7 +142,7 @@ def delta_bwd_dh_v2_kernel(
             DO + bh * N * DV + rt[:, None] * DV + rv[None, :], mask=mt[:, None] & mv[None, :], other=0.0
         )
         du_off = DU + bh * NP * DV + rt[:, None] * DV + rv[None, :]
-        du = tl.load(du_off, mask=mv[None, :], other=0.0)
+        du = tl.load(du_off, mask=mv[None, :], other=0.0).to(tl.float32)  # (DU may be 16-bit)
         if GATE == 2:
             kbar = tl.load(KG + bh * NP * DK + rt[:, None] * DK + rk[None, :], mask=mk[None, :], other=0.0)
             q_t = _t_tile(QG + bh * NP * DK, t0, NP, DK, DK, BT, BK)

@@ -264,7 +264,8 @@ def _delta_bwd_dh(
     """The delta rule's reverse sequential pass (with ``DELTA_BWD_DH_V2`` two launches, ``chunk_delta_dh.py``:
     the intra-chunk dU part for every chunk, then the reverse loop; else ``delta_bwd_dh_kernel``), the first
     launch of both chunked backwards: (dH at every chunk end (B, H, chunks, K, V), dU (B, H, NP, V), the initial state's gradient
-    (B, H, K, V), or per sequence with ``seq_chunks``), float32. ``aqk``: per-channel gates' intra-chunk
+    (B, H, K, V), or per sequence with ``seq_chunks``), float32 (dH in W's dtype with ``DELTA_SAVED_LOWP``,
+    dU too with ``DELTA_BWD_DU_LOWP``). ``aqk``: per-channel gates' intra-chunk
     q k^T scores (the kernel's GATE 2); None under a gate shared by the channels (GATE 1). ``dht``: the
     final state's gradient (None: zero). q, k, do contiguous; gc the forward's gate cumsum."""
     b, h, n, dk = q.shape
@@ -274,7 +275,8 @@ def _delta_bwd_dh(
     f32, dev = torch.float32, q.device
     # (dH in W's dtype: 16-bit with ``op.DELTA_SAVED_LOWP``, as the forward decided)
     dhs = torch.empty(b, h, n_chunks, dk, dv, dtype=w.dtype if op.DELTA_BWD_DH_V2 else f32, device=dev)
-    du = torch.empty(b, h, np_, dv, dtype=f32, device=dev)
+    du_lowp = op.DELTA_BWD_DU_LOWP and op.DELTA_BWD_DH_V2 and w.dtype != f32
+    du = torch.empty(b, h, np_, dv, dtype=w.dtype if du_lowp else f32, device=dev)
     n_seq = b if seq_chunks is None else seq_chunks.shape[0] - 1
     dh0 = torch.empty(n_seq, h, dk, dv, dtype=f32, device=dev)
     dht_c = dht.float().contiguous() if dht is not None else dh0

@@ -342,6 +342,10 @@ DELTA_SAVE_SCORES = True
 #: gated_delta, the bf16 recurrence's 1.14) and timed on the H100: gated_delta forward + backward 1.12x,
 #: KDA 1.05x faster at 32K (benchmarks/results/h100-2026-11-25-s22).
 DELTA_SAVED_LOWP = True
+#: With ``DELTA_SAVED_LOWP``'s 16-bit W: the reverse pass's dU (its intra-chunk part, then the whole) stored
+#: in that dtype too (the per-chunk backward and the pass take it only as dot operands; the intra-chunk part
+#: is rounded once more before the pass adds the state term). Off until timed on the GPU.
+DELTA_BWD_DU_LOWP = False
 #: The delta rule's chunk op leaves the gradients of the outputs the loss does not use unmaterialised
 #: (``set_materialize_grads(False)``, as ``GLA_SKIP_ZERO_GRADS``): its saved outputs (the chunk states,
 #: W, U, T, the normalised q / k) got zero-filled gradients before (8 fills, 0.17 ms of gated_delta's 4.2
