@@ -47,11 +47,13 @@ def _inputs(n: int, gate: str, seed: int = 0, dk: int = 16, dv: int = 24) -> lis
 
 def _run(
     xs: list[Tensor | None], saved_lowp: bool, mp: pytest.MonkeyPatch, l2: bool = False,
-    cu: list[int] | None = None,
+    cu: list[int] | None = None, du_lowp: bool = False,
 ) -> list[Tensor]:  # fmt: skip
-    """(o, final state, every gradient) of the chunk op, chunk 32."""
+    """(o, final state, every gradient) of the chunk op, chunk 32; dU in float32 unless ``du_lowp``
+    (``DELTA_BWD_DU_LOWP``, tested on its own below)."""
     op = _op()
     mp.setattr(op, "DELTA_SAVED_LOWP", saved_lowp)
+    mp.setattr(op, "DELTA_BWD_DU_LOWP", du_lowp)
     leaves = [None if t is None else t.clone().requires_grad_(True) for t in xs]
     q, k, v, beta, g, h0 = leaves
     assert q is not None and k is not None and v is not None and beta is not None
@@ -210,11 +212,8 @@ def test_sixteen_bit_du(gate: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """``DELTA_BWD_DU_LOWP`` on top of the 16-bit kept tensors: dU in float16 (its intra-chunk part rounded
     once more before the pass adds the state term): every result within float16 rounding of the float32
     dU's and as close to the recurrence (the rule of :func:`_compare`, without its bit-equality)."""
-    op = _op()
     xs = _inputs(70, gate, seed=8)
-    monkeypatch.setattr(op, "DELTA_BWD_DU_LOWP", True)
-    on = _run(xs, True, monkeypatch)
-    monkeypatch.setattr(op, "DELTA_BWD_DU_LOWP", False)
+    on = _run(xs, True, monkeypatch, du_lowp=True)
     off = _run(xs, True, monkeypatch)
     want = _reference(xs)
     changed = False
