@@ -125,6 +125,37 @@ def _value_slices(
 
 
 @triton.jit
+def _scalar_tail(
+    DK_, DB, DG, RK, k, dk, dgc, dxw, da, kk, ds, beta, eg, g_end, dxu_v, rows, bh, N, NP, DK,
+    BT: tl.constexpr, BK: tl.constexpr, L2NORM: tl.constexpr,
+):  # fmt: skip
+    """The scalar-gate per-chunk backward's last terms and stores (:func:`delta_bwd_chunk_kernel` with value
+    slices, and ``chunk_delta_bwd_split``'s kernel): given k (BT, BK), dk so far, the gate-cumsum gradient
+    dgc (BT,) so far, dX_w (BT, BK), the masked dA and k k^T (BT, BT), the strict decays Ds, beta and
+    exp(G) (BT,), the chunk-end term g_end and rowsum(dX_u * v): adds dbeta = rowsum(dA * k k^T * Ds) +
+    rowsum(dX_w * k exp(G)) + rowsum(dX_u * v), dk += beta exp(G) dX_w, dgc += rowsum(P) - colsum(P)
+    (P = beta_i dA * k k^T * Ds) + rowsum(dX_w * X_w) and g_end on the last row; with ``L2NORM`` the norm's
+    Jacobian on dk (k the normalised rows, RK the reciprocal norms); stores dk, dbeta, dgc."""
+    rr = rows[:, None]
+    rk = tl.arange(0, BK)[None, :]
+    p2 = da * kk * ds
+    db = tl.sum(p2, axis=1)
+    p2 = p2 * beta[:, None]
+    dgc += tl.sum(p2, axis=1) - tl.sum(p2, axis=0)
+    dk += dxw * (beta * eg)[:, None]
+    dxw_k = tl.sum(dxw * k * eg[:, None], axis=1)
+    db += dxw_k + dxu_v
+    dgc += beta * dxw_k  # (rowsum(dX_w * X_w))
+    dgc += tl.where(tl.arange(0, BT) == BT - 1, g_end, 0.0)
+    if L2NORM:  # the norm's Jacobian (k is the normalised rows; padded rows are zero)
+        rkn = tl.load(RK + bh * N + rows, mask=rows < N, other=0.0)
+        dk = (dk - k * tl.sum(k * dk, axis=1)[:, None]) * rkn[:, None]
+    tl.store(DK_ + bh * N * DK + rr * DK + rk, dk.to(DK_.dtype.element_ty), mask=(rr < N) & (rk < DK))
+    tl.store(DB + bh * N + rows, db, mask=rows < N)
+    tl.store(DG + bh * NP + rows, dgc)
+
+
+@triton.jit
 def delta_bwd_chunk_kernel(
     Q, K, V, BETA, GC, DO, HS, DHS, U, DU, T, DQ, DK_, DV_, DB, DG, RQ, RK,
     N, NP, DK, DV, scale,
@@ -310,21 +341,10 @@ def delta_bwd_chunk_kernel(
             dk += tl.dot((dab).to(dt), (k).to(dt), input_precision=DOT_PREC) + tl.dot(
                 (dab_t).to(dt), (k).to(dt), input_precision=DOT_PREC
             )
-        p2 = da * kk * ds
-        db = tl.sum(p2, axis=1)
-        p2 = p2 * beta[:, None]
-        dgc += tl.sum(p2, axis=1) - tl.sum(p2, axis=0)
-        dk += dxw * (beta * eg)[:, None]
-        dxw_k = tl.sum(dxw * k * eg[:, None], axis=1)
-        db += dxw_k + dxu_v
-        dgc += beta * dxw_k  # (rowsum(dX_w * X_w))
-        dgc += tl.where(tl.arange(0, BT) == BT - 1, g_end, 0.0)
-        if L2NORM:  # the norm's Jacobian (k is the normalised rows; padded rows are zero)
-            rkn = tl.load(RK + bh * N + rows, mask=rows < N, other=0.0)
-            dk = (dk - k * tl.sum(k * dk, axis=1)[:, None]) * rkn[:, None]
-        tl.store(DK_ + bh * N * DK + rr * DK + rk, dk.to(DK_.dtype.element_ty), mask=(rr < N) & (rk < DK))
-        tl.store(DB + bh * N + rows, db, mask=rows < N)
-        tl.store(DG + bh * NP + rows, dgc)
+        _scalar_tail(
+            DK_, DB, DG, RK, k, dk, dgc, dxw, da, kk, ds, beta, eg, g_end, dxu_v, rows, bh, N, NP, DK,
+            BT, BK, L2NORM,
+        )  # fmt: skip
 
 
 @triton.jit

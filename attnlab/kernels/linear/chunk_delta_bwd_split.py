@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from attnlab.kernels.linear.chunk_delta_bwd import _ut_transform_bwd_w
+from attnlab.kernels.linear.chunk_delta_bwd import _scalar_tail, _ut_transform_bwd_w
 from attnlab.kernels.linear.fwd import _row, _tile
 
 
@@ -140,21 +140,10 @@ def delta_bwd_chunk_split_kernel(
     kk = tl.dot((k).to(dt), (tl.trans(k)).to(dt), input_precision=DOT_PREC)
     dab = da * ds * beta[:, None]
     dk += tl.dot((dab + tl.trans(dab)).to(dt), (k).to(dt), input_precision=DOT_PREC)  # (dA^T's: dab^T)
-    p2 = da * kk * ds
-    db = tl.sum(p2, axis=1)
-    p2 = p2 * beta[:, None]
-    dgc += tl.sum(p2, axis=1) - tl.sum(p2, axis=0)
-    dk += dxw * (beta * eg)[:, None]
-    dxw_k = tl.sum(dxw * k * eg[:, None], axis=1)
-    db += dxw_k + dxu_v
-    dgc += beta * dxw_k  # (rowsum(dX_w * X_w))
-    dgc += tl.where(tl.arange(0, BT) == BT - 1, g_end, 0.0)
-    if L2NORM:  # the norm's Jacobian (k is the normalised rows; padded rows are zero)
-        rkn = tl.load(RK + bh * N + rows, mask=rows < N, other=0.0)
-        dk = (dk - k * tl.sum(k * dk, axis=1)[:, None]) * rkn[:, None]
-    tl.store(DK_ + bh * N * DK + rr * DK + rk, dk.to(DK_.dtype.element_ty), mask=(rr < N) & (rk < DK))
-    tl.store(DB + bh * N + rows, db, mask=rows < N)
-    tl.store(DG + bh * NP + rows, dgc)
+    _scalar_tail(
+        DK_, DB, DG, RK, k, dk, dgc, dxw, da, kk, ds, beta, eg, g_end, dxu_v, rows, bh, N, NP, DK,
+        BT, BK, L2NORM,
+    )  # fmt: skip
 
 
 @triton.jit
