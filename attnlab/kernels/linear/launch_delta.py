@@ -64,6 +64,20 @@ def saved_dtype(k: Tensor) -> torch.dtype:
     return k.dtype if lowp else torch.float32
 
 
+def u0_dtype(k: Tensor) -> torch.dtype:
+    """The dtype of the UT transform's U0 = T (beta v): k's 16-bit dtype with ``op.DELTA_U0_LOWP`` and the
+    16-bit forward pass (which reads it into float32), else float32 (also for bf16 in Triton's CPU
+    interpreter: ``_upcast``)."""
+    lowp = (
+        op.DELTA_U0_LOWP
+        and not _upcast(k)
+        and op.DELTA_H_V2
+        and op.DELTA_H_LOWP
+        and k.dtype in (torch.bfloat16, torch.float16)
+    )
+    return k.dtype if lowp else torch.float32
+
+
 def _delta_cumsum(
     g: Tensor | None, b: int, h: int, n: int, dk: int, chunk: int, device: torch.device
 ) -> Tensor:
@@ -158,7 +172,7 @@ def delta_fwd_launch(
         aqk = op.intra_scores(q, k, gc, None, chunk, strict=False, v2=v2, f32_operands=wide)
     kept_dt = saved_dtype(k)
     w = torch.empty(b, h, np_, dk, dtype=kept_dt, device=dev)
-    u = torch.empty(b, h, np_, dv, dtype=f32, device=dev)
+    u = torch.empty(b, h, np_, dv, dtype=u0_dtype(k), device=dev)
     save_t = save
     t = torch.empty((b, h, np_, chunk) if save_t else (0,), dtype=kept_dt, device=dev)
     prec = _prec(q)
@@ -212,9 +226,9 @@ def delta_h_v2(
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """The delta rule's forward sequential pass by ``delta_h_v2_kernel``: (the states at the chunk starts
     (B, H, chunks, K, V), U (B, H, NP, V)), the final state written to ``ht`` (h0 float32 or None;
-    ``seq_chunks``: varlen, as ``chunk_states``). With ``save``: both in ``saved_dtype(k)``, U written over
-    U0 (``u``) when that is float32; without: in k's dtype (``DELTA_H_COMPACT``, else float32 over U0).
-    Fresh buffers whenever they are 16-bit (U0 left as is)."""
+    ``seq_chunks``: varlen, as ``chunk_states``). With ``save``: both in ``saved_dtype(k)``; without: in
+    k's dtype (``DELTA_H_COMPACT``), else float32. U is written over U0 (``u``, float32 or with
+    ``DELTA_U0_LOWP`` 16-bit: ``u0_dtype``) when their dtypes agree, else into a fresh buffer."""
     b, h, n, dk = k.shape
     dv = u.shape[-1]
     n_chunks = cdiv(n, chunk)
@@ -225,7 +239,8 @@ def delta_h_v2(
         compact = op.DELTA_H_COMPACT
         sdt = k.dtype if compact else torch.float32
     hs = torch.empty(b, h, n_chunks, dk, dv, dtype=sdt, device=k.device)
-    u_out = torch.empty(u.shape, dtype=sdt, device=k.device) if compact else u
+    # (U over U0 when their dtypes agree: each program reads its rows of U0 before it writes them)
+    u_out = u if u.dtype == sdt else torch.empty(u.shape, dtype=sdt, device=k.device)
     bk = head_block(dk)
     bkt = min(bk, op.DELTA_H_BKT)
     nkt = cdiv(bk, bkt)

@@ -348,6 +348,13 @@ DELTA_SAVED_LOWP = True
 #: dbeta's error 0.1256 against 0.1237, the bf16 recurrence's 0.43) and timed on the H100: gated_delta
 #: forward + backward 1.02x, KDA 1.04x / 1.07x faster at 8K / 32K (benchmarks/results/h100-2026-11-25-s22).
 DELTA_BWD_DU_LOWP = True
+#: 16-bit inputs with the 16-bit forward pass (``DELTA_H_V2`` and ``DELTA_H_LOWP``): the UT transform
+#: writes U0 = T (beta v) in the inputs' dtype instead of float32 (``delta_wy_block_kernel`` /
+#: ``delta_wy_kernel`` round on store; ``delta_h_v2_kernel`` reads it into float32, subtracts W S and rounds
+#: U = U0 - W S to that dtype for its dot and its store, as fla-core's kernels keep u in v's dtype), and the
+#: pass writes U over U0 when the two dtypes agree. Half the bytes of U0 written and read. Forward only
+#: (the backward reads the saved U). False: float32 U0 (the previous launches). Off until timed on the GPU.
+DELTA_U0_LOWP = False
 #: The delta rule's chunk op leaves the gradients of the outputs the loss does not use unmaterialised
 #: (``set_materialize_grads(False)``, as ``GLA_SKIP_ZERO_GRADS``): its saved outputs (the chunk states,
 #: W, U, T, the normalised q / k) got zero-filled gradients before (8 fills, 0.17 ms of gated_delta's 4.2
