@@ -86,15 +86,66 @@ def _event_ms(fn: Callable[[], Any], reps: int, spin: bool) -> list[float]:
     return out
 
 
-def timeline(fn: Callable[[], Any], iters: int = 3, top: int = 8) -> dict[str, Any]:
-    """The report above for one side's call ``fn`` (already warm)."""
+def _host_ms(fn: Callable[[], Any], reps: int = 5) -> list[float]:
+    """Host seconds of ``fn`` (ms) while a long spin keeps the GPU busy: the launch work alone when the
+    call never waits for the GPU (>= the spin's length when it does)."""
+    out = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        torch.cuda._sleep(SPIN_CYCLES * 5)
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1000)
+        torch.cuda.synchronize()
+    return out
+
+
+def _checks_off(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` with ``attnlab.settings.check_values`` off (no gate / beta reduction, no host wait)."""
+    from attnlab import settings
+
+    def call() -> Any:
+        old = settings.check_values
+        settings.check_values = False
+        try:
+            return fn()
+        finally:
+            settings.check_values = old
+
+    return call
+
+
+def _count_kernels(fn: Callable[[], Any]) -> int:
     from torch.profiler import ProfilerActivity, profile
 
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            return len(_kernels(json.load(f)))
+
+
+def timeline(
+    fn: Callable[[], Any], iters: int = 3, top: int = 8, before: Callable[[], Any] | None = None
+) -> dict[str, Any]:
+    """The report above for one side's call ``fn`` (already warm); ``before``: the GPU is kept busy by that
+    call (another side's, as in the benchmark's rounds, its kernels counted first and left out) instead
+    of the spin kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    n_before = _count_kernels(before) if before is not None else 0
     rows = []
     for _ in range(iters):
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            torch.cuda._sleep(SPIN_CYCLES)
+            if before is None:
+                torch.cuda._sleep(SPIN_CYCLES)
+            else:
+                before()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             t0 = time.perf_counter()
@@ -107,19 +158,29 @@ def timeline(fn: Callable[[], Any], iters: int = 3, top: int = 8) -> dict[str, A
             prof.export_chrome_trace(path)
             with open(path) as f:
                 ks = _kernels(json.load(f))
-        spin = [k for k in ks if "sleep" in k[2].lower() or "spin" in k[2].lower()]
-        spin_end = spin[0][1] if spin else (ks[0][0] if ks else 0.0)
-        own = [k for k in ks if k not in spin and k[0] >= spin_end - 1]
+        if before is None:
+            spin = [k for k in ks if "sleep" in k[2].lower() or "spin" in k[2].lower()]
+        else:
+            spin = ks[:n_before]
+        spin_end = max((k[1] for k in spin), default=ks[0][0] if ks else 0.0)
+        own = [k for k in ks if k not in spin]
         row = _iteration(own, spin_end, top)
         row["event_ms"] = round(start.elapsed_time(end), 4)
         row["host_ms"] = round(host * 1000, 4)
         rows.append(row)
-    plain = _event_ms(fn, 10, spin=False)
-    ahead = _event_ms(fn, 10, spin=True)
+    med = statistics.median
+    if before is not None:
+        return {"after": "another side's call", "iterations": rows}
     return {
+        "after": "spin",
         "iterations": rows,
-        "event_ms_back_to_back_median": round(statistics.median(plain), 4),
-        "event_ms_spin_ahead_median": round(statistics.median(ahead), 4),
+        "event_ms_back_to_back_median": round(med(_event_ms(fn, 10, spin=False)), 4),
+        "event_ms_spin_ahead_median": round(med(_event_ms(fn, 10, spin=True)), 4),
+        "host_ms_median": round(med(_host_ms(fn)), 4),
+        "checks_off": {
+            "event_ms_back_to_back_median": round(med(_event_ms(_checks_off(fn), 10, spin=False)), 4),
+            "host_ms_median": round(med(_host_ms(_checks_off(fn))), 4),
+        },
     }
 
 
@@ -129,11 +190,15 @@ def main() -> None:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--methods", default="gated_delta")
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument(
+        "--after", default="", help="also profile each side right after this side's call (e.g. cudnn_sdpa)"
+    )
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     b, h, n = (int(x) for x in args.shape.split("x"))
     s = sides(b, h, n, args.head_dim, tuple(args.methods.split(",")), fla=False)
     result: dict[str, Any] = {"device": torch.cuda.get_device_name(), "shape": args.shape, "sides": {}}
+    calls: dict[str, Callable[[], Any]] = {}
     for name, (fn, wrt, do) in s.items():
 
         def call(fn: Callable[[], Tensor] = fn, wrt: list[Tensor] = wrt, do: Tensor = do) -> Any:
@@ -141,8 +206,14 @@ def main() -> None:
 
         for _ in range(3):
             call()
-        torch.cuda.synchronize()
+        calls[name] = call
+    torch.cuda.synchronize()
+    for name, call in calls.items():
         result["sides"][name] = timeline(call, args.iters)
+        if args.after and args.after != name:
+            result["sides"][f"{name} after {args.after}"] = timeline(
+                call, args.iters, before=calls[args.after]
+            )
         print(json.dumps({name: result["sides"][name]})[:4000], flush=True)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
