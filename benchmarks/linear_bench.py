@@ -727,14 +727,15 @@ SWEEP: dict[str, list[tuple[str, dict[str, dict[str, int]], dict[str, int]]]] = 
         ("local_state w8", {"local_state": {"num_warps": 8}}, {}),
     ],
     "gated_delta": [
-        ("dh_v2 s2", {"delta_bwd_dh_v2": {"num_stages": 2}}, {}),
-        ("dh_v2 s3", {"delta_bwd_dh_v2": {"num_stages": 3}}, {}),
-        ("dh_v2 w4 s2", {"delta_bwd_dh_v2": {"num_warps": 4, "num_stages": 2}}, {}),
-        ("h_v2 s3", {"delta_h_v2": {"num_stages": 3}}, {}),
+        ("dh_v2 BV64", {}, {"DELTA_BV": 64}),
+        ("h_v2 BV64", {}, {"DELTA_H_BV": 64}),
+        ("h_v2 BV64 w8", {"delta_h_v2": {"num_warps": 8}}, {"DELTA_H_BV": 64}),
+        ("dh_v2 BV16 w4", {"delta_bwd_dh_v2": {"num_warps": 4, "num_stages": 3}}, {"DELTA_BV": 16}),
+        ("dh_v2 s4", {"delta_bwd_dh_v2": {"num_stages": 4}}, {}),
+        ("h_v2 s4", {"delta_h_v2": {"num_stages": 4}}, {}),
         ("h_v2 w8", {"delta_h_v2": {"num_warps": 8}}, {}),
         ("bwd_split s2", {"delta_bwd_chunk": {"num_stages": 2}}, {}),
         ("du_local w8", {"delta_bwd_du_local": {"num_warps": 8}}, {}),
-        ("l2norm w8", {"l2norm_fwd": {"num_warps": 8}}, {}),
     ],
     "gated_delta_kda": [
         ("dh_v2_channel s3", {"delta_bwd_dh_v2_channel": {"num_stages": 3}}, {}),
@@ -756,7 +757,7 @@ def sweep(
 
     base_consts = {
         nm: getattr(kop, nm)
-        for nm in ("SCAN_BK", "SCAN_BV", "DELTA_BV", "GLA_H_BK", "GLA_H_BV", "GLA_INTRA_BKS")
+        for nm in ("SCAN_BK", "SCAN_BV", "DELTA_BV", "DELTA_H_BV", "GLA_H_BK", "GLA_H_BV", "GLA_INTRA_BKS")
     }
     s = sides(b, h, n, d, methods, fla=False)
     out: dict[str, Any] = {"B": b, "H": h, "N": n, "D": d, "reps": reps}
