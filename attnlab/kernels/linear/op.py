@@ -353,8 +353,12 @@ DELTA_BWD_DU_LOWP = True
 #: ``delta_wy_kernel`` round on store; ``delta_h_v2_kernel`` reads it into float32, subtracts W S and rounds
 #: U = U0 - W S to that dtype for its dot and its store, as fla-core's kernels keep u in v's dtype), and the
 #: pass writes U over U0 when the two dtypes agree. Half the bytes of U0 written and read. Forward only
-#: (the backward reads the saved U). False: float32 U0 (the previous launches). Off until timed on the GPU.
-DELTA_U0_LOWP = False
+#: (the backward reads the saved U). False: float32 U0 (the previous launches). On since checked (1x32x8192,
+#: every gradient: the final state's error 4.7e-3 against 3.6e-3, dg's 0.162 against 0.225, the rest
+#: equal or within 2%) and timed on the H100 (benchmarks/results/h100-2026-11-25-s23, runs 1 and 3): GPU time
+#: of gated_delta's forward + backward at 1x32x32768 10.21 -> 10.06 and 9.38 -> 9.26 ms, KDA's 22.94 ->
+#: 22.63; KDA forward + backward 1.03x faster there in both runs (gated_delta's within the spread).
+DELTA_U0_LOWP = True
 #: The delta rule's chunk op leaves the gradients of the outputs the loss does not use unmaterialised
 #: (``set_materialize_grads(False)``, as ``GLA_SKIP_ZERO_GRADS``): its saved outputs (the chunk states,
 #: W, U, T, the normalised q / k) got zero-filled gradients before (8 fills, 0.17 ms of gated_delta's 4.2
