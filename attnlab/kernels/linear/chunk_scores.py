@@ -154,6 +154,7 @@ def intra_scores_v2_kernel(
     BT: tl.constexpr, LBT: tl.constexpr, BK: tl.constexpr, BKS: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     STRICT: tl.constexpr = False, HAS_BETA: tl.constexpr = False, BETA=None,
+    Q2=None, A2=None, PAIR: tl.constexpr = False,
 ):  # fmt: skip
     """The intra-chunk scores of per-channel gates (``op.GLA_INTRA_V2``; :func:`intra_scores_kernel`'s
     non-strict result without beta, the same layout), one whole chunk per program (chunk, batch * head),
@@ -170,7 +171,10 @@ def intra_scores_v2_kernel(
     One exp per element and level (the row's own side: exp(G_t - G_r) if bit b is set, exp(G_r - G_t)
     if not), BKS channels at a time; dot operands in x's dtype (float32 with UPCAST: then in DOT_PREC).
     Upper entries are exactly 0. STRICT: the diagonal too (j < t); HAS_BETA: row t times BETA[t] (B*H, N)
-    (the delta rule's scores, ``op.DELTA_INTRA_V2``: :func:`intra_scores_kernel`'s other results)."""
+    (the delta rule's scores, ``op.DELTA_INTRA_V2``: :func:`intra_scores_kernel`'s other results).
+    PAIR (X is K): also A2 = the non-strict scores of Q2 against K without beta, from the same loads of K
+    and G, the same exps and K's side of every level's dot (the delta rule's k k^T and q k^T in one launch,
+    ``op.DELTA_INTRA_PAIR``); A's products are made exactly as without PAIR."""
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     t0 = c * BT
@@ -186,12 +190,20 @@ def intra_scores_v2_kernel(
     jj = rt[None, :]
     acc = tl.zeros((BT, BT), dtype=tl.float32)
     diag = tl.zeros((BT,), dtype=tl.float32)
+    acc2 = acc  # (PAIR's: Q2 against K)
+    diag2 = diag
     for kc in range(0, BK, BKS):
         cols = kc + tl.arange(0, BKS)[None, :]
-        x = _tile(x_ptr, t0, N, kc, DK, DK, BT, BKS)
         k = _tile(k_ptr, t0, N, kc, DK, DK, BT, BKS)
+        if PAIR:  # noqa: SIM108
+            x = k
+        else:
+            x = _tile(x_ptr, t0, N, kc, DK, DK, BT, BKS)
         g = _tile(g_ptr, t0, NP, kc, DK, DK, BT, BKS)
         diag += tl.sum(x * k, axis=1)
+        if PAIR:
+            q2 = _tile(Q2 + bh * N * DK, t0, N, kc, DK, DK, BT, BKS)
+            diag2 += tl.sum(q2 * k, axis=1)
         for b in range(LBT):  # (a loop, not unrolled: the levels' masks and gathers are not all live at once)
             up = (((rt >> b) & 1) == 1)[:, None]  # rows on the later side of their level-b split
             ref = t0 + (((rt >> b) | 1) << b)
@@ -199,14 +211,22 @@ def intra_scores_v2_kernel(
             e = tl.exp(tl.where(up, g - gr, gr - g))
             xb = tl.where(up, x * e, 0.0).to(dt)
             kb = tl.where(up, 0.0, k * e).to(dt)
+            same = (ii >> (b + 1)) == (jj >> (b + 1))
             p = tl.dot(xb, tl.trans(kb), input_precision=DOT_PREC)
-            acc += tl.where((ii >> (b + 1)) == (jj >> (b + 1)), p, 0.0)
+            acc += tl.where(same, p, 0.0)
+            if PAIR:
+                qb = tl.where(up, q2 * e, 0.0).to(dt)
+                p2 = tl.dot(qb, tl.trans(kb), input_precision=DOT_PREC)
+                acc2 += tl.where(same, p2, 0.0)
     if not STRICT:
         acc += tl.where(ii == jj, diag[:, None], 0.0)
     if HAS_BETA:
         b_t = tl.load(BETA + bh * N + t0 + rt, mask=t0 + rt < N, other=0.0).to(tl.float32)
         acc = acc * b_t[:, None]
     tl.store(A + bh * NP * BT + (t0 + ii) * BT + jj, acc)
+    if PAIR:
+        acc2 += tl.where(ii == jj, diag2[:, None], 0.0)
+        tl.store(A2 + bh * NP * BT + (t0 + ii) * BT + jj, acc2)
 
 
 @triton.jit

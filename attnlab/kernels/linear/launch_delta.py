@@ -168,8 +168,11 @@ def delta_fwd_launch(
     if not scalar:
         v2, wide = op.DELTA_INTRA_V2, op.DELTA_INTRA_V2_F32
         akk_beta = None if keep_scores else bc
-        akk = op.intra_scores(k, k, gc, akk_beta, chunk, strict=True, v2=v2, f32_operands=wide)
-        aqk = op.intra_scores(q, k, gc, None, chunk, strict=False, v2=v2, f32_operands=wide)
+        if v2 and op.DELTA_INTRA_PAIR:
+            akk, aqk = op.intra_scores_pair(q, k, gc, akk_beta, chunk, f32_operands=wide)
+        else:
+            akk = op.intra_scores(k, k, gc, akk_beta, chunk, strict=True, v2=v2, f32_operands=wide)
+            aqk = op.intra_scores(q, k, gc, None, chunk, strict=False, v2=v2, f32_operands=wide)
     kept_dt = saved_dtype(k)
     w = torch.empty(b, h, np_, dk, dtype=kept_dt, device=dev)
     u = torch.empty(b, h, np_, dv, dtype=u0_dtype(k), device=dev)
@@ -411,6 +414,9 @@ def delta_bwd_channel_launch(
     f32, dev = torch.float32, q.device
     prec = _prec(q)
     v2, wide = op.DELTA_INTRA_V2, op.DELTA_INTRA_V2_F32
+    need_aqk, need_bkk = aqk is None or aqk.numel() == 0, bkk is None or bkk.numel() == 0
+    if need_aqk and need_bkk and v2 and op.DELTA_INTRA_PAIR:
+        bkk, aqk = op.intra_scores_pair(q, k, gc, None, chunk, f32_operands=wide)
     if aqk is None or aqk.numel() == 0:
         aqk = op.intra_scores(q, k, gc, None, chunk, strict=False, v2=v2, f32_operands=wide)
     if bkk is None or bkk.numel() == 0:

@@ -68,6 +68,27 @@ def intra_scores(
     return a
 
 
+def intra_scores_pair(
+    q: Tensor, k: Tensor, gc: Tensor, beta: Tensor | None, chunk: int, f32_operands: bool = False
+) -> tuple[Tensor, Tensor]:
+    """The delta rule's two intra-chunk score products of per-channel gates in one launch of
+    ``intra_scores_v2_kernel`` (PAIR; ``op.DELTA_INTRA_PAIR``): (``intra_scores(k, k, gc, beta, chunk,
+    strict=True, v2=True, f32_operands)``, ``intra_scores(q, k, gc, None, chunk, strict=False, v2=True,
+    f32_operands)``), k, the gates and the exps loaded and made once for both."""
+    b, h, n, dk = k.shape
+    np_ = gc.shape[2]
+    akk = torch.empty(b, h, np_, chunk, dtype=torch.float32, device=k.device)
+    aqk = torch.empty_like(akk)
+    bk = head_block(dk)
+    op.intra_scores_v2_kernel[(np_ // chunk, b * h)](
+        k, k, gc, akk, n, np_, dk, BT=chunk, LBT=chunk.bit_length() - 1, BK=bk,
+        BKS=min(bk, op.GLA_INTRA_BKS), DOT_PREC=_prec(k), UPCAST=_upcast(k) or f32_operands,
+        STRICT=True, HAS_BETA=beta is not None, BETA=beta, Q2=q, A2=aqk, PAIR=True,
+        **_cfg("intra_v2_pair", num_warps=8, num_stages=1),
+    )  # fmt: skip
+    return akk, aqk
+
+
 def chunk_output(
     q: Tensor, k: Tensor, v: Tensor, gc: Tensor, hs: Tensor, a: Tensor | None, scale: float, chunk: int
 ) -> Tensor:

@@ -117,6 +117,7 @@ from attnlab.kernels.linear.launch_gla import gla_h as gla_h
 from attnlab.kernels.linear.launch_scores import chunk_output as chunk_output
 from attnlab.kernels.linear.launch_scores import gate_cumsum as gate_cumsum
 from attnlab.kernels.linear.launch_scores import intra_scores as intra_scores
+from attnlab.kernels.linear.launch_scores import intra_scores_pair as intra_scores_pair
 from attnlab.kernels.linear.naive import l2norm
 from attnlab.kernels.linear.step_plan import StepPlan, _make_step_plan, _step_gate, _step_key, step_programs
 from attnlab.kernels.linear.varlen import delta_chunk_varlen as delta_chunk_varlen
@@ -278,6 +279,12 @@ DELTA_FUSED_GLUE = True
 #: float32), else in the inputs' dtype (as gla's).
 DELTA_INTRA_V2 = True
 DELTA_INTRA_V2_F32 = True
+#: With ``DELTA_INTRA_V2``: the forward's two score products (the strict k k^T and q k^T; the backward's when
+#: it recomputes both) by one launch of ``intra_scores_v2_kernel`` (PAIR: ``intra_scores_pair``), which loads
+#: k and the per-channel gates and makes the exps and k's side of every level's dot once for both. The same
+#: products as two launches (A_kk's exactly as they were). False: two launches of ``intra_scores``. Off until
+#: timed on the GPU.
+DELTA_INTRA_PAIR = False
 #: Value columns per step of the delta rule's per-chunk backward kernels (``delta_bwd_chunk_kernel``,
 #: ``delta_bwd_chunk_channel_kernel``): 0 holds the whole (K, V) state and its gradient as one tile (the
 #: previous kernels); a power of two below V loops over V in slices of this width, accumulating the
