@@ -739,7 +739,7 @@ SWEEP: dict[str, list[tuple[str, dict[str, dict[str, int]], dict[str, int]]]] = 
     ],
     "gated_delta_kda": [
         ("dh_v2_channel s3", {"delta_bwd_dh_v2_channel": {"num_stages": 3}}, {}),
-        ("h_v2 s3", {"delta_h_v2": {"num_stages": 3}}, {}),
+        ("h_v2 s2", {"delta_h_v2": {"num_stages": 2}}, {}),
         ("intra_v2 w4", {"intra_v2": {"num_warps": 4}}, {}),
         ("bwd_channel s2", {"delta_bwd_channel": {"num_stages": 2}}, {}),
     ],

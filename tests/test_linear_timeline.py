@@ -10,13 +10,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _module():  # type: ignore[no-untyped-def]
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(
-        "linear_timeline", ROOT / "benchmarks" / "linear_timeline.py"
-    )
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    bench = str(ROOT / "benchmarks")
+    sys.path.insert(0, bench)  # (it imports linear_bench from its folder)
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "linear_timeline", ROOT / "benchmarks" / "linear_timeline.py"
+        )
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(bench)
     return mod
 
 

@@ -33,13 +33,16 @@ _GATE_FLOOR: tl.constexpr = tl.constexpr(GATE_FLOOR)
 def gate_cumsum_kernel(
     G, GC, N, NP, D,
     PER_CHANNEL: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
+    K=None, KG=None, HAS_KG: tl.constexpr = False,
 ):  # fmt: skip
     """The chunk-local inclusive cumsum of log-decays, float32, zero-padded to NP = chunks * BT rows, in one
     pass (G in any float dtype, contiguous). PER_CHANNEL: G (B*H, N, D) -> GC (B*H, NP, D), one program
     per (chunk, batch * head, BD channels). Else one gate per token: G (B*H, N) -> GC (B*H, NP), one
     program per (BR chunks, batch * head), a (BR, BT) tile of them. Each gate is floored at
     ``naive.GATE_FLOOR`` in float32 before the sum (``naive.floor_gate``: no -inf in the cumsum, whatever
-    g's dtype and magnitude)."""
+    g's dtype and magnitude). HAS_KG (PER_CHANNEL): also KG (B*H, NP, D) in KG's dtype = K (B*H, N, D) times
+    exp(G_C - G), G_C the chunk's last cumsum row (0 in the padded rows): the delta rule's decayed keys
+    (``op.DELTA_H_KG``), from the same cumsum."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     if PER_CHANNEL:
@@ -47,7 +50,13 @@ def gate_cumsum_kernel(
         cols = tl.program_id(2) * BD + tl.arange(0, BD)[None, :]
         g = tl.load(G + bh * N * D + rows * D + cols, mask=(rows < N) & (cols < D), other=0.0)
         g = tl.maximum(g.to(tl.float32), _GATE_FLOOR)
-        tl.store(GC + bh * NP * D + rows * D + cols, tl.cumsum(g, axis=0), mask=cols < D)
+        gc = tl.cumsum(g, axis=0)
+        tl.store(GC + bh * NP * D + rows * D + cols, gc, mask=cols < D)
+        if HAS_KG:
+            g_last = tl.sum(tl.where(rows == pid * BT + BT - 1, gc, 0.0), axis=0)
+            k = tl.load(K + bh * N * D + rows * D + cols, mask=(rows < N) & (cols < D), other=0.0)
+            kg = k.to(tl.float32) * tl.exp(g_last[None, :] - gc)
+            tl.store(KG + bh * NP * D + rows * D + cols, kg.to(KG.dtype.element_ty), mask=cols < D)
     else:
         rows = (pid * BR + tl.arange(0, BR))[:, None] * BT + tl.arange(0, BT)[None, :]
         g = tl.load(G + bh * N + rows, mask=rows < N, other=0.0)

@@ -320,7 +320,8 @@ def _h2_fold(K, GC, s, ud, t0, k0, N, NP, DK, GATE: tl.constexpr, BT: tl.constex
     """One BKT-row tile of the next chunk's state: s (already decayed by exp(G_C) under a gate shared by
     the channels) + k^T ud, with k^T loaded transposed (BKT, BT) from k's rows (no transpose in
     registers). Per channel (GATE == 2) the decays are applied here: s exp(G_C) + (k^T exp(G_C - G^T)) ud,
-    G^T loaded transposed too; else ud carries them (exp(G_C - G) per row)."""
+    G^T loaded transposed too; GATE == 3: K holds k exp(G_C - G) already (``gate_cumsum_kernel``'s KG), only
+    s exp(G_C) is made here; else ud carries them (exp(G_C - G) per row)."""
     rk = k0 + tl.arange(0, BKT)
     rt = t0 + tl.arange(0, BT)
     kt = tl.load(K + rt[None, :] * DK + rk[:, None], mask=(rk[:, None] < DK) & (rt[None, :] < N), other=0.0)
@@ -328,6 +329,9 @@ def _h2_fold(K, GC, s, ud, t0, k0, N, NP, DK, GATE: tl.constexpr, BT: tl.constex
         gt = tl.load(GC + rt[None, :] * DK + rk[:, None], mask=rk[:, None] < DK, other=0.0)
         gl = tl.load(GC + (t0 + BT - 1) * DK + rk, mask=rk < DK, other=0.0)
         kt = kt.to(tl.float32) * tl.exp(gl[:, None] - gt)
+        s = s * tl.exp(gl)[:, None]
+    if GATE == 3:
+        gl = tl.load(GC + (t0 + BT - 1) * DK + rk, mask=rk < DK, other=0.0)
         s = s * tl.exp(gl)[:, None]
     if LOWP:
         s = tl.dot(kt.to(K.dtype.element_ty), ud, s)
@@ -349,8 +353,9 @@ def delta_h_v2_kernel(
     HS[c] = S (in HS's dtype), U_c = U0_c - W_c S (W's BKT-column slices against the tiles, accumulated)
     written to UO (UO's dtype; UO may be U), then each tile S_i = exp(G_C) S_i + k_i^T (exp(G_C - G) U_c),
     k_i^T loaded transposed (under a gate shared by the channels the row decays are folded into U_c once,
-    for all tiles). LOWP: dot operands in k's dtype (16-bit; W, S and U_c rounded to it), float32
-    accumulation; else float32 operands (``DOT_PREC``). VARLEN: as :func:`delta_h_kernel`."""
+    for all tiles). GATE 3: per channel with K = k exp(G_C - G) precomputed (B*H, NP, DK; ``op.DELTA_H_KG``),
+    G read for its chunk-end rows only. LOWP: dot operands in k's dtype (16-bit; W, S and U_c rounded to
+    it), float32 accumulation; else float32 operands (``DOT_PREC``). VARLEN: as :func:`delta_h_kernel`."""
     vb = tl.program_id(0)
     sh = tl.program_id(1).to(tl.int64)
     n_chunks = tl.cdiv(N, BT)
@@ -358,9 +363,12 @@ def delta_h_v2_kernel(
     rv = vb * BV + tl.arange(0, BV)
     mv = rv[None, :] < DV
     rt = tl.arange(0, BT)
-    k_ptr = K + bh * N * DK
+    if GATE == 3:  # noqa: SIM108  (KG has NP rows per head)
+        k_ptr = K + bh * NP * DK
+    else:
+        k_ptr = K + bh * N * DK
     w_ptr = W + bh * NP * DK
-    if GATE == 2:  # noqa: SIM108
+    if GATE >= 2:  # noqa: SIM108
         g_ptr = GC + bh * NP * DK
     else:
         g_ptr = GC + bh * NP
@@ -401,7 +409,7 @@ def delta_h_v2_kernel(
         u_off = bh * NP * DV + (t0 + rt)[:, None] * DV + rv[None, :]
         u = tl.load(U + u_off, mask=mv, other=0.0).to(tl.float32) - ws
         tl.store(UO + u_off, u.to(UO.dtype.element_ty), mask=mv)
-        if GATE == 2:
+        if GATE >= 2:
             ud = u
         else:
             g = tl.load(g_ptr + t0 + rt)

@@ -13,7 +13,7 @@ namespace where tests and benchmarks set them (op imports this module; see its d
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -66,15 +66,9 @@ def saved_dtype(k: Tensor) -> torch.dtype:
 
 def u0_dtype(k: Tensor) -> torch.dtype:
     """The dtype of the UT transform's U0 = T (beta v): k's 16-bit dtype with ``op.DELTA_U0_LOWP`` and the
-    16-bit forward pass (which reads it into float32), else float32 (also for bf16 in Triton's CPU
-    interpreter: ``_upcast``)."""
-    lowp = (
-        op.DELTA_U0_LOWP
-        and not _upcast(k)
-        and op.DELTA_H_V2
-        and op.DELTA_H_LOWP
-        and k.dtype in (torch.bfloat16, torch.float16)
-    )
+    16-bit forward pass (``DELTA_H_V2`` with ``_h_lowp``: it reads U0 into float32), else float32 (also in
+    Triton's CPU interpreter, whose pass takes float32 operands)."""
+    lowp = op.DELTA_U0_LOWP and op.DELTA_H_V2 and _h_lowp(k)
     return k.dtype if lowp else torch.float32
 
 
@@ -160,7 +154,11 @@ def delta_fwd_launch(
     n_chunks = cdiv(n, chunk)
     np_ = n_chunks * chunk
     scalar = _delta_scalar(g)
-    gc = _delta_cumsum(g, b, h, n, dk, chunk, q.device)
+    kg = None  # (per-channel gates with op.DELTA_H_KG: the decayed keys for the forward pass)
+    if g is not None and not scalar and op.DELTA_H_KG and op.DELTA_H_V2 and op.DELTA_FUSED_GLUE:
+        gc, kg = op.gate_cumsum_kg(g.expand(b, h, n, dk), k, chunk, k.dtype if _h_lowp(k) else torch.float32)
+    else:
+        gc = _delta_cumsum(g, b, h, n, dk, chunk, q.device)
     f32, dev = torch.float32, q.device
     akk = aqk = None
     # (kept for the backward: akk is then the strict scores without beta, B; the UT kernel applies beta)
@@ -198,7 +196,7 @@ def delta_fwd_launch(
     h0c = h0.float().contiguous() if h0 is not None else ht
     seq = seq_chunks if seq_chunks is not None else ht
     if op.DELTA_H_V2:
-        hs, u_out = delta_h_v2(k, w, u, gc, h0c if h0 is not None else None, ht, seq_chunks, save, chunk)
+        hs, u_out = delta_h_v2(k, w, u, gc, h0c if h0 is not None else None, ht, seq_chunks, save, chunk, kg)
     else:
         hs = torch.empty(b, h, n_chunks, dk, dv, dtype=f32, device=dev)
         u_out = u
@@ -223,15 +221,22 @@ def delta_fwd_launch(
     return o, ht, hs, w, u_out, t, q, k, rq, rk, *kept
 
 
+def _h_lowp(k: Tensor) -> bool:
+    """Whether ``delta_h_v2_kernel`` takes 16-bit dot operands for keys like ``k`` (``op.DELTA_H_LOWP``)."""
+    return op.DELTA_H_LOWP and k.dtype in (torch.bfloat16, torch.float16) and not IMPORTED_INTERPRETED
+
+
 def delta_h_v2(
     k: Tensor, w: Tensor, u: Tensor, gc: Tensor, h0: Tensor | None, ht: Tensor, seq_chunks: Tensor | None,
-    save: bool, chunk: int,
+    save: bool, chunk: int, kg: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """The delta rule's forward sequential pass by ``delta_h_v2_kernel``: (the states at the chunk starts
     (B, H, chunks, K, V), U (B, H, NP, V)), the final state written to ``ht`` (h0 float32 or None;
     ``seq_chunks``: varlen, as ``chunk_states``). With ``save``: both in ``saved_dtype(k)``; without: in
     k's dtype (``DELTA_H_COMPACT``), else float32. U is written over U0 (``u``, float32 or with
-    ``DELTA_U0_LOWP`` 16-bit: ``u0_dtype``) when their dtypes agree, else into a fresh buffer."""
+    ``DELTA_U0_LOWP`` 16-bit: ``u0_dtype``) when their dtypes agree, else into a fresh buffer. ``kg``:
+    per-channel gates' decayed keys k exp(G_C - G) (B, H, NP, K; ``gate_cumsum_kg``), read in place of k
+    and the gates' rows (the kernel's GATE 3)."""
     b, h, n, dk = k.shape
     dv = u.shape[-1]
     n_chunks = cdiv(n, chunk)
@@ -249,17 +254,34 @@ def delta_h_v2(
     nkt = cdiv(bk, bkt)
     assert nkt <= 4, f"delta_h_v2_kernel holds at most 4 state tiles (K={dk}, DELTA_H_BKT={op.DELTA_H_BKT})"
     bv = min(head_block(dv), op.DELTA_H_BV)
-    lowp = op.DELTA_H_LOWP and k.dtype in (torch.bfloat16, torch.float16) and not IMPORTED_INTERPRETED
-    op.delta_h_v2_kernel[(cdiv(dv, bv), ht.shape[0] * h)](
-        k, w, u, u_out, gc, h0 if h0 is not None else ht, hs, ht, seq_chunks if seq_chunks is not None else ht,
-        n, w.shape[2], dk, dv, b * h,
-        GATE=_gate_code(gc), HAS_H0=h0 is not None, VARLEN=seq_chunks is not None, BT=chunk,
-        BKT=bkt, NKT=nkt, BV=bv, LOWP=lowp, DOT_PREC=_prec(k),
-        # (3 stages: 143 registers, 127 KB of shared memory for sm_90 at K = 128, bf16; gated_delta forward +
-        # backward 0.97x, KDA 0.995x of 2 stages' at 1x32x32768 on the H100, benchmarks/results/h100-2026-11-25-s23)
-        **_cfg("delta_h_v2", num_warps=4, num_stages=3),
-    )  # fmt: skip
+    lowp = _h_lowp(k)
+
+    def launch(stages: int) -> None:
+        op.delta_h_v2_kernel[(cdiv(dv, bv), ht.shape[0] * h)](
+            k if kg is None else kg, w, u, u_out, gc, h0 if h0 is not None else ht, hs, ht,
+            seq_chunks if seq_chunks is not None else ht, n, w.shape[2], dk, dv, b * h,
+            GATE=_gate_code(gc) if kg is None else 3, HAS_H0=h0 is not None, VARLEN=seq_chunks is not None,
+            BT=chunk, BKT=bkt, NKT=nkt, BV=bv, LOWP=lowp, DOT_PREC=_prec(k),
+            **_cfg("delta_h_v2", num_warps=4, num_stages=stages),
+        )  # fmt: skip
+
+    # (16-bit, K <= 128: 3 stages, 127 KB of shared memory for sm_90 (Triton 3.6, K = 128, bf16), 143
+    # registers; gated_delta forward + backward 0.97x, KDA 0.995x of 2 stages' at 1x32x32768 on the H100,
+    # benchmarks/results/h100-2026-11-25-s23. Float32 or K > 128 at 3 stages is over the H100's 227 KB, and
+    # a GPU with less shared memory (sm_86 / sm_89: 99 KB) refuses 3: 2 stages there, as before.)
+    _staged(launch, 3 if lowp and bk <= 128 else 2, 2)
     return hs, u_out
+
+
+def _staged(launch: Callable[[int], None], first: int, fallback: int) -> None:
+    """``launch(first)`` (a kernel launch at ``first`` pipeline stages), or ``launch(fallback)`` when the GPU
+    refuses ``first``'s shared memory (Triton's OutOfResources, raised before anything runs)."""
+    try:
+        launch(first)
+    except OutOfResources:
+        if first == fallback:
+            raise
+        launch(fallback)
 
 
 @contextlib.contextmanager
@@ -317,19 +339,25 @@ def _delta_bwd_dh(
             GATE=gate, BT=chunk, BK=head_block(dk), BV=bvl, LOWP=lowp, DOT_PREC=_prec(q),
             **_cfg("delta_bwd_du_local", num_warps=4),
         )  # fmt: skip
+
         # (sm_90, K = 128, BV = 32, bf16, Triton 3.6: 8 warps spill nothing, 240 / 193 registers; 4 spill.
-        # Under a per-head gate 3 stages (195 registers, 136 KB of shared memory, no spills): 0.95x of one
-        # stage's gated_delta forward + backward at 1x32x32768 on the H100, benchmarks/results/h100-2026-11-25-s23)
-        if gate == 1:
-            cfg = _cfg("delta_bwd_dh_v2", num_warps=8, num_stages=3)
-        else:
-            cfg = _cfg("delta_bwd_dh_v2_channel", num_warps=8, num_stages=2)
-        op.delta_bwd_dh_v2_kernel[(cdiv(dv, bv), n_seq * h)](
-            q, k, do, gc, w, kg, qg, dht_c, dhs, du, dh0, seq_chunks if seq_chunks is not None else dh0,
-            n, np_, dk, dv, b * h, float(scale),
-            HAS_DHT=dht is not None, VARLEN=seq_chunks is not None, GATE=gate, BT=chunk, BK=head_block(dk),
-            BV=bv, LOWP=lowp, DOT_PREC=_prec(q), **cfg,
-        )  # fmt: skip
+        # Under a per-head gate, 16-bit, K <= 128: 3 stages (195 registers, 136 KB of shared memory, no
+        # spills): 0.95x of one stage's gated_delta forward + backward at 1x32x32768 on the H100
+        # (benchmarks/results/h100-2026-11-25-s23); else, or where the GPU refuses 3 stages' shared memory
+        # (float32, K > 128, sm_86 / sm_89), one stage as before.)
+        def launch(stages: int) -> None:
+            if gate == 1:
+                cfg = _cfg("delta_bwd_dh_v2", num_warps=8, num_stages=stages)
+            else:
+                cfg = _cfg("delta_bwd_dh_v2_channel", num_warps=8, num_stages=2)
+            op.delta_bwd_dh_v2_kernel[(cdiv(dv, bv), n_seq * h)](
+                q, k, do, gc, w, kg, qg, dht_c, dhs, du, dh0, seq_chunks if seq_chunks is not None else dh0,
+                n, np_, dk, dv, b * h, float(scale),
+                HAS_DHT=dht is not None, VARLEN=seq_chunks is not None, GATE=gate, BT=chunk,
+                BK=head_block(dk), BV=bv, LOWP=lowp, DOT_PREC=_prec(q), **cfg,
+            )  # fmt: skip
+
+        _staged(launch, 3 if gate == 1 and lowp and head_block(dk) <= 128 else 1, 1)
         return dhs, du, dh0
     if aqk is None:
         gate, cfg = 1, _cfg("delta_bwd_dh", num_warps=4, num_stages=2)

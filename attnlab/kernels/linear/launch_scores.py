@@ -39,6 +39,26 @@ def gate_cumsum(g: Tensor, chunk: int) -> Tensor:
     return gc
 
 
+def gate_cumsum_kg(g: Tensor, k: Tensor, chunk: int, kg_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """:func:`gate_cumsum` of per-channel log-decays g (B, H, N, K) and, from the same launch
+    (``gate_cumsum_kernel``'s HAS_KG), the decayed keys KG = k exp(G_C - G) (B, H, NP, K) in ``kg_dtype``
+    (G_C the chunk's last cumsum row; zero rows past N): the delta rule's forward pass reads them
+    (``op.DELTA_H_KG``)."""
+    g, k = g.contiguous(), k.contiguous()
+    b, h, n, dk = g.shape
+    n_chunks = cdiv(n, chunk)
+    np_ = n_chunks * chunk
+    gc = torch.empty(b, h, np_, dk, dtype=torch.float32, device=g.device)
+    kg = torch.empty(b, h, np_, dk, dtype=kg_dtype, device=g.device)
+    bd = min(head_block(dk), 64)
+    if n_chunks:
+        op.gate_cumsum_kernel[(n_chunks, b * h, cdiv(dk, bd))](
+            g, gc, n, np_, dk, BT=chunk, PER_CHANNEL=True, BR=1, BD=bd, K=k, KG=kg, HAS_KG=True,
+            **_cfg("cumsum", num_warps=4),
+        )  # fmt: skip
+    return gc, kg
+
+
 def intra_scores(
     x: Tensor, k: Tensor, gc: Tensor, beta: Tensor | None, chunk: int, strict: bool, v2: bool = False,
     f32_operands: bool = False,

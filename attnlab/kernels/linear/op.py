@@ -116,6 +116,7 @@ from attnlab.kernels.linear.launch_gla import gla_fwd_launch as gla_fwd_launch
 from attnlab.kernels.linear.launch_gla import gla_h as gla_h
 from attnlab.kernels.linear.launch_scores import chunk_output as chunk_output
 from attnlab.kernels.linear.launch_scores import gate_cumsum as gate_cumsum
+from attnlab.kernels.linear.launch_scores import gate_cumsum_kg as gate_cumsum_kg
 from attnlab.kernels.linear.launch_scores import intra_scores as intra_scores
 from attnlab.kernels.linear.launch_scores import intra_scores_pair as intra_scores_pair
 from attnlab.kernels.linear.naive import l2norm
@@ -227,8 +228,16 @@ DELTA_H_V2 = True
 DELTA_H_LOWP = True
 #: Without ``save``: ``delta_h_v2_kernel`` writes the chunk-start states and U in the inputs' dtype (half
 #: the bytes written there and read by ``chunk_out_kernel``, which rounds them to that dtype for its dots
-#: anyway) into fresh buffers (U0 left as is). With ``save``: in ``DELTA_SAVED_LOWP``'s dtype (the backward reads them).
+#: anyway): U over U0 when U0 has that dtype (``DELTA_U0_LOWP``), else into a fresh buffer. With ``save``: in ``DELTA_SAVED_LOWP``'s dtype (the backward reads them).
 DELTA_H_COMPACT = True
+#: Per-channel gates (KDA) with ``DELTA_H_V2`` and ``DELTA_FUSED_GLUE``: the gate cumsum's launch also writes
+#: the decayed keys KG = k exp(G_C - G) (B, H, NP, K; in k's dtype for the 16-bit pass, else float32:
+#: ``gate_cumsum_kg``), and ``delta_h_v2_kernel`` reads them (GATE 3) instead of k and G^T with an exp per
+#: element in every value block's program (the decays rounded the same way: the same results). Costs k read
+#: and KG written once (the forward's; KG is not kept). False: the previous launches. Off until timed on
+#: the GPU (its forward pass under per-channel gates took 1.79 ms at 1x32x32768 against fla-core's 0.95:
+#: benchmarks/results/h100-2026-11-25-s23, run 6).
+DELTA_H_KG = False
 #: Value columns per program and key rows per state tile of ``delta_h_v2_kernel``.
 DELTA_H_BV = 32
 DELTA_H_BKT = 64
@@ -361,10 +370,12 @@ DELTA_BWD_DU_LOWP = True
 #: U = U0 - W S to that dtype for its dot and its store, as fla-core's kernels keep u in v's dtype), and the
 #: pass writes U over U0 when the two dtypes agree. Half the bytes of U0 written and read. Forward only
 #: (the backward reads the saved U). False: float32 U0 (the previous launches). On since checked (1x32x8192,
-#: every gradient: the final state's error 4.7e-3 against 3.6e-3, dg's 0.162 against 0.225, the rest
-#: equal or within 2%) and timed on the H100 (benchmarks/results/h100-2026-11-25-s23, runs 1 and 3): GPU time
-#: of gated_delta's forward + backward at 1x32x32768 10.21 -> 10.06 and 9.38 -> 9.26 ms, KDA's 22.94 ->
-#: 22.63; KDA forward + backward 1.03x faster there in both runs (gated_delta's within the spread).
+#: every gradient: gated_delta's final-state error 4.7e-3 against 3.6e-3, dg's 0.162 against 0.225; KDA's
+#: state 5.3e-3 against 4.6e-3, dg's 0.032 against 0.030; the rest equal or within 2%) and timed on the H100
+#: (benchmarks/results/h100-2026-11-25-s23, runs 1, 3 and 5): GPU time of gated_delta's forward + backward at
+#: 1x32x32768 10.21 -> 10.06, 9.38 -> 9.26 and 9.41 -> 9.29 ms, KDA's 22.94 -> 22.63 and 22.79 -> 22.68;
+#: forward 1.02-1.05x faster in run 5 at every shape. KDA's forward + backward at 32K as timed: 1.03x faster
+#: in runs 1 and 3, 0.98x in run 5 (24.06 against 23.57 ms, about two IQRs).
 DELTA_U0_LOWP = True
 #: The delta rule's chunk op leaves the gradients of the outputs the loss does not use unmaterialised
 #: (``set_materialize_grads(False)``, as ``GLA_SKIP_ZERO_GRADS``): its saved outputs (the chunk states,
