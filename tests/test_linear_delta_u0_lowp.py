@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from attnlab.catalog.linear._common import delta_recurrence
 from attnlab.testing import device_under_test
-from tests.test_linear_delta_saved_lowp import _inputs, _reference  # (the same inputs and fp32 recurrence)
 
 DEV = device_under_test()
 
@@ -30,6 +31,23 @@ def gpu_branches(monkeypatch: pytest.MonkeyPatch) -> None:
     from attnlab.kernels.linear import launch_delta
 
     monkeypatch.setattr(launch_delta, "IMPORTED_INTERPRETED", False)
+
+
+def _inputs(n: int, gate: str, seed: int) -> list[Tensor | None]:
+    """q, k (L2-normalised), v in float16; beta, g (per channel, per token or None), h0 float32."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(2, 2, n, 16, generator=gen) for _ in range(2))
+    k = F.normalize(k, dim=-1)
+    v = torch.randn(2, 2, n, 24, generator=gen)
+    beta = torch.rand(2, 2, n, generator=gen)
+    g: Tensor | None = F.logsigmoid(torch.randn(2, 2, n, 16, generator=gen) + 1.0)
+    assert g is not None
+    if gate == "head":
+        g = g[..., :1].clone()
+    elif gate == "none":
+        g = None
+    h0 = torch.randn(2, 2, 16, 24, generator=gen)
+    return [None if t is None else t.to(DEV) for t in (q.half(), k.half(), v.half(), beta, g, h0)]
 
 
 def _run(xs: list[Tensor | None], u0_lowp: bool, mp: pytest.MonkeyPatch, l2: bool = False,
@@ -53,6 +71,22 @@ def _run(xs: list[Tensor | None], u0_lowp: bool, mp: pytest.MonkeyPatch, l2: boo
         (o.float() * do.float()).sum() + (s * ds).sum(), [t for t in leaves if t is not None]
     )
     return [o.detach().float(), s.detach(), *(x.float() for x in grads)]
+
+
+def _reference(xs: list[Tensor | None], l2: bool = False) -> list[Tensor]:
+    from attnlab.kernels.linear.naive import l2norm
+
+    ref = [None if t is None else t.float().clone().requires_grad_(True) for t in xs]
+    q, k, v, beta, g, h0 = ref
+    assert q is not None and k is not None and v is not None and beta is not None
+    if l2:
+        q, k = l2norm(q), l2norm(k)
+    o, s = delta_recurrence(q, k, v, beta, g, 0.3, h0)
+    gen = torch.Generator().manual_seed(7)
+    do = torch.randn(o.shape, generator=gen).to(DEV).half().float()
+    ds = torch.randn(s.shape, generator=gen).to(DEV)
+    grads = torch.autograd.grad((o * do).sum() + (s * ds).sum(), [t for t in ref if t is not None])
+    return [o.detach(), s.detach(), *grads]
 
 
 def _compare(on: list[Tensor], off: list[Tensor], want: list[Tensor]) -> None:
