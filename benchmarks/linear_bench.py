@@ -713,9 +713,29 @@ def profile(
 #: Launch variants tried by ``sweep`` per method: (label, LAUNCH_OVERRIDES, module constants of op.py).
 SWEEP: dict[str, list[tuple[str, dict[str, dict[str, int]], dict[str, int]]]] = {
     "gla": [
-        ("gla_bwd_sub w8", {"gla_bwd_sub": {"num_warps": 8}}, {}),
-        ("gla_bwd_sub w2", {"gla_bwd_sub": {"num_warps": 2}}, {}),
-        ("gla_bwd_sub s1", {"gla_bwd_sub": {"num_stages": 1}}, {}),
+        *(
+            (
+                f"sliced {bks} {'joint' if joint else 'sep'}{' unroll' if unroll else ''} w{w}",
+                {"gla_bwd_sliced": {"num_warps": w}},
+                {
+                    "GLA_BWD_SLICED": 1,
+                    "GLA_BWD_SLICED_BKS": bks,
+                    "GLA_BWD_SLICED_JOINT": joint,
+                    "GLA_BWD_SLICED_UNROLL": unroll,
+                },
+            )
+            for bks, joint, unroll, w in (
+                (32, 1, 0, 4),
+                (32, 0, 0, 4),
+                (16, 0, 0, 4),
+                (16, 1, 0, 4),
+                (32, 0, 0, 8),
+                (64, 0, 0, 8),
+                (32, 1, 1, 4),
+                (16, 0, 1, 4),
+                (64, 1, 0, 8),
+            )
+        ),
         ("intra_v2 w4", {"intra_v2": {"num_warps": 4}}, {}),
         ("intra_v2 BKS16", {}, {"GLA_INTRA_BKS": 16}),
         ("intra_v2 s2", {"intra_v2": {"num_stages": 2}}, {}),
@@ -757,7 +777,19 @@ def sweep(
 
     base_consts = {
         nm: getattr(kop, nm)
-        for nm in ("SCAN_BK", "SCAN_BV", "DELTA_BV", "DELTA_H_BV", "GLA_H_BK", "GLA_H_BV", "GLA_INTRA_BKS")
+        for nm in (
+            "SCAN_BK",
+            "SCAN_BV",
+            "DELTA_BV",
+            "DELTA_H_BV",
+            "GLA_H_BK",
+            "GLA_H_BV",
+            "GLA_INTRA_BKS",
+            "GLA_BWD_SLICED",
+            "GLA_BWD_SLICED_BKS",
+            "GLA_BWD_SLICED_JOINT",
+            "GLA_BWD_SLICED_UNROLL",
+        )
     }
     s = sides(b, h, n, d, methods, fla=False)
     out: dict[str, Any] = {"B": b, "H": h, "N": n, "D": d, "reps": reps}

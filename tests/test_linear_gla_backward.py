@@ -2,7 +2,8 @@
 ``GLA_BWD_FUSED`` (every per-chunk gradient by one ``gla_bwd_chunk_kernel`` launch: the intra-chunk sums
 by log2(chunk) split dots, the chunk-end term and the gate cumsum's gradient folded in),
 ``GLA_BWD_H_PASS`` (the state gradient by one reverse sequential pass), ``GLA_SKIP_ZERO_GRADS`` (no zero
-gradients made for the op's unused outputs), and the fused kernel's ``GLA_BWD_UNROLL`` / ``GLA_BWD_BKS``.
+gradients made for the op's unused outputs), the fused kernel's ``GLA_BWD_UNROLL`` / ``GLA_BWD_BKS``, and
+``GLA_BWD_SLICED`` (the key slices as programs: ``gla_bwd_sliced_kernel``, its JOINT / UNROLL choices).
 Against the fp32 token recurrence: output, final state and every gradient (q, k, v, g, the initial state)
 at odd lengths, on chunk boundaries and one past them, every chunk size, several key slices and a partial
 value tile, decays near 0, the gate's cumsum gradient (``GLA_FUSED_GLUE`` off), only the output or only
@@ -31,6 +32,13 @@ SETTINGS: dict[str, dict[str, object]] = {
     "levels-in-a-loop": {"GLA_BWD_UNROLL": False},
     "slices-of-32": {"GLA_BWD_BKS": 32},
     "zero-grads-made": {"GLA_SKIP_ZERO_GRADS": False},
+    "sliced": {"GLA_BWD_SLICED": True, "GLA_BWD_SLICED_BKS": 16},
+    "sliced-separate-unrolled": {
+        "GLA_BWD_SLICED": True,
+        "GLA_BWD_SLICED_BKS": 16,
+        "GLA_BWD_SLICED_JOINT": False,
+        "GLA_BWD_SLICED_UNROLL": True,
+    },
     "previous-backward": {"GLA_BWD_FUSED": False, "GLA_BWD_H_PASS": False, "GLA_SKIP_ZERO_GRADS": False},
 }
 
@@ -117,11 +125,12 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("setting", ["defaults"], indirect=True)
+@pytest.mark.parametrize("setting", ["defaults", "sliced"], indirect=True)
 def test_the_fused_backward_matches_the_recurrence(setting: str, case: str) -> None:
-    """Output, final state and the gradients of q, k, v, g and h0 by the default (fused) backward: lengths
-    1 and 63, whole chunks and one token past them, every chunk size, three key slices with a partial
-    one and a partial value tile (K = 40, V = 24), decays near 0 on half the channels."""
+    """Output, final state and the gradients of q, k, v, g and h0 by the default (fused) backward and by
+    the sliced one: lengths 1 and 63, whole chunks and one token past them, every chunk size, three key
+    slices with a partial one and a partial value tile (K = 40, V = 24), decays near 0 on half the
+    channels."""
     n, chunk, dk, dv, gates = CASES[case]
     _check(_inputs(n, dk, dv, gates), chunk, tol=4e-5 if chunk == 64 else 2e-5)
 

@@ -259,6 +259,16 @@ def _gla_bwd_fused(
     dq, dkk, dvv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     raw = g_dtype is not None
     dg = torch.empty(b, h, n, dk, dtype=g_dtype, device=q.device) if raw else torch.empty_like(gc)
+    if op.GLA_BWD_SLICED:
+        bks = min(head_block(dk), op.GLA_BWD_SLICED_BKS)
+        n_slices = cdiv(dk, bks)
+        op.gla_bwd_sliced_kernel[(n_slices + 1, n_chunks, b * h)](
+            q, k, v, gc, do, hs, dhs, a, dq, dkk, dvv, dg, n, np_, dk, dv, float(scale),
+            RAW_G=raw, BT=chunk, LBT=chunk.bit_length() - 1, BKS=bks, BV=head_block(dv), NKS=n_slices,
+            JOINT=op.GLA_BWD_SLICED_JOINT, UNROLL=op.GLA_BWD_SLICED_UNROLL, DOT_PREC=_prec(q),
+            UPCAST=_upcast(q), **_cfg("gla_bwd_sliced", num_warps=4),
+        )  # fmt: skip
+        return dq, dkk, dvv, dg, dh0
     unroll = op.GLA_BWD_UNROLL and (q.element_size() == 2 or IMPORTED_INTERPRETED)
     op.gla_bwd_chunk_kernel[(n_chunks, b * h)](
         q, k, v, gc, do, hs, dhs, a, dq, dkk, dvv, dg, n, np_, dk, dv, float(scale),

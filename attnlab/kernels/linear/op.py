@@ -73,6 +73,7 @@ from attnlab.kernels.linear.chunk_gla_bwd import chunk_bwd_scalar_kernel as chun
 from attnlab.kernels.linear.chunk_gla_bwd import gla_bwd_chunk_kernel as gla_bwd_chunk_kernel
 from attnlab.kernels.linear.chunk_gla_bwd import gla_bwd_inter_kernel as gla_bwd_inter_kernel
 from attnlab.kernels.linear.chunk_gla_bwd import gla_bwd_sub_kernel as gla_bwd_sub_kernel
+from attnlab.kernels.linear.chunk_gla_bwd_sliced import gla_bwd_sliced_kernel as gla_bwd_sliced_kernel
 from attnlab.kernels.linear.chunk_scores import chunk_out_kernel as chunk_out_kernel
 from attnlab.kernels.linear.chunk_scores import gate_cumsum_bwd_kernel as gate_cumsum_bwd_kernel
 from attnlab.kernels.linear.chunk_scores import gate_cumsum_kernel as gate_cumsum_kernel
@@ -204,6 +205,13 @@ GLA_SKIP_ZERO_GRADS = True
 #: of shared memory, over the 232448 available: it does not launch there; 16 (the default) is the one timed.
 GLA_BWD_BKS = 16
 GLA_BWD_UNROLL = True
+#: With ``GLA_BWD_FUSED``: ``gla_bwd_sliced_kernel`` instead of ``gla_bwd_chunk_kernel`` (the key channels'
+#: slices as programs of their own, GLA_BWD_SLICED_BKS wide, and one program per chunk for dv; JOINT: dq's
+#: and dk's level sums share their exps in one pass). Off until timed on the H100.
+GLA_BWD_SLICED = False
+GLA_BWD_SLICED_BKS = 32
+GLA_BWD_SLICED_JOINT = True
+GLA_BWD_SLICED_UNROLL = False
 #: Key rows and value columns per program of ``gla_h_kernel`` (K = V = 128: 2 x 4 tiles per head).
 GLA_H_BK = 64
 GLA_H_BV = 32
