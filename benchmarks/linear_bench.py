@@ -725,15 +725,16 @@ SWEEP: dict[str, list[tuple[str, dict[str, dict[str, int]], dict[str, int]]]] = 
                 },
             )
             for bks, joint, unroll, w in (
+                (32, 0, 0, 8),
+                (16, 0, 0, 8),
+                (16, 1, 0, 8),
+                (32, 1, 0, 8),
+                (16, 0, 0, 4),
                 (32, 1, 0, 4),
                 (32, 0, 0, 4),
-                (16, 0, 0, 4),
                 (16, 1, 0, 4),
-                (32, 0, 0, 8),
                 (64, 0, 0, 8),
-                (32, 1, 1, 4),
-                (16, 0, 1, 4),
-                (64, 1, 0, 8),
+                (16, 1, 1, 8),
             )
         ),
         ("intra_v2 w4", {"intra_v2": {"num_warps": 4}}, {}),
@@ -767,12 +768,14 @@ SWEEP: dict[str, list[tuple[str, dict[str, dict[str, int]], dict[str, int]]]] = 
 
 
 def sweep(
-    b: int, h: int, n: int, d: int, methods: tuple[str, ...], reps: int = 5, budget: float = 120.0
-) -> dict[str, Any]:
+    b: int, h: int, n: int, d: int, methods: tuple[str, ...], reps: int = 5, budget: float = 120.0,
+    only: tuple[str, ...] = (),
+) -> dict[str, Any]:  # fmt: skip
     """Launch variants (``SWEEP``) of our fwd+bwd: each timed interleaved with the defaults, and its output
     and gradients compared with the defaults' (the largest difference over the largest value: a variant
     changes tiling and rounding, not the math). A starting point for a default change, which is then
-    checked against the recurrence (``linear_gpu_check.py``)."""
+    checked against the recurrence (``linear_gpu_check.py``). ``only``: the variants whose labels are in it
+    (all when empty)."""
     from attnlab.kernels.linear import op as kop
 
     base_consts = {
@@ -812,6 +815,8 @@ def sweep(
             ref = run(fn, wrt, do, {}, {})
             rows: list[dict[str, Any]] = []
             for label, over, consts in SWEEP.get(m, []):
+                if only and label not in only:
+                    continue
                 if time.perf_counter() - t0 > budget:
                     rows.append({"variant": label, "skipped": "budget"})
                     continue
@@ -866,6 +871,7 @@ def main() -> None:
     )
     ap.add_argument("--sweep", default="", help="BxHxN: launch variants of our kernels (sweep())")
     ap.add_argument("--sweep-budget", type=float, default=120.0)
+    ap.add_argument("--sweep-only", default="", help="label,...: only these SWEEP variants")
     ap.add_argument(
         "--decode-host", default="", help="BxHxD,...: what a decode step launches (decode_host())"
     )
@@ -1018,7 +1024,9 @@ def main() -> None:
             continue
         b, h, n = (int(x) for x in arg.split("x"))
         kw: dict[str, Any] = (
-            {"budget": args.sweep_budget} if key == "sweep" else {"fwd_only": args.profile_fwd, "fla": fla}
+            {"budget": args.sweep_budget, "only": tuple(filter(None, args.sweep_only.split(",")))}
+            if key == "sweep"
+            else {"fwd_only": args.profile_fwd, "fla": fla}
         )
         try:
             result[key] = fn(b, h, n, args.head_dim, tuple(m for m in methods if m != "hedgehog"), **kw)

@@ -86,3 +86,19 @@ def test_a_launch_override_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     """``LAUNCH_OVERRIDES`` (the benchmark's sweep) sets the stages whatever the default."""
     monkeypatch.setitem(op.LAUNCH_OVERRIDES, "delta_h_v2", {"num_stages": 4})
     assert _forward_stages(torch.bfloat16, 128, monkeypatch) == [4]
+
+
+def test_one_stage_of_the_per_channel_reverse_pass_is_refused_on_a_gpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Triton 3.6 compiled the per-channel reverse pass wrong at 1 stage on the H100: an override asking for
+    it is refused with a message (compiled kernels only: the interpreter has no stages)."""
+    monkeypatch.setitem(op.LAUNCH_OVERRIDES, "delta_bwd_dh_v2_channel", {"num_stages": 1})
+    monkeypatch.setattr(launch_delta, "IMPORTED_INTERPRETED", False)
+    with pytest.raises(ValueError, match=r"num_stages=1: Triton 3.6 compiles it wrong"):
+        launch_delta._channel_dh_cfg()
+    monkeypatch.setitem(op.LAUNCH_OVERRIDES, "delta_bwd_dh_v2_channel", {"num_stages": 3})
+    assert launch_delta._channel_dh_cfg() == {"num_warps": 8, "num_stages": 3}
+    monkeypatch.setattr(launch_delta, "IMPORTED_INTERPRETED", True)
+    monkeypatch.setitem(op.LAUNCH_OVERRIDES, "delta_bwd_dh_v2_channel", {"num_stages": 1})
+    assert launch_delta._channel_dh_cfg()["num_stages"] == 1

@@ -273,6 +273,20 @@ def delta_h_v2(
     return hs, u_out
 
 
+def _channel_dh_cfg() -> dict[str, int]:
+    """The launch options of ``delta_bwd_dh_v2_kernel`` under per-channel gates (GATE 2): 8 warps, 2 stages.
+    Fewer stages are refused on a GPU: compiled at 1 stage by Triton 3.6 for the H100, the kernel's dk, dv,
+    dbeta, dg and dh0 came out wrong (twice, the same wrong values; 2 stages pass: the interpreter agrees
+    with them) in benchmarks/results/h100-2026-11-25-s24, run 2."""
+    cfg = _cfg("delta_bwd_dh_v2_channel", num_warps=8, num_stages=2)
+    if cfg["num_stages"] < 2 and not IMPORTED_INTERPRETED:
+        raise ValueError(
+            f"delta_bwd_dh_v2_channel at num_stages={cfg['num_stages']}: Triton 3.6 compiles it wrong for "
+            "sm_90 (checked on the H100); use 2 or more"
+        )
+    return cfg
+
+
 def _staged(launch: Callable[[int], None], first: int, fallback: int) -> None:
     """``launch(first)`` (a kernel launch at ``first`` pipeline stages), or ``launch(fallback)`` when the GPU
     refuses ``first``'s shared memory (Triton's OutOfResources, raised before anything runs)."""
@@ -346,10 +360,7 @@ def _delta_bwd_dh(
         # (benchmarks/results/h100-2026-11-25-s23); else, or where the GPU refuses 3 stages' shared memory
         # (float32, K > 128, sm_86 / sm_89), one stage as before.)
         def launch(stages: int) -> None:
-            if gate == 1:
-                cfg = _cfg("delta_bwd_dh_v2", num_warps=8, num_stages=stages)
-            else:
-                cfg = _cfg("delta_bwd_dh_v2_channel", num_warps=8, num_stages=2)
+            cfg = _cfg("delta_bwd_dh_v2", num_warps=8, num_stages=stages) if gate == 1 else _channel_dh_cfg()
             op.delta_bwd_dh_v2_kernel[(cdiv(dv, bv), n_seq * h)](
                 q, k, do, gc, w, kg, qg, dht_c, dhs, du, dh0, seq_chunks if seq_chunks is not None else dh0,
                 n, np_, dk, dv, b * h, float(scale),

@@ -242,10 +242,10 @@ DELTA_H_COMPACT = True
 #: the decayed keys KG = k exp(G_C - G) (B, H, NP, K; in k's dtype for the 16-bit pass, else float32:
 #: ``gate_cumsum_kg``), and ``delta_h_v2_kernel`` reads them (GATE 3) instead of k and G^T with an exp per
 #: element in every value block's program (the decays rounded the same way: the same results). Costs k read
-#: and KG written once (the forward's; KG is not kept). False: the previous launches. Off until timed on
-#: the GPU (its forward pass under per-channel gates took 1.79 ms at 1x32x32768 against fla-core's 0.95:
-#: benchmarks/results/h100-2026-11-25-s23, run 6).
-DELTA_H_KG = False
+#: and KG written once (the forward's; KG is not kept). False: the previous launches. Checked (1x32x8192,
+#: every gradient) and timed on the H100: KDA's forward 1.06x faster at 1x32x8192 and 1x32x32768,
+#: forward + backward 1.02-1.04x (benchmarks/results/h100-2026-11-25-s24, run 1).
+DELTA_H_KG = True
 #: Value columns per program and key rows per state tile of ``delta_h_v2_kernel``.
 DELTA_H_BV = 32
 DELTA_H_BKT = 64
