@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -32,10 +33,10 @@ SETTINGS: dict[str, dict[str, object]] = {
     "levels-in-a-loop": {"GLA_BWD_UNROLL": False},
     "slices-of-32": {"GLA_BWD_BKS": 32},
     "zero-grads-made": {"GLA_SKIP_ZERO_GRADS": False},
-    "sliced": {"GLA_BWD_SLICED": True, "GLA_BWD_SLICED_BKS": 16},
+    "sliced": {"GLA_BWD_SLICED": True, "GLA_BWD_SLICED_VERIFIED_ONLY": False},
     "sliced-separate-unrolled": {
         "GLA_BWD_SLICED": True,
-        "GLA_BWD_SLICED_BKS": 16,
+        "GLA_BWD_SLICED_VERIFIED_ONLY": False,
         "GLA_BWD_SLICED_JOINT": False,
         "GLA_BWD_SLICED_UNROLL": True,
     },
@@ -210,14 +211,18 @@ def test_bfloat16_inputs_and_gate_give_bfloat16_gradients(setting: str) -> None:
 KERNELS = [
     "gla_h_kernel", "chunk_local_state_kernel", "chunk_scan_kernel", "gla_bwd_chunk_kernel",
     "gla_bwd_inter_kernel", "gla_bwd_sub_kernel", "gate_cumsum_bwd_kernel", "intra_scores_v2_kernel",
+    "gla_bwd_sliced_kernel",
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("setting", ["defaults", "scan-not-h-pass", "previous-backward"], indirect=True)
+@pytest.mark.parametrize(
+    "setting", ["defaults", "scan-not-h-pass", "previous-backward", "sliced"], indirect=True
+)
 def test_the_backward_launches_what_its_switches_say(setting: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Per-channel gates: the defaults' backward is two launches (the reverse state pass, the fused chunk
-    kernel); with the scan, stages 1 and 2 then the fused kernel; the previous backward: stages 1 and 2,
-    the split kernels and the gate cumsum's backward."""
+    kernel: float32 inputs are not a schedule of the sliced kernel checked on the H100); with the scan,
+    stages 1 and 2 then the fused kernel; the previous backward: stages 1 and 2, the split kernels and the
+    gate cumsum's backward; the sliced kernel wherever asked for (``GLA_BWD_SLICED_VERIFIED_ONLY`` off)."""
     launches = KernelLaunches(monkeypatch, _op(), KERNELS)
     q, k, v, g, h0 = _inputs(40, 8, 8)
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v, g, h0)]  # type: ignore[union-attr]
@@ -231,6 +236,7 @@ def test_the_backward_launches_what_its_switches_say(setting: str, monkeypatch: 
             "chunk_local_state_kernel", "chunk_scan_kernel", "gla_bwd_inter_kernel", "gla_bwd_sub_kernel",
             "gate_cumsum_bwd_kernel",
         ],
+        "sliced": ["gla_h_kernel", "gla_bwd_sliced_kernel"],
     }[setting]  # fmt: skip
     assert launches.seen == want
 
@@ -273,3 +279,69 @@ def test_fused_backward_falls_back_when_the_gpu_lacks_shared_memory(monkeypatch:
     monkeypatch.setattr(_op(), "gla_bwd_chunk_kernel", TooBig())
     _check(_inputs(40, 16, 8), 16)
     assert tried  # the fused kernel was tried first
+
+
+def _stand_in(dtype: torch.dtype, dk: int, dv: int) -> tuple[SimpleNamespace, SimpleNamespace]:
+    """q and v as ``sliced_verified`` sees them, on a CUDA device (no GPU needed)."""
+    q = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=dtype, shape=(1, 2, 64, dk))
+    return q, SimpleNamespace(shape=(1, 2, 64, dv))
+
+
+def test_the_sliced_kernel_runs_only_where_its_schedule_was_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``sliced_verified``: 16-bit inputs with K = V = 128, chunk 64, the default slice (16), joint levels
+    and 4 warps, on an sm_90 GPU; not float32, K = 64, chunk 32, 8 warps, slices of 32, levels in two
+    passes, unrolled levels, 2 stages, another GPU, or CPU tensors."""
+    from attnlab.kernels.linear import launch_gla
+
+    op = _op()
+    cap = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap[0])
+
+    def ok(dtype: torch.dtype = torch.bfloat16, dk: int = 128, dv: int = 128, chunk: int = 64) -> bool:
+        q, v = _stand_in(dtype, dk, dv)
+        return launch_gla.sliced_verified(q, v, chunk)  # type: ignore[arg-type]
+
+    assert ok() and ok(torch.float16) and ok(dk=100, dv=120)
+    assert not ok(torch.float32) and not ok(dk=64) and not ok(dv=64) and not ok(chunk=32)
+    for flag, value in (
+        ("GLA_BWD_SLICED_BKS", 32),
+        ("GLA_BWD_SLICED_JOINT", False),
+        ("GLA_BWD_SLICED_UNROLL", True),
+    ):
+        with monkeypatch.context() as mp:
+            mp.setattr(op, flag, value)
+            assert not ok(), flag
+    for over in ({"num_warps": 8}, {"num_stages": 2}):
+        with monkeypatch.context() as mp:
+            mp.setitem(op.LAUNCH_OVERRIDES, "gla_bwd_sliced", over)
+            assert not ok(), over
+    cap[0] = (8, 0)
+    assert not ok()
+    cap[0] = (9, 0)
+    assert not launch_gla.sliced_verified(torch.zeros(1, 2, 64, 128, dtype=torch.bfloat16),
+                                          torch.zeros(1, 2, 64, 128), 64)  # fmt: skip
+
+
+@pytest.mark.parametrize("setting", ["sliced"], indirect=True)
+def test_the_sliced_schedule_timed_equals_the_fused_kernel(
+    setting: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The schedule the benchmark times (bf16, K = V = 128, chunk 64, the default slices): every gradient
+    of the sliced kernel against the fused kernel's on the same inputs (a partial last chunk), within
+    bf16 rounding of their different summation orders."""
+    gen = torch.Generator().manual_seed(5)
+    xs = [torch.randn(1, 1, 100, 128, generator=gen) for _ in range(3)]
+    g = F.logsigmoid(torch.randn(1, 1, 100, 128, generator=gen) + 3.0) / 8
+    xs = [t.to(DEV, torch.bfloat16) for t in (*xs, g)]
+    do = torch.randn(1, 1, 100, 128, generator=gen).to(DEV, torch.bfloat16)
+
+    def grads(sliced: bool) -> tuple[Tensor, ...]:
+        with monkeypatch.context() as mp:
+            mp.setattr(_op(), "GLA_BWD_SLICED", sliced)
+            leaves = [t.clone().requires_grad_(True) for t in xs]
+            o, _ = _op().gla_chunk(*leaves, 128**-0.5, None, 64)
+            return torch.autograd.grad(o, leaves, do)
+
+    for name, a, b in zip(("dq", "dk", "dv", "dg"), grads(True), grads(False), strict=True):
+        peak = float(b.float().abs().max())
+        _close(name, a.float() / peak, b.float() / peak, 1e-2)

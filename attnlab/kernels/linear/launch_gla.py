@@ -239,6 +239,31 @@ def gla_bwd_launch(
     return dq, dkk, dvv, dgc, dh0
 
 
+#: (dtype, K's block, V's block, chunk, key slice, joint levels, warps, stages) of ``gla_bwd_sliced_kernel``
+#: checked against the fused kernel on the H100 (sm_90, Triton 3.6) at the lengths timed:
+#: benchmarks/results/h100-2026-11-25-s24, runs 3 and 4.
+SLICED_VERIFIED: frozenset[tuple[torch.dtype, int, int, int, int, bool, int, int]] = frozenset(
+    (dt, 128, 128, 64, 16, True, 4, 3) for dt in (torch.bfloat16, torch.float16)
+)
+
+
+def sliced_cfg() -> dict[str, int]:
+    """The launch options of ``gla_bwd_sliced_kernel``: 4 warps, 3 stages (``LAUNCH_OVERRIDES`` aside)."""
+    return _cfg("gla_bwd_sliced", num_warps=4, num_stages=3)
+
+
+def sliced_verified(q: Tensor, v: Tensor, chunk: int) -> bool:
+    """Whether ``gla_bwd_sliced_kernel`` at the current settings (``op.GLA_BWD_SLICED_*``, its launch
+    options) is a schedule checked on this kind of GPU (``SLICED_VERIFIED``, an sm_90 GPU)."""
+    if not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0) or op.GLA_BWD_SLICED_UNROLL:
+        return False
+    cfg = sliced_cfg()
+    dk, dv = head_block(q.shape[-1]), head_block(v.shape[-1])
+    joint = bool(op.GLA_BWD_SLICED_JOINT)
+    key = (q.dtype, dk, dv, chunk, min(dk, op.GLA_BWD_SLICED_BKS), joint, cfg["num_warps"], cfg["num_stages"])
+    return key in SLICED_VERIFIED
+
+
 def _gla_bwd_fused(
     q: Tensor, k: Tensor, v: Tensor, gc: Tensor, hs: Tensor, do: Tensor, dht: Tensor | None, scale: float,
     chunk: int, seq_chunks: Tensor | None, a: Tensor | None, g_dtype: torch.dtype | None,
@@ -259,14 +284,14 @@ def _gla_bwd_fused(
     dq, dkk, dvv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     raw = g_dtype is not None
     dg = torch.empty(b, h, n, dk, dtype=g_dtype, device=q.device) if raw else torch.empty_like(gc)
-    if op.GLA_BWD_SLICED:
+    if op.GLA_BWD_SLICED and (not op.GLA_BWD_SLICED_VERIFIED_ONLY or sliced_verified(q, v, chunk)):
         bks = min(head_block(dk), op.GLA_BWD_SLICED_BKS)
         n_slices = cdiv(dk, bks)
         op.gla_bwd_sliced_kernel[(n_slices + 1, n_chunks, b * h)](
             q, k, v, gc, do, hs, dhs, a, dq, dkk, dvv, dg, n, np_, dk, dv, float(scale),
             RAW_G=raw, BT=chunk, LBT=chunk.bit_length() - 1, BKS=bks, BV=head_block(dv), NKS=n_slices,
             JOINT=op.GLA_BWD_SLICED_JOINT, UNROLL=op.GLA_BWD_SLICED_UNROLL, DOT_PREC=_prec(q),
-            UPCAST=_upcast(q), **_cfg("gla_bwd_sliced", num_warps=4),
+            UPCAST=_upcast(q), **sliced_cfg(),
         )  # fmt: skip
         return dq, dkk, dvv, dg, dh0
     unroll = op.GLA_BWD_UNROLL and (q.element_size() == 2 or IMPORTED_INTERPRETED)

@@ -207,11 +207,17 @@ GLA_BWD_BKS = 16
 GLA_BWD_UNROLL = True
 #: With ``GLA_BWD_FUSED``: ``gla_bwd_sliced_kernel`` instead of ``gla_bwd_chunk_kernel`` (the key channels'
 #: slices as programs of their own, GLA_BWD_SLICED_BKS wide, and one program per chunk for dv; JOINT: dq's
-#: and dk's level sums share their exps in one pass). Off until timed on the H100.
-GLA_BWD_SLICED = False
-GLA_BWD_SLICED_BKS = 32
+#: and dk's level sums share their exps in one pass; 4 warps). gla forward + backward at 1x32x32768 on the
+#: H100: 9.49 ms against 13.21 (benchmarks/results/h100-2026-11-25-s24, run 3). With
+#: ``GLA_BWD_SLICED_VERIFIED_ONLY``, only where this schedule was checked on the H100 (``sliced_verified``
+#: in launch_gla.py): other schedules of the same kernel made illegal memory accesses there (Triton 3.6:
+#: 32 channels, 4 warps at K = 128; 16 channels in two passes, 4 warps at K = 64), so elsewhere the fused
+#: kernel runs.
+GLA_BWD_SLICED = True
+GLA_BWD_SLICED_BKS = 16
 GLA_BWD_SLICED_JOINT = True
 GLA_BWD_SLICED_UNROLL = False
+GLA_BWD_SLICED_VERIFIED_ONLY = True
 #: Key rows and value columns per program of ``gla_h_kernel`` (K = V = 128: 2 x 4 tiles per head).
 GLA_H_BK = 64
 GLA_H_BV = 32
