@@ -716,17 +716,26 @@ SWEEP: dict[str, list[tuple[str, dict[str, dict[str, int]], dict[str, int]]]] = 
         ("fused kernel", {}, {"GLA_BWD_SLICED": 0}),
         *(
             (
-                f"sliced {bks} {'joint' if joint else 'sep'} w{w} s{st}",
+                f"sliced {bks} {'joint' if joint else 'sep'} w{w} s{st} x{spp}",
                 {"gla_bwd_sliced": {"num_warps": w, "num_stages": st}},
-                {"GLA_BWD_SLICED_BKS": bks, "GLA_BWD_SLICED_JOINT": joint, "GLA_BWD_SLICED_VERIFIED_ONLY": 0},
+                {
+                    "GLA_BWD_SLICED_BKS": bks,
+                    "GLA_BWD_SLICED_JOINT": joint,
+                    "GLA_BWD_SLICED_SPP": spp,
+                    "GLA_BWD_SLICED_VERIFIED_ONLY": 0,
+                },
             )
             # (32 channels at 4 warps made illegal memory accesses on the H100: s24 runs 1-3)
-            for bks, joint, w, st in (
-                (16, 1, 4, 1),
-                (16, 1, 4, 2),
-                (16, 0, 4, 3),
-                (16, 1, 8, 3),
-                (32, 1, 8, 3),
+            for bks, joint, w, st, spp in (
+                (16, 1, 4, 3, 2),
+                (16, 1, 4, 3, 4),
+                (16, 1, 4, 3, 8),
+                (16, 1, 4, 2, 2),
+                (16, 1, 8, 3, 2),
+                (16, 1, 4, 1, 1),
+                (16, 1, 4, 2, 1),
+                (16, 0, 4, 3, 1),
+                (16, 1, 8, 3, 1),
             )
         ),
         ("intra_v2 w4", {"intra_v2": {"num_warps": 4}}, {}),
@@ -785,6 +794,7 @@ def sweep(
             "GLA_BWD_SLICED_JOINT",
             "GLA_BWD_SLICED_UNROLL",
             "GLA_BWD_SLICED_VERIFIED_ONLY",
+            "GLA_BWD_SLICED_SPP",
         )
     }
     s = sides(b, h, n, d, methods, fla=False)

@@ -34,6 +34,7 @@ SETTINGS: dict[str, dict[str, object]] = {
     "slices-of-32": {"GLA_BWD_BKS": 32},
     "zero-grads-made": {"GLA_SKIP_ZERO_GRADS": False},
     "sliced": {"GLA_BWD_SLICED": True, "GLA_BWD_SLICED_VERIFIED_ONLY": False},
+    "sliced-pairs": {"GLA_BWD_SLICED": True, "GLA_BWD_SLICED_VERIFIED_ONLY": False, "GLA_BWD_SLICED_SPP": 2},
     "sliced-separate-unrolled": {
         "GLA_BWD_SLICED": True,
         "GLA_BWD_SLICED_VERIFIED_ONLY": False,
@@ -126,10 +127,11 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("setting", ["defaults", "sliced"], indirect=True)
+@pytest.mark.parametrize("setting", ["defaults", "sliced", "sliced-pairs"], indirect=True)
 def test_the_fused_backward_matches_the_recurrence(setting: str, case: str) -> None:
     """Output, final state and the gradients of q, k, v, g and h0 by the default (fused) backward and by
-    the sliced one: lengths 1 and 63, whole chunks and one token past them, every chunk size, three key
+    the sliced one, one key slice per program or two (with K = 40: three slices of 16, the second
+    program's second slice wholly past K): lengths 1 and 63, whole chunks and one token past them, every chunk size, three key
     slices with a partial one and a partial value tile (K = 40, V = 24), decays near 0 on half the
     channels."""
     n, chunk, dk, dv, gates = CASES[case]
@@ -289,8 +291,8 @@ def _stand_in(dtype: torch.dtype, dk: int, dv: int) -> tuple[SimpleNamespace, Si
 
 def test_the_sliced_kernel_runs_only_where_its_schedule_was_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     """``sliced_verified``: 16-bit inputs with K = V = 128, chunk 64, the default slice (16), joint levels
-    and 4 warps, on an sm_90 GPU; not float32, K = 64, chunk 32, 8 warps, slices of 32, levels in two
-    passes, unrolled levels, 2 stages, another GPU, or CPU tensors."""
+    and 4 warps, on an sm_90 GPU; not float32, K = 64, chunk 32, 8 warps, slices of 32, two slices per
+    program, levels in two passes, unrolled levels, 2 stages, another GPU, or CPU tensors."""
     from attnlab.kernels.linear import launch_gla
 
     op = _op()
@@ -307,6 +309,7 @@ def test_the_sliced_kernel_runs_only_where_its_schedule_was_checked(monkeypatch:
         ("GLA_BWD_SLICED_BKS", 32),
         ("GLA_BWD_SLICED_JOINT", False),
         ("GLA_BWD_SLICED_UNROLL", True),
+        ("GLA_BWD_SLICED_SPP", 2),
     ):
         with monkeypatch.context() as mp:
             mp.setattr(op, flag, value)

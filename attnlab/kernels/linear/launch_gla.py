@@ -239,11 +239,11 @@ def gla_bwd_launch(
     return dq, dkk, dvv, dgc, dh0
 
 
-#: (dtype, K's block, V's block, chunk, key slice, joint levels, warps, stages) of ``gla_bwd_sliced_kernel``
-#: checked against the fused kernel on the H100 (sm_90, Triton 3.6) at the lengths timed:
-#: benchmarks/results/h100-2026-11-25-s24, runs 3 and 4.
-SLICED_VERIFIED: frozenset[tuple[torch.dtype, int, int, int, int, bool, int, int]] = frozenset(
-    (dt, 128, 128, 64, 16, True, 4, 3) for dt in (torch.bfloat16, torch.float16)
+#: (dtype, K's block, V's block, chunk, key slice, slices per program, joint levels, warps, stages) of
+#: ``gla_bwd_sliced_kernel`` checked against the fused kernel on the H100 (sm_90, Triton 3.6) at the lengths
+#: timed: benchmarks/results/h100-2026-11-25-s24, runs 3 and 4.
+SLICED_VERIFIED: frozenset[tuple[torch.dtype, int, int, int, int, int, bool, int, int]] = frozenset(
+    (dt, 128, 128, 64, 16, 1, True, 4, 3) for dt in (torch.bfloat16, torch.float16)
 )
 
 
@@ -260,7 +260,9 @@ def sliced_verified(q: Tensor, v: Tensor, chunk: int) -> bool:
     cfg = sliced_cfg()
     dk, dv = head_block(q.shape[-1]), head_block(v.shape[-1])
     joint = bool(op.GLA_BWD_SLICED_JOINT)
-    key = (q.dtype, dk, dv, chunk, min(dk, op.GLA_BWD_SLICED_BKS), joint, cfg["num_warps"], cfg["num_stages"])
+    bks = min(dk, op.GLA_BWD_SLICED_BKS)
+    spp = max(1, min(op.GLA_BWD_SLICED_SPP, -(-dk // bks)))
+    key = (q.dtype, dk, dv, chunk, bks, spp, joint, cfg["num_warps"], cfg["num_stages"])
     return key in SLICED_VERIFIED
 
 
@@ -287,9 +289,11 @@ def _gla_bwd_fused(
     if op.GLA_BWD_SLICED and (not op.GLA_BWD_SLICED_VERIFIED_ONLY or sliced_verified(q, v, chunk)):
         bks = min(head_block(dk), op.GLA_BWD_SLICED_BKS)
         n_slices = cdiv(dk, bks)
-        op.gla_bwd_sliced_kernel[(n_slices + 1, n_chunks, b * h)](
+        spp = max(1, min(op.GLA_BWD_SLICED_SPP, n_slices))
+        op.gla_bwd_sliced_kernel[(cdiv(n_slices, spp) + 1, n_chunks, b * h)](
             q, k, v, gc, do, hs, dhs, a, dq, dkk, dvv, dg, n, np_, dk, dv, float(scale),
             RAW_G=raw, BT=chunk, LBT=chunk.bit_length() - 1, BKS=bks, BV=head_block(dv), NKS=n_slices,
+            SPP=spp,
             JOINT=op.GLA_BWD_SLICED_JOINT, UNROLL=op.GLA_BWD_SLICED_UNROLL, DOT_PREC=_prec(q),
             UPCAST=_upcast(q), **sliced_cfg(),
         )  # fmt: skip

@@ -218,6 +218,8 @@ GLA_BWD_SLICED_BKS = 16
 GLA_BWD_SLICED_JOINT = True
 GLA_BWD_SLICED_UNROLL = False
 GLA_BWD_SLICED_VERIFIED_ONLY = True
+#: Key slices per program of ``gla_bwd_sliced_kernel`` (each program makes dA and dA^T once for its slices).
+GLA_BWD_SLICED_SPP = 1
 #: Key rows and value columns per program of ``gla_h_kernel`` (K = V = 128: 2 x 4 tiles per head).
 GLA_H_BK = 64
 GLA_H_BV = 32
