@@ -290,9 +290,10 @@ def _stand_in(dtype: torch.dtype, dk: int, dv: int) -> tuple[SimpleNamespace, Si
 
 
 def test_the_sliced_kernel_runs_only_where_its_schedule_was_checked(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``sliced_verified``: 16-bit inputs with K = V = 128, chunk 64, the default slice (16), joint levels
-    and 4 warps, on an sm_90 GPU; not float32, K = 64, chunk 32, 8 warps, slices of 32, two slices per
-    program, levels in two passes, unrolled levels, 2 stages, another GPU, or CPU tensors."""
+    """``sliced_verified``: 16-bit inputs with K = V = 128, chunk 64, the default slice (16), 8 or 1 slices
+    per program, joint levels and 4 warps, on an sm_90 GPU; not float32, K = 64, chunk 32, 8 warps, slices
+    of 32, 2 or 4 slices per program, levels in two passes, unrolled levels, 2 stages, another GPU, or
+    CPU tensors."""
     from attnlab.kernels.linear import launch_gla
 
     op = _op()
@@ -304,12 +305,16 @@ def test_the_sliced_kernel_runs_only_where_its_schedule_was_checked(monkeypatch:
         return launch_gla.sliced_verified(q, v, chunk)  # type: ignore[arg-type]
 
     assert ok() and ok(torch.float16) and ok(dk=100, dv=120)
+    with monkeypatch.context() as mp:
+        mp.setattr(op, "GLA_BWD_SLICED_SPP", 1)
+        assert ok()
     assert not ok(torch.float32) and not ok(dk=64) and not ok(dv=64) and not ok(chunk=32)
     for flag, value in (
         ("GLA_BWD_SLICED_BKS", 32),
         ("GLA_BWD_SLICED_JOINT", False),
         ("GLA_BWD_SLICED_UNROLL", True),
         ("GLA_BWD_SLICED_SPP", 2),
+        ("GLA_BWD_SLICED_SPP", 4),
     ):
         with monkeypatch.context() as mp:
             mp.setattr(op, flag, value)

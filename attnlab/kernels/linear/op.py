@@ -211,15 +211,17 @@ GLA_BWD_UNROLL = True
 #: H100: 9.49 ms against 13.21 (benchmarks/results/h100-2026-11-25-s24, run 3). With
 #: ``GLA_BWD_SLICED_VERIFIED_ONLY``, only where this schedule was checked on the H100 (``sliced_verified``
 #: in launch_gla.py): other schedules of the same kernel made illegal memory accesses there (Triton 3.6:
-#: 32 channels, 4 warps at K = 128; 16 channels in two passes, 4 warps at K = 64), so elsewhere the fused
-#: kernel runs.
+#: 32 channels, 4 warps at K = 128; 16 channels in two passes, 4 warps at K = 64) or wrong dq and dg
+#: (1 stage; 2 stages with 2 slices per program: NaN), so elsewhere the fused kernel runs.
 GLA_BWD_SLICED = True
 GLA_BWD_SLICED_BKS = 16
 GLA_BWD_SLICED_JOINT = True
 GLA_BWD_SLICED_UNROLL = False
 GLA_BWD_SLICED_VERIFIED_ONLY = True
-#: Key slices per program of ``gla_bwd_sliced_kernel`` (each program makes dA and dA^T once for its slices).
-GLA_BWD_SLICED_SPP = 1
+#: Key slices per program of ``gla_bwd_sliced_kernel`` (each program makes dA and dA^T once for its slices):
+#: 8 (K = 128: one program for dq, dk and dg, one for dv, per chunk) 0.95x of 1's gla forward + backward at
+#: 1x32x32768 on the H100 (benchmarks/results/h100-2026-11-25-s24, run 5; 2 and 4: 0.99x, 0.96x).
+GLA_BWD_SLICED_SPP = 8
 #: Key rows and value columns per program of ``gla_h_kernel`` (K = V = 128: 2 x 4 tiles per head).
 GLA_H_BK = 64
 GLA_H_BV = 32
