@@ -101,3 +101,16 @@ def test_ab_value_sides_compute_the_same_function_and_pass_the_check(
     rows = lgc.check("gla", 1, 1, 12, 32, grad=True, sides=("attnlab", *names))
     assert [r["side"] for r in rows] == ["attnlab", *names]
     assert all(r["pass"] and "dg" in r for r in rows), rows
+
+
+def test_the_sweep_counts_a_nan_anywhere_and_refuses_unknown_variants(scripts: tuple[Any, Any]) -> None:
+    """``largest_rel_diff``: the largest relative difference over the tensors, NaN when any value is not
+    finite (also after the first tensor); ``sweep(only=...)`` with a label not in ``SWEEP`` is refused with
+    the known labels, before anything runs."""
+    lb, _ = scripts
+    ref = (torch.ones(3), torch.full((2,), 2.0))
+    assert lb.largest_rel_diff((torch.ones(3), torch.tensor([2.0, 2.5])), ref) == pytest.approx(0.25)
+    for bad in (float("nan"), float("inf")):
+        assert torch.isnan(torch.tensor(lb.largest_rel_diff((torch.ones(3), torch.tensor([2.0, bad])), ref)))
+    with pytest.raises(ValueError, match=r"no variant \['sliced 99'\] of \('gla',\) in SWEEP; they are: \["):
+        lb.sweep(1, 1, 16, 16, ("gla",), only=("sliced 99",))

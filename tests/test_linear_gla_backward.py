@@ -41,6 +41,16 @@ SETTINGS: dict[str, dict[str, object]] = {
         "GLA_BWD_SLICED_JOINT": False,
         "GLA_BWD_SLICED_UNROLL": True,
     },
+    "sliced-separate": {
+        "GLA_BWD_SLICED": True,
+        "GLA_BWD_SLICED_VERIFIED_ONLY": False,
+        "GLA_BWD_SLICED_JOINT": False,
+    },
+    "sliced-unrolled": {
+        "GLA_BWD_SLICED": True,
+        "GLA_BWD_SLICED_VERIFIED_ONLY": False,
+        "GLA_BWD_SLICED_UNROLL": True,
+    },
     "previous-backward": {"GLA_BWD_FUSED": False, "GLA_BWD_H_PASS": False, "GLA_SKIP_ZERO_GRADS": False},
 }
 
@@ -145,7 +155,7 @@ def test_each_setting_matches_the_recurrence(setting: str) -> None:
     _check(_inputs(35, 24, 16, "near-zero", seed=1), 16)
 
 
-@pytest.mark.parametrize("setting", ["defaults"], indirect=True)
+@pytest.mark.parametrize("setting", ["defaults", "sliced"], indirect=True)
 def test_the_gate_cumsum_gradient_path_matches_the_recurrence(
     setting: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -290,10 +300,10 @@ def _stand_in(dtype: torch.dtype, dk: int, dv: int) -> tuple[SimpleNamespace, Si
 
 
 def test_the_sliced_kernel_runs_only_where_its_schedule_was_checked(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``sliced_verified``: 16-bit inputs with K = V = 128, chunk 64, the default slice (16), 8 or 1 slices
+    """``sliced_verified``: 16-bit inputs with K = V = 128 exactly, chunk 64, the default slice (16), 8 or 1 slices
     per program, joint levels and 4 warps, on an sm_90 GPU; not float32, K = 64, chunk 32, 8 warps, slices
-    of 32, 2 or 4 slices per program, levels in two passes, unrolled levels, 2 stages, another GPU, or
-    CPU tensors."""
+    of 32, 2 or 4 slices per program, levels in two passes, unrolled levels, 2 stages, any other launch
+    option, K = 100 / 112 or V = 120 (a K below 128 changes the slices), another GPU, or CPU tensors."""
     from attnlab.kernels.linear import launch_gla
 
     op = _op()
@@ -304,7 +314,8 @@ def test_the_sliced_kernel_runs_only_where_its_schedule_was_checked(monkeypatch:
         q, v = _stand_in(dtype, dk, dv)
         return launch_gla.sliced_verified(q, v, chunk)  # type: ignore[arg-type]
 
-    assert ok() and ok(torch.float16) and ok(dk=100, dv=120)
+    assert ok() and ok(torch.float16)
+    assert not ok(dk=100) and not ok(dv=120) and not ok(dk=112)  # (K, V exactly: other slices compile)
     with monkeypatch.context() as mp:
         mp.setattr(op, "GLA_BWD_SLICED_SPP", 1)
         assert ok()
@@ -319,7 +330,7 @@ def test_the_sliced_kernel_runs_only_where_its_schedule_was_checked(monkeypatch:
         with monkeypatch.context() as mp:
             mp.setattr(op, flag, value)
             assert not ok(), flag
-    for over in ({"num_warps": 8}, {"num_stages": 2}):
+    for over in ({"num_warps": 8}, {"num_stages": 2}, {"maxnreg": 128}):
         with monkeypatch.context() as mp:
             mp.setitem(op.LAUNCH_OVERRIDES, "gla_bwd_sliced", over)
             assert not ok(), over
@@ -353,3 +364,37 @@ def test_the_sliced_schedule_timed_equals_the_fused_kernel(
     for name, a, b in zip(("dq", "dk", "dv", "dg"), grads(True), grads(False), strict=True):
         peak = float(b.float().abs().max())
         _close(name, a.float() / peak, b.float() / peak, 1e-2)
+
+
+def test_the_sliced_layout_and_its_bad_widths() -> None:
+    """``sliced_layout``: (slice width, slices, slices per program) from the real K; a width that is not a
+    power of two >= 16 is refused with a message naming it."""
+    from attnlab.kernels.linear import launch_gla
+
+    assert launch_gla.sliced_layout(128) == (16, 8, 8)
+    assert launch_gla.sliced_layout(100) == (16, 7, 7)
+    assert launch_gla.sliced_layout(8) == (16, 1, 1)  # (K = 8: one slice, its tile 16 wide)
+    op = _op()
+    for width in (8, 24, 0):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(op, "GLA_BWD_SLICED_BKS", width)
+            with pytest.raises(ValueError, match=rf"power of two >= 16 \(a dot's size\); got {width}"):
+                launch_gla.sliced_layout(128)
+
+
+@pytest.mark.parametrize("setting", ["sliced"], indirect=True)
+def test_more_chunks_than_the_grid_axis_holds_run_the_fused_kernel(
+    setting: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sliced kernel's chunk axis is the grid's second (at most 65535): a sequence of more chunks runs
+    the fused kernel (the limit lowered to 2 chunks here; 3 chunks of 16)."""
+    from attnlab.kernels.linear import launch_gla
+
+    monkeypatch.setattr(launch_gla, "GRID_Y_MAX", 2)
+    launches = KernelLaunches(monkeypatch, _op(), KERNELS)
+    q, k, v, g, h0 = _inputs(40, 8, 8)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v, g, h0)]  # type: ignore[union-attr]
+    o, s = _op().gla_chunk(*leaves[:4], 0.3, leaves[4], 16)
+    launches.seen.clear()
+    (o.sum() + s.sum()).backward()
+    assert launches.seen == ["gla_h_kernel", "gla_bwd_chunk_kernel"]

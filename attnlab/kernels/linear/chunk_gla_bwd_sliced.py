@@ -6,8 +6,9 @@
 program and then needs every register of an SM (255 per thread at 8 warps, compiled for sm_90): one
 program per SM, each a long chain of small dependent dots, nothing to hide their latency. Here the slices
 are programs of their own (grid: slice, chunk, batch * head; one more program per chunk makes dv), so a
-program's chain is one slice long and several programs share an SM. dA and dA^T are made again by each
-slice's program (two dots of chunk x chunk x V)."""
+program's chain is SPP slices long and several programs share an SM. dA and dA^T are made once per
+program (two dots of chunk x chunk x V): again by each of a chunk's cdiv(NKS, SPP) slice programs. The
+chunk axis is the grid's second (at most 65535 chunks: the launcher runs the fused kernel beyond)."""
 
 from __future__ import annotations
 

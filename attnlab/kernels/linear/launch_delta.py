@@ -281,8 +281,8 @@ def _channel_dh_cfg() -> dict[str, int]:
     cfg = _cfg("delta_bwd_dh_v2_channel", num_warps=8, num_stages=2)
     if cfg["num_stages"] < 2 and not IMPORTED_INTERPRETED:
         raise ValueError(
-            f"delta_bwd_dh_v2_channel at num_stages={cfg['num_stages']}: Triton 3.6 compiles it wrong for "
-            "sm_90 (checked on the H100); use 2 or more"
+            f"delta_bwd_dh_v2_channel at num_stages={cfg['num_stages']}: Triton 3.6 compiled it wrong for "
+            "the H100 (sm_90; other GPUs unchecked, refused too); use 2 or more"
         )
     return cfg
 

@@ -239,12 +239,17 @@ def gla_bwd_launch(
     return dq, dkk, dvv, dgc, dh0
 
 
-#: (dtype, K's block, V's block, chunk, key slice, slices per program, joint levels, warps, stages) of
+#: (dtype, K, V, chunk, key slice, slices, slices per program, joint levels, launch options) of
 #: ``gla_bwd_sliced_kernel`` checked against the fused kernel on the H100 (sm_90, Triton 3.6) at the lengths
-#: timed: benchmarks/results/h100-2026-11-25-s24, runs 3 to 6.
-SLICED_VERIFIED: frozenset[tuple[torch.dtype, int, int, int, int, int, bool, int, int]] = frozenset(
-    (dt, 128, 128, 64, 16, spp, True, 4, 3) for dt in (torch.bfloat16, torch.float16) for spp in (1, 8)
+#: timed: benchmarks/results/h100-2026-11-25-s24, runs 3 to 6 (K and V exactly: another K changes the
+#: slices and the compiled code).
+SLICED_VERIFIED: frozenset[tuple[object, ...]] = frozenset(
+    (dt, 128, 128, 64, 16, 8, spp, True, (("num_stages", 3), ("num_warps", 4)))
+    for dt in (torch.bfloat16, torch.float16)
+    for spp in (1, 8)
 )
+#: Triton's (CUDA's) largest grid size along its second axis: the sliced kernel's chunk axis.
+GRID_Y_MAX = 65535
 
 
 def sliced_cfg() -> dict[str, int]:
@@ -252,17 +257,26 @@ def sliced_cfg() -> dict[str, int]:
     return _cfg("gla_bwd_sliced", num_warps=4, num_stages=3)
 
 
+def sliced_layout(dk: int) -> tuple[int, int, int]:
+    """(channels per key slice, slices, slices per program) of ``gla_bwd_sliced_kernel`` for K = dk at the
+    current ``op.GLA_BWD_SLICED_BKS`` / ``_SPP``; the slice width must be a power of two >= 16."""
+    width = op.GLA_BWD_SLICED_BKS
+    if width < 16 or width & (width - 1):
+        raise ValueError(f"op.GLA_BWD_SLICED_BKS must be a power of two >= 16 (a dot's size); got {width}")
+    bks = min(head_block(dk), width)
+    n_slices = cdiv(dk, bks)
+    return bks, n_slices, max(1, min(op.GLA_BWD_SLICED_SPP, n_slices))
+
+
 def sliced_verified(q: Tensor, v: Tensor, chunk: int) -> bool:
     """Whether ``gla_bwd_sliced_kernel`` at the current settings (``op.GLA_BWD_SLICED_*``, its launch
-    options) is a schedule checked on this kind of GPU (``SLICED_VERIFIED``, an sm_90 GPU)."""
+    options) and these head dims is a schedule checked on this kind of GPU (``SLICED_VERIFIED``, an sm_90
+    GPU)."""
     if not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0) or op.GLA_BWD_SLICED_UNROLL:
         return False
-    cfg = sliced_cfg()
-    dk, dv = head_block(q.shape[-1]), head_block(v.shape[-1])
-    joint = bool(op.GLA_BWD_SLICED_JOINT)
-    bks = min(dk, op.GLA_BWD_SLICED_BKS)
-    spp = max(1, min(op.GLA_BWD_SLICED_SPP, -(-dk // bks)))
-    key = (q.dtype, dk, dv, chunk, bks, spp, joint, cfg["num_warps"], cfg["num_stages"])
+    dk, dv = q.shape[-1], v.shape[-1]
+    cfg = tuple(sorted(sliced_cfg().items()))
+    key = (q.dtype, dk, dv, chunk, *sliced_layout(dk), bool(op.GLA_BWD_SLICED_JOINT), cfg)
     return key in SLICED_VERIFIED
 
 
@@ -272,7 +286,9 @@ def _gla_bwd_fused(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """``gla_bwd_launch`` under per-channel gates with ``GLA_BWD_FUSED``: the state gradient (one reverse
     pass with ``GLA_BWD_H_PASS``, else stages 1 and 2 without the chunk-end term), then one launch of
-    ``gla_bwd_chunk_kernel`` for dq, dk, dv and dg (of g itself with ``g_dtype``, else of gc)."""
+    ``gla_bwd_sliced_kernel`` (``GLA_BWD_SLICED``: where its schedule was verified, or anywhere without
+    ``GLA_BWD_SLICED_VERIFIED_ONLY``; at most ``GRID_Y_MAX`` chunks) or else of ``gla_bwd_chunk_kernel``,
+    for dq, dk, dv and dg (of g itself with ``g_dtype``, else of gc)."""
     b, h, n, dk = q.shape
     dv = v.shape[-1]
     n_chunks = cdiv(n, chunk)
@@ -286,10 +302,9 @@ def _gla_bwd_fused(
     dq, dkk, dvv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     raw = g_dtype is not None
     dg = torch.empty(b, h, n, dk, dtype=g_dtype, device=q.device) if raw else torch.empty_like(gc)
-    if op.GLA_BWD_SLICED and (not op.GLA_BWD_SLICED_VERIFIED_ONLY or sliced_verified(q, v, chunk)):
-        bks = min(head_block(dk), op.GLA_BWD_SLICED_BKS)
-        n_slices = cdiv(dk, bks)
-        spp = max(1, min(op.GLA_BWD_SLICED_SPP, n_slices))
+    sliced = op.GLA_BWD_SLICED and n_chunks <= GRID_Y_MAX
+    if sliced and (not op.GLA_BWD_SLICED_VERIFIED_ONLY or sliced_verified(q, v, chunk)):
+        bks, n_slices, spp = sliced_layout(dk)
         op.gla_bwd_sliced_kernel[(cdiv(n_slices, spp) + 1, n_chunks, b * h)](
             q, k, v, gc, do, hs, dhs, a, dq, dkk, dvv, dg, n, np_, dk, dv, float(scale),
             RAW_G=raw, BT=chunk, LBT=chunk.bit_length() - 1, BKS=bks, BV=head_block(dv), NKS=n_slices,
