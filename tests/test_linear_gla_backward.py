@@ -227,6 +227,18 @@ KERNELS = [
 ]  # fmt: skip
 
 
+def _backward_launches(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The kernels (of ``KERNELS``) that one backward of gla_chunk launches: 40 tokens, K = V = 8, chunk
+    16, per-channel gates and an initial state."""
+    launches = KernelLaunches(monkeypatch, _op(), KERNELS)
+    q, k, v, g, h0 = _inputs(40, 8, 8)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v, g, h0)]  # type: ignore[union-attr]
+    o, s = _op().gla_chunk(*leaves[:4], 0.3, leaves[4], 16)
+    launches.seen.clear()
+    (o.sum() + s.sum()).backward()
+    return launches.seen
+
+
 @pytest.mark.parametrize(
     "setting", ["defaults", "scan-not-h-pass", "previous-backward", "sliced"], indirect=True
 )
@@ -235,12 +247,7 @@ def test_the_backward_launches_what_its_switches_say(setting: str, monkeypatch: 
     kernel: float32 inputs are not a schedule of the sliced kernel checked on the H100); with the scan,
     stages 1 and 2 then the fused kernel; the previous backward: stages 1 and 2, the split kernels and the
     gate cumsum's backward; the sliced kernel wherever asked for (``GLA_BWD_SLICED_VERIFIED_ONLY`` off)."""
-    launches = KernelLaunches(monkeypatch, _op(), KERNELS)
-    q, k, v, g, h0 = _inputs(40, 8, 8)
-    leaves = [t.clone().requires_grad_(True) for t in (q, k, v, g, h0)]  # type: ignore[union-attr]
-    o, s = _op().gla_chunk(*leaves[:4], 0.3, leaves[4], 16)
-    launches.seen.clear()
-    (o.sum() + s.sum()).backward()
+    seen = _backward_launches(monkeypatch)
     want = {
         "defaults": ["gla_h_kernel", "gla_bwd_chunk_kernel"],
         "scan-not-h-pass": ["chunk_local_state_kernel", "chunk_scan_kernel", "gla_bwd_chunk_kernel"],
@@ -250,7 +257,7 @@ def test_the_backward_launches_what_its_switches_say(setting: str, monkeypatch: 
         ],
         "sliced": ["gla_h_kernel", "gla_bwd_sliced_kernel"],
     }[setting]  # fmt: skip
-    assert launches.seen == want
+    assert seen == want
 
 
 @pytest.mark.parametrize("gate", ["channel", "token"])
@@ -391,10 +398,5 @@ def test_more_chunks_than_the_grid_axis_holds_run_the_fused_kernel(
     from attnlab.kernels.linear import launch_gla
 
     monkeypatch.setattr(launch_gla, "GRID_Y_MAX", 2)
-    launches = KernelLaunches(monkeypatch, _op(), KERNELS)
-    q, k, v, g, h0 = _inputs(40, 8, 8)
-    leaves = [t.clone().requires_grad_(True) for t in (q, k, v, g, h0)]  # type: ignore[union-attr]
-    o, s = _op().gla_chunk(*leaves[:4], 0.3, leaves[4], 16)
-    launches.seen.clear()
-    (o.sum() + s.sum()).backward()
-    assert launches.seen == ["gla_h_kernel", "gla_bwd_chunk_kernel"]
+    seen = _backward_launches(monkeypatch)
+    assert seen == ["gla_h_kernel", "gla_bwd_chunk_kernel"]

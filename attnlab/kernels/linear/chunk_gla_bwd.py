@@ -262,6 +262,109 @@ def _gla_bwd_level(g_ptr, q, k, g, da, dat, dq, dk, ii, jj, t0, ck, mk, b, DK, d
 
 
 @triton.jit
+def _gla_bwd_level_one(g_ptr, x, g, da, acc, ii, jj, t0, ck, mk, b, DK, dt: tl.constexpr,
+                       DOT_PREC: tl.constexpr, LATER: tl.constexpr):  # fmt: skip
+    """Level b of one side of the intra-chunk sums (``_gla_bwd_level`` for dq alone with LATER, the rows
+    with bit b set receiving; for dk alone without, the rows with it clear receiving; da is dA for dq and
+    dA^T for dk, x is k for dq and q for dk)."""
+    up = ((ii >> b) & 1) == 1
+    ref = t0 + (((ii >> b) | 1) << b)
+    gr = tl.load(g_ptr + ref * DK + ck[None, :], mask=mk[None, :], other=0.0)
+    e = tl.exp(tl.where(up, g - gr, gr - g))
+    pair = (ii >> (b + 1)) == (jj >> (b + 1))
+    xb = tl.where(up, 0.0, x * e).to(dt) if LATER else tl.where(up, x * e, 0.0).to(dt)
+    p = tl.dot(tl.where(pair, da, 0.0), xb, input_precision=DOT_PREC)
+    if LATER:
+        acc += tl.where(up, e * p, 0.0)
+    else:
+        acc += tl.where(up, 0.0, e * p)
+    return acc
+
+
+@triton.jit
+def _gla_bwd_dv_state(dv, k_ptr, g_ptr, dh_ptr, rows, mrow, rv, t0, DK, DV, BT: tl.constexpr,
+                      BKS: tl.constexpr, dt: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
+    """dv plus the state term of a chunk's dv, (k exp(G_C - G)) dH, over the key channels in slices of
+    BKS (``gla_bwd_chunk_kernel`` and ``gla_bwd_sliced_kernel``'s dv program)."""
+    for kc in range(0, DK, BKS):
+        ck = kc + tl.arange(0, BKS)
+        mk = ck < DK
+        k = tl.load(k_ptr + rows * DK + ck[None, :], mask=mrow & mk[None, :], other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + rows * DK + ck[None, :], mask=mk[None, :], other=0.0)
+        gl = tl.load(g_ptr + (t0 + BT - 1) * DK + ck, mask=mk, other=0.0)
+        dh = tl.load(dh_ptr + ck[:, None] * DV + rv, mask=mk[:, None] & (rv < DV), other=0.0)
+        dv = tl.dot((k * tl.exp(gl[None, :] - g)).to(dt), dh.to(dt), dv, input_precision=DOT_PREC)
+    return dv
+
+
+@triton.jit
+def _gla_bwd_slice(
+    kc, q_ptr, k_ptr, g_ptr, s_ptr, dh_ptr, do, v, da, dat, dd, DQ, DK_, DG, bh, N, NP, DK, DV, scale,
+    rows, mrow, rv, ii, jj, t0, RAW_G: tl.constexpr, BT: tl.constexpr, LBT: tl.constexpr,
+    BKS: tl.constexpr, NARROW: tl.constexpr, JOINT: tl.constexpr, UNROLL: tl.constexpr, dt: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    """dq, dk and dg of the key channels kc .. kc + BKS of one chunk, stored (``gla_bwd_chunk_kernel``'s
+    formulas; its loop body and ``gla_bwd_sliced_kernel``'s): the state terms from S and dH, the
+    intra-chunk sums level by level from dA / dA^T (da, dat; their diagonal dd), dg with the chunk-end
+    term. NARROW: q and k kept in the dots' dtype (else float32); JOINT: dq's and dk's level sums in one
+    pass sharing each level's exps (else one pass each); UNROLL: the levels unrolled."""
+    ck = kc + tl.arange(0, BKS)
+    mk = ck < DK
+    mtk = mrow & mk[None, :]
+    if NARROW:  # noqa: SIM108
+        xt = dt
+    else:
+        xt = tl.float32
+    q = tl.load(q_ptr + rows * DK + ck[None, :], mask=mtk, other=0.0).to(xt)
+    k = tl.load(k_ptr + rows * DK + ck[None, :], mask=mtk, other=0.0).to(xt)
+    g = tl.load(g_ptr + rows * DK + ck[None, :], mask=mk[None, :], other=0.0)
+    gl = tl.load(g_ptr + (t0 + BT - 1) * DK + ck, mask=mk, other=0.0)
+    msv = mk[:, None] & (rv < DV)
+    s = tl.load(s_ptr + ck[:, None] * DV + rv, mask=msv, other=0.0)  # (BKS, BV) of S
+    dh = tl.load(dh_ptr + ck[:, None] * DV + rv, mask=msv, other=0.0)  # (BKS, BV) of dH
+    # the state terms (do and v stay in shared memory as the dots' operands)
+    dq = tl.dot(do, tl.trans(s.to(dt)), input_precision=DOT_PREC) * (tl.exp(g) * scale)
+    dk = tl.dot(v, tl.trans(dh.to(dt)), input_precision=DOT_PREC) * tl.exp(gl[None, :] - g)
+    # sum_v S_end dH per channel (in float32: S and dH may be 16-bit, GLA_SAVED_LOWP)
+    tail = tl.exp(gl) * tl.sum(s.to(tl.float32) * dh.to(tl.float32), axis=1) + tl.sum(k * dk, axis=0)
+    # the intra-chunk terms, level by level
+    if JOINT:
+        if UNROLL:  # (the levels' masked dA / dA^T are the same for every slice: made once, kept)
+            for b in tl.static_range(LBT):
+                dq, dk = _gla_bwd_level(
+                    g_ptr, q, k, g, da, dat, dq, dk, ii, jj, t0, ck, mk, b, DK, dt, DOT_PREC
+                )
+        else:
+            for b in range(LBT):
+                dq, dk = _gla_bwd_level(
+                    g_ptr, q, k, g, da, dat, dq, dk, ii, jj, t0, ck, mk, b, DK, dt, DOT_PREC
+                )
+    else:
+        if UNROLL:
+            for b in tl.static_range(LBT):
+                dq = _gla_bwd_level_one(g_ptr, k, g, da, dq, ii, jj, t0, ck, mk, b, DK, dt, DOT_PREC, True)
+            for b in tl.static_range(LBT):
+                dk = _gla_bwd_level_one(g_ptr, q, g, dat, dk, ii, jj, t0, ck, mk, b, DK, dt, DOT_PREC, False)
+        else:
+            for b in range(LBT):
+                dq = _gla_bwd_level_one(g_ptr, k, g, da, dq, ii, jj, t0, ck, mk, b, DK, dt, DOT_PREC, True)
+            for b in range(LBT):
+                dk = _gla_bwd_level_one(g_ptr, q, g, dat, dk, ii, jj, t0, ck, mk, b, DK, dt, DOT_PREC, False)
+    dq += dd * k
+    dk += dd * q
+    tl.store(DQ + bh * N * DK + rows * DK + ck[None, :], dq.to(DQ.dtype.element_ty), mask=mtk)
+    tl.store(DK_ + bh * N * DK + rows * DK + ck[None, :], dk.to(DK_.dtype.element_ty), mask=mtk)
+    dg = q * dq - k * dk
+    if RAW_G:
+        dg = tl.cumsum(dg, axis=0, reverse=True) + tail[None, :]
+        tl.store(DG + bh * N * DK + rows * DK + ck[None, :], dg.to(DG.dtype.element_ty), mask=mtk)
+    else:
+        dg += tl.where(ii == BT - 1, tail[None, :], 0.0)
+        tl.store(DG + bh * NP * DK + rows * DK + ck[None, :], dg, mask=mk[None, :])
+
+
+@triton.jit
 def gla_bwd_chunk_kernel(
     Q, K, V, GC, DO, HS, DHS, A, DQ, DK_, DV_, DG,
     N, NP, DK, DV, scale,
@@ -322,15 +425,10 @@ def gla_bwd_chunk_kernel(
     # dv first (its accumulator is not live in the dq / dk loop below: fewer registers spilled)
     at = tl.load(A + bh * NP * BT + (t0 + jj) * BT + ii)  # A^T: keys j, queries t (loaded transposed)
     dv = tl.dot(tl.where(ii <= jj, at, 0.0).to(dt), do, input_precision=DOT_PREC) * scale
-    for kc in range(0, DK, BKS):
-        ck = kc + tl.arange(0, BKS)
-        mk = ck < DK
-        k = tl.load(k_ptr + rows * DK + ck[None, :], mask=mrow & mk[None, :], other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + rows * DK + ck[None, :], mask=mk[None, :], other=0.0)
-        gl = tl.load(g_ptr + (t0 + BT - 1) * DK + ck, mask=mk, other=0.0)
-        dh = tl.load(dh_ptr + ck[:, None] * DV + rv, mask=mk[:, None] & (rv < DV), other=0.0)
-        dv = tl.dot((k * tl.exp(gl[None, :] - g)).to(dt), dh.to(dt), dv, input_precision=DOT_PREC)
+    dv = _gla_bwd_dv_state(dv, k_ptr, g_ptr, dh_ptr, rows, mrow, rv, t0, DK, DV, BT, BKS, dt, DOT_PREC)
     tl.store(DV_ + bh * N * DV + rows * DV + rv, dv.to(DV_.dtype.element_ty), mask=mtv)
+    # (the body of _gla_bwd_slice with NARROW False, JOINT True, written out: the call compiles differently
+    # for sm_90 under RAW_G False (Triton 3.6, offline), and this body is the one checked on the H100)
     for kc in range(0, DK, BKS):
         ck = kc + tl.arange(0, BKS)
         mk = ck < DK
