@@ -262,6 +262,40 @@ def _gla_bwd_level(g_ptr, q, k, g, da, dat, dq, dk, ii, jj, t0, ck, mk, b, DK, d
 
 
 @triton.jit
+def _gla_bwd_chunk_setup(Q, K, GC, HS, DHS, DO, c, bh, n_chunks, t0, N, NP, DK, DV, BT: tl.constexpr,
+                         BV: tl.constexpr, dt: tl.constexpr):  # fmt: skip
+    """The per-chunk indices, masks and pointers of the per-channel-gate backward kernels, and do (BT, BV)
+    in dt: (ii, jj, rows, mrow, rv, mtv, q_ptr, k_ptr, g_ptr, s_ptr, dh_ptr, do)."""
+    rt = tl.arange(0, BT)
+    ii = rt[:, None]
+    jj = rt[None, :]
+    rows = t0 + ii
+    mrow = rows < N
+    rv = tl.arange(0, BV)[None, :]
+    mtv = mrow & (rv < DV)
+    q_ptr = Q + bh * N * DK
+    k_ptr = K + bh * N * DK
+    g_ptr = GC + bh * NP * DK
+    s_ptr = HS + (bh * n_chunks + c) * DK * DV
+    dh_ptr = DHS + (bh * n_chunks + c) * DK * DV
+    do = tl.load(DO + bh * N * DV + rows * DV + rv, mask=mtv, other=0.0).to(dt)
+    return ii, jj, rows, mrow, rv, mtv, q_ptr, k_ptr, g_ptr, s_ptr, dh_ptr, do
+
+
+@triton.jit
+def _gla_bwd_da(do, v, ii, jj, scale, dt: tl.constexpr, DOT_PREC: tl.constexpr):
+    """(dA = scale do v^T masked to j <= t, dA^T built as scale v do^T masked to j >= t, both in dt; the
+    diagonal dA_tt (BT, 1) in float32)."""
+    da = tl.dot(do, tl.trans(v), input_precision=DOT_PREC) * scale  # dA: queries t, keys j
+    da = tl.where(ii >= jj, da, 0.0)
+    dd = tl.sum(tl.where(ii == jj, da, 0.0), axis=1)[:, None]  # dA_tt (float32)
+    da = da.to(dt)
+    dat = tl.dot(v, tl.trans(do), input_precision=DOT_PREC) * scale  # dA^T: keys j, queries t
+    dat = tl.where(ii <= jj, dat, 0.0).to(dt)
+    return da, dat, dd
+
+
+@triton.jit
 def _gla_bwd_level_one(g_ptr, x, g, da, acc, ii, jj, t0, ck, mk, b, DK, dt: tl.constexpr,
                        DOT_PREC: tl.constexpr, LATER: tl.constexpr):  # fmt: skip
     """Level b of one side of the intra-chunk sums (``_gla_bwd_level`` for dq alone with LATER, the rows
@@ -402,26 +436,11 @@ def gla_bwd_chunk_kernel(
         dt = tl.float32
     else:
         dt = Q.dtype.element_ty
-    rt = tl.arange(0, BT)
-    ii = rt[:, None]
-    jj = rt[None, :]
-    rows = t0 + ii
-    mrow = rows < N
-    rv = tl.arange(0, BV)[None, :]
-    mtv = mrow & (rv < DV)
-    q_ptr = Q + bh * N * DK
-    k_ptr = K + bh * N * DK
-    g_ptr = GC + bh * NP * DK
-    s_ptr = HS + (bh * n_chunks + c) * DK * DV
-    dh_ptr = DHS + (bh * n_chunks + c) * DK * DV
-    do = tl.load(DO + bh * N * DV + rows * DV + rv, mask=mtv, other=0.0).to(dt)
+    ii, jj, rows, mrow, rv, mtv, q_ptr, k_ptr, g_ptr, s_ptr, dh_ptr, do = _gla_bwd_chunk_setup(
+        Q, K, GC, HS, DHS, DO, c, bh, n_chunks, t0, N, NP, DK, DV, BT, BV, dt
+    )
     v = tl.load(V + bh * N * DV + rows * DV + rv, mask=mtv, other=0.0).to(dt)
-    da = tl.dot(do, tl.trans(v), input_precision=DOT_PREC) * scale  # dA: queries t, keys j
-    da = tl.where(ii >= jj, da, 0.0)
-    dd = tl.sum(tl.where(ii == jj, da, 0.0), axis=1)[:, None]  # dA_tt (float32)
-    da = da.to(dt)
-    dat = tl.dot(v, tl.trans(do), input_precision=DOT_PREC) * scale  # dA^T: keys j, queries t
-    dat = tl.where(ii <= jj, dat, 0.0).to(dt)
+    da, dat, dd = _gla_bwd_da(do, v, ii, jj, scale, dt, DOT_PREC)
     # dv first (its accumulator is not live in the dq / dk loop below: fewer registers spilled)
     at = tl.load(A + bh * NP * BT + (t0 + jj) * BT + ii)  # A^T: keys j, queries t (loaded transposed)
     dv = tl.dot(tl.where(ii <= jj, at, 0.0).to(dt), do, input_precision=DOT_PREC) * scale

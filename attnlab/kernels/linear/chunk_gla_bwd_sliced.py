@@ -15,7 +15,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from attnlab.kernels.linear.chunk_gla_bwd import _gla_bwd_dv_state, _gla_bwd_slice
+from attnlab.kernels.linear.chunk_gla_bwd import (
+    _gla_bwd_chunk_setup,
+    _gla_bwd_da,
+    _gla_bwd_dv_state,
+    _gla_bwd_slice,
+)
 
 
 @triton.jit
@@ -40,19 +45,9 @@ def gla_bwd_sliced_kernel(
         dt = tl.float32
     else:
         dt = Q.dtype.element_ty
-    rt = tl.arange(0, BT)
-    ii = rt[:, None]
-    jj = rt[None, :]
-    rows = t0 + ii
-    mrow = rows < N
-    rv = tl.arange(0, BV)[None, :]
-    mtv = mrow & (rv < DV)
-    q_ptr = Q + bh * N * DK
-    k_ptr = K + bh * N * DK
-    g_ptr = GC + bh * NP * DK
-    s_ptr = HS + (bh * n_chunks + c) * DK * DV
-    dh_ptr = DHS + (bh * n_chunks + c) * DK * DV
-    do = tl.load(DO + bh * N * DV + rows * DV + rv, mask=mtv, other=0.0).to(dt)
+    ii, jj, rows, mrow, rv, mtv, q_ptr, k_ptr, g_ptr, s_ptr, dh_ptr, do = _gla_bwd_chunk_setup(
+        Q, K, GC, HS, DHS, DO, c, bh, n_chunks, t0, N, NP, DK, DV, BT, BV, dt
+    )
     if s_id == tl.cdiv(NKS, SPP):  # dv
         at = tl.load(A + bh * NP * BT + (t0 + jj) * BT + ii)  # A^T: keys j, queries t (loaded transposed)
         dv = tl.dot(tl.where(ii <= jj, at, 0.0).to(dt), do, input_precision=DOT_PREC) * scale
@@ -60,12 +55,7 @@ def gla_bwd_sliced_kernel(
         tl.store(DV_ + bh * N * DV + rows * DV + rv, dv.to(DV_.dtype.element_ty), mask=mtv)
     else:
         v = tl.load(V + bh * N * DV + rows * DV + rv, mask=mtv, other=0.0).to(dt)
-        da = tl.dot(do, tl.trans(v), input_precision=DOT_PREC) * scale  # dA: queries t, keys j
-        da = tl.where(ii >= jj, da, 0.0)
-        dd = tl.sum(tl.where(ii == jj, da, 0.0), axis=1)[:, None]  # dA_tt (float32)
-        da = da.to(dt)
-        dat = tl.dot(v, tl.trans(do), input_precision=DOT_PREC) * scale  # dA^T: keys j, queries t
-        dat = tl.where(ii <= jj, dat, 0.0).to(dt)
+        da, dat, dd = _gla_bwd_da(do, v, ii, jj, scale, dt, DOT_PREC)
         for j in range(SPP):  # (dA and dA^T made once for the program's slices)
             _gla_bwd_slice(
                 (s_id * SPP + j) * BKS, q_ptr, k_ptr, g_ptr, s_ptr, dh_ptr, do, v, da, dat, dd, DQ, DK_, DG, bh,
